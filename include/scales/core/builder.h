@@ -1,0 +1,69 @@
+#pragma once
+// The seed's client builder: set the URI, name and timeouts, and edit the sink stack by role.
+// Protocol builders (Http::NewBuilder(), ...) derive from ClientBuilderBase and add their own
+// options and Build(). Stack edits are recorded and applied, in order, to the protocol's
+// default stack when Build() runs, so options set later still reach the default sinks.
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "scales/core/client.h"
+#include "scales/core/provider.h"
+
+namespace scales {
+
+// Thread safety: a plain value; not synchronised. Setters return *this for chaining.
+// Derived must provide `ClientOptions& client_options()`.
+template <class Derived>
+class ClientBuilderBase {
+ public:
+  Derived& SetUri(std::string uri) { co().uri = std::move(uri); return self(); }
+  Derived& SetName(std::string name) { co().name = std::move(name); return self(); }
+  Derived& SetTimeout(Duration timeout) { co().timeout = timeout; return self(); }
+  Derived& SetOpenTimeout(Duration timeout) { co().open_timeout = timeout; return self(); }
+  Derived& SetRuntime(std::shared_ptr<Runtime> runtime) { co().runtime = std::move(runtime); return self(); }
+  Derived& SetStats(stats::StatsRegistry* stats) { co().stats = stats; return self(); }
+  Derived& SetServerSet(std::shared_ptr<ServerSet> set) { co().server_set = std::move(set); return self(); }
+
+  // Stack editing (the seed's WithSink / InsertSink / ReplaceRole, plus removal).
+  Derived& WithSink(SinkProvider p) {
+    return Edit([p = std::move(p)](SinkStackSpec& s) { s.WithSink(p); });
+  }
+  Derived& InsertSink(size_t index, SinkProvider p) {
+    return Edit([index, p = std::move(p)](SinkStackSpec& s) { s.InsertSink(index, p); });
+  }
+  Derived& InsertBefore(std::string role, SinkProvider p) {
+    return Edit([role = std::move(role), p = std::move(p)](SinkStackSpec& s) { s.InsertBefore(role, p); });
+  }
+  Derived& InsertAfter(std::string role, SinkProvider p) {
+    return Edit([role = std::move(role), p = std::move(p)](SinkStackSpec& s) { s.InsertAfter(role, p); });
+  }
+  Derived& ReplaceRole(std::string role, SinkProvider p) {
+    return Edit([role = std::move(role), p = std::move(p)](SinkStackSpec& s) { s.ReplaceRole(role, p); });
+  }
+  Derived& RemoveRole(std::string role) {
+    return Edit([role = std::move(role)](SinkStackSpec& s) { s.RemoveRole(role); });
+  }
+
+ protected:
+  ClientBuilderBase() = default;
+  Derived& self() { return static_cast<Derived&>(*this); }
+  ClientOptions& co() { return self().client_options(); }
+  Derived& Edit(std::function<void(SinkStackSpec&)> edit) {
+    edits_.push_back(std::move(edit));
+    return self();
+  }
+  // The default stack with the recorded edits applied.
+  SinkStackSpec ApplyEdits(SinkStackSpec spec) const {
+    for (const auto& e : edits_) e(spec);
+    spec.Validate();
+    return spec;
+  }
+
+ private:
+  std::vector<std::function<void(SinkStackSpec&)>> edits_;
+};
+
+}  // namespace scales

@@ -1,0 +1,102 @@
+#pragma once
+// ClientCore: the protocol-independent part of every client: the runtime, the server set,
+// one replica of the sink stack per event loop (a "shard"), open and close. Typed clients
+// (Http, and later Thrift and ThriftMux) own a ClientCore and give it calls.
+//
+// Threading: a shard's sinks run only on its loop. Dispatch() from a loop thread of the
+// client's runtime stays on that loop; from any other thread it is posted to the loops in
+// round-robin order. So one client object is safe to call from any thread and uses every
+// loop of its runtime.
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/async_result.hpp>
+
+#include "scales/core/dispatcher.h"
+#include "scales/core/provider.h"
+#include "scales/core/runtime.h"
+#include "scales/discovery/server_set.h"
+#include "scales/stats/stats.h"
+
+namespace scales {
+
+// Options every client has. Durations are std::chrono; the seed's builder setters map 1:1.
+struct ClientOptions {
+  // Client label, used in metrics (label `client`) and error messages. Default: "scales".
+  std::string name = "scales";
+  // Where the servers are: tcp://h:p[,h:p...] or zk://... (see ScalesUriParser).
+  // Ignored when `server_set` is set.
+  std::string uri;
+  // Timeout of every call, from its start to its completion (queueing and connecting
+  // included). Default 10 s (the protocol builders set their own; HTTP 60 s as in scales).
+  // Duration::zero() = no timeout. Overridable per call (CallOptions::timeout).
+  Duration timeout = std::chrono::seconds(10);
+  // How long Build()/NewClient wait for the client to open (discovery answered and a first
+  // connection attempt finished). Default 10 s; zero = do not wait. The client keeps opening
+  // in the background after the wait ends.
+  Duration open_timeout = std::chrono::seconds(10);
+  // Event loops to run on. Default: Runtime::Default() (one loop per core).
+  std::shared_ptr<Runtime> runtime;
+  // Where metrics go. Default: StatsRegistry::Default().
+  stats::StatsRegistry* stats = nullptr;
+  // Overrides the server set the URI would give (tests, custom discovery).
+  std::shared_ptr<ServerSet> server_set;
+};
+
+// Thread safety: all public functions are safe from any thread.
+class ClientCore : public std::enable_shared_from_this<ClientCore> {
+ public:
+  // Parses the URI, creates the server set and one stack per loop. Throws scales::Error
+  // (kBadUri, kDiscoveryFailed, kInvalidArgument) with a clear message.
+  ClientCore(ClientOptions options, SinkStackSpec spec);
+  ~ClientCore();
+  ClientCore(const ClientCore&) = delete;
+  ClientCore& operator=(const ClientCore&) = delete;
+
+  // Opens every shard; the handler gets the first error, or success once all opened.
+  template <class CompletionToken>
+  auto AsyncOpen(CompletionToken&& token) {
+    return boost::asio::async_initiate<CompletionToken, void(error_code)>(
+        [this](auto handler) { DoOpen(ClientMessageSink::OpenHandler(std::move(handler))); },
+        token);
+  }
+  // Opens and waits up to options().open_timeout (not at all if called on a loop thread).
+  // Throws scales::Error(kOpenTimeout or the open error) with the client and server set.
+  void OpenAndWait();
+
+  // Sends a call (from any thread). The call is completed exactly once.
+  void Dispatch(CallBase* call);
+
+  // Closes the client: every pending call completes with an error, later calls fail with
+  // kClientClosed. Idempotent; does not wait.
+  void Close();
+  bool closed() const noexcept { return closed_.load(); }
+
+  // True on a loop thread of this client's runtime (where blocking calls must not be made).
+  bool IsLoopThread() const noexcept { return runtime_->IsLoopThread(); }
+
+  const ClientOptions& options() const noexcept { return options_; }
+  const std::string& name() const noexcept { return options_.name; }
+  Runtime& runtime() const noexcept { return *runtime_; }
+  const std::shared_ptr<ServerSet>& server_set() const noexcept { return server_set_; }
+  stats::StatsRegistry& stats() const noexcept { return *stats_; }
+  // The stack, top to bottom, and the server set.
+  std::string Describe() const;
+
+ private:
+  void DoOpen(ClientMessageSink::OpenHandler handler);
+
+  ClientOptions options_;
+  SinkStackSpec spec_;
+  std::shared_ptr<Runtime> runtime_;
+  stats::StatsRegistry* stats_;
+  std::shared_ptr<ServerSet> server_set_;
+  std::vector<std::shared_ptr<MessageDispatcher>> shards_;
+  std::atomic<bool> closed_{false};
+};
+
+}  // namespace scales

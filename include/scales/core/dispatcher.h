@@ -1,0 +1,151 @@
+#pragma once
+// MessageDispatcher: the entry of the sink stack. It packs a call into a MethodCallMessage,
+// computes its deadline, sends it down the stack and, when the response comes back up,
+// completes the caller's handler exactly once.
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+
+#include "scales/core/message.h"
+#include "scales/core/runtime.h"
+#include "scales/core/sink.h"
+#include "scales/core/sink_stack.h"
+#include "scales/stats/stats.h"
+
+namespace scales {
+
+// What happened to one call, for callers that want more than the error code. Filled just
+// before the handler runs.
+struct CallInfo {
+  error_code error;
+  // Human-readable explanation of the error: client, endpoint, step, limit.
+  std::string detail;
+  // The endpoint the call went to ("host:port"), empty if none was chosen.
+  std::string endpoint;
+  // Time from the call's start to its completion.
+  Duration elapsed{};
+};
+
+// Per-call options, all optional.
+struct CallOptions {
+  // Overrides the client's timeout for this call. Duration::zero() = no timeout.
+  std::optional<Duration> timeout;
+  // Extra application headers (HTTP headers; Mux request headers).
+  Headers headers;
+  // When set, receives the call's CallInfo before the handler runs. Must stay valid until
+  // then.
+  CallInfo* info = nullptr;
+};
+
+// One call in flight: the message, its sink stack and the typed reply storage. Allocated by
+// the typed client, destroyed by Complete().
+class CallBase {
+ public:
+  CallBase() : stack(message) {}
+  virtual ~CallBase() = default;
+  CallBase(const CallBase&) = delete;
+  CallBase& operator=(const CallBase&) = delete;
+
+  MethodCallMessage message;
+  SinkStack stack;
+  std::optional<Duration> timeout;
+  CallInfo* info = nullptr;
+  // True while the call is inside the initiating function: completion must then be posted.
+  bool in_initiation = false;
+
+  // Completes the caller's handler with the outcome and destroys the call. `fallback` runs
+  // the handler when it has no associated executor.
+  virtual void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) = 0;
+};
+
+// A call whose reply is a `Reply` value; the handler gets (error_code, Reply).
+template <class Reply>
+class TypedCall : public CallBase {
+ public:
+  using Signature = void(error_code, Reply);
+  using Handler = boost::asio::any_completion_handler<Signature>;
+
+  explicit TypedCall(Handler handler) : handler_(std::move(handler)) {
+    message.SetReplySlot(&reply);
+  }
+
+  Reply reply{};
+
+  void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) override {
+    Handler h = std::move(handler_);
+    error_code ec = msg.error;
+    Reply r = ec ? Reply{} : std::move(reply);
+    const bool defer = in_initiation;
+    delete this;
+    // Run the handler on its associated executor (default: this loop). Inside the initiating
+    // call, go through the loop's queue first so the handler never runs inline.
+    auto run = [h = std::move(h), ec, r = std::move(r), fallback]() mutable {
+      auto ex = boost::asio::get_associated_executor(h, fallback);
+      boost::asio::dispatch(ex, [h = std::move(h), ec, r = std::move(r)]() mutable {
+        std::move(h)(ec, std::move(r));
+      });
+    };
+    if (defer) {
+      boost::asio::post(fallback, std::move(run));
+    } else {
+      run();
+    }
+  }
+
+ private:
+  Handler handler_;
+};
+
+// Thread safety: one dispatcher per client per event loop, used only on that loop.
+class MessageDispatcher final : public ClientMessageSink {
+ public:
+  MessageDispatcher(EventLoop& loop, std::string client_name, SinkPtr next, Duration default_timeout,
+                    const stats::StatsScope& stats);
+  ~MessageDispatcher() override;
+
+  // Sends `call` down the stack. On the loop's thread. `initiating`: the caller is the
+  // user's initiating function (completion must not be inline).
+  void Dispatch(CallBase* call, bool initiating);
+
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
+  void AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
+                            MethodReturnMessage& msg) override;
+  void Close() override;
+  SinkStatus status() const override;
+  std::string_view name() const override { return "dispatcher"; }
+
+  EventLoop& loop() const noexcept { return loop_; }
+  const SinkPtr& next() const noexcept { return next_; }
+  size_t pending() const noexcept { return pending_; }
+
+ protected:
+  void DoOpen(OpenHandler handler) override;
+
+ private:
+  stats::Counter& FailureCounter(const error_code& ec);
+
+  EventLoop& loop_;
+  std::string client_name_;
+  SinkPtr next_;
+  Duration default_timeout_;
+  stats::StatsScope stats_;
+  stats::Counter& requests_;
+  stats::Counter& successes_;
+  stats::Counter& failures_;
+  stats::Gauge& pending_gauge_;
+  stats::Histogram& latency_us_;
+  std::unordered_map<std::string, stats::Counter*> failures_by_code_;
+  size_t pending_ = 0;
+  bool closed_ = false;
+  std::shared_ptr<ClientMessageSink> self_while_draining_;
+};
+
+}  // namespace scales

@@ -1,0 +1,29 @@
+#pragma once
+// The seedable random generator. Every random choice in scales (balancer tie breaks, P2C
+// picks, jitter) goes through one, so tests with a fixed seed get exact results. Results are
+// identical on every platform for the same seed (mt19937_64 plus our own range reduction).
+// Thread safety: one generator per event loop; not thread safe.
+
+#include <cstdint>
+#include <random>
+
+#include "scales/core/clock.h"
+
+namespace scales {
+
+class Random {
+ public:
+  explicit Random(uint64_t seed = 0x5ca1e5) : engine_(seed) {}
+  uint64_t Next() { return engine_(); }
+  // Uniform in [0, n); 0 when n == 0.
+  uint64_t Uniform(uint64_t n);
+  // Uniform in [0, 1).
+  double UniformDouble() { return static_cast<double>(engine_() >> 11) * 0x1.0p-53; }
+  // Uniform duration in [lo, hi].
+  Duration UniformDuration(Duration lo, Duration hi);
+
+ private:
+  std::mt19937_64 engine_;
+};
+
+}  // namespace scales

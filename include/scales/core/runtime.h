@@ -1,0 +1,114 @@
+#pragma once
+// The runtime: event loops (each an io_context run by one thread) that own all hot-path
+// state. A client builds one replica of its sink stack per loop ("shard"); a call made on a
+// loop thread stays on that loop, calls from other threads are spread over the loops.
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "scales/core/clock.h"
+#include "scales/core/random.h"
+#include "scales/core/timer_queue.h"
+
+namespace scales {
+
+// One event loop. Thread safety: executor() and IsCurrent() from any thread; timers(),
+// random() only on the loop's own thread.
+class EventLoop {
+ public:
+  EventLoop(size_t index, std::shared_ptr<Clock> clock, uint64_t seed,
+            boost::asio::io_context* external = nullptr);
+  ~EventLoop();
+  EventLoop(const EventLoop&) = delete;
+  EventLoop& operator=(const EventLoop&) = delete;
+
+  boost::asio::io_context& io_context() noexcept { return *ioc_; }
+  boost::asio::any_io_executor executor() noexcept { return ioc_->get_executor(); }
+  TimerQueue& timers() noexcept { return *timers_; }
+  Random& random() noexcept { return random_; }
+  Clock& clock() const noexcept { return *clock_; }
+  const std::shared_ptr<Clock>& shared_clock() const noexcept { return clock_; }
+  TimePoint Now() const noexcept { return clock_->Now(); }
+  size_t index() const noexcept { return index_; }
+
+  // True on the thread currently running this loop.
+  bool IsCurrent() const noexcept { return Current() == this; }
+  // The loop whose handlers the calling thread is running, or nullptr.
+  static EventLoop* Current() noexcept;
+
+  // Runs ready handlers without blocking; returns how many ran. Sets Current() meanwhile.
+  size_t Poll();
+
+ private:
+  friend class Runtime;
+  void Run();  // blocks until Stop(); used by the runtime's thread
+
+  size_t index_;
+  std::shared_ptr<Clock> clock_;
+  std::unique_ptr<boost::asio::io_context> owned_ioc_;
+  boost::asio::io_context* ioc_;
+  Random random_;
+  std::unique_ptr<TimerQueue> timers_;
+};
+
+struct RuntimeOptions {
+  // Number of event loops. Default: one per core (std::thread::hardware_concurrency()).
+  size_t threads = 0;
+  // When false, no threads are started: the owner drives the loops with Poll()/RunUntilIdle()
+  // (unit tests with a ManualClock do this).
+  bool start_threads = true;
+  // Clock for every timer. Default: SteadyClock.
+  std::shared_ptr<Clock> clock;
+  // Seed of the per-loop random generators (loop i uses seed + i).
+  uint64_t seed = 0x5ca1e5;
+};
+
+// Owns the event loops. Destroying the runtime stops its threads after the loops have run out
+// of work (bounded wait), so clients using it must be closed first.
+// Thread safety: all public functions are safe from any thread.
+class Runtime : public std::enable_shared_from_this<Runtime> {
+ public:
+  explicit Runtime(RuntimeOptions options = {});
+  // Wraps a user's io_context as the single loop; the user runs it.
+  explicit Runtime(boost::asio::io_context& external, std::shared_ptr<Clock> clock = nullptr,
+                   uint64_t seed = 0x5ca1e5);
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  size_t size() const noexcept { return loops_.size(); }
+  EventLoop& loop(size_t i) noexcept { return *loops_[i]; }
+  Clock& clock() const noexcept { return *clock_; }
+  const std::shared_ptr<Clock>& shared_clock() const noexcept { return clock_; }
+
+  // The loop for a new call: the caller's own loop if it runs one of ours, else round robin.
+  EventLoop& PickLoop() noexcept;
+  // True if the calling thread runs one of this runtime's loops.
+  bool IsLoopThread() const noexcept;
+
+  // Manual mode: polls every loop until none has ready handlers (or max_rounds passed).
+  // Returns the number of handlers run.
+  size_t RunUntilIdle(size_t max_rounds = 100000);
+
+  // The process-wide runtime used by NewClient when none is given (one loop per core,
+  // created on first use).
+  static std::shared_ptr<Runtime> Default();
+
+ private:
+  void StartThreads();
+
+  std::shared_ptr<Clock> clock_;
+  std::vector<std::unique_ptr<EventLoop>> loops_;
+  std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
+  std::vector<std::thread> threads_;
+  std::atomic<size_t> next_{0};
+};
+
+}  // namespace scales

@@ -1,0 +1,94 @@
+#pragma once
+// SinkStack: per request, the (sink, context) pairs that want to see the response, plus the
+// request's cancellation hook. Allocation-free up to kInlineDepth entries.
+
+#include <array>
+#include <cassert>
+#include <cstddef>
+#include <vector>
+
+#include "scales/core/error.h"
+#include "scales/core/message.h"
+#include "scales/core/sink.h"
+#include "scales/core/timer_queue.h"
+
+namespace scales {
+
+// Thread safety: belongs to one request on one event loop.
+class SinkStack {
+ public:
+  static constexpr size_t kInlineDepth = 8;
+
+  explicit SinkStack(MethodCallMessage& message) : message_(message) {}
+  SinkStack(const SinkStack&) = delete;
+  SinkStack& operator=(const SinkStack&) = delete;
+
+  MethodCallMessage& message() noexcept { return message_; }
+
+  // Registers `sink` to receive the response with `context`.
+  void Push(ClientMessageSink* sink, void* context = nullptr) {
+    if (size_ < kInlineDepth) {
+      inline_[size_] = {sink, context};
+    } else {
+      overflow_.push_back({sink, context});
+    }
+    ++size_;
+  }
+
+  // Pops the top entry and hands it the response. The request is no longer parked anywhere
+  // below, so the cancellation handler is cleared first.
+  void AsyncProcessResponse(Stream* stream, MethodReturnMessage& msg) {
+    assert(size_ > 0 && "response unwound past the bottom of the sink stack");
+    cancel_sink_ = nullptr;
+    --size_;
+    Entry e = size_ < kInlineDepth ? inline_[size_] : overflow_.back();
+    if (size_ >= kInlineDepth) overflow_.pop_back();
+    e.sink->AsyncProcessResponse(*this, e.context, stream, msg);
+  }
+
+  size_t depth() const noexcept { return size_; }
+
+  // The sink holding the request installs itself here while the request waits in it (in a
+  // queue, on a connect, on the wire). Cancel() calls it once and clears it.
+  void SetCancelHandler(ClientMessageSink* sink, void* context = nullptr) noexcept {
+    cancel_sink_ = sink;
+    cancel_context_ = context;
+  }
+  void ClearCancelHandler() noexcept { cancel_sink_ = nullptr; }
+  bool has_cancel_handler() const noexcept { return cancel_sink_ != nullptr; }
+
+  // Requests cancellation with `reason`. If a sink holds the request it answers it now;
+  // otherwise the next sink that would park the request sees cancelled() and answers instead.
+  void Cancel(const error_code& reason) {
+    if (cancelled_) return;
+    cancelled_ = true;
+    cancel_reason_ = reason;
+    if (cancel_sink_ != nullptr) {
+      ClientMessageSink* s = cancel_sink_;
+      cancel_sink_ = nullptr;
+      s->CancelRequest(*this, cancel_context_, reason);
+    }
+  }
+  bool cancelled() const noexcept { return cancelled_; }
+  const error_code& cancel_reason() const noexcept { return cancel_reason_; }
+
+  // Storage for the TimeoutSink's per-request timer (so it needs no allocation).
+  TimerEntry& deadline_timer() noexcept { return deadline_timer_; }
+
+ private:
+  struct Entry {
+    ClientMessageSink* sink = nullptr;
+    void* context = nullptr;
+  };
+  MethodCallMessage& message_;
+  std::array<Entry, kInlineDepth> inline_{};
+  std::vector<Entry> overflow_;
+  size_t size_ = 0;
+  ClientMessageSink* cancel_sink_ = nullptr;
+  void* cancel_context_ = nullptr;
+  bool cancelled_ = false;
+  error_code cancel_reason_;
+  TimerEntry deadline_timer_;
+};
+
+}  // namespace scales

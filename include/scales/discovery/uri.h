@@ -1,0 +1,44 @@
+#pragma once
+// ScalesUriParser: parses the URIs given to NewClient.
+//
+//   tcp://host:port[,host:port...][/ignored-path]      static server set
+//   zk://zkhost:port[,zkhost:port...]/path/to/serverset[#endpoint-name][?query]
+//
+// Hosts are names, IPv4 literals or bracketed IPv6 literals ("[::1]:8080"). Ports are
+// required, decimal, 1..65535. The scheme is matched case-insensitively. A `?k=v&k2=v2`
+// query (zk:// only; options for discovery such as session_timeout) is parsed into `query`.
+
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "scales/discovery/endpoint.h"
+
+namespace scales {
+
+struct ParsedUri {
+  std::string scheme;                          // "tcp" or "zk", lower case
+  std::vector<Endpoint> hosts;                 // in the order given, duplicates kept
+  std::string path;                            // zk: the znode path, starts with '/'
+  std::string endpoint_name;                   // zk: the #fragment, empty if none
+  std::map<std::string, std::string> query;    // zk: ?k=v options
+
+  // Re-renders the URI in canonical form (lower-case scheme, bracketed IPv6).
+  std::string ToString() const;
+};
+
+class ScalesUriParser {
+ public:
+  // Parses `uri`; on failure returns nullopt and sets `error` to a message that quotes the
+  // URI and names what is wrong and where ("bad URI 'tcp://a:99999': port '99999' of host 1
+  // ('a') is out of range 1..65535"). Hosts are numbered from 1; offsets in messages are
+  // 0-based byte offsets into `uri`. For zk://, `#endpoint` and `?query` may come in either
+  // order; ToString() writes the fragment first.
+  static std::optional<ParsedUri> TryParse(std::string_view uri, std::string& error);
+  // Parses `uri` or throws scales::Error with code Errc::kBadUri and the message above.
+  static ParsedUri Parse(std::string_view uri);
+};
+
+}  // namespace scales

@@ -1,0 +1,32 @@
+#pragma once
+// HTTP request and response values of the scales HTTP client.
+
+#include <string>
+#include <string_view>
+
+#include "scales/core/message.h"
+
+namespace scales::http {
+
+// Case-insensitive ASCII comparison of header names.
+bool HeaderNameEquals(std::string_view a, std::string_view b) noexcept;
+
+struct Request {
+  std::string method = "GET";  // any token; the common verbs are sent as such
+  std::string target = "/";    // origin-form: path and query ("/a/b?x=1")
+  Headers headers;             // sent in order; Host and User-Agent are added when absent
+  std::string body;            // Content-Length is set for non-empty bodies and for POST/PUT/PATCH
+};
+
+struct Response {
+  int status = 0;
+  std::string reason;
+  Headers headers;
+  std::string body;
+
+  // Value of the first header named `name` (case-insensitive), or "" when absent.
+  std::string_view Header(std::string_view name) const noexcept;
+  bool HasHeader(std::string_view name) const noexcept;
+};
+
+}  // namespace scales::http

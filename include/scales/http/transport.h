@@ -1,0 +1,84 @@
+#pragma once
+// HttpTransportSink: one HTTP/1.1 keep-alive connection carrying one request at a time
+// (pooled by the WatermarkPool). Beast parses and serialises; limits on header and body size
+// protect the client. While idle, the connection watches its socket so that a server closing
+// a keep-alive connection is noticed before the connection is reused.
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/message.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/string_body.hpp>
+
+#include "scales/core/provider.h"
+#include "scales/core/sink.h"
+#include "scales/transport/tcp.h"
+
+namespace scales::http {
+
+struct TransportOptions {
+  // TCP connect timeout. Default 5 s.
+  Duration connect_timeout = std::chrono::seconds(5);
+  // Largest response header block accepted; beyond it the request fails with
+  // kResponseTooLarge and the connection is closed. Default 64 KiB.
+  size_t max_response_header_bytes = 64 * 1024;
+  // Largest response body accepted (after de-chunking). Default 8 MiB.
+  size_t max_response_body_bytes = 8 * 1024 * 1024;
+  // Status >= 400 completes the call with kHttpError (detail: status, reason, start of the
+  // body) instead of returning the response. Default true, as in scales.
+  bool raise_on_http_error = true;
+};
+
+// Thread safety: one connection, used on one event loop.
+class HttpTransportSink final : public ClientMessageSink {
+ public:
+  HttpTransportSink(const SinkContext& ctx, TransportOptions options);
+  ~HttpTransportSink() override;
+
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
+  void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
+  void Close() override;
+  SinkStatus status() const override;
+  std::string_view name() const override { return "http-transport"; }
+
+ protected:
+  void DoOpen(OpenHandler handler) override;
+
+ private:
+  enum class State { kIdle, kConnecting, kOpen, kClosed };
+  using BeastRequest = boost::beast::http::request<boost::beast::http::string_body>;
+  using BeastParser = boost::beast::http::response_parser<boost::beast::http::string_body>;
+
+  std::shared_ptr<HttpTransportSink> self() {
+    return std::static_pointer_cast<HttpTransportSink>(shared_from_this());
+  }
+  void OnConnected(error_code ec);
+  void OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
+  void OnRead(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
+  void WatchIdle();
+  void Finish(error_code ec, std::string detail);
+  void Shutdown();
+
+  EventLoop& loop_;
+  TransportOptions options_;
+  TcpConnection conn_;
+  std::string host_header_;
+  State state_ = State::kIdle;
+  OpenWaiters open_waiters_;
+  boost::beast::flat_buffer buffer_;
+  BeastRequest request_;
+  std::optional<BeastParser> parser_;
+  SinkStack* current_ = nullptr;
+  bool writing_ = false;
+  bool close_after_ = false;
+  uint64_t generation_ = 0;  // bumps per request and on close; stale handlers compare it
+};
+
+SinkProvider HttpTransportProvider(TransportOptions options = {});
+
+}  // namespace scales::http

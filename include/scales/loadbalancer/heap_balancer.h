@@ -1,0 +1,129 @@
+#pragma once
+// Load balancers: LoadBalancerSink (the server-set plumbing shared by every balancer) and
+// HeapBalancerSink (least loaded, from a min-heap; the seed's HeapBalancerSink).
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "scales/core/provider.h"
+#include "scales/core/sink.h"
+#include "scales/core/sink_stack.h"
+#include "scales/discovery/server_set.h"
+#include "scales/stats/stats.h"
+
+namespace scales {
+
+class EventLoop;
+
+// One endpoint as a balancer sees it.
+struct BalancerNode {
+  Endpoint endpoint;
+  std::string address;  // endpoint.ToString()
+  SinkPtr sink;         // the per-endpoint chain (resurrector -> pool -> transport)
+  int64_t load = 0;     // outstanding requests
+  bool down = false;    // marked down by the balancer (status was Busy or Closed)
+  bool removed = false; // left the server set; closed once its load drops to 0
+  size_t index = 0;     // balancer-specific (heap position)
+};
+
+// Subscribes to the server set, keeps one node per member (created through the factory of
+// the sinks below), parks requests until the first members are known, answers
+// kNoMembers when the set is empty, and counts load per node. Subclasses choose the node.
+//
+// Open completes once the server set delivered its first members and, if there are any, one
+// node finished opening (successfully or not: a failed node is marked down, not fatal).
+//
+// Thread safety: one balancer per event loop; all calls on that loop.
+class LoadBalancerSink : public ClientMessageSink {
+ public:
+  LoadBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory);
+  ~LoadBalancerSink() override;
+
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
+  void AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
+                            MethodReturnMessage& msg) override;
+  void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
+  void Close() override;
+  SinkStatus status() const override;
+
+  size_t size() const noexcept { return nodes_.size(); }
+  const std::vector<std::unique_ptr<BalancerNode>>& nodes() const noexcept { return nodes_; }
+  size_t draining() const noexcept { return draining_.size(); }
+
+ protected:
+  void DoOpen(OpenHandler handler) override;
+
+  // A node is usable when its chain is Idle or Open.
+  static bool Healthy(const BalancerNode& n);
+  // Hooks for the balancing policy.
+  virtual void OnNodeAdded(BalancerNode& n) = 0;
+  virtual void OnNodeRemoved(BalancerNode& n) = 0;
+  // Chooses a node (nodes_ is not empty). Load is incremented by the caller afterwards.
+  virtual BalancerNode& PickNode() = 0;
+  virtual void OnLoadChanged(BalancerNode& n, bool increased) = 0;
+
+  EventLoop& loop_;
+  std::string client_name_;
+  stats::StatsScope stats_;
+
+ private:
+  void OnMembers(const ServerSet::Members& members);
+  void Route(SinkStack& stack, MethodCallMessage& msg, Stream* stream);
+  void MarkReady();
+  void RetireNode(std::unique_ptr<BalancerNode> node);
+  void Fail(SinkStack& stack, Errc code, std::string detail);
+
+  std::shared_ptr<ServerSet> server_set_;
+  SinkFactory endpoint_factory_;
+  SinkContext endpoint_ctx_;
+  uint64_t subscription_ = 0;
+  bool subscribed_ = false;
+  bool ready_ = false;
+  bool closed_ = false;
+  OpenWaiters open_waiters_;
+  std::vector<SinkStack*> parked_;
+  std::vector<std::unique_ptr<BalancerNode>> nodes_;
+  std::vector<std::unique_ptr<BalancerNode>> draining_;
+  stats::Gauge& size_gauge_;
+  stats::Counter& no_members_;
+  stats::Counter& joins_;
+  stats::Counter& leaves_;
+};
+
+// Least loaded: a binary min-heap on (load, down). A node whose chain is not usable is
+// marked down (a large penalty sinks it) and marked up again when its chain recovers; if
+// every node is down the least loaded down node is used. A node whose load returns to zero
+// swaps places with a random equally loaded node, so idle nodes are used in random order.
+class HeapBalancerSink final : public LoadBalancerSink {
+ public:
+  HeapBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory);
+  std::string_view name() const override { return "heap-balancer"; }
+
+  // For tests: the node at the top of the heap (least loaded), or nullptr.
+  const BalancerNode* top() const noexcept { return heap_.size() > 1 ? heap_[1] : nullptr; }
+
+ protected:
+  void OnNodeAdded(BalancerNode& n) override;
+  void OnNodeRemoved(BalancerNode& n) override;
+  BalancerNode& PickNode() override;
+  void OnLoadChanged(BalancerNode& n, bool increased) override;
+
+ private:
+  static constexpr int64_t kDownPenalty = int64_t{1} << 40;
+  static int64_t Key(const BalancerNode* n) { return n->load + (n->down ? kDownPenalty : 0); }
+  void SiftUp(size_t i);
+  void SiftDown(size_t i);
+  void Swap(size_t i, size_t j);
+
+  std::vector<BalancerNode*> heap_{nullptr};  // 1-based; heap_[0] unused
+  std::vector<BalancerNode*> down_;
+  stats::Counter& marked_down_;
+  stats::Counter& marked_up_;
+};
+
+// Provider of the heap balancer (role "loadbalancer").
+SinkProvider HeapBalancerProvider();
+
+}  // namespace scales

@@ -1,0 +1,22 @@
+#pragma once
+
+#include <string>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "scales/core/error.h"
+
+namespace scales {
+
+// Maps the error a connection's open reported to the code and message a request gets:
+// scales codes (kConnectTimeout, ...) stay; system errors become kConnectFailed.
+inline std::pair<error_code, std::string> ConnectFailure(const std::string& address, const error_code& ec) {
+  if (ec.category() == error_category()) {
+    if (ec == Errc::kConnectTimeout) return {ec, fmt::format("connect to {} timed out", address)};
+    return {ec, fmt::format("connect to {} failed: {}", address, ec.message())};
+  }
+  return {make_error_code(Errc::kConnectFailed), fmt::format("connect to {} failed: {}", address, ec.message())};
+}
+
+}  // namespace scales

@@ -1,0 +1,61 @@
+#pragma once
+// SingletonPool: at most one underlying sink (connection) per endpoint, shared by every
+// request with unlimited concurrency; for multiplexing transports (Mux) and for HTTP when one
+// connection is wanted. The sink is created on the first request or Open, and replaced when
+// it is no longer usable (status Closed). Requests that arrive while it connects wait for
+// the connect (cancellable). A failed connect fails them and raises on_faulted.
+
+#include <string>
+#include <vector>
+
+#include "scales/core/provider.h"
+#include "scales/core/sink.h"
+#include "scales/stats/stats.h"
+
+namespace scales {
+
+class EventLoop;
+
+// Thread safety: one pool per endpoint per event loop; used on that loop.
+class SingletonPool final : public ClientMessageSink {
+ public:
+  SingletonPool(const SinkContext& ctx, SinkFactory factory);
+  ~SingletonPool() override;
+
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
+  void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
+  void Close() override;
+  SinkStatus status() const override;
+  std::string_view name() const override { return "singleton-pool"; }
+
+  // Number of underlying sinks created so far (tests).
+  size_t created() const noexcept { return created_; }
+  size_t waiting() const noexcept { return waiting_.size(); }
+
+ protected:
+  void DoOpen(OpenHandler handler) override;
+
+ private:
+  struct Waiter {
+    SinkStack* stack;
+    Stream* stream;
+  };
+  void Connect();
+  void OnOpened(const SinkPtr& sink, error_code ec);
+
+  EventLoop& loop_;
+  SinkContext ctx_;
+  SinkFactory factory_;
+  std::string address_;
+  SinkPtr child_;
+  bool opening_ = false;
+  bool closed_ = false;
+  size_t created_ = 0;
+  std::vector<Waiter> waiting_;
+  OpenWaiters open_waiters_;
+  stats::Counter& connect_failures_;
+};
+
+SinkProvider SingletonPoolProvider();
+
+}  // namespace scales

@@ -1,0 +1,177 @@
+#pragma once
+// The stats registry: counters, gauges and latency histograms that sinks report into.
+//
+// Metrics are identified by a name ("scales_requests") plus labels
+// ({client="users", endpoint="10.0.0.1:80"}). Lookup (Get*) takes a mutex and is meant for
+// construction time: sinks resolve their metrics once and keep the references, which stay
+// valid for the registry's lifetime. Updates are lock-free (relaxed atomics) and safe from any
+// thread.
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace scales::stats {
+
+// Label set, kept sorted by key (the registry sorts what it is given).
+using Labels = std::vector<std::pair<std::string, std::string>>;
+
+// A monotonically increasing count. Thread safe.
+class Counter {
+ public:
+  void Increment(int64_t n = 1) noexcept { value_.fetch_add(n, std::memory_order_relaxed); }
+  int64_t value() const noexcept { return value_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<int64_t> value_{0};
+};
+
+// A value that goes up and down. Add() makes it safe to share between event loops, each
+// adding its own part (pool sizes, pending requests). Thread safe.
+class Gauge {
+ public:
+  void Set(int64_t v) noexcept { value_.store(v, std::memory_order_relaxed); }
+  void Add(int64_t delta) noexcept { value_.fetch_add(delta, std::memory_order_relaxed); }
+  int64_t value() const noexcept { return value_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<int64_t> value_{0};
+};
+
+// Read-only copy of a histogram.
+struct HistogramSnapshot {
+  int64_t count = 0;
+  int64_t sum = 0;
+  int64_t min = 0;
+  int64_t max = 0;
+  // Upper bound (inclusive) and count of every non-empty bucket, in increasing order.
+  std::vector<std::pair<int64_t, int64_t>> buckets;
+  // Value at quantile q in [0, 1]: the upper bound of the bucket holding that rank, clamped
+  // to [min, max]. 0 when empty.
+  int64_t Percentile(double q) const noexcept;
+  double Mean() const noexcept { return count ? static_cast<double>(sum) / count : 0.0; }
+};
+
+// Histogram of non-negative integer samples (scales records latencies in microseconds).
+// Buckets are log-linear: values 0..15 have exact buckets; above, every power of two is
+// split into 16 linear sub-buckets, so a bucket's width is at most 1/16 (6.25 %) of its
+// values. Bucket index of v: v for v < 16; otherwise, with e = floor(log2(v)),
+// 16 + (e - 4) * 16 + ((v >> (e - 4)) & 15). Exponents go up to kMaxExponent, so values of
+// 2^(kMaxExponent+1) and above go into the last bucket (whose upper bound is INT64_MAX);
+// negative values are recorded as 0. Thread safe; Record() is lock-free.
+class Histogram {
+ public:
+  static constexpr int kSubBucketBits = 4;
+  static constexpr int kMaxExponent = 40;
+  // 16 exact buckets, then 16 sub-buckets for each exponent 4..kMaxExponent.
+  static constexpr int kBucketCount =
+      (1 << kSubBucketBits) + (kMaxExponent - kSubBucketBits + 1) * (1 << kSubBucketBits);
+
+  void Record(int64_t value) noexcept;
+  HistogramSnapshot Snapshot() const;
+  int64_t count() const noexcept { return count_.load(std::memory_order_relaxed); }
+
+  // Bucket index for a value and the inclusive upper bound of a bucket (documented layout).
+  static int BucketIndex(int64_t value) noexcept;
+  static int64_t BucketUpperBound(int index) noexcept;
+
+ private:
+  std::atomic<int64_t> count_{0};
+  std::atomic<int64_t> sum_{0};
+  std::atomic<int64_t> min_{INT64_MAX};
+  std::atomic<int64_t> max_{0};
+  std::atomic<int64_t> buckets_[kBucketCount] = {};
+};
+
+enum class MetricType { kCounter, kGauge, kHistogram };
+
+struct MetricSnapshot {
+  std::string name;
+  Labels labels;
+  MetricType type = MetricType::kCounter;
+  int64_t value = 0;            // counters and gauges
+  HistogramSnapshot histogram;  // histograms
+};
+
+// Owns every metric. Thread safe. Metrics are never removed: references stay valid for the
+// registry's lifetime.
+class StatsRegistry {
+ public:
+  StatsRegistry() = default;
+  StatsRegistry(const StatsRegistry&) = delete;
+  StatsRegistry& operator=(const StatsRegistry&) = delete;
+
+  Counter& GetCounter(std::string_view name, Labels labels = {});
+  Gauge& GetGauge(std::string_view name, Labels labels = {});
+  Histogram& GetHistogram(std::string_view name, Labels labels = {});
+
+  // Every metric, sorted by name then labels.
+  std::vector<MetricSnapshot> Snapshot() const;
+  // Finds one metric; nullptr when absent. For tests and tools.
+  const Counter* FindCounter(std::string_view name, const Labels& labels) const;
+  const Gauge* FindGauge(std::string_view name, const Labels& labels) const;
+  const Histogram* FindHistogram(std::string_view name, const Labels& labels) const;
+
+  // Human-readable dump, one metric per line: `name{k="v",...} value` (no braces without
+  // labels) and, for histograms, `name{...} count=.. mean=.. p50=.. p90=.. p99=.. p999=.. max=..`.
+  std::string ToText() const;
+  // Finagle-style flat JSON object. Keys are the label values in key order, then the name,
+  // joined by '/': {"users/10.0.0.1:80/scales_requests": 42}. Histograms contribute
+  // "<key>.count", ".sum", ".avg", ".min", ".max", ".p50", ".p90", ".p99" and ".p9990".
+  // Label sets with equal values under different keys render the same key; the later
+  // metric (in Snapshot() order) wins.
+  std::string ToJson() const;
+
+  // The process-wide registry used when a client is not given one.
+  static StatsRegistry& Default();
+
+ private:
+  struct Key {
+    std::string name;
+    Labels labels;
+    bool operator<(const Key& o) const {
+      return std::tie(name, labels) < std::tie(o.name, o.labels);
+    }
+  };
+  struct Entry {
+    MetricType type = MetricType::kCounter;
+    std::unique_ptr<Counter> counter;
+    std::unique_ptr<Gauge> gauge;
+    std::unique_ptr<Histogram> histogram;
+  };
+  Entry& GetEntry(std::string_view name, Labels labels, MetricType type);
+  const Entry* Find(std::string_view name, const Labels& labels) const;
+
+  mutable std::mutex mu_;
+  std::map<Key, Entry> metrics_;
+};
+
+// A registry plus a fixed label set (client, endpoint, ...). Cheap to copy.
+class StatsScope {
+ public:
+  StatsScope() = default;
+  StatsScope(StatsRegistry* registry, Labels labels) : registry_(registry), labels_(std::move(labels)) {}
+
+  // A scope with one more label (replacing a label of the same key).
+  StatsScope WithLabel(std::string_view key, std::string_view value) const;
+
+  Counter& GetCounter(std::string_view name) const { return registry_->GetCounter(name, labels_); }
+  Gauge& GetGauge(std::string_view name) const { return registry_->GetGauge(name, labels_); }
+  Histogram& GetHistogram(std::string_view name) const { return registry_->GetHistogram(name, labels_); }
+
+  StatsRegistry* registry() const noexcept { return registry_; }
+  const Labels& labels() const noexcept { return labels_; }
+
+ private:
+  StatsRegistry* registry_ = &StatsRegistry::Default();
+  Labels labels_;
+};
+
+}  // namespace scales::stats

@@ -1,0 +1,126 @@
+#include "scales/core/client.h"
+
+#include <future>
+#include <mutex>
+#include <optional>
+
+#include <fmt/format.h>
+
+#include <boost/asio/post.hpp>
+
+#include "scales/core/error.h"
+#include "scales/discovery/uri.h"
+
+namespace scales {
+
+ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
+    : options_(std::move(options)), spec_(std::move(spec)) {
+  runtime_ = options_.runtime ? options_.runtime : Runtime::Default();
+  stats_ = options_.stats ? options_.stats : &stats::StatsRegistry::Default();
+  if (options_.name.empty()) {
+    throw Error(make_error_code(Errc::kInvalidArgument), "client name must not be empty");
+  }
+  if (options_.timeout < Duration::zero()) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("client {}: timeout must not be negative", options_.name));
+  }
+  if (options_.server_set) {
+    server_set_ = options_.server_set;
+  } else {
+    if (options_.uri.empty()) {
+      throw Error(make_error_code(Errc::kBadUri),
+                  fmt::format("client {}: no URI given (tcp://host:port[,host:port...] or "
+                              "zk://host:port/path)", options_.name));
+    }
+    server_set_ = CreateServerSet(ScalesUriParser::Parse(options_.uri));
+  }
+  SinkFactory top = spec_.Build();
+  stats::StatsScope scope(stats_, {{"client", options_.name}});
+  for (size_t i = 0; i < runtime_->size(); ++i) {
+    EventLoop& loop = runtime_->loop(i);
+    SinkContext ctx;
+    ctx.loop = &loop;
+    ctx.client_name = options_.name;
+    ctx.stats = scope;
+    ctx.server_set = server_set_;
+    SinkPtr head = top(ctx);
+    shards_.push_back(std::make_shared<MessageDispatcher>(loop, options_.name, std::move(head),
+                                                          options_.timeout, scope));
+  }
+}
+
+ClientCore::~ClientCore() { Close(); }
+
+void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
+  struct OpenState {
+    std::mutex mu;
+    size_t remaining;
+    error_code first_error;
+    // std::optional because any_completion_handler's move assignment recurses forever in
+    // Boost 1.81; only move construction is safe.
+    std::optional<ClientMessageSink::OpenHandler> handler;
+    boost::asio::any_io_executor executor;
+  };
+  auto state = std::make_shared<OpenState>();
+  state->remaining = shards_.size();
+  state->handler.emplace(std::move(handler));
+  state->executor = runtime_->loop(0).executor();
+  for (auto& shard : shards_) {
+    boost::asio::post(shard->loop().executor(), [shard, state] {
+      shard->AsyncOpen([state](error_code ec) {
+        {
+          std::lock_guard lock(state->mu);
+          if (ec && !state->first_error) state->first_error = ec;
+          if (--state->remaining != 0) return;
+        }
+        PostOpenCompletion(std::move(*state->handler), state->executor, state->first_error);
+      });
+    });
+  }
+}
+
+void ClientCore::OpenAndWait() {
+  auto done = std::make_shared<std::promise<error_code>>();
+  auto result = done->get_future();
+  AsyncOpen([done](error_code ec) { done->set_value(ec); });
+  if (options_.open_timeout <= Duration::zero() || IsLoopThread()) return;
+  if (result.wait_for(options_.open_timeout) != std::future_status::ready) {
+    throw Error(make_error_code(Errc::kOpenTimeout),
+                fmt::format("client {} did not open within {} ms (server set {})", options_.name,
+                            std::chrono::duration_cast<std::chrono::milliseconds>(options_.open_timeout).count(),
+                            server_set_->Describe()));
+  }
+  if (error_code ec = result.get()) {
+    throw Error(ec, fmt::format("client {} failed to open (server set {}): {}", options_.name,
+                                server_set_->Describe(), ec.message()));
+  }
+}
+
+void ClientCore::Dispatch(CallBase* call) {
+  EventLoop* current = EventLoop::Current();
+  if (current != nullptr) {
+    for (auto& shard : shards_) {
+      if (&shard->loop() == current) {
+        shard->Dispatch(call, /*initiating=*/true);
+        return;
+      }
+    }
+  }
+  EventLoop& loop = runtime_->PickLoop();
+  MessageDispatcher* shard = shards_[loop.index()].get();
+  boost::asio::post(loop.executor(), [shard, call] { shard->Dispatch(call, /*initiating=*/false); });
+}
+
+void ClientCore::Close() {
+  if (closed_.exchange(true)) return;
+  for (auto& shard : shards_) {
+    boost::asio::post(shard->loop().executor(), [shard] { shard->Close(); });
+  }
+}
+
+std::string ClientCore::Describe() const {
+  return fmt::format("client {}: dispatcher -> {}; server set {}; {} event loop(s)", options_.name,
+                     spec_.Describe(), server_set_->Describe(), shards_.size());
+}
+
+}  // namespace scales

@@ -1,0 +1,121 @@
+#include "scales/core/clock.h"
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+namespace scales {
+namespace {
+
+class SteadyAlarm final : public Alarm {
+ public:
+  SteadyAlarm(boost::asio::any_io_executor executor, std::function<void()> on_fire)
+      : timer_(std::move(executor)), on_fire_(std::move(on_fire)) {}
+
+  void Set(TimePoint when) override {
+    timer_.expires_at(when);
+    timer_.async_wait([this](const boost::system::error_code& ec) {
+      // An aborted wait means Set() or Cancel() replaced it, or the alarm is being destroyed:
+      // `this` must not be touched then.
+      if (ec) return;
+      on_fire_();
+    });
+  }
+  void Cancel() override { timer_.cancel(); }
+
+ private:
+  boost::asio::steady_timer timer_;
+  std::function<void()> on_fire_;
+};
+
+}  // namespace
+
+std::unique_ptr<Alarm> SteadyClock::CreateAlarm(boost::asio::any_io_executor executor,
+                                                std::function<void()> on_fire) {
+  return std::make_unique<SteadyAlarm>(std::move(executor), std::move(on_fire));
+}
+
+std::shared_ptr<SteadyClock> SteadyClock::Instance() {
+  static auto instance = std::make_shared<SteadyClock>();
+  return instance;
+}
+
+// The posted callback holds `state` so that an alarm destroyed before its callback runs is
+// detected instead of touched.
+class ManualClock::ManualAlarm final : public Alarm {
+ public:
+  struct State {
+    std::function<void()> on_fire;
+    bool alive = true;
+  };
+
+  ManualAlarm(ManualClock& clock, boost::asio::any_io_executor executor,
+              std::function<void()> on_fire)
+      : clock_(clock), executor_(std::move(executor)), state_(std::make_shared<State>()) {
+    state_->on_fire = std::move(on_fire);
+  }
+  ~ManualAlarm() override {
+    Cancel();
+    state_->alive = false;
+  }
+
+  void Set(TimePoint when) override {
+    std::lock_guard lock(clock_.mu_);
+    when_ = when;
+    clock_.alarms_.insert(this);
+    if (when_ <= clock_.now_) FireLocked();
+  }
+  void Cancel() override {
+    std::lock_guard lock(clock_.mu_);
+    clock_.alarms_.erase(this);
+  }
+
+  TimePoint when() const { return when_; }
+  // Called with the clock's mutex held.
+  void FireLocked() {
+    clock_.alarms_.erase(this);
+    boost::asio::post(executor_, [state = state_] {
+      if (state->alive) state->on_fire();
+    });
+  }
+
+ private:
+  ManualClock& clock_;
+  boost::asio::any_io_executor executor_;
+  std::shared_ptr<State> state_;
+  TimePoint when_{};
+};
+
+ManualClock::ManualClock(TimePoint start, WallTime wall_start) : now_(start), wall_now_(wall_start) {}
+
+TimePoint ManualClock::Now() const noexcept {
+  std::lock_guard lock(mu_);
+  return now_;
+}
+
+WallTime ManualClock::WallNow() const noexcept {
+  std::lock_guard lock(mu_);
+  return wall_now_;
+}
+
+std::unique_ptr<Alarm> ManualClock::CreateAlarm(boost::asio::any_io_executor executor,
+                                                std::function<void()> on_fire) {
+  return std::make_unique<ManualAlarm>(*this, std::move(executor), std::move(on_fire));
+}
+
+void ManualClock::Advance(Duration d) {
+  std::lock_guard lock(mu_);
+  now_ += d;
+  wall_now_ += std::chrono::duration_cast<WallTime::duration>(d);
+  std::vector<ManualAlarm*> due;
+  for (ManualAlarm* a : alarms_) {
+    if (a->when() <= now_) due.push_back(a);
+  }
+  for (ManualAlarm* a : due) a->FireLocked();
+}
+
+size_t ManualClock::armed_alarms() const {
+  std::lock_guard lock(mu_);
+  return alarms_.size();
+}
+
+}  // namespace scales

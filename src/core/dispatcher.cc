@@ -1,0 +1,114 @@
+#include "scales/core/dispatcher.h"
+
+#include <fmt/format.h>
+
+namespace scales {
+
+MessageDispatcher::MessageDispatcher(EventLoop& loop, std::string client_name, SinkPtr next,
+                                     Duration default_timeout, const stats::StatsScope& stats)
+    : loop_(loop),
+      client_name_(std::move(client_name)),
+      next_(std::move(next)),
+      default_timeout_(default_timeout),
+      stats_(stats),
+      requests_(stats.GetCounter("scales_requests")),
+      successes_(stats.GetCounter("scales_successes")),
+      failures_(stats.GetCounter("scales_failures")),
+      pending_gauge_(stats.GetGauge("scales_pending")),
+      latency_us_(stats.GetHistogram("scales_request_latency_us")) {}
+
+MessageDispatcher::~MessageDispatcher() = default;
+
+void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
+  MethodCallMessage& msg = call->message;
+  msg.service = client_name_;
+  auto& props = msg.properties;
+  props.start = loop_.Now();
+  Duration timeout = call->timeout.value_or(default_timeout_);
+  if (timeout > Duration::zero() && timeout < Duration::max() / 2) {
+    props.deadline = props.start + timeout;
+  }
+  requests_.Increment();
+  pending_gauge_.Add(1);
+  ++pending_;
+  call->in_initiation = initiating;
+  call->stack.Push(this, call);
+  if (closed_) {
+    auto m = MethodReturnMessage::Failure(
+        make_error_code(Errc::kClientClosed),
+        fmt::format("client {} is closed; the request was not sent", client_name_));
+    call->stack.AsyncProcessResponse(nullptr, m);
+  } else {
+    next_->AsyncProcessRequest(call->stack, msg, nullptr);
+  }
+  // `call` may be gone now; only touch it through the response path.
+}
+
+void MessageDispatcher::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream*) {
+  // The dispatcher is the top of the stack; requests enter through Dispatch().
+  auto m = MethodReturnMessage::Failure(make_error_code(Errc::kInvalidArgument),
+                                        "requests enter the dispatcher through Dispatch()");
+  stack.AsyncProcessResponse(nullptr, m);
+}
+
+stats::Counter& MessageDispatcher::FailureCounter(const error_code& ec) {
+  std::string name = ErrorName(ec);
+  auto it = failures_by_code_.find(name);
+  if (it != failures_by_code_.end()) return *it->second;
+  auto& c = stats_.registry()->GetCounter("scales_failures_by_error",
+                                         [&] {
+                                           auto labels = stats_.labels();
+                                           labels.emplace_back("error", name);
+                                           return labels;
+                                         }());
+  failures_by_code_.emplace(std::move(name), &c);
+  return c;
+}
+
+void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, Stream*,
+                                             MethodReturnMessage& msg) {
+  auto* call = static_cast<CallBase*>(context);
+  auto elapsed = loop_.Now() - call->message.properties.start;
+  latency_us_.Record(std::chrono::duration_cast<std::chrono::microseconds>(elapsed).count());
+  if (msg.ok()) {
+    successes_.Increment();
+  } else {
+    failures_.Increment();
+    FailureCounter(msg.error).Increment();
+  }
+  if (call->info != nullptr) {
+    call->info->error = msg.error;
+    call->info->detail = msg.error ? msg.detail : std::string();
+    call->info->endpoint = call->message.properties.endpoint;
+    call->info->elapsed = elapsed;
+  }
+  pending_gauge_.Add(-1);
+  --pending_;
+  call->Complete(msg, loop_.executor());
+  if (closed_ && pending_ == 0 && self_while_draining_) {
+    // Destroying the stack from inside its own response path would pull it out from under
+    // the frames below us: release on a later turn.
+    boost::asio::post(loop_.executor(), [self = std::move(self_while_draining_)] {});
+  }
+}
+
+void MessageDispatcher::Close() {
+  if (closed_) return;
+  closed_ = true;
+  if (pending_ > 0) self_while_draining_ = shared_from_this();
+  next_->Close();
+}
+
+SinkStatus MessageDispatcher::status() const {
+  return closed_ ? SinkStatus::kClosed : next_->status();
+}
+
+void MessageDispatcher::DoOpen(OpenHandler handler) {
+  if (closed_) {
+    PostOpenCompletion(std::move(handler), loop_.executor(), make_error_code(Errc::kClientClosed));
+    return;
+  }
+  next_->AsyncOpen(std::move(handler));
+}
+
+}  // namespace scales

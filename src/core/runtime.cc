@@ -1,0 +1,132 @@
+#include "scales/core/runtime.h"
+
+#include <chrono>
+
+#include <boost/asio/post.hpp>
+
+namespace scales {
+namespace {
+thread_local EventLoop* current_loop = nullptr;
+
+// Sets the thread's current loop for a scope (restoring the previous one: polls may nest
+// when a test drives one loop from inside another's handler).
+class CurrentLoopScope {
+ public:
+  explicit CurrentLoopScope(EventLoop* loop) : previous_(current_loop) { current_loop = loop; }
+  ~CurrentLoopScope() { current_loop = previous_; }
+
+ private:
+  EventLoop* previous_;
+};
+}  // namespace
+
+EventLoop::EventLoop(size_t index, std::shared_ptr<Clock> clock, uint64_t seed,
+                     boost::asio::io_context* external)
+    : index_(index),
+      clock_(std::move(clock)),
+      owned_ioc_(external ? nullptr : std::make_unique<boost::asio::io_context>(1)),
+      ioc_(external ? external : owned_ioc_.get()),
+      random_(seed),
+      timers_(std::make_unique<TimerQueue>(*clock_, ioc_->get_executor())) {}
+
+EventLoop::~EventLoop() {
+  // Timers go first: their alarm's Asio timer must not outlive the io_context.
+  timers_.reset();
+}
+
+EventLoop* EventLoop::Current() noexcept { return current_loop; }
+
+size_t EventLoop::Poll() {
+  CurrentLoopScope scope(this);
+  if (ioc_->stopped()) ioc_->restart();
+  return ioc_->poll();
+}
+
+void EventLoop::Run() {
+  CurrentLoopScope scope(this);
+  ioc_->run();
+}
+
+Runtime::Runtime(RuntimeOptions options)
+    : clock_(options.clock ? std::move(options.clock) : SteadyClock::Instance()) {
+  size_t n = options.threads;
+  if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
+  for (size_t i = 0; i < n; ++i) {
+    loops_.push_back(std::make_unique<EventLoop>(i, clock_, options.seed + i));
+  }
+  if (options.start_threads) StartThreads();
+}
+
+Runtime::Runtime(boost::asio::io_context& external, std::shared_ptr<Clock> clock, uint64_t seed)
+    : clock_(clock ? std::move(clock) : SteadyClock::Instance()) {
+  loops_.push_back(std::make_unique<EventLoop>(0, clock_, seed, &external));
+}
+
+void Runtime::StartThreads() {
+  for (auto& loop : loops_) {
+    guards_.emplace_back(loop->io_context().get_executor());
+  }
+  for (auto& loop : loops_) {
+    threads_.emplace_back([l = loop.get()] { l->Run(); });
+  }
+}
+
+Runtime::~Runtime() {
+  // Let the loops finish the work they have (closing clients post their shutdown), then
+  // stop them; bounded so a stuck peer cannot hang the process at exit.
+  guards_.clear();
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  for (size_t i = 0; i < threads_.size(); ++i) {
+    auto& ioc = loops_[i]->io_context();
+    while (!ioc.stopped() && std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ioc.stop();
+  }
+  for (auto& t : threads_) {
+    if (t.get_id() == std::this_thread::get_id()) {
+      t.detach();  // destroyed from one of its own handlers: cannot join ourselves
+    } else {
+      t.join();
+    }
+  }
+  loops_.clear();
+}
+
+EventLoop& Runtime::PickLoop() noexcept {
+  EventLoop* cur = EventLoop::Current();
+  if (cur != nullptr) {
+    for (auto& l : loops_) {
+      if (l.get() == cur) return *cur;
+    }
+  }
+  size_t i = next_.fetch_add(1, std::memory_order_relaxed);
+  return *loops_[i % loops_.size()];
+}
+
+bool Runtime::IsLoopThread() const noexcept {
+  EventLoop* cur = EventLoop::Current();
+  if (cur == nullptr) return false;
+  for (auto& l : loops_) {
+    if (l.get() == cur) return true;
+  }
+  return false;
+}
+
+size_t Runtime::RunUntilIdle(size_t max_rounds) {
+  size_t total = 0;
+  for (size_t round = 0; round < max_rounds; ++round) {
+    size_t ran = 0;
+    for (auto& l : loops_) ran += l->Poll();
+    total += ran;
+    if (ran == 0) break;
+  }
+  return total;
+}
+
+std::shared_ptr<Runtime> Runtime::Default() {
+  static std::shared_ptr<Runtime> instance = std::make_shared<Runtime>();
+  return instance;
+}
+
+}  // namespace scales

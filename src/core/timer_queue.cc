@@ -1,0 +1,122 @@
+#include "scales/core/timer_queue.h"
+
+#include <cassert>
+#include <utility>
+
+namespace scales {
+
+void TimerEntry::Cancel() noexcept {
+  if (queue_ != nullptr) queue_->Cancel(*this);
+}
+
+TimerQueue::TimerQueue(Clock& clock, boost::asio::any_io_executor executor)
+    : clock_(clock), alarm_(clock.CreateAlarm(std::move(executor), [this] { OnAlarm(); })) {}
+
+TimerQueue::~TimerQueue() {
+  for (TimerEntry* e : heap_) e->queue_ = nullptr;
+  heap_.clear();
+  alarm_->Cancel();
+}
+
+bool TimerQueue::Less(const TimerEntry* a, const TimerEntry* b) const noexcept {
+  if (a->deadline_ != b->deadline_) return a->deadline_ < b->deadline_;
+  return a->seq_ < b->seq_;
+}
+
+void TimerQueue::Swap(size_t i, size_t j) noexcept {
+  std::swap(heap_[i], heap_[j]);
+  heap_[i]->index_ = i;
+  heap_[j]->index_ = j;
+}
+
+void TimerQueue::SiftUp(size_t i) noexcept {
+  while (i > 0) {
+    size_t parent = (i - 1) / 2;
+    if (!Less(heap_[i], heap_[parent])) break;
+    Swap(i, parent);
+    i = parent;
+  }
+}
+
+void TimerQueue::SiftDown(size_t i) noexcept {
+  const size_t n = heap_.size();
+  for (;;) {
+    size_t smallest = i;
+    size_t l = 2 * i + 1;
+    size_t r = l + 1;
+    if (l < n && Less(heap_[l], heap_[smallest])) smallest = l;
+    if (r < n && Less(heap_[r], heap_[smallest])) smallest = r;
+    if (smallest == i) return;
+    Swap(i, smallest);
+    i = smallest;
+  }
+}
+
+void TimerQueue::RemoveAt(size_t i) noexcept {
+  TimerEntry* e = heap_[i];
+  const size_t last = heap_.size() - 1;
+  if (i != last) {
+    Swap(i, last);
+    heap_.pop_back();
+    SiftDown(i);
+    SiftUp(i);
+  } else {
+    heap_.pop_back();
+  }
+  e->queue_ = nullptr;
+}
+
+void TimerQueue::Schedule(TimerEntry& entry, TimePoint deadline, TimerEntry::Callback callback,
+                          void* arg) {
+  if (entry.queue_ != nullptr) entry.queue_->Cancel(entry);
+  entry.queue_ = this;
+  entry.deadline_ = deadline;
+  entry.seq_ = next_seq_++;
+  entry.callback_ = callback;
+  entry.arg_ = arg;
+  entry.index_ = heap_.size();
+  heap_.push_back(&entry);
+  SiftUp(entry.index_);
+  if (heap_.front() == &entry) Rearm();
+}
+
+void TimerQueue::Cancel(TimerEntry& entry) noexcept {
+  if (entry.queue_ != this) return;
+  RemoveAt(entry.index_);
+  // With timers left, the alarm stays armed for the old head (a spurious wake-up only
+  // re-checks the heap). With none left, disarm it: an armed Asio timer would keep the event
+  // loop busy long after the last user of the queue went away.
+  if (heap_.empty() && armed_) {
+    alarm_->Cancel();
+    armed_ = false;
+  }
+}
+
+void TimerQueue::Rearm() {
+  if (heap_.empty()) {
+    if (armed_) alarm_->Cancel();
+    armed_ = false;
+    return;
+  }
+  TimePoint head = heap_.front()->deadline_;
+  if (armed_ && armed_at_ <= head) return;
+  armed_ = true;
+  armed_at_ = head;
+  alarm_->Set(head);
+}
+
+void TimerQueue::OnAlarm() {
+  armed_ = false;
+  const TimePoint now = clock_.Now();
+  // Fire everything due. A callback may schedule or cancel other entries (even re-schedule
+  // itself), so take the head afresh each time; entries scheduled during this loop for a
+  // time <= now get a later sequence and still fire in deadline order.
+  while (!heap_.empty() && heap_.front()->deadline_ <= now) {
+    TimerEntry* e = heap_.front();
+    RemoveAt(0);
+    e->callback_(e->arg_);
+  }
+  Rearm();
+}
+
+}  // namespace scales

@@ -1,0 +1,145 @@
+#include "scales/http/client.h"
+
+#include <fmt/format.h>
+
+#include "scales/core/timeout_sink.h"
+#include "scales/loadbalancer/heap_balancer.h"
+
+namespace scales {
+namespace http {
+
+namespace {
+
+// The HTTP call: the request and response live in the call object for its whole life.
+class HttpCall final : public TypedCall<Response> {
+ public:
+  explicit HttpCall(Handler h) : TypedCall<Response>(std::move(h)) { message.SetPayload(&request); }
+  Request request;
+};
+
+}  // namespace
+
+Request HttpClient::Make(std::string_view method, std::string_view target, std::string body, Headers headers) {
+  Request r;
+  r.method = std::string(method);
+  r.target = target.empty() ? std::string("/") : std::string(target);
+  if (r.target.front() != '/' && r.target != "*") r.target.insert(r.target.begin(), '/');
+  r.body = std::move(body);
+  r.headers = std::move(headers);
+  return r;
+}
+
+void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::shared_ptr<const Headers>& defaults,
+                       Request request, CallOptions options, TypedCall<Response>::Handler handler) {
+  if (!core) {
+    // A default-constructed client: complete with an error, never inline.
+    boost::asio::post(boost::asio::system_executor(), [h = std::move(handler)]() mutable {
+      auto ex = boost::asio::get_associated_executor(h, boost::asio::system_executor());
+      boost::asio::dispatch(ex, [h = std::move(h)]() mutable {
+        std::move(h)(make_error_code(Errc::kClientClosed), Response{});
+      });
+    });
+    return;
+  }
+  auto* call = new HttpCall(std::move(handler));
+  call->request = std::move(request);
+  call->message.method = call->request.method;
+  if (defaults) {
+    for (const auto& h : *defaults) call->request.headers.push_back(h);
+  }
+  call->message.properties.headers = std::move(options.headers);
+  call->timeout = options.timeout;
+  call->info = options.info;
+  core->Dispatch(call);
+}
+
+Response HttpClient::Send(Request request, const CallOptions& options) const {
+  if (!core_) throw Error(make_error_code(Errc::kClientClosed), "HttpClient is empty (default-constructed)");
+  if (core_->IsLoopThread()) {
+    throw Error(make_error_code(Errc::kBlockingCallOnEventLoop),
+                fmt::format("client {}: blocking {} {} called on one of the client's event loops; "
+                            "use an Async call there",
+                            core_->name(), request.method, request.target));
+  }
+  struct Result {
+    std::promise<void> done;
+    error_code ec;
+    Response response;
+    CallInfo info;
+  };
+  auto result = std::make_shared<Result>();
+  CallOptions opts = options;
+  CallInfo* user_info = options.info;
+  opts.info = &result->info;
+  auto fut = result->done.get_future();
+  AsyncSend(std::move(request), std::move(opts), [result](error_code ec, Response r) {
+    result->ec = ec;
+    result->response = std::move(r);
+    result->done.set_value();
+  });
+  fut.wait();
+  if (user_info != nullptr) *user_info = result->info;
+  if (result->ec) {
+    std::string what = result->info.detail.empty() ? result->ec.message() : result->info.detail;
+    throw Error(result->ec, fmt::format("client {}: {}", core_->name(), what));
+  }
+  return std::move(result->response);
+}
+
+Response HttpClient::Get(std::string_view target, Headers headers) const {
+  return Send(Make("GET", target, {}, std::move(headers)));
+}
+Response HttpClient::Head(std::string_view target, Headers headers) const {
+  return Send(Make("HEAD", target, {}, std::move(headers)));
+}
+Response HttpClient::Delete(std::string_view target, Headers headers) const {
+  return Send(Make("DELETE", target, {}, std::move(headers)));
+}
+Response HttpClient::Options(std::string_view target, Headers headers) const {
+  return Send(Make("OPTIONS", target, {}, std::move(headers)));
+}
+Response HttpClient::Post(std::string_view target, std::string body, Headers headers) const {
+  return Send(Make("POST", target, std::move(body), std::move(headers)));
+}
+Response HttpClient::Put(std::string_view target, std::string body, Headers headers) const {
+  return Send(Make("PUT", target, std::move(body), std::move(headers)));
+}
+Response HttpClient::Patch(std::string_view target, std::string body, Headers headers) const {
+  return Send(Make("PATCH", target, std::move(body), std::move(headers)));
+}
+
+void HttpClient::Close() const {
+  if (core_) core_->Close();
+}
+
+HttpClientBuilder::HttpClientBuilder(HttpOptions options) : options_(std::move(options)) {}
+
+SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
+  SinkStackSpec spec;
+  spec.WithSink(TimeoutSinkProvider())
+      .WithSink(HeapBalancerProvider())
+      .WithSink(ResurrectorProvider(options.resurrector))
+      .WithSink(WatermarkPoolProvider(options.pool))
+      .WithSink(HttpTransportProvider(options.transport));
+  return spec;
+}
+
+HttpClient HttpClientBuilder::Build() {
+  SinkStackSpec spec = ApplyEdits(DefaultStack(options_));
+  auto core = std::make_shared<ClientCore>(options_.client, std::move(spec));
+  core->OpenAndWait();
+  return HttpClient(std::move(core), std::make_shared<const Headers>(options_.default_headers));
+}
+
+}  // namespace http
+
+http::HttpClient Http::NewClient(std::string uri, http::HttpOptions options) {
+  options.client.uri = std::move(uri);
+  return http::HttpClientBuilder(std::move(options)).Build();
+}
+
+http::HttpClientBuilder Http::NewBuilder(http::HttpOptions options) {
+  return http::HttpClientBuilder(std::move(options));
+}
+
+}  // namespace scales

@@ -1,0 +1,286 @@
+#include "scales/http/transport.h"
+
+#include <boost/asio/error.hpp>
+#include <boost/beast/http/error.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/write.hpp>
+#include <fmt/format.h>
+
+#include "scales/core/runtime.h"
+#include "scales/core/sink_stack.h"
+#include "scales/http/message.h"
+
+namespace scales::http {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+
+namespace {
+
+std::string Snippet(std::string_view body, size_t max = 200) {
+  std::string s(body.substr(0, max));
+  for (char& c : s) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  if (body.size() > max) s += "...";
+  return s;
+}
+
+}  // namespace
+
+HttpTransportSink::HttpTransportSink(const SinkContext& ctx, TransportOptions options)
+    : loop_(*ctx.loop),
+      options_(options),
+      conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats),
+      host_header_(ctx.endpoint ? ctx.endpoint->ToString() : std::string()) {}
+
+HttpTransportSink::~HttpTransportSink() = default;
+
+void HttpTransportSink::DoOpen(OpenHandler handler) {
+  switch (state_) {
+    case State::kOpen:
+      PostOpenCompletion(std::move(handler), loop_.executor(), {});
+      return;
+    case State::kClosed:
+      PostOpenCompletion(std::move(handler), loop_.executor(), make_error_code(Errc::kConnectionClosed));
+      return;
+    case State::kConnecting:
+      open_waiters_.Add(std::move(handler));
+      return;
+    case State::kIdle:
+      open_waiters_.Add(std::move(handler));
+      state_ = State::kConnecting;
+      conn_.AsyncConnect([self = self()](error_code ec) { self->OnConnected(ec); });
+      return;
+  }
+}
+
+void HttpTransportSink::OnConnected(error_code ec) {
+  if (state_ != State::kConnecting) return;  // closed meanwhile; waiters were answered
+  if (ec) {
+    state_ = State::kClosed;
+    conn_.Close();
+    open_waiters_.CompleteAll(loop_.executor(), ec);
+    return;
+  }
+  state_ = State::kOpen;
+  WatchIdle();
+  open_waiters_.CompleteAll(loop_.executor(), {});
+}
+
+void HttpTransportSink::WatchIdle() {
+  const uint64_t gen = generation_;
+  conn_.socket().async_wait(asio::ip::tcp::socket::wait_read,
+                            [self = self(), gen](const boost::system::error_code& ec) {
+                              if (ec || self->generation_ != gen || self->current_ != nullptr ||
+                                  self->state_ != State::kOpen) {
+                                return;
+                              }
+                              // Readable while idle: the server closed the connection (or sent
+                              // bytes nobody asked for). Either way it cannot be reused.
+                              self->Shutdown();
+                            });
+}
+
+void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream*) {
+  auto* req = msg.payload<Request>();
+  if (req == nullptr || msg.reply_slot<Response>() == nullptr) {
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kInvalidArgument),
+                                          "the HTTP transport needs an http::Request payload and an "
+                                          "http::Response reply slot");
+    stack.AsyncProcessResponse(nullptr, m);
+    return;
+  }
+  if (state_ != State::kOpen || current_ != nullptr) {
+    auto m = MethodReturnMessage::Failure(
+        make_error_code(Errc::kConnectionClosed),
+        fmt::format("connection to {} is not usable ({})", conn_.address(),
+                    current_ ? "busy with another request" : "not open"));
+    stack.AsyncProcessResponse(nullptr, m);
+    return;
+  }
+  if (stack.cancelled()) {
+    auto m = MethodReturnMessage::Failure(stack.cancel_reason(), "cancelled before it was sent");
+    stack.AsyncProcessResponse(nullptr, m);
+    return;
+  }
+  current_ = &stack;
+  ++generation_;
+  stack.SetCancelHandler(this, nullptr);
+  boost::system::error_code ignored;
+  conn_.socket().cancel(ignored);  // ends the idle watch
+
+  request_ = {};
+  request_.version(11);
+  bhttp::verb verb = bhttp::string_to_verb(req->method);
+  if (verb == bhttp::verb::unknown) {
+    request_.method_string(req->method);
+  } else {
+    request_.method(verb);
+  }
+  request_.target(req->target);
+  bool has_host = false;
+  bool has_agent = false;
+  for (const auto& [name, value] : req->headers) {
+    has_host = has_host || HeaderNameEquals(name, "host");
+    has_agent = has_agent || HeaderNameEquals(name, "user-agent");
+    request_.insert(name, value);
+  }
+  for (const auto& [name, value] : msg.properties.headers) {
+    request_.insert(name, value);
+  }
+  if (!has_host) request_.set(bhttp::field::host, host_header_);
+  if (!has_agent) request_.set(bhttp::field::user_agent, "scales/0.1");
+  request_.body() = req->body;
+  request_.prepare_payload();
+
+  writing_ = true;
+  close_after_ = false;
+  bhttp::async_write(conn_.socket(), request_,
+                     [self = self(), gen = generation_](const boost::system::error_code& ec, size_t n) {
+                       self->OnWritten(gen, ec, n);
+                     });
+}
+
+void HttpTransportSink::OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
+  if (generation != generation_ || current_ == nullptr) return;
+  writing_ = false;
+  conn_.bytes_sent().Increment(static_cast<int64_t>(bytes));
+  if (ec) {
+    Shutdown();
+    Finish(make_error_code(Errc::kConnectionClosed),
+           fmt::format("writing the request to {} failed: {}", conn_.address(), ec.message()));
+    return;
+  }
+  parser_.emplace();
+  parser_->header_limit(static_cast<std::uint32_t>(
+      std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
+  parser_->body_limit(options_.max_response_body_bytes);
+  if (request_.method() == bhttp::verb::head) parser_->skip(true);
+  bhttp::async_read(conn_.socket(), buffer_, *parser_,
+                    [self = self(), gen = generation_](const boost::system::error_code& e, size_t n) {
+                      self->OnRead(gen, e, n);
+                    });
+}
+
+void HttpTransportSink::OnRead(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
+  if (generation != generation_ || current_ == nullptr) return;
+  conn_.bytes_received().Increment(static_cast<int64_t>(bytes));
+  if (ec) {
+    error_code code;
+    std::string detail;
+    if (ec == bhttp::error::body_limit) {
+      code = make_error_code(Errc::kResponseTooLarge);
+      detail = fmt::format("response body from {} exceeds max_response_body_bytes ({} bytes)",
+                           conn_.address(), options_.max_response_body_bytes);
+    } else if (ec == bhttp::error::header_limit) {
+      code = make_error_code(Errc::kResponseTooLarge);
+      detail = fmt::format("response headers from {} exceed max_response_header_bytes ({} bytes)",
+                           conn_.address(), options_.max_response_header_bytes);
+    } else if (ec == bhttp::error::end_of_stream || ec == bhttp::error::partial_message ||
+               ec == asio::error::eof || ec == asio::error::connection_reset ||
+               ec == asio::error::broken_pipe) {
+      code = make_error_code(Errc::kConnectionClosed);
+      detail = fmt::format("connection to {} closed by the server while reading the response "
+                           "(after {} bytes): {}",
+                           conn_.address(), bytes, ec.message());
+    } else if (ec.category() == bhttp::make_error_code(bhttp::error::bad_version).category()) {
+      code = make_error_code(Errc::kProtocolError);
+      detail = fmt::format("malformed HTTP response from {}: {}", conn_.address(), ec.message());
+    } else {
+      code = make_error_code(Errc::kConnectionClosed);
+      detail = fmt::format("reading the response from {} failed: {}", conn_.address(), ec.message());
+    }
+    Shutdown();
+    Finish(code, std::move(detail));
+    return;
+  }
+  auto& out = *current_->message().reply_slot<Response>();
+  auto res = parser_->release();
+  parser_.reset();
+  out.status = static_cast<int>(res.result_int());
+  out.reason = std::string(res.reason());
+  out.headers.clear();
+  for (const auto& field : res) {
+    out.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
+  }
+  out.body = std::move(res.body());
+  // A response without keep-alive, or bytes after it that nobody asked for, end the
+  // connection's life.
+  if (!res.keep_alive() || buffer_.size() > 0) {
+    Shutdown();
+  } else {
+    WatchIdle();
+  }
+  if (options_.raise_on_http_error && out.status >= 400) {
+    const auto& msg = current_->message();
+    auto* req = msg.payload<Request>();
+    Finish(make_error_code(Errc::kHttpError),
+           fmt::format("HTTP {} {} from {} for {} {}: {}", out.status, out.reason, conn_.address(),
+                       req->method, req->target, Snippet(out.body)));
+    return;
+  }
+  Finish({}, {});
+}
+
+void HttpTransportSink::Finish(error_code ec, std::string detail) {
+  SinkStack* s = current_;
+  current_ = nullptr;
+  writing_ = false;
+  MethodReturnMessage m{ec, std::move(detail)};
+  s->AsyncProcessResponse(nullptr, m);
+}
+
+void HttpTransportSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
+  if (current_ != &stack) return;
+  std::string detail = writing_ ? fmt::format("while sending the request to {}", conn_.address())
+                                : fmt::format("while waiting for the response from {}", conn_.address());
+  // An HTTP/1.1 connection with an unanswered request cannot be reused.
+  Shutdown();
+  Finish(reason, std::move(detail));
+}
+
+void HttpTransportSink::Shutdown() {
+  if (state_ == State::kClosed) return;
+  state_ = State::kClosed;
+  conn_.Close();
+  on_faulted_.Set({make_error_code(Errc::kConnectionClosed), fmt::format("connection to {} closed", conn_.address())});
+}
+
+void HttpTransportSink::Close() {
+  if (state_ == State::kConnecting) {
+    state_ = State::kClosed;
+    conn_.Close();
+    open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
+  }
+  state_ = State::kClosed;
+  conn_.Close();
+  if (current_ != nullptr) {
+    Finish(make_error_code(Errc::kClientClosed),
+           fmt::format("connection to {} closed by the client while the request was in flight",
+                       conn_.address()));
+  }
+}
+
+SinkStatus HttpTransportSink::status() const {
+  switch (state_) {
+    case State::kIdle:
+    case State::kConnecting:
+      return SinkStatus::kIdle;
+    case State::kOpen:
+      return SinkStatus::kOpen;
+    case State::kClosed:
+      return SinkStatus::kClosed;
+  }
+  return SinkStatus::kClosed;
+}
+
+SinkProvider HttpTransportProvider(TransportOptions options) {
+  return SinkProvider{std::string(roles::kTransport), "http-transport",
+                      [options](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                        return std::make_shared<HttpTransportSink>(ctx, options);
+                      }};
+}
+
+}  // namespace scales::http

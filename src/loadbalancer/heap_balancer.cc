@@ -1,0 +1,326 @@
+#include "scales/loadbalancer/heap_balancer.h"
+
+#include <algorithm>
+#include <set>
+
+#include <fmt/format.h>
+
+#include <boost/asio/post.hpp>
+
+#include "scales/core/runtime.h"
+
+namespace scales {
+
+LoadBalancerSink::LoadBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory)
+    : loop_(*ctx.loop),
+      client_name_(ctx.client_name),
+      stats_(ctx.stats),
+      server_set_(ctx.server_set),
+      endpoint_factory_(std::move(endpoint_factory)),
+      endpoint_ctx_(ctx),
+      size_gauge_(ctx.stats.GetGauge("scales_lb_size")),
+      no_members_(ctx.stats.GetCounter("scales_lb_no_members")),
+      joins_(ctx.stats.GetCounter("scales_lb_joins")),
+      leaves_(ctx.stats.GetCounter("scales_lb_leaves")) {}
+
+LoadBalancerSink::~LoadBalancerSink() {
+  if (subscribed_) server_set_->Unsubscribe(subscription_);
+  size_gauge_.Add(-static_cast<int64_t>(nodes_.size()));
+}
+
+bool LoadBalancerSink::Healthy(const BalancerNode& n) {
+  SinkStatus s = n.sink->status();
+  return s == SinkStatus::kOpen || s == SinkStatus::kIdle;
+}
+
+void LoadBalancerSink::DoOpen(OpenHandler handler) {
+  if (closed_) {
+    PostOpenCompletion(std::move(handler), loop_.executor(), make_error_code(Errc::kClientClosed));
+    return;
+  }
+  if (ready_) {
+    PostOpenCompletion(std::move(handler), loop_.executor(), {});
+    return;
+  }
+  open_waiters_.Add(std::move(handler));
+  if (!subscribed_) {
+    subscribed_ = true;
+    std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+    subscription_ = server_set_->Subscribe(loop_.executor(), [weak, this](const ServerSet::Members& m) {
+      if (auto self = weak.lock()) OnMembers(m);
+    });
+  }
+}
+
+void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
+  if (closed_) return;
+  std::set<Endpoint> wanted(members.begin(), members.end());
+  // Leaves.
+  for (size_t i = 0; i < nodes_.size();) {
+    if (wanted.count(nodes_[i]->endpoint) == 0) {
+      std::unique_ptr<BalancerNode> node = std::move(nodes_[i]);
+      nodes_.erase(nodes_.begin() + static_cast<ptrdiff_t>(i));
+      OnNodeRemoved(*node);
+      leaves_.Increment();
+      size_gauge_.Add(-1);
+      RetireNode(std::move(node));
+    } else {
+      wanted.erase(nodes_[i]->endpoint);
+      ++i;
+    }
+  }
+  // Joins (in the order the server set gave them, duplicates collapsed).
+  std::vector<BalancerNode*> joined;
+  for (const Endpoint& ep : members) {
+    if (wanted.erase(ep) == 0) continue;
+    auto node = std::make_unique<BalancerNode>();
+    node->endpoint = ep;
+    node->address = ep.ToString();
+    SinkContext ctx = endpoint_ctx_;
+    ctx.endpoint = ep;
+    ctx.stats = stats_.WithLabel("endpoint", node->address);
+    node->sink = endpoint_factory_(ctx);
+    joined.push_back(node.get());
+    nodes_.push_back(std::move(node));
+    OnNodeAdded(*nodes_.back());
+    joins_.Increment();
+    size_gauge_.Add(1);
+  }
+  if (!ready_ && nodes_.empty()) {
+    MarkReady();
+    return;
+  }
+  std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+  for (BalancerNode* n : joined) {
+    n->sink->AsyncOpen([weak, this](error_code) {
+      // A failed open is not fatal: the node's chain reports itself down and recovers.
+      if (auto self = weak.lock()) {
+        if (!ready_ && !closed_) MarkReady();
+      }
+    });
+  }
+}
+
+void LoadBalancerSink::MarkReady() {
+  ready_ = true;
+  open_waiters_.CompleteAll(loop_.executor(), {});
+  auto parked = std::move(parked_);
+  parked_.clear();
+  for (SinkStack* stack : parked) {
+    stack->ClearCancelHandler();
+    Route(*stack, stack->message(), nullptr);
+  }
+}
+
+void LoadBalancerSink::RetireNode(std::unique_ptr<BalancerNode> node) {
+  node->removed = true;
+  if (node->load > 0) {
+    draining_.push_back(std::move(node));  // closed when its last request completes
+    return;
+  }
+  node->sink->Close();
+  // Destroy on a later turn: we may be inside this node's own response path.
+  boost::asio::post(loop_.executor(), [n = std::move(node)] {});
+}
+
+void LoadBalancerSink::Fail(SinkStack& stack, Errc code, std::string detail) {
+  auto m = MethodReturnMessage::Failure(make_error_code(code), std::move(detail));
+  stack.AsyncProcessResponse(nullptr, m);
+}
+
+void LoadBalancerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
+  if (closed_) {
+    Fail(stack, Errc::kClientClosed, fmt::format("client {} is closed", client_name_));
+    return;
+  }
+  if (!ready_) {
+    if (stack.cancelled()) {
+      auto m = MethodReturnMessage::Failure(stack.cancel_reason(),
+                                            "cancelled while waiting for the server set");
+      stack.AsyncProcessResponse(nullptr, m);
+      return;
+    }
+    parked_.push_back(&stack);
+    stack.SetCancelHandler(this, nullptr);
+    if (!subscribed_) DoOpen(OpenHandler([](error_code) {}));
+    return;
+  }
+  Route(stack, msg, stream);
+}
+
+void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
+  if (nodes_.empty()) {
+    no_members_.Increment();
+    Fail(stack, Errc::kNoMembers,
+         fmt::format("client {}: no members in server set {}", client_name_, server_set_->Describe()));
+    return;
+  }
+  BalancerNode& n = PickNode();
+  ++n.load;
+  OnLoadChanged(n, true);
+  msg.properties.endpoint = n.address;
+  stack.Push(this, &n);
+  n.sink->AsyncProcessRequest(stack, msg, stream);
+}
+
+void LoadBalancerSink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
+                                            MethodReturnMessage& msg) {
+  auto* n = static_cast<BalancerNode*>(context);
+  --n->load;
+  if (n->removed) {
+    if (n->load == 0) {
+      auto it = std::find_if(draining_.begin(), draining_.end(),
+                             [n](const auto& p) { return p.get() == n; });
+      if (it != draining_.end()) {
+        std::unique_ptr<BalancerNode> node = std::move(*it);
+        draining_.erase(it);
+        node->sink->Close();
+        boost::asio::post(loop_.executor(), [node = std::move(node)] {});
+      }
+    }
+  } else {
+    OnLoadChanged(*n, false);
+  }
+  stack.AsyncProcessResponse(stream, msg);
+}
+
+void LoadBalancerSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
+  auto it = std::find(parked_.begin(), parked_.end(), &stack);
+  if (it == parked_.end()) return;
+  parked_.erase(it);
+  auto m = MethodReturnMessage::Failure(reason, "while waiting for the server set's first members");
+  stack.AsyncProcessResponse(nullptr, m);
+}
+
+void LoadBalancerSink::Close() {
+  if (closed_) return;
+  closed_ = true;
+  if (subscribed_) {
+    server_set_->Unsubscribe(subscription_);
+    subscribed_ = false;
+  }
+  open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
+  auto parked = std::move(parked_);
+  parked_.clear();
+  for (SinkStack* stack : parked) {
+    stack->ClearCancelHandler();
+    Fail(*stack, Errc::kClientClosed, fmt::format("client {} closed", client_name_));
+  }
+  // Closing a node answers its requests; their responses come back through us.
+  for (auto& n : nodes_) n->sink->Close();
+  for (auto& n : draining_) n->sink->Close();
+}
+
+SinkStatus LoadBalancerSink::status() const {
+  if (closed_) return SinkStatus::kClosed;
+  if (!ready_) return SinkStatus::kIdle;
+  // Open if any node is usable: one bad node must not make the whole client look closed.
+  bool any = false;
+  for (auto& n : nodes_) {
+    if (Healthy(*n)) return SinkStatus::kOpen;
+    any = true;
+  }
+  return any ? SinkStatus::kBusy : SinkStatus::kOpen;
+}
+
+// --- HeapBalancerSink -----------------------------------------------------------------------
+
+HeapBalancerSink::HeapBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory)
+    : LoadBalancerSink(ctx, std::move(endpoint_factory)),
+      marked_down_(ctx.stats.GetCounter("scales_lb_marked_down")),
+      marked_up_(ctx.stats.GetCounter("scales_lb_marked_up")) {}
+
+void HeapBalancerSink::Swap(size_t i, size_t j) {
+  std::swap(heap_[i], heap_[j]);
+  heap_[i]->index = i;
+  heap_[j]->index = j;
+}
+
+void HeapBalancerSink::SiftUp(size_t i) {
+  while (i > 1 && Key(heap_[i]) < Key(heap_[i / 2])) {
+    Swap(i, i / 2);
+    i /= 2;
+  }
+}
+
+void HeapBalancerSink::SiftDown(size_t i) {
+  const size_t n = heap_.size() - 1;
+  for (;;) {
+    size_t smallest = i;
+    size_t l = 2 * i;
+    if (l <= n && Key(heap_[l]) < Key(heap_[smallest])) smallest = l;
+    if (l + 1 <= n && Key(heap_[l + 1]) < Key(heap_[smallest])) smallest = l + 1;
+    if (smallest == i) return;
+    Swap(i, smallest);
+    i = smallest;
+  }
+}
+
+void HeapBalancerSink::OnNodeAdded(BalancerNode& n) {
+  n.index = heap_.size();
+  heap_.push_back(&n);
+  SiftUp(n.index);
+}
+
+void HeapBalancerSink::OnNodeRemoved(BalancerNode& n) {
+  size_t i = n.index;
+  size_t last = heap_.size() - 1;
+  if (i != last) {
+    Swap(i, last);
+    heap_.pop_back();
+    SiftDown(i);
+    SiftUp(i);
+  } else {
+    heap_.pop_back();
+  }
+  n.index = 0;
+  std::erase(down_, &n);
+}
+
+BalancerNode& HeapBalancerSink::PickNode() {
+  // Nodes marked down come back as soon as their chain is usable again.
+  for (size_t i = 0; i < down_.size();) {
+    BalancerNode* n = down_[i];
+    if (Healthy(*n)) {
+      n->down = false;
+      SiftUp(n->index);
+      marked_up_.Increment();
+      down_[i] = down_.back();
+      down_.pop_back();
+    } else {
+      ++i;
+    }
+  }
+  for (;;) {
+    BalancerNode* top = heap_[1];
+    if (top->down) return *top;  // every node is down: use the least loaded of them
+    if (Healthy(*top)) return *top;
+    top->down = true;
+    marked_down_.Increment();
+    down_.push_back(top);
+    SiftDown(1);
+  }
+}
+
+void HeapBalancerSink::OnLoadChanged(BalancerNode& n, bool increased) {
+  if (increased) {
+    SiftDown(n.index);
+    return;
+  }
+  SiftUp(n.index);
+  const size_t size = heap_.size() - 1;
+  if (size > 1) {
+    // Break ties at random: swapping two equal keys keeps the heap valid.
+    size_t j = 1 + static_cast<size_t>(loop_.random().Uniform(size));
+    if (j != n.index && Key(heap_[j]) == Key(&n)) Swap(n.index, j);
+  }
+}
+
+SinkProvider HeapBalancerProvider() {
+  return SinkProvider{std::string(roles::kLoadBalancer), "heap-balancer",
+                      [](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                        return std::make_shared<HeapBalancerSink>(ctx, std::move(next));
+                      }};
+}
+
+}  // namespace scales

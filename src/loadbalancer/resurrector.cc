@@ -1,0 +1,198 @@
+#include "scales/loadbalancer/resurrector.h"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+#include <boost/asio/post.hpp>
+
+#include "scales/core/runtime.h"
+#include "scales/core/sink_stack.h"
+
+namespace scales {
+
+ResurrectorSink::ResurrectorSink(const SinkContext& ctx, SinkFactory next, ResurrectorOptions options)
+    : loop_(*ctx.loop),
+      ctx_(ctx),
+      next_factory_(std::move(next)),
+      options_(options),
+      address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
+      backoff_(options.initial_backoff),
+      marked_down_(ctx.stats.GetCounter("scales_endpoint_marked_down")),
+      reconnects_(ctx.stats.GetCounter("scales_endpoint_reconnect_attempts")),
+      failed_fast_(ctx.stats.GetCounter("scales_endpoint_failed_fast")) {}
+
+ResurrectorSink::~ResurrectorSink() {
+  if (child_) child_->sink->on_faulted().Unsubscribe(fault_subscription_);
+}
+
+void ResurrectorSink::EnsureChild() {
+  if (!child_) Adopt(next_factory_(ctx_));
+}
+
+void ResurrectorSink::Adopt(SinkPtr sink) {
+  child_ = std::make_unique<Child>();
+  child_->sink = std::move(sink);
+  std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+  Child* c = child_.get();
+  fault_subscription_ = c->sink->on_faulted().Subscribe([weak, this, c](const Fault& f) {
+    // Faults are raised inside the child's own code: handle them on a later turn.
+    boost::asio::post(loop_.executor(), [weak, this, c, f] {
+      auto self = weak.lock();
+      if (self && child_.get() == c) OnFault(f);
+    });
+  });
+}
+
+void ResurrectorSink::DoOpen(OpenHandler handler) {
+  if (closed_) {
+    PostOpenCompletion(std::move(handler), loop_.executor(), make_error_code(Errc::kClientClosed));
+    return;
+  }
+  if (down_) {
+    PostOpenCompletion(std::move(handler), loop_.executor(), last_error_.error);
+    return;
+  }
+  EnsureChild();
+  std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+  child_->sink->AsyncOpen([weak, this, c = child_.get(), h = std::move(handler)](error_code ec) mutable {
+    auto self = weak.lock();
+    if (self && ec && child_.get() == c && !down_) {
+      // Pools raise a fault with the details too; this covers children that do not.
+      OnFault({ec, fmt::format("opening endpoint {} failed: {}", address_, ec.message())});
+    }
+    PostOpenCompletion(std::move(h), loop_.executor(), ec);
+  });
+}
+
+void ResurrectorSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
+  if (closed_) {
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed),
+                                          fmt::format("endpoint {} closed", address_));
+    stack.AsyncProcessResponse(stream, m);
+    return;
+  }
+  if (down_) {
+    failed_fast_.Increment();
+    auto since = std::chrono::duration_cast<std::chrono::milliseconds>(loop_.Now() - down_since_);
+    auto m = MethodReturnMessage::Failure(
+        make_error_code(Errc::kFailedFast),
+        fmt::format("endpoint {} is marked down ({} ms ago, after: {}); reconnecting with backoff, "
+                    "next attempt within {} ms",
+                    address_, since.count(), last_error_.detail,
+                    std::chrono::duration_cast<std::chrono::milliseconds>(backoff_).count()));
+    stack.AsyncProcessResponse(stream, m);
+    return;
+  }
+  EnsureChild();
+  Child* c = child_.get();
+  ++c->inflight;
+  stack.Push(this, c);
+  c->sink->AsyncProcessRequest(stack, msg, stream);
+}
+
+void ResurrectorSink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
+                                           MethodReturnMessage& msg) {
+  auto* c = static_cast<Child*>(context);
+  --c->inflight;
+  const bool drained = c->retired && c->inflight == 0;
+  stack.AsyncProcessResponse(stream, msg);
+  if (drained) Destroy(c);
+}
+
+void ResurrectorSink::Destroy(Child* c) {
+  auto it = std::find_if(retired_.begin(), retired_.end(), [c](const auto& p) { return p.get() == c; });
+  if (it == retired_.end()) return;
+  std::unique_ptr<Child> child = std::move(*it);
+  retired_.erase(it);
+  child->sink->Close();
+  // We may be inside the child's own response path: destroy it on a later turn.
+  boost::asio::post(loop_.executor(), [child = std::move(child)] {});
+}
+
+void ResurrectorSink::OnFault(const Fault& fault) {
+  if (closed_ || down_) return;
+  down_ = true;
+  last_error_ = fault;
+  down_since_ = loop_.Now();
+  backoff_ = options_.initial_backoff;
+  marked_down_.Increment();
+  RetireChild();
+  ScheduleReconnect();
+}
+
+void ResurrectorSink::RetireChild() {
+  if (!child_) return;
+  child_->sink->on_faulted().Unsubscribe(fault_subscription_);
+  child_->retired = true;
+  Child* c = child_.get();
+  retired_.push_back(std::move(child_));
+  // Requests already in the pool finish there; the pool closes when the last one has.
+  if (c->inflight == 0) Destroy(c);
+}
+
+void ResurrectorSink::ScheduleReconnect() {
+  double j = std::clamp(options_.jitter, 0.0, 1.0);
+  auto lo = std::chrono::duration_cast<Duration>(backoff_ * (1.0 - j));
+  Duration delay = loop_.random().UniformDuration(lo, backoff_);
+  loop_.timers().Schedule(reconnect_timer_, loop_.Now() + delay, &OnReconnectTimer, this);
+}
+
+void ResurrectorSink::OnReconnectTimer(void* self) { static_cast<ResurrectorSink*>(self)->Reconnect(); }
+
+void ResurrectorSink::Reconnect() {
+  if (closed_ || !down_ || reconnecting_) return;
+  reconnecting_ = true;
+  reconnects_.Increment();
+  SinkPtr candidate = next_factory_(ctx_);
+  std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+  candidate->AsyncOpen([weak, this, candidate](error_code ec) {
+    auto self = weak.lock();
+    if (!self) {
+      candidate->Close();
+      return;
+    }
+    reconnecting_ = false;
+    if (closed_) {
+      candidate->Close();
+      return;
+    }
+    if (ec) {
+      last_error_ = {ec, fmt::format("reconnect to {} failed: {}", address_, ec.message())};
+      candidate->Close();
+      boost::asio::post(loop_.executor(), [candidate] {});
+      auto next = std::chrono::duration_cast<Duration>(backoff_ * std::max(1.0, options_.multiplier));
+      backoff_ = std::min(next, options_.max_backoff);
+      ScheduleReconnect();
+      return;
+    }
+    down_ = false;
+    backoff_ = options_.initial_backoff;
+    Adopt(candidate);
+  });
+}
+
+void ResurrectorSink::Close() {
+  if (closed_) return;
+  closed_ = true;
+  reconnect_timer_.Cancel();
+  // Closing a child answers its requests; their responses come back through us.
+  if (child_) child_->sink->Close();
+  std::vector<SinkPtr> retired;
+  for (auto& c : retired_) retired.push_back(c->sink);
+  for (auto& s : retired) s->Close();
+}
+
+SinkStatus ResurrectorSink::status() const {
+  if (closed_ || down_) return SinkStatus::kClosed;
+  return child_ ? child_->sink->status() : SinkStatus::kIdle;
+}
+
+SinkProvider ResurrectorProvider(ResurrectorOptions options) {
+  return SinkProvider{std::string(roles::kResurrector), "resurrector",
+                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                        return std::make_shared<ResurrectorSink>(ctx, std::move(next), options);
+                      }};
+}
+
+}  // namespace scales

@@ -1,0 +1,147 @@
+#include "scales/pool/singleton_pool.h"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+#include <boost/asio/post.hpp>
+
+#include "scales/core/runtime.h"
+#include "scales/core/sink_stack.h"
+#include "scales/pool/pool_util.h"
+
+namespace scales {
+
+SingletonPool::SingletonPool(const SinkContext& ctx, SinkFactory factory)
+    : loop_(*ctx.loop),
+      ctx_(ctx),
+      factory_(std::move(factory)),
+      address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
+      connect_failures_(ctx.stats.GetCounter("scales_pool_connect_failures")) {}
+
+SingletonPool::~SingletonPool() {
+  if (child_) child_->Close();
+}
+
+void SingletonPool::Connect() {
+  if (opening_ || closed_) return;
+  if (child_) {
+    // The old sink is unusable; Close() answers anything still on it.
+    SinkPtr old = std::move(child_);
+    old->Close();
+    boost::asio::post(loop_.executor(), [old = std::move(old)] {});
+  }
+  opening_ = true;
+  child_ = factory_(ctx_);
+  ++created_;
+  std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+  child_->AsyncOpen([weak, this, sink = child_](error_code ec) {
+    if (auto self = weak.lock()) OnOpened(sink, ec);
+  });
+}
+
+void SingletonPool::OnOpened(const SinkPtr& sink, error_code ec) {
+  if (sink != child_) return;  // replaced or closed meanwhile
+  opening_ = false;
+  auto waiting = std::move(waiting_);
+  waiting_.clear();
+  if (closed_) return;  // Close() answered the waiters
+  if (ec) {
+    connect_failures_.Increment();
+    auto [code, detail] = ConnectFailure(address_, ec);
+    on_faulted_.Set({code, detail});
+    open_waiters_.CompleteAll(loop_.executor(), code);
+    for (auto& w : waiting) {
+      w.stack->ClearCancelHandler();
+      auto m = MethodReturnMessage::Failure(code, detail);
+      w.stack->AsyncProcessResponse(w.stream, m);
+    }
+    return;
+  }
+  open_waiters_.CompleteAll(loop_.executor(), {});
+  for (auto& w : waiting) {
+    w.stack->ClearCancelHandler();
+    if (closed_ || !child_) {
+      auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed),
+                                            fmt::format("pool for {} closed", address_));
+      w.stack->AsyncProcessResponse(w.stream, m);
+      continue;
+    }
+    child_->AsyncProcessRequest(*w.stack, w.stack->message(), w.stream);
+  }
+}
+
+void SingletonPool::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
+  if (closed_) {
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed),
+                                          fmt::format("pool for {} is closed", address_));
+    stack.AsyncProcessResponse(stream, m);
+    return;
+  }
+  if (child_ && !opening_ && child_->status() != SinkStatus::kClosed) {
+    child_->AsyncProcessRequest(stack, msg, stream);
+    return;
+  }
+  if (stack.cancelled()) {
+    auto m = MethodReturnMessage::Failure(stack.cancel_reason(), "cancelled before a connection was assigned");
+    stack.AsyncProcessResponse(stream, m);
+    return;
+  }
+  waiting_.push_back({&stack, stream});
+  stack.SetCancelHandler(this, nullptr);
+  Connect();
+}
+
+void SingletonPool::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
+  auto it = std::find_if(waiting_.begin(), waiting_.end(), [&](const Waiter& w) { return w.stack == &stack; });
+  if (it == waiting_.end()) return;
+  Stream* stream = it->stream;
+  waiting_.erase(it);
+  auto m = MethodReturnMessage::Failure(reason, fmt::format("while connecting to {}", address_));
+  stack.AsyncProcessResponse(stream, m);
+}
+
+void SingletonPool::DoOpen(OpenHandler handler) {
+  if (closed_) {
+    PostOpenCompletion(std::move(handler), loop_.executor(), make_error_code(Errc::kClientClosed));
+    return;
+  }
+  if (child_ && !opening_ && child_->status() != SinkStatus::kClosed) {
+    PostOpenCompletion(std::move(handler), loop_.executor(), {});
+    return;
+  }
+  open_waiters_.Add(std::move(handler));
+  Connect();
+}
+
+void SingletonPool::Close() {
+  if (closed_) return;
+  closed_ = true;
+  open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
+  auto waiting = std::move(waiting_);
+  waiting_.clear();
+  for (auto& w : waiting) {
+    w.stack->ClearCancelHandler();
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed),
+                                          fmt::format("pool for {} closed while connecting", address_));
+    w.stack->AsyncProcessResponse(w.stream, m);
+  }
+  if (child_) child_->Close();
+}
+
+SinkStatus SingletonPool::status() const {
+  if (closed_) return SinkStatus::kClosed;
+  if (!child_ || opening_) return SinkStatus::kIdle;
+  SinkStatus s = child_->status();
+  // A dead connection is replaced on the next request: the pool itself stays usable.
+  return s == SinkStatus::kClosed ? SinkStatus::kIdle : s;
+}
+
+SinkProvider SingletonPoolProvider() {
+  return SinkProvider{std::string(roles::kPool), "singleton-pool",
+                      [](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                        return std::make_shared<SingletonPool>(ctx, std::move(next));
+                      }};
+}
+
+}  // namespace scales

@@ -1,0 +1,71 @@
+#include "cli_util.h"
+
+#include <cmath>
+#include <cstdlib>
+
+#include <fmt/format.h>
+
+namespace scales::tools {
+
+std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text) {
+  if (text.empty()) return std::nullopt;
+  size_t i = 0;
+  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+  if (i == 0) return std::nullopt;
+  std::string number(text.substr(0, i));
+  char* end = nullptr;
+  double value = std::strtod(number.c_str(), &end);
+  if (end != number.c_str() + number.size() || !std::isfinite(value) || value < 0) return std::nullopt;
+  std::string_view unit = text.substr(i);
+  double ns_per_unit;
+  if (unit.empty() || unit == "s") {
+    ns_per_unit = 1e9;
+  } else if (unit == "ms") {
+    ns_per_unit = 1e6;
+  } else if (unit == "us") {
+    ns_per_unit = 1e3;
+  } else if (unit == "ns") {
+    ns_per_unit = 1;
+  } else if (unit == "m" || unit == "min") {
+    ns_per_unit = 60e9;
+  } else if (unit == "h") {
+    ns_per_unit = 3600e9;
+  } else {
+    return std::nullopt;
+  }
+  return std::chrono::nanoseconds(static_cast<long long>(std::llround(value * ns_per_unit)));
+}
+
+std::optional<long long> ParsePositiveInt(std::string_view text) {
+  if (text.empty() || text.size() > 18) return std::nullopt;
+  long long v = 0;
+  for (char c : text) {
+    if (c < '0' || c > '9') return std::nullopt;
+    v = v * 10 + (c - '0');
+  }
+  if (v <= 0) return std::nullopt;
+  return v;
+}
+
+std::string JsonEscape(std::string_view s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  for (char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          out += fmt::format("\\u{:04x}", static_cast<int>(c));
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+}  // namespace scales::tools

@@ -1,0 +1,108 @@
+// scales http get|post|put|delete|patch|head|options URI PATH [-H 'Name: value']...
+//             [--data TEXT] [--timeout 2s] [--include]
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <string_view>
+
+#include <fmt/format.h>
+
+#include "cli_util.h"
+#include "commands.h"
+#include "scales/http/client.h"
+
+namespace scales::tools {
+namespace {
+
+int Usage(const std::string& problem) {
+  if (!problem.empty()) std::fprintf(stderr, "scales http: %s\n", problem.c_str());
+  std::fputs(
+      "usage: scales http get|post|put|delete|patch|head|options URI PATH\n"
+      "                   [-H 'Name: value']... [--data TEXT] [--timeout 2s] [--include]\n",
+      stderr);
+  return 2;
+}
+
+}  // namespace
+
+int RunHttpCommand(int argc, char** argv) {
+  // argv[0] == "http"
+  if (argc < 4) return Usage("missing arguments");
+  std::string method(argv[1]);
+  for (char& c : method) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  static constexpr std::string_view kMethods[] = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"};
+  bool known = false;
+  for (auto m : kMethods) known = known || m == method;
+  if (!known) return Usage(fmt::format("unknown method '{}'", argv[1]));
+
+  http::Request request;
+  request.method = method;
+  std::string uri = argv[2];
+  request.target = argv[3];
+  if (request.target.empty() || request.target.front() != '/') request.target.insert(0, "/");
+  bool include = false;
+  Duration timeout = std::chrono::seconds(10);
+  for (int i = 4; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    auto value = [&](std::string_view name) -> const char* {
+      if (i + 1 >= argc) return nullptr;
+      (void)name;
+      return argv[++i];
+    };
+    if (arg == "-H" || arg == "--header") {
+      const char* v = value(arg);
+      if (!v) return Usage("-H needs 'Name: value'");
+      std::string_view h = v;
+      auto colon = h.find(':');
+      if (colon == std::string_view::npos || colon == 0) return Usage(fmt::format("bad header '{}': want 'Name: value'", h));
+      std::string_view val = h.substr(colon + 1);
+      while (!val.empty() && val.front() == ' ') val.remove_prefix(1);
+      request.headers.emplace_back(std::string(h.substr(0, colon)), std::string(val));
+    } else if (arg == "--data" || arg == "-d") {
+      const char* v = value(arg);
+      if (!v) return Usage("--data needs a value");
+      request.body = v;
+    } else if (arg == "--timeout") {
+      const char* v = value(arg);
+      auto d = v ? ParseDuration(v) : std::nullopt;
+      if (!d || *d <= Duration::zero()) return Usage("--timeout needs a duration such as 300ms or 2s");
+      timeout = *d;
+    } else if (arg == "--include" || arg == "-i") {
+      include = true;
+    } else {
+      return Usage(fmt::format("unknown option '{}'", arg));
+    }
+  }
+
+  try {
+    http::HttpOptions options;
+    options.client.name = "scales-cli";
+    options.client.timeout = timeout;
+    options.client.open_timeout = timeout;
+    RuntimeOptions runtime_options;
+    runtime_options.threads = 1;
+    options.client.runtime = std::make_shared<Runtime>(runtime_options);
+    options.transport.raise_on_http_error = false;  // the exit status reports it instead
+    http::Response response;
+    {
+      http::HttpClient client = Http::NewClient(uri, options);
+      response = client.Send(std::move(request));
+    }
+    if (include) {
+      std::cout << "HTTP/1.1 " << response.status << ' ' << response.reason << "\r\n";
+      for (const auto& [k, v] : response.headers) std::cout << k << ": " << v << "\r\n";
+      std::cout << "\r\n";
+    }
+    std::cout << response.body;
+    std::cout.flush();
+    return response.status < 400 ? 0 : 1;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "scales: %s [%s]\n", e.what(), ErrorName(e.scales_code()).c_str());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "scales: %s\n", e.what());
+    return 2;
+  }
+}
+
+}  // namespace scales::tools
