@@ -10,5 +10,7 @@ int RunHttpCommand(int argc, char** argv);
 int RunBenchCommand(int argc, char** argv);
 // scales testserver http --port P [--name NAME]
 int RunTestServerCommand(int argc, char** argv);
+// scales demo [--seconds S]
+int RunDemoCommand(int argc, char** argv);
 
 }  // namespace scales::tools

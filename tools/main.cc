@@ -20,6 +20,8 @@ void PrintUsage(std::FILE* out) {
       "      closed-loop load through the full stack, with a latency report.\n"
       "  testserver http --port P [--name NAME]\n"
       "      a small HTTP server for demos and tests.\n"
+      "  demo [--seconds S]\n"
+      "      starts three test servers and shows the client at work.\n"
       "\n"
       "URI: tcp://host:port[,host:port...]   (IPv6 as [::1]:port)\n",
       out);
@@ -40,6 +42,7 @@ int main(int argc, char** argv) {
   if (cmd == "http") return scales::tools::RunHttpCommand(argc - 1, argv + 1);
   if (cmd == "bench") return scales::tools::RunBenchCommand(argc - 1, argv + 1);
   if (cmd == "testserver") return scales::tools::RunTestServerCommand(argc - 1, argv + 1);
+  if (cmd == "demo") return scales::tools::RunDemoCommand(argc - 1, argv + 1);
   std::fprintf(stderr, "scales: unknown command '%s'\n\n", argv[1]);
   PrintUsage(stderr);
   return 2;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds scales and runs the whole test suite: unit and integration tests (real nginx and the
+# scales test server on 127.0.0.1), then the same suite under AddressSanitizer +
+# UndefinedBehaviorSanitizer, then the concurrency tests under ThreadSanitizer.
+# Installs missing Debian packages first. Usage: scripts/test.sh [--quick]  (--quick: no sanitizers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+bash scripts/install-deps.sh
+
+jobs=$(nproc)
+run_suite() {
+  local preset=$1
+  echo "=== build: $preset ==="
+  cmake --preset "$preset" >/dev/null
+  cmake --build --preset "$preset" -j "$jobs"
+  echo "=== test: $preset ==="
+  ctest --preset "$preset" -j "$jobs"
+}
+
+run_suite release
+if [ "$quick" = 0 ]; then
+  run_suite asan
+  run_suite tsan
+fi
+echo "=== all tests passed ==="

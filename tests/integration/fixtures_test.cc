@@ -1,0 +1,242 @@
+// Tests of the integration-test fixtures themselves (and of `scales testserver http`), with a raw
+// Boost.Beast synchronous client so that they do not depend on the library under test.
+#include "support/fixtures.h"
+
+#include <sys/wait.h>
+
+#include <chrono>
+#include <csignal>
+#include <filesystem>
+#include <optional>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+
+namespace scales::test {
+namespace {
+
+namespace asio = boost::asio;
+namespace http = boost::beast::http;
+using tcp = asio::ip::tcp;
+using Response = http::response<http::string_body>;
+
+// One keep-alive HTTP/1.1 connection to 127.0.0.1:port.
+class RawClient {
+ public:
+  explicit RawClient(int port) : socket_(ioc_) {
+    socket_.connect(tcp::endpoint(asio::ip::address_v4::loopback(), static_cast<uint16_t>(port)));
+  }
+
+  // Throws boost::system::system_error when the exchange fails.
+  Response Send(http::verb method, std::string target, std::string body = "") {
+    Response res;
+    boost::system::error_code ec = TrySend(method, std::move(target), std::move(body), res);
+    if (ec) throw boost::system::system_error(ec);
+    return res;
+  }
+
+  Response Get(std::string target) { return Send(http::verb::get, std::move(target)); }
+
+  boost::system::error_code TrySend(http::verb method, std::string target, std::string body,
+                                    Response& res) {
+    http::request<http::string_body> req{method, target, 11};
+    req.set(http::field::host, "127.0.0.1");
+    req.set(http::field::user_agent, "scales-fixtures-test");
+    if (!body.empty() || method == http::verb::post) {
+      req.body() = std::move(body);
+      req.prepare_payload();
+    }
+    boost::system::error_code ec;
+    http::write(socket_, req, ec);
+    if (ec) return ec;
+    http::read(socket_, buffer_, res, ec);
+    return ec;
+  }
+
+ private:
+  asio::io_context ioc_;
+  tcp::socket socket_;
+  boost::beast::flat_buffer buffer_;
+};
+
+Response GetOnce(int port, std::string target) { return RawClient(port).Get(std::move(target)); }
+
+TEST(FixturesTest, TwoTestServersAndNginxAnswer) {
+  TestHttpServer alpha("alpha");
+  TestHttpServer beta("beta");
+  NginxServer nginx("web");
+  EXPECT_NE(alpha.port(), beta.port());
+  EXPECT_EQ(alpha.endpoint(), "127.0.0.1:" + std::to_string(alpha.port()));
+
+  Response a = GetOnce(alpha.port(), "/");
+  EXPECT_EQ(a.result_int(), 200);
+  EXPECT_EQ(a.body(), "hello from alpha\n");
+  EXPECT_EQ(a["X-Server"], "alpha");
+  EXPECT_EQ(a["X-Connection"], "1");
+
+  Response b = GetOnce(beta.port(), "/anything");
+  EXPECT_EQ(b.body(), "hello from beta\n");
+  EXPECT_EQ(b["X-Server"], "beta");
+
+  Response n = GetOnce(nginx.port(), "/");
+  EXPECT_EQ(n.result_int(), 200);
+  EXPECT_EQ(n.body(), "nginx web\n");
+  EXPECT_EQ(n["X-Server"], "web");
+  EXPECT_EQ(GetOnce(nginx.port(), "/name").body(), "web");
+  Response missing = GetOnce(nginx.port(), "/status/404");
+  EXPECT_EQ(missing.result_int(), 404);
+  EXPECT_EQ(missing.body(), "nope\n");
+  EXPECT_EQ(missing["X-Server"], "web");
+}
+
+TEST(FixturesTest, TestServerDefaultNameIsServerPort) {
+  TestHttpServer server;
+  EXPECT_EQ(server.name(), "server-" + std::to_string(server.port()));
+  EXPECT_EQ(GetOnce(server.port(), "/").body(), "hello from " + server.name() + "\n");
+}
+
+TEST(FixturesTest, TestServerDelayAnswersLater) {
+  TestHttpServer server("slow");
+  RawClient client(server.port());
+  auto start = std::chrono::steady_clock::now();
+  Response res = client.Get("/delay/50");
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(res.body(), "hello from slow\n");
+  EXPECT_GE(elapsed, std::chrono::milliseconds(50));
+  EXPECT_LT(elapsed, std::chrono::seconds(2));
+}
+
+TEST(FixturesTest, TestServerStatus) {
+  TestHttpServer server("s");
+  RawClient client(server.port());
+  Response res = client.Get("/status/503");
+  EXPECT_EQ(res.result_int(), 503);
+  EXPECT_EQ(res.body(), "status 503\n");
+  EXPECT_EQ(res["X-Server"], "s");
+  // The connection stays usable after an error status.
+  EXPECT_EQ(client.Get("/").result_int(), 200);
+}
+
+TEST(FixturesTest, TestServerStopThenRestartOnSamePort) {
+  TestHttpServer server("phoenix");
+  int port = server.port();
+  {
+    // A keep-alive connection open at Stop must not keep the port from being reused.
+    RawClient client(port);
+    EXPECT_EQ(client.Get("/").result_int(), 200);
+    server.Stop();
+    EXPECT_FALSE(server.running());
+    Response res;
+    EXPECT_TRUE(client.TrySend(http::verb::get, "/", "", res));
+  }
+  EXPECT_FALSE(CanConnect(port));
+  EXPECT_THROW(RawClient{port}, boost::system::system_error);
+
+  server.Restart();
+  EXPECT_TRUE(server.running());
+  EXPECT_EQ(server.port(), port);
+  Response res = GetOnce(port, "/");
+  EXPECT_EQ(res.body(), "hello from phoenix\n");
+  EXPECT_EQ(res["X-Connection"], "1");  // A new process counts from 1 again.
+}
+
+TEST(FixturesTest, TestServerBehaviours) {
+  TestHttpServer server("b");
+  {
+    RawClient client(server.port());
+    Response echo = client.Send(http::verb::post, "/echo", "ping");
+    EXPECT_EQ(echo.body(), "ping");
+    EXPECT_EQ(client.Get("/big/1000").body(), std::string(1000, 'x'));
+    Response chunked = client.Get("/chunked/3");
+    EXPECT_TRUE(chunked.chunked());
+    EXPECT_EQ(chunked.body(), "chunk-0\nchunk-1\nchunk-2\n");
+    EXPECT_NE(client.Get("/headers").body().find("User-Agent: scales-fixtures-test\n"),
+              std::string::npos);
+    Response count = client.Get("/connections");
+    EXPECT_EQ(count.body(), "1");
+    EXPECT_EQ(count["X-Connection"], "1");
+    Response close = client.Get("/close");
+    EXPECT_EQ(close[http::field::connection], "close");
+    Response after_close;
+    EXPECT_TRUE(client.TrySend(http::verb::get, "/", "", after_close));
+  }
+  {
+    RawClient client(server.port());
+    Response res;
+    EXPECT_EQ(client.TrySend(http::verb::get, "/close-mid-response", "", res),
+              http::error::partial_message);
+  }
+  {
+    RawClient client(server.port());
+    Response res;
+    EXPECT_TRUE(client.TrySend(http::verb::get, "/garbage", "", res));
+  }
+  EXPECT_EQ(GetOnce(server.port(), "/connections").body(), "4");
+}
+
+TEST(FixturesTest, NginxKeepAliveRequestsShareOneConnection) {
+  NginxServer nginx("keep");
+  {
+    RawClient client(nginx.port());
+    EXPECT_EQ(client.Get("/").body(), "nginx keep\n");
+    EXPECT_EQ(client.Send(http::verb::post, "/echo", std::string(100000, 'b')).body(), "posted\n");
+    EXPECT_EQ(client.Get("/name").body(), "keep");
+  }
+  ASSERT_TRUE(nginx.WaitForAccessLogRequests(3)) << nginx.AccessLog();
+  EXPECT_EQ(nginx.AccessLogRequestCount(), 3) << nginx.AccessLog();
+  EXPECT_EQ(nginx.AccessLogConnectionCount(), 1) << nginx.AccessLog();
+
+  GetOnce(nginx.port(), "/");
+  ASSERT_TRUE(nginx.WaitForAccessLogRequests(4)) << nginx.AccessLog();
+  EXPECT_EQ(nginx.AccessLogConnectionCount(), 2) << nginx.AccessLog();
+}
+
+TEST(FixturesTest, NginxStopThenRestartOnSamePort) {
+  NginxServer nginx("again");
+  int port = nginx.port();
+  std::filesystem::path dir = nginx.dir();
+  EXPECT_TRUE(std::filesystem::exists(dir / "nginx.conf"));
+  nginx.Stop();
+  EXPECT_FALSE(CanConnect(port));
+  nginx.Restart();
+  EXPECT_EQ(nginx.port(), port);
+  EXPECT_EQ(GetOnce(port, "/").body(), "nginx again\n");
+}
+
+TEST(FixturesTest, NginxTempDirRemoved) {
+  std::filesystem::path dir;
+  {
+    NginxServer nginx;
+    dir = nginx.dir();
+    EXPECT_TRUE(std::filesystem::is_directory(dir));
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir));
+}
+
+TEST(FixturesTest, ChildProcessReadsLinesAndStops) {
+  ChildProcess echo({"/bin/sh", "-c", "echo one; echo two; exec sleep 60"});
+  EXPECT_GT(echo.pid(), 0);
+  EXPECT_EQ(echo.ReadLine(std::chrono::seconds(5)), "one");
+  EXPECT_EQ(echo.ReadLine(std::chrono::seconds(5)), "two");
+  EXPECT_EQ(echo.ReadLine(std::chrono::milliseconds(20)), std::nullopt);
+  EXPECT_TRUE(echo.Running());
+  int status = echo.Stop();
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM);
+  EXPECT_FALSE(echo.Running());
+
+  EXPECT_THROW(ChildProcess({"/nonexistent/program"}), std::runtime_error);
+}
+
+TEST(FixturesTest, FreeTcpPortIsBindable) {
+  int port = FreeTcpPort();
+  EXPECT_GT(port, 0);
+  EXPECT_FALSE(CanConnect(port));
+}
+
+}  // namespace
+}  // namespace scales::test

@@ -1,0 +1,362 @@
+// The HTTP client against real peers on 127.0.0.1: nginx (several instances = several
+// servers) and the scales test server (slow, broken and oversize responses).
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+#include <gtest/gtest.h>
+
+#include "scales/http/client.h"
+#include "support/fixtures.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using test::NginxServer;
+using test::TestHttpServer;
+
+std::shared_ptr<Runtime> MakeRuntime(size_t threads = 2) {
+  RuntimeOptions o;
+  o.threads = threads;
+  return std::make_shared<Runtime>(o);
+}
+
+http::HttpOptions Options(std::shared_ptr<Runtime> rt, stats::StatsRegistry* stats = nullptr) {
+  http::HttpOptions o;
+  o.client.name = "it";
+  o.client.runtime = std::move(rt);
+  o.client.stats = stats;
+  o.client.timeout = 5s;
+  o.resurrector.initial_backoff = 100ms;
+  o.resurrector.max_backoff = 400ms;
+  return o;
+}
+
+std::string Uri(const std::vector<std::string>& endpoints) {
+  std::string uri = "tcp://";
+  for (size_t i = 0; i < endpoints.size(); ++i) uri += (i ? "," : "") + endpoints[i];
+  return uri;
+}
+
+// Waits until `pred` holds, up to `timeout`, polling (no fixed sleeps in assertions).
+template <class Pred>
+bool Eventually(Pred pred, std::chrono::milliseconds timeout = 5000ms) {
+  auto until = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < until) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return pred();
+}
+
+class NginxClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (int i = 0; i < 3; ++i) servers_.push_back(std::make_unique<NginxServer>("n" + std::to_string(i)));
+    for (auto& s : servers_) endpoints_.push_back(s->endpoint());
+  }
+  std::vector<std::unique_ptr<NginxServer>> servers_;
+  std::vector<std::string> endpoints_;
+};
+
+TEST_F(NginxClusterTest, GetAndPostThroughThreeServers) {
+  auto client = Http::NewClient(Uri(endpoints_), Options(MakeRuntime()));
+  http::Response r = client.Get("/");
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.body.rfind("nginx n", 0), 0u) << r.body;
+  http::Response p = client.Post("/echo", std::string(10000, 'p'), {{"Content-Type", "text/plain"}});
+  EXPECT_EQ(p.status, 200);
+  EXPECT_EQ(p.body, "posted\n");
+  http::Response n = client.Get("/name");
+  EXPECT_FALSE(n.Header("X-Server").empty());
+}
+
+TEST_F(NginxClusterTest, RequestsSpreadOverEveryServer) {
+  auto client = Http::NewClient(Uri(endpoints_), Options(MakeRuntime()));
+  std::map<std::string, int> by_server;
+  for (int i = 0; i < 300; ++i) ++by_server[std::string(client.Get("/name").Header("X-Server"))];
+  ASSERT_EQ(by_server.size(), 3u);
+  for (auto& [name, count] : by_server) EXPECT_GE(count, 40) << name;
+}
+
+TEST_F(NginxClusterTest, KeepAliveReusesConnections) {
+  auto client = Http::NewClient(Uri({endpoints_[0]}), Options(MakeRuntime(1)));
+  for (int i = 0; i < 50; ++i) ASSERT_EQ(client.Get("/").status, 200);
+  ASSERT_TRUE(servers_[0]->WaitForAccessLogRequests(50));
+  // One event loop, one request at a time: one connection carries all 50 requests.
+  EXPECT_EQ(servers_[0]->AccessLogConnectionCount(), 1);
+  EXPECT_EQ(servers_[0]->AccessLogRequestCount(), 50);
+}
+
+// Runs `concurrency` callers in a closed loop until `stop`; counts every completion.
+struct Load {
+  http::HttpClient client;
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> started{0}, completed{0}, failed{0};
+  std::atomic<int> active{0};
+  std::mutex mu;
+  std::vector<std::string> recent;  // endpoints of recent successes, newest last
+  std::promise<void> drained;
+
+  struct Caller {
+    CallInfo info;
+  };
+  std::vector<std::unique_ptr<Caller>> callers;
+
+  void Start(int concurrency) {
+    active = concurrency;
+    for (int i = 0; i < concurrency; ++i) callers.push_back(std::make_unique<Caller>());
+    for (auto& c : callers) Next(c.get());
+  }
+  void Next(Caller* c) {
+    if (stop) {
+      if (--active == 0) drained.set_value();
+      return;
+    }
+    ++started;
+    CallOptions o;
+    o.info = &c->info;
+    client.AsyncSend(http::Request{"GET", "/name", {}, {}}, o, [this, c](error_code ec, http::Response) {
+      ++completed;
+      if (ec) {
+        ++failed;
+      } else {
+        std::lock_guard lock(mu);
+        recent.push_back(c->info.endpoint);
+        if (recent.size() > 200) recent.erase(recent.begin());
+      }
+      Next(c);
+    });
+  }
+  std::set<std::string> RecentEndpoints(size_t last) {
+    std::lock_guard lock(mu);
+    std::set<std::string> s;
+    for (size_t i = recent.size() > last ? recent.size() - last : 0; i < recent.size(); ++i) s.insert(recent[i]);
+    return s;
+  }
+  void StopAndWait() {
+    stop = true;
+    ASSERT_EQ(drained.get_future().wait_for(10s), std::future_status::ready) << "calls did not all complete";
+  }
+};
+
+TEST_F(NginxClusterTest, ServerStoppedMidRunThenRestarted) {
+  stats::StatsRegistry stats;
+  Load load;
+  load.client = Http::NewClient(Uri(endpoints_), Options(MakeRuntime(), &stats));
+  load.Start(8);
+  ASSERT_TRUE(Eventually([&] { return load.RecentEndpoints(100).size() == 3; }));
+
+  servers_[1]->Stop();
+  const std::string stopped = endpoints_[1];
+  // The balancer stops choosing the stopped server: the last 100 successes avoid it.
+  const int64_t at_stop = load.completed;
+  ASSERT_TRUE(Eventually([&] {
+    auto eps = load.RecentEndpoints(100);
+    return load.completed > at_stop + 200 && eps.count(stopped) == 0 && eps.size() == 2;
+  }));
+  EXPECT_GE(stats.FindCounter("scales_lb_marked_down", {{"client", "it"}})->value(), 1);
+
+  servers_[1]->Restart();
+  // Chosen again once the resurrector reconnects.
+  ASSERT_TRUE(Eventually([&] { return load.RecentEndpoints(100).count(stopped) == 1; }, 10000ms));
+
+  load.StopAndWait();
+  EXPECT_EQ(load.started.load(), load.completed.load()) << "every request completes exactly once";
+  EXPECT_LT(load.failed.load(), load.completed.load() / 10);
+  const auto* pending = stats.FindGauge("scales_pending", {{"client", "it"}});
+  ASSERT_NE(pending, nullptr);
+  EXPECT_EQ(pending->value(), 0);
+}
+
+class TestServerTest : public ::testing::Test {
+ protected:
+  TestHttpServer server_{"ts"};
+};
+
+TEST_F(TestServerTest, SlowReplyTimesOutWithinTheDeadline) {
+  auto opts = Options(MakeRuntime());
+  opts.client.timeout = 200ms;
+  auto client = Http::NewClient(Uri({server_.endpoint()}), opts);
+  auto start = std::chrono::steady_clock::now();
+  try {
+    client.Get("/delay/3000");
+    FAIL() << "expected a timeout";
+  } catch (const Error& e) {
+    auto elapsed = std::chrono::steady_clock::now() - start;
+    EXPECT_EQ(e.scales_code(), Errc::kRequestTimeout);
+    EXPECT_TRUE(e.scales_code() == Condition::kTimeout);
+    EXPECT_GE(elapsed, 190ms);
+    EXPECT_LT(elapsed, 1500ms);
+    std::string what = e.what();
+    EXPECT_NE(what.find("timed out after 200 ms"), std::string::npos) << what;
+    EXPECT_NE(what.find(server_.endpoint()), std::string::npos) << what;
+  }
+  // Per-call override: a longer timeout lets a short delay through.
+  CallOptions longer;
+  longer.timeout = 3s;
+  EXPECT_EQ(client.Send({"GET", "/delay/300", {}, {}}, longer).status, 200);
+  EXPECT_EQ(client.Get("/").status, 200);  // the client keeps working
+}
+
+TEST_F(TestServerTest, BrokenResponsesGiveClearErrorsAndTheClientRecovers) {
+  auto opts = Options(MakeRuntime());
+  opts.transport.max_response_body_bytes = 1000;
+  auto client = Http::NewClient(Uri({server_.endpoint()}), opts);
+  struct Case {
+    const char* path;
+    Errc code;
+    const char* text;
+  } cases[] = {
+      {"/close-mid-response", Errc::kConnectionClosed, "closed by the server while reading the response"},
+      {"/garbage", Errc::kProtocolError, "malformed HTTP response"},
+      {"/big/5000", Errc::kResponseTooLarge, "exceeds max_response_body_bytes (1000 bytes)"},
+  };
+  for (const auto& c : cases) {
+    try {
+      client.Get(c.path);
+      ADD_FAILURE() << c.path << " did not fail";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), c.code) << c.path << ": " << e.what();
+      EXPECT_NE(std::string(e.what()).find(c.text), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(server_.endpoint()), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(client.Get("/").status, 200) << "after " << c.path;
+  }
+  EXPECT_EQ(client.Get("/big/1000").body.size(), 1000u);
+}
+
+TEST_F(TestServerTest, HttpErrorStatusRaisedOrReturned) {
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime()));
+  try {
+    client.Get("/status/503");
+    FAIL() << "expected kHttpError";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kHttpError);
+    EXPECT_NE(std::string(e.what()).find("HTTP 503"), std::string::npos) << e.what();
+  }
+  auto opts = Options(MakeRuntime());
+  opts.transport.raise_on_http_error = false;
+  auto lenient = Http::NewClient(Uri({server_.endpoint()}), opts);
+  EXPECT_EQ(lenient.Get("/status/404").status, 404);
+}
+
+TEST_F(TestServerTest, ChunkedHeadAndConnectionClose) {
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime(1)));
+  EXPECT_EQ(client.Get("/chunked/3").body, "chunk-0\nchunk-1\nchunk-2\n");
+  http::Response head = client.Head("/");
+  EXPECT_EQ(head.status, 200);
+  EXPECT_TRUE(head.body.empty());
+  std::string first = std::string(client.Get("/close").Header("X-Connection"));
+  std::string second = std::string(client.Get("/").Header("X-Connection"));
+  EXPECT_NE(first, second) << "a Connection: close response must not be reused";
+  std::string third = std::string(client.Get("/").Header("X-Connection"));
+  EXPECT_EQ(second, third) << "keep-alive connection reused";
+  http::Response h = client.Get("/headers", {{"X-Custom", "yes"}});
+  EXPECT_NE(h.body.find("X-Custom: yes"), std::string::npos) << h.body;
+  EXPECT_EQ(client.Delete("/").status, 200);
+  EXPECT_EQ(client.Put("/", "put-body").body, "put-body");
+  EXPECT_EQ(client.Patch("/", "patch-body").body, "patch-body");
+  EXPECT_EQ(client.Options("/").status, 200);
+}
+
+TEST_F(TestServerTest, EveryCompletionStyle) {
+  auto rt = MakeRuntime();
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(rt));
+  // Blocking.
+  EXPECT_EQ(client.Get("/").status, 200);
+  // Callback.
+  std::promise<int> cb;
+  client.AsyncGet("/", [&](error_code ec, http::Response r) { cb.set_value(ec ? -1 : r.status); });
+  EXPECT_EQ(cb.get_future().get(), 200);
+  // Future.
+  std::future<http::Response> f = client.AsyncPost("/", "abc", boost::asio::use_future);
+  EXPECT_EQ(f.get().body, "abc");
+  // A future of a failing call throws the error.
+  auto bad = client.AsyncGet("/status/500", boost::asio::use_future);
+  EXPECT_THROW(bad.get(), boost::system::system_error);
+  // Coroutine, on the user's own io_context.
+  boost::asio::io_context ioc;
+  int status = 0;
+  boost::asio::co_spawn(
+      ioc,
+      [&]() -> boost::asio::awaitable<void> {
+        http::Response r = co_await client.AsyncGet("/", boost::asio::use_awaitable);
+        status = r.status;
+      },
+      boost::asio::detached);
+  ioc.run();
+  EXPECT_EQ(status, 200);
+}
+
+TEST_F(TestServerTest, BlockingCallOnTheEventLoopFailsFast) {
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime(1)));
+  std::promise<error_code> result;
+  client.AsyncGet("/", [&](error_code, http::Response) {
+    try {
+      client.Get("/");  // on the client's own loop: would deadlock
+      result.set_value({});
+    } catch (const Error& e) {
+      result.set_value(e.scales_code());
+    }
+  });
+  EXPECT_EQ(result.get_future().get(), Errc::kBlockingCallOnEventLoop);
+}
+
+TEST(HttpClientTest, UnreachableServerAndBadUri) {
+  int port = test::FreeTcpPort();
+  auto opts = Options(MakeRuntime());
+  auto client = Http::NewClient("tcp://127.0.0.1:" + std::to_string(port), opts);
+  try {
+    client.Get("/");
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_TRUE(e.scales_code() == Condition::kUnavailable) << e.what();
+    EXPECT_NE(std::string(e.what()).find("Connection refused"), std::string::npos) << e.what();
+  }
+  try {
+    Http::NewClient("tcp://127.0.0.1", opts);
+    FAIL() << "expected kBadUri";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kBadUri);
+  }
+}
+
+TEST(ConcurrencyHttpTest, ManyThreadsShareOneClient) {
+  TestHttpServer a("a"), b("b");
+  auto client = Http::NewClient(Uri({a.endpoint(), b.endpoint()}), Options(MakeRuntime(2)));
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 100; ++i) {
+        if (client.Get("/").status == 200) ++ok;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 400);
+  client.Close();
+  try {
+    client.Get("/");
+    FAIL() << "expected kClientClosed";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kClientClosed);
+  }
+}
+
+}  // namespace
+}  // namespace scales
