@@ -1,0 +1,34 @@
+// The examples, built and run as smoke tests against the scales test server.
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "support/fixtures.h"
+
+namespace scales {
+namespace {
+
+#ifdef SCALES_EXAMPLE_HTTP_STYLES
+TEST(ExamplesTest, HttpStylesRunsEveryStyle) {
+  test::TestHttpServer server("example");
+  std::string cmd = std::string(SCALES_EXAMPLE_HTTP_STYLES) + " tcp://" + server.endpoint() + " /";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[1024];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int status = pclose(p);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << out;
+  for (const char* style : {"blocking:  200", "callback:  200", "future:    200", "coroutine: 200"}) {
+    EXPECT_NE(out.find(style), std::string::npos) << style << "\n" << out;
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace scales
