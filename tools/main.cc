@@ -17,6 +17,7 @@ void PrintUsage(std::FILE* out) {
       "      one HTTP call through the full scales stack; prints the body.\n"
       "      exit status: 0 for status < 400, 1 for >= 400, 2 when the call failed.\n"
       "  bench http URI --path PATH --concurrency N (--requests N | --duration 10s) [--json]\n"
+      "       [--method GET] [--data TEXT] [--timeout 5s] [--threads T] [--stats]\n"
       "      closed-loop load through the full stack, with a latency report.\n"
       "  testserver http --port P [--name NAME]\n"
       "      a small HTTP server for demos and tests.\n"

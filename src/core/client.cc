@@ -24,6 +24,10 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
     throw Error(make_error_code(Errc::kInvalidArgument),
                 fmt::format("client {}: timeout must not be negative", options_.name));
   }
+  if (options_.open_timeout < Duration::zero()) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("client {}: open_timeout must not be negative", options_.name));
+  }
   if (options_.server_set) {
     server_set_ = options_.server_set;
   } else {
@@ -97,13 +101,10 @@ void ClientCore::OpenAndWait() {
 }
 
 void ClientCore::Dispatch(CallBase* call) {
-  EventLoop* current = EventLoop::Current();
-  if (current != nullptr) {
-    for (auto& shard : shards_) {
-      if (&shard->loop() == current) {
-        shard->Dispatch(call, /*initiating=*/true);
-        return;
-      }
+  for (auto& shard : shards_) {
+    if (shard->loop().IsCurrent()) {
+      shard->Dispatch(call, /*initiating=*/true);
+      return;
     }
   }
   EventLoop& loop = runtime_->PickLoop();

@@ -33,10 +33,16 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   ++pending_;
   call->in_initiation = initiating;
   call->stack.Push(this, call);
+  if (call->timeout && *call->timeout < Duration::zero()) {
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kInvalidArgument),
+                                          "CallOptions::timeout must not be negative");
+    call->stack.AsyncProcessResponse(nullptr, m);
+    return;
+  }
   if (closed_) {
     auto m = MethodReturnMessage::Failure(
         make_error_code(Errc::kClientClosed),
-        fmt::format("client {} is closed; the request was not sent", client_name_));
+        "the client is closed; the request was not sent");
     call->stack.AsyncProcessResponse(nullptr, m);
   } else {
     next_->AsyncProcessRequest(call->stack, msg, nullptr);
@@ -78,7 +84,9 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
   }
   if (call->info != nullptr) {
     call->info->error = msg.error;
-    call->info->detail = msg.error ? msg.detail : std::string();
+    call->info->detail =
+        msg.error ? fmt::format("client {}: {}", client_name_, msg.detail.empty() ? msg.error.message() : msg.detail)
+                  : std::string();
     call->info->endpoint = call->message.properties.endpoint;
     call->info->elapsed = elapsed;
   }

@@ -94,21 +94,16 @@ Runtime::~Runtime() {
 }
 
 EventLoop& Runtime::PickLoop() noexcept {
-  EventLoop* cur = EventLoop::Current();
-  if (cur != nullptr) {
-    for (auto& l : loops_) {
-      if (l.get() == cur) return *cur;
-    }
+  for (auto& l : loops_) {
+    if (l->IsCurrent()) return *l;
   }
   size_t i = next_.fetch_add(1, std::memory_order_relaxed);
   return *loops_[i % loops_.size()];
 }
 
 bool Runtime::IsLoopThread() const noexcept {
-  EventLoop* cur = EventLoop::Current();
-  if (cur == nullptr) return false;
   for (auto& l : loops_) {
-    if (l.get() == cur) return true;
+    if (l->IsCurrent()) return true;
   }
   return false;
 }

@@ -45,7 +45,11 @@ void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::share
   call->request = std::move(request);
   call->message.method = call->request.method;
   if (defaults) {
-    for (const auto& h : *defaults) call->request.headers.push_back(h);
+    for (const auto& h : *defaults) {
+      bool present = false;
+      for (const auto& own : call->request.headers) present = present || HeaderNameEquals(own.first, h.first);
+      if (!present) call->request.headers.push_back(h);
+    }
   }
   call->message.properties.headers = std::move(options.headers);
   call->timeout = options.timeout;
@@ -80,8 +84,8 @@ Response HttpClient::Send(Request request, const CallOptions& options) const {
   fut.wait();
   if (user_info != nullptr) *user_info = result->info;
   if (result->ec) {
-    std::string what = result->info.detail.empty() ? result->ec.message() : result->info.detail;
-    throw Error(result->ec, fmt::format("client {}: {}", core_->name(), what));
+    // The dispatcher's detail already names the client, endpoint and step.
+    throw Error(result->ec, result->info.detail.empty() ? result->ec.message() : result->info.detail);
   }
   return std::move(result->response);
 }
@@ -125,6 +129,9 @@ SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
 }
 
 HttpClient HttpClientBuilder::Build() {
+  Validate(options_.transport);
+  Validate(options_.pool);
+  Validate(options_.resurrector);
   SinkStackSpec spec = ApplyEdits(DefaultStack(options_));
   auto core = std::make_shared<ClientCore>(options_.client, std::move(spec));
   core->OpenAndWait();

@@ -29,6 +29,13 @@ std::string Snippet(std::string_view body, size_t max = 200) {
 
 }  // namespace
 
+void Validate(const TransportOptions& o) {
+  auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
+  if (o.connect_timeout < Duration::zero()) fail("transport.connect_timeout must be >= 0 (0 = no timeout)");
+  if (o.max_response_header_bytes == 0) fail("transport.max_response_header_bytes must be > 0");
+  if (o.max_response_body_bytes == 0) fail("transport.max_response_body_bytes must be > 0");
+}
+
 HttpTransportSink::HttpTransportSink(const SinkContext& ctx, TransportOptions options)
     : loop_(*ctx.loop),
       options_(options),
@@ -128,6 +135,8 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     request_.insert(name, value);
   }
   for (const auto& [name, value] : msg.properties.headers) {
+    has_host = has_host || HeaderNameEquals(name, "host");
+    has_agent = has_agent || HeaderNameEquals(name, "user-agent");
     request_.insert(name, value);
   }
   if (!has_host) request_.set(bhttp::field::host, host_header_);

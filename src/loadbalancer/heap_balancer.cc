@@ -18,6 +18,8 @@ LoadBalancerSink::LoadBalancerSink(const SinkContext& ctx, SinkFactory endpoint_
       server_set_(ctx.server_set),
       endpoint_factory_(std::move(endpoint_factory)),
       endpoint_ctx_(ctx),
+      // Membership is the same on every loop: only the first loop's balancer reports it.
+      reports_membership_(ctx.loop->index() == 0),
       size_gauge_(ctx.stats.GetGauge("scales_lb_size")),
       no_members_(ctx.stats.GetCounter("scales_lb_no_members")),
       joins_(ctx.stats.GetCounter("scales_lb_joins")),
@@ -25,7 +27,7 @@ LoadBalancerSink::LoadBalancerSink(const SinkContext& ctx, SinkFactory endpoint_
 
 LoadBalancerSink::~LoadBalancerSink() {
   if (subscribed_) server_set_->Unsubscribe(subscription_);
-  size_gauge_.Add(-static_cast<int64_t>(nodes_.size()));
+  if (reports_membership_) size_gauge_.Add(-static_cast<int64_t>(nodes_.size()));
 }
 
 bool LoadBalancerSink::Healthy(const BalancerNode& n) {
@@ -61,8 +63,10 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
       std::unique_ptr<BalancerNode> node = std::move(nodes_[i]);
       nodes_.erase(nodes_.begin() + static_cast<ptrdiff_t>(i));
       OnNodeRemoved(*node);
-      leaves_.Increment();
-      size_gauge_.Add(-1);
+      if (reports_membership_) {
+        leaves_.Increment();
+        size_gauge_.Add(-1);
+      }
       RetireNode(std::move(node));
     } else {
       wanted.erase(nodes_[i]->endpoint);
@@ -83,8 +87,10 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
     joined.push_back(node.get());
     nodes_.push_back(std::move(node));
     OnNodeAdded(*nodes_.back());
-    joins_.Increment();
-    size_gauge_.Add(1);
+    if (reports_membership_) {
+      joins_.Increment();
+      size_gauge_.Add(1);
+    }
   }
   if (!ready_ && nodes_.empty()) {
     MarkReady();
@@ -106,9 +112,9 @@ void LoadBalancerSink::MarkReady() {
   open_waiters_.CompleteAll(loop_.executor(), {});
   auto parked = std::move(parked_);
   parked_.clear();
-  for (SinkStack* stack : parked) {
+  for (auto [stack, stream] : parked) {
     stack->ClearCancelHandler();
-    Route(*stack, stack->message(), nullptr);
+    Route(*stack, stack->message(), stream);
   }
 }
 
@@ -130,7 +136,7 @@ void LoadBalancerSink::Fail(SinkStack& stack, Errc code, std::string detail) {
 
 void LoadBalancerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
   if (closed_) {
-    Fail(stack, Errc::kClientClosed, fmt::format("client {} is closed", client_name_));
+    Fail(stack, Errc::kClientClosed, "the client is closed");
     return;
   }
   if (!ready_) {
@@ -140,7 +146,7 @@ void LoadBalancerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& 
       stack.AsyncProcessResponse(nullptr, m);
       return;
     }
-    parked_.push_back(&stack);
+    parked_.emplace_back(&stack, stream);
     stack.SetCancelHandler(this, nullptr);
     if (!subscribed_) DoOpen(OpenHandler([](error_code) {}));
     return;
@@ -152,7 +158,7 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
   if (nodes_.empty()) {
     no_members_.Increment();
     Fail(stack, Errc::kNoMembers,
-         fmt::format("client {}: no members in server set {}", client_name_, server_set_->Describe()));
+         fmt::format("no members in server set {}", server_set_->Describe()));
     return;
   }
   BalancerNode& n = PickNode();
@@ -185,7 +191,7 @@ void LoadBalancerSink::AsyncProcessResponse(SinkStack& stack, void* context, Str
 }
 
 void LoadBalancerSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
-  auto it = std::find(parked_.begin(), parked_.end(), &stack);
+  auto it = std::find_if(parked_.begin(), parked_.end(), [&](const auto& p) { return p.first == &stack; });
   if (it == parked_.end()) return;
   parked_.erase(it);
   auto m = MethodReturnMessage::Failure(reason, "while waiting for the server set's first members");
@@ -202,13 +208,16 @@ void LoadBalancerSink::Close() {
   open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
   auto parked = std::move(parked_);
   parked_.clear();
-  for (SinkStack* stack : parked) {
+  for (auto [stack, stream] : parked) {
     stack->ClearCancelHandler();
-    Fail(*stack, Errc::kClientClosed, fmt::format("client {} closed", client_name_));
+    Fail(*stack, Errc::kClientClosed, "the client was closed while the request waited for the server set");
   }
-  // Closing a node answers its requests; their responses come back through us.
-  for (auto& n : nodes_) n->sink->Close();
-  for (auto& n : draining_) n->sink->Close();
+  // Closing a node answers its requests; their responses come back through us, and a
+  // draining node whose last request completes leaves draining_ there: close a snapshot.
+  std::vector<SinkPtr> sinks;
+  for (auto& n : nodes_) sinks.push_back(n->sink);
+  for (auto& n : draining_) sinks.push_back(n->sink);
+  for (auto& s : sinks) s->Close();
 }
 
 SinkStatus LoadBalancerSink::status() const {

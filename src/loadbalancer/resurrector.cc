@@ -11,6 +11,14 @@
 
 namespace scales {
 
+void Validate(const ResurrectorOptions& o) {
+  auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
+  if (o.initial_backoff <= Duration::zero()) fail("resurrector.initial_backoff must be > 0");
+  if (o.max_backoff < o.initial_backoff) fail("resurrector.max_backoff must be >= initial_backoff");
+  if (!(o.multiplier >= 1.0)) fail(fmt::format("resurrector.multiplier must be >= 1 (got {})", o.multiplier));
+  if (!(o.jitter >= 0.0 && o.jitter <= 1.0)) fail(fmt::format("resurrector.jitter must be in [0, 1] (got {})", o.jitter));
+}
+
 ResurrectorSink::ResurrectorSink(const SinkContext& ctx, SinkFactory next, ResurrectorOptions options)
     : loop_(*ctx.loop),
       ctx_(ctx),

@@ -13,6 +13,15 @@
 
 namespace scales {
 
+void Validate(const WatermarkPoolOptions& o) {
+  auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
+  if (o.high_watermark < 1) fail("pool.high_watermark must be >= 1");
+  if (o.low_watermark > o.high_watermark) {
+    fail(fmt::format("pool.low_watermark ({}) must be <= high_watermark ({})", o.low_watermark, o.high_watermark));
+  }
+  if (o.idle_timeout <= Duration::zero()) fail("pool.idle_timeout must be > 0");
+}
+
 WatermarkPool::WatermarkPool(const SinkContext& ctx, SinkFactory connection_factory,
                              WatermarkPoolOptions options)
     : loop_(*ctx.loop),

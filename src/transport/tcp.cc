@@ -78,8 +78,8 @@ void TcpConnection::Finish(error_code ec) {
     connections_.Add(1);
     connect_latency_us_.Record(
         std::chrono::duration_cast<std::chrono::microseconds>(loop_.Now() - started_).count());
-  } else {
-    connect_errors_.Increment();
+  } else if (ec != boost::asio::error::operation_aborted) {
+    connect_errors_.Increment();  // not counted: connects cut short by Close()
   }
   auto done = std::move(done_);
   done_ = nullptr;

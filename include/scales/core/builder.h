@@ -28,23 +28,36 @@ class ClientBuilderBase {
   Derived& SetServerSet(std::shared_ptr<ServerSet> set) { co().server_set = std::move(set); return self(); }
 
   // Stack editing (the seed's WithSink / InsertSink / ReplaceRole, plus removal).
+  //
+  // WithSink adds a client-level sink: just above the load balancer (below the timeout and
+  // any formatter), where a sink sees every request once, before an endpoint is chosen. On a
+  // stack without a load balancer it goes just above the transport. Use InsertSink /
+  // InsertBefore / InsertAfter for any other position.
   Derived& WithSink(SinkProvider p) {
-    return Edit([p = std::move(p)](SinkStackSpec& s) { s.WithSink(p); });
+    return Edit([p = std::move(p)](SinkStackSpec& s) {
+      if (s.HasRole(roles::kLoadBalancer)) {
+        s.InsertBefore(roles::kLoadBalancer, p);
+      } else if (s.HasRole(roles::kTransport)) {
+        s.InsertBefore(roles::kTransport, p);
+      } else {
+        s.WithSink(p);
+      }
+    });
   }
   Derived& InsertSink(size_t index, SinkProvider p) {
     return Edit([index, p = std::move(p)](SinkStackSpec& s) { s.InsertSink(index, p); });
   }
-  Derived& InsertBefore(std::string role, SinkProvider p) {
-    return Edit([role = std::move(role), p = std::move(p)](SinkStackSpec& s) { s.InsertBefore(role, p); });
+  Derived& InsertBefore(std::string_view role, SinkProvider p) {
+    return Edit([role = std::string(role), p = std::move(p)](SinkStackSpec& s) { s.InsertBefore(role, p); });
   }
-  Derived& InsertAfter(std::string role, SinkProvider p) {
-    return Edit([role = std::move(role), p = std::move(p)](SinkStackSpec& s) { s.InsertAfter(role, p); });
+  Derived& InsertAfter(std::string_view role, SinkProvider p) {
+    return Edit([role = std::string(role), p = std::move(p)](SinkStackSpec& s) { s.InsertAfter(role, p); });
   }
-  Derived& ReplaceRole(std::string role, SinkProvider p) {
-    return Edit([role = std::move(role), p = std::move(p)](SinkStackSpec& s) { s.ReplaceRole(role, p); });
+  Derived& ReplaceRole(std::string_view role, SinkProvider p) {
+    return Edit([role = std::string(role), p = std::move(p)](SinkStackSpec& s) { s.ReplaceRole(role, p); });
   }
-  Derived& RemoveRole(std::string role) {
-    return Edit([role = std::move(role)](SinkStackSpec& s) { s.RemoveRole(role); });
+  Derived& RemoveRole(std::string_view role) {
+    return Edit([role = std::string(role)](SinkStackSpec& s) { s.RemoveRole(role); });
   }
 
  protected:

@@ -92,3 +92,12 @@ struct is_error_code_enum<scales::Errc> : std::true_type {};
 template <>
 struct is_error_condition_enum<scales::Condition> : std::true_type {};
 }  // namespace boost::system
+
+// Also usable with std::error_code: `std_ec == scales::Errc::kRequestTimeout` and
+// `std_ec == scales::Condition::kTimeout` work (Boost.System maps its categories to std ones).
+namespace std {
+template <>
+struct is_error_code_enum<scales::Errc> : true_type {};
+template <>
+struct is_error_condition_enum<scales::Condition> : true_type {};
+}  // namespace std

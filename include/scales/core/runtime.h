@@ -38,8 +38,11 @@ class EventLoop {
   TimePoint Now() const noexcept { return clock_->Now(); }
   size_t index() const noexcept { return index_; }
 
-  // True on the thread currently running this loop.
-  bool IsCurrent() const noexcept { return Current() == this; }
+  // True on a thread currently running this loop (also when the loop wraps a user's
+  // io_context that the user runs).
+  bool IsCurrent() const noexcept {
+    return Current() == this || ioc_->get_executor().running_in_this_thread();
+  }
   // The loop whose handlers the calling thread is running, or nullptr.
   static EventLoop* Current() noexcept;
 

@@ -34,6 +34,10 @@ struct TransportOptions {
   bool raise_on_http_error = true;
 };
 
+// Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable:
+// connect_timeout >= 0 (0 = none), size limits > 0.
+void Validate(const TransportOptions& o);
+
 // Thread safety: one connection, used on one event loop.
 class HttpTransportSink final : public ClientMessageSink {
  public:

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "scales/core/provider.h"
@@ -83,9 +84,10 @@ class LoadBalancerSink : public ClientMessageSink {
   bool ready_ = false;
   bool closed_ = false;
   OpenWaiters open_waiters_;
-  std::vector<SinkStack*> parked_;
+  std::vector<std::pair<SinkStack*, Stream*>> parked_;  // with the stream to send on
   std::vector<std::unique_ptr<BalancerNode>> nodes_;
   std::vector<std::unique_ptr<BalancerNode>> draining_;
+  bool reports_membership_;
   stats::Gauge& size_gauge_;
   stats::Counter& no_members_;
   stats::Counter& joins_;

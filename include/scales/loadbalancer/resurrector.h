@@ -30,6 +30,10 @@ struct ResurrectorOptions {
   double jitter = 0.5;
 };
 
+// Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable:
+// initial_backoff > 0, max_backoff >= initial_backoff, multiplier >= 1, jitter in [0, 1].
+void Validate(const ResurrectorOptions& o);
+
 // Thread safety: one per endpoint per event loop; used on that loop.
 class ResurrectorSink final : public ClientMessageSink {
  public:

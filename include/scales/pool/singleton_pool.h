@@ -1,7 +1,7 @@
 #pragma once
 // SingletonPool: at most one underlying sink (connection) per endpoint, shared by every
-// request with unlimited concurrency; for multiplexing transports (Mux) and for HTTP when one
-// connection is wanted. The sink is created on the first request or Open, and replaced when
+// request with unlimited concurrency; for multiplexing transports (Mux). Not for transports
+// that carry one request at a time (HTTP/1.1, framed Thrift): use the WatermarkPool there. The sink is created on the first request or Open, and replaced when
 // it is no longer usable (status Closed). Requests that arrive while it connects wait for
 // the connect (cancellable). A failed connect fails them and raises on_faulted.
 

@@ -36,6 +36,10 @@ struct WatermarkPoolOptions {
   Duration idle_timeout = std::chrono::seconds(60);
 };
 
+// Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable:
+// high_watermark >= 1, low_watermark <= high_watermark, idle_timeout > 0.
+void Validate(const WatermarkPoolOptions& o);
+
 // Thread safety: one pool per endpoint per event loop; used on that loop.
 class WatermarkPool final : public ClientMessageSink {
  public:

@@ -1,0 +1,211 @@
+// The whole default-shaped stack through ClientCore, on a manual runtime:
+// dispatcher -> timeout -> heap balancer -> per endpoint [resurrector -> watermark pool ->
+// fake connection]. Every call completes exactly once.
+
+#include "scales/core/client.h"
+
+#include <chrono>
+#include <memory>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "support/fake_sinks.h"
+#include "scales/core/timeout_sink.h"
+#include "scales/loadbalancer/heap_balancer.h"
+#include "scales/loadbalancer/resurrector.h"
+#include "scales/pool/watermark_pool.h"
+
+namespace scales {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using test::CallTracker;
+using test::FakeTransport;
+using test::FakeTransportFactory;
+using ::testing::HasSubstr;
+
+const Endpoint kA{"10.9.0.1", 80};
+const Endpoint kB{"10.9.0.2", 80};
+
+class ClientStackTest : public ::testing::Test {
+ protected:
+  ClientStackTest()
+      : clock_(std::make_shared<ManualClock>()),
+        runtime_(std::make_shared<Runtime>(
+            RuntimeOptions{.threads = 1, .start_threads = false, .clock = clock_, .seed = 42})),
+        factory_(runtime_->loop(0)),
+        calls_(*clock_) {}
+
+  void Build(Duration timeout = seconds(10)) {
+    set_ = std::make_shared<StaticServerSet>(ServerSet::Members{kA, kB});
+    ClientOptions options;
+    options.name = "stack";
+    options.timeout = timeout;
+    options.runtime = runtime_;
+    options.stats = &registry_;
+    options.server_set = set_;
+    ResurrectorOptions res;
+    res.initial_backoff = seconds(1);
+    res.jitter = 0;
+    WatermarkPoolOptions pool;
+    pool.low_watermark = 1;
+    pool.high_watermark = 2;
+    pool.max_waiters = 10;
+    SinkStackSpec spec({TimeoutSinkProvider(), HeapBalancerProvider(), ResurrectorProvider(res),
+                        WatermarkPoolProvider(pool),
+                        SinkProvider{"transport", "fake", [this](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                                       return factory_.Create(ctx);
+                                     }}});
+    core_ = std::make_shared<ClientCore>(options, spec);
+  }
+
+  error_code Open() {
+    error_code result = make_error_code(Errc::kProtocolError);
+    int done = 0;
+    core_->AsyncOpen([&](error_code ec) {
+      result = ec;
+      ++done;
+    });
+    Run();
+    EXPECT_EQ(done, 1);
+    return result;
+  }
+
+  void TearDown() override {
+    if (core_) core_->Close();
+    Run();
+    EXPECT_TRUE(calls_.AllCompletedOnce());
+    EXPECT_EQ(factory_.TotalInFlight(), 0u);
+    core_.reset();
+    Run();
+    factory_.Clear();
+    Run();
+  }
+
+  void Run() { runtime_->RunUntilIdle(); }
+  void Advance(Duration d) {
+    clock_->Advance(d);
+    Run();
+  }
+  size_t Start(std::optional<Duration> timeout = std::nullopt) {
+    return calls_.StartWith([this](CallBase* c) { core_->Dispatch(c); }, timeout);
+  }
+  size_t InFlightAt(const Endpoint& ep) {
+    size_t n = 0;
+    for (FakeTransport* f : factory_.ForEndpoint(ep)) n += f->in_flight();
+    return n;
+  }
+  void ReplyAll(int value) {
+    for (size_t i = 0; i < factory_.count(); ++i) {
+      while (factory_.at(i).in_flight() > 0) factory_.at(i).Reply(0, value);
+    }
+    Run();
+  }
+  int64_t Counter(std::string_view name) {
+    const stats::Counter* c = registry_.FindCounter(name, {{"client", "stack"}});
+    return c ? c->value() : 0;
+  }
+
+  stats::StatsRegistry registry_;
+  std::shared_ptr<ManualClock> clock_;
+  std::shared_ptr<Runtime> runtime_;
+  FakeTransportFactory factory_;
+  CallTracker calls_;
+  std::shared_ptr<StaticServerSet> set_;
+  std::shared_ptr<ClientCore> core_;
+};
+
+TEST_F(ClientStackTest, CallsAreBalancedAndCompleteOnce) {
+  Build();
+  EXPECT_FALSE(Open());
+  // Opening made one connection per endpoint (each pool's low watermark).
+  EXPECT_EQ(factory_.ForEndpoint(kA).size(), 1u);
+  EXPECT_EQ(factory_.ForEndpoint(kB).size(), 1u);
+  for (int i = 0; i < 4; ++i) Start();
+  Run();
+  EXPECT_EQ(InFlightAt(kA), 2u);
+  EXPECT_EQ(InFlightAt(kB), 2u);
+  EXPECT_EQ(factory_.count(), 4u);  // high watermark 2 per endpoint
+  ReplyAll(5);
+  for (size_t c = 0; c < calls_.size(); ++c) {
+    EXPECT_EQ(calls_[c].value, 5);
+    EXPECT_THAT(calls_[c].info.endpoint, ::testing::AnyOf(kA.ToString(), kB.ToString()));
+  }
+  EXPECT_EQ(Counter("scales_requests"), 4);
+  EXPECT_EQ(Counter("scales_successes"), 4);
+  EXPECT_THAT(core_->Describe(), HasSubstr("timeout(timeout) -> loadbalancer(heap-balancer)"));
+}
+
+TEST_F(ClientStackTest, UnreachableEndpointIsMarkedDownAndAvoided) {
+  factory_.on_create = [](FakeTransport& f) {
+    if (f.endpoint() == kA) f.set_open_mode(FakeTransport::OpenMode::kFail, make_error_code(Errc::kConnectFailed));
+  };
+  Build();
+  EXPECT_FALSE(Open());  // one endpoint is enough
+  for (int i = 0; i < 6; ++i) Start();
+  Run();
+  EXPECT_EQ(InFlightAt(kA), 0u);
+  EXPECT_EQ(InFlightAt(kB), 2u);  // two connections, four queued in B's pool
+  EXPECT_GE(Counter("scales_lb_marked_down"), 1);
+  for (int round = 0; round < 3; ++round) ReplyAll(1);
+  for (size_t c = 0; c < calls_.size(); ++c) {
+    EXPECT_FALSE(calls_[c].error) << c << ": " << calls_[c].info.detail;
+    EXPECT_EQ(calls_[c].info.endpoint, kB.ToString());
+  }
+  // A becomes reachable; after the backoff it is marked up and used again.
+  factory_.on_create = nullptr;
+  Advance(seconds(1));
+  Start();
+  Start();
+  Start();
+  Run();
+  EXPECT_GE(InFlightAt(kA), 1u);
+  ReplyAll(2);
+}
+
+TEST_F(ClientStackTest, TimeoutOnTheWireCancelsTheConnectionsRequest) {
+  Build(milliseconds(200));
+  EXPECT_FALSE(Open());
+  auto c = Start();
+  Run();
+  Advance(milliseconds(200));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  size_t cancels = 0;
+  for (auto& f : factory_.created()) cancels += f->cancels();
+  EXPECT_EQ(cancels, 1u);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("10.9.0."));  // names the endpoint
+  EXPECT_EQ(Counter("scales_timeouts"), 1);
+}
+
+TEST_F(ClientStackTest, CloseAnswersEverythingAndLaterCallsFail) {
+  Build();
+  EXPECT_FALSE(Open());
+  for (int i = 0; i < 8; ++i) Start();  // 4 on connections, 4 queued
+  Run();
+  core_->Close();
+  EXPECT_TRUE(core_->closed());
+  Run();
+  EXPECT_EQ(calls_.completed(), 8u);
+  auto late = Start();
+  Run();
+  EXPECT_EQ(calls_[late].error, Errc::kClientClosed);
+}
+
+TEST_F(ClientStackTest, MembershipChangesReachTheBalancer) {
+  Build();
+  EXPECT_FALSE(Open());
+  set_->Update({kB});
+  Run();
+  for (int i = 0; i < 3; ++i) Start();
+  Run();
+  EXPECT_EQ(InFlightAt(kA), 0u);
+  EXPECT_EQ(InFlightAt(kB), 2u);
+  ReplyAll(0);
+  ReplyAll(0);
+  EXPECT_EQ(calls_.completed(), 3u);
+}
+
+}  // namespace
+}  // namespace scales

@@ -1,0 +1,483 @@
+// MessageDispatcher + TimeoutSink over a fake transport: exactly-once completion for values,
+// errors, timeouts and their races; deadlines; closing.
+
+#include "scales/core/dispatcher.h"
+
+#include <chrono>
+#include <memory>
+#include <optional>
+
+#include <boost/asio/post.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "support/fake_sinks.h"
+#include "scales/core/timeout_sink.h"
+#include "scales/pool/watermark_pool.h"
+
+namespace scales {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::nanoseconds;
+using std::chrono::seconds;
+using test::CallTracker;
+using test::FakeTransport;
+using test::FakeTransportFactory;
+using ::testing::HasSubstr;
+
+constexpr Duration kTimeout = milliseconds(100);
+
+class DispatcherTest : public ::testing::Test {
+ protected:
+  DispatcherTest() : factory_(env_.loop()), calls_(*env_.clock) {}
+
+  // dispatcher -> timeout -> `below` (default: one fake transport).
+  void Build(SinkPtr below = nullptr, Duration default_timeout = kTimeout) {
+    if (!below) {
+      transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+      below = transport_;
+    }
+    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), below, env_.scope);
+    dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, default_timeout,
+                                                      env_.scope);
+  }
+
+  void TearDown() override {
+    if (dispatcher_) dispatcher_->Close();
+    env_.Run();
+    EXPECT_TRUE(calls_.AllCompletedOnce());
+    if (dispatcher_) {
+      EXPECT_EQ(dispatcher_->pending(), 0u);
+    }
+    dispatcher_.reset();
+    timeout_.reset();
+    transport_.reset();
+    env_.Run();
+    factory_.Clear();
+  }
+
+  size_t Start(std::optional<Duration> timeout = std::nullopt, bool initiating = true) {
+    return calls_.Start(*dispatcher_, timeout, initiating);
+  }
+
+  test::ManualEnv env_;
+  FakeTransportFactory factory_;
+  CallTracker calls_;
+  std::shared_ptr<FakeTransport> transport_;
+  std::shared_ptr<TimeoutSink> timeout_;
+  std::shared_ptr<MessageDispatcher> dispatcher_;
+};
+
+TEST_F(DispatcherTest, ValueCompletesOnce) {
+  Build();
+  auto c = Start();
+  env_.Run();
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  EXPECT_EQ(dispatcher_->pending(), 1u);
+  EXPECT_EQ(transport_->request(0).message->service, "test");
+  EXPECT_EQ(transport_->request(0).message->method, "Get");
+  ASSERT_TRUE(transport_->Reply(0, 42));
+  env_.Run();
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_FALSE(calls_[c].error);
+  EXPECT_EQ(calls_[c].value, 42);
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+  EXPECT_EQ(env_.CounterValue("scales_requests"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_successes"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_failures"), 0);
+  EXPECT_EQ(env_.GaugeValue("scales_pending"), 0);
+  // The deadline timer was cancelled by the response.
+  EXPECT_EQ(env_.loop().timers().size(), 0u);
+}
+
+TEST_F(DispatcherTest, ErrorCompletesOnceWithDetailAndInfo) {
+  Build();
+  auto c = Start();
+  env_.Run();
+  env_.Advance(milliseconds(7));
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kServerError), "boom from fake"));
+  env_.Run();
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_EQ(calls_[c].error, Errc::kServerError);
+  EXPECT_EQ(calls_[c].value, 0);  // a failed call gets a default reply
+  EXPECT_EQ(calls_[c].info.error, Errc::kServerError);
+  EXPECT_EQ(calls_[c].info.detail, "client test: boom from fake");  // the dispatcher names the client
+  EXPECT_EQ(calls_[c].info.elapsed, milliseconds(7));
+  EXPECT_EQ(env_.CounterValue("scales_failures"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_failures_by_error", {{"error", "server_error"}}), 1);
+  // Further replies to an answered request are impossible (the fake forgot it).
+  EXPECT_FALSE(transport_->Reply(0, 1));
+}
+
+TEST_F(DispatcherTest, TimeoutFiresExactlyAtTheDeadline) {
+  Build();
+  const TimePoint start = env_.Now();
+  auto c = Start();
+  env_.Run();
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  ASSERT_TRUE(transport_->request(0).message->properties.deadline.has_value());
+  EXPECT_EQ(*transport_->request(0).message->properties.deadline, start + kTimeout);
+
+  env_.Advance(kTimeout - nanoseconds(1));
+  EXPECT_EQ(calls_[c].completions, 0);
+  EXPECT_EQ(transport_->cancels(), 0u);
+  env_.Advance(nanoseconds(1));
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(calls_[c].completed_at, start + kTimeout);
+  EXPECT_EQ(transport_->cancels(), 1u);
+  EXPECT_EQ(transport_->in_flight(), 0u);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("timed out after 100 ms"));
+  EXPECT_EQ(env_.CounterValue("scales_timeouts"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_failures_by_error", {{"error", "request_timeout"}}), 1);
+  // Nothing else happens later.
+  env_.Advance(seconds(10));
+  EXPECT_EQ(calls_[c].completions, 1);
+}
+
+TEST_F(DispatcherTest, ReplyPostedBeforeTheTimerInTheSameTurnWins) {
+  Build();
+  auto c = Start();
+  env_.Run();
+  // The reply is queued first, then the clock reaches the deadline (the alarm is queued
+  // behind it): both run in the same RunUntilIdle.
+  boost::asio::post(env_.loop().executor(), [this] { EXPECT_TRUE(transport_->Reply(0, 5)); });
+  env_.clock->Advance(kTimeout);
+  env_.Run();
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_FALSE(calls_[c].error);
+  EXPECT_EQ(calls_[c].value, 5);
+  EXPECT_EQ(transport_->cancels(), 0u);
+  EXPECT_EQ(env_.CounterValue("scales_timeouts"), 0);
+}
+
+TEST_F(DispatcherTest, TimerBeforeTheReplyInTheSameTurnWins) {
+  Build();
+  auto c = Start();
+  env_.Run();
+  env_.clock->Advance(kTimeout);  // queues the alarm first
+  bool replied = true;
+  boost::asio::post(env_.loop().executor(), [this, &replied] { replied = transport_->Reply(0, 5); });
+  env_.Run();
+  EXPECT_FALSE(replied);  // the request was already answered by the cancellation
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(transport_->cancels(), 1u);
+}
+
+TEST_F(DispatcherTest, ReplyInsideTheTimerTurnFromAnotherTimer) {
+  // A second timer due at the same instant answers the request: whichever runs first, the
+  // call completes once.
+  Build();
+  auto c = Start();
+  env_.Run();
+  struct Replier {
+    FakeTransport* t;
+    bool ok = false;
+    static void Fire(void* arg) {
+      auto* r = static_cast<Replier*>(arg);
+      r->ok = r->t->Reply(0, 9);
+    }
+  } replier{transport_.get()};
+  TimerEntry entry;
+  env_.loop().timers().Schedule(entry, env_.Now() + kTimeout, &Replier::Fire, &replier);
+  env_.Advance(kTimeout);
+  EXPECT_EQ(calls_[c].completions, 1);
+  // The deadline timer was scheduled first, so it fires first.
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_FALSE(replier.ok);
+}
+
+TEST_F(DispatcherTest, PerCallTimeoutOverridesTheDefault) {
+  Build(nullptr, seconds(1));
+  auto shorter = Start(milliseconds(50));
+  auto longer = Start(seconds(5));
+  auto deflt = Start();
+  env_.Run();
+  env_.Advance(milliseconds(50) - nanoseconds(1));
+  EXPECT_EQ(calls_.completed(), 0u);
+  env_.Advance(nanoseconds(1));
+  EXPECT_EQ(calls_[shorter].error, Errc::kRequestTimeout);
+  EXPECT_EQ(calls_.completed(), 1u);
+  env_.Advance(milliseconds(950));
+  EXPECT_EQ(calls_[deflt].error, Errc::kRequestTimeout);
+  EXPECT_FALSE(calls_.done(longer));
+  env_.Advance(seconds(4));
+  EXPECT_EQ(calls_[longer].error, Errc::kRequestTimeout);
+  EXPECT_THAT(calls_[longer].info.detail, HasSubstr("after 5000 ms"));
+}
+
+TEST_F(DispatcherTest, ZeroTimeoutMeansNoDeadline) {
+  Build(nullptr, seconds(1));
+  auto c = Start(Duration::zero());
+  env_.Run();
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  EXPECT_FALSE(transport_->request(0).message->properties.deadline.has_value());
+  EXPECT_EQ(env_.loop().timers().size(), 0u);
+  env_.Advance(std::chrono::hours(24));
+  EXPECT_FALSE(calls_.done(c));
+  transport_->Reply(0, 1);
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
+}
+
+TEST_F(DispatcherTest, ZeroDefaultTimeoutMeansNoDeadline) {
+  Build(nullptr, Duration::zero());
+  auto c = Start();
+  auto with = Start(milliseconds(10));
+  env_.Run();
+  EXPECT_FALSE(transport_->request(0).message->properties.deadline.has_value());
+  env_.Advance(milliseconds(10));
+  EXPECT_EQ(calls_[with].error, Errc::kRequestTimeout);
+  env_.Advance(std::chrono::hours(1));
+  EXPECT_FALSE(calls_.done(c));
+  transport_->Reply(0, 3);
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 3);
+}
+
+TEST_F(DispatcherTest, HugeTimeoutMeansNoDeadline) {
+  Build(nullptr, Duration::max());
+  auto c = Start();
+  env_.Run();
+  EXPECT_FALSE(transport_->request(0).message->properties.deadline.has_value());
+  transport_->Reply(0, 1);
+  env_.Run();
+  EXPECT_TRUE(calls_.done(c));
+}
+
+TEST_F(DispatcherTest, NeverCompletesInsideInitiatingDispatch) {
+  Build();
+  transport_->set_auto_reply(11);  // answers synchronously inside AsyncProcessRequest
+  auto c = Start(std::nullopt, /*initiating=*/true);
+  EXPECT_EQ(calls_[c].completions, 0);  // not inline
+  env_.Run();
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_FALSE(calls_[c].completed_inside_dispatch);
+  EXPECT_EQ(calls_[c].value, 11);
+}
+
+TEST_F(DispatcherTest, SynchronousErrorAlsoDeferredWhenInitiating) {
+  Build();
+  transport_->Close();  // requests now fail synchronously
+  auto c = Start(std::nullopt, true);
+  EXPECT_EQ(calls_[c].completions, 0);
+  env_.Run();
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_EQ(calls_[c].error, Errc::kConnectionClosed);
+  EXPECT_FALSE(calls_[c].completed_inside_dispatch);
+}
+
+TEST_F(DispatcherTest, NonInitiatingDispatchOnTheLoopMayCompleteInline) {
+  // Dispatch(..., initiating=false) is used for calls already posted to the loop (from a
+  // foreign thread): there the handler may run at once, from inside Dispatch.
+  Build();
+  transport_->set_auto_reply(4);
+  size_t c = 0;
+  int completions_after_dispatch = -1;
+  boost::asio::post(env_.loop().executor(), [&] {
+    c = Start(std::nullopt, /*initiating=*/false);
+    completions_after_dispatch = calls_[c].completions;
+  });
+  env_.Run();
+  EXPECT_EQ(completions_after_dispatch, 1);
+  EXPECT_EQ(calls_[c].value, 4);
+  EXPECT_TRUE(calls_[c].completed_inside_dispatch);
+}
+
+TEST_F(DispatcherTest, InitiatingDispatchOnTheLoopIsStillDeferred) {
+  Build();
+  transport_->set_auto_reply(4);
+  size_t c = 0;
+  int completions_after_dispatch = -1;
+  boost::asio::post(env_.loop().executor(), [&] {
+    c = Start(std::nullopt, /*initiating=*/true);
+    completions_after_dispatch = calls_[c].completions;
+  });
+  env_.Run();
+  EXPECT_EQ(completions_after_dispatch, 0);
+  EXPECT_EQ(calls_[c].completions, 1);
+  EXPECT_FALSE(calls_[c].completed_inside_dispatch);
+}
+
+TEST_F(DispatcherTest, ClosedDispatcherAnswersClientClosed) {
+  Build();
+  dispatcher_->Close();
+  EXPECT_EQ(dispatcher_->status(), SinkStatus::kClosed);
+  EXPECT_EQ(transport_->close_calls(), 1u);  // Close propagates down the stack
+  auto c = Start();
+  EXPECT_EQ(calls_[c].completions, 0);
+  env_.Run();
+  EXPECT_EQ(calls_[c].error, Errc::kClientClosed);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("client test: the client is closed"));
+  EXPECT_EQ(transport_->total_requests(), 0u);
+  EXPECT_FALSE(calls_[c].completed_inside_dispatch);
+  dispatcher_->Close();  // idempotent
+  EXPECT_EQ(transport_->close_calls(), 1u);
+}
+
+TEST_F(DispatcherTest, CloseAnswersPendingCallsAndReleasesTheStackLater) {
+  Build();
+  auto a = Start();
+  auto b = Start();
+  env_.Run();
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  std::weak_ptr<MessageDispatcher> weak = dispatcher_;
+  dispatcher_->Close();
+  // The fake answered both synchronously.
+  EXPECT_EQ(dispatcher_->pending(), 0u);
+  dispatcher_.reset();  // the dispatcher keeps itself alive until the drain has finished
+  env_.Run();
+  EXPECT_TRUE(weak.expired());
+  EXPECT_EQ(calls_[a].error, Errc::kConnectionClosed);
+  EXPECT_EQ(calls_[b].error, Errc::kConnectionClosed);
+  EXPECT_EQ(calls_.total_completions(), 2);
+}
+
+TEST_F(DispatcherTest, OpenIsForwardedAndClosedOpenFails) {
+  Build();
+  int opened = 0;
+  error_code result = make_error_code(Errc::kProtocolError);
+  dispatcher_->AsyncOpen([&](error_code ec) {
+    ++opened;
+    result = ec;
+  });
+  EXPECT_EQ(opened, 0);
+  env_.Run();
+  EXPECT_EQ(opened, 1);
+  EXPECT_FALSE(result);
+  EXPECT_EQ(dispatcher_->status(), SinkStatus::kOpen);
+  dispatcher_->Close();
+  dispatcher_->AsyncOpen([&](error_code ec) {
+    ++opened;
+    result = ec;
+  });
+  env_.Run();
+  EXPECT_EQ(opened, 2);
+  EXPECT_EQ(result, Errc::kClientClosed);
+}
+
+TEST_F(DispatcherTest, RequestsThroughAsyncProcessRequestAreRejected) {
+  Build();
+  auto* call = new TypedCall<int>([](error_code, int) {});
+  // A stack whose top is a sink that ends the call, to see the dispatcher's answer.
+  struct Top final : ClientMessageSink {
+    error_code seen;
+    CallBase* call = nullptr;
+    void AsyncProcessRequest(SinkStack&, MethodCallMessage&, Stream*) override {}
+    void AsyncProcessResponse(SinkStack&, void*, Stream*, MethodReturnMessage& m) override {
+      seen = m.error;
+      delete call;
+    }
+    void Close() override {}
+    SinkStatus status() const override { return SinkStatus::kOpen; }
+    std::string_view name() const override { return "top"; }
+    void DoOpen(OpenHandler) override {}
+  } top;
+  top.call = call;
+  call->stack.Push(&top);
+  dispatcher_->AsyncProcessRequest(call->stack, call->message, nullptr);
+  EXPECT_EQ(top.seen, Errc::kInvalidArgument);
+}
+
+TEST_F(DispatcherTest, ManyCallsMixedOutcomesEachCompleteOnce) {
+  Build();
+  for (int i = 0; i < 30; ++i) Start(milliseconds(10 + i));
+  env_.Run();
+  ASSERT_EQ(transport_->in_flight(), 30u);
+  // Answer a third with values, a third with errors; leave the rest to time out.
+  for (int i = 0; i < 10; ++i) transport_->Reply(0, i);
+  for (int i = 0; i < 10; ++i) transport_->Fail(0, make_error_code(Errc::kNack));
+  env_.Advance(seconds(1));
+  EXPECT_TRUE(calls_.AllCompletedOnce());
+  int ok = 0, nack = 0, timeout = 0;
+  for (size_t i = 0; i < calls_.size(); ++i) {
+    if (!calls_[i].error) ++ok;
+    if (calls_[i].error == Errc::kNack) ++nack;
+    if (calls_[i].error == Errc::kRequestTimeout) ++timeout;
+  }
+  EXPECT_EQ(ok, 10);
+  EXPECT_EQ(nack, 10);
+  EXPECT_EQ(timeout, 10);
+  EXPECT_EQ(transport_->cancels(), 10u);
+}
+
+// A request whose deadline has already passed when it reaches the TimeoutSink (a retry late
+// in its budget) is answered at once, without reaching the sinks below.
+TEST_F(DispatcherTest, TimeoutSinkAnswersARequestWhoseDeadlineHasPassed) {
+  Build();
+  struct Top final : ClientMessageSink {
+    int responses = 0;
+    error_code seen;
+    std::string detail;
+    void AsyncProcessRequest(SinkStack&, MethodCallMessage&, Stream*) override {}
+    void AsyncProcessResponse(SinkStack&, void*, Stream*, MethodReturnMessage& m) override {
+      ++responses;
+      seen = m.error;
+      detail = m.detail;
+    }
+    void Close() override {}
+    SinkStatus status() const override { return SinkStatus::kOpen; }
+    std::string_view name() const override { return "top"; }
+    void DoOpen(OpenHandler) override {}
+  } top;
+  MethodCallMessage msg;
+  msg.service = "test";
+  msg.properties.start = env_.Now() - seconds(2);
+  msg.properties.deadline = env_.Now() - seconds(1);
+  SinkStack stack(msg);
+  stack.Push(&top);
+  timeout_->AsyncProcessRequest(stack, msg, nullptr);
+  EXPECT_EQ(top.responses, 1);
+  EXPECT_EQ(top.seen, Errc::kRequestTimeout);
+  EXPECT_THAT(top.detail, HasSubstr("timed out after 1000 ms"));
+  EXPECT_EQ(transport_->total_requests(), 0u);
+  EXPECT_FALSE(stack.deadline_timer().scheduled());
+  // Exactly at the deadline counts as passed.
+  MethodCallMessage msg2;
+  msg2.properties.start = env_.Now() - seconds(1);
+  msg2.properties.deadline = env_.Now();
+  SinkStack stack2(msg2);
+  stack2.Push(&top);
+  timeout_->AsyncProcessRequest(stack2, msg2, nullptr);
+  EXPECT_EQ(top.responses, 2);
+  EXPECT_EQ(transport_->total_requests(), 0u);
+}
+
+// --- Deadline counts from the call's start (time queued in a pool counts) -------------------
+
+TEST_F(DispatcherTest, DeadlineCountsFromTheStartIncludingPoolQueueing) {
+  WatermarkPoolOptions opts;
+  opts.low_watermark = 1;
+  opts.high_watermark = 1;
+  opts.max_waiters = 10;
+  auto pool = std::make_shared<WatermarkPool>(
+      test::MakeContext(env_.loop(), env_.scope, nullptr, Endpoint{"10.0.0.1", 80}),
+      factory_.AsFactory(), opts);
+  Build(pool);
+  const TimePoint start = env_.Now();
+  auto first = Start();
+  auto second = Start();  // queued behind the first: one connection only
+  env_.Run();
+  ASSERT_EQ(factory_.count(), 1u);
+  FakeTransport& conn = factory_.at(0);
+  ASSERT_EQ(conn.in_flight(), 1u);
+  EXPECT_EQ(pool->waiters(), 1u);
+
+  env_.Advance(milliseconds(60));
+  ASSERT_TRUE(conn.Reply(0, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[first].value, 1);
+  ASSERT_EQ(conn.in_flight(), 1u);  // the second call got the connection at t+60ms
+  // Its deadline is start + 100 ms, not (t + 60 ms) + 100 ms.
+  env_.Advance(milliseconds(40) - nanoseconds(1));
+  EXPECT_FALSE(calls_.done(second));
+  env_.Advance(nanoseconds(1));
+  EXPECT_EQ(calls_[second].error, Errc::kRequestTimeout);
+  EXPECT_EQ(calls_[second].completed_at, start + kTimeout);
+  EXPECT_EQ(calls_[second].info.endpoint, "");  // no balancer in this stack
+}
+
+}  // namespace
+}  // namespace scales

@@ -1,0 +1,221 @@
+// SingletonPool over fake children: one shared child, replacement of a dead child, requests
+// waiting for the connect, connect failures, cancellation and Close.
+
+#include "scales/pool/singleton_pool.h"
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include <boost/system/errc.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "support/fake_sinks.h"
+#include "scales/core/timeout_sink.h"
+
+namespace scales {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::nanoseconds;
+using std::chrono::seconds;
+using test::CallTracker;
+using test::FakeTransport;
+using test::FakeTransportFactory;
+using ::testing::HasSubstr;
+
+const Endpoint kEndpoint{"10.2.2.2", 4000};
+
+class SingletonPoolTest : public ::testing::Test {
+ protected:
+  SingletonPoolTest() : factory_(env_.loop()), calls_(*env_.clock) {}
+
+  void Build(Duration timeout = seconds(10)) {
+    pool_ = std::make_shared<SingletonPool>(test::MakeContext(env_.loop(), env_.scope, nullptr, kEndpoint),
+                                            factory_.AsFactory());
+    pool_->on_faulted().Subscribe([this](const Fault& f) { faults_.push_back(f); });
+    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), pool_, env_.scope);
+    dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, timeout, env_.scope);
+  }
+
+  void TearDown() override {
+    if (dispatcher_) dispatcher_->Close();
+    env_.Run();
+    EXPECT_TRUE(calls_.AllCompletedOnce());
+    EXPECT_EQ(factory_.TotalInFlight(), 0u);
+    dispatcher_.reset();
+    timeout_.reset();
+    pool_.reset();
+    env_.Run();
+    factory_.Clear();
+  }
+
+  size_t Start(std::optional<Duration> timeout = std::nullopt) { return calls_.Start(*dispatcher_, timeout); }
+  void ReplyAll(FakeTransport& f, int value) {
+    while (f.in_flight() > 0) f.Reply(0, value);
+    env_.Run();
+  }
+
+  test::ManualEnv env_;
+  FakeTransportFactory factory_;
+  CallTracker calls_;
+  std::shared_ptr<SingletonPool> pool_;
+  std::vector<Fault> faults_;
+  std::shared_ptr<TimeoutSink> timeout_;
+  std::shared_ptr<MessageDispatcher> dispatcher_;
+};
+
+TEST_F(SingletonPoolTest, OneChildSharedByConcurrentRequests) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build();
+  EXPECT_EQ(pool_->status(), SinkStatus::kIdle);
+  for (int i = 0; i < 3; ++i) Start();
+  env_.Run();
+  EXPECT_EQ(pool_->created(), 1u);
+  EXPECT_EQ(factory_.count(), 1u);
+  EXPECT_EQ(pool_->waiting(), 3u);
+  EXPECT_EQ(factory_.at(0).open_calls(), 1u);
+  EXPECT_EQ(pool_->status(), SinkStatus::kIdle);  // opening
+  factory_.at(0).CompleteOpen();
+  env_.Run();
+  EXPECT_EQ(pool_->waiting(), 0u);
+  EXPECT_EQ(factory_.at(0).in_flight(), 3u);  // unlimited concurrency on the one child
+  EXPECT_EQ(pool_->status(), SinkStatus::kOpen);
+  for (int i = 0; i < 5; ++i) Start();
+  env_.Run();
+  EXPECT_EQ(factory_.at(0).in_flight(), 8u);
+  EXPECT_EQ(pool_->created(), 1u);
+  ReplyAll(factory_.at(0), 7);
+  for (size_t c = 0; c < calls_.size(); ++c) EXPECT_EQ(calls_[c].value, 7);
+}
+
+TEST_F(SingletonPoolTest, OpenConnectsOnceForConcurrentOpens) {
+  Build();
+  int done = 0;
+  pool_->AsyncOpen([&](error_code ec) { done += !ec; });
+  pool_->AsyncOpen([&](error_code ec) { done += !ec; });
+  EXPECT_EQ(done, 0);
+  env_.Run();
+  EXPECT_EQ(done, 2);
+  EXPECT_EQ(pool_->created(), 1u);
+  pool_->AsyncOpen([&](error_code ec) { done += !ec; });  // already open
+  env_.Run();
+  EXPECT_EQ(done, 3);
+  EXPECT_EQ(pool_->created(), 1u);
+}
+
+TEST_F(SingletonPoolTest, ClosedChildIsReplacedOnTheNextRequest) {
+  Build();
+  auto a = Start();
+  env_.Run();
+  FakeTransport& first = factory_.at(0);
+  ASSERT_EQ(first.in_flight(), 1u);
+  first.set_status(SinkStatus::kClosed);  // the connection died
+  EXPECT_EQ(pool_->status(), SinkStatus::kIdle);  // the pool itself stays usable
+  auto b = Start();
+  env_.Run();
+  EXPECT_EQ(pool_->created(), 2u);
+  // The old child was closed, which answered what was still on it.
+  EXPECT_EQ(first.close_calls(), 1u);
+  EXPECT_EQ(calls_[a].error, Errc::kConnectionClosed);
+  FakeTransport& second = factory_.at(1);
+  ASSERT_EQ(second.in_flight(), 1u);
+  ReplyAll(second, 2);
+  EXPECT_EQ(calls_[b].value, 2);
+}
+
+TEST_F(SingletonPoolTest, FailedChildIsReplacedOnTheNextRequest) {
+  factory_.open_mode = FakeTransport::OpenMode::kFail;
+  factory_.open_error = boost::system::errc::make_error_code(boost::system::errc::connection_refused);
+  Build();
+  auto a = Start();
+  auto b = Start();
+  env_.Run();
+  EXPECT_EQ(calls_[a].error, Errc::kConnectFailed);
+  EXPECT_EQ(calls_[b].error, Errc::kConnectFailed);
+  EXPECT_THAT(calls_[a].info.detail, HasSubstr("10.2.2.2:4000"));
+  ASSERT_EQ(faults_.size(), 1u);  // one connect, one fault
+  EXPECT_EQ(faults_[0].error, Errc::kConnectFailed);
+  EXPECT_EQ(env_.CounterValue("scales_pool_connect_failures"), 1);
+  EXPECT_NE(pool_->status(), SinkStatus::kClosed);
+  factory_.open_mode = FakeTransport::OpenMode::kSucceed;
+  auto c = Start();
+  env_.Run();
+  EXPECT_EQ(pool_->created(), 2u);
+  ReplyAll(factory_.at(1), 3);
+  EXPECT_EQ(calls_[c].value, 3);
+}
+
+TEST_F(SingletonPoolTest, ConnectTimeoutKeepsItsCode) {
+  factory_.open_mode = FakeTransport::OpenMode::kFail;
+  factory_.open_error = make_error_code(Errc::kConnectTimeout);
+  Build();
+  auto a = Start();
+  error_code open_result;
+  pool_->AsyncOpen([&](error_code ec) { open_result = ec; });
+  env_.Run();
+  EXPECT_EQ(calls_[a].error, Errc::kConnectTimeout);
+  EXPECT_EQ(open_result, Errc::kConnectTimeout);
+  ASSERT_EQ(faults_.size(), 1u);
+  EXPECT_EQ(faults_[0].error, Errc::kConnectTimeout);
+}
+
+TEST_F(SingletonPoolTest, WaitingRequestIsCancelledByItsTimeout) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build(milliseconds(100));
+  auto a = Start();
+  auto b = Start(seconds(10));
+  env_.Run();
+  EXPECT_EQ(pool_->waiting(), 2u);
+  env_.Advance(milliseconds(100) - nanoseconds(1));
+  EXPECT_FALSE(calls_.done(a));
+  env_.Advance(nanoseconds(1));
+  EXPECT_EQ(calls_[a].error, Errc::kRequestTimeout);
+  EXPECT_THAT(calls_[a].info.detail, HasSubstr("connecting"));
+  EXPECT_EQ(pool_->waiting(), 1u);
+  factory_.at(0).CompleteOpen();
+  env_.Run();
+  // Only the live request reaches the child.
+  EXPECT_EQ(factory_.at(0).total_requests(), 1u);
+  ReplyAll(factory_.at(0), 4);
+  EXPECT_EQ(calls_[b].value, 4);
+}
+
+TEST_F(SingletonPoolTest, CloseWhileConnectingAnswersWaiters) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build();
+  auto a = Start();
+  env_.Run();
+  error_code open_result;
+  pool_->AsyncOpen([&](error_code ec) { open_result = ec; });
+  pool_->Close();
+  env_.Run();
+  EXPECT_EQ(calls_[a].error, Errc::kClientClosed);
+  EXPECT_EQ(open_result, Errc::kClientClosed);
+  EXPECT_EQ(factory_.at(0).close_calls(), 1u);
+  EXPECT_EQ(pool_->status(), SinkStatus::kClosed);
+  // The child's open ending now (it was closed) changes nothing.
+  factory_.at(0).CompleteOpen();
+  env_.Run();
+  auto b = Start();
+  env_.Run();
+  EXPECT_EQ(calls_[b].error, Errc::kClientClosed);
+  EXPECT_EQ(factory_.at(0).total_requests(), 0u);
+}
+
+TEST_F(SingletonPoolTest, CloseAnswersRequestsOnTheChild) {
+  Build();
+  Start();
+  Start();
+  env_.Run();
+  ASSERT_EQ(factory_.at(0).in_flight(), 2u);
+  dispatcher_->Close();
+  EXPECT_EQ(factory_.at(0).in_flight(), 0u);
+  env_.Run();
+  EXPECT_EQ(calls_.completed(), 2u);
+  EXPECT_EQ(calls_[0].error, Errc::kConnectionClosed);
+}
+
+}  // namespace
+}  // namespace scales
