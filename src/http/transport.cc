@@ -286,6 +286,7 @@ SinkStatus HttpTransportSink::status() const {
 }
 
 SinkProvider HttpTransportProvider(TransportOptions options) {
+  Validate(options);
   return SinkProvider{std::string(roles::kTransport), "http-transport",
                       [options](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                         return std::make_shared<HttpTransportSink>(ctx, options);

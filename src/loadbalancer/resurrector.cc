@@ -197,6 +197,7 @@ SinkStatus ResurrectorSink::status() const {
 }
 
 SinkProvider ResurrectorProvider(ResurrectorOptions options) {
+  Validate(options);
   return SinkProvider{std::string(roles::kResurrector), "resurrector",
                       [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
                         return std::make_shared<ResurrectorSink>(ctx, std::move(next), options);

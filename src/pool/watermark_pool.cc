@@ -308,6 +308,7 @@ SinkStatus WatermarkPool::status() const {
 }
 
 SinkProvider WatermarkPoolProvider(WatermarkPoolOptions options) {
+  Validate(options);
   return SinkProvider{std::string(roles::kPool), "watermark-pool",
                       [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
                         return std::make_shared<WatermarkPool>(ctx, std::move(next), options);
