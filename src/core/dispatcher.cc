@@ -33,6 +33,12 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   ++pending_;
   call->in_initiation = initiating;
   call->stack.Push(this, call);
+  if (const auto& cs = call->cancel_state()) {
+    cs->call = call;
+    cs->loop.store(&loop_);
+    // Cancelled before it reached the loop: the first sink that would hold it answers.
+    if (cs->requested.load()) call->stack.Cancel(make_error_code(Errc::kCancelled));
+  }
   if (call->timeout && *call->timeout < Duration::zero()) {
     auto m = MethodReturnMessage::Failure(make_error_code(Errc::kInvalidArgument),
                                           "CallOptions::timeout must not be negative");

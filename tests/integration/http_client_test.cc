@@ -11,7 +11,12 @@
 #include <thread>
 #include <vector>
 
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -300,6 +305,38 @@ TEST_F(TestServerTest, EveryCompletionStyle) {
       boost::asio::detached);
   ioc.run();
   EXPECT_EQ(status, 200);
+}
+
+TEST_F(TestServerTest, AsioCancellationFromAnAwaitableRace) {
+  using namespace boost::asio::experimental::awaitable_operators;
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime()));
+  boost::asio::io_context ioc;
+  bool timer_won = false;
+  auto start = std::chrono::steady_clock::now();
+  boost::asio::co_spawn(
+      ioc,
+      [&]() -> boost::asio::awaitable<void> {
+        boost::asio::steady_timer timer(ioc, 100ms);
+        // The slow call loses the race and is cancelled through its cancellation slot.
+        auto result = co_await (client.AsyncGet("/delay/5000", boost::asio::as_tuple(boost::asio::use_awaitable)) ||
+                                timer.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable)));
+        timer_won = result.index() == 1;
+      },
+      boost::asio::detached);
+  ioc.run();  // returns only once the cancelled call has completed too
+  EXPECT_TRUE(timer_won);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 2s) << "the cancelled call did not complete promptly";
+  // The cancellation reached the transport: a callback call cancelled the same way reports it.
+  boost::asio::cancellation_signal signal;
+  std::promise<error_code> got;
+  client.AsyncGet("/delay/5000", boost::asio::bind_cancellation_slot(
+                                     signal.slot(), [&](error_code ec, http::Response) { got.set_value(ec); }));
+  std::this_thread::sleep_for(50ms);
+  signal.emit(boost::asio::cancellation_type::terminal);
+  auto f = got.get_future();
+  ASSERT_EQ(f.wait_for(2s), std::future_status::ready);
+  EXPECT_EQ(f.get(), Errc::kCancelled);
+  EXPECT_EQ(client.Get("/").status, 200);
 }
 
 TEST_F(TestServerTest, BlockingCallOnTheEventLoopFailsFast) {

@@ -3,6 +3,7 @@
 // computes its deadline, sends it down the stack and, when the response comes back up,
 // completes the caller's handler exactly once.
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -10,6 +11,7 @@
 #include <unordered_map>
 
 #include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
@@ -64,6 +66,39 @@ class CallBase {
   // Completes the caller's handler with the outcome and destroys the call. `fallback` runs
   // the handler when it has no associated executor.
   virtual void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) = 0;
+
+  // Asio per-operation cancellation (e.g. the loser of an awaitable `||`): when the caller's
+  // handler has a connected cancellation slot, emitting it cancels the call with kCancelled on
+  // the call's loop. The slot may be emitted from any thread, before or after dispatch.
+  struct CancelState {
+    std::atomic<EventLoop*> loop{nullptr};  // set when the call reaches its loop
+    std::atomic<bool> requested{false};
+    CallBase* call = nullptr;               // touched only on `loop`; null once completed
+  };
+  const std::shared_ptr<CancelState>& cancel_state() const noexcept { return cancel_state_; }
+
+ protected:
+  template <class Handler>
+  void ConnectCancellation(Handler& handler) {
+    auto slot = boost::asio::get_associated_cancellation_slot(handler);
+    if (!slot.is_connected()) return;
+    cancel_state_ = std::make_shared<CancelState>();
+    slot.assign([state = cancel_state_](boost::asio::cancellation_type type) {
+      if (type == boost::asio::cancellation_type::none) return;
+      state->requested = true;
+      if (EventLoop* loop = state->loop.load()) {
+        boost::asio::post(loop->executor(), [state] {
+          if (state->call != nullptr) state->call->stack.Cancel(make_error_code(Errc::kCancelled));
+        });
+      }
+    });
+  }
+  // On the loop, when the call completes.
+  void DisconnectCancellation() noexcept {
+    if (cancel_state_) cancel_state_->call = nullptr;
+  }
+
+  std::shared_ptr<CancelState> cancel_state_;
 };
 
 // A call whose reply is a `Reply` value; the handler gets (error_code, Reply).
@@ -75,11 +110,13 @@ class TypedCall : public CallBase {
 
   explicit TypedCall(Handler handler) : handler_(std::move(handler)) {
     message.SetReplySlot(&reply);
+    ConnectCancellation(handler_);
   }
 
   Reply reply{};
 
   void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) override {
+    DisconnectCancellation();
     Handler h = std::move(handler_);
     error_code ec = msg.error;
     Reply r = ec ? Reply{} : std::move(reply);
