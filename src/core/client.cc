@@ -53,7 +53,16 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   }
 }
 
-ClientCore::~ClientCore() { Close(); }
+ClientCore::~ClientCore() {
+  Close();
+  // A shard may be running on its loop right now (e.g. completing the very call whose
+  // handler released the last client handle): release each shard on its own loop, after
+  // whatever it is doing.
+  for (auto& shard : shards_) {
+    EventLoop& loop = shard->loop();
+    boost::asio::post(loop.executor(), [shard = std::move(shard)] {});
+  }
+}
 
 void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
   struct OpenState {
