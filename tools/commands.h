@@ -11,7 +11,17 @@ int RunHttpCommand(int argc, char** argv);
 int RunBenchCommand(int argc, char** argv);
 // scales testserver http --port P [--name NAME]
 int RunTestServerCommand(int argc, char** argv);
+int RunThriftTestServerCommand(int argc, char** argv);  // scales testserver thrift [--port P] [--transport T] [--protocol P]
+int RunThriftCommand(int argc, char** argv);  // scales thrift call URI METHOD [ARG] [--timeout D] [--client-id ID] [--protocol P] [--transport T]
 // scales demo [--seconds S]
 int RunDemoCommand(int argc, char** argv);
+// The Thrift and ThriftMux rounds of the demo.
+int RunThriftDemo(double seconds);
+// scales testserver thriftmux [--port P] [--threads N] [--framer BYTES] [--ping-interval MS]
+int RunThriftMuxTestServerCommand(int argc, char** argv);
+// scales serverset URI [--watch] [--timeout 10s]
+int RunServerSetCommand(int argc, char** argv);
+// The ZooKeeper part of `scales demo` (skipped without Java); tools/demo_zookeeper.cc.
+int RunZooKeeperDemo(double seconds);
 
 }  // namespace scales::tools

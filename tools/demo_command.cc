@@ -3,8 +3,6 @@
 // shows how requests spread, stops one server in the middle of a load run and restarts it,
 // then prints the client's stats.
 #include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -26,10 +24,9 @@
 #include <boost/asio/use_future.hpp>
 #include <fmt/format.h>
 
+#include "child_process.h"
 #include "commands.h"
 #include "scales/http/client.h"
-
-extern char** environ;
 
 namespace scales::tools {
 namespace {
@@ -40,51 +37,21 @@ using namespace std::chrono_literals;
 class Server {
  public:
   Server(std::string name, int port) : name_(std::move(name)), port_(port) {}
-  ~Server() { Stop(); }
 
   bool Start() {
-    int fds[2];
-    if (pipe(fds) != 0) return false;
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&actions, fds[0]);
-    std::string port = std::to_string(port_);
-    std::vector<std::string> args = {"scales", "testserver", "http", "--port", port, "--name", name_};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int rc = posix_spawn(&pid_, "/proc/self/exe", &actions, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    close(fds[1]);
-    if (rc != 0) {
-      close(fds[0]);
-      return false;
-    }
-    // Read "listening 127.0.0.1:PORT".
-    std::string line;
-    char c;
-    while (read(fds[0], &c, 1) == 1 && c != '\n') line += c;
-    close(fds[0]);
-    auto colon = line.rfind(':');
-    if (line.rfind("listening ", 0) != 0 || colon == std::string::npos) return false;
-    port_ = std::stoi(line.substr(colon + 1));
+    std::string ep = StartTestServer(child_, "http", port_, {"--name", name_});
+    if (ep.empty()) return false;
+    port_ = std::stoi(ep.substr(ep.rfind(':') + 1));
     return true;
   }
-  void Stop() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    int status;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-  }
+  void Stop() { child_.Stop(); }
   std::string endpoint() const { return fmt::format("127.0.0.1:{}", port_); }
   const std::string& name() const { return name_; }
 
  private:
   std::string name_;
   int port_;
-  pid_t pid_ = -1;
+  ChildProcess child_;
 };
 
 std::string OneLine(const std::string& s) {
@@ -272,6 +239,8 @@ int RunDemoCommand(int argc, char** argv) {
       std::printf("   %-40s %-16s %lld\n", m.name.c_str(), labels.c_str(), static_cast<long long>(m.value));
     }
   }
+  if (int rc = RunThriftDemo(seconds); rc != 0) return rc;
+  if (int rc = RunZooKeeperDemo(seconds); rc != 0) return rc;
   std::printf("\ndemo finished.\n");
   return 0;
 }

@@ -11,20 +11,36 @@ void PrintUsage(std::FILE* out) {
   std::fputs(
       "usage: scales <command> [args]\n"
       "\n"
-      "commands:\n"
+      "calls (through the full scales stack):\n"
       "  http get|post|put|delete|patch|head|options URI PATH [-H 'Name: value']...\n"
       "       [--data TEXT] [--timeout 2s] [--include]\n"
-      "      one HTTP call through the full scales stack; prints the body.\n"
-      "      exit status: 0 for status < 400, 1 for >= 400, 2 when the call failed.\n"
+      "      prints the body; exit 0 for status < 400, 1 for >= 400, 2 when the call failed.\n"
+      "  thrift call URI echo|ping|fail|sleep [ARG] [--timeout D] [--client-id ID]\n"
+      "       [--protocol binary|compact] [--transport framed|buffered]\n"
+      "  thriftmux call URI echo|ping|fail|sleep [ARG] [--timeout D] [--client-id ID]\n"
+      "      one call of the Echo service (tools/echo.thrift); exit 0 ok, 1 declared\n"
+      "      exception (EchoError), 2 failed call.\n"
+      "\n"
+      "load:\n"
       "  bench http URI --path PATH --concurrency N (--requests N | --duration 10s) [--json]\n"
       "       [--method GET] [--data TEXT] [--timeout 5s] [--threads T] [--stats]\n"
-      "      closed-loop load through the full stack, with a latency report.\n"
-      "  testserver http --port P [--name NAME]\n"
-      "      a small HTTP server for demos and tests.\n"
-      "  demo [--seconds S]\n"
-      "      starts three test servers and shows the client at work.\n"
+      "  bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N\n"
+      "       (--requests N | --duration 10s) [--json] [--protocol P] [--transport T]\n"
+      "      closed-loop load with a report: requests, failures by error, throughput,\n"
+      "      latency percentiles, requests per endpoint.\n"
       "\n"
-      "URI: tcp://host:port[,host:port...]   (IPv6 as [::1]:port)\n",
+      "servers and tools:\n"
+      "  testserver http --port P [--name NAME] [--announce zk://...]\n"
+      "  testserver thrift [--port P] [--transport framed|buffered] [--protocol binary|compact]\n"
+      "  testserver thriftmux [--port P] [--threads N] [--framer BYTES] [--ping-interval MS]\n"
+      "      local servers for demos, tests and benchmarks; print 'listening HOST:PORT'.\n"
+      "  serverset URI [--watch] [--timeout 10s]\n"
+      "      the members that would receive traffic, host:port, sorted; --watch: +/- changes.\n"
+      "  demo [--seconds S]\n"
+      "      HTTP, Thrift, ThriftMux and ZooKeeper discovery at work on local servers.\n"
+      "\n"
+      "URI: tcp://host:port[,host:port...]   (IPv6 as [::1]:port)\n"
+      "     zk://zkhost:port[,...]/path[#endpoint][?session_timeout=10s&chroot=/x&auth=digest:u:p]\n",
       out);
 }
 
@@ -42,8 +58,12 @@ int main(int argc, char** argv) {
   }
   if (cmd == "http") return scales::tools::RunHttpCommand(argc - 1, argv + 1);
   if (cmd == "bench") return scales::tools::RunBenchCommand(argc - 1, argv + 1);
+  if (cmd == "thrift" || cmd == "thriftmux") return scales::tools::RunThriftCommand(argc - 1, argv + 1);
+  if (cmd == "testserver" && argc > 2 && std::string_view(argv[2]) == "thrift") return scales::tools::RunThriftTestServerCommand(argc - 1, argv + 1);
+  if (cmd == "testserver" && argc > 2 && std::string_view(argv[2]) == "thriftmux") return scales::tools::RunThriftMuxTestServerCommand(argc - 1, argv + 1);
   if (cmd == "testserver") return scales::tools::RunTestServerCommand(argc - 1, argv + 1);
   if (cmd == "demo") return scales::tools::RunDemoCommand(argc - 1, argv + 1);
+  if (cmd == "serverset") return scales::tools::RunServerSetCommand(argc - 1, argv + 1);
   std::fprintf(stderr, "scales: unknown command '%s'\n\n", argv[1]);
   PrintUsage(stderr);
   return 2;

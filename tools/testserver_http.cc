@@ -13,6 +13,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -26,6 +27,7 @@
 #include <boost/beast/http.hpp>
 
 #include "commands.h"
+#include "scales/discovery/zookeeper.h"
 
 namespace scales::tools {
 namespace {
@@ -47,6 +49,7 @@ struct Options {
   int port = 0;
   std::string name;
   int threads = 1;
+  std::string announce;  // zk:// URI to register in (empty: none)
 };
 
 // Shared by all connections; the counter is the only mutable part.
@@ -68,6 +71,7 @@ void PrintUsage(std::FILE* out) {
       "  --host H     address to listen on (default 127.0.0.1)\n"
       "  --name NAME  server name in bodies and X-Server (default server-<port>)\n"
       "  --threads N  I/O threads (default 1)\n"
+      "  --announce zk://HOST:PORT/PATH  register in a ZooKeeper server set while running\n"
       "prints 'listening <host>:<port>' once bound. Paths: /delay/MS, /status/N,\n"
       "/close-mid-response, /garbage, /big/N, /chunked/N, /close, /headers, /connections.\n",
       out);
@@ -110,7 +114,8 @@ bool ParseOptions(int argc, char** argv, Options& options, bool& help) {
     } else if (i + 1 < argc) {
       value = argv[i + 1];
     }
-    if (key != "--port" && key != "--host" && key != "--name" && key != "--threads") {
+    if (key != "--port" && key != "--host" && key != "--name" && key != "--threads" &&
+        key != "--announce") {
       std::fprintf(stderr, "scales testserver: unknown option '%s'\n", argv[i]);
       return false;
     }
@@ -123,6 +128,8 @@ bool ParseOptions(int argc, char** argv, Options& options, bool& help) {
       options.host = std::string(*value);
     } else if (key == "--name") {
       options.name = std::string(*value);
+    } else if (key == "--announce") {
+      options.announce = std::string(*value);
     } else {
       auto number = ParseUnsigned(*value);
       std::uint64_t max = key == "--port" ? 65535 : 1024;
@@ -422,6 +429,23 @@ int RunTestServerCommand(int argc, char** argv) {
   signals.async_wait([&ioc](const boost::system::error_code&, int) { ioc.stop(); });
   asio::co_spawn(ioc, Listen(acceptor, state), asio::detached);
 
+  // Registered before `listening` is printed (waiting 5 s at most), so that a client started
+  // after that line finds this server; removed when the server exits.
+  std::unique_ptr<Announcer> announcer;
+  if (!options.announce.empty()) {
+    try {
+      ServiceInstance instance;
+      instance.service_endpoint = {bound.address().to_string(), bound.port()};
+      announcer = std::make_unique<Announcer>(ScalesUriParser::Parse(options.announce), instance);
+      if (!announcer->WaitAnnounced(std::chrono::seconds(5))) {
+        std::fprintf(stderr, "scales testserver: not announced yet, retrying: %s\n",
+                     announcer->Describe().c_str());
+      }
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "scales testserver: --announce: %s\n", e.what());
+      return 2;
+    }
+  }
   std::printf("listening %s\n", FormatEndpoint(bound).c_str());
   std::fflush(stdout);
 

@@ -5,6 +5,7 @@
 #include <boost/asio/post.hpp>
 
 #include "scales/core/error.h"
+#include "scales/discovery/zookeeper.h"
 
 namespace scales {
 
@@ -88,9 +89,9 @@ ServerSet::Members StaticServerSet::members() const {
 
 std::shared_ptr<ServerSet> CreateServerSet(const ParsedUri& uri) {
   if (uri.scheme == "tcp") return std::make_shared<StaticServerSet>(uri.hosts);
+  if (uri.scheme == "zk") return std::make_shared<ZooKeeperServerSet>(uri, ZooKeeperOptions());
   throw Error(make_error_code(Errc::kDiscoveryFailed),
-              fmt::format("cannot resolve '{}': {}:// server sets are not supported by this "
-                          "build (ZooKeeper discovery is not implemented yet)",
+              fmt::format("cannot resolve '{}': {}:// server sets are not supported",
                           uri.ToString(), uri.scheme));
 }
 

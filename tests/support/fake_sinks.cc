@@ -1,6 +1,7 @@
 #include "fake_sinks.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <utility>
 
 #include <boost/asio/post.hpp>
@@ -263,6 +264,12 @@ int64_t ManualEnv::GaugeValue(std::string_view name, stats::Labels extra) const 
 }
 
 // --- helpers ---------------------------------------------------------------------------------
+
+uint64_t TestSeed(uint64_t fallback) {
+  const char* env = std::getenv("SCALES_TEST_SEED");
+  if (env == nullptr || *env == '\0') return fallback;
+  return std::strtoull(env, nullptr, 10);
+}
 
 SinkContext MakeContext(EventLoop& loop, const stats::StatsScope& stats,
                         std::shared_ptr<ServerSet> server_set, std::optional<Endpoint> endpoint) {

@@ -247,6 +247,10 @@ struct ManualEnv {
   stats::StatsScope scope;  // {client="test"}
 };
 
+// Seed for the randomised (but deterministic) tests: `fallback`, or $SCALES_TEST_SEED when set
+// (to explore other sequences locally).
+uint64_t TestSeed(uint64_t fallback);
+
 // A SinkContext for `loop` with the given stats scope, server set and endpoint.
 SinkContext MakeContext(EventLoop& loop, const stats::StatsScope& stats,
                         std::shared_ptr<ServerSet> server_set = nullptr,

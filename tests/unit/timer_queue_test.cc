@@ -332,7 +332,7 @@ namespace {
 TEST(TimerQueueFuzzTest, MatchesAReferenceModel) {
   test::ManualEnv env;
   TimerQueue& timers = env.loop().timers();
-  Random rng(1234);
+  Random rng(test::TestSeed(1234));
   constexpr int kEntries = 64;
   struct Slot {
     TimerEntry entry;

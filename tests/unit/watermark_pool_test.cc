@@ -578,7 +578,7 @@ TEST_F(WatermarkPoolTest, ManyRequestsWithMixedOutcomesCompleteOnce) {
 // expiry. Invariants: a connection never carries two requests, the pool stays within its
 // watermarks and queue limit, and every call completes exactly once.
 TEST_F(WatermarkPoolTest, RandomOperationsKeepTheInvariants) {
-  Random rng(7);
+  Random rng(test::TestSeed(7));
   factory_.on_create = [&rng](FakeTransport& f) {
     const uint64_t r = rng.Uniform(10);
     if (r == 0) f.set_open_mode(FakeTransport::OpenMode::kFail, make_error_code(Errc::kConnectFailed));

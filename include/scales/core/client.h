@@ -41,7 +41,8 @@ struct ClientOptions {
   Duration open_timeout = std::chrono::seconds(10);
   // Event loops to run on. Default: Runtime::Default() (one loop per core).
   std::shared_ptr<Runtime> runtime;
-  // Where metrics go. Default: StatsRegistry::Default().
+  // Where metrics go. Default: StatsRegistry::Default(). A registry you give must outlive the
+  // client's runtime (sinks still report while a closed client drains on its loops).
   stats::StatsRegistry* stats = nullptr;
   // Overrides the server set the URI would give (tests, custom discovery).
   std::shared_ptr<ServerSet> server_set;

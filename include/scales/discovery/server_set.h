@@ -61,8 +61,9 @@ class StaticServerSet final : public ServerSet {
   uint64_t next_id_ = 0;
 };
 
-// The server set a URI names: tcp:// gives a StaticServerSet; zk:// needs the ZooKeeper
-// module (not built yet: throws scales::Error(kDiscoveryFailed)).
+// The server set a URI names: tcp:// gives a StaticServerSet, zk:// a ZooKeeperServerSet
+// (scales/discovery/zookeeper.h; options from the URI's query). Throws scales::Error (kBadUri
+// for bad zk:// options, kDiscoveryFailed for other schemes).
 std::shared_ptr<ServerSet> CreateServerSet(const ParsedUri& uri);
 
 }  // namespace scales

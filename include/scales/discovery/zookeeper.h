@@ -1,0 +1,143 @@
+#pragma once
+// ZooKeeper server sets (zk:// URIs): discovery of a service's members through the serverset
+// znodes that Finagle, Twitter commons and this library's Announcer write.
+//
+//   zk://zk1:2181,zk2:2181/path/to/serverset[#endpoint][?session_timeout=10s&chroot=/x&auth=...]
+//
+// The members are the children of the path named `member_*`; their data is the serverset JSON
+// (scales/discovery/serverset_member.h). Only ALIVE members receive traffic; `#endpoint`
+// selects `additionalEndpoints[endpoint]` instead of `serviceEndpoint`. See
+// docs/configuration.md, section "ZooKeeper", for every option and for the behaviour on
+// connection loss, session expiry and a missing path.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "scales/discovery/server_set.h"
+#include "scales/discovery/serverset_member.h"
+#include "scales/discovery/uri.h"
+
+namespace scales {
+
+// Options of a ZooKeeper session, shared by ZooKeeperServerSet and Announcer. Every field can
+// also be given as a zk:// URI query parameter (the URI wins over the struct).
+struct ZooKeeperOptions {
+  // Session timeout requested from the ensemble (the server clamps it to its own
+  // [minSessionTimeout, maxSessionTimeout], by default 2..20 ticks). Query:
+  // `session_timeout=10s` (units ms, s, m). Default 10 s. Must be > 0.
+  std::chrono::milliseconds session_timeout{std::chrono::seconds(10)};
+  // A chroot for the session: the znode path of the URI is then resolved below it, exactly as
+  // ZooKeeper's "host:port/chroot" connect strings do. Empty (default): the URI path is the full
+  // path from the root. Query: `chroot=/prefix`. Must start with '/' and not end with '/'.
+  std::string chroot;
+  // Authentication added to the session, "scheme:credentials"; for digest authentication
+  // "digest:user:password". Empty (default): none. Query: `auth=digest:user:password`.
+  std::string auth;
+  // Wait before a new session after the ensemble rejected the session (authentication failed).
+  // Query: `retry_interval=1s`. Default 1 s. Must be > 0.
+  std::chrono::milliseconds retry_interval{std::chrono::seconds(1)};
+
+  // `defaults` overridden by the query parameters of a zk:// `uri`. Throws scales::Error
+  // (kBadUri) naming the parameter when a parameter is unknown or its value invalid, or when
+  // the URI is not zk://.
+  static ZooKeeperOptions FromUri(const ParsedUri& uri, ZooKeeperOptions defaults);
+  static ZooKeeperOptions FromUri(const ParsedUri& uri);
+  // Throws scales::Error(kInvalidArgument) when a field is out of range.
+  void Validate() const;
+  // The C client's connect string: "h1:p1,h2:p2[/chroot]".
+  std::string ConnectString(const ParsedUri& uri) const;
+};
+
+// Parses a ZooKeeper option duration: "<integer>ms", "<integer>s" or "<integer>m".
+std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view text);
+
+// A ServerSet that follows a serverset znode.
+//
+// Threading: the ZooKeeper C client runs its I/O and completion threads; its callbacks only
+// post to this server set's own discovery thread (one io_context run by one thread), which owns
+// all membership state. Snapshots are posted from there to each subscriber's executor, in
+// order; no balancer or user code runs on ZooKeeper's threads. All public functions are safe
+// from any thread. The destructor joins the discovery thread and closes the session; after it
+// returns no listener is called again.
+//
+// Behaviour: the first snapshot is delivered once the member list is known (the path was read,
+// or found missing: an empty snapshot). Until then a client's open waits (and times out with
+// Describe() saying why). Watches are re-armed on every read; member data changes are followed.
+// Connection loss keeps the members; session expiry starts a new session and re-reads
+// everything while the last known members keep serving. Malformed members are skipped and
+// counted; the others are used.
+class ZooKeeperServerSet final : public ServerSet {
+ public:
+  struct Stats {
+    uint64_t malformed_members = 0;    // member reads whose data did not parse
+    uint64_t sessions = 0;             // sessions established (1 + re-creations)
+    uint64_t session_expirations = 0;  // sessions the ensemble expired
+    uint64_t connection_losses = 0;    // disconnects (the session may survive them)
+    uint64_t snapshots = 0;            // member lists published (first + each change)
+    uint64_t member_reads = 0;         // member data reads completed
+  };
+
+  // Starts discovery in the background. Throws scales::Error(kBadUri) for bad options in the
+  // URI, kInvalidArgument for bad `options`, kDiscoveryFailed when the C client refuses the
+  // connect string.
+  explicit ZooKeeperServerSet(ParsedUri uri, ZooKeeperOptions options = {});
+  ~ZooKeeperServerSet() override;
+  ZooKeeperServerSet(const ZooKeeperServerSet&) = delete;
+  ZooKeeperServerSet& operator=(const ZooKeeperServerSet&) = delete;
+
+  uint64_t Subscribe(boost::asio::any_io_executor executor, Listener listener) override;
+  void Unsubscribe(uint64_t id) override;
+  // "zk://127.0.0.1:2181/svc (connected, 3 members)",
+  // "zk://127.0.0.1:2181/svc (not connected: connection refused, retrying)".
+  std::string Describe() const override;
+
+  // The last published members, or nullopt while not yet known.
+  std::optional<Members> members() const;
+  Stats stats() const;
+  // The last problem seen (connection error, malformed member, auth failure); empty if none.
+  std::string last_error() const;
+  // The current session's id and password, once connected (tests use them to force expiry).
+  std::optional<std::pair<int64_t, std::string>> session() const;
+
+ private:
+  class Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+// Registers a server in a ZooKeeper server set: an ephemeral sequential `member_` node under
+// the URI's path holding the Finagle serverset JSON of `instance`. Creates missing parent
+// znodes (persistent, open ACL). Re-creates the member after a session expiry; removes it on
+// Shutdown() / destruction.
+//
+// Threading: runs on its own thread (like ZooKeeperServerSet); all public functions are safe
+// from any thread.
+class Announcer {
+ public:
+  // `uri` is a zk:// URI (its #fragment is ignored). Throws scales::Error like
+  // ZooKeeperServerSet. Announcing happens in the background: see WaitAnnounced().
+  Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options = {});
+  ~Announcer();  // Shutdown()
+  Announcer(const Announcer&) = delete;
+  Announcer& operator=(const Announcer&) = delete;
+
+  // Waits until the member node exists (true) or `timeout` passed (false).
+  bool WaitAnnounced(std::chrono::milliseconds timeout) const;
+  // The member node's path ("/svc/member_0000000003"), empty while not announced.
+  std::string node_path() const;
+  // Deletes the member (waiting up to 2 s for the ensemble), closes the session. Idempotent.
+  void Shutdown();
+  std::string Describe() const;
+  // The current session's id and password, once connected (tests use them to force expiry).
+  std::optional<std::pair<int64_t, std::string>> session() const;
+
+ private:
+  class Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace scales

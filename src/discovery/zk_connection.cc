@@ -1,0 +1,399 @@
+#include "discovery/zk_connection.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstring>
+
+#include <boost/asio/post.hpp>
+#include <fmt/format.h>
+
+#include "scales/core/error.h"
+
+namespace scales::zk_internal {
+namespace {
+
+// The C client logs through a per-handle callback without a context argument, so the lines
+// are routed here and matched to connections by the server address they name. This is how
+// Describe() can say "connection refused" although the C client reports no such state.
+// Capturing the lines also keeps the C client from writing to stderr.
+std::mutex g_log_mu;
+std::vector<ZkConnection*> g_log_connections;
+
+std::string SummarizeLogLine(std::string_view line) {
+  // "... Socket [127.0.0.1:2181] zk retcode=-4, errno=111(Connection refused): server refused ..."
+  if (auto e = line.find("errno="); e != std::string_view::npos) {
+    auto open = line.find('(', e);
+    auto close = open == std::string_view::npos ? open : line.find(')', open);
+    if (close != std::string_view::npos) {
+      std::string text(line.substr(open + 1, close - open - 1));
+      for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return text;
+    }
+  }
+  // Drop the "date:pid(tid):ZOO_ERROR@function@line: " prefix.
+  if (auto at = line.find("ZOO_"); at != std::string_view::npos) {
+    if (auto colon = line.find(": ", at); colon != std::string_view::npos) {
+      line = line.substr(colon + 2);
+    }
+  }
+  while (!line.empty() && (line.back() == '\n' || line.back() == ' ')) line.remove_suffix(1);
+  return std::string(line);
+}
+
+void LogSink(const char* message) {
+  std::string_view line(message);
+  if (line.find("ZOO_ERROR") == std::string_view::npos) return;
+  std::lock_guard lock(g_log_mu);
+  for (ZkConnection* c : g_log_connections) {
+    if (c->Mentions(line)) c->SetLastError(SummarizeLogLine(line));
+  }
+}
+
+}  // namespace
+
+std::string ZkErrorText(int rc) {
+  const char* text = zerror(rc);
+  return text ? std::string(text) : fmt::format("error {}", rc);
+}
+
+struct ZkConnection::Op {
+  ZkConnection* connection;
+  uint64_t generation;
+  std::function<void(int, std::vector<std::string>)> children;
+  std::function<void(int, std::string)> data;  // Get, Create
+  std::function<void(int)> status;             // Exists, Delete
+};
+
+ZkConnection::ZkConnection(std::string connect_string, ZooKeeperOptions options)
+    : connect_string_(std::move(connect_string)), options_(std::move(options)) {
+  std::string hosts = connect_string_.substr(0, connect_string_.find('/'));
+  size_t start = 0;
+  while (start <= hosts.size()) {
+    size_t comma = hosts.find(',', start);
+    std::string host = hosts.substr(start, comma == std::string::npos ? std::string::npos
+                                                                       : comma - start);
+    if (auto colon = host.rfind(':'); colon != std::string::npos) {
+      ports_.push_back(host.substr(colon));
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+}
+
+ZkConnection::~ZkConnection() { Stop(); }
+
+bool ZkConnection::Mentions(std::string_view line) const {
+  // Lines name servers as "127.0.0.1:2181" or "[127.0.0.1:2181]": match ":port" not followed
+  // by another digit.
+  for (const std::string& p : ports_) {
+    for (size_t at = line.find(p); at != std::string_view::npos; at = line.find(p, at + 1)) {
+      size_t end = at + p.size();
+      if (end == line.size() || !std::isdigit(static_cast<unsigned char>(line[end]))) return true;
+    }
+  }
+  return false;
+}
+
+void ZkConnection::Start(Handlers handlers) {
+  handlers_ = std::move(handlers);
+  {
+    std::lock_guard lock(g_log_mu);
+    g_log_connections.push_back(this);
+  }
+  started_ = true;
+  work_.emplace(ioc_.get_executor());
+  boost::asio::post(ioc_, [this] { NewSession(); });
+  thread_ = std::thread([this] { ioc_.run(); });
+}
+
+void ZkConnection::Stop() {
+  if (!started_ || stopped_) return;
+  stopped_ = true;
+  work_.reset();
+  ioc_.stop();
+  if (thread_.joinable()) thread_.join();
+  // No loop thread any more: the sessions can be closed here. zookeeper_close() calls the
+  // pending completions (they post into the stopped loop, which drops them) and joins the C
+  // client's threads, so after it no callback refers to a Session.
+  for (auto& s : sessions_list_) {
+    if (s->handle) zookeeper_close(s->handle);
+    s->handle = nullptr;
+  }
+  {
+    std::lock_guard lock(g_log_mu);
+    std::erase(g_log_connections, this);
+  }
+}
+
+void ZkConnection::NewSession() {
+  // Close the previous handle first; its callbacks only post, so closing from the loop cannot
+  // deadlock with them.
+  if (!sessions_list_.empty() && sessions_list_.back()->handle) {
+    zookeeper_close(sessions_list_.back()->handle);
+    sessions_list_.back()->handle = nullptr;
+  }
+  // Old Session objects may still be named by watchers that never fired; they are tiny, and
+  // a session is only replaced after an expiry, so keeping them until Stop() costs little.
+  uint64_t generation = generation_.load() + 1;
+  generation_.store(generation);
+  auto session = std::make_unique<Session>();
+  session->connection = this;
+  session->generation = generation;
+  connected_ = false;
+  zhandle_t* zh = zookeeper_init2(connect_string_.c_str(), &ZkConnection::SessionWatcher,
+                                  static_cast<int>(options_.session_timeout.count()), nullptr,
+                                  session.get(), 0, &LogSink);
+  if (!zh) {
+    SetLastError(fmt::format("cannot create a ZooKeeper handle for '{}': {}", connect_string_,
+                             std::strerror(errno)));
+    SetStatus(fmt::format("not connected: {}, retrying", last_error()));
+    retry_timer_.expires_after(options_.retry_interval);
+    retry_timer_.async_wait([this](boost::system::error_code ec) {
+      if (!ec) NewSession();
+    });
+    sessions_list_.push_back(std::move(session));
+    return;
+  }
+  session->handle = zh;
+  if (!options_.auth.empty()) {
+    auto colon = options_.auth.find(':');
+    std::string scheme = options_.auth.substr(0, colon);
+    std::string cert = colon == std::string::npos ? "" : options_.auth.substr(colon + 1);
+    // The C client re-sends the credentials after each reconnect; a rejection arrives as
+    // ZOO_AUTH_FAILED_STATE on the session watcher.
+    zoo_add_auth(zh, scheme.c_str(), cert.data(), static_cast<int>(cert.size()), nullptr, nullptr);
+  }
+  sessions_list_.push_back(std::move(session));
+  SetStatus(last_error().empty() ? "connecting" : fmt::format("not connected: {}, retrying",
+                                                              last_error()));
+}
+
+template <typename F>
+void ZkConnection::PostIfCurrent(uint64_t generation, F f) {
+  boost::asio::post(ioc_, [this, generation, f = std::move(f)]() mutable {
+    if (generation == generation_.load()) f();
+  });
+}
+
+void ZkConnection::SessionWatcher(zhandle_t*, int type, int state, const char*, void* ctx) {
+  // C client completion thread: only post.
+  if (type != ZOO_SESSION_EVENT) return;
+  auto* session = static_cast<Session*>(ctx);
+  ZkConnection* self = session->connection;
+  uint64_t generation = session->generation;
+  self->PostIfCurrent(generation, [self, generation, state] { self->OnSessionEvent(generation, state); });
+}
+
+void ZkConnection::NodeWatcher(zhandle_t*, int type, int, const char* path, void* ctx) {
+  // Session events also reach node watchers; the session watcher handles those.
+  if (type == ZOO_SESSION_EVENT || type == ZOO_NOTWATCHING_EVENT) return;
+  auto* session = static_cast<Session*>(ctx);
+  ZkConnection* self = session->connection;
+  std::string p = path ? path : "";
+  self->PostIfCurrent(session->generation, [self, type, p = std::move(p)] {
+    if (self->handlers_.watch) self->handlers_.watch(type, p);
+  });
+}
+
+void ZkConnection::OnSessionEvent(uint64_t generation, int state) {
+  Session* session = sessions_list_.back().get();
+  if (state == ZOO_CONNECTED_STATE) {
+    bool new_session = !session->ever_connected;
+    session->ever_connected = true;
+    connected_ = true;
+    if (new_session) sessions_.fetch_add(1);
+    if (const clientid_t* id = zoo_client_id(session->handle)) {
+      std::lock_guard lock(mu_);
+      session_id_ = std::make_pair(static_cast<int64_t>(id->client_id),
+                                   std::string(id->passwd, sizeof(id->passwd)));
+    }
+    SetStatus("connected");
+    if (handlers_.connected) handlers_.connected(new_session);
+  } else if (state == ZOO_EXPIRED_SESSION_STATE) {
+    expirations_.fetch_add(1);
+    connected_ = false;
+    SetLastError("session expired");
+    SetStatus("session expired, starting a new one");
+    if (handlers_.disconnected) handlers_.disconnected();
+    NewSession();
+  } else if (state == ZOO_AUTH_FAILED_STATE) {
+    connected_ = false;
+    SetLastError(fmt::format("authentication failed (scheme '{}')",
+                             options_.auth.substr(0, options_.auth.find(':'))));
+    SetStatus(fmt::format("not connected: {}, retrying", last_error()));
+    if (handlers_.disconnected) handlers_.disconnected();
+    // The handle is unusable after an auth failure: a new session after a pause.
+    retry_timer_.expires_after(options_.retry_interval);
+    retry_timer_.async_wait([this, generation](boost::system::error_code ec) {
+      if (!ec && generation == generation_.load()) NewSession();
+    });
+  } else {
+    // ZOO_CONNECTING_STATE / ZOO_ASSOCIATING_STATE: connection lost, the client reconnects.
+    if (connected_) {
+      connection_losses_.fetch_add(1);
+      connected_ = false;
+      if (handlers_.disconnected) handlers_.disconnected();
+    }
+    SetStatus(last_error().empty() || last_error() == "session expired"
+                  ? "not connected: connection lost, retrying"
+                  : fmt::format("not connected: {}, retrying", last_error()));
+  }
+}
+
+void ZkConnection::SetStatus(std::string status) {
+  std::lock_guard lock(mu_);
+  status_ = std::move(status);
+}
+
+std::string ZkConnection::StatusText() const {
+  std::lock_guard lock(mu_);
+  if (status_ == "connecting" && !last_error_.empty()) {
+    return fmt::format("not connected: {}, retrying", last_error_);
+  }
+  if (status_ == "connecting") return "not connected: connecting, retrying";
+  if (status_.starts_with("not connected: connection lost") && !last_error_.empty() &&
+      last_error_ != "session expired") {
+    return fmt::format("not connected: {}, retrying", last_error_);
+  }
+  return status_;
+}
+
+std::string ZkConnection::last_error() const {
+  std::lock_guard lock(mu_);
+  return last_error_;
+}
+
+void ZkConnection::SetLastError(std::string error) {
+  std::lock_guard lock(mu_);
+  last_error_ = std::move(error);
+}
+
+std::optional<std::pair<int64_t, std::string>> ZkConnection::session() const {
+  std::lock_guard lock(mu_);
+  return session_id_;
+}
+
+// The operations. Each allocates an Op that the C client hands back to exactly one completion
+// (also on close: ZCLOSING); the completion posts the result to the loop and frees the Op.
+
+void ZkConnection::GetChildren(const std::string& path, bool watch,
+                               std::function<void(int, std::vector<std::string>)> done) {
+  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
+  auto* op = new Op{this, generation_.load(), std::move(done), {}, {}};
+  int rc = s && s->handle
+               ? zoo_awget_children2(
+                     s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
+                     watch ? s : nullptr,
+                     [](int rc, const String_vector* strings, const Stat*, const void* data) {
+                       auto* op = static_cast<Op*>(const_cast<void*>(data));
+                       std::vector<std::string> names;
+                       if (rc == ZOK && strings) {
+                         names.reserve(strings->count);
+                         for (int i = 0; i < strings->count; ++i) names.emplace_back(strings->data[i]);
+                       }
+                       op->connection->PostIfCurrent(
+                           op->generation, [f = std::move(op->children), rc,
+                                            names = std::move(names)]() mutable { f(rc, std::move(names)); });
+                       delete op;
+                     },
+                     op)
+               : ZINVALIDSTATE;
+  if (rc != ZOK) {
+    PostIfCurrent(op->generation, [f = std::move(op->children), rc] { f(rc, {}); });
+    delete op;
+  }
+}
+
+void ZkConnection::Get(const std::string& path, bool watch,
+                       std::function<void(int, std::string)> done) {
+  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
+  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}};
+  int rc = s && s->handle
+               ? zoo_awget(
+                     s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
+                     watch ? s : nullptr,
+                     [](int rc, const char* value, int len, const Stat*, const void* data) {
+                       auto* op = static_cast<Op*>(const_cast<void*>(data));
+                       std::string text;
+                       if (rc == ZOK && value && len > 0) text.assign(value, static_cast<size_t>(len));
+                       op->connection->PostIfCurrent(
+                           op->generation, [f = std::move(op->data), rc,
+                                            text = std::move(text)]() mutable { f(rc, std::move(text)); });
+                       delete op;
+                     },
+                     op)
+               : ZINVALIDSTATE;
+  if (rc != ZOK) {
+    PostIfCurrent(op->generation, [f = std::move(op->data), rc] { f(rc, {}); });
+    delete op;
+  }
+}
+
+void ZkConnection::Exists(const std::string& path, bool watch, std::function<void(int)> done) {
+  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
+  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done)};
+  int rc = s && s->handle
+               ? zoo_awexists(
+                     s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
+                     watch ? s : nullptr,
+                     [](int rc, const Stat*, const void* data) {
+                       auto* op = static_cast<Op*>(const_cast<void*>(data));
+                       op->connection->PostIfCurrent(op->generation,
+                                                     [f = std::move(op->status), rc] { f(rc); });
+                       delete op;
+                     },
+                     op)
+               : ZINVALIDSTATE;
+  if (rc != ZOK) {
+    PostIfCurrent(op->generation, [f = std::move(op->status), rc] { f(rc); });
+    delete op;
+  }
+}
+
+void ZkConnection::Create(const std::string& path, const std::string& data, int flags,
+                          std::function<void(int, std::string)> done) {
+  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
+  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}};
+  int rc = s && s->handle
+               ? zoo_acreate(
+                     s->handle, path.c_str(), data.data(), static_cast<int>(data.size()),
+                     &ZOO_OPEN_ACL_UNSAFE, flags,
+                     [](int rc, const char* value, const void* data) {
+                       auto* op = static_cast<Op*>(const_cast<void*>(data));
+                       std::string created = rc == ZOK && value ? value : "";
+                       op->connection->PostIfCurrent(
+                           op->generation, [f = std::move(op->data), rc,
+                                            created = std::move(created)]() mutable {
+                             f(rc, std::move(created));
+                           });
+                       delete op;
+                     },
+                     op)
+               : ZINVALIDSTATE;
+  if (rc != ZOK) {
+    PostIfCurrent(op->generation, [f = std::move(op->data), rc] { f(rc, {}); });
+    delete op;
+  }
+}
+
+void ZkConnection::Delete(const std::string& path, std::function<void(int)> done) {
+  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
+  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done)};
+  int rc = s && s->handle ? zoo_adelete(
+                                s->handle, path.c_str(), -1,
+                                [](int rc, const void* data) {
+                                  auto* op = static_cast<Op*>(const_cast<void*>(data));
+                                  op->connection->PostIfCurrent(
+                                      op->generation, [f = std::move(op->status), rc] { f(rc); });
+                                  delete op;
+                                },
+                                op)
+                          : ZINVALIDSTATE;
+  if (rc != ZOK) {
+    PostIfCurrent(op->generation, [f = std::move(op->status), rc] { f(rc); });
+    delete op;
+  }
+}
+
+}  // namespace scales::zk_internal

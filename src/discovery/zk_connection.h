@@ -1,0 +1,127 @@
+#pragma once
+// ZkConnection: one logical ZooKeeper session on the C client (libzookeeper_mt), re-created
+// when the ensemble expires it, with all of its callbacks moved onto a private event loop.
+//
+// Why a private loop: the C client calls watchers and completions on its own completion
+// thread. Everything they carry is posted to this connection's io_context (run by one thread
+// this class owns), so the users of a ZkConnection (ZooKeeperServerSet, Announcer) keep their
+// state single-threaded and never run their code on ZooKeeper's threads. Events of a session
+// that was replaced are dropped (each handle has a generation).
+//
+// Thread safety: Start/Stop and the "any thread" accessors are safe from any thread; the
+// operations (GetChildren, Get, ...) must be called on the loop thread, and their callbacks
+// and the Handlers run there.
+#include <zookeeper/zookeeper.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "scales/discovery/zookeeper.h"
+
+namespace scales::zk_internal {
+
+class ZkConnection {
+ public:
+  struct Handlers {
+    // Connected. `new_session`: the first connect of a new session (watches and ephemeral
+    // nodes of an earlier session are gone); false after a reconnect of the same session.
+    std::function<void(bool new_session)> connected;
+    // Connection lost or session expired; a new connection is being made.
+    std::function<void()> disconnected;
+    // A node watch fired (type ZOO_CREATED_EVENT, ..., path relative to the chroot).
+    std::function<void(int type, const std::string& path)> watch;
+  };
+
+  ZkConnection(std::string connect_string, ZooKeeperOptions options);
+  ~ZkConnection();  // Stop()
+
+  void Start(Handlers handlers);
+  // Joins the loop thread and closes the session (its ephemeral nodes go). Not from the loop.
+  void Stop();
+
+  boost::asio::io_context& io_context() { return ioc_; }
+
+  // Loop thread only. `watch`: leave a watch that reports to Handlers::watch.
+  void GetChildren(const std::string& path, bool watch,
+                   std::function<void(int rc, std::vector<std::string> names)> done);
+  void Get(const std::string& path, bool watch, std::function<void(int rc, std::string data)> done);
+  void Exists(const std::string& path, bool watch, std::function<void(int rc)> done);
+  void Create(const std::string& path, const std::string& data, int flags,
+              std::function<void(int rc, std::string created)> done);
+  void Delete(const std::string& path, std::function<void(int rc)> done);
+  bool connected() const { return connected_; }
+
+  // Any thread.
+  // "connected", "not connected: connection refused, retrying", "session expired, ...".
+  std::string StatusText() const;
+  std::string last_error() const;
+  void SetLastError(std::string error);
+  std::optional<std::pair<int64_t, std::string>> session() const;
+  uint64_t sessions() const { return sessions_.load(); }
+  uint64_t expirations() const { return expirations_.load(); }
+  uint64_t connection_losses() const { return connection_losses_.load(); }
+  // Whether a C client log line (which names servers as "host:port") concerns this
+  // connection.
+  bool Mentions(std::string_view log_line) const;
+
+ private:
+  struct Session {
+    ZkConnection* connection;
+    uint64_t generation;
+    zhandle_t* handle = nullptr;
+    bool ever_connected = false;
+  };
+  struct Op;
+
+  static void SessionWatcher(zhandle_t* zh, int type, int state, const char* path, void* ctx);
+  static void NodeWatcher(zhandle_t* zh, int type, int state, const char* path, void* ctx);
+  void NewSession();  // loop thread
+  void OnSessionEvent(uint64_t generation, int state);  // loop thread
+  template <typename F>
+  void PostIfCurrent(uint64_t generation, F f);
+  void SetStatus(std::string status);
+
+  const std::string connect_string_;
+  const ZooKeeperOptions options_;
+  std::vector<std::string> ports_;  // ":2181" markers for Mentions()
+  Handlers handlers_;
+
+  boost::asio::io_context ioc_{1};
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
+  std::thread thread_;
+  boost::asio::steady_timer retry_timer_{ioc_};
+  bool started_ = false;
+  bool stopped_ = false;
+
+  // Loop thread (generation_ is also read by C client threads, hence atomic).
+  std::atomic<uint64_t> generation_{0};
+  std::vector<std::unique_ptr<Session>> sessions_list_;  // current last; older ones closed
+  bool connected_ = false;
+
+  std::atomic<uint64_t> sessions_{0};
+  std::atomic<uint64_t> expirations_{0};
+  std::atomic<uint64_t> connection_losses_{0};
+
+  mutable std::mutex mu_;  // guards the fields below
+  std::string status_ = "connecting";
+  std::string last_error_;
+  std::optional<std::pair<int64_t, std::string>> session_id_;
+};
+
+// ZooKeeper C client return code as text ("connection loss", "no node").
+std::string ZkErrorText(int rc);
+
+}  // namespace scales::zk_internal

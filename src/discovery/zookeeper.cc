@@ -1,0 +1,594 @@
+#include "scales/discovery/zookeeper.h"
+
+#include <charconv>
+#include <future>
+#include <map>
+#include <set>
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <fmt/format.h>
+
+#include "discovery/zk_connection.h"
+#include "scales/core/error.h"
+
+namespace scales {
+
+using zk_internal::ZkConnection;
+using zk_internal::ZkErrorText;
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view text) {
+  int64_t value = 0;
+  auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || ptr == text.data() || value < 0) return std::nullopt;
+  std::string_view unit(ptr, static_cast<size_t>(text.data() + text.size() - ptr));
+  if (value > 24 * 3600 * 1000) return std::nullopt;
+  if (unit == "ms") return std::chrono::milliseconds(value);
+  if (unit == "s") return std::chrono::milliseconds(value * 1000);
+  if (unit == "m") return std::chrono::milliseconds(value * 60 * 1000);
+  return std::nullopt;
+}
+
+ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOptions defaults) {
+  auto bad = [&](const std::string& why) {
+    return Error(make_error_code(Errc::kBadUri), fmt::format("bad URI '{}': {}", uri.ToString(), why));
+  };
+  if (uri.scheme != "zk") throw bad("not a zk:// URI");
+  ZooKeeperOptions out = std::move(defaults);
+  for (const auto& [key, value] : uri.query) {
+    if (key == "session_timeout" || key == "retry_interval") {
+      auto d = ParseZooKeeperDuration(value);
+      if (!d || d->count() == 0) {
+        throw bad(fmt::format("{}='{}' is not a positive duration such as 500ms, 10s or 1m", key,
+                              value));
+      }
+      (key == "session_timeout" ? out.session_timeout : out.retry_interval) = *d;
+    } else if (key == "chroot") {
+      if (!value.starts_with('/') || value.size() < 2 || value.ends_with('/')) {
+        throw bad(fmt::format("chroot='{}' must start with '/' and not end with '/'", value));
+      }
+      out.chroot = value;
+    } else if (key == "auth") {
+      auto colon = value.find(':');
+      if (colon == std::string::npos || colon == 0 || colon + 1 == value.size()) {
+        throw bad(fmt::format("auth='{}' must be scheme:credentials, e.g. digest:user:password",
+                              value));
+      }
+      out.auth = value;
+    } else {
+      throw bad(fmt::format("unknown option '{}' (known: session_timeout, chroot, auth, "
+                            "retry_interval)",
+                            key));
+    }
+  }
+  return out;
+}
+
+ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri) {
+  return FromUri(uri, ZooKeeperOptions());
+}
+
+void ZooKeeperOptions::Validate() const {
+  auto invalid = [](const std::string& why) {
+    return Error(make_error_code(Errc::kInvalidArgument), "ZooKeeper options: " + why);
+  };
+  if (session_timeout <= std::chrono::milliseconds::zero()) {
+    throw invalid("session_timeout must be positive");
+  }
+  if (session_timeout > std::chrono::hours(24)) throw invalid("session_timeout is over 24 h");
+  if (retry_interval <= std::chrono::milliseconds::zero()) {
+    throw invalid("retry_interval must be positive");
+  }
+  if (!chroot.empty() && (!chroot.starts_with('/') || chroot.size() < 2 || chroot.ends_with('/'))) {
+    throw invalid(fmt::format("chroot '{}' must start with '/' and not end with '/'", chroot));
+  }
+  if (!auth.empty()) {
+    auto colon = auth.find(':');
+    if (colon == std::string::npos || colon == 0) {
+      throw invalid("auth must be scheme:credentials (digest:user:password)");
+    }
+  }
+}
+
+std::string ZooKeeperOptions::ConnectString(const ParsedUri& uri) const {
+  std::string out;
+  for (size_t i = 0; i < uri.hosts.size(); ++i) {
+    if (i) out += ',';
+    out += uri.hosts[i].ToString();
+  }
+  return out + chroot;
+}
+
+namespace {
+
+// A ParsedUri's description without secrets: the auth credentials are not shown.
+std::string DescribeUri(const ParsedUri& uri) {
+  ParsedUri copy = uri;
+  if (auto it = copy.query.find("auth"); it != copy.query.end()) {
+    it->second = it->second.substr(0, it->second.find(':')) + ":***";
+  }
+  return copy.ToString();
+}
+
+ZooKeeperOptions CheckedOptions(const ParsedUri& uri, ZooKeeperOptions options) {
+  ZooKeeperOptions out = ZooKeeperOptions::FromUri(uri, std::move(options));
+  out.Validate();
+  if (uri.path.empty() || uri.path == "/") {
+    throw Error(make_error_code(Errc::kBadUri),
+                fmt::format("bad URI '{}': the server set path is missing", uri.ToString()));
+  }
+  return out;
+}
+
+std::string TrimSlash(std::string path) {
+  while (path.size() > 1 && path.ends_with('/')) path.pop_back();
+  return path;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// ZooKeeperServerSet
+
+class ZooKeeperServerSet::Impl {
+ public:
+  Impl(ParsedUri uri, ZooKeeperOptions options)
+      : uri_(std::move(uri)),
+        description_(DescribeUri(uri_)),
+        path_(TrimSlash(uri_.path)),
+        options_(CheckedOptions(uri_, std::move(options))),
+        connection_(options_.ConnectString(uri_), options_) {}
+
+  void Start() {
+    connection_.Start({
+        .connected = [this](bool new_session) { OnConnected(new_session); },
+        .disconnected = [] {},  // the members stay as they are
+        .watch = [this](int type, const std::string& path) { OnWatch(type, path); },
+    });
+  }
+
+  ~Impl() {
+    connection_.Stop();
+    std::lock_guard lock(mu_);
+    for (auto& [id, sub] : subscribers_) {
+      std::lock_guard sub_lock(sub->mu);
+      sub->active = false;
+    }
+  }
+
+  uint64_t Subscribe(boost::asio::any_io_executor executor, Listener listener) {
+    auto sub = std::make_shared<Subscriber>();
+    sub->executor = std::move(executor);
+    sub->listener = std::move(listener);
+    std::lock_guard lock(mu_);
+    uint64_t id = ++next_id_;
+    subscribers_[id] = sub;
+    // Under mu_ so that this first snapshot is posted before any later one.
+    if (published_) Deliver(sub, *published_);
+    return id;
+  }
+
+  void Unsubscribe(uint64_t id) {
+    std::shared_ptr<Subscriber> sub;
+    {
+      std::lock_guard lock(mu_);
+      auto it = subscribers_.find(id);
+      if (it == subscribers_.end()) return;
+      sub = it->second;
+      subscribers_.erase(it);
+    }
+    std::lock_guard sub_lock(sub->mu);
+    sub->active = false;
+  }
+
+  std::string Describe() const {
+    std::string state;
+    if (!connection_.StatusText().starts_with("connected")) {
+      state = connection_.StatusText();
+      std::lock_guard lock(mu_);
+      if (published_) state += fmt::format(", keeping {} members", published_->size());
+    } else {
+      std::lock_guard lock(mu_);
+      state = "connected, " + path_status_;
+    }
+    return fmt::format("{} ({})", description_, state);
+  }
+
+  std::optional<Members> members() const {
+    std::lock_guard lock(mu_);
+    return published_;
+  }
+
+  Stats stats() const {
+    Stats s;
+    s.malformed_members = malformed_.load();
+    s.sessions = connection_.sessions();
+    s.session_expirations = connection_.expirations();
+    s.connection_losses = connection_.connection_losses();
+    s.snapshots = snapshots_.load();
+    s.member_reads = member_reads_.load();
+    return s;
+  }
+
+  std::string last_error() const { return connection_.last_error(); }
+  std::optional<std::pair<int64_t, std::string>> session() const { return connection_.session(); }
+
+ private:
+  struct Subscriber {
+    boost::asio::any_io_executor executor;
+    Listener listener;
+    std::recursive_mutex mu;  // serialises deliveries with Unsubscribe (a listener may call it)
+    bool active = true;
+  };
+  // One member_ child, as last read. Loop thread only.
+  struct Child {
+    std::optional<ServiceInstance> instance;  // nullopt: never read, or malformed
+    bool loaded = false;                      // read in the current session
+  };
+
+  static void Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
+    boost::asio::post(sub->executor, [sub, members = std::move(members)] {
+      std::lock_guard lock(sub->mu);
+      if (sub->active) sub->listener(members);
+    });
+  }
+
+  // Everything below runs on the connection's loop thread.
+
+  void OnConnected(bool new_session) {
+    if (new_session) {
+      // The previous session's reads were dropped with it and its watches are gone: re-read
+      // every member (keeping the last known data, so members keep serving meanwhile).
+      outstanding_ = 0;
+      for (auto& [name, child] : children_) child.loaded = false;
+    }
+    Refresh();
+  }
+
+  void OnWatch(int type, const std::string& path) {
+    if (path == path_) {
+      if (type == ZOO_CHILD_EVENT) {
+        ReadChildren();
+      } else {
+        Refresh();  // created, deleted or data changed: check existence, re-arm the watches
+      }
+      return;
+    }
+    if (path.size() > path_.size() + 1 && path.starts_with(path_) && path[path_.size()] == '/') {
+      std::string name = path.substr(path_.size() + 1);
+      if (type == ZOO_CHANGED_EVENT) {
+        if (children_.contains(name)) ReadMember(name);
+      } else if (type == ZOO_DELETED_EVENT) {
+        children_.erase(name);
+        MaybePublish();
+      }
+    }
+  }
+
+  // Checks that the path exists (leaving an exists watch, which reports its creation or
+  // deletion), then reads the children.
+  void Refresh() {
+    ++outstanding_;
+    connection_.Exists(path_, true, [this](int rc) {
+      --outstanding_;
+      if (rc == ZOK) {
+        path_exists_ = true;
+        ReadChildren();
+      } else if (rc == ZNONODE) {
+        PathMissing();
+      } else {
+        read_failed_ = true;
+        Failed(fmt::format("exists {}", path_), rc);
+      }
+      MaybePublish();
+    });
+  }
+
+  void PathMissing() {
+    path_exists_ = false;
+    read_failed_ = false;
+    children_.clear();
+    std::lock_guard lock(mu_);
+    path_status_ = fmt::format("path {} does not exist, waiting for it", path_);
+  }
+
+  void ReadChildren() {
+    ++outstanding_;
+    connection_.GetChildren(path_, true, [this](int rc, std::vector<std::string> names) {
+      --outstanding_;
+      if (rc == ZOK) {
+        path_exists_ = true;
+        read_failed_ = false;
+        std::set<std::string> now;
+        for (auto& n : names) {
+          if (n.starts_with("member_")) now.insert(std::move(n));
+        }
+        std::erase_if(children_, [&](const auto& kv) { return !now.contains(kv.first); });
+        // Pipelined: every read is sent before any reply is awaited.
+        for (const std::string& name : now) {
+          auto [it, inserted] = children_.try_emplace(name);
+          if (inserted || !it->second.loaded) ReadMember(name);
+        }
+      } else if (rc == ZNONODE) {
+        // Deleted between the exists check and this read: wait for it again.
+        PathMissing();
+        Refresh();
+      } else {
+        read_failed_ = true;
+        Failed(fmt::format("get children of {}", path_), rc);
+      }
+      MaybePublish();
+    });
+  }
+
+  void ReadMember(const std::string& name) {
+    ++outstanding_;
+    connection_.Get(path_ + "/" + name, true, [this, name](int rc, std::string data) {
+      --outstanding_;
+      auto it = children_.find(name);
+      if (rc == ZOK && it != children_.end()) {
+        member_reads_.fetch_add(1, std::memory_order_relaxed);
+        std::string error;
+        it->second.instance = ParseServiceInstance(data, error);
+        it->second.loaded = true;
+        if (!it->second.instance) {
+          malformed_.fetch_add(1, std::memory_order_relaxed);
+          connection_.SetLastError(
+              fmt::format("malformed member {}/{} skipped: {}", path_, name, error));
+        }
+      } else if (rc == ZNONODE) {
+        if (it != children_.end()) children_.erase(it);
+      } else if (rc != ZOK) {
+        if (it != children_.end() && rc != ZCONNECTIONLOSS && rc != ZCLOSING &&
+            rc != ZSESSIONEXPIRED && rc != ZINVALIDSTATE) {
+          // Unreadable (no auth, ...): skipped like a malformed member, so it blocks no one.
+          it->second.loaded = true;
+          it->second.instance.reset();
+        }
+        Failed(fmt::format("get {}/{}", path_, name), rc);
+      }
+      MaybePublish();
+    });
+  }
+
+  void Failed(const std::string& what, int rc) {
+    // Connection loss / closing: the reconnect (same or new session) re-reads what is missing.
+    if (rc == ZCONNECTIONLOSS || rc == ZCLOSING || rc == ZSESSIONEXPIRED || rc == ZINVALIDSTATE) {
+      return;
+    }
+    // Anything else (no auth, ...) would not change by itself: show it and read again later.
+    std::string error = fmt::format("{}: {}", what, ZkErrorText(rc));
+    connection_.SetLastError(error);
+    {
+      std::lock_guard lock(mu_);
+      path_status_ = fmt::format("cannot read: {}, retrying", error);
+    }
+    if (!retry_pending_) {
+      retry_pending_ = true;
+      retry_timer_.expires_after(options_.retry_interval);
+      retry_timer_.async_wait([this](boost::system::error_code ec) {
+        retry_pending_ = false;
+        if (!ec && connection_.connected()) Refresh();
+      });
+    }
+  }
+
+  // Publishes when no read is in flight and every member of this session has been read, so a
+  // partial list (some reads lost with the connection) is never published.
+  void MaybePublish() {
+    if (outstanding_ > 0 || read_failed_) return;
+    std::vector<const ServiceInstance*> instances;
+    instances.reserve(children_.size());
+    size_t malformed = 0;
+    for (const auto& [name, child] : children_) {
+      if (!child.loaded) return;
+      if (child.instance) {
+        instances.push_back(&*child.instance);
+      } else {
+        ++malformed;
+      }
+    }
+    Members members = SelectEndpoints(instances, uri_.endpoint_name);
+    std::lock_guard lock(mu_);
+    if (path_exists_) {
+      path_status_ = fmt::format("{} members", members.size());
+      if (members.size() != children_.size()) {
+        path_status_ += fmt::format(" ({} nodes, {} malformed)", children_.size(), malformed);
+      }
+    }
+    if (published_ && *published_ == members) return;
+    published_ = members;
+    snapshots_.fetch_add(1, std::memory_order_relaxed);
+    for (auto& [id, sub] : subscribers_) Deliver(sub, members);
+  }
+
+  const ParsedUri uri_;
+  const std::string description_;
+  const std::string path_;
+  const ZooKeeperOptions options_;
+
+  // Loop thread only.
+  std::map<std::string, Child> children_;
+  int outstanding_ = 0;  // reads in flight
+  bool path_exists_ = false;
+  bool read_failed_ = false;  // the path's children could not be read (other than conn. loss)
+
+  std::atomic<uint64_t> malformed_{0};
+  std::atomic<uint64_t> snapshots_{0};
+  std::atomic<uint64_t> member_reads_{0};
+
+  mutable std::mutex mu_;  // guards the fields below
+  std::optional<Members> published_;
+  std::string path_status_ = "loading";
+  std::map<uint64_t, std::shared_ptr<Subscriber>> subscribers_;
+  uint64_t next_id_ = 0;
+
+  ZkConnection connection_;  // stopped first (in ~Impl)
+  // Declared after connection_ (whose io_context it uses), so destroyed before it.
+  boost::asio::steady_timer retry_timer_{connection_.io_context()};
+  bool retry_pending_ = false;  // loop thread
+};
+
+ZooKeeperServerSet::ZooKeeperServerSet(ParsedUri uri, ZooKeeperOptions options)
+    : impl_(std::make_shared<Impl>(std::move(uri), std::move(options))) {
+  impl_->Start();
+}
+
+ZooKeeperServerSet::~ZooKeeperServerSet() = default;
+
+uint64_t ZooKeeperServerSet::Subscribe(boost::asio::any_io_executor executor, Listener listener) {
+  return impl_->Subscribe(std::move(executor), std::move(listener));
+}
+void ZooKeeperServerSet::Unsubscribe(uint64_t id) { impl_->Unsubscribe(id); }
+std::string ZooKeeperServerSet::Describe() const { return impl_->Describe(); }
+std::optional<ServerSet::Members> ZooKeeperServerSet::members() const { return impl_->members(); }
+ZooKeeperServerSet::Stats ZooKeeperServerSet::stats() const { return impl_->stats(); }
+std::string ZooKeeperServerSet::last_error() const { return impl_->last_error(); }
+std::optional<std::pair<int64_t, std::string>> ZooKeeperServerSet::session() const {
+  return impl_->session();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Announcer
+
+class Announcer::Impl {
+ public:
+  Impl(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options)
+      : description_(DescribeUri(uri)),
+        path_(TrimSlash(uri.path)),
+        data_(SerializeServiceInstance(instance)),
+        options_(CheckedOptions(uri, std::move(options))),
+        connection_(options_.ConnectString(uri), options_) {}
+
+  void Start() {
+    connection_.Start({
+        .connected = [this](bool new_session) {
+          if (new_session) SetNode("");  // an expired session's ephemeral node is gone
+          if (node_.empty() && !creating_) CreateMember();
+        },
+        .disconnected = [] {},
+        .watch = [](int, const std::string&) {},
+    });
+  }
+
+  ~Impl() { Shutdown(); }
+
+  void Shutdown() {
+    std::call_once(shutdown_once_, [this] {
+      // Delete the node explicitly (closing the session would also remove it, but only once
+      // the ensemble processes the close).
+      auto done = std::make_shared<std::promise<void>>();
+      auto future = done->get_future();
+      boost::asio::post(connection_.io_context(), [this, done] {
+        std::string node = node_path();
+        if (node.empty() || !connection_.connected()) {
+          done->set_value();
+          return;
+        }
+        connection_.Delete(node, [this, done](int) {
+          SetNode("");
+          done->set_value();
+        });
+      });
+      future.wait_for(std::chrono::seconds(2));
+      connection_.Stop();
+    });
+  }
+
+  bool WaitAnnounced(std::chrono::milliseconds timeout) const {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, timeout, [this] { return !node_.empty(); });
+  }
+
+  std::string node_path() const {
+    std::lock_guard lock(mu_);
+    return node_;
+  }
+
+  std::optional<std::pair<int64_t, std::string>> session() const { return connection_.session(); }
+
+  std::string Describe() const {
+    std::string node = node_path();
+    return fmt::format("announcer {} ({})", description_,
+                       node.empty() ? connection_.StatusText() : "announced as " + node);
+  }
+
+ private:
+  void SetNode(std::string node) {
+    {
+      std::lock_guard lock(mu_);
+      node_ = std::move(node);
+    }
+    cv_.notify_all();
+  }
+
+  // Loop thread.
+  void CreateMember() {
+    creating_ = true;
+    connection_.Create(path_ + "/member_", data_, ZOO_EPHEMERAL | ZOO_SEQUENCE,
+                       [this](int rc, std::string created) {
+                         creating_ = false;
+                         if (rc == ZOK) {
+                           SetNode(std::move(created));
+                         } else if (rc == ZNONODE) {
+                           CreateParents(1);
+                         } else {
+                           // Connection loss: the next connect retries.
+                           connection_.SetLastError(
+                               fmt::format("create {}/member_: {}", path_, ZkErrorText(rc)));
+                         }
+                       });
+  }
+
+  // Creates the persistent ancestors of the member, from the root down, then the member.
+  void CreateParents(size_t from) {
+    size_t slash = path_.find('/', from);
+    std::string prefix = slash == std::string::npos ? path_ : path_.substr(0, slash);
+    creating_ = true;
+    connection_.Create(prefix, "", 0, [this, slash](int rc, std::string) {
+      creating_ = false;
+      if (rc != ZOK && rc != ZNODEEXISTS) {
+        connection_.SetLastError(fmt::format("create parents of {}: {}", path_, ZkErrorText(rc)));
+        return;
+      }
+      if (slash == std::string::npos) {
+        CreateMember();
+      } else {
+        CreateParents(slash + 1);
+      }
+    });
+  }
+
+  const std::string description_;
+  const std::string path_;
+  const std::string data_;
+  const ZooKeeperOptions options_;
+  bool creating_ = false;  // loop thread
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  std::string node_;
+  std::once_flag shutdown_once_;
+
+  ZkConnection connection_;
+};
+
+Announcer::Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options)
+    : impl_(std::make_shared<Impl>(uri, std::move(instance), std::move(options))) {
+  impl_->Start();
+}
+Announcer::~Announcer() = default;
+bool Announcer::WaitAnnounced(std::chrono::milliseconds timeout) const {
+  return impl_->WaitAnnounced(timeout);
+}
+std::string Announcer::node_path() const { return impl_->node_path(); }
+void Announcer::Shutdown() { impl_->Shutdown(); }
+std::string Announcer::Describe() const { return impl_->Describe(); }
+std::optional<std::pair<int64_t, std::string>> Announcer::session() const {
+  return impl_->session();
+}
+
+}  // namespace scales

@@ -1,0 +1,684 @@
+#!/usr/bin/python3
+"""Mux / ThriftMux reference server for the scales integration tests.
+
+Written from ../shared/mux-protocol.md, independently of the C++ codec: it shares no code with
+src/mux/. Serves the Echo service of tools/echo.thrift (Thrift strict binary payloads carried in
+Tdispatch/Rdispatch), generating the Python Thrift code with `thrift --gen py` into a temporary
+directory at start-up. Run it with Debian's /usr/bin/python3 (python3-thrift).
+
+Modes:
+  finagle  echoes the "tinit check" probe (Rerr 0x7F), answers Tinit with Rinit, works without
+           Tinit, never pings, answers Tping, answers Tdiscarded for a pending tag with Rdiscarded.
+  strict   like elixir-mux: Nacks dispatches until Tinit, pings the client every --ping-interval
+           ms after the handshake, fragments replies at --framer bytes (advertised in Rinit).
+  old      an old Finagle server: answers the probe (and Tinit) with
+           Rerr "Unexpected mux message type N", then serves Tdispatch normally.
+
+Misbehaviours on demand, chosen by the argument of echo():
+  "drain"            reply, then Tdrain (tag 1); after Rdrain close once outstanding work is done
+  "lease:MS"         send Tlease of MS milliseconds, then reply
+  "nack"             Rdispatch Nack with MuxFailure = Retryable|Rejected
+  "error:TEXT"       Rdispatch Error TEXT
+  "rerr:TEXT"        Rerr TEXT on the request's tag
+  "noreply"          never reply (Tdiscarded still answered with Rdiscarded)
+  "garbage"          write a frame with an invalid type byte (0x12), keep the connection
+  "close-mid-frame"  write half of the reply frame and close the connection
+  "contexts"         reply with the received context keys, comma-separated
+sleep(MS) answers str(MS) after MS milliseconds (replies out of order). Request headers
+(com.twitter.finagle.thrift.Request.headers) are echoed back as response headers.
+
+--log FILE writes one line per received/sent message (flushed), e.g.
+  conn=1 recv Tdispatch tag=2 size=83 contexts=com.twitter.finagle.Deadline method=echo
+  conn=1 recv Tdiscarded tag=0 which=2 why=timeout
+Prints "listening 127.0.0.1:<port>" on stdout once it accepts connections.
+"""
+
+import argparse
+import asyncio
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+
+# --- Wire constants (mux-protocol.md §1.2). ---------------------------------------------------
+
+TREQ, RREQ = 0x01, 0xFF
+TDISPATCH, RDISPATCH = 0x02, 0xFE
+TDRAIN, RDRAIN = 0x40, 0xC0
+TPING, RPING = 0x41, 0xBF
+TDISCARDED, TDISCARDED_LEGACY, RDISCARDED = 0x42, 0xC2, 0xBE
+TLEASE = 0x43
+TINIT, RINIT = 0x44, 0xBC
+RERR, RERR_LEGACY = 0x80, 0x7F
+
+NAMES = {
+    TREQ: "Treq", RREQ: "Rreq", TDISPATCH: "Tdispatch", RDISPATCH: "Rdispatch",
+    TDRAIN: "Tdrain", RDRAIN: "Rdrain", TPING: "Tping", RPING: "Rping",
+    TDISCARDED: "Tdiscarded", TDISCARDED_LEGACY: "Tdiscarded", RDISCARDED: "Rdiscarded",
+    TLEASE: "Tlease", TINIT: "Tinit", RINIT: "Rinit", RERR: "Rerr", RERR_LEGACY: "Rerr",
+}
+
+FRAGMENT = 0x800000
+TAG_MASK = 0x7FFFFF
+PROBE = b"tinit check"
+UNLIMITED = 0x7FFFFFFF
+
+KEY_CLIENT_ID = b"com.twitter.finagle.thrift.ClientIdContext"
+KEY_DEADLINE = b"com.twitter.finagle.Deadline"
+KEY_RETRIES = b"com.twitter.finagle.Retries"
+KEY_TRACE = b"com.twitter.finagle.tracing.TraceContext"
+KEY_REQ_HEADERS = b"com.twitter.finagle.thrift.Request.headers"
+KEY_RESP_HEADERS = b"com.twitter.finagle.thrift.Response.headers"
+KEY_MUX_FAILURE = b"MuxFailure"
+
+STATUS_OK, STATUS_ERROR, STATUS_NACK = 0, 1, 2
+
+
+def signed_type(t):
+    return t - 256 if t >= 128 else t
+
+
+class ProtocolFault(Exception):
+    pass
+
+
+# --- Thrift Echo service (generated at start-up). ---------------------------------------------
+
+def load_echo_module(thrift_compiler, idl, tmpdir):
+    subprocess.run([thrift_compiler, "--gen", "py", "-out", tmpdir, idl], check=True)
+    sys.path.insert(0, tmpdir)
+    from scales_echo import Echo, ttypes  # noqa: E402  (generated)
+    return Echo, ttypes
+
+
+class EchoCodec:
+    """Thrift strict binary (de)serialisation of Echo calls over TMemoryBuffer."""
+
+    def __init__(self, echo_module, ttypes):
+        from thrift.protocol import TBinaryProtocol
+        from thrift.Thrift import TApplicationException, TMessageType
+        from thrift.transport import TTransport
+        self.Echo = echo_module
+        self.ttypes = ttypes
+        self.TBinaryProtocol = TBinaryProtocol
+        self.TMemoryBuffer = TTransport.TMemoryBuffer
+        self.TMessageType = TMessageType
+        self.TApplicationException = TApplicationException
+
+    def decode_call(self, payload):
+        """Returns (method, seqid, args object or None)."""
+        prot = self.TBinaryProtocol.TBinaryProtocol(self.TMemoryBuffer(payload))
+        name, mtype, seqid = prot.readMessageBegin()
+        args_cls = getattr(self.Echo, name + "_args", None)
+        if args_cls is None:
+            return name, seqid, None
+        args = args_cls()
+        args.read(prot)
+        prot.readMessageEnd()
+        return name, seqid, args
+
+    def _write(self, name, mtype, seqid, obj):
+        buf = self.TMemoryBuffer()
+        prot = self.TBinaryProtocol.TBinaryProtocol(buf)  # strict write
+        prot.writeMessageBegin(name, mtype, seqid)
+        obj.write(prot)
+        prot.writeMessageEnd()
+        return buf.getvalue()
+
+    def reply(self, name, seqid, success=None, error_message=None):
+        result = getattr(self.Echo, name + "_result")()
+        if error_message is not None:
+            result.error = self.ttypes.EchoError(message=error_message)
+        elif success is not None:
+            result.success = success
+        return self._write(name, self.TMessageType.REPLY, seqid, result)
+
+    def app_exception(self, name, seqid, message):
+        exc = self.TApplicationException(self.TApplicationException.UNKNOWN_METHOD, message)
+        return self._write(name, self.TMessageType.EXCEPTION, seqid, exc)
+
+
+# --- Encoding helpers (independent of the C++ codec). -----------------------------------------
+
+def frame(mtype, tag, body=b"", fragment=False):
+    t = (tag & TAG_MASK) | (FRAGMENT if fragment else 0)
+    return struct.pack(">IB", 4 + len(body), mtype) + t.to_bytes(3, "big") + body
+
+
+def fragments(mtype, tag, body, max_body):
+    """Frames for one message, split at max_body bytes when the type is fragmentable."""
+    if mtype not in (TDISPATCH, RDISPATCH) or max_body >= UNLIMITED or len(body) <= max_body:
+        return [frame(mtype, tag, body)]
+    out = []
+    for off in range(0, len(body), max_body):
+        piece = body[off:off + max_body]
+        out.append(frame(mtype, tag, piece, fragment=off + max_body < len(body)))
+    return out
+
+
+def encode_contexts(contexts):
+    out = struct.pack(">H", len(contexts))
+    for k, v in contexts:
+        out += struct.pack(">H", len(k)) + k + struct.pack(">H", len(v)) + v
+    return out
+
+
+class Reader:
+    def __init__(self, what, data):
+        self.what, self.data, self.pos = what, data, 0
+
+    def take(self, n, field):
+        if self.pos + n > len(self.data):
+            raise ProtocolFault("%s: truncated %s at offset %d" % (self.what, field, self.pos))
+        v = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return v
+
+    def u(self, n, field):
+        return int.from_bytes(self.take(n, field), "big")
+
+    def prefixed(self, n, field):
+        return self.take(self.u(n, field + " length"), field)
+
+    def rest(self):
+        v = self.data[self.pos:]
+        self.pos = len(self.data)
+        return v
+
+    def remaining(self):
+        return len(self.data) - self.pos
+
+
+def decode_tdispatch(body):
+    r = Reader("Tdispatch", body)
+    contexts = []
+    for _ in range(r.u(2, "context count")):
+        k = r.prefixed(2, "context key")
+        v = r.prefixed(2, "context value")
+        contexts.append((k, v))
+    dst = r.prefixed(2, "dst")
+    dtab = []
+    for _ in range(r.u(2, "dtab count")):
+        dtab.append((r.prefixed(2, "dtab prefix"), r.prefixed(2, "dtab tree")))
+    return contexts, dst, dtab, r.rest()
+
+
+def decode_init(body):
+    r = Reader("Tinit", body)
+    version = r.u(2, "version")
+    headers = []
+    while r.remaining() > 0:
+        k = r.prefixed(4, "header key")
+        v = r.prefixed(4, "header value")
+        headers.append((k, v))
+    return version, headers
+
+
+def decode_headers(value):
+    r = Reader("headers", value)
+    out = []
+    while r.remaining() > 0:
+        out.append((r.prefixed(2, "key"), r.prefixed(2, "value")))
+    return out
+
+
+# --- Logging. ---------------------------------------------------------------------------------
+
+class Log:
+    def __init__(self, path):
+        self.f = open(path, "a", buffering=1) if path else None
+
+    def line(self, text):
+        if self.f:
+            self.f.write(text + "\n")
+            self.f.flush()
+
+
+def describe_contexts(contexts):
+    parts = ["contexts=" + ",".join(k.decode("utf-8", "replace") for k, _ in contexts)]
+    for k, v in contexts:
+        if k == KEY_CLIENT_ID:
+            parts.append("client_id=" + v.decode("utf-8", "replace"))
+        elif k == KEY_RETRIES and len(v) == 4:
+            parts.append("retries=%d" % struct.unpack(">i", v)[0])
+        elif k == KEY_DEADLINE and len(v) == 16:
+            ts, dl = struct.unpack(">qq", v)
+            parts.append("deadline_ns=%d timestamp_ns=%d" % (dl, ts))
+        elif k == KEY_TRACE and len(v) in (32, 40):
+            span, parent, trace, flags = struct.unpack(">QQQQ", v[:32])
+            parts.append("trace=%x/%x/%x/%d" % (trace, parent, span, flags))
+    return " ".join(parts)
+
+
+# --- The server. ------------------------------------------------------------------------------
+
+class Connection:
+    next_id = 1
+
+    def __init__(self, server, reader, writer):
+        self.server = server
+        self.args = server.args
+        self.reader = reader
+        self.writer = writer
+        self.id = Connection.next_id
+        Connection.next_id += 1
+        self.pending = {}  # tag -> asyncio.Task handling a dispatch
+        self.partial = {}  # tag -> (type, bytearray) of fragments received
+        self.queue = []  # list of lists of frames (round-robin writer)
+        self.queue_event = asyncio.Event()
+        self.first_frame = True
+        self.probe_seen = False
+        self.handshaken = False
+        self.peer_framer = UNLIMITED
+        self.draining = False
+        self.drain_acked = False
+        self.closed = False
+        self.ping_outstanding = False
+        self.tasks = set()
+
+    def log(self, text):
+        self.server.log.line("conn=%d %s" % (self.id, text))
+
+    # ---- writing ----
+
+    def out_framer(self):
+        framer = self.peer_framer
+        if self.args.framer:
+            framer = min(framer, self.args.framer)
+        return framer
+
+    def send(self, mtype, tag, body=b"", note=""):
+        if self.closed:
+            return
+        frames = fragments(mtype, tag, body, self.out_framer())
+        self.log("send %s tag=%d size=%d%s%s" % (
+            NAMES.get(mtype, "0x%02x" % mtype), tag, len(body),
+            " fragments=%d" % len(frames) if len(frames) > 1 else "",
+            (" " + note) if note else ""))
+        self.queue.append(list(frames))
+        self.queue_event.set()
+
+    def unqueue(self, mtype, tag):
+        """Removes a queued, not yet fully written message; returns True if found."""
+        for i, frames in enumerate(self.queue):
+            if frames and frames[-1][4] == mtype and \
+                    int.from_bytes(frames[-1][5:8], "big") & TAG_MASK == tag:
+                del self.queue[i]
+                return True
+        return False
+
+    async def writer_loop(self):
+        try:
+            while not self.closed:
+                await self.queue_event.wait()
+                self.queue_event.clear()
+                while self.queue and not self.closed:
+                    # One frame per queued message per round (Finagle's writer).
+                    current, self.queue = self.queue, []
+                    keep = []
+                    for frames in current:
+                        self.writer.write(frames.pop(0))
+                        if frames:
+                            keep.append(frames)
+                    self.queue = keep + self.queue
+                    await self.writer.drain()
+                self.maybe_finish_drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+    def close(self, why):
+        if self.closed:
+            return
+        self.closed = True
+        self.log("close %s" % why)
+        for task in list(self.pending.values()):
+            task.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        try:
+            self.writer.close()
+        except Exception:
+            pass
+
+    def maybe_finish_drain(self):
+        if self.drain_acked and not self.pending and not self.queue and not self.closed:
+            self.close("drained")
+
+    # ---- reading ----
+
+    async def run(self):
+        self.log("open")
+        writer_task = asyncio.ensure_future(self.writer_loop())
+        ping_task = None
+        if self.args.mode == "strict":
+            ping_task = asyncio.ensure_future(self.ping_loop())
+        try:
+            while not self.closed:
+                header = await self.reader.readexactly(8)
+                size, mtype = struct.unpack(">IB", header[:5])
+                raw_tag = int.from_bytes(header[5:8], "big")
+                if size < 4 or size > self.args.max_frame_size:
+                    raise ProtocolFault("bad frame size %d" % size)
+                body = await self.reader.readexactly(size - 4)
+                self.on_frame(mtype, raw_tag & TAG_MASK, bool(raw_tag & FRAGMENT), body)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                self.log("recv partial-frame %d bytes" % len(e.partial))
+            self.close("eof")
+        except ProtocolFault as e:
+            self.log("protocol-error %s" % e)
+            self.close("protocol-error")
+        except (ConnectionError, asyncio.CancelledError):
+            self.close("reset")
+        finally:
+            self.close("done")
+            writer_task.cancel()
+            if ping_task:
+                ping_task.cancel()
+
+    def on_frame(self, mtype, tag, fragment, body):
+        if mtype in (TDISPATCH, RDISPATCH):
+            entry = self.partial.get(tag)
+            if fragment:
+                self.log("recv %s-fragment tag=%d size=%d" % (NAMES[mtype], tag, len(body)))
+                if entry is None:
+                    self.partial[tag] = (mtype, bytearray(body))
+                else:
+                    entry[1].extend(body)
+                return
+            if entry is not None:
+                del self.partial[tag]
+                entry[1].extend(body)
+                self.log("recv %s-fragment tag=%d size=%d final" % (NAMES[mtype], tag, len(body)))
+                body = bytes(entry[1])
+        elif fragment:
+            raise ProtocolFault("fragment bit on type 0x%02x" % mtype)
+        first = self.first_frame
+        self.first_frame = False
+        self.on_message(mtype, tag, body, first)
+
+    def on_message(self, mtype, tag, body, first):
+        name = NAMES.get(mtype)
+        if name is None:
+            self.log("recv unknown type=0x%02x tag=%d size=%d" % (mtype, tag, len(body)))
+            raise ProtocolFault("unknown mux message type %d" % signed_type(mtype))
+        mode = self.args.mode
+
+        if mtype in (RERR, RERR_LEGACY):
+            self.log("recv Rerr tag=%d code=0x%02x size=%d why=%s" % (
+                tag, mtype, len(body), body.decode("utf-8", "replace")))
+            if tag == 1 and body == PROBE and not self.probe_seen and mode != "old":
+                self.probe_seen = True
+                self.send(RERR_LEGACY, 1, PROBE, "probe-echo")
+            elif mode == "old":
+                self.send(RERR_LEGACY, tag, b"Unexpected mux message type %d" %
+                          signed_type(mtype))
+            return
+
+        if mtype == TINIT:
+            version, headers = decode_init(body)
+            self.log("recv Tinit tag=%d size=%d version=%d headers=%s" % (
+                tag, len(body), version, ",".join(k.decode() for k, _ in headers)))
+            if mode == "old":
+                self.send(RERR_LEGACY, tag, b"Unexpected mux message type %d" % TINIT)
+                return
+            if version != 1:
+                self.send(RERR_LEGACY, tag, b"unsupported mux version %d" % version)
+                self.close("bad-version")
+                return
+            for k, v in headers:
+                if k == b"mux-framer" and len(v) == 4:
+                    val = struct.unpack(">i", v)[0]
+                    if val > 0:
+                        self.peer_framer = val
+            framer = self.args.framer if self.args.framer else UNLIMITED
+            rheaders = [(b"mux-framer", struct.pack(">i", framer)), (b"tls", b"off")]
+            rbody = struct.pack(">H", 1)
+            for k, v in rheaders:
+                rbody += struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v
+            self.handshaken = True
+            self.send(RINIT, tag, rbody, "framer=%d" % framer)
+            return
+
+        if mtype == TPING:
+            self.log("recv Tping tag=%d" % tag)
+            self.send(RPING, tag)
+            return
+        if mtype == RPING:
+            self.log("recv Rping tag=%d" % tag)
+            self.ping_outstanding = False
+            return
+        if mtype == RDRAIN:
+            self.log("recv Rdrain tag=%d" % tag)
+            if self.draining:
+                self.drain_acked = True
+                self.maybe_finish_drain()
+            return
+        if mtype in (TDISCARDED, TDISCARDED_LEGACY):
+            r = Reader("Tdiscarded", body)
+            which = r.u(3, "which") & TAG_MASK
+            why = r.rest().decode("utf-8", "replace")
+            self.log("recv Tdiscarded tag=%d code=0x%02x which=%d why=%s" % (
+                tag, mtype, which, why))
+            self.partial.pop(which, None)
+            task = self.pending.pop(which, None)
+            if task is not None:
+                task.cancel()
+            # A reply still queued (or partly written) is replaced by Rdiscarded (Finagle).
+            unqueued = self.unqueue(RDISPATCH, which) or self.unqueue(RERR_LEGACY, which)
+            if task is not None or unqueued:
+                self.send(RDISCARDED, which)
+                self.maybe_finish_drain()
+            return
+        if mtype == TDISPATCH:
+            self.on_dispatch(tag, body)
+            return
+        if mtype == TREQ:
+            self.log("recv Treq tag=%d size=%d" % (tag, len(body)))
+            self.send(RERR_LEGACY, tag, b"Treq is not supported by this server")
+            return
+        # Unexpected messages (R messages we did not ask for, Tlease/Tdrain from a client).
+        self.log("recv %s tag=%d size=%d unexpected" % (name, tag, len(body)))
+        self.send(RERR_LEGACY, tag, b"Unexpected mux message type %d" % signed_type(mtype))
+
+    def on_dispatch(self, tag, body):
+        contexts, dst, dtab, payload = decode_tdispatch(body)
+        try:
+            method, seqid, args = self.server.echo.decode_call(payload)
+        except Exception as e:  # not a Thrift call
+            method, seqid, args = None, 0, None
+            self.log("thrift-decode-error %s" % e)
+        arg = ""
+        if args is not None:
+            for field in ("message", "millis"):
+                if getattr(args, field, None) is not None:
+                    arg = str(getattr(args, field))
+        self.log("recv Tdispatch tag=%d size=%d %s dst=%s dtab=%d method=%s arg=%s" % (
+            tag, len(body), describe_contexts(contexts), dst.decode("utf-8", "replace"),
+            len(dtab), method, arg))
+        if tag in self.pending:
+            # Finagle: a dispatch on an outstanding tag is a protocol fault.
+            self.log("duplicate-tag %d" % tag)
+            for t in list(self.pending):
+                self.pending.pop(t).cancel()
+                self.send(RERR_LEGACY, t, b"duplicate tag %d" % tag)
+            self.queue_event.set()
+            asyncio.get_event_loop().call_later(0.05, self.close, "duplicate-tag")
+            return
+        if tag < 2:
+            self.send(RERR_LEGACY, tag, b"invalid dispatch tag %d" % tag)
+            return
+        failure = struct.pack(">Q", 3)  # Retryable | Rejected
+        if self.args.mode == "strict" and not self.handshaken:
+            self.send(RDISPATCH, tag, bytes([STATUS_NACK]) +
+                      encode_contexts([(KEY_MUX_FAILURE, failure)]), "nack=no-handshake")
+            return
+        if self.draining:
+            self.send(RDISPATCH, tag, bytes([STATUS_NACK]) +
+                      encode_contexts([(KEY_MUX_FAILURE, failure)]), "nack=draining")
+            return
+        task = asyncio.ensure_future(self.handle(tag, contexts, method, seqid, args))
+        self.pending[tag] = task
+
+    async def handle(self, tag, contexts, method, seqid, args):
+        try:
+            await self._handle(tag, contexts, method, seqid, args)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if self.pending.get(tag) is asyncio.current_task():
+                del self.pending[tag]
+            self.maybe_finish_drain()
+
+    def reply_contexts(self, contexts):
+        out = []
+        for k, v in contexts:
+            if k == KEY_REQ_HEADERS:
+                try:
+                    decode_headers(v)
+                    out.append((KEY_RESP_HEADERS, v))
+                except ProtocolFault:
+                    pass
+        return out
+
+    def reply_ok(self, tag, contexts, payload, note=""):
+        self.pending.pop(tag, None)
+        self.send(RDISPATCH, tag, bytes([STATUS_OK]) +
+                  encode_contexts(self.reply_contexts(contexts)) + payload, note)
+
+    async def _handle(self, tag, contexts, method, seqid, args):
+        echo = self.server.echo
+        if method is None:
+            self.pending.pop(tag, None)
+            self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + encode_contexts([]) +
+                      b"payload is not a Thrift call")
+            return
+        if args is None:
+            self.reply_ok(tag, contexts, echo.app_exception(method, seqid,
+                                                            "unknown method " + method))
+            return
+        if method == "ping":
+            self.reply_ok(tag, contexts, echo.reply(method, seqid))
+        elif method == "fail":
+            self.reply_ok(tag, contexts, echo.reply(method, seqid, error_message=args.message))
+        elif method == "sleep":
+            await asyncio.sleep(max(0, args.millis or 0) / 1000.0)
+            self.reply_ok(tag, contexts, echo.reply(method, seqid, success=str(args.millis)))
+        elif method == "echo":
+            await self.echo(tag, contexts, seqid, args.message or "")
+
+    async def echo(self, tag, contexts, seqid, message):
+        echo = self.server.echo
+        if message == "drain":
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=message))
+            self.draining = True
+            self.send(TDRAIN, 1)
+        elif message.startswith("lease:"):
+            ms = int(message.split(":", 1)[1])
+            self.send(TLEASE, 0, bytes([0]) + struct.pack(">Q", ms), "lease_ms=%d" % ms)
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=message))
+        elif message == "nack":
+            self.pending.pop(tag, None)
+            self.send(RDISPATCH, tag, bytes([STATUS_NACK]) +
+                      encode_contexts([(KEY_MUX_FAILURE, struct.pack(">Q", 3))]), "nack")
+        elif message.startswith("error:"):
+            self.pending.pop(tag, None)
+            self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + encode_contexts([]) +
+                      message.split(":", 1)[1].encode(), "error")
+        elif message.startswith("rerr:"):
+            self.pending.pop(tag, None)
+            self.send(RERR_LEGACY, tag, message.split(":", 1)[1].encode())
+        elif message == "noreply":
+            await asyncio.Event().wait()  # until Tdiscarded or close cancels us
+        elif message == "garbage":
+            self.pending.pop(tag, None)
+            self.log("send garbage tag=%d" % tag)
+            self.queue.append([frame(0x12, tag, b"garbage")])
+            self.queue_event.set()
+        elif message == "close-mid-frame":
+            self.pending.pop(tag, None)
+            body = bytes([STATUS_OK]) + encode_contexts([]) + \
+                echo.reply("echo", seqid, success=message)
+            data = frame(RDISPATCH, tag, body)
+            self.log("send half-frame tag=%d bytes=%d of %d" % (tag, len(data) // 2, len(data)))
+            await self.writer.drain()
+            self.writer.write(data[:len(data) // 2])
+            await self.writer.drain()
+            self.close("mid-frame")
+        elif message == "contexts":
+            keys = ",".join(k.decode("utf-8", "replace") for k, _ in contexts)
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=keys))
+        else:
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=message))
+
+    async def ping_loop(self):
+        try:
+            while not self.closed:
+                await asyncio.sleep(self.args.ping_interval / 1000.0)
+                if self.handshaken and not self.ping_outstanding and not self.closed:
+                    self.ping_outstanding = True
+                    self.send(TPING, 1)
+        except asyncio.CancelledError:
+            pass
+
+
+class Server:
+    def __init__(self, args, echo):
+        self.args = args
+        self.echo = echo
+        self.log = Log(args.log)
+        self.connections = set()
+
+    async def on_client(self, reader, writer):
+        conn = Connection(self, reader, writer)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    async def main(self):
+        server = await asyncio.start_server(self.on_client, self.args.host, self.args.port,
+                                            reuse_address=True)
+        port = server.sockets[0].getsockname()[1]
+        self.log.line("server mode=%s port=%d framer=%s" % (self.args.mode, port,
+                                                              self.args.framer))
+        print("listening %s:%d" % (self.args.host, port), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_event_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.close()
+        for conn in list(self.connections):
+            conn.close("shutdown")
+        self.log.line("server stopped")
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    default_idl = os.path.normpath(os.path.join(here, "..", "..", "..", "tools", "echo.thrift"))
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--mode", choices=["finagle", "strict", "old"], default="finagle")
+    p.add_argument("--framer", type=int, default=0,
+                   help="max fragment body: advertised in Rinit and used to split replies "
+                        "(0 = unlimited)")
+    p.add_argument("--ping-interval", type=int, default=1000, help="ms (strict mode)")
+    p.add_argument("--max-frame-size", type=int, default=UNLIMITED)
+    p.add_argument("--log", default="")
+    p.add_argument("--thrift", default="/usr/bin/thrift", help="thrift compiler")
+    p.add_argument("--idl", default=default_idl)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mux-server-") as tmp:
+        echo_module, ttypes = load_echo_module(args.thrift, args.idl, tmp)
+        server = Server(args, EchoCodec(echo_module, ttypes))
+        asyncio.run(server.main())
+
+
+if __name__ == "__main__":
+    main()

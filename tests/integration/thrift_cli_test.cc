@@ -1,0 +1,97 @@
+// `scales thrift call`, `scales bench thrift` and `scales testserver thrift`: exit statuses,
+// output and the bench report.
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+#include <boost/json.hpp>
+#include <gtest/gtest.h>
+
+#include "support/fixtures.h"
+
+namespace scales {
+namespace {
+
+struct Result {
+  int exit_code = -1;
+  std::string out;
+};
+
+// Runs the tool; `redirect` is appended to the command (e.g. "2>&1", "2>/dev/null").
+Result RunTool(const std::string& args, const std::string& redirect = "2>/dev/null") {
+  std::string cmd = test::ToolPath() + " " + args + " " + redirect;
+  Result r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.out.append(buf, n);
+  int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+class ThriftTool {
+ public:
+  explicit ThriftTool(const std::string& transport = "framed", const std::string& protocol = "binary")
+      : server_({test::ToolPath(), "testserver", "thrift", "--port", "0", "--transport", transport, "--protocol",
+                 protocol}) {
+    auto line = server_.ReadLine(std::chrono::seconds(10));
+    if (!line || !line->starts_with("listening ")) throw std::runtime_error("testserver thrift did not start");
+    uri_ = "tcp://" + line->substr(std::string("listening ").size());
+  }
+  const std::string& uri() const { return uri_; }
+
+ private:
+  test::ChildProcess server_;
+  std::string uri_;
+};
+
+TEST(ThriftCliTest, CallExitStatuses) {
+  ThriftTool server;
+  Result ok = RunTool("thrift call " + server.uri() + " echo hello");
+  EXPECT_EQ(ok.exit_code, 0);
+  EXPECT_EQ(ok.out, "hello\n");
+  Result ping = RunTool("thrift call " + server.uri() + " ping --client-id cli");
+  EXPECT_EQ(ping.exit_code, 0);
+  Result slept = RunTool("thrift call " + server.uri() + " sleep 5");
+  EXPECT_EQ(slept.exit_code, 0);
+  EXPECT_EQ(slept.out, "5\n");
+  Result declared = RunTool("thrift call " + server.uri() + " fail oops", "2>&1 >/dev/null");
+  EXPECT_EQ(declared.exit_code, 1);
+  EXPECT_NE(declared.out.find("oops"), std::string::npos) << declared.out;
+  Result timed_out = RunTool("thrift call " + server.uri() + " sleep 2000 --timeout 100ms");
+  EXPECT_EQ(timed_out.exit_code, 2);
+  Result refused = RunTool("thrift call tcp://127.0.0.1:" + std::to_string(test::FreeTcpPort()) + " echo x");
+  EXPECT_EQ(refused.exit_code, 2);
+  Result usage = RunTool("thrift call " + server.uri() + " nosuchmethod");
+  EXPECT_EQ(usage.exit_code, 2);
+}
+
+TEST(ThriftCliTest, BufferedCompactServer) {
+  ThriftTool server("buffered", "compact");
+  Result ok = RunTool("thrift call " + server.uri() + " echo hi --transport buffered --protocol compact");
+  EXPECT_EQ(ok.exit_code, 0);
+  EXPECT_EQ(ok.out, "hi\n");
+}
+
+TEST(ThriftCliTest, BenchReportsLikeHttp) {
+  ThriftTool server;
+  Result r = RunTool("bench thrift " + server.uri() +
+                     " --method echo --payload-size 64 --concurrency 4 --requests 200 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto v = boost::json::parse(r.out).as_object();
+  EXPECT_EQ(v.at("requests").as_int64(), 200);
+  EXPECT_EQ(v.at("succeeded").as_int64(), 200);
+  EXPECT_EQ(v.at("failed").as_int64(), 0);
+  EXPECT_TRUE(v.contains("latency_us"));
+  EXPECT_TRUE(v.contains("endpoints"));
+  Result text = RunTool("bench thrift " + server.uri() + " --method ping --concurrency 2 --requests 50");
+  EXPECT_EQ(text.exit_code, 0);
+  EXPECT_NE(text.out.find("succeeded     50"), std::string::npos) << text.out;
+}
+
+}  // namespace
+}  // namespace scales

@@ -1,0 +1,498 @@
+// The Thrift client against real Thrift servers on 127.0.0.1: Apache Thrift's own C++ servers
+// run in-process (TThreadedServer framed, TSimpleServer buffered), Debian's python3-thrift
+// server, and `scales testserver thrift` (killed mid-call). Every call completes exactly once.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+#include <gtest/gtest.h>
+#include <thrift/TApplicationException.h>
+#include <thrift/protocol/TBinaryProtocol.h>
+#include <thrift/protocol/TCompactProtocol.h>
+#include <thrift/server/TSimpleServer.h>
+#include <thrift/server/TThreadedServer.h>
+#include <thrift/transport/TBufferTransports.h>
+#include <thrift/transport/TServerSocket.h>
+
+#include "Base.h"
+#include "Derived.h"
+#include "Echo.h"
+#include "scales/thrift/thrift.h"
+#include "support/fixtures.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using apache::thrift::TApplicationException;
+using scales::echo::EchoClient;
+using scales::thrifttest::Blob;
+using scales::thrifttest::DerivedClient;
+using scales::thrifttest::TestError;
+using thrift::Framing;
+using thrift::Protocol;
+
+// --- In-process Apache Thrift servers -------------------------------------------------------
+
+class DerivedHandler : public scales::thrifttest::DerivedIf {
+ public:
+  void base_echo(std::string& r, const std::string& m) override { r = m; }
+  int32_t add(int32_t a, int32_t b) override { return a + b; }
+  void ping() override {}
+  void notify(const std::string& m) override {
+    std::lock_guard<std::mutex> l(mu_);
+    last_ = m;
+    cv_.notify_all();
+  }
+  void last_notification(std::string& r, int32_t wait_ms) override {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, std::chrono::milliseconds(wait_ms), [&] { return !last_.empty(); });
+    r = last_;
+  }
+  void roundtrip(Blob& r, const Blob& b) override { r = b; }
+  void boom(int32_t code) override {
+    TestError e;
+    e.message = "boom " + std::to_string(code);
+    e.code = code;
+    throw e;
+  }
+  void slow(std::string& r, int32_t millis) override {
+    std::this_thread::sleep_for(std::chrono::milliseconds(millis));
+    r = std::to_string(millis);
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::string last_;
+};
+
+class BaseOnlyHandler : public scales::thrifttest::BaseIf {
+ public:
+  void base_echo(std::string& r, const std::string& m) override { r = m; }
+  int32_t add(int32_t a, int32_t b) override { return a + b; }
+};
+
+enum class ServerKind { kThreaded, kSimple };
+
+// An Apache Thrift C++ server on a thread of this process, on a free loopback port.
+class InProcessServer {
+ public:
+  InProcessServer(std::shared_ptr<apache::thrift::TProcessor> processor, ServerKind kind, Framing framing,
+                  Protocol protocol) {
+    using namespace apache::thrift;
+    socket_ = std::make_shared<transport::TServerSocket>("127.0.0.1", 0);
+    std::shared_ptr<transport::TTransportFactory> tf;
+    if (framing == Framing::kFramed) {
+      tf = std::make_shared<transport::TFramedTransportFactory>();
+    } else {
+      tf = std::make_shared<transport::TBufferedTransportFactory>();
+    }
+    std::shared_ptr<protocol::TProtocolFactory> pf;
+    if (protocol == Protocol::kCompact) {
+      pf = std::make_shared<protocol::TCompactProtocolFactory>();
+    } else {
+      pf = std::make_shared<protocol::TBinaryProtocolFactory>();
+    }
+    if (kind == ServerKind::kThreaded) {
+      server_ = std::make_shared<server::TThreadedServer>(processor, socket_, tf, pf);
+    } else {
+      server_ = std::make_shared<server::TSimpleServer>(processor, socket_, tf, pf);
+    }
+    auto events = std::make_shared<ReadyHandler>();
+    auto ready = events->ready.get_future();
+    server_->setServerEventHandler(events);
+    thread_ = std::thread([this] { server_->serve(); });
+    if (ready.wait_for(10s) != std::future_status::ready) throw std::runtime_error("Thrift server did not start");
+    port_ = socket_->getPort();
+  }
+  ~InProcessServer() {
+    server_->stop();
+    thread_.join();
+  }
+  std::string uri() const { return "tcp://127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }
+
+ private:
+  struct ReadyHandler : apache::thrift::server::TServerEventHandler {
+    std::promise<void> ready;
+    void preServe() override { ready.set_value(); }
+  };
+  std::shared_ptr<apache::thrift::transport::TServerSocket> socket_;
+  std::shared_ptr<apache::thrift::server::TServer> server_;
+  std::thread thread_;
+  int port_ = 0;
+};
+
+std::shared_ptr<Runtime> MakeRuntime(size_t threads = 2) {
+  RuntimeOptions o;
+  o.threads = threads;
+  return std::make_shared<Runtime>(o);
+}
+
+thrift::ThriftOptions Options(Framing framing, Protocol protocol, std::shared_ptr<Runtime> rt) {
+  thrift::ThriftOptions o;
+  o.client.name = "thrift-it";
+  o.client.runtime = std::move(rt);
+  o.client.timeout = 10s;
+  o.protocol = protocol;
+  o.transport.framing = framing;
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 200ms;
+  return o;
+}
+
+std::string Big(size_t n) {
+  std::string s(n, '\0');
+  for (size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 131 + 7) & 0xff);
+  return s;
+}
+
+// The checks every server passes, through the Derived service (which extends Base).
+void ExerciseDerived(thrift::ThriftClient<DerivedClient>& client, bool concurrent) {
+  // Blocking: inherited methods, i32, void.
+  std::string r;
+  client->base_echo(r, "hello");
+  EXPECT_EQ(r, "hello");
+  EXPECT_EQ(client->add(40, 2), 42);
+  client->ping();
+
+  // A declared exception arrives as itself, blocking and async.
+  try {
+    client->boom(7);
+    ADD_FAILURE() << "boom did not throw";
+  } catch (const TestError& e) {
+    EXPECT_EQ(e.message, "boom 7");
+    EXPECT_EQ(e.code, 7);
+  }
+  auto f = SCALES_THRIFT_CALL(client, boom, 9, boost::asio::use_future);
+  try {
+    f.get();
+    ADD_FAILURE() << "async boom did not throw";
+  } catch (const TestError& e) {
+    EXPECT_EQ(e.code, 9);
+  }
+
+  // Oneway: no reply; the server sees it.
+  SCALES_THRIFT_ONEWAY(client, notify, "one-way message", boost::asio::use_future).get();
+  client->last_notification(r, 5000);
+  EXPECT_EQ(r, "one-way message");
+
+  // Large payloads (1 MiB each way), blocking and async.
+  Blob big;
+  big.data = Big(1 << 20);
+  big.checksum = 12345;
+  Blob back;
+  client->roundtrip(back, big);
+  EXPECT_EQ(back.data, big.data);
+  EXPECT_EQ(back.checksum, 12345);
+  Blob back2 = SCALES_THRIFT_CALL(client, roundtrip, big, boost::asio::use_future).get();
+  EXPECT_EQ(back2.data.size(), big.data.size());
+
+  // Many calls at once (several connections when the server serves them concurrently).
+  const int n = concurrent ? 64 : 16;
+  std::atomic<int> completions{0}, ok{0};
+  std::promise<void> all;
+  for (int i = 0; i < n; ++i) {
+    client.Async(&DerivedClient::send_add, &DerivedClient::recv_add, i, 1000,
+                 [&, i](std::exception_ptr e, int32_t sum) {
+                   if (!e && sum == i + 1000) ok.fetch_add(1);
+                   if (completions.fetch_add(1) + 1 == n) all.set_value();
+                 });
+  }
+  ASSERT_EQ(all.get_future().wait_for(30s), std::future_status::ready);
+  EXPECT_EQ(ok.load(), n);
+  EXPECT_EQ(completions.load(), n);
+}
+
+struct ServerCase {
+  ServerKind kind;
+  Framing framing;
+  Protocol protocol;
+};
+
+std::string CaseName(const ::testing::TestParamInfo<ServerCase>& info) {
+  return std::string(info.param.kind == ServerKind::kThreaded ? "Threaded" : "Simple") +
+         (info.param.framing == Framing::kFramed ? "Framed" : "Buffered") +
+         (info.param.protocol == Protocol::kBinary ? "Binary" : "Compact");
+}
+
+class ThriftCppServerTest : public ::testing::TestWithParam<ServerCase> {};
+
+TEST_P(ThriftCppServerTest, EchoVoidExceptionsOnewayLargeAndConcurrentCalls) {
+  const ServerCase c = GetParam();
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         c.kind, c.framing, c.protocol);
+  auto rt = MakeRuntime();
+  thrift::ThriftOptions o = Options(c.framing, c.protocol, rt);
+  if (c.kind == ServerKind::kSimple) {
+    // TSimpleServer serves one connection at a time.
+    o.pool.high_watermark = 1;
+    rt = MakeRuntime(1);
+    o.client.runtime = rt;
+  }
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), o);
+  ExerciseDerived(client, c.kind == ServerKind::kThreaded);
+  client.Close();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Servers, ThriftCppServerTest,
+    ::testing::Values(ServerCase{ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary},
+                      ServerCase{ServerKind::kThreaded, Framing::kFramed, Protocol::kCompact},
+                      ServerCase{ServerKind::kThreaded, Framing::kBuffered, Protocol::kBinary},
+                      ServerCase{ServerKind::kSimple, Framing::kBuffered, Protocol::kBinary},
+                      ServerCase{ServerKind::kSimple, Framing::kBuffered, Protocol::kCompact}),
+    CaseName);
+
+TEST(ThriftClientTest, UnknownMethodIsATApplicationException) {
+  // A server of the base service does not know the derived service's methods.
+  InProcessServer server(std::make_shared<scales::thrifttest::BaseProcessor>(std::make_shared<BaseOnlyHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  auto rt = MakeRuntime();
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), Options(Framing::kFramed, Protocol::kBinary, rt));
+  EXPECT_EQ(client->add(1, 2), 3);
+  try {
+    std::string r;
+    client->slow(r, 1);
+    ADD_FAILURE() << "no exception";
+  } catch (const TApplicationException& e) {
+    EXPECT_EQ(e.getType(), TApplicationException::UNKNOWN_METHOD);
+  }
+  auto f = SCALES_THRIFT_CALL(client, slow, 1, boost::asio::use_future);
+  EXPECT_THROW(f.get(), TApplicationException);
+  // The connection is still fine afterwards.
+  EXPECT_EQ(client->add(2, 2), 4);
+  client.Close();
+}
+
+TEST(ThriftClientTest, TimeoutClosesTheConnectionAndTheClientRecovers) {
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  auto rt = MakeRuntime();
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), Options(Framing::kFramed, Protocol::kBinary, rt));
+  CallOptions short_timeout;
+  short_timeout.timeout = 100ms;
+  CallInfo info;
+  short_timeout.info = &info;
+  try {
+    std::string r;
+    client.WithOptions(short_timeout)->slow(r, 1000);
+    ADD_FAILURE() << "no timeout";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), make_error_code(Errc::kRequestTimeout));
+    EXPECT_NE(std::string(e.what()).find("thrift-it"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(std::to_string(server.port())), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(info.error, make_error_code(Errc::kRequestTimeout));
+  // Async timeout: scales::Error in the exception_ptr.
+  auto f = client.WithOptions(short_timeout).Async(&DerivedClient::send_slow, &DerivedClient::recv_slow, 1000,
+                                                    boost::asio::use_future);
+  try {
+    f.get();
+    ADD_FAILURE() << "no timeout";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kRequestTimeout);
+  }
+  // The late replies must not reach the next calls: they were on closed connections.
+  for (int i = 0; i < 5; ++i) {
+    std::string r;
+    client->slow(r, 1);
+    EXPECT_EQ(r, "1");
+  }
+  client.Close();
+}
+
+class ThriftFramingTest : public ::testing::TestWithParam<Framing> {};
+
+TEST_P(ThriftFramingTest, OversizeRepliesAndRequestsFailAndTheClientRecovers) {
+  const Framing framing = GetParam();
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, framing, Protocol::kBinary);
+  auto rt = MakeRuntime();
+  auto big = Thrift::NewClient<DerivedClient>(server.uri(), Options(framing, Protocol::kBinary, rt));
+  big->notify(std::string(4096, 'n'));
+  thrift::ThriftOptions o = Options(framing, Protocol::kBinary, rt);
+  o.transport.max_frame_bytes = 1024;
+  auto small = Thrift::NewClient<DerivedClient>(server.uri(), o);
+  std::string r;
+  try {
+    small->last_notification(r, 5000);  // a 4 KiB reply
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kResponseTooLarge) << e.what();
+    EXPECT_NE(std::string(e.what()).find("max_frame_bytes"), std::string::npos) << e.what();
+  }
+  try {
+    small->base_echo(r, std::string(2048, 'x'));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kRequestTooLarge) << e.what();
+  }
+  small->base_echo(r, "fits");
+  EXPECT_EQ(r, "fits");
+  small.Close();
+  big.Close();
+}
+
+INSTANTIATE_TEST_SUITE_P(Framings, ThriftFramingTest, ::testing::Values(Framing::kFramed, Framing::kBuffered),
+                         [](const auto& info) { return std::string(thrift::ToString(info.param)); });
+
+TEST(ThriftClientTest, CallStylesAndBlockingOnTheLoopFailsFast) {
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  auto rt = MakeRuntime();
+  auto client = Thrift::NewBuilder<DerivedClient>(Options(Framing::kFramed, Protocol::kBinary, rt))
+                    .SetUri(server.uri())
+                    .SetTimeout(5s)
+                    .Build();
+  // Callback: runs on a loop thread, where a blocking call must fail at once.
+  std::promise<std::string> p;
+  client.Async(&DerivedClient::send_base_echo, &DerivedClient::recv_base_echo, std::string("cb"),
+               [&](std::exception_ptr e, std::string r) {
+                 try {
+                   client->ping();
+                   p.set_value("blocking call did not fail");
+                 } catch (const Error& err) {
+                   p.set_value(e ? "error" : r + ":" + std::to_string(err.scales_code().value()));
+                 }
+               });
+  EXPECT_EQ(p.get_future().get(),
+            "cb:" + std::to_string(static_cast<int>(Errc::kBlockingCallOnEventLoop)));
+  // Void async.
+  std::promise<bool> v;
+  SCALES_THRIFT_CALL(client, ping, [&](std::exception_ptr e) { v.set_value(e == nullptr); });
+  EXPECT_TRUE(v.get_future().get());
+  // Coroutine.
+  boost::asio::io_context ioc;
+  std::string from_coroutine;
+  boost::asio::co_spawn(
+      ioc,
+      [&]() -> boost::asio::awaitable<void> {
+        from_coroutine = co_await SCALES_THRIFT_CALL(client, base_echo, "co", boost::asio::use_awaitable);
+        try {
+          co_await SCALES_THRIFT_CALL(client, boom, 3, boost::asio::use_awaitable);
+        } catch (const TestError& e) {
+          from_coroutine += ":" + e.message;
+        }
+      },
+      boost::asio::detached);
+  ioc.run();
+  EXPECT_EQ(from_coroutine, "co:boom 3");
+  // A closed client fails calls with kClientClosed.
+  client.Close();
+  EXPECT_THROW(client->ping(), Error);
+}
+
+TEST(ThriftClientTest, NoServerFailsWithAnErrorNotAHang) {
+  const int port = test::FreeTcpPort();
+  auto rt = MakeRuntime();
+  thrift::ThriftOptions o = Options(Framing::kFramed, Protocol::kBinary, rt);
+  o.client.open_timeout = 0s;
+  o.client.timeout = 2s;
+  auto client = Thrift::NewClient<EchoClient>("tcp://127.0.0.1:" + std::to_string(port), o);
+  std::string r;
+  EXPECT_THROW(client->echo(r, "x"), Error);
+  client.Close();
+}
+
+// --- `scales testserver thrift`, killed mid-call ---------------------------------------------
+
+TEST(ThriftClientTest, ServerKilledMidCallIsAnErrorNotAHang) {
+  test::ChildProcess server({test::ToolPath(), "testserver", "thrift", "--port", "0"});
+  auto line = server.ReadLine(10s);
+  ASSERT_TRUE(line && line->starts_with("listening ")) << (line ? *line : "no output");
+  const std::string endpoint = line->substr(std::string("listening ").size());
+  auto rt = MakeRuntime();
+  auto client = Thrift::NewClient<EchoClient>("tcp://" + endpoint, Options(Framing::kFramed, Protocol::kBinary, rt));
+  std::string r;
+  client->echo(r, "before");
+  EXPECT_EQ(r, "before");
+  auto f = SCALES_THRIFT_CALL(client, sleep, 5000, boost::asio::use_future);
+  std::this_thread::sleep_for(200ms);  // let the call reach the server
+  server.Kill();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+  try {
+    f.get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kConnectionClosed) << e.what();
+  }
+  client.Close();
+}
+
+// --- Debian's python3-thrift server -------------------------------------------------------------
+
+#if defined(SCALES_THRIFT_PY_GEN) && defined(SCALES_THRIFT_PY_SERVER)
+class PythonServer {
+ public:
+  PythonServer(const std::string& service, Framing framing, Protocol protocol)
+      : process_({"/usr/bin/python3", SCALES_THRIFT_PY_SERVER, SCALES_THRIFT_PY_GEN, "--service", service,
+                  "--transport", framing == Framing::kFramed ? "framed" : "buffered", "--protocol",
+                  protocol == Protocol::kBinary ? "binary" : "compact"}) {
+    auto line = process_.ReadLine(20s);
+    if (!line || !line->starts_with("listening ")) throw std::runtime_error("python3 Thrift server did not start");
+    endpoint_ = line->substr(std::string("listening ").size());
+  }
+  std::string uri() const { return "tcp://" + endpoint_; }
+
+ private:
+  test::ChildProcess process_;
+  std::string endpoint_;
+};
+
+class ThriftPythonServerTest : public ::testing::TestWithParam<ServerCase> {};
+
+TEST_P(ThriftPythonServerTest, EchoVoidExceptionsOnewayLargeAndConcurrentCalls) {
+  const ServerCase c = GetParam();
+  PythonServer server("derived", c.framing, c.protocol);
+  auto rt = MakeRuntime();
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), Options(c.framing, c.protocol, rt));
+  ExerciseDerived(client, true);
+  client.Close();
+}
+
+TEST_P(ThriftPythonServerTest, EchoServiceAndUnknownMethod) {
+  const ServerCase c = GetParam();
+  PythonServer server("echo", c.framing, c.protocol);
+  auto rt = MakeRuntime();
+  auto echo = Thrift::NewClient<EchoClient>(server.uri(), Options(c.framing, c.protocol, rt));
+  std::string r;
+  echo->echo(r, "from python");
+  EXPECT_EQ(r, "from python");
+  try {
+    echo->fail(r, "declared");
+    ADD_FAILURE() << "no exception";
+  } catch (const scales::echo::EchoError& e) {
+    EXPECT_EQ(e.message, "declared");
+  }
+  auto derived = Thrift::NewClient<DerivedClient>(server.uri(), Options(c.framing, c.protocol, rt));
+  EXPECT_THROW(derived->add(1, 2), TApplicationException);
+  echo.Close();
+  derived.Close();
+}
+
+INSTANTIATE_TEST_SUITE_P(Servers, ThriftPythonServerTest,
+                         ::testing::Values(ServerCase{ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary},
+                                           ServerCase{ServerKind::kThreaded, Framing::kFramed, Protocol::kCompact},
+                                           ServerCase{ServerKind::kThreaded, Framing::kBuffered, Protocol::kBinary},
+                                           ServerCase{ServerKind::kThreaded, Framing::kBuffered, Protocol::kCompact}),
+                         [](const auto& info) {
+                           return std::string(info.param.framing == Framing::kFramed ? "Framed" : "Buffered") +
+                                  (info.param.protocol == Protocol::kBinary ? "Binary" : "Compact");
+                         });
+#endif
+
+}  // namespace
+}  // namespace scales

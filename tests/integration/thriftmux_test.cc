@@ -1,0 +1,252 @@
+// The ThriftMux client against the Mux reference server (tests/integration/mux_reference/,
+// Python, written independently of the C++ codec): Finagle-style, strict (handshake required,
+// pings, fragments at a small mux-framer) and old (no negotiation) servers, and every
+// misbehaviour on demand. Every call completes exactly once; tags are freed; the client
+// recovers for the next call.
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/use_future.hpp>
+#include <gtest/gtest.h>
+
+#include "Derived.h"
+#include "Echo.h"
+#include "scales/thriftmux/thriftmux.h"
+#include "support/mux_server_fixture.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using scales::echo::EchoClient;
+using scales::echo::EchoError;
+
+std::shared_ptr<Runtime> MakeRuntime(size_t threads = 1) {
+  RuntimeOptions o;
+  o.threads = threads;
+  return std::make_shared<Runtime>(o);
+}
+
+thriftmux::ThriftMuxOptions Options(std::shared_ptr<Runtime> rt, stats::StatsRegistry* stats = nullptr) {
+  thriftmux::ThriftMuxOptions o;
+  o.client.name = "tmux";
+  o.client.runtime = std::move(rt);
+  o.client.stats = stats;
+  o.client.timeout = 5s;
+  o.client_id = "scales-test";
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 200ms;
+  return o;
+}
+
+template <class Pred>
+bool Eventually(Pred pred, std::chrono::milliseconds timeout = 5000ms) {
+  auto until = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < until) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return pred();
+}
+
+int64_t GaugeValue(const stats::StatsRegistry& s, const char* name, const std::string& endpoint) {
+  const auto* g = s.FindGauge(name, {{"client", "tmux"}, {"endpoint", endpoint}});
+  return g ? g->value() : -1;
+}
+
+error_code CallError(const thrift::ThriftClient<EchoClient>& client, const std::string& arg,
+                     std::string* what = nullptr) {
+  try {
+    std::string r;
+    client->echo(r, arg);
+    return {};
+  } catch (const Error& e) {
+    if (what) *what = e.what();
+    return e.scales_code();
+  }
+}
+
+TEST(ThriftMuxTest, FinagleServerEveryCallStyle) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  std::string r;
+  client->echo(r, "hi");
+  EXPECT_EQ(r, "hi");
+  client->ping();
+  try {
+    client->fail(r, "bad thing");
+    FAIL() << "expected EchoError";
+  } catch (const EchoError& e) {
+    EXPECT_EQ(e.message, "bad thing");  // the declared exception, as itself
+  }
+  auto f = SCALES_THRIFT_CALL(client, echo, std::string("async"), boost::asio::use_future);
+  EXPECT_EQ(f.get(), "async");
+  auto slow = SCALES_THRIFT_CALL(client, sleep, 100, boost::asio::use_future);
+  auto fast = SCALES_THRIFT_CALL(client, echo, std::string("fast"), boost::asio::use_future);
+  EXPECT_EQ(fast.get(), "fast");  // answered before the slow one: out of order on one session
+  EXPECT_EQ(slow.get(), "100");
+  // The handshake happened and the contexts went out.
+  EXPECT_TRUE(server.WaitForLog({"recv Rerr", "tag=1"}));
+  EXPECT_TRUE(server.WaitForLog({"recv Tinit"}));
+  EXPECT_TRUE(server.WaitForLog({"recv Tdispatch", "com.twitter.finagle.Deadline",
+                                 "com.twitter.finagle.thrift.ClientIdContext"}));
+  client->echo(r, "contexts");
+  EXPECT_NE(r.find("com.twitter.finagle.Retries"), std::string::npos) << r;
+}
+
+TEST(ThriftMuxTest, OldServerWithoutNegotiation) {
+  test::MuxReferenceServer server({"--mode", "old"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  std::string r;
+  client->echo(r, "old school");
+  EXPECT_EQ(r, "old school");
+  EXPECT_EQ(server.LogLinesWith({"recv Tinit"}).size(), 0u) << server.Log();
+}
+
+TEST(ThriftMuxTest, StrictServerFragmentsAndPings) {
+  test::MuxReferenceServer server({"--mode", "strict", "--framer", "16", "--ping-interval", "50"});
+  auto opts = Options(MakeRuntime());
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), opts);
+  std::string big(20000, 'x');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 26);
+  std::string r;
+  client->echo(r, big);
+  EXPECT_EQ(r, big);  // the reply came in 16-byte fragments and was reassembled
+  // Our request honoured the server's mux-framer: it arrived in fragments too.
+  EXPECT_TRUE(server.WaitForLog({"recv Tdispatch-fragment"})) << server.Log().substr(0, 2000);
+  // The server pings; the client answers.
+  EXPECT_TRUE(server.WaitForLog({"recv Rping"}));
+  client->echo(r, "after pings");
+  EXPECT_EQ(r, "after pings");
+}
+
+TEST(ThriftMuxTest, ThousandsOfConcurrentCallsOnOneSession) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  stats::StatsRegistry stats;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime(), &stats));
+  constexpr int kCalls = 3000;
+  std::vector<std::future<std::string>> futures;
+  futures.reserve(kCalls);
+  for (int i = 0; i < kCalls; ++i) {
+    futures.push_back(SCALES_THRIFT_CALL(client, echo, "m" + std::to_string(i), boost::asio::use_future));
+  }
+  int ok = 0;
+  for (int i = 0; i < kCalls; ++i) ok += futures[i].get() == "m" + std::to_string(i);
+  EXPECT_EQ(ok, kCalls);
+  EXPECT_EQ(GaugeValue(stats, "scales_mux_tags_in_use", server.endpoint()), 0);
+  // One session (one connection) carried them all, and tags were reused: none got past the
+  // number of calls in flight at once.
+  EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty());
+  EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch tag=3002"}).empty());
+}
+
+TEST(ThriftMuxTest, TimeoutSendsTdiscardedAndKeepsTheTagUntilAnswered) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  stats::StatsRegistry stats;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime(), &stats));
+  CallOptions quick;
+  quick.timeout = 200ms;
+  auto start = std::chrono::steady_clock::now();
+  try {
+    std::string r;
+    client.WithOptions(quick)->echo(r, "noreply");
+    FAIL() << "expected a timeout";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kRequestTimeout) << e.what();
+    EXPECT_NE(std::string(e.what()).find("Tdiscarded sent"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
+  EXPECT_TRUE(server.WaitForLog({"recv Tdiscarded", "which=2"})) << server.Log();
+  // The server answers the discarded tag (Rdiscarded): the tag is freed.
+  EXPECT_TRUE(Eventually([&] { return GaugeValue(stats, "scales_mux_tags_in_use", server.endpoint()) == 0; }));
+  std::string r;
+  client->echo(r, "next");
+  EXPECT_EQ(r, "next");
+  // Tags are reused from the lowest free one: the next dispatch used tag 2 again.
+  EXPECT_TRUE(server.WaitForLog({"recv Tdispatch tag=2", "method=echo"}));
+}
+
+TEST(ThriftMuxTest, ServerErrorsMapToDistinctCodes) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  std::string what;
+  EXPECT_EQ(CallError(client, "nack", &what), Errc::kNack) << what;
+  EXPECT_TRUE(error_code(Errc::kNack) == Condition::kRetryable);
+  EXPECT_EQ(CallError(client, "error:it broke", &what), Errc::kServerError);
+  EXPECT_NE(what.find("it broke"), std::string::npos) << what;
+  EXPECT_EQ(CallError(client, "rerr:session trouble", &what), Errc::kServerError);
+  EXPECT_NE(what.find("session trouble"), std::string::npos) << what;
+  EXPECT_EQ(CallError(client, "fine"), error_code());
+}
+
+TEST(ThriftMuxTest, DrainLeaseGarbageAndCloseMidFrameRecover) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  std::string r;
+  client->echo(r, "drain");
+  EXPECT_EQ(r, "drain");
+  EXPECT_TRUE(server.WaitForLog({"recv Rdrain"})) << server.Log();
+  // After the drain the session closes; the next call gets a new session.
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "after drain") == error_code(); }));
+  client->echo(r, "lease:1");
+  EXPECT_EQ(r, "lease:1");
+  std::string what;
+  error_code ec = CallError(client, "garbage", &what);
+  EXPECT_EQ(ec, Errc::kProtocolError) << what;
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "after garbage") == error_code(); }));
+  ec = CallError(client, "close-mid-frame", &what);
+  EXPECT_EQ(ec, Errc::kConnectionClosed) << what;
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "after close") == error_code(); }));
+}
+
+TEST(ThriftMuxTest, OnewayCallsAreRefused) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<scales::thrifttest::DerivedClient>("tcp://" + server.endpoint(),
+                                                                         Options(MakeRuntime()));
+  auto f = SCALES_THRIFT_ONEWAY(client, notify, std::string("x"), boost::asio::use_future);
+  try {
+    f.get();
+    FAIL() << "expected kInvalidArgument";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("one-way"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace scales
+
+namespace scales {
+namespace {
+
+// `scales testserver thriftmux` (the demo's and the benchmarks' server) with the client.
+TEST(ThriftMuxTest, ToolTestServer) {
+  test::ChildProcess server({test::ToolPath(), "testserver", "thriftmux", "--port", "0", "--framer", "64"});
+  auto line = server.ReadLine(std::chrono::seconds(10));
+  ASSERT_TRUE(line.has_value());
+  ASSERT_EQ(line->rfind("listening 127.0.0.1:", 0), 0u) << *line;
+  std::string endpoint = line->substr(std::string("listening ").size());
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + endpoint, Options(MakeRuntime()));
+  std::string r;
+  client->echo(r, std::string(1000, 'z'));  // fragmented both ways at 64 bytes
+  EXPECT_EQ(r, std::string(1000, 'z'));
+  auto slow = SCALES_THRIFT_CALL(client, sleep, 150, boost::asio::use_future);
+  auto fast = SCALES_THRIFT_CALL(client, echo, std::string("fast"), boost::asio::use_future);
+  EXPECT_EQ(fast.get(), "fast");
+  EXPECT_EQ(slow.get(), "150");
+  try {
+    client->fail(r, "nope");
+    FAIL() << "expected EchoError";
+  } catch (const EchoError& e) {
+    EXPECT_EQ(e.message, "nope");
+  }
+  client->echo(r, "drain");
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "after drain") == error_code(); }));
+}
+
+}  // namespace
+}  // namespace scales

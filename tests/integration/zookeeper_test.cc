@@ -1,0 +1,544 @@
+// ZooKeeper server sets against the real ZooKeeper server (Debian's package, Java), with
+// members written by python3-kazoo in Finagle's format and by our Announcer.
+#include <sys/wait.h>
+#include <zookeeper/zookeeper.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/thread_pool.hpp>
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "scales/core/error.h"
+#include "scales/discovery/zookeeper.h"
+#include "scales/http/client.h"
+#include "support/fixtures.h"
+#include "support/zookeeper_fixture.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using test::FinagleMemberPython;
+using test::RunKazoo;
+using test::TestHttpServer;
+using test::WaitFor;
+using test::ZooKeeperEnsemble;
+using test::ZooKeeperServer;
+using Members = ServerSet::Members;
+
+#define SKIP_WITHOUT_ZOOKEEPER()                                       \
+  if (!test::ZooKeeperAvailable()) GTEST_SKIP() << "ZooKeeper (java) not installed"
+
+Members Eps(std::initializer_list<std::pair<const char*, int>> list) {
+  Members out;
+  for (auto& [h, p] : list) out.push_back({h, static_cast<uint16_t>(p)});
+  return out;
+}
+
+std::string Show(const std::optional<Members>& m) {
+  if (!m) return "(unknown)";
+  std::string s = "[";
+  for (auto& e : *m) s += e.ToString() + " ";
+  return s + "]";
+}
+
+// Records the snapshots a subscriber receives (on a thread pool of its own).
+class Recorder {
+ public:
+  explicit Recorder(ServerSet& set) : set_(set) {
+    id_ = set_.Subscribe(pool_.get_executor(), [this](const Members& m) {
+      std::lock_guard lock(mu_);
+      snapshots_.push_back(m);
+    });
+  }
+  ~Recorder() {
+    set_.Unsubscribe(id_);
+    pool_.join();
+  }
+  std::optional<Members> last() const {
+    std::lock_guard lock(mu_);
+    if (snapshots_.empty()) return std::nullopt;
+    return snapshots_.back();
+  }
+  size_t count() const {
+    std::lock_guard lock(mu_);
+    return snapshots_.size();
+  }
+  bool WaitFor(const Members& want, std::chrono::milliseconds timeout = 20s) const {
+    return test::WaitFor([&] { return last() == want; }, timeout);
+  }
+
+ private:
+  ServerSet& set_;
+  boost::asio::thread_pool pool_{1};
+  mutable std::mutex mu_;
+  std::vector<Members> snapshots_;
+  uint64_t id_ = 0;
+};
+
+std::shared_ptr<ZooKeeperServerSet> MakeSet(const std::string& uri) {
+  return std::make_shared<ZooKeeperServerSet>(ScalesUriParser::Parse(uri));
+}
+
+std::string CreateMember(const std::string& path, const std::string& host, int port,
+                         const std::map<std::string, int>& additional = {},
+                         const std::string& status = "ALIVE") {
+  return fmt::format("print(zk.create('{}/member_', {}, sequence=True, makepath=True))", path,
+                     FinagleMemberPython(host, port, additional, status));
+}
+
+// Expires a session the way ZooKeeper's own tests do: a second handle with the same id and
+// password connects and closes, which ends the session for the first handle.
+void ExpireSession(const std::string& hosts, const std::pair<int64_t, std::string>& session) {
+  clientid_t id{};
+  id.client_id = session.first;
+  std::memcpy(id.passwd, session.second.data(), std::min(session.second.size(), sizeof id.passwd));
+  zhandle_t* zh = zookeeper_init2(hosts.c_str(), nullptr, 10000, &id, nullptr, 0,
+                                  [](const char*) {});
+  ASSERT_NE(zh, nullptr);
+  ASSERT_TRUE(WaitFor([&] { return zoo_state(zh) == ZOO_CONNECTED_STATE; }, 10s));
+  zookeeper_close(zh);
+}
+
+class ZooKeeperTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_ZOOKEEPER();
+    zk_ = std::make_unique<ZooKeeperServer>();
+  }
+  std::string Kazoo(const std::string& body) { return RunKazoo(zk_->connect_string(), body); }
+  std::unique_ptr<ZooKeeperServer> zk_;
+};
+
+TEST_F(ZooKeeperTest, KazooMembersInFinagleFormat) {
+  Kazoo(CreateMember("/svc/a", "127.0.0.1", 1001, {{"http", 2001}}) + "\n" +
+        CreateMember("/svc/a", "127.0.0.2", 1002) + "\n" +
+        CreateMember("/svc/a", "127.0.0.3", 1003, {{"http", 2003}}, "STOPPING") + "\n" +
+        CreateMember("/svc/a", "127.0.0.4", 1004, {}, "STARTING") + "\n" +
+        "zk.create('/svc/a/not_a_member', " + FinagleMemberPython("127.0.0.9", 9) + ")\n" +
+        "zk.create('/svc/a/member_bad', b'{not json')\n" +
+        "zk.create('/svc/a/member_noport', b'{\"serviceEndpoint\":{\"host\":\"x\"},"
+        "\"additionalEndpoints\":{},\"status\":\"ALIVE\"}')");
+  auto set = MakeSet(zk_->Uri("/svc/a"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}}))) << Show(rec.last());
+  EXPECT_EQ(set->stats().malformed_members, 2u);
+  EXPECT_NE(set->last_error().find("malformed member /svc/a/member_"), std::string::npos)
+      << set->last_error();
+  EXPECT_NE(set->Describe().find("connected, 2 members"), std::string::npos) << set->Describe();
+
+  // Named endpoint: members without "http" are skipped, not fatal.
+  auto named = MakeSet(zk_->Uri("/svc/a#http"));
+  Recorder named_rec(*named);
+  ASSERT_TRUE(named_rec.WaitFor(Eps({{"127.0.0.1", 2001}}))) << Show(named_rec.last());
+
+  // Malformed members do not stop later changes from being applied; a fixed member joins.
+  Kazoo(CreateMember("/svc/a", "127.0.0.5", 1005) + "\n" +
+        "zk.set('/svc/a/member_bad', " + FinagleMemberPython("127.0.0.6", 1006) + ")");
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}, {"127.0.0.5", 1005},
+                               {"127.0.0.6", 1006}})))
+      << Show(rec.last());
+}
+
+TEST_F(ZooKeeperTest, DataChangesAndDeletesAreFollowed) {
+  std::string created = Kazoo(CreateMember("/svc", "127.0.0.1", 1001) + "\n" +
+                              CreateMember("/svc", "127.0.0.2", 1002));
+  auto first = created.substr(0, created.find('\n'));
+  auto set = MakeSet(zk_->Uri("/svc"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}}))) << Show(rec.last());
+
+  // Same node, new data: the endpoint moves; then the member stops being ALIVE; then returns.
+  Kazoo(fmt::format("zk.set('{}', {})", first, FinagleMemberPython("127.0.0.1", 1111)));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1111}, {"127.0.0.2", 1002}}))) << Show(rec.last());
+  Kazoo(fmt::format("zk.set('{}', {})", first,
+                    FinagleMemberPython("127.0.0.1", 1111, {}, "STOPPING")));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.2", 1002}}))) << Show(rec.last());
+  Kazoo(fmt::format("zk.set('{}', {})", first, FinagleMemberPython("127.0.0.1", 1111)));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1111}, {"127.0.0.2", 1002}}))) << Show(rec.last());
+  // Leave.
+  Kazoo(fmt::format("zk.delete('{}')", first));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.2", 1002}}))) << Show(rec.last());
+}
+
+TEST_F(ZooKeeperTest, PathCreatedLateThenDeleted) {
+  auto set = MakeSet(zk_->Uri("/late/svc"));
+  Recorder rec(*set);
+  // A missing path is a known, empty server set.
+  ASSERT_TRUE(rec.WaitFor({})) << Show(rec.last());
+  EXPECT_NE(set->Describe().find("does not exist"), std::string::npos) << set->Describe();
+
+  Kazoo(CreateMember("/late/svc", "127.0.0.1", 1001));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << Show(rec.last());
+  Kazoo(CreateMember("/late/svc", "127.0.0.2", 1002));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}})));
+
+  // Deleting the path: all members leave; re-creating it is noticed again.
+  Kazoo("zk.delete('/late/svc', recursive=True)");
+  ASSERT_TRUE(rec.WaitFor({})) << Show(rec.last());
+  Kazoo(CreateMember("/late/svc", "127.0.0.3", 1003));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.3", 1003}}))) << Show(rec.last());
+}
+
+TEST_F(ZooKeeperTest, AnnouncerRegistersAndRemovesItsMember) {
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.1", 4242};
+  instance.additional_endpoints["admin"] = {"127.0.0.1", 4343};
+  auto uri = ScalesUriParser::Parse(zk_->Uri("/deep/path/svc"));
+  auto announcer = std::make_unique<Announcer>(uri, instance);
+  ASSERT_TRUE(announcer->WaitAnnounced(20s)) << announcer->Describe();
+  EXPECT_TRUE(announcer->node_path().starts_with("/deep/path/svc/member_"))
+      << announcer->node_path();
+  // Kazoo sees Finagle's JSON, ephemeral.
+  std::string out = Kazoo(fmt::format(
+      "d, st = zk.get('{}')\nm = json.loads(d)\n"
+      "print(m['serviceEndpoint']['port'], m['additionalEndpoints']['admin']['port'], "
+      "m['status'], st.ephemeralOwner != 0)",
+      announcer->node_path()));
+  EXPECT_EQ(out, "4242 4343 ALIVE True\n");
+
+  auto set = MakeSet(zk_->Uri("/deep/path/svc#admin"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 4343}}))) << Show(rec.last());
+
+  // Expiring the announcer's session: the member is re-created under the new session.
+  announcer.reset();
+  ASSERT_TRUE(rec.WaitFor({})) << Show(rec.last());
+}
+
+TEST_F(ZooKeeperTest, SessionExpiryKeepsMembersThenRereads) {
+  Kazoo(CreateMember("/svc", "127.0.0.1", 1001));
+  auto set = MakeSet(zk_->Uri("/svc?session_timeout=4s"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << Show(rec.last());
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.9", 9009};
+  Announcer announcer(ScalesUriParser::Parse(zk_->Uri("/svc")), instance);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.9", 9009}}))) << Show(rec.last());
+  size_t snapshots = rec.count();
+
+  auto session = set->session();
+  ASSERT_TRUE(session);
+  ExpireSession(zk_->connect_string(), *session);
+  ASSERT_TRUE(WaitFor([&] { return set->stats().session_expirations >= 1; }))
+      << set->Describe();
+  ASSERT_TRUE(WaitFor([&] { return set->stats().sessions >= 2; })) << set->Describe();
+  // The same members throughout: no empty or partial snapshot was published.
+  EXPECT_EQ(rec.last(), Eps({{"127.0.0.1", 1001}, {"127.0.0.9", 9009}}));
+  EXPECT_EQ(rec.count(), snapshots);
+
+  // The watches of the new session work.
+  Kazoo(CreateMember("/svc", "127.0.0.2", 1002));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}, {"127.0.0.9", 9009}})))
+      << Show(rec.last());
+
+  // The announcer's session expires: its member is re-created under a new session.
+  auto before = announcer.node_path();
+  auto announcer_session = announcer.session();
+  ASSERT_TRUE(announcer_session);
+  ExpireSession(zk_->connect_string(), *announcer_session);
+  ASSERT_TRUE(WaitFor([&] {
+    auto now = announcer.node_path();
+    return !now.empty() && now != before;
+  })) << announcer.Describe();
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}, {"127.0.0.9", 9009}})))
+      << Show(rec.last());
+}
+
+TEST_F(ZooKeeperTest, ServerRestartKeepsMembersAndRecovers) {
+  Kazoo(CreateMember("/svc", "127.0.0.1", 1001));
+  auto set = MakeSet(zk_->Uri("/svc?session_timeout=2s"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << Show(rec.last());
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.9", 9009};
+  Announcer announcer(ScalesUriParser::Parse(zk_->Uri("/svc?session_timeout=2s")), instance);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.9", 9009}}))) << Show(rec.last());
+
+  zk_->Stop();
+  ASSERT_TRUE(WaitFor([&] { return set->Describe().find("not connected") != std::string::npos; }))
+      << set->Describe();
+  // Down for longer than the session timeout: on reconnect the sessions have expired.
+  std::this_thread::sleep_for(3s);
+  EXPECT_EQ(rec.last(), Eps({{"127.0.0.1", 1001}, {"127.0.0.9", 9009}}));
+  EXPECT_NE(set->Describe().find("keeping 2 members"), std::string::npos) << set->Describe();
+  zk_->Start();
+  ASSERT_TRUE(WaitFor([&] { return set->Describe().find("connected, 2 members") == 0 ||
+                                   set->Describe().find("(connected, ") != std::string::npos; }))
+      << set->Describe();
+  // New members are seen; the announcer's member is back (re-created after expiry).
+  Kazoo(CreateMember("/svc", "127.0.0.2", 1002));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}, {"127.0.0.9", 9009}})))
+      << Show(rec.last()) << set->Describe();
+}
+
+TEST(ZooKeeperDownTest, OpenTimesOutClearlyThenRecovers) {
+  SKIP_WITHOUT_ZOOKEEPER();
+  ZooKeeperServer zk(0, /*start=*/false);
+  TestHttpServer server("ts");
+  http::HttpOptions options;
+  options.client.name = "zkdown";
+  options.client.open_timeout = 1500ms;
+  options.client.timeout = 5s;
+  auto start = std::chrono::steady_clock::now();
+  try {
+    Http::NewClient(zk.Uri("/svc"), options);
+    ADD_FAILURE() << "open succeeded without ZooKeeper";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kOpenTimeout)) << e.what();
+    EXPECT_NE(std::string(e.what()).find("not connected"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(zk.Uri("/svc")), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+
+  // The server set keeps retrying in the background: a later start recovers.
+  auto set = MakeSet(zk.Uri("/svc"));
+  Recorder rec(*set);
+  EXPECT_TRUE(WaitFor(
+      [&] { return set->Describe().find("not connected: connection refused") != std::string::npos; },
+      10s))
+      << set->Describe() << " / " << set->last_error();
+  zk.Start();
+  RunKazoo(zk.connect_string(), CreateMember("/svc", "127.0.0.1", server.port()));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", server.port()}}), 30s)) << set->Describe();
+  auto client = Http::NewClient(zk.Uri("/svc"), options);
+  EXPECT_EQ(client.Get("/name").Header("X-Server"), "ts");
+}
+
+// Runs `concurrency` callers in a closed loop until stopped; counts every completion.
+struct Load {
+  http::HttpClient client;
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> started{0}, completed{0}, failed{0};
+  std::atomic<int> active{0};
+  std::mutex mu;
+  std::map<std::string, int64_t> by_server;
+  std::promise<void> drained;
+
+  void Start(int concurrency) {
+    active = concurrency;
+    for (int i = 0; i < concurrency; ++i) Next();
+  }
+  void Next() {
+    if (stop) {
+      if (--active == 0) drained.set_value();
+      return;
+    }
+    ++started;
+    client.AsyncGet("/name", [this](error_code ec, http::Response r) {
+      ++completed;
+      if (ec) {
+        ++failed;
+      } else {
+        std::lock_guard lock(mu);
+        ++by_server[std::string(r.Header("X-Server"))];
+      }
+      Next();
+    });
+  }
+  int64_t Count(const std::string& name) {
+    std::lock_guard lock(mu);
+    return by_server[name];
+  }
+  void StopAndWait() {
+    stop = true;
+    ASSERT_EQ(drained.get_future().wait_for(20s), std::future_status::ready)
+        << "calls did not all complete";
+  }
+};
+
+http::HttpOptions LoadOptions() {
+  http::HttpOptions o;
+  o.client.name = "zkload";
+  RuntimeOptions r;
+  r.threads = 2;
+  o.client.runtime = std::make_shared<Runtime>(r);
+  o.client.timeout = 5s;
+  o.client.open_timeout = 20s;
+  o.resurrector.initial_backoff = 100ms;
+  o.resurrector.max_backoff = 400ms;
+  return o;
+}
+
+std::unique_ptr<Announcer> Announce(const std::string& uri, const TestHttpServer& server) {
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.1", static_cast<uint16_t>(server.port())};
+  auto a = std::make_unique<Announcer>(ScalesUriParser::Parse(uri), instance);
+  EXPECT_TRUE(a->WaitAnnounced(20s)) << a->Describe();
+  return a;
+}
+
+TEST_F(ZooKeeperTest, JoinAndLeaveUnderLoad) {
+  std::vector<std::unique_ptr<TestHttpServer>> servers;
+  for (int i = 0; i < 3; ++i) servers.push_back(std::make_unique<TestHttpServer>(fmt::format("s{}", i)));
+  const std::string uri = zk_->Uri("/load/svc");
+  auto a0 = Announce(uri, *servers[0]);
+  Load load;
+  load.client = Http::NewClient(uri, LoadOptions());
+  load.Start(8);
+  ASSERT_TRUE(WaitFor([&] { return load.Count("s0") > 50; }));
+
+  // Joins: one through our announcer, one written by kazoo.
+  auto a1 = Announce(uri, *servers[1]);
+  RunKazoo(zk_->connect_string(), CreateMember("/load/svc", "127.0.0.1", servers[2]->port()));
+  ASSERT_TRUE(WaitFor([&] { return load.Count("s1") > 50 && load.Count("s2") > 50; }))
+      << load.Count("s1") << " " << load.Count("s2");
+
+  // Leave: the announcer removes its member; s0 then gets no more traffic (it still runs).
+  a0.reset();
+  ASSERT_TRUE(WaitFor([&] {
+    int64_t c = load.Count("s0");
+    std::this_thread::sleep_for(300ms);
+    return load.Count("s0") == c;
+  }));
+  int64_t s0 = load.Count("s0"), s1 = load.Count("s1");
+  ASSERT_TRUE(WaitFor([&] { return load.Count("s1") > s1 + 100; }));
+  EXPECT_EQ(load.Count("s0"), s0);
+
+  load.StopAndWait();
+  EXPECT_EQ(load.started.load(), load.completed.load()) << "every request completes exactly once";
+  EXPECT_EQ(load.failed.load(), 0);
+}
+
+TEST_F(ZooKeeperTest, TrafficContinuesThroughSessionExpiryAndServerRestart) {
+  TestHttpServer server("s0");
+  const std::string uri = zk_->Uri("/svc?session_timeout=2s");
+  auto announcer = Announce(uri, server);
+  // The client's server set, given explicitly so that the test can expire its session.
+  auto set = MakeSet(uri);
+  auto options = LoadOptions();
+  options.client.server_set = set;
+  Load load;
+  load.client = Http::NewClient(uri, options);
+  load.Start(4);
+  ASSERT_TRUE(WaitFor([&] { return load.Count("s0") > 20; }));
+
+  // The client's session expires (the announcer's expiry, which really removes the member
+  // for a moment, is tested in SessionExpiryKeepsMembersThenRereads).
+  ExpireSession(zk_->connect_string(), *set->session());
+  ASSERT_TRUE(WaitFor([&] { return set->stats().sessions >= 2; })) << set->Describe();
+  EXPECT_EQ(set->stats().snapshots, 1u) << "the members never changed";
+  int64_t mark = load.completed;
+  ASSERT_TRUE(WaitFor([&] { return load.completed > mark + 100; }));
+
+  // The server restarts: the members are kept while it is down, and after.
+  zk_->Stop();
+  mark = load.completed;
+  ASSERT_TRUE(WaitFor([&] { return load.completed > mark + 100; }));
+  zk_->Start();
+  ASSERT_TRUE(WaitFor([&] { return set->Describe().find("(connected") != std::string::npos; }))
+      << set->Describe();
+  mark = load.completed;
+  ASSERT_TRUE(WaitFor([&] { return load.completed > mark + 100; }));
+  EXPECT_EQ(set->members(), Eps({{"127.0.0.1", server.port()}}));
+  load.StopAndWait();
+  EXPECT_EQ(load.started.load(), load.completed.load()) << "every request completes exactly once";
+  EXPECT_EQ(load.failed.load(), 0);
+}
+
+TEST_F(ZooKeeperTest, DigestAuthentication) {
+  // A server set readable only by user "svc" (digest ACL), written by kazoo.
+  Kazoo(
+      "from kazoo.security import make_digest_acl\n"
+      "acl = [make_digest_acl('svc', 's3cr:et', all=True)]\n"
+      "z2 = KazooClient(hosts='" + zk_->connect_string() + "', auth_data=[('digest', 'svc:s3cr:et')])\n"
+      "z2.start(timeout=10)\n"
+      "z2.create('/secure', b'', acl=acl)\n"
+      "z2.create('/secure/member_', " + FinagleMemberPython("127.0.0.1", 1001) +
+      ", acl=acl, sequence=True)\n"
+      "z2.stop()");
+  auto set = MakeSet(zk_->Uri("/secure?auth=digest:svc:s3cr:et"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << set->Describe();
+  EXPECT_EQ(set->Describe().find("s3cr"), std::string::npos) << "no password in descriptions";
+
+  // Without the credentials the members stay unknown and Describe() says why.
+  auto denied = MakeSet(zk_->Uri("/secure"));
+  ASSERT_TRUE(WaitFor([&] { return denied->Describe().find("not authenticated") != std::string::npos; }))
+      << denied->Describe() << " / " << denied->last_error();
+  EXPECT_FALSE(denied->members());
+}
+
+TEST_F(ZooKeeperTest, ChrootResolvesThePathBelowIt) {
+  Kazoo(CreateMember("/prod/svc", "127.0.0.1", 1001) + "\n" +
+        CreateMember("/svc", "127.0.0.2", 1002));
+  auto chrooted = MakeSet(zk_->Uri("/svc?chroot=/prod"));
+  auto absolute = MakeSet(zk_->Uri("/prod/svc"));
+  Recorder a(*chrooted), b(*absolute);
+  ASSERT_TRUE(a.WaitFor(Eps({{"127.0.0.1", 1001}}))) << chrooted->Describe();
+  ASSERT_TRUE(b.WaitFor(Eps({{"127.0.0.1", 1001}}))) << absolute->Describe();
+  // Watches work below the chroot too.
+  Kazoo(CreateMember("/prod/svc", "127.0.0.3", 1003));
+  ASSERT_TRUE(a.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.3", 1003}}))) << chrooted->Describe();
+}
+
+TEST_F(ZooKeeperTest, ServerSetCommandPrintsAndWatches) {
+  Kazoo(CreateMember("/svc", "127.0.0.2", 1002) + "\n" + CreateMember("/svc", "127.0.0.1", 1001) +
+        "\n" + CreateMember("/svc", "127.0.0.3", 1003, {}, "DEAD"));
+  {
+    test::ChildProcess tool({test::ToolPath(), "serverset", zk_->Uri("/svc")});
+    EXPECT_EQ(tool.ReadLine(20s), "127.0.0.1:1001");
+    EXPECT_EQ(tool.ReadLine(5s), "127.0.0.2:1002");
+    EXPECT_EQ(tool.ReadLine(5s), std::nullopt);
+    auto status = tool.WaitForExit(5s);
+    ASSERT_TRUE(status);
+    EXPECT_EQ(WEXITSTATUS(*status), 0);
+  }
+  // --watch, with a member announced by `scales testserver http --announce`.
+  test::ChildProcess watch({test::ToolPath(), "serverset", zk_->Uri("/svc"), "--watch"});
+  EXPECT_EQ(watch.ReadLine(20s), "+ 127.0.0.1:1001");
+  EXPECT_EQ(watch.ReadLine(5s), "+ 127.0.0.2:1002");
+  EXPECT_EQ(watch.ReadLine(5s), "# 2 members");
+  auto server = std::make_unique<test::ChildProcess>(std::vector<std::string>{
+      test::ToolPath(), "testserver", "http", "--announce", zk_->Uri("/svc")});
+  auto listening = server->ReadLine(20s);
+  ASSERT_TRUE(listening && listening->starts_with("listening 127.0.0.1:"));
+  std::string endpoint = listening->substr(std::string("listening ").size());
+  EXPECT_EQ(watch.ReadLine(20s), "+ " + endpoint);
+  EXPECT_EQ(watch.ReadLine(5s), "# 3 members");
+  server->Stop();  // SIGTERM: the announcer removes the member on the way out
+  EXPECT_EQ(watch.ReadLine(20s), "- " + endpoint);
+  EXPECT_EQ(watch.ReadLine(5s), "# 2 members");
+}
+
+TEST(ZooKeeperDownTest, ServerSetCommandExplainsATimeout) {
+  SKIP_WITHOUT_ZOOKEEPER();
+  ZooKeeperServer zk(0, /*start=*/false);
+  test::ChildProcess tool({test::ToolPath(), "serverset", zk.Uri("/svc"), "--timeout", "1s"});
+  EXPECT_EQ(tool.ReadLine(10s), std::nullopt);
+  auto status = tool.WaitForExit(10s);
+  ASSERT_TRUE(status);
+  EXPECT_EQ(WEXITSTATUS(*status), 1);
+}
+
+TEST(ZooKeeperEnsembleTest, StoppingOneServerDoesNotInterruptDiscovery) {
+  SKIP_WITHOUT_ZOOKEEPER();
+  ZooKeeperEnsemble ensemble;
+  RunKazoo(ensemble.connect_string(), CreateMember("/svc", "127.0.0.1", 1001));
+  auto set = MakeSet(ensemble.Uri("/svc"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}), 30s)) << set->Describe();
+  for (int i = 0; i < 3; ++i) {
+    ensemble.server(i).Stop();
+    RunKazoo(ensemble.connect_string(), CreateMember("/svc", "127.0.0.1", 2000 + i));
+    Members want = Eps({{"127.0.0.1", 1001}});
+    for (int j = 0; j <= i; ++j) want.push_back({"127.0.0.1", static_cast<uint16_t>(2000 + j)});
+    ASSERT_TRUE(rec.WaitFor(want, 30s)) << "server " << i << " stopped: " << Show(rec.last())
+                                        << " " << set->Describe();
+    // Never lost the members meanwhile.
+    ensemble.server(i).Start();
+  }
+}
+
+}  // namespace
+}  // namespace scales

@@ -1,0 +1,69 @@
+#pragma once
+// The Mux reference server (tests/integration/mux_reference/mux_server.py, run with Debian's
+// /usr/bin/python3 and python3-thrift) in a child process, for ThriftMux/Mux integration tests.
+// The server is written independently of the C++ Mux codec; see the script's docstring for its
+// modes (--mode finagle|strict|old, --framer N, --ping-interval MS) and for the misbehaviours
+// that echo() arguments trigger ("drain", "lease:MS", "nack", "error:T", "rerr:T", "noreply",
+// "garbage", "close-mid-frame", "contexts"; sleep(MS) replies late).
+//
+// Every instance logs one line per message received or sent to a private log file (removed by
+// the destructor), readable with Log(), so tests can assert what the client sent, e.g.
+//   conn=1 recv Tdiscarded tag=0 code=0xc2 which=2 why=timeout
+//   conn=1 recv Tdispatch tag=2 size=83 contexts=com.twitter.finagle.Deadline ... method=echo
+// Not thread-safe: use from the test's main thread (ChildProcess's rule).
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "support/fixtures.h"
+
+namespace scales::test {
+
+class MuxReferenceServer {
+ public:
+  // Starts the server on a free port with `extra_args` (e.g. {"--mode", "strict", "--framer",
+  // "16"}) and waits (15 s at most) for its `listening` line; throws std::runtime_error
+  // otherwise.
+  explicit MuxReferenceServer(std::vector<std::string> extra_args = {});
+  ~MuxReferenceServer();
+  MuxReferenceServer(const MuxReferenceServer&) = delete;
+  MuxReferenceServer& operator=(const MuxReferenceServer&) = delete;
+
+  int port() const { return port_; }
+  // "127.0.0.1:<port>".
+  std::string endpoint() const;
+  bool running() const { return process_ != nullptr; }
+
+  // Terminates the server (open connections are closed). The port stays in port().
+  void Stop();
+  // Stops the server if it runs and starts it again on the same port with the same arguments
+  // (retrying for up to 5 s while the port cannot be bound). The log is kept.
+  void Restart();
+
+  // The whole log so far.
+  std::string Log() const;
+  std::vector<std::string> LogLines() const;
+  // Log lines containing every one of `needles`.
+  std::vector<std::string> LogLinesWith(std::vector<std::string_view> needles) const;
+  // Waits until some log line contains every one of `needles` (the server logs asynchronously
+  // to the client's view of the exchange). Returns whether it happened within `timeout`.
+  bool WaitForLog(std::vector<std::string_view> needles,
+                  std::chrono::milliseconds timeout = std::chrono::seconds(5)) const;
+
+  // Path of mux_server.py in the source tree.
+  static std::string ScriptPath();
+
+ private:
+  void Start(int port, std::chrono::milliseconds bind_retry);
+
+  std::vector<std::string> extra_args_;
+  std::filesystem::path dir_;
+  std::filesystem::path log_path_;
+  int port_ = 0;
+  std::unique_ptr<ChildProcess> process_;
+};
+
+}  // namespace scales::test

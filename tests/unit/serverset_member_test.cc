@@ -1,0 +1,174 @@
+// Serverset member JSON parsing, endpoint selection and zk:// options: no sockets.
+#include <gtest/gtest.h>
+
+#include "scales/core/error.h"
+#include "scales/discovery/serverset_member.h"
+#include "scales/discovery/uri.h"
+#include "scales/discovery/zookeeper.h"
+
+namespace scales {
+namespace {
+
+using std::chrono::milliseconds;
+
+constexpr const char* kFinagleExample =
+    R"({"serviceEndpoint":{"host":"10.1.2.3","port":9090},
+        "additionalEndpoints":{"http":{"host":"10.1.2.3","port":8080},
+                               "admin":{"host":"10.1.2.3","port":9990}},
+        "status":"ALIVE","shard":4,"metadata":{"zone":"a"}})";
+
+ServiceInstance MustParse(std::string_view json) {
+  std::string error;
+  auto instance = ParseServiceInstance(json, error);
+  EXPECT_TRUE(instance) << error;
+  return instance.value_or(ServiceInstance{});
+}
+
+std::string ParseError(std::string_view json) {
+  std::string error;
+  auto instance = ParseServiceInstance(json, error);
+  EXPECT_FALSE(instance) << json;
+  return error;
+}
+
+TEST(ServerSetMemberTest, ParsesFinagleExample) {
+  ServiceInstance m = MustParse(kFinagleExample);
+  EXPECT_EQ(m.service_endpoint, (Endpoint{"10.1.2.3", 9090}));
+  ASSERT_EQ(m.additional_endpoints.size(), 2u);
+  EXPECT_EQ(m.additional_endpoints.at("http"), (Endpoint{"10.1.2.3", 8080}));
+  EXPECT_EQ(m.additional_endpoints.at("admin"), (Endpoint{"10.1.2.3", 9990}));
+  EXPECT_EQ(m.status, "ALIVE");
+  EXPECT_EQ(m.shard, 4);
+  EXPECT_EQ(m.metadata.at("zone"), "a");
+}
+
+TEST(ServerSetMemberTest, OptionalFieldsMayBeAbsent) {
+  ServiceInstance m = MustParse(R"({"serviceEndpoint":{"host":"h","port":1},"status":"DEAD"})");
+  EXPECT_TRUE(m.additional_endpoints.empty());
+  EXPECT_FALSE(m.shard);
+  EXPECT_TRUE(m.metadata.empty());
+  EXPECT_EQ(m.status, "DEAD");
+  // An unparsable shard is ignored (as scales does), unknown keys too.
+  ServiceInstance n = MustParse(
+      R"({"serviceEndpoint":{"host":"h","port":1},"additionalEndpoints":{},"status":"ALIVE",
+          "shard":"x","extra":[1,2],"metadata":{"a":"b","n":3}})");
+  EXPECT_FALSE(n.shard);
+  EXPECT_EQ(n.metadata.size(), 1u);
+}
+
+TEST(ServerSetMemberTest, MalformedMembersNameTheProblem) {
+  EXPECT_NE(ParseError("").find("not JSON"), std::string::npos);
+  EXPECT_NE(ParseError("{\"serviceEndpoint\":").find("not JSON"), std::string::npos);
+  EXPECT_EQ(ParseError("[1]"), "not a JSON object");
+  EXPECT_EQ(ParseError(R"({"status":"ALIVE"})"), "serviceEndpoint: missing");
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":1}})"),
+            "status: missing or not a string");
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"port":1},"status":"ALIVE"})"),
+            "serviceEndpoint.host: missing or not a non-empty string");
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":"80"},"status":"ALIVE"})"),
+            "serviceEndpoint.port: missing or not an integer");
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":70000},"status":"ALIVE"})"),
+            "serviceEndpoint.port: 70000 is out of range 1..65535");
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":0},"status":"ALIVE"})"),
+            "serviceEndpoint.port: 0 is out of range 1..65535");
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":1},"status":"ALIVE",
+                           "additionalEndpoints":[]})"),
+            "additionalEndpoints: not an object");
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":1},"status":"ALIVE",
+                           "additionalEndpoints":{"http":{"host":"h"}}})"),
+            "additionalEndpoints.http.port: missing or not an integer");
+}
+
+TEST(ServerSetMemberTest, SerializeRoundTripsInFinagleOrder) {
+  ServiceInstance m;
+  m.service_endpoint = {"127.0.0.1", 8080};
+  EXPECT_EQ(SerializeServiceInstance(m),
+            R"({"serviceEndpoint":{"host":"127.0.0.1","port":8080},"additionalEndpoints":{},)"
+            R"("status":"ALIVE"})");
+  m.additional_endpoints["http"] = {"127.0.0.1", 8081};
+  m.shard = 2;
+  m.metadata["zone"] = "b";
+  ServiceInstance back = MustParse(SerializeServiceInstance(m));
+  EXPECT_EQ(back, m);
+}
+
+TEST(ServerSetMemberTest, SelectsAliveMembersAndNamedEndpoints) {
+  ServiceInstance m = MustParse(kFinagleExample);
+  EXPECT_EQ(SelectEndpoint(m, ""), (Endpoint{"10.1.2.3", 9090}));
+  EXPECT_EQ(SelectEndpoint(m, "http"), (Endpoint{"10.1.2.3", 8080}));
+  EXPECT_FALSE(SelectEndpoint(m, "thrift"));  // no such name: skipped
+  for (const char* status : {"DEAD", "STARTING", "STOPPING", "STOPPED", "WARNING", "alive"}) {
+    ServiceInstance s = m;
+    s.status = status;
+    EXPECT_FALSE(SelectEndpoint(s, "")) << status;
+  }
+}
+
+TEST(ServerSetMemberTest, SelectEndpointsSortsAndCollapsesDuplicates) {
+  ServiceInstance a, b, c, d;
+  a.service_endpoint = {"10.0.0.2", 80};
+  b.service_endpoint = {"10.0.0.1", 80};
+  c.service_endpoint = {"10.0.0.2", 80};  // same endpoint announced twice
+  d.service_endpoint = {"10.0.0.3", 80};
+  d.status = "STOPPING";
+  auto eps = SelectEndpoints({&a, &b, &c, &d}, "");
+  EXPECT_EQ(eps, (std::vector<Endpoint>{{"10.0.0.1", 80}, {"10.0.0.2", 80}}));
+  EXPECT_TRUE(SelectEndpoints({&a, &b}, "http").empty());
+}
+
+TEST(ZooKeeperOptionsTest, Durations) {
+  EXPECT_EQ(ParseZooKeeperDuration("500ms"), milliseconds(500));
+  EXPECT_EQ(ParseZooKeeperDuration("10s"), milliseconds(10000));
+  EXPECT_EQ(ParseZooKeeperDuration("2m"), milliseconds(120000));
+  EXPECT_FALSE(ParseZooKeeperDuration("10"));
+  EXPECT_FALSE(ParseZooKeeperDuration("s"));
+  EXPECT_FALSE(ParseZooKeeperDuration("-1s"));
+  EXPECT_FALSE(ParseZooKeeperDuration("1h"));
+}
+
+TEST(ZooKeeperOptionsTest, FromUriQuery) {
+  ParsedUri uri = ScalesUriParser::Parse(
+      "zk://a:1,b:2/svc/x#http?session_timeout=3s&chroot=/prod&auth=digest:u:p:q");
+  ZooKeeperOptions o = ZooKeeperOptions::FromUri(uri);
+  EXPECT_EQ(o.session_timeout, milliseconds(3000));
+  EXPECT_EQ(o.chroot, "/prod");
+  EXPECT_EQ(o.auth, "digest:u:p:q");  // the password may contain ':'
+  EXPECT_EQ(o.ConnectString(uri), "a:1,b:2/prod");
+  EXPECT_NO_THROW(o.Validate());
+
+  ZooKeeperOptions defaults;
+  defaults.session_timeout = milliseconds(1234);
+  ZooKeeperOptions d = ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc"), defaults);
+  EXPECT_EQ(d.session_timeout, milliseconds(1234));
+  EXPECT_EQ(d.ConnectString(ScalesUriParser::Parse("zk://[::1]:1/svc")), "[::1]:1");
+}
+
+TEST(ZooKeeperOptionsTest, BadQueryIsABadUri) {
+  for (const char* uri :
+       {"zk://a:1/svc?session_timeout=10", "zk://a:1/svc?session_timeout=0s",
+        "zk://a:1/svc?chroot=prod", "zk://a:1/svc?chroot=/prod/", "zk://a:1/svc?auth=digest",
+        "zk://a:1/svc?bogus=1", "tcp://a:1"}) {
+    try {
+      ZooKeeperOptions::FromUri(ScalesUriParser::Parse(uri));
+      ADD_FAILURE() << uri;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri)) << uri;
+    }
+  }
+  ZooKeeperOptions o;
+  o.session_timeout = milliseconds(0);
+  EXPECT_THROW(o.Validate(), Error);
+}
+
+TEST(ZooKeeperOptionsTest, CreateServerSetRejectsBadOptionsWithoutConnecting) {
+  try {
+    CreateServerSet(ScalesUriParser::Parse("zk://127.0.0.1:1/svc?unknown=1"));
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri));
+    EXPECT_NE(std::string(e.what()).find("unknown"), std::string::npos);
+  }
+}
+
+}  // namespace
+}  // namespace scales

@@ -1,0 +1,442 @@
+// Thrift formatter: message headers (binary strict and lenient, compact), sequence ids,
+// reply checks, oneway detection, message scanning and the golden vectors of scales'
+// thrift/test_serialization. No sockets, no event loop.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <thrift/protocol/TBinaryProtocol.h>
+#include <thrift/protocol/TCompactProtocol.h>
+#include <thrift/transport/TBufferTransports.h>
+
+#include "Derived.h"
+#include "Hello.h"
+#include "scales/core/sink_stack.h"
+#include "scales/thrift/client.h"
+#include "scales/thrift/message.h"
+#include "scales/thrift/serializer.h"
+
+namespace scales::thrift {
+namespace {
+
+using apache::thrift::protocol::TBinaryProtocol;
+using apache::thrift::protocol::TCompactProtocol;
+using apache::thrift::transport::TMemoryBuffer;
+using scales::thrifttest::DerivedClient;
+using scales::thrifttest::HelloClient;
+
+std::string Bytes(std::initializer_list<int> b) {
+  std::string s;
+  for (int c : b) s.push_back(static_cast<char>(c));
+  return s;
+}
+
+// The message header and an empty struct, written by libthrift itself.
+std::string WriteMessage(Protocol p, const std::string& name, apache::thrift::protocol::TMessageType type,
+                         int32_t seqid, bool strict = true) {
+  auto buf = std::make_shared<TMemoryBuffer>();
+  std::shared_ptr<apache::thrift::protocol::TProtocol> proto;
+  if (p == Protocol::kCompact) {
+    proto = std::make_shared<TCompactProtocol>(buf);
+  } else {
+    proto = std::make_shared<TBinaryProtocol>(buf, 0, 0, strict, strict);
+  }
+  proto->writeMessageBegin(name, type, seqid);
+  proto->writeStructBegin("args");
+  proto->writeFieldBegin("s", apache::thrift::protocol::T_STRING, 1);
+  proto->writeString("payload");
+  proto->writeFieldEnd();
+  proto->writeFieldStop();
+  proto->writeStructEnd();
+  proto->writeMessageEnd();
+  return buf->getBufferAsString();
+}
+
+// Reads the header back with libthrift (the authority on what the bytes mean).
+void ReadHeader(Protocol p, std::string bytes, std::string& name, int32_t& seqid,
+                apache::thrift::protocol::TMessageType& type) {
+  auto buf = std::make_shared<TMemoryBuffer>(reinterpret_cast<uint8_t*>(bytes.data()),
+                                             static_cast<uint32_t>(bytes.size()), TMemoryBuffer::COPY);
+  std::shared_ptr<apache::thrift::protocol::TProtocol> proto;
+  if (p == Protocol::kCompact) {
+    proto = std::make_shared<TCompactProtocol>(buf);
+  } else {
+    proto = std::make_shared<TBinaryProtocol>(buf);
+  }
+  proto->readMessageBegin(name, type, seqid);
+}
+
+TEST(ThriftMessageTest, GoldenCallVectorFromScales) {
+  // scales thrift/test_serialization: Hello.hi('this_is_test_data').
+  std::string bytes = internal::Encode<HelloClient>(Protocol::kBinary,
+                                                    [](HelloClient& c) { c.send_hi("this_is_test_data"); });
+  std::string expected = Bytes({0x80, 0x01, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x68, 0x69, 0x00, 0x00, 0x00,
+                                0x00, 0x0b, 0x00, 0x01, 0x00, 0x00, 0x00, 0x11}) +
+                         "this_is_test_data" + Bytes({0x00});
+  EXPECT_EQ(bytes, expected);
+  auto h = ParseMessageHeader(bytes);
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->format, HeaderFormat::kBinaryStrict);
+  EXPECT_EQ(h->type, MessageType::kCall);
+  EXPECT_EQ(h->name, "hi");
+  EXPECT_EQ(h->seqid, 0);
+  EXPECT_EQ(h->seqid_offset, 10u);
+  EXPECT_EQ(h->size, 14u);
+}
+
+TEST(ThriftMessageTest, GoldenReplyVectorFromScales) {
+  std::string reply = Bytes({0x80, 0x01, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02, 0x68, 0x69, 0x00, 0x00, 0x00, 0x00,
+                             0x0b, 0x00, 0x00, 0x00, 0x00, 0x00, 0x18}) +
+                      "this is a return message" + Bytes({0x00});
+  auto h = ParseMessageHeader(reply);
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->type, MessageType::kReply);
+  EXPECT_EQ(h->name, "hi");
+  EXPECT_EQ(internal::Decode<HelloClient>(Protocol::kBinary, reply, &HelloClient::recv_hi),
+            "this is a return message");
+  auto scan = ScanMessage(reply);
+  EXPECT_EQ(scan.status, MessageScan::Status::kComplete);
+  EXPECT_EQ(scan.size, reply.size());
+}
+
+TEST(ThriftMessageTest, ParsesAndRewritesEveryHeaderFormat) {
+  struct Case {
+    Protocol protocol;
+    bool strict;
+    HeaderFormat format;
+  };
+  for (Case c : {Case{Protocol::kBinary, true, HeaderFormat::kBinaryStrict},
+                 Case{Protocol::kBinary, false, HeaderFormat::kBinaryLenient},
+                 Case{Protocol::kCompact, true, HeaderFormat::kCompact}}) {
+    SCOPED_TRACE(static_cast<int>(c.format));
+    std::string bytes = WriteMessage(c.protocol, "method_name", apache::thrift::protocol::T_CALL, 0, c.strict);
+    auto h = ParseMessageHeader(bytes);
+    ASSERT_TRUE(h);
+    EXPECT_EQ(h->format, c.format);
+    EXPECT_EQ(h->name, "method_name");
+    EXPECT_EQ(h->type, MessageType::kCall);
+    EXPECT_EQ(h->seqid, 0);
+    // Small and large ids (the compact varint grows from 1 to 5 bytes), then back to 0.
+    for (int32_t id : {1, 127, 128, 300000, 0x7fffffff, -5, 0}) {
+      RewriteSeqId(bytes, *h, id);
+      std::string name;
+      int32_t seqid = -1;
+      apache::thrift::protocol::TMessageType type;
+      ReadHeader(c.protocol, bytes, name, seqid, type);
+      EXPECT_EQ(name, "method_name");
+      EXPECT_EQ(seqid, id);
+      EXPECT_EQ(type, apache::thrift::protocol::T_CALL);
+      auto again = ParseMessageHeader(bytes);
+      ASSERT_TRUE(again);
+      EXPECT_EQ(again->seqid, id);
+      EXPECT_EQ(again->size, h->size);
+      // The body is untouched: the message still scans to its end.
+      auto scan = ScanMessage(bytes);
+      EXPECT_EQ(scan.status, MessageScan::Status::kComplete);
+      EXPECT_EQ(scan.size, bytes.size());
+    }
+    EXPECT_EQ(bytes, WriteMessage(c.protocol, "method_name", apache::thrift::protocol::T_CALL, 0, c.strict));
+  }
+}
+
+TEST(ThriftMessageTest, DetectsOnewayAndRejectsGarbage) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    auto h = ParseMessageHeader(WriteMessage(p, "notify", apache::thrift::protocol::T_ONEWAY, 0));
+    ASSERT_TRUE(h);
+    EXPECT_EQ(h->type, MessageType::kOneway);
+  }
+  std::string why;
+  EXPECT_FALSE(ParseMessageHeader("", &why));
+  EXPECT_FALSE(ParseMessageHeader(Bytes({0x80, 0x02, 0x00, 0x01}), &why));  // bad version
+  EXPECT_NE(why.find("version"), std::string::npos);
+  EXPECT_FALSE(ParseMessageHeader(Bytes({0x80, 0x01, 0x00, 0x09, 0, 0, 0, 0, 0, 0, 0, 0}), &why));  // bad type
+  EXPECT_FALSE(ParseMessageHeader(Bytes({0xff, 0xff, 0xff, 0xff}), &why));
+  EXPECT_FALSE(ParseMessageHeader(Bytes({0x82, 0x21}), &why));  // truncated compact
+}
+
+TEST(ThriftMessageTest, ScanNeedsMoreUntilTheWholeMessageArrived) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    std::string msg = WriteMessage(p, "echo", apache::thrift::protocol::T_REPLY, 7);
+    for (size_t n = 1; n < msg.size(); ++n) {
+      auto scan = ScanMessage(std::string_view(msg).substr(0, n));
+      EXPECT_EQ(scan.status, MessageScan::Status::kNeedMore) << n;
+    }
+    std::string two = msg + msg.substr(0, 3);
+    auto scan = ScanMessage(two);
+    EXPECT_EQ(scan.status, MessageScan::Status::kComplete);
+    EXPECT_EQ(scan.size, msg.size());
+  }
+  std::string garbage = WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_REPLY, 7);
+  garbage[16] = 0x42;  // an unknown field type (after the 16-byte header)
+  EXPECT_EQ(ScanMessage(garbage).status, MessageScan::Status::kMalformed);
+}
+
+// A message with every field type (nested, containers, booleans in fields and in lists).
+std::string WriteRichMessage(Protocol p) {
+  using namespace apache::thrift::protocol;
+  auto buf = std::make_shared<TMemoryBuffer>();
+  std::shared_ptr<TProtocol> proto;
+  if (p == Protocol::kCompact) {
+    proto = std::make_shared<TCompactProtocol>(buf);
+  } else {
+    proto = std::make_shared<TBinaryProtocol>(buf);
+  }
+  proto->writeMessageBegin("rich", T_REPLY, 3);
+  proto->writeStructBegin("r");
+  proto->writeFieldBegin("b", T_BOOL, 1);
+  proto->writeBool(true);
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("y", T_BYTE, 2);
+  proto->writeByte(-3);
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("s", T_I16, 3);
+  proto->writeI16(-300);
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("l", T_I64, 40);  // a field id delta > 15
+  proto->writeI64(-1234567890123LL);
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("d", T_DOUBLE, 41);
+  proto->writeDouble(3.5);
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("bin", T_STRING, 42);
+  proto->writeBinary(std::string(300, 'z'));
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("bools", T_LIST, 43);
+  proto->writeListBegin(T_BOOL, 20);
+  for (int i = 0; i < 20; ++i) proto->writeBool(i % 3 == 0);
+  proto->writeListEnd();
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("m", T_MAP, 44);
+  proto->writeMapBegin(T_STRING, T_I64, 2);
+  proto->writeString("a");
+  proto->writeI64(1);
+  proto->writeString("b");
+  proto->writeI64(2);
+  proto->writeMapEnd();
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("empty", T_MAP, 45);
+  proto->writeMapBegin(T_STRING, T_I64, 0);
+  proto->writeMapEnd();
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("set", T_SET, 46);
+  proto->writeSetBegin(T_I16, 3);
+  for (int16_t v : {1, 2, 3}) proto->writeI16(v);
+  proto->writeSetEnd();
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("nested", T_STRUCT, 47);
+  proto->writeStructBegin("n");
+  proto->writeFieldBegin("f", T_BOOL, 1);
+  proto->writeBool(false);
+  proto->writeFieldEnd();
+  proto->writeFieldBegin("structs", T_LIST, 2);
+  proto->writeListBegin(T_STRUCT, 16);  // a list size >= 15 (compact: varint size)
+  for (int i = 0; i < 16; ++i) {
+    proto->writeStructBegin("e");
+    proto->writeFieldBegin("i", T_I32, 1);
+    proto->writeI32(i);
+    proto->writeFieldEnd();
+    proto->writeFieldStop();
+    proto->writeStructEnd();
+  }
+  proto->writeListEnd();
+  proto->writeFieldEnd();
+  proto->writeFieldStop();
+  proto->writeStructEnd();
+  proto->writeFieldEnd();
+  proto->writeFieldStop();
+  proto->writeStructEnd();
+  proto->writeMessageEnd();
+  return buf->getBufferAsString();
+}
+
+TEST(ThriftMessageTest, ScanWalksEveryTypeAtEveryPrefix) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    SCOPED_TRACE(ToString(p));
+    const std::string msg = WriteRichMessage(p);
+    for (size_t n = 0; n < msg.size(); ++n) {
+      ASSERT_EQ(ScanMessage(std::string_view(msg).substr(0, n)).status, MessageScan::Status::kNeedMore) << n;
+    }
+    auto scan = ScanMessage(msg + "trailing");
+    ASSERT_EQ(scan.status, MessageScan::Status::kComplete) << scan.error;
+    EXPECT_EQ(scan.size, msg.size());
+  }
+  // A header that can never parse is malformed at once (not "need more").
+  EXPECT_EQ(ScanMessage(Bytes({0x80, 0x07, 0x00, 0x01})).status, MessageScan::Status::kMalformed);
+}
+
+// The top of a test stack: records the response.
+class Top final : public ClientMessageSink {
+ public:
+  void AsyncProcessRequest(SinkStack&, MethodCallMessage&, Stream*) override {}
+  void AsyncProcessResponse(SinkStack&, void*, Stream* stream, MethodReturnMessage& msg) override {
+    ++responses;
+    last = msg;
+    last_stream = stream;
+  }
+  void Close() override {}
+  SinkStatus status() const override { return SinkStatus::kOpen; }
+  std::string_view name() const override { return "top"; }
+  int responses = 0;
+  MethodReturnMessage last;
+  Stream* last_stream = nullptr;
+
+ protected:
+  void DoOpen(OpenHandler) override {}
+};
+
+// The bottom: keeps the request for the test to answer.
+class Bottom final : public ClientMessageSink {
+ public:
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage&, Stream* stream) override {
+    this->stack = &stack;
+    this->stream = stream;
+  }
+  void Close() override {}
+  SinkStatus status() const override { return SinkStatus::kOpen; }
+  std::string_view name() const override { return "bottom"; }
+  // Answers with `bytes` in the call's reply slot.
+  void Answer(std::string bytes) {
+    Stream* reply = stack->message().reply_slot<Stream>();
+    reply->data = std::move(bytes);
+    MethodReturnMessage ok;
+    stack->AsyncProcessResponse(reply, ok);
+  }
+  SinkStack* stack = nullptr;
+  Stream* stream = nullptr;
+
+ protected:
+  void DoOpen(OpenHandler) override {}
+};
+
+class SerializerTest : public ::testing::Test {
+ protected:
+  struct Call {
+    Stream request;
+    Stream reply;
+    MethodCallMessage msg;
+    SinkStack stack{msg};
+  };
+  void SetUp() override {
+    bottom_ = std::make_shared<Bottom>();
+    serializer_ = std::make_shared<ThriftSerializerSink>(bottom_);
+  }
+  std::unique_ptr<Call> Send(std::string bytes) {
+    auto c = std::make_unique<Call>();
+    c->request.data = std::move(bytes);
+    c->msg.SetPayload(&c->request);
+    c->msg.SetReplySlot(&c->reply);
+    c->msg.properties.endpoint = "10.0.0.1:9090";
+    c->stack.Push(&top_, nullptr);
+    serializer_->AsyncProcessRequest(c->stack, c->msg, nullptr);
+    return c;
+  }
+  Top top_;
+  std::shared_ptr<Bottom> bottom_;
+  std::shared_ptr<ThriftSerializerSink> serializer_;
+};
+
+TEST_F(SerializerTest, AssignsSequenceIdsAndRestoresTheCallersOnTheReply) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    for (int32_t expected_id = 1; expected_id <= 3; ++expected_id) {
+      int32_t id = serializer_->next_seqid();
+      auto call = Send(WriteMessage(p, "echo", apache::thrift::protocol::T_CALL, 0));
+      ASSERT_EQ(bottom_->stream, &call->request);
+      EXPECT_EQ(call->msg.method, "echo");
+      auto h = ParseMessageHeader(call->request.data);
+      ASSERT_TRUE(h);
+      EXPECT_EQ(h->seqid, id);
+      bottom_->Answer(WriteMessage(p, "echo", apache::thrift::protocol::T_REPLY, id));
+      ASSERT_EQ(top_.responses, 1);
+      top_.responses = 0;
+      EXPECT_TRUE(top_.last.ok()) << top_.last.detail;
+      auto r = ParseMessageHeader(call->reply.data);
+      ASSERT_TRUE(r);
+      EXPECT_EQ(r->seqid, 0);  // what the generated recv code expects back
+      // The request is as the caller wrote it again (a retry would start from it).
+      EXPECT_EQ(call->request.data, WriteMessage(p, "echo", apache::thrift::protocol::T_CALL, 0));
+    }
+  }
+  EXPECT_EQ(serializer_->next_seqid(), 7);
+}
+
+TEST_F(SerializerTest, SeqidMismatchIsAProtocolErrorNamingEndpointMethodAndIds) {
+  auto call = Send(WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_CALL, 0));
+  bottom_->Answer(WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_REPLY, 99));
+  ASSERT_EQ(top_.responses, 1);
+  EXPECT_EQ(top_.last.error, make_error_code(Errc::kProtocolError));
+  EXPECT_NE(top_.last.detail.find("10.0.0.1:9090"), std::string::npos) << top_.last.detail;
+  EXPECT_NE(top_.last.detail.find("echo"), std::string::npos) << top_.last.detail;
+  EXPECT_NE(top_.last.detail.find("seqid 99, expected 1"), std::string::npos) << top_.last.detail;
+}
+
+TEST_F(SerializerTest, WrongMethodNameIsAProtocolError) {
+  auto call = Send(WriteMessage(Protocol::kCompact, "echo", apache::thrift::protocol::T_CALL, 0));
+  bottom_->Answer(WriteMessage(Protocol::kCompact, "other", apache::thrift::protocol::T_REPLY, 1));
+  ASSERT_EQ(top_.responses, 1);
+  EXPECT_EQ(top_.last.error, make_error_code(Errc::kProtocolError));
+  EXPECT_NE(top_.last.detail.find("'other'"), std::string::npos) << top_.last.detail;
+}
+
+TEST_F(SerializerTest, ExceptionRepliesPassAndGarbageRepliesFail) {
+  auto call = Send(WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_CALL, 0));
+  bottom_->Answer(WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_EXCEPTION, 1));
+  EXPECT_TRUE(top_.last.ok());
+  auto call2 = Send(WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_CALL, 0));
+  bottom_->Answer("not thrift");
+  EXPECT_EQ(top_.last.error, make_error_code(Errc::kProtocolError));
+  EXPECT_EQ(top_.responses, 2);
+}
+
+TEST_F(SerializerTest, OnewayPassesAnEmptyReplyUnchecked) {
+  auto call = Send(internal::Encode<DerivedClient>(Protocol::kBinary,
+                                                   [](DerivedClient& c) { c.send_notify("hello"); }));
+  auto h = ParseMessageHeader(call->request.data);
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->type, MessageType::kOneway);
+  EXPECT_EQ(call->msg.method, "notify");
+  bottom_->Answer("");
+  ASSERT_EQ(top_.responses, 1);
+  EXPECT_TRUE(top_.last.ok());
+}
+
+TEST_F(SerializerTest, RejectsAPayloadThatIsNotACall) {
+  auto call = Send(WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_REPLY, 0));
+  ASSERT_EQ(top_.responses, 1);
+  EXPECT_EQ(top_.last.error, make_error_code(Errc::kInvalidArgument));
+  EXPECT_EQ(bottom_->stack, nullptr);
+}
+
+TEST(ThriftCodecTest, InheritedMethodsEncodeAndDeclaredExceptionsDecodeAsThemselves) {
+  // An inherited method through the derived client (service Derived extends Base).
+  std::string bytes = internal::Encode<DerivedClient>(Protocol::kCompact,
+                                                      [](DerivedClient& c) { c.send_add(2, 3); });
+  auto h = ParseMessageHeader(bytes);
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->name, "add");
+  EXPECT_EQ(h->format, HeaderFormat::kCompact);
+
+  // A reply carrying TestError, built the way a server's processor writes it.
+  scales::thrifttest::Derived_boom_presult unused;
+  (void)unused;
+  auto buf = std::make_shared<TMemoryBuffer>();
+  TBinaryProtocol proto(buf);
+  scales::thrifttest::Derived_boom_result result;
+  result.error.message = "kaput";
+  result.error.code = 7;
+  result.__isset.error = true;
+  proto.writeMessageBegin("boom", apache::thrift::protocol::T_REPLY, 0);
+  result.write(&proto);
+  proto.writeMessageEnd();
+  std::string reply = buf->getBufferAsString();
+  try {
+    internal::Decode<DerivedClient>(Protocol::kBinary, reply, &DerivedClient::recv_boom);
+    FAIL() << "no exception";
+  } catch (const scales::thrifttest::TestError& e) {
+    EXPECT_EQ(e.message, "kaput");
+    EXPECT_EQ(e.code, 7);
+  }
+}
+
+}  // namespace
+}  // namespace scales::thrift

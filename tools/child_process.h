@@ -1,0 +1,35 @@
+#pragma once
+// A child process of the tool (the demo's servers): started with posix_spawn, stopped with
+// SIGTERM and waited for on destruction. Not thread-safe.
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+namespace scales::tools {
+
+class ChildProcess {
+ public:
+  ChildProcess() = default;
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  ~ChildProcess() { Stop(); }
+
+  // Starts `path` with `args` (args[0] is the program name). With `first_line`, stdout is a
+  // pipe and the first line the child prints is read into it (the test servers print
+  // "listening HOST:PORT"); otherwise stdout and stderr go to /dev/null.
+  bool Start(const std::string& path, std::vector<std::string> args, std::string* first_line);
+  void Stop();
+  bool running() const noexcept { return pid_ > 0; }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+// Starts `scales testserver <kind> --port <port> [extra...]` (this same binary) and returns its
+// endpoint ("127.0.0.1:PORT"), or "" when it did not start.
+std::string StartTestServer(ChildProcess& child, const std::string& kind, int port,
+                            std::vector<std::string> extra = {});
+
+}  // namespace scales::tools

@@ -1,0 +1,122 @@
+// scales serverset URI [--watch] [--timeout 10s]
+//
+// Prints the members of a server set that would receive traffic, one `host:port` per line,
+// sorted (for zk:// URIs: the ALIVE members' serviceEndpoint, or additionalEndpoints[name]
+// with #name). With --watch it keeps running (until SIGINT/SIGTERM) and prints every change as
+// it happens: `+ host:port` for a member that joined, `- host:port` for one that left, the
+// initial members as `+` lines; each batch ends with a line `# N members` and is flushed.
+//
+// Exit status: 0 once printed (a known but empty set prints nothing and says so on stderr);
+// 1 when the members are not known within --timeout (the reason, from the server set's
+// Describe(), goes to stderr); 2 for usage errors.
+#include <csignal>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <fmt/format.h>
+
+#include "cli_util.h"
+#include "commands.h"
+#include "scales/core/error.h"
+#include "scales/discovery/server_set.h"
+#include "scales/discovery/uri.h"
+
+namespace scales::tools {
+namespace {
+
+int Usage(const std::string& problem) {
+  if (!problem.empty()) std::fprintf(stderr, "scales serverset: %s\n", problem.c_str());
+  std::fputs("usage: scales serverset URI [--watch] [--timeout 10s]\n", stderr);
+  return 2;
+}
+
+}  // namespace
+
+int RunServerSetCommand(int argc, char** argv) {
+  // argv[0] == "serverset"
+  std::string uri_text;
+  bool watch = false;
+  std::chrono::nanoseconds timeout = std::chrono::seconds(10);
+  for (int i = 1; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    if (arg == "--watch") {
+      watch = true;
+    } else if (arg == "--timeout") {
+      auto d = i + 1 < argc ? ParseDuration(argv[++i]) : std::nullopt;
+      if (!d || d->count() <= 0) return Usage("--timeout needs a positive duration (e.g. 5s)");
+      timeout = *d;
+    } else if (arg == "-h" || arg == "--help") {
+      Usage("");
+      return 0;
+    } else if (arg.starts_with("--") || !uri_text.empty()) {
+      return Usage(fmt::format("unexpected argument '{}'", arg));
+    } else {
+      uri_text = arg;
+    }
+  }
+  if (uri_text.empty()) return Usage("missing URI");
+
+  std::shared_ptr<ServerSet> set;
+  try {
+    set = CreateServerSet(ScalesUriParser::Parse(uri_text));
+  } catch (const Error& e) {
+    std::fprintf(stderr, "scales serverset: %s\n", e.what());
+    return 2;
+  }
+
+  boost::asio::io_context ioc{1};
+  std::optional<std::set<Endpoint>> current;
+  int status = 0;
+  boost::asio::steady_timer timer{ioc};
+  boost::asio::signal_set signals{ioc, SIGINT, SIGTERM};
+  signals.async_wait([&](const boost::system::error_code& ec, int) {
+    if (!ec) ioc.stop();
+  });
+  // Snapshots arrive on this io_context, in order.
+  uint64_t id = set->Subscribe(ioc.get_executor(), [&](const ServerSet::Members& members) {
+    std::set<Endpoint> next(members.begin(), members.end());
+    if (!watch) {
+      for (const Endpoint& ep : next) std::printf("%s\n", ep.ToString().c_str());
+      if (next.empty()) std::fprintf(stderr, "scales serverset: no members (%s)\n", set->Describe().c_str());
+      std::fflush(stdout);
+      timer.cancel();
+      ioc.stop();
+      return;
+    }
+    std::set<Endpoint> before = current.value_or(std::set<Endpoint>{});
+    bool first = !current;
+    for (const Endpoint& ep : before) {
+      if (!next.contains(ep)) std::printf("- %s\n", ep.ToString().c_str());
+    }
+    for (const Endpoint& ep : next) {
+      if (!before.contains(ep)) std::printf("+ %s\n", ep.ToString().c_str());
+    }
+    if (first || before != next) std::printf("# %zu members\n", next.size());
+    std::fflush(stdout);
+    current = std::move(next);
+    timer.cancel();
+  });
+  timer.expires_after(timeout);
+  timer.async_wait([&](const boost::system::error_code& ec) {
+    if (ec || current) return;
+    std::fprintf(stderr, "scales serverset: members not known within %lld ms: %s\n",
+                 static_cast<long long>(
+                     std::chrono::duration_cast<std::chrono::milliseconds>(timeout).count()),
+                 set->Describe().c_str());
+    status = 1;
+    ioc.stop();
+  });
+  // Without --watch, the first snapshot stops the loop (and marks `current` unused).
+  ioc.run();
+  set->Unsubscribe(id);
+  return status;
+}
+
+}  // namespace scales::tools

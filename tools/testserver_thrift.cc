@@ -1,0 +1,138 @@
+// `scales testserver thrift`: the Echo service (tools/echo.thrift) served by Apache Thrift's own
+// C++ server (TThreadedServer), framed by default, for the demo, the benchmarks and the tests.
+//
+//   echo(m)   -> m
+//   ping()    -> (void)
+//   fail(m)   -> throws EchoError(m)
+//   sleep(ms) -> sleeps ms milliseconds, answers ms as text
+//
+// On start it prints exactly one line, `listening 127.0.0.1:<port>` (the real port; --port 0
+// lets the kernel choose), and flushes stdout. SIGTERM or SIGINT ends it.
+#include <pthread.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <thread>
+
+#include <thrift/protocol/TBinaryProtocol.h>
+#include <thrift/protocol/TCompactProtocol.h>
+#include <thrift/server/TThreadedServer.h>
+#include <thrift/transport/TBufferTransports.h>
+#include <thrift/transport/TServerSocket.h>
+
+#include "Echo.h"
+#include "cli_util.h"
+#include "commands.h"
+
+namespace scales::tools {
+namespace {
+
+class EchoHandler final : public scales::echo::EchoIf {
+ public:
+  void echo(std::string& r, const std::string& message) override { r = message; }
+  void ping() override {}
+  void fail(std::string&, const std::string& message) override {
+    scales::echo::EchoError e;
+    e.message = message;
+    throw e;
+  }
+  void sleep(std::string& r, int32_t millis) override {
+    if (millis > 0) std::this_thread::sleep_for(std::chrono::milliseconds(millis));
+    r = std::to_string(millis);
+  }
+};
+
+struct ReadyHandler final : apache::thrift::server::TServerEventHandler {
+  std::promise<void> ready;
+  void preServe() override { ready.set_value(); }
+};
+
+int Usage(std::FILE* out) {
+  std::fputs(
+      "usage: scales testserver thrift [--port P] [--transport framed|buffered]\n"
+      "                                [--protocol binary|compact]\n"
+      "  serves the Echo service (tools/echo.thrift) on 127.0.0.1 with Apache Thrift's\n"
+      "  TThreadedServer; prints 'listening 127.0.0.1:<port>' once ready.\n",
+      out);
+  return out == stdout ? 0 : 2;
+}
+
+}  // namespace
+
+int RunThriftTestServerCommand(int argc, char** argv) {
+  // argv[0] == "testserver", argv[1] == "thrift"
+  int port = 0;
+  bool framed = true;
+  bool compact = false;
+  for (int i = 2; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    const char* value = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (arg == "-h" || arg == "--help") return Usage(stdout);
+    if (value == nullptr) return Usage(stderr);
+    ++i;
+    if (arg == "--port") {
+      char* end = nullptr;
+      long p = std::strtol(value, &end, 10);
+      if (*end != '\0' || p < 0 || p > 65535) return Usage(stderr);
+      port = static_cast<int>(p);
+    } else if (arg == "--transport") {
+      if (std::string_view(value) != "framed" && std::string_view(value) != "buffered") return Usage(stderr);
+      framed = std::string_view(value) == "framed";
+    } else if (arg == "--protocol") {
+      if (std::string_view(value) != "binary" && std::string_view(value) != "compact") return Usage(stderr);
+      compact = std::string_view(value) == "compact";
+    } else {
+      std::fprintf(stderr, "scales testserver thrift: unknown option '%s'\n", argv[i - 1]);
+      return Usage(stderr);
+    }
+  }
+  // Signals are taken by one thread (sigwait), so no server thread is interrupted by them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  using namespace apache::thrift;
+  auto socket = std::make_shared<transport::TServerSocket>("127.0.0.1", port);
+  std::shared_ptr<transport::TTransportFactory> tf;
+  if (framed) {
+    tf = std::make_shared<transport::TFramedTransportFactory>();
+  } else {
+    tf = std::make_shared<transport::TBufferedTransportFactory>();
+  }
+  std::shared_ptr<protocol::TProtocolFactory> pf;
+  if (compact) {
+    pf = std::make_shared<protocol::TCompactProtocolFactory>();
+  } else {
+    pf = std::make_shared<protocol::TBinaryProtocolFactory>();
+  }
+  auto processor = std::make_shared<scales::echo::EchoProcessor>(std::make_shared<EchoHandler>());
+  auto server = std::make_shared<server::TThreadedServer>(processor, socket, tf, pf);
+  auto events = std::make_shared<ReadyHandler>();
+  auto ready = events->ready.get_future();
+  server->setServerEventHandler(events);
+  std::thread serving([server] {
+    try {
+      server->serve();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "scales testserver thrift: %s\n", e.what());
+      std::_Exit(1);
+    }
+  });
+  ready.wait();
+  std::printf("listening 127.0.0.1:%d\n", socket->getPort());
+  std::fflush(stdout);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  // Handlers may be sleeping; a test server need not wait for them.
+  std::_Exit(0);
+}
+
+}  // namespace scales::tools

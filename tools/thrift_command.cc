@@ -1,0 +1,134 @@
+// scales thrift call URI echo|ping|fail|sleep [ARG] [--timeout D] [--client-id ID]
+//                   [--protocol binary|compact] [--transport framed|buffered]
+//
+// One call of the Echo service (tools/echo.thrift) through the full scales Thrift stack. Prints
+// the result on stdout. Exit status: 0 success, 1 declared exception (EchoError; its message on
+// stderr), 2 failed call (transport, timeout, TApplicationException) or bad usage.
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include <fmt/format.h>
+#include <thrift/TApplicationException.h>
+
+#include "Echo.h"
+#include "cli_util.h"
+#include "commands.h"
+#include "scales/thrift/thrift.h"
+#include "scales/thriftmux/thriftmux.h"
+
+namespace scales::tools {
+namespace {
+
+int Usage(const std::string& problem) {
+  if (!problem.empty()) std::fprintf(stderr, "scales thrift: %s\n", problem.c_str());
+  std::fputs(
+      "usage: scales thrift call URI echo|ping|fail|sleep [ARG] [--timeout 2s] [--client-id ID]\n"
+      "                          [--protocol binary|compact] [--transport framed|buffered]\n"
+      "       scales thriftmux call URI echo|ping|fail|sleep [ARG] [--timeout 2s] [--client-id ID]\n",
+      stderr);
+  return 2;
+}
+
+}  // namespace
+
+int RunThriftCommand(int argc, char** argv) {
+  // argv[0] == "thrift" or "thriftmux" (the same Echo calls over a ThriftMux stack)
+  const bool mux = std::string_view(argv[0]) == "thriftmux";
+  if (argc < 4) return Usage("missing arguments");
+  if (std::string_view(argv[1]) != "call") return Usage(fmt::format("unknown sub-command '{}'", argv[1]));
+  const std::string uri = argv[2];
+  const std::string method = argv[3];
+  std::optional<std::string> arg;
+  thrift::ThriftOptions options;
+  options.client.name = "scales-thrift";
+  options.client.timeout = std::chrono::seconds(10);
+  for (int i = 4; i < argc; ++i) {
+    std::string_view a = argv[i];
+    auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    if (a == "--timeout") {
+      const char* v = next();
+      auto d = v ? ParseDuration(v) : std::nullopt;
+      if (!d || *d <= Duration::zero()) return Usage("--timeout needs a duration such as 500ms");
+      options.client.timeout = *d;
+    } else if (a == "--client-id") {
+      const char* v = next();
+      if (!v) return Usage("--client-id needs a value");
+      options.client_id = v;
+    } else if (a == "--protocol") {
+      const char* v = next();
+      if (v && std::string_view(v) == "binary") {
+        options.protocol = thrift::Protocol::kBinary;
+      } else if (v && std::string_view(v) == "compact") {
+        options.protocol = thrift::Protocol::kCompact;
+      } else {
+        return Usage("--protocol is binary or compact");
+      }
+    } else if (a == "--transport") {
+      const char* v = next();
+      if (v && std::string_view(v) == "framed") {
+        options.transport.framing = thrift::Framing::kFramed;
+      } else if (v && std::string_view(v) == "buffered") {
+        options.transport.framing = thrift::Framing::kBuffered;
+      } else {
+        return Usage("--transport is framed or buffered");
+      }
+    } else if (a.starts_with("--")) {
+      return Usage(fmt::format("unknown option '{}'", a));
+    } else if (!arg) {
+      arg = std::string(a);
+    } else {
+      return Usage(fmt::format("unexpected argument '{}'", a));
+    }
+  }
+  if (method != "echo" && method != "ping" && method != "fail" && method != "sleep") {
+    return Usage(fmt::format("unknown method '{}' (echo, ping, fail, sleep)", method));
+  }
+  int32_t millis = 0;
+  if (method == "sleep") {
+    char* end = nullptr;
+    long v = arg ? std::strtol(arg->c_str(), &end, 10) : -1;
+    if (!arg || *end != '\0' || v < 0 || v > INT32_MAX) return Usage("sleep needs a number of milliseconds");
+    millis = static_cast<int32_t>(v);
+  }
+  try {
+    auto client = [&] {
+      if (!mux) return Thrift::NewClient<echo::EchoClient>(uri, options);
+      thriftmux::ThriftMuxOptions mux_options;
+      mux_options.client = options.client;
+      mux_options.client.name = "scales-thriftmux";
+      mux_options.client_id = options.client_id;
+      return ThriftMux::NewClient<echo::EchoClient>(uri, mux_options);
+    }();
+    std::string result;
+    if (method == "echo") {
+      client->echo(result, arg.value_or(""));
+    } else if (method == "ping") {
+      client->ping();
+      result = "pong";
+    } else if (method == "fail") {
+      client->fail(result, arg.value_or("fail"));
+    } else {
+      client->sleep(result, millis);
+    }
+    std::printf("%s\n", result.c_str());
+    client.Close();
+    return 0;
+  } catch (const echo::EchoError& e) {
+    std::fprintf(stderr, "EchoError: %s\n", e.message.c_str());
+    return 1;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "scales: %s [%s]\n", e.what(), ErrorName(e.scales_code()).c_str());
+    return 2;
+  } catch (const apache::thrift::TApplicationException& e) {
+    std::fprintf(stderr, "TApplicationException: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "scales: %s\n", e.what());
+    return 2;
+  }
+}
+
+}  // namespace scales::tools
