@@ -94,6 +94,7 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
         msg.error ? fmt::format("client {}: {}", client_name_, msg.detail.empty() ? msg.error.message() : msg.detail)
                   : std::string();
     call->info->endpoint = call->message.properties.endpoint;
+    call->info->response_headers = std::move(msg.headers);
     call->info->elapsed = elapsed;
   }
   pending_gauge_.Add(-1);

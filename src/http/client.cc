@@ -52,6 +52,7 @@ void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::share
     }
   }
   call->message.properties.headers = std::move(options.headers);
+  if (options.trace) call->message.properties.trace = *options.trace;
   call->timeout = options.timeout;
   call->info = options.info;
   core->Dispatch(call);

@@ -237,7 +237,7 @@ void HttpTransportSink::Finish(error_code ec, std::string detail) {
   SinkStack* s = current_;
   current_ = nullptr;
   writing_ = false;
-  MethodReturnMessage m{ec, std::move(detail)};
+  MethodReturnMessage m{ec, std::move(detail), {}};
   s->AsyncProcessResponse(nullptr, m);
 }
 

@@ -266,12 +266,13 @@ void MuxSessionSink::HandleMessage(Message m) {
     }
     switch (r->status) {
       case ReplyStatus::kOk:
-        Answer(r->tag, {}, {}, &r->body);
+        Answer(r->tag, {}, {}, &r->body, &r->contexts);
         break;
       case ReplyStatus::kError:
         Answer(r->tag, make_error_code(Errc::kServerError),
                fmt::format("server error from {}{}: {}", address_,
-                           (flags & mux_failure::kRetryable) ? " (flagged retryable)" : "", Printable(r->body)));
+                           (flags & mux_failure::kRetryable) ? " (flagged retryable)" : "", Printable(r->body)),
+               nullptr, &r->contexts);
         break;
       case ReplyStatus::kNack:
         nacks_.Increment();
@@ -345,7 +346,8 @@ void MuxSessionSink::HandleMessage(Message m) {
        fmt::format("unexpected {} from {}", Describe(m), address_), true);
 }
 
-void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std::string* body) {
+void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std::string* body,
+                            const Contexts* contexts) {
   auto it = pending_.find(tag);
   if (it == pending_.end() || it->second.stack == nullptr) return;
   Pending p = it->second;
@@ -353,7 +355,12 @@ void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std
   --pending_count_;
   FreeTag(tag);
   if (!ec && body != nullptr && p.reply != nullptr) p.reply->data = std::move(*body);
-  MethodReturnMessage m{ec, std::move(detail)};
+  MethodReturnMessage m{ec, std::move(detail), {}};
+  if (contexts != nullptr) {
+    if (const std::string* h = FindContext(*contexts, kResponseHeadersKey)) {
+      if (auto headers = DecodeHeaders(*h)) m.headers = std::move(*headers);
+    }
+  }
   p.stack->AsyncProcessResponse(ec ? nullptr : p.reply, m);
 }
 
@@ -421,7 +428,7 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
   Stream* request = stream != nullptr ? stream : msg.payload<Stream>();
   Stream* reply = msg.reply_slot<Stream>();
   auto fail = [&](error_code ec, std::string detail) {
-    MethodReturnMessage m{ec, std::move(detail)};
+    MethodReturnMessage m{ec, std::move(detail), {}};
     stack.AsyncProcessResponse(nullptr, m);
   };
   if (request == nullptr || reply == nullptr) {
@@ -517,7 +524,7 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
     FreeTag(tag);
     detail = fmt::format("before it was written to {}", address_);
   }
-  MethodReturnMessage m{reason, std::move(detail)};
+  MethodReturnMessage m{reason, std::move(detail), {}};
   stack.AsyncProcessResponse(nullptr, m);
   if (discarded_count_ > options_.max_discarded_tags) {
     Fail(make_error_code(Errc::kConnectionClosed),
@@ -593,7 +600,7 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   queued_tags_.clear();
   std::sort(live.begin(), live.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& [tag, p] : live) {
-    MethodReturnMessage m{ec, detail};
+    MethodReturnMessage m{ec, detail, {}};
     p.stack->AsyncProcessResponse(nullptr, m);
   }
   if (fault) on_faulted_.Set({ec, detail});

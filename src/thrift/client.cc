@@ -27,6 +27,7 @@ ThriftCall::ThriftCall() {
 }
 
 void ThriftCall::Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) {
+  DisconnectCancellation();
   if (user_info != nullptr) *user_info = own_info_;
   RawReply r;
   r.error = msg.error;
@@ -54,6 +55,7 @@ void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, 
   call->request.data = std::move(bytes);
   if (auto header = ParseMessageHeader(call->request.data)) call->message.method = std::move(header->name);
   call->message.properties.headers = options.headers;
+  if (options.trace) call->message.properties.trace = *options.trace;
   call->message.properties.client_id = client_id;
   call->timeout = options.timeout;
   call->user_info = options.info;

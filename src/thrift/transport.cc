@@ -276,7 +276,7 @@ void ThriftTransportSink::Finish(error_code ec, std::string detail) {
   current_ = nullptr;
   reply_ = nullptr;
   writing_ = false;
-  MethodReturnMessage m{ec, std::move(detail)};
+  MethodReturnMessage m{ec, std::move(detail), {}};
   s->AsyncProcessResponse(ec ? nullptr : reply, m);
 }
 

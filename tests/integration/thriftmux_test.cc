@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/use_future.hpp>
 #include <gtest/gtest.h>
 
@@ -246,6 +248,64 @@ TEST(ThriftMuxTest, ToolTestServer) {
   }
   client->echo(r, "drain");
   EXPECT_TRUE(Eventually([&] { return CallError(client, "after drain") == error_code(); }));
+}
+
+}  // namespace
+}  // namespace scales
+
+namespace scales {
+namespace {
+
+TEST(ThriftMuxTest, HeadersTraceAndCancellation) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  // Request headers go out as the Request.headers context; the server echoes them back as
+  // response headers, which reach CallInfo. The trace context goes out as given.
+  CallInfo info;
+  CallOptions opts;
+  opts.headers = {{"x-tenant", "blue"}};
+  opts.trace = TraceContext{0x1111, 0x2222, 0x3333, 2};
+  opts.info = &info;
+  std::string r;
+  client.WithOptions(opts)->echo(r, "with headers");
+  EXPECT_EQ(r, "with headers");
+  ASSERT_EQ(info.response_headers.size(), 1u);
+  EXPECT_EQ(info.response_headers[0], (std::pair<std::string, std::string>{"x-tenant", "blue"}));
+  EXPECT_TRUE(server.WaitForLog({"recv Tdispatch", "com.twitter.finagle.tracing.TraceContext", "trace=1111/3333/2222/2"}))
+      << server.Log();
+  // Asio cancellation: the call completes with kCancelled and the server gets Tdiscarded.
+  boost::asio::cancellation_signal signal;
+  std::promise<std::exception_ptr> got;
+  SCALES_THRIFT_CALL(client, echo, std::string("noreply"),
+                     boost::asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e, std::string) {
+                       got.set_value(e);
+                     }));
+  EXPECT_TRUE(server.WaitForLog({"recv Tdispatch", "arg=noreply"}));
+  signal.emit(boost::asio::cancellation_type::terminal);
+  auto f = got.get_future();
+  ASSERT_EQ(f.wait_for(std::chrono::seconds(2)), std::future_status::ready);
+  try {
+    std::rethrow_exception(f.get());
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kCancelled) << e.what();
+  }
+  EXPECT_TRUE(server.WaitForLog({"recv Tdiscarded"}));
+  client->echo(r, "still fine");
+  EXPECT_EQ(r, "still fine");
+}
+
+TEST(ThriftMuxTest, ExpiredLeaseMakesTheSessionBusy) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  stats::StatsRegistry stats;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime(), &stats));
+  std::string r;
+  client->echo(r, "lease:1");  // a 1 ms lease
+  std::this_thread::sleep_for(20ms);
+  client->echo(r, "after the lease");  // still served (the only node), but it was marked down
+  EXPECT_EQ(r, "after the lease");
+  const auto* down = stats.FindCounter("scales_lb_marked_down", {{"client", "tmux"}});
+  ASSERT_NE(down, nullptr);
+  EXPECT_GE(down->value(), 1);
 }
 
 }  // namespace

@@ -34,6 +34,8 @@ struct CallInfo {
   std::string endpoint;
   // Time from the call's start to its completion.
   Duration elapsed{};
+  // Response headers the protocol carried (ThriftMux: com.twitter.finagle.thrift.Response.headers).
+  Headers response_headers;
 };
 
 // Per-call options, all optional.
@@ -42,6 +44,8 @@ struct CallOptions {
   std::optional<Duration> timeout;
   // Extra application headers (HTTP headers; Mux request headers).
   Headers headers;
+  // Trace identifiers to send (Mux TraceContext). Default: none.
+  std::optional<TraceContext> trace;
   // When set, receives the call's CallInfo before the handler runs. Must stay valid until
   // then.
   CallInfo* info = nullptr;

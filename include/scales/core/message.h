@@ -92,10 +92,12 @@ class MethodCallMessage {
 struct MethodReturnMessage {
   error_code error;
   std::string detail;
+  // Response metadata a protocol carries beside the reply (Mux response headers).
+  Headers headers;
 
   static MethodReturnMessage Ok() { return {}; }
   static MethodReturnMessage Failure(error_code ec, std::string detail) {
-    return {ec, std::move(detail)};
+    return {ec, std::move(detail), {}};
   }
   bool ok() const noexcept { return !error; }
 };

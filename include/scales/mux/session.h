@@ -110,7 +110,8 @@ class MuxSessionSink final : public ClientMessageSink {
   void OnRead(const boost::system::error_code& ec, size_t n);
   void HandleFrame(Frame frame);
   void HandleMessage(Message m);
-  void Answer(uint32_t tag, error_code ec, std::string detail, std::string* body = nullptr);
+  void Answer(uint32_t tag, error_code ec, std::string detail, std::string* body = nullptr,
+              const Contexts* contexts = nullptr);
 
   void Enqueue(const Message& m);
   void Flush();

@@ -197,7 +197,9 @@ class DecodingCall final : public ThriftCall {
   using Handler = boost::asio::any_completion_handler<typename CompletionSignature<Result>::type>;
 
   DecodingCall(Handler handler, Protocol protocol, Recv recv)
-      : handler_(std::move(handler)), protocol_(protocol), recv_(recv) {}
+      : handler_(std::move(handler)), protocol_(protocol), recv_(recv) {
+    ConnectCancellation(handler_);
+  }
 
  protected:
   void Deliver(RawReply reply, const boost::asio::any_io_executor& fallback, bool defer) override {
@@ -238,7 +240,7 @@ class DecodingCall final : public ThriftCall {
 class OnewayCall final : public ThriftCall {
  public:
   using Handler = boost::asio::any_completion_handler<void(std::exception_ptr)>;
-  explicit OnewayCall(Handler handler) : handler_(std::move(handler)) {}
+  explicit OnewayCall(Handler handler) : handler_(std::move(handler)) { ConnectCancellation(handler_); }
 
  protected:
   void Deliver(RawReply reply, const boost::asio::any_io_executor& fallback, bool defer) override {
