@@ -1,5 +1,5 @@
 // scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s) [--json]
-// scales bench thrift URI --method echo|ping [--payload-size N] --concurrency N
+// scales bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N
 //                     (--requests N | --duration 10s) [--json]
 //
 // A closed-loop load generator through the full scales stack (bench_report.h): N callers, each
@@ -82,6 +82,8 @@ int RunBenchCommand(int argc, char** argv) {
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
       if (!n) return Usage("--payload-size needs a positive integer");
       payload_size = static_cast<size_t>(*n);
+    } else if ((arg == "--protocol" || arg == "--transport") && protocol == "thriftmux") {
+      return Usage("ThriftMux always carries binary Thrift in Mux frames: --protocol and --transport do not apply");
     } else if (arg == "--protocol" && is_thrift) {
       const char* v = next();
       if (v && std::string_view(v) == "binary") {

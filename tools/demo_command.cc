@@ -1,7 +1,8 @@
-// scales demo: the whole story in a minute. Starts three local HTTP test servers (this same
-// binary, `scales testserver http`), calls them through one client in every completion style,
-// shows how requests spread, stops one server in the middle of a load run and restarts it,
-// then prints the client's stats.
+// scales demo: the whole story in a minute or two. Starts three local HTTP test servers (this
+// same binary, `scales testserver http`), calls them through one client in every completion
+// style, shows how requests spread, stops one server in the middle of a load run and restarts
+// it, prints the client's stats; then the Thrift and ThriftMux rounds (demo_thrift.cc) and
+// ZooKeeper discovery (demo_zookeeper.cc).
 #include <signal.h>
 #include <unistd.h>
 

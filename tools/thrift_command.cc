@@ -57,6 +57,8 @@ int RunThriftCommand(int argc, char** argv) {
       const char* v = next();
       if (!v) return Usage("--client-id needs a value");
       options.client_id = v;
+    } else if ((a == "--protocol" || a == "--transport") && mux) {
+      return Usage("ThriftMux always carries binary Thrift in Mux frames: --protocol and --transport do not apply");
     } else if (a == "--protocol") {
       const char* v = next();
       if (v && std::string_view(v) == "binary") {

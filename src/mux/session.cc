@@ -33,16 +33,17 @@ std::string Printable(std::string_view s, size_t max = 200) {
 
 void Validate(const SessionOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
-  if (o.connect_timeout <= Duration::zero()) fail("mux.connect_timeout must be > 0");
-  if (o.max_frame_size < 4) fail("mux.max_frame_size must be >= 4");
-  if (o.max_message_size == 0) fail("mux.max_message_size must be > 0");
+  if (o.connect_timeout <= Duration::zero()) fail("session.connect_timeout must be > 0");
+  if (o.max_frame_size < 4) fail("session.max_frame_size must be >= 4");
+  if (o.max_message_size == 0) fail("session.max_message_size must be > 0");
   if (o.max_fragment_size == 0 || o.max_fragment_size > kUnlimitedFragmentSize) {
-    fail("mux.max_fragment_size must be in 1..2147483647");
+    fail("session.max_fragment_size must be in 1..2147483647");
   }
-  if (o.ping_interval < Duration::zero()) fail("mux.ping_interval must be >= 0 (0 = no pings)");
+  if (o.ping_interval < Duration::zero()) fail("session.ping_interval must be >= 0 (0 = no pings)");
   if (o.ping_interval > Duration::zero() && o.ping_timeout <= Duration::zero()) {
-    fail("mux.ping_timeout must be > 0 when pings are on");
+    fail("session.ping_timeout must be > 0 when pings are on");
   }
+  if (o.max_discarded_tags == 0) fail("session.max_discarded_tags must be >= 1");
 }
 
 MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)

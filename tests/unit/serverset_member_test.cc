@@ -21,7 +21,8 @@ ServiceInstance MustParse(std::string_view json) {
   std::string error;
   auto instance = ParseServiceInstance(json, error);
   EXPECT_TRUE(instance) << error;
-  return instance.value_or(ServiceInstance{});
+  if (!instance) return ServiceInstance{};
+  return std::move(*instance);
 }
 
 std::string ParseError(std::string_view json) {

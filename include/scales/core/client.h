@@ -52,7 +52,7 @@ struct ClientOptions {
 class ClientCore : public std::enable_shared_from_this<ClientCore> {
  public:
   // Parses the URI, creates the server set and one stack per loop. Throws scales::Error
-  // (kBadUri, kDiscoveryFailed, kInvalidArgument) with a clear message.
+  // (kBadUri, kInvalidArgument) with a clear message.
   ClientCore(ClientOptions options, SinkStackSpec spec);
   ~ClientCore();
   ClientCore(const ClientCore&) = delete;

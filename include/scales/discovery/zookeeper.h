@@ -83,8 +83,8 @@ class ZooKeeperServerSet final : public ServerSet {
   };
 
   // Starts discovery in the background. Throws scales::Error(kBadUri) for bad options in the
-  // URI, kInvalidArgument for bad `options`, kDiscoveryFailed when the C client refuses the
-  // connect string.
+  // URI and kInvalidArgument for bad `options`. A connect string the C client refuses is not
+  // fatal: discovery retries every retry_interval and Describe() says why.
   explicit ZooKeeperServerSet(ParsedUri uri, ZooKeeperOptions options = {});
   ~ZooKeeperServerSet() override;
   ZooKeeperServerSet(const ZooKeeperServerSet&) = delete;
