@@ -197,7 +197,7 @@ std::string RunKazoo(const std::string& hosts, const std::string& body,
       "logging.basicConfig(level=logging.CRITICAL)\n"
       "from kazoo.client import KazooClient\n"
       "zk = KazooClient(hosts={}, timeout=10)\n"
-      "zk.start(timeout=10)\n"
+      "zk.start(timeout=20)\n"
       "try:\n"
       "{}"
       "finally:\n"
