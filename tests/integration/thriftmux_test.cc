@@ -310,3 +310,30 @@ TEST(ThriftMuxTest, ExpiredLeaseMakesTheSessionBusy) {
 
 }  // namespace
 }  // namespace scales
+
+namespace scales {
+namespace {
+
+TEST(ThriftMuxTest, UnansweredPingsCloseTheSession) {
+  test::MuxReferenceServer server({"--mode", "finagle", "--no-ping-reply"});
+  stats::StatsRegistry stats;
+  auto opts = Options(MakeRuntime(), &stats);
+  opts.session.ping_interval = 50ms;
+  opts.session.ping_timeout = 100ms;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), opts);
+  std::string r;
+  client->echo(r, "hello");
+  EXPECT_EQ(r, "hello");
+  EXPECT_TRUE(server.WaitForLog({"recv Tping", "tag=1"}));
+  auto timeouts = [&] {
+    const auto* c = stats.FindCounter("scales_mux_ping_timeouts", {{"client", "tmux"}, {"endpoint", server.endpoint()}});
+    return c ? c->value() : 0;
+  };
+  EXPECT_TRUE(Eventually([&] { return timeouts() >= 1; }));
+  EXPECT_TRUE(server.WaitForLog({"close"}));  // the client closed the dead session
+  // A new session serves the next call (until its own pings go unanswered).
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "again") == error_code(); }));
+}
+
+}  // namespace
+}  // namespace scales

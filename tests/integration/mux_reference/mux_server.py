@@ -444,7 +444,8 @@ class Connection:
 
         if mtype == TPING:
             self.log("recv Tping tag=%d" % tag)
-            self.send(RPING, tag)
+            if not self.args.no_ping_reply:
+                self.send(RPING, tag)
             return
         if mtype == RPING:
             self.log("recv Rping tag=%d" % tag)
@@ -670,6 +671,8 @@ def main():
                         "(0 = unlimited)")
     p.add_argument("--ping-interval", type=int, default=1000, help="ms (strict mode)")
     p.add_argument("--max-frame-size", type=int, default=UNLIMITED)
+    p.add_argument("--no-ping-reply", action="store_true",
+                   help="never answer Tping (a dead peer for the client's failure detector)")
     p.add_argument("--log", default="")
     p.add_argument("--thrift", default="/usr/bin/thrift", help="thrift compiler")
     p.add_argument("--idl", default=default_idl)
