@@ -19,6 +19,7 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "scales/http/client.h"
+#include "scales/loadbalancer/balancers.h"
 #include "scales/stats/stats.h"
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
@@ -31,11 +32,12 @@ int Usage(const std::string& problem) {
   std::fputs(
       "usage: scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s)\n"
       "                         [--method GET] [--data TEXT] [--timeout 5s] [--threads T]\n"
-      "                         [--json] [--stats]\n"
+      "                         [--balancer NAME] [--json] [--stats]\n"
       "       scales bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N\n"
       "                         (--requests N | --duration 10s) [--timeout 5s] [--threads T]\n"
       "                         [--protocol binary|compact] [--transport framed|buffered]\n"
-      "                         [--json] [--stats]\n",
+      "                         [--balancer NAME] [--json] [--stats]\n"
+      "       --balancer: heap (default), p2c, p2c-ewma, round-robin or aperture\n",
       stderr);
   return 2;
 }
@@ -62,6 +64,7 @@ int RunBenchCommand(int argc, char** argv) {
   size_t threads = 0;
   bool json = false;
   bool print_stats = false;
+  BalancerOptions balancer;
   for (int i = 3; i < argc; ++i) {
     std::string_view arg = argv[i];
     auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -127,6 +130,11 @@ int RunBenchCommand(int argc, char** argv) {
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
       if (!n) return Usage("--threads needs a positive integer");
       threads = static_cast<size_t>(*n);
+    } else if (arg == "--balancer") {
+      const char* v = next();
+      auto kind = v ? ParseBalancerKind(v) : std::nullopt;
+      if (!kind) return Usage("--balancer is heap, p2c, p2c-ewma, round-robin or aperture");
+      balancer.kind = *kind;
     } else if (arg == "--json") {
       json = true;
     } else if (arg == "--stats") {
@@ -155,6 +163,7 @@ int RunBenchCommand(int argc, char** argv) {
     if (!is_thrift) {
       http::HttpOptions options;
       options.client = client_options;
+      options.balancer = balancer;
       http::HttpClient client = Http::NewClient(uri, options);
       http::Request prototype;
       prototype.method = method;
@@ -173,12 +182,14 @@ int RunBenchCommand(int argc, char** argv) {
     } else {
       thrift::ThriftOptions options;
       options.client = client_options;
+      options.balancer = balancer;
       options.protocol = thrift_protocol;
       options.transport.framing = framing;
       auto client = [&] {
         if (protocol != "thriftmux") return Thrift::NewClient<echo::EchoClient>(uri, options);
         thriftmux::ThriftMuxOptions mux_options;
         mux_options.client = client_options;
+        mux_options.balancer = balancer;
         return ThriftMux::NewClient<echo::EchoClient>(uri, mux_options);
       }();
       const std::string payload(payload_size, 'x');

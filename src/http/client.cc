@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "scales/core/timeout_sink.h"
+#include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/heap_balancer.h"
 
 namespace scales {
@@ -53,6 +54,7 @@ void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::share
   }
   call->message.properties.headers = std::move(options.headers);
   if (options.trace) call->message.properties.trace = *options.trace;
+  call->message.properties.idempotent = options.idempotent;
   call->timeout = options.timeout;
   call->info = options.info;
   core->Dispatch(call);
@@ -122,7 +124,7 @@ HttpClientBuilder::HttpClientBuilder(HttpOptions options) : options_(std::move(o
 SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
   SinkStackSpec spec;
   spec.WithSink(TimeoutSinkProvider())
-      .WithSink(HeapBalancerProvider())
+      .WithSink(BalancerProvider(options.balancer))
       .WithSink(ResurrectorProvider(options.resurrector))
       .WithSink(WatermarkPoolProvider(options.pool))
       .WithSink(HttpTransportProvider(options.transport));
@@ -133,6 +135,7 @@ HttpClient HttpClientBuilder::Build() {
   Validate(options_.transport);
   Validate(options_.pool);
   Validate(options_.resurrector);
+  Validate(options_.balancer);
   SinkStackSpec spec = ApplyEdits(DefaultStack(options_));
   auto core = std::make_shared<ClientCore>(options_.client, std::move(spec));
   core->OpenAndWait();

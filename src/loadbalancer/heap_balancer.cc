@@ -80,10 +80,7 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
     auto node = std::make_unique<BalancerNode>();
     node->endpoint = ep;
     node->address = ep.ToString();
-    SinkContext ctx = endpoint_ctx_;
-    ctx.endpoint = ep;
-    ctx.stats = stats_.WithLabel("endpoint", node->address);
-    node->sink = endpoint_factory_(ctx);
+    node->sink = MakeNodeSink(*node);
     joined.push_back(node.get());
     nodes_.push_back(std::move(node));
     OnNodeAdded(*nodes_.back());
@@ -96,8 +93,13 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
     MarkReady();
     return;
   }
+  std::vector<BalancerNode*> to_open = NodesToOpen(std::move(joined));
+  if (!ready_ && to_open.empty()) {
+    MarkReady();
+    return;
+  }
   std::weak_ptr<ClientMessageSink> weak = weak_from_this();
-  for (BalancerNode* n : joined) {
+  for (BalancerNode* n : to_open) {
     n->sink->AsyncOpen([weak, this](error_code) {
       // A failed open is not fatal: the node's chain reports itself down and recovers.
       if (auto self = weak.lock()) {
@@ -105,6 +107,21 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
       }
     });
   }
+}
+
+SinkPtr LoadBalancerSink::MakeNodeSink(const BalancerNode& n) {
+  SinkContext ctx = endpoint_ctx_;
+  ctx.endpoint = n.endpoint;
+  ctx.stats = stats_.WithLabel("endpoint", n.address);
+  return endpoint_factory_(ctx);
+}
+
+void LoadBalancerSink::ResetNodeSink(BalancerNode& n) {
+  SinkPtr old = std::move(n.sink);
+  n.sink = MakeNodeSink(n);
+  old->Close();
+  // Destroy on a later turn: we may be inside the old chain's own response path.
+  boost::asio::post(loop_.executor(), [old = std::move(old)] {});
 }
 
 void LoadBalancerSink::MarkReady() {
@@ -166,6 +183,7 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
   OnLoadChanged(n, true);
   msg.properties.endpoint = n.address;
   stack.Push(this, &n);
+  OnRequestRouted(n, stack);
   n.sink->AsyncProcessRequest(stack, msg, stream);
 }
 
@@ -173,6 +191,7 @@ void LoadBalancerSink::AsyncProcessResponse(SinkStack& stack, void* context, Str
                                             MethodReturnMessage& msg) {
   auto* n = static_cast<BalancerNode*>(context);
   --n->load;
+  OnResponse(*n, stack);
   if (n->removed) {
     if (n->load == 0) {
       auto it = std::find_if(draining_.begin(), draining_.end(),

@@ -7,6 +7,7 @@
 #include <thrift/protocol/TCompactProtocol.h>
 
 #include "scales/core/timeout_sink.h"
+#include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/heap_balancer.h"
 #include "scales/thrift/thrift.h"
 
@@ -57,6 +58,7 @@ void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, 
   call->message.properties.headers = options.headers;
   if (options.trace) call->message.properties.trace = *options.trace;
   call->message.properties.client_id = client_id;
+  call->message.properties.idempotent = options.idempotent;
   call->timeout = options.timeout;
   call->user_info = options.info;
   core->Dispatch(call);
@@ -104,13 +106,14 @@ void Validate(const ThriftOptions& o) {
   Validate(o.transport);
   Validate(o.pool);
   Validate(o.resurrector);
+  Validate(o.balancer);
 }
 
 SinkStackSpec DefaultThriftStack(const ThriftOptions& options) {
   SinkStackSpec spec;
   spec.WithSink(TimeoutSinkProvider())
       .WithSink(ThriftSerializerProvider())
-      .WithSink(HeapBalancerProvider())
+      .WithSink(BalancerProvider(options.balancer))
       .WithSink(ResurrectorProvider(options.resurrector))
       .WithSink(WatermarkPoolProvider(options.pool))
       .WithSink(ThriftTransportProvider(options.transport));

@@ -4,6 +4,7 @@
 
 #include "scales/core/sink_stack.h"
 #include "scales/core/timeout_sink.h"
+#include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/heap_balancer.h"
 #include "scales/pool/singleton_pool.h"
 #include "scales/thrift/message.h"
@@ -13,6 +14,7 @@ namespace scales::thriftmux {
 void Validate(const ThriftMuxOptions& o) {
   mux::Validate(o.session);
   scales::Validate(o.resurrector);
+  scales::Validate(o.balancer);
 }
 
 void ThriftMuxSerializerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
@@ -85,7 +87,7 @@ SinkStackSpec DefaultThriftMuxStack(const ThriftMuxOptions& options) {
   SinkStackSpec spec;
   spec.WithSink(TimeoutSinkProvider())
       .WithSink(ThriftMuxSerializerProvider())
-      .WithSink(HeapBalancerProvider())
+      .WithSink(BalancerProvider(options.balancer))
       .WithSink(ResurrectorProvider(options.resurrector))
       .WithSink(SingletonPoolProvider())
       .WithSink(mux::MuxSessionProvider(options.session));

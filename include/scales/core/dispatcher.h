@@ -49,6 +49,10 @@ struct CallOptions {
   // When set, receives the call's CallInfo before the handler runs. Must stay valid until
   // then.
   CallInfo* info = nullptr;
+  // The call may safely be sent again after its connection closed with the request on it (the
+  // retry sink then also retries kConnectionClosed). Default false: only failures known not to
+  // have reached the server's application are retried.
+  bool idempotent = false;
 };
 
 // One call in flight: the message, its sink stack and the typed reply storage. Allocated by

@@ -41,6 +41,11 @@ struct CallProperties {
   int retries = 0;
   // The endpoint the balancer chose ("host:port"), for errors and metrics.
   std::string endpoint;
+  // CallOptions::idempotent: the retry sink may also retry kConnectionClosed.
+  bool idempotent = false;
+  // Set by the retry sink before a retry: the endpoint the failed attempt went to
+  // ("host:port"). Balancers may prefer another endpoint for this attempt; none does yet.
+  std::string avoid_endpoint;
 };
 
 // A request. The payload and the reply slot are typed, non-owning pointers into the call

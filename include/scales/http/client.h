@@ -31,6 +31,7 @@
 #include "scales/core/dispatcher.h"
 #include "scales/http/message.h"
 #include "scales/http/transport.h"
+#include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/resurrector.h"
 #include "scales/pool/watermark_pool.h"
 
@@ -48,6 +49,8 @@ struct HttpOptions {
   TransportOptions transport;
   WatermarkPoolOptions pool;
   ResurrectorOptions resurrector;
+  // Which load balancer (heap by default) and its settings.
+  BalancerOptions balancer;
   // Headers added to every request (after the request's own).
   Headers default_headers;
 };

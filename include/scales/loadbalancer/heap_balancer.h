@@ -64,6 +64,17 @@ class LoadBalancerSink : public ClientMessageSink {
   // Chooses a node (nodes_ is not empty). Load is incremented by the caller afterwards.
   virtual BalancerNode& PickNode() = 0;
   virtual void OnLoadChanged(BalancerNode& n, bool increased) = 0;
+  // Called once per server-set update, after its OnNodeAdded/OnNodeRemoved calls, with the
+  // nodes that joined; returns the nodes to open now (Open completes once one of them opened,
+  // or at once if none). The default opens every node that joined.
+  virtual std::vector<BalancerNode*> NodesToOpen(std::vector<BalancerNode*> joined) { return joined; }
+  // Closes `n`'s chain (destroyed on a later turn) and gives it a fresh, unopened one from the
+  // endpoint factory. Only when n.load == 0 (the old chain must not hold requests).
+  void ResetNodeSink(BalancerNode& n);
+  // Optional hooks for latency-aware policies: a request was sent to `n` (after its load
+  // changed) / its response came back from `n` (before it goes up; also for removed nodes).
+  virtual void OnRequestRouted(BalancerNode& /*n*/, SinkStack& /*stack*/) {}
+  virtual void OnResponse(BalancerNode& /*n*/, SinkStack& /*stack*/) {}
 
   EventLoop& loop_;
   std::string client_name_;
@@ -73,6 +84,7 @@ class LoadBalancerSink : public ClientMessageSink {
   void OnMembers(const ServerSet::Members& members);
   void Route(SinkStack& stack, MethodCallMessage& msg, Stream* stream);
   void MarkReady();
+  SinkPtr MakeNodeSink(const BalancerNode& n);
   void RetireNode(std::unique_ptr<BalancerNode> node);
   void Fail(SinkStack& stack, Errc code, std::string detail);
 

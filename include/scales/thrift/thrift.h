@@ -23,6 +23,7 @@
 
 #include "scales/core/builder.h"
 #include "scales/core/client.h"
+#include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/resurrector.h"
 #include "scales/pool/watermark_pool.h"
 #include "scales/thrift/client.h"
@@ -50,6 +51,8 @@ struct ThriftOptions {
   WatermarkPoolOptions pool;
   // Marking endpoints down and reconnecting with backoff.
   ResurrectorOptions resurrector;
+  // Which load balancer (heap by default) and its settings.
+  BalancerOptions balancer;
   // Client id given to every call (CallProperties::client_id). Plain Thrift has no place for
   // it on the wire; ThriftMux sends it as the ClientId context.
   std::string client_id;

@@ -24,6 +24,7 @@
 #include "scales/core/builder.h"
 #include "scales/core/client.h"
 #include "scales/core/forwarding_sink.h"
+#include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/resurrector.h"
 #include "scales/mux/session.h"
 #include "scales/thrift/client.h"
@@ -44,6 +45,8 @@ struct ThriftMuxOptions {
   mux::SessionOptions session;
   // Marking endpoints down and reconnecting with backoff.
   ResurrectorOptions resurrector;
+  // Which load balancer (heap by default) and its settings.
+  BalancerOptions balancer;
   // Sent as the ClientIdContext of every call; empty = none.
   std::string client_id;
 };

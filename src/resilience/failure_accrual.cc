@@ -1,0 +1,202 @@
+#include "scales/resilience/failure_accrual.h"
+
+#include <chrono>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "scales/core/runtime.h"
+#include "scales/core/sink_stack.h"
+
+namespace scales {
+namespace {
+
+constexpr int kWindowSlices = 5;
+// Context of the probe request on the sink stack (other requests push nullptr).
+char probe_tag;
+
+}  // namespace
+
+void Validate(const FailureAccrualOptions& o) {
+  auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
+  if (o.consecutive_failures < 0) {
+    fail(fmt::format("failure_accrual.consecutive_failures must be >= 0 (got {})", o.consecutive_failures));
+  }
+  if (!(o.required_success_rate >= 0.0 && o.required_success_rate <= 1.0)) {
+    fail(fmt::format("failure_accrual.required_success_rate must be in [0, 1] (got {})", o.required_success_rate));
+  }
+  if (o.window <= Duration::zero()) fail("failure_accrual.window must be > 0");
+  if (o.min_requests < 1) fail(fmt::format("failure_accrual.min_requests must be >= 1 (got {})", o.min_requests));
+  if (o.min_backoff <= Duration::zero()) fail("failure_accrual.min_backoff must be > 0");
+  if (o.max_backoff < o.min_backoff) fail("failure_accrual.max_backoff must be >= min_backoff");
+}
+
+AccrualOutcome ClassifyForAccrual(const error_code& ec) noexcept {
+  if (!ec) return AccrualOutcome::kSuccess;
+  if (ec.category() != error_category()) return AccrualOutcome::kIgnored;
+  switch (static_cast<Errc>(ec.value())) {
+    case Errc::kConnectFailed:
+    case Errc::kConnectTimeout:
+    case Errc::kFailedFast:
+    case Errc::kConnectionClosed:
+    case Errc::kServerError:
+    case Errc::kProtocolError:
+    case Errc::kRequestTimeout:
+      return AccrualOutcome::kFailure;
+    default:
+      return AccrualOutcome::kIgnored;
+  }
+}
+
+namespace {
+FailureAccrualOptions Validated(FailureAccrualOptions o) {
+  Validate(o);
+  return o;
+}
+}  // namespace
+
+FailureAccrualSink::FailureAccrualSink(const SinkContext& ctx, SinkPtr next, FailureAccrualOptions options)
+    : loop_(*ctx.loop),
+      next_(std::move(next)),
+      options_(Validated(options)),
+      address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
+      requests_(loop_.clock(), options_.window, kWindowSlices),
+      successes_(loop_.clock(), options_.window, kWindowSlices),
+      removals_(ctx.stats.GetCounter("scales_failure_accrual_removals")),
+      revivals_(ctx.stats.GetCounter("scales_failure_accrual_revivals")),
+      dead_(ctx.stats.GetGauge("scales_failure_accrual_dead")) {
+  // Pass the child's faults on, for whatever watches this endpoint's chain.
+  fault_subscription_ = next_->on_faulted().Subscribe([this](const Fault& f) { on_faulted_.Set(f); });
+}
+
+FailureAccrualSink::~FailureAccrualSink() {
+  next_->on_faulted().Unsubscribe(fault_subscription_);
+  if (state_ != State::kAlive) dead_.Add(-1);
+}
+
+void FailureAccrualSink::DoOpen(OpenHandler handler) { next_->AsyncOpen(std::move(handler)); }
+
+void FailureAccrualSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
+  void* context = nullptr;
+  if (state_ == State::kProbeOpen && !closed_) {
+    state_ = State::kProbeClosed;
+    context = &probe_tag;
+  }
+  stack.Push(this, context);
+  next_->AsyncProcessRequest(stack, msg, stream);
+}
+
+void FailureAccrualSink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
+                                              MethodReturnMessage& msg) {
+  const AccrualOutcome outcome = ClassifyForAccrual(msg.error);
+  if (!closed_) {
+    if (context == &probe_tag) {
+      if (state_ == State::kProbeClosed) {
+        switch (outcome) {
+          case AccrualOutcome::kSuccess:
+            state_ = State::kAlive;
+            dead_.Add(-1);
+            revivals_.Increment();
+            marks_ = 0;
+            ResetPolicy();
+            break;
+          case AccrualOutcome::kFailure:
+            MarkDead();
+            break;
+          case AccrualOutcome::kIgnored:
+            state_ = State::kProbeOpen;
+            break;
+        }
+      }
+    } else if (state_ == State::kAlive) {
+      Record(outcome);
+    }
+  }
+  stack.AsyncProcessResponse(stream, msg);
+}
+
+void FailureAccrualSink::Record(AccrualOutcome outcome) {
+  if (outcome == AccrualOutcome::kIgnored) return;
+  requests_.Add(1);
+  if (outcome == AccrualOutcome::kSuccess) {
+    successes_.Add(1);
+    consecutive_ = 0;
+    return;
+  }
+  ++consecutive_;
+  bool trip = options_.consecutive_failures > 0 && consecutive_ >= options_.consecutive_failures;
+  if (!trip && options_.required_success_rate > 0.0) {
+    const int64_t total = requests_.Sum();
+    if (total >= options_.min_requests) {
+      const double rate = static_cast<double>(successes_.Sum()) / static_cast<double>(total);
+      trip = rate < options_.required_success_rate;
+    }
+  }
+  if (trip) MarkDead();
+}
+
+void FailureAccrualSink::ResetPolicy() {
+  consecutive_ = 0;
+  requests_.Reset();
+  successes_.Reset();
+}
+
+Duration FailureAccrualSink::NextBackoff() {
+  // Equal jitter: min, then uniform in [min * 2^(k-1), min * 2^k] until that upper bound
+  // reaches max, then max.
+  const int k = marks_++;
+  if (k == 0) return options_.min_backoff;
+  Duration hi = options_.min_backoff;
+  for (int i = 0; i < k; ++i) {
+    if (hi >= options_.max_backoff) return options_.max_backoff;
+    hi *= 2;
+  }
+  if (hi >= options_.max_backoff) return options_.max_backoff;
+  return loop_.random().UniformDuration(hi / 2, hi);
+}
+
+void FailureAccrualSink::MarkDead() {
+  if (state_ == State::kAlive) dead_.Add(1);
+  state_ = State::kDead;
+  removals_.Increment();
+  current_backoff_ = NextBackoff();
+  dead_until_ = loop_.Now() + current_backoff_;
+  loop_.timers().Schedule(timer_, dead_until_, &OnTimer, this);
+}
+
+void FailureAccrualSink::OnTimer(void* self) {
+  auto* s = static_cast<FailureAccrualSink*>(self);
+  if (s->state_ == State::kDead && !s->closed_) s->state_ = State::kProbeOpen;
+}
+
+void FailureAccrualSink::Close() {
+  if (!closed_) {
+    closed_ = true;
+    timer_.Cancel();
+  }
+  next_->Close();
+}
+
+SinkStatus FailureAccrualSink::status() const {
+  const SinkStatus child = next_->status();
+  if (closed_ || child == SinkStatus::kClosed) return SinkStatus::kClosed;
+  switch (state_) {
+    case State::kAlive:
+    case State::kProbeOpen:
+      return child;
+    case State::kDead:
+    case State::kProbeClosed:
+      return SinkStatus::kBusy;
+  }
+  return child;
+}
+
+SinkProvider FailureAccrualProvider(FailureAccrualOptions options) {
+  Validate(options);
+  return SinkProvider{std::string(roles::kFailureAccrual), "failure-accrual",
+                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                        return std::make_shared<FailureAccrualSink>(ctx, next(ctx), options);
+                      }};
+}
+
+}  // namespace scales

@@ -1,0 +1,196 @@
+#include "scales/resilience/retry.h"
+
+#include <chrono>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "scales/core/runtime.h"
+#include "scales/core/sink_stack.h"
+
+namespace scales {
+namespace {
+
+long long Millis(Duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
+
+}  // namespace
+
+void Validate(const RetryOptions& o) {
+  auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
+  if (o.max_retries < 0) fail(fmt::format("retry.max_retries must be >= 0 (got {})", o.max_retries));
+  if (o.backoff_min < Duration::zero()) fail("retry.backoff_min must be >= 0");
+  if (o.backoff_max < o.backoff_min) fail("retry.backoff_max must be >= backoff_min");
+  Validate(o.budget);
+}
+
+bool IsRetryable(const error_code& ec, bool idempotent) noexcept {
+  if (!ec) return false;
+  if (ec == Condition::kRetryable) return true;
+  return idempotent && ec == Errc::kConnectionClosed;
+}
+
+RetrySink::RetrySink(EventLoop& loop, SinkPtr next, RetryOptions options, std::shared_ptr<RetryBudget> budget,
+                     const stats::StatsScope& stats)
+    : ForwardingSink(std::move(next)),
+      loop_(loop),
+      options_(std::move(options)),
+      budget_(std::move(budget)),
+      retries_(stats.GetCounter("scales_retries")),
+      budget_exhausted_(stats.GetCounter("scales_retry_budget_exhausted")),
+      balance_gauge_(stats.GetGauge("scales_retry_budget_balance")) {
+  Validate(options_);
+  if (!budget_) budget_ = std::make_shared<RetryBudget>(loop_.clock(), options_.budget);
+  UpdateBalanceGauge();
+}
+
+RetrySink::~RetrySink() { balance_gauge_.Add(-reported_balance_); }
+
+void RetrySink::UpdateBalanceGauge() {
+  const int64_t b = budget_->Balance();
+  balance_gauge_.Add(b - reported_balance_);
+  reported_balance_ = b;
+}
+
+RetrySink::Pending* RetrySink::Acquire() {
+  if (free_.empty()) {
+    all_.push_back(std::make_unique<Pending>());
+    all_.back()->sink = this;
+    return all_.back().get();
+  }
+  Pending* p = free_.back();
+  free_.pop_back();
+  return p;
+}
+
+void RetrySink::Release(Pending* p) {
+  p->timer.Cancel();
+  p->stack = nullptr;
+  p->stream = nullptr;
+  p->last_detail.clear();
+  p->waiting = false;
+  free_.push_back(p);
+}
+
+void RetrySink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
+  // Reached once per call (retries are sent from below this point): the call's one deposit.
+  budget_->Deposit();
+  UpdateBalanceGauge();
+  stack.Push(this, nullptr);
+  next_->AsyncProcessRequest(stack, msg, stream);
+}
+
+void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
+                                     MethodReturnMessage& msg) {
+  if (context != nullptr) Release(static_cast<Pending*>(context));
+  if (msg.ok()) {
+    stack.AsyncProcessResponse(stream, msg);
+    return;
+  }
+  CallProperties& props = stack.message().properties;
+  const int attempt = props.retries + 1;
+  const int attempts = options_.max_retries + 1;
+  const bool retryable = IsRetryable(msg.error, props.idempotent);
+  if (retryable || props.retries > 0) msg.detail += fmt::format(" (attempt {} of {})", attempt, attempts);
+  if (!retryable || stack.cancelled()) {
+    stack.AsyncProcessResponse(stream, msg);
+    return;
+  }
+  std::string refused;
+  Duration delay = Duration::zero();
+  if (options_.backoff_max > Duration::zero()) {
+    delay = loop_.random().UniformDuration(options_.backoff_min, options_.backoff_max);
+  }
+  const TimePoint now = loop_.Now();
+  if (closed_) {
+    refused = "the client is closing";
+  } else if (props.retries >= options_.max_retries) {
+    refused = options_.max_retries == 0 ? std::string("retries are disabled")
+                                        : fmt::format("all {} attempts used", attempts);
+  } else if (props.deadline && now + delay >= *props.deadline) {
+    refused = fmt::format("the deadline leaves no time for another attempt ({} ms left, backoff {} ms)",
+                          Millis(*props.deadline - now), Millis(delay));
+  } else if (!budget_->TryWithdraw()) {
+    budget_exhausted_.Increment();
+    refused = fmt::format("retry budget exhausted (balance {})", budget_->Balance());
+    UpdateBalanceGauge();
+  }
+  if (!refused.empty()) {
+    msg.detail += fmt::format("; not retried: {}", refused);
+    stack.AsyncProcessResponse(stream, msg);
+    return;
+  }
+
+  retries_.Increment();
+  UpdateBalanceGauge();
+  ++props.retries;
+  props.avoid_endpoint = std::move(props.endpoint);
+  props.endpoint.clear();
+  Pending* p = Acquire();
+  p->stack = &stack;
+  p->stream = stream;
+  p->last_detail = std::move(msg.detail);
+  p->waiting = true;
+  ++waiting_;
+  // Hold the request until the backoff ends (at the earliest the next loop turn, so the failed
+  // attempt's sinks finish their response path first).
+  stack.Push(this, p);
+  stack.SetCancelHandler(this, p);
+  loop_.timers().Schedule(p->timer, now + delay, &OnBackoffTimer, p);
+}
+
+void RetrySink::OnBackoffTimer(void* arg) {
+  auto* p = static_cast<Pending*>(arg);
+  p->sink->Resend(p);
+}
+
+void RetrySink::Resend(Pending* p) {
+  p->waiting = false;
+  --waiting_;
+  SinkStack& stack = *p->stack;
+  stack.ClearCancelHandler();
+  // `p` stays ours (it is the pushed context) until this attempt's response comes back.
+  next_->AsyncProcessRequest(stack, stack.message(), p->stream);
+}
+
+void RetrySink::CancelRequest(SinkStack& stack, void* context, const error_code& reason) {
+  auto* p = static_cast<Pending*>(context);
+  p->timer.Cancel();
+  p->waiting = false;
+  --waiting_;
+  auto m = MethodReturnMessage::Failure(
+      reason, fmt::format("cancelled while waiting to retry; the previous attempt failed: {}", p->last_detail));
+  stack.AsyncProcessResponse(p->stream, m);
+}
+
+void RetrySink::Close() {
+  if (!closed_) {
+    closed_ = true;
+    std::vector<Pending*> waiting;
+    for (auto& p : all_) {
+      if (p->waiting) waiting.push_back(p.get());
+    }
+    for (Pending* p : waiting) {
+      p->timer.Cancel();
+      p->waiting = false;
+      --waiting_;
+      auto m = MethodReturnMessage::Failure(
+          make_error_code(Errc::kClientClosed),
+          fmt::format("client closed while the request waited to retry; the previous attempt failed: {}",
+                      p->last_detail));
+      p->stack->AsyncProcessResponse(p->stream, m);
+    }
+  }
+  next_->Close();
+}
+
+SinkProvider RetryProvider(RetryOptions options) {
+  Validate(options);
+  return SinkProvider{std::string(roles::kRetry), "retry",
+                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                        auto budget = std::make_shared<RetryBudget>(ctx.loop->clock(), options.budget);
+                        return std::make_shared<RetrySink>(*ctx.loop, next(ctx), options, std::move(budget),
+                                                           ctx.stats);
+                      }};
+}
+
+}  // namespace scales

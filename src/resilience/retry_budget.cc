@@ -1,0 +1,89 @@
+#include "scales/resilience/retry_budget.h"
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "scales/core/error.h"
+
+namespace scales {
+
+WindowedAdder::WindowedAdder(const Clock& clock, Duration window, int slices)
+    : clock_(clock),
+      slice_(std::max<Duration>(window / std::max(slices, 1), Duration(1))),
+      epoch_(clock.Now()),
+      slices_(static_cast<size_t>(std::max(slices, 1)), 0) {}
+
+void WindowedAdder::Roll() {
+  const int64_t now_index = (clock_.Now() - epoch_) / slice_;
+  if (now_index <= current_) return;
+  const int64_t n = static_cast<int64_t>(slices_.size());
+  const int64_t steps = std::min(now_index - current_, n);
+  for (int64_t i = 1; i <= steps; ++i) slices_[static_cast<size_t>((current_ + i) % n)] = 0;
+  current_ = now_index;
+}
+
+void WindowedAdder::Add(int64_t v) {
+  Roll();
+  slices_[static_cast<size_t>(current_ % static_cast<int64_t>(slices_.size()))] += v;
+}
+
+int64_t WindowedAdder::Sum() {
+  Roll();
+  int64_t sum = 0;
+  for (int64_t s : slices_) sum += s;
+  return sum;
+}
+
+void WindowedAdder::Reset() {
+  std::fill(slices_.begin(), slices_.end(), 0);
+  epoch_ = clock_.Now();
+  current_ = 0;
+}
+
+void Validate(const RetryBudgetOptions& o) {
+  auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
+  if (o.ttl < std::chrono::seconds(1) || o.ttl > std::chrono::seconds(60)) {
+    fail(fmt::format("retry_budget.ttl must be in [1 s, 60 s] (got {} ms)",
+                     std::chrono::duration_cast<std::chrono::milliseconds>(o.ttl).count()));
+  }
+  if (o.min_retries_per_sec < 0) {
+    fail(fmt::format("retry_budget.min_retries_per_sec must be >= 0 (got {})", o.min_retries_per_sec));
+  }
+  if (!(o.percent_can_retry >= 0.0 && o.percent_can_retry <= 1000.0)) {
+    fail(fmt::format("retry_budget.percent_can_retry must be in [0, 1000] (got {})", o.percent_can_retry));
+  }
+}
+
+namespace {
+RetryBudgetOptions Validated(RetryBudgetOptions o) {
+  Validate(o);
+  return o;
+}
+}  // namespace
+
+RetryBudget::RetryBudget(const Clock& clock, RetryBudgetOptions options)
+    : options_(Validated(options)),
+      deposit_amount_(options_.percent_can_retry == 0.0 ? 0 : kScaleFactor),
+      withdrawal_amount_(options_.percent_can_retry == 0.0
+                             ? kScaleFactor
+                             : static_cast<int64_t>(static_cast<double>(kScaleFactor) / options_.percent_can_retry)),
+      reserve_(int64_t{options_.min_retries_per_sec} *
+               std::chrono::duration_cast<std::chrono::seconds>(options_.ttl).count() * withdrawal_amount_),
+      window_(clock, options_.ttl, kSlices) {
+  if (withdrawal_amount_ < 1) withdrawal_amount_ = 1;  // percent_can_retry > 1000 is rejected
+}
+
+void RetryBudget::Deposit() { window_.Add(deposit_amount_); }
+
+bool RetryBudget::TryWithdraw() {
+  if (reserve_ + window_.Sum() < withdrawal_amount_) return false;
+  window_.Add(-withdrawal_amount_);
+  return true;
+}
+
+int64_t RetryBudget::Balance() { return std::max<int64_t>(0, reserve_ + window_.Sum()) / withdrawal_amount_; }
+
+}  // namespace scales

@@ -1,0 +1,384 @@
+// RetrySink between the timeout sink and a fake endpoint: which failures are retried, the
+// budget, the deadline, backoff on the manual clock and its cancellation, one deposit per call,
+// exactly-once completion.
+
+#include "scales/resilience/retry.h"
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <fmt/format.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "support/fake_sinks.h"
+#include "scales/core/forwarding_sink.h"
+#include "scales/core/timeout_sink.h"
+
+namespace scales {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::nanoseconds;
+using std::chrono::seconds;
+using test::CallTracker;
+using test::FakeTransport;
+using test::FakeTransportFactory;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// Stands in for the balancer: records the endpoint of each attempt ("10.0.0.<n>:80", n from
+// 1), optionally marks the call idempotent, and remembers the last request's stack.
+class StampSink final : public ForwardingSink {
+ public:
+  explicit StampSink(SinkPtr next) : ForwardingSink(std::move(next)) {}
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    ++attempts;
+    msg.properties.endpoint = fmt::format("10.0.0.{}:80", attempts);
+    if (idempotent) msg.properties.idempotent = true;
+    last_stack = &stack;
+    next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  std::string_view name() const override { return "stamp"; }
+
+  int attempts = 0;
+  bool idempotent = false;
+  SinkStack* last_stack = nullptr;
+};
+
+RetryOptions Options(int max_retries = 2, Duration backoff_min = Duration::zero(),
+                     Duration backoff_max = Duration::zero()) {
+  RetryOptions o;
+  o.max_retries = max_retries;
+  o.backoff_min = backoff_min;
+  o.backoff_max = backoff_max;
+  return o;
+}
+
+class RetryTest : public ::testing::Test {
+ protected:
+  RetryTest() : factory_(env_.loop()), calls_(*env_.clock) {}
+
+  // dispatcher -> timeout -> retry -> stamp -> fake
+  void Build(RetryOptions options = Options(), Duration timeout = seconds(1)) {
+    transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+    stamp_ = std::make_shared<StampSink>(transport_);
+    auto budget = std::make_shared<RetryBudget>(env_.loop().clock(), options.budget);
+    retry_ = std::make_shared<RetrySink>(env_.loop(), stamp_, options, budget, env_.scope);
+    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), retry_, env_.scope);
+    dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, timeout, env_.scope);
+  }
+
+  void TearDown() override {
+    if (dispatcher_) dispatcher_->Close();
+    env_.Run();
+    EXPECT_TRUE(calls_.AllCompletedOnce());
+    EXPECT_EQ(factory_.TotalInFlight(), 0u);
+    if (retry_) {
+      EXPECT_EQ(retry_->waiting(), 0u);
+    }
+    dispatcher_.reset();
+    timeout_.reset();
+    retry_.reset();
+    stamp_.reset();
+    transport_.reset();
+    env_.Run();
+    factory_.Clear();
+  }
+
+  size_t Start() {
+    size_t i = calls_.Start(*dispatcher_);
+    env_.Run();
+    return i;
+  }
+  void Fail(Errc e, std::string detail = "fake failure") {
+    ASSERT_TRUE(transport_->Fail(0, make_error_code(e), std::move(detail)));
+    env_.Run();
+  }
+
+  test::ManualEnv env_;
+  FakeTransportFactory factory_;
+  CallTracker calls_;
+  std::shared_ptr<FakeTransport> transport_;
+  std::shared_ptr<StampSink> stamp_;
+  std::shared_ptr<RetrySink> retry_;
+  std::shared_ptr<TimeoutSink> timeout_;
+  std::shared_ptr<MessageDispatcher> dispatcher_;
+};
+
+TEST_F(RetryTest, ClassifiesRetryableErrors) {
+  for (Errc e : {Errc::kConnectFailed, Errc::kConnectTimeout, Errc::kFailedFast, Errc::kPoolQueueFull, Errc::kNack}) {
+    EXPECT_TRUE(IsRetryable(make_error_code(e), false)) << static_cast<int>(e);
+  }
+  for (Errc e : {Errc::kRequestTimeout, Errc::kServerError, Errc::kProtocolError, Errc::kCancelled,
+                 Errc::kClientClosed, Errc::kNoMembers, Errc::kHttpError}) {
+    EXPECT_FALSE(IsRetryable(make_error_code(e), true)) << static_cast<int>(e);
+  }
+  EXPECT_FALSE(IsRetryable(make_error_code(Errc::kConnectionClosed), false));
+  EXPECT_TRUE(IsRetryable(make_error_code(Errc::kConnectionClosed), true));
+  EXPECT_FALSE(IsRetryable(error_code{}, true));
+}
+
+TEST_F(RetryTest, ConnectFailureIsRetriedAsAnotherAttempt) {
+  Build();
+  auto c = Start();
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  Fail(Errc::kConnectFailed, "connect to 10.0.0.1:80 failed: Connection refused");
+  ASSERT_EQ(transport_->total_requests(), 2u);
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  const CallProperties& p = transport_->request(0).message->properties;
+  EXPECT_EQ(p.retries, 1);
+  EXPECT_EQ(p.avoid_endpoint, "10.0.0.1:80");
+  EXPECT_EQ(p.endpoint, "10.0.0.2:80");
+  EXPECT_FALSE(calls_.done(c));
+  ASSERT_TRUE(transport_->Reply(0, 7));
+  env_.Run();
+  EXPECT_FALSE(calls_[c].error);
+  EXPECT_EQ(calls_[c].value, 7);
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 1);
+}
+
+TEST_F(RetryTest, RetriesAreNotSentInsideTheFailedAttemptsResponsePath) {
+  Build();
+  Start();
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kConnectFailed)));
+  EXPECT_EQ(transport_->total_requests(), 1u);
+  EXPECT_EQ(retry_->waiting(), 1u);
+  env_.Run();
+  EXPECT_EQ(transport_->total_requests(), 2u);
+  EXPECT_EQ(retry_->waiting(), 0u);
+  transport_->Reply(0, 1);
+}
+
+TEST_F(RetryTest, NonRetryableErrorIsNotRetried) {
+  Build();
+  auto c = Start();
+  Fail(Errc::kServerError, "server said no");
+  EXPECT_EQ(transport_->total_requests(), 1u);
+  EXPECT_EQ(calls_[c].error, Errc::kServerError);
+  EXPECT_EQ(calls_[c].info.detail, "client test: server said no");
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 0);
+}
+
+TEST_F(RetryTest, ConnectionClosedIsRetriedOnlyForIdempotentCalls) {
+  Build();
+  auto a = Start();
+  Fail(Errc::kConnectionClosed);
+  EXPECT_EQ(transport_->total_requests(), 1u);
+  EXPECT_EQ(calls_[a].error, Errc::kConnectionClosed);
+
+  stamp_->idempotent = true;
+  auto b = Start();
+  Fail(Errc::kConnectionClosed);
+  EXPECT_EQ(transport_->total_requests(), 3u);
+  transport_->Reply(0, 3);
+  env_.Run();
+  EXPECT_EQ(calls_[b].value, 3);
+}
+
+TEST_F(RetryTest, FinalFailureSaysWhichAttempt) {
+  Build(Options(2));
+  auto c = Start();
+  Fail(Errc::kConnectFailed, "refused 1");
+  Fail(Errc::kConnectFailed, "refused 2");
+  Fail(Errc::kFailedFast, "refused 3");
+  EXPECT_EQ(transport_->total_requests(), 3u);
+  EXPECT_EQ(calls_[c].error, Errc::kFailedFast);
+  EXPECT_EQ(calls_[c].info.detail, "client test: refused 3 (attempt 3 of 3); not retried: all 3 attempts used");
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 2);
+}
+
+TEST_F(RetryTest, NonRetryableErrorAfterARetryNamesTheAttempt) {
+  Build(Options(2));
+  auto c = Start();
+  Fail(Errc::kConnectFailed);
+  Fail(Errc::kServerError, "boom");
+  EXPECT_EQ(calls_[c].error, Errc::kServerError);
+  EXPECT_EQ(calls_[c].info.detail, "client test: boom (attempt 2 of 3)");
+}
+
+TEST_F(RetryTest, ZeroMaxRetriesDisablesRetries) {
+  Build(Options(0));
+  auto c = Start();
+  Fail(Errc::kConnectFailed, "refused");
+  EXPECT_EQ(transport_->total_requests(), 1u);
+  EXPECT_EQ(calls_[c].info.detail, "client test: refused (attempt 1 of 1); not retried: retries are disabled");
+}
+
+TEST_F(RetryTest, ExhaustedBudgetPassesTheOriginalErrorWithANote) {
+  RetryOptions o = Options(2);
+  o.budget.min_retries_per_sec = 0;  // no reserve: 1 retry per 5 calls
+  Build(o);
+  EXPECT_EQ(env_.GaugeValue("scales_retry_budget_balance"), 0);
+  auto c = Start();
+  Fail(Errc::kConnectFailed, "refused");
+  EXPECT_EQ(transport_->total_requests(), 1u);
+  EXPECT_EQ(calls_[c].error, Errc::kConnectFailed);
+  EXPECT_EQ(calls_[c].info.detail,
+            "client test: refused (attempt 1 of 3); not retried: retry budget exhausted (balance 0)");
+  EXPECT_EQ(env_.CounterValue("scales_retry_budget_exhausted"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 0);
+
+  // Four more calls (five deposits) buy one retry.
+  for (int i = 0; i < 4; ++i) {
+    Start();
+    transport_->Reply(0, 0);
+    env_.Run();
+  }
+  EXPECT_EQ(env_.GaugeValue("scales_retry_budget_balance"), 1);
+  auto d = Start();
+  Fail(Errc::kConnectFailed, "refused");
+  EXPECT_EQ(transport_->in_flight(), 1u);  // retried
+  Fail(Errc::kConnectFailed, "refused again");
+  EXPECT_EQ(calls_[d].error, Errc::kConnectFailed);
+  EXPECT_THAT(calls_[d].info.detail, HasSubstr("refused again (attempt 2 of 3); not retried: retry budget exhausted"));
+  EXPECT_EQ(env_.CounterValue("scales_retry_budget_exhausted"), 2);
+}
+
+TEST_F(RetryTest, ExactlyOneDepositPerCall) {
+  RetryOptions o = Options(3);
+  o.budget.min_retries_per_sec = 0;
+  o.budget.percent_can_retry = 0.5;  // a retry costs two deposits
+  Build(o);
+  for (int i = 0; i < 4; ++i) {
+    Start();
+    transport_->Reply(0, 0);
+    env_.Run();
+  }
+  EXPECT_EQ(retry_->budget().Balance(), 2);  // 4 deposits
+  auto c = Start();                          // deposit 5
+  Fail(Errc::kConnectFailed);                // withdraw 1 (2 deposits' worth)
+  Fail(Errc::kConnectFailed);                // withdraw 2
+  transport_->Reply(0, 9);
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 9);
+  // 5 deposits (5000) - 2 withdrawals (4000) = 1000: half a retry. One deposit per attempt
+  // would have left 7000 - 4000 = 3000, one retry.
+  EXPECT_EQ(retry_->budget().Balance(), 0);
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 2);
+}
+
+TEST_F(RetryTest, BackoffWaitsOnTheManualClock) {
+  Build(Options(2, milliseconds(20), milliseconds(20)));
+  auto c = Start();
+  Fail(Errc::kConnectFailed);
+  EXPECT_EQ(retry_->waiting(), 1u);
+  env_.Advance(milliseconds(20) - nanoseconds(1));
+  EXPECT_EQ(transport_->total_requests(), 1u);
+  env_.Advance(nanoseconds(1));
+  EXPECT_EQ(transport_->total_requests(), 2u);
+  EXPECT_EQ(retry_->waiting(), 0u);
+  transport_->Reply(0, 4);
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 4);
+}
+
+TEST_F(RetryTest, JitteredBackoffStaysWithinItsBounds) {
+  Build(Options(1, milliseconds(10), milliseconds(50)), seconds(10));
+  for (int i = 0; i < 20; ++i) {
+    auto c = Start();
+    Fail(Errc::kConnectFailed);
+    const TimePoint failed_at = env_.Now();
+    while (transport_->in_flight() == 0) env_.Advance(milliseconds(1));
+    const Duration waited = env_.Now() - failed_at;
+    EXPECT_GE(waited, milliseconds(10));
+    EXPECT_LE(waited, milliseconds(50));
+    transport_->Reply(0, i);
+    env_.Run();
+    EXPECT_EQ(calls_[c].value, i);
+  }
+}
+
+TEST_F(RetryTest, CancellationDuringBackoffAnswersAtOnce) {
+  Build(Options(2, milliseconds(50), milliseconds(50)), milliseconds(100));
+  auto c = Start();
+  SinkStack* stack = stamp_->last_stack;
+  Fail(Errc::kConnectFailed, "refused");
+  ASSERT_EQ(retry_->waiting(), 1u);
+  env_.Advance(milliseconds(10));
+  // What the timeout sink's timer does at the deadline.
+  stack->Cancel(make_error_code(Errc::kRequestTimeout));
+  EXPECT_EQ(retry_->waiting(), 0u);
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("cancelled while waiting to retry"));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("refused"));
+  env_.Advance(milliseconds(100));
+  EXPECT_EQ(transport_->total_requests(), 1u);  // never resent
+}
+
+TEST_F(RetryTest, NeverRetriesPastTheDeadline) {
+  Build(Options(2, milliseconds(40), milliseconds(40)), milliseconds(100));
+  auto c = Start();
+  env_.Advance(milliseconds(30));
+  Fail(Errc::kConnectFailed, "refused");  // retry at 70 ms
+  env_.Advance(milliseconds(40));
+  ASSERT_EQ(transport_->total_requests(), 2u);
+  Fail(Errc::kConnectFailed, "refused again");  // 70 + 40 >= 100: no time left
+  EXPECT_EQ(transport_->total_requests(), 2u);
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kConnectFailed);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("attempt 2 of 3"));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("not retried: the deadline leaves no time"));
+}
+
+TEST_F(RetryTest, TimeoutDuringARetriedAttemptIsNotRetried) {
+  Build(Options(2), milliseconds(100));
+  auto c = Start();
+  Fail(Errc::kConnectFailed);
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  env_.Advance(milliseconds(100));
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("attempt 2"));
+  EXPECT_EQ(transport_->total_requests(), 2u);
+}
+
+TEST_F(RetryTest, CloseAnswersRequestsWaitingToRetry) {
+  Build(Options(2, milliseconds(50), milliseconds(50)));
+  auto c = Start();
+  Fail(Errc::kConnectFailed);
+  ASSERT_EQ(retry_->waiting(), 1u);
+  retry_->Close();
+  EXPECT_EQ(retry_->waiting(), 0u);
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kClientClosed);
+  env_.Advance(milliseconds(100));
+  EXPECT_EQ(transport_->total_requests(), 1u);
+}
+
+TEST_F(RetryTest, ManyCallsEachCompleteOnce) {
+  Build(Options(2, Duration::zero(), milliseconds(5)));
+  for (int i = 0; i < 50; ++i) Start();
+  // Fail every attempt once, then answer.
+  for (int round = 0; round < 2; ++round) {
+    while (transport_->in_flight() > 0) transport_->Fail(0, make_error_code(Errc::kConnectFailed));
+    env_.Advance(milliseconds(5));
+  }
+  while (transport_->in_flight() > 0) transport_->Reply(0, 1);
+  env_.Run();
+  EXPECT_EQ(calls_.completed(), 50u);
+  EXPECT_TRUE(calls_.NoneCompletedTwice());
+}
+
+TEST_F(RetryTest, ProviderValidatesAndBuilds) {
+  EXPECT_THROW(RetryProvider(Options(-1)), Error);
+  EXPECT_THROW(RetryProvider(Options(1, milliseconds(5), milliseconds(1))), Error);
+  RetryOptions bad_budget;
+  bad_budget.budget.ttl = seconds(0);
+  EXPECT_THROW(RetryProvider(bad_budget), Error);
+  SinkProvider p = RetryProvider();
+  EXPECT_EQ(p.role, "retry");
+  auto ctx = test::MakeContext(env_.loop(), env_.scope);
+  SinkPtr sink = p.create(ctx, factory_.AsFactory());
+  EXPECT_EQ(sink->name(), "retry");
+  EXPECT_EQ(env_.GaugeValue("scales_retry_budget_balance"), 100);
+  sink->Close();
+}
+
+}  // namespace
+}  // namespace scales
