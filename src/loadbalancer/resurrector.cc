@@ -63,13 +63,15 @@ void ResurrectorSink::DoOpen(OpenHandler handler) {
   }
   EnsureChild();
   std::weak_ptr<ClientMessageSink> weak = weak_from_this();
-  child_->sink->AsyncOpen([weak, this, c = child_.get(), h = std::move(handler)](error_code ec) mutable {
-    auto self = weak.lock();
-    if (self && ec && child_.get() == c && !down_) {
+  // The resurrector may be gone when the child's open completes (its node left, the client
+  // closed): touch `this` only through `self`, and complete the caller on a captured executor.
+  child_->sink->AsyncOpen([weak, this, c = child_.get(), ex = loop_.executor(),
+                           h = std::move(handler)](error_code ec) mutable {
+    if (auto self = weak.lock(); self && ec && child_.get() == c && !down_) {
       // Pools raise a fault with the details too; this covers children that do not.
       OnFault({ec, fmt::format("opening endpoint {} failed: {}", address_, ec.message())});
     }
-    PostOpenCompletion(std::move(h), loop_.executor(), ec);
+    PostOpenCompletion(std::move(h), ex, ec);
   });
 }
 

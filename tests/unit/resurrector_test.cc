@@ -354,3 +354,36 @@ TEST_F(ResurrectorTest, PoolConnectFailureMarksTheEndpointDown) {
 
 }  // namespace
 }  // namespace scales
+
+namespace scales {
+namespace {
+
+// The resurrector's owner (a balancer node, a closing client) may drop it while its child's
+// open is still pending: the open's completion must neither touch the destroyed resurrector
+// nor be lost (the caller's handler still runs exactly once).
+TEST(ResurrectorLifetimeTest, OpenCompletingAfterTheResurrectorIsGone) {
+  test::ManualEnv env;
+  FakeTransportFactory factory(env.loop());
+  factory.open_mode = FakeTransport::OpenMode::kHang;
+  auto resurrector = std::make_shared<ResurrectorSink>(
+      test::MakeContext(env.loop(), env.scope, nullptr, kEndpoint), factory.AsFactory(),
+      Backoff(seconds(1), seconds(30), 2.0, 0.5));
+  int done = 0;
+  error_code result;
+  resurrector->AsyncOpen([&](error_code ec) {
+    result = ec;
+    ++done;
+  });
+  env.Run();
+  ASSERT_EQ(factory.count(), 1u);
+  FakeTransport& child = factory.at(0);  // the factory keeps it alive, as a pending connect would
+  resurrector.reset();
+  env.Run();
+  child.CompleteOpen(make_error_code(Errc::kConnectFailed));
+  env.Run();
+  EXPECT_EQ(done, 1);
+  EXPECT_EQ(result, Errc::kConnectFailed);
+}
+
+}  // namespace
+}  // namespace scales
