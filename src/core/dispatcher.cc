@@ -5,7 +5,8 @@
 namespace scales {
 
 MessageDispatcher::MessageDispatcher(EventLoop& loop, std::string client_name, SinkPtr next,
-                                     Duration default_timeout, const stats::StatsScope& stats)
+                                     Duration default_timeout, const stats::StatsScope& stats,
+                                     std::shared_ptr<PendingLimit> limit, bool trace_ids)
     : loop_(loop),
       client_name_(std::move(client_name)),
       next_(std::move(next)),
@@ -15,7 +16,15 @@ MessageDispatcher::MessageDispatcher(EventLoop& loop, std::string client_name, S
       successes_(stats.GetCounter("scales_successes")),
       failures_(stats.GetCounter("scales_failures")),
       pending_gauge_(stats.GetGauge("scales_pending")),
-      latency_us_(stats.GetHistogram("scales_request_latency_us")) {}
+      latency_us_(stats.GetHistogram("scales_request_latency_us")),
+      limit_(std::move(limit)),
+      trace_ids_(trace_ids) {
+  if (limit_ && limit_->max > 0) {
+    auto labels = stats_.labels();
+    labels.emplace_back("reason", "max_pending");
+    rejected_max_pending_ = &stats_.registry()->GetCounter("scales_rejected", labels);
+  }
+}
 
 MessageDispatcher::~MessageDispatcher() = default;
 
@@ -28,9 +37,16 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   if (timeout > Duration::zero() && timeout < Duration::max() / 2) {
     props.deadline = props.start + timeout;
   }
+  if (trace_ids_ && !props.trace.valid()) {
+    // A root span: trace, span and parent ids are equal (Finagle's convention); never 0.
+    const uint64_t id = loop_.random().Next() | 1;
+    props.trace.trace_id = props.trace.span_id = props.trace.parent_id = id;
+  }
   requests_.Increment();
   pending_gauge_.Add(1);
   ++pending_;
+  // Counted for every call: the response path gives it back, whichever way the call ends.
+  const size_t held = limit_ ? limit_->pending.fetch_add(1, std::memory_order_relaxed) + 1 : 0;
   call->in_initiation = initiating;
   call->stack.Push(this, call);
   if (const auto& cs = call->cancel_state()) {
@@ -49,6 +65,12 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
     auto m = MethodReturnMessage::Failure(
         make_error_code(Errc::kClientClosed),
         "the client is closed; the request was not sent");
+    call->stack.AsyncProcessResponse(nullptr, m);
+  } else if (rejected_max_pending_ != nullptr && held > limit_->max) {
+    rejected_max_pending_->Increment();
+    auto m = MethodReturnMessage::Failure(
+        make_error_code(Errc::kTooManyPending),
+        fmt::format("max_pending ({}) calls already outstanding; the request was not sent", limit_->max));
     call->stack.AsyncProcessResponse(nullptr, m);
   } else {
     next_->AsyncProcessRequest(call->stack, msg, nullptr);
@@ -96,9 +118,11 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
     call->info->endpoint = call->message.properties.endpoint;
     call->info->response_headers = std::move(msg.headers);
     call->info->elapsed = elapsed;
+    call->info->trace = call->message.properties.trace;
   }
   pending_gauge_.Add(-1);
   --pending_;
+  if (limit_) limit_->pending.fetch_sub(1, std::memory_order_relaxed);
   call->Complete(msg, loop_.executor());
   if (closed_ && pending_ == 0 && self_while_draining_) {
     // Destroying the stack from inside its own response path would pull it out from under

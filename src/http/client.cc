@@ -122,11 +122,8 @@ void HttpClient::Close() const {
 HttpClientBuilder::HttpClientBuilder(HttpOptions options) : options_(std::move(options)) {}
 
 SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
-  SinkStackSpec spec;
-  spec.WithSink(TimeoutSinkProvider())
-      .WithSink(BalancerProvider(options.balancer))
-      .WithSink(ResurrectorProvider(options.resurrector))
-      .WithSink(WatermarkPoolProvider(options.pool))
+  SinkStackSpec spec = ResilientStack<Response>(options, std::nullopt);
+  spec.WithSink(WatermarkPoolProvider(options.pool))
       .WithSink(HttpTransportProvider(options.transport));
   return spec;
 }
@@ -134,8 +131,7 @@ SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
 HttpClient HttpClientBuilder::Build() {
   Validate(options_.transport);
   Validate(options_.pool);
-  Validate(options_.resurrector);
-  Validate(options_.balancer);
+  Validate(static_cast<const ResilienceOptions&>(options_));
   SinkStackSpec spec = ApplyEdits(DefaultStack(options_));
   auto core = std::make_shared<ClientCore>(options_.client, std::move(spec));
   core->OpenAndWait();

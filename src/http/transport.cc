@@ -27,6 +27,22 @@ std::string Snippet(std::string_view body, size_t max = 200) {
   return s;
 }
 
+// B3 propagation headers (https://github.com/openzipkin/b3-propagation): 16 lower-hex digits
+// per id.
+template <class Request>
+void AddB3Headers(Request& request, const TraceContext& t) {
+  request.set("X-B3-TraceId", fmt::format("{:016x}", t.trace_id));
+  request.set("X-B3-SpanId", fmt::format("{:016x}", t.span_id));
+  if (t.parent_id != 0 && t.parent_id != t.span_id) {
+    request.set("X-B3-ParentSpanId", fmt::format("{:016x}", t.parent_id));
+  }
+  if (t.flags & 1) {
+    request.set("X-B3-Flags", "1");  // debug implies sampled
+  } else if (t.flags & 2) {
+    request.set("X-B3-Sampled", (t.flags & 4) ? "1" : "0");
+  }
+}
+
 }  // namespace
 
 void Validate(const TransportOptions& o) {
@@ -139,6 +155,7 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     has_agent = has_agent || HeaderNameEquals(name, "user-agent");
     request_.insert(name, value);
   }
+  if (options_.b3_headers && msg.properties.trace.valid()) AddB3Headers(request_, msg.properties.trace);
   if (!has_host) request_.set(bhttp::field::host, host_header_);
   if (!has_agent) request_.set(bhttp::field::user_agent, "scales/0.1");
   request_.body() = req->body;

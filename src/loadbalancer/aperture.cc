@@ -49,7 +49,8 @@ ApertureBalancerSink::ApertureBalancerSink(const SinkContext& ctx, SinkFactory e
       aperture_gauge_(ctx.stats.GetGauge("scales_lb_aperture")),
       expansions_(ctx.stats.GetCounter("scales_lb_aperture_expansions")),
       contractions_(ctx.stats.GetCounter("scales_lb_aperture_contractions")),
-      rotations_(ctx.stats.GetCounter("scales_lb_aperture_rotations")) {}
+      rotations_(ctx.stats.GetCounter("scales_lb_aperture_rotations")),
+      panic_(ctx.stats.GetCounter("scales_lb_panic")) {}
 
 ApertureBalancerSink::~ApertureBalancerSink() {
   tick_.Cancel();
@@ -241,10 +242,14 @@ BalancerNode& ApertureBalancerSink::PickNode() {
   }
   ScanHealth();
   if (BalancerNode* n = LeastLoadedHealthy(nullptr)) return *n;
-  // Every member is down: the least loaded one.
+  // Every member is down (panic): the least loaded of those that may still answer (Busy),
+  // else the least loaded.
+  panic_.Increment();
   BalancerNode* best = aperture_[0];
   for (BalancerNode* n : aperture_) {
-    if (n->load < best->load) best = n;
+    const int rank = PanicRank(*n);
+    const int best_rank = PanicRank(*best);
+    if (rank > best_rank || (rank == best_rank && n->load < best->load)) best = n;
   }
   return *best;
 }

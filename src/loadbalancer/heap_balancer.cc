@@ -23,7 +23,8 @@ LoadBalancerSink::LoadBalancerSink(const SinkContext& ctx, SinkFactory endpoint_
       size_gauge_(ctx.stats.GetGauge("scales_lb_size")),
       no_members_(ctx.stats.GetCounter("scales_lb_no_members")),
       joins_(ctx.stats.GetCounter("scales_lb_joins")),
-      leaves_(ctx.stats.GetCounter("scales_lb_leaves")) {}
+      leaves_(ctx.stats.GetCounter("scales_lb_leaves")),
+      avoided_(ctx.stats.GetCounter("scales_lb_avoided")) {}
 
 LoadBalancerSink::~LoadBalancerSink() {
   if (subscribed_) server_set_->Unsubscribe(subscription_);
@@ -33,6 +34,10 @@ LoadBalancerSink::~LoadBalancerSink() {
 bool LoadBalancerSink::Healthy(const BalancerNode& n) {
   SinkStatus s = n.sink->status();
   return s == SinkStatus::kOpen || s == SinkStatus::kIdle;
+}
+
+int LoadBalancerSink::PanicRank(const BalancerNode& n) {
+  return n.sink->status() == SinkStatus::kBusy ? 1 : 0;
 }
 
 void LoadBalancerSink::DoOpen(OpenHandler handler) {
@@ -178,13 +183,38 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
          fmt::format("no members in server set {}", server_set_->Describe()));
     return;
   }
-  BalancerNode& n = PickNode();
+  BalancerNode* picked = &PickNode();
+  const std::string& avoid = msg.properties.avoid_endpoint;
+  if (!avoid.empty() && nodes_.size() > 1 && picked->address == avoid) {
+    if (BalancerNode* other = PickAlternative(*picked)) {
+      picked = other;
+      avoided_.Increment();
+    }
+  }
+  BalancerNode& n = *picked;
   ++n.load;
   OnLoadChanged(n, true);
   msg.properties.endpoint = n.address;
   stack.Push(this, &n);
   OnRequestRouted(n, stack);
   n.sink->AsyncProcessRequest(stack, msg, stream);
+}
+
+BalancerNode* LoadBalancerSink::PickAlternative(BalancerNode& avoid) {
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    BalancerNode& n = PickNode();
+    if (&n != &avoid) return &n;
+  }
+  BalancerNode* best = nullptr;
+  BalancerNode* best_any = nullptr;
+  for (const auto& p : nodes_) {
+    BalancerNode* n = p.get();
+    if (n == &avoid) continue;
+    if (best_any == nullptr || n->load < best_any->load) best_any = n;
+    if (Healthy(*n) && (best == nullptr || n->load < best->load)) best = n;
+  }
+  if (best != nullptr) return best;
+  return Healthy(avoid) ? nullptr : best_any;
 }
 
 void LoadBalancerSink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
@@ -256,6 +286,7 @@ SinkStatus LoadBalancerSink::status() const {
 HeapBalancerSink::HeapBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory)
     : LoadBalancerSink(ctx, std::move(endpoint_factory)),
       marked_down_(ctx.stats.GetCounter("scales_lb_marked_down")),
+      panic_(ctx.stats.GetCounter("scales_lb_panic")),
       marked_up_(ctx.stats.GetCounter("scales_lb_marked_up")) {}
 
 void HeapBalancerSink::Swap(size_t i, size_t j) {
@@ -305,6 +336,18 @@ void HeapBalancerSink::OnNodeRemoved(BalancerNode& n) {
   std::erase(down_, &n);
 }
 
+BalancerNode* HeapBalancerSink::PickAlternative(BalancerNode& avoid) {
+  // `avoid` is at the top (PickNode returned it): the next least loaded is one of its children.
+  BalancerNode* best = nullptr;
+  for (size_t i : {size_t{2}, size_t{3}}) {
+    if (i < heap_.size() && heap_[i] != &avoid && !heap_[i]->down && Healthy(*heap_[i]) &&
+        (best == nullptr || Key(heap_[i]) < Key(best))) {
+      best = heap_[i];
+    }
+  }
+  return best != nullptr ? best : LoadBalancerSink::PickAlternative(avoid);
+}
+
 BalancerNode& HeapBalancerSink::PickNode() {
   // Nodes marked down come back as soon as their chain is usable again.
   for (size_t i = 0; i < down_.size();) {
@@ -321,7 +364,18 @@ BalancerNode& HeapBalancerSink::PickNode() {
   }
   for (;;) {
     BalancerNode* top = heap_[1];
-    if (top->down) return *top;  // every node is down: use the least loaded of them
+    if (top->down) {
+      // Every node is down (panic): the least loaded of those that may still answer (Busy),
+      // else the least loaded of them all.
+      panic_.Increment();
+      BalancerNode* best = top;
+      for (BalancerNode* n : down_) {
+        const int rank = PanicRank(*n);
+        const int best_rank = PanicRank(*best);
+        if (rank > best_rank || (rank == best_rank && n->load < best->load)) best = n;
+      }
+      return *best;
+    }
     if (Healthy(*top)) return *top;
     top->down = true;
     marked_down_.Increment();

@@ -26,14 +26,27 @@ BalancerNode& P2CBalancerSink::PickTwo() {
   BalancerNode& second = *all[b];
   const bool first_healthy = Healthy(first);
   if (first_healthy != Healthy(second)) return first_healthy ? first : second;
+  if (!first_healthy) {
+    const int first_rank = PanicRank(first);
+    const int second_rank = PanicRank(second);
+    if (first_rank != second_rank) return first_rank > second_rank ? first : second;
+  }
   return Load(second) < Load(first) ? second : first;
 }
 
 BalancerNode& P2CBalancerSink::PickNode() {
   BalancerNode* n = &PickTwo();
-  for (int effort = 1; effort < max_effort_ && !Healthy(*n); ++effort) n = &PickTwo();
-  if (!Healthy(*n)) panic_.Increment();  // too many nodes down: use the last pick anyway
-  return *n;
+  if (Healthy(*n)) return *n;
+  // Too many nodes down: after max_effort picks, panic and use the best pick seen, a Busy
+  // node (it may still answer) before a Closed one.
+  BalancerNode* best = n;
+  for (int effort = 1; effort < max_effort_; ++effort) {
+    n = &PickTwo();
+    if (Healthy(*n)) return *n;
+    if (PanicRank(*n) > PanicRank(*best)) best = n;
+  }
+  panic_.Increment();
+  return *best;
 }
 
 // --- PeakEwmaBalancerSink -------------------------------------------------------------------

@@ -20,8 +20,16 @@ BalancerNode& RoundRobinBalancerSink::PickNode() {
       return *all[i];
     }
   }
-  // No node is healthy: use the next one in the cycle anyway.
+  // No node is healthy (panic): the next Busy one in the cycle (it may still answer), else
+  // the next one.
   panic_.Increment();
+  for (size_t k = 0; k < size; ++k) {
+    const size_t i = (start + k) % size;
+    if (PanicRank(*all[i]) > 0) {
+      next_ = i + 1;
+      return *all[i];
+    }
+  }
   next_ = start + 1;
   return *all[start];
 }

@@ -37,7 +37,6 @@ AccrualOutcome ClassifyForAccrual(const error_code& ec) noexcept {
   switch (static_cast<Errc>(ec.value())) {
     case Errc::kConnectFailed:
     case Errc::kConnectTimeout:
-    case Errc::kFailedFast:
     case Errc::kConnectionClosed:
     case Errc::kServerError:
     case Errc::kProtocolError:

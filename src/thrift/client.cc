@@ -105,17 +105,12 @@ void BlockingTransport::flush() {
 void Validate(const ThriftOptions& o) {
   Validate(o.transport);
   Validate(o.pool);
-  Validate(o.resurrector);
-  Validate(o.balancer);
+  Validate(static_cast<const ResilienceOptions&>(o));
 }
 
 SinkStackSpec DefaultThriftStack(const ThriftOptions& options) {
-  SinkStackSpec spec;
-  spec.WithSink(TimeoutSinkProvider())
-      .WithSink(ThriftSerializerProvider())
-      .WithSink(BalancerProvider(options.balancer))
-      .WithSink(ResurrectorProvider(options.resurrector))
-      .WithSink(WatermarkPoolProvider(options.pool))
+  SinkStackSpec spec = ResilientStack<Stream>(options, ThriftSerializerProvider());
+  spec.WithSink(WatermarkPoolProvider(options.pool))
       .WithSink(ThriftTransportProvider(options.transport));
   return spec;
 }

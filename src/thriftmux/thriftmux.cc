@@ -13,8 +13,7 @@ namespace scales::thriftmux {
 
 void Validate(const ThriftMuxOptions& o) {
   mux::Validate(o.session);
-  scales::Validate(o.resurrector);
-  scales::Validate(o.balancer);
+  scales::Validate(static_cast<const ResilienceOptions&>(o));
 }
 
 void ThriftMuxSerializerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
@@ -84,12 +83,8 @@ SinkProvider ThriftMuxSerializerProvider() {
 }
 
 SinkStackSpec DefaultThriftMuxStack(const ThriftMuxOptions& options) {
-  SinkStackSpec spec;
-  spec.WithSink(TimeoutSinkProvider())
-      .WithSink(ThriftMuxSerializerProvider())
-      .WithSink(BalancerProvider(options.balancer))
-      .WithSink(ResurrectorProvider(options.resurrector))
-      .WithSink(SingletonPoolProvider())
+  SinkStackSpec spec = ResilientStack<Stream>(options, ThriftMuxSerializerProvider());
+  spec.WithSink(SingletonPoolProvider())
       .WithSink(mux::MuxSessionProvider(options.session));
   return spec;
 }

@@ -90,7 +90,11 @@ TEST_F(NginxClusterTest, GetAndPostThroughThreeServers) {
 }
 
 TEST_F(NginxClusterTest, RequestsSpreadOverEveryServer) {
-  auto client = Http::NewClient(Uri(endpoints_), Options(MakeRuntime()));
+  // The heap balancer uses idle nodes in random order. (The default, aperture, keeps a
+  // sequential caller on the smallest subset that carries its load.)
+  auto o = Options(MakeRuntime());
+  o.balancer.kind = BalancerKind::kHeap;
+  auto client = Http::NewClient(Uri(endpoints_), o);
   std::map<std::string, int> by_server;
   for (int i = 0; i < 300; ++i) ++by_server[std::string(client.Get("/name").Header("X-Server"))];
   ASSERT_EQ(by_server.size(), 3u);
@@ -153,15 +157,25 @@ struct Load {
     return s;
   }
   void StopAndWait() {
+    if (waited) return;
+    waited = true;
     stop = true;
     ASSERT_EQ(drained.get_future().wait_for(10s), std::future_status::ready) << "calls did not all complete";
   }
+  // A failed ASSERT leaves the test early: the calls must still end before the Load goes.
+  ~Load() {
+    if (!callers.empty()) StopAndWait();
+  }
+  bool waited = false;
 };
 
 TEST_F(NginxClusterTest, ServerStoppedMidRunThenRestarted) {
   stats::StatsRegistry stats;
   Load load;
-  load.client = Http::NewClient(Uri(endpoints_), Options(MakeRuntime(), &stats));
+  // The heap balancer spreads 8 callers over all three servers (aperture may use fewer).
+  auto o = Options(MakeRuntime(), &stats);
+  o.balancer.kind = BalancerKind::kHeap;
+  load.client = Http::NewClient(Uri(endpoints_), o);
   load.Start(8);
   ASSERT_TRUE(Eventually([&] { return load.RecentEndpoints(100).size() == 3; }));
 

@@ -297,7 +297,9 @@ TEST(ThriftMuxTest, HeadersTraceAndCancellation) {
 TEST(ThriftMuxTest, ExpiredLeaseMakesTheSessionBusy) {
   test::MuxReferenceServer server({"--mode", "finagle"});
   stats::StatsRegistry stats;
-  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime(), &stats));
+  auto o = Options(MakeRuntime(), &stats);
+  o.balancer.kind = BalancerKind::kHeap;  // counts scales_lb_marked_down
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
   std::string r;
   client->echo(r, "lease:1");  // a 1 ms lease
   std::this_thread::sleep_for(20ms);

@@ -72,6 +72,11 @@ void MuxReferenceServer::Restart() {
   Start(port_, kBindRetry);
 }
 
+void MuxReferenceServer::Restart(std::vector<std::string> extra_args) {
+  extra_args_ = std::move(extra_args);
+  Restart();
+}
+
 void MuxReferenceServer::Start(int port, milliseconds bind_retry) {
   auto retry_until = Clock::now() + bind_retry;
   for (;;) {

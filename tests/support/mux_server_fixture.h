@@ -42,6 +42,9 @@ class MuxReferenceServer {
   // Stops the server if it runs and starts it again on the same port with the same arguments
   // (retrying for up to 5 s while the port cannot be bound). The log is kept.
   void Restart();
+  // Same, with `extra_args` replacing the arguments given so far (e.g. a server that failed
+  // every call coming back healthy on the same port).
+  void Restart(std::vector<std::string> extra_args);
 
   // The whole log so far.
   std::string Log() const;

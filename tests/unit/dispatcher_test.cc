@@ -481,3 +481,107 @@ TEST_F(DispatcherTest, DeadlineCountsFromTheStartIncludingPoolQueueing) {
 
 }  // namespace
 }  // namespace scales
+
+namespace scales {
+namespace {
+
+// The client's pending limit is shared by its dispatchers (one per event loop): calls beyond
+// it fail at once with kTooManyPending, and each completion makes room again.
+TEST_F(DispatcherTest, MaxPendingIsSharedAndCountsEveryOutcome) {
+  auto limit = std::make_shared<MessageDispatcher::PendingLimit>(3);
+  transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+  timeout_ = std::make_shared<TimeoutSink>(env_.loop(), transport_, env_.scope);
+  dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, kTimeout, env_.scope, limit);
+  auto other_transport = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+  auto other_timeout = std::make_shared<TimeoutSink>(env_.loop(), other_transport, env_.scope);
+  auto other = std::make_shared<MessageDispatcher>(env_.loop(), "test", other_timeout, kTimeout, env_.scope, limit);
+
+  auto a = Start();
+  auto b = calls_.Start(*other);
+  auto c = Start();
+  env_.Run();
+  EXPECT_EQ(limit->pending.load(), 3u);
+  auto rejected = calls_.Start(*other);
+  env_.Run();
+  ASSERT_EQ(calls_[rejected].completions, 1);
+  EXPECT_EQ(calls_[rejected].error, Errc::kTooManyPending);
+  EXPECT_THAT(calls_[rejected].info.detail, HasSubstr("max_pending (3)"));
+  EXPECT_EQ(env_.CounterValue("scales_rejected", {{"reason", "max_pending"}}), 1);
+  EXPECT_EQ(other_transport->total_requests(), 1u);  // the rejected call was not sent
+  EXPECT_EQ(limit->pending.load(), 3u);
+
+  // A reply and a timeout each make room again.
+  ASSERT_TRUE(transport_->Reply(0, 7));
+  env_.Run();
+  EXPECT_EQ(calls_[a].completions, 1);
+  auto d = calls_.Start(*other);
+  env_.Run();
+  EXPECT_EQ(calls_[d].completions, 0);
+  env_.clock->Advance(kTimeout);
+  env_.Run();
+  EXPECT_EQ(calls_[b].error, Errc::kRequestTimeout);
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(calls_[d].error, Errc::kRequestTimeout);
+  EXPECT_EQ(limit->pending.load(), 0u);
+  auto e = Start();
+  env_.Run();
+  EXPECT_EQ(calls_[e].completions, 0);
+  EXPECT_EQ(limit->pending.load(), 1u);
+  other->Close();
+  env_.Run();
+}
+
+}  // namespace
+}  // namespace scales
+
+namespace scales {
+namespace {
+
+// ClientOptions::trace_ids: every call without a trace of its own gets a new root trace
+// (trace = span = parent, never 0), visible to the sinks below and in CallInfo; a call that
+// brings its own trace keeps it; without the option no trace is invented.
+TEST_F(DispatcherTest, TraceIdsAreAssignedPerCallUnlessGiven) {
+  transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+  timeout_ = std::make_shared<TimeoutSink>(env_.loop(), transport_, env_.scope);
+  dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, kTimeout, env_.scope, nullptr,
+                                                    /*trace_ids=*/true);
+  auto a = Start();
+  auto b = Start();
+  TraceContext given{0x1111, 0x2222, 0x3333, 6};
+  auto c = calls_.StartWith([&](CallBase* call) {
+    call->message.properties.trace = given;
+    dispatcher_->Dispatch(call, true);
+  });
+  env_.Run();
+  ASSERT_EQ(transport_->in_flight(), 3u);
+  const TraceContext& ta = transport_->request(0).message->properties.trace;
+  const TraceContext& tb = transport_->request(1).message->properties.trace;
+  EXPECT_NE(ta.trace_id, 0u);
+  EXPECT_EQ(ta.span_id, ta.trace_id);
+  EXPECT_EQ(ta.parent_id, ta.trace_id);
+  EXPECT_NE(ta.trace_id, tb.trace_id) << "two calls share a trace id";
+  EXPECT_EQ(transport_->request(2).message->properties.trace.span_id, 0x2222u);
+  const uint64_t id_a = ta.trace_id;
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(transport_->Reply(0, i));
+  env_.Run();
+  EXPECT_EQ(calls_[a].info.trace.trace_id, id_a);
+  EXPECT_NE(calls_[b].info.trace.trace_id, 0u);
+  EXPECT_EQ(calls_[c].info.trace.trace_id, 0x1111u);
+  EXPECT_EQ(calls_[c].info.trace.flags, 6u);
+
+  // Off: no trace is invented.
+  auto plain_transport = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+  auto plain = std::make_shared<MessageDispatcher>(env_.loop(), "test", plain_transport, kTimeout, env_.scope);
+  auto d = calls_.Start(*plain);
+  env_.Run();
+  ASSERT_EQ(plain_transport->in_flight(), 1u);
+  EXPECT_FALSE(plain_transport->request(0).message->properties.trace.valid());
+  ASSERT_TRUE(plain_transport->Reply(0, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[d].info.trace.trace_id, 0u);
+  plain->Close();
+  env_.Run();
+}
+
+}  // namespace
+}  // namespace scales

@@ -95,12 +95,13 @@ class FailureAccrualTest : public ::testing::Test {
 };
 
 TEST_F(FailureAccrualTest, Classification) {
-  for (Errc e : {Errc::kConnectFailed, Errc::kConnectTimeout, Errc::kFailedFast, Errc::kConnectionClosed,
-                 Errc::kServerError, Errc::kProtocolError, Errc::kRequestTimeout}) {
+  for (Errc e : {Errc::kConnectFailed, Errc::kConnectTimeout, Errc::kConnectionClosed, Errc::kServerError,
+                 Errc::kProtocolError, Errc::kRequestTimeout}) {
     EXPECT_EQ(ClassifyForAccrual(make_error_code(e)), AccrualOutcome::kFailure) << static_cast<int>(e);
   }
-  for (Errc e : {Errc::kCancelled, Errc::kClientClosed, Errc::kNoMembers, Errc::kNack, Errc::kPoolQueueFull,
-                 Errc::kHttpError, Errc::kInvalidArgument}) {
+  // kFailedFast: the resurrector turning requests away from an endpoint already marked down.
+  for (Errc e : {Errc::kFailedFast, Errc::kCancelled, Errc::kClientClosed, Errc::kNoMembers, Errc::kNack,
+                 Errc::kPoolQueueFull, Errc::kHttpError, Errc::kInvalidArgument}) {
     EXPECT_EQ(ClassifyForAccrual(make_error_code(e)), AccrualOutcome::kIgnored) << static_cast<int>(e);
   }
   EXPECT_EQ(ClassifyForAccrual(error_code{}), AccrualOutcome::kSuccess);

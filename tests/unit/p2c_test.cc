@@ -332,7 +332,7 @@ TEST(BalancerOptionsTest, ParsesNames) {
 
 TEST(BalancerOptionsTest, Validates) {
   BalancerOptions o;
-  EXPECT_EQ(o.kind, BalancerKind::kHeap);
+  EXPECT_EQ(o.kind, BalancerKind::kAperture);
   EXPECT_EQ(o.max_effort, 4);
   EXPECT_EQ(o.ewma_decay, seconds(10));
   EXPECT_NO_THROW(Validate(o));
@@ -356,6 +356,8 @@ TEST(BalancerOptionsTest, Validates) {
 
 TEST(BalancerOptionsTest, ProviderPerKind) {
   BalancerOptions o;
+  EXPECT_EQ(BalancerProvider(o).name, "aperture-balancer");
+  o.kind = BalancerKind::kHeap;
   EXPECT_EQ(BalancerProvider(o).name, "heap-balancer");
   o.kind = BalancerKind::kP2C;
   EXPECT_EQ(BalancerProvider(o).name, "p2c-balancer");
@@ -363,13 +365,14 @@ TEST(BalancerOptionsTest, ProviderPerKind) {
   EXPECT_EQ(BalancerProvider(o).name, "p2c-ewma-balancer");
   o.kind = BalancerKind::kRoundRobin;
   EXPECT_EQ(BalancerProvider(o).name, "round-robin-balancer");
-  for (auto kind : {BalancerKind::kHeap, BalancerKind::kP2C, BalancerKind::kP2CPeakEwma, BalancerKind::kRoundRobin}) {
+  for (auto kind : {BalancerKind::kHeap, BalancerKind::kP2C, BalancerKind::kP2CPeakEwma, BalancerKind::kRoundRobin,
+                    BalancerKind::kAperture}) {
     o.kind = kind;
     EXPECT_EQ(BalancerProvider(o).role, roles::kLoadBalancer);
   }
 }
 
-TEST(BalancerOptionsTest, ClientsDefaultToTheHeapAndFollowTheirOptions) {
+TEST(BalancerOptionsTest, ClientsDefaultToApertureAndFollowTheirOptions) {
   auto balancer_name = [](const SinkStackSpec& spec) {
     for (const auto& p : spec.providers()) {
       if (p.role == roles::kLoadBalancer) return p.name;
@@ -379,9 +382,9 @@ TEST(BalancerOptionsTest, ClientsDefaultToTheHeapAndFollowTheirOptions) {
   http::HttpOptions h;
   thrift::ThriftOptions t;
   thriftmux::ThriftMuxOptions m;
-  EXPECT_EQ(balancer_name(http::HttpClientBuilder::DefaultStack(h)), "heap-balancer");
-  EXPECT_EQ(balancer_name(thrift::DefaultThriftStack(t)), "heap-balancer");
-  EXPECT_EQ(balancer_name(thriftmux::DefaultThriftMuxStack(m)), "heap-balancer");
+  EXPECT_EQ(balancer_name(http::HttpClientBuilder::DefaultStack(h)), "aperture-balancer");
+  EXPECT_EQ(balancer_name(thrift::DefaultThriftStack(t)), "aperture-balancer");
+  EXPECT_EQ(balancer_name(thriftmux::DefaultThriftMuxStack(m)), "aperture-balancer");
   h.balancer.kind = BalancerKind::kP2C;
   t.balancer.kind = BalancerKind::kP2CPeakEwma;
   m.balancer.kind = BalancerKind::kRoundRobin;

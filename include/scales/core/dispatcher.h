@@ -36,6 +36,9 @@ struct CallInfo {
   Duration elapsed{};
   // Response headers the protocol carried (ThriftMux: com.twitter.finagle.thrift.Response.headers).
   Headers response_headers;
+  // The call's trace identifiers (given in CallOptions::trace, or assigned by the client when
+  // ClientOptions::trace_ids is set; trace_id 0 = none).
+  TraceContext trace;
 };
 
 // Per-call options, all optional.
@@ -44,7 +47,8 @@ struct CallOptions {
   std::optional<Duration> timeout;
   // Extra application headers (HTTP headers; Mux request headers).
   Headers headers;
-  // Trace identifiers to send (Mux TraceContext). Default: none.
+  // Trace identifiers to send (Mux TraceContext, B3 headers). Default: a new root trace id
+  // per call (ClientOptions::trace_ids).
   std::optional<TraceContext> trace;
   // When set, receives the call's CallInfo before the handler runs. Must stay valid until
   // then.
@@ -152,8 +156,17 @@ class TypedCall : public CallBase {
 // Thread safety: one dispatcher per client per event loop, used only on that loop.
 class MessageDispatcher final : public ClientMessageSink {
  public:
+  // Admission limit shared by a client's dispatchers (one per event loop): the calls the
+  // client holds at once and the most it may hold (0 = no limit).
+  struct PendingLimit {
+    explicit PendingLimit(size_t max) : max(max) {}
+    const size_t max;
+    std::atomic<size_t> pending{0};
+  };
+
   MessageDispatcher(EventLoop& loop, std::string client_name, SinkPtr next, Duration default_timeout,
-                    const stats::StatsScope& stats);
+                    const stats::StatsScope& stats, std::shared_ptr<PendingLimit> limit = nullptr,
+                    bool trace_ids = false);
   ~MessageDispatcher() override;
 
   // Sends `call` down the stack. On the loop's thread. `initiating`: the caller is the
@@ -188,6 +201,9 @@ class MessageDispatcher final : public ClientMessageSink {
   stats::Gauge& pending_gauge_;
   stats::Histogram& latency_us_;
   std::unordered_map<std::string, stats::Counter*> failures_by_code_;
+  std::shared_ptr<PendingLimit> limit_;
+  bool trace_ids_ = false;
+  stats::Counter* rejected_max_pending_ = nullptr;
   size_t pending_ = 0;
   bool closed_ = false;
   std::shared_ptr<ClientMessageSink> self_while_draining_;

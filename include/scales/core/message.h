@@ -44,7 +44,7 @@ struct CallProperties {
   // CallOptions::idempotent: the retry sink may also retry kConnectionClosed.
   bool idempotent = false;
   // Set by the retry sink before a retry: the endpoint the failed attempt went to
-  // ("host:port"). Balancers may prefer another endpoint for this attempt; none does yet.
+  // ("host:port"). Every balancer picks another endpoint for this attempt when one exists.
   std::string avoid_endpoint;
 };
 

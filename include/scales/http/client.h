@@ -7,8 +7,8 @@
 //   auto f = client.AsyncGet("/", boost::asio::use_future);                        // future
 //   auto r2 = co_await client.AsyncGet("/", boost::asio::use_awaitable);           // coroutine
 //
-// Default stack: dispatcher -> timeout -> heap balancer -> resurrector -> watermark pool ->
-// HTTP/1.1 transport (keep-alive).
+// Default stack: dispatcher -> timeout -> retry -> aperture balancer -> failure accrual ->
+// resurrector -> watermark pool -> HTTP/1.1 transport (keep-alive).
 //
 // Completion signature of every Async call: void(scales::error_code, http::Response). The
 // handler runs on its associated executor, or else on one of the client's event loops; it
@@ -34,13 +34,15 @@
 #include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/resurrector.h"
 #include "scales/pool/watermark_pool.h"
+#include "scales/resilience/default_stack.h"
 
 namespace scales {
 
 namespace http {
 
-// Everything an HTTP client can be configured with.
-struct HttpOptions {
+// Everything an HTTP client can be configured with. The balancer, resurrector, retry and
+// failure-accrual settings come from ResilienceOptions (scales/resilience/default_stack.h).
+struct HttpOptions : ResilienceOptions {
   ClientOptions client = [] {
     ClientOptions o;
     o.timeout = std::chrono::seconds(60);  // scales' HTTP default
@@ -48,9 +50,6 @@ struct HttpOptions {
   }();
   TransportOptions transport;
   WatermarkPoolOptions pool;
-  ResurrectorOptions resurrector;
-  // Which load balancer (heap by default) and its settings.
-  BalancerOptions balancer;
   // Headers added to every request (after the request's own).
   Headers default_headers;
 };

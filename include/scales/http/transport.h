@@ -32,6 +32,10 @@ struct TransportOptions {
   // Status >= 400 completes the call with kHttpError (detail: status, reason, start of the
   // body) instead of returning the response. Default true, as in scales.
   bool raise_on_http_error = true;
+  // Send the call's trace identifiers as B3 headers (X-B3-TraceId, X-B3-SpanId,
+  // X-B3-ParentSpanId when it differs from the span, X-B3-Sampled when the sampling decision
+  // is known, X-B3-Flags: 1 for debug). Default false.
+  bool b3_headers = false;
 };
 
 // Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable:

@@ -21,7 +21,7 @@ enum class BalancerKind {
 };
 
 struct BalancerOptions {
-  BalancerKind kind = BalancerKind::kHeap;
+  BalancerKind kind = BalancerKind::kAperture;
   // P2C and round robin: picks tried to find a healthy node before panicking (using any
   // node and counting scales_lb_panic). >= 1.
   int max_effort = 4;

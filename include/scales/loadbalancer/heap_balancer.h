@@ -58,11 +58,21 @@ class LoadBalancerSink : public ClientMessageSink {
 
   // A node is usable when its chain is Idle or Open.
   static bool Healthy(const BalancerNode& n);
+  // Panic mode (no healthy node): how worth trying a node is. 1 for Busy (it may still answer:
+  // failure accrual marks endpoints Busy, not gone), 0 for Closed (known down; fails fast).
+  static int PanicRank(const BalancerNode& n);
   // Hooks for the balancing policy.
   virtual void OnNodeAdded(BalancerNode& n) = 0;
   virtual void OnNodeRemoved(BalancerNode& n) = 0;
   // Chooses a node (nodes_ is not empty). Load is incremented by the caller afterwards.
+  // May be called more than once for one request (see PickAlternative).
   virtual BalancerNode& PickNode() = 0;
+  // A node other than `avoid` for a request whose properties name `avoid` as the endpoint to
+  // avoid (a retry or a backup request; there are at least two nodes), or nullptr to keep
+  // `avoid`. The default asks PickNode() again a few times (randomised and cycling policies
+  // move on), then takes the least loaded healthy other node, then the least loaded other
+  // node when `avoid` itself is unhealthy.
+  virtual BalancerNode* PickAlternative(BalancerNode& avoid);
   virtual void OnLoadChanged(BalancerNode& n, bool increased) = 0;
   // Called once per server-set update, after its OnNodeAdded/OnNodeRemoved calls, with the
   // nodes that joined; returns the nodes to open now (Open completes once one of them opened,
@@ -104,6 +114,7 @@ class LoadBalancerSink : public ClientMessageSink {
   stats::Counter& no_members_;
   stats::Counter& joins_;
   stats::Counter& leaves_;
+  stats::Counter& avoided_;
 };
 
 // Least loaded: a binary min-heap on (load, down). A node whose chain is not usable is
@@ -122,6 +133,7 @@ class HeapBalancerSink final : public LoadBalancerSink {
   void OnNodeAdded(BalancerNode& n) override;
   void OnNodeRemoved(BalancerNode& n) override;
   BalancerNode& PickNode() override;
+  BalancerNode* PickAlternative(BalancerNode& avoid) override;
   void OnLoadChanged(BalancerNode& n, bool increased) override;
 
  private:
@@ -134,6 +146,7 @@ class HeapBalancerSink final : public LoadBalancerSink {
   std::vector<BalancerNode*> heap_{nullptr};  // 1-based; heap_[0] unused
   std::vector<BalancerNode*> down_;
   stats::Counter& marked_down_;
+  stats::Counter& panic_;
   stats::Counter& marked_up_;
 };
 

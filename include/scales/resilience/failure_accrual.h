@@ -8,9 +8,12 @@
 //   - consecutive failures: `consecutive_failures` failures in a row.
 //
 // Classification. Failures: the endpoint-level errors kConnectFailed, kConnectTimeout,
-// kFailedFast, kConnectionClosed, kServerError, kProtocolError and kRequestTimeout. Successes:
-// no error. Everything else (kCancelled, kClientClosed, kNoMembers, kNack, kPoolQueueFull,
-// kHttpError, ...) is ignored: it neither counts nor resets.
+// kConnectionClosed, kServerError, kProtocolError and kRequestTimeout. Successes: no error.
+// Everything else (kFailedFast, kCancelled, kClientClosed, kNoMembers, kNack, kPoolQueueFull,
+// kHttpError, ...) is ignored: it neither counts nor resets. kFailedFast is the resurrector
+// answering for an endpoint it already marked down: the connect failure that marked it down
+// was counted, and counting every request it turns away would keep the endpoint dead long
+// after it came back.
 //
 // States (Finagle's):
 //   Alive       status follows the child; outcomes feed the policies.

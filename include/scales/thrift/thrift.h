@@ -13,9 +13,9 @@
 //                 .SetFraming(scales::thrift::Framing::kBuffered)
 //                 .Build();
 //
-// Default stack (as scales): dispatcher -> timeout -> thrift serializer (formatter) -> heap
-// balancer -> resurrector -> watermark pool -> framed Thrift transport. Call styles, errors and
-// threading: scales/thrift/client.h.
+// Default stack: dispatcher -> timeout -> retry -> thrift serializer (formatter) -> aperture
+// balancer -> failure accrual -> resurrector -> watermark pool -> framed Thrift transport.
+// Call styles, errors and threading: scales/thrift/client.h.
 
 #include <chrono>
 #include <memory>
@@ -25,6 +25,7 @@
 #include "scales/core/client.h"
 #include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/resurrector.h"
+#include "scales/resilience/default_stack.h"
 #include "scales/pool/watermark_pool.h"
 #include "scales/thrift/client.h"
 #include "scales/thrift/message.h"
@@ -36,7 +37,9 @@ namespace scales {
 namespace thrift {
 
 // Everything a Thrift client can be configured with. Validated by Build().
-struct ThriftOptions {
+// Balancer, resurrector, retry and failure accrual: ResilienceOptions
+// (scales/resilience/default_stack.h).
+struct ThriftOptions : ResilienceOptions {
   // Name, URI, timeout (default 60 s, as scales), open timeout, runtime, stats, server set.
   ClientOptions client = [] {
     ClientOptions o;
@@ -49,10 +52,6 @@ struct ThriftOptions {
   TransportOptions transport;
   // Connections per endpoint (per event loop): one request at a time on each.
   WatermarkPoolOptions pool;
-  // Marking endpoints down and reconnecting with backoff.
-  ResurrectorOptions resurrector;
-  // Which load balancer (heap by default) and its settings.
-  BalancerOptions balancer;
   // Client id given to every call (CallProperties::client_id). Plain Thrift has no place for
   // it on the wire; ThriftMux sends it as the ClientId context.
   std::string client_id;
@@ -61,8 +60,8 @@ struct ThriftOptions {
 // Throws scales::Error(kInvalidArgument) naming the first unusable field.
 void Validate(const ThriftOptions& o);
 
-// The default stack for `options`: timeout -> serializer -> heap balancer -> resurrector ->
-// watermark pool -> Thrift transport.
+// The default stack for `options`: timeout -> retry -> serializer -> aperture balancer ->
+// failure accrual -> resurrector -> watermark pool -> Thrift transport.
 SinkStackSpec DefaultThriftStack(const ThriftOptions& options);
 
 // Validates `options`, builds the client core over `spec` and opens it (waiting up to the open

@@ -13,8 +13,8 @@
 // and the call's deadline, client id, retry count and headers travel as Mux contexts.
 // One-way calls are refused (kInvalidArgument), as Finagle's ThriftMux client does.
 //
-// Default stack: dispatcher -> timeout -> thriftmux serializer -> heap balancer ->
-// resurrector -> singleton pool -> Mux session.
+// Default stack: dispatcher -> timeout -> retry -> thriftmux serializer -> aperture balancer ->
+// failure accrual -> resurrector -> singleton pool -> Mux session.
 //
 // Thread safety: the client is a cheap handle; calls are safe from any thread.
 
@@ -26,6 +26,7 @@
 #include "scales/core/forwarding_sink.h"
 #include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/resurrector.h"
+#include "scales/resilience/default_stack.h"
 #include "scales/mux/session.h"
 #include "scales/thrift/client.h"
 
@@ -33,7 +34,9 @@ namespace scales {
 
 namespace thriftmux {
 
-struct ThriftMuxOptions {
+// Balancer, resurrector, retry and failure accrual: ResilienceOptions
+// (scales/resilience/default_stack.h).
+struct ThriftMuxOptions : ResilienceOptions {
   // Name, URI, timeout (default 10 s, as scales' ThriftMux), open timeout, runtime, stats.
   ClientOptions client = [] {
     ClientOptions o;
@@ -43,10 +46,6 @@ struct ThriftMuxOptions {
   // The Mux session: connect timeout, handshake, frame/fragment limits, pings, deadline
   // propagation.
   mux::SessionOptions session;
-  // Marking endpoints down and reconnecting with backoff.
-  ResurrectorOptions resurrector;
-  // Which load balancer (heap by default) and its settings.
-  BalancerOptions balancer;
   // Sent as the ClientIdContext of every call; empty = none.
   std::string client_id;
 };

@@ -1,0 +1,338 @@
+#include "scales/resilience/backup_request.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "scales/core/runtime.h"
+#include "scales/core/sink_stack.h"
+
+namespace scales {
+namespace {
+
+using std::chrono::duration_cast;
+using std::chrono::microseconds;
+
+long long Millis(Duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
+
+RetryBudgetOptions BudgetOptions(const BackupRequestOptions& o) {
+  RetryBudgetOptions b;
+  b.ttl = o.budget_ttl;
+  b.min_retries_per_sec = o.budget_min_per_sec;
+  b.percent_can_retry = o.max_extra_load;
+  return b;
+}
+
+}  // namespace
+
+void Validate(const BackupRequestOptions& o) {
+  auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
+  if (!(o.max_extra_load > 0.0 && o.max_extra_load < 1.0)) {
+    fail(fmt::format("backup.max_extra_load must be in (0, 1) (got {})", o.max_extra_load));
+  }
+  if (!(o.percentile == 0.0 || (o.percentile > 0.0 && o.percentile < 1.0))) {
+    fail(fmt::format("backup.percentile must be 0 (1 - max_extra_load) or in (0, 1) (got {})", o.percentile));
+  }
+  if (o.min_send_backup_after < Duration::zero()) fail("backup.min_send_backup_after must be >= 0");
+  if (o.window <= Duration::zero()) fail("backup.window must be > 0");
+  if (o.window_slices < 1 || o.window_slices > 60) {
+    fail(fmt::format("backup.window_slices must be in [1, 60] (got {})", o.window_slices));
+  }
+  if (o.refresh_interval <= Duration::zero()) fail("backup.refresh_interval must be > 0");
+  if (o.budget_ttl < std::chrono::seconds(1) || o.budget_ttl > std::chrono::seconds(60)) {
+    fail(fmt::format("backup.budget_ttl must be in [1 s, 60 s] (got {} ms)", Millis(o.budget_ttl)));
+  }
+  if (o.budget_min_per_sec < 0) fail(fmt::format("backup.budget_min_per_sec must be >= 0 (got {})", o.budget_min_per_sec));
+}
+
+// --- LatencyWindow ----------------------------------------------------------------------------
+
+LatencyWindow::LatencyWindow(const Clock& clock, Duration window, int slices)
+    : clock_(clock),
+      slice_(std::max<Duration>(window / std::max(slices, 1), Duration(1))),
+      epoch_(clock.Now()),
+      slices_(static_cast<size_t>(std::max(slices, 1)), std::vector<uint32_t>(stats::Histogram::kBucketCount, 0)),
+      slice_counts_(slices_.size(), 0) {}
+
+void LatencyWindow::Roll() {
+  const int64_t now_index = (clock_.Now() - epoch_) / slice_;
+  if (now_index <= current_) return;
+  const auto n = static_cast<int64_t>(slices_.size());
+  for (int64_t i = 1; i <= std::min(now_index - current_, n); ++i) {
+    const auto s = static_cast<size_t>((current_ + i) % n);
+    if (slice_counts_[s] != 0) std::fill(slices_[s].begin(), slices_[s].end(), 0);
+    slice_counts_[s] = 0;
+  }
+  current_ = now_index;
+}
+
+void LatencyWindow::Record(Duration latency) {
+  Roll();
+  const auto s = static_cast<size_t>(current_ % static_cast<int64_t>(slices_.size()));
+  ++slices_[s][static_cast<size_t>(stats::Histogram::BucketIndex(duration_cast<microseconds>(latency).count()))];
+  ++slice_counts_[s];
+}
+
+int64_t LatencyWindow::count() {
+  Roll();
+  int64_t n = 0;
+  for (int64_t c : slice_counts_) n += c;
+  return n;
+}
+
+std::optional<Duration> LatencyWindow::Percentile(double fraction) {
+  const int64_t total = count();
+  if (total == 0) return std::nullopt;
+  // The rank of the sample at `fraction` (1-based), as HdrHistogram's getValueAtPercentile.
+  const auto rank = std::max<int64_t>(1, static_cast<int64_t>(fraction * static_cast<double>(total) + 0.5));
+  int64_t seen = 0;
+  for (int b = 0; b < stats::Histogram::kBucketCount; ++b) {
+    for (const auto& slice : slices_) seen += slice[static_cast<size_t>(b)];
+    if (seen >= rank) return microseconds(stats::Histogram::BucketUpperBound(b));
+  }
+  return microseconds(stats::Histogram::BucketUpperBound(stats::Histogram::kBucketCount - 1));
+}
+
+// --- BackupRequestSink ------------------------------------------------------------------------
+
+// One hedged call. Pooled: reused across calls. The caller's stack carries it as the context;
+// the backup's stack carries it with the low bit set.
+struct BackupRequestSink::Hedge {
+  BackupRequestSink* sink = nullptr;
+  SinkStack* caller = nullptr;
+  Stream* stream = nullptr;  // the request stream passed to this sink
+  TimePoint start{};
+  TimePoint backup_start{};
+  TimerEntry timer;
+  bool primary_out = false;
+  bool backup_out = false;
+  bool superseded[2] = {false, false};  // [backup]: cancelled by this sink because the other won
+  int handling = 0;                     // response handlers of this hedge on the call stack
+  // The outcome to deliver, once decided.
+  bool decided = false;
+  MethodReturnMessage result;
+  Stream* result_stream = nullptr;
+  std::string first_failure;  // a failure dropped while the other attempt was out
+  // The backup attempt.
+  std::optional<MethodCallMessage> backup_msg;
+  std::optional<SinkStack> backup_stack;
+  std::shared_ptr<void> backup_reply;
+};
+
+namespace {
+void* Tag(void* h, bool backup) {
+  return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(h) | (backup ? 1u : 0u));
+}
+}  // namespace
+
+BackupRequestSink::BackupRequestSink(EventLoop& loop, SinkPtr next, BackupRequestOptions options,
+                                     const BackupReplyOps& ops, const stats::StatsScope& stats)
+    : ForwardingSink(std::move(next)),
+      loop_(loop),
+      options_(std::move(options)),
+      ops_(ops),
+      percentile_(options_.percentile > 0 ? options_.percentile : 1.0 - options_.max_extra_load),
+      latencies_(loop.clock(), options_.window, options_.window_slices),
+      budget_(loop.clock(), BudgetOptions(options_)),
+      next_refresh_(loop.Now() + options_.refresh_interval),
+      sent_(stats.GetCounter("scales_backup_requests_sent")),
+      won_(stats.GetCounter("scales_backup_requests_won")),
+      budget_exhausted_(stats.GetCounter("scales_backup_requests_budget_exhausted")),
+      send_after_hist_(stats.GetHistogram("scales_backup_send_after_us")) {
+  Validate(options_);
+}
+
+BackupRequestSink::~BackupRequestSink() = default;
+
+std::optional<Duration> BackupRequestSink::SendBackupAfter() {
+  const TimePoint now = loop_.Now();
+  if (now >= next_refresh_) {
+    next_refresh_ = now + options_.refresh_interval;
+    if (auto p = latencies_.Percentile(percentile_)) {
+      send_after_ = std::max(*p, options_.min_send_backup_after);
+      send_after_hist_.Record(duration_cast<microseconds>(*send_after_).count());
+    } else {
+      send_after_.reset();
+    }
+  }
+  return send_after_;
+}
+
+BackupRequestSink::Hedge* BackupRequestSink::Acquire() {
+  Hedge* h;
+  if (free_.empty()) {
+    all_.push_back(std::make_unique<Hedge>());
+    h = all_.back().get();
+    h->sink = this;
+  } else {
+    h = free_.back();
+    free_.pop_back();
+  }
+  ++outstanding_;
+  return h;
+}
+
+void BackupRequestSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
+  if (closed_ || !msg.properties.idempotent || !ops_.matches(msg)) {
+    next_->AsyncProcessRequest(stack, msg, stream);
+    return;
+  }
+  budget_.Deposit();
+  Hedge* h = Acquire();
+  h->caller = &stack;
+  h->stream = stream;
+  h->start = loop_.Now();
+  h->primary_out = true;
+  if (auto delay = SendBackupAfter()) {
+    const TimePoint at = h->start + *delay;
+    if (!msg.properties.deadline || at < *msg.properties.deadline) {
+      loop_.timers().Schedule(h->timer, at, &OnTimer, h);
+    }
+  }
+  stack.Push(this, Tag(h, false));
+  next_->AsyncProcessRequest(stack, msg, stream);
+}
+
+void BackupRequestSink::OnTimer(void* arg) {
+  auto* h = static_cast<Hedge*>(arg);
+  h->sink->SendBackup(h);
+}
+
+void BackupRequestSink::SendBackup(Hedge* h) {
+  if (closed_ || !h->primary_out || h->caller->cancelled()) return;
+  if (!budget_.TryWithdraw()) {
+    budget_exhausted_.Increment();
+    return;
+  }
+  sent_.Increment();
+  const MethodCallMessage& caller = h->caller->message();
+  h->backup_stack.reset();  // it refers to the previous backup message
+  h->backup_msg.emplace(caller);
+  MethodCallMessage& m = *h->backup_msg;
+  m.properties.avoid_endpoint = caller.properties.endpoint;
+  m.properties.endpoint.clear();
+  if (!h->backup_reply) h->backup_reply = ops_.create();
+  ops_.attach(h->backup_reply.get(), m);
+  h->backup_stack.emplace(m);
+  h->backup_start = loop_.Now();
+  h->backup_out = true;
+  h->backup_stack->Push(this, Tag(h, true));
+  next_->AsyncProcessRequest(*h->backup_stack, m, h->stream);
+}
+
+void BackupRequestSink::AsyncProcessResponse(SinkStack&, void* context, Stream* stream, MethodReturnMessage& msg) {
+  const auto bits = reinterpret_cast<uintptr_t>(context);
+  const bool backup = (bits & 1u) != 0;
+  auto* h = reinterpret_cast<Hedge*>(bits & ~uintptr_t{1});
+  ++h->handling;
+  (backup ? h->backup_out : h->primary_out) = false;
+  if (!backup) h->timer.Cancel();
+  const bool superseded = h->superseded[backup ? 1 : 0];
+  if (msg.ok() || msg.error == Errc::kRequestTimeout || superseded) {
+    latencies_.Record(loop_.Now() - (backup ? h->backup_start : h->start));
+  }
+  if (!h->decided) Finish(h, backup, stream, msg);
+  --h->handling;
+  MaybeDeliver(h);
+}
+
+// Decides what a response means for the call: the outcome, or (a failure while the other
+// attempt is out) nothing yet.
+void BackupRequestSink::Finish(Hedge* h, bool backup, Stream* stream, MethodReturnMessage& msg) {
+  const bool other_out = backup ? h->primary_out : h->backup_out;
+  const bool cancelled = h->caller->cancelled();
+  if (!msg.ok() && other_out && !cancelled) {
+    // Wait for the other attempt (also while closing: Close() answers it); hold the caller's
+    // request meanwhile if it is ours to hold.
+    h->first_failure = fmt::format("{} to {} failed first: {}", backup ? "the backup request" : "the first attempt",
+                                   backup ? h->backup_msg->properties.endpoint : h->caller->message().properties.endpoint,
+                                   msg.detail);
+    if (!backup) {
+      h->caller->SetCancelHandler(this, h);
+    }
+    return;
+  }
+  h->decided = true;
+  MethodCallMessage& caller = h->caller->message();
+  h->result = std::move(msg);
+  h->result_stream = nullptr;
+  if (h->result.ok()) {
+    if (backup) {
+      won_.Increment();
+      // The first attempt must stop before its reply slot (the caller's) is written.
+      if (other_out) CancelOther(h, backup, make_error_code(Errc::kCancelled), true);
+      ops_.adopt(h->backup_reply.get(), stream, caller);
+      caller.properties.endpoint = h->backup_msg->properties.endpoint;
+    } else {
+      if (other_out) CancelOther(h, backup, make_error_code(Errc::kCancelled), true);
+      // The winner's bytes go into the caller's slot, in case a transport passed its own.
+      if (Stream* slot = caller.reply_slot<Stream>(); slot != nullptr && stream != nullptr && stream != slot) {
+        slot->data = std::move(stream->data);
+      }
+    }
+    h->result_stream = caller.reply_slot<Stream>();
+    return;
+  }
+  if (backup) {
+    caller.properties.endpoint = h->backup_msg->properties.endpoint;
+    h->result.detail += " (backup request)";
+  }
+  if (!h->first_failure.empty()) h->result.detail += fmt::format("; {}", h->first_failure);
+  // A failure with the other attempt out means the request was cancelled: cancel that one too.
+  if (other_out) CancelOther(h, backup, h->caller->cancel_reason(), false);
+}
+
+void BackupRequestSink::CancelOther(Hedge* h, bool backup, const error_code& reason, bool lost) {
+  h->superseded[backup ? 0 : 1] = lost;
+  if (backup) {
+    h->caller->Cancel(reason);
+  } else {
+    h->backup_stack->Cancel(reason);
+  }
+}
+
+void BackupRequestSink::MaybeDeliver(Hedge* h) {
+  if (h->handling > 0 || !h->decided || h->primary_out || h->backup_out) return;
+  SinkStack* caller = h->caller;
+  Stream* stream = h->result_stream;
+  MethodReturnMessage result = std::move(h->result);
+  // Pass the outcome up first, then reuse the hedge: the caller's handler may start another
+  // call, which must not get this one.
+  caller->AsyncProcessResponse(stream, result);
+  h->caller = nullptr;
+  h->stream = nullptr;
+  h->result_stream = nullptr;
+  h->decided = false;
+  h->superseded[0] = h->superseded[1] = false;
+  h->first_failure.clear();
+  --outstanding_;
+  free_.push_back(h);
+}
+
+void BackupRequestSink::CancelRequest(SinkStack&, void* context, const error_code& reason) {
+  // Only while the first attempt has failed and the backup is out: pass the cancellation on.
+  auto* h = static_cast<Hedge*>(context);
+  if (h->backup_out) h->backup_stack->Cancel(reason);
+}
+
+void BackupRequestSink::Close() {
+  if (!closed_) {
+    closed_ = true;
+    for (auto& h : all_) h->timer.Cancel();
+  }
+  // Answers every attempt below; each hedged call is then answered as its last attempt unwinds.
+  next_->Close();
+}
+
+SinkProvider BackupRequestProvider(BackupRequestOptions options, const BackupReplyOps& ops) {
+  Validate(options);
+  return SinkProvider{std::string(roles::kBackup), "backup",
+                      [options, &ops](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                        return std::make_shared<BackupRequestSink>(*ctx.loop, next(ctx), options, ops, ctx.stats);
+                      }};
+}
+
+}  // namespace scales

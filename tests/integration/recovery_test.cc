@@ -1,0 +1,457 @@
+// Failure recovery against real servers with the default stacks (aperture balancer, retries
+// under a budget, failure accrual, resurrector):
+//   - three servers, one killed and restarted every ~1.5 s while 64 callers run: every call
+//     completes exactly once and at least 99.9 % succeed (calls are idempotent, so requests
+//     cut off by a dying connection are retried too); afterwards no call is pending, no Mux
+//     tag is in use and the pools hold no more connections than callers;
+//     for HTTP (nginx), framed Thrift (Apache Thrift's server in `scales testserver thrift`)
+//     and ThriftMux (the independent Python Mux reference server);
+//   - a server that answers slowly stops receiving most traffic under P2C peak EWMA;
+//   - a server that fails every call is ejected by failure accrual, and revived (probe
+//     succeeds) once it recovers.
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "Echo.h"
+#include "scales/core/runtime.h"
+#include "scales/http/client.h"
+#include "scales/stats/stats.h"
+#include "scales/thrift/thrift.h"
+#include "scales/thriftmux/thriftmux.h"
+#include "support/fixtures.h"
+#include "support/mux_server_fixture.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using scales::echo::EchoClient;
+using SteadyTime = std::chrono::steady_clock::time_point;
+
+std::shared_ptr<Runtime> MakeRuntime(size_t threads) {
+  RuntimeOptions o;
+  o.threads = threads;
+  return std::make_shared<Runtime>(o);
+}
+
+// Tallies of a load run. Thread safe.
+struct Tally {
+  std::atomic<int64_t> started{0};
+  std::atomic<int64_t> completed{0};
+  std::atomic<int64_t> ok{0};
+  std::mutex mu;
+  std::map<std::string, int64_t> errors;     // error name -> count
+  std::map<std::string, int64_t> endpoints;  // endpoint of successful calls -> count
+  std::string first_error;
+
+  void Record(const error_code& ec, const std::string& endpoint, const std::string& detail) {
+    completed.fetch_add(1);
+    std::lock_guard<std::mutex> lock(mu);
+    if (!ec) {
+      ok.fetch_add(1);
+      ++endpoints[endpoint];
+    } else {
+      ++errors[ErrorName(ec)];
+      if (first_error.empty()) first_error = detail;
+    }
+  }
+  std::string Describe() {
+    std::lock_guard<std::mutex> lock(mu);
+    std::string s = "started " + std::to_string(started.load()) + ", completed " +
+                    std::to_string(completed.load()) + ", ok " + std::to_string(ok.load()) + "; errors:";
+    for (const auto& [k, v] : errors) s += " " + k + "=" + std::to_string(v);
+    s += "; per endpoint:";
+    for (const auto& [k, v] : endpoints) s += " " + k + "=" + std::to_string(v);
+    if (!first_error.empty()) s += "; first error: " + first_error;
+    return s;
+  }
+};
+
+// `callers` closed loops: each starts a call with `start(done)` and, when `done` runs, starts
+// the next one until `stop` is set. `start` must call `done` exactly once per call.
+class LoadRun {
+ public:
+  using Done = std::function<void(const error_code&, const std::string& endpoint, const std::string& detail)>;
+  using Start = std::function<void(Done)>;
+
+  LoadRun(int callers, Start start) : start_(std::move(start)) {
+    for (int i = 0; i < callers; ++i) Next();
+  }
+  void Stop() { stop_.store(true); }
+  // Waits until every started call completed; false on timeout.
+  bool Drain(std::chrono::milliseconds timeout) {
+    auto until = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < until) {
+      if (tally.completed.load() == tally.started.load() && in_start_.load() == 0) return true;
+      std::this_thread::sleep_for(10ms);
+    }
+    return tally.completed.load() == tally.started.load();
+  }
+  Tally tally;
+
+ private:
+  void Next() {
+    if (stop_.load()) return;
+    in_start_.fetch_add(1);
+    tally.started.fetch_add(1);
+    auto once = std::make_shared<std::atomic<int>>(0);
+    start_([this, once](const error_code& ec, const std::string& endpoint, const std::string& detail) {
+      if (once->fetch_add(1) != 0) {
+        ADD_FAILURE() << "a call completed twice";
+        return;
+      }
+      tally.Record(ec, endpoint, detail);
+      Next();
+    });
+    in_start_.fetch_sub(1);
+  }
+
+  Start start_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> in_start_{0};
+};
+
+// Kills server (k mod n) every `period`, restarting it `down_for` later, until `total` passed.
+void KillAndRestart(size_t n, std::chrono::milliseconds period, std::chrono::milliseconds down_for,
+                    std::chrono::milliseconds total, const std::function<void(size_t)>& kill,
+                    const std::function<void(size_t)>& restart) {
+  auto end = std::chrono::steady_clock::now() + total;
+  for (size_t k = 0; std::chrono::steady_clock::now() + period < end; ++k) {
+    std::this_thread::sleep_for(period - down_for);
+    kill(k % n);
+    std::this_thread::sleep_for(down_for);
+    restart(k % n);
+  }
+  std::this_thread::sleep_until(end);
+}
+
+int64_t SumGauge(const stats::StatsRegistry& s, std::string_view name) {
+  int64_t sum = 0;
+  for (const auto& m : s.Snapshot()) {
+    if (m.name == name && m.type == stats::MetricType::kGauge) sum += m.value;
+  }
+  return sum;
+}
+int64_t SumCounter(const stats::StatsRegistry& s, std::string_view name, std::string_view endpoint = {}) {
+  int64_t sum = 0;
+  for (const auto& m : s.Snapshot()) {
+    if (m.name != name || m.type != stats::MetricType::kCounter) continue;
+    bool match = endpoint.empty();
+    for (const auto& [k, v] : m.labels) match = match || (k == "endpoint" && v == endpoint);
+    if (match) sum += m.value;
+  }
+  return sum;
+}
+
+constexpr int kLoops = 2;
+
+void ExpectRecovered(LoadRun& run, const stats::StatsRegistry& stats, int callers) {
+  run.Stop();
+  ASSERT_TRUE(run.Drain(15s)) << "calls did not complete: " << run.tally.Describe();
+  const int64_t started = run.tally.started.load();
+  EXPECT_EQ(run.tally.completed.load(), started) << run.tally.Describe();
+  EXPECT_GT(started, 500) << run.tally.Describe();
+  EXPECT_GE(static_cast<double>(run.tally.ok.load()), 0.999 * static_cast<double>(started))
+      << run.tally.Describe() << "\n" << stats.ToText();
+  EXPECT_GT(SumCounter(stats, "scales_retries"), 0) << "no retry ran: the kills did not bite";
+  // Connection and tag counts back to normal.
+  EXPECT_EQ(SumGauge(stats, "scales_pending"), 0);
+  EXPECT_EQ(SumGauge(stats, "scales_mux_tags_in_use"), 0);
+  EXPECT_EQ(SumGauge(stats, "scales_pool_waiters"), 0);
+  // Connections above the low watermark (1 per endpoint per event loop) close once idle.
+  auto until = std::chrono::steady_clock::now() + 5s;
+  while (std::chrono::steady_clock::now() < until && SumGauge(stats, "scales_pool_size") > kLoops * 3) {
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_LE(SumGauge(stats, "scales_pool_size"), kLoops * 3) << "connections leaked";
+}
+
+// Options every test client shares: two loops, its own registry, a quick resurrector, and
+// pooled connections that close soon after the load stops (so the counts can be checked).
+template <class Options>
+Options TestOptions(const char* name, stats::StatsRegistry& stats) {
+  Options o;
+  o.client.name = name;
+  o.client.runtime = MakeRuntime(kLoops);
+  o.client.stats = &stats;
+  o.client.timeout = 5s;
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 300ms;
+  if constexpr (requires { o.pool.idle_timeout; }) o.pool.idle_timeout = 500ms;
+  return o;
+}
+
+// Starts three servers with `make()` and returns the tcp:// URI naming them.
+template <class Server, class Make>
+std::string StartThree(std::vector<std::unique_ptr<Server>>& servers, Make make) {
+  std::string uri = "tcp://";
+  for (int i = 0; i < 3; ++i) {
+    servers.push_back(make(i));
+    uri += (i ? "," : "") + servers.back()->endpoint();
+  }
+  return uri;
+}
+
+constexpr int kCallers = 64;
+constexpr auto kRunFor = 7000ms;
+constexpr auto kKillEvery = 1500ms;
+constexpr auto kDownFor = 600ms;
+
+TEST(RecoveryTest, HttpThreeNginxOneKilledAtATime) {
+  std::vector<std::unique_ptr<test::NginxServer>> servers;
+  const std::string uri = StartThree(servers, [](int i) {
+    return std::make_unique<test::NginxServer>("n" + std::to_string(i));
+  });
+  stats::StatsRegistry stats;
+  auto o = TestOptions<http::HttpOptions>("recovery-http", stats);
+  auto client = Http::NewClient(uri, o);
+  {
+    LoadRun run(kCallers, [&](LoadRun::Done done) {
+      auto info = std::make_shared<CallInfo>();
+      CallOptions opts;
+      opts.idempotent = true;
+      opts.info = info.get();
+      http::Request req;
+      req.method = "GET";
+      req.target = "/";
+      client.AsyncSend(std::move(req), opts, [info, done](error_code ec, http::Response r) {
+        if (!ec && r.status != 200) ec = make_error_code(Errc::kHttpError);
+        done(ec, info->endpoint, info->detail);
+      });
+    });
+    KillAndRestart(servers.size(), kKillEvery, kDownFor, kRunFor, [&](size_t i) { servers[i]->Stop(); },
+                   [&](size_t i) { servers[i]->Restart(); });
+    ExpectRecovered(run, stats, kCallers);
+  }
+  client.Close();
+}
+
+// `scales testserver thrift` (Apache Thrift's threaded server) on a fixed port, restartable.
+class ThriftToolServer {
+ public:
+  ThriftToolServer() : port_(test::FreeTcpPort()) { Start(); }
+  std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
+  void Kill() {
+    if (process_) process_->Kill();
+    process_.reset();
+  }
+  void Start() {
+    auto until = std::chrono::steady_clock::now() + 5s;
+    for (;;) {
+      process_ = std::make_unique<test::ChildProcess>(
+          std::vector<std::string>{test::ToolPath(), "testserver", "thrift", "--port", std::to_string(port_)});
+      auto line = process_->ReadLine(5s);
+      if (line && line->find("listening") != std::string::npos) return;
+      process_.reset();
+      if (std::chrono::steady_clock::now() > until) throw std::runtime_error("thrift test server did not start");
+      std::this_thread::sleep_for(50ms);
+    }
+  }
+
+ private:
+  int port_;
+  std::unique_ptr<test::ChildProcess> process_;
+};
+
+// Starts an echo call on a Thrift or ThriftMux client, reporting its endpoint.
+template <class Client>
+void StartEcho(const Client& client, LoadRun::Done done, bool idempotent = true) {
+  struct Call {
+    CallInfo info;
+  };
+  auto call = std::make_shared<Call>();
+  CallOptions opts;
+  opts.idempotent = idempotent;
+  opts.info = &call->info;
+  SCALES_THRIFT_CALL(client.WithOptions(opts), echo, std::string("hello"),
+                     [call, done](std::exception_ptr e, std::string reply) {
+                       error_code ec;
+                       std::string detail;
+                       if (e) {
+                         try {
+                           std::rethrow_exception(e);
+                         } catch (const Error& err) {
+                           ec = err.scales_code();
+                           detail = err.what();
+                         } catch (const std::exception& err) {
+                           ec = make_error_code(Errc::kServerError);
+                           detail = err.what();
+                         }
+                       } else if (reply != "hello") {
+                         ec = make_error_code(Errc::kProtocolError);
+                         detail = "wrong reply: " + reply;
+                       }
+                       done(ec, call->info.endpoint, detail);
+                     });
+}
+
+TEST(RecoveryTest, ThriftThreeServersOneKilledAtATime) {
+  std::vector<std::unique_ptr<ThriftToolServer>> servers;
+  const std::string uri = StartThree(servers, [](int) {
+    return std::make_unique<ThriftToolServer>();
+  });
+  stats::StatsRegistry stats;
+  auto o = TestOptions<thrift::ThriftOptions>("recovery-thrift", stats);
+  auto client = Thrift::NewClient<EchoClient>(uri, o);
+  {
+    LoadRun run(kCallers, [&](LoadRun::Done done) { StartEcho(client, std::move(done)); });
+    KillAndRestart(servers.size(), kKillEvery, kDownFor, kRunFor, [&](size_t i) { servers[i]->Kill(); },
+                   [&](size_t i) { servers[i]->Start(); });
+    ExpectRecovered(run, stats, kCallers);
+  }
+  client.Close();
+}
+
+thriftmux::ThriftMuxOptions MuxOptions(const char* name, stats::StatsRegistry& stats) {
+  return TestOptions<thriftmux::ThriftMuxOptions>(name, stats);
+}
+
+TEST(RecoveryTest, ThriftMuxThreeServersOneKilledAtATime) {
+  std::vector<std::unique_ptr<test::MuxReferenceServer>> servers;
+  const std::string uri = StartThree(servers, [](int) {
+    return std::make_unique<test::MuxReferenceServer>(std::vector<std::string>{"--mode", "finagle"});
+  });
+  stats::StatsRegistry stats;
+  auto client = ThriftMux::NewClient<EchoClient>(uri, MuxOptions("recovery-tmux", stats));
+  {
+    LoadRun run(kCallers, [&](LoadRun::Done done) { StartEcho(client, std::move(done)); });
+    KillAndRestart(servers.size(), kKillEvery, kDownFor, kRunFor, [&](size_t i) { servers[i]->Stop(); },
+                   [&](size_t i) { servers[i]->Restart(); });
+    ExpectRecovered(run, stats, kCallers);
+  }
+  client.Close();
+}
+
+TEST(RecoveryTest, SlowServerGetsLittleTrafficUnderP2CPeakEwma) {
+  test::MuxReferenceServer fast_a({"--mode", "finagle"});
+  test::MuxReferenceServer fast_b({"--mode", "finagle"});
+  test::MuxReferenceServer slow({"--mode", "finagle", "--delay", "40"});
+  stats::StatsRegistry stats;
+  auto o = MuxOptions("ewma", stats);
+  o.balancer.kind = BalancerKind::kP2CPeakEwma;
+  o.failure_accrual.reset();  // slowness only: nothing fails
+  auto client = ThriftMux::NewClient<EchoClient>(
+      "tcp://" + fast_a.endpoint() + "," + fast_b.endpoint() + "," + slow.endpoint(), o);
+  LoadRun run(8, [&](LoadRun::Done done) { StartEcho(client, std::move(done)); });
+  std::this_thread::sleep_for(3s);
+  run.Stop();
+  ASSERT_TRUE(run.Drain(10s)) << run.tally.Describe();
+  EXPECT_EQ(run.tally.ok.load(), run.tally.started.load()) << run.tally.Describe();
+  std::lock_guard<std::mutex> lock(run.tally.mu);
+  const int64_t to_slow = run.tally.endpoints[slow.endpoint()];
+  const int64_t total = run.tally.ok.load();
+  ASSERT_GT(total, 200) << run.tally.Describe();
+  // Round robin would give it a third; least-outstanding P2C still a large share.
+  EXPECT_LT(to_slow * 20, total) << "the slow server got " << to_slow << " of " << total;
+  EXPECT_GT(to_slow, 0) << "the slow server was never probed";
+}
+
+TEST(RecoveryTest, FailingServerIsEjectedThenRevived) {
+  test::MuxReferenceServer good({"--mode", "finagle"});
+  test::MuxReferenceServer bad({"--mode", "finagle", "--fail-all"});
+  stats::StatsRegistry stats;
+  auto o = MuxOptions("accrual", stats);
+  o.balancer.kind = BalancerKind::kP2C;
+  o.retry.reset();  // count each failure once
+  o.failure_accrual->min_backoff = 300ms;
+  o.failure_accrual->max_backoff = 600ms;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + good.endpoint() + "," + bad.endpoint(), o);
+
+  LoadRun run(4, [&](LoadRun::Done done) { StartEcho(client, std::move(done)); });
+  std::this_thread::sleep_for(2s);
+  const int64_t removals = SumCounter(stats, "scales_failure_accrual_removals", bad.endpoint());
+  EXPECT_GE(removals, 1) << run.tally.Describe();
+  EXPECT_EQ(SumCounter(stats, "scales_failure_accrual_removals", good.endpoint()), 0);
+  {
+    // Ejected: the failing server gets only probes (one per backoff per event loop), so
+    // nearly every call succeeds.
+    std::lock_guard<std::mutex> lock(run.tally.mu);
+    int64_t failed = run.tally.completed.load() - run.tally.ok.load();
+    EXPECT_LT(failed * 20, run.tally.completed.load()) << run.tally.first_error;
+  }
+  // The server recovers (same port, no longer failing): the next probe succeeds and the
+  // endpoint is revived.
+  bad.Restart({"--mode", "finagle"});
+  int64_t before = 0;
+  {
+    std::lock_guard<std::mutex> lock(run.tally.mu);
+    before = run.tally.endpoints[bad.endpoint()];
+    EXPECT_EQ(before, 0) << "a call to the failing server succeeded";
+  }
+  auto until = std::chrono::steady_clock::now() + 8s;
+  while (std::chrono::steady_clock::now() < until &&
+         SumCounter(stats, "scales_failure_accrual_revivals", bad.endpoint()) == 0) {
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_GE(SumCounter(stats, "scales_failure_accrual_revivals", bad.endpoint()), 1);
+  std::this_thread::sleep_for(1s);
+  run.Stop();
+  ASSERT_TRUE(run.Drain(10s)) << run.tally.Describe();
+  std::lock_guard<std::mutex> lock(run.tally.mu);
+  EXPECT_GT(run.tally.endpoints[bad.endpoint()], before + 10) << "the revived server gets traffic again";
+  client.Close();
+}
+
+// For ThreadSanitizer (the concurrency stage): threads outside the client call through the
+// default stack (retry, aperture, failure accrual, resurrector) on two event loops while a
+// server restarts, with a small pending limit so that rejections race with completions too.
+TEST(ConcurrencyRecoveryTest, ThreadsCallWhileAServerRestarts) {
+  test::MuxReferenceServer a({"--mode", "finagle"});
+  test::MuxReferenceServer b({"--mode", "finagle"});
+  stats::StatsRegistry stats;
+  auto o = MuxOptions("concurrency", stats);
+  o.client.max_pending = 6;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + a.endpoint() + "," + b.endpoint(), o);
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> ok{0}, rejected{0}, other{0}, done{0}, started{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      while (!stop.load()) {
+        std::atomic<int> in_flight{0};
+        for (int k = 0; k < 4; ++k) {
+          started.fetch_add(1);
+          in_flight.fetch_add(1);
+          StartEcho(client, [&](const error_code& ec, const std::string&, const std::string&) {
+            if (!ec) {
+              ok.fetch_add(1);
+            } else if (ec == Errc::kTooManyPending) {
+              rejected.fetch_add(1);
+            } else {
+              other.fetch_add(1);
+            }
+            done.fetch_add(1);
+            in_flight.fetch_sub(1);
+          });
+        }
+        while (in_flight.load() > 0) std::this_thread::sleep_for(1ms);
+      }
+    });
+  }
+  std::this_thread::sleep_for(800ms);
+  b.Stop();
+  std::this_thread::sleep_for(400ms);
+  b.Restart();
+  std::this_thread::sleep_for(800ms);
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(done.load(), started.load());
+  EXPECT_GT(ok.load(), 50);
+  EXPECT_GT(rejected.load(), 0) << "16 callers never passed a limit of 6";
+  EXPECT_LT(other.load() * 100, done.load()) << "too many failures besides the limit";
+  EXPECT_EQ(SumGauge(stats, "scales_pending"), 0);
+  client.Close();
+}
+
+}  // namespace
+}  // namespace scales

@@ -1,0 +1,465 @@
+// BackupRequestSink between the timeout sink and a fake endpoint, on the manual clock: the delay
+// comes from the percentile of recorded latencies; the backup goes out after it, avoiding the
+// first attempt's endpoint; the first successful answer wins, the loser is cancelled exactly
+// once and the caller completed exactly once; no backup for non-idempotent calls, after the
+// deadline or over the budget; Close() with both attempts out answers the call once.
+
+#include "scales/resilience/backup_request.h"
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "scales/core/timeout_sink.h"
+#include "support/fake_sinks.h"
+
+namespace scales {
+namespace {
+
+using std::chrono::microseconds;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using test::CallTracker;
+using test::FakeTransport;
+using ::testing::HasSubstr;
+
+// Stands in for the balancer: gives attempt n the endpoint "node<n>:80" and records the
+// endpoint each attempt asked to avoid.
+class EndpointStamp final : public ForwardingSink {
+ public:
+  using ForwardingSink::ForwardingSink;
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    avoided.push_back(msg.properties.avoid_endpoint);
+    msg.properties.endpoint = fmt::format("node{}:80", avoided.size());
+    next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  std::string_view name() const override { return "endpoint-stamp"; }
+  std::vector<std::string> avoided;
+};
+
+BackupRequestOptions Options() {
+  BackupRequestOptions o;
+  o.percentile = 0.5;
+  o.max_extra_load = 0.5;
+  o.budget_min_per_sec = 10;  // a reserve of 100 backups: the budget never limits these tests
+  o.refresh_interval = seconds(1);
+  return o;
+}
+
+class BackupRequestTest : public ::testing::Test {
+ protected:
+  BackupRequestTest() : factory_(env_.loop()), calls_(*env_.clock) {}
+
+  // dispatcher -> timeout -> backup -> stamp -> fake
+  void Build(BackupRequestOptions options = Options(), Duration timeout = seconds(5)) {
+    transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+    stamp_ = std::make_shared<EndpointStamp>(transport_);
+    backup_ = std::make_shared<BackupRequestSink>(env_.loop(), stamp_, options, BackupReplyOpsFor<int>(), env_.scope);
+    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), backup_, env_.scope);
+    dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, timeout, env_.scope);
+  }
+
+  void TearDown() override {
+    if (dispatcher_) dispatcher_->Close();
+    env_.Run();
+    EXPECT_TRUE(calls_.AllCompletedOnce());
+    EXPECT_EQ(factory_.TotalInFlight(), 0u);
+    if (backup_) {
+      EXPECT_EQ(backup_->outstanding(), 0u);
+    }
+    dispatcher_.reset();
+    timeout_.reset();
+    backup_.reset();
+    stamp_.reset();
+    transport_.reset();
+    env_.Run();
+    factory_.Clear();
+  }
+
+  size_t Start(bool idempotent = true, std::optional<Duration> timeout = std::nullopt) {
+    size_t i = calls_.StartWith(
+        [&](CallBase* call) {
+          call->message.properties.idempotent = idempotent;
+          dispatcher_->Dispatch(call, true);
+        },
+        timeout);
+    env_.Run();
+    return i;
+  }
+
+  // `n` calls, each answered after `latency`; then (if `refresh`) the delay is refreshed.
+  void Warm(int n, Duration latency, bool refresh = true) {
+    for (int i = 0; i < n; ++i) {
+      Start();
+      env_.Advance(latency);
+      ASSERT_TRUE(transport_->Reply(0, 1));
+      env_.Run();
+    }
+    if (refresh) env_.Advance(Options().refresh_interval);
+  }
+
+  // Builds the stack, warms it up with 20 ms calls (the delay becomes 20 ms) and starts a call
+  // whose backup is then sent (30 ms later): both attempts are held by the fake.
+  size_t StartHedged(std::optional<Duration> timeout = std::nullopt) {
+    Build();
+    Warm(4, milliseconds(20));
+    size_t c = Start(true, timeout);
+    env_.Advance(milliseconds(30));
+    EXPECT_EQ(transport_->in_flight(), 2u);
+    return c;
+  }
+
+  // Index of the held request carrying the backup (it asks to avoid an endpoint), or -1.
+  int BackupIndex() const {
+    for (size_t i = 0; i < transport_->in_flight(); ++i) {
+      if (!transport_->request(i).message->properties.avoid_endpoint.empty()) return static_cast<int>(i);
+    }
+    return -1;
+  }
+
+  test::ManualEnv env_;
+  test::FakeTransportFactory factory_;
+  CallTracker calls_;
+  std::shared_ptr<FakeTransport> transport_;
+  std::shared_ptr<EndpointStamp> stamp_;
+  std::shared_ptr<BackupRequestSink> backup_;
+  std::shared_ptr<TimeoutSink> timeout_;
+  std::shared_ptr<MessageDispatcher> dispatcher_;
+};
+
+TEST(LatencyWindowTest, PercentileOfTheLiveSamples) {
+  test::ManualEnv env;
+  LatencyWindow w(*env.clock, seconds(30), 3);
+  EXPECT_FALSE(w.Percentile(0.99).has_value());
+  for (int ms = 1; ms <= 100; ++ms) w.Record(milliseconds(ms));
+  EXPECT_EQ(w.count(), 100);
+  // Buckets are about 6 % wide and report their upper bound.
+  auto p99 = *w.Percentile(0.99);
+  EXPECT_GE(p99, milliseconds(99));
+  EXPECT_LE(p99, microseconds(99'000 * 107 / 100));
+  auto p50 = *w.Percentile(0.5);
+  EXPECT_GE(p50, milliseconds(50));
+  EXPECT_LE(p50, microseconds(50'000 * 107 / 100));
+  // Small values are exact (1 µs buckets below 16 µs).
+  LatencyWindow exact(*env.clock, seconds(30), 3);
+  for (int us : {3, 5, 7, 9}) exact.Record(microseconds(us));
+  EXPECT_EQ(*exact.Percentile(0.5), microseconds(5));
+  EXPECT_EQ(*exact.Percentile(1.0), microseconds(9));
+  // Samples expire with their slice: after 20 s two of three slices are new; after 30 s, all.
+  env.clock->Advance(seconds(20));
+  w.Record(milliseconds(500));
+  EXPECT_EQ(w.count(), 101);
+  env.clock->Advance(seconds(10));
+  EXPECT_EQ(w.count(), 1);
+  EXPECT_GE(*w.Percentile(0.5), milliseconds(500));
+}
+
+TEST(BackupReplyOpsTest, StreamRepliesComeFromTheResponseStreamOrTheOwnSlot) {
+  const BackupReplyOps& ops = BackupReplyOpsFor<Stream>();
+  Stream caller_reply{"stale"};
+  MethodCallMessage caller;
+  caller.SetReplySlot(&caller_reply);
+  EXPECT_TRUE(ops.matches(caller));
+  EXPECT_FALSE(BackupReplyOpsFor<int>().matches(caller));
+
+  auto own = ops.create();
+  MethodCallMessage attempt = caller;
+  ops.attach(own.get(), attempt);
+  ASSERT_NE(attempt.reply_slot<Stream>(), &caller_reply);
+  attempt.reply_slot<Stream>()->data = "from the slot";
+  ops.adopt(own.get(), nullptr, caller);  // a Mux session writes the slot and passes no stream
+  EXPECT_EQ(caller_reply.data, "from the slot");
+
+  Stream passed{"from the response"};
+  ops.attach(own.get(), attempt);  // reset for reuse
+  EXPECT_EQ(attempt.reply_slot<Stream>()->data, "");
+  ops.adopt(own.get(), &passed, caller);  // a transport passing the reply as the stream
+  EXPECT_EQ(caller_reply.data, "from the response");
+}
+
+TEST(BackupRequestOptionsTest, ValidationNamesTheField) {
+  auto message = [](BackupRequestOptions o) {
+    try {
+      Validate(o);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(message(BackupRequestOptions{}), "");
+  BackupRequestOptions o;
+  o.max_extra_load = 0;
+  EXPECT_THAT(message(o), HasSubstr("backup.max_extra_load"));
+  o = {};
+  o.percentile = 1.0;
+  EXPECT_THAT(message(o), HasSubstr("backup.percentile"));
+  o = {};
+  o.window_slices = 0;
+  EXPECT_THAT(message(o), HasSubstr("backup.window_slices"));
+  o = {};
+  o.budget_ttl = milliseconds(10);
+  EXPECT_THAT(message(o), HasSubstr("backup.budget_ttl"));
+  EXPECT_THROW(BackupRequestProvider(o), Error);
+}
+
+TEST_F(BackupRequestTest, NoBackupBeforeTheFirstRefreshFindsLatencies) {
+  Build();
+  EXPECT_FALSE(backup_->SendBackupAfter().has_value());
+  auto c = Start();
+  env_.Advance(seconds(2));  // past a refresh, but the only attempt is still out: no sample
+  EXPECT_EQ(transport_->in_flight(), 1u);
+  ASSERT_TRUE(transport_->Reply(0, 3));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 3);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+}
+
+TEST_F(BackupRequestTest, DelayIsThePercentileOfRecordedLatencies) {
+  Build();
+  // 10 calls of 10 ms and 11 of 40 ms: the median is 40 ms (its bucket's upper bound).
+  Warm(10, milliseconds(10), false);
+  Warm(11, milliseconds(40));
+  auto after = backup_->SendBackupAfter();
+  ASSERT_TRUE(after.has_value());
+  EXPECT_GE(*after, milliseconds(40));
+  EXPECT_LT(*after, microseconds(40'000 * 107 / 100));
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+
+  // Fast failures are not latencies: they leave the delay as it was.
+  for (int i = 0; i < 30; ++i) {
+    Start();
+    ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kServerError)));
+    env_.Run();
+  }
+  env_.Advance(seconds(1));
+  EXPECT_EQ(backup_->SendBackupAfter(), after);
+}
+
+TEST_F(BackupRequestTest, TimeoutsAndLosersCountAsLatencies) {
+  BackupRequestOptions o = Options();
+  o.percentile = 0.8;
+  Build(o);
+  // Attempts that timed out count with the time they took.
+  for (int i = 0; i < 3; ++i) {
+    auto c = Start(true, milliseconds(30));
+    env_.Advance(milliseconds(30));
+    ASSERT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  }
+  env_.Advance(seconds(1));
+  auto after = backup_->SendBackupAfter();
+  ASSERT_TRUE(after.has_value());
+  EXPECT_GE(*after, milliseconds(30));
+  EXPECT_LT(*after, microseconds(30'000 * 107 / 100));
+
+  // A first attempt that lost to its backup counts too: the samples are then 30 ms (x3), the
+  // loser's 100 ms and the backup's 60 ms, so the 80th percentile is the backup's 60 ms (it would
+  // be 30 ms without the loser).
+  auto c = Start();
+  env_.Advance(milliseconds(40));  // the backup goes out (the clock jumps: at 40 ms)
+  env_.Advance(milliseconds(60));
+  ASSERT_EQ(BackupIndex(), 1);
+  ASSERT_TRUE(transport_->Reply(1, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
+  env_.Advance(seconds(1));
+  after = backup_->SendBackupAfter();
+  EXPECT_GE(*after, milliseconds(60));
+  EXPECT_LT(*after, microseconds(60'000 * 107 / 100));
+}
+
+TEST_F(BackupRequestTest, DelayIsAtLeastMinSendBackupAfter) {
+  auto o = Options();
+  o.min_send_backup_after = milliseconds(25);
+  Build(o);
+  Warm(4, milliseconds(2));
+  EXPECT_EQ(backup_->SendBackupAfter(), milliseconds(25));
+}
+
+TEST_F(BackupRequestTest, BackupGoesToAnotherEndpointAfterTheDelayAndWins) {
+  Build();
+  Warm(4, milliseconds(20));
+  const Duration after = *backup_->SendBackupAfter();
+  auto c = Start();
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  env_.Advance(after - microseconds(1));
+  EXPECT_EQ(transport_->in_flight(), 1u) << "no backup before the delay";
+  env_.Advance(microseconds(1));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 1);
+  // The backup asked the balancer to avoid the first attempt's endpoint, and got another.
+  ASSERT_EQ(BackupIndex(), 1);
+  EXPECT_EQ(stamp_->avoided.back(), "node5:80");
+  EXPECT_EQ(transport_->request(1).message->properties.endpoint, "node6:80");
+  EXPECT_NE(transport_->request(1).stack, transport_->request(0).stack);
+
+  // The backup answers first: it wins; the first attempt is cancelled once.
+  ASSERT_TRUE(transport_->Reply(1, 42));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_FALSE(calls_[c].error);
+  EXPECT_EQ(calls_[c].value, 42);
+  EXPECT_EQ(calls_[c].info.endpoint, "node6:80");
+  EXPECT_EQ(transport_->cancels(), 1u);
+  EXPECT_EQ(transport_->in_flight(), 0u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_won"), 1);
+}
+
+TEST_F(BackupRequestTest, FirstAttemptWinsAndTheBackupIsCancelledOnce) {
+  auto c = StartHedged();
+  ASSERT_TRUE(transport_->Reply(0, 7));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].value, 7);
+  EXPECT_EQ(calls_[c].info.endpoint, "node5:80");
+  EXPECT_EQ(transport_->cancels(), 1u);
+  EXPECT_EQ(transport_->in_flight(), 0u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_won"), 0);
+  // The backup's late reply slot never reaches the caller.
+  env_.Advance(seconds(1));
+  EXPECT_EQ(calls_[c].completions, 1);
+}
+
+TEST_F(BackupRequestTest, AFailureWaitsForTheOtherAttempt) {
+  auto c = StartHedged();
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kServerError), "node5 broke"));
+  env_.Run();
+  EXPECT_FALSE(calls_.done(c));
+  ASSERT_TRUE(transport_->Reply(0, 9));
+  env_.Run();
+  EXPECT_FALSE(calls_[c].error);
+  EXPECT_EQ(calls_[c].value, 9);
+  EXPECT_EQ(transport_->cancels(), 0u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_won"), 1);
+
+  // Both fail: the later failure, with the earlier one's detail.
+  auto d = Start();
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  ASSERT_TRUE(transport_->Fail(1, make_error_code(Errc::kServerError), "backup broke"));
+  env_.Run();
+  EXPECT_FALSE(calls_.done(d));
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kConnectionClosed), "first broke"));
+  env_.Run();
+  EXPECT_EQ(calls_[d].error, Errc::kConnectionClosed);
+  EXPECT_THAT(calls_[d].info.detail, HasSubstr("first broke"));
+  EXPECT_THAT(calls_[d].info.detail, HasSubstr("the backup request to node8:80 failed first: backup broke"));
+}
+
+TEST_F(BackupRequestTest, FailureBeforeTheDelayIsDeliveredWithoutBackup) {
+  Build();
+  Warm(4, milliseconds(20));
+  auto c = Start();
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kServerError)));
+  env_.Run();
+  EXPECT_EQ(calls_[c].error, Errc::kServerError);
+  env_.Advance(seconds(1));
+  EXPECT_EQ(transport_->total_requests(), 5u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+}
+
+TEST_F(BackupRequestTest, NoBackupForNonIdempotentCalls) {
+  Build();
+  Warm(4, milliseconds(20));
+  auto c = Start(/*idempotent=*/false);
+  env_.Advance(seconds(1));
+  EXPECT_EQ(transport_->in_flight(), 1u);
+  EXPECT_EQ(backup_->outstanding(), 0u);
+  ASSERT_TRUE(transport_->Reply(0, 5));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 5);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+}
+
+TEST_F(BackupRequestTest, NoBackupAfterTheDeadline) {
+  Build();
+  Warm(4, milliseconds(20));
+  // The deadline comes before the delay ends: no backup, the call times out alone.
+  auto c = Start(true, milliseconds(15));
+  env_.Advance(milliseconds(15));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(transport_->total_requests(), 5u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+}
+
+TEST_F(BackupRequestTest, DeadlineCancelsBothAttempts) {
+  auto c = StartHedged(milliseconds(50));
+  env_.Advance(milliseconds(20));
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(transport_->cancels(), 2u);
+  EXPECT_EQ(transport_->in_flight(), 0u);
+}
+
+TEST_F(BackupRequestTest, DeadlineWhileOnlyTheBackupIsOut) {
+  auto c = StartHedged(milliseconds(50));
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kServerError)));
+  env_.Run();
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  EXPECT_FALSE(calls_.done(c));
+  env_.Advance(milliseconds(20));
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(transport_->cancels(), 1u);
+}
+
+TEST_F(BackupRequestTest, BudgetLimitsBackupsToMaxExtraLoad) {
+  auto o = Options();
+  o.max_extra_load = 0.1;  // one backup per 10 hedged calls
+  o.budget_min_per_sec = 0;
+  Build(o);
+  Warm(9, milliseconds(20));  // 9 deposits: not yet a backup's worth
+  auto c = Start();           // the 10th deposit
+  env_.Advance(milliseconds(30));
+  EXPECT_EQ(transport_->in_flight(), 2u);
+  ASSERT_TRUE(transport_->Reply(0, 1));
+  env_.Run();
+  auto d = Start();
+  env_.Advance(milliseconds(30));
+  EXPECT_EQ(transport_->in_flight(), 1u) << "the budget is spent";
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_budget_exhausted"), 1);
+  ASSERT_TRUE(transport_->Reply(0, 2));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
+  EXPECT_EQ(calls_[d].value, 2);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 1);
+}
+
+TEST_F(BackupRequestTest, CloseWithBothAttemptsOutAnswersOnce) {
+  auto c = StartHedged();
+  backup_->Close();
+  EXPECT_EQ(backup_->outstanding(), 0u) << "answered before Close() returned";
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_TRUE(calls_[c].error);
+  // A closed sink sends no backup.
+  env_.Advance(seconds(1));
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 1);
+}
+
+TEST_F(BackupRequestTest, CloseBeforeTheDelayStopsTheBackup) {
+  Build();
+  Warm(4, milliseconds(20));
+  auto c = Start();
+  backup_->Close();
+  env_.Run();
+  EXPECT_TRUE(calls_.done(c));
+  env_.Advance(seconds(1));
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+}
+
+TEST_F(BackupRequestTest, CallerCancellationCancelsBothOnce) {
+  auto c = StartHedged();
+  transport_->request(0).stack->Cancel(make_error_code(Errc::kCancelled));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kCancelled);
+  EXPECT_EQ(transport_->cancels(), 2u);
+}
+
+}  // namespace
+}  // namespace scales

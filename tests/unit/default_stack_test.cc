@@ -1,0 +1,78 @@
+// The default sink stacks of the three protocols, role by role: aperture balancer, retries and
+// failure accrual on by default, each removable through its options, backup requests added
+// when asked for (below the formatter, above the balancer).
+
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "scales/http/client.h"
+#include "scales/thrift/thrift.h"
+#include "scales/thriftmux/thriftmux.h"
+
+namespace scales {
+namespace {
+
+std::vector<std::string> Roles(const SinkStackSpec& spec) {
+  std::vector<std::string> roles;
+  for (const auto& p : spec.providers()) roles.push_back(p.role);
+  return roles;
+}
+std::vector<std::string> Names(const SinkStackSpec& spec) {
+  std::vector<std::string> names;
+  for (const auto& p : spec.providers()) names.push_back(p.name);
+  return names;
+}
+
+using V = std::vector<std::string>;
+
+TEST(DefaultStackTest, HttpDefaults) {
+  http::HttpOptions o;
+  EXPECT_EQ(Roles(http::HttpClientBuilder::DefaultStack(o)),
+            (V{"timeout", "retry", "loadbalancer", "failureaccrual", "resurrector", "pool", "transport"}));
+  EXPECT_EQ(Names(http::HttpClientBuilder::DefaultStack(o))[2], "aperture-balancer");
+  o.retry.reset();
+  o.failure_accrual.reset();
+  o.backup = BackupRequestOptions{};
+  o.balancer.kind = BalancerKind::kP2CPeakEwma;
+  auto spec = http::HttpClientBuilder::DefaultStack(o);
+  EXPECT_EQ(Roles(spec), (V{"timeout", "backup", "loadbalancer", "resurrector", "pool", "transport"}));
+  EXPECT_EQ(Names(spec)[2], "p2c-ewma-balancer");
+}
+
+TEST(DefaultStackTest, ThriftDefaults) {
+  thrift::ThriftOptions o;
+  EXPECT_EQ(Roles(thrift::DefaultThriftStack(o)), (V{"timeout", "retry", "formatter", "loadbalancer", "failureaccrual",
+                                                     "resurrector", "pool", "transport"}));
+  o.backup = BackupRequestOptions{};
+  EXPECT_EQ(Roles(thrift::DefaultThriftStack(o)), (V{"timeout", "retry", "formatter", "backup", "loadbalancer",
+                                                     "failureaccrual", "resurrector", "pool", "transport"}));
+}
+
+TEST(DefaultStackTest, ThriftMuxDefaults) {
+  thriftmux::ThriftMuxOptions o;
+  EXPECT_EQ(Roles(thriftmux::DefaultThriftMuxStack(o)), (V{"timeout", "retry", "formatter", "loadbalancer",
+                                                           "failureaccrual", "resurrector", "pool", "transport"}));
+  o.failure_accrual.reset();
+  o.backup = BackupRequestOptions{};
+  EXPECT_EQ(Roles(thriftmux::DefaultThriftMuxStack(o)),
+            (V{"timeout", "retry", "formatter", "backup", "loadbalancer", "resurrector", "pool", "transport"}));
+}
+
+TEST(DefaultStackTest, ValidateNamesTheBadResilienceField) {
+  ResilienceOptions o;
+  o.retry->max_retries = -1;
+  try {
+    Validate(o);
+    FAIL() << "expected kInvalidArgument";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("max_retries"), std::string::npos) << e.what();
+  }
+  o.retry.reset();  // retries off: nothing left to validate there
+  EXPECT_NO_THROW(Validate(o));
+}
+
+}  // namespace
+}  // namespace scales
