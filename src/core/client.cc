@@ -3,6 +3,7 @@
 #include <future>
 #include <mutex>
 #include <optional>
+#include <set>
 
 #include <fmt/format.h>
 
@@ -12,6 +13,23 @@
 #include "scales/discovery/uri.h"
 
 namespace scales {
+namespace {
+
+// The live clients, for ForEachLiveClient. Raw pointers, not weak_ptrs: a client registers in
+// its constructor, before any shared_ptr owns it (weak_from_this() is only assigned after the
+// constructor returns). A client unregisters in Close(), which its destructor calls first, so
+// a pointer in the set is always to a complete object.
+struct LiveClients {
+  std::mutex mu;
+  std::set<const ClientCore*> clients;
+};
+
+LiveClients& Live() {
+  static LiveClients* const live = new LiveClients();  // never destroyed: clients may outlive main
+  return *live;
+}
+
+}  // namespace
 
 ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
     : options_(std::move(options)), spec_(std::move(spec)) {
@@ -40,6 +58,7 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   }
   SinkFactory top = spec_.Build();
   stats::StatsScope scope(stats_, {{"client", options_.name}});
+  auto limit = std::make_shared<MessageDispatcher::PendingLimit>(options_.max_pending);
   for (size_t i = 0; i < runtime_->size(); ++i) {
     EventLoop& loop = runtime_->loop(i);
     SinkContext ctx;
@@ -49,8 +68,11 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
     ctx.server_set = server_set_;
     SinkPtr head = top(ctx);
     shards_.push_back(std::make_shared<MessageDispatcher>(loop, options_.name, std::move(head),
-                                                          options_.timeout, scope));
+                                                          options_.timeout, scope, limit,
+                                                          options_.trace_ids));
   }
+  std::lock_guard lock(Live().mu);
+  Live().clients.insert(this);
 }
 
 ClientCore::~ClientCore() {
@@ -123,9 +145,18 @@ void ClientCore::Dispatch(CallBase* call) {
 
 void ClientCore::Close() {
   if (closed_.exchange(true)) return;
+  {
+    std::lock_guard lock(Live().mu);
+    Live().clients.erase(this);
+  }
   for (auto& shard : shards_) {
     boost::asio::post(shard->loop().executor(), [shard] { shard->Close(); });
   }
+}
+
+void ClientCore::ForEachLiveClient(const std::function<void(const ClientCore&)>& fn) {
+  std::lock_guard lock(Live().mu);
+  for (const ClientCore* client : Live().clients) fn(*client);
 }
 
 std::string ClientCore::Describe() const {

@@ -8,6 +8,8 @@
 #include <fmt/format.h>
 #include <boost/json.hpp>
 
+#include "stats/metric_help.h"
+
 namespace scales::stats {
 namespace {
 
@@ -69,14 +71,86 @@ std::string TextKey(std::string_view name, const Labels& labels) {
   return out;
 }
 
-// v1/v2/name: label values in key order, then the name.
+// Finagle-style key: clnt/<client>/<endpoint>/name/<other label values...>.
 std::string JsonKey(std::string_view name, const Labels& labels) {
   std::string out;
-  for (const auto& [key, value] : labels) {
-    out += value;
+  auto label = [&](std::string_view key) -> const std::string* {
+    for (const auto& [k, v] : labels) {
+      if (k == key) return &v;
+    }
+    return nullptr;
+  };
+  if (const std::string* client = label("client")) {
+    out += "clnt/";
+    out += *client;
+    out += '/';
+  }
+  if (const std::string* endpoint = label("endpoint")) {
+    out += *endpoint;
     out += '/';
   }
   out += name;
+  for (const auto& [key, value] : labels) {
+    if (key == "client" || key == "endpoint") continue;
+    out += '/';
+    out += value;
+  }
+  return out;
+}
+
+// Prometheus metric names are [a-zA-Z_:][a-zA-Z0-9_:]*, label names [a-zA-Z_][a-zA-Z0-9_]*:
+// anything else becomes '_', and a leading digit gets a '_' in front.
+std::string PrometheusName(std::string_view name, bool allow_colon) {
+  std::string out;
+  out.reserve(name.size() + 1);
+  if (name.empty() || (name[0] >= '0' && name[0] <= '9')) out += '_';
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || (allow_colon && c == ':');
+    out += ok ? c : '_';
+  }
+  return out;
+}
+
+// HELP text escaping: backslash and newline.
+std::string EscapeHelp(std::string_view help) {
+  std::string out;
+  out.reserve(help.size());
+  for (char c : help) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+// {k="v",...,extra_key="extra_value"} with sanitised label names; empty without labels. The
+// families of a histogram use the labels le and quantile themselves, so there a user label of
+// that name is renamed exported_<name>, as Prometheus does on a scrape conflict.
+std::string PrometheusLabels(const Labels& labels, bool histogram, std::string_view extra_key = {},
+                             std::string_view extra_value = {}) {
+  if (labels.empty() && extra_key.empty()) return {};
+  std::string out = "{";
+  bool first = true;
+  auto add = [&](std::string_view name, std::string_view escaped_value) {
+    if (!first) out += ',';
+    first = false;
+    out += name;
+    out += "=\"";
+    out += escaped_value;
+    out += '"';
+  };
+  for (const auto& [key, value] : labels) {
+    std::string name = PrometheusName(key, /*allow_colon=*/false);
+    if (histogram && (name == "le" || name == "quantile")) name = "exported_" + name;
+    add(name, EscapeLabelValue(value));
+  }
+  if (!extra_key.empty()) add(extra_key, extra_value);
+  out += '}';
   return out;
 }
 
@@ -103,9 +177,16 @@ int64_t Histogram::BucketUpperBound(int index) noexcept {
   return ((kSubBuckets + sub + 1) << (e - kSubBucketBits)) - 1;
 }
 
+size_t Histogram::ExportBucketIndex(int64_t value) noexcept {
+  return static_cast<size_t>(
+      std::lower_bound(kExportBucketBounds.begin(), kExportBucketBounds.end(), value) -
+      kExportBucketBounds.begin());
+}
+
 void Histogram::Record(int64_t value) noexcept {
   if (value < 0) value = 0;
   buckets_[BucketIndex(value)].fetch_add(1, std::memory_order_relaxed);
+  export_buckets_[ExportBucketIndex(value)].fetch_add(1, std::memory_order_relaxed);
   sum_.fetch_add(value, std::memory_order_relaxed);
   int64_t cur = min_.load(std::memory_order_relaxed);
   while (value < cur && !min_.compare_exchange_weak(cur, value, std::memory_order_relaxed)) {
@@ -125,6 +206,9 @@ HistogramSnapshot Histogram::Snapshot() const {
     if (c == 0) continue;
     s.buckets.emplace_back(BucketUpperBound(i), c);
     s.count += c;
+  }
+  for (size_t i = 0; i < kExportBucketCount; ++i) {
+    s.export_buckets[i] = export_buckets_[i].load(std::memory_order_relaxed);
   }
   if (s.count == 0) return s;
   s.sum = sum_.load(std::memory_order_relaxed);
@@ -272,16 +356,117 @@ std::string StatsRegistry::ToJson() const {
     }
     const HistogramSnapshot& h = m.histogram;
     obj[key + ".count"] = h.count;
+    if (h.count == 0) continue;  // as Finagle: an empty histogram exports only its count
     obj[key + ".sum"] = h.sum;
     obj[key + ".avg"] = h.Mean();
     obj[key + ".min"] = h.min;
     obj[key + ".max"] = h.max;
     obj[key + ".p50"] = h.Percentile(0.5);
     obj[key + ".p90"] = h.Percentile(0.9);
+    obj[key + ".p95"] = h.Percentile(0.95);
     obj[key + ".p99"] = h.Percentile(0.99);
     obj[key + ".p9990"] = h.Percentile(0.999);
+    obj[key + ".p9999"] = h.Percentile(0.9999);
   }
   return boost::json::serialize(obj);
+}
+
+void StatsRegistry::SetHelp(std::string_view name, std::string_view help) {
+  std::lock_guard lock(mu_);
+  help_.insert_or_assign(std::string(name), std::string(help));
+}
+
+std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const {
+  // Families keyed by exported name. Snapshot() keeps a name's label sets together, but two
+  // raw names may sanitise to one family (or a counter "x" and a gauge "x_total"), so the
+  // lines are collected per family and written in family-name order.
+  struct Family {
+    MetricType type;
+    std::string raw_name;  // for HELP
+    bool quantiles;        // the <histogram>_quantile gauges
+    std::string lines;
+  };
+  std::map<std::string, Family> families;
+  std::string skipped;
+  auto family = [&](const std::string& name, MetricType type, const std::string& raw,
+                    bool quantiles = false) -> Family* {
+    auto [it, inserted] = families.try_emplace(name, Family{type, raw, quantiles, {}});
+    if (it->second.type == type && it->second.quantiles == quantiles) return &it->second;
+    skipped += fmt::format("# scales: skipped {} {}: family {} is a {}\n", TypeName(type), raw,
+                           name, TypeName(it->second.type));
+    return nullptr;
+  };
+  static constexpr std::array<std::pair<double, std::string_view>, 4> kQuantiles = {
+      {{0.5, "0.5"}, {0.9, "0.9"}, {0.99, "0.99"}, {0.999, "0.999"}}};
+  std::map<std::string, std::string, std::less<>> help;
+  {
+    std::lock_guard lock(mu_);
+    help.insert(help_.begin(), help_.end());
+  }
+
+  for (const MetricSnapshot& m : Snapshot()) {
+    std::string name = PrometheusName(m.name, /*allow_colon=*/true);
+    switch (m.type) {
+      case MetricType::kCounter: {
+        if (!name.ends_with("_total")) name += "_total";
+        if (Family* f = family(name, m.type, m.name)) {
+          f->lines += fmt::format("{}{} {}\n", name, PrometheusLabels(m.labels, false), m.value);
+        }
+        break;
+      }
+      case MetricType::kGauge:
+        if (Family* f = family(name, m.type, m.name)) {
+          f->lines += fmt::format("{}{} {}\n", name, PrometheusLabels(m.labels, false), m.value);
+        }
+        break;
+      case MetricType::kHistogram: {
+        const HistogramSnapshot& h = m.histogram;
+        if (Family* f = family(name, m.type, m.name)) {
+          int64_t cumulative = 0;
+          for (size_t i = 0; i < kExportBucketCount; ++i) {
+            cumulative += h.export_buckets[i];
+            std::string le =
+                i < kExportBucketBounds.size() ? std::to_string(kExportBucketBounds[i]) : "+Inf";
+            f->lines += fmt::format("{}_bucket{} {}\n", name,
+                                    PrometheusLabels(m.labels, true, "le", le), cumulative);
+          }
+          // _count equals the +Inf bucket, as the format requires, even mid-Record().
+          std::string labels = PrometheusLabels(m.labels, true);
+          f->lines += fmt::format("{}_sum{} {}\n{}_count{} {}\n", name, labels, h.sum, name, labels,
+                                  cumulative);
+        }
+        if (!options.quantiles) break;
+        if (Family* q =
+                family(name + "_quantile", MetricType::kGauge, m.name, /*quantiles=*/true)) {
+          for (const auto& [quantile, text] : kQuantiles) {
+            q->lines += fmt::format("{}_quantile{} {}\n", name,
+                                    PrometheusLabels(m.labels, true, "quantile", text),
+                                    h.Percentile(quantile));
+          }
+        }
+        break;
+      }
+    }
+  }
+
+  std::string out;
+  for (const auto& [name, f] : families) {
+    std::string text;
+    if (auto it = help.find(f.raw_name); it != help.end()) {
+      text = it->second;
+    } else if (std::string_view builtin = BuiltinHelp(f.raw_name); !builtin.empty()) {
+      text = std::string(builtin);
+    } else {
+      text = "scales metric " + f.raw_name;
+    }
+    if (f.quantiles)
+      text += " Quantiles over the process lifetime (nearest rank, at most 6.25 % high).";
+    out +=
+        fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, EscapeHelp(text), name, TypeName(f.type));
+    out += f.lines;
+  }
+  out += skipped;
+  return out;
 }
 
 StatsRegistry& StatsRegistry::Default() {

@@ -287,9 +287,9 @@ TEST(StatsRegistryTest, ToJson) {
   boost::json::value v = boost::json::parse(r.ToJson());
   ASSERT_TRUE(v.is_object());
   const boost::json::object& o = v.as_object();
-  EXPECT_EQ(o.at("users/127.0.0.1:80/scales_requests").as_int64(), 42);
+  EXPECT_EQ(o.at("clnt/users/127.0.0.1:80/scales_requests").as_int64(), 42);
   EXPECT_EQ(o.at("scales_pending").as_int64(), 3);
-  const std::string h = "users/scales_latency_us";
+  const std::string h = "clnt/users/scales_latency_us";
   EXPECT_EQ(o.at(h + ".count").as_int64(), 100);
   EXPECT_EQ(o.at(h + ".sum").as_int64(), 5050);
   EXPECT_DOUBLE_EQ(o.at(h + ".avg").as_double(), 50.5);
@@ -297,9 +297,11 @@ TEST(StatsRegistryTest, ToJson) {
   EXPECT_EQ(o.at(h + ".max").as_int64(), 100);
   EXPECT_EQ(o.at(h + ".p50").as_int64(), 51);
   EXPECT_EQ(o.at(h + ".p90").as_int64(), 91);
+  EXPECT_EQ(o.at(h + ".p95").as_int64(), 95);
   EXPECT_EQ(o.at(h + ".p99").as_int64(), 99);
   EXPECT_EQ(o.at(h + ".p9990").as_int64(), 100);
-  EXPECT_EQ(o.size(), 2u + 9u);
+  EXPECT_EQ(o.at(h + ".p9999").as_int64(), 100);
+  EXPECT_EQ(o.size(), 2u + 11u);
 }
 
 TEST(StatsRegistryTest, EmptyRegistry) {

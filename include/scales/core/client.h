@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -44,6 +45,15 @@ struct ClientOptions {
   // Where metrics go. Default: StatsRegistry::Default(). A registry you give must outlive the
   // client's runtime (sinks still report while a closed client drains on its loops).
   stats::StatsRegistry* stats = nullptr;
+  // Most calls the client holds at once (dispatched, not yet completed), over all its event
+  // loops; a call beyond it fails at once with kTooManyPending (counter
+  // scales_rejected{reason="max_pending"}). Default 100000; 0 = no limit.
+  size_t max_pending = 100000;
+  // Give every call that has no TraceContext of its own (CallOptions::trace) a new root trace
+  // id (trace = span = parent, from the loop's Random). It is sent on Mux (TraceContext), as
+  // B3 headers on HTTP when http::TransportOptions::b3_headers is set, and returned in
+  // CallInfo::trace. Default true.
+  bool trace_ids = true;
   // Overrides the server set the URI would give (tests, custom discovery).
   std::shared_ptr<ServerSet> server_set;
 };
@@ -87,6 +97,15 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   stats::StatsRegistry& stats() const noexcept { return *stats_; }
   // The stack, top to bottom, and the server set.
   std::string Describe() const;
+  const SinkStackSpec& spec() const noexcept { return spec_; }
+  // One dispatcher per event loop, in loop order; each is used only on its own loop.
+  const std::vector<std::shared_ptr<MessageDispatcher>>& shards() const noexcept { return shards_; }
+
+  // Calls `fn` with every live client of the process (constructed and not yet closed), under
+  // a process-wide lock, for introspection (scales/admin). `fn` must be quick and must not
+  // create, close or destroy a client; it copies what it needs (shared_ptrs to the shards and
+  // runtime keep those alive after the client is gone). Thread safe.
+  static void ForEachLiveClient(const std::function<void(const ClientCore&)>& fn);
 
  private:
   void DoOpen(ClientMessageSink::OpenHandler handler);

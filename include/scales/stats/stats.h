@@ -7,6 +7,7 @@
 // valid for the registry's lifetime. Updates are lock-free (relaxed atomics) and safe from any
 // thread.
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <map>
@@ -45,6 +46,15 @@ class Gauge {
   std::atomic<int64_t> value_{0};
 };
 
+// Bounds of the buckets a histogram exports in the Prometheus format (`le`, inclusive), in the
+// histogram's unit (microseconds for every scales latency): 1-2.5-5 steps from 10 us to 100 s,
+// then +Inf. Histogram::Record counts them exactly (see Histogram), so every `le` count is exact.
+inline constexpr std::array<int64_t, 22> kExportBucketBounds = {
+    10,      25,      50,       100,      250,      500,      1000,   2500,
+    5000,    10000,   25000,    50000,    100000,   250000,   500000, 1000000,
+    2500000, 5000000, 10000000, 25000000, 50000000, 100000000};
+inline constexpr size_t kExportBucketCount = kExportBucketBounds.size() + 1;  // with +Inf
+
 // Read-only copy of a histogram.
 struct HistogramSnapshot {
   int64_t count = 0;
@@ -53,6 +63,10 @@ struct HistogramSnapshot {
   int64_t max = 0;
   // Upper bound (inclusive) and count of every non-empty bucket, in increasing order.
   std::vector<std::pair<int64_t, int64_t>> buckets;
+  // Samples per export bucket (not cumulative): [i] counts samples in
+  // (kExportBucketBounds[i-1], kExportBucketBounds[i]], the last entry those above the last
+  // bound. Sums to `count` except while Record() runs concurrently.
+  std::array<int64_t, kExportBucketCount> export_buckets{};
   // Value at quantile q in [0, 1]: the upper bound of the bucket holding that rank, clamped
   // to [min, max]. 0 when empty.
   int64_t Percentile(double q) const noexcept;
@@ -65,7 +79,10 @@ struct HistogramSnapshot {
 // values. Bucket index of v: v for v < 16; otherwise, with e = floor(log2(v)),
 // 16 + (e - 4) * 16 + ((v >> (e - 4)) & 15). Exponents go up to kMaxExponent, so values of
 // 2^(kMaxExponent+1) and above go into the last bucket (whose upper bound is INT64_MAX);
-// negative values are recorded as 0. Thread safe; Record() is lock-free.
+// negative values are recorded as 0. Record() also counts the sample in one of the coarse
+// export buckets (kExportBucketBounds): their decimal bounds do not fall on log-linear bucket
+// edges, so they could not be derived exactly from the fine buckets. Thread safe; Record() is
+// lock-free.
 class Histogram {
  public:
   static constexpr int kSubBucketBits = 4;
@@ -81,6 +98,9 @@ class Histogram {
   // Bucket index for a value and the inclusive upper bound of a bucket (documented layout).
   static int BucketIndex(int64_t value) noexcept;
   static int64_t BucketUpperBound(int index) noexcept;
+  // Index of the export bucket holding `value`: the first bound >= value, or
+  // kExportBucketBounds.size() (+Inf).
+  static size_t ExportBucketIndex(int64_t value) noexcept;
 
  private:
   std::atomic<int64_t> count_{0};
@@ -88,6 +108,7 @@ class Histogram {
   std::atomic<int64_t> min_{INT64_MAX};
   std::atomic<int64_t> max_{0};
   std::atomic<int64_t> buckets_[kBucketCount] = {};
+  std::atomic<int64_t> export_buckets_[kExportBucketCount] = {};
 };
 
 enum class MetricType { kCounter, kGauge, kHistogram };
@@ -122,12 +143,35 @@ class StatsRegistry {
   // Human-readable dump, one metric per line: `name{k="v",...} value` (no braces without
   // labels) and, for histograms, `name{...} count=.. mean=.. p50=.. p90=.. p99=.. p999=.. max=..`.
   std::string ToText() const;
-  // Finagle-style flat JSON object. Keys are the label values in key order, then the name,
-  // joined by '/': {"users/10.0.0.1:80/scales_requests": 42}. Histograms contribute
-  // "<key>.count", ".sum", ".avg", ".min", ".max", ".p50", ".p90", ".p99" and ".p9990".
-  // Label sets with equal values under different keys render the same key; the later
-  // metric (in Snapshot() order) wins.
+  // Finagle-style flat JSON object (twitter-server's /admin/metrics.json). Keys are '/'-joined:
+  // "clnt/<client>" when the metric has a `client` label, then the `endpoint` label's value,
+  // then the name, then the values of the other labels in key order:
+  // {"clnt/users/10.0.0.1:80/scales_connects": 2,
+  //  "clnt/users/scales_failures_by_error/request_timeout": 1}. Counters and gauges are
+  // integers. Histograms contribute "<key>.count" and, when not empty, ".sum", ".avg", ".min",
+  // ".max", ".p50", ".p90", ".p95", ".p99", ".p9990" and ".p9999". Label sets that render the
+  // same key (equal values under different label keys): the later metric in Snapshot() order
+  // wins.
   std::string ToJson() const;
+  // The Prometheus text exposition format, version 0.0.4 (serve it as kPrometheusContentType).
+  // One family per metric name, with "# HELP" (SetHelp(), the built-in text of scales' own
+  // metrics, or the name) and "# TYPE". Counters are exported as "<name>_total" (unless the name
+  // already ends in "_total"); gauges under their name; histograms as Prometheus histograms
+  // "<name>_bucket{...,le="..."}" over kExportBucketBounds and +Inf, "<name>_sum" and
+  // "<name>_count", plus (options.quantiles) a gauge family "<name>_quantile" with
+  // quantile="0.5", "0.9", "0.99" and "0.999" over the histogram's whole lifetime. Characters
+  // not allowed in metric or label names become '_'; label values escape \\, \" and newline.
+  struct PrometheusOptions {
+    bool quantiles = true;
+  };
+  std::string ToPrometheus() const { return ToPrometheus(PrometheusOptions{}); }
+  std::string ToPrometheus(const PrometheusOptions& options) const;
+  static constexpr std::string_view kPrometheusContentType =
+      "text/plain; version=0.0.4; charset=utf-8";
+
+  // Sets the HELP text of a metric name (all its label sets), shown by ToPrometheus(). Names
+  // scales registers itself have a built-in text; this overrides it.
+  void SetHelp(std::string_view name, std::string_view help);
 
   // The process-wide registry used when a client is not given one.
   static StatsRegistry& Default();
@@ -151,20 +195,24 @@ class StatsRegistry {
 
   mutable std::mutex mu_;
   std::map<Key, Entry> metrics_;
+  std::map<std::string, std::string, std::less<>> help_;
 };
 
 // A registry plus a fixed label set (client, endpoint, ...). Cheap to copy.
 class StatsScope {
  public:
   StatsScope() = default;
-  StatsScope(StatsRegistry* registry, Labels labels) : registry_(registry), labels_(std::move(labels)) {}
+  StatsScope(StatsRegistry* registry, Labels labels)
+      : registry_(registry), labels_(std::move(labels)) {}
 
   // A scope with one more label (replacing a label of the same key).
   StatsScope WithLabel(std::string_view key, std::string_view value) const;
 
   Counter& GetCounter(std::string_view name) const { return registry_->GetCounter(name, labels_); }
   Gauge& GetGauge(std::string_view name) const { return registry_->GetGauge(name, labels_); }
-  Histogram& GetHistogram(std::string_view name) const { return registry_->GetHistogram(name, labels_); }
+  Histogram& GetHistogram(std::string_view name) const {
+    return registry_->GetHistogram(name, labels_);
+  }
 
   StatsRegistry* registry() const noexcept { return registry_; }
   const Labels& labels() const noexcept { return labels_; }

@@ -1,0 +1,430 @@
+#include "scales/admin/admin_server.h"
+
+#include <algorithm>
+#include <functional>
+#include <future>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/json.hpp>
+
+#include "scales/core/client.h"
+#include "scales/core/dispatcher.h"
+#include "scales/core/error.h"
+#include "scales/core/forwarding_sink.h"
+#include "scales/core/log.h"
+#include "scales/core/runtime.h"
+#include "scales/loadbalancer/heap_balancer.h"
+
+namespace scales::admin {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+using tcp = asio::ip::tcp;
+
+constexpr auto kIdleTimeout = std::chrono::seconds(30);
+constexpr size_t kMaxRequestHeaderBytes = 8 * 1024;
+
+int64_t Millis(Duration d) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
+}
+
+// ---- /admin/clients ----
+
+// What a client's stack looks like on one event loop, gathered on that loop.
+struct MemberReport {
+  std::string endpoint;
+  std::string state;  // "down" (marked down by the balancer) or the chain's status
+  int64_t load = 0;
+  std::string sink;  // top of the per-endpoint chain
+};
+
+struct ShardReport {
+  size_t loop = 0;
+  size_t pending = 0;
+  std::vector<std::pair<std::string, std::string>> sinks;  // name, status; top to bottom
+  std::string balancer;                                    // empty if not reached
+  size_t draining = 0;
+  std::vector<MemberReport> members;
+};
+
+// Runs on the shard's loop: walks from the dispatcher through the pass-through sinks to the
+// balancer. A sink that is not a ForwardingSink hides what is below it (user sinks may be
+// anything), so the walk stops there.
+ShardReport InspectShard(const MessageDispatcher& shard) {
+  ShardReport r;
+  r.loop = shard.loop().index();
+  r.pending = shard.pending();
+  SinkPtr sink = shard.next();
+  while (sink) {
+    r.sinks.emplace_back(std::string(sink->name()), ToString(sink->status()));
+    if (const auto* lb = dynamic_cast<const LoadBalancerSink*>(sink.get())) {
+      r.balancer = std::string(lb->name());
+      r.draining = lb->draining();
+      for (const auto& node : lb->nodes()) {
+        MemberReport m;
+        m.endpoint = node->address;
+        m.load = node->load;
+        m.state = node->down ? "down" : ToString(node->sink->status());
+        m.sink = std::string(node->sink->name());
+        r.members.push_back(std::move(m));
+      }
+      break;
+    }
+    const auto* forwarding = dynamic_cast<const ForwardingSink*>(sink.get());
+    if (!forwarding) break;
+    sink = forwarding->next();
+  }
+  return r;
+}
+
+// What ClientsJson copies from a client while holding the live-client lock.
+struct ClientCopy {
+  std::string name;
+  std::string uri;
+  std::string server_set;
+  std::string describe;
+  Duration timeout{};
+  Duration open_timeout{};
+  bool default_stats = true;
+  std::vector<std::pair<std::string, std::string>> stack;  // role, name
+  std::shared_ptr<Runtime> runtime;                        // keeps the loops alive
+  std::vector<std::shared_ptr<MessageDispatcher>> shards;
+};
+
+json::object ShardJson(const ShardReport& r) {
+  json::array sinks;
+  for (const auto& [name, status] : r.sinks)
+    sinks.push_back(json::object{{"name", name}, {"status", status}});
+  json::array members;
+  for (const MemberReport& m : r.members) {
+    members.push_back(json::object{
+        {"endpoint", m.endpoint}, {"state", m.state}, {"load", m.load}, {"sink", m.sink}});
+  }
+  json::object o{{"loop", r.loop}, {"pending", r.pending}, {"sinks", std::move(sinks)}};
+  if (!r.balancer.empty()) {
+    o["balancer"] = r.balancer;
+    o["draining"] = r.draining;
+    o["members"] = std::move(members);
+  }
+  return o;
+}
+
+json::object ClientJson(ClientCopy& c, Duration timeout) {
+  json::array stack;
+  for (const auto& [role, name] : c.stack)
+    stack.push_back(json::object{{"role", role}, {"name", name}});
+  json::object client{
+      {"name", c.name},
+      {"uri", c.uri},
+      {"server_set", c.server_set},
+      {"options", json::object{{"timeout_ms", Millis(c.timeout)},
+                               {"open_timeout_ms", Millis(c.open_timeout)},
+                               {"event_loops", c.shards.size()},
+                               {"stats", c.default_stats ? "default" : "custom"}}},
+      {"stack", std::move(stack)},
+      {"describe", c.describe},
+  };
+
+  // Ask every loop at once, then wait with one deadline for all of them.
+  std::vector<std::future<ShardReport>> futures;
+  std::vector<size_t> indices;
+  for (auto& shard : c.shards) {
+    indices.push_back(shard->loop().index());
+    auto promise = std::make_shared<std::promise<ShardReport>>();
+    futures.push_back(promise->get_future());
+    if (shard->loop().IsCurrent()) {
+      promise->set_value(InspectShard(*shard));  // already on that loop: waiting would deadlock
+      continue;
+    }
+    EventLoop& loop = shard->loop();
+    // The task owns the shard, so the shard is released on its own loop (as ClientCore does).
+    asio::post(loop.executor(),
+               [shard = std::move(shard), promise] { promise->set_value(InspectShard(*shard)); });
+  }
+  c.shards.clear();
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  json::array shards;
+  std::map<std::string, std::pair<int64_t, std::map<std::string, int64_t>>>
+      members;  // load, states
+  std::vector<std::string> order;
+  for (size_t i = 0; i < futures.size(); ++i) {
+    if (futures[i].wait_until(deadline) != std::future_status::ready) {
+      shards.push_back(json::object{
+          {"loop", indices[i]},
+          {"error", fmt::format("event loop did not answer within {} ms", Millis(timeout))}});
+      continue;
+    }
+    ShardReport r = futures[i].get();
+    for (const MemberReport& m : r.members) {
+      auto [it, inserted] = members.try_emplace(m.endpoint);
+      if (inserted) order.push_back(m.endpoint);
+      it->second.first += m.load;
+      ++it->second.second[m.state];
+    }
+    shards.push_back(ShardJson(r));
+  }
+  // Members over all loops, in the first loop's order: total load and how many loops see the
+  // member in each state ({"open": 2} on a healthy 2-loop client).
+  json::array all_members;
+  for (const std::string& endpoint : order) {
+    const auto& [load, states] = members[endpoint];
+    json::object s;
+    for (const auto& [state, n] : states) s[state] = n;
+    all_members.push_back(
+        json::object{{"endpoint", endpoint}, {"load", load}, {"states", std::move(s)}});
+  }
+  client["members"] = std::move(all_members);
+  client["loops"] = std::move(shards);
+  return client;
+}
+
+// ---- HTTP ----
+
+struct Response {
+  http::status status = http::status::ok;
+  std::string content_type = "text/plain; charset=utf-8";
+  std::string body;
+};
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  using Handler = std::function<Response(const std::string& target)>;
+
+  Session(tcp::socket socket, Handler* handler) : stream_(std::move(socket)), handler_(handler) {}
+
+  void Start() { Read(); }
+  void Close() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    stream_.close();
+  }
+
+ private:
+  void Read() {
+    parser_.emplace();
+    parser_->header_limit(kMaxRequestHeaderBytes);
+    parser_->body_limit(kMaxRequestHeaderBytes);
+    stream_.expires_after(kIdleTimeout);
+    http::async_read(
+        stream_, buffer_, *parser_,
+        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
+  }
+
+  void OnRead(beast::error_code ec) {
+    if (ec) {
+      if (ec != http::error::end_of_stream && ec != beast::error::timeout &&
+          ec != asio::error::operation_aborted) {
+        SCALES_LOG_RATE_LIMITED(kInfo, 5, "admin server: reading a request failed: {}",
+                                ec.message());
+      }
+      return Close();
+    }
+    const auto& req = parser_->get();
+    auto res = std::make_shared<http::response<http::string_body>>();
+    res->version(req.version());
+    res->keep_alive(req.keep_alive());
+    res->set(http::field::server, "scales-admin");
+    Response r;
+    if (req.method() != http::verb::get && req.method() != http::verb::head) {
+      r.status = http::status::method_not_allowed;
+      r.body = "only GET and HEAD are supported\n";
+      res->set(http::field::allow, "GET, HEAD");
+    } else {
+      r = (*handler_)(std::string(req.target()));
+    }
+    res->result(r.status);
+    res->set(http::field::content_type, r.content_type);
+    if (req.method() == http::verb::head) {
+      res->content_length(r.body.size());
+    } else {
+      res->body() = std::move(r.body);
+      res->prepare_payload();
+    }
+    http::async_write(stream_, *res,
+                      [self = shared_from_this(), res](beast::error_code ec, size_t) {
+                        if (ec || !res->keep_alive()) return self->Close();
+                        self->Read();
+                      });
+  }
+
+  beast::tcp_stream stream_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  Handler* handler_;
+};
+
+constexpr std::string_view kIndex =
+    "scales admin\n"
+    "  /metrics             Prometheus text format 0.0.4\n"
+    "  /admin/metrics.json  Finagle-style flat JSON\n"
+    "  /admin/clients       live clients: options, sink stack, members (JSON)\n";
+
+}  // namespace
+
+std::string ClientsJson(Duration timeout) {
+  std::vector<ClientCopy> copies;
+  ClientCore::ForEachLiveClient([&](const ClientCore& core) {
+    ClientCopy c;
+    c.name = core.options().name;
+    c.uri = core.options().uri;
+    c.server_set = core.server_set()->Describe();
+    c.describe = core.Describe();
+    c.timeout = core.options().timeout;
+    c.open_timeout = core.options().open_timeout;
+    c.default_stats = &core.stats() == &stats::StatsRegistry::Default();
+    for (const SinkProvider& p : core.spec().providers()) c.stack.emplace_back(p.role, p.name);
+    c.runtime = core.runtime().weak_from_this().lock();
+    c.shards = core.shards();
+    copies.push_back(std::move(c));
+  });
+  std::sort(copies.begin(), copies.end(),
+            [](const ClientCopy& a, const ClientCopy& b) { return a.name < b.name; });
+  json::array clients;
+  for (ClientCopy& c : copies) clients.push_back(ClientJson(c, timeout));
+  return json::serialize(json::object{{"clients", std::move(clients)}});
+}
+
+class AdminServer::Impl {
+ public:
+  explicit Impl(AdminServerOptions options) : options_(std::move(options)), acceptor_(ioc_) {
+    stats_ = options_.stats ? options_.stats : &stats::StatsRegistry::Default();
+    if (options_.clients_timeout < Duration::zero()) {
+      throw Error(make_error_code(Errc::kInvalidArgument),
+                  "admin server: clients_timeout must not be negative");
+    }
+    beast::error_code ec;
+    auto address = asio::ip::make_address(options_.address, ec);
+    if (ec) {
+      throw Error(
+          make_error_code(Errc::kInvalidArgument),
+          fmt::format("admin server: bad listen address '{}': {}", options_.address, ec.message()));
+    }
+    tcp::endpoint endpoint(address, options_.port);
+    auto fail = [&](const char* step) {
+      throw Error(ec, fmt::format("admin server: cannot {} {}:{}: {}", step, options_.address,
+                                  options_.port, ec.message()));
+    };
+    acceptor_.open(endpoint.protocol(), ec);
+    if (ec) fail("open a socket for");
+    acceptor_.set_option(asio::socket_base::reuse_address(true), ec);
+    if (ec) fail("set SO_REUSEADDR on");
+    acceptor_.bind(endpoint, ec);
+    if (ec) fail("bind");
+    acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) fail("listen on");
+    port_ = acceptor_.local_endpoint().port();
+    handler_ = [this](const std::string& target) { return Handle(target); };
+    Accept();
+    thread_ = std::thread([this] { ioc_.run(); });
+  }
+
+  ~Impl() { Stop(); }
+
+  void Stop() {
+    std::lock_guard lock(stop_mu_);
+    if (!thread_.joinable()) return;
+    asio::post(ioc_, [this] {
+      beast::error_code ignored;
+      acceptor_.close(ignored);
+      for (auto& weak : sessions_) {
+        if (auto s = weak.lock()) s->Close();
+      }
+      sessions_.clear();
+      // Handlers still queued (the aborted reads and writes) are destroyed with the
+      // io_context, which releases their sessions.
+      ioc_.stop();
+    });
+    thread_.join();
+  }
+
+  uint16_t port() const noexcept { return port_; }
+  const AdminServerOptions& options() const noexcept { return options_; }
+
+ private:
+  void Accept() {
+    acceptor_.async_accept([this](beast::error_code ec, tcp::socket socket) {
+      if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
+      if (ec) {
+        SCALES_LOG_RATE_LIMITED(kWarning, 1, "admin server on port {}: accept failed: {}", port_,
+                                ec.message());
+      } else {
+        auto session = std::make_shared<Session>(std::move(socket), &handler_);
+        // Forget sessions that are gone, so the list does not grow with every connection.
+        std::erase_if(sessions_, [](const std::weak_ptr<Session>& w) { return w.expired(); });
+        sessions_.push_back(session);
+        session->Start();
+      }
+      Accept();
+    });
+  }
+
+  Response Handle(const std::string& target) {
+    std::string_view path = target;
+    path = path.substr(0, path.find('?'));
+    Response r;
+    try {
+      if (path == "/metrics") {
+        r.content_type = std::string(stats::StatsRegistry::kPrometheusContentType);
+        r.body = stats_->ToPrometheus();
+      } else if (path == "/admin/metrics.json") {
+        r.content_type = "application/json";
+        r.body = stats_->ToJson();
+      } else if (path == "/admin/clients") {
+        r.content_type = "application/json";
+        r.body = ClientsJson(options_.clients_timeout);
+      } else if (path == "/" || path == "/admin") {
+        r.body = std::string(kIndex);
+      } else {
+        r.status = http::status::not_found;
+        r.body = fmt::format("no such path: {}\n{}", path, kIndex);
+      }
+    } catch (const std::exception& e) {
+      SCALES_LOG_RATE_LIMITED(kError, 1, "admin server: {} failed: {}", path, e.what());
+      r = Response{http::status::internal_server_error, "text/plain; charset=utf-8",
+                   fmt::format("{} failed: {}\n", path, e.what())};
+    }
+    return r;
+  }
+
+  AdminServerOptions options_;
+  stats::StatsRegistry* stats_;
+  asio::io_context ioc_{1};
+  tcp::acceptor acceptor_;
+  uint16_t port_ = 0;
+  Session::Handler handler_;
+  std::vector<std::weak_ptr<Session>> sessions_;  // on the server thread only
+  std::mutex stop_mu_;
+  std::thread thread_;
+};
+
+AdminServer::AdminServer(AdminServerOptions options)
+    : impl_(std::make_unique<Impl>(std::move(options))) {}
+
+AdminServer::~AdminServer() = default;
+
+void AdminServer::Stop() { impl_->Stop(); }
+
+uint16_t AdminServer::port() const noexcept { return impl_->port(); }
+
+std::string AdminServer::url() const {
+  const std::string& address = impl_->options().address;
+  bool v6 = address.find(':') != std::string::npos;
+  return fmt::format("http://{}{}{}:{}", v6 ? "[" : "", address, v6 ? "]" : "", port());
+}
+
+}  // namespace scales::admin

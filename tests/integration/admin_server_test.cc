@@ -1,0 +1,265 @@
+// The admin HTTP server against real clients: a scales HTTP client talks to the scales test
+// server while a second scales HTTP client (its own registry, so it does not disturb what is
+// checked) fetches /metrics, /admin/metrics.json and /admin/clients from the admin server.
+
+#include "scales/admin/admin_server.h"
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <boost/asio/use_future.hpp>
+#include <boost/json.hpp>
+
+#include "scales/http/client.h"
+#include "support/fixtures.h"
+#include "support/prometheus_text.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+std::string Str(const boost::json::value& v) { return std::string(v.as_string()); }
+
+std::shared_ptr<Runtime> MakeRuntime(size_t threads) {
+  RuntimeOptions o;
+  o.threads = threads;
+  return std::make_shared<Runtime>(o);
+}
+
+template <class Pred>
+bool Eventually(Pred pred, std::chrono::milliseconds timeout = 5000ms) {
+  auto until = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < until) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return pred();
+}
+
+class AdminServerTest : public ::testing::Test {
+ protected:
+  AdminServerTest() {
+    http::HttpOptions o;
+    o.client.name = "admin-it";
+    o.client.runtime = MakeRuntime(2);
+    o.client.stats = &registry_;
+    o.client.timeout = 5s;
+    client_.emplace(Http::NewClient("tcp://" + server_.endpoint(), o));
+    admin::AdminServerOptions admin_options;
+    admin_options.stats = &registry_;
+    admin_.emplace(admin_options);
+  }
+
+  // A client of the admin server: its own runtime and registry, errors as responses.
+  http::HttpClient& Fetcher() {
+    if (!fetcher_) {
+      http::HttpOptions o;
+      o.client.name = "admin-fetcher";
+      o.client.runtime = MakeRuntime(1);
+      o.client.stats = &fetcher_registry_;
+      o.client.timeout = 5s;
+      o.transport.raise_on_http_error = false;
+      fetcher_.emplace(Http::NewClient(fmt::format("tcp://127.0.0.1:{}", admin_->port()), o));
+    }
+    return *fetcher_;
+  }
+
+  boost::json::object ClientJson(const std::string& name) {
+    http::Response r = Fetcher().Get("/admin/clients");
+    EXPECT_EQ(r.status, 200);
+    boost::json::value v = boost::json::parse(r.body);
+    for (const auto& c : v.at("clients").as_array()) {
+      if (c.at("name").as_string() == name) return c.as_object();
+    }
+    return {};
+  }
+
+  test::TestHttpServer server_;
+  stats::StatsRegistry registry_;
+  stats::StatsRegistry fetcher_registry_;
+  std::optional<http::HttpClient> client_;
+  std::optional<admin::AdminServer> admin_;
+  std::optional<http::HttpClient> fetcher_;
+};
+
+TEST_F(AdminServerTest, MetricsInPrometheusFormat) {
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(client_->Get("/").status, 200);
+  EXPECT_NE(admin_->port(), 0);
+  EXPECT_EQ(admin_->url(), fmt::format("http://127.0.0.1:{}", admin_->port()));
+
+  http::Response r = Fetcher().Get("/metrics");
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.Header("Content-Type"), "text/plain; version=0.0.4; charset=utf-8");
+  test::PromText prom = test::ParsePrometheusText(r.body);
+  const test::PromLabels client{{"client", "admin-it"}};
+  const test::PromLabels endpoint{{"client", "admin-it"}, {"endpoint", server_.endpoint()}};
+  EXPECT_EQ(prom.Value("scales_requests_total", client), 3);
+  EXPECT_EQ(prom.Value("scales_successes_total", client), 3);
+  EXPECT_EQ(prom.Value("scales_request_latency_us_count", client), 3);
+  EXPECT_EQ(
+      prom.Value("scales_request_latency_us_bucket", {{"client", "admin-it"}, {"le", "+Inf"}}), 3);
+  EXPECT_GE(prom.Value("scales_connects_total", endpoint).value_or(0), 1);
+  EXPECT_GT(prom.Value("scales_bytes_sent_total", endpoint).value_or(0), 0);
+  EXPECT_EQ(prom.Family("scales_lb_size")->type, "gauge");
+  EXPECT_EQ(prom.Value("scales_lb_size", client), 1);
+  // The fetcher reports elsewhere: nothing of it here.
+  EXPECT_THAT(r.body, ::testing::Not(HasSubstr("admin-fetcher")));
+
+  // HEAD: the headers of GET, no body.
+  http::Response head = Fetcher().Head("/metrics");
+  EXPECT_EQ(head.status, 200);
+  EXPECT_TRUE(head.body.empty());
+  EXPECT_NE(head.Header("Content-Length"), "0");
+}
+
+TEST_F(AdminServerTest, MetricsAsFlatJson) {
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(client_->Get("/").status, 200);
+  http::Response r = Fetcher().Get("/admin/metrics.json");
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(r.Header("Content-Type"), "application/json");
+  boost::json::object o = boost::json::parse(r.body).as_object();
+  EXPECT_EQ(o.at("clnt/admin-it/scales_requests").as_int64(), 2);
+  EXPECT_EQ(o.at("clnt/admin-it/scales_request_latency_us.count").as_int64(), 2);
+  EXPECT_GT(o.at("clnt/admin-it/scales_request_latency_us.p99").as_int64(), 0);
+  EXPECT_GE(o.at("clnt/admin-it/" + server_.endpoint() + "/scales_connects").as_int64(), 1);
+}
+
+TEST_F(AdminServerTest, ClientsShowStackMembersAndLoad) {
+  EXPECT_EQ(client_->Get("/").status, 200);
+  boost::json::object c = ClientJson("admin-it");
+  ASSERT_FALSE(c.empty());
+  EXPECT_EQ(Str(c.at("uri")), "tcp://" + server_.endpoint());
+  EXPECT_EQ(c.at("options").at("timeout_ms"), 5000);
+  EXPECT_EQ(c.at("options").at("event_loops"), 2);
+  EXPECT_EQ(c.at("options").at("stats"), "custom");
+  // The stack as the client's spec has it, top to bottom.
+  std::vector<std::string> stack, expected;
+  for (const auto& s : c.at("stack").as_array())
+    stack.push_back(Str(s.at("role")) + ":" + Str(s.at("name")));
+  for (const SinkProvider& p : client_->core()->spec().providers())
+    expected.push_back(p.role + ":" + p.name);
+  EXPECT_EQ(stack, expected);
+  EXPECT_EQ(stack.front(), "timeout:timeout");
+  EXPECT_EQ(stack.back(), "transport:http-transport");
+  EXPECT_THAT(stack, ::testing::Contains(::testing::StartsWith("loadbalancer:")));
+  EXPECT_THAT(std::string(c.at("describe").as_string()), HasSubstr("client admin-it"));
+
+  ASSERT_EQ(c.at("loops").as_array().size(), 2u);
+  for (const auto& loop : c.at("loops").as_array()) {
+    EXPECT_EQ(loop.at("sinks").at(0).at("name"), "timeout");
+    EXPECT_FALSE(loop.at("balancer").as_string().empty());
+    ASSERT_EQ(loop.at("members").as_array().size(), 1u);
+    EXPECT_EQ(Str(loop.at("members").at(0).at("endpoint")), server_.endpoint());
+    EXPECT_THAT(std::string(loop.at("members").at(0).at("state").as_string()),
+                ::testing::AnyOf("open", "idle"));
+  }
+  ASSERT_EQ(c.at("members").as_array().size(), 1u);
+  const auto& member = c.at("members").at(0);
+  EXPECT_EQ(Str(member.at("endpoint")), server_.endpoint());
+  EXPECT_EQ(member.at("load"), 0);
+  int64_t loops = 0;
+  for (const auto& [state, n] : member.at("states").as_object()) loops += n.as_int64();
+  EXPECT_EQ(loops, 2);
+
+  // A slow call in flight shows as load on its member.
+  auto slow = client_->AsyncGet("/delay/3000", boost::asio::use_future);
+  EXPECT_TRUE(
+      Eventually([&] { return ClientJson("admin-it").at("members").at(0).at("load") == 1; }));
+  EXPECT_EQ(slow.get().status, 200);
+  EXPECT_EQ(ClientJson("admin-it").at("members").at(0).at("load"), 0);
+
+  // A closed client is no longer listed.
+  client_->Close();
+  EXPECT_TRUE(ClientJson("admin-it").empty());
+}
+
+TEST_F(AdminServerTest, IndexErrorsAndStop) {
+  http::Response index = Fetcher().Get("/");
+  EXPECT_EQ(index.status, 200);
+  EXPECT_THAT(index.body, HasSubstr("/admin/clients"));
+  http::Response missing = Fetcher().Get("/nope?x=1");
+  EXPECT_EQ(missing.status, 404);
+  EXPECT_THAT(missing.body, HasSubstr("no such path: /nope"));
+  http::Response post = Fetcher().Post("/metrics", "x");
+  EXPECT_EQ(post.status, 405);
+  EXPECT_EQ(post.Header("Allow"), "GET, HEAD");
+  // The query string is ignored.
+  EXPECT_EQ(Fetcher().Get("/metrics?name[]=x").status, 200);
+
+  int port = admin_->port();
+  admin_->Stop();
+  admin_->Stop();  // idempotent
+  EXPECT_FALSE(test::CanConnect(port));
+}
+
+// Clients built, used and closed on other threads while /admin/clients is read: every read
+// parses and lists only whole clients (run under TSan by the concurrency label).
+TEST(ConcurrencyAdminTest, ClientsComeAndGoWhileListed) {
+  test::TestHttpServer server;
+  stats::StatsRegistry registry;  // outlives the runtime, where closed clients still report
+  auto runtime = MakeRuntime(2);
+  std::atomic<bool> stop{false};
+  std::atomic<int> built{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 10 && !stop; ++i) {
+        http::HttpOptions o;
+        o.client.name = fmt::format("churn-{}-{}", t, i);
+        o.client.runtime = runtime;
+        o.client.stats = &registry;
+        auto client = Http::NewClient("tcp://" + server.endpoint(), o);
+        EXPECT_EQ(client.Get("/").status, 200);
+        ++built;
+        if (i % 2 == 0) client.Close();  // the others close when the handle goes
+      }
+    });
+  }
+  do {
+    boost::json::value v = boost::json::parse(admin::ClientsJson(2s));
+    for (const auto& c : v.at("clients").as_array()) {
+      EXPECT_THAT(Str(c.at("name")), StartsWith("churn-"));
+      EXPECT_FALSE(c.at("stack").as_array().empty());
+    }
+  } while (built < 20);
+  stop = true;
+  for (auto& th : threads) th.join();
+  // Every client was closed or lost its last handle.
+  EXPECT_TRUE(Eventually([] {
+    return boost::json::parse(admin::ClientsJson(2s)).at("clients").as_array().empty();
+  })) << admin::ClientsJson(2s);
+}
+
+TEST(AdminServerOptionsTest, BadAddressAndBusyPortAreClearErrors) {
+  try {
+    admin::AdminServerOptions options;
+    options.address = "not-an-ip";
+    admin::AdminServer bad(options);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), make_error_code(Errc::kInvalidArgument));
+    EXPECT_THAT(e.what(), HasSubstr("bad listen address 'not-an-ip'"));
+  }
+  admin::AdminServer first;
+  try {
+    admin::AdminServerOptions options;
+    options.port = first.port();
+    admin::AdminServer second(options);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr(fmt::format("cannot bind 127.0.0.1:{}", first.port())));
+  }
+}
+
+}  // namespace
+}  // namespace scales

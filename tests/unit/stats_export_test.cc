@@ -1,0 +1,400 @@
+// The export formats of the stats registry (Prometheus text 0.0.4, Finagle-style flat JSON),
+// checked on a scripted scenario through a real client stack on a manual clock, and the
+// live-client view of the admin endpoints (ClientsJson) on the same stack.
+
+#include <chrono>
+#include <cmath>
+#include <memory>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <boost/asio/post.hpp>
+#include <boost/json.hpp>
+
+#include "scales/admin/admin_server.h"
+#include "scales/core/client.h"
+#include "scales/core/timeout_sink.h"
+#include "scales/loadbalancer/heap_balancer.h"
+#include "scales/loadbalancer/resurrector.h"
+#include "scales/pool/watermark_pool.h"
+#include "scales/stats/stats.h"
+#include "support/fake_sinks.h"
+#include "support/prometheus_text.h"
+
+namespace scales {
+namespace {
+
+using stats::Histogram;
+using stats::HistogramSnapshot;
+using stats::StatsRegistry;
+using std::chrono::microseconds;
+using std::chrono::milliseconds;
+using test::ParsePrometheusText;
+using test::PromText;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+const Endpoint kA{"10.9.0.1", 80};
+
+// ---- The scripted scenario ----
+
+class ScenarioTest : public ::testing::Test {
+ protected:
+  ScenarioTest()
+      : clock_(std::make_shared<ManualClock>()),
+        runtime_(std::make_shared<Runtime>(
+            RuntimeOptions{.threads = 1, .start_threads = false, .clock = clock_, .seed = 42})),
+        factory_(runtime_->loop(0)),
+        calls_(*clock_) {
+    ClientOptions options;
+    options.name = "obs";
+    options.uri = "tcp://10.9.0.1:80";
+    options.timeout = milliseconds(100);
+    options.runtime = runtime_;
+    options.stats = &registry_;
+    options.server_set = std::make_shared<StaticServerSet>(ServerSet::Members{kA});
+    WatermarkPoolOptions pool;
+    pool.low_watermark = 1;
+    pool.high_watermark = 1;
+    pool.max_waiters = 10;
+    SinkStackSpec spec(
+        {TimeoutSinkProvider(), HeapBalancerProvider(), ResurrectorProvider(),
+         WatermarkPoolProvider(pool),
+         SinkProvider{"transport", "fake", [this](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                        return factory_.Create(ctx);
+                      }}});
+    core_ = std::make_shared<ClientCore>(options, spec);
+    core_->AsyncOpen([](error_code) {});
+    Run();
+  }
+
+  ~ScenarioTest() override {
+    if (core_) core_->Close();
+    Run();
+    EXPECT_TRUE(calls_.AllCompletedOnce());
+    core_.reset();
+    Run();
+    factory_.Clear();
+    Run();
+  }
+
+  void Run() { runtime_->RunUntilIdle(); }
+  void Advance(Duration d) {
+    clock_->Advance(d);
+    Run();
+  }
+  // One call answered by the fake connection after `latency`, with `error` or success.
+  void Call(Duration latency, error_code error = {}) {
+    calls_.StartWith([this](CallBase* c) { core_->Dispatch(c); });
+    Run();
+    Advance(latency);
+    if (error) {
+      ASSERT_TRUE(factory_.last().Fail(0, error));
+    } else {
+      ASSERT_TRUE(factory_.last().Reply(0, 1));
+    }
+    Run();
+  }
+
+  // The script: three successes (1, 2 and 3 ms), a connection closed after 0.5 ms and a call
+  // that times out at the client's 100 ms.
+  void RunScript() {
+    Call(microseconds(1000));
+    Call(microseconds(2000));
+    Call(microseconds(3000));
+    Call(microseconds(500), make_error_code(Errc::kConnectionClosed));
+    calls_.StartWith([this](CallBase* c) { core_->Dispatch(c); });
+    Run();
+    Advance(milliseconds(100));
+    ASSERT_EQ(calls_.completed(), 5u);
+  }
+
+  const stats::Labels kClient{{"client", "obs"}};
+
+  StatsRegistry registry_;
+  std::shared_ptr<ManualClock> clock_;
+  std::shared_ptr<Runtime> runtime_;
+  test::FakeTransportFactory factory_;
+  test::CallTracker calls_;
+  std::shared_ptr<ClientCore> core_;
+};
+
+TEST_F(ScenarioTest, CountersAndHistogramOfTheScript) {
+  RunScript();
+  auto counter = [&](std::string_view name, stats::Labels labels) {
+    const stats::Counter* c = registry_.FindCounter(name, labels);
+    return c ? c->value() : -1;
+  };
+  EXPECT_EQ(counter("scales_requests", kClient), 5);
+  EXPECT_EQ(counter("scales_successes", kClient), 3);
+  EXPECT_EQ(counter("scales_failures", kClient), 2);
+  EXPECT_EQ(
+      counter("scales_failures_by_error", {{"client", "obs"}, {"error", "connection_closed"}}), 1);
+  EXPECT_EQ(counter("scales_failures_by_error", {{"client", "obs"}, {"error", "request_timeout"}}),
+            1);
+  EXPECT_EQ(counter("scales_timeouts", kClient), 1);
+  EXPECT_EQ(registry_.FindGauge("scales_pending", kClient)->value(), 0);
+  EXPECT_EQ(registry_.FindGauge("scales_lb_size", kClient)->value(), 1);
+
+  HistogramSnapshot h = registry_.FindHistogram("scales_request_latency_us", kClient)->Snapshot();
+  EXPECT_EQ(h.count, 5);
+  EXPECT_EQ(h.sum, 1000 + 2000 + 3000 + 500 + 100000);
+  EXPECT_EQ(h.min, 500);
+  EXPECT_EQ(h.max, 100000);
+  // Sorted: 500, 1000, 2000, 3000, 100000. Nearest rank, reported as the upper bound of the
+  // log-linear bucket: 500 is in [496, 511], 1000 in [992, 1023], 2000 in [1984, 2047], 3000
+  // in [2944, 3071].
+  EXPECT_EQ(h.Percentile(0.0), 511);
+  EXPECT_EQ(h.Percentile(0.2), 511);
+  EXPECT_EQ(h.Percentile(0.4), 1023);
+  EXPECT_EQ(h.Percentile(0.5), 2047);
+  EXPECT_EQ(h.Percentile(0.8), 3071);
+  EXPECT_EQ(h.Percentile(0.9), 100000);  // [98304, 102399], clamped to max
+  EXPECT_EQ(h.Percentile(0.999), 100000);
+  // Export buckets (not cumulative): 500 -> le 500, 1000 -> le 1000, 2000 -> le 2500,
+  // 3000 -> le 5000, 100000 -> le 100000.
+  std::array<int64_t, stats::kExportBucketCount> expected{};
+  auto at = [](int64_t bound) {
+    return std::find(stats::kExportBucketBounds.begin(), stats::kExportBucketBounds.end(), bound) -
+           stats::kExportBucketBounds.begin();
+  };
+  for (int64_t bound : {500, 1000, 2500, 5000, 100000}) expected[at(bound)] = 1;
+  EXPECT_EQ(h.export_buckets, expected);
+}
+
+TEST_F(ScenarioTest, PrometheusTextOfTheScript) {
+  RunScript();
+  std::string text = registry_.ToPrometheus();
+  PromText prom = ParsePrometheusText(text);  // throws on any grammar violation
+
+  const test::PromLabels client{{"client", "obs"}};
+  EXPECT_EQ(prom.Value("scales_requests_total", client), 5);
+  EXPECT_EQ(prom.Value("scales_successes_total", client), 3);
+  EXPECT_EQ(prom.Value("scales_failures_total", client), 2);
+  EXPECT_EQ(prom.Value("scales_failures_by_error_total",
+                       {{"client", "obs"}, {"error", "request_timeout"}}),
+            1);
+  EXPECT_EQ(prom.Value("scales_pending", client), 0);
+  EXPECT_EQ(prom.Value("scales_pool_size", {{"client", "obs"}, {"endpoint", "10.9.0.1:80"}}), 1);
+
+  const test::PromFamily* requests = prom.Family("scales_requests_total");
+  ASSERT_NE(requests, nullptr);
+  EXPECT_EQ(requests->type, "counter");
+  EXPECT_EQ(requests->help, "Calls dispatched.");
+  EXPECT_EQ(prom.Family("scales_pending")->type, "gauge");
+
+  const test::PromFamily* latency = prom.Family("scales_request_latency_us");
+  ASSERT_NE(latency, nullptr);
+  EXPECT_EQ(latency->type, "histogram");
+  auto bucket = [&](std::string le) {
+    return prom.Value("scales_request_latency_us_bucket", {{"client", "obs"}, {"le", le}});
+  };
+  EXPECT_EQ(bucket("250"), 0);
+  EXPECT_EQ(bucket("500"), 1);
+  EXPECT_EQ(bucket("1000"), 2);
+  EXPECT_EQ(bucket("2500"), 3);
+  EXPECT_EQ(bucket("5000"), 4);
+  EXPECT_EQ(bucket("50000"), 4);
+  EXPECT_EQ(bucket("100000"), 5);
+  EXPECT_EQ(bucket("+Inf"), 5);
+  EXPECT_EQ(prom.Value("scales_request_latency_us_count", client), 5);
+  EXPECT_EQ(prom.Value("scales_request_latency_us_sum", client), 106500);
+  // One bucket line per documented bound plus +Inf, then _sum and _count.
+  size_t buckets = 0;
+  for (const auto& s : latency->samples) buckets += s.name == "scales_request_latency_us_bucket";
+  EXPECT_EQ(buckets, stats::kExportBucketCount);
+
+  const test::PromFamily* quantiles = prom.Family("scales_request_latency_us_quantile");
+  ASSERT_NE(quantiles, nullptr);
+  EXPECT_EQ(quantiles->type, "gauge");
+  auto q = [&](std::string quantile) {
+    return prom.Value("scales_request_latency_us_quantile",
+                      {{"client", "obs"}, {"quantile", quantile}});
+  };
+  EXPECT_EQ(q("0.5"), 2047);
+  EXPECT_EQ(q("0.9"), 100000);
+  EXPECT_EQ(q("0.99"), 100000);
+  EXPECT_EQ(q("0.999"), 100000);
+
+  // Without quantiles: the histogram family stays, the gauge family goes.
+  StatsRegistry::PrometheusOptions no_quantiles;
+  no_quantiles.quantiles = false;
+  PromText plain = ParsePrometheusText(registry_.ToPrometheus(no_quantiles));
+  EXPECT_NE(plain.Family("scales_request_latency_us"), nullptr);
+  EXPECT_EQ(plain.Family("scales_request_latency_us_quantile"), nullptr);
+}
+
+TEST_F(ScenarioTest, FlatJsonOfTheScript) {
+  RunScript();
+  boost::json::value v = boost::json::parse(registry_.ToJson());
+  const boost::json::object& o = v.as_object();
+  EXPECT_EQ(o.at("clnt/obs/scales_requests").as_int64(), 5);
+  EXPECT_EQ(o.at("clnt/obs/scales_successes").as_int64(), 3);
+  EXPECT_EQ(o.at("clnt/obs/scales_failures").as_int64(), 2);
+  EXPECT_EQ(o.at("clnt/obs/scales_failures_by_error/connection_closed").as_int64(), 1);
+  EXPECT_EQ(o.at("clnt/obs/scales_failures_by_error/request_timeout").as_int64(), 1);
+  EXPECT_EQ(o.at("clnt/obs/10.9.0.1:80/scales_pool_size").as_int64(), 1);
+  const std::string h = "clnt/obs/scales_request_latency_us";
+  EXPECT_EQ(o.at(h + ".count").as_int64(), 5);
+  EXPECT_EQ(o.at(h + ".sum").as_int64(), 106500);
+  EXPECT_DOUBLE_EQ(o.at(h + ".avg").as_double(), 21300.0);
+  EXPECT_EQ(o.at(h + ".min").as_int64(), 500);
+  EXPECT_EQ(o.at(h + ".max").as_int64(), 100000);
+  EXPECT_EQ(o.at(h + ".p50").as_int64(), 2047);
+  EXPECT_EQ(o.at(h + ".p90").as_int64(), 100000);
+  EXPECT_EQ(o.at(h + ".p95").as_int64(), 100000);
+  EXPECT_EQ(o.at(h + ".p99").as_int64(), 100000);
+  EXPECT_EQ(o.at(h + ".p9990").as_int64(), 100000);
+  EXPECT_EQ(o.at(h + ".p9999").as_int64(), 100000);
+  // Connect latency is never recorded by the fake transport: an empty histogram exports only
+  // its count, as Finagle does. (The fake stack has no TCP connection metrics at all.)
+  EXPECT_FALSE(o.contains("clnt/obs/10.9.0.1:80/scales_connect_latency_us.count"));
+}
+
+TEST_F(ScenarioTest, LiveClientsAndTheirMembers) {
+  std::vector<std::string> names;
+  ClientCore::ForEachLiveClient([&](const ClientCore& c) { names.push_back(c.name()); });
+  EXPECT_THAT(names, ::testing::Contains("obs"));
+
+  // Two calls in flight: the member's load is 2 (pool of one connection: one on the wire, one
+  // waiting). ClientsJson runs on the client's only loop, so it inspects it inline.
+  calls_.StartWith([this](CallBase* c) { core_->Dispatch(c); });
+  calls_.StartWith([this](CallBase* c) { core_->Dispatch(c); });
+  Run();
+  std::string json;
+  boost::asio::post(runtime_->loop(0).executor(),
+                    [&] { json = admin::ClientsJson(milliseconds(100)); });
+  Run();
+  boost::json::value v = boost::json::parse(json);
+  const boost::json::object* obs = nullptr;
+  for (const auto& c : v.at("clients").as_array()) {
+    if (c.at("name") == "obs") obs = &c.as_object();
+  }
+  ASSERT_NE(obs, nullptr) << json;
+  EXPECT_EQ(obs->at("uri"), "tcp://10.9.0.1:80");
+  EXPECT_EQ(obs->at("options").at("timeout_ms"), 100);
+  EXPECT_EQ(obs->at("options").at("event_loops"), 1);
+  EXPECT_EQ(obs->at("options").at("stats"), "custom");
+  std::vector<std::string> stack;
+  for (const auto& s : obs->at("stack").as_array()) {
+    stack.push_back(std::string(s.at("role").as_string()) + ":" +
+                    std::string(s.at("name").as_string()));
+  }
+  EXPECT_THAT(stack, ::testing::ElementsAre("timeout:timeout", "loadbalancer:heap-balancer",
+                                            "resurrector:resurrector", "pool:watermark-pool",
+                                            "transport:fake"));
+  const auto& loop = obs->at("loops").at(0).as_object();
+  EXPECT_EQ(loop.at("pending"), 2);
+  EXPECT_EQ(loop.at("balancer"), "heap-balancer");
+  EXPECT_EQ(loop.at("sinks").at(0).at("name"), "timeout");
+  const auto& member = loop.at("members").at(0).as_object();
+  EXPECT_EQ(member.at("endpoint"), "10.9.0.1:80");
+  EXPECT_EQ(member.at("load"), 2);
+  EXPECT_EQ(member.at("state"), "open");
+  const auto& total = obs->at("members").at(0).as_object();
+  EXPECT_EQ(total.at("endpoint"), "10.9.0.1:80");
+  EXPECT_EQ(total.at("load"), 2);
+  EXPECT_EQ(total.at("states").at("open"), 1);
+
+  ASSERT_TRUE(factory_.last().Reply(0, 1));
+  Run();
+  ASSERT_TRUE(factory_.last().Reply(0, 1));
+  Run();
+  core_->Close();
+  names.clear();
+  ClientCore::ForEachLiveClient([&](const ClientCore& c) { names.push_back(c.name()); });
+  EXPECT_THAT(names, Not(::testing::Contains("obs")));  // closed clients are not listed
+}
+
+// ---- Export details ----
+
+TEST(StatsExportTest, ExportBucketsCountEveryBoundInclusively) {
+  Histogram h;
+  for (int64_t v :
+       std::initializer_list<int64_t>{-5, 0, 10, 11, 25, 26, 100000000, 100000001, INT64_MAX}) {
+    h.Record(v);
+  }
+  HistogramSnapshot s = h.Snapshot();
+  EXPECT_EQ(s.export_buckets[0], 3);  // -5 (as 0), 0, 10 -> le 10
+  EXPECT_EQ(s.export_buckets[1], 2);  // 11, 25 -> le 25
+  EXPECT_EQ(s.export_buckets[2], 1);  // 26 -> le 50
+  EXPECT_EQ(s.export_buckets[stats::kExportBucketBounds.size() - 1], 1);  // 100 s exactly
+  EXPECT_EQ(s.export_buckets[stats::kExportBucketBounds.size()], 2);      // +Inf
+  EXPECT_EQ(Histogram::ExportBucketIndex(1000), 6u);
+  EXPECT_EQ(Histogram::ExportBucketIndex(1001), 7u);
+}
+
+TEST(StatsExportTest, PrometheusNamesLabelsAndEscapes) {
+  StatsRegistry r;
+  r.GetCounter("my.app-requests", {{"client", "a\"b\\c\nd"}, {"bad-key", "x"}}).Increment(2);
+  r.GetCounter("already_total").Increment();
+  r.GetGauge("9lives").Set(-3);
+  r.GetHistogram("h_us", {{"le", "user"}}).Record(7);
+  r.SetHelp("my.app-requests", "Requests\nof my \\ app.");
+  PromText prom = ParsePrometheusText(r.ToPrometheus());
+  EXPECT_EQ(prom.Value("my_app_requests_total", {{"client", "a\"b\\c\nd"}, {"bad_key", "x"}}), 2);
+  EXPECT_EQ(prom.Family("my_app_requests_total")->help, "Requests\nof my \\ app.");
+  EXPECT_EQ(prom.Value("already_total"), 1);  // no second _total
+  EXPECT_EQ(prom.Value("_9lives"), -3);
+  EXPECT_EQ(prom.Family("_9lives")->help, "scales metric 9lives");
+  // A user label named le is renamed, as Prometheus does on conflicts.
+  EXPECT_EQ(prom.Value("h_us_bucket", {{"exported_le", "user"}, {"le", "10"}}), 1);
+  EXPECT_EQ(prom.Value("h_us_count", {{"exported_le", "user"}}), 1);
+  EXPECT_EQ(prom.Value("h_us_quantile", {{"exported_le", "user"}, {"quantile", "0.5"}}), 7);
+}
+
+TEST(StatsExportTest, PrometheusSkipsAFamilyOfAnotherType) {
+  StatsRegistry r;
+  r.GetCounter("x").Increment(1);
+  r.GetGauge("x_total").Set(5);  // would be the same family as the counter
+  std::string text = r.ToPrometheus();
+  PromText prom = ParsePrometheusText(text);
+  EXPECT_EQ(prom.Family("x_total")->type, "counter");
+  EXPECT_EQ(prom.Value("x_total"), 1);
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge x_total: family x_total is a counter\n"));
+}
+
+TEST(StatsExportTest, EmptyHistogramAndEmptyRegistry) {
+  StatsRegistry empty;
+  EXPECT_EQ(empty.ToPrometheus(), "");
+  StatsRegistry r;
+  r.GetHistogram("idle_us", {{"client", "c"}});
+  PromText prom = ParsePrometheusText(r.ToPrometheus());
+  EXPECT_EQ(prom.Value("idle_us_bucket", {{"client", "c"}, {"le", "+Inf"}}), 0);
+  EXPECT_EQ(prom.Value("idle_us_count", {{"client", "c"}}), 0);
+  EXPECT_EQ(prom.Value("idle_us_quantile", {{"client", "c"}, {"quantile", "0.5"}}), 0);
+  boost::json::object o = boost::json::parse(r.ToJson()).as_object();
+  EXPECT_EQ(o.at("clnt/c/idle_us.count").as_int64(), 0);
+  EXPECT_EQ(o.size(), 1u);
+}
+
+TEST(StatsExportTest, JsonKeysPutClientEndpointAndOtherLabelsInPlace) {
+  StatsRegistry r;
+  r.GetCounter("n", {{"zone", "z1"}, {"client", "c"}, {"endpoint", "h:1"}, {"error", "e"}})
+      .Increment(4);
+  r.GetCounter("bare").Increment(1);
+  r.GetGauge("g", {{"other", "o"}}).Set(2);
+  boost::json::object o = boost::json::parse(r.ToJson()).as_object();
+  EXPECT_EQ(o.at("clnt/c/h:1/n/e/z1").as_int64(), 4);  // other labels in key order: error, zone
+  EXPECT_EQ(o.at("bare").as_int64(), 1);
+  EXPECT_EQ(o.at("g/o").as_int64(), 2);
+}
+
+TEST(StatsExportTest, ParserRejectsBrokenText) {
+  EXPECT_THROW(ParsePrometheusText("a 1"), std::runtime_error);               // no newline
+  EXPECT_THROW(ParsePrometheusText("a{b=\"x} 1\n"), std::runtime_error);      // unterminated
+  EXPECT_THROW(ParsePrometheusText("a{b=\"\\t\"} 1\n"), std::runtime_error);  // bad escape
+  EXPECT_THROW(ParsePrometheusText("a 1\nb 1\na 2\n"), std::runtime_error);   // split family
+  EXPECT_THROW(ParsePrometheusText("a one\n"), std::runtime_error);           // bad number
+  EXPECT_THROW(
+      ParsePrometheusText("# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\n"
+                          "h_count 1\n"),
+      std::runtime_error);  // decreasing
+  EXPECT_THROW(ParsePrometheusText("# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_count 2\n"),
+               std::runtime_error);  // count mismatch
+  EXPECT_NO_THROW(ParsePrometheusText("# a comment\n\nx_total{a=\"1\",} 3 1700000000000\n"));
+}
+
+}  // namespace
+}  // namespace scales
