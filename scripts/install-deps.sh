@@ -15,6 +15,7 @@ packages=(
   libbenchmark-dev
   python3-thrift python3-kazoo
   procps curl
+  clang libclang-rt-14-dev  # scripts/fuzz.sh: clang++ and the libFuzzer/ASan runtimes
 )
 
 missing=()

@@ -53,7 +53,7 @@ MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
       decoder_(options.max_frame_size),
       reassembler_(options.max_message_size),
-      read_buffer_(64 * 1024),
+      read_buffer_(kMinReadBuffer),
       tag_bits_(1, 0b11),  // tags 0 (markers) and 1 (control) are never allocated
       tags_gauge_(ctx.stats.GetGauge("scales_mux_tags_in_use")),
       pings_sent_(ctx.stats.GetCounter("scales_mux_pings")),
@@ -211,6 +211,11 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
   }
   conn_.bytes_received().Increment(static_cast<int64_t>(n));
   decoder_.Feed(read_buffer_.data(), n);
+  // A read that filled the buffer suggests more was waiting: read more at a time from now on.
+  // Starting small keeps an idle session's footprint small.
+  if (n == read_buffer_.size() && read_buffer_.size() < kMaxReadBuffer) {
+    read_buffer_.resize(read_buffer_.size() * 2);
+  }
   auto keep = self();  // answering requests may drop the last outside reference
   while (state_ != State::kClosed) {
     auto next = decoder_.Next();
@@ -231,6 +236,17 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
 }
 
 void MuxSessionSink::HandleFrame(Frame frame) {
+  // Only our own requests' tags may buffer fragments, so reassembly holds at most tags in use x
+  // max_message_size however many tags a hostile server fragments on: Rdispatch pieces for
+  // other tags are dropped unbuffered (the reply would be ignored anyway), and a Tdispatch
+  // (never accepted from a server) is refused at its first piece.
+  if (frame.type == wire::kRdispatch && pending_.find(frame.tag) == pending_.end()) return;
+  if (frame.type == wire::kTdispatch) {
+    protocol_errors_.Increment();
+    Fail(make_error_code(Errc::kProtocolError),
+         fmt::format("unexpected Tdispatch tag={} from {}", frame.tag, address_), true);
+    return;
+  }
   auto whole = reassembler_.Add(std::move(frame));
   if (!whole) {
     protocol_errors_.Increment();
@@ -255,7 +271,7 @@ void MuxSessionSink::HandleMessage(Message m) {
     if (it == pending_.end()) return;  // unknown tag: ignore
     if (it->second.stack == nullptr) {
       // The answer to a discarded request frees its tag.
-      pending_.erase(it);
+      ErasePending(it);
       --discarded_count_;
       FreeTag(r->tag);
       MaybeFinishDrain();
@@ -289,7 +305,7 @@ void MuxSessionSink::HandleMessage(Message m) {
     auto it = pending_.find(e->tag);
     if (it == pending_.end()) return;
     if (it->second.stack == nullptr) {
-      pending_.erase(it);
+      ErasePending(it);
       --discarded_count_;
       FreeTag(e->tag);
     } else {
@@ -303,7 +319,7 @@ void MuxSessionSink::HandleMessage(Message m) {
     auto it = pending_.find(d->tag);
     if (it == pending_.end()) return;
     if (it->second.stack == nullptr) {
-      pending_.erase(it);
+      ErasePending(it);
       --discarded_count_;
       FreeTag(d->tag);
     } else {
@@ -352,7 +368,7 @@ void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std
   auto it = pending_.find(tag);
   if (it == pending_.end() || it->second.stack == nullptr) return;
   Pending p = it->second;
-  pending_.erase(it);
+  ErasePending(it);
   --pending_count_;
   FreeTag(tag);
   if (!ec && body != nullptr && p.reply != nullptr) p.reply->data = std::move(*body);
@@ -366,6 +382,20 @@ void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std
 }
 
 // --- writing -------------------------------------------------------------------------------
+
+void MuxSessionSink::AddPending(uint32_t tag, Pending p) {
+  if (spare_nodes_.empty()) {
+    pending_.emplace(tag, p);
+    return;
+  }
+  PendingMap::node_type node = std::move(spare_nodes_.back());
+  spare_nodes_.pop_back();
+  node.key() = tag;
+  node.mapped() = p;
+  pending_.insert(std::move(node));
+}
+
+void MuxSessionSink::ErasePending(PendingMap::iterator it) { spare_nodes_.push_back(pending_.extract(it)); }
 
 void MuxSessionSink::Enqueue(const Message& m) {
   auto r = writer_.Enqueue(m);
@@ -455,37 +485,42 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
          fmt::format("no free Mux tag on the session to {} ({} in use)", address_, tags_in_use_));
     return;
   }
-  Tdispatch d;
+  Tdispatch& d = std::get<Tdispatch>(dispatch_scratch_);
   d.tag = tag;
+  size_t contexts = 0;
+  // Sets the next context in place (assigning keeps the strings' capacity).
+  auto context = [&](std::string_view key, std::string value) {
+    if (d.contexts.size() == contexts) d.contexts.emplace_back();
+    Context& c = d.contexts[contexts++];
+    c.key.assign(key);
+    c.value.assign(value);
+  };
   const auto& props = msg.properties;
   if (options_.propagate_deadline && props.deadline) {
     auto now_wall = std::chrono::duration_cast<std::chrono::nanoseconds>(loop_.clock().WallNow().time_since_epoch());
     auto remaining = std::chrono::duration_cast<std::chrono::nanoseconds>(*props.deadline - loop_.Now());
-    d.contexts.push_back({std::string(kDeadlineKey),
-                          EncodeDeadline({now_wall.count(), (now_wall + remaining).count()})});
+    context(kDeadlineKey, EncodeDeadline({now_wall.count(), (now_wall + remaining).count()}));
   }
-  d.contexts.push_back({std::string(kRetriesKey), EncodeRetries(props.retries)});
-  if (!props.client_id.empty()) {
-    d.contexts.push_back({std::string(kClientIdKey), EncodeClientId(props.client_id)});
-  }
+  context(kRetriesKey, EncodeRetries(props.retries));
+  if (!props.client_id.empty()) context(kClientIdKey, EncodeClientId(props.client_id));
   if (props.trace.valid()) {
     TraceContext t;
     t.trace_id = props.trace.trace_id;
     t.span_id = props.trace.span_id;
     t.parent_id = props.trace.parent_id;
     t.flags = props.trace.flags;
-    d.contexts.push_back({std::string(kTraceContextKey), EncodeTraceContext(t)});
+    context(kTraceContextKey, EncodeTraceContext(t));
   }
-  if (!props.headers.empty()) {
-    d.contexts.push_back({std::string(kRequestHeadersKey), EncodeHeaders(props.headers)});
-  }
-  d.payload = request->data;
-  pending_[tag] = Pending{&stack, reply, false};
+  if (!props.headers.empty()) context(kRequestHeadersKey, EncodeHeaders(props.headers));
+  d.contexts.resize(contexts);
+  d.payload.assign(request->data);
+  AddPending(tag, Pending{&stack, reply, false});
   ++pending_count_;
   stack.SetCancelHandler(this, TagContext(tag));
-  auto r = writer_.Enqueue(Message(std::move(d)));
+  auto r = writer_.Enqueue(dispatch_scratch_);
+  if (d.payload.capacity() > 64 * 1024) std::string().swap(d.payload);  // keep no large payload
   if (!r) {
-    pending_.erase(tag);
+    ErasePending(pending_.find(tag));
     --pending_count_;
     FreeTag(tag);
     stack.ClearCancelHandler();
@@ -520,7 +555,7 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
     detail = fmt::format("while waiting for the reply from {} (tag {}; Tdiscarded sent)", address_, tag);
     Flush();
   } else {
-    pending_.erase(it);
+    ErasePending(it);
     --pending_count_;
     FreeTag(tag);
     detail = fmt::format("before it was written to {}", address_);
@@ -596,6 +631,7 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   tags_gauge_.Add(-static_cast<int64_t>(tags_in_use_));
   tags_in_use_ = 0;
   pending_.clear();
+  spare_nodes_.clear();
   pending_count_ = 0;
   discarded_count_ = 0;
   queued_tags_.clear();

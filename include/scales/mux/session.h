@@ -113,6 +113,10 @@ class MuxSessionSink final : public ClientMessageSink {
   void Answer(uint32_t tag, error_code ec, std::string detail, std::string* body = nullptr,
               const Contexts* contexts = nullptr);
 
+  using PendingMap = std::unordered_map<uint32_t, Pending>;
+  void AddPending(uint32_t tag, Pending p);
+  void ErasePending(PendingMap::iterator it);
+
   void Enqueue(const Message& m);
   void Flush();
   void OnWritten(const boost::system::error_code& ec, size_t n);
@@ -143,16 +147,25 @@ class MuxSessionSink final : public ClientMessageSink {
 
   FrameDecoder decoder_;
   Reassembler reassembler_;
+  // Grows from kMinReadBuffer (doubling after a read that filled it) up to kMaxReadBuffer.
+  static constexpr size_t kMinReadBuffer = 4 * 1024;
+  static constexpr size_t kMaxReadBuffer = 64 * 1024;
   std::vector<char> read_buffer_;
 
   FragmentWriter writer_;
+  // The Tdispatch every request is built in: its contexts, keys and payload keep their
+  // capacity from one request to the next, so building one allocates little.
+  Message dispatch_scratch_{Tdispatch{}};
   std::string write_buffer_;  // the bytes of the write in flight
   std::vector<uint32_t> queued_tags_;  // dispatches in writer_ not yet handed to a write
   bool writing_ = false;
 
   std::vector<uint64_t> tag_bits_;  // bit t set = tag t in use
   size_t tags_in_use_ = 0;
-  std::unordered_map<uint32_t, Pending> pending_;
+  PendingMap pending_;
+  // Nodes of answered requests, reused by the next ones so a request costs pending_ no
+  // allocation in steady state (at most the peak of outstanding requests are kept).
+  std::vector<PendingMap::node_type> spare_nodes_;
   size_t pending_count_ = 0;    // live requests (not discarded)
   size_t discarded_count_ = 0;  // reserved tags of discarded requests
 

@@ -24,8 +24,22 @@ Misbehaviours on demand, chosen by the argument of echo():
   "garbage"          write a frame with an invalid type byte (0x12), keep the connection
   "close-mid-frame"  write half of the reply frame and close the connection
   "contexts"         reply with the received context keys, comma-separated
+  "trace"            reply "trace=T span=S parent=P flags=F" (16 hex digits each) decoded from
+                     the TraceContext context, or "no trace"
+Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
+  "huge-frame"       write a frame header whose size field is 2 GiB (0x80000000), then 4 KiB of
+                     its body, and keep the connection open
+  "endless-fragments"  write Rdispatch fragments (16 KiB bodies, fragment bit always set) on the
+                     request's tag until the client closes the connection (or 1 GiB was sent)
+  "drip:MS"          write the reply frame one byte every MS milliseconds; nothing else is
+                     written meanwhile and Tdiscarded does not stop it (the frame is finished)
+  "stray-fragments"  write 960 KiB of Rdispatch fragments on each of the 96 tags 1000..1095
+                     (no request uses them; never finished), then reply normally
 sleep(MS) answers str(MS) after MS milliseconds (replies out of order). Request headers
 (com.twitter.finagle.thrift.Request.headers) are echoed back as response headers.
+
+--delay MS makes every dispatch wait MS milliseconds first (a slow server, e.g. for hedging
+tests; Tdiscarded cancels the wait).
 
 --log FILE writes one line per received/sent message (flushed), e.g.
   conn=1 recv Tdispatch tag=2 size=83 contexts=com.twitter.finagle.Deadline method=echo
@@ -277,6 +291,7 @@ class Connection:
         self.closed = False
         self.ping_outstanding = False
         self.tasks = set()
+        self.dripping = False  # "drip:MS" owns the socket: the writer loop waits
 
     def log(self, text):
         self.server.log.line("conn=%d %s" % (self.id, text))
@@ -314,7 +329,7 @@ class Connection:
             while not self.closed:
                 await self.queue_event.wait()
                 self.queue_event.clear()
-                while self.queue and not self.closed:
+                while self.queue and not self.closed and not self.dripping:
                     # One frame per queued message per round (Finagle's writer).
                     current, self.queue = self.queue, []
                     keep = []
@@ -551,10 +566,17 @@ class Connection:
 
     async def _handle(self, tag, contexts, method, seqid, args):
         echo = self.server.echo
+        if self.args.delay > 0:  # --delay: this server is slow for every call
+            await asyncio.sleep(self.args.delay / 1000.0)
         if method is None:
             self.pending.pop(tag, None)
             self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + encode_contexts([]) +
                       b"payload is not a Thrift call")
+            return
+        if self.args.fail_all:  # --fail-all: this server fails every call
+            self.pending.pop(tag, None)
+            self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + encode_contexts([]) +
+                      b"this server fails every call (--fail-all)", "error")
             return
         if args is None:
             self.reply_ok(tag, contexts, echo.app_exception(method, seqid,
@@ -608,11 +630,74 @@ class Connection:
             self.writer.write(data[:len(data) // 2])
             await self.writer.drain()
             self.close("mid-frame")
+        elif message in ("huge-frame", "endless-fragments", "stray-fragments") or \
+                message.startswith("drip:"):
+            self.pending.pop(tag, None)  # Tdiscarded must not cut these short
+            await self.hostile(tag, contexts, seqid, message)
         elif message == "contexts":
             keys = ",".join(k.decode("utf-8", "replace") for k, _ in contexts)
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=keys))
+        elif message == "trace":
+            value = dict(contexts).get(b"com.twitter.finagle.tracing.TraceContext")
+            if value is None or len(value) not in (32, 40):
+                text = "no trace"
+            else:  # spanId:8 parentId:8 traceId:8 flags:8 (mux-protocol.md 1.6)
+                span, parent, trace, flags = struct.unpack(">QQQQ", value[:32])
+                text = "trace=%016x span=%016x parent=%016x flags=%d" % (trace, span, parent, flags)
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=text))
         else:
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=message))
+
+    async def hostile(self, tag, contexts, seqid, message):
+        """The hostile-peer misbehaviours (see the module docstring). Frames are written whole
+        (asyncio buffers each write), so they never interleave with the writer loop's."""
+        try:
+            if message == "huge-frame":
+                self.log("send huge-frame tag=%d size=2147483648" % tag)
+                header = struct.pack(">IB", 0x80000000, RDISPATCH) + tag.to_bytes(3, "big")
+                self.writer.write(header + bytes([STATUS_OK]) + b"\x00" * 4095)
+                await self.writer.drain()
+            elif message == "endless-fragments":
+                self.log("send endless-fragments tag=%d" % tag)
+                first = bytes([STATUS_OK]) + encode_contexts([])
+                piece = b"f" * 16384
+                sent = 0
+                try:
+                    while not self.closed and sent < (1 << 30):
+                        body = first + piece[len(first):] if sent == 0 else piece
+                        self.writer.write(frame(RDISPATCH, tag, body, fragment=True))
+                        sent += len(body)
+                        await self.writer.drain()
+                finally:
+                    self.log("endless-fragments tag=%d stopped after %d bytes" % (tag, sent))
+            elif message == "stray-fragments":
+                self.log("send stray-fragments tags=1000..1095 bytes=%d" % (96 * 15 * 65536))
+                piece = b"s" * 65536
+                for stray in range(1000, 1096):
+                    for _ in range(15):
+                        if self.closed:
+                            return
+                        self.writer.write(frame(RDISPATCH, stray, piece, fragment=True))
+                    await self.writer.drain()
+                self.reply_ok(tag, contexts, self.server.echo.reply("echo", seqid, success=message))
+            else:
+                ms = int(message.split(":", 1)[1])
+                data = frame(RDISPATCH, tag, bytes([STATUS_OK]) + encode_contexts([]) +
+                             self.server.echo.reply("echo", seqid, success=message))
+                self.log("send drip tag=%d bytes=%d every=%dms" % (tag, len(data), ms))
+                self.dripping = True
+                await self.writer.drain()
+                for i in range(len(data)):
+                    if self.closed:
+                        break
+                    self.writer.write(data[i:i + 1])
+                    await self.writer.drain()
+                    await asyncio.sleep(ms / 1000.0)
+                self.dripping = False
+                self.queue_event.set()
+                self.log("drip tag=%d done" % tag)
+        except ConnectionError:
+            self.close("reset")
 
     async def ping_loop(self):
         try:
@@ -673,6 +758,11 @@ def main():
     p.add_argument("--max-frame-size", type=int, default=UNLIMITED)
     p.add_argument("--no-ping-reply", action="store_true",
                    help="never answer Tping (a dead peer for the client's failure detector)")
+    p.add_argument("--delay", type=int, default=0,
+                   help="ms to wait before handling each dispatch (a slow server; Tdiscarded "
+                        "cancels the wait)")
+    p.add_argument("--fail-all", action="store_true",
+                   help="answer every call with an Rdispatch error")
     p.add_argument("--log", default="")
     p.add_argument("--thrift", default="/usr/bin/thrift", help="thrift compiler")
     p.add_argument("--idl", default=default_idl)

@@ -1,0 +1,103 @@
+// Fuzz target: the Mux frame decoder, fragment reassembly and message decoding
+// (include/scales/mux/codec.h) fed arbitrary server bytes.
+//
+// Input: byte 0 picks how the rest is split into reads (1..16 bytes, or all at once); the rest
+// is the byte stream. Every frame goes through Reassembler and DecodeMessage as the session
+// does; each decoded message must survive a round trip (encode, fragment with a small framer,
+// decode again) unchanged, and the context decoders must accept or reject its contexts without
+// crashing. Limits are small so that a frame that claims to be huge is rejected cheaply.
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <variant>
+
+#include "scales/mux/codec.h"
+
+namespace {
+
+using namespace scales::mux;
+
+constexpr std::uint32_t kMaxFrame = 1 << 16;
+constexpr std::size_t kMaxReassembled = 1 << 14;
+
+void Require(bool ok) {
+  if (!ok) std::abort();
+}
+
+void DecodeContexts(const Contexts& contexts) {
+  for (const auto& c : contexts) {
+    (void)DecodeDeadline(c.value);
+    (void)DecodeTraceContext(c.value);
+    (void)DecodeRetries(c.value);
+    (void)DecodeClientId(c.value);
+    (void)DecodeHeaders(c.value);
+    (void)DecodeMuxFailure(c.value);
+  }
+}
+
+// Encode, fragment with `framer`, decode through a fresh decoder: the same message comes back.
+void RoundTrip(const Message& m, std::uint32_t framer) {
+  std::string bytes;
+  auto encoded = EncodeFragmented(m, framer, &bytes);
+  Require(static_cast<bool>(encoded));
+  FrameDecoder decoder(kMaxWireFrameSize);
+  Reassembler reassembler(kMaxWireFrameSize);
+  decoder.Feed(bytes);
+  int messages = 0;
+  for (;;) {
+    auto next = decoder.Next();
+    Require(static_cast<bool>(next));
+    if (!next->has_value()) break;
+    auto whole = reassembler.Add(std::move(**next));
+    Require(static_cast<bool>(whole));
+    if (!whole->has_value()) continue;
+    auto again = DecodeMessage(**whole);
+    Require(static_cast<bool>(again) && *again == m);
+    ++messages;
+  }
+  Require(messages == 1 && decoder.buffered() == 0 && reassembler.pending_tags() == 0);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return 0;
+  const std::size_t chunk = (data[0] & 0x0f) == 0 ? size : (data[0] & 0x0f);
+  std::string_view stream(reinterpret_cast<const char*>(data + 1), size - 1);
+
+  (void)DecodeFrameBytes(stream, kMaxFrame);
+
+  FrameDecoder decoder(kMaxFrame);
+  Reassembler reassembler(kMaxReassembled);
+  for (std::size_t off = 0; off < stream.size(); off += chunk) {
+    decoder.Feed(stream.substr(off, chunk));
+    for (;;) {
+      auto next = decoder.Next();
+      if (!next) {
+        // A failed decoder stays failed.
+        Require(!decoder.Next());
+        return 0;
+      }
+      if (!next->has_value()) break;
+      Require((**next).body.size() + 4 <= kMaxFrame);
+      auto whole = reassembler.Add(std::move(**next));
+      if (!whole) continue;  // the session would close; keep exercising the decoder
+      if (!whole->has_value()) continue;
+      Require((**whole).body.size() <= kMaxFrame + kMaxReassembled);
+      auto msg = DecodeMessage(**whole);
+      if (!msg) continue;
+      (void)Describe(*msg);
+      if (const auto* d = std::get_if<Tdispatch>(&*msg)) DecodeContexts(d->contexts);
+      if (const auto* r = std::get_if<Rdispatch>(&*msg)) DecodeContexts(r->contexts);
+      if (const auto* i = std::get_if<Rinit>(&*msg)) {
+        if (const auto* f = FindInitHeader(i->headers, kMuxFramerHeader)) (void)DecodeMuxFramer(*f);
+      }
+      RoundTrip(*msg, kUnlimitedFragmentSize);
+      RoundTrip(*msg, 1 + data[0] % 7);
+    }
+    Require(decoder.buffered() <= stream.size());
+  }
+  return 0;
+}

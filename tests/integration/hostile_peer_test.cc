@@ -1,0 +1,412 @@
+// Hostile peers (issue 8): servers that send a 2 GiB length prefix, endless fragments or headers,
+// or a slow drip of bytes must cost the client bounded memory and time. Each call fails with an
+// error naming the limit that stopped it (frame size, fragment bytes per tag, response size,
+// header size, request timeout), and the client keeps working afterwards: the next calls succeed
+// on a new connection.
+//
+// Peers: the Mux reference server's hostile misbehaviours (tests/integration/mux_reference/,
+// "huge-frame", "endless-fragments", "drip:MS"), and for HTTP and framed Thrift a raw TCP server
+// in this process (RawServer below) that answers by the request: hostile for some, well-formed
+// for the rest.
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "Echo.h"
+#include "scales/http/client.h"
+#include "scales/thrift/thrift.h"
+#include "scales/thriftmux/thriftmux.h"
+#include "support/mux_server_fixture.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using scales::echo::EchoClient;
+using Clock = std::chrono::steady_clock;
+
+std::shared_ptr<Runtime> MakeRuntime() {
+  RuntimeOptions o;
+  o.threads = 1;
+  return std::make_shared<Runtime>(o);
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SCALES_HOSTILE_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SCALES_HOSTILE_ASAN 1
+#endif
+#endif
+#ifdef SCALES_HOSTILE_ASAN
+// The sanitizer runtime's count of live heap bytes (sanitizer/allocator_interface.h, a header
+// GCC does not ship).
+extern "C" size_t __sanitizer_get_current_allocated_bytes();
+#endif
+
+// Memory the process holds: resident memory, or under ASan (whose quarantine keeps freed blocks
+// resident) the heap bytes still allocated.
+size_t MemoryInUse() {
+#ifdef SCALES_HOSTILE_ASAN
+  return __sanitizer_get_current_allocated_bytes();
+#else
+  std::ifstream statm("/proc/self/statm");
+  size_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+#endif
+}
+
+// `call` must fail with `code` and an error naming the limit (`names_limit` is part of the
+// message) within `within`, growing memory in use by less than 64 MiB (the hostile peers offer
+// gigabytes).
+template <class F>
+void ExpectBoundedFailure(F&& call, Errc code, std::string_view names_limit, Clock::duration within) {
+  const size_t before = MemoryInUse();
+  const auto start = Clock::now();
+  try {
+    call();
+    ADD_FAILURE() << "the call succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), code) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find(names_limit), std::string_view::npos) << e.what();
+  }
+  EXPECT_LT(Clock::now() - start, within);
+  EXPECT_LT(MemoryInUse(), before + (64u << 20));
+}
+
+// --- Mux ---------------------------------------------------------------------------------------
+
+thriftmux::ThriftMuxOptions MuxOptions() {
+  thriftmux::ThriftMuxOptions o;
+  o.client.name = "hostile-mux";
+  o.client.runtime = MakeRuntime();
+  o.client.timeout = 10s;
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 200ms;
+  return o;
+}
+
+std::string Echo(const thrift::ThriftClient<EchoClient>& client, const std::string& s,
+                 std::optional<Duration> timeout = std::nullopt) {
+  CallOptions options;
+  options.timeout = timeout;
+  std::string r;
+  client.WithOptions(options)->echo(r, s);
+  return r;
+}
+
+TEST(HostilePeerTest, MuxTwoGibLengthPrefixIsRejectedByTheFrameSizeLimit) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), MuxOptions());
+  EXPECT_EQ(Echo(client, "before"), "before");
+  ExpectBoundedFailure([&] { Echo(client, "huge-frame"); }, Errc::kProtocolError,
+                       "frame size 2147483648 exceeds the limit of 33554432", 5s);
+  EXPECT_EQ(Echo(client, "after"), "after");  // a new session
+}
+
+TEST(HostilePeerTest, MuxEndlessFragmentsStopAtTheFragmentBytesLimit) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = MuxOptions();
+  options.session.max_message_size = 1u << 20;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  EXPECT_EQ(Echo(client, "before"), "before");
+  ExpectBoundedFailure([&] { Echo(client, "endless-fragments"); }, Errc::kProtocolError,
+                       "buffered fragment bytes exceed the limit of 1048576", 5s);
+  // The client closed the session: the server stops sending well before its 1 GiB.
+  EXPECT_TRUE(server.WaitForLog({"endless-fragments tag=", "stopped after"})) << server.Log();
+  EXPECT_EQ(Echo(client, "after"), "after");
+}
+
+TEST(HostilePeerTest, MuxFragmentsOnTagsNobodyUsesAreNotBuffered) {
+  // Each of 96 unused tags gets fragments just under the per-tag limit (90 MiB in all): a
+  // session that buffered them would hold them all. Only tags in use may buffer fragments.
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = MuxOptions();
+  options.session.max_message_size = 1u << 20;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  EXPECT_EQ(Echo(client, "before"), "before");
+  const size_t before = MemoryInUse();
+  EXPECT_EQ(Echo(client, "stray-fragments"), "stray-fragments");
+  EXPECT_LT(MemoryInUse(), before + (32u << 20));
+}
+
+TEST(HostilePeerTest, MuxSlowDripFailsByTheRequestTimeout) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), MuxOptions());
+  EXPECT_EQ(Echo(client, "before"), "before");
+  // About 40 bytes, one every 50 ms: 2 s for the frame; the call gives up after 300 ms.
+  ExpectBoundedFailure([&] { Echo(client, "drip:50", 300ms); }, Errc::kRequestTimeout,
+                       "timed out after 300 ms", 1500ms);
+  // The session stays usable: the next reply arrives once the dripped frame is complete.
+  EXPECT_EQ(Echo(client, "after drip"), "after drip");
+  EXPECT_TRUE(server.WaitForLog({"recv Tdiscarded", "which=2"})) << server.Log();
+}
+
+// --- A raw TCP server for HTTP and framed Thrift -------------------------------------------------
+
+// One accepted connection, served on its own thread. Reads and writes give up once the server
+// stops or the client goes away.
+class RawConn {
+ public:
+  RawConn(int fd, const std::atomic<bool>& stopping) : fd_(fd), stopping_(stopping) {}
+  ~RawConn() { ::close(fd_); }
+
+  // Reads until `delim` has arrived; returns everything read up to and including it.
+  std::optional<std::string> ReadUntil(std::string_view delim) {
+    while (buffer_.find(delim) == std::string::npos) {
+      if (!ReadSome()) return std::nullopt;
+    }
+    size_t end = buffer_.find(delim) + delim.size();
+    std::string out = buffer_.substr(0, end);
+    buffer_.erase(0, end);
+    return out;
+  }
+  std::optional<std::string> ReadExactly(size_t n) {
+    while (buffer_.size() < n) {
+      if (!ReadSome()) return std::nullopt;
+    }
+    std::string out = buffer_.substr(0, n);
+    buffer_.erase(0, n);
+    return out;
+  }
+  // False once the client closed the connection (or the server stops).
+  bool Write(std::string_view bytes) {
+    while (!bytes.empty() && !stopping_) {
+      pollfd p{fd_, POLLOUT, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (n <= 0) return false;
+      bytes.remove_prefix(static_cast<size_t>(n));
+      sent_ += static_cast<size_t>(n);
+    }
+    return !stopping_;
+  }
+  bool stopping() const { return stopping_; }
+  size_t sent() const { return sent_; }
+
+ private:
+  bool ReadSome() {
+    while (!stopping_) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      char buf[4096];
+      ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n <= 0) return false;
+      buffer_.append(buf, static_cast<size_t>(n));
+      return true;
+    }
+    return false;
+  }
+
+  int fd_;
+  const std::atomic<bool>& stopping_;
+  std::string buffer_;
+  size_t sent_ = 0;
+};
+
+class RawServer {
+ public:
+  using Handler = std::function<void(RawConn&)>;
+
+  explicit RawServer(Handler handler) : handler_(std::move(handler)) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int one = 1;
+    ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(fd_, 16) != 0) {
+      throw std::runtime_error(std::string("RawServer: ") + std::strerror(errno));
+    }
+    socklen_t len = sizeof addr;
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~RawServer() {
+    stopping_ = true;
+    acceptor_.join();
+    std::lock_guard lock(mu_);
+    for (auto& t : connections_) t.join();
+    ::close(fd_);
+  }
+
+  std::string uri() const { return "tcp://127.0.0.1:" + std::to_string(port_); }
+  // Bytes the hostile handlers wrote, summed over connections (bounded by the client's limits).
+  size_t sent() const { return sent_; }
+
+ private:
+  void AcceptLoop() {
+    while (!stopping_) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      int c = ::accept(fd_, nullptr, nullptr);
+      if (c < 0) continue;
+      std::lock_guard lock(mu_);
+      connections_.emplace_back([this, c] {
+        RawConn conn(c, stopping_);
+        handler_(conn);
+        sent_ += conn.sent();
+      });
+    }
+  }
+
+  Handler handler_;
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::atomic<size_t> sent_{0};
+  std::mutex mu_;
+  std::vector<std::thread> connections_;
+  std::thread acceptor_;
+};
+
+// --- HTTP ----------------------------------------------------------------------------------------
+
+// Serves keep-alive requests: GET /ok answers "ok"; the other paths misbehave.
+void HostileHttp(RawConn& c) {
+  for (;;) {
+    auto head = c.ReadUntil("\r\n\r\n");
+    if (!head) return;
+    std::string target = head->substr(head->find(' ') + 1);
+    target = target.substr(0, target.find(' '));
+    if (target == "/ok") {
+      if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) return;
+    } else if (target == "/huge-length") {
+      c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n");
+      while (c.Write(std::string(16384, 'b'))) {
+      }
+      return;
+    } else if (target == "/endless-headers") {
+      c.Write("HTTP/1.1 200 OK\r\n");
+      for (int i = 0; c.Write("X-Header-" + std::to_string(i) + ": " + std::string(100, 'h') + "\r\n"); ++i) {
+      }
+      return;
+    } else if (target == "/endless-chunks") {
+      c.Write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+      while (c.Write("4000\r\n" + std::string(0x4000, 'c') + "\r\n")) {
+      }
+      return;
+    } else if (target == "/drip") {
+      // One byte every 50 ms: about 2 s for the whole response.
+      for (char b : std::string("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndrip")) {
+        if (!c.Write(std::string(1, b))) return;
+        std::this_thread::sleep_for(50ms);
+      }
+    } else {
+      return;
+    }
+  }
+}
+
+http::HttpOptions HttpOptions() {
+  http::HttpOptions o;
+  o.client.name = "hostile-http";
+  o.client.runtime = MakeRuntime();
+  o.client.timeout = 10s;
+  o.transport.max_response_body_bytes = 1u << 20;
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 200ms;
+  return o;
+}
+
+TEST(HostilePeerTest, HttpHugeContentLengthIsRejectedByTheBodyLimit) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  ExpectBoundedFailure([&] { client.Get("/huge-length"); }, Errc::kResponseTooLarge,
+                       "max_response_body_bytes (1048576 bytes)", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+}
+
+TEST(HostilePeerTest, HttpEndlessHeadersStopAtTheHeaderLimit) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  ExpectBoundedFailure([&] { client.Get("/endless-headers"); }, Errc::kResponseTooLarge,
+                       "max_response_header_bytes (65536 bytes)", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+}
+
+TEST(HostilePeerTest, HttpEndlessChunkedBodyStopsAtTheBodyLimit) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  ExpectBoundedFailure([&] { client.Get("/endless-chunks"); }, Errc::kResponseTooLarge,
+                       "max_response_body_bytes (1048576 bytes)", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+}
+
+TEST(HostilePeerTest, HttpSlowDripFailsByTheRequestTimeout) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  http::Request request;
+  request.target = "/drip";
+  CallOptions options;
+  options.timeout = 300ms;
+  ExpectBoundedFailure([&] { client.Send(request, options); }, Errc::kRequestTimeout,
+                       "timed out after 300 ms", 1500ms);
+  EXPECT_EQ(client.Get("/ok").body, "ok");  // on a new connection: the dripping one was closed
+}
+
+// --- Framed Thrift -------------------------------------------------------------------------------
+
+// Answers echo(s) calls (strict binary, framed): "huge-frame" with a 2 GiB frame length, every
+// other argument with the argument.
+void HostileThrift(RawConn& c) {
+  for (;;) {
+    auto len = c.ReadExactly(4);
+    if (!len) return;
+    uint32_t n = (uint32_t{uint8_t((*len)[0])} << 24) | (uint32_t{uint8_t((*len)[1])} << 16) |
+                 (uint32_t{uint8_t((*len)[2])} << 8) | uint8_t((*len)[3]);
+    auto call = c.ReadExactly(n);
+    if (!call) return;
+    // 80 01 00 01, name (i32 length + "echo"), seqid, field 1 string: i32 length + bytes.
+    std::string seqid = call->substr(12, 4);
+    std::string arg = call->substr(12 + 4 + 3 + 4);
+    arg.resize(arg.size() - 1);  // the struct's stop byte
+    if (arg == "huge-frame") {
+      c.Write(std::string("\x80\x00\x00\x00", 4) + std::string(4096, 'x'));
+      while (c.Write(std::string(16384, 'x'))) {
+      }
+      return;
+    }
+    auto be32 = [](size_t v) {
+      return std::string{char(v >> 24), char(v >> 16), char(v >> 8), char(v)};
+    };
+    std::string reply = std::string("\x80\x01\x00\x02", 4) + be32(4) + "echo" + seqid +
+                        std::string("\x0b\x00\x00", 3) + be32(arg.size()) + arg + std::string(1, '\0');
+    if (!c.Write(be32(reply.size()) + reply)) return;
+  }
+}
+
+TEST(HostilePeerTest, ThriftTwoGibFrameLengthIsRejectedByMaxFrameBytes) {
+  RawServer server(HostileThrift);
+  thrift::ThriftOptions o;
+  o.client.name = "hostile-thrift";
+  o.client.runtime = MakeRuntime();
+  o.client.timeout = 10s;
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 200ms;
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
+  EXPECT_EQ(Echo(client, "before"), "before");
+  ExpectBoundedFailure([&] { Echo(client, "huge-frame"); }, Errc::kResponseTooLarge,
+                       "2147483648 bytes, above max_frame_bytes (16777216 bytes)", 5s);
+  EXPECT_EQ(Echo(client, "after"), "after");
+}
+
+}  // namespace
+}  // namespace scales
