@@ -1,4 +1,5 @@
 // scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s) [--json]
+//                  [--admin-port P]
 // scales bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N
 //                     (--requests N | --duration 10s) [--json]
 //
@@ -20,6 +21,7 @@
 #include "commands.h"
 #include "scales/http/client.h"
 #include "scales/loadbalancer/balancers.h"
+#include "scales/admin/admin_server.h"
 #include "scales/stats/stats.h"
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
@@ -32,12 +34,14 @@ int Usage(const std::string& problem) {
   std::fputs(
       "usage: scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s)\n"
       "                         [--method GET] [--data TEXT] [--timeout 5s] [--threads T]\n"
-      "                         [--balancer NAME] [--json] [--stats]\n"
+      "                         [--balancer NAME] [--json] [--stats] [--admin-port P]\n"
       "       scales bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N\n"
       "                         (--requests N | --duration 10s) [--timeout 5s] [--threads T]\n"
       "                         [--protocol binary|compact] [--transport framed|buffered]\n"
-      "                         [--balancer NAME] [--json] [--stats]\n"
-      "       --balancer: heap (default), p2c, p2c-ewma, round-robin or aperture\n",
+      "                         [--balancer NAME] [--json] [--stats] [--admin-port P]\n"
+      "       --balancer: heap (default), p2c, p2c-ewma, round-robin or aperture\n"
+      "       --admin-port: serve /metrics, /admin/metrics.json and /admin/clients on\n"
+      "                     127.0.0.1:P while the run lasts (0 = any free port)\n",
       stderr);
   return 2;
 }
@@ -64,6 +68,7 @@ int RunBenchCommand(int argc, char** argv) {
   size_t threads = 0;
   bool json = false;
   bool print_stats = false;
+  std::optional<uint16_t> admin_port;
   BalancerOptions balancer;
   for (int i = 3; i < argc; ++i) {
     std::string_view arg = argv[i];
@@ -139,6 +144,11 @@ int RunBenchCommand(int argc, char** argv) {
       json = true;
     } else if (arg == "--stats") {
       print_stats = true;
+    } else if (arg == "--admin-port") {
+      const char* v = next();
+      auto n = v ? (std::string_view(v) == "0" ? std::optional<long long>(0) : ParsePositiveInt(v)) : std::nullopt;
+      if (!n || *n > 65535) return Usage("--admin-port needs a port number (0 = any free port)");
+      admin_port = static_cast<uint16_t>(*n);
     } else {
       return Usage(fmt::format("unknown option '{}'", arg));
     }
@@ -159,7 +169,17 @@ int RunBenchCommand(int argc, char** argv) {
   client_options.runtime = std::make_shared<Runtime>(runtime_options);
 
   int64_t failed = 0;
+  std::optional<admin::AdminServer> admin_server;
   try {
+    if (admin_port) {
+      admin::AdminServerOptions admin_options;
+      admin_options.port = *admin_port;
+      admin_options.stats = &registry;
+      admin_server.emplace(admin_options);
+      // On stderr, so that --json output stays parseable.
+      std::fprintf(stderr, "admin: %s (/metrics, /admin/metrics.json, /admin/clients)\n",
+                   admin_server->url().c_str());
+    }
     if (!is_thrift) {
       http::HttpOptions options;
       options.client = client_options;

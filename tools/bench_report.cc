@@ -1,9 +1,12 @@
 #include "bench_report.h"
 
+#include <sys/resource.h>
+
 #include <atomic>
 #include <cstdio>
 #include <future>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -48,6 +51,14 @@ struct Loop : std::enable_shared_from_this<Loop> {
   }
 };
 
+// User and system CPU seconds of the whole process (every thread) so far.
+std::pair<double, double> ProcessCpuSeconds() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6; };
+  return {seconds(ru.ru_utime), seconds(ru.ru_stime)};
+}
+
 }  // namespace
 
 int64_t RunClosedLoopAndReport(const BenchLimits& limits, const BenchStart& start, bool json) {
@@ -58,11 +69,16 @@ int64_t RunClosedLoopAndReport(const BenchLimits& limits, const BenchStart& star
   std::vector<std::unique_ptr<BenchWorker>> workers;
   for (int64_t i = 0; i < limits.concurrency; ++i) workers.push_back(std::make_unique<BenchWorker>());
   auto done = loop->done.get_future();
+  const auto cpu_begin = ProcessCpuSeconds();
   const auto begin = std::chrono::steady_clock::now();
   if (limits.duration) loop->end = begin + *limits.duration;
   for (auto& w : workers) loop->Issue(w.get());
   done.wait();
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  const auto cpu_end = ProcessCpuSeconds();
+  // Client CPU per call (the process's user + system time over the run / calls): steadier than
+  // throughput on a shared machine, and what bench/run compares against the peers.
+  const double cpu_user = cpu_end.first - cpu_begin.first, cpu_sys = cpu_end.second - cpu_begin.second;
   // Workers are quiescent now (each ended by not issuing); merge their counts.
   int64_t succeeded = 0, failed = 0;
   std::map<std::string, int64_t> errors, endpoints;
@@ -77,6 +93,7 @@ int64_t RunClosedLoopAndReport(const BenchLimits& limits, const BenchStart& star
   const int64_t total = succeeded + failed;
   auto snap = loop->latency_us.Snapshot();
   const double rps = elapsed > 0 ? static_cast<double>(total) / elapsed : 0;
+  const double cpu_us_per_call = total > 0 ? (cpu_user + cpu_sys) * 1e6 / static_cast<double>(total) : 0;
   if (json) {
     std::string out = fmt::format(
         "{{\"requests\":{},\"succeeded\":{},\"failed\":{},\"errors\":{{", total, succeeded, failed);
@@ -86,9 +103,10 @@ int64_t RunClosedLoopAndReport(const BenchLimits& limits, const BenchStart& star
       first = false;
     }
     out += fmt::format("}},\"throughput_rps\":{:.1f},\"elapsed_s\":{:.3f},\"latency_us\":{{\"p50\":{},\"p90\":{},"
-                       "\"p99\":{},\"p999\":{},\"max\":{}}},\"endpoints\":{{",
+                       "\"p99\":{},\"p999\":{},\"max\":{}}},\"cpu_user_s\":{:.3f},\"cpu_sys_s\":{:.3f},"
+                       "\"cpu_us_per_call\":{:.3f},\"endpoints\":{{",
                        rps, elapsed, snap.Percentile(0.5), snap.Percentile(0.9), snap.Percentile(0.99),
-                       snap.Percentile(0.999), snap.max);
+                       snap.Percentile(0.999), snap.max, cpu_user, cpu_sys, cpu_us_per_call);
     first = true;
     for (auto& [k, v] : endpoints) {
       out += fmt::format("{}\"{}\":{}", first ? "" : ",", JsonEscape(k), v);
@@ -108,6 +126,7 @@ int64_t RunClosedLoopAndReport(const BenchLimits& limits, const BenchStart& star
                 static_cast<long long>(snap.Percentile(0.5)), static_cast<long long>(snap.Percentile(0.9)),
                 static_cast<long long>(snap.Percentile(0.99)), static_cast<long long>(snap.Percentile(0.999)),
                 static_cast<long long>(snap.max));
+    std::printf("client cpu    user %.3f s  sys %.3f s  %.2f us/call\n", cpu_user, cpu_sys, cpu_us_per_call);
     std::printf("endpoints\n");
     for (auto& [k, v] : endpoints) std::printf("  %-24s %lld\n", k.c_str(), static_cast<long long>(v));
   }

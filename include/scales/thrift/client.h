@@ -41,7 +41,8 @@
 // exception from the generated send code, e.g. a required field unset, propagates from Async).
 //
 // Thread safety: ThriftClient is a cheap handle (shared ownership of the client); all calls are
-// safe from any thread. Each blocking call or Async call uses its own generated client object.
+// safe from any thread. Each blocking call uses its own generated client object; Async calls
+// serialise and decode with one kept per thread (internal::Codec).
 
 #include <exception>
 #include <memory>
@@ -148,29 +149,77 @@ struct CompletionSignature<void> {
   using type = void(std::exception_ptr);
 };
 
-// Serialises a call with a fresh generated client `G` over a memory buffer.
+// A generated client over a memory buffer, kept per thread, service and protocol (Codec<G>::
+// For) and reused by every call made on that thread: building one costs about five heap
+// allocations (buffer, its TConfiguration, protocol), more than the rest of a ThriftMux call.
+// Only Encode and Decode use it, and neither runs user code while it is in use.
+template <class G>
+class Codec {
+ public:
+  // A memory buffer whose consumed-size budget can be reset after a failed read.
+  class Buffer final : public apache::thrift::transport::TMemoryBuffer {
+   public:
+    void Reset() {
+      resetBuffer();
+      resetConsumedMessageSize();
+    }
+  };
+  // Messages larger than this are not copied into the reused buffer (Decode), and a buffer
+  // that grew past it is dropped after use, so a thread keeps little memory.
+  static constexpr size_t kReuseLimit = 64 * 1024;
+
+  explicit Codec(Protocol protocol) : buffer_(std::make_shared<Buffer>()), gen_(MakeProtocol(protocol, buffer_)) {}
+
+  static std::unique_ptr<Codec>& For(Protocol protocol) {
+    thread_local std::unique_ptr<Codec> codecs[2];
+    auto& c = codecs[protocol == Protocol::kCompact ? 1 : 0];
+    if (!c) c = std::make_unique<Codec>(protocol);
+    return c;
+  }
+  Buffer& buffer() noexcept { return *buffer_; }
+  G& gen() noexcept { return gen_; }
+
+ private:
+  std::shared_ptr<Buffer> buffer_;
+  G gen_;
+};
+
+// Serialises a call with the thread's generated client `G` (Codec).
 template <class G, class Write>
 std::string Encode(Protocol protocol, Write&& write) {
-  auto buf = std::make_shared<apache::thrift::transport::TMemoryBuffer>();
-  G gen(MakeProtocol(protocol, buf));
-  write(gen);
-  return buf->getBufferAsString();
+  auto& codec = Codec<G>::For(protocol);
+  codec->buffer().Reset();
+  write(codec->gen());
+  std::string bytes = codec->buffer().getBufferAsString();
+  codec->buffer().Reset();
+  if (bytes.size() > Codec<G>::kReuseLimit) codec.reset();
+  return bytes;
 }
 
-// Decodes a reply with a fresh generated client `G`; throws what recv_X throws.
+// Decodes a reply with the thread's generated client `G` (Codec; a large reply with a fresh one
+// reading it in place); throws what recv_X throws.
 template <class G, class Recv>
 typename RecvTraits<Recv>::Result Decode(Protocol protocol, std::string& bytes, Recv recv) {
   using R = typename RecvTraits<Recv>::Result;
-  auto buf = std::make_shared<apache::thrift::transport::TMemoryBuffer>(
-      reinterpret_cast<uint8_t*>(bytes.data()), static_cast<uint32_t>(bytes.size()));
-  G gen(MakeProtocol(protocol, buf));
-  if constexpr (RecvTraits<Recv>::kOutParam) {
-    R r{};
-    (gen.*recv)(r);
-    return r;
-  } else {
-    return (gen.*recv)();
+  auto run = [&](G& gen) -> R {
+    if constexpr (RecvTraits<Recv>::kOutParam) {
+      R r{};
+      (gen.*recv)(r);
+      return r;
+    } else {
+      return (gen.*recv)();
+    }
+  };
+  if (bytes.size() > Codec<G>::kReuseLimit) {  // read in place rather than copy a large reply
+    auto buf = std::make_shared<apache::thrift::transport::TMemoryBuffer>(
+        reinterpret_cast<uint8_t*>(bytes.data()), static_cast<uint32_t>(bytes.size()));
+    G gen(MakeProtocol(protocol, buf));
+    return run(gen);
   }
+  auto& codec = Codec<G>::For(protocol);
+  codec->buffer().Reset();
+  codec->buffer().write(reinterpret_cast<const uint8_t*>(bytes.data()), static_cast<uint32_t>(bytes.size()));
+  return run(codec->gen());
 }
 
 // Runs `h(args...)` on its associated executor (else `fallback`); posted first when `defer`.

@@ -1,0 +1,226 @@
+// bench_alloc_count: heap allocations per ThriftMux call in steady state, and heap bytes per
+// outstanding request and per idle connection, measured with a counting global operator new.
+//
+//   bench_alloc_count --mux-port P --thrift-port Q [--calls 20000] [--outstanding 1000]
+//                     [--idle 64]
+//
+// Every operator new/delete of the process (the client's event loop included) is counted;
+// live bytes are malloc_usable_size of what is allocated and not yet freed. The client runs
+// on one event loop.
+//
+//   allocs_per_call_c1 / _c64   allocations per echo call through the ThriftMux client
+//                               (SCALES_THRIFT_CALL with a callback: the whole user-visible
+//                               call), at 1 and 64 calls outstanding, after a warm-up
+//   bytes_per_outstanding       live bytes with --outstanding sleep(2000) calls in flight on
+//                               the Mux session, minus live bytes before, per call
+//   bytes_per_idle_thrift_conn  one plain Thrift client whose pool holds --idle idle framed
+//                               connections (opened by as many concurrent sleep calls) versus
+//                               holding one, per extra connection
+//   bytes_per_idle_mux_client   --idle ThriftMux clients (one idle session each) on a shared
+//                               runtime, per client: the upper bound of a Mux connection's
+//                               cost (it includes the client's own balancer, pool and stats)
+//
+// Prints one JSON line with these fields. Heap only: kernel socket buffers are not counted.
+#include <malloc.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <memory>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "Echo.h"
+#include "bench_util.h"
+#include "scales/thrift/thrift.h"
+#include "scales/thriftmux/thriftmux.h"
+
+namespace {
+
+std::atomic<int64_t> g_allocs{0};
+std::atomic<int64_t> g_live_bytes{0};
+
+void* CountedAlloc(size_t n, size_t align = 0) {
+  void* p = align > alignof(std::max_align_t)
+                ? std::aligned_alloc(align, (n + align - 1) / align * align)
+                : std::malloc(n == 0 ? 1 : n);
+  if (p == nullptr) throw std::bad_alloc();
+  g_allocs.fetch_add(1, std::memory_order_relaxed);
+  g_live_bytes.fetch_add(static_cast<int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
+  return p;
+}
+
+void CountedFree(void* p) noexcept {
+  if (p == nullptr) return;
+  g_live_bytes.fetch_sub(static_cast<int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
+  std::free(p);
+}
+
+}  // namespace
+
+void* operator new(size_t n) { return CountedAlloc(n); }
+void* operator new[](size_t n) { return CountedAlloc(n); }
+void* operator new(size_t n, std::align_val_t a) { return CountedAlloc(n, static_cast<size_t>(a)); }
+void* operator new[](size_t n, std::align_val_t a) {
+  return CountedAlloc(n, static_cast<size_t>(a));
+}
+void* operator new(size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return CountedAlloc(n);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+void operator delete(void* p) noexcept { CountedFree(p); }
+void operator delete[](void* p) noexcept { CountedFree(p); }
+void operator delete(void* p, size_t) noexcept { CountedFree(p); }
+void operator delete[](void* p, size_t) noexcept { CountedFree(p); }
+void operator delete(void* p, std::align_val_t) noexcept { CountedFree(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { CountedFree(p); }
+void operator delete(void* p, size_t, std::align_val_t) noexcept { CountedFree(p); }
+void operator delete[](void* p, size_t, std::align_val_t) noexcept { CountedFree(p); }
+
+namespace {
+
+using scales::echo::EchoClient;
+using Client = scales::thrift::ThriftClient<EchoClient>;
+
+// Runs `total` echo calls with `concurrency` outstanding (closed loop); returns when all
+// completed. Exits if any failed.
+void RunEchoCalls(const Client& client, int64_t total, int concurrency) {
+  // Shared with the callbacks: the last one may still be unwinding when the waiter returns.
+  struct State : std::enable_shared_from_this<State> {
+    const Client* client = nullptr;
+    std::string payload = std::string(16, 'x');
+    std::atomic<int64_t> issued{0};
+    std::atomic<int64_t> failed{0};
+    std::atomic<int> active{0};
+    int64_t total = 0;
+    std::promise<void> done;
+    void Issue() {
+      if (issued.fetch_add(1) >= total) {
+        if (active.fetch_sub(1) == 1) done.set_value();
+        return;
+      }
+      SCALES_THRIFT_CALL(*client, echo, payload,
+                         [self = shared_from_this()](std::exception_ptr e, std::string) {
+                           if (e) self->failed.fetch_add(1);
+                           self->Issue();
+                         });
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->client = &client;
+  state->total = total;
+  state->active = concurrency;
+  auto done = state->done.get_future();
+  for (int i = 0; i < concurrency; ++i) state->Issue();
+  done.wait();
+  if (state->failed > 0) {
+    scales::bench::Flags::Die("bench_alloc_count: %lld echo calls failed",
+                              static_cast<long long>(state->failed.load()));
+  }
+}
+
+// Allocations per call over `calls` calls at `concurrency`, after a warm-up of the same size.
+double AllocsPerCall(const Client& client, int64_t calls, int concurrency) {
+  RunEchoCalls(client, calls, concurrency);
+  const int64_t before = g_allocs.load();
+  RunEchoCalls(client, calls, concurrency);
+  return static_cast<double>(g_allocs.load() - before) / static_cast<double>(calls);
+}
+
+// Starts `n` sleep(millis) calls; the returned future is ready when all completed.
+std::future<void> StartSleeps(const Client& client, int n, int millis) {
+  auto left = std::make_shared<std::atomic<int>>(n);
+  auto done = std::make_shared<std::promise<void>>();
+  auto f = done->get_future();
+  for (int i = 0; i < n; ++i) {
+    SCALES_THRIFT_CALL(client, sleep, millis, [left, done](std::exception_ptr e, std::string) {
+      if (e) std::fprintf(stderr, "bench_alloc_count: a sleep call failed\n");
+      if (left->fetch_sub(1) == 1) done->set_value();
+    });
+  }
+  return f;
+}
+
+void Settle() { std::this_thread::sleep_for(std::chrono::milliseconds(300)); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  scales::bench::Flags flags(argc, argv);
+  const int mux_port = static_cast<int>(flags.GetInt("mux-port", 0));
+  const int thrift_port = static_cast<int>(flags.GetInt("thrift-port", 0));
+  const int64_t calls = flags.GetInt("calls", 20000);
+  const int outstanding = static_cast<int>(flags.GetInt("outstanding", 1000));
+  const int idle = static_cast<int>(flags.GetInt("idle", 64));
+  flags.RejectUnknown();
+  if (mux_port <= 0 || thrift_port <= 0 || calls <= 0 || outstanding <= 0 || idle < 2) {
+    scales::bench::Flags::Die(
+        "usage: bench_alloc_count --mux-port P --thrift-port Q [--calls N] [--outstanding N] "
+        "[--idle N>=2]");
+  }
+  scales::RuntimeOptions ro;
+  ro.threads = 1;
+  auto runtime = std::make_shared<scales::Runtime>(ro);
+  const std::string mux_uri = "tcp://127.0.0.1:" + std::to_string(mux_port);
+
+  scales::thriftmux::ThriftMuxOptions mo;
+  mo.client.name = "alloc";
+  mo.client.runtime = runtime;
+  Client mux = scales::ThriftMux::NewClient<EchoClient>(mux_uri, mo);
+  const double c1 = AllocsPerCall(mux, calls, 1);
+  const double c64 = AllocsPerCall(mux, calls, 64);
+
+  // Outstanding requests: sleep calls the server holds for 2 s without blocking other calls.
+  Settle();
+  const int64_t live_before = g_live_bytes.load();
+  auto sleeps = StartSleeps(mux, outstanding, 2000);
+  Settle();  // every request encoded, written and waiting for its reply
+  const int64_t live_outstanding = g_live_bytes.load();
+  sleeps.wait();
+  const double per_outstanding = static_cast<double>(live_outstanding - live_before) / outstanding;
+
+  // Idle pooled Thrift connections: one connection, then `idle` (TThreadedServer answers the
+  // concurrent sleeps on a thread each).
+  scales::thrift::ThriftOptions to;
+  to.client.name = "alloc-thrift";
+  to.client.runtime = runtime;
+  Client thrift =
+      scales::Thrift::NewClient<EchoClient>("tcp://127.0.0.1:" + std::to_string(thrift_port), to);
+  StartSleeps(thrift, 1, 1).wait();
+  Settle();
+  const int64_t live_one = g_live_bytes.load();
+  StartSleeps(thrift, idle, 200).wait();
+  Settle();
+  const int64_t live_idle = g_live_bytes.load();
+  const double per_thrift_conn = static_cast<double>(live_idle - live_one) / (idle - 1);
+
+  // Idle ThriftMux clients, one session each, on the shared runtime.
+  Settle();
+  const int64_t live_no_clients = g_live_bytes.load();
+  std::vector<Client> clients;
+  for (int i = 0; i < idle; ++i) {
+    mo.client.name = "idle" + std::to_string(i);
+    clients.push_back(scales::ThriftMux::NewClient<EchoClient>(mux_uri, mo));
+    StartSleeps(clients.back(), 1, 0).wait();  // the session is open and has carried a call
+  }
+  Settle();
+  const double per_mux_client = static_cast<double>(g_live_bytes.load() - live_no_clients) / idle;
+
+  std::printf(
+      "{\"allocs_per_call_c1\":%.2f,\"allocs_per_call_c64\":%.2f,\"bytes_per_outstanding\":%.0f,"
+      "\"bytes_per_idle_thrift_conn\":%.0f,\"bytes_per_idle_mux_client\":%.0f}\n",
+      c1, c64, per_outstanding, per_thrift_conn, per_mux_client);
+  std::fflush(stdout);
+  for (auto& c : clients) c.Close();
+  thrift.Close();
+  mux.Close();
+  return 0;
+}
