@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds scales and runs the whole test suite: unit and integration tests (real nginx and the
 # scales test server on 127.0.0.1), then the same suite under AddressSanitizer +
-# UndefinedBehaviorSanitizer, then the concurrency tests under ThreadSanitizer.
+# UndefinedBehaviorSanitizer, then the concurrency tests under ThreadSanitizer, then each libFuzzer
+# target for a bounded time.
 # Installs missing Debian packages first. Usage: scripts/test.sh [--quick]  (--quick: no sanitizers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +23,12 @@ run_suite() {
 }
 
 run_suite release
+echo "=== bench smoke ==="
+bench/run --quick --build-dir build/release   # every comparison once, briefly (issue 7)
 if [ "$quick" = 0 ]; then
   run_suite asan
   run_suite tsan
+  echo "=== fuzz ==="
+  bash scripts/fuzz.sh   # libFuzzer targets of fuzz/, 20 s each
 fi
 echo "=== all tests passed ==="
