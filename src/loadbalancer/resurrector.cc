@@ -1,3 +1,4 @@
+#include "scales/core/log.h"
 #include "scales/loadbalancer/resurrector.h"
 
 #include <algorithm>
@@ -127,6 +128,8 @@ void ResurrectorSink::OnFault(const Fault& fault) {
   down_since_ = loop_.Now();
   backoff_ = options_.initial_backoff;
   marked_down_.Increment();
+  SCALES_LOG(kWarning, "client {}: endpoint {} marked down: {}; reconnecting with backoff", ctx_.client_name,
+             address_, fault.detail);
   RetireChild();
   ScheduleReconnect();
 }
@@ -178,6 +181,7 @@ void ResurrectorSink::Reconnect() {
     }
     down_ = false;
     backoff_ = options_.initial_backoff;
+    SCALES_LOG(kInfo, "client {}: endpoint {} is up again (reconnected)", ctx_.client_name, address_);
     Adopt(candidate);
   });
 }

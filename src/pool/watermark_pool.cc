@@ -1,3 +1,4 @@
+#include "scales/core/log.h"
 #include "scales/pool/watermark_pool.h"
 
 #include <algorithm>
@@ -111,6 +112,8 @@ void WatermarkPool::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg
     return;
   }
   queue_full_.Increment();
+  SCALES_LOG_RATE_LIMITED(kWarning, 1, "pool for {} is full: {} connections busy, {} requests queued", address_,
+                          conns_.size(), waiters_.size());
   Fail(stack, stream, make_error_code(Errc::kPoolQueueFull),
        fmt::format("pool for {} is full: {} connections (high watermark) busy and {} requests "
                    "queued (max_waiters {})",

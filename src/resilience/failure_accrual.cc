@@ -1,3 +1,4 @@
+#include "scales/core/log.h"
 #include "scales/resilience/failure_accrual.h"
 
 #include <chrono>
@@ -58,6 +59,7 @@ FailureAccrualSink::FailureAccrualSink(const SinkContext& ctx, SinkPtr next, Fai
     : loop_(*ctx.loop),
       next_(std::move(next)),
       options_(Validated(options)),
+      client_name_(ctx.client_name),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
       requests_(loop_.clock(), options_.window, kWindowSlices),
       successes_(loop_.clock(), options_.window, kWindowSlices),
@@ -96,6 +98,8 @@ void FailureAccrualSink::AsyncProcessResponse(SinkStack& stack, void* context, S
             state_ = State::kAlive;
             dead_.Add(-1);
             revivals_.Increment();
+            SCALES_LOG(kInfo, "client {}: endpoint {} revived by failure accrual (probe succeeded)",
+                       client_name_, address_);
             marks_ = 0;
             ResetPolicy();
             break;
@@ -160,6 +164,8 @@ void FailureAccrualSink::MarkDead() {
   removals_.Increment();
   current_backoff_ = NextBackoff();
   dead_until_ = loop_.Now() + current_backoff_;
+  SCALES_LOG(kWarning, "client {}: endpoint {} marked dead by failure accrual for {} ms", client_name_, address_,
+             std::chrono::duration_cast<std::chrono::milliseconds>(current_backoff_).count());
   loop_.timers().Schedule(timer_, dead_until_, &OnTimer, this);
 }
 

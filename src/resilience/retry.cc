@@ -1,3 +1,4 @@
+#include "scales/core/log.h"
 #include "scales/resilience/retry.h"
 
 #include <chrono>
@@ -111,6 +112,8 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
                           Millis(*props.deadline - now), Millis(delay));
   } else if (!budget_->TryWithdraw()) {
     budget_exhausted_.Increment();
+    SCALES_LOG_RATE_LIMITED(kWarning, 1, "client {}: retry budget exhausted (balance {}); {} not retried",
+                            stack.message().service, budget_->Balance(), stack.message().method);
     refused = fmt::format("retry budget exhausted (balance {})", budget_->Balance());
     UpdateBalanceGauge();
   }

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "support/fake_sinks.h"
+#include "scales/core/log.h"
 #include "scales/core/timeout_sink.h"
 #include "scales/pool/watermark_pool.h"
 
@@ -168,6 +169,35 @@ TEST_F(ResurrectorTest, FailedOpenMarksDown) {
   auto a = Start();
   env_.Run();
   EXPECT_EQ(calls_[a].error, Errc::kFailedFast);
+}
+
+// With a log level set, marking down and coming back up are logged (client, endpoint, why);
+// with the default level (off) nothing is.
+TEST_F(ResurrectorTest, MarkDownAndUpAreLogged) {
+  std::vector<std::pair<LogLevel, std::string>> records;
+  const LogLevel old_level = SetLogLevel(LogLevel::kInfo);
+  LogSink old_sink = SetLogSink([&](const LogRecord& r) { records.emplace_back(r.level, std::string(r.message)); });
+  Build(Backoff(seconds(1), seconds(4), 2.0, 0.0));
+  ASSERT_FALSE(Open());
+  factory_.at(0).RaiseFault(make_error_code(Errc::kConnectionClosed));
+  env_.Run();
+  ASSERT_TRUE(resurrector_->down());
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].first, LogLevel::kWarning);
+  EXPECT_THAT(records[0].second, ::testing::HasSubstr("endpoint " + kEndpoint.ToString() + " marked down"));
+  env_.clock->Advance(seconds(1));
+  env_.Run();
+  ASSERT_FALSE(resurrector_->down());
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(records[1].first, LogLevel::kInfo);
+  EXPECT_THAT(records[1].second, ::testing::HasSubstr("is up again"));
+  SetLogLevel(LogLevel::kOff);
+  factory_.at(factory_.count() - 1).RaiseFault(make_error_code(Errc::kConnectionClosed));
+  env_.Run();
+  EXPECT_TRUE(resurrector_->down());
+  EXPECT_EQ(records.size(), 2u) << "logged while the level was off";
+  SetLogSink(std::move(old_sink));
+  SetLogLevel(old_level);
 }
 
 TEST_F(ResurrectorTest, ExponentialBackoffWithoutJitterIsExact) {

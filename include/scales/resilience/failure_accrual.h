@@ -101,6 +101,7 @@ class FailureAccrualSink final : public ClientMessageSink {
   EventLoop& loop_;
   SinkPtr next_;
   FailureAccrualOptions options_;
+  std::string client_name_;
   std::string address_;
   State state_ = State::kAlive;
   bool closed_ = false;
