@@ -101,7 +101,11 @@ struct ClientCopy {
   Duration timeout{};
   Duration open_timeout{};
   bool default_stats = true;
-  std::vector<std::pair<std::string, std::string>> stack;  // role, name
+  struct StackEntry {
+    std::string role, name;
+    ProviderSettings settings;
+  };
+  std::vector<StackEntry> stack;
   std::shared_ptr<Runtime> runtime;                        // keeps the loops alive
   std::vector<std::shared_ptr<MessageDispatcher>> shards;
 };
@@ -126,8 +130,11 @@ json::object ShardJson(const ShardReport& r) {
 
 json::object ClientJson(ClientCopy& c, Duration timeout) {
   json::array stack;
-  for (const auto& [role, name] : c.stack)
-    stack.push_back(json::object{{"role", role}, {"name", name}});
+  for (const auto& entry : c.stack) {
+    json::object settings;
+    for (const auto& [key, value] : entry.settings) settings[key] = value;
+    stack.push_back(json::object{{"role", entry.role}, {"name", entry.name}, {"settings", std::move(settings)}});
+  }
   json::object client{
       {"name", c.name},
       {"uri", c.uri},
@@ -287,7 +294,7 @@ std::string ClientsJson(Duration timeout) {
     c.timeout = core.options().timeout;
     c.open_timeout = core.options().open_timeout;
     c.default_stats = &core.stats() == &stats::StatsRegistry::Default();
-    for (const SinkProvider& p : core.spec().providers()) c.stack.emplace_back(p.role, p.name);
+    for (const SinkProvider& p : core.spec().providers()) c.stack.push_back({p.role, p.name, p.settings});
     c.runtime = core.runtime().weak_from_this().lock();
     c.shards = core.shards();
     copies.push_back(std::move(c));

@@ -13,6 +13,12 @@ namespace {
 }
 }  // namespace
 
+std::string SettingText(Duration d) {
+  return fmt::format("{}ms", std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+}
+
+std::string SettingText(double v) { return fmt::format("{}", v); }
+
 size_t SinkStackSpec::IndexOf(std::string_view role) const {
   for (size_t i = 0; i < providers_.size(); ++i) {
     if (providers_[i].role == role) return i;

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "scales/core/error.h"
+#include "scales/core/log.h"
 
 namespace scales::zk_internal {
 namespace {
@@ -209,12 +210,19 @@ void ZkConnection::OnSessionEvent(uint64_t generation, int state) {
                                    std::string(id->passwd, sizeof(id->passwd)));
     }
     SetStatus("connected");
+    SCALES_LOG(kInfo, "zookeeper {}: {} (session 0x{:x})", connect_string_,
+               new_session ? "connected, new session" : "reconnected, same session",
+               session->handle && zoo_client_id(session->handle)
+                   ? static_cast<uint64_t>(zoo_client_id(session->handle)->client_id)
+                   : 0);
     if (handlers_.connected) handlers_.connected(new_session);
   } else if (state == ZOO_EXPIRED_SESSION_STATE) {
     expirations_.fetch_add(1);
     connected_ = false;
     SetLastError("session expired");
     SetStatus("session expired, starting a new one");
+    SCALES_LOG(kWarning, "zookeeper {}: session expired; starting a new session (watches are set again)",
+               connect_string_);
     if (handlers_.disconnected) handlers_.disconnected();
     NewSession();
   } else if (state == ZOO_AUTH_FAILED_STATE) {
@@ -222,6 +230,8 @@ void ZkConnection::OnSessionEvent(uint64_t generation, int state) {
     SetLastError(fmt::format("authentication failed (scheme '{}')",
                              options_.auth.substr(0, options_.auth.find(':'))));
     SetStatus(fmt::format("not connected: {}, retrying", last_error()));
+    SCALES_LOG(kError, "zookeeper {}: {}; retrying in {} ms", connect_string_, last_error(),
+               std::chrono::duration_cast<std::chrono::milliseconds>(options_.retry_interval).count());
     if (handlers_.disconnected) handlers_.disconnected();
     // The handle is unusable after an auth failure: a new session after a pause.
     retry_timer_.expires_after(options_.retry_interval);
@@ -233,6 +243,8 @@ void ZkConnection::OnSessionEvent(uint64_t generation, int state) {
     if (connected_) {
       connection_losses_.fetch_add(1);
       connected_ = false;
+      SCALES_LOG(kWarning, "zookeeper {}: connection lost; reconnecting (the session survives if it is back "
+                 "within the session timeout)", connect_string_);
       if (handlers_.disconnected) handlers_.disconnected();
     }
     SetStatus(last_error().empty() || last_error() == "session expired"

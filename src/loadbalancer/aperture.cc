@@ -354,10 +354,18 @@ void ApertureBalancerSink::FinishRotation(uint64_t generation) {
 
 SinkProvider ApertureBalancerProvider(ApertureOptions options) {
   Validate(options);
-  return SinkProvider{std::string(roles::kLoadBalancer), "aperture-balancer",
-                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        return std::make_shared<ApertureBalancerSink>(ctx, std::move(next), options);
-                      }};
+  SinkProvider p{std::string(roles::kLoadBalancer), "aperture-balancer",
+                 [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   return std::make_shared<ApertureBalancerSink>(ctx, std::move(next), options);
+                 }};
+  p.settings = {{"min_size", SettingText(options.min_size)},
+                {"low_load", SettingText(options.low_load)},
+                {"high_load", SettingText(options.high_load)},
+                {"smoothing_window", SettingText(options.smoothing_window)},
+                {"rotate", SettingText(options.rotate)},
+                {"rotate_min", SettingText(options.rotate_min)},
+                {"rotate_max", SettingText(options.rotate_max)}};
+  return p;
 }
 
 SinkProvider ApertureProvider(const BalancerOptions& o) { return ApertureBalancerProvider(o.aperture); }

@@ -7,6 +7,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "scales/core/log.h"
 #include "scales/core/runtime.h"
 
 namespace scales {
@@ -62,12 +63,16 @@ void LoadBalancerSink::DoOpen(OpenHandler handler) {
 void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
   if (closed_) return;
   std::set<Endpoint> wanted(members.begin(), members.end());
+  // One log line per change, written by the loop that reports membership (not once per loop).
+  const bool log_changes = reports_membership_ && LogEnabled(LogLevel::kInfo);
+  std::string left_names, joined_names;
   // Leaves.
   for (size_t i = 0; i < nodes_.size();) {
     if (wanted.count(nodes_[i]->endpoint) == 0) {
       std::unique_ptr<BalancerNode> node = std::move(nodes_[i]);
       nodes_.erase(nodes_.begin() + static_cast<ptrdiff_t>(i));
       OnNodeRemoved(*node);
+      if (log_changes) left_names += (left_names.empty() ? "" : ", ") + node->address;
       if (reports_membership_) {
         leaves_.Increment();
         size_gauge_.Add(-1);
@@ -89,10 +94,15 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
     joined.push_back(node.get());
     nodes_.push_back(std::move(node));
     OnNodeAdded(*nodes_.back());
+    if (log_changes) joined_names += (joined_names.empty() ? "" : ", ") + nodes_.back()->address;
     if (reports_membership_) {
       joins_.Increment();
       size_gauge_.Add(1);
     }
+  }
+  if (!joined_names.empty() || !left_names.empty()) {
+    SCALES_LOG(kInfo, "client {}: {}: joined [{}], left [{}]; {} members now", client_name_, name(), joined_names,
+               left_names, nodes_.size());
   }
   if (!ready_ && nodes_.empty()) {
     MarkReady();

@@ -111,10 +111,12 @@ SinkProvider P2CBalancerProvider(int max_effort) {
 }
 
 SinkProvider PeakEwmaBalancerProvider(int max_effort, Duration decay) {
-  return SinkProvider{std::string(roles::kLoadBalancer), "p2c-ewma-balancer",
-                      [max_effort, decay](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        return std::make_shared<PeakEwmaBalancerSink>(ctx, std::move(next), max_effort, decay);
-                      }};
+  SinkProvider p{std::string(roles::kLoadBalancer), "p2c-ewma-balancer",
+                 [max_effort, decay](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   return std::make_shared<PeakEwmaBalancerSink>(ctx, std::move(next), max_effort, decay);
+                 }};
+  p.settings = {{"max_effort", SettingText(max_effort)}, {"decay", SettingText(decay)}};
+  return p;
 }
 
 }  // namespace scales

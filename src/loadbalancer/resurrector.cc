@@ -204,10 +204,15 @@ SinkStatus ResurrectorSink::status() const {
 
 SinkProvider ResurrectorProvider(ResurrectorOptions options) {
   Validate(options);
-  return SinkProvider{std::string(roles::kResurrector), "resurrector",
-                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        return std::make_shared<ResurrectorSink>(ctx, std::move(next), options);
-                      }};
+  SinkProvider p{std::string(roles::kResurrector), "resurrector",
+                 [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   return std::make_shared<ResurrectorSink>(ctx, std::move(next), options);
+                 }};
+  p.settings = {{"initial_backoff", SettingText(options.initial_backoff)},
+                {"max_backoff", SettingText(options.max_backoff)},
+                {"multiplier", SettingText(options.multiplier)},
+                {"jitter", SettingText(options.jitter)}};
+  return p;
 }
 
 }  // namespace scales

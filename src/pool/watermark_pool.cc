@@ -312,10 +312,15 @@ SinkStatus WatermarkPool::status() const {
 
 SinkProvider WatermarkPoolProvider(WatermarkPoolOptions options) {
   Validate(options);
-  return SinkProvider{std::string(roles::kPool), "watermark-pool",
-                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        return std::make_shared<WatermarkPool>(ctx, std::move(next), options);
-                      }};
+  SinkProvider p{std::string(roles::kPool), "watermark-pool",
+                 [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   return std::make_shared<WatermarkPool>(ctx, std::move(next), options);
+                 }};
+  p.settings = {{"low_watermark", SettingText(options.low_watermark)},
+                {"high_watermark", SettingText(options.high_watermark)},
+                {"max_waiters", SettingText(options.max_waiters)},
+                {"idle_timeout", SettingText(options.idle_timeout)}};
+  return p;
 }
 
 }  // namespace scales

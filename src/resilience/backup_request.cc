@@ -329,10 +329,19 @@ void BackupRequestSink::Close() {
 
 SinkProvider BackupRequestProvider(BackupRequestOptions options, const BackupReplyOps& ops) {
   Validate(options);
-  return SinkProvider{std::string(roles::kBackup), "backup",
-                      [options, &ops](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        return std::make_shared<BackupRequestSink>(*ctx.loop, next(ctx), options, ops, ctx.stats);
-                      }};
+  SinkProvider p{std::string(roles::kBackup), "backup",
+                 [options, &ops](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   return std::make_shared<BackupRequestSink>(*ctx.loop, next(ctx), options, ops, ctx.stats);
+                 }};
+  p.settings = {{"max_extra_load", SettingText(options.max_extra_load)},
+                {"percentile", SettingText(options.percentile)},
+                {"min_send_backup_after", SettingText(options.min_send_backup_after)},
+                {"window", SettingText(options.window)},
+                {"window_slices", SettingText(options.window_slices)},
+                {"refresh_interval", SettingText(options.refresh_interval)},
+                {"budget_ttl", SettingText(options.budget_ttl)},
+                {"budget_min_per_sec", SettingText(options.budget_min_per_sec)}};
+  return p;
 }
 
 }  // namespace scales

@@ -198,10 +198,17 @@ SinkStatus FailureAccrualSink::status() const {
 
 SinkProvider FailureAccrualProvider(FailureAccrualOptions options) {
   Validate(options);
-  return SinkProvider{std::string(roles::kFailureAccrual), "failure-accrual",
-                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        return std::make_shared<FailureAccrualSink>(ctx, next(ctx), options);
-                      }};
+  SinkProvider p{std::string(roles::kFailureAccrual), "failure-accrual",
+                 [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   return std::make_shared<FailureAccrualSink>(ctx, next(ctx), options);
+                 }};
+  p.settings = {{"consecutive_failures", SettingText(options.consecutive_failures)},
+                {"required_success_rate", SettingText(options.required_success_rate)},
+                {"window", SettingText(options.window)},
+                {"min_requests", SettingText(options.min_requests)},
+                {"min_backoff", SettingText(options.min_backoff)},
+                {"max_backoff", SettingText(options.max_backoff)}};
+  return p;
 }
 
 }  // namespace scales

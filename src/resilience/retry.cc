@@ -188,12 +188,18 @@ void RetrySink::Close() {
 
 SinkProvider RetryProvider(RetryOptions options) {
   Validate(options);
-  return SinkProvider{std::string(roles::kRetry), "retry",
-                      [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        auto budget = std::make_shared<RetryBudget>(ctx.loop->clock(), options.budget);
-                        return std::make_shared<RetrySink>(*ctx.loop, next(ctx), options, std::move(budget),
-                                                           ctx.stats);
-                      }};
+  SinkProvider p{std::string(roles::kRetry), "retry",
+                 [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   auto budget = std::make_shared<RetryBudget>(ctx.loop->clock(), options.budget);
+                   return std::make_shared<RetrySink>(*ctx.loop, next(ctx), options, std::move(budget), ctx.stats);
+                 }};
+  p.settings = {{"max_retries", SettingText(options.max_retries)},
+                {"backoff_min", SettingText(options.backoff_min)},
+                {"backoff_max", SettingText(options.backoff_max)},
+                {"budget.ttl", SettingText(options.budget.ttl)},
+                {"budget.min_retries_per_sec", SettingText(options.budget.min_retries_per_sec)},
+                {"budget.percent_can_retry", SettingText(options.budget.percent_can_retry)}};
+  return p;
 }
 
 }  // namespace scales

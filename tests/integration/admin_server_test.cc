@@ -152,6 +152,21 @@ TEST_F(AdminServerTest, ClientsShowStackMembersAndLoad) {
   EXPECT_EQ(stack.front(), "timeout:timeout");
   EXPECT_EQ(stack.back(), "transport:http-transport");
   EXPECT_THAT(stack, ::testing::Contains(::testing::StartsWith("loadbalancer:")));
+  // Each provider shows the options it was built with.
+  for (const auto& s : c.at("stack").as_array()) {
+    const auto& settings = s.at("settings").as_object();
+    if (Str(s.at("role")) == "retry") {
+      EXPECT_EQ(Str(settings.at("max_retries")), "2");
+      EXPECT_EQ(Str(settings.at("budget.percent_can_retry")), "0.2");
+    }
+    if (Str(s.at("role")) == "pool") {
+      EXPECT_EQ(Str(settings.at("high_watermark")), "256");
+    }
+    if (Str(s.at("name")) == "aperture-balancer") {
+      EXPECT_EQ(Str(settings.at("smoothing_window")), "5000ms");
+    }
+  }
+  EXPECT_THAT(stack, ::testing::Contains("retry:retry"));
   EXPECT_THAT(std::string(c.at("describe").as_string()), HasSubstr("client admin-it"));
 
   ASSERT_EQ(c.at("loops").as_array().size(), 2u);

@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include "support/balancer_fixture.h"
 #include "support/fake_sinks.h"
 #include "scales/core/forwarding_sink.h"
 #include "scales/core/timeout_sink.h"
@@ -39,70 +40,24 @@ class AvoidingSink final : public ForwardingSink {
   std::string avoid;
 };
 
-class AvoidEndpointTest : public ::testing::TestWithParam<BalancerKind> {
+class AvoidEndpointTest : public test::BalancerFixture<::testing::TestWithParam<BalancerKind>> {
  protected:
-  AvoidEndpointTest() : factory_(env_.loop()), calls_(*env_.clock) {}
-
   void Build(int nodes) {
     ServerSet::Members members;
     for (int i = 0; i < nodes; ++i) members.push_back(Ep(i));
-    set_ = std::make_shared<StaticServerSet>(std::move(members));
     BalancerOptions o;
     o.kind = GetParam();
     // Aperture: start with every node in the aperture so the test sees each of them.
     o.aperture.min_size = static_cast<size_t>(nodes);
-    balancer_ = BalancerProvider(o).create(test::MakeContext(env_.loop(), env_.scope, set_), factory_.AsFactory());
-    avoiding_ = std::make_shared<AvoidingSink>(balancer_);
-    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), avoiding_, env_.scope);
-    dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, seconds(3600), env_.scope);
-    int done = 0;
-    balancer_->AsyncOpen([&](error_code ec) {
-      ++done;
-      EXPECT_FALSE(ec) << ec.message();
-    });
-    env_.Run();
-    ASSERT_EQ(done, 1);
-  }
-
-  void TearDown() override {
-    for (auto& f : factory_.created()) {
-      while (f->in_flight() > 0) f->Reply(0, 0);
-    }
-    env_.Run();
-    if (dispatcher_) dispatcher_->Close();
-    env_.Run();
-    EXPECT_TRUE(calls_.AllCompletedOnce());
-    EXPECT_EQ(factory_.TotalInFlight(), 0u);
-    dispatcher_.reset();
-    timeout_.reset();
-    avoiding_.reset();
-    balancer_.reset();
-    env_.Run();
-    factory_.Clear();
+    SinkPtr balancer = BalancerProvider(o).create(MakeBalancerContext(std::move(members)), factory_.AsFactory());
+    auto avoiding = std::make_shared<AvoidingSink>(balancer);
+    avoiding_ = avoiding.get();
+    WireAndOpen(balancer, avoiding);
   }
 
   FakeTransport* Node(int i) { return factory_.LatestFor(Ep(i)); }
 
-  // Starts one call; the index of the node that received it, or -1.
-  int StartOne(int nodes) {
-    std::vector<size_t> before;
-    for (int i = 0; i < nodes; ++i) before.push_back(Node(i) ? Node(i)->total_requests() : 0);
-    calls_.Start(*dispatcher_);
-    env_.Run();
-    for (int i = 0; i < nodes; ++i) {
-      if (Node(i) && Node(i)->total_requests() > before[static_cast<size_t>(i)]) return i;
-    }
-    return -1;
-  }
-
-  test::ManualEnv env_;
-  FakeTransportFactory factory_;
-  CallTracker calls_;
-  std::shared_ptr<StaticServerSet> set_;
-  SinkPtr balancer_;
-  std::shared_ptr<AvoidingSink> avoiding_;
-  std::shared_ptr<TimeoutSink> timeout_;
-  std::shared_ptr<MessageDispatcher> dispatcher_;
+  AvoidingSink* avoiding_ = nullptr;  // owned by the fixture (top_)
 };
 
 TEST_P(AvoidEndpointTest, AvoidedNodeGetsNothingWhileOthersExist) {
@@ -111,7 +66,7 @@ TEST_P(AvoidEndpointTest, AvoidedNodeGetsNothingWhileOthersExist) {
   avoiding_->avoid = Ep(1).ToString();
   std::vector<int> hits(kNodes, 0);
   for (int k = 0; k < 60; ++k) {
-    int n = StartOne(kNodes);
+    int n = StartOne();
     ASSERT_GE(n, 0);
     ++hits[static_cast<size_t>(n)];
     // Answer at once: every node stays idle, so least-loaded policies would tie-break onto
@@ -131,7 +86,7 @@ TEST_P(AvoidEndpointTest, AvoidedNodeIsPreferredWhenItIsTheLeastLoaded) {
   // Load node 0 with outstanding requests so every policy prefers node 1...
   for (int k = 0; k < 4; ++k) {
     avoiding_->avoid = Ep(1).ToString();
-    ASSERT_EQ(StartOne(kNodes), 0);
+    ASSERT_EQ(StartOne(), 0);
   }
   // ... and a request that must avoid node 1 still goes to node 0.
   EXPECT_EQ(Node(0)->in_flight(), 4u);
@@ -139,7 +94,7 @@ TEST_P(AvoidEndpointTest, AvoidedNodeIsPreferredWhenItIsTheLeastLoaded) {
   // Without the avoidance the next request goes to idle node 1 (the policy is least loaded
   // or cycling; round robin alternates).
   avoiding_->avoid.clear();
-  int n = StartOne(kNodes);
+  int n = StartOne();
   if (GetParam() != BalancerKind::kRoundRobin) {
     EXPECT_EQ(n, 1);
   }
@@ -148,14 +103,14 @@ TEST_P(AvoidEndpointTest, AvoidedNodeIsPreferredWhenItIsTheLeastLoaded) {
 TEST_P(AvoidEndpointTest, OnlyNodeIsUsedEvenWhenAvoided) {
   Build(1);
   avoiding_->avoid = Ep(0).ToString();
-  EXPECT_EQ(StartOne(1), 0);
+  EXPECT_EQ(StartOne(), 0);
   EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0);
 }
 
 TEST_P(AvoidEndpointTest, UnknownEndpointChangesNothing) {
   Build(2);
   avoiding_->avoid = "10.9.9.9:1";
-  for (int k = 0; k < 4; ++k) ASSERT_GE(StartOne(2), 0);
+  for (int k = 0; k < 4; ++k) ASSERT_GE(StartOne(), 0);
   EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0);
 }
 
@@ -172,7 +127,7 @@ TEST_P(AvoidEndpointTest, PanicPrefersBusyOverClosed) {
   const bool sampled = GetParam() == BalancerKind::kP2C || GetParam() == BalancerKind::kP2CPeakEwma;
   int to_busy = 0;
   for (int k = 0; k < 40; ++k) {
-    int n = StartOne(kNodes);
+    int n = StartOne();
     ASSERT_GE(n, 0);
     if (n == 1) ++to_busy;
     if (!sampled) EXPECT_EQ(n, 1) << BalancerKindName(GetParam()) << " pick " << k;

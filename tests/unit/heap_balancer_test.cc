@@ -18,6 +18,7 @@
 
 #include "support/fake_sinks.h"
 #include "scales/core/forwarding_sink.h"
+#include "scales/core/log.h"
 #include "scales/core/random.h"
 #include "scales/core/timeout_sink.h"
 #include "scales/discovery/server_set.h"
@@ -341,6 +342,28 @@ TEST_F(HeapBalancerTest, JoinAtRuntime) {
   EXPECT_EQ(factory_.count(), 3u);
   EXPECT_EQ(env_.CounterValue("scales_lb_leaves"), 0);
   for (int i = 0; i < 3; ++i) Node(i).Reply(0, i);
+}
+
+// Membership changes are logged once per change (by the loop that reports membership), with
+// who joined and who left.
+TEST_F(HeapBalancerTest, JoinsAndLeavesAreLogged) {
+  std::vector<std::string> records;
+  const LogLevel old_level = SetLogLevel(LogLevel::kInfo);
+  LogSink old_sink = SetLogSink([&](const LogRecord& r) { records.emplace_back(r.message); });
+  Build(Eps({0, 1}));
+  Open();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_THAT(records[0], HasSubstr("heap-balancer: joined [" + Ep(0).ToString() + ", " + Ep(1).ToString() +
+                                    "], left []; 2 members now"));
+  set_->Update(Eps({1, 2}));
+  env_.Run();
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_THAT(records[1], HasSubstr("joined [" + Ep(2).ToString() + "], left [" + Ep(0).ToString() + "]"));
+  set_->Update(Eps({2, 1}));  // the same members: no change, no line
+  env_.Run();
+  EXPECT_EQ(records.size(), 2u);
+  SetLogSink(std::move(old_sink));
+  SetLogLevel(old_level);
 }
 
 TEST_F(HeapBalancerTest, IdleNodeLeavingIsClosedAtOnce) {

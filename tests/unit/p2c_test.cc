@@ -20,6 +20,7 @@
 #include "scales/loadbalancer/balancers.h"
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
+#include "support/balancer_fixture.h"
 #include "support/fake_sinks.h"
 
 namespace scales {
@@ -39,59 +40,17 @@ ServerSet::Members Eps(int n) {
   return m;
 }
 
-class P2CTest : public ::testing::Test {
+class P2CTest : public test::BalancerFixture<> {
  protected:
-  P2CTest() : factory_(env_.loop()), calls_(*env_.clock) {}
-
   template <class Balancer, class... Args>
   std::shared_ptr<Balancer> Build(int nodes, Args... args) {
-    set_ = std::make_shared<StaticServerSet>(Eps(nodes));
-    auto balancer = std::make_shared<Balancer>(test::MakeContext(env_.loop(), env_.scope, set_),
-                                               factory_.AsFactory(), args...);
-    balancer_ = balancer;
-    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), balancer_, env_.scope);
-    dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, seconds(3600), env_.scope);
-    int done = 0;
-    balancer_->AsyncOpen([&](error_code ec) {
-      ++done;
-      EXPECT_FALSE(ec) << ec.message();
-    });
-    env_.Run();
-    EXPECT_EQ(done, 1);
+    auto balancer = std::make_shared<Balancer>(MakeBalancerContext(Eps(nodes)), factory_.AsFactory(), args...);
+    WireAndOpen(balancer);
     EXPECT_EQ(factory_.count(), static_cast<size_t>(nodes));
     return balancer;
   }
 
-  void TearDown() override {
-    for (auto& f : factory_.created()) {
-      while (f->in_flight() > 0) f->Reply(0, 0);
-    }
-    env_.Run();
-    if (dispatcher_) dispatcher_->Close();
-    env_.Run();
-    EXPECT_TRUE(calls_.AllCompletedOnce());
-    EXPECT_EQ(factory_.TotalInFlight(), 0u);
-    dispatcher_.reset();
-    timeout_.reset();
-    balancer_.reset();
-    env_.Run();
-    factory_.Clear();
-  }
-
   FakeTransport& Node(int i) { return *factory_.LatestFor(Ep(i)); }
-
-  // Starts one call and runs the loop; returns the index of the node that holds it (its
-  // newest request), or -1.
-  int StartOne() {
-    std::vector<size_t> before;
-    for (int i = 0; i < static_cast<int>(factory_.count()); ++i) before.push_back(Node(i).total_requests());
-    calls_.Start(*dispatcher_);
-    env_.Run();
-    for (int i = 0; i < static_cast<int>(factory_.count()); ++i) {
-      if (Node(i).total_requests() > before[static_cast<size_t>(i)]) return i;
-    }
-    return -1;
-  }
 
   // Answers the newest request held by node i.
   void ReplyNewest(int i) {
@@ -99,14 +58,6 @@ class P2CTest : public ::testing::Test {
     ASSERT_TRUE(Node(i).Reply(Node(i).in_flight() - 1, i));
     env_.Run();
   }
-
-  test::ManualEnv env_;
-  FakeTransportFactory factory_;
-  CallTracker calls_;
-  std::shared_ptr<StaticServerSet> set_;
-  SinkPtr balancer_;
-  std::shared_ptr<TimeoutSink> timeout_;
-  std::shared_ptr<MessageDispatcher> dispatcher_;
 };
 
 TEST_F(P2CTest, SequentialRequestsSpreadEvenlyOverIdleNodes) {

@@ -13,6 +13,7 @@
 
 #include "scales/core/timeout_sink.h"
 #include "scales/discovery/server_set.h"
+#include "support/balancer_fixture.h"
 #include "support/fake_sinks.h"
 
 namespace scales {
@@ -31,41 +32,13 @@ ServerSet::Members Eps(std::initializer_list<int> ids) {
   return m;
 }
 
-class RoundRobinTest : public ::testing::Test {
+class RoundRobinTest : public test::BalancerFixture<> {
  protected:
-  RoundRobinTest() : factory_(env_.loop()), calls_(*env_.clock) {}
-
   void Build(ServerSet::Members members) {
     const size_t n = members.size();
-    set_ = std::make_shared<StaticServerSet>(std::move(members));
-    balancer_ = std::make_shared<RoundRobinBalancerSink>(test::MakeContext(env_.loop(), env_.scope, set_),
-                                                         factory_.AsFactory());
-    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), balancer_, env_.scope);
-    dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, seconds(3600), env_.scope);
-    int done = 0;
-    balancer_->AsyncOpen([&](error_code ec) {
-      ++done;
-      EXPECT_FALSE(ec) << ec.message();
-    });
-    env_.Run();
-    EXPECT_EQ(done, 1);
+    WireAndOpen(std::make_shared<RoundRobinBalancerSink>(MakeBalancerContext(std::move(members)),
+                                                         factory_.AsFactory()));
     EXPECT_EQ(factory_.count(), n);
-  }
-
-  void TearDown() override {
-    for (auto& f : factory_.created()) {
-      while (f->in_flight() > 0) f->Reply(0, 0);
-    }
-    env_.Run();
-    if (dispatcher_) dispatcher_->Close();
-    env_.Run();
-    EXPECT_TRUE(calls_.AllCompletedOnce());
-    EXPECT_EQ(factory_.TotalInFlight(), 0u);
-    dispatcher_.reset();
-    timeout_.reset();
-    balancer_.reset();
-    env_.Run();
-    factory_.Clear();
   }
 
   FakeTransport* Node(int i) { return factory_.LatestFor(Ep(i)); }
@@ -91,14 +64,6 @@ class RoundRobinTest : public ::testing::Test {
     }
     return order;
   }
-
-  test::ManualEnv env_;
-  FakeTransportFactory factory_;
-  CallTracker calls_;
-  std::shared_ptr<StaticServerSet> set_;
-  std::shared_ptr<RoundRobinBalancerSink> balancer_;
-  std::shared_ptr<TimeoutSink> timeout_;
-  std::shared_ptr<MessageDispatcher> dispatcher_;
 };
 
 TEST_F(RoundRobinTest, CyclesInServerSetOrder) {

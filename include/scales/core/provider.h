@@ -12,8 +12,11 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "scales/core/clock.h"
 #include "scales/core/sink.h"
 #include "scales/discovery/endpoint.h"
 #include "scales/stats/stats.h"
@@ -48,11 +51,27 @@ struct SinkContext {
 // Creates the rest of the stack below a provider.
 using SinkFactory = std::function<SinkPtr(const SinkContext&)>;
 
+// A provider's own settings as (name, value) text pairs, in declaration order; shown by the
+// admin server's /admin/clients. Durations are written in milliseconds ("1500ms").
+using ProviderSettings = std::vector<std::pair<std::string, std::string>>;
+
 struct SinkProvider {
   std::string role;  // one of roles::k*, or a user's own role name
   std::string name;  // what it builds ("heap-balancer", "watermark-pool", ...)
   std::function<SinkPtr(const SinkContext& ctx, SinkFactory next)> create;
+  ProviderSettings settings = {};  // optional: the options the provider was built with
 };
+
+// Formats one settings value: durations as "<ms>ms", doubles shortest round-trip, integers
+// and booleans as written in C++.
+std::string SettingText(Duration d);
+std::string SettingText(double v);
+inline std::string SettingText(bool v) { return v ? "true" : "false"; }
+template <class Int>
+  requires std::is_integral_v<Int>
+std::string SettingText(Int v) {
+  return std::to_string(v);
+}
 
 // An ordered list of providers, top (after the dispatcher) to bottom (the transport).
 // Thread safety: a plain value; not synchronised.
