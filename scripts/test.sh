@@ -13,6 +13,9 @@ quick=0
 bash scripts/install-deps.sh
 
 jobs=$(nproc)
+# Compile-cache hits across checkouts: paths below the checkout are hashed relative to it, so a
+# clean clone reuses what any other checkout on the machine already compiled.
+export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=true
 run_suite() {
   local preset=$1
   echo "=== build: $preset ==="
