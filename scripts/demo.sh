@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what is missing, builds scales (Release) and runs the demo: three local HTTP
-# servers called through one scales client, one of them stopped and restarted under load.
+# Installs what is missing, builds scales (Release) and runs the demo: HTTP, Thrift and ThriftMux
+# servers found through a local ZooKeeper, load with one server killed and restarted, a summary
+# table and an HTML report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh

@@ -1,21 +1,31 @@
-// scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s) [--json]
-//                  [--admin-port P]
+// scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s) [--rate R]
+//                  [--json] [--report FILE.html] [--progress] [--admin-port P]
 // scales bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N
-//                     (--requests N | --duration 10s) [--json]
+//                     (--requests N | --duration 10s) [--rate R] [--json] [--report FILE.html]
 //
-// A closed-loop load generator through the full scales stack (bench_report.h): N callers, each
-// with one call outstanding, issue the next call when the previous completes. Every call
-// started is counted exactly once, as succeeded or failed (by error code). HTTP and Thrift
-// print the same report.
+// A load generator through the full scales stack (bench_report.h): closed loop by default
+// (N callers, each with one call outstanding), open loop at a fixed offered rate with --rate
+// (latency from each call's intended send time; --concurrency caps the calls outstanding).
+// Every call started is counted exactly once, as succeeded or failed (by error code). HTTP
+// and Thrift print the same report; --report also writes it as an HTML page with charts
+// (bench_html.h). On a terminal, a progress line is rewritten once per second on stderr.
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "Echo.h"
+#include "bench_html.h"
 #include "bench_report.h"
 #include "cli_util.h"
 #include "commands.h"
@@ -33,13 +43,21 @@ int Usage(const std::string& problem) {
   if (!problem.empty()) std::fprintf(stderr, "scales bench: %s\n", problem.c_str());
   std::fputs(
       "usage: scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s)\n"
-      "                         [--method GET] [--data TEXT] [--timeout 5s] [--threads T]\n"
-      "                         [--balancer NAME] [--json] [--stats] [--admin-port P]\n"
+      "                         [--rate R] [--method GET] [--data TEXT] [--timeout 5s] [--threads T]\n"
+      "                         [--balancer NAME] [--json] [--report FILE.html] [--progress|--no-progress]\n"
+      "                         [--stats] [--admin-port P]\n"
       "       scales bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N\n"
-      "                         (--requests N | --duration 10s) [--timeout 5s] [--threads T]\n"
+      "                         (--requests N | --duration 10s) [--rate R] [--timeout 5s] [--threads T]\n"
       "                         [--protocol binary|compact] [--transport framed|buffered]\n"
-      "                         [--balancer NAME] [--json] [--stats] [--admin-port P]\n"
-      "       --balancer: heap (default), p2c, p2c-ewma, round-robin or aperture\n"
+      "                         [--balancer NAME] [--json] [--report FILE.html] [--progress|--no-progress]\n"
+      "                         [--stats] [--admin-port P]\n"
+      "       --rate R: open loop, R requests/s whatever the replies; latency is measured from each\n"
+      "                 call's intended send time; --concurrency caps the calls outstanding (default\n"
+      "                 1000): calls due while every slot is busy wait for one, still timed from their\n"
+      "                 intended time, and the run lasts until every due call completed\n"
+      "       --report: write a self-contained HTML page with the report and its charts\n"
+      "       --progress: the live progress line on stderr even when it is not a terminal\n"
+      "       --balancer: aperture (default), heap, p2c, p2c-ewma or round-robin\n"
       "       --admin-port: serve /metrics, /admin/metrics.json and /admin/clients on\n"
       "                     127.0.0.1:P while the run lasts (0 = any free port)\n",
       stderr);
@@ -68,6 +86,9 @@ int RunBenchCommand(int argc, char** argv) {
   size_t threads = 0;
   bool json = false;
   bool print_stats = false;
+  bool concurrency_given = false;
+  std::optional<bool> progress;  // default: whether stderr is a terminal
+  std::string report_path;
   std::optional<uint16_t> admin_port;
   BalancerOptions balancer;
   for (int i = 3; i < argc; ++i) {
@@ -115,6 +136,23 @@ int RunBenchCommand(int argc, char** argv) {
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
       if (!n) return Usage("--concurrency needs a positive integer");
       limits.concurrency = *n;
+      concurrency_given = true;
+    } else if (arg == "--rate" || arg == "-R") {
+      const char* v = next();
+      char* end = nullptr;
+      double r = v ? std::strtod(v, &end) : 0;
+      if (!v || end == v || *end != '\0' || !(r > 0) || r > 1e7) {
+        return Usage("--rate needs a request rate per second, such as 500 or 0.5 (at most 1e7)");
+      }
+      limits.rate = r;
+    } else if (arg == "--report") {
+      const char* v = next();
+      if (!v || !*v) return Usage("--report needs a file name, such as report.html");
+      report_path = v;
+    } else if (arg == "--progress") {
+      progress = true;
+    } else if (arg == "--no-progress") {
+      progress = false;
     } else if (arg == "--requests" || arg == "-n") {
       const char* v = next();
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
@@ -158,6 +196,71 @@ int RunBenchCommand(int argc, char** argv) {
   }
   if (is_thrift && method != "echo" && method != "ping") return Usage("--method is echo or ping for thrift");
   if (path.empty() || path.front() != '/') path.insert(0, "/");
+  if (limits.rate && !concurrency_given) limits.concurrency = 1000;
+  if (limits.concurrency > 100000) return Usage("--concurrency is at most 100000");
+  if (!progress) progress = isatty(STDERR_FILENO) == 1;
+  if (!report_path.empty()) {
+    // Fail before the run rather than after it.
+    std::string error;
+    if (!WriteTextFile(report_path, "", error)) {
+      std::fprintf(stderr, "scales bench: --report: %s\n", error.c_str());
+      return 2;
+    }
+  }
+
+  // What the report's settings table shows, in order.
+  std::vector<std::pair<std::string, std::string>> settings = {{"protocol", protocol}, {"uri", uri}};
+  if (is_thrift) {
+    settings.emplace_back("method", method == "echo" ? fmt::format("echo ({} bytes)", payload_size) : method);
+  } else {
+    settings.emplace_back("request", fmt::format("{} {}{}", method, path,
+                                                 body.empty() ? "" : fmt::format(" ({} bytes)", body.size())));
+  }
+  settings.emplace_back("mode", limits.rate ? fmt::format("open loop at {:g} req/s", *limits.rate) : "closed loop");
+  settings.emplace_back(limits.rate ? "max outstanding" : "concurrency", std::to_string(limits.concurrency));
+  settings.emplace_back(limits.requests ? "requests" : "duration",
+                        limits.requests ? std::to_string(*limits.requests)
+                                        : fmt::format("{:g} s", std::chrono::duration<double>(*limits.duration).count()));
+  settings.emplace_back("timeout", fmt::format("{:g} s", std::chrono::duration<double>(timeout).count()));
+  settings.emplace_back("event loops", threads ? std::to_string(threads) : "one per core");
+  settings.emplace_back("balancer", std::string(BalancerKindName(balancer.kind)));
+  std::string command_line = "scales";
+  for (int i = 0; i < argc; ++i) command_line += std::string(" ") + argv[i];
+  settings.emplace_back("command", command_line);
+
+  bool report_failed = false;
+  // Runs the load, prints the report (and writes the HTML page); returns the failures.
+  auto run = [&](const BenchStart& start) -> int64_t {
+    std::function<void(const BenchSample&)> on_second;
+    size_t shown = 0;
+    if (*progress) {
+      on_second = [&](const BenchSample& sample) {
+        std::string line = ProgressLine(sample, limits);
+        // Pad over the previous, possibly longer, line.
+        std::fprintf(stderr, "\r%-*s", static_cast<int>(std::max(shown, line.size())), line.c_str());
+        std::fflush(stderr);
+        shown = std::max(shown, line.size());
+      };
+    }
+    BenchResult result = RunLoad(limits, start, on_second);
+    if (shown) std::fprintf(stderr, "\r%*s\r", static_cast<int>(shown), "");
+    if (json) {
+      std::fputs(JsonReport(result).c_str(), stdout);
+    } else {
+      PrintTextReport(result, stdout);
+    }
+    if (!report_path.empty()) {
+      std::string error;
+      std::string title = fmt::format("scales bench {} {}", protocol, uri);
+      if (!WriteTextFile(report_path, RenderHtmlReport(title, {{title, settings, result, {}}}), error)) {
+        std::fprintf(stderr, "scales bench: --report: %s\n", error.c_str());
+        report_failed = true;
+      }
+      if (!report_failed) std::fprintf(stderr, "report: %s\n", report_path.c_str());
+    }
+    std::fflush(stdout);
+    return result.failed;
+  };
 
   stats::StatsRegistry registry;
   ClientOptions client_options;
@@ -189,15 +292,11 @@ int RunBenchCommand(int argc, char** argv) {
       prototype.method = method;
       prototype.target = path;
       prototype.body = body;
-      failed = RunClosedLoopAndReport(
-          limits,
-          [&](BenchWorker& w, std::function<void(error_code)> done) {
-            CallOptions opts;
-            opts.info = &w.info;
-            client.AsyncSend(prototype, std::move(opts),
-                             [done = std::move(done)](error_code ec, http::Response) { done(ec); });
-          },
-          json);
+      failed = run([&](BenchWorker& w, std::function<void(error_code)> done) {
+        CallOptions opts;
+        opts.info = &w.info;
+        client.AsyncSend(prototype, std::move(opts), [done = std::move(done)](error_code ec, http::Response) { done(ec); });
+      });
       client.Close();
     } else {
       thrift::ThriftOptions options;
@@ -213,33 +312,17 @@ int RunBenchCommand(int argc, char** argv) {
         return ThriftMux::NewClient<echo::EchoClient>(uri, mux_options);
       }();
       const std::string payload(payload_size, 'x');
-      // The outcome as an error code: scales errors keep theirs; anything else the server
-      // answered (a declared exception, TApplicationException) counts as a server error.
-      auto code = [](std::exception_ptr e) -> error_code {
-        if (!e) return {};
-        try {
-          std::rethrow_exception(e);
-        } catch (const Error& err) {
-          return err.scales_code();
-        } catch (...) {
-          return make_error_code(Errc::kServerError);
+      failed = run([&](BenchWorker& w, std::function<void(error_code)> done) {
+        CallOptions opts;
+        opts.info = &w.info;
+        auto c = client.WithOptions(std::move(opts));
+        if (method == "ping") {
+          SCALES_THRIFT_CALL(c, ping, [done = std::move(done)](std::exception_ptr e) { done(ThriftErrorCode(e)); });
+        } else {
+          SCALES_THRIFT_CALL(c, echo, payload,
+                             [done = std::move(done)](std::exception_ptr e, std::string) { done(ThriftErrorCode(e)); });
         }
-      };
-      failed = RunClosedLoopAndReport(
-          limits,
-          [&](BenchWorker& w, std::function<void(error_code)> done) {
-            CallOptions opts;
-            opts.info = &w.info;
-            auto c = client.WithOptions(std::move(opts));
-            if (method == "ping") {
-              SCALES_THRIFT_CALL(c, ping, [done = std::move(done), code](std::exception_ptr e) { done(code(e)); });
-            } else {
-              SCALES_THRIFT_CALL(c, echo, payload, [done = std::move(done), code](std::exception_ptr e, std::string) {
-                done(code(e));
-              });
-            }
-          },
-          json);
+      });
       client.Close();
     }
   } catch (const Error& e) {
@@ -250,6 +333,7 @@ int RunBenchCommand(int argc, char** argv) {
     std::printf("\nclient stats\n%s", registry.ToText().c_str());
   }
   std::fflush(stdout);
+  if (report_failed) return 2;
   return failed == 0 ? 0 : 1;
 }
 

@@ -43,9 +43,13 @@ bool ChildProcess::Start(const std::string& path, std::vector<std::string> args,
   return true;
 }
 
-void ChildProcess::Stop() {
+void ChildProcess::Stop() { Signal(SIGTERM); }
+
+void ChildProcess::Kill() { Signal(SIGKILL); }
+
+void ChildProcess::Signal(int signal) {
   if (pid_ <= 0) return;
-  kill(pid_, SIGTERM);
+  kill(pid_, signal);
   int status;
   waitpid(pid_, &status, 0);
   pid_ = -1;

@@ -1,6 +1,6 @@
 #pragma once
 // A child process of the tool (the demo's servers): started with posix_spawn, stopped with
-// SIGTERM and waited for on destruction. Not thread-safe.
+// SIGTERM (or killed with SIGKILL) and waited for on destruction. Not thread-safe.
 
 #include <sys/types.h>
 
@@ -21,9 +21,13 @@ class ChildProcess {
   // "listening HOST:PORT"); otherwise stdout and stderr go to /dev/null.
   bool Start(const std::string& path, std::vector<std::string> args, std::string* first_line);
   void Stop();
+  // Kills the child with SIGKILL, like a crash, and waits for it.
+  void Kill();
   bool running() const noexcept { return pid_ > 0; }
 
  private:
+  void Signal(int signal);  // sends it and waits for the child
+
   pid_t pid_ = -1;
 };
 

@@ -1,8 +1,16 @@
-// The `scales` command-line tool against real servers: exit statuses and the bench report.
+// The `scales` command-line tool against real servers: exit statuses, the bench report (text,
+// JSON, HTML), open-loop load and the progress line.
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include <boost/json.hpp>
 #include <gtest/gtest.h>
@@ -17,8 +25,9 @@ struct Result {
   std::string out;
 };
 
-Result RunTool(const std::string& args) {
-  std::string cmd = test::ToolPath() + " " + args + " 2>/dev/null";
+// Runs the tool; `redirect` is appended to the command (e.g. "2>&1", "2>/dev/null").
+Result RunTool(const std::string& args, const std::string& redirect = "2>/dev/null") {
+  std::string cmd = test::ToolPath() + " " + args + " " + redirect;
   Result r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -28,6 +37,54 @@ Result RunTool(const std::string& args) {
   int status = pclose(p);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+
+// A file name in the temporary directory, removed at the end of the test.
+class TempFile {
+ public:
+  explicit TempFile(const std::string& name)
+      : path_(std::filesystem::temp_directory_path() / ("scales-cli-" + std::to_string(getpid()) + "-" + name)) {}
+  ~TempFile() { std::filesystem::remove(path_); }
+  std::string path() const { return path_.string(); }
+  std::string Read() const {
+    std::ifstream f(path_);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// The value of attribute `name` in every element of `html` that matches `element_regex`.
+std::vector<std::string> Attributes(const std::string& html, const std::string& element_regex, const std::string& name) {
+  std::vector<std::string> out;
+  std::regex element(element_regex), attribute(name + "=\"([^\"]*)\"");
+  for (auto it = std::sregex_iterator(html.begin(), html.end(), element); it != std::sregex_iterator(); ++it) {
+    std::smatch m;
+    std::string text = it->str();
+    if (std::regex_search(text, m, attribute)) out.push_back(m[1]);
+  }
+  return out;
+}
+
+// The text of the <svg> element with `id`, or "".
+std::string Chart(const std::string& html, const std::string& id) {
+  size_t begin = html.find("<svg class=\"chart\" id=\"" + id + "\"");
+  if (begin == std::string::npos) return "";
+  size_t end = html.find("</svg>", begin);
+  return end == std::string::npos ? "" : html.substr(begin, end + 6 - begin);
+}
+
+// The data-y values of series `series` in `chart`.
+std::vector<double> SeriesValues(const std::string& chart, const std::string& series) {
+  size_t begin = chart.find("data-series=\"" + series + "\"");
+  if (begin == std::string::npos) return {};
+  std::string group = chart.substr(begin, chart.find("</g>", begin) - begin);
+  std::vector<double> out;
+  for (auto& v : Attributes(group, "<circle [^>]*>", "data-y")) out.push_back(std::stod(v));
+  return out;
 }
 
 TEST(CliTest, HttpGetExitStatus) {
@@ -68,6 +125,14 @@ TEST(CliTest, BenchJsonReportCountsEveryRequestOnce) {
   auto& eps = v.at("endpoints").as_object();
   ASSERT_EQ(eps.size(), 2u);
   EXPECT_EQ(eps.at(a.endpoint()).as_int64() + eps.at(b.endpoint()).as_int64(), 400);
+  EXPECT_TRUE(v.at("endpoint_errors").as_object().empty());
+  // The closed loop: latency from the actual send, no offered rate.
+  EXPECT_EQ(v.at("mode").as_string(), "closed");
+  EXPECT_EQ(v.at("latency_from").as_string(), "actual_send");
+  EXPECT_EQ(v.at("concurrency").as_int64(), 4);
+  EXPECT_TRUE(v.at("offered_rps").is_null());
+  EXPECT_DOUBLE_EQ(v.at("achieved_rps").to_number<double>(), v.at("throughput_rps").to_number<double>());
+  EXPECT_EQ(v.at("queued").as_int64(), 0);
 
   // Failures are counted by error code, still once per request.
   Result f = RunTool("bench http " + uri + " --path /status/500 --concurrency 2 --requests 50 --json");
@@ -76,12 +141,170 @@ TEST(CliTest, BenchJsonReportCountsEveryRequestOnce) {
   EXPECT_EQ(fv.at("requests").as_int64(), 50);
   EXPECT_EQ(fv.at("failed").as_int64(), 50);
   EXPECT_EQ(fv.at("errors").as_object().at("http_error").as_int64(), 50);
+  int64_t endpoint_errors = 0;
+  for (auto& [ep, n] : fv.at("endpoint_errors").as_object()) endpoint_errors += n.as_int64();
+  EXPECT_EQ(endpoint_errors, 50);
+}
+
+TEST(CliTest, BenchHtmlReportHasItsCharts) {
+  test::TestHttpServer a("a"), b("b");
+  std::string uri = "tcp://" + a.endpoint() + "," + b.endpoint();
+  TempFile report("report.html");
+  Result r = RunTool("bench http " + uri + " --path / --concurrency 4 --duration 1.5s --json --report " + report.path());
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto v = boost::json::parse(r.out).as_object();
+  const std::string html = report.Read();
+  ASSERT_EQ(html.rfind("<!DOCTYPE html>", 0), 0u) << html.substr(0, 200);
+  // Self-contained: nothing to fetch.
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+  EXPECT_EQ(html.find("<link"), std::string::npos);
+  EXPECT_EQ(html.find(" src="), std::string::npos);
+  EXPECT_EQ(Attributes(html, "<svg [^>]*>", "data-title"),
+            (std::vector<std::string>{"Latency over time", "Latency distribution", "Throughput over time",
+                                      "Requests per endpoint"}));
+  for (const char* title : {"Latency over time", "Latency distribution", "Throughput over time", "Requests per endpoint"}) {
+    EXPECT_NE(html.find(std::string("<title>") + title + "</title>"), std::string::npos) << title;
+  }
+  // The run's settings and summary.
+  EXPECT_NE(html.find("<td>" + uri + "</td>"), std::string::npos);
+  EXPECT_NE(html.find("<td>" + std::to_string(v.at("requests").as_int64()) + "</td>"), std::string::npos);
+
+  // Latency over time: a point per 100 ms for a short run, and the largest per-interval
+  // maximum is the run's maximum.
+  std::string over_time = Chart(html, "latency-over-time");
+  for (const char* s : {"p50", "p99", "max"}) {
+    EXPECT_GE(SeriesValues(over_time, s).size(), 10u) << s;  // 1.5 s at 100 ms
+  }
+  auto maxima = SeriesValues(over_time, "max");
+  ASSERT_FALSE(maxima.empty());
+  EXPECT_EQ(*std::max_element(maxima.begin(), maxima.end()), v.at("latency_us").at("max").to_number<double>());
+  // The distribution ends at the maximum and never decreases.
+  auto spectrum = SeriesValues(Chart(html, "latency-distribution"), "latency");
+  ASSERT_GE(spectrum.size(), 2u);
+  EXPECT_TRUE(std::is_sorted(spectrum.begin(), spectrum.end()));
+  EXPECT_EQ(spectrum.back(), v.at("latency_us").at("max").to_number<double>());
+  // Throughput over time: successes per second, no failures.
+  std::string throughput = Chart(html, "throughput-over-time");
+  EXPECT_GE(SeriesValues(throughput, "succeeded/s").size(), 10u);
+  for (double f : SeriesValues(throughput, "failed/s")) EXPECT_EQ(f, 0);
+  // One bar per endpoint, with the JSON report's counts.
+  auto eps = Attributes(html, "<g class=\"bar\"[^>]*>", "data-endpoint");
+  auto counts = Attributes(html, "<g class=\"bar\"[^>]*>", "data-requests");
+  ASSERT_EQ(eps.size(), 2u);
+  ASSERT_EQ(counts.size(), 2u);
+  for (size_t i = 0; i < eps.size(); ++i) {
+    EXPECT_EQ(std::stoll(counts[i]), v.at("endpoints").at(eps[i]).as_int64()) << eps[i];
+  }
+}
+
+TEST(CliTest, BenchOpenLoopOffersTheRate) {
+  test::TestHttpServer server("open");
+  Result r = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 200 --duration 2s --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto v = boost::json::parse(r.out).as_object();
+  EXPECT_EQ(v.at("mode").as_string(), "open");
+  EXPECT_EQ(v.at("latency_from").as_string(), "intended_send");
+  EXPECT_EQ(v.at("offered_rps").to_number<double>(), 200);
+  EXPECT_EQ(v.at("concurrency").as_int64(), 1000);  // the default cap
+  // Exactly the calls due in 2 s at 200/s, sent on schedule: the run ends with the last reply.
+  EXPECT_EQ(v.at("requests").as_int64(), 400);
+  EXPECT_EQ(v.at("succeeded").as_int64(), 400);
+  EXPECT_GT(v.at("achieved_rps").to_number<double>(), 160);
+  EXPECT_LT(v.at("achieved_rps").to_number<double>(), 210);
+  EXPECT_EQ(v.at("queued").as_int64(), 0);
+  EXPECT_GT(v.at("latency_us").at("p50").as_int64(), 0);
+
+  Result text = RunTool("bench http tcp://" + server.endpoint() + " --rate 100 --requests 50");
+  EXPECT_EQ(text.exit_code, 0);
+  EXPECT_NE(text.out.find("offered       100.0 req/s"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("achieved      "), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("intended send time"), std::string::npos) << text.out;
+}
+
+// Over capacity, the open loop keeps the schedule: calls wait for a slot, and their latency,
+// measured from when they should have been sent, grows far beyond the service time. A
+// closed loop at the same concurrency only ever sees the service time (coordinated omission).
+TEST(CliTest, BenchOpenLoopOverCapacityHasNoCoordinatedOmission) {
+  test::TestHttpServer server("slow");
+  const std::string uri = "tcp://" + server.endpoint();
+  // 50 ms per call and 2 calls at a time: a capacity of 40/s, offered 100/s for 1 s.
+  Result open = RunTool("bench http " + uri + " --path /delay/50 --rate 100 --requests 100 --concurrency 2 --json");
+  ASSERT_EQ(open.exit_code, 0) << open.out;
+  auto o = boost::json::parse(open.out).as_object();
+  EXPECT_EQ(o.at("requests").as_int64(), 100);
+  EXPECT_EQ(o.at("succeeded").as_int64(), 100);
+  EXPECT_LT(o.at("achieved_rps").to_number<double>(), 50);
+  EXPECT_GT(o.at("queued").as_int64(), 50);
+  EXPECT_GT(o.at("max_backlog").as_int64(), 10);
+  // The median call was due at ~0.5 s but sent at ~1.25 s: ~750 ms late, plus 50 ms of service.
+  EXPECT_GT(o.at("latency_us").at("p50").as_int64(), 400000);
+  EXPECT_GT(o.at("latency_us").at("p99").as_int64(), 1000000);
+
+  Result closed = RunTool("bench http " + uri + " --path /delay/50 --requests 40 --concurrency 2 --json");
+  ASSERT_EQ(closed.exit_code, 0) << closed.out;
+  auto c = boost::json::parse(closed.out).as_object();
+  EXPECT_GE(c.at("latency_us").at("p50").as_int64(), 50000);
+  EXPECT_LT(c.at("latency_us").at("p50").as_int64(), 250000);
+}
+
+TEST(CliTest, BenchProgressLineOnlyWhenAsked) {
+  test::TestHttpServer server("progress");
+  const std::string uri = "tcp://" + server.endpoint();
+  TempFile err("progress.txt");
+  Result forced = RunTool("bench http " + uri + " --concurrency 2 --duration 1.3s --progress", "2>" + err.path());
+  ASSERT_EQ(forced.exit_code, 0) << forced.out;
+  std::string progress = err.Read();
+  // Rewritten in place once per second, then cleared before the report.
+  EXPECT_NE(progress.find("\r    1s "), std::string::npos) << progress;
+  for (const char* part : {"req/s", "p50 ", "p99 ", "errors 0"}) EXPECT_NE(progress.find(part), std::string::npos) << part;
+  // No newline after a progress line; the last one is blanked out (spaces, then "\r").
+  EXPECT_EQ(progress.find("backlog"), std::string::npos);  // closed loop: no offered rate
+  EXPECT_EQ(std::regex_search(progress, std::regex("errors [0-9]+ *\n")), false) << progress;
+  EXPECT_NE(progress.find("    \r"), std::string::npos) << progress;
+  EXPECT_EQ(forced.out.find("req/s   p50"), std::string::npos);  // not on stdout
+
+  // Not a terminal, not asked: no progress line.
+  Result quiet = RunTool("bench http " + uri + " --concurrency 2 --duration 1.3s", "2>" + err.path());
+  ASSERT_EQ(quiet.exit_code, 0) << quiet.out;
+  EXPECT_EQ(err.Read().find("req/s"), std::string::npos);
+}
+
+// The README's demo, short: every protocol's load run counts each call once, the server killed
+// and restarted is marked, and the report has a section with four charts per protocol.
+TEST(CliTest, DemoTellsTheWholeStory) {
+  TempFile report("demo.html");
+  Result r = RunTool("demo --seconds 3 --rate 100 --report " + report.path(), "2>&1");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  for (const char* part : {"1. ", "2. One client per protocol", "3. Load", "4. Summary", "beta killed",
+                           "beta restarted", "threw EchoError(\"no such user\")", "report: "}) {
+    EXPECT_NE(r.out.find(part), std::string::npos) << part << "\n" << r.out;
+  }
+  std::regex row(R"(\n   (HTTP|Thrift|ThriftMux) +(\d+) +(\d+) +(\d+) +(\d+) )");
+  std::vector<std::string> protocols;
+  for (auto it = std::sregex_iterator(r.out.begin(), r.out.end(), row); it != std::sregex_iterator(); ++it) {
+    const auto& m = *it;
+    protocols.push_back(m[1]);
+    EXPECT_EQ(std::stoll(m[2]), 300) << m[1];  // 3 s at 100/s, every due call sent
+    EXPECT_EQ(std::stoll(m[3]) + std::stoll(m[4]), 300) << m[1];
+  }
+  EXPECT_EQ(protocols, (std::vector<std::string>{"HTTP", "Thrift", "ThriftMux"})) << r.out;
+  const std::string html = report.Read();
+  EXPECT_EQ(Attributes(html, "<section [^>]*>", "class").size(), 3u);
+  EXPECT_EQ(Attributes(html, "<svg [^>]*>", "data-title").size(), 12u);
+  EXPECT_EQ(Attributes(html, "<g class=\"event\"[^>]*>", "data-x").size(), 12u);  // 2 per time chart
+  EXPECT_GE(Attributes(html, "<g class=\"bar\"[^>]*>", "data-endpoint").size(), 9u);  // and "(none)" if a call found no server
 }
 
 TEST(CliTest, BenchUsageErrors) {
   EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --path /").exit_code, 2);  // neither --requests nor --duration
   EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --requests 0").exit_code, 2);
   EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --duration 10parsecs").exit_code, 2);
+  EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --requests 5 --rate 0").exit_code, 2);
+  EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --requests 5 --rate fast").exit_code, 2);
+  // An unwritable report fails before the run.
+  Result report = RunTool("bench http tcp://127.0.0.1:1 --requests 5 --report /nonexistent-dir/r.html", "2>&1");
+  EXPECT_EQ(report.exit_code, 2);
+  EXPECT_NE(report.out.find("/nonexistent-dir/r.html"), std::string::npos) << report.out;
 }
 
 }  // namespace

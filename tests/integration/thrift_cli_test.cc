@@ -91,6 +91,15 @@ TEST(ThriftCliTest, BenchReportsLikeHttp) {
   Result text = RunTool("bench thrift " + server.uri() + " --method ping --concurrency 2 --requests 50");
   EXPECT_EQ(text.exit_code, 0);
   EXPECT_NE(text.out.find("succeeded     50"), std::string::npos) << text.out;
+  // Open loop, as for HTTP: every due call sent, latency from the intended send.
+  Result open = RunTool("bench thrift " + server.uri() + " --method echo --rate 200 --requests 100 --json");
+  ASSERT_EQ(open.exit_code, 0) << open.out;
+  auto o = boost::json::parse(open.out).as_object();
+  EXPECT_EQ(o.at("mode").as_string(), "open");
+  EXPECT_EQ(o.at("latency_from").as_string(), "intended_send");
+  EXPECT_EQ(o.at("offered_rps").to_number<double>(), 200);
+  EXPECT_EQ(o.at("requests").as_int64(), 100);
+  EXPECT_EQ(o.at("succeeded").as_int64(), 100);
 }
 
 }  // namespace
