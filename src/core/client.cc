@@ -58,7 +58,7 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   }
   SinkFactory top = spec_.Build();
   stats::StatsScope scope(stats_, {{"client", options_.name}});
-  auto limit = std::make_shared<MessageDispatcher::PendingLimit>(options_.max_pending);
+  auto limit = std::make_shared<MessageDispatcher::PendingLimit>(options_.max_pending, runtime_->size());
   for (size_t i = 0; i < runtime_->size(); ++i) {
     EventLoop& loop = runtime_->loop(i);
     SinkContext ctx;

@@ -4,6 +4,104 @@
 
 namespace scales {
 
+// --- call objects ------------------------------------------------------------------------------
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SCALES_CALL_CACHE 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SCALES_CALL_CACHE 0
+#endif
+#endif
+#ifndef SCALES_CALL_CACHE
+#define SCALES_CALL_CACHE 1
+#endif
+
+namespace {
+
+#if SCALES_CALL_CACHE
+// Freed call blocks of this thread, by size class (multiples of kGranule bytes). Plain data,
+// so it is usable at any point of the thread's life; CallCacheOwner frees the blocks when the
+// thread exits and turns the cache off for whatever is destroyed after it.
+constexpr size_t kGranule = 64;
+constexpr size_t kClasses = 32;  // blocks of up to 2 KiB
+constexpr size_t kMaxCachedBytes = 64 * 1024;
+
+struct FreeBlock {
+  FreeBlock* next;
+};
+struct CallCache {
+  FreeBlock* heads[kClasses];
+  size_t bytes;
+  bool registered;
+  bool closed;
+};
+thread_local CallCache t_call_cache{};
+
+struct CallCacheOwner {
+  ~CallCacheOwner() {
+    CallCache& c = t_call_cache;
+    for (size_t i = 0; i < kClasses; ++i) {
+      while (FreeBlock* b = c.heads[i]) {
+        c.heads[i] = b->next;
+        ::operator delete(b, (i + 1) * kGranule);
+      }
+    }
+    c.bytes = 0;
+    c.closed = true;
+  }
+};
+thread_local CallCacheOwner t_call_cache_owner;
+
+// The size class of a block of `size` bytes, or kClasses when it is not cached.
+size_t SizeClass(size_t size) { return size == 0 ? 0 : std::min((size - 1) / kGranule, kClasses); }
+#endif
+
+}  // namespace
+
+void* CallBase::operator new(std::size_t size) {
+#if SCALES_CALL_CACHE
+  const size_t cls = SizeClass(size);
+  if (cls < kClasses) {
+    CallCache& c = t_call_cache;
+    if (FreeBlock* b = c.heads[cls]) {
+      c.heads[cls] = b->next;
+      c.bytes -= (cls + 1) * kGranule;
+      return b;
+    }
+    return ::operator new((cls + 1) * kGranule);
+  }
+#endif
+  return ::operator new(size);
+}
+
+void CallBase::operator delete(void* p, std::size_t size) noexcept {
+  if (p == nullptr) return;
+#if SCALES_CALL_CACHE
+  const size_t cls = SizeClass(size);
+  if (cls < kClasses) {
+    const size_t block = (cls + 1) * kGranule;
+    CallCache& c = t_call_cache;
+    if (!c.registered && !c.closed) {
+      c.registered = true;
+      (void)&t_call_cache_owner;  // constructs it, so it frees the cache at thread exit
+    }
+    if (!c.closed && c.bytes + block <= kMaxCachedBytes) {
+      auto* b = static_cast<FreeBlock*>(p);
+      b->next = c.heads[cls];
+      c.heads[cls] = b;
+      c.bytes += block;
+      return;
+    }
+    ::operator delete(p, block);
+    return;
+  }
+#endif
+  ::operator delete(p, size);
+}
+
+// --- dispatcher --------------------------------------------------------------------------------
+
 MessageDispatcher::MessageDispatcher(EventLoop& loop, std::string client_name, SinkPtr next,
                                      Duration default_timeout, const stats::StatsScope& stats,
                                      std::shared_ptr<PendingLimit> limit, bool trace_ids)
@@ -19,14 +117,47 @@ MessageDispatcher::MessageDispatcher(EventLoop& loop, std::string client_name, S
       latency_us_(stats.GetHistogram("scales_request_latency_us")),
       limit_(std::move(limit)),
       trace_ids_(trace_ids) {
-  if (limit_ && limit_->max > 0) {
+  if (limit_ && limit_->max == 0) limit_.reset();  // no limit: nothing to count
+  if (limit_) {
     auto labels = stats_.labels();
     labels.emplace_back("reason", "max_pending");
     rejected_max_pending_ = &stats_.registry()->GetCounter("scales_rejected", labels);
   }
 }
 
-MessageDispatcher::~MessageDispatcher() = default;
+MessageDispatcher::~MessageDispatcher() {
+  if (limit_ && slots_reserved_ > 0) {
+    limit_->pending.fetch_sub(slots_reserved_, std::memory_order_relaxed);
+  }
+}
+
+bool MessageDispatcher::AcquirePendingSlot() {
+  if (slots_used_ == slots_reserved_) {
+    size_t reserved = limit_->pending.load(std::memory_order_relaxed);
+    size_t take = 0;
+    do {
+      if (reserved >= limit_->max) return false;
+      take = std::min(limit_->batch, limit_->max - reserved);
+    } while (!limit_->pending.compare_exchange_weak(reserved, reserved + take, std::memory_order_relaxed));
+    slots_reserved_ += take;
+  }
+  ++slots_used_;
+  return true;
+}
+
+void MessageDispatcher::ReleasePendingSlot() {
+  --slots_used_;
+  // Keep up to one batch in reserve (none when batch is 1: the limit is then exact), and only
+  // give back above two, so a loop hovering around a batch boundary does not touch the atomic
+  // on every call.
+  const size_t unused = slots_reserved_ - slots_used_;
+  const size_t high = limit_->batch > 1 ? 2 * limit_->batch : 0;
+  if (unused > high) {
+    const size_t give = unused - high / 2;
+    slots_reserved_ -= give;
+    limit_->pending.fetch_sub(give, std::memory_order_relaxed);
+  }
+}
 
 void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   MethodCallMessage& msg = call->message;
@@ -45,8 +176,9 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   requests_.Increment();
   pending_gauge_.Add(1);
   ++pending_;
-  // Counted for every call: the response path gives it back, whichever way the call ends.
-  const size_t held = limit_ ? limit_->pending.fetch_add(1, std::memory_order_relaxed) + 1 : 0;
+  // The response path gives the slot back, whichever way the call ends.
+  const bool admitted = !limit_ || AcquirePendingSlot();
+  call->holds_pending_slot = limit_ && admitted;
   call->in_initiation = initiating;
   call->stack.Push(this, call);
   if (const auto& cs = call->cancel_state()) {
@@ -66,7 +198,7 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
         make_error_code(Errc::kClientClosed),
         "the client is closed; the request was not sent");
     call->stack.AsyncProcessResponse(nullptr, m);
-  } else if (rejected_max_pending_ != nullptr && held > limit_->max) {
+  } else if (!admitted) {
     rejected_max_pending_->Increment();
     auto m = MethodReturnMessage::Failure(
         make_error_code(Errc::kTooManyPending),
@@ -122,7 +254,7 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
   }
   pending_gauge_.Add(-1);
   --pending_;
-  if (limit_) limit_->pending.fetch_sub(1, std::memory_order_relaxed);
+  if (call->holds_pending_slot) ReleasePendingSlot();
   call->Complete(msg, loop_.executor());
   if (closed_ && pending_ == 0 && self_while_draining_) {
     // Destroying the stack from inside its own response path would pull it out from under

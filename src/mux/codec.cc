@@ -82,7 +82,10 @@ class Reader {
 };
 
 void PutInt(std::uint64_t v, std::size_t n, std::string* out) {
-  for (std::size_t i = n; i-- > 0;) out->push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+  // One append of the whole integer: byte-wise push_back is several times slower.
+  char bytes[8];
+  for (std::size_t i = 0; i < n; ++i) bytes[i] = static_cast<char>((v >> (8 * (n - 1 - i))) & 0xFF);
+  out->append(bytes, n);
 }
 
 // Writer that records the first field that does not fit its length prefix.
@@ -399,12 +402,16 @@ Result<Message> DecodeMessage(std::uint8_t type, std::uint32_t tag, std::string_
   return ProtocolError("unreachable");
 }
 
-Result<Message> DecodeMessage(const Frame& frame) {
+Result<Message> DecodeMessage(const FrameView& frame) {
   if (frame.fragment) {
     return ProtocolError(fmt::format("{} tag {}: cannot decode a non-final fragment",
                                      TypeName(frame.type), frame.tag));
   }
   return DecodeMessage(frame.type, frame.tag, frame.body);
+}
+
+Result<Message> DecodeMessage(const Frame& frame) {
+  return DecodeMessage(FrameView{frame.type, frame.tag, frame.fragment, frame.body});
 }
 
 Result<Message> DecodeFrameBytes(std::string_view bytes, std::uint32_t max_frame_size) {
@@ -436,10 +443,10 @@ void FrameDecoder::Feed(std::string_view bytes) {
   buffer_.append(bytes);
 }
 
-Result<std::optional<Frame>> FrameDecoder::Next() {
+Result<std::optional<FrameView>> FrameDecoder::NextView() {
   if (error_) return *error_;
   std::string_view avail(buffer_.data() + read_, buffer_.size() - read_);
-  if (avail.size() < kHeaderSize) return std::optional<Frame>();
+  if (avail.size() < kHeaderSize) return std::optional<FrameView>();
   auto h = DecodeFrameHeader(avail, max_frame_size_);
   if (!h) {
     error_ = h.error();
@@ -450,22 +457,26 @@ Result<std::optional<Frame>> FrameDecoder::Next() {
   if (avail.size() < total) {
     // Reserve once so that a large frame arriving in pieces is not copied repeatedly.
     if (buffer_.capacity() < read_ + total) buffer_.reserve(read_ + total);
-    return std::optional<Frame>();
+    return std::optional<FrameView>();
   }
-  Frame f{h->type, h->tag, h->fragment, std::string(avail.substr(kHeaderSize, h->body_size()))};
+  // The consumed bytes stay where they are until the next Feed(), which drops them.
   read_ += total;
   consumed_ += total;
-  if (read_ == buffer_.size()) {
-    buffer_.clear();
-    read_ = 0;
-  }
-  return std::optional<Frame>(std::move(f));
+  return std::optional<FrameView>(
+      FrameView{h->type, h->tag, h->fragment, avail.substr(kHeaderSize, h->body_size())});
+}
+
+Result<std::optional<Frame>> FrameDecoder::Next() {
+  auto view = NextView();
+  if (!view) return view.error();
+  if (!view->has_value()) return std::optional<Frame>();
+  return std::optional<Frame>(Frame(**view));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Reassembler.
 
-Result<std::optional<Frame>> Reassembler::Add(Frame frame) {
+Result<std::optional<FrameView>> Reassembler::Add(FrameView frame) {
   switch (frame.type) {
     case wire::kTdiscarded:
     case wire::kTdiscardedLegacy:
@@ -482,7 +493,6 @@ Result<std::optional<Frame>> Reassembler::Add(Frame frame) {
     default:
       break;
   }
-  auto it = partial_.find(frame.tag);
   if (!IsFragmentable(frame.type)) {
     if (frame.fragment) {
       return ProtocolError(
@@ -490,17 +500,18 @@ Result<std::optional<Frame>> Reassembler::Add(Frame frame) {
                       "and Rdispatch may be fragmented",
                       TypeName(frame.type), frame.tag));
     }
-    return std::optional<Frame>(std::move(frame));
+    return std::optional<FrameView>(frame);
   }
+  auto it = partial_.find(frame.tag);
   if (it == partial_.end()) {
-    if (!frame.fragment) return std::optional<Frame>(std::move(frame));
+    if (!frame.fragment) return std::optional<FrameView>(frame);
     if (frame.body.size() > max_bytes_per_tag_) {
       return ProtocolError(
           fmt::format("{} tag {}: {} buffered fragment bytes exceed the limit of {}",
                       TypeName(frame.type), frame.tag, frame.body.size(), max_bytes_per_tag_));
     }
-    partial_.emplace(frame.tag, Partial{frame.type, std::move(frame.body)});
-    return std::optional<Frame>();
+    partial_.emplace(frame.tag, Partial{frame.type, std::string(frame.body)});
+    return std::optional<FrameView>();
   }
   Partial& p = it->second;
   if (p.type != frame.type) {
@@ -517,10 +528,22 @@ Result<std::optional<Frame>> Reassembler::Add(Frame frame) {
     return ProtocolError(std::move(detail));
   }
   p.body.append(frame.body);
-  if (frame.fragment) return std::optional<Frame>();
-  Frame whole{p.type, frame.tag, false, std::move(p.body)};
+  if (frame.fragment) return std::optional<FrameView>();
+  const std::uint8_t type = p.type;
+  completed_ = std::move(p.body);
   partial_.erase(it);
-  return std::optional<Frame>(std::move(whole));
+  return std::optional<FrameView>(FrameView{type, frame.tag, false, completed_});
+}
+
+Result<std::optional<Frame>> Reassembler::Add(Frame frame) {
+  auto whole = Add(FrameView{frame.type, frame.tag, frame.fragment, frame.body});
+  if (!whole) return whole.error();
+  if (!whole->has_value()) return std::optional<Frame>();
+  if ((*whole)->body.data() == frame.body.data()) {  // `frame` itself: move, do not copy
+    frame.fragment = false;
+    return std::optional<Frame>(std::move(frame));
+  }
+  return std::optional<Frame>(Frame{(*whole)->type, frame.tag, false, std::move(completed_)});
 }
 
 bool Reassembler::Drop(std::uint32_t tag) { return partial_.erase(tag) > 0; }
@@ -533,8 +556,62 @@ std::size_t Reassembler::buffered_bytes(std::uint32_t tag) const {
 // ---------------------------------------------------------------------------------------------
 // Encoding.
 
+namespace {
+// The encoded size of a Tdispatch body (what EncodeBody appends when every field fits).
+std::size_t TdispatchBodySize(const Tdispatch& d) {
+  std::size_t n = 2 + 2 + d.dst.size() + 2 + d.payload.size();
+  for (const auto& c : d.contexts) n += 4 + c.key.size() + c.value.size();
+  for (const auto& e : d.dtab) n += 4 + e.prefix.size() + e.tree.size();
+  return n;
+}
+
+// Writes a Tdispatch body through a pointer into storage sized once, when every field fits
+// its 2-byte prefix (else returns false and the Writer reports the field that does not). The
+// Writer's field-by-field appends cost several times more, and every request is a Tdispatch.
+bool EncodeTdispatchDirect(const Tdispatch& d, std::string* out) {
+  auto fits = [](std::size_t n) { return n <= 0xFFFF; };
+  if (!fits(d.contexts.size()) || !fits(d.dst.size()) || !fits(d.dtab.size())) return false;
+  for (const auto& c : d.contexts) {
+    if (!fits(c.key.size()) || !fits(c.value.size())) return false;
+  }
+  for (const auto& e : d.dtab) {
+    if (!fits(e.prefix.size()) || !fits(e.tree.size())) return false;
+  }
+  const std::size_t start = out->size();
+  out->resize(start + TdispatchBodySize(d));
+  char* p = out->data() + start;
+  auto u16 = [&p](std::size_t v) {
+    p[0] = static_cast<char>(v >> 8);
+    p[1] = static_cast<char>(v & 0xFF);
+    p += 2;
+  };
+  auto bytes = [&p](std::string_view s) {
+    if (!s.empty()) std::memcpy(p, s.data(), s.size());
+    p += s.size();
+  };
+  auto prefixed = [&](std::string_view s) {
+    u16(s.size());
+    bytes(s);
+  };
+  u16(d.contexts.size());
+  for (const auto& c : d.contexts) {
+    prefixed(c.key);
+    prefixed(c.value);
+  }
+  prefixed(d.dst);
+  u16(d.dtab.size());
+  for (const auto& e : d.dtab) {
+    prefixed(e.prefix);
+    prefixed(e.tree);
+  }
+  bytes(d.payload);
+  return true;
+}
+}  // namespace
+
 Result<void> EncodeBody(const Message& m, std::string* out) {
   const char* name = NameOf(WireTypeOf(m));
+  if (const auto* d = std::get_if<Tdispatch>(&m); d != nullptr && EncodeTdispatchDirect(*d, out)) return {};
   Writer w(name, out);
   std::visit(
       [&w](const auto& v) {
@@ -608,16 +685,38 @@ std::string Encode(const Message& m) {
   return out;
 }
 
+namespace {
+Result<void> CheckBodySize(const Message& m, std::size_t body_size) {
+  if (body_size + 4 > kMaxWireFrameSize) {
+    return InvalidArgument(fmt::format("{}: body of {} bytes exceeds the largest frame",
+                                       TypeName(WireTypeOf(m)), body_size));
+  }
+  return {};
+}
+}  // namespace
+
 Result<void> EncodeFragmented(const Message& m, std::uint32_t max_fragment_body, std::string* out) {
   if (auto ok = CheckTag(m); !ok) return ok;
-  std::string body;
-  if (auto ok = EncodeBody(m, &body); !ok) return ok;
-  if (body.size() + 4 > kMaxWireFrameSize) {
-    return InvalidArgument(fmt::format("{}: body of {} bytes exceeds the largest frame",
-                                       TypeName(WireTypeOf(m)), body.size()));
-  }
   std::uint8_t type = WireTypeOf(m);
   if (!IsFragmentable(type)) max_fragment_body = kUnlimitedFragmentSize;
+  if (max_fragment_body == 0 || max_fragment_body >= kUnlimitedFragmentSize) {
+    // One frame: encode the body in place after a header written once its size is known.
+    const std::size_t start = out->size();
+    out->append(kHeaderSize, '\0');
+    auto ok = EncodeBody(m, out);
+    if (ok) ok = CheckBodySize(m, out->size() - start - kHeaderSize);
+    if (!ok) {
+      out->resize(start);
+      return ok;
+    }
+    std::string header;
+    AppendFrameHeader(type, TagOf(m), false, out->size() - start - kHeaderSize, &header);
+    out->replace(start, kHeaderSize, header);
+    return {};
+  }
+  std::string body;
+  if (auto ok = EncodeBody(m, &body); !ok) return ok;
+  if (auto ok = CheckBodySize(m, body.size()); !ok) return ok;
   AppendFragments(type, TagOf(m), body, max_fragment_body, out);
   return {};
 }
@@ -641,20 +740,38 @@ void AppendFragments(std::uint8_t type, std::uint32_t tag, std::string_view body
   }
 }
 
+std::string FragmentWriter::TakeSpare() {
+  if (spare_.empty()) return {};
+  std::string body = std::move(spare_.back());
+  spare_.pop_back();
+  spare_bytes_ -= body.capacity();
+  return body;
+}
+
+void FragmentWriter::Recycle(std::string body) {
+  const std::size_t capacity = body.capacity();
+  if (capacity > kMaxSpareBody || spare_bytes_ + capacity > kSpareBytes) return;
+  body.clear();
+  spare_bytes_ += capacity;
+  spare_.push_back(std::move(body));
+}
+
 Result<void> FragmentWriter::Enqueue(const Message& m) {
   if (auto ok = CheckTag(m); !ok) return ok;
-  Pending p{WireTypeOf(m), TagOf(m), {}, 0};
-  if (auto ok = EncodeBody(m, &p.body); !ok) return ok;
+  Pending p{WireTypeOf(m), TagOf(m), TakeSpare(), 0};
+  if (auto ok = EncodeBody(m, &p.body); !ok) {
+    Recycle(std::move(p.body));
+    return ok;
+  }
   queue_.push_back(std::move(p));
   return {};
 }
 
 std::size_t FragmentWriter::WriteRound(std::string* out) {
-  std::size_t frames = 0;
-  std::size_t n = queue_.size();
-  for (std::size_t i = 0; i < n; ++i) {
-    Pending p = std::move(queue_.front());
-    queue_.pop_front();
+  // Messages that still have frames to send stay, in order, at the front of the queue; the
+  // others give their bodies to the spares.
+  std::size_t kept = 0;
+  for (Pending& p : queue_) {
     std::uint32_t max = max_fragment_body_;
     bool unlimited = max == 0 || max >= kUnlimitedFragmentSize || !IsFragmentable(p.type);
     std::size_t left = p.body.size() - p.offset;
@@ -663,9 +780,15 @@ std::size_t FragmentWriter::WriteRound(std::string* out) {
     AppendFrameHeader(p.type, p.tag, more, take, out);
     out->append(p.body, p.offset, take);
     p.offset += take;
-    ++frames;
-    if (more) queue_.push_back(std::move(p));
+    if (!more) {
+      Recycle(std::move(p.body));
+    } else {
+      if (&queue_[kept] != &p) queue_[kept] = std::move(p);
+      ++kept;
+    }
   }
+  const std::size_t frames = queue_.size();
+  queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(kept), queue_.end());
   return frames;
 }
 
@@ -677,6 +800,7 @@ std::optional<bool> FragmentWriter::Remove(std::uint8_t type, std::uint32_t tag)
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
     if (it->type == type && it->tag == tag) {
       bool started = it->offset > 0;
+      Recycle(std::move(it->body));
       queue_.erase(it);
       return started;
     }
@@ -694,11 +818,15 @@ const std::string* FindContext(const Contexts& contexts, std::string_view key) {
   return nullptr;
 }
 
+void AppendDeadline(const Deadline& d, std::string* out) {
+  PutInt(static_cast<std::uint64_t>(d.timestamp_ns), 8, out);
+  PutInt(static_cast<std::uint64_t>(d.deadline_ns), 8, out);
+}
+
 std::string EncodeDeadline(const Deadline& d) {
   std::string out;
   out.reserve(16);
-  PutInt(static_cast<std::uint64_t>(d.timestamp_ns), 8, &out);
-  PutInt(static_cast<std::uint64_t>(d.deadline_ns), 8, &out);
+  AppendDeadline(d, &out);
   return out;
 }
 
@@ -713,14 +841,18 @@ Result<Deadline> DecodeDeadline(std::string_view value) {
   return d;
 }
 
+void AppendTraceContext(const TraceContext& t, std::string* out) {
+  PutInt(t.span_id, 8, out);
+  PutInt(t.parent_id, 8, out);
+  PutInt(t.trace_id, 8, out);
+  PutInt(t.flags, 8, out);
+  if (t.trace_id_high) PutInt(*t.trace_id_high, 8, out);
+}
+
 std::string EncodeTraceContext(const TraceContext& t) {
   std::string out;
   out.reserve(40);
-  PutInt(t.span_id, 8, &out);
-  PutInt(t.parent_id, 8, &out);
-  PutInt(t.trace_id, 8, &out);
-  PutInt(t.flags, 8, &out);
-  if (t.trace_id_high) PutInt(*t.trace_id_high, 8, &out);
+  AppendTraceContext(t, &out);
   return out;
 }
 
@@ -739,9 +871,13 @@ Result<TraceContext> DecodeTraceContext(std::string_view value) {
   return t;
 }
 
+void AppendRetries(std::int32_t retries, std::string* out) {
+  PutInt(static_cast<std::uint32_t>(retries), 4, out);
+}
+
 std::string EncodeRetries(std::int32_t retries) {
   std::string out;
-  PutInt(static_cast<std::uint32_t>(retries), 4, &out);
+  AppendRetries(retries, &out);
   return out;
 }
 

@@ -6,6 +6,8 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <thread>
+#include <vector>
 
 #include <boost/asio/post.hpp>
 #include <gmock/gmock.h>
@@ -55,6 +57,28 @@ class DispatcherTest : public ::testing::Test {
     transport_.reset();
     env_.Run();
     factory_.Clear();
+  }
+
+  // dispatcher_ (over transport_) and a second dispatcher, as on another loop, sharing `limit`.
+  struct Shard {
+    std::shared_ptr<FakeTransport> transport;
+    std::shared_ptr<TimeoutSink> timeout;
+    std::shared_ptr<MessageDispatcher> dispatcher;
+  };
+  Shard BuildSharing(const std::shared_ptr<MessageDispatcher::PendingLimit>& limit) {
+    auto shard = [&] {
+      Shard s;
+      s.transport = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+      s.timeout = std::make_shared<TimeoutSink>(env_.loop(), s.transport, env_.scope);
+      s.dispatcher =
+          std::make_shared<MessageDispatcher>(env_.loop(), "test", s.timeout, kTimeout, env_.scope, limit);
+      return s;
+    };
+    Shard mine = shard();
+    transport_ = mine.transport;
+    timeout_ = mine.timeout;
+    dispatcher_ = mine.dispatcher;
+    return shard();
   }
 
   size_t Start(std::optional<Duration> timeout = std::nullopt, bool initiating = true) {
@@ -489,12 +513,7 @@ namespace {
 // it fail at once with kTooManyPending, and each completion makes room again.
 TEST_F(DispatcherTest, MaxPendingIsSharedAndCountsEveryOutcome) {
   auto limit = std::make_shared<MessageDispatcher::PendingLimit>(3);
-  transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
-  timeout_ = std::make_shared<TimeoutSink>(env_.loop(), transport_, env_.scope);
-  dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, kTimeout, env_.scope, limit);
-  auto other_transport = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
-  auto other_timeout = std::make_shared<TimeoutSink>(env_.loop(), other_transport, env_.scope);
-  auto other = std::make_shared<MessageDispatcher>(env_.loop(), "test", other_timeout, kTimeout, env_.scope, limit);
+  auto [other_transport, other_timeout, other] = BuildSharing(limit);
 
   auto a = Start();
   auto b = calls_.Start(*other);
@@ -528,6 +547,97 @@ TEST_F(DispatcherTest, MaxPendingIsSharedAndCountsEveryOutcome) {
   EXPECT_EQ(calls_[e].completions, 0);
   EXPECT_EQ(limit->pending.load(), 1u);
   other->Close();
+  env_.Run();
+}
+
+// Call objects come from a per-thread cache of freed blocks: blocks freed on one thread and
+// reused there, blocks too large to cache, and a thread that exits with cached blocks all
+// behave like plain new/delete (ASan builds bypass the cache; release builds exercise it).
+TEST(CallObjectTest, CachedBlocksAreReusedSafelyAcrossSizesAndThreads) {
+  struct SmallCall : CallBase {
+    void Complete(MethodReturnMessage&, const boost::asio::any_io_executor&) override {}
+    int value = 0;
+  };
+  struct LargeCall : CallBase {
+    void Complete(MethodReturnMessage&, const boost::asio::any_io_executor&) override {}
+    char payload[4096] = {};
+  };
+  std::vector<CallBase*> made;
+  std::thread maker([&] {
+    for (int i = 0; i < 100; ++i) {
+      auto* c = new SmallCall;
+      c->value = i;
+      made.push_back(c);
+      made.push_back(new LargeCall);
+    }
+  });
+  maker.join();
+  for (CallBase* c : made) delete c;  // freed here: this thread's cache takes what fits
+  std::thread exits_with_cache([] {
+    for (int i = 0; i < 10; ++i) delete new SmallCall;
+    std::vector<CallBase*> held;
+    for (int i = 0; i < 50; ++i) held.push_back(new SmallCall);
+    for (CallBase* c : held) delete c;
+  });
+  exits_with_cache.join();
+  for (int i = 0; i < 1000; ++i) {
+    auto* c = new SmallCall;
+    EXPECT_EQ(c->value, 0);
+    EXPECT_EQ(c->stack.depth(), 0u);
+    c->value = i;
+    delete c;
+  }
+}
+
+// A large limit is counted against per-loop reserves taken `batch` slots at a time, so most
+// calls touch no shared atomic; a loop gives back what it does not use, and however the
+// reserves are spread, no more than `max` calls are ever admitted.
+TEST_F(DispatcherTest, MaxPendingReservesSlotsInBatchesAndNeverExceedsTheLimit) {
+  EXPECT_EQ(MessageDispatcher::PendingLimit(3, 2).batch, 1u);
+  EXPECT_EQ(MessageDispatcher::PendingLimit(100000, 2).batch, 64u);
+  EXPECT_EQ(MessageDispatcher::PendingLimit(640, 2).batch, 10u);
+  auto limit = std::make_shared<MessageDispatcher::PendingLimit>(640, 2);
+  auto [other_transport, other_timeout, other] = BuildSharing(limit);
+
+  Start();
+  env_.Run();
+  EXPECT_EQ(limit->pending.load(), 10u);  // one batch reserved for the first call
+  for (int i = 0; i < 9; ++i) Start();
+  env_.Run();
+  EXPECT_EQ(limit->pending.load(), 10u);  // the next nine used it
+  Start();
+  env_.Run();
+  EXPECT_EQ(limit->pending.load(), 20u);
+
+  // Fill the limit from both dispatchers, alternating: some calls are refused, never more
+  // than `max` are held, and at most the other loop's unused reserve (2 x batch) is lost.
+  size_t admitted = 11;
+  size_t refused = 0;
+  for (int i = 0; i < 700; ++i) {
+    auto c = i % 2 == 0 ? Start() : calls_.Start(*other);
+    env_.Run();
+    if (calls_[c].completions == 0) {
+      ++admitted;
+    } else {
+      EXPECT_EQ(calls_[c].error, Errc::kTooManyPending);
+      ++refused;
+    }
+  }
+  EXPECT_LE(admitted, 640u);
+  EXPECT_GE(admitted, 640u - 2 * 10);
+  EXPECT_EQ(admitted + refused, 711u);
+  EXPECT_LE(limit->pending.load(), 640u);
+  EXPECT_EQ(transport_->in_flight() + other_transport->in_flight(), admitted);
+
+  // Completing every call gives the slots back, down to one batch kept per loop at most.
+  env_.clock->Advance(kTimeout);
+  env_.Run();
+  EXPECT_EQ(dispatcher_->pending() + other->pending(), 0u);
+  EXPECT_LE(limit->pending.load(), 2 * 2 * 10u);
+  other->Close();
+  env_.Run();
+  other.reset();
+  other_timeout.reset();
   env_.Run();
 }
 

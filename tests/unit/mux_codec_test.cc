@@ -538,6 +538,43 @@ TEST(MuxCodecTest, FrameDecoderLimits) {
   }
 }
 
+// NextView gives the frames Next gives, as views into the decoder's buffer (no copy), split
+// anywhere; the stream offset and the buffered count advance the same way.
+TEST(MuxCodecTest, FrameDecoderViewsMatchFramesAtEveryCut) {
+  const std::string all = AllGoldenFrames();
+  const std::vector<Frame> expected = ExpectedFrames(all);
+  for (std::size_t cut = 0; cut <= all.size(); cut += 7) {
+    FrameDecoder d;
+    std::vector<Frame> got;
+    for (std::string_view part : {std::string_view(all).substr(0, cut), std::string_view(all).substr(cut)}) {
+      d.Feed(part);
+      while (true) {
+        auto v = d.NextView();
+        ASSERT_TRUE(v.has_value()) << v.error().detail;
+        if (!v->has_value()) break;
+        got.push_back(Frame(**v));
+      }
+    }
+    ASSERT_EQ(got, expected) << "cut at " << cut;
+    EXPECT_EQ(d.buffered(), 0u);
+    EXPECT_EQ(d.stream_offset(), all.size());
+  }
+  FrameDecoder d;
+  d.Feed(kTping + kEchoTdispatch);
+  auto ping = d.NextView();
+  ASSERT_TRUE(ping.has_value() && ping->has_value());
+  EXPECT_EQ((*ping)->type, wire::kTping);
+  auto dispatch = d.NextView();
+  ASSERT_TRUE(dispatch.has_value() && dispatch->has_value());
+  EXPECT_EQ((*dispatch)->body, kEchoTdispatch.substr(8));
+  EXPECT_TRUE(*DecodeMessage(**dispatch) == Message(EchoTdispatchMessage()));
+  // A decode error is sticky for views too.
+  FrameDecoder bad(100);
+  bad.Feed(Bytes("00 00 00 65 02 00 00 02"));
+  EXPECT_FALSE(bad.NextView().has_value());
+  EXPECT_FALSE(bad.Next().has_value());
+}
+
 // --- Fragmentation. ----------------------------------------------------------------------------
 
 TEST(MuxCodecTest, EncodeFragmentedAtFramer16IsTheGoldenVector) {
@@ -617,6 +654,34 @@ TEST(MuxCodecTest, InterleavedFragmentsReassemble) {
   EXPECT_EQ(c->body, "c");
 }
 
+// Add(FrameView): an unfragmented frame comes back as the same bytes (nothing copied); a
+// fragmented one as a view of the body reassembled inside; errors as for Add(Frame).
+TEST(MuxCodecTest, ReassemblerViews) {
+  Reassembler r;
+  const std::string c = "c-body";
+  auto whole = r.Add(FrameView{wire::kRdispatch, 4, false, c});
+  ASSERT_TRUE(whole.has_value() && whole->has_value());
+  EXPECT_EQ((*whole)->body.data(), c.data());
+  const std::string a1 = "a1", a2 = "a2", a3 = "a3";
+  EXPECT_FALSE(r.Add(FrameView{wire::kRdispatch, 2, true, a1})->has_value());
+  EXPECT_FALSE(r.Add(FrameView{wire::kRdispatch, 2, true, a2})->has_value());
+  auto ping = r.Add(FrameView{wire::kTping, 1, false, {}});
+  ASSERT_TRUE(ping.has_value() && ping->has_value());
+  EXPECT_EQ((*ping)->type, wire::kTping);
+  auto a = r.Add(FrameView{wire::kRdispatch, 2, false, a3});
+  ASSERT_TRUE(a.has_value() && a->has_value());
+  EXPECT_EQ((*a)->type, wire::kRdispatch);
+  EXPECT_EQ((*a)->tag, 2u);
+  EXPECT_FALSE((*a)->fragment);
+  EXPECT_EQ((*a)->body, "a1a2a3");
+  EXPECT_EQ(r.pending_tags(), 0u);
+  auto bad = r.Add(FrameView{wire::kTping, 1, true, {}});
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_THAT(bad.error().detail, HasSubstr("fragment bit"));
+  Reassembler small(3);
+  EXPECT_FALSE(small.Add(FrameView{wire::kRdispatch, 2, true, "abcd"}).has_value());
+}
+
 TEST(MuxCodecTest, FragmentWriterRoundRobin) {
   FragmentWriter w(16);
   Tdispatch a = EchoTdispatchMessage();  // 83-byte body: 6 frames
@@ -667,6 +732,59 @@ TEST(MuxCodecTest, FragmentWriterRemove) {
   std::string all;
   EXPECT_EQ(u.WriteRound(&all), 2u);
   EXPECT_EQ(all, kEchoTdispatch + kTping);
+}
+
+// The writer encodes into bodies kept from written messages: whatever was written before,
+// removed or left half-written, every message comes out exactly as Encode gives it.
+TEST(MuxCodecTest, FragmentWriterReusedBodiesEncodeExactly) {
+  FragmentWriter w;
+  auto dispatch = [](std::uint32_t tag, std::size_t payload) {
+    Tdispatch d = EchoTdispatchMessage();
+    d.tag = tag;
+    d.payload = std::string(payload, static_cast<char>('a' + tag % 26));
+    return d;
+  };
+  for (int round = 0; round < 4; ++round) {
+    std::string want;
+    for (std::uint32_t tag = 2; tag < 40; ++tag) {
+      // Sizes vary per round, so a reused body is sometimes larger, sometimes smaller.
+      Tdispatch d = dispatch(tag, (tag * 37 + round * 101) % 300);
+      ASSERT_TRUE(w.Enqueue(d).has_value());
+      if (tag % 5 == 0) {
+        EXPECT_EQ(w.Remove(wire::kTdispatch, tag), std::optional<bool>(false));
+      } else {
+        want += Encode(d);
+      }
+    }
+    ASSERT_TRUE(w.Enqueue(Rping{1}).has_value());
+    want += kRping;
+    std::string out = "prefix";
+    w.WriteAll(&out);
+    EXPECT_EQ(out, "prefix" + want) << "round " << round;
+    EXPECT_TRUE(w.empty());
+  }
+  // Bodies larger than the spares keep, and fragments, still come out right.
+  w.set_max_fragment_body(1000);
+  Tdispatch big = dispatch(7, 100000);
+  ASSERT_TRUE(w.Enqueue(big).has_value());
+  ASSERT_TRUE(w.Enqueue(dispatch(8, 10)).has_value());
+  std::string out;
+  w.WriteAll(&out);
+  Reassembler r;
+  std::vector<Frame> whole;
+  for (auto& f : ExpectedFrames(out)) {
+    auto x = r.Add(std::move(f));
+    ASSERT_TRUE(x.has_value());
+    if (x->has_value()) whole.push_back(std::move(**x));
+  }
+  ASSERT_EQ(whole.size(), 2u);
+  EXPECT_TRUE(*DecodeMessage(whole[0]) == Message(dispatch(8, 10)));
+  EXPECT_TRUE(*DecodeMessage(whole[1]) == Message(big));
+  // A message that fails to encode leaves nothing queued.
+  Tdispatch bad = dispatch(9, 1);
+  bad.dst = std::string(0x10000, 'd');
+  EXPECT_FALSE(w.Enqueue(bad).has_value());
+  EXPECT_TRUE(w.empty());
 }
 
 TEST(MuxCodecTest, DiscardsDropPartialFragments) {
@@ -742,6 +860,11 @@ TEST(MuxCodecTest, UnrepresentableMessagesAreEncodeErrors) {
   EXPECT_THROW(Encode(big_key), scales::Error);
   EXPECT_TRUE(EncodeMessage(Tping{kMaxTag}, &out).has_value());
   EXPECT_EQ(out, Bytes("00 00 00 04 41 7f ff ff"));
+  // A failed encode after other frames leaves those frames as they were.
+  EXPECT_FALSE(EncodeMessage(big_key, &out).has_value());
+  EXPECT_EQ(out, Bytes("00 00 00 04 41 7f ff ff"));
+  EXPECT_TRUE(EncodeMessage(EchoTdispatchMessage(), &out).has_value());
+  EXPECT_EQ(out, Bytes("00 00 00 04 41 7f ff ff") + kEchoTdispatch);
 }
 
 // --- Contexts. ----------------------------------------------------------------------------------
@@ -757,6 +880,18 @@ TEST(MuxCodecTest, DeadlineContext) {
   EXPECT_EQ(*DecodeDeadline(EncodeDeadline(ns)), ns);
   EXPECT_FALSE(DecodeDeadline(std::string(15, '\0')).has_value());
   EXPECT_FALSE(DecodeDeadline(std::string(17, '\0')).has_value());
+}
+
+// The Append forms write the same bytes after whatever the string holds.
+TEST(MuxCodecTest, AppendContextsMatchEncode) {
+  Deadline d{1'700'000'000'123'456'789, Deadline::kNone};
+  TraceContext t{1, 2, 3, TraceContext::kDebug, 0x0102030405060708};
+  std::string out = "x";
+  AppendDeadline(d, &out);
+  AppendTraceContext(t, &out);
+  AppendRetries(-1, &out);
+  EXPECT_EQ(out, "x" + EncodeDeadline(d) + EncodeTraceContext(t) + EncodeRetries(-1));
+  EXPECT_EQ(out.size(), 1u + 16 + 40 + 4);
 }
 
 TEST(MuxCodecTest, TraceContext) {

@@ -47,7 +47,10 @@ struct ClientOptions {
   stats::StatsRegistry* stats = nullptr;
   // Most calls the client holds at once (dispatched, not yet completed), over all its event
   // loops; a call beyond it fails at once with kTooManyPending (counter
-  // scales_rejected{reason="max_pending"}). Default 100000; 0 = no limit.
+  // scales_rejected{reason="max_pending"}). Default 100000; 0 = no limit. Each loop reserves
+  // slots in batches (at most 64, and at most 1/32 of the limit per loop), so a call may be
+  // refused up to (loops - 1) x 2 x batch calls early (128 of 100000 on 2 loops); small limits
+  // are exact.
   size_t max_pending = 100000;
   // Give every call that has no TraceContext of its own (CallOptions::trace) a new root trace
   // id (trace = span = parent, from the loop's Random). It is sent on Mux (TraceContext), as

@@ -4,7 +4,9 @@
 // context encodings used by ThriftMux.
 //
 // No I/O happens here. Byte strings (context keys and values, payloads, bodies) are held in
-// std::string; inputs are std::string_view. Decoding never throws: every decode function returns
+// std::string; inputs are std::string_view. The read path can work on views instead
+// (FrameDecoder::NextView, Reassembler::Add(FrameView)) and the request path can encode
+// contexts into reused strings (Append*), so that a call costs the codec no allocation. Decoding never throws: every decode function returns
 // a mux::Result whose error is a CodecError (code Errc::kProtocolError plus a detail naming what
 // is wrong and at which offset). Encoding functions that can meet an unrepresentable value
 // (a field longer than its length prefix, a tag past 0x7FFFFF) return Result<void> with
@@ -15,7 +17,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <limits>
 #include <optional>
 #include <string>
@@ -234,6 +235,17 @@ struct Frame {
   friend bool operator==(const Frame&, const Frame&) = default;
 };
 
+// A frame whose body is a view into bytes someone else holds (FrameDecoder::NextView: its
+// buffer; Reassembler::Add(FrameView): the input or its own reassembled body). Lets the read
+// path decode a reply without copying the frame body first.
+struct FrameView {
+  std::uint8_t type = 0;
+  std::uint32_t tag = 0;
+  bool fragment = false;
+  std::string_view body;
+  explicit operator Frame() const { return Frame{type, tag, fragment, std::string(body)}; }
+};
+
 struct FrameHeader {
   std::uint32_t size = 0;  // type + tag + body
   std::uint8_t type = 0;
@@ -257,6 +269,7 @@ void AppendFrameHeader(std::uint8_t type, std::uint32_t tag, bool fragment, std:
 Result<Message> DecodeMessage(std::uint8_t type, std::uint32_t tag, std::string_view body);
 // Decodes an unfragmented frame (error if frame.fragment is set).
 Result<Message> DecodeMessage(const Frame& frame);
+Result<Message> DecodeMessage(const FrameView& frame);
 // Decodes `bytes`, which must hold exactly one complete unfragmented frame (header included).
 Result<Message> DecodeFrameBytes(std::string_view bytes,
                                  std::uint32_t max_frame_size = kMaxWireFrameSize);
@@ -275,6 +288,9 @@ class FrameDecoder {
   // The next complete frame, std::nullopt when more bytes are needed, or an error (size < 4,
   // size > max frame size) naming the offending size, the limit and the stream offset.
   Result<std::optional<Frame>> Next();
+  // As Next(), without copying the body: the view points into the decoder's buffer and stays
+  // valid until the next call of Feed, Next or NextView.
+  Result<std::optional<FrameView>> NextView();
 
   // Bytes fed but not yet returned as frames.
   std::size_t buffered() const { return buffer_.size() - read_; }
@@ -304,6 +320,10 @@ class Reassembler {
   // Returns the complete frame (fragment == false) when `frame` completes a message,
   // std::nullopt when it was a non-final fragment.
   Result<std::optional<Frame>> Add(Frame frame);
+  // The same for a frame held elsewhere (FrameDecoder::NextView). The complete message is a
+  // view of `frame` itself when it was not fragmented (nothing is copied), else of a body
+  // reassembled here, valid until the next call of Add, Drop or Clear.
+  Result<std::optional<FrameView>> Add(FrameView frame);
 
   // Drops partial fragments of `tag`; returns whether there were any.
   bool Drop(std::uint32_t tag);
@@ -319,6 +339,7 @@ class Reassembler {
   };
   std::size_t max_bytes_per_tag_;
   std::unordered_map<std::uint32_t, Partial> partial_;
+  std::string completed_;  // the last message Add(FrameView) reassembled
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -343,6 +364,9 @@ void AppendFragments(std::uint8_t type, std::uint32_t tag, std::string_view body
 // Write queue that interleaves fragmented messages the way Finagle's writer does: each round
 // emits one frame per queued message, in queue order; a message leaves the queue with its final
 // frame. With no fragmentation every message is written whole in its turn.
+//
+// Queued bodies are encoded into strings kept from messages already written (up to
+// kSpareBytes of capacity), so a steady stream of requests costs the writer no allocation.
 class FragmentWriter {
  public:
   explicit FragmentWriter(std::uint32_t max_fragment_body = kUnlimitedFragmentSize)
@@ -367,14 +391,24 @@ class FragmentWriter {
   std::optional<bool> Remove(std::uint8_t type, std::uint32_t tag);
 
  private:
+  // Capacity kept in spare bodies, and the largest body kept: enough for a few hundred
+  // ordinary requests, little next to a session's read buffer.
+  static constexpr std::size_t kSpareBytes = 64 * 1024;
+  static constexpr std::size_t kMaxSpareBody = 16 * 1024;
+
   struct Pending {
     std::uint8_t type = 0;
     std::uint32_t tag = 0;
     std::string body;
     std::size_t offset = 0;
   };
+  std::string TakeSpare();
+  void Recycle(std::string body);
+
   std::uint32_t max_fragment_body_;
-  std::deque<Pending> queue_;
+  std::vector<Pending> queue_;  // in write order
+  std::vector<std::string> spare_;
+  std::size_t spare_bytes_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -404,6 +438,8 @@ struct Deadline {
   friend bool operator==(const Deadline&, const Deadline&) = default;
 };
 std::string EncodeDeadline(const Deadline& d);
+// Appends the 16 bytes (into a reused context value: no allocation once it has the capacity).
+void AppendDeadline(const Deadline& d, std::string* out);
 Result<Deadline> DecodeDeadline(std::string_view value);  // exactly 16 bytes
 
 // TraceContext: 32 bytes, or 40 with the high 64 bits of a 128-bit trace id.
@@ -419,10 +455,12 @@ struct TraceContext {
   friend bool operator==(const TraceContext&, const TraceContext&) = default;
 };
 std::string EncodeTraceContext(const TraceContext& t);
+void AppendTraceContext(const TraceContext& t, std::string* out);
 Result<TraceContext> DecodeTraceContext(std::string_view value);  // 32 or 40 bytes
 
 // Retries (requeue attempt number): 4-byte signed int.
 std::string EncodeRetries(std::int32_t retries);
+void AppendRetries(std::int32_t retries, std::string* out);
 Result<std::int32_t> DecodeRetries(std::string_view value);
 
 // ClientId: UTF-8 text; empty = no id. Decoding checks the UTF-8.
