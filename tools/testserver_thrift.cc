@@ -8,6 +8,9 @@
 //
 // On start it prints exactly one line, `listening 127.0.0.1:<port>` (the real port; --port 0
 // lets the kernel choose), and flushes stdout. SIGTERM or SIGINT ends it.
+//
+// With --tls-cert/--tls-key it serves TLS from the first byte (Apache Thrift's
+// TSSLServerSocket); --tls-client-ca also requires a client certificate signed by that CA.
 #include <pthread.h>
 
 #include <csignal>
@@ -23,6 +26,8 @@
 #include <thrift/protocol/TCompactProtocol.h>
 #include <thrift/server/TThreadedServer.h>
 #include <thrift/transport/TBufferTransports.h>
+#include <thrift/transport/TSSLServerSocket.h>
+#include <thrift/transport/TSSLSocket.h>
 #include <thrift/transport/TServerSocket.h>
 
 #include "Echo.h"
@@ -56,8 +61,11 @@ int Usage(std::FILE* out) {
   std::fputs(
       "usage: scales testserver thrift [--port P] [--transport framed|buffered]\n"
       "                                [--protocol binary|compact]\n"
+      "                                [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]\n"
       "  serves the Echo service (tools/echo.thrift) on 127.0.0.1 with Apache Thrift's\n"
-      "  TThreadedServer; prints 'listening 127.0.0.1:<port>' once ready.\n",
+      "  TThreadedServer; prints 'listening 127.0.0.1:<port>' once ready. With --tls-cert and\n"
+      "  --tls-key: TLS (TSSLServerSocket); --tls-client-ca: require client certificates\n"
+      "  signed by that CA (mutual TLS).\n",
       out);
   return out == stdout ? 0 : 2;
 }
@@ -69,6 +77,9 @@ int RunThriftTestServerCommand(int argc, char** argv) {
   int port = 0;
   bool framed = true;
   bool compact = false;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
   for (int i = 2; i < argc; ++i) {
     std::string_view arg = argv[i];
     const char* value = i + 1 < argc ? argv[i + 1] : nullptr;
@@ -86,6 +97,12 @@ int RunThriftTestServerCommand(int argc, char** argv) {
     } else if (arg == "--protocol") {
       if (std::string_view(value) != "binary" && std::string_view(value) != "compact") return Usage(stderr);
       compact = std::string_view(value) == "compact";
+    } else if (arg == "--tls-cert") {
+      tls_cert = value;
+    } else if (arg == "--tls-key") {
+      tls_key = value;
+    } else if (arg == "--tls-client-ca") {
+      tls_client_ca = value;
     } else {
       std::fprintf(stderr, "scales testserver thrift: unknown option '%s'\n", argv[i - 1]);
       return Usage(stderr);
@@ -99,8 +116,30 @@ int RunThriftTestServerCommand(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
+  if (tls_cert.empty() != tls_key.empty() || (!tls_client_ca.empty() && tls_cert.empty())) {
+    std::fputs("scales testserver thrift: --tls-cert and --tls-key go together (and --tls-client-ca needs them)\n",
+               stderr);
+    return Usage(stderr);
+  }
+
   using namespace apache::thrift;
-  auto socket = std::make_shared<transport::TServerSocket>("127.0.0.1", port);
+  std::shared_ptr<transport::TServerSocket> socket;
+  if (tls_cert.empty()) {
+    socket = std::make_shared<transport::TServerSocket>("127.0.0.1", port);
+  } else {
+    try {
+      auto ssl = std::make_shared<transport::TSSLSocketFactory>(transport::SSLTLS);
+      ssl->server(true);
+      ssl->loadCertificate(tls_cert.c_str());
+      ssl->loadPrivateKey(tls_key.c_str());
+      if (!tls_client_ca.empty()) ssl->loadTrustedCertificates(tls_client_ca.c_str());
+      ssl->authenticate(!tls_client_ca.empty());
+      socket = std::make_shared<transport::TSSLServerSocket>("127.0.0.1", port, ssl);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "scales testserver thrift: TLS setup failed: %s\n", e.what());
+      return 1;
+    }
+  }
   std::shared_ptr<transport::TTransportFactory> tf;
   if (framed) {
     tf = std::make_shared<transport::TFramedTransportFactory>();

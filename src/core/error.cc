@@ -35,6 +35,7 @@ class ErrorCategory final : public boost::system::error_category {
       case Errc::kOpenTimeout: return "client open timed out";
       case Errc::kTooManyPending: return "too many pending requests";
       case Errc::kRequestTooLarge: return "request too large";
+      case Errc::kTlsFailed: return "TLS handshake failed";
     }
     return fmt::format("unknown scales error {}", ev);
   }
@@ -53,7 +54,7 @@ class ErrorCategory final : public boost::system::error_category {
       case Condition::kUnavailable:
         return e == Errc::kNoMembers || e == Errc::kFailedFast || e == Errc::kConnectFailed ||
                e == Errc::kConnectTimeout || e == Errc::kDiscoveryFailed ||
-               e == Errc::kClientClosed;
+               e == Errc::kClientClosed || e == Errc::kTlsFailed;
     }
     return false;
   }
@@ -111,6 +112,7 @@ std::string ErrorName(const error_code& ec) {
       case Errc::kOpenTimeout: return "open_timeout";
       case Errc::kTooManyPending: return "too_many_pending";
       case Errc::kRequestTooLarge: return "request_too_large";
+      case Errc::kTlsFailed: return "tls_failed";
     }
   }
   return fmt::format("{}:{}", ec.category().name(), ec.value());

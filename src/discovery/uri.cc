@@ -18,6 +18,7 @@ namespace {
 
 constexpr std::string_view kSchemeSeparator = "://";
 constexpr int kMaxPort = 65535;
+constexpr uint16_t kHttpsPort = 443;
 constexpr size_t kMaxHostNameLength = 253;
 
 bool IsAsciiAlnum(char c) {
@@ -62,22 +63,36 @@ class UriParser {
 
     size_t sep = uri_.find(kSchemeSeparator);
     if (sep == std::string_view::npos) {
-      return "missing '://' after the scheme (expected tcp://host:port[,host:port...] or "
-             "zk://host:port[,host:port...]/path)";
+      return "missing '://' after the scheme (expected tcp://host:port[,host:port...], "
+             "https://host[:port][,...] or zk://host:port[,host:port...]/path)";
     }
-    if (sep == 0) return "missing scheme before '://' (supported: tcp, zk)";
+    if (sep == 0) return "missing scheme before '://' (supported: tcp, https, zk)";
     out.scheme = AsciiLower(uri_.substr(0, sep));
-    if (out.scheme != "tcp" && out.scheme != "zk") {
-      return fmt::format("unsupported scheme '{}' (supported: tcp, zk)", uri_.substr(0, sep));
+    if (out.scheme != "tcp" && out.scheme != "zk" && out.scheme != "https") {
+      return fmt::format("unsupported scheme '{}' (supported: tcp, https, zk)", uri_.substr(0, sep));
     }
     const bool zk = out.scheme == "zk";
+    const bool https = out.scheme == "https";
+    if (https) default_port_ = kHttpsPort;
 
     size_t hosts_begin = sep + kSchemeSeparator.size();
     size_t hosts_end = uri_.find_first_of("/?#", hosts_begin);
     if (hosts_end == std::string_view::npos) hosts_end = uri_.size();
     if (auto err = ParseHosts(hosts_begin, hosts_end, out.hosts); !err.empty()) return err;
 
-    return zk ? ParseZkRest(hosts_end, out) : ParseTcpRest(hosts_end);
+    if (zk) return ParseZkRest(hosts_end, out);
+    if (auto err = ParseTcpRest(hosts_end, out); !err.empty()) return err;
+    if (https) {
+      // https:// is tcp:// with TLS on: the same static server set, so discovery needs
+      // nothing new; the transports read `tls` from the query.
+      auto [it, inserted] = out.query.emplace("tls", "on");
+      if (!inserted && it->second != "on" && it->second != "true" && it->second != "1") {
+        return fmt::format("tls={} contradicts the https:// scheme", it->second);
+      }
+      it->second = "on";
+      out.scheme = "tcp";
+    }
+    return {};
   }
 
  private:
@@ -118,6 +133,11 @@ class UriParser {
       std::string_view literal = entry.substr(1, close - 1);
       if (auto err = ValidateIpv6(literal, n, begin + 1); !err.empty()) return err;
       std::string_view rest = entry.substr(close + 1);
+      if (rest.empty() && default_port_ != 0) {
+        ep.host = std::string(literal);
+        ep.port = default_port_;
+        return {};
+      }
       if (rest.empty()) {
         return fmt::format("host {} ('{}') has no port (expected [address]:port)", n, entry);
       }
@@ -131,6 +151,12 @@ class UriParser {
       port_offset = begin + close + 2;
     } else {
       size_t colons = std::count(entry.begin(), entry.end(), ':');
+      if (colons == 0 && default_port_ != 0) {
+        if (auto err = ValidateHostName(entry, n, begin); !err.empty()) return err;
+        ep.host = std::string(entry);
+        ep.port = default_port_;
+        return {};
+      }
       if (colons == 0) {
         return fmt::format("host {} ('{}') at offset {} has no port (expected host:port)", n, entry,
                            begin);
@@ -253,17 +279,19 @@ class UriParser {
     return {};
   }
 
-  // The part after the hosts of a tcp:// URI: an ignored path, nothing else.
-  std::string ParseTcpRest(size_t pos) {
-    size_t q = uri_.find('?', pos);
+  // The part after the hosts of a tcp:// or https:// URI: an ignored path, then an optional
+  // ?query (per-client options such as tls=on). No fragment.
+  std::string ParseTcpRest(size_t pos, ParsedUri& out) {
     size_t h = uri_.find('#', pos);
-    if (q != std::string_view::npos && (h == std::string_view::npos || q < h)) {
-      return fmt::format("query ('?' at offset {}) is only allowed in zk:// URIs", q);
-    }
     if (h != std::string_view::npos) {
       return fmt::format("fragment ('#' at offset {}) is only allowed in zk:// URIs", h);
     }
-    return {};
+    size_t q = uri_.find('?', pos);
+    if (q == std::string_view::npos) return {};
+    if (size_t again = uri_.find('?', q + 1); again != std::string_view::npos) {
+      return fmt::format("second '?' at offset {}", again);
+    }
+    return ParseQuery(q + 1, uri_.size(), out);
   }
 
   // The part after the hosts of a zk:// URI: /path[#endpoint][?query] (either order of
@@ -374,6 +402,7 @@ class UriParser {
   }
 
   std::string_view uri_;
+  uint16_t default_port_ = 0;  // 0: every host needs a port
 };
 
 }  // namespace

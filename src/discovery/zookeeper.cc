@@ -58,9 +58,12 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
                               value));
       }
       out.auth = value;
+    } else if (key == "tls" || key.starts_with("tls_") || key == "opportunistic_tls") {
+      // The client's TLS options (ApplyTlsQuery; opportunistic_tls for ThriftMux), not
+      // discovery's: the ZooKeeper connection itself is not encrypted.
     } else {
       throw bad(fmt::format("unknown option '{}' (known: session_timeout, chroot, auth, "
-                            "retry_interval)",
+                            "retry_interval, tls, tls_*, opportunistic_tls)",
                             key));
     }
   }

@@ -123,8 +123,11 @@ HttpClientBuilder::HttpClientBuilder(HttpOptions options) : options_(std::move(o
 
 SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
   SinkStackSpec spec = ResilientStack<Response>(options, std::nullopt);
+  // The URI's TLS keys (https://, ?tls_ca_file=...) override the options.
+  TransportOptions transport = options.transport;
+  transport.tls = TlsOptionsForUri(options.client.uri, transport.tls);
   spec.WithSink(WatermarkPoolProvider(options.pool))
-      .WithSink(HttpTransportProvider(options.transport));
+      .WithSink(HttpTransportProvider(std::move(transport)));
   return spec;
 }
 

@@ -1,6 +1,9 @@
 #include "scales/http/transport.h"
 
+#include <tuple>
+
 #include <boost/asio/error.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/beast/http/error.hpp>
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/write.hpp>
@@ -50,61 +53,28 @@ void Validate(const TransportOptions& o) {
   if (o.connect_timeout < Duration::zero()) fail("transport.connect_timeout must be >= 0 (0 = no timeout)");
   if (o.max_response_header_bytes == 0) fail("transport.max_response_header_bytes must be > 0");
   if (o.max_response_body_bytes == 0) fail("transport.max_response_body_bytes must be > 0");
+  Validate(o.tls);
 }
+
+namespace {
+
+// Host header: the endpoint, or the TLS server name (the virtual host the certificate is for).
+std::string HostHeader(const SinkContext& ctx, const TransportOptions& o) {
+  if (!ctx.endpoint) return {};
+  if (o.tls.enabled && !o.tls.server_name.empty()) {
+    return Endpoint{o.tls.server_name, ctx.endpoint->port}.ToString();
+  }
+  return ctx.endpoint->ToString();
+}
+
+}  // namespace
 
 HttpTransportSink::HttpTransportSink(const SinkContext& ctx, TransportOptions options)
-    : loop_(*ctx.loop),
-      options_(options),
-      conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats),
-      host_header_(ctx.endpoint ? ctx.endpoint->ToString() : std::string()) {}
+    : ConnectionSink(ctx, options.connect_timeout, options.tls),
+      options_(std::move(options)),
+      host_header_(HostHeader(ctx, options_)) {}
 
 HttpTransportSink::~HttpTransportSink() = default;
-
-void HttpTransportSink::DoOpen(OpenHandler handler) {
-  switch (state_) {
-    case State::kOpen:
-      PostOpenCompletion(std::move(handler), loop_.executor(), {});
-      return;
-    case State::kClosed:
-      PostOpenCompletion(std::move(handler), loop_.executor(), make_error_code(Errc::kConnectionClosed));
-      return;
-    case State::kConnecting:
-      open_waiters_.Add(std::move(handler));
-      return;
-    case State::kIdle:
-      open_waiters_.Add(std::move(handler));
-      state_ = State::kConnecting;
-      conn_.AsyncConnect([self = self()](error_code ec) { self->OnConnected(ec); });
-      return;
-  }
-}
-
-void HttpTransportSink::OnConnected(error_code ec) {
-  if (state_ != State::kConnecting) return;  // closed meanwhile; waiters were answered
-  if (ec) {
-    state_ = State::kClosed;
-    conn_.Close();
-    open_waiters_.CompleteAll(loop_.executor(), ec);
-    return;
-  }
-  state_ = State::kOpen;
-  WatchIdle();
-  open_waiters_.CompleteAll(loop_.executor(), {});
-}
-
-void HttpTransportSink::WatchIdle() {
-  const uint64_t gen = generation_;
-  conn_.socket().async_wait(asio::ip::tcp::socket::wait_read,
-                            [self = self(), gen](const boost::system::error_code& ec) {
-                              if (ec || self->generation_ != gen || self->current_ != nullptr ||
-                                  self->state_ != State::kOpen) {
-                                return;
-                              }
-                              // Readable while idle: the server closed the connection (or sent
-                              // bytes nobody asked for). Either way it cannot be reused.
-                              self->Shutdown();
-                            });
-}
 
 void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream*) {
   auto* req = msg.payload<Request>();
@@ -115,11 +85,8 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     stack.AsyncProcessResponse(nullptr, m);
     return;
   }
-  if (state_ != State::kOpen || current_ != nullptr) {
-    auto m = MethodReturnMessage::Failure(
-        make_error_code(Errc::kConnectionClosed),
-        fmt::format("connection to {} is not usable ({})", conn_.address(),
-                    current_ ? "busy with another request" : "not open"));
+  if (auto [code, detail] = CheckUsable(); code) {
+    auto m = MethodReturnMessage::Failure(code, std::move(detail));
     stack.AsyncProcessResponse(nullptr, m);
     return;
   }
@@ -129,10 +96,8 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     return;
   }
   current_ = &stack;
-  ++generation_;
+  const uint64_t gen = BeginRequest();
   stack.SetCancelHandler(this, nullptr);
-  boost::system::error_code ignored;
-  conn_.socket().cancel(ignored);  // ends the idle watch
 
   request_ = {};
   request_.version(11);
@@ -162,61 +127,59 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   request_.prepare_payload();
 
   writing_ = true;
-  close_after_ = false;
-  bhttp::async_write(conn_.socket(), request_,
-                     [self = self(), gen = generation_](const boost::system::error_code& ec, size_t n) {
-                       self->OnWritten(gen, ec, n);
-                     });
+  conn().WithStream([&](auto& stream) {
+    bhttp::async_write(stream, request_, [self = self(), gen](const boost::system::error_code& ec, size_t n) {
+      self->OnWritten(gen, ec, n);
+    });
+  });
 }
 
 void HttpTransportSink::OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != generation_ || current_ == nullptr) return;
+  if (generation != this->generation() || current_ == nullptr) return;
   writing_ = false;
-  conn_.bytes_sent().Increment(static_cast<int64_t>(bytes));
-  if (ec) {
-    Shutdown();
-    Finish(make_error_code(Errc::kConnectionClosed),
-           fmt::format("writing the request to {} failed: {}", conn_.address(), ec.message()));
-    return;
-  }
+  if (!WriteDone(ec, bytes)) return;
   parser_.emplace();
   parser_->header_limit(static_cast<std::uint32_t>(
       std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
   parser_->body_limit(options_.max_response_body_bytes);
   if (request_.method() == bhttp::verb::head) parser_->skip(true);
-  bhttp::async_read(conn_.socket(), buffer_, *parser_,
-                    [self = self(), gen = generation_](const boost::system::error_code& e, size_t n) {
-                      self->OnRead(gen, e, n);
-                    });
+  conn().WithStream([&](auto& stream) {
+    bhttp::async_read(stream, buffer_, *parser_, [self = self(), gen = generation](const boost::system::error_code& e,
+                                                                                   size_t n) {
+      self->OnRead(gen, e, n);
+    });
+  });
 }
 
 void HttpTransportSink::OnRead(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != generation_ || current_ == nullptr) return;
-  conn_.bytes_received().Increment(static_cast<int64_t>(bytes));
+  if (generation != this->generation() || current_ == nullptr) return;
+  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
   if (ec) {
     error_code code;
     std::string detail;
-    if (ec == bhttp::error::body_limit) {
+    if (auto tls = TlsFailure(ec, "reading the response")) {
+      std::tie(code, detail) = std::move(*tls);
+    } else if (ec == bhttp::error::body_limit) {
       code = make_error_code(Errc::kResponseTooLarge);
       detail = fmt::format("response body from {} exceeds max_response_body_bytes ({} bytes)",
-                           conn_.address(), options_.max_response_body_bytes);
+                           conn().address(), options_.max_response_body_bytes);
     } else if (ec == bhttp::error::header_limit) {
       code = make_error_code(Errc::kResponseTooLarge);
       detail = fmt::format("response headers from {} exceed max_response_header_bytes ({} bytes)",
-                           conn_.address(), options_.max_response_header_bytes);
+                           conn().address(), options_.max_response_header_bytes);
     } else if (ec == bhttp::error::end_of_stream || ec == bhttp::error::partial_message ||
                ec == asio::error::eof || ec == asio::error::connection_reset ||
-               ec == asio::error::broken_pipe) {
+               ec == asio::error::broken_pipe || ec == asio::ssl::error::stream_truncated) {
       code = make_error_code(Errc::kConnectionClosed);
       detail = fmt::format("connection to {} closed by the server while reading the response "
                            "(after {} bytes): {}",
-                           conn_.address(), bytes, ec.message());
+                           conn().address(), bytes, ec.message());
     } else if (ec.category() == bhttp::make_error_code(bhttp::error::bad_version).category()) {
       code = make_error_code(Errc::kProtocolError);
-      detail = fmt::format("malformed HTTP response from {}: {}", conn_.address(), ec.message());
+      detail = fmt::format("malformed HTTP response from {}: {}", conn().address(), ec.message());
     } else {
       code = make_error_code(Errc::kConnectionClosed);
-      detail = fmt::format("reading the response from {} failed: {}", conn_.address(), ec.message());
+      detail = fmt::format("reading the response from {} failed: {}", conn().address(), ec.message());
     }
     Shutdown();
     Finish(code, std::move(detail));
@@ -243,7 +206,7 @@ void HttpTransportSink::OnRead(uint64_t generation, const boost::system::error_c
     const auto& msg = current_->message();
     auto* req = msg.payload<Request>();
     Finish(make_error_code(Errc::kHttpError),
-           fmt::format("HTTP {} {} from {} for {} {}: {}", out.status, out.reason, conn_.address(),
+           fmt::format("HTTP {} {} from {} for {} {}: {}", out.status, out.reason, conn().address(),
                        req->method, req->target, Snippet(out.body)));
     return;
   }
@@ -260,52 +223,21 @@ void HttpTransportSink::Finish(error_code ec, std::string detail) {
 
 void HttpTransportSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
   if (current_ != &stack) return;
-  std::string detail = writing_ ? fmt::format("while sending the request to {}", conn_.address())
-                                : fmt::format("while waiting for the response from {}", conn_.address());
+  std::string detail = writing_ ? fmt::format("while sending the request to {}", conn().address())
+                                : fmt::format("while waiting for the response from {}", conn().address());
   // An HTTP/1.1 connection with an unanswered request cannot be reused.
   Shutdown();
   Finish(reason, std::move(detail));
 }
 
-void HttpTransportSink::Shutdown() {
-  if (state_ == State::kClosed) return;
-  state_ = State::kClosed;
-  conn_.Close();
-  on_faulted_.Set({make_error_code(Errc::kConnectionClosed), fmt::format("connection to {} closed", conn_.address())});
-}
-
-void HttpTransportSink::Close() {
-  if (state_ == State::kConnecting) {
-    state_ = State::kClosed;
-    conn_.Close();
-    open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
-  }
-  state_ = State::kClosed;
-  conn_.Close();
-  if (current_ != nullptr) {
-    Finish(make_error_code(Errc::kClientClosed),
-           fmt::format("connection to {} closed by the client while the request was in flight",
-                       conn_.address()));
-  }
-}
-
-SinkStatus HttpTransportSink::status() const {
-  switch (state_) {
-    case State::kIdle:
-    case State::kConnecting:
-      return SinkStatus::kIdle;
-    case State::kOpen:
-      return SinkStatus::kOpen;
-    case State::kClosed:
-      return SinkStatus::kClosed;
-  }
-  return SinkStatus::kClosed;
-}
-
 SinkProvider HttpTransportProvider(TransportOptions options) {
   Validate(options);
+  // Loaded now, so that a missing or bad file fails the client's creation; kept by the
+  // provider so that every connection shares it (MakeTlsContext's cache).
+  std::shared_ptr<asio::ssl::context> tls_context;
+  if (options.tls.enabled) tls_context = MakeTlsContext(options.tls);
   return SinkProvider{std::string(roles::kTransport), "http-transport",
-                      [options](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                      [options, tls_context](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                         return std::make_shared<HttpTransportSink>(ctx, options);
                       }};
 }

@@ -48,7 +48,7 @@ void SingletonPool::OnOpened(const SinkPtr& sink, error_code ec) {
   if (closed_) return;  // Close() answered the waiters
   if (ec) {
     connect_failures_.Increment();
-    auto [code, detail] = ConnectFailure(address_, ec);
+    auto [code, detail] = ConnectFailure(address_, ec, sink->open_failure_detail());
     on_faulted_.Set({code, detail});
     open_waiters_.CompleteAll(loop_.executor(), code);
     for (auto& w : waiting) {

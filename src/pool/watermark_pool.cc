@@ -151,8 +151,8 @@ void WatermarkPool::OnConnOpened(Conn* c, error_code ec) {
   }
   if (ec) {
     connect_failures_.Increment();
-    Drop(c);
-    auto [code, detail] = ConnectFailure(address_, ec);
+    auto [code, detail] = ConnectFailure(address_, ec, c->sink->open_failure_detail());
+    Drop(c);  // frees c
     // The fault first: whoever watches it learns the details before open waiters resume.
     on_faulted_.Set({code, detail});
     open_waiters_.CompleteAll(loop_.executor(), code);

@@ -110,8 +110,11 @@ void Validate(const ThriftOptions& o) {
 
 SinkStackSpec DefaultThriftStack(const ThriftOptions& options) {
   SinkStackSpec spec = ResilientStack<Stream>(options, ThriftSerializerProvider());
+  // The URI's TLS keys (?tls=on&tls_ca_file=...) override the options.
+  TransportOptions transport = options.transport;
+  transport.tls = TlsOptionsForUri(options.client.uri, transport.tls);
   spec.WithSink(WatermarkPoolProvider(options.pool))
-      .WithSink(ThriftTransportProvider(options.transport));
+      .WithSink(ThriftTransportProvider(std::move(transport)));
   return spec;
 }
 

@@ -29,60 +29,13 @@ void Validate(const TransportOptions& o) {
   if (o.max_frame_bytes == 0 || o.max_frame_bytes > kMaxFrameLimit) {
     fail("transport.max_frame_bytes must be > 0 and < 2 GiB");
   }
+  Validate(o.tls);
 }
 
 ThriftTransportSink::ThriftTransportSink(const SinkContext& ctx, TransportOptions options)
-    : loop_(*ctx.loop),
-      options_(options),
-      conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats) {}
+    : ConnectionSink(ctx, options.connect_timeout, options.tls), options_(std::move(options)) {}
 
 ThriftTransportSink::~ThriftTransportSink() = default;
-
-void ThriftTransportSink::DoOpen(OpenHandler handler) {
-  switch (state_) {
-    case State::kOpen:
-      PostOpenCompletion(std::move(handler), loop_.executor(), {});
-      return;
-    case State::kClosed:
-      PostOpenCompletion(std::move(handler), loop_.executor(), make_error_code(Errc::kConnectionClosed));
-      return;
-    case State::kConnecting:
-      open_waiters_.Add(std::move(handler));
-      return;
-    case State::kIdle:
-      open_waiters_.Add(std::move(handler));
-      state_ = State::kConnecting;
-      conn_.AsyncConnect([self = self()](error_code ec) { self->OnConnected(ec); });
-      return;
-  }
-}
-
-void ThriftTransportSink::OnConnected(error_code ec) {
-  if (state_ != State::kConnecting) return;  // closed meanwhile; waiters were answered
-  if (ec) {
-    state_ = State::kClosed;
-    conn_.Close();
-    open_waiters_.CompleteAll(loop_.executor(), ec);
-    return;
-  }
-  state_ = State::kOpen;
-  WatchIdle();
-  open_waiters_.CompleteAll(loop_.executor(), {});
-}
-
-void ThriftTransportSink::WatchIdle() {
-  const uint64_t gen = generation_;
-  conn_.socket().async_wait(asio::ip::tcp::socket::wait_read,
-                            [self = self(), gen](const boost::system::error_code& ec) {
-                              if (ec || self->generation_ != gen || self->current_ != nullptr ||
-                                  self->state_ != State::kOpen) {
-                                return;
-                              }
-                              // Readable while idle: the server closed the connection (a Thrift
-                              // server never speaks first). It cannot be reused.
-                              self->Shutdown();
-                            });
-}
 
 void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
   Stream* request = stream != nullptr ? stream : msg.payload<Stream>();
@@ -96,10 +49,8 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
          "the Thrift transport needs a scales::Stream payload and a scales::Stream reply slot");
     return;
   }
-  if (state_ != State::kOpen || current_ != nullptr) {
-    fail(make_error_code(Errc::kConnectionClosed),
-         fmt::format("connection to {} is not usable ({})", conn_.address(),
-                     current_ ? "busy with another request" : "not open"));
+  if (auto [code, detail] = CheckUsable(); code) {
+    fail(code, std::move(detail));
     return;
   }
   if (stack.cancelled()) {
@@ -109,17 +60,15 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
   if (request->data.size() > options_.max_frame_bytes) {
     fail(make_error_code(Errc::kRequestTooLarge),
          fmt::format("Thrift request {} to {} is {} bytes, above max_frame_bytes ({} bytes)", msg.method,
-                     conn_.address(), request->data.size(), options_.max_frame_bytes));
+                     conn().address(), request->data.size(), options_.max_frame_bytes));
     return;
   }
   auto header = ParseMessageHeader(request->data);
   oneway_ = header && header->type == MessageType::kOneway;
   current_ = &stack;
   reply_ = reply;
-  ++generation_;
+  const uint64_t gen = BeginRequest();
   stack.SetCancelHandler(this, nullptr);
-  boost::system::error_code ignored;
-  conn_.socket().cancel(ignored);  // ends the idle watch
 
   write_buf_.clear();
   if (options_.framing == Framing::kFramed) {
@@ -131,22 +80,18 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
   }
   write_buf_.append(request->data);
   writing_ = true;
-  asio::async_write(conn_.socket(), asio::buffer(write_buf_),
-                    [self = self(), gen = generation_](const boost::system::error_code& ec, size_t n) {
-                      self->OnWritten(gen, ec, n);
-                    });
+  conn().WithStream([&](auto& stream) {
+    asio::async_write(stream, asio::buffer(write_buf_), [self = self(), gen](const boost::system::error_code& ec,
+                                                                             size_t n) {
+      self->OnWritten(gen, ec, n);
+    });
+  });
 }
 
 void ThriftTransportSink::OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != generation_ || current_ == nullptr) return;
+  if (generation != this->generation() || current_ == nullptr) return;
   writing_ = false;
-  conn_.bytes_sent().Increment(static_cast<int64_t>(bytes));
-  if (ec) {
-    Shutdown();
-    Finish(make_error_code(Errc::kConnectionClosed),
-           fmt::format("writing the request to {} failed: {}", conn_.address(), ec.message()));
-    return;
-  }
+  if (!WriteDone(ec, bytes)) return;
   if (oneway_) {
     reply_->data.clear();
     WatchIdle();
@@ -162,15 +107,17 @@ void ThriftTransportSink::OnWritten(uint64_t generation, const boost::system::er
 }
 
 void ThriftTransportSink::ReadFrameHeader() {
-  asio::async_read(conn_.socket(), asio::buffer(frame_header_),
-                   [self = self(), gen = generation_](const boost::system::error_code& ec, size_t n) {
-                     self->OnFrameHeader(gen, ec, n);
-                   });
+  conn().WithStream([&](auto& stream) {
+    asio::async_read(stream, asio::buffer(frame_header_),
+                     [self = self(), gen = generation()](const boost::system::error_code& ec, size_t n) {
+                       self->OnFrameHeader(gen, ec, n);
+                     });
+  });
 }
 
 void ThriftTransportSink::OnFrameHeader(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != generation_ || current_ == nullptr) return;
-  conn_.bytes_received().Increment(static_cast<int64_t>(bytes));
+  if (generation != this->generation() || current_ == nullptr) return;
+  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
   if (ec) {
     ReadFailed(ec);
     return;
@@ -181,25 +128,27 @@ void ThriftTransportSink::OnFrameHeader(uint64_t generation, const boost::system
   if (len > options_.max_frame_bytes) {
     Shutdown();
     Finish(make_error_code(Errc::kResponseTooLarge),
-           fmt::format("Thrift reply frame from {} is {} bytes, above max_frame_bytes ({} bytes)", conn_.address(),
+           fmt::format("Thrift reply frame from {} is {} bytes, above max_frame_bytes ({} bytes)", conn().address(),
                        len, options_.max_frame_bytes));
     return;
   }
   if (len == 0) {
     Shutdown();
-    Finish(make_error_code(Errc::kProtocolError), fmt::format("empty Thrift frame from {}", conn_.address()));
+    Finish(make_error_code(Errc::kProtocolError), fmt::format("empty Thrift frame from {}", conn().address()));
     return;
   }
   read_buf_.resize(len);
-  asio::async_read(conn_.socket(), asio::buffer(read_buf_),
-                   [self = self(), gen = generation_](const boost::system::error_code& e, size_t n) {
-                     self->OnFrameBody(gen, e, n);
-                   });
+  conn().WithStream([&](auto& stream) {
+    asio::async_read(stream, asio::buffer(read_buf_),
+                     [self = self(), gen = generation](const boost::system::error_code& e, size_t n) {
+                       self->OnFrameBody(gen, e, n);
+                     });
+  });
 }
 
 void ThriftTransportSink::OnFrameBody(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != generation_ || current_ == nullptr) return;
-  conn_.bytes_received().Increment(static_cast<int64_t>(bytes));
+  if (generation != this->generation() || current_ == nullptr) return;
+  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
   if (ec) {
     ReadFailed(ec);
     return;
@@ -211,16 +160,17 @@ void ThriftTransportSink::OnFrameBody(uint64_t generation, const boost::system::
 
 void ThriftTransportSink::ReadSome() {
   if (read_buf_.size() < read_size_ + kReadChunk) read_buf_.resize(read_size_ + kReadChunk);
-  conn_.socket().async_read_some(
-      asio::buffer(read_buf_.data() + read_size_, read_buf_.size() - read_size_),
-      [self = self(), gen = generation_](const boost::system::error_code& ec, size_t n) {
-        self->OnReadSome(gen, ec, n);
-      });
+  conn().WithStream([&](auto& stream) {
+    stream.async_read_some(asio::buffer(read_buf_.data() + read_size_, read_buf_.size() - read_size_),
+                           [self = self(), gen = generation()](const boost::system::error_code& ec, size_t n) {
+                             self->OnReadSome(gen, ec, n);
+                           });
+  });
 }
 
 void ThriftTransportSink::OnReadSome(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != generation_ || current_ == nullptr) return;
-  conn_.bytes_received().Increment(static_cast<int64_t>(bytes));
+  if (generation != this->generation() || current_ == nullptr) return;
+  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
   if (ec) {
     ReadFailed(ec);
     return;
@@ -232,7 +182,7 @@ void ThriftTransportSink::OnReadSome(uint64_t generation, const boost::system::e
       if (scan.size > options_.max_frame_bytes) {
         Shutdown();
         Finish(make_error_code(Errc::kResponseTooLarge),
-               fmt::format("Thrift reply from {} is {} bytes, above max_frame_bytes ({} bytes)", conn_.address(),
+               fmt::format("Thrift reply from {} is {} bytes, above max_frame_bytes ({} bytes)", conn().address(),
                            scan.size, options_.max_frame_bytes));
         return;
       }
@@ -249,13 +199,13 @@ void ThriftTransportSink::OnReadSome(uint64_t generation, const boost::system::e
     case MessageScan::Status::kMalformed:
       Shutdown();
       Finish(make_error_code(Errc::kProtocolError),
-             fmt::format("malformed Thrift reply from {}: {}", conn_.address(), scan.error));
+             fmt::format("malformed Thrift reply from {}: {}", conn().address(), scan.error));
       return;
     case MessageScan::Status::kNeedMore:
       if (read_size_ > options_.max_frame_bytes) {
         Shutdown();
         Finish(make_error_code(Errc::kResponseTooLarge),
-               fmt::format("Thrift reply from {} exceeds max_frame_bytes ({} bytes)", conn_.address(),
+               fmt::format("Thrift reply from {} exceeds max_frame_bytes ({} bytes)", conn().address(),
                            options_.max_frame_bytes));
         return;
       }
@@ -265,9 +215,14 @@ void ThriftTransportSink::OnReadSome(uint64_t generation, const boost::system::e
 }
 
 void ThriftTransportSink::ReadFailed(const boost::system::error_code& ec) {
+  auto tls = TlsFailure(ec, "reading the reply");
   Shutdown();
+  if (tls) {
+    Finish(tls->first, std::move(tls->second));
+    return;
+  }
   Finish(make_error_code(Errc::kConnectionClosed),
-         fmt::format("connection to {} closed while reading the reply: {}", conn_.address(), ec.message()));
+         fmt::format("connection to {} closed while reading the reply: {}", conn().address(), ec.message()));
 }
 
 void ThriftTransportSink::Finish(error_code ec, std::string detail) {
@@ -282,55 +237,23 @@ void ThriftTransportSink::Finish(error_code ec, std::string detail) {
 
 void ThriftTransportSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
   if (current_ != &stack) return;
-  std::string detail = writing_ ? fmt::format("while sending the request to {}", conn_.address())
-                                : fmt::format("while waiting for the reply from {}", conn_.address());
+  std::string detail = writing_ ? fmt::format("while sending the request to {}", conn().address())
+                                : fmt::format("while waiting for the reply from {}", conn().address());
   // A connection with an unanswered request cannot be reused: its reply would go to the
   // next request.
   Shutdown();
   Finish(reason, std::move(detail));
 }
 
-void ThriftTransportSink::Shutdown() {
-  if (state_ == State::kClosed) return;
-  state_ = State::kClosed;
-  ++generation_;
-  conn_.Close();
-  on_faulted_.Set({make_error_code(Errc::kConnectionClosed), fmt::format("connection to {} closed", conn_.address())});
-}
-
-void ThriftTransportSink::Close() {
-  if (state_ == State::kConnecting) {
-    state_ = State::kClosed;
-    conn_.Close();
-    open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
-  }
-  state_ = State::kClosed;
-  ++generation_;
-  conn_.Close();
-  if (current_ != nullptr) {
-    Finish(make_error_code(Errc::kClientClosed),
-           fmt::format("connection to {} closed by the client while the request was in flight", conn_.address()));
-  }
-}
-
-SinkStatus ThriftTransportSink::status() const {
-  switch (state_) {
-    case State::kIdle:
-    case State::kConnecting:
-      return SinkStatus::kIdle;
-    case State::kOpen:
-      return SinkStatus::kOpen;
-    case State::kClosed:
-      return SinkStatus::kClosed;
-  }
-  return SinkStatus::kClosed;
-}
-
 SinkProvider ThriftTransportProvider(TransportOptions options) {
   Validate(options);
+  // Loaded now, so that a missing or bad file fails the client's creation; kept by the
+  // provider so that every connection shares it (MakeTlsContext's cache).
+  std::shared_ptr<asio::ssl::context> tls_context;
+  if (options.tls.enabled) tls_context = MakeTlsContext(options.tls);
   return SinkProvider{std::string(roles::kTransport),
                       options.framing == Framing::kFramed ? "thrift-framed-transport" : "thrift-buffered-transport",
-                      [options](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                      [options, tls_context](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                         return std::make_shared<ThriftTransportSink>(ctx, options);
                       }};
 }

@@ -2,6 +2,9 @@
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/post.hpp>
+#include <fmt/format.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include "scales/core/runtime.h"
 
@@ -25,6 +28,19 @@ TcpConnection::TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connec
       bytes_sent_(stats.GetCounter("scales_bytes_sent")),
       bytes_received_(stats.GetCounter("scales_bytes_received")) {}
 
+TcpConnection::TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout,
+                             const stats::StatsScope& stats, TlsOptions tls)
+    : TcpConnection(loop, std::move(endpoint), connect_timeout, stats) {
+  tls_ = std::move(tls);
+  if (tls_.enabled) {
+    try {
+      tls_context_ = MakeTlsContext(tls_);
+    } catch (const Error& e) {
+      tls_setup_error_ = e.what();  // reported by AsyncConnect, on the loop
+    }
+  }
+}
+
 TcpConnection::~TcpConnection() {
   if (connected_) connections_.Add(-1);
 }
@@ -33,6 +49,14 @@ void TcpConnection::AsyncConnect(std::function<void(error_code)> done) {
   done_ = std::move(done);
   started_ = loop_.Now();
   timed_out_ = false;
+  upgrading_ = false;
+  tls_active_ = false;
+  failure_detail_.clear();
+  if (tls_.enabled && !tls_context_) {
+    failure_detail_ = fmt::format("TLS setup for {} failed: {}", address_, tls_setup_error_);
+    asio::post(loop_.executor(), [this] { Finish(make_error_code(Errc::kTlsFailed)); });
+    return;
+  }
   if (connect_timeout_ > Duration::zero()) {
     loop_.timers().Schedule(timer_, started_ + connect_timeout_, &OnTimeout, this);
   }
@@ -40,13 +64,13 @@ void TcpConnection::AsyncConnect(std::function<void(error_code)> done) {
   auto addr = asio::ip::make_address(endpoint_.host, ec);
   if (!ec) {
     tcp::endpoint ep(addr, endpoint_.port);
-    socket_.async_connect(ep, [this](const boost::system::error_code& e) { Finish(e); });
+    socket_.async_connect(ep, [this](const boost::system::error_code& e) { OnTcpConnected(e); });
     return;
   }
   resolver_.async_resolve(endpoint_.host, std::to_string(endpoint_.port),
                           [this](const boost::system::error_code& e, tcp::resolver::results_type results) {
                             if (e) {
-                              Finish(e);
+                              OnTcpConnected(e);
                               return;
                             }
                             ConnectTo(results);
@@ -55,12 +79,83 @@ void TcpConnection::AsyncConnect(std::function<void(error_code)> done) {
 
 void TcpConnection::ConnectTo(const tcp::resolver::results_type& results) {
   asio::async_connect(socket_, results,
-                      [this](const boost::system::error_code& e, const tcp::endpoint&) { Finish(e); });
+                      [this](const boost::system::error_code& e, const tcp::endpoint&) { OnTcpConnected(e); });
+}
+
+void TcpConnection::OnTcpConnected(error_code ec) {
+  if (ec || timed_out_ || !tls_.enabled) {
+    Finish(ec);
+    return;
+  }
+  boost::system::error_code ignored;
+  socket_.set_option(tcp::no_delay(true), ignored);  // the handshake is a few small writes too
+  StartHandshake();
+}
+
+void TcpConnection::AsyncStartTls(const TlsOptions& tls, std::function<void(error_code)> done) {
+  done_ = std::move(done);
+  started_ = loop_.Now();
+  timed_out_ = false;
+  upgrading_ = true;
+  failure_detail_.clear();
+  try {
+    if (!tls_context_ || !(tls == tls_)) tls_context_ = MakeTlsContext(tls);
+    tls_ = tls;
+  } catch (const Error& e) {
+    failure_detail_ = fmt::format("TLS setup for {} failed: {}", address_, e.what());
+    asio::post(loop_.executor(), [this] { Finish(make_error_code(Errc::kTlsFailed)); });
+    return;
+  }
+  if (connect_timeout_ > Duration::zero()) {
+    loop_.timers().Schedule(timer_, started_ + connect_timeout_, &OnTimeout, this);
+  }
+  StartHandshake();
+}
+
+void TcpConnection::StartHandshake() {
+  if (ssl_) retired_ssl_.push_back(std::move(ssl_));
+  ssl_ = std::make_unique<TlsStream>(socket_, *tls_context_);
+  SSL* handle = ssl_->native_handle();
+  // The name to present (SNI) and to check: server_name, else the endpoint's host. An IP
+  // literal is checked against the certificate's IP addresses and sends no SNI (RFC 6066).
+  const std::string& name = tls_.server_name.empty() ? endpoint_.host : tls_.server_name;
+  boost::system::error_code not_ip;
+  asio::ip::make_address(name, not_ip);
+  if (not_ip) {
+    SSL_set_tlsext_host_name(handle, name.c_str());
+    if (tls_.verify_peer) SSL_set1_host(handle, name.c_str());
+  } else if (tls_.verify_peer) {
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(handle), name.c_str());
+  }
+  handshaking_ = true;
+  ssl_->async_handshake(asio::ssl::stream_base::client,
+                        [this](const boost::system::error_code& e) { OnHandshake(e); });
+}
+
+void TcpConnection::OnHandshake(const boost::system::error_code& ec) {
+  handshaking_ = false;
+  if (timed_out_ || ec == asio::error::operation_aborted) {
+    Finish(ec);
+    return;
+  }
+  if (ec) {
+    failure_detail_ = fmt::format("TLS handshake with {} failed: {}", address_,
+                                  DescribeTlsError(ec, ssl_->native_handle()));
+    Finish(make_error_code(Errc::kTlsFailed));
+    return;
+  }
+  tls_active_ = true;
+  Finish({});
 }
 
 void TcpConnection::OnTimeout(void* self) {
   auto* c = static_cast<TcpConnection*>(self);
   c->timed_out_ = true;
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(c->connect_timeout_).count();
+  c->failure_detail_ = c->handshaking_
+                           ? fmt::format("TLS handshake with {} did not finish within connect_timeout ({} ms)",
+                                         c->address_, ms)
+                           : fmt::format("connect to {} timed out after {} ms", c->address_, ms);
   c->resolver_.cancel();
   boost::system::error_code ignored;
   c->socket_.close(ignored);
@@ -70,7 +165,12 @@ void TcpConnection::Finish(error_code ec) {
   timer_.Cancel();
   if (!done_) return;
   if (timed_out_) ec = make_error_code(Errc::kConnectTimeout);
-  if (!ec) {
+  if (ec && failure_detail_.empty()) {
+    failure_detail_ = fmt::format("connect to {} failed: {}", address_, ec.message());
+  }
+  if (upgrading_) {
+    // The connection was counted when its TCP connect finished.
+  } else if (!ec) {
     boost::system::error_code ignored;
     socket_.set_option(tcp::no_delay(true), ignored);
     connected_ = true;
@@ -81,9 +181,49 @@ void TcpConnection::Finish(error_code ec) {
   } else if (ec != boost::asio::error::operation_aborted) {
     connect_errors_.Increment();  // not counted: connects cut short by Close()
   }
+  if (!ec) failure_detail_.clear();
   auto done = std::move(done_);
   done_ = nullptr;
   done(ec);
+}
+
+void TcpConnection::AsyncWatchIdle(std::function<void(error_code)> done) {
+  // A wait, not a read: a wait that lost the race with CancelIdleWatch is harmless, while a TLS
+  // read still running when the request's own read starts would be two reads on one stream.
+  const uint64_t id = ++idle_watch_;
+  socket_.async_wait(tcp::socket::wait_read, [this, id, done = std::move(done)](
+                                                 const boost::system::error_code& ec) mutable {
+    if (ec || id != idle_watch_) {
+      done(ec ? ec : make_error_code(asio::error::operation_aborted));
+      return;
+    }
+    if (!tls_active_) {
+      done(make_error_code(Errc::kConnectionClosed));  // closed, or bytes nobody asked for
+      return;
+    }
+    // With TLS, readable is not yet unusable: TLS 1.3 servers send session tickets after the
+    // handshake. Let OpenSSL read what is there, without blocking; it consumes tickets.
+    boost::system::error_code e;
+    socket_.non_blocking(true, e);
+    ssl_->read_some(asio::buffer(&idle_byte_, 1), e);
+    boost::system::error_code ignored;
+    socket_.non_blocking(false, ignored);
+    if (e == asio::error::would_block) {
+      AsyncWatchIdle(std::move(done));
+      return;
+    }
+    done(e ? e : make_error_code(Errc::kProtocolError));  // an alert, a close, or stray data
+  });
+}
+
+bool TcpConnection::tls_client_certificate_missing() const noexcept {
+  return tls_active_ && ssl_ && TlsClientCertificateMissing(ssl_->native_handle());
+}
+
+void TcpConnection::CancelIdleWatch() {
+  ++idle_watch_;
+  boost::system::error_code ignored;
+  socket_.cancel(ignored);
 }
 
 void TcpConnection::Close() {

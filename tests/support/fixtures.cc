@@ -359,9 +359,28 @@ void TestHttpServer::Start(int port, milliseconds bind_retry) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// TestThriftServer
+
+TestThriftServer::TestThriftServer(std::vector<std::string> args) {
+  std::vector<std::string> argv{ToolPath(), "testserver", "thrift", "--port", "0"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  process_ = std::make_unique<ChildProcess>(std::move(argv));
+  auto line = process_->ReadLine(kStartTimeout);
+  constexpr std::string_view kPrefix = "listening ";
+  if (!line || !line->starts_with(kPrefix)) {
+    throw std::runtime_error(fmt::format("{} did not start: {}", process_->CommandLine(),
+                                         line ? *line : std::string("no output")));
+  }
+  endpoint_ = line->substr(kPrefix.size());
+  port_ = std::stoi(endpoint_.substr(endpoint_.rfind(':') + 1));
+}
+
+// ---------------------------------------------------------------------------------------------
 // NginxServer
 
-NginxServer::NginxServer(std::string name) : name_(std::move(name)) {
+NginxServer::NginxServer(std::string name) : NginxServer(std::move(name), NginxTls{}) {}
+
+NginxServer::NginxServer(std::string name, NginxTls tls) : name_(std::move(name)), tls_(std::move(tls)) {
   // The name is spliced into the config and into `return` strings, where `$`, quotes,
   // braces and semicolons mean something.
   if (name_.empty() ||
@@ -415,6 +434,13 @@ void NginxServer::Restart() {
 
 void NginxServer::WriteConfig() const {
   auto in_dir = [this](const char* file) { return (dir_ / file).string(); };
+  std::string tls;
+  if (!tls_.cert_file.empty()) {
+    tls = fmt::format("    ssl_certificate {};\n    ssl_certificate_key {};\n", tls_.cert_file, tls_.key_file);
+    if (!tls_.client_ca_file.empty()) {
+      tls += fmt::format("    ssl_client_certificate {};\n    ssl_verify_client on;\n", tls_.client_ca_file);
+    }
+  }
   std::string config = fmt::format(
       R"(# Written by scales::test::NginxServer.
 {user}worker_processes 1;
@@ -436,9 +462,9 @@ http {{
   uwsgi_temp_path {dir}/uwsgi_temp;
   scgi_temp_path {dir}/scgi_temp;
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port}{ssl};
     server_name localhost;
-    add_header X-Server "{name}" always;
+{tls}    add_header X-Server "{name}" always;
     location / {{
       return 200 "nginx {name}\n";
     }}
@@ -451,6 +477,9 @@ http {{
     location /status/404 {{
       return 404 "nope\n";
     }}
+    location = /client {{
+      return 200 "$ssl_client_s_dn";
+    }}
   }}
 }}
 )",
@@ -459,7 +488,8 @@ http {{
       fmt::arg("user", ::geteuid() == 0 ? "user root;\n" : ""),
       fmt::arg("pid", in_dir("nginx.pid")), fmt::arg("error_log", in_dir("error.log")),
       fmt::arg("access_log", in_dir("access.log")), fmt::arg("dir", dir_.string()),
-      fmt::arg("port", port_), fmt::arg("name", name_));
+      fmt::arg("port", port_), fmt::arg("name", name_), fmt::arg("ssl", tls.empty() ? "" : " ssl"),
+      fmt::arg("tls", tls));
   std::ofstream out(dir_ / "nginx.conf", std::ios::trunc);
   out << config;
   out.close();

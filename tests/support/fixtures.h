@@ -106,6 +106,36 @@ class TestHttpServer {
   std::unique_ptr<ChildProcess> process_;
 };
 
+// `scales testserver thrift` (the Echo service on Apache Thrift's TThreadedServer, see
+// tools/testserver_thrift.cc) in a child process on a kernel-chosen port of 127.0.0.1.
+// `args` are extra flags: --transport buffered, --protocol compact, --tls-cert PEM --tls-key PEM
+// [--tls-client-ca PEM].
+class TestThriftServer {
+ public:
+  // Starts the server and waits (10 s at most) for its `listening` line; throws
+  // std::runtime_error otherwise.
+  explicit TestThriftServer(std::vector<std::string> args = {});
+  int port() const { return port_; }
+  // "127.0.0.1:<port>".
+  const std::string& endpoint() const { return endpoint_; }
+  // Kills the server with SIGKILL, like a crash.
+  void Kill() { process_->Kill(); }
+
+ private:
+  std::unique_ptr<ChildProcess> process_;
+  std::string endpoint_;
+  int port_ = 0;
+};
+
+// TLS for NginxServer: the certificate chain and key it serves, and the CA whose client
+// certificates it requires (`ssl_verify_client on`; empty = no client certificate asked for).
+// Without a client certificate nginx answers 400 "No required SSL certificate was sent".
+struct NginxTls {
+  std::string cert_file;
+  std::string key_file;
+  std::string client_ca_file;
+};
+
 // The real nginx (/usr/sbin/nginx) in the foreground, listening on a free port on 127.0.0.1,
 // with its configuration, logs and temp paths in a private temporary directory that the
 // destructor removes. Locations:
@@ -113,6 +143,7 @@ class TestHttpServer {
 //   /echo        200 "posted\n" (request bodies up to 10 MB are read and discarded)
 //   = /name      200 "<name>"
 //   /status/404  404 "nope\n"
+//   = /client    200 "<the client certificate's subject>" (empty without TLS or certificate)
 // Every response carries `X-Server: <name>`. Keep-alive: 65 s, 100000 requests per connection.
 // The access log is unbuffered, one line per request: `$connection $connection_requests
 // $status "$request"`.
@@ -121,6 +152,8 @@ class NginxServer {
   // Starts nginx and waits (10 s at most) until its port accepts connections; throws
   // std::runtime_error with the error log otherwise.
   explicit NginxServer(std::string name = "nginx");
+  // The same over TLS (HTTPS only on the port).
+  NginxServer(std::string name, NginxTls tls);
   ~NginxServer();
   NginxServer(const NginxServer&) = delete;
   NginxServer& operator=(const NginxServer&) = delete;
@@ -155,6 +188,7 @@ class NginxServer {
   std::string TryStart();
 
   std::string name_;
+  NginxTls tls_;
   std::filesystem::path dir_;
   int port_ = 0;
   std::unique_ptr<ChildProcess> process_;

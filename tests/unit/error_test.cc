@@ -16,7 +16,7 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr int kFirst = static_cast<int>(Errc::kOk);
-constexpr int kLast = static_cast<int>(Errc::kRequestTooLarge);
+constexpr int kLast = static_cast<int>(Errc::kTlsFailed);
 
 TEST(ErrorTest, NamesAreStableSnakeCase) {
   EXPECT_EQ(ErrorName(make_error_code(Errc::kOk)), "ok");
@@ -42,6 +42,7 @@ TEST(ErrorTest, NamesAreStableSnakeCase) {
   EXPECT_EQ(ErrorName(make_error_code(Errc::kOpenTimeout)), "open_timeout");
   EXPECT_EQ(ErrorName(make_error_code(Errc::kTooManyPending)), "too_many_pending");
   EXPECT_EQ(ErrorName(make_error_code(Errc::kRequestTooLarge)), "request_too_large");
+  EXPECT_EQ(ErrorName(make_error_code(Errc::kTlsFailed)), "tls_failed");
 }
 
 TEST(ErrorTest, EveryCodeHasADistinctNameAndMessage) {

@@ -54,6 +54,33 @@ TEST(UriTest, TcpTwoHostsInOrder) {
   EXPECT_THAT(u.query, IsEmpty());
 }
 
+// Per-client options (TLS) ride in the query of tcp:// URIs too.
+TEST(UriTest, TcpWithQuery) {
+  ParsedUri u = MustParse("tcp://a:1,b:2/ignored?tls=on&tls_ca_file=/etc/ca.pem");
+  EXPECT_EQ(u.scheme, "tcp");
+  EXPECT_THAT(u.hosts, ElementsAre(Ep("a", 1), Ep("b", 2)));
+  ASSERT_EQ(u.query.size(), 2u);
+  EXPECT_EQ(u.query.at("tls"), "on");
+  EXPECT_EQ(u.query.at("tls_ca_file"), "/etc/ca.pem");
+  EXPECT_EQ(u.ToString(), "tcp://a:1,b:2?tls=on&tls_ca_file=/etc/ca.pem");
+  EXPECT_EQ(MustParse("tcp://a:1?x=1").query.at("x"), "1");
+}
+
+// https:// is tcp:// with tls=on; the port defaults to 443.
+TEST(UriTest, HttpsIsTcpWithTls) {
+  ParsedUri u = MustParse("HTTPS://example.com,10.0.0.1:8443,[::1]");
+  EXPECT_EQ(u.scheme, "tcp");
+  EXPECT_THAT(u.hosts, ElementsAre(Ep("example.com", 443), Ep("10.0.0.1", 8443), Ep("::1", 443)));
+  ASSERT_EQ(u.query.size(), 1u);
+  EXPECT_EQ(u.query.at("tls"), "on");
+  EXPECT_EQ(u.ToString(), "tcp://example.com:443,10.0.0.1:8443,[::1]:443?tls=on");
+  ParsedUri v = MustParse("https://h:1/p?tls_server_name=svc&tls=true");
+  EXPECT_EQ(v.query.at("tls"), "on");
+  EXPECT_EQ(v.query.at("tls_server_name"), "svc");
+  // tcp:// still needs ports.
+  EXPECT_THAT(MustFail("tcp://example.com"), HasSubstr("has no port"));
+}
+
 TEST(UriTest, ZkHostAndPath) {
   ParsedUri u = MustParse("zk://zk1.zk.com:2181/test/path");
   EXPECT_EQ(u.scheme, "zk");
@@ -190,7 +217,7 @@ TEST(UriErrorTest, MissingScheme) { EXPECT_THAT(MustFail("://a:1"), HasSubstr("m
 TEST(UriErrorTest, UnsupportedScheme) {
   std::string error = MustFail("http://a:1");
   EXPECT_THAT(error, HasSubstr("unsupported scheme 'http'"));
-  EXPECT_THAT(error, HasSubstr("supported: tcp, zk"));
+  EXPECT_THAT(error, HasSubstr("supported: tcp, https, zk"));
   EXPECT_THAT(MustFail("Zookeeper://a:1/p"), HasSubstr("unsupported scheme 'Zookeeper'"));
 }
 
@@ -296,13 +323,25 @@ TEST(UriErrorTest, Whitespace) {
   EXPECT_THAT(MustFail("tcp://a:1\t,b:2"), HasSubstr("control character 0x09"));
 }
 
-TEST(UriErrorTest, QueryAndFragmentOnlyForZk) {
-  EXPECT_THAT(MustFail("tcp://a:1?x=1"),
-              HasSubstr("query ('?' at offset 9) is only allowed in zk:// URIs"));
-  EXPECT_THAT(MustFail("tcp://a:1/path?x=1"), HasSubstr("query ('?' at offset 14)"));
+TEST(UriErrorTest, FragmentOnlyForZk) {
   EXPECT_THAT(MustFail("tcp://a:1#http"),
               HasSubstr("fragment ('#' at offset 9) is only allowed in zk:// URIs"));
   EXPECT_THAT(MustFail("tcp://a:1/p#http"), HasSubstr("fragment ('#' at offset 11)"));
+  EXPECT_THAT(MustFail("tcp://a:1?tls=on#http"), HasSubstr("fragment ('#' at offset 16)"));
+  EXPECT_THAT(MustFail("https://a#x"), HasSubstr("fragment ('#' at offset 9) is only allowed in zk://"));
+}
+
+TEST(UriErrorTest, TcpQueryErrors) {
+  EXPECT_THAT(MustFail("tcp://a:1?"), HasSubstr("empty query after '?' at offset 9"));
+  EXPECT_THAT(MustFail("tcp://a:1?tls"), HasSubstr("query parameter 'tls' at offset 10 has no value"));
+  EXPECT_THAT(MustFail("tcp://a:1?tls=on&tls=off"), HasSubstr("query parameter 'tls' at offset 17 is given twice"));
+  EXPECT_THAT(MustFail("tcp://a:1?a=1?b=2"), HasSubstr("second '?' at offset 13"));
+}
+
+TEST(UriErrorTest, HttpsContradictingTls) {
+  EXPECT_THAT(MustFail("https://a:1?tls=off"), HasSubstr("tls=off contradicts the https:// scheme"));
+  EXPECT_THAT(MustFail("https://a:x"), HasSubstr("port 'x' of host 1 ('a') is not a decimal number"));
+  EXPECT_THAT(MustFail("https://[::1]x"), HasSubstr("unexpected 'x' after ']'"));
 }
 
 TEST(UriErrorTest, ZkPathRequired) {

@@ -46,6 +46,7 @@ enum class Errc {
   kOpenTimeout = 20,          // the client did not finish opening within open_timeout
   kTooManyPending = 21,       // max pending requests of the client reached
   kRequestTooLarge = 22,      // a request exceeded a configured size limit
+  kTlsFailed = 23,            // the TLS handshake failed (verification, protocol, peer not speaking TLS)
 };
 
 // Groups of codes.

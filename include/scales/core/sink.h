@@ -83,6 +83,9 @@ class ClientMessageSink : public std::enable_shared_from_this<ClientMessageSink>
   // Later requests fail. Idempotent.
   virtual void Close() = 0;
   virtual SinkStatus status() const = 0;
+  // Why the last open failed, in words (e.g. the TLS handshake's reason), or empty. Pools put
+  // it into the error of the requests that waited for the connection.
+  virtual std::string open_failure_detail() const { return {}; }
 
   // Raised by a sink whose underlying resource (connection, endpoint) became unusable.
   Observable<Fault>& on_faulted() noexcept { return on_faulted_; }

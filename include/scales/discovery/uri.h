@@ -1,12 +1,16 @@
 #pragma once
 // ScalesUriParser: parses the URIs given to NewClient.
 //
-//   tcp://host:port[,host:port...][/ignored-path]      static server set
+//   tcp://host:port[,host:port...][/ignored-path][?query]      static server set
+//   https://host[:port][,host[:port]...][/ignored-path][?query]  = tcp:// with tls=on
 //   zk://zkhost:port[,zkhost:port...]/path/to/serverset[#endpoint-name][?query]
 //
 // Hosts are names, IPv4 literals or bracketed IPv6 literals ("[::1]:8080"). Ports are
-// required, decimal, 1..65535. The scheme is matched case-insensitively. A `?k=v&k2=v2`
-// query (zk:// only; options for discovery such as session_timeout) is parsed into `query`.
+// decimal, 1..65535, and required except for https:// (default 443). The scheme is matched
+// case-insensitively. A `?k=v&k2=v2` query is parsed into `query`: options for discovery
+// (zk://: session_timeout, chroot, ...) and for the client (tls, tls_ca_file, ...: see
+// docs/tls.md and ApplyTlsQuery in scales/transport/tls.h). An https:// URI parses as scheme
+// "tcp" with query tls=on (tls=off in it is an error).
 
 #include <map>
 #include <optional>
@@ -19,11 +23,11 @@
 namespace scales {
 
 struct ParsedUri {
-  std::string scheme;                          // "tcp" or "zk", lower case
+  std::string scheme;                          // "tcp" (also for https://) or "zk", lower case
   std::vector<Endpoint> hosts;                 // in the order given, duplicates kept
   std::string path;                            // zk: the znode path, starts with '/'
   std::string endpoint_name;                   // zk: the #fragment, empty if none
-  std::map<std::string, std::string> query;    // zk: ?k=v options
+  std::map<std::string, std::string> query;    // ?k=v options (https:// adds tls=on)
 
   // Re-renders the URI in canonical form (lower-case scheme, bracketed IPv6).
   std::string ToString() const;

@@ -11,7 +11,13 @@ namespace scales {
 
 // Maps the error a connection's open reported to the code and message a request gets:
 // scales codes (kConnectTimeout, ...) stay; system errors become kConnectFailed.
-inline std::pair<error_code, std::string> ConnectFailure(const std::string& address, const error_code& ec) {
+// `detail`: the sink's own account of the failure (ClientMessageSink::open_failure_detail()),
+// used as the message when not empty.
+inline std::pair<error_code, std::string> ConnectFailure(const std::string& address, const error_code& ec,
+                                                         std::string detail = {}) {
+  if (!detail.empty()) {
+    return {ec.category() == error_category() ? ec : make_error_code(Errc::kConnectFailed), std::move(detail)};
+  }
   if (ec.category() == error_category()) {
     if (ec == Errc::kConnectTimeout) return {ec, fmt::format("connect to {} timed out", address)};
     return {ec, fmt::format("connect to {} failed: {}", address, ec.message())};

@@ -7,7 +7,8 @@
 // passed up. Oneway calls complete once written. A request that is cancelled (timeout) or a
 // reply that breaks a limit closes the connection: a Thrift connection with an unanswered
 // request on it cannot be reused. While idle the connection watches its socket so a server
-// that closed it is noticed before reuse.
+// that closed it is noticed before reuse. With `tls.enabled`, TLS from the first byte (as
+// Apache Thrift's TSSLSocket; see docs/tls.md).
 //
 // Thread safety: one connection, used on one event loop.
 
@@ -19,7 +20,8 @@
 
 #include "scales/core/provider.h"
 #include "scales/core/sink.h"
-#include "scales/transport/tcp.h"
+#include "scales/transport/connection_sink.h"
+#include "scales/transport/tls.h"
 
 namespace scales::thrift {
 
@@ -37,35 +39,34 @@ struct TransportOptions {
   // one fails the call with kResponseTooLarge and closes the connection. Also the largest
   // request sent (kRequestTooLarge). Default 16 MiB (libthrift's TFramedTransport default).
   size_t max_frame_bytes = 16 * 1024 * 1024;
+  // TLS from the first byte (Apache Thrift's TSSLSocket / TSSLServerSocket). Off by default;
+  // ?tls=on in the URI turns it on.
+  TlsOptions tls;
 };
 
 // Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable:
-// connect_timeout >= 0, 0 < max_frame_bytes <= 2 GiB - 1.
+// connect_timeout >= 0, 0 < max_frame_bytes <= 2 GiB - 1, TLS options (Validate(TlsOptions)).
 void Validate(const TransportOptions& o);
 
-class ThriftTransportSink final : public ClientMessageSink {
+class ThriftTransportSink final : public ConnectionSink {
  public:
   ThriftTransportSink(const SinkContext& ctx, TransportOptions options);
   ~ThriftTransportSink() override;
 
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
   void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
-  void Close() override;
-  SinkStatus status() const override;
   std::string_view name() const override {
     return options_.framing == Framing::kFramed ? "thrift-framed-transport" : "thrift-buffered-transport";
   }
 
  protected:
-  void DoOpen(OpenHandler handler) override;
+  bool busy() const override { return current_ != nullptr; }
+  void Finish(error_code ec, std::string detail) override;
 
  private:
-  enum class State { kIdle, kConnecting, kOpen, kClosed };
-
   std::shared_ptr<ThriftTransportSink> self() {
     return std::static_pointer_cast<ThriftTransportSink>(shared_from_this());
   }
-  void OnConnected(error_code ec);
   void OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
   void ReadFrameHeader();
   void OnFrameHeader(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
@@ -73,15 +74,8 @@ class ThriftTransportSink final : public ClientMessageSink {
   void ReadSome();
   void OnReadSome(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
   void ReadFailed(const boost::system::error_code& ec);
-  void WatchIdle();
-  void Finish(error_code ec, std::string detail);
-  void Shutdown();
 
-  EventLoop& loop_;
   TransportOptions options_;
-  TcpConnection conn_;
-  State state_ = State::kIdle;
-  OpenWaiters open_waiters_;
   // Owned by the connection (not the call) so that an operation still pending when the call
   // is answered never touches the call's memory.
   std::string write_buf_;
@@ -92,10 +86,10 @@ class ThriftTransportSink final : public ClientMessageSink {
   Stream* reply_ = nullptr;
   bool oneway_ = false;
   bool writing_ = false;
-  uint64_t generation_ = 0;  // bumps per request and on close; stale handlers compare it
 };
 
-// Provider of the ThriftTransportSink (role "transport"). Throws like Validate(options).
+// Provider of the ThriftTransportSink (role "transport"). Throws like Validate(options), and
+// kInvalidArgument naming the file when a TLS file cannot be loaded (MakeTlsContext).
 SinkProvider ThriftTransportProvider(TransportOptions options = {});
 
 }  // namespace scales::thrift

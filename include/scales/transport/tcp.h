@@ -1,17 +1,24 @@
 #pragma once
 // TcpConnection: a TCP socket plus the connect step every transport needs: name resolution
-// (skipped for IP literals), connect with a timeout on the loop's timer queue, TCP_NODELAY.
+// (skipped for IP literals), connect with a timeout on the loop's timer queue, TCP_NODELAY;
+// and, when TLS is on, the client handshake (SNI, chain and host-name verification) within the
+// same timeout. Transports read and write through WithStream(), which hands them the plain
+// socket or the TLS stream.
 
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/stream.hpp>
 
 #include "scales/core/error.h"
 #include "scales/core/timer_queue.h"
 #include "scales/discovery/endpoint.h"
 #include "scales/stats/stats.h"
+#include "scales/transport/tls.h"
 
 namespace scales {
 
@@ -21,18 +28,57 @@ class EventLoop;
 // in `done`) until the connect completes.
 class TcpConnection {
  public:
+  using TlsStream = boost::asio::ssl::stream<boost::asio::ip::tcp::socket&>;
+
   TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout, const stats::StatsScope& stats);
+  // With `tls.enabled`, AsyncConnect also does the TLS client handshake. The SSL context is
+  // made here (MakeTlsContext); if that fails, AsyncConnect fails with kTlsFailed and the
+  // reason in failure_detail() (clients validate their options first, so this is rare).
+  TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout, const stats::StatsScope& stats,
+                TlsOptions tls);
   ~TcpConnection();
   TcpConnection(const TcpConnection&) = delete;
   TcpConnection& operator=(const TcpConnection&) = delete;
 
-  // Resolves and connects. `done` runs on the loop, never inline, with: success, a
-  // kConnectTimeout error, or the system error of the resolve/connect (connection refused,
-  // host not found, ...); or operation_aborted if Close() was called meanwhile.
+  // Resolves and connects (and with TLS on, handshakes). `done` runs on the loop, never
+  // inline, with: success, a kConnectTimeout error (connect and handshake together exceeded
+  // connect_timeout), kTlsFailed (handshake failed), or the system error of the
+  // resolve/connect (connection refused, host not found, ...); or operation_aborted if Close()
+  // was called meanwhile. On failure, failure_detail() says why, naming the endpoint.
   void AsyncConnect(std::function<void(error_code)> done);
+  // Upgrades the connected socket to TLS with `tls` (whether or not tls.enabled is set):
+  // Mux opportunistic TLS, after Tinit/Rinit. `done` runs on the loop, never inline, with
+  // success, kTlsFailed, kConnectTimeout (handshake longer than connect_timeout) or
+  // operation_aborted (Close()). Nothing else may read or write meanwhile.
+  void AsyncStartTls(const TlsOptions& tls, std::function<void(error_code)> done);
   void Close();
 
+  // Completes `done` once the idle connection becomes unusable: the peer closed it or sent
+  // bytes nobody asked for (with TLS: application data or an alert; TLS 1.3 session tickets
+  // are consumed and ignored). Completes with operation_aborted after CancelIdleWatch() or
+  // Close(). At most one watch at a time; cancel it before reading or writing (the watch
+  // never has a read in flight, so the request's own reads may start right away).
+  void AsyncWatchIdle(std::function<void(error_code)> done);
+  void CancelIdleWatch();
+
+  // The plain socket: socket options, cancel, close. Read and write through WithStream.
   boost::asio::ip::tcp::socket& socket() noexcept { return socket_; }
+  bool tls_active() const noexcept { return tls_active_; }
+  // Calls f(tcp::socket&) or, once TLS is active, f(TlsStream&). `f` must accept both (a
+  // generic lambda); both branches are instantiated.
+  template <class F>
+  decltype(auto) WithStream(F&& f) {
+    if (tls_active_) return f(*ssl_);
+    return f(socket_);
+  }
+  // Why the last connect or handshake failed, naming the endpoint ("TLS handshake with
+  // 127.0.0.1:4443 failed: certificate verify failed (certificate has expired)"); empty
+  // after success.
+  const std::string& failure_detail() const noexcept { return failure_detail_; }
+  // True when TLS is active, the server asked for a client certificate during the handshake
+  // and none is configured: a later failure is most likely the server refusing us (TLS 1.3
+  // servers reject after the handshake).
+  bool tls_client_certificate_missing() const noexcept;
   const Endpoint& endpoint() const noexcept { return endpoint_; }
   const std::string& address() const noexcept { return address_; }
   bool connected() const noexcept { return connected_; }
@@ -42,6 +88,9 @@ class TcpConnection {
 
  private:
   void ConnectTo(const boost::asio::ip::tcp::resolver::results_type& results);
+  void OnTcpConnected(error_code ec);
+  void StartHandshake();
+  void OnHandshake(const boost::system::error_code& ec);
   void Finish(error_code ec);
   static void OnTimeout(void* self);
 
@@ -56,6 +105,19 @@ class TcpConnection {
   TimePoint started_{};
   bool timed_out_ = false;
   bool connected_ = false;
+  TlsOptions tls_;
+  std::shared_ptr<boost::asio::ssl::context> tls_context_;
+  std::unique_ptr<TlsStream> ssl_;
+  // Streams of earlier connections: an aborted operation may still refer to one until its
+  // handler ran, so they live as long as the connection object (reconnects are rare).
+  std::vector<std::unique_ptr<TlsStream>> retired_ssl_;
+  bool tls_active_ = false;
+  bool handshaking_ = false;
+  bool upgrading_ = false;  // AsyncStartTls: the TCP connection was up before the handshake
+  char idle_byte_ = 0;
+  uint64_t idle_watch_ = 0;  // bumps per watch and on cancel; a stale wait does nothing
+  std::string tls_setup_error_;
+  std::string failure_detail_;
   stats::Counter& connects_;
   stats::Counter& connect_errors_;
   stats::Gauge& connections_;

@@ -1,0 +1,70 @@
+#pragma once
+// TLS settings shared by every transport (HTTP, framed Thrift, Mux): what to verify, which CA
+// to trust, which client certificate to present. OpenSSL through boost::asio::ssl.
+//
+// Verification is on by default: the server's chain must lead to a trusted CA (the system's
+// default CAs, or `ca_file`) and its certificate must name the host (`server_name`, else the
+// endpoint's host; an IP literal is checked against the certificate's IP SANs and sends no SNI).
+
+#include <map>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <boost/asio/ssl/context.hpp>
+#include <boost/system/error_code.hpp>
+
+namespace scales {
+
+struct TlsOptions {
+  // TLS from the first byte of every connection.
+  bool enabled = false;
+  // PEM file of trusted CA certificates; empty = the system's default CAs.
+  std::string ca_file;
+  // Verify the server's chain and host name. Turn off only for tests.
+  bool verify_peer = true;
+  // The name sent as SNI and checked against the certificate; empty = the endpoint's host.
+  std::string server_name;
+  // Client certificate chain (PEM) and its private key (PEM), for mutual TLS. Both or neither.
+  std::string cert_file;
+  std::string key_file;
+
+  friend bool operator==(const TlsOptions&, const TlsOptions&) = default;
+};
+
+// Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable: a certificate
+// without a key or the reverse, a server_name that is not a host name. Settings given while
+// TLS is off are allowed (and ignored). Does not read the files (MakeTlsContext does).
+void Validate(const TlsOptions& o);
+
+// The SSL client context for `o` (cached while in use: clients with equal options share one).
+// Loads the CA file, client certificate and key; throws scales::Error(kInvalidArgument) naming
+// the option, the file and OpenSSL's reason when one cannot be loaded. Immutable once returned.
+std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsOptions& o);
+
+// Applies the per-URI TLS keys of a parsed URI's query (ParsedUri::query) to `o`:
+//   tls=on|off|true|false|1|0, tls_ca_file=PATH, tls_server_name=NAME, tls_cert_file=PATH,
+//   tls_key_file=PATH, tls_verify=on|off (also true|false|1|0).
+// Other keys are left alone (they belong to discovery). An unknown tls_* key or a bad value
+// throws scales::Error(kBadUri) naming the key and the value.
+void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& o);
+
+// `defaults` with the TLS keys of client URI `uri` applied (ApplyTlsQuery; https:// turns TLS
+// on). An empty URI or one that does not parse leaves `defaults` as they are (the client
+// reports a bad URI itself).
+TlsOptions TlsOptionsForUri(std::string_view uri, TlsOptions defaults);
+
+// True for errors of OpenSSL and of Asio's TLS stream (a handshake or record failure, a
+// truncated TLS stream), as opposed to plain socket errors.
+bool IsTlsError(const boost::system::error_code& ec) noexcept;
+
+// OpenSSL's reason for `ec` ("certificate verify failed (certificate has expired)",
+// "wrong version number"), with the certificate verification result of `ssl` when the
+// handshake failed verification (`ssl` may be null).
+std::string DescribeTlsError(const boost::system::error_code& ec, SSL* ssl = nullptr);
+
+// True when the server asked `ssl` for a client certificate and the context has none (recorded
+// by the client-certificate callback MakeTlsContext installs).
+bool TlsClientCertificateMissing(SSL* ssl) noexcept;
+
+}  // namespace scales

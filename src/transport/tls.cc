@@ -1,0 +1,218 @@
+#include "scales/transport/tls.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+
+#include <boost/asio/ssl/error.hpp>
+#include <fmt/format.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+
+#include "scales/core/error.h"
+#include "scales/discovery/uri.h"
+
+namespace scales {
+
+namespace ssl = boost::asio::ssl;
+
+namespace {
+
+[[noreturn]] void Invalid(const std::string& what) {
+  throw Error(make_error_code(Errc::kInvalidArgument), what);
+}
+
+// Fails with the OS's reason when `path` cannot be opened; OpenSSL's own message for a missing
+// file ("system lib") says less.
+void CheckReadable(const char* option, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) {
+    Invalid(fmt::format("tls.{} '{}' cannot be read: {}", option, path, std::strerror(errno)));
+  }
+  std::fclose(f);
+}
+
+std::string OpenSslReason(const boost::system::error_code& ec) {
+  if (ec.category() == boost::asio::error::get_ssl_category()) {
+    const char* reason = ERR_reason_error_string(static_cast<unsigned long>(ec.value()));
+    if (reason != nullptr) return reason;
+  }
+  return ec.message();
+}
+
+// SSL ex_data slot: set when the server requested a client certificate we do not have.
+int CertificateRequestedIndex() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+
+// Called by OpenSSL when the server sends a CertificateRequest and no certificate is set.
+int OnClientCertificateRequested(SSL* ssl, X509**, EVP_PKEY**) {
+  SSL_set_ex_data(ssl, CertificateRequestedIndex(), reinterpret_cast<void*>(1));
+  return 0;  // none: continue without a certificate
+}
+
+std::shared_ptr<ssl::context> BuildContext(const TlsOptions& o) {
+  auto ctx = std::make_shared<ssl::context>(ssl::context::tls_client);
+  ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
+                   ssl::context::no_tlsv1 | ssl::context::no_tlsv1_1);
+  boost::system::error_code ec;
+  if (o.verify_peer) {
+    if (o.ca_file.empty()) {
+      ctx->set_default_verify_paths(ec);
+      if (ec) Invalid(fmt::format("tls: cannot load the system's default CAs: {}", OpenSslReason(ec)));
+    } else {
+      CheckReadable("ca_file", o.ca_file);
+      ctx->load_verify_file(o.ca_file, ec);
+      if (ec) Invalid(fmt::format("tls.ca_file '{}' cannot be loaded: {}", o.ca_file, OpenSslReason(ec)));
+    }
+    ctx->set_verify_mode(ssl::verify_peer);
+  } else {
+    ctx->set_verify_mode(ssl::verify_none);
+  }
+  if (o.cert_file.empty()) {
+    SSL_CTX_set_client_cert_cb(ctx->native_handle(), &OnClientCertificateRequested);
+  } else {
+    CheckReadable("cert_file", o.cert_file);
+    ctx->use_certificate_chain_file(o.cert_file, ec);
+    if (ec) Invalid(fmt::format("tls.cert_file '{}' cannot be loaded: {}", o.cert_file, OpenSslReason(ec)));
+    CheckReadable("key_file", o.key_file);
+    ctx->use_private_key_file(o.key_file, ssl::context::pem, ec);
+    const bool mismatch = ec && ec.category() == boost::asio::error::get_ssl_category() &&
+                          ERR_GET_REASON(static_cast<unsigned long>(ec.value())) == X509_R_KEY_VALUES_MISMATCH;
+    if (ec && !mismatch) {
+      Invalid(fmt::format("tls.key_file '{}' cannot be loaded: {}", o.key_file, OpenSslReason(ec)));
+    }
+    if (mismatch || SSL_CTX_check_private_key(ctx->native_handle()) != 1) {
+      ERR_clear_error();
+      Invalid(fmt::format("tls.key_file '{}' does not match the certificate in tls.cert_file '{}'", o.key_file,
+                          o.cert_file));
+    }
+  }
+  return ctx;
+}
+
+bool ParseBool(const std::string& v, bool& out) {
+  if (v == "on" || v == "true" || v == "1") {
+    out = true;
+    return true;
+  }
+  if (v == "off" || v == "false" || v == "0") {
+    out = false;
+    return true;
+  }
+  return false;
+}
+
+void ValidateFields(const TlsOptions& o) {
+  if (!o.cert_file.empty() && o.key_file.empty()) {
+    Invalid(fmt::format("tls.cert_file '{}' is set but tls.key_file is empty (mutual TLS needs both)", o.cert_file));
+  }
+  if (o.cert_file.empty() && !o.key_file.empty()) {
+    Invalid(fmt::format("tls.key_file '{}' is set but tls.cert_file is empty (mutual TLS needs both)", o.key_file));
+  }
+  for (char c : o.server_name) {
+    if (static_cast<unsigned char>(c) <= 0x20 || c == '/' || c == 0x7f) {
+      Invalid(fmt::format("tls.server_name '{}' is not a host name", o.server_name));
+    }
+  }
+}
+
+}  // namespace
+
+void Validate(const TlsOptions& o) {
+  if (o.enabled) ValidateFields(o);
+}
+
+std::shared_ptr<ssl::context> MakeTlsContext(const TlsOptions& o) {
+  ValidateFields(o);  // also when `enabled` is off: opportunistic TLS (Mux) upgrades with these
+  // Contexts are shared while in use (one per client is typical; every connection of a
+  // client uses it). A weak cache: files are read again once no client uses them, so a
+  // rotated certificate is picked up by the next client.
+  static std::mutex mu;
+  static std::map<std::string, std::weak_ptr<ssl::context>> cache;
+  std::string key = fmt::format("{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file,
+                                o.server_name);
+  std::lock_guard lock(mu);
+  if (auto it = cache.find(key); it != cache.end()) {
+    if (auto ctx = it->second.lock()) return ctx;
+  }
+  for (auto it = cache.begin(); it != cache.end();) {
+    it = it->second.expired() ? cache.erase(it) : std::next(it);
+  }
+  auto ctx = BuildContext(o);
+  cache[key] = ctx;
+  return ctx;
+}
+
+void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& o) {
+  auto bad = [](const std::string& key, const std::string& value, const char* expected) {
+    throw Error(make_error_code(Errc::kBadUri),
+                fmt::format("URI option {}='{}' is invalid (expected {})", key, value, expected));
+  };
+  for (const auto& [key, value] : query) {
+    if (key == "tls") {
+      if (!ParseBool(value, o.enabled)) bad(key, value, "on, off, true, false, 1 or 0");
+    } else if (key == "tls_verify") {
+      if (!ParseBool(value, o.verify_peer)) bad(key, value, "on, off, true, false, 1 or 0");
+    } else if (key == "tls_ca_file") {
+      o.ca_file = value;
+    } else if (key == "tls_server_name") {
+      o.server_name = value;
+    } else if (key == "tls_cert_file") {
+      o.cert_file = value;
+    } else if (key == "tls_key_file") {
+      o.key_file = value;
+    } else if (key.starts_with("tls_")) {
+      throw Error(make_error_code(Errc::kBadUri),
+                  fmt::format("unknown URI option {}='{}' (known: tls, tls_ca_file, tls_server_name, "
+                              "tls_cert_file, tls_key_file, tls_verify)",
+                              key, value));
+    }
+  }
+}
+
+TlsOptions TlsOptionsForUri(std::string_view uri, TlsOptions defaults) {
+  if (uri.empty()) return defaults;
+  std::string error;
+  if (auto parsed = ScalesUriParser::TryParse(uri, error)) ApplyTlsQuery(parsed->query, defaults);
+  return defaults;
+}
+
+bool TlsClientCertificateMissing(SSL* ssl) noexcept {
+  return ssl != nullptr && SSL_get_ex_data(ssl, CertificateRequestedIndex()) != nullptr;
+}
+
+bool IsTlsError(const boost::system::error_code& ec) noexcept {
+  return ec.category() == boost::asio::error::get_ssl_category() ||
+         ec.category() == ssl::error::get_stream_category();
+}
+
+std::string DescribeTlsError(const boost::system::error_code& ec, SSL* ssl) {
+  if (ec == ssl::error::stream_truncated || ec == boost::asio::error::eof ||
+      ec == boost::asio::error::connection_reset) {
+    return fmt::format("the peer closed the connection ({}; is it speaking TLS?)", ec.message());
+  }
+  if (ec.category() != boost::asio::error::get_ssl_category()) return ec.message();
+  const auto code = static_cast<unsigned long>(ec.value());
+  std::string reason = OpenSslReason(ec);
+  if (ERR_GET_REASON(code) == SSL_R_CERTIFICATE_VERIFY_FAILED && ssl != nullptr) {
+    long result = SSL_get_verify_result(ssl);
+    if (result != X509_V_OK) reason += fmt::format(" ({})", X509_verify_cert_error_string(result));
+  }
+  switch (ERR_GET_REASON(code)) {
+    case SSL_R_WRONG_VERSION_NUMBER:
+    case SSL_R_PACKET_LENGTH_TOO_LONG:
+    case SSL_R_RECORD_LENGTH_MISMATCH:
+    case SSL_R_UNEXPECTED_EOF_WHILE_READING:
+      reason += " (is the server speaking TLS?)";
+      break;
+    default:
+      break;
+  }
+  return reason;
+}
+
+}  // namespace scales

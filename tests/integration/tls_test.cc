@@ -1,0 +1,469 @@
+// TLS against real servers on 127.0.0.1, with a throw-away CA made by the test
+// (support/test_ca.h): nginx with TLS (HTTPS, mutual TLS), Apache Thrift's TSSLServerSocket
+// (`scales testserver thrift --tls-cert ...`), and TcpConnection itself for the exact handshake
+// failure reasons. Every call completes exactly once; failures are clear errors, never hangs.
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/use_future.hpp>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "Echo.h"
+#include "scales/core/runtime.h"
+#include "scales/http/client.h"
+#include "scales/stats/stats.h"
+#include "scales/thrift/thrift.h"
+#include "scales/transport/tcp.h"
+#include "scales/transport/tls.h"
+#include "support/fixtures.h"
+#include "support/test_ca.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using ::testing::HasSubstr;
+using scales::echo::EchoClient;
+using test::NginxServer;
+using test::NginxTls;
+using test::TestThriftServer;
+using testing::TestCa;
+using testing::TestCertificates;
+
+std::shared_ptr<Runtime> MakeRuntime(size_t threads = 2) {
+  RuntimeOptions o;
+  o.threads = threads;
+  return std::make_shared<Runtime>(o);
+}
+
+// HTTP or Thrift client options: a 10 s call timeout, a 2 s connect timeout, `tls`.
+template <class Options>
+Options ClientOpts(std::shared_ptr<Runtime> rt, TlsOptions tls) {
+  Options o;
+  o.client.name = "tls-it";
+  o.client.runtime = std::move(rt);
+  o.client.timeout = 10s;
+  o.transport.connect_timeout = 2s;
+  o.transport.tls = std::move(tls);
+  return o;
+}
+
+http::HttpOptions HttpOpts(std::shared_ptr<Runtime> rt, TlsOptions tls) {
+  return ClientOpts<http::HttpOptions>(std::move(rt), std::move(tls));
+}
+
+thrift::ThriftOptions ThriftOpts(std::shared_ptr<Runtime> rt, TlsOptions tls) {
+  return ClientOpts<thrift::ThriftOptions>(std::move(rt), std::move(tls));
+}
+
+TlsOptions Trusting(std::string ca_file) {
+  TlsOptions t;
+  t.enabled = true;
+  t.ca_file = std::move(ca_file);
+  return t;
+}
+
+NginxTls ServerTls(const std::string& cert, const std::string& key, std::string client_ca = {}) {
+  return NginxTls{cert, key, std::move(client_ca)};
+}
+
+// A connection failure as the caller sees it: `code` itself, or kFailedFast when the client's
+// open already failed and the endpoint is marked down (the message then quotes the failure).
+void ExpectConnectFailure(const Error& e, Errc code, const std::string& endpoint, const std::string& text) {
+  EXPECT_TRUE(e.code() == code || e.code() == Errc::kFailedFast) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr(endpoint));
+  EXPECT_THAT(e.what(), HasSubstr(text));
+}
+
+// One GET that must fail; returns the error (code and message). Fails the test if it succeeds
+// or takes longer than `limit`.
+Error FailingGet(const http::HttpClient& client, std::chrono::milliseconds limit = 5s) {
+  auto start = std::chrono::steady_clock::now();
+  try {
+    auto r = client.Get("/");
+    ADD_FAILURE() << "GET succeeded: " << r.status << " " << r.body;
+  } catch (const Error& e) {
+    EXPECT_LT(std::chrono::steady_clock::now() - start, limit) << e.what();
+    return e;
+  }
+  return Error(make_error_code(Errc::kOk), "");
+}
+
+// ---- HTTPS against nginx ------------------------------------------------------------------
+
+TEST(TlsHttpTest, HttpsGetByIpAndByHostName) {
+  const auto& ca = TestCa();
+  NginxServer nginx("tls", ServerTls(ca.server_cert, ca.server_key));
+  auto rt = MakeRuntime();
+  // https:// with the CA given in the options; the IP literal is checked against the IP SAN.
+  auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, Trusting(ca.ca_file)));
+  auto r = client.Get("/");
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.body, "nginx tls\n");
+  client.Close();
+
+  // tcp:// with every TLS setting in the URI; "localhost" goes out as SNI and is checked
+  // against the DNS SAN.
+  auto by_name = Http::NewClient(
+      "tcp://localhost:" + std::to_string(nginx.port()) + "?tls=on&tls_ca_file=" + ca.ca_file, HttpOpts(rt, {}));
+  EXPECT_EQ(by_name.Get("/name").body, "tls");
+  by_name.Close();
+}
+
+TEST(TlsHttpTest, ManyConcurrentCallsEachCompleteOnce) {
+  const auto& ca = TestCa();
+  NginxServer nginx("many", ServerTls(ca.server_cert, ca.server_key));
+  auto rt = MakeRuntime();
+  auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, Trusting(ca.ca_file)));
+  constexpr int kCalls = 300;
+  std::atomic<int> ok{0};
+  std::atomic<int> completions{0};
+  std::promise<void> all_done;
+  for (int i = 0; i < kCalls; ++i) {
+    client.AsyncGet("/name", [&](error_code ec, http::Response r) {
+      if (!ec && r.status == 200 && r.body == "many") ok.fetch_add(1);
+      if (completions.fetch_add(1) + 1 == kCalls) all_done.set_value();
+    });
+  }
+  ASSERT_EQ(all_done.get_future().wait_for(30s), std::future_status::ready);
+  EXPECT_EQ(ok.load(), kCalls);
+  client.Close();
+  EXPECT_EQ(completions.load(), kCalls);
+}
+
+// TLS 1.3 servers send session tickets after the handshake: the idle watch must not take them
+// for a closed connection, so sequential calls share one connection.
+TEST(TlsHttpTest, IdleConnectionIsReusedAndAServerCloseIsNoticed) {
+  const auto& ca = TestCa();
+  NginxServer nginx("idle", ServerTls(ca.server_cert, ca.server_key));
+  auto rt = MakeRuntime(1);  // one loop: one connection
+  auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, Trusting(ca.ca_file)));
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(client.Get("/").status, 200);
+    std::this_thread::sleep_for(50ms);  // idle: tickets (if any) arrive now
+  }
+  ASSERT_TRUE(nginx.WaitForAccessLogRequests(5));
+  EXPECT_EQ(nginx.AccessLogConnectionCount(), 1) << nginx.AccessLog();
+
+  // nginx restarts: the idle connection is closed by the server; the next call must not be
+  // sent on it.
+  nginx.Restart();
+  std::this_thread::sleep_for(200ms);
+  auto r = client.Get("/");
+  EXPECT_EQ(r.status, 200);
+  client.Close();
+}
+
+TEST(TlsHttpTest, MutualTls) {
+  const auto& ca = TestCa();
+  NginxServer nginx("mtls", ServerTls(ca.server_cert, ca.server_key, ca.ca_file));
+  auto rt = MakeRuntime();
+  TlsOptions with_cert = Trusting(ca.ca_file);
+  with_cert.cert_file = ca.client_cert;
+  with_cert.key_file = ca.client_key;
+  auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, with_cert));
+  auto r = client.Get("/client");
+  EXPECT_EQ(r.status, 200);
+  EXPECT_THAT(r.body, HasSubstr("CN=scales-test-client"));
+  client.Close();
+
+  // Without a client certificate nginx completes the handshake and answers 400.
+  auto without = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, Trusting(ca.ca_file)));
+  Error e = FailingGet(without);
+  EXPECT_EQ(e.code(), Errc::kHttpError) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("No required SSL certificate was sent"));
+  EXPECT_THAT(e.what(), HasSubstr(nginx.endpoint()));
+  without.Close();
+}
+
+struct BadCertCase {
+  const char* name;
+  std::string TestCertificates::*cert;
+  std::string TestCertificates::*key;
+  std::string TestCertificates::*trusted;
+  const char* reason;  // OpenSSL's words, which reach the caller's error message
+};
+
+class TlsVerificationTest : public ::testing::TestWithParam<BadCertCase> {};
+
+TEST_P(TlsVerificationTest, HttpsFailsWithTlsFailedNamingTheEndpoint) {
+  const auto& ca = TestCa();
+  const BadCertCase& c = GetParam();
+  NginxServer nginx(c.name, ServerTls(ca.*c.cert, ca.*c.key));
+  auto rt = MakeRuntime();
+  auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, Trusting(ca.*c.trusted)));
+  Error e = FailingGet(client);
+  ExpectConnectFailure(e, Errc::kTlsFailed, nginx.endpoint(), "TLS handshake");
+  EXPECT_THAT(e.what(), HasSubstr(c.reason));
+  client.Close();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    BadCertificates, TlsVerificationTest,
+    ::testing::Values(BadCertCase{"wrong_ca", &TestCertificates::server_cert, &TestCertificates::server_key,
+                                  &TestCertificates::other_ca_file, "local issuer certificate"},
+                      BadCertCase{"wrong_host", &TestCertificates::wrong_host_cert, &TestCertificates::wrong_host_key,
+                                  &TestCertificates::ca_file, "IP address mismatch"},
+                      BadCertCase{"expired", &TestCertificates::expired_cert, &TestCertificates::expired_key,
+                                  &TestCertificates::ca_file, "certificate has expired"}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(TlsHttpTest, VerifyOffOrTheRightServerNameAcceptTheWrongHostCertificate) {
+  const auto& ca = TestCa();
+  NginxServer nginx("wronghost", ServerTls(ca.wrong_host_cert, ca.wrong_host_key));
+  auto rt = MakeRuntime();
+  TlsOptions off;
+  off.enabled = true;
+  off.verify_peer = false;
+  auto unverified = Http::NewClient("tcp://" + nginx.endpoint() + "?tls=on", HttpOpts(rt, off));
+  EXPECT_EQ(unverified.Get("/").status, 200);
+  unverified.Close();
+
+  // tls_server_name: the name checked (and sent as SNI and Host) instead of the IP.
+  auto named = Http::NewClient("https://" + nginx.endpoint() + "?tls_server_name=wrong.example",
+                               HttpOpts(rt, Trusting(ca.ca_file)));
+  EXPECT_EQ(named.Get("/").status, 200);
+  named.Close();
+}
+
+TEST(TlsHttpTest, PlainClientAgainstTlsServerFailsCleanly) {
+  const auto& ca = TestCa();
+  NginxServer nginx("plainclient", ServerTls(ca.server_cert, ca.server_key));
+  auto rt = MakeRuntime();
+  auto client = Http::NewClient("tcp://" + nginx.endpoint(), HttpOpts(rt, {}));
+  Error e = FailingGet(client);
+  // nginx answers a plain request on its TLS port with a plain 400.
+  EXPECT_EQ(e.code(), Errc::kHttpError) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("plain HTTP request was sent to HTTPS port"));
+  client.Close();
+}
+
+TEST(TlsHttpTest, TlsClientAgainstPlainServerFailsCleanly) {
+  NginxServer nginx("plainserver");
+  auto rt = MakeRuntime();
+  auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, Trusting(TestCa().ca_file)));
+  Error e = FailingGet(client, 2s);
+  ExpectConnectFailure(e, Errc::kTlsFailed, nginx.endpoint(), "TLS handshake");
+  client.Close();
+}
+
+// A server that accepts TCP but never answers the ClientHello: the handshake is bounded by
+// connect_timeout.
+TEST(TlsHttpTest, SilentServerTimesOutWithinTheConnectTimeout) {
+  boost::asio::io_context ioc;
+  boost::asio::ip::tcp::acceptor silent(ioc, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  const auto port = silent.local_endpoint().port();  // listens, never accepts
+  auto rt = MakeRuntime();
+  auto opts = HttpOpts(rt, Trusting(TestCa().ca_file));
+  opts.transport.connect_timeout = 300ms;
+  auto client = Http::NewClient("https://127.0.0.1:" + std::to_string(port), opts);
+  Error e = FailingGet(client, 3s);
+  ExpectConnectFailure(e, Errc::kConnectTimeout, "127.0.0.1:" + std::to_string(port), "did not finish within connect_timeout (300 ms)");
+  client.Close();
+}
+
+// ---- Options checked at client creation ----------------------------------------------------
+
+TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
+  const auto& ca = TestCa();
+  auto rt = MakeRuntime();
+  const std::string missing = ca.dir + "/no-such-ca.pem";
+  try {
+    Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, Trusting(missing)));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + missing + "' cannot be read"));
+  }
+  try {
+    Http::NewClient("tcp://127.0.0.1:1?tls=on&tls_ca_file=" + ca.server_key, HttpOpts(rt, {}));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + ca.server_key + "' cannot be loaded"));
+  }
+  try {
+    Thrift::NewClient<EchoClient>("tcp://127.0.0.1:1?tls=yes", ThriftOpts(rt, {}));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("tls='yes'"));
+  }
+  try {
+    Http::NewClient("tcp://127.0.0.1:1?tls_ca=x", HttpOpts(rt, {}));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("unknown URI option tls_ca='x'"));
+  }
+  TlsOptions half = Trusting(ca.ca_file);
+  half.cert_file = ca.client_cert;
+  EXPECT_THROW(Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half)), Error);
+  half.key_file = ca.server_key;  // not the certificate's key
+  try {
+    Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("does not match the certificate"));
+  }
+}
+
+// ---- TcpConnection: the handshake failure reasons -------------------------------------------
+
+// Connects once with `tls` to 127.0.0.1:port on a loop of its own; returns the error and
+// failure_detail().
+std::pair<error_code, std::string> Connect(int port, TlsOptions tls, Duration timeout = 2s) {
+  boost::asio::io_context ioc;
+  Runtime rt(ioc);
+  stats::StatsRegistry registry;
+  TcpConnection conn(rt.loop(0), Endpoint{"127.0.0.1", static_cast<uint16_t>(port)}, timeout,
+                     stats::StatsScope(&registry, {}), std::move(tls));
+  int completions = 0;
+  error_code result;
+  conn.AsyncConnect([&](error_code ec) {
+    ++completions;
+    result = ec;
+  });
+  ioc.run_for(5s);
+  EXPECT_EQ(completions, 1);
+  std::string detail = conn.failure_detail();
+  if (!result) {
+    EXPECT_TRUE(conn.tls_active() && conn.connected());
+  }
+  conn.Close();
+  return {result, detail};
+}
+
+TEST(TlsConnectionTest, HandshakeFailuresSayWhy) {
+  const auto& ca = TestCa();
+  NginxServer good("good", ServerTls(ca.server_cert, ca.server_key));
+  NginxServer expired("expired", ServerTls(ca.expired_cert, ca.expired_key));
+  NginxServer wrong("wrong", ServerTls(ca.wrong_host_cert, ca.wrong_host_key));
+  NginxServer plain("plain");
+
+  auto [ok, ok_detail] = Connect(good.port(), Trusting(ca.ca_file));
+  EXPECT_FALSE(ok) << ok_detail;
+  EXPECT_EQ(ok_detail, "");
+
+  auto [e1, d1] = Connect(good.port(), Trusting(ca.other_ca_file));
+  EXPECT_EQ(e1, Errc::kTlsFailed);
+  EXPECT_THAT(d1, HasSubstr("TLS handshake with " + good.endpoint() + " failed: certificate verify failed ("));
+  EXPECT_THAT(d1, HasSubstr("local issuer certificate"));
+
+  auto [e2, d2] = Connect(expired.port(), Trusting(ca.ca_file));
+  EXPECT_EQ(e2, Errc::kTlsFailed);
+  EXPECT_THAT(d2, HasSubstr("TLS handshake with " + expired.endpoint() +
+                            " failed: certificate verify failed (certificate has expired)"));
+
+  auto [e3, d3] = Connect(wrong.port(), Trusting(ca.ca_file));
+  EXPECT_EQ(e3, Errc::kTlsFailed);
+  EXPECT_THAT(d3, HasSubstr("certificate verify failed (IP address mismatch)")) << d3;
+
+  TlsOptions named = Trusting(ca.ca_file);
+  named.server_name = "localhost";
+  auto [e4, d4] = Connect(wrong.port(), named);
+  EXPECT_EQ(e4, Errc::kTlsFailed);
+  EXPECT_THAT(d4, HasSubstr("certificate verify failed (hostname mismatch)")) << d4;
+
+  auto [e5, d5] = Connect(plain.port(), Trusting(ca.ca_file));
+  EXPECT_EQ(e5, Errc::kTlsFailed);
+  EXPECT_THAT(d5, HasSubstr("TLS handshake with " + plain.endpoint() + " failed: "));
+  EXPECT_THAT(d5, HasSubstr("is the server speaking TLS?")) << d5;
+}
+
+// ---- Framed Thrift over TLS (Apache Thrift's TSSLServerSocket) ------------------------------
+
+TEST(TlsThriftTest, EchoOverTlsAndConcurrentCalls) {
+  const auto& ca = TestCa();
+  TestThriftServer server({"--tls-cert", ca.server_cert, "--tls-key", ca.server_key});
+  auto rt = MakeRuntime();
+  auto client = Thrift::NewClient<EchoClient>("tcp://" + server.endpoint() + "?tls=on&tls_ca_file=" + ca.ca_file,
+                                              ThriftOpts(rt, {}));
+  std::string r;
+  client->echo(r, "over tls");
+  EXPECT_EQ(r, "over tls");
+  constexpr int kCalls = 100;
+  std::vector<std::future<std::string>> calls;
+  for (int i = 0; i < kCalls; ++i) {
+    calls.push_back(SCALES_THRIFT_CALL(client, echo, "m" + std::to_string(i), boost::asio::use_future));
+  }
+  for (int i = 0; i < kCalls; ++i) {
+    ASSERT_EQ(calls[i].wait_for(20s), std::future_status::ready);
+    EXPECT_EQ(calls[i].get(), "m" + std::to_string(i));
+  }
+  client.Close();
+}
+
+TEST(TlsThriftTest, MutualTls) {
+  const auto& ca = TestCa();
+  TestThriftServer server(
+      {"--tls-cert", ca.server_cert, "--tls-key", ca.server_key, "--tls-client-ca", ca.ca_file});
+  auto rt = MakeRuntime();
+  TlsOptions with_cert = Trusting(ca.ca_file);
+  with_cert.cert_file = ca.client_cert;
+  with_cert.key_file = ca.client_key;
+  auto client = Thrift::NewClient<EchoClient>("tcp://" + server.endpoint(), ThriftOpts(rt, with_cert));
+  std::string r;
+  client->echo(r, "mutual");
+  EXPECT_EQ(r, "mutual");
+  client.Close();
+
+  // Without a certificate the server refuses (with TLS 1.3, by an alert after the handshake).
+  auto without = Thrift::NewClient<EchoClient>("tcp://" + server.endpoint(), ThriftOpts(rt, Trusting(ca.ca_file)));
+  auto start = std::chrono::steady_clock::now();
+  try {
+    without->echo(r, "x");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kTlsFailed) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr(server.endpoint()));
+    // The alert ("tlsv13 alert certificate required") or, when the server hung up before our
+    // request got through, the missing certificate.
+    EXPECT_THAT(e.what(), ::testing::AnyOf(HasSubstr("certificate required"),
+                                           HasSubstr("the server asked for a client certificate")));
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  without.Close();
+}
+
+TEST(TlsThriftTest, PlainAndTlsMismatchFailCleanly) {
+  const auto& ca = TestCa();
+  TestThriftServer tls_server({"--tls-cert", ca.server_cert, "--tls-key", ca.server_key});
+  TestThriftServer plain_server;
+  auto rt = MakeRuntime();
+  std::string r;
+
+  auto plain_client = Thrift::NewClient<EchoClient>("tcp://" + tls_server.endpoint(), ThriftOpts(rt, {}));
+  auto start = std::chrono::steady_clock::now();
+  try {
+    plain_client->echo(r, "x");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kConnectionClosed) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr(tls_server.endpoint()));
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  plain_client.Close();
+
+  auto tls_client = Thrift::NewClient<EchoClient>("tcp://" + plain_server.endpoint(), ThriftOpts(rt, Trusting(ca.ca_file)));
+  start = std::chrono::steady_clock::now();
+  try {
+    tls_client->echo(r, "x");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    ExpectConnectFailure(e, Errc::kTlsFailed, plain_server.endpoint(), "TLS handshake");
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);  // connect_timeout is 2 s
+  tls_client.Close();
+}
+
+}  // namespace
+}  // namespace scales

@@ -1,0 +1,125 @@
+// TlsOptions: per-URI keys, validation, and the SSL context (files loaded once, shared).
+#include "scales/transport/tls.h"
+
+#include <map>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "scales/core/error.h"
+#include "support/test_ca.h"
+
+namespace scales {
+namespace {
+
+using ::testing::HasSubstr;
+
+Error Thrown(auto&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e;
+  }
+  ADD_FAILURE() << "no scales::Error thrown";
+  return Error(make_error_code(Errc::kOk), "");
+}
+
+TEST(TlsQueryTest, EveryKey) {
+  TlsOptions o;
+  ApplyTlsQuery({{"tls", "on"},
+                 {"tls_ca_file", "/ca.pem"},
+                 {"tls_server_name", "svc.example"},
+                 {"tls_cert_file", "/c.pem"},
+                 {"tls_key_file", "/k.pem"},
+                 {"tls_verify", "off"},
+                 {"session_timeout", "10s"}},  // not ours: left for discovery
+                o);
+  EXPECT_TRUE(o.enabled);
+  EXPECT_EQ(o.ca_file, "/ca.pem");
+  EXPECT_EQ(o.server_name, "svc.example");
+  EXPECT_EQ(o.cert_file, "/c.pem");
+  EXPECT_EQ(o.key_file, "/k.pem");
+  EXPECT_FALSE(o.verify_peer);
+  for (const char* v : {"off", "false", "0"}) {
+    ApplyTlsQuery({{"tls", v}}, o);
+    EXPECT_FALSE(o.enabled) << v;
+  }
+  for (const char* v : {"on", "true", "1"}) {
+    ApplyTlsQuery({{"tls", v}, {"tls_verify", v}}, o);
+    EXPECT_TRUE(o.enabled) << v;
+    EXPECT_TRUE(o.verify_peer) << v;
+  }
+}
+
+TEST(TlsQueryTest, BadValuesAndUnknownKeys) {
+  TlsOptions o;
+  Error e = Thrown([&] { ApplyTlsQuery({{"tls", "yes"}}, o); });
+  EXPECT_EQ(e.code(), Errc::kBadUri);
+  EXPECT_THAT(e.what(), HasSubstr("tls='yes' is invalid"));
+  e = Thrown([&] { ApplyTlsQuery({{"tls_verify", "maybe"}}, o); });
+  EXPECT_THAT(e.what(), HasSubstr("tls_verify='maybe'"));
+  e = Thrown([&] { ApplyTlsQuery({{"tls_cafile", "/x"}}, o); });
+  EXPECT_EQ(e.code(), Errc::kBadUri);
+  EXPECT_THAT(e.what(), HasSubstr("unknown URI option tls_cafile='/x'"));
+}
+
+TEST(TlsQueryTest, FromUri) {
+  TlsOptions base;
+  base.ca_file = "/default.pem";
+  TlsOptions o = TlsOptionsForUri("https://h", base);
+  EXPECT_TRUE(o.enabled);
+  EXPECT_EQ(o.ca_file, "/default.pem");
+  o = TlsOptionsForUri("tcp://h:1?tls_ca_file=/other.pem", base);
+  EXPECT_FALSE(o.enabled);
+  EXPECT_EQ(o.ca_file, "/other.pem");
+  EXPECT_EQ(TlsOptionsForUri("", base), base);
+  EXPECT_EQ(TlsOptionsForUri("not a uri", base), base);  // the client reports it
+}
+
+TEST(TlsValidateTest, CertificateAndKeyGoTogether) {
+  TlsOptions o;
+  o.enabled = true;
+  o.cert_file = "/c.pem";
+  Error e = Thrown([&] { Validate(o); });
+  EXPECT_EQ(e.code(), Errc::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("tls.cert_file '/c.pem' is set but tls.key_file is empty"));
+  o.cert_file.clear();
+  o.key_file = "/k.pem";
+  EXPECT_THAT(Thrown([&] { Validate(o); }).what(), HasSubstr("tls.key_file '/k.pem' is set"));
+  o.key_file.clear();
+  o.server_name = "a b";
+  EXPECT_THAT(Thrown([&] { Validate(o); }).what(), HasSubstr("tls.server_name 'a b' is not a host name"));
+  o.enabled = false;  // off: nothing is checked
+  EXPECT_NO_THROW(Validate(o));
+}
+
+TEST(TlsContextTest, SharedWhileInUseAndFileErrorsNameTheFile) {
+  const auto& ca = testing::TestCa();
+  TlsOptions o;
+  o.enabled = true;
+  o.ca_file = ca.ca_file;
+  auto a = MakeTlsContext(o);
+  auto b = MakeTlsContext(o);
+  EXPECT_EQ(a, b);
+  o.cert_file = ca.client_cert;
+  o.key_file = ca.client_key;
+  auto c = MakeTlsContext(o);
+  EXPECT_NE(a, c);
+
+  o.key_file = ca.server_key;
+  Error e = Thrown([&] { MakeTlsContext(o); });
+  EXPECT_EQ(e.code(), Errc::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("does not match the certificate in tls.cert_file '" + ca.client_cert + "'"));
+  o.cert_file = ca.dir + "/missing.pem";
+  e = Thrown([&] { MakeTlsContext(o); });
+  EXPECT_THAT(e.what(), HasSubstr("tls.cert_file '" + ca.dir + "/missing.pem' cannot be read: No such file"));
+  TlsOptions bad_ca;
+  bad_ca.enabled = true;
+  bad_ca.ca_file = ca.client_key;  // a key, not certificates
+  e = Thrown([&] { MakeTlsContext(bad_ca); });
+  EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + ca.client_key + "' cannot be loaded: "));
+}
+
+}  // namespace
+}  // namespace scales
