@@ -3,9 +3,11 @@
 #include <algorithm>
 
 #include <boost/asio/error.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
+#include "scales/core/log.h"
 #include "scales/core/runtime.h"
 #include "scales/core/sink_stack.h"
 
@@ -20,6 +22,11 @@ long long Millis(Duration d) { return std::chrono::duration_cast<std::chrono::mi
 void* TagContext(uint32_t tag) { return reinterpret_cast<void*>(static_cast<uintptr_t>(tag)); }
 uint32_t ContextTag(void* ctx) { return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(ctx)); }
 
+// A read/write error: OpenSSL's reason for TLS errors, the system message otherwise.
+std::string Describe(const boost::system::error_code& ec) {
+  return IsTlsError(ec) ? DescribeTlsError(ec) : ec.message();
+}
+
 std::string Printable(std::string_view s, size_t max = 200) {
   std::string out(s.substr(0, max));
   for (char& c : out) {
@@ -30,6 +37,22 @@ std::string Printable(std::string_view s, size_t max = 200) {
 }
 
 }  // namespace
+
+const char* ToString(OpportunisticTls level) noexcept {
+  switch (level) {
+    case OpportunisticTls::kOff: return "off";
+    case OpportunisticTls::kDesired: return "desired";
+    case OpportunisticTls::kRequired: return "required";
+  }
+  return "off";
+}
+
+std::optional<OpportunisticTls> ParseOpportunisticTls(std::string_view s) noexcept {
+  if (s == "off") return OpportunisticTls::kOff;
+  if (s == "desired") return OpportunisticTls::kDesired;
+  if (s == "required") return OpportunisticTls::kRequired;
+  return std::nullopt;
+}
 
 void Validate(const SessionOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
@@ -44,12 +67,25 @@ void Validate(const SessionOptions& o) {
     fail("session.ping_timeout must be > 0 when pings are on");
   }
   if (o.max_discarded_tags == 0) fail("session.max_discarded_tags must be >= 1");
+  if (o.max_queued_control_replies == 0) fail("session.max_queued_control_replies must be >= 1");
+  Validate(o.tls);
+  if (o.opportunistic_tls != OpportunisticTls::kOff) {
+    if (!o.handshake) {
+      fail(fmt::format("session.opportunistic_tls={} needs session.handshake (TLS is negotiated in Tinit)",
+                       ToString(o.opportunistic_tls)));
+    }
+    if (o.tls.enabled) {
+      fail(fmt::format("session.opportunistic_tls={} and session.tls.enabled (TLS from the first byte) "
+                       "exclude each other: choose one",
+                       ToString(o.opportunistic_tls)));
+    }
+  }
 }
 
 MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)
     : loop_(*ctx.loop),
       options_(options),
-      conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats),
+      conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats, options.tls),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
       decoder_(options.max_frame_size),
       reassembler_(options.max_message_size),
@@ -61,7 +97,8 @@ MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)
       discards_sent_(ctx.stats.GetCounter("scales_mux_discards")),
       drains_(ctx.stats.GetCounter("scales_mux_drains")),
       nacks_(ctx.stats.GetCounter("scales_mux_nacks")),
-      protocol_errors_(ctx.stats.GetCounter("scales_mux_protocol_errors")) {}
+      protocol_errors_(ctx.stats.GetCounter("scales_mux_protocol_errors")),
+      tls_upgrades_(ctx.stats.GetCounter("scales_mux_tls_upgrades")) {}
 
 MuxSessionSink::~MuxSessionSink() { tags_gauge_.Add(-static_cast<int64_t>(tags_in_use_)); }
 
@@ -91,12 +128,11 @@ void MuxSessionSink::DoOpen(OpenHandler handler) {
 void MuxSessionSink::OnConnected(error_code ec) {
   if (state_ != State::kConnecting) return;  // closed meanwhile
   if (ec) {
-    handshake_timer_.Cancel();
-    state_ = State::kClosed;
-    conn_.Close();
-    open_waiters_.CompleteAll(loop_.executor(), ec);
+    FailOpen(ec, conn_.failure_detail().empty() ? fmt::format("connect to {} failed: {}", address_, ec.message())
+                                                : conn_.failure_detail());
     return;
   }
+  if (conn_.tls_active()) SCALES_LOG(kDebug, "Mux session to {}: TLS from the first byte established", address_);
   StartRead();
   if (options_.handshake) {
     StartHandshake();
@@ -121,13 +157,20 @@ void MuxSessionSink::OnHandshakeTimeout(void* p) {
                           Millis(s->options_.connect_timeout)));
 }
 
-void MuxSessionSink::HandshakeFrame(const Frame& frame) {
+void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
   if (handshake_phase_ == 1) {
     // The probe's answer: an echo means the server negotiates; anything else (an old server's
     // "Unexpected mux message type 127") means an un-negotiated session.
     bool echoed = frame.tag == kControlTag && !frame.fragment &&
                   (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy) && frame.body == kProbeText;
     if (!echoed) {
+      if (options_.opportunistic_tls == OpportunisticTls::kRequired) {
+        FailOpen(make_error_code(Errc::kTlsFailed),
+                 fmt::format("{} does not negotiate Mux sessions (it did not echo the handshake probe), so it "
+                             "cannot start TLS; this client requires it (opportunistic_tls=required)",
+                             address_));
+        return;
+      }
       FinishOpen();
       // A frame that is not about the probe is a real message: handle it as one.
       if (frame.tag != kControlTag) HandleFrame(frame);
@@ -136,7 +179,7 @@ void MuxSessionSink::HandshakeFrame(const Frame& frame) {
     Tinit init;
     init.headers.emplace_back(std::string(kMuxFramerHeader),
                               EncodeMuxFramer(static_cast<int32_t>(options_.max_fragment_size)));
-    init.headers.emplace_back(std::string(kTlsHeader), "off");
+    init.headers.emplace_back(std::string(kTlsHeader), ToString(options_.opportunistic_tls));
     handshake_phase_ = 2;
     Enqueue(init);
     Flush();
@@ -162,13 +205,9 @@ void MuxSessionSink::HandshakeFrame(const Frame& frame) {
       }
       peer_max_fragment_ = static_cast<uint32_t>(*v);
     }
-    if (const std::string* tls = FindInitHeader(rinit->headers, kTlsHeader); tls && *tls == "required") {
-      FailOpen(make_error_code(Errc::kProtocolError),
-               fmt::format("{} requires TLS, which this client does not offer (tls=off)", address_));
-      return;
-    }
     negotiated_ = true;
     writer_.set_max_fragment_body(peer_max_fragment_);
+    if (!NegotiateTls(*rinit)) return;  // failed, or the TLS upgrade finishes the open
     FinishOpen();
     return;
   }
@@ -179,6 +218,56 @@ void MuxSessionSink::HandshakeFrame(const Frame& frame) {
   }
   FailOpen(make_error_code(Errc::kProtocolError),
            fmt::format("{} answered Tinit with {} instead of Rinit", address_, Describe(*decoded)));
+}
+
+bool MuxSessionSink::NegotiateTls(const Rinit& rinit) {
+  const OpportunisticTls ours = options_.opportunistic_tls;
+  const std::string* header = FindInitHeader(rinit.headers, kTlsHeader);
+  // Absent or unknown = off (§1.7).
+  const OpportunisticTls theirs =
+      header != nullptr ? ParseOpportunisticTls(*header).value_or(OpportunisticTls::kOff) : OpportunisticTls::kOff;
+  peer_tls_ = header != nullptr ? Printable(*header, 40) : std::string("off (no tls header)");
+  const bool off = ours == OpportunisticTls::kOff || theirs == OpportunisticTls::kOff;
+  const bool required = ours == OpportunisticTls::kRequired || theirs == OpportunisticTls::kRequired;
+  if (off && !required) return true;  // plaintext
+  if (off) {
+    // TLS from the first byte already encrypts: a server that requires TLS has it.
+    if (conn_.tls_active()) return true;
+    FailOpen(make_error_code(Errc::kTlsFailed),
+             fmt::format("opportunistic TLS with {} is impossible: this client has opportunistic_tls={}, the "
+                         "server tls={} (off against required)",
+                         address_, ToString(ours), peer_tls_));
+    return false;
+  }
+  if (decoder_.buffered() != 0) {
+    FailOpen(make_error_code(Errc::kProtocolError),
+             fmt::format("{} sent {} byte(s) after Rinit, before the TLS handshake it negotiated", address_,
+                         decoder_.buffered()));
+    return false;
+  }
+  // Both ends start the handshake right after Rinit; reading stops until it is done.
+  handshake_phase_ = 3;
+  conn_.AsyncStartTls(options_.tls, [self = self()](error_code ec) { self->OnTlsUpgraded(ec); });
+  return false;
+}
+
+void MuxSessionSink::OnTlsUpgraded(error_code ec) {
+  if (state_ != State::kHandshaking || handshake_phase_ != 3) return;  // closed meanwhile
+  const std::string levels =
+      fmt::format("opportunistic TLS: this client {}, the server {}", ToString(options_.opportunistic_tls), peer_tls_);
+  if (ec) {
+    FailOpen(ec, fmt::format("{} ({})",
+                             conn_.failure_detail().empty()
+                                 ? fmt::format("TLS handshake with {} failed: {}", address_, ec.message())
+                                 : conn_.failure_detail(),
+                             levels));
+    return;
+  }
+  tls_upgrades_.Increment();
+  SCALES_LOG(kInfo, "Mux session to {}: TLS negotiated ({})", address_, levels);
+  StartRead();
+  FinishOpen();
+  Flush();
 }
 
 void MuxSessionSink::FinishOpen() {
@@ -195,21 +284,37 @@ void MuxSessionSink::FailOpen(error_code ec, std::string detail) {
 // --- reading -------------------------------------------------------------------------------
 
 void MuxSessionSink::StartRead() {
-  conn_.socket().async_read_some(asio::buffer(read_buffer_),
-                                 [self = self()](const boost::system::error_code& ec, size_t n) { self->OnRead(ec, n); });
+  conn_.WithStream([this](auto& stream) {
+    stream.async_read_some(asio::buffer(read_buffer_),
+                           [self = self()](const boost::system::error_code& ec, size_t n) { self->OnRead(ec, n); });
+  });
 }
 
 void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
   if (state_ == State::kClosed) return;
   if (ec) {
-    Fail(make_error_code(Errc::kConnectionClosed),
-         fmt::format("connection to {} {} ({} request(s) in flight)", address_,
-                     ec == asio::error::eof ? std::string("closed by the server") : "failed: " + ec.message(),
+    // An OpenSSL error (an alert) is a TLS failure. With TLS 1.3 the server checks the client
+    // certificate after the client's handshake finished, so its refusal (an alert, or a TLS
+    // stream cut short before it sent anything) arrives as the first read.
+    const bool no_client_cert = tls_quiet_ && conn_.tls_client_certificate_missing();
+    const bool tls_refused =
+        no_client_cert || (IsTlsError(ec) && (state_ != State::kOpen || tls_quiet_ ||
+                                              ec.category() == asio::error::get_ssl_category()));
+    std::string why;
+    if (no_client_cert) {
+      why = "; the server asked for a client certificate and none is configured (tls.cert_file, tls.key_file)";
+    } else if (tls_refused && tls_quiet_) {
+      why = " before it sent anything over TLS (did it refuse our certificate?)";
+    }
+    Fail(make_error_code(tls_refused ? Errc::kTlsFailed : Errc::kConnectionClosed),
+         fmt::format("connection to {} {}{} ({} request(s) in flight)", address_,
+                     ec == asio::error::eof ? std::string("closed by the server") : "failed: " + Describe(ec), why,
                      pending_count_),
          /*fault=*/true);
     return;
   }
   conn_.bytes_received().Increment(static_cast<int64_t>(n));
+  if (conn_.tls_active()) tls_quiet_ = false;
   decoder_.Feed(read_buffer_.data(), n);
   // A read that filled the buffer suggests more was waiting: read more at a time from now on.
   // Starting small keeps an idle session's footprint small.
@@ -218,48 +323,42 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
   }
   auto keep = self();  // answering requests may drop the last outside reference
   while (state_ != State::kClosed) {
-    auto next = decoder_.Next();
+    // A view into the decoder's buffer: a reply is decoded from it without copying the frame.
+    auto next = decoder_.NextView();
     if (!next) {
-      protocol_errors_.Increment();
-      Fail(make_error_code(Errc::kProtocolError),
-           fmt::format("undecodable frame from {}: {}", address_, next.error().detail), true);
+      ProtocolError(fmt::format("undecodable frame from {}: {}", address_, next.error().detail));
       return;
     }
     if (!next->has_value()) break;
     if (state_ == State::kHandshaking) {
       HandshakeFrame(**next);
+      if (handshake_phase_ == 3) return;  // the TLS upgrade reads next (OnTlsUpgraded)
     } else {
-      HandleFrame(std::move(**next));
+      HandleFrame(**next);
     }
   }
   if (state_ != State::kClosed) StartRead();
 }
 
-void MuxSessionSink::HandleFrame(Frame frame) {
+void MuxSessionSink::HandleFrame(const FrameView& frame) {
   // Only our own requests' tags may buffer fragments, so reassembly holds at most tags in use x
   // max_message_size however many tags a hostile server fragments on: Rdispatch pieces for
   // other tags are dropped unbuffered (the reply would be ignored anyway), and a Tdispatch
   // (never accepted from a server) is refused at its first piece.
   if (frame.type == wire::kRdispatch && pending_.find(frame.tag) == pending_.end()) return;
   if (frame.type == wire::kTdispatch) {
-    protocol_errors_.Increment();
-    Fail(make_error_code(Errc::kProtocolError),
-         fmt::format("unexpected Tdispatch tag={} from {}", frame.tag, address_), true);
+    ProtocolError(fmt::format("unexpected Tdispatch tag={} from {}", frame.tag, address_));
     return;
   }
-  auto whole = reassembler_.Add(std::move(frame));
+  auto whole = reassembler_.Add(frame);
   if (!whole) {
-    protocol_errors_.Increment();
-    Fail(make_error_code(Errc::kProtocolError),
-         fmt::format("bad fragment from {}: {}", address_, whole.error().detail), true);
+    ProtocolError(fmt::format("bad fragment from {}: {}", address_, whole.error().detail));
     return;
   }
   if (!whole->has_value()) return;  // a non-final fragment
   auto msg = DecodeMessage(**whole);
   if (!msg) {
-    protocol_errors_.Increment();
-    Fail(make_error_code(Errc::kProtocolError),
-         fmt::format("undecodable message from {}: {}", address_, msg.error().detail), true);
+    ProtocolError(fmt::format("undecodable message from {}: {}", address_, msg.error().detail));
     return;
   }
   HandleMessage(std::move(*msg));
@@ -336,13 +435,15 @@ void MuxSessionSink::HandleMessage(Message m) {
     return;
   }
   if (auto* t = std::get_if<Tping>(&m)) {
-    Enqueue(Rping{t->tag});
-    Flush();
+    if (EnqueueControlReply(Rping{t->tag})) Flush();
     return;
   }
   if (auto* t = std::get_if<Tdrain>(&m)) {
     drains_.Increment();
-    Enqueue(Rdrain{t->tag});
+    SCALES_LOG_RATE_LIMITED(kInfo, 10,
+                            "Mux session to {}: Tdrain received; no new requests, closing after {} in flight",
+                            address_, pending_count_);
+    if (!EnqueueControlReply(Rdrain{t->tag})) return;
     Flush();
     draining_ = true;
     MaybeFinishDrain();
@@ -358,9 +459,7 @@ void MuxSessionSink::HandleMessage(Message m) {
   }
   if (std::holds_alternative<Tdiscarded>(m) || std::holds_alternative<Rdrain>(m)) return;
   // Tdispatch/Treq from the server, a late Tinit/Rinit, Rreq: not something a client accepts.
-  protocol_errors_.Increment();
-  Fail(make_error_code(Errc::kProtocolError),
-       fmt::format("unexpected {} from {}", Describe(m), address_), true);
+  ProtocolError(fmt::format("unexpected {} from {}", Describe(m), address_));
 }
 
 void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std::string* body,
@@ -402,18 +501,38 @@ void MuxSessionSink::Enqueue(const Message& m) {
   (void)r;  // our own messages are always representable (tags and sizes are checked)
 }
 
+bool MuxSessionSink::EnqueueControlReply(const Message& m) {
+  if (queued_control_replies_ >= options_.max_queued_control_replies) {
+    Fail(make_error_code(Errc::kConnectionClosed),
+         fmt::format("{} Rping/Rdrain replies to {} are queued behind a socket write that does not finish "
+                     "(limit session.max_queued_control_replies = {}): the server sends Tping but does not read; "
+                     "session closed with {} request(s) in flight",
+                     queued_control_replies_, address_, options_.max_queued_control_replies, pending_count_),
+         true);
+    return false;
+  }
+  ++queued_control_replies_;
+  Enqueue(m);
+  return true;
+}
+
 void MuxSessionSink::Flush() {
   if (writing_ || writer_.empty() || state_ == State::kClosed) return;
+  // During the TLS upgrade the handshake owns the socket; OnTlsUpgraded flushes.
+  if (state_ == State::kHandshaking && handshake_phase_ == 3) return;
   write_buffer_.clear();
   writer_.WriteAll(&write_buffer_);
+  queued_control_replies_ = 0;
   for (uint32_t tag : queued_tags_) {
     auto it = pending_.find(tag);
     if (it != pending_.end()) it->second.written = true;
   }
   queued_tags_.clear();
   writing_ = true;
-  asio::async_write(conn_.socket(), asio::buffer(write_buffer_),
-                    [self = self()](const boost::system::error_code& ec, size_t n) { self->OnWritten(ec, n); });
+  conn_.WithStream([this](auto& stream) {
+    asio::async_write(stream, asio::buffer(write_buffer_),
+                      [self = self()](const boost::system::error_code& ec, size_t n) { self->OnWritten(ec, n); });
+  });
 }
 
 void MuxSessionSink::OnWritten(const boost::system::error_code& ec, size_t n) {
@@ -422,7 +541,7 @@ void MuxSessionSink::OnWritten(const boost::system::error_code& ec, size_t n) {
   conn_.bytes_sent().Increment(static_cast<int64_t>(n));
   if (ec) {
     Fail(make_error_code(Errc::kConnectionClosed),
-         fmt::format("writing to {} failed: {} ({} request(s) in flight)", address_, ec.message(), pending_count_),
+         fmt::format("writing to {} failed: {} ({} request(s) in flight)", address_, Describe(ec), pending_count_),
          true);
     return;
   }
@@ -467,6 +586,13 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
     return;
   }
   if (state_ != State::kOpen) {
+    // A session that failed between its open and this request: say why. A TLS refusal keeps its
+    // code (the next session would be refused too); anything else is a closed connection.
+    if (state_ == State::kClosed && close_reason_.error) {
+      fail(close_reason_.error == Errc::kTlsFailed ? close_reason_.error : make_error_code(Errc::kConnectionClosed),
+           fmt::format("Mux session to {} is closed: {}", address_, close_reason_.detail));
+      return;
+    }
     fail(make_error_code(Errc::kConnectionClosed), fmt::format("Mux session to {} is not open", address_));
     return;
   }
@@ -488,30 +614,32 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
   Tdispatch& d = std::get<Tdispatch>(dispatch_scratch_);
   d.tag = tag;
   size_t contexts = 0;
-  // Sets the next context in place (assigning keeps the strings' capacity).
-  auto context = [&](std::string_view key, std::string value) {
+  // Sets the next context's key in place and returns its value, cleared, to encode into (both
+  // keep their capacity from earlier requests, so building the contexts allocates nothing).
+  auto context = [&](std::string_view key) -> std::string& {
     if (d.contexts.size() == contexts) d.contexts.emplace_back();
     Context& c = d.contexts[contexts++];
     c.key.assign(key);
-    c.value.assign(value);
+    c.value.clear();
+    return c.value;
   };
   const auto& props = msg.properties;
   if (options_.propagate_deadline && props.deadline) {
     auto now_wall = std::chrono::duration_cast<std::chrono::nanoseconds>(loop_.clock().WallNow().time_since_epoch());
     auto remaining = std::chrono::duration_cast<std::chrono::nanoseconds>(*props.deadline - loop_.Now());
-    context(kDeadlineKey, EncodeDeadline({now_wall.count(), (now_wall + remaining).count()}));
+    AppendDeadline({now_wall.count(), (now_wall + remaining).count()}, &context(kDeadlineKey));
   }
-  context(kRetriesKey, EncodeRetries(props.retries));
-  if (!props.client_id.empty()) context(kClientIdKey, EncodeClientId(props.client_id));
+  AppendRetries(props.retries, &context(kRetriesKey));
+  if (!props.client_id.empty()) context(kClientIdKey).assign(props.client_id);
   if (props.trace.valid()) {
     TraceContext t;
     t.trace_id = props.trace.trace_id;
     t.span_id = props.trace.span_id;
     t.parent_id = props.trace.parent_id;
     t.flags = props.trace.flags;
-    context(kTraceContextKey, EncodeTraceContext(t));
+    AppendTraceContext(t, &context(kTraceContextKey));
   }
-  if (!props.headers.empty()) context(kRequestHeadersKey, EncodeHeaders(props.headers));
+  if (!props.headers.empty()) context(kRequestHeadersKey) = EncodeHeaders(props.headers);
   d.contexts.resize(contexts);
   d.payload.assign(request->data);
   AddPending(tag, Pending{&stack, reply, false});
@@ -605,13 +733,33 @@ void MuxSessionSink::OnPingTimeout(void* p) {
 void MuxSessionSink::MaybeFinishDrain() {
   if (draining_ && pending_count_ == 0 && state_ == State::kOpen) {
     // Drained: the session is finished; the pool replaces it on the next request.
-    Fail(make_error_code(Errc::kConnectionClosed), fmt::format("Mux session to {} drained", address_), false);
+    Fail(make_error_code(Errc::kConnectionClosed), "drained (the server sent Tdrain and every request finished)", false);
   }
+}
+
+void MuxSessionSink::ProtocolError(const std::string& detail) {
+  protocol_errors_.Increment();
+  Fail(make_error_code(Errc::kProtocolError), detail, true);
 }
 
 void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) {
   if (state_ == State::kClosed) return;
   const bool was_open = state_ == State::kOpen;
+  const bool client_close = ec == Errc::kClientClosed;
+  close_reason_ = {ec, detail};
+  if (!was_open && !client_close) open_failure_detail_ = detail;
+  // Faults, failed TLS and protocol errors are warnings; a drained session, a failed connect
+  // (the resurrector logs the endpoint going down) are informational; the client's own close
+  // is debug.
+  if (client_close) {
+    SCALES_LOG(kDebug, "{}", detail);
+  } else if (fault || ec == Errc::kTlsFailed || ec == Errc::kProtocolError) {
+    SCALES_LOG_RATE_LIMITED(kWarning, 10, "Mux session to {} {}: {} [{}]; {} request(s) failed", address_,
+                            was_open ? "closed" : "failed to open", detail, ErrorName(ec), pending_count_);
+  } else {
+    SCALES_LOG_RATE_LIMITED(kInfo, 10, "Mux session to {} {}: {} [{}]", address_,
+                            was_open ? "closed" : "failed to open", detail, ErrorName(ec));
+  }
   state_ = State::kClosed;
   handshake_timer_.Cancel();
   ping_timer_.Cancel();
@@ -640,7 +788,9 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
     MethodReturnMessage m{ec, detail, {}};
     p.stack->AsyncProcessResponse(nullptr, m);
   }
-  if (fault) on_faulted_.Set({ec, detail});
+  // A failed open is a fault too: the pool reads the detail (which names the step, e.g. the
+  // TLS levels) from on_faulted().value(); the open handlers carry only the code.
+  if (fault || (!was_open && !client_close)) on_faulted_.Set({ec, detail});
 }
 
 void MuxSessionSink::Close() {
@@ -665,10 +815,31 @@ SinkStatus MuxSessionSink::status() const {
 
 SinkProvider MuxSessionProvider(SessionOptions options) {
   Validate(options);
+  ProviderSettings settings = {
+      {"connect_timeout", SettingText(options.connect_timeout)},
+      {"handshake", SettingText(options.handshake)},
+      {"max_frame_size", SettingText(options.max_frame_size)},
+      {"max_message_size", SettingText(options.max_message_size)},
+      {"max_fragment_size", SettingText(options.max_fragment_size)},
+      {"ping_interval", SettingText(options.ping_interval)},
+      {"ping_timeout", SettingText(options.ping_timeout)},
+      {"propagate_deadline", SettingText(options.propagate_deadline)},
+      {"max_discarded_tags", SettingText(options.max_discarded_tags)},
+      {"max_queued_control_replies", SettingText(options.max_queued_control_replies)},
+      {"tls", SettingText(options.tls.enabled)},
+      {"opportunistic_tls", ToString(options.opportunistic_tls)},
+  };
+  if (options.tls.enabled || options.opportunistic_tls != OpportunisticTls::kOff) {
+    settings.emplace_back("tls_ca_file", options.tls.ca_file.empty() ? "(system CAs)" : options.tls.ca_file);
+    settings.emplace_back("tls_verify", SettingText(options.tls.verify_peer));
+    settings.emplace_back("tls_server_name", options.tls.server_name);
+    settings.emplace_back("tls_cert_file", options.tls.cert_file);
+  }
   return SinkProvider{std::string(roles::kTransport), "mux-session",
                       [options](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                         return std::make_shared<MuxSessionSink>(ctx, options);
-                      }};
+                      },
+                      std::move(settings)};
 }
 
 }  // namespace scales::mux

@@ -1,5 +1,8 @@
 #include "scales/thriftmux/thriftmux.h"
 
+#include <map>
+#include <string_view>
+
 #include <fmt/format.h>
 
 #include "scales/core/sink_stack.h"
@@ -8,12 +11,66 @@
 #include "scales/loadbalancer/heap_balancer.h"
 #include "scales/pool/singleton_pool.h"
 #include "scales/thrift/message.h"
+#include "scales/transport/tls.h"
 
 namespace scales::thriftmux {
 
 void Validate(const ThriftMuxOptions& o) {
   mux::Validate(o.session);
   scales::Validate(static_cast<const ResilienceOptions&>(o));
+}
+
+namespace {
+
+bool IsSessionUriKey(std::string_view key) {
+  return key == "tls" || key.starts_with("tls_") || key == "opportunistic_tls";
+}
+
+}  // namespace
+
+void ApplyUriOptions(ThriftMuxOptions& o) {
+  std::string& uri = o.client.uri;
+  // The query runs from '?' to a '#' after it (zk:// allows either order) or the end. The
+  // URI parser reports malformed pairs; only ours are taken out here.
+  const size_t q = uri.find('?');
+  if (q == std::string::npos) return;
+  size_t end = uri.find('#', q);
+  if (end == std::string::npos) end = uri.size();
+  const std::string original = uri;
+  auto bad = [&](const std::string& why) {
+    return Error(make_error_code(Errc::kBadUri), fmt::format("bad URI '{}': {}", original, why));
+  };
+  std::map<std::string, std::string> ours;
+  std::string rest;  // the other pairs, in order
+  std::string_view query = std::string_view(uri).substr(q + 1, end - q - 1);
+  while (!query.empty()) {
+    size_t amp = query.find('&');
+    std::string_view pair = query.substr(0, amp);
+    query = amp == std::string_view::npos ? std::string_view() : query.substr(amp + 1);
+    size_t eq = pair.find('=');
+    std::string_view key = pair.substr(0, eq);
+    if (eq == std::string_view::npos || !IsSessionUriKey(key)) {
+      if (!rest.empty()) rest += '&';
+      rest += pair;
+      continue;
+    }
+    if (!ours.emplace(std::string(key), std::string(pair.substr(eq + 1))).second) {
+      throw bad(fmt::format("query parameter '{}' is given twice", key));
+    }
+  }
+  if (ours.empty()) return;
+  if (auto it = ours.find("opportunistic_tls"); it != ours.end()) {
+    auto level = mux::ParseOpportunisticTls(it->second);
+    if (!level) throw bad(fmt::format("opportunistic_tls='{}' must be off, desired or required", it->second));
+    o.session.opportunistic_tls = *level;
+    ours.erase(it);
+  }
+  try {
+    ApplyTlsQuery(ours, o.session.tls);
+  } catch (const Error& e) {
+    throw bad(e.what());
+  }
+  uri = original.substr(0, q) + (rest.empty() ? std::string() : "?" + rest) + original.substr(end);
 }
 
 void ThriftMuxSerializerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
@@ -79,7 +136,8 @@ SinkProvider ThriftMuxSerializerProvider() {
   return SinkProvider{std::string(roles::kFormatter), "thriftmux-serializer",
                       [](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
                         return std::make_shared<ThriftMuxSerializerSink>(next(ctx));
-                      }};
+                      },
+                      {}};
 }
 
 SinkStackSpec DefaultThriftMuxStack(const ThriftMuxOptions& options) {

@@ -5,7 +5,7 @@
 // on a new connection.
 //
 // Peers: the Mux reference server's hostile misbehaviours (tests/integration/mux_reference/,
-// "huge-frame", "endless-fragments", "drip:MS"), and for HTTP and framed Thrift a raw TCP server
+// "huge-frame", "endless-fragments", "drip:MS", "ping-flood"), and for HTTP and framed Thrift a raw TCP server
 // in this process (RawServer below) that answers by the request: hostile for some, well-formed
 // for the rest.
 #include <netinet/in.h>
@@ -155,6 +155,22 @@ TEST(HostilePeerTest, MuxSlowDripFailsByTheRequestTimeout) {
   // The session stays usable: the next reply arrives once the dripped frame is complete.
   EXPECT_EQ(Echo(client, "after drip"), "after drip");
   EXPECT_TRUE(server.WaitForLog({"recv Tdiscarded", "which=2"})) << server.Log();
+}
+
+TEST(HostilePeerTest, MuxTpingFloodWithoutReadingStopsAtTheControlReplyBound) {
+  // The server stops reading and writes Tping as fast as it can: every Rping the client owes
+  // queues behind a socket write that never finishes. The bound ends the session.
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = MuxOptions();
+  options.session.ping_interval = Duration::zero();  // the bound, not the failure detector
+  options.session.max_queued_control_replies = 1000;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  EXPECT_EQ(Echo(client, "before"), "before");
+  ExpectBoundedFailure([&] { Echo(client, "ping-flood"); }, Errc::kConnectionClosed,
+                       "(limit session.max_queued_control_replies = 1000)", 10s);
+  // The client closed the connection: the server's flood ends (its write fails).
+  EXPECT_TRUE(server.WaitForLog({"ping-flood stopped after"})) << server.Log().substr(0, 2000);
+  EXPECT_EQ(Echo(client, "after"), "after");  // a new session
 }
 
 // --- A raw TCP server for HTTP and framed Thrift -------------------------------------------------

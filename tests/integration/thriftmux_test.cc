@@ -18,6 +18,7 @@
 #include "Derived.h"
 #include "Echo.h"
 #include "scales/thriftmux/thriftmux.h"
+#include "support/log_capture.h"
 #include "support/mux_server_fixture.h"
 
 namespace scales {
@@ -203,6 +204,27 @@ TEST(ThriftMuxTest, DrainLeaseGarbageAndCloseMidFrameRecover) {
   ec = CallError(client, "close-mid-frame", &what);
   EXPECT_EQ(ec, Errc::kConnectionClosed) << what;
   EXPECT_TRUE(Eventually([&] { return CallError(client, "after close") == error_code(); }));
+}
+
+TEST(ThriftMuxTest, SessionEventsAreLogged) {
+  // Tdrain, the drained close, a protocol error (with the endpoint and the detail) and a ping
+  // timeout each write a log line naming the endpoint.
+  test::MuxReferenceServer server({"--mode", "finagle", "--no-ping-reply"});
+  test::LogCapture log;
+  auto opts = Options(MakeRuntime());
+  opts.session.ping_interval = 50ms;
+  opts.session.ping_timeout = 100ms;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), opts);
+  const std::string& ep = server.endpoint();
+  std::string r;
+  client->echo(r, "drain");
+  EXPECT_TRUE(Eventually([&] { return log.Has({"Mux session to " + ep, "Tdrain received"}); })) << log.All();
+  EXPECT_TRUE(Eventually([&] { return log.Has({"Mux session to " + ep, "drained"}); })) << log.All();
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "garbage") == Errc::kProtocolError; }));
+  EXPECT_TRUE(log.Has({"Mux session to " + ep + " closed", "unknown mux message type", "[protocol_error]"}))
+      << log.All();
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "hello") == error_code(); }));  // a new session
+  EXPECT_TRUE(Eventually([&] { return log.Has({"no Rping from " + ep, "within 100 ms"}); })) << log.All();
 }
 
 TEST(ThriftMuxTest, OnewayCallsAreRefused) {

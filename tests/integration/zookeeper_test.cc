@@ -23,6 +23,7 @@
 #include "scales/discovery/zookeeper.h"
 #include "scales/http/client.h"
 #include "support/fixtures.h"
+#include "support/log_capture.h"
 #include "support/zookeeper_fixture.h"
 
 namespace scales {
@@ -217,37 +218,8 @@ TEST_F(ZooKeeperTest, AnnouncerRegistersAndRemovesItsMember) {
   ASSERT_TRUE(rec.WaitFor({})) << Show(rec.last());
 }
 
-// Collects scales' log records (from any thread) while it lives.
-class LogCapture {
- public:
-  LogCapture() {
-    old_level_ = SetLogLevel(LogLevel::kInfo);
-    old_sink_ = SetLogSink([this](const LogRecord& r) {
-      std::lock_guard lock(mu_);
-      records_.emplace_back(r.message);
-    });
-  }
-  ~LogCapture() {
-    SetLogLevel(old_level_);
-    SetLogSink(std::move(old_sink_));
-  }
-  bool Contains(const std::string& text) const {
-    std::lock_guard lock(mu_);
-    for (const auto& r : records_) {
-      if (r.find(text) != std::string::npos) return true;
-    }
-    return false;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::vector<std::string> records_;
-  LogLevel old_level_;
-  LogSink old_sink_;
-};
-
 TEST_F(ZooKeeperTest, SessionExpiryKeepsMembersThenRereads) {
-  LogCapture log;
+  test::LogCapture log;
   Kazoo(CreateMember("/svc", "127.0.0.1", 1001));
   auto set = MakeSet(zk_->Uri("/svc?session_timeout=4s"));
   Recorder rec(*set);
@@ -268,8 +240,9 @@ TEST_F(ZooKeeperTest, SessionExpiryKeepsMembersThenRereads) {
   EXPECT_EQ(rec.last(), Eps({{"127.0.0.1", 1001}, {"127.0.0.9", 9009}}));
   EXPECT_EQ(rec.count(), snapshots);
   // The session events were logged, naming the ensemble.
-  EXPECT_TRUE(log.Contains("zookeeper " + zk_->connect_string() + ": session expired"));
-  EXPECT_TRUE(log.Contains("zookeeper " + zk_->connect_string() + ": connected, new session"));
+  const std::string zk = "zookeeper " + zk_->connect_string() + ": ";
+  EXPECT_TRUE(log.Has({zk, "session expired"})) << log.All();
+  EXPECT_TRUE(log.Has({zk, "connected, new session"})) << log.All();
 
   // The watches of the new session work.
   Kazoo(CreateMember("/svc", "127.0.0.2", 1002));

@@ -43,6 +43,16 @@ std::string MuxReferenceServer::ScriptPath() {
   return std::string(SCALES_SOURCE_DIR) + "/tests/integration/mux_reference/mux_server.py";
 }
 
+std::vector<std::string> MuxReferenceServer::TlsArgs(std::string_view mode, const std::string& cert,
+                                                     const std::string& key, const std::string& client_ca) {
+  std::vector<std::string> args = {"--tls-mode", std::string(mode), "--tls-cert", cert, "--tls-key", key};
+  if (!client_ca.empty()) {
+    args.push_back("--tls-client-ca");
+    args.push_back(client_ca);
+  }
+  return args;
+}
+
 MuxReferenceServer::MuxReferenceServer(std::vector<std::string> extra_args)
     : extra_args_(std::move(extra_args)), dir_(MakeTempDir()), log_path_(dir_ / "mux.log") {
   try {

@@ -4,7 +4,10 @@
 // The server is written independently of the C++ Mux codec; see the script's docstring for its
 // modes (--mode finagle|strict|old, --framer N, --ping-interval MS) and for the misbehaviours
 // that echo() arguments trigger ("drain", "lease:MS", "nack", "error:T", "rerr:T", "noreply",
-// "garbage", "close-mid-frame", "contexts"; sleep(MS) replies late).
+// "garbage", "close-mid-frame", "contexts", "tls-info", "ping-flood"; sleep(MS) replies late).
+// TLS (Python's ssl module): TlsArgs() gives the arguments for TLS from the first byte or for
+// opportunistic TLS at a level (--tls-mode first-byte|off|desired|required), optionally
+// requiring client certificates (mutual TLS).
 //
 // Every instance logs one line per message received or sent to a private log file (removed by
 // the destructor), readable with Log(), so tests can assert what the client sent, e.g.
@@ -58,6 +61,12 @@ class MuxReferenceServer {
 
   // Path of mux_server.py in the source tree.
   static std::string ScriptPath();
+
+  // Arguments for a TLS server: --tls-mode `mode` (first-byte, off, desired or required)
+  // --tls-cert `cert` --tls-key `key`, and --tls-client-ca `client_ca` when not empty (the
+  // server then requires a client certificate signed by it). Append to the mode arguments.
+  static std::vector<std::string> TlsArgs(std::string_view mode, const std::string& cert, const std::string& key,
+                                          const std::string& client_ca = "");
 
  private:
   void Start(int port, std::chrono::milliseconds bind_retry);

@@ -2,10 +2,18 @@
 // MuxSessionSink: one multiplexed Mux session (a TCP connection) to one endpoint, as the
 // transport sink of ThriftMux (pooled by a SingletonPool: one session per endpoint per loop).
 //
-// Open: TCP connect, then (unless disabled) the handshake of ../shared/mux-protocol.md §1.7:
-// the "tinit check" probe; a server that echoes it gets Tinit (version 1, our mux-framer and
-// tls=off) and must answer Rinit, whose mux-framer bounds the fragments we send; a server
-// that answers anything else (an old Finagle server) gets an un-negotiated session.
+// Open: TCP connect (with `tls.enabled`, the TLS handshake follows at once: TLS from the first
+// byte), then (unless disabled) the handshake of ../shared/mux-protocol.md §1.7: the "tinit
+// check" probe; a server that echoes it gets Tinit (version 1, our mux-framer and our
+// opportunistic `tls` level) and must answer Rinit, whose mux-framer bounds the fragments we
+// send; a server that answers anything else (an old Finagle server) gets an un-negotiated
+// session.
+//
+// Opportunistic TLS (the Rinit's `tls` header against ours, §1.7's outcome table): off/desired
+// either way -> plaintext; both desired or required -> the TLS handshake starts right after
+// Rinit (CA, verification, server name and client certificate from `tls`) and the session
+// opens once it succeeded; off against required (either side), or required against a server
+// that does not negotiate, fails the open with kTlsFailed naming the endpoint and both levels.
 //
 // Requests: each gets the lowest free tag from 2 (never past 0x7FFFFF) and goes out as a
 // Tdispatch carrying the call's payload (a scales::Stream) and contexts: Deadline
@@ -16,7 +24,9 @@
 // tag freed; after it was written, Tdiscarded is sent and the tag stays reserved until the
 // server answers that tag.
 //
-// Session messages: Tping answered with Rping; Tdrain answered with Rdrain, after which the
+// Session messages: Tping answered with Rping (at most max_queued_control_replies Rping/Rdrain
+// wait for the socket: a server that floods Tping without reading closes the session);
+// Tdrain answered with Rdrain, after which the
 // session takes no new request (they fail with a retryable kNack), reports Busy, and closes
 // once its requests finish; Tlease sets a lease, and an expired lease reports Busy. The client
 // pings on tag 1 every ping_interval; no Rping within ping_timeout closes the session. An
@@ -30,6 +40,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -38,8 +49,16 @@
 #include "scales/core/timer_queue.h"
 #include "scales/mux/codec.h"
 #include "scales/transport/tcp.h"
+#include "scales/transport/tls.h"
 
 namespace scales::mux {
+
+// The opportunistic TLS level sent as the Tinit `tls` header (§1.7).
+enum class OpportunisticTls { kOff, kDesired, kRequired };
+// "off", "desired", "required".
+const char* ToString(OpportunisticTls level) noexcept;
+// Parses "off" / "desired" / "required"; nullopt for anything else.
+std::optional<OpportunisticTls> ParseOpportunisticTls(std::string_view s) noexcept;
 
 struct SessionOptions {
   // TCP connect timeout; the handshake must also finish within it. Default 5 s; > 0.
@@ -62,6 +81,18 @@ struct SessionOptions {
   // Most tags reserved by discarded requests the server has not answered; beyond it the
   // session is considered broken and closed. Default 10000.
   size_t max_discarded_tags = 10000;
+  // TLS from the first byte when `tls.enabled` (the handshake comes before the probe). Its CA
+  // file, verification, server name and client certificate also serve opportunistic TLS.
+  // Default off.
+  TlsOptions tls;
+  // Opportunistic TLS negotiated in Tinit (needs `handshake`; not with tls.enabled). Default
+  // off.
+  OpportunisticTls opportunistic_tls = OpportunisticTls::kOff;
+  // Most control replies (Rping answering the server's Tping, Rdrain) queued behind a socket
+  // write that has not finished; one more closes the session (a server that floods Tping
+  // without reading would otherwise grow the queue without limit). Default 10000 (80 KB of
+  // frames); >= 1.
+  size_t max_queued_control_replies = 10000;
 };
 
 // Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable.
@@ -82,6 +113,12 @@ class MuxSessionSink final : public ClientMessageSink {
   size_t tags_in_use() const noexcept { return tags_in_use_; }
   size_t pending() const noexcept { return pending_count_; }
   bool negotiated() const noexcept { return negotiated_; }
+  bool tls_active() const noexcept { return conn_.tls_active(); }
+  // Why the open failed, naming the endpoint and the step (the TLS levels of both ends, OpenSSL's
+  // reason, a bad Rinit); empty if it did not fail. Also the detail of on_faulted(), which is set
+  // for a failed open. Pools may use it as the failed request's detail (as with
+  // ConnectionSink::open_failure_detail()).
+  std::string open_failure_detail() const override { return open_failure_detail_; }
   bool draining() const noexcept { return draining_; }
   uint32_t peer_max_fragment_size() const noexcept { return peer_max_fragment_; }
 
@@ -102,13 +139,16 @@ class MuxSessionSink final : public ClientMessageSink {
   }
   void OnConnected(error_code ec);
   void StartHandshake();
-  void HandshakeFrame(const Frame& frame);
+  void HandshakeFrame(const FrameView& frame);
+  // After Rinit: applies the TLS outcome table; false when the open failed.
+  bool NegotiateTls(const Rinit& rinit);
+  void OnTlsUpgraded(error_code ec);
   void FinishOpen();
   void FailOpen(error_code ec, std::string detail);
 
   void StartRead();
   void OnRead(const boost::system::error_code& ec, size_t n);
-  void HandleFrame(Frame frame);
+  void HandleFrame(const FrameView& frame);
   void HandleMessage(Message m);
   void Answer(uint32_t tag, error_code ec, std::string detail, std::string* body = nullptr,
               const Contexts* contexts = nullptr);
@@ -118,6 +158,8 @@ class MuxSessionSink final : public ClientMessageSink {
   void ErasePending(PendingMap::iterator it);
 
   void Enqueue(const Message& m);
+  // Queues Rping/Rdrain; false (and the session closed) past max_queued_control_replies.
+  bool EnqueueControlReply(const Message& m);
   void Flush();
   void OnWritten(const boost::system::error_code& ec, size_t n);
 
@@ -131,6 +173,8 @@ class MuxSessionSink final : public ClientMessageSink {
 
   // Closes the socket and answers every pending request with `ec` (once).
   void Fail(error_code ec, const std::string& detail, bool fault);
+  // Counts and logs a protocol error, then fails the session with kProtocolError.
+  void ProtocolError(const std::string& detail);
   void MaybeFinishDrain();
 
   EventLoop& loop_;
@@ -139,11 +183,15 @@ class MuxSessionSink final : public ClientMessageSink {
   std::string address_;
   State state_ = State::kIdle;
   OpenWaiters open_waiters_;
-  int handshake_phase_ = 0;  // 1: probe sent; 2: Tinit sent
+  int handshake_phase_ = 0;  // 1: probe sent; 2: Tinit sent; 3: TLS upgrade after Rinit
   bool negotiated_ = false;
   bool draining_ = false;
   std::optional<TimePoint> lease_end_;
   uint32_t peer_max_fragment_ = kUnlimitedFragmentSize;
+  std::string peer_tls_;  // the Rinit's tls header, for messages
+  Fault close_reason_;    // why Fail() closed the session
+  std::string open_failure_detail_;
+  bool tls_quiet_ = true;  // nothing read since TLS started (a refusal shows up as the first read)
 
   FrameDecoder decoder_;
   Reassembler reassembler_;
@@ -158,6 +206,7 @@ class MuxSessionSink final : public ClientMessageSink {
   Message dispatch_scratch_{Tdispatch{}};
   std::string write_buffer_;  // the bytes of the write in flight
   std::vector<uint32_t> queued_tags_;  // dispatches in writer_ not yet handed to a write
+  size_t queued_control_replies_ = 0;  // Rping/Rdrain in writer_ not yet handed to a write
   bool writing_ = false;
 
   std::vector<uint64_t> tag_bits_;  // bit t set = tag t in use
@@ -181,6 +230,7 @@ class MuxSessionSink final : public ClientMessageSink {
   stats::Counter& drains_;
   stats::Counter& nacks_;
   stats::Counter& protocol_errors_;
+  stats::Counter& tls_upgrades_;
 };
 
 SinkProvider MuxSessionProvider(SessionOptions options = {});

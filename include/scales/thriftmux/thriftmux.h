@@ -16,6 +16,13 @@
 // Default stack: dispatcher -> timeout -> retry -> thriftmux serializer -> aperture balancer ->
 // failure accrual -> resurrector -> singleton pool -> Mux session.
 //
+// TLS, both ways Finagle does it (options.session, or per URI):
+//   tcp://host:9090?tls=on&tls_ca_file=/etc/ca.pem              TLS from the first byte
+//   tcp://host:9090?opportunistic_tls=required&tls_ca_file=...    negotiated in Tinit
+// The URI keys are those of ApplyTlsQuery (scales/transport/tls.h: tls, tls_ca_file,
+// tls_server_name, tls_cert_file, tls_key_file, tls_verify) and opportunistic_tls=off|desired|
+// required; they override the options and are removed from the URI before discovery sees it.
+//
 // Thread safety: the client is a cheap handle; calls are safe from any thread.
 
 #include <memory>
@@ -44,7 +51,7 @@ struct ThriftMuxOptions : ResilienceOptions {
     return o;
   }();
   // The Mux session: connect timeout, handshake, frame/fragment limits, pings, deadline
-  // propagation.
+  // propagation, TLS (first byte or opportunistic), the queued control replies bound.
   mux::SessionOptions session;
   // Sent as the ClientIdContext of every call; empty = none.
   std::string client_id;
@@ -52,6 +59,13 @@ struct ThriftMuxOptions : ResilienceOptions {
 
 // Throws scales::Error(kInvalidArgument) naming the first unusable field.
 void Validate(const ThriftMuxOptions& o);
+
+// Moves the per-URI session settings of o.client.uri's query into o.session (the TLS keys of
+// ApplyTlsQuery into o.session.tls, opportunistic_tls into o.session.opportunistic_tls) and
+// removes them from the URI, leaving the rest (discovery's keys) in place. Throws
+// scales::Error(kBadUri) naming the key and value. The builder calls it; call it yourself
+// before DefaultThriftMuxStack when building a core by hand.
+void ApplyUriOptions(ThriftMuxOptions& o);
 
 // The ThriftMux formatter (role "formatter"): checks that the payload is a strict binary
 // Thrift CALL (one-way calls are refused), names the call's method after it, and checks that
@@ -81,14 +95,23 @@ class ThriftMuxClientBuilder : public ClientBuilderBase<ThriftMuxClientBuilder<G
 
   ThriftMuxClientBuilder& SetClientId(std::string id) { options_.client_id = std::move(id); return *this; }
   ThriftMuxClientBuilder& SetSession(mux::SessionOptions s) { options_.session = s; return *this; }
+  // TLS from the first byte (tls.enabled), and the CA/verification/client certificate that
+  // opportunistic TLS uses.
+  ThriftMuxClientBuilder& SetTls(TlsOptions tls) { options_.session.tls = std::move(tls); return *this; }
+  ThriftMuxClientBuilder& SetOpportunisticTls(mux::OpportunisticTls level) {
+    options_.session.opportunistic_tls = level;
+    return *this;
+  }
   ThriftMuxClientBuilder& SetResurrector(ResurrectorOptions r) { options_.resurrector = r; return *this; }
   ThriftMuxOptions& options() noexcept { return options_; }
   ClientOptions& client_options() noexcept { return options_.client; }
 
   thrift::ThriftClient<G> Build() {
-    Validate(options_);
-    auto core = BuildThriftMuxCore(options_, this->ApplyEdits(DefaultThriftMuxStack(options_)));
-    return thrift::ThriftClient<G>(std::move(core), thrift::Protocol::kBinary, options_.client_id);
+    ThriftMuxOptions effective = options_;
+    ApplyUriOptions(effective);
+    Validate(effective);
+    auto core = BuildThriftMuxCore(effective, this->ApplyEdits(DefaultThriftMuxStack(effective)));
+    return thrift::ThriftClient<G>(std::move(core), thrift::Protocol::kBinary, effective.client_id);
   }
 
  private:

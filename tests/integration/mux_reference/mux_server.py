@@ -26,6 +26,9 @@ Misbehaviours on demand, chosen by the argument of echo():
   "contexts"         reply with the received context keys, comma-separated
   "trace"            reply "trace=T span=S parent=P flags=F" (16 hex digits each) decoded from
                      the TraceContext context, or "no trace"
+  "tls-info"         reply "tls=VERSION peer=CN" for a TLS connection (VERSION as Python's
+                     ssl reports it, e.g. TLSv1.3; CN of the client certificate, or "none"),
+                     or "tls=none" for a plaintext one: proof that the bytes were encrypted
 Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
   "huge-frame"       write a frame header whose size field is 2 GiB (0x80000000), then 4 KiB of
                      its body, and keep the connection open
@@ -35,8 +38,22 @@ Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
                      written meanwhile and Tdiscarded does not stop it (the frame is finished)
   "stray-fragments"  write 960 KiB of Rdispatch fragments on each of the 96 tags 1000..1095
                      (no request uses them; never finished), then reply normally
+  "ping-flood"       stop reading from the connection and write Tping frames (tag 1) until the
+                     client closes it (or 256 MiB were sent): a peer that makes the client
+                     queue Rping replies it can never write
 sleep(MS) answers str(MS) after MS milliseconds (replies out of order). Request headers
 (com.twitter.finagle.thrift.Request.headers) are echoed back as response headers.
+
+TLS (Python's ssl module, independent of the C++ TLS code): --tls-cert FILE --tls-key FILE
+[--tls-client-ca FILE] with --tls-mode
+  first-byte  the listening socket is TLS: the handshake comes before any Mux byte
+  off | desired | required
+              opportunistic TLS (mux-protocol.md 1.7): Rinit carries tls=<mode>; when the
+              client's Tinit `tls` header (absent = off) and the mode agree on TLS, the
+              server wraps the socket right after sending Rinit; off against required sends
+              Rinit and closes the connection. A client that never sends Tinit stays plaintext.
+--tls-client-ca FILE requires a client certificate signed by that CA (mutual TLS).
+Without --tls-mode the server is plaintext and answers tls=off.
 
 --delay MS makes every dispatch wait MS milliseconds first (a slow server, e.g. for hedging
 tests; Tdiscarded cancels the wait).
@@ -51,6 +68,7 @@ import argparse
 import asyncio
 import os
 import signal
+import ssl
 import struct
 import subprocess
 import sys
@@ -88,6 +106,41 @@ KEY_RESP_HEADERS = b"com.twitter.finagle.thrift.Response.headers"
 KEY_MUX_FAILURE = b"MuxFailure"
 
 STATUS_OK, STATUS_ERROR, STATUS_NACK = 0, 1, 2
+
+TLS_LEVELS = ("off", "desired", "required")
+
+
+def tls_outcome(ours, theirs):
+    """The opportunistic TLS outcome table of mux-protocol.md 1.7: "tls", "plaintext" or
+    "incompatible" (off against required, either way)."""
+    if "off" in (ours, theirs):
+        return "incompatible" if "required" in (ours, theirs) else "plaintext"
+    return "tls"
+
+
+def make_ssl_context(args):
+    """The server's TLS context (None without --tls-cert)."""
+    if not args.tls_cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    if args.tls_client_ca:  # mutual TLS: a client certificate signed by this CA is required
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(args.tls_client_ca)
+    return ctx
+
+
+def tls_info(writer):
+    """"tls=VERSION peer=CN" or "tls=none" for the connection behind `writer`."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return "tls=none"
+    peer = "none"
+    for rdn in (ssl_object.getpeercert() or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                peer = value
+    return "tls=%s peer=%s" % (ssl_object.version(), peer)
 
 
 def signed_type(t):
@@ -292,6 +345,9 @@ class Connection:
         self.ping_outstanding = False
         self.tasks = set()
         self.dripping = False  # "drip:MS" owns the socket: the writer loop waits
+        self.tls_rinit = None  # Rinit bytes to write just before the opportunistic TLS upgrade
+        self.upgrading = False  # the TLS handshake owns the socket: the writer loop waits
+        self.close_when_flushed = None  # reason to close once the queue is written
 
     def log(self, text):
         self.server.log.line("conn=%d %s" % (self.id, text))
@@ -329,7 +385,8 @@ class Connection:
             while not self.closed:
                 await self.queue_event.wait()
                 self.queue_event.clear()
-                while self.queue and not self.closed and not self.dripping:
+                while self.queue and not self.closed and not self.dripping and \
+                        not self.upgrading:
                     # One frame per queued message per round (Finagle's writer).
                     current, self.queue = self.queue, []
                     keep = []
@@ -339,6 +396,8 @@ class Connection:
                             keep.append(frames)
                     self.queue = keep + self.queue
                     await self.writer.drain()
+                if self.close_when_flushed and not self.queue and not self.upgrading:
+                    self.close(self.close_when_flushed)
                 self.maybe_finish_drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -378,6 +437,8 @@ class Connection:
                     raise ProtocolFault("bad frame size %d" % size)
                 body = await self.reader.readexactly(size - 4)
                 self.on_frame(mtype, raw_tag & TAG_MASK, bool(raw_tag & FRAGMENT), body)
+                if self.tls_rinit is not None:
+                    await self.start_tls()
         except asyncio.IncompleteReadError as e:
             if e.partial:
                 self.log("recv partial-frame %d bytes" % len(e.partial))
@@ -387,6 +448,9 @@ class Connection:
             self.close("protocol-error")
         except (ConnectionError, asyncio.CancelledError):
             self.close("reset")
+        except ssl.SSLError as e:
+            self.log("tls-error %s" % e)
+            self.close("tls-error")
         finally:
             self.close("done")
             writer_task.cancel()
@@ -448,13 +512,30 @@ class Connection:
                     val = struct.unpack(">i", v)[0]
                     if val > 0:
                         self.peer_framer = val
+            client_tls = dict(headers).get(b"tls", b"off").decode("utf-8", "replace")
+            if client_tls not in TLS_LEVELS:
+                client_tls = "off"  # unknown = off (mux-protocol.md 1.7)
+            ours = self.args.tls_mode if self.args.tls_mode in TLS_LEVELS else "off"
+            outcome = tls_outcome(ours, client_tls)
+            if self.writer.get_extra_info("ssl_object") is not None:
+                outcome = "plaintext" if outcome != "incompatible" else outcome
             framer = self.args.framer if self.args.framer else UNLIMITED
-            rheaders = [(b"mux-framer", struct.pack(">i", framer)), (b"tls", b"off")]
+            rheaders = [(b"mux-framer", struct.pack(">i", framer)), (b"tls", ours.encode())]
             rbody = struct.pack(">H", 1)
             for k, v in rheaders:
                 rbody += struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v
+            note = "framer=%d tls=%s client-tls=%s outcome=%s" % (framer, ours, client_tls,
+                                                                 outcome)
+            if outcome == "tls":
+                # Written by start_tls() right before the handshake (the reader loop calls it
+                # once this frame is handled), so no plaintext byte follows Rinit.
+                self.log("send Rinit tag=%d size=%d %s" % (tag, len(rbody), note))
+                self.tls_rinit = frame(RINIT, tag, rbody)
+                return
             self.handshaken = True
-            self.send(RINIT, tag, rbody, "framer=%d" % framer)
+            self.send(RINIT, tag, rbody, note)
+            if outcome == "incompatible":
+                self.close_when_flushed = "tls-incompatible"
             return
 
         if mtype == TPING:
@@ -537,6 +618,25 @@ class Connection:
             return
         task = asyncio.ensure_future(self.handle(tag, contexts, method, seqid, args))
         self.pending[tag] = task
+
+    async def start_tls(self):
+        """Opportunistic TLS: writes whatever is queued and Rinit, then wraps the socket. The
+        client sends nothing between Tinit and its ClientHello, and the transport stops reading
+        as soon as the upgrade starts, so no TLS byte is read as Mux."""
+        rinit, self.tls_rinit = self.tls_rinit, None
+        self.upgrading = True
+        current, self.queue = self.queue, []
+        for frames in current:
+            for f in frames:
+                self.writer.write(f)
+        self.writer.write(rinit)
+        try:
+            await self.writer.start_tls(self.server.ssl_context)
+        finally:
+            self.upgrading = False
+        self.log("tls-upgraded %s" % tls_info(self.writer))
+        self.handshaken = True
+        self.queue_event.set()
 
     async def handle(self, tag, contexts, method, seqid, args):
         try:
@@ -630,7 +730,9 @@ class Connection:
             self.writer.write(data[:len(data) // 2])
             await self.writer.drain()
             self.close("mid-frame")
-        elif message in ("huge-frame", "endless-fragments", "stray-fragments") or \
+        elif message == "tls-info":
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=tls_info(self.writer)))
+        elif message in ("huge-frame", "endless-fragments", "stray-fragments", "ping-flood") or \
                 message.startswith("drip:"):
             self.pending.pop(tag, None)  # Tdiscarded must not cut these short
             await self.hostile(tag, contexts, seqid, message)
@@ -670,6 +772,20 @@ class Connection:
                         await self.writer.drain()
                 finally:
                     self.log("endless-fragments tag=%d stopped after %d bytes" % (tag, sent))
+            elif message == "ping-flood":
+                # Stop reading (the client's Rping replies pile up in its send path) and
+                # write Tping until the client gives up on the connection.
+                self.writer.transport.pause_reading()
+                self.log("send ping-flood tag=1")
+                chunk = frame(TPING, 1) * 8192
+                sent = 0
+                try:
+                    while not self.closed and sent < (256 << 20):
+                        self.writer.write(chunk)
+                        sent += len(chunk)
+                        await self.writer.drain()
+                finally:
+                    self.log("ping-flood stopped after %d Tping" % (sent // 8))
             elif message == "stray-fragments":
                 self.log("send stray-fragments tags=1000..1095 bytes=%d" % (96 * 15 * 65536))
                 piece = b"s" * 65536
@@ -716,6 +832,7 @@ class Server:
         self.echo = echo
         self.log = Log(args.log)
         self.connections = set()
+        self.ssl_context = make_ssl_context(args)
 
     async def on_client(self, reader, writer):
         conn = Connection(self, reader, writer)
@@ -726,14 +843,20 @@ class Server:
             self.connections.discard(conn)
 
     async def main(self):
+        first_byte = self.args.tls_mode == "first-byte"
+        loop = asyncio.get_event_loop()
+        # Failed TLS handshakes (the tests' wrong-CA clients) go to the log, not to stderr.
+        loop.set_exception_handler(
+            lambda _, context: self.log.line("loop-error %s %s" % (
+                context.get("message"), context.get("exception", ""))))
         server = await asyncio.start_server(self.on_client, self.args.host, self.args.port,
-                                            reuse_address=True)
+                                            reuse_address=True,
+                                            ssl=self.ssl_context if first_byte else None)
         port = server.sockets[0].getsockname()[1]
-        self.log.line("server mode=%s port=%d framer=%s" % (self.args.mode, port,
-                                                              self.args.framer))
+        self.log.line("server mode=%s port=%d framer=%s tls=%s" % (
+            self.args.mode, port, self.args.framer, self.args.tls_mode or "none"))
         print("listening %s:%d" % (self.args.host, port), flush=True)
         stop = asyncio.Event()
-        loop = asyncio.get_event_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
@@ -763,10 +886,20 @@ def main():
                         "cancels the wait)")
     p.add_argument("--fail-all", action="store_true",
                    help="answer every call with an Rdispatch error")
+    p.add_argument("--tls-cert", default="", help="PEM certificate chain of the server")
+    p.add_argument("--tls-key", default="", help="PEM private key of the server")
+    p.add_argument("--tls-client-ca", default="",
+                   help="require client certificates signed by this PEM CA (mutual TLS)")
+    p.add_argument("--tls-mode", choices=["first-byte"] + list(TLS_LEVELS), default="",
+                   help="first-byte: TLS from the first byte; off/desired/required: the "
+                        "opportunistic TLS level answered in Rinit (default: plaintext, tls=off)")
     p.add_argument("--log", default="")
     p.add_argument("--thrift", default="/usr/bin/thrift", help="thrift compiler")
     p.add_argument("--idl", default=default_idl)
     args = p.parse_args()
+    if args.tls_mode in ("first-byte", "desired", "required") and not (args.tls_cert and
+                                                                       args.tls_key):
+        p.error("--tls-mode %s needs --tls-cert and --tls-key" % args.tls_mode)
     with tempfile.TemporaryDirectory(prefix="mux-server-") as tmp:
         echo_module, ttypes = load_echo_module(args.thrift, args.idl, tmp)
         server = Server(args, EchoCodec(echo_module, ttypes))

@@ -1,0 +1,371 @@
+// ThriftMux over TLS, both ways Finagle does it (issue 8), against the Mux reference server
+// (tests/integration/mux_reference/, Python's ssl module, independent of our TLS and Mux code)
+// with a throw-away CA (tests/support/test_ca.h):
+//   - TLS from the first byte (the handshake comes before the Mux probe);
+//   - opportunistic TLS negotiated in Tinit, every row of the outcome table of
+//     ../shared/mux-protocol.md §1.7, the server's "tls-info" reply proving whether the bytes
+//     were encrypted;
+//   - the failures (off against required, required against a server that does not negotiate,
+//     wrong CA, wrong host name, expired certificate, missing client certificate): each a
+//     TLS failure naming the endpoint, quickly, and a log line with the reason (both TLS
+//     levels, OpenSSL's verification result);
+//   - mutual TLS, per-URI settings, and 64 concurrent calls on one TLS session.
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "Echo.h"
+#include "scales/thriftmux/thriftmux.h"
+#include "support/log_capture.h"
+#include "support/mux_server_fixture.h"
+#include "support/test_ca.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+using scales::echo::EchoClient;
+using scales::testing::TestCa;
+using test::LogCapture;
+using test::MuxReferenceServer;
+using Clock = std::chrono::steady_clock;
+
+std::shared_ptr<Runtime> MakeRuntime() {
+  RuntimeOptions o;
+  o.threads = 1;
+  return std::make_shared<Runtime>(o);
+}
+
+thriftmux::ThriftMuxOptions Options() {
+  thriftmux::ThriftMuxOptions o;
+  o.client.name = "tls-mux";
+  o.client.runtime = MakeRuntime();
+  o.client.timeout = 5s;
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 200ms;
+  o.session.tls.ca_file = TestCa().ca_file;
+  return o;
+}
+
+thriftmux::ThriftMuxOptions Opportunistic(mux::OpportunisticTls level) {
+  auto o = Options();
+  o.session.opportunistic_tls = level;
+  return o;
+}
+
+thriftmux::ThriftMuxOptions FirstByte() {
+  auto o = Options();
+  o.session.tls.enabled = true;
+  return o;
+}
+
+// A reference server in `mode` (first-byte, off, desired, required) with our CA's server
+// certificate (or `cert`/`key`), plus `extra` arguments.
+std::vector<std::string> ServerArgs(std::string_view mode, std::vector<std::string> extra = {},
+                                    const std::string& cert = TestCa().server_cert,
+                                    const std::string& key = TestCa().server_key) {
+  std::vector<std::string> args = {"--mode", "finagle"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  auto tls = MuxReferenceServer::TlsArgs(mode, cert, key);
+  args.insert(args.end(), tls.begin(), tls.end());
+  return args;
+}
+
+std::string Call(const thrift::ThriftClient<EchoClient>& client, const std::string& arg) {
+  std::string r;
+  client->echo(r, arg);
+  return r;
+}
+
+struct Failure {
+  error_code code;
+  std::string what;
+  Clock::duration took{};
+};
+
+Failure CallFailure(const thrift::ThriftClient<EchoClient>& client, const std::string& arg) {
+  const auto start = Clock::now();
+  Failure f;
+  try {
+    std::string r;
+    client->echo(r, arg);
+    f.what = "the call succeeded: " + r;
+  } catch (const Error& e) {
+    f.code = e.scales_code();
+    f.what = e.what();
+  }
+  f.took = Clock::now() - start;
+  return f;
+}
+
+bool Encrypted(const std::string& tls_info) { return tls_info.starts_with("tls=TLSv1."); }
+
+// --- TLS from the first byte ----------------------------------------------------------------------
+
+TEST(TlsMuxTest, FirstByteTlsCarriesTheSession) {
+  MuxReferenceServer server(ServerArgs("first-byte"));
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), FirstByte());
+  EXPECT_EQ(Call(client, "hello"), "hello");
+  const std::string info = Call(client, "tls-info");
+  EXPECT_TRUE(Encrypted(info)) << info;
+  EXPECT_NE(info.find("peer=none"), std::string::npos) << info;  // no client certificate
+  // The Mux handshake ran inside TLS, and needed no upgrade.
+  EXPECT_TRUE(server.WaitForLog({"recv Tinit"}));
+  EXPECT_TRUE(server.LogLinesWith({"tls-upgraded"}).empty()) << server.Log();
+}
+
+// --- Opportunistic TLS: the outcome table -----------------------------------------------------
+
+struct OutcomeCase {
+  const char* client;
+  const char* server;
+  bool tls;
+};
+
+class TlsMuxOutcomeTest : public ::testing::TestWithParam<OutcomeCase> {};
+
+TEST_P(TlsMuxOutcomeTest, FollowsTheOutcomeTable) {
+  const OutcomeCase c = GetParam();
+  MuxReferenceServer server(ServerArgs(c.server));
+  LogCapture log;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(),
+                                                 Opportunistic(*mux::ParseOpportunisticTls(c.client)));
+  EXPECT_EQ(Call(client, "hello"), "hello");
+  const std::string info = Call(client, "tls-info");
+  EXPECT_EQ(Encrypted(info), c.tls) << info;
+  if (!c.tls) EXPECT_EQ(info, "tls=none");
+  EXPECT_TRUE(server.WaitForLog({"send Rinit", std::string("client-tls=") + c.client,
+                                 c.tls ? "outcome=tls" : "outcome=plaintext"}))
+      << server.Log();
+  EXPECT_EQ(log.Has({"TLS negotiated", server.endpoint()}), c.tls) << log.All();
+  EXPECT_EQ(Call(client, "after"), "after");
+}
+
+INSTANTIATE_TEST_SUITE_P(Table, TlsMuxOutcomeTest,
+                         ::testing::Values(OutcomeCase{"desired", "desired", true},
+                                           OutcomeCase{"desired", "required", true},
+                                           OutcomeCase{"required", "desired", true},
+                                           OutcomeCase{"required", "required", true},
+                                           OutcomeCase{"off", "desired", false},
+                                           OutcomeCase{"desired", "off", false}),
+                         [](const auto& info) {
+                           return std::string(info.param.client) + "_" + info.param.server;
+                         });
+
+// --- Failures -----------------------------------------------------------------------------------
+
+// The call fails with kTlsFailed, or, when the endpoint was already marked down by the
+// client's open (the resurrector fails fast), kFailedFast naming the TLS failure.
+void ExpectTlsFailure(const Failure& f, const MuxReferenceServer& server) {
+  EXPECT_TRUE(f.code == Errc::kTlsFailed || (f.code == Errc::kFailedFast && f.what.find("TLS") != std::string::npos))
+      << ErrorName(f.code) << ": " << f.what;
+  EXPECT_NE(f.what.find(server.endpoint()), std::string::npos) << f.what;
+  EXPECT_LT(f.took, 3s) << f.what;  // no hang: well before the 5 s call timeout
+}
+
+TEST(TlsMuxTest, RequiredAgainstOffFails) {
+  MuxReferenceServer server(ServerArgs("off"));
+  LogCapture log;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(),
+                                                 Opportunistic(mux::OpportunisticTls::kRequired));
+  ExpectTlsFailure(CallFailure(client, "hello"), server);
+  EXPECT_TRUE(log.Has({server.endpoint(), "opportunistic_tls=required", "the server tls=off"})) << log.All();
+}
+
+TEST(TlsMuxTest, OffAgainstRequiredFails) {
+  MuxReferenceServer server(ServerArgs("required"));
+  LogCapture log;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options());  // off
+  ExpectTlsFailure(CallFailure(client, "hello"), server);
+  EXPECT_TRUE(log.Has({server.endpoint(), "opportunistic_tls=off", "the server tls=required"})) << log.All();
+  // The server answered with its level and closed: nothing was dispatched.
+  EXPECT_TRUE(server.WaitForLog({"outcome=incompatible"})) << server.Log();
+  EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch"}).empty()) << server.Log();
+}
+
+TEST(TlsMuxTest, RequiredAgainstAServerThatDoesNotNegotiateFails) {
+  MuxReferenceServer server({"--mode", "old"});  // answers the probe with Rerr: no Tinit, no TLS
+  LogCapture log;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(),
+                                                 Opportunistic(mux::OpportunisticTls::kRequired));
+  ExpectTlsFailure(CallFailure(client, "hello"), server);
+  EXPECT_TRUE(log.Has({server.endpoint(), "did not echo the handshake probe", "opportunistic_tls=required"}))
+      << log.All();
+  EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch"}).empty()) << server.Log();
+}
+
+TEST(TlsMuxTest, DesiredAgainstAServerThatDoesNotNegotiateIsPlaintext) {
+  MuxReferenceServer server({"--mode", "old"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(),
+                                                 Opportunistic(mux::OpportunisticTls::kDesired));
+  EXPECT_EQ(Call(client, "tls-info"), "tls=none");
+}
+
+TEST(TlsMuxTest, WrongCaFailsVerification) {
+  {
+    MuxReferenceServer server(ServerArgs("first-byte"));
+    LogCapture log;
+    auto o = FirstByte();
+    o.session.tls.ca_file = TestCa().other_ca_file;
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+    ExpectTlsFailure(CallFailure(client, "hello"), server);
+    EXPECT_TRUE(log.Has({server.endpoint(), "certificate verify failed"})) << log.All();
+  }
+  {
+    MuxReferenceServer server(ServerArgs("desired"));
+    LogCapture log;
+    auto o = Opportunistic(mux::OpportunisticTls::kDesired);
+    o.session.tls.ca_file = TestCa().other_ca_file;
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+    ExpectTlsFailure(CallFailure(client, "hello"), server);
+    EXPECT_TRUE(log.Has({server.endpoint(), "certificate verify failed", "this client desired, the server desired"}))
+        << log.All();
+  }
+}
+
+TEST(TlsMuxTest, WrongHostNameFailsVerification) {
+  MuxReferenceServer server(ServerArgs("desired", {}, TestCa().wrong_host_cert, TestCa().wrong_host_key));
+  LogCapture log;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(),
+                                                 Opportunistic(mux::OpportunisticTls::kRequired));
+  ExpectTlsFailure(CallFailure(client, "hello"), server);
+  EXPECT_TRUE(log.Has({server.endpoint(), "certificate verify failed"})) << log.All();
+  // The same certificate is fine for a client that expects that name.
+  auto o = Opportunistic(mux::OpportunisticTls::kRequired);
+  o.session.tls.server_name = "wrong.example";
+  auto named = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+  EXPECT_TRUE(Encrypted(Call(named, "tls-info")));
+}
+
+TEST(TlsMuxTest, ExpiredCertificateFailsVerification) {
+  MuxReferenceServer server(ServerArgs("first-byte", {}, TestCa().expired_cert, TestCa().expired_key));
+  LogCapture log;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), FirstByte());
+  ExpectTlsFailure(CallFailure(client, "hello"), server);
+  EXPECT_TRUE(log.Has({server.endpoint(), "expired"})) << log.All();
+}
+
+// --- Mutual TLS ---------------------------------------------------------------------------------
+
+TEST(TlsMuxTest, MutualTlsPresentsTheClientCertificate) {
+  for (const char* mode : {"first-byte", "required"}) {
+    SCOPED_TRACE(mode);
+    auto args = ServerArgs(mode);
+    args.push_back("--tls-client-ca");
+    args.push_back(TestCa().ca_file);
+    MuxReferenceServer server(args);
+    auto o = std::string_view(mode) == "first-byte" ? FirstByte() : Opportunistic(mux::OpportunisticTls::kRequired);
+    o.session.tls.cert_file = TestCa().client_cert;
+    o.session.tls.key_file = TestCa().client_key;
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+    const std::string info = Call(client, "tls-info");
+    EXPECT_TRUE(Encrypted(info)) << info;
+    EXPECT_NE(info.find("peer=scales-test-client"), std::string::npos) << info;
+    // Without a client certificate the server refuses the handshake.
+    auto anonymous = ThriftMux::NewClient<EchoClient>(
+        "tcp://" + server.endpoint(),
+        std::string_view(mode) == "first-byte" ? FirstByte() : Opportunistic(mux::OpportunisticTls::kRequired));
+    ExpectTlsFailure(CallFailure(anonymous, "hello"), server);
+  }
+}
+
+// --- One session, many calls ------------------------------------------------------------------
+
+TEST(TlsMuxTest, SixtyFourConcurrentCallsOnOneTlsSessionCompleteOnce) {
+  MuxReferenceServer server(ServerArgs("desired"));
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(),
+                                                 Opportunistic(mux::OpportunisticTls::kDesired));
+  ASSERT_TRUE(Encrypted(Call(client, "tls-info")));
+  constexpr int kCalls = 64;
+  std::vector<std::atomic<int>> completions(kCalls);
+  std::vector<std::string> replies(kCalls);
+  std::atomic<int> done{0};
+  for (int i = 0; i < kCalls; ++i) {
+    // Every other call waits a little so replies come back out of order.
+    std::string arg = i % 2 ? "m" + std::to_string(i) : std::string("tls-info");
+    SCALES_THRIFT_CALL(client, echo, arg, [&, i](std::exception_ptr e, std::string r) {
+      replies[i] = e ? std::string("error") : std::move(r);
+      completions[i].fetch_add(1);
+      done.fetch_add(1);
+    });
+  }
+  const auto until = Clock::now() + 10s;
+  while (done.load() < kCalls && Clock::now() < until) std::this_thread::sleep_for(5ms);
+  std::this_thread::sleep_for(50ms);  // a second completion would show up by now
+  for (int i = 0; i < kCalls; ++i) {
+    EXPECT_EQ(completions[i].load(), 1) << i;
+    if (i % 2) {
+      EXPECT_EQ(replies[i], "m" + std::to_string(i));
+    } else {
+      EXPECT_TRUE(Encrypted(replies[i])) << replies[i];
+    }
+  }
+  EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "one session carried every call";
+  EXPECT_EQ(server.LogLinesWith({"tls-upgraded"}).size(), 1u) << server.Log();
+}
+
+// --- Per-URI settings and validation ------------------------------------------------------------
+
+TEST(TlsMuxTest, UriQuerySetsTls) {
+  MuxReferenceServer opportunistic(ServerArgs("required"));
+  auto plain = Options();
+  plain.session.tls.ca_file.clear();  // the URI gives it
+  auto client = ThriftMux::NewClient<EchoClient>(
+      "tcp://" + opportunistic.endpoint() + "?opportunistic_tls=desired&tls_ca_file=" + TestCa().ca_file, plain);
+  EXPECT_TRUE(Encrypted(Call(client, "tls-info")));
+
+  MuxReferenceServer first_byte(ServerArgs("first-byte"));
+  auto direct = ThriftMux::NewClient<EchoClient>(
+      "tcp://" + first_byte.endpoint() + "?tls=on&tls_ca_file=" + TestCa().ca_file, plain);
+  EXPECT_TRUE(Encrypted(Call(direct, "tls-info")));
+
+  try {
+    ThriftMux::NewClient<EchoClient>("tcp://" + opportunistic.endpoint() + "?opportunistic_tls=maybe", plain);
+    ADD_FAILURE() << "a bad opportunistic_tls was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kBadUri) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find("opportunistic_tls='maybe'"), std::string_view::npos) << e.what();
+  }
+}
+
+TEST(TlsMuxTest, ApplyUriOptionsKeepsDiscoveryKeys) {
+  thriftmux::ThriftMuxOptions o;
+  o.client.uri = "zk://127.0.0.1:2181/svc?chroot=/x&opportunistic_tls=required&tls_server_name=svc.example#ep";
+  thriftmux::ApplyUriOptions(o);
+  EXPECT_EQ(o.client.uri, "zk://127.0.0.1:2181/svc?chroot=/x#ep");
+  EXPECT_EQ(o.session.opportunistic_tls, mux::OpportunisticTls::kRequired);
+  EXPECT_EQ(o.session.tls.server_name, "svc.example");
+  o.client.uri = "tcp://127.0.0.1:1?tls_verify=off";
+  thriftmux::ApplyUriOptions(o);
+  EXPECT_EQ(o.client.uri, "tcp://127.0.0.1:1");
+  EXPECT_FALSE(o.session.tls.verify_peer);
+}
+
+TEST(TlsMuxTest, InconsistentOptionsAreRejected) {
+  auto expect_invalid = [](thriftmux::ThriftMuxOptions o, std::string_view names) {
+    try {
+      thriftmux::Validate(o);
+      ADD_FAILURE() << "accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string_view(e.what()).find(names), std::string_view::npos) << e.what();
+    }
+  };
+  auto o = Opportunistic(mux::OpportunisticTls::kDesired);
+  o.session.handshake = false;
+  expect_invalid(o, "needs session.handshake");
+  o = Opportunistic(mux::OpportunisticTls::kRequired);
+  o.session.tls.enabled = true;
+  expect_invalid(o, "exclude each other");
+  o = Options();
+  o.session.max_queued_control_replies = 0;
+  expect_invalid(o, "session.max_queued_control_replies");
+}
+
+}  // namespace
+}  // namespace scales
