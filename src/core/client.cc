@@ -11,6 +11,7 @@
 
 #include "scales/core/error.h"
 #include "scales/discovery/uri.h"
+#include "scales/discovery/zookeeper.h"
 
 namespace scales {
 namespace {
@@ -58,6 +59,7 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   }
   SinkFactory top = spec_.Build();
   stats::StatsScope scope(stats_, {{"client", options_.name}});
+  ReportDiscoveryStats(scope);
   auto limit = std::make_shared<MessageDispatcher::PendingLimit>(options_.max_pending, runtime_->size());
   for (size_t i = 0; i < runtime_->size(); ++i) {
     EventLoop& loop = runtime_->loop(i);
@@ -143,8 +145,37 @@ void ClientCore::Dispatch(CallBase* call) {
   boost::asio::post(loop.executor(), [shard, call] { shard->Dispatch(call, /*initiating=*/false); });
 }
 
+void ClientCore::ReportDiscoveryStats(const stats::StatsScope& scope) {
+  // A ZooKeeper server set keeps its own counts (it may be shared by several clients and has
+  // no registry); they are copied into this client's gauges whenever the registry is read.
+  auto zk = std::dynamic_pointer_cast<ZooKeeperServerSet>(server_set_);
+  if (!zk) return;
+  struct Gauges {
+    stats::Gauge& sessions;
+    stats::Gauge& expirations;
+    stats::Gauge& losses;
+    stats::Gauge& updates;
+    stats::Gauge& malformed;
+  };
+  Gauges g{scope.GetGauge("scales_zk_sessions"), scope.GetGauge("scales_zk_session_expirations"),
+           scope.GetGauge("scales_zk_connection_losses"), scope.GetGauge("scales_discovery_updates"),
+           scope.GetGauge("scales_discovery_malformed_members")};
+  std::weak_ptr<ZooKeeperServerSet> weak = zk;
+  discovery_collector_ = stats_->AddCollector([weak, g] {
+    auto set = weak.lock();
+    if (!set) return;
+    const ZooKeeperServerSet::Stats s = set->stats();
+    g.sessions.Set(static_cast<int64_t>(s.sessions));
+    g.expirations.Set(static_cast<int64_t>(s.session_expirations));
+    g.losses.Set(static_cast<int64_t>(s.connection_losses));
+    g.updates.Set(static_cast<int64_t>(s.snapshots));
+    g.malformed.Set(static_cast<int64_t>(s.malformed_members));
+  });
+}
+
 void ClientCore::Close() {
   if (closed_.exchange(true)) return;
+  if (discovery_collector_ != 0) stats_->RemoveCollector(discovery_collector_);
   {
     std::lock_guard lock(Live().mu);
     Live().clients.erase(this);

@@ -304,7 +304,25 @@ const Histogram* StatsRegistry::FindHistogram(std::string_view name, const Label
   return e ? e->histogram.get() : nullptr;
 }
 
+uint64_t StatsRegistry::AddCollector(std::function<void()> fn) {
+  std::lock_guard lock(collectors_mu_);
+  const uint64_t id = next_collector_++;
+  collectors_.emplace(id, std::move(fn));
+  return id;
+}
+
+void StatsRegistry::RemoveCollector(uint64_t id) {
+  std::lock_guard lock(collectors_mu_);
+  collectors_.erase(id);
+}
+
 std::vector<MetricSnapshot> StatsRegistry::Snapshot() const {
+  std::vector<std::function<void()>> collectors;
+  {
+    std::lock_guard lock(collectors_mu_);
+    for (const auto& [id, fn] : collectors_) collectors.push_back(fn);
+  }
+  for (const auto& fn : collectors) fn();  // they take the registry's lock themselves, if at all
   std::vector<MetricSnapshot> out;
   std::lock_guard lock(mu_);
   out.reserve(metrics_.size());

@@ -138,7 +138,9 @@ TEST_P(TlsMuxOutcomeTest, FollowsTheOutcomeTable) {
   EXPECT_EQ(Call(client, "hello"), "hello");
   const std::string info = Call(client, "tls-info");
   EXPECT_EQ(Encrypted(info), c.tls) << info;
-  if (!c.tls) EXPECT_EQ(info, "tls=none");
+  if (!c.tls) {
+    EXPECT_EQ(info, "tls=none");
+  }
   EXPECT_TRUE(server.WaitForLog({"send Rinit", std::string("client-tls=") + c.client,
                                  c.tls ? "outcome=tls" : "outcome=plaintext"}))
       << server.Log();

@@ -22,8 +22,10 @@
 #include "scales/core/log.h"
 #include "scales/discovery/zookeeper.h"
 #include "scales/http/client.h"
+#include "scales/stats/stats.h"
 #include "support/fixtures.h"
 #include "support/log_capture.h"
+#include "support/prometheus_text.h"
 #include "support/zookeeper_fixture.h"
 
 namespace scales {
@@ -430,6 +432,9 @@ TEST_F(ZooKeeperTest, JoinAndLeaveUnderLoad) {
 }
 
 TEST_F(ZooKeeperTest, TrafficContinuesThroughSessionExpiryAndServerRestart) {
+  // The client's metrics, read through the Prometheus export. Declared first: it must outlive
+  // the client's event loops, which release the client's sinks (and their gauges) last.
+  stats::StatsRegistry registry;
   TestHttpServer server("s0");
   const std::string uri = zk_->Uri("/svc?session_timeout=2s");
   auto announcer = Announce(uri, server);
@@ -437,6 +442,7 @@ TEST_F(ZooKeeperTest, TrafficContinuesThroughSessionExpiryAndServerRestart) {
   auto set = MakeSet(uri);
   auto options = LoadOptions();
   options.client.server_set = set;
+  options.client.stats = &registry;
   Load load;
   load.client = Http::NewClient(uri, options);
   load.Start(4);
@@ -460,6 +466,14 @@ TEST_F(ZooKeeperTest, TrafficContinuesThroughSessionExpiryAndServerRestart) {
   mark = load.completed;
   ASSERT_TRUE(WaitFor([&] { return load.completed > mark + 100; }));
   EXPECT_EQ(set->members(), Eps({{"127.0.0.1", server.port()}}));
+  // The client exports what its server set went through.
+  test::PromText prom = test::ParsePrometheusText(registry.ToPrometheus());
+  const test::PromLabels client{{"client", "zkload"}};
+  EXPECT_GE(prom.Value("scales_zk_sessions", client).value_or(0), 2);
+  EXPECT_GE(prom.Value("scales_zk_session_expirations", client).value_or(0), 1);
+  EXPECT_GE(prom.Value("scales_zk_connection_losses", client).value_or(0), 1);
+  EXPECT_EQ(prom.Value("scales_discovery_updates", client), 1);
+  EXPECT_EQ(prom.Value("scales_discovery_malformed_members", client), 0);
   load.StopAndWait();
   EXPECT_EQ(load.started.load(), load.completed.load()) << "every request completes exactly once";
   EXPECT_EQ(load.failed.load(), 0) << load.first_error;

@@ -374,5 +374,26 @@ TEST(ConcurrencyStats, CounterAndHistogramFromFourThreads) {
   EXPECT_EQ(bucket_total, s.count);
 }
 
+// Collectors run before every snapshot (and so before every export) and stop once removed.
+TEST(StatsRegistryTest, CollectorsRefreshGaugesWhenRead) {
+  StatsRegistry registry;
+  int64_t outside = 7;
+  int runs = 0;
+  Gauge& gauge = registry.GetGauge("copied", {{"client", "c"}});
+  const uint64_t id = registry.AddCollector([&] {
+    ++runs;
+    gauge.Set(outside);
+  });
+  EXPECT_EQ(gauge.value(), 0) << "nothing runs before a read";
+  EXPECT_THAT(registry.ToPrometheus(), ::testing::HasSubstr("copied{client=\"c\"} 7"));
+  outside = 9;
+  EXPECT_EQ(registry.Snapshot().at(0).value, 9);
+  EXPECT_EQ(runs, 2);
+  registry.RemoveCollector(id);
+  outside = 11;
+  EXPECT_EQ(registry.Snapshot().at(0).value, 9) << "a removed collector does not run";
+  EXPECT_EQ(runs, 2);
+}
+
 }  // namespace
 }  // namespace scales::stats

@@ -111,6 +111,8 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   static void ForEachLiveClient(const std::function<void(const ClientCore&)>& fn);
 
  private:
+  // With a ZooKeeper server set: its session and update counts as gauges of this client.
+  void ReportDiscoveryStats(const stats::StatsScope& scope);
   void DoOpen(ClientMessageSink::OpenHandler handler);
 
   ClientOptions options_;
@@ -118,6 +120,7 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   std::shared_ptr<Runtime> runtime_;
   stats::StatsRegistry* stats_;
   std::shared_ptr<ServerSet> server_set_;
+  uint64_t discovery_collector_ = 0;  // StatsRegistry collector of a ZooKeeper server set's counts
   std::vector<std::shared_ptr<MessageDispatcher>> shards_;
   std::atomic<bool> closed_{false};
 };

@@ -10,6 +10,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -176,6 +177,14 @@ class StatsRegistry {
   // The process-wide registry used when a client is not given one.
   static StatsRegistry& Default();
 
+  // Collectors copy values kept elsewhere into this registry's metrics when they are read
+  // (a ZooKeeper server set's session counts, say): every Snapshot() -- and so every export --
+  // first runs each collector, on the exporting thread, without the registry's lock held; `fn`
+  // must be thread safe. Returns an id for RemoveCollector, after which `fn` is not started
+  // again (a run already started may still finish).
+  uint64_t AddCollector(std::function<void()> fn);
+  void RemoveCollector(uint64_t id);
+
  private:
   struct Key {
     std::string name;
@@ -195,6 +204,9 @@ class StatsRegistry {
 
   mutable std::mutex mu_;
   std::map<Key, Entry> metrics_;
+  mutable std::mutex collectors_mu_;
+  std::map<uint64_t, std::function<void()>> collectors_;
+  uint64_t next_collector_ = 1;
   std::map<std::string, std::string, std::less<>> help_;
 };
 
