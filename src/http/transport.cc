@@ -1,12 +1,8 @@
 #include "scales/http/transport.h"
 
-#include <tuple>
+#include <iterator>
 
-#include <boost/asio/error.hpp>
-#include <boost/asio/ssl/error.hpp>
 #include <boost/beast/http/error.hpp>
-#include <boost/beast/http/read.hpp>
-#include <boost/beast/http/write.hpp>
 #include <fmt/format.h>
 
 #include "scales/core/runtime.h"
@@ -32,18 +28,42 @@ std::string Snippet(std::string_view body, size_t max = 200) {
 
 // B3 propagation headers (https://github.com/openzipkin/b3-propagation): 16 lower-hex digits
 // per id.
-template <class Request>
-void AddB3Headers(Request& request, const TraceContext& t) {
-  request.set("X-B3-TraceId", fmt::format("{:016x}", t.trace_id));
-  request.set("X-B3-SpanId", fmt::format("{:016x}", t.span_id));
+void AppendB3Headers(std::string& out, const TraceContext& t) {
+  auto it = std::back_inserter(out);
+  fmt::format_to(it, "X-B3-TraceId: {:016x}\r\nX-B3-SpanId: {:016x}\r\n", t.trace_id, t.span_id);
   if (t.parent_id != 0 && t.parent_id != t.span_id) {
-    request.set("X-B3-ParentSpanId", fmt::format("{:016x}", t.parent_id));
+    fmt::format_to(it, "X-B3-ParentSpanId: {:016x}\r\n", t.parent_id);
   }
   if (t.flags & 1) {
-    request.set("X-B3-Flags", "1");  // debug implies sampled
+    out += "X-B3-Flags: 1\r\n";  // debug implies sampled
   } else if (t.flags & 2) {
-    request.set("X-B3-Sampled", (t.flags & 4) ? "1" : "0");
+    out += (t.flags & 4) ? "X-B3-Sampled: 1\r\n" : "X-B3-Sampled: 0\r\n";
   }
+}
+
+// A token (RFC 9110 5.6.2): what a method and a header name may be.
+bool IsToken(std::string_view s) noexcept {
+  if (s.empty()) return false;
+  for (unsigned char c : s) {
+    if (c <= 32 || c >= 127 || std::string_view("\"(),/:;<=>?@[\\]{}").find(static_cast<char>(c)) !=
+                                   std::string_view::npos) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// No CR, LF or NUL: a value that cannot end the line it is on.
+bool IsFieldValue(std::string_view s) noexcept {
+  return s.find_first_of(std::string_view("\r\n\0", 3)) == std::string_view::npos;
+}
+
+bool IsTarget(std::string_view s) noexcept {
+  if (s.empty()) return false;
+  for (unsigned char c : s) {
+    if (c <= 32 || c == 127) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -95,135 +115,131 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     stack.AsyncProcessResponse(nullptr, m);
     return;
   }
-  current_ = &stack;
-  const uint64_t gen = BeginRequest();
-  stack.SetCancelHandler(this, nullptr);
-
-  request_ = {};
-  request_.version(11);
-  bhttp::verb verb = bhttp::string_to_verb(req->method);
-  if (verb == bhttp::verb::unknown) {
-    request_.method_string(req->method);
-  } else {
-    request_.method(verb);
+  // Serialised here rather than by Beast's serializer: one string, reused per connection,
+  // written in one send.
+  std::string& w = write_buf_;
+  w.clear();
+  auto bad = [&](std::string what) {
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kInvalidArgument),
+                                          fmt::format("HTTP request to {} not sent: {}", conn().address(), what));
+    stack.AsyncProcessResponse(nullptr, m);
+  };
+  if (!IsToken(req->method)) return bad(fmt::format("the method '{}' is not an HTTP token", req->method));
+  if (!IsTarget(req->target)) {
+    return bad(fmt::format("the target '{}' is empty or has spaces or control characters", req->target));
   }
-  request_.target(req->target);
+  w.append(req->method).append(" ").append(req->target).append(" HTTP/1.1\r\n");
   bool has_host = false;
   bool has_agent = false;
-  for (const auto& [name, value] : req->headers) {
-    has_host = has_host || HeaderNameEquals(name, "host");
-    has_agent = has_agent || HeaderNameEquals(name, "user-agent");
-    request_.insert(name, value);
+  auto add_headers = [&](const Headers& headers) {
+    for (const auto& [name, value] : headers) {
+      if (!IsToken(name)) {
+        bad(fmt::format("the header name '{}' is not an HTTP token", name));
+        return false;
+      }
+      if (!IsFieldValue(value)) {
+        bad(fmt::format("the value of header {} has a CR, LF or NUL", name));
+        return false;
+      }
+      // The transport frames the body itself: a fixed Content-Length.
+      if (HeaderNameEquals(name, "content-length") || HeaderNameEquals(name, "transfer-encoding")) continue;
+      has_host = has_host || HeaderNameEquals(name, "host");
+      has_agent = has_agent || HeaderNameEquals(name, "user-agent");
+      w.append(name).append(": ").append(value).append("\r\n");
+    }
+    return true;
+  };
+  if (!add_headers(req->headers) || !add_headers(msg.properties.headers)) return;
+  if (options_.b3_headers && msg.properties.trace.valid()) AppendB3Headers(w, msg.properties.trace);
+  if (!has_host) w.append("Host: ").append(host_header_).append("\r\n");
+  if (!has_agent) w.append("User-Agent: scales/0.1\r\n");
+  if (!req->body.empty() || req->method == "POST" || req->method == "PUT" || req->method == "PATCH") {
+    fmt::format_to(std::back_inserter(w), "Content-Length: {}\r\n", req->body.size());
   }
-  for (const auto& [name, value] : msg.properties.headers) {
-    has_host = has_host || HeaderNameEquals(name, "host");
-    has_agent = has_agent || HeaderNameEquals(name, "user-agent");
-    request_.insert(name, value);
-  }
-  if (options_.b3_headers && msg.properties.trace.valid()) AddB3Headers(request_, msg.properties.trace);
-  if (!has_host) request_.set(bhttp::field::host, host_header_);
-  if (!has_agent) request_.set(bhttp::field::user_agent, "scales/0.1");
-  request_.body() = req->body;
-  request_.prepare_payload();
+  w.append("\r\n").append(req->body);
 
-  writing_ = true;
-  conn().WithStream([&](auto& stream) {
-    bhttp::async_write(stream, request_, [self = self(), gen](const boost::system::error_code& ec, size_t n) {
-      self->OnWritten(gen, ec, n);
-    });
-  });
-}
-
-void HttpTransportSink::OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != this->generation() || current_ == nullptr) return;
-  writing_ = false;
-  if (!WriteDone(ec, bytes)) return;
-  parser_.emplace();
+  current_ = &stack;
+  BeginRequest();
+  stack.SetCancelHandler(this, nullptr);
+  auto& out = *msg.reply_slot<Response>();
+  out.status = 0;
+  out.reason.clear();
+  out.headers.clear();
+  out.body.clear();
+  parser_.emplace(out);
+  parser_->eager(true);
   parser_->header_limit(static_cast<std::uint32_t>(
       std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
   parser_->body_limit(options_.max_response_body_bytes);
-  if (request_.method() == bhttp::verb::head) parser_->skip(true);
-  conn().WithStream([&](auto& stream) {
-    bhttp::async_read(stream, buffer_, *parser_, [self = self(), gen = generation](const boost::system::error_code& e,
-                                                                                   size_t n) {
-      self->OnRead(gen, e, n);
-    });
-  });
+  if (req->method == "HEAD") parser_->skip(true);
+  Exchange(w, /*expect_reply=*/true);
 }
 
-void HttpTransportSink::OnRead(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != this->generation() || current_ == nullptr) return;
-  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
-  if (ec) {
-    error_code code;
-    std::string detail;
-    if (auto tls = TlsFailure(ec, "reading the response")) {
-      std::tie(code, detail) = std::move(*tls);
-    } else if (ec == bhttp::error::body_limit) {
-      code = make_error_code(Errc::kResponseTooLarge);
-      detail = fmt::format("response body from {} exceeds max_response_body_bytes ({} bytes)",
-                           conn().address(), options_.max_response_body_bytes);
-    } else if (ec == bhttp::error::header_limit) {
-      code = make_error_code(Errc::kResponseTooLarge);
-      detail = fmt::format("response headers from {} exceed max_response_header_bytes ({} bytes)",
-                           conn().address(), options_.max_response_header_bytes);
-    } else if (ec == bhttp::error::end_of_stream || ec == bhttp::error::partial_message ||
-               ec == asio::error::eof || ec == asio::error::connection_reset ||
-               ec == asio::error::broken_pipe || ec == asio::ssl::error::stream_truncated) {
-      code = make_error_code(Errc::kConnectionClosed);
-      detail = fmt::format("connection to {} closed by the server while reading the response "
-                           "(after {} bytes): {}",
-                           conn().address(), bytes, ec.message());
-    } else if (ec.category() == bhttp::make_error_code(bhttp::error::bad_version).category()) {
-      code = make_error_code(Errc::kProtocolError);
-      detail = fmt::format("malformed HTTP response from {}: {}", conn().address(), ec.message());
-    } else {
-      code = make_error_code(Errc::kConnectionClosed);
-      detail = fmt::format("reading the response from {} failed: {}", conn().address(), ec.message());
-    }
-    Shutdown();
-    Finish(code, std::move(detail));
-    return;
+ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buffer& in) {
+  while (!parser_->is_done()) {
+    boost::system::error_code ec;
+    const size_t n = parser_->put(in.data(), ec);
+    in.consume(n);
+    if (ec == bhttp::error::need_more) return ParseResult::NeedMore();
+    if (ec) return ParseFailure(ec);
+    if (n == 0) return ParseResult::NeedMore();
   }
-  auto& out = *current_->message().reply_slot<Response>();
-  auto res = parser_->release();
+  return Complete();
+}
+
+ConnectionSink::ParseResult HttpTransportSink::ParseEof(size_t bytes) {
+  boost::system::error_code ec = bhttp::error::end_of_stream;  // nothing of the response came
+  if (parser_->got_some()) {
+    ec = {};
+    parser_->put_eof(ec);  // completes a body that ends with the connection
+    if (!ec && parser_->is_done()) return Complete();
+    if (!ec) ec = bhttp::error::partial_message;
+  }
+  return ParseResult::Failed(make_error_code(Errc::kConnectionClosed),
+                             fmt::format("connection to {} closed by the server while reading the response "
+                                         "(after {} bytes): {}",
+                                         conn().address(), bytes, ec.message()));
+}
+
+ConnectionSink::ParseResult HttpTransportSink::ParseFailure(const boost::system::error_code& ec) {
+  if (ec == bhttp::error::body_limit) {
+    return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
+                               fmt::format("response body from {} exceeds max_response_body_bytes ({} bytes)",
+                                           conn().address(), options_.max_response_body_bytes));
+  }
+  if (ec == bhttp::error::header_limit) {
+    return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
+                               fmt::format("response headers from {} exceed max_response_header_bytes ({} bytes)",
+                                           conn().address(), options_.max_response_header_bytes));
+  }
+  return ParseResult::Failed(make_error_code(Errc::kProtocolError),
+                             fmt::format("malformed HTTP response from {}: {}", conn().address(), ec.message()));
+}
+
+ConnectionSink::ParseResult HttpTransportSink::Complete() {
+  const auto& out = *current_->message().reply_slot<Response>();
+  auto r = ParseResult::Done(parser_->keep_alive());
   parser_.reset();
-  out.status = static_cast<int>(res.result_int());
-  out.reason = std::string(res.reason());
-  out.headers.clear();
-  for (const auto& field : res) {
-    out.headers.emplace_back(std::string(field.name_string()), std::string(field.value()));
-  }
-  out.body = std::move(res.body());
-  // A response without keep-alive, or bytes after it that nobody asked for, end the
-  // connection's life.
-  if (!res.keep_alive() || buffer_.size() > 0) {
-    Shutdown();
-  } else {
-    WatchIdle();
-  }
   if (options_.raise_on_http_error && out.status >= 400) {
-    const auto& msg = current_->message();
-    auto* req = msg.payload<Request>();
-    Finish(make_error_code(Errc::kHttpError),
-           fmt::format("HTTP {} {} from {} for {} {}: {}", out.status, out.reason, conn().address(),
-                       req->method, req->target, Snippet(out.body)));
-    return;
+    const auto* req = current_->message().payload<Request>();
+    r.ec = make_error_code(Errc::kHttpError);
+    r.detail = fmt::format("HTTP {} {} from {} for {} {}: {}", out.status, out.reason, conn().address(), req->method,
+                           req->target, Snippet(out.body));
   }
-  Finish({}, {});
+  return r;
 }
 
 void HttpTransportSink::Finish(error_code ec, std::string detail) {
   SinkStack* s = current_;
   current_ = nullptr;
-  writing_ = false;
+  parser_.reset();  // it refers to the call's response
   MethodReturnMessage m{ec, std::move(detail), {}};
   s->AsyncProcessResponse(nullptr, m);
 }
 
 void HttpTransportSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
   if (current_ != &stack) return;
-  std::string detail = writing_ ? fmt::format("while sending the request to {}", conn().address())
+  std::string detail = writing() ? fmt::format("while sending the request to {}", conn().address())
                                 : fmt::format("while waiting for the response from {}", conn().address());
   // An HTTP/1.1 connection with an unanswered request cannot be reused.
   Shutdown();

@@ -1,9 +1,5 @@
 #include "scales/thrift/transport.h"
 
-#include <boost/asio/buffer.hpp>
-#include <boost/asio/error.hpp>
-#include <boost/asio/read.hpp>
-#include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
 #include "scales/core/runtime.h"
@@ -15,7 +11,6 @@ namespace scales::thrift {
 namespace asio = boost::asio;
 
 namespace {
-constexpr size_t kReadChunk = 64 * 1024;
 constexpr size_t kMaxFrameLimit = 0x7fffffff;
 }  // namespace
 
@@ -67,7 +62,7 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
   oneway_ = header && header->type == MessageType::kOneway;
   current_ = &stack;
   reply_ = reply;
-  const uint64_t gen = BeginRequest();
+  BeginRequest();
   stack.SetCancelHandler(this, nullptr);
 
   write_buf_.clear();
@@ -79,150 +74,53 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
     write_buf_.append(len, 4);
   }
   write_buf_.append(request->data);
-  writing_ = true;
-  conn().WithStream([&](auto& stream) {
-    asio::async_write(stream, asio::buffer(write_buf_), [self = self(), gen](const boost::system::error_code& ec,
-                                                                             size_t n) {
-      self->OnWritten(gen, ec, n);
-    });
-  });
+  if (oneway_) reply->data.clear();
+  Exchange(write_buf_, /*expect_reply=*/!oneway_);
 }
 
-void ThriftTransportSink::OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != this->generation() || current_ == nullptr) return;
-  writing_ = false;
-  if (!WriteDone(ec, bytes)) return;
-  if (oneway_) {
-    reply_->data.clear();
-    WatchIdle();
-    Finish({}, {});
-    return;
+ConnectionSink::ParseResult ThriftTransportSink::ParseReply(boost::beast::flat_buffer& in) {
+  const auto* p = static_cast<const unsigned char*>(in.data().data());
+  const size_t size = in.size();
+  if (options_.framing == Framing::kBuffered) {
+    auto scan = ScanMessage(std::string_view(reinterpret_cast<const char*>(p), size));
+    switch (scan.status) {
+      case MessageScan::Status::kComplete:
+        if (scan.size > options_.max_frame_bytes) {
+          return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
+                                     fmt::format("Thrift reply from {} is {} bytes, above max_frame_bytes ({} bytes)",
+                                                 conn().address(), scan.size, options_.max_frame_bytes));
+        }
+        reply_->data.assign(reinterpret_cast<const char*>(p), scan.size);
+        in.consume(scan.size);
+        return ParseResult::Done();
+      case MessageScan::Status::kMalformed:
+        return ParseResult::Failed(make_error_code(Errc::kProtocolError),
+                                   fmt::format("malformed Thrift reply from {}: {}", conn().address(), scan.error));
+      case MessageScan::Status::kNeedMore:
+        if (size > options_.max_frame_bytes) {
+          return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
+                                     fmt::format("Thrift reply from {} exceeds max_frame_bytes ({} bytes)",
+                                                 conn().address(), options_.max_frame_bytes));
+        }
+        return ParseResult::NeedMore();
+    }
   }
-  read_size_ = 0;
-  if (options_.framing == Framing::kFramed) {
-    ReadFrameHeader();
-  } else {
-    ReadSome();
-  }
-}
-
-void ThriftTransportSink::ReadFrameHeader() {
-  conn().WithStream([&](auto& stream) {
-    asio::async_read(stream, asio::buffer(frame_header_),
-                     [self = self(), gen = generation()](const boost::system::error_code& ec, size_t n) {
-                       self->OnFrameHeader(gen, ec, n);
-                     });
-  });
-}
-
-void ThriftTransportSink::OnFrameHeader(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != this->generation() || current_ == nullptr) return;
-  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
-  if (ec) {
-    ReadFailed(ec);
-    return;
-  }
-  const uint32_t len = (static_cast<uint32_t>(frame_header_[0]) << 24) |
-                       (static_cast<uint32_t>(frame_header_[1]) << 16) |
-                       (static_cast<uint32_t>(frame_header_[2]) << 8) | static_cast<uint32_t>(frame_header_[3]);
+  if (size < 4) return ParseResult::NeedMore();
+  const uint32_t len = (static_cast<uint32_t>(p[0]) << 24) | (static_cast<uint32_t>(p[1]) << 16) |
+                       (static_cast<uint32_t>(p[2]) << 8) | static_cast<uint32_t>(p[3]);
   if (len > options_.max_frame_bytes) {
-    Shutdown();
-    Finish(make_error_code(Errc::kResponseTooLarge),
-           fmt::format("Thrift reply frame from {} is {} bytes, above max_frame_bytes ({} bytes)", conn().address(),
-                       len, options_.max_frame_bytes));
-    return;
+    return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
+                               fmt::format("Thrift reply frame from {} is {} bytes, above max_frame_bytes ({} bytes)",
+                                           conn().address(), len, options_.max_frame_bytes));
   }
   if (len == 0) {
-    Shutdown();
-    Finish(make_error_code(Errc::kProtocolError), fmt::format("empty Thrift frame from {}", conn().address()));
-    return;
+    return ParseResult::Failed(make_error_code(Errc::kProtocolError),
+                               fmt::format("empty Thrift frame from {}", conn().address()));
   }
-  read_buf_.resize(len);
-  conn().WithStream([&](auto& stream) {
-    asio::async_read(stream, asio::buffer(read_buf_),
-                     [self = self(), gen = generation](const boost::system::error_code& e, size_t n) {
-                       self->OnFrameBody(gen, e, n);
-                     });
-  });
-}
-
-void ThriftTransportSink::OnFrameBody(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != this->generation() || current_ == nullptr) return;
-  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
-  if (ec) {
-    ReadFailed(ec);
-    return;
-  }
-  reply_->data.swap(read_buf_);
-  WatchIdle();
-  Finish({}, {});
-}
-
-void ThriftTransportSink::ReadSome() {
-  if (read_buf_.size() < read_size_ + kReadChunk) read_buf_.resize(read_size_ + kReadChunk);
-  conn().WithStream([&](auto& stream) {
-    stream.async_read_some(asio::buffer(read_buf_.data() + read_size_, read_buf_.size() - read_size_),
-                           [self = self(), gen = generation()](const boost::system::error_code& ec, size_t n) {
-                             self->OnReadSome(gen, ec, n);
-                           });
-  });
-}
-
-void ThriftTransportSink::OnReadSome(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
-  if (generation != this->generation() || current_ == nullptr) return;
-  conn().bytes_received().Increment(static_cast<int64_t>(bytes));
-  if (ec) {
-    ReadFailed(ec);
-    return;
-  }
-  read_size_ += bytes;
-  auto scan = ScanMessage(std::string_view(read_buf_.data(), read_size_));
-  switch (scan.status) {
-    case MessageScan::Status::kComplete:
-      if (scan.size > options_.max_frame_bytes) {
-        Shutdown();
-        Finish(make_error_code(Errc::kResponseTooLarge),
-               fmt::format("Thrift reply from {} is {} bytes, above max_frame_bytes ({} bytes)", conn().address(),
-                           scan.size, options_.max_frame_bytes));
-        return;
-      }
-      if (scan.size != read_size_) {
-        // Bytes after the reply that nobody asked for: the connection's framing is lost.
-        Shutdown();
-      } else {
-        WatchIdle();
-      }
-      read_buf_.resize(scan.size);
-      reply_->data.swap(read_buf_);
-      Finish({}, {});
-      return;
-    case MessageScan::Status::kMalformed:
-      Shutdown();
-      Finish(make_error_code(Errc::kProtocolError),
-             fmt::format("malformed Thrift reply from {}: {}", conn().address(), scan.error));
-      return;
-    case MessageScan::Status::kNeedMore:
-      if (read_size_ > options_.max_frame_bytes) {
-        Shutdown();
-        Finish(make_error_code(Errc::kResponseTooLarge),
-               fmt::format("Thrift reply from {} exceeds max_frame_bytes ({} bytes)", conn().address(),
-                           options_.max_frame_bytes));
-        return;
-      }
-      ReadSome();
-      return;
-  }
-}
-
-void ThriftTransportSink::ReadFailed(const boost::system::error_code& ec) {
-  auto tls = TlsFailure(ec, "reading the reply");
-  Shutdown();
-  if (tls) {
-    Finish(tls->first, std::move(tls->second));
-    return;
-  }
-  Finish(make_error_code(Errc::kConnectionClosed),
-         fmt::format("connection to {} closed while reading the reply: {}", conn().address(), ec.message()));
+  if (size - 4 < len) return ParseResult::NeedMore();
+  reply_->data.assign(reinterpret_cast<const char*>(p + 4), len);
+  in.consume(4 + static_cast<size_t>(len));
+  return ParseResult::Done();
 }
 
 void ThriftTransportSink::Finish(error_code ec, std::string detail) {
@@ -230,14 +128,13 @@ void ThriftTransportSink::Finish(error_code ec, std::string detail) {
   Stream* reply = reply_;
   current_ = nullptr;
   reply_ = nullptr;
-  writing_ = false;
   MethodReturnMessage m{ec, std::move(detail), {}};
   s->AsyncProcessResponse(ec ? nullptr : reply, m);
 }
 
 void ThriftTransportSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
   if (current_ != &stack) return;
-  std::string detail = writing_ ? fmt::format("while sending the request to {}", conn().address())
+  std::string detail = writing() ? fmt::format("while sending the request to {}", conn().address())
                                 : fmt::format("while waiting for the reply from {}", conn().address());
   // A connection with an unanswered request cannot be reused: its reply would go to the
   // next request.

@@ -1,12 +1,20 @@
 #include "scales/transport/connection_sink.h"
 
+#include <boost/asio/buffer.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/ssl/error.hpp>
+#include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
 #include "scales/core/runtime.h"
 
 namespace scales {
+
+namespace asio = boost::asio;
+
+namespace {
+constexpr size_t kMaxReadChunk = 64 * 1024;
+}  // namespace
 
 ConnectionSink::ConnectionSink(const SinkContext& ctx, Duration connect_timeout, const TlsOptions& tls)
     : loop_(*ctx.loop), conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), connect_timeout, ctx.stats, tls) {}
@@ -47,6 +55,12 @@ void ConnectionSink::OnConnected(error_code ec) {
     return;
   }
   state_ = State::kOpen;
+  if (!conn_.tls_active()) {
+    // Requests are written and replies read with non-blocking calls made on the loop
+    // (Exchange); the socket's async operations are unaffected.
+    boost::system::error_code ignored;
+    conn_.socket().non_blocking(true, ignored);
+  }
   WatchIdle();
   open_waiters_.CompleteAll(loop_.executor(), {});
 }
@@ -62,11 +76,19 @@ std::pair<error_code, std::string> ConnectionSink::CheckUsable() const {
 uint64_t ConnectionSink::BeginRequest() {
   ++requests_;
   ++generation_;
-  conn_.CancelIdleWatch();
+  reply_bytes_ = 0;
+  writing_ = false;
+  unexpected_bytes_ = false;
+  // A plain connection's readiness wait stays armed: it reads the reply.
+  if (conn_.tls_active()) conn_.CancelIdleWatch();
   return generation_;
 }
 
 void ConnectionSink::WatchIdle() {
+  if (!conn_.tls_active()) {
+    ArmReadable();
+    return;
+  }
   const uint64_t gen = generation_;
   auto self = shared_from_this();
   conn_.AsyncWatchIdle([this, self, gen](error_code ec) {
@@ -82,6 +104,194 @@ void ConnectionSink::WatchIdle() {
       Shutdown();
     }
   });
+}
+
+void ConnectionSink::ArmReadable() {
+  if (readable_armed_ || state_ != State::kOpen) return;
+  readable_armed_ = true;
+  conn_.socket().async_wait(asio::ip::tcp::socket::wait_read,
+                            [this, self = shared_from_this()](const boost::system::error_code& ec) {
+                              readable_armed_ = false;
+                              OnReadable(ec);
+                            });
+}
+
+void ConnectionSink::OnReadable(const boost::system::error_code& ec) {
+  if (state_ != State::kOpen) return;  // closed meanwhile (the wait was aborted)
+  if (ec == asio::error::operation_aborted) {
+    ArmReadable();  // a cancel() of the socket by someone else; keep watching
+    return;
+  }
+  if (!busy()) {
+    // The server closed the idle connection, or sent bytes nobody asked for (the server never
+    // speaks first in these protocols). It cannot be reused.
+    Shutdown();
+    return;
+  }
+  if (!expect_reply_) {
+    // A oneway request is being written and the server speaks: answered when the write ends,
+    // then the connection is closed.
+    unexpected_bytes_ = true;
+    return;
+  }
+  if (ec) {
+    ReadFailed(ec);
+    return;
+  }
+  ReadPlain();
+}
+
+void ConnectionSink::Exchange(std::string_view request, bool expect_reply) {
+  expect_reply_ = expect_reply;
+  writing_ = true;
+  const uint64_t gen = generation_;
+  size_t written = 0;
+  if (!conn_.tls_active()) {
+    // Most requests fit the socket buffer: write now, with no handler to wait for.
+    boost::system::error_code ec;
+    written = conn_.socket().write_some(asio::buffer(request), ec);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) {
+      written = 0;
+    } else if (ec) {
+      OnWritten(gen, ec, 0);
+      return;
+    }
+    if (written == request.size()) {
+      OnWritten(gen, {}, written);
+      return;
+    }
+    conn_.bytes_sent().Increment(static_cast<int64_t>(written));
+  }
+  auto self = shared_from_this();
+  conn_.WithStream([&](auto& stream) {
+    asio::async_write(stream, asio::buffer(request.substr(written)),
+                      [this, self, gen](const boost::system::error_code& ec, size_t n) { OnWritten(gen, ec, n); });
+  });
+}
+
+void ConnectionSink::OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
+  if (generation != generation_ || !busy()) return;  // answered meanwhile
+  writing_ = false;
+  if (!WriteDone(ec, bytes)) return;
+  AfterWrite();
+}
+
+void ConnectionSink::AfterWrite() {
+  if (!expect_reply_) {
+    if (unexpected_bytes_) {
+      Shutdown();
+    } else {
+      WatchIdle();
+    }
+    Finish({}, {});
+    return;
+  }
+  if (conn_.tls_active()) ReadTls();
+  // Plain TCP: the readiness wait is armed; the reply may even be read already.
+}
+
+void ConnectionSink::ReadPlain() {
+  for (;;) {
+    auto space = in_.prepare(read_chunk_);
+    boost::system::error_code ec;
+    const size_t n = conn_.socket().read_some(space, ec);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) {
+      ArmReadable();
+      return;
+    }
+    if (ec) {
+      ReadFailed(ec);
+      return;
+    }
+    const bool filled = n == space.size();
+    if (!Received(n, /*drained=*/!filled)) return;
+    if (!filled) {
+      ArmReadable();
+      return;
+    }
+  }
+}
+
+void ConnectionSink::ReadTls() {
+  auto space = in_.prepare(read_chunk_);
+  auto self = shared_from_this();
+  const uint64_t gen = generation_;
+  conn_.WithStream([&](auto& stream) {
+    stream.async_read_some(space, [this, self, gen](const boost::system::error_code& ec, size_t n) {
+      if (gen != generation_ || !busy()) return;
+      if (ec) {
+        ReadFailed(ec);
+        return;
+      }
+      if (Received(n, /*drained=*/true)) ReadTls();
+    });
+  });
+}
+
+bool ConnectionSink::Received(size_t n, bool drained) {
+  in_.commit(n);
+  reply_bytes_ += n;
+  conn_.bytes_received().Increment(static_cast<int64_t>(n));
+  if (n == read_chunk_ && read_chunk_ < kMaxReadChunk) read_chunk_ *= 2;
+  return ProcessReply(drained);
+}
+
+bool ConnectionSink::ProcessReply(bool drained) {
+  ParseResult r = ParseReply(in_);
+  if (r.kind == ParseResult::Kind::kNeedMore) return true;
+  if (r.kind == ParseResult::Kind::kDone && r.reusable && in_.size() == 0 && !writing_ && !drained) {
+    // The last read filled the buffer: anything still in the socket was not asked for.
+    char byte;
+    boost::system::error_code ec;
+    if (conn_.socket().receive(asio::buffer(&byte, 1), asio::socket_base::message_peek, ec) > 0 || !ec ||
+        (ec != asio::error::would_block && ec != asio::error::try_again)) {
+      r.reusable = false;
+    }
+  }
+  Answer(std::move(r));
+  return false;
+}
+
+void ConnectionSink::Answer(ParseResult r) {
+  const bool leftover = in_.size() > 0;
+  in_.consume(in_.size());  // the next request starts from an empty buffer
+  if (r.kind == ParseResult::Kind::kFailed || !r.reusable || leftover || writing_) {
+    // A bad reply, the end of the connection's life, bytes after the reply that nobody asked
+    // for (the framing is lost), or a reply that came before the request was written (the
+    // rest of the request would reach the next call's reply): not reusable.
+    Shutdown();
+  } else {
+    WatchIdle();
+  }
+  Finish(r.ec, std::move(r.detail));
+}
+
+ConnectionSink::ParseResult ConnectionSink::ParseEof(size_t bytes) {
+  return ParseResult::Failed(make_error_code(Errc::kConnectionClosed),
+                             fmt::format("connection to {} closed by the server while reading the {} (after {} "
+                                         "bytes): end of stream",
+                                         conn_.address(), reply_noun(), bytes));
+}
+
+void ConnectionSink::ReadFailed(const boost::system::error_code& ec) {
+  if (ec == asio::error::eof) {
+    ParseResult r = ParseEof(reply_bytes_);
+    if (r.kind == ParseResult::Kind::kNeedMore) {
+      r = ConnectionSink::ParseEof(reply_bytes_);
+    }
+    r.reusable = false;  // the server closed it
+    Answer(std::move(r));
+    return;
+  }
+  auto tls = TlsFailure(ec, fmt::format("reading the {}", reply_noun()));
+  Shutdown();
+  if (tls) {
+    Finish(tls->first, std::move(tls->second));
+    return;
+  }
+  Finish(make_error_code(Errc::kConnectionClosed),
+         fmt::format("connection to {} closed by the server while reading the {} (after {} bytes): {}",
+                     conn_.address(), reply_noun(), reply_bytes_, ec.message()));
 }
 
 std::optional<std::pair<error_code, std::string>> ConnectionSink::TlsFailure(const boost::system::error_code& ec,

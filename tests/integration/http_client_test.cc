@@ -207,7 +207,7 @@ class TestServerTest : public ::testing::Test {
 };
 
 TEST_F(TestServerTest, SlowReplyTimesOutWithinTheDeadline) {
-  auto opts = Options(MakeRuntime());
+  auto opts = Options(MakeRuntime(1));  // one loop: one pool, so the last call reuses a connection
   opts.client.timeout = 200ms;
   auto client = Http::NewClient(Uri({server_.endpoint()}), opts);
   auto start = std::chrono::steady_clock::now();
@@ -227,8 +227,11 @@ TEST_F(TestServerTest, SlowReplyTimesOutWithinTheDeadline) {
   // Per-call override: a longer timeout lets a short delay through.
   CallOptions longer;
   longer.timeout = 3s;
-  EXPECT_EQ(client.Send({"GET", "/delay/300", {}, {}}, longer).status, 200);
-  EXPECT_EQ(client.Get("/").status, 200);  // the client keeps working
+  http::Response slow = client.Send({"GET", "/delay/300", {}, {}}, longer);
+  EXPECT_EQ(slow.status, 200);
+  http::Response after = client.Get("/");  // the client keeps working
+  EXPECT_EQ(after.status, 200);
+  EXPECT_EQ(after.Header("X-Connection"), slow.Header("X-Connection")) << "keep-alive connection reused";
 }
 
 TEST_F(TestServerTest, BrokenResponsesGiveClearErrorsAndTheClientRecovers) {
@@ -290,6 +293,46 @@ TEST_F(TestServerTest, ChunkedHeadAndConnectionClose) {
   EXPECT_EQ(client.Put("/", "put-body").body, "put-body");
   EXPECT_EQ(client.Patch("/", "patch-body").body, "patch-body");
   EXPECT_EQ(client.Options("/").status, 200);
+}
+
+// The request is serialised by the transport itself: what cannot be sent as HTTP/1.1 fails the
+// call with kInvalidArgument naming the part, without touching the connection; a request and
+// a response far larger than the socket buffers (written in pieces, read in growing chunks)
+// go through on the same keep-alive connection.
+TEST_F(TestServerTest, UnsendableRequestsSayWhyAndLargeBodiesGoBothWays) {
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime(1)));
+  const std::string connection = std::string(client.Get("/").Header("X-Connection"));
+  struct Case {
+    http::Request request;
+    const char* text;
+  } cases[] = {
+      {{"GET", "/", {{"X-Injected", "a\r\nX-Evil: 1"}}, {}}, "the value of header X-Injected has a CR, LF or NUL"},
+      {{"GET", "/", {{"Bad Name", "v"}}, {}}, "the header name 'Bad Name' is not an HTTP token"},
+      {{"GE T", "/", {}, {}}, "the method 'GE T' is not an HTTP token"},
+      {{"GET", "/a b", {}, {}}, "the target '/a b' is empty or has spaces"},
+  };
+  for (auto& c : cases) {
+    try {
+      client.Send(c.request);
+      ADD_FAILURE() << c.text << ": sent";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find(c.text), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(server_.endpoint()), std::string::npos) << e.what();
+    }
+  }
+  std::string body(6 * 1024 * 1024, 'b');
+  for (size_t i = 0; i < body.size(); i += 4096) body[i] = static_cast<char>('a' + (i / 4096) % 26);
+  http::Response echoed = client.Put("/", body);
+  EXPECT_EQ(echoed.body.size(), body.size());
+  EXPECT_TRUE(echoed.body == body) << "the echoed body differs";
+  EXPECT_EQ(client.Get("/big/5000000").body.size(), 5000000u);
+  // Content-Length and Transfer-Encoding of the caller are replaced by the transport's own.
+  http::Request framed{"POST", "/headers", {{"Content-Length", "999"}, {"Transfer-Encoding", "chunked"}}, "abc"};
+  http::Response seen = client.Send(framed);
+  EXPECT_NE(seen.body.find("Content-Length: 3"), std::string::npos) << seen.body;
+  EXPECT_EQ(seen.body.find("chunked"), std::string::npos) << seen.body;
+  EXPECT_EQ(client.Get("/").Header("X-Connection"), connection) << "one keep-alive connection throughout";
 }
 
 TEST_F(TestServerTest, EveryCompletionStyle) {

@@ -15,7 +15,8 @@ struct Request {
   std::string method = "GET";  // any token; the common verbs are sent as such
   std::string target = "/";    // origin-form: path and query ("/a/b?x=1")
   Headers headers;             // sent in order; Host and User-Agent are added when absent
-  std::string body;            // Content-Length is set for non-empty bodies and for POST/PUT/PATCH
+  std::string body;            // Content-Length is set for non-empty bodies and for POST/PUT/PATCH;
+                               // the caller's Content-Length and Transfer-Encoding are replaced
 };
 
 struct Response {

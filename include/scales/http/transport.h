@@ -1,7 +1,9 @@
 #pragma once
 // HttpTransportSink: one HTTP/1.1 keep-alive connection carrying one request at a time
-// (pooled by the WatermarkPool). Beast parses and serialises; limits on header and body size
-// protect the client. While idle, the connection watches its socket so that a server closing
+// (pooled by the WatermarkPool). The request is serialised into one reused string (the method,
+// target and header names must be tokens and header values free of CR/LF: kInvalidArgument
+// otherwise); Beast's parser reads the response; limits on header and body size protect the
+// client. While idle, the connection watches its socket so that a server closing
 // a keep-alive connection is noticed before the connection is reused. With `tls.enabled` the
 // connection is HTTPS: TLS from the first byte (see docs/tls.md).
 
@@ -12,12 +14,11 @@
 #include <string>
 
 #include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/http/message.hpp>
-#include <boost/beast/http/parser.hpp>
-#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/basic_parser.hpp>
 
 #include "scales/core/provider.h"
 #include "scales/core/sink.h"
+#include "scales/http/message.h"
 #include "scales/transport/connection_sink.h"
 #include "scales/transport/tls.h"
 
@@ -47,6 +48,47 @@ struct TransportOptions {
 // connect_timeout >= 0 (0 = none), size limits > 0, TLS options (Validate(TlsOptions)).
 void Validate(const TransportOptions& o);
 
+namespace internal {
+
+// Beast's HTTP/1.1 response parser writing straight into a scales Response: status, reason,
+// each header and the (de-chunked) body, with no Beast message or field container in between.
+// Beast enforces the header and body limits and the framing rules.
+class ResponseParser final : public boost::beast::http::basic_parser<false> {
+ public:
+  explicit ResponseParser(Response& out) : out_(out) {}
+
+ private:
+  using string_view = boost::beast::string_view;
+  using error_code = boost::beast::error_code;
+
+  void on_request_impl(boost::beast::http::verb, string_view, string_view, int, error_code&) override {}
+  void on_response_impl(int code, string_view reason, int, error_code&) override {
+    out_.status = code;
+    out_.reason.assign(reason.data(), reason.size());
+  }
+  void on_field_impl(boost::beast::http::field, string_view name, string_view value, error_code&) override {
+    out_.headers.emplace_back(std::string(name.data(), name.size()), std::string(value.data(), value.size()));
+  }
+  void on_header_impl(error_code&) override {}
+  void on_body_init_impl(const boost::optional<std::uint64_t>& length, error_code&) override {
+    if (length) out_.body.reserve(static_cast<size_t>(*length));  // within body_limit: checked before
+  }
+  size_t on_body_impl(string_view body, error_code&) override {
+    out_.body.append(body.data(), body.size());
+    return body.size();
+  }
+  void on_chunk_header_impl(std::uint64_t, string_view, error_code&) override {}
+  size_t on_chunk_body_impl(std::uint64_t, string_view body, error_code&) override {
+    out_.body.append(body.data(), body.size());
+    return body.size();
+  }
+  void on_finish_impl(error_code&) override {}
+
+  Response& out_;
+};
+
+}  // namespace internal
+
 // Thread safety: one connection, used on one event loop.
 class HttpTransportSink final : public ConnectionSink {
  public:
@@ -62,22 +104,18 @@ class HttpTransportSink final : public ConnectionSink {
   void Finish(error_code ec, std::string detail) override;
 
  private:
-  using BeastRequest = boost::beast::http::request<boost::beast::http::string_body>;
-  using BeastParser = boost::beast::http::response_parser<boost::beast::http::string_body>;
-
-  std::shared_ptr<HttpTransportSink> self() {
-    return std::static_pointer_cast<HttpTransportSink>(shared_from_this());
-  }
-  void OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
-  void OnRead(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
+  ParseResult ParseReply(boost::beast::flat_buffer& in) override;
+  ParseResult ParseEof(size_t bytes) override;
+  std::string_view reply_noun() const override { return "response"; }
+  ParseResult ParseFailure(const boost::system::error_code& ec);
+  // Moves the parsed response into the call's reply slot.
+  ParseResult Complete();
 
   TransportOptions options_;
   std::string host_header_;
-  boost::beast::flat_buffer buffer_;
-  BeastRequest request_;
-  std::optional<BeastParser> parser_;
+  std::string write_buf_;  // the serialised request
+  std::optional<internal::ResponseParser> parser_;
   SinkStack* current_ = nullptr;
-  bool writing_ = false;
 };
 
 // Provider of the HttpTransportSink. Throws like Validate(options), and kInvalidArgument

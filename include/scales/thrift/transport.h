@@ -12,7 +12,6 @@
 //
 // Thread safety: one connection, used on one event loop.
 
-#include <array>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -64,28 +63,15 @@ class ThriftTransportSink final : public ConnectionSink {
   void Finish(error_code ec, std::string detail) override;
 
  private:
-  std::shared_ptr<ThriftTransportSink> self() {
-    return std::static_pointer_cast<ThriftTransportSink>(shared_from_this());
-  }
-  void OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
-  void ReadFrameHeader();
-  void OnFrameHeader(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
-  void OnFrameBody(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
-  void ReadSome();
-  void OnReadSome(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
-  void ReadFailed(const boost::system::error_code& ec);
+  ParseResult ParseReply(boost::beast::flat_buffer& in) override;
 
   TransportOptions options_;
   // Owned by the connection (not the call) so that an operation still pending when the call
   // is answered never touches the call's memory.
   std::string write_buf_;
-  std::string read_buf_;
-  size_t read_size_ = 0;
-  std::array<unsigned char, 4> frame_header_{};
   SinkStack* current_ = nullptr;
   Stream* reply_ = nullptr;
   bool oneway_ = false;
-  bool writing_ = false;
 };
 
 // Provider of the ThriftTransportSink (role "transport"). Throws like Validate(options), and

@@ -1,14 +1,28 @@
 #pragma once
 // ConnectionSink: what every one-request-at-a-time connection transport (HTTP/1.1, plain
 // Thrift) does around its protocol: open (TCP connect, TLS handshake) shared by concurrent
-// AsyncOpen callers, an idle watch that notices a server closing the connection before it is
-// reused, shutdown with a fault, Close() answering the request in flight, and the status. The
-// protocol subclass writes requests and reads replies through conn().WithStream().
+// AsyncOpen callers, the exchange of one request's bytes for one reply's bytes, an idle watch
+// that notices a server closing the connection before it is reused, shutdown with a fault,
+// Close() answering the request in flight, and the status. The protocol subclass serialises the
+// request, calls Exchange(), and parses the reply from the bytes ParseReply() is given.
+//
+// The exchange costs as few system calls and event-loop hops as the socket allows. On a plain
+// TCP connection the request is written at once with a non-blocking `send` (an async write
+// takes over only when the socket buffer is full), and one readiness wait stays armed for the
+// connection's whole life: while idle its firing means the server closed the connection or sent
+// bytes nobody asked for; while a request is out it means the reply is there, and the reply is
+// read with non-blocking `recv`s until it is complete or the socket is drained. One request
+// costs a `send`, a `recv` and the loop's `epoll_wait`, and one handler. With TLS the stream's
+// async operations do the same work (OpenSSL buffers records, so readiness of the socket says
+// little), and the idle watch is cancelled and re-armed around each request.
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
+
+#include <boost/beast/core/flat_buffer.hpp>
 
 #include "scales/core/provider.h"
 #include "scales/core/sink.h"
@@ -36,8 +50,38 @@ class ConnectionSink : public ClientMessageSink {
 
   // Whether a request is on the connection (written or being answered).
   virtual bool busy() const = 0;
-  // Answers the request on the connection with `ec` and `detail` (Close(), failures).
+  // Answers the request on the connection with `ec` and `detail` (Close(), failures, and the
+  // outcome of a parsed reply).
   virtual void Finish(error_code ec, std::string detail) = 0;
+
+  // What ParseReply made of the bytes read so far.
+  struct ParseResult {
+    enum class Kind { kNeedMore, kDone, kFailed };
+    Kind kind = Kind::kNeedMore;
+    // kDone: the call's outcome (usually success; kHttpError for an HTTP error status with
+    // raise_on_http_error). kFailed: why the reply is unusable; the connection is closed.
+    error_code ec;
+    std::string detail;
+    // kDone: false when the reply ends the connection's life (HTTP without keep-alive).
+    bool reusable = true;
+
+    static ParseResult NeedMore() { return {}; }
+    static ParseResult Done(bool reusable = true) { return {Kind::kDone, {}, {}, reusable}; }
+    static ParseResult Failed(error_code ec, std::string detail) {
+      return {Kind::kFailed, ec, std::move(detail), false};
+    }
+  };
+  // Parses the reply from `in`: the bytes received since the request was sent, minus what
+  // earlier calls consumed. Consumes the bytes it used. Called after every read while a request
+  // waits for its reply. Must not call Finish(): the sink does, after it decided the
+  // connection's fate (bytes left over after a complete reply close it).
+  virtual ParseResult ParseReply(boost::beast::flat_buffer& in) = 0;
+  // The server closed the connection while a reply was expected (after `bytes` bytes of it).
+  // A protocol whose reply may end at end of stream (HTTP without Content-Length) completes it
+  // here. The default fails with kConnectionClosed.
+  virtual ParseResult ParseEof(size_t bytes);
+  // "reply" or "response": how error messages name what was being read.
+  virtual std::string_view reply_noun() const { return "reply"; }
 
   // Checks that a new request may use the connection (open, idle). Otherwise returns the
   // error and detail to fail it with: kConnectionClosed, or the error that closed the
@@ -46,8 +90,13 @@ class ConnectionSink : public ClientMessageSink {
   // Starts a request: bumps the generation (stale handlers compare it) and ends the idle
   // watch. Returns the new generation.
   uint64_t BeginRequest();
-  // Watches the idle connection; a close or unexpected bytes shut it down.
-  void WatchIdle();
+  // Sends `request` (owned by the subclass and left unchanged until the call is answered),
+  // then reads the reply through ParseReply and answers the call with Finish(). Without
+  // `expect_reply` (a oneway request) the call is answered with success once the bytes are
+  // written. Call after BeginRequest(); may answer the call before it returns.
+  void Exchange(std::string_view request, bool expect_reply);
+  // Whether the current request's bytes are still being written (for cancellation messages).
+  bool writing() const noexcept { return writing_; }
   // Closes the connection because it is unusable and raises on_faulted. The first reason
   // recorded is what later requests are told.
   void Shutdown(error_code why = {}, std::string detail = {});
@@ -70,6 +119,20 @@ class ConnectionSink : public ClientMessageSink {
   enum class State { kIdle, kConnecting, kOpen, kClosed };
 
   void OnConnected(error_code ec);
+  void WatchIdle();
+  void ArmReadable();
+  void OnReadable(const boost::system::error_code& ec);
+  void ReadPlain();
+  void ReadTls();
+  void OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
+  void AfterWrite();
+  // Accounts `n` bytes just read into in_.prepare(read_chunk_), then ProcessReply.
+  bool Received(size_t n, bool drained);
+  // Hands the new bytes to ParseReply; answers the call when the reply is complete or bad.
+  // Returns true while more bytes are needed. `drained`: the last read left the socket empty.
+  bool ProcessReply(bool drained);
+  void ReadFailed(const boost::system::error_code& ec);
+  void Answer(ParseResult r);
 
   EventLoop& loop_;
   TcpConnection conn_;
@@ -77,6 +140,13 @@ class ConnectionSink : public ClientMessageSink {
   OpenWaiters open_waiters_;
   uint64_t generation_ = 0;
   uint64_t requests_ = 0;  // started on this connection
+  boost::beast::flat_buffer in_;
+  size_t read_chunk_ = 4096;  // grows (to 64 KiB) after reads that fill it
+  size_t reply_bytes_ = 0;    // received for the current request
+  bool expect_reply_ = false;
+  bool writing_ = false;
+  bool readable_armed_ = false;   // plain TCP: the readiness wait is pending
+  bool unexpected_bytes_ = false;  // the server spoke during a oneway request
   error_code closed_code_;
   std::string closed_detail_;
   std::string open_failure_detail_;
