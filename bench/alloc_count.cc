@@ -19,6 +19,10 @@
 //   bytes_per_idle_mux_client   --idle ThriftMux clients (one idle session each) on a shared
 //                               runtime, per client: the upper bound of a Mux connection's
 //                               cost (it includes the client's own balancer, pool and stats)
+//   bytes_per_idle_mux_session  --idle Mux session sinks (MuxSessionProvider, default options)
+//                               opened to the server (connect, Tinit/Rinit) and idle, per
+//                               session: what one more Mux connection of a client costs (its
+//                               endpoint's stats are shared, as a client's are per endpoint)
 //
 // Prints one JSON line with these fields. Heap only: kernel socket buffers are not counted.
 #include <malloc.h>
@@ -34,8 +38,14 @@
 #include <thread>
 #include <vector>
 
+#include <boost/asio/post.hpp>
+
 #include "Echo.h"
 #include "bench_util.h"
+#include "scales/core/provider.h"
+#include "scales/core/runtime.h"
+#include "scales/mux/session.h"
+#include "scales/stats/stats.h"
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
 
@@ -151,6 +161,49 @@ std::future<void> StartSleeps(const Client& client, int n, int millis) {
 
 void Settle() { std::this_thread::sleep_for(std::chrono::milliseconds(300)); }
 
+// Opens `n` Mux session sinks to the server on the runtime's first loop and returns the live
+// heap bytes they add, per session, once all are open and idle.
+double BytesPerIdleMuxSession(scales::Runtime& runtime, int port, int n) {
+  scales::stats::StatsRegistry registry;
+  scales::EventLoop& loop = runtime.loop(0);
+  scales::SinkContext ctx;
+  ctx.loop = &loop;
+  ctx.client_name = "idle-sessions";
+  ctx.endpoint = scales::Endpoint{"127.0.0.1", static_cast<uint16_t>(port)};
+  ctx.stats = scales::stats::StatsScope(&registry, {{"client", "idle-sessions"}, {"endpoint", "127.0.0.1"}});
+  scales::SinkProvider provider = scales::mux::MuxSessionProvider();
+  std::vector<scales::SinkPtr> sessions(static_cast<size_t>(n));
+  auto open_all = [&](size_t from, size_t to) {
+    std::promise<void> done;
+    auto left = std::make_shared<std::atomic<size_t>>(to - from);
+    boost::asio::post(loop.executor(), [&, left] {
+      for (size_t i = from; i < to; ++i) {
+        sessions[i] = provider.create(ctx, nullptr);
+        sessions[i]->AsyncOpen([&, left](scales::error_code ec) {
+          if (ec) scales::bench::Flags::Die("bench_alloc_count: a Mux session did not open: %s", ec.message().c_str());
+          if (--*left == 0) done.set_value();
+        });
+      }
+    });
+    done.get_future().wait();
+  };
+  open_all(0, 1);  // the stats and the provider's shared state exist before the measurement
+  Settle();
+  const int64_t before = g_live_bytes.load();
+  open_all(1, static_cast<size_t>(n));
+  Settle();
+  const double per_session = static_cast<double>(g_live_bytes.load() - before) / (n - 1);
+  std::promise<void> closed;
+  boost::asio::post(loop.executor(), [&] {
+    for (auto& s : sessions) s->Close();
+    sessions.clear();
+    closed.set_value();
+  });
+  closed.get_future().wait();
+  Settle();
+  return per_session;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -214,10 +267,13 @@ int main(int argc, char** argv) {
   Settle();
   const double per_mux_client = static_cast<double>(g_live_bytes.load() - live_no_clients) / idle;
 
+  const double per_mux_session = BytesPerIdleMuxSession(*runtime, mux_port, idle);
+
   std::printf(
       "{\"allocs_per_call_c1\":%.2f,\"allocs_per_call_c64\":%.2f,\"bytes_per_outstanding\":%.0f,"
-      "\"bytes_per_idle_thrift_conn\":%.0f,\"bytes_per_idle_mux_client\":%.0f}\n",
-      c1, c64, per_outstanding, per_thrift_conn, per_mux_client);
+      "\"bytes_per_idle_thrift_conn\":%.0f,\"bytes_per_idle_mux_client\":%.0f,"
+      "\"bytes_per_idle_mux_session\":%.0f}\n",
+      c1, c64, per_outstanding, per_thrift_conn, per_mux_client, per_mux_session);
   std::fflush(stdout);
   for (auto& c : clients) c.Close();
   thrift.Close();

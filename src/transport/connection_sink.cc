@@ -13,7 +13,9 @@ namespace scales {
 namespace asio = boost::asio;
 
 namespace {
+constexpr size_t kInitialReadChunk = 4096;
 constexpr size_t kMaxReadChunk = 64 * 1024;
+constexpr size_t kMaxIdleBuffer = 16 * 1024;
 }  // namespace
 
 ConnectionSink::ConnectionSink(const SinkContext& ctx, Duration connect_timeout, const TlsOptions& tls)
@@ -255,6 +257,11 @@ bool ConnectionSink::ProcessReply(bool drained) {
 void ConnectionSink::Answer(ParseResult r) {
   const bool leftover = in_.size() > 0;
   in_.consume(in_.size());  // the next request starts from an empty buffer
+  if (in_.capacity() > kMaxIdleBuffer) {
+    // A large reply grew the buffer: an idle connection keeps no more than a small one.
+    in_.shrink_to_fit();
+    read_chunk_ = kInitialReadChunk;
+  }
   if (r.kind == ParseResult::Kind::kFailed || !r.reusable || leftover || writing_) {
     // A bad reply, the end of the connection's life, bytes after the reply that nobody asked
     // for (the framing is lost), or a reply that came before the request was written (the
