@@ -233,6 +233,7 @@ void HttpTransportSink::Finish(error_code ec, std::string detail) {
   SinkStack* s = current_;
   current_ = nullptr;
   parser_.reset();  // it refers to the call's response
+  TrimRequestBuffer(write_buf_);
   MethodReturnMessage m{ec, std::move(detail), {}};
   s->AsyncProcessResponse(nullptr, m);
 }

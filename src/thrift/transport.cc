@@ -128,6 +128,7 @@ void ThriftTransportSink::Finish(error_code ec, std::string detail) {
   Stream* reply = reply_;
   current_ = nullptr;
   reply_ = nullptr;
+  TrimRequestBuffer(write_buf_);
   MethodReturnMessage m{ec, std::move(detail), {}};
   s->AsyncProcessResponse(ec ? nullptr : reply, m);
 }

@@ -273,6 +273,10 @@ void ConnectionSink::Answer(ParseResult r) {
   Finish(r.ec, std::move(r.detail));
 }
 
+void ConnectionSink::TrimRequestBuffer(std::string& request) const {
+  if (!writing_ && request.capacity() > kMaxIdleBuffer) std::string().swap(request);
+}
+
 ConnectionSink::ParseResult ConnectionSink::ParseEof(size_t bytes) {
   return ParseResult::Failed(make_error_code(Errc::kConnectionClosed),
                              fmt::format("connection to {} closed by the server while reading the {} (after {} "

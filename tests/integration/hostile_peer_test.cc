@@ -265,6 +265,8 @@ class RawServer {
   std::string uri() const { return "tcp://127.0.0.1:" + std::to_string(port_); }
   // Bytes the hostile handlers wrote, summed over connections (bounded by the client's limits).
   size_t sent() const { return sent_; }
+  // Connections accepted so far.
+  int accepted() const { return accepted_; }
 
  private:
   void AcceptLoop() {
@@ -273,6 +275,7 @@ class RawServer {
       if (::poll(&p, 1, 50) <= 0) continue;
       int c = ::accept(fd_, nullptr, nullptr);
       if (c < 0) continue;
+      ++accepted_;
       std::lock_guard lock(mu_);
       connections_.emplace_back([this, c] {
         RawConn conn(c, stopping_);
@@ -287,6 +290,7 @@ class RawServer {
   int port_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<size_t> sent_{0};
+  std::atomic<int> accepted_{0};
   std::mutex mu_;
   std::vector<std::thread> connections_;
   std::thread acceptor_;
@@ -317,6 +321,15 @@ void HostileHttp(RawConn& c) {
       c.Write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
       while (c.Write("4000\r\n" + std::string(0x4000, 'c') + "\r\n")) {
       }
+      return;
+    } else if (target == "/trailing-bytes") {
+      // A complete response, then bytes nobody asked for: the framing of the connection is lost.
+      if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")) return;
+    } else if (target == "/early-answer") {
+      // Answers after the request head without reading the (large) body, then never reads
+      // again: the client gets the response while it is still writing.
+      c.Write("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n");
+      while (!c.stopping()) std::this_thread::sleep_for(20ms);
       return;
     } else if (target == "/drip") {
       // One byte every 50 ms: about 2 s for the whole response.
@@ -376,6 +389,31 @@ TEST(HostilePeerTest, HttpSlowDripFailsByTheRequestTimeout) {
   ExpectBoundedFailure([&] { client.Send(request, options); }, Errc::kRequestTimeout,
                        "timed out after 300 ms", 1500ms);
   EXPECT_EQ(client.Get("/ok").body, "ok");  // on a new connection: the dripping one was closed
+}
+
+// A reply followed by stray bytes is delivered, and the connection is not reused (the stray
+// bytes would be read as the next call's reply).
+TEST(HostilePeerTest, HttpBytesAfterTheResponseRetireTheConnection) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 1) << "keep-alive";
+  EXPECT_EQ(client.Get("/trailing-bytes").body, "ok");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 2) << "the connection with stray bytes was closed";
+}
+
+// The server answers before it has read the request, and stops reading: the call completes
+// once, with the server's answer, while the request is still being written; the half-written
+// connection is closed, and the next call works on a new one.
+TEST(HostilePeerTest, HttpAnswerBeforeTheRequestIsWrittenCompletesOnce) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  http::Request big{"POST", "/early-answer", {}, std::string(32 << 20, 'p')};  // beyond the socket buffers
+  ExpectBoundedFailure([&] { client.Send(big); }, Errc::kHttpError, "HTTP 413 Payload Too Large", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 2);
 }
 
 // --- Framed Thrift -------------------------------------------------------------------------------

@@ -97,6 +97,9 @@ class ConnectionSink : public ClientMessageSink {
   void Exchange(std::string_view request, bool expect_reply);
   // Whether the current request's bytes are still being written (for cancellation messages).
   bool writing() const noexcept { return writing_; }
+  // Frees `request` (the buffer given to Exchange) if a large request grew it and no write
+  // still uses it, so an idle connection does not keep it. Call from Finish().
+  void TrimRequestBuffer(std::string& request) const;
   // Closes the connection because it is unusable and raises on_faulted. The first reason
   // recorded is what later requests are told.
   void Shutdown(error_code why = {}, std::string detail = {});
