@@ -312,11 +312,17 @@ int RunBenchCommand(int argc, char** argv) {
         return ThriftMux::NewClient<echo::EchoClient>(uri, mux_options);
       }();
       const std::string payload(payload_size, 'x');
+      using Client = std::decay_t<decltype(client)>;
+      const bool ping = method == "ping";
       failed = run([&](BenchWorker& w, std::function<void(error_code)> done) {
-        CallOptions opts;
-        opts.info = &w.info;
-        auto c = client.WithOptions(std::move(opts));
-        if (method == "ping") {
+        // A handle with this worker's CallOptions, made on its first call.
+        if (!w.protocol_state) {
+          CallOptions opts;
+          opts.info = &w.info;
+          w.protocol_state = std::make_shared<Client>(client.WithOptions(std::move(opts)));
+        }
+        const Client& c = *static_cast<const Client*>(w.protocol_state.get());
+        if (ping) {
           SCALES_THRIFT_CALL(c, ping, [done = std::move(done)](std::exception_ptr e) { done(ThriftErrorCode(e)); });
         } else {
           SCALES_THRIFT_CALL(c, echo, payload,

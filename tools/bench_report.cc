@@ -23,6 +23,14 @@ using Clock = std::chrono::steady_clock;
 constexpr auto kTick = std::chrono::milliseconds(100);
 constexpr int kTicksPerSecond = 10;
 
+// The time for a call's latency, read where calls start and complete: scales' steady clock,
+// which shares one reading per event while the library runs a batch of completions on its loop
+// (ClockTurn), as the library's own sinks do; the driver then adds no clock reads of its own.
+Clock::time_point CallClockNow() {
+  static const SteadyClock clock;
+  return clock.Now();
+}
+
 // Shared with the in-flight calls' callbacks, so the last one may still be returning from its
 // completion after the report is built. Owns the workers for the same reason.
 struct Run : std::enable_shared_from_this<Run> {
@@ -58,8 +66,10 @@ struct Run : std::enable_shared_from_this<Run> {
   // Starts `w`'s call, whose latency clock started at `started`.
   void Send(BenchWorker* w, Clock::time_point started) {
     w->started = started;
-    (*start)(*w, [this, self = shared_from_this(), w](error_code ec) {
-      auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - w->started).count();
+    // Two pointers: std::function keeps them without allocating. The Run outlives the call:
+    // whoever ends the run (Issue, Freed) holds a reference until its callback returns.
+    (*start)(*w, [this, w](error_code ec) {
+      auto us = std::chrono::duration_cast<std::chrono::microseconds>(CallClockNow() - w->started).count();
       latency_us.Record(us);
       int64_t seen = tick_max_us.load(std::memory_order_relaxed);
       while (us > seen && !tick_max_us.compare_exchange_weak(seen, us, std::memory_order_relaxed)) {
@@ -72,9 +82,13 @@ struct Run : std::enable_shared_from_this<Run> {
       } else {
         ++w->succeeded;
       }
-      const std::string endpoint = w->info.endpoint.empty() ? std::string("(none)") : w->info.endpoint;
-      ++w->endpoints[endpoint];
-      if (ec) ++w->endpoint_errors[endpoint];
+      const std::string_view endpoint = w->info.endpoint.empty() ? std::string_view("(none)") : w->info.endpoint;
+      if (w->last_endpoint_count == nullptr || endpoint != w->last_endpoint) {
+        w->last_endpoint.assign(endpoint);
+        w->last_endpoint_count = &w->endpoints[w->last_endpoint];
+      }
+      ++*w->last_endpoint_count;
+      if (ec) ++w->endpoint_errors[w->last_endpoint];
       if (rate > 0) {
         Freed(w);
       } else {
@@ -85,12 +99,16 @@ struct Run : std::enable_shared_from_this<Run> {
 
   // Closed loop: the worker's next call, or its end.
   void Issue(BenchWorker* w) {
-    bool more = max_requests ? issued.fetch_add(1) < *max_requests : Clock::now() < end;
+    const Clock::time_point now = CallClockNow();
+    bool more = max_requests ? issued.fetch_add(1) < *max_requests : now < end;
     if (!more) {
-      if (active.fetch_sub(1) == 1) done.set_value();
+      if (active.fetch_sub(1) == 1) {
+        auto keep = shared_from_this();  // the waiter may release the run once `done` is set
+        done.set_value();
+      }
       return;
     }
-    Send(w, Clock::now());
+    Send(w, now);
   }
 
   // Open loop: a slot is free again; it takes the oldest waiting call, if any.
@@ -108,7 +126,10 @@ struct Run : std::enable_shared_from_this<Run> {
     // Counted after the slot went back, so that the driver sees every slot free at the end.
     const bool last = completed.fetch_add(1) + 1 == total;
     if (next >= 0) Send(w, Intended(next));
-    if (last) done.set_value();
+    if (last) {
+      auto keep = shared_from_this();  // the waiter may release the run once `done` is set
+      done.set_value();
+    }
   }
 
   // Open loop: calls up to `now_due` are due; send them while slots are free. Returns the

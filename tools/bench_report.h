@@ -19,6 +19,7 @@
 #include <exception>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -41,6 +42,12 @@ struct BenchWorker {
   std::map<std::string, int64_t> endpoints;        // every completed call
   std::map<std::string, int64_t> endpoint_errors;  // the failed ones
   std::string last_error;
+  // The protocol's own per-worker state, kept across calls (e.g. a client handle carrying this
+  // worker's CallOptions, so that a call does not build one).
+  std::shared_ptr<void> protocol_state;
+  // The `endpoints` entry of the last completed call (calls mostly go where the last one did).
+  std::string last_endpoint;
+  int64_t* last_endpoint_count = nullptr;
 };
 
 // Starts one call for `worker`; the protocol must call `done(ec)` exactly once when it ends

@@ -27,7 +27,49 @@ class SteadyAlarm final : public Alarm {
   std::function<void()> on_fire_;
 };
 
+// The thread's ClockTurn state: plain data (usable at any point of the thread's life).
+struct TurnCache {
+  unsigned depth;  // live ClockTurns on this thread
+  bool have_now;
+  bool have_wall;
+  TimePoint now;
+  TimePoint wall_steady;  // the steady reading `wall` was paired with
+  WallTime wall;
+};
+thread_local TurnCache t_turn{};
+
 }  // namespace
+
+ClockTurn::ClockTurn() noexcept { ++t_turn.depth; }
+
+ClockTurn::~ClockTurn() {
+  TurnCache& t = t_turn;
+  if (--t.depth == 0) t.have_now = t.have_wall = false;
+}
+
+void ClockTurn::Refresh() noexcept { t_turn.have_now = false; }
+
+TimePoint SteadyClock::Now() const noexcept {
+  TurnCache& t = t_turn;
+  if (t.depth == 0) return std::chrono::steady_clock::now();
+  if (!t.have_now) {
+    t.now = std::chrono::steady_clock::now();
+    t.have_now = true;
+  }
+  return t.now;
+}
+
+WallTime SteadyClock::WallNow() const noexcept {
+  TurnCache& t = t_turn;
+  if (t.depth == 0) return std::chrono::system_clock::now();
+  const TimePoint now = Now();
+  if (!t.have_wall) {
+    t.wall = std::chrono::system_clock::now();
+    t.wall_steady = now;
+    t.have_wall = true;
+  }
+  return t.wall + std::chrono::duration_cast<WallTime::duration>(now - t.wall_steady);
+}
 
 std::unique_ptr<Alarm> SteadyClock::CreateAlarm(boost::asio::any_io_executor executor,
                                                 std::function<void()> on_fire) {

@@ -179,8 +179,15 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   // The response path gives the slot back, whichever way the call ends.
   const bool admitted = !limit_ || AcquirePendingSlot();
   call->holds_pending_slot = limit_ && admitted;
-  call->in_initiation = initiating;
   call->stack.Push(this, call);
+  // Until this function returns, a completion (this call's or another's answered meanwhile) is
+  // posted rather than run inside the user's initiating function.
+  struct InitiationScope {
+    size_t& depth;
+    const bool on;
+    InitiationScope(size_t& d, bool o) : depth(d), on(o) { depth += on; }
+    ~InitiationScope() { depth -= on; }
+  } initiation(initiating_, initiating);
   if (const auto& cs = call->cancel_state()) {
     cs->call = call;
     cs->loop.store(&loop_);
@@ -255,6 +262,7 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
   pending_gauge_.Add(-1);
   --pending_;
   if (call->holds_pending_slot) ReleasePendingSlot();
+  call->in_initiation = initiating_ > 0;
   call->Complete(msg, loop_.executor());
   if (closed_ && pending_ == 0 && self_while_draining_) {
     // Destroying the stack from inside its own response path would pull it out from under

@@ -15,7 +15,29 @@ TimerQueue::TimerQueue(Clock& clock, boost::asio::any_io_executor executor)
 TimerQueue::~TimerQueue() {
   for (TimerEntry* e : heap_) e->queue_ = nullptr;
   heap_.clear();
+  for (TimerEntry* e = head_; e != nullptr; e = e->next_) e->queue_ = nullptr;
+  head_ = tail_ = nullptr;
+  listed_ = 0;
   alarm_->Cancel();
+}
+
+TimerEntry* TimerQueue::Earliest() const noexcept {
+  TimerEntry* top = heap_.empty() ? nullptr : heap_.front();
+  if (top == nullptr) return head_;
+  if (head_ == nullptr) return top;
+  return Less(head_, top) ? head_ : top;
+}
+
+void TimerQueue::Remove(TimerEntry& e) noexcept {
+  if (e.index_ != kListed) {
+    RemoveAt(e.index_);
+    return;
+  }
+  (e.prev_ != nullptr ? e.prev_->next_ : head_) = e.next_;
+  (e.next_ != nullptr ? e.next_->prev_ : tail_) = e.prev_;
+  e.prev_ = e.next_ = nullptr;
+  --listed_;
+  e.queue_ = nullptr;
 }
 
 bool TimerQueue::Less(const TimerEntry* a, const TimerEntry* b) const noexcept {
@@ -74,31 +96,48 @@ void TimerQueue::Schedule(TimerEntry& entry, TimePoint deadline, TimerEntry::Cal
   entry.seq_ = next_seq_++;
   entry.callback_ = callback;
   entry.arg_ = arg;
-  entry.index_ = heap_.size();
-  heap_.push_back(&entry);
-  SiftUp(entry.index_);
-  if (heap_.front() == &entry) Rearm();
+  // The list's place for it: after every entry due no later (its sequence is the largest),
+  // looked for among the last few entries only. Those are usually a loop's few long timers
+  // (pings, ticks), which the requests' timeouts, all alike, keep arriving before.
+  TimerEntry* after = tail_;
+  for (int steps = 0; after != nullptr && after->deadline_ > deadline && steps < kListSearch; ++steps) {
+    after = after->prev_;
+  }
+  if (after == nullptr ? head_ == nullptr || head_->deadline_ > deadline : after->deadline_ <= deadline) {
+    entry.index_ = kListed;
+    entry.prev_ = after;
+    entry.next_ = after != nullptr ? after->next_ : head_;
+    (entry.next_ != nullptr ? entry.next_->prev_ : tail_) = &entry;
+    (after != nullptr ? after->next_ : head_) = &entry;
+    ++listed_;
+  } else {
+    entry.index_ = heap_.size();
+    heap_.push_back(&entry);
+    SiftUp(entry.index_);
+  }
+  if (Earliest() == &entry) Rearm();
 }
 
 void TimerQueue::Cancel(TimerEntry& entry) noexcept {
   if (entry.queue_ != this) return;
-  RemoveAt(entry.index_);
+  Remove(entry);
   // With timers left, the alarm stays armed for the old head (a spurious wake-up only
   // re-checks the heap). With none left, disarm it: an armed Asio timer would keep the event
   // loop busy long after the last user of the queue went away.
-  if (heap_.empty() && armed_) {
+  if (size() == 0 && armed_) {
     alarm_->Cancel();
     armed_ = false;
   }
 }
 
 void TimerQueue::Rearm() {
-  if (heap_.empty()) {
+  const TimerEntry* first = Earliest();
+  if (first == nullptr) {
     if (armed_) alarm_->Cancel();
     armed_ = false;
     return;
   }
-  TimePoint head = heap_.front()->deadline_;
+  TimePoint head = first->deadline_;
   if (armed_ && armed_at_ <= head) return;
   armed_ = true;
   armed_at_ = head;
@@ -109,11 +148,10 @@ void TimerQueue::OnAlarm() {
   armed_ = false;
   const TimePoint now = clock_.Now();
   // Fire everything due. A callback may schedule or cancel other entries (even re-schedule
-  // itself), so take the head afresh each time; entries scheduled during this loop for a
+  // itself), so take the earliest afresh each time; entries scheduled during this loop for a
   // time <= now get a later sequence and still fire in deadline order.
-  while (!heap_.empty() && heap_.front()->deadline_ <= now) {
-    TimerEntry* e = heap_.front();
-    RemoveAt(0);
+  for (TimerEntry* e = Earliest(); e != nullptr && e->deadline_ <= now; e = Earliest()) {
+    Remove(*e);
     e->callback_(e->arg_);
   }
   Rearm();

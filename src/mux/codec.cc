@@ -3,6 +3,7 @@
 #include "scales/mux/codec.h"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <type_traits>
 
@@ -81,10 +82,20 @@ class Reader {
   std::optional<CodecError> error_;
 };
 
+// Stores the low `n` bytes of `v` big-endian at `p`.
+void StoreBe(std::uint64_t v, std::size_t n, char* p) {
+  if (n == 8 && std::endian::native == std::endian::little) {
+    const std::uint64_t be = __builtin_bswap64(v);
+    std::memcpy(p, &be, 8);
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i) p[i] = static_cast<char>((v >> (8 * (n - 1 - i))) & 0xFF);
+}
+
 void PutInt(std::uint64_t v, std::size_t n, std::string* out) {
   // One append of the whole integer: byte-wise push_back is several times slower.
   char bytes[8];
-  for (std::size_t i = 0; i < n; ++i) bytes[i] = static_cast<char>((v >> (8 * (n - 1 - i))) & 0xFF);
+  StoreBe(v, n, bytes);
   out->append(bytes, n);
 }
 
@@ -565,6 +576,25 @@ std::size_t TdispatchBodySize(const Tdispatch& d) {
   return n;
 }
 
+// Writes fields through a pointer into storage already sized for them (no bounds checks: the
+// caller sized it from the same fields).
+struct BodyCursor {
+  char* p;
+  void U16(std::size_t v) {
+    p[0] = static_cast<char>(v >> 8);
+    p[1] = static_cast<char>(v & 0xFF);
+    p += 2;
+  }
+  void Bytes(std::string_view s) {
+    if (!s.empty()) std::memcpy(p, s.data(), s.size());
+    p += s.size();
+  }
+  void Prefixed(std::string_view s) {
+    U16(s.size());
+    Bytes(s);
+  }
+};
+
 // Writes a Tdispatch body through a pointer into storage sized once, when every field fits
 // its 2-byte prefix (else returns false and the Writer reports the field that does not). The
 // Writer's field-by-field appends cost several times more, and every request is a Tdispatch.
@@ -579,32 +609,19 @@ bool EncodeTdispatchDirect(const Tdispatch& d, std::string* out) {
   }
   const std::size_t start = out->size();
   out->resize(start + TdispatchBodySize(d));
-  char* p = out->data() + start;
-  auto u16 = [&p](std::size_t v) {
-    p[0] = static_cast<char>(v >> 8);
-    p[1] = static_cast<char>(v & 0xFF);
-    p += 2;
-  };
-  auto bytes = [&p](std::string_view s) {
-    if (!s.empty()) std::memcpy(p, s.data(), s.size());
-    p += s.size();
-  };
-  auto prefixed = [&](std::string_view s) {
-    u16(s.size());
-    bytes(s);
-  };
-  u16(d.contexts.size());
+  BodyCursor w{out->data() + start};
+  w.U16(d.contexts.size());
   for (const auto& c : d.contexts) {
-    prefixed(c.key);
-    prefixed(c.value);
+    w.Prefixed(c.key);
+    w.Prefixed(c.value);
   }
-  prefixed(d.dst);
-  u16(d.dtab.size());
+  w.Prefixed(d.dst);
+  w.U16(d.dtab.size());
   for (const auto& e : d.dtab) {
-    prefixed(e.prefix);
-    prefixed(e.tree);
+    w.Prefixed(e.prefix);
+    w.Prefixed(e.tree);
   }
-  bytes(d.payload);
+  w.Bytes(d.payload);
   return true;
 }
 }  // namespace
@@ -767,6 +784,38 @@ Result<void> FragmentWriter::Enqueue(const Message& m) {
   return {};
 }
 
+Result<void> FragmentWriter::EnqueueTdispatch(std::uint32_t tag, std::span<const ContextView> contexts,
+                                              std::string_view payload) {
+  constexpr std::size_t kMaxU16 = 0xFFFF;
+  bool fits = tag <= kMaxTag && contexts.size() <= kMaxU16;
+  std::size_t size = 2 + 2 + 2 + payload.size();  // context count, empty dst, dtab count
+  for (const auto& c : contexts) {
+    fits = fits && c.key.size() <= kMaxU16 && c.value.size() <= kMaxU16;
+    size += 4 + c.key.size() + c.value.size();
+  }
+  if (!fits) {
+    // Not representable: the Message encoder names the field.
+    Tdispatch d;
+    d.tag = tag;
+    for (const auto& c : contexts) d.contexts.push_back(Context{std::string(c.key), std::string(c.value)});
+    d.payload.assign(payload);
+    return Enqueue(Message(std::move(d)));
+  }
+  Pending p{wire::kTdispatch, tag, TakeSpare(), 0};
+  p.body.resize(size);
+  BodyCursor w{p.body.data()};
+  w.U16(contexts.size());
+  for (const auto& c : contexts) {
+    w.Prefixed(c.key);
+    w.Prefixed(c.value);
+  }
+  w.U16(0);  // dst
+  w.U16(0);  // dtab
+  w.Bytes(payload);
+  queue_.push_back(std::move(p));
+  return {};
+}
+
 std::size_t FragmentWriter::WriteRound(std::string* out) {
   // Messages that still have frames to send stay, in order, at the front of the queue; the
   // others give their bodies to the spares.
@@ -819,8 +868,10 @@ const std::string* FindContext(const Contexts& contexts, std::string_view key) {
 }
 
 void AppendDeadline(const Deadline& d, std::string* out) {
-  PutInt(static_cast<std::uint64_t>(d.timestamp_ns), 8, out);
-  PutInt(static_cast<std::uint64_t>(d.deadline_ns), 8, out);
+  char bytes[16];  // one append: these run once per request
+  StoreBe(static_cast<std::uint64_t>(d.timestamp_ns), 8, bytes);
+  StoreBe(static_cast<std::uint64_t>(d.deadline_ns), 8, bytes + 8);
+  out->append(bytes, sizeof bytes);
 }
 
 std::string EncodeDeadline(const Deadline& d) {
@@ -842,11 +893,13 @@ Result<Deadline> DecodeDeadline(std::string_view value) {
 }
 
 void AppendTraceContext(const TraceContext& t, std::string* out) {
-  PutInt(t.span_id, 8, out);
-  PutInt(t.parent_id, 8, out);
-  PutInt(t.trace_id, 8, out);
-  PutInt(t.flags, 8, out);
-  if (t.trace_id_high) PutInt(*t.trace_id_high, 8, out);
+  char bytes[40];  // one append: this runs once per request
+  StoreBe(t.span_id, 8, bytes);
+  StoreBe(t.parent_id, 8, bytes + 8);
+  StoreBe(t.trace_id, 8, bytes + 16);
+  StoreBe(t.flags, 8, bytes + 24);
+  if (t.trace_id_high) StoreBe(*t.trace_id_high, 8, bytes + 32);
+  out->append(bytes, t.trace_id_high ? 40 : 32);
 }
 
 std::string EncodeTraceContext(const TraceContext& t) {

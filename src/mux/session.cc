@@ -322,7 +322,11 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
     read_buffer_.resize(read_buffer_.size() * 2);
   }
   auto keep = self();  // answering requests may drop the last outside reference
+  // One read answers many requests, and their handlers usually start the next ones: the sinks
+  // of each reply and of the requests its handler starts share one clock reading.
+  ClockTurn turn;
   while (state_ != State::kClosed) {
+    ClockTurn::Refresh();
     // A view into the decoder's buffer: a reply is decoded from it without copying the frame.
     auto next = decoder_.NextView();
     if (!next) {
@@ -345,7 +349,7 @@ void MuxSessionSink::HandleFrame(const FrameView& frame) {
   // max_message_size however many tags a hostile server fragments on: Rdispatch pieces for
   // other tags are dropped unbuffered (the reply would be ignored anyway), and a Tdispatch
   // (never accepted from a server) is refused at its first piece.
-  if (frame.type == wire::kRdispatch && pending_.find(frame.tag) == pending_.end()) return;
+  if (frame.type == wire::kRdispatch && FindPending(frame.tag) == nullptr) return;
   if (frame.type == wire::kTdispatch) {
     ProtocolError(fmt::format("unexpected Tdispatch tag={} from {}", frame.tag, address_));
     return;
@@ -356,6 +360,7 @@ void MuxSessionSink::HandleFrame(const FrameView& frame) {
     return;
   }
   if (!whole->has_value()) return;  // a non-final fragment
+  if ((*whole)->type == wire::kRdispatch && AnswerOk(**whole)) return;
   auto msg = DecodeMessage(**whole);
   if (!msg) {
     ProtocolError(fmt::format("undecodable message from {}: {}", address_, msg.error().detail));
@@ -364,13 +369,57 @@ void MuxSessionSink::HandleFrame(const FrameView& frame) {
   HandleMessage(std::move(*msg));
 }
 
+bool MuxSessionSink::AnswerOk(const FrameView& frame) {
+  // The common reply, read in place: status Ok, a few contexts, the body. Anything else (an
+  // error or Nack, a discarded tag, a malformed body) goes the general way, which reports it.
+  const std::string_view b = frame.body;
+  auto u16 = [&b](size_t at) {
+    return static_cast<size_t>(static_cast<uint8_t>(b[at])) << 8 | static_cast<uint8_t>(b[at + 1]);
+  };
+  if (b.size() < 3 || static_cast<uint8_t>(b[0]) != static_cast<uint8_t>(ReplyStatus::kOk)) return false;
+  Pending* p = FindPending(frame.tag);
+  if (p == nullptr || p->stack == nullptr) return false;
+  const size_t contexts = u16(1);
+  size_t at = 3;
+  std::string_view headers;
+  bool have_headers = false;
+  for (size_t i = 0; i < contexts; ++i) {
+    std::string_view kv[2];
+    for (auto& part : kv) {
+      if (b.size() - at < 2) return false;
+      const size_t len = u16(at);
+      at += 2;
+      if (b.size() - at < len) return false;
+      part = b.substr(at, len);
+      at += len;
+    }
+    if (!have_headers && kv[0] == kResponseHeadersKey) {  // the first, as FindContext
+      headers = kv[1];
+      have_headers = true;
+    }
+  }
+  const uint32_t tag = frame.tag;
+  Pending answered = *p;
+  ErasePending(tag);
+  --pending_count_;
+  FreeTag(tag);
+  if (answered.reply != nullptr) answered.reply->data.assign(b.substr(at));
+  MethodReturnMessage m{{}, {}, {}};
+  if (have_headers) {
+    if (auto decoded = DecodeHeaders(headers)) m.headers = std::move(*decoded);
+  }
+  answered.stack->AsyncProcessResponse(answered.reply, m);
+  MaybeFinishDrain();
+  return true;
+}
+
 void MuxSessionSink::HandleMessage(Message m) {
   if (auto* r = std::get_if<Rdispatch>(&m)) {
-    auto it = pending_.find(r->tag);
-    if (it == pending_.end()) return;  // unknown tag: ignore
-    if (it->second.stack == nullptr) {
+    Pending* p = FindPending(r->tag);
+    if (p == nullptr) return;  // unknown tag: ignore
+    if (p->stack == nullptr) {
       // The answer to a discarded request frees its tag.
-      ErasePending(it);
+      ErasePending(r->tag);
       --discarded_count_;
       FreeTag(r->tag);
       MaybeFinishDrain();
@@ -401,10 +450,10 @@ void MuxSessionSink::HandleMessage(Message m) {
     return;
   }
   if (auto* e = std::get_if<Rerr>(&m)) {
-    auto it = pending_.find(e->tag);
-    if (it == pending_.end()) return;
-    if (it->second.stack == nullptr) {
-      ErasePending(it);
+    Pending* p = FindPending(e->tag);
+    if (p == nullptr) return;
+    if (p->stack == nullptr) {
+      ErasePending(e->tag);
       --discarded_count_;
       FreeTag(e->tag);
     } else {
@@ -415,10 +464,10 @@ void MuxSessionSink::HandleMessage(Message m) {
     return;
   }
   if (auto* d = std::get_if<Rdiscarded>(&m)) {
-    auto it = pending_.find(d->tag);
-    if (it == pending_.end()) return;
-    if (it->second.stack == nullptr) {
-      ErasePending(it);
+    Pending* p = FindPending(d->tag);
+    if (p == nullptr) return;
+    if (p->stack == nullptr) {
+      ErasePending(d->tag);
       --discarded_count_;
       FreeTag(d->tag);
     } else {
@@ -464,10 +513,10 @@ void MuxSessionSink::HandleMessage(Message m) {
 
 void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std::string* body,
                             const Contexts* contexts) {
-  auto it = pending_.find(tag);
-  if (it == pending_.end() || it->second.stack == nullptr) return;
-  Pending p = it->second;
-  ErasePending(it);
+  Pending* found = FindPending(tag);
+  if (found == nullptr || found->stack == nullptr) return;
+  Pending p = *found;
+  ErasePending(tag);
   --pending_count_;
   FreeTag(tag);
   if (!ec && body != nullptr && p.reply != nullptr) p.reply->data = std::move(*body);
@@ -483,18 +532,10 @@ void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std
 // --- writing -------------------------------------------------------------------------------
 
 void MuxSessionSink::AddPending(uint32_t tag, Pending p) {
-  if (spare_nodes_.empty()) {
-    pending_.emplace(tag, p);
-    return;
-  }
-  PendingMap::node_type node = std::move(spare_nodes_.back());
-  spare_nodes_.pop_back();
-  node.key() = tag;
-  node.mapped() = p;
-  pending_.insert(std::move(node));
+  if (tag >= pending_.size()) pending_.resize(std::max<size_t>(tag + 1, 2 * pending_.size()));
+  p.used = true;
+  pending_[tag] = p;
 }
-
-void MuxSessionSink::ErasePending(PendingMap::iterator it) { spare_nodes_.push_back(pending_.extract(it)); }
 
 void MuxSessionSink::Enqueue(const Message& m) {
   auto r = writer_.Enqueue(m);
@@ -524,8 +565,7 @@ void MuxSessionSink::Flush() {
   writer_.WriteAll(&write_buffer_);
   queued_control_replies_ = 0;
   for (uint32_t tag : queued_tags_) {
-    auto it = pending_.find(tag);
-    if (it != pending_.end()) it->second.written = true;
+    if (Pending* p = FindPending(tag)) p->written = true;
   }
   queued_tags_.clear();
   writing_ = true;
@@ -611,44 +651,43 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
          fmt::format("no free Mux tag on the session to {} ({} in use)", address_, tags_in_use_));
     return;
   }
-  Tdispatch& d = std::get<Tdispatch>(dispatch_scratch_);
-  d.tag = tag;
-  size_t contexts = 0;
-  // Sets the next context's key in place and returns its value, cleared, to encode into (both
-  // keep their capacity from earlier requests, so building the contexts allocates nothing).
-  auto context = [&](std::string_view key) -> std::string& {
-    if (d.contexts.size() == contexts) d.contexts.emplace_back();
-    Context& c = d.contexts[contexts++];
-    c.key.assign(key);
-    c.value.clear();
-    return c.value;
-  };
+  // The contexts as views: the values that need encoding go into strings kept from one request
+  // to the next (no allocation once they have their capacity), the rest are views of the call.
+  ContextView contexts[5];
+  size_t n = 0;
   const auto& props = msg.properties;
   if (options_.propagate_deadline && props.deadline) {
     auto now_wall = std::chrono::duration_cast<std::chrono::nanoseconds>(loop_.clock().WallNow().time_since_epoch());
     auto remaining = std::chrono::duration_cast<std::chrono::nanoseconds>(*props.deadline - loop_.Now());
-    AppendDeadline({now_wall.count(), (now_wall + remaining).count()}, &context(kDeadlineKey));
+    deadline_value_.clear();
+    AppendDeadline({now_wall.count(), (now_wall + remaining).count()}, &deadline_value_);
+    contexts[n++] = {kDeadlineKey, deadline_value_};
   }
-  AppendRetries(props.retries, &context(kRetriesKey));
-  if (!props.client_id.empty()) context(kClientIdKey).assign(props.client_id);
+  retries_value_.clear();
+  AppendRetries(props.retries, &retries_value_);
+  contexts[n++] = {kRetriesKey, retries_value_};
+  if (!props.client_id.empty()) contexts[n++] = {kClientIdKey, props.client_id};
   if (props.trace.valid()) {
     TraceContext t;
     t.trace_id = props.trace.trace_id;
     t.span_id = props.trace.span_id;
     t.parent_id = props.trace.parent_id;
     t.flags = props.trace.flags;
-    AppendTraceContext(t, &context(kTraceContextKey));
+    trace_value_.clear();
+    AppendTraceContext(t, &trace_value_);
+    contexts[n++] = {kTraceContextKey, trace_value_};
   }
-  if (!props.headers.empty()) context(kRequestHeadersKey) = EncodeHeaders(props.headers);
-  d.contexts.resize(contexts);
-  d.payload.assign(request->data);
+  std::string headers;
+  if (!props.headers.empty()) {
+    headers = EncodeHeaders(props.headers);
+    contexts[n++] = {kRequestHeadersKey, headers};
+  }
   AddPending(tag, Pending{&stack, reply, false});
   ++pending_count_;
   stack.SetCancelHandler(this, TagContext(tag));
-  auto r = writer_.Enqueue(dispatch_scratch_);
-  if (d.payload.capacity() > 64 * 1024) std::string().swap(d.payload);  // keep no large payload
+  auto r = writer_.EnqueueTdispatch(tag, std::span<const ContextView>(contexts, n), request->data);
   if (!r) {
-    ErasePending(pending_.find(tag));
+    ErasePending(tag);
     --pending_count_;
     FreeTag(tag);
     stack.ClearCancelHandler();
@@ -661,10 +700,10 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
 
 void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_code& reason) {
   uint32_t tag = ContextTag(context);
-  auto it = pending_.find(tag);
-  if (it == pending_.end() || it->second.stack != &stack) return;
+  Pending* p = FindPending(tag);
+  if (p == nullptr || p->stack != &stack) return;
   std::string detail;
-  bool written = it->second.written;
+  bool written = p->written;
   if (!written) {
     std::optional<bool> partial = writer_.Remove(wire::kTdispatch, tag);
     written = !partial.has_value() || *partial;
@@ -672,18 +711,18 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
   }
   if (written) {
     // The server has (part of) it: tell it, and keep the tag until it answers that tag.
+    p->stack = nullptr;
     Tdiscarded td;
     td.which = tag;
     td.why = reason.message();
     Enqueue(td);
     discards_sent_.Increment();
-    it->second.stack = nullptr;
     --pending_count_;
     ++discarded_count_;
     detail = fmt::format("while waiting for the reply from {} (tag {}; Tdiscarded sent)", address_, tag);
     Flush();
   } else {
-    ErasePending(it);
+    ErasePending(tag);
     --pending_count_;
     FreeTag(tag);
     detail = fmt::format("before it was written to {}", address_);
@@ -768,22 +807,19 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   auto keep = self();
   open_waiters_.CompleteAll(loop_.executor(), was_open ? make_error_code(Errc::kConnectionClosed) : ec);
   // Answer every live request; collect first: answering may start other work on this loop.
-  std::vector<std::pair<uint32_t, Pending>> live;
-  for (auto& [tag, p] : pending_) {
+  std::vector<std::pair<uint32_t, Pending>> live;  // in tag order
+  for (uint32_t tag = 0; tag < pending_.size(); ++tag) {
+    const Pending& p = pending_[tag];
+    if (!p.used) continue;
     if (p.stack != nullptr) live.emplace_back(tag, p);
-  }
-  for (auto& [tag, p] : pending_) {
-    (void)p;
     tag_bits_[tag / 64] &= ~(uint64_t{1} << (tag % 64));
   }
   tags_gauge_.Add(-static_cast<int64_t>(tags_in_use_));
   tags_in_use_ = 0;
-  pending_.clear();
-  spare_nodes_.clear();
+  std::vector<Pending>().swap(pending_);
   pending_count_ = 0;
   discarded_count_ = 0;
   queued_tags_.clear();
-  std::sort(live.begin(), live.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& [tag, p] : live) {
     MethodReturnMessage m{ec, detail, {}};
     p.stack->AsyncProcessResponse(nullptr, m);

@@ -62,7 +62,7 @@ FailureAccrualSink::FailureAccrualSink(const SinkContext& ctx, SinkPtr next, Fai
       client_name_(ctx.client_name),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
       requests_(loop_.clock(), options_.window, kWindowSlices),
-      successes_(loop_.clock(), options_.window, kWindowSlices),
+      failures_(loop_.clock(), options_.window, kWindowSlices),
       removals_(ctx.stats.GetCounter("scales_failure_accrual_removals")),
       revivals_(ctx.stats.GetCounter("scales_failure_accrual_revivals")),
       dead_(ctx.stats.GetGauge("scales_failure_accrual_dead")) {
@@ -122,16 +122,16 @@ void FailureAccrualSink::Record(AccrualOutcome outcome) {
   if (outcome == AccrualOutcome::kIgnored) return;
   requests_.Add(1);
   if (outcome == AccrualOutcome::kSuccess) {
-    successes_.Add(1);
     consecutive_ = 0;
     return;
   }
+  failures_.Add(1);
   ++consecutive_;
   bool trip = options_.consecutive_failures > 0 && consecutive_ >= options_.consecutive_failures;
   if (!trip && options_.required_success_rate > 0.0) {
     const int64_t total = requests_.Sum();
     if (total >= options_.min_requests) {
-      const double rate = static_cast<double>(successes_.Sum()) / static_cast<double>(total);
+      const double rate = static_cast<double>(total - failures_.Sum()) / static_cast<double>(total);
       trip = rate < options_.required_success_rate;
     }
   }
@@ -141,7 +141,7 @@ void FailureAccrualSink::Record(AccrualOutcome outcome) {
 void FailureAccrualSink::ResetPolicy() {
   consecutive_ = 0;
   requests_.Reset();
-  successes_.Reset();
+  failures_.Reset();
 }
 
 Duration FailureAccrualSink::NextBackoff() {

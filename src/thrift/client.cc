@@ -29,11 +29,10 @@ ThriftCall::ThriftCall() {
 
 void ThriftCall::Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) {
   DisconnectCancellation();
-  if (user_info != nullptr) *user_info = own_info_;
   RawReply r;
   r.error = msg.error;
   if (msg.error) {
-    r.detail = own_info_.detail.empty() ? msg.error.message() : own_info_.detail;
+    r.detail = info->detail.empty() ? msg.error.message() : info->detail;
   } else {
     r.bytes = std::move(reply.data);
   }
@@ -54,13 +53,18 @@ void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, 
     return;
   }
   call->request.data = std::move(bytes);
-  if (auto header = ParseMessageHeader(call->request.data)) call->message.method = std::move(header->name);
-  call->message.properties.headers = options.headers;
+  if (auto strict = internal::ParseStrictHeader(call->request.data)) {
+    call->message.method.assign(strict->name);
+  } else if (auto header = ParseMessageHeader(call->request.data)) {
+    call->message.method = std::move(header->name);
+  }
+  if (!options.headers.empty()) call->message.properties.headers = options.headers;
   if (options.trace) call->message.properties.trace = *options.trace;
-  call->message.properties.client_id = client_id;
+  if (!client_id.empty()) call->message.properties.client_id = client_id;
   call->message.properties.idempotent = options.idempotent;
   call->timeout = options.timeout;
-  call->user_info = options.info;
+  // The dispatcher fills the caller's CallInfo directly (else the call's own, for the detail).
+  if (options.info != nullptr) call->info = options.info;
   core->Dispatch(call);
 }
 

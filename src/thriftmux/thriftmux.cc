@@ -1,6 +1,8 @@
 #include "scales/thriftmux/thriftmux.h"
 
+#include <cstdint>
 #include <map>
+#include <optional>
 #include <string_view>
 
 #include <fmt/format.h>
@@ -25,6 +27,7 @@ namespace {
 bool IsSessionUriKey(std::string_view key) {
   return key == "tls" || key.starts_with("tls_") || key == "opportunistic_tls";
 }
+
 
 }  // namespace
 
@@ -83,6 +86,13 @@ void ThriftMuxSerializerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMe
     fail(Errc::kInvalidArgument, "the ThriftMux serializer needs a scales::Stream payload");
     return;
   }
+  if (auto fast = thrift::internal::ParseStrictHeader(s->data); fast && fast->type == thrift::MessageType::kCall) {
+    if (msg.method != fast->name) msg.method.assign(fast->name);
+    stack.Push(this, reinterpret_cast<void*>(static_cast<intptr_t>(fast->seqid)));
+    next_->AsyncProcessRequest(stack, msg, s);
+    return;
+  }
+  // Not a strict binary call: say what it is.
   std::string error;
   auto header = thrift::ParseMessageHeader(s->data, &error);
   if (!header) {
@@ -108,6 +118,14 @@ void ThriftMuxSerializerSink::AsyncProcessResponse(SinkStack& stack, void* conte
   if (msg.ok()) {
     const auto& call = stack.message();
     Stream* s = stream != nullptr ? stream : call.reply_slot<Stream>();
+    const auto expected_seqid = static_cast<int32_t>(reinterpret_cast<intptr_t>(context));
+    if (auto fast = s ? thrift::internal::ParseStrictHeader(s->data) : std::nullopt;
+        fast && fast->name == call.method && fast->seqid == expected_seqid &&
+        (fast->type == thrift::MessageType::kReply || fast->type == thrift::MessageType::kException)) {
+      stack.AsyncProcessResponse(stream, msg);
+      return;
+    }
+    // Not a well-formed strict binary reply to this call: the full parser says what is wrong.
     std::string error;
     auto header = s ? thrift::ParseMessageHeader(s->data, &error) : std::nullopt;
     const auto expected = static_cast<int32_t>(reinterpret_cast<intptr_t>(context));

@@ -6,6 +6,7 @@
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
+#include "scales/core/clock.h"
 #include "scales/core/runtime.h"
 
 namespace scales {
@@ -120,6 +121,7 @@ void ConnectionSink::ArmReadable() {
 
 void ConnectionSink::OnReadable(const boost::system::error_code& ec) {
   if (state_ != State::kOpen) return;  // closed meanwhile (the wait was aborted)
+  ClockTurn turn;  // one clock reading for the reply's completion and the request it starts
   if (ec == asio::error::operation_aborted) {
     ArmReadable();  // a cancel() of the socket by someone else; keep watching
     return;
@@ -221,6 +223,7 @@ void ConnectionSink::ReadTls() {
   conn_.WithStream([&](auto& stream) {
     stream.async_read_some(space, [this, self, gen](const boost::system::error_code& ec, size_t n) {
       if (gen != generation_ || !busy()) return;
+      ClockTurn turn;
       if (ec) {
         ReadFailed(ec);
         return;

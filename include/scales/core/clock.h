@@ -39,15 +39,37 @@ class Clock {
                                              std::function<void()> on_fire) = 0;
 };
 
-// std::chrono::steady_clock / system_clock, with alarms on Asio steady timers.
+// std::chrono::steady_clock / system_clock, with alarms on Asio steady timers. Inside a
+// ClockTurn on the calling thread, readings are shared (see ClockTurn).
 class SteadyClock final : public Clock {
  public:
-  TimePoint Now() const noexcept override { return std::chrono::steady_clock::now(); }
-  WallTime WallNow() const noexcept override { return std::chrono::system_clock::now(); }
+  TimePoint Now() const noexcept override;
+  WallTime WallNow() const noexcept override;
   std::unique_ptr<Alarm> CreateAlarm(boost::asio::any_io_executor executor,
                                      std::function<void()> on_fire) override;
   // The process-wide instance (stateless).
   static std::shared_ptr<SteadyClock> Instance();
+};
+
+// One turn of an event-loop handler that serves many calls (a Mux read that answers a batch of
+// replies, whose handlers start the next requests). While a ClockTurn lives on a thread,
+// SteadyClock::Now() on that thread reads the clock once and returns that reading until
+// Refresh() (or the turn's end); WallNow() is derived from one wall-clock reading per turn plus
+// the steady time since. Every sink of a call (dispatcher, timeout, balancer, retry budget,
+// session) reads the time, and on virtual machines a read costs tens of nanoseconds: the owner
+// of the turn calls Refresh() per event (per reply), so one read serves a whole reply's
+// completion and the request its handler starts, and a reading is never older than one event's
+// processing. Turns nest (an inner one shares the outer's reading). Other clocks (ManualClock)
+// ignore turns: tests keep exact, injected time.
+// Thread safety: a ClockTurn is used only on the thread that created it.
+class ClockTurn {
+ public:
+  ClockTurn() noexcept;
+  ~ClockTurn();
+  ClockTurn(const ClockTurn&) = delete;
+  ClockTurn& operator=(const ClockTurn&) = delete;
+  // The next SteadyClock::Now() on this thread reads the clock again.
+  static void Refresh() noexcept;
 };
 
 // A clock that moves only when told to. Advance() posts the callbacks of every alarm that

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 
 #include <boost/asio/any_completion_handler.hpp>
@@ -61,6 +62,51 @@ struct CallOptions {
   bool idempotent = false;
 };
 
+namespace internal {
+
+// Runs `h(args...)` on its associated executor (else `fallback`, the call's event loop, whose
+// thread calls this); posted to `fallback` first when `defer` (never inside an initiating
+// function). A handler without an executor of its own runs in place: that is what dispatching
+// to the loop from the loop's own thread does, without type-erasing the handler into an Asio
+// function object (an allocation and two indirect calls per call).
+// True if `ex` is the event loop's executor `loop` (null: `fallback` is not a loop's).
+template <class Executor>
+bool IsLoopExecutor(const Executor& ex, const boost::asio::io_context::executor_type* loop) {
+  using LoopExecutor = boost::asio::io_context::executor_type;
+  if (loop == nullptr) return false;
+  if constexpr (std::is_same_v<Executor, LoopExecutor>) {
+    return ex == *loop;
+  } else if constexpr (requires { ex.template target<LoopExecutor>(); }) {  // a type-erased executor
+    const LoopExecutor* own = ex.template target<LoopExecutor>();
+    return own != nullptr && *own == *loop;
+  } else {
+    return false;
+  }
+}
+
+template <class Handler, class... Args>
+void CompleteOn(Handler h, const boost::asio::any_io_executor& fallback, bool defer, Args... args) {
+  if (!defer) {
+    auto ex = boost::asio::get_associated_executor(h, fallback);
+    if (IsLoopExecutor(ex, fallback.template target<boost::asio::io_context::executor_type>())) {
+      std::move(h)(std::move(args)...);
+      return;
+    }
+    boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
+      std::move(h)(std::move(args)...);
+    });
+    return;
+  }
+  boost::asio::post(fallback, [h = std::move(h), fallback, ... args = std::move(args)]() mutable {
+    auto ex = boost::asio::get_associated_executor(h, fallback);
+    boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
+      std::move(h)(std::move(args)...);
+    });
+  });
+}
+
+}  // namespace internal
+
 // One call in flight: the message, its sink stack and the typed reply storage. Allocated by
 // the typed client, destroyed by Complete().
 //
@@ -83,7 +129,9 @@ class CallBase {
   SinkStack stack;
   std::optional<Duration> timeout;
   CallInfo* info = nullptr;
-  // True while the call is inside the initiating function: completion must then be posted.
+  // Set by the dispatcher just before Complete(): true when a user's initiating function is on
+  // this thread's stack (the call completing inside its own, or another, initiating call), so
+  // the handler must be posted; false when it may run in place.
   bool in_initiation = false;
   // The call holds a slot of the client's max_pending limit (given back when it completes).
   bool holds_pending_slot = false;
@@ -147,19 +195,7 @@ class TypedCall : public CallBase {
     Reply r = ec ? Reply{} : std::move(reply);
     const bool defer = in_initiation;
     delete this;
-    // Run the handler on its associated executor (default: this loop). Inside the initiating
-    // call, go through the loop's queue first so the handler never runs inline.
-    auto run = [h = std::move(h), ec, r = std::move(r), fallback]() mutable {
-      auto ex = boost::asio::get_associated_executor(h, fallback);
-      boost::asio::dispatch(ex, [h = std::move(h), ec, r = std::move(r)]() mutable {
-        std::move(h)(ec, std::move(r));
-      });
-    };
-    if (defer) {
-      boost::asio::post(fallback, std::move(run));
-    } else {
-      run();
-    }
+    internal::CompleteOn(std::move(h), fallback, defer, ec, std::move(r));
   }
 
  private:
@@ -231,6 +267,8 @@ class MessageDispatcher final : public ClientMessageSink {
   bool trace_ids_ = false;
   stats::Counter* rejected_max_pending_ = nullptr;
   size_t pending_ = 0;
+  // Dispatch(initiating = true) calls on the stack: a call completing meanwhile is posted.
+  size_t initiating_ = 0;
   bool closed_ = false;
   std::shared_ptr<ClientMessageSink> self_while_draining_;
 };

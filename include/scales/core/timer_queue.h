@@ -1,7 +1,10 @@
 #pragma once
 // Per-event-loop timers without per-timer allocation: TimerEntry objects live inside the
 // objects that need them (a request, a pool, a connection) and are linked into the loop's
-// TimerQueue, a binary heap ordered by deadline, woken by one Alarm from the Clock.
+// TimerQueue, woken by one Alarm from the Clock. The queue is a sorted list for entries that
+// arrive in about deadline order (every request with the same timeout: scheduling one is O(1)
+// when its place is among the list's last few entries, cancelling one always is) plus a binary
+// heap for the others; both fire in (deadline, schedule) order.
 
 #include <cstddef>
 #include <memory>
@@ -31,7 +34,9 @@ class TimerEntry {
  private:
   friend class TimerQueue;
   TimerQueue* queue_ = nullptr;
-  size_t index_ = 0;
+  size_t index_ = 0;  // in the heap; kListed when in the list
+  TimerEntry* prev_ = nullptr;  // list neighbours
+  TimerEntry* next_ = nullptr;
   TimePoint deadline_{};
   uint64_t seq_ = 0;
   Callback callback_ = nullptr;
@@ -53,9 +58,15 @@ class TimerQueue {
 
   Clock& clock() const noexcept { return clock_; }
   TimePoint Now() const noexcept { return clock_.Now(); }
-  size_t size() const noexcept { return heap_.size(); }
+  size_t size() const noexcept { return heap_.size() + listed_; }
 
  private:
+  static constexpr size_t kListed = static_cast<size_t>(-1);
+  // How far back from the list's end Schedule looks for an entry's place.
+  static constexpr int kListSearch = 8;
+  // The entry that fires first, or null.
+  TimerEntry* Earliest() const noexcept;
+  void Remove(TimerEntry& entry) noexcept;
   bool Less(const TimerEntry* a, const TimerEntry* b) const noexcept;
   void SiftUp(size_t i) noexcept;
   void SiftDown(size_t i) noexcept;
@@ -67,6 +78,10 @@ class TimerQueue {
   Clock& clock_;
   std::unique_ptr<Alarm> alarm_;
   std::vector<TimerEntry*> heap_;
+  // Entries scheduled in (deadline, schedule) order, earliest first.
+  TimerEntry* head_ = nullptr;
+  TimerEntry* tail_ = nullptr;
+  size_t listed_ = 0;
   uint64_t next_seq_ = 0;
   bool armed_ = false;
   TimePoint armed_at_{};

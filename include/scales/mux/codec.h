@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -361,6 +362,12 @@ Result<void> EncodeFragmented(const Message& m, std::uint32_t max_fragment_body,
 void AppendFragments(std::uint8_t type, std::uint32_t tag, std::string_view body,
                      std::uint32_t max_fragment_body, std::string* out);
 
+// A broadcast context as views, for FragmentWriter::EnqueueTdispatch.
+struct ContextView {
+  std::string_view key;
+  std::string_view value;
+};
+
 // Write queue that interleaves fragmented messages the way Finagle's writer does: each round
 // emits one frame per queued message, in queue order; a message leaves the queue with its final
 // frame. With no fragmentation every message is written whole in its turn.
@@ -377,6 +384,11 @@ class FragmentWriter {
 
   // Encodes `m` and queues it.
   Result<void> Enqueue(const Message& m);
+  // Queues a Tdispatch of `tag` with `contexts`, no destination and no dtab, carrying
+  // `payload`: the bytes Enqueue(Tdispatch{...}) would queue, encoded straight into the queued
+  // body (no Message is built, the payload is copied once). The request path of a session.
+  Result<void> EnqueueTdispatch(std::uint32_t tag, std::span<const ContextView> contexts,
+                                std::string_view payload);
   bool empty() const { return queue_.empty(); }
   std::size_t size() const { return queue_.size(); }
 

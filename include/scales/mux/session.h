@@ -41,7 +41,6 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include "scales/core/provider.h"
@@ -132,6 +131,7 @@ class MuxSessionSink final : public ClientMessageSink {
     SinkStack* stack = nullptr;  // null once discarded
     Stream* reply = nullptr;
     bool written = false;
+    bool used = false;  // the slot holds a tag's request
   };
 
   std::shared_ptr<MuxSessionSink> self() {
@@ -150,12 +150,18 @@ class MuxSessionSink final : public ClientMessageSink {
   void OnRead(const boost::system::error_code& ec, size_t n);
   void HandleFrame(const FrameView& frame);
   void HandleMessage(Message m);
+  // Answers a well-formed Ok Rdispatch of a live request straight from the frame; false (and
+  // nothing done) for any other reply.
+  bool AnswerOk(const FrameView& frame);
   void Answer(uint32_t tag, error_code ec, std::string detail, std::string* body = nullptr,
               const Contexts* contexts = nullptr);
 
-  using PendingMap = std::unordered_map<uint32_t, Pending>;
+  // The request of `tag`, or null.
+  Pending* FindPending(uint32_t tag) noexcept {
+    return tag < pending_.size() && pending_[tag].used ? &pending_[tag] : nullptr;
+  }
   void AddPending(uint32_t tag, Pending p);
-  void ErasePending(PendingMap::iterator it);
+  void ErasePending(uint32_t tag) noexcept { pending_[tag] = Pending{}; }
 
   void Enqueue(const Message& m);
   // Queues Rping/Rdrain; false (and the session closed) past max_queued_control_replies.
@@ -201,9 +207,11 @@ class MuxSessionSink final : public ClientMessageSink {
   std::vector<char> read_buffer_;
 
   FragmentWriter writer_;
-  // The Tdispatch every request is built in: its contexts, keys and payload keep their
-  // capacity from one request to the next, so building one allocates little.
-  Message dispatch_scratch_{Tdispatch{}};
+  // Encoded context values of the request being written (Deadline, Retries, TraceContext):
+  // kept, with their capacity, from one request to the next.
+  std::string deadline_value_;
+  std::string retries_value_;
+  std::string trace_value_;
   std::string write_buffer_;  // the bytes of the write in flight
   std::vector<uint32_t> queued_tags_;  // dispatches in writer_ not yet handed to a write
   size_t queued_control_replies_ = 0;  // Rping/Rdrain in writer_ not yet handed to a write
@@ -211,10 +219,9 @@ class MuxSessionSink final : public ClientMessageSink {
 
   std::vector<uint64_t> tag_bits_;  // bit t set = tag t in use
   size_t tags_in_use_ = 0;
-  PendingMap pending_;
-  // Nodes of answered requests, reused by the next ones so a request costs pending_ no
-  // allocation in steady state (at most the peak of outstanding requests are kept).
-  std::vector<PendingMap::node_type> spare_nodes_;
+  // Requests by tag. Tags are allocated lowest first, so the table is as long as the peak of
+  // tags in use, and a lookup is an index (no hashing, no allocation per request).
+  std::vector<Pending> pending_;
   size_t pending_count_ = 0;    // live requests (not discarded)
   size_t discarded_count_ = 0;  // reserved tags of discarded requests
 

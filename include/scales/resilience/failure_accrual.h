@@ -109,8 +109,10 @@ class FailureAccrualSink final : public ClientMessageSink {
   int marks_ = 0;  // mark-dead periods since the last revival
   Duration current_backoff_{};
   TimePoint dead_until_{};
+  // The success-rate window: requests (successes and failures) and failures. Failures rather
+  // than successes, so that a success, the common outcome, touches one adder.
   WindowedAdder requests_;
-  WindowedAdder successes_;
+  WindowedAdder failures_;
   TimerEntry timer_;
   uint64_t fault_subscription_ = 0;
   stats::Counter& removals_;

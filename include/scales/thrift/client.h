@@ -44,9 +44,12 @@
 // safe from any thread. Each blocking call uses its own generated client object; Async calls
 // serialise and decode with one kept per thread (internal::Codec).
 
+#include <cstdint>
 #include <exception>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -79,14 +82,13 @@ struct RawReply {
 };
 
 // One Thrift call in flight: the request bytes (the message's payload Stream) and the reply
-// bytes (its reply slot). Subclasses decide what completing means.
+// bytes (its reply slot). Subclasses decide what completing means. `info` points to the
+// caller's CallInfo when CallOptions::info is set, else to the call's own.
 class ThriftCall : public CallBase {
  public:
   ThriftCall();
   Stream request;
   Stream reply;
-  // Receives the call's CallInfo before completion, if set.
-  CallInfo* user_info = nullptr;
 
   void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) final;
 
@@ -148,6 +150,33 @@ template <>
 struct CompletionSignature<void> {
   using type = void(std::exception_ptr);
 };
+
+// A strict binary message header (what the generated code writes, and the only format
+// ThriftMux carries), read without copying the method name: the per-call fast path of the
+// client and the ThriftMux serializer. nullopt for anything else (thrift::ParseMessageHeader
+// then reads other formats or explains what is wrong).
+struct StrictHeader {
+  MessageType type;
+  std::string_view name;
+  int32_t seqid;
+};
+
+inline std::optional<StrictHeader> ParseStrictHeader(std::string_view b) {
+  auto be32 = [&b](size_t at) {
+    return static_cast<uint32_t>(static_cast<uint8_t>(b[at])) << 24 |
+           static_cast<uint32_t>(static_cast<uint8_t>(b[at + 1])) << 16 |
+           static_cast<uint32_t>(static_cast<uint8_t>(b[at + 2])) << 8 |
+           static_cast<uint32_t>(static_cast<uint8_t>(b[at + 3]));
+  };
+  if (b.size() < 12) return std::nullopt;  // version+type, name length, sequence id
+  const uint32_t word = be32(0);
+  if ((word & 0xffff0000u) != 0x80010000u) return std::nullopt;
+  const uint32_t type = word & 0xff;
+  if (type < 1 || type > 4) return std::nullopt;
+  const uint32_t len = be32(4);
+  if (len > b.size() - 12) return std::nullopt;
+  return StrictHeader{static_cast<MessageType>(type), b.substr(8, len), static_cast<int32_t>(be32(8 + len))};
+}
 
 // A generated client over a memory buffer, kept per thread, service and protocol (Codec<G>::
 // For) and reused by every call made on that thread: building one costs about five heap
@@ -225,25 +254,16 @@ typename RecvTraits<Recv>::Result Decode(Protocol protocol, std::string& bytes, 
 // Runs `h(args...)` on its associated executor (else `fallback`); posted first when `defer`.
 template <class Handler, class... Args>
 void CompleteHandler(Handler h, const boost::asio::any_io_executor& fallback, bool defer, Args... args) {
-  auto run = [h = std::move(h), fallback, args = std::make_tuple(std::move(args)...)]() mutable {
-    auto ex = boost::asio::get_associated_executor(h, fallback);
-    boost::asio::dispatch(ex, [h = std::move(h), args = std::move(args)]() mutable {
-      std::apply(std::move(h), std::move(args));
-    });
-  };
-  if (defer) {
-    boost::asio::post(fallback, std::move(run));
-  } else {
-    run();
-  }
+  scales::internal::CompleteOn(std::move(h), fallback, defer, std::move(args)...);
 }
 
-// A call whose reply is decoded by recv_X of the generated client G.
-template <class G, class Recv>
+// A call whose reply is decoded by recv_X of the generated client G. The completion handler is
+// kept as its own type (not type-erased into an any_completion_handler, which would allocate
+// per call): the call object itself comes from the per-thread cache of call blocks.
+template <class G, class Recv, class Handler>
 class DecodingCall final : public ThriftCall {
  public:
   using Result = typename RecvTraits<Recv>::Result;
-  using Handler = boost::asio::any_completion_handler<typename CompletionSignature<Result>::type>;
 
   DecodingCall(Handler handler, Protocol protocol, Recv recv)
       : handler_(std::move(handler)), protocol_(protocol), recv_(recv) {
@@ -359,7 +379,6 @@ class ThriftClient {
     constexpr size_t kArgs = sizeof...(ArgsAndToken) - 1;
     using Result = typename internal::RecvTraits<Recv>::Result;
     using Signature = typename internal::CompletionSignature<Result>::type;
-    using Call = internal::DecodingCall<G, Recv>;
     auto all = std::forward_as_tuple(std::forward<ArgsAndToken>(args_and_token)...);
     std::string bytes = internal::Encode<G>(protocol_, [&](G& gen) {
       internal::ApplyFirst(all, [&](auto&&... a) { (gen.*send)(a...); }, std::make_index_sequence<kArgs>());
@@ -368,7 +387,8 @@ class ThriftClient {
     return boost::asio::async_initiate<Token, Signature>(
         [core = core_, protocol = protocol_, recv, options = options_, client_id = client_id_](
             auto handler, std::string bytes) {
-          auto* call = new Call(typename Call::Handler(std::move(handler)), protocol, recv);
+          using Call = internal::DecodingCall<G, Recv, decltype(handler)>;
+          auto* call = new Call(std::move(handler), protocol, recv);
           StartThriftCall(core, call, std::move(bytes), options, client_id);
         },
         std::get<kArgs>(all), std::move(bytes));
