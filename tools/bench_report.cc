@@ -323,7 +323,12 @@ BenchResult RunLoad(const BenchLimits& limits, const BenchStart& start,
   // throughput on a shared machine, and what bench/run compares against the peers.
   r.cpu_user_s = cpu_end.first - cpu_begin.first;
   r.cpu_sys_s = cpu_end.second - cpu_begin.second;
-  // Workers are quiescent now (each ended by not issuing); merge their counts.
+  // Workers are quiescent now (each ended by not issuing). Release what the protocol kept per
+  // worker (a client handle) here, on this thread: the last completion handler may still hold
+  // `run` on an event loop, and a client handle released there would keep the client, and its
+  // runtime's loops, alive past the caller's stats registry.
+  for (auto& w : run->workers) w->protocol_state.reset();
+  // Merge their counts.
   for (auto& w : run->workers) {
     r.succeeded += w->succeeded;
     r.failed += w->failed;

@@ -1,8 +1,12 @@
 #include "scales/core/runtime.h"
 
 #include <chrono>
+#include <exception>
+#include <string>
 
 #include <boost/asio/post.hpp>
+
+#include "scales/core/log.h"
 
 namespace scales {
 namespace {
@@ -34,6 +38,24 @@ EventLoop::~EventLoop() {
   timers_.reset();
 }
 
+namespace internal {
+
+void ReportHandlerException(std::exception_ptr e) noexcept {
+  std::string what = "an exception not derived from std::exception";
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    what = ex.what();
+  } catch (...) {
+  }
+  SCALES_LOG_RATE_LIMITED(kError, 5,
+                          "a handler on an event loop threw ({}); the exception was dropped: handlers must "
+                          "not throw",
+                          what);
+}
+
+}  // namespace internal
+
 EventLoop* EventLoop::Current() noexcept { return current_loop; }
 
 size_t EventLoop::Poll() {
@@ -44,7 +66,17 @@ size_t EventLoop::Poll() {
 
 void EventLoop::Run() {
   CurrentLoopScope scope(this);
-  ioc_->run();
+  for (;;) {
+    try {
+      ioc_->run();
+      return;
+    } catch (...) {
+      // A handler someone posted to the loop threw (the completions of scales calls never let an
+      // exception out: internal::InvokeHandler). Asio leaves the io_context usable: report the
+      // exception and keep serving every other connection and call of the loop.
+      internal::ReportHandlerException(std::current_exception());
+    }
+  }
 }
 
 Runtime::Runtime(RuntimeOptions options)

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <future>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -145,6 +146,34 @@ TEST(ThriftMuxTest, ThousandsOfConcurrentCallsOnOneSession) {
   // number of calls in flight at once.
   EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty());
   EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch tag=3002"}).empty());
+}
+
+// Completion handlers that throw run inside the session's read loop: the exception is logged
+// and dropped, and the session goes on answering every other call (none hangs).
+TEST(ThriftMuxTest, ThrowingHandlersLeaveTheSessionServingTheOtherCalls) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  test::LogCapture log(LogLevel::kError);
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  constexpr int kEach = 200;
+  std::atomic<int> handled{0};
+  std::promise<void> all_handled;
+  std::vector<std::future<std::string>> futures;
+  for (int i = 0; i < kEach; ++i) {
+    SCALES_THRIFT_CALL(client, echo, "t" + std::to_string(i), [&](std::exception_ptr e, std::string r) {
+      if (++handled == kEach) all_handled.set_value();
+      if (!e) throw std::runtime_error("user handler broke on " + r);
+    });
+    futures.push_back(SCALES_THRIFT_CALL(client, echo, "f" + std::to_string(i), boost::asio::use_future));
+  }
+  ASSERT_EQ(all_handled.get_future().wait_for(10s), std::future_status::ready) << handled.load();
+  int ok = 0;
+  for (int i = 0; i < kEach; ++i) ok += futures[i].get() == "f" + std::to_string(i);
+  EXPECT_EQ(ok, kEach);
+  std::string back;
+  client->echo(back, "after");
+  EXPECT_EQ(back, "after");
+  EXPECT_TRUE(log.Has({"a handler on an event loop threw", "user handler broke on t"})) << log.All();
+  EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "one session throughout";
 }
 
 TEST(ThriftMuxTest, TimeoutSendsTdiscardedAndKeepsTheTagUntilAnswered) {

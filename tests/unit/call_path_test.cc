@@ -5,16 +5,20 @@
 
 #include <chrono>
 #include <cstdint>
+#include <future>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <gtest/gtest.h>
 
 #include "support/fake_sinks.h"
+#include "support/log_capture.h"
 #include "scales/core/clock.h"
 #include "scales/core/dispatcher.h"
 #include "scales/core/timer_queue.h"
@@ -119,6 +123,39 @@ TEST(CompleteOnTest, AHandlerWithItsOwnExecutorRunsThere) {
   EXPECT_EQ(ran, 3);  // not in place: this thread is not in the strand
   ioc.run();
   EXPECT_EQ(ran, 4);
+}
+
+// A handler that throws does not unwind through the transport that completed it, nor end the
+// loop: the exception is logged and dropped, in place, deferred and on another executor alike.
+// So is one from any handler posted to an EventLoop.
+TEST(CompleteOnTest, AThrowingHandlerIsReportedAndDropped) {
+  test::LogCapture log(LogLevel::kError);
+  boost::asio::io_context ioc;
+  const boost::asio::any_io_executor loop = ioc.get_executor();
+  int ran = 0;
+  auto thrower = [&](int v) {
+    ran += v;
+    throw std::runtime_error("handler " + std::to_string(v) + " failed");
+  };
+  EXPECT_NO_THROW(internal::CompleteOn(thrower, loop, /*defer=*/false, 1));
+  internal::CompleteOn(thrower, loop, /*defer=*/true, 2);
+  auto strand = boost::asio::make_strand(ioc);
+  internal::CompleteOn(boost::asio::bind_executor(strand, thrower), loop, /*defer=*/false, 4);
+  EXPECT_NO_THROW(ioc.run());
+  EXPECT_EQ(ran, 7);
+  for (const char* which : {"handler 1 failed", "handler 2 failed", "handler 4 failed"}) {
+    EXPECT_TRUE(log.Has({"a handler on an event loop threw", which, "must not throw"})) << log.All();
+  }
+
+  RuntimeOptions options;
+  options.threads = 1;  // a real loop thread: an exception out of run() would end the process
+  Runtime runtime(options);
+  std::promise<void> after;
+  boost::asio::post(runtime.loop(0).executor(), [] { throw std::logic_error("posted work failed"); });
+  boost::asio::post(runtime.loop(0).executor(), [&] { after.set_value(); });
+  EXPECT_EQ(after.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready)
+      << "the loop went on after the exception";
+  EXPECT_TRUE(log.Has({"posted work failed"})) << log.All();
 }
 
 // --- TimerQueue's list ----------------------------------------------------------------------------

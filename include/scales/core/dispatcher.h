@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <string>
@@ -64,11 +65,6 @@ struct CallOptions {
 
 namespace internal {
 
-// Runs `h(args...)` on its associated executor (else `fallback`, the call's event loop, whose
-// thread calls this); posted to `fallback` first when `defer` (never inside an initiating
-// function). A handler without an executor of its own runs in place: that is what dispatching
-// to the loop from the loop's own thread does, without type-erasing the handler into an Asio
-// function object (an allocation and two indirect calls per call).
 // True if `ex` is the event loop's executor `loop` (null: `fallback` is not a loop's).
 template <class Executor>
 bool IsLoopExecutor(const Executor& ex, const boost::asio::io_context::executor_type* loop) {
@@ -84,23 +80,42 @@ bool IsLoopExecutor(const Executor& ex, const boost::asio::io_context::executor_
   }
 }
 
+// Runs `h(args...)`; an exception it throws is reported and dropped (ReportHandlerException,
+// scales/core/runtime.h). A handler runs inside the transport that answered its call (a Mux
+// session's read loop, a connection's read): an exception unwinding through it would leave the
+// session not reading and the other calls on it unanswered, or end the event loop's thread.
+template <class Handler, class... Args>
+void InvokeHandler(Handler& h, Args&&... args) noexcept {
+  try {
+    std::move(h)(std::forward<Args>(args)...);
+  } catch (...) {
+    ReportHandlerException(std::current_exception());
+  }
+}
+
+// Runs `h(args...)` on its associated executor (else `fallback`, the call's event loop, whose
+// thread calls this); posted to `fallback` first when `defer` (never inside an initiating
+// function). A handler without an executor of its own runs in place: that is what dispatching
+// to the loop from the loop's own thread does, without type-erasing the handler into an Asio
+// function object (an allocation and two indirect calls per call). Exceptions from the handler
+// are reported and dropped (InvokeHandler).
 template <class Handler, class... Args>
 void CompleteOn(Handler h, const boost::asio::any_io_executor& fallback, bool defer, Args... args) {
   if (!defer) {
     auto ex = boost::asio::get_associated_executor(h, fallback);
     if (IsLoopExecutor(ex, fallback.template target<boost::asio::io_context::executor_type>())) {
-      std::move(h)(std::move(args)...);
+      InvokeHandler(h, std::move(args)...);
       return;
     }
     boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
-      std::move(h)(std::move(args)...);
+      InvokeHandler(h, std::move(args)...);
     });
     return;
   }
   boost::asio::post(fallback, [h = std::move(h), fallback, ... args = std::move(args)]() mutable {
     auto ex = boost::asio::get_associated_executor(h, fallback);
     boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
-      std::move(h)(std::move(args)...);
+      InvokeHandler(h, std::move(args)...);
     });
   });
 }

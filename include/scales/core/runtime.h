@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -18,6 +19,13 @@
 #include "scales/core/timer_queue.h"
 
 namespace scales {
+
+namespace internal {
+// Logs an exception that escaped a handler on an event loop (error level, rate limited) and
+// drops it: scales' completion handlers (InvokeHandler, scales/core/dispatcher.h) and the
+// loop's run (EventLoop::Run) go on serving the loop's other calls and connections.
+void ReportHandlerException(std::exception_ptr e) noexcept;
+}  // namespace internal
 
 // One event loop. Thread safety: executor() and IsCurrent() from any thread; timers(),
 // random() only on the loop's own thread.
