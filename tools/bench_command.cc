@@ -295,7 +295,7 @@ int RunBenchCommand(int argc, char** argv) {
       failed = run([&](BenchWorker& w, std::function<void(error_code)> done) {
         CallOptions opts;
         opts.info = &w.info;
-        client.AsyncSend(prototype, std::move(opts), [done = std::move(done)](error_code ec, http::Response) { done(ec); });
+        client.AsyncSend(prototype, std::move(opts), [done = std::move(done)](error_code ec, http::Response&&) { done(ec); });
       });
       client.Close();
     } else {

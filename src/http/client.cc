@@ -14,7 +14,11 @@ namespace {
 // The HTTP call: the request and response live in the call object for its whole life.
 class HttpCall final : public TypedCall<Response> {
  public:
-  explicit HttpCall(Handler h) : TypedCall<Response>(std::move(h)) { message.SetPayload(&request); }
+  // The request is moved in whole: a default Request and a move-assignment would build its
+  // "GET" and "/" only to replace them.
+  HttpCall(Handler h, Request&& r) : TypedCall<Response>(std::move(h)), request(std::move(r)) {
+    message.SetPayload(&request);
+  }
   Request request;
 };
 
@@ -31,7 +35,7 @@ Request HttpClient::Make(std::string_view method, std::string_view target, std::
 }
 
 void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::shared_ptr<const Headers>& defaults,
-                       Request request, CallOptions options, TypedCall<Response>::Handler handler) {
+                       Request&& request, CallOptions&& options, TypedCall<Response>::Handler handler) {
   if (!core) {
     // A default-constructed client: complete with an error, never inline.
     boost::asio::post(boost::asio::system_executor(), [h = std::move(handler)]() mutable {
@@ -42,8 +46,7 @@ void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::share
     });
     return;
   }
-  auto* call = new HttpCall(std::move(handler));
-  call->request = std::move(request);
+  auto* call = new HttpCall(std::move(handler), std::move(request));
   call->message.method = call->request.method;
   if (defaults) {
     for (const auto& h : *defaults) {
@@ -138,7 +141,10 @@ HttpClient HttpClientBuilder::Build() {
   SinkStackSpec spec = ApplyEdits(DefaultStack(options_));
   auto core = std::make_shared<ClientCore>(options_.client, std::move(spec));
   core->OpenAndWait();
-  return HttpClient(std::move(core), std::make_shared<const Headers>(options_.default_headers));
+  // No default headers: no pointer, so that a call neither copies it nor walks an empty list.
+  auto defaults = options_.default_headers.empty() ? nullptr
+                                                   : std::make_shared<const Headers>(options_.default_headers);
+  return HttpClient(std::move(core), std::move(defaults));
 }
 
 }  // namespace http

@@ -1,15 +1,13 @@
 #include "scales/http/message.h"
 
-#include <cctype>
-
 namespace scales::http {
 
 bool HeaderNameEquals(std::string_view a, std::string_view b) noexcept {
   if (a.size() != b.size()) return false;
   for (size_t i = 0; i < a.size(); ++i) {
-    if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i]))) {
-      return false;
-    }
+    // ASCII only (header names are tokens), without std::tolower's locale lookup.
+    auto lower = [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; };
+    if (lower(a[i]) != lower(b[i])) return false;
   }
   return true;
 }

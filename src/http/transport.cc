@@ -1,6 +1,8 @@
 #include "scales/http/transport.h"
 
+#include <array>
 #include <iterator>
+#include <string_view>
 
 #include <boost/beast/http/error.hpp>
 #include <fmt/format.h>
@@ -14,6 +16,7 @@ namespace scales::http {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace bhttp = boost::beast::http;
+using namespace std::string_view_literals;
 
 namespace {
 
@@ -41,14 +44,21 @@ void AppendB3Headers(std::string& out, const TraceContext& t) {
   }
 }
 
-// A token (RFC 9110 5.6.2): what a method and a header name may be.
+constexpr std::string_view kUserAgentLine = "User-Agent: scales/0.1\r\n";
+
+// A token (RFC 9110 5.6.2): what a method and a header name may be. A table, as it runs for
+// the method and every header name of every request.
+constexpr std::array<bool, 256> kTokenChars = [] {
+  std::array<bool, 256> t{};
+  for (int c = 33; c < 127; ++c) t[static_cast<size_t>(c)] = true;
+  for (char c : std::string_view("\"(),/:;<=>?@[\\]{}")) t[static_cast<unsigned char>(c)] = false;
+  return t;
+}();
+
 bool IsToken(std::string_view s) noexcept {
   if (s.empty()) return false;
   for (unsigned char c : s) {
-    if (c <= 32 || c >= 127 || std::string_view("\"(),/:;<=>?@[\\]{}").find(static_cast<char>(c)) !=
-                                   std::string_view::npos) {
-      return false;
-    }
+    if (!kTokenChars[c]) return false;
   }
   return true;
 }
@@ -92,7 +102,8 @@ std::string HostHeader(const SinkContext& ctx, const TransportOptions& o) {
 HttpTransportSink::HttpTransportSink(const SinkContext& ctx, TransportOptions options)
     : ConnectionSink(ctx, options.connect_timeout, options.tls),
       options_(std::move(options)),
-      host_header_(HostHeader(ctx, options_)) {}
+      host_line_(fmt::format("Host: {}\r\n", HostHeader(ctx, options_))),
+      default_lines_(host_line_ + std::string(kUserAgentLine)) {}
 
 HttpTransportSink::~HttpTransportSink() = default;
 
@@ -128,7 +139,9 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   if (!IsTarget(req->target)) {
     return bad(fmt::format("the target '{}' is empty or has spaces or control characters", req->target));
   }
-  w.append(req->method).append(" ").append(req->target).append(" HTTP/1.1\r\n");
+  w.append(req->method);
+  w.push_back(' ');
+  w.append(req->target).append(" HTTP/1.1\r\n"sv);
   bool has_host = false;
   bool has_agent = false;
   auto add_headers = [&](const Headers& headers) {
@@ -145,18 +158,25 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
       if (HeaderNameEquals(name, "content-length") || HeaderNameEquals(name, "transfer-encoding")) continue;
       has_host = has_host || HeaderNameEquals(name, "host");
       has_agent = has_agent || HeaderNameEquals(name, "user-agent");
-      w.append(name).append(": ").append(value).append("\r\n");
+      w.append(name).append(": "sv).append(value).append("\r\n"sv);
     }
     return true;
   };
   if (!add_headers(req->headers) || !add_headers(msg.properties.headers)) return;
   if (options_.b3_headers && msg.properties.trace.valid()) AppendB3Headers(w, msg.properties.trace);
-  if (!has_host) w.append("Host: ").append(host_header_).append("\r\n");
-  if (!has_agent) w.append("User-Agent: scales/0.1\r\n");
-  if (!req->body.empty() || req->method == "POST" || req->method == "PUT" || req->method == "PATCH") {
+  if (!has_host && !has_agent) {
+    w.append(default_lines_);  // the usual case: one append
+  } else if (!has_host) {
+    w.append(host_line_);
+  } else if (!has_agent) {
+    w.append(kUserAgentLine);
+  }
+  const std::string_view method = req->method;
+  if (!req->body.empty() || method == "POST"sv || method == "PUT"sv || method == "PATCH"sv) {
     fmt::format_to(std::back_inserter(w), "Content-Length: {}\r\n", req->body.size());
   }
-  w.append("\r\n").append(req->body);
+  w.append("\r\n"sv);
+  if (!req->body.empty()) w.append(req->body);
 
   current_ = &stack;
   BeginRequest();
@@ -171,7 +191,7 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   parser_->header_limit(static_cast<std::uint32_t>(
       std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
   parser_->body_limit(options_.max_response_body_bytes);
-  if (req->method == "HEAD") parser_->skip(true);
+  if (method == "HEAD"sv) parser_->skip(true);
   Exchange(w, /*expect_reply=*/true);
 }
 

@@ -194,7 +194,12 @@ void Histogram::Record(int64_t value) noexcept {
   cur = max_.load(std::memory_order_relaxed);
   while (value > cur && !max_.compare_exchange_weak(cur, value, std::memory_order_relaxed)) {
   }
-  count_.fetch_add(1, std::memory_order_relaxed);
+}
+
+int64_t Histogram::count() const noexcept {
+  int64_t n = 0;
+  for (const auto& b : export_buckets_) n += b.load(std::memory_order_relaxed);
+  return n;
 }
 
 HistogramSnapshot Histogram::Snapshot() const {

@@ -74,7 +74,9 @@ class HttpClient {
   template <class Token>
   auto AsyncSend(Request request, CallOptions options, Token&& token) const {
     return boost::asio::async_initiate<Token, Signature>(
-        [core = core_, defaults = default_headers_](auto handler, Request req, CallOptions opts) {
+        // The request and options are the initiation's own (moved in by async_initiate, or
+        // stored by a deferring token and given once): moved on, not copied.
+        [core = core_, defaults = default_headers_](auto handler, auto&& req, auto&& opts) {
           Start(core, defaults, std::move(req), std::move(opts),
                 TypedCall<Response>::Handler(std::move(handler)));
         },
@@ -134,7 +136,7 @@ class HttpClient {
 
   static Request Make(std::string_view method, std::string_view target, std::string body, Headers headers);
   static void Start(const std::shared_ptr<ClientCore>& core, const std::shared_ptr<const Headers>& defaults,
-                    Request request, CallOptions options, TypedCall<Response>::Handler handler);
+                    Request&& request, CallOptions&& options, TypedCall<Response>::Handler handler);
 
   std::shared_ptr<ClientCore> core_;
   std::shared_ptr<const Headers> default_headers_;
