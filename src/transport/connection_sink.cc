@@ -248,10 +248,9 @@ bool ConnectionSink::ProcessReply(bool drained) {
     // The last read filled the buffer: anything still in the socket was not asked for.
     char byte;
     boost::system::error_code ec;
-    if (conn_.socket().receive(asio::buffer(&byte, 1), asio::socket_base::message_peek, ec) > 0 || !ec ||
-        (ec != asio::error::would_block && ec != asio::error::try_again)) {
-      r.reusable = false;
-    }
+    conn_.socket().receive(asio::buffer(&byte, 1), asio::socket_base::message_peek, ec);
+    // Bytes (no error), end of stream or a reset: anything but "nothing there" retires it.
+    if (ec != asio::error::would_block && ec != asio::error::try_again) r.reusable = false;
   }
   Answer(std::move(r));
   return false;
