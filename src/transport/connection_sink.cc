@@ -82,7 +82,7 @@ uint64_t ConnectionSink::BeginRequest() {
   reply_bytes_ = 0;
   writing_ = false;
   unexpected_bytes_ = false;
-  // A plain connection's readiness wait stays armed: it reads the reply.
+  // A plain connection's receive stays armed: it reads the reply.
   if (conn_.tls_active()) conn_.CancelIdleWatch();
   return generation_;
 }
@@ -112,15 +112,19 @@ void ConnectionSink::WatchIdle() {
 void ConnectionSink::ArmReadable() {
   if (readable_armed_ || state_ != State::kOpen) return;
   readable_armed_ = true;
-  conn_.socket().async_wait(asio::ip::tcp::socket::wait_read,
-                            [this, self = shared_from_this()](const boost::system::error_code& ec) {
-                              readable_armed_ = false;
-                              OnReadable(ec);
-                            });
+  // A receive, not a readiness wait: Asio queues it without a system call when the last read
+  // drained the socket (a wait would re-register the descriptor with epoll_ctl every time), and
+  // reads the reply itself when epoll reports it. in_ is not touched while it is pending: only
+  // its completion (and what runs from it) reads, parses or consumes.
+  conn_.socket().async_receive(in_.prepare(read_chunk_),
+                               [this, self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
+                                 readable_armed_ = false;
+                                 OnReadable(ec, n);
+                               });
 }
 
-void ConnectionSink::OnReadable(const boost::system::error_code& ec) {
-  if (state_ != State::kOpen) return;  // closed meanwhile (the wait was aborted)
+void ConnectionSink::OnReadable(const boost::system::error_code& ec, size_t n) {
+  if (state_ != State::kOpen) return;  // closed meanwhile (the receive was aborted)
   ClockTurn turn;  // one clock reading for the reply's completion and the request it starts
   if (ec == asio::error::operation_aborted) {
     ArmReadable();  // a cancel() of the socket by someone else; keep watching
@@ -142,7 +146,13 @@ void ConnectionSink::OnReadable(const boost::system::error_code& ec) {
     ReadFailed(ec);
     return;
   }
-  ReadPlain();
+  const bool filled = n == read_chunk_;
+  if (!Received(n, /*drained=*/!filled)) return;
+  if (filled) {
+    ReadPlain();  // more may be waiting
+  } else {
+    ArmReadable();
+  }
 }
 
 void ConnectionSink::Exchange(std::string_view request, bool expect_reply) {
@@ -191,7 +201,7 @@ void ConnectionSink::AfterWrite() {
     return;
   }
   if (conn_.tls_active()) ReadTls();
-  // Plain TCP: the readiness wait is armed; the reply may even be read already.
+  // Plain TCP: the receive is armed; the reply may even be read already.
 }
 
 void ConnectionSink::ReadPlain() {

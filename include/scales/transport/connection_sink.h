@@ -8,11 +8,13 @@
 //
 // The exchange costs as few system calls and event-loop hops as the socket allows. On a plain
 // TCP connection the request is written at once with a non-blocking `send` (an async write
-// takes over only when the socket buffer is full), and one readiness wait stays armed for the
-// connection's whole life: while idle its firing means the server closed the connection or sent
-// bytes nobody asked for; while a request is out it means the reply is there, and the reply is
-// read with non-blocking `recv`s until it is complete or the socket is drained. One request
-// costs a `send`, a `recv` and the loop's `epoll_wait`, and one handler. With TLS the stream's
+// takes over only when the socket buffer is full), and one receive stays armed for the
+// connection's whole life: while idle its completion means the server closed the connection or
+// sent bytes nobody asked for; while a request is out it brings the reply (a reply that fills the
+// read buffer is read on with non-blocking `recv`s until it is complete or the socket is
+// drained). Asio queues a receive after a read that drained the socket without any system call
+// (a readiness wait would re-register the descriptor with `epoll_ctl` each time), so one request
+// costs a `send`, a `recv` and a share of the loop's `epoll_wait`, and one handler. With TLS the stream's
 // async operations do the same work (OpenSSL buffers records, so readiness of the socket says
 // little), and the idle watch is cancelled and re-armed around each request.
 
@@ -124,7 +126,7 @@ class ConnectionSink : public ClientMessageSink {
   void OnConnected(error_code ec);
   void WatchIdle();
   void ArmReadable();
-  void OnReadable(const boost::system::error_code& ec);
+  void OnReadable(const boost::system::error_code& ec, size_t n);
   void ReadPlain();
   void ReadTls();
   void OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes);
@@ -148,7 +150,7 @@ class ConnectionSink : public ClientMessageSink {
   size_t reply_bytes_ = 0;    // received for the current request
   bool expect_reply_ = false;
   bool writing_ = false;
-  bool readable_armed_ = false;   // plain TCP: the readiness wait is pending
+  bool readable_armed_ = false;   // plain TCP: a receive into in_.prepare(read_chunk_) is pending
   bool unexpected_bytes_ = false;  // the server spoke during a oneway request
   error_code closed_code_;
   std::string closed_detail_;
