@@ -1,6 +1,8 @@
 # Apache Thrift: the library (pkg-config) and build-time code generation.
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(THRIFT REQUIRED IMPORTED_TARGET thrift)
+# TNonblockingServer (libthriftnb, on libevent): `scales testserver thrift --server nonblocking`.
+pkg_check_modules(THRIFT_NB REQUIRED IMPORTED_TARGET thrift-nb libevent)
 find_program(THRIFT_COMPILER thrift REQUIRED)
 
 # scales_thrift_library(<target> IDL <file.thrift> SERVICES <Svc>... [OPTIONS <gen options>])

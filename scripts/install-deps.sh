@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config ccache
   libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev
-  libthrift-dev thrift-compiler
+  libthrift-dev thrift-compiler libevent-dev  # libevent: TNonblockingServer (testserver)
   libzookeeper-mt-dev zookeeper default-jre-headless
   libssl-dev
   nginx wrk

@@ -1,5 +1,8 @@
 // `scales testserver thrift`: the Echo service (tools/echo.thrift) served by Apache Thrift's own
-// C++ server (TThreadedServer), framed by default, for the demo, the benchmarks and the tests.
+// C++ server, framed by default, for the demo, the benchmarks and the tests. The default server is
+// TThreadedServer (a thread per connection); `--server nonblocking` serves it with
+// TNonblockingServer instead (libevent; `--io-threads` event loops, each answering its connections'
+// calls in place; framed only, no TLS), the event-driven server the throughput benchmarks use.
 //
 //   echo(m)   -> m
 //   ping()    -> (void)
@@ -16,6 +19,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <future>
 #include <memory>
 #include <string>
@@ -24,7 +28,9 @@
 
 #include <thrift/protocol/TBinaryProtocol.h>
 #include <thrift/protocol/TCompactProtocol.h>
+#include <thrift/server/TNonblockingServer.h>
 #include <thrift/server/TThreadedServer.h>
+#include <thrift/transport/TNonblockingServerSocket.h>
 #include <thrift/transport/TBufferTransports.h>
 #include <thrift/transport/TSSLServerSocket.h>
 #include <thrift/transport/TSSLSocket.h>
@@ -62,10 +68,12 @@ int Usage(std::FILE* out) {
       "usage: scales testserver thrift [--port P] [--transport framed|buffered]\n"
       "                                [--protocol binary|compact]\n"
       "                                [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]\n"
+      "                                [--server threaded|nonblocking [--io-threads N]]\n"
       "  serves the Echo service (tools/echo.thrift) on 127.0.0.1 with Apache Thrift's\n"
-      "  TThreadedServer; prints 'listening 127.0.0.1:<port>' once ready. With --tls-cert and\n"
-      "  --tls-key: TLS (TSSLServerSocket); --tls-client-ca: require client certificates\n"
-      "  signed by that CA (mutual TLS).\n",
+      "  TThreadedServer (default) or TNonblockingServer (N libevent loops, default 1; framed\n"
+      "  only, no TLS; a sleep() call stalls its loop); prints 'listening 127.0.0.1:<port>' once\n"
+      "  ready. With --tls-cert and --tls-key: TLS (TSSLServerSocket); --tls-client-ca: require\n"
+      "  client certificates signed by that CA (mutual TLS).\n",
       out);
   return out == stdout ? 0 : 2;
 }
@@ -80,6 +88,8 @@ int RunThriftTestServerCommand(int argc, char** argv) {
   std::string tls_cert;
   std::string tls_key;
   std::string tls_client_ca;
+  bool nonblocking = false;
+  int io_threads = 1;
   for (int i = 2; i < argc; ++i) {
     std::string_view arg = argv[i];
     const char* value = i + 1 < argc ? argv[i + 1] : nullptr;
@@ -97,6 +107,14 @@ int RunThriftTestServerCommand(int argc, char** argv) {
     } else if (arg == "--protocol") {
       if (std::string_view(value) != "binary" && std::string_view(value) != "compact") return Usage(stderr);
       compact = std::string_view(value) == "compact";
+    } else if (arg == "--server") {
+      if (std::string_view(value) != "threaded" && std::string_view(value) != "nonblocking") return Usage(stderr);
+      nonblocking = std::string_view(value) == "nonblocking";
+    } else if (arg == "--io-threads") {
+      char* end = nullptr;
+      long n = std::strtol(value, &end, 10);
+      if (*end != '\0' || n < 1 || n > 64) return Usage(stderr);
+      io_threads = static_cast<int>(n);
     } else if (arg == "--tls-cert") {
       tls_cert = value;
     } else if (arg == "--tls-key") {
@@ -122,30 +140,12 @@ int RunThriftTestServerCommand(int argc, char** argv) {
     return Usage(stderr);
   }
 
+  if (nonblocking && (!framed || !tls_cert.empty())) {
+    std::fputs("scales testserver thrift: --server nonblocking serves framed Thrift without TLS only\n", stderr);
+    return Usage(stderr);
+  }
+
   using namespace apache::thrift;
-  std::shared_ptr<transport::TServerSocket> socket;
-  if (tls_cert.empty()) {
-    socket = std::make_shared<transport::TServerSocket>("127.0.0.1", port);
-  } else {
-    try {
-      auto ssl = std::make_shared<transport::TSSLSocketFactory>(transport::SSLTLS);
-      ssl->server(true);
-      ssl->loadCertificate(tls_cert.c_str());
-      ssl->loadPrivateKey(tls_key.c_str());
-      if (!tls_client_ca.empty()) ssl->loadTrustedCertificates(tls_client_ca.c_str());
-      ssl->authenticate(!tls_client_ca.empty());
-      socket = std::make_shared<transport::TSSLServerSocket>("127.0.0.1", port, ssl);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "scales testserver thrift: TLS setup failed: %s\n", e.what());
-      return 1;
-    }
-  }
-  std::shared_ptr<transport::TTransportFactory> tf;
-  if (framed) {
-    tf = std::make_shared<transport::TFramedTransportFactory>();
-  } else {
-    tf = std::make_shared<transport::TBufferedTransportFactory>();
-  }
   std::shared_ptr<protocol::TProtocolFactory> pf;
   if (compact) {
     pf = std::make_shared<protocol::TCompactProtocolFactory>();
@@ -153,7 +153,41 @@ int RunThriftTestServerCommand(int argc, char** argv) {
     pf = std::make_shared<protocol::TBinaryProtocolFactory>();
   }
   auto processor = std::make_shared<scales::echo::EchoProcessor>(std::make_shared<EchoHandler>());
-  auto server = std::make_shared<server::TThreadedServer>(processor, socket, tf, pf);
+  std::shared_ptr<server::TServer> server;
+  std::function<int()> listening_port;
+  if (nonblocking) {
+    auto socket = std::make_shared<transport::TNonblockingServerSocket>("127.0.0.1", port);
+    auto nb = std::make_shared<server::TNonblockingServer>(processor, pf, socket);
+    nb->setNumIOThreads(static_cast<size_t>(io_threads));
+    server = nb;
+    listening_port = [nb] { return nb->getListenPort(); };
+  } else {
+    std::shared_ptr<transport::TServerSocket> socket;
+    if (tls_cert.empty()) {
+      socket = std::make_shared<transport::TServerSocket>("127.0.0.1", port);
+    } else {
+      try {
+        auto ssl = std::make_shared<transport::TSSLSocketFactory>(transport::SSLTLS);
+        ssl->server(true);
+        ssl->loadCertificate(tls_cert.c_str());
+        ssl->loadPrivateKey(tls_key.c_str());
+        if (!tls_client_ca.empty()) ssl->loadTrustedCertificates(tls_client_ca.c_str());
+        ssl->authenticate(!tls_client_ca.empty());
+        socket = std::make_shared<transport::TSSLServerSocket>("127.0.0.1", port, ssl);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "scales testserver thrift: TLS setup failed: %s\n", e.what());
+        return 1;
+      }
+    }
+    std::shared_ptr<transport::TTransportFactory> tf;
+    if (framed) {
+      tf = std::make_shared<transport::TFramedTransportFactory>();
+    } else {
+      tf = std::make_shared<transport::TBufferedTransportFactory>();
+    }
+    server = std::make_shared<server::TThreadedServer>(processor, socket, tf, pf);
+    listening_port = [socket] { return socket->getPort(); };
+  }
   auto events = std::make_shared<ReadyHandler>();
   auto ready = events->ready.get_future();
   server->setServerEventHandler(events);
@@ -166,7 +200,7 @@ int RunThriftTestServerCommand(int argc, char** argv) {
     }
   });
   ready.wait();
-  std::printf("listening 127.0.0.1:%d\n", socket->getPort());
+  std::printf("listening 127.0.0.1:%d\n", listening_port());
   std::fflush(stdout);
   int sig = 0;
   sigwait(&signals, &sig);
