@@ -6,7 +6,9 @@
 // the response arrives in one write or two (bit 1); the rest is what the server answers once
 // it has read the request, followed by end of stream. Limits are small (1 KiB headers, 4 KiB
 // body) so that the fuzzer reaches them. Checked: the call completes exactly once, a success
-// respects the limits, a failure names its cause and closes the connection.
+// respects the limits, a failure names its cause and closes the connection; and whatever the
+// fast path for simple responses (internal::ParseSimpleResponse) takes, Beast's parser takes
+// the same way (status, reason, fields, body, keep-alive, length).
 
 #include <cstddef>
 #include <cstdint>
@@ -25,6 +27,30 @@ using fuzz::Check;
 constexpr size_t kMaxHeader = 1024;
 constexpr size_t kMaxBody = 4096;
 
+// The fast path against Beast, without sockets.
+void CheckSimpleResponse(std::string_view bytes) {
+  http::Response fast;
+  bool fast_keep_alive = false;
+  const size_t used = http::internal::ParseSimpleResponse(bytes, kMaxHeader, kMaxBody, fast, fast_keep_alive);
+  if (used == 0) return;
+  http::Response beast;
+  http::internal::ResponseParser parser(beast);
+  parser.eager(true);
+  parser.header_limit(kMaxHeader);
+  parser.body_limit(kMaxBody);
+  boost::system::error_code ec;
+  size_t beast_used = 0;
+  while (!ec && !parser.is_done() && beast_used < bytes.size()) {
+    const size_t n = parser.put(boost::asio::buffer(bytes.data() + beast_used, bytes.size() - beast_used), ec);
+    beast_used += n;
+    if (n == 0) break;
+  }
+  Check(!ec && parser.is_done(), "the fast path took a response Beast rejects");
+  Check(used == beast_used && fast_keep_alive == parser.keep_alive() && fast.status == beast.status &&
+            fast.reason == beast.reason && fast.headers == beast.headers && fast.body == beast.body,
+        "the fast path and Beast parsed a response differently");
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -32,6 +58,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool head = (data[0] & 1) != 0;
   const bool split = (data[0] & 2) != 0;
   std::string_view bytes(reinterpret_cast<const char*>(data + 1), size - 1);
+  CheckSimpleResponse(bytes);
   auto& h = fuzz::Harness::Get();
 
   http::TransportOptions options;

@@ -1,7 +1,10 @@
 #include "scales/http/transport.h"
 
+#include <algorithm>
 #include <array>
+#include <cstring>
 #include <iterator>
+#include <optional>
 #include <string_view>
 
 #include <boost/beast/http/error.hpp>
@@ -85,6 +88,140 @@ void Validate(const TransportOptions& o) {
   if (o.max_response_body_bytes == 0) fail("transport.max_response_body_bytes must be > 0");
   Validate(o.tls);
 }
+
+namespace internal {
+namespace {
+
+// What ParseSimpleResponse takes in a reason phrase or a field value: SP, HTAB and visible
+// ASCII. Anything else (obs-text, control characters, a bare CR or LF) is left to Beast.
+constexpr std::array<bool, 256> kSimpleValueChars = [] {
+  std::array<bool, 256> t{};
+  for (int c = 0x20; c < 0x7f; ++c) t[static_cast<size_t>(c)] = true;
+  t['\t'] = true;
+  return t;
+}();
+
+// Scans a reason phrase or field value from `i` to its CR: returns the CR's index, or npos when
+// a byte is not a simple value byte or the buffer ends first. Eight bytes at a time while none of
+// them is below 0x20 or above 0x7e (the common case: no HTAB, no CR).
+size_t ScanValue(std::string_view wire, size_t i) noexcept {
+  constexpr std::uint64_t kOnes = 0x0101010101010101ULL;
+  constexpr std::uint64_t kHighs = 0x8080808080808080ULL;
+  for (;;) {
+    while (i + 8 <= wire.size()) {
+      std::uint64_t x;
+      std::memcpy(&x, wire.data() + i, 8);
+      const std::uint64_t below_space = (x - kOnes * 0x20) & ~x & kHighs;
+      const std::uint64_t above_tilde = ((x + kOnes * 1) | x) & kHighs;
+      if ((below_space | above_tilde) != 0) break;
+      i += 8;
+    }
+    if (i >= wire.size()) return std::string_view::npos;
+    const auto c = static_cast<unsigned char>(wire[i]);
+    if (c == '\r') return i;
+    if (!kSimpleValueChars[c]) return std::string_view::npos;
+    ++i;
+  }
+}
+
+// `name` (token characters, or a value without CR) equals the lower-case `lower` ignoring ASCII
+// case: `| 0x20` maps only A-Z onto a-z among the bytes these can hold.
+bool EqualsLower(std::string_view name, std::string_view lower) noexcept {
+  if (name.size() != lower.size()) return false;
+  for (size_t i = 0; i < name.size(); ++i) {
+    if ((static_cast<unsigned char>(name[i]) | 0x20) != static_cast<unsigned char>(lower[i])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+size_t ParseSimpleResponse(std::string_view wire, size_t header_limit, std::uint64_t body_limit, Response& out,
+                           bool& keep_alive) {
+  // "HTTP/1.x DDD " then the reason: 13 bytes before the reason.
+  constexpr size_t kReasonAt = 13;
+  if (wire.size() < kReasonAt + 4 || wire.substr(0, 7) != "HTTP/1."sv || (wire[7] != '0' && wire[7] != '1') ||
+      wire[8] != ' ' || wire[12] != ' ') {
+    return 0;
+  }
+  int status = 0;
+  for (size_t i = 9; i < 12; ++i) {
+    if (wire[i] < '0' || wire[i] > '9') return 0;
+    status = status * 10 + (wire[i] - '0');
+  }
+  // 1xx, 204 and 304 have no body whatever their fields say.
+  if (status < 200 || status == 204 || status == 304) return 0;
+  // Only the header block (blank line included) under the limit is looked at.
+  const std::string_view head = wire.substr(0, std::min(wire.size(), header_limit - 1));
+  size_t cr = ScanValue(head, kReasonAt);
+  if (cr == std::string_view::npos || cr + 1 >= head.size() || head[cr + 1] != '\n') return 0;
+
+  auto decline = [&out] {
+    out.reason.clear();
+    out.headers.clear();
+    return size_t{0};
+  };
+  out.reason.assign(head.data() + kReasonAt, cr - kReasonAt);
+  out.headers.reserve(8);
+  std::optional<std::uint64_t> content_length;
+  bool close = false;
+  bool keep = false;
+  bool connection_seen = false;
+  size_t i = cr + 2;
+  for (;;) {
+    if (i + 1 >= head.size()) return decline();  // incomplete, or over the limit
+    if (head[i] == '\r') {
+      if (head[i + 1] != '\n') return decline();
+      i += 2;  // the blank line
+      break;
+    }
+    // A token name (which also rules out obs-fold: a line starting with SP or HTAB), ':'.
+    const size_t name_at = i;
+    while (i < head.size() && kTokenChars[static_cast<unsigned char>(head[i])]) ++i;
+    if (i == name_at || i >= head.size() || head[i] != ':') return decline();
+    const std::string_view name = head.substr(name_at, i - name_at);
+    ++i;
+    while (i < head.size() && (head[i] == ' ' || head[i] == '\t')) ++i;
+    cr = ScanValue(head, i);
+    if (cr == std::string_view::npos || cr + 1 >= head.size() || head[cr + 1] != '\n') return decline();
+    std::string_view value = head.substr(i, cr - i);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+    i = cr + 2;
+    if (EqualsLower(name, "content-length"sv)) {
+      if (content_length || value.empty() || value.size() > 19) return decline();
+      std::uint64_t n = 0;
+      for (char c : value) {
+        if (c < '0' || c > '9') return decline();
+        n = n * 10 + static_cast<std::uint64_t>(c - '0');
+      }
+      content_length = n;
+    } else if (EqualsLower(name, "transfer-encoding"sv)) {
+      return decline();
+    } else if (EqualsLower(name, "connection"sv)) {
+      if (connection_seen) return decline();
+      connection_seen = true;
+      if (EqualsLower(value, "close"sv)) {
+        close = true;
+      } else if (EqualsLower(value, "keep-alive"sv)) {
+        keep = true;
+      } else {
+        return decline();  // upgrade, lists of options: Beast's rules
+      }
+    }
+    out.headers.emplace_back(std::piecewise_construct, std::forward_as_tuple(name.data(), name.size()),
+                             std::forward_as_tuple(value.data(), value.size()));
+  }
+  const size_t body_at = i;
+  if (!content_length || *content_length > body_limit || wire.size() - body_at < *content_length) {
+    return decline();
+  }
+  out.status = status;
+  out.body.assign(wire.data() + body_at, static_cast<size_t>(*content_length));
+  keep_alive = wire[7] == '1' ? !close : keep && !close;
+  return body_at + static_cast<size_t>(*content_length);
+}
+
+}  // namespace internal
 
 namespace {
 
@@ -186,16 +323,32 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   out.reason.clear();
   out.headers.clear();
   out.body.clear();
-  parser_.emplace(out);
-  parser_->eager(true);
-  parser_->header_limit(static_cast<std::uint32_t>(
-      std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
-  parser_->body_limit(options_.max_response_body_bytes);
-  if (method == "HEAD"sv) parser_->skip(true);
+  parser_.reset();
+  head_ = method == "HEAD"sv;
   Exchange(w, /*expect_reply=*/true);
 }
 
 ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buffer& in) {
+  if (!parser_) {
+    auto& out = *current_->message().reply_slot<Response>();
+    if (!head_) {
+      const auto data = in.data();
+      bool keep_alive = false;
+      const size_t used = internal::ParseSimpleResponse(
+          std::string_view(static_cast<const char*>(data.data()), data.size()), options_.max_response_header_bytes,
+          options_.max_response_body_bytes, out, keep_alive);
+      if (used > 0) {
+        in.consume(used);
+        return Complete(keep_alive);
+      }
+    }
+    parser_.emplace(out);
+    parser_->eager(true);
+    parser_->header_limit(static_cast<std::uint32_t>(
+        std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
+    parser_->body_limit(options_.max_response_body_bytes);
+    if (head_) parser_->skip(true);
+  }
   while (!parser_->is_done()) {
     boost::system::error_code ec;
     const size_t n = parser_->put(in.data(), ec);
@@ -204,15 +357,20 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
     if (ec) return ParseFailure(ec);
     if (n == 0) return ParseResult::NeedMore();
   }
-  return Complete();
+  const bool keep_alive = parser_->keep_alive();
+  parser_.reset();
+  return Complete(keep_alive);
 }
 
 ConnectionSink::ParseResult HttpTransportSink::ParseEof(size_t bytes) {
   boost::system::error_code ec = bhttp::error::end_of_stream;  // nothing of the response came
-  if (parser_->got_some()) {
+  if (parser_ && parser_->got_some()) {
     ec = {};
     parser_->put_eof(ec);  // completes a body that ends with the connection
-    if (!ec && parser_->is_done()) return Complete();
+    if (!ec && parser_->is_done()) {
+      parser_.reset();
+      return Complete(/*keep_alive=*/false);
+    }
     if (!ec) ec = bhttp::error::partial_message;
   }
   return ParseResult::Failed(make_error_code(Errc::kConnectionClosed),
@@ -236,10 +394,9 @@ ConnectionSink::ParseResult HttpTransportSink::ParseFailure(const boost::system:
                              fmt::format("malformed HTTP response from {}: {}", conn().address(), ec.message()));
 }
 
-ConnectionSink::ParseResult HttpTransportSink::Complete() {
+ConnectionSink::ParseResult HttpTransportSink::Complete(bool keep_alive) {
   const auto& out = *current_->message().reply_slot<Response>();
-  auto r = ParseResult::Done(parser_->keep_alive());
-  parser_.reset();
+  auto r = ParseResult::Done(keep_alive);
   if (options_.raise_on_http_error && out.status >= 400) {
     const auto* req = current_->message().payload<Request>();
     r.ec = make_error_code(Errc::kHttpError);

@@ -95,6 +95,16 @@ class ResponseParser final : public boost::beast::http::basic_parser<false> {
   Response& out_;
 };
 
+// The common response without Beast: a complete HTTP/1.0 or 1.1 response at the front of
+// `wire` whose header block fits `header_limit`, with a status from 200 to 999 other than 204 and
+// 304, fields of visible ASCII, exactly one Content-Length of at most `body_limit`, no
+// Transfer-Encoding, at most a `Connection: keep-alive` or `close`, and its whole body buffered.
+// Fills `out` and `keep_alive` as ResponseParser would and returns the bytes it used; returns 0
+// for anything else (partial, chunked, obs-fold, other octets, ...), leaving `out` as it was, and
+// Beast parses the response from the start (with its errors and limits).
+size_t ParseSimpleResponse(std::string_view wire, size_t header_limit, std::uint64_t body_limit, Response& out,
+                           bool& keep_alive);
+
 }  // namespace internal
 
 // Thread safety: one connection, used on one event loop.
@@ -116,15 +126,18 @@ class HttpTransportSink final : public ConnectionSink {
   ParseResult ParseEof(size_t bytes) override;
   std::string_view reply_noun() const override { return "response"; }
   ParseResult ParseFailure(const boost::system::error_code& ec);
-  // Moves the parsed response into the call's reply slot.
-  ParseResult Complete();
+  // The response is complete (in the call's reply slot): done, or kHttpError if asked for.
+  ParseResult Complete(bool keep_alive);
 
   TransportOptions options_;
   std::string host_line_;      // "Host: <endpoint>\r\n"
   std::string default_lines_;  // host_line_ and the User-Agent line: what most requests add
   std::string write_buf_;  // the serialised request
+  // Beast's parser, made for a response ParseSimpleResponse does not take (and kept until the
+  // response is complete).
   std::optional<internal::ResponseParser> parser_;
   SinkStack* current_ = nullptr;
+  bool head_ = false;  // the current request is a HEAD: its response has no body
 };
 
 // Provider of the HttpTransportSink. Throws like Validate(options), and kInvalidArgument
