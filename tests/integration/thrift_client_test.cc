@@ -227,7 +227,9 @@ void ExerciseDerived(thrift::ThriftClient<DerivedClient>& client, bool concurren
   std::promise<void> all;
   for (int i = 0; i < n; ++i) {
     client.Async(&DerivedClient::send_add, &DerivedClient::recv_add, i, 1000,
-                 [&, i](std::exception_ptr e, int32_t sum) {
+                 // n by value: the last completion wakes the test, whose frame then ends while
+                 // earlier handlers may still be comparing with n.
+                 [&ok, &completions, &all, n, i](std::exception_ptr e, int32_t sum) {
                    if (!e && sum == i + 1000) ok.fetch_add(1);
                    if (completions.fetch_add(1) + 1 == n) all.set_value();
                  });
