@@ -297,11 +297,12 @@ Result<FrameHeader> DecodeFrameHeader(std::string_view bytes, std::uint32_t max_
     return ProtocolError(
         fmt::format("frame header truncated: have {} of {} bytes", bytes.size(), kHeaderSize));
   }
-  Reader r("frame header", bytes);
+  // Read in place (once per frame received): size (4), type (1), tag with the fragment bit (3).
+  const auto* p = reinterpret_cast<const std::uint8_t*>(bytes.data());
   FrameHeader h;
-  h.size = static_cast<std::uint32_t>(r.Int(4, "size"));
-  h.type = static_cast<std::uint8_t>(r.Int(1, "type"));
-  std::uint32_t tag = static_cast<std::uint32_t>(r.Int(3, "tag"));
+  h.size = std::uint32_t{p[0]} << 24 | std::uint32_t{p[1]} << 16 | std::uint32_t{p[2]} << 8 | p[3];
+  h.type = p[4];
+  const std::uint32_t tag = std::uint32_t{p[5]} << 16 | std::uint32_t{p[6]} << 8 | p[7];
   h.tag = tag & kMaxTag;
   h.fragment = (tag & kFragmentBit) != 0;
   if (h.size < 4) {
@@ -316,9 +317,12 @@ Result<FrameHeader> DecodeFrameHeader(std::string_view bytes, std::uint32_t max_
 
 void AppendFrameHeader(std::uint8_t type, std::uint32_t tag, bool fragment, std::size_t body_size,
                        std::string* out) {
-  PutInt(static_cast<std::uint32_t>(body_size + 4), 4, out);
-  out->push_back(static_cast<char>(type));
-  PutInt((tag & kMaxTag) | (fragment ? kFragmentBit : 0), 3, out);
+  // One append of the whole header (once per frame sent).
+  char header[kHeaderSize];
+  StoreBe(static_cast<std::uint32_t>(body_size + 4), 4, header);
+  header[4] = static_cast<char>(type);
+  StoreBe((tag & kMaxTag) | (fragment ? kFragmentBit : 0), 3, header + 5);
+  out->append(header, kHeaderSize);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -513,6 +517,7 @@ Result<std::optional<FrameView>> Reassembler::Add(FrameView frame) {
     }
     return std::optional<FrameView>(frame);
   }
+  if (!frame.fragment && partial_.empty()) return std::optional<FrameView>(frame);  // the common case
   auto it = partial_.find(frame.tag);
   if (it == partial_.end()) {
     if (!frame.fragment) return std::optional<FrameView>(frame);
@@ -801,9 +806,29 @@ Result<void> FragmentWriter::EnqueueTdispatch(std::uint32_t tag, std::span<const
     d.payload.assign(payload);
     return Enqueue(Message(std::move(d)));
   }
+  const std::uint32_t max = max_fragment_body_;
+  if (queue_.empty() && (max == 0 || max >= kUnlimitedFragmentSize || size <= max)) {
+    // One frame, and nothing queued that it must interleave with: encode the whole frame into
+    // whole_, which the next write takes as it is.
+    const std::size_t at = whole_.size();
+    whole_.resize(at + kHeaderSize + size);
+    char* frame = whole_.data() + at;
+    StoreBe(static_cast<std::uint32_t>(size + 4), 4, frame);
+    frame[4] = static_cast<char>(wire::kTdispatch);
+    StoreBe(tag & kMaxTag, 3, frame + 5);
+    WriteTdispatchBody(frame + kHeaderSize, contexts, payload);
+    whole_index_.push_back(WholeFrame{tag, at, kHeaderSize + size});
+    return {};
+  }
   Pending p{wire::kTdispatch, tag, TakeSpare(), 0};
   p.body.resize(size);
-  BodyCursor w{p.body.data()};
+  WriteTdispatchBody(p.body.data(), contexts, payload);
+  queue_.push_back(std::move(p));
+  return {};
+}
+
+void FragmentWriter::WriteTdispatchBody(char* at, std::span<const ContextView> contexts, std::string_view payload) {
+  BodyCursor w{at};
   w.U16(contexts.size());
   for (const auto& c : contexts) {
     w.Prefixed(c.key);
@@ -812,13 +837,27 @@ Result<void> FragmentWriter::EnqueueTdispatch(std::uint32_t tag, std::span<const
   w.U16(0);  // dst
   w.U16(0);  // dtab
   w.Bytes(payload);
-  queue_.push_back(std::move(p));
-  return {};
+}
+
+std::size_t FragmentWriter::TakeWhole(std::string* out) {
+  const std::size_t frames = whole_index_.size();
+  if (frames == 0) return 0;
+  if (out->empty()) {
+    out->swap(whole_);  // no copy: `out`'s storage is kept for the next frames
+    whole_.clear();
+  } else {
+    out->append(whole_);
+    whole_.clear();
+  }
+  whole_index_.clear();
+  return frames;
 }
 
 std::size_t FragmentWriter::WriteRound(std::string* out) {
-  // Messages that still have frames to send stay, in order, at the front of the queue; the
-  // others give their bodies to the spares.
+  // The whole frames come first (each was queued before anything in queue_). Messages that
+  // still have frames to send stay, in order, at the front of the queue; the others give their
+  // bodies to the spares.
+  const std::size_t whole = TakeWhole(out);
   std::size_t kept = 0;
   for (Pending& p : queue_) {
     std::uint32_t max = max_fragment_body_;
@@ -838,14 +877,24 @@ std::size_t FragmentWriter::WriteRound(std::string* out) {
   }
   const std::size_t frames = queue_.size();
   queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(kept), queue_.end());
-  return frames;
+  return whole + frames;
 }
 
 void FragmentWriter::WriteAll(std::string* out) {
+  TakeWhole(out);
   while (!queue_.empty()) WriteRound(out);
 }
 
 std::optional<bool> FragmentWriter::Remove(std::uint8_t type, std::uint32_t tag) {
+  if (type == wire::kTdispatch) {
+    for (auto it = whole_index_.begin(); it != whole_index_.end(); ++it) {
+      if (it->tag != tag) continue;
+      whole_.erase(it->offset, it->size);
+      for (auto later = it + 1; later != whole_index_.end(); ++later) later->offset -= it->size;
+      whole_index_.erase(it);
+      return false;  // whole frames are written all at once, and this one was not yet
+    }
+  }
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
     if (it->type == type && it->tag == tag) {
       bool started = it->offset > 0;

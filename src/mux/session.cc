@@ -349,7 +349,11 @@ void MuxSessionSink::HandleFrame(const FrameView& frame) {
   // max_message_size however many tags a hostile server fragments on: Rdispatch pieces for
   // other tags are dropped unbuffered (the reply would be ignored anyway), and a Tdispatch
   // (never accepted from a server) is refused at its first piece.
-  if (frame.type == wire::kRdispatch && FindPending(frame.tag) == nullptr) return;
+  if (frame.type == wire::kRdispatch) {
+    if (FindPending(frame.tag) == nullptr) return;
+    // The common reply: whole, with no fragments of any tag waiting (nothing to reassemble).
+    if (!frame.fragment && reassembler_.pending_tags() == 0 && AnswerOk(frame)) return;
+  }
   if (frame.type == wire::kTdispatch) {
     ProtocolError(fmt::format("unexpected Tdispatch tag={} from {}", frame.tag, address_));
     return;
@@ -663,8 +667,11 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
     AppendDeadline({now_wall.count(), (now_wall + remaining).count()}, &deadline_value_);
     contexts[n++] = {kDeadlineKey, deadline_value_};
   }
-  retries_value_.clear();
-  AppendRetries(props.retries, &retries_value_);
+  if (retries_value_.empty() || props.retries != encoded_retries_) {  // almost always 0: encoded once
+    retries_value_.clear();
+    AppendRetries(props.retries, &retries_value_);
+    encoded_retries_ = props.retries;
+  }
   contexts[n++] = {kRetriesKey, retries_value_};
   if (!props.client_id.empty()) contexts[n++] = {kClientIdKey, props.client_id};
   if (props.trace.valid()) {

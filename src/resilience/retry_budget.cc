@@ -14,33 +14,31 @@ WindowedAdder::WindowedAdder(const Clock& clock, Duration window, int slices)
     : clock_(clock),
       slice_(std::max<Duration>(window / std::max(slices, 1), Duration(1))),
       epoch_(clock.Now()),
+      next_(epoch_ + slice_),
       slices_(static_cast<size_t>(std::max(slices, 1)), 0) {}
 
-void WindowedAdder::Roll() {
+void WindowedAdder::Advance() {
   const int64_t now_index = (clock_.Now() - epoch_) / slice_;
   if (now_index <= current_) return;
   const int64_t n = static_cast<int64_t>(slices_.size());
   const int64_t steps = std::min(now_index - current_, n);
-  for (int64_t i = 1; i <= steps; ++i) slices_[static_cast<size_t>((current_ + i) % n)] = 0;
+  for (int64_t i = 1; i <= steps; ++i) {
+    int64_t& expired = slices_[static_cast<size_t>((current_ + i) % n)];
+    sum_ -= expired;
+    expired = 0;
+  }
   current_ = now_index;
-}
-
-void WindowedAdder::Add(int64_t v) {
-  Roll();
-  slices_[static_cast<size_t>(current_ % static_cast<int64_t>(slices_.size()))] += v;
-}
-
-int64_t WindowedAdder::Sum() {
-  Roll();
-  int64_t sum = 0;
-  for (int64_t s : slices_) sum += s;
-  return sum;
+  slot_ = current_ % n;
+  next_ = epoch_ + slice_ * (current_ + 1);
 }
 
 void WindowedAdder::Reset() {
   std::fill(slices_.begin(), slices_.end(), 0);
   epoch_ = clock_.Now();
+  next_ = epoch_ + slice_;
   current_ = 0;
+  slot_ = 0;
+  sum_ = 0;
 }
 
 void Validate(const RetryBudgetOptions& o) {
@@ -84,6 +82,26 @@ bool RetryBudget::TryWithdraw() {
   return true;
 }
 
-int64_t RetryBudget::Balance() { return std::max<int64_t>(0, reserve_ + window_.Sum()) / withdrawal_amount_; }
+int64_t RetryBudget::Balance() {
+  const int64_t tokens = std::max<int64_t>(0, reserve_ + window_.Sum());
+  const int64_t w = withdrawal_amount_;
+  int64_t remainder = last_remainder_ + (tokens - last_tokens_);
+  if (remainder >= 0 && remainder < w) {
+    // Same balance.
+  } else if (remainder >= w && remainder < 2 * w) {
+    ++last_balance_;
+    remainder -= w;
+  } else if (remainder < 0 && remainder >= -w) {
+    // tokens >= 0, so the balance was at least 1.
+    --last_balance_;
+    remainder += w;
+  } else {
+    last_balance_ = tokens / w;
+    remainder = tokens - last_balance_ * w;
+  }
+  last_tokens_ = tokens;
+  last_remainder_ = remainder;
+  return last_balance_;
+}
 
 }  // namespace scales

@@ -154,6 +154,30 @@ std::string PrometheusLabels(const Labels& labels, bool histogram, std::string_v
   return out;
 }
 
+// Per fine bucket: the export bucket of its smallest value, and the export bound inside it
+// (values above it belong to the next export bucket), or -1. Export bounds are at least twice
+// apart and a fine bucket spans at most 1/16 of its values, so at most one bound falls inside.
+struct ExportMap {
+  std::array<uint8_t, Histogram::kBucketCount> first{};
+  std::array<int8_t, Histogram::kBucketCount> split{};
+};
+
+constexpr ExportMap MakeExportMap() {
+  ExportMap m;
+  for (int b = 0; b < Histogram::kBucketCount; ++b) {
+    const int64_t lo = b == 0 ? 0 : Histogram::BucketUpperBound(b - 1) + 1;
+    const int64_t hi = Histogram::BucketUpperBound(b);
+    size_t e = 0;
+    while (e < kExportBucketBounds.size() && kExportBucketBounds[e] < lo) ++e;
+    m.first[static_cast<size_t>(b)] = static_cast<uint8_t>(e);
+    m.split[static_cast<size_t>(b)] =
+        e < kExportBucketBounds.size() && kExportBucketBounds[e] < hi ? static_cast<int8_t>(e) : int8_t{-1};
+  }
+  return m;
+}
+
+constexpr ExportMap kExportMap = MakeExportMap();
+
 }  // namespace
 
 // ---- Histogram ----
@@ -166,17 +190,6 @@ int Histogram::BucketIndex(int64_t value) noexcept {
   return kSubBuckets + (e - kSubBucketBits) * kSubBuckets + sub;
 }
 
-int64_t Histogram::BucketUpperBound(int index) noexcept {
-  if (index < 0) return 0;
-  if (index < kSubBuckets) return index;
-  // The last bucket also holds every clamped value above 2^(kMaxExponent+1).
-  if (index >= kBucketCount - 1) return INT64_MAX;
-  int e = (index - kSubBuckets) / kSubBuckets + kSubBucketBits;
-  int64_t sub = (index - kSubBuckets) % kSubBuckets;
-  // Bucket (e, sub) holds [(16 + sub) << (e - 4), (17 + sub) << (e - 4)).
-  return ((kSubBuckets + sub + 1) << (e - kSubBucketBits)) - 1;
-}
-
 size_t Histogram::ExportBucketIndex(int64_t value) noexcept {
   return static_cast<size_t>(
       std::lower_bound(kExportBucketBounds.begin(), kExportBucketBounds.end(), value) -
@@ -185,8 +198,12 @@ size_t Histogram::ExportBucketIndex(int64_t value) noexcept {
 
 void Histogram::Record(int64_t value) noexcept {
   if (value < 0) value = 0;
-  buckets_[BucketIndex(value)].fetch_add(1, std::memory_order_relaxed);
-  export_buckets_[ExportBucketIndex(value)].fetch_add(1, std::memory_order_relaxed);
+  const int b = BucketIndex(value);
+  buckets_[b].fetch_add(1, std::memory_order_relaxed);
+  if (const int split = kExportMap.split[static_cast<size_t>(b)];
+      split >= 0 && value > kExportBucketBounds[static_cast<size_t>(split)]) {
+    above_split_[split].fetch_add(1, std::memory_order_relaxed);
+  }
   sum_.fetch_add(value, std::memory_order_relaxed);
   int64_t cur = min_.load(std::memory_order_relaxed);
   while (value < cur && !min_.compare_exchange_weak(cur, value, std::memory_order_relaxed)) {
@@ -198,7 +215,7 @@ void Histogram::Record(int64_t value) noexcept {
 
 int64_t Histogram::count() const noexcept {
   int64_t n = 0;
-  for (const auto& b : export_buckets_) n += b.load(std::memory_order_relaxed);
+  for (const auto& b : buckets_) n += b.load(std::memory_order_relaxed);
   return n;
 }
 
@@ -211,9 +228,14 @@ HistogramSnapshot Histogram::Snapshot() const {
     if (c == 0) continue;
     s.buckets.emplace_back(BucketUpperBound(i), c);
     s.count += c;
-  }
-  for (size_t i = 0; i < kExportBucketCount; ++i) {
-    s.export_buckets[i] = export_buckets_[i].load(std::memory_order_relaxed);
+    const size_t first = kExportMap.first[static_cast<size_t>(i)];
+    int64_t above = 0;
+    if (const int split = kExportMap.split[static_cast<size_t>(i)]; split >= 0) {
+      // Record() adds to the bucket before the split count: clamp for a concurrent one.
+      above = std::min(c, above_split_[split].load(std::memory_order_relaxed));
+    }
+    s.export_buckets[first] += c - above;
+    if (above > 0) s.export_buckets[first + 1] += above;
   }
   if (s.count == 0) return s;
   s.sum = sum_.load(std::memory_order_relaxed);

@@ -1,6 +1,8 @@
 #include "scales/thrift/client.h"
 
 #include <future>
+#include <memory>
+#include <new>
 
 #include <fmt/format.h>
 #include <thrift/protocol/TBinaryProtocol.h>
@@ -21,23 +23,98 @@ std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(
   return std::make_shared<apache::thrift::protocol::TBinaryProtocol>(std::move(transport));
 }
 
+// --- spare strings for call bytes ---------------------------------------------------------
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SCALES_SPARE_BYTES 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SCALES_SPARE_BYTES 0
+#endif
+#endif
+#ifndef SCALES_SPARE_BYTES
+#define SCALES_SPARE_BYTES 1
+#endif
+
+namespace internal {
+namespace {
+
+#if SCALES_SPARE_BYTES
+// Plain data (the strings live in raw slots), so it is usable at any point of the thread's
+// life; SpareBytesOwner destroys the strings when the thread exits and closes the pool for
+// whatever completes after it.
+struct SpareBytes {
+  alignas(std::string) unsigned char slots[kMaxSpareBytes][sizeof(std::string)];
+  size_t count;
+  bool registered;
+  bool closed;
+  std::string* at(size_t i) noexcept { return std::launder(reinterpret_cast<std::string*>(slots[i])); }
+};
+thread_local SpareBytes t_spare_bytes{};
+
+struct SpareBytesOwner {
+  ~SpareBytesOwner() {
+    SpareBytes& p = t_spare_bytes;
+    while (p.count > 0) std::destroy_at(p.at(--p.count));
+    p.closed = true;
+  }
+};
+thread_local SpareBytesOwner t_spare_bytes_owner;
+#endif
+
+}  // namespace
+
+std::string TakeSpareBytes() noexcept {
+#if SCALES_SPARE_BYTES
+  SpareBytes& p = t_spare_bytes;
+  if (p.count > 0) {
+    std::string* s = p.at(--p.count);
+    std::string bytes = std::move(*s);
+    std::destroy_at(s);
+    return bytes;
+  }
+#endif
+  return {};
+}
+
+void RecycleBytes(std::string&& bytes) noexcept {
+#if SCALES_SPARE_BYTES
+  const size_t capacity = bytes.capacity();
+  if (capacity <= std::string().capacity() || capacity > kMaxSpareCapacity) return;  // no storage / too big
+  SpareBytes& p = t_spare_bytes;
+  if (p.count == kMaxSpareBytes || p.closed) return;
+  if (!p.registered) {
+    p.registered = true;
+    (void)&t_spare_bytes_owner;  // constructs it, so it frees the spares at thread exit
+  }
+  bytes.clear();
+  std::construct_at(p.at(p.count), std::move(bytes));
+  ++p.count;
+#else
+  (void)bytes;
+#endif
+}
+
+}  // namespace internal
+
+// --- calls ---------------------------------------------------------------------------------
+
 ThriftCall::ThriftCall() {
   message.SetPayload(&request);
   message.SetReplySlot(&reply);
   info = &own_info_;
+  // The transport writes the reply into it: storage kept from an earlier call saves an
+  // allocation.
+  reply.data = internal::TakeSpareBytes();
 }
 
 void ThriftCall::Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) {
   DisconnectCancellation();
-  RawReply r;
-  r.error = msg.error;
-  if (msg.error) {
-    r.detail = info->detail.empty() ? msg.error.message() : info->detail;
-  } else {
-    r.bytes = std::move(reply.data);
-  }
-  const bool defer = in_initiation;
-  Deliver(std::move(r), fallback, defer);
+  std::string detail;
+  if (msg.error) detail = info->detail.empty() ? msg.error.message() : info->detail;
+  Deliver(msg.error, detail, fallback, in_initiation);
+  internal::RecycleBytes(std::move(request.data));
+  internal::RecycleBytes(std::move(reply.data));
   delete this;
 }
 
@@ -75,8 +152,10 @@ class BlockingCall final : public ThriftCall {
   std::promise<RawReply> done;
 
  protected:
-  void Deliver(RawReply reply, const boost::asio::any_io_executor&, bool) override {
-    done.set_value(std::move(reply));
+  void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor&, bool) override {
+    RawReply r{error, std::move(detail), {}};
+    if (!error) r.bytes = std::move(reply.data);
+    done.set_value(std::move(r));
   }
 };
 

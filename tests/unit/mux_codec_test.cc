@@ -787,6 +787,80 @@ TEST(MuxCodecTest, FragmentWriterReusedBodiesEncodeExactly) {
   EXPECT_TRUE(w.empty());
 }
 
+// The request path: EnqueueTdispatch encodes single-frame dispatches whole into one buffer
+// that WriteAll hands over (swapping into an empty string). The bytes, the order against other
+// queued messages, Remove and the reuse of the swapped buffers must match the Message path.
+TEST(MuxCodecTest, FragmentWriterEnqueueTdispatchMatchesEncode) {
+  auto dispatch = [](std::uint32_t tag, std::size_t payload) {
+    Tdispatch d;
+    d.tag = tag;
+    d.contexts = {Context{"com.twitter.finagle.Retries", std::string("\0\0\0\1", 4)},
+                  Context{"k" + std::to_string(tag), std::string(tag % 7, 'v')}};
+    d.payload = std::string(payload, static_cast<char>('a' + tag % 26));
+    return d;
+  };
+  auto enqueue = [](FragmentWriter& w, const Tdispatch& d) {
+    std::vector<ContextView> views;
+    for (const auto& c : d.contexts) views.push_back({c.key, c.value});
+    return w.EnqueueTdispatch(d.tag, views, d.payload);
+  };
+  FragmentWriter w;
+  for (int round = 0; round < 3; ++round) {
+    std::string want;
+    for (std::uint32_t tag = 2; tag < 30; ++tag) {
+      Tdispatch d = dispatch(tag, (tag * 53 + round * 17) % 200);
+      ASSERT_TRUE(enqueue(w, d).has_value());
+      if (tag % 4 == 0) {
+        // Not written yet: removed without a trace, from the middle of the whole frames.
+        EXPECT_EQ(w.Remove(wire::kTdispatch, tag), std::optional<bool>(false));
+      } else {
+        want += Encode(d);
+      }
+    }
+    EXPECT_EQ(w.size(), 21u);
+    // Alternately into an empty string (the buffers are swapped) and after a prefix (appended).
+    std::string out = round % 2 == 0 ? std::string() : std::string("prefix");
+    w.WriteAll(&out);
+    EXPECT_EQ(out, (round % 2 == 0 ? std::string() : std::string("prefix")) + want) << "round " << round;
+    EXPECT_TRUE(w.empty());
+    EXPECT_EQ(w.Remove(wire::kTdispatch, 3), std::nullopt);
+  }
+  // Behind a message still being fragmented, dispatches queue in order behind it; one queued
+  // after them comes before neither.
+  FragmentWriter f(16);
+  Tdispatch small = dispatch(2, 0);
+  small.contexts.clear();
+  small.payload = "abcdefghij";  // a 16-byte body: one frame, encoded whole
+  ASSERT_TRUE(enqueue(f, small).has_value());
+  ASSERT_TRUE(f.Enqueue(Tping{1}).has_value());
+  Tdispatch big = dispatch(3, 40);  // several frames
+  ASSERT_TRUE(enqueue(f, big).has_value());
+  Tdispatch after = dispatch(4, 0);
+  after.contexts.clear();
+  ASSERT_TRUE(enqueue(f, after).has_value());
+  std::string out;
+  EXPECT_EQ(f.WriteRound(&out), 4u);  // small (whole), Tping, big's first piece, after
+  f.WriteAll(&out);
+  std::vector<std::pair<std::uint32_t, bool>> order;
+  Reassembler r;
+  std::vector<Frame> whole;
+  for (auto& frame : ExpectedFrames(out)) {
+    order.emplace_back(frame.tag, frame.fragment);
+    auto x = r.Add(std::move(frame));
+    ASSERT_TRUE(x.has_value());
+    if (x->has_value()) whole.push_back(std::move(**x));
+  }
+  ASSERT_GE(order.size(), 5u);
+  EXPECT_EQ(order[0], std::make_pair(2u, false));
+  EXPECT_EQ(order[1], std::make_pair(1u, false));
+  EXPECT_EQ(order[2], std::make_pair(3u, true));
+  EXPECT_EQ(order[3], std::make_pair(4u, false));
+  ASSERT_EQ(whole.size(), 4u);
+  EXPECT_TRUE(*DecodeMessage(whole[0]) == Message(small));
+  EXPECT_TRUE(*DecodeMessage(whole[2]) == Message(after));
+  EXPECT_TRUE(*DecodeMessage(whole[3]) == Message(big));
+}
+
 TEST(MuxCodecTest, DiscardsDropPartialFragments) {
   const std::string body = kEchoTdispatch.substr(8);
   for (const std::string& discard :

@@ -3,7 +3,11 @@
 
 #include "scales/resilience/retry_budget.h"
 
+#include <algorithm>
 #include <chrono>
+#include <random>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -148,6 +152,53 @@ TEST(WindowedAdderTest, SlicesExpireInOrder) {
   EXPECT_EQ(adder.Sum(), 100);
   adder.Reset();
   EXPECT_EQ(adder.Sum(), 0);
+}
+
+// Balance() steps from its last answer instead of dividing: on a seeded mix of deposits,
+// withdrawals and clock moves (small and past whole slices) it must equal the division.
+TEST(RetryBudgetTest, BalanceStepsMatchTheDivision) {
+  for (double percent : {0.2, 0.5, 1.0, 3.0, 0.0}) {
+    ManualClock clock;
+    RetryBudget budget(clock, Opts(seconds(2), 1, percent));
+    WindowedAdder model(clock, seconds(2), RetryBudget::kSlices);  // the budget's window, replayed
+    std::mt19937 rng(7);
+    for (int i = 0; i < 20000; ++i) {
+      const uint32_t r = rng() % 100;
+      if (r < 70) {
+        budget.Deposit();
+        model.Add(budget.deposit_amount());
+      } else if (r < 90) {
+        if (budget.TryWithdraw()) model.Add(-budget.withdrawal_amount());
+      } else if (r < 99) {
+        clock.Advance(milliseconds(rng() % 150));
+      } else {
+        clock.Advance(milliseconds(rng() % 3000));  // up to more than the whole ttl
+      }
+      const int64_t want = std::max<int64_t>(0, budget.reserve() + model.Sum()) / budget.withdrawal_amount();
+      ASSERT_EQ(budget.Balance(), want) << "percent " << percent << " step " << i;
+    }
+  }
+}
+
+// The running sum against a sum of the slices a value is still in, on random times.
+TEST(WindowedAdderTest, RunningSumMatchesTheLiveSlices) {
+  ManualClock clock;
+  const TimePoint start = clock.Now();
+  WindowedAdder adder(clock, seconds(1), 10);  // 100 ms slices
+  std::vector<std::pair<int64_t, int64_t>> added;  // slice index, value
+  std::mt19937 rng(11);
+  for (int i = 0; i < 5000; ++i) {
+    clock.Advance(milliseconds(rng() % (i % 50 == 0 ? 1500 : 40)));
+    const int64_t slice = (clock.Now() - start) / milliseconds(100);
+    const int64_t v = static_cast<int64_t>(rng() % 1000) - 300;
+    adder.Add(v);
+    added.emplace_back(slice, v);
+    int64_t want = 0;
+    for (const auto& [s, x] : added) {
+      if (slice - s < 10) want += x;  // expires once its slice is 10 slices old
+    }
+    ASSERT_EQ(adder.Sum(), want) << "step " << i;
+  }
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "scales/stats/stats.h"
 
+#include <array>
 #include <cstdint>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -342,6 +344,40 @@ TEST(StatsScopeTest, WithLabelAddsAndReplacesKeepingOrder) {
 }
 
 // ---- Concurrency (also run under ThreadSanitizer) ----
+
+// Export buckets are derived from the fine buckets plus a count of the samples above each
+// export bound that falls inside a fine bucket: around every bound, and on a seeded spread of
+// values, they must equal a direct count with ExportBucketIndex.
+TEST(HistogramTest, ExportBucketsExactAroundEveryBound) {
+  Histogram h;
+  std::array<int64_t, kExportBucketCount> want{};
+  auto record = [&](int64_t v) {
+    h.Record(v);
+    ++want[Histogram::ExportBucketIndex(v < 0 ? 0 : v)];
+  };
+  for (int64_t bound : kExportBucketBounds) {
+    for (int64_t d = -5; d <= 5; ++d) record(bound + d);
+  }
+  std::mt19937_64 rng(3);
+  for (int i = 0; i < 200000; ++i) record(static_cast<int64_t>(rng() >> (rng() % 64)));
+  record(-7);
+  record(INT64_MAX);
+  const HistogramSnapshot s = h.Snapshot();
+  EXPECT_EQ(s.export_buckets, want);
+  int64_t total = 0;
+  for (int64_t n : s.export_buckets) total += n;
+  EXPECT_EQ(total, s.count);
+  EXPECT_EQ(h.count(), s.count);
+}
+
+TEST(CounterGaugeTest, GaugeAddOfZeroChangesNothing) {
+  Gauge g;
+  g.Add(5);
+  g.Add(0);
+  g.Add(-2);
+  g.Add(0);
+  EXPECT_EQ(g.value(), 3);
+}
 
 TEST(ConcurrencyStats, CounterAndHistogramFromFourThreads) {
   constexpr int kThreads = 4;

@@ -438,5 +438,57 @@ TEST(ThriftCodecTest, InheritedMethodsEncodeAndDeclaredExceptionsDecodeAsThemsel
   }
 }
 
+// A reply to hi() carrying `value`, written by libthrift.
+std::string HiReply(Protocol p, const std::string& value) {
+  auto buf = std::make_shared<TMemoryBuffer>();
+  std::shared_ptr<apache::thrift::protocol::TProtocol> proto;
+  if (p == Protocol::kCompact) {
+    proto = std::make_shared<TCompactProtocol>(buf);
+  } else {
+    proto = std::make_shared<TBinaryProtocol>(buf);
+  }
+  scales::thrifttest::Hello_hi_result result;
+  result.success = value;
+  result.__isset.success = true;
+  proto->writeMessageBegin("hi", apache::thrift::protocol::T_REPLY, 0);
+  result.write(proto.get());
+  proto->writeMessageEnd();
+  return buf->getBufferAsString();
+}
+
+// Replies are decoded in place from their bytes (internal::ReplyReader): every truncation
+// fails with an exception (never reads past the bytes, which ASan builds check), the reader
+// keeps nothing of a reply once decoded (each reply below is freed before the next one), and
+// small and large replies decode in both protocols.
+TEST(ThriftCodecTest, DecodesInPlaceAndEveryTruncationFails) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    for (size_t size : {size_t{0}, size_t{20}, size_t{100000}}) {
+      const std::string value(size, 'r');
+      const std::string whole = HiReply(p, value);
+      for (size_t cut = 0; cut < whole.size(); cut += (cut < 64 ? 1 : 997)) {
+        auto truncated = std::make_unique<std::string>(whole.substr(0, cut));
+        EXPECT_ANY_THROW(internal::Decode<HelloClient>(p, *truncated, &HelloClient::recv_hi)) << cut;
+        truncated.reset();
+        auto copy = std::make_unique<std::string>(whole);
+        ASSERT_EQ(internal::Decode<HelloClient>(p, *copy, &HelloClient::recv_hi), value) << "after a cut at " << cut;
+      }
+    }
+  }
+}
+
+TEST(ThriftCodecTest, SpareBytesComeBackEmpty) {
+  while (internal::TakeSpareBytes().capacity() > std::string().capacity()) {
+  }  // what earlier tests on this thread left
+  internal::RecycleBytes(std::string(200, 'x'));
+  internal::RecycleBytes(std::string(internal::kMaxSpareCapacity + 1, 'y'));  // too large to keep
+  std::string s = internal::TakeSpareBytes();
+  EXPECT_TRUE(s.empty());
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  EXPECT_GE(s.capacity(), 200u);  // the first string's storage, the second was not kept
+  EXPECT_LE(s.capacity(), internal::kMaxSpareCapacity);
+#endif
+  EXPECT_EQ(internal::TakeSpareBytes().capacity(), std::string().capacity());
+}
+
 }  // namespace
 }  // namespace scales::thrift

@@ -372,8 +372,11 @@ struct ContextView {
 // emits one frame per queued message, in queue order; a message leaves the queue with its final
 // frame. With no fragmentation every message is written whole in its turn.
 //
-// Queued bodies are encoded into strings kept from messages already written (up to
-// kSpareBytes of capacity), so a steady stream of requests costs the writer no allocation.
+// A Tdispatch that goes out as one frame while nothing else is queued is encoded, header and
+// body, straight into one buffer of whole frames, which the next write takes without copying
+// (WriteAll into an empty string swaps buffers): the request path of a session. Other queued
+// bodies are encoded into strings kept from messages already written (up to kSpareBytes of
+// capacity), so a steady stream of requests costs the writer no allocation.
 class FragmentWriter {
  public:
   explicit FragmentWriter(std::uint32_t max_fragment_body = kUnlimitedFragmentSize)
@@ -389,8 +392,8 @@ class FragmentWriter {
   // body (no Message is built, the payload is copied once). The request path of a session.
   Result<void> EnqueueTdispatch(std::uint32_t tag, std::span<const ContextView> contexts,
                                 std::string_view payload);
-  bool empty() const { return queue_.empty(); }
-  std::size_t size() const { return queue_.size(); }
+  bool empty() const { return queue_.empty() && whole_index_.empty(); }
+  std::size_t size() const { return queue_.size() + whole_index_.size(); }
 
   // Appends one round (one frame per queued message). Returns the number of frames appended.
   std::size_t WriteRound(std::string* out);
@@ -414,10 +417,22 @@ class FragmentWriter {
     std::string body;
     std::size_t offset = 0;
   };
+  // A Tdispatch encoded whole into whole_.
+  struct WholeFrame {
+    std::uint32_t tag = 0;
+    std::size_t offset = 0;
+    std::size_t size = 0;  // header included
+  };
   std::string TakeSpare();
   void Recycle(std::string body);
+  static void WriteTdispatchBody(char* at, std::span<const ContextView> contexts, std::string_view payload);
+  // Appends whole_ to `out` (swapping when `out` is empty); returns the number of frames.
+  std::size_t TakeWhole(std::string* out);
 
   std::uint32_t max_fragment_body_;
+  // Whole frames, all queued before anything in queue_ (they go first), and their index.
+  std::string whole_;
+  std::vector<WholeFrame> whole_index_;
   std::vector<Pending> queue_;  // in write order
   std::vector<std::string> spare_;
   std::size_t spare_bytes_ = 0;

@@ -211,6 +211,7 @@ class MuxSessionSink final : public ClientMessageSink {
   // kept, with their capacity, from one request to the next.
   std::string deadline_value_;
   std::string retries_value_;
+  int encoded_retries_ = 0;  // what retries_value_ holds (when not empty)
   std::string trace_value_;
   std::string write_buffer_;  // the bytes of the write in flight
   std::vector<uint32_t> queued_tags_;  // dispatches in writer_ not yet handed to a write

@@ -20,23 +20,40 @@ namespace scales {
 
 // A sum over a sliding time window: `slices` slices of window/slices each, on `clock`. A value
 // added at time t counts until the slice holding t is `slices` slices old, i.e. it expires
-// between window - window/slices and window after t. Thread safety: none (one event loop).
+// between window - window/slices and window after t. Add() and Sum() cost one clock reading
+// and a comparison while the current slice lasts (the running sum is kept; slices are zeroed,
+// with a division, only when time has moved past the current slice). Thread safety: none (one
+// event loop).
 class WindowedAdder {
  public:
   WindowedAdder(const Clock& clock, Duration window, int slices);
-  void Add(int64_t n);
+  void Add(int64_t n) {
+    Roll();
+    slices_[static_cast<size_t>(slot_)] += n;
+    sum_ += n;
+  }
   // The sum of the live slices.
-  int64_t Sum();
+  int64_t Sum() {
+    Roll();
+    return sum_;
+  }
   void Reset();
 
  private:
-  void Roll();
+  void Roll() {
+    if (clock_.Now() >= next_) Advance();
+  }
+  // Moves to the slice holding the current time, expiring the slices in between.
+  void Advance();
 
   const Clock& clock_;
   Duration slice_;
   TimePoint epoch_;
+  TimePoint next_;  // where the slice after the current one starts
   std::vector<int64_t> slices_;
   int64_t current_ = 0;  // absolute index of the current slice since epoch_
+  int64_t slot_ = 0;     // current_ % slices
+  int64_t sum_ = 0;      // of every slice
 };
 
 struct RetryBudgetOptions {
@@ -64,7 +81,10 @@ class RetryBudget {
   void Deposit();
   // Takes one retry's worth of tokens if there is one; false (and nothing taken) otherwise.
   bool TryWithdraw();
-  // Retries currently allowed: (reserve + live deposits - live withdrawals) / withdrawal cost.
+  // Retries currently allowed: (reserve + live deposits - live withdrawals) / withdrawal cost,
+  // at least 0. Called per call (the retry sink's gauge): it steps from its last answer, as a
+  // deposit or withdrawal moves the balance by at most one retry, and divides only after
+  // larger moves (expired slices).
   int64_t Balance();
 
   const RetryBudgetOptions& options() const noexcept { return options_; }
@@ -78,6 +98,10 @@ class RetryBudget {
   int64_t withdrawal_amount_;
   int64_t reserve_;
   WindowedAdder window_;
+  // Balance()'s last answer: tokens = balance * withdrawal_amount_ + remainder.
+  int64_t last_tokens_ = 0;
+  int64_t last_balance_ = 0;
+  int64_t last_remainder_ = 0;
 };
 
 }  // namespace scales

@@ -40,7 +40,10 @@ class Counter {
 class Gauge {
  public:
   void Set(int64_t v) noexcept { value_.store(v, std::memory_order_relaxed); }
-  void Add(int64_t delta) noexcept { value_.fetch_add(delta, std::memory_order_relaxed); }
+  // A zero delta (a sink reporting an unchanged value) costs no atomic operation.
+  void Add(int64_t delta) noexcept {
+    if (delta != 0) value_.fetch_add(delta, std::memory_order_relaxed);
+  }
   int64_t value() const noexcept { return value_.load(std::memory_order_relaxed); }
 
  private:
@@ -66,7 +69,7 @@ struct HistogramSnapshot {
   std::vector<std::pair<int64_t, int64_t>> buckets;
   // Samples per export bucket (not cumulative): [i] counts samples in
   // (kExportBucketBounds[i-1], kExportBucketBounds[i]], the last entry those above the last
-  // bound. Sums to `count` except while Record() runs concurrently.
+  // bound. Sums to `count` (both are derived from the same reading of the fine buckets).
   std::array<int64_t, kExportBucketCount> export_buckets{};
   // Value at quantile q in [0, 1]: the upper bound of the bucket holding that rank, clamped
   // to [min, max]. 0 when empty.
@@ -80,10 +83,11 @@ struct HistogramSnapshot {
 // values. Bucket index of v: v for v < 16; otherwise, with e = floor(log2(v)),
 // 16 + (e - 4) * 16 + ((v >> (e - 4)) & 15). Exponents go up to kMaxExponent, so values of
 // 2^(kMaxExponent+1) and above go into the last bucket (whose upper bound is INT64_MAX);
-// negative values are recorded as 0. Record() also counts the sample in one of the coarse
-// export buckets (kExportBucketBounds): their decimal bounds do not fall on log-linear bucket
-// edges, so they could not be derived exactly from the fine buckets. Thread safe; Record() is
-// lock-free.
+// negative values are recorded as 0. The coarse export buckets (kExportBucketBounds) are exact
+// too: most fine buckets lie inside one export bucket; the few that an export bound splits
+// (100 falls inside [100, 103], say) also count their samples above that bound. Record() thus
+// costs two atomic adds (bucket and sum; a third only for a sample above a bound inside its
+// fine bucket) and two relaxed loads (min, max). Thread safe; Record() is lock-free.
 class Histogram {
  public:
   static constexpr int kSubBucketBits = 4;
@@ -94,13 +98,23 @@ class Histogram {
 
   void Record(int64_t value) noexcept;
   HistogramSnapshot Snapshot() const;
-  // The sum of the export buckets: Record() keeps no separate count, one atomic add fewer
-  // per sample (it runs on every call).
+  // The sum of the buckets: Record() keeps no separate count, one atomic add fewer per sample
+  // (it runs on every call).
   int64_t count() const noexcept;
 
   // Bucket index for a value and the inclusive upper bound of a bucket (documented layout).
   static int BucketIndex(int64_t value) noexcept;
-  static int64_t BucketUpperBound(int index) noexcept;
+  static constexpr int64_t BucketUpperBound(int index) noexcept {
+    constexpr int kSub = 1 << kSubBucketBits;
+    if (index < 0) return 0;
+    if (index < kSub) return index;
+    // The last bucket also holds every clamped value above 2^(kMaxExponent+1).
+    if (index >= kBucketCount - 1) return INT64_MAX;
+    const int e = (index - kSub) / kSub + kSubBucketBits;
+    const int64_t sub = (index - kSub) % kSub;
+    // Bucket (e, sub) holds [(16 + sub) << (e - 4), (17 + sub) << (e - 4)).
+    return ((kSub + sub + 1) << (e - kSubBucketBits)) - 1;
+  }
   // Index of the export bucket holding `value`: the first bound >= value, or
   // kExportBucketBounds.size() (+Inf).
   static size_t ExportBucketIndex(int64_t value) noexcept;
@@ -110,7 +124,8 @@ class Histogram {
   std::atomic<int64_t> min_{INT64_MAX};
   std::atomic<int64_t> max_{0};
   std::atomic<int64_t> buckets_[kBucketCount] = {};
-  std::atomic<int64_t> export_buckets_[kExportBucketCount] = {};
+  // [i]: samples above kExportBucketBounds[i] in the fine bucket that bound splits (if any).
+  std::atomic<int64_t> above_split_[kExportBucketBounds.size()] = {};
 };
 
 enum class MetricType { kCounter, kGauge, kHistogram };

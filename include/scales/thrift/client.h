@@ -44,7 +44,10 @@
 // safe from any thread. Each blocking call uses its own generated client object; Async calls
 // serialise and decode with one kept per thread (internal::Codec).
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <optional>
@@ -59,8 +62,11 @@
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
+#include <thrift/protocol/TBinaryProtocol.h>
+#include <thrift/protocol/TCompactProtocol.h>
 #include <thrift/protocol/TProtocol.h>
 #include <thrift/transport/TBufferTransports.h>
+#include <thrift/transport/TTransportException.h>
 
 #include "scales/core/client.h"
 #include "scales/core/dispatcher.h"
@@ -93,10 +99,13 @@ class ThriftCall : public CallBase {
   void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) final;
 
  protected:
-  // Consumes the outcome, on the call's event loop. `defer`: the call is still inside its
-  // initiating function, so the user's handler must be posted, not run inline. The call is
-  // destroyed right after.
-  virtual void Deliver(RawReply reply, const boost::asio::any_io_executor& fallback, bool defer) = 0;
+  // Consumes the outcome, on the call's event loop: on failure `error` and `detail` (what
+  // happened, naming the client, endpoint and step); on success the reply message is in
+  // `reply.data` (empty for oneway calls), which the subclass may decode in place or take.
+  // `defer`: the call is still inside its initiating function, so the user's handler must be
+  // posted, not run inline. The call is destroyed right after.
+  virtual void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor& fallback,
+                       bool defer) = 0;
 
  private:
   CallInfo own_info_;
@@ -178,10 +187,77 @@ inline std::optional<StrictHeader> ParseStrictHeader(std::string_view b) {
   return StrictHeader{static_cast<MessageType>(type), b.substr(8, len), static_cast<int32_t>(be32(8 + len))};
 }
 
-// A generated client over a memory buffer, kept per thread, service and protocol (Codec<G>::
-// For) and reused by every call made on that thread: building one costs about five heap
-// allocations (buffer, its TConfiguration, protocol), more than the rest of a ThriftMux call.
-// Only Encode and Decode use it, and neither runs user code while it is in use.
+// A read-only Thrift transport over bytes owned elsewhere: a reply the generated client decodes
+// in place, straight from the reply's bytes (no copy into a memory buffer). Observe() points it
+// at the bytes; reading past them fails as a truncated message does (TTransportException
+// END_OF_FILE from readAll). Under TBinaryProtocolT<ReplyReader> the reads are inline.
+class ReplyReader final
+    : public apache::thrift::transport::TVirtualTransport<ReplyReader, apache::thrift::transport::TBufferBase> {
+ public:
+  // TVirtualTransport's readAll would hide TBufferBase's inline fast path.
+  using TBufferBase::readAll;
+
+  void Observe(std::string_view bytes) noexcept {
+    // Only read through: the const_cast never leads to a write (writeSlow refuses, and the
+    // write area is empty).
+    setReadBuffer(reinterpret_cast<uint8_t*>(const_cast<char*>(bytes.data())), static_cast<uint32_t>(bytes.size()));
+    resetConsumedMessageSize();
+  }
+  // Forgets the bytes (they may be freed now).
+  void Clear() noexcept { setReadBuffer(nullptr, 0); }
+  bool isOpen() const override { return true; }
+
+ protected:
+  // The fast path found too few bytes: give what is left (readAll then reports the end).
+  uint32_t readSlow(uint8_t* buf, uint32_t len) override {
+    const auto give = static_cast<uint32_t>(std::min<ptrdiff_t>(len, rBound_ - rBase_));
+    if (give > 0) std::memcpy(buf, rBase_, give);
+    rBase_ += give;
+    return give;
+  }
+  void writeSlow(const uint8_t*, uint32_t) override {
+    throw apache::thrift::transport::TTransportException(apache::thrift::transport::TTransportException::BAD_ARGS,
+                                                         "ReplyReader is read-only");
+  }
+  const uint8_t* borrowSlow(uint8_t*, uint32_t*) override { return nullptr; }
+};
+
+// Protocol P over transport T whose getTransport() copies no reference count. The generated
+// send_X and recv_X call getTransport() three times per call, and each copy of a shared
+// shared_ptr is two atomic read-modify-writes (together about 5 % of a ThriftMux call's CPU):
+// here ptrans_ points at the transport without owning it (a shared_ptr aliasing an empty one
+// has no control block, so its copies touch no counter) and owner_ keeps the transport alive.
+template <class P, class T>
+class UncountedTransportProtocol final : public P {
+ public:
+  explicit UncountedTransportProtocol(std::shared_ptr<T> transport) : P(transport), owner_(std::move(transport)) {
+    this->ptrans_ = std::shared_ptr<apache::thrift::transport::TTransport>(
+        std::shared_ptr<apache::thrift::transport::TTransport>(), owner_.get());
+  }
+
+ private:
+  std::shared_ptr<T> owner_;
+};
+
+// A protocol of kind `protocol` over the concrete transport T: its transport calls are direct
+// (and the buffer fast paths inline), unlike MakeProtocol's over a TTransport, and
+// getTransport() costs no atomic operation (UncountedTransportProtocol).
+template <class T>
+std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocolOver(Protocol protocol, std::shared_ptr<T> transport) {
+  if (protocol == Protocol::kCompact) {
+    return std::make_shared<UncountedTransportProtocol<apache::thrift::protocol::TCompactProtocolT<T>, T>>(
+        std::move(transport));
+  }
+  return std::make_shared<UncountedTransportProtocol<apache::thrift::protocol::TBinaryProtocolT<T>, T>>(
+      std::move(transport));
+}
+
+// A generated client kept per thread, service and protocol (Codec<G>::For) and reused by every
+// call made on that thread: building one costs about five heap allocations (buffers, their
+// TConfiguration, protocols), more than the rest of a ThriftMux call. It writes into a memory
+// buffer (Encode) and reads a reply in place through a ReplyReader (Decode); both protocols are
+// instantiated over the concrete transports. Only Encode and Decode use it, and neither runs
+// user code while it is in use.
 template <class G>
 class Codec {
  public:
@@ -193,11 +269,14 @@ class Codec {
       resetConsumedMessageSize();
     }
   };
-  // Messages larger than this are not copied into the reused buffer (Decode), and a buffer
-  // that grew past it is dropped after use, so a thread keeps little memory.
+  // A buffer that grew past this while encoding is dropped after use, so a thread keeps
+  // little memory.
   static constexpr size_t kReuseLimit = 64 * 1024;
 
-  explicit Codec(Protocol protocol) : buffer_(std::make_shared<Buffer>()), gen_(MakeProtocol(protocol, buffer_)) {}
+  explicit Codec(Protocol protocol)
+      : buffer_(std::make_shared<Buffer>()),
+        reader_(std::make_shared<ReplyReader>()),
+        gen_(MakeProtocolOver(protocol, reader_), MakeProtocolOver(protocol, buffer_)) {}
 
   static std::unique_ptr<Codec>& For(Protocol protocol) {
     thread_local std::unique_ptr<Codec> codecs[2];
@@ -206,12 +285,26 @@ class Codec {
     return c;
   }
   Buffer& buffer() noexcept { return *buffer_; }
+  ReplyReader& reader() noexcept { return *reader_; }
   G& gen() noexcept { return gen_; }
 
  private:
   std::shared_ptr<Buffer> buffer_;
+  std::shared_ptr<ReplyReader> reader_;
   G gen_;
 };
+
+// Spare strings for the bytes of calls (request and reply), kept per thread: a finished call
+// gives its two strings back (ThriftCall::Complete), the next call takes them (Encode, the
+// ThriftCall constructor), so a steady stream of calls reuses their storage instead of two
+// allocations and frees per call. At most kMaxSpareBytes strings of up to kMaxSpareCapacity
+// bytes each are kept; sanitizer builds keep none (use-after-free stays visible).
+inline constexpr size_t kMaxSpareBytes = 128;
+inline constexpr size_t kMaxSpareCapacity = 4096;
+// An empty string, with capacity when a spare was kept.
+std::string TakeSpareBytes() noexcept;
+// Keeps `bytes`' storage for a later TakeSpareBytes (or frees it).
+void RecycleBytes(std::string&& bytes) noexcept;
 
 // Serialises a call with the thread's generated client `G` (Codec).
 template <class G, class Write>
@@ -219,42 +312,52 @@ std::string Encode(Protocol protocol, Write&& write) {
   auto& codec = Codec<G>::For(protocol);
   codec->buffer().Reset();
   write(codec->gen());
-  std::string bytes = codec->buffer().getBufferAsString();
+  uint8_t* data = nullptr;
+  uint32_t size = 0;
+  codec->buffer().getBuffer(&data, &size);
+  std::string bytes = TakeSpareBytes();
+  bytes.assign(reinterpret_cast<const char*>(data), size);
   codec->buffer().Reset();
   if (bytes.size() > Codec<G>::kReuseLimit) codec.reset();
   return bytes;
 }
 
-// Decodes a reply with the thread's generated client `G` (Codec; a large reply with a fresh one
-// reading it in place); throws what recv_X throws.
+// Decodes a reply into `out` with the thread's generated client `G` (Codec), reading `bytes`
+// in place; throws what recv_X throws (`out` is then unspecified). `bytes` must stay valid for
+// the call only. For void methods `out` is an unused int.
 template <class G, class Recv>
-typename RecvTraits<Recv>::Result Decode(Protocol protocol, std::string& bytes, Recv recv) {
-  using R = typename RecvTraits<Recv>::Result;
-  auto run = [&](G& gen) -> R {
-    if constexpr (RecvTraits<Recv>::kOutParam) {
-      R r{};
-      (gen.*recv)(r);
-      return r;
-    } else {
-      return (gen.*recv)();
-    }
-  };
-  if (bytes.size() > Codec<G>::kReuseLimit) {  // read in place rather than copy a large reply
-    auto buf = std::make_shared<apache::thrift::transport::TMemoryBuffer>(
-        reinterpret_cast<uint8_t*>(bytes.data()), static_cast<uint32_t>(bytes.size()));
-    G gen(MakeProtocol(protocol, buf));
-    return run(gen);
-  }
+void DecodeInto(Protocol protocol, std::string_view bytes, Recv recv,
+                std::conditional_t<std::is_void_v<typename RecvTraits<Recv>::Result>, int,
+                                   typename RecvTraits<Recv>::Result>& out) {
   auto& codec = Codec<G>::For(protocol);
-  codec->buffer().Reset();
-  codec->buffer().write(reinterpret_cast<const uint8_t*>(bytes.data()), static_cast<uint32_t>(bytes.size()));
-  return run(codec->gen());
+  ReplyReader& reader = codec->reader();
+  reader.Observe(bytes);
+  struct Forget {
+    ReplyReader& r;
+    ~Forget() { r.Clear(); }
+  } forget{reader};
+  G& gen = codec->gen();
+  if constexpr (RecvTraits<Recv>::kOutParam) {
+    (gen.*recv)(out);
+  } else if constexpr (std::is_void_v<typename RecvTraits<Recv>::Result>) {
+    (gen.*recv)();
+  } else {
+    out = (gen.*recv)();
+  }
 }
 
-// Runs `h(args...)` on its associated executor (else `fallback`); posted first when `defer`.
-template <class Handler, class... Args>
-void CompleteHandler(Handler h, const boost::asio::any_io_executor& fallback, bool defer, Args... args) {
-  scales::internal::CompleteOn(std::move(h), fallback, defer, std::move(args)...);
+// As DecodeInto, returning the value.
+template <class G, class Recv>
+typename RecvTraits<Recv>::Result Decode(Protocol protocol, std::string_view bytes, Recv recv) {
+  using R = typename RecvTraits<Recv>::Result;
+  if constexpr (std::is_void_v<R>) {
+    int unused = 0;
+    DecodeInto<G>(protocol, bytes, recv, unused);
+  } else {
+    R r{};
+    DecodeInto<G>(protocol, bytes, recv, r);
+    return r;
+  }
 }
 
 // A call whose reply is decoded by recv_X of the generated client G. The completion handler is
@@ -271,31 +374,25 @@ class DecodingCall final : public ThriftCall {
   }
 
  protected:
-  void Deliver(RawReply reply, const boost::asio::any_io_executor& fallback, bool defer) override {
-    std::exception_ptr error;
-    if constexpr (std::is_void_v<Result>) {
-      if (reply.error) {
-        error = std::make_exception_ptr(Error(reply.error, reply.detail));
-      } else {
-        try {
-          Decode<G>(protocol_, reply.bytes, recv_);
-        } catch (...) {
-          error = std::current_exception();
-        }
-      }
-      CompleteHandler(std::move(handler_), fallback, defer, error);
+  void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor& fallback,
+               bool defer) override {
+    std::exception_ptr ep;
+    std::conditional_t<std::is_void_v<Result>, int, Result> value{};
+    if (error) {
+      ep = std::make_exception_ptr(Error(error, std::move(detail)));
     } else {
-      Result value{};
-      if (reply.error) {
-        error = std::make_exception_ptr(Error(reply.error, reply.detail));
-      } else {
-        try {
-          value = Decode<G>(protocol_, reply.bytes, recv_);
-        } catch (...) {
-          error = std::current_exception();
-        }
+      try {
+        DecodeInto<G>(protocol_, reply.data, recv_, value);
+      } catch (...) {
+        ep = std::current_exception();
+        value = {};
       }
-      CompleteHandler(std::move(handler_), fallback, defer, error, std::move(value));
+    }
+    // Straight to CompleteOn: each wrapper level would move the handler and the value once more.
+    if constexpr (std::is_void_v<Result>) {
+      scales::internal::CompleteOn(std::move(handler_), fallback, defer, ep);
+    } else {
+      scales::internal::CompleteOn(std::move(handler_), fallback, defer, ep, std::move(value));
     }
   }
 
@@ -312,10 +409,11 @@ class OnewayCall final : public ThriftCall {
   explicit OnewayCall(Handler handler) : handler_(std::move(handler)) { ConnectCancellation(handler_); }
 
  protected:
-  void Deliver(RawReply reply, const boost::asio::any_io_executor& fallback, bool defer) override {
-    std::exception_ptr error;
-    if (reply.error) error = std::make_exception_ptr(Error(reply.error, reply.detail));
-    CompleteHandler(std::move(handler_), fallback, defer, error);
+  void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor& fallback,
+               bool defer) override {
+    std::exception_ptr ep;
+    if (error) ep = std::make_exception_ptr(Error(error, std::move(detail)));
+    scales::internal::CompleteOn(std::move(handler_), fallback, defer, ep);
   }
 
  private:
