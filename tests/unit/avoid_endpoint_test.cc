@@ -130,7 +130,9 @@ TEST_P(AvoidEndpointTest, PanicPrefersBusyOverClosed) {
     int n = StartOne();
     ASSERT_GE(n, 0);
     if (n == 1) ++to_busy;
-    if (!sampled) EXPECT_EQ(n, 1) << BalancerKindName(GetParam()) << " pick " << k;
+    if (!sampled) {
+      EXPECT_EQ(n, 1) << BalancerKindName(GetParam()) << " pick " << k;
+    }
     ASSERT_TRUE(Node(n)->Reply(0, n));
     env_.Run();
   }
