@@ -323,8 +323,18 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
   }
   auto keep = self();  // answering requests may drop the last outside reference
   // One read answers many requests, and their handlers usually start the next ones: the sinks
-  // of each reply and of the requests its handler starts share one clock reading.
+  // of each reply and of the requests its handler starts share one clock reading, and the
+  // requests go out together in one write once every frame of the read is handled (Flush
+  // waits while reading_batch_ is set).
   ClockTurn turn;
+  struct Batch {
+    MuxSessionSink& s;
+    explicit Batch(MuxSessionSink& session) : s(session) { s.reading_batch_ = true; }
+    ~Batch() {
+      s.reading_batch_ = false;
+      s.Flush();
+    }
+  } batch(*this);
   while (state_ != State::kClosed) {
     ClockTurn::Refresh();
     // A view into the decoder's buffer: a reply is decoded from it without copying the frame.
@@ -497,7 +507,7 @@ void MuxSessionSink::HandleMessage(Message m) {
                             "Mux session to {}: Tdrain received; no new requests, closing after {} in flight",
                             address_, pending_count_);
     if (!EnqueueControlReply(Rdrain{t->tag})) return;
-    Flush();
+    Flush(/*now=*/true);  // the session may close right below, before the read batch ends
     draining_ = true;
     MaybeFinishDrain();
     return;
@@ -561,8 +571,8 @@ bool MuxSessionSink::EnqueueControlReply(const Message& m) {
   return true;
 }
 
-void MuxSessionSink::Flush() {
-  if (writing_ || writer_.empty() || state_ == State::kClosed) return;
+void MuxSessionSink::Flush(bool now) {
+  if (writing_ || (reading_batch_ && !now) || writer_.empty() || state_ == State::kClosed) return;
   // During the TLS upgrade the handshake owns the socket; OnTlsUpgraded flushes.
   if (state_ == State::kHandshaking && handshake_phase_ == 3) return;
   write_buffer_.clear();

@@ -166,7 +166,9 @@ class MuxSessionSink final : public ClientMessageSink {
   void Enqueue(const Message& m);
   // Queues Rping/Rdrain; false (and the session closed) past max_queued_control_replies.
   bool EnqueueControlReply(const Message& m);
-  void Flush();
+  // Starts writing what is queued, unless a write is in progress (its end flushes again) or,
+  // without `now`, OnRead is still handling a read's frames (its end flushes).
+  void Flush(bool now = false);
   void OnWritten(const boost::system::error_code& ec, size_t n);
 
   uint32_t AllocateTag();
@@ -217,6 +219,7 @@ class MuxSessionSink final : public ClientMessageSink {
   std::vector<uint32_t> queued_tags_;  // dispatches in writer_ not yet handed to a write
   size_t queued_control_replies_ = 0;  // Rping/Rdrain in writer_ not yet handed to a write
   bool writing_ = false;
+  bool reading_batch_ = false;  // OnRead is handling a read's frames: writes wait for its end
 
   std::vector<uint64_t> tag_bits_;  // bit t set = tag t in use
   size_t tags_in_use_ = 0;
