@@ -82,26 +82,6 @@ bool RetryBudget::TryWithdraw() {
   return true;
 }
 
-int64_t RetryBudget::Balance() {
-  const int64_t tokens = std::max<int64_t>(0, reserve_ + window_.Sum());
-  const int64_t w = withdrawal_amount_;
-  int64_t remainder = last_remainder_ + (tokens - last_tokens_);
-  if (remainder >= 0 && remainder < w) {
-    // Same balance.
-  } else if (remainder >= w && remainder < 2 * w) {
-    ++last_balance_;
-    remainder -= w;
-  } else if (remainder < 0 && remainder >= -w) {
-    // tokens >= 0, so the balance was at least 1.
-    --last_balance_;
-    remainder += w;
-  } else {
-    last_balance_ = tokens / w;
-    remainder = tokens - last_balance_ * w;
-  }
-  last_tokens_ = tokens;
-  last_remainder_ = remainder;
-  return last_balance_;
-}
+int64_t RetryBudget::Balance() { return std::max<int64_t>(0, reserve_ + window_.Sum()) / withdrawal_amount_; }
 
 }  // namespace scales

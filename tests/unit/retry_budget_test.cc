@@ -154,8 +154,8 @@ TEST(WindowedAdderTest, SlicesExpireInOrder) {
   EXPECT_EQ(adder.Sum(), 0);
 }
 
-// Balance() steps from its last answer instead of dividing: on a seeded mix of deposits,
-// withdrawals and clock moves (small and past whole slices) it must equal the division.
+// On a seeded mix of deposits, withdrawals and clock moves (small and past whole slices),
+// Balance() (over the window's running sum) must equal the division over a replayed window.
 TEST(RetryBudgetTest, BalanceStepsMatchTheDivision) {
   for (double percent : {0.2, 0.5, 1.0, 3.0, 0.0}) {
     ManualClock clock;

@@ -82,9 +82,8 @@ class RetryBudget {
   // Takes one retry's worth of tokens if there is one; false (and nothing taken) otherwise.
   bool TryWithdraw();
   // Retries currently allowed: (reserve + live deposits - live withdrawals) / withdrawal cost,
-  // at least 0. Called per call (the retry sink's gauge): it steps from its last answer, as a
-  // deposit or withdrawal moves the balance by at most one retry, and divides only after
-  // larger moves (expired slices).
+  // at least 0. Called per call (the retry sink's gauge); the window keeps its sum running, so
+  // this is one addition and one division.
   int64_t Balance();
 
   const RetryBudgetOptions& options() const noexcept { return options_; }
@@ -98,10 +97,6 @@ class RetryBudget {
   int64_t withdrawal_amount_;
   int64_t reserve_;
   WindowedAdder window_;
-  // Balance()'s last answer: tokens = balance * withdrawal_amount_ + remainder.
-  int64_t last_tokens_ = 0;
-  int64_t last_balance_ = 0;
-  int64_t last_remainder_ = 0;
 };
 
 }  // namespace scales
