@@ -5,6 +5,7 @@
 // recovers for the next call.
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <stdexcept>
 #include <string>
@@ -146,6 +147,41 @@ TEST(ThriftMuxTest, ThousandsOfConcurrentCallsOnOneSession) {
   // number of calls in flight at once.
   EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty());
   EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch tag=3002"}).empty());
+}
+
+// Handlers run inside the session's read loop, and the requests they start are written once
+// the read's frames are all handled (one write per read). Every chained request must still go
+// out: 32 chains of 40 calls each, each call started by the previous one's handler; a request
+// left unwritten would end in a timeout (the client's 5 s), failing the count or the wait.
+TEST(ThriftMuxTest, CallsStartedFromHandlersAreAllWrittenAndAnswered) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  constexpr int kChains = 32;
+  constexpr int kLength = 40;
+  std::atomic<int> ok{0};
+  std::atomic<int> failed{0};
+  std::atomic<int> chains_done{0};
+  std::promise<void> all_done;
+  std::function<void(int, int)> next = [&](int chain, int step) {
+    const std::string m = "c" + std::to_string(chain) + "." + std::to_string(step);
+    SCALES_THRIFT_CALL(client, echo, m, [&, chain, step, m](std::exception_ptr e, std::string r) {
+      if (!e && r == m) {
+        ++ok;
+      } else {
+        ++failed;
+      }
+      if (step + 1 < kLength) {
+        next(chain, step + 1);
+      } else if (++chains_done == kChains) {
+        all_done.set_value();
+      }
+    });
+  };
+  for (int c = 0; c < kChains; ++c) next(c, 0);
+  ASSERT_EQ(all_done.get_future().wait_for(30s), std::future_status::ready) << ok.load() << " ok";
+  EXPECT_EQ(ok.load(), kChains * kLength);
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "one session throughout";
 }
 
 // Completion handlers that throw run inside the session's read loop: the exception is logged
