@@ -251,9 +251,12 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
   }
   if (call->info != nullptr) {
     call->info->error = msg.error;
-    call->info->detail =
-        msg.error ? fmt::format("client {}: {}", client_name_, msg.detail.empty() ? msg.error.message() : msg.detail)
-                  : std::string();
+    if (msg.error) {
+      call->info->detail =
+          fmt::format("client {}: {}", client_name_, msg.detail.empty() ? msg.error.message() : msg.detail);
+    } else {
+      call->info->detail.clear();
+    }
     call->info->endpoint = call->message.properties.endpoint;
     call->info->response_headers = std::move(msg.headers);
     call->info->elapsed = elapsed;

@@ -282,6 +282,9 @@ void ApertureBalancerSink::SampleEma() {
 
 void ApertureBalancerSink::Evaluate() {
   if (closed_ || aperture_.empty() || in_update_) return;
+  // Nothing to add and nothing above the minimum to drop (every endpoint already a member of a
+  // minimal aperture, the common case for small server sets): no decision to make.
+  if (outside_.empty() && aperture_.size() <= options_.min_size) return;
   double avg = load_average();
   if (avg >= options_.high_load) {
     if (Expand(true) != nullptr) expansions_.Increment();

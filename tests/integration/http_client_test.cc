@@ -19,6 +19,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 #include <gtest/gtest.h>
@@ -362,6 +363,12 @@ TEST_F(TestServerTest, EveryCompletionStyle) {
       boost::asio::detached);
   ioc.run();
   EXPECT_EQ(status, 200);
+  // A deferred call made through a handle that is gone by the time it runs: the operation
+  // keeps its own copies of the client's core and default headers.
+  auto deferred_get = http::HttpClient(client).AsyncGet("/", boost::asio::deferred);
+  std::promise<int> d;
+  std::move(deferred_get)([&](error_code ec, http::Response r) { d.set_value(ec ? -1 : r.status); });
+  EXPECT_EQ(d.get_future().get(), 200);
 }
 
 TEST_F(TestServerTest, AsioCancellationFromAnAwaitableRace) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -417,6 +418,19 @@ TEST(ThriftClientTest, CallStylesAndBlockingOnTheLoopFailsFast) {
       boost::asio::detached);
   ioc.run();
   EXPECT_EQ(from_coroutine, "co:boom 3");
+  // A deferred call made through a temporary handle (with its own options) runs after that
+  // handle is gone: the operation keeps its own copies of the core, options and client id.
+  CallInfo info;
+  auto deferred_call = [&] {
+    CallOptions o;
+    o.info = &info;
+    o.timeout = 5s;
+    return SCALES_THRIFT_CALL(client.WithOptions(std::move(o)), base_echo, "deferred", boost::asio::deferred);
+  }();
+  std::promise<std::string> d;
+  std::move(deferred_call)([&](std::exception_ptr e, std::string r) { d.set_value(e ? "error" : r); });
+  EXPECT_EQ(d.get_future().get(), "deferred");
+  EXPECT_EQ(info.endpoint, server.uri().substr(std::string("tcp://").size()));
   // A closed client fails calls with kClientClosed.
   client.Close();
   EXPECT_THROW(client->ping(), Error);

@@ -75,12 +75,15 @@ class HttpClient {
   auto AsyncSend(Request request, CallOptions options, Token&& token) const {
     return boost::asio::async_initiate<Token, Signature>(
         // The request and options are the initiation's own (moved in by async_initiate, or
-        // stored by a deferring token and given once): moved on, not copied.
-        [core = core_, defaults = default_headers_](auto handler, auto&& req, auto&& opts) {
+        // stored by a deferring token and given once): moved on, not copied. The core and the
+        // default headers are arguments too: by reference for a token that initiates at once,
+        // decay-copied by one that defers (use_awaitable, deferred).
+        [](auto handler, auto&& req, auto&& opts, const std::shared_ptr<ClientCore>& core,
+           const std::shared_ptr<const Headers>& defaults) {
           Start(core, defaults, std::move(req), std::move(opts),
                 TypedCall<Response>::Handler(std::move(handler)));
         },
-        token, std::move(request), std::move(options));
+        token, std::move(request), std::move(options), core_, default_headers_);
   }
   template <class Token>
   auto AsyncSend(Request request, Token&& token) const {

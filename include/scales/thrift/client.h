@@ -482,14 +482,17 @@ class ThriftClient {
       internal::ApplyFirst(all, [&](auto&&... a) { (gen.*send)(a...); }, std::make_index_sequence<kArgs>());
     });
     using Token = std::tuple_element_t<kArgs, std::tuple<ArgsAndToken&&...>>;
+    // The client's core, options and id go in as initiation arguments, not captures: a token
+    // that initiates at once (a handler, use_future) gets them by reference, one that defers
+    // (use_awaitable, deferred) decay-copies them, as Asio does with every initiation argument.
     return boost::asio::async_initiate<Token, Signature>(
-        [core = core_, protocol = protocol_, recv, options = options_, client_id = client_id_](
-            auto handler, std::string bytes) {
+        [protocol = protocol_, recv](auto handler, std::string bytes, const std::shared_ptr<ClientCore>& core,
+                                     const CallOptions& options, const std::string& client_id) {
           using Call = internal::DecodingCall<G, Recv, decltype(handler)>;
           auto* call = new Call(std::move(handler), protocol, recv);
           StartThriftCall(core, call, std::move(bytes), options, client_id);
         },
-        std::get<kArgs>(all), std::move(bytes));
+        std::get<kArgs>(all), std::move(bytes), core_, options_, client_id_);
   }
 
   // Asynchronous oneway call: AsyncOneway(&G::send_x, args..., token); completes with
@@ -504,11 +507,12 @@ class ThriftClient {
     });
     using Token = std::tuple_element_t<kArgs, std::tuple<ArgsAndToken&&...>>;
     return boost::asio::async_initiate<Token, void(std::exception_ptr)>(
-        [core = core_, options = options_, client_id = client_id_](auto handler, std::string bytes) {
+        [](auto handler, std::string bytes, const std::shared_ptr<ClientCore>& core, const CallOptions& options,
+           const std::string& client_id) {
           auto* call = new internal::OnewayCall(internal::OnewayCall::Handler(std::move(handler)));
           StartThriftCall(core, call, std::move(bytes), options, client_id);
         },
-        std::get<kArgs>(all), std::move(bytes));
+        std::get<kArgs>(all), std::move(bytes), core_, options_, client_id_);
   }
 
   // A handle to the same client whose calls use `options` (per-call timeout, CallInfo).
