@@ -68,6 +68,7 @@ void Validate(const SessionOptions& o) {
   }
   if (o.max_discarded_tags == 0) fail("session.max_discarded_tags must be >= 1");
   if (o.max_queued_control_replies == 0) fail("session.max_queued_control_replies must be >= 1");
+  if (o.write_splits == 0) fail("session.write_splits must be >= 1 (1 = one write per read)");
   Validate(o.tls);
   if (o.opportunistic_tls != OpportunisticTls::kOff) {
     if (!o.handshake) {
@@ -324,8 +325,8 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
   auto keep = self();  // answering requests may drop the last outside reference
   // One read answers many requests, and their handlers usually start the next ones: the sinks
   // of each reply and of the requests its handler starts share one clock reading, and the
-  // requests go out together in one write once every frame of the read is handled (Flush
-  // waits while reading_batch_ is set).
+  // requests go out together: in one write once every frame of the read is handled, or in a
+  // few when many are waiting (Flush, SessionOptions::write_splits).
   ClockTurn turn;
   struct Batch {
     MuxSessionSink& s;
@@ -572,7 +573,13 @@ bool MuxSessionSink::EnqueueControlReply(const Message& m) {
 }
 
 void MuxSessionSink::Flush(bool now) {
-  if (writing_ || (reading_batch_ && !now) || writer_.empty() || state_ == State::kClosed) return;
+  if (reading_batch_ && !now) {
+    // Handling a read's replies: wait for more requests, unless enough are waiting already
+    // (SessionOptions::write_splits).
+    const size_t enough = std::max<size_t>(kMinWriteSplit, pending_count_ / options_.write_splits);
+    if (queued_tags_.size() < enough) return;
+  }
+  if (writing_ || writer_.empty() || state_ == State::kClosed) return;
   // During the TLS upgrade the handshake owns the socket; OnTlsUpgraded flushes.
   if (state_ == State::kHandshaking && handshake_phase_ == 3) return;
   write_buffer_.clear();
@@ -879,6 +886,7 @@ SinkProvider MuxSessionProvider(SessionOptions options) {
       {"propagate_deadline", SettingText(options.propagate_deadline)},
       {"max_discarded_tags", SettingText(options.max_discarded_tags)},
       {"max_queued_control_replies", SettingText(options.max_queued_control_replies)},
+      {"write_splits", SettingText(options.write_splits)},
       {"tls", SettingText(options.tls.enabled)},
       {"opportunistic_tls", ToString(options.opportunistic_tls)},
   };

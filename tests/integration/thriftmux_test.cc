@@ -149,13 +149,19 @@ TEST(ThriftMuxTest, ThousandsOfConcurrentCallsOnOneSession) {
   EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch tag=3002"}).empty());
 }
 
-// Handlers run inside the session's read loop, and the requests they start are written once
-// the read's frames are all handled (one write per read). Every chained request must still go
-// out: 32 chains of 40 calls each, each call started by the previous one's handler; a request
-// left unwritten would end in a timeout (the client's 5 s), failing the count or the wait.
-TEST(ThriftMuxTest, CallsStartedFromHandlersAreAllWrittenAndAnswered) {
+// Handlers run inside the session's read loop, and the requests they start are written
+// together: at the end of the read's frames, or earlier in a few writes when many are waiting
+// (SessionOptions::write_splits; with 1000 every 4 requests, the minimum, so a write is often
+// still in flight when the next requests queue and the read ends). Every chained request must
+// still go out: 32 chains of 40 calls each, each call started by the previous one's handler; a
+// request left unwritten would end in a timeout (the client's 5 s), failing the count or the wait.
+class WriteSplitsTest : public ::testing::TestWithParam<uint32_t> {};
+
+TEST_P(WriteSplitsTest, CallsStartedFromHandlersAreAllWrittenAndAnswered) {
   test::MuxReferenceServer server({"--mode", "finagle"});
-  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  auto options = Options(MakeRuntime());
+  options.session.write_splits = GetParam();
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
   constexpr int kChains = 32;
   constexpr int kLength = 40;
   std::atomic<int> ok{0};
@@ -183,6 +189,11 @@ TEST(ThriftMuxTest, CallsStartedFromHandlersAreAllWrittenAndAnswered) {
   EXPECT_EQ(failed.load(), 0);
   EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "one session throughout";
 }
+
+INSTANTIATE_TEST_SUITE_P(ThriftMuxTest, WriteSplitsTest, ::testing::Values(1u, 4u, 1000u),
+                         [](const ::testing::TestParamInfo<uint32_t>& info) {
+                           return "Splits" + std::to_string(info.param);
+                         });
 
 // Completion handlers that throw run inside the session's read loop: the exception is logged
 // and dropped, and the session goes on answering every other call (none hangs).

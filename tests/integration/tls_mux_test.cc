@@ -370,6 +370,9 @@ TEST(TlsMuxTest, InconsistentOptionsAreRejected) {
   o = Options();
   o.session.max_queued_control_replies = 0;
   expect_invalid(o, "session.max_queued_control_replies");
+  o = Options();
+  o.session.write_splits = 0;
+  expect_invalid(o, "session.write_splits");
 }
 
 }  // namespace
