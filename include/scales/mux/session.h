@@ -18,11 +18,11 @@
 // Requests: each gets the lowest free tag from 2 (never past 0x7FFFFF) and goes out as a
 // Tdispatch carrying the call's payload (a scales::Stream) and contexts: Deadline
 // (nanoseconds, on by default), ClientId, Retries, TraceContext and request headers. Writes of
-// many requests are batched into one socket write. Replies are matched by tag: Rdispatch Ok
-// gives the body (in the call's reply Stream), Error → kServerError, Nack → kNack (retryable),
-// Rerr → kServerError. A request cancelled (timeout) before it was written is dropped and its
-// tag freed; after it was written, Tdiscarded is sent and the tag stays reserved until the
-// server answers that tag.
+// many requests are batched into few socket writes (SessionOptions::write_splits). Replies are
+// matched by tag: Rdispatch Ok gives the body (in the call's reply Stream), Error →
+// kServerError, Nack → kNack (retryable), Rerr → kServerError. A request cancelled (timeout)
+// before it was written is dropped and its tag freed; after it was written, Tdiscarded is sent
+// and the tag stays reserved until the server answers that tag.
 //
 // Session messages: Tping answered with Rping (at most max_queued_control_replies Rping/Rdrain
 // wait for the socket: a server that floods Tping without reading closes the session);
