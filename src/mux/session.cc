@@ -574,10 +574,11 @@ bool MuxSessionSink::EnqueueControlReply(const Message& m) {
 
 void MuxSessionSink::Flush(bool now) {
   if (reading_batch_ && !now) {
-    // Handling a read's replies: wait for more requests, unless enough are waiting already
-    // (SessionOptions::write_splits).
-    const size_t enough = std::max<size_t>(kMinWriteSplit, pending_count_ / options_.write_splits);
-    if (queued_tags_.size() < enough) return;
+    // Handling a read's replies: wait for more requests, unless enough are waiting already:
+    // at least kMinWriteSplit and pending / write_splits (as (queued + 1) * splits > pending,
+    // which is the same without a division per request).
+    const size_t queued = queued_tags_.size();
+    if (queued < kMinWriteSplit || (queued + 1) * options_.write_splits <= pending_count_) return;
   }
   if (writing_ || writer_.empty() || state_ == State::kClosed) return;
   // During the TLS upgrade the handshake owns the socket; OnTlsUpgraded flushes.
