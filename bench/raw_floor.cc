@@ -3,13 +3,15 @@
 // parsed only as far as their frame header.
 //
 //   bench_raw_floor --port P --protocol mux|thrift [--outstanding N] [--duration-ms 3000]
-//                   [--payload-size 16]
+//                   [--payload-size 16] [--busy-poll-us 0]
 //
 // mux:    Tdispatch frames (no contexts, empty dst and dtab) carrying the strict binary Thrift
 //         call echo(payload), N tags outstanding on one connection. Each read() takes whatever
 //         replies have arrived; a new Tdispatch is queued for every reply's tag, and all of them
 //         go out in one write(): the batching a multiplexing client can do at best.
 // thrift: framed binary Thrift echo(payload), one call outstanding (--outstanding is 1).
+// --busy-poll-us N: before each blocking read, try non-blocking reads for up to N us (the peer
+//         of scales' RuntimeOptions::busy_poll); 0 (default) = block at once.
 //
 // Prints one JSON line (bench_util.h). A reply that is not a successful Rdispatch (mux) or a
 // REPLY (thrift) ends the program with an error: a floor that skips work would be no floor.
@@ -113,13 +115,14 @@ int main(int argc, char** argv) {
   const uint32_t outstanding = static_cast<uint32_t>(flags.GetInt("outstanding", 1));
   const auto duration = std::chrono::milliseconds(flags.GetInt("duration-ms", 3000));
   const std::string payload(static_cast<size_t>(flags.GetInt("payload-size", 16)), 'x');
+  const auto busy_poll = std::chrono::microseconds(flags.GetInt("busy-poll-us", 0));
   flags.RejectUnknown();
   const bool mux = protocol == "mux";
-  if (port <= 0 || outstanding < 1 || outstanding > 0x7fffff || (!mux && protocol != "thrift") ||
+  if (port <= 0 || busy_poll.count() < 0 || outstanding < 1 || outstanding > 0x7fffff || (!mux && protocol != "thrift") ||
       (!mux && outstanding != 1)) {
     Flags::Die(
         "usage: bench_raw_floor --port P --protocol mux|thrift [--outstanding N (mux)] "
-        "[--duration-ms MS]");
+        "[--duration-ms MS] [--busy-poll-us N]");
   }
   const int fd = Connect(port);
   const std::string call = EchoCall(payload);
@@ -153,7 +156,14 @@ int main(int argc, char** argv) {
       WriteAll(fd, out);
       out.clear();
     }
-    ssize_t n = ::read(fd, in.data() + have, in.size() - have);
+    ssize_t n = -1;
+    if (busy_poll.count() > 0) {
+      const auto give_up = Clock::now() + busy_poll;
+      do {
+        n = ::recv(fd, in.data() + have, in.size() - have, MSG_DONTWAIT);
+      } while (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) && Clock::now() < give_up);
+    }
+    if (n < 0) n = ::read(fd, in.data() + have, in.size() - have);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0)
       Flags::Die("bench_raw_floor: read: %s", n == 0 ? "connection closed" : std::strerror(errno));

@@ -55,7 +55,8 @@ def median(xs):
 
 
 # (comparison, scales side, peer side, metric, kind, target, label)
-# kind: "ge" ratio >= target, "le" ratio <= target, "diff_le" scales - peer <= target.
+# kind: "ge" ratio >= target, "le" ratio <= target, "diff_le" scales - peer <= target;
+# "ratio" and "diff" (target None): reported only.
 RATIO_TARGETS = []
 for c in (1, 16, 64):
     RATIO_TARGETS.append((f"http_c{c}", "scales", "wrk", "throughput_rps", "ge", 0.9,
@@ -77,6 +78,20 @@ RATIO_TARGETS += [
     ("thriftmux_c64", "scales", "apache", "throughput_rps", "ge", 2.0, "ThriftMux 64 outstanding (1 session) vs Apache Thrift 64 threads"),
     ("thriftmux_c64", "scales", "raw_floor", "cpu_us_per_call", "le", 1.5, "ThriftMux 64 outstanding: client CPU/call vs raw-socket floor"),
     ("event_loops", "loops2", "loops1", "throughput_rps", "ge", 1.0, "2 event loops vs 1 (server on 1 core): throughput"),
+    # Busy polling (RuntimeOptions::busy_poll, bench_raw_floor --busy-poll-us): reported, not
+    # targets (the targets are for the default client; docs/PERFORMANCE.md, "Busy polling").
+    ("thrift_c1", "scales_busy", "apache", "throughput_rps", "ratio", None,
+     "Thrift framed 1 outstanding, scales busy-polling: throughput vs Apache Thrift"),
+    ("thrift_c1", "scales_busy", "apache", "p50_us", "diff", None,
+     "Thrift framed 1 outstanding, scales busy-polling: p50 latency - Apache Thrift's (us)"),
+    ("thrift_c1", "scales_busy", "raw_floor_busy", "throughput_rps", "ratio", None,
+     "Thrift framed 1 outstanding, both busy-polling: throughput vs raw-socket floor"),
+    ("thriftmux_c64", "scales_busy", "apache", "throughput_rps", "ratio", None,
+     "ThriftMux 64 outstanding, scales busy-polling: throughput vs Apache Thrift 64 threads"),
+    ("thriftmux_c64", "scales_busy", "raw_floor_busy", "cpu_us_per_call", "ratio", None,
+     "ThriftMux 64 outstanding, both busy-polling: client CPU/call vs raw-socket floor"),
+    ("thriftmux_c64", "scales_busy", "raw_floor_busy", "throughput_rps", "ratio", None,
+     "ThriftMux 64 outstanding, both busy-polling: throughput vs raw-socket floor"),
 ]
 
 
@@ -139,11 +154,17 @@ def report(args):
             va, vb = metric(ra[run], name), metric(rb[run], name)
             if va is None or vb is None:
                 continue
-            if kind == "diff_le":
+            if kind in ("diff_le", "diff"):
                 per_round.append(va - vb)
             elif vb:
                 per_round.append(va / vb)
         value = median(per_round)
+        if target is None:
+            if not per_round:
+                continue  # a run without that side (an older raw file)
+            targets.append({"label": label, "comparison": comp, "metric": name, "value": value,
+                            "target": "report", "status": "", "miss": "", "per_round": per_round})
+            continue
         status, miss = verdict(kind, value, target)
         targets.append({"label": label, "comparison": comp, "metric": name, "value": value,
                         "target": ("<= +" if kind == "diff_le" else (">= " if kind == "ge" else "<= ")) + f"{target:g}",

@@ -44,11 +44,11 @@ int Usage(const std::string& problem) {
   std::fputs(
       "usage: scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s)\n"
       "                         [--rate R] [--method GET] [--data TEXT] [--timeout 5s] [--threads T]\n"
-      "                         [--balancer NAME] [--json] [--report FILE.html] [--progress|--no-progress]\n"
-      "                         [--stats] [--admin-port P]\n"
+      "                         [--busy-poll 50us] [--balancer NAME] [--json] [--report FILE.html]\n"
+      "                         [--progress|--no-progress] [--stats] [--admin-port P]\n"
       "       scales bench thrift|thriftmux URI --method echo|ping [--payload-size N] --concurrency N\n"
       "                         (--requests N | --duration 10s) [--rate R] [--timeout 5s] [--threads T]\n"
-      "                         [--protocol binary|compact] [--transport framed|buffered]\n"
+      "                         [--busy-poll 50us] [--protocol binary|compact] [--transport framed|buffered]\n"
       "                         [--balancer NAME] [--json] [--report FILE.html] [--progress|--no-progress]\n"
       "                         [--stats] [--admin-port P]\n"
       "       --rate R: open loop, R requests/s whatever the replies; latency is measured from each\n"
@@ -58,6 +58,8 @@ int Usage(const std::string& problem) {
       "       --report: write a self-contained HTML page with the report and its charts\n"
       "       --progress: the live progress line on stderr even when it is not a terminal\n"
       "       --balancer: aperture (default), heap, p2c, p2c-ewma or round-robin\n"
+      "       --busy-poll: each event loop spins this long for more work before it sleeps\n"
+      "                 (RuntimeOptions::busy_poll; default 0, off)\n"
       "       --admin-port: serve /metrics, /admin/metrics.json and /admin/clients on\n"
       "                     127.0.0.1:P while the run lasts (0 = any free port)\n",
       stderr);
@@ -84,6 +86,7 @@ int RunBenchCommand(int argc, char** argv) {
   BenchLimits limits;
   Duration timeout = std::chrono::seconds(5);
   size_t threads = 0;
+  std::chrono::microseconds busy_poll{0};
   bool json = false;
   bool print_stats = false;
   bool concurrency_given = false;
@@ -173,6 +176,13 @@ int RunBenchCommand(int argc, char** argv) {
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
       if (!n) return Usage("--threads needs a positive integer");
       threads = static_cast<size_t>(*n);
+    } else if (arg == "--busy-poll") {
+      const char* v = next();
+      auto d = v ? ParseDuration(v) : std::nullopt;
+      if (!d || *d < Duration::zero() || *d > std::chrono::seconds(1)) {
+        return Usage("--busy-poll needs a duration from 0 to 1s, such as 50us");
+      }
+      busy_poll = std::chrono::duration_cast<std::chrono::microseconds>(*d);
     } else if (arg == "--balancer") {
       const char* v = next();
       auto kind = v ? ParseBalancerKind(v) : std::nullopt;
@@ -223,6 +233,7 @@ int RunBenchCommand(int argc, char** argv) {
                                         : fmt::format("{:g} s", std::chrono::duration<double>(*limits.duration).count()));
   settings.emplace_back("timeout", fmt::format("{:g} s", std::chrono::duration<double>(timeout).count()));
   settings.emplace_back("event loops", threads ? std::to_string(threads) : "one per core");
+  if (busy_poll.count() > 0) settings.emplace_back("busy poll", fmt::format("{} us", busy_poll.count()));
   settings.emplace_back("balancer", std::string(BalancerKindName(balancer.kind)));
   std::string command_line = "scales";
   for (int i = 0; i < argc; ++i) command_line += std::string(" ") + argv[i];
@@ -269,6 +280,7 @@ int RunBenchCommand(int argc, char** argv) {
   client_options.stats = &registry;
   RuntimeOptions runtime_options;
   runtime_options.threads = threads;
+  runtime_options.busy_poll = busy_poll;
   client_options.runtime = std::make_shared<Runtime>(runtime_options);
 
   int64_t failed = 0;

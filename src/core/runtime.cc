@@ -5,7 +5,9 @@
 #include <string>
 
 #include <boost/asio/post.hpp>
+#include <fmt/format.h>
 
+#include "scales/core/error.h"
 #include "scales/core/log.h"
 
 namespace scales {
@@ -25,13 +27,14 @@ class CurrentLoopScope {
 }  // namespace
 
 EventLoop::EventLoop(size_t index, std::shared_ptr<Clock> clock, uint64_t seed,
-                     boost::asio::io_context* external)
+                     boost::asio::io_context* external, std::chrono::microseconds busy_poll)
     : index_(index),
       clock_(std::move(clock)),
       owned_ioc_(external ? nullptr : std::make_unique<boost::asio::io_context>(1)),
       ioc_(external ? external : owned_ioc_.get()),
       random_(seed),
-      timers_(std::make_unique<TimerQueue>(*clock_, ioc_->get_executor())) {}
+      timers_(std::make_unique<TimerQueue>(*clock_, ioc_->get_executor())),
+      busy_poll_(busy_poll) {}
 
 EventLoop::~EventLoop() {
   // Timers go first: their alarm's Asio timer must not outlive the io_context.
@@ -68,7 +71,11 @@ void EventLoop::Run() {
   CurrentLoopScope scope(this);
   for (;;) {
     try {
-      ioc_->run();
+      if (busy_poll_ > std::chrono::microseconds::zero()) {
+        RunBusyPolling();
+      } else {
+        ioc_->run();
+      }
       return;
     } catch (...) {
       // A handler someone posted to the loop threw (the completions of scales calls never let an
@@ -79,12 +86,36 @@ void EventLoop::Run() {
   }
 }
 
+void EventLoop::RunBusyPolling() {
+  // The spin window is real time (the runtime's Clock may be a test's manual one, but a loop
+  // thread spins on the machine's time). poll() runs every ready handler and, when none is
+  // queued, asks the reactor once without blocking (epoll_wait with a zero timeout).
+  using SpinClock = std::chrono::steady_clock;
+  auto last_work = SpinClock::now();
+  for (;;) {
+    if (ioc_->poll() > 0) {
+      last_work = SpinClock::now();
+      continue;
+    }
+    if (ioc_->stopped()) return;  // stop() or out of work (the runtime's guard is gone)
+    if (SpinClock::now() - last_work < busy_poll_) continue;
+    // Idle for the whole window: sleep until the next handler, run it, and spin again.
+    if (ioc_->run_one() == 0) return;
+    last_work = SpinClock::now();
+  }
+}
+
 Runtime::Runtime(RuntimeOptions options)
     : clock_(options.clock ? std::move(options.clock) : SteadyClock::Instance()) {
+  if (options.busy_poll < std::chrono::microseconds::zero() || options.busy_poll > std::chrono::seconds(1)) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("runtime.busy_poll must be in 0..1000000us (0 = no busy polling), got {}us",
+                            options.busy_poll.count()));
+  }
   size_t n = options.threads;
   if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
   for (size_t i = 0; i < n; ++i) {
-    loops_.push_back(std::make_unique<EventLoop>(i, clock_, options.seed + i));
+    loops_.push_back(std::make_unique<EventLoop>(i, clock_, options.seed + i, nullptr, options.busy_poll));
   }
   if (options.start_threads) StartThreads();
 }

@@ -149,19 +149,27 @@ TEST(ThriftMuxTest, ThousandsOfConcurrentCallsOnOneSession) {
   EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch tag=3002"}).empty());
 }
 
-// Handlers run inside the session's read loop, and the requests they start are written
-// together: at the end of the read's frames, or earlier in a few writes when many are waiting
-// (SessionOptions::write_splits; with 1000 every 4 requests, the minimum, so a write is often
-// still in flight when the next requests queue and the read ends). Every chained request must
-// still go out: 32 chains of 40 calls each, each call started by the previous one's handler; a
-// request left unwritten would end in a timeout (the client's 5 s), failing the count or the wait.
-class WriteSplitsTest : public ::testing::TestWithParam<uint32_t> {};
+// Calls echo("noreply"), which the reference server never answers, with a timeout; expects
+// kRequestTimeout and returns the error's text ("" when the call did not time out).
+template <typename Client>
+std::string CallNoReply(Client& client, Duration timeout) {
+  CallOptions quick;
+  quick.timeout = timeout;
+  try {
+    std::string r;
+    client.WithOptions(quick)->echo(r, "noreply");
+    ADD_FAILURE() << "expected a timeout, got a reply";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kRequestTimeout) << e.what();
+    return e.what();
+  }
+  return "";
+}
 
-TEST_P(WriteSplitsTest, CallsStartedFromHandlersAreAllWrittenAndAnswered) {
-  test::MuxReferenceServer server({"--mode", "finagle"});
-  auto options = Options(MakeRuntime());
-  options.session.write_splits = GetParam();
-  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+// Runs kChains chains of kLength echo calls on the client, each call started by the previous
+// one's handler, and checks that every one was answered once, with its own reply.
+template <typename Client>
+void RunChainedCalls(Client& client) {
   constexpr int kChains = 32;
   constexpr int kLength = 40;
   std::atomic<int> ok{0};
@@ -187,6 +195,22 @@ TEST_P(WriteSplitsTest, CallsStartedFromHandlersAreAllWrittenAndAnswered) {
   ASSERT_EQ(all_done.get_future().wait_for(30s), std::future_status::ready) << ok.load() << " ok";
   EXPECT_EQ(ok.load(), kChains * kLength);
   EXPECT_EQ(failed.load(), 0);
+}
+
+// Handlers run inside the session's read loop, and the requests they start are written
+// together: at the end of the read's frames, or earlier in a few writes when many are waiting
+// (SessionOptions::write_splits; with 1000 every 4 requests, the minimum, so a write is often
+// still in flight when the next requests queue and the read ends). Every chained request must
+// still go out: 32 chains of 40 calls each, each call started by the previous one's handler; a
+// request left unwritten would end in a timeout (the client's 5 s), failing the count or the wait.
+class WriteSplitsTest : public ::testing::TestWithParam<uint32_t> {};
+
+TEST_P(WriteSplitsTest, CallsStartedFromHandlersAreAllWrittenAndAnswered) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = Options(MakeRuntime());
+  options.session.write_splits = GetParam();
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  RunChainedCalls(client);
   EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "one session throughout";
 }
 
@@ -194,6 +218,37 @@ INSTANTIATE_TEST_SUITE_P(ThriftMuxTest, WriteSplitsTest, ::testing::Values(1u, 4
                          [](const ::testing::TestParamInfo<uint32_t>& info) {
                            return "Splits" + std::to_string(info.param);
                          });
+
+// Loops that busy-poll (RuntimeOptions::busy_poll) serve the same traffic: chained calls from
+// handlers, blocking calls from other threads, and a timeout, whose timer fires while the loop
+// spins or after it went back to sleep; the session answers each call once.
+TEST(ThriftMuxTest, BusyPollingLoopsAnswerEveryCallAndFireTimeouts) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  RuntimeOptions runtime_options;
+  runtime_options.threads = 2;
+  runtime_options.busy_poll = 200us;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(),
+                                                 Options(std::make_shared<Runtime>(runtime_options)));
+  RunChainedCalls(client);
+  std::vector<std::thread> callers;
+  std::atomic<int> ok{0};
+  for (int t = 0; t < 4; ++t) {
+    callers.emplace_back([&, t] {
+      for (int i = 0; i < 100; ++i) {
+        const std::string m = "t" + std::to_string(t) + "." + std::to_string(i);
+        std::string r;
+        client->echo(r, m);
+        ok += r == m;
+      }
+    });
+  }
+  for (auto& c : callers) c.join();
+  EXPECT_EQ(ok.load(), 400);
+  EXPECT_NE(CallNoReply(client, 100ms), "");
+  std::string r;
+  client->echo(r, "after");
+  EXPECT_EQ(r, "after");
+}
 
 // Completion handlers that throw run inside the session's read loop: the exception is logged
 // and dropped, and the session goes on answering every other call (none hangs).
@@ -227,17 +282,9 @@ TEST(ThriftMuxTest, TimeoutSendsTdiscardedAndKeepsTheTagUntilAnswered) {
   test::MuxReferenceServer server({"--mode", "finagle"});
   stats::StatsRegistry stats;
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime(), &stats));
-  CallOptions quick;
-  quick.timeout = 200ms;
   auto start = std::chrono::steady_clock::now();
-  try {
-    std::string r;
-    client.WithOptions(quick)->echo(r, "noreply");
-    FAIL() << "expected a timeout";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.scales_code(), Errc::kRequestTimeout) << e.what();
-    EXPECT_NE(std::string(e.what()).find("Tdiscarded sent"), std::string::npos) << e.what();
-  }
+  const std::string what = CallNoReply(client, 200ms);
+  EXPECT_NE(what.find("Tdiscarded sent"), std::string::npos) << what;
   EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
   EXPECT_TRUE(server.WaitForLog({"recv Tdiscarded", "which=2"})) << server.Log();
   // The server answers the discarded tag (Rdiscarded): the tag is freed.

@@ -1,0 +1,116 @@
+// The runtime's loop threads with busy polling (RuntimeOptions::busy_poll): the option's range,
+// and loops that spin before they sleep still run every handler once, fire timers, survive a
+// throwing handler and stop when the runtime goes. Real threads (the spin is real time), so
+// every wait is on a future with a generous bound, never a sleep.
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <gtest/gtest.h>
+
+#include "scales/core/error.h"
+#include "scales/core/runtime.h"
+#include "support/log_capture.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+
+TEST(RuntimeTest, BusyPollOutsideItsRangeIsRejected) {
+  for (auto bad : {std::chrono::microseconds(-1), std::chrono::microseconds(1'000'001)}) {
+    RuntimeOptions options;
+    options.threads = 1;
+    options.busy_poll = bad;
+    try {
+      Runtime runtime(options);
+      FAIL() << "busy_poll " << bad.count() << "us was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("runtime.busy_poll must be in 0..1000000us"), std::string::npos)
+          << e.what();
+      EXPECT_NE(std::string(e.what()).find("got " + std::to_string(bad.count()) + "us"), std::string::npos)
+          << e.what();
+    }
+  }
+  RuntimeOptions edge;
+  edge.threads = 1;
+  edge.busy_poll = 1s;
+  EXPECT_NO_THROW(Runtime{edge});
+}
+
+// Four threads post 20,000 handlers over two spinning loops: each runs exactly once, on its
+// loop's thread (EventLoop::Current()).
+TEST(ConcurrencyRuntimeTest, BusyPollingLoopsRunEveryPostedHandlerOnce) {
+  RuntimeOptions options;
+  options.threads = 2;
+  options.busy_poll = 100us;
+  auto runtime = std::make_unique<Runtime>(options);
+  constexpr int kThreads = 4;
+  constexpr int kEach = 5000;
+  std::vector<std::atomic<int>> runs(kThreads * kEach);
+  std::atomic<int> wrong_loop{0};
+  std::atomic<int> done{0};
+  std::promise<void> all_ran;
+  std::vector<std::thread> posters;
+  for (int t = 0; t < kThreads; ++t) {
+    posters.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) {
+        EventLoop& loop = runtime->loop(static_cast<size_t>(i % 2));
+        boost::asio::post(loop.executor(), [&, &loop = loop, id = t * kEach + i] {
+          if (EventLoop::Current() != &loop) ++wrong_loop;
+          ++runs[static_cast<size_t>(id)];
+          if (++done == kThreads * kEach) all_ran.set_value();
+        });
+      }
+    });
+  }
+  for (auto& p : posters) p.join();
+  ASSERT_EQ(all_ran.get_future().wait_for(30s), std::future_status::ready) << done.load();
+  runtime.reset();  // returns once the loops stop: nothing keeps them spinning
+  int not_once = 0;
+  for (auto& r : runs) not_once += r.load() != 1;
+  EXPECT_EQ(not_once, 0);
+  EXPECT_EQ(wrong_loop.load(), 0);
+}
+
+// A timer fires whether the loop is spinning or asleep (a window of 1 us ends long before a
+// 20 ms timer), and a handler that throws is reported while the loop goes on spinning.
+TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandler) {
+  test::LogCapture log(LogLevel::kError);
+  for (auto window : {std::chrono::microseconds(1), std::chrono::microseconds(50'000)}) {
+    RuntimeOptions options;
+    options.threads = 1;
+    options.busy_poll = window;
+    Runtime runtime(options);
+    auto executor = runtime.loop(0).executor();
+    boost::asio::steady_timer timer(executor);
+    std::promise<std::chrono::steady_clock::duration> fired;
+    const auto armed = std::chrono::steady_clock::now();
+    boost::asio::post(executor, [&] {
+      timer.expires_after(20ms);
+      timer.async_wait([&](const boost::system::error_code&) { fired.set_value(std::chrono::steady_clock::now() - armed); });
+    });
+    auto waited = fired.get_future();
+    ASSERT_EQ(waited.wait_for(10s), std::future_status::ready) << "window " << window.count() << "us";
+    EXPECT_GE(waited.get(), 20ms);
+
+    std::promise<void> after;
+    boost::asio::post(executor, [window] {
+      throw std::logic_error("posted work failed, window " + std::to_string(window.count()));
+    });
+    boost::asio::post(executor, [&] { after.set_value(); });
+    EXPECT_EQ(after.get_future().wait_for(10s), std::future_status::ready) << "the loop went on";
+    EXPECT_TRUE(log.Has({"posted work failed, window " + std::to_string(window.count())})) << log.All();
+  }
+}
+
+}  // namespace
+}  // namespace scales
