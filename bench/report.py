@@ -78,6 +78,8 @@ RATIO_TARGETS += [
     ("thriftmux_c64", "scales", "apache", "throughput_rps", "ge", 2.0, "ThriftMux 64 outstanding (1 session) vs Apache Thrift 64 threads"),
     ("thriftmux_c64", "scales", "raw_floor", "cpu_us_per_call", "le", 1.5, "ThriftMux 64 outstanding: client CPU/call vs raw-socket floor"),
     ("event_loops", "loops2", "loops1", "throughput_rps", "ge", 1.0, "2 event loops vs 1 (server on 1 core): throughput"),
+    ("event_loops_pinned", "loops2", "loops1", "throughput_rps", "ratio", None,
+     "2 event loops vs 1, server on core 0 and client on core 1: throughput"),
     # Busy polling (RuntimeOptions::busy_poll, bench_raw_floor --busy-poll-us): reported, not
     # targets (the targets are for the default client; docs/PERFORMANCE.md, "Busy polling").
     ("thrift_c1", "scales_busy", "apache", "throughput_rps", "ratio", None,
