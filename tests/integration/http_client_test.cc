@@ -337,6 +337,9 @@ TEST_F(TestServerTest, UnsendableRequestsSayWhyAndLargeBodiesGoBothWays) {
 }
 
 TEST_F(TestServerTest, EveryCompletionStyle) {
+  // The coroutine's io_context outlives the client and its runtime: a loop thread may still be
+  // inside the post that completed the coroutine's call when run() returns.
+  boost::asio::io_context ioc;
   auto rt = MakeRuntime();
   auto client = Http::NewClient(Uri({server_.endpoint()}), Options(rt));
   // Blocking.
@@ -352,7 +355,6 @@ TEST_F(TestServerTest, EveryCompletionStyle) {
   auto bad = client.AsyncGet("/status/500", boost::asio::use_future);
   EXPECT_THROW(bad.get(), boost::system::system_error);
   // Coroutine, on the user's own io_context.
-  boost::asio::io_context ioc;
   int status = 0;
   boost::asio::co_spawn(
       ioc,
@@ -373,8 +375,10 @@ TEST_F(TestServerTest, EveryCompletionStyle) {
 
 TEST_F(TestServerTest, AsioCancellationFromAnAwaitableRace) {
   using namespace boost::asio::experimental::awaitable_operators;
-  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime()));
+  // The coroutine's io_context outlives the client and its runtime: a loop thread may still be
+  // inside the post that completed the coroutine's call when run() returns.
   boost::asio::io_context ioc;
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime()));
   bool timer_won = false;
   auto start = std::chrono::steady_clock::now();
   boost::asio::co_spawn(

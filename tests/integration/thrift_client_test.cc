@@ -380,6 +380,9 @@ INSTANTIATE_TEST_SUITE_P(Framings, ThriftFramingTest, ::testing::Values(Framing:
 TEST(ThriftClientTest, CallStylesAndBlockingOnTheLoopFailsFast) {
   InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
                          ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  // The coroutine's io_context outlives the client and its runtime: a loop thread may still be
+  // inside the post that completed the coroutine's call when run() returns.
+  boost::asio::io_context ioc;
   auto rt = MakeRuntime();
   auto client = Thrift::NewBuilder<DerivedClient>(Options(Framing::kFramed, Protocol::kBinary, rt))
                     .SetUri(server.uri())
@@ -403,7 +406,6 @@ TEST(ThriftClientTest, CallStylesAndBlockingOnTheLoopFailsFast) {
   SCALES_THRIFT_CALL(client, ping, [&](std::exception_ptr e) { v.set_value(e == nullptr); });
   EXPECT_TRUE(v.get_future().get());
   // Coroutine.
-  boost::asio::io_context ioc;
   std::string from_coroutine;
   boost::asio::co_spawn(
       ioc,
