@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds scales and runs the whole test suite: unit and integration tests (real nginx and the
 # scales test server on 127.0.0.1), then the same suite under AddressSanitizer +
-# UndefinedBehaviorSanitizer, then the concurrency tests under ThreadSanitizer, then each libFuzzer
+# UndefinedBehaviorSanitizer, then the ThreadSanitizer set (tests/CMakeLists.txt), then each libFuzzer
 # target for a bounded time.
 # Installs missing Debian packages first. Usage: scripts/test.sh [--quick]  (--quick: no sanitizers)
 set -euo pipefail

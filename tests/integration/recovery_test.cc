@@ -54,8 +54,8 @@ struct Tally {
   std::map<std::string, int64_t> endpoints;  // endpoint of successful calls -> count
   std::string first_error;
 
+  // Counts the call's outcome; the caller then bumps `completed`, as its last use of the run.
   void Record(const error_code& ec, const std::string& endpoint, const std::string& detail) {
-    completed.fetch_add(1);
     std::lock_guard<std::mutex> lock(mu);
     if (!ec) {
       ok.fetch_add(1);
@@ -112,6 +112,9 @@ class LoadRun {
       }
       tally.Record(ec, endpoint, detail);
       Next();
+      // Last: once every started call is counted here, Drain() returns and the test may destroy
+      // the run, so nothing of it may be touched after this.
+      tally.completed.fetch_add(1);
     });
     in_start_.fetch_sub(1);
   }
