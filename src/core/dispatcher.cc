@@ -176,6 +176,7 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   requests_.Increment();
   pending_gauge_.Add(1);
   ++pending_;
+  loop_.CallStarted();
   // The response path gives the slot back, whichever way the call ends.
   const bool admitted = !limit_ || AcquirePendingSlot();
   call->holds_pending_slot = limit_ && admitted;
@@ -264,6 +265,7 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
   }
   pending_gauge_.Add(-1);
   --pending_;
+  loop_.CallEnded();
   if (call->holds_pending_slot) ReleasePendingSlot();
   call->in_initiation = initiating_ > 0;
   call->Complete(msg, loop_.executor());

@@ -98,8 +98,10 @@ void EventLoop::RunBusyPolling() {
       continue;
     }
     if (ioc_->stopped()) return;  // stop() or out of work (the runtime's guard is gone)
-    if (SpinClock::now() - last_work < busy_poll_) continue;
-    // Idle for the whole window: sleep until the next handler, run it, and spin again.
+    // Spin only while a reply is expected: an idle client's loop sleeps at once.
+    if (calls_in_flight_ > 0 && SpinClock::now() - last_work < busy_poll_) continue;
+    // No call in flight, or idle for the whole window: sleep until the next handler, run it,
+    // and spin again.
     if (ioc_->run_one() == 0) return;
     last_work = SpinClock::now();
   }

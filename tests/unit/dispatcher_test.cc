@@ -52,6 +52,9 @@ class DispatcherTest : public ::testing::Test {
     if (dispatcher_) {
       EXPECT_EQ(dispatcher_->pending(), 0u);
     }
+    // Every way a call ends (value, error, timeout, cancellation, closing, refusal) gives its
+    // count back to the loop.
+    EXPECT_EQ(env_.loop().calls_in_flight(), 0u);
     dispatcher_.reset();
     timeout_.reset();
     transport_.reset();
@@ -99,6 +102,7 @@ TEST_F(DispatcherTest, ValueCompletesOnce) {
   env_.Run();
   ASSERT_EQ(transport_->in_flight(), 1u);
   EXPECT_EQ(dispatcher_->pending(), 1u);
+  EXPECT_EQ(env_.loop().calls_in_flight(), 1u);  // what busy polling looks at
   EXPECT_EQ(transport_->request(0).message->service, "test");
   EXPECT_EQ(transport_->request(0).message->method, "Get");
   ASSERT_TRUE(transport_->Reply(0, 42));
@@ -107,6 +111,7 @@ TEST_F(DispatcherTest, ValueCompletesOnce) {
   EXPECT_FALSE(calls_[c].error);
   EXPECT_EQ(calls_[c].value, 42);
   EXPECT_EQ(dispatcher_->pending(), 0u);
+  EXPECT_EQ(env_.loop().calls_in_flight(), 0u);
   EXPECT_EQ(env_.CounterValue("scales_requests"), 1);
   EXPECT_EQ(env_.CounterValue("scales_successes"), 1);
   EXPECT_EQ(env_.CounterValue("scales_failures"), 0);

@@ -2,6 +2,8 @@
 // and loops that spin before they sleep still run every handler once, fire timers, survive a
 // throwing handler and stop when the runtime goes. Real threads (the spin is real time), so
 // every wait is on a future with a generous bound, never a sleep.
+#include <time.h>
+
 #include <atomic>
 #include <chrono>
 #include <future>
@@ -11,9 +13,9 @@
 #include <thread>
 #include <vector>
 
+#include <gtest/gtest.h>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <gtest/gtest.h>
 
 #include "scales/core/error.h"
 #include "scales/core/runtime.h"
@@ -34,9 +36,11 @@ TEST(RuntimeTest, BusyPollOutsideItsRangeIsRejected) {
       FAIL() << "busy_poll " << bad.count() << "us was accepted";
     } catch (const Error& e) {
       EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
-      EXPECT_NE(std::string(e.what()).find("runtime.busy_poll must be in 0..1000000us"), std::string::npos)
+      EXPECT_NE(std::string(e.what()).find("runtime.busy_poll must be in 0..1000000us"),
+                std::string::npos)
           << e.what();
-      EXPECT_NE(std::string(e.what()).find("got " + std::to_string(bad.count()) + "us"), std::string::npos)
+      EXPECT_NE(std::string(e.what()).find("got " + std::to_string(bad.count()) + "us"),
+                std::string::npos)
           << e.what();
     }
   }
@@ -53,6 +57,11 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopsRunEveryPostedHandlerOnce) {
   options.threads = 2;
   options.busy_poll = 100us;
   auto runtime = std::make_unique<Runtime>(options);
+  // As if a call were in flight on each loop, so that the loops spin between handlers.
+  for (size_t l = 0; l < 2; ++l) {
+    EventLoop& loop = runtime->loop(l);
+    boost::asio::post(loop.executor(), [&loop] { loop.CallStarted(); });
+  }
   constexpr int kThreads = 4;
   constexpr int kEach = 5000;
   std::vector<std::atomic<int>> runs(kThreads * kEach);
@@ -74,7 +83,11 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopsRunEveryPostedHandlerOnce) {
   }
   for (auto& p : posters) p.join();
   ASSERT_EQ(all_ran.get_future().wait_for(30s), std::future_status::ready) << done.load();
-  runtime.reset();  // returns once the loops stop: nothing keeps them spinning
+  for (size_t l = 0; l < 2; ++l) {
+    EventLoop& loop = runtime->loop(l);
+    boost::asio::post(loop.executor(), [&loop] { loop.CallEnded(); });  // runs as the runtime goes
+  }
+  runtime.reset();  // returns once the loops stop: spinning does not keep them going
   int not_once = 0;
   for (auto& r : runs) not_once += r.load() != 1;
   EXPECT_EQ(not_once, 0);
@@ -82,7 +95,8 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopsRunEveryPostedHandlerOnce) {
 }
 
 // A timer fires whether the loop is spinning or asleep (a window of 1 us ends long before a
-// 20 ms timer), and a handler that throws is reported while the loop goes on spinning.
+// 20 ms timer; a 50 ms one outlasts it, with a call marked in flight), and a handler that throws
+// is reported while the loop goes on spinning.
 TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandler) {
   test::LogCapture log(LogLevel::kError);
   for (auto window : {std::chrono::microseconds(1), std::chrono::microseconds(50'000)}) {
@@ -95,11 +109,15 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandl
     std::promise<std::chrono::steady_clock::duration> fired;
     const auto armed = std::chrono::steady_clock::now();
     boost::asio::post(executor, [&] {
+      runtime.loop(0).CallStarted();
       timer.expires_after(20ms);
-      timer.async_wait([&](const boost::system::error_code&) { fired.set_value(std::chrono::steady_clock::now() - armed); });
+      timer.async_wait([&](const boost::system::error_code&) {
+        fired.set_value(std::chrono::steady_clock::now() - armed);
+      });
     });
     auto waited = fired.get_future();
-    ASSERT_EQ(waited.wait_for(10s), std::future_status::ready) << "window " << window.count() << "us";
+    ASSERT_EQ(waited.wait_for(10s), std::future_status::ready)
+        << "window " << window.count() << "us";
     EXPECT_GE(waited.get(), 20ms);
 
     std::promise<void> after;
@@ -108,8 +126,40 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandl
     });
     boost::asio::post(executor, [&] { after.set_value(); });
     EXPECT_EQ(after.get_future().wait_for(10s), std::future_status::ready) << "the loop went on";
-    EXPECT_TRUE(log.Has({"posted work failed, window " + std::to_string(window.count())})) << log.All();
+    EXPECT_TRUE(log.Has({"posted work failed, window " + std::to_string(window.count())}))
+        << log.All();
+    boost::asio::post(executor, [&] { runtime.loop(0).CallEnded(); });
   }
+}
+
+// With no call in flight on it (nothing a reply could be on its way for), a busy-polling loop
+// sleeps instead of spinning: its thread uses next to no CPU while a 50 ms timer runs, though its
+// window is a whole second. (A loop that spun would use about 50 ms.)
+TEST(ConcurrencyRuntimeTest, BusyPollingLoopWithNoCallInFlightSleeps) {
+  RuntimeOptions options;
+  options.threads = 1;
+  options.busy_poll = 1s;
+  Runtime runtime(options);
+  auto executor = runtime.loop(0).executor();
+  boost::asio::steady_timer timer(executor);
+  auto thread_cpu = [] {
+    timespec t{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return std::chrono::seconds(t.tv_sec) + std::chrono::nanoseconds(t.tv_nsec);
+  };
+  std::promise<std::chrono::nanoseconds> used;
+  boost::asio::post(executor, [&] {
+    EXPECT_EQ(runtime.loop(0).calls_in_flight(), 0u);
+    const auto before = thread_cpu();
+    timer.expires_after(50ms);
+    timer.async_wait(
+        [&, before](const boost::system::error_code&) { used.set_value(thread_cpu() - before); });
+  });
+  auto f = used.get_future();
+  ASSERT_EQ(f.wait_for(10s), std::future_status::ready);
+  auto used_ns = f.get();
+  EXPECT_LT(used_ns, 25ms) << "the loop spun with no call in flight: " << used_ns.count()
+                           << " ns of CPU";
 }
 
 }  // namespace

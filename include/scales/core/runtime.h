@@ -59,6 +59,13 @@ class EventLoop {
   // Runs ready handlers without blocking; returns how many ran. Sets Current() meanwhile.
   size_t Poll();
 
+  // Calls of any client in flight on this loop (between a dispatcher's Dispatch and its
+  // completion). Busy polling spins only while there are some: a reply is then on its way.
+  // On the loop's own thread only.
+  void CallStarted() noexcept { ++calls_in_flight_; }
+  void CallEnded() noexcept { --calls_in_flight_; }
+  size_t calls_in_flight() const noexcept { return calls_in_flight_; }
+
  private:
   friend class Runtime;
   void Run();  // blocks until Stop(); used by the runtime's thread
@@ -72,6 +79,7 @@ class EventLoop {
   Random random_;
   std::unique_ptr<TimerQueue> timers_;
   std::chrono::microseconds busy_poll_;
+  size_t calls_in_flight_ = 0;
 };
 
 struct RuntimeOptions {
@@ -84,10 +92,11 @@ struct RuntimeOptions {
   std::shared_ptr<Clock> clock;
   // Seed of the per-loop random generators (loop i uses seed + i).
   uint64_t seed = 0x5ca1e5;
-  // Busy polling: a loop thread that has run out of ready handlers keeps polling its sockets
-  // and timers (a non-blocking epoll_wait) for up to this long, counted from the last handler
-  // it ran, before it sleeps in a blocking epoll_wait. 0 (default) = never: the loop sleeps as
-  // soon as it is idle. A reply that arrives within the window is handled without the thread
+  // Busy polling: a loop thread that has run out of ready handlers while calls are in flight on
+  // it keeps polling its sockets and timers (a non-blocking epoll_wait) for up to this long,
+  // counted from the last handler it ran, before it sleeps in a blocking epoll_wait; with no
+  // call in flight it sleeps at once. 0 (default) = never: the loop sleeps as soon as it is
+  // idle. A reply that arrives within the window is handled without the thread
   // being woken, which on a virtual machine can take tens of microseconds per wake-up; the price
   // is CPU: each loop spends up to this long spinning after every burst of work. Worth it only
   // when each loop has a core to itself (not shared with the servers it calls). 0..1 s.
