@@ -118,8 +118,8 @@ int main(int argc, char** argv) {
   const auto busy_poll = std::chrono::microseconds(flags.GetInt("busy-poll-us", 0));
   flags.RejectUnknown();
   const bool mux = protocol == "mux";
-  if (port <= 0 || busy_poll.count() < 0 || outstanding < 1 || outstanding > 0x7fffff || (!mux && protocol != "thrift") ||
-      (!mux && outstanding != 1)) {
+  if (port <= 0 || busy_poll.count() < 0 || outstanding < 1 || outstanding > 0x7fffff ||
+      (!mux && protocol != "thrift") || (!mux && outstanding != 1)) {
     Flags::Die(
         "usage: bench_raw_floor --port P --protocol mux|thrift [--outstanding N (mux)] "
         "[--duration-ms MS] [--busy-poll-us N]");
@@ -161,7 +161,8 @@ int main(int argc, char** argv) {
       const auto give_up = Clock::now() + busy_poll;
       do {
         n = ::recv(fd, in.data() + have, in.size() - have, MSG_DONTWAIT);
-      } while (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) && Clock::now() < give_up);
+      } while (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) &&
+               Clock::now() < give_up);
     }
     if (n < 0) n = ::read(fd, in.data() + have, in.size() - have);
     if (n < 0 && errno == EINTR) continue;

@@ -109,15 +109,18 @@ void EventLoop::RunBusyPolling() {
 
 Runtime::Runtime(RuntimeOptions options)
     : clock_(options.clock ? std::move(options.clock) : SteadyClock::Instance()) {
-  if (options.busy_poll < std::chrono::microseconds::zero() || options.busy_poll > std::chrono::seconds(1)) {
+  if (options.busy_poll < std::chrono::microseconds::zero() ||
+      options.busy_poll > std::chrono::seconds(1)) {
     throw Error(make_error_code(Errc::kInvalidArgument),
-                fmt::format("runtime.busy_poll must be in 0..1000000us (0 = no busy polling), got {}us",
+                fmt::format("runtime.busy_poll must be in 0..1000000us (0 = no busy polling), "
+                            "got {}us",
                             options.busy_poll.count()));
   }
   size_t n = options.threads;
   if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
   for (size_t i = 0; i < n; ++i) {
-    loops_.push_back(std::make_unique<EventLoop>(i, clock_, options.seed + i, nullptr, options.busy_poll));
+    loops_.push_back(
+        std::make_unique<EventLoop>(i, clock_, options.seed + i, nullptr, options.busy_poll));
   }
   if (options.start_threads) StartThreads();
 }

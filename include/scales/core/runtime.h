@@ -71,7 +71,6 @@ class EventLoop {
   void Run();  // blocks until Stop(); used by the runtime's thread
   void RunBusyPolling();  // Run() when busy_poll_ > 0
 
-
   size_t index_;
   std::shared_ptr<Clock> clock_;
   std::unique_ptr<boost::asio::io_context> owned_ioc_;
@@ -96,10 +95,11 @@ struct RuntimeOptions {
   // it keeps polling its sockets and timers (a non-blocking epoll_wait) for up to this long,
   // counted from the last handler it ran, before it sleeps in a blocking epoll_wait; with no
   // call in flight it sleeps at once. 0 (default) = never: the loop sleeps as soon as it is
-  // idle. A reply that arrives within the window is handled without the thread
-  // being woken, which on a virtual machine can take tens of microseconds per wake-up; the price
-  // is CPU: each loop spends up to this long spinning after every burst of work. Worth it only
-  // when each loop has a core to itself (not shared with the servers it calls). 0..1 s.
+  // idle. A reply that arrives within the window is handled without the thread being woken,
+  // which on a virtual machine can take tens of microseconds per wake-up; the price is CPU:
+  // while calls are in flight, a loop spends up to this long spinning each time it runs out of
+  // work. Worth it only when each loop has a core to itself (not shared with the servers it
+  // calls). 0..1 s.
   std::chrono::microseconds busy_poll{0};
 };
 
