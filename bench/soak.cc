@@ -468,6 +468,7 @@ class Soak {
     double rate = 200;  // calls per second per protocol
     int64_t max_outstanding = 200;
     uint64_t seed = 1;
+    int64_t busy_poll_us = 0;  // RuntimeOptions::busy_poll
     int64_t rss_slack_kb = 4 * 1024;
     int64_t fd_slack = 2;
     std::string json;
@@ -560,6 +561,7 @@ void Soak::StartClients() {
   scales::RuntimeOptions runtime_options;
   runtime_options.threads = kLoops;
   runtime_options.seed = options_.seed;
+  runtime_options.busy_poll = std::chrono::microseconds(options_.busy_poll_us);
   runtime_ = std::make_shared<scales::Runtime>(runtime_options);
   auto client_options = [&](const std::string& name) {
     scales::ClientOptions o;
@@ -1067,12 +1069,16 @@ int main(int argc, char** argv) {
   options.rate = flags.GetDouble("rate", options.rate);
   options.max_outstanding = flags.GetInt("max-outstanding", options.max_outstanding);
   options.seed = static_cast<uint64_t>(flags.GetInt("seed", 1));
+  options.busy_poll_us = flags.GetInt("busy-poll-us", 0);
   options.rss_slack_kb = flags.GetInt("rss-slack-mib", options.rss_slack_kb / 1024) * 1024;
   options.fd_slack = flags.GetInt("fd-slack", options.fd_slack);
   options.json = flags.Get("json", "");
   flags.RejectUnknown();
   if (options.minutes < 1) scales::bench::Flags::Die("%s", "--minutes must be at least 1");
   if (options.rate <= 0) scales::bench::Flags::Die("%s", "--rate must be positive");
+  if (options.busy_poll_us < 0 || options.busy_poll_us > 1000000) {
+    scales::bench::Flags::Die("%s", "--busy-poll-us must be in 0..1000000");
+  }
   if (!test::ZooKeeperAvailable()) {
     scales::bench::Flags::Die("%s",
                               "bench_soak: needs /usr/bin/java and Debian's zookeeper package");
