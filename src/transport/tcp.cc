@@ -226,11 +226,27 @@ void TcpConnection::CancelIdleWatch() {
   socket_.cancel(ignored);
 }
 
+// Best effort and never blocking. With the socket in non-blocking mode Asio's synchronous
+// shutdown writes the alert if the socket buffer takes it (it always has room for ~30 bytes
+// unless the server stopped reading), then its wait for the server's close_notify ends at once
+// with would_block; either failure is ignored, the connection is going anyway. Without the
+// alert, servers see a truncated stream (Apache Thrift logs "SSL_read: unexpected eof"). A
+// close in the middle of an async write may put the alert after part of a record: the server
+// then reports a bad record instead of a truncation, which is no worse for a connection cut
+// mid-request.
+void TcpConnection::SendCloseNotify() {
+  boost::system::error_code ec;
+  socket_.non_blocking(true, ec);
+  if (ec) return;
+  ssl_->shutdown(ec);
+}
+
 void TcpConnection::Close() {
   timer_.Cancel();
   resolver_.cancel();
   boost::system::error_code ignored;
   if (socket_.is_open()) {
+    if (tls_active_ && ssl_) SendCloseNotify();
     socket_.shutdown(tcp::socket::shutdown_both, ignored);
     socket_.close(ignored);
   }

@@ -4,9 +4,11 @@
 // failure reasons. Every call completes exactly once; failures are clear errors, never hangs.
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <future>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
@@ -30,6 +32,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using scales::echo::EchoClient;
 using test::NginxServer;
 using test::NginxTls;
@@ -400,6 +403,51 @@ TEST(TlsThriftTest, EchoOverTlsAndConcurrentCalls) {
     EXPECT_EQ(calls[i].get(), "m" + std::to_string(i));
   }
   client.Close();
+}
+
+// Descriptors process `pid` has open (/proc/PID/fd), or -1.
+int OpenDescriptors(pid_t pid) {
+  std::error_code ec;
+  int n = 0;
+  for (std::filesystem::directory_iterator it("/proc/" + std::to_string(pid) + "/fd", ec), end; !ec && it != end;
+       it.increment(ec)) {
+    ++n;
+  }
+  return ec ? -1 : n;
+}
+
+// A client that closes its TLS connections sends close_notify first. Without it Apache Thrift's
+// TSSLSocket sees a truncated stream and logs "TConnectedClient died: SSL_read: unexpected eof
+// while reading" for every connection.
+TEST(TlsThriftTest, ClosingTheClientSendsCloseNotify) {
+  const auto& ca = TestCa();
+  TestThriftServer server({"--tls-cert", ca.server_cert, "--tls-key", ca.server_key}, /*capture_stderr=*/true);
+  const int idle_fds = OpenDescriptors(server.pid());
+  ASSERT_GT(idle_fds, 0);
+  auto rt = MakeRuntime(1);
+  auto client = Thrift::NewClient<EchoClient>("tcp://" + server.endpoint() + "?tls=on&tls_ca_file=" + ca.ca_file,
+                                              ThriftOpts(rt, {}));
+  // Concurrent calls, so that the pool holds several connections.
+  std::vector<std::future<std::string>> calls;
+  for (int i = 0; i < 8; ++i) {
+    calls.push_back(SCALES_THRIFT_CALL(client, echo, "c" + std::to_string(i), boost::asio::use_future));
+  }
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_EQ(calls[i].wait_for(20s), std::future_status::ready);
+    EXPECT_EQ(calls[i].get(), "c" + std::to_string(i));
+  }
+  ASSERT_GT(OpenDescriptors(server.pid()), idle_fds);
+  client.Close();
+  // The server closes each connection once it has read to its end; when its descriptors are
+  // back to what they were, whatever it logged about those connections is in its stderr.
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (OpenDescriptors(server.pid()) > idle_fds && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(10ms);
+  }
+  ASSERT_EQ(OpenDescriptors(server.pid()), idle_fds) << "the server still holds the client's connections";
+  const std::string log = server.Stderr();
+  EXPECT_THAT(log, Not(HasSubstr("unexpected eof"))) << log;
+  EXPECT_THAT(log, Not(HasSubstr("TConnectedClient died"))) << log;
 }
 
 TEST(TlsThriftTest, MutualTls) {

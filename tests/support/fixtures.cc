@@ -124,8 +124,19 @@ std::string ToolPath() {
 // ---------------------------------------------------------------------------------------------
 // ChildProcess
 
-ChildProcess::ChildProcess(std::vector<std::string> argv) : argv_(std::move(argv)) {
+ChildProcess::ChildProcess(std::vector<std::string> argv, const std::string& stderr_path) : argv_(std::move(argv)) {
   if (argv_.empty()) throw std::invalid_argument("ChildProcess: empty argv");
+  int err_fd = -1;
+  if (!stderr_path.empty()) {
+    err_fd = ::open(stderr_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (err_fd < 0) throw SystemError("ChildProcess: open " + stderr_path);
+  }
+  struct ErrFdCloser {
+    int fd;
+    ~ErrFdCloser() {
+      if (fd >= 0) ::close(fd);
+    }
+  } err_fd_closer{err_fd};
   int out_pipe[2];
   if (::pipe2(out_pipe, O_CLOEXEC) != 0) throw SystemError("ChildProcess: pipe");
   // Reports an exec failure (errno) to the parent; closed by a successful exec.
@@ -157,6 +168,7 @@ ChildProcess::ChildProcess(std::vector<std::string> argv) : argv_(std::move(argv
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(127);
     ::dup2(out_pipe[1], STDOUT_FILENO);
+    if (err_fd >= 0) ::dup2(err_fd, STDERR_FILENO);
     // Descriptors the test process opened without O_CLOEXEC (client sockets, say) must not
     // stay open in the peer, or closing them in the test would not close the connection.
     if (::close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
@@ -361,10 +373,19 @@ void TestHttpServer::Start(int port, milliseconds bind_retry) {
 // ---------------------------------------------------------------------------------------------
 // TestThriftServer
 
-TestThriftServer::TestThriftServer(std::vector<std::string> args) {
+TestThriftServer::TestThriftServer(std::vector<std::string> args) : TestThriftServer(std::move(args), false) {}
+
+TestThriftServer::TestThriftServer(std::vector<std::string> args, bool capture_stderr) {
   std::vector<std::string> argv{ToolPath(), "testserver", "thrift", "--port", "0"};
   argv.insert(argv.end(), args.begin(), args.end());
-  process_ = std::make_unique<ChildProcess>(std::move(argv));
+  if (capture_stderr) {
+    std::string pattern = (std::filesystem::temp_directory_path() / "scales-thrift-stderr-XXXXXX").string();
+    int fd = ::mkstemp(pattern.data());
+    if (fd < 0) throw SystemError("TestThriftServer: mkstemp");
+    ::close(fd);
+    stderr_path_ = pattern;
+  }
+  process_ = std::make_unique<ChildProcess>(std::move(argv), stderr_path_);
   auto line = process_->ReadLine(kStartTimeout);
   constexpr std::string_view kPrefix = "listening ";
   if (!line || !line->starts_with(kPrefix)) {
@@ -374,6 +395,16 @@ TestThriftServer::TestThriftServer(std::vector<std::string> args) {
   endpoint_ = line->substr(kPrefix.size());
   port_ = std::stoi(endpoint_.substr(endpoint_.rfind(':') + 1));
 }
+
+TestThriftServer::~TestThriftServer() {
+  process_.reset();
+  if (!stderr_path_.empty()) {
+    std::error_code ignored;
+    std::filesystem::remove(stderr_path_, ignored);
+  }
+}
+
+std::string TestThriftServer::Stderr() const { return stderr_path_.empty() ? std::string() : ReadFile(stderr_path_); }
 
 // ---------------------------------------------------------------------------------------------
 // NginxServer

@@ -31,8 +31,9 @@ std::string ToolPath();
 class ChildProcess {
  public:
   // Starts argv[0] (a path, not searched in $PATH) with `argv`. Throws std::runtime_error when
-  // the process cannot be created or the program cannot be executed.
-  explicit ChildProcess(std::vector<std::string> argv);
+  // the process cannot be created or the program cannot be executed. The child's stderr is the
+  // test's, or the file `stderr_path` (created or truncated) when one is given.
+  explicit ChildProcess(std::vector<std::string> argv, const std::string& stderr_path = "");
   ~ChildProcess();  // Stop().
   ChildProcess(const ChildProcess&) = delete;
   ChildProcess& operator=(const ChildProcess&) = delete;
@@ -115,13 +116,23 @@ class TestThriftServer {
   // Starts the server and waits (10 s at most) for its `listening` line; throws
   // std::runtime_error otherwise.
   explicit TestThriftServer(std::vector<std::string> args = {});
+  // The same, with the server's stderr (where Apache Thrift logs what its connections died of)
+  // kept in a temporary file for Stderr() when `capture_stderr` is set.
+  TestThriftServer(std::vector<std::string> args, bool capture_stderr);
+  ~TestThriftServer();
+  TestThriftServer(const TestThriftServer&) = delete;
+  TestThriftServer& operator=(const TestThriftServer&) = delete;
   int port() const { return port_; }
+  pid_t pid() const { return process_->pid(); }
+  // What the server wrote to stderr so far (capture_stderr), else "".
+  std::string Stderr() const;
   // "127.0.0.1:<port>".
   const std::string& endpoint() const { return endpoint_; }
   // Kills the server with SIGKILL, like a crash.
   void Kill() { process_->Kill(); }
 
  private:
+  std::string stderr_path_;
   std::unique_ptr<ChildProcess> process_;
   std::string endpoint_;
   int port_ = 0;

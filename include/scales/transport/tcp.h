@@ -51,6 +51,9 @@ class TcpConnection {
   // success, kTlsFailed, kConnectTimeout (handshake longer than connect_timeout) or
   // operation_aborted (Close()). Nothing else may read or write meanwhile.
   void AsyncStartTls(const TlsOptions& tls, std::function<void(error_code)> done);
+  // Closes the socket; pending operations complete with operation_aborted. Once TLS is active
+  // it first sends the TLS close_notify alert, as far as the socket takes it at once: it never
+  // waits, neither for the socket nor for the server's own close_notify.
   void Close();
 
   // Completes `done` once the idle connection becomes unusable: the peer closed it or sent
@@ -92,6 +95,7 @@ class TcpConnection {
   void StartHandshake();
   void OnHandshake(const boost::system::error_code& ec);
   void Finish(error_code ec);
+  void SendCloseNotify();
   static void OnTimeout(void* self);
 
   EventLoop& loop_;
