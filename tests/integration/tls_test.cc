@@ -450,6 +450,42 @@ TEST(TlsThriftTest, ClosingTheClientSendsCloseNotify) {
   EXPECT_THAT(log, Not(HasSubstr("TConnectedClient died"))) << log;
 }
 
+// A request timeout closes the TLS connection with the call on it (close_notify, then the socket,
+// with the receive of the reply still pending): the call completes once, with the timeout, and
+// the client goes on with a new connection.
+TEST(TlsThriftTest, TimeoutMidCallCompletesOnceAndTheClientRecovers) {
+  const auto& ca = TestCa();
+  TestThriftServer server({"--tls-cert", ca.server_cert, "--tls-key", ca.server_key});
+  auto rt = MakeRuntime(1);
+  auto opts = ThriftOpts(rt, {});
+  opts.client.timeout = 200ms;
+  auto client =
+      Thrift::NewClient<EchoClient>("tcp://" + server.endpoint() + "?tls=on&tls_ca_file=" + ca.ca_file, opts);
+  std::string r;
+  client->echo(r, "warm");  // the connection is up and TLS active before the slow call
+  ASSERT_EQ(r, "warm");
+  std::atomic<int> completions{0};
+  std::promise<std::exception_ptr> first;
+  SCALES_THRIFT_CALL(client, sleep, 2000, [&](std::exception_ptr e, std::string) {
+    if (completions.fetch_add(1) == 0) first.set_value(e);
+  });
+  auto done = first.get_future();
+  ASSERT_EQ(done.wait_for(10s), std::future_status::ready);
+  std::exception_ptr e = done.get();
+  ASSERT_TRUE(e);
+  try {
+    std::rethrow_exception(e);
+  } catch (const Error& err) {
+    EXPECT_EQ(err.scales_code(), Errc::kRequestTimeout) << err.what();
+  }
+  client->echo(r, "after");
+  EXPECT_EQ(r, "after");
+  // Past the server's reply to the slow call (written to the closed connection): still one.
+  std::this_thread::sleep_for(2200ms);
+  EXPECT_EQ(completions.load(), 1);
+  client.Close();
+}
+
 TEST(TlsThriftTest, MutualTls) {
   const auto& ca = TestCa();
   TestThriftServer server(

@@ -385,12 +385,24 @@ TestThriftServer::TestThriftServer(std::vector<std::string> args, bool capture_s
     ::close(fd);
     stderr_path_ = pattern;
   }
-  process_ = std::make_unique<ChildProcess>(std::move(argv), stderr_path_);
+  // A constructor that throws runs no destructor: the capture file goes with the exception.
+  auto fail = [this](std::string what) {
+    process_.reset();
+    if (!stderr_path_.empty()) {
+      std::error_code ignored;
+      std::filesystem::remove(stderr_path_, ignored);
+    }
+    return std::runtime_error(std::move(what));
+  };
+  try {
+    process_ = std::make_unique<ChildProcess>(std::move(argv), stderr_path_);
+  } catch (const std::exception& e) {
+    throw fail(e.what());
+  }
   auto line = process_->ReadLine(kStartTimeout);
   constexpr std::string_view kPrefix = "listening ";
   if (!line || !line->starts_with(kPrefix)) {
-    throw std::runtime_error(fmt::format("{} did not start: {}", process_->CommandLine(),
-                                         line ? *line : std::string("no output")));
+    throw fail(fmt::format("{} did not start: {}", process_->CommandLine(), line ? *line : std::string("no output")));
   }
   endpoint_ = line->substr(kPrefix.size());
   port_ = std::stoi(endpoint_.substr(endpoint_.rfind(':') + 1));
