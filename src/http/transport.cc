@@ -342,24 +342,50 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
         return Complete(keep_alive);
       }
     }
-    parser_.emplace(out);
-    parser_->eager(true);
-    parser_->header_limit(static_cast<std::uint32_t>(
-        std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
-    parser_->body_limit(options_.max_response_body_bytes);
-    if (head_) parser_->skip(true);
+    interim_responses_ = 0;
+    StartParser(out);
   }
-  while (!parser_->is_done()) {
-    boost::system::error_code ec;
-    const size_t n = parser_->put(in.data(), ec);
-    in.consume(n);
-    if (ec == bhttp::error::need_more) return ParseResult::NeedMore();
-    if (ec) return ParseFailure(ec);
-    if (n == 0) return ParseResult::NeedMore();
+  for (;;) {
+    while (!parser_->is_done()) {
+      boost::system::error_code ec;
+      const size_t n = parser_->put(in.data(), ec);
+      in.consume(n);
+      if (ec == bhttp::error::need_more) return ParseResult::NeedMore();
+      if (ec) return ParseFailure(ec);
+      if (n == 0) return ParseResult::NeedMore();
+    }
+    auto& out = *current_->message().reply_slot<Response>();
+    if (out.status >= 200) break;
+    // An interim response (RFC 9110 15.2): "100 Continue" (nginx sends it for
+    // `Expect: 100-continue` even when the body came along), "103 Early Hints", ... The final
+    // response follows on the same connection: skip this one and parse that.
+    if (out.status == 101) {
+      return ParseResult::Failed(make_error_code(Errc::kProtocolError),
+                                 fmt::format("{} switched protocols (101 {}), which the request did not ask for",
+                                             conn().address(), out.reason));
+    }
+    if (++interim_responses_ > kMaxInterimResponses) {
+      return ParseResult::Failed(make_error_code(Errc::kProtocolError),
+                                 fmt::format("{} sent more than {} interim (1xx) responses before the response",
+                                             conn().address(), kMaxInterimResponses));
+    }
+    out.status = 0;
+    out.reason.clear();
+    out.headers.clear();
+    out.body.clear();
+    StartParser(out);
   }
   const bool keep_alive = parser_->keep_alive();
   parser_.reset();
   return Complete(keep_alive);
+}
+
+void HttpTransportSink::StartParser(Response& out) {
+  parser_.emplace(out);
+  parser_->eager(true);
+  parser_->header_limit(static_cast<std::uint32_t>(std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));
+  parser_->body_limit(options_.max_response_body_bytes);
+  if (head_) parser_->skip(true);
 }
 
 ConnectionSink::ParseResult HttpTransportSink::ParseEof(size_t bytes) {

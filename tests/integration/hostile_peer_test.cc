@@ -331,6 +331,22 @@ void HostileHttp(RawConn& c) {
       c.Write("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n");
       while (!c.stopping()) std::this_thread::sleep_for(20ms);
       return;
+    } else if (target == "/early-hints") {
+      // Two interim responses, each in its own write, then the response: the call gets the
+      // response and the connection stays in step.
+      if (!c.Write("HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")) return;
+      std::this_thread::sleep_for(20ms);
+      if (!c.Write("HTTP/1.1 100 Continue\r\n\r\n")) return;
+      std::this_thread::sleep_for(20ms);
+      if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints")) return;
+    } else if (target == "/endless-interim") {
+      while (c.Write("HTTP/1.1 100 Continue\r\n\r\n")) {
+      }
+      return;
+    } else if (target == "/switch") {
+      c.Write("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+      while (!c.stopping() && c.Write("\x81\x02hi")) std::this_thread::sleep_for(20ms);
+      return;
     } else if (target == "/drip") {
       // One byte every 50 ms: about 2 s for the whole response.
       for (char b : std::string("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndrip")) {
@@ -352,6 +368,25 @@ http::HttpOptions HttpOptions() {
   o.resurrector.initial_backoff = 50ms;
   o.resurrector.max_backoff = 200ms;
   return o;
+}
+
+TEST(HostilePeerTest, HttpInterimResponsesAreSkippedUpToALimit) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  // 103 and 100 in writes of their own: skipped; the response is the call's, and the next
+  // request on the same connection gets its own.
+  http::Response r = client.Get("/early-hints");
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.body, "hints");
+  EXPECT_TRUE(r.Header("Link").empty()) << "the interim response's fields are not the response's";
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 1);
+  // Endless interim responses stop at the limit; an unasked protocol switch is refused.
+  ExpectBoundedFailure([&] { client.Get("/endless-interim"); }, Errc::kProtocolError,
+                       "sent more than 8 interim (1xx) responses", 5s);
+  ExpectBoundedFailure([&] { client.Get("/switch"); }, Errc::kProtocolError,
+                       "switched protocols (101 Switching Protocols), which the request did not ask for", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
 }
 
 TEST(HostilePeerTest, HttpHugeContentLengthIsRejectedByTheBodyLimit) {

@@ -90,6 +90,24 @@ TEST_F(NginxClusterTest, GetAndPostThroughThreeServers) {
   EXPECT_FALSE(n.Header("X-Server").empty());
 }
 
+// nginx answers a request with `Expect: 100-continue` with an interim "100 Continue" and then
+// the response, in one write even when the body came with the headers. The interim response is
+// skipped: the call gets the final one, and the connection stays in step for the next requests
+// (no response is taken for the next request's).
+TEST_F(NginxClusterTest, InterimContinueResponseIsSkipped) {
+  auto client = Http::NewClient(Uri({endpoints_[0]}), Options(MakeRuntime(1)));
+  for (int i = 0; i < 3; ++i) {
+    http::Response p = client.Post("/echo", "body " + std::to_string(i), {{"Expect", "100-continue"}});
+    EXPECT_EQ(p.status, 200) << p.reason;
+    EXPECT_EQ(p.body, "posted\n");
+    http::Response n = client.Get("/name");
+    EXPECT_EQ(n.status, 200);
+    EXPECT_EQ(n.body, "n0");
+  }
+  ASSERT_TRUE(servers_[0]->WaitForAccessLogRequests(6));
+  EXPECT_EQ(servers_[0]->AccessLogConnectionCount(), 1) << "the connection was kept";
+}
+
 TEST_F(NginxClusterTest, RequestsSpreadOverEveryServer) {
   // The heap balancer uses idle nodes in random order. (The default, aperture, keeps a
   // sequential caller on the smallest subset that carries its load.)

@@ -128,6 +128,11 @@ class HttpTransportSink final : public ConnectionSink {
   ParseResult ParseFailure(const boost::system::error_code& ec);
   // The response is complete (in the call's reply slot): done, or kHttpError if asked for.
   ParseResult Complete(bool keep_alive);
+  // (Re)makes Beast's parser for the call's response, with the limits and HEAD's skip.
+  void StartParser(Response& out);
+
+  // Interim (1xx) responses skipped before a response; one more fails the call.
+  static constexpr int kMaxInterimResponses = 8;
 
   TransportOptions options_;
   std::string host_line_;      // "Host: <endpoint>\r\n"
@@ -138,6 +143,7 @@ class HttpTransportSink final : public ConnectionSink {
   std::optional<internal::ResponseParser> parser_;
   SinkStack* current_ = nullptr;
   bool head_ = false;  // the current request is a HEAD: its response has no body
+  int interim_responses_ = 0;  // 1xx responses skipped for the current request
 };
 
 // Provider of the HttpTransportSink. Throws like Validate(options), and kInvalidArgument
