@@ -840,26 +840,33 @@ void FragmentWriter::WriteTdispatchBody(char* at, std::span<const ContextView> c
 }
 
 std::size_t FragmentWriter::TakeWhole(std::string* out) {
-  const std::size_t frames = whole_index_.size();
-  if (frames == 0) return 0;
-  if (out->empty()) {
+  const std::size_t frames = whole_index_.size() - whole_removed_;
+  if (whole_removed_ > 0) {
+    // Only the frames still queued; the removed ones' bytes stay behind.
+    for (const WholeFrame& f : whole_index_) {
+      if (!f.removed) out->append(whole_, f.offset, f.size);
+    }
+  } else if (frames > 0 && out->empty()) {
     out->swap(whole_);  // no copy: `out`'s storage is kept for the next frames
-    whole_.clear();
-  } else {
+  } else if (frames > 0) {
     out->append(whole_);
-    whole_.clear();
   }
+  whole_.clear();
   whole_index_.clear();
+  whole_removed_ = 0;
+  whole_live_from_ = 0;
   return frames;
 }
 
 std::size_t FragmentWriter::WriteRound(std::string* out) {
   // The whole frames come first (each was queued before anything in queue_). Messages that
-  // still have frames to send stay, in order, at the front of the queue; the others give their
-  // bodies to the spares.
+  // still have frames to send stay, in order, at the front of the queue; the others (and the
+  // removed ones) give their bodies to the spares.
   const std::size_t whole = TakeWhole(out);
   std::size_t kept = 0;
+  std::size_t frames = 0;
   for (Pending& p : queue_) {
+    if (p.removed) continue;  // its body is a spare already
     std::uint32_t max = max_fragment_body_;
     bool unlimited = max == 0 || max >= kUnlimitedFragmentSize || !IsFragmentable(p.type);
     std::size_t left = p.body.size() - p.offset;
@@ -868,6 +875,7 @@ std::size_t FragmentWriter::WriteRound(std::string* out) {
     AppendFrameHeader(p.type, p.tag, more, take, out);
     out->append(p.body, p.offset, take);
     p.offset += take;
+    ++frames;
     if (!more) {
       Recycle(std::move(p.body));
     } else {
@@ -875,8 +883,9 @@ std::size_t FragmentWriter::WriteRound(std::string* out) {
       ++kept;
     }
   }
-  const std::size_t frames = queue_.size();
   queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(kept), queue_.end());
+  queue_removed_ = 0;
+  queue_live_from_ = 0;
   return whole + frames;
 }
 
@@ -886,22 +895,27 @@ void FragmentWriter::WriteAll(std::string* out) {
 }
 
 std::optional<bool> FragmentWriter::Remove(std::uint8_t type, std::uint32_t tag) {
+  // Marks entry `i` of `v` removed and moves `live_from` past the removed entries at its front.
+  auto mark = [](auto& v, std::size_t i, std::size_t& removed, std::size_t& live_from) {
+    v[i].removed = true;
+    ++removed;
+    while (live_from < v.size() && v[live_from].removed) ++live_from;
+  };
   if (type == wire::kTdispatch) {
-    for (auto it = whole_index_.begin(); it != whole_index_.end(); ++it) {
-      if (it->tag != tag) continue;
-      whole_.erase(it->offset, it->size);
-      for (auto later = it + 1; later != whole_index_.end(); ++later) later->offset -= it->size;
-      whole_index_.erase(it);
+    for (std::size_t i = whole_live_from_; i < whole_index_.size(); ++i) {
+      if (whole_index_[i].removed || whole_index_[i].tag != tag) continue;
+      mark(whole_index_, i, whole_removed_, whole_live_from_);
       return false;  // whole frames are written all at once, and this one was not yet
     }
   }
-  for (auto it = queue_.begin(); it != queue_.end(); ++it) {
-    if (it->type == type && it->tag == tag) {
-      bool started = it->offset > 0;
-      Recycle(std::move(it->body));
-      queue_.erase(it);
-      return started;
-    }
+  for (std::size_t i = queue_live_from_; i < queue_.size(); ++i) {
+    Pending& p = queue_[i];
+    if (p.removed || p.type != type || p.tag != tag) continue;
+    const bool started = p.offset > 0;
+    Recycle(std::move(p.body));
+    p.body = std::string();
+    mark(queue_, i, queue_removed_, queue_live_from_);
+    return started;
   }
   return std::nullopt;
 }

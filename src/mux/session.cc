@@ -133,6 +133,14 @@ void MuxSessionSink::OnConnected(error_code ec) {
                                                 : conn_.failure_detail());
     return;
   }
+  if (!handshake_timer_.scheduled()) {
+    // The open's deadline passed while connecting (the connection's own timer, set a moment
+    // later, had not fired yet): nothing else would bound the handshake now.
+    FailOpen(make_error_code(Errc::kConnectTimeout),
+             fmt::format("connect to {} and the Mux handshake did not finish within {} ms", address_,
+                         Millis(options_.connect_timeout)));
+    return;
+  }
   if (conn_.tls_active()) SCALES_LOG(kDebug, "Mux session to {}: TLS from the first byte established", address_);
   StartRead();
   if (options_.handshake) {
@@ -361,7 +369,7 @@ void MuxSessionSink::HandleFrame(const FrameView& frame) {
   // other tags are dropped unbuffered (the reply would be ignored anyway), and a Tdispatch
   // (never accepted from a server) is refused at its first piece.
   if (frame.type == wire::kRdispatch) {
-    if (FindPending(frame.tag) == nullptr) return;
+    if (FindSent(frame.tag) == nullptr) return;
     // The common reply: whole, with no fragments of any tag waiting (nothing to reassemble).
     if (!frame.fragment && reassembler_.pending_tags() == 0 && AnswerOk(frame)) return;
   }
@@ -392,7 +400,7 @@ bool MuxSessionSink::AnswerOk(const FrameView& frame) {
     return static_cast<size_t>(static_cast<uint8_t>(b[at])) << 8 | static_cast<uint8_t>(b[at + 1]);
   };
   if (b.size() < 3 || static_cast<uint8_t>(b[0]) != static_cast<uint8_t>(ReplyStatus::kOk)) return false;
-  Pending* p = FindPending(frame.tag);
+  Pending* p = FindSent(frame.tag);
   if (p == nullptr || p->stack == nullptr) return false;
   const size_t contexts = u16(1);
   size_t at = 3;
@@ -430,8 +438,8 @@ bool MuxSessionSink::AnswerOk(const FrameView& frame) {
 
 void MuxSessionSink::HandleMessage(Message m) {
   if (auto* r = std::get_if<Rdispatch>(&m)) {
-    Pending* p = FindPending(r->tag);
-    if (p == nullptr) return;  // unknown tag: ignore
+    Pending* p = FindSent(r->tag);
+    if (p == nullptr) return;  // unknown tag, or its request is not sent yet: ignore
     if (p->stack == nullptr) {
       // The answer to a discarded request frees its tag.
       ErasePending(r->tag);
@@ -465,7 +473,7 @@ void MuxSessionSink::HandleMessage(Message m) {
     return;
   }
   if (auto* e = std::get_if<Rerr>(&m)) {
-    Pending* p = FindPending(e->tag);
+    Pending* p = FindSent(e->tag);
     if (p == nullptr) return;
     if (p->stack == nullptr) {
       ErasePending(e->tag);
@@ -479,7 +487,7 @@ void MuxSessionSink::HandleMessage(Message m) {
     return;
   }
   if (auto* d = std::get_if<Rdiscarded>(&m)) {
-    Pending* p = FindPending(d->tag);
+    Pending* p = FindSent(d->tag);
     if (p == nullptr) return;
     if (p->stack == nullptr) {
       ErasePending(d->tag);
@@ -528,7 +536,7 @@ void MuxSessionSink::HandleMessage(Message m) {
 
 void MuxSessionSink::Answer(uint32_t tag, error_code ec, std::string detail, std::string* body,
                             const Contexts* contexts) {
-  Pending* found = FindPending(tag);
+  Pending* found = FindSent(tag);
   if (found == nullptr || found->stack == nullptr) return;
   Pending p = *found;
   ErasePending(tag);
@@ -732,7 +740,8 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
   if (!written) {
     std::optional<bool> partial = writer_.Remove(wire::kTdispatch, tag);
     written = !partial.has_value() || *partial;
-    std::erase(queued_tags_, tag);
+    // The tag stays in queued_tags_ (erasing it would cost as much as everything queued behind
+    // it): Flush finds no request for it, or a newer request that reused it, queued as well.
   }
   if (written) {
     // The server has (part of) it: tell it, and keep the tag until it answers that tag.

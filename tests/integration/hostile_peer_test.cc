@@ -18,6 +18,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -171,6 +172,32 @@ TEST(HostilePeerTest, MuxTpingFloodWithoutReadingStopsAtTheControlReplyBound) {
   // The client closed the connection: the server's flood ends (its write fails).
   EXPECT_TRUE(server.WaitForLog({"ping-flood stopped after"})) << server.Log().substr(0, 2000);
   EXPECT_EQ(Echo(client, "after"), "after");  // a new session
+}
+
+TEST(HostilePeerTest, MuxDuplicateReplyDoesNotAnswerTheNextRequestOnItsTag) {
+  // The server answers a tag twice, both frames in one read. The first answers the call, whose
+  // callback (run inline, inside the read) starts the next call: it gets the freed tag, and its
+  // Tdispatch is still queued when the duplicate is handled. A reply for a request not yet sent
+  // is not its reply: the duplicate is ignored, as one for an unknown tag, and the next call gets
+  // its own answer.
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), MuxOptions());
+  EXPECT_EQ(Echo(client, "before"), "before");
+  std::promise<std::string> first, second;
+  SCALES_THRIFT_CALL(client, echo, std::string("duplicate-reply"), [&](std::exception_ptr e, std::string r) {
+    SCALES_THRIFT_CALL(client, echo, std::string("second"), [&](std::exception_ptr e2, std::string r2) {
+      second.set_value(e2 ? "error" : r2);
+    });
+    first.set_value(e ? "error" : r);
+  });
+  auto f1 = first.get_future();
+  auto f2 = second.get_future();
+  ASSERT_EQ(f1.wait_for(5s), std::future_status::ready);
+  ASSERT_EQ(f2.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(f1.get(), "duplicate-reply");
+  EXPECT_EQ(f2.get(), "second");
+  EXPECT_TRUE(server.WaitForLog({"send duplicate-reply"})) << server.Log();
+  EXPECT_EQ(Echo(client, "after"), "after");
 }
 
 // --- A raw TCP server for HTTP and framed Thrift -------------------------------------------------

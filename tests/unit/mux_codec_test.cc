@@ -787,6 +787,59 @@ TEST(MuxCodecTest, FragmentWriterReusedBodiesEncodeExactly) {
   EXPECT_TRUE(w.empty());
 }
 
+// Requests timing out behind a peer that stopped reading are removed oldest first, from the
+// whole frames and from the queue (where dispatches go once a control message is queued), and
+// some from the middle or twice. What is written is exactly the messages left, in order.
+TEST(MuxCodecTest, FragmentWriterRemovesManyInAnyOrder) {
+  auto dispatch = [](std::uint32_t tag) {
+    Tdispatch d;
+    d.tag = tag;
+    d.payload = std::string(20 + tag % 13, static_cast<char>('a' + tag % 26));
+    return d;
+  };
+  FragmentWriter w;
+  std::vector<Message> queued;  // in write order: whole frames, then the queue's
+  for (std::uint32_t tag = 2; tag < 402; ++tag) {
+    Tdispatch d = dispatch(tag);
+    ContextView none[1];
+    ASSERT_TRUE(w.EnqueueTdispatch(d.tag, std::span<const ContextView>(none, 0), d.payload).has_value());
+    queued.emplace_back(d);
+    if (tag == 201) {  // a control message: the dispatches after it go to the queue
+      ASSERT_TRUE(w.Enqueue(Tping{1}).has_value());
+      queued.emplace_back(Tping{1});
+    }
+  }
+  auto remove = [&](std::uint32_t tag) {
+    EXPECT_EQ(w.Remove(wire::kTdispatch, tag), std::optional<bool>(false)) << tag;
+    std::erase_if(queued, [tag](const Message& m) {
+      const auto* d = std::get_if<Tdispatch>(&m);
+      return d != nullptr && d->tag == tag;
+    });
+  };
+  for (std::uint32_t tag = 2; tag < 120; ++tag) remove(tag);    // whole frames, oldest first
+  for (std::uint32_t tag = 202; tag < 300; ++tag) remove(tag);  // queued ones, oldest first
+  for (std::uint32_t tag : {399u, 150u, 350u, 200u, 300u}) remove(tag);  // newest, middle, edges
+  EXPECT_EQ(w.Remove(wire::kTdispatch, 150), std::nullopt) << "already removed";
+  EXPECT_EQ(w.Remove(wire::kTdispatch, 2), std::nullopt) << "already removed";
+  EXPECT_EQ(w.size(), queued.size());
+  std::string want;
+  for (const auto& m : queued) want += Encode(m);
+  std::string out;
+  w.WriteAll(&out);
+  EXPECT_EQ(out, want);
+  EXPECT_TRUE(w.empty());
+  // Removing everything leaves nothing to write.
+  for (std::uint32_t tag = 2; tag < 6; ++tag) {
+    ContextView none[1];
+    ASSERT_TRUE(w.EnqueueTdispatch(tag, std::span<const ContextView>(none, 0), "x").has_value());
+  }
+  for (std::uint32_t tag = 2; tag < 6; ++tag) EXPECT_EQ(w.Remove(wire::kTdispatch, tag), std::optional<bool>(false));
+  EXPECT_TRUE(w.empty());
+  std::string none_out;
+  w.WriteAll(&none_out);
+  EXPECT_EQ(none_out, "");
+}
+
 // The request path: EnqueueTdispatch encodes single-frame dispatches whole into one buffer
 // that WriteAll hands over (swapping into an empty string). The bytes, the order against other
 // queued messages, Remove and the reuse of the swapped buffers must match the Message path.

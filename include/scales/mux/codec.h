@@ -392,8 +392,9 @@ class FragmentWriter {
   // body (no Message is built, the payload is copied once). The request path of a session.
   Result<void> EnqueueTdispatch(std::uint32_t tag, std::span<const ContextView> contexts,
                                 std::string_view payload);
-  bool empty() const { return queue_.empty() && whole_index_.empty(); }
-  std::size_t size() const { return queue_.size() + whole_index_.size(); }
+  bool empty() const { return size() == 0; }
+  // Messages queued (removed ones not counted).
+  std::size_t size() const { return queue_.size() - queue_removed_ + whole_index_.size() - whole_removed_; }
 
   // Appends one round (one frame per queued message). Returns the number of frames appended.
   std::size_t WriteRound(std::string* out);
@@ -402,7 +403,9 @@ class FragmentWriter {
 
   // Removes the queued message with this tag and type. Returns std::nullopt if none is queued,
   // else whether some of its frames were already written (then the peer holds partial fragments
-  // and the caller must send Tdiscarded).
+  // and the caller must send Tdiscarded). A removed message is marked, not erased, and left out
+  // of the next write: removing the oldest of many queued messages (requests timing out in
+  // order behind a peer that stopped reading) costs the same whatever is queued behind it.
   std::optional<bool> Remove(std::uint8_t type, std::uint32_t tag);
 
  private:
@@ -416,12 +419,14 @@ class FragmentWriter {
     std::uint32_t tag = 0;
     std::string body;
     std::size_t offset = 0;
+    bool removed = false;
   };
   // A Tdispatch encoded whole into whole_.
   struct WholeFrame {
     std::uint32_t tag = 0;
     std::size_t offset = 0;
     std::size_t size = 0;  // header included
+    bool removed = false;
   };
   std::string TakeSpare();
   void Recycle(std::string body);
@@ -434,6 +439,12 @@ class FragmentWriter {
   std::string whole_;
   std::vector<WholeFrame> whole_index_;
   std::vector<Pending> queue_;  // in write order
+  // Removed entries of whole_index_ and queue_, and where their first live entry may be (the
+  // entries before it are all removed): where Remove starts looking.
+  std::size_t whole_removed_ = 0;
+  std::size_t whole_live_from_ = 0;
+  std::size_t queue_removed_ = 0;
+  std::size_t queue_live_from_ = 0;
   std::vector<std::string> spare_;
   std::size_t spare_bytes_ = 0;
 };

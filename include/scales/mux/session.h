@@ -169,6 +169,14 @@ class MuxSessionSink final : public ClientMessageSink {
   Pending* FindPending(uint32_t tag) noexcept {
     return tag < pending_.size() && pending_[tag].used ? &pending_[tag] : nullptr;
   }
+  // The request of `tag` if it was written, or null: what a reply from the server may answer.
+  // A reply for a tag whose request is still queued (a duplicate of the previous request's
+  // reply, the tag having been reused meanwhile, or a guess) is ignored like one for an
+  // unknown tag; taken as the answer, it would be another request's reply.
+  Pending* FindSent(uint32_t tag) noexcept {
+    Pending* p = FindPending(tag);
+    return p != nullptr && p->written ? p : nullptr;
+  }
   void AddPending(uint32_t tag, Pending p);
   void ErasePending(uint32_t tag) noexcept { pending_[tag] = Pending{}; }
 
@@ -227,7 +235,9 @@ class MuxSessionSink final : public ClientMessageSink {
   int encoded_retries_ = 0;  // what retries_value_ holds (when not empty)
   std::string trace_value_;
   std::string write_buffer_;  // the bytes of the write in flight
-  std::vector<uint32_t> queued_tags_;  // dispatches in writer_ not yet handed to a write
+  // Tags of the dispatches in writer_ not yet handed to a write (and of cancelled ones that
+  // were, until the next write).
+  std::vector<uint32_t> queued_tags_;
   size_t queued_control_replies_ = 0;  // Rping/Rdrain in writer_ not yet handed to a write
   bool writing_ = false;
   // OnRead is handling a read's frames: writes wait for its end, or for enough requests

@@ -41,6 +41,8 @@ Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
   "ping-flood"       stop reading from the connection and write Tping frames (tag 1) until the
                      client closes it (or 256 MiB were sent): a peer that makes the client
                      queue Rping replies it can never write
+  "duplicate-reply"  write the reply frame twice in one write (a buggy server answering a tag
+                     twice): the second must not answer the client's next request on that tag
 sleep(MS) answers str(MS) after MS milliseconds (replies out of order). Request headers
 (com.twitter.finagle.thrift.Request.headers) are echoed back as response headers.
 
@@ -730,6 +732,14 @@ class Connection:
             self.writer.write(data[:len(data) // 2])
             await self.writer.drain()
             self.close("mid-frame")
+        elif message == "duplicate-reply":
+            self.pending.pop(tag, None)
+            data = frame(RDISPATCH, tag, bytes([STATUS_OK]) + encode_contexts([]) +
+                         echo.reply("echo", seqid, success=message))
+            self.log("send duplicate-reply tag=%d" % tag)
+            await self.writer.drain()
+            self.writer.write(data + data)
+            await self.writer.drain()
         elif message == "tls-info":
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=tls_info(self.writer)))
         elif message in ("huge-frame", "endless-fragments", "stray-fragments", "ping-flood") or \
