@@ -69,7 +69,9 @@ void TcpConnection::AsyncConnect(std::function<void(error_code)> done) {
   }
   resolver_.async_resolve(endpoint_.host, std::to_string(endpoint_.port),
                           [this](const boost::system::error_code& e, tcp::resolver::results_type results) {
-                            if (e) {
+                            // A cancel cannot stop a getaddrinfo already running: after the
+                            // timeout its results may still come, and must not be connected to.
+                            if (e || timed_out_) {
                               OnTcpConnected(e);
                               return;
                             }
