@@ -228,9 +228,18 @@ class ZooKeeperServerSet::Impl {
   };
   // One member_ child, as last read. Loop thread only.
   struct Child {
-    std::optional<ServiceInstance> instance;  // nullopt: never read, or malformed
-    bool loaded = false;                      // read in the current session
+    std::optional<ServiceInstance> instance;  // nullopt: never read, malformed or unreadable
+    bool loaded = false;                      // read in the current session (or unreadable)
+    bool unreadable = false;                  // its read failed (no auth, ...): read again later
   };
+
+  // A read that failed with the connection or its session: the reply was lost, not refused.
+  // (The C client fails every pending read with ZOPERATIONTIMEOUT when the server went quiet
+  // for 2/3 of the session timeout, and reconnects.)
+  static bool ConnectionError(int rc) {
+    return rc == ZCONNECTIONLOSS || rc == ZOPERATIONTIMEOUT || rc == ZCLOSING || rc == ZSESSIONEXPIRED ||
+           rc == ZINVALIDSTATE;
+  }
 
   static void Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
     boost::asio::post(sub->executor, [sub, members = std::move(members)] {
@@ -313,7 +322,7 @@ class ZooKeeperServerSet::Impl {
         // Pipelined: every read is sent before any reply is awaited.
         for (const std::string& name : now) {
           auto [it, inserted] = children_.try_emplace(name);
-          if (inserted || !it->second.loaded) ReadMember(name);
+          if (inserted || !it->second.loaded || it->second.unreadable) ReadMember(name);
         }
       } else if (rc == ZNONODE) {
         // Deleted between the exists check and this read: wait for it again.
@@ -337,6 +346,7 @@ class ZooKeeperServerSet::Impl {
         std::string error;
         it->second.instance = ParseServiceInstance(data, error);
         it->second.loaded = true;
+        it->second.unreadable = false;
         if (!it->second.instance) {
           malformed_.fetch_add(1, std::memory_order_relaxed);
           connection_.SetLastError(
@@ -345,10 +355,17 @@ class ZooKeeperServerSet::Impl {
       } else if (rc == ZNONODE) {
         if (it != children_.end()) children_.erase(it);
       } else if (rc != ZOK) {
-        if (it != children_.end() && rc != ZCONNECTIONLOSS && rc != ZCLOSING &&
-            rc != ZSESSIONEXPIRED && rc != ZINVALIDSTATE) {
-          // Unreadable (no auth, ...): skipped like a malformed member, so it blocks no one.
+        if (it != children_.end() && ConnectionError(rc)) {
+          // The reply was lost: the member keeps its last data (nothing is published until it is
+          // read again) and is read again once connected. Its data watch may be gone too (the
+          // one that fired for this read, or this read's, which never took), so a change would
+          // otherwise never be seen.
+          it->second.loaded = false;
+        } else if (it != children_.end()) {
+          // Unreadable (no auth, ...): skipped like a malformed member, so it blocks no one, and
+          // read again by the retry (Failed).
           it->second.loaded = true;
+          it->second.unreadable = true;
           it->second.instance.reset();
         }
         Failed(fmt::format("get {}/{}", path_, name), rc);
@@ -359,9 +376,7 @@ class ZooKeeperServerSet::Impl {
 
   void Failed(const std::string& what, int rc) {
     // Connection loss / closing: the reconnect (same or new session) re-reads what is missing.
-    if (rc == ZCONNECTIONLOSS || rc == ZCLOSING || rc == ZSESSIONEXPIRED || rc == ZINVALIDSTATE) {
-      return;
-    }
+    if (ConnectionError(rc)) return;
     // Anything else (no auth, ...) would not change by itself: show it and read again later.
     std::string error = fmt::format("{}: {}", what, ZkErrorText(rc));
     connection_.SetLastError(error);

@@ -1,9 +1,14 @@
 // ZooKeeper server sets against the real ZooKeeper server (Debian's package, Java), with
 // members written by python3-kazoo in Finagle's format and by our Announcer.
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <zookeeper/zookeeper.h>
 
 #include <atomic>
+#include <cstring>
 #include <chrono>
 #include <future>
 #include <map>
@@ -189,6 +194,152 @@ TEST_F(ZooKeeperTest, DataChangesAndDeletesAreFollowed) {
   Kazoo(fmt::format("zk.delete('{}')", first));
   ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.2", 1002}}))) << Show(rec.last());
 }
+
+// A TCP proxy in front of the ZooKeeper server that loses one read's reply: once armed, the
+// first bytes the client sends that contain `needle` (a read of that node: its path is in the
+// request) are not forwarded, and the connection is cut at once (kCut: the read fails with
+// ZCONNECTIONLOSS) or goes silent, swallowing everything, until the client gives up on it (kStall:
+// after 2/3 of the session timeout the C client fails the read with ZOPERATIONTIMEOUT). Either
+// way the client reconnects through the proxy, with the same session; later connections are
+// forwarded as they are.
+class LossyZkProxy {
+ public:
+  enum class Action { kCut, kStall };
+
+  explicit LossyZkProxy(int target_port) : target_port_(target_port) {
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr = Loopback(0);
+    int one = 1;
+    ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(listen_fd_, 16) != 0) {
+      throw std::runtime_error(std::string("LossyZkProxy: ") + std::strerror(errno));
+    }
+    socklen_t len = sizeof addr;
+    ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    acceptor_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~LossyZkProxy() {
+    stopping_ = true;
+    acceptor_.join();
+    std::lock_guard lock(mu_);
+    for (auto& t : pumps_) t.join();
+    ::close(listen_fd_);
+  }
+  int port() const { return port_; }
+  void Arm(std::string needle, Action action) {
+    std::lock_guard lock(mu_);
+    needle_ = std::move(needle);
+    action_ = action;
+  }
+  // Whether an armed needle was met (and the read lost).
+  bool fired() const { return fired_; }
+
+ private:
+  static sockaddr_in Loopback(int port) {
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    return addr;
+  }
+  void AcceptLoop() {
+    while (!stopping_) {
+      pollfd p{listen_fd_, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      int client = ::accept(listen_fd_, nullptr, nullptr);
+      if (client < 0) continue;
+      int server = ::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr = Loopback(target_port_);
+      if (::connect(server, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+        ::close(server);
+        ::close(client);
+        continue;
+      }
+      std::lock_guard lock(mu_);
+      pumps_.emplace_back([this, client, server] { Pump(client, server); });
+    }
+  }
+  // Forwards both ways until either side closes, the proxy stops, or an armed needle is met.
+  void Pump(int client, int server) {
+    bool silent = false;
+    char buf[65536];
+    while (!stopping_) {
+      pollfd p[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
+      if (::poll(p, 2, 50) <= 0) continue;
+      if (p[0].revents != 0) {
+        ssize_t n = ::recv(client, buf, sizeof buf, 0);
+        if (n <= 0) break;
+        if (silent) continue;
+        if (Trips(std::string_view(buf, static_cast<size_t>(n)), silent)) {
+          if (!silent) break;  // kCut
+          continue;
+        }
+        if (::send(server, buf, static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
+      }
+      if (p[1].revents != 0) {
+        ssize_t n = ::recv(server, buf, sizeof buf, 0);
+        if (n <= 0) break;
+        if (!silent && ::send(client, buf, static_cast<size_t>(n), MSG_NOSIGNAL) != n) break;
+      }
+    }
+    ::close(client);
+    ::close(server);
+  }
+  // Whether `bytes` from the client meet the armed needle (disarming it); `silent` is set for
+  // kStall.
+  bool Trips(std::string_view bytes, bool& silent) {
+    std::lock_guard lock(mu_);
+    if (needle_.empty() || bytes.find(needle_) == std::string_view::npos) return false;
+    needle_.clear();
+    silent = action_ == Action::kStall;
+    fired_ = true;
+    return true;
+  }
+
+  const int target_port_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> fired_{false};
+  std::mutex mu_;
+  std::string needle_;
+  Action action_ = Action::kCut;
+  std::vector<std::thread> pumps_;
+  std::thread acceptor_;
+};
+
+// A member's data changes; the read that follows the change loses its reply (the connection is
+// cut, or goes silent until the client times it out). The member keeps its last data meanwhile
+// (no snapshot without it) and is read again on the reconnect: the change is seen. (Before, a
+// lost reply left the member with its old data and no data watch, so no change was ever seen
+// again, and a timed-out read dropped the member from the set for good.)
+class LostMemberReadTest : public ZooKeeperTest, public ::testing::WithParamInterface<LossyZkProxy::Action> {};
+
+TEST_P(LostMemberReadTest, TheMemberIsKeptAndReadAgain) {
+  std::string created = Kazoo(CreateMember("/svc", "127.0.0.1", 1001) + "\n" + CreateMember("/svc", "127.0.0.2", 1002));
+  const std::string first = created.substr(0, created.find('\n'));
+  LossyZkProxy proxy(zk_->port());
+  auto set = MakeSet(fmt::format("zk://127.0.0.1:{}/svc?session_timeout=3s", proxy.port()));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}}))) << Show(rec.last());
+  const size_t snapshots = rec.count();
+
+  proxy.Arm(first.substr(first.rfind('/') + 1), GetParam());
+  Kazoo(fmt::format("zk.set('{}', {})", first, FinagleMemberPython("127.0.0.1", 1111)));
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1111}, {"127.0.0.2", 1002}}))) << Show(rec.last()) << "\n"
+                                                                              << set->Describe();
+  EXPECT_TRUE(proxy.fired()) << "the read of the changed member was not lost: the test proved nothing";
+  EXPECT_EQ(rec.count(), snapshots + 1) << "only the change was published (the member was never dropped)";
+  EXPECT_GE(set->stats().connection_losses, 1u);
+  EXPECT_EQ(set->stats().sessions, 1u) << "the same session throughout";
+}
+
+INSTANTIATE_TEST_SUITE_P(CutOrStalled, LostMemberReadTest,
+                         ::testing::Values(LossyZkProxy::Action::kCut, LossyZkProxy::Action::kStall),
+                         [](const auto& info) {
+                           return std::string(info.param == LossyZkProxy::Action::kCut ? "Cut" : "Stalled");
+                         });
 
 TEST_F(ZooKeeperTest, PathCreatedLateThenDeleted) {
   auto set = MakeSet(zk_->Uri("/late/svc"));
