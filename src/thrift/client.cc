@@ -18,9 +18,9 @@ namespace scales::thrift {
 std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(
     Protocol protocol, std::shared_ptr<apache::thrift::transport::TTransport> transport) {
   if (protocol == Protocol::kCompact) {
-    return std::make_shared<apache::thrift::protocol::TCompactProtocol>(std::move(transport));
+    return std::make_shared<LimitedProtocol<apache::thrift::protocol::TCompactProtocol>>(std::move(transport));
   }
-  return std::make_shared<apache::thrift::protocol::TBinaryProtocol>(std::move(transport));
+  return std::make_shared<LimitedProtocol<apache::thrift::protocol::TBinaryProtocol>>(std::move(transport));
 }
 
 // --- spare strings for call bytes ---------------------------------------------------------
@@ -118,6 +118,13 @@ void ThriftCall::Complete(MethodReturnMessage& msg, const boost::asio::any_io_ex
   delete this;
 }
 
+std::exception_ptr ThriftCall::MalformedReply(const std::exception& e) const {
+  return std::make_exception_ptr(
+      Error(make_error_code(Errc::kProtocolError),
+            fmt::format("malformed Thrift reply from {} for {}: {}", info->endpoint.empty() ? "?" : info->endpoint,
+                        message.method, e.what())));
+}
+
 void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, std::string bytes,
                      const CallOptions& options, const std::string& client_id) {
   if (!core) {
@@ -182,6 +189,7 @@ void BlockingTransport::flush() {
   std::string request = getBufferAsString();
   resetBuffer();
   std::string reply = BlockingRoundTrip(core_, std::move(request), options_, client_id_);
+  if (reader_ != nullptr) reader_->LimitReadsTo(reply.size());
   write(reinterpret_cast<const uint8_t*>(reply.data()), static_cast<uint32_t>(reply.size()));
 }
 

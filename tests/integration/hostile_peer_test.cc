@@ -25,7 +25,11 @@
 #include <thread>
 #include <vector>
 
+#include <boost/asio/use_future.hpp>
 #include <gtest/gtest.h>
+
+#include <thrift/Thrift.h>
+#include <thrift/protocol/TProtocolException.h>
 
 #include "Echo.h"
 #include "scales/http/client.h"
@@ -513,8 +517,54 @@ void HostileThrift(RawConn& c) {
     };
     std::string reply = std::string("\x80\x01\x00\x02", 4) + be32(4) + "echo" + seqid +
                         std::string("\x0b\x00\x00", 3) + be32(arg.size()) + arg + std::string(1, '\0');
+    if (arg == "huge-string") {
+      // A 24-byte reply whose result string declares 2 GiB - 16 bytes, none of which follow.
+      reply = std::string("\x80\x01\x00\x02", 4) + be32(4) + "echo" + seqid + std::string("\x0b\x00\x00", 3) +
+              be32(0x7FFFFFF0);
+    }
     if (!c.Write(be32(reply.size()) + reply)) return;
   }
+}
+
+// Peak resident memory of the process since the last ResetPeakMemory().
+size_t PeakMemory() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoul(line.substr(6)) * 1024;  // kB
+  }
+  return 0;
+}
+void ResetPeakMemory() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+TEST(HostilePeerTest, ThriftReplyDeclaringAHugeStringFailsWithoutAllocatingIt) {
+  // Apache's reader sizes a string from its declared length before reading it: a 24-byte reply
+  // declaring a 2 GiB string must fail as malformed, without the process ever holding 2 GiB.
+  RawServer server(HostileThrift);
+  thrift::ThriftOptions o;
+  o.client.name = "hostile-thrift";
+  o.client.runtime = MakeRuntime();
+  o.client.timeout = 10s;
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
+  EXPECT_EQ(Echo(client, "before"), "before");
+  ResetPeakMemory();
+  const size_t before = PeakMemory();
+  // Blocking: Apache's TProtocolException (SIZE_LIMIT) from the generated recv_echo.
+  EXPECT_THROW(Echo(client, "huge-string"), apache::thrift::protocol::TProtocolException);
+  // Async: scales::Error(kProtocolError) naming the endpoint and the method.
+  auto f = SCALES_THRIFT_CALL(client, echo, std::string("huge-string"), boost::asio::use_future);
+  try {
+    f.get();
+    ADD_FAILURE() << "the call succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kProtocolError) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find("malformed Thrift reply from 127.0.0.1:"), std::string_view::npos)
+        << e.what();
+    EXPECT_NE(std::string_view(e.what()).find(" for echo: "), std::string_view::npos) << e.what();
+  }
+  EXPECT_LT(PeakMemory(), before + (64u << 20)) << "peak resident memory grew by "
+                                                << (PeakMemory() - before) / (1 << 20) << " MiB";
+  EXPECT_EQ(Echo(client, "after"), "after");
 }
 
 TEST(HostilePeerTest, ThriftTwoGibFrameLengthIsRejectedByMaxFrameBytes) {

@@ -28,6 +28,10 @@
 //    void(std::exception_ptr) for void and oneway methods): a null pointer on success; else
 //    the declared exception, TApplicationException or scales::Error. use_future and
 //    use_awaitable rethrow that exception itself.
+//  - A reply whose body does not decode (truncated, or a string or container declaring more
+//    than the reply holds; ReadLimits): async calls get scales::Error(kProtocolError, "malformed
+//    Thrift reply from <endpoint> for <method>: ..."); a blocking call's generated recv_X throws
+//    Apache's TProtocolException / TTransportException.
 //
 // The contract with the stack (what another stack, e.g. ThriftMux, must keep to reuse this
 // client): the MethodCallMessage's payload is a scales::Stream holding one whole Thrift message
@@ -64,6 +68,7 @@
 #include <boost/asio/post.hpp>
 #include <thrift/protocol/TBinaryProtocol.h>
 #include <thrift/protocol/TCompactProtocol.h>
+#include <thrift/protocol/TProtocolException.h>
 #include <thrift/protocol/TProtocol.h>
 #include <thrift/transport/TBufferTransports.h>
 #include <thrift/transport/TTransportException.h>
@@ -74,7 +79,37 @@
 
 namespace scales::thrift {
 
-// A protocol writer/reader of kind `protocol` over `transport`.
+// Bounds what a protocol reading one reply may allocate from the lengths the reply declares.
+// Apache's readers size a string or a container from its declared length before they read it
+// (TBinaryProtocol resizes the string, TCompactProtocol reallocates its buffer, the generated
+// code resizes the vector), and their own check counts a struct element as 0 bytes: a reply of
+// a few bytes declaring a 2 GiB string, or a list of 2^31 structs, would allocate all of it.
+// Nothing in a reply is longer, or has more elements, than the reply has bytes (every element
+// takes at least one): LimitReadsTo(reply size) makes anything beyond that fail with
+// TProtocolException SIZE_LIMIT. A container may still cost its element size per reply byte.
+class ReadLimits {
+ public:
+  virtual void LimitReadsTo(size_t reply_bytes) noexcept = 0;
+
+ protected:
+  ~ReadLimits() = default;
+  static int32_t Limit(size_t reply_bytes) noexcept {
+    return static_cast<int32_t>(std::clamp<size_t>(reply_bytes, 1, INT32_MAX));  // 0 = no limit
+  }
+};
+
+// Apache's protocol P (TBinaryProtocolT or TCompactProtocolT) with ReadLimits.
+template <class P>
+class LimitedProtocol final : public P, public ReadLimits {
+ public:
+  using P::P;
+  void LimitReadsTo(size_t reply_bytes) noexcept override {
+    this->string_limit_ = Limit(reply_bytes);
+    this->container_limit_ = Limit(reply_bytes);
+  }
+};
+
+// A protocol writer/reader of kind `protocol` over `transport` (a LimitedProtocol).
 std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(
     Protocol protocol, std::shared_ptr<apache::thrift::transport::TTransport> transport);
 
@@ -106,6 +141,10 @@ class ThriftCall : public CallBase {
   // posted, not run inline. The call is destroyed right after.
   virtual void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor& fallback,
                        bool defer) = 0;
+  // The reply's body did not decode (`e`: Apache's TProtocolException or TTransportException,
+  // e.g. truncated, or a length over the reply's size): scales::Error(kProtocolError) naming
+  // the endpoint, the method and what was wrong.
+  std::exception_ptr MalformedReply(const std::exception& e) const;
 
  private:
   CallInfo own_info_;
@@ -128,11 +167,15 @@ class BlockingTransport final : public apache::thrift::transport::TMemoryBuffer 
   BlockingTransport(std::shared_ptr<ClientCore> core, CallOptions options, std::string client_id)
       : core_(std::move(core)), options_(std::move(options)), client_id_(std::move(client_id)) {}
   void flush() override;
+  // The limits of the protocol that reads the reply from this buffer: flush() bounds its
+  // reads by the reply's size (ReadLimits). It must outlive the flush.
+  void ReadsWith(ReadLimits* reader) noexcept { reader_ = reader; }
 
  private:
   std::shared_ptr<ClientCore> core_;
   CallOptions options_;
   std::string client_id_;
+  ReadLimits* reader_ = nullptr;
 };
 
 namespace internal {
@@ -228,11 +271,15 @@ class ReplyReader final
 // here ptrans_ points at the transport without owning it (a shared_ptr aliasing an empty one
 // has no control block, so its copies touch no counter) and owner_ keeps the transport alive.
 template <class P, class T>
-class UncountedTransportProtocol final : public P {
+class UncountedTransportProtocol final : public P, public ReadLimits {
  public:
   explicit UncountedTransportProtocol(std::shared_ptr<T> transport) : P(transport), owner_(std::move(transport)) {
     this->ptrans_ = std::shared_ptr<apache::thrift::transport::TTransport>(
         std::shared_ptr<apache::thrift::transport::TTransport>(), owner_.get());
+  }
+  void LimitReadsTo(size_t reply_bytes) noexcept override {
+    this->string_limit_ = Limit(reply_bytes);
+    this->container_limit_ = Limit(reply_bytes);
   }
 
  private:
@@ -276,7 +323,9 @@ class Codec {
   explicit Codec(Protocol protocol)
       : buffer_(std::make_shared<Buffer>()),
         reader_(std::make_shared<ReplyReader>()),
-        gen_(MakeProtocolOver(protocol, reader_), MakeProtocolOver(protocol, buffer_)) {}
+        in_(MakeProtocolOver(protocol, reader_)),
+        in_limits_(dynamic_cast<ReadLimits*>(in_.get())),
+        gen_(in_, MakeProtocolOver(protocol, buffer_)) {}
 
   static std::unique_ptr<Codec>& For(Protocol protocol) {
     thread_local std::unique_ptr<Codec> codecs[2];
@@ -286,11 +335,15 @@ class Codec {
   }
   Buffer& buffer() noexcept { return *buffer_; }
   ReplyReader& reader() noexcept { return *reader_; }
+  // The limits of the protocol gen() reads replies with (over reader()).
+  ReadLimits& in_limits() noexcept { return *in_limits_; }
   G& gen() noexcept { return gen_; }
 
  private:
   std::shared_ptr<Buffer> buffer_;
   std::shared_ptr<ReplyReader> reader_;
+  std::shared_ptr<apache::thrift::protocol::TProtocol> in_;
+  ReadLimits* in_limits_;
   G gen_;
 };
 
@@ -332,6 +385,7 @@ void DecodeInto(Protocol protocol, std::string_view bytes, Recv recv,
   auto& codec = Codec<G>::For(protocol);
   ReplyReader& reader = codec->reader();
   reader.Observe(bytes);
+  codec->in_limits().LimitReadsTo(bytes.size());
   struct Forget {
     ReplyReader& r;
     ~Forget() { r.Clear(); }
@@ -383,8 +437,14 @@ class DecodingCall final : public ThriftCall {
     } else {
       try {
         DecodeInto<G>(protocol_, reply.data, recv_, value);
+      } catch (const apache::thrift::protocol::TProtocolException& e) {
+        ep = MalformedReply(e);
+        value = {};
+      } catch (const apache::thrift::transport::TTransportException& e) {
+        ep = MalformedReply(e);
+        value = {};
       } catch (...) {
-        ep = std::current_exception();
+        ep = std::current_exception();  // a declared exception, TApplicationException
         value = {};
       }
     }
@@ -441,7 +501,9 @@ class ThriftClient {
    public:
     Proxy(std::shared_ptr<ClientCore> core, Protocol protocol, CallOptions options, std::string client_id)
         : transport_(std::make_shared<BlockingTransport>(std::move(core), std::move(options), std::move(client_id))),
-          generated_(MakeProtocol(protocol, transport_)) {}
+          generated_(MakeProtocol(protocol, transport_)) {
+      transport_->ReadsWith(dynamic_cast<ReadLimits*>(generated_.getInputProtocol().get()));
+    }
     Proxy(const Proxy&) = delete;
     Proxy& operator=(const Proxy&) = delete;
     G* operator->() noexcept { return &generated_; }
