@@ -120,14 +120,14 @@ Runtime::Runtime(RuntimeOptions options)
   if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
   for (size_t i = 0; i < n; ++i) {
     loops_.push_back(
-        std::make_unique<EventLoop>(i, clock_, options.seed + i, nullptr, options.busy_poll));
+        std::make_shared<EventLoop>(i, clock_, options.seed + i, nullptr, options.busy_poll));
   }
   if (options.start_threads) StartThreads();
 }
 
 Runtime::Runtime(boost::asio::io_context& external, std::shared_ptr<Clock> clock, uint64_t seed)
     : clock_(clock ? std::move(clock) : SteadyClock::Instance()) {
-  loops_.push_back(std::make_unique<EventLoop>(0, clock_, seed, &external));
+  loops_.push_back(std::make_shared<EventLoop>(0, clock_, seed, &external));
 }
 
 void Runtime::StartThreads() {
@@ -135,7 +135,7 @@ void Runtime::StartThreads() {
     guards_.emplace_back(loop->io_context().get_executor());
   }
   for (auto& loop : loops_) {
-    threads_.emplace_back([l = loop.get()] { l->Run(); });
+    threads_.emplace_back([l = loop] { l->Run(); });
   }
 }
 
@@ -146,14 +146,18 @@ Runtime::~Runtime() {
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   for (size_t i = 0; i < threads_.size(); ++i) {
     auto& ioc = loops_[i]->io_context();
-    while (!ioc.stopped() && std::chrono::steady_clock::now() < give_up) {
+    // Destroyed from one of this loop's handlers: it cannot run out of work before we return.
+    const bool ours = threads_[i].get_id() == std::this_thread::get_id();
+    while (!ours && !ioc.stopped() && std::chrono::steady_clock::now() < give_up) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     ioc.stop();
   }
   for (auto& t : threads_) {
     if (t.get_id() == std::this_thread::get_id()) {
-      t.detach();  // destroyed from one of its own handlers: cannot join ourselves
+      // Cannot join ourselves: the thread's own reference keeps its loop alive until run()
+      // returns, after the handler that destroys us.
+      t.detach();
     } else {
       t.join();
     }

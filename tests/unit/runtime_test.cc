@@ -141,6 +141,30 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandl
   SetLogClock(previous_log_clock);
 }
 
+// The last reference to a runtime may go inside a handler on one of its own loops (a client
+// that owns its runtime, released from its own callback). The destructor cannot wait for that
+// loop, nor destroy it while its thread is inside it: it stops the loop, joins the others, and
+// the loop is destroyed by its own thread once run() returned. (ASan reported the loop's
+// io_context used after it was freed; the destructor also waited 5 s for its own loop.)
+TEST(ConcurrencyRuntimeTest, DestroyedFromOneOfItsOwnLoops) {
+  RuntimeOptions options;
+  options.threads = 2;
+  auto runtime = std::make_shared<Runtime>(options);
+  std::promise<std::chrono::steady_clock::duration> destroyed;
+  auto executor = runtime->loop(1).executor();
+  boost::asio::post(executor, [&destroyed, rt = std::move(runtime)]() mutable {
+    const auto start = std::chrono::steady_clock::now();
+    rt.reset();  // the last reference
+    destroyed.set_value(std::chrono::steady_clock::now() - start);
+    // The handler returns into the loop's run(): the loop must still exist.
+  });
+  auto took = destroyed.get_future();
+  ASSERT_EQ(took.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+  EXPECT_LT(took.get(), std::chrono::seconds(4)) << "the destructor waited for its own loop";
+  // The detached loop thread ends on its own, destroying its loop.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+}
+
 // With no call in flight on it (nothing a reply could be on its way for), a busy-polling loop
 // sleeps instead of spinning: its thread uses next to no CPU while a 50 ms timer runs, though its
 // window is a whole second. (A loop that spun would use about 50 ms.)

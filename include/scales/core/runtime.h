@@ -104,7 +104,10 @@ struct RuntimeOptions {
 };
 
 // Owns the event loops. Destroying the runtime stops its threads after the loops have run out
-// of work (bounded wait), so clients using it must be closed first.
+// of work (bounded wait), so clients using it must be closed first. It may be destroyed from
+// inside a handler on one of its loops (the last reference released there): that loop is then
+// stopped without waiting, its thread detached, and the loop destroyed by that thread when the
+// handler has returned; the handlers still queued on it are destroyed without running.
 // Thread safety: all public functions are safe from any thread.
 class Runtime : public std::enable_shared_from_this<Runtime> {
  public:
@@ -138,7 +141,9 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   void StartThreads();
 
   std::shared_ptr<Clock> clock_;
-  std::vector<std::unique_ptr<EventLoop>> loops_;
+  // Shared with each loop's thread: a runtime destroyed from inside one of its own loops
+  // leaves that loop to its thread, which destroys it once run() returned.
+  std::vector<std::shared_ptr<EventLoop>> loops_;
   std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
   std::vector<std::thread> threads_;
   std::atomic<size_t> next_{0};
