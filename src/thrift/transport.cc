@@ -60,6 +60,7 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
   }
   auto header = ParseMessageHeader(request->data);
   oneway_ = header && header->type == MessageType::kOneway;
+  seqid_ = header ? std::optional<int32_t>(header->seqid) : std::nullopt;
   current_ = &stack;
   reply_ = reply;
   BeginRequest();
@@ -92,7 +93,7 @@ ConnectionSink::ParseResult ThriftTransportSink::ParseReply(boost::beast::flat_b
         }
         reply_->data.assign(reinterpret_cast<const char*>(p), scan.size);
         in.consume(scan.size);
-        return ParseResult::Done();
+        return Done();
       case MessageScan::Status::kMalformed:
         return ParseResult::Failed(make_error_code(Errc::kProtocolError),
                                    fmt::format("malformed Thrift reply from {}: {}", conn().address(), scan.error));
@@ -120,6 +121,22 @@ ConnectionSink::ParseResult ThriftTransportSink::ParseReply(boost::beast::flat_b
   if (size - 4 < len) return ParseResult::NeedMore();
   reply_->data.assign(reinterpret_cast<const char*>(p + 4), len);
   in.consume(4 + static_cast<size_t>(len));
+  return Done();
+}
+
+ConnectionSink::ParseResult ThriftTransportSink::Done() {
+  if (seqid_) {
+    auto header = ParseMessageHeader(reply_->data);  // undecodable: the serializer says why
+    std::optional<int32_t> got = header ? std::optional<int32_t>(header->seqid) : std::nullopt;
+    if (got && *got != *seqid_) {
+      // Not this request's reply: the connection is out of step. The serializer would report the
+      // mismatch too, but the connection must not be reused.
+      return ParseResult::Failed(make_error_code(Errc::kProtocolError),
+                                 fmt::format("Thrift reply from {} has seqid {}, expected {} (a stray or duplicate "
+                                             "reply); connection closed",
+                                             conn().address(), *got, *seqid_));
+    }
+  }
   return ParseResult::Done();
 }
 

@@ -493,7 +493,8 @@ TEST(HostilePeerTest, HttpAnswerBeforeTheRequestIsWrittenCompletesOnce) {
 // --- Framed Thrift -------------------------------------------------------------------------------
 
 // Answers echo(s) calls (strict binary, framed): "huge-frame" with a 2 GiB frame length, every
-// other argument with the argument.
+// other argument with the argument; "huge-string" declares a 2 GiB string it does not send;
+// "duplicate-reply" is answered twice, the second time 100 ms later.
 void HostileThrift(RawConn& c) {
   for (;;) {
     auto len = c.ReadExactly(4);
@@ -523,6 +524,11 @@ void HostileThrift(RawConn& c) {
               be32(0x7FFFFFF0);
     }
     if (!c.Write(be32(reply.size()) + reply)) return;
+    if (arg == "duplicate-reply") {
+      // Again, a moment later: after the client sent its next request on the connection.
+      std::this_thread::sleep_for(100ms);
+      if (!c.Write(be32(reply.size()) + reply)) return;
+    }
   }
 }
 
@@ -565,6 +571,32 @@ TEST(HostilePeerTest, ThriftReplyDeclaringAHugeStringFailsWithoutAllocatingIt) {
   EXPECT_LT(PeakMemory(), before + (64u << 20)) << "peak resident memory grew by "
                                                 << (PeakMemory() - before) / (1 << 20) << " MiB";
   EXPECT_EQ(Echo(client, "after"), "after");
+}
+
+TEST(HostilePeerTest, ThriftDuplicateReplyRetiresTheConnection) {
+  // The server answers one call twice, the second time while the next call is on the
+  // connection. That call reads the duplicate:
+  // it fails (its own reply is still to come), and the connection, one reply behind, is closed
+  // rather than reused; every later call gets its own reply.
+  RawServer server(HostileThrift);
+  thrift::ThriftOptions o;
+  o.client.name = "hostile-thrift";
+  o.client.runtime = MakeRuntime();
+  o.client.timeout = 10s;
+  o.retry = std::nullopt;  // the failure itself is what is checked
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
+  EXPECT_EQ(Echo(client, "duplicate-reply"), "duplicate-reply");
+  try {
+    Echo(client, "next");
+    ADD_FAILURE() << "the call after the duplicate got a reply";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kProtocolError) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find("(a stray or duplicate reply); connection closed"),
+              std::string_view::npos)
+        << e.what();
+  }
+  for (const char* s : {"one", "two", "three"}) EXPECT_EQ(Echo(client, s), s);
+  EXPECT_EQ(server.accepted(), 2);
 }
 
 TEST(HostilePeerTest, ThriftTwoGibFrameLengthIsRejectedByMaxFrameBytes) {

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "scales/core/provider.h"
@@ -72,6 +73,11 @@ class ThriftTransportSink final : public ConnectionSink {
   SinkStack* current_ = nullptr;
   Stream* reply_ = nullptr;
   bool oneway_ = false;
+  // The sequence id of the request on the connection (the serializer's): a reply with another
+  // (a stray reply, e.g. to a oneway call, or a duplicate) closes the connection, which would
+  // otherwise stay one reply behind.
+  std::optional<int32_t> seqid_;
+  ParseResult Done();
 };
 
 // Provider of the ThriftTransportSink (role "transport"). Throws like Validate(options), and
