@@ -30,15 +30,13 @@ uint64_t StaticServerSet::Subscribe(boost::asio::any_io_executor executor, Liste
   auto sub = std::make_shared<Subscriber>();
   sub->executor = std::move(executor);
   sub->listener = std::move(listener);
-  Members snapshot;
-  uint64_t id;
-  {
-    std::lock_guard lock(mu_);
-    id = ++next_id_;
-    subscribers_[id] = sub;
-    snapshot = members_;
-  }
-  Deliver(sub, std::move(snapshot));
+  // Posted under the lock, as Update's are: lists reach each subscriber in the order the set
+  // took them (posted after the lock, an Update running in between could post its newer list
+  // first, and the subscriber would end on the older one). A post never runs the listener.
+  std::lock_guard lock(mu_);
+  const uint64_t id = ++next_id_;
+  subscribers_[id] = sub;
+  Deliver(sub, members_);
   return id;
 }
 
@@ -73,13 +71,9 @@ std::string StaticServerSet::Describe() const {
 }
 
 void StaticServerSet::Update(Members members) {
-  std::vector<std::shared_ptr<Subscriber>> subs;
-  {
-    std::lock_guard lock(mu_);
-    members_ = members;
-    for (auto& [id, sub] : subscribers_) subs.push_back(sub);
-  }
-  for (auto& sub : subs) Deliver(sub, members);
+  std::lock_guard lock(mu_);  // posts under the lock: see Subscribe
+  members_ = std::move(members);
+  for (auto& [id, sub] : subscribers_) Deliver(sub, members_);
 }
 
 ServerSet::Members StaticServerSet::members() const {

@@ -1,0 +1,75 @@
+// StaticServerSet: lists reach a subscriber in the order the set took them.
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <future>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/execution.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <gtest/gtest.h>
+
+#include "scales/discovery/server_set.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+
+ServerSet::Members List(int n) { return {{"127.0.0.1", static_cast<uint16_t>(1000 + n)}}; }
+
+// An executor over an io_context that runs `hook` (on the posting thread) before each post.
+struct HookedExecutor {
+  boost::asio::io_context* ctx;
+  const std::function<void()>* hook;
+
+  boost::asio::execution_context& query(boost::asio::execution::context_t) const noexcept { return *ctx; }
+  static constexpr boost::asio::execution::blocking_t query(boost::asio::execution::blocking_t) noexcept {
+    return boost::asio::execution::blocking.never;
+  }
+  HookedExecutor require(boost::asio::execution::blocking_t::never_t) const noexcept { return *this; }
+  template <class F>
+  void execute(F f) const {
+    (*hook)();
+    boost::asio::post(ctx->get_executor(), std::move(f));
+  }
+  friend bool operator==(const HookedExecutor& a, const HookedExecutor& b) noexcept {
+    return a.ctx == b.ctx && a.hook == b.hook;
+  }
+  friend bool operator!=(const HookedExecutor& a, const HookedExecutor& b) noexcept { return !(a == b); }
+};
+
+// A subscription copies the set's list and posts it; an update that runs in between must not
+// get its newer list to the subscriber first. The hook holds the subscription's post until the
+// update has returned (or 300 ms: with the set's lock held across the post, the update cannot
+// return before it). Before, the post came after the lock was released: the update posted its
+// list first and the subscriber ended on the older one.
+TEST(ConcurrencyStaticServerSetTest, AnUpdateDuringASubscriptionIsDeliveredAfterItsList) {
+  StaticServerSet set(List(0));
+  boost::asio::io_context deliveries;
+  std::promise<void> subscription_posting, update_returned;
+  auto update_done = update_returned.get_future();
+  std::atomic<bool> first{true};
+  const std::function<void()> hook = [&] {
+    if (!first.exchange(false)) return;  // only the subscription's post waits
+    subscription_posting.set_value();
+    update_done.wait_for(300ms);
+  };
+  std::thread updater([&] {
+    subscription_posting.get_future().wait();
+    set.Update(List(1));
+    update_returned.set_value();
+  });
+  std::vector<int> seen;
+  set.Subscribe(HookedExecutor{&deliveries, &hook},
+                [&seen](const ServerSet::Members& m) { seen.push_back(m.front().port - 1000); });
+  updater.join();
+  deliveries.run();
+  EXPECT_EQ(seen, (std::vector<int>{0, 1})) << "the subscriber must end on the set's list";
+  EXPECT_EQ(set.members(), List(1));
+}
+
+}  // namespace
+}  // namespace scales
