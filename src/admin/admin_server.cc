@@ -25,6 +25,7 @@
 #include "scales/core/forwarding_sink.h"
 #include "scales/core/log.h"
 #include "scales/core/runtime.h"
+#include "scales/discovery/uri.h"
 #include "scales/loadbalancer/heap_balancer.h"
 
 namespace scales::admin {
@@ -288,7 +289,7 @@ std::string ClientsJson(Duration timeout) {
   ClientCore::ForEachLiveClient([&](const ClientCore& core) {
     ClientCopy c;
     c.name = core.options().name;
-    c.uri = core.options().uri;
+    c.uri = RedactUriSecrets(core.options().uri);
     c.server_set = core.server_set()->Describe();
     c.describe = core.Describe();
     c.timeout = core.options().timeout;

@@ -429,11 +429,26 @@ std::string ParsedUri::ToString() const {
   return out;
 }
 
+std::string RedactUriSecrets(std::string_view uri) {
+  std::string out(uri);
+  const size_t query = out.find('?');
+  if (query == std::string::npos) return out;
+  for (size_t at = query; at != std::string::npos && at < out.size(); at = out.find('&', at + 1)) {
+    if (out.compare(at + 1, 5, "auth=") != 0) continue;
+    const size_t value = at + 6;
+    const size_t end = std::min(out.find('&', value), out.find('#', value));
+    const size_t colon = out.find(':', value);
+    if (colon == std::string::npos || colon >= end) continue;  // no secret after a scheme
+    out.replace(colon + 1, (end == std::string::npos ? out.size() : end) - colon - 1, "***");
+  }
+  return out;
+}
+
 std::optional<ParsedUri> ScalesUriParser::TryParse(std::string_view uri, std::string& error) {
   ParsedUri parsed;
   std::string problem = UriParser(uri).Parse(parsed);
   if (!problem.empty()) {
-    error = fmt::format("bad URI '{}': {}", uri, problem);
+    error = fmt::format("bad URI '{}': {}", RedactUriSecrets(uri), problem);
     return std::nullopt;
   }
   error.clear();

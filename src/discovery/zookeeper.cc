@@ -34,7 +34,8 @@ std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view
 
 ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOptions defaults) {
   auto bad = [&](const std::string& why) {
-    return Error(make_error_code(Errc::kBadUri), fmt::format("bad URI '{}': {}", uri.ToString(), why));
+    return Error(make_error_code(Errc::kBadUri),
+                 fmt::format("bad URI '{}': {}", RedactUriSecrets(uri.ToString()), why));
   };
   if (uri.scheme != "zk") throw bad("not a zk:// URI");
   ZooKeeperOptions out = std::move(defaults);
@@ -108,20 +109,14 @@ std::string ZooKeeperOptions::ConnectString(const ParsedUri& uri) const {
 namespace {
 
 // A ParsedUri's description without secrets: the auth credentials are not shown.
-std::string DescribeUri(const ParsedUri& uri) {
-  ParsedUri copy = uri;
-  if (auto it = copy.query.find("auth"); it != copy.query.end()) {
-    it->second = it->second.substr(0, it->second.find(':')) + ":***";
-  }
-  return copy.ToString();
-}
+std::string DescribeUri(const ParsedUri& uri) { return RedactUriSecrets(uri.ToString()); }
 
 ZooKeeperOptions CheckedOptions(const ParsedUri& uri, ZooKeeperOptions options) {
   ZooKeeperOptions out = ZooKeeperOptions::FromUri(uri, std::move(options));
   out.Validate();
   if (uri.path.empty() || uri.path == "/") {
     throw Error(make_error_code(Errc::kBadUri),
-                fmt::format("bad URI '{}': the server set path is missing", uri.ToString()));
+                fmt::format("bad URI '{}': the server set path is missing", RedactUriSecrets(uri.ToString())));
   }
   return out;
 }

@@ -161,6 +161,37 @@ TEST(ZooKeeperOptionsTest, BadQueryIsABadUri) {
   EXPECT_THROW(o.Validate(), Error);
 }
 
+// ZooKeeper credentials in a URI never appear in what scales says about it: parse errors,
+// option errors, descriptions (the admin server's /admin/clients uses RedactUriSecrets too).
+TEST(ZooKeeperOptionsTest, CredentialsAreNeverQuoted) {
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3cr:et&session_timeout=3s"),
+            "zk://a:1/svc?auth=digest:***&session_timeout=3s");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?session_timeout=3s&auth=digest:user:s3cret#http"),
+            "zk://a:1/svc?session_timeout=3s&auth=digest:***#http");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#http?xauth=a:b&auth=digest"), "zk://a:1/svc#http?xauth=a:b&auth=digest");
+  EXPECT_EQ(RedactUriSecrets("tcp://a:1,b:2"), "tcp://a:1,b:2");
+  auto what = [](const char* uri) {
+    try {
+      ZooKeeperServerSet set(ScalesUriParser::Parse(uri));
+      ADD_FAILURE() << uri;
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  for (const std::string& message :
+       {what("zk://a:1/svc?auth=digest:user:s3cret&bogus=1"),           // an option error
+        what("zk://a:1/?auth=digest:user:s3cret"),                      // no path
+        what("zk://a:1/svc?auth=digest:user:s3cret&session_timeout=1h")}) {
+    EXPECT_EQ(message.find("s3cret"), std::string::npos) << message;
+    EXPECT_NE(message.find("auth=digest:***"), std::string::npos) << message;
+  }
+  std::string error;
+  EXPECT_FALSE(ScalesUriParser::TryParse("zk://a:99999/svc?auth=digest:user:s3cret", error));  // a parse error
+  EXPECT_EQ(error.find("s3cret"), std::string::npos) << error;
+  EXPECT_NE(error.find("auth=digest:***"), std::string::npos) << error;
+}
+
 TEST(ZooKeeperOptionsTest, CreateServerSetRejectsBadOptionsWithoutConnecting) {
   try {
     CreateServerSet(ScalesUriParser::Parse("zk://127.0.0.1:1/svc?unknown=1"));

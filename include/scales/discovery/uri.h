@@ -33,6 +33,11 @@ struct ParsedUri {
   std::string ToString() const;
 };
 
+// `uri` with the secret of its `auth=scheme:secret` query parameter (ZooKeeper credentials)
+// replaced by "***", for messages, logs and pages: "zk://h:2181/svc?auth=digest:***".
+// Anything else is returned as it is, even when it does not parse.
+std::string RedactUriSecrets(std::string_view uri);
+
 class ScalesUriParser {
  public:
   // Parses `uri`; on failure returns nullopt and sets `error` to a message that quotes the
