@@ -479,7 +479,12 @@ class Announcer::Impl {
   void Start() {
     connection_.Start({
         .connected = [this](bool new_session) {
-          if (new_session) SetNode("");  // an expired session's ephemeral node is gone
+          if (new_session) {
+            SetNode("");  // an expired session's ephemeral node is gone
+            // ... and so are its operations: a create in flight then never completes (the
+            // connection drops the old session's completions).
+            creating_ = false;
+          }
           if (node_.empty() && !creating_) CreateMember();
         },
         .disconnected = [] {},
@@ -525,8 +530,15 @@ class Announcer::Impl {
 
   std::string Describe() const {
     std::string node = node_path();
-    return fmt::format("announcer {} ({})", description_,
-                       node.empty() ? connection_.StatusText() : "announced as " + node);
+    if (!node.empty()) return fmt::format("announcer {} (announced as {})", description_, node);
+    std::string status = connection_.StatusText();
+    if (status.starts_with("connected")) {
+      // Connected but not announced: say what the last create ran into.
+      if (std::string error = connection_.last_error(); !error.empty()) {
+        status += fmt::format(", not announced: {}, retrying", error);
+      }
+    }
+    return fmt::format("announcer {} ({})", description_, status);
   }
 
  private:
@@ -549,11 +561,26 @@ class Announcer::Impl {
                          } else if (rc == ZNONODE) {
                            CreateParents(1);
                          } else {
-                           // Connection loss: the next connect retries.
-                           connection_.SetLastError(
-                               fmt::format("create {}/member_: {}", path_, ZkErrorText(rc)));
+                           CreateFailed(fmt::format("create {}/member_: {}", path_, ZkErrorText(rc)), rc);
                          }
                        });
+  }
+
+  // A create failed: after a connection loss the next connect retries; anything else (no
+  // permission, a missing chroot node) is retried every retry_interval, as a server set's
+  // reads are.
+  void CreateFailed(std::string error, int rc) {
+    connection_.SetLastError(std::move(error));
+    if (rc == ZCONNECTIONLOSS || rc == ZOPERATIONTIMEOUT || rc == ZCLOSING || rc == ZSESSIONEXPIRED ||
+        rc == ZINVALIDSTATE || retry_pending_) {
+      return;
+    }
+    retry_pending_ = true;
+    retry_timer_.expires_after(options_.retry_interval);
+    retry_timer_.async_wait([this](boost::system::error_code ec) {
+      retry_pending_ = false;
+      if (!ec && connection_.connected() && node_path().empty() && !creating_) CreateMember();
+    });
   }
 
   // Creates the persistent ancestors of the member, from the root down, then the member.
@@ -564,7 +591,7 @@ class Announcer::Impl {
     connection_.Create(prefix, "", 0, [this, slash](int rc, std::string) {
       creating_ = false;
       if (rc != ZOK && rc != ZNODEEXISTS) {
-        connection_.SetLastError(fmt::format("create parents of {}: {}", path_, ZkErrorText(rc)));
+        CreateFailed(fmt::format("create parents of {}: {}", path_, ZkErrorText(rc)), rc);
         return;
       }
       if (slash == std::string::npos) {
@@ -579,7 +606,8 @@ class Announcer::Impl {
   const std::string path_;
   const std::string data_;
   const ZooKeeperOptions options_;
-  bool creating_ = false;  // loop thread
+  bool creating_ = false;       // loop thread
+  bool retry_pending_ = false;  // loop thread
 
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
@@ -587,6 +615,7 @@ class Announcer::Impl {
   std::once_flag shutdown_once_;
 
   ZkConnection connection_;
+  boost::asio::steady_timer retry_timer_{connection_.io_context()};
 };
 
 Announcer::Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options)

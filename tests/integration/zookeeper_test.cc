@@ -668,6 +668,30 @@ TEST_F(ZooKeeperTest, DigestAuthentication) {
   EXPECT_FALSE(denied->members());
 }
 
+TEST_F(ZooKeeperTest, AnnouncerRetriesACreateTheEnsembleRefused) {
+  // Anyone may read the server set's node (and change its permissions) but no one may create
+  // in it: the announcer's create fails (no permission); Describe() says so, and it tries again
+  // every retry_interval, so it announces once the permission is granted. (It used to give up
+  // after the first refusal.)
+  Kazoo("from kazoo.security import make_acl\n"
+        "zk.create('/locked', b'', acl=[make_acl('world', 'anyone', read=True, admin=True)])");
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.9", 9009};
+  Announcer announcer(ScalesUriParser::Parse(zk_->Uri("/locked?retry_interval=200ms")), instance);
+  ASSERT_TRUE(WaitFor([&] { return announcer.Describe().find("not authenticated") != std::string::npos; }))
+      << announcer.Describe();
+  EXPECT_NE(announcer.Describe().find("not announced: create /locked/member_: not authenticated, retrying"),
+            std::string::npos)
+      << announcer.Describe();
+  EXPECT_TRUE(announcer.node_path().empty());
+  Kazoo("from kazoo.security import OPEN_ACL_UNSAFE\nzk.set_acls('/locked', OPEN_ACL_UNSAFE)");
+  ASSERT_TRUE(announcer.WaitAnnounced(10s)) << announcer.Describe();
+  EXPECT_EQ(announcer.node_path().rfind("/locked/member_", 0), 0u) << announcer.node_path();
+  auto set = MakeSet(zk_->Uri("/locked"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.9", 9009}}))) << Show(rec.last());
+}
+
 TEST_F(ZooKeeperTest, ChrootResolvesThePathBelowIt) {
   Kazoo(CreateMember("/prod/svc", "127.0.0.1", 1001) + "\n" +
         CreateMember("/svc", "127.0.0.2", 1002));
