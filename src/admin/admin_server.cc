@@ -15,6 +15,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
@@ -38,7 +39,15 @@ namespace json = boost::json;
 using tcp = asio::ip::tcp;
 
 constexpr auto kIdleTimeout = std::chrono::seconds(30);
+// A response not written within this closes its connection (a client that stopped reading).
+constexpr auto kWriteTimeout = std::chrono::seconds(30);
 constexpr size_t kMaxRequestHeaderBytes = 8 * 1024;
+// Connections served at once; more are closed as they are accepted. The admin server shares
+// the process's descriptors with its clients: it must not exhaust them.
+constexpr size_t kMaxConnections = 64;
+// After a failed accept (out of descriptors: the listening socket stays readable), wait this
+// long before accepting again rather than spin.
+constexpr auto kAcceptRetryDelay = std::chrono::milliseconds(100);
 
 int64_t Millis(Duration d) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
@@ -263,6 +272,7 @@ class Session : public std::enable_shared_from_this<Session> {
       res->body() = std::move(r.body);
       res->prepare_payload();
     }
+    stream_.expires_after(kWriteTimeout);  // its own deadline, not what the read left of its own
     http::async_write(stream_, *res,
                       [self = shared_from_this(), res](beast::error_code ec, size_t) {
                         if (ec || !res->keep_alive()) return self->Close();
@@ -349,6 +359,7 @@ class AdminServer::Impl {
     asio::post(ioc_, [this] {
       beast::error_code ignored;
       acceptor_.close(ignored);
+      accept_retry_.cancel();
       for (auto& weak : sessions_) {
         if (auto s = weak.lock()) s->Close();
       }
@@ -368,12 +379,23 @@ class AdminServer::Impl {
     acceptor_.async_accept([this](beast::error_code ec, tcp::socket socket) {
       if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
       if (ec) {
-        SCALES_LOG_RATE_LIMITED(kWarning, 1, "admin server on port {}: accept failed: {}", port_,
-                                ec.message());
+        SCALES_LOG_RATE_LIMITED(kWarning, 1, "admin server on port {}: accept failed: {}; retrying in {} ms",
+                                port_, ec.message(), Millis(kAcceptRetryDelay));
+        accept_retry_.expires_after(kAcceptRetryDelay);
+        accept_retry_.async_wait([this](beast::error_code wait_ec) {
+          if (!wait_ec && acceptor_.is_open()) Accept();
+        });
+        return;
+      }
+      // Forget sessions that are gone, so the list does not grow with every connection.
+      std::erase_if(sessions_, [](const std::weak_ptr<Session>& w) { return w.expired(); });
+      if (sessions_.size() >= kMaxConnections) {
+        SCALES_LOG_RATE_LIMITED(kWarning, 1, "admin server on port {}: {} connections open (the limit); "
+                                "connection closed", port_, sessions_.size());
+        beast::error_code ignored;
+        socket.close(ignored);
       } else {
         auto session = std::make_shared<Session>(std::move(socket), &handler_);
-        // Forget sessions that are gone, so the list does not grow with every connection.
-        std::erase_if(sessions_, [](const std::weak_ptr<Session>& w) { return w.expired(); });
         sessions_.push_back(session);
         session->Start();
       }
@@ -413,6 +435,7 @@ class AdminServer::Impl {
   stats::StatsRegistry* stats_;
   asio::io_context ioc_{1};
   tcp::acceptor acceptor_;
+  asio::steady_timer accept_retry_{ioc_};
   uint16_t port_ = 0;
   Session::Handler handler_;
   std::vector<std::weak_ptr<Session>> sessions_;  // on the server thread only

@@ -14,7 +14,10 @@
 #include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
 #include <boost/asio/use_future.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/json.hpp>
 
 #include "scales/http/client.h"
@@ -215,6 +218,29 @@ TEST_F(AdminServerTest, IndexErrorsAndStop) {
   admin_->Stop();
   admin_->Stop();  // idempotent
   EXPECT_FALSE(test::CanConnect(port));
+}
+
+// The admin server shares the process's descriptors with its clients: it serves at most 64
+// connections at once and closes the ones beyond as it accepts them, then serves again once
+// some are gone.
+TEST_F(AdminServerTest, ConnectionsBeyondTheLimitAreClosed) {
+  boost::asio::io_context io;
+  const boost::asio::ip::tcp::endpoint endpoint(boost::asio::ip::make_address("127.0.0.1"), admin_->port());
+  std::vector<boost::asio::ip::tcp::socket> idle;
+  for (int i = 0; i < 64; ++i) {
+    idle.emplace_back(io).connect(endpoint);
+  }
+  // Each of those is a session once accepted: a GET on the first one is answered.
+  boost::asio::write(idle[0], boost::asio::buffer(std::string("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")));
+  char buf[256];
+  EXPECT_GT(idle[0].read_some(boost::asio::buffer(buf)), 0u);
+  boost::asio::ip::tcp::socket extra(io);
+  extra.connect(endpoint);
+  boost::system::error_code ec;
+  extra.read_some(boost::asio::buffer(buf), ec);  // closed by the server, without a response
+  EXPECT_TRUE(ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset) << ec.message();
+  idle.clear();
+  EXPECT_TRUE(Eventually([&] { return Fetcher().Get("/metrics").status == 200; }));
 }
 
 // Clients built, used and closed on other threads while /admin/clients is read: every read
