@@ -55,7 +55,9 @@ struct CallOptions {
   // per call (ClientOptions::trace_ids).
   std::optional<TraceContext> trace;
   // When set, receives the call's CallInfo before the handler runs. Must stay valid until
-  // then.
+  // then, and belongs to one call at a time: the call writes it on its event loop, so two
+  // calls in flight with the same CallInfo (e.g. through one ThriftClient::WithOptions handle)
+  // race on it. Give each concurrent call its own.
   CallInfo* info = nullptr;
   // The call may safely be sent again after its connection closed with the request on it (the
   // retry sink then also retries kConnectionClosed). Default false: only failures known not to

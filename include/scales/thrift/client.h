@@ -383,6 +383,17 @@ void DecodeInto(Protocol protocol, std::string_view bytes, Recv recv,
                 std::conditional_t<std::is_void_v<typename RecvTraits<Recv>::Result>, int,
                                    typename RecvTraits<Recv>::Result>& out) {
   auto& codec = Codec<G>::For(protocol);
+  // The codec is rebuilt after a reply that did not decode (its protocol may keep state from
+  // it: the compact reader's stack of field ids) or a large compact one (the compact reader
+  // keeps a buffer as large as the largest string it read). Declared before `forget`, so the
+  // reader is forgotten first.
+  struct Drop {
+    std::unique_ptr<Codec<G>>& codec;
+    bool now = false;
+    ~Drop() {
+      if (now) codec.reset();
+    }
+  } drop{codec};
   ReplyReader& reader = codec->reader();
   reader.Observe(bytes);
   codec->in_limits().LimitReadsTo(bytes.size());
@@ -391,13 +402,22 @@ void DecodeInto(Protocol protocol, std::string_view bytes, Recv recv,
     ~Forget() { r.Clear(); }
   } forget{reader};
   G& gen = codec->gen();
-  if constexpr (RecvTraits<Recv>::kOutParam) {
-    (gen.*recv)(out);
-  } else if constexpr (std::is_void_v<typename RecvTraits<Recv>::Result>) {
-    (gen.*recv)();
-  } else {
-    out = (gen.*recv)();
+  try {
+    if constexpr (RecvTraits<Recv>::kOutParam) {
+      (gen.*recv)(out);
+    } else if constexpr (std::is_void_v<typename RecvTraits<Recv>::Result>) {
+      (gen.*recv)();
+    } else {
+      out = (gen.*recv)();
+    }
+  } catch (const apache::thrift::protocol::TProtocolException&) {
+    drop.now = true;
+    throw;
+  } catch (const apache::thrift::transport::TTransportException&) {
+    drop.now = true;
+    throw;
   }
+  drop.now = protocol == Protocol::kCompact && bytes.size() > Codec<G>::kReuseLimit;
 }
 
 // As DecodeInto, returning the value.
@@ -577,7 +597,10 @@ class ThriftClient {
         std::get<kArgs>(all), std::move(bytes), core_, options_, client_id_);
   }
 
-  // A handle to the same client whose calls use `options` (per-call timeout, CallInfo).
+  // A handle to the same client whose calls use `options` (per-call timeout, CallInfo). With
+  // options.info set, use the handle for one call at a time (the CallInfo is the call's).
+  // (Async calls also decode replies with a per-thread codec; one that failed to decode a
+  // reply, or decoded a large one, is rebuilt so that it keeps no state or memory from it.)
   ThriftClient WithOptions(CallOptions options) const {
     ThriftClient c = *this;
     c.options_ = std::move(options);
