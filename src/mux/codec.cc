@@ -807,7 +807,16 @@ Result<void> FragmentWriter::EnqueueTdispatch(std::uint32_t tag, std::span<const
     return Enqueue(Message(std::move(d)));
   }
   const std::uint32_t max = max_fragment_body_;
-  if (queue_.empty() && (max == 0 || max >= kUnlimitedFragmentSize || size <= max)) {
+  const bool unlimited = max == 0 || max >= kUnlimitedFragmentSize;
+  if (unlimited && size + 4 > kMaxWireFrameSize) {
+    // One frame's size field cannot hold it (the peer takes no fragments): refused before any
+    // byte is queued, rather than a size that wraps and desynchronises the session.
+    return CodecError{make_error_code(Errc::kRequestTooLarge),
+                      fmt::format("Tdispatch: body of {} bytes exceeds the largest frame ({} bytes), and the peer "
+                                  "does not take fragments (no mux-framer)",
+                                  size, kMaxWireFrameSize - 4)};
+  }
+  if (queue_.empty() && (unlimited || size <= max)) {
     // One frame, and nothing queued that it must interleave with: encode the whole frame into
     // whole_, which the next write takes as it is.
     const std::size_t at = whole_.size();

@@ -255,6 +255,16 @@ TEST(EnqueueTdispatchTest, UnrepresentableRequestsFailAsTheMessageEncoderSays) {
   auto bad_tag = fast.EnqueueTdispatch(mux::kMaxTag + 1, {}, "p");
   ASSERT_FALSE(bad_tag);
   EXPECT_NE(bad_tag.error().detail.find("tag"), std::string::npos) << bad_tag.error().detail;
+  // A payload one frame's 31-bit size cannot hold, to a peer that takes no fragments: refused
+  // (kRequestTooLarge) before anything is queued, not a wrapped size field. The view is never
+  // read: the size alone decides.
+  const char byte = 'x';
+  const std::string_view two_gib(&byte, std::size_t{1} << 31);
+  auto too_large = fast.EnqueueTdispatch(9, {}, two_gib);
+  ASSERT_FALSE(too_large);
+  EXPECT_EQ(too_large.error().code, Errc::kRequestTooLarge);
+  EXPECT_NE(too_large.error().detail.find("exceeds the largest frame"), std::string::npos) << too_large.error().detail;
+  EXPECT_TRUE(fast.empty());
 }
 
 // --- ParseStrictHeader ---------------------------------------------------------------------------
