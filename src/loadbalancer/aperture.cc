@@ -220,6 +220,14 @@ BalancerNode* ApertureBalancerSink::LeastLoadedHealthy(const BalancerNode* excep
 
 // --- picking ---------------------------------------------------------------------------------
 
+BalancerNode* ApertureBalancerSink::PickAlternative(BalancerNode& avoid) {
+  // Another healthy member (least loaded, ties at random), or none: the request stays on
+  // `avoid`. Never a node outside the aperture: its chain would open a connection that only a
+  // member leaving the aperture gets reset, so it would stay open for good. (An unhealthy
+  // member already made the aperture expand, so another member is usually there.)
+  return LeastLoadedHealthy(&avoid);
+}
+
 BalancerNode& ApertureBalancerSink::PickNode() {
   if (aperture_.empty()) TopUp();
   if (aperture_.empty()) return *nodes().front();  // not reached: nodes exist, min_size >= 1

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -139,6 +140,61 @@ TEST_P(AvoidEndpointTest, PanicPrefersBusyOverClosed) {
   EXPECT_GE(to_busy, sampled ? 36 : 40) << BalancerKindName(GetParam());
   EXPECT_GE(env_.CounterValue("scales_lb_panic"), 40);
   for (int i = 0; i < kNodes; ++i) Node(i)->set_status(std::nullopt);
+}
+
+// The aperture keeps avoided requests (retries, backups) inside the aperture: another member
+// when there is one, else the avoided member itself. Sent to a node outside it, they opened a
+// connection there that nothing closed (only members leaving the aperture are reset), so over
+// time the client held connections to every endpoint a retry ever went to.
+class ApertureAvoidTest : public test::BalancerFixture<::testing::Test> {
+ protected:
+  void Build(int nodes, size_t min_size) {
+    ServerSet::Members members;
+    for (int i = 0; i < nodes; ++i) members.push_back(Ep(i));
+    BalancerOptions o;
+    o.kind = BalancerKind::kAperture;
+    o.aperture.min_size = min_size;
+    SinkPtr balancer = BalancerProvider(o).create(MakeBalancerContext(std::move(members)), factory_.AsFactory());
+    auto avoiding = std::make_shared<AvoidingSink>(balancer);
+    avoiding_ = avoiding.get();
+    WireAndOpen(balancer, avoiding);
+  }
+  // Sends and answers `n` requests; returns the nodes they went to.
+  std::set<int> Send(int n) {
+    std::set<int> to;
+    for (int k = 0; k < n; ++k) {
+      int i = StartOne();
+      EXPECT_GE(i, 0);
+      if (i < 0) break;
+      to.insert(i);
+      EXPECT_TRUE(factory_.LatestFor(Ep(i))->Reply(0, i));
+      env_.Run();
+    }
+    return to;
+  }
+  AvoidingSink* avoiding_ = nullptr;
+};
+
+TEST_F(ApertureAvoidTest, AvoidedRequestsStayInTheAperture) {
+  Build(10, 1);
+  const std::set<int> member = Send(5);
+  ASSERT_EQ(member.size(), 1u) << "one member";
+  avoiding_->avoid = Ep(*member.begin()).ToString();
+  EXPECT_EQ(Send(20), member) << "no request left the aperture of one";
+  EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0);
+}
+
+TEST_F(ApertureAvoidTest, AvoidedRequestsGoToAnotherMember) {
+  Build(10, 2);
+  avoiding_->avoid.clear();
+  std::set<int> members;
+  for (int k = 0; k < 200 && members.size() < 2; ++k) {
+    for (int i : Send(1)) members.insert(i);
+  }
+  ASSERT_EQ(members.size(), 2u);
+  avoiding_->avoid = Ep(*members.begin()).ToString();
+  EXPECT_EQ(Send(30), std::set<int>{*members.rbegin()}) << "every request went to the other member";
+  EXPECT_GT(env_.CounterValue("scales_lb_avoided"), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Balancers, AvoidEndpointTest,

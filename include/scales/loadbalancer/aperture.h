@@ -105,6 +105,9 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   void OnNodeRemoved(BalancerNode& n) override;
   std::vector<BalancerNode*> NodesToOpen(std::vector<BalancerNode*> joined) override;
   BalancerNode& PickNode() override;
+  // For a request avoiding `avoid` (a retry, a backup): another member, never a node outside
+  // the aperture; nullptr (stay on `avoid`) when no other member is healthy.
+  BalancerNode* PickAlternative(BalancerNode& avoid) override;
   void OnLoadChanged(BalancerNode& n, bool increased) override;
 
  private:
