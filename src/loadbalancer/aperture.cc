@@ -179,12 +179,39 @@ bool ApertureBalancerSink::CheckHealth(BalancerNode& n) {
   if (!healthy && !n.down) {
     n.down = true;
     // A member went down: widen the aperture by one (the down node stays a member).
-    if (Expand(true) != nullptr) expansions_.Increment();
+    if (Expand(true) != nullptr) {
+      expansions_.Increment();
+      ++down_expansions_;
+    }
     ArmTick();
   } else if (healthy && n.down) {
     n.down = false;
+    // Recovered: the slot its going down added is given back on the next tick (GiveBack; not
+    // here, inside a pick). Otherwise a member that keeps going down and up (failure
+    // accrual's probes, the resurrector's reconnects) would widen the aperture by one each
+    // time, and a load inside the band never shrinks it.
+    if (down_expansions_ > 0) {
+      --down_expansions_;
+      ++owed_give_backs_;
+      ArmTick();
+    }
   }
   return healthy;
+}
+
+void ApertureBalancerSink::GiveBack() {
+  for (; owed_give_backs_ > 0; --owed_give_backs_) {
+    // Unless the load needs the slot: one member less must stay below the high mark.
+    const size_t size = aperture_.size();
+    if (size <= options_.min_size || rotating_ != nullptr ||
+        ema_ / static_cast<double>(size - 1) >= options_.high_load) {
+      continue;
+    }
+    if (BalancerNode* victim = LeastLoadedHealthy(nullptr)) {
+      Contract(*victim);
+      contractions_.Increment();
+    }
+  }
 }
 
 void ApertureBalancerSink::ScanHealth() {
@@ -315,6 +342,7 @@ void ApertureBalancerSink::OnTick() {
   if (closed_) return;
   SampleEma();
   ScanHealth();
+  GiveBack();
   Evaluate();
   ArmTick();
 }

@@ -424,6 +424,30 @@ TEST_F(ApertureTest, MemberGoingDownTriggersExpansionAndStaysUntilItRecovers) {
   EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_contractions"), 1);
 }
 
+// A member that goes down widens the aperture by one; when it recovers, that slot is given
+// back (while the load allows). A member that keeps going down and up (failure accrual's probe
+// cycle, the resurrector's reconnects) used to widen the aperture by one each time, and under a
+// load inside the band nothing shrank it again: it grew to the whole server set.
+TEST_F(ApertureTest, AFlappingMemberDoesNotWidenTheApertureForGood) {
+  h_.Build(Range(6), NoRotation());
+  h_.Open();
+  GrowToTwo();  // 3 outstanding over 2 members: inside the band
+  for (int k = 0; k < 4; ++k) {
+    const Endpoint flapping = *h_.Members().begin();
+    h_.Node(flapping).set_status(SinkStatus::kClosed);
+    h_.env.Advance(seconds(1));
+    EXPECT_EQ(h_.balancer->aperture_size(), 3u) << "down, round " << k;
+    h_.Node(flapping).set_status(std::nullopt);
+    h_.env.Advance(seconds(1));
+    EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "recovered, round " << k;
+  }
+  EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_expansions"), 1 + 4);
+  EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_contractions"), 4);
+  h_.env.Advance(seconds(60));
+  EXPECT_EQ(h_.balancer->aperture_size(), 2u);
+  h_.ReplyAll();
+}
+
 TEST_F(ApertureTest, EveryNodeDownUsesAMemberAnyway) {
   h_.Build(Range(2), NoRotation());
   h_.Open();

@@ -132,6 +132,9 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   // Marks members whose chain became unusable down (expanding for each) or up again.
   bool CheckHealth(BalancerNode& n);
   void ScanHealth();
+  // Gives back the slots of members that went down and recovered (on a tick): one member
+  // fewer each, unless that would put the load at the high mark.
+  void GiveBack();
   size_t HealthyMembers() const;
   void ArmTick();
   void ArmRotation();
@@ -155,6 +158,8 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   std::vector<BalancerNode*> to_open_;
   bool in_update_ = false;
   size_t owed_replacements_ = 0;  // members that left during the update in progress
+  size_t down_expansions_ = 0;    // expansions for members that went down, not given back yet
+  size_t owed_give_backs_ = 0;    // of those, the ones whose member recovered (GiveBack)
   bool closed_ = false;
   int64_t total_load_ = 0;
   double ema_ = 0;
