@@ -30,8 +30,9 @@ RetryBudgetOptions BudgetOptions(const BackupRequestOptions& o) {
 
 void Validate(const BackupRequestOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
-  if (!(o.max_extra_load > 0.0 && o.max_extra_load < 1.0)) {
-    fail(fmt::format("backup.max_extra_load must be in (0, 1) (got {})", o.max_extra_load));
+  if (!(o.max_extra_load >= RetryBudgetOptions::kMinPercentCanRetry && o.max_extra_load < 1.0)) {
+    fail(fmt::format("backup.max_extra_load must be in [{}, 1) (got {})", RetryBudgetOptions::kMinPercentCanRetry,
+                     o.max_extra_load));
   }
   if (!(o.percentile == 0.0 || (o.percentile > 0.0 && o.percentile < 1.0))) {
     fail(fmt::format("backup.percentile must be 0 (1 - max_extra_load) or in (0, 1) (got {})", o.percentile));
@@ -45,7 +46,10 @@ void Validate(const BackupRequestOptions& o) {
   if (o.budget_ttl < std::chrono::seconds(1) || o.budget_ttl > std::chrono::seconds(60)) {
     fail(fmt::format("backup.budget_ttl must be in [1 s, 60 s] (got {} ms)", Millis(o.budget_ttl)));
   }
-  if (o.budget_min_per_sec < 0) fail(fmt::format("backup.budget_min_per_sec must be >= 0 (got {})", o.budget_min_per_sec));
+  if (o.budget_min_per_sec < 0 || o.budget_min_per_sec > RetryBudgetOptions::kMaxMinRetriesPerSec) {
+    fail(fmt::format("backup.budget_min_per_sec must be in [0, {}] (got {})", RetryBudgetOptions::kMaxMinRetriesPerSec,
+                     o.budget_min_per_sec));
+  }
 }
 
 // --- LatencyWindow ----------------------------------------------------------------------------

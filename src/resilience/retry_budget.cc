@@ -47,11 +47,16 @@ void Validate(const RetryBudgetOptions& o) {
     fail(fmt::format("retry_budget.ttl must be in [1 s, 60 s] (got {} ms)",
                      std::chrono::duration_cast<std::chrono::milliseconds>(o.ttl).count()));
   }
-  if (o.min_retries_per_sec < 0) {
-    fail(fmt::format("retry_budget.min_retries_per_sec must be >= 0 (got {})", o.min_retries_per_sec));
+  // The bounds keep the token arithmetic in 64 bits: a withdrawal costs 1000 / percent_can_retry
+  // tokens (at most 1e9) and the reserve min_retries_per_sec x ttl x that (at most 6e16).
+  if (o.min_retries_per_sec < 0 || o.min_retries_per_sec > RetryBudgetOptions::kMaxMinRetriesPerSec) {
+    fail(fmt::format("retry_budget.min_retries_per_sec must be in [0, {}] (got {})", RetryBudgetOptions::kMaxMinRetriesPerSec,
+                     o.min_retries_per_sec));
   }
-  if (!(o.percent_can_retry >= 0.0 && o.percent_can_retry <= 1000.0)) {
-    fail(fmt::format("retry_budget.percent_can_retry must be in [0, 1000] (got {})", o.percent_can_retry));
+  if (!(o.percent_can_retry == 0.0 ||
+        (o.percent_can_retry >= RetryBudgetOptions::kMinPercentCanRetry && o.percent_can_retry <= 1000.0))) {
+    fail(fmt::format("retry_budget.percent_can_retry must be 0 or in [{}, 1000] (got {})", RetryBudgetOptions::kMinPercentCanRetry,
+                     o.percent_can_retry));
   }
 }
 

@@ -127,7 +127,20 @@ TEST(RetryBudgetTest, ValidatesOptions) {
   EXPECT_THROW(Validate(Opts(seconds(10), -1, 0.2)), Error);
   EXPECT_THROW(Validate(Opts(seconds(10), 10, -0.1)), Error);
   EXPECT_THROW(Validate(Opts(seconds(10), 10, 1001)), Error);
+  // Bounds that keep the token arithmetic in 64 bits: 1000 / 1e-17 tokens per withdrawal, or a
+  // reserve of 2e9 x 60 x 1e9 tokens, would overflow.
+  EXPECT_THROW(Validate(Opts(seconds(10), 10, 1e-17)), Error);
+  EXPECT_THROW(Validate(Opts(seconds(10), 1'000'001, 0.2)), Error);
+  EXPECT_NO_THROW(Validate(Opts(seconds(10), 10, 0)));  // 0: no retries beyond the reserve
   ManualClock clock;
+  {
+    // At the extremes the budget still counts exactly: the reserve of the largest
+    // min_retries_per_sec over the longest ttl at the smallest percent_can_retry.
+    RetryBudget extreme(clock, Opts(seconds(60), 1'000'000, 1e-6));
+    EXPECT_EQ(extreme.Balance(), 60'000'000);
+    EXPECT_TRUE(extreme.TryWithdraw());
+    EXPECT_EQ(extreme.Balance(), 60'000'000 - 1);
+  }
   EXPECT_THROW(RetryBudget(clock, Opts(seconds(0), 10, 0.2)), Error);
   try {
     Validate(Opts(seconds(61), 10, 0.2));

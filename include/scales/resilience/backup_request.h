@@ -89,7 +89,8 @@ inline constexpr std::string_view kBackup = "backup";
 class EventLoop;
 
 struct BackupRequestOptions {
-  // Backups allowed, as a fraction of the hedged calls (the budget). Default 0.01; in (0, 1).
+  // Backups allowed, as a fraction of the hedged calls (the budget). Default 0.01; in
+  // [1e-6, 1). budget_min_per_sec (below) is at most 1,000,000 (RetryBudgetOptions' bounds).
   double max_extra_load = 0.01;
   // Latency percentile after which a backup is sent, in (0, 1); 0 (the default) means
   // 1 - max_extra_load.

@@ -59,10 +59,14 @@ class WindowedAdder {
 struct RetryBudgetOptions {
   // Lifetime of a deposit. Default 10 s; 1 s .. 60 s.
   Duration ttl = std::chrono::seconds(10);
-  // Retries per second of `ttl` always allowed (the reserve). Default 10; >= 0.
+  // Retries per second of `ttl` always allowed (the reserve). Default 10; 0 .. 1,000,000.
   int min_retries_per_sec = 10;
-  // Retries allowed per deposited call. Default 0.2; 0 .. 1000.
+  // Retries allowed per deposited call. Default 0.2; 0, or 1e-6 .. 1000.
   double percent_can_retry = 0.2;
+
+  // Bounds Validate enforces (they keep the budget's token arithmetic in 64 bits).
+  static constexpr int kMaxMinRetriesPerSec = 1'000'000;
+  static constexpr double kMinPercentCanRetry = 1e-6;
 };
 
 // Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable.
