@@ -532,6 +532,16 @@ void HostileThrift(RawConn& c) {
   }
 }
 
+thrift::ThriftOptions ThriftOptions() {
+  thrift::ThriftOptions o;
+  o.client.name = "hostile-thrift";
+  o.client.runtime = MakeRuntime();
+  o.client.timeout = 10s;
+  o.resurrector.initial_backoff = 50ms;
+  o.resurrector.max_backoff = 200ms;
+  return o;
+}
+
 // Peak resident memory of the process since the last ResetPeakMemory().
 size_t PeakMemory() {
   std::ifstream status("/proc/self/status");
@@ -547,11 +557,7 @@ TEST(HostilePeerTest, ThriftReplyDeclaringAHugeStringFailsWithoutAllocatingIt) {
   // Apache's reader sizes a string from its declared length before reading it: a 24-byte reply
   // declaring a 2 GiB string must fail as malformed, without the process ever holding 2 GiB.
   RawServer server(HostileThrift);
-  thrift::ThriftOptions o;
-  o.client.name = "hostile-thrift";
-  o.client.runtime = MakeRuntime();
-  o.client.timeout = 10s;
-  auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), ThriftOptions());
   EXPECT_EQ(Echo(client, "before"), "before");
   ResetPeakMemory();
   const size_t before = PeakMemory();
@@ -575,14 +581,11 @@ TEST(HostilePeerTest, ThriftReplyDeclaringAHugeStringFailsWithoutAllocatingIt) {
 
 TEST(HostilePeerTest, ThriftDuplicateReplyRetiresTheConnection) {
   // The server answers one call twice, the second time while the next call is on the
-  // connection. That call reads the duplicate:
-  // it fails (its own reply is still to come), and the connection, one reply behind, is closed
-  // rather than reused; every later call gets its own reply.
+  // connection. That call reads the duplicate: it fails (its own reply is still to come), and
+  // the connection, one reply behind, is closed rather than reused; every later call gets its
+  // own reply.
   RawServer server(HostileThrift);
-  thrift::ThriftOptions o;
-  o.client.name = "hostile-thrift";
-  o.client.runtime = MakeRuntime();
-  o.client.timeout = 10s;
+  thrift::ThriftOptions o = ThriftOptions();
   o.retry = std::nullopt;  // the failure itself is what is checked
   auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
   EXPECT_EQ(Echo(client, "duplicate-reply"), "duplicate-reply");
@@ -601,13 +604,7 @@ TEST(HostilePeerTest, ThriftDuplicateReplyRetiresTheConnection) {
 
 TEST(HostilePeerTest, ThriftTwoGibFrameLengthIsRejectedByMaxFrameBytes) {
   RawServer server(HostileThrift);
-  thrift::ThriftOptions o;
-  o.client.name = "hostile-thrift";
-  o.client.runtime = MakeRuntime();
-  o.client.timeout = 10s;
-  o.resurrector.initial_backoff = 50ms;
-  o.resurrector.max_backoff = 200ms;
-  auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), ThriftOptions());
   EXPECT_EQ(Echo(client, "before"), "before");
   ExpectBoundedFailure([&] { Echo(client, "huge-frame"); }, Errc::kResponseTooLarge,
                        "2147483648 bytes, above max_frame_bytes (16777216 bytes)", 5s);
