@@ -108,6 +108,15 @@ std::string ZooKeeperOptions::ConnectString(const ParsedUri& uri) const {
 
 namespace {
 
+// An operation that failed with the connection or its session: the reply was lost, not
+// refused, and the reconnect is what retries it. (The C client fails every pending operation
+// with ZOPERATIONTIMEOUT when the server went quiet for 2/3 of the session timeout, and
+// reconnects.)
+bool ConnectionError(int rc) {
+  return rc == ZCONNECTIONLOSS || rc == ZOPERATIONTIMEOUT || rc == ZCLOSING || rc == ZSESSIONEXPIRED ||
+         rc == ZINVALIDSTATE;
+}
+
 // A ParsedUri's description without secrets: the auth credentials are not shown.
 std::string DescribeUri(const ParsedUri& uri) { return RedactUriSecrets(uri.ToString()); }
 
@@ -228,13 +237,6 @@ class ZooKeeperServerSet::Impl {
     bool unreadable = false;                  // its read failed (no auth, ...): read again later
   };
 
-  // A read that failed with the connection or its session: the reply was lost, not refused.
-  // (The C client fails every pending read with ZOPERATIONTIMEOUT when the server went quiet
-  // for 2/3 of the session timeout, and reconnects.)
-  static bool ConnectionError(int rc) {
-    return rc == ZCONNECTIONLOSS || rc == ZOPERATIONTIMEOUT || rc == ZCLOSING || rc == ZSESSIONEXPIRED ||
-           rc == ZINVALIDSTATE;
-  }
 
   static void Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
     boost::asio::post(sub->executor, [sub, members = std::move(members)] {
@@ -571,10 +573,7 @@ class Announcer::Impl {
   // reads are.
   void CreateFailed(std::string error, int rc) {
     connection_.SetLastError(std::move(error));
-    if (rc == ZCONNECTIONLOSS || rc == ZOPERATIONTIMEOUT || rc == ZCLOSING || rc == ZSESSIONEXPIRED ||
-        rc == ZINVALIDSTATE || retry_pending_) {
-      return;
-    }
+    if (ConnectionError(rc) || retry_pending_) return;
     retry_pending_ = true;
     retry_timer_.expires_after(options_.retry_interval);
     retry_timer_.async_wait([this](boost::system::error_code ec) {
