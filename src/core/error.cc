@@ -36,6 +36,7 @@ class ErrorCategory final : public boost::system::error_category {
       case Errc::kTooManyPending: return "too many pending requests";
       case Errc::kRequestTooLarge: return "request too large";
       case Errc::kTlsFailed: return "TLS handshake failed";
+      case Errc::kNotSent: return "connection closed before the request was sent";
     }
     return fmt::format("unknown scales error {}", ev);
   }
@@ -50,7 +51,7 @@ class ErrorCategory final : public boost::system::error_category {
       case Condition::kRetryable:
         // Failures where the request certainly did not reach a server's application.
         return e == Errc::kConnectTimeout || e == Errc::kConnectFailed || e == Errc::kNack ||
-               e == Errc::kFailedFast || e == Errc::kPoolQueueFull;
+               e == Errc::kFailedFast || e == Errc::kPoolQueueFull || e == Errc::kNotSent;
       case Condition::kUnavailable:
         return e == Errc::kNoMembers || e == Errc::kFailedFast || e == Errc::kConnectFailed ||
                e == Errc::kConnectTimeout || e == Errc::kDiscoveryFailed ||
@@ -113,6 +114,7 @@ std::string ErrorName(const error_code& ec) {
       case Errc::kTooManyPending: return "too_many_pending";
       case Errc::kRequestTooLarge: return "request_too_large";
       case Errc::kTlsFailed: return "tls_failed";
+      case Errc::kNotSent: return "not_sent";
     }
   }
   return fmt::format("{}:{}", ec.category().name(), ec.value());

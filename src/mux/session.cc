@@ -598,24 +598,58 @@ void MuxSessionSink::Flush(bool now) {
     if (Pending* p = FindPending(tag)) p->written = true;
   }
   queued_tags_.clear();
+  write_offset_ = 0;
+  WriteMore();
+}
+
+void MuxSessionSink::WriteMore() {
+  // In pieces of at most kMaxWriteChunk: when the session fails with a large write unfinished
+  // (a peer that stopped reading, then reset), a request whose first byte lies beyond the piece
+  // in flight certainly never left this process (MarkUnsentInWriteBuffer).
+  write_in_flight_ = std::min(write_buffer_.size() - write_offset_, kMaxWriteChunk);
   writing_ = true;
   conn_.WithStream([this](auto& stream) {
-    asio::async_write(stream, asio::buffer(write_buffer_),
-                      [self = self()](const boost::system::error_code& ec, size_t n) { self->OnWritten(ec, n); });
+    stream.async_write_some(asio::buffer(write_buffer_.data() + write_offset_, write_in_flight_),
+                            [self = self()](const boost::system::error_code& ec, size_t n) { self->OnWritten(ec, n); });
   });
 }
 
 void MuxSessionSink::OnWritten(const boost::system::error_code& ec, size_t n) {
   writing_ = false;
+  write_in_flight_ = 0;
   if (state_ == State::kClosed) return;
   conn_.bytes_sent().Increment(static_cast<int64_t>(n));
+  write_offset_ += n;
   if (ec) {
     Fail(make_error_code(Errc::kConnectionClosed),
          fmt::format("writing to {} failed: {} ({} request(s) in flight)", address_, Describe(ec), pending_count_),
          true);
     return;
   }
+  if (write_offset_ < write_buffer_.size()) {
+    WriteMore();
+    return;
+  }
   Flush();  // whatever queued up meanwhile goes out in one write
+}
+
+void MuxSessionSink::MarkUnsentInWriteBuffer() {
+  const size_t sent_bound = write_offset_ + (writing_ ? write_in_flight_ : 0);
+  if (sent_bound >= write_buffer_.size()) return;
+  // The buffer holds whole frames as FragmentWriter wrote them: size:4 type:1 tag:3, then
+  // size - 4 bytes. A request's fragments follow its first frame, so the first frame of a tag
+  // decides.
+  std::vector<bool> seen(pending_.size(), false);
+  const auto* b = reinterpret_cast<const unsigned char*>(write_buffer_.data());
+  for (size_t pos = 0; pos + 8 <= write_buffer_.size();) {
+    const uint32_t size = (uint32_t{b[pos]} << 24) | (uint32_t{b[pos + 1]} << 16) | (uint32_t{b[pos + 2]} << 8) | b[pos + 3];
+    const uint32_t tag = ((uint32_t{b[pos + 5]} << 16) | (uint32_t{b[pos + 6]} << 8) | b[pos + 7]) & kMaxTag;
+    if (b[pos + 4] == wire::kTdispatch && tag < seen.size() && !seen[tag]) {
+      seen[tag] = true;
+      if (pos >= sent_bound && pending_[tag].used) pending_[tag].written = false;
+    }
+    pos += 4 + size_t{size};
+  }
 }
 
 // --- requests ------------------------------------------------------------------------------
@@ -656,14 +690,17 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
     return;
   }
   if (state_ != State::kOpen) {
-    // A session that failed between its open and this request: say why. A TLS refusal keeps its
-    // code (the next session would be refused too); anything else is a closed connection.
+    // A session that failed between its open and this request (the pool hands requests parked
+    // for the open to a session that may have closed meanwhile): say why. A TLS refusal and the
+    // client's own close keep their codes (another session would be refused too, or there is
+    // no client left); otherwise the request was not sent, which a retry may repeat elsewhere.
     if (state_ == State::kClosed && close_reason_.error) {
-      fail(close_reason_.error == Errc::kTlsFailed ? close_reason_.error : make_error_code(Errc::kConnectionClosed),
-           fmt::format("Mux session to {} is closed: {}", address_, close_reason_.detail));
+      const bool keep = close_reason_.error == Errc::kTlsFailed || close_reason_.error == Errc::kClientClosed;
+      fail(keep ? close_reason_.error : make_error_code(Errc::kNotSent),
+           fmt::format("Mux session to {} is closed: {}; the request was not sent", address_, close_reason_.detail));
       return;
     }
-    fail(make_error_code(Errc::kConnectionClosed), fmt::format("Mux session to {} is not open", address_));
+    fail(make_error_code(Errc::kNotSent), fmt::format("Mux session to {} is not open; the request was not sent", address_));
     return;
   }
   if (draining_) {
@@ -837,6 +874,7 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   handshake_timer_.Cancel();
   ping_timer_.Cancel();
   ping_timeout_.Cancel();
+  if (!client_close) MarkUnsentInWriteBuffer();
   conn_.Close();
   auto keep = self();
   open_waiters_.CompleteAll(loop_.executor(), was_open ? make_error_code(Errc::kConnectionClosed) : ec);
@@ -854,8 +892,17 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   pending_count_ = 0;
   discarded_count_ = 0;
   queued_tags_.clear();
+  // A request still queued behind the write in progress (a peer that stopped reading), or in
+  // the part of that write the socket never took, never left this process: kNotSent, which the
+  // retry sink may send to another endpoint even when the call is not idempotent. The client's
+  // own close keeps its code.
+  const bool not_sent_differs = ec != Errc::kClientClosed;
   for (auto& [tag, p] : live) {
     MethodReturnMessage m{ec, detail, {}};
+    if (!p.written && not_sent_differs) {
+      m.error = make_error_code(Errc::kNotSent);
+      m.detail = fmt::format("{}; the request was still queued, not sent", detail);
+    }
     p.stack->AsyncProcessResponse(nullptr, m);
   }
   // A failed open is a fault too: the pool reads the detail (which names the step, e.g. the

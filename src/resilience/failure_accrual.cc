@@ -39,6 +39,7 @@ AccrualOutcome ClassifyForAccrual(const error_code& ec) noexcept {
     case Errc::kConnectFailed:
     case Errc::kConnectTimeout:
     case Errc::kConnectionClosed:
+    case Errc::kNotSent:
     case Errc::kServerError:
     case Errc::kProtocolError:
     case Errc::kRequestTimeout:

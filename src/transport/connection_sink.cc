@@ -70,10 +70,16 @@ void ConnectionSink::OnConnected(error_code ec) {
 
 std::pair<error_code, std::string> ConnectionSink::CheckUsable() const {
   if (state_ == State::kOpen && !busy()) return {};
+  if (busy()) {
+    return {make_error_code(Errc::kConnectionClosed),
+            fmt::format("connection to {} is not usable (busy with another request)", conn_.address())};
+  }
+  // A failed connect or TLS handshake keeps its code. A connection the server closed (or that
+  // failed) before this request came is kNotSent: nothing was written, so a retry is safe.
   if (state_ == State::kClosed && closed_code_) return {closed_code_, closed_detail_};
-  return {make_error_code(Errc::kConnectionClosed),
-          fmt::format("connection to {} is not usable ({})", conn_.address(),
-                      busy() ? "busy with another request" : "not open")};
+  return {make_error_code(Errc::kNotSent),
+          fmt::format("connection to {} was {} before the request was sent", conn_.address(),
+                      state_ == State::kClosed ? "closed" : "not open")};
 }
 
 uint64_t ConnectionSink::BeginRequest() {
@@ -158,6 +164,7 @@ void ConnectionSink::OnReadable(const boost::system::error_code& ec, size_t n) {
 void ConnectionSink::Exchange(std::string_view request, bool expect_reply) {
   expect_reply_ = expect_reply;
   writing_ = true;
+  request_written_ = 0;
   const uint64_t gen = generation_;
   size_t written = 0;
   if (!conn_.tls_active()) {
@@ -175,6 +182,7 @@ void ConnectionSink::Exchange(std::string_view request, bool expect_reply) {
       return;
     }
     conn_.bytes_sent().Increment(static_cast<int64_t>(written));
+    request_written_ = written;
   }
   auto self = shared_from_this();
   conn_.WithStream([&](auto& stream) {
@@ -335,14 +343,22 @@ std::optional<std::pair<error_code, std::string>> ConnectionSink::TlsFailure(con
 
 bool ConnectionSink::WriteDone(const boost::system::error_code& ec, size_t bytes) {
   conn_.bytes_sent().Increment(static_cast<int64_t>(bytes));
+  request_written_ += bytes;
   if (!ec) return true;
   auto tls = TlsFailure(ec, "writing the request");
   Shutdown();
   if (tls) {
     Finish(tls->first, std::move(tls->second));
+  } else if (request_written_ == 0) {
+    // Not a byte left: the server never saw the request (typically EPIPE or ECONNRESET from a
+    // server that closed the connection before the request came).
+    Finish(make_error_code(Errc::kNotSent),
+           fmt::format("writing the request to {} failed before any byte was sent: {}", conn_.address(),
+                       ec.message()));
   } else {
     Finish(make_error_code(Errc::kConnectionClosed),
-           fmt::format("writing the request to {} failed: {}", conn_.address(), ec.message()));
+           fmt::format("writing the request to {} failed after {} bytes: {}", conn_.address(), request_written_,
+                       ec.message()));
   }
   return false;
 }

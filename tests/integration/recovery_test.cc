@@ -13,6 +13,7 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -403,6 +404,126 @@ TEST(RecoveryTest, FailingServerIsEjectedThenRevived) {
   std::lock_guard<std::mutex> lock(run.tally.mu);
   EXPECT_GT(run.tally.endpoints[bad.endpoint()], before + 10) << "the revived server gets traffic again";
   client.Close();
+}
+
+// A server that stops reading: the client's Tdispatches fill the socket buffers, then queue in
+// the session behind the write that cannot finish. When the server resets the connection, a
+// request still queued never left the process: it fails with kNotSent (retryable), not
+// kConnectionClosed, so the retry sink sends it again (on a new session here) even though the
+// call is not idempotent; requests that were written, in part or whole, are not retried.
+struct StalledRun {
+  std::vector<error_code> codes;     // the large calls' outcomes, in call order
+  std::vector<std::string> details;  // their error messages
+  error_code stall_code;             // the "stall" call's outcome
+};
+
+StalledRun RunAgainstAStalledServer(bool retries, stats::StatsRegistry& stats) {
+  constexpr int kCalls = 48;
+  const std::string payload(512 * 1024, 'p');  // 24 MiB in all: far more than the socket buffers hold
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto o = MuxOptions(retries ? "stalled-retry" : "stalled", stats);
+  o.client.runtime = MakeRuntime(1);
+  o.client.timeout = 30s;
+  if (!retries) o.retry.reset();
+  o.failure_accrual.reset();  // the codes and the retries only: the one endpoint stays in use
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+  std::string r;
+  client->echo(r, "warm-up");  // the session is open
+
+  auto outcome = [](std::exception_ptr e) -> std::pair<error_code, std::string> {
+    if (!e) return {};
+    try {
+      std::rethrow_exception(e);
+    } catch (const Error& err) {
+      return {err.scales_code(), err.what()};
+    } catch (const std::exception& err) {
+      return {make_error_code(Errc::kServerError), err.what()};
+    }
+  };
+  std::promise<error_code> stalled;
+  SCALES_THRIFT_CALL(client, echo, std::string("stall"), [&](std::exception_ptr e, std::string) {
+    stalled.set_value(outcome(e).first);
+  });
+  EXPECT_TRUE(server.WaitForLog({"stall tag="})) << server.Log();  // it reads nothing more from here on
+  std::vector<std::promise<std::pair<error_code, std::string>>> done(kCalls);
+  for (int i = 0; i < kCalls; ++i) {
+    SCALES_THRIFT_CALL(client, echo, payload, [&, i](std::exception_ptr e, std::string) {
+      done[i].set_value(outcome(e));
+    });
+  }
+  // Every call is on the session (a tag each) before the reset.
+  auto until = std::chrono::steady_clock::now() + 20s;
+  while (std::chrono::steady_clock::now() < until && SumGauge(stats, "scales_mux_tags_in_use") < kCalls + 1) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(SumGauge(stats, "scales_mux_tags_in_use"), kCalls + 1);
+  {
+    thriftmux::ThriftMuxOptions ro;
+    ro.client.name = "resetter";
+    auto resetter = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), ro);
+    resetter->echo(r, "reset-stalled");
+    EXPECT_EQ(r, "reset 1");
+    resetter.Close();
+  }
+  StalledRun run;
+  auto f = stalled.get_future();
+  EXPECT_EQ(f.wait_for(20s), std::future_status::ready);
+  if (f.valid()) run.stall_code = f.get();
+  for (auto& d : done) {
+    auto fd = d.get_future();
+    if (fd.wait_for(20s) != std::future_status::ready) {
+      ADD_FAILURE() << "a call did not complete";
+      run.codes.push_back(make_error_code(Errc::kRequestTimeout));
+      run.details.emplace_back("did not complete");
+      continue;
+    }
+    auto [ec, detail] = fd.get();
+    run.codes.push_back(ec);
+    run.details.push_back(detail);
+  }
+  client->echo(r, "after");  // a new session
+  EXPECT_EQ(r, "after");
+  client.Close();
+  return run;
+}
+
+TEST(RecoveryTest, MuxRequestsQueuedBehindAStalledWriteFailAsNotSent) {
+  stats::StatsRegistry stats;
+  StalledRun run = RunAgainstAStalledServer(/*retries=*/false, stats);
+  EXPECT_EQ(run.stall_code, Errc::kConnectionClosed) << ErrorName(run.stall_code);
+  int not_sent = 0, closed = 0;
+  for (size_t i = 0; i < run.codes.size(); ++i) {
+    if (run.codes[i] == Errc::kNotSent) {
+      ++not_sent;
+      EXPECT_NE(run.details[i].find("not sent"), std::string::npos) << run.details[i];
+      EXPECT_NE(run.details[i].find("127.0.0.1:"), std::string::npos) << run.details[i];
+    } else {
+      // Written in whole or in part before the reset: the server may have seen it.
+      EXPECT_EQ(run.codes[i], Errc::kConnectionClosed) << i << ": " << run.details[i];
+      ++closed;
+      // Requests are written in order: a written one never follows one that was not.
+      EXPECT_EQ(not_sent, 0) << "call " << i << " was written after a call that was not";
+    }
+  }
+  // The socket buffers of loopback hold a few MiB: most of the 24 MiB stayed queued.
+  EXPECT_GE(not_sent, static_cast<int>(run.codes.size()) / 2) << closed << " written";
+}
+
+TEST(RecoveryTest, MuxRequestsQueuedBehindAStalledWriteAreRetried) {
+  stats::StatsRegistry stats;
+  StalledRun run = RunAgainstAStalledServer(/*retries=*/true, stats);
+  int ok = 0;
+  for (size_t i = 0; i < run.codes.size(); ++i) {
+    if (!run.codes[i]) {
+      ++ok;
+    } else {
+      EXPECT_EQ(run.codes[i], Errc::kConnectionClosed) << i << ": " << run.details[i];
+    }
+  }
+  // Not idempotent: only the requests that never left (kNotSent) could be retried, and they
+  // succeed on the next session (the server never read any of these calls, so a success is a retry).
+  EXPECT_GE(ok, static_cast<int>(run.codes.size()) / 2);
+  EXPECT_GE(SumCounter(stats, "scales_retries"), ok);
 }
 
 // For ThreadSanitizer (the concurrency stage): threads outside the client call through the

@@ -16,7 +16,7 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr int kFirst = static_cast<int>(Errc::kOk);
-constexpr int kLast = static_cast<int>(Errc::kTlsFailed);
+constexpr int kLast = static_cast<int>(Errc::kNotSent);
 
 TEST(ErrorTest, NamesAreStableSnakeCase) {
   EXPECT_EQ(ErrorName(make_error_code(Errc::kOk)), "ok");
@@ -43,6 +43,7 @@ TEST(ErrorTest, NamesAreStableSnakeCase) {
   EXPECT_EQ(ErrorName(make_error_code(Errc::kTooManyPending)), "too_many_pending");
   EXPECT_EQ(ErrorName(make_error_code(Errc::kRequestTooLarge)), "request_too_large");
   EXPECT_EQ(ErrorName(make_error_code(Errc::kTlsFailed)), "tls_failed");
+  EXPECT_EQ(ErrorName(make_error_code(Errc::kNotSent)), "not_sent");
 }
 
 TEST(ErrorTest, EveryCodeHasADistinctNameAndMessage) {
@@ -95,6 +96,7 @@ TEST(ErrorTest, RetryableCondition) {
   EXPECT_TRUE(make_error_code(Errc::kNack) == Condition::kRetryable);
   EXPECT_TRUE(make_error_code(Errc::kFailedFast) == Condition::kRetryable);
   EXPECT_TRUE(make_error_code(Errc::kPoolQueueFull) == Condition::kRetryable);
+  EXPECT_TRUE(make_error_code(Errc::kNotSent) == Condition::kRetryable);
   // Not known to be unprocessed by the server: not retryable.
   EXPECT_FALSE(make_error_code(Errc::kRequestTimeout) == Condition::kRetryable);
   EXPECT_FALSE(make_error_code(Errc::kConnectionClosed) == Condition::kRetryable);
@@ -108,7 +110,7 @@ TEST(ErrorTest, UnavailableCondition) {
                  Errc::kDiscoveryFailed, Errc::kClientClosed}) {
     EXPECT_TRUE(make_error_code(e) == Condition::kUnavailable) << ErrorName(make_error_code(e));
   }
-  for (Errc e : {Errc::kRequestTimeout, Errc::kServerError, Errc::kNack, Errc::kPoolQueueFull}) {
+  for (Errc e : {Errc::kRequestTimeout, Errc::kServerError, Errc::kNack, Errc::kPoolQueueFull, Errc::kNotSent}) {
     EXPECT_FALSE(make_error_code(e) == Condition::kUnavailable) << ErrorName(make_error_code(e));
   }
 }

@@ -95,8 +95,8 @@ class FailureAccrualTest : public ::testing::Test {
 };
 
 TEST_F(FailureAccrualTest, Classification) {
-  for (Errc e : {Errc::kConnectFailed, Errc::kConnectTimeout, Errc::kConnectionClosed, Errc::kServerError,
-                 Errc::kProtocolError, Errc::kRequestTimeout}) {
+  for (Errc e : {Errc::kConnectFailed, Errc::kConnectTimeout, Errc::kConnectionClosed, Errc::kNotSent,
+                 Errc::kServerError, Errc::kProtocolError, Errc::kRequestTimeout}) {
     EXPECT_EQ(ClassifyForAccrual(make_error_code(e)), AccrualOutcome::kFailure) << static_cast<int>(e);
   }
   // kFailedFast: the resurrector turning requests away from an endpoint already marked down.

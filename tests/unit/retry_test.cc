@@ -109,7 +109,8 @@ class RetryTest : public ::testing::Test {
 };
 
 TEST_F(RetryTest, ClassifiesRetryableErrors) {
-  for (Errc e : {Errc::kConnectFailed, Errc::kConnectTimeout, Errc::kFailedFast, Errc::kPoolQueueFull, Errc::kNack}) {
+  for (Errc e : {Errc::kConnectFailed, Errc::kConnectTimeout, Errc::kFailedFast, Errc::kPoolQueueFull, Errc::kNack,
+                 Errc::kNotSent}) {
     EXPECT_TRUE(IsRetryable(make_error_code(e), false)) << static_cast<int>(e);
   }
   for (Errc e : {Errc::kRequestTimeout, Errc::kServerError, Errc::kProtocolError, Errc::kCancelled,

@@ -47,6 +47,7 @@ enum class Errc {
   kTooManyPending = 21,       // max pending requests of the client reached
   kRequestTooLarge = 22,      // a request exceeded a configured size limit
   kTlsFailed = 23,            // the TLS handshake failed (verification, protocol, peer not speaking TLS)
+  kNotSent = 24,              // the connection closed or failed before any byte of the request was written
 };
 
 // Groups of codes.

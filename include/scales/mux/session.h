@@ -31,7 +31,9 @@
 // once its requests finish; Tlease sets a lease, and an expired lease reports Busy. The client
 // pings on tag 1 every ping_interval; no Rping within ping_timeout closes the session. An
 // undecodable frame, an unknown message type or a server-initiated dispatch closes the
-// session and fails its requests with kProtocolError.
+// session and fails its requests with kProtocolError. Whatever closes the session, a request
+// that never left the process (still queued behind an unfinished write, or beyond the piece of
+// it in flight) fails with kNotSent instead, which the retry sink may repeat.
 //
 // Thread safety: used on one event loop.
 
@@ -186,7 +188,12 @@ class MuxSessionSink final : public ClientMessageSink {
   // Starts writing what is queued, unless a write is in progress (its end flushes again) or,
   // without `now`, OnRead is still handling a read's frames (its end flushes).
   void Flush(bool now = false);
+  // Writes the next piece of write_buffer_ (at most kMaxWriteChunk bytes).
+  void WriteMore();
   void OnWritten(const boost::system::error_code& ec, size_t n);
+  // Marks unwritten the live requests of write_buffer_ whose first frame lies beyond every byte
+  // the socket may have taken (the session failed with the write unfinished).
+  void MarkUnsentInWriteBuffer();
 
   uint32_t AllocateTag();
   void FreeTag(uint32_t tag);
@@ -225,6 +232,8 @@ class MuxSessionSink final : public ClientMessageSink {
   static constexpr size_t kMaxReadBuffer = 64 * 1024;
   // The fewest requests written before a read's replies are all handled (write_splits).
   static constexpr size_t kMinWriteSplit = 4;
+  // The most bytes handed to one write_some (WriteMore).
+  static constexpr size_t kMaxWriteChunk = 256 * 1024;
   std::vector<char> read_buffer_;
 
   FragmentWriter writer_;
@@ -235,6 +244,10 @@ class MuxSessionSink final : public ClientMessageSink {
   int encoded_retries_ = 0;  // what retries_value_ holds (when not empty)
   std::string trace_value_;
   std::string write_buffer_;  // the bytes of the write in flight
+  // Of write_buffer_: bytes the socket took, and the size of the write_some in flight (the
+  // bytes it may have taken already). Requests starting beyond both were not sent.
+  size_t write_offset_ = 0;
+  size_t write_in_flight_ = 0;
   // Tags of the dispatches in writer_ not yet handed to a write (and of cancelled ones that
   // were, until the next write).
   std::vector<uint32_t> queued_tags_;

@@ -4,7 +4,7 @@
 //
 // A failure is retried when all of these hold:
 //   - the error is retryable: Condition::kRetryable (connect failed / timed out, failed fast,
-//     pool queue full, Nack), or kConnectionClosed when the caller marked the call idempotent
+//     pool queue full, Nack, not sent), or kConnectionClosed when the caller marked the call idempotent
 //     (CallOptions::idempotent);
 //   - the request was not cancelled (timeout, caller) and the sink is not closed;
 //   - fewer than max_retries retries have run;

@@ -148,6 +148,7 @@ class ConnectionSink : public ClientMessageSink {
   boost::beast::flat_buffer in_;
   size_t read_chunk_ = 4096;  // grows (to 64 KiB) after reads that fill it
   size_t reply_bytes_ = 0;    // received for the current request
+  size_t request_written_ = 0;  // bytes of the current request written so far
   bool expect_reply_ = false;
   bool writing_ = false;
   bool readable_armed_ = false;   // plain TCP: a receive into in_.prepare(read_chunk_) is pending

@@ -43,6 +43,10 @@ Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
                      queue Rping replies it can never write
   "duplicate-reply"  write the reply frame twice in one write (a buggy server answering a tag
                      twice): the second must not answer the client's next request on that tag
+  "stall"            stop reading from the connection and never reply: the client's writes
+                     fill the socket buffers and then queue in the client
+  "reset-stalled"    reset (RST: SO_LINGER 0, then close) every connection that got "stall",
+                     then reply "reset N" on this one
 sleep(MS) answers str(MS) after MS milliseconds (replies out of order). Request headers
 (com.twitter.finagle.thrift.Request.headers) are echoed back as response headers.
 
@@ -70,6 +74,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -740,6 +745,23 @@ class Connection:
             await self.writer.drain()
             self.writer.write(data + data)
             await self.writer.drain()
+        elif message == "stall":
+            # Stop reading (the client's writes pile up in the socket buffers, then in its own
+            # queue) and never reply, until "reset-stalled" on another connection.
+            self.pending.pop(tag, None)
+            self.writer.transport.pause_reading()
+            self.server.stalled.append(self)
+            self.log("stall tag=%d" % tag)
+            await asyncio.Event().wait()
+        elif message == "reset-stalled":
+            stalled, self.server.stalled = self.server.stalled, []
+            for conn in stalled:
+                sock = conn.writer.get_extra_info("socket")
+                if sock is not None and not conn.closed:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.writer.transport.abort()
+                    conn.close("reset (stalled)")
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success="reset %d" % len(stalled)))
         elif message == "tls-info":
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=tls_info(self.writer)))
         elif message in ("huge-frame", "endless-fragments", "stray-fragments", "ping-flood") or \
@@ -841,6 +863,7 @@ class Server:
         self.args = args
         self.echo = echo
         self.log = Log(args.log)
+        self.stalled = []  # connections that stopped reading on "stall"
         self.connections = set()
         self.ssl_context = make_ssl_context(args)
 
