@@ -874,7 +874,10 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   handshake_timer_.Cancel();
   ping_timer_.Cancel();
   ping_timeout_.Cancel();
-  if (!client_close) MarkUnsentInWriteBuffer();
+  // The client's own close and a TLS refusal (the next session would be refused too) keep
+  // their codes for every request; otherwise the requests that never left are kNotSent.
+  const bool keep_code = client_close || ec == Errc::kTlsFailed;
+  if (!keep_code) MarkUnsentInWriteBuffer();
   conn_.Close();
   auto keep = self();
   open_waiters_.CompleteAll(loop_.executor(), was_open ? make_error_code(Errc::kConnectionClosed) : ec);
@@ -894,12 +897,10 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   queued_tags_.clear();
   // A request still queued behind the write in progress (a peer that stopped reading), or in
   // the part of that write the socket never took, never left this process: kNotSent, which the
-  // retry sink may send to another endpoint even when the call is not idempotent. The client's
-  // own close keeps its code.
-  const bool not_sent_differs = ec != Errc::kClientClosed;
+  // retry sink may send to another endpoint even when the call is not idempotent.
   for (auto& [tag, p] : live) {
     MethodReturnMessage m{ec, detail, {}};
-    if (!p.written && not_sent_differs) {
+    if (!p.written && !keep_code) {
       m.error = make_error_code(Errc::kNotSent);
       m.detail = fmt::format("{}; the request was still queued, not sent", detail);
     }

@@ -8,7 +8,7 @@
 //   - consecutive failures: `consecutive_failures` failures in a row.
 //
 // Classification. Failures: the endpoint-level errors kConnectFailed, kConnectTimeout,
-// kConnectionClosed, kServerError, kProtocolError and kRequestTimeout. Successes: no error.
+// kConnectionClosed, kNotSent, kServerError, kProtocolError and kRequestTimeout. Successes: no error.
 // Everything else (kFailedFast, kCancelled, kClientClosed, kNoMembers, kNack, kPoolQueueFull,
 // kHttpError, ...) is ignored: it neither counts nor resets. kFailedFast is the resurrector
 // answering for an endpoint it already marked down: the connect failure that marked it down

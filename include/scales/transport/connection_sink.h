@@ -86,8 +86,10 @@ class ConnectionSink : public ClientMessageSink {
   virtual std::string_view reply_noun() const { return "reply"; }
 
   // Checks that a new request may use the connection (open, idle). Otherwise returns the
-  // error and detail to fail it with: kConnectionClosed, or the error that closed the
-  // connection (kTlsFailed for a TLS alert received while idle).
+  // error and detail to fail it with: the error that closed the connection (a connect
+  // failure, or kTlsFailed for a TLS alert received while idle), kNotSent for a connection
+  // closed otherwise (by the server, or retired by its pool), or kConnectionClosed when it is
+  // busy with another request.
   std::pair<error_code, std::string> CheckUsable() const;
   // Starts a request: bumps the generation (stale handlers compare it) and ends the idle
   // watch. Returns the new generation.
@@ -106,7 +108,8 @@ class ConnectionSink : public ClientMessageSink {
   // recorded is what later requests are told.
   void Shutdown(error_code why = {}, std::string detail = {});
   // Accounts the finished write of a request; on error closes the connection, answers the
-  // request (kTlsFailed, else kConnectionClosed, naming the endpoint) and returns false.
+  // request (kTlsFailed; kNotSent if not a byte of it was written; else kConnectionClosed;
+  // naming the endpoint) and returns false.
   bool WriteDone(const boost::system::error_code& ec, size_t bytes);
   // For a read or write error that is a TLS error (an alert such as "certificate required",
   // a bad record; not a plain close), or any error of the first request after the server asked
