@@ -49,9 +49,11 @@ void TcpConnection::AsyncConnect(std::function<void(error_code)> done) {
   done_ = std::move(done);
   started_ = loop_.Now();
   timed_out_ = false;
+  closed_ = false;
   upgrading_ = false;
   tls_active_ = false;
   failure_detail_.clear();
+  const uint64_t attempt = ++attempt_;
   if (tls_.enabled && !tls_context_) {
     failure_detail_ = fmt::format("TLS setup for {} failed: {}", address_, tls_setup_error_);
     asio::post(loop_.executor(), [this] { Finish(make_error_code(Errc::kTlsFailed)); });
@@ -67,12 +69,17 @@ void TcpConnection::AsyncConnect(std::function<void(error_code)> done) {
     socket_.async_connect(ep, [this](const boost::system::error_code& e) { OnTcpConnected(e); });
     return;
   }
+  resolving_ = true;
   resolver_.async_resolve(endpoint_.host, std::to_string(endpoint_.port),
-                          [this](const boost::system::error_code& e, tcp::resolver::results_type results) {
-                            // A cancel cannot stop a getaddrinfo already running: after the
-                            // timeout its results may still come, and must not be connected to.
-                            if (e || timed_out_) {
-                              OnTcpConnected(e);
+                          [this, attempt, alive = std::weak_ptr<char>(alive_)](
+                              const boost::system::error_code& e, tcp::resolver::results_type results) {
+                            // A cancel cannot stop a getaddrinfo already running: its results
+                            // may come after the timeout finished the attempt (and the owner
+                            // may be gone), or after Close(); they are not connected to.
+                            if (alive.expired() || attempt != attempt_ || !resolving_) return;
+                            resolving_ = false;
+                            if (e || timed_out_ || closed_) {
+                              OnTcpConnected(e ? e : make_error_code(asio::error::operation_aborted));
                               return;
                             }
                             ConnectTo(results);
@@ -159,6 +166,14 @@ void TcpConnection::OnTimeout(void* self) {
                                          c->address_, ms)
                            : fmt::format("connect to {} timed out after {} ms", c->address_, ms);
   c->resolver_.cancel();
+  if (c->resolving_) {
+    // Finished now, not when getaddrinfo returns (a DNS server that does not answer holds it
+    // for seconds per try): its late result is ignored (see AsyncConnect).
+    c->resolving_ = false;
+    c->failure_detail_ = fmt::format("resolving {} did not finish within connect_timeout ({} ms)", c->address_, ms);
+    c->Finish(make_error_code(Errc::kConnectTimeout));
+    return;
+  }
   boost::system::error_code ignored;
   c->socket_.close(ignored);
 }
@@ -167,6 +182,9 @@ void TcpConnection::Finish(error_code ec) {
   timer_.Cancel();
   if (!done_) return;
   if (timed_out_) ec = make_error_code(Errc::kConnectTimeout);
+  // Closed meanwhile: a connect or handshake that completed before the close was seen is not
+  // a connection (the socket is closed).
+  if (closed_ && !ec) ec = make_error_code(asio::error::operation_aborted);
   if (ec && failure_detail_.empty()) {
     failure_detail_ = fmt::format("connect to {} failed: {}", address_, ec.message());
   }
@@ -244,6 +262,7 @@ void TcpConnection::SendCloseNotify() {
 }
 
 void TcpConnection::Close() {
+  closed_ = true;
   timer_.Cancel();
   resolver_.cancel();
   boost::system::error_code ignored;

@@ -345,6 +345,38 @@ std::pair<error_code, std::string> Connect(int port, TlsOptions tls, Duration ti
   return {result, detail};
 }
 
+// Close() while the host name resolves: Asio cannot stop a getaddrinfo already running, and
+// its result must not be connected to (a stray connection to a server just dropped; with TLS a
+// handshake no timer bounds). The loop is the test's io_context: the resolution finishes on
+// Asio's resolver thread while the test sleeps, its handler waits in the queue, Close() runs,
+// then the handler.
+TEST(TcpConnectionTest, CloseWhileResolvingDoesNotConnect) {
+  boost::asio::io_context listener_ioc;
+  boost::asio::ip::tcp::acceptor listener(listener_ioc, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  listener.non_blocking(true);
+  const auto port = listener.local_endpoint().port();
+  boost::asio::io_context ioc;
+  Runtime rt(ioc);
+  stats::StatsRegistry registry;
+  TcpConnection conn(rt.loop(0), Endpoint{"localhost", port}, 2s, stats::StatsScope(&registry, {}));
+  int completions = 0;
+  error_code result;
+  conn.AsyncConnect([&](error_code ec) {
+    ++completions;
+    result = ec;
+  });
+  std::this_thread::sleep_for(300ms);  // /etc/hosts: far less (if not, the cancel stops it: still a pass)
+  conn.Close();
+  ioc.run_for(1s);
+  EXPECT_EQ(completions, 1);
+  EXPECT_TRUE(result) << "the connect succeeded after Close()";
+  EXPECT_FALSE(conn.connected());
+  boost::system::error_code ec;
+  boost::asio::ip::tcp::socket accepted(listener_ioc);
+  listener.accept(accepted, ec);
+  EXPECT_EQ(ec, boost::asio::error::would_block) << "a connection reached the server after Close()";
+}
+
 TEST(TlsConnectionTest, HandshakeFailuresSayWhy) {
   const auto& ca = TestCa();
   NginxServer good("good", ServerTls(ca.server_cert, ca.server_key));

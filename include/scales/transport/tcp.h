@@ -109,6 +109,12 @@ class TcpConnection {
   TimePoint started_{};
   bool timed_out_ = false;
   bool connected_ = false;
+  bool resolving_ = false;  // the attempt waits for its name resolution
+  bool closed_ = false;     // Close() ran since the attempt started: it must not connect
+  uint64_t attempt_ = 0;    // bumps per AsyncConnect; a resolution's late result compares it
+  // The resolution's handler may run after this object is gone (a timeout finishes the attempt
+  // without waiting for a getaddrinfo that cannot be stopped): it holds this weakly.
+  std::shared_ptr<char> alive_ = std::make_shared<char>();
   TlsOptions tls_;
   std::shared_ptr<boost::asio::ssl::context> tls_context_;
   std::unique_ptr<TlsStream> ssl_;
