@@ -211,9 +211,12 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
 }
 
 BalancerNode* LoadBalancerSink::PickAlternative(BalancerNode& avoid) {
+  // A repeated pick may be a panic pick of a node known down (P2C samples random pairs): taken
+  // only when `avoid` is no better.
+  const bool avoid_healthy = Healthy(avoid);
   for (int attempt = 0; attempt < 3; ++attempt) {
     BalancerNode& n = PickNode();
-    if (&n != &avoid) return &n;
+    if (&n != &avoid && (!avoid_healthy || Healthy(n))) return &n;
   }
   BalancerNode* best = nullptr;
   BalancerNode* best_any = nullptr;
@@ -224,7 +227,7 @@ BalancerNode* LoadBalancerSink::PickAlternative(BalancerNode& avoid) {
     if (Healthy(*n) && (best == nullptr || n->load < best->load)) best = n;
   }
   if (best != nullptr) return best;
-  return Healthy(avoid) ? nullptr : best_any;
+  return avoid_healthy ? nullptr : best_any;
 }
 
 void LoadBalancerSink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,

@@ -70,8 +70,9 @@ class LoadBalancerSink : public ClientMessageSink {
   // A node other than `avoid` for a request whose properties name `avoid` as the endpoint to
   // avoid (a retry or a backup request; there are at least two nodes), or nullptr to keep
   // `avoid`. The default asks PickNode() again a few times (randomised and cycling policies
-  // move on), then takes the least loaded healthy other node, then the least loaded other
-  // node when `avoid` itself is unhealthy.
+  // move on) and takes a healthy other node, or any other node when `avoid` is unhealthy too;
+  // then the least loaded healthy other node, then the least loaded other node when `avoid`
+  // itself is unhealthy.
   virtual BalancerNode* PickAlternative(BalancerNode& avoid);
   virtual void OnLoadChanged(BalancerNode& n, bool increased) = 0;
   // Called once per server-set update, after its OnNodeAdded/OnNodeRemoved calls, with the
