@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -389,6 +390,24 @@ TEST_F(TestServerTest, EveryCompletionStyle) {
   std::promise<int> d;
   std::move(deferred_get)([&](error_code ec, http::Response r) { d.set_value(ec ? -1 : r.status); });
   EXPECT_EQ(d.get_future().get(), 200);
+}
+
+// Asio's rule: until the call completes, its handler's executor has outstanding work. An
+// io_context that only runs the handler (bound with bind_executor) must not run out of work
+// and return from run() while the reply is on its way.
+TEST_F(TestServerTest, HandlerBoundToAnIoContextKeepsItRunning) {
+  boost::asio::io_context ioc;  // outlives the client: a loop thread may still be in the post
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime()));
+  int status = 0;
+  std::thread::id ran_on;
+  client.AsyncGet("/delay/100", boost::asio::bind_executor(ioc, [&](error_code ec, http::Response r) {
+                    status = ec ? -1 : r.status;
+                    ran_on = std::this_thread::get_id();
+                  }));
+  ioc.run();  // returns once the handler ran
+  EXPECT_EQ(status, 200);
+  EXPECT_EQ(ran_on, std::this_thread::get_id());
+  client.Close();
 }
 
 TEST_F(TestServerTest, AsioCancellationFromAnAwaitableRace) {

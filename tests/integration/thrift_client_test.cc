@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/detached.hpp>
@@ -376,6 +377,29 @@ TEST_P(ThriftFramingTest, OversizeRepliesAndRequestsFailAndTheClientRecovers) {
 
 INSTANTIATE_TEST_SUITE_P(Framings, ThriftFramingTest, ::testing::Values(Framing::kFramed, Framing::kBuffered),
                          [](const auto& info) { return std::string(thrift::ToString(info.param)); });
+
+// Asio's rule: until the call completes, its handler's executor has outstanding work, so an
+// io_context that only runs the handler does not return from run() before the reply came.
+TEST(ThriftClientTest, HandlerBoundToAnIoContextKeepsItRunning) {
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  boost::asio::io_context ioc;  // outlives the client: a loop thread may still be in the post
+  auto client = Thrift::NewBuilder<DerivedClient>(Options(Framing::kFramed, Protocol::kBinary, MakeRuntime()))
+                    .SetUri(server.uri())
+                    .SetTimeout(5s)
+                    .Build();
+  std::string reply;
+  std::thread::id ran_on;
+  client.Async(&DerivedClient::send_base_echo, &DerivedClient::recv_base_echo, std::string("bound"),
+               boost::asio::bind_executor(ioc, [&](std::exception_ptr e, std::string r) {
+                 reply = e ? "error" : r;
+                 ran_on = std::this_thread::get_id();
+               }));
+  ioc.run();  // returns once the handler ran
+  EXPECT_EQ(reply, "bound");
+  EXPECT_EQ(ran_on, std::this_thread::get_id());
+  client.Close();
+}
 
 TEST(ThriftClientTest, CallStylesAndBlockingOnTheLoopFailsFast) {
   InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),

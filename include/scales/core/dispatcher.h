@@ -14,10 +14,14 @@
 #include <type_traits>
 #include <unordered_map>
 
+#include <boost/asio/any_completion_executor.hpp>
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
+#include <boost/asio/prefer.hpp>
+#include <boost/asio/system_executor.hpp>
 #include <boost/asio/post.hpp>
 
 #include "scales/core/message.h"
@@ -168,6 +172,24 @@ class CallBase {
   const std::shared_ptr<CancelState>& cancel_state() const noexcept { return cancel_state_; }
 
  protected:
+  // Asio's rule for asynchronous operations: the handler's associated executor counts
+  // outstanding work until the operation completes, so an io_context that runs only the
+  // handler (`bind_executor(ioc, h)`, a coroutine's) does not run out of work and return
+  // before the reply came. Nothing is tracked for a handler without an executor of its own
+  // (it runs on the call's loop). Complete() moves the work out and releases it once the
+  // handler was handed to its executor.
+  template <class Handler>
+  void TrackWork(Handler& handler) {
+    using Ex = boost::asio::associated_executor_t<Handler, boost::asio::system_executor>;
+    if constexpr (!std::is_same_v<Ex, boost::asio::system_executor>) {
+      boost::asio::any_completion_executor ex(
+          boost::asio::get_associated_executor(handler, boost::asio::system_executor()));
+      if (ex.template target<boost::asio::system_executor>() != nullptr) return;  // type-erased, none of its own
+      work_.emplace(boost::asio::prefer(ex, boost::asio::execution::outstanding_work.tracked));
+    }
+  }
+  std::optional<boost::asio::any_completion_executor> work_;
+
   template <class Handler>
   void ConnectCancellation(Handler& handler) {
     auto slot = boost::asio::get_associated_cancellation_slot(handler);
@@ -201,12 +223,14 @@ class TypedCall : public CallBase {
   explicit TypedCall(Handler handler) : handler_(std::move(handler)) {
     message.SetReplySlot(&reply);
     ConnectCancellation(handler_);
+    TrackWork(handler_);
   }
 
   Reply reply{};
 
   void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) override {
     DisconnectCancellation();
+    auto work = std::move(work_);  // released once the handler is on its way
     Handler h = std::move(handler_);
     error_code ec = msg.error;
     Reply r = ec ? Reply{} : std::move(reply);

@@ -445,6 +445,7 @@ class DecodingCall final : public ThriftCall {
   DecodingCall(Handler handler, Protocol protocol, Recv recv)
       : handler_(std::move(handler)), protocol_(protocol), recv_(recv) {
     ConnectCancellation(handler_);
+    TrackWork(handler_);
   }
 
  protected:
@@ -486,7 +487,10 @@ class DecodingCall final : public ThriftCall {
 class OnewayCall final : public ThriftCall {
  public:
   using Handler = boost::asio::any_completion_handler<void(std::exception_ptr)>;
-  explicit OnewayCall(Handler handler) : handler_(std::move(handler)) { ConnectCancellation(handler_); }
+  explicit OnewayCall(Handler handler) : handler_(std::move(handler)) {
+    ConnectCancellation(handler_);
+    TrackWork(handler_);
+  }
 
  protected:
   void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor& fallback,
