@@ -110,7 +110,13 @@ void ApertureBalancerSink::OnNodeRemoved(BalancerNode& n) {
   if (it == slots_.end()) return;
   if (it->second.member) {
     Remove(aperture_, n);
-    ++owed_replacements_;
+    if (n.down && down_expansions_ > 0) {
+      // A member that went down already got its replacement (the expansion): none is owed,
+      // and that expansion is no longer one to give back when it recovers.
+      --down_expansions_;
+    } else {
+      ++owed_replacements_;
+    }
   } else {
     Remove(outside_, n);
   }
@@ -159,6 +165,8 @@ BalancerNode* ApertureBalancerSink::Expand(bool open) {
 
 void ApertureBalancerSink::Contract(BalancerNode& n) {
   Remove(aperture_, n);
+  // A down member leaving the aperture takes the expansion it caused with it.
+  if (n.down && down_expansions_ > 0) --down_expansions_;
   slots_[&n] = Slot{false, outside_.size()};
   outside_.push_back(&n);
   n.down = false;

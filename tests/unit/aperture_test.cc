@@ -448,6 +448,31 @@ TEST_F(ApertureTest, AFlappingMemberDoesNotWidenTheApertureForGood) {
   h_.ReplyAll();
 }
 
+// The usual order when a server dies: its endpoint goes down (the aperture widens by one to
+// replace it), then it leaves the server set (ZooKeeper's ephemeral node expires). The widening
+// was its replacement: no second one is added, and the aperture is back to what the load needs.
+TEST_F(ApertureTest, ADownMemberLeavingTheSetIsNotReplacedTwice) {
+  h_.Build(Range(6), NoRotation());
+  h_.Open();
+  GrowToTwo();  // 3 outstanding over 2 members: inside the band
+  const Endpoint dead = *h_.Members().begin();
+  h_.Node(dead).set_status(SinkStatus::kClosed);
+  h_.env.Advance(seconds(1));
+  EXPECT_EQ(h_.balancer->aperture_size(), 3u);
+  ServerSet::Members rest;
+  for (const Endpoint& ep : Range(6)) {
+    if (!(ep == dead)) rest.push_back(ep);
+  }
+  h_.set->Update(rest);
+  h_.env.Run();
+  EXPECT_EQ(h_.balancer->aperture_size(), 2u);
+  EXPECT_EQ(h_.Members().count(dead), 0u);
+  // The dead member's requests left with it: the load band may contract further, never widen.
+  h_.env.Advance(seconds(60));
+  EXPECT_LE(h_.balancer->aperture_size(), 2u);
+  h_.ReplyAll();
+}
+
 TEST_F(ApertureTest, EveryNodeDownUsesAMemberAnyway) {
   h_.Build(Range(2), NoRotation());
   h_.Open();
