@@ -636,19 +636,18 @@ void MuxSessionSink::OnWritten(const boost::system::error_code& ec, size_t n) {
 void MuxSessionSink::MarkUnsentInWriteBuffer() {
   const size_t sent_bound = write_offset_ + (writing_ ? write_in_flight_ : 0);
   if (sent_bound >= write_buffer_.size()) return;
-  // The buffer holds whole frames as FragmentWriter wrote them: size:4 type:1 tag:3, then
-  // size - 4 bytes. A request's fragments follow its first frame, so the first frame of a tag
-  // decides.
+  // The buffer holds whole frames as FragmentWriter wrote them. A request's fragments follow
+  // its first frame, so the first frame of a tag decides.
   std::vector<bool> seen(pending_.size(), false);
-  const auto* b = reinterpret_cast<const unsigned char*>(write_buffer_.data());
-  for (size_t pos = 0; pos + 8 <= write_buffer_.size();) {
-    const uint32_t size = (uint32_t{b[pos]} << 24) | (uint32_t{b[pos + 1]} << 16) | (uint32_t{b[pos + 2]} << 8) | b[pos + 3];
-    const uint32_t tag = ((uint32_t{b[pos + 5]} << 16) | (uint32_t{b[pos + 6]} << 8) | b[pos + 7]) & kMaxTag;
-    if (b[pos + 4] == wire::kTdispatch && tag < seen.size() && !seen[tag]) {
-      seen[tag] = true;
-      if (pos >= sent_bound && pending_[tag].used) pending_[tag].written = false;
+  const std::string_view buffer(write_buffer_);
+  for (size_t pos = 0; pos < buffer.size();) {
+    auto h = DecodeFrameHeader(buffer.substr(pos));
+    if (!h) return;  // not reached: our own frames
+    if (h->type == wire::kTdispatch && h->tag < seen.size() && !seen[h->tag]) {
+      seen[h->tag] = true;
+      if (pos >= sent_bound && pending_[h->tag].used) pending_[h->tag].written = false;
     }
-    pos += 4 + size_t{size};
+    pos += 4 + size_t{h->size};
   }
 }
 

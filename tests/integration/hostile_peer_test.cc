@@ -96,15 +96,19 @@ void ExpectBoundedFailure(F&& call, Errc code, std::string_view names_limit, Clo
 
 // --- Mux ---------------------------------------------------------------------------------------
 
-thriftmux::ThriftMuxOptions MuxOptions() {
-  thriftmux::ThriftMuxOptions o;
-  o.client.name = "hostile-mux";
+// Options of the hostile-peer clients: one loop, a 10 s timeout, a quick resurrector.
+template <class Options>
+Options HostileOptions(const char* name) {
+  Options o;
+  o.client.name = name;
   o.client.runtime = MakeRuntime();
   o.client.timeout = 10s;
   o.resurrector.initial_backoff = 50ms;
   o.resurrector.max_backoff = 200ms;
   return o;
 }
+
+thriftmux::ThriftMuxOptions MuxOptions() { return HostileOptions<thriftmux::ThriftMuxOptions>("hostile-mux"); }
 
 std::string Echo(const thrift::ThriftClient<EchoClient>& client, const std::string& s,
                  std::optional<Duration> timeout = std::nullopt) {
@@ -532,15 +536,7 @@ void HostileThrift(RawConn& c) {
   }
 }
 
-thrift::ThriftOptions ThriftOptions() {
-  thrift::ThriftOptions o;
-  o.client.name = "hostile-thrift";
-  o.client.runtime = MakeRuntime();
-  o.client.timeout = 10s;
-  o.resurrector.initial_backoff = 50ms;
-  o.resurrector.max_backoff = 200ms;
-  return o;
-}
+thrift::ThriftOptions ThriftOptions() { return HostileOptions<thrift::ThriftOptions>("hostile-thrift"); }
 
 // Peak resident memory of the process since the last ResetPeakMemory().
 size_t PeakMemory() {
