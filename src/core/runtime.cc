@@ -2,6 +2,8 @@
 
 #include <chrono>
 #include <exception>
+#include <mutex>
+#include <system_error>
 #include <string>
 
 #include <boost/asio/post.hpp>
@@ -139,30 +141,88 @@ void Runtime::StartThreads() {
   }
 }
 
-Runtime::~Runtime() {
-  // Let the loops finish the work they have (closing clients post their shutdown), then
-  // stop them; bounded so a stuck peer cannot hang the process at exit.
-  guards_.clear();
+namespace {
+
+// Keeps the loops of runtimes that wrapped a user's io_context until that io_context is
+// destroyed. Handlers still queued on it when the runtime goes (a closed client's shutdown, the
+// completions and releases that shutdown posts) refer to the loop, and the user may run them
+// at any later time. Released in the destructor, which Asio calls once every handler of the
+// io_context has been destroyed (shutdown), while older services (the timer service of the
+// loop's alarm) still exist.
+class LoopKeeper final : public boost::asio::execution_context::service {
+ public:
+  using key_type = LoopKeeper;
+  static inline boost::asio::execution_context::id id;
+
+  explicit LoopKeeper(boost::asio::execution_context& context) : service(context) {}
+  ~LoopKeeper() override = default;
+
+  void Keep(std::shared_ptr<EventLoop> loop) {
+    std::lock_guard lock(mu_);
+    loops_.push_back(std::move(loop));
+  }
+
+ private:
+  void shutdown() override {}
+
+  std::mutex mu_;
+  std::vector<std::shared_ptr<EventLoop>> loops_;
+};
+
+// Lets each loop run out of work (the shutdown its clients posted), for up to 5 s in all, so
+// that a stuck peer cannot hang the process at exit; then stops the loops and joins their
+// threads. Not on one of those threads.
+void StopLoops(std::vector<std::shared_ptr<EventLoop>>& loops, std::vector<std::thread>& threads) {
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  for (size_t i = 0; i < threads_.size(); ++i) {
-    auto& ioc = loops_[i]->io_context();
-    // Destroyed from one of this loop's handlers: it cannot run out of work before we return.
-    const bool ours = threads_[i].get_id() == std::this_thread::get_id();
-    while (!ours && !ioc.stopped() && std::chrono::steady_clock::now() < give_up) {
+  for (auto& loop : loops) {
+    auto& ioc = loop->io_context();
+    while (!ioc.stopped() && std::chrono::steady_clock::now() < give_up) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     ioc.stop();
   }
-  for (auto& t : threads_) {
-    if (t.get_id() == std::this_thread::get_id()) {
-      // Cannot join ourselves: the thread's own reference keeps its loop alive until run()
-      // returns, after the handler that destroys us.
-      t.detach();
-    } else {
-      t.join();
+  for (auto& t : threads) t.join();
+  loops.clear();
+}
+
+}  // namespace
+
+Runtime::~Runtime() {
+  guards_.clear();
+  if (threads_.empty()) {
+    // A wrapped io_context (or manual mode): the loop lives as long as the io_context, which
+    // may still hold handlers that use it. Manual mode owns its io_context: nothing can run
+    // its handlers after this.
+    for (auto& loop : loops_) {
+      if (!loop->owned_ioc_) boost::asio::use_service<LoopKeeper>(loop->io_context()).Keep(std::move(loop));
     }
+    loops_.clear();
+    return;
   }
-  loops_.clear();
+  bool on_own_loop = false;
+  for (auto& t : threads_) on_own_loop = on_own_loop || t.get_id() == std::this_thread::get_id();
+  if (on_own_loop) {
+    // Destroyed inside a handler of one of our loops (a client that held the last reference,
+    // released in its own callback). This thread cannot wait for its own loop, and the
+    // shutdown the client has just posted to every loop must still run, so a thread of the
+    // runtime's own does what the destructor would: the loops go on until they run out of
+    // work (5 s at most), then stop, and it joins them and destroys them.
+    struct Loops {
+      std::vector<std::shared_ptr<EventLoop>> loops;
+      std::vector<std::thread> threads;
+    };
+    auto rest = std::make_shared<Loops>(Loops{std::move(loops_), std::move(threads_)});
+    try {
+      std::thread([rest] { StopLoops(rest->loops, rest->threads); }).detach();
+    } catch (const std::system_error&) {
+      // No thread to be had: stop the loops where they are. Handlers still queued on them are
+      // destroyed without running, and each loop thread destroys its loop when run() returns.
+      for (auto& loop : rest->loops) loop->io_context().stop();
+      for (auto& t : rest->threads) t.detach();
+    }
+    return;
+  }
+  StopLoops(loops_, threads_);
 }
 
 EventLoop& Runtime::PickLoop() noexcept {

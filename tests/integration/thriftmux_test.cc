@@ -14,6 +14,8 @@
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/use_future.hpp>
 #include <gtest/gtest.h>
 
@@ -252,6 +254,63 @@ TEST(ThriftMuxTest, BusyPollingLoopsAnswerEveryCallAndFireTimeouts) {
 
 // Completion handlers that throw run inside the session's read loop: the exception is logged
 // and dropped, and the session goes on answering every other call (none hangs).
+// Starts `slow` calls that the server answers after 3 s, then one that it answers at once, whose
+// handler releases the last handle to `client` (the client holds the last reference to its
+// runtime). The client's shutdown must still run on every loop and answer the slow calls
+// (kClientClosed), and nothing may be used after it is freed.
+void ReleaseInOwnCallback(thrift::ThriftClient<EchoClient> client, const test::MuxReferenceServer& server,
+                          int slow_calls) {
+  std::vector<std::future<std::string>> slow;
+  for (int i = 0; i < slow_calls; ++i) {
+    slow.push_back(SCALES_THRIFT_CALL(client, sleep, 3000 + i, boost::asio::use_future));
+  }
+  for (int i = 0; i < slow_calls; ++i) {
+    ASSERT_TRUE(server.WaitForLog({"method=sleep", "arg=" + std::to_string(3000 + i)})) << server.Log();
+  }
+  std::promise<std::exception_ptr> last;
+  auto released = last.get_future();
+  SCALES_THRIFT_CALL(client, sleep, 100, [&last, c = client](std::exception_ptr e, std::string) mutable {
+    c = {};  // the last handle: the client goes, and with it the last reference to the runtime
+    last.set_value(e);
+  });
+  client = {};
+  ASSERT_EQ(released.wait_for(10s), std::future_status::ready);
+  EXPECT_FALSE(released.get()) << "the call answered before the client was released";
+  for (int i = 0; i < slow_calls; ++i) {
+    ASSERT_EQ(slow[i].wait_for(10s), std::future_status::ready) << "call " << i << " never completed";
+    try {
+      slow[i].get();
+      ADD_FAILURE() << "call " << i << " was answered after its client was released";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kClientClosed) << e.what();
+    }
+  }
+}
+
+// Two loops, slow calls on both (one session each). (The runtime's destructor stopped the
+// callback's loop with the client's close still queued on it: the calls there never completed,
+// and the process died of a pure virtual call.)
+TEST(ThriftMuxTest, ClientOwningItsRuntimeReleasedInItsOwnCallback) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  ReleaseInOwnCallback(ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime(2))),
+                       server, 4);
+  EXPECT_EQ(server.LogLinesWith({"recv Tinit"}).size(), 2u) << "one session per loop";
+}
+
+// The same on a runtime wrapping an io_context run by another thread. (The loop was destroyed
+// with the runtime, under the client's close queued on the io_context: a use after free.)
+TEST(ThriftMuxTest, ClientOwningAWrappedIoContextRuntimeReleasedInItsOwnCallback) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  boost::asio::io_context ioc;
+  auto work = boost::asio::make_work_guard(ioc);
+  std::thread runner([&ioc] { ioc.run(); });
+  ReleaseInOwnCallback(
+      ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(std::make_shared<Runtime>(ioc))),
+      server, 2);
+  work.reset();
+  runner.join();  // the closed client leaves nothing behind: the io_context runs out of work
+}
+
 TEST(ThriftMuxTest, ThrowingHandlersLeaveTheSessionServingTheOtherCalls) {
   test::MuxReferenceServer server({"--mode", "finagle"});
   test::LogCapture log(LogLevel::kError);

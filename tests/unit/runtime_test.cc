@@ -143,16 +143,22 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandl
 
 // The last reference to a runtime may go inside a handler on one of its own loops (a client
 // that owns its runtime, released from its own callback). The destructor cannot wait for that
-// loop, nor destroy it while its thread is inside it: it stops the loop, joins the others, and
-// the loop is destroyed by its own thread once run() returned. (ASan reported the loop's
-// io_context used after it was freed; the destructor also waited 5 s for its own loop.)
+// loop, nor destroy it while its thread is inside it: it returns at once, and a thread of its
+// own lets the loops run out of work, joins them and destroys them. (ASan reported the loop's
+// io_context used after it was freed; the destructor also waited 5 s for its own loop.) What
+// was queued on the loops still runs: ThriftMuxTest.ClientOwningItsRuntimeReleasedInItsOwnCallback.
 TEST(ConcurrencyRuntimeTest, DestroyedFromOneOfItsOwnLoops) {
   RuntimeOptions options;
   options.threads = 2;
   auto runtime = std::make_shared<Runtime>(options);
   std::promise<std::chrono::steady_clock::duration> destroyed;
+  std::promise<void> queued_ran[2];
   auto executor = runtime->loop(1).executor();
-  boost::asio::post(executor, [&destroyed, rt = std::move(runtime)]() mutable {
+  boost::asio::post(executor, [&destroyed, &queued_ran, rt = std::move(runtime)]() mutable {
+    // Work queued on both loops before the runtime goes (what a destroyed client posts).
+    for (size_t i = 0; i < 2; ++i) {
+      boost::asio::post(rt->loop(i).executor(), [&queued_ran, i] { queued_ran[i].set_value(); });
+    }
     const auto start = std::chrono::steady_clock::now();
     rt.reset();  // the last reference
     destroyed.set_value(std::chrono::steady_clock::now() - start);
@@ -161,6 +167,10 @@ TEST(ConcurrencyRuntimeTest, DestroyedFromOneOfItsOwnLoops) {
   auto took = destroyed.get_future();
   ASSERT_EQ(took.wait_for(std::chrono::seconds(20)), std::future_status::ready);
   EXPECT_LT(took.get(), std::chrono::seconds(4)) << "the destructor waited for its own loop";
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(queued_ran[i].get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready)
+        << "work queued on loop " << i << " was dropped";
+  }
   // The detached loop thread ends on its own, destroying its loop.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
 }

@@ -103,11 +103,14 @@ struct RuntimeOptions {
   std::chrono::microseconds busy_poll{0};
 };
 
-// Owns the event loops. Destroying the runtime stops its threads after the loops have run out
-// of work (bounded wait), so clients using it must be closed first. It may be destroyed from
-// inside a handler on one of its loops (the last reference released there): that loop is then
-// stopped without waiting, its thread detached, and the loop destroyed by that thread when the
-// handler has returned; the handlers still queued on it are destroyed without running.
+// Owns the event loops. Destroying the runtime lets the loops run out of work (a closed
+// client's shutdown, the completions of its calls), for up to 5 s, then stops and joins their
+// threads. Clients hold their runtime, so it goes with the last of them when nothing else holds
+// it. It may be destroyed from inside a handler on one of its own loops (a client that held
+// the last reference, released in its own callback): the destructor then returns at once and
+// a thread of its own does the same shutdown once the handler has returned. A runtime wrapping
+// a user's io_context leaves its loop to that io_context: the loop is destroyed with it, since
+// handlers queued there may use the loop whenever the user runs them.
 // Thread safety: all public functions are safe from any thread.
 class Runtime : public std::enable_shared_from_this<Runtime> {
  public:
@@ -141,8 +144,8 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   void StartThreads();
 
   std::shared_ptr<Clock> clock_;
-  // Shared with each loop's thread: a runtime destroyed from inside one of its own loops
-  // leaves that loop to its thread, which destroys it once run() returned.
+  // Shared with each loop's thread (a loop outlives its run()), and handed over whole when the
+  // runtime is destroyed from inside one of its own loops (~Runtime).
   std::vector<std::shared_ptr<EventLoop>> loops_;
   std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
   std::vector<std::thread> threads_;
