@@ -191,7 +191,8 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
   } initiation(initiating_, initiating);
   if (const auto& cs = call->cancel_state()) {
     cs->call = call;
-    cs->loop.store(&loop_);
+    cs->loop = loop_.weak_from_this();
+    cs->dispatched.store(true);  // seq_cst, as `requested`: one side sees the other
     // Cancelled before it reached the loop: the first sink that would hold it answers.
     if (cs->requested.load()) call->stack.Cancel(make_error_code(Errc::kCancelled));
   }

@@ -164,10 +164,16 @@ class CallBase {
   // Asio per-operation cancellation (e.g. the loser of an awaitable `||`): when the caller's
   // handler has a connected cancellation slot, emitting it cancels the call with kCancelled on
   // the call's loop. The slot may be emitted from any thread, before or after dispatch.
+  //
+  // The slot's handler stays with the caller's signal after the call completed, and may be
+  // emitted after the client and its runtime are gone: it holds the loop weakly.
   struct CancelState {
-    std::atomic<EventLoop*> loop{nullptr};  // set when the call reaches its loop
+    // The call's loop, written once when the call reaches it, before `dispatched` is set: the
+    // slot's handler reads it (from any thread) only once it saw `dispatched`.
+    std::weak_ptr<EventLoop> loop;
+    std::atomic<bool> dispatched{false};
     std::atomic<bool> requested{false};
-    CallBase* call = nullptr;               // touched only on `loop`; null once completed
+    CallBase* call = nullptr;  // touched only on `loop`; null once completed
   };
   const std::shared_ptr<CancelState>& cancel_state() const noexcept { return cancel_state_; }
 
@@ -198,7 +204,8 @@ class CallBase {
     slot.assign([state = cancel_state_](boost::asio::cancellation_type type) {
       if (type == boost::asio::cancellation_type::none) return;
       state->requested = true;
-      if (EventLoop* loop = state->loop.load()) {
+      if (!state->dispatched.load()) return;  // the dispatcher will see `requested`
+      if (auto loop = state->loop.lock()) {
         boost::asio::post(loop->executor(), [state] {
           if (state->call != nullptr) state->call->stack.Cancel(make_error_code(Errc::kCancelled));
         });

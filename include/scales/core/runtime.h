@@ -29,8 +29,8 @@ void ReportHandlerException(std::exception_ptr e) noexcept;
 }  // namespace internal
 
 // One event loop. Thread safety: executor() and IsCurrent() from any thread; timers(),
-// random() only on the loop's own thread.
-class EventLoop {
+// random() only on the loop's own thread. Owned by shared_ptr (the runtime, the loop's thread).
+class EventLoop : public std::enable_shared_from_this<EventLoop> {
  public:
   EventLoop(size_t index, std::shared_ptr<Clock> clock, uint64_t seed,
             boost::asio::io_context* external = nullptr,
