@@ -631,6 +631,7 @@ void MuxSessionSink::OnWritten(const boost::system::error_code& ec, size_t n) {
     return;
   }
   Flush();  // whatever queued up meanwhile goes out in one write
+  if (draining_) MaybeFinishDrain();
 }
 
 void MuxSessionSink::MarkUnsentInWriteBuffer() {
@@ -840,10 +841,14 @@ void MuxSessionSink::OnPingTimeout(void* p) {
 // --- closing -------------------------------------------------------------------------------
 
 void MuxSessionSink::MaybeFinishDrain() {
-  if (draining_ && pending_count_ == 0 && state_ == State::kOpen) {
-    // Drained: the session is finished; the pool replaces it on the next request.
-    Fail(make_error_code(Errc::kConnectionClosed), "drained (the server sent Tdrain and every request finished)", false);
-  }
+  if (!draining_ || pending_count_ != 0 || state_ != State::kOpen) return;
+  // Rdrain, and any Tdiscarded, must reach the server before the socket closes: finish the
+  // write in flight and whatever is queued behind it first (OnWritten comes back here). A
+  // write that never finishes is ended by the ping timeout (SessionOptions::ping_interval).
+  Flush(/*now=*/true);
+  if (writing_) return;
+  // Drained: the session is finished; the pool replaces it on the next request.
+  Fail(make_error_code(Errc::kConnectionClosed), "drained (the server sent Tdrain and every request finished)", false);
 }
 
 void MuxSessionSink::ProtocolError(const std::string& detail) {

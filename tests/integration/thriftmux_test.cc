@@ -388,6 +388,35 @@ TEST(ThriftMuxTest, DrainLeaseGarbageAndCloseMidFrameRecover) {
   EXPECT_TRUE(Eventually([&] { return CallError(client, "after close") == error_code(); }));
 }
 
+// The server stops reading, and sends Tdrain 400 ms later, while the client is still writing
+// its last request (16 MiB), which then times out. The session is drained, but Rdrain (and the
+// Tdiscarded) are queued behind the unfinished write: they must reach the server, which reads
+// again at 2.5 s, before the session closes. (The session closed at once, and the server never
+// got its Rdrain.)
+TEST(ThriftMuxTest, RdrainIsWrittenBeforeADrainedSessionCloses) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  const std::string stall = "drain-stalled:400:2500";
+  auto drain = SCALES_THRIFT_CALL(client, echo, stall, boost::asio::use_future);
+  ASSERT_TRUE(server.WaitForLog({"stall tag=2"})) << server.Log();
+  CallOptions quick;
+  quick.timeout = 1200ms;
+  auto big = SCALES_THRIFT_CALL(client.WithOptions(quick), echo, std::string(16u << 20, 'x'), boost::asio::use_future);
+  EXPECT_EQ(drain.get(), stall);
+  try {
+    big.get();
+    ADD_FAILURE() << "the 16 MiB call was answered\n" << server.Log();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kRequestTimeout) << e.what();
+  }
+  ASSERT_TRUE(server.WaitForLog({"resume reading"}, 10s)) << server.Log();
+  EXPECT_TRUE(server.WaitForLog({"recv Rdrain"})) << server.Log();
+  EXPECT_EQ(server.LogLinesWith({"conn=1 recv Tdispatch", "size=16777"}).size(), 1u)
+      << "the 16 MiB call was not written on the drained session\n" << server.Log();
+  // A new session serves the next call.
+  EXPECT_TRUE(Eventually([&] { return CallError(client, "after drain") == error_code(); }));
+}
+
 TEST(ThriftMuxTest, SessionEventsAreLogged) {
   // Tdrain, the drained close, a protocol error (with the endpoint and the detail) and a ping
   // timeout each write a log line naming the endpoint.

@@ -16,6 +16,9 @@ Modes:
 
 Misbehaviours on demand, chosen by the argument of echo():
   "drain"            reply, then Tdrain (tag 1); after Rdrain close once outstanding work is done
+  "drain-stalled:A:B"  stop reading from the connection; A milliseconds later reply and send
+                     Tdrain (tag 1); resume reading B milliseconds after the stop: the client's
+                     writes of the meantime are still in flight when it is told to drain
   "lease:MS"         send Tlease of MS milliseconds, then reply
   "nack"             Rdispatch Nack with MuxFailure = Retryable|Rejected
   "error:TEXT"       Rdispatch Error TEXT
@@ -705,6 +708,18 @@ class Connection:
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=message))
             self.draining = True
             self.send(TDRAIN, 1)
+        elif message.startswith("drain-stalled:"):
+            reply_ms, resume_ms = (int(x) for x in message.split(":")[1:3])
+            self.writer.transport.pause_reading()
+            self.log("stall tag=%d for %d ms" % (tag, resume_ms))
+            await asyncio.sleep(reply_ms / 1000.0)
+            self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=message))
+            self.draining = True
+            self.send(TDRAIN, 1)
+            await asyncio.sleep(max(0, resume_ms - reply_ms) / 1000.0)
+            if not self.closed:
+                self.log("resume reading")
+                self.writer.transport.resume_reading()
         elif message.startswith("lease:"):
             ms = int(message.split(":", 1)[1])
             self.send(TLEASE, 0, bytes([0]) + struct.pack(">Q", ms), "lease_ms=%d" % ms)
