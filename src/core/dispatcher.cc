@@ -100,6 +100,18 @@ void CallBase::operator delete(void* p, std::size_t size) noexcept {
   ::operator delete(p, size);
 }
 
+void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail) {
+  call->info = info;
+  if (info != nullptr) {
+    info->error = make_error_code(Errc::kClientClosed);
+    info->detail = detail;
+  }
+  boost::asio::post(boost::asio::system_executor(), [call, detail = std::move(detail)] {
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed), detail);
+    call->Complete(m, boost::asio::system_executor());
+  });
+}
+
 // --- dispatcher --------------------------------------------------------------------------------
 
 MessageDispatcher::MessageDispatcher(EventLoop& loop, std::string client_name, SinkPtr next,

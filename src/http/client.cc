@@ -36,17 +36,13 @@ Request HttpClient::Make(std::string_view method, std::string_view target, std::
 
 void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::shared_ptr<const Headers>& defaults,
                        Request&& request, CallOptions&& options, TypedCall<Response>::Handler handler) {
+  auto* call = new HttpCall(std::move(handler), std::move(request));
   if (!core) {
-    // A default-constructed client: complete with an error, never inline.
-    boost::asio::post(boost::asio::system_executor(), [h = std::move(handler)]() mutable {
-      auto ex = boost::asio::get_associated_executor(h, boost::asio::system_executor());
-      boost::asio::dispatch(ex, [h = std::move(h)]() mutable {
-        std::move(h)(make_error_code(Errc::kClientClosed), Response{});
-      });
-    });
+    // A default-constructed client: complete with an error, never inline. Completed as a
+    // call, so the handler's executor keeps work and a throwing handler is reported.
+    FailEmptyClient(call, options.info, "HttpClient is empty (default-constructed)");
     return;
   }
-  auto* call = new HttpCall(std::move(handler), std::move(request));
   call->message.method = call->request.method;
   if (defaults) {
     for (const auto& h : *defaults) {

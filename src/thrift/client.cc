@@ -130,11 +130,8 @@ void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, 
                      const CallOptions& options, const std::string& client_id) {
   if (!core) {
     // An empty client handle: complete with an error, never inline.
-    boost::asio::post(boost::asio::system_executor(), [call] {
-      MethodReturnMessage m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed),
-                                                           "ThriftClient is empty (default-constructed)");
-      call->Complete(m, boost::asio::system_executor());
-    });
+    FailEmptyClient(call, options.info != nullptr ? options.info : call->info,
+                    "ThriftClient is empty (default-constructed)");
     return;
   }
   call->request.data = std::move(bytes);

@@ -25,6 +25,7 @@
 #include "scales/mux/codec.h"
 #include "scales/thrift/client.h"
 #include "scales/thrift/message.h"
+#include "Echo.h"
 
 namespace scales {
 namespace {
@@ -156,6 +157,34 @@ TEST(CompleteOnTest, AThrowingHandlerIsReportedAndDropped) {
   EXPECT_EQ(after.get_future().wait_for(std::chrono::seconds(10)), std::future_status::ready)
       << "the loop went on after the exception";
   EXPECT_TRUE(log.Has({"posted work failed"})) << log.All();
+}
+
+// A handler with an over-aligned member lives inside its call object: the object must be
+// allocated with that alignment (the call cache's blocks are aligned for ordinary types only).
+struct alignas(64) AlignedHandler {
+  static inline int misaligned = 0;
+  static inline int ran = 0;
+  char payload[64] = {};
+  AlignedHandler() { Check(); }
+  AlignedHandler(const AlignedHandler&) { Check(); }
+  AlignedHandler(AlignedHandler&&) noexcept { Check(); }
+  AlignedHandler& operator=(const AlignedHandler&) = default;
+  void Check() const { misaligned += reinterpret_cast<std::uintptr_t>(this) % 64 != 0; }
+  void operator()(std::exception_ptr, std::string) const {
+    Check();
+    ++ran;
+  }
+};
+
+TEST(CallObjectTest, AnOverAlignedHandlerIsStoredAligned) {
+  thrift::ThriftClient<echo::EchoClient> empty;  // completes every call: no server needed
+  boost::asio::io_context ioc;
+  for (int i = 0; i < 4; ++i) {
+    SCALES_THRIFT_CALL(empty, echo, std::string("x"), boost::asio::bind_executor(ioc, AlignedHandler{}));
+  }
+  ioc.run();
+  EXPECT_EQ(AlignedHandler::ran, 4);
+  EXPECT_EQ(AlignedHandler::misaligned, 0);
 }
 
 // --- TimerQueue's list ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <exception>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -145,6 +146,11 @@ class CallBase {
 
   static void* operator new(std::size_t size);
   static void operator delete(void* p, std::size_t size) noexcept;
+  // Over-aligned calls (a handler with an alignas(32) member, say) bypass the cache.
+  static void* operator new(std::size_t size, std::align_val_t alignment) { return ::operator new(size, alignment); }
+  static void operator delete(void* p, std::size_t size, std::align_val_t alignment) noexcept {
+    ::operator delete(p, size, alignment);
+  }
 
   MethodCallMessage message;
   SinkStack stack;
@@ -249,6 +255,11 @@ class TypedCall : public CallBase {
  private:
   Handler handler_;
 };
+
+// Completes `call`, made through an empty (default-constructed) client handle, with
+// kClientClosed and `detail` (also into `info`, the call's CallInfo, when given), posted to the
+// system executor: never inside the initiating function.
+void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail);
 
 // Thread safety: one dispatcher per client per event loop, used only on that loop.
 class MessageDispatcher final : public ClientMessageSink {
