@@ -64,6 +64,7 @@ struct ZkConnection::Op {
   std::function<void(int, std::vector<std::string>)> children;
   std::function<void(int, std::string)> data;  // Get, Create
   std::function<void(int)> status;             // Exists, Delete
+  std::function<void(int, int64_t)> owner;     // EphemeralOwner
 };
 
 ZkConnection::ZkConnection(std::string connect_string, ZooKeeperOptions options)
@@ -359,6 +360,27 @@ void ZkConnection::Exists(const std::string& path, bool watch, std::function<voi
                : ZINVALIDSTATE;
   if (rc != ZOK) {
     PostIfCurrent(op->generation, [f = std::move(op->status), rc] { f(rc); });
+    delete op;
+  }
+}
+
+void ZkConnection::EphemeralOwner(const std::string& path, std::function<void(int, int64_t)> done) {
+  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
+  auto* op = new Op{this, generation_.load(), {}, {}, {}, std::move(done)};
+  int rc = s && s->handle
+               ? zoo_aexists(
+                     s->handle, path.c_str(), 0,
+                     [](int rc, const Stat* stat, const void* data) {
+                       auto* op = static_cast<Op*>(const_cast<void*>(data));
+                       const int64_t owner = rc == ZOK && stat != nullptr ? stat->ephemeralOwner : 0;
+                       op->connection->PostIfCurrent(op->generation,
+                                                     [f = std::move(op->owner), rc, owner] { f(rc, owner); });
+                       delete op;
+                     },
+                     op)
+               : ZINVALIDSTATE;
+  if (rc != ZOK) {
+    PostIfCurrent(op->generation, [f = std::move(op->owner), rc] { f(rc, 0); });
     delete op;
   }
 }

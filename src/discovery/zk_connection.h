@@ -59,6 +59,8 @@ class ZkConnection {
                    std::function<void(int rc, std::vector<std::string> names)> done);
   void Get(const std::string& path, bool watch, std::function<void(int rc, std::string data)> done);
   void Exists(const std::string& path, bool watch, std::function<void(int rc)> done);
+  // The session id owning the ephemeral node at `path` (0 for a persistent node).
+  void EphemeralOwner(const std::string& path, std::function<void(int rc, int64_t owner)> done);
   void Create(const std::string& path, const std::string& data, int flags,
               std::function<void(int rc, std::string created)> done);
   void Delete(const std::string& path, std::function<void(int rc)> done);

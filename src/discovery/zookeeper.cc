@@ -1,9 +1,12 @@
 #include "scales/discovery/zookeeper.h"
 
+#include <algorithm>
 #include <charconv>
 #include <future>
 #include <map>
+#include <memory>
 #include <set>
+#include <vector>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -11,6 +14,7 @@
 
 #include "discovery/zk_connection.h"
 #include "scales/core/error.h"
+#include "scales/core/log.h"
 
 namespace scales {
 
@@ -486,8 +490,14 @@ class Announcer::Impl {
             // ... and so are its operations: a create in flight then never completes (the
             // connection drops the old session's completions).
             creating_ = false;
+            create_uncertain_ = false;
           }
-          if (node_.empty() && !creating_) CreateMember();
+          if (!node_.empty() || creating_) return;
+          if (create_uncertain_) {
+            FindOwnMember();
+          } else {
+            CreateMember();
+          }
         },
         .disconnected = [] {},
         .watch = [](int, const std::string&) {},
@@ -558,6 +568,9 @@ class Announcer::Impl {
     connection_.Create(path_ + "/member_", data_, ZOO_EPHEMERAL | ZOO_SEQUENCE,
                        [this](int rc, std::string created) {
                          creating_ = false;
+                         // The connection went with the create in flight: the ensemble may
+                         // have made the node all the same (FindOwnMember).
+                         if (ConnectionError(rc)) create_uncertain_ = true;
                          if (rc == ZOK) {
                            SetNode(std::move(created));
                          } else if (rc == ZNONODE) {
@@ -566,6 +579,68 @@ class Announcer::Impl {
                            CreateFailed(fmt::format("create {}/member_: {}", path_, ZkErrorText(rc)), rc);
                          }
                        });
+  }
+
+  // After a member create whose reply was lost with the connection (the session lives on): the
+  // ensemble may have made the node, owned by this session. Adopt it rather than create a
+  // second member, which would double this instance's share of the traffic for as long as the
+  // session lives (Curator's "protected" creates solve the same problem with a name prefix,
+  // which Finagle's readers would not take for a member). Extra members of this session
+  // (several lost replies) are deleted.
+  void FindOwnMember() {
+    const auto session = connection_.session();
+    if (!session) {
+      CreateMember();
+      return;
+    }
+    const int64_t me = session->first;
+    creating_ = true;
+    connection_.GetChildren(path_, false, [this, me](int rc, std::vector<std::string> names) {
+      if (rc != ZOK && rc != ZNONODE) {
+        creating_ = false;
+        CreateFailed(fmt::format("list {} to find this session's member: {}", path_, ZkErrorText(rc)), rc);
+        return;
+      }
+      std::erase_if(names, [](const std::string& n) { return !n.starts_with("member_"); });
+      if (names.empty()) {
+        creating_ = false;
+        create_uncertain_ = false;
+        CreateMember();
+        return;
+      }
+      struct Search {
+        size_t left = 0;
+        int error = ZOK;
+        std::vector<std::string> ours;
+      };
+      auto search = std::make_shared<Search>();
+      search->left = names.size();
+      for (const auto& name : names) {
+        std::string node = path_ + "/" + name;
+        connection_.EphemeralOwner(node, [this, me, search, node](int rc, int64_t owner) {
+          if (rc == ZOK && owner == me) search->ours.push_back(node);
+          if (rc != ZOK && rc != ZNONODE) search->error = rc;  // ZNONODE: gone meanwhile, not ours
+          if (--search->left != 0) return;
+          creating_ = false;
+          if (search->error != ZOK) {
+            CreateFailed(fmt::format("read the members of {} to find this session's: {}", path_,
+                                     ZkErrorText(search->error)),
+                         search->error);
+            return;
+          }
+          create_uncertain_ = false;
+          if (search->ours.empty()) {
+            CreateMember();
+            return;
+          }
+          std::sort(search->ours.begin(), search->ours.end());
+          SCALES_LOG(kInfo, "announcer {}: the create lost with the connection was made: {}", description_,
+                     search->ours.front());
+          SetNode(search->ours.front());
+          for (size_t i = 1; i < search->ours.size(); ++i) connection_.Delete(search->ours[i], [](int) {});
+        });
+      }
+    });
   }
 
   // A create failed: after a connection loss the next connect retries; anything else (no
@@ -578,7 +653,12 @@ class Announcer::Impl {
     retry_timer_.expires_after(options_.retry_interval);
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       retry_pending_ = false;
-      if (!ec && connection_.connected() && node_path().empty() && !creating_) CreateMember();
+      if (ec || !connection_.connected() || !node_path().empty() || creating_) return;
+      if (create_uncertain_) {
+        FindOwnMember();
+      } else {
+        CreateMember();
+      }
     });
   }
 
@@ -606,6 +686,7 @@ class Announcer::Impl {
   const std::string data_;
   const ZooKeeperOptions options_;
   bool creating_ = false;       // loop thread
+  bool create_uncertain_ = false;  // loop thread: a member create lost its reply (FindOwnMember)
   bool retry_pending_ = false;  // loop thread
 
   mutable std::mutex mu_;

@@ -7,9 +7,11 @@
 #include <unistd.h>
 #include <zookeeper/zookeeper.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <chrono>
+#include <functional>
 #include <future>
 #include <map>
 #include <memory>
@@ -19,7 +21,10 @@
 #include <thread>
 #include <vector>
 
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <boost/asio/write.hpp>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -133,6 +138,138 @@ bool ExpireSessionUntil(const std::string& hosts, const std::pair<int64_t, std::
   }
   return false;
 }
+
+// A TCP relay between ZooKeeper clients and a server that, once, drops the connection instead
+// of passing on the reply to a create whose path contains `needle`: the server has made the
+// node, and the client sees a connection loss while its session lives on. Frames are ZooKeeper's
+// (a 4-byte length, then for requests xid, type, and for a create the path; for replies xid);
+// the first frame of each direction is the session handshake.
+class CreateReplyCutter {
+ public:
+  CreateReplyCutter(int server_port, std::string needle)
+      : server_port_(server_port), needle_(std::move(needle)), acceptor_(ioc_, {boost::asio::ip::make_address("127.0.0.1"), 0}) {
+    port_ = acceptor_.local_endpoint().port();
+    Accept();
+    thread_ = std::thread([this] { ioc_.run(); });
+  }
+  ~CreateReplyCutter() {
+    boost::asio::post(ioc_, [this] {
+      acceptor_.close();
+      for (auto& weak : pipes_) {
+        if (auto p = weak.lock()) p->Close();
+      }
+    });
+    thread_.join();
+  }
+  int port() const { return port_; }
+  bool cut() const { return cut_; }
+
+ private:
+  using tcp = boost::asio::ip::tcp;
+  struct Pipe : std::enable_shared_from_this<Pipe> {
+    Pipe(CreateReplyCutter& o, tcp::socket c) : owner(o), client(std::move(c)), server(client.get_executor()) {}
+    CreateReplyCutter& owner;
+    tcp::socket client;
+    tcp::socket server;
+    void Close() {
+      boost::system::error_code ignored;
+      client.close(ignored);
+      server.close(ignored);
+    }
+    // Reads from `from`, passes whole frames to `to`; `requests`: the client's side.
+    void Relay(tcp::socket& from, tcp::socket& to, bool requests) {
+      auto state = std::make_shared<std::pair<std::string, bool>>(std::string(), false);  // pending bytes, handshake seen
+      auto buf = std::make_shared<std::array<char, 65536>>();
+      auto self = shared_from_this();
+      auto loop = std::make_shared<std::function<void()>>();
+      *loop = [self, &from, &to, requests, state, buf, loop] {
+        from.async_read_some(boost::asio::buffer(*buf), [self, &to, requests, state, buf, loop](auto ec, size_t n) {
+          if (ec) {
+            self->Close();
+            *loop = nullptr;  // breaks the cycle
+            return;
+          }
+          std::string& pending = state->first;
+          pending.append(buf->data(), n);
+          std::string out;
+          while (pending.size() >= 4) {
+            const uint32_t len = static_cast<uint32_t>(static_cast<uint8_t>(pending[0])) << 24 |
+                                 static_cast<uint32_t>(static_cast<uint8_t>(pending[1])) << 16 |
+                                 static_cast<uint32_t>(static_cast<uint8_t>(pending[2])) << 8 |
+                                 static_cast<uint32_t>(static_cast<uint8_t>(pending[3]));
+            if (pending.size() < 4 + len) break;
+            std::string frame = pending.substr(0, 4 + len);
+            pending.erase(0, 4 + len);
+            const bool handshake = !state->second;
+            state->second = true;
+            if (!handshake && !self->owner.Inspect(frame, requests)) {
+              boost::asio::write(to, boost::asio::buffer(out), ec);
+              self->Close();
+              *loop = nullptr;
+              return;
+            }
+            out += frame;
+          }
+          boost::asio::write(to, boost::asio::buffer(out), ec);
+          (*loop)();
+        });
+      };
+      (*loop)();
+    }
+  };
+
+  static int32_t Be32(const std::string& f, size_t at) {
+    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(f[at])) << 24 |
+                                static_cast<uint32_t>(static_cast<uint8_t>(f[at + 1])) << 16 |
+                                static_cast<uint32_t>(static_cast<uint8_t>(f[at + 2])) << 8 |
+                                static_cast<uint32_t>(static_cast<uint8_t>(f[at + 3])));
+  }
+  // False: cut the connection here instead of passing the frame on.
+  bool Inspect(const std::string& frame, bool request) {
+    if (frame.size() < 12) return true;
+    const int32_t xid = Be32(frame, 4);
+    if (request) {
+      const int32_t type = Be32(frame, 8);  // 1 create, 15 create2
+      if (!cut_ && cut_xid_ == 0 && (type == 1 || type == 15) && frame.size() >= 16) {
+        const int32_t len = Be32(frame, 12);
+        if (len > 0 && frame.size() >= 16 + static_cast<size_t>(len) &&
+            std::string_view(frame).substr(16, len).find(needle_) != std::string_view::npos) {
+          cut_xid_ = xid;
+        }
+      }
+      return true;
+    }
+    if (cut_xid_ != 0 && xid == cut_xid_ && !cut_) {
+      cut_ = true;
+      return false;
+    }
+    return true;
+  }
+
+  void Accept() {
+    acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket client) {
+      if (ec) return;
+      auto pipe = std::make_shared<Pipe>(*this, std::move(client));
+      pipe->server.connect({boost::asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(server_port_)}, ec);
+      if (!ec) {
+        pipes_.push_back(pipe);
+        pipe->Relay(pipe->client, pipe->server, true);
+        pipe->Relay(pipe->server, pipe->client, false);
+      }
+      Accept();
+    });
+  }
+
+  const int server_port_;
+  const std::string needle_;
+  int port_ = 0;
+  boost::asio::io_context ioc_;
+  tcp::acceptor acceptor_;
+  std::vector<std::weak_ptr<Pipe>> pipes_;
+  int32_t cut_xid_ = 0;
+  std::atomic<bool> cut_{false};
+  std::thread thread_;
+};
 
 class ZooKeeperTest : public ::testing::Test {
  protected:
@@ -384,6 +521,27 @@ TEST_F(ZooKeeperTest, AnnouncerRegistersAndRemovesItsMember) {
   // Expiring the announcer's session: the member is re-created under the new session.
   announcer.reset();
   ASSERT_TRUE(rec.WaitFor({})) << Show(rec.last());
+}
+
+// The reply to the announcer's member create is lost with its connection, but the server made
+// the node and the session lives on. On reconnecting, the announcer must find and adopt that
+// node, not create a second member (which would stay, doubling its share of the traffic, for
+// the life of the session).
+TEST_F(ZooKeeperTest, AnnouncerAdoptsTheMemberWhoseCreateReplyWasLost) {
+  CreateReplyCutter cutter(zk_->port(), "/cut/svc/member_");
+  Kazoo("zk.ensure_path('/cut/svc')");
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.7", 7007};
+  Announcer announcer(ScalesUriParser::Parse(fmt::format("zk://127.0.0.1:{}/cut/svc", cutter.port())), instance);
+  ASSERT_TRUE(announcer.WaitAnnounced(20s)) << announcer.Describe();
+  EXPECT_TRUE(cutter.cut()) << "the create's reply went through";
+  const auto session = announcer.session();
+  ASSERT_TRUE(session);
+  // Every member under the path, with its owner: exactly one, the announced node, ours.
+  std::string out = Kazoo(
+      "for n in sorted(zk.get_children('/cut/svc')):\n"
+      "    print('/cut/svc/' + n, zk.exists('/cut/svc/' + n).ephemeralOwner)");
+  EXPECT_EQ(out, fmt::format("{} {}\n", announcer.node_path(), session->first));
 }
 
 TEST_F(ZooKeeperTest, SessionExpiryKeepsMembersThenRereads) {
