@@ -2,6 +2,7 @@
 #include "scales/resilience/failure_accrual.h"
 
 #include <chrono>
+#include <cstdint>
 #include <utility>
 
 #include <fmt/format.h>
@@ -13,8 +14,13 @@ namespace scales {
 namespace {
 
 constexpr int kWindowSlices = 5;
-// Context of the probe request on the sink stack (other requests push nullptr).
+// Context of the probe request on the sink stack (requests sent while the endpoint is alive
+// push AliveContext, the others nullptr).
 char probe_tag;
+
+// The context of a request sent while the endpoint is alive: its Alive period, odd, so that it
+// never equals &probe_tag (or nullptr).
+void* AliveContext(uint64_t period) { return reinterpret_cast<void*>(static_cast<uintptr_t>(period << 1 | 1)); }
 
 }  // namespace
 
@@ -80,7 +86,9 @@ void FailureAccrualSink::DoOpen(OpenHandler handler) { next_->AsyncOpen(std::mov
 
 void FailureAccrualSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
   void* context = nullptr;
-  if (state_ == State::kProbeOpen && !closed_) {
+  if (state_ == State::kAlive) {
+    context = AliveContext(alive_period_);
+  } else if (state_ == State::kProbeOpen && !closed_) {
     state_ = State::kProbeClosed;
     context = &probe_tag;
   }
@@ -102,6 +110,7 @@ void FailureAccrualSink::AsyncProcessResponse(SinkStack& stack, void* context, S
             SCALES_LOG(kInfo, "client {}: endpoint {} revived by failure accrual (probe succeeded)",
                        client_name_, address_);
             marks_ = 0;
+            ++alive_period_;  // answers to requests sent before now no longer count
             ResetPolicy();
             break;
           case AccrualOutcome::kFailure:
@@ -112,7 +121,9 @@ void FailureAccrualSink::AsyncProcessResponse(SinkStack& stack, void* context, S
             break;
         }
       }
-    } else if (state_ == State::kAlive) {
+    } else if (state_ == State::kAlive && context == AliveContext(alive_period_)) {
+      // Only requests sent in this Alive period: one sent before the endpoint was marked dead,
+      // or while it was, and answered after its revival says nothing about it since.
       Record(outcome);
     }
   }

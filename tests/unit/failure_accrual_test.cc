@@ -244,6 +244,40 @@ TEST_F(FailureAccrualTest, ProbeSuccessRevivesAndResets) {
   EXPECT_EQ(Removals(), 2);
 }
 
+// Requests sent before the endpoint was marked dead, answered (failed) after its revival, say
+// nothing about it since: they do not count. (Four such failures plus one new one marked the
+// revived endpoint dead again.)
+TEST_F(FailureAccrualTest, AnswersToRequestsFromBeforeARevivalDoNotCount) {
+  Build();
+  for (int i = 0; i < 4; ++i) Start();  // sent while alive, answered much later
+  ASSERT_EQ(transport_->in_flight(), 4u);
+  for (int i = 0; i < 5; ++i) {
+    Start();
+    transport_->Fail(transport_->in_flight() - 1, make_error_code(Errc::kConnectFailed));
+    env_.Run();
+  }
+  ASSERT_EQ(accrual_->state(), State::kDead);
+  Start();  // sent while dead (fails open)
+  WaitOutBackoff();
+  Start();  // the probe
+  transport_->Reply(transport_->in_flight() - 1, 1);
+  env_.Run();
+  ASSERT_EQ(accrual_->state(), State::kAlive);
+  // The five old requests fail now, after the revival.
+  while (transport_->in_flight() > 0) {
+    transport_->Fail(0, make_error_code(Errc::kRequestTimeout));
+    env_.Run();
+  }
+  EXPECT_EQ(accrual_->state(), State::kAlive);
+  EXPECT_EQ(accrual_->consecutive_failures(), 0);
+  // New requests count as before.
+  Calls(4, Errc::kConnectFailed);
+  EXPECT_EQ(accrual_->state(), State::kAlive);
+  Call(Errc::kConnectFailed);
+  EXPECT_EQ(accrual_->state(), State::kDead);
+  EXPECT_EQ(Removals(), 2);
+}
+
 TEST_F(FailureAccrualTest, ProbeFailureMarksDeadWithTheNextBackoff) {
   Build();
   Calls(5, Errc::kConnectFailed);

@@ -25,11 +25,15 @@
 //   ProbeClosed while the probe is in flight: Busy. Probe success: Alive, policies and backoff
 //               reset (revival). Probe failure: Dead with the next backoff. Probe ignored
 //               outcome: back to ProbeOpen.
+// Only outcomes of requests sent in the current Alive period feed the policies: a request sent
+// before the endpoint was marked dead (or while it was) and answered after the revival is
+// ignored, so a burst of timeouts from before does not mark the revived endpoint dead again.
 //
 // Metrics (client and endpoint labels): counters scales_failure_accrual_removals (each time the
 // endpoint is marked dead, including after a failed probe) and scales_failure_accrual_revivals;
 // gauge scales_failure_accrual_dead (1 while not Alive; summed over loops in the client-level view).
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -107,6 +111,7 @@ class FailureAccrualSink final : public ClientMessageSink {
   bool closed_ = false;
   int consecutive_ = 0;
   int marks_ = 0;  // mark-dead periods since the last revival
+  uint64_t alive_period_ = 0;  // revivals so far: tags the requests sent while alive
   Duration current_backoff_{};
   TimePoint dead_until_{};
   // The success-rate window: requests (successes and failures) and failures. Failures rather
