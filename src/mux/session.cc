@@ -843,12 +843,28 @@ void MuxSessionSink::OnPingTimeout(void* p) {
 void MuxSessionSink::MaybeFinishDrain() {
   if (!draining_ || pending_count_ != 0 || state_ != State::kOpen) return;
   // Rdrain, and any Tdiscarded, must reach the server before the socket closes: finish the
-  // write in flight and whatever is queued behind it first (OnWritten comes back here). A
-  // write that never finishes is ended by the ping timeout (SessionOptions::ping_interval).
+  // write in flight and whatever is queued behind it first (OnWritten comes back here), for up
+  // to ping_timeout (a server that does not read cannot be told anything). Meanwhile the
+  // session is Busy and refuses new requests (kNack), as during any drain.
   Flush(/*now=*/true);
-  if (writing_) return;
+  if (writing_ && options_.ping_timeout > Duration::zero()) {
+    if (!drain_timer_.scheduled()) {
+      loop_.timers().Schedule(drain_timer_, loop_.Now() + options_.ping_timeout, &OnDrainTimeout, this);
+    }
+    return;
+  }
   // Drained: the session is finished; the pool replaces it on the next request.
   Fail(make_error_code(Errc::kConnectionClosed), "drained (the server sent Tdrain and every request finished)", false);
+}
+
+void MuxSessionSink::OnDrainTimeout(void* p) {
+  auto* s = static_cast<MuxSessionSink*>(p);
+  if (!s->draining_ || s->state_ != State::kOpen) return;
+  s->Fail(make_error_code(Errc::kConnectionClosed),
+          fmt::format("drained, but the write to {} did not finish within {} ms (session.ping_timeout); "
+                      "session closed",
+                      s->address_, Millis(s->options_.ping_timeout)),
+          false);
 }
 
 void MuxSessionSink::ProtocolError(const std::string& detail) {
@@ -878,6 +894,7 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   handshake_timer_.Cancel();
   ping_timer_.Cancel();
   ping_timeout_.Cancel();
+  drain_timer_.Cancel();
   // The client's own close and a TLS refusal (the next session would be refused too) keep
   // their codes for every request; otherwise the requests that never left are kNotSent.
   const bool keep_code = client_close || ec == Errc::kTlsFailed;

@@ -388,19 +388,19 @@ TEST(ThriftMuxTest, DrainLeaseGarbageAndCloseMidFrameRecover) {
   EXPECT_TRUE(Eventually([&] { return CallError(client, "after close") == error_code(); }));
 }
 
-// The server stops reading, and sends Tdrain 400 ms later, while the client is still writing
-// its last request (16 MiB), which then times out. The session is drained, but Rdrain (and the
-// Tdiscarded) are queued behind the unfinished write: they must reach the server, which reads
-// again at 2.5 s, before the session closes. (The session closed at once, and the server never
-// got its Rdrain.)
-TEST(ThriftMuxTest, RdrainIsWrittenBeforeADrainedSessionCloses) {
-  test::MuxReferenceServer server({"--mode", "finagle"});
-  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
-  const std::string stall = "drain-stalled:400:2500";
+// The server stops reading, and sends Tdrain 1.5 s later, while the client is still writing
+// its last request (16 MiB, more than the loopback socket buffers hold), which times out at 3 s.
+// The session is drained, but Rdrain (and the Tdiscarded) are queued behind the unfinished
+// write. The server reads again at 6 s.
+// Returns the client, which must live on for its session to.
+thrift::ThriftClient<EchoClient> DrainWhileTheLastWriteStalls(test::MuxReferenceServer& server,
+                                                              thriftmux::ThriftMuxOptions options) {
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), std::move(options));
+  const std::string stall = "drain-stalled:1500:6000";
   auto drain = SCALES_THRIFT_CALL(client, echo, stall, boost::asio::use_future);
-  ASSERT_TRUE(server.WaitForLog({"stall tag=2"})) << server.Log();
+  EXPECT_TRUE(server.WaitForLog({"stall tag=2"})) << server.Log();
   CallOptions quick;
-  quick.timeout = 1200ms;
+  quick.timeout = 3000ms;
   auto big = SCALES_THRIFT_CALL(client.WithOptions(quick), echo, std::string(16u << 20, 'x'), boost::asio::use_future);
   EXPECT_EQ(drain.get(), stall);
   try {
@@ -409,12 +409,34 @@ TEST(ThriftMuxTest, RdrainIsWrittenBeforeADrainedSessionCloses) {
   } catch (const Error& e) {
     EXPECT_EQ(e.scales_code(), Errc::kRequestTimeout) << e.what();
   }
-  ASSERT_TRUE(server.WaitForLog({"resume reading"}, 10s)) << server.Log();
+  return client;
+}
+
+// The Rdrain must reach the server before the session closes. (The session closed at once,
+// and the server never got its Rdrain.)
+TEST(ThriftMuxTest, RdrainIsWrittenBeforeADrainedSessionCloses) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = Options(MakeRuntime());
+  options.session.ping_timeout = 20s;  // the bound of the wait below: far away
+  auto client = DrainWhileTheLastWriteStalls(server, options);
+  ASSERT_TRUE(server.WaitForLog({"resume reading"}, 15s)) << server.Log();
   EXPECT_TRUE(server.WaitForLog({"recv Rdrain"})) << server.Log();
   EXPECT_EQ(server.LogLinesWith({"conn=1 recv Tdispatch", "size=16777"}).size(), 1u)
       << "the 16 MiB call was not written on the drained session\n" << server.Log();
-  // A new session serves the next call.
-  EXPECT_TRUE(Eventually([&] { return CallError(client, "after drain") == error_code(); }));
+}
+
+// The wait for that write is bounded by session.ping_timeout, pings on or off: a server that
+// does not read cannot be told anything, and a draining session refuses new requests.
+TEST(ThriftMuxTest, ADrainedSessionWaitsForItsLastWriteOnlyUntilThePingTimeout) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  test::LogCapture log(LogLevel::kInfo);
+  auto options = Options(MakeRuntime());
+  options.session.ping_interval = Duration::zero();
+  options.session.ping_timeout = 500ms;
+  auto client = DrainWhileTheLastWriteStalls(server, options);
+  EXPECT_TRUE(Eventually([&] { return log.Has({"drained, but the write to", "did not finish within 500 ms"}); }))
+      << log.All();
+  EXPECT_TRUE(server.LogLinesWith({"resume reading"}).empty()) << "the session waited for the server";
 }
 
 TEST(ThriftMuxTest, SessionEventsAreLogged) {

@@ -200,6 +200,7 @@ class MuxSessionSink final : public ClientMessageSink {
 
   static void OnPingTimer(void* self);
   static void OnPingTimeout(void* self);
+  static void OnDrainTimeout(void* self);
   static void OnHandshakeTimeout(void* self);
   void SchedulePing();
 
@@ -267,6 +268,7 @@ class MuxSessionSink final : public ClientMessageSink {
 
   TimerEntry ping_timer_;
   TimerEntry ping_timeout_;
+  TimerEntry drain_timer_;  // a drained session's last write (MaybeFinishDrain)
   TimerEntry handshake_timer_;
   bool ping_outstanding_ = false;
 
