@@ -7,6 +7,7 @@
 #include <string>
 
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <fmt/format.h>
 
 #include "scales/core/error.h"
@@ -154,7 +155,12 @@ class LoopKeeper final : public boost::asio::execution_context::service {
   using key_type = LoopKeeper;
   static inline boost::asio::execution_context::id id;
 
-  explicit LoopKeeper(boost::asio::execution_context& context) : service(context) {}
+  explicit LoopKeeper(boost::asio::execution_context& context) : service(context) {
+    // The kept loops' alarms use the timer service: register it first, so that it is destroyed
+    // after this service (newest first), even when the first runtime kept here had no Asio
+    // timer (a ManualClock).
+    boost::asio::steady_timer register_timer_service(static_cast<boost::asio::io_context&>(context));
+  }
   ~LoopKeeper() override = default;
 
   void Keep(std::shared_ptr<EventLoop> loop) {
@@ -190,11 +196,16 @@ void StopLoops(std::vector<std::shared_ptr<EventLoop>>& loops, std::vector<std::
 Runtime::~Runtime() {
   guards_.clear();
   if (threads_.empty()) {
-    // A wrapped io_context (or manual mode): the loop lives as long as the io_context, which
-    // may still hold handlers that use it. Manual mode owns its io_context: nothing can run
-    // its handlers after this.
+    // A wrapped io_context: the loop lives as long as the io_context, which may still hold
+    // handlers that use it. Manual mode (the owner polls) owns its io_context, which goes with
+    // the loop: it must not be destroyed from inside its own Poll().
     for (auto& loop : loops_) {
-      if (!loop->owned_ioc_) boost::asio::use_service<LoopKeeper>(loop->io_context()).Keep(std::move(loop));
+      if (loop->owned_ioc_) continue;
+      try {
+        boost::asio::use_service<LoopKeeper>(loop->io_context()).Keep(loop);
+      } catch (...) {
+        // Out of memory: the loop goes now, as it did before loops were kept.
+      }
     }
     loops_.clear();
     return;
@@ -211,15 +222,23 @@ Runtime::~Runtime() {
       std::vector<std::shared_ptr<EventLoop>> loops;
       std::vector<std::thread> threads;
     };
-    auto rest = std::make_shared<Loops>(Loops{std::move(loops_), std::move(threads_)});
+    std::shared_ptr<Loops> rest;
     try {
+      rest = std::make_shared<Loops>();
+      rest->loops = std::move(loops_);  // no-throw moves, once the allocation succeeded
+      rest->threads = std::move(threads_);
       std::thread([rest] { StopLoops(rest->loops, rest->threads); }).detach();
-    } catch (const std::system_error&) {
-      // No thread to be had: stop the loops where they are. Handlers still queued on them are
-      // destroyed without running, and each loop thread destroys its loop when run() returns.
-      for (auto& loop : rest->loops) loop->io_context().stop();
-      for (auto& t : rest->threads) t.detach();
+      return;
+    } catch (...) {
+      // No thread (or no memory) to be had: stop the loops where they are. Handlers still
+      // queued on them are destroyed without running, and each loop thread destroys its loop
+      // when run() returns.
     }
+    auto& loops = rest ? rest->loops : loops_;
+    auto& threads = rest ? rest->threads : threads_;
+    for (auto& loop : loops) loop->io_context().stop();
+    for (auto& t : threads) t.detach();
+    loops.clear();
     return;
   }
   StopLoops(loops_, threads_);

@@ -267,13 +267,18 @@ void ReleaseInOwnCallback(thrift::ThriftClient<EchoClient> client, const test::M
   for (int i = 0; i < slow_calls; ++i) {
     ASSERT_TRUE(server.WaitForLog({"method=sleep", "arg=" + std::to_string(3000 + i)})) << server.Log();
   }
-  std::promise<std::exception_ptr> last;
-  auto released = last.get_future();
-  SCALES_THRIFT_CALL(client, sleep, 100, [&last, c = client](std::exception_ptr e, std::string) mutable {
-    c = {};  // the last handle: the client goes, and with it the last reference to the runtime
-    last.set_value(e);
-  });
+  // Shared with the handler, which may outlive this function when an assertion below fails.
+  auto last = std::make_shared<std::promise<std::exception_ptr>>();
+  auto dropped = std::make_shared<std::promise<void>>();
+  auto released = last->get_future();
+  SCALES_THRIFT_CALL(client, sleep, 100,
+                     [last, dropped = dropped->get_future().share(), c = client](std::exception_ptr e, std::string) mutable {
+                       dropped.wait();  // this thread's handle is gone: the handler's is the last
+                       c = {};          // the client goes, and with it the last reference to the runtime
+                       last->set_value(e);
+                     });
   client = {};
+  dropped->set_value();
   ASSERT_EQ(released.wait_for(10s), std::future_status::ready);
   EXPECT_FALSE(released.get()) << "the call answered before the client was released";
   for (int i = 0; i < slow_calls; ++i) {

@@ -3,6 +3,7 @@
 // strict binary Thrift header read without copies (thrift::internal::ParseStrictHeader). Each
 // must give exactly what the general path gives.
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <future>
@@ -162,8 +163,9 @@ TEST(CompleteOnTest, AThrowingHandlerIsReportedAndDropped) {
 // A handler with an over-aligned member lives inside its call object: the object must be
 // allocated with that alignment (the call cache's blocks are aligned for ordinary types only).
 struct alignas(64) AlignedHandler {
-  static inline int misaligned = 0;
-  static inline int ran = 0;
+  // Atomic: an empty client completes on the system executor's thread, which moves the handler.
+  static inline std::atomic<int> misaligned{0};
+  static inline std::atomic<int> ran{0};
   char payload[64] = {};
   AlignedHandler() { Check(); }
   AlignedHandler(const AlignedHandler&) { Check(); }
@@ -183,8 +185,8 @@ TEST(CallObjectTest, AnOverAlignedHandlerIsStoredAligned) {
     SCALES_THRIFT_CALL(empty, echo, std::string("x"), boost::asio::bind_executor(ioc, AlignedHandler{}));
   }
   ioc.run();
-  EXPECT_EQ(AlignedHandler::ran, 4);
-  EXPECT_EQ(AlignedHandler::misaligned, 0);
+  EXPECT_EQ(AlignedHandler::ran.load(), 4);
+  EXPECT_EQ(AlignedHandler::misaligned.load(), 0);
 }
 
 // --- TimerQueue's list ----------------------------------------------------------------------------

@@ -43,7 +43,9 @@ struct ClientOptions {
   // Event loops to run on. Default: Runtime::Default() (one loop per core).
   std::shared_ptr<Runtime> runtime;
   // Where metrics go. Default: StatsRegistry::Default(). A registry you give must outlive the
-  // client's runtime (sinks still report while a closed client drains on its loops).
+  // client's runtime (sinks still report while a closed client drains on its loops); a runtime
+  // released inside one of its own loops' handlers finishes on a thread of its own, so give
+  // such a client a registry that lives until the process exits.
   stats::StatsRegistry* stats = nullptr;
   // Most calls the client holds at once (dispatched, not yet completed), over all its event
   // loops; a call beyond it fails at once with kTooManyPending (counter
