@@ -492,12 +492,7 @@ class Announcer::Impl {
             creating_ = false;
             create_uncertain_ = false;
           }
-          if (!node_.empty() || creating_) return;
-          if (create_uncertain_) {
-            FindOwnMember();
-          } else {
-            CreateMember();
-          }
+          if (node_.empty() && !creating_) Announce();
         },
         .disconnected = [] {},
         .watch = [](int, const std::string&) {},
@@ -560,6 +555,15 @@ class Announcer::Impl {
       node_ = std::move(node);
     }
     cv_.notify_all();
+  }
+
+  // Loop thread: not announced, nothing in flight.
+  void Announce() {
+    if (create_uncertain_) {
+      FindOwnMember();
+    } else {
+      CreateMember();
+    }
   }
 
   // Loop thread.
@@ -653,12 +657,7 @@ class Announcer::Impl {
     retry_timer_.expires_after(options_.retry_interval);
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       retry_pending_ = false;
-      if (ec || !connection_.connected() || !node_path().empty() || creating_) return;
-      if (create_uncertain_) {
-        FindOwnMember();
-      } else {
-        CreateMember();
-      }
+      if (!ec && connection_.connected() && node_path().empty() && !creating_) Announce();
     });
   }
 

@@ -193,10 +193,7 @@ class CreateReplyCutter {
           pending.append(buf->data(), n);
           std::string out;
           while (pending.size() >= 4) {
-            const uint32_t len = static_cast<uint32_t>(static_cast<uint8_t>(pending[0])) << 24 |
-                                 static_cast<uint32_t>(static_cast<uint8_t>(pending[1])) << 16 |
-                                 static_cast<uint32_t>(static_cast<uint8_t>(pending[2])) << 8 |
-                                 static_cast<uint32_t>(static_cast<uint8_t>(pending[3]));
+            const auto len = static_cast<uint32_t>(Be32(pending, 0));
             if (pending.size() < 4 + len) break;
             std::string frame = pending.substr(0, 4 + len);
             pending.erase(0, 4 + len);

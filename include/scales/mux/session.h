@@ -75,6 +75,7 @@ struct SessionOptions {
   uint32_t max_fragment_size = kUnlimitedFragmentSize;
   // Liveness: a Tping on tag 1 every ping_interval (zero = no pings); no Rping within
   // ping_timeout closes the session. Defaults 5 s / 4 s (Finagle's failure detector).
+  // ping_timeout also bounds how long a drained session waits for its last write (its Rdrain).
   Duration ping_interval = std::chrono::seconds(5);
   Duration ping_timeout = std::chrono::seconds(4);
   // Send the call's deadline in the Deadline context. Default true.
