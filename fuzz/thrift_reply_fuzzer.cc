@@ -6,8 +6,10 @@
 // rest of the message stay put), ScanMessage never reports a message longer than its bytes and
 // agrees with ParseMessageHeader on what is malformed; and a ThriftSerializerSink that sent an
 // "echo" call (sequence id 1) gets the bytes as its reply and answers the call exactly once,
-// restoring the caller's sequence id 0 when it accepts the reply.
+// restoring the caller's sequence id 0 when it accepts the reply. A MessageScanner fed the
+// bytes in pieces agrees with ScanMessage.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -81,6 +83,25 @@ void CheckHeader(std::string_view bytes) {
   }
 }
 
+// A MessageScanner given the bytes in pieces (their ends taken from the bytes themselves) gives
+// the answer ScanMessage gives them whole: the buffered transport's reads resume the walk.
+void CheckScanInPieces(std::string_view bytes) {
+  const auto whole = thrift::ScanMessage(bytes);
+  thrift::MessageScanner scanner;
+  thrift::MessageScan pieces;
+  size_t have = 0;
+  for (size_t i = 0; have < bytes.size(); ++i) {
+    have = std::min(bytes.size(), have + 1 + static_cast<uint8_t>(bytes[i % bytes.size()]) % 23);
+    const std::string copy(bytes.substr(0, have));  // the buffer may move between reads
+    pieces = scanner.Scan(copy);
+    if (pieces.status != thrift::MessageScan::Status::kNeedMore) break;
+  }
+  Check(pieces.status == whole.status, "a scan in pieces disagrees with a whole scan");
+  Check(pieces.status != thrift::MessageScan::Status::kComplete || pieces.size == whole.size,
+        "a scan in pieces finds another message size");
+  Check(pieces.error == whole.error, "a scan in pieces gives another reason");
+}
+
 void ThroughSerializer(std::string_view reply, bool compact) {
   auto sink = std::make_shared<thrift::ThriftSerializerSink>(std::make_shared<ReplyWith>(reply));
   fuzz::Call call;
@@ -99,6 +120,7 @@ void ThroughSerializer(std::string_view reply, bool compact) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   std::string_view bytes(reinterpret_cast<const char*>(data), size);
   CheckHeader(bytes);
+  CheckScanInPieces(bytes);
   ThroughSerializer(bytes, false);
   ThroughSerializer(bytes, true);
   return 0;

@@ -148,211 +148,273 @@ void RewriteSeqId(std::string& bytes, MessageHeader& header, int32_t seqid) {
 
 namespace {
 
-// Walks over one encoded value without decoding it (no copies, no allocation). Running out of
-// bytes is "need more"; anything the protocol does not allow is "malformed". Written here
-// rather than with libthrift's skip() because that loads arbitrary bytes into its TType enum
-// (undefined behaviour on garbage) and copies every string it skips.
-class Skipper {
- public:
-  enum class Result { kOk, kNeedMore, kMalformed };
-  static constexpr int kMaxDepth = 64;
+constexpr int kMaxDepth = 64;
 
-  Skipper(std::string_view b, size_t at) : b_(b), at_(at) {}
-  size_t at() const noexcept { return at_; }
-  const std::string& error() const noexcept { return error_; }
+// These advance `p` only over a whole item; the scanner commits `p` once its item is whole.
+bool Take(std::string_view b, size_t& p, uint64_t n) {
+  if (n > b.size() - p) return false;
+  p += static_cast<size_t>(n);
+  return true;
+}
 
-  Result BinaryStruct(int depth) {
-    if (depth > kMaxDepth) return Malformed("nesting deeper than 64");
-    for (;;) {
-      uint8_t type = 0;
-      if (!Byte(type)) return Result::kNeedMore;
-      if (type == 0) return Result::kOk;  // T_STOP
-      if (!Advance(2)) return Result::kNeedMore;  // field id
-      if (Result r = BinaryValue(type, depth + 1); r != Result::kOk) return r;
+bool TakeByte(std::string_view b, size_t& p, uint8_t& out) {
+  if (p >= b.size()) return false;
+  out = static_cast<uint8_t>(b[p++]);
+  return true;
+}
+
+bool TakeBe32(std::string_view b, size_t& p, int32_t& out) {
+  if (b.size() - p < 4) return false;
+  out = static_cast<int32_t>(ReadBe32(b, p));
+  p += 4;
+  return true;
+}
+
+}  // namespace
+
+auto MessageScanner::TakeVarint(std::string_view b, size_t& p, uint64_t& out) -> Result {
+  uint64_t v = 0;
+  for (int i = 0; i < 10; ++i) {
+    uint8_t byte = 0;
+    if (!TakeByte(b, p, byte)) return Result::kNeedMore;
+    v |= static_cast<uint64_t>(byte & 0x7f) << (7 * i);
+    if ((byte & 0x80) == 0) {
+      out = v;
+      return Result::kOk;
     }
   }
+  return Malformed("varint longer than 10 bytes");
+}
 
-  Result CompactStruct(int depth) {
-    if (depth > kMaxDepth) return Malformed("nesting deeper than 64");
-    for (;;) {
-      uint8_t head = 0;
-      if (!Byte(head)) return Result::kNeedMore;
-      if (head == 0) return Result::kOk;  // stop
-      const uint8_t type = head & 0x0f;
-      if ((head >> 4) == 0) {
-        uint64_t id = 0;
-        if (Result r = Varint(id); r != Result::kOk) return r;  // explicit field id
-      }
-      if (type == 1 || type == 2) continue;  // boolean true/false: in the header
-      if (Result r = CompactValue(type, depth + 1); r != Result::kOk) return r;
-    }
-  }
+auto MessageScanner::Malformed(std::string why) -> Result {
+  error_ = std::move(why);
+  return Result::kMalformed;
+}
 
- private:
-  bool Byte(uint8_t& out) {
-    if (at_ >= b_.size()) return false;
-    out = static_cast<uint8_t>(b_[at_++]);
-    return true;
-  }
-  bool Advance(uint64_t n) {
-    if (n > b_.size() - at_) return false;
-    at_ += static_cast<size_t>(n);
-    return true;
-  }
-  bool Be32(int32_t& out) {
-    if (b_.size() - at_ < 4) return false;
-    out = static_cast<int32_t>(ReadBe32(b_, at_));
-    at_ += 4;
-    return true;
-  }
-  Result Malformed(std::string why) {
-    error_ = std::move(why);
-    return Result::kMalformed;
-  }
-  Result Varint(uint64_t& out) {
-    uint64_t v = 0;
-    for (int i = 0; i < 10; ++i) {
-      uint8_t byte = 0;
-      if (!Byte(byte)) return Result::kNeedMore;
-      v |= static_cast<uint64_t>(byte & 0x7f) << (7 * i);
-      if ((byte & 0x80) == 0) {
-        out = v;
-        return Result::kOk;
-      }
-    }
-    return Malformed("varint longer than 10 bytes");
-  }
+void MessageScanner::Push(Frame::Kind kind, int depth, uint64_t count, uint8_t first_type, uint8_t second_type) {
+  Frame f;
+  f.kind = kind;
+  f.depth = depth;
+  f.remaining = count;
+  f.first_type = first_type;
+  f.second_type = second_type;
+  frames_.push_back(f);
+}
 
-  Result BinaryValue(uint8_t type, int depth) {
-    if (depth > kMaxDepth) return Malformed("nesting deeper than 64");
+// Takes one value of `type` at depth `depth`: a scalar or string whole, or a container's header
+// (pushing its frame). Nothing changes unless it returns kOk.
+auto MessageScanner::StartValue(std::string_view b, uint8_t type, int depth) -> Result {
+  if (depth > kMaxDepth) return Malformed("nesting deeper than 64");
+  size_t p = at_;
+  if (!compact_) {
     int32_t n = 0;
     switch (type) {
       case 2:  // bool
       case 3:  // byte
-        return Advance(1) ? Result::kOk : Result::kNeedMore;
+        if (!Take(b, p, 1)) return Result::kNeedMore;
+        break;
       case 6:  // i16
-        return Advance(2) ? Result::kOk : Result::kNeedMore;
+        if (!Take(b, p, 2)) return Result::kNeedMore;
+        break;
       case 8:  // i32
-        return Advance(4) ? Result::kOk : Result::kNeedMore;
+        if (!Take(b, p, 4)) return Result::kNeedMore;
+        break;
       case 4:   // double
       case 10:  // i64
-        return Advance(8) ? Result::kOk : Result::kNeedMore;
+        if (!Take(b, p, 8)) return Result::kNeedMore;
+        break;
       case 11:  // string / binary
-        if (!Be32(n)) return Result::kNeedMore;
+        if (!TakeBe32(b, p, n)) return Result::kNeedMore;
         if (n < 0) return Malformed("negative string length");
-        return Advance(static_cast<uint64_t>(n)) ? Result::kOk : Result::kNeedMore;
+        if (!Take(b, p, static_cast<uint64_t>(n))) return Result::kNeedMore;
+        break;
       case 12:
-        return BinaryStruct(depth);
+        Push(Frame::Kind::kStruct, depth, 0, 0, 0);
+        break;
       case 13: {  // map
         uint8_t k = 0, v = 0;
-        if (!Byte(k) || !Byte(v) || !Be32(n)) return Result::kNeedMore;
+        if (!TakeByte(b, p, k) || !TakeByte(b, p, v) || !TakeBe32(b, p, n)) return Result::kNeedMore;
         if (n < 0) return Malformed("negative map size");
-        for (int32_t i = 0; i < n; ++i) {
-          if (Result r = BinaryValue(k, depth + 1); r != Result::kOk) return r;
-          if (Result r = BinaryValue(v, depth + 1); r != Result::kOk) return r;
-        }
-        return Result::kOk;
+        Push(Frame::Kind::kMap, depth, static_cast<uint64_t>(n), k, v);
+        break;
       }
       case 14:    // set
       case 15: {  // list
         uint8_t e = 0;
-        if (!Byte(e) || !Be32(n)) return Result::kNeedMore;
+        if (!TakeByte(b, p, e) || !TakeBe32(b, p, n)) return Result::kNeedMore;
         if (n < 0) return Malformed("negative list size");
-        for (int32_t i = 0; i < n; ++i) {
-          if (Result r = BinaryValue(e, depth + 1); r != Result::kOk) return r;
-        }
-        return Result::kOk;
+        Push(Frame::Kind::kList, depth, static_cast<uint64_t>(n), e, 0);
+        break;
       }
       default:
         return Malformed("unknown binary field type " + std::to_string(type));
     }
+    at_ = p;
+    return Result::kOk;
   }
-
-  // A compact value of compact type `type` (1/2 are booleans as list elements: one byte).
-  Result CompactValue(uint8_t type, int depth) {
-    if (depth > kMaxDepth) return Malformed("nesting deeper than 64");
-    uint64_t n = 0;
-    switch (type) {
-      case 1:
-      case 2:
-      case 3:  // byte
-        return Advance(1) ? Result::kOk : Result::kNeedMore;
-      case 4:  // i16
-      case 5:  // i32
-      case 6:  // i64
-        return Varint(n);
-      case 7:  // double
-        return Advance(8) ? Result::kOk : Result::kNeedMore;
-      case 8:  // binary
-        if (Result r = Varint(n); r != Result::kOk) return r;
-        return Advance(n) ? Result::kOk : Result::kNeedMore;
-      case 9:     // list
-      case 10: {  // set
-        uint8_t head = 0;
-        if (!Byte(head)) return Result::kNeedMore;
-        n = head >> 4;
-        if (n == 15) {
-          if (Result r = Varint(n); r != Result::kOk) return r;
-        }
-        const uint8_t e = head & 0x0f;
-        for (uint64_t i = 0; i < n; ++i) {
-          if (Result r = CompactValue(e, depth + 1); r != Result::kOk) return r;
-        }
-        return Result::kOk;
+  uint64_t n = 0;
+  switch (type) {
+    case 1:  // booleans as list elements: one byte
+    case 2:
+    case 3:  // byte
+      if (!Take(b, p, 1)) return Result::kNeedMore;
+      break;
+    case 4:  // i16
+    case 5:  // i32
+    case 6:  // i64
+      if (Result r = TakeVarint(b, p, n); r != Result::kOk) return r;
+      break;
+    case 7:  // double
+      if (!Take(b, p, 8)) return Result::kNeedMore;
+      break;
+    case 8:  // binary
+      if (Result r = TakeVarint(b, p, n); r != Result::kOk) return r;
+      if (!Take(b, p, n)) return Result::kNeedMore;
+      break;
+    case 9:     // list
+    case 10: {  // set
+      uint8_t head = 0;
+      if (!TakeByte(b, p, head)) return Result::kNeedMore;
+      n = head >> 4;
+      if (n == 15) {
+        if (Result r = TakeVarint(b, p, n); r != Result::kOk) return r;
       }
-      case 11: {  // map
-        if (Result r = Varint(n); r != Result::kOk) return r;
-        if (n == 0) return Result::kOk;
-        uint8_t kv = 0;
-        if (!Byte(kv)) return Result::kNeedMore;
-        for (uint64_t i = 0; i < n; ++i) {
-          if (Result r = CompactValue(kv >> 4, depth + 1); r != Result::kOk) return r;
-          if (Result r = CompactValue(kv & 0x0f, depth + 1); r != Result::kOk) return r;
-        }
-        return Result::kOk;
-      }
-      case 12:
-        return CompactStruct(depth);
-      default:
-        return Malformed("unknown compact field type " + std::to_string(type));
+      Push(Frame::Kind::kList, depth, n, head & 0x0f, 0);
+      break;
     }
+    case 11: {  // map
+      if (Result r = TakeVarint(b, p, n); r != Result::kOk) return r;
+      if (n == 0) break;
+      uint8_t kv = 0;
+      if (!TakeByte(b, p, kv)) return Result::kNeedMore;
+      Push(Frame::Kind::kMap, depth, n, kv >> 4, kv & 0x0f);
+      break;
+    }
+    case 12:
+      Push(Frame::Kind::kStruct, depth, 0, 0, 0);
+      break;
+    default:
+      return Malformed("unknown compact field type " + std::to_string(type));
   }
+  at_ = p;
+  return Result::kOk;
+}
 
-  std::string_view b_;
-  size_t at_;
-  std::string error_;
-};
+// Takes a field header of the struct on top (or its stop, popping it). Nothing changes unless
+// it returns kOk.
+auto MessageScanner::FieldHeader(std::string_view b) -> Result {
+  size_t p = at_;
+  uint8_t head = 0;
+  if (!TakeByte(b, p, head)) return Result::kNeedMore;
+  if (head == 0) {  // stop
+    at_ = p;
+    frames_.pop_back();
+    return Result::kOk;
+  }
+  if (!compact_) {
+    if (!Take(b, p, 2)) return Result::kNeedMore;  // field id
+    at_ = p;
+    frames_.back().pending = head;
+    return Result::kOk;
+  }
+  const uint8_t type = head & 0x0f;
+  if ((head >> 4) == 0) {
+    uint64_t id = 0;
+    if (Result r = TakeVarint(b, p, id); r != Result::kOk) return r;  // explicit field id
+  }
+  at_ = p;
+  if (type != 1 && type != 2) frames_.back().pending = type;  // booleans are in the header
+  return Result::kOk;
+}
 
-}  // namespace
+auto MessageScanner::Walk(std::string_view b) -> Result {
+  while (!frames_.empty()) {
+    ++steps_;
+    const size_t top = frames_.size() - 1;
+    Frame& f = frames_[top];
+    Result r = Result::kOk;
+    switch (f.kind) {
+      case Frame::Kind::kStruct:
+        if (f.pending < 0) {
+          r = FieldHeader(b);
+        } else if (r = StartValue(b, static_cast<uint8_t>(f.pending), f.depth + 1); r == Result::kOk) {
+          frames_[top].pending = -1;
+        }
+        break;
+      case Frame::Kind::kList:
+        if (f.remaining == 0) {
+          frames_.pop_back();
+        } else if (r = StartValue(b, f.first_type, f.depth + 1); r == Result::kOk) {
+          --frames_[top].remaining;
+        }
+        break;
+      case Frame::Kind::kMap:
+        if (f.remaining == 0) {
+          frames_.pop_back();
+        } else if (r = StartValue(b, f.value_next ? f.second_type : f.first_type, f.depth + 1);
+                   r == Result::kOk) {
+          Frame& m = frames_[top];
+          if (m.value_next) --m.remaining;
+          m.value_next = !m.value_next;
+        }
+        break;
+    }
+    if (r != Result::kOk) return r;
+  }
+  return Result::kOk;
+}
 
-MessageScan ScanMessage(std::string_view bytes) {
+void MessageScanner::Reset() {
+  frames_.clear();
+  error_.clear();
+  at_ = 0;
+  header_done_ = false;
+  done_ = std::nullopt;
+}
+
+MessageScan MessageScanner::Scan(std::string_view bytes) {
   MessageScan scan;
-  if (bytes.empty()) return scan;
-  std::string why;
-  auto header = ParseMessageHeader(bytes, &why);
-  if (!header) {
-    // A header cut short needs more bytes; a wrong one never parses. Decide by whether a
-    // longer prefix could still parse: only "truncated" errors can.
-    if (why.find("truncated") != std::string::npos) return scan;
-    scan.status = MessageScan::Status::kMalformed;
-    scan.error = why;
+  if (done_) {
+    // Answered already: the same answer (the bytes after the message are not looked at).
+    scan.status = *done_;
+    scan.size = at_;
+    scan.error = error_;
     return scan;
   }
-  Skipper skipper(bytes, header->size);
-  auto r = header->format == HeaderFormat::kCompact ? skipper.CompactStruct(0) : skipper.BinaryStruct(0);
-  switch (r) {
-    case Skipper::Result::kOk:
-      scan.status = MessageScan::Status::kComplete;
-      scan.size = skipper.at();
+  if (!header_done_) {
+    if (bytes.empty()) return scan;
+    std::string why;
+    auto header = ParseMessageHeader(bytes, &why);
+    if (!header) {
+      // A header cut short needs more bytes; a wrong one never parses. Decide by whether a
+      // longer prefix could still parse: only "truncated" errors can.
+      if (why.find("truncated") != std::string::npos) return scan;
+      error_ = std::move(why);
+      done_ = scan.status = MessageScan::Status::kMalformed;
+      scan.error = error_;
+      return scan;
+    }
+    header_done_ = true;
+    compact_ = header->format == HeaderFormat::kCompact;
+    at_ = header->size;
+    frames_.reserve(8);
+    Push(Frame::Kind::kStruct, 0, 0, 0, 0);  // the message's struct (arguments or result)
+  }
+  switch (Walk(bytes)) {
+    case Result::kOk:
+      done_ = scan.status = MessageScan::Status::kComplete;
+      scan.size = at_;
       break;
-    case Skipper::Result::kNeedMore:
+    case Result::kNeedMore:
       break;
-    case Skipper::Result::kMalformed:
-      scan.status = MessageScan::Status::kMalformed;
-      scan.error = skipper.error();
+    case Result::kMalformed:
+      done_ = scan.status = MessageScan::Status::kMalformed;
+      scan.error = error_;
       break;
   }
   return scan;
 }
+
+MessageScan ScanMessage(std::string_view bytes) { return MessageScanner().Scan(bytes); }
 
 }  // namespace scales::thrift

@@ -63,6 +63,7 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
   seqid_ = header ? std::optional<int32_t>(header->seqid) : std::nullopt;
   current_ = &stack;
   reply_ = reply;
+  scanner_.Reset();
   BeginRequest();
   stack.SetCancelHandler(this, nullptr);
 
@@ -83,7 +84,7 @@ ConnectionSink::ParseResult ThriftTransportSink::ParseReply(boost::beast::flat_b
   const auto* p = static_cast<const unsigned char*>(in.data().data());
   const size_t size = in.size();
   if (options_.framing == Framing::kBuffered) {
-    auto scan = ScanMessage(std::string_view(reinterpret_cast<const char*>(p), size));
+    auto scan = scanner_.Scan(std::string_view(reinterpret_cast<const char*>(p), size));
     switch (scan.status) {
       case MessageScan::Status::kComplete:
         if (scan.size > options_.max_frame_bytes) {

@@ -1,7 +1,9 @@
 // Thrift formatter: message headers (binary strict and lenient, compact), sequence ids,
 // reply checks, oneway detection, message scanning and the golden vectors of scales'
 // thrift/test_serialization. No sockets, no event loop.
+#include <algorithm>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -172,82 +174,90 @@ TEST(ThriftMessageTest, ScanNeedsMoreUntilTheWholeMessageArrived) {
   EXPECT_EQ(ScanMessage(garbage).status, MessageScan::Status::kMalformed);
 }
 
-// A message with every field type (nested, containers, booleans in fields and in lists).
-std::string WriteRichMessage(Protocol p) {
-  using namespace apache::thrift::protocol;
+// What `write` writes with libthrift's protocol `p` (binary strict or compact).
+template <class Write>
+std::string Written(Protocol p, Write write) {
   auto buf = std::make_shared<TMemoryBuffer>();
-  std::shared_ptr<TProtocol> proto;
+  std::shared_ptr<apache::thrift::protocol::TProtocol> proto;
   if (p == Protocol::kCompact) {
     proto = std::make_shared<TCompactProtocol>(buf);
   } else {
     proto = std::make_shared<TBinaryProtocol>(buf);
   }
-  proto->writeMessageBegin("rich", T_REPLY, 3);
-  proto->writeStructBegin("r");
-  proto->writeFieldBegin("b", T_BOOL, 1);
-  proto->writeBool(true);
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("y", T_BYTE, 2);
-  proto->writeByte(-3);
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("s", T_I16, 3);
-  proto->writeI16(-300);
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("l", T_I64, 40);  // a field id delta > 15
-  proto->writeI64(-1234567890123LL);
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("d", T_DOUBLE, 41);
-  proto->writeDouble(3.5);
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("bin", T_STRING, 42);
-  proto->writeBinary(std::string(300, 'z'));
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("bools", T_LIST, 43);
-  proto->writeListBegin(T_BOOL, 20);
-  for (int i = 0; i < 20; ++i) proto->writeBool(i % 3 == 0);
-  proto->writeListEnd();
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("m", T_MAP, 44);
-  proto->writeMapBegin(T_STRING, T_I64, 2);
-  proto->writeString("a");
-  proto->writeI64(1);
-  proto->writeString("b");
-  proto->writeI64(2);
-  proto->writeMapEnd();
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("empty", T_MAP, 45);
-  proto->writeMapBegin(T_STRING, T_I64, 0);
-  proto->writeMapEnd();
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("set", T_SET, 46);
-  proto->writeSetBegin(T_I16, 3);
-  for (int16_t v : {1, 2, 3}) proto->writeI16(v);
-  proto->writeSetEnd();
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("nested", T_STRUCT, 47);
-  proto->writeStructBegin("n");
-  proto->writeFieldBegin("f", T_BOOL, 1);
-  proto->writeBool(false);
-  proto->writeFieldEnd();
-  proto->writeFieldBegin("structs", T_LIST, 2);
-  proto->writeListBegin(T_STRUCT, 16);  // a list size >= 15 (compact: varint size)
-  for (int i = 0; i < 16; ++i) {
-    proto->writeStructBegin("e");
-    proto->writeFieldBegin("i", T_I32, 1);
-    proto->writeI32(i);
+  write(proto);
+  return buf->getBufferAsString();
+}
+
+// A message with every field type (nested, containers, booleans in fields and in lists).
+std::string WriteRichMessage(Protocol p) {
+  return Written(p, [](const auto& proto) {
+    using namespace apache::thrift::protocol;
+    proto->writeMessageBegin("rich", T_REPLY, 3);
+    proto->writeStructBegin("r");
+    proto->writeFieldBegin("b", T_BOOL, 1);
+    proto->writeBool(true);
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("y", T_BYTE, 2);
+    proto->writeByte(-3);
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("s", T_I16, 3);
+    proto->writeI16(-300);
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("l", T_I64, 40);  // a field id delta > 15
+    proto->writeI64(-1234567890123LL);
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("d", T_DOUBLE, 41);
+    proto->writeDouble(3.5);
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("bin", T_STRING, 42);
+    proto->writeBinary(std::string(300, 'z'));
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("bools", T_LIST, 43);
+    proto->writeListBegin(T_BOOL, 20);
+    for (int i = 0; i < 20; ++i) proto->writeBool(i % 3 == 0);
+    proto->writeListEnd();
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("m", T_MAP, 44);
+    proto->writeMapBegin(T_STRING, T_I64, 2);
+    proto->writeString("a");
+    proto->writeI64(1);
+    proto->writeString("b");
+    proto->writeI64(2);
+    proto->writeMapEnd();
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("empty", T_MAP, 45);
+    proto->writeMapBegin(T_STRING, T_I64, 0);
+    proto->writeMapEnd();
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("set", T_SET, 46);
+    proto->writeSetBegin(T_I16, 3);
+    for (int16_t v : {1, 2, 3}) proto->writeI16(v);
+    proto->writeSetEnd();
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("nested", T_STRUCT, 47);
+    proto->writeStructBegin("n");
+    proto->writeFieldBegin("f", T_BOOL, 1);
+    proto->writeBool(false);
+    proto->writeFieldEnd();
+    proto->writeFieldBegin("structs", T_LIST, 2);
+    proto->writeListBegin(T_STRUCT, 16);  // a list size >= 15 (compact: varint size)
+    for (int i = 0; i < 16; ++i) {
+      proto->writeStructBegin("e");
+      proto->writeFieldBegin("i", T_I32, 1);
+      proto->writeI32(i);
+      proto->writeFieldEnd();
+      proto->writeFieldStop();
+      proto->writeStructEnd();
+    }
+    proto->writeListEnd();
     proto->writeFieldEnd();
     proto->writeFieldStop();
     proto->writeStructEnd();
-  }
-  proto->writeListEnd();
-  proto->writeFieldEnd();
-  proto->writeFieldStop();
-  proto->writeStructEnd();
-  proto->writeFieldEnd();
-  proto->writeFieldStop();
-  proto->writeStructEnd();
-  proto->writeMessageEnd();
-  return buf->getBufferAsString();
+    proto->writeFieldEnd();
+    proto->writeFieldStop();
+    proto->writeStructEnd();
+    proto->writeMessageEnd();
+  });
 }
 
 TEST(ThriftMessageTest, ScanWalksEveryTypeAtEveryPrefix) {
@@ -263,6 +273,102 @@ TEST(ThriftMessageTest, ScanWalksEveryTypeAtEveryPrefix) {
   }
   // A header that can never parse is malformed at once (not "need more").
   EXPECT_EQ(ScanMessage(Bytes({0x80, 0x07, 0x00, 0x01})).status, MessageScan::Status::kMalformed);
+}
+
+// Feeds `msg` to one MessageScanner in pieces whose ends come from `rng` (every byte on its own
+// when max_piece is 1) and returns its first answer other than kNeedMore (or kNeedMore).
+MessageScan ScanInPieces(MessageScanner& scanner, const std::string& msg, std::mt19937& rng, size_t max_piece) {
+  std::uniform_int_distribution<size_t> piece(1, max_piece);
+  size_t have = 0;
+  MessageScan scan;
+  while (have < msg.size()) {
+    have = std::min(msg.size(), have + piece(rng));
+    // A copy per piece: the scanner must not rely on the buffer staying put.
+    const std::string so_far = msg.substr(0, have);
+    scan = scanner.Scan(so_far);
+    if (scan.status != MessageScan::Status::kNeedMore) return scan;
+  }
+  return scan;
+}
+
+TEST(ThriftMessageTest, ScannerFedInPiecesAgreesWithAWholeScan) {
+  std::mt19937 rng(20261205);
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    SCOPED_TRACE(ToString(p));
+    const std::string rich = WriteRichMessage(p);
+    MessageScanner scanner;
+    for (size_t max_piece : {size_t{1}, size_t{3}, size_t{17}, size_t{400}}) {
+      scanner.Reset();
+      auto scan = ScanInPieces(scanner, rich + "trailing", rng, max_piece);
+      ASSERT_EQ(scan.status, MessageScan::Status::kComplete) << max_piece << " " << scan.error;
+      EXPECT_EQ(scan.size, rich.size());
+      // The answer stays until Reset(), whatever follows.
+      EXPECT_EQ(scanner.Scan(rich + "more").size, rich.size());
+    }
+    // Damaged copies (a byte changed at a seeded position): the same answer in pieces as whole,
+    // malformed ones with the same reason.
+    std::uniform_int_distribution<size_t> at(0, rich.size() - 1);
+    std::uniform_int_distribution<int> byte(0, 255);
+    int malformed = 0;
+    for (int i = 0; i < 3000; ++i) {
+      std::string bad = rich;
+      bad[at(rng)] = static_cast<char>(byte(rng));
+      const MessageScan whole = ScanMessage(bad);
+      scanner.Reset();
+      const MessageScan pieces = ScanInPieces(scanner, bad, rng, 1 + i % 40);
+      ASSERT_EQ(pieces.status, whole.status) << i;
+      if (whole.status == MessageScan::Status::kComplete) {
+        EXPECT_EQ(pieces.size, whole.size) << i;
+      }
+      EXPECT_EQ(pieces.error, whole.error) << i;
+      malformed += whole.status == MessageScan::Status::kMalformed;
+    }
+    EXPECT_GT(malformed, 100);  // the damage does reach the checks
+  }
+}
+
+// A reply whose result is a list of `n` i32 (field 0), as a server writes it.
+std::string WriteListReply(Protocol p, int32_t n) {
+  return Written(p, [n](const auto& proto) {
+    using namespace apache::thrift::protocol;
+    proto->writeMessageBegin("numbers", T_REPLY, 1);
+    proto->writeStructBegin("result");
+    proto->writeFieldBegin("success", T_LIST, 0);
+    proto->writeListBegin(T_I32, static_cast<uint32_t>(n));
+    for (int32_t i = 0; i < n; ++i) proto->writeI32(i * 7919);
+    proto->writeListEnd();
+    proto->writeFieldEnd();
+    proto->writeFieldStop();
+    proto->writeStructEnd();
+    proto->writeMessageEnd();
+  });
+}
+
+TEST(ThriftMessageTest, AReplyReadInManyPiecesIsWalkedOnce) {
+  // 200,000 small values read 4 KiB at a time (about 200 reads): a walk from the first byte on
+  // every read would take some 20 million steps.
+  constexpr int32_t kValues = 200000;
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    SCOPED_TRACE(ToString(p));
+    const std::string msg = WriteListReply(p, kValues);
+    MessageScanner scanner;
+    MessageScan scan;
+    size_t reads = 0;
+    for (size_t have = 0; have < msg.size();) {
+      have = std::min(msg.size(), have + 4096);
+      ++reads;
+      scan = scanner.Scan(std::string_view(msg).substr(0, have));
+      if (have < msg.size()) {
+        ASSERT_EQ(scan.status, MessageScan::Status::kNeedMore) << have;
+      }
+    }
+    ASSERT_EQ(scan.status, MessageScan::Status::kComplete) << scan.error;
+    EXPECT_EQ(scan.size, msg.size());
+    // Each value once, plus one attempt per read that ran out of bytes and a few steps for the
+    // field, the list and the struct's end.
+    EXPECT_LE(scanner.steps(), static_cast<uint64_t>(kValues) + reads + 8);
+    EXPECT_GE(scanner.steps(), static_cast<uint64_t>(kValues));
+  }
 }
 
 // The top of a test stack: records the response.

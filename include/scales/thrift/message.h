@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace scales::thrift {
 
@@ -56,8 +57,54 @@ struct MessageScan {
 };
 
 // Finds the end of the first whole message in `bytes` (binary strict or lenient, or compact,
-// detected from the header) by walking its encoding without decoding it: no copies, depth at
-// most 64. The caller bounds how many bytes it buffers while the result is kNeedMore.
+// detected from the header) by walking its encoding without decoding it: no copies, no
+// allocation per value, depth at most 64. The caller bounds how many bytes it buffers while the
+// result is kNeedMore.
 MessageScan ScanMessage(std::string_view bytes);
+
+// ScanMessage for a message that arrives in pieces. Each Scan() is given every byte received so
+// far (the earlier ones unchanged, the buffer may have moved) and resumes where the last one
+// stopped, so a message that arrives in k reads costs O(size + k) rather than a walk from its
+// first byte on every read (a large list of small values read 64 KiB at a time would otherwise
+// cost O(size^2 / 64 KiB)). Once complete or malformed it keeps that answer until Reset().
+//
+// Thread safety: none; one scanner per connection.
+class MessageScanner {
+ public:
+  MessageScan Scan(std::string_view bytes);
+  // Forgets the message: the next Scan() starts a new one.
+  void Reset();
+  // The walking steps taken since construction (field headers, values and container ends,
+  // attempts that needed more bytes included): how tests check that scanning resumes.
+  uint64_t steps() const noexcept { return steps_; }
+
+ private:
+  enum class Result { kOk, kNeedMore, kMalformed };
+  // A container being walked: the message's struct, a nested struct, a list or set, a map.
+  struct Frame {
+    enum class Kind : uint8_t { kStruct, kList, kMap } kind = Kind::kStruct;
+    uint8_t first_type = 0;   // list: the element type; map: the key type
+    uint8_t second_type = 0;  // map: the value type
+    bool value_next = false;  // map: the next item is an entry's value
+    int16_t pending = -1;     // struct: the type of the field whose header was read, -1 none
+    int depth = 0;
+    uint64_t remaining = 0;   // list: elements; map: entries
+  };
+
+  auto Walk(std::string_view b) -> Result;
+  auto FieldHeader(std::string_view b) -> Result;
+  auto StartValue(std::string_view b, uint8_t type, int depth) -> Result;
+  auto TakeVarint(std::string_view b, size_t& p, uint64_t& out) -> Result;
+  auto Malformed(std::string why) -> Result;
+  void Push(Frame::Kind kind, int depth, uint64_t count, uint8_t first_type, uint8_t second_type);
+
+  std::vector<Frame> frames_;
+  std::string error_;
+  size_t at_ = 0;  // the bytes before it are walked
+  uint64_t steps_ = 0;
+  bool header_done_ = false;
+  bool compact_ = false;
+  std::optional<MessageScan::Status> done_;  // complete or malformed
+};
 
 }  // namespace scales::thrift

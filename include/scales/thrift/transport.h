@@ -20,6 +20,7 @@
 
 #include "scales/core/provider.h"
 #include "scales/core/sink.h"
+#include "scales/thrift/message.h"
 #include "scales/transport/connection_sink.h"
 #include "scales/transport/tls.h"
 
@@ -77,6 +78,8 @@ class ThriftTransportSink final : public ConnectionSink {
   // (a stray reply, e.g. to a oneway call, or a duplicate) closes the connection, which would
   // otherwise stay one reply behind.
   std::optional<int32_t> seqid_;
+  // Buffered framing: where the reply's walk stopped, so each read resumes it.
+  thrift::MessageScanner scanner_;
   ParseResult Done();
 };
 
