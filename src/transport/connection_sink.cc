@@ -189,6 +189,11 @@ void ConnectionSink::Exchange(std::string_view request, bool expect_reply) {
     asio::async_write(stream, asio::buffer(request.substr(written)),
                       [this, self, gen](const boost::system::error_code& ec, size_t n) { OnWritten(gen, ec, n); });
   });
+  // With TLS the reply is read while the request is written (an SSL stream allows one read
+  // beside one write), as the armed receive does on plain TCP: a server that answers before it
+  // has read the whole request (413 to a large upload) and stops reading is heard at once
+  // instead of leaving the write stuck until the call's deadline.
+  if (conn_.tls_active() && expect_reply) ReadTls();
 }
 
 void ConnectionSink::OnWritten(uint64_t generation, const boost::system::error_code& ec, size_t bytes) {
@@ -208,8 +213,8 @@ void ConnectionSink::AfterWrite() {
     Finish({}, {});
     return;
   }
-  if (conn_.tls_active()) ReadTls();
-  // Plain TCP: the receive is armed; the reply may even be read already.
+  // The reply's read started with the write (the receive armed on plain TCP, ReadTls with TLS);
+  // it may even be read already.
 }
 
 void ConnectionSink::ReadPlain() {

@@ -8,6 +8,7 @@
 // "huge-frame", "endless-fragments", "drip:MS", "ping-flood"), and for HTTP and framed Thrift a raw TCP server
 // in this process (RawServer below) that answers by the request: hostile for some, well-formed
 // for the rest.
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -23,10 +24,12 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <boost/asio/use_future.hpp>
 #include <gtest/gtest.h>
+#include <openssl/ssl.h>
 
 #include <thrift/Thrift.h>
 #include <thrift/protocol/TProtocolException.h>
@@ -36,6 +39,7 @@
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
 #include "support/mux_server_fixture.h"
+#include "support/test_ca.h"
 
 namespace scales {
 namespace {
@@ -214,9 +218,29 @@ TEST(HostilePeerTest, MuxDuplicateReplyDoesNotAnswerTheNextRequestOnItsTag) {
 // stops or the client goes away.
 class RawConn {
  public:
-  RawConn(int fd, const std::atomic<bool>& stopping) : fd_(fd), stopping_(stopping) {}
-  ~RawConn() { ::close(fd_); }
+  // With `tls`, the connection is a TLS server session (Handshake() first) over the socket made
+  // non-blocking; reads and writes go through OpenSSL, still polling so that a stop is noticed.
+  RawConn(int fd, const std::atomic<bool>& stopping, SSL_CTX* tls = nullptr) : fd_(fd), stopping_(stopping) {
+    if (tls) {
+      ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) | O_NONBLOCK);
+      ssl_ = SSL_new(tls);
+      SSL_set_fd(ssl_, fd_);
+      SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    }
+  }
+  ~RawConn() {
+    if (ssl_) SSL_free(ssl_);
+    ::close(fd_);
+  }
 
+  // TLS: completes the server side of the handshake; false if it failed or the server stops.
+  bool Handshake() {
+    for (;;) {
+      const int r = SSL_accept(ssl_);
+      if (r == 1) return true;
+      if (!WaitFor(SSL_get_error(ssl_, r))) return false;
+    }
+  }
   // Reads until `delim` has arrived; returns everything read up to and including it.
   std::optional<std::string> ReadUntil(std::string_view delim) {
     while (buffer_.find(delim) == std::string::npos) {
@@ -238,6 +262,16 @@ class RawConn {
   // False once the client closed the connection (or the server stops).
   bool Write(std::string_view bytes) {
     while (!bytes.empty() && !stopping_) {
+      if (ssl_) {
+        const int n = SSL_write(ssl_, bytes.data(), static_cast<int>(bytes.size()));
+        if (n <= 0) {
+          if (!WaitFor(SSL_get_error(ssl_, n))) return false;
+          continue;
+        }
+        bytes.remove_prefix(static_cast<size_t>(n));
+        sent_ += static_cast<size_t>(n);
+        continue;
+      }
       pollfd p{fd_, POLLOUT, 0};
       if (::poll(&p, 1, 50) <= 0) continue;
       ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
@@ -251,11 +285,35 @@ class RawConn {
   size_t sent() const { return sent_; }
 
  private:
+  // TLS: waits (50 ms at a time, until the server stops) for what OpenSSL's `error` asks for;
+  // false for any other error.
+  bool WaitFor(int error) {
+    short events = 0;
+    if (error == SSL_ERROR_WANT_READ) events = POLLIN;
+    if (error == SSL_ERROR_WANT_WRITE) events = POLLOUT;
+    if (events == 0) return false;
+    while (!stopping_) {
+      pollfd p{fd_, events, 0};
+      if (::poll(&p, 1, 50) > 0) return true;
+    }
+    return false;
+  }
+
   bool ReadSome() {
+    char buf[4096];
+    if (ssl_) {
+      for (;;) {
+        const int n = SSL_read(ssl_, buf, sizeof buf);
+        if (n > 0) {
+          buffer_.append(buf, static_cast<size_t>(n));
+          return true;
+        }
+        if (!WaitFor(SSL_get_error(ssl_, n))) return false;
+      }
+    }
     while (!stopping_) {
       pollfd p{fd_, POLLIN, 0};
       if (::poll(&p, 1, 50) <= 0) continue;
-      char buf[4096];
       ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
       if (n <= 0) return false;
       buffer_.append(buf, static_cast<size_t>(n));
@@ -266,6 +324,7 @@ class RawConn {
 
   int fd_;
   const std::atomic<bool>& stopping_;
+  SSL* ssl_ = nullptr;
   std::string buffer_;
   size_t sent_ = 0;
 };
@@ -274,7 +333,17 @@ class RawServer {
  public:
   using Handler = std::function<void(RawConn&)>;
 
-  explicit RawServer(Handler handler) : handler_(std::move(handler)) {
+  // With `tls`, connections are TLS with the test CA's server certificate (tls-it's TestCa):
+  // the handler runs after the handshake.
+  explicit RawServer(Handler handler, bool tls = false) : handler_(std::move(handler)) {
+    if (tls) {
+      tls_ = SSL_CTX_new(TLS_server_method());
+      const auto& ca = testing::TestCa();
+      if (!tls_ || SSL_CTX_use_certificate_chain_file(tls_, ca.server_cert.c_str()) != 1 ||
+          SSL_CTX_use_PrivateKey_file(tls_, ca.server_key.c_str(), SSL_FILETYPE_PEM) != 1) {
+        throw std::runtime_error("RawServer: cannot load the test CA's server certificate");
+      }
+    }
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
@@ -295,6 +364,7 @@ class RawServer {
     std::lock_guard lock(mu_);
     for (auto& t : connections_) t.join();
     ::close(fd_);
+    if (tls_) SSL_CTX_free(tls_);
   }
 
   std::string uri() const { return "tcp://127.0.0.1:" + std::to_string(port_); }
@@ -313,14 +383,15 @@ class RawServer {
       ++accepted_;
       std::lock_guard lock(mu_);
       connections_.emplace_back([this, c] {
-        RawConn conn(c, stopping_);
-        handler_(conn);
+        RawConn conn(c, stopping_, tls_);
+        if (!tls_ || conn.Handshake()) handler_(conn);
         sent_ += conn.sent();
       });
     }
   }
 
   Handler handler_;
+  SSL_CTX* tls_ = nullptr;
   int fd_ = -1;
   int port_ = 0;
   std::atomic<bool> stopping_{false};
@@ -492,6 +563,36 @@ TEST(HostilePeerTest, HttpAnswerBeforeTheRequestIsWrittenCompletesOnce) {
   EXPECT_LT(Clock::now() - start, 5s);  // not the 10 s request timeout: answered while writing
   EXPECT_EQ(client.Get("/ok").body, "ok");
   EXPECT_EQ(server.accepted(), 2);
+}
+
+// The same over TLS: the reply is read while the request is still being written (it used to be
+// read only once the write ended, so the call waited for its deadline).
+TEST(HostilePeerTest, HttpsAnswerBeforeTheRequestIsWrittenCompletesOnce) {
+  RawServer server(HostileHttp, /*tls=*/true);
+  auto options = HttpOptions();
+  options.transport.tls.enabled = true;
+  options.transport.tls.ca_file = testing::TestCa().ca_file;
+  options.transport.raise_on_http_error = false;  // the 413 response itself is delivered
+  auto client = Http::NewClient(server.uri(), options);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  http::Request big{"POST", "/early-answer", {}, std::string(32 << 20, 'p')};  // beyond the socket buffers
+  const auto start = Clock::now();
+  std::atomic<int> completions{0};
+  std::promise<std::pair<error_code, http::Response>> done;
+  client.AsyncSend(std::move(big), [&](error_code ec, http::Response r) {
+    if (++completions == 1) done.set_value({ec, std::move(r)});
+  });
+  auto result = done.get_future();
+  ASSERT_EQ(result.wait_for(20s), std::future_status::ready);
+  auto [ec, response] = result.get();
+  EXPECT_FALSE(ec) << ec.message();
+  EXPECT_EQ(response.status, 413);
+  EXPECT_EQ(response.body, "too big\n");
+  EXPECT_LT(Clock::now() - start, 5s);  // not the 10 s request timeout: answered while writing
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 2) << "the half-written connection was retired";
+  client.Close();
+  EXPECT_EQ(completions, 1);
 }
 
 // --- Framed Thrift -------------------------------------------------------------------------------

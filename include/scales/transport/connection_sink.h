@@ -16,7 +16,10 @@
 // (a readiness wait would re-register the descriptor with `epoll_ctl` each time), so one request
 // costs a `send`, a `recv` and a share of the loop's `epoll_wait`, and one handler. With TLS the stream's
 // async operations do the same work (OpenSSL buffers records, so readiness of the socket says
-// little), and the idle watch is cancelled and re-armed around each request.
+// little): the reply's read starts beside the request's write, and the idle watch is cancelled
+// and re-armed around each request. Either way a reply that comes before the request is
+// written (a server refusing a large upload and no longer reading) answers the call at once and
+// retires the connection.
 
 #include <cstdint>
 #include <optional>
