@@ -15,12 +15,115 @@
 
 namespace scales::thrift {
 
-std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(
-    Protocol protocol, std::shared_ptr<apache::thrift::transport::TTransport> transport) {
-  if (protocol == Protocol::kCompact) {
-    return std::make_shared<LimitedProtocol<apache::thrift::protocol::TCompactProtocol>>(std::move(transport));
+namespace {
+
+using apache::thrift::protocol::TMessageType;
+using apache::thrift::protocol::TType;
+
+// Apache's protocol P (TBinaryProtocol or TCompactProtocol) with ReadLimits, whose reads (and
+// skips) throw scales::Error(kProtocolError) where Apache's throw TProtocolException or
+// TTransportException. The generated code calls the *_virt functions through TProtocol.
+template <class P>
+class BlockingProtocol final : public P, public ReadLimits {
+ public:
+  explicit BlockingProtocol(std::shared_ptr<BlockingTransport> transport)
+      : P(transport), transport_(*transport) {}
+
+  void LimitReadsTo(size_t reply_bytes) noexcept override {
+    this->string_limit_ = Limit(reply_bytes);
+    this->container_limit_ = Limit(reply_bytes);
   }
-  return std::make_shared<LimitedProtocol<apache::thrift::protocol::TBinaryProtocol>>(std::move(transport));
+
+  uint32_t readMessageBegin_virt(std::string& name, TMessageType& type, int32_t& seqid) override {
+    return Guard([&] { return P::readMessageBegin_virt(name, type, seqid); });
+  }
+  uint32_t readMessageEnd_virt() override {
+    return Guard([&] { return P::readMessageEnd_virt(); });
+  }
+  uint32_t readStructBegin_virt(std::string& name) override {
+    return Guard([&] { return P::readStructBegin_virt(name); });
+  }
+  uint32_t readStructEnd_virt() override {
+    return Guard([&] { return P::readStructEnd_virt(); });
+  }
+  uint32_t readFieldBegin_virt(std::string& name, TType& type, int16_t& id) override {
+    return Guard([&] { return P::readFieldBegin_virt(name, type, id); });
+  }
+  uint32_t readFieldEnd_virt() override {
+    return Guard([&] { return P::readFieldEnd_virt(); });
+  }
+  uint32_t readMapBegin_virt(TType& key, TType& value, uint32_t& size) override {
+    return Guard([&] { return P::readMapBegin_virt(key, value, size); });
+  }
+  uint32_t readMapEnd_virt() override {
+    return Guard([&] { return P::readMapEnd_virt(); });
+  }
+  uint32_t readListBegin_virt(TType& element, uint32_t& size) override {
+    return Guard([&] { return P::readListBegin_virt(element, size); });
+  }
+  uint32_t readListEnd_virt() override {
+    return Guard([&] { return P::readListEnd_virt(); });
+  }
+  uint32_t readSetBegin_virt(TType& element, uint32_t& size) override {
+    return Guard([&] { return P::readSetBegin_virt(element, size); });
+  }
+  uint32_t readSetEnd_virt() override {
+    return Guard([&] { return P::readSetEnd_virt(); });
+  }
+  uint32_t readBool_virt(bool& value) override {
+    return Guard([&] { return P::readBool_virt(value); });
+  }
+  uint32_t readBool_virt(std::vector<bool>::reference value) override {
+    return Guard([&] { return P::readBool_virt(value); });
+  }
+  uint32_t readByte_virt(int8_t& value) override {
+    return Guard([&] { return P::readByte_virt(value); });
+  }
+  uint32_t readI16_virt(int16_t& value) override {
+    return Guard([&] { return P::readI16_virt(value); });
+  }
+  uint32_t readI32_virt(int32_t& value) override {
+    return Guard([&] { return P::readI32_virt(value); });
+  }
+  uint32_t readI64_virt(int64_t& value) override {
+    return Guard([&] { return P::readI64_virt(value); });
+  }
+  uint32_t readDouble_virt(double& value) override {
+    return Guard([&] { return P::readDouble_virt(value); });
+  }
+  uint32_t readString_virt(std::string& value) override {
+    return Guard([&] { return P::readString_virt(value); });
+  }
+  uint32_t readBinary_virt(std::string& value) override {
+    return Guard([&] { return P::readBinary_virt(value); });
+  }
+  uint32_t skip_virt(TType type) override {
+    return Guard([&] { return P::skip_virt(type); });
+  }
+
+ private:
+  template <class Read>
+  uint32_t Guard(Read read) {
+    try {
+      return read();
+    } catch (const apache::thrift::protocol::TProtocolException& e) {
+      transport_.ThrowMalformed(e);
+    } catch (const apache::thrift::transport::TTransportException& e) {
+      transport_.ThrowMalformed(e);
+    }
+  }
+
+  const BlockingTransport& transport_;  // owned by the same Proxy, which outlives the reads
+};
+
+}  // namespace
+
+std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(Protocol protocol,
+                                                                  std::shared_ptr<BlockingTransport> transport) {
+  if (protocol == Protocol::kCompact) {
+    return std::make_shared<BlockingProtocol<apache::thrift::protocol::TCompactProtocol>>(std::move(transport));
+  }
+  return std::make_shared<BlockingProtocol<apache::thrift::protocol::TBinaryProtocol>>(std::move(transport));
 }
 
 // --- spare strings for call bytes ---------------------------------------------------------
@@ -155,11 +258,13 @@ namespace {
 class BlockingCall final : public ThriftCall {
  public:
   std::promise<RawReply> done;
+  std::string* endpoint = nullptr;  // receives the endpoint that answered, when set
 
  protected:
   void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor&, bool) override {
     RawReply r{error, std::move(detail), {}};
     if (!error) r.bytes = std::move(reply.data);
+    if (endpoint != nullptr) *endpoint = info->endpoint;  // seen by the waiter after the promise
     done.set_value(std::move(r));
   }
 };
@@ -167,7 +272,7 @@ class BlockingCall final : public ThriftCall {
 }  // namespace
 
 std::string BlockingRoundTrip(const std::shared_ptr<ClientCore>& core, std::string request,
-                              const CallOptions& options, const std::string& client_id) {
+                              const CallOptions& options, const std::string& client_id, std::string* endpoint) {
   if (!core) throw Error(make_error_code(Errc::kClientClosed), "ThriftClient is empty (default-constructed)");
   if (core->IsLoopThread()) {
     throw Error(make_error_code(Errc::kBlockingCallOnEventLoop),
@@ -176,6 +281,7 @@ std::string BlockingRoundTrip(const std::shared_ptr<ClientCore>& core, std::stri
                             core->name()));
   }
   auto* call = new BlockingCall;
+  call->endpoint = endpoint;
   auto fut = call->done.get_future();
   StartThriftCall(core, call, std::move(request), options, client_id);
   RawReply reply = fut.get();
@@ -186,9 +292,18 @@ std::string BlockingRoundTrip(const std::shared_ptr<ClientCore>& core, std::stri
 void BlockingTransport::flush() {
   std::string request = getBufferAsString();
   resetBuffer();
-  std::string reply = BlockingRoundTrip(core_, std::move(request), options_, client_id_);
+  auto header = ParseMessageHeader(request);
+  method_ = header ? header->name : std::string();
+  endpoint_.clear();
+  std::string reply = BlockingRoundTrip(core_, std::move(request), options_, client_id_, &endpoint_);
   if (reader_ != nullptr) reader_->LimitReadsTo(reply.size());
   write(reinterpret_cast<const uint8_t*>(reply.data()), static_cast<uint32_t>(reply.size()));
+}
+
+void BlockingTransport::ThrowMalformed(const std::exception& e) const {
+  throw Error(make_error_code(Errc::kProtocolError),
+              fmt::format("malformed Thrift reply from {} for {}: {}", endpoint_.empty() ? "?" : endpoint_,
+                          method_, e.what()));
 }
 
 void Validate(const ThriftOptions& o) {

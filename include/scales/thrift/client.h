@@ -29,9 +29,11 @@
 //    the declared exception, TApplicationException or scales::Error. use_future and
 //    use_awaitable rethrow that exception itself.
 //  - A reply whose body does not decode (truncated, or a string or container declaring more
-//    than the reply holds; ReadLimits): async calls get scales::Error(kProtocolError, "malformed
-//    Thrift reply from <endpoint> for <method>: ..."); a blocking call's generated recv_X throws
-//    Apache's TProtocolException / TTransportException.
+//    than the reply holds; ReadLimits): scales::Error(kProtocolError, "malformed Thrift reply
+//    from <endpoint> for <method>: ...") for async and blocking calls alike (a blocking call's
+//    protocol turns what Apache's reads throw into it). One exception: a required field missing
+//    from a returned struct, which the generated code itself checks, reaches a blocking caller
+//    as Apache's TProtocolException (INVALID_DATA).
 //
 // The contract with the stack (what another stack, e.g. ThriftMux, must keep to reuse this
 // client): the MethodCallMessage's payload is a scales::Stream holding one whole Thrift message
@@ -98,20 +100,14 @@ class ReadLimits {
   }
 };
 
-// Apache's protocol P (TBinaryProtocolT or TCompactProtocolT) with ReadLimits.
-template <class P>
-class LimitedProtocol final : public P, public ReadLimits {
- public:
-  using P::P;
-  void LimitReadsTo(size_t reply_bytes) noexcept override {
-    this->string_limit_ = Limit(reply_bytes);
-    this->container_limit_ = Limit(reply_bytes);
-  }
-};
+class BlockingTransport;
 
-// A protocol writer/reader of kind `protocol` over `transport` (a LimitedProtocol).
-std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(
-    Protocol protocol, std::shared_ptr<apache::thrift::transport::TTransport> transport);
+// The protocol of a blocking call's generated client, of kind `protocol` over the call's
+// `transport`: Apache's TBinaryProtocol or TCompactProtocol with ReadLimits, whose reads turn
+// Apache's TProtocolException and TTransportException (a reply whose body does not decode) into
+// the scales::Error(kProtocolError) an async call gets (BlockingTransport::ThrowMalformed).
+std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(Protocol protocol,
+                                                                  std::shared_ptr<BlockingTransport> transport);
 
 // The outcome of one Thrift call as bytes, before decoding.
 struct RawReply {
@@ -155,9 +151,11 @@ void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, 
                      const CallOptions& options, const std::string& client_id);
 
 // Sends `request` through `core` and waits for the reply bytes. Throws scales::Error on any
-// failure, and kBlockingCallOnEventLoop on one of the client's loops.
+// failure, and kBlockingCallOnEventLoop on one of the client's loops. `endpoint`, when given,
+// receives the endpoint that answered.
 std::string BlockingRoundTrip(const std::shared_ptr<ClientCore>& core, std::string request,
-                              const CallOptions& options, const std::string& client_id);
+                              const CallOptions& options, const std::string& client_id,
+                              std::string* endpoint = nullptr);
 
 // The transport under a blocking call's generated client: a memory buffer whose flush() (which
 // the generated send_X() calls after writing) sends the written message through the stack,
@@ -170,12 +168,17 @@ class BlockingTransport final : public apache::thrift::transport::TMemoryBuffer 
   // The limits of the protocol that reads the reply from this buffer: flush() bounds its
   // reads by the reply's size (ReadLimits). It must outlive the flush.
   void ReadsWith(ReadLimits* reader) noexcept { reader_ = reader; }
+  // The reply did not decode (`e`: Apache's exception, from the protocol reading it): throws
+  // scales::Error(kProtocolError, "malformed Thrift reply from <endpoint> for <method>: ...").
+  [[noreturn]] void ThrowMalformed(const std::exception& e) const;
 
  private:
   std::shared_ptr<ClientCore> core_;
   CallOptions options_;
   std::string client_id_;
   ReadLimits* reader_ = nullptr;
+  std::string method_;    // of the last call flushed
+  std::string endpoint_;  // that answered it
 };
 
 namespace internal {
