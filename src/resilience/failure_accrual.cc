@@ -15,8 +15,8 @@ namespace {
 
 constexpr int kWindowSlices = 5;
 // Context of the probe request on the sink stack (requests sent while the endpoint is alive
-// push AliveContext, the others nullptr).
-char probe_tag;
+// push AliveContext, the others nullptr). Aligned to 2 so its address is even.
+alignas(2) char probe_tag;
 
 // The context of a request sent while the endpoint is alive: its Alive period, odd, so that it
 // never equals &probe_tag (or nullptr).
