@@ -347,12 +347,30 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
   }
   for (;;) {
     while (!parser_->is_done()) {
+      const bool in_header = !parser_->is_header_done();
+      if (in_header) {
+        // What is left of the limit for the header block's bytes still to come.
+        const size_t limit = options_.max_response_header_bytes;
+        if (header_consumed_ >= limit) return ParseFailure(bhttp::error::header_limit);
+        parser_->header_limit(static_cast<std::uint32_t>(std::min<size_t>(limit - header_consumed_, UINT32_MAX)));
+      }
       boost::system::error_code ec;
       const size_t n = parser_->put(in.data(), ec);
       in.consume(n);
-      if (ec == bhttp::error::need_more) return ParseResult::NeedMore();
+      if (in_header && !parser_->is_header_done()) header_consumed_ += n;
+      if (ec == bhttp::error::need_more || (!ec && n == 0)) {
+        // Beast keeps a chunk-size line (with its extensions) or the trailer section unconsumed
+        // until it ends, and bounds neither: a server that never ends one would fill memory.
+        if (parser_->is_header_done() && in.size() > options_.max_response_header_bytes) {
+          return ParseResult::Failed(
+              make_error_code(Errc::kResponseTooLarge),
+              fmt::format("response from {}: a chunk-size line or the trailer section exceeds "
+                          "max_response_header_bytes ({} bytes)",
+                          conn().address(), options_.max_response_header_bytes));
+        }
+        return ParseResult::NeedMore();
+      }
       if (ec) return ParseFailure(ec);
-      if (n == 0) return ParseResult::NeedMore();
     }
     auto& out = *current_->message().reply_slot<Response>();
     if (out.status >= 200) break;
@@ -381,6 +399,7 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
 }
 
 void HttpTransportSink::StartParser(Response& out) {
+  header_consumed_ = 0;
   parser_.emplace(out);
   parser_->eager(true);
   parser_->header_limit(static_cast<std::uint32_t>(std::min<size_t>(options_.max_response_header_bytes, UINT32_MAX)));

@@ -1,5 +1,8 @@
 #include "scales/transport/connection_sink.h"
 
+#include <new>
+#include <stdexcept>
+
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/ssl/error.hpp>
@@ -265,7 +268,19 @@ bool ConnectionSink::Received(size_t n, bool drained) {
 }
 
 bool ConnectionSink::ProcessReply(bool drained) {
-  ParseResult r = ParseReply(in_);
+  ParseResult r;
+  try {
+    r = ParseReply(in_);
+  } catch (const std::exception& e) {
+    // Holding what the reply declares failed (std::bad_alloc, std::length_error under a huge
+    // configured limit) or the parser threw: the call must still complete, and the connection's
+    // framing is lost.
+    const bool memory = dynamic_cast<const std::bad_alloc*>(&e) != nullptr ||
+                        dynamic_cast<const std::length_error*>(&e) != nullptr;
+    r = ParseResult::Failed(make_error_code(memory ? Errc::kResponseTooLarge : Errc::kProtocolError),
+                            fmt::format("reading the {} from {} failed: {}", reply_noun(), conn_.address(),
+                                        e.what()));
+  }
   if (r.kind == ParseResult::Kind::kNeedMore) return true;
   if (r.kind == ParseResult::Kind::kDone && r.reusable && in_.size() == 0 && !writing_ && !drained) {
     // The last read filled the buffer: anything still in the socket was not asked for.

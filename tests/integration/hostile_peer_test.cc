@@ -19,6 +19,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -428,6 +429,32 @@ void HostileHttp(RawConn& c) {
       while (c.Write("4000\r\n" + std::string(0x4000, 'c') + "\r\n")) {
       }
       return;
+    } else if (target == "/absurd-length") {
+      // The largest Content-Length there is, a few bytes of the body, then the end.
+      c.Write("HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\npartial");
+      return;
+    } else if (target == "/endless-chunk-extension") {
+      // A chunk-size line whose extension never ends.
+      c.Write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;ext=");
+      while (c.Write(std::string(16384, 'e'))) {
+      }
+      return;
+    } else if (target == "/endless-trailer") {
+      // The last chunk, then a trailer field that never ends.
+      c.Write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: ");
+      while (c.Write(std::string(16384, 't'))) {
+      }
+      return;
+    } else if (target == "/header-in-two-parts") {
+      // 1,500 bytes of complete fields, a pause (the client reads them alone), then 1,500 more
+      // and the end of the header: 3,000 bytes in all.
+      std::string fields;
+      for (int i = 0; fields.size() < 1400; ++i) fields += "X-Part-One-" + std::to_string(i) + ": 1234567890\r\n";
+      if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + fields)) return;
+      std::this_thread::sleep_for(200ms);
+      fields.clear();
+      for (int i = 0; fields.size() < 1500; ++i) fields += "X-Part-Two-" + std::to_string(i) + ": 1234567890\r\n";
+      if (!c.Write(fields + "\r\nok")) return;
     } else if (target == "/trailing-bytes") {
       // A complete response, then bytes nobody asked for: the framing of the connection is lost.
       if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")) return;
@@ -504,12 +531,52 @@ TEST(HostilePeerTest, HttpHugeContentLengthIsRejectedByTheBodyLimit) {
   EXPECT_EQ(client.Get("/ok").body, "ok");
 }
 
+// With the body limit set to "no limit", a declared length the process cannot hold must not
+// stop the connection from being read: the early end of the body is noticed at once.
+TEST(HostilePeerTest, HttpAbsurdContentLengthUnderNoBodyLimitFailsCleanly) {
+  RawServer server(HostileHttp);
+  auto options = HttpOptions();
+  options.transport.max_response_body_bytes = std::numeric_limits<size_t>::max();
+  auto client = Http::NewClient(server.uri(), options);
+  ExpectBoundedFailure([&] { client.Get("/absurd-length"); }, Errc::kConnectionClosed,
+                       "closed by the server while reading the response", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+}
+
 TEST(HostilePeerTest, HttpEndlessHeadersStopAtTheHeaderLimit) {
   RawServer server(HostileHttp);
   auto client = Http::NewClient(server.uri(), HttpOptions());
   ExpectBoundedFailure([&] { client.Get("/endless-headers"); }, Errc::kResponseTooLarge,
                        "max_response_header_bytes (65536 bytes)", 5s);
   EXPECT_EQ(client.Get("/ok").body, "ok");
+}
+
+// Beast bounds neither a chunk-size line nor the trailer section: without a bound of its own
+// the client would buffer an unterminated one until memory ran out.
+TEST(HostilePeerTest, HttpEndlessChunkSizeLineOrTrailerStopsAtTheHeaderLimit) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  for (const char* target : {"/endless-chunk-extension", "/endless-trailer"}) {
+    SCOPED_TRACE(target);
+    ExpectBoundedFailure([&] { client.Get(target); }, Errc::kResponseTooLarge,
+                         "a chunk-size line or the trailer section exceeds max_response_header_bytes (65536 bytes)",
+                         5s);
+    EXPECT_EQ(client.Get("/ok").body, "ok");
+  }
+}
+
+// Beast consumes complete header fields as they come and checks its limit against what it has
+// not consumed: a header block read in two parts must still be bounded as a whole.
+TEST(HostilePeerTest, HttpHeaderReadInTwoPartsIsBoundedAsAWhole) {
+  RawServer server(HostileHttp);
+  auto options = HttpOptions();
+  options.transport.max_response_header_bytes = 2048;  // each part fits, the two do not
+  auto client = Http::NewClient(server.uri(), options);
+  ExpectBoundedFailure([&] { client.Get("/header-in-two-parts"); }, Errc::kResponseTooLarge,
+                       "max_response_header_bytes (2048 bytes)", 5s);
+  options.transport.max_response_header_bytes = 4096;  // the whole block fits
+  auto roomy = Http::NewClient(server.uri(), options);
+  EXPECT_EQ(roomy.Get("/header-in-two-parts").body, "ok");
 }
 
 TEST(HostilePeerTest, HttpEndlessChunkedBodyStopsAtTheBodyLimit) {

@@ -7,6 +7,7 @@
 // a keep-alive connection is noticed before the connection is reused. With `tls.enabled` the
 // connection is HTTPS: TLS from the first byte (see docs/tls.md).
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -78,7 +79,10 @@ class ResponseParser final : public boost::beast::http::basic_parser<false> {
   }
   void on_header_impl(error_code&) override {}
   void on_body_init_impl(const boost::optional<std::uint64_t>& length, error_code&) override {
-    if (length) out_.body.reserve(static_cast<size_t>(*length));  // within body_limit: checked before
+    // Within body_limit (checked before), but the limit may be huge and the length is only
+    // what the server declares: reserve at most kMaxBodyReserve up front, grow past it as the
+    // body arrives.
+    if (length) out_.body.reserve(static_cast<size_t>(std::min<std::uint64_t>(*length, kMaxBodyReserve)));
   }
   size_t on_body_impl(string_view body, error_code&) override {
     out_.body.append(body.data(), body.size());
@@ -92,6 +96,7 @@ class ResponseParser final : public boost::beast::http::basic_parser<false> {
   void on_finish_impl(error_code&) override {}
 
   static constexpr size_t kExpectedFields = 8;
+  static constexpr std::uint64_t kMaxBodyReserve = 1 << 20;
   Response& out_;
 };
 
@@ -144,6 +149,10 @@ class HttpTransportSink final : public ConnectionSink {
   SinkStack* current_ = nullptr;
   bool head_ = false;  // the current request is a HEAD: its response has no body
   int interim_responses_ = 0;  // 1xx responses skipped for the current request
+  // Header bytes of the current response Beast has consumed: it parses complete fields as they
+  // come and checks its header limit against the bytes it has not consumed, so the limit it is
+  // given shrinks by these to bound the whole header block.
+  size_t header_consumed_ = 0;
 };
 
 // Provider of the HttpTransportSink. Throws like Validate(options), and kInvalidArgument
