@@ -289,6 +289,12 @@ bool ConnectionSink::ProcessReply(bool drained) {
     conn_.socket().receive(asio::buffer(&byte, 1), asio::socket_base::message_peek, ec);
     // Bytes (no error), end of stream or a reset: anything but "nothing there" retires it.
     if (ec != asio::error::would_block && ec != asio::error::try_again) r.reusable = false;
+  } else if (r.kind == ParseResult::Kind::kDone && r.reusable && in_.size() == 0 && !writing_ &&
+             conn_.tls_active() && conn_.TlsReadableNow()) {
+    // TLS: bytes after the reply in a record of their own, read from the socket with the
+    // reply's, are held by OpenSSL, where the idle watch (a wait on the socket) never sees
+    // them: the next request would read them as its reply. Anything readable retires it.
+    r.reusable = false;
   }
   Answer(std::move(r));
   return false;

@@ -224,16 +224,25 @@ void TcpConnection::AsyncWatchIdle(std::function<void(error_code)> done) {
     // With TLS, readable is not yet unusable: TLS 1.3 servers send session tickets after the
     // handshake. Let OpenSSL read what is there, without blocking; it consumes tickets.
     boost::system::error_code e;
-    socket_.non_blocking(true, e);
-    ssl_->read_some(asio::buffer(&idle_byte_, 1), e);
-    boost::system::error_code ignored;
-    socket_.non_blocking(false, ignored);
-    if (e == asio::error::would_block) {
+    if (!ReadOneNonBlocking(e)) {
       AsyncWatchIdle(std::move(done));
       return;
     }
     done(e ? e : make_error_code(Errc::kProtocolError));  // an alert, a close, or stray data
   });
+}
+
+bool TcpConnection::ReadOneNonBlocking(boost::system::error_code& e) {
+  socket_.non_blocking(true, e);
+  ssl_->read_some(asio::buffer(&idle_byte_, 1), e);
+  boost::system::error_code ignored;
+  socket_.non_blocking(false, ignored);
+  return e != asio::error::would_block;
+}
+
+bool TcpConnection::TlsReadableNow() {
+  boost::system::error_code e;
+  return tls_active_ && ssl_ && ReadOneNonBlocking(e);
 }
 
 bool TcpConnection::tls_client_certificate_missing() const noexcept {

@@ -10,6 +10,7 @@
 // for the rest.
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -284,6 +285,12 @@ class RawConn {
   }
   bool stopping() const { return stopping_; }
   size_t sent() const { return sent_; }
+  // TCP_CORK: while on, the kernel holds partial segments, so the writes made meanwhile leave
+  // together when it goes off.
+  void Cork(bool on) {
+    int v = on ? 1 : 0;
+    ::setsockopt(fd_, IPPROTO_TCP, TCP_CORK, &v, sizeof v);
+  }
 
  private:
   // TLS: waits (50 ms at a time, until the server stops) for what OpenSSL's `error` asks for;
@@ -455,6 +462,13 @@ void HostileHttp(RawConn& c) {
       fields.clear();
       for (int i = 0; fields.size() < 1500; ++i) fields += "X-Part-Two-" + std::to_string(i) + ": 1234567890\r\n";
       if (!c.Write(fields + "\r\nok")) return;
+    } else if (target == "/trailing-record") {
+      // A complete response, then stray bytes in a TLS record of their own, both in one TCP
+      // segment (corked): the client's TLS layer reads them with the response.
+      c.Cork(true);
+      c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+      c.Write("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray");
+      c.Cork(false);
     } else if (target == "/trailing-bytes") {
       // A complete response, then bytes nobody asked for: the framing of the connection is lost.
       if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")) return;
@@ -630,6 +644,27 @@ TEST(HostilePeerTest, HttpAnswerBeforeTheRequestIsWrittenCompletesOnce) {
   EXPECT_LT(Clock::now() - start, 5s);  // not the 10 s request timeout: answered while writing
   EXPECT_EQ(client.Get("/ok").body, "ok");
   EXPECT_EQ(server.accepted(), 2);
+}
+
+// Over TLS, stray bytes after a response in a TLS record of their own, read from the socket
+// together with the response's record, sit in OpenSSL where the idle watch (a wait on the
+// socket) cannot see them: the connection must be retired all the same, or the next request
+// reads them as its response.
+TEST(HostilePeerTest, HttpsBytesAfterTheResponseInTheirOwnRecordRetireTheConnection) {
+  RawServer server(HostileHttp, /*tls=*/true);
+  auto options = HttpOptions();
+  options.transport.tls.enabled = true;
+  options.transport.tls.ca_file = testing::TestCa().ca_file;
+  auto client = Http::NewClient(server.uri(), options);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 1) << "keep-alive";
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(client.Get("/trailing-record").body, "ok");
+    http::Response next = client.Get("/ok");
+    EXPECT_EQ(next.body, "ok") << "the stray bytes were read as the next response";
+  }
+  EXPECT_EQ(server.accepted(), 4) << "each connection with stray bytes was closed";
 }
 
 // The same over TLS: the reply is read while the request is still being written (it used to be

@@ -63,6 +63,11 @@ class TcpConnection {
   // never has a read in flight, so the request's own reads may start right away).
   void AsyncWatchIdle(std::function<void(error_code)> done);
   void CancelIdleWatch();
+  // TLS, with no read or write in progress: whether the stream has anything to read right now
+  // (application bytes OpenSSL already holds or the socket has, an alert, or the end of the
+  // stream), by a non-blocking read of one byte that consumes it (TLS 1.3 session tickets are
+  // consumed and ignored). False when a read would block.
+  bool TlsReadableNow();
 
   // The plain socket: socket options, cancel, close. Read and write through WithStream.
   boost::asio::ip::tcp::socket& socket() noexcept { return socket_; }
@@ -93,6 +98,9 @@ class TcpConnection {
   void ConnectTo(const boost::asio::ip::tcp::resolver::results_type& results);
   void OnTcpConnected(error_code ec);
   void StartHandshake();
+  // TLS: a non-blocking read of one byte into idle_byte_; false if it would block (`e` says
+  // what it got otherwise).
+  bool ReadOneNonBlocking(boost::system::error_code& e);
   void OnHandshake(const boost::system::error_code& ec);
   void Finish(error_code ec);
   void SendCloseNotify();
