@@ -110,7 +110,12 @@ void ApertureBalancerSink::OnNodeRemoved(BalancerNode& n) {
   if (it == slots_.end()) return;
   if (it->second.member) {
     Remove(aperture_, n);
-    if (n.down && down_expansions_ > 0) {
+    if (n.down && unpaid_expansions_ > 0) {
+      // A down member whose expansion is still owed: that expansion is no longer owed, and the
+      // member is replaced like any other.
+      --unpaid_expansions_;
+      ++owed_replacements_;
+    } else if (n.down && down_expansions_ > 0) {
       // A member that went down already got its replacement (the expansion): none is owed,
       // and that expansion is no longer one to give back when it recovers.
       --down_expansions_;
@@ -128,6 +133,13 @@ std::vector<BalancerNode*> ApertureBalancerSink::NodesToOpen(std::vector<Balance
   // aperture is filled up to min_size.
   for (; owed_replacements_ > 0 && !outside_.empty(); --owed_replacements_) Expand(true);
   owed_replacements_ = 0;
+  // Members that went down while no node was outside get their expansion from the joiners:
+  // otherwise a lone down member would keep every request while a healthy node waits outside.
+  for (; unpaid_expansions_ > 0 && !outside_.empty(); --unpaid_expansions_) {
+    Expand(true);
+    expansions_.Increment();
+    ++down_expansions_;
+  }
   TopUp();
   in_update_ = false;
   std::vector<BalancerNode*> result = std::move(to_open_);
@@ -165,8 +177,12 @@ BalancerNode* ApertureBalancerSink::Expand(bool open) {
 
 void ApertureBalancerSink::Contract(BalancerNode& n) {
   Remove(aperture_, n);
-  // A down member leaving the aperture takes the expansion it caused with it.
-  if (n.down && down_expansions_ > 0) --down_expansions_;
+  // A down member leaving the aperture takes the expansion it caused (or was owed) with it.
+  if (n.down && unpaid_expansions_ > 0) {
+    --unpaid_expansions_;
+  } else if (n.down && down_expansions_ > 0) {
+    --down_expansions_;
+  }
   slots_[&n] = Slot{false, outside_.size()};
   outside_.push_back(&n);
   n.down = false;
@@ -186,14 +202,22 @@ bool ApertureBalancerSink::CheckHealth(BalancerNode& n) {
   bool healthy = Healthy(n);
   if (!healthy && !n.down) {
     n.down = true;
-    // A member went down: widen the aperture by one (the down node stays a member).
+    // A member went down: widen the aperture by one (the down node stays a member), or, with
+    // no node outside, as soon as one joins (NodesToOpen).
     if (Expand(true) != nullptr) {
       expansions_.Increment();
       ++down_expansions_;
+    } else {
+      ++unpaid_expansions_;
     }
     ArmTick();
   } else if (healthy && n.down) {
     n.down = false;
+    if (unpaid_expansions_ > 0) {
+      // The expansions made still cover the members still down: nothing to give back.
+      --unpaid_expansions_;
+      return healthy;
+    }
     // Recovered: the slot its going down added is given back on the next tick (GiveBack; not
     // here, inside a pick). Otherwise a member that keeps going down and up (failure
     // accrual's probes, the resurrector's reconnects) would widen the aperture by one each

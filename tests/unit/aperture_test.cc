@@ -473,6 +473,63 @@ TEST_F(ApertureTest, ADownMemberLeavingTheSetIsNotReplacedTwice) {
   h_.ReplyAll();
 }
 
+// The only member goes down with no node outside to widen the aperture with; a healthy node
+// then joins. It must become a member at once: it used to wait outside while every request
+// went to the down member (failing fast) until a rotation, or for good without one.
+TEST_F(ApertureTest, ANodeJoiningWhileTheOnlyMemberIsDownJoinsTheAperture) {
+  h_.Build(Range(1), NoRotation());
+  h_.Open();
+  const Endpoint dead = Ep(0);
+  h_.Node(dead).set_status(SinkStatus::kClosed);
+  size_t first = h_.Start();
+  h_.env.Run();
+  EXPECT_EQ(h_.balancer->aperture_size(), 1u);  // nothing to widen with
+  EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_expansions"), 0);
+  h_.set->Update(Range(2));  // a replacement joins; the dead one is still listed
+  h_.env.Run();
+  EXPECT_EQ(h_.Members(), (std::set<Endpoint>{dead, Ep(1)}));
+  EXPECT_TRUE(h_.Node(Ep(1)).opened());
+  EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_expansions"), 1);
+  std::vector<size_t> later;
+  for (int i = 0; i < 5; ++i) later.push_back(h_.Start());
+  h_.env.Run();
+  EXPECT_EQ(h_.Node(Ep(1)).in_flight(), 5u) << "the healthy member takes the requests";
+  h_.ReplyAll();
+  for (size_t c : later) EXPECT_FALSE(h_.calls[c].error) << h_.calls[c].error.message();
+  (void)first;
+  // The dead member recovers: the slot its going down added is given back when idle.
+  h_.Node(dead).set_status(std::nullopt);
+  h_.env.Advance(seconds(2));
+  EXPECT_EQ(h_.balancer->aperture_size(), 1u);
+}
+
+// Every member down, none outside; fresh nodes join (servers restarted under new addresses
+// while the old ones are still listed): one joins per down member, and the requests go to them.
+// A down member that leaves afterwards is replaced like any other, not counted as covered.
+TEST_F(ApertureTest, NodesJoiningWhileEveryMemberIsDownReplaceTheDownOnes) {
+  h_.Build(Range(2), NoRotation(/*min_size=*/2));
+  h_.Open();
+  ASSERT_EQ(h_.balancer->aperture_size(), 2u);
+  for (int i = 0; i < 2; ++i) h_.Node(Ep(i)).set_status(SinkStatus::kClosed);
+  h_.Start();
+  h_.env.Run();
+  h_.set->Update(Range(5));  // three new nodes
+  h_.env.Run();
+  EXPECT_EQ(h_.balancer->aperture_size(), 4u) << "the two down members and one joiner for each";
+  const size_t before = h_.Node(Ep(0)).total_requests() + h_.Node(Ep(1)).total_requests();
+  for (int i = 0; i < 6; ++i) h_.Start();
+  h_.env.Run();
+  EXPECT_EQ(h_.Node(Ep(0)).total_requests() + h_.Node(Ep(1)).total_requests(), before)
+      << "no request to a down member while healthy ones are there";
+  // The down members leave the set: the healthy joiners stay, and min_size is kept.
+  ServerSet::Members fresh{Ep(2), Ep(3), Ep(4)};
+  h_.set->Update(fresh);
+  h_.env.Run();
+  EXPECT_GE(h_.balancer->aperture_size(), 2u);
+  for (const Endpoint& ep : h_.Members()) EXPECT_NE(ep, Ep(0));
+  h_.ReplyAll();
+}
+
 TEST_F(ApertureTest, EveryNodeDownUsesAMemberAnyway) {
   h_.Build(Range(2), NoRotation());
   h_.Open();

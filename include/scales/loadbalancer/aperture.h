@@ -159,6 +159,9 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   bool in_update_ = false;
   size_t owed_replacements_ = 0;  // members that left during the update in progress
   size_t down_expansions_ = 0;    // expansions for members that went down, not given back yet
+  // Members that went down when no node was outside to widen the aperture with: the expansion
+  // is made when a node joins. Down members = down_expansions_ + unpaid_expansions_.
+  size_t unpaid_expansions_ = 0;
   size_t owed_give_backs_ = 0;    // of those, the ones whose member recovered (GiveBack)
   bool closed_ = false;
   int64_t total_load_ = 0;
