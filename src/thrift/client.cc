@@ -213,7 +213,7 @@ ThriftCall::ThriftCall() {
 
 void ThriftCall::Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) {
   DisconnectCancellation();
-  auto work = std::move(work_);  // released once the handler is on its way (Deliver)
+  // Deliver hands work_ to CompleteOn, which releases it once the handler is on its way.
   std::string detail;
   if (msg.error) detail = info->detail.empty() ? msg.error.message() : info->detail;
   Deliver(msg.error, detail, fallback, in_initiation);

@@ -401,6 +401,47 @@ TEST(ThriftClientTest, HandlerBoundToAnIoContextKeepsItRunning) {
   client.Close();
 }
 
+// The same for a call that fails inside its own initiation on the client's loop (here one with
+// a negative timeout, started from another call's handler): its handler is posted to the loop
+// first, and the work on the handler's io_context must last until the handler reached it. It
+// used to be released before, so that io_context ran out of work and run() returned without
+// the handler ever running.
+TEST(ThriftClientTest, HandlerBoundToAnIoContextRunsWhenTheCallFailsInItsInitiation) {
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  boost::asio::io_context ioc;  // outlives the client: a loop thread may still be in the post
+  thrift::ThriftOptions o = Options(Framing::kFramed, Protocol::kBinary, MakeRuntime(1));
+  o.client.timeout = 5s;
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), o);
+  // Keeps ioc's run() from returning before the second call was made; dropped right after it.
+  auto guard = std::make_shared<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>>(
+      ioc.get_executor());
+  std::atomic<int> bound_ran{0};
+  error_code bound_code;
+  CallOptions invalid;
+  invalid.timeout = -1ms;
+  client.Async(&DerivedClient::send_base_echo, &DerivedClient::recv_base_echo, std::string("first"),
+               [&, guard](std::exception_ptr, std::string) {
+                 // On the client's loop (no executor of its own): this call fails at once.
+                 client.WithOptions(invalid).Async(
+                     &DerivedClient::send_base_echo, &DerivedClient::recv_base_echo, std::string("second"),
+                     boost::asio::bind_executor(ioc, [&](std::exception_ptr e, std::string) {
+                       try {
+                         if (e) std::rethrow_exception(e);
+                       } catch (const Error& err) {
+                         bound_code = err.scales_code();
+                       } catch (...) {
+                       }
+                       ++bound_ran;
+                     }));
+                 guard->reset();
+               });
+  ioc.run();  // returns once nothing is left for it: the bound handler included
+  EXPECT_EQ(bound_ran, 1) << "run() returned before the handler reached its io_context";
+  EXPECT_EQ(bound_code, Errc::kInvalidArgument) << bound_code.message();
+  client.Close();
+}
+
 TEST(ThriftClientTest, CallStylesAndBlockingOnTheLoopFailsFast) {
   InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
                          ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);

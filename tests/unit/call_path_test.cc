@@ -99,12 +99,32 @@ TEST(CompleteOnTest, RunsInPlaceOnTheLoopAndPostsWhenDeferred) {
   boost::asio::io_context ioc;
   const boost::asio::any_io_executor loop = ioc.get_executor();
   std::vector<int> ran;
-  internal::CompleteOn([&](int v) { ran.push_back(v); }, loop, /*defer=*/false, 1);
+  internal::CompleteOn([&](int v) { ran.push_back(v); }, loop, /*defer=*/false, {}, 1);
   EXPECT_EQ(ran, std::vector<int>{1});  // in place: no trip through the queue
-  internal::CompleteOn([&](int v) { ran.push_back(v); }, loop, /*defer=*/true, 2);
+  internal::CompleteOn([&](int v) { ran.push_back(v); }, loop, /*defer=*/true, {}, 2);
   EXPECT_EQ(ran, std::vector<int>{1});  // never inside the initiating function
   ioc.run();
   EXPECT_EQ(ran, (std::vector<int>{1, 2}));
+}
+
+// A deferred completion goes through the call's loop before its handler's executor: the work
+// tracked on that executor lasts until the handler is queued there, or an io_context that runs
+// only the handler would run out of work (and return from run()) in between.
+TEST(CompleteOnTest, DeferredCompletionKeepsTheWorkUntilTheHandlerReachesItsExecutor) {
+  boost::asio::io_context ioc;
+  boost::asio::io_context other;
+  const boost::asio::any_io_executor loop = ioc.get_executor();
+  internal::TrackedWork work(boost::asio::prefer(boost::asio::any_completion_executor(other.get_executor()),
+                                                 boost::asio::execution::outstanding_work.tracked));
+  int ran = 0;
+  internal::CompleteOn(boost::asio::bind_executor(other, [&](int v) { ran = v; }), loop, /*defer=*/true,
+                       std::move(work), 4);
+  other.poll();
+  EXPECT_FALSE(other.stopped()) << "the work was released before the handler reached its executor";
+  ioc.run();  // the loop hands the handler to `other`
+  other.restart();
+  other.run();  // runs it, then has no work left and returns
+  EXPECT_EQ(ran, 4);
 }
 
 TEST(CompleteOnTest, AHandlerWithItsOwnExecutorRunsThere) {
@@ -112,7 +132,7 @@ TEST(CompleteOnTest, AHandlerWithItsOwnExecutorRunsThere) {
   boost::asio::io_context other;
   const boost::asio::any_io_executor loop = ioc.get_executor();
   int ran = 0;
-  internal::CompleteOn(boost::asio::bind_executor(other, [&](int v) { ran = v; }), loop, false, 3);
+  internal::CompleteOn(boost::asio::bind_executor(other, [&](int v) { ran = v; }), loop, false, {}, 3);
   EXPECT_EQ(ran, 0);  // dispatched to `other`, which this thread does not run
   ioc.run();
   EXPECT_EQ(ran, 0);
@@ -121,7 +141,7 @@ TEST(CompleteOnTest, AHandlerWithItsOwnExecutorRunsThere) {
   // A strand on the loop is not the loop: it keeps its ordering guarantee.
   auto strand = boost::asio::make_strand(ioc);
   ioc.restart();
-  internal::CompleteOn(boost::asio::bind_executor(strand, [&](int v) { ran = v; }), loop, false, 4);
+  internal::CompleteOn(boost::asio::bind_executor(strand, [&](int v) { ran = v; }), loop, false, {}, 4);
   EXPECT_EQ(ran, 3);  // not in place: this thread is not in the strand
   ioc.run();
   EXPECT_EQ(ran, 4);
@@ -139,10 +159,10 @@ TEST(CompleteOnTest, AThrowingHandlerIsReportedAndDropped) {
     ran += v;
     throw std::runtime_error("handler " + std::to_string(v) + " failed");
   };
-  EXPECT_NO_THROW(internal::CompleteOn(thrower, loop, /*defer=*/false, 1));
-  internal::CompleteOn(thrower, loop, /*defer=*/true, 2);
+  EXPECT_NO_THROW(internal::CompleteOn(thrower, loop, /*defer=*/false, {}, 1));
+  internal::CompleteOn(thrower, loop, /*defer=*/true, {}, 2);
   auto strand = boost::asio::make_strand(ioc);
-  internal::CompleteOn(boost::asio::bind_executor(strand, thrower), loop, /*defer=*/false, 4);
+  internal::CompleteOn(boost::asio::bind_executor(strand, thrower), loop, /*defer=*/false, {}, 4);
   EXPECT_NO_THROW(ioc.run());
   EXPECT_EQ(ran, 7);
   for (const char* which : {"handler 1 failed", "handler 2 failed", "handler 4 failed"}) {

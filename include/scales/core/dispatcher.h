@@ -100,14 +100,20 @@ void InvokeHandler(Handler& h, Args&&... args) noexcept {
   }
 }
 
+// The outstanding work a call holds on its handler's executor (CallBase::TrackWork).
+using TrackedWork = std::optional<boost::asio::any_completion_executor>;
+
 // Runs `h(args...)` on its associated executor (else `fallback`, the call's event loop, whose
 // thread calls this); posted to `fallback` first when `defer` (never inside an initiating
 // function). A handler without an executor of its own runs in place: that is what dispatching
 // to the loop from the loop's own thread does, without type-erasing the handler into an Asio
 // function object (an allocation and two indirect calls per call). Exceptions from the handler
-// are reported and dropped (InvokeHandler).
+// are reported and dropped (InvokeHandler). `work` is released only once the handler was handed
+// to its executor: when deferred, after the post, or that executor's io_context could run out
+// of work and return from run() before the handler reached it.
 template <class Handler, class... Args>
-void CompleteOn(Handler h, const boost::asio::any_io_executor& fallback, bool defer, Args... args) {
+void CompleteOn(Handler h, const boost::asio::any_io_executor& fallback, bool defer, TrackedWork work,
+                Args... args) {
   if (!defer) {
     auto ex = boost::asio::get_associated_executor(h, fallback);
     if (IsLoopExecutor(ex, fallback.template target<boost::asio::io_context::executor_type>())) {
@@ -117,13 +123,15 @@ void CompleteOn(Handler h, const boost::asio::any_io_executor& fallback, bool de
     boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
       InvokeHandler(h, std::move(args)...);
     });
-    return;
+    return;  // `work` goes now: the handler is queued on (or ran in) its executor
   }
-  boost::asio::post(fallback, [h = std::move(h), fallback, ... args = std::move(args)]() mutable {
+  boost::asio::post(fallback, [h = std::move(h), fallback, work = std::move(work),
+                               ... args = std::move(args)]() mutable {
     auto ex = boost::asio::get_associated_executor(h, fallback);
     boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
       InvokeHandler(h, std::move(args)...);
     });
+    work.reset();
   });
 }
 
@@ -188,8 +196,8 @@ class CallBase {
   // outstanding work until the operation completes, so an io_context that runs only the
   // handler (`bind_executor(ioc, h)`, a coroutine's) does not run out of work and return
   // before the reply came. Nothing is tracked for a handler without an executor of its own
-  // (it runs on the call's loop). Complete() moves the work out and releases it once the
-  // handler was handed to its executor.
+  // (it runs on the call's loop). Complete() hands the work to CompleteOn, which releases it
+  // once the handler was handed to its executor.
   template <class Handler>
   void TrackWork(Handler& handler) {
     using Ex = boost::asio::associated_executor_t<Handler, boost::asio::system_executor>;
@@ -200,7 +208,7 @@ class CallBase {
       work_.emplace(boost::asio::prefer(ex, boost::asio::execution::outstanding_work.tracked));
     }
   }
-  std::optional<boost::asio::any_completion_executor> work_;
+  internal::TrackedWork work_;
 
   template <class Handler>
   void ConnectCancellation(Handler& handler) {
@@ -243,13 +251,13 @@ class TypedCall : public CallBase {
 
   void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) override {
     DisconnectCancellation();
-    auto work = std::move(work_);  // released once the handler is on its way
+    internal::TrackedWork work = std::move(work_);  // released once the handler is on its way
     Handler h = std::move(handler_);
     error_code ec = msg.error;
     Reply r = ec ? Reply{} : std::move(reply);
     const bool defer = in_initiation;
     delete this;
-    internal::CompleteOn(std::move(h), fallback, defer, ec, std::move(r));
+    internal::CompleteOn(std::move(h), fallback, defer, std::move(work), ec, std::move(r));
   }
 
  private:

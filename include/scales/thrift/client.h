@@ -134,7 +134,8 @@ class ThriftCall : public CallBase {
   // happened, naming the client, endpoint and step); on success the reply message is in
   // `reply.data` (empty for oneway calls), which the subclass may decode in place or take.
   // `defer`: the call is still inside its initiating function, so the user's handler must be
-  // posted, not run inline. The call is destroyed right after.
+  // posted, not run inline. Pass work_ (the work tracked on the handler's executor) to
+  // CompleteOn with the handler. The call is destroyed right after.
   virtual void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor& fallback,
                        bool defer) = 0;
   // The reply's body did not decode (`e`: Apache's TProtocolException or TTransportException,
@@ -474,9 +475,9 @@ class DecodingCall final : public ThriftCall {
     }
     // Straight to CompleteOn: each wrapper level would move the handler and the value once more.
     if constexpr (std::is_void_v<Result>) {
-      scales::internal::CompleteOn(std::move(handler_), fallback, defer, ep);
+      scales::internal::CompleteOn(std::move(handler_), fallback, defer, std::move(work_), ep);
     } else {
-      scales::internal::CompleteOn(std::move(handler_), fallback, defer, ep, std::move(value));
+      scales::internal::CompleteOn(std::move(handler_), fallback, defer, std::move(work_), ep, std::move(value));
     }
   }
 
@@ -500,7 +501,7 @@ class OnewayCall final : public ThriftCall {
                bool defer) override {
     std::exception_ptr ep;
     if (error) ep = std::make_exception_ptr(Error(error, std::move(detail)));
-    scales::internal::CompleteOn(std::move(handler_), fallback, defer, ep);
+    scales::internal::CompleteOn(std::move(handler_), fallback, defer, std::move(work_), ep);
   }
 
  private:
