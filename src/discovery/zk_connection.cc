@@ -135,8 +135,10 @@ void ZkConnection::NewSession() {
     zookeeper_close(sessions_list_.back()->handle);
     sessions_list_.back()->handle = nullptr;
   }
-  // Old Session objects may still be named by watchers that never fired; they are tiny, and
-  // a session is only replaced after an expiry, so keeping them until Stop() costs little.
+  // zookeeper_close() ran the closed handle's last completions (ZCLOSING) and joined its
+  // threads: no watcher or completion names an old Session any more. (Keeping them leaked one
+  // per retry while no handle could be made.)
+  sessions_list_.clear();
   uint64_t generation = generation_.load() + 1;
   generation_.store(generation);
   auto session = std::make_unique<Session>();
@@ -147,15 +149,20 @@ void ZkConnection::NewSession() {
                                   static_cast<int>(options_.session_timeout.count()), nullptr,
                                   session.get(), 0, &LogSink);
   if (!zh) {
-    SetLastError(fmt::format("cannot create a ZooKeeper handle for '{}': {}", connect_string_,
-                             std::strerror(errno)));
+    // The C client reports a host it cannot resolve as ENOENT and a connect string it cannot
+    // parse as EINVAL.
+    const int err = errno;
+    const char* why = err == ENOENT   ? "a host could not be resolved"
+                      : err == EINVAL ? "the host list is not valid"
+                                      : "";
+    SetLastError(fmt::format("cannot create a ZooKeeper handle for '{}': {}{}{}", connect_string_, why,
+                             *why ? " - " : "", std::strerror(err)));
     SetStatus(fmt::format("not connected: {}, retrying", last_error()));
     retry_timer_.expires_after(options_.retry_interval);
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       if (!ec) NewSession();
     });
-    sessions_list_.push_back(std::move(session));
-    return;
+    return;  // nothing refers to `session`: it goes now
   }
   session->handle = zh;
   if (!options_.auth.empty()) {
@@ -199,6 +206,7 @@ void ZkConnection::NodeWatcher(zhandle_t*, int type, int, const char* path, void
 }
 
 void ZkConnection::OnSessionEvent(uint64_t generation, int state) {
+  if (sessions_list_.empty()) return;  // not reached: events come only from a live handle
   Session* session = sessions_list_.back().get();
   if (state == ZOO_CONNECTED_STATE) {
     bool new_session = !session->ever_connected;
@@ -293,7 +301,7 @@ std::optional<std::pair<int64_t, std::string>> ZkConnection::session() const {
 void ZkConnection::GetChildren(const std::string& path, bool watch,
                                std::function<void(int, std::vector<std::string>)> done) {
   Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), std::move(done), {}, {}};
+  auto* op = new Op{this, generation_.load(), std::move(done), {}, {}, {}};
   int rc = s && s->handle
                ? zoo_awget_children2(
                      s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
@@ -321,7 +329,7 @@ void ZkConnection::GetChildren(const std::string& path, bool watch,
 void ZkConnection::Get(const std::string& path, bool watch,
                        std::function<void(int, std::string)> done) {
   Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}};
+  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}, {}};
   int rc = s && s->handle
                ? zoo_awget(
                      s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
@@ -345,7 +353,7 @@ void ZkConnection::Get(const std::string& path, bool watch,
 
 void ZkConnection::Exists(const std::string& path, bool watch, std::function<void(int)> done) {
   Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done)};
+  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done), {}};
   int rc = s && s->handle
                ? zoo_awexists(
                      s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
@@ -388,7 +396,7 @@ void ZkConnection::EphemeralOwner(const std::string& path, std::function<void(in
 void ZkConnection::Create(const std::string& path, const std::string& data, int flags,
                           std::function<void(int, std::string)> done) {
   Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}};
+  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}, {}};
   int rc = s && s->handle
                ? zoo_acreate(
                      s->handle, path.c_str(), data.data(), static_cast<int>(data.size()),
@@ -413,7 +421,7 @@ void ZkConnection::Create(const std::string& path, const std::string& data, int 
 
 void ZkConnection::Delete(const std::string& path, std::function<void(int)> done) {
   Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done)};
+  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done), {}};
   int rc = s && s->handle ? zoo_adelete(
                                 s->handle, path.c_str(), -1,
                                 [](int rc, const void* data) {

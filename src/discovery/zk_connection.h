@@ -75,6 +75,8 @@ class ZkConnection {
   uint64_t sessions() const { return sessions_.load(); }
   uint64_t expirations() const { return expirations_.load(); }
   uint64_t connection_losses() const { return connection_losses_.load(); }
+  // Session records held (the current one, if it has a handle). Loop thread, or after Stop().
+  size_t sessions_held() const { return sessions_list_.size(); }
   // Whether a C client log line (which names servers as "host:port") concerns this
   // connection.
   bool Mentions(std::string_view log_line) const;

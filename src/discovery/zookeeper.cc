@@ -105,7 +105,10 @@ std::string ZooKeeperOptions::ConnectString(const ParsedUri& uri) const {
   std::string out;
   for (size_t i = 0; i < uri.hosts.size(); ++i) {
     if (i) out += ',';
-    out += uri.hosts[i].ToString();
+    // The C client splits host and port at the last ':' and resolves the host as written:
+    // an IPv6 literal goes in without its URI brackets ("::1:2181"), which getaddrinfo would
+    // not take.
+    out += fmt::format("{}:{}", uri.hosts[i].host, uri.hosts[i].port);
   }
   return out + chroot;
 }

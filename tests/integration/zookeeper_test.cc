@@ -28,6 +28,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include "discovery/zk_connection.h"
 #include "scales/core/error.h"
 #include "scales/core/log.h"
 #include "scales/discovery/zookeeper.h"
@@ -847,6 +848,22 @@ TEST_F(ZooKeeperTest, AnnouncerRetriesACreateTheEnsembleRefused) {
   ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.9", 9009}}))) << Show(rec.last());
 }
 
+// An IPv6 literal in a zk:// URI (here the IPv4-mapped form of 127.0.0.1, so the connection
+// still goes to the loopback server): libzookeeper needs it without the URI's brackets, or it
+// cannot resolve the host and never connects.
+TEST_F(ZooKeeperTest, AnIpv6LiteralHostConnects) {
+  Kazoo(CreateMember("/v6", "127.0.0.1", 1001));
+  auto set = MakeSet("zk://[::ffff:127.0.0.1]:" + std::to_string(zk_->port()) + "/v6");
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << set->Describe();
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.9", 9009};
+  Announcer announcer(ScalesUriParser::Parse("zk://[::ffff:127.0.0.1]:" + std::to_string(zk_->port()) + "/v6"),
+                      instance);
+  ASSERT_TRUE(announcer.WaitAnnounced(10s)) << announcer.Describe();
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.9", 9009}}))) << Show(rec.last());
+}
+
 TEST_F(ZooKeeperTest, ChrootResolvesThePathBelowIt) {
   Kazoo(CreateMember("/prod/svc", "127.0.0.1", 1001) + "\n" +
         CreateMember("/svc", "127.0.0.2", 1002));
@@ -887,6 +904,22 @@ TEST_F(ZooKeeperTest, ServerSetCommandPrintsAndWatches) {
   server->Stop();  // SIGTERM: the announcer removes the member on the way out
   EXPECT_EQ(watch.ReadLine(20s), "- " + endpoint);
   EXPECT_EQ(watch.ReadLine(5s), "# 2 members");
+}
+
+// While libzookeeper cannot make a handle (here a host list it cannot parse), the connection
+// retries every retry_interval. Each attempt used to leave a session record behind until
+// Stop(): a slow leak for a misconfigured process.
+TEST(ZooKeeperDownTest, AHandleThatCannotBeMadeIsRetriedWithoutKeepingRecords) {
+  ZooKeeperOptions options;
+  options.retry_interval = 5ms;
+  zk_internal::ZkConnection connection("127.0.0.1:", options);  // no port: no handle
+  connection.Start({});
+  ASSERT_TRUE(WaitFor([&] { return connection.StatusText().find("cannot create a ZooKeeper handle") != std::string::npos; }))
+      << connection.StatusText();
+  EXPECT_NE(connection.last_error().find("the host list is not valid"), std::string::npos) << connection.last_error();
+  std::this_thread::sleep_for(300ms);  // some 60 attempts
+  connection.Stop();
+  EXPECT_EQ(connection.sessions_held(), 0u);
 }
 
 TEST(ZooKeeperDownTest, ServerSetCommandExplainsATimeout) {

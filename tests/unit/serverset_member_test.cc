@@ -141,7 +141,10 @@ TEST(ZooKeeperOptionsTest, FromUriQuery) {
   defaults.session_timeout = milliseconds(1234);
   ZooKeeperOptions d = ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc"), defaults);
   EXPECT_EQ(d.session_timeout, milliseconds(1234));
-  EXPECT_EQ(d.ConnectString(ScalesUriParser::Parse("zk://[::1]:1/svc")), "[::1]:1");
+  // IPv6 literals as libzookeeper reads them: no brackets, the port after the last ':'.
+  EXPECT_EQ(d.ConnectString(ScalesUriParser::Parse("zk://[::1]:1/svc")), "::1:1");
+  EXPECT_EQ(d.ConnectString(ScalesUriParser::Parse("zk://[::ffff:127.0.0.1]:2181,b:2/svc")),
+            "::ffff:127.0.0.1:2181,b:2");
 }
 
 TEST(ZooKeeperOptionsTest, BadQueryIsABadUri) {
