@@ -669,18 +669,38 @@ class Announcer::Impl {
     size_t slash = path_.find('/', from);
     std::string prefix = slash == std::string::npos ? path_ : path_.substr(0, slash);
     creating_ = true;
-    connection_.Create(prefix, "", 0, [this, slash](int rc, std::string) {
-      creating_ = false;
-      if (rc != ZOK && rc != ZNODEEXISTS) {
+    connection_.Create(prefix, "", 0, [this, slash, prefix](int rc, std::string) {
+      if (rc == ZOK || rc == ZNODEEXISTS) {
+        creating_ = false;
+        NextParent(slash);
+        return;
+      }
+      if (ConnectionError(rc)) {
+        creating_ = false;
         CreateFailed(fmt::format("create parents of {}: {}", path_, ZkErrorText(rc)), rc);
         return;
       }
-      if (slash == std::string::npos) {
-        CreateMember();
-      } else {
-        CreateParents(slash + 1);
-      }
+      // The server checks the permission to create in the parent before whether the node
+      // exists: an ancestor that exists under a parent we may not create in answers ZNOAUTH
+      // (kazoo's ensure_path and Curator's mkdirs check existence for the same reason).
+      connection_.Exists(prefix, false, [this, slash, rc](int exists_rc) {
+        creating_ = false;
+        if (exists_rc == ZOK) {
+          NextParent(slash);
+          return;
+        }
+        CreateFailed(fmt::format("create parents of {}: {}", path_, ZkErrorText(rc)), rc);
+      });
     });
+  }
+
+  // After the ancestor ending before `slash` exists: the next one, or the member.
+  void NextParent(size_t slash) {
+    if (slash == std::string::npos) {
+      CreateMember();
+    } else {
+      CreateParents(slash + 1);
+    }
   }
 
   const std::string description_;

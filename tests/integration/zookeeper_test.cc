@@ -864,6 +864,31 @@ TEST_F(ZooKeeperTest, AnIpv6LiteralHostConnects) {
   ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.9", 9009}}))) << Show(rec.last());
 }
 
+// The announcer's path exists in part under an ancestor that forbids creating children (a
+// shared root): creating that existing part answers "not authenticated" rather than "exists",
+// because the server checks the parent's permission first. The announcer must go on below it
+// (it used to retry that create for ever and never announce).
+TEST_F(ZooKeeperTest, AnnouncerCreatesItsPathBelowAnAncestorItMayNotCreateIn) {
+  Kazoo("from kazoo.security import make_acl, OPEN_ACL_UNSAFE\n"
+        "zk.create('/shared', b'')\n"
+        "zk.create('/shared/services', b'', acl=OPEN_ACL_UNSAFE)\n"
+        "zk.set_acls('/shared', [make_acl('world', 'anyone', read=True, write=True, delete=True, admin=True)])");
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.9", 9009};
+  Announcer announcer(ScalesUriParser::Parse(zk_->Uri("/shared/services/users?retry_interval=200ms")), instance);
+  ASSERT_TRUE(announcer.WaitAnnounced(10s)) << announcer.Describe();
+  EXPECT_EQ(announcer.node_path().rfind("/shared/services/users/member_", 0), 0u) << announcer.node_path();
+  auto set = MakeSet(zk_->Uri("/shared/services/users"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.9", 9009}}))) << Show(rec.last());
+  // A missing ancestor under a parent that forbids it is still a clear failure.
+  Announcer refused(ScalesUriParser::Parse(zk_->Uri("/shared/other/users?retry_interval=200ms")), instance);
+  ASSERT_TRUE(WaitFor([&] { return refused.Describe().find("not authenticated") != std::string::npos; }))
+      << refused.Describe();
+  EXPECT_NE(refused.Describe().find("create parents of /shared/other/users: not authenticated"), std::string::npos)
+      << refused.Describe();
+}
+
 TEST_F(ZooKeeperTest, ChrootResolvesThePathBelowIt) {
   Kazoo(CreateMember("/prod/svc", "127.0.0.1", 1001) + "\n" +
         CreateMember("/svc", "127.0.0.2", 1002));
