@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <boost/asio/ip/address_v4.hpp>
 #include <boost/asio/post.hpp>
 #include <fmt/format.h>
 
@@ -76,7 +77,9 @@ ZkConnection::ZkConnection(std::string connect_string, ZooKeeperOptions options)
     std::string host = hosts.substr(start, comma == std::string::npos ? std::string::npos
                                                                        : comma - start);
     if (auto colon = host.rfind(':'); colon != std::string::npos) {
-      ports_.push_back(host.substr(colon));
+      boost::system::error_code ec;
+      boost::asio::ip::make_address_v4(host.substr(0, colon), ec);
+      markers_.push_back(ec ? host.substr(colon) : host);
     }
     if (comma == std::string::npos) break;
     start = comma + 1;
@@ -86,12 +89,16 @@ ZkConnection::ZkConnection(std::string connect_string, ZooKeeperOptions options)
 ZkConnection::~ZkConnection() { Stop(); }
 
 bool ZkConnection::Mentions(std::string_view line) const {
-  // Lines name servers as "127.0.0.1:2181" or "[127.0.0.1:2181]": match ":port" not followed
-  // by another digit.
-  for (const std::string& p : ports_) {
-    for (size_t at = line.find(p); at != std::string_view::npos; at = line.find(p, at + 1)) {
-      size_t end = at + p.size();
-      if (end == line.size() || !std::isdigit(static_cast<unsigned char>(line[end]))) return true;
+  // Lines name servers as "127.0.0.1:2181" or "[127.0.0.1:2181]": match the marker as a whole
+  // (not inside "127.0.0.11:2181" or ":21810"). Two ensembles on the same port are told apart
+  // when their hosts are IPv4 literals; by port only otherwise.
+  auto part_of_address = [](char c) { return std::isdigit(static_cast<unsigned char>(c)) || c == '.'; };
+  for (const std::string& m : markers_) {
+    for (size_t at = line.find(m); at != std::string_view::npos; at = line.find(m, at + 1)) {
+      const size_t end = at + m.size();
+      const bool starts = m.front() == ':' || at == 0 || !part_of_address(line[at - 1]);
+      const bool ends = end == line.size() || !std::isdigit(static_cast<unsigned char>(line[end]));
+      if (starts && ends) return true;
     }
   }
   return false;

@@ -100,7 +100,9 @@ class ZkConnection {
 
   const std::string connect_string_;
   const ZooKeeperOptions options_;
-  std::vector<std::string> ports_;  // ":2181" markers for Mentions()
+  // What Mentions() looks for in a log line: "10.0.0.1:2181" for an IPv4 literal host; ":2181"
+  // for a host name or an IPv6 literal (the line names the address it resolved to).
+  std::vector<std::string> markers_;
   Handlers handlers_;
 
   boost::asio::io_context ioc_{1};

@@ -1,6 +1,7 @@
 // Serverset member JSON parsing, endpoint selection and zk:// options: no sockets.
 #include <gtest/gtest.h>
 
+#include "discovery/zk_connection.h"
 #include "scales/core/error.h"
 #include "scales/discovery/serverset_member.h"
 #include "scales/discovery/uri.h"
@@ -145,6 +146,26 @@ TEST(ZooKeeperOptionsTest, FromUriQuery) {
   EXPECT_EQ(d.ConnectString(ScalesUriParser::Parse("zk://[::1]:1/svc")), "::1:1");
   EXPECT_EQ(d.ConnectString(ScalesUriParser::Parse("zk://[::ffff:127.0.0.1]:2181,b:2/svc")),
             "::ffff:127.0.0.1:2181,b:2");
+}
+
+// The C client's error lines (one log callback for every handle) go to the connections they
+// name. Two ensembles on the same port used to take each other's errors.
+TEST(ZooKeeperLogTest, ALogLineGoesToTheConnectionItNames) {
+  const std::string refused =
+      "2026-12-05 01:00:00,000:7(0x7f00):ZOO_ERROR@handle_socket_error_msg@1290: Socket [10.0.0.2:2181] zk "
+      "retcode=-4, errno=111(Connection refused): server refused to accept the client";
+  zk_internal::ZkConnection a("10.0.0.1:2181,10.0.0.3:2182/chroot", {});
+  zk_internal::ZkConnection b("10.0.0.2:2181", {});
+  zk_internal::ZkConnection named("zk.example:2181", {});
+  zk_internal::ZkConnection other_port("zk.example:2182", {});
+  zk_internal::ZkConnection longer("10.0.0.22:2181", {});
+  EXPECT_FALSE(a.Mentions(refused));
+  EXPECT_TRUE(b.Mentions(refused));
+  EXPECT_TRUE(named.Mentions(refused)) << "a host name: the line has its address, so by port";
+  EXPECT_FALSE(other_port.Mentions(refused));
+  EXPECT_FALSE(longer.Mentions(refused));
+  EXPECT_FALSE(zk_internal::ZkConnection("0.0.0.2:2181", {}).Mentions(refused)) << "inside 10.0.0.2";
+  EXPECT_FALSE(b.Mentions("... Socket [10.0.0.2:21810] zk retcode=-4 ...")) << "another port";
 }
 
 TEST(ZooKeeperOptionsTest, BadQueryIsABadUri) {
