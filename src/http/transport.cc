@@ -359,6 +359,12 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
       in.consume(n);
       if (in_header && !parser_->is_header_done()) header_consumed_ += n;
       if (ec == bhttp::error::need_more || (!ec && n == 0)) {
+        // An unfinished header block that has reached the limit cannot end within it. Beast
+        // says so only while the limit it was given exceeds what it holds unconsumed; with the
+        // limit shrunk by the consumed bytes it would wait for ever instead.
+        if (!parser_->is_header_done() && header_consumed_ + in.size() >= options_.max_response_header_bytes) {
+          return ParseFailure(bhttp::error::header_limit);
+        }
         // Beast keeps a chunk-size line (with its extensions) or the trailer section unconsumed
         // until it ends, and bounds neither: a server that never ends one would fill memory.
         if (parser_->is_header_done() && in.size() > options_.max_response_header_bytes) {

@@ -222,11 +222,20 @@ void ThriftCall::Complete(MethodReturnMessage& msg, const boost::asio::any_io_ex
   delete this;
 }
 
+namespace {
+
+// A reply whose body did not decode (`e`: Apache's exception), as async and blocking calls
+// report it.
+Error MalformedReplyError(const std::string& endpoint, const std::string& method, const std::exception& e) {
+  return Error(make_error_code(Errc::kProtocolError),
+               fmt::format("malformed Thrift reply from {} for {}: {}", endpoint.empty() ? "?" : endpoint, method,
+                           e.what()));
+}
+
+}  // namespace
+
 std::exception_ptr ThriftCall::MalformedReply(const std::exception& e) const {
-  return std::make_exception_ptr(
-      Error(make_error_code(Errc::kProtocolError),
-            fmt::format("malformed Thrift reply from {} for {}: {}", info->endpoint.empty() ? "?" : info->endpoint,
-                        message.method, e.what())));
+  return std::make_exception_ptr(MalformedReplyError(info->endpoint, message.method, e));
 }
 
 void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, std::string bytes,
@@ -301,9 +310,7 @@ void BlockingTransport::flush() {
 }
 
 void BlockingTransport::ThrowMalformed(const std::exception& e) const {
-  throw Error(make_error_code(Errc::kProtocolError),
-              fmt::format("malformed Thrift reply from {} for {}: {}", endpoint_.empty() ? "?" : endpoint_,
-                          method_, e.what()));
+  throw MalformedReplyError(endpoint_, method_, e);
 }
 
 void Validate(const ThriftOptions& o) {

@@ -462,6 +462,13 @@ void HostileHttp(RawConn& c) {
       fields.clear();
       for (int i = 0; fields.size() < 1500; ++i) fields += "X-Part-Two-" + std::to_string(i) + ": 1234567890\r\n";
       if (!c.Write(fields + "\r\nok")) return;
+    } else if (target == "/long-first-field") {
+      // The status line and an unfinished 2,030-byte field in one write, then more of it.
+      if (!c.Write("HTTP/1.1 200 OK\r\nX: " + std::string(2030, 'a'))) return;
+      std::this_thread::sleep_for(100ms);
+      while (c.Write(std::string(1024, 'a'))) {
+      }
+      return;
     } else if (target == "/trailing-record") {
       // A complete response, then stray bytes in a TLS record of their own, both in one TCP
       // segment (corked): the client's TLS layer reads them with the response.
@@ -587,6 +594,9 @@ TEST(HostilePeerTest, HttpHeaderReadInTwoPartsIsBoundedAsAWhole) {
   options.transport.max_response_header_bytes = 2048;  // each part fits, the two do not
   auto client = Http::NewClient(server.uri(), options);
   ExpectBoundedFailure([&] { client.Get("/header-in-two-parts"); }, Errc::kResponseTooLarge,
+                       "max_response_header_bytes (2048 bytes)", 5s);
+  // The status line and an unfinished field that reach the limit in the first read.
+  ExpectBoundedFailure([&] { client.Get("/long-first-field"); }, Errc::kResponseTooLarge,
                        "max_response_header_bytes (2048 bytes)", 5s);
   options.transport.max_response_header_bytes = 4096;  // the whole block fits
   auto roomy = Http::NewClient(server.uri(), options);

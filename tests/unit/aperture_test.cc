@@ -505,7 +505,7 @@ TEST_F(ApertureTest, ANodeJoiningWhileTheOnlyMemberIsDownJoinsTheAperture) {
 
 // Every member down, none outside; fresh nodes join (servers restarted under new addresses
 // while the old ones are still listed): one joins per down member, and the requests go to them.
-// A down member that leaves afterwards is replaced like any other, not counted as covered.
+// The down members that leave afterwards take their (made) expansions with them.
 TEST_F(ApertureTest, NodesJoiningWhileEveryMemberIsDownReplaceTheDownOnes) {
   h_.Build(Range(2), NoRotation(/*min_size=*/2));
   h_.Open();
@@ -527,6 +527,25 @@ TEST_F(ApertureTest, NodesJoiningWhileEveryMemberIsDownReplaceTheDownOnes) {
   h_.env.Run();
   EXPECT_GE(h_.balancer->aperture_size(), 2u);
   for (const Endpoint& ep : h_.Members()) EXPECT_NE(ep, Ep(0));
+  h_.ReplyAll();
+}
+
+// The only member goes down with nothing outside (its expansion is owed), then leaves in the
+// update that brings its replacement: the replacement takes its place, and the owed expansion
+// goes with it (a later join does not widen the aperture).
+TEST_F(ApertureTest, ADownMemberLeavingWithItsExpansionOwedIsReplacedOnce) {
+  h_.Build(Range(1), NoRotation());
+  h_.Open();
+  h_.Node(Ep(0)).set_status(SinkStatus::kClosed);
+  h_.Start();
+  h_.env.Run();
+  h_.set->Update(ServerSet::Members{Ep(1)});
+  h_.env.Run();
+  EXPECT_EQ(h_.Members(), std::set<Endpoint>{Ep(1)});
+  h_.set->Update(ServerSet::Members{Ep(1), Ep(2)});
+  h_.env.Run();
+  EXPECT_EQ(h_.Members(), std::set<Endpoint>{Ep(1)}) << "no expansion is owed any more";
+  EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_expansions"), 0);
   h_.ReplyAll();
 }
 
