@@ -161,6 +161,24 @@ TEST_F(SingletonPoolTest, ConnectTimeoutKeepsItsCode) {
   EXPECT_EQ(faults_[0].error, Errc::kConnectTimeout);
 }
 
+// A Mux session whose server closes the connection during the handshake fails its open with
+// kConnectionClosed. The requests waiting for it were never sent: they get the retryable
+// kConnectFailed (with the session's detail), not kConnectionClosed, which says the server may
+// have processed them and is retried only for idempotent calls.
+TEST_F(SingletonPoolTest, AConnectionClosedDuringTheOpenIsAConnectFailure) {
+  factory_.open_mode = FakeTransport::OpenMode::kFail;
+  factory_.open_error = make_error_code(Errc::kConnectionClosed);
+  Build();
+  auto a = Start();
+  error_code open_result;
+  pool_->AsyncOpen([&](error_code ec) { open_result = ec; });
+  env_.Run();
+  EXPECT_EQ(calls_[a].error, Errc::kConnectFailed);
+  EXPECT_EQ(open_result, Errc::kConnectFailed);
+  ASSERT_EQ(faults_.size(), 1u);
+  EXPECT_EQ(faults_[0].error, Errc::kConnectFailed);
+}
+
 TEST_F(SingletonPoolTest, WaitingRequestIsCancelledByItsTimeout) {
   factory_.open_mode = FakeTransport::OpenMode::kHang;
   Build(milliseconds(100));

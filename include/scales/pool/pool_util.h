@@ -10,11 +10,15 @@
 namespace scales {
 
 // Maps the error a connection's open reported to the code and message a request gets:
-// scales codes (kConnectTimeout, ...) stay; system errors become kConnectFailed.
+// scales codes (kConnectTimeout, ...) stay, except kConnectionClosed (a Mux server closing or
+// resetting the connection during the handshake), which says the request may have been
+// processed: nothing was sent on a connection that never opened, so it becomes the retryable
+// kConnectFailed; system errors become kConnectFailed too.
 // `detail`: the sink's own account of the failure (ClientMessageSink::open_failure_detail()),
 // used as the message when not empty.
-inline std::pair<error_code, std::string> ConnectFailure(const std::string& address, const error_code& ec,
+inline std::pair<error_code, std::string> ConnectFailure(const std::string& address, error_code ec,
                                                          std::string detail = {}) {
+  if (ec == Errc::kConnectionClosed) ec = make_error_code(Errc::kConnectFailed);
   if (!detail.empty()) {
     return {ec.category() == error_category() ? ec : make_error_code(Errc::kConnectFailed), std::move(detail)};
   }
