@@ -496,8 +496,15 @@ Result<std::optional<FrameView>> Reassembler::Add(FrameView frame) {
     case wire::kTdiscarded:
     case wire::kTdiscardedLegacy:
       if (frame.body.size() >= 3) {
+        // It names a dispatch its sender sent (tags count separately in each direction), so
+        // only a partial Tdispatch/Treq of that tag goes: a client reassembling the reply to its
+        // own request on the same tag number keeps it.
         Reader r("Tdiscarded", frame.body);
-        Drop(static_cast<std::uint32_t>(r.Int(3, "discarded tag")) & kMaxTag);
+        const auto which = static_cast<std::uint32_t>(r.Int(3, "discarded tag")) & kMaxTag;
+        auto it = partial_.find(which);
+        if (it != partial_.end() && (it->second.type == wire::kTdispatch || it->second.type == wire::kTreq)) {
+          partial_.erase(it);
+        }
       }
       break;
     case wire::kRdiscarded:

@@ -654,6 +654,25 @@ TEST(MuxCodecTest, InterleavedFragmentsReassemble) {
   EXPECT_EQ(c->body, "c");
 }
 
+// Tdiscarded names a dispatch sent by the side that sends it: a server's Tdiscarded for tag 5
+// must not drop the fragments of the reply to the client's own request 5; a client's Tdiscarded
+// drops the fragments of its Tdispatch 5 that a server was reassembling.
+TEST(MuxCodecTest, TdiscardedDropsOnlyTheFragmentsOfTheDispatchItNames) {
+  const std::string discard5("\x00\x00\x05" "gone", 7);  // which = 5, why = "gone"
+  Reassembler client;
+  ASSERT_TRUE(client.Add(Frame{wire::kRdispatch, 5, true, "part-a|"}).has_value());
+  ASSERT_TRUE(client.Add(Frame{wire::kTdiscarded, 0, false, discard5}).has_value());
+  EXPECT_EQ(client.buffered_bytes(5), 7u) << "the reply's fragments stay";
+  auto whole = client.Add(Frame{wire::kRdispatch, 5, false, "part-b"});
+  ASSERT_TRUE(whole.has_value() && whole->has_value());
+  EXPECT_EQ((*whole)->body, "part-a|part-b");
+  Reassembler server;
+  ASSERT_TRUE(server.Add(Frame{wire::kTdispatch, 5, true, "request-a"}).has_value());
+  ASSERT_TRUE(server.Add(Frame{wire::kTdiscarded, 0, false, discard5}).has_value());
+  EXPECT_EQ(server.buffered_bytes(5), 0u) << "the discarded request's fragments go";
+  EXPECT_EQ(server.pending_tags(), 0u);
+}
+
 // Add(FrameView): an unfragmented frame comes back as the same bytes (nothing copied); a
 // fragmented one as a view of the body reassembled inside; errors as for Add(Frame).
 TEST(MuxCodecTest, ReassemblerViews) {
