@@ -174,7 +174,7 @@ json::object ClientJson(ClientCopy& c, Duration timeout) {
                [shard = std::move(shard), promise] { promise->set_value(InspectShard(*shard)); });
   }
   c.shards.clear();
-  auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto deadline = DeadlineAfter(std::chrono::steady_clock::now(), timeout);
   json::array shards;
   std::map<std::string, std::pair<int64_t, std::map<std::string, int64_t>>>
       members;  // load, states

@@ -92,6 +92,10 @@ void TimerQueue::Schedule(TimerEntry& entry, TimePoint deadline, TimerEntry::Cal
                           void* arg) {
   if (entry.queue_ != nullptr) entry.queue_->Cancel(entry);
   entry.queue_ = this;
+  // Scheduled from a callback of the pass in progress, a deadline already passed counts as
+  // that pass's time: the entries that were due before it go first, and it fires on a later
+  // turn (OnAlarm), so an entry that keeps re-scheduling itself in the past starves none.
+  if (firing_ && deadline < firing_now_) deadline = firing_now_;
   entry.deadline_ = deadline;
   entry.seq_ = next_seq_++;
   entry.callback_ = callback;
@@ -147,14 +151,30 @@ void TimerQueue::Rearm() {
 void TimerQueue::OnAlarm() {
   armed_ = false;
   const TimePoint now = clock_.Now();
-  // Fire everything due. A callback may schedule or cancel other entries (even re-schedule
-  // itself), so take the earliest afresh each time; entries scheduled during this loop for a
-  // time <= now get a later sequence and still fire in deadline order.
-  for (TimerEntry* e = Earliest(); e != nullptr && e->deadline_ <= now; e = Earliest()) {
+  firing_ = true;
+  firing_now_ = now;
+  // A callback that throws leaves through here (the loop reports the exception and goes on):
+  // the alarm must be set again for the entries left, or none of them would ever fire.
+  struct RearmOnExit {
+    TimerQueue& queue;
+    ~RearmOnExit() {
+      queue.firing_ = false;
+      try {
+        queue.Rearm();
+      } catch (...) {
+      }
+    }
+  } rearm{*this};
+  // Fire what was due when the alarm went off. A callback may schedule or cancel other
+  // entries (even re-schedule itself), so take the earliest afresh each time. An entry
+  // scheduled during this pass fires on a later loop turn even when its deadline has passed
+  // (never inline): one that keeps re-scheduling itself in the past must not hold the loop.
+  const uint64_t scheduled_before = next_seq_;
+  for (TimerEntry* e = Earliest(); e != nullptr && e->deadline_ <= now && e->seq_ < scheduled_before;
+       e = Earliest()) {
     Remove(*e);
     e->callback_(e->arg_);
   }
-  Rearm();
 }
 
 }  // namespace scales

@@ -367,7 +367,7 @@ void ApertureBalancerSink::Evaluate() {
 void ApertureBalancerSink::ArmTick() {
   if (closed_ || tick_.scheduled()) return;
   if (total_load_ == 0 && aperture_.size() <= options_.min_size) return;
-  loop_.timers().Schedule(tick_, loop_.Now() + tick_period_, &TickThunk, this);
+  loop_.timers().Schedule(tick_, DeadlineAfter(loop_.Now(), tick_period_), &TickThunk, this);
 }
 
 void ApertureBalancerSink::OnTick() {
@@ -384,7 +384,7 @@ void ApertureBalancerSink::OnTick() {
 void ApertureBalancerSink::ArmRotation() {
   if (closed_ || !options_.rotate || rotation_timer_.scheduled()) return;
   Duration delay = loop_.random().UniformDuration(options_.rotate_min, options_.rotate_max);
-  loop_.timers().Schedule(rotation_timer_, loop_.Now() + delay, &RotationThunk, this);
+  loop_.timers().Schedule(rotation_timer_, DeadlineAfter(loop_.Now(), delay), &RotationThunk, this);
 }
 
 void ApertureBalancerSink::OnRotation() {

@@ -148,7 +148,7 @@ void ResurrectorSink::ScheduleReconnect() {
   double j = std::clamp(options_.jitter, 0.0, 1.0);
   auto lo = std::chrono::duration_cast<Duration>(backoff_ * (1.0 - j));
   Duration delay = loop_.random().UniformDuration(lo, backoff_);
-  loop_.timers().Schedule(reconnect_timer_, loop_.Now() + delay, &OnReconnectTimer, this);
+  loop_.timers().Schedule(reconnect_timer_, DeadlineAfter(loop_.Now(), delay), &OnReconnectTimer, this);
 }
 
 void ResurrectorSink::OnReconnectTimer(void* self) { static_cast<ResurrectorSink*>(self)->Reconnect(); }

@@ -120,7 +120,7 @@ void MuxSessionSink::DoOpen(OpenHandler handler) {
     case State::kIdle:
       open_waiters_.Add(std::move(handler));
       state_ = State::kConnecting;
-      loop_.timers().Schedule(handshake_timer_, loop_.Now() + options_.connect_timeout, &OnHandshakeTimeout, this);
+      loop_.timers().Schedule(handshake_timer_, DeadlineAfter(loop_.Now(), options_.connect_timeout), &OnHandshakeTimeout, this);
       conn_.AsyncConnect([self = self()](error_code ec) { self->OnConnected(ec); });
       return;
   }
@@ -813,7 +813,7 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
 
 void MuxSessionSink::SchedulePing() {
   if (options_.ping_interval <= Duration::zero()) return;
-  loop_.timers().Schedule(ping_timer_, loop_.Now() + options_.ping_interval, &OnPingTimer, this);
+  loop_.timers().Schedule(ping_timer_, DeadlineAfter(loop_.Now(), options_.ping_interval), &OnPingTimer, this);
 }
 
 void MuxSessionSink::OnPingTimer(void* p) {
@@ -824,7 +824,7 @@ void MuxSessionSink::OnPingTimer(void* p) {
     s->pings_sent_.Increment();
     s->Enqueue(Tping{kControlTag});
     s->Flush();
-    s->loop_.timers().Schedule(s->ping_timeout_, s->loop_.Now() + s->options_.ping_timeout, &OnPingTimeout, s);
+    s->loop_.timers().Schedule(s->ping_timeout_, DeadlineAfter(s->loop_.Now(), s->options_.ping_timeout), &OnPingTimeout, s);
   }
   s->SchedulePing();
 }
@@ -849,7 +849,7 @@ void MuxSessionSink::MaybeFinishDrain() {
   Flush(/*now=*/true);
   if (writing_ && options_.ping_timeout > Duration::zero()) {
     if (!drain_timer_.scheduled()) {
-      loop_.timers().Schedule(drain_timer_, loop_.Now() + options_.ping_timeout, &OnDrainTimeout, this);
+      loop_.timers().Schedule(drain_timer_, DeadlineAfter(loop_.Now(), options_.ping_timeout), &OnDrainTimeout, this);
     }
     return;
   }

@@ -213,7 +213,7 @@ void WatermarkPool::ServeWaiters() {
 
 void WatermarkPool::ArmIdleTimer() {
   if (idle_timer_.scheduled() || idle_.empty() || conns_.size() <= options_.low_watermark) return;
-  loop_.timers().Schedule(idle_timer_, idle_.front()->idle_since + options_.idle_timeout, &OnIdleTimer, this);
+  loop_.timers().Schedule(idle_timer_, DeadlineAfter(idle_.front()->idle_since, options_.idle_timeout), &OnIdleTimer, this);
 }
 
 void WatermarkPool::OnIdleTimer(void* self) { static_cast<WatermarkPool*>(self)->ExpireIdle(); }
@@ -221,7 +221,7 @@ void WatermarkPool::OnIdleTimer(void* self) { static_cast<WatermarkPool*>(self)-
 void WatermarkPool::ExpireIdle() {
   const TimePoint now = loop_.Now();
   while (!idle_.empty() && conns_.size() > options_.low_watermark &&
-         idle_.front()->idle_since + options_.idle_timeout <= now) {
+         DeadlineAfter(idle_.front()->idle_since, options_.idle_timeout) <= now) {
     Conn* c = idle_.front();
     idle_.pop_front();
     idle_gauge_.Add(-1);

@@ -141,7 +141,7 @@ BackupRequestSink::BackupRequestSink(EventLoop& loop, SinkPtr next, BackupReques
       percentile_(options_.percentile > 0 ? options_.percentile : 1.0 - options_.max_extra_load),
       latencies_(loop.clock(), options_.window, options_.window_slices),
       budget_(loop.clock(), BudgetOptions(options_)),
-      next_refresh_(loop.Now() + options_.refresh_interval),
+      next_refresh_(DeadlineAfter(loop.Now(), options_.refresh_interval)),
       sent_(stats.GetCounter("scales_backup_requests_sent")),
       won_(stats.GetCounter("scales_backup_requests_won")),
       budget_exhausted_(stats.GetCounter("scales_backup_requests_budget_exhausted")),
@@ -154,7 +154,7 @@ BackupRequestSink::~BackupRequestSink() = default;
 std::optional<Duration> BackupRequestSink::SendBackupAfter() {
   const TimePoint now = loop_.Now();
   if (now >= next_refresh_) {
-    next_refresh_ = now + options_.refresh_interval;
+    next_refresh_ = DeadlineAfter(now, options_.refresh_interval);
     if (auto p = latencies_.Percentile(percentile_)) {
       send_after_ = std::max(*p, options_.min_send_backup_after);
       send_after_hist_.Record(duration_cast<microseconds>(*send_after_).count());

@@ -175,7 +175,7 @@ void FailureAccrualSink::MarkDead() {
   state_ = State::kDead;
   removals_.Increment();
   current_backoff_ = NextBackoff();
-  dead_until_ = loop_.Now() + current_backoff_;
+  dead_until_ = DeadlineAfter(loop_.Now(), current_backoff_);
   SCALES_LOG(kWarning, "client {}: endpoint {} marked dead by failure accrual for {} ms", client_name_, address_,
              std::chrono::duration_cast<std::chrono::milliseconds>(current_backoff_).count());
   loop_.timers().Schedule(timer_, dead_until_, &OnTimer, this);

@@ -107,7 +107,7 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
   } else if (props.retries >= options_.max_retries) {
     refused = options_.max_retries == 0 ? std::string("retries are disabled")
                                         : fmt::format("all {} attempts used", attempts);
-  } else if (props.deadline && now + delay >= *props.deadline) {
+  } else if (props.deadline && DeadlineAfter(now, delay) >= *props.deadline) {
     refused = fmt::format("the deadline leaves no time for another attempt ({} ms left, backoff {} ms)",
                           Millis(*props.deadline - now), Millis(delay));
   } else if (!budget_->TryWithdraw()) {
@@ -138,7 +138,7 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
   // attempt's sinks finish their response path first).
   stack.Push(this, p);
   stack.SetCancelHandler(this, p);
-  loop_.timers().Schedule(p->timer, now + delay, &OnBackoffTimer, p);
+  loop_.timers().Schedule(p->timer, DeadlineAfter(now, delay), &OnBackoffTimer, p);
 }
 
 void RetrySink::OnBackoffTimer(void* arg) {

@@ -60,7 +60,7 @@ void TcpConnection::AsyncConnect(std::function<void(error_code)> done) {
     return;
   }
   if (connect_timeout_ > Duration::zero()) {
-    loop_.timers().Schedule(timer_, started_ + connect_timeout_, &OnTimeout, this);
+    loop_.timers().Schedule(timer_, DeadlineAfter(started_, connect_timeout_), &OnTimeout, this);
   }
   boost::system::error_code ec;
   auto addr = asio::ip::make_address(endpoint_.host, ec);
@@ -116,7 +116,7 @@ void TcpConnection::AsyncStartTls(const TlsOptions& tls, std::function<void(erro
     return;
   }
   if (connect_timeout_ > Duration::zero()) {
-    loop_.timers().Schedule(timer_, started_ + connect_timeout_, &OnTimeout, this);
+    loop_.timers().Schedule(timer_, DeadlineAfter(started_, connect_timeout_), &OnTimeout, this);
   }
   StartHandshake();
 }

@@ -114,6 +114,25 @@ TEST(ThriftMuxTest, OldServerWithoutNegotiation) {
   EXPECT_EQ(server.LogLinesWith({"recv Tinit"}).size(), 0u) << server.Log();
 }
 
+// Duration::max() for the session's timers means "never": their deadlines (now + duration)
+// used to overflow into the past, so every open failed at once with kConnectTimeout, and a
+// ping_interval of Duration::max() re-armed its timer in the past for ever, spinning the loop.
+TEST(ThriftMuxTest, DurationMaxSessionTimersMeanNever) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = Options(MakeRuntime(1));
+  options.session.connect_timeout = Duration::max();
+  options.session.ping_interval = Duration::max();
+  options.session.ping_timeout = Duration::max();
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  std::string r;
+  client->echo(r, "first");
+  EXPECT_EQ(r, "first");
+  std::this_thread::sleep_for(200ms);  // a loop spinning on a timer would not answer below
+  client->echo(r, "second");
+  EXPECT_EQ(r, "second");
+  EXPECT_EQ(server.LogLinesWith({"recv Tping"}).size(), 0u) << "no ping was due";
+}
+
 TEST(ThriftMuxTest, StrictServerFragmentsAndPings) {
   test::MuxReferenceServer server({"--mode", "strict", "--framer", "16", "--ping-interval", "50"});
   auto opts = Options(MakeRuntime());

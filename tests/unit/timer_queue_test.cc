@@ -6,6 +6,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -217,6 +218,51 @@ TEST_F(TimerQueueTest, CallbackMayRescheduleItself) {
   EXPECT_FALSE(p.entry.scheduled());
 }
 
+// An entry whose callback keeps re-scheduling it in the past fires once per loop turn, after
+// what else was due: it used to fire again and again inside one turn (the loop hung there) and
+// the other due entries waited behind it.
+struct PastRescheduler {
+  TimerQueue* queue;
+  TimerEntry entry;
+  std::vector<int>* log;
+  int left = 50;
+  static void Fire(void* arg) {
+    auto* p = static_cast<PastRescheduler*>(arg);
+    p->log->push_back(1);
+    if (--p->left > 0) p->queue->Schedule(p->entry, p->queue->Now() - seconds(1), &Fire, p);
+  }
+};
+
+TEST_F(TimerQueueTest, AnEntryReschedulingItselfInThePastStarvesNothing) {
+  PastRescheduler r{&timers(), {}, &log_};
+  TimerEntry other;
+  Probe po{&log_, 2};
+  timers().Schedule(r.entry, Now() + milliseconds(10), &PastRescheduler::Fire, &r);
+  timers().Schedule(other, Now() + milliseconds(20), &Probe::Fire, &po);
+  env_.clock->Advance(milliseconds(30));
+  EXPECT_EQ(env_.loop().io_context().poll_one(), 1u);  // one turn: the alarm's handler
+  EXPECT_THAT(log_, ElementsAre(1, 2)) << "the other due entry fired in the same turn, once each";
+  env_.Run();
+  EXPECT_EQ(std::count(log_.begin(), log_.end(), 1), 50);
+  EXPECT_FALSE(r.entry.scheduled());
+}
+
+// A callback that throws (the exception leaves the loop's handler; the loop reports it and goes
+// on) must not leave the other entries without an alarm: they used to never fire.
+TEST_F(TimerQueueTest, ACallbackThatThrowsLeavesTheOthersScheduled) {
+  TimerEntry thrower, later;
+  Probe pl{&log_, 2};
+  timers().Schedule(thrower, Now() + milliseconds(10), [](void*) { throw std::runtime_error("callback failed"); },
+                    nullptr);
+  timers().Schedule(later, Now() + milliseconds(20), &Probe::Fire, &pl);
+  env_.clock->Advance(milliseconds(30));
+  EXPECT_THROW(env_.loop().Poll(), std::runtime_error);
+  EXPECT_TRUE(later.scheduled());
+  env_.Run();
+  EXPECT_THAT(log_, ElementsAre(2));
+  EXPECT_FALSE(later.scheduled());
+}
+
 struct Canceller {
   TimerEntry* victim;
   std::vector<int>* log;
@@ -257,6 +303,20 @@ TEST_F(TimerQueueTest, EmptyQueueDisarmsTheAlarm) {
   EXPECT_EQ(env_.clock->armed_alarms(), 1u);
   env_.Advance(milliseconds(10));
   EXPECT_EQ(env_.clock->armed_alarms(), 0u);
+}
+
+TEST(DeadlineAfterTest, SaturatesInsteadOfOverflowing) {
+  const TimePoint t{seconds(5)};
+  EXPECT_EQ(DeadlineAfter(t, seconds(1)), t + seconds(1));
+  EXPECT_EQ(DeadlineAfter(t, -seconds(1)), t - seconds(1));
+  EXPECT_EQ(DeadlineAfter(t, Duration::zero()), t);
+  EXPECT_EQ(DeadlineAfter(t, Duration::max()), TimePoint::max());
+  EXPECT_EQ(DeadlineAfter(t, TimePoint::max() - t), TimePoint::max());
+  EXPECT_EQ(DeadlineAfter(TimePoint{}, Duration::max()), TimePoint::max());
+  EXPECT_EQ(DeadlineAfter(TimePoint{-seconds(5)}, Duration::max()), TimePoint::max() - seconds(5));  // no overflow
+  EXPECT_EQ(DeadlineAfter(TimePoint{-seconds(5)}, Duration::min()), TimePoint::min());
+  const auto now = std::chrono::steady_clock::now();
+  EXPECT_EQ(DeadlineAfter(now, Duration::max() - Duration(1)), TimePoint::max());  // a plain + overflows
 }
 
 TEST(ManualClockTest, AdvanceMovesBothClocks) {

@@ -16,6 +16,18 @@ using Duration = std::chrono::nanoseconds;
 using TimePoint = std::chrono::steady_clock::time_point;
 using WallTime = std::chrono::system_clock::time_point;
 
+// `from + after`, saturated at the time point's largest value: a deadline for a duration as
+// large as Duration::max() ("never") stays in the far future instead of overflowing into the
+// past (which would make its timer fire at once).
+template <class Clock, class Dur>
+std::chrono::time_point<Clock, Dur> DeadlineAfter(std::chrono::time_point<Clock, Dur> from, Duration after) noexcept {
+  using Point = std::chrono::time_point<Clock, Dur>;
+  const auto step = std::chrono::duration_cast<Dur>(after);
+  if (step > Dur::zero() && from > Point() && step > Point::max() - from) return Point::max();
+  if (step < Dur::zero() && from < Point() && step < Point::min() - from) return Point::min();
+  return from + step;
+}
+
 // A one-shot wake-up source bound to an executor; a TimerQueue owns one. Set() re-arms it
 // (replacing the previous time); the callback given at creation then runs on the executor at
 // or after that time. Spurious wake-ups are allowed: the owner re-checks Now().

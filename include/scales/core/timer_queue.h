@@ -52,7 +52,8 @@ class TimerQueue {
   TimerQueue& operator=(const TimerQueue&) = delete;
 
   // Schedules (or re-schedules) `entry` to run `callback(arg)` at `deadline` on this loop.
-  // A deadline in the past fires on the next loop turn, never inline.
+  // A deadline in the past fires on the next loop turn, never inline (from a timer callback
+  // too: after the entries that were due when that callback's turn began).
   void Schedule(TimerEntry& entry, TimePoint deadline, TimerEntry::Callback callback, void* arg);
   void Cancel(TimerEntry& entry) noexcept;
 
@@ -83,6 +84,8 @@ class TimerQueue {
   TimerEntry* tail_ = nullptr;
   size_t listed_ = 0;
   uint64_t next_seq_ = 0;
+  bool firing_ = false;     // OnAlarm is running callbacks
+  TimePoint firing_now_{};  // its idea of now
   bool armed_ = false;
   TimePoint armed_at_{};
 };
