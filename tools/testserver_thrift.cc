@@ -16,6 +16,7 @@
 // TSSLServerSocket); --tls-client-ca also requires a client certificate signed by that CA.
 #include <pthread.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -35,6 +36,7 @@
 #include <thrift/transport/TSSLServerSocket.h>
 #include <thrift/transport/TSSLSocket.h>
 #include <thrift/transport/TServerSocket.h>
+#include <thrift/transport/TSocket.h>
 
 #include "Echo.h"
 #include "cli_util.h"
@@ -42,6 +44,38 @@
 
 namespace scales::tools {
 namespace {
+
+// TNonblockingServer starts its I/O threads 1..n-1 after preServe, and closes a connection it hands
+// to one that has not yet registered its notify pipe ("notifyIOThread failed on fresh connection").
+// It hands connection k to thread k % n, so n pings in a row, each on a new connection, prove that
+// every thread serves. Returns false if that did not happen within `limit`.
+bool AwaitIoThreads(int port, int io_threads, bool compact, std::chrono::milliseconds limit) {
+  using namespace apache::thrift;
+  const auto give_up = std::chrono::steady_clock::now() + limit;
+  int in_a_row = 0;
+  while (in_a_row < io_threads) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    try {
+      auto socket = std::make_shared<transport::TSocket>("127.0.0.1", port);
+      socket->setRecvTimeout(1000);
+      auto framed = std::make_shared<transport::TFramedTransport>(socket);
+      std::shared_ptr<protocol::TProtocol> proto;
+      if (compact) {
+        proto = std::make_shared<protocol::TCompactProtocol>(framed);
+      } else {
+        proto = std::make_shared<protocol::TBinaryProtocol>(framed);
+      }
+      framed->open();
+      scales::echo::EchoClient(proto).ping();
+      framed->close();
+      ++in_a_row;
+    } catch (const std::exception&) {
+      in_a_row = 0;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  return true;
+}
 
 class EchoHandler final : public scales::echo::EchoIf {
  public:
@@ -200,6 +234,11 @@ int RunThriftTestServerCommand(int argc, char** argv) {
     }
   });
   ready.wait();
+  if (nonblocking && !AwaitIoThreads(listening_port(), io_threads, compact, std::chrono::seconds(10))) {
+    std::fprintf(stderr, "scales testserver thrift: the nonblocking server's %d I/O threads did not all serve within 10 s\n",
+                 io_threads);
+    std::_Exit(1);
+  }
   std::printf("listening 127.0.0.1:%d\n", listening_port());
   std::fflush(stdout);
   int sig = 0;
