@@ -199,10 +199,13 @@ size_t Histogram::ExportBucketIndex(int64_t value) noexcept {
 void Histogram::Record(int64_t value) noexcept {
   if (value < 0) value = 0;
   const int b = BucketIndex(value);
-  buckets_[b].fetch_add(1, std::memory_order_relaxed);
+  // Each sample goes into exactly one counter, so a concurrent Snapshot() can never see it in
+  // two places (or in the export bucket below its own).
   if (const int split = kExportMap.split[static_cast<size_t>(b)];
       split >= 0 && value > kExportBucketBounds[static_cast<size_t>(split)]) {
     above_split_[split].fetch_add(1, std::memory_order_relaxed);
+  } else {
+    buckets_[b].fetch_add(1, std::memory_order_relaxed);
   }
   sum_.fetch_add(value, std::memory_order_relaxed);
   int64_t cur = min_.load(std::memory_order_relaxed);
@@ -216,6 +219,7 @@ void Histogram::Record(int64_t value) noexcept {
 int64_t Histogram::count() const noexcept {
   int64_t n = 0;
   for (const auto& b : buckets_) n += b.load(std::memory_order_relaxed);
+  for (const auto& a : above_split_) n += a.load(std::memory_order_relaxed);
   return n;
 }
 
@@ -224,17 +228,16 @@ HistogramSnapshot Histogram::Snapshot() const {
   // The count is taken from the buckets so that Percentile() always finds its rank, even
   // when Record() runs concurrently; sum, min and max may then be a sample or two apart.
   for (int i = 0; i < kBucketCount; ++i) {
-    int64_t c = buckets_[i].load(std::memory_order_relaxed);
+    // A fine bucket that an export bound splits keeps its samples above the bound apart.
+    const int64_t below = buckets_[i].load(std::memory_order_relaxed);
+    const int split = kExportMap.split[static_cast<size_t>(i)];
+    const int64_t above = split >= 0 ? above_split_[split].load(std::memory_order_relaxed) : 0;
+    const int64_t c = below + above;
     if (c == 0) continue;
     s.buckets.emplace_back(BucketUpperBound(i), c);
     s.count += c;
     const size_t first = kExportMap.first[static_cast<size_t>(i)];
-    int64_t above = 0;
-    if (const int split = kExportMap.split[static_cast<size_t>(i)]; split >= 0) {
-      // Record() adds to the bucket before the split count: clamp for a concurrent one.
-      above = std::min(c, above_split_[split].load(std::memory_order_relaxed));
-    }
-    s.export_buckets[first] += c - above;
+    s.export_buckets[first] += below;
     if (above > 0) s.export_buckets[first + 1] += above;
   }
   if (s.count == 0) return s;

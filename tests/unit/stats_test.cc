@@ -1,6 +1,7 @@
 #include "scales/stats/stats.h"
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <random>
 #include <stdexcept>
@@ -429,6 +430,40 @@ TEST(StatsRegistryTest, CollectorsRefreshGaugesWhenRead) {
   outside = 11;
   EXPECT_EQ(registry.Snapshot().at(0).value, 9) << "a removed collector does not run";
   EXPECT_EQ(runs, 2);
+}
+
+// Every sample is counted in exactly one counter, so no snapshot taken while Record() runs can
+// count a sample in the export bucket below the one it belongs to (and so no `le` count can step
+// back between two scrapes). 101 lies in the fine bucket [100, 103] that the export bound 100
+// splits: only samples above 100 are recorded, so the le="100" bucket must stay empty.
+TEST(ConcurrencyStats, ASnapshotDuringRecordNeverCountsASampleBelowItsExportBound) {
+  Histogram h;
+  const size_t at_100 = Histogram::ExportBucketIndex(100);
+  ASSERT_EQ(kExportBucketBounds[at_100], 100);
+  ASSERT_EQ(Histogram::BucketIndex(100), Histogram::BucketIndex(101));
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    for (int i = 0; i < 2000000; ++i) h.Record(101);
+    done.store(true);
+  });
+  int64_t misplaced = 0;
+  int64_t snapshots = 0;
+  int64_t previous_le_250 = 0;
+  int64_t stepped_back = 0;
+  while (!done.load()) {
+    const HistogramSnapshot s = h.Snapshot();
+    ++snapshots;
+    misplaced += s.export_buckets[at_100];
+    const int64_t le_250 = s.export_buckets[at_100] + s.export_buckets[at_100 + 1];
+    if (le_250 < previous_le_250) ++stepped_back;
+    previous_le_250 = le_250;
+  }
+  writer.join();
+  EXPECT_EQ(misplaced, 0) << "in " << snapshots << " snapshots";
+  EXPECT_EQ(stepped_back, 0);
+  const HistogramSnapshot s = h.Snapshot();
+  EXPECT_EQ(s.count, 2000000);
+  EXPECT_EQ(s.export_buckets[at_100 + 1], 2000000);
 }
 
 }  // namespace

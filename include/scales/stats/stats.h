@@ -85,9 +85,11 @@ struct HistogramSnapshot {
 // 2^(kMaxExponent+1) and above go into the last bucket (whose upper bound is INT64_MAX);
 // negative values are recorded as 0. The coarse export buckets (kExportBucketBounds) are exact
 // too: most fine buckets lie inside one export bucket; the few that an export bound splits
-// (100 falls inside [100, 103], say) also count their samples above that bound. Record() thus
-// costs two atomic adds (bucket and sum; a third only for a sample above a bound inside its
-// fine bucket) and two relaxed loads (min, max). Thread safe; Record() is lock-free.
+// (100 falls inside [100, 103], say) keep their samples above that bound in a counter of their
+// own. Every sample is counted in exactly one counter, so a snapshot taken during Record() never
+// places it in the wrong export bucket, and no exported `le` count steps back between scrapes.
+// Record() costs two atomic adds (its counter and the sum) and two relaxed loads (min, max).
+// Thread safe; Record() is lock-free.
 class Histogram {
  public:
   static constexpr int kSubBucketBits = 4;
@@ -98,7 +100,7 @@ class Histogram {
 
   void Record(int64_t value) noexcept;
   HistogramSnapshot Snapshot() const;
-  // The sum of the buckets: Record() keeps no separate count, one atomic add fewer per sample
+  // The sum of the counters: Record() keeps no separate count, one atomic add fewer per sample
   // (it runs on every call).
   int64_t count() const noexcept;
 
@@ -123,8 +125,10 @@ class Histogram {
   std::atomic<int64_t> sum_{0};
   std::atomic<int64_t> min_{INT64_MAX};
   std::atomic<int64_t> max_{0};
+  // Samples per fine bucket; for a bucket that an export bound splits, only those at or below it.
   std::atomic<int64_t> buckets_[kBucketCount] = {};
-  // [i]: samples above kExportBucketBounds[i] in the fine bucket that bound splits (if any).
+  // [i]: samples above kExportBucketBounds[i] in the fine bucket that bound splits (if any); the
+  // fine bucket's count is buckets_ + above_split_.
   std::atomic<int64_t> above_split_[kExportBucketBounds.size()] = {};
 };
 
