@@ -428,20 +428,32 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
   // Families keyed by exported name. Snapshot() keeps a name's label sets together, but two
   // raw names may sanitise to one family (or a counter "x" and a gauge "x_total"), so the
   // lines are collected per family and written in family-name order.
+  // Two raw names (or label names) may also sanitise to one series, which Prometheus rejects
+  // the whole scrape for; each family remembers the label sets it has written.
   struct Family {
     MetricType type;
     std::string raw_name;  // for HELP
     bool quantiles;        // the <histogram>_quantile gauges
     std::string lines;
+    std::map<std::string, std::string, std::less<>> series;  // exported labels -> raw name
   };
   std::map<std::string, Family> families;
   std::string skipped;
-  auto family = [&](const std::string& name, MetricType type, const std::string& raw,
+  auto family = [&](const std::string& name, const MetricSnapshot& m, MetricType type,
                     bool quantiles = false) -> Family* {
-    auto [it, inserted] = families.try_emplace(name, Family{type, raw, quantiles, {}});
-    if (it->second.type == type && it->second.quantiles == quantiles) return &it->second;
-    skipped += fmt::format("# scales: skipped {} {}: family {} is a {}\n", TypeName(type), raw,
-                           name, TypeName(it->second.type));
+    auto [it, inserted] = families.try_emplace(name, Family{type, m.name, quantiles, {}, {}});
+    Family& f = it->second;
+    const std::string kind(TypeName(type));
+    if (f.type != type || f.quantiles != quantiles) {
+      skipped += fmt::format("# scales: skipped {} {}: family {} is a {}\n", kind, m.name, name,
+                             TypeName(f.type));
+      return nullptr;
+    }
+    std::string labels = PrometheusLabels(m.labels, m.type == MetricType::kHistogram);
+    auto [series, added] = f.series.try_emplace(labels, m.name);
+    if (added) return &f;
+    skipped += fmt::format("# scales: skipped {} {}: series {}{} is {}'s\n", kind, m.name, name,
+                           labels, series->second);
     return nullptr;
   };
   static constexpr std::array<std::pair<double, std::string_view>, 4> kQuantiles = {
@@ -457,19 +469,19 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
     switch (m.type) {
       case MetricType::kCounter: {
         if (!name.ends_with("_total")) name += "_total";
-        if (Family* f = family(name, m.type, m.name)) {
+        if (Family* f = family(name, m, m.type)) {
           f->lines += fmt::format("{}{} {}\n", name, PrometheusLabels(m.labels, false), m.value);
         }
         break;
       }
       case MetricType::kGauge:
-        if (Family* f = family(name, m.type, m.name)) {
+        if (Family* f = family(name, m, m.type)) {
           f->lines += fmt::format("{}{} {}\n", name, PrometheusLabels(m.labels, false), m.value);
         }
         break;
       case MetricType::kHistogram: {
         const HistogramSnapshot& h = m.histogram;
-        if (Family* f = family(name, m.type, m.name)) {
+        if (Family* f = family(name, m, m.type)) {
           int64_t cumulative = 0;
           for (size_t i = 0; i < kExportBucketCount; ++i) {
             cumulative += h.export_buckets[i];
@@ -484,8 +496,7 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
                                   cumulative);
         }
         if (!options.quantiles) break;
-        if (Family* q =
-                family(name + "_quantile", MetricType::kGauge, m.name, /*quantiles=*/true)) {
+        if (Family* q = family(name + "_quantile", m, MetricType::kGauge, /*quantiles=*/true)) {
           for (const auto& [quantile, text] : kQuantiles) {
             q->lines += fmt::format("{}_quantile{} {}\n", name,
                                     PrometheusLabels(m.labels, true, "quantile", text),

@@ -355,6 +355,30 @@ TEST(StatsExportTest, PrometheusSkipsAFamilyOfAnotherType) {
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge x_total: family x_total is a counter\n"));
 }
 
+// Two names (or label names) that export as one series would make Prometheus reject the whole
+// scrape ("duplicate sample"): the first in the registry's order is kept, the other reported.
+TEST(StatsExportTest, PrometheusWritesASeriesOnceWhenTwoNamesExportAsIt) {
+  StatsRegistry r;
+  r.GetCounter("x", {{"client", "c"}}).Increment(1);
+  r.GetCounter("x_total", {{"client", "c"}}).Increment(2);
+  r.GetCounter("x_total", {{"client", "d"}}).Increment(3);  // another series: kept
+  r.GetGauge("my.app").Set(4);
+  r.GetGauge("my_app").Set(5);
+  r.GetHistogram("h.us", {{"bad-key", "v"}}).Record(7);
+  r.GetHistogram("h_us", {{"bad_key", "v"}}).Record(9);
+  std::string text = r.ToPrometheus();
+  PromText prom = ParsePrometheusText(text);  // fails on a repeated series
+  EXPECT_EQ(prom.Value("x_total", {{"client", "c"}}), 1);
+  EXPECT_EQ(prom.Value("x_total", {{"client", "d"}}), 3);
+  EXPECT_EQ(prom.Value("my_app"), 4);
+  EXPECT_EQ(prom.Value("h_us_count", {{"bad_key", "v"}}), 1);
+  EXPECT_EQ(prom.Value("h_us_quantile", {{"bad_key", "v"}, {"quantile", "0.5"}}), 7);
+  EXPECT_THAT(text, HasSubstr("# scales: skipped counter x_total: series x_total{client=\"c\"} is x's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge my_app: series my_app is my.app's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram h_us: series h_us{bad_key=\"v\"} is h.us's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_us: series h_us_quantile{bad_key=\"v\"} is h.us's\n"));
+}
+
 TEST(StatsExportTest, EmptyHistogramAndEmptyRegistry) {
   StatsRegistry empty;
   EXPECT_EQ(empty.ToPrometheus(), "");
