@@ -1,5 +1,7 @@
 #include "scales/thriftmux/thriftmux.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -33,16 +35,24 @@ bool IsSessionUriKey(std::string_view key) {
 
 void ApplyUriOptions(ThriftMuxOptions& o) {
   std::string& uri = o.client.uri;
+  const std::string original = uri;
+  auto bad = [&](const std::string& why) {
+    return Error(make_error_code(Errc::kBadUri), fmt::format("bad URI '{}': {}", original, why));
+  };
+  // https:// is tcp:// with TLS from the first byte, as for the other clients. The URI parser
+  // adds tls=on to the query it gives discovery, which does not reach the session: say it here.
+  constexpr std::string_view kHttps = "https://";
+  const bool https = uri.size() >= kHttps.size() &&
+                     std::equal(kHttps.begin(), kHttps.end(), uri.begin(), [](char a, char b) {
+                       return a == static_cast<char>(std::tolower(static_cast<unsigned char>(b)));
+                     });
+  if (https) o.session.tls.enabled = true;
   // The query runs from '?' to a '#' after it (zk:// allows either order) or the end. The
   // URI parser reports malformed pairs; only ours are taken out here.
   const size_t q = uri.find('?');
   if (q == std::string::npos) return;
   size_t end = uri.find('#', q);
   if (end == std::string::npos) end = uri.size();
-  const std::string original = uri;
-  auto bad = [&](const std::string& why) {
-    return Error(make_error_code(Errc::kBadUri), fmt::format("bad URI '{}': {}", original, why));
-  };
   std::map<std::string, std::string> ours;
   std::string rest;  // the other pairs, in order
   std::string_view query = std::string_view(uri).substr(q + 1, end - q - 1);
@@ -73,6 +83,7 @@ void ApplyUriOptions(ThriftMuxOptions& o) {
   } catch (const Error& e) {
     throw bad(e.what());
   }
+  if (https && !o.session.tls.enabled) throw bad(fmt::format("tls={} contradicts the https:// scheme", ours["tls"]));
   uri = original.substr(0, q) + (rest.empty() ? std::string() : "?" + rest) + original.substr(end);
 }
 

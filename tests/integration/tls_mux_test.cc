@@ -338,6 +338,34 @@ TEST(TlsMuxTest, UriQuerySetsTls) {
   }
 }
 
+// https:// means TLS from the first byte for ThriftMux too, as for the HTTP and Thrift clients:
+// against a plaintext server the call fails as a TLS failure instead of going out in clear.
+TEST(TlsMuxTest, AnHttpsUriIsTlsFromTheFirstByte) {
+  auto plain = Options();
+  plain.session.tls.ca_file.clear();  // the URI gives it
+  MuxReferenceServer first_byte(ServerArgs("first-byte"));
+  auto direct = ThriftMux::NewClient<EchoClient>(
+      "HTTPS://" + first_byte.endpoint() + "?tls_ca_file=" + TestCa().ca_file, plain);
+  EXPECT_TRUE(Encrypted(Call(direct, "tls-info")));
+
+  // A plaintext Mux server takes the ClientHello for the start of a frame and waits for the rest.
+  MuxReferenceServer off(ServerArgs("off"));
+  plain.session.connect_timeout = 300ms;
+  auto client = ThriftMux::NewClient<EchoClient>("https://" + off.endpoint() + "?tls_ca_file=" + TestCa().ca_file, plain);
+  Failure f = CallFailure(client, "hello");
+  EXPECT_NE(f.what.find("TLS handshake with " + off.endpoint() + " did not finish"), std::string::npos) << f.what;
+  EXPECT_TRUE(off.LogLinesWith({"recv Tinit"}).empty()) << off.Log();
+
+  try {
+    ThriftMux::NewClient<EchoClient>("https://" + off.endpoint() + "?tls=off", plain);
+    ADD_FAILURE() << "https:// with tls=off was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kBadUri) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find("tls=off contradicts the https:// scheme"), std::string_view::npos)
+        << e.what();
+  }
+}
+
 TEST(TlsMuxTest, ApplyUriOptionsKeepsDiscoveryKeys) {
   thriftmux::ThriftMuxOptions o;
   o.client.uri = "zk://127.0.0.1:2181/svc?chroot=/x&opportunistic_tls=required&tls_server_name=svc.example#ep";

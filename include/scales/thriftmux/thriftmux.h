@@ -62,8 +62,9 @@ void Validate(const ThriftMuxOptions& o);
 
 // Moves the per-URI session settings of o.client.uri's query into o.session (the TLS keys of
 // ApplyTlsQuery into o.session.tls, opportunistic_tls into o.session.opportunistic_tls) and
-// removes them from the URI, leaving the rest (discovery's keys) in place. Throws
-// scales::Error(kBadUri) naming the key and value. The builder calls it; call it yourself
+// removes them from the URI, leaving the rest (discovery's keys) in place. An https:// URI turns
+// o.session.tls on (TLS from the first byte). Throws scales::Error(kBadUri) naming the key and
+// value (also for https://...?tls=off). The builder calls it; call it yourself
 // before DefaultThriftMuxStack when building a core by hand.
 void ApplyUriOptions(ThriftMuxOptions& o);
 
