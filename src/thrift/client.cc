@@ -24,10 +24,10 @@ using apache::thrift::protocol::TType;
 // skips) throw scales::Error(kProtocolError) where Apache's throw TProtocolException or
 // TTransportException. The generated code calls the *_virt functions through TProtocol.
 template <class P>
-class BlockingProtocol final : public P, public ReadLimits {
+class BlockingProtocol final : public CheckedContainers<P>, public ReadLimits {
  public:
   explicit BlockingProtocol(std::shared_ptr<BlockingTransport> transport)
-      : P(transport), transport_(*transport) {}
+      : CheckedContainers<P>(transport), transport_(*transport) {}
 
   void LimitReadsTo(size_t reply_bytes) noexcept override {
     this->string_limit_ = Limit(reply_bytes);
@@ -53,19 +53,19 @@ class BlockingProtocol final : public P, public ReadLimits {
     return Guard([&] { return P::readFieldEnd_virt(); });
   }
   uint32_t readMapBegin_virt(TType& key, TType& value, uint32_t& size) override {
-    return Guard([&] { return P::readMapBegin_virt(key, value, size); });
+    return Guard([&] { return CheckedContainers<P>::readMapBegin_virt(key, value, size); });
   }
   uint32_t readMapEnd_virt() override {
     return Guard([&] { return P::readMapEnd_virt(); });
   }
   uint32_t readListBegin_virt(TType& element, uint32_t& size) override {
-    return Guard([&] { return P::readListBegin_virt(element, size); });
+    return Guard([&] { return CheckedContainers<P>::readListBegin_virt(element, size); });
   }
   uint32_t readListEnd_virt() override {
     return Guard([&] { return P::readListEnd_virt(); });
   }
   uint32_t readSetBegin_virt(TType& element, uint32_t& size) override {
-    return Guard([&] { return P::readSetBegin_virt(element, size); });
+    return Guard([&] { return CheckedContainers<P>::readSetBegin_virt(element, size); });
   }
   uint32_t readSetEnd_virt() override {
     return Guard([&] { return P::readSetEnd_virt(); });
@@ -113,6 +113,8 @@ class BlockingProtocol final : public P, public ReadLimits {
     }
   }
 
+  size_t BytesLeft() const noexcept override { return transport_.available_read(); }
+
   const BlockingTransport& transport_;  // owned by the same Proxy, which outlives the reads
 };
 
@@ -124,6 +126,11 @@ std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(Protocol proto
     return std::make_shared<BlockingProtocol<apache::thrift::protocol::TCompactProtocol>>(std::move(transport));
   }
   return std::make_shared<BlockingProtocol<apache::thrift::protocol::TBinaryProtocol>>(std::move(transport));
+}
+
+const std::shared_ptr<apache::thrift::TConfiguration>& ReplyConfiguration() {
+  static const auto config = std::make_shared<apache::thrift::TConfiguration>(INT32_MAX);
+  return config;
 }
 
 // --- spare strings for call bytes ---------------------------------------------------------

@@ -26,19 +26,22 @@ void WriteBe32(std::string& b, size_t at, uint32_t v) {
   b[at + 3] = static_cast<char>(v);
 }
 
-// Reads an unsigned LEB128 varint of at most 5 bytes (a 32-bit value).
-bool ReadVarint32(std::string_view b, size_t& at, uint32_t& out) {
+enum class Varint { kRead, kTruncated, kTooLong };
+
+// A 32-bit varint at `at`. kTruncated: the bytes end inside it (more may come); kTooLong: it
+// runs over 5 bytes (no more bytes can fix it).
+Varint ReadVarint32(std::string_view b, size_t& at, uint32_t& out) {
   uint32_t v = 0;
   for (int i = 0; i < 5; ++i) {
-    if (at >= b.size()) return false;
+    if (at >= b.size()) return Varint::kTruncated;
     auto byte = static_cast<uint8_t>(b[at++]);
     v |= static_cast<uint32_t>(byte & 0x7f) << (7 * i);
     if ((byte & 0x80) == 0) {
       out = v;
-      return true;
+      return Varint::kRead;
     }
   }
-  return false;
+  return Varint::kTooLong;
 }
 
 std::string EncodeVarint32(uint32_t v) {
@@ -83,10 +86,15 @@ std::optional<MessageHeader> ParseMessageHeader(std::string_view b, std::string*
     size_t at = 2;
     uint32_t seqid = 0;
     const size_t seq_at = at;
-    if (!ReadVarint32(b, at, seqid)) return Fail(error, "truncated or bad compact sequence id");
+    if (const Varint r = ReadVarint32(b, at, seqid); r != Varint::kRead) {
+      return Fail(error, r == Varint::kTruncated ? "truncated compact sequence id" : "compact sequence id over 5 bytes");
+    }
     const size_t seq_size = at - seq_at;
     uint32_t len = 0;
-    if (!ReadVarint32(b, at, len)) return Fail(error, "truncated or bad compact method name length");
+    if (const Varint r = ReadVarint32(b, at, len); r != Varint::kRead) {
+      return Fail(error, r == Varint::kTruncated ? "truncated compact method name length"
+                                                 : "compact method name length over 5 bytes");
+    }
     if (len > b.size() - at) return Fail(error, "truncated method name");
     h.format = HeaderFormat::kCompact;
     h.type = static_cast<MessageType>(type);

@@ -846,7 +846,7 @@ TEST(HostilePeerTest, ThriftTwoGibFrameLengthIsRejectedByMaxFrameBytes) {
   auto client = Thrift::NewClient<EchoClient>(server.uri(), ThriftOptions());
   EXPECT_EQ(Echo(client, "before"), "before");
   ExpectBoundedFailure([&] { Echo(client, "huge-frame"); }, Errc::kResponseTooLarge,
-                       "2147483648 bytes, above max_frame_bytes (16777216 bytes)", 5s);
+                       "2147483648 bytes, above max_frame_bytes (16384000 bytes)", 5s);
   EXPECT_EQ(Echo(client, "after"), "after");
 }
 

@@ -377,6 +377,33 @@ TEST_P(ThriftFramingTest, OversizeRepliesAndRequestsFailAndTheClientRecovers) {
   big.Close();
 }
 
+// By default the client sends no frame that a default Apache server refuses: libthrift closes
+// the connection on a frame over 16,384,000 bytes (TConfiguration::DEFAULT_MAX_FRAME_SIZE), so
+// the client's default max_frame_bytes is that, and a request just over it fails before it is
+// sent, not as a closed connection. One just under it goes through.
+TEST(ThriftClientTest, TheDefaultFrameLimitIsADefaultApacheServers) {
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  auto client = Thrift::NewClient<DerivedClient>(
+      server.uri(), Options(Framing::kFramed, Protocol::kBinary, MakeRuntime()));
+  scales::thrifttest::Blob blob;
+  blob.data = std::string(16384000 - 100, 'b');  // the frame: the blob plus 40 bytes of message
+  scales::thrifttest::Blob back;
+  client->roundtrip(back, blob);
+  EXPECT_EQ(back.data.size(), blob.data.size());
+  blob.data.resize(16384000 + 1000);
+  try {
+    client->roundtrip(back, blob);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kRequestTooLarge) << e.what();
+    EXPECT_NE(std::string(e.what()).find("above max_frame_bytes (16384000 bytes)"), std::string::npos) << e.what();
+  }
+  blob.data = "small";
+  client->roundtrip(back, blob);
+  EXPECT_EQ(back.data, "small");
+}
+
 INSTANTIATE_TEST_SUITE_P(Framings, ThriftFramingTest, ::testing::Values(Framing::kFramed, Framing::kBuffered),
                          [](const auto& info) { return std::string(thrift::ToString(info.param)); });
 

@@ -15,6 +15,8 @@ struct Blob {
 
 service Hello {
   string hi(1: string arg)
+  // Only decoded in tests (a container in a reply); no server implements it.
+  list<Blob> blobs(1: i32 n)
 }
 
 service Base {

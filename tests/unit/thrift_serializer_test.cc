@@ -157,6 +157,24 @@ TEST(ThriftMessageTest, DetectsOnewayAndRejectsGarbage) {
   EXPECT_FALSE(ParseMessageHeader(Bytes({0x82, 0x21}), &why));  // truncated compact
 }
 
+// A compact header whose sequence id (or name length) runs over the 5 bytes a 32-bit varint may
+// take can never parse: the scanner of a buffered reply says so at once, instead of waiting for
+// bytes that cannot help until the request times out.
+TEST(ThriftMessageTest, AnOverlongCompactHeaderVarintIsMalformedNotShort) {
+  std::string why;
+  EXPECT_FALSE(ParseMessageHeader(Bytes({0x82, 0x41, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00}), &why));
+  EXPECT_EQ(why, "compact sequence id over 5 bytes");
+  EXPECT_FALSE(ParseMessageHeader(Bytes({0x82, 0x41, 0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00}), &why));
+  EXPECT_EQ(why, "compact method name length over 5 bytes");
+  MessageScan scan = MessageScanner().Scan(Bytes({0x82, 0x41, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00}));
+  EXPECT_EQ(scan.status, MessageScan::Status::kMalformed);
+  EXPECT_NE(scan.error.find("over 5 bytes"), std::string::npos) << scan.error;
+  // Cut short inside a varint: more bytes may still come.
+  EXPECT_EQ(MessageScanner().Scan(Bytes({0x82, 0x41, 0xff, 0xff})).status, MessageScan::Status::kNeedMore);
+  EXPECT_FALSE(ParseMessageHeader(Bytes({0x82, 0x41, 0xff, 0xff}), &why));
+  EXPECT_EQ(why, "truncated compact sequence id");
+}
+
 TEST(ThriftMessageTest, ScanNeedsMoreUntilTheWholeMessageArrived) {
   for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
     std::string msg = WriteMessage(p, "echo", apache::thrift::protocol::T_REPLY, 7);
@@ -579,6 +597,58 @@ TEST(ThriftCodecTest, DecodesInPlaceAndEveryTruncationFails) {
         ASSERT_EQ(internal::Decode<HelloClient>(p, *copy, &HelloClient::recv_hi), value) << "after a cut at " << cut;
       }
     }
+  }
+}
+
+// A reply padded with an unknown field, then declaring a list of a million structs and ending:
+// the list cannot fit in the 0 bytes left, so it fails before the generated code resizes a
+// vector for it (a million Blobs, ~56 MB; the padding bought it nothing). A list that fits in
+// what is left still decodes.
+TEST(ThriftCodecTest, AListDeclaringMoreElementsThanTheBytesLeftFailsBeforeItIsSized) {
+  auto reply = [](Protocol p, int32_t declared, int32_t sent) {
+    return Written(p, [&](const std::shared_ptr<apache::thrift::protocol::TProtocol>& proto) {
+      proto->writeMessageBegin("blobs", apache::thrift::protocol::T_REPLY, 0);
+      proto->writeStructBegin("Hello_blobs_result");
+      proto->writeFieldBegin("padding", apache::thrift::protocol::T_STRING, 99);
+      proto->writeBinary(std::string(2 << 20, 'p'));
+      proto->writeFieldEnd();
+      proto->writeFieldBegin("success", apache::thrift::protocol::T_LIST, 0);
+      proto->writeListBegin(apache::thrift::protocol::T_STRUCT, static_cast<uint32_t>(declared));
+      scales::thrifttest::Blob blob;
+      blob.data = "b";
+      for (int32_t i = 0; i < sent; ++i) blob.write(proto.get());
+      if (sent < declared) return;  // the reply ends here
+      proto->writeListEnd();
+      proto->writeFieldEnd();
+      proto->writeFieldStop();
+      proto->writeStructEnd();
+      proto->writeMessageEnd();
+    });
+  };
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    const std::string hostile = reply(p, 1000000, 0);
+    try {
+      internal::Decode<HelloClient>(p, hostile, &HelloClient::recv_blobs);
+      ADD_FAILURE() << "decoded";
+    } catch (const apache::thrift::protocol::TProtocolException& e) {
+      EXPECT_EQ(e.getType(), apache::thrift::protocol::TProtocolException::SIZE_LIMIT) << e.what();
+      EXPECT_NE(std::string_view(e.what()).find("a list declares 1000000 elements with 0 bytes of the reply left"),
+                std::string_view::npos)
+          << e.what();
+    }
+    const std::string fine = reply(p, 3, 3);
+    EXPECT_EQ(internal::Decode<HelloClient>(p, fine, &HelloClient::recv_blobs).size(), 3u);
+  }
+}
+
+// libthrift's transports stop a message at 100 MiB read (TConfiguration's default
+// maxMessageSize); a reply is bounded by max_frame_bytes (up to 2 GiB) before it is decoded, so
+// the reader must not stop it below that.
+TEST(ThriftCodecTest, AReplyOverLibthriftsDefaultMessageSizeDecodes) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    const std::string value(101u << 20, 'r');
+    const std::string reply = HiReply(p, value);
+    EXPECT_EQ(internal::Decode<HelloClient>(p, reply, &HelloClient::recv_hi).size(), value.size());
   }
 }
 

@@ -88,7 +88,9 @@ namespace scales::thrift {
 // a few bytes declaring a 2 GiB string, or a list of 2^31 structs, would allocate all of it.
 // Nothing in a reply is longer, or has more elements, than the reply has bytes (every element
 // takes at least one): LimitReadsTo(reply size) makes anything beyond that fail with
-// TProtocolException SIZE_LIMIT. A container may still cost its element size per reply byte.
+// TProtocolException SIZE_LIMIT. The protocols also hold a container's element count to the bytes
+// still unread (CheckedContainers), so bytes before the container (an unknown field of padding) buy
+// it nothing. A container may still cost its element size per byte after it.
 class ReadLimits {
  public:
   virtual void LimitReadsTo(size_t reply_bytes) noexcept = 0;
@@ -100,7 +102,53 @@ class ReadLimits {
   }
 };
 
+// Apache's protocol P (a TVirtualProtocol) whose container reads fail with TProtocolException
+// SIZE_LIMIT when a list, set or map declares more elements than the bytes the reply has left
+// can hold (BytesLeft(); an element takes at least one byte, a map entry two), before the
+// generated code sizes anything for them.
+template <class P>
+class CheckedContainers : public P {
+ public:
+  using P::P;
+  uint32_t readListBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
+    const uint32_t n = P::readListBegin_virt(element, size);
+    Check("list", size, 1);
+    return n;
+  }
+  uint32_t readSetBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
+    const uint32_t n = P::readSetBegin_virt(element, size);
+    Check("set", size, 1);
+    return n;
+  }
+  uint32_t readMapBegin_virt(apache::thrift::protocol::TType& key, apache::thrift::protocol::TType& value,
+                             uint32_t& size) override {
+    const uint32_t n = P::readMapBegin_virt(key, value, size);
+    Check("map", size, 2);
+    return n;
+  }
+
+ protected:
+  ~CheckedContainers() override = default;
+  virtual size_t BytesLeft() const noexcept = 0;
+
+ private:
+  void Check(const char* kind, uint32_t count, size_t min_bytes) const {
+    const size_t left = BytesLeft();
+    if (static_cast<uint64_t>(count) * min_bytes <= left) return;
+    throw apache::thrift::protocol::TProtocolException(
+        apache::thrift::protocol::TProtocolException::SIZE_LIMIT,
+        "a " + std::string(kind) + " declares " + std::to_string(count) + " elements with " + std::to_string(left) +
+            " bytes of the reply left");
+  }
+};
+
 class BlockingTransport;
+
+// The libthrift configuration of the transports replies are read from. libthrift's default caps
+// what one message may read at 100 MiB (TConfiguration::DEFAULT_MAX_MESSAGE_SIZE), below the
+// max_frame_bytes a client accepts (up to 2 GiB): a reply is already bounded by max_frame_bytes
+// (framed) or max_response_bytes (buffered) before it is decoded, so this one does not cap it.
+const std::shared_ptr<apache::thrift::TConfiguration>& ReplyConfiguration();
 
 // The protocol of a blocking call's generated client, of kind `protocol` over the call's
 // `transport`: Apache's TBinaryProtocol or TCompactProtocol with ReadLimits, whose reads turn
@@ -164,7 +212,8 @@ std::string BlockingRoundTrip(const std::shared_ptr<ClientCore>& core, std::stri
 class BlockingTransport final : public apache::thrift::transport::TMemoryBuffer {
  public:
   BlockingTransport(std::shared_ptr<ClientCore> core, CallOptions options, std::string client_id)
-      : core_(std::move(core)), options_(std::move(options)), client_id_(std::move(client_id)) {}
+      : TMemoryBuffer(ReplyConfiguration()),
+        core_(std::move(core)), options_(std::move(options)), client_id_(std::move(client_id)) {}
   void flush() override;
   // The limits of the protocol that reads the reply from this buffer: flush() bounds its
   // reads by the reply's size (ReadLimits). It must outlive the flush.
@@ -241,6 +290,7 @@ inline std::optional<StrictHeader> ParseStrictHeader(std::string_view b) {
 class ReplyReader final
     : public apache::thrift::transport::TVirtualTransport<ReplyReader, apache::thrift::transport::TBufferBase> {
  public:
+  ReplyReader() : TVirtualTransport(ReplyConfiguration()) {}
   // TVirtualTransport's readAll would hide TBufferBase's inline fast path.
   using TBufferBase::readAll;
 
@@ -252,6 +302,8 @@ class ReplyReader final
   }
   // Forgets the bytes (they may be freed now).
   void Clear() noexcept { setReadBuffer(nullptr, 0); }
+  // Bytes not yet read.
+  uint32_t available_read() const noexcept { return static_cast<uint32_t>(rBound_ - rBase_); }
   bool isOpen() const override { return true; }
 
  protected:
@@ -275,9 +327,10 @@ class ReplyReader final
 // here ptrans_ points at the transport without owning it (a shared_ptr aliasing an empty one
 // has no control block, so its copies touch no counter) and owner_ keeps the transport alive.
 template <class P, class T>
-class UncountedTransportProtocol final : public P, public ReadLimits {
+class UncountedTransportProtocol final : public CheckedContainers<P>, public ReadLimits {
  public:
-  explicit UncountedTransportProtocol(std::shared_ptr<T> transport) : P(transport), owner_(std::move(transport)) {
+  explicit UncountedTransportProtocol(std::shared_ptr<T> transport)
+      : CheckedContainers<P>(transport), owner_(std::move(transport)) {
     this->ptrans_ = std::shared_ptr<apache::thrift::transport::TTransport>(
         std::shared_ptr<apache::thrift::transport::TTransport>(), owner_.get());
   }
@@ -287,6 +340,7 @@ class UncountedTransportProtocol final : public P, public ReadLimits {
   }
 
  private:
+  size_t BytesLeft() const noexcept override { return owner_->available_read(); }
   std::shared_ptr<T> owner_;
 };
 

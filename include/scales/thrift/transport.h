@@ -38,8 +38,10 @@ struct TransportOptions {
   Duration connect_timeout = std::chrono::seconds(5);
   // Largest reply accepted (the frame length for framed, the message for buffered); a larger
   // one fails the call with kResponseTooLarge and closes the connection. Also the largest
-  // request sent (kRequestTooLarge). Default 16 MiB (libthrift's TFramedTransport default).
-  size_t max_frame_bytes = 16 * 1024 * 1024;
+  // request sent (kRequestTooLarge). Default 16,384,000 bytes, libthrift's default frame limit
+  // (TConfiguration::DEFAULT_MAX_FRAME_SIZE): a default Apache server closes the connection on a
+  // larger request frame, so the client refuses it before sending.
+  size_t max_frame_bytes = 16384000;
   // TLS from the first byte (Apache Thrift's TSSLSocket / TSSLServerSocket). Off by default;
   // ?tls=on in the URI turns it on.
   TlsOptions tls;
