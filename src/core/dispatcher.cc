@@ -281,6 +281,7 @@ void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, St
   loop_.CallEnded();
   if (call->holds_pending_slot) ReleasePendingSlot();
   call->in_initiation = initiating_ > 0;
+  call->client_name = &client_name_;
   call->Complete(msg, loop_.executor());
   if (closed_ && pending_ == 0 && self_while_draining_) {
     // Destroying the stack from inside its own response path would pull it out from under

@@ -233,16 +233,24 @@ namespace {
 
 // A reply whose body did not decode (`e`: Apache's exception), as async and blocking calls
 // report it.
-Error MalformedReplyError(const std::string& endpoint, const std::string& method, const std::exception& e) {
-  return Error(make_error_code(Errc::kProtocolError),
-               fmt::format("malformed Thrift reply from {} for {}: {}", endpoint.empty() ? "?" : endpoint, method,
-                           e.what()));
+// The call's CallInfo, if any, says so too: the stack saw a whole reply, a success.
+Error MalformedReplyError(std::string_view client, const std::string& endpoint, const std::string& method,
+                          const std::exception& e, CallInfo* info) {
+  Error error(make_error_code(Errc::kProtocolError),
+              fmt::format("client {}: malformed Thrift reply from {} for {}: {}", client,
+                          endpoint.empty() ? "?" : endpoint, method, e.what()));
+  if (info != nullptr) {
+    info->error = error.scales_code();
+    info->detail = error.what();
+  }
+  return error;
 }
 
 }  // namespace
 
-std::exception_ptr ThriftCall::MalformedReply(const std::exception& e) const {
-  return std::make_exception_ptr(MalformedReplyError(info->endpoint, message.method, e));
+std::exception_ptr ThriftCall::MalformedReply(const std::exception& e) {
+  return std::make_exception_ptr(MalformedReplyError(client_name != nullptr ? std::string_view(*client_name) : "?",
+                                                     info->endpoint, message.method, e, info));
 }
 
 void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, std::string bytes,
@@ -317,7 +325,7 @@ void BlockingTransport::flush() {
 }
 
 void BlockingTransport::ThrowMalformed(const std::exception& e) const {
-  throw MalformedReplyError(endpoint_, method_, e);
+  throw MalformedReplyError(core_->name(), endpoint_, method_, e, options_.info);
 }
 
 void Validate(const ThriftOptions& o) {

@@ -769,15 +769,26 @@ void ResetPeakMemory() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 // A malformed echo reply fails the call, blocking or async alike, with scales::Error
 // (kProtocolError) naming the endpoint and the method.
-void ExpectMalformedReply(const thrift::ThriftClient<EchoClient>& client, const std::string& arg) {
+// Also checks that the error names the client, and that the call's CallInfo says the same
+// (the stack itself saw a whole reply).
+void ExpectMalformedReply(const thrift::ThriftClient<EchoClient>& plain, const std::string& arg) {
+  CallInfo info;
+  CallOptions options;
+  options.info = &info;
+  auto client = plain.WithOptions(options);
   auto check = [&](const Error& e) {
     EXPECT_EQ(e.scales_code(), Errc::kProtocolError) << e.what();
-    EXPECT_NE(std::string_view(e.what()).find("malformed Thrift reply from 127.0.0.1:"), std::string_view::npos)
+    EXPECT_NE(std::string_view(e.what()).find("client hostile-thrift: malformed Thrift reply from 127.0.0.1:"),
+              std::string_view::npos)
         << e.what();
     EXPECT_NE(std::string_view(e.what()).find(" for echo: "), std::string_view::npos) << e.what();
+    EXPECT_EQ(info.error, Errc::kProtocolError);
+    EXPECT_EQ(info.detail, e.what());
+    info = CallInfo();
   };
   try {
-    Echo(client, arg);  // blocking: the generated recv_echo reads the reply
+    std::string r;
+    client->echo(r, arg);  // blocking: the generated recv_echo reads the reply
     ADD_FAILURE() << "the blocking call succeeded";
   } catch (const Error& e) {
     check(e);

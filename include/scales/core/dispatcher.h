@@ -170,6 +170,9 @@ class CallBase {
   bool in_initiation = false;
   // The call holds a slot of the client's max_pending limit (given back when it completes).
   bool holds_pending_slot = false;
+  // Set by the dispatcher just before Complete(), valid during it: the client's name, for an
+  // error the call itself finds while completing (a reply that does not decode).
+  const std::string* client_name = nullptr;
 
   // Completes the caller's handler with the outcome and destroys the call. `fallback` runs
   // the handler when it has no associated executor.

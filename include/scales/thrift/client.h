@@ -29,8 +29,8 @@
 //    the declared exception, TApplicationException or scales::Error. use_future and
 //    use_awaitable rethrow that exception itself.
 //  - A reply whose body does not decode (truncated, or a string or container declaring more
-//    than the reply holds; ReadLimits): scales::Error(kProtocolError, "malformed Thrift reply
-//    from <endpoint> for <method>: ...") for async and blocking calls alike (a blocking call's
+//    than the reply holds; ReadLimits): scales::Error(kProtocolError, "client <name>: malformed
+//    Thrift reply from <endpoint> for <method>: ...") for async and blocking calls alike (a blocking call's
 //    protocol turns what Apache's reads throw into it). One exception: a required field missing
 //    from a returned struct, which the generated code itself checks, reaches a blocking caller
 //    as Apache's TProtocolException (INVALID_DATA).
@@ -188,8 +188,8 @@ class ThriftCall : public CallBase {
                        bool defer) = 0;
   // The reply's body did not decode (`e`: Apache's TProtocolException or TTransportException,
   // e.g. truncated, or a length over the reply's size): scales::Error(kProtocolError) naming
-  // the endpoint, the method and what was wrong.
-  std::exception_ptr MalformedReply(const std::exception& e) const;
+  // the client, the endpoint, the method and what was wrong, also put in `info`.
+  std::exception_ptr MalformedReply(const std::exception& e);
 
  private:
   CallInfo own_info_;
@@ -219,7 +219,8 @@ class BlockingTransport final : public apache::thrift::transport::TMemoryBuffer 
   // reads by the reply's size (ReadLimits). It must outlive the flush.
   void ReadsWith(ReadLimits* reader) noexcept { reader_ = reader; }
   // The reply did not decode (`e`: Apache's exception, from the protocol reading it): throws
-  // scales::Error(kProtocolError, "malformed Thrift reply from <endpoint> for <method>: ...").
+  // scales::Error(kProtocolError, "client <name>: malformed Thrift reply from <endpoint> for
+  // <method>: ...") (also in the call's CallInfo, when it asked for one).
   [[noreturn]] void ThrowMalformed(const std::exception& e) const;
 
  private:
