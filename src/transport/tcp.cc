@@ -130,11 +130,22 @@ void TcpConnection::StartHandshake() {
   const std::string& name = tls_.server_name.empty() ? endpoint_.host : tls_.server_name;
   boost::system::error_code not_ip;
   asio::ip::make_address(name, not_ip);
+  bool checked = true;
   if (not_ip) {
     SSL_set_tlsext_host_name(handle, name.c_str());
-    if (tls_.verify_peer) SSL_set1_host(handle, name.c_str());
+    if (tls_.verify_peer) checked = SSL_set1_host(handle, name.c_str()) == 1;
   } else if (tls_.verify_peer) {
-    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(handle), name.c_str());
+    // An IPv6 literal's zone ("fe80::1%eth0", which make_address accepts) is no part of the
+    // address a certificate names, and OpenSSL refuses the whole string.
+    const std::string address = name.substr(0, name.find('%'));
+    checked = X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(handle), address.c_str()) == 1;
+  }
+  if (!checked) {
+    // Never handshake without the check: any certificate the CA signed would do.
+    failure_detail_ = fmt::format("TLS setup for {} failed: OpenSSL cannot check the certificate against '{}'",
+                                  address_, name);
+    asio::post(loop_.executor(), [this] { Finish(make_error_code(Errc::kTlsFailed)); });
+    return;
   }
   handshaking_ = true;
   ssl_->async_handshake(asio::ssl::stream_base::client,

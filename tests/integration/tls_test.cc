@@ -408,6 +408,14 @@ TEST(TlsConnectionTest, HandshakeFailuresSayWhy) {
   EXPECT_EQ(e4, Errc::kTlsFailed);
   EXPECT_THAT(d4, HasSubstr("certificate verify failed (hostname mismatch)")) << d4;
 
+  // An IPv6 literal with a zone is checked without it (OpenSSL refuses the zone, and took the
+  // check away with it: the wrong host's certificate was accepted).
+  TlsOptions zoned = Trusting(ca.ca_file);
+  zoned.server_name = "::ffff:127.0.0.1%lo";
+  auto [e6, d6] = Connect(wrong.port(), zoned);
+  EXPECT_EQ(e6, Errc::kTlsFailed) << d6;
+  EXPECT_THAT(d6, HasSubstr("certificate verify failed (IP address mismatch)")) << d6;
+
   auto [e5, d5] = Connect(plain.port(), Trusting(ca.ca_file));
   EXPECT_EQ(e5, Errc::kTlsFailed);
   EXPECT_THAT(d5, HasSubstr("TLS handshake with " + plain.endpoint() + " failed: "));
