@@ -969,14 +969,19 @@ SinkProvider MuxSessionProvider(SessionOptions options) {
       {"tls", SettingText(options.tls.enabled)},
       {"opportunistic_tls", ToString(options.opportunistic_tls)},
   };
+  // The TLS files are loaded now, so a bad one fails the build (kInvalidArgument naming the
+  // option), as for HTTP and Thrift; the provider keeps the context, so every session shares it
+  // (MakeTlsContext's cache) instead of loading the files again on its event loop.
+  std::shared_ptr<boost::asio::ssl::context> tls_context;
   if (options.tls.enabled || options.opportunistic_tls != OpportunisticTls::kOff) {
+    tls_context = MakeTlsContext(options.tls);
     settings.emplace_back("tls_ca_file", options.tls.ca_file.empty() ? "(system CAs)" : options.tls.ca_file);
     settings.emplace_back("tls_verify", SettingText(options.tls.verify_peer));
     settings.emplace_back("tls_server_name", options.tls.server_name);
     settings.emplace_back("tls_cert_file", options.tls.cert_file);
   }
   return SinkProvider{std::string(roles::kTransport), "mux-session",
-                      [options](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                      [options, tls_context](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                         return std::make_shared<MuxSessionSink>(ctx, options);
                       },
                       std::move(settings)};

@@ -1,5 +1,7 @@
 #include "scales/transport/tls.h"
 
+#include <sys/stat.h>
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -32,6 +34,15 @@ void CheckReadable(const char* option, const std::string& path) {
     Invalid(fmt::format("tls.{} '{}' cannot be read: {}", option, path, std::strerror(errno)));
   }
   std::fclose(f);
+}
+
+// What tells one version of a file from the next: inode, size and modification time (empty
+// for no file; "?" when it cannot be read, which BuildContext then reports).
+std::string FileStamp(const std::string& path) {
+  if (path.empty()) return {};
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return "?";
+  return fmt::format("{}:{}:{}:{}.{}", st.st_dev, st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
 }
 
 std::string OpenSslReason(const boost::system::error_code& ec) {
@@ -79,9 +90,23 @@ std::shared_ptr<ssl::context> BuildContext(const TlsOptions& o) {
     ctx->use_certificate_chain_file(o.cert_file, ec);
     if (ec) Invalid(fmt::format("tls.cert_file '{}' cannot be loaded: {}", o.cert_file, OpenSslReason(ec)));
     CheckReadable("key_file", o.key_file);
+    // An encrypted key would make OpenSSL's default callback ask for its passphrase on the
+    // terminal, blocking the thread that builds the client: answer with none, and say why.
+    bool encrypted = false;
+    SSL_CTX_set_default_passwd_cb_userdata(ctx->native_handle(), &encrypted);
+    SSL_CTX_set_default_passwd_cb(ctx->native_handle(), [](char*, int, int, void* asked) {
+      *static_cast<bool*>(asked) = true;
+      return 0;  // no passphrase
+    });
     ctx->use_private_key_file(o.key_file, ssl::context::pem, ec);
+    SSL_CTX_set_default_passwd_cb(ctx->native_handle(), nullptr);
+    SSL_CTX_set_default_passwd_cb_userdata(ctx->native_handle(), nullptr);
     const bool mismatch = ec && ec.category() == boost::asio::error::get_ssl_category() &&
                           ERR_GET_REASON(static_cast<unsigned long>(ec.value())) == X509_R_KEY_VALUES_MISMATCH;
+    if (ec && encrypted) {
+      ERR_clear_error();
+      Invalid(fmt::format("tls.key_file '{}' is encrypted: scales reads unencrypted PEM keys only", o.key_file));
+    }
     if (ec && !mismatch) {
       Invalid(fmt::format("tls.key_file '{}' cannot be loaded: {}", o.key_file, OpenSslReason(ec)));
     }
@@ -129,12 +154,13 @@ void Validate(const TlsOptions& o) {
 std::shared_ptr<ssl::context> MakeTlsContext(const TlsOptions& o) {
   ValidateFields(o);  // also when `enabled` is off: opportunistic TLS (Mux) upgrades with these
   // Contexts are shared while in use (one per client is typical; every connection of a
-  // client uses it). A weak cache: files are read again once no client uses them, so a
-  // rotated certificate is picked up by the next client.
+  // client uses it). A weak cache, keyed by the options and by the files' identity (inode,
+  // size, modification time): a rotated file (replaced, or rewritten) is read again by the
+  // next client built, even while older clients keep the context they loaded.
   static std::mutex mu;
   static std::map<std::string, std::weak_ptr<ssl::context>> cache;
-  std::string key = fmt::format("{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file,
-                                o.server_name);
+  std::string key = fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file,
+                                o.server_name, FileStamp(o.ca_file), FileStamp(o.cert_file), FileStamp(o.key_file));
   std::lock_guard lock(mu);
   if (auto it = cache.find(key); it != cache.end()) {
     if (auto ctx = it->second.lock()) return ctx;

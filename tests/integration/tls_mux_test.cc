@@ -379,6 +379,25 @@ TEST(TlsMuxTest, ApplyUriOptionsKeepsDiscoveryKeys) {
   EXPECT_FALSE(o.session.tls.verify_peer);
 }
 
+// The TLS files are loaded when the client is built, as for HTTP and Thrift: a file that cannot
+// be read fails the build naming the option, for first-byte and opportunistic TLS alike (it used
+// to fail each call later, as an endpoint marked down).
+TEST(TlsMuxTest, AnUnreadableTlsFileFailsTheBuild) {
+  MuxReferenceServer server(ServerArgs("first-byte"));
+  for (auto o : {FirstByte(), Opportunistic(mux::OpportunisticTls::kRequired)}) {
+    o.session.tls.ca_file = "/nonexistent/ca.pem";
+    try {
+      ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+      ADD_FAILURE() << "built";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string_view(e.what()).find("tls.ca_file '/nonexistent/ca.pem' cannot be read"),
+                std::string_view::npos)
+          << e.what();
+    }
+  }
+}
+
 TEST(TlsMuxTest, InconsistentOptionsAreRejected) {
   auto expect_invalid = [](thriftmux::ThriftMuxOptions o, std::string_view names) {
     try {

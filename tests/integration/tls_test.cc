@@ -15,6 +15,8 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/use_future.hpp>
 #include <gmock/gmock.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <gtest/gtest.h>
 
 #include "Echo.h"
@@ -309,6 +311,33 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
   TlsOptions half = Trusting(ca.ca_file);
   half.cert_file = ca.client_cert;
   EXPECT_THROW(Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half)), Error);
+  {
+    // The client key, encrypted with a passphrase: OpenSSL's default would ask for it on the
+    // terminal (blocking the build when there is one); scales refuses it and says why.
+    const std::string encrypted = ca.dir + "/client-encrypted.key";
+    std::FILE* in = std::fopen(ca.client_key.c_str(), "rb");
+    ASSERT_NE(in, nullptr);
+    EVP_PKEY* key = PEM_read_PrivateKey(in, nullptr, nullptr, nullptr);
+    std::fclose(in);
+    ASSERT_NE(key, nullptr);
+    std::FILE* out = std::fopen(encrypted.c_str(), "wb");
+    ASSERT_NE(out, nullptr);
+    char pass[] = "secret";
+    EXPECT_EQ(PEM_write_PrivateKey(out, key, EVP_aes_128_cbc(), reinterpret_cast<unsigned char*>(pass), 6, nullptr,
+                                   nullptr),
+              1);
+    std::fclose(out);
+    EVP_PKEY_free(key);
+    TlsOptions locked = half;
+    locked.key_file = encrypted;
+    try {
+      Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, locked));
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+      EXPECT_THAT(e.what(), HasSubstr("tls.key_file '" + encrypted + "' is encrypted"));
+    }
+  }
   half.key_file = ca.server_key;  // not the certificate's key
   try {
     Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half));
@@ -317,6 +346,37 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
     EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
     EXPECT_THAT(e.what(), HasSubstr("does not match the certificate"));
   }
+}
+
+// A rotated certificate (a new file renamed over the old, as cert-manager and certbot do) is
+// read by the next client built, though an older client still holds the context of the old one.
+TEST(TlsOptionsTest, ARotatedCertificateIsReadByTheNextClient) {
+  const auto& ca = TestCa();
+  namespace fs = std::filesystem;
+  const std::string cert = ca.dir + "/rotating.pem";
+  const std::string key = ca.dir + "/rotating.key";
+  auto install = [&](const std::string& from_cert, const std::string& from_key) {
+    fs::copy_file(from_cert, cert + ".new", fs::copy_options::overwrite_existing);
+    fs::copy_file(from_key, key + ".new", fs::copy_options::overwrite_existing);
+    fs::rename(cert + ".new", cert);
+    fs::rename(key + ".new", key);
+  };
+  auto subject = [](const std::shared_ptr<boost::asio::ssl::context>& ctx) {
+    X509* leaf = SSL_CTX_get0_certificate(ctx->native_handle());
+    char name[256] = {};
+    X509_NAME_oneline(X509_get_subject_name(leaf), name, sizeof name);
+    return std::string(name);
+  };
+  TlsOptions o = Trusting(ca.ca_file);
+  o.cert_file = cert;
+  o.key_file = key;
+  install(ca.client_cert, ca.client_key);
+  auto before = MakeTlsContext(o);
+  EXPECT_EQ(MakeTlsContext(o), before) << "unchanged files share the context";
+  install(ca.server_cert, ca.server_key);
+  auto after = MakeTlsContext(o);
+  EXPECT_NE(after, before);
+  EXPECT_NE(subject(after), subject(before)) << subject(after);
 }
 
 // ---- TcpConnection: the handshake failure reasons -------------------------------------------

@@ -37,9 +37,10 @@ struct TlsOptions {
 // TLS is off are allowed (and ignored). Does not read the files (MakeTlsContext does).
 void Validate(const TlsOptions& o);
 
-// The SSL client context for `o` (cached while in use: clients with equal options share one).
-// Loads the CA file, client certificate and key; throws scales::Error(kInvalidArgument) naming
-// the option, the file and OpenSSL's reason when one cannot be loaded. Immutable once returned.
+// The SSL client context for `o` (cached while in use: clients with equal options and unchanged
+// files share one; a file replaced or rewritten since is read again). Loads the CA file, client
+// certificate and key (unencrypted); throws scales::Error(kInvalidArgument) naming the option,
+// the file and OpenSSL's reason when one cannot be loaded. Immutable once returned.
 std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsOptions& o);
 
 // Applies the per-URI TLS keys of a parsed URI's query (ParsedUri::query) to `o`:
