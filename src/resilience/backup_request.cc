@@ -136,7 +136,7 @@ BackupRequestSink::BackupRequestSink(EventLoop& loop, SinkPtr next, BackupReques
                                      const BackupReplyOps& ops, const stats::StatsScope& stats)
     : ForwardingSink(std::move(next)),
       loop_(loop),
-      options_(std::move(options)),
+      options_((Validate(options), std::move(options))),  // before budget_ checks its own copy
       ops_(ops),
       percentile_(options_.percentile > 0 ? options_.percentile : 1.0 - options_.max_extra_load),
       latencies_(loop.clock(), options_.window, options_.window_slices),
@@ -145,9 +145,7 @@ BackupRequestSink::BackupRequestSink(EventLoop& loop, SinkPtr next, BackupReques
       sent_(stats.GetCounter("scales_backup_requests_sent")),
       won_(stats.GetCounter("scales_backup_requests_won")),
       budget_exhausted_(stats.GetCounter("scales_backup_requests_budget_exhausted")),
-      send_after_hist_(stats.GetHistogram("scales_backup_send_after_us")) {
-  Validate(options_);
-}
+      send_after_hist_(stats.GetHistogram("scales_backup_send_after_us")) {}
 
 BackupRequestSink::~BackupRequestSink() = default;
 
@@ -184,15 +182,17 @@ void BackupRequestSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     next_->AsyncProcessRequest(stack, msg, stream);
     return;
   }
-  budget_.Deposit();
+  // One deposit per call: the retry sink sends a call's retries through here again.
+  if (msg.properties.retries == 0) budget_.Deposit();
   Hedge* h = Acquire();
   h->caller = &stack;
   h->stream = stream;
   h->start = loop_.Now();
   h->primary_out = true;
   if (auto delay = SendBackupAfter()) {
-    const TimePoint at = h->start + *delay;
-    if (!msg.properties.deadline || at < *msg.properties.deadline) {
+    // Saturating: a min_send_backup_after of Duration::max() means never, not a wrapped past.
+    const TimePoint at = DeadlineAfter(h->start, *delay);
+    if (at != TimePoint::max() && (!msg.properties.deadline || at < *msg.properties.deadline)) {
       loop_.timers().Schedule(h->timer, at, &OnTimer, h);
     }
   }

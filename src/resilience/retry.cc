@@ -67,29 +67,55 @@ void RetrySink::Release(Pending* p) {
   p->timer.Cancel();
   p->stack = nullptr;
   p->stream = nullptr;
+  p->request = nullptr;
   p->last_detail.clear();
   p->waiting = false;
   free_.push_back(p);
 }
 
+namespace {
+
+// The first attempt's context: its request stream, tagged (bit 0; a Stream is aligned) to tell it
+// from a retry's Pending.
+void* FirstAttempt(Stream* request) noexcept {
+  return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(request) | uintptr_t{1});
+}
+Stream* FirstAttemptRequest(void* context) noexcept {
+  const auto bits = reinterpret_cast<uintptr_t>(context);
+  return (bits & uintptr_t{1}) != 0 ? reinterpret_cast<Stream*>(bits & ~uintptr_t{1}) : nullptr;
+}
+bool IsFirstAttempt(void* context) noexcept { return (reinterpret_cast<uintptr_t>(context) & uintptr_t{1}) != 0; }
+
+}  // namespace
+
 void RetrySink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
   // Reached once per call (retries are sent from below this point): the call's one deposit.
   budget_->Deposit();
   UpdateBalanceGauge();
-  stack.Push(this, nullptr);
+  static_assert(alignof(Stream) > 1);
+  stack.Push(this, FirstAttempt(stream));
   next_->AsyncProcessRequest(stack, msg, stream);
 }
 
 void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
                                      MethodReturnMessage& msg) {
-  if (context != nullptr) Release(static_cast<Pending*>(context));
+  // The request stream each retry is sent with: the call's own, not the stream the failure came
+  // up with (a sink below may answer with a reply buffer of its own).
+  Stream* request;
+  if (IsFirstAttempt(context)) {
+    request = FirstAttemptRequest(context);
+  } else {
+    auto* done = static_cast<Pending*>(context);
+    request = done->request;
+    Release(done);
+  }
   if (msg.ok()) {
     stack.AsyncProcessResponse(stream, msg);
     return;
   }
   CallProperties& props = stack.message().properties;
   const int attempt = props.retries + 1;
-  const int attempts = options_.max_retries + 1;
+  const int64_t attempts = int64_t{options_.max_retries} + 1;  // max_retries may be INT_MAX
   const bool retryable = IsRetryable(msg.error, props.idempotent);
   if (retryable || props.retries > 0) msg.detail += fmt::format(" (attempt {} of {})", attempt, attempts);
   if (!retryable || stack.cancelled()) {
@@ -131,6 +157,7 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
   Pending* p = Acquire();
   p->stack = &stack;
   p->stream = stream;
+  p->request = request;
   p->last_detail = std::move(msg.detail);
   p->waiting = true;
   ++waiting_;
@@ -152,7 +179,7 @@ void RetrySink::Resend(Pending* p) {
   SinkStack& stack = *p->stack;
   stack.ClearCancelHandler();
   // `p` stays ours (it is the pushed context) until this attempt's response comes back.
-  next_->AsyncProcessRequest(stack, stack.message(), p->stream);
+  next_->AsyncProcessRequest(stack, stack.message(), p->request);
 }
 
 void RetrySink::CancelRequest(SinkStack& stack, void* context, const error_code& reason) {

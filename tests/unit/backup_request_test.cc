@@ -81,10 +81,11 @@ class BackupRequestTest : public ::testing::Test {
     factory_.Clear();
   }
 
-  size_t Start(bool idempotent = true, std::optional<Duration> timeout = std::nullopt) {
+  size_t Start(bool idempotent = true, std::optional<Duration> timeout = std::nullopt, int retries = 0) {
     size_t i = calls_.StartWith(
         [&](CallBase* call) {
           call->message.properties.idempotent = idempotent;
+          call->message.properties.retries = retries;
           dispatcher_->Dispatch(call, true);
         },
         timeout);
@@ -205,6 +206,14 @@ TEST(BackupRequestOptionsTest, ValidationNamesTheField) {
   o.budget_ttl = milliseconds(10);
   EXPECT_THAT(message(o), HasSubstr("backup.budget_ttl"));
   EXPECT_THROW(BackupRequestProvider(o), Error);
+  // A sink built directly names its own field too (not the retry budget's it is built from).
+  test::ManualEnv env;
+  try {
+    BackupRequestSink sink(env.loop(), nullptr, o, BackupReplyOpsFor<int>(), env.scope);
+    ADD_FAILURE() << "built";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("backup.budget_ttl")) << e.what();
+  }
 }
 
 TEST_F(BackupRequestTest, NoBackupBeforeTheFirstRefreshFindsLatencies) {
@@ -427,6 +436,39 @@ TEST_F(BackupRequestTest, BudgetLimitsBackupsToMaxExtraLoad) {
   EXPECT_EQ(calls_[c].value, 1);
   EXPECT_EQ(calls_[d].value, 2);
   EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 1);
+}
+
+// The retry sink sends a call's retries through the backup sink again: only the first attempt
+// deposits, so failing calls that are retried do not buy extra backups.
+TEST_F(BackupRequestTest, ARetryDoesNotDepositAgain) {
+  auto o = Options();
+  o.max_extra_load = 0.1;  // one backup per 10 hedged calls
+  o.budget_min_per_sec = 0;
+  Build(o);
+  Warm(9, milliseconds(20));                           // 9 deposits
+  auto c = Start(true, std::nullopt, /*retries=*/1);  // a retry: no 10th deposit
+  env_.Advance(milliseconds(30));
+  EXPECT_EQ(transport_->in_flight(), 1u) << "a backup was paid for by a retry";
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_budget_exhausted"), 1);
+  ASSERT_TRUE(transport_->Reply(0, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
+}
+
+// Duration::max() means never: the delay saturates instead of wrapping into the past (which sent
+// a backup on the next turn of the loop for every call).
+TEST_F(BackupRequestTest, AMaximalMinSendBackupAfterSendsNoBackup) {
+  auto o = Options();
+  o.min_send_backup_after = Duration::max();
+  Build(o);
+  Warm(4, milliseconds(20));
+  auto c = Start();
+  env_.Advance(seconds(1));
+  EXPECT_EQ(transport_->in_flight(), 1u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+  ASSERT_TRUE(transport_->Reply(0, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
 }
 
 TEST_F(BackupRequestTest, CloseWithBothAttemptsOutAnswersOnce) {

@@ -7,7 +7,9 @@
 #include <chrono>
 #include <memory>
 #include <optional>
+#include <limits>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
 #include <gmock/gmock.h>
@@ -39,13 +41,21 @@ class StampSink final : public ForwardingSink {
     msg.properties.endpoint = fmt::format("10.0.0.{}:80", attempts);
     if (idempotent) msg.properties.idempotent = true;
     last_stack = &stack;
+    request_streams.push_back(stream);
+    if (failure_stream != nullptr) stack.Push(this, nullptr);
     next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  // Only when failure_stream is set: a failure comes up with that stream instead.
+  void AsyncProcessResponse(SinkStack& stack, void*, Stream* stream, MethodReturnMessage& msg) override {
+    stack.AsyncProcessResponse(msg.ok() ? stream : failure_stream, msg);
   }
   std::string_view name() const override { return "stamp"; }
 
   int attempts = 0;
   bool idempotent = false;
   SinkStack* last_stack = nullptr;
+  std::vector<Stream*> request_streams;  // of each attempt
+  Stream* failure_stream = nullptr;
 };
 
 RetryOptions Options(int max_retries = 2, Duration backoff_min = Duration::zero(),
@@ -141,6 +151,23 @@ TEST_F(RetryTest, ConnectFailureIsRetriedAsAnotherAttempt) {
   EXPECT_EQ(env_.CounterValue("scales_retries"), 1);
 }
 
+// A retry is sent with the call's request stream, not with the stream its failure came up with
+// (a sink below may answer with a buffer of its own, which is no request).
+TEST_F(RetryTest, ARetryIsSentWithTheRequestStreamNotTheFailuresStream) {
+  Build();
+  Stream reply_buffer;
+  stamp_->failure_stream = &reply_buffer;
+  auto c = Start();
+  Fail(Errc::kConnectFailed);
+  Fail(Errc::kConnectFailed);
+  ASSERT_TRUE(transport_->Reply(0, 42));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 42);
+  ASSERT_EQ(stamp_->request_streams.size(), 3u);
+  EXPECT_EQ(stamp_->request_streams[1], stamp_->request_streams[0]);
+  EXPECT_EQ(stamp_->request_streams[2], stamp_->request_streams[0]);
+}
+
 TEST_F(RetryTest, RetriesAreNotSentInsideTheFailedAttemptsResponsePath) {
   Build();
   Start();
@@ -206,6 +233,17 @@ TEST_F(RetryTest, ZeroMaxRetriesDisablesRetries) {
   Fail(Errc::kConnectFailed, "refused");
   EXPECT_EQ(transport_->total_requests(), 1u);
   EXPECT_EQ(calls_[c].info.detail, "client test: refused (attempt 1 of 1); not retried: retries are disabled");
+}
+
+// INT_MAX retries (let the budget decide) counts its attempts without overflowing.
+TEST_F(RetryTest, AnUnboundedMaxRetriesCountsItsAttempts) {
+  RetryOptions o = Options(std::numeric_limits<int>::max());
+  o.budget.min_retries_per_sec = 0;
+  Build(o);
+  auto c = Start();
+  Fail(Errc::kConnectFailed, "refused");
+  EXPECT_EQ(calls_[c].info.detail,
+            "client test: refused (attempt 1 of 2147483648); not retried: retry budget exhausted (balance 0)");
 }
 
 TEST_F(RetryTest, ExhaustedBudgetPassesTheOriginalErrorWithANote) {

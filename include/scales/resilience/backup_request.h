@@ -20,7 +20,8 @@
 //   - the first attempt has not been answered when the delay ends,
 //   - the call's deadline is after the delay's end (no backup after the deadline),
 //   - the request was not cancelled and the sink is not closed,
-//   - the budget allows it: a RetryBudget of its own where every hedged call deposits and every
+//   - the budget allows it: a RetryBudget of its own where every hedged call deposits (once:
+//     not again for its retries, which the retry sink sends through here) and every
 //     backup withdraws, with percent_can_retry = max_extra_load, so backups stay below
 //     max_extra_load of the calls of the last budget_ttl (plus budget_min_per_sec per second).
 // A refused backup is counted (scales_backup_requests_budget_exhausted).

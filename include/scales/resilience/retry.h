@@ -82,7 +82,8 @@ class RetrySink final : public ForwardingSink {
   struct Pending {
     RetrySink* sink = nullptr;
     SinkStack* stack = nullptr;
-    Stream* stream = nullptr;
+    Stream* stream = nullptr;   // the failed attempt's response stream (a cancel answers with it)
+    Stream* request = nullptr;  // the call's request stream, which the retry is sent with
     TimerEntry timer;
     std::string last_detail;  // why the previous attempt failed
     bool waiting = false;
