@@ -291,7 +291,18 @@ class UriParser {
     if (size_t again = uri_.find('?', q + 1); again != std::string_view::npos) {
       return fmt::format("second '?' at offset {}", again);
     }
-    return ParseQuery(q + 1, uri_.size(), out);
+    if (auto err = ParseQuery(q + 1, uri_.size(), out); !err.empty()) return err;
+    // Only the transports' TLS keys (each client checks their names and values): anything else,
+    // a mistyped `TLS=on` say, would leave the connection in clear without a word.
+    for (const auto& [key, value] : out.query) {
+      if (key != "tls" && !key.starts_with("tls_")) {
+        return fmt::format("unknown query parameter '{}' (a tcp:// or https:// URI takes only the TLS keys: "
+                           "tls, tls_ca_file, tls_server_name, tls_cert_file, tls_key_file, tls_verify; "
+                           "ThriftMux also opportunistic_tls)",
+                           key);
+      }
+    }
+    return {};
   }
 
   // The part after the hosts of a zk:// URI: /path[#endpoint][?query] (either order of
