@@ -348,7 +348,8 @@ int RunBenchCommand(int argc, char** argv) {
     return 2;
   }
   if (print_stats) {
-    std::printf("\nclient stats\n%s", registry.ToText().c_str());
+    // With --json, on stderr: stdout holds the JSON document alone.
+    std::fprintf(json ? stderr : stdout, "\nclient stats\n%s", registry.ToText().c_str());
   }
   std::fflush(stdout);
   if (report_failed) return 2;

@@ -1,5 +1,7 @@
 #include "cli_util.h"
 
+#include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 
@@ -33,7 +35,28 @@ std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text) {
   } else {
     return std::nullopt;
   }
-  return std::chrono::nanoseconds(static_cast<long long>(std::llround(value * ns_per_unit)));
+  const double ns = value * ns_per_unit;
+  if (ns > kMaxDurationNs) return std::nullopt;  // and no overflow below
+  return std::chrono::nanoseconds(static_cast<long long>(std::llround(ns)));
+}
+
+std::optional<long long> ParseIntInRange(std::string_view text, long long min, long long max) {
+  std::string s(text);
+  if (s.empty() || std::isspace(static_cast<unsigned char>(s[0]))) return std::nullopt;
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (errno != 0 || end != s.c_str() + s.size() || v < min || v > max) return std::nullopt;
+  return v;
+}
+
+std::optional<double> ParseNumber(std::string_view text) {
+  std::string s(text);
+  if (s.empty() || std::isspace(static_cast<unsigned char>(s[0]))) return std::nullopt;
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (end != s.c_str() + s.size() || !std::isfinite(v)) return std::nullopt;
+  return v;
 }
 
 std::optional<long long> ParsePositiveInt(std::string_view text) {

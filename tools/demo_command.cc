@@ -214,10 +214,10 @@ int RunDemoCommand(int argc, char** argv) {
     std::string_view arg = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
     if (arg == "--seconds" && v) {
-      seconds = std::atof(v);
+      seconds = ParseNumber(v).value_or(-1);
       if (!(seconds >= 3 && seconds <= 600)) return Usage("--seconds is 3 to 600 (each load run's length)");
     } else if (arg == "--rate" && v) {
-      rate = std::atof(v);
+      rate = ParseNumber(v).value_or(-1);
       if (!(rate >= 10 && rate <= 100000)) return Usage("--rate is 10 to 100000 requests/s");
     } else if (arg == "--report" && v) {
       report_path = v;

@@ -89,7 +89,7 @@ std::optional<std::uint64_t> ParseUnsigned(std::string_view text) {
 bool ParseOptions(int argc, char** argv, Options& options, bool& help) {
   help = false;
   if (argc < 2) {
-    std::fputs("scales testserver: missing protocol (only 'http' is supported)\n", stderr);
+    std::fputs("scales testserver: missing protocol (http, thrift or thriftmux)\n", stderr);
     return false;
   }
   if (std::string_view(argv[1]) == "-h" || std::string_view(argv[1]) == "--help") {

@@ -31,6 +31,7 @@
 #include <thrift/transport/TBufferTransports.h>
 
 #include "Echo.h"
+#include "cli_util.h"
 #include "commands.h"
 #include "scales/mux/codec.h"
 
@@ -283,15 +284,15 @@ int RunThriftMuxTestServerCommand(int argc, char** argv) {
     std::string_view arg = argv[i];
     if (arg == "-h" || arg == "--help") return Usage(stdout);
     if (i + 1 >= argc) return Usage(stderr);
-    long v = std::strtol(argv[++i], nullptr, 10);
-    if (arg == "--port" && v >= 0 && v <= 65535) {
-      port = static_cast<int>(v);
-    } else if (arg == "--threads" && v >= 1 && v <= 64) {
-      threads = static_cast<int>(v);
-    } else if (arg == "--framer" && v >= 1) {
-      config.framer = static_cast<uint32_t>(std::min<long>(v, mux::kUnlimitedFragmentSize));
-    } else if (arg == "--ping-interval" && v >= 0) {
-      config.ping_interval_ms = static_cast<int>(v);
+    const std::string_view value = argv[++i];
+    if (auto v = ParseIntInRange(value, 0, 65535); arg == "--port" && v) {
+      port = static_cast<int>(*v);
+    } else if (auto t = ParseIntInRange(value, 1, 64); arg == "--threads" && t) {
+      threads = static_cast<int>(*t);
+    } else if (auto f = ParseIntInRange(value, 1, INT64_MAX); arg == "--framer" && f) {
+      config.framer = static_cast<uint32_t>(std::min<long long>(*f, mux::kUnlimitedFragmentSize));
+    } else if (auto p = ParseIntInRange(value, 0, INT32_MAX); arg == "--ping-interval" && p) {
+      config.ping_interval_ms = static_cast<int>(*p);
     } else {
       return Usage(stderr);
     }

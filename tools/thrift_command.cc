@@ -90,10 +90,9 @@ int RunThriftCommand(int argc, char** argv) {
   }
   int32_t millis = 0;
   if (method == "sleep") {
-    char* end = nullptr;
-    long v = arg ? std::strtol(arg->c_str(), &end, 10) : -1;
-    if (!arg || *end != '\0' || v < 0 || v > INT32_MAX) return Usage("sleep needs a number of milliseconds");
-    millis = static_cast<int32_t>(v);
+    auto v = arg ? ParseIntInRange(*arg, 0, INT32_MAX) : std::nullopt;
+    if (!v) return Usage("sleep needs a number of milliseconds");
+    millis = static_cast<int32_t>(*v);
   }
   try {
     auto client = [&] {

@@ -134,6 +134,11 @@ TEST(CliTest, BenchJsonReportCountsEveryRequestOnce) {
   EXPECT_DOUBLE_EQ(v.at("achieved_rps").to_number<double>(), v.at("throughput_rps").to_number<double>());
   EXPECT_EQ(v.at("queued").as_int64(), 0);
 
+  // --stats with --json leaves stdout to the JSON document (the stats go to stderr).
+  Result with_stats = RunTool("bench http " + uri + " --path / --concurrency 1 --requests 5 --json --stats");
+  ASSERT_EQ(with_stats.exit_code, 0) << with_stats.out;
+  EXPECT_EQ(boost::json::parse(with_stats.out).as_object().at("requests").as_int64(), 5) << with_stats.out;
+
   // Failures are counted by error code, still once per request.
   Result f = RunTool("bench http " + uri + " --path /status/500 --concurrency 2 --requests 50 --json");
   EXPECT_EQ(f.exit_code, 1);
@@ -301,6 +306,14 @@ TEST(CliTest, BenchUsageErrors) {
   EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --duration 10parsecs").exit_code, 2);
   EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --requests 5 --rate 0").exit_code, 2);
   EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --requests 5 --rate fast").exit_code, 2);
+  // A duration past 365 days (2562047 h would overflow the clock: the run ended at once, exit 0).
+  EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --duration 2562047h").exit_code, 2);
+  // Numbers are whole: no silent prefix ("9090x") or garbage ("abc" was port 0).
+  EXPECT_EQ(RunTool("testserver thriftmux --port abc").exit_code, 2);
+  EXPECT_EQ(RunTool("testserver thriftmux --port 9090x").exit_code, 2);
+  EXPECT_EQ(RunTool("testserver thriftmux --ping-interval 99999999999").exit_code, 2);
+  EXPECT_EQ(RunTool("thrift call tcp://127.0.0.1:1 sleep ''").exit_code, 2);
+  EXPECT_EQ(RunTool("demo --seconds 5x").exit_code, 2);
   // An unwritable report fails before the run.
   Result report = RunTool("bench http tcp://127.0.0.1:1 --requests 5 --report /nonexistent-dir/r.html", "2>&1");
   EXPECT_EQ(report.exit_code, 2);
