@@ -1,6 +1,8 @@
 #pragma once
 // A child process of the tool (the demo's servers): started with posix_spawn, stopped with
-// SIGTERM (or killed with SIGKILL) and waited for on destruction. Not thread-safe.
+// SIGTERM (or killed with SIGKILL) and waited for on destruction. Not thread-safe. The child gets
+// none of the tool's file descriptors but 0-2. While children run, a SIGTERM, SIGINT or SIGHUP to
+// the tool (one it does not handle itself) first sends them SIGTERM, so none is left behind.
 
 #include <sys/types.h>
 

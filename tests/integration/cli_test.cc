@@ -1,9 +1,14 @@
 // The `scales` command-line tool against real servers: exit statuses, the bench report (text,
 // JSON, HTML), open-loop load and the progress line.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -298,6 +303,57 @@ TEST(CliTest, DemoTellsTheWholeStory) {
   EXPECT_EQ(Attributes(html, "<svg [^>]*>", "data-title").size(), 12u);
   EXPECT_EQ(Attributes(html, "<g class=\"event\"[^>]*>", "data-x").size(), 12u);  // 2 per time chart
   EXPECT_GE(Attributes(html, "<g class=\"bar\"[^>]*>", "data-endpoint").size(), 9u);  // and "(none)" if a call found no server
+}
+
+// Terminating the demo (SIGTERM, as a CI harness or systemd does) stops its test servers and
+// ZooKeeper too: none is left listening (they were orphaned, still serving).
+TEST(CliTest, ATerminatedDemoLeavesNoServerBehind) {
+  int out[2];
+  ASSERT_EQ(pipe(out), 0);
+  const std::string tool = test::ToolPath();
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    dup2(out[1], STDOUT_FILENO);
+    const int null = open("/dev/null", O_WRONLY);
+    dup2(null, STDERR_FILENO);
+    close(out[0]);
+    execl(tool.c_str(), "scales", "demo", "--seconds", "60", "--rate", "10", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(out[1]);
+  // Section 1 names every server; the load's first progress line flushes it all.
+  std::string text;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(90);
+  while (text.find("3. Load") == std::string::npos && std::chrono::steady_clock::now() < give_up) {
+    pollfd p{out[0], POLLIN, 0};
+    if (poll(&p, 1, 1000) <= 0) continue;
+    char buf[4096];
+    const ssize_t n = read(out[0], buf, sizeof buf);
+    if (n <= 0) break;
+    text.append(buf, static_cast<size_t>(n));
+  }
+  kill(pid, SIGTERM);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  close(out[0]);
+  ASSERT_NE(text.find("3. Load"), std::string::npos) << text;
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
+  std::vector<int> ports;
+  std::regex endpoint(R"(127\.0\.0\.1:(\d+))");
+  const std::string servers = text.substr(0, text.find("2. One client"));
+  for (auto it = std::sregex_iterator(servers.begin(), servers.end(), endpoint); it != std::sregex_iterator(); ++it) {
+    ports.push_back(std::stoi((*it)[1]));
+  }
+  EXPECT_GE(ports.size(), 9u) << servers;  // three per protocol (and ZooKeeper's when Java is there)
+  for (int port : ports) {
+    bool closed = false;
+    for (int i = 0; i < 100 && !closed; ++i) {  // the JVM takes a moment to exit
+      closed = !test::CanConnect(port, std::chrono::milliseconds(100));
+      if (!closed) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_TRUE(closed) << "127.0.0.1:" << port << " still accepts after the demo ended\n" << servers;
+  }
 }
 
 TEST(CliTest, BenchUsageErrors) {
