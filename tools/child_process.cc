@@ -1,6 +1,7 @@
 #include "child_process.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -15,12 +16,20 @@ namespace scales::tools {
 
 namespace {
 
-// The children running now, for the signal handler: a SIGTERM, SIGINT or SIGHUP to the tool
-// (Ctrl-C, a CI harness, systemd) stops them too instead of leaving them behind.
+// The children running now, for the signal handler: a SIGTERM, SIGINT, SIGHUP or SIGPIPE that
+// ends the tool (Ctrl-C, a CI harness, systemd, a closed output pipe) stops them too instead of
+// leaving them behind.
 constexpr size_t kMaxChildren = 64;
 std::atomic<pid_t> running_children[kMaxChildren];
+// Starts under way: the handler waits for them to be recorded (a child spawned while the tool
+// ends would be missed). The spawning thread blocks the signals meanwhile, so the handler never
+// waits on its own thread.
+std::atomic<int> spawning{0};
+constexpr int kTerminatingSignals[] = {SIGTERM, SIGINT, SIGHUP, SIGPIPE};  // SIGPIPE: `scales demo | head`
 
 void OnTerminatingSignal(int signal) {
+  for (long i = 0; spawning.load() > 0 && i < 200'000'000; ++i) {
+  }
   for (auto& slot : running_children) {
     const pid_t pid = slot.load();
     if (pid > 0) kill(pid, SIGTERM);  // async-signal-safe
@@ -32,19 +41,22 @@ void OnTerminatingSignal(int signal) {
   raise(signal);
 }
 
-void Track(pid_t pid) {
-  static std::once_flag handlers;
-  std::call_once(handlers, [] {
-    for (int signal : {SIGTERM, SIGINT, SIGHUP}) {
+void InstallHandlers() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    for (int signal : kTerminatingSignals) {
       struct sigaction old {};
       sigaction(signal, nullptr, &old);
-      if (old.sa_handler != SIG_DFL) continue;  // the command handles it itself
+      if (old.sa_handler != SIG_DFL) continue;  // the command handles (or ignores) it itself
       struct sigaction act {};
       act.sa_handler = &OnTerminatingSignal;
       sigemptyset(&act.sa_mask);
       sigaction(signal, &act, nullptr);
     }
   });
+}
+
+void Track(pid_t pid) {
   for (auto& slot : running_children) {
     pid_t empty = 0;
     if (slot.compare_exchange_strong(empty, pid)) return;
@@ -57,6 +69,27 @@ void Untrack(pid_t pid) {
     if (slot.compare_exchange_strong(expected, 0)) return;
   }
 }
+
+// Blocks the terminating signals on this thread and marks a start under way, while it lives.
+class SpawnGuard {
+ public:
+  SpawnGuard() {
+    sigset_t block;
+    sigemptyset(&block);
+    for (int signal : kTerminatingSignals) sigaddset(&block, signal);
+    pthread_sigmask(SIG_BLOCK, &block, &old_);
+    spawning.fetch_add(1);
+  }
+  ~SpawnGuard() {
+    spawning.fetch_sub(1);
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);  // a signal that came meanwhile is handled now
+  }
+  // The mask the child starts with: the thread's own, not the one blocking the signals.
+  const sigset_t& child_mask() const noexcept { return old_; }
+
+ private:
+  sigset_t old_;
+};
 
 }  // namespace
 
@@ -78,7 +111,18 @@ bool ChildProcess::Start(const std::string& path, std::vector<std::string> args,
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  int rc = posix_spawn(&pid_, path.c_str(), &actions, nullptr, argv.data(), environ);
+  InstallHandlers();
+  int rc;
+  {
+    SpawnGuard guard;
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    posix_spawnattr_setsigmask(&attr, &guard.child_mask());
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    rc = posix_spawn(&pid_, path.c_str(), &actions, &attr, argv.data(), environ);
+    posix_spawnattr_destroy(&attr);
+    if (rc == 0) Track(pid_);
+  }
   posix_spawn_file_actions_destroy(&actions);
   if (first_line) close(fds[1]);
   if (rc != 0) {
@@ -86,7 +130,6 @@ bool ChildProcess::Start(const std::string& path, std::vector<std::string> args,
     if (first_line) close(fds[0]);
     return false;
   }
-  Track(pid_);
   if (first_line) {
     first_line->clear();
     char c;
@@ -94,6 +137,16 @@ bool ChildProcess::Start(const std::string& path, std::vector<std::string> args,
     close(fds[0]);
   }
   return true;
+}
+
+std::optional<std::string> ChildProcess::Exited() {
+  if (pid_ <= 0) return std::nullopt;
+  int status = 0;
+  if (waitpid(pid_, &status, WNOHANG) != pid_) return std::nullopt;
+  Untrack(pid_);
+  pid_ = -1;
+  if (WIFSIGNALED(status)) return "signal " + std::to_string(WTERMSIG(status));
+  return "status " + std::to_string(WEXITSTATUS(status));
 }
 
 void ChildProcess::Stop() { Signal(SIGTERM); }

@@ -1,11 +1,13 @@
 #pragma once
 // A child process of the tool (the demo's servers): started with posix_spawn, stopped with
 // SIGTERM (or killed with SIGKILL) and waited for on destruction. Not thread-safe. The child gets
-// none of the tool's file descriptors but 0-2. While children run, a SIGTERM, SIGINT or SIGHUP to
-// the tool (one it does not handle itself) first sends them SIGTERM, so none is left behind.
+// none of the tool's file descriptors but 0-2. While children run, a SIGTERM, SIGINT, SIGHUP or
+// SIGPIPE that ends the tool (one it does not handle itself) first sends them SIGTERM, so none is
+// left behind.
 
 #include <sys/types.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +28,9 @@ class ChildProcess {
   // Kills the child with SIGKILL, like a crash, and waits for it.
   void Kill();
   bool running() const noexcept { return pid_ > 0; }
+  // If the child has exited (it is then reaped and no longer running): how ("status 1",
+  // "signal 9"); nullopt while it runs or when there is none.
+  std::optional<std::string> Exited();
 
  private:
   void Signal(int signal);  // sends it and waits for the child

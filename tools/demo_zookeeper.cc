@@ -90,6 +90,10 @@ bool LocalZooKeeper::Start(std::string& why) {
   }
   auto until = std::chrono::steady_clock::now() + 30s;
   while (!Accepts(port_)) {
+    if (auto status = java_.Exited()) {
+      why = fmt::format("java exited ({}) before ZooKeeper accepted connections on {}", *status, address());
+      return false;
+    }
     if (std::chrono::steady_clock::now() > until) {
       why = fmt::format("ZooKeeper did not accept connections on {} within 30 s", address());
       java_.Stop();
