@@ -566,7 +566,9 @@ void MuxSessionSink::Enqueue(const Message& m) {
 }
 
 bool MuxSessionSink::EnqueueControlReply(const Message& m) {
-  if (queued_control_replies_ >= options_.max_queued_control_replies) {
+  // Only replies queued behind a write in progress count against the bound: those a read batch
+  // holds back (it writes them when it ends; a read is bounded) are not stuck.
+  if (writing_ && queued_control_replies_ >= options_.max_queued_control_replies) {
     Fail(make_error_code(Errc::kConnectionClosed),
          fmt::format("{} Rping/Rdrain replies to {} are queued behind a socket write that does not finish "
                      "(limit session.max_queued_control_replies = {}): the server sends Tping but does not read; "

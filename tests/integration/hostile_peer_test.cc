@@ -188,6 +188,24 @@ TEST(HostilePeerTest, MuxTpingFloodWithoutReadingStopsAtTheControlReplyBound) {
   EXPECT_EQ(Echo(client, "after"), "after");  // a new session
 }
 
+// A healthy server whose pings arrive in one read (with a reply) is not a flood: the Rpings the
+// read batch holds back are written, and a small bound does not close the session.
+TEST(HostilePeerTest, MuxTpingBurstInOneReadIsNotAFlood) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = MuxOptions();
+  options.session.ping_interval = Duration::zero();
+  options.session.max_queued_control_replies = 2;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  EXPECT_EQ(Echo(client, "ping-burst:100"), "ping-burst:100");
+  EXPECT_EQ(Echo(client, "after"), "after");
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (server.LogLinesWith({"recv Rping tag=1"}).size() < 100 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(server.LogLinesWith({"recv Rping tag=1"}).size(), 100u) << server.Log().substr(0, 3000);
+  EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "the session was closed";
+}
+
 TEST(HostilePeerTest, MuxDuplicateReplyDoesNotAnswerTheNextRequestOnItsTag) {
   // The server answers a tag twice, both frames in one read. The first answers the call, whose
   // callback (run inline, inside the read) starts the next call: it gets the freed tag, and its

@@ -44,6 +44,8 @@ Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
   "ping-flood"       stop reading from the connection and write Tping frames (tag 1) until the
                      client closes it (or 256 MiB were sent): a peer that makes the client
                      queue Rping replies it can never write
+  "ping-burst:N"     write N Tping frames (tag 1) and then the reply, all in one write, and keep
+                     reading: a healthy peer whose pings arrive in one read with the reply
   "duplicate-reply"  write the reply frame twice in one write (a buggy server answering a tag
                      twice): the second must not answer the client's next request on that tag
   "stall"            stop reading from the connection and never reply: the client's writes
@@ -779,6 +781,12 @@ class Connection:
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success="reset %d" % len(stalled)))
         elif message == "tls-info":
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=tls_info(self.writer)))
+        elif message.startswith("ping-burst:"):
+            n = int(message.split(":", 1)[1])
+            self.pending.pop(tag, None)
+            self.log("send ping-burst tag=1 count=%d" % n)
+            self.writer.write(frame(TPING, 1) * n + frame(RDISPATCH, tag, bytes([STATUS_OK]) + encode_contexts([]) +
+                                                         echo.reply("echo", seqid, success=message)))
         elif message in ("huge-frame", "endless-fragments", "stray-fragments", "ping-flood") or \
                 message.startswith("drip:"):
             self.pending.pop(tag, None)  # Tdiscarded must not cut these short
