@@ -34,7 +34,7 @@ TcpConnection::TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connec
   tls_ = std::move(tls);
   if (tls_.enabled) {
     try {
-      tls_context_ = MakeTlsContext(tls_);
+      tls_context_ = SharedTlsContext(tls_);
     } catch (const Error& e) {
       tls_setup_error_ = e.what();  // reported by AsyncConnect, on the loop
     }
@@ -108,7 +108,7 @@ void TcpConnection::AsyncStartTls(const TlsOptions& tls, std::function<void(erro
   upgrading_ = true;
   failure_detail_.clear();
   try {
-    if (!tls_context_ || !(tls == tls_)) tls_context_ = MakeTlsContext(tls);
+    if (!tls_context_ || !(tls == tls_)) tls_context_ = SharedTlsContext(tls);
     tls_ = tls;
   } catch (const Error& e) {
     failure_detail_ = fmt::format("TLS setup for {} failed: {}", address_, e.what());

@@ -151,27 +151,47 @@ void Validate(const TlsOptions& o) {
   if (o.enabled) ValidateFields(o);
 }
 
-std::shared_ptr<ssl::context> MakeTlsContext(const TlsOptions& o) {
+namespace {
+
+// Contexts are shared while in use (one per client is typical; every connection of a client
+// uses it): a weak cache keyed by the options, each entry with the identity (inode, size,
+// modification time) of the files it was loaded from.
+struct CachedContext {
+  std::weak_ptr<ssl::context> context;
+  std::string stamps;
+};
+
+std::shared_ptr<ssl::context> CachedTlsContext(const TlsOptions& o, bool reread_changed_files) {
   ValidateFields(o);  // also when `enabled` is off: opportunistic TLS (Mux) upgrades with these
-  // Contexts are shared while in use (one per client is typical; every connection of a
-  // client uses it). A weak cache, keyed by the options and by the files' identity (inode,
-  // size, modification time): a rotated file (replaced, or rewritten) is read again by the
-  // next client built, even while older clients keep the context they loaded.
   static std::mutex mu;
-  static std::map<std::string, std::weak_ptr<ssl::context>> cache;
-  std::string key = fmt::format("{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file,
-                                o.server_name, FileStamp(o.ca_file), FileStamp(o.cert_file), FileStamp(o.key_file));
+  static std::map<std::string, CachedContext> cache;
+  std::string key = fmt::format("{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file, o.server_name);
+  std::string stamps;
+  if (reread_changed_files) {
+    stamps = fmt::format("{}\n{}\n{}", FileStamp(o.ca_file), FileStamp(o.cert_file), FileStamp(o.key_file));
+  }
   std::lock_guard lock(mu);
   if (auto it = cache.find(key); it != cache.end()) {
-    if (auto ctx = it->second.lock()) return ctx;
+    if (auto ctx = it->second.context.lock(); ctx && (!reread_changed_files || it->second.stamps == stamps)) {
+      return ctx;
+    }
   }
   for (auto it = cache.begin(); it != cache.end();) {
-    it = it->second.expired() ? cache.erase(it) : std::next(it);
+    it = it->second.context.expired() ? cache.erase(it) : std::next(it);
   }
-  auto ctx = BuildContext(o);
-  cache[key] = ctx;
+  if (!reread_changed_files) {
+    stamps = fmt::format("{}\n{}\n{}", FileStamp(o.ca_file), FileStamp(o.cert_file), FileStamp(o.key_file));
+  }
+  auto ctx = BuildContext(o);  // throws before the entry is replaced: a bad file harms no one
+  cache[key] = CachedContext{ctx, std::move(stamps)};
   return ctx;
 }
+
+}  // namespace
+
+std::shared_ptr<ssl::context> MakeTlsContext(const TlsOptions& o) { return CachedTlsContext(o, true); }
+
+std::shared_ptr<ssl::context> SharedTlsContext(const TlsOptions& o) { return CachedTlsContext(o, false); }
 
 void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& o) {
   auto bad = [](const std::string& key, const std::string& value, const char* expected) {

@@ -349,7 +349,8 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
 }
 
 // A rotated certificate (a new file renamed over the old, as cert-manager and certbot do) is
-// read by the next client built, though an older client still holds the context of the old one.
+// read by the next client built; connections never look at the files, so one missing (mid
+// rotation) fails none of them.
 TEST(TlsOptionsTest, ARotatedCertificateIsReadByTheNextClient) {
   const auto& ca = TestCa();
   namespace fs = std::filesystem;
@@ -373,10 +374,16 @@ TEST(TlsOptionsTest, ARotatedCertificateIsReadByTheNextClient) {
   install(ca.client_cert, ca.client_key);
   auto before = MakeTlsContext(o);
   EXPECT_EQ(MakeTlsContext(o), before) << "unchanged files share the context";
+  EXPECT_EQ(SharedTlsContext(o), before) << "a connection's";
   install(ca.server_cert, ca.server_key);
   auto after = MakeTlsContext(o);
   EXPECT_NE(after, before);
   EXPECT_NE(subject(after), subject(before)) << subject(after);
+  EXPECT_EQ(SharedTlsContext(o), after) << "connections use the latest one loaded";
+  // Mid rotation: the key is gone. A new client fails; connections still get the context.
+  std::filesystem::remove(key);
+  EXPECT_THROW(MakeTlsContext(o), Error);
+  EXPECT_EQ(SharedTlsContext(o), after);
 }
 
 // ---- TcpConnection: the handshake failure reasons -------------------------------------------

@@ -32,7 +32,7 @@ class TcpConnection {
 
   TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout, const stats::StatsScope& stats);
   // With `tls.enabled`, AsyncConnect also does the TLS client handshake. The SSL context is
-  // made here (MakeTlsContext); if that fails, AsyncConnect fails with kTlsFailed and the
+  // the shared one (SharedTlsContext); if none can be made, AsyncConnect fails with kTlsFailed and the
   // reason in failure_detail() (clients validate their options first, so this is rare).
   TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout, const stats::StatsScope& stats,
                 TlsOptions tls);

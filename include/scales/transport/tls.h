@@ -37,11 +37,18 @@ struct TlsOptions {
 // TLS is off are allowed (and ignored). Does not read the files (MakeTlsContext does).
 void Validate(const TlsOptions& o);
 
-// The SSL client context for `o` (cached while in use: clients with equal options and unchanged
-// files share one; a file replaced or rewritten since is read again). Loads the CA file, client
-// certificate and key (unencrypted); throws scales::Error(kInvalidArgument) naming the option,
-// the file and OpenSSL's reason when one cannot be loaded. Immutable once returned.
+// The SSL client context for `o`, for a client being built: the cached one (shared while in use
+// by clients with equal options) if its files are unchanged; else the files are read again (a
+// rotated certificate: replaced or rewritten) and the new context replaces the cached one.
+// Loads the CA file, client certificate and key (unencrypted); throws
+// scales::Error(kInvalidArgument) naming the option, the file and OpenSSL's reason when one
+// cannot be loaded (the cached context then stays). Immutable once returned.
 std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsOptions& o);
+
+// The cached context for `o`, for a connection (no file is looked at while one is in use, so a
+// file missing or half rotated does not fail the connections of built clients); built as by
+// MakeTlsContext when none is.
+std::shared_ptr<boost::asio::ssl::context> SharedTlsContext(const TlsOptions& o);
 
 // Applies the per-URI TLS keys of a parsed URI's query (ParsedUri::query) to `o`:
 //   tls=on|off|true|false|1|0, tls_ca_file=PATH, tls_server_name=NAME, tls_cert_file=PATH,
