@@ -141,9 +141,15 @@ bool ChildProcess::Start(const std::string& path, std::vector<std::string> args,
 
 std::optional<std::string> ChildProcess::Exited() {
   if (pid_ <= 0) return std::nullopt;
-  int status = 0;
-  if (waitpid(pid_, &status, WNOHANG) != pid_) return std::nullopt;
+  // Looked at without reaping first: the signal handler must forget the pid before it can be
+  // reused by another process.
+  siginfo_t info{};
+  if (waitid(P_PID, static_cast<id_t>(pid_), &info, WEXITED | WNOHANG | WNOWAIT) != 0 || info.si_pid != pid_) {
+    return std::nullopt;
+  }
   Untrack(pid_);
+  int status = 0;
+  waitpid(pid_, &status, 0);
   pid_ = -1;
   if (WIFSIGNALED(status)) return "signal " + std::to_string(WTERMSIG(status));
   return "status " + std::to_string(WEXITSTATUS(status));
@@ -156,9 +162,9 @@ void ChildProcess::Kill() { Signal(SIGKILL); }
 void ChildProcess::Signal(int signal) {
   if (pid_ <= 0) return;
   kill(pid_, signal);
+  Untrack(pid_);  // before the pid is reaped (and could be reused): the child has its signal
   int status;
   waitpid(pid_, &status, 0);
-  Untrack(pid_);
   pid_ = -1;
 }
 

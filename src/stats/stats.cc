@@ -435,13 +435,27 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
     std::string raw_name;  // for HELP
     bool quantiles;        // the <histogram>_quantile gauges
     std::string lines;
-    std::map<std::string, std::string, std::less<>> series;  // exported labels -> raw name
   };
   std::map<std::string, Family> families;
+  // Every series written, as "<sample name>{labels}" with the sanitised labels in order (two label
+  // sets that sanitise alike may sort apart as raw names) -> the metric that wrote it. A histogram
+  // claims its _bucket, _sum and _count samples, so a gauge "h_sum" cannot repeat them.
+  std::map<std::string, std::string, std::less<>> series;
   std::string skipped;
+  auto series_key = [](std::string_view sample, const Labels& labels, bool histogram) {
+    Labels sorted;
+    sorted.reserve(labels.size());
+    for (const auto& [key, value] : labels) {
+      std::string name = PrometheusName(key, /*allow_colon=*/false);
+      if (histogram && (name == "le" || name == "quantile")) name = "exported_" + name;
+      sorted.emplace_back(std::move(name), value);
+    }
+    std::sort(sorted.begin(), sorted.end());
+    return std::string(sample) + PrometheusLabels(sorted, false);
+  };
   auto family = [&](const std::string& name, const MetricSnapshot& m, MetricType type,
                     bool quantiles = false) -> Family* {
-    auto [it, inserted] = families.try_emplace(name, Family{type, m.name, quantiles, {}, {}});
+    auto [it, inserted] = families.try_emplace(name, Family{type, m.name, quantiles, {}});
     Family& f = it->second;
     const std::string kind(TypeName(type));
     if (f.type != type || f.quantiles != quantiles) {
@@ -449,12 +463,21 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
                              TypeName(f.type));
       return nullptr;
     }
-    std::string labels = PrometheusLabels(m.labels, m.type == MetricType::kHistogram);
-    auto [series, added] = f.series.try_emplace(labels, m.name);
-    if (added) return &f;
-    skipped += fmt::format("# scales: skipped {} {}: series {}{} is {}'s\n", kind, m.name, name,
-                           labels, series->second);
-    return nullptr;
+    const bool histogram = m.type == MetricType::kHistogram;
+    std::vector<std::string> keys;
+    if (histogram && !quantiles) {
+      for (const char* suffix : {"_bucket", "_sum", "_count"}) keys.push_back(series_key(name + suffix, m.labels, true));
+    } else {
+      keys.push_back(series_key(name, m.labels, histogram));
+    }
+    for (const std::string& key : keys) {
+      auto taken = series.find(key);
+      if (taken == series.end()) continue;
+      skipped += fmt::format("# scales: skipped {} {}: series {} is {}'s\n", kind, m.name, key, taken->second);
+      return nullptr;
+    }
+    for (std::string& key : keys) series.emplace(std::move(key), m.name);
+    return &f;
   };
   static constexpr std::array<std::pair<double, std::string_view>, 4> kQuantiles = {
       {{0.5, "0.5"}, {0.9, "0.9"}, {0.99, "0.99"}, {0.999, "0.999"}}};

@@ -375,8 +375,27 @@ TEST(StatsExportTest, PrometheusWritesASeriesOnceWhenTwoNamesExportAsIt) {
   EXPECT_EQ(prom.Value("h_us_quantile", {{"bad_key", "v"}, {"quantile", "0.5"}}), 7);
   EXPECT_THAT(text, HasSubstr("# scales: skipped counter x_total: series x_total{client=\"c\"} is x's\n"));
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge my_app: series my_app is my.app's\n"));
-  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram h_us: series h_us{bad_key=\"v\"} is h.us's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram h_us: series h_us_bucket{bad_key=\"v\"} is h.us's\n"));
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_us: series h_us_quantile{bad_key=\"v\"} is h.us's\n"));
+}
+
+// The same series however the raw labels sort ("http.status" sorts before "http_method", but
+// sanitises to http_status, after it), and a histogram's _sum, _count and _bucket samples are its
+// own: a gauge h_sum with the histogram's labels is another name for one of them.
+TEST(StatsExportTest, PrometheusSeriesClashesAcrossLabelOrderAndHistogramSuffixes) {
+  StatsRegistry r;
+  r.GetGauge("g", {{"http.status", "200"}, {"http_method", "GET"}}).Set(1);
+  r.GetGauge("g", {{"http_status", "200"}, {"http_method", "GET"}}).Set(2);
+  r.GetHistogram("h", {{"client", "c"}}).Record(5);
+  r.GetGauge("h_sum", {{"client", "c"}}).Set(3);
+  r.GetGauge("h_sum", {{"client", "d"}}).Set(4);  // not the histogram's: kept
+  std::string text = r.ToPrometheus();
+  PromText prom = ParsePrometheusText(text);  // fails on a repeated series
+  EXPECT_EQ(prom.Value("g", {{"http_method", "GET"}, {"http_status", "200"}}), 1);
+  EXPECT_EQ(prom.Value("h_sum", {{"client", "c"}}), 5);
+  EXPECT_EQ(prom.Value("h_sum", {{"client", "d"}}), 4);
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge g: series g{http_method=\"GET\",http_status=\"200\"} is g's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_sum: series h_sum{client=\"c\"} is h's\n"));
 }
 
 TEST(StatsExportTest, EmptyHistogramAndEmptyRegistry) {
