@@ -134,10 +134,17 @@ void ClientCore::OpenAndWait() {
 }
 
 void ClientCore::Dispatch(CallBase* call) {
-  for (auto& shard : shards_) {
-    if (shard->loop().IsCurrent()) {
-      shard->Dispatch(call, /*initiating=*/true);
-      return;
+  // Once closed, a call goes behind the shards' posted Close(), whose dispatcher refuses it
+  // (kClientClosed): dispatched in place on a loop, it would reach one not closed yet, and be sent.
+  if (!closed_.load()) {
+    for (auto& shard : shards_) {
+      if (shard->loop().IsCurrent()) {
+        // A user's handler may have run long since this turn's clock reading (ClockTurn): the
+        // call's start and deadline must not be that much in the past.
+        ClockTurn::Refresh();
+        shard->Dispatch(call, /*initiating=*/true);
+        return;
+      }
     }
   }
   EventLoop& loop = runtime_->PickLoop();

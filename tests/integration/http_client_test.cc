@@ -254,6 +254,26 @@ TEST_F(TestServerTest, SlowReplyTimesOutWithinTheDeadline) {
   EXPECT_EQ(after.Header("X-Connection"), slow.Header("X-Connection")) << "keep-alive connection reused";
 }
 
+// A handler that runs long (here 300 ms, the timeout is 200 ms) and then starts a call, inline on
+// the event loop: the call's clock starts when it starts, not at the reply the handler came from
+// (the turn's shared clock reading). It used to start 300 ms in the past, so it timed out after
+// being sent.
+TEST_F(TestServerTest, ACallStartedAfterALongHandlerGetsItsWholeTimeout) {
+  auto opts = Options(MakeRuntime(1));
+  opts.client.timeout = 200ms;
+  auto client = Http::NewClient(Uri({server_.endpoint()}), opts);
+  std::promise<error_code> second;
+  client.AsyncGet("/", [&](error_code first, http::Response) {
+    EXPECT_FALSE(first) << first.message();
+    std::this_thread::sleep_for(300ms);  // the user's work, on the loop
+    client.AsyncGet("/", [&](error_code ec, http::Response) { second.set_value(ec); });
+  });
+  auto result = second.get_future();
+  ASSERT_EQ(result.wait_for(5s), std::future_status::ready);
+  const error_code ec = result.get();
+  EXPECT_FALSE(ec) << ec.message();
+}
+
 TEST_F(TestServerTest, BrokenResponsesGiveClearErrorsAndTheClientRecovers) {
   auto opts = Options(MakeRuntime());
   opts.transport.max_response_body_bytes = 1000;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <gmock/gmock.h>
+#include <boost/asio/post.hpp>
 #include <gtest/gtest.h>
 
 #include "support/fake_sinks.h"
@@ -196,6 +197,29 @@ TEST_F(ClientStackTest, CloseAnswersEverythingAndLaterCallsFail) {
   auto late = Start();
   Run();
   EXPECT_EQ(calls_[late].error, Errc::kClientClosed);
+}
+
+// Close() and then a call from a handler on the client's own loop: the call is refused, not
+// sent to a dispatcher that the posted Close() has not reached yet (a POST run by the server
+// while the caller hears kClientClosed).
+TEST_F(ClientStackTest, ACallAfterCloseOnTheLoopIsNotSent) {
+  Build();
+  EXPECT_FALSE(Open());
+  auto total_requests = [&] {
+    size_t n = 0;
+    for (const auto& f : factory_.created()) n += f->total_requests();
+    return n;
+  };
+  const size_t sent_before = total_requests();
+  size_t late = 0;
+  boost::asio::post(runtime_->loop(0).executor(), [&] {
+    core_->Close();
+    late = Start();
+  });
+  Run();
+  ASSERT_TRUE(calls_.done(late));
+  EXPECT_EQ(calls_[late].error, Errc::kClientClosed);
+  EXPECT_EQ(total_requests(), sent_before) << "the call reached a transport";
 }
 
 TEST_F(ClientStackTest, MembershipChangesReachTheBalancer) {

@@ -70,8 +70,9 @@ class SteadyClock final : public Clock {
 // the steady time since. Every sink of a call (dispatcher, timeout, balancer, retry budget,
 // session) reads the time, and on virtual machines a read costs tens of nanoseconds: the owner
 // of the turn calls Refresh() per event (per reply), so one read serves a whole reply's
-// completion and the request its handler starts, and a reading is never older than one event's
-// processing. Turns nest (an inner one shares the outer's reading). Other clocks (ManualClock)
+// completion and the sinks below it, and a reading is never older than one event's
+// processing. A call started on a loop (ClientCore::Dispatch) refreshes the reading first: the
+// user's handler that starts it may have run for any time. Turns nest (an inner one shares the outer's reading). Other clocks (ManualClock)
 // ignore turns: tests keep exact, injected time.
 // Thread safety: a ClockTurn is used only on the thread that created it.
 class ClockTurn {
