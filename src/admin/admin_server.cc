@@ -118,7 +118,29 @@ struct ClientCopy {
   std::vector<StackEntry> stack;
   std::shared_ptr<Runtime> runtime;                        // keeps the loops alive
   std::vector<std::shared_ptr<MessageDispatcher>> shards;
+  // AskLoops: each shard's report to come, and its loop's index.
+  std::vector<std::future<ShardReport>> futures;
+  std::vector<size_t> indices;
 };
+
+// Asks every loop of the client for its shard's report (a task posted to each; the shard is
+// released on its own loop, as ClientCore does). A shard of the calling thread's loop answers in
+// place: waiting for its own loop would deadlock.
+void AskLoops(ClientCopy& c) {
+  for (auto& shard : c.shards) {
+    c.indices.push_back(shard->loop().index());
+    auto promise = std::make_shared<std::promise<ShardReport>>();
+    c.futures.push_back(promise->get_future());
+    if (shard->loop().IsCurrent()) {
+      promise->set_value(InspectShard(*shard));
+      continue;
+    }
+    EventLoop& loop = shard->loop();
+    asio::post(loop.executor(),
+               [shard = std::move(shard), promise] { promise->set_value(InspectShard(*shard)); });
+  }
+  c.shards.clear();
+}
 
 json::object ShardJson(const ShardReport& r) {
   json::array sinks;
@@ -138,7 +160,9 @@ json::object ShardJson(const ShardReport& r) {
   return o;
 }
 
-json::object ClientJson(ClientCopy& c, Duration timeout) {
+// The client's JSON, its loops' reports waited for until `deadline` (shared by every client of
+// the request, so loops that do not answer delay it by `timeout` at most, not per client).
+json::object ClientJson(ClientCopy& c, Duration timeout, std::chrono::steady_clock::time_point deadline) {
   json::array stack;
   for (const auto& entry : c.stack) {
     json::object settings;
@@ -151,30 +175,14 @@ json::object ClientJson(ClientCopy& c, Duration timeout) {
       {"server_set", c.server_set},
       {"options", json::object{{"timeout_ms", Millis(c.timeout)},
                                {"open_timeout_ms", Millis(c.open_timeout)},
-                               {"event_loops", c.shards.size()},
+                               {"event_loops", c.futures.size()},
                                {"stats", c.default_stats ? "default" : "custom"}}},
       {"stack", std::move(stack)},
       {"describe", c.describe},
   };
 
-  // Ask every loop at once, then wait with one deadline for all of them.
-  std::vector<std::future<ShardReport>> futures;
-  std::vector<size_t> indices;
-  for (auto& shard : c.shards) {
-    indices.push_back(shard->loop().index());
-    auto promise = std::make_shared<std::promise<ShardReport>>();
-    futures.push_back(promise->get_future());
-    if (shard->loop().IsCurrent()) {
-      promise->set_value(InspectShard(*shard));  // already on that loop: waiting would deadlock
-      continue;
-    }
-    EventLoop& loop = shard->loop();
-    // The task owns the shard, so the shard is released on its own loop (as ClientCore does).
-    asio::post(loop.executor(),
-               [shard = std::move(shard), promise] { promise->set_value(InspectShard(*shard)); });
-  }
-  c.shards.clear();
-  auto deadline = DeadlineAfter(std::chrono::steady_clock::now(), timeout);
+  std::vector<std::future<ShardReport>>& futures = c.futures;
+  const std::vector<size_t>& indices = c.indices;
   json::array shards;
   std::map<std::string, std::pair<int64_t, std::map<std::string, int64_t>>>
       members;  // load, states
@@ -312,8 +320,11 @@ std::string ClientsJson(Duration timeout) {
   });
   std::sort(copies.begin(), copies.end(),
             [](const ClientCopy& a, const ClientCopy& b) { return a.name < b.name; });
+  // Every loop of every client is asked at once, then waited for with one deadline.
+  for (ClientCopy& c : copies) AskLoops(c);
+  const auto deadline = DeadlineAfter(std::chrono::steady_clock::now(), timeout);
   json::array clients;
-  for (ClientCopy& c : copies) clients.push_back(ClientJson(c, timeout));
+  for (ClientCopy& c : copies) clients.push_back(ClientJson(c, timeout, deadline));
   return json::serialize(json::object{{"clients", std::move(clients)}});
 }
 

@@ -17,6 +17,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/use_future.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/json.hpp>
 
@@ -252,6 +253,37 @@ TEST_F(AdminServerTest, ConnectionsBeyondTheLimitAreClosed) {
 
 // Clients built, used and closed on other threads while /admin/clients is read: every read
 // parses and lists only whole clients (run under TSan by the concurrency label).
+// A stuck event loop delays the clients page by clients_timeout once, not once per client: the
+// admin server answers every connection from one thread, so /metrics waited too.
+TEST(AdminClientsTest, AStuckLoopDelaysThePageOnceNotPerClient) {
+  test::TestHttpServer server;
+  stats::StatsRegistry registry;
+  auto runtime = MakeRuntime(1);
+  std::vector<http::HttpClient> clients;
+  for (int i = 0; i < 4; ++i) {
+    http::HttpOptions o;
+    o.client.name = fmt::format("stuck-{}", i);
+    o.client.runtime = runtime;
+    o.client.stats = &registry;
+    clients.push_back(Http::NewClient("tcp://" + server.endpoint(), o));
+  }
+  std::promise<void> release;
+  auto released = release.get_future().share();
+  boost::asio::post(runtime->loop(0).executor(), [released] { released.wait(); });  // the user's code, stuck
+  const auto start = std::chrono::steady_clock::now();
+  boost::json::value v = boost::json::parse(admin::ClientsJson(400ms));
+  const auto took = std::chrono::steady_clock::now() - start;
+  release.set_value();
+  int not_answering = 0;
+  for (const auto& c : v.at("clients").as_array()) {
+    for (const auto& loop : c.at("loops").as_array()) {
+      if (loop.as_object().contains("error")) ++not_answering;
+    }
+  }
+  EXPECT_EQ(not_answering, 4) << v;
+  EXPECT_LT(took, 1200ms) << "4 clients x 400 ms would be 1600 ms";
+}
+
 TEST(ConcurrencyAdminTest, ClientsComeAndGoWhileListed) {
   test::TestHttpServer server;
   stats::StatsRegistry registry;  // outlives the runtime, where closed clients still report

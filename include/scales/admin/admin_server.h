@@ -14,8 +14,10 @@
 //
 // It binds 127.0.0.1 by default: the endpoints reveal the service topology, so expose them on
 // another address only on purpose. It runs on a thread of its own, never on the clients' event
-// loops; /admin/clients asks each client's loops for their state and waits for the answers (up
-// to AdminServerOptions::clients_timeout), so one slow loop delays only the admin server.
+// loops; /admin/clients asks every client's loops for their state at once and waits for the
+// answers (up to AdminServerOptions::clients_timeout in all), so a stuck loop delays the admin
+// server (all its connections: it answers them from one thread) by that much, and the clients
+// not at all.
 // GET and HEAD only; other methods get 405, other paths 404. Connections are kept alive as
 // HTTP/1.1 allows; an idle connection is closed after 30 s.
 //
@@ -70,9 +72,9 @@ class AdminServer {
 };
 
 // The bodies of the endpoints, for programs that serve them from their own HTTP server.
-// ClientsJson blocks up to `timeout` per client waiting for its loops (never call it on one of
-// the clients' event loops: the loop would wait for itself; it then reports that loop as not
-// answering after the timeout).
+// ClientsJson asks every loop of every client at once and blocks up to `timeout` in all for the
+// answers. Called on one of the clients' event loops, it inspects that loop's shards in place
+// (waiting for them would deadlock), but it blocks that loop while it waits for the others.
 std::string ClientsJson(Duration timeout = std::chrono::seconds(2));
 
 }  // namespace scales::admin
