@@ -59,7 +59,6 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   }
   SinkFactory top = spec_.Build();
   stats::StatsScope scope(stats_, {{"client", options_.name}});
-  ReportDiscoveryStats(scope);
   auto limit = std::make_shared<MessageDispatcher::PendingLimit>(options_.max_pending, runtime_->size());
   for (size_t i = 0; i < runtime_->size(); ++i) {
     EventLoop& loop = runtime_->loop(i);
@@ -73,6 +72,9 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
                                                           options_.timeout, scope, limit,
                                                           options_.trace_ids));
   }
+  // After the last step that may throw (a provider's validation): a constructor that throws runs
+  // no destructor, and the registry would keep the collector (and its gauges) for good.
+  ReportDiscoveryStats(scope);
   std::lock_guard lock(Live().mu);
   Live().clients.insert(this);
 }

@@ -29,8 +29,10 @@
 #include <gtest/gtest.h>
 
 #include "discovery/zk_connection.h"
+#include "scales/core/client.h"
 #include "scales/core/error.h"
 #include "scales/core/log.h"
+#include "scales/core/sink_stack.h"
 #include "scales/discovery/zookeeper.h"
 #include "scales/http/client.h"
 #include "scales/stats/stats.h"
@@ -307,6 +309,22 @@ TEST_F(ZooKeeperTest, KazooMembersInFinagleFormat) {
   ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}, {"127.0.0.5", 1005},
                                {"127.0.0.6", 1006}})))
       << Show(rec.last());
+}
+
+// A client whose build fails (a provider refuses its options) leaves nothing of its ZooKeeper
+// statistics in the registry: its collector kept exporting them for good.
+TEST_F(ZooKeeperTest, AClientThatFailsToBuildLeavesNoDiscoveryGauges) {
+  stats::StatsRegistry registry;
+  ClientOptions options;
+  options.name = "broken";
+  options.stats = &registry;
+  options.server_set = MakeSet(zk_->Uri("/svc/broken"));
+  SinkStackSpec spec({SinkProvider{"transport", "refusing", [](const SinkContext&, SinkFactory) -> SinkPtr {
+    throw Error(make_error_code(Errc::kInvalidArgument), "refusing: bad options");
+  }}});
+  EXPECT_THROW(ClientCore(options, spec), Error);
+  const std::string text = registry.ToPrometheus();
+  EXPECT_EQ(text.find("scales_zk_sessions"), std::string::npos) << text;
 }
 
 TEST_F(ZooKeeperTest, DataChangesAndDeletesAreFollowed) {
