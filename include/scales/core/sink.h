@@ -59,6 +59,9 @@ class ClientMessageSink : public std::enable_shared_from_this<ClientMessageSink>
   // Processes a request. The sink either answers it (stack.AsyncProcessResponse) or passes it
   // on; either way, exactly one response eventually unwinds `stack`. Once a sink has passed
   // a response up it must not touch the stack or the message again: the call may be gone.
+  // It must not throw: nothing above it can tell whether the request was answered, passed on
+  // or dropped, so a sink that cannot take a request answers it with a failure instead (the
+  // call would otherwise never complete, and its client-wide accounting would leak).
   virtual void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) = 0;
 
   // Called for a response when this sink pushed itself with `context`. The default passes the
