@@ -29,8 +29,8 @@ namespace scales {
 struct ClientOptions {
   // Client label, used in metrics (label `client`) and error messages. Default: "scales".
   std::string name = "scales";
-  // Where the servers are: tcp://h:p[,h:p...] or zk://... (see ScalesUriParser).
-  // Ignored when `server_set` is set.
+  // Where the servers are: tcp://h:p[,h:p...], https://... or zk://... (see ScalesUriParser).
+  // When `server_set` is set, only its TLS keys (https://, tls, tls_*) are still applied.
   std::string uri;
   // Timeout of every call, from its start to its completion (queueing and connecting
   // included). Default 10 s (the protocol builders set their own; HTTP 60 s as in scales).
