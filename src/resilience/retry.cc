@@ -81,8 +81,7 @@ void* FirstAttempt(Stream* request) noexcept {
   return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(request) | uintptr_t{1});
 }
 Stream* FirstAttemptRequest(void* context) noexcept {
-  const auto bits = reinterpret_cast<uintptr_t>(context);
-  return (bits & uintptr_t{1}) != 0 ? reinterpret_cast<Stream*>(bits & ~uintptr_t{1}) : nullptr;
+  return reinterpret_cast<Stream*>(reinterpret_cast<uintptr_t>(context) & ~uintptr_t{1});
 }
 bool IsFirstAttempt(void* context) noexcept { return (reinterpret_cast<uintptr_t>(context) & uintptr_t{1}) != 0; }
 
