@@ -134,11 +134,24 @@ Runtime::Runtime(boost::asio::io_context& external, std::shared_ptr<Clock> clock
 }
 
 void Runtime::StartThreads() {
+  guards_.reserve(loops_.size());
+  threads_.reserve(loops_.size());
   for (auto& loop : loops_) {
     guards_.emplace_back(loop->io_context().get_executor());
   }
-  for (auto& loop : loops_) {
-    threads_.emplace_back([l = loop] { l->Run(); });
+  try {
+    for (auto& loop : loops_) {
+      threads_.emplace_back([l = loop] { l->Run(); });
+    }
+  } catch (...) {
+    // A thread could not be started (the process's thread limit, or memory): the constructor
+    // fails, so stop and join the threads already running (a joinable std::thread destroyed
+    // while unwinding would terminate the process). No client uses the loops yet.
+    guards_.clear();
+    for (auto& loop : loops_) loop->io_context().stop();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    throw;
   }
 }
 

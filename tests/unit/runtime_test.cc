@@ -2,7 +2,10 @@
 // and loops that spin before they sleep still run every handler once, fire timers, survive a
 // throwing handler and stop when the runtime goes. Real threads (the spin is real time), so
 // every wait is on a future with a generous bound, never a sleep.
+#include <dirent.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -10,6 +13,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -99,6 +103,44 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopsRunEveryPostedHandlerOnce) {
 // A timer fires whether the loop is spinning or asleep (a window of 1 us ends long before a
 // 20 ms timer; a 50 ms one outlasts it, with a call marked in flight), and a handler that throws
 // is reported while the loop goes on spinning.
+// A loop thread that cannot be started (the process is at its thread limit) makes the
+// constructor throw std::system_error after stopping and joining the threads it did start;
+// it must not destroy a joinable std::thread while unwinding (std::terminate). The child
+// process of the death test takes a uid of its own and a limit of one more thread than it
+// runs, so the runtime's first loop thread starts and its second does not.
+void StartRuntimeWithRoomForOneThread() {
+  size_t tasks = 0;
+  if (DIR* dir = opendir("/proc/self/task")) {
+    while (dirent* entry = readdir(dir)) tasks += entry->d_name[0] != '.';
+    closedir(dir);
+  }
+  if (tasks == 0) _exit(5);
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NPROC, &limit) != 0 || limit.rlim_max < tasks + 1) _exit(6);
+  limit.rlim_cur = tasks + 1;
+  if (setrlimit(RLIMIT_NPROC, &limit) != 0) _exit(6);
+  // A uid no other process uses, so that the limit counts only this process's threads.
+  if (setuid(static_cast<uid_t>(0x7fff0000u + static_cast<unsigned>(getpid()) % 0xffffu)) != 0) {
+    _exit(7);
+  }
+  try {
+    RuntimeOptions options;
+    options.threads = 3;
+    Runtime runtime(options);
+    _exit(2);  // every thread started: the limit did not hold
+  } catch (const std::system_error&) {
+    _exit(0);
+  } catch (...) {
+    _exit(4);
+  }
+}
+
+TEST(RuntimeTest, ThreadThatCannotStartFailsTheConstructorCleanly) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to take a fresh uid with its own thread limit";
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(StartRuntimeWithRoomForOneThread(), testing::ExitedWithCode(0), "");
+}
+
 TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandler) {
   test::LogCapture log(LogLevel::kError);
   // The report is rate limited per call site, and the limiter is shared by every test of the

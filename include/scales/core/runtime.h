@@ -114,6 +114,8 @@ struct RuntimeOptions {
 // Thread safety: all public functions are safe from any thread.
 class Runtime : public std::enable_shared_from_this<Runtime> {
  public:
+  // Throws Error (kInvalidArgument) for a bad option, and std::system_error if a loop thread
+  // cannot be started (the threads it did start are stopped and joined first).
   explicit Runtime(RuntimeOptions options = {});
   // Wraps a user's io_context as the single loop; the user runs it.
   explicit Runtime(boost::asio::io_context& external, std::shared_ptr<Clock> clock = nullptr,
