@@ -25,6 +25,8 @@
 //                               endpoint's stats are shared, as a client's are per endpoint)
 //
 // Prints one JSON line with these fields. Heap only: kernel socket buffers are not counted.
+// Every wait is bounded: a call or session that does not complete in time (a hung server) ends
+// the program with an error (exit status 2), as does a failed call.
 #include <malloc.h>
 
 #include <atomic>
@@ -99,6 +101,23 @@ namespace {
 
 using scales::echo::EchoClient;
 using Client = scales::thrift::ThriftClient<EchoClient>;
+using std::chrono::seconds;
+
+// Bounds of the waits: generous for the default sizes on a busy machine.
+constexpr seconds kCallsLimit{120};  // a batch of echo calls (RunEchoCalls)
+constexpr seconds kSleepLimit{60};   // sleep calls, beyond their own duration
+constexpr seconds kLoopLimit{30};    // opening or closing sessions on the loop
+
+// Waits for `f` at most `limit`; ends the program with an error when it is not ready by then.
+// _Exit, not exit: the client's loop thread still runs and may touch what static destructors
+// would destroy.
+void WaitOrDie(std::future<void>& f, seconds limit, const char* what) {
+  if (f.wait_for(limit) == std::future_status::ready) return;
+  std::fprintf(stderr, "bench_alloc_count: %s did not complete within %lld s\n", what,
+               static_cast<long long>(limit.count()));
+  std::fflush(stderr);
+  std::_Exit(2);
+}
 
 // Runs `total` echo calls with `concurrency` outstanding (closed loop); returns when all
 // completed. Exits if any failed.
@@ -130,7 +149,7 @@ void RunEchoCalls(const Client& client, int64_t total, int concurrency) {
   state->active = concurrency;
   auto done = state->done.get_future();
   for (int i = 0; i < concurrency; ++i) state->Issue();
-  done.wait();
+  WaitOrDie(done, kCallsLimit, "a batch of echo calls");
   if (state->failed > 0) {
     scales::bench::Flags::Die("bench_alloc_count: %lld echo calls failed",
                               static_cast<long long>(state->failed.load()));
@@ -145,19 +164,35 @@ double AllocsPerCall(const Client& client, int64_t calls, int concurrency) {
   return static_cast<double>(g_allocs.load() - before) / static_cast<double>(calls);
 }
 
-// Starts `n` sleep(millis) calls; the returned future is ready when all completed.
-std::future<void> StartSleeps(const Client& client, int n, int millis) {
-  auto left = std::make_shared<std::atomic<int>>(n);
-  auto done = std::make_shared<std::promise<void>>();
-  auto f = done->get_future();
-  for (int i = 0; i < n; ++i) {
-    SCALES_THRIFT_CALL(client, sleep, millis, [left, done](std::exception_ptr e, std::string) {
-      if (e) std::fprintf(stderr, "bench_alloc_count: a sleep call failed\n");
-      if (left->fetch_sub(1) == 1) done->set_value();
-    });
+// `n` sleep(millis) calls in flight; Wait() returns when all completed, and ends the program
+// if they take kSleepLimit longer than `millis` or any failed.
+class Sleeps {
+ public:
+  Sleeps(const Client& client, int n, int millis) : millis_(millis) {
+    auto left = std::make_shared<std::atomic<int>>(n);
+    auto done = std::make_shared<std::promise<void>>();
+    auto failed = failed_;
+    done_ = done->get_future();
+    for (int i = 0; i < n; ++i) {
+      SCALES_THRIFT_CALL(client, sleep, millis,
+                         [left, done, failed](std::exception_ptr e, std::string) {
+                           if (e) failed->fetch_add(1);
+                           if (left->fetch_sub(1) == 1) done->set_value();
+                         });
+    }
   }
-  return f;
-}
+  void Wait() {
+    WaitOrDie(done_, seconds(millis_ / 1000 + 1) + kSleepLimit, "sleep calls");
+    if (*failed_ > 0) {
+      scales::bench::Flags::Die("bench_alloc_count: %d sleep calls failed", failed_->load());
+    }
+  }
+
+ private:
+  int millis_;
+  std::shared_ptr<std::atomic<int>> failed_ = std::make_shared<std::atomic<int>>(0);
+  std::future<void> done_;
+};
 
 void Settle() { std::this_thread::sleep_for(std::chrono::milliseconds(300)); }
 
@@ -185,7 +220,8 @@ double BytesPerIdleMuxSession(scales::Runtime& runtime, int port, int n) {
         });
       }
     });
-    done.get_future().wait();
+    auto opened = done.get_future();
+    WaitOrDie(opened, kLoopLimit, "opening the Mux sessions");
   };
   open_all(0, 1);  // the stats and the provider's shared state exist before the measurement
   Settle();
@@ -199,7 +235,8 @@ double BytesPerIdleMuxSession(scales::Runtime& runtime, int port, int n) {
     sessions.clear();
     closed.set_value();
   });
-  closed.get_future().wait();
+  auto closing = closed.get_future();
+  WaitOrDie(closing, kLoopLimit, "closing the Mux sessions");
   Settle();
   return per_session;
 }
@@ -234,10 +271,10 @@ int main(int argc, char** argv) {
   // Outstanding requests: sleep calls the server holds for 2 s without blocking other calls.
   Settle();
   const int64_t live_before = g_live_bytes.load();
-  auto sleeps = StartSleeps(mux, outstanding, 2000);
+  Sleeps sleeps(mux, outstanding, 2000);
   Settle();  // every request encoded, written and waiting for its reply
   const int64_t live_outstanding = g_live_bytes.load();
-  sleeps.wait();
+  sleeps.Wait();
   const double per_outstanding = static_cast<double>(live_outstanding - live_before) / outstanding;
 
   // Idle pooled Thrift connections: one connection, then `idle` (TThreadedServer answers the
@@ -247,10 +284,10 @@ int main(int argc, char** argv) {
   to.client.runtime = runtime;
   Client thrift =
       scales::Thrift::NewClient<EchoClient>("tcp://127.0.0.1:" + std::to_string(thrift_port), to);
-  StartSleeps(thrift, 1, 1).wait();
+  Sleeps(thrift, 1, 1).Wait();
   Settle();
   const int64_t live_one = g_live_bytes.load();
-  StartSleeps(thrift, idle, 200).wait();
+  Sleeps(thrift, idle, 200).Wait();
   Settle();
   const int64_t live_idle = g_live_bytes.load();
   const double per_thrift_conn = static_cast<double>(live_idle - live_one) / (idle - 1);
@@ -262,7 +299,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < idle; ++i) {
     mo.client.name = "idle" + std::to_string(i);
     clients.push_back(scales::ThriftMux::NewClient<EchoClient>(mux_uri, mo));
-    StartSleeps(clients.back(), 1, 0).wait();  // the session is open and has carried a call
+    Sleeps(clients.back(), 1, 0).Wait();  // the session is open and has carried a call
   }
   Settle();
   const double per_mux_client = static_cast<double>(g_live_bytes.load() - live_no_clients) / idle;

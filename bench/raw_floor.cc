@@ -18,11 +18,14 @@
 //         of scales' RuntimeOptions::busy_poll); 0 (default) = block at once.
 //
 // Prints one JSON line (bench_util.h). A reply that is not a successful Rdispatch (mux) or a
-// REPLY (thrift) ends the program with an error: a floor that skips work would be no floor.
+// REPLY (thrift) ends the program with an error: a floor that skips work would be no floor. So
+// does a server that stops answering: the socket's reads and writes time out after 10 s
+// (SO_RCVTIMEO, SO_SNDTIMEO; connect too).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -38,6 +41,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using scales::bench::Flags;
+
+constexpr int kIoTimeoutS = 10;
 
 void PutBe32(std::string& out, uint32_t v) {
   const char b[4] = {static_cast<char>(v >> 24), static_cast<char>(v >> 16),
@@ -91,6 +96,10 @@ void WriteAll(int fd, const std::string& bytes) {
   while (off < bytes.size()) {
     ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
     if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      Flags::Die("bench_raw_floor: write: the server took no bytes for %d s (SO_SNDTIMEO)",
+                 kIoTimeoutS);
+    }
     if (n <= 0) Flags::Die("bench_raw_floor: write: %s", std::strerror(errno));
     off += static_cast<size_t>(n);
   }
@@ -98,11 +107,19 @@ void WriteAll(int fd, const std::string& bytes) {
 
 int Connect(int port) {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) Flags::Die("bench_raw_floor: socket: %s", std::strerror(errno));
+  // Bounds connect, every blocking read and every write: a hung server ends the run with an
+  // error rather than blocking bench/run.
+  const timeval limit{kIoTimeoutS, 0};
+  if (::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit) != 0 ||
+      ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof limit) != 0) {
+    Flags::Die("bench_raw_floor: setsockopt(SO_RCVTIMEO/SO_SNDTIMEO): %s", std::strerror(errno));
+  }
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(port));
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
     Flags::Die("bench_raw_floor: connect 127.0.0.1:%d: %s", port, std::strerror(errno));
   }
   int one = 1;
@@ -173,6 +190,11 @@ int main(int argc, char** argv) {
     }
     if (n < 0) n = ::read(fd, in.data() + have, in.size() - have);
     if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      Flags::Die(
+          "bench_raw_floor: read: no reply from 127.0.0.1:%d for %d s (SO_RCVTIMEO); %u in flight",
+          port, kIoTimeoutS, in_flight);
+    }
     if (n <= 0)
       Flags::Die("bench_raw_floor: read: %s", n == 0 ? "connection closed" : std::strerror(errno));
     have += static_cast<size_t>(n);

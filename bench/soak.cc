@@ -481,6 +481,9 @@ class Soak {
   void StartServers();
   void StartClients();
   void LoadLoop();
+  // The quiet point's handshake with LoadLoop: once SetPaused(true) returns, the load thread
+  // is not between its check and its calls, and no call starts until SetPaused(false).
+  void SetPaused(bool paused);
   std::vector<std::pair<std::chrono::seconds, std::function<void()>>> MinuteEvents(int minute);
   void Event(const std::string& what, const std::function<void()>& action);
   // Sleeps until `until`, sampling the gauges every second into `peak`.
@@ -517,7 +520,9 @@ class Soak {
   std::optional<scales::http::HttpClient> http_client_;
   std::optional<EchoClient> thrift_client_, mux_client_;
 
-  std::atomic<bool> paused_{false};
+  // LoadLoop checks paused_ and issues its calls under load_mu_ (SetPaused).
+  std::mutex load_mu_;
+  bool paused_ = false;  // guarded by load_mu_
   std::atomic<bool> stop_load_{false};
 };
 
@@ -620,7 +625,9 @@ void Soak::LoadLoop() {
     auto now = Clock::now();
     double dt = Seconds(now - last);
     last = now;
-    if (paused_.load()) continue;
+    // Held from the check to the last call issued: SetPaused(true) cannot return in between.
+    std::lock_guard lock(load_mu_);
+    if (paused_) continue;
     for (size_t i = 0; i < protocols_.size(); ++i) {
       Protocol& p = *protocols_[i];
       credit[i] += options_.rate * dt;
@@ -637,6 +644,11 @@ void Soak::LoadLoop() {
       }
     }
   }
+}
+
+void Soak::SetPaused(bool paused) {
+  std::lock_guard lock(load_mu_);
+  paused_ = paused;
 }
 
 void Soak::Event(const std::string& what, const std::function<void()>& action) {
@@ -979,7 +991,7 @@ int Soak::Run() {
     WaitUntil(start + kQuietAt, row.peak);
     // The quiet point: no new calls; every call must end within its deadline, and a Mux tag
     // within a moment of that (a discarded call's tag is freed when Rdiscarded arrives).
-    paused_ = true;
+    SetPaused(true);
     auto quiet_start = Clock::now();
     WaitQuiet(std::max(start + kMinute, quiet_start + kCallTimeout + 1s));
     row.quiet_wait_s = Seconds(Clock::now() - quiet_start);
@@ -1007,7 +1019,7 @@ int Soak::Run() {
       row.servers.push_back(std::move(servers));
       previous_servers[n] = ByServer(*protocols_[n]);
     }
-    paused_ = false;
+    SetPaused(false);
     rows.push_back(row);
     PrintRow(row, rows.front().process.rss_kb);
   }

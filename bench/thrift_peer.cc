@@ -8,6 +8,8 @@
 // back to back until the duration ends: a closed loop with N calls outstanding, which is what
 // a user of Apache Thrift's own client gets with one thread per concurrent caller. Prints one
 // JSON line (bench_util.h): throughput, latency percentiles and the process's CPU per call.
+// Connect, send and receive time out after 10 s: a server that stops answering fails the
+// thread's call (counted in `failed`, exit status 1) instead of hanging the benchmark.
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -26,6 +28,8 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+constexpr int kSocketTimeoutMs = 10000;
 
 struct Worker {
   std::vector<int64_t> latency_us;
@@ -55,8 +59,15 @@ int main(int argc, char** argv) {
   for (int i = 0; i < threads; ++i) {
     auto socket = std::make_shared<transport::TSocket>("127.0.0.1", port);
     socket->setNoDelay(true);
+    socket->setConnTimeout(kSocketTimeoutMs);
+    socket->setSendTimeout(kSocketTimeoutMs);
+    socket->setRecvTimeout(kSocketTimeoutMs);
     auto framed = std::make_shared<transport::TFramedTransport>(socket);
-    framed->open();
+    try {
+      framed->open();
+    } catch (const std::exception& e) {
+      scales::bench::Flags::Die("bench_thrift_peer: connect 127.0.0.1:%d: %s", port, e.what());
+    }
     transports.push_back(framed);
     clients.push_back(std::make_unique<scales::echo::EchoClient>(
         std::make_shared<protocol::TBinaryProtocol>(framed)));
@@ -85,7 +96,7 @@ int main(int argc, char** argv) {
               std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count());
         } catch (const std::exception& e) {
           ++w.failed;
-          w.error = e.what();
+          w.error = std::string("a call failed: ") + e.what();
           break;  // the connection is unusable after a transport error
         }
       }
