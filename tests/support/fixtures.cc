@@ -44,6 +44,7 @@ class Fd {
   ~Fd() {
     if (fd_ >= 0) ::close(fd_);
   }
+  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
   int get() const { return fd_; }
@@ -78,18 +79,47 @@ void SleepFor(milliseconds duration) { std::this_thread::sleep_for(duration); }
 
 }  // namespace
 
-int FreeTcpPort() {
+std::vector<int> FreeTcpPorts(size_t n) {
+  std::vector<Fd> held;
+  std::vector<int> ports;
+  for (size_t i = 0; i < n; ++i) {
+    Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (fd.get() < 0) throw SystemError("FreeTcpPorts: socket");
+    sockaddr_in addr = Loopback(0);
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      throw SystemError("FreeTcpPorts: bind 127.0.0.1:0");
+    }
+    socklen_t len = sizeof addr;
+    if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      throw SystemError("FreeTcpPorts: getsockname");
+    }
+    ports.push_back(ntohs(addr.sin_port));
+    held.push_back(std::move(fd));
+  }
+  return ports;
+}
+
+int FreeTcpPort() { return FreeTcpPorts(1)[0]; }
+
+bool ZooKeeperAnswersRuok(int port, milliseconds timeout) {
   Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (fd.get() < 0) throw SystemError("FreeTcpPort: socket");
-  sockaddr_in addr = Loopback(0);
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    throw SystemError("FreeTcpPort: bind 127.0.0.1:0");
+  if (fd.get() < 0) return false;
+  timeval tv{static_cast<time_t>(timeout.count() / 1000),
+             static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  sockaddr_in addr = Loopback(port);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return false;
+  if (::send(fd.get(), "ruok", 4, MSG_NOSIGNAL) != 4) return false;
+  std::string reply;
+  char buf[16];
+  while (reply.size() < 4) {
+    ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    reply.append(buf, static_cast<size_t>(n));
   }
-  socklen_t len = sizeof addr;
-  if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    throw SystemError("FreeTcpPort: getsockname");
-  }
-  return ntohs(addr.sin_port);
+  return reply.compare(0, 4, "imok") == 0;
 }
 
 bool CanConnect(int port, milliseconds timeout) {

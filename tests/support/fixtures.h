@@ -17,9 +17,15 @@ namespace scales::test {
 // kernel chose and closes the socket. Best effort: another process may take the port before the
 // caller binds it, so callers retry on EADDRINUSE. Throws std::runtime_error if no socket.
 int FreeTcpPort();
+// `n` distinct such ports: every socket is held open until all are chosen.
+std::vector<int> FreeTcpPorts(size_t n);
 
 // Whether a TCP connection to 127.0.0.1:port is accepted (within `timeout`).
 bool CanConnect(int port, std::chrono::milliseconds timeout = std::chrono::milliseconds(500));
+
+// Whether a ZooKeeper server answers "imok" to the "ruok" four-letter command on
+// 127.0.0.1:port (within `timeout`): proves the port is ZooKeeper's, not another listener's.
+bool ZooKeeperAnswersRuok(int port, std::chrono::milliseconds timeout = std::chrono::milliseconds(500));
 
 // Path of the `scales` tool binary: $SCALES_TOOL_PATH if set, else the compile-time
 // SCALES_TOOL_PATH definition. Throws std::runtime_error when neither is available.

@@ -52,7 +52,7 @@ std::string BaseConfig(const std::filesystem::path& data, int client_port) {
       "clientPort={}\n"
       "clientPortAddress=127.0.0.1\n"
       "admin.enableServer=false\n"
-      "4lw.commands.whitelist=\n"
+      "4lw.commands.whitelist=ruok\n"
       "maxClientCnxns=0\n",
       data.string(), client_port);
 }
@@ -65,10 +65,24 @@ bool ZooKeeperAvailable() {
 
 ZooKeeperServer::ZooKeeperServer(int port, bool start)
     : dir_(MakeTempDir("scales-zk")), owns_dir_(true) {
-  client_port_ = port ? port : FreeTcpPort();
   std::filesystem::create_directories(dir_ / "data");
-  config_ = BaseConfig(dir_ / "data", client_port_);
-  if (start) Start();
+  // A free port may be taken by another process before the JVM binds it (the JVM then exits):
+  // a port chosen here is chosen again.
+  for (int attempt = 0;; ++attempt) {
+    client_port_ = port ? port : FreeTcpPort();
+    config_ = BaseConfig(dir_ / "data", client_port_);
+    if (!start) return;
+    try {
+      Start();
+      return;
+    } catch (const std::exception&) {
+      if (port != 0 || attempt == 2) {
+        std::error_code ec;
+        std::filesystem::remove_all(dir_, ec);
+        throw;
+      }
+    }
+  }
 }
 
 ZooKeeperServer::ZooKeeperServer(std::filesystem::path dir, int client_port, std::string config)
@@ -105,14 +119,16 @@ void ZooKeeperServer::Start() {
                 : "org.apache.zookeeper.server.quorum.QuorumPeerMain",
       (dir_ / "zoo.cfg").string()});
   auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
-  while (!CanConnect(client_port_, std::chrono::milliseconds(200))) {
-    if (!process_->Running() || std::chrono::steady_clock::now() > deadline) {
+  // "imok" to "ruok", not only an accepted connection: another process may hold the port.
+  while (!ZooKeeperAnswersRuok(client_port_, std::chrono::milliseconds(500))) {
+    bool exited = !process_->Running();
+    if (exited || std::chrono::steady_clock::now() > deadline) {
       std::string command = process_->CommandLine();
       process_->Stop();
       process_.reset();
-      throw std::runtime_error(
-          fmt::format("ZooKeeper did not accept connections on 127.0.0.1:{}: {}", client_port_,
-                      command));
+      throw std::runtime_error(fmt::format("ZooKeeper {} without answering on 127.0.0.1:{}: {}",
+                                           exited ? "exited" : "did not start in 30 s",
+                                           client_port_, command));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
@@ -135,7 +151,10 @@ ZooKeeperEnsemble::ZooKeeperEnsemble() : dir_(MakeTempDir("scales-zk-ensemble"))
     int client, quorum, election;
   };
   std::vector<Ports> ports;
-  for (int i = 0; i < 3; ++i) ports.push_back({FreeTcpPort(), FreeTcpPort(), FreeTcpPort()});
+  auto free_ports = FreeTcpPorts(9);  // distinct
+  for (size_t i = 0; i < 3; ++i) {
+    ports.push_back({free_ports[3 * i], free_ports[3 * i + 1], free_ports[3 * i + 2]});
+  }
   std::string peers;
   for (int i = 0; i < 3; ++i) {
     peers += fmt::format("server.{}=127.0.0.1:{}:{}\n", i + 1, ports[i].quorum, ports[i].election);

@@ -22,8 +22,9 @@ bool ZooKeeperAvailable();
 class ZooKeeperServer {
  public:
   // Starts a standalone server (tickTime 500 ms: sessions 1..10 s) on `port` (0: a free one)
-  // and waits until its client port accepts connections (30 s at most); throws
-  // std::runtime_error otherwise. `start` false: only reserve the port; call Start() later.
+  // and waits until it answers "ruok" there (30 s at most; a free port taken by another
+  // process first is chosen again, twice at most); throws std::runtime_error otherwise.
+  // `start` false: only reserve the port; call Start() later.
   explicit ZooKeeperServer(int port = 0, bool start = true);
   ~ZooKeeperServer();
   ZooKeeperServer(const ZooKeeperServer&) = delete;
