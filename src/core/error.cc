@@ -37,6 +37,7 @@ class ErrorCategory final : public boost::system::error_category {
       case Errc::kRequestTooLarge: return "request too large";
       case Errc::kTlsFailed: return "TLS handshake failed";
       case Errc::kNotSent: return "connection closed before the request was sent";
+      case Errc::kNonRetryableNack: return "request refused by the server, not to be retried (non-retryable nack)";
     }
     return fmt::format("unknown scales error {}", ev);
   }
@@ -115,6 +116,7 @@ std::string ErrorName(const error_code& ec) {
       case Errc::kRequestTooLarge: return "request_too_large";
       case Errc::kTlsFailed: return "tls_failed";
       case Errc::kNotSent: return "not_sent";
+      case Errc::kNonRetryableNack: return "non_retryable_nack";
     }
   }
   return fmt::format("{}:{}", ec.category().name(), ec.value());

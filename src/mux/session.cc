@@ -462,12 +462,17 @@ void MuxSessionSink::HandleMessage(Message m) {
                            (flags & mux_failure::kRetryable) ? " (flagged retryable)" : "", Printable(r->body)),
                nullptr, &r->contexts);
         break;
-      case ReplyStatus::kNack:
+      case ReplyStatus::kNack: {
         nacks_.Increment();
-        Answer(r->tag, make_error_code(Errc::kNack),
-               fmt::format("{} refused the request (Nack{}); it was not processed", address_,
-                           flags ? fmt::format(", MuxFailure flags {}", flags) : std::string()));
+        // Finagle's NonRetryableNackFailure: not processed, and the server asks that it not be
+        // sent again (no retry, no requeue).
+        const bool final = (flags & mux_failure::kNonRetryable) != 0;
+        Answer(r->tag, make_error_code(final ? Errc::kNonRetryableNack : Errc::kNack),
+               fmt::format("{} refused the request (Nack{}); it was not processed{}", address_,
+                           flags ? fmt::format(", MuxFailure flags {}", flags) : std::string(),
+                           final ? " and must not be retried" : ""));
         break;
+      }
     }
     MaybeFinishDrain();
     return;
@@ -722,7 +727,7 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
   }
   // The contexts as views: the values that need encoding go into strings kept from one request
   // to the next (no allocation once they have their capacity), the rest are views of the call.
-  ContextView contexts[5];
+  ContextView contexts[6];
   size_t n = 0;
   const auto& props = msg.properties;
   if (options_.propagate_deadline && props.deadline) {
@@ -749,6 +754,7 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
     AppendTraceContext(t, &trace_value_);
     contexts[n++] = {kTraceContextKey, trace_value_};
   }
+  if (props.backup) contexts[n++] = {kBackupRequestKey, {}};
   std::string headers;
   if (!props.headers.empty()) {
     headers = EncodeHeaders(props.headers);

@@ -218,6 +218,7 @@ void BackupRequestSink::SendBackup(Hedge* h) {
   MethodCallMessage& m = *h->backup_msg;
   m.properties.avoid_endpoint = caller.properties.endpoint;
   m.properties.endpoint.clear();
+  m.properties.backup = true;
   if (!h->backup_reply) h->backup_reply = ops_.create();
   ops_.attach(h->backup_reply.get(), m);
   h->backup_stack.emplace(m);

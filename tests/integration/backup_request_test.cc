@@ -1,7 +1,8 @@
 // Backup requests against real peers, two endpoints of which one is slow:
 //   - ThriftMux: two Mux reference servers, one started with --delay (every dispatch waits).
-//     With the backup sink the calls complete at the fast server's speed, and the slow server
-//     receives a Tdiscarded for every backup that won.
+//     With the backup sink the calls complete at the fast server's speed, the slow server
+//     receives a Tdiscarded for every backup that won, and every backup carries the
+//     com.twitter.finagle.BackupRequest context.
 //   - HTTP: nginx and a "black hole" (a listening socket nobody accepts on: connects succeed,
 //     requests are never answered). The backup to nginx wins, and the cancelled first attempt's
 //     connection is closed by the client (the black hole reads EOF on it).
@@ -103,6 +104,12 @@ TEST(BackupRequestIntegrationTest, ThriftMuxSlowServerLosesAndGetsTdiscarded) {
   while (discards() < won && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
   EXPECT_GE(discards(), won) << slow.Log();
   EXPECT_EQ(fast.LogLinesWith({"recv Tdiscarded"}).size(), 0u) << "a fast first attempt was hedged";
+  // Every backup (all of them went to the fast server: each avoids its first attempt's
+  // endpoint) carried the BackupRequest context; no first attempt did.
+  EXPECT_EQ(static_cast<int64_t>(fast.LogLinesWith({"recv Tdispatch", "com.twitter.finagle.BackupRequest"}).size()),
+            sent)
+      << fast.Log();
+  EXPECT_EQ(slow.LogLinesWith({"com.twitter.finagle.BackupRequest"}).size(), 0u) << slow.Log();
   EXPECT_EQ(first.get(), "warm-1");
   EXPECT_EQ(second.get(), "warm-2");
 }

@@ -385,6 +385,13 @@ TEST(ThriftMuxTest, ServerErrorsMapToDistinctCodes) {
   std::string what;
   EXPECT_EQ(CallError(client, "nack", &what), Errc::kNack) << what;
   EXPECT_TRUE(error_code(Errc::kNack) == Condition::kRetryable);
+  const size_t retryable_nacks = server.LogLinesWith({"send Rdispatch", "nack"}).size();
+  EXPECT_GT(retryable_nacks, 1u) << "a retryable Nack is retried\n" << server.Log();
+  // MuxFailure NonRetryable (Finagle's NonRetryableNackFailure): its own code, not retried.
+  EXPECT_EQ(CallError(client, "nack-final", &what), Errc::kNonRetryableNack) << what;
+  EXPECT_FALSE(error_code(Errc::kNonRetryableNack) == Condition::kRetryable);
+  EXPECT_NE(what.find("must not be retried"), std::string::npos) << what;
+  EXPECT_EQ(server.LogLinesWith({"send Rdispatch", "nack-final"}).size(), 1u) << server.Log();
   EXPECT_EQ(CallError(client, "error:it broke", &what), Errc::kServerError);
   EXPECT_NE(what.find("it broke"), std::string::npos) << what;
   EXPECT_EQ(CallError(client, "rerr:session trouble", &what), Errc::kServerError);

@@ -16,7 +16,7 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr int kFirst = static_cast<int>(Errc::kOk);
-constexpr int kLast = static_cast<int>(Errc::kNotSent);
+constexpr int kLast = static_cast<int>(Errc::kNonRetryableNack);
 
 TEST(ErrorTest, NamesAreStableSnakeCase) {
   EXPECT_EQ(ErrorName(make_error_code(Errc::kOk)), "ok");
@@ -44,6 +44,7 @@ TEST(ErrorTest, NamesAreStableSnakeCase) {
   EXPECT_EQ(ErrorName(make_error_code(Errc::kRequestTooLarge)), "request_too_large");
   EXPECT_EQ(ErrorName(make_error_code(Errc::kTlsFailed)), "tls_failed");
   EXPECT_EQ(ErrorName(make_error_code(Errc::kNotSent)), "not_sent");
+  EXPECT_EQ(ErrorName(make_error_code(Errc::kNonRetryableNack)), "non_retryable_nack");
 }
 
 TEST(ErrorTest, EveryCodeHasADistinctNameAndMessage) {

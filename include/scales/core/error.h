@@ -48,6 +48,7 @@ enum class Errc {
   kRequestTooLarge = 22,      // a request exceeded a configured size limit
   kTlsFailed = 23,            // the TLS handshake failed (verification, protocol, peer not speaking TLS)
   kNotSent = 24,              // the connection closed or failed before any byte of the request was written
+  kNonRetryableNack = 25,     // the server refused the request unprocessed and asked that it not be retried
 };
 
 // Groups of codes.

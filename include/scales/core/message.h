@@ -46,6 +46,9 @@ struct CallProperties {
   // Set by the retry sink before a retry: the endpoint the failed attempt went to
   // ("host:port"). Every balancer picks another endpoint for this attempt when one exists.
   std::string avoid_endpoint;
+  // Set by the backup-request sink on a backup (hedged) attempt; ThriftMux sends the
+  // com.twitter.finagle.BackupRequest context with it, as Finagle's BackupRequestFilter does.
+  bool backup = false;
 };
 
 // A request. The payload and the reply slot are typed, non-owning pointers into the call

@@ -21,6 +21,8 @@ Misbehaviours on demand, chosen by the argument of echo():
                      writes of the meantime are still in flight when it is told to drain
   "lease:MS"         send Tlease of MS milliseconds, then reply
   "nack"             Rdispatch Nack with MuxFailure = Retryable|Rejected
+  "nack-final"       Rdispatch Nack with MuxFailure = Rejected|NonRetryable (Finagle's
+                     NonRetryableNackFailure)
   "error:TEXT"       Rdispatch Error TEXT
   "rerr:TEXT"        Rerr TEXT on the request's tag
   "noreply"          never reply (Tdiscarded still answered with Rdiscarded)
@@ -730,6 +732,10 @@ class Connection:
             self.pending.pop(tag, None)
             self.send(RDISPATCH, tag, bytes([STATUS_NACK]) +
                       encode_contexts([(KEY_MUX_FAILURE, struct.pack(">Q", 3))]), "nack")
+        elif message == "nack-final":
+            self.pending.pop(tag, None)
+            self.send(RDISPATCH, tag, bytes([STATUS_NACK]) +
+                      encode_contexts([(KEY_MUX_FAILURE, struct.pack(">Q", 6))]), "nack-final")
         elif message.startswith("error:"):
             self.pending.pop(tag, None)
             self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + encode_contexts([]) +
