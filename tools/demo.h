@@ -32,6 +32,8 @@ class LocalZooKeeper {
   bool Announce(const std::string& zk_uri, const std::string& endpoint);
 
  private:
+  static void RemoveStaleDirectories();
+
   std::filesystem::path dir_;
   int port_ = 0;
   ChildProcess java_;

@@ -2,9 +2,11 @@
 // private temporary directory; the demo registers its servers in it as members of
 // Finagle-style server sets (Announcer), which the clients then find through zk:// URIs.
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <fstream>
 #include <thread>
@@ -58,6 +60,24 @@ LocalZooKeeper::~LocalZooKeeper() {
   }
 }
 
+// A demo stopped by a signal stops its ZooKeeper but cannot remove the data directory (not from
+// a signal handler): the next demo removes those whose process is gone.
+void LocalZooKeeper::RemoveStaleDirectories() {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(std::filesystem::temp_directory_path(), ec)) {
+    const std::string name = entry.path().filename().string();
+    constexpr std::string_view kPrefix = "scales-demo-zk-";
+    if (!name.starts_with(kPrefix)) continue;
+    const std::string digits = name.substr(kPrefix.size());
+    if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(digits));
+    if (pid <= 0 || (kill(pid, 0) != 0 && errno == ESRCH)) {
+      std::error_code ignored;
+      std::filesystem::remove_all(entry.path(), ignored);
+    }
+  }
+}
+
 bool LocalZooKeeper::Start(std::string& why) {
   if (access("/usr/bin/java", X_OK) != 0) {
     why = "Java (/usr/bin/java) is not installed";
@@ -67,6 +87,7 @@ bool LocalZooKeeper::Start(std::string& why) {
     why = "Debian's zookeeper package (/usr/share/java/zookeeper.jar) is not installed";
     return false;
   }
+  RemoveStaleDirectories();
   dir_ = std::filesystem::temp_directory_path() / fmt::format("scales-demo-zk-{}", getpid());
   std::filesystem::create_directories(dir_ / "data");
   port_ = FreePort();

@@ -94,6 +94,9 @@ void MuxReferenceServer::Start(int port, milliseconds bind_retry) {
         kPython,    ScriptPath(),
         "--port",   std::to_string(port),
         "--log",    log_path_.string(),
+        // The generated code goes into the fixture's directory, which the fixture removes
+        // even when the server was killed before it could clean up after itself.
+        "--work-dir", (dir_ / "gen").string(),
         "--thrift", SCALES_THRIFT_COMPILER,
         "--idl",    std::string(SCALES_SOURCE_DIR) + "/tools/echo.thrift"};
     argv.insert(argv.end(), extra_args_.begin(), extra_args_.end());

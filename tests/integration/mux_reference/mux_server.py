@@ -917,10 +917,12 @@ class Server:
         port = server.sockets[0].getsockname()[1]
         self.log.line("server mode=%s port=%d framer=%s tls=%s" % (
             self.args.mode, port, self.args.framer, self.args.tls_mode or "none"))
-        print("listening %s:%d" % (self.args.host, port), flush=True)
+        # The handlers before the port is printed: a fixture that stops the server as soon as
+        # it has the port must not kill it before its temporary directory is cleaned up.
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        print("listening %s:%d" % (self.args.host, port), flush=True)
         await stop.wait()
         server.close()
         for conn in list(self.connections):
@@ -956,16 +958,26 @@ def main():
                    help="first-byte: TLS from the first byte; off/desired/required: the "
                         "opportunistic TLS level answered in Rinit (default: plaintext, tls=off)")
     p.add_argument("--log", default="")
+    p.add_argument("--work-dir", default="",
+                   help="where to generate the Echo code (default: a temporary directory, "
+                        "removed at exit unless the server is killed)")
     p.add_argument("--thrift", default="/usr/bin/thrift", help="thrift compiler")
     p.add_argument("--idl", default=default_idl)
     args = p.parse_args()
     if args.tls_mode in ("first-byte", "desired", "required") and not (args.tls_cert and
                                                                        args.tls_key):
         p.error("--tls-mode %s needs --tls-cert and --tls-key" % args.tls_mode)
-    with tempfile.TemporaryDirectory(prefix="mux-server-") as tmp:
-        echo_module, ttypes = load_echo_module(args.thrift, args.idl, tmp)
+    def serve(work_dir):
+        echo_module, ttypes = load_echo_module(args.thrift, args.idl, work_dir)
         server = Server(args, EchoCodec(echo_module, ttypes))
         asyncio.run(server.main())
+
+    if args.work_dir:
+        os.makedirs(args.work_dir, exist_ok=True)
+        serve(args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mux-server-") as tmp:
+            serve(tmp)
 
 
 if __name__ == "__main__":
