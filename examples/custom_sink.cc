@@ -6,11 +6,13 @@
 //
 // Start a server first, e.g. `scales testserver http --port 8080`; its /headers path echoes the
 // request's headers, so the default path shows the added header arriving.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include <scales/core/forwarding_sink.h>
 #include <scales/http/client.h>
@@ -19,16 +21,27 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+bool HasHeader(const scales::Headers& headers, std::string_view name) {
+  return std::ranges::any_of(headers, [name](const auto& header) {
+    return scales::http::HeaderNameEquals(header.first, name);
+  });
+}
+
 // Adds `X-Tag: example` to every request and prints each attempt's duration. It sits above the
-// load balancer, so it sees every attempt once (the retry sink above it may make several per
-// call), before an endpoint is chosen; the endpoint is known when the response comes back.
+// load balancer, so it sees every attempt once, before an endpoint is chosen; the endpoint is
+// known when the response comes back. A call can make several attempts: the retry sink above
+// sends the same message down again after a retryable failure, with the headers the earlier
+// attempt added, and a backup request (hedging) sends a copy of it. So the header is added only
+// when the message does not carry it yet.
 class TaggingSink final : public scales::ForwardingSink {
  public:
   explicit TaggingSink(scales::SinkPtr next) : ForwardingSink(std::move(next)) {}
 
   void AsyncProcessRequest(scales::SinkStack& stack, scales::MethodCallMessage& msg,
                            scales::Stream* stream) override {
-    msg.properties.headers.emplace_back("X-Tag", "example");
+    if (!HasHeader(msg.properties.headers, "X-Tag")) {
+      msg.properties.headers.emplace_back("X-Tag", "example");
+    }
     // We want to see the response: push ourselves with the start time as the context. The
     // stack guarantees exactly one response per request, which frees it.
     stack.Push(this, new Clock::time_point(Clock::now()));

@@ -2,14 +2,15 @@
 //
 //   example_http_styles tcp://127.0.0.1:8080[,127.0.0.1:8081] [/path]
 //
-// Start a server first, e.g. `scales testserver http --port 8080`.
+// Start a server first, e.g. `scales testserver http --port 8080`. The first call that fails
+// ends the program: exit code 1, the error on stderr.
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <future>
 #include <string>
 
 #include <boost/asio/co_spawn.hpp>
-#include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
@@ -33,24 +34,26 @@ int main(int argc, char** argv) {
     scales::http::Response r = client.Get(path);
     std::printf("blocking:  %d %s", r.status, r.body.c_str());
 
-    // 2. Callback: runs on one of the client's event loops.
-    std::promise<void> done;
+    // 2. Callback: runs on one of the client's event loops, with the error or the response.
+    std::promise<scales::error_code> done;
     client.AsyncGet(path, [&](scales::error_code ec, scales::http::Response resp) {
-      if (ec) {
-        std::printf("callback:  error %s\n", ec.message().c_str());
-      } else {
-        std::printf("callback:  %d %s", resp.status, resp.body.c_str());
-      }
-      done.set_value();
+      if (!ec) std::printf("callback:  %d %s", resp.status, resp.body.c_str());
+      done.set_value(ec);
     });
-    done.get_future().wait();
+    if (scales::error_code ec = done.get_future().get()) {
+      std::fflush(stdout);
+      std::fprintf(stderr, "error: callback: %s\n", ec.message().c_str());
+      return 1;
+    }
 
     // 3. Future: get() returns the response or throws boost::system::system_error.
     std::future<scales::http::Response> f = client.AsyncGet(path, boost::asio::use_future);
     r = f.get();
     std::printf("future:    %d %s", r.status, r.body.c_str());
 
-    // 4. Coroutine, on the program's own io_context.
+    // 4. Coroutine, on the program's own io_context; co_await throws
+    //    boost::system::system_error. An exception escaping the coroutine is rethrown from
+    //    ioc.run() by the completion handler (boost::asio::detached would drop it).
     boost::asio::io_context ioc;
     boost::asio::co_spawn(
         ioc,
@@ -58,10 +61,15 @@ int main(int argc, char** argv) {
           scales::http::Response resp = co_await client.AsyncGet(path, boost::asio::use_awaitable);
           std::printf("coroutine: %d %s", resp.status, resp.body.c_str());
         },
-        boost::asio::detached);
+        [](std::exception_ptr error) {
+          if (error) std::rethrow_exception(error);
+        });
     ioc.run();
     return 0;
-  } catch (const scales::Error& e) {
+  } catch (const std::exception& e) {
+    // scales::Error from the blocking call (what() names the client, endpoint and step);
+    // boost::system::system_error from the future and the coroutine.
+    std::fflush(stdout);  // what the styles before the failure printed comes first
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

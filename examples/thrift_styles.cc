@@ -3,15 +3,16 @@
 //
 //   example_thrift_styles tcp://127.0.0.1:9090[,127.0.0.1:9091] [MESSAGE]
 //
-// Start a server first, e.g. `scales testserver thrift --port 9090`.
+// Start a server first, e.g. `scales testserver thrift --port 9090`. The first call that fails
+// ends the program: exit code 1, the error on stderr.
 #include <chrono>
 #include <cstdio>
 #include <exception>
 #include <future>
 #include <string>
+#include <utility>
 
 #include <boost/asio/co_spawn.hpp>
-#include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
@@ -35,30 +36,33 @@ int main(int argc, char** argv) {
     options.client.timeout = std::chrono::seconds(5);
     auto client = scales::Thrift::NewClient<EchoClient>(uri, options);
 
-    // 1. Blocking: through the generated client; throws scales::Error on transport failures
-    //    and the declared exception (EchoError) as itself.
+    // 1. Blocking: through the generated client; throws scales::Error on transport failures,
+    //    the declared exception (EchoError) as itself and any other exception the server's
+    //    handler threw as apache::thrift::TApplicationException.
     std::string r;
     client->echo(r, message);
     std::printf("blocking:  %s\n", r.c_str());
 
     // 2. Callback: void(std::exception_ptr, std::string), on one of the client's event loops.
-    std::promise<void> done;
+    //    The promise hands the reply, or the call's exception, to this thread.
+    std::promise<std::string> got;
     client.Async(&EchoClient::send_echo, &EchoClient::recv_echo, message,
                  [&](std::exception_ptr error, std::string reply) {
                    if (error) {
-                     std::printf("callback:  error\n");
+                     got.set_exception(error);
                    } else {
-                     std::printf("callback:  %s\n", reply.c_str());
+                     got.set_value(std::move(reply));
                    }
-                   done.set_value();
                  });
-    done.get_future().wait();
+    std::printf("callback:  %s\n", got.get_future().get().c_str());
 
     // 3. Future: get() returns the reply or rethrows the exception itself.
     std::future<std::string> f = SCALES_THRIFT_CALL(client, echo, message, boost::asio::use_future);
     std::printf("future:    %s\n", f.get().c_str());
 
-    // 4. Coroutine, on the program's own io_context; the declared exception is catchable.
+    // 4. Coroutine, on the program's own io_context; the declared exception is catchable. An
+    //    exception escaping the coroutine is rethrown from ioc.run() by the completion handler
+    //    (boost::asio::detached would drop it).
     boost::asio::io_context ioc;
     boost::asio::co_spawn(
         ioc,
@@ -71,11 +75,16 @@ int main(int argc, char** argv) {
             std::printf("declared:  EchoError(%s)\n", e.message.c_str());
           }
         },
-        boost::asio::detached);
+        [](std::exception_ptr error) {
+          if (error) std::rethrow_exception(error);
+        });
     ioc.run();
     client.Close();
     return 0;
-  } catch (const scales::Error& e) {
+  } catch (const std::exception& e) {
+    // scales::Error on transport failures; what the server threw: an undeclared exception
+    // arrives as apache::thrift::TApplicationException, a declared one (EchoError) as itself.
+    std::fflush(stdout);  // what the styles before the failure printed comes first
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

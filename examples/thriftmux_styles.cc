@@ -5,12 +5,14 @@
 //
 //   example_thriftmux_styles tcp://127.0.0.1:9090[,127.0.0.1:9091] [MESSAGE]
 //
-// Start a server first, e.g. `scales testserver thriftmux --port 9090`.
+// Start a server first, e.g. `scales testserver thriftmux --port 9090`. The first call that
+// fails ends the program: exit code 1, the error on stderr.
 #include <chrono>
 #include <cstdio>
 #include <exception>
 #include <future>
 #include <string>
+#include <utility>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
@@ -43,10 +45,15 @@ int main(int argc, char** argv) {
     std::printf("blocking:  %s\n", r.c_str());
 
     // 2. Callback: void(std::exception_ptr, std::string), on one of the client's event loops.
+    //    The promise hands the reply, or the call's exception, to this thread.
     std::promise<std::string> got;
     client.Async(&EchoClient::send_echo, &EchoClient::recv_echo, message,
                  [&](std::exception_ptr error, std::string reply) {
-                   got.set_value(error ? "error" : reply);
+                   if (error) {
+                     got.set_exception(error);
+                   } else {
+                     got.set_value(std::move(reply));
+                   }
                  });
     std::printf("callback:  %s\n", got.get_future().get().c_str());
 
@@ -77,7 +84,10 @@ int main(int argc, char** argv) {
     }
     client.Close();
     return 0;
-  } catch (const scales::Error& e) {
+  } catch (const std::exception& e) {
+    // scales::Error on transport failures; what the server threw: an undeclared exception
+    // arrives as apache::thrift::TApplicationException, a declared one (EchoError) as itself.
+    std::fflush(stdout);  // what the styles before the failure printed comes first
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

@@ -71,7 +71,9 @@ int main(int argc, char** argv) {
     std::printf("withdrawn: %s\n", Show(set).c_str());
     client.Close();
     return 0;
-  } catch (const std::exception& e) {  // scales::Error, or bad_cast for a URI that is not zk://
+  } catch (const std::exception& e) {
+    // scales::Error: kBadUri from the Announcer for a URI that is not zk:// (so the client is
+    // always a zk:// one and the dynamic_cast above cannot fail), ZooKeeper and call failures.
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
   }

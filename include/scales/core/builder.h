@@ -29,10 +29,12 @@ class ClientBuilderBase {
 
   // Stack editing (the seed's WithSink / InsertSink / ReplaceRole, plus removal).
   //
-  // WithSink adds a client-level sink: just above the load balancer (below the timeout and
-  // any formatter), where a sink sees every request once, before an endpoint is chosen. On a
-  // stack without a load balancer it goes just above the transport. Use InsertSink /
-  // InsertBefore / InsertAfter for any other position.
+  // WithSink adds a client-level sink: just above the load balancer (below the timeout, the
+  // retry sink, any formatter and the backup-request sink), where a sink sees every attempt,
+  // before an endpoint is chosen: a call that is retried passes it once per attempt, with the
+  // same MethodCallMessage (and whatever the sink changed in it on the earlier attempts), and
+  // a backup request passes it with a copy. On a stack without a load balancer it goes just
+  // above the transport. Use InsertSink / InsertBefore / InsertAfter for any other position.
   Derived& WithSink(SinkProvider p) {
     return Edit([p = std::move(p)](SinkStackSpec& s) {
       if (s.HasRole(roles::kLoadBalancer)) {
