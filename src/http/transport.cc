@@ -348,16 +348,25 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
   for (;;) {
     while (!parser_->is_done()) {
       const bool in_header = !parser_->is_header_done();
+      auto data = in.data();
       if (in_header) {
         // What is left of the limit for the header block's bytes still to come.
         const size_t limit = options_.max_response_header_bytes;
         if (header_consumed_ >= limit) return ParseFailure(bhttp::error::header_limit);
-        parser_->header_limit(static_cast<std::uint32_t>(std::min<size_t>(limit - header_consumed_, UINT32_MAX)));
+        const size_t left = limit - header_consumed_;
+        parser_->header_limit(static_cast<std::uint32_t>(std::min<size_t>(left, UINT32_MAX)));
+        // Beast holds the status line and the fields to its header limit each, apart: given
+        // more bytes than are left of the limit, one put() could take a block of up to twice
+        // it. Given no more, the block ends within the limit or not at all (need_more, below).
+        data = boost::asio::buffer(data, left);
       }
       boost::system::error_code ec;
-      const size_t n = parser_->put(in.data(), ec);
+      const size_t n = parser_->put(data, ec);
       in.consume(n);
       if (in_header && !parser_->is_header_done()) header_consumed_ += n;
+      // The header ended within the bytes it was given, and what follows (a chunk-size line cut
+      // by the cap) needs more of them: they are in `in`, uncapped now.
+      if (in_header && parser_->is_header_done() && ec == bhttp::error::need_more) continue;
       if (ec == bhttp::error::need_more || (!ec && n == 0)) {
         // An unfinished header block that has reached the limit cannot end within it. Beast
         // says so only while the limit it was given exceeds what it holds unconsumed; with the

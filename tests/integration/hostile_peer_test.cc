@@ -480,6 +480,20 @@ void HostileHttp(RawConn& c) {
       fields.clear();
       for (int i = 0; fields.size() < 1500; ++i) fields += "X-Part-Two-" + std::to_string(i) + ": 1234567890\r\n";
       if (!c.Write(fields + "\r\nok")) return;
+    } else if (target == "/long-status-line") {
+      // In one write: a 1,500-byte reason phrase, then 1,000 bytes of fields and the end of the
+      // header (2,540 bytes in all; the status line and the fields each fit 2,048, the block
+      // does not).
+      std::string fields;
+      for (int i = 0; fields.size() < 1000; ++i) fields += "X-Field-" + std::to_string(i) + ": 1234567890\r\n";
+      if (!c.Write("HTTP/1.1 200 " + std::string(1500, 'R') + "\r\nContent-Length: 2\r\n" + fields + "\r\nok")) {
+        return;
+      }
+    } else if (target == "/chunked-after-long-header") {
+      // A 2,046-byte header block (2 bytes under the tests' 2,048 limit) and a chunked body in
+      // one write: the body's first chunk-size line starts just before the limit.
+      const std::string head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Pad: " + std::string(1990, 'p') + "\r\n\r\n";
+      if (!c.Write(head + "5\r\nhello\r\n0\r\n\r\n")) return;
     } else if (target == "/long-first-field") {
       // The status line and an unfinished 2,030-byte field in one write, then more of it.
       if (!c.Write("HTTP/1.1 200 OK\r\nX: " + std::string(2030, 'a'))) return;
@@ -616,9 +630,21 @@ TEST(HostilePeerTest, HttpHeaderReadInTwoPartsIsBoundedAsAWhole) {
   // The status line and an unfinished field that reach the limit in the first read.
   ExpectBoundedFailure([&] { client.Get("/long-first-field"); }, Errc::kResponseTooLarge,
                        "max_response_header_bytes (2048 bytes)", 5s);
+  // A status line and fields that each fit but together do not, read at once: the block as a
+  // whole is held to the limit (Beast applies its header limit to each of the two apart).
+  ExpectBoundedFailure([&] { client.Get("/long-status-line"); }, Errc::kResponseTooLarge,
+                       "max_response_header_bytes (2048 bytes)", 5s);
+  // A header block just under the limit, its body in the same read: the body is parsed from
+  // the bytes past the limit too.
+  http::Request chunked;
+  chunked.target = "/chunked-after-long-header";
+  CallOptions bounded;
+  bounded.timeout = 5s;
+  EXPECT_EQ(client.Send(chunked, bounded).body, "hello");
   options.transport.max_response_header_bytes = 4096;  // the whole block fits
   auto roomy = Http::NewClient(server.uri(), options);
   EXPECT_EQ(roomy.Get("/header-in-two-parts").body, "ok");
+  EXPECT_EQ(roomy.Get("/long-status-line").body, "ok");
 }
 
 TEST(HostilePeerTest, HttpEndlessChunkedBodyStopsAtTheBodyLimit) {
