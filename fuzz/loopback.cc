@@ -5,12 +5,19 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <thread>
 
 namespace scales::fuzz {
 
@@ -50,17 +57,32 @@ SinkContext Harness::Context() {
   return ctx;
 }
 
-bool Harness::RunUntil(const std::function<bool()>& done) {
+bool Harness::RunUntil(const std::function<bool()>& done, std::chrono::milliseconds patience) {
   for (int round = 0; round < 2000; ++round) {
     if (done()) return true;
     runtime_.RunUntilIdle();
   }
-  return done();
+  // Still not there: the kernel may not have delivered the bytes yet (loopback delivery runs in
+  // softirq context, which a loaded machine defers). Wait for the loop's events in real time
+  // before calling it a hang.
+  const auto give_up = std::chrono::steady_clock::now() + patience;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    auto& ioc = loop().io_context();
+    if (ioc.stopped()) ioc.restart();
+    if (ioc.run_one_for(std::chrono::milliseconds(1)) == 0) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    runtime_.RunUntilIdle();
+  }
+  return true;
 }
 
 int Harness::Accept() {
   int fd = ::accept(listen_fd_, nullptr, nullptr);
   Check(fd >= 0, "accept()");
+  // The server's small writes go out at once (no Nagle delay waiting for the client's delayed
+  // ACK), so that each one reaches the client while the loop runs after it.
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   return fd;
 }
@@ -73,12 +95,75 @@ std::unique_ptr<Peer> Harness::Open(ClientMessageSink& sink, OpenResult& result)
   return std::make_unique<Peer>(Accept());
 }
 
+namespace {
+
+uint16_t LocalPort(int fd) {
+  sockaddr_in addr{};
+  socklen_t len = sizeof addr;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 || addr.sin_family != AF_INET) return 0;
+  return ntohs(addr.sin_port);
+}
+
+}  // namespace
+
+Peer::Peer(int fd) : fd_(fd) {
+  // The client's end of the connection is a socket of this process: find it (usually the
+  // descriptor just below the accepted one), to see how much of what we sent it has read.
+  sockaddr_in addr{};
+  socklen_t len = sizeof addr;
+  if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return;
+  client_port_ = ntohs(addr.sin_port);
+  for (int d = fd_ - 1; d >= 0 && d > fd_ - 64; --d) {
+    if (LocalPort(d) == client_port_) {
+      client_fd_ = d;
+      return;
+    }
+  }
+  for (int d = fd_ + 1; d < fd_ + 64; ++d) {
+    if (LocalPort(d) == client_port_) {
+      client_fd_ = d;
+      return;
+    }
+  }
+}
+
 Peer::~Peer() { ::close(fd_); }
 
 size_t Peer::Send(std::string_view bytes) {
   ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-  if (n >= 0) return static_cast<size_t>(n);
+  if (n >= 0) {
+    sent_ += static_cast<uint64_t>(n);
+    return static_cast<size_t>(n);
+  }
   return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : bytes.size();
+}
+
+bool Peer::Delivered() const {
+  // A client socket closed (or its descriptor reused) reads nothing more.
+  if (client_fd_ < 0 || LocalPort(client_fd_) != client_port_) return true;
+  // The kernel's struct tcp_info goes on past glibc's (which ends at tcpi_total_retrans):
+  // tcpi_pacing_rate, tcpi_max_pacing_rate and tcpi_bytes_acked (u64 each), then
+  // tcpi_bytes_received (Linux 4.1).
+  constexpr size_t kBytesReceivedAt = offsetof(tcp_info, tcpi_total_retrans) + 4 + 3 * 8;
+  unsigned char info[256] = {};
+  socklen_t len = sizeof info;
+  if (::getsockopt(client_fd_, IPPROTO_TCP, TCP_INFO, info, &len) != 0) return true;
+  uint64_t received = 0;
+  if (len < kBytesReceivedAt + sizeof received) return true;  // an old kernel: cannot tell
+  std::memcpy(&received, info + kBytesReceivedAt, sizeof received);
+  int unread = 0;
+  if (::ioctl(client_fd_, FIONREAD, &unread) != 0) return true;
+  return received >= sent_ && unread == 0;
+}
+
+void Peer::WaitDelivered() {
+  auto& h = Harness::Get();
+  h.Settle();
+  for (int round = 0; round < 200 && !Delivered(); ++round) h.Settle();
+  if (!Delivered()) {
+    // Not read (yet): a client that stopped reading, or a kernel slow to deliver; bounded.
+    (void)h.RunUntil([this] { return Delivered(); }, std::chrono::milliseconds(200));
+  }
 }
 
 void Peer::SendAll(std::string_view bytes) {
@@ -93,14 +178,15 @@ void Peer::SendAll(std::string_view bytes) {
   }
 }
 
-void Peer::SendAndClose(std::string_view bytes, bool split) {
-  if (split) {
-    SendAll(bytes.substr(0, bytes.size() / 2));
-    Harness::Get().Settle();
-    bytes.remove_prefix(bytes.size() / 2);
+void Peer::SendChunks(std::string_view bytes, size_t chunk) {
+  if (chunk == 0) chunk = bytes.size();
+  while (!bytes.empty()) {
+    const size_t n = std::min(chunk, bytes.size());
+    SendAll(bytes.substr(0, n));
+    bytes.remove_prefix(n);
+    Drain();
+    WaitDelivered();
   }
-  SendAll(bytes);
-  ShutdownWrite();
 }
 
 void Peer::Drain() {
@@ -117,15 +203,19 @@ void Peer::ShutdownWrite() { ::shutdown(fd_, SHUT_WR); }
 class Call::Catcher final : public ClientMessageSink {
  public:
   void AsyncProcessRequest(SinkStack&, MethodCallMessage&, Stream*) override {}
-  void AsyncProcessResponse(SinkStack&, void*, Stream*, MethodReturnMessage& msg) override {
+  void AsyncProcessResponse(SinkStack&, void*, Stream* stream, MethodReturnMessage& msg) override {
     ++completions;
     result = msg;
+    if (stream != nullptr) reply = stream->data;
+    if (on_complete) on_complete();
   }
   void Close() override {}
   SinkStatus status() const override { return SinkStatus::kOpen; }
   std::string_view name() const override { return "fuzz-catcher"; }
   int completions = 0;
   MethodReturnMessage result;
+  std::string reply;
+  std::function<void()> on_complete;
 
  protected:
   void DoOpen(OpenHandler) override {}
@@ -141,5 +231,7 @@ Call::~Call() = default;
 
 int Call::completions() const { return catcher_->completions; }
 const MethodReturnMessage& Call::result() const { return catcher_->result; }
+const std::string& Call::reply_at_completion() const { return catcher_->reply; }
+void Call::OnComplete(std::function<void()> f) { catcher_->on_complete = std::move(f); }
 
 }  // namespace scales::fuzz

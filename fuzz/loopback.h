@@ -5,10 +5,14 @@
 // 127.0.0.1 that plays the server, and a call whose completions are counted.
 //
 // Everything runs on the fuzzer's thread: the harness polls the loop (RunUntil) while the
-// "server" side uses plain non-blocking socket calls, so an iteration has no sleeps and no
-// threads. Invariants the targets check (each call completes exactly once, the loop settles)
+// "server" side uses plain non-blocking socket calls, so an iteration has no threads. The
+// server's writes go out at once (TCP_NODELAY), and after each the harness runs the loop until
+// the client has read every byte sent (the client's socket is in this process: TCP_INFO and
+// FIONREAD tell): the client has read one write before the next is sent, whatever the kernel's
+// timing, so that an input replays the same way every time. Invariants the targets check (each call completes exactly once, the loop settles)
 // abort through Check(), which libFuzzer reports as a crash with its input saved.
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -40,9 +44,11 @@ class Harness {
   ManualClock& clock() { return *clock_; }
   // A SinkContext for a sink that talks to the listening socket.
   SinkContext Context();
-  // Polls the loop until `done()` holds; false if it still does not after many rounds (the
-  // loop went quiet without reaching the state: a hang).
-  bool RunUntil(const std::function<bool()>& done);
+  // Polls the loop until `done()` holds; false if it still does not after many rounds and then
+  // `patience` of real time waiting for the loop's events (the loop went quiet without reaching
+  // the state: a hang).
+  bool RunUntil(const std::function<bool()>& done,
+                std::chrono::milliseconds patience = std::chrono::milliseconds(5000));
   // Runs whatever is ready.
   void Settle() { runtime_.RunUntilIdle(); }
 
@@ -71,7 +77,7 @@ class Harness {
 // The server side of one accepted connection.
 class Peer {
  public:
-  explicit Peer(int fd) : fd_(fd) {}
+  explicit Peer(int fd);
   ~Peer();
   Peer(const Peer&) = delete;
   Peer& operator=(const Peer&) = delete;
@@ -81,8 +87,14 @@ class Peer {
   size_t Send(std::string_view bytes);
   // Sends `bytes` completely, polling the loop while the socket buffer is full.
   void SendAll(std::string_view bytes);
-  // SendAll, in two writes with the loop run between them when `split`; then end of stream.
-  void SendAndClose(std::string_view bytes, bool split);
+  // SendAll in writes of at most `chunk` bytes (0: one write), after each running the loop
+  // until the client has read everything sent (WaitDelivered), so that the client reads the
+  // bytes in pieces of that size (or smaller: its reads may be smaller).
+  void SendChunks(std::string_view bytes, size_t chunk);
+  // Whether the client socket has received and read every byte sent so far (or is closed).
+  bool Delivered() const;
+  // Runs the loop until Delivered() (bounded: a client that does not read is left alone).
+  void WaitDelivered();
   // Appends whatever the client has sent so far to received().
   void Drain();
   const std::string& received() const { return received_; }
@@ -91,6 +103,9 @@ class Peer {
 
  private:
   int fd_;
+  int client_fd_ = -1;  // the client's socket (in this process), -1 if not found
+  uint16_t client_port_ = 0;
+  uint64_t sent_ = 0;  // bytes sent to the client
   std::string received_;
 };
 
@@ -109,6 +124,11 @@ class Call {
   Stream& reply() { return reply_; }
   int completions() const;
   const MethodReturnMessage& result() const;
+  // The reply Stream's bytes when the call completed (copied then: a sink may reuse the slot).
+  const std::string& reply_at_completion() const;
+  // Runs after each completion, from the completing sink's stack (a handler starting the next
+  // request from there, as a client's callback does).
+  void OnComplete(std::function<void()> f);
 
  private:
   class Catcher;

@@ -70,25 +70,97 @@ def main():
         "interleaved": fragmented(0xFE, 2, b"\x00\x00\x00" + ECHO_REPLY, 9)[:26] + NACK
         + fragmented(0xFE, 2, b"\x00\x00\x00" + ECHO_REPLY, 9)[26:],
     }
+    all_golden = b"".join(golden.values())
+    # The target's limits: 512-byte frames (size field), 96 reassembled bytes per tag.
+    golden.update({
+        "frame_at_limit": frame(0xFE, 2, b"\x00\x00\x00" + b"f" * (512 - 4 - 3)),
+        "frame_over_limit": frame(0xFE, 2, b"\x00\x00\x00" + b"f" * (512 - 4 - 2)),
+        "reassembled_at_limit": fragmented(0xFE, 2, b"\x00\x00\x00" + b"r" * 93, 30),
+        "reassembled_over_limit": fragmented(0xFE, 2, b"\x00\x00\x00" + b"r" * 94, 30),
+        "first_fragment_over": frame(0xFE, 2, b"\x00\x00\x00" + b"r" * 94, fragment=True) + RDISPATCH,
+    })
     for name, data in golden.items():
         write("mux_frame_fuzzer", name, b"\x00" + data)
-    write("mux_frame_fuzzer", "all_split3", b"\x03" + b"".join(golden.values()))
+    write("mux_frame_fuzzer", "all_split3", b"\x03" + all_golden)
 
-    # Session: 0x00 = no handshake, requests on tags 2, 3 (discarded) and 4.
-    session = {
-        "replies": b"\x00" + RDISPATCH + frame(0xFE, 4, b"\x00\x00\x00" + ECHO_REPLY) + frame(0xBE, 3, b""),
-        "errors": b"\x02" + ERROR + NACK + frame(0x7F, 2, b"no") + frame(0xFE, 3, b"\x00\x00\x00"),
-        "control": b"\x00" + TPING + TLEASE + RPING + TDISCARDED + TDRAIN + RDISPATCH,
-        "fragments": b"\x02" + fragmented(0xFE, 2, b"\x00\x00\x00" + ECHO_REPLY, 5) + ERROR,
-        "headers": b"\x00" + RDISPATCH_HEADERS,
-        "stray_fragments": b"\x00" + fragmented(0xFE, 9, b"\x00\x00\x00" + ECHO_REPLY, 8)[:30] + RDISPATCH,
-        "server_dispatch": b"\x00" + TDISPATCH,
-        "handshake": b"\x01" + PROBE + RINIT + RDISPATCH,
-        "handshake_framer": b"\x03" + PROBE + RINIT_FRAMER16 + TPING,
-        "handshake_old_server": b"\x01" + frame(0x7F, 1, b"Unexpected mux message type 127"),
-        "handshake_rejected": b"\x01" + PROBE + frame(0x7F, 1, b"version"),
+    # Session: byte 0 = flags (bit 0 handshake, bit 1 pings, bit 2 tiny limits, bit 3 requests
+    # started from completions, bit 4 those cancelled at once), byte 1 = script length, the
+    # script, then the server's stream (see mux_session_fuzzer.cc). The target's limits:
+    # 512-byte frames, 64 reassembled bytes.
+    HANDSHAKE, PINGS, TINY, FOLLOW, CANCEL_FOLLOW = 1, 2, 4, 8, 16
+
+    def send_frames(n=1):
+        return bytes([(0 << 5) | (n - 1)])
+
+    def send_bytes(n):
+        return bytes([(1 << 5) | (n - 1)])
+
+    def start(n=1):
+        return bytes([(2 << 5) | (n - 1)])
+
+    def cancel(i):
+        return bytes([(3 << 5) | i])
+
+    def advance(tenths):  # x 100 ms
+        return bytes([(4 << 5) | (tenths - 1)])
+
+    EOF_NOW = bytes([5 << 5])
+
+    def session(flags, script, stream):
+        return bytes([flags, len(script)]) + script + stream
+
+    def rdispatch(tag, reply=ECHO_REPLY, status=0):
+        return frame(0xFE, tag, bytes([status]) + b"\x00\x00" + reply)
+
+    # The old scenario: three requests in flight (tags 2, 3, 4), the one on tag 3 cancelled
+    # after it was written (discarded: its tag stays reserved).
+    three = start(3) + cancel(1)
+    limit_body = lambda n: b"\x00\x00\x00" + b"m" * (n - 3)  # an Ok Rdispatch body of n bytes
+    session_seeds = {
+        "replies": session(0, three, RDISPATCH + rdispatch(4) + frame(0xBE, 3, b"")),
+        "errors": session(0, three, ERROR + NACK + frame(0x7F, 2, b"no") + frame(0xFE, 3, b"\x00\x00\x00")),
+        "control": session(0, three, TPING + TLEASE + RPING + TDISCARDED + TDRAIN + RDISPATCH),
+        "fragments": session(0, three + send_frames(3) + send_frames(2),
+                             fragmented(0xFE, 2, b"\x00\x00\x00" + ECHO_REPLY, 5) + ERROR),
+        "headers": session(0, start(1), RDISPATCH_HEADERS),
+        "stray_fragments": session(0, start(1), fragmented(0xFE, 9, b"\x00\x00\x00" + ECHO_REPLY, 8)[:30] + RDISPATCH),
+        "server_dispatch": session(0, three, TDISPATCH),
+        "handshake": session(HANDSHAKE, send_frames() + send_frames() + start(1), PROBE + RINIT + RDISPATCH),
+        "handshake_framer": session(HANDSHAKE, send_frames(2) + start(2) + cancel(0), PROBE + RINIT_FRAMER16 + TPING
+                                    + rdispatch(3)),
+        "handshake_old_server": session(HANDSHAKE, send_frames() + start(1),
+                                        frame(0x7F, 1, b"Unexpected mux message type 127") + RDISPATCH),
+        "handshake_rejected": session(HANDSHAKE, b"", PROBE + frame(0x7F, 1, b"version")),
+        "handshake_tls_required": session(HANDSHAKE, send_frames(2) + start(1),
+                                          PROBE + frame(0xBC, 1, b"\x00\x01" + s4(b"tls") + s4(b"required"))),
+        "handshake_timeout": session(HANDSHAKE, send_frames() + advance(6) + start(1) + advance(5), PROBE),
+        "pings": session(PINGS, start(1) + advance(10) + send_frames() + advance(10) + advance(3) + send_frames()
+                         + advance(10), RPING + RPING),
+        "ping_timeout": session(PINGS, start(2) + advance(10) + advance(5), RDISPATCH),
+        "ping_handshake": session(HANDSHAKE | PINGS, send_frames(2) + advance(10) + start(1) + advance(5),
+                                  PROBE + RINIT),
+        "discard_limit": session(TINY, start(4) + cancel(0) + cancel(0) + cancel(0), RDISPATCH),
+        "discard_answered": session(TINY, start(2) + cancel(0) + send_frames() + start(1) + cancel(1) + send_frames(),
+                                    frame(0xBE, 2, b"") + frame(0x7F, 3, b"late") + rdispatch(2)),
+        "followups": session(FOLLOW, start(2) + send_frames(2) + send_frames(1) + cancel(0) + EOF_NOW,
+                             RDISPATCH + rdispatch(2, b"dup") + rdispatch(2, b"second") + rdispatch(3)),
+        "followups_close": session(FOLLOW, start(3) + send_frames(2), rdispatch(3) + frame(0x02, 2, b"")),
+        "followups_cancelled": session(FOLLOW | CANCEL_FOLLOW, start(2) + send_frames(2) + send_frames(),
+                                       RDISPATCH + rdispatch(2, b"not yet written") + rdispatch(2, b"later")),
+        "followups_cancelled_on_cancel": session(FOLLOW | CANCEL_FOLLOW | TINY, start(2) + cancel(0) + send_frames(),
+                                                 frame(0xBE, 2, b"") + rdispatch(3)),
+        "drain": session(0, start(1) + send_frames() + start(1) + send_frames(), TDRAIN + RDISPATCH),
+        "drain_ping_burst": session(TINY, send_frames(5), TDRAIN + TPING + TPING + TPING + TPING),
+        "frame_at_limit": session(0, start(1), rdispatch(2, b"f" * (512 - 4 - 3))),
+        "frame_over_limit": session(0, start(1), rdispatch(2, b"f" * (512 - 4 - 2))),
+        "reassembled_at_limit": session(0, start(1) + send_frames(), fragmented(0xFE, 2, limit_body(64), 20)),
+        "reassembled_over_limit": session(0, start(1), fragmented(0xFE, 2, limit_body(65), 20)),
+        "first_fragment_over_limit": session(0, start(1), frame(0xFE, 2, limit_body(65), fragment=True) + RDISPATCH),
+        "reassembled_unknown_tag": session(0, start(1), fragmented(0xFE, 7, limit_body(200), 60) + RDISPATCH),
+        "eof_early": session(0, start(2) + EOF_NOW, RDISPATCH),
+        "bytewise": session(0, start(2) + send_bytes(3) * 20, RDISPATCH + rdispatch(3)),
     }
-    for name, data in session.items():
+    for name, data in session_seeds.items():
         write("mux_session_fuzzer", name, data)
 
     def binary_reply(name, typ, seqid, body):
@@ -98,6 +170,7 @@ def main():
         "binary_reply": binary_reply(b"echo", 2, 1, b"\x0b\x00\x00" + s4(b"hi") + b"\x00"),
         "binary_exception": binary_reply(b"echo", 3, 1, b"\x0b\x00\x01" + s4(b"boom") + b"\x08\x00\x02\x00\x00\x00\x06\x00"),
         "binary_wrong_seqid": binary_reply(b"echo", 2, 7, b"\x00"),
+        "binary_bad_type": binary_reply(b"echo", 5, 1, b"\x00"),
         "binary_nested": binary_reply(b"echo", 2, 1, b"\x0c\x00\x00\x0f\x00\x01\x0b\x00\x00\x00\x01" + s4(b"x")
                                        + b"\x0d\x00\x02\x08\x0b\x00\x00\x00\x01\x00\x00\x00\x01" + s4(b"y") + b"\x00\x00"),
         "lenient_reply": s4(b"echo") + b"\x02" + struct.pack(">i", 1) + b"\x0b\x00\x00" + s4(b"hi") + b"\x00",
@@ -108,16 +181,121 @@ def main():
     for name, data in thrift.items():
         write("thrift_reply_fuzzer", name, data)
 
+    # Thrift transport: byte 0 = flags (bit 0 buffered, bit 1 the server keeps the connection
+    # open, bit 2 a oneway call, bits 4-7 the write size; see thrift_transport_fuzzer.cc). The
+    # call is echo, sequence id 1; the target's max_frame_bytes is 64.
+    BUFFERED, T_KEEP, ONEWAY = 0x01, 0x02, 0x04
+
+    def echo_reply(seqid=1, text=b"hi"):
+        return binary_reply(b"echo", 2, seqid, b"\x0b\x00\x00" + s4(text) + b"\x00")
+
+    def framed(msg):
+        return struct.pack(">I", len(msg)) + msg
+
+    reply = echo_reply()
+    at_limit = echo_reply(text=b"h" * (2 + 64 - len(reply)))
+    over_limit = echo_reply(text=b"h" * (3 + 64 - len(reply)))
+    assert len(at_limit) == 64 and len(over_limit) == 65
+    transport = {
+        "framed_ok": bytes([T_KEEP]) + framed(reply),
+        "framed_ok_bytewise": bytes([T_KEEP | (1 << 4)]) + framed(reply),
+        "framed_len0": b"\x00" + struct.pack(">I", 0),
+        "framed_at_limit": bytes([T_KEEP | (4 << 4)]) + framed(at_limit),
+        "framed_over_limit": b"\x00" + framed(over_limit),
+        "framed_huge_length": b"\x00" + struct.pack(">I", 0x7FFFFFFF) + reply,
+        "framed_wrong_seqid": bytes([T_KEEP]) + framed(echo_reply(seqid=7)),
+        "framed_short": b"\x00" + framed(reply)[:14],
+        "framed_trailing": bytes([T_KEEP]) + framed(reply) + b"\x00\x00",
+        "framed_not_thrift": bytes([T_KEEP]) + framed(b"hello"),
+        "buffered_ok": bytes([BUFFERED | T_KEEP]) + reply,
+        "buffered_bytewise": bytes([BUFFERED | T_KEEP | (1 << 4)]) + reply,
+        "buffered_at_limit": bytes([BUFFERED | T_KEEP | (6 << 4)]) + at_limit,
+        "buffered_over_limit": bytes([BUFFERED]) + over_limit,
+        "buffered_over_limit_bytewise": bytes([BUFFERED | (1 << 4)]) + over_limit,
+        "buffered_malformed": bytes([BUFFERED]) + binary_reply(b"echo", 2, 1, b"\x11\x00\x00"),
+        "buffered_wrong_seqid": bytes([BUFFERED | T_KEEP]) + echo_reply(seqid=-1),
+        "buffered_incomplete": bytes([BUFFERED | T_KEEP | (3 << 4)]) + reply[:20],
+        "buffered_compact": bytes([BUFFERED | T_KEEP]) + b"\x82\x41\x01\x04echo\x18\x02hi\x00",
+        "buffered_trailing": bytes([BUFFERED | T_KEEP]) + reply + reply,
+        "oneway": bytes([ONEWAY | T_KEEP]),
+        "oneway_answered": bytes([ONEWAY | T_KEEP]) + framed(reply),
+    }
+    for name, data in transport.items():
+        write("thrift_transport_fuzzer", name, data)
+
+    # HTTP: byte 0 = flags (bit 0 HEAD, bit 1 the server keeps the connection open, bit 2
+    # raise_on_http_error, bits 4-7 the write size; see http_response_fuzzer.cc). The target's
+    # limits: a 96-byte header block, a 128-byte body.
+    http_header_limit, http_body_limit = 96, 128
+
+    def http_head(total, status=b"HTTP/1.1 200 OK", fields=b""):
+        """A header block of exactly `total` bytes (blank line included), padded by an X-Pad field."""
+        base = status + b"\r\n" + fields + b"X-Pad: \r\n\r\n"
+        assert total >= len(base), (total, base)
+        return status + b"\r\n" + fields + b"X-Pad: " + b"p" * (total - len(base)) + b"\r\n\r\n"
+
+    def chunked(body, size=16):
+        out = b""
+        for off in range(0, len(body), size):
+            piece = body[off:off + size]
+            out += b"%x\r\n" % len(piece) + piece + b"\r\n"
+        return out + b"0\r\n\r\n"
+
+    KEEP, RAISE = 0x02, 0x04
+
+    def chunk(n):  # bits 4-7: index into the target's kChunks
+        return {0: 0, 1: 1, 2: 2, 3: 3, 5: 4, 7: 5, 8: 6, 13: 7, 16: 8, 21: 9, 32: 10}[n] << 4
+
+    te = b"Transfer-Encoding: chunked\r\n"
+    cl = lambda n: b"Content-Length: %d\r\n" % n
     http = {
         "ok": b"\x00HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nhi",
-        "chunked": b"\x02HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3;x=y\r\nyou\r\n0\r\nT: 1\r\n\r\n",
+        "chunked": bytes([KEEP]) + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3;x=y\r\nyou\r\n0\r\nT: 1\r\n\r\n",
         "close_delimited": b"\x00HTTP/1.0 200 OK\r\nConnection: close\r\n\r\nbody until close",
-        "not_found": b"\x04HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
+        "not_found": bytes([RAISE]) + b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
         "head": b"\x01HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
         "no_content": b"\x00HTTP/1.1 204 No Content\r\n\r\n",
         "huge_length": b"\x00HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\nxx",
         "trailing_bytes": b"\x00HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n",
+        # Kept open: a keep-alive response, then a second request on the connection.
+        "keep_alive": bytes([KEEP | chunk(7)]) + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        "keep_alive_chunked": bytes([KEEP | chunk(3)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n" + chunked(b"x" * 40, 7),
+        "keep_alive_trailing": bytes([KEEP | chunk(16)]) + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiHTTP/1.1",
+        "keep_alive_error": bytes([KEEP | RAISE]) + b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy",
+        "keep_open_partial": bytes([KEEP | chunk(5)]) + b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nnot all",
+        "interim": bytes([KEEP]) + b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        "interim_too_many": b"\x00" + b"HTTP/1.1 100 Continue\r\n\r\n" * 9 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        "switching": b"\x00HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+        "head_keep_alive": bytes([0x01 | KEEP]) + b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+        # Failures that leave no byte unread: nothing but the failure closes the connection.
+        "keep_open_body_over_header_only": bytes([KEEP]) + b"HTTP/1.1 200 OK\r\n" + cl(http_body_limit + 1) + b"\r\n",
+        "keep_open_bad_status": bytes([KEEP | chunk(8)]) + b"HTTP/1.1 2x0 OK\r\n\r\n",
     }
+    # Header block limit (96 bytes, blank line included): just under, at, just over; in one
+    # write and byte by byte; for the fast path (Content-Length) and for Beast (chunked); and
+    # an interim response's block at the limit.
+    for total in (http_header_limit - 1, http_header_limit, http_header_limit + 1):
+        tag = {http_header_limit - 1: "under", http_header_limit: "at", http_header_limit + 1: "over"}[total]
+        http["header_%s" % tag] = bytes([KEEP]) + http_head(total, fields=cl(2)) + b"ok"
+        http["header_%s_bytewise" % tag] = bytes([KEEP | chunk(1)]) + http_head(total, fields=cl(2)) + b"ok"
+        http["header_%s_chunked" % tag] = bytes([KEEP | chunk(8)]) + http_head(total, fields=te) + chunked(b"ok")
+        http["header_%s_interim" % tag] = (bytes([KEEP | chunk(13)]) + http_head(total, b"HTTP/1.1 100 Continue")
+                                           + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    http["header_never_ends"] = bytes([KEEP | chunk(21)]) + b"HTTP/1.1 200 OK\r\nX-Long: " + b"v" * 300
+    # Body limit (128 bytes): Content-Length, chunked and close-delimited, at and over.
+    for n, tag in ((http_body_limit, "at"), (http_body_limit + 1, "over")):
+        http["body_%s" % tag] = bytes([KEEP]) + b"HTTP/1.1 200 OK\r\n" + cl(n) + b"\r\n" + b"b" * n
+        http["body_%s_chunked" % tag] = bytes([KEEP | chunk(32)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n" + chunked(b"b" * n, 50)
+        http["body_%s_close" % tag] = b"\x00HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"b" * n
+    # The bounds on what Beast keeps unconsumed after the header: a chunk-size line (with
+    # extensions) and a trailer section longer than the header limit, arriving in pieces.
+    http["chunk_line_long"] = (bytes([KEEP | chunk(16)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n2;ext=" + b"e" * 120
+                               + b"\r\nhi\r\n0\r\n\r\n")
+    http["chunk_line_just_under"] = (bytes([KEEP | chunk(8)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n2;e=" + b"e" * 84
+                                     + b"\r\nhi\r\n0\r\n\r\n")
+    http["trailer_long"] = (bytes([KEEP | chunk(16)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n2\r\nhi\r\n0\r\nT: "
+                            + b"t" * 120 + b"\r\n\r\n")
     for name, data in http.items():
         write("http_response_fuzzer", name, data)
 

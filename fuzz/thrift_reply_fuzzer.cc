@@ -7,7 +7,10 @@
 // agrees with ParseMessageHeader on what is malformed; and a ThriftSerializerSink that sent an
 // "echo" call (sequence id 1) gets the bytes as its reply and answers the call exactly once,
 // restoring the caller's sequence id 0 when it accepts the reply. A MessageScanner fed the
-// bytes in pieces agrees with ScanMessage.
+// bytes in pieces agrees with ScanMessage. The fast path for strict binary headers
+// (internal::ParseStrictHeader, used on every call and reply by the Thrift client and the
+// ThriftMux serializer) takes exactly the strict binary headers ParseMessageHeader takes, and
+// reads them the same way.
 
 #include <algorithm>
 #include <cstddef>
@@ -17,6 +20,7 @@
 #include <string_view>
 
 #include "loopback.h"
+#include "scales/thrift/client.h"
 #include "scales/thrift/message.h"
 #include "scales/thrift/serializer.h"
 
@@ -56,6 +60,16 @@ std::string EchoCall(bool compact) {
 void CheckHeader(std::string_view bytes) {
   std::string why;
   auto header = thrift::ParseMessageHeader(bytes, &why);
+  if (auto strict = thrift::internal::ParseStrictHeader(bytes)) {
+    Check(header && header->format == thrift::HeaderFormat::kBinaryStrict,
+          "ParseStrictHeader took a header ParseMessageHeader does not take as strict binary");
+    Check(strict->type == header->type && strict->name == header->name && strict->seqid == header->seqid &&
+              strict->name.data() == bytes.data() + 8 && 8 + strict->name.size() + 4 == header->size,
+          "ParseStrictHeader and ParseMessageHeader read a strict header differently");
+  } else {
+    Check(!header || header->format != thrift::HeaderFormat::kBinaryStrict,
+          "ParseStrictHeader refused a strict binary header ParseMessageHeader takes");
+  }
   auto scan = thrift::ScanMessage(bytes);
   Check(scan.status != thrift::MessageScan::Status::kComplete || scan.size <= bytes.size(),
         "ScanMessage: message longer than its bytes");
