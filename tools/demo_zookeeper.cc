@@ -89,6 +89,8 @@ bool LocalZooKeeper::Start(std::string& why) {
   }
   RemoveStaleDirectories();
   dir_ = std::filesystem::temp_directory_path() / fmt::format("scales-demo-zk-{}", getpid());
+  std::error_code ignored;
+  std::filesystem::remove_all(dir_, ignored);  // a killed earlier demo that had this pid
   std::filesystem::create_directories(dir_ / "data");
   port_ = FreePort();
   std::ofstream(dir_ / "zoo.cfg") << fmt::format(

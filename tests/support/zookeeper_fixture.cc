@@ -76,7 +76,9 @@ ZooKeeperServer::ZooKeeperServer(int port, bool start)
       Start();
       return;
     } catch (const std::exception&) {
-      if (port != 0 || attempt == 2) {
+      // Only a JVM that exited (its bind failed) calls for another port; one that did not
+      // answer in time would not do better on another.
+      if (port != 0 || attempt == 2 || !start_exited_) {
         std::error_code ec;
         std::filesystem::remove_all(dir_, ec);
         throw;
@@ -122,6 +124,7 @@ void ZooKeeperServer::Start() {
   // "imok" to "ruok", not only an accepted connection: another process may hold the port.
   while (!ZooKeeperAnswersRuok(client_port_, std::chrono::milliseconds(500))) {
     bool exited = !process_->Running();
+    start_exited_ = exited;
     if (exited || std::chrono::steady_clock::now() > deadline) {
       std::string command = process_->CommandLine();
       process_->Stop();

@@ -56,6 +56,7 @@ class ZooKeeperServer {
   std::filesystem::path dir_;
   bool owns_dir_ = false;
   int client_port_ = 0;
+  bool start_exited_ = false;  // the last Start() failed because the JVM exited
   std::string config_;
   std::unique_ptr<ChildProcess> process_;
 };

@@ -5,10 +5,12 @@
 #include <dirent.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <fstream>
 #include <future>
 #include <memory>
 #include <stdexcept>
@@ -100,29 +102,44 @@ TEST(ConcurrencyRuntimeTest, BusyPollingLoopsRunEveryPostedHandlerOnce) {
   EXPECT_EQ(wrong_loop.load(), 0);
 }
 
-// A timer fires whether the loop is spinning or asleep (a window of 1 us ends long before a
-// 20 ms timer; a 50 ms one outlasts it, with a call marked in flight), and a handler that throws
-// is reported while the loop goes on spinning.
-// A loop thread that cannot be started (the process is at its thread limit) makes the
-// constructor throw std::system_error after stopping and joining the threads it did start;
-// it must not destroy a joinable std::thread while unwinding (std::terminate). The child
-// process of the death test takes a uid of its own and a limit of one more thread than it
-// runs, so the runtime's first loop thread starts and its second does not.
-void StartRuntimeWithRoomForOneThread() {
+// A uid for the death test's child: one no other process uses (so that RLIMIT_NPROC counts only
+// the child's threads), inside the range this user namespace maps; 0 if there is none.
+uid_t UnusedUid() {
+  std::ifstream map("/proc/self/uid_map");
+  uint64_t inside = 0, outside = 0, count = 0;
+  const uint64_t wanted = 0x7fff0000u + static_cast<unsigned>(getpid()) % 0xffffu;
+  uint64_t fallback = 0;
+  while (map >> inside >> outside >> count) {
+    if (wanted >= inside && wanted < inside + count) return static_cast<uid_t>(wanted);
+    // A small map (rootless containers: 65536 uids): the top of it, away from system users.
+    if (count > 2000 && inside + count - 1 > 1000) fallback = inside + count - 1 - static_cast<unsigned>(getpid()) % 1000;
+  }
+  return static_cast<uid_t>(fallback);
+}
+
+// Takes `uid` with a thread limit of `threads` more than this process runs; false if it cannot.
+bool TakeUidWithRoomFor(uid_t uid, size_t threads) {
   size_t tasks = 0;
   if (DIR* dir = opendir("/proc/self/task")) {
     while (dirent* entry = readdir(dir)) tasks += entry->d_name[0] != '.';
     closedir(dir);
   }
-  if (tasks == 0) _exit(5);
   rlimit limit{};
-  if (getrlimit(RLIMIT_NPROC, &limit) != 0 || limit.rlim_max < tasks + 1) _exit(6);
-  limit.rlim_cur = tasks + 1;
-  if (setrlimit(RLIMIT_NPROC, &limit) != 0) _exit(6);
-  // A uid no other process uses, so that the limit counts only this process's threads.
-  if (setuid(static_cast<uid_t>(0x7fff0000u + static_cast<unsigned>(getpid()) % 0xffffu)) != 0) {
-    _exit(7);
-  }
+  if (tasks == 0 || getrlimit(RLIMIT_NPROC, &limit) != 0 || limit.rlim_max < tasks + threads) return false;
+  limit.rlim_cur = tasks + threads;
+  return setrlimit(RLIMIT_NPROC, &limit) == 0 && setuid(uid) == 0;
+}
+
+// A loop thread that cannot be started (the process is at its thread limit) makes the
+// constructor throw std::system_error after stopping and joining the threads it did start;
+// it must not destroy a joinable std::thread while unwinding (std::terminate). The child
+// process of the death test takes a uid of its own and a limit of one more thread than it
+// runs, so the runtime's first loop thread starts and its second does not.
+void StartRuntimeWithRoomForOneThread(uid_t uid) {
+  // A sanitizer's runtime may start a thread of its own with the first thread the process
+  // makes (TSan does): make that happen before the threads are counted.
+  std::thread([] {}).join();
+  if (!TakeUidWithRoomFor(uid, 1)) _exit(6);
   try {
     RuntimeOptions options;
     options.threads = 3;
@@ -136,11 +153,23 @@ void StartRuntimeWithRoomForOneThread() {
 }
 
 TEST(RuntimeTest, ThreadThatCannotStartFailsTheConstructorCleanly) {
-  if (geteuid() != 0) GTEST_SKIP() << "needs root to take a fresh uid with its own thread limit";
+  const uid_t uid = UnusedUid();
+  // Whether a child can take the uid and the limit at all (root with CAP_SETUID and a mapped
+  // uid); the test needs it, and skips without.
+  pid_t probe = fork();
+  if (probe == 0) _exit(TakeUidWithRoomFor(uid, 1) ? 0 : 1);
+  int status = 0;
+  if (uid == 0 || probe < 0 || waitpid(probe, &status, 0) != probe || !WIFEXITED(status) ||
+      WEXITSTATUS(status) != 0) {
+    GTEST_SKIP() << "cannot take a fresh uid with its own thread limit (needs root and CAP_SETUID)";
+  }
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_EXIT(StartRuntimeWithRoomForOneThread(), testing::ExitedWithCode(0), "");
+  EXPECT_EXIT(StartRuntimeWithRoomForOneThread(uid), testing::ExitedWithCode(0), "");
 }
 
+// A timer fires whether the loop is spinning or asleep (a window of 1 us ends long before a
+// 20 ms timer; a 50 ms one outlasts it, with a call marked in flight), and a handler that throws
+// is reported while the loop goes on spinning.
 TEST(ConcurrencyRuntimeTest, BusyPollingLoopFiresTimersAndSurvivesAThrowingHandler) {
   test::LogCapture log(LogLevel::kError);
   // The report is rate limited per call site, and the limiter is shared by every test of the

@@ -17,10 +17,12 @@
 //
 // Requests: each gets the lowest free tag from 2 (never past 0x7FFFFF) and goes out as a
 // Tdispatch carrying the call's payload (a scales::Stream) and contexts: Deadline
-// (nanoseconds, on by default), ClientId, Retries, TraceContext and request headers. Writes of
+// (nanoseconds, on by default), ClientId, Retries, TraceContext, BackupRequest (on a backup
+// attempt) and request headers. Writes of
 // many requests are batched into few socket writes (SessionOptions::write_splits). Replies are
 // matched by tag: Rdispatch Ok gives the body (in the call's reply Stream), Error →
-// kServerError, Nack → kNack (retryable), Rerr → kServerError. A request cancelled (timeout)
+// kServerError, Nack → kNack (retryable; kNonRetryableNack when its MuxFailure context has the
+// NonRetryable flag), Rerr → kServerError. A request cancelled (timeout)
 // before it was written is dropped and its tag freed; after it was written, Tdiscarded is sent
 // and the tag stays reserved until the server answers that tag.
 //
