@@ -338,7 +338,10 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
   ClockTurn turn;
   struct Batch {
     MuxSessionSink& s;
-    explicit Batch(MuxSessionSink& session) : s(session) { s.reading_batch_ = true; }
+    explicit Batch(MuxSessionSink& session) : s(session) {
+      s.reading_batch_ = true;
+      s.write_predates_batch_ = s.writing_;
+    }
     ~Batch() {
       s.reading_batch_ = false;
       s.Flush();
@@ -571,9 +574,10 @@ void MuxSessionSink::Enqueue(const Message& m) {
 }
 
 bool MuxSessionSink::EnqueueControlReply(const Message& m) {
-  // Only replies queued behind a write in progress count against the bound: those a read batch
-  // holds back (it writes them when it ends; a read is bounded) are not stuck.
-  if (writing_ && queued_control_replies_ >= options_.max_queued_control_replies) {
+  // Only replies queued behind a write that was in progress before this read count against the
+  // bound: those a read batch holds back (it writes them when it ends; a read is bounded), or
+  // queues behind a write it started itself (Rdrain's, at once), are not stuck.
+  if (writing_ && write_predates_batch_ && queued_control_replies_ >= options_.max_queued_control_replies) {
     Fail(make_error_code(Errc::kConnectionClosed),
          fmt::format("{} Rping/Rdrain replies to {} are queued behind a socket write that does not finish "
                      "(limit session.max_queued_control_replies = {}): the server sends Tping but does not read; "

@@ -204,6 +204,12 @@ TEST(HostilePeerTest, MuxTpingBurstInOneReadIsNotAFlood) {
   }
   EXPECT_EQ(server.LogLinesWith({"recv Rping tag=1"}).size(), 100u) << server.Log().substr(0, 3000);
   EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "the session was closed";
+
+  // The same after a Tdrain in the same read: its Rdrain is written at once (the session may
+  // close as soon as its requests are answered), and the pings behind that write are not a
+  // flood either; the request in flight is answered.
+  EXPECT_EQ(Echo(client, "drain-ping-burst:100"), "drain-ping-burst:100");
+  EXPECT_EQ(Echo(client, "after the drain"), "after the drain");  // a new session
 }
 
 TEST(HostilePeerTest, MuxDuplicateReplyDoesNotAnswerTheNextRequestOnItsTag) {

@@ -260,6 +260,7 @@ class MuxSessionSink final : public ClientMessageSink {
   // OnRead is handling a read's frames: writes wait for its end, or for enough requests
   // (options_.write_splits).
   bool reading_batch_ = false;
+  bool write_predates_batch_ = false;  // a write was in progress when the read batch began
 
   std::vector<uint64_t> tag_bits_;  // bit t set = tag t in use
   size_t tags_in_use_ = 0;

@@ -48,6 +48,8 @@ Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
                      queue Rping replies it can never write
   "ping-burst:N"     write N Tping frames (tag 1) and then the reply, all in one write, and keep
                      reading: a healthy peer whose pings arrive in one read with the reply
+  "drain-ping-burst:N"  write Tdrain (tag 1), N Tping frames (tag 1) and then the reply, all in
+                     one write: a draining peer that reads, whose pings come with its drain
   "duplicate-reply"  write the reply frame twice in one write (a buggy server answering a tag
                      twice): the second must not answer the client's next request on that tag
   "stall"            stop reading from the connection and never reply: the client's writes
@@ -793,6 +795,13 @@ class Connection:
             self.log("send ping-burst tag=1 count=%d" % n)
             self.writer.write(frame(TPING, 1) * n + frame(RDISPATCH, tag, bytes([STATUS_OK]) + encode_contexts([]) +
                                                          echo.reply("echo", seqid, success=message)))
+        elif message.startswith("drain-ping-burst:"):
+            n = int(message.split(":", 1)[1])
+            self.pending.pop(tag, None)
+            self.log("send drain-ping-burst tag=1 count=%d" % n)
+            self.writer.write(frame(TDRAIN, 1) + frame(TPING, 1) * n +
+                              frame(RDISPATCH, tag, bytes([STATUS_OK]) + encode_contexts([]) +
+                                    echo.reply("echo", seqid, success=message)))
         elif message in ("huge-frame", "endless-fragments", "stray-fragments", "ping-flood") or \
                 message.startswith("drip:"):
             self.pending.pop(tag, None)  # Tdiscarded must not cut these short
