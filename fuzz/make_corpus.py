@@ -296,6 +296,11 @@ def main():
                                      + b"\r\nhi\r\n0\r\n\r\n")
     http["trailer_long"] = (bytes([KEEP | chunk(16)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n2\r\nhi\r\n0\r\nT: "
                             + b"t" * 120 + b"\r\n\r\n")
+    # A header block just under the limit whose final chunk arrives in the same read as the
+    # header, its trailer's end in a later one: the parser must not be given the same bytes
+    # again after need_more (a Beast assertion; found by CI's fuzz run, 2026-12-05).
+    http["final_chunk_after_header"] = (b"bHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Pad: " + b"p" * 20
+                                        + b"\r\n\r\n0\r\nok\r\nppppppppp\r\n\r\n3\r\nok\r\n0\r\n\r\n")
     for name, data in http.items():
         write("http_response_fuzzer", name, data)
 

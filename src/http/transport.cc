@@ -349,6 +349,7 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
     while (!parser_->is_done()) {
       const bool in_header = !parser_->is_header_done();
       auto data = in.data();
+      bool capped = false;
       if (in_header) {
         // What is left of the limit for the header block's bytes still to come.
         const size_t limit = options_.max_response_header_bytes;
@@ -358,15 +359,18 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
         // Beast holds the status line and the fields to its header limit each, apart: given
         // more bytes than are left of the limit, one put() could take a block of up to twice
         // it. Given no more, the block ends within the limit or not at all (need_more, below).
+        capped = data.size() > left;
         data = boost::asio::buffer(data, left);
       }
       boost::system::error_code ec;
       const size_t n = parser_->put(data, ec);
       in.consume(n);
       if (in_header && !parser_->is_header_done()) header_consumed_ += n;
-      // The header ended within the bytes it was given, and what follows (a chunk-size line cut
-      // by the cap) needs more of them: they are in `in`, uncapped now.
-      if (in_header && parser_->is_header_done() && ec == bhttp::error::need_more) continue;
+      // The header ended within the capped bytes, and what follows (a chunk-size line cut by
+      // the cap) needs more of them: they are in `in`, and the next put() gives them all. Not
+      // when nothing was cut: Beast must not be given the same bytes again after need_more
+      // (it asserts that a final chunk's next put() brings more).
+      if (capped && parser_->is_header_done() && ec == bhttp::error::need_more) continue;
       if (ec == bhttp::error::need_more || (!ec && n == 0)) {
         // An unfinished header block that has reached the limit cannot end within it. Beast
         // says so only while the limit it was given exceeds what it holds unconsumed; with the
