@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include <boost/beast/http/error.hpp>
+#include <boost/beast/http/rfc7230.hpp>
 #include <fmt/format.h>
 
 #include "scales/core/runtime.h"
@@ -281,6 +282,7 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   w.append(req->target).append(" HTTP/1.1\r\n"sv);
   bool has_host = false;
   bool has_agent = false;
+  request_close_ = false;
   auto add_headers = [&](const Headers& headers) {
     for (const auto& [name, value] : headers) {
       if (!IsToken(name)) {
@@ -293,6 +295,7 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
       }
       // The transport frames the body itself: a fixed Content-Length.
       if (HeaderNameEquals(name, "content-length") || HeaderNameEquals(name, "transfer-encoding")) continue;
+      if (HeaderNameEquals(name, "connection") && bhttp::token_list(value).exists("close")) request_close_ = true;
       has_host = has_host || HeaderNameEquals(name, "host");
       has_agent = has_agent || HeaderNameEquals(name, "user-agent");
       w.append(name).append(": "sv).append(value).append("\r\n"sv);
@@ -362,6 +365,10 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
         capped = data.size() > left;
         data = boost::asio::buffer(data, left);
       }
+      // Beast keeps a final chunk's bytes unconsumed until its trailer ends, and asserts that it
+      // is then given at least five bytes again (basic_parser.ipp, `n >= 5`; "0\r\n" followed by
+      // a lone "\r" would be four). No chunked body ends in fewer: wait for them.
+      if (!in_header && parser_->chunked() && in.size() < 5) return ParseResult::NeedMore();
       boost::system::error_code ec;
       const size_t n = parser_->put(data, ec);
       in.consume(n);
@@ -460,7 +467,7 @@ ConnectionSink::ParseResult HttpTransportSink::ParseFailure(const boost::system:
 
 ConnectionSink::ParseResult HttpTransportSink::Complete(bool keep_alive) {
   const auto& out = *current_->message().reply_slot<Response>();
-  auto r = ParseResult::Done(keep_alive);
+  auto r = ParseResult::Done(keep_alive && !request_close_);
   if (options_.raise_on_http_error && out.status >= 400) {
     const auto* req = current_->message().payload<Request>();
     r.ec = make_error_code(Errc::kHttpError);

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <future>
 #include <memory>
@@ -130,7 +131,9 @@ TEST(HostilePeerTest, MuxTwoGibLengthPrefixIsRejectedByTheFrameSizeLimit) {
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), MuxOptions());
   EXPECT_EQ(Echo(client, "before"), "before");
   ExpectBoundedFailure([&] { Echo(client, "huge-frame"); }, Errc::kProtocolError,
-                       "frame size 2147483648 exceeds the limit of 33554432", 5s);
+                       "frame size 2147483648 exceeds the largest frame accepted "
+                       "(limit session.max_frame_size = 33554432)",
+                       5s);
   EXPECT_EQ(Echo(client, "after"), "after");  // a new session
 }
 
@@ -141,7 +144,9 @@ TEST(HostilePeerTest, MuxEndlessFragmentsStopAtTheFragmentBytesLimit) {
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
   EXPECT_EQ(Echo(client, "before"), "before");
   ExpectBoundedFailure([&] { Echo(client, "endless-fragments"); }, Errc::kProtocolError,
-                       "buffered fragment bytes exceed the limit of 1048576", 5s);
+                       "buffered fragment bytes exceed the largest message accepted "
+                       "(limit session.max_message_size = 1048576)",
+                       5s);
   // The client closed the session: the server stops sending well before its 1 GiB.
   EXPECT_TRUE(server.WaitForLog({"endless-fragments tag=", "stopped after"})) << server.Log();
   EXPECT_EQ(Echo(client, "after"), "after");
@@ -284,6 +289,17 @@ class RawConn {
     std::string out = buffer_.substr(0, n);
     buffer_.erase(0, n);
     return out;
+  }
+  // Writes `parts` one after another, `gap` apart (each in a read of its own at the client);
+  // false as Write.
+  bool WritePaced(std::initializer_list<std::string_view> parts, std::chrono::milliseconds gap) {
+    bool first = true;
+    for (std::string_view part : parts) {
+      if (!first) std::this_thread::sleep_for(gap);
+      first = false;
+      if (!Write(part)) return false;
+    }
+    return true;
   }
   // False once the client closed the connection (or the server stops).
   bool Write(std::string_view bytes) {
@@ -514,6 +530,16 @@ void HostileHttp(RawConn& c) {
       c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
       c.Write("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray");
       c.Cork(false);
+    } else if (target == "/final-chunk-split") {
+      // An empty chunked body whose last chunk comes in three writes: "0\r\n", "\r", "\n".
+      // Beast keeps the last chunk's bytes unconsumed until the trailer ends and asserts that
+      // it is then given at least five again.
+      if (!c.WritePaced({"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n", "\r", "\n"}, 50ms)) return;
+    } else if (target == "/final-chunk-split-trailer") {
+      // The same with a trailer field, its first byte alone.
+      if (!c.WritePaced({"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n", "X", "-T: 1\r\n\r\n"}, 50ms)) {
+        return;
+      }
     } else if (target == "/trailing-bytes") {
       // A complete response, then bytes nobody asked for: the framing of the connection is lost.
       if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n")) return;
@@ -526,11 +552,11 @@ void HostileHttp(RawConn& c) {
     } else if (target == "/early-hints") {
       // Two interim responses, each in its own write, then the response: the call gets the
       // response and the connection stays in step.
-      if (!c.Write("HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")) return;
-      std::this_thread::sleep_for(20ms);
-      if (!c.Write("HTTP/1.1 100 Continue\r\n\r\n")) return;
-      std::this_thread::sleep_for(20ms);
-      if (!c.Write("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints")) return;
+      if (!c.WritePaced({"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+                         "HTTP/1.1 100 Continue\r\n\r\n", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints"},
+                        20ms)) {
+        return;
+      }
     } else if (target == "/endless-interim") {
       while (c.Write("HTTP/1.1 100 Continue\r\n\r\n")) {
       }
@@ -684,6 +710,52 @@ TEST(HostilePeerTest, HttpBytesAfterTheResponseRetireTheConnection) {
   EXPECT_EQ(client.Get("/trailing-bytes").body, "ok");
   EXPECT_EQ(client.Get("/ok").body, "ok");
   EXPECT_EQ(server.accepted(), 2) << "the connection with stray bytes was closed";
+}
+
+// A request that says `Connection: close` is the last on its connection (RFC 9112 9.6), even
+// when the response does not repeat it and the server would go on: the next call opens a new
+// connection instead of writing to one the server may be closing.
+TEST(HostilePeerTest, HttpRequestWithConnectionCloseIsTheLastOnItsConnection) {
+  RawServer server(HostileHttp);  // keeps /ok connections open whatever the request says
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 1) << "keep-alive";
+  int expected = 1;
+  for (const char* value : {"close", "Keep-Alive, CLOSE"}) {
+    SCOPED_TRACE(value);
+    http::Request last{"GET", "/ok", {{"Connection", value}}, ""};
+    EXPECT_EQ(client.Send(last).body, "ok");
+    EXPECT_EQ(client.Get("/ok").body, "ok");
+    EXPECT_EQ(server.accepted(), ++expected) << "the call after the close went on a new connection";
+  }
+  // Through the call's own headers (CallOptions), too.
+  CallOptions closing;
+  closing.headers = {{"connection", "close"}};
+  EXPECT_EQ(client.Send(http::Request{"GET", "/ok", {}, ""}, closing).body, "ok");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), ++expected);
+  // A Connection header without the close token keeps the connection.
+  http::Request kept{"GET", "/ok", {{"Connection", "keep-alive"}}, ""};
+  EXPECT_EQ(client.Send(kept).body, "ok");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), expected);
+}
+
+// An empty chunked body whose last chunk arrives split after "0\r\n" completes normally (it
+// tripped an assertion in Beast under the sanitizer builds: basic_parser.ipp, `n >= 5`), and the
+// connection stays usable.
+TEST(HostilePeerTest, HttpLastChunkSplitAcrossReadsCompletes) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  for (const char* target : {"/final-chunk-split", "/final-chunk-split-trailer"}) {
+    SCOPED_TRACE(target);
+    http::Response empty = client.Get(target);
+    EXPECT_EQ(empty.status, 200);
+    EXPECT_EQ(empty.body, "");
+    EXPECT_EQ(client.Get("/ok").body, "ok");
+  }
+  EXPECT_EQ(server.accepted(), 1) << "both kept their connection";
 }
 
 // The server answers before it has read the request, and stops reading: the call completes

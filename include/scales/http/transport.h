@@ -148,6 +148,9 @@ class HttpTransportSink final : public ConnectionSink {
   std::optional<internal::ResponseParser> parser_;
   SinkStack* current_ = nullptr;
   bool head_ = false;  // the current request is a HEAD: its response has no body
+  // The current request carries `Connection: close`: its connection is not reused, whatever
+  // the response says (RFC 9112 9.6: no request follows one with the close option).
+  bool request_close_ = false;
   int interim_responses_ = 0;  // 1xx responses skipped for the current request
   // Header bytes of the current response Beast has consumed: it parses complete fields as they
   // come and checks its header limit against the bytes it has not consumed, so the limit it is
