@@ -312,7 +312,10 @@ class Model {
                           (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy) && frame.body == kProbeText;
       if (!echoed) {
         OpenNow(Harness().clock().Now());
-        if (frame.tag != kControlTag) HandleFrame(frame);
+        // Only an Rerr on tag 1 answers the probe; anything else (a Tping or Tdrain on tag 1
+        // included) is a message of the open session.
+        const bool probe_answer = frame.tag == kControlTag && (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy);
+        if (!probe_answer) HandleFrame(frame);
         return;
       }
       phase_ = kInit;

@@ -19,6 +19,13 @@ CodecError InvalidArgument(std::string detail) {
   return CodecError{make_error_code(Errc::kInvalidArgument), std::move(detail)};
 }
 
+// How a size over a limit is reported: "the limit of N bytes" from the codec used alone, or
+// "<what> (limit <option> = N)" when the user of the codec named the option that sets it.
+std::string OverLimit(std::string_view what, std::string_view limit_name, std::uint64_t limit) {
+  if (limit_name.empty()) return fmt::format("the limit of {} bytes", limit);
+  return fmt::format("{} (limit {} = {})", what, limit_name, limit);
+}
+
 // Big-endian reader over a body that records the first failure with the field and offset.
 class Reader {
  public:
@@ -292,7 +299,8 @@ std::string Describe(const Message& m) {
 // ---------------------------------------------------------------------------------------------
 // Frame headers.
 
-Result<FrameHeader> DecodeFrameHeader(std::string_view bytes, std::uint32_t max_frame_size) {
+Result<FrameHeader> DecodeFrameHeader(std::string_view bytes, std::uint32_t max_frame_size,
+                                      std::string_view limit_name) {
   if (bytes.size() < kHeaderSize) {
     return ProtocolError(
         fmt::format("frame header truncated: have {} of {} bytes", bytes.size(), kHeaderSize));
@@ -309,8 +317,8 @@ Result<FrameHeader> DecodeFrameHeader(std::string_view bytes, std::uint32_t max_
     return ProtocolError(fmt::format("frame size {} is below the minimum of 4", h.size));
   }
   if (h.size > max_frame_size) {
-    return ProtocolError(
-        fmt::format("frame size {} exceeds the limit of {} bytes", h.size, max_frame_size));
+    return ProtocolError(fmt::format("frame size {} exceeds {}", h.size,
+                                     OverLimit("the largest frame accepted", limit_name, max_frame_size)));
   }
   return h;
 }
@@ -462,7 +470,7 @@ Result<std::optional<FrameView>> FrameDecoder::NextView() {
   if (error_) return *error_;
   std::string_view avail(buffer_.data() + read_, buffer_.size() - read_);
   if (avail.size() < kHeaderSize) return std::optional<FrameView>();
-  auto h = DecodeFrameHeader(avail, max_frame_size_);
+  auto h = DecodeFrameHeader(avail, max_frame_size_, limit_name_);
   if (!h) {
     error_ = h.error();
     error_->detail += fmt::format(" (frame at stream offset {})", consumed_);
@@ -529,9 +537,7 @@ Result<std::optional<FrameView>> Reassembler::Add(FrameView frame) {
   if (it == partial_.end()) {
     if (!frame.fragment) return std::optional<FrameView>(frame);
     if (frame.body.size() > max_bytes_per_tag_) {
-      return ProtocolError(
-          fmt::format("{} tag {}: {} buffered fragment bytes exceed the limit of {}",
-                      TypeName(frame.type), frame.tag, frame.body.size(), max_bytes_per_tag_));
+      return ProtocolError(OverLimitDetail(frame, frame.body.size()));
     }
     partial_.emplace(frame.tag, Partial{frame.type, std::string(frame.body)});
     return std::optional<FrameView>();
@@ -544,9 +550,7 @@ Result<std::optional<FrameView>> Reassembler::Add(FrameView frame) {
     return ProtocolError(std::move(detail));
   }
   if (p.body.size() + frame.body.size() > max_bytes_per_tag_) {
-    std::string detail = fmt::format("{} tag {}: {} buffered fragment bytes exceed the limit of {}",
-                                     TypeName(frame.type), frame.tag,
-                                     p.body.size() + frame.body.size(), max_bytes_per_tag_);
+    std::string detail = OverLimitDetail(frame, p.body.size() + frame.body.size());
     partial_.erase(it);
     return ProtocolError(std::move(detail));
   }
@@ -567,6 +571,11 @@ Result<std::optional<Frame>> Reassembler::Add(Frame frame) {
     return std::optional<Frame>(std::move(frame));
   }
   return std::optional<Frame>(Frame{(*whole)->type, frame.tag, false, std::move(completed_)});
+}
+
+std::string Reassembler::OverLimitDetail(const FrameView& frame, std::size_t buffered) const {
+  return fmt::format("{} tag {}: {} buffered fragment bytes exceed {}", TypeName(frame.type), frame.tag, buffered,
+                     OverLimit("the largest message accepted", limit_name_, max_bytes_per_tag_));
 }
 
 bool Reassembler::Drop(std::uint32_t tag) { return partial_.erase(tag) > 0; }
@@ -792,6 +801,7 @@ Result<void> FragmentWriter::Enqueue(const Message& m) {
     Recycle(std::move(p.body));
     return ok;
   }
+  queue_bytes_ += p.body.size();
   queue_.push_back(std::move(p));
   return {};
 }
@@ -839,6 +849,7 @@ Result<void> FragmentWriter::EnqueueTdispatch(std::uint32_t tag, std::span<const
   Pending p{wire::kTdispatch, tag, TakeSpare(), 0};
   p.body.resize(size);
   WriteTdispatchBody(p.body.data(), contexts, payload);
+  queue_bytes_ += size;
   queue_.push_back(std::move(p));
   return {};
 }
@@ -871,7 +882,31 @@ std::size_t FragmentWriter::TakeWhole(std::string* out) {
   whole_index_.clear();
   whole_removed_ = 0;
   whole_live_from_ = 0;
+  whole_removed_bytes_ = 0;
   return frames;
+}
+
+void FragmentWriter::CompactWhole() {
+  std::size_t to = 0;
+  std::size_t kept = 0;
+  for (WholeFrame& f : whole_index_) {
+    if (f.removed) continue;
+    if (f.offset != to) std::memmove(whole_.data() + to, whole_.data() + f.offset, f.size);
+    f.offset = to;
+    to += f.size;
+    whole_index_[kept++] = f;
+  }
+  whole_.resize(to);
+  whole_index_.resize(kept);
+  whole_removed_ = 0;
+  whole_live_from_ = 0;
+  whole_removed_bytes_ = 0;
+}
+
+void FragmentWriter::CompactQueue() {
+  std::erase_if(queue_, [](const Pending& p) { return p.removed; });
+  queue_removed_ = 0;
+  queue_live_from_ = 0;
 }
 
 std::size_t FragmentWriter::WriteRound(std::string* out) {
@@ -891,6 +926,7 @@ std::size_t FragmentWriter::WriteRound(std::string* out) {
     AppendFrameHeader(p.type, p.tag, more, take, out);
     out->append(p.body, p.offset, take);
     p.offset += take;
+    queue_bytes_ -= take;
     ++frames;
     if (!more) {
       Recycle(std::move(p.body));
@@ -921,6 +957,8 @@ std::optional<bool> FragmentWriter::Remove(std::uint8_t type, std::uint32_t tag)
     for (std::size_t i = whole_live_from_; i < whole_index_.size(); ++i) {
       if (whole_index_[i].removed || whole_index_[i].tag != tag) continue;
       mark(whole_index_, i, whole_removed_, whole_live_from_);
+      whole_removed_bytes_ += whole_index_[i].size;
+      if (2 * whole_removed_bytes_ > whole_.size()) CompactWhole();  // removed bytes > live bytes
       return false;  // whole frames are written all at once, and this one was not yet
     }
   }
@@ -928,9 +966,11 @@ std::optional<bool> FragmentWriter::Remove(std::uint8_t type, std::uint32_t tag)
     Pending& p = queue_[i];
     if (p.removed || p.type != type || p.tag != tag) continue;
     const bool started = p.offset > 0;
+    queue_bytes_ -= p.body.size() - p.offset;
     Recycle(std::move(p.body));
     p.body = std::string();
     mark(queue_, i, queue_removed_, queue_live_from_);
+    if (2 * queue_removed_ > queue_.size()) CompactQueue();  // removed entries > live ones
     return started;
   }
   return std::nullopt;

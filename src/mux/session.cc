@@ -54,6 +54,12 @@ std::optional<OpportunisticTls> ParseOpportunisticTls(std::string_view s) noexce
   return std::nullopt;
 }
 
+uint32_t AdvertisedFragmentSize(const SessionOptions& o) noexcept {
+  // mux-framer bounds a fragment's body; its frame's size field counts type and tag as well.
+  const uint32_t largest_body = std::max<uint32_t>(o.max_frame_size, 5) - 4;
+  return std::min(o.max_fragment_size, largest_body);
+}
+
 void Validate(const SessionOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
   if (o.connect_timeout <= Duration::zero()) fail("session.connect_timeout must be > 0");
@@ -88,8 +94,8 @@ MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)
       options_(options),
       conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats, options.tls),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
-      decoder_(options.max_frame_size),
-      reassembler_(options.max_message_size),
+      decoder_(options.max_frame_size, "session.max_frame_size"),
+      reassembler_(options.max_message_size, "session.max_message_size"),
       read_buffer_(kMinReadBuffer),
       tag_bits_(1, 0b11),  // tags 0 (markers) and 1 (control) are never allocated
       tags_gauge_(ctx.stats.GetGauge("scales_mux_tags_in_use")),
@@ -181,13 +187,17 @@ void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
         return;
       }
       FinishOpen();
-      // A frame that is not about the probe is a real message: handle it as one.
-      if (frame.tag != kControlTag) HandleFrame(frame);
+      // Only an Rerr on the probe's tag answers the probe (an old server's "Unexpected mux
+      // message type 127"); any other frame, a Tdrain or Tping on tag 1 included, is a real
+      // message: handle it as one.
+      const bool probe_answer =
+          frame.tag == kControlTag && (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy);
+      if (!probe_answer) HandleFrame(frame);
       return;
     }
     Tinit init;
     init.headers.emplace_back(std::string(kMuxFramerHeader),
-                              EncodeMuxFramer(static_cast<int32_t>(options_.max_fragment_size)));
+                              EncodeMuxFramer(static_cast<int32_t>(AdvertisedFragmentSize(options_))));
     init.headers.emplace_back(std::string(kTlsHeader), ToString(options_.opportunistic_tls));
     handshake_phase_ = 2;
     Enqueue(init);
@@ -609,8 +619,24 @@ void MuxSessionSink::Flush(bool now) {
     if (Pending* p = FindPending(tag)) p->written = true;
   }
   queued_tags_.clear();
+  stale_queued_tags_ = 0;
   write_offset_ = 0;
   WriteMore();
+}
+
+void MuxSessionSink::DropStaleQueuedTags() {
+  // Keeps, once, each tag whose request is still queued (a cancelled request's tag may have
+  // been reused by a newer request, queued as well); `listed` marks the tags kept meanwhile.
+  size_t kept = 0;
+  for (uint32_t tag : queued_tags_) {
+    Pending* p = FindPending(tag);
+    if (p == nullptr || p->written || p->listed) continue;
+    p->listed = true;
+    queued_tags_[kept++] = tag;
+  }
+  queued_tags_.resize(kept);
+  for (uint32_t tag : queued_tags_) pending_[tag].listed = false;
+  stale_queued_tags_ = 0;
 }
 
 void MuxSessionSink::WriteMore() {
@@ -791,6 +817,8 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
     written = !partial.has_value() || *partial;
     // The tag stays in queued_tags_ (erasing it would cost as much as everything queued behind
     // it): Flush finds no request for it, or a newer request that reused it, queued as well.
+    // Once such stale entries outnumber the others they are dropped (below: a write that never
+    // finishes would otherwise keep one per request ever cancelled).
   }
   if (written) {
     // The server has (part of) it: tell it, and keep the tag until it answers that tag.
@@ -808,13 +836,16 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
     ErasePending(tag);
     --pending_count_;
     FreeTag(tag);
+    if (2 * ++stale_queued_tags_ > queued_tags_.size()) DropStaleQueuedTags();
     detail = fmt::format("before it was written to {}", address_);
   }
   MethodReturnMessage m{reason, std::move(detail), {}};
   stack.AsyncProcessResponse(nullptr, m);
   if (discarded_count_ > options_.max_discarded_tags) {
     Fail(make_error_code(Errc::kConnectionClosed),
-         fmt::format("{} discarded requests to {} were never answered; session closed", discarded_count_, address_),
+         fmt::format("{} discarded requests to {} were never answered (limit session.max_discarded_tags = {}); "
+                     "session closed",
+                     discarded_count_, address_, options_.max_discarded_tags),
          true);
     return;
   }
@@ -846,7 +877,8 @@ void MuxSessionSink::OnPingTimeout(void* p) {
   if (!s->ping_outstanding_ || s->state_ != State::kOpen) return;
   s->ping_timeouts_.Increment();
   s->Fail(make_error_code(Errc::kConnectionClosed),
-          fmt::format("no Rping from {} within {} ms; session closed", s->address_, Millis(s->options_.ping_timeout)),
+          fmt::format("no Rping from {} within the ping timeout (limit session.ping_timeout = {} ms); session closed",
+                      s->address_, Millis(s->options_.ping_timeout)),
           true);
 }
 
@@ -873,7 +905,7 @@ void MuxSessionSink::OnDrainTimeout(void* p) {
   auto* s = static_cast<MuxSessionSink*>(p);
   if (!s->draining_ || s->state_ != State::kOpen) return;
   s->Fail(make_error_code(Errc::kConnectionClosed),
-          fmt::format("drained, but the write to {} did not finish within {} ms (session.ping_timeout); "
+          fmt::format("drained, but the write to {} did not finish in time (limit session.ping_timeout = {} ms); "
                       "session closed",
                       s->address_, Millis(s->options_.ping_timeout)),
           false);
@@ -928,6 +960,7 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   pending_count_ = 0;
   discarded_count_ = 0;
   queued_tags_.clear();
+  stale_queued_tags_ = 0;
   // A request still queued behind the write in progress (a peer that stopped reading), or in
   // the part of that write the socket never took, never left this process: kNotSent, which the
   // retry sink may send to another endpoint even when the call is not idempotent.

@@ -3,13 +3,21 @@
 // pings, fragments at a small mux-framer) and old (no negotiation) servers, and every
 // misbehaviour on demand. Every call completes exactly once; tags are freed; the client
 // recovers for the next call.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <functional>
 #include <future>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <variant>
 #include <vector>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -21,7 +29,10 @@
 
 #include "Derived.h"
 #include "Echo.h"
+#include "scales/mux/codec.h"
+#include "scales/mux/session.h"
 #include "scales/thriftmux/thriftmux.h"
+#include "support/fake_sinks.h"
 #include "support/log_capture.h"
 #include "support/mux_server_fixture.h"
 
@@ -465,7 +476,7 @@ TEST(ThriftMuxTest, ADrainedSessionWaitsForItsLastWriteOnlyUntilThePingTimeout) 
   options.session.ping_interval = Duration::zero();
   options.session.ping_timeout = 500ms;
   auto client = DrainWhileTheLastWriteStalls(server, options);
-  EXPECT_TRUE(Eventually([&] { return log.Has({"drained, but the write to", "did not finish within 500 ms"}); }))
+  EXPECT_TRUE(Eventually([&] { return log.Has({"drained, but the write to", "(limit session.ping_timeout = 500 ms)"}); }))
       << log.All();
   EXPECT_TRUE(server.LogLinesWith({"resume reading"}).empty()) << "the session waited for the server";
 }
@@ -488,7 +499,8 @@ TEST(ThriftMuxTest, SessionEventsAreLogged) {
   EXPECT_TRUE(log.Has({"Mux session to " + ep + " closed", "unknown mux message type", "[protocol_error]"}))
       << log.All();
   EXPECT_TRUE(Eventually([&] { return CallError(client, "hello") == error_code(); }));  // a new session
-  EXPECT_TRUE(Eventually([&] { return log.Has({"no Rping from " + ep, "within 100 ms"}); })) << log.All();
+  EXPECT_TRUE(Eventually([&] { return log.Has({"no Rping from " + ep, "(limit session.ping_timeout = 100 ms)"}); }))
+      << log.All();
 }
 
 TEST(ThriftMuxTest, OnewayCallsAreRefused) {
@@ -641,6 +653,266 @@ TEST(ThriftMuxTest, UnansweredPingsCloseTheSession) {
   EXPECT_TRUE(server.WaitForLog({"close"}));  // the client closed the dead session
   // A new session serves the next call (until its own pings go unanswered).
   EXPECT_TRUE(Eventually([&] { return CallError(client, "again") == error_code(); }));
+}
+
+// A server honouring our mux-framer must never send a frame over our max_frame_size: we
+// advertise the largest body it allows (max_frame_size - 4: the size field counts type and tag),
+// so a reply larger than a frame comes in fragments and max_message_size decides.
+TEST(ThriftMuxTest, RepliesLargerThanMaxFrameSizeComeInFragmentsOfTheAdvertisedSize) {
+  mux::SessionOptions session;
+  session.max_frame_size = 4096;
+  EXPECT_EQ(mux::AdvertisedFragmentSize(session), 4092u);
+  session.max_fragment_size = 1000;
+  EXPECT_EQ(mux::AdvertisedFragmentSize(session), 1000u);
+
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = Options(MakeRuntime());
+  options.session.max_frame_size = 4096;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  const std::string big(20000, 'b');
+  std::string r;
+  client->echo(r, big);
+  EXPECT_EQ(r, big);
+  // The server cut the reply at the framer it was given: 4092 body bytes a frame.
+  auto sent = server.LogLinesWith({"send Rdispatch", "fragments="});
+  ASSERT_EQ(sent.size(), 1u) << server.Log();
+  size_t size = 0;
+  size_t fragments = 0;
+  ASSERT_EQ(std::sscanf(sent[0].c_str() + sent[0].find("size="), "size=%zu fragments=%zu", &size, &fragments), 2)
+      << sent[0];
+  EXPECT_GT(size, 20000u);
+  EXPECT_EQ(fragments, (size + 4091) / 4092) << sent[0];
+  client->echo(r, "after");  // on the same session
+  EXPECT_EQ(r, "after");
+  EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << server.Log();
+}
+
+// Before the probe's answer the server may already send a Tping or a Tdrain on tag 1 (a server
+// pinging at once, or shutting down as we connect): only an Rerr on tag 1 answers the probe;
+// the others are messages, answered with Rping / Rdrain.
+TEST(ThriftMuxTest, TpingAndTdrainBeforeTheProbesAnswerAreAnswered) {
+  {
+    test::MuxReferenceServer server({"--mode", "old", "--greet", "tping"});
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+    std::string r;
+    client->echo(r, "hello");
+    EXPECT_EQ(r, "hello");
+    EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rping tag=1"})) << server.Log();
+  }
+  {
+    test::MuxReferenceServer server({"--mode", "finagle", "--greet", "tdrain"});
+    auto options = Options(MakeRuntime());
+    options.client.timeout = 500ms;
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+    (void)CallError(client, "hello");  // a draining session takes no request: not the point here
+    EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rdrain tag=1"})) << server.Log();
+  }
+}
+
+// --- The session alone (MuxSessionSink) on a manual runtime, against a raw peer ---------------
+
+// A listening socket on 127.0.0.1 and the connection it accepts, which the test reads only when
+// it says so: until then the client's writes fill the socket buffers and stop.
+class QuietPeer {
+ public:
+  QuietPeer() {
+    listen_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    const int small = 64 * 1024;  // a small receive window: the client's write stalls sooner
+    ::setsockopt(listen_, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (::bind(listen_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(listen_, 4) != 0 ||
+        ::getsockname(listen_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      throw std::runtime_error("cannot listen on 127.0.0.1");
+    }
+    port_ = ntohs(addr.sin_port);
+  }
+  ~QuietPeer() {
+    if (conn_ >= 0) ::close(conn_);
+    ::close(listen_);
+  }
+  uint16_t port() const { return port_; }
+  // Accepts the connection (the client's connect has completed in the kernel).
+  void Accept() { conn_ = ::accept4(listen_, nullptr, nullptr, SOCK_NONBLOCK); }
+  // What the client has sent since the last Read().
+  std::string Read() {
+    std::string out;
+    char buf[64 * 1024];
+    ssize_t n;
+    while ((n = ::recv(conn_, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+    return out;
+  }
+  void Send(const std::string& bytes) { ASSERT_EQ(::send(conn_, bytes.data(), bytes.size(), 0), ssize_t(bytes.size())); }
+
+ private:
+  int listen_ = -1;
+  int conn_ = -1;
+  uint16_t port_ = 0;
+};
+
+// Runs the manual loop until `done` holds, waiting for socket events in between (bounded: the
+// kernel delivers loopback bytes on its own time).
+bool RunUntil(test::ManualEnv& env, const std::function<bool()>& done) {
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    env.Run();
+    auto& ioc = env.loop().io_context();
+    if (ioc.stopped()) ioc.restart();
+    ioc.run_one_for(std::chrono::milliseconds(1));
+    env.Run();
+  }
+  return true;
+}
+
+// One call through the session: its message, stack and Streams, and the sink at the bottom of
+// the stack that records the completions.
+class SessionCall {
+ public:
+  explicit SessionCall(std::string payload) : stack_(message_), catcher_(std::make_shared<Catcher>()) {
+    request_.data = std::move(payload);
+    message_.SetPayload(&request_);
+    message_.SetReplySlot(&reply_);
+    stack_.Push(catcher_.get());
+  }
+  void Start(mux::MuxSessionSink& session) { session.AsyncProcessRequest(stack_, message_, nullptr); }
+  void Cancel() { stack_.Cancel(make_error_code(Errc::kRequestTimeout)); }
+  int completions() const { return catcher_->completions; }
+  const MethodReturnMessage& result() const { return catcher_->result; }
+  const std::string& reply() const { return catcher_->reply; }
+
+ private:
+  class Catcher final : public ClientMessageSink {
+   public:
+    void AsyncProcessRequest(SinkStack&, MethodCallMessage&, Stream*) override {}
+    void AsyncProcessResponse(SinkStack&, void*, Stream* stream, MethodReturnMessage& msg) override {
+      ++completions;
+      result = msg;
+      if (stream != nullptr) reply = stream->data;
+    }
+    void Close() override {}
+    SinkStatus status() const override { return SinkStatus::kOpen; }
+    std::string_view name() const override { return "test-catcher"; }
+    int completions = 0;
+    MethodReturnMessage result;
+    std::string reply;
+
+   protected:
+    void DoOpen(OpenHandler) override {}
+  };
+  MethodCallMessage message_;
+  SinkStack stack_;
+  Stream request_;
+  Stream reply_;
+  std::shared_ptr<Catcher> catcher_;
+};
+
+// The server stops reading but keeps the connection open (pings off: nothing closes the
+// session). Each new request queues behind the write that cannot finish and is cancelled (its
+// timeout) before it was written: its caller is answered at once, and its bytes must go too,
+// or the session grows with every request ever started. Then the same with the dispatches
+// queued behind a control message (the Tdiscarded of the stuck request). The few requests
+// that stay are written intact, in order, once the server reads again, and answered.
+TEST(MuxSessionTest, RequestsCancelledBehindAStuckWriteGiveTheirBytesBack) {
+  test::ManualEnv env;
+  QuietPeer peer;
+  mux::SessionOptions o;
+  o.handshake = false;
+  o.ping_interval = Duration::zero();
+  auto session = std::make_shared<mux::MuxSessionSink>(
+      test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", peer.port()}), o);
+  bool opened = false;
+  session->AsyncOpen([&](error_code ec) {
+    EXPECT_FALSE(ec) << ec.message();
+    opened = true;
+  });
+  peer.Accept();
+  ASSERT_TRUE(RunUntil(env, [&] { return opened; }));
+
+  // Far more than the socket buffers hold: this write never finishes while the peer does not read.
+  SessionCall stuck(std::string(16u << 20, 's'));
+  stuck.Start(*session);
+  env.Run();
+  constexpr size_t kPayload = 4096;
+  std::vector<std::unique_ptr<SessionCall>> kept;
+  size_t live_bytes = 0;  // of the requests that stay: payload and a generous frame overhead
+  size_t cancelled = 0;
+  for (int phase = 0; phase < 2; ++phase) {
+    if (phase == 1) {
+      stuck.Cancel();  // written in part: Tdiscarded is queued, the dispatches queue behind it
+      env.Run();
+      ASSERT_EQ(stuck.completions(), 1);
+    }
+    for (int i = 0; i < 3000; ++i) {
+      if (i % 500 == 0) {
+        kept.push_back(std::make_unique<SessionCall>(std::string(kPayload, static_cast<char>('a' + kept.size()))));
+        kept.back()->Start(*session);
+        live_bytes += kPayload + 256;
+      }
+      SessionCall call(std::string(kPayload, 'x'));
+      call.Start(*session);
+      env.Run();
+      call.Cancel();
+      env.Run();
+      ASSERT_EQ(call.completions(), 1);
+      ASSERT_NE(call.result().detail.find("before it was written"), std::string::npos) << call.result().detail;
+      ++cancelled;
+      ASSERT_LE(session->queued_bytes(), 2 * live_bytes + 4096)
+          << "phase " << phase << ", after " << cancelled << " cancelled requests";
+    }
+  }
+  EXPECT_EQ(session->pending(), kept.size());
+
+  // The server reads again: the stuck request, its Tdiscarded and the requests that stayed,
+  // each once and whole, in write order (the whole frames queued before the Tdiscarded first).
+  mux::FrameDecoder decoder(64u << 20);
+  std::vector<mux::Message> got;
+  auto dispatches = [&] {
+    return std::count_if(got.begin(), got.end(), [](const mux::Message& m) { return std::holds_alternative<mux::Tdispatch>(m); });
+  };
+  ASSERT_TRUE(RunUntil(env, [&] {
+    decoder.Feed(peer.Read());
+    for (;;) {
+      auto frame = decoder.Next();
+      if (!frame || !frame->has_value()) break;
+      auto m = mux::DecodeMessage(**frame);
+      if (m) got.push_back(std::move(*m));
+    }
+    return dispatches() == static_cast<std::ptrdiff_t>(1 + kept.size());
+  })) << dispatches() << " dispatches received";
+  ASSERT_EQ(got.size(), 2 + kept.size());
+  ASSERT_TRUE(std::holds_alternative<mux::Tdispatch>(got[0]));
+  EXPECT_EQ(std::get<mux::Tdispatch>(got[0]).payload.size(), 16u << 20);
+  const uint32_t stuck_tag = std::get<mux::Tdispatch>(got[0]).tag;
+  size_t k = 0;
+  for (size_t i = 1; i < got.size(); ++i) {
+    if (i == 1 + kept.size() / 2) {  // the Tdiscarded, between the phases' requests
+      ASSERT_TRUE(std::holds_alternative<mux::Tdiscarded>(got[i])) << mux::Describe(got[i]);
+      EXPECT_EQ(std::get<mux::Tdiscarded>(got[i]).which, stuck_tag);
+      continue;
+    }
+    ASSERT_TRUE(std::holds_alternative<mux::Tdispatch>(got[i])) << mux::Describe(got[i]);
+    const auto& d = std::get<mux::Tdispatch>(got[i]);
+    EXPECT_EQ(d.payload, std::string(kPayload, static_cast<char>('a' + k))) << "request " << k;
+    mux::Rdispatch reply;
+    reply.tag = d.tag;
+    reply.body = "reply " + std::to_string(k);
+    peer.Send(mux::Encode(reply));
+    ++k;
+  }
+  ASSERT_TRUE(RunUntil(env, [&] {
+    return std::all_of(kept.begin(), kept.end(), [](const auto& c) { return c->completions() == 1; });
+  }));
+  for (size_t i = 0; i < kept.size(); ++i) {
+    EXPECT_FALSE(kept[i]->result().error) << i << ": " << kept[i]->result().detail;
+    EXPECT_EQ(kept[i]->reply(), "reply " + std::to_string(i));
+  }
+  EXPECT_EQ(session->pending(), 0u);
+  EXPECT_EQ(session->queued_bytes(), 0u);
+  session->Close();
+  env.Run();
 }
 
 }  // namespace

@@ -806,6 +806,17 @@ TEST(MuxCodecTest, FragmentWriterReusedBodiesEncodeExactly) {
   EXPECT_TRUE(w.empty());
 }
 
+// `w` holds exactly `queued` (messages encoded whole, in this order): WriteAll writes them.
+void ExpectWritesExactly(FragmentWriter& w, const std::vector<Message>& queued) {
+  EXPECT_EQ(w.size(), queued.size());
+  std::string want;
+  for (const auto& m : queued) want += Encode(m);
+  std::string out;
+  w.WriteAll(&out);
+  EXPECT_EQ(out, want);
+  EXPECT_TRUE(w.empty());
+}
+
 // Requests timing out behind a peer that stopped reading are removed oldest first, from the
 // whole frames and from the queue (where dispatches go once a control message is queued), and
 // some from the middle or twice. What is written is exactly the messages left, in order.
@@ -840,13 +851,7 @@ TEST(MuxCodecTest, FragmentWriterRemovesManyInAnyOrder) {
   for (std::uint32_t tag : {399u, 150u, 350u, 200u, 300u}) remove(tag);  // newest, middle, edges
   EXPECT_EQ(w.Remove(wire::kTdispatch, 150), std::nullopt) << "already removed";
   EXPECT_EQ(w.Remove(wire::kTdispatch, 2), std::nullopt) << "already removed";
-  EXPECT_EQ(w.size(), queued.size());
-  std::string want;
-  for (const auto& m : queued) want += Encode(m);
-  std::string out;
-  w.WriteAll(&out);
-  EXPECT_EQ(out, want);
-  EXPECT_TRUE(w.empty());
+  ExpectWritesExactly(w, queued);
   // Removing everything leaves nothing to write.
   for (std::uint32_t tag = 2; tag < 6; ++tag) {
     ContextView none[1];
@@ -857,6 +862,84 @@ TEST(MuxCodecTest, FragmentWriterRemovesManyInAnyOrder) {
   std::string none_out;
   w.WriteAll(&none_out);
   EXPECT_EQ(none_out, "");
+}
+
+// Behind a write that never finishes (a peer that stopped reading) nothing is written, and each
+// request times out before it was: removed. Its bytes must not stay until the next write (which
+// may never come): the writer holds about twice what the live messages need, however many were
+// removed, in whole frames and in the queue (where dispatches go once a control message is
+// queued), and writes exactly the live ones, in order, when the write comes.
+TEST(MuxCodecTest, FragmentWriterReleasesRemovedMessagesWhileNothingIsWritten) {
+  auto dispatch = [](std::uint32_t tag, std::size_t payload) {
+    Tdispatch d;
+    d.tag = tag;
+    d.payload = std::string(payload, static_cast<char>('a' + tag % 26));
+    return d;
+  };
+  FragmentWriter w;
+  std::vector<Message> live;  // in write order
+  std::size_t live_bytes = 0;
+  std::uint32_t next_keeper = 4;
+  auto enqueue = [&](const Tdispatch& d) {
+    ContextView none[1];
+    ASSERT_TRUE(w.EnqueueTdispatch(d.tag, std::span<const ContextView>(none, 0), d.payload).has_value());
+  };
+  auto keep = [&](const Message& m) {
+    live.push_back(m);
+    live_bytes += Encode(m).size();
+  };
+  for (int phase = 0; phase < 2; ++phase) {
+    if (phase == 1) {  // a control message: the dispatches after it go to the queue
+      ASSERT_TRUE(w.Enqueue(Tping{1}).has_value());
+      keep(Tping{1});
+    }
+    for (int i = 0; i < 5000; ++i) {
+      if (i % 500 == 0) {  // a request that stays, now and then
+        Tdispatch k = dispatch(next_keeper++, 1000);
+        enqueue(k);
+        keep(k);
+      }
+      enqueue(dispatch(3, 4096));  // the lowest free tag, again and again
+      ASSERT_EQ(w.Remove(wire::kTdispatch, 3), std::optional<bool>(false)) << i;
+      ASSERT_LE(w.buffered_bytes(), 2 * live_bytes + 4096) << "phase " << phase << " request " << i;
+    }
+  }
+  ExpectWritesExactly(w, live);
+  EXPECT_EQ(w.buffered_bytes(), 0u);
+
+  // Fragmented messages partly written: removing most of them keeps the rest in order, each
+  // continuing where it stopped.
+  FragmentWriter f(16);
+  std::vector<Tdispatch> sent;
+  for (std::uint32_t tag = 2; tag < 42; ++tag) {
+    Tdispatch d = dispatch(tag, 40 + tag);
+    ASSERT_TRUE(f.Enqueue(d).has_value());
+    sent.push_back(d);
+  }
+  std::string frames;
+  EXPECT_EQ(f.WriteRound(&frames), 40u);  // every message's first piece
+  const std::size_t before = f.buffered_bytes();
+  std::vector<Tdispatch> kept;
+  for (const auto& d : sent) {
+    if (d.tag % 8 == 0) {
+      kept.push_back(d);
+    } else {
+      EXPECT_EQ(f.Remove(wire::kTdispatch, d.tag), std::optional<bool>(true)) << d.tag;
+    }
+  }
+  EXPECT_LT(f.buffered_bytes(), before / 2);
+  EXPECT_EQ(f.size(), kept.size());
+  f.WriteAll(&frames);
+  Reassembler r;
+  std::vector<Message> whole;
+  for (auto& frame : ExpectedFrames(frames)) {
+    auto x = r.Add(std::move(frame));
+    ASSERT_TRUE(x.has_value());
+    if (x->has_value()) whole.push_back(*DecodeMessage(**x));
+  }
+  ASSERT_EQ(whole.size(), kept.size());
+  for (std::size_t i = 0; i < kept.size(); ++i) EXPECT_TRUE(whole[i] == Message(kept[i])) << i;
+  EXPECT_EQ(r.pending_tags(), 35u) << "the removed messages' first pieces";
 }
 
 // The request path: EnqueueTdispatch encodes single-frame dispatches whole into one buffer

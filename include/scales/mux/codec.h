@@ -256,8 +256,12 @@ struct FrameHeader {
 };
 
 // Parses the 8 header bytes. Error when fewer than 8 bytes, size < 4 or size > max_frame_size.
+// `limit_name` names the setting max_frame_size comes from (e.g. "session.max_frame_size"): the
+// error then says "(limit <limit_name> = N)"; empty (the codec used alone): "the limit of N
+// bytes". Limit names here and below are views of strings that outlive the decoder (literals).
 Result<FrameHeader> DecodeFrameHeader(std::string_view bytes,
-                                      std::uint32_t max_frame_size = kMaxWireFrameSize);
+                                      std::uint32_t max_frame_size = kMaxWireFrameSize,
+                                      std::string_view limit_name = {});
 // Appends a header for a body of `body_size` bytes.
 void AppendFrameHeader(std::uint8_t type, std::uint32_t tag, bool fragment, std::size_t body_size,
                        std::string* out);
@@ -279,8 +283,10 @@ Result<Message> DecodeFrameBytes(std::string_view bytes,
 // After an error the decoder stays failed (every Next() returns the same error).
 class FrameDecoder {
  public:
-  explicit FrameDecoder(std::uint32_t max_frame_size = kDefaultMaxFrameSize)
-      : max_frame_size_(max_frame_size) {}
+  // `limit_name`: the setting max_frame_size comes from, for the error (DecodeFrameHeader).
+  explicit FrameDecoder(std::uint32_t max_frame_size = kDefaultMaxFrameSize,
+                        std::string_view limit_name = {})
+      : max_frame_size_(max_frame_size), limit_name_(limit_name) {}
 
   void Feed(std::string_view bytes);
   void Feed(const void* data, std::size_t size) {
@@ -302,6 +308,7 @@ class FrameDecoder {
 
  private:
   std::uint32_t max_frame_size_;
+  std::string_view limit_name_;
   std::string buffer_;
   std::size_t read_ = 0;
   std::uint64_t consumed_ = 0;
@@ -315,8 +322,11 @@ class FrameDecoder {
 // different types, more than `max_bytes_per_tag` buffered body bytes for one tag.
 class Reassembler {
  public:
-  explicit Reassembler(std::size_t max_bytes_per_tag = kDefaultMaxReassembledBytes)
-      : max_bytes_per_tag_(max_bytes_per_tag) {}
+  // `limit_name`: the setting max_bytes_per_tag comes from (e.g. "session.max_message_size"),
+  // named in the error as "(limit <limit_name> = N)"; empty: "the limit of N bytes".
+  explicit Reassembler(std::size_t max_bytes_per_tag = kDefaultMaxReassembledBytes,
+                       std::string_view limit_name = {})
+      : max_bytes_per_tag_(max_bytes_per_tag), limit_name_(limit_name) {}
 
   // Returns the complete frame (fragment == false) when `frame` completes a message,
   // std::nullopt when it was a non-final fragment.
@@ -338,7 +348,10 @@ class Reassembler {
     std::uint8_t type = 0;
     std::string body;
   };
+  std::string OverLimitDetail(const FrameView& frame, std::size_t buffered) const;
+
   std::size_t max_bytes_per_tag_;
+  std::string_view limit_name_;
   std::unordered_map<std::uint32_t, Partial> partial_;
   std::string completed_;  // the last message Add(FrameView) reassembled
 };
@@ -406,7 +419,19 @@ class FragmentWriter {
   // and the caller must send Tdiscarded). A removed message is marked, not erased, and left out
   // of the next write: removing the oldest of many queued messages (requests timing out in
   // order behind a peer that stopped reading) costs the same whatever is queued behind it.
+  // Once the removed messages outweigh the live ones (bytes of whole frames, entries of the
+  // queue), they are dropped for good, the live ones kept in order: messages removed while
+  // nothing is written (a write that never finishes) cost no memory beyond that (amortised
+  // O(size) per removed message).
   std::optional<bool> Remove(std::uint8_t type, std::uint32_t tag);
+
+  // Bytes held for the queued messages: the whole frames (removed ones included until they are
+  // dropped), the bodies still to write and the bookkeeping entries; at most about twice what
+  // the live messages need, however many were removed. O(1): for tests and gauges.
+  std::size_t buffered_bytes() const {
+    return whole_.size() + whole_index_.size() * sizeof(WholeFrame) + queue_bytes_ +
+           queue_.size() * sizeof(Pending);
+  }
 
  private:
   // Capacity kept in spare bodies, and the largest body kept: enough for a few hundred
@@ -433,6 +458,9 @@ class FragmentWriter {
   static void WriteTdispatchBody(char* at, std::span<const ContextView> contexts, std::string_view payload);
   // Appends whole_ to `out` (swapping when `out` is empty); returns the number of frames.
   std::size_t TakeWhole(std::string* out);
+  // Drop the removed whole frames / queue entries, keeping the others in order.
+  void CompactWhole();
+  void CompactQueue();
 
   std::uint32_t max_fragment_body_;
   // Whole frames, all queued before anything in queue_ (they go first), and their index.
@@ -445,6 +473,8 @@ class FragmentWriter {
   std::size_t whole_live_from_ = 0;
   std::size_t queue_removed_ = 0;
   std::size_t queue_live_from_ = 0;
+  std::size_t whole_removed_bytes_ = 0;  // of whole_, the removed frames' bytes
+  std::size_t queue_bytes_ = 0;          // of queue_'s live bodies, the bytes still to write
   std::vector<std::string> spare_;
   std::size_t spare_bytes_ = 0;
 };

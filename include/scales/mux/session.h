@@ -73,7 +73,11 @@ struct SessionOptions {
   uint32_t max_frame_size = 32u << 20;
   // Largest reassembled message per tag (sum of fragment bodies). Default 32 MiB.
   size_t max_message_size = 32u << 20;
-  // The mux-framer we advertise: the largest fragment body we accept. Default unlimited.
+  // The largest fragment body we accept. Tinit advertises it as our mux-framer, lowered to
+  // max_frame_size - 4 (the body max_frame_size leaves after type and tag; see
+  // AdvertisedFragmentSize), so that a server honouring it never sends a frame over
+  // max_frame_size: a larger reply comes in fragments, bounded by max_message_size. Default
+  // unlimited.
   uint32_t max_fragment_size = kUnlimitedFragmentSize;
   // Liveness: a Tping on tag 1 every ping_interval (zero = no pings); no Rping within
   // ping_timeout closes the session. Defaults 5 s / 4 s (Finagle's failure detector).
@@ -111,6 +115,9 @@ struct SessionOptions {
 // Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable.
 void Validate(const SessionOptions& o);
 
+// The mux-framer value Tinit advertises: min(max_fragment_size, max_frame_size - 4).
+uint32_t AdvertisedFragmentSize(const SessionOptions& o) noexcept;
+
 class MuxSessionSink final : public ClientMessageSink {
  public:
   MuxSessionSink(const SinkContext& ctx, SessionOptions options);
@@ -133,6 +140,11 @@ class MuxSessionSink final : public ClientMessageSink {
   // ConnectionSink::open_failure_detail()).
   std::string open_failure_detail() const override { return open_failure_detail_; }
   bool draining() const noexcept { return draining_; }
+  // Bytes of requests and control messages queued for a write that has not started (behind the
+  // write in flight), bookkeeping included. Bounded by about twice what the live ones need:
+  // requests cancelled before they were written give their bytes back even while a write
+  // never finishes.
+  size_t queued_bytes() const noexcept { return writer_.buffered_bytes() + queued_tags_.size() * sizeof(uint32_t); }
   uint32_t peer_max_fragment_size() const noexcept { return peer_max_fragment_; }
 
  protected:
@@ -145,7 +157,8 @@ class MuxSessionSink final : public ClientMessageSink {
     SinkStack* stack = nullptr;  // null once discarded
     Stream* reply = nullptr;
     bool written = false;
-    bool used = false;  // the slot holds a tag's request
+    bool used = false;    // the slot holds a tag's request
+    bool listed = false;  // DropStaleQueuedTags kept its tag already
   };
 
   std::shared_ptr<MuxSessionSink> self() {
@@ -197,6 +210,8 @@ class MuxSessionSink final : public ClientMessageSink {
   // Marks unwritten the live requests of write_buffer_ whose first frame lies beyond every byte
   // the socket may have taken (the session failed with the write unfinished).
   void MarkUnsentInWriteBuffer();
+  // Drops the entries of queued_tags_ left by requests cancelled before they were written.
+  void DropStaleQueuedTags();
 
   uint32_t AllocateTag();
   void FreeTag(uint32_t tag);
@@ -255,6 +270,7 @@ class MuxSessionSink final : public ClientMessageSink {
   // Tags of the dispatches in writer_ not yet handed to a write (and of cancelled ones that
   // were, until the next write).
   std::vector<uint32_t> queued_tags_;
+  size_t stale_queued_tags_ = 0;  // entries of queued_tags_ left by cancelled requests
   size_t queued_control_replies_ = 0;  // Rping/Rdrain in writer_ not yet handed to a write
   bool writing_ = false;
   // OnRead is handling a read's frames: writes wait for its end, or for enough requests

@@ -70,6 +70,11 @@ TLS (Python's ssl module, independent of the C++ TLS code): --tls-cert FILE --tl
 --tls-client-ca FILE requires a client certificate signed by that CA (mutual TLS).
 Without --tls-mode the server is plaintext and answers tls=off.
 
+--greet tping|tdrain writes that control message (tag 1) as soon as a connection opens, before
+reading anything: it reaches the client before the answer to its probe (a server that pings at
+once, or that is shutting down as the client connects: "tdrain" also makes the connection drain,
+as "drain" does).
+
 --delay MS makes every dispatch wait MS milliseconds first (a slow server, e.g. for hedging
 tests; Tdiscarded cancels the wait).
 
@@ -440,6 +445,11 @@ class Connection:
 
     async def run(self):
         self.log("open")
+        if self.args.greet == "tping":
+            self.send(TPING, 1, note="greet")
+        elif self.args.greet == "tdrain":
+            self.draining = True
+            self.send(TDRAIN, 1, note="greet")
         writer_task = asyncio.ensure_future(self.writer_loop())
         ping_task = None
         if self.args.mode == "strict":
@@ -957,6 +967,8 @@ def main():
     p.add_argument("--delay", type=int, default=0,
                    help="ms to wait before handling each dispatch (a slow server; Tdiscarded "
                         "cancels the wait)")
+    p.add_argument("--greet", choices=["tping", "tdrain"], default="",
+                   help="write this control message (tag 1) as soon as a connection opens")
     p.add_argument("--fail-all", action="store_true",
                    help="answer every call with an Rdispatch error")
     p.add_argument("--tls-cert", default="", help="PEM certificate chain of the server")
