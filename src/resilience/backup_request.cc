@@ -114,6 +114,7 @@ struct BackupRequestSink::Hedge {
   bool primary_out = false;
   bool backup_out = false;
   bool superseded[2] = {false, false};  // [backup]: cancelled by this sink because the other won
+  error_code backup_cancel_reason;      // the call's, when the backup was cancelled along with it
   int handling = 0;                     // response handlers of this hedge on the call stack
   // The outcome to deliver, once decided.
   bool decided = false;
@@ -133,7 +134,8 @@ void* Tag(void* h, bool backup) {
 }  // namespace
 
 BackupRequestSink::BackupRequestSink(EventLoop& loop, SinkPtr next, BackupRequestOptions options,
-                                     const BackupReplyOps& ops, const stats::StatsScope& stats)
+                                     const BackupReplyOps& ops, const stats::StatsScope& stats,
+                                     std::shared_ptr<RetryBudget> retry_budget)
     : ForwardingSink(std::move(next)),
       loop_(loop),
       options_((Validate(options), std::move(options))),  // before budget_ checks its own copy
@@ -141,10 +143,12 @@ BackupRequestSink::BackupRequestSink(EventLoop& loop, SinkPtr next, BackupReques
       percentile_(options_.percentile > 0 ? options_.percentile : 1.0 - options_.max_extra_load),
       latencies_(loop.clock(), options_.window, options_.window_slices),
       budget_(loop.clock(), BudgetOptions(options_)),
+      retry_budget_(std::move(retry_budget)),
       next_refresh_(DeadlineAfter(loop.Now(), options_.refresh_interval)),
       sent_(stats.GetCounter("scales_backup_requests_sent")),
       won_(stats.GetCounter("scales_backup_requests_won")),
       budget_exhausted_(stats.GetCounter("scales_backup_requests_budget_exhausted")),
+      retry_budget_exhausted_(stats.GetCounter("scales_backup_requests_retry_budget_exhausted")),
       send_after_hist_(stats.GetHistogram("scales_backup_send_after_us")) {}
 
 BackupRequestSink::~BackupRequestSink() = default;
@@ -207,8 +211,16 @@ void BackupRequestSink::OnTimer(void* arg) {
 
 void BackupRequestSink::SendBackup(Hedge* h) {
   if (closed_ || !h->primary_out || h->caller->cancelled()) return;
+  // Finagle's order: the backup budget, then the client's retry budget. A backup the retry
+  // budget refuses keeps its backup-budget withdrawal (as in Finagle: that budget is normally
+  // the tighter one, so this is rare).
   if (!budget_.TryWithdraw()) {
     budget_exhausted_.Increment();
+    return;
+  }
+  if (retry_budget_ && !retry_budget_->TryWithdraw()) {
+    budget_exhausted_.Increment();
+    retry_budget_exhausted_.Increment();
     return;
   }
   sent_.Increment();
@@ -223,6 +235,7 @@ void BackupRequestSink::SendBackup(Hedge* h) {
   ops_.attach(h->backup_reply.get(), m);
   h->backup_stack.emplace(m);
   h->backup_start = loop_.Now();
+  h->backup_cancel_reason.clear();
   h->backup_out = true;
   h->backup_stack->Push(this, Tag(h, true));
   next_->AsyncProcessRequest(*h->backup_stack, m, h->stream);
@@ -235,6 +248,9 @@ void BackupRequestSink::AsyncProcessResponse(SinkStack&, void* context, Stream* 
   ++h->handling;
   (backup ? h->backup_out : h->primary_out) = false;
   if (!backup) h->timer.Cancel();
+  // A backup cancelled along with the call answers with the call's reason from here up (its
+  // endpoint's failure accrual, below, saw kCancelled).
+  if (backup && h->backup_cancel_reason && msg.error == Errc::kCancelled) msg.error = h->backup_cancel_reason;
   const bool superseded = h->superseded[backup ? 1 : 0];
   if (msg.ok() || msg.error == Errc::kRequestTimeout || superseded) {
     latencies_.Record(loop_.Now() - (backup ? h->backup_start : h->start));
@@ -268,11 +284,11 @@ void BackupRequestSink::Finish(Hedge* h, bool backup, Stream* stream, MethodRetu
     if (backup) {
       won_.Increment();
       // The first attempt must stop before its reply slot (the caller's) is written.
-      if (other_out) CancelOther(h, backup, make_error_code(Errc::kCancelled), true);
+      if (other_out) CancelLoser(h, backup);
       ops_.adopt(h->backup_reply.get(), stream, caller);
       caller.properties.endpoint = h->backup_msg->properties.endpoint;
     } else {
-      if (other_out) CancelOther(h, backup, make_error_code(Errc::kCancelled), true);
+      if (other_out) CancelLoser(h, backup);
       // The winner's bytes go into the caller's slot, in case a transport passed its own.
       if (Stream* slot = caller.reply_slot<Stream>(); slot != nullptr && stream != nullptr && stream != slot) {
         slot->data = std::move(stream->data);
@@ -286,17 +302,29 @@ void BackupRequestSink::Finish(Hedge* h, bool backup, Stream* stream, MethodRetu
     h->result.detail += " (backup request)";
   }
   if (!h->first_failure.empty()) h->result.detail += fmt::format("; {}", h->first_failure);
-  // A failure with the other attempt out means the request was cancelled: cancel that one too.
-  if (other_out) CancelOther(h, backup, h->caller->cancel_reason(), false);
+  // A failure with the other attempt out means the request was cancelled. The first attempt
+  // was cancelled through the caller's stack (if it is the one still out, its answer follows);
+  // cancel the backup too.
+  if (other_out && !backup) CancelBackupWithCall(h, h->caller->cancel_reason());
 }
 
-void BackupRequestSink::CancelOther(Hedge* h, bool backup, const error_code& reason, bool lost) {
-  h->superseded[backup ? 0 : 1] = lost;
+// Both cancel with kCancelled, which failure accrual ignores (Finagle's superseded request is
+// Failure.ignorable): this sink's choice says nothing about the endpoint of the attempt it stops.
+void BackupRequestSink::CancelLoser(Hedge* h, bool backup) {
+  h->superseded[backup ? 0 : 1] = true;
+  const error_code reason = make_error_code(Errc::kCancelled);
   if (backup) {
     h->caller->Cancel(reason);
   } else {
     h->backup_stack->Cancel(reason);
   }
+}
+
+void BackupRequestSink::CancelBackupWithCall(Hedge* h, const error_code& reason) {
+  // Not with `reason`: a backup cut off by the call's timeout only had the tail of the deadline,
+  // which is no failure of its endpoint. AsyncProcessResponse gives its answer `reason` back.
+  h->backup_cancel_reason = reason;
+  h->backup_stack->Cancel(make_error_code(Errc::kCancelled));
 }
 
 void BackupRequestSink::MaybeDeliver(Hedge* h) {
@@ -312,6 +340,7 @@ void BackupRequestSink::MaybeDeliver(Hedge* h) {
   h->result_stream = nullptr;
   h->decided = false;
   h->superseded[0] = h->superseded[1] = false;
+  h->backup_cancel_reason.clear();
   h->first_failure.clear();
   --outstanding_;
   free_.push_back(h);
@@ -320,7 +349,7 @@ void BackupRequestSink::MaybeDeliver(Hedge* h) {
 void BackupRequestSink::CancelRequest(SinkStack&, void* context, const error_code& reason) {
   // Only while the first attempt has failed and the backup is out: pass the cancellation on.
   auto* h = static_cast<Hedge*>(context);
-  if (h->backup_out) h->backup_stack->Cancel(reason);
+  if (h->backup_out) CancelBackupWithCall(h, reason);
 }
 
 void BackupRequestSink::Close() {
@@ -336,7 +365,8 @@ SinkProvider BackupRequestProvider(BackupRequestOptions options, const BackupRep
   Validate(options);
   SinkProvider p{std::string(roles::kBackup), "backup",
                  [options, &ops](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                   return std::make_shared<BackupRequestSink>(*ctx.loop, next(ctx), options, ops, ctx.stats);
+                   return std::make_shared<BackupRequestSink>(*ctx.loop, next(ctx), options, ops, ctx.stats,
+                                                              ctx.retry_budget);
                  }};
   p.settings = {{"max_extra_load", SettingText(options.max_extra_load)},
                 {"percentile", SettingText(options.percentile)},

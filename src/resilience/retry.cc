@@ -217,7 +217,11 @@ SinkProvider RetryProvider(RetryOptions options) {
   SinkProvider p{std::string(roles::kRetry), "retry",
                  [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
                    auto budget = std::make_shared<RetryBudget>(ctx.loop->clock(), options.budget);
-                   return std::make_shared<RetrySink>(*ctx.loop, next(ctx), options, std::move(budget), ctx.stats);
+                   // The sinks below (the backup sink) share this loop's budget.
+                   SinkContext below = ctx;
+                   below.retry_budget = budget;
+                   SinkPtr rest = next(below);
+                   return std::make_shared<RetrySink>(*ctx.loop, std::move(rest), options, std::move(budget), ctx.stats);
                  }};
   p.settings = {{"max_retries", SettingText(options.max_retries)},
                 {"backoff_min", SettingText(options.backoff_min)},

@@ -2,12 +2,15 @@
 // comes from the percentile of recorded latencies; the backup goes out after it, avoiding the
 // first attempt's endpoint; the first successful answer wins, the loser is cancelled exactly
 // once and the caller completed exactly once; no backup for non-idempotent calls, after the
-// deadline or over the budget; Close() with both attempts out answers the call once.
+// deadline or over either budget (its own, then the client's retry budget, shared with the retry
+// sink); Close() with both attempts out answers the call once; an attempt this sink cancels
+// (lost, or cut off with the call) is no failure for its endpoint's failure accrual.
 
 #include "scales/resilience/backup_request.h"
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +19,8 @@
 #include <gtest/gtest.h>
 
 #include "scales/core/timeout_sink.h"
+#include "scales/resilience/failure_accrual.h"
+#include "scales/resilience/retry.h"
 #include "support/fake_sinks.h"
 
 namespace scales {
@@ -42,6 +47,35 @@ class EndpointStamp final : public ForwardingSink {
   std::vector<std::string> avoided;
 };
 
+// Between the stamp and the fake, where an endpoint's failure accrual would be: records how each
+// attempt was answered.
+class AnswerLog final : public ForwardingSink {
+ public:
+  struct Answer {
+    bool backup;
+    error_code error;
+  };
+  using ForwardingSink::ForwardingSink;
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    stack.Push(this, nullptr);
+    next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  void AsyncProcessResponse(SinkStack& stack, void*, Stream* stream, MethodReturnMessage& msg) override {
+    answers.push_back({stack.message().properties.backup, msg.error});
+    stack.AsyncProcessResponse(stream, msg);
+  }
+  std::string_view name() const override { return "answer-log"; }
+  // The last answer to a first attempt (or to a backup); fails the test if there is none.
+  error_code Of(bool backup) const {
+    for (auto it = answers.rbegin(); it != answers.rend(); ++it) {
+      if (it->backup == backup) return it->error;
+    }
+    ADD_FAILURE() << "no answer to a " << (backup ? "backup" : "first attempt");
+    return {};
+  }
+  std::vector<Answer> answers;
+};
+
 BackupRequestOptions Options() {
   BackupRequestOptions o;
   o.percentile = 0.5;
@@ -55,11 +89,21 @@ class BackupRequestTest : public ::testing::Test {
  protected:
   BackupRequestTest() : factory_(env_.loop()), calls_(*env_.clock) {}
 
-  // dispatcher -> timeout -> backup -> stamp -> fake
-  void Build(BackupRequestOptions options = Options(), Duration timeout = seconds(5)) {
+  // dispatcher -> timeout -> backup -> stamp -> [failure accrual] -> log -> fake. `retry_budget`:
+  // the client's retry budget the backup sink shares (none by default).
+  void Build(BackupRequestOptions options = Options(), Duration timeout = seconds(5),
+             std::shared_ptr<RetryBudget> retry_budget = nullptr,
+             std::optional<FailureAccrualOptions> accrual = std::nullopt) {
     transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
-    stamp_ = std::make_shared<EndpointStamp>(transport_);
-    backup_ = std::make_shared<BackupRequestSink>(env_.loop(), stamp_, options, BackupReplyOpsFor<int>(), env_.scope);
+    log_ = std::make_shared<AnswerLog>(transport_);
+    SinkPtr below = log_;
+    if (accrual) {
+      accrual_ = std::make_shared<FailureAccrualSink>(test::MakeContext(env_.loop(), env_.scope), log_, *accrual);
+      below = accrual_;
+    }
+    stamp_ = std::make_shared<EndpointStamp>(below);
+    backup_ = std::make_shared<BackupRequestSink>(env_.loop(), stamp_, options, BackupReplyOpsFor<int>(), env_.scope,
+                                                  std::move(retry_budget));
     timeout_ = std::make_shared<TimeoutSink>(env_.loop(), backup_, env_.scope);
     dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, timeout, env_.scope);
   }
@@ -74,8 +118,11 @@ class BackupRequestTest : public ::testing::Test {
     }
     dispatcher_.reset();
     timeout_.reset();
+    retry_.reset();
     backup_.reset();
     stamp_.reset();
+    accrual_.reset();
+    log_.reset();
     transport_.reset();
     env_.Run();
     factory_.Clear();
@@ -127,7 +174,10 @@ class BackupRequestTest : public ::testing::Test {
   test::FakeTransportFactory factory_;
   CallTracker calls_;
   std::shared_ptr<FakeTransport> transport_;
+  std::shared_ptr<AnswerLog> log_;
+  std::shared_ptr<FailureAccrualSink> accrual_;
   std::shared_ptr<EndpointStamp> stamp_;
+  std::shared_ptr<RetrySink> retry_;
   std::shared_ptr<BackupRequestSink> backup_;
   std::shared_ptr<TimeoutSink> timeout_;
   std::shared_ptr<MessageDispatcher> dispatcher_;
@@ -328,6 +378,8 @@ TEST_F(BackupRequestTest, FirstAttemptWinsAndTheBackupIsCancelledOnce) {
   EXPECT_EQ(transport_->cancels(), 1u);
   EXPECT_EQ(transport_->in_flight(), 0u);
   EXPECT_EQ(env_.CounterValue("scales_backup_requests_won"), 0);
+  // The lost backup was cancelled with a code failure accrual ignores.
+  EXPECT_EQ(ClassifyForAccrual(log_->Of(true)), AccrualOutcome::kIgnored);
   // The backup's late reply slot never reaches the caller.
   env_.Advance(seconds(1));
   EXPECT_EQ(calls_[c].completions, 1);
@@ -395,13 +447,21 @@ TEST_F(BackupRequestTest, NoBackupAfterTheDeadline) {
   EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
 }
 
+// The caller gets kRequestTimeout and both attempts count as latencies, but only the first
+// attempt, which had the whole deadline, is a timeout for its endpoint's failure accrual: the
+// backup, which had only its tail, was cancelled with a code failure accrual ignores.
 TEST_F(BackupRequestTest, DeadlineCancelsBothAttempts) {
   auto c = StartHedged(milliseconds(50));
+  const int64_t samples = backup_->latencies().count();
   env_.Advance(milliseconds(20));
   ASSERT_TRUE(calls_.done(c));
   EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
   EXPECT_EQ(transport_->cancels(), 2u);
   EXPECT_EQ(transport_->in_flight(), 0u);
+  EXPECT_EQ(log_->Of(false), Errc::kRequestTimeout);
+  EXPECT_EQ(ClassifyForAccrual(log_->Of(false)), AccrualOutcome::kFailure);
+  EXPECT_EQ(ClassifyForAccrual(log_->Of(true)), AccrualOutcome::kIgnored);
+  EXPECT_EQ(backup_->latencies().count(), samples + 2);
 }
 
 TEST_F(BackupRequestTest, DeadlineWhileOnlyTheBackupIsOut) {
@@ -410,10 +470,40 @@ TEST_F(BackupRequestTest, DeadlineWhileOnlyTheBackupIsOut) {
   env_.Run();
   ASSERT_EQ(transport_->in_flight(), 1u);
   EXPECT_FALSE(calls_.done(c));
+  const int64_t samples = backup_->latencies().count();
+  env_.Advance(milliseconds(20));
+  ASSERT_TRUE(calls_.done(c));
+  // The backup's answer is delivered, with the call's reason (and counted as a timeout latency);
+  // its endpoint is not blamed.
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("(backup request)"));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("the first attempt to node5:80 failed first"));
+  EXPECT_EQ(env_.CounterValue("scales_timeouts"), 1);
+  EXPECT_EQ(transport_->cancels(), 1u);
+  EXPECT_EQ(ClassifyForAccrual(log_->Of(true)), AccrualOutcome::kIgnored);
+  EXPECT_EQ(backup_->latencies().count(), samples + 1);
+}
+
+// With a real failure accrual sink that marks an endpoint dead at its first failure: a backup
+// cut off by the call's deadline leaves its endpoint alive (the first attempt failed with a
+// Nack, which failure accrual ignores too).
+TEST_F(BackupRequestTest, ABackupCutOffByTheDeadlineIsNoFailureOfItsEndpoint) {
+  FailureAccrualOptions fa;
+  fa.consecutive_failures = 1;
+  fa.required_success_rate = 0;
+  Build(Options(), seconds(5), nullptr, fa);
+  Warm(4, milliseconds(20));
+  auto c = Start(true, milliseconds(50));
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kNack)));
+  env_.Run();
   env_.Advance(milliseconds(20));
   ASSERT_TRUE(calls_.done(c));
   EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
-  EXPECT_EQ(transport_->cancels(), 1u);
+  EXPECT_EQ(accrual_->state(), FailureAccrualSink::State::kAlive);
+  EXPECT_EQ(accrual_->consecutive_failures(), 0);
+  EXPECT_EQ(env_.CounterValue("scales_failure_accrual_removals"), 0);
 }
 
 TEST_F(BackupRequestTest, BudgetLimitsBackupsToMaxExtraLoad) {
@@ -453,6 +543,117 @@ TEST_F(BackupRequestTest, ARetryDoesNotDepositAgain) {
   ASSERT_TRUE(transport_->Reply(0, 1));
   env_.Run();
   EXPECT_EQ(calls_[c].value, 1);
+}
+
+RetryBudgetOptions EmptyRetryBudget() {
+  RetryBudgetOptions o;
+  o.min_retries_per_sec = 0;  // no reserve: only deposits allow withdrawals
+  o.percent_can_retry = 0.5;  // two deposits per withdrawal
+  return o;
+}
+
+// Finagle's BackupRequestFilter: backupBudget.tryWithdraw() && clientRetryBudget.tryWithdraw().
+// A backup withdraws from the client's retry budget too; when that refuses, the backup is not
+// sent, both refusal counters count it, and the backup budget's withdrawal is not returned.
+TEST_F(BackupRequestTest, BackupsAlsoWithdrawFromTheClientsRetryBudget) {
+  auto retry_budget = std::make_shared<RetryBudget>(env_.loop().clock(), EmptyRetryBudget());
+  Build(Options(), seconds(5), retry_budget);
+  EXPECT_EQ(backup_->retry_budget(), retry_budget.get());
+  retry_budget->Deposit();
+  retry_budget->Deposit();  // the retry sink's deposits: one backup's (or retry's) worth
+  Warm(4, milliseconds(20));
+  auto c = Start();
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  EXPECT_EQ(retry_budget->Balance(), 0);
+  ASSERT_TRUE(transport_->Reply(0, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
+
+  const int64_t backup_balance = backup_->budget().Balance();
+  auto d = Start();
+  env_.Advance(milliseconds(30));
+  EXPECT_EQ(transport_->in_flight(), 1u) << "the retry budget is spent";
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_budget_exhausted"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_retry_budget_exhausted"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 1);
+  // The call deposited half a backup's worth and the refused backup kept its withdrawal of one:
+  // 101.5 backups' worth before, 101 after (102 had the withdrawal been returned).
+  EXPECT_EQ(backup_balance, 101);
+  EXPECT_EQ(backup_->budget().Balance(), 101);
+  ASSERT_TRUE(transport_->Reply(0, 2));
+  env_.Run();
+  EXPECT_EQ(calls_[d].value, 2);
+}
+
+// The backup budget is asked first: when it refuses, the retry budget is not touched.
+TEST_F(BackupRequestTest, TheBackupBudgetIsAskedFirst) {
+  auto o = Options();
+  o.max_extra_load = 0.1;
+  o.budget_min_per_sec = 0;  // 4 warm-up deposits and the call's: half a backup
+  RetryBudgetOptions ro;
+  ro.min_retries_per_sec = 1;  // a reserve of 10
+  auto retry_budget = std::make_shared<RetryBudget>(env_.loop().clock(), ro);
+  Build(o, seconds(5), retry_budget);
+  Warm(4, milliseconds(20));
+  const int64_t retry_balance = retry_budget->Balance();
+  auto c = Start();
+  env_.Advance(milliseconds(30));
+  EXPECT_EQ(transport_->in_flight(), 1u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_budget_exhausted"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_retry_budget_exhausted"), 0);
+  EXPECT_EQ(retry_budget->Balance(), retry_balance);
+  ASSERT_TRUE(transport_->Reply(0, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
+}
+
+// Built from providers, the backup sink shares the retry sink's budget on its loop (the retry
+// provider hands it down in SinkContext::retry_budget): a backup spends what a retry would
+// have had, and the retry is then refused.
+TEST_F(BackupRequestTest, RetriesAndBackupsShareTheRetryBudgetInAStack) {
+  RetryOptions ro;
+  ro.budget.min_retries_per_sec = 0;  // no reserve; 5 calls' deposits per retry (the default 0.2)
+  SinkStackSpec spec;
+  spec.WithSink(TimeoutSinkProvider());
+  spec.WithSink(RetryProvider(ro));
+  spec.WithSink(BackupRequestProvider<int>(Options()));
+  spec.WithSink(SinkProvider{"stamp", "stamp", [this](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                               stamp_ = std::make_shared<EndpointStamp>(next(ctx));
+                               return stamp_;
+                             }});
+  spec.WithSink(SinkProvider{std::string(roles::kTransport), "fake", [this](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                               transport_ = factory_.Create(ctx);
+                               return transport_;
+                             }});
+  SinkPtr head = spec.Build()(test::MakeContext(env_.loop(), env_.scope));
+  dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", head, seconds(5), env_.scope);
+  auto* timeout = dynamic_cast<TimeoutSink*>(head.get());
+  ASSERT_NE(timeout, nullptr);
+  retry_ = std::dynamic_pointer_cast<RetrySink>(timeout->next());
+  ASSERT_NE(retry_, nullptr);
+  backup_ = std::dynamic_pointer_cast<BackupRequestSink>(retry_->next());
+  ASSERT_NE(backup_, nullptr);
+  ASSERT_EQ(backup_->retry_budget(), &retry_->budget());
+
+  Warm(4, milliseconds(20));  // 4 deposits in both budgets
+  auto c = Start();           // the 5th: one retry's worth
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u) << "the backup is sent";
+  ASSERT_TRUE(transport_->Reply(0, 1));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 1);
+  EXPECT_EQ(retry_->budget().Balance(), 0);
+
+  // A retryable failure of the next call: the backup took the retry's tokens.
+  auto d = Start();
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kNotSent)));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(d));
+  EXPECT_EQ(calls_[d].error, Errc::kNotSent);
+  EXPECT_THAT(calls_[d].info.detail, HasSubstr("retry budget exhausted"));
+  EXPECT_EQ(env_.CounterValue("scales_retry_budget_exhausted"), 1);
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 0);
 }
 
 // Duration::max() means never: the delay saturates instead of wrapping into the past (which sent

@@ -24,6 +24,7 @@
 namespace scales {
 
 class EventLoop;
+class RetryBudget;
 class ServerSet;
 
 namespace roles {
@@ -46,6 +47,10 @@ struct SinkContext {
   stats::StatsScope stats;
   // The client's server set (the load balancer subscribes to it).
   std::shared_ptr<ServerSet> server_set;
+  // Set by the retry sink's provider for the providers below it: that sink's RetryBudget (one
+  // per client per event loop), which the backup-request sink also withdraws from (as Finagle's
+  // BackupRequestFilter draws on Retries.Budget). Null when no retry sink is above.
+  std::shared_ptr<RetryBudget> retry_budget;
 };
 
 // Creates the rest of the stack below a provider.

@@ -14,25 +14,44 @@
 // 1 % extra load) of the latencies of the sink's recent attempts (a window of `window`, in
 // `window_slices` slices), at least `min_send_backup_after`. It is recomputed every
 // `refresh_interval`; until the first refresh that finds samples no backup is sent. Recorded:
-// attempts that succeeded, timed out (kRequestTimeout), or lost to the other attempt (so a slow
-// node does not hide its slowness by being cancelled); other failures are fast failures that
-// would pull the percentile down (Finagle's rule). A backup is sent only if
+// attempts that succeeded, timed out (kRequestTimeout, including a backup cancelled because the
+// call timed out), or lost to the other attempt (so a slow node does not hide its slowness by
+// being cancelled); other failures are fast failures that would pull the percentile down
+// (Finagle's rule). A backup is sent only if
 //   - the first attempt has not been answered when the delay ends,
 //   - the call's deadline is after the delay's end (no backup after the deadline),
 //   - the request was not cancelled and the sink is not closed,
-//   - the budget allows it: a RetryBudget of its own where every hedged call deposits (once:
-//     not again for its retries, which the retry sink sends through here) and every
-//     backup withdraws, with percent_can_retry = max_extra_load, so backups stay below
-//     max_extra_load of the calls of the last budget_ttl (plus budget_min_per_sec per second).
-// A refused backup is counted (scales_backup_requests_budget_exhausted).
+//   - both budgets allow it, checked in Finagle's order:
+//     1. the backup budget: a RetryBudget of its own where every hedged call deposits (once:
+//        not again for its retries, which the retry sink sends through here) and every backup
+//        withdraws, with percent_can_retry = max_extra_load, so backups stay below
+//        max_extra_load of the calls of the last budget_ttl (plus budget_min_per_sec per second);
+//     2. then the client's retry budget (the RetrySink's, one per client per event loop, handed
+//        down in SinkContext::retry_budget; none when the stack has no retry sink above): a
+//        backup withdraws from it like a retry, so retries and backups together stay within
+//        it. This sink never deposits there (the retry sink deposits once per call).
+//     As in Finagle, a backup the retry budget refuses has still spent its backup-budget
+//     tokens (the backup budget is normally the tighter one).
+// A refused backup is counted (scales_backup_requests_budget_exhausted, whichever budget
+// refused; scales_backup_requests_retry_budget_exhausted also counts those the retry budget
+// refused).
 //
 // Who wins: the first attempt to answer successfully. A failed answer while the other attempt
 // is still out is dropped and the other attempt's outcome is delivered, whatever it is (if both
 // fail, the later failure, with the earlier one's detail appended). A failed first attempt
 // before the backup was sent is delivered at once (the retry sink above may retry it). When the
 // request is cancelled (the timeout sink above, the caller) the outcome is that cancellation:
-// the first attempt is cancelled through the caller's stack as usual, and this sink cancels the
-// backup with the same reason.
+// the first attempt is cancelled through the caller's stack as usual (its endpoint's failure
+// accrual sees the caller's reason, e.g. kRequestTimeout, as for a call without backup), and
+// this sink cancels the backup.
+//
+// Failure accrual: an attempt this sink cancels never counts against its endpoint. It cancels
+// with kCancelled, which failure accrual ignores (as Finagle's superseded request is a
+// Failure.ignorable): the loser when the other attempt won, and the backup when the call is
+// cancelled (a backup cut off by the call's timeout only had the tail of the deadline; Finagle
+// passes the timeout interrupt on to it, and counts it). When the answer of a backup cancelled
+// along with the call is the one delivered, its code is replaced by the caller's reason
+// (kRequestTimeout stays kRequestTimeout for the caller, and counts as a latency above).
 //
 // Design (why attempts look the way they do):
 //   - The first attempt runs on the caller's SinkStack and message, as if this sink were not
@@ -63,8 +82,10 @@
 //
 // Metrics (client labels): counters scales_backup_requests_sent (backups sent),
 // scales_backup_requests_won (the call's reply came from a successful backup),
-// scales_backup_requests_budget_exhausted (backups the budget refused); histogram
-// scales_backup_send_after_us (the delay, recorded at each refresh that finds samples).
+// scales_backup_requests_budget_exhausted (backups a budget refused, either one),
+// scales_backup_requests_retry_budget_exhausted (of those, the ones the client's retry budget
+// refused after the backup budget allowed them); histogram scales_backup_send_after_us (the
+// delay, recorded at each refresh that finds samples).
 
 #include <cstdint>
 #include <memory>
@@ -173,8 +194,10 @@ const BackupReplyOps& BackupReplyOpsFor() {
 // Thread safety: one per client per event loop; used on that loop.
 class BackupRequestSink final : public ForwardingSink {
  public:
+  // `retry_budget`: the client's retry budget on this loop (SinkContext::retry_budget), which
+  // backups also withdraw from; null: only the sink's own budget limits backups.
   BackupRequestSink(EventLoop& loop, SinkPtr next, BackupRequestOptions options, const BackupReplyOps& ops,
-                    const stats::StatsScope& stats);
+                    const stats::StatsScope& stats, std::shared_ptr<RetryBudget> retry_budget = nullptr);
   ~BackupRequestSink() override;
 
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
@@ -188,8 +211,12 @@ class BackupRequestSink final : public ForwardingSink {
   std::optional<Duration> SendBackupAfter();
   const BackupRequestOptions& options() const noexcept { return options_; }
   RetryBudget& budget() noexcept { return budget_; }
+  // The client's retry budget shared with the retry sink, or null.
+  RetryBudget* retry_budget() noexcept { return retry_budget_.get(); }
   // Hedged calls not yet answered.
   size_t outstanding() const noexcept { return outstanding_; }
+  // The latencies the delay is computed from.
+  LatencyWindow& latencies() noexcept { return latencies_; }
 
  private:
   struct Hedge;
@@ -198,8 +225,10 @@ class BackupRequestSink final : public ForwardingSink {
   static void OnTimer(void* arg);
   void SendBackup(Hedge* h);
   void Finish(Hedge* h, bool backup, Stream* stream, MethodReturnMessage& msg);
-  // Cancels the attempt other than `backup`; `lost`: because this one won (its latency counts).
-  void CancelOther(Hedge* h, bool backup, const error_code& reason, bool lost);
+  // Cancels the attempt other than `backup`, because this one won (the loser's latency counts).
+  void CancelLoser(Hedge* h, bool backup);
+  // Cancels the backup because the call was cancelled with `reason`.
+  void CancelBackupWithCall(Hedge* h, const error_code& reason);
   void MaybeDeliver(Hedge* h);
 
   EventLoop& loop_;
@@ -208,6 +237,7 @@ class BackupRequestSink final : public ForwardingSink {
   double percentile_;
   LatencyWindow latencies_;
   RetryBudget budget_;
+  std::shared_ptr<RetryBudget> retry_budget_;
   std::optional<Duration> send_after_;
   TimePoint next_refresh_;
   std::vector<std::unique_ptr<Hedge>> all_;
@@ -217,11 +247,13 @@ class BackupRequestSink final : public ForwardingSink {
   stats::Counter& sent_;
   stats::Counter& won_;
   stats::Counter& budget_exhausted_;
+  stats::Counter& retry_budget_exhausted_;
   stats::Histogram& send_after_hist_;
 };
 
 // Provider of the BackupRequestSink (role "backup") for reply type `ops` (one sink per client
-// per event loop, each with its own latency window and budget). Validates `options`.
+// per event loop, each with its own latency window and budget, sharing the loop's retry budget
+// when a retry sink is above it). Validates `options`.
 SinkProvider BackupRequestProvider(BackupRequestOptions options, const BackupReplyOps& ops);
 
 // Reply = scales::Stream for Thrift, ThriftMux and Mux; http::Response for HTTP. Insert it just

@@ -13,7 +13,9 @@
 // kHttpError, ...) is ignored: it neither counts nor resets. kFailedFast is the resurrector
 // answering for an endpoint it already marked down: the connect failure that marked it down
 // was counted, and counting every request it turns away would keep the endpoint dead long
-// after it came back.
+// after it came back. kCancelled includes the attempts the backup-request sink stops (the loser,
+// or the backup of a call that timed out): they say nothing about their endpoints (Finagle's
+// superseded backup is an ignorable failure).
 //
 // States (Finagle's):
 //   Alive       status follows the child; outcomes feed the policies.

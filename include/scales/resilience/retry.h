@@ -16,7 +16,9 @@
 // failed attempt's response path) and sends the same message and stream down again. While it
 // waits the sink holds the request: a cancellation (the timeout) or Close() answers it at once.
 //
-// Every call deposits once into the budget, when it first passes this sink. The final error's
+// Every call deposits once into the budget, when it first passes this sink. The backup-request
+// sink below (backup_request.h) withdraws a backup from the same budget (Finagle's
+// BackupRequestFilter draws on Retries.Budget), so retries and backups share it. The final error's
 // detail gains " (attempt k of n)" when the error was retryable or a retry ran, and
 // "; not retried: <why>" when a retryable error was not retried (budget exhausted, deadline,
 // attempts used up). The error code is always the failed attempt's own (as Finagle keeps the
@@ -24,8 +26,8 @@
 //
 // Metrics (client labels): counter scales_retries (retries sent), counter
 // scales_retry_budget_exhausted (retries the budget refused), gauge scales_retry_budget_balance
-// (the budgets' balances summed over the client's event loops, refreshed whenever a budget
-// changes, i.e. on each call and retry; expiry alone does not refresh it).
+// (the budgets' balances summed over the client's event loops, refreshed on each call and
+// retry; expiry and backups' withdrawals show at the next refresh).
 
 #include <memory>
 #include <string>
@@ -109,7 +111,9 @@ class RetrySink final : public ForwardingSink {
 };
 
 // Provider of the RetrySink (role "retry"). Each instantiation (one per client per event loop)
-// creates its own RetryBudget from options.budget on the loop's clock. Validates `options`.
+// creates its own RetryBudget from options.budget on the loop's clock and passes it to the
+// providers below in SinkContext::retry_budget: the backup-request sink withdraws from it too,
+// so retries and backups together stay within it. Validates `options`.
 SinkProvider RetryProvider(RetryOptions options = {});
 
 }  // namespace scales
