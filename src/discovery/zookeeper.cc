@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <utility>
 #include <vector>
 
 #include <boost/asio/post.hpp>
@@ -124,6 +125,20 @@ bool ConnectionError(int rc) {
          rc == ZINVALIDSTATE;
 }
 
+// An operation refused for now, not for what it asked: the same request may well succeed when
+// sent again (ZTHROTTLEDOP: "not executed at all, please retry"; ZSESSIONMOVED: sent over a
+// connection the session has left; ZNEWCONFIGNOQUORUM: an ensemble reconfiguration; the C
+// client's own ZSYSTEMERROR / ZMARSHALLINGERROR: a local failure, out of memory).
+bool TransientError(int rc) {
+  return rc == ZTHROTTLEDOP || rc == ZSESSIONMOVED || rc == ZNEWCONFIGNOQUORUM || rc == ZSYSTEMERROR ||
+         rc == ZMARSHALLINGERROR;
+}
+
+// How many times a member never read yet is read after transient errors (one retry_interval
+// apart) before it is skipped like an unreadable member, so that a persistent throttle on one
+// read cannot hold back every later change of the server set.
+constexpr int kTransientMemberReads = 3;
+
 // A ParsedUri's description without secrets: the auth credentials are not shown.
 std::string DescribeUri(const ParsedUri& uri) { return RedactUriSecrets(uri.ToString()); }
 
@@ -240,8 +255,9 @@ class ZooKeeperServerSet::Impl {
   // One member_ child, as last read. Loop thread only.
   struct Child {
     std::optional<ServiceInstance> instance;  // nullopt: never read, malformed or unreadable
-    bool loaded = false;                      // read in the current session (or unreadable)
-    bool unreadable = false;                  // its read failed (no auth, ...): read again later
+    bool loaded = false;      // publishable in the current session: read, kept or skipped
+    bool unreadable = false;  // its last read failed (no auth, throttled, ...): read again later
+    int transient_failures = 0;  // of a never-read member, in a row (kTransientMemberReads)
   };
 
 
@@ -351,6 +367,7 @@ class ZooKeeperServerSet::Impl {
         it->second.instance = ParseServiceInstance(data, error);
         it->second.loaded = true;
         it->second.unreadable = false;
+        it->second.transient_failures = 0;
         if (!it->second.instance) {
           malformed_.fetch_add(1, std::memory_order_relaxed);
           connection_.SetLastError(
@@ -366,16 +383,29 @@ class ZooKeeperServerSet::Impl {
           // otherwise never be seen.
           it->second.loaded = false;
         } else if (it != children_.end()) {
-          // Unreadable (no auth, ...): skipped like a malformed member, so it blocks no one, and
-          // read again by the retry (Failed).
-          it->second.loaded = true;
-          it->second.unreadable = true;
-          it->second.instance.reset();
+          ReadRefused(it->second, rc);
         }
         Failed(fmt::format("get {}/{}", path_, name), rc);
       }
       MaybePublish();
     });
+  }
+
+  // A member's read failed, not with the connection nor for lack of the node; the retry
+  // (Failed) reads it again. A member with data (from this session or the last) keeps it
+  // meanwhile, and one already settled in this session (malformed, skipped) stays so: a
+  // throttled read, or one pending when the authentication failed, must not drop a live member
+  // (clients would see a partial list). A member without data waits for its read
+  // after a transient error (nothing is published without it, as after a lost reply) for
+  // kTransientMemberReads attempts; after those, or after a refusal that would not change by
+  // itself (no read permission), it is skipped like a malformed member, so it blocks no one.
+  void ReadRefused(Child& child, int rc) {
+    child.unreadable = true;
+    if (child.instance || child.loaded) {
+      child.loaded = true;
+      return;
+    }
+    child.loaded = !TransientError(rc) || ++child.transient_failures >= kTransientMemberReads;
   }
 
   void Failed(const std::string& what, int rc) {
@@ -495,10 +525,16 @@ class Announcer::Impl {
             creating_ = false;
             create_uncertain_ = false;
           }
-          if (node_.empty() && !creating_) Announce();
+          if (shutting_down_) {
+            FinishShutdown();  // its delete waited for this (re)connect
+          } else {
+            Resume();
+          }
         },
         .disconnected = [] {},
-        .watch = [](int, const std::string&) {},
+        .watch = [this](int type, const std::string& path) {
+          if (type == ZOO_DELETED_EVENT) MemberGone(path);
+        },
     });
   }
 
@@ -507,19 +543,15 @@ class Announcer::Impl {
   void Shutdown() {
     std::call_once(shutdown_once_, [this] {
       // Delete the node explicitly (closing the session would also remove it, but only once
-      // the ensemble processes the close).
+      // the ensemble processes the close, and not at all while the connection is down: the
+      // delete then waits for the reconnect, within the 2 s).
       auto done = std::make_shared<std::promise<void>>();
       auto future = done->get_future();
       boost::asio::post(connection_.io_context(), [this, done] {
-        std::string node = node_path();
-        if (node.empty() || !connection_.connected()) {
-          done->set_value();
-          return;
-        }
-        connection_.Delete(node, [this, done](int) {
-          SetNode("");
-          done->set_value();
-        });
+        // Before the delete, whose watch event must not be taken for another client's delete.
+        shutting_down_ = true;
+        shutdown_done_ = done;
+        FinishShutdown();
       });
       future.wait_for(std::chrono::seconds(2));
       connection_.Stop();
@@ -560,6 +592,68 @@ class Announcer::Impl {
     cv_.notify_all();
   }
 
+  // Loop thread, connected: announces when not announced and no create is in flight, else sets
+  // the watch on the member again (its exists may have been lost with the connection; a watch
+  // the server kept fires once all the same).
+  void Resume() {
+    if (std::string node = node_path(); !node.empty()) {
+      WatchNode(node);
+    } else if (!creating_) {
+      Announce();
+    }
+  }
+
+  // Loop thread: `node` was created, or adopted (FindOwnMember), in this session.
+  void Announced(std::string node) {
+    SetNode(node);
+    WatchNode(node);
+  }
+
+  // An exists watch on the member, so that its deletion by another client (an operator, a
+  // cleanup script) is seen while the session lives: Finagle's announcer (twitter-commons
+  // Group.ActiveMembership) joins again then, and so does this one (MemberGone).
+  void WatchNode(const std::string& node) {
+    connection_.Exists(node, true, [this, node](int rc) {
+      if (rc == ZNONODE) {
+        MemberGone(node);  // deleted before the watch was set
+      } else if (rc != ZOK) {
+        // Lost with the connection: the reconnect sets it again (Resume); else after a pause.
+        CreateFailed(fmt::format("watch {}: {}", node, ZkErrorText(rc)), rc);
+      }
+    });
+  }
+
+  // Loop thread: a member node was deleted while the session lives. When it is the current one
+  // and not by Shutdown(), announce again (a new sequence number). Only the current node
+  // counts, so a late event or exists reply about an earlier member cannot start a second
+  // create, and the session never owns two members.
+  void MemberGone(const std::string& node) {
+    if (shutting_down_ || node.empty() || node != node_path()) return;
+    SCALES_LOG(kWarning, "announcer {}: member {} was deleted by another client; announcing again",
+               description_, node);
+    SetNode("");
+    if (!creating_) Announce();
+  }
+
+  // Loop thread, shutting down: deletes the member, now if connected, else on the reconnect
+  // (the connected handler calls this again; a new session means the member is gone already),
+  // then releases Shutdown(). Closing a session that is not connected sends nothing, so the
+  // member would otherwise outlive this announcer by a session timeout.
+  void FinishShutdown() {
+    if (!shutdown_done_) return;
+    std::string node = node_path();
+    if (node.empty()) {
+      std::exchange(shutdown_done_, nullptr)->set_value();
+      return;
+    }
+    if (!connection_.connected()) return;
+    connection_.Delete(node, [this](int rc) {
+      if (ConnectionError(rc) || !shutdown_done_) return;  // deleted again after the reconnect
+      SetNode("");
+      std::exchange(shutdown_done_, nullptr)->set_value();
+    });
+  }
+
   // Loop thread: not announced, nothing in flight.
   void Announce() {
     if (create_uncertain_) {
@@ -579,7 +673,7 @@ class Announcer::Impl {
                          // have made the node all the same (FindOwnMember).
                          if (ConnectionError(rc)) create_uncertain_ = true;
                          if (rc == ZOK) {
-                           SetNode(std::move(created));
+                           Announced(std::move(created));
                          } else if (rc == ZNONODE) {
                            CreateParents(1);
                          } else {
@@ -643,16 +737,16 @@ class Announcer::Impl {
           std::sort(search->ours.begin(), search->ours.end());
           SCALES_LOG(kInfo, "announcer {}: the create lost with the connection was made: {}", description_,
                      search->ours.front());
-          SetNode(search->ours.front());
+          Announced(search->ours.front());
           for (size_t i = 1; i < search->ours.size(); ++i) connection_.Delete(search->ours[i], [](int) {});
         });
       }
     });
   }
 
-  // A create failed: after a connection loss the next connect retries; anything else (no
-  // permission, a missing chroot node) is retried every retry_interval, as a server set's
-  // reads are.
+  // A create (or the watch on the member) failed: after a connection loss the next connect
+  // retries; anything else (no permission, a missing chroot node) is retried every
+  // retry_interval, as a server set's reads are.
   void CreateFailed(std::string error, int rc) {
     connection_.SetLastError(std::move(error));
     if (ConnectionError(rc) || retry_pending_) return;
@@ -660,7 +754,7 @@ class Announcer::Impl {
     retry_timer_.expires_after(options_.retry_interval);
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       retry_pending_ = false;
-      if (!ec && connection_.connected() && node_path().empty() && !creating_) Announce();
+      if (!ec && connection_.connected() && !shutting_down_) Resume();
     });
   }
 
@@ -710,6 +804,8 @@ class Announcer::Impl {
   bool creating_ = false;       // loop thread
   bool create_uncertain_ = false;  // loop thread: a member create lost its reply (FindOwnMember)
   bool retry_pending_ = false;  // loop thread
+  bool shutting_down_ = false;  // loop thread: Shutdown() began (no more creates)
+  std::shared_ptr<std::promise<void>> shutdown_done_;  // loop thread: Shutdown() waits on it
 
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;

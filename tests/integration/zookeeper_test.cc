@@ -7,7 +7,6 @@
 #include <unistd.h>
 #include <zookeeper/zookeeper.h>
 
-#include <array>
 #include <atomic>
 #include <cstring>
 #include <chrono>
@@ -21,10 +20,7 @@
 #include <thread>
 #include <vector>
 
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>
-#include <boost/asio/write.hpp>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -39,6 +35,7 @@
 #include "support/fixtures.h"
 #include "support/log_capture.h"
 #include "support/prometheus_text.h"
+#include "support/zk_frame_relay.h"
 #include "support/zookeeper_fixture.h"
 
 namespace scales {
@@ -91,6 +88,10 @@ class Recorder {
     std::lock_guard lock(mu_);
     return snapshots_.size();
   }
+  std::vector<Members> all() const {
+    std::lock_guard lock(mu_);
+    return snapshots_;
+  }
   bool WaitFor(const Members& want, std::chrono::milliseconds timeout = 20s) const {
     return test::WaitFor([&] { return last() == want; }, timeout);
   }
@@ -142,133 +143,83 @@ bool ExpireSessionUntil(const std::string& hosts, const std::pair<int64_t, std::
   return false;
 }
 
-// A TCP relay between ZooKeeper clients and a server that, once, drops the connection instead
-// of passing on the reply to a create whose path contains `needle`: the server has made the
-// node, and the client sees a connection loss while its session lives on. Frames are ZooKeeper's
-// (a 4-byte length, then for requests xid, type, and for a create the path; for replies xid);
-// the first frame of each direction is the session handshake.
+// A relay between ZooKeeper clients and a server that, once, drops the connection instead of
+// passing on the reply to a create whose path contains `needle`: the server has made the node,
+// and the client sees a connection loss while its session lives on.
 class CreateReplyCutter {
  public:
   CreateReplyCutter(int server_port, std::string needle)
-      : server_port_(server_port), needle_(std::move(needle)), acceptor_(ioc_, {boost::asio::ip::make_address("127.0.0.1"), 0}) {
-    port_ = acceptor_.local_endpoint().port();
-    Accept();
-    thread_ = std::thread([this] { ioc_.run(); });
-  }
-  ~CreateReplyCutter() {
-    boost::asio::post(ioc_, [this] {
-      acceptor_.close();
-      for (auto& weak : pipes_) {
-        if (auto p = weak.lock()) p->Close();
-      }
-    });
-    thread_.join();
-  }
-  int port() const { return port_; }
+      : needle_(std::move(needle)), relay_(server_port, [this](std::string& frame, bool request) {
+          return Inspect(frame, request);
+        }) {}
+  int port() const { return relay_.port(); }
   bool cut() const { return cut_; }
 
  private:
-  using tcp = boost::asio::ip::tcp;
-  struct Pipe : std::enable_shared_from_this<Pipe> {
-    Pipe(CreateReplyCutter& o, tcp::socket c) : owner(o), client(std::move(c)), server(client.get_executor()) {}
-    CreateReplyCutter& owner;
-    tcp::socket client;
-    tcp::socket server;
-    void Close() {
-      boost::system::error_code ignored;
-      client.close(ignored);
-      server.close(ignored);
-    }
-    // Reads from `from`, passes whole frames to `to`; `requests`: the client's side.
-    void Relay(tcp::socket& from, tcp::socket& to, bool requests) {
-      auto state = std::make_shared<std::pair<std::string, bool>>(std::string(), false);  // pending bytes, handshake seen
-      auto buf = std::make_shared<std::array<char, 65536>>();
-      auto self = shared_from_this();
-      auto loop = std::make_shared<std::function<void()>>();
-      *loop = [self, &from, &to, requests, state, buf, loop] {
-        from.async_read_some(boost::asio::buffer(*buf), [self, &to, requests, state, buf, loop](auto ec, size_t n) {
-          if (ec) {
-            self->Close();
-            *loop = nullptr;  // breaks the cycle
-            return;
-          }
-          std::string& pending = state->first;
-          pending.append(buf->data(), n);
-          std::string out;
-          while (pending.size() >= 4) {
-            const auto len = static_cast<uint32_t>(Be32(pending, 0));
-            if (pending.size() < 4 + len) break;
-            std::string frame = pending.substr(0, 4 + len);
-            pending.erase(0, 4 + len);
-            const bool handshake = !state->second;
-            state->second = true;
-            if (!handshake && !self->owner.Inspect(frame, requests)) {
-              boost::asio::write(to, boost::asio::buffer(out), ec);
-              self->Close();
-              *loop = nullptr;
-              return;
-            }
-            out += frame;
-          }
-          boost::asio::write(to, boost::asio::buffer(out), ec);
-          (*loop)();
-        });
-      };
-      (*loop)();
-    }
-  };
-
-  static int32_t Be32(const std::string& f, size_t at) {
-    return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(f[at])) << 24 |
-                                static_cast<uint32_t>(static_cast<uint8_t>(f[at + 1])) << 16 |
-                                static_cast<uint32_t>(static_cast<uint8_t>(f[at + 2])) << 8 |
-                                static_cast<uint32_t>(static_cast<uint8_t>(f[at + 3])));
-  }
-  // False: cut the connection here instead of passing the frame on.
-  bool Inspect(const std::string& frame, bool request) {
-    if (frame.size() < 12) return true;
-    const int32_t xid = Be32(frame, 4);
+  using Relay = test::ZkFrameRelay;
+  // Relay thread.
+  Relay::Verdict Inspect(const std::string& frame, bool request) {
     if (request) {
-      const int32_t type = Be32(frame, 8);  // 1 create, 15 create2
-      if (!cut_ && cut_xid_ == 0 && (type == 1 || type == 15) && frame.size() >= 16) {
-        const int32_t len = Be32(frame, 12);
-        if (len > 0 && frame.size() >= 16 + static_cast<size_t>(len) &&
-            std::string_view(frame).substr(16, len).find(needle_) != std::string_view::npos) {
-          cut_xid_ = xid;
-        }
+      const int32_t type = Relay::Type(frame);  // 1 create, 15 create2
+      if (!cut_ && cut_xid_ == 0 && (type == 1 || type == 15) &&
+          Relay::Path(frame).find(needle_) != std::string_view::npos) {
+        cut_xid_ = Relay::Xid(frame);
       }
-      return true;
+      return Relay::Verdict::kPass;
     }
-    if (cut_xid_ != 0 && xid == cut_xid_ && !cut_) {
+    if (cut_xid_ != 0 && Relay::Xid(frame) == cut_xid_ && !cut_) {
       cut_ = true;
-      return false;
+      return Relay::Verdict::kCut;
     }
-    return true;
+    return Relay::Verdict::kPass;
   }
 
-  void Accept() {
-    acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket client) {
-      if (ec) return;
-      auto pipe = std::make_shared<Pipe>(*this, std::move(client));
-      pipe->server.connect({boost::asio::ip::make_address("127.0.0.1"), static_cast<uint16_t>(server_port_)}, ec);
-      if (!ec) {
-        pipes_.push_back(pipe);
-        pipe->Relay(pipe->client, pipe->server, true);
-        pipe->Relay(pipe->server, pipe->client, false);
-      }
-      Accept();
-    });
-  }
-
-  const int server_port_;
   const std::string needle_;
-  int port_ = 0;
-  boost::asio::io_context ioc_;
-  tcp::acceptor acceptor_;
-  std::vector<std::weak_ptr<Pipe>> pipes_;
   int32_t cut_xid_ = 0;
   std::atomic<bool> cut_{false};
-  std::thread thread_;
+  Relay relay_;  // last: stopped before the fields its inspector uses go
+};
+
+// A relay between ZooKeeper clients and a server that, once armed, answers the next `times`
+// reads (getData) of a node whose path contains `needle` with the error `error` instead of the
+// server's reply, as a server under load answers ZTHROTTLEDOP ("not executed, please retry").
+class ReadErrorInjector {
+ public:
+  explicit ReadErrorInjector(int server_port)
+      : relay_(server_port, [this](std::string& frame, bool request) { return Inspect(frame, request); }) {}
+  int port() const { return relay_.port(); }
+  void Arm(std::string needle, int32_t error, int times = 1) {
+    std::lock_guard lock(mu_);
+    needle_ = std::move(needle);
+    error_ = error;
+    left_ = times;
+  }
+  // Replies replaced so far.
+  int injected() const { return injected_; }
+
+ private:
+  using Relay = test::ZkFrameRelay;
+  Relay::Verdict Inspect(std::string& frame, bool request) {
+    std::lock_guard lock(mu_);
+    if (request) {
+      if (left_ > 0 && Relay::Type(frame) == 4 && Relay::Path(frame).find(needle_) != std::string_view::npos) {
+        --left_;
+        xids_.insert(Relay::Xid(frame));
+      }
+    } else if (xids_.erase(Relay::Xid(frame)) != 0) {
+      Relay::MakeError(frame, error_);
+      ++injected_;
+    }
+    return Relay::Verdict::kPass;
+  }
+
+  std::mutex mu_;
+  std::string needle_;
+  int32_t error_ = 0;
+  int left_ = 0;
+  std::set<int32_t> xids_;  // reads whose reply is replaced
+  std::atomic<int> injected_{0};
+  Relay relay_;  // last: stopped before the fields its inspector uses go
 };
 
 class ZooKeeperTest : public ::testing::Test {
@@ -278,6 +229,12 @@ class ZooKeeperTest : public ::testing::Test {
     zk_ = std::make_unique<ZooKeeperServer>();
   }
   std::string Kazoo(const std::string& body) { return RunKazoo(zk_->connect_string(), body); }
+  // Every child of `path`, with the session owning it: "/path/member_0000000001 <id>\n" each.
+  std::string ChildrenAndOwners(const std::string& path) {
+    return Kazoo(fmt::format("for n in sorted(zk.get_children('{0}')):\n"
+                             "    print('{0}/' + n, zk.exists('{0}/' + n).ephemeralOwner)",
+                             path));
+  }
   std::unique_ptr<ZooKeeperServer> zk_;
 };
 
@@ -494,6 +451,48 @@ INSTANTIATE_TEST_SUITE_P(CutOrStalled, LostMemberReadTest,
                            return std::string(info.param == LossyZkProxy::Action::kCut ? "Cut" : "Stalled");
                          });
 
+// Member reads answered with a transient error (ZTHROTTLEDOP: "not executed at all, please
+// retry", what a server under load answers). A member never read yet holds back the list until
+// it is read (the first list is not partial); a known member keeps its last data (it is not
+// dropped until the retry); a member still refused after kTransientMemberReads attempts is
+// skipped, so later changes are published, and joins once read. Reads are retried every
+// retry_interval.
+TEST_F(ZooKeeperTest, TransientReadErrorsNeitherDropNorHideMembers) {
+  std::string created = Kazoo(CreateMember("/svc", "127.0.0.1", 1001) + "\n" + CreateMember("/svc", "127.0.0.2", 1002));
+  const std::string first = created.substr(0, created.find('\n'));
+  const std::string second = created.substr(first.size() + 1, created.find('\n', first.size() + 1) - first.size() - 1);
+  ReadErrorInjector proxy(zk_->port());
+  proxy.Arm(first.substr(first.rfind('/') + 1), ZTHROTTLEDOP);
+  auto set = MakeSet(fmt::format("zk://127.0.0.1:{}/svc?retry_interval=200ms", proxy.port()));
+  Recorder rec(*set);
+  const Members both = Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}});
+  ASSERT_TRUE(rec.WaitFor(both)) << Show(rec.last()) << "\n" << set->Describe();
+  ASSERT_EQ(proxy.injected(), 1) << "the first read was not throttled: the test proves nothing";
+
+  // Member 1's data is written again, unchanged (an announcer refreshing it): its re-read is
+  // throttled, then retried.
+  const uint64_t reads = set->stats().member_reads;
+  proxy.Arm(first.substr(first.rfind('/') + 1), ZTHROTTLEDOP);
+  Kazoo(fmt::format("zk.set('{}', {})", first, FinagleMemberPython("127.0.0.1", 1001)));
+  ASSERT_TRUE(WaitFor([&] { return proxy.injected() == 2 && set->stats().member_reads > reads; }))
+      << set->Describe();
+  const Members three = Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}, {"127.0.0.3", 1003}});
+  Kazoo(CreateMember("/svc", "127.0.0.3", 1003));
+  ASSERT_TRUE(rec.WaitFor(three)) << Show(rec.last());
+
+  // Every read throttled: a new member's reads are given up, and member 2 leaving is published.
+  proxy.Arm("member_", ZTHROTTLEDOP, 1000);
+  Kazoo(CreateMember("/svc", "127.0.0.4", 1004) + "\n" + fmt::format("zk.delete('{}')", second));
+  const Members without_2 = Eps({{"127.0.0.1", 1001}, {"127.0.0.3", 1003}});
+  ASSERT_TRUE(rec.WaitFor(without_2)) << Show(rec.last()) << "\n" << set->Describe();
+  proxy.Arm("", 0, 0);
+  const Members with_4 = Eps({{"127.0.0.1", 1001}, {"127.0.0.3", 1003}, {"127.0.0.4", 1004}});
+  ASSERT_TRUE(rec.WaitFor(with_4)) << Show(rec.last()) << "\n" << set->Describe();
+  std::string published;
+  for (const Members& m : rec.all()) published += Show(m);
+  EXPECT_EQ(published, Show(both) + Show(three) + Show(without_2) + Show(with_4));
+}
+
 TEST_F(ZooKeeperTest, PathCreatedLateThenDeleted) {
   auto set = MakeSet(zk_->Uri("/late/svc"));
   Recorder rec(*set);
@@ -554,10 +553,66 @@ TEST_F(ZooKeeperTest, AnnouncerAdoptsTheMemberWhoseCreateReplyWasLost) {
   const auto session = announcer.session();
   ASSERT_TRUE(session);
   // Every member under the path, with its owner: exactly one, the announced node, ours.
-  std::string out = Kazoo(
-      "for n in sorted(zk.get_children('/cut/svc')):\n"
-      "    print('/cut/svc/' + n, zk.exists('/cut/svc/' + n).ephemeralOwner)");
-  EXPECT_EQ(out, fmt::format("{} {}\n", announcer.node_path(), session->first));
+  EXPECT_EQ(ChildrenAndOwners("/cut/svc"), fmt::format("{} {}\n", announcer.node_path(), session->first));
+}
+
+// Another client deletes the announcer's member while its session lives (an operator, a
+// cleanup script): the announcer announces again, as Finagle's does (twitter-commons
+// Group.ActiveMembership re-joins on NodeDeleted), once: its session owns one member. The
+// delete by Shutdown() starts no new member. (The member used to stay gone for the life of the
+// session.)
+TEST_F(ZooKeeperTest, AnnouncerAnnouncesAgainWhenItsMemberIsDeleted) {
+  test::LogCapture log;
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.1", 4242};
+  Announcer announcer(ScalesUriParser::Parse(zk_->Uri("/gone/svc")), instance);
+  ASSERT_TRUE(announcer.WaitAnnounced(20s)) << announcer.Describe();
+  const std::string node = announcer.node_path();
+  Kazoo(fmt::format("zk.delete('{}')", node));
+  ASSERT_TRUE(WaitFor([&] {
+    const std::string now = announcer.node_path();
+    return !now.empty() && now != node;
+  })) << announcer.Describe();
+  const auto session = announcer.session();
+  ASSERT_TRUE(session);
+  EXPECT_EQ(ChildrenAndOwners("/gone/svc"), fmt::format("{} {}\n", announcer.node_path(), session->first));
+
+  announcer.Shutdown();  // its delete's watch event comes before the reply that ends the wait
+  EXPECT_EQ(Kazoo("print(zk.get_children('/gone/svc'))"), "[]\n");
+  const std::string lines = log.All();
+  size_t again = 0;
+  for (size_t at = lines.find("announcing again"); at != std::string::npos; at = lines.find("announcing again", at + 1)) {
+    ++again;
+  }
+  EXPECT_EQ(again, 1u) << lines;
+}
+
+// Shutdown() while the connection is down (a network blip): it waits, within its 2 s, for the
+// reconnect and then deletes the member. (It used to give up at once, and closing a session
+// that is not connected tells the server nothing: the member stayed for a session timeout.)
+TEST_F(ZooKeeperTest, AnnouncerShutdownDeletesTheMemberAfterAReconnect) {
+  test::ZkFrameRelay relay(zk_->port(), [](std::string&, bool) { return test::ZkFrameRelay::Verdict::kPass; });
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.1", 4242};
+  Announcer announcer(
+      ScalesUriParser::Parse(fmt::format("zk://127.0.0.1:{}/blip/svc?session_timeout=10s", relay.port())), instance);
+  ASSERT_TRUE(announcer.WaitAnnounced(20s)) << announcer.Describe();
+  const std::string node = announcer.node_path();
+  // The connection drops; once the announcer tries to reconnect (it saw the loss), Shutdown(),
+  // and the relay lets it back in after one more refused attempt.
+  relay.SetRefusing(true);
+  ASSERT_TRUE(WaitFor([&] { return relay.refused() >= 1; }, 10s));
+  const auto shutdown_started = std::chrono::steady_clock::now();
+  auto shutdown = std::async(std::launch::async, [&] { announcer.Shutdown(); });
+  const uint64_t refused = relay.refused();
+  ASSERT_TRUE(WaitFor([&] { return relay.refused() > refused || shutdown.wait_for(0s) == std::future_status::ready; },
+                      10s));
+  relay.SetRefusing(false);
+  ASSERT_EQ(shutdown.wait_for(10s), std::future_status::ready);
+  const auto took = std::chrono::steady_clock::now() - shutdown_started;
+  EXPECT_EQ(Kazoo(fmt::format("print(zk.exists('{}'))", node)), "None\n")
+      << "the member outlived the announcer; Shutdown() took "
+      << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms";
 }
 
 TEST_F(ZooKeeperTest, SessionExpiryKeepsMembersThenRereads) {

@@ -111,8 +111,8 @@ class ZooKeeperServerSet final : public ServerSet {
 
 // Registers a server in a ZooKeeper server set: an ephemeral sequential `member_` node under
 // the URI's path holding the Finagle serverset JSON of `instance`. Creates missing parent
-// znodes (persistent, open ACL). Re-creates the member after a session expiry; removes it on
-// Shutdown() / destruction.
+// znodes (persistent, open ACL). Re-creates the member after a session expiry, and when another
+// client deletes it while the session lives; removes it on Shutdown() / destruction.
 //
 // Threading: runs on its own thread (like ZooKeeperServerSet); all public functions are safe
 // from any thread.
@@ -129,7 +129,8 @@ class Announcer {
   bool WaitAnnounced(std::chrono::milliseconds timeout) const;
   // The member node's path ("/svc/member_0000000003"), empty while not announced.
   std::string node_path() const;
-  // Deletes the member (waiting up to 2 s for the ensemble), closes the session. Idempotent.
+  // Deletes the member (waiting up to 2 s for the ensemble, and for a reconnect if the connection
+  // is down), closes the session. Idempotent.
   void Shutdown();
   std::string Describe() const;
   // The current session's id and password, once connected (tests use them to force expiry).
