@@ -5,7 +5,7 @@
 // Input: byte 0 holds flags: bit 0 = the request is a HEAD (its response has no body), bit 1 =
 // the server keeps the connection open after its bytes (end of stream only if the response is
 // still incomplete then), bit 2 = raise_on_http_error, bits 4-7 = the size of the server's
-// writes (0: one write; else kChunks[n]; after each the loop runs until the client has read
+// writes (fuzz::WriteSize: 0 is one write; after each the loop runs until the client has read
 // it). The rest is what the server answers once it has read the request.
 //
 // The limits are tiny (96-byte header block, 128-byte body) so that short inputs and the seeds
@@ -45,7 +45,6 @@ using fuzz::Check;
 
 constexpr size_t kMaxHeader = 96;
 constexpr size_t kMaxBody = 128;
-constexpr size_t kChunks[16] = {0, 1, 2, 3, 5, 7, 8, 13, 16, 21, 32, 34, 55, 64, 89, 100};
 
 // The fast path against Beast, without sockets.
 void CheckSimpleResponse(std::string_view bytes) {
@@ -131,7 +130,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (size == 0) return 0;
   const bool head = (data[0] & 1) != 0;
   const bool keep_open = (data[0] & 2) != 0;
-  const size_t chunk = kChunks[data[0] >> 4];
+  const size_t chunk = fuzz::WriteSize(data[0]);
   std::string_view bytes(reinterpret_cast<const char*>(data + 1), size - 1);
   CheckSimpleResponse(bytes);
   auto& h = fuzz::Harness::Get();

@@ -95,32 +95,55 @@ std::unique_ptr<Peer> Harness::Open(ClientMessageSink& sink, OpenResult& result)
   return std::make_unique<Peer>(Accept());
 }
 
+Harness::Connection Harness::Connect() {
+  Connection c;
+  c.client = ::socket(AF_INET, SOCK_STREAM, 0);
+  Check(c.client >= 0, "socket()");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(port_);
+  // Completes in the kernel (the listen backlog takes it) before the accept.
+  Check(::connect(c.client, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0, "connect()");
+  const int one = 1;
+  ::setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  ::fcntl(c.client, F_SETFL, ::fcntl(c.client, F_GETFL) | O_NONBLOCK);
+  c.server = Accept();
+  return c;
+}
+
 namespace {
 
-uint16_t LocalPort(int fd) {
+// The local (or, with `peer`, the remote) port of a TCP/IPv4 socket; 0 if `fd` is not one.
+uint16_t Port(int fd, bool peer = false) {
   sockaddr_in addr{};
   socklen_t len = sizeof addr;
-  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 || addr.sin_family != AF_INET) return 0;
+  const int rc = peer ? ::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len)
+                      : ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  if (rc != 0 || addr.sin_family != AF_INET) return 0;
   return ntohs(addr.sin_port);
 }
+
+uint16_t LocalPort(int fd) { return Port(fd); }
 
 }  // namespace
 
 Peer::Peer(int fd) : fd_(fd) {
-  // The client's end of the connection is a socket of this process: find it (usually the
-  // descriptor just below the accepted one), to see how much of what we sent it has read.
-  sockaddr_in addr{};
-  socklen_t len = sizeof addr;
-  if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return;
-  client_port_ = ntohs(addr.sin_port);
+  // The other end of the connection is a socket of this process: find it (usually the
+  // descriptor just below or above this one), to see how much of what we sent it has read.
+  // Both ports must match: the listening socket has the accepted end's local port too.
+  client_port_ = Port(fd_, /*peer=*/true);
+  const uint16_t own_port = LocalPort(fd_);
+  if (client_port_ == 0) return;
+  auto other_end = [&](int d) { return LocalPort(d) == client_port_ && Port(d, /*peer=*/true) == own_port; };
   for (int d = fd_ - 1; d >= 0 && d > fd_ - 64; --d) {
-    if (LocalPort(d) == client_port_) {
+    if (other_end(d)) {
       client_fd_ = d;
       return;
     }
   }
   for (int d = fd_ + 1; d < fd_ + 64; ++d) {
-    if (LocalPort(d) == client_port_) {
+    if (other_end(d)) {
       client_fd_ = d;
       return;
     }
@@ -193,6 +216,7 @@ void Peer::Drain() {
   char buf[4096];
   for (;;) {
     ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) closed_ = true;
     if (n <= 0) return;
     received_.append(buf, static_cast<size_t>(n));
   }

@@ -2,7 +2,9 @@
 // Harness for the fuzz targets that drive a real transport sink (MuxSessionSink,
 // HttpTransportSink) or a formatter sink with bytes chosen by the fuzzer: a manual-mode runtime
 // (one loop, no threads, ManualClock: no timer ever fires on its own), a listening socket on
-// 127.0.0.1 that plays the server, and a call whose completions are counted.
+// 127.0.0.1 that plays the server, and a call whose completions are counted. A target that
+// fuzzes a server-side session instead (the admin server's) plays the client: Connect() gives
+// it both ends of a connection, the fuzzer's end in a Peer.
 //
 // Everything runs on the fuzzer's thread: the harness polls the loop (RunUntil) while the
 // "server" side uses plain non-blocking socket calls, so an iteration has no threads. The
@@ -35,6 +37,11 @@ class Peer;
 // Aborts with `what` when `ok` is false (a broken invariant is a finding).
 void Check(bool ok, const char* what);
 
+// The sizes of the writes (Peer::SendChunks) that bits 4-7 of a target's flags byte select: 0 is
+// one write. make_corpus.py's chunk() gives the bits for a size.
+inline constexpr size_t kWriteSizes[16] = {0, 1, 2, 3, 5, 7, 8, 13, 16, 21, 32, 34, 55, 64, 89, 100};
+inline size_t WriteSize(uint8_t flags) { return kWriteSizes[flags >> 4]; }
+
 // The process-wide manual runtime and a listening socket, created on first use.
 class Harness {
  public:
@@ -64,6 +71,14 @@ class Harness {
   // completes (it must outlive the open).
   std::unique_ptr<Peer> Open(ClientMessageSink& sink, OpenResult& result);
 
+  struct Connection {
+    int client = -1;  // connected to the listening socket; non-blocking, TCP_NODELAY
+    int server = -1;  // its accepted end, as Accept() returns it
+  };
+  // A connection made by this process to its listening socket, for a target whose code under
+  // test is the server: the fuzzer sends from `client` (wrap it in a Peer).
+  Connection Connect();
+
  private:
   Harness();
   std::shared_ptr<ManualClock> clock_;
@@ -74,7 +89,8 @@ class Harness {
   uint16_t port_ = 0;
 };
 
-// The server side of one accepted connection.
+// The fuzzer's end of a connection whose other end is a socket of this process: the server
+// side of a connection a sink opened, or the client side of one to a server-side session.
 class Peer {
  public:
   explicit Peer(int fd);
@@ -98,6 +114,8 @@ class Peer {
   // Appends whatever the client has sent so far to received().
   void Drain();
   const std::string& received() const { return received_; }
+  // Whether Drain() saw the other end close the connection (end of stream, or a reset).
+  bool closed() const { return closed_; }
   // No more bytes from the server (the client sees end of stream).
   void ShutdownWrite();
 
@@ -107,6 +125,7 @@ class Peer {
   uint16_t client_port_ = 0;
   uint64_t sent_ = 0;  // bytes sent to the client
   std::string received_;
+  bool closed_ = false;
 };
 
 // One call through a sink: the message, its sink stack, request and reply Streams, and a sink

@@ -301,8 +301,64 @@ def main():
     # again after need_more (a Beast assertion; found by CI's fuzz run, 2026-12-05).
     http["final_chunk_after_header"] = (b"bHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Pad: " + b"p" * 20
                                         + b"\r\n\r\n0\r\nok\r\nppppppppp\r\n\r\n3\r\nok\r\n0\r\n\r\n")
+    # An empty chunked body byte by byte: Beast keeps "0\r\n" unconsumed and asserts that the
+    # next put() gives it five bytes or more ("0\r\n\r" is four; found by a review, 2026-12-05).
+    http["final_chunk_bytewise"] = bytes([KEEP | chunk(1)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n0\r\n\r\n"
+    http["final_chunk_trailer_bytewise"] = (bytes([KEEP | chunk(1)]) + b"HTTP/1.1 200 OK\r\n" + te
+                                            + b"\r\n2\r\nok\r\n0\r\nT: 1\r\n\r\n")
     for name, data in http.items():
         write("http_response_fuzzer", name, data)
+
+    # Admin requests: byte 0 = flags (bit 0 the client keeps its end open, bit 1 the clients
+    # page throws, bits 4-7 the write size; see admin_request_fuzzer.cc). The target's limits:
+    # a 128-byte header block, a 64-byte body.
+    admin_header_limit, admin_body_limit = 128, 64
+    OPEN, THROWS = 0x01, 0x02
+
+    def admin_get(total, target=b"/metrics"):
+        """A GET whose header block is exactly `total` bytes, padded by an X-Pad field."""
+        base = b"GET " + target + b" HTTP/1.1\r\nX-Pad: \r\n\r\n"
+        assert total >= len(base), (total, base)
+        return b"GET " + target + b" HTTP/1.1\r\nX-Pad: " + b"p" * (total - len(base)) + b"\r\n\r\n"
+
+    admin = {
+        "get_pages": b"\x00" + b"".join(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % t for t in (
+            b"/", b"/admin", b"/metrics", b"/admin/metrics.json", b"/admin/clients?x=1", b"/nope")),
+        "head_pages": bytes([OPEN | chunk(7)]) + b"HEAD /metrics HTTP/1.1\r\n\r\nHEAD /missing HTTP/1.1\r\n\r\n",
+        "clients_throw": bytes([THROWS]) + b"GET /admin/clients HTTP/1.1\r\n\r\nGET /admin/clients HTTP/1.0\r\n\r\n",
+        "post_with_body": bytes([OPEN]) + b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n\r\n",
+        "http10": b"\x00GET /metrics HTTP/1.0\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        "http10_keep_alive": bytes([OPEN | chunk(2)]) + b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        "connection_close": bytes([OPEN]) + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        "partial": bytes([OPEN | chunk(5)]) + b"GET / HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\nHo",
+        "garbage_after": b"\x00GET / HTTP/1.1\r\n\r\nnot http\r\n\r\n",
+        "odd_versions": b"\x00GET / HTTP/1.2\r\n\r\nGET / HTTP/2.0\r\n\r\nGET / HTTP/0.9\r\n\r\n",
+        "chunked_body": bytes([OPEN | chunk(3)]) + b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        "options_star": bytes([OPEN]) + b"OPTIONS * HTTP/1.1\r\n\r\nGET * HTTP/1.1\r\n\r\n",
+        # A chunk-size line (with extensions) and a trailer section longer than the header
+        # limit: Beast bounds neither.
+        "chunk_line_long": bytes([OPEN | chunk(16)]) + b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;e="
+                           + b"e" * 200 + b"\r\nx\r\n0\r\n\r\n",
+        "trailer_long": bytes([OPEN | chunk(21)]) + b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nT: "
+                        + b"t" * 200 + b"\r\n\r\n",
+        # An empty chunked body byte by byte (the same Beast assertion as the HTTP client's).
+        "chunked_last_chunk_bytewise": bytes([OPEN | chunk(1)]) + b"POST / HTTP/1.1\r\n" + te + b"\r\n0\r\n\r\n"
+                                       b"GET / HTTP/1.1\r\n\r\n",
+        # A long request line with short fields: the block over the limit, each part under it.
+        "request_line_long": bytes([OPEN]) + b"GET /" + b"l" * 100 + b" HTTP/1.1\r\nA: " + b"a" * 60 + b"\r\n\r\n",
+    }
+    # Header block limit: just under, at, just over; in one write and byte by byte.
+    for total, tag in ((admin_header_limit - 1, "under"), (admin_header_limit, "at"), (admin_header_limit + 1, "over")):
+        admin["header_%s" % tag] = bytes([OPEN]) + admin_get(total) + b"GET / HTTP/1.1\r\n\r\n"
+        admin["header_%s_bytewise" % tag] = bytes([OPEN | chunk(1)]) + admin_get(total)
+    # Body limit: Content-Length and chunked, at and over.
+    for n, tag in ((admin_body_limit, "at"), (admin_body_limit + 1, "over")):
+        admin["body_%s" % tag] = bytes([OPEN]) + b"POST / HTTP/1.1\r\n" + cl(n) + b"\r\n" + b"b" * n + b"GET / HTTP/1.1\r\n\r\n"
+        admin["body_%s_chunked" % tag] = (bytes([OPEN | chunk(13)]) + b"POST / HTTP/1.1\r\n" + te + b"\r\n"
+                                          + chunked(b"b" * n, 20))
+    for name, data in admin.items():
+        write("admin_request_fuzzer", name, data)
 
     members = {
         "finagle": b'{"serviceEndpoint":{"host":"10.1.2.3","port":9090},"additionalEndpoints":'
@@ -318,7 +374,11 @@ def main():
 
     uris = ["tcp://localhost:8080,localhost:8081", "zk://zk1.zk.com:2181/test/path",
             "zk://a:1/svc#thrift?session_timeout=10s&retries=3", "tcp://[::1]:80,b:2",
-            "tcp://[fe80::1%eth0]:80", "zk://a:1/svc?k=a=b", "TCP://a:1/whatever", "tcp://a:99999"]
+            "tcp://[fe80::1%eth0]:80", "zk://a:1/svc?k=a=b", "TCP://a:1/whatever", "tcp://a:99999",
+            # ZooKeeperOptions::FromUri: every option, and bad values.
+            "zk://a:1,[::1]:2/svc#http?session_timeout=1500ms&retry_interval=2m&chroot=/prod&auth=digest:u:p:w",
+            "zk://a:1/svc?session_timeout=0s&auth=digest", "zk://a:1/svc?chroot=/x/&tls=on&opportunistic_tls=desired",
+            "https://a?tls_ca_file=/ca.pem", "1440m"]
     for i, u in enumerate(uris):
         write("uri_fuzzer", "uri%d" % i, u.encode())
 

@@ -7,7 +7,7 @@
 // server keeps the connection open after its bytes (end of stream only if the reply is still
 // incomplete then); bit 2 = the request is oneway (answered once written; any byte from the
 // server then closes the connection); bits 4-7 = the size of the server's writes (0: one
-// write; else kChunks[n]). The rest is what the server answers once it has read the request
+// write; see fuzz::WriteSize). The rest is what the server answers once it has read the request
 // (a strict binary call "echo" with sequence id 1).
 //
 // max_frame_bytes is tiny (64) so that short inputs and the seeds (make_corpus.py has replies
@@ -41,7 +41,6 @@ using namespace scales;
 using fuzz::Check;
 
 constexpr size_t kMaxFrame = 64;
-constexpr size_t kChunks[16] = {0, 1, 2, 3, 5, 7, 8, 13, 16, 21, 32, 34, 55, 64, 89, 100};
 
 std::string Be32(uint32_t v) {
   return std::string{static_cast<char>(v >> 24), static_cast<char>(v >> 16), static_cast<char>(v >> 8),
@@ -120,7 +119,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const bool buffered = (data[0] & 1) != 0;
   const bool keep_open = (data[0] & 2) != 0;
   const bool oneway = (data[0] & 4) != 0;
-  const size_t chunk = kChunks[data[0] >> 4];
+  const size_t chunk = fuzz::WriteSize(data[0]);
   const std::string_view bytes(reinterpret_cast<const char*>(data + 1), size - 1);
   auto& h = fuzz::Harness::Get();
 

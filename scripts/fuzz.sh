@@ -33,11 +33,10 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-# In this order, two at a time (CI: 2 cores), the default 20 s each takes 60 s: three pairs of
-# 20 s, the last pair being thrift_transport_fuzzer beside serverset_member_fuzzer then
-# uri_fuzzer (10 s each).
+# In this order, two at a time (CI: 2 cores), the default 20 s each takes 70 s: three pairs of
+# 20 s, then serverset_member_fuzzer beside uri_fuzzer (10 s each).
 all_targets=(mux_frame_fuzzer mux_session_fuzzer thrift_reply_fuzzer http_response_fuzzer
-             thrift_transport_fuzzer serverset_member_fuzzer uri_fuzzer)
+             thrift_transport_fuzzer admin_request_fuzzer serverset_member_fuzzer uri_fuzzer)
 # Seconds for target $1.
 target_seconds() {
   case "$1" in

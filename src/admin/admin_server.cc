@@ -5,7 +5,6 @@
 #include <future>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -17,9 +16,9 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <boost/json.hpp>
 
+#include "admin/admin_http.h"
 #include "scales/core/client.h"
 #include "scales/core/dispatcher.h"
 #include "scales/core/error.h"
@@ -34,14 +33,9 @@ namespace {
 
 namespace asio = boost::asio;
 namespace beast = boost::beast;
-namespace http = beast::http;
 namespace json = boost::json;
 using tcp = asio::ip::tcp;
 
-constexpr auto kIdleTimeout = std::chrono::seconds(30);
-// A response not written within this closes its connection (a client that stopped reading).
-constexpr auto kWriteTimeout = std::chrono::seconds(30);
-constexpr size_t kMaxRequestHeaderBytes = 8 * 1024;
 // Connections served at once; more are closed as they are accepted. The admin server shares
 // the process's descriptors with its clients: it must not exhaust them.
 constexpr size_t kMaxConnections = 64;
@@ -218,88 +212,6 @@ json::object ClientJson(ClientCopy& c, Duration timeout, std::chrono::steady_clo
   return client;
 }
 
-// ---- HTTP ----
-
-struct Response {
-  http::status status = http::status::ok;
-  std::string content_type = "text/plain; charset=utf-8";
-  std::string body;
-};
-
-class Session : public std::enable_shared_from_this<Session> {
- public:
-  using Handler = std::function<Response(const std::string& target)>;
-
-  Session(tcp::socket socket, Handler* handler) : stream_(std::move(socket)), handler_(handler) {}
-
-  void Start() { Read(); }
-  void Close() {
-    beast::error_code ignored;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
-    stream_.close();
-  }
-
- private:
-  void Read() {
-    parser_.emplace();
-    parser_->header_limit(kMaxRequestHeaderBytes);
-    parser_->body_limit(kMaxRequestHeaderBytes);
-    stream_.expires_after(kIdleTimeout);
-    http::async_read(
-        stream_, buffer_, *parser_,
-        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRead(ec); });
-  }
-
-  void OnRead(beast::error_code ec) {
-    if (ec) {
-      if (ec != http::error::end_of_stream && ec != beast::error::timeout &&
-          ec != asio::error::operation_aborted) {
-        SCALES_LOG_RATE_LIMITED(kInfo, 5, "admin server: reading a request failed: {}",
-                                ec.message());
-      }
-      return Close();
-    }
-    const auto& req = parser_->get();
-    auto res = std::make_shared<http::response<http::string_body>>();
-    res->version(req.version());
-    res->keep_alive(req.keep_alive());
-    res->set(http::field::server, "scales-admin");
-    Response r;
-    if (req.method() != http::verb::get && req.method() != http::verb::head) {
-      r.status = http::status::method_not_allowed;
-      r.body = "only GET and HEAD are supported\n";
-      res->set(http::field::allow, "GET, HEAD");
-    } else {
-      r = (*handler_)(std::string(req.target()));
-    }
-    res->result(r.status);
-    res->set(http::field::content_type, r.content_type);
-    if (req.method() == http::verb::head) {
-      res->content_length(r.body.size());
-    } else {
-      res->body() = std::move(r.body);
-      res->prepare_payload();
-    }
-    stream_.expires_after(kWriteTimeout);  // its own deadline, not what the read left of its own
-    http::async_write(stream_, *res,
-                      [self = shared_from_this(), res](beast::error_code ec, size_t) {
-                        if (ec || !res->keep_alive()) return self->Close();
-                        self->Read();
-                      });
-  }
-
-  beast::tcp_stream stream_;
-  beast::flat_buffer buffer_;
-  std::optional<http::request_parser<http::string_body>> parser_;
-  Handler* handler_;
-};
-
-constexpr std::string_view kIndex =
-    "scales admin\n"
-    "  /metrics             Prometheus text format 0.0.4\n"
-    "  /admin/metrics.json  Finagle-style flat JSON\n"
-    "  /admin/clients       live clients: options, sink stack, members (JSON)\n";
-
 }  // namespace
 
 std::string ClientsJson(Duration timeout) {
@@ -357,7 +269,9 @@ class AdminServer::Impl {
     acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     if (ec) fail("listen on");
     port_ = acceptor_.local_endpoint().port();
-    handler_ = [this](const std::string& target) { return Handle(target); };
+    pages_.stats = stats_;
+    pages_.clients = [this] { return ClientsJson(options_.clients_timeout); };
+    handler_ = [this](const std::string& target) { return internal::Route(target, pages_); };
     Accept();
     thread_ = std::thread([this] { ioc_.run(); });
   }
@@ -399,47 +313,19 @@ class AdminServer::Impl {
         return;
       }
       // Forget sessions that are gone, so the list does not grow with every connection.
-      std::erase_if(sessions_, [](const std::weak_ptr<Session>& w) { return w.expired(); });
+      std::erase_if(sessions_, [](const std::weak_ptr<internal::Session>& w) { return w.expired(); });
       if (sessions_.size() >= kMaxConnections) {
         SCALES_LOG_RATE_LIMITED(kWarning, 1, "admin server on port {}: {} connections open (the limit); "
                                 "connection closed", port_, sessions_.size());
         beast::error_code ignored;
         socket.close(ignored);
       } else {
-        auto session = std::make_shared<Session>(std::move(socket), &handler_);
+        auto session = std::make_shared<internal::Session>(std::move(socket), &handler_);
         sessions_.push_back(session);
         session->Start();
       }
       Accept();
     });
-  }
-
-  Response Handle(const std::string& target) {
-    std::string_view path = target;
-    path = path.substr(0, path.find('?'));
-    Response r;
-    try {
-      if (path == "/metrics") {
-        r.content_type = std::string(stats::StatsRegistry::kPrometheusContentType);
-        r.body = stats_->ToPrometheus();
-      } else if (path == "/admin/metrics.json") {
-        r.content_type = "application/json";
-        r.body = stats_->ToJson();
-      } else if (path == "/admin/clients") {
-        r.content_type = "application/json";
-        r.body = ClientsJson(options_.clients_timeout);
-      } else if (path == "/" || path == "/admin") {
-        r.body = std::string(kIndex);
-      } else {
-        r.status = http::status::not_found;
-        r.body = fmt::format("no such path: {}\n{}", path, kIndex);
-      }
-    } catch (const std::exception& e) {
-      SCALES_LOG_RATE_LIMITED(kError, 1, "admin server: {} failed: {}", path, e.what());
-      r = Response{http::status::internal_server_error, "text/plain; charset=utf-8",
-                   fmt::format("{} failed: {}\n", path, e.what())};
-    }
-    return r;
   }
 
   AdminServerOptions options_;
@@ -448,8 +334,9 @@ class AdminServer::Impl {
   tcp::acceptor acceptor_;
   asio::steady_timer accept_retry_{ioc_};
   uint16_t port_ = 0;
-  Session::Handler handler_;
-  std::vector<std::weak_ptr<Session>> sessions_;  // on the server thread only
+  internal::Pages pages_;
+  internal::Session::Handler handler_;
+  std::vector<std::weak_ptr<internal::Session>> sessions_;  // on the server thread only
   std::mutex stop_mu_;
   std::thread thread_;
 };

@@ -51,6 +51,10 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
         throw bad(fmt::format("{}='{}' is not a positive duration such as 500ms, 10s or 1m", key,
                               value));
       }
+      // Validate()'s bound, here so that the error names the URI's parameter.
+      if (key == "session_timeout" && *d > std::chrono::hours(24)) {
+        throw bad(fmt::format("session_timeout='{}' is over 24 h", value));
+      }
       (key == "session_timeout" ? out.session_timeout : out.retry_interval) = *d;
     } else if (key == "chroot") {
       if (!value.starts_with('/') || value.size() < 2 || value.ends_with('/')) {
@@ -60,8 +64,8 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
     } else if (key == "auth") {
       auto colon = value.find(':');
       if (colon == std::string::npos || colon == 0 || colon + 1 == value.size()) {
-        throw bad(fmt::format("auth='{}' must be scheme:credentials, e.g. digest:user:password",
-                              value));
+        // Not quoting the value: after a ':' it is a secret, hidden in the URI quoted above.
+        throw bad("auth must be scheme:credentials, e.g. digest:user:password");
       }
       out.auth = value;
     } else if (key == "tls" || key.starts_with("tls_") || key == "opportunistic_tls") {

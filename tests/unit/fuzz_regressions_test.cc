@@ -3,6 +3,7 @@
 // those targets rely on. A reproducer saved by scripts/fuzz.sh that shows a real bug becomes a
 // test here, with its bytes inline and a note on what went wrong.
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -10,8 +11,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "scales/core/error.h"
 #include "scales/discovery/serverset_member.h"
 #include "scales/discovery/uri.h"
+#include "scales/discovery/zookeeper.h"
 #include "scales/mux/codec.h"
 #include "scales/thrift/message.h"
 
@@ -19,6 +22,7 @@ namespace scales {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 std::string Raw(std::string_view s) { return std::string(s); }
 
@@ -128,6 +132,36 @@ TEST(FuzzRegressionsTest, UriWithAHugePortOrManyHostsFailsOrParsesCleanly) {
   auto parsed = ScalesUriParser::TryParse(many, error);
   ASSERT_TRUE(parsed) << error;
   EXPECT_EQ(parsed->hosts.size(), 5001u);
+}
+
+// uri_fuzzer: an auth value without a scheme (":secret") is refused, and the refusal quoted the
+// value, secret and all, next to the URI that hides it ("auth=:***").
+TEST(FuzzRegressionsTest, ZooKeeperAuthWithoutASchemeIsRefusedWithoutQuotingItsSecret) {
+  try {
+    ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc?auth=:s3cret"));
+    ADD_FAILURE() << "an auth without a scheme was taken";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri));
+    EXPECT_THAT(e.what(), HasSubstr("'zk://a:1/svc?auth=:***'"));
+    EXPECT_THAT(e.what(), HasSubstr("auth must be scheme:credentials"));
+    EXPECT_THAT(e.what(), Not(HasSubstr("s3cret")));
+  }
+}
+
+// uri_fuzzer: a session_timeout over 24 h in other units than ms ("1500m") passed FromUri and
+// failed only in Validate(), as kInvalidArgument without the URI or the parameter's value.
+TEST(FuzzRegressionsTest, ZooKeeperSessionTimeoutOver24HoursIsABadUri) {
+  const ParsedUri uri = ScalesUriParser::Parse("zk://a:1/svc?session_timeout=1500m");
+  try {
+    ZooKeeperOptions::FromUri(uri);
+    ADD_FAILURE() << "a session timeout over 24 h was taken";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri));
+    EXPECT_THAT(e.what(), HasSubstr("bad URI 'zk://a:1/svc?session_timeout=1500m': session_timeout='1500m' is over 24 h"));
+  }
+  const ZooKeeperOptions at_limit = ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc?session_timeout=1440m"));
+  EXPECT_EQ(at_limit.session_timeout, std::chrono::hours(24));
+  EXPECT_NO_THROW(at_limit.Validate());
 }
 
 }  // namespace

@@ -1,0 +1,287 @@
+// Fuzz target: the admin server's request handling (src/admin/admin_http.h, what AdminServer
+// runs for each connection): Beast's request parser with the session's limits, the GET/HEAD
+// check, the routing of the target to a page, keep-alive and pipelining, on a real loopback
+// connection whose client is the fuzzer.
+//
+// Input: byte 0 holds flags: bit 0 = the client keeps its end open after its bytes (else it
+// half-closes: end of stream), bit 1 = building /admin/clients throws, bits 4-7 = the size of
+// the client's writes (fuzz::WriteSize: 0 is one write; after each the loop runs until the
+// session has read it). The rest is what the client sends.
+//
+// The limits are tiny (128-byte header block, 64-byte body) so that short inputs and the seeds
+// reach them (make_corpus.py has seeds just under and over each). A model reads the same bytes
+// with Beast's request parser under the documented limits (a header block, a chunk-size line
+// and a trailer section each within max_header_bytes; the body within max_body_bytes) and says
+// which requests the session must answer and whether it must close. Checked:
+// - the session answers exactly those requests, in order, and nothing else: the bytes it sends
+//   parse as that many HTTP/1.x responses and no more;
+// - each response: HTTP/1.1 (HTTP/1.0 to a 1.0 request), keep-alive as the request asked, a
+//   Server and a Content-Type field; 405 with Allow for a method other than GET and HEAD; for
+//   GET the page Route() builds for the target (status and body), for HEAD its status and its
+//   body's length and no body; 404 exactly for the paths that are not pages, 500 when the page
+//   threw;
+// - every answered request's header block is within the limit (counted on the bytes);
+// - the connection is closed when the model says so (a request without keep-alive, a malformed
+//   or oversized request, the client's end of stream), and kept open otherwise; either way the
+//   session object goes away once it is closed.
+// FUZZ_DEBUG=1 prints what the model expected and what came back.
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/asio/buffer.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/http.hpp>
+
+#include "admin/admin_http.h"
+#include "loopback.h"
+
+namespace {
+
+using namespace scales;
+using fuzz::Check;
+namespace bhttp = boost::beast::http;
+using admin::internal::Response;
+using admin::internal::Session;
+using admin::internal::SessionLimits;
+
+constexpr size_t kMaxHeader = 128;
+constexpr size_t kMaxBody = 64;
+
+struct ModelRequest {
+  bhttp::verb method;
+  std::string target;
+  unsigned version = 11;
+  bool keep_alive = true;
+  size_t begin = 0;  // offset of its first byte in the input
+};
+
+struct Model {
+  std::vector<ModelRequest> requests;  // answered, in order
+  bool closes = false;                 // the session closes after answering them
+  // It may also wait for more instead: the bytes after the last request are a malformed header
+  // block and the connection stays open. Beast's parser, given a request line or fields in
+  // pieces, waits for a blank line past the point where it stopped before it looks at them
+  // again, so whether it sees the error now depends on how the bytes were cut into reads (it
+  // sees it at the latest when the block reaches the limit).
+  bool may_stay_open = false;
+};
+
+// What the session must do with `bytes` (followed by the end of stream when `eof`): reads them
+// through a buffer that never holds more than kMaxHeader unparsed bytes (what is unparsed is
+// part of a header block, a chunk-size line or a trailer section, each bounded by the header
+// limit), gives them to a request parser with the body limit and refuses a request whose header
+// block (counted as the parser consumes it) is over the header limit.
+Model Expect(std::string_view bytes, bool eof) {
+  Model m;
+  size_t next = 0;   // the first input byte not yet read
+  std::string held;  // read, not yet consumed by the parser
+  size_t start = 0;  // offset of the current request
+  for (;;) {
+    bhttp::request_parser<bhttp::string_body> p;
+    p.header_limit(UINT32_MAX);
+    p.body_limit(kMaxBody);
+    size_t header = 0;  // bytes of the header block consumed
+    for (;;) {
+      if (!held.empty()) {
+        // Not eager while in the header: the put that ends it consumes the header only.
+        const bool in_header = !p.is_header_done();
+        p.eager(!in_header);
+        boost::system::error_code ec;
+        const size_t n = p.put(boost::asio::buffer(held), ec);
+        held.erase(0, n);
+        if (in_header) header += n;
+        if (header > kMaxHeader) {
+          m.closes = true;
+          return m;
+        }
+        if (p.is_done()) break;
+        if (ec && ec != bhttp::error::need_more) {
+          m.closes = true;
+          m.may_stay_open = !eof && !p.is_header_done();
+          return m;
+        }
+        if (in_header && p.is_header_done()) continue;  // on with the body, eagerly
+      }
+      // Needs more: an unfinished header block at the limit (or a chunk-size line or trailer
+      // section as long) cannot end within it.
+      if ((p.is_header_done() ? 0 : header) + held.size() >= kMaxHeader) {
+        m.closes = true;
+        return m;
+      }
+      if (next == bytes.size()) {
+        m.closes = eof;
+        return m;
+      }
+      const size_t take = std::min(kMaxHeader - held.size(), bytes.size() - next);
+      held.append(bytes.substr(next, take));
+      next += take;
+    }
+    const auto& req = p.get();
+    m.requests.push_back(
+        {req.method(), std::string(req.target()), req.version(), req.keep_alive(), start});
+    start = next - held.size();
+    if (!req.keep_alive()) {
+      m.closes = true;
+      return m;
+    }
+  }
+}
+
+bool IsPage(std::string_view path) {
+  return path == "/metrics" || path == "/admin/metrics.json" || path == "/admin/clients" ||
+         path == "/" || path == "/admin";
+}
+
+stats::StatsRegistry& Registry() {
+  static stats::StatsRegistry* r = [] {
+    auto* reg = new stats::StatsRegistry();
+    stats::StatsScope(reg, {{"client", "fuzz"}}).GetCounter("requests").Increment(3);
+    return reg;
+  }();
+  return *r;
+}
+
+// How many complete responses `out` starts with, read as the answers to the model's requests.
+size_t Responses(std::string_view out, const Model& m) {
+  size_t at = 0;
+  size_t count = 0;
+  for (const ModelRequest& req : m.requests) {
+    bhttp::response_parser<bhttp::string_body> p;
+    p.header_limit(UINT32_MAX);
+    p.body_limit(boost::none);
+    p.eager(true);
+    if (req.method == bhttp::verb::head) p.skip(true);
+    boost::system::error_code ec;
+    at += p.put(boost::asio::buffer(out.data() + at, out.size() - at), ec);
+    if (ec || !p.is_done()) break;
+    ++count;
+  }
+  return count;
+}
+
+// Checks the responses in `out` against the model's requests.
+void CheckResponses(std::string_view out, const Model& m, const Session::Handler& handler) {
+  size_t at = 0;
+  for (const ModelRequest& req : m.requests) {
+    Check(at < out.size(), "a request the model answers got no response");
+    bhttp::response_parser<bhttp::string_body> p;
+    p.header_limit(UINT32_MAX);
+    p.body_limit(boost::none);
+    p.eager(true);
+    const bool head = req.method == bhttp::verb::head;
+    if (head) p.skip(true);
+    boost::system::error_code ec;
+    const size_t n = p.put(boost::asio::buffer(out.data() + at, out.size() - at), ec);
+    Check(!ec && p.is_done(), "a response that does not parse as HTTP (or is cut short)");
+    at += n;
+    const auto& res = p.get();
+    Check(res.version() == (req.version == 10 ? 10u : 11u),
+          "a response version other than HTTP/1.1 (1.0 to 1.0)");
+    Check(res.keep_alive() == req.keep_alive,
+          "a response whose keep-alive differs from the request's");
+    Check(res[bhttp::field::server] == "scales-admin", "a response without the Server field");
+    Check(!res[bhttp::field::content_type].empty(), "a response without a Content-Type");
+    if (req.method != bhttp::verb::get && !head) {
+      Check(res.result() == bhttp::status::method_not_allowed &&
+                res[bhttp::field::allow] == "GET, HEAD",
+            "a method other than GET and HEAD not refused with 405 and Allow");
+      continue;
+    }
+    const Response page = handler(req.target);
+    const std::string_view path = std::string_view(req.target).substr(0, req.target.find('?'));
+    Check((page.status == bhttp::status::not_found) == !IsPage(path),
+          "404 for a page, or a page for another path");
+    Check(res.result() == page.status, "the response's status is not the page's");
+    Check(res[bhttp::field::content_type] == page.content_type,
+          "the response's Content-Type is not the page's");
+    if (head) {
+      Check(res.body().empty() && p.content_length() == page.body.size(),
+            "a HEAD response with a body, or a Content-Length other than the page's");
+    } else {
+      Check(res.body() == page.body, "a GET response whose body is not the page");
+    }
+  }
+  Check(at == out.size(), "bytes after the last response the model expects");
+}
+
+// Every answered request's header block ends within the limit (the bytes up to the blank line).
+void CheckHeaderBlocks(std::string_view bytes, const Model& m) {
+  for (const ModelRequest& req : m.requests) {
+    const size_t end = bytes.find("\r\n\r\n", req.begin);
+    Check(end != std::string_view::npos && end + 4 - req.begin <= kMaxHeader,
+          "a request answered whose header block is over the limit");
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return 0;
+  const bool keep_open = (data[0] & 1) != 0;
+  const bool clients_throw = (data[0] & 2) != 0;
+  const size_t chunk = fuzz::WriteSize(data[0]);
+  const std::string_view bytes(reinterpret_cast<const char*>(data + 1), size - 1);
+  const Model model = Expect(bytes, !keep_open);
+  CheckHeaderBlocks(bytes, model);
+
+  auto& h = fuzz::Harness::Get();
+  admin::internal::Pages pages;
+  pages.stats = &Registry();
+  pages.clients = [clients_throw]() -> std::string {
+    if (clients_throw) throw std::runtime_error("the fuzzer's clients page failed");
+    return R"({"clients":[]})";
+  };
+  const Session::Handler handler = [&pages](const std::string& target) {
+    return admin::internal::Route(target, pages);
+  };
+  SessionLimits limits;
+  limits.max_header_bytes = kMaxHeader;
+  limits.max_body_bytes = kMaxBody;
+
+  const auto conn = h.Connect();
+  boost::asio::ip::tcp::socket socket(h.loop().io_context());
+  socket.assign(boost::asio::ip::tcp::v4(), conn.server);
+  auto session = std::make_shared<Session>(std::move(socket), &handler, limits);
+  std::weak_ptr<Session> alive = session;
+  session->Start();
+  session.reset();  // its pending read keeps it
+  fuzz::Peer peer(conn.client);
+  peer.SendChunks(bytes, chunk);
+  if (!keep_open) peer.ShutdownWrite();
+  // The model's close, or its responses; then whatever else comes.
+  const bool settled = h.RunUntil([&] {
+    peer.Drain();
+    return peer.closed() || ((!model.closes || model.may_stay_open) &&
+                             Responses(peer.received(), model) == model.requests.size());
+  });
+  h.Settle();
+  peer.Drain();
+  static const bool debug = std::getenv("FUZZ_DEBUG") != nullptr;
+  if (debug) {
+    std::fprintf(stderr, "model: %zu request(s), %s; got %zu bytes, %s\n%s\n",
+                 model.requests.size(), model.closes ? "closes" : "stays open",
+                 peer.received().size(), peer.closed() ? "closed" : "open",
+                 peer.received().c_str());
+  }
+  Check(settled, model.closes ? "the session did not close the connection"
+                              : "the session did not answer every request");
+  Check(peer.closed() == model.closes || (model.may_stay_open && !peer.closed()),
+        model.closes ? "the connection was left open" : "the connection was closed");
+  CheckResponses(peer.received(), model, handler);
+  if (!peer.closed()) {
+    const auto open = alive.lock();
+    Check(open != nullptr, "the session went away with its connection open");
+    open->Close();
+  }
+  h.Settle();
+  Check(alive.expired(), "the session outlived its connection");
+  return 0;
+}
