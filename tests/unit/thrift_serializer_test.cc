@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <thrift/TApplicationException.h>
 #include <thrift/protocol/TBinaryProtocol.h>
 #include <thrift/protocol/TCompactProtocol.h>
 #include <thrift/transport/TBufferTransports.h>
@@ -650,6 +651,39 @@ TEST(ThriftCodecTest, AReplyOverLibthriftsDefaultMessageSizeDecodes) {
     const std::string reply = HiReply(p, value);
     EXPECT_EQ(internal::Decode<HelloClient>(p, reply, &HelloClient::recv_hi).size(), value.size());
   }
+}
+
+// The thread's compact codec keeps a buffer as large as the largest string it read, so it is
+// dropped after a large message: after a large TApplicationException too (recv_hi throws it),
+// which kept 8 MiB per loop thread until the next large value or a failed decode.
+TEST(ThriftCodecTest, TheCompactCodecIsDroppedAfterALargeReplyWhateverRecvThrows) {
+  auto exception_reply = [](const std::string& message) {
+    auto buf = std::make_shared<TMemoryBuffer>();
+    TCompactProtocol proto(buf);
+    apache::thrift::TApplicationException x(apache::thrift::TApplicationException::INTERNAL_ERROR, message);
+    proto.writeMessageBegin("hi", apache::thrift::protocol::T_EXCEPTION, 0);
+    x.write(&proto);
+    proto.writeMessageEnd();
+    return buf->getBufferAsString();
+  };
+  using C = internal::Codec<HelloClient>;
+  const std::string big(C::kReuseLimit + 1, 'e');
+  for (const std::string& reply : {HiReply(Protocol::kCompact, big), exception_reply(big)}) {
+    EXPECT_EQ(internal::Decode<HelloClient>(Protocol::kCompact, HiReply(Protocol::kCompact, "x"), &HelloClient::recv_hi),
+              "x");
+    ASSERT_TRUE(C::Kept(Protocol::kCompact));
+    try {
+      EXPECT_EQ(internal::Decode<HelloClient>(Protocol::kCompact, reply, &HelloClient::recv_hi), big);
+    } catch (const apache::thrift::TApplicationException& e) {
+      EXPECT_EQ(e.getType(), apache::thrift::TApplicationException::INTERNAL_ERROR);
+    }
+    EXPECT_FALSE(C::Kept(Protocol::kCompact)) << "the codec that read " << reply.size() << " bytes was kept";
+  }
+  // A small exception keeps it.
+  internal::Decode<HelloClient>(Protocol::kCompact, HiReply(Protocol::kCompact, "x"), &HelloClient::recv_hi);
+  EXPECT_THROW(internal::Decode<HelloClient>(Protocol::kCompact, exception_reply("small"), &HelloClient::recv_hi),
+               apache::thrift::TApplicationException);
+  EXPECT_TRUE(C::Kept(Protocol::kCompact));
 }
 
 TEST(ThriftCodecTest, SpareBytesComeBackEmpty) {

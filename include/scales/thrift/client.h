@@ -387,11 +387,13 @@ class Codec {
         gen_(in_, MakeProtocolOver(protocol, buffer_)) {}
 
   static std::unique_ptr<Codec>& For(Protocol protocol) {
-    thread_local std::unique_ptr<Codec> codecs[2];
-    auto& c = codecs[protocol == Protocol::kCompact ? 1 : 0];
+    auto& c = Slot(protocol);
     if (!c) c = std::make_unique<Codec>(protocol);
     return c;
   }
+  // Whether this thread keeps a codec for `protocol` now (one is dropped after a reply that
+  // did not decode and after a large compact message).
+  static bool Kept(Protocol protocol) { return Slot(protocol) != nullptr; }
   Buffer& buffer() noexcept { return *buffer_; }
   ReplyReader& reader() noexcept { return *reader_; }
   // The limits of the protocol gen() reads replies with (over reader()).
@@ -399,6 +401,11 @@ class Codec {
   G& gen() noexcept { return gen_; }
 
  private:
+  static std::unique_ptr<Codec>& Slot(Protocol protocol) {
+    thread_local std::unique_ptr<Codec> codecs[2];
+    return codecs[protocol == Protocol::kCompact ? 1 : 0];
+  }
+
   std::shared_ptr<Buffer> buffer_;
   std::shared_ptr<ReplyReader> reader_;
   std::shared_ptr<apache::thrift::protocol::TProtocol> in_;
@@ -423,7 +430,12 @@ template <class G, class Write>
 std::string Encode(Protocol protocol, Write&& write) {
   auto& codec = Codec<G>::For(protocol);
   codec->buffer().Reset();
-  write(codec->gen());
+  try {
+    write(codec->gen());
+  } catch (...) {
+    codec.reset();  // a half-written message and the writer's state (the compact field stack)
+    throw;
+  }
   uint8_t* data = nullptr;
   uint32_t size = 0;
   codec->buffer().getBuffer(&data, &size);
@@ -444,15 +456,16 @@ void DecodeInto(Protocol protocol, std::string_view bytes, Recv recv,
   auto& codec = Codec<G>::For(protocol);
   // The codec is rebuilt after a reply that did not decode (its protocol may keep state from
   // it: the compact reader's stack of field ids) or a large compact one (the compact reader
-  // keeps a buffer as large as the largest string it read). Declared before `forget`, so the
-  // reader is forgotten first.
+  // keeps a buffer as large as the largest string it read: decided before reading, so that it
+  // holds whatever recv_X throws, a large TApplicationException or declared exception
+  // included). Declared before `forget`, so the reader is forgotten first.
   struct Drop {
     std::unique_ptr<Codec<G>>& codec;
     bool now = false;
     ~Drop() {
       if (now) codec.reset();
     }
-  } drop{codec};
+  } drop{codec, protocol == Protocol::kCompact && bytes.size() > Codec<G>::kReuseLimit};
   ReplyReader& reader = codec->reader();
   reader.Observe(bytes);
   codec->in_limits().LimitReadsTo(bytes.size());
@@ -476,7 +489,6 @@ void DecodeInto(Protocol protocol, std::string_view bytes, Recv recv,
     drop.now = true;
     throw;
   }
-  drop.now = protocol == Protocol::kCompact && bytes.size() > Codec<G>::kReuseLimit;
 }
 
 // As DecodeInto, returning the value.
