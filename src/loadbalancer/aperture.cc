@@ -101,7 +101,9 @@ void ApertureBalancerSink::OnNodeAdded(BalancerNode& n) {
 
 void ApertureBalancerSink::OnNodeRemoved(BalancerNode& n) {
   in_update_ = true;
-  // Its outstanding requests complete through the base class without OnLoadChanged.
+  // Its outstanding requests complete through the base class without OnLoadChanged. The load
+  // that held until now is sampled first, as OnLoadChanged does.
+  SampleEma();
   total_load_ -= n.load;
   resetting_.erase(&n);
   std::erase(to_open_, &n);
@@ -181,7 +183,10 @@ void ApertureBalancerSink::Contract(BalancerNode& n) {
   if (n.down && unpaid_expansions_ > 0) {
     --unpaid_expansions_;
   } else if (n.down && down_expansions_ > 0) {
+    // The expansion its going down caused stays a member: give that slot back (GiveBack, on a
+    // tick), or a rotation whose node failed would leave the aperture one wider for good.
     --down_expansions_;
+    ++owed_give_backs_;
   }
   slots_[&n] = Slot{false, outside_.size()};
   outside_.push_back(&n);

@@ -644,5 +644,49 @@ TEST(ApertureSeedTest, SameSeedGivesExactlyTheSameHistory) {
   EXPECT_EQ(a, b);
 }
 
+// A rotation whose new node goes down (a tick or a pick sees it) before its failed open reaches
+// the balancer: the expansion its going down caused must be given back when the rotation is
+// abandoned, or every failed rotation inside the load band leaves the aperture one wider.
+TEST_F(ApertureTest, AFailedRotationDoesNotWidenTheApertureForGood) {
+  ApertureOptions o;
+  o.min_size = 1;
+  o.rotate = true;
+  o.rotate_min = seconds(20);
+  o.rotate_max = seconds(20);
+  h_.Build(Range(6), o);
+  h_.Open();
+  for (int i = 0; i < 3; ++i) h_.Start();
+  h_.env.Run();
+  for (int s = 1; s <= 6; ++s) h_.env.Advance(seconds(1));
+  ASSERT_EQ(h_.balancer->aperture_size(), 2u);  // 3 outstanding over 2: inside the band
+  std::set<Endpoint> before = h_.Members();
+  for (int i = 0; i < 6; ++i) {
+    if (before.count(Ep(i)) == 0) h_.Node(Ep(i)).set_open_mode(FakeTransport::OpenMode::kHang);
+  }
+  h_.env.Advance(seconds(14));  // t = 20 s: the rotation adds a node, its open pending
+  ASSERT_EQ(h_.balancer->aperture_size(), 3u);
+  Endpoint r;
+  for (const Endpoint& ep : h_.Members()) {
+    if (before.count(ep) == 0) r = ep;
+  }
+  FakeTransport& rot = h_.Node(r);
+  // Its connect fails: the endpoint reports itself down (the resurrector marks it Closed) a turn
+  // or two before the open's completion reaches the balancer; a tick meanwhile sees it.
+  rot.set_status(SinkStatus::kClosed);
+  h_.env.Advance(seconds(1));  // the tick marks it down and expands by one
+  ASSERT_EQ(h_.balancer->aperture_size(), 4u);
+  rot.set_status(std::nullopt);
+  rot.CompleteOpen(make_error_code(Errc::kConnectFailed));
+  h_.env.Run();  // FinishRotation: the rotation is abandoned, the node contracted
+  EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_rotations"), 0);
+  for (const Endpoint& ep : h_.Members()) {
+    if (before.count(ep) == 0) h_.Node(ep).CompleteOpen();
+  }
+  h_.env.Run();
+  h_.env.Advance(seconds(15));  // t = 36 s, before the next rotation; load still inside the band
+  EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "the failed rotation widened the aperture for good";
+  h_.ReplyAll();
+}
+
 }  // namespace
 }  // namespace scales
