@@ -30,11 +30,13 @@ std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view
   auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
   if (ec != std::errc() || ptr == text.data() || value < 0) return std::nullopt;
   std::string_view unit(ptr, static_cast<size_t>(text.data() + text.size() - ptr));
-  if (value > 24 * 3600 * 1000) return std::nullopt;
-  if (unit == "ms") return std::chrono::milliseconds(value);
-  if (unit == "s") return std::chrono::milliseconds(value * 1000);
-  if (unit == "m") return std::chrono::milliseconds(value * 60 * 1000);
-  return std::nullopt;
+  const int64_t unit_ms = unit == "ms" ? 1 : unit == "s" ? 1000 : unit == "m" ? 60 * 1000 : 0;
+  if (unit_ms == 0) return std::nullopt;
+  // At most 24 h whatever the unit (the bound was on the number: 86400001ms was refused and
+  // 100000m, 69 days, taken).
+  constexpr int64_t kMaxMs = int64_t{24} * 3600 * 1000;
+  if (value > kMaxMs / unit_ms) return std::nullopt;
+  return std::chrono::milliseconds(value * unit_ms);
 }
 
 ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOptions defaults) {
@@ -48,12 +50,13 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
     if (key == "session_timeout" || key == "retry_interval") {
       auto d = ParseZooKeeperDuration(value);
       if (!d || d->count() == 0) {
-        throw bad(fmt::format("{}='{}' is not a positive duration such as 500ms, 10s or 1m", key,
-                              value));
-      }
-      // Validate()'s bound, here so that the error names the URI's parameter.
-      if (key == "session_timeout" && *d > std::chrono::hours(24)) {
-        throw bad(fmt::format("session_timeout='{}' is over 24 h", value));
+        // Digits and a unit, but over the parser's bound (Validate()'s for session_timeout).
+        const std::string_view v(value);
+        const size_t digits = v.find_first_not_of("0123456789");
+        const std::string_view unit = digits == 0 || digits == v.npos ? std::string_view() : v.substr(digits);
+        const bool over = !d && (unit == "ms" || unit == "s" || unit == "m");
+        throw bad(over ? fmt::format("{}='{}' is over 24 h", key, value)
+                       : fmt::format("{}='{}' is not a positive duration such as 500ms, 10s or 1m", key, value));
       }
       (key == "session_timeout" ? out.session_timeout : out.retry_interval) = *d;
     } else if (key == "chroot") {

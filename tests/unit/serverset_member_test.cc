@@ -1,4 +1,5 @@
 // Serverset member JSON parsing, endpoint selection and zk:// options: no sockets.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "discovery/zk_connection.h"
@@ -126,6 +127,35 @@ TEST(ZooKeeperOptionsTest, Durations) {
   EXPECT_FALSE(ParseZooKeeperDuration("s"));
   EXPECT_FALSE(ParseZooKeeperDuration("-1s"));
   EXPECT_FALSE(ParseZooKeeperDuration("1h"));
+  // At most 24 h in every unit (the bound was on the number: 86400001ms refused, 100000m taken).
+  EXPECT_EQ(ParseZooKeeperDuration("86400000ms"), milliseconds(86400000));
+  EXPECT_EQ(ParseZooKeeperDuration("86400s"), milliseconds(86400000));
+  EXPECT_EQ(ParseZooKeeperDuration("1440m"), milliseconds(86400000));
+  for (const char* over : {"86400001ms", "86401s", "1441m", "100000m", "99999999999999999999m"}) {
+    EXPECT_FALSE(ParseZooKeeperDuration(over)) << over;
+  }
+}
+
+TEST(ZooKeeperOptionsTest, DurationsOver24HoursAreBadUrisNamingTheParameter) {
+  for (const char* query : {"retry_interval=100000m", "retry_interval=86400001ms", "session_timeout=86401s"}) {
+    const std::string uri = std::string("zk://a:1/svc?") + query;
+    const std::string key(query, std::string_view(query).find('='));
+    try {
+      ZooKeeperOptions::FromUri(ScalesUriParser::Parse(uri));
+      ADD_FAILURE() << uri << " was taken";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri));
+      EXPECT_THAT(e.what(), ::testing::HasSubstr(key + "='" + std::string(query + key.size() + 1) + "' is over 24 h"));
+    }
+  }
+  try {
+    ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc?retry_interval=5x"));
+    ADD_FAILURE() << "5x was taken";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("retry_interval='5x' is not a positive duration"));
+  }
+  EXPECT_EQ(ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc?retry_interval=1440m")).retry_interval,
+            std::chrono::hours(24));
 }
 
 TEST(ZooKeeperOptionsTest, FromUriQuery) {

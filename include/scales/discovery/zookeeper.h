@@ -53,7 +53,7 @@ struct ZooKeeperOptions {
   std::string ConnectString(const ParsedUri& uri) const;
 };
 
-// Parses a ZooKeeper option duration: "<integer>ms", "<integer>s" or "<integer>m".
+// Parses a ZooKeeper option duration: "<integer>ms", "<integer>s" or "<integer>m", at most 24 h.
 std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view text);
 
 // A ServerSet that follows a serverset znode.
