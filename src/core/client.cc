@@ -136,9 +136,12 @@ void ClientCore::OpenAndWait() {
 }
 
 void ClientCore::Dispatch(CallBase* call) {
-  // Once closed, a call goes behind the shards' posted Close(), whose dispatcher refuses it
-  // (kClientClosed): dispatched in place on a loop, it would reach one not closed yet, and be sent.
-  if (!closed_.load()) {
+  // Once closed, a call is refused (kClientClosed) by the dispatcher it is posted to, whether or
+  // not that shard's posted Close() has run yet: Close() sets the flag before it posts (and may
+  // wait for the live-client registry in between), and a call dispatched in place on a loop, or
+  // posted ahead of that loop's Close(), would reach a dispatcher not closed yet, and be sent.
+  const bool closed = closed_.load();
+  if (!closed) {
     for (auto& shard : shards_) {
       if (shard->loop().IsCurrent()) {
         // A user's handler may have run long since this turn's clock reading (ClockTurn): the
@@ -151,7 +154,8 @@ void ClientCore::Dispatch(CallBase* call) {
   }
   EventLoop& loop = runtime_->PickLoop();
   MessageDispatcher* shard = shards_[loop.index()].get();
-  boost::asio::post(loop.executor(), [shard, call] { shard->Dispatch(call, /*initiating=*/false); });
+  boost::asio::post(loop.executor(),
+                    [shard, call, closed] { shard->Dispatch(call, /*initiating=*/false, /*refuse=*/closed); });
 }
 
 void ClientCore::ReportDiscoveryStats(const stats::StatsScope& scope) {

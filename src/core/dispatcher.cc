@@ -171,7 +171,7 @@ void MessageDispatcher::ReleasePendingSlot() {
   }
 }
 
-void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
+void MessageDispatcher::Dispatch(CallBase* call, bool initiating, bool refuse) {
   MethodCallMessage& msg = call->message;
   msg.service = client_name_;
   auto& props = msg.properties;
@@ -214,7 +214,7 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating) {
     call->stack.AsyncProcessResponse(nullptr, m);
     return;
   }
-  if (closed_) {
+  if (closed_ || refuse) {
     auto m = MethodReturnMessage::Failure(
         make_error_code(Errc::kClientClosed),
         "the client is closed; the request was not sent");

@@ -5,10 +5,13 @@
 #include "scales/core/client.h"
 
 #include <chrono>
+#include <future>
 #include <map>
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -220,6 +223,39 @@ TEST_F(ClientStackTest, ACallAfterCloseOnTheLoopIsNotSent) {
   ASSERT_TRUE(calls_.done(late));
   EXPECT_EQ(calls_[late].error, Errc::kClientClosed);
   EXPECT_EQ(total_requests(), sent_before) << "the call reached a transport";
+}
+
+// A call made once closed() reads true is refused even when its post reaches the loop before
+// that loop's Close(): Close() sets the flag, then waits for the live-client registry (held here
+// as an /admin/clients request holds it while it describes every client) before it posts.
+TEST_F(ClientStackTest, ACallMadeOnceClosedReadsTrueIsNotSent) {
+  Build();
+  EXPECT_FALSE(Open());
+  size_t sent_before = 0;
+  for (const auto& f : factory_.created()) sent_before += f->total_requests();
+  std::promise<void> holding;
+  std::promise<void> release;
+  std::thread holder([&] {
+    bool first = true;
+    ClientCore::ForEachLiveClient([&](const ClientCore&) {
+      if (!std::exchange(first, false)) return;
+      holding.set_value();
+      release.get_future().wait();
+    });
+  });
+  holding.get_future().wait();
+  std::thread closer([&] { core_->Close(); });  // sets closed_, then waits for the registry
+  while (!core_->closed()) std::this_thread::yield();
+  const size_t late = Start();  // posted to the loop ahead of Close()'s post
+  release.set_value();
+  holder.join();
+  closer.join();
+  Run();
+  ASSERT_TRUE(calls_.done(late));
+  EXPECT_EQ(calls_[late].error, Errc::kClientClosed) << calls_[late].error.message();
+  size_t sent = 0;
+  for (const auto& f : factory_.created()) sent += f->total_requests();
+  EXPECT_EQ(sent, sent_before) << "the call reached a transport";
 }
 
 TEST_F(ClientStackTest, MembershipChangesReachTheBalancer) {

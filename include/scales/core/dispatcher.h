@@ -297,8 +297,9 @@ class MessageDispatcher final : public ClientMessageSink {
   ~MessageDispatcher() override;
 
   // Sends `call` down the stack. On the loop's thread. `initiating`: the caller is the
-  // user's initiating function (completion must not be inline).
-  void Dispatch(CallBase* call, bool initiating);
+  // user's initiating function (completion must not be inline). `refuse`: the client was closed
+  // when the call was made: answer kClientClosed as a closed dispatcher does.
+  void Dispatch(CallBase* call, bool initiating, bool refuse = false);
 
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
   void AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
