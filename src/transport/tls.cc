@@ -5,7 +5,9 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <vector>
 
 #include <boost/asio/ssl/error.hpp>
 #include <fmt/format.h>
@@ -155,7 +157,10 @@ namespace {
 
 // Contexts are shared while in use (one per client is typical; every connection of a client
 // uses it): a weak cache keyed by the options, each entry with the identity (inode, size,
-// modification time) of the files it was loaded from.
+// modification time) of the files it was loaded from. A key keeps every context still in use,
+// newest first: a client built after its files were rotated gets a new one, and the clients
+// built before keep theirs, which their connections find (the newest in use) even once the new
+// one is gone; only when none is in use are the files read again.
 struct CachedContext {
   std::weak_ptr<ssl::context> context;
   std::string stamps;
@@ -164,26 +169,32 @@ struct CachedContext {
 std::shared_ptr<ssl::context> CachedTlsContext(const TlsOptions& o, bool reread_changed_files) {
   ValidateFields(o);  // also when `enabled` is off: opportunistic TLS (Mux) upgrades with these
   static std::mutex mu;
-  static std::map<std::string, CachedContext> cache;
+  static std::map<std::string, std::vector<CachedContext>> cache;
   std::string key = fmt::format("{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file, o.server_name);
   std::string stamps;
   if (reread_changed_files) {
     stamps = fmt::format("{}\n{}\n{}", FileStamp(o.ca_file), FileStamp(o.cert_file), FileStamp(o.key_file));
   }
   std::lock_guard lock(mu);
-  if (auto it = cache.find(key); it != cache.end()) {
-    if (auto ctx = it->second.context.lock(); ctx && (!reread_changed_files || it->second.stamps == stamps)) {
-      return ctx;
-    }
-  }
   for (auto it = cache.begin(); it != cache.end();) {
-    it = it->second.context.expired() ? cache.erase(it) : std::next(it);
+    std::erase_if(it->second, [](const CachedContext& c) { return c.context.expired(); });
+    it = it->second.empty() ? cache.erase(it) : std::next(it);
+  }
+  std::vector<CachedContext>& generations = cache[key];
+  for (const CachedContext& c : generations) {  // newest first
+    if (auto ctx = c.context.lock(); ctx && (!reread_changed_files || c.stamps == stamps)) return ctx;
   }
   if (!reread_changed_files) {
     stamps = fmt::format("{}\n{}\n{}", FileStamp(o.ca_file), FileStamp(o.cert_file), FileStamp(o.key_file));
   }
-  auto ctx = BuildContext(o);  // throws before the entry is replaced: a bad file harms no one
-  cache[key] = CachedContext{ctx, std::move(stamps)};
+  std::shared_ptr<ssl::context> ctx;
+  try {
+    ctx = BuildContext(o);  // throws before an entry is added: a bad file harms no one
+  } catch (...) {
+    if (generations.empty()) cache.erase(key);
+    throw;
+  }
+  generations.insert(generations.begin(), CachedContext{ctx, std::move(stamps)});
   return ctx;
 }
 

@@ -384,6 +384,14 @@ TEST(TlsOptionsTest, ARotatedCertificateIsReadByTheNextClient) {
   std::filesystem::remove(key);
   EXPECT_THROW(MakeTlsContext(o), Error);
   EXPECT_EQ(SharedTlsContext(o), after);
+  // The client built from the rotated files goes away while the one built before lives on: its
+  // connections find its context again, and read no file (the key is still missing).
+  after.reset();
+  try {
+    EXPECT_EQ(SharedTlsContext(o), before) << "a connection of the client built first";
+  } catch (const Error& e) {
+    ADD_FAILURE() << "a connection of a built client read the files: " << e.what();
+  }
 }
 
 // ---- TcpConnection: the handshake failure reasons -------------------------------------------

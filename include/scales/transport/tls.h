@@ -45,8 +45,9 @@ void Validate(const TlsOptions& o);
 // cannot be loaded (the cached context then stays). Immutable once returned.
 std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsOptions& o);
 
-// The cached context for `o`, for a connection (no file is looked at while one is in use, so a
-// file missing or half rotated does not fail the connections of built clients); built as by
+// The cached context for `o`, for a connection: the newest one still in use (no file is looked
+// at while one is, so a file missing or half rotated does not fail the connections of built
+// clients, also after a client built from the rotated files is gone); built as by
 // MakeTlsContext when none is.
 std::shared_ptr<boost::asio::ssl::context> SharedTlsContext(const TlsOptions& o);
 
