@@ -457,6 +457,19 @@ std::vector<Frame> ExpectedFrames(std::string_view stream) {
   return frames;
 }
 
+// The whole messages `frames` reassemble into through `r`, in the order they complete (every
+// frame must be accepted).
+std::vector<Frame> Reassembled(Reassembler& r, std::vector<Frame> frames) {
+  std::vector<Frame> whole;
+  for (auto& f : frames) {
+    auto x = r.Add(std::move(f));
+    EXPECT_TRUE(x.has_value()) << x.error().detail;
+    if (!x.has_value()) break;
+    if (x->has_value()) whole.push_back(std::move(**x));
+  }
+  return whole;
+}
+
 TEST(MuxCodecTest, FrameDecoderSplitAtEveryByteBoundary) {
   const std::string all = AllGoldenFrames();
   const std::vector<Frame> expected = ExpectedFrames(all);
@@ -723,12 +736,7 @@ TEST(MuxCodecTest, FragmentWriterRoundRobin) {
                                                       {2, true}, {2, true},  {2, false}};
   EXPECT_EQ(order, want);
   Reassembler r;
-  std::vector<Frame> whole;
-  for (auto& f : frames) {
-    auto x = r.Add(std::move(f));
-    ASSERT_TRUE(x.has_value());
-    if (x->has_value()) whole.push_back(std::move(**x));
-  }
+  std::vector<Frame> whole = Reassembled(r, std::move(frames));
   ASSERT_EQ(whole.size(), 3u);
   EXPECT_EQ(Encode(*DecodeMessage(whole[2])), kEchoTdispatch);
   EXPECT_TRUE(*DecodeMessage(whole[1]) == Message(b));
@@ -790,12 +798,7 @@ TEST(MuxCodecTest, FragmentWriterReusedBodiesEncodeExactly) {
   std::string out;
   w.WriteAll(&out);
   Reassembler r;
-  std::vector<Frame> whole;
-  for (auto& f : ExpectedFrames(out)) {
-    auto x = r.Add(std::move(f));
-    ASSERT_TRUE(x.has_value());
-    if (x->has_value()) whole.push_back(std::move(**x));
-  }
+  std::vector<Frame> whole = Reassembled(r, ExpectedFrames(out));
   ASSERT_EQ(whole.size(), 2u);
   EXPECT_TRUE(*DecodeMessage(whole[0]) == Message(dispatch(8, 10)));
   EXPECT_TRUE(*DecodeMessage(whole[1]) == Message(big));
@@ -932,11 +935,7 @@ TEST(MuxCodecTest, FragmentWriterReleasesRemovedMessagesWhileNothingIsWritten) {
   f.WriteAll(&frames);
   Reassembler r;
   std::vector<Message> whole;
-  for (auto& frame : ExpectedFrames(frames)) {
-    auto x = r.Add(std::move(frame));
-    ASSERT_TRUE(x.has_value());
-    if (x->has_value()) whole.push_back(*DecodeMessage(**x));
-  }
+  for (const Frame& frame : Reassembled(r, ExpectedFrames(frames))) whole.push_back(*DecodeMessage(frame));
   ASSERT_EQ(whole.size(), kept.size());
   for (std::size_t i = 0; i < kept.size(); ++i) EXPECT_TRUE(whole[i] == Message(kept[i])) << i;
   EXPECT_EQ(r.pending_tags(), 35u) << "the removed messages' first pieces";
