@@ -345,6 +345,9 @@ def main():
         # An empty chunked body byte by byte (the same Beast assertion as the HTTP client's).
         "chunked_last_chunk_bytewise": bytes([OPEN | chunk(1)]) + b"POST / HTTP/1.1\r\n" + te + b"\r\n0\r\n\r\n"
                                        b"GET / HTTP/1.1\r\n\r\n",
+        # A malformed (empty) chunk-size line byte by byte, the client keeping its end open: the
+        # session must refuse it at once, not wait for a last chunk (found by CI's fuzz run).
+        "chunk_line_empty_bytewise": bytes([OPEN | chunk(1)]) + b"POST / HTTP/1.1\r\n" + te + b"\r\n\r\n",
         # A long request line with short fields: the block over the limit, each part under it.
         "request_line_long": bytes([OPEN]) + b"GET /" + b"l" * 100 + b" HTTP/1.1\r\nA: " + b"a" * 60 + b"\r\n\r\n",
     }

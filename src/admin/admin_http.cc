@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "scales/core/log.h"
+#include "scales/http/message.h"
 
 namespace scales::admin::internal {
 namespace {
@@ -89,10 +90,13 @@ void Session::Parse() {
       capped = data.size() > left;
       data = asio::buffer(data, left);
     }
-    // Beast keeps a last chunk's bytes unconsumed until its trailer ends and asserts that it is
-    // then given at least five again ("0\r\n" and one more byte are four): no chunked body
-    // ends in fewer, so wait for them.
-    if (!in_header && parser_->chunked() && buffer_.size() < 5) break;
+    // A last chunk Beast must see again with more bytes (scales/http/message.h); a malformed
+    // chunk line is not held back: Beast fails it at once.
+    if (!in_header && parser_->chunked() &&
+        scales::http::internal::HoldBackShortLastChunk(
+            std::string_view(static_cast<const char*>(data.data()), data.size()))) {
+      break;
+    }
     beast::error_code ec;
     const size_t n = parser_->put(data, ec);
     buffer_.consume(n);

@@ -365,10 +365,12 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
         capped = data.size() > left;
         data = boost::asio::buffer(data, left);
       }
-      // Beast keeps a final chunk's bytes unconsumed until its trailer ends, and asserts that it
-      // is then given at least five bytes again (basic_parser.ipp, `n >= 5`; "0\r\n" followed by
-      // a lone "\r" would be four). No chunked body ends in fewer: wait for them.
-      if (!in_header && parser_->chunked() && in.size() < 5) return ParseResult::NeedMore();
+      // A last chunk Beast must see again with more bytes (a malformed chunk line is not held
+      // back: Beast fails it at once).
+      if (!in_header && parser_->chunked() &&
+          internal::HoldBackShortLastChunk(std::string_view(static_cast<const char*>(data.data()), data.size()))) {
+        return ParseResult::NeedMore();
+      }
       boost::system::error_code ec;
       const size_t n = parser_->put(data, ec);
       in.consume(n);
