@@ -49,8 +49,7 @@ ApertureBalancerSink::ApertureBalancerSink(const SinkContext& ctx, SinkFactory e
       aperture_gauge_(ctx.stats.GetGauge("scales_lb_aperture")),
       expansions_(ctx.stats.GetCounter("scales_lb_aperture_expansions")),
       contractions_(ctx.stats.GetCounter("scales_lb_aperture_contractions")),
-      rotations_(ctx.stats.GetCounter("scales_lb_aperture_rotations")),
-      panic_(ctx.stats.GetCounter("scales_lb_panic")) {}
+      rotations_(ctx.stats.GetCounter("scales_lb_aperture_rotations")) {}
 
 ApertureBalancerSink::~ApertureBalancerSink() {
   tick_.Cancel();
@@ -316,7 +315,6 @@ BalancerNode& ApertureBalancerSink::PickNode() {
   if (BalancerNode* n = LeastLoadedHealthy(nullptr)) return *n;
   // Every member is down (panic): the least loaded of those that may still answer (Busy),
   // else the least loaded.
-  panic_.Increment();
   BalancerNode* best = aperture_[0];
   for (BalancerNode* n : aperture_) {
     const int rank = PanicRank(*n);

@@ -25,7 +25,8 @@ LoadBalancerSink::LoadBalancerSink(const SinkContext& ctx, SinkFactory endpoint_
       no_members_(ctx.stats.GetCounter("scales_lb_no_members")),
       joins_(ctx.stats.GetCounter("scales_lb_joins")),
       leaves_(ctx.stats.GetCounter("scales_lb_leaves")),
-      avoided_(ctx.stats.GetCounter("scales_lb_avoided")) {}
+      avoided_(ctx.stats.GetCounter("scales_lb_avoided")),
+      panic_(ctx.stats.GetCounter("scales_lb_panic")) {}
 
 LoadBalancerSink::~LoadBalancerSink() {
   if (subscribed_) server_set_->Unsubscribe(subscription_);
@@ -202,6 +203,9 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
     }
   }
   BalancerNode& n = *picked;
+  // Counted here, once per request, for the node it goes to: PickNode may have panicked on
+  // picks PickAlternative then replaced with a healthy node.
+  if (!Healthy(n)) panic_.Increment();
   ++n.load;
   OnLoadChanged(n, true);
   msg.properties.endpoint = n.address;
@@ -299,7 +303,6 @@ SinkStatus LoadBalancerSink::status() const {
 HeapBalancerSink::HeapBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory)
     : LoadBalancerSink(ctx, std::move(endpoint_factory)),
       marked_down_(ctx.stats.GetCounter("scales_lb_marked_down")),
-      panic_(ctx.stats.GetCounter("scales_lb_panic")),
       marked_up_(ctx.stats.GetCounter("scales_lb_marked_up")) {}
 
 void HeapBalancerSink::Swap(size_t i, size_t j) {
@@ -380,7 +383,6 @@ BalancerNode& HeapBalancerSink::PickNode() {
     if (top->down) {
       // Every node is down (panic): the least loaded of those that may still answer (Busy),
       // else the least loaded of them all.
-      panic_.Increment();
       BalancerNode* best = top;
       for (BalancerNode* n : down_) {
         const int rank = PanicRank(*n);

@@ -11,8 +11,7 @@ namespace scales {
 
 P2CBalancerSink::P2CBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory, int max_effort)
     : LoadBalancerSink(ctx, std::move(endpoint_factory)),
-      max_effort_(std::max(max_effort, 1)),
-      panic_(ctx.stats.GetCounter("scales_lb_panic")) {}
+      max_effort_(std::max(max_effort, 1)) {}
 
 BalancerNode& P2CBalancerSink::PickTwo() {
   const auto& all = nodes();
@@ -45,7 +44,6 @@ BalancerNode& P2CBalancerSink::PickNode() {
     if (Healthy(*n)) return *n;
     if (PanicRank(*n) > PanicRank(*best)) best = n;
   }
-  panic_.Increment();
   return *best;
 }
 

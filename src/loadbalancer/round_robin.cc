@@ -6,8 +6,7 @@
 namespace scales {
 
 RoundRobinBalancerSink::RoundRobinBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory)
-    : LoadBalancerSink(ctx, std::move(endpoint_factory)),
-      panic_(ctx.stats.GetCounter("scales_lb_panic")) {}
+    : LoadBalancerSink(ctx, std::move(endpoint_factory)) {}
 
 BalancerNode& RoundRobinBalancerSink::PickNode() {
   const auto& all = nodes();
@@ -22,7 +21,6 @@ BalancerNode& RoundRobinBalancerSink::PickNode() {
   }
   // No node is healthy (panic): the next Busy one in the cycle (it may still answer), else
   // the next one.
-  panic_.Increment();
   for (size_t k = 0; k < size; ++k) {
     const size_t i = (start + k) % size;
     if (PanicRank(*all[i]) > 0) {

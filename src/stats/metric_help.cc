@@ -50,7 +50,7 @@ constexpr std::array kHelp = {
           "Times the heap balancer marked its least loaded endpoint down."},
     Entry{"scales_lb_marked_up", "Times a marked-down endpoint was usable again."},
     Entry{"scales_lb_no_members", "Requests failed with no_members (empty server set)."},
-    Entry{"scales_lb_panic", "Picks that found no healthy endpoint and used an unhealthy one."},
+    Entry{"scales_lb_panic", "Requests sent to an unhealthy endpoint: no healthy one was found."},
     Entry{"scales_lb_size", "Endpoints in the load balancer."},
     Entry{"scales_mux_discards", "Mux Tdiscarded messages sent."},
     Entry{"scales_mux_drains", "Mux Tdrain messages received."},

@@ -137,8 +137,10 @@ TEST_P(AvoidEndpointTest, HealthyAvoidedNodeBeatsDownOthers) {
   }
   const bool sampled = GetParam() == BalancerKind::kP2C || GetParam() == BalancerKind::kP2CPeakEwma;
   EXPECT_LE(to_down, sampled ? kRequests * 3 / 100 : 0) << BalancerKindName(GetParam());
-  // No request was moved off the avoided node: the down ones are P2C's own panic picks.
+  // No request was moved off the avoided node: the down ones are P2C's own panic picks, and
+  // only they count as panics (not the repeated picks that looked for another node first).
   EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0) << BalancerKindName(GetParam());
+  EXPECT_EQ(env_.CounterValue("scales_lb_panic"), to_down) << BalancerKindName(GetParam());
   for (int i = 0; i < kNodes; ++i) Node(i)->set_status(std::nullopt);
 }
 
@@ -165,7 +167,7 @@ TEST_P(AvoidEndpointTest, PanicPrefersBusyOverClosed) {
     env_.Run();
   }
   EXPECT_GE(to_busy, sampled ? 36 : 40) << BalancerKindName(GetParam());
-  EXPECT_GE(env_.CounterValue("scales_lb_panic"), 40);
+  EXPECT_EQ(env_.CounterValue("scales_lb_panic"), 40) << BalancerKindName(GetParam());
   for (int i = 0; i < kNodes; ++i) Node(i)->set_status(std::nullopt);
 }
 

@@ -178,7 +178,6 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   stats::Counter& expansions_;
   stats::Counter& contractions_;
   stats::Counter& rotations_;
-  stats::Counter& panic_;
 };
 
 // Provider of the aperture balancer (role "loadbalancer") with explicit options.

@@ -116,6 +116,7 @@ class LoadBalancerSink : public ClientMessageSink {
   stats::Counter& joins_;
   stats::Counter& leaves_;
   stats::Counter& avoided_;
+  stats::Counter& panic_;
 };
 
 // Least loaded: a binary min-heap on (load, down). A node whose chain is not usable is
@@ -147,7 +148,6 @@ class HeapBalancerSink final : public LoadBalancerSink {
   std::vector<BalancerNode*> heap_{nullptr};  // 1-based; heap_[0] unused
   std::vector<BalancerNode*> down_;
   stats::Counter& marked_down_;
-  stats::Counter& panic_;
   stats::Counter& marked_up_;
 };
 

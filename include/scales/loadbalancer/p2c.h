@@ -42,7 +42,6 @@ class P2CBalancerSink : public LoadBalancerSink {
   BalancerNode& PickTwo();
 
   int max_effort_;
-  stats::Counter& panic_;
 };
 
 // P2C over Finagle's Peak EWMA load: a round trip (from the request reaching the balancer to

@@ -25,7 +25,6 @@ class RoundRobinBalancerSink final : public LoadBalancerSink {
 
  private:
   size_t next_ = 0;  // position of the next node to try (modulo the node count)
-  stats::Counter& panic_;
 };
 
 // Provider (role "loadbalancer").
