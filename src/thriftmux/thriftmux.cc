@@ -80,6 +80,10 @@ void ApplyUriOptions(ThriftMuxOptions& o) {
   }
   try {
     ApplyTlsQuery(ours, o.session.tls);
+    if (o.session.opportunistic_tls == mux::OpportunisticTls::kOff) {
+      RefuseIneffectiveTlsKeys(ours, o.session.tls,
+                               "add tls=on, opportunistic_tls=desired|required, or use https://");
+    }
   } catch (const Error& e) {
     throw bad(e.what());
   }

@@ -231,10 +231,25 @@ void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& 
   }
 }
 
+void RefuseIneffectiveTlsKeys(const std::map<std::string, std::string>& query, const TlsOptions& o,
+                              std::string_view how_to_enable) {
+  if (o.enabled || query.contains("tls")) return;  // on, or turned off on purpose
+  for (const auto& [key, value] : query) {
+    if (key.starts_with("tls_")) {
+      throw Error(make_error_code(Errc::kBadUri),
+                  fmt::format("URI option {}='{}' has no effect: TLS is off ({})", key, value,
+                              how_to_enable));
+    }
+  }
+}
+
 TlsOptions TlsOptionsForUri(std::string_view uri, TlsOptions defaults) {
   if (uri.empty()) return defaults;
   std::string error;
-  if (auto parsed = ScalesUriParser::TryParse(uri, error)) ApplyTlsQuery(parsed->query, defaults);
+  if (auto parsed = ScalesUriParser::TryParse(uri, error)) {
+    ApplyTlsQuery(parsed->query, defaults);
+    RefuseIneffectiveTlsKeys(parsed->query, defaults, "add tls=on or use https://");
+  }
   return defaults;
 }
 

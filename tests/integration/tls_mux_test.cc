@@ -377,6 +377,22 @@ TEST(TlsMuxTest, ApplyUriOptionsKeepsDiscoveryKeys) {
   thriftmux::ApplyUriOptions(o);
   EXPECT_EQ(o.client.uri, "tcp://127.0.0.1:1");
   EXPECT_FALSE(o.session.tls.verify_peer);
+  // With neither TLS nor opportunistic TLS on, a tls_* key would be ignored (clear text).
+  thriftmux::ThriftMuxOptions plain;
+  plain.client.uri = "tcp://127.0.0.1:1?tls_ca_file=/ca.pem";
+  try {
+    thriftmux::ApplyUriOptions(plain);
+    ADD_FAILURE() << "tls_ca_file with TLS off was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kBadUri);
+    EXPECT_NE(std::string(e.what()).find("tls_ca_file='/ca.pem' has no effect: TLS is off (add tls=on, "
+                                         "opportunistic_tls=desired|required, or use https://)"),
+              std::string::npos)
+        << e.what();
+  }
+  plain.client.uri = "tcp://127.0.0.1:1?tls=off&tls_ca_file=/ca.pem";
+  thriftmux::ApplyUriOptions(plain);
+  EXPECT_EQ(plain.session.tls.ca_file, "/ca.pem");
 }
 
 // The TLS files are loaded when the client is built, as for HTTP and Thrift: a file that cannot

@@ -308,6 +308,21 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
     EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
     EXPECT_THAT(e.what(), HasSubstr("unknown URI option tls_ca='x'"));
   }
+  // TLS keys with TLS off would be ignored: the client would talk in clear text.
+  try {
+    Http::NewClient("tcp://127.0.0.1:1?tls_ca_file=" + ca.ca_file, HttpOpts(rt, {}));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("tls_ca_file='" + ca.ca_file + "' has no effect: TLS is off"));
+  }
+  try {
+    Thrift::NewClient<EchoClient>("tcp://127.0.0.1:1?tls_verify=off", ThriftOpts(rt, {}));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("tls_verify='off' has no effect: TLS is off"));
+  }
   TlsOptions half = Trusting(ca.ca_file);
   half.cert_file = ca.client_cert;
   EXPECT_THROW(Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half)), Error);

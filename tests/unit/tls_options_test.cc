@@ -70,11 +70,30 @@ TEST(TlsQueryTest, FromUri) {
   TlsOptions o = TlsOptionsForUri("https://h", base);
   EXPECT_TRUE(o.enabled);
   EXPECT_EQ(o.ca_file, "/default.pem");
-  o = TlsOptionsForUri("tcp://h:1?tls_ca_file=/other.pem", base);
+  o = TlsOptionsForUri("tcp://h:1?tls=off&tls_ca_file=/other.pem", base);
   EXPECT_FALSE(o.enabled);
   EXPECT_EQ(o.ca_file, "/other.pem");
+  TlsOptions on = base;
+  on.enabled = true;  // TLS turned on in code, the URI adds to it
+  o = TlsOptionsForUri("tcp://h:1?tls_verify=off", on);
+  EXPECT_TRUE(o.enabled);
+  EXPECT_FALSE(o.verify_peer);
   EXPECT_EQ(TlsOptionsForUri("", base), base);
   EXPECT_EQ(TlsOptionsForUri("not a uri", base), base);  // the client reports it
+}
+
+// A tls_* key with TLS off would be ignored and the client would talk in clear text: refused,
+// unless the URI turns TLS off itself.
+TEST(TlsQueryTest, TlsKeysWithTlsOffAreRefused) {
+  TlsOptions base;
+  for (const char* uri : {"tcp://h:1?tls_ca_file=/ca.pem", "tcp://h:1?tls_verify=off",
+                          "zk://127.0.0.1:2181/svc?tls_server_name=svc.example"}) {
+    Error e = Thrown([&] { TlsOptionsForUri(uri, base); });
+    EXPECT_EQ(e.code(), Errc::kBadUri) << uri;
+    EXPECT_THAT(e.what(), HasSubstr("has no effect: TLS is off (add tls=on or use https://)")) << uri;
+  }
+  Error e = Thrown([&] { TlsOptionsForUri("tcp://h:1?tls_ca_file=/ca.pem", base); });
+  EXPECT_THAT(e.what(), HasSubstr("URI option tls_ca_file='/ca.pem'"));
 }
 
 TEST(TlsValidateTest, CertificateAndKeyGoTogether) {

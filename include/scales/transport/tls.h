@@ -58,9 +58,17 @@ std::shared_ptr<boost::asio::ssl::context> SharedTlsContext(const TlsOptions& o)
 // throws scales::Error(kBadUri) naming the key and the value.
 void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& o);
 
+// Throws scales::Error(kBadUri) when `query` gives a tls_* key but TLS is off in `o` (the
+// options after the query was applied) and the query does not say tls=off itself: the key
+// would be ignored and the client would talk in clear text. `how_to_enable` ends the message
+// ("add tls=on or use https://").
+void RefuseIneffectiveTlsKeys(const std::map<std::string, std::string>& query, const TlsOptions& o,
+                              std::string_view how_to_enable);
+
 // `defaults` with the TLS keys of client URI `uri` applied (ApplyTlsQuery; https:// turns TLS
 // on). An empty URI or one that does not parse leaves `defaults` as they are (the client
-// reports a bad URI itself).
+// reports a bad URI itself). tls_* keys that TLS left off would ignore throw kBadUri
+// (RefuseIneffectiveTlsKeys).
 TlsOptions TlsOptionsForUri(std::string_view uri, TlsOptions defaults);
 
 // True for errors of OpenSSL and of Asio's TLS stream (a handshake or record failure, a
