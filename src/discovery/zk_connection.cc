@@ -64,7 +64,7 @@ struct ZkConnection::Op {
   uint64_t generation;
   std::function<void(int, std::vector<std::string>)> children;
   std::function<void(int, std::string)> data;  // Get, Create
-  std::function<void(int)> status;             // Exists, Delete
+  std::function<void(int)> status;             // Exists, Delete, Sync
   std::function<void(int, int64_t)> owner;     // EphemeralOwner
 };
 
@@ -432,6 +432,25 @@ void ZkConnection::Delete(const std::string& path, std::function<void(int)> done
   int rc = s && s->handle ? zoo_adelete(
                                 s->handle, path.c_str(), -1,
                                 [](int rc, const void* data) {
+                                  auto* op = static_cast<Op*>(const_cast<void*>(data));
+                                  op->connection->PostIfCurrent(
+                                      op->generation, [f = std::move(op->status), rc] { f(rc); });
+                                  delete op;
+                                },
+                                op)
+                          : ZINVALIDSTATE;
+  if (rc != ZOK) {
+    PostIfCurrent(op->generation, [f = std::move(op->status), rc] { f(rc); });
+    delete op;
+  }
+}
+
+void ZkConnection::Sync(const std::string& path, std::function<void(int)> done) {
+  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
+  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done), {}};
+  int rc = s && s->handle ? zoo_async(
+                                s->handle, path.c_str(),
+                                [](int rc, const char*, const void* data) {
                                   auto* op = static_cast<Op*>(const_cast<void*>(data));
                                   op->connection->PostIfCurrent(
                                       op->generation, [f = std::move(op->status), rc] { f(rc); });

@@ -64,6 +64,10 @@ class ZkConnection {
   void Create(const std::string& path, const std::string& data, int flags,
               std::function<void(int rc, std::string created)> done);
   void Delete(const std::string& path, std::function<void(int rc)> done);
+  // Brings the server this session is connected to up to date with the leader (ZooKeeper's
+  // sync), so that the reads after it see every write committed before it, also writes this
+  // session made but never got the reply of.
+  void Sync(const std::string& path, std::function<void(int rc)> done);
   bool connected() const { return connected_; }
 
   // Any thread.

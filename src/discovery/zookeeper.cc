@@ -703,6 +703,20 @@ class Announcer::Impl {
     }
     const int64_t me = session->first;
     creating_ = true;
+    // The create may have reached the leader but not yet the server this session reconnected
+    // to: a sync first, or the list could miss the node and a second member be made.
+    connection_.Sync(path_, [this, me](int rc) {
+      if (rc != ZOK) {
+        creating_ = false;
+        CreateFailed(fmt::format("sync {} to find this session's member: {}", path_, ZkErrorText(rc)), rc);
+        return;
+      }
+      ListOwnMembers(me);
+    });
+  }
+
+  // Loop thread, after FindOwnMember's sync.
+  void ListOwnMembers(int64_t me) {
     connection_.GetChildren(path_, false, [this, me](int rc, std::vector<std::string> names) {
       if (rc != ZOK && rc != ZNONODE) {
         creating_ = false;

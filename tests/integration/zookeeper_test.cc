@@ -145,7 +145,8 @@ bool ExpireSessionUntil(const std::string& hosts, const std::pair<int64_t, std::
 
 // A relay between ZooKeeper clients and a server that, once, drops the connection instead of
 // passing on the reply to a create whose path contains `needle`: the server has made the node,
-// and the client sees a connection loss while its session lives on.
+// and the client sees a connection loss while its session lives on. Records the requests on the
+// cut create's parent path after the cut.
 class CreateReplyCutter {
  public:
   CreateReplyCutter(int server_port, std::string needle)
@@ -154,11 +155,24 @@ class CreateReplyCutter {
         }) {}
   int port() const { return relay_.port(); }
   bool cut() const { return cut_; }
+  // The types of the requests on `parent` sent after the cut (9 sync, 12 getChildren2, ...).
+  std::vector<int32_t> RequestsAfterCut(const std::string& parent) {
+    std::lock_guard lock(mu_);
+    std::vector<int32_t> types;
+    for (const auto& [type, path] : after_cut_) {
+      if (path == parent) types.push_back(type);
+    }
+    return types;
+  }
 
  private:
   using Relay = test::ZkFrameRelay;
   // Relay thread.
   Relay::Verdict Inspect(const std::string& frame, bool request) {
+    if (request && cut_) {
+      std::lock_guard lock(mu_);
+      after_cut_.emplace_back(Relay::Type(frame), std::string(Relay::Path(frame)));
+    }
     if (request) {
       const int32_t type = Relay::Type(frame);  // 1 create, 15 create2
       if (!cut_ && cut_xid_ == 0 && (type == 1 || type == 15) &&
@@ -177,6 +191,8 @@ class CreateReplyCutter {
   const std::string needle_;
   int32_t cut_xid_ = 0;
   std::atomic<bool> cut_{false};
+  std::mutex mu_;
+  std::vector<std::pair<int32_t, std::string>> after_cut_;  // type, path
   Relay relay_;  // last: stopped before the fields its inspector uses go
 };
 
@@ -554,6 +570,13 @@ TEST_F(ZooKeeperTest, AnnouncerAdoptsTheMemberWhoseCreateReplyWasLost) {
   ASSERT_TRUE(session);
   // Every member under the path, with its owner: exactly one, the announced node, ours.
   EXPECT_EQ(ChildrenAndOwners("/cut/svc"), fmt::format("{} {}\n", announcer.node_path(), session->first));
+  // The members were listed after a sync: the server the session reconnected to may not have
+  // applied the create yet (with an ensemble; a lagging follower would hide the node, and a
+  // second member would be made).
+  const std::vector<int32_t> requests = cutter.RequestsAfterCut("/cut/svc");
+  ASSERT_GE(requests.size(), 2u);
+  EXPECT_EQ(requests[0], 9) << "sync";
+  EXPECT_EQ(requests[1], 12) << "getChildren2";
 }
 
 // Another client deletes the announcer's member while its session lives (an operator, a
