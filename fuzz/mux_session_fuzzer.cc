@@ -323,6 +323,11 @@ class Model {
     }
     auto decoded = DecodeMessage(frame);
     if (!decoded) return FailOpen(make_error_code(Errc::kProtocolError));
+    // A Tping before Rinit is answered and the handshake goes on; a Tdrain (which fails the
+    // open once its Rdrain is written) switches the model off, as on an open session.
+    if (std::holds_alternative<Tping>(*decoded) || std::holds_alternative<Tdrain>(*decoded)) {
+      return HandleMessage(*decoded);
+    }
     const auto* rinit = std::get_if<Rinit>(&*decoded);
     if (rinit == nullptr || rinit->version != kMuxVersion) return FailOpen(make_error_code(Errc::kProtocolError));
     if (const std::string* framer = FindInitHeader(rinit->headers, kMuxFramerHeader)) {

@@ -36,6 +36,20 @@ std::string Printable(std::string_view s, size_t max = 200) {
   return out;
 }
 
+// The Tdiscarded `why`: why the client gave up on the request, for the server's operators.
+// The backup-request sink stops the attempt that lost the race with kCancelled, and a backup
+// when the call ends (its deadline, the caller's cancellation) with kCancelled too: the
+// attempt's kind and the call's deadline tell the cases apart as far as they can be.
+std::string DiscardReason(const error_code& reason, const CallProperties& props, TimePoint now) {
+  if (reason == Errc::kRequestTimeout) return "request timed out: the client's deadline for it passed";
+  if (reason != Errc::kCancelled) return reason.message();
+  if (!props.backup) {
+    return "cancelled by the client: a backup request answered first, or the caller gave up on the call";
+  }
+  if (props.deadline && now >= *props.deadline) return "backup request cut off: the call's deadline passed";
+  return "backup request lost the race: another attempt answered first, or the caller cancelled the call";
+}
+
 }  // namespace
 
 const char* ToString(OpportunisticTls level) noexcept {
@@ -63,7 +77,7 @@ uint32_t AdvertisedFragmentSize(const SessionOptions& o) noexcept {
 void Validate(const SessionOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
   if (o.connect_timeout <= Duration::zero()) fail("session.connect_timeout must be > 0");
-  if (o.max_frame_size < 4) fail("session.max_frame_size must be >= 4");
+  if (o.max_frame_size < kMinMaxFrameSize) fail(fmt::format("session.max_frame_size must be >= {}", kMinMaxFrameSize));
   if (o.max_message_size == 0) fail("session.max_message_size must be > 0");
   if (o.max_fragment_size == 0 || o.max_fragment_size > kUnlimitedFragmentSize) {
     fail("session.max_fragment_size must be in 1..2147483647");
@@ -204,10 +218,19 @@ void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
     Flush();
     return;
   }
+  // After a Tdrain the open fails once the Rdrain is written (MaybeFinishDrain); an Rinit
+  // behind it opens nothing.
+  if (draining_) return;
   auto decoded = DecodeMessage(frame);
   if (!decoded) {
     FailOpen(make_error_code(Errc::kProtocolError),
              fmt::format("bad handshake reply from {}: {}", address_, decoded.error().detail));
+    return;
+  }
+  if (std::holds_alternative<Tping>(*decoded) || std::holds_alternative<Tdrain>(*decoded)) {
+    // A server may ping, or start draining, at any time (§1.9), also before it answers Tinit:
+    // answered as on an open session (Rping; Rdrain, and the session drains: the open fails).
+    HandleMessage(std::move(*decoded));
     return;
   }
   if (auto* rinit = std::get_if<Rinit>(&*decoded)) {
@@ -825,7 +848,7 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
     p->stack = nullptr;
     Tdiscarded td;
     td.which = tag;
-    td.why = reason.message();
+    td.why = DiscardReason(reason, stack.message().properties, loop_.Now());
     Enqueue(td);
     discards_sent_.Increment();
     --pending_count_;
@@ -885,16 +908,26 @@ void MuxSessionSink::OnPingTimeout(void* p) {
 // --- closing -------------------------------------------------------------------------------
 
 void MuxSessionSink::MaybeFinishDrain() {
-  if (!draining_ || pending_count_ != 0 || state_ != State::kOpen) return;
+  const bool handshaking = state_ == State::kHandshaking;
+  if (!draining_ || pending_count_ != 0 || (state_ != State::kOpen && !handshaking)) return;
   // Rdrain, and any Tdiscarded, must reach the server before the socket closes: finish the
   // write in flight and whatever is queued behind it first (OnWritten comes back here), for up
-  // to ping_timeout (a server that does not read cannot be told anything). Meanwhile the
-  // session is Busy and refuses new requests (kNack), as during any drain.
+  // to ping_timeout (a server that does not read cannot be told anything), or during the
+  // handshake until its deadline (connect_timeout). Meanwhile the session is Busy and refuses
+  // new requests (kNack), as during any drain.
   Flush(/*now=*/true);
-  if (writing_ && options_.ping_timeout > Duration::zero()) {
-    if (!drain_timer_.scheduled()) {
+  if (writing_ && (handshaking || options_.ping_timeout > Duration::zero())) {
+    if (!handshaking && !drain_timer_.scheduled()) {
       loop_.timers().Schedule(drain_timer_, DeadlineAfter(loop_.Now(), options_.ping_timeout), &OnDrainTimeout, this);
     }
+    return;
+  }
+  if (handshaking) {
+    // Retryable: nothing was sent on this session, and another endpoint may take the request.
+    FailOpen(make_error_code(Errc::kNack),
+             fmt::format("{} sent Tdrain before answering Tinit (it is shutting down): answered Rdrain; the "
+                         "session was not opened and no request was sent on it",
+                         address_));
     return;
   }
   // Drained: the session is finished; the pool replaces it on the next request.

@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <gmock/gmock.h>
@@ -385,6 +386,36 @@ TEST(MuxReferenceServerTest, TdiscardedForPendingTagGetsRdiscarded) {
   m = c.ReadMessage();
   ASSERT_TRUE(m);
   EXPECT_TRUE(*m == Message(Rdiscarded{3}));
+}
+
+// --greet-after-tinit: the control message comes after the probe's echo, between Tinit and its
+// Rinit (a Tdrain also drains the connection: it closes once Rdrain came and nothing is left).
+TEST(MuxReferenceServerTest, GreetAfterTinitComesBeforeRinit) {
+  for (const char* greet : {"tping", "tdrain"}) {
+    SCOPED_TRACE(greet);
+    MuxReferenceServer server({"--greet-after-tinit", greet});
+    RawConnection c(server.port());
+    c.Send(ProbeMessage());
+    auto echo = c.ReadMessage();
+    ASSERT_TRUE(echo && IsProbe(*echo));
+    c.Send(Tinit{1, 1, {{"mux-framer", EncodeMuxFramer(0x7FFFFFFF)}, {"tls", "off"}}});
+    const bool ping = std::string_view(greet) == "tping";
+    auto first = c.ReadMessage();
+    ASSERT_TRUE(first);
+    EXPECT_TRUE(*first == (ping ? Message(Tping{1}) : Message(Tdrain{1}))) << Describe(*first);
+    auto rinit = c.ReadMessage();
+    ASSERT_TRUE(rinit && std::holds_alternative<Rinit>(*rinit));
+    if (ping) {
+      c.Send(Rping{1});
+      EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rping tag=1"})) << server.Log();
+      c.Send(Dispatch(2, EchoCall("after")));
+      EXPECT_EQ(ReplyText(c.ReadReply()), "after");
+    } else {
+      c.Send(Rdrain{1});
+      EXPECT_TRUE(c.WaitForEof());
+      EXPECT_TRUE(server.WaitForLog({"conn=1 close drained"})) << server.Log();
+    }
+  }
 }
 
 // --- Strict mode. -------------------------------------------------------------------------------

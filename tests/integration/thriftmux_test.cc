@@ -14,6 +14,8 @@
 #include <cstdio>
 #include <functional>
 #include <future>
+#include <iterator>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -687,18 +689,48 @@ TEST(ThriftMuxTest, RepliesLargerThanMaxFrameSizeComeInFragmentsOfTheAdvertisedS
   EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << server.Log();
 }
 
+// A frame must hold the messages that are never fragmented (Rinit, Rerr, a Nack's MuxFailure):
+// the builder refuses a max_frame_size below mux::kMinMaxFrameSize. 4 used to pass, advertising
+// a mux-framer of 1 byte.
+TEST(ThriftMuxTest, MaxFrameSizeBelowTheMinimumIsRefused) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  for (uint32_t size : {4u, 5u, mux::kMinMaxFrameSize - 1}) {
+    auto options = Options(MakeRuntime());
+    options.session.max_frame_size = size;
+    try {
+      ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+      ADD_FAILURE() << "max_frame_size " << size << " accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find("session.max_frame_size must be >= 512"), std::string::npos)
+          << e.what();
+    }
+  }
+  auto options = Options(MakeRuntime());
+  options.session.max_frame_size = mux::kMinMaxFrameSize;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  std::string r;
+  client->echo(r, "small frames");
+  EXPECT_EQ(r, "small frames");
+}
+
+// Against a reference server started with `args`, which sends a Tping during the handshake: the
+// session answers it and opens, and serves the calls.
+void ExpectTpingAnsweredAndCallsServed(std::vector<std::string> args) {
+  test::MuxReferenceServer server(std::move(args));
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  std::string r;
+  client->echo(r, "hello");
+  EXPECT_EQ(r, "hello");
+  EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rping tag=1"})) << server.Log();
+  EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "one session\n" << server.Log();
+}
+
 // Before the probe's answer the server may already send a Tping or a Tdrain on tag 1 (a server
 // pinging at once, or shutting down as we connect): only an Rerr on tag 1 answers the probe;
 // the others are messages, answered with Rping / Rdrain.
 TEST(ThriftMuxTest, TpingAndTdrainBeforeTheProbesAnswerAreAnswered) {
-  {
-    test::MuxReferenceServer server({"--mode", "old", "--greet", "tping"});
-    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
-    std::string r;
-    client->echo(r, "hello");
-    EXPECT_EQ(r, "hello");
-    EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rping tag=1"})) << server.Log();
-  }
+  ExpectTpingAnsweredAndCallsServed({"--mode", "old", "--greet", "tping"});
   {
     test::MuxReferenceServer server({"--mode", "finagle", "--greet", "tdrain"});
     auto options = Options(MakeRuntime());
@@ -706,6 +738,26 @@ TEST(ThriftMuxTest, TpingAndTdrainBeforeTheProbesAnswerAreAnswered) {
     auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
     (void)CallError(client, "hello");  // a draining session takes no request: not the point here
     EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rdrain tag=1"})) << server.Log();
+  }
+}
+
+// After Tinit, before its Rinit, the server may ping (answered, and the session opens as
+// negotiated) or start draining (answered with Rdrain; the open fails, retryably, and nothing is
+// sent on that session): they used to fail the open as "answered Tinit with Tping instead of Rinit".
+TEST(ThriftMuxTest, TpingAndTdrainBeforeRinitAreAnswered) {
+  ExpectTpingAnsweredAndCallsServed({"--mode", "finagle", "--greet-after-tinit", "tping"});
+  {
+    test::MuxReferenceServer server({"--mode", "finagle", "--greet-after-tinit", "tdrain"});
+    test::LogCapture log;
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+    std::string what;
+    const error_code ec = CallError(client, "hello", &what);
+    EXPECT_TRUE(ec == Condition::kRetryable) << ErrorName(ec) << ": " << what;
+    EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rdrain tag=1"})) << server.Log();
+    EXPECT_TRUE(server.LogLinesWith({"recv Tdispatch"}).empty()) << server.Log();
+    EXPECT_TRUE(log.Has({"Mux session to " + server.endpoint() + " failed to open",
+                         "sent Tdrain before answering Tinit", "[nack]"}))
+        << log.All();
   }
 }
 
@@ -778,7 +830,8 @@ class SessionCall {
     stack_.Push(catcher_.get());
   }
   void Start(mux::MuxSessionSink& session) { session.AsyncProcessRequest(stack_, message_, nullptr); }
-  void Cancel() { stack_.Cancel(make_error_code(Errc::kRequestTimeout)); }
+  void Cancel(Errc reason = Errc::kRequestTimeout) { stack_.Cancel(make_error_code(reason)); }
+  CallProperties& properties() { return message_.properties; }
   int completions() const { return catcher_->completions; }
   const MethodReturnMessage& result() const { return catcher_->result; }
   const std::string& reply() const { return catcher_->reply; }
@@ -912,6 +965,86 @@ TEST(MuxSessionTest, RequestsCancelledBehindAStuckWriteGiveTheirBytesBack) {
   EXPECT_EQ(session->pending(), 0u);
   EXPECT_EQ(session->queued_bytes(), 0u);
   session->Close();
+  env.Run();
+}
+
+// A session (pings off) to `server` on a manual runtime, and the outcome of its open.
+struct ReferenceSession {
+  explicit ReferenceSession(test::ManualEnv& env, const test::MuxReferenceServer& server) {
+    mux::SessionOptions o;
+    o.ping_interval = Duration::zero();
+    session = std::make_shared<mux::MuxSessionSink>(
+        test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", static_cast<uint16_t>(server.port())}),
+        o);
+    session->AsyncOpen([this](error_code ec) { opened = ec; });
+  }
+  std::shared_ptr<mux::MuxSessionSink> session;
+  std::optional<error_code> opened;
+};
+
+// A Tdrain between Tinit and Rinit: the session answers Rdrain and, once it is written, fails
+// the open with kNack (retryable: nothing was sent), whatever follows (here the Rinit).
+TEST(MuxSessionTest, TdrainBeforeRinitFailsTheOpenRetryably) {
+  test::MuxReferenceServer server({"--mode", "finagle", "--greet-after-tinit", "tdrain"});
+  test::ManualEnv env;
+  ReferenceSession s(env, server);
+  ASSERT_TRUE(RunUntil(env, [&] { return s.opened.has_value(); }));
+  EXPECT_EQ(*s.opened, Errc::kNack) << s.session->open_failure_detail();
+  EXPECT_TRUE(*s.opened == Condition::kRetryable);
+  EXPECT_NE(s.session->open_failure_detail().find("sent Tdrain before answering Tinit"), std::string::npos)
+      << s.session->open_failure_detail();
+  EXPECT_FALSE(s.session->negotiated());
+  EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rdrain tag=1"})) << server.Log();
+  SessionCall call("x");
+  call.Start(*s.session);
+  env.Run();
+  ASSERT_EQ(call.completions(), 1);
+  EXPECT_EQ(call.result().error, Errc::kNotSent) << call.result().detail;
+}
+
+// The Tdiscarded of a request the client gave up on says why in words for the server's
+// operators: a timeout, the caller's cancellation or a backup that answered first (kCancelled
+// on the first attempt), a backup that lost the race or was cut off by the call's deadline
+// (kCancelled on the backup attempt), not kCancelled's "request cancelled".
+TEST(MuxSessionTest, TdiscardedSaysWhyTheClientGaveUp) {
+  test::MuxReferenceServer server({"--mode", "finagle", "--delay", "60000"});  // replies only Rdiscarded
+  test::ManualEnv env;
+  ReferenceSession s(env, server);
+  ASSERT_TRUE(RunUntil(env, [&] { return s.opened.has_value(); }));
+  ASSERT_FALSE(*s.opened) << s.session->open_failure_detail();
+  struct Case {
+    bool backup;
+    bool deadline_passed;
+    Errc reason;
+    std::string why;
+  };
+  const Case cases[] = {
+      {false, true, Errc::kRequestTimeout, "request timed out: the client's deadline for it passed"},
+      {false, false, Errc::kCancelled,
+       "cancelled by the client: a backup request answered first, or the caller gave up on the call"},
+      {true, false, Errc::kCancelled,
+       "backup request lost the race: another attempt answered first, or the caller cancelled the call"},
+      {true, true, Errc::kCancelled, "backup request cut off: the call's deadline passed"},
+  };
+  for (size_t i = 0; i < std::size(cases); ++i) {
+    const Case& c = cases[i];
+    SCOPED_TRACE(c.why);
+    SessionCall call("x");
+    call.properties().backup = c.backup;
+    call.properties().deadline = env.Now() + 1s;
+    call.Start(*s.session);
+    ASSERT_TRUE(RunUntil(env, [&] { return server.LogLinesWith({"recv Tdispatch"}).size() == i + 1; }))
+        << server.Log();
+    if (c.deadline_passed) env.Advance(1s);
+    call.Cancel(c.reason);
+    ASSERT_TRUE(RunUntil(env, [&] { return server.LogLinesWith({"recv Tdiscarded"}).size() == i + 1; }))
+        << server.Log();
+    const std::string line = server.LogLinesWith({"recv Tdiscarded"}).back();
+    EXPECT_EQ(line.substr(line.find("why=") + 4), c.why) << line;
+    ASSERT_EQ(call.completions(), 1);
+    EXPECT_EQ(call.result().error, c.reason);
+  }
+  s.session->Close();
   env.Run();
 }
 

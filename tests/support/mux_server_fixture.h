@@ -3,7 +3,8 @@
 // /usr/bin/python3 and python3-thrift) in a child process, for ThriftMux/Mux integration tests.
 // The server is written independently of the C++ Mux codec; see the script's docstring for its
 // modes (--mode finagle|strict|old, --framer N, --ping-interval MS, --greet tping|tdrain: a
-// control message written as a connection opens, before the probe's answer) and for the misbehaviours
+// control message written as a connection opens, before the probe's answer; --greet-after-tinit
+// tping|tdrain: one written on Tinit, before the Rinit) and for the misbehaviours
 // that echo() arguments trigger ("drain", "lease:MS", "nack", "error:T", "rerr:T", "noreply",
 // "garbage", "close-mid-frame", "contexts", "tls-info", "ping-flood"; sleep(MS) replies late).
 // TLS (Python's ssl module): TlsArgs() gives the arguments for TLS from the first byte or for

@@ -30,8 +30,11 @@
 // wait for the socket: a server that floods Tping without reading closes the session);
 // Tdrain answered with Rdrain, after which the
 // session takes no new request (they fail with a retryable kNack), reports Busy, and closes
-// once its requests finish; Tlease sets a lease, and an expired lease reports Busy. The client
-// pings on tag 1 every ping_interval; no Rping within ping_timeout closes the session. An
+// once its requests finish. Both may come before Rinit too: a Tping is answered and the
+// handshake goes on; a Tdrain is answered and fails the open with kNack (retryable: no request
+// was sent) once the Rdrain is written, whatever follows it. Tlease sets a lease, and an
+// expired lease reports Busy. The client pings on tag 1 every ping_interval; no Rping within
+// ping_timeout closes the session. An
 // undecodable frame, an unknown message type or a server-initiated dispatch closes the
 // session and fails its requests with kProtocolError. Whatever closes the session, a request
 // that never left the process (still queued behind an unfinished write, or beyond the piece of
@@ -63,13 +66,21 @@ const char* ToString(OpportunisticTls level) noexcept;
 // Parses "off" / "desired" / "required"; nullopt for anything else.
 std::optional<OpportunisticTls> ParseOpportunisticTls(std::string_view s) noexcept;
 
+// The smallest SessionOptions::max_frame_size. Only Rdispatch is fragmented, so the other
+// messages a server sends come whole: Rinit with its headers (about 50 bytes for mux-framer and
+// tls, more with compression), the probe's echo, Tlease, an Rerr's reason, a Nack's MuxFailure
+// context. 512 bytes holds them with room for a reason of a few hundred characters; below that
+// ordinary handshakes and errors would close the session as protocol errors, and the advertised
+// mux-framer (max_frame_size - 4) would cut replies into absurdly small fragments.
+inline constexpr uint32_t kMinMaxFrameSize = 512;
+
 struct SessionOptions {
   // TCP connect timeout; the handshake must also finish within it. Default 5 s; > 0.
   Duration connect_timeout = std::chrono::seconds(5);
   // Send the probe and Tinit when opening. Default true. When false the session starts
   // un-negotiated (as scales' Python client did).
   bool handshake = true;
-  // Largest frame accepted from the server (size field). Default 32 MiB.
+  // Largest frame accepted from the server (size field). Default 32 MiB; >= kMinMaxFrameSize.
   uint32_t max_frame_size = 32u << 20;
   // Largest reassembled message per tag (sum of fragment bodies). Default 32 MiB.
   size_t max_message_size = 32u << 20;

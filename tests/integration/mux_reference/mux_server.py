@@ -74,6 +74,9 @@ Without --tls-mode the server is plaintext and answers tls=off.
 reading anything: it reaches the client before the answer to its probe (a server that pings at
 once, or that is shutting down as the client connects: "tdrain" also makes the connection drain,
 as "drain" does).
+--greet-after-tinit tping|tdrain writes it on receiving a Tinit instead, in one write with the
+Rinit that still follows it: the client, waiting for Rinit, reads both at once (a server that
+pings, or starts shutting down, during the handshake).
 
 --delay MS makes every dispatch wait MS milliseconds first (a slow server, e.g. for hedging
 tests; Tdiscarded cancels the wait).
@@ -381,10 +384,13 @@ class Connection:
             framer = min(framer, self.args.framer)
         return framer
 
-    def send(self, mtype, tag, body=b"", note=""):
+    def send(self, mtype, tag, body=b"", note="", prefix=b""):
+        """Queues a message; `prefix` (whole frames, logged by the caller) goes out in the same
+        write as its first frame."""
         if self.closed:
             return
         frames = fragments(mtype, tag, body, self.out_framer())
+        frames[0] = prefix + frames[0]
         self.log("send %s tag=%d size=%d%s%s" % (
             NAMES.get(mtype, "0x%02x" % mtype), tag, len(body),
             " fragments=%d" % len(frames) if len(frames) > 1 else "",
@@ -441,15 +447,24 @@ class Connection:
         if self.drain_acked and not self.pending and not self.queue and not self.closed:
             self.close("drained")
 
+    def greeting(self, what, note):
+        """The frame of --greet / --greet-after-tinit, logged: Tping or Tdrain (tag 1; a Tdrain
+        also makes the connection drain, as "drain" does), or b"" for none."""
+        if what not in ("tping", "tdrain"):
+            return b""
+        mtype = TPING if what == "tping" else TDRAIN
+        if mtype == TDRAIN:
+            self.draining = True
+        self.log("send %s tag=1 size=0 %s" % (NAMES[mtype], note))
+        return frame(mtype, 1)
+
     # ---- reading ----
 
     async def run(self):
         self.log("open")
-        if self.args.greet == "tping":
-            self.send(TPING, 1, note="greet")
-        elif self.args.greet == "tdrain":
-            self.draining = True
-            self.send(TDRAIN, 1, note="greet")
+        greeting = self.greeting(self.args.greet, "greet")
+        if greeting:
+            self.queue.append([greeting])
         writer_task = asyncio.ensure_future(self.writer_loop())
         ping_task = None
         if self.args.mode == "strict":
@@ -552,14 +567,16 @@ class Connection:
                 rbody += struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v
             note = "framer=%d tls=%s client-tls=%s outcome=%s" % (framer, ours, client_tls,
                                                                  outcome)
+            # --greet-after-tinit: in the Rinit's write, so that the client reads both at once.
+            greeting = self.greeting(self.args.greet_after_tinit, "greet-after-tinit")
             if outcome == "tls":
                 # Written by start_tls() right before the handshake (the reader loop calls it
                 # once this frame is handled), so no plaintext byte follows Rinit.
                 self.log("send Rinit tag=%d size=%d %s" % (tag, len(rbody), note))
-                self.tls_rinit = frame(RINIT, tag, rbody)
+                self.tls_rinit = greeting + frame(RINIT, tag, rbody)
                 return
             self.handshaken = True
-            self.send(RINIT, tag, rbody, note)
+            self.send(RINIT, tag, rbody, note, prefix=greeting)
             if outcome == "incompatible":
                 self.close_when_flushed = "tls-incompatible"
             return
@@ -969,6 +986,8 @@ def main():
                         "cancels the wait)")
     p.add_argument("--greet", choices=["tping", "tdrain"], default="",
                    help="write this control message (tag 1) as soon as a connection opens")
+    p.add_argument("--greet-after-tinit", choices=["tping", "tdrain"], default="",
+                   help="write this control message (tag 1) on receiving Tinit, before Rinit")
     p.add_argument("--fail-all", action="store_true",
                    help="answer every call with an Rdispatch error")
     p.add_argument("--tls-cert", default="", help="PEM certificate chain of the server")
