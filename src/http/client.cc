@@ -131,16 +131,19 @@ SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
 }
 
 HttpClient HttpClientBuilder::Build() {
-  Validate(options_.transport);
-  Validate(options_.pool);
-  Validate(static_cast<const ResilienceOptions&>(options_));
-  SinkStackSpec spec = ApplyEdits(DefaultStack(options_));
-  auto core = std::make_shared<ClientCore>(options_.client, std::move(spec));
-  core->OpenAndWait();
-  // No default headers: no pointer, so that a call neither copies it nor walks an empty list.
-  auto defaults = options_.default_headers.empty() ? nullptr
-                                                   : std::make_shared<const Headers>(options_.default_headers);
-  return HttpClient(std::move(core), std::move(defaults));
+  return NamingTheClient([&] {
+    Validate(options_.transport);
+    Validate(options_.pool);
+    Validate(static_cast<const ResilienceOptions&>(options_));
+    SinkStackSpec spec = ApplyEdits(DefaultStack(options_));
+    auto core = std::make_shared<ClientCore>(options_.client, std::move(spec));
+    core->OpenAndWait();
+    // No default headers: no pointer, so that a call neither copies it nor walks an empty list.
+    auto defaults = options_.default_headers.empty()
+                        ? nullptr
+                        : std::make_shared<const Headers>(options_.default_headers);
+    return HttpClient(std::move(core), std::move(defaults));
+  });
 }
 
 }  // namespace http

@@ -35,6 +35,7 @@ namespace {
 using namespace std::chrono_literals;
 using ::testing::HasSubstr;
 using ::testing::Not;
+using ::testing::StartsWith;
 using scales::echo::EchoClient;
 using test::NginxServer;
 using test::NginxTls;
@@ -286,6 +287,8 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
     EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + missing + "' cannot be read"));
+    // Like every error of a client, it names the client.
+    EXPECT_THAT(e.what(), StartsWith("client tls-it: tls.ca_file")) << e.what();
   }
   try {
     Http::NewClient("tcp://127.0.0.1:1?tls=on&tls_ca_file=" + ca.server_key, HttpOpts(rt, {}));
@@ -300,6 +303,7 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
     EXPECT_THAT(e.what(), HasSubstr("tls='yes'"));
+    EXPECT_THAT(e.what(), StartsWith("client tls-it: ")) << e.what();
   }
   try {
     Http::NewClient("tcp://127.0.0.1:1?tls_ca=x", HttpOpts(rt, {}));

@@ -7,9 +7,11 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "scales/core/client.h"
+#include "scales/core/error.h"
 #include "scales/core/provider.h"
 
 namespace scales {
@@ -69,6 +71,20 @@ class ClientBuilderBase {
   Derived& Edit(std::function<void(SinkStackSpec&)> edit) {
     edits_.push_back(std::move(edit));
     return self();
+  }
+  // Runs `build` (a protocol builder's Build()). A scales::Error it throws that does not name
+  // the client yet gets "client NAME: " in front, as every error a client reports does: a bad
+  // URI, an option out of range, a TLS file that cannot be read.
+  template <class F>
+  auto NamingTheClient(F&& build) -> decltype(build()) {
+    try {
+      return build();
+    } catch (const Error& e) {
+      const std::string prefix = "client " + co().name;
+      const std::string_view what = e.what();
+      if (co().name.empty() || what.starts_with(prefix + ":") || what.starts_with(prefix + " ")) throw;
+      throw Error(e.scales_code(), prefix + ": " + std::string(what));
+    }
   }
   // The default stack with the recorded edits applied.
   SinkStackSpec ApplyEdits(SinkStackSpec spec) const {

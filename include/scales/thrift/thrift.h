@@ -86,9 +86,11 @@ class ThriftClientBuilder : public ClientBuilderBase<ThriftClientBuilder<G>> {
 
   // Builds and opens the client. Throws scales::Error.
   ThriftClient<G> Build() {
-    Validate(options_);
-    auto core = BuildThriftCore(options_, this->ApplyEdits(DefaultThriftStack(options_)));
-    return ThriftClient<G>(std::move(core), options_.protocol, options_.client_id);
+    return this->NamingTheClient([&] {
+      Validate(options_);
+      auto core = BuildThriftCore(options_, this->ApplyEdits(DefaultThriftStack(options_)));
+      return ThriftClient<G>(std::move(core), options_.protocol, options_.client_id);
+    });
   }
 
  private:

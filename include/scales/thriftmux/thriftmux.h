@@ -108,11 +108,13 @@ class ThriftMuxClientBuilder : public ClientBuilderBase<ThriftMuxClientBuilder<G
   ClientOptions& client_options() noexcept { return options_.client; }
 
   thrift::ThriftClient<G> Build() {
-    ThriftMuxOptions effective = options_;
-    ApplyUriOptions(effective);
-    Validate(effective);
-    auto core = BuildThriftMuxCore(effective, this->ApplyEdits(DefaultThriftMuxStack(effective)));
-    return thrift::ThriftClient<G>(std::move(core), thrift::Protocol::kBinary, effective.client_id);
+    return this->NamingTheClient([&] {
+      ThriftMuxOptions effective = options_;
+      ApplyUriOptions(effective);
+      Validate(effective);
+      auto core = BuildThriftMuxCore(effective, this->ApplyEdits(DefaultThriftMuxStack(effective)));
+      return thrift::ThriftClient<G>(std::move(core), thrift::Protocol::kBinary, effective.client_id);
+    });
   }
 
  private:
