@@ -11,26 +11,38 @@
 // The limits are tiny (128-byte header block, 64-byte body) so that short inputs and the seeds
 // reach them (make_corpus.py has seeds just under and over each). A model reads the same bytes
 // with Beast's request parser under the documented limits (a header block, a chunk-size line
-// and a trailer section each within max_header_bytes; the body within max_body_bytes) and says
-// which requests the session must answer and whether it must close. Checked:
-// - the session answers exactly those requests, in order, and nothing else: the bytes it sends
-//   parse as that many HTTP/1.x responses and no more;
+// and a trailer section each within max_header_bytes; the body within max_body_bytes), checks
+// the transfer-codings and decodes the target's path by its own reading of RFC 9112 and 3986,
+// and says which requests the session must answer, which it must refuse with which status, and
+// whether it must close. Checked:
+// - the session answers exactly those requests, in order, then the refused one if any, and
+//   nothing else: the bytes it sends parse as that many HTTP/1.x responses and no more;
 // - each response: HTTP/1.1 (HTTP/1.0 to a 1.0 request), keep-alive as the request asked, a
 //   Server and a Content-Type field; 405 with Allow for a method other than GET and HEAD; for
-//   GET the page Route() builds for the target (status and body), for HEAD its status and its
-//   body's length and no body; 404 exactly for the paths that are not pages, 500 when the page
-//   threw;
+//   GET the page Route() builds for the decoded path (status and body), for HEAD its status and
+//   its body's length and no body; 404 exactly for the paths that are not pages, 500 when the
+//   page threw;
+// - a refusal: HTTP/1.1 with "Connection: close", text/plain, a body naming the problem (its
+//   length and no body to a HEAD), and the status the model gives (400 malformed or a bad
+//   target, 414 or 431 a header block over the limit, 413 a body or chunk-size line over it, 431
+//   a trailer section over it, 400 or 501 a transfer-coding other than chunked);
 // - every answered request's header block is within the limit (counted on the bytes);
-// - the connection is closed when the model says so (a request without keep-alive, a malformed
-//   or oversized request, the client's end of stream), and kept open otherwise; either way the
-//   session object goes away once it is closed.
+// - the connection is closed when the model says so (a request without keep-alive, a refused
+//   request, the client's end of stream), and kept open otherwise; either way the session object
+//   goes away once it is closed (after its linger: the client's end of stream, or a 1 ms
+//   linger_timeout when the client keeps its end open).
 // FUZZ_DEBUG=1 prints what the model expected and what came back.
 
+#include <algorithm>
+#include <cctype>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -57,7 +69,7 @@ constexpr size_t kMaxBody = 64;
 
 struct ModelRequest {
   bhttp::verb method;
-  std::string target;
+  std::string path;  // decoded: what Route() is given
   unsigned version = 11;
   bool keep_alive = true;
   size_t begin = 0;  // offset of its first byte in the input
@@ -66,13 +78,100 @@ struct ModelRequest {
 struct Model {
   std::vector<ModelRequest> requests;  // answered, in order
   bool closes = false;                 // the session closes after answering them
+  // The statuses the session may refuse the request after them with, then closing; empty: it
+  // refuses none.
+  std::vector<unsigned> refusals;
+  bool refused_head = false;  // the refused request is a HEAD: its answer has no body
   // It may also wait for more instead: the bytes after the last request are a malformed header
   // block and the connection stays open. Beast's parser, given a request line or fields in
   // pieces, waits for a blank line past the point where it stopped before it looks at them
   // again, so whether it sees the error now depends on how the bytes were cut into reads (it
-  // sees it at the latest when the block reaches the limit).
+  // sees it at the latest when the block reaches the limit, which it may then refuse as over
+  // the limit).
   bool may_stay_open = false;
+  // Or close without refusing it: the client's end of stream came before it saw the error.
+  bool may_close_unanswered = false;
 };
+
+// The status of a header block that does not end within the limit: 414 when its request line
+// (the block's first line) does not either.
+unsigned OversizedHeaderStatus(std::string_view bytes, size_t start) {
+  return bytes.substr(start, kMaxHeader).find('\n') == std::string_view::npos ? 414 : 431;
+}
+
+// The status of the refusal of an unfinished header block a parser given all of it at once
+// fails (any parser given it in pieces fails it no sooner); 0 if it does not.
+unsigned MalformedHeaderStatus(std::string_view block) {
+  bhttp::request_parser<bhttp::string_body> p;
+  p.header_limit(UINT32_MAX);
+  p.body_limit(kMaxBody);
+  boost::system::error_code ec;
+  p.put(boost::asio::buffer(block), ec);
+  if (!ec || ec == bhttp::error::need_more) return 0;
+  return ec == bhttp::error::body_limit ? 413 : 400;
+}
+
+// RFC 9112 6.1: the codings of all the Transfer-Encoding fields must end in chunked, once, or the
+// body has no known end (400; Beast's chunked() says whether they do); a coding besides chunked
+// is one the session does not decode (501). 0: no refusal.
+unsigned TransferCodingStatus(const bhttp::request_parser<bhttp::string_body>& p) {
+  bool any = false;
+  bool other = false;
+  for (const auto& field : p.get()) {
+    if (field.name() != bhttp::field::transfer_encoding) continue;
+    any = true;
+    std::istringstream list{std::string(field.value())};
+    for (std::string element; std::getline(list, element, ',');) {
+      element = element.substr(0, element.find(';'));
+      const size_t first = element.find_first_not_of(" \t");
+      if (first == std::string::npos) continue;
+      element = element.substr(first, element.find_last_not_of(" \t") + 1 - first);
+      for (char& c : element) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      if (element != "chunked") other = true;
+    }
+  }
+  if (!any) return 0;
+  if (!p.chunked()) return 400;
+  return other ? 501 : 0;
+}
+
+// The path the session must route a GET or HEAD of `target` to: of the origin form, or of an
+// http or https URL in absolute form (RFC 9112 3.2.2; "/" when it has none), without the query,
+// each %XX decoded (RFC 3986 2.1); nothing when the session must refuse the target: another
+// form, a '%' without two hex digits, an escaped '/' or NUL.
+std::optional<std::string> ModelPath(std::string target) {
+  target = target.substr(0, target.find('?'));
+  if (target.empty() || target[0] != '/') {
+    std::string lower = target.substr(0, 8);
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    size_t authority;
+    if (lower.starts_with("http://")) {
+      authority = 7;
+    } else if (lower.starts_with("https://")) {
+      authority = 8;
+    } else {
+      return std::nullopt;
+    }
+    const size_t slash = target.find('/', authority);
+    target = slash == std::string::npos ? "/" : target.substr(slash);
+  }
+  std::string path;
+  for (size_t i = 0; i < target.size();) {
+    if (target[i] != '%') {
+      path += target[i++];
+      continue;
+    }
+    if (i + 3 > target.size() || !std::isxdigit(static_cast<unsigned char>(target[i + 1])) ||
+        !std::isxdigit(static_cast<unsigned char>(target[i + 2]))) {
+      return std::nullopt;
+    }
+    const char c = static_cast<char>(std::stoi(target.substr(i + 1, 2), nullptr, 16));
+    if (c == '/' || c == '\0') return std::nullopt;
+    path += c;
+    i += 3;
+  }
+  return path;
+}
 
 // What the session must do with `bytes` (followed by the end of stream when `eof`): reads them
 // through a buffer that never holds more than kMaxHeader unparsed bytes (what is unparsed is
@@ -84,6 +183,13 @@ Model Expect(std::string_view bytes, bool eof) {
   size_t next = 0;   // the first input byte not yet read
   std::string held;  // read, not yet consumed by the parser
   size_t start = 0;  // offset of the current request
+  // The session refuses the current request with one of `statuses`, and closes.
+  auto refuse = [&m](std::vector<unsigned> statuses, bool head) {
+    m.closes = true;
+    m.refusals = std::move(statuses);
+    m.refused_head = head;
+    return m;
+  };
   for (;;) {
     bhttp::request_parser<bhttp::string_body> p;
     p.header_limit(UINT32_MAX);
@@ -98,26 +204,47 @@ Model Expect(std::string_view bytes, bool eof) {
         const size_t n = p.put(boost::asio::buffer(held), ec);
         held.erase(0, n);
         if (in_header) header += n;
-        if (header > kMaxHeader) {
-          m.closes = true;
-          return m;
+        if (header > kMaxHeader) return refuse({OversizedHeaderStatus(bytes, start)}, false);
+        const bool head = p.is_header_done() && p.get().method() == bhttp::verb::head;
+        if (in_header && p.is_header_done()) {
+          if (const unsigned status = TransferCodingStatus(p)) return refuse({status}, head);
         }
         if (p.is_done()) break;
         if (ec && ec != bhttp::error::need_more) {
-          m.closes = true;
-          m.may_stay_open = !eof && !p.is_header_done();
-          return m;
+          if (p.is_header_done())
+            return refuse({ec == bhttp::error::body_limit ? 413u : 400u}, head);
+          m.may_stay_open = !eof;
+          m.may_close_unanswered = eof;
+          std::vector<unsigned> statuses = {ec == bhttp::error::body_limit ? 413u : 400u};
+          if (bytes.size() - start >= kMaxHeader)
+            statuses.push_back(OversizedHeaderStatus(bytes, start));
+          return refuse(std::move(statuses), false);
         }
         if (in_header && p.is_header_done()) continue;  // on with the body, eagerly
       }
       // Needs more: an unfinished header block at the limit (or a chunk-size line or trailer
       // section as long) cannot end within it.
       if ((p.is_header_done() ? 0 : header) + held.size() >= kMaxHeader) {
-        m.closes = true;
-        return m;
+        // Or malformed where this parser, given the block in other pieces, has not looked yet.
+        if (!p.is_header_done()) return refuse({OversizedHeaderStatus(bytes, start), 400}, false);
+        // Beast holds a chunk-size line (after the CRLF ending the chunk before it), and the last
+        // one with the trailer section: a line end past that CRLF is in the trailer section.
+        std::string_view line = held;
+        if (line.starts_with("\r\n")) line.remove_prefix(2);
+        return refuse({line.find("\r\n") == std::string_view::npos ? 413u : 431u},
+                      p.get().method() == bhttp::verb::head);
       }
       if (next == bytes.size()) {
         m.closes = eof;
+        // Malformed where this parser has not looked yet (see may_stay_open): the session, given
+        // the bytes in other pieces, may have seen it.
+        if (!p.is_header_done()) {
+          if (const unsigned status = MalformedHeaderStatus(bytes.substr(start, next - start))) {
+            m.may_stay_open = !eof;
+            m.may_close_unanswered = eof;
+            return refuse({status}, false);
+          }
+        }
         return m;
       }
       const size_t take = std::min(kMaxHeader - held.size(), bytes.size() - next);
@@ -125,8 +252,13 @@ Model Expect(std::string_view bytes, bool eof) {
       next += take;
     }
     const auto& req = p.get();
-    m.requests.push_back(
-        {req.method(), std::string(req.target()), req.version(), req.keep_alive(), start});
+    const bool head = req.method() == bhttp::verb::head;
+    std::optional<std::string> path;
+    if (head || req.method() == bhttp::verb::get) {
+      path = ModelPath(std::string(req.target()));
+      if (!path) return refuse({400}, head);
+    }
+    m.requests.push_back({req.method(), path.value_or(""), req.version(), req.keep_alive(), start});
     start = next - held.size();
     if (!req.keep_alive()) {
       m.closes = true;
@@ -167,8 +299,10 @@ size_t Responses(std::string_view out, const Model& m) {
   return count;
 }
 
-// Checks the responses in `out` against the model's requests.
-void CheckResponses(std::string_view out, const Model& m, const Session::Handler& handler) {
+// Checks the responses in `out` against the model's requests, then the refusal if the model has
+// one; the session closed the connection when `closed`.
+void CheckResponses(std::string_view out, const Model& m, const Session::Handler& handler,
+                    bool closed) {
   size_t at = 0;
   for (const ModelRequest& req : m.requests) {
     Check(at < out.size(), "a request the model answers got no response");
@@ -195,9 +329,8 @@ void CheckResponses(std::string_view out, const Model& m, const Session::Handler
             "a method other than GET and HEAD not refused with 405 and Allow");
       continue;
     }
-    const Response page = handler(req.target);
-    const std::string_view path = std::string_view(req.target).substr(0, req.target.find('?'));
-    Check((page.status == bhttp::status::not_found) == !IsPage(path),
+    const Response page = handler(req.path);
+    Check((page.status == bhttp::status::not_found) == !IsPage(req.path),
           "404 for a page, or a page for another path");
     Check(res.result() == page.status, "the response's status is not the page's");
     Check(res[bhttp::field::content_type] == page.content_type,
@@ -208,6 +341,35 @@ void CheckResponses(std::string_view out, const Model& m, const Session::Handler
     } else {
       Check(res.body() == page.body, "a GET response whose body is not the page");
     }
+  }
+  if (at < out.size() && !m.refusals.empty()) {
+    bhttp::response_parser<bhttp::string_body> p;
+    p.header_limit(UINT32_MAX);
+    p.body_limit(boost::none);
+    p.eager(true);
+    if (m.refused_head) p.skip(true);
+    boost::system::error_code ec;
+    at += p.put(boost::asio::buffer(out.data() + at, out.size() - at), ec);
+    Check(!ec && p.is_done(), "a refusal that does not parse as HTTP (or is cut short)");
+    const auto& res = p.get();
+    Check(res.version() == 11 && !res.keep_alive(),
+          "a refusal other than HTTP/1.1 with Connection: close");
+    Check(std::find(m.refusals.begin(), m.refusals.end(), res.result_int()) != m.refusals.end(),
+          "a refusal with a status the model does not give");
+    Check(res[bhttp::field::server] == "scales-admin", "a refusal without the Server field");
+    Check(res[bhttp::field::content_type] == "text/plain; charset=utf-8",
+          "a refusal other than text/plain");
+    if (m.refused_head) {
+      Check(res.body().empty() && p.content_length().value_or(0) > 1,
+            "a refusal of a HEAD with a body, or without the length of the text");
+    } else {
+      Check(res.body().size() > 1 && res.body().back() == '\n',
+            "a refusal without a text naming the problem");
+    }
+  } else {
+    // Unless the client's end of stream came before the session saw what to refuse.
+    Check(m.refusals.empty() || !closed || m.may_close_unanswered,
+          "a refused request without an answer");
   }
   Check(at == out.size(), "bytes after the last response the model expects");
 }
@@ -239,12 +401,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (clients_throw) throw std::runtime_error("the fuzzer's clients page failed");
     return R"({"clients":[]})";
   };
-  const Session::Handler handler = [&pages](const std::string& target) {
-    return admin::internal::Route(target, pages);
+  const Session::Handler handler = [&pages](const std::string& path) {
+    return admin::internal::Route(path, pages);
   };
   SessionLimits limits;
   limits.max_header_bytes = kMaxHeader;
   limits.max_body_bytes = kMaxBody;
+  // In real time: a client that keeps its end open holds a closing session this long.
+  limits.linger_timeout = std::chrono::milliseconds(1);
 
   const auto conn = h.Connect();
   boost::asio::ip::tcp::socket socket(h.loop().io_context());
@@ -266,8 +430,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   peer.Drain();
   static const bool debug = std::getenv("FUZZ_DEBUG") != nullptr;
   if (debug) {
-    std::fprintf(stderr, "model: %zu request(s), %s; got %zu bytes, %s\n%s\n",
-                 model.requests.size(), model.closes ? "closes" : "stays open",
+    std::string refusals;
+    for (unsigned status : model.refusals) refusals += " " + std::to_string(status);
+    std::fprintf(stderr, "model: %zu request(s), refused with [%s ], %s; got %zu bytes, %s\n%s\n",
+                 model.requests.size(), refusals.c_str(), model.closes ? "closes" : "stays open",
                  peer.received().size(), peer.closed() ? "closed" : "open",
                  peer.received().c_str());
   }
@@ -275,13 +441,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                               : "the session did not answer every request");
   Check(peer.closed() == model.closes || (model.may_stay_open && !peer.closed()),
         model.closes ? "the connection was left open" : "the connection was closed");
-  CheckResponses(peer.received(), model, handler);
+  CheckResponses(peer.received(), model, handler, peer.closed());
   if (!peer.closed()) {
     const auto open = alive.lock();
     Check(open != nullptr, "the session went away with its connection open");
     open->Close();
   }
-  h.Settle();
-  Check(alive.expired(), "the session outlived its connection");
+  // A session that closed lingers until the client's end of stream (sent unless keep_open) or
+  // its linger_timeout.
+  Check(h.RunUntil([&] { return alive.expired(); }), "the session outlived its connection");
   return 0;
 }

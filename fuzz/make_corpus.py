@@ -350,6 +350,21 @@ def main():
         "chunk_line_empty_bytewise": bytes([OPEN | chunk(1)]) + b"POST / HTTP/1.1\r\n" + te + b"\r\n\r\n",
         # A long request line with short fields: the block over the limit, each part under it.
         "request_line_long": bytes([OPEN]) + b"GET /" + b"l" * 100 + b" HTTP/1.1\r\nA: " + b"a" * 60 + b"\r\n\r\n",
+        # A request line that does not end within the limit (414, not 431).
+        "request_line_over": bytes([OPEN | chunk(16)]) + b"GET /" + b"l" * 130 + b" HTTP/1.1\r\n\r\n",
+        # Targets in absolute form and escaped paths are served; bad escapes, an escaped '/' or
+        # NUL and other forms are refused (400), a HEAD's refusal without its text.
+        "absolute_form": bytes([OPEN]) + b"GET http://127.0.0.1:9990/metrics?x HTTP/1.1\r\n\r\n"
+                         b"HEAD HTTPS://a HTTP/1.1\r\n\r\nGET http://a/admin/%63lients HTTP/1.1\r\n\r\n",
+        "escaped_paths": bytes([OPEN]) + b"GET /%6detrics HTTP/1.1\r\n\r\nGET /metrics%3Fx HTTP/1.1\r\n\r\n"
+                         b"GET /admin%2fclients HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        "bad_escape": bytes([OPEN]) + b"GET /admin/%6 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        "escaped_nul_head": bytes([OPEN]) + b"HEAD /metrics%00 HTTP/1.1\r\n\r\n",
+        "other_form": b"\x00GET ftp://a/metrics HTTP/1.1\r\n\r\n",
+        # Transfer-codings besides chunked (501), and chunked not last (400).
+        "coding_gzip_chunked": bytes([OPEN]) + b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n",
+        "coding_gzip": bytes([OPEN]) + b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\nb",
     }
     # Header block limit: just under, at, just over; in one write and byte by byte.
     for total, tag in ((admin_header_limit - 1, "under"), (admin_header_limit, "at"), (admin_header_limit + 1, "over")):

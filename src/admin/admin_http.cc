@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <optional>
+#include <string>
 #include <utility>
 
 #include <fmt/format.h>
@@ -11,6 +13,18 @@
 #include "scales/http/message.h"
 
 namespace scales::admin::internal {
+
+// Why a session refuses a request. RefusalStatus() is the one place that gives each its status.
+enum class Refusal {
+  kMalformed,           // Beast's parser failed it: not a request as RFC 9112 has it
+  kBadTarget,           // ParseTarget refused it
+  kBadFraming,          // see CheckTransferCoding
+  kRequestLineTooLong,  // no end of the request line within max_header_bytes
+  kHeaderTooLarge,      // the header block, or the trailer section, over max_header_bytes
+  kBodyTooLarge,        // the body over max_body_bytes, or a chunk-size line over max_header_bytes
+  kUnsupportedCoding,   // see CheckTransferCoding
+};
+
 namespace {
 
 namespace asio = boost::asio;
@@ -23,10 +37,113 @@ constexpr std::string_view kIndex =
     "  /admin/metrics.json  Finagle-style flat JSON\n"
     "  /admin/clients       live clients: options, sink stack, members (JSON)\n";
 
+int HexDigit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// The path of a request target, without its query, percent-decoded; or why the target is
+// refused.
+struct TargetPath {
+  std::string path;
+  std::string error;  // empty when `path` is good
+};
+
+// Takes the origin form ("/a?q") and the absolute form ("http://host:port/a?q"), which RFC 9112
+// 3.2.2 has servers accept (a client configured with a proxy sends it); its authority is ignored,
+// as the Host field is. Escapes are decoded once the query is cut off, so an encoded '?' stays in
+// the path. An encoded '/' is refused rather than decoded: /admin%2Fclients is one segment where
+// /admin/clients is two, and a proxy in front that allows or denies by path would see them
+// apart. An encoded NUL is refused too.
+TargetPath ParseTarget(std::string_view target) {
+  TargetPath out;
+  std::string_view path = target.substr(0, target.find('?'));
+  if (!path.starts_with('/')) {
+    const size_t scheme_end = path.find("://");
+    const std::string_view scheme = path.substr(0, scheme_end);
+    if (scheme_end == std::string_view::npos ||
+        !(beast::iequals(scheme, "http") || beast::iequals(scheme, "https"))) {
+      out.error =
+          "request target is neither a path (/metrics) nor an http URL (http://host/metrics)";
+      return out;
+    }
+    const size_t slash = path.find('/', scheme_end + 3);
+    path = slash == std::string_view::npos ? std::string_view("/") : path.substr(slash);
+  }
+  out.path.reserve(path.size());
+  for (size_t i = 0; i < path.size(); ++i) {
+    if (path[i] != '%') {
+      out.path += path[i];
+      continue;
+    }
+    const int hi = i + 2 < path.size() ? HexDigit(path[i + 1]) : -1;
+    const int lo = hi >= 0 ? HexDigit(path[i + 2]) : -1;
+    if (lo < 0) {
+      out.error = "malformed percent-escape in the path (% and two hex digits)";
+    } else if (hi * 16 + lo == '/') {
+      out.error = "encoded '/' (%2F) in the path";
+    } else if (hi == 0 && lo == 0) {
+      out.error = "encoded NUL (%00) in the path";
+    }
+    if (!out.error.empty()) return out;
+    out.path += static_cast<char>(hi * 16 + lo);
+    i += 2;
+  }
+  return out;
+}
+
+// A request with Transfer-Encoding must have chunked as its last coding, once, or its body has no
+// known end (RFC 9112 6.1: 400; Beast's chunked() tells), and the admin server decodes no other
+// coding (501, which RFC 9112 6.1 has for a coding the server does not implement).
+std::optional<std::pair<Refusal, std::string>> CheckTransferCoding(
+    const http::request_parser<http::string_body>& parser) {
+  const auto [begin, end] = parser.get().equal_range(http::field::transfer_encoding);
+  if (begin == end) return std::nullopt;
+  if (!parser.chunked()) {
+    return std::pair(Refusal::kBadFraming,
+                     std::string("Transfer-Encoding without chunked as its last coding"));
+  }
+  for (auto field = begin; field != end; ++field) {
+    std::string_view codings = field->value();
+    while (!codings.empty()) {
+      const size_t comma = std::min(codings.find(','), codings.size());
+      std::string_view coding = codings.substr(0, std::min(codings.find(';'), comma));
+      codings.remove_prefix(std::min(comma + 1, codings.size()));
+      const size_t first = coding.find_first_not_of(" \t");
+      if (first == std::string_view::npos) continue;  // an empty list element
+      coding = coding.substr(first, coding.find_last_not_of(" \t") + 1 - first);
+      if (!beast::iequals(coding, "chunked")) {
+        return std::pair(Refusal::kUnsupportedCoding,
+                         fmt::format("transfer-coding {} not supported (only chunked)", coding));
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+http::status RefusalStatus(Refusal why) {
+  switch (why) {
+    case Refusal::kMalformed:
+    case Refusal::kBadTarget:
+    case Refusal::kBadFraming:
+      return http::status::bad_request;
+    case Refusal::kRequestLineTooLong:
+      return http::status::uri_too_long;
+    case Refusal::kHeaderTooLarge:
+      return http::status::request_header_fields_too_large;
+    case Refusal::kBodyTooLarge:
+      return http::status::payload_too_large;
+    case Refusal::kUnsupportedCoding:
+      return http::status::not_implemented;
+  }
+  return http::status::bad_request;
+}
+
 }  // namespace
 
-Response Route(std::string_view target, const Pages& pages) {
-  std::string_view path = target.substr(0, target.find('?'));
+Response Route(std::string_view path, const Pages& pages) {
   Response r;
   try {
     if (path == "/metrics") {
@@ -101,20 +218,29 @@ void Session::Parse() {
     const size_t n = parser_->put(data, ec);
     buffer_.consume(n);
     if (in_header && !parser_->is_header_done()) header_bytes_ += n;
+    // Before the body (which an eager put may have read some of already, or all): whether it
+    // can be read at all.
+    if (in_header && parser_->is_header_done()) {
+      if (auto refusal = CheckTransferCoding(*parser_))
+        return Refuse(refusal->first, std::move(refusal->second));
+    }
     if (parser_->is_done()) return Answer();
     // The header ended within the capped bytes and the body needs the bytes cut off: they are
     // in the buffer. Otherwise, after need_more, Beast must be given more bytes than before.
     if (ec == http::error::need_more && capped && parser_->is_header_done()) continue;
-    if (ec && ec != http::error::need_more) return Fail(ec, "reading a request failed");
+    if (ec == http::error::header_limit) return RefuseOversized();
+    if (ec == http::error::body_limit) {
+      return Refuse(Refusal::kBodyTooLarge,
+                    fmt::format("body over {} bytes", limits_.max_body_bytes));
+    }
+    if (ec && ec != http::error::need_more) {
+      return Refuse(Refusal::kMalformed, fmt::format("malformed request ({})", ec.message()));
+    }
     break;
   }
   if (!parser_->is_header_done() ? header_bytes_ + buffer_.size() >= limit
                                  : buffer_.size() >= limit) {
-    return Fail(
-        http::error::header_limit,
-        parser_->is_header_done()
-            ? fmt::format("a chunk-size line or the trailer section exceeds {} bytes", limit)
-            : fmt::format("a request's header block exceeds {} bytes", limit));
+    return RefuseOversized();
   }
   stream_.async_read_some(buffer_.prepare(limit - buffer_.size()),
                           [self = shared_from_this()](beast::error_code ec, size_t n) {
@@ -137,23 +263,67 @@ void Session::Fail(beast::error_code ec, std::string_view what) {
   Close();
 }
 
+void Session::Refuse(Refusal why, std::string what) {
+  const http::status status = RefusalStatus(why);
+  SCALES_LOG_RATE_LIMITED(kInfo, 5,
+                          "admin server: refused a request with {}: {}; connection closed",
+                          static_cast<unsigned>(status), what);
+  // The answer to a HEAD has no body, once the request's header says it is one.
+  const bool head = parser_->is_header_done() && parser_->get().method() == http::verb::head;
+  Response r;
+  r.status = status;
+  r.body = std::move(what) + "\n";
+  // HTTP/1.1 whatever the request said (RFC 9110 6.2: the server's version; the request's may
+  // not be known), and its last response: the rest of the connection cannot be trusted.
+  Write(std::move(r), 11, /*keep_alive=*/false, head);
+}
+
+void Session::RefuseOversized() {
+  const size_t limit = limits_.max_header_bytes;
+  std::string_view held(static_cast<const char*>(buffer_.data().data()), buffer_.size());
+  if (!parser_->is_header_done()) {
+    // Beast consumes the request line with the fields, or alone once it has read it, never
+    // part of it: none consumed and no line end in the first `limit` bytes is a request line
+    // over the limit, almost always for its target.
+    if (header_bytes_ == 0 && held.substr(0, limit).find('\n') == std::string_view::npos) {
+      return Refuse(Refusal::kRequestLineTooLong, fmt::format("request line over {} bytes", limit));
+    }
+    return Refuse(Refusal::kHeaderTooLarge, fmt::format("header block over {} bytes", limit));
+  }
+  // Beast keeps a chunk-size line unconsumed until it ends (after the CRLF that ends the chunk
+  // before it), and the last chunk's line until the trailer section ends too: a line end past
+  // that CRLF means the trailer section.
+  if (held.starts_with("\r\n")) held.remove_prefix(2);
+  if (held.find("\r\n") == std::string_view::npos) {
+    return Refuse(Refusal::kBodyTooLarge, fmt::format("chunk-size line over {} bytes", limit));
+  }
+  return Refuse(Refusal::kHeaderTooLarge, fmt::format("trailer section over {} bytes", limit));
+}
+
 void Session::Answer() {
   const auto& req = parser_->get();
-  auto res = std::make_shared<http::response<http::string_body>>();
-  res->version(req.version());
-  res->keep_alive(req.keep_alive());
-  res->set(http::field::server, "scales-admin");
-  Response r;
-  if (req.method() != http::verb::get && req.method() != http::verb::head) {
+  const bool head = req.method() == http::verb::head;
+  if (!head && req.method() != http::verb::get) {
+    Response r;
     r.status = http::status::method_not_allowed;
     r.body = "only GET and HEAD are supported\n";
-    res->set(http::field::allow, "GET, HEAD");
-  } else {
-    r = (*handler_)(std::string(req.target()));
+    return Write(std::move(r), req.version(), req.keep_alive(), /*head=*/false, "GET, HEAD");
   }
-  res->result(r.status);
+  TargetPath target = ParseTarget(req.target());
+  if (!target.error.empty()) return Refuse(Refusal::kBadTarget, std::move(target.error));
+  Write((*handler_)(target.path), req.version(), req.keep_alive(), head);
+}
+
+void Session::Write(Response r, unsigned version, bool keep_alive, bool head,
+                    std::string_view allow) {
+  auto res = std::make_shared<http::response<http::string_body>>(r.status, version);
+  res->keep_alive(keep_alive);
+  res->set(http::field::server, "scales-admin");
+  if (!allow.empty()) res->set(http::field::allow, allow);
+  // RFC 9110's name; Beast has RFC 7231's (Payload Too Large).
+  if (r.status == http::status::payload_too_large) res->reason("Content Too Large");
   res->set(http::field::content_type, r.content_type);
-  if (req.method() == http::verb::head) {
+  if (head) {
     res->content_length(r.body.size());
   } else {
     res->body() = std::move(r.body);
@@ -162,9 +332,28 @@ void Session::Answer() {
   stream_.expires_after(
       limits_.write_timeout);  // its own deadline, not what the read left of its own
   http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
-    if (ec || !res->keep_alive()) return self->Close();
+    if (ec) return self->Close();
+    if (!res->keep_alive()) return self->Linger();
     self->Read();
   });
+}
+
+void Session::Linger() {
+  beast::error_code ec;
+  stream_.socket().shutdown(asio::ip::tcp::socket::shutdown_send, ec);
+  if (ec) return Close();
+  buffer_.clear();
+  stream_.expires_after(limits_.linger_timeout);
+  DropUntilClosed();
+}
+
+void Session::DropUntilClosed() {
+  // Into the buffer's free space, never committed: dropped.
+  stream_.async_read_some(buffer_.prepare(limits_.max_header_bytes),
+                          [self = shared_from_this()](beast::error_code ec, size_t) {
+                            if (ec) return self->Close();
+                            self->DropUntilClosed();
+                          });
 }
 
 }  // namespace scales::admin::internal

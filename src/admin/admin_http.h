@@ -1,9 +1,10 @@
 #pragma once
 // The HTTP side of the admin server (scales/admin/admin_server.h), apart from what its pages
 // show: one connection's request loop (Beast's request parser with the size limits, GET and
-// HEAD only, keep-alive, the idle and write timeouts) and the routing of a request target to
-// its page. AdminServer runs these on its own thread; they need nothing of the clients', so
-// fuzz/admin_request_fuzzer.cc drives them over a loopback connection on its own loop.
+// HEAD only, keep-alive, the idle and write timeouts, an answer to a refused request) and the
+// routing of a request's path to its page. AdminServer runs these on its own thread; they need
+// nothing of the clients', so fuzz/admin_request_fuzzer.cc drives them over a loopback connection
+// on its own loop.
 
 #include <chrono>
 #include <cstddef>
@@ -34,30 +35,44 @@ struct Pages {
   std::function<std::string()> clients;   // the body of /admin/clients (ClientsJson)
 };
 
-// The page for a GET of `target` (its query is ignored): 200 with the page, 404 with the index
-// for an unknown path, 500 naming the error when building the page threw.
-Response Route(std::string_view target, const Pages& pages);
+// The page for a GET of `path` (the request target's path, percent-decoded, without its query):
+// 200 with the page, 404 with the index for an unknown path, 500 naming the error when building
+// the page threw.
+Response Route(std::string_view path, const Pages& pages);
 
 struct SessionLimits {
   // The header block (request line, fields, blank line), and the body (an admin request has
-  // none that matters); a request over either is refused and its connection closed. A
-  // chunk-size line (with its extensions) and the trailer section are bounded by
-  // max_header_bytes too: no more than that of a request is ever held unparsed.
+  // none that matters); a request over either is refused (414 for a request line that does not
+  // end within max_header_bytes, else 431; 413) and its connection closed. A chunk-size line
+  // (with its extensions, 413) and the trailer section (431) are bounded by max_header_bytes
+  // too: no more than that of a request is ever held unparsed.
   size_t max_header_bytes = 8 * 1024;
   size_t max_body_bytes = 8 * 1024;
   // An idle connection (no complete request) is closed after this.
   Duration idle_timeout = std::chrono::seconds(30);
   // A response not written within this closes its connection (a client that stopped reading).
   Duration write_timeout = std::chrono::seconds(30);
+  // After the last response of a connection (a refusal, or one without keep-alive) the session
+  // stops sending, which the client reads as the end of the connection, and reads on, dropping
+  // what comes, until the client's end of stream or for this long: closing with unread bytes
+  // would reset the connection, and a reset may discard the response before the client has read
+  // it (RFC 9112 9.6).
+  Duration linger_timeout = std::chrono::seconds(2);
 };
 
+// Why a session refuses a request (defined, with the status of each, in admin_http.cc).
+enum class Refusal;
+
 // One connection: reads requests one after the other (pipelined ones included) and answers
-// each, GET and HEAD through `handler`, any other method with 405. Closes the connection after
-// a response without keep-alive, at the client's end of stream, on a timeout, and on a request
-// it cannot read (malformed, or over a limit; logged).
+// each, GET and HEAD through `handler` with the target's path, any other method with 405. A
+// request it refuses (malformed, over a limit, a transfer-coding other than chunked, a target
+// that is not origin or absolute form or whose path has a bad escape or an encoded '/' or NUL)
+// gets a text/plain answer with "Connection: close" naming the problem (logged). Closes the
+// connection after a refusal or a response without keep-alive (lingering: linger_timeout), at
+// the client's end of stream, and on a timeout.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  using Handler = std::function<Response(const std::string& target)>;
+  using Handler = std::function<Response(const std::string& path)>;
 
   // `handler` must outlive the session.
   Session(boost::asio::ip::tcp::socket socket, const Handler* handler, SessionLimits limits = {});
@@ -68,10 +83,23 @@ class Session : public std::enable_shared_from_this<Session> {
  private:
   // Starts reading the next request.
   void Read();
-  // Parses what the buffer holds; reads more, answers the request or fails.
+  // Parses what the buffer holds; reads more, answers the request, refuses it or fails.
   void Parse();
+  // Closes the connection without an answer (the client's end of stream, a timeout, an error).
   void Fail(boost::beast::error_code ec, std::string_view what);
+  // Refuses the request: answers with the status of `why` and `what` as the body, then closes.
+  void Refuse(Refusal why, std::string what);
+  // Refuses a header block, chunk-size line or trailer section that does not end within
+  // max_header_bytes.
+  void RefuseOversized();
   void Answer();
+  // Writes `r` (without its body to a HEAD), then reads the next request or, without
+  // keep-alive, lingers and closes.
+  void Write(Response r, unsigned version, bool keep_alive, bool head, std::string_view allow = {});
+  // Stops sending and drops what the client sends until its end of stream, a read error or
+  // linger_timeout; then closes.
+  void Linger();
+  void DropUntilClosed();
 
   boost::beast::tcp_stream stream_;
   SessionLimits limits_;

@@ -271,7 +271,7 @@ class AdminServer::Impl {
     port_ = acceptor_.local_endpoint().port();
     pages_.stats = stats_;
     pages_.clients = [this] { return ClientsJson(options_.clients_timeout); };
-    handler_ = [this](const std::string& target) { return internal::Route(target, pages_); };
+    handler_ = [this](const std::string& path) { return internal::Route(path, pages_); };
     Accept();
     thread_ = std::thread([this] { ioc_.run(); });
   }

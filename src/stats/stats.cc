@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <optional>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -128,9 +129,38 @@ std::string EscapeHelp(std::string_view help) {
   return out;
 }
 
-// {k="v",...,extra_key="extra_value"} with sanitised label names; empty without labels. The
-// families of a histogram use the labels le and quantile themselves, so there a user label of
-// that name is renamed exported_<name>, as Prometheus does on a scrape conflict.
+// The name a label key is exported under: sanitised; and in a histogram's families, which use
+// the labels le and quantile themselves, a user label of that name is renamed exported_<name>,
+// as Prometheus does on a scrape conflict.
+std::string PrometheusLabelName(std::string_view key, bool histogram) {
+  std::string name = PrometheusName(key, /*allow_colon=*/false);
+  if (histogram && (name == "le" || name == "quantile")) name = "exported_" + name;
+  return name;
+}
+
+// Two raw label keys of `labels` that export as one label name (a-b and a_b, le and
+// exported_le on a histogram, or a key given twice: SortLabels keeps both), which would repeat
+// that label in the series: Prometheus rejects the whole scrape for it. The first such pair in
+// exported-name order and that name, or nothing.
+struct LabelClash {
+  std::string first, second, name;
+};
+std::optional<LabelClash> FindLabelClash(const Labels& labels, bool histogram) {
+  std::vector<std::pair<std::string, std::string_view>> names;  // exported, raw
+  names.reserve(labels.size());
+  for (const auto& [key, value] : labels)
+    names.emplace_back(PrometheusLabelName(key, histogram), key);
+  std::sort(names.begin(), names.end());
+  for (size_t i = 1; i < names.size(); ++i) {
+    if (names[i].first == names[i - 1].first) {
+      return LabelClash{std::string(names[i - 1].second), std::string(names[i].second),
+                        names[i].first};
+    }
+  }
+  return std::nullopt;
+}
+
+// {k="v",...,extra_key="extra_value"} with the exported label names; empty without labels.
 std::string PrometheusLabels(const Labels& labels, bool histogram, std::string_view extra_key = {},
                              std::string_view extra_value = {}) {
   if (labels.empty() && extra_key.empty()) return {};
@@ -144,11 +174,8 @@ std::string PrometheusLabels(const Labels& labels, bool histogram, std::string_v
     out += escaped_value;
     out += '"';
   };
-  for (const auto& [key, value] : labels) {
-    std::string name = PrometheusName(key, /*allow_colon=*/false);
-    if (histogram && (name == "le" || name == "quantile")) name = "exported_" + name;
-    add(name, EscapeLabelValue(value));
-  }
+  for (const auto& [key, value] : labels)
+    add(PrometheusLabelName(key, histogram), EscapeLabelValue(value));
   if (!extra_key.empty()) add(extra_key, extra_value);
   out += '}';
   return out;
@@ -429,7 +456,8 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
   // raw names may sanitise to one family (or a counter "x" and a gauge "x_total"), so the
   // lines are collected per family and written in family-name order.
   // Two raw names (or label names) may also sanitise to one series, which Prometheus rejects
-  // the whole scrape for; each family remembers the label sets it has written.
+  // the whole scrape for; each family remembers the label sets it has written. A metric two of
+  // whose label keys sanitise alike is skipped likewise (FindLabelClash).
   struct Family {
     MetricType type;
     std::string raw_name;  // for HELP
@@ -445,25 +473,27 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
   auto series_key = [](std::string_view sample, const Labels& labels, bool histogram) {
     Labels sorted;
     sorted.reserve(labels.size());
-    for (const auto& [key, value] : labels) {
-      std::string name = PrometheusName(key, /*allow_colon=*/false);
-      if (histogram && (name == "le" || name == "quantile")) name = "exported_" + name;
-      sorted.emplace_back(std::move(name), value);
-    }
+    for (const auto& [key, value] : labels)
+      sorted.emplace_back(PrometheusLabelName(key, histogram), value);
     std::sort(sorted.begin(), sorted.end());
     return std::string(sample) + PrometheusLabels(sorted, false);
   };
   auto family = [&](const std::string& name, const MetricSnapshot& m, MetricType type,
                     bool quantiles = false) -> Family* {
+    const std::string kind(TypeName(type));
+    const bool histogram = m.type == MetricType::kHistogram;
+    if (std::optional<LabelClash> clash = FindLabelClash(m.labels, histogram)) {
+      skipped += fmt::format("# scales: skipped {} {}: labels {} and {} are both exported as {}\n",
+                             kind, m.name, clash->first, clash->second, clash->name);
+      return nullptr;
+    }
     auto [it, inserted] = families.try_emplace(name, Family{type, m.name, quantiles, {}});
     Family& f = it->second;
-    const std::string kind(TypeName(type));
     if (f.type != type || f.quantiles != quantiles) {
       skipped += fmt::format("# scales: skipped {} {}: family {} is a {}\n", kind, m.name, name,
                              TypeName(f.type));
       return nullptr;
     }
-    const bool histogram = m.type == MetricType::kHistogram;
     std::vector<std::string> keys;
     if (histogram && !quantiles) {
       for (const char* suffix : {"_bucket", "_sum", "_count"}) keys.push_back(series_key(name + suffix, m.labels, true));

@@ -34,6 +34,8 @@ namespace scales {
 namespace {
 
 using namespace std::chrono_literals;
+using ::testing::AllOf;
+using ::testing::EndsWith;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
@@ -326,22 +328,32 @@ TEST(ConcurrencyAdminTest, ClientsComeAndGoWhileListed) {
 }
 
 // What the admin server sent back on a new connection given `request`, and whether it closed the
-// connection (within 5 s; its idle timeout is 30 s).
+// connection (within 5 s; its idle timeout is 30 s): with its end of stream, or a reset.
 struct Exchange {
   std::string response;
   bool closed = false;
+  bool reset = false;
+  bool sent = false;  // the whole request was sent
 };
 
 Exchange Send(const admin::AdminServer& admin, const std::string& request) {
   boost::asio::io_context io;
   boost::asio::ip::tcp::socket socket(io);
   socket.connect({boost::asio::ip::make_address("127.0.0.1"), admin.port()});
-  boost::system::error_code ec;
-  boost::asio::write(socket, boost::asio::buffer(request), ec);  // may fail: the server closed
-  // Plain recv(): Asio's blocking read would wait past SO_RCVTIMEO.
+  // Plain send() and recv(): Asio's blocking write and read would wait past SO_SNDTIMEO and
+  // SO_RCVTIMEO.
   const timeval timeout{5, 0};
+  ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
   ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
   Exchange out;
+  size_t sent = 0;
+  while (sent < request.size()) {
+    const ssize_t n =
+        ::send(socket.native_handle(), request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;  // the server closed, or stopped reading
+    sent += static_cast<size_t>(n);
+  }
+  out.sent = sent == request.size();
   char buf[4096];
   for (;;) {
     const ssize_t n = ::recv(socket.native_handle(), buf, sizeof buf, 0);
@@ -349,25 +361,159 @@ Exchange Send(const admin::AdminServer& admin, const std::string& request) {
       out.response.append(buf, static_cast<size_t>(n));
       continue;
     }
-    out.closed = n == 0 || errno == ECONNRESET;
+    out.reset = n < 0 && errno == ECONNRESET;
+    out.closed = n == 0 || out.reset;
     return out;
   }
+}
+
+// `e` is one answer with `status_line`, "Connection: close" and the text `body`, then the
+// server's end of stream (not a reset, which may discard the answer before it is read).
+void ExpectRefused(const Exchange& e, std::string_view status_line, std::string_view body) {
+  EXPECT_THAT(e.response, StartsWith(fmt::format("{}\r\n", status_line)));
+  EXPECT_THAT(e.response, HasSubstr("\r\nConnection: close\r\n"));
+  EXPECT_THAT(e.response, HasSubstr("\r\nContent-Type: text/plain; charset=utf-8\r\n"));
+  EXPECT_THAT(e.response, EndsWith(fmt::format("\r\n\r\n{}\n", body)));
+  EXPECT_EQ(e.response.find("HTTP/1.1", 1), std::string::npos) << "more than one answer";
+  EXPECT_TRUE(e.closed && !e.reset) << "closed " << e.closed << ", reset " << e.reset;
+}
+
+// A request the admin server refuses gets an answer naming the problem, with the status for it,
+// then the end of the connection (it was only closed before): malformed requests get 400.
+TEST(AdminRefusalTest, AMalformedRequestGets400) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  ExpectRefused(Send(admin, "GET /metrics HTTP/1.1\r\nBad Field\r\n\r\n"),
+                "HTTP/1.1 400 Bad Request", "malformed request (bad field)");
+  ExpectRefused(Send(admin, "GET /metrics HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
+                "HTTP/1.1 400 Bad Request", "malformed request (bad Content-Length)");
+  // After a request that was answered (keep-alive).
+  const Exchange e =
+      Send(admin, "GET /nope HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\nBad Field\r\n\r\n");
+  EXPECT_THAT(e.response, StartsWith("HTTP/1.1 404 Not Found\r\n"));
+  const size_t second = e.response.find("HTTP/1.1", 1);
+  ASSERT_NE(second, std::string::npos);
+  ExpectRefused({e.response.substr(second), e.closed, e.reset, e.sent}, "HTTP/1.1 400 Bad Request",
+                "malformed request (bad field)");
+}
+
+TEST(AdminRefusalTest, OversizedHeadersGet431AndAnOversizedRequestLine414) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  ExpectRefused(Send(admin, fmt::format("GET /metrics HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+                                        std::string(9000, 'p'))),
+                "HTTP/1.1 431 Request Header Fields Too Large", "header block over 8192 bytes");
+  ExpectRefused(
+      Send(admin, fmt::format("GET /metrics?{} HTTP/1.1\r\n\r\n", std::string(9000, 'q'))),
+      "HTTP/1.1 414 URI Too Long", "request line over 8192 bytes");
+}
+
+TEST(AdminRefusalTest, AnOversizedBodyGets413) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  ExpectRefused(Send(admin, "POST /metrics HTTP/1.1\r\nContent-Length: 9000\r\n\r\n" +
+                                std::string(9000, 'b')),
+                "HTTP/1.1 413 Content Too Large", "body over 8192 bytes");
+  ExpectRefused(Send(admin, "POST /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2000\r\n" +
+                                std::string(0x2000, 'b') + "\r\n1\r\nb\r\n0\r\n\r\n"),
+                "HTTP/1.1 413 Content Too Large", "body over 8192 bytes");
+}
+
+// RFC 9112 6.1: a Transfer-Encoding whose last coding is not chunked leaves the body without a
+// known end (400); a coding the server does not decode gets 501.
+TEST(AdminRefusalTest, TransferCodingsOtherThanChunkedAreRefused) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  ExpectRefused(
+      Send(admin,
+           "POST /metrics HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n"),
+      "HTTP/1.1 501 Not Implemented", "transfer-coding gzip not supported (only chunked)");
+  ExpectRefused(Send(admin, "POST /metrics HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nb"),
+                "HTTP/1.1 400 Bad Request", "Transfer-Encoding without chunked as its last coding");
+}
+
+// The answer reaches a client that is still sending its request: the server stops sending and
+// reads on (dropping the bytes) instead of closing with unread bytes, which resets the connection:
+// the client's sending fails (most clients then give up without reading the answer), and the
+// reset may discard the answer before it is read.
+TEST(AdminRefusalTest, TheAnswerReachesAClientStillSending) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  const size_t size = 16 << 20;
+  const Exchange e =
+      Send(admin, fmt::format("POST /metrics HTTP/1.1\r\nContent-Length: {}\r\n\r\n", size) +
+                      std::string(size, 'b'));
+  EXPECT_TRUE(e.sent);
+  ExpectRefused(e, "HTTP/1.1 413 Content Too Large", "body over 8192 bytes");
+}
+
+// RFC 9112 3.2.2: a server accepts a request target in absolute form (as a client configured with
+// a proxy sends it) and serves its path; an escaped path is decoded before it is routed.
+TEST(AdminRefusalTest, AbsoluteFormAndEscapedPathsAreServed) {
+  stats::StatsRegistry registry;
+  registry.GetCounter("requests").Increment();
+  admin::AdminServer admin({.stats = &registry});
+  for (const std::string target :
+       {fmt::format("http://127.0.0.1:{}/metrics?x=1", admin.port()),
+        std::string("HTTPS://admin.example/metrics"), std::string("/%6detrics")}) {
+    SCOPED_TRACE(target);
+    const Exchange e =
+        Send(admin, fmt::format("GET {} HTTP/1.1\r\nConnection: close\r\n\r\n", target));
+    EXPECT_THAT(e.response, StartsWith("HTTP/1.1 200 OK\r\n"));
+    EXPECT_THAT(e.response, HasSubstr("\nrequests_total 1\n"));
+    EXPECT_TRUE(e.closed && !e.reset);
+  }
+  const Exchange clients =
+      Send(admin, "GET /admin/%63lients HTTP/1.1\r\nConnection: close\r\n\r\n");
+  EXPECT_THAT(clients.response, StartsWith("HTTP/1.1 200 OK\r\n"));
+  EXPECT_THAT(clients.response, HasSubstr("\r\nContent-Type: application/json\r\n"));
+  EXPECT_TRUE(clients.closed && !clients.reset);
+  // No path: the index. An escaped '?' is part of the path, not the start of a query.
+  EXPECT_THAT(Send(admin, "GET http://a HTTP/1.1\r\nConnection: close\r\n\r\n").response,
+              AllOf(StartsWith("HTTP/1.1 200 OK\r\n"), HasSubstr("/admin/clients")));
+  EXPECT_THAT(
+      Send(admin, "GET /metrics%3Fx HTTP/1.1\r\nConnection: close\r\n\r\n").response,
+      AllOf(StartsWith("HTTP/1.1 404 Not Found\r\n"), HasSubstr("no such path: /metrics?x\n")));
+}
+
+// A bad escape, an escaped '/' (/admin%2Fclients is not /admin/clients) or NUL, or a target in
+// neither form is refused, even on a keep-alive connection.
+TEST(AdminRefusalTest, ABadTargetGets400) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  const std::pair<std::string_view, std::string_view> cases[] = {
+      {"/admin/%6", "malformed percent-escape in the path (% and two hex digits)"},
+      {"/admin/%zzclients", "malformed percent-escape in the path (% and two hex digits)"},
+      {"/admin%2Fclients", "encoded '/' (%2F) in the path"},
+      {"/metrics%00", "encoded NUL (%00) in the path"},
+      {"ftp://a/metrics",
+       "request target is neither a path (/metrics) nor an http URL (http://host/metrics)"},
+  };
+  for (const auto& [target, body] : cases) {
+    SCOPED_TRACE(target);
+    ExpectRefused(
+        Send(admin, fmt::format("GET {} HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n", target)),
+        "HTTP/1.1 400 Bad Request", body);
+  }
+  // A HEAD's answer has the body's length, not the body.
+  const Exchange head = Send(admin, "HEAD /%2F HTTP/1.1\r\n\r\n");
+  EXPECT_THAT(head.response, StartsWith("HTTP/1.1 400 Bad Request\r\n"));
+  EXPECT_THAT(head.response, AllOf(HasSubstr("\r\nContent-Length: 30\r\n"), EndsWith("\r\n\r\n")));
+  EXPECT_TRUE(head.closed && !head.reset);
 }
 
 // admin_request_fuzzer: Beast keeps a chunk-size line (with its extensions) or a trailer section
 // unconsumed until it ends and bounds neither, so a client that never ended one had the server
 // buffer all it sent, for as long as the idle timeout let it send. Both are bounded by the
-// header limit (8 KiB) now: the connection is closed.
-TEST(AdminRequestLimitsTest, AnEndlessChunkSizeLineOrTrailerClosesTheConnection) {
+// header limit (8 KiB) now: the request is refused.
+TEST(AdminRequestLimitsTest, AnEndlessChunkSizeLineOrTrailerIsRefused) {
   stats::StatsRegistry registry;
   admin::AdminServer admin({.stats = &registry});
   const std::string chunked = "POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
-  for (const std::string& request : {chunked + "1;ext=" + std::string(64 * 1024, 'e'),
-                                     chunked + "1\r\nx\r\n0\r\nT: " + std::string(64 * 1024, 't')}) {
-    const Exchange e = Send(admin, request);
-    EXPECT_TRUE(e.closed) << "the server kept reading";
-    EXPECT_EQ(e.response, "");
-  }
+  ExpectRefused(Send(admin, chunked + "1;ext=" + std::string(64 * 1024, 'e')),
+                "HTTP/1.1 413 Content Too Large", "chunk-size line over 8192 bytes");
+  ExpectRefused(Send(admin, chunked + "1\r\nx\r\n0\r\nT: " + std::string(64 * 1024, 't')),
+                "HTTP/1.1 431 Request Header Fields Too Large", "trailer section over 8192 bytes");
   // Short ones are fine: the POST is read, and refused for its method.
   const Exchange ok = Send(admin, chunked + "1;ext=e\r\nx\r\n0\r\nT: t\r\nConnection: close\r\n\r\n");
   EXPECT_THAT(ok.response, StartsWith("HTTP/1.1 405 Method Not Allowed\r\n"));
@@ -416,7 +562,10 @@ TEST(AdminRequestLimitsTest, TheHeaderBlockLimitCountsTheRequestLineAndTheFields
   const Exchange over = Send(admin, get(8192, "keep-alive") + get(8193, "close"));
   EXPECT_TRUE(over.closed);
   EXPECT_THAT(over.response, StartsWith("HTTP/1.1 200 OK\r\n"));
-  EXPECT_EQ(over.response.find("HTTP/1.1", 1), std::string::npos) << "a header block over the limit was answered";
+  const size_t second = over.response.find("HTTP/1.1", 1);
+  ASSERT_NE(second, std::string::npos);
+  EXPECT_THAT(over.response.substr(second), StartsWith("HTTP/1.1 431 "))
+      << "a header block over the limit was answered";
 }
 
 TEST(AdminServerOptionsTest, BadAddressAndBusyPortAreClearErrors) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <gmock/gmock.h>
@@ -396,6 +397,33 @@ TEST(StatsExportTest, PrometheusSeriesClashesAcrossLabelOrderAndHistogramSuffixe
   EXPECT_EQ(prom.Value("h_sum", {{"client", "d"}}), 4);
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge g: series g{http_method=\"GET\",http_status=\"200\"} is g's\n"));
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_sum: series h_sum{client=\"c\"} is h's\n"));
+}
+
+// Two label keys of one metric that export as one label name would repeat that label in the
+// series (`a_b="1",a_b="2"`), which Prometheus rejects the whole scrape for, as it does a
+// repeated series: the metric is skipped and reported, the others are written.
+TEST(StatsExportTest, PrometheusSkipsAMetricTwoOfWhoseLabelKeysExportAlike) {
+  StatsRegistry r;
+  r.GetCounter("c", {{"a-b", "1"}, {"a_b", "2"}}).Increment(1);
+  r.GetCounter("c", {{"a-b", "3"}}).Increment(2);                      // one label: kept
+  r.GetGauge("g", {{"k", "1"}, {"k", "2"}}).Set(3);                    // a key given twice
+  r.GetHistogram("h", {{"le", "1"}, {"exported_le", "2"}}).Record(4);  // le is renamed exported_le
+  const std::string text = r.ToPrometheus();
+  PromText prom = ParsePrometheusText(text);  // fails on a label given twice
+  EXPECT_EQ(prom.Value("c_total", {{"a_b", "3"}}), 2);
+  EXPECT_EQ(prom.Value("c_total", {{"a_b", "1"}}), std::nullopt);
+  EXPECT_EQ(prom.Value("g", {{"k", "1"}}), std::nullopt);
+  EXPECT_EQ(prom.Family("h"), nullptr);
+  EXPECT_EQ(prom.Family("h_quantile"), nullptr);
+  EXPECT_THAT(
+      text,
+      HasSubstr("# scales: skipped counter c: labels a-b and a_b are both exported as a_b\n"));
+  EXPECT_THAT(text,
+              HasSubstr("# scales: skipped gauge g: labels k and k are both exported as k\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram h: labels exported_le and le are both "
+                              "exported as exported_le\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h: labels exported_le and le are both "
+                              "exported as exported_le\n"));
 }
 
 TEST(StatsExportTest, EmptyHistogramAndEmptyRegistry) {
