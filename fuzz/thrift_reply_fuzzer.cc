@@ -10,7 +10,10 @@
 // bytes in pieces agrees with ScanMessage. The fast path for strict binary headers
 // (internal::ParseStrictHeader, used on every call and reply by the Thrift client and the
 // ThriftMux serializer) takes exactly the strict binary headers ParseMessageHeader takes, and
-// reads them the same way.
+// reads them the same way. The typed client's compact reply protocol (thrift::CheckedReads, which
+// reads the varint length of each string ahead of Apache's reader), reading the bytes as a
+// TApplicationException, fails only with what the client reports as a malformed reply
+// (thrift::internal::Malformed).
 
 #include <algorithm>
 #include <cstddef>
@@ -18,6 +21,8 @@
 #include <memory>
 #include <string>
 #include <string_view>
+
+#include <thrift/TApplicationException.h>
 
 #include "loopback.h"
 #include "scales/thrift/client.h"
@@ -129,6 +134,29 @@ void ThroughSerializer(std::string_view reply, bool compact) {
   }
 }
 
+// libthrift's TApplicationException, read with the compact protocol through its virtual reads
+// (message, struct, field and string reads: the ones CheckedReads checks) from a memory buffer
+// observing the bytes (as a blocking call's transport holds its reply), limited by their size. A
+// read past the bytes is an ASan report. Not binary: Apache's binary reader casts any type byte
+// to TType (or TMessageType), which UBSan reports as an invalid enum load before it is refused.
+void ThroughCompactReplyProtocol(std::string_view bytes) {
+  auto buffer = std::make_shared<apache::thrift::transport::TMemoryBuffer>(
+      reinterpret_cast<uint8_t*>(const_cast<char*>(bytes.data())), static_cast<uint32_t>(bytes.size()));
+  auto in = thrift::internal::MakeProtocolOver(thrift::Protocol::kCompact, buffer);
+  dynamic_cast<thrift::ReadLimits&>(*in).LimitReadsTo(bytes.size());
+  try {
+    std::string name;
+    apache::thrift::protocol::TMessageType type;
+    int32_t seqid = 0;
+    in->readMessageBegin(name, type, seqid);
+    apache::thrift::TApplicationException x;
+    x.read(in.get());
+    in->readMessageEnd();
+  } catch (const std::exception& e) {
+    Check(thrift::internal::Malformed(e), "the reply protocol threw what the client does not report as malformed");
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -137,5 +165,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   CheckScanInPieces(bytes);
   ThroughSerializer(bytes, false);
   ThroughSerializer(bytes, true);
+  ThroughCompactReplyProtocol(bytes);
   return 0;
 }

@@ -3,6 +3,8 @@
 #include <future>
 #include <memory>
 #include <new>
+#include <optional>
+#include <string_view>
 
 #include <fmt/format.h>
 #include <thrift/protocol/TBinaryProtocol.h>
@@ -20,31 +22,27 @@ namespace {
 using apache::thrift::protocol::TMessageType;
 using apache::thrift::protocol::TType;
 
-// Apache's protocol P (TBinaryProtocol or TCompactProtocol) with ReadLimits, whose reads (and
-// skips) throw scales::Error(kProtocolError) where Apache's throw TProtocolException or
-// TTransportException. The generated code calls the *_virt functions through TProtocol.
+// Apache's protocol P (TBinaryProtocol or TCompactProtocol) with CheckedReads, whose reads (and
+// skips) throw the scales::Error an async call gets where Apache's throw TProtocolException,
+// TTransportException or std::bad_alloc (BlockingTransport::ThrowDecodeError). The generated
+// code calls the *_virt functions through TProtocol.
 template <class P>
-class BlockingProtocol final : public CheckedContainers<P>, public ReadLimits {
+class BlockingProtocol final : public CheckedReads<P> {
  public:
   explicit BlockingProtocol(std::shared_ptr<BlockingTransport> transport)
-      : CheckedContainers<P>(transport), transport_(*transport) {}
-
-  void LimitReadsTo(size_t reply_bytes) noexcept override {
-    this->string_limit_ = Limit(reply_bytes);
-    this->container_limit_ = Limit(reply_bytes);
-  }
+      : CheckedReads<P>(transport), transport_(*transport) {}
 
   uint32_t readMessageBegin_virt(std::string& name, TMessageType& type, int32_t& seqid) override {
-    return Guard([&] { return P::readMessageBegin_virt(name, type, seqid); });
+    return Guard([&] { return CheckedReads<P>::readMessageBegin_virt(name, type, seqid); });
   }
   uint32_t readMessageEnd_virt() override {
     return Guard([&] { return P::readMessageEnd_virt(); });
   }
   uint32_t readStructBegin_virt(std::string& name) override {
-    return Guard([&] { return P::readStructBegin_virt(name); });
+    return Guard([&] { return CheckedReads<P>::readStructBegin_virt(name); });
   }
   uint32_t readStructEnd_virt() override {
-    return Guard([&] { return P::readStructEnd_virt(); });
+    return Guard([&] { return CheckedReads<P>::readStructEnd_virt(); });
   }
   uint32_t readFieldBegin_virt(std::string& name, TType& type, int16_t& id) override {
     return Guard([&] { return P::readFieldBegin_virt(name, type, id); });
@@ -53,19 +51,19 @@ class BlockingProtocol final : public CheckedContainers<P>, public ReadLimits {
     return Guard([&] { return P::readFieldEnd_virt(); });
   }
   uint32_t readMapBegin_virt(TType& key, TType& value, uint32_t& size) override {
-    return Guard([&] { return CheckedContainers<P>::readMapBegin_virt(key, value, size); });
+    return Guard([&] { return CheckedReads<P>::readMapBegin_virt(key, value, size); });
   }
   uint32_t readMapEnd_virt() override {
     return Guard([&] { return P::readMapEnd_virt(); });
   }
   uint32_t readListBegin_virt(TType& element, uint32_t& size) override {
-    return Guard([&] { return CheckedContainers<P>::readListBegin_virt(element, size); });
+    return Guard([&] { return CheckedReads<P>::readListBegin_virt(element, size); });
   }
   uint32_t readListEnd_virt() override {
     return Guard([&] { return P::readListEnd_virt(); });
   }
   uint32_t readSetBegin_virt(TType& element, uint32_t& size) override {
-    return Guard([&] { return CheckedContainers<P>::readSetBegin_virt(element, size); });
+    return Guard([&] { return CheckedReads<P>::readSetBegin_virt(element, size); });
   }
   uint32_t readSetEnd_virt() override {
     return Guard([&] { return P::readSetEnd_virt(); });
@@ -92,10 +90,10 @@ class BlockingProtocol final : public CheckedContainers<P>, public ReadLimits {
     return Guard([&] { return P::readDouble_virt(value); });
   }
   uint32_t readString_virt(std::string& value) override {
-    return Guard([&] { return P::readString_virt(value); });
+    return Guard([&] { return CheckedReads<P>::readString_virt(value); });
   }
   uint32_t readBinary_virt(std::string& value) override {
-    return Guard([&] { return P::readBinary_virt(value); });
+    return Guard([&] { return CheckedReads<P>::readBinary_virt(value); });
   }
   uint32_t skip_virt(TType type) override {
     return Guard([&] { return P::skip_virt(type); });
@@ -106,10 +104,9 @@ class BlockingProtocol final : public CheckedContainers<P>, public ReadLimits {
   uint32_t Guard(Read read) {
     try {
       return read();
-    } catch (const apache::thrift::protocol::TProtocolException& e) {
-      transport_.ThrowMalformed(e);
-    } catch (const apache::thrift::transport::TTransportException& e) {
-      transport_.ThrowMalformed(e);
+    } catch (const std::exception& e) {
+      transport_.ThrowDecodeError(e);
+      throw;
     }
   }
 
@@ -231,26 +228,40 @@ void ThriftCall::Complete(MethodReturnMessage& msg, const boost::asio::any_io_ex
 
 namespace {
 
-// A reply whose body did not decode (`e`: Apache's exception), as async and blocking calls
-// report it.
-// The call's CallInfo, if any, says so too: the stack saw a whole reply, a success.
-Error MalformedReplyError(std::string_view client, const std::string& endpoint, const std::string& method,
-                          const std::exception& e, CallInfo* info) {
-  Error error(make_error_code(Errc::kProtocolError),
-              fmt::format("client {}: malformed Thrift reply from {} for {}: {}", client,
-                          endpoint.empty() ? "?" : endpoint, method, e.what()));
+// What decoding the reply to `method` threw (`e`), as async and blocking calls report it: a
+// reply that did not decode (kProtocolError) or whose declared contents could not be allocated
+// (kResponseTooLarge); nullopt for what the reply carries (a declared exception,
+// TApplicationException). The call's CallInfo, if any, says so too: the stack saw a whole reply,
+// a success.
+std::optional<Error> ReplyDecodeError(std::string_view client, const std::string& endpoint,
+                                      const std::string& method, size_t reply_bytes, const std::exception& e,
+                                      CallInfo* info) {
+  const std::string_view where = endpoint.empty() ? std::string_view("?") : std::string_view(endpoint);
+  std::optional<Error> error;
+  if (internal::OutOfMemory(e)) {
+    error.emplace(make_error_code(Errc::kResponseTooLarge),
+                  fmt::format("client {}: decoding reply of {} from {} ({} bytes) failed: {} (what the reply "
+                              "declares could not be allocated)",
+                              client, method, where, reply_bytes, e.what()));
+  } else if (internal::Malformed(e)) {
+    error.emplace(make_error_code(Errc::kProtocolError),
+                  fmt::format("client {}: malformed Thrift reply from {} for {}: {}", client, where, method, e.what()));
+  } else {
+    return std::nullopt;
+  }
   if (info != nullptr) {
-    info->error = error.scales_code();
-    info->detail = error.what();
+    info->error = error->scales_code();
+    info->detail = error->what();
   }
   return error;
 }
 
 }  // namespace
 
-std::exception_ptr ThriftCall::MalformedReply(const std::exception& e) {
-  return std::make_exception_ptr(MalformedReplyError(client_name != nullptr ? std::string_view(*client_name) : "?",
-                                                     info->endpoint, message.method, e, info));
+std::exception_ptr ThriftCall::DecodeError(const std::exception& e) {
+  auto error = ReplyDecodeError(client_name != nullptr ? std::string_view(*client_name) : "?", info->endpoint,
+                                   message.method, reply.data.size(), e, info);
+  return error ? std::make_exception_ptr(*error) : nullptr;
 }
 
 void StartThriftCall(const std::shared_ptr<ClientCore>& core, ThriftCall* call, std::string bytes,
@@ -320,12 +331,13 @@ void BlockingTransport::flush() {
   method_ = header ? header->name : std::string();
   endpoint_.clear();
   std::string reply = BlockingRoundTrip(core_, std::move(request), options_, client_id_, &endpoint_);
+  reply_bytes_ = reply.size();
   if (reader_ != nullptr) reader_->LimitReadsTo(reply.size());
   write(reinterpret_cast<const uint8_t*>(reply.data()), static_cast<uint32_t>(reply.size()));
 }
 
-void BlockingTransport::ThrowMalformed(const std::exception& e) const {
-  throw MalformedReplyError(core_->name(), endpoint_, method_, e, options_.info);
+void BlockingTransport::ThrowDecodeError(const std::exception& e) const {
+  if (auto error = ReplyDecodeError(core_->name(), endpoint_, method_, reply_bytes_, e, options_.info)) throw *error;
 }
 
 void Validate(const ThriftOptions& o) {

@@ -7,7 +7,9 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <memory_resource>
 #include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,6 +37,7 @@
 #include "Base.h"
 #include "Derived.h"
 #include "Echo.h"
+#include "Hello.h"
 #include "scales/thrift/thrift.h"
 #include "support/fixtures.h"
 
@@ -46,6 +49,7 @@ using apache::thrift::TApplicationException;
 using scales::echo::EchoClient;
 using scales::thrifttest::Blob;
 using scales::thrifttest::DerivedClient;
+using scales::thrifttest::HelloClient;
 using scales::thrifttest::TestError;
 using thrift::Framing;
 using thrift::Protocol;
@@ -542,6 +546,285 @@ TEST(ThriftClientTest, NoServerFailsWithAnErrorNotAHang) {
   std::string r;
   EXPECT_THROW(client->echo(r, "x"), Error);
   client.Close();
+}
+
+// --- Replies crafted per the Thrift spec, from an Apache Thrift server ------------------------
+
+// Thrift, written byte by byte per the spec (not by libthrift or scales); strict binary unless
+// said otherwise.
+std::string Be(uint64_t v, int bytes) {
+  std::string s;
+  for (int i = bytes - 1; i >= 0; --i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  return s;
+}
+// Compact's unsigned varint.
+std::string Varint(uint32_t v) {
+  std::string s;
+  for (; v > 0x7f; v >>= 7) s.push_back(static_cast<char>((v & 0x7f) | 0x80));
+  s.push_back(static_cast<char>(v));
+  return s;
+}
+// A field header: type, i16 id.
+std::string Field(int type, int id) { return Be(type, 1) + Be(id, 2); }
+constexpr int kI32 = 8, kI64 = 10, kString = 11, kStruct = 12, kList = 15;
+const std::string kStop(1, '\0');
+
+// A Node `levels` deep (each level the only child of the one above), its ids 1, 2, ...; the
+// innermost one without its required id when `id_missing`.
+std::string NodeStruct(int levels, bool id_missing = false) {
+  std::string node = (id_missing ? std::string() : Field(kI32, 1) + Be(levels, 4)) + kStop;
+  for (int level = levels - 1; level >= 1; --level) {
+    node = Field(kI32, 1) + Be(level, 4) + Field(kList, 2) + Be(kStruct, 1) + Be(1, 4) + node + kStop;
+  }
+  return node;
+}
+
+// An Apache Thrift server's processor that answers every call with the result struct fields the
+// test sets, in a REPLY under the call's name and sequence id (strict binary or compact, as the
+// server's protocol).
+class CraftedReplies final : public apache::thrift::TProcessor {
+ public:
+  explicit CraftedReplies(Protocol protocol = Protocol::kBinary) : protocol_(protocol) {}
+  void Answer(std::string result_fields) {
+    std::lock_guard<std::mutex> l(mu_);
+    fields_ = std::move(result_fields);
+  }
+  bool process(std::shared_ptr<apache::thrift::protocol::TProtocol> in,
+               std::shared_ptr<apache::thrift::protocol::TProtocol> out, void*) override {
+    std::string name;
+    apache::thrift::protocol::TMessageType type;
+    int32_t seqid = 0;
+    in->readMessageBegin(name, type, seqid);
+    in->skip(apache::thrift::protocol::T_STRUCT);
+    in->readMessageEnd();
+    in->getTransport()->readEnd();
+    std::string reply = protocol_ == Protocol::kCompact
+                            ? Be(0x8241, 2) + Varint(static_cast<uint32_t>(seqid)) + Varint(name.size()) + name
+                            : Be(0x80010002u, 4) + Be(name.size(), 4) + name + Be(static_cast<uint32_t>(seqid), 4);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      reply += fields_ + kStop;
+    }
+    out->getTransport()->write(reinterpret_cast<const uint8_t*>(reply.data()), static_cast<uint32_t>(reply.size()));
+    out->getTransport()->writeEnd();
+    out->getTransport()->flush();
+    return true;
+  }
+
+ private:
+  const Protocol protocol_;
+  std::mutex mu_;
+  std::string fields_;
+};
+
+// A threaded, framed Apache Thrift server answering with CraftedReplies, and a Hello client of it
+// whose calls report to `info` (one call at a time).
+struct CraftedServer {
+  explicit CraftedServer(Protocol protocol = Protocol::kBinary, size_t threads = 2)
+      : replies(std::make_shared<CraftedReplies>(protocol)),
+        server(replies, ServerKind::kThreaded, Framing::kFramed, protocol),
+        plain(Thrift::NewClient<HelloClient>(server.uri(), Options(Framing::kFramed, protocol, MakeRuntime(threads)))),
+        client(plain.WithOptions([this] {
+          CallOptions o;
+          o.info = &info;
+          return o;
+        }())) {}
+  ~CraftedServer() { plain.Close(); }
+  std::string endpoint() const { return "127.0.0.1:" + std::to_string(server.port()); }
+
+  std::shared_ptr<CraftedReplies> replies;
+  InProcessServer server;
+  CallInfo info;
+  thrift::ThriftClient<HelloClient> plain;
+  thrift::ThriftClient<HelloClient> client;
+};
+
+// What one async call (send, recv, args; `R` what recv returns, put in `value` if given)
+// completes with, checking that it completes once.
+template <class R, class Send, class Recv, class... Args>
+std::exception_ptr AsyncOutcome(const thrift::ThriftClient<HelloClient>& client, R* value, Send send, Recv recv,
+                                const Args&... args) {
+  struct State {
+    std::atomic<int> completions{0};
+    std::promise<std::exception_ptr> done;
+  };
+  auto state = std::make_shared<State>();  // a second completion would find it
+  auto f = state->done.get_future();
+  client.Async(send, recv, args..., [state, value](std::exception_ptr e, R r) {
+    if (state->completions.fetch_add(1) > 0) return;
+    if (value != nullptr) *value = std::move(r);
+    state->done.set_value(e);
+  });
+  EXPECT_EQ(f.wait_for(10s), std::future_status::ready);
+  std::exception_ptr e = f.get();
+  EXPECT_EQ(state->completions.load(), 1);
+  return e;
+}
+
+// What `outcome` holds (or throws): a scales::Error with `code` whose what() and the call's
+// CallInfo detail contain `parts`.
+template <class Outcome>
+void ExpectScalesError(Outcome outcome, const CallInfo& info, Errc code, const std::vector<std::string>& parts) {
+  try {
+    outcome();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), code) << e.what();
+    for (const std::string& part : parts) {
+      EXPECT_NE(std::string_view(e.what()).find(part), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(info.error, code);
+    EXPECT_EQ(info.detail, e.what());
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not a scales::Error: " << e.what();
+  }
+}
+
+// A hi() call, blocking and then async, fails with the scales::Error `code` naming `parts`.
+void ExpectHiFails(const thrift::ThriftClient<HelloClient>& client, CallInfo& info, Errc code,
+                   const std::vector<std::string>& parts) {
+  for (bool blocking : {true, false}) {
+    ExpectScalesError(
+        [&] {
+          if (blocking) {
+            std::string r;
+            client->hi(r, "x");
+          } else if (auto e = AsyncOutcome<std::string>(client, nullptr, &HelloClient::send_hi, &HelloClient::recv_hi,
+                                                        std::string("x"))) {
+            std::rethrow_exception(e);
+          }
+        },
+        info, code, parts);
+    info = CallInfo();
+  }
+}
+
+// Replies that do not decode fail blocking and async calls alike, with the scales::Error naming
+// the client, the endpoint and the method: structs nested deeper than the recursion limit
+// (Apache's check runs in the generated code, outside the protocol's reads, so a blocking caller
+// got its TProtocolException) and a string longer than the bytes left. The one thing a blocking
+// call cannot translate: a required field missing, which the generated code checks after its last
+// read, in the caller's frame.
+TEST(ThriftClientTest, RepliesThatDoNotDecodeAreTheSameScalesErrorBlockingAndAsync) {
+  CraftedServer crafted;
+  CraftedReplies& replies = *crafted.replies;
+  const thrift::ThriftClient<HelloClient>& client = crafted.client;
+  CallInfo& info = crafted.info;
+  const std::string endpoint = crafted.endpoint();
+  auto blocking_tree = [&] {
+    scales::thrifttest::Node node;
+    client->tree(node);
+  };
+  auto async_tree = [&] {
+    using Node = scales::thrifttest::Node;
+    if (auto e = AsyncOutcome<Node>(client, nullptr, &HelloClient::send_tree, &HelloClient::recv_tree)) {
+      std::rethrow_exception(e);
+    }
+  };
+
+  // The result struct is a level too: 63 Nodes are 64 levels, the deepest that decodes.
+  replies.Answer(Field(kStruct, 0) + NodeStruct(63));
+  scales::thrifttest::Node node;
+  client->tree(node);
+  EXPECT_EQ(node.id, 1);
+  EXPECT_EQ(AsyncOutcome<scales::thrifttest::Node>(client, &node, &HelloClient::send_tree, &HelloClient::recv_tree),
+            nullptr);
+  EXPECT_EQ(node.children.size(), 1u);
+
+  replies.Answer(Field(kStruct, 0) + NodeStruct(64));
+  const std::vector<std::string> too_deep = {"client thrift-it: malformed Thrift reply from " + endpoint + " for tree: ",
+                                             "structs nest deeper than 64 levels"};
+  for (const auto& call : {std::function<void()>(blocking_tree), std::function<void()>(async_tree)}) {
+    ExpectScalesError(call, info, Errc::kProtocolError, too_deep);
+    info = CallInfo();
+  }
+
+  replies.Answer(Field(kString, 0) + Be(10, 4) + "abc");  // then the STOP: 4 bytes left
+  ExpectHiFails(client, info, Errc::kProtocolError,
+                {"client thrift-it: malformed Thrift reply from " + endpoint + " for hi: ",
+                 "a string declares 10 bytes with 4 bytes of the reply left (the reply is "});
+
+  replies.Answer(Field(kStruct, 0) + NodeStruct(2, /*id_missing=*/true));
+  ExpectScalesError(async_tree, info, Errc::kProtocolError,
+                    {"client thrift-it: malformed Thrift reply from " + endpoint + " for tree: "});
+  try {
+    blocking_tree();
+    ADD_FAILURE() << "no error";
+  } catch (const apache::thrift::protocol::TProtocolException& e) {
+    EXPECT_EQ(e.getType(), apache::thrift::protocol::TProtocolException::INVALID_DATA) << e.what();
+  }
+}
+
+// TCompactProtocol refuses a type nibble it does not know with a plain TException, neither a
+// TProtocolException nor a TTransportException: a malformed reply all the same, blocking and async,
+// not an exception of Apache's reaching the caller.
+TEST(ThriftClientTest, AnUnknownCompactTypeIsAProtocolErrorBlockingAndAsync) {
+  CraftedServer crafted(Protocol::kCompact);
+  crafted.replies->Answer(Be(0x08, 1) + Be(0x00, 1) + Varint(3) + "abc");  // field 0: BINARY (long form: type, id 0)
+  std::string r;
+  crafted.client->hi(r, "x");
+  EXPECT_EQ(r, "abc");
+  crafted.replies->Answer(Be(0x1d, 1) + Be(0, 1));  // field 1 of type 13 (short form: id delta, type)
+  ExpectHiFails(crafted.client, crafted.info, Errc::kProtocolError,
+                {"client thrift-it: malformed Thrift reply from " + crafted.endpoint() +
+                 " for hi: don't know what type"});
+}
+
+// A memory resource that refuses (std::bad_alloc) any allocation over `cap` bytes, as an allocator
+// refuses what the process cannot hold; installed as std::pmr's default while it lives.
+class CappedMemory final : public std::pmr::memory_resource {
+ public:
+  explicit CappedMemory(size_t cap) : cap_(cap), before_(std::pmr::set_default_resource(this)) {}
+  ~CappedMemory() override { std::pmr::set_default_resource(before_); }
+
+ private:
+  void* do_allocate(size_t bytes, size_t alignment) override {
+    if (bytes > cap_) throw std::bad_alloc();
+    return std::pmr::new_delete_resource()->allocate(bytes, alignment);
+  }
+  void do_deallocate(void* p, size_t bytes, size_t alignment) override {
+    std::pmr::new_delete_resource()->deallocate(p, bytes, alignment);
+  }
+  bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
+
+  size_t cap_;
+  std::pmr::memory_resource* before_;
+};
+
+// A reply declaring more than can be allocated (a list of 200,000 i64 is 1.6 MB, the allocator
+// gives at most 1 MiB) completes an async call with scales::Error(kResponseTooLarge) naming the
+// client, the endpoint, the step and the reply's size — not the std::bad_alloc itself. A blocking
+// call gets the std::bad_alloc: the generated code sizes the list in the caller's frame, outside
+// the protocol's reads. The same reply decodes once the memory is there, on the same loop thread.
+TEST(ThriftClientTest, AReplyDeclaringMoreThanCanBeAllocatedIsResponseTooLarge) {
+  CraftedServer crafted(Protocol::kBinary, 1);
+  const thrift::ThriftClient<HelloClient>& client = crafted.client;
+  constexpr uint32_t kCount = 200000;
+  std::string list = Field(kList, 0) + Be(kI64, 1) + Be(kCount, 4);
+  for (uint32_t i = 0; i < kCount; ++i) list += Be(i, 8);
+  crafted.replies->Answer(list);
+  const std::string reply_size = std::to_string(4 + 4 + 7 + 4 + list.size() + 1);  // header "numbers", fields, STOP
+  {
+    CappedMemory capped(1 << 20);
+    ExpectScalesError(
+        [&] {
+          if (auto e = AsyncOutcome<scales::thrifttest::Numbers>(client, nullptr, &HelloClient::send_numbers,
+                                                                 &HelloClient::recv_numbers)) {
+            std::rethrow_exception(e);
+          }
+        },
+        crafted.info, Errc::kResponseTooLarge,
+        {"client thrift-it: decoding reply of numbers from " + crafted.endpoint() + " (" + reply_size +
+         " bytes) failed: std::bad_alloc"});
+    scales::thrifttest::Numbers numbers;
+    EXPECT_THROW(client->numbers(numbers), std::bad_alloc);
+  }
+  scales::thrifttest::Numbers numbers;
+  EXPECT_EQ(AsyncOutcome<scales::thrifttest::Numbers>(client, &numbers, &HelloClient::send_numbers,
+                                                      &HelloClient::recv_numbers),
+            nullptr);
+  ASSERT_EQ(numbers.size(), kCount);
+  EXPECT_EQ(numbers.back(), kCount - 1);
 }
 
 // --- `scales testserver thrift`, killed mid-call ---------------------------------------------

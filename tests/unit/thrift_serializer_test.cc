@@ -3,6 +3,7 @@
 // thrift/test_serialization. No sockets, no event loop.
 #include <algorithm>
 #include <memory>
+#include <memory_resource>
 #include <random>
 #include <string>
 #include <vector>
@@ -640,6 +641,102 @@ TEST(ThriftCodecTest, AListDeclaringMoreElementsThanTheBytesLeftFailsBeforeItIsS
     const std::string fine = reply(p, 3, 3);
     EXPECT_EQ(internal::Decode<HelloClient>(p, fine, &HelloClient::recv_blobs).size(), 3u);
   }
+}
+
+// A reply to hi() whose string declares `declared` bytes and carries "abc", written byte by byte
+// per the Thrift spec, not by libthrift or scales: the message header (binary strict: version and
+// type, name, sequence id; compact: protocol id, version and type, varint sequence id, name), then
+// field 0 of type string, its length (binary: big-endian i32; compact: varint) and "abc"; `whole`
+// ends the result struct after it.
+std::string CraftedHiReply(Protocol p, uint32_t declared, bool whole) {
+  std::string length;
+  std::string r;
+  if (p == Protocol::kCompact) {
+    for (uint32_t v = declared; ; v >>= 7) {
+      length.push_back(static_cast<char>((v & 0x7f) | (v > 0x7f ? 0x80 : 0)));
+      if (v <= 0x7f) break;
+    }
+    r = Bytes({0x82, 0x41, 0x00, 0x02}) + "hi" + Bytes({0x08, 0x00});  // REPLY; field: BINARY, i16 id 0
+  } else {
+    length = Bytes({static_cast<int>(declared >> 24), static_cast<int>((declared >> 16) & 0xff),
+                    static_cast<int>((declared >> 8) & 0xff), static_cast<int>(declared & 0xff)});
+    r = Bytes({0x80, 0x01, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02}) + "hi" +
+        Bytes({0x00, 0x00, 0x00, 0x00, 0x0b, 0x00, 0x00});  // seqid 0; field: STRING, id 0
+  }
+  r += length + "abc";
+  if (whole) r += Bytes({0x00});  // STOP
+  return r;
+}
+
+// A string declaring more bytes than the reply has left after its length fails before anything is
+// sized for it — also one shorter than the whole reply, which Apache's own check lets through — and
+// says what it declared, what was left and the reply's size.
+TEST(ThriftCodecTest, AStringLongerThanTheBytesLeftFailsNamingItsLengthAndTheReplysSize) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    EXPECT_EQ(internal::Decode<HelloClient>(p, CraftedHiReply(p, 3, true), &HelloClient::recv_hi), "abc");
+    for (uint32_t declared : {10u, 0x7fffffffu}) {
+      const std::string reply = CraftedHiReply(p, declared, false);
+      ASSERT_LT(10u, reply.size());
+      try {
+        internal::Decode<HelloClient>(p, reply, &HelloClient::recv_hi);
+        ADD_FAILURE() << "decoded";
+      } catch (const apache::thrift::protocol::TProtocolException& e) {
+        EXPECT_EQ(e.getType(), apache::thrift::protocol::TProtocolException::SIZE_LIMIT) << e.what();
+        const std::string expected = "a string declares " + std::to_string(declared) +
+                                     " bytes with 3 bytes of the reply left (the reply is " +
+                                     std::to_string(reply.size()) + " bytes)";
+        EXPECT_NE(std::string_view(e.what()).find(expected), std::string_view::npos) << e.what();
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << "declaring " << declared << ": " << e.what();
+      }
+    }
+  }
+}
+
+// TCompactProtocol refuses an unknown type nibble with a plain TException (not a
+// TProtocolException): still a reply that does not decode (internal::Malformed, which the client
+// turns into kProtocolError), and the thread's codec, whose reader stopped inside a struct, is
+// dropped.
+TEST(ThriftCodecTest, AnUnknownCompactTypeIsAMalformedReply) {
+  using C = internal::Codec<HelloClient>;
+  EXPECT_EQ(internal::Decode<HelloClient>(Protocol::kCompact, CraftedHiReply(Protocol::kCompact, 3, true),
+                                          &HelloClient::recv_hi),
+            "abc");
+  ASSERT_TRUE(C::Kept(Protocol::kCompact));
+  // As CraftedHiReply, with field 1 of type 13 (short form: id delta 1, type) after the name.
+  const std::string reply = Bytes({0x82, 0x41, 0x00, 0x02}) + "hi" + Bytes({0x1d, 0x00, 0x00});
+  try {
+    internal::Decode<HelloClient>(Protocol::kCompact, reply, &HelloClient::recv_hi);
+    ADD_FAILURE() << "decoded";
+  } catch (const std::exception& e) {
+    EXPECT_TRUE(internal::Malformed(e)) << e.what();
+  }
+  EXPECT_FALSE(C::Kept(Protocol::kCompact));
+}
+
+// A reply whose declared contents cannot be allocated: what the allocator throws is OutOfMemory
+// (which the client turns into kResponseTooLarge), and the thread's codec, whose reader stopped
+// inside a struct, is dropped. Numbers (tests/thrift) is allocated from std::pmr's default
+// resource, here one that gives nothing.
+TEST(ThriftCodecTest, AReplyThatCannotBeAllocatedDropsTheCodec) {
+  using C = internal::Codec<HelloClient>;
+  // numbers() -> [1, 2, 3], compact, per the spec: the header, field 0 (long form: LIST, i16 id 0),
+  // the list header (size 3, I64), three zigzag varints, STOP.
+  const std::string reply =
+      Bytes({0x82, 0x41, 0x00, 0x07}) + "numbers" + Bytes({0x09, 0x00, 0x36, 0x02, 0x04, 0x06, 0x00});
+  const auto decoded = internal::Decode<HelloClient>(Protocol::kCompact, reply, &HelloClient::recv_numbers);
+  EXPECT_EQ(std::vector<int64_t>(decoded.begin(), decoded.end()), (std::vector<int64_t>{1, 2, 3}));
+  ASSERT_TRUE(C::Kept(Protocol::kCompact));
+  std::pmr::memory_resource* before = std::pmr::set_default_resource(std::pmr::null_memory_resource());
+  try {
+    internal::Decode<HelloClient>(Protocol::kCompact, reply, &HelloClient::recv_numbers);
+    ADD_FAILURE() << "decoded";
+  } catch (const std::exception& e) {
+    EXPECT_TRUE(internal::OutOfMemory(e)) << e.what();
+    EXPECT_FALSE(internal::Malformed(e)) << e.what();
+  }
+  std::pmr::set_default_resource(before);
+  EXPECT_FALSE(C::Kept(Protocol::kCompact));
 }
 
 // libthrift's transports stop a message at 100 MiB read (TConfiguration's default

@@ -28,12 +28,18 @@
 //    void(std::exception_ptr) for void and oneway methods): a null pointer on success; else
 //    the declared exception, TApplicationException or scales::Error. use_future and
 //    use_awaitable rethrow that exception itself.
-//  - A reply whose body does not decode (truncated, or a string or container declaring more
-//    than the reply holds; ReadLimits): scales::Error(kProtocolError, "client <name>: malformed
-//    Thrift reply from <endpoint> for <method>: ...") for async and blocking calls alike (a blocking call's
-//    protocol turns what Apache's reads throw into it). One exception: a required field missing
-//    from a returned struct, which the generated code itself checks, reaches a blocking caller
-//    as Apache's TProtocolException (INVALID_DATA).
+//  - A reply whose body does not decode (truncated, a string or container declaring more than
+//    the reply holds, structs nested deeper than 64 levels; CheckedReads): scales::Error(
+//    kProtocolError, "client <name>: malformed Thrift reply from <endpoint> for <method>: ...")
+//    for async and blocking calls alike (a blocking call's protocol turns what Apache's reads
+//    throw into it). A reply whose declared contents cannot be allocated (std::bad_alloc while
+//    decoding): scales::Error(kResponseTooLarge, "client <name>:
+//    decoding reply of <method> from <endpoint> (<N> bytes) failed: ..."). The exceptions, for
+//    blocking calls only: what the generated code itself throws outside the protocol's reads
+//    reaches the caller as itself — a required field missing from a returned struct (Apache's
+//    TProtocolException INVALID_DATA) and an allocation failure while it sizes a container
+//    (std::bad_alloc) — as the generated recv_X() runs in the caller's frame, with nothing of
+//    ours around it.
 //
 // The contract with the stack (what another stack, e.g. ThriftMux, must keep to reuse this
 // client): the MethodCallMessage's payload is a scales::Stream holding one whole Thrift message
@@ -56,11 +62,13 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 
 #include <boost/asio/any_completion_handler.hpp>
@@ -88,9 +96,9 @@ namespace scales::thrift {
 // a few bytes declaring a 2 GiB string, or a list of 2^31 structs, would allocate all of it.
 // Nothing in a reply is longer, or has more elements, than the reply has bytes (every element
 // takes at least one): LimitReadsTo(reply size) makes anything beyond that fail with
-// TProtocolException SIZE_LIMIT. The protocols also hold a container's element count to the bytes
-// still unread (CheckedContainers), so bytes before the container (an unknown field of padding) buy
-// it nothing. A container may still cost its element size per byte after it.
+// TProtocolException SIZE_LIMIT. The protocols also hold a string's length and a container's
+// element count to the bytes still unread (CheckedReads), so bytes before it (an unknown field of
+// padding) buy it nothing. A container may still cost its element size per byte after it.
 class ReadLimits {
  public:
   virtual void LimitReadsTo(size_t reply_bytes) noexcept = 0;
@@ -102,44 +110,130 @@ class ReadLimits {
   }
 };
 
-// Apache's protocol P (a TVirtualProtocol) whose container reads fail with TProtocolException
-// SIZE_LIMIT when a list, set or map declares more elements than the bytes the reply has left
-// can hold (BytesLeft(); an element takes at least one byte, a map entry two), before the
-// generated code sizes anything for them.
+namespace internal {
 template <class P>
-class CheckedContainers : public P {
+struct IsCompactProtocol : std::false_type {};
+template <class T>
+struct IsCompactProtocol<apache::thrift::protocol::TCompactProtocolT<T>> : std::true_type {};
+}  // namespace internal
+
+// Apache's protocol P (a TBinaryProtocolT or TCompactProtocolT) with ReadLimits, whose reads
+// fail with TProtocolException before the generated code sizes anything for what a reply
+// declares, naming what was declared, the bytes of the reply left and the reply's size:
+//  - SIZE_LIMIT: a string (or binary) longer than the bytes left after its length, a list, set or
+//    map with more elements than those bytes can hold (BytesLeft(); an element takes at least
+//    one byte, a map entry two);
+//  - DEPTH_LIMIT: structs nested deeper than Apache's recursion limit (TConfiguration's, 64),
+//    checked in readStructBegin. Apache's own check runs in the generated code's recursion
+//    tracker, outside any read, where the blocking protocol cannot translate what it throws:
+//    while a reply is read Apache's limit is one level higher, so this check comes first.
+template <class P>
+class CheckedReads : public P, public ReadLimits {
  public:
   using P::P;
+
+  void LimitReadsTo(size_t reply_bytes) noexcept override {
+    reply_bytes_ = reply_bytes;
+    this->string_limit_ = Limit(reply_bytes);
+    this->container_limit_ = Limit(reply_bytes);
+  }
+
+  uint32_t readMessageBegin_virt(std::string& name, apache::thrift::protocol::TMessageType& type,
+                                 int32_t& seqid) override {
+    this->setRecurisionLimit(depth_limit_ + 1);
+    depth_ = 0;  // a read that failed left it anywhere
+    return P::readMessageBegin_virt(name, type, seqid);
+  }
+  uint32_t writeMessageBegin_virt(const std::string& name, const apache::thrift::protocol::TMessageType type,
+                                  const int32_t seqid) override {
+    this->setRecurisionLimit(depth_limit_);  // writes keep Apache's limit
+    return P::writeMessageBegin_virt(name, type, seqid);
+  }
+  uint32_t readStructBegin_virt(std::string& name) override {
+    if (++depth_ > depth_limit_) {
+      throw apache::thrift::protocol::TProtocolException(
+          apache::thrift::protocol::TProtocolException::DEPTH_LIMIT,
+          "structs nest deeper than " + std::to_string(depth_limit_) + " levels");
+    }
+    return P::readStructBegin_virt(name);
+  }
+  uint32_t readStructEnd_virt() override {
+    --depth_;
+    return P::readStructEnd_virt();
+  }
+  uint32_t readString_virt(std::string& value) override {
+    CheckString();
+    return P::readString_virt(value);
+  }
+  uint32_t readBinary_virt(std::string& value) override {
+    CheckString();
+    return P::readBinary_virt(value);
+  }
   uint32_t readListBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
     const uint32_t n = P::readListBegin_virt(element, size);
-    Check("list", size, 1);
+    CheckContainer("list", size, 1);
     return n;
   }
   uint32_t readSetBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
     const uint32_t n = P::readSetBegin_virt(element, size);
-    Check("set", size, 1);
+    CheckContainer("set", size, 1);
     return n;
   }
   uint32_t readMapBegin_virt(apache::thrift::protocol::TType& key, apache::thrift::protocol::TType& value,
                              uint32_t& size) override {
     const uint32_t n = P::readMapBegin_virt(key, value, size);
-    Check("map", size, 2);
+    CheckContainer("map", size, 2);
     return n;
   }
 
  protected:
-  ~CheckedContainers() override = default;
+  ~CheckedReads() override = default;
   virtual size_t BytesLeft() const noexcept = 0;
 
  private:
-  void Check(const char* kind, uint32_t count, size_t min_bytes) const {
+  void CheckContainer(const char* kind, uint32_t count, size_t min_bytes) const {
     const size_t left = BytesLeft();
     if (static_cast<uint64_t>(count) * min_bytes <= left) return;
+    Refuse("a " + std::string(kind) + " declares " + std::to_string(count) + " elements", left);
+  }
+  // The length ahead is read here without consuming it, as P is about to read it (binary: a
+  // big-endian i32; compact: a varint, of which P keeps the low 32 bits). When the reply ends
+  // inside it, or it is not positive, P's read fails (truncated, NEGATIVE_SIZE) or reads nothing.
+  void CheckString() const {
+    uint32_t available = 1;
+    const uint8_t* p = this->trans_->borrow(nullptr, &available);
+    if (p == nullptr) return;
+    int64_t declared = 0;
+    size_t prefix = 0;
+    if constexpr (internal::IsCompactProtocol<P>::value) {
+      uint64_t v = 0;
+      for (;; ++prefix) {
+        if (prefix == available || prefix == 10) return;
+        v |= static_cast<uint64_t>(p[prefix] & 0x7f) << (7 * prefix);
+        if ((p[prefix] & 0x80) == 0) break;
+      }
+      ++prefix;
+      declared = static_cast<int32_t>(v);
+    } else {
+      if (available < 4) return;
+      prefix = 4;
+      declared = static_cast<int32_t>(static_cast<uint32_t>(p[0]) << 24 | static_cast<uint32_t>(p[1]) << 16 |
+                                      static_cast<uint32_t>(p[2]) << 8 | static_cast<uint32_t>(p[3]));
+    }
+    const size_t left = BytesLeft() - prefix;
+    if (declared <= 0 || static_cast<uint64_t>(declared) <= left) return;
+    Refuse("a string declares " + std::to_string(declared) + " bytes", left);
+  }
+  [[noreturn]] void Refuse(const std::string& what, size_t left) const {
     throw apache::thrift::protocol::TProtocolException(
         apache::thrift::protocol::TProtocolException::SIZE_LIMIT,
-        "a " + std::string(kind) + " declares " + std::to_string(count) + " elements with " + std::to_string(left) +
-            " bytes of the reply left");
+        what + " with " + std::to_string(left) + " bytes of the reply left (the reply is " +
+            std::to_string(reply_bytes_) + " bytes)");
   }
+
+  size_t reply_bytes_ = 0;
+  const uint32_t depth_limit_ = this->getRecursionLimit();
+  uint32_t depth_ = 0;  // of the structs being read
 };
 
 class BlockingTransport;
@@ -151,9 +245,10 @@ class BlockingTransport;
 const std::shared_ptr<apache::thrift::TConfiguration>& ReplyConfiguration();
 
 // The protocol of a blocking call's generated client, of kind `protocol` over the call's
-// `transport`: Apache's TBinaryProtocol or TCompactProtocol with ReadLimits, whose reads turn
-// Apache's TProtocolException and TTransportException (a reply whose body does not decode) into
-// the scales::Error(kProtocolError) an async call gets (BlockingTransport::ThrowMalformed).
+// `transport`: Apache's TBinaryProtocol or TCompactProtocol with CheckedReads, whose reads turn
+// what they throw when a reply does not decode (Apache's TProtocolException and
+// TTransportException, std::bad_alloc) into the scales::Error an async call gets
+// (BlockingTransport::ThrowDecodeError).
 std::shared_ptr<apache::thrift::protocol::TProtocol> MakeProtocol(Protocol protocol,
                                                                   std::shared_ptr<BlockingTransport> transport);
 
@@ -186,10 +281,12 @@ class ThriftCall : public CallBase {
   // CompleteOn with the handler. The call is destroyed right after.
   virtual void Deliver(const error_code& error, std::string& detail, const boost::asio::any_io_executor& fallback,
                        bool defer) = 0;
-  // The reply's body did not decode (`e`: Apache's TProtocolException or TTransportException,
-  // e.g. truncated, or a length over the reply's size): scales::Error(kProtocolError) naming
-  // the client, the endpoint, the method and what was wrong, also put in `info`.
-  std::exception_ptr MalformedReply(const std::exception& e);
+  // What recv_X threw (`e`) when the reply's body did not decode (internal::Malformed: e.g.
+  // truncated, a length over the bytes left) or what it declares could not be allocated
+  // (internal::OutOfMemory): scales::Error(kProtocolError, resp. kResponseTooLarge) naming the
+  // client, the endpoint, the method and what was wrong, also put in `info`. Null for anything
+  // else (a declared exception, TApplicationException: what the reply carries).
+  std::exception_ptr DecodeError(const std::exception& e);
 
  private:
   CallInfo own_info_;
@@ -218,10 +315,11 @@ class BlockingTransport final : public apache::thrift::transport::TMemoryBuffer 
   // The limits of the protocol that reads the reply from this buffer: flush() bounds its
   // reads by the reply's size (ReadLimits). It must outlive the flush.
   void ReadsWith(ReadLimits* reader) noexcept { reader_ = reader; }
-  // The reply did not decode (`e`: Apache's exception, from the protocol reading it): throws
-  // scales::Error(kProtocolError, "client <name>: malformed Thrift reply from <endpoint> for
-  // <method>: ...") (also in the call's CallInfo, when it asked for one).
-  [[noreturn]] void ThrowMalformed(const std::exception& e) const;
+  // What the protocol reading the reply threw (`e`), when the reply did not decode or what it
+  // declares could not be allocated: throws the scales::Error an async call gets
+  // (ThriftCall::DecodeError; also in the call's CallInfo, when it asked for one). Returns for
+  // anything else.
+  void ThrowDecodeError(const std::exception& e) const;
 
  private:
   std::shared_ptr<ClientCore> core_;
@@ -230,9 +328,22 @@ class BlockingTransport final : public apache::thrift::transport::TMemoryBuffer 
   ReadLimits* reader_ = nullptr;
   std::string method_;    // of the last call flushed
   std::string endpoint_;  // that answered it
+  size_t reply_bytes_ = 0;  // of its reply
 };
 
 namespace internal {
+
+// What `e`, thrown while a reply was decoded, says, when it is not what the reply carries (a
+// declared exception, TApplicationException: subclasses of TException). Malformed: its body did
+// not decode (Apache's TProtocolException or TTransportException, or a plain TException:
+// TCompactProtocol's "don't know what type" for an unknown type nibble). OutOfMemory: what it
+// declares could not be allocated.
+inline bool Malformed(const std::exception& e) noexcept {
+  return dynamic_cast<const apache::thrift::protocol::TProtocolException*>(&e) != nullptr ||
+         dynamic_cast<const apache::thrift::transport::TTransportException*>(&e) != nullptr ||
+         typeid(e) == typeid(apache::thrift::TException);
+}
+inline bool OutOfMemory(const std::exception& e) noexcept { return dynamic_cast<const std::bad_alloc*>(&e) != nullptr; }
 
 // What recv_X returns: `void recv_x(T& _return)` -> T; `T recv_x()` -> T (T may be void).
 template <class Recv>
@@ -328,16 +439,12 @@ class ReplyReader final
 // here ptrans_ points at the transport without owning it (a shared_ptr aliasing an empty one
 // has no control block, so its copies touch no counter) and owner_ keeps the transport alive.
 template <class P, class T>
-class UncountedTransportProtocol final : public CheckedContainers<P>, public ReadLimits {
+class UncountedTransportProtocol final : public CheckedReads<P> {
  public:
   explicit UncountedTransportProtocol(std::shared_ptr<T> transport)
-      : CheckedContainers<P>(transport), owner_(std::move(transport)) {
+      : CheckedReads<P>(transport), owner_(std::move(transport)) {
     this->ptrans_ = std::shared_ptr<apache::thrift::transport::TTransport>(
         std::shared_ptr<apache::thrift::transport::TTransport>(), owner_.get());
-  }
-  void LimitReadsTo(size_t reply_bytes) noexcept override {
-    this->string_limit_ = Limit(reply_bytes);
-    this->container_limit_ = Limit(reply_bytes);
   }
 
  private:
@@ -482,11 +589,8 @@ void DecodeInto(Protocol protocol, std::string_view bytes, Recv recv,
     } else {
       out = (gen.*recv)();
     }
-  } catch (const apache::thrift::protocol::TProtocolException&) {
-    drop.now = true;
-    throw;
-  } catch (const apache::thrift::transport::TTransportException&) {
-    drop.now = true;
+  } catch (const std::exception& e) {
+    if (Malformed(e) || OutOfMemory(e)) drop.now = true;
     throw;
   }
 }
@@ -529,14 +633,12 @@ class DecodingCall final : public ThriftCall {
     } else {
       try {
         DecodeInto<G>(protocol_, reply.data, recv_, value);
-      } catch (const apache::thrift::protocol::TProtocolException& e) {
-        ep = MalformedReply(e);
-        value = {};
-      } catch (const apache::thrift::transport::TTransportException& e) {
-        ep = MalformedReply(e);
+      } catch (const std::exception& e) {
+        ep = DecodeError(e);
+        if (!ep) ep = std::current_exception();  // a declared exception, TApplicationException
         value = {};
       } catch (...) {
-        ep = std::current_exception();  // a declared exception, TApplicationException
+        ep = std::current_exception();
         value = {};
       }
     }
