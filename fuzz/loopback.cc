@@ -99,13 +99,24 @@ Harness::Connection Harness::Connect() {
   Connection c;
   c.client = ::socket(AF_INET, SOCK_STREAM, 0);
   Check(c.client >= 0, "socket()");
+  // From 127.0.0.2..127.0.0.251 in turn: every connection that closes gracefully leaves a
+  // TIME_WAIT holding its address pair for a minute, and from one source address to the one
+  // listening port there are only as many pairs as ephemeral ports (28,232 by default), which a
+  // fuzzer running at 500 inputs a second uses up in under a minute (connect() then fails with
+  // EADDRNOTAVAIL). The port is still chosen by connect() (IP_BIND_ADDRESS_NO_PORT).
+  static uint32_t next_source = 0;
+  const int one = 1;
+  ::setsockopt(c.client, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+  sockaddr_in source{};
+  source.sin_family = AF_INET;
+  source.sin_addr.s_addr = htonl(INADDR_LOOPBACK + 1 + (next_source++ % 250));
+  Check(::bind(c.client, reinterpret_cast<sockaddr*>(&source), sizeof source) == 0, "bind()");
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   addr.sin_port = htons(port_);
   // Completes in the kernel (the listen backlog takes it) before the accept.
   Check(::connect(c.client, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0, "connect()");
-  const int one = 1;
   ::setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   ::fcntl(c.client, F_SETFL, ::fcntl(c.client, F_GETFL) | O_NONBLOCK);
   c.server = Accept();
