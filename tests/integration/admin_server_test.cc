@@ -453,7 +453,7 @@ TEST(AdminRefusalTest, AbsoluteFormAndEscapedPathsAreServed) {
   stats::StatsRegistry registry;
   registry.GetCounter("requests").Increment();
   admin::AdminServer admin({.stats = &registry});
-  for (const std::string target :
+  for (const std::string& target :
        {fmt::format("http://127.0.0.1:{}/metrics?x=1", admin.port()),
         std::string("HTTPS://admin.example/metrics"), std::string("/%6detrics")}) {
     SCOPED_TRACE(target);
