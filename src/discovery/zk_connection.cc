@@ -59,13 +59,23 @@ std::string ZkErrorText(int rc) {
   return text ? std::string(text) : fmt::format("error {}", rc);
 }
 
+// One operation of the C client, handed back to exactly one completion (also on close:
+// ZCLOSING): Finish posts the result to the loop, if the session it was issued on is still
+// current, and frees the op.
+template <typename... R>
 struct ZkConnection::Op {
   ZkConnection* connection;
   uint64_t generation;
-  std::function<void(int, std::vector<std::string>)> children;
-  std::function<void(int, std::string)> data;  // Get, Create
-  std::function<void(int)> status;             // Exists, Delete, Sync
-  std::function<void(int, int64_t)> owner;     // EphemeralOwner
+  std::function<void(int, R...)> done;
+
+  static void Finish(const void* data, int rc, R... results) {
+    auto* op = static_cast<Op*>(const_cast<void*>(data));
+    op->connection->PostIfCurrent(op->generation, [f = std::move(op->done), rc,
+                                                   ... results = std::move(results)]() mutable {
+      f(rc, std::move(results)...);
+    });
+    delete op;
+  }
 };
 
 ZkConnection::ZkConnection(std::string connect_string, ZooKeeperOptions options)
@@ -302,166 +312,90 @@ std::optional<std::pair<int64_t, std::string>> ZkConnection::session() const {
   return session_id_;
 }
 
-// The operations. Each allocates an Op that the C client hands back to exactly one completion
-// (also on close: ZCLOSING); the completion posts the result to the loop and frees the Op.
+// The operations. `issue` starts one on the current session's handle with the op as its
+// completion's data; without a session, or when the C client refuses it, the error goes to
+// `done` on the loop (with empty results) all the same.
+
+template <typename... R, typename Issue>
+void ZkConnection::Run(std::function<void(int, R...)> done, Issue issue) {
+  Session* s = CurrentSession();
+  auto* op = new Op<R...>{this, generation_.load(), std::move(done)};
+  const int rc = s && s->handle ? issue(s->handle, static_cast<const void*>(op)) : ZINVALIDSTATE;
+  if (rc != ZOK) Op<R...>::Finish(op, rc, R{}...);
+}
 
 void ZkConnection::GetChildren(const std::string& path, bool watch,
                                std::function<void(int, std::vector<std::string>)> done) {
-  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), std::move(done), {}, {}, {}};
-  int rc = s && s->handle
-               ? zoo_awget_children2(
-                     s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
-                     watch ? s : nullptr,
-                     [](int rc, const String_vector* strings, const Stat*, const void* data) {
-                       auto* op = static_cast<Op*>(const_cast<void*>(data));
-                       std::vector<std::string> names;
-                       if (rc == ZOK && strings) {
-                         names.reserve(strings->count);
-                         for (int i = 0; i < strings->count; ++i) names.emplace_back(strings->data[i]);
-                       }
-                       op->connection->PostIfCurrent(
-                           op->generation, [f = std::move(op->children), rc,
-                                            names = std::move(names)]() mutable { f(rc, std::move(names)); });
-                       delete op;
-                     },
-                     op)
-               : ZINVALIDSTATE;
-  if (rc != ZOK) {
-    PostIfCurrent(op->generation, [f = std::move(op->children), rc] { f(rc, {}); });
-    delete op;
-  }
+  Run(std::move(done), [&](zhandle_t* zh, const void* op) {
+    return zoo_awget_children2(
+        zh, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr, watch ? CurrentSession() : nullptr,
+        [](int rc, const String_vector* strings, const Stat*, const void* data) {
+          std::vector<std::string> names;
+          if (rc == ZOK && strings) {
+            names.reserve(strings->count);
+            for (int i = 0; i < strings->count; ++i) names.emplace_back(strings->data[i]);
+          }
+          Op<std::vector<std::string>>::Finish(data, rc, std::move(names));
+        },
+        op);
+  });
 }
 
-void ZkConnection::Get(const std::string& path, bool watch,
-                       std::function<void(int, std::string)> done) {
-  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}, {}};
-  int rc = s && s->handle
-               ? zoo_awget(
-                     s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
-                     watch ? s : nullptr,
-                     [](int rc, const char* value, int len, const Stat*, const void* data) {
-                       auto* op = static_cast<Op*>(const_cast<void*>(data));
-                       std::string text;
-                       if (rc == ZOK && value && len > 0) text.assign(value, static_cast<size_t>(len));
-                       op->connection->PostIfCurrent(
-                           op->generation, [f = std::move(op->data), rc,
-                                            text = std::move(text)]() mutable { f(rc, std::move(text)); });
-                       delete op;
-                     },
-                     op)
-               : ZINVALIDSTATE;
-  if (rc != ZOK) {
-    PostIfCurrent(op->generation, [f = std::move(op->data), rc] { f(rc, {}); });
-    delete op;
-  }
+void ZkConnection::Get(const std::string& path, bool watch, std::function<void(int, std::string)> done) {
+  Run(std::move(done), [&](zhandle_t* zh, const void* op) {
+    return zoo_awget(
+        zh, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr, watch ? CurrentSession() : nullptr,
+        [](int rc, const char* value, int len, const Stat*, const void* data) {
+          std::string text;
+          if (rc == ZOK && value && len > 0) text.assign(value, static_cast<size_t>(len));
+          Op<std::string>::Finish(data, rc, std::move(text));
+        },
+        op);
+  });
 }
 
 void ZkConnection::Exists(const std::string& path, bool watch, std::function<void(int)> done) {
-  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done), {}};
-  int rc = s && s->handle
-               ? zoo_awexists(
-                     s->handle, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr,
-                     watch ? s : nullptr,
-                     [](int rc, const Stat*, const void* data) {
-                       auto* op = static_cast<Op*>(const_cast<void*>(data));
-                       op->connection->PostIfCurrent(op->generation,
-                                                     [f = std::move(op->status), rc] { f(rc); });
-                       delete op;
-                     },
-                     op)
-               : ZINVALIDSTATE;
-  if (rc != ZOK) {
-    PostIfCurrent(op->generation, [f = std::move(op->status), rc] { f(rc); });
-    delete op;
-  }
+  Run(std::move(done), [&](zhandle_t* zh, const void* op) {
+    return zoo_awexists(
+        zh, path.c_str(), watch ? &ZkConnection::NodeWatcher : nullptr, watch ? CurrentSession() : nullptr,
+        [](int rc, const Stat*, const void* data) { Op<>::Finish(data, rc); }, op);
+  });
 }
 
 void ZkConnection::EphemeralOwner(const std::string& path, std::function<void(int, int64_t)> done) {
-  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, {}, {}, std::move(done)};
-  int rc = s && s->handle
-               ? zoo_aexists(
-                     s->handle, path.c_str(), 0,
-                     [](int rc, const Stat* stat, const void* data) {
-                       auto* op = static_cast<Op*>(const_cast<void*>(data));
-                       const int64_t owner = rc == ZOK && stat != nullptr ? stat->ephemeralOwner : 0;
-                       op->connection->PostIfCurrent(op->generation,
-                                                     [f = std::move(op->owner), rc, owner] { f(rc, owner); });
-                       delete op;
-                     },
-                     op)
-               : ZINVALIDSTATE;
-  if (rc != ZOK) {
-    PostIfCurrent(op->generation, [f = std::move(op->owner), rc] { f(rc, 0); });
-    delete op;
-  }
+  Run(std::move(done), [&](zhandle_t* zh, const void* op) {
+    return zoo_aexists(
+        zh, path.c_str(), 0,
+        [](int rc, const Stat* stat, const void* data) {
+          Op<int64_t>::Finish(data, rc, rc == ZOK && stat != nullptr ? stat->ephemeralOwner : 0);
+        },
+        op);
+  });
 }
 
 void ZkConnection::Create(const std::string& path, const std::string& data, int flags,
                           std::function<void(int, std::string)> done) {
-  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, std::move(done), {}, {}};
-  int rc = s && s->handle
-               ? zoo_acreate(
-                     s->handle, path.c_str(), data.data(), static_cast<int>(data.size()),
-                     &ZOO_OPEN_ACL_UNSAFE, flags,
-                     [](int rc, const char* value, const void* data) {
-                       auto* op = static_cast<Op*>(const_cast<void*>(data));
-                       std::string created = rc == ZOK && value ? value : "";
-                       op->connection->PostIfCurrent(
-                           op->generation, [f = std::move(op->data), rc,
-                                            created = std::move(created)]() mutable {
-                             f(rc, std::move(created));
-                           });
-                       delete op;
-                     },
-                     op)
-               : ZINVALIDSTATE;
-  if (rc != ZOK) {
-    PostIfCurrent(op->generation, [f = std::move(op->data), rc] { f(rc, {}); });
-    delete op;
-  }
+  Run(std::move(done), [&](zhandle_t* zh, const void* op) {
+    return zoo_acreate(
+        zh, path.c_str(), data.data(), static_cast<int>(data.size()), &ZOO_OPEN_ACL_UNSAFE, flags,
+        [](int rc, const char* value, const void* op_data) {
+          Op<std::string>::Finish(op_data, rc, rc == ZOK && value ? value : "");
+        },
+        op);
+  });
 }
 
 void ZkConnection::Delete(const std::string& path, std::function<void(int)> done) {
-  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done), {}};
-  int rc = s && s->handle ? zoo_adelete(
-                                s->handle, path.c_str(), -1,
-                                [](int rc, const void* data) {
-                                  auto* op = static_cast<Op*>(const_cast<void*>(data));
-                                  op->connection->PostIfCurrent(
-                                      op->generation, [f = std::move(op->status), rc] { f(rc); });
-                                  delete op;
-                                },
-                                op)
-                          : ZINVALIDSTATE;
-  if (rc != ZOK) {
-    PostIfCurrent(op->generation, [f = std::move(op->status), rc] { f(rc); });
-    delete op;
-  }
+  Run(std::move(done), [&](zhandle_t* zh, const void* op) {
+    return zoo_adelete(zh, path.c_str(), -1, [](int rc, const void* data) { Op<>::Finish(data, rc); }, op);
+  });
 }
 
 void ZkConnection::Sync(const std::string& path, std::function<void(int)> done) {
-  Session* s = sessions_list_.empty() ? nullptr : sessions_list_.back().get();
-  auto* op = new Op{this, generation_.load(), {}, {}, std::move(done), {}};
-  int rc = s && s->handle ? zoo_async(
-                                s->handle, path.c_str(),
-                                [](int rc, const char*, const void* data) {
-                                  auto* op = static_cast<Op*>(const_cast<void*>(data));
-                                  op->connection->PostIfCurrent(
-                                      op->generation, [f = std::move(op->status), rc] { f(rc); });
-                                  delete op;
-                                },
-                                op)
-                          : ZINVALIDSTATE;
-  if (rc != ZOK) {
-    PostIfCurrent(op->generation, [f = std::move(op->status), rc] { f(rc); });
-    delete op;
-  }
+  Run(std::move(done), [&](zhandle_t* zh, const void* op) {
+    return zoo_async(zh, path.c_str(), [](int rc, const char*, const void* data) { Op<>::Finish(data, rc); },
+                     op);
+  });
 }
 
 }  // namespace scales::zk_internal

@@ -92,7 +92,12 @@ class ZkConnection {
     zhandle_t* handle = nullptr;
     bool ever_connected = false;
   };
+  template <typename... R>
   struct Op;
+
+  template <typename... R, typename Issue>
+  void Run(std::function<void(int, R...)> done, Issue issue);  // loop thread
+  Session* CurrentSession() { return sessions_list_.empty() ? nullptr : sessions_list_.back().get(); }
 
   static void SessionWatcher(zhandle_t* zh, int type, int state, const char* path, void* ctx);
   static void NodeWatcher(zhandle_t* zh, int type, int state, const char* path, void* ctx);

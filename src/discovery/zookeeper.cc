@@ -510,9 +510,14 @@ class Announcer::Impl {
     }
   }
 
-  // Loop thread: `node` was created, or adopted (FindOwnMember), in this session.
+  // Loop thread: `node` was created, or adopted (FindOwnMember), in this session. Shutdown()
+  // deletes it if it began meanwhile.
   void Announced(std::string node) {
     SetNode(node);
+    if (shutting_down_) {
+      FinishShutdown();
+      return;
+    }
     WatchNode(node);
   }
 
@@ -545,12 +550,18 @@ class Announcer::Impl {
   // Loop thread, shutting down: deletes the member, now if connected, else on the reconnect
   // (the connected handler calls this again; a new session means the member is gone already),
   // then releases Shutdown(). Closing a session that is not connected sends nothing, so the
-  // member would otherwise outlive this announcer by a session timeout.
+  // member would otherwise outlive this announcer by a session timeout. A create in flight (or
+  // the search for one whose reply was lost) is waited for: its completion comes back here, and
+  // a member it made, or one a lost create made (found as FindOwnMember finds it), is deleted.
   void FinishShutdown() {
-    if (!shutdown_done_) return;
+    if (!shutdown_done_ || creating_) return;
     std::string node = node_path();
     if (node.empty()) {
-      std::exchange(shutdown_done_, nullptr)->set_value();
+      if (!create_uncertain_) {
+        std::exchange(shutdown_done_, nullptr)->set_value();
+      } else if (connection_.connected()) {
+        FindOwnMember();  // shutting down: it creates nothing, and comes back here
+      }
       return;
     }
     if (!connection_.connected()) return;
@@ -572,6 +583,10 @@ class Announcer::Impl {
 
   // Loop thread.
   void CreateMember() {
+    if (shutting_down_) {
+      FinishShutdown();  // Shutdown() began while a lost create was looked for: nothing to create
+      return;
+    }
     creating_ = true;
     connection_.Create(path_ + "/member_", data_, ZOO_EPHEMERAL | ZOO_SEQUENCE,
                        [this](int rc, std::string created) {
@@ -658,18 +673,37 @@ class Announcer::Impl {
           std::sort(search->ours.begin(), search->ours.end());
           SCALES_LOG(kInfo, "announcer {}: the create lost with the connection was made: {}", description_,
                      search->ours.front());
+          for (size_t i = 1; i < search->ours.size(); ++i) DeleteExtra(search->ours[i]);
           Announced(search->ours.front());
-          for (size_t i = 1; i < search->ours.size(); ++i) connection_.Delete(search->ours[i], [](int) {});
         });
       }
     });
   }
 
+  // A second member of this session (several creates whose replies were lost): deleted, as the
+  // session must own one member. A failed delete is logged (not retried: the node goes with the
+  // session).
+  void DeleteExtra(const std::string& node) {
+    connection_.Delete(node, [this, node](int rc) {
+      if (rc == ZOK || rc == ZNONODE) return;
+      SCALES_LOG(kWarning,
+                 "announcer {}: could not delete {}, a second member of this session: {}; it stays until the "
+                 "session ends",
+                 description_, node, ZkErrorText(rc));
+    });
+  }
+
   // A create (or the watch on the member) failed: after a connection loss the next connect
   // retries; anything else (no permission, a missing chroot node) is retried every
-  // retry_interval, as a server set's reads are.
+  // retry_interval, as a server set's reads are. Shutting down, nothing is retried: a lost
+  // create is still looked for after the reconnect; other errors end the wait.
   void CreateFailed(std::string error, int rc) {
     connection_.SetLastError(std::move(error));
+    if (shutting_down_) {
+      if (!ConnectionError(rc)) create_uncertain_ = false;
+      FinishShutdown();
+      return;
+    }
     if (ConnectionError(rc) || retry_pending_) return;
     retry_pending_ = true;
     retry_timer_.expires_after(options_.retry_interval);
@@ -711,7 +745,9 @@ class Announcer::Impl {
 
   // After the ancestor ending before `slash` exists: the next one, or the member.
   void NextParent(size_t slash) {
-    if (slash == std::string::npos) {
+    if (shutting_down_) {
+      FinishShutdown();
+    } else if (slash == std::string::npos) {
       CreateMember();
     } else {
       CreateParents(slash + 1);

@@ -146,14 +146,16 @@ bool ExpireSessionUntil(const std::string& hosts, const std::pair<int64_t, std::
 // A relay between ZooKeeper clients and a server that, once, drops the connection instead of
 // passing on the reply to a create whose path contains `needle`: the server has made the node,
 // and the client sees a connection loss while its session lives on. Records the requests on the
-// cut create's parent path after the cut.
+// cut create's parent path after the cut. With `refuse_after_cut`, the relay then refuses
+// connections until SetRefusing(false).
 class CreateReplyCutter {
  public:
-  CreateReplyCutter(int server_port, std::string needle)
-      : needle_(std::move(needle)), relay_(server_port, [this](std::string& frame, bool request) {
-          return Inspect(frame, request);
-        }) {}
+  CreateReplyCutter(int server_port, std::string needle, bool refuse_after_cut = false)
+      : needle_(std::move(needle)), refuse_after_cut_(refuse_after_cut),
+        relay_(server_port, [this](std::string& frame, bool request) { return Inspect(frame, request); }) {}
   int port() const { return relay_.port(); }
+  void SetRefusing(bool refusing) { relay_.SetRefusing(refusing); }
+  uint64_t refused() const { return relay_.refused(); }
   bool cut() const { return cut_; }
   // The types of the requests on `parent` sent after the cut (9 sync, 12 getChildren2, ...).
   std::vector<int32_t> RequestsAfterCut(const std::string& parent) {
@@ -183,12 +185,14 @@ class CreateReplyCutter {
     }
     if (cut_xid_ != 0 && Relay::Xid(frame) == cut_xid_ && !cut_) {
       cut_ = true;
+      if (refuse_after_cut_) relay_.SetRefusing(true);
       return Relay::Verdict::kCut;
     }
     return Relay::Verdict::kPass;
   }
 
   const std::string needle_;
+  const bool refuse_after_cut_;
   int32_t cut_xid_ = 0;
   std::atomic<bool> cut_{false};
   std::mutex mu_;
@@ -577,6 +581,30 @@ TEST_F(ZooKeeperTest, AnnouncerAdoptsTheMemberWhoseCreateReplyWasLost) {
   ASSERT_GE(requests.size(), 2u);
   EXPECT_EQ(requests[0], 9) << "sync";
   EXPECT_EQ(requests[1], 12) << "getChildren2";
+}
+
+// Shutdown() while the announcer's member create is uncertain: its reply was lost with the
+// connection (the server made the node) and the connection is still down. Shutdown() waits,
+// within its 2 s, for the reconnect, finds the member the lost create made and deletes it.
+// (It used to finish at once, as no member was known: the node stayed for a session timeout.)
+TEST_F(ZooKeeperTest, AnnouncerShutdownDeletesTheMemberOfALostCreate) {
+  CreateReplyCutter cutter(zk_->port(), "/lost/svc/member_", /*refuse_after_cut=*/true);
+  Kazoo("zk.ensure_path('/lost/svc')");
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.7", 7007};
+  Announcer announcer(
+      ScalesUriParser::Parse(fmt::format("zk://127.0.0.1:{}/lost/svc?session_timeout=10s", cutter.port())),
+      instance);
+  ASSERT_TRUE(WaitFor([&] { return cutter.cut() && cutter.refused() >= 1; }, 20s)) << announcer.Describe();
+  ASSERT_EQ(Kazoo("print(len(zk.get_children('/lost/svc')))"), "1\n") << "the server made the member";
+  auto shutdown = std::async(std::launch::async, [&] { announcer.Shutdown(); });
+  const uint64_t refused = cutter.refused();
+  ASSERT_TRUE(WaitFor(
+      [&] { return cutter.refused() > refused || shutdown.wait_for(0s) == std::future_status::ready; }, 10s));
+  cutter.SetRefusing(false);
+  ASSERT_EQ(shutdown.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(Kazoo("print(zk.get_children('/lost/svc'))"), "[]\n") << "the lost create's member outlived the announcer";
+  EXPECT_TRUE(announcer.node_path().empty());
 }
 
 // Another client deletes the announcer's member while its session lives (an operator, a
