@@ -28,6 +28,7 @@
 #include "scales/transport/tls.h"
 #include "support/fixtures.h"
 #include "support/test_ca.h"
+#include "support/thrown.h"
 
 namespace scales {
 namespace {
@@ -39,6 +40,7 @@ using ::testing::StartsWith;
 using scales::echo::EchoClient;
 using test::NginxServer;
 using test::NginxTls;
+using test::Thrown;
 using test::TestThriftServer;
 using testing::TestCa;
 using testing::TestCertificates;
@@ -281,52 +283,28 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
   const auto& ca = TestCa();
   auto rt = MakeRuntime();
   const std::string missing = ca.dir + "/no-such-ca.pem";
-  try {
-    Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, Trusting(missing)));
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
-    EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + missing + "' cannot be read"));
-    // Like every error of a client, it names the client.
-    EXPECT_THAT(e.what(), StartsWith("client tls-it: tls.ca_file")) << e.what();
-  }
-  try {
-    Http::NewClient("tcp://127.0.0.1:1?tls=on&tls_ca_file=" + ca.server_key, HttpOpts(rt, {}));
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
-    EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + ca.server_key + "' cannot be loaded"));
-  }
-  try {
-    Thrift::NewClient<EchoClient>("tcp://127.0.0.1:1?tls=yes", ThriftOpts(rt, {}));
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
-    EXPECT_THAT(e.what(), HasSubstr("tls='yes'"));
-    EXPECT_THAT(e.what(), StartsWith("client tls-it: ")) << e.what();
-  }
-  try {
-    Http::NewClient("tcp://127.0.0.1:1?tls_ca=x", HttpOpts(rt, {}));
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
-    EXPECT_THAT(e.what(), HasSubstr("unknown URI option tls_ca='x'"));
-  }
+  Error e = Thrown([&] { Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, Trusting(missing))); });
+  EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + missing + "' cannot be read"));
+  // Like every error of a client, it names the client.
+  EXPECT_THAT(e.what(), StartsWith("client tls-it: tls.ca_file")) << e.what();
+  e = Thrown([&] { Http::NewClient("tcp://127.0.0.1:1?tls=on&tls_ca_file=" + ca.server_key, HttpOpts(rt, {})); });
+  EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + ca.server_key + "' cannot be loaded"));
+  e = Thrown([&] { Thrift::NewClient<EchoClient>("tcp://127.0.0.1:1?tls=yes", ThriftOpts(rt, {})); });
+  EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("tls='yes'"));
+  EXPECT_THAT(e.what(), StartsWith("client tls-it: ")) << e.what();
+  e = Thrown([&] { Http::NewClient("tcp://127.0.0.1:1?tls_ca=x", HttpOpts(rt, {})); });
+  EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("unknown URI option tls_ca='x'"));
   // TLS keys with TLS off would be ignored: the client would talk in clear text.
-  try {
-    Http::NewClient("tcp://127.0.0.1:1?tls_ca_file=" + ca.ca_file, HttpOpts(rt, {}));
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
-    EXPECT_THAT(e.what(), HasSubstr("tls_ca_file='" + ca.ca_file + "' has no effect: TLS is off"));
-  }
-  try {
-    Thrift::NewClient<EchoClient>("tcp://127.0.0.1:1?tls_verify=off", ThriftOpts(rt, {}));
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
-    EXPECT_THAT(e.what(), HasSubstr("tls_verify='off' has no effect: TLS is off"));
-  }
+  e = Thrown([&] { Http::NewClient("tcp://127.0.0.1:1?tls_ca_file=" + ca.ca_file, HttpOpts(rt, {})); });
+  EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("tls_ca_file='" + ca.ca_file + "' has no effect: TLS is off"));
+  e = Thrown([&] { Thrift::NewClient<EchoClient>("tcp://127.0.0.1:1?tls_verify=off", ThriftOpts(rt, {})); });
+  EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("tls_verify='off' has no effect: TLS is off"));
   TlsOptions half = Trusting(ca.ca_file);
   half.cert_file = ca.client_cert;
   EXPECT_THROW(Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half)), Error);
@@ -349,22 +327,14 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
     EVP_PKEY_free(key);
     TlsOptions locked = half;
     locked.key_file = encrypted;
-    try {
-      Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, locked));
-      ADD_FAILURE() << "no error";
-    } catch (const Error& e) {
-      EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
-      EXPECT_THAT(e.what(), HasSubstr("tls.key_file '" + encrypted + "' is encrypted"));
-    }
+    e = Thrown([&] { Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, locked)); });
+    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("tls.key_file '" + encrypted + "' is encrypted"));
   }
   half.key_file = ca.server_key;  // not the certificate's key
-  try {
-    Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half));
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
-    EXPECT_THAT(e.what(), HasSubstr("does not match the certificate"));
-  }
+  e = Thrown([&] { Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half)); });
+  EXPECT_EQ(e.code(), Errc::kInvalidArgument) << e.what();
+  EXPECT_THAT(e.what(), HasSubstr("does not match the certificate"));
 }
 
 // A rotated certificate (a new file renamed over the old, as cert-manager and certbot do) is

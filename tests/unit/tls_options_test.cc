@@ -9,21 +9,14 @@
 
 #include "scales/core/error.h"
 #include "support/test_ca.h"
+#include "support/thrown.h"
 
 namespace scales {
 namespace {
 
 using ::testing::HasSubstr;
 
-Error Thrown(auto&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "no scales::Error thrown";
-  return Error(make_error_code(Errc::kOk), "");
-}
+using test::Thrown;
 
 TEST(TlsQueryTest, EveryKey) {
   TlsOptions o;
