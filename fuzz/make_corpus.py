@@ -166,6 +166,8 @@ def main():
     def binary_reply(name, typ, seqid, body):
         return b"\x80\x01\x00" + bytes([typ]) + s4(name) + struct.pack(">i", seqid) + body
 
+    COMPACT_EXCEPTION = b"\x82\x61\x01\x04echo"  # compact EXCEPTION header, before its struct
+
     thrift = {
         "binary_reply": binary_reply(b"echo", 2, 1, b"\x0b\x00\x00" + s4(b"hi") + b"\x00"),
         "binary_exception": binary_reply(b"echo", 3, 1, b"\x0b\x00\x01" + s4(b"boom") + b"\x08\x00\x02\x00\x00\x00\x06\x00"),
@@ -177,6 +179,19 @@ def main():
         "compact_reply": b"\x82\x41\x01\x04echo\x18\x02hi\x00",
         "compact_exception": b"\x82\x61\x01\x04echo\x1c\x18\x04boom\x15\x0c\x00\x00",
         "compact_containers": b"\x82\x41\x01\x04echo\x09\x28\x01a\x01b\x1b\x02\x58\x02\x02k\x02v\x02x\x00\x00",
+        # Unknown fields (id 5, which the client skips through CheckedReads) in a compact
+        # exception: a string declaring 2^31-1 bytes; lists and structs nested 63 deep in the
+        # exception struct (64 levels, the most that decodes) and 64 deep; then types TCompactProtocol
+        # does not know (13 to 15) in a field header, a list header and a map header.
+        "compact_unknown_huge_string": COMPACT_EXCEPTION + b"\x58\xff\xff\xff\xff\x07xyz\x00",
+        "compact_unknown_lists_63": COMPACT_EXCEPTION + b"\x59" + b"\x19" * 62 + b"\x05\x00",
+        "compact_unknown_lists_64": COMPACT_EXCEPTION + b"\x59" + b"\x19" * 63 + b"\x05\x00",
+        "compact_unknown_structs_63": COMPACT_EXCEPTION + b"\x5c" + b"\x1c" * 62 + b"\x00" * 64,
+        "compact_unknown_structs_64": COMPACT_EXCEPTION + b"\x5c" + b"\x1c" * 63 + b"\x00" * 65,
+        "compact_type_13": COMPACT_EXCEPTION + b"\x1d\x00",
+        "compact_list_type_14": COMPACT_EXCEPTION + b"\x59\x1e\x00",
+        "compact_map_type_15": COMPACT_EXCEPTION + b"\x5b\x01\xf5\x00",
+        "binary_unknown_huge_string": binary_reply(b"echo", 2, 1, b"\x0b\x00\x05\x7f\xff\xff\xffxyz\x00"),
     }
     for name, data in thrift.items():
         write("thrift_reply_fuzzer", name, data)
@@ -216,6 +231,14 @@ def main():
         "buffered_wrong_seqid": bytes([BUFFERED | T_KEEP]) + echo_reply(seqid=-1),
         "buffered_incomplete": bytes([BUFFERED | T_KEEP | (3 << 4)]) + reply[:20],
         "buffered_compact": bytes([BUFFERED | T_KEEP]) + b"\x82\x41\x01\x04echo\x18\x02hi\x00",
+        # Unknown field 5 (skipped by the typed client, not by the transport): a string declaring
+        # 2^31-1 bytes, framed (whole to the transport) and buffered (the scan needs more); a
+        # compact field of type 13, buffered (malformed to the scan).
+        "framed_unknown_huge_string": bytes([T_KEEP]) + framed(
+            binary_reply(b"echo", 2, 1, b"\x0b\x00\x05\x7f\xff\xff\xffxyz\x00")),
+        "buffered_unknown_huge_string": bytes([BUFFERED]) + binary_reply(
+            b"echo", 2, 1, b"\x0b\x00\x05\x7f\xff\xff\xffxyz\x00"),
+        "buffered_compact_type_13": bytes([BUFFERED]) + b"\x82\x41\x01\x04echo\x1d\x00",
         "buffered_trailing": bytes([BUFFERED | T_KEEP]) + reply + reply,
         "oneway": bytes([ONEWAY | T_KEEP]),
         "oneway_answered": bytes([ONEWAY | T_KEEP]) + framed(reply),

@@ -12,8 +12,10 @@
 // ThriftMux serializer) takes exactly the strict binary headers ParseMessageHeader takes, and
 // reads them the same way. The typed client's compact reply protocol (thrift::CheckedReads, which
 // reads the varint length of each string ahead of Apache's reader), reading the bytes as a
-// TApplicationException, fails only with what the client reports as a malformed reply
-// (thrift::internal::Malformed).
+// TApplicationException (skipping the fields it does not know through the same checks), fails
+// only with what the client reports as a malformed reply (thrift::internal::Malformed), and never
+// with Apache's plain TException (CheckedReads names an unknown compact type in a
+// TProtocolException).
 
 #include <algorithm>
 #include <cstddef>
@@ -21,6 +23,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <typeinfo>
 
 #include <thrift/TApplicationException.h>
 
@@ -135,10 +138,11 @@ void ThroughSerializer(std::string_view reply, bool compact) {
 }
 
 // libthrift's TApplicationException, read with the compact protocol through its virtual reads
-// (message, struct, field and string reads: the ones CheckedReads checks) from a memory buffer
-// observing the bytes (as a blocking call's transport holds its reply), limited by their size. A
-// read past the bytes is an ASan report. Not binary: Apache's binary reader casts any type byte
-// to TType (or TMessageType), which UBSan reports as an invalid enum load before it is refused.
+// (message, struct, field, string and container reads and skips: the ones CheckedReads checks)
+// from a memory buffer observing the bytes (as a blocking call's transport holds its reply),
+// limited by their size. A read past the bytes is an ASan report. Not binary: Apache's binary
+// reader casts any type byte to TType (or TMessageType), which UBSan reports as an invalid enum
+// load before it is refused.
 void ThroughCompactReplyProtocol(std::string_view bytes) {
   auto buffer = std::make_shared<apache::thrift::transport::TMemoryBuffer>(
       reinterpret_cast<uint8_t*>(const_cast<char*>(bytes.data())), static_cast<uint32_t>(bytes.size()));
@@ -154,6 +158,7 @@ void ThroughCompactReplyProtocol(std::string_view bytes) {
     in->readMessageEnd();
   } catch (const std::exception& e) {
     Check(thrift::internal::Malformed(e), "the reply protocol threw what the client does not report as malformed");
+    Check(typeid(e) != typeid(apache::thrift::TException), "the reply protocol threw Apache's plain TException");
   }
 }
 

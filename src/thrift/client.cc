@@ -45,7 +45,7 @@ class BlockingProtocol final : public CheckedReads<P> {
     return Guard([&] { return CheckedReads<P>::readStructEnd_virt(); });
   }
   uint32_t readFieldBegin_virt(std::string& name, TType& type, int16_t& id) override {
-    return Guard([&] { return P::readFieldBegin_virt(name, type, id); });
+    return Guard([&] { return CheckedReads<P>::readFieldBegin_virt(name, type, id); });
   }
   uint32_t readFieldEnd_virt() override {
     return Guard([&] { return P::readFieldEnd_virt(); });
@@ -96,7 +96,7 @@ class BlockingProtocol final : public CheckedReads<P> {
     return Guard([&] { return CheckedReads<P>::readBinary_virt(value); });
   }
   uint32_t skip_virt(TType type) override {
-    return Guard([&] { return P::skip_virt(type); });
+    return Guard([&] { return CheckedReads<P>::skip_virt(type); });
   }
 
  private:

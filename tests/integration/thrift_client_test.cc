@@ -753,11 +753,17 @@ TEST(ThriftClientTest, RepliesThatDoNotDecodeAreTheSameScalesErrorBlockingAndAsy
   } catch (const apache::thrift::protocol::TProtocolException& e) {
     EXPECT_EQ(e.getType(), apache::thrift::protocol::TProtocolException::INVALID_DATA) << e.what();
   }
+  // What docs/errors.md tells a blocking caller who wants the scales::Error: wait on the async call.
+  info = CallInfo();
+  ExpectScalesError([&] { SCALES_THRIFT_CALL(client, tree, boost::asio::use_future).get(); }, info,
+                    Errc::kProtocolError,
+                    {"client thrift-it: malformed Thrift reply from " + endpoint + " for tree: "});
 }
 
 // TCompactProtocol refuses a type nibble it does not know with a plain TException, neither a
-// TProtocolException nor a TTransportException: a malformed reply all the same, blocking and async,
-// not an exception of Apache's reaching the caller.
+// TProtocolException nor a TTransportException, whose message ends with the type as a raw byte: a
+// malformed reply all the same, blocking and async, naming the type as a number, not an exception
+// of Apache's reaching the caller.
 TEST(ThriftClientTest, AnUnknownCompactTypeIsAProtocolErrorBlockingAndAsync) {
   CraftedServer crafted(Protocol::kCompact);
   crafted.replies->Answer(Be(0x08, 1) + Be(0x00, 1) + Varint(3) + "abc");  // field 0: BINARY (long form: type, id 0)
@@ -767,7 +773,41 @@ TEST(ThriftClientTest, AnUnknownCompactTypeIsAProtocolErrorBlockingAndAsync) {
   crafted.replies->Answer(Be(0x1d, 1) + Be(0, 1));  // field 1 of type 13 (short form: id delta, type)
   ExpectHiFails(crafted.client, crafted.info, Errc::kProtocolError,
                 {"client thrift-it: malformed Thrift reply from " + crafted.endpoint() +
-                 " for hi: don't know what type"});
+                 " for hi: unknown compact type 13"});
+}
+
+// `levels` lists, each the only element of the one above, the innermost an empty list of i32.
+std::string NestedLists(int levels) {
+  std::string lists = Be(kI32, 1) + Be(0, 4);
+  for (int level = 1; level < levels; ++level) lists = Be(kList, 1) + Be(1, 4) + lists;
+  return lists;
+}
+
+// A field hi's result does not have (5), which the generated code skips, is read through the same
+// checked reads as a known one, blocking and async: a string in it longer than the bytes left, or
+// lists in it nesting deeper than 64 levels (the result struct is one), fail the call as a
+// malformed reply saying so, where Apache's skip read past those checks (its bare 'Exceeded size
+// limit'; 64 levels let through). One that fits is skipped.
+TEST(ThriftClientTest, AnUnknownFieldIsSkippedThroughTheCheckedReadsBlockingAndAsync) {
+  CraftedServer crafted;
+  const std::string malformed = "client thrift-it: malformed Thrift reply from " + crafted.endpoint() + " for hi: ";
+  crafted.replies->Answer(Field(kList, 5) + NestedLists(63) + Field(kString, 0) + Be(3, 4) + "abc");
+  std::string r;
+  crafted.client->hi(r, "x");
+  EXPECT_EQ(r, "abc");
+  r.clear();
+  EXPECT_EQ(AsyncOutcome<std::string>(crafted.client, &r, &HelloClient::send_hi, &HelloClient::recv_hi,
+                                      std::string("x")),
+            nullptr);
+  EXPECT_EQ(r, "abc");
+
+  crafted.replies->Answer(Field(kList, 5) + NestedLists(64));
+  ExpectHiFails(crafted.client, crafted.info, Errc::kProtocolError,
+                {malformed + "structs, lists, sets and maps nest deeper than 64 levels"});
+
+  crafted.replies->Answer(Field(kString, 5) + Be(0x7fffffff, 4) + "xyz");  // then the STOP: 4 bytes left
+  ExpectHiFails(crafted.client, crafted.info, Errc::kProtocolError,
+                {malformed + "a string declares 2147483647 bytes with 4 bytes of the reply left (the reply is "});
 }
 
 // A memory resource that refuses (std::bad_alloc) any allocation over `cap` bytes, as an allocator
@@ -818,6 +858,10 @@ TEST(ThriftClientTest, AReplyDeclaringMoreThanCanBeAllocatedIsResponseTooLarge) 
          " bytes) failed: std::bad_alloc"});
     scales::thrifttest::Numbers numbers;
     EXPECT_THROW(client->numbers(numbers), std::bad_alloc);
+    // What docs/errors.md tells a blocking caller who wants the scales::Error: wait on the async call.
+    crafted.info = CallInfo();
+    ExpectScalesError([&] { SCALES_THRIFT_CALL(client, numbers, boost::asio::use_future).get(); }, crafted.info,
+                      Errc::kResponseTooLarge, {"client thrift-it: decoding reply of numbers from "});
   }
   scales::thrifttest::Numbers numbers;
   EXPECT_EQ(AsyncOutcome<scales::thrifttest::Numbers>(client, &numbers, &HelloClient::send_numbers,

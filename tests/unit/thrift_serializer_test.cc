@@ -693,25 +693,122 @@ TEST(ThriftCodecTest, AStringLongerThanTheBytesLeftFailsNamingItsLengthAndTheRep
   }
 }
 
-// TCompactProtocol refuses an unknown type nibble with a plain TException (not a
-// TProtocolException): still a reply that does not decode (internal::Malformed, which the client
-// turns into kProtocolError), and the thread's codec, whose reader stopped inside a struct, is
-// dropped.
-TEST(ThriftCodecTest, AnUnknownCompactTypeIsAMalformedReply) {
+// TCompactProtocol refuses an unknown type nibble (13 to 15) with a plain TException whose message
+// ends with the nibble as a raw byte: CheckedReads makes it a TProtocolException naming the type
+// as a number, in a field header, a list header or a map header (the last two in an unknown
+// field, which the generated code skips). Still a reply that does not decode (internal::Malformed,
+// which the client turns into kProtocolError), and the thread's codec, whose reader stopped inside
+// a struct, is dropped.
+TEST(ThriftCodecTest, AnUnknownCompactTypeIsAMalformedReplyNamingTheType) {
   using C = internal::Codec<HelloClient>;
-  EXPECT_EQ(internal::Decode<HelloClient>(Protocol::kCompact, CraftedHiReply(Protocol::kCompact, 3, true),
-                                          &HelloClient::recv_hi),
-            "abc");
-  ASSERT_TRUE(C::Kept(Protocol::kCompact));
-  // As CraftedHiReply, with field 1 of type 13 (short form: id delta 1, type) after the name.
-  const std::string reply = Bytes({0x82, 0x41, 0x00, 0x02}) + "hi" + Bytes({0x1d, 0x00, 0x00});
-  try {
-    internal::Decode<HelloClient>(Protocol::kCompact, reply, &HelloClient::recv_hi);
-    ADD_FAILURE() << "decoded";
-  } catch (const std::exception& e) {
-    EXPECT_TRUE(internal::Malformed(e)) << e.what();
+  const std::string header = Bytes({0x82, 0x41, 0x00, 0x02}) + "hi";  // as CraftedHiReply's
+  const struct {
+    std::string fields;
+    int type;
+  } cases[] = {
+      {Bytes({0x1d, 0x00}), 13},  // field 1 of type 13 (short form: id delta 1, type)
+      {Bytes({0x19, 0x1e, 0x00}), 14},  // field 1: LIST; a list of 1 element of type 14
+      {Bytes({0x1b, 0x01, 0xf5, 0x00}), 15},  // field 1: MAP; 1 entry, key type 15, value type I32
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(internal::Decode<HelloClient>(Protocol::kCompact, CraftedHiReply(Protocol::kCompact, 3, true),
+                                            &HelloClient::recv_hi),
+              "abc");
+    ASSERT_TRUE(C::Kept(Protocol::kCompact));
+    try {
+      internal::Decode<HelloClient>(Protocol::kCompact, header + c.fields + Bytes({0x00}), &HelloClient::recv_hi);
+      ADD_FAILURE() << "decoded type " << c.type;
+    } catch (const apache::thrift::protocol::TProtocolException& e) {
+      EXPECT_EQ(e.getType(), apache::thrift::protocol::TProtocolException::INVALID_DATA) << e.what();
+      EXPECT_EQ(std::string_view(e.what()), "unknown compact type " + std::to_string(c.type));
+      EXPECT_TRUE(internal::Malformed(e)) << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "type " << c.type << ": " << e.what();
+    }
+    EXPECT_FALSE(C::Kept(Protocol::kCompact));
   }
-  EXPECT_FALSE(C::Kept(Protocol::kCompact));
+}
+
+// A reply to hi() per the Thrift spec (as CraftedHiReply's header), with field 5, which hi's result
+// does not have, ahead of field 0 ("abc"): `unknown` is field 5's header and value, written by
+// the callers per the spec. The generated code skips field 5.
+std::string HiReplyWithUnknownField(Protocol p, const std::string& unknown) {
+  if (p == Protocol::kCompact) {  // field 0 after it in the long form: BINARY, zigzag i16 id 0
+    return Bytes({0x82, 0x41, 0x00, 0x02}) + "hi" + unknown + Bytes({0x08, 0x00, 0x03}) + "abc" + Bytes({0x00});
+  }
+  return Bytes({0x80, 0x01, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02}) + "hi" + Bytes({0x00, 0x00, 0x00, 0x00}) + unknown +
+         Bytes({0x0b, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03}) + "abc" + Bytes({0x00});
+}
+
+// Field 5 (its header and value, per the spec): a string declaring `declared` bytes and carrying
+// "xyz"; `levels` lists each holding the next, the innermost empty (of i32); `levels` structs each
+// holding the next as its field 1, the innermost empty.
+std::string UnknownString(Protocol p, uint32_t declared) {
+  std::string length;
+  if (p == Protocol::kCompact) {
+    for (uint32_t v = declared;; v >>= 7) {
+      length.push_back(static_cast<char>((v & 0x7f) | (v > 0x7f ? 0x80 : 0)));
+      if (v <= 0x7f) break;
+    }
+    return Bytes({0x58}) + length + "xyz";  // short form: id delta 5, BINARY
+  }
+  for (int shift = 24; shift >= 0; shift -= 8) length.push_back(static_cast<char>((declared >> shift) & 0xff));
+  return Bytes({0x0b, 0x00, 0x05}) + length + "xyz";  // STRING, i16 id 5
+}
+std::string UnknownLists(Protocol p, int levels) {
+  const bool compact = p == Protocol::kCompact;
+  // compact: (size 1 << 4) | LIST, then (size 0 << 4) | I32; binary: element type and i32 size
+  std::string lists = compact ? Bytes({0x05}) : Bytes({0x08, 0x00, 0x00, 0x00, 0x00});
+  for (int level = 1; level < levels; ++level) {
+    lists = (compact ? Bytes({0x19}) : Bytes({0x0f, 0x00, 0x00, 0x00, 0x01})) + lists;
+  }
+  return (compact ? Bytes({0x59}) : Bytes({0x0f, 0x00, 0x05})) + lists;  // field 5: LIST
+}
+std::string UnknownStructs(Protocol p, int levels) {
+  const bool compact = p == Protocol::kCompact;
+  std::string structs = Bytes({0x00});  // STOP
+  for (int level = 1; level < levels; ++level) {
+    structs = (compact ? Bytes({0x1c}) : Bytes({0x0c, 0x00, 0x01})) + structs + Bytes({0x00});  // field 1: STRUCT
+  }
+  return (compact ? Bytes({0x5c}) : Bytes({0x0c, 0x00, 0x05})) + structs;  // field 5: STRUCT
+}
+
+// An unknown field is skipped through CheckedReads (Apache's skip read past them): a string in it
+// longer than the bytes left fails as a known one does, and so does nesting deeper than 64 levels
+// — the result struct is one, so 63 lists or structs in it still decode — where Apache's skip let
+// 64 through and met only its bare DEPTH_LIMIT beyond (or allocated a string as long as the reply).
+TEST(ThriftCodecTest, AnUnknownFieldIsSkippedThroughTheCheckedReads) {
+  using apache::thrift::protocol::TProtocolException;
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    for (const std::string& fine : {UnknownString(p, 3), UnknownLists(p, 63), UnknownStructs(p, 63)}) {
+      EXPECT_EQ(internal::Decode<HelloClient>(p, HiReplyWithUnknownField(p, fine), &HelloClient::recv_hi), "abc");
+    }
+    const std::string too_long = HiReplyWithUnknownField(p, UnknownString(p, 0x7fffffffu));
+    const struct {
+      std::string reply;
+      TProtocolException::TProtocolExceptionType type;
+      std::string what;
+    } cases[] = {
+        {too_long, TProtocolException::SIZE_LIMIT,
+         "a string declares 2147483647 bytes with " + std::to_string(too_long.size() - too_long.find("xyz")) +
+             " bytes of the reply left (the reply is " + std::to_string(too_long.size()) + " bytes)"},
+        {HiReplyWithUnknownField(p, UnknownLists(p, 64)), TProtocolException::DEPTH_LIMIT,
+         "structs, lists, sets and maps nest deeper than 64 levels"},
+        {HiReplyWithUnknownField(p, UnknownStructs(p, 64)), TProtocolException::DEPTH_LIMIT,
+         "structs nest deeper than 64 levels"},
+    };
+    for (const auto& c : cases) {
+      try {
+        internal::Decode<HelloClient>(p, c.reply, &HelloClient::recv_hi);
+        ADD_FAILURE() << "decoded: " << c.what;
+      } catch (const TProtocolException& e) {
+        EXPECT_EQ(e.getType(), c.type) << e.what();
+        EXPECT_NE(std::string_view(e.what()).find(c.what), std::string_view::npos) << e.what();
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << c.what << ": " << e.what();
+      }
+    }
+  }
 }
 
 // A reply whose declared contents cannot be allocated: what the allocator throws is OutOfMemory

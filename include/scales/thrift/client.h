@@ -29,7 +29,8 @@
 //    the declared exception, TApplicationException or scales::Error. use_future and
 //    use_awaitable rethrow that exception itself.
 //  - A reply whose body does not decode (truncated, a string or container declaring more than
-//    the reply holds, structs nested deeper than 64 levels; CheckedReads): scales::Error(
+//    the reply holds, structs nested deeper than 64 levels, a type the compact protocol does not
+//    know; in a field the generated code skips too; CheckedReads): scales::Error(
 //    kProtocolError, "client <name>: malformed Thrift reply from <endpoint> for <method>: ...")
 //    for async and blocking calls alike (a blocking call's protocol turns what Apache's reads
 //    throw into it). A reply whose declared contents cannot be allocated (std::bad_alloc while
@@ -39,7 +40,9 @@
 //    reaches the caller as itself — a required field missing from a returned struct (Apache's
 //    TProtocolException INVALID_DATA) and an allocation failure while it sizes a container
 //    (std::bad_alloc) — as the generated recv_X() runs in the caller's frame, with nothing of
-//    ours around it.
+//    ours around it (client->X() calls the generated X() itself, which sends, then decodes
+//    after our last read returned). A caller that wants the scales::Error there waits on the
+//    async call instead: SCALES_THRIFT_CALL(client, X, args..., boost::asio::use_future).get().
 //
 // The contract with the stack (what another stack, e.g. ThriftMux, must keep to reuse this
 // client): the MethodCallMessage's payload is a scales::Stream holding one whole Thrift message
@@ -126,7 +129,12 @@ struct IsCompactProtocol<apache::thrift::protocol::TCompactProtocolT<T>> : std::
 //  - DEPTH_LIMIT: structs nested deeper than Apache's recursion limit (TConfiguration's, 64),
 //    checked in readStructBegin. Apache's own check runs in the generated code's recursion
 //    tracker, outside any read, where the blocking protocol cannot translate what it throws:
-//    while a reply is read Apache's limit is one level higher, so this check comes first.
+//    while a reply is read Apache's limit is one level higher, so this check comes first;
+//  - INVALID_DATA: a type TCompactProtocol does not know ("unknown compact type 13": Apache's own
+//    plain TException ends with the type as a raw byte, unprintable), a value of a type skip()
+//    does not know.
+// skip() (what the generated code calls for a field it does not know) goes through the same
+// checked reads, and counts each list, set and map it goes into towards the depth limit.
 template <class P>
 class CheckedReads : public P, public ReadLimits {
  public:
@@ -141,7 +149,8 @@ class CheckedReads : public P, public ReadLimits {
   uint32_t readMessageBegin_virt(std::string& name, apache::thrift::protocol::TMessageType& type,
                                  int32_t& seqid) override {
     this->setRecurisionLimit(depth_limit_ + 1);
-    depth_ = 0;  // a read that failed left it anywhere
+    depth_ = 0;  // a read that failed left them anywhere
+    skipped_containers_ = 0;
     return P::readMessageBegin_virt(name, type, seqid);
   }
   uint32_t writeMessageBegin_virt(const std::string& name, const apache::thrift::protocol::TMessageType type,
@@ -150,16 +159,15 @@ class CheckedReads : public P, public ReadLimits {
     return P::writeMessageBegin_virt(name, type, seqid);
   }
   uint32_t readStructBegin_virt(std::string& name) override {
-    if (++depth_ > depth_limit_) {
-      throw apache::thrift::protocol::TProtocolException(
-          apache::thrift::protocol::TProtocolException::DEPTH_LIMIT,
-          "structs nest deeper than " + std::to_string(depth_limit_) + " levels");
-    }
+    Enter();
     return P::readStructBegin_virt(name);
   }
   uint32_t readStructEnd_virt() override {
     --depth_;
     return P::readStructEnd_virt();
+  }
+  uint32_t readFieldBegin_virt(std::string& name, apache::thrift::protocol::TType& type, int16_t& id) override {
+    return NamingUnknownTypes([&] { return P::readFieldBegin_virt(name, type, id); });
   }
   uint32_t readString_virt(std::string& value) override {
     CheckString();
@@ -170,20 +178,79 @@ class CheckedReads : public P, public ReadLimits {
     return P::readBinary_virt(value);
   }
   uint32_t readListBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
-    const uint32_t n = P::readListBegin_virt(element, size);
+    const uint32_t n = NamingUnknownTypes([&] { return P::readListBegin_virt(element, size); });
     CheckContainer("list", size, 1);
     return n;
   }
   uint32_t readSetBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
-    const uint32_t n = P::readSetBegin_virt(element, size);
+    const uint32_t n = NamingUnknownTypes([&] { return P::readSetBegin_virt(element, size); });
     CheckContainer("set", size, 1);
     return n;
   }
   uint32_t readMapBegin_virt(apache::thrift::protocol::TType& key, apache::thrift::protocol::TType& value,
                              uint32_t& size) override {
-    const uint32_t n = P::readMapBegin_virt(key, value, size);
+    const uint32_t n = NamingUnknownTypes([&] { return P::readMapBegin_virt(key, value, size); });
     CheckContainer("map", size, 2);
     return n;
+  }
+  // Apache's skip (TVirtualProtocol's) reads through P's own, non-virtual reads, past the checks
+  // here: an unknown field declaring a 2 GiB string failed with Apache's bare 'Exceeded size
+  // limit', and one nesting lists thousands deep met only the recursion tracker's bare
+  // DEPTH_LIMIT. This one reads through the protocol's virtual reads (the most derived's, so a
+  // blocking call's translate what they throw), as the generated code's do.
+  uint32_t skip_virt(apache::thrift::protocol::TType type) override {
+    namespace tp = apache::thrift::protocol;
+    tp::TProtocol& in = *this;
+    switch (type) {
+      case tp::T_BOOL:
+        return ReadOne<bool>(in, &tp::TProtocol::readBool);
+      case tp::T_BYTE:
+        return ReadOne<int8_t>(in, &tp::TProtocol::readByte);
+      case tp::T_I16:
+        return ReadOne<int16_t>(in, &tp::TProtocol::readI16);
+      case tp::T_I32:
+        return ReadOne<int32_t>(in, &tp::TProtocol::readI32);
+      case tp::T_I64:
+        return ReadOne<int64_t>(in, &tp::TProtocol::readI64);
+      case tp::T_DOUBLE:
+        return ReadOne<double>(in, &tp::TProtocol::readDouble);
+      case tp::T_STRING:
+        return ReadOne<std::string>(in, &tp::TProtocol::readBinary);
+      case tp::T_STRUCT: {
+        std::string name;
+        tp::TType field = tp::T_STOP;
+        int16_t id = 0;
+        uint32_t n = in.readStructBegin(name);
+        for (n += in.readFieldBegin(name, field, id); field != tp::T_STOP; n += in.readFieldBegin(name, field, id)) {
+          n += in.skip(field);
+          n += in.readFieldEnd();
+        }
+        return n + in.readStructEnd();
+      }
+      case tp::T_LIST:
+      case tp::T_SET:
+      case tp::T_MAP: {
+        ++skipped_containers_;
+        Enter();
+        tp::TType key = tp::T_STOP;
+        tp::TType element = tp::T_STOP;  // a map's value
+        uint32_t size = 0;
+        uint32_t n = type == tp::T_MAP    ? in.readMapBegin(key, element, size)
+                     : type == tp::T_LIST ? in.readListBegin(element, size)
+                                          : in.readSetBegin(element, size);
+        for (uint32_t i = 0; i < size; ++i) {
+          if (type == tp::T_MAP) n += in.skip(key);
+          n += in.skip(element);
+        }
+        n += type == tp::T_MAP ? in.readMapEnd() : type == tp::T_LIST ? in.readListEnd() : in.readSetEnd();
+        --depth_;
+        --skipped_containers_;
+        return n;
+      }
+      default:
+        throw tp::TProtocolException(tp::TProtocolException::INVALID_DATA,
+                                     "cannot skip a value of unknown type " + std::to_string(static_cast<int>(type)));
+    }
   }
 
  protected:
@@ -191,6 +258,44 @@ class CheckedReads : public P, public ReadLimits {
   virtual size_t BytesLeft() const noexcept = 0;
 
  private:
+  // Reads one value of type T with `read` (a virtual read of TProtocol's), for skip().
+  template <class T>
+  static uint32_t ReadOne(apache::thrift::protocol::TProtocol& in,
+                          uint32_t (apache::thrift::protocol::TProtocol::*read)(T&)) {
+    T value{};
+    return (in.*read)(value);
+  }
+  // One level deeper: a struct, or a list, set or map skip() goes into.
+  void Enter() {
+    if (++depth_ <= depth_limit_) return;
+    throw apache::thrift::protocol::TProtocolException(
+        apache::thrift::protocol::TProtocolException::DEPTH_LIMIT,
+        std::string(skipped_containers_ > 0 ? "structs, lists, sets and maps" : "structs") + " nest deeper than " +
+            std::to_string(depth_limit_) + " levels");
+  }
+  // TCompactProtocol refuses a type nibble it does not know (13 to 15) with a plain TException
+  // whose message ends with the nibble as a char ('\r' for 13): rethrown as a TProtocolException
+  // naming it as a number.
+  template <class Read>
+  static uint32_t NamingUnknownTypes(Read read) {
+    if constexpr (!internal::IsCompactProtocol<P>::value) {
+      return read();
+    } else {
+      try {
+        return read();
+      } catch (const apache::thrift::TException& e) {
+        constexpr std::string_view kApache = "don't know what type: ";
+        const std::string_view what = e.what();
+        if (typeid(e) != typeid(apache::thrift::TException) || what.size() != kApache.size() + 1 ||
+            !what.starts_with(kApache)) {
+          throw;
+        }
+        throw apache::thrift::protocol::TProtocolException(
+            apache::thrift::protocol::TProtocolException::INVALID_DATA,
+            "unknown compact type " + std::to_string(static_cast<uint8_t>(what.back())));
+      }
+    }
+  }
   void CheckContainer(const char* kind, uint32_t count, size_t min_bytes) const {
     const size_t left = BytesLeft();
     if (static_cast<uint64_t>(count) * min_bytes <= left) return;
@@ -233,7 +338,8 @@ class CheckedReads : public P, public ReadLimits {
 
   size_t reply_bytes_ = 0;
   const uint32_t depth_limit_ = this->getRecursionLimit();
-  uint32_t depth_ = 0;  // of the structs being read
+  uint32_t depth_ = 0;  // of the structs being read, and of the containers skip() is in
+  uint32_t skipped_containers_ = 0;  // that skip() is in
 };
 
 class BlockingTransport;
@@ -336,8 +442,9 @@ namespace internal {
 // What `e`, thrown while a reply was decoded, says, when it is not what the reply carries (a
 // declared exception, TApplicationException: subclasses of TException). Malformed: its body did
 // not decode (Apache's TProtocolException or TTransportException, or a plain TException:
-// TCompactProtocol's "don't know what type" for an unknown type nibble). OutOfMemory: what it
-// declares could not be allocated.
+// TCompactProtocol's "don't know what type" for an unknown type nibble, which CheckedReads
+// rethrows as a TProtocolException naming the type). OutOfMemory: what it declares could not be
+// allocated.
 inline bool Malformed(const std::exception& e) noexcept {
   return dynamic_cast<const apache::thrift::protocol::TProtocolException*>(&e) != nullptr ||
          dynamic_cast<const apache::thrift::transport::TTransportException*>(&e) != nullptr ||
