@@ -112,6 +112,9 @@ def main():
     def rdispatch(tag, reply=ECHO_REPLY, status=0):
         return frame(0xFE, tag, bytes([status]) + b"\x00\x00" + reply)
 
+    def flagged_error(tag, flags, why):  # Rdispatch Error with MuxFailure flags (§1.5)
+        return frame(0xFE, tag, b"\x01\x00\x01" + s2(b"MuxFailure") + s2(struct.pack(">Q", flags)) + why)
+
     # The old scenario: three requests in flight (tags 2, 3, 4), the one on tag 3 cancelled
     # after it was written (discarded: its tag stays reserved).
     three = start(3) + cancel(1)
@@ -119,6 +122,10 @@ def main():
     session_seeds = {
         "replies": session(0, three, RDISPATCH + rdispatch(4) + frame(0xBE, 3, b"")),
         "errors": session(0, three, ERROR + NACK + frame(0x7F, 2, b"no") + frame(0xFE, 3, b"\x00\x00\x00")),
+        # Rdispatch Error with MuxFailure flags on tags 2..7: Retryable, Rejected, both (kNack);
+        # NonRetryable with Retryable, with Rejected, and no flag (kServerError).
+        "errors_flagged": session(0, start(6), b"".join(flagged_error(2 + i, f, b"flags %d" % f)
+                                                         for i, f in enumerate((1, 2, 3, 5, 6, 0)))),
         "control": session(0, three, TPING + TLEASE + RPING + TDISCARDED + TDRAIN + RDISPATCH),
         "fragments": session(0, three + send_frames(3) + send_frames(2),
                              fragmented(0xFE, 2, b"\x00\x00\x00" + ECHO_REPLY, 5) + ERROR),
@@ -134,6 +141,16 @@ def main():
         "handshake_tls_required": session(HANDSHAKE, send_frames(2) + start(1),
                                           PROBE + frame(0xBC, 1, b"\x00\x01" + s4(b"tls") + s4(b"required"))),
         "handshake_timeout": session(HANDSHAKE, send_frames() + advance(6) + start(1) + advance(5), PROBE),
+        # Tping and Tdrain (tag 1, §1.8) during the handshake: before the probe's answer and
+        # before Rinit. A Tping is answered (before the probe's answer it opens an un-negotiated
+        # session); a Tdrain is answered and fails the open (kNack), whatever follows it.
+        "handshake_tping_before_probe": session(HANDSHAKE, send_frames() + send_frames() + start(1),
+                                                TPING + PROBE + RDISPATCH),
+        "handshake_tdrain_before_probe": session(HANDSHAKE, send_frames(2) + start(1), TDRAIN + PROBE + RINIT),
+        "handshake_tping_before_rinit": session(HANDSHAKE, send_frames() + send_frames(2) + start(1),
+                                                PROBE + TPING + RINIT + RDISPATCH),
+        "handshake_tdrain_before_rinit": session(HANDSHAKE, send_frames() + send_frames(3) + start(1),
+                                                 PROBE + TPING + TDRAIN + RINIT),
         "pings": session(PINGS, start(1) + advance(10) + send_frames() + advance(10) + advance(3) + send_frames()
                          + advance(10), RPING + RPING),
         "ping_timeout": session(PINGS, start(2) + advance(10) + advance(5), RDISPATCH),

@@ -28,17 +28,20 @@
 // only for tags whose request was written (a fragment for another tag is dropped unbuffered; a
 // request started from a completion is written when the read's frames are handled), discarded
 // tags freed by the server's answer, Rerr/Rdiscarded/Error/Nack codes (a Nack flagged
-// non-retryable in its MuxFailure context: kNonRetryableNack), a protocol error (undecodable
+// non-retryable in its MuxFailure context: kNonRetryableNack; an Error flagged retryable or
+// rejected and not non-retryable: kNack), a protocol error (undecodable
 // frame, bad fragment, unexpected message) closing the session and failing its requests in tag
-// order, the handshake's outcome, the lowest free tag for each request, pings and their
+// order, the handshake's outcome (a Tdrain before the probe's answer or the Rinit: the open
+// fails with kNack once the Rdrain is written, what follows it in the read ignored), the
+// lowest free tag for each request, pings and their
 // timeout, the handshake timeout, max_discarded_tags. After each step it checks that exactly
 // the calls the model answered have completed, each once, with the model's outcome (a
 // success's reply is the body of the Rdispatch that answered its tag, its response headers
 // those of that Rdispatch; a message put together from fragments is within max_message_size),
 // that pending() and tags_in_use() are the model's counts, that the open completed as the
 // model says, that every Tdispatch the session wrote has the model's tag, and that the session
-// sent the model's pings and answered each Tping. What the model does not follow (Tdrain and
-// the drain that ends the session; 4 or more requests started from completions in one read,
+// sent the model's pings and answered each Tping. What the model does not follow (Tdrain on an
+// open session and the drain that ends it; 4 or more requests started from completions in one read,
 // which write_splits may write in the middle of the read) switches it off for the rest of the
 // input; the model-free checks remain: each call completes at most once (exactly once by the
 // end), pending() is the number of calls not answered, the tags held beyond them are no more
@@ -167,7 +170,9 @@ class Model {
       }
       if (!next->has_value()) break;
       const FrameView frame = **next;
-      if (phase_ == kProbe || phase_ == kInit) {
+      if (phase_ == kHandshakeDrain) {
+        continue;  // ignored: the open fails once the Rdrain is written
+      } else if (phase_ == kProbe || phase_ == kInit) {
         HandshakeFrame(frame);
       } else {
         HandleFrame(frame);
@@ -244,7 +249,8 @@ class Model {
   }
 
  private:
-  enum Phase { kProbe, kInit, kOpen, kClosed };
+  // kHandshakeDrain: a Tdrain came during the handshake; the open fails when the read ends.
+  enum Phase { kProbe, kInit, kHandshakeDrain, kOpen, kClosed };
   struct Slot {
     int call = -1;  // -1: discarded
     bool written = false;
@@ -260,6 +266,9 @@ class Model {
 
   // Every queued request goes out when the step ends (the loop runs until idle).
   void EndStep() {
+    // The Rdrain answering a Tdrain during the handshake is written: the open fails,
+    // retryably (no request was sent).
+    if (phase_ == kHandshakeDrain) Close(make_error_code(Errc::kNack));
     if (closed()) return;
     for (auto& [tag, slot] : slots_) slot.written = true;
     for (auto& c : calls_) {
@@ -310,23 +319,28 @@ class Model {
     if (phase_ == kProbe) {
       const bool echoed = frame.tag == kControlTag && !frame.fragment &&
                           (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy) && frame.body == kProbeText;
-      if (!echoed) {
+      // A Tdrain is handled as one before Rinit (below).
+      if (!echoed && frame.type != wire::kTdrain) {
         OpenNow(Harness().clock().Now());
-        // Only an Rerr on tag 1 answers the probe; anything else (a Tping or Tdrain on tag 1
-        // included) is a message of the open session.
+        // Only an Rerr on tag 1 answers the probe; anything else (a Tping on tag 1 included) is
+        // a message of the open session.
         const bool probe_answer = frame.tag == kControlTag && (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy);
         if (!probe_answer) HandleFrame(frame);
         return;
       }
-      phase_ = kInit;
-      return;
+      if (echoed) {
+        phase_ = kInit;
+        return;
+      }
     }
     auto decoded = DecodeMessage(frame);
     if (!decoded) return FailOpen(make_error_code(Errc::kProtocolError));
-    // A Tping before Rinit is answered and the handshake goes on; a Tdrain (which fails the
-    // open once its Rdrain is written) switches the model off, as on an open session.
-    if (std::holds_alternative<Tping>(*decoded) || std::holds_alternative<Tdrain>(*decoded)) {
-      return HandleMessage(*decoded);
+    // A Tping before Rinit is answered and the handshake goes on; a Tdrain is answered and
+    // fails the open once its Rdrain is written (EndStep).
+    if (std::holds_alternative<Tping>(*decoded)) return HandleMessage(*decoded);
+    if (std::holds_alternative<Tdrain>(*decoded)) {
+      phase_ = kHandshakeDrain;
+      return;
     }
     const auto* rinit = std::get_if<Rinit>(&*decoded);
     if (rinit == nullptr || rinit->version != kMuxVersion) return FailOpen(make_error_code(Errc::kProtocolError));
@@ -377,6 +391,13 @@ class Model {
     HandleMessage(*msg);
   }
 
+  static uint64_t MuxFailureFlags(const Rdispatch& r) {
+    if (const std::string* f = FindContext(r.contexts, kMuxFailureKey)) {
+      if (auto v = DecodeMuxFailure(*f)) return *v;
+    }
+    return 0;
+  }
+
   void HandleMessage(const Message& m) {
     if (const auto* r = std::get_if<Rdispatch>(&m)) {
       Slot* s = Sent(r->tag);
@@ -390,15 +411,16 @@ class Model {
           }
           return Answer(r->tag, std::move(o));
         }
-        case ReplyStatus::kError:
-          return Answer(r->tag, Outcome{make_error_code(Errc::kServerError), {}, {}});
+        case ReplyStatus::kError: {
+          // An Error flagged Retryable or Rejected, and not NonRetryable, is retryable.
+          const uint64_t flags = MuxFailureFlags(*r);
+          const bool retryable = (flags & (mux_failure::kRetryable | mux_failure::kRejected)) != 0 &&
+                                 (flags & mux_failure::kNonRetryable) == 0;
+          return Answer(r->tag, Outcome{make_error_code(retryable ? Errc::kNack : Errc::kServerError), {}, {}});
+        }
         case ReplyStatus::kNack: {
           // A Nack whose MuxFailure flags say non-retryable (Finagle's NonRetryableNackFailure).
-          uint64_t flags = 0;
-          if (const std::string* f = FindContext(r->contexts, kMuxFailureKey)) {
-            if (auto v = DecodeMuxFailure(*f)) flags = *v;
-          }
-          const bool final = (flags & mux_failure::kNonRetryable) != 0;
+          const bool final = (MuxFailureFlags(*r) & mux_failure::kNonRetryable) != 0;
           return Answer(r->tag, Outcome{make_error_code(final ? Errc::kNonRetryableNack : Errc::kNack), {}, {}});
         }
       }

@@ -1,6 +1,7 @@
 #include "scales/mux/session.h"
 
 #include <algorithm>
+#include <utility>
 
 #include <boost/asio/error.hpp>
 #include <boost/asio/ssl/error.hpp>
@@ -48,6 +49,19 @@ std::string DiscardReason(const error_code& reason, const CallProperties& props,
   }
   if (props.deadline && now >= *props.deadline) return "backup request cut off: the call's deadline passed";
   return "backup request lost the race: another attempt answered first, or the caller cancelled the call";
+}
+
+// An Rdispatch Error's MuxFailure flags for its detail: " (flagged retryable, rejected)", or
+// nothing without flags.
+std::string FlagsInWords(uint64_t flags) {
+  std::string names;
+  for (auto [bit, name] : {std::pair{mux_failure::kRetryable, "retryable"}, std::pair{mux_failure::kRejected, "rejected"},
+                           std::pair{mux_failure::kNonRetryable, "non-retryable"}}) {
+    if ((flags & bit) == 0) continue;
+    if (!names.empty()) names += ", ";
+    names += name;
+  }
+  return names.empty() ? names : " (flagged " + names + ")";
 }
 
 }  // namespace
@@ -181,18 +195,46 @@ void MuxSessionSink::OnHandshakeTimeout(void* p) {
   auto* s = static_cast<MuxSessionSink*>(p);
   if (s->state_ != State::kConnecting && s->state_ != State::kHandshaking) return;
   if (s->state_ == State::kConnecting) return;  // the connect's own timeout answers
+  if (s->draining_) {
+    // The server sent Tdrain, and the open waits for the write holding our Rdrain
+    // (MaybeFinishDrain): a server that stopped reading never takes it. Say so; "did not
+    // finish" alone would blame a slow handshake.
+    s->FailOpen(make_error_code(Errc::kConnectTimeout),
+                fmt::format("Mux handshake with {} did not finish within {} ms (limit session.connect_timeout): "
+                            "it sent Tdrain before answering {}, and the Rdrain answering it was still unwritten "
+                            "(the server does not read)",
+                            s->address_, Millis(s->options_.connect_timeout), s->HandshakeStep()));
+    return;
+  }
   s->FailOpen(make_error_code(Errc::kConnectTimeout),
               fmt::format("Mux handshake with {} did not finish within {} ms", s->address_,
                           Millis(s->options_.connect_timeout)));
 }
 
 void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
+  // After a Tdrain the open fails once the Rdrain is written (MaybeFinishDrain); nothing behind
+  // it opens anything: neither the probe's echo (no Tinit is sent) nor an Rinit.
+  if (draining_) return;
   if (handshake_phase_ == 1) {
     // The probe's answer: an echo means the server negotiates; anything else (an old server's
     // "Unexpected mux message type 127") means an un-negotiated session.
     bool echoed = frame.tag == kControlTag && !frame.fragment &&
                   (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy) && frame.body == kProbeText;
-    if (!echoed) {
+    if (echoed) {
+      Tinit init;
+      init.headers.emplace_back(std::string(kMuxFramerHeader),
+                                EncodeMuxFramer(static_cast<int32_t>(AdvertisedFragmentSize(options_))));
+      init.headers.emplace_back(std::string(kTlsHeader), ToString(options_.opportunistic_tls));
+      handshake_phase_ = 2;
+      Enqueue(init);
+      Flush();
+      return;
+    }
+    // A Tdrain before the probe's answer (a server shutting down as we connect) goes on below,
+    // as one before Rinit: answered, and the open fails. Taken for the answer, it opened an
+    // un-negotiated session that was draining from the start: the open succeeded, the request
+    // waiting for it failed with kNack and the session closed.
+    if (frame.type != wire::kTdrain) {
       if (options_.opportunistic_tls == OpportunisticTls::kRequired) {
         FailOpen(make_error_code(Errc::kTlsFailed),
                  fmt::format("{} does not negotiate Mux sessions (it did not echo the handshake probe), so it "
@@ -202,25 +244,14 @@ void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
       }
       FinishOpen();
       // Only an Rerr on the probe's tag answers the probe (an old server's "Unexpected mux
-      // message type 127"); any other frame, a Tdrain or Tping on tag 1 included, is a real
-      // message: handle it as one.
+      // message type 127"); any other frame, a Tping on tag 1 included, is a real message:
+      // handle it as one.
       const bool probe_answer =
           frame.tag == kControlTag && (frame.type == wire::kRerr || frame.type == wire::kRerrLegacy);
       if (!probe_answer) HandleFrame(frame);
       return;
     }
-    Tinit init;
-    init.headers.emplace_back(std::string(kMuxFramerHeader),
-                              EncodeMuxFramer(static_cast<int32_t>(AdvertisedFragmentSize(options_))));
-    init.headers.emplace_back(std::string(kTlsHeader), ToString(options_.opportunistic_tls));
-    handshake_phase_ = 2;
-    Enqueue(init);
-    Flush();
-    return;
   }
-  // After a Tdrain the open fails once the Rdrain is written (MaybeFinishDrain); an Rinit
-  // behind it opens nothing.
-  if (draining_) return;
   auto decoded = DecodeMessage(frame);
   if (!decoded) {
     FailOpen(make_error_code(Errc::kProtocolError),
@@ -228,8 +259,9 @@ void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
     return;
   }
   if (std::holds_alternative<Tping>(*decoded) || std::holds_alternative<Tdrain>(*decoded)) {
-    // A server may ping, or start draining, at any time (§1.9), also before it answers Tinit:
-    // answered as on an open session (Rping; Rdrain, and the session drains: the open fails).
+    // A server may ping, or start draining, at any time (§1.9), also before it answers Tinit
+    // (or, for a Tdrain, the probe): answered as on an open session (Rping; Rdrain, and the
+    // session drains: the open fails).
     HandleMessage(std::move(*decoded));
     return;
   }
@@ -492,12 +524,17 @@ void MuxSessionSink::HandleMessage(Message m) {
       case ReplyStatus::kOk:
         Answer(r->tag, {}, {}, &r->body, &r->contexts);
         break;
-      case ReplyStatus::kError:
-        Answer(r->tag, make_error_code(Errc::kServerError),
-               fmt::format("server error from {}{}: {}", address_,
-                           (flags & mux_failure::kRetryable) ? " (flagged retryable)" : "", Printable(r->body)),
+      case ReplyStatus::kError: {
+        // Flagged Retryable (Finagle: safe to re-issue the work) or Rejected (not attempted),
+        // and not NonRetryable: Finagle's requeue filter sends it again, so it is a retryable
+        // kNack, which the retry sink repeats. Otherwise the server may have acted on it.
+        const bool retryable = (flags & (mux_failure::kRetryable | mux_failure::kRejected)) != 0 &&
+                               (flags & mux_failure::kNonRetryable) == 0;
+        Answer(r->tag, make_error_code(retryable ? Errc::kNack : Errc::kServerError),
+               fmt::format("server error from {}{}: {}", address_, FlagsInWords(flags), Printable(r->body)),
                nullptr, &r->contexts);
         break;
+      }
       case ReplyStatus::kNack: {
         nacks_.Increment();
         // Finagle's NonRetryableNackFailure: not processed, and the server asks that it not be
@@ -925,9 +962,9 @@ void MuxSessionSink::MaybeFinishDrain() {
   if (handshaking) {
     // Retryable: nothing was sent on this session, and another endpoint may take the request.
     FailOpen(make_error_code(Errc::kNack),
-             fmt::format("{} sent Tdrain before answering Tinit (it is shutting down): answered Rdrain; the "
+             fmt::format("{} sent Tdrain before answering {} (it is shutting down): answered Rdrain; the "
                          "session was not opened and no request was sent on it",
-                         address_));
+                         address_, HandshakeStep()));
     return;
   }
   // Drained: the session is finished; the pool replaces it on the next request.

@@ -27,6 +27,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_future.hpp>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "Derived.h"
@@ -410,6 +411,65 @@ TEST(ThriftMuxTest, ServerErrorsMapToDistinctCodes) {
   EXPECT_EQ(CallError(client, "rerr:session trouble", &what), Errc::kServerError);
   EXPECT_NE(what.find("session trouble"), std::string::npos) << what;
   EXPECT_EQ(CallError(client, "fine"), error_code());
+}
+
+// An Rdispatch Error whose MuxFailure context has the Retryable (1) or Rejected (2) flag, and
+// not NonRetryable (4), is a retryable kNack (Finagle's requeue filter re-issues such work), so
+// the retry sink sends it again: 3 attempts (max_retries 2), each answered with the error.
+// Without those flags, or with NonRetryable, it stays kServerError, sent once. The detail keeps
+// the server's message and names the flags. They used to be kServerError with or without flags.
+TEST(ThriftMuxTest, RdispatchErrorFlaggedRetryableOrRejectedIsARetriedNack) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  struct Case {
+    int flags;
+    Errc code;
+    const char* flagged;  // what the detail says after the endpoint
+    size_t attempts;
+  };
+  const Case cases[] = {
+      {1, Errc::kNack, " (flagged retryable)", 3},
+      {2, Errc::kNack, " (flagged rejected)", 3},
+      {3, Errc::kNack, " (flagged retryable, rejected)", 3},
+      {5, Errc::kServerError, " (flagged retryable, non-retryable)", 1},
+      {6, Errc::kServerError, " (flagged rejected, non-retryable)", 1},
+      {0, Errc::kServerError, "", 1},
+  };
+  for (const Case& c : cases) {
+    const std::string arg = fmt::format("error-flags:{}:broken {}", c.flags, c.flags);
+    SCOPED_TRACE(arg);
+    std::string what;
+    EXPECT_EQ(CallError(client, arg, &what), c.code) << what;
+    EXPECT_NE(what.find(fmt::format("server error from {}{}: broken {}", server.endpoint(), c.flagged, c.flags)),
+              std::string::npos)
+        << what;
+    EXPECT_EQ(server.LogLinesWith({"recv Tdispatch", "arg=" + arg}).size(), c.attempts) << server.Log();
+  }
+  EXPECT_EQ(CallError(client, "fine"), error_code());
+}
+
+// A server that fails a call once with an Rdispatch Error flagged Retryable and answers its
+// retry: the caller gets the reply, and the server saw the request twice, the second time with
+// the Retries context at 1. Flagged NonRetryable as well, the error reaches the caller.
+TEST(ThriftMuxTest, RetrySinkRepeatsARetryableServerError) {
+  {
+    test::MuxReferenceServer server({"--mode", "finagle", "--fail-first", "1", "--fail-flags", "1"});
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+    std::string r;
+    client->echo(r, "again");
+    EXPECT_EQ(r, "again");
+    EXPECT_EQ(server.LogLinesWith({"send Rdispatch", "error fail-first"}).size(), 1u) << server.Log();
+    EXPECT_EQ(server.LogLinesWith({"recv Tdispatch", "retries=0", "arg=again"}).size(), 1u) << server.Log();
+    EXPECT_EQ(server.LogLinesWith({"recv Tdispatch", "retries=1", "arg=again"}).size(), 1u) << server.Log();
+  }
+  {
+    test::MuxReferenceServer server({"--mode", "finagle", "--fail-first", "1", "--fail-flags", "5"});
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+    std::string what;
+    EXPECT_EQ(CallError(client, "once", &what), Errc::kServerError) << what;
+    EXPECT_NE(what.find("fails its first 1 calls"), std::string::npos) << what;
+    EXPECT_EQ(server.LogLinesWith({"recv Tdispatch", "arg=once"}).size(), 1u) << server.Log();
+  }
 }
 
 TEST(ThriftMuxTest, DrainLeaseGarbageAndCloseMidFrameRecover) {
@@ -797,6 +857,11 @@ class QuietPeer {
     return out;
   }
   void Send(const std::string& bytes) { ASSERT_EQ(::send(conn_, bytes.data(), bytes.size(), 0), ssize_t(bytes.size())); }
+  // Sends what the socket takes now of `bytes` and removes it from them.
+  void SendSome(std::string& bytes) {
+    const ssize_t n = ::send(conn_, bytes.data(), bytes.size(), MSG_DONTWAIT);
+    if (n > 0) bytes.erase(0, static_cast<size_t>(n));
+  }
 
  private:
   int listen_ = -1;
@@ -982,24 +1047,97 @@ struct ReferenceSession {
   std::optional<error_code> opened;
 };
 
-// A Tdrain between Tinit and Rinit: the session answers Rdrain and, once it is written, fails
-// the open with kNack (retryable: nothing was sent), whatever follows (here the Rinit).
-TEST(MuxSessionTest, TdrainBeforeRinitFailsTheOpenRetryably) {
-  test::MuxReferenceServer server({"--mode", "finagle", "--greet-after-tinit", "tdrain"});
+// Against a reference server started with `args`, which sends Tdrain during the handshake
+// before it answers `step` ("Tinit" or "the handshake probe"): the session answers Rdrain and,
+// once it is written, fails the open with kNack (retryable: nothing was sent), whatever follows
+// (the probe's echo sends no Tinit, an Rinit opens nothing); a request then gets kNotSent.
+void ExpectTdrainFailsTheOpenRetryably(std::vector<std::string> args, const std::string& step) {
+  test::MuxReferenceServer server(std::move(args));
   test::ManualEnv env;
   ReferenceSession s(env, server);
   ASSERT_TRUE(RunUntil(env, [&] { return s.opened.has_value(); }));
   EXPECT_EQ(*s.opened, Errc::kNack) << s.session->open_failure_detail();
   EXPECT_TRUE(*s.opened == Condition::kRetryable);
-  EXPECT_NE(s.session->open_failure_detail().find("sent Tdrain before answering Tinit"), std::string::npos)
-      << s.session->open_failure_detail();
+  EXPECT_EQ(s.session->open_failure_detail(),
+            server.endpoint() + " sent Tdrain before answering " + step +
+                " (it is shutting down): answered Rdrain; the session was not opened and no request was sent on it");
   EXPECT_FALSE(s.session->negotiated());
   EXPECT_TRUE(server.WaitForLog({"conn=1 recv Rdrain tag=1"})) << server.Log();
+  EXPECT_EQ(server.LogLinesWith({"recv Tinit"}).size(), step == "Tinit" ? 1u : 0u) << server.Log();
   SessionCall call("x");
   call.Start(*s.session);
   env.Run();
   ASSERT_EQ(call.completions(), 1);
   EXPECT_EQ(call.result().error, Errc::kNotSent) << call.result().detail;
+}
+
+// A Tdrain between Tinit and Rinit (the Rinit follows it in the same write).
+TEST(MuxSessionTest, TdrainBeforeRinitFailsTheOpenRetryably) {
+  ExpectTdrainFailsTheOpenRetryably({"--mode", "finagle", "--greet-after-tinit", "tdrain"}, "Tinit");
+}
+
+// A Tdrain before the probe's answer (a server shutting down as we connect; the reference
+// server writes it first, then reads and echoes the probe), handled as one before Rinit. It
+// used to be taken for an old server's answer: the open succeeded with an un-negotiated
+// session that was draining from the start.
+TEST(MuxSessionTest, TdrainBeforeTheProbesAnswerFailsTheOpenRetryably) {
+  ExpectTdrainFailsTheOpenRetryably({"--mode", "finagle", "--greet", "tdrain"}, "the handshake probe");
+}
+
+// The server answers the probe, then floods Tping without reading until the session's Rping
+// replies queue behind a write that cannot finish, then sends Tdrain: the Rdrain queues behind
+// them, so the open cannot fail with kNack (that waits for the Rdrain to be written). At the
+// handshake's deadline the open fails, saying the Rdrain was still unwritten, not merely that
+// the handshake "did not finish".
+TEST(MuxSessionTest, TdrainWhoseRdrainIsNeverWrittenFailsTheOpenAtTheDeadlineSayingSo) {
+  test::ManualEnv env;
+  QuietPeer peer;
+  mux::SessionOptions o;
+  o.ping_interval = Duration::zero();
+  o.connect_timeout = 5s;
+  o.max_queued_control_replies = size_t{1} << 40;  // the flood must not close the session first
+  auto session = std::make_shared<mux::MuxSessionSink>(
+      test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", peer.port()}), o);
+  std::optional<error_code> opened;
+  session->AsyncOpen([&](error_code ec) { opened = ec; });
+  peer.Accept();
+  std::string sent;
+  ASSERT_TRUE(RunUntil(env, [&] {
+    sent += peer.Read();
+    return sent.size() >= 19;  // the probe (mux-protocol.md 1.7)
+  }));
+  peer.Send(std::string("\x00\x00\x00\x0f\x7f\x00\x00\x01tinit check", 19));  // its echo: Tinit follows
+  const std::string tping("\x00\x00\x00\x04\x41\x00\x00\x01", 8);
+  std::string flood;
+  ASSERT_TRUE(RunUntil(env, [&] {
+    if (flood.empty()) {
+      for (int i = 0; i < 8192; ++i) flood += tping;
+    }
+    peer.SendSome(flood);
+    return session->queued_bytes() > 0;  // Rpings wait behind a write that does not finish
+  }));
+  std::string drain = std::string("\x00\x00\x00\x04\x40\x00\x00\x01", 8);  // Tdrain, tag 1
+  ASSERT_TRUE(RunUntil(env, [&] {
+    if (!flood.empty()) {
+      peer.SendSome(flood);
+    } else {
+      peer.SendSome(drain);
+    }
+    return session->draining();
+  }));
+  env.Run();
+  EXPECT_FALSE(opened.has_value()) << "the open waits for the Rdrain to be written";
+  env.Advance(5s);
+  env.Run();
+  ASSERT_TRUE(opened.has_value());
+  EXPECT_EQ(*opened, Errc::kConnectTimeout);
+  EXPECT_EQ(session->open_failure_detail(),
+            fmt::format("Mux handshake with 127.0.0.1:{} did not finish within 5000 ms (limit "
+                        "session.connect_timeout): it sent Tdrain before answering Tinit, and the Rdrain answering it "
+                        "was still unwritten (the server does not read)",
+                        peer.port()));
+  session->Close();
+  env.Run();
 }
 
 // The Tdiscarded of a request the client gave up on says why in words for the server's

@@ -21,8 +21,10 @@
 // attempt) and request headers. Writes of
 // many requests are batched into few socket writes (SessionOptions::write_splits). Replies are
 // matched by tag: Rdispatch Ok gives the body (in the call's reply Stream), Error →
-// kServerError, Nack → kNack (retryable; kNonRetryableNack when its MuxFailure context has the
-// NonRetryable flag), Rerr → kServerError. A request cancelled (timeout)
+// kServerError, or kNack (retryable, as Finagle's requeue filter treats it) when its MuxFailure
+// context has the Retryable or Rejected flag and not NonRetryable; Nack → kNack (retryable;
+// kNonRetryableNack when its MuxFailure context has the NonRetryable flag), Rerr →
+// kServerError. A request cancelled (timeout)
 // before it was written is dropped and its tag freed; after it was written, Tdiscarded is sent
 // and the tag stays reserved until the server answers that tag.
 //
@@ -31,8 +33,10 @@
 // Tdrain answered with Rdrain, after which the
 // session takes no new request (they fail with a retryable kNack), reports Busy, and closes
 // once its requests finish. Both may come before Rinit too: a Tping is answered and the
-// handshake goes on; a Tdrain is answered and fails the open with kNack (retryable: no request
-// was sent) once the Rdrain is written, whatever follows it. Tlease sets a lease, and an
+// handshake goes on; a Tdrain (also one before the probe's answer) is answered and fails the
+// open with kNack (retryable: no request was sent) once the Rdrain is written, whatever follows
+// it; if that write does not finish by the handshake's deadline (connect_timeout), the open
+// fails with kConnectTimeout saying the Rdrain was still unwritten. Tlease sets a lease, and an
 // expired lease reports Busy. The client pings on tag 1 every ping_interval; no Rping within
 // ping_timeout closes the session. An
 // undecodable frame, an unknown message type or a server-initiated dispatch closes the
@@ -183,6 +187,9 @@ class MuxSessionSink final : public ClientMessageSink {
   void OnTlsUpgraded(error_code ec);
   void FinishOpen();
   void FailOpen(error_code ec, std::string detail);
+  // What the handshake waits for the server to answer, for messages: "the handshake probe" or
+  // "Tinit".
+  const char* HandshakeStep() const noexcept { return handshake_phase_ == 1 ? "the handshake probe" : "Tinit"; }
 
   void StartRead();
   void OnRead(const boost::system::error_code& ec, size_t n);

@@ -24,6 +24,8 @@ Misbehaviours on demand, chosen by the argument of echo():
   "nack-final"       Rdispatch Nack with MuxFailure = Rejected|NonRetryable (Finagle's
                      NonRetryableNackFailure)
   "error:TEXT"       Rdispatch Error TEXT
+  "error-flags:F:TEXT"  Rdispatch Error TEXT with a MuxFailure context of flags F (decimal: 1
+                     Retryable, 2 Rejected, 4 NonRetryable; 0 sends the context with no flag)
   "rerr:TEXT"        Rerr TEXT on the request's tag
   "noreply"          never reply (Tdiscarded still answered with Rdiscarded)
   "garbage"          write a frame with an invalid type byte (0x12), keep the connection
@@ -77,6 +79,11 @@ as "drain" does).
 --greet-after-tinit tping|tdrain writes it on receiving a Tinit instead, in one write with the
 Rinit that still follows it: the client, waiting for Rinit, reads both at once (a server that
 pings, or starts shutting down, during the handshake).
+
+--fail-first N answers the first N dispatches the server handles (counted over all its
+connections) with an Rdispatch Error, then serves normally: a server that fails a call once and
+answers its retry. --fail-flags F adds a MuxFailure context of flags F to the errors of
+--fail-first and --fail-all (without it they carry no context).
 
 --delay MS makes every dispatch wait MS milliseconds first (a slow server, e.g. for hedging
 tests; Tdiscarded cancels the wait).
@@ -702,6 +709,12 @@ class Connection:
                     pass
         return out
 
+    def fail_contexts(self):
+        """The contexts of a --fail-all / --fail-first error: MuxFailure = --fail-flags, if given."""
+        if self.args.fail_flags is None:
+            return encode_contexts([])
+        return encode_contexts([(KEY_MUX_FAILURE, struct.pack(">Q", self.args.fail_flags))])
+
     def reply_ok(self, tag, contexts, payload, note=""):
         self.pending.pop(tag, None)
         self.send(RDISPATCH, tag, bytes([STATUS_OK]) +
@@ -718,8 +731,15 @@ class Connection:
             return
         if self.args.fail_all:  # --fail-all: this server fails every call
             self.pending.pop(tag, None)
-            self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + encode_contexts([]) +
+            self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + self.fail_contexts() +
                       b"this server fails every call (--fail-all)", "error")
+            return
+        if self.server.failures_left > 0:  # --fail-first N: this call is one of the first N
+            self.server.failures_left -= 1
+            self.pending.pop(tag, None)
+            self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + self.fail_contexts() +
+                      b"this server fails its first %d calls (--fail-first)" % self.args.fail_first,
+                      "error fail-first")
             return
         if args is None:
             self.reply_ok(tag, contexts, echo.app_exception(method, seqid,
@@ -769,6 +789,12 @@ class Connection:
             self.pending.pop(tag, None)
             self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) + encode_contexts([]) +
                       message.split(":", 1)[1].encode(), "error")
+        elif message.startswith("error-flags:"):
+            flags, text = message.split(":", 2)[1:]
+            self.pending.pop(tag, None)
+            self.send(RDISPATCH, tag, bytes([STATUS_ERROR]) +
+                      encode_contexts([(KEY_MUX_FAILURE, struct.pack(">Q", int(flags)))]) +
+                      text.encode(), "error flags=%s" % flags)
         elif message.startswith("rerr:"):
             self.pending.pop(tag, None)
             self.send(RERR_LEGACY, tag, message.split(":", 1)[1].encode())
@@ -929,6 +955,7 @@ class Server:
         self.echo = echo
         self.log = Log(args.log)
         self.stalled = []  # connections that stopped reading on "stall"
+        self.failures_left = args.fail_first  # --fail-first: errors still to answer
         self.connections = set()
         self.ssl_context = make_ssl_context(args)
 
@@ -990,6 +1017,11 @@ def main():
                    help="write this control message (tag 1) on receiving Tinit, before Rinit")
     p.add_argument("--fail-all", action="store_true",
                    help="answer every call with an Rdispatch error")
+    p.add_argument("--fail-first", type=int, default=0,
+                   help="answer the first N calls (over all connections) with an Rdispatch error")
+    p.add_argument("--fail-flags", type=int, default=None,
+                   help="MuxFailure flags of the --fail-all / --fail-first errors (1 Retryable, "
+                        "2 Rejected, 4 NonRetryable; default: no MuxFailure context)")
     p.add_argument("--tls-cert", default="", help="PEM certificate chain of the server")
     p.add_argument("--tls-key", default="", help="PEM private key of the server")
     p.add_argument("--tls-client-ca", default="",
