@@ -12,9 +12,9 @@
 // reach them (make_corpus.py has seeds just under and over each). A model reads the same bytes
 // with Beast's request parser under the documented limits (a header block, a chunk-size line
 // and a trailer section each within max_header_bytes; the body within max_body_bytes), checks
-// the transfer-codings and decodes the target's path by its own reading of RFC 9112 and 3986,
-// and says which requests the session must answer, which it must refuse with which status, and
-// whether it must close. Checked:
+// the transfer-codings, decodes the target's path and removes its dot-segments by its own reading
+// of RFC 9112 and 3986, and says which requests the session must answer, which it must refuse
+// with which status, and whether it must close. Checked:
 // - the session answers exactly those requests, in order, then the refused one if any, and
 //   nothing else: the bytes it sends parse as that many HTTP/1.x responses and no more;
 // - each response: HTTP/1.1 (HTTP/1.0 to a 1.0 request), keep-alive as the request asked, a
@@ -25,7 +25,8 @@
 // - a refusal: HTTP/1.1 with "Connection: close", text/plain, a body naming the problem (its
 //   length and no body to a HEAD), and the status the model gives (400 malformed or a bad
 //   target, 414 or 431 a header block over the limit, 413 a body or chunk-size line over it, 431
-//   a trailer section over it, 400 or 501 a transfer-coding other than chunked);
+//   a trailer section over it, 400 or 501 a transfer-coding other than chunked, 400 a request
+//   cut short by the client's end of stream);
 // - every answered request's header block is within the limit (counted on the bytes);
 // - the connection is closed when the model says so (a request without keep-alive, a refused
 //   request, the client's end of stream), and kept open otherwise; either way the session object
@@ -89,8 +90,6 @@ struct Model {
   // sees it at the latest when the block reaches the limit, which it may then refuse as over
   // the limit).
   bool may_stay_open = false;
-  // Or close without refusing it: the client's end of stream came before it saw the error.
-  bool may_close_unanswered = false;
 };
 
 // The status of a header block that does not end within the limit: 414 when its request line
@@ -135,10 +134,35 @@ unsigned TransferCodingStatus(const bhttp::request_parser<bhttp::string_body>& p
   return other ? 501 : 0;
 }
 
+// RFC 3986 5.2.4's result for a path starting with '/', by segments rather than by the RFC's
+// loop: a "." goes, a ".." takes the segment before it along (none at the root), and either of
+// them last leaves the path ending in '/'.
+std::string ModelRemoveDotSegments(const std::string& path) {
+  std::vector<std::string> kept;
+  for (size_t begin = 1;;) {
+    const size_t end = std::min(path.find('/', begin), path.size());
+    const std::string segment = path.substr(begin, end - begin);
+    const bool dots = segment == "." || segment == "..";
+    if (segment == "..") {
+      if (!kept.empty()) kept.pop_back();
+    } else if (segment != ".") {
+      kept.push_back(segment);
+    }
+    if (end == path.size()) {
+      if (dots) kept.emplace_back();
+      break;
+    }
+    begin = end + 1;
+  }
+  std::string out;
+  for (const std::string& segment : kept) out += "/" + segment;
+  return out;
+}
+
 // The path the session must route a GET or HEAD of `target` to: of the origin form, or of an
 // http or https URL in absolute form (RFC 9112 3.2.2; "/" when it has none), without the query,
-// each %XX decoded (RFC 3986 2.1); nothing when the session must refuse the target: another
-// form, a '%' without two hex digits, an escaped '/' or NUL.
+// each %XX decoded (RFC 3986 2.1), without dot-segments (5.2.4); nothing when the session must
+// refuse the target: another form, a '%' without two hex digits, an escaped '/' or NUL.
 std::optional<std::string> ModelPath(std::string target) {
   target = target.substr(0, target.find('?'));
   if (target.empty() || target[0] != '/') {
@@ -170,7 +194,7 @@ std::optional<std::string> ModelPath(std::string target) {
     path += c;
     i += 3;
   }
-  return path;
+  return ModelRemoveDotSegments(path);
 }
 
 // What the session must do with `bytes` (followed by the end of stream when `eof`): reads them
@@ -213,9 +237,9 @@ Model Expect(std::string_view bytes, bool eof) {
         if (ec && ec != bhttp::error::need_more) {
           if (p.is_header_done())
             return refuse({ec == bhttp::error::body_limit ? 413u : 400u}, head);
+          // Or, at the client's end of stream, 400 for the request cut short by it.
           m.may_stay_open = !eof;
-          m.may_close_unanswered = eof;
-          std::vector<unsigned> statuses = {ec == bhttp::error::body_limit ? 413u : 400u};
+          std::vector<unsigned> statuses = {ec == bhttp::error::body_limit ? 413u : 400u, 400u};
           if (bytes.size() - start >= kMaxHeader)
             statuses.push_back(OversizedHeaderStatus(bytes, start));
           return refuse(std::move(statuses), false);
@@ -237,14 +261,17 @@ Model Expect(std::string_view bytes, bool eof) {
       if (next == bytes.size()) {
         m.closes = eof;
         // Malformed where this parser has not looked yet (see may_stay_open): the session, given
-        // the bytes in other pieces, may have seen it.
+        // the bytes in other pieces, may have seen it; if not, and at the client's end of stream,
+        // it refuses the request as cut short (400).
         if (!p.is_header_done()) {
           if (const unsigned status = MalformedHeaderStatus(bytes.substr(start, next - start))) {
             m.may_stay_open = !eof;
-            m.may_close_unanswered = eof;
-            return refuse({status}, false);
+            return refuse({status, 400}, false);
           }
         }
+        // Part of a request, cut short by the client's end of stream.
+        if (eof && start < bytes.size())
+          return refuse({400}, p.is_header_done() && p.get().method() == bhttp::verb::head);
         return m;
       }
       const size_t take = std::min(kMaxHeader - held.size(), bytes.size() - next);
@@ -367,9 +394,7 @@ void CheckResponses(std::string_view out, const Model& m, const Session::Handler
             "a refusal without a text naming the problem");
     }
   } else {
-    // Unless the client's end of stream came before the session saw what to refuse.
-    Check(m.refusals.empty() || !closed || m.may_close_unanswered,
-          "a refused request without an answer");
+    Check(m.refusals.empty() || !closed, "a refused request without an answer");
   }
   Check(at == out.size(), "bytes after the last response the model expects");
 }

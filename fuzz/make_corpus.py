@@ -405,6 +405,12 @@ def main():
         "coding_gzip_chunked": bytes([OPEN]) + b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n"
                                b"Transfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\n",
         "coding_gzip": bytes([OPEN]) + b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\nb",
+        # Dot-segments are removed from the decoded path (RFC 3986 5.2.4), %2E being a '.'.
+        "dot_segments": bytes([OPEN]) + b"GET /stats/../metrics HTTP/1.1\r\n\r\nGET /./admin/%2E%2e/admin/clients HTTP/1.1\r\n\r\n"
+                        b"HEAD /../ HTTP/1.1\r\n\r\nGET /admin/clients/.. HTTP/1.1\r\n\r\n",
+        # The client's end of stream in the middle of a request: 400 (a HEAD's without its text).
+        "half_close_in_header": b"\x00GET / HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\nHo",
+        "half_close_in_body_head": bytes([chunk(8)]) + b"HEAD / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab",
     }
     # Header block limit: just under, at, just over; in one write and byte by byte.
     for total, tag in ((admin_header_limit - 1, "under"), (admin_header_limit, "at"), (admin_header_limit + 1, "over")):

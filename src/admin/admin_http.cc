@@ -23,6 +23,8 @@ enum class Refusal {
   kHeaderTooLarge,      // the header block, or the trailer section, over max_header_bytes
   kBodyTooLarge,        // the body over max_body_bytes, or a chunk-size line over max_header_bytes
   kUnsupportedCoding,   // see CheckTransferCoding
+  kIncomplete,          // the client's end of stream in the middle of a request
+  kTimedOut,            // the idle timeout in the middle of a request
 };
 
 namespace {
@@ -56,7 +58,8 @@ struct TargetPath {
 // as the Host field is. Escapes are decoded once the query is cut off, so an encoded '?' stays in
 // the path. An encoded '/' is refused rather than decoded: /admin%2Fclients is one segment where
 // /admin/clients is two, and a proxy in front that allows or denies by path would see them
-// apart. An encoded NUL is refused too.
+// apart. An encoded NUL is refused too. Dot-segments are removed from the decoded path (an
+// escaped '.' is a '.': RFC 3986 2.3), so that every spelling of a page reaches it.
 TargetPath ParseTarget(std::string_view target) {
   TargetPath out;
   std::string_view path = target.substr(0, target.find('?'));
@@ -91,6 +94,7 @@ TargetPath ParseTarget(std::string_view target) {
     out.path += static_cast<char>(hi * 16 + lo);
     i += 2;
   }
+  out.path = RemoveDotSegments(out.path);
   return out;
 }
 
@@ -128,7 +132,10 @@ http::status RefusalStatus(Refusal why) {
     case Refusal::kMalformed:
     case Refusal::kBadTarget:
     case Refusal::kBadFraming:
+    case Refusal::kIncomplete:
       return http::status::bad_request;
+    case Refusal::kTimedOut:
+      return http::status::request_timeout;
     case Refusal::kRequestLineTooLong:
       return http::status::uri_too_long;
     case Refusal::kHeaderTooLarge:
@@ -142,6 +149,39 @@ http::status RefusalStatus(Refusal why) {
 }
 
 }  // namespace
+
+// The RFC's loop over an input buffer (rules A to E), the input a view that only shrinks from
+// the front: rules B and C replace a prefix with "/", which is its last character.
+std::string RemoveDotSegments(std::string_view in) {
+  std::string out;
+  out.reserve(in.size());
+  // Rule C: the last segment of the output goes, with the '/' before it if any.
+  const auto drop_last_segment = [&out] {
+    const size_t slash = out.rfind('/');
+    out.resize(slash == std::string::npos ? 0 : slash);
+  };
+  while (!in.empty()) {
+    if (in.starts_with("../")) {  // A
+      in.remove_prefix(3);
+    } else if (in.starts_with("./")) {  // A
+      in.remove_prefix(2);
+    } else if (in.starts_with("/./") || in == "/.") {  // B
+      in.remove_prefix(2);
+      if (in.empty()) in = "/";
+    } else if (in.starts_with("/../") || in == "/..") {  // C
+      in.remove_prefix(3);
+      if (in.empty()) in = "/";
+      drop_last_segment();
+    } else if (in == "." || in == "..") {  // D
+      in = {};
+    } else {  // E: the first segment, with its leading '/' if any
+      const size_t end = std::min(in.find('/', 1), in.size());
+      out.append(in.substr(0, end));
+      in.remove_prefix(end);
+    }
+  }
+  return out;
+}
 
 Response Route(std::string_view path, const Pages& pages) {
   Response r;
@@ -171,11 +211,13 @@ Response Route(std::string_view path, const Pages& pages) {
 
 Session::Session(asio::ip::tcp::socket socket, const Handler* handler, SessionLimits limits)
     : stream_(std::move(socket)),
+      idle_timer_(stream_.get_executor()),
       limits_(limits),
       buffer_(limits.max_header_bytes),
       handler_(handler) {}
 
 void Session::Close() {
+  StopIdleTimer();
   beast::error_code ignored;
   stream_.socket().shutdown(asio::ip::tcp::socket::shutdown_both, ignored);
   stream_.close();
@@ -186,7 +228,17 @@ void Session::Read() {
   parser_->body_limit(limits_.max_body_bytes);
   parser_->eager(true);
   header_bytes_ = 0;
-  stream_.expires_after(limits_.idle_timeout);
+  stream_.expires_never();  // the write's deadline is over; the idle timer bounds the reads
+  idle_expired_ = false;
+  idle_timer_.expires_after(limits_.idle_timeout);
+  // Holds the session weakly: a session whose read ended goes away without waiting for it.
+  idle_timer_.async_wait([weak = weak_from_this(), id = ++idle_id_](beast::error_code ec) {
+    const auto self = weak.lock();
+    if (ec || !self || self->idle_id_ != id) return;
+    self->idle_expired_ = true;
+    beast::error_code ignored;
+    self->stream_.socket().cancel(ignored);  // the read ends with operation_aborted
+  });
   Parse();
 }
 
@@ -245,13 +297,33 @@ void Session::Parse() {
   stream_.async_read_some(buffer_.prepare(limit - buffer_.size()),
                           [self = shared_from_this()](beast::error_code ec, size_t n) {
                             self->buffer_.commit(n);
-                            if (ec == asio::error::eof) {
-                              ec = self->parser_->got_some() ? http::error::partial_message
-                                                             : http::error::end_of_stream;
+                            // Even if the read completed meanwhile: the deadline has passed.
+                            if (self->idle_expired_) return self->TimedOut();
+                            if (ec == asio::error::eof && self->PartlyReceived()) {
+                              // A half-close: the client may still read the answer.
+                              return self->Refuse(
+                                  Refusal::kIncomplete,
+                                  "request incomplete at the client's end of stream");
                             }
+                            if (ec == asio::error::eof) ec = http::error::end_of_stream;
                             if (ec) return self->Fail(ec, "reading a request failed");
                             self->Parse();
                           });
+}
+
+void Session::StopIdleTimer() {
+  ++idle_id_;  // a firing already queued is stale
+  idle_timer_.cancel();
+}
+
+bool Session::PartlyReceived() const { return buffer_.size() > 0 || parser_->got_some(); }
+
+void Session::TimedOut() {
+  if (!PartlyReceived()) return Fail(beast::error::timeout, "waiting for a request");
+  Refuse(Refusal::kTimedOut,
+         fmt::format("request incomplete after {} ms (the idle timeout)",
+                     std::chrono::duration_cast<std::chrono::milliseconds>(limits_.idle_timeout)
+                         .count()));
 }
 
 void Session::Fail(beast::error_code ec, std::string_view what) {
@@ -329,6 +401,7 @@ void Session::Write(Response r, unsigned version, bool keep_alive, bool head,
     res->body() = std::move(r.body);
     res->prepare_payload();
   }
+  StopIdleTimer();
   stream_.expires_after(
       limits_.write_timeout);  // its own deadline, not what the read left of its own
   http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {

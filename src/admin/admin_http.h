@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -15,6 +16,7 @@
 #include <string_view>
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
@@ -35,6 +37,11 @@ struct Pages {
   std::function<std::string()> clients;   // the body of /admin/clients (ClientsJson)
 };
 
+// RFC 3986 5.2.4 remove_dot_segments: "/a/b/c/./../../g" is "/a/g". A ".." at the root stays
+// there ("/../x" is "/x"), as the RFC has it. Applied to the decoded path (an escaped '.',
+// %2E, is the same character), so /stats/../metrics is /metrics.
+std::string RemoveDotSegments(std::string_view path);
+
 // The page for a GET of `path` (the request target's path, percent-decoded, without its query):
 // 200 with the page, 404 with the index for an unknown path, 500 naming the error when building
 // the page threw.
@@ -48,7 +55,9 @@ struct SessionLimits {
   // too: no more than that of a request is ever held unparsed.
   size_t max_header_bytes = 8 * 1024;
   size_t max_body_bytes = 8 * 1024;
-  // An idle connection (no complete request) is closed after this.
+  // A request must arrive in full within this of the previous one's answer (or of the
+  // connection's opening). An idle connection is closed then; a request partly received is
+  // refused with 408.
   Duration idle_timeout = std::chrono::seconds(30);
   // A response not written within this closes its connection (a client that stopped reading).
   Duration write_timeout = std::chrono::seconds(30);
@@ -67,7 +76,8 @@ enum class Refusal;
 // each, GET and HEAD through `handler` with the target's path, any other method with 405. A
 // request it refuses (malformed, over a limit, a transfer-coding other than chunked, a target
 // that is not origin or absolute form or whose path has a bad escape or an encoded '/' or NUL)
-// gets a text/plain answer with "Connection: close" naming the problem (logged). Closes the
+// gets a text/plain answer with "Connection: close" naming the problem (logged), and so does a
+// request cut short by the idle timeout (408) or by the client's end of stream (400). Closes the
 // connection after a refusal or a response without keep-alive (lingering: linger_timeout), at
 // the client's end of stream, and on a timeout.
 class Session : public std::enable_shared_from_this<Session> {
@@ -87,6 +97,12 @@ class Session : public std::enable_shared_from_this<Session> {
   void Parse();
   // Closes the connection without an answer (the client's end of stream, a timeout, an error).
   void Fail(boost::beast::error_code ec, std::string_view what);
+  // Ends a read the idle timeout cut short: refuses a request partly received, else closes.
+  void TimedOut();
+  // The read is over (answered, refused, closed): the idle timer must not cancel what follows.
+  void StopIdleTimer();
+  // Whether some of a request has arrived (consumed by the parser or held in the buffer).
+  bool PartlyReceived() const;
   // Refuses the request: answers with the status of `why` and `what` as the body, then closes.
   void Refuse(Refusal why, std::string what);
   // Refuses a header block, chunk-size line or trailer section that does not end within
@@ -102,6 +118,13 @@ class Session : public std::enable_shared_from_this<Session> {
   void DropUntilClosed();
 
   boost::beast::tcp_stream stream_;
+  // The idle timeout's own timer: the stream's closes the socket when it fires, and a request it
+  // cuts short gets an answer (408). When it fires while `idle_id_` is still the one it was
+  // armed with, it cancels the read; a later arming or the end of the read changes the id, so a
+  // firing already queued then does nothing.
+  boost::asio::steady_timer idle_timer_;
+  uint64_t idle_id_ = 0;
+  bool idle_expired_ = false;
   SessionLimits limits_;
   boost::beast::flat_buffer buffer_;  // at most limits_.max_header_bytes
   std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;

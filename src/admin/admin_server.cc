@@ -47,6 +47,14 @@ int64_t Millis(Duration d) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
 }
 
+// Throws kInvalidArgument naming the option unless `value` is positive (or zero, if allowed).
+void CheckTimeout(std::string_view name, Duration value, bool zero_allowed) {
+  if (value > Duration::zero() || (zero_allowed && value == Duration::zero())) return;
+  throw Error(make_error_code(Errc::kInvalidArgument),
+              fmt::format("admin server: {} must {}", name,
+                          zero_allowed ? "not be negative" : "be > 0"));
+}
+
 // ---- /admin/clients ----
 
 // What a client's stack looks like on one event loop, gathered on that loop.
@@ -244,10 +252,12 @@ class AdminServer::Impl {
  public:
   explicit Impl(AdminServerOptions options) : options_(std::move(options)), acceptor_(ioc_) {
     stats_ = options_.stats ? options_.stats : &stats::StatsRegistry::Default();
-    if (options_.clients_timeout < Duration::zero()) {
-      throw Error(make_error_code(Errc::kInvalidArgument),
-                  "admin server: clients_timeout must not be negative");
-    }
+    CheckTimeout("clients_timeout", options_.clients_timeout, /*zero_allowed=*/true);
+    // 0 would close every connection before its first request.
+    CheckTimeout("idle_timeout", options_.idle_timeout, /*zero_allowed=*/false);
+    CheckTimeout("linger_timeout", options_.linger_timeout, /*zero_allowed=*/true);
+    limits_.idle_timeout = options_.idle_timeout;
+    limits_.linger_timeout = options_.linger_timeout;
     beast::error_code ec;
     auto address = asio::ip::make_address(options_.address, ec);
     if (ec) {
@@ -320,7 +330,7 @@ class AdminServer::Impl {
         beast::error_code ignored;
         socket.close(ignored);
       } else {
-        auto session = std::make_shared<internal::Session>(std::move(socket), &handler_);
+        auto session = std::make_shared<internal::Session>(std::move(socket), &handler_, limits_);
         sessions_.push_back(session);
         session->Start();
       }
@@ -336,6 +346,7 @@ class AdminServer::Impl {
   uint16_t port_ = 0;
   internal::Pages pages_;
   internal::Session::Handler handler_;
+  internal::SessionLimits limits_;  // the options' timeouts; the sizes are fixed
   std::vector<std::weak_ptr<internal::Session>> sessions_;  // on the server thread only
   std::mutex stop_mu_;
   std::thread thread_;

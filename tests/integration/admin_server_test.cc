@@ -4,6 +4,7 @@
 
 #include "scales/admin/admin_server.h"
 
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -327,16 +328,20 @@ TEST(ConcurrencyAdminTest, ClientsComeAndGoWhileListed) {
   })) << admin::ClientsJson(2s);
 }
 
-// What the admin server sent back on a new connection given `request`, and whether it closed the
-// connection (within 5 s; its idle timeout is 30 s): with its end of stream, or a reset.
+// What the admin server sent back on a new connection given `request` (then the client's end of
+// stream when `half_close`), and whether it closed the connection (within 5 s; its idle timeout is
+// 30 s unless set shorter): with its end of stream, or a reset.
 struct Exchange {
   std::string response;
   bool closed = false;
   bool reset = false;
   bool sent = false;  // the whole request was sent
+  std::chrono::steady_clock::duration took{};  // from the connection to its close
 };
 
-Exchange Send(const admin::AdminServer& admin, const std::string& request) {
+Exchange Send(const admin::AdminServer& admin, const std::string& request,
+              bool half_close = false) {
+  const auto start = std::chrono::steady_clock::now();
   boost::asio::io_context io;
   boost::asio::ip::tcp::socket socket(io);
   socket.connect({boost::asio::ip::make_address("127.0.0.1"), admin.port()});
@@ -354,6 +359,7 @@ Exchange Send(const admin::AdminServer& admin, const std::string& request) {
     sent += static_cast<size_t>(n);
   }
   out.sent = sent == request.size();
+  if (half_close) ::shutdown(socket.native_handle(), SHUT_WR);
   char buf[4096];
   for (;;) {
     const ssize_t n = ::recv(socket.native_handle(), buf, sizeof buf, 0);
@@ -363,19 +369,36 @@ Exchange Send(const admin::AdminServer& admin, const std::string& request) {
     }
     out.reset = n < 0 && errno == ECONNRESET;
     out.closed = n == 0 || out.reset;
+    out.took = std::chrono::steady_clock::now() - start;
     return out;
   }
 }
 
-// `e` is one answer with `status_line`, "Connection: close" and the text `body`, then the
-// server's end of stream (not a reset, which may discard the answer before it is read).
-void ExpectRefused(const Exchange& e, std::string_view status_line, std::string_view body) {
+// `e` is one answer with `status_line`, then the server's end of stream (not a reset, which may
+// discard the answer before it is read).
+void ExpectOneAnswer(const Exchange& e, std::string_view status_line) {
   EXPECT_THAT(e.response, StartsWith(fmt::format("{}\r\n", status_line)));
+  EXPECT_EQ(e.response.find("HTTP/1.1", 1), std::string::npos) << "more than one answer";
+  EXPECT_TRUE(e.closed && !e.reset) << "closed " << e.closed << ", reset " << e.reset;
+}
+
+// `e` is one answer with `status_line`, "Connection: close" and the text `body`, then the
+// server's end of stream.
+void ExpectRefused(const Exchange& e, std::string_view status_line, std::string_view body) {
+  ExpectOneAnswer(e, status_line);
   EXPECT_THAT(e.response, HasSubstr("\r\nConnection: close\r\n"));
   EXPECT_THAT(e.response, HasSubstr("\r\nContent-Type: text/plain; charset=utf-8\r\n"));
   EXPECT_THAT(e.response, EndsWith(fmt::format("\r\n\r\n{}\n", body)));
-  EXPECT_EQ(e.response.find("HTTP/1.1", 1), std::string::npos) << "more than one answer";
-  EXPECT_TRUE(e.closed && !e.reset) << "closed " << e.closed << ", reset " << e.reset;
+}
+
+// A GET of `target` (with Connection: close) is answered with /metrics, of a registry whose
+// counter "requests" is 1, then the end of the connection.
+void ExpectMetricsServed(const admin::AdminServer& admin, std::string_view target) {
+  SCOPED_TRACE(target);
+  const Exchange e =
+      Send(admin, fmt::format("GET {} HTTP/1.1\r\nConnection: close\r\n\r\n", target));
+  ExpectOneAnswer(e, "HTTP/1.1 200 OK");
+  EXPECT_THAT(e.response, HasSubstr("\nrequests_total 1\n"));
 }
 
 // A request the admin server refuses gets an answer naming the problem, with the status for it,
@@ -393,7 +416,8 @@ TEST(AdminRefusalTest, AMalformedRequestGets400) {
   EXPECT_THAT(e.response, StartsWith("HTTP/1.1 404 Not Found\r\n"));
   const size_t second = e.response.find("HTTP/1.1", 1);
   ASSERT_NE(second, std::string::npos);
-  ExpectRefused({e.response.substr(second), e.closed, e.reset, e.sent}, "HTTP/1.1 400 Bad Request",
+  ExpectRefused({e.response.substr(second), e.closed, e.reset, e.sent, e.took},
+                "HTTP/1.1 400 Bad Request",
                 "malformed request (bad field)");
 }
 
@@ -456,12 +480,7 @@ TEST(AdminRefusalTest, AbsoluteFormAndEscapedPathsAreServed) {
   for (const std::string& target :
        {fmt::format("http://127.0.0.1:{}/metrics?x=1", admin.port()),
         std::string("HTTPS://admin.example/metrics"), std::string("/%6detrics")}) {
-    SCOPED_TRACE(target);
-    const Exchange e =
-        Send(admin, fmt::format("GET {} HTTP/1.1\r\nConnection: close\r\n\r\n", target));
-    EXPECT_THAT(e.response, StartsWith("HTTP/1.1 200 OK\r\n"));
-    EXPECT_THAT(e.response, HasSubstr("\nrequests_total 1\n"));
-    EXPECT_TRUE(e.closed && !e.reset);
+    ExpectMetricsServed(admin, target);
   }
   const Exchange clients =
       Send(admin, "GET /admin/%63lients HTTP/1.1\r\nConnection: close\r\n\r\n");
@@ -500,6 +519,76 @@ TEST(AdminRefusalTest, ABadTargetGets400) {
   EXPECT_THAT(head.response, StartsWith("HTTP/1.1 400 Bad Request\r\n"));
   EXPECT_THAT(head.response, AllOf(HasSubstr("\r\nContent-Length: 30\r\n"), EndsWith("\r\n\r\n")));
   EXPECT_TRUE(head.closed && !head.reset);
+}
+
+// RFC 3986 5.2.4: dot-segments are removed from the decoded path before it is routed (an escaped
+// '.' is a '.'), a ".." at the root staying there.
+TEST(AdminRefusalTest, DotSegmentsAreRemovedFromThePath) {
+  stats::StatsRegistry registry;
+  registry.GetCounter("requests").Increment();
+  admin::AdminServer admin({.stats = &registry});
+  for (std::string_view target : {"/stats/../metrics", "/./metrics", "/../metrics",
+                                  "/a/b/%2E%2e/.././metrics", "http://a/x/../metrics"}) {
+    ExpectMetricsServed(admin, target);
+  }
+  // A trailing dot-segment leaves a trailing '/': /admin/clients/.. is /admin/, not a page.
+  EXPECT_THAT(
+      Send(admin, "GET /admin/clients/.. HTTP/1.1\r\nConnection: close\r\n\r\n").response,
+      AllOf(StartsWith("HTTP/1.1 404 Not Found\r\n"), HasSubstr("no such path: /admin/\n")));
+}
+
+// A request partly received when the idle timeout fires is answered 408 (it was only closed
+// before), whether it stopped in its request line, its fields or its body; a connection idle
+// between requests is closed without an answer.
+TEST(AdminRefusalTest, ARequestCutShortByTheIdleTimeoutGets408) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin(
+      {.stats = &registry, .idle_timeout = 100ms, .linger_timeout = 100ms});
+  const std::string_view partial[] = {
+      "GET /metr",
+      "GET /metrics HTTP/1.1\r\nHost: x\r\n",
+      "POST /metrics HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc",
+      "GET /nope HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\n",  // after an answered request
+  };
+  for (std::string_view request : partial) {
+    SCOPED_TRACE(request);
+    Exchange e = Send(admin, std::string(request));
+    EXPECT_GE(e.took, 100ms);
+    if (request.starts_with("GET /nope")) {
+      EXPECT_THAT(e.response, StartsWith("HTTP/1.1 404 Not Found\r\n"));
+      const size_t second = e.response.find("HTTP/1.1", 1);
+      ASSERT_NE(second, std::string::npos);
+      e.response.erase(0, second);
+    }
+    ExpectRefused(e, "HTTP/1.1 408 Request Timeout",
+                  "request incomplete after 100 ms (the idle timeout)");
+  }
+  // A HEAD's answer has the body's length, not the body.
+  const Exchange head = Send(admin, "HEAD /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nab");
+  ExpectOneAnswer(head, "HTTP/1.1 408 Request Timeout");
+  EXPECT_THAT(head.response, AllOf(HasSubstr("\r\nConnection: close\r\n"), EndsWith("\r\n\r\n")));
+  // Idle: nothing at all, or nothing after an answered request.
+  const Exchange idle = Send(admin, "");
+  EXPECT_EQ(idle.response, "");
+  EXPECT_TRUE(idle.closed && !idle.reset);
+  ExpectOneAnswer(Send(admin, "GET /nope HTTP/1.1\r\n\r\n"), "HTTP/1.1 404 Not Found");
+}
+
+// A client's end of stream (a half-close) in the middle of a request gets 400 naming it (the
+// connection was only closed before); after a whole request, just the answer and the close.
+TEST(AdminRefusalTest, AHalfCloseInTheMiddleOfARequestGets400) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  for (std::string_view request :
+       {"GET /metr", "GET /metrics HTTP/1.1\r\nHost: x\r\n",
+        "POST /metrics HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc",
+        "POST /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab"}) {
+    SCOPED_TRACE(request);
+    ExpectRefused(Send(admin, std::string(request), /*half_close=*/true),
+                  "HTTP/1.1 400 Bad Request", "request incomplete at the client's end of stream");
+  }
+  ExpectOneAnswer(Send(admin, "GET /nope HTTP/1.1\r\n\r\n", /*half_close=*/true),
+                  "HTTP/1.1 404 Not Found");
 }
 
 // admin_request_fuzzer: Beast keeps a chunk-size line (with its extensions) or a trailer section
@@ -566,6 +655,55 @@ TEST(AdminRequestLimitsTest, TheHeaderBlockLimitCountsTheRequestLineAndTheFields
   ASSERT_NE(second, std::string::npos);
   EXPECT_THAT(over.response.substr(second), StartsWith("HTTP/1.1 431 "))
       << "a header block over the limit was answered";
+}
+
+// After a refusal the server stops sending at once, then reads on (dropping what comes) for
+// linger_timeout (2 s by default) while the client keeps its end open, then closes: a byte the
+// client sends every 10 ms is taken until then, and gets a reset after.
+TEST(AdminServerOptionsTest, TheLingerTimeoutIsAnOption) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry, .linger_timeout = 50ms});
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket socket(io);
+  socket.connect({boost::asio::ip::make_address("127.0.0.1"), admin.port()});
+  const int fd = socket.native_handle();
+  const timeval timeout{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  const std::string_view request = "GET /%2F HTTP/1.1\r\n\r\n";
+  ASSERT_EQ(::send(fd, request.data(), request.size(), MSG_NOSIGNAL), ssize_t(request.size()));
+  std::string response;
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) response.append(buf, size_t(n));
+  EXPECT_THAT(response, StartsWith("HTTP/1.1 400 Bad Request\r\n"));
+  const auto end_of_stream = std::chrono::steady_clock::now();
+  bool reset = false;
+  while (!reset && std::chrono::steady_clock::now() - end_of_stream < 5s) {
+    ::send(fd, "x", 1, MSG_NOSIGNAL);
+    pollfd p{fd, 0, 0};  // no events asked: waits for an error or hang-up only
+    reset = ::poll(&p, 1, 10) > 0 && (p.revents & (POLLERR | POLLHUP)) != 0;
+  }
+  const auto lingered = std::chrono::steady_clock::now() - end_of_stream;
+  EXPECT_TRUE(reset);
+  EXPECT_GE(lingered, 40ms);
+  EXPECT_LT(lingered, 1500ms);
+}
+
+TEST(AdminServerOptionsTest, BadTimeoutsAreClearErrors) {
+  const std::pair<admin::AdminServerOptions, std::string_view> cases[] = {
+      {{.clients_timeout = -1ms}, "admin server: clients_timeout must not be negative"},
+      {{.idle_timeout = 0ms}, "admin server: idle_timeout must be > 0"},
+      {{.linger_timeout = -1ms}, "admin server: linger_timeout must not be negative"},
+  };
+  for (const auto& [options, message] : cases) {
+    try {
+      admin::AdminServer bad(options);
+      ADD_FAILURE() << "no error for " << message;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), make_error_code(Errc::kInvalidArgument));
+      EXPECT_THAT(e.what(), HasSubstr(std::string(message)));
+    }
+  }
+  admin::AdminServer zero_linger({.linger_timeout = 0ms});
 }
 
 TEST(AdminServerOptionsTest, BadAddressAndBusyPortAreClearErrors) {

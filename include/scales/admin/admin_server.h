@@ -19,7 +19,7 @@
 // server (all its connections: it answers them from one thread) by that much, and the clients
 // not at all.
 // GET and HEAD only; other methods get 405, other paths 404. Connections are kept alive as
-// HTTP/1.1 allows; an idle connection is closed after 30 s.
+// HTTP/1.1 allows; an idle connection is closed after AdminServerOptions::idle_timeout (30 s).
 //
 // Thread safety: the constructor, Stop(), the destructor and the accessors may be called from
 // any thread except the server's own.
@@ -45,13 +45,24 @@ struct AdminServerOptions {
   // How long /admin/clients waits for a client's event loops to report. Default 2 s; a loop
   // that does not answer in time is reported as such instead of its members.
   Duration clients_timeout = std::chrono::seconds(2);
+  // How long a connection may wait for its next request, all of it (from the connection's
+  // opening or the previous answer). Then an idle connection is closed, and a request partly
+  // received is answered 408 Request Timeout (a slow sender holds a connection no longer).
+  // Default 30 s; must be > 0.
+  Duration idle_timeout = std::chrono::seconds(30);
+  // After the last answer on a connection (a refused request, or one without keep-alive) the
+  // server stops sending and reads on, dropping what comes, until the client closes its end or
+  // for this long, so that the client reads the answer before the connection is closed: closing
+  // with unread bytes resets it, which may discard the answer. Default 2 s; must be >= 0 (0
+  // closes at once, at that risk).
+  Duration linger_timeout = std::chrono::seconds(2);
 };
 
 class AdminServer {
  public:
   // Binds, listens and starts serving. Throws scales::Error (kInvalidArgument for a bad
-  // address or timeout, the system error for bind/listen failures such as address in use),
-  // with a message naming the address and port.
+  // address or timeout, naming the option; the system error for bind/listen
+  // failures such as address in use), with a message naming the address and port.
   explicit AdminServer(AdminServerOptions options = {});
   // Stop().
   ~AdminServer();
