@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -23,7 +24,8 @@ namespace scales::fuzz {
 
 void Check(bool ok, const char* what) {
   if (ok) return;
-  std::fprintf(stderr, "fuzz invariant broken: %s\n", what);
+  const int error = errno;  // a failed system call's, else whatever was left there
+  std::fprintf(stderr, "fuzz invariant broken: %s (errno %d: %s)\n", what, error, std::strerror(error));
   std::abort();
 }
 
@@ -77,7 +79,10 @@ bool Harness::RunUntil(const std::function<bool()>& done, std::chrono::milliseco
 }
 
 int Harness::Accept() {
-  int fd = ::accept(listen_fd_, nullptr, nullptr);
+  int fd;
+  do {
+    fd = ::accept(listen_fd_, nullptr, nullptr);
+  } while (fd < 0 && errno == EINTR);  // a signal, as in Connect()
   Check(fd >= 0, "accept()");
   // The server's small writes go out at once (no Nagle delay waiting for the client's delayed
   // ACK), so that each one reaches the client while the loop runs after it.
@@ -115,8 +120,24 @@ Harness::Connection Harness::Connect() {
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   addr.sin_port = htons(port_);
-  // Completes in the kernel (the listen backlog takes it) before the accept.
-  Check(::connect(c.client, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0, "connect()");
+  // Completes in the kernel (the listen backlog takes it) before the accept. A signal may cut
+  // the wait short (libFuzzer's SIGALRM for -timeout, every few seconds, has no SA_RESTART) when
+  // a loaded machine defers the loopback handshake to ksoftirqd: the connect goes on in the
+  // kernel, and EINTR says only that the wait was interrupted. Then wait for it here.
+  int rc = ::connect(c.client, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  if (rc != 0 && errno == EINTR) {
+    pollfd p{c.client, POLLOUT, 0};
+    int ready;
+    do {
+      ready = ::poll(&p, 1, 10'000);
+    } while (ready < 0 && errno == EINTR);
+    int error = ready == 1 ? 0 : ETIMEDOUT;
+    socklen_t len = sizeof error;
+    if (ready == 1 && ::getsockopt(c.client, SOL_SOCKET, SO_ERROR, &error, &len) != 0) error = errno;
+    rc = error == 0 ? 0 : -1;
+    errno = error;
+  }
+  Check(rc == 0, "connect()");
   ::setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   ::fcntl(c.client, F_SETFL, ::fcntl(c.client, F_GETFL) | O_NONBLOCK);
   c.server = Accept();
@@ -164,7 +185,10 @@ Peer::Peer(int fd) : fd_(fd) {
 Peer::~Peer() { ::close(fd_); }
 
 size_t Peer::Send(std::string_view bytes) {
-  ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  ssize_t n;
+  do {
+    n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
   if (n >= 0) {
     sent_ += static_cast<uint64_t>(n);
     return static_cast<size_t>(n);
