@@ -811,11 +811,10 @@ TEST(ThriftClientTest, AnUnknownFieldIsSkippedThroughTheCheckedReadsBlockingAndA
 }
 
 // A memory resource that refuses (std::bad_alloc) any allocation over `cap` bytes, as an allocator
-// refuses what the process cannot hold; installed as std::pmr's default while it lives.
+// refuses what the process cannot hold.
 class CappedMemory final : public std::pmr::memory_resource {
  public:
-  explicit CappedMemory(size_t cap) : cap_(cap), before_(std::pmr::set_default_resource(this)) {}
-  ~CappedMemory() override { std::pmr::set_default_resource(before_); }
+  explicit CappedMemory(size_t cap) : cap_(cap) {}
 
  private:
   void* do_allocate(size_t bytes, size_t alignment) override {
@@ -828,6 +827,18 @@ class CappedMemory final : public std::pmr::memory_resource {
   bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
 
   size_t cap_;
+};
+
+// Installs `resource` as std::pmr's default while it lives.
+class DefaultMemoryResource {
+ public:
+  explicit DefaultMemoryResource(std::pmr::memory_resource* resource)
+      : before_(std::pmr::set_default_resource(resource)) {}
+  ~DefaultMemoryResource() { std::pmr::set_default_resource(before_); }
+  DefaultMemoryResource(const DefaultMemoryResource&) = delete;
+  DefaultMemoryResource& operator=(const DefaultMemoryResource&) = delete;
+
+ private:
   std::pmr::memory_resource* before_;
 };
 
@@ -844,8 +855,12 @@ TEST(ThriftClientTest, AReplyDeclaringMoreThanCanBeAllocatedIsResponseTooLarge) 
   for (uint32_t i = 0; i < kCount; ++i) list += Be(i, 8);
   crafted.replies->Answer(list);
   const std::string reply_size = std::to_string(4 + 4 + 7 + 4 + list.size() + 1);  // header "numbers", fields, STOP
+  // Static: a value made with it may be destroyed on the loop thread after the scope below
+  // (use_future's handler destroys its arguments, a pmr list, after it set the promise this
+  // thread waits on), and its allocator still refers to the resource then.
+  static CappedMemory capped(1 << 20);
   {
-    CappedMemory capped(1 << 20);
+    DefaultMemoryResource installed(&capped);
     ExpectScalesError(
         [&] {
           if (auto e = AsyncOutcome<scales::thrifttest::Numbers>(client, nullptr, &HelloClient::send_numbers,
