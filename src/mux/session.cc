@@ -51,8 +51,8 @@ std::string DiscardReason(const error_code& reason, const CallProperties& props,
   return "backup request lost the race: another attempt answered first, or the caller cancelled the call";
 }
 
-// An Rdispatch Error's MuxFailure flags for its detail: " (flagged retryable, rejected)", or
-// nothing without flags.
+// MuxFailure flags for a detail: "retryable, rejected"; empty without flags. (Unknown bits are
+// left out.)
 std::string FlagsInWords(uint64_t flags) {
   std::string names;
   for (auto [bit, name] : {std::pair{mux_failure::kRetryable, "retryable"}, std::pair{mux_failure::kRejected, "rejected"},
@@ -61,7 +61,7 @@ std::string FlagsInWords(uint64_t flags) {
     if (!names.empty()) names += ", ";
     names += name;
   }
-  return names.empty() ? names : " (flagged " + names + ")";
+  return names;
 }
 
 }  // namespace
@@ -531,7 +531,8 @@ void MuxSessionSink::HandleMessage(Message m) {
         const bool retryable = (flags & (mux_failure::kRetryable | mux_failure::kRejected)) != 0 &&
                                (flags & mux_failure::kNonRetryable) == 0;
         Answer(r->tag, make_error_code(retryable ? Errc::kNack : Errc::kServerError),
-               fmt::format("server error from {}{}: {}", address_, FlagsInWords(flags), Printable(r->body)),
+               fmt::format("server error from {}{}: {}", address_,
+                           flags ? " (flagged " + FlagsInWords(flags) + ")" : std::string(), Printable(r->body)),
                nullptr, &r->contexts);
         break;
       }
@@ -542,7 +543,7 @@ void MuxSessionSink::HandleMessage(Message m) {
         const bool final = (flags & mux_failure::kNonRetryable) != 0;
         Answer(r->tag, make_error_code(final ? Errc::kNonRetryableNack : Errc::kNack),
                fmt::format("{} refused the request (Nack{}); it was not processed{}", address_,
-                           flags ? fmt::format(", MuxFailure flags {}", flags) : std::string(),
+                           flags ? ", flagged " + FlagsInWords(flags) : std::string(),
                            final ? " and must not be retried" : ""));
         break;
       }
