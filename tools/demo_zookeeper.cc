@@ -15,6 +15,7 @@
 
 #include "demo.h"
 #include "scales/discovery/uri.h"
+#include "zk_probe.h"
 
 namespace scales::tools {
 namespace {
@@ -36,17 +37,6 @@ int FreePort() {
   }
   close(fd);
   return port;
-}
-
-bool Accepts(int port) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  bool ok = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-  close(fd);
-  return ok;
 }
 
 }  // namespace
@@ -95,7 +85,7 @@ bool LocalZooKeeper::Start(std::string& why) {
   port_ = FreePort();
   std::ofstream(dir_ / "zoo.cfg") << fmt::format(
       "tickTime=500\ndataDir={}\nclientPort={}\nclientPortAddress=127.0.0.1\n"
-      "admin.enableServer=false\n4lw.commands.whitelist=\n",
+      "admin.enableServer=false\n4lw.commands.whitelist=ruok\n",
       (dir_ / "data").string(), port_);
   std::string cp;
   for (const char* jar : {"zookeeper", "zookeeper-jute", "slf4j-api", "slf4j-nop", "metrics-core",
@@ -112,13 +102,16 @@ bool LocalZooKeeper::Start(std::string& why) {
     return false;
   }
   auto until = std::chrono::steady_clock::now() + 30s;
-  while (!Accepts(port_)) {
+  // Ready when it answers "imok": an accepted connection could be another process's that took
+  // the free port first (ZooKeeper, unable to bind, then exits).
+  while (!ZooKeeperAnswersRuok(port_, 500ms)) {
     if (auto status = java_.Exited()) {
-      why = fmt::format("java exited ({}) before ZooKeeper accepted connections on {}", *status, address());
+      why = fmt::format("java exited ({}) before ZooKeeper answered on {} (is the port taken?)", *status,
+                        address());
       return false;
     }
     if (std::chrono::steady_clock::now() > until) {
-      why = fmt::format("ZooKeeper did not accept connections on {} within 30 s", address());
+      why = fmt::format("ZooKeeper did not answer \"ruok\" on {} within 30 s", address());
       java_.Stop();
       return false;
     }

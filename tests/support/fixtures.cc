@@ -24,6 +24,8 @@
 
 #include <fmt/format.h>
 
+#include "zk_probe.h"
+
 namespace scales::test {
 namespace {
 
@@ -101,26 +103,7 @@ std::vector<int> FreeTcpPorts(size_t n) {
 
 int FreeTcpPort() { return FreeTcpPorts(1)[0]; }
 
-bool ZooKeeperAnswersRuok(int port, milliseconds timeout) {
-  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (fd.get() < 0) return false;
-  timeval tv{static_cast<time_t>(timeout.count() / 1000),
-             static_cast<suseconds_t>(timeout.count() % 1000 * 1000)};
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  sockaddr_in addr = Loopback(port);
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return false;
-  if (::send(fd.get(), "ruok", 4, MSG_NOSIGNAL) != 4) return false;
-  std::string reply;
-  char buf[16];
-  while (reply.size() < 4) {
-    ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    reply.append(buf, static_cast<size_t>(n));
-  }
-  return reply.compare(0, 4, "imok") == 0;
-}
+bool ZooKeeperAnswersRuok(int port, milliseconds timeout) { return tools::ZooKeeperAnswersRuok(port, timeout); }
 
 bool CanConnect(int port, milliseconds timeout) {
   Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
