@@ -25,12 +25,7 @@ SingletonPool::~SingletonPool() {
 
 void SingletonPool::Connect() {
   if (opening_ || closed_) return;
-  if (child_) {
-    // The old sink is unusable; Close() answers anything still on it.
-    SinkPtr old = std::move(child_);
-    old->Close();
-    boost::asio::post(loop_.executor(), [old = std::move(old)] {});
-  }
+  SinkPtr old = std::move(child_);
   opening_ = true;
   child_ = factory_(ctx_);
   ++created_;
@@ -38,15 +33,21 @@ void SingletonPool::Connect() {
   child_->AsyncOpen([weak, this, sink = child_](error_code ec) {
     if (auto self = weak.lock()) OnOpened(sink, ec);
   });
+  if (old) {
+    // The old sink is unusable; Close() answers anything still on it. Only now: a request
+    // started inside one of those answers waits for the new sink instead of making another.
+    old->Close();
+    boost::asio::post(loop_.executor(), [old = std::move(old)] {});
+  }
 }
 
 void SingletonPool::OnOpened(const SinkPtr& sink, error_code ec) {
   if (sink != child_) return;  // replaced or closed meanwhile
   opening_ = false;
-  auto waiting = std::move(waiting_);
-  waiting_.clear();
   if (closed_) return;  // Close() answered the waiters
   if (ec) {
+    auto waiting = std::move(waiting_);
+    waiting_.clear();
     connect_failures_.Increment();
     auto [code, detail] = ConnectFailure(address_, ec, sink->open_failure_detail());
     on_faulted_.Set({code, detail});
@@ -59,14 +60,13 @@ void SingletonPool::OnOpened(const SinkPtr& sink, error_code ec) {
     return;
   }
   open_waiters_.CompleteAll(loop_.executor(), {});
-  for (auto& w : waiting) {
+  // One at a time, each leaving waiting_ only when it is handed over: until then a cancellation
+  // finds it there (CancelRequest) and Close() answers it; and if the child was replaced
+  // meanwhile (it died, and a request arriving made a new one), the rest wait for the new one.
+  while (!waiting_.empty() && !closed_ && !opening_ && child_ == sink) {
+    Waiter w = waiting_.front();
+    waiting_.pop_front();
     w.stack->ClearCancelHandler();
-    if (closed_ || !child_) {
-      auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed),
-                                            fmt::format("pool for {} closed", address_));
-      w.stack->AsyncProcessResponse(w.stream, m);
-      continue;
-    }
     child_->AsyncProcessRequest(*w.stack, w.stack->message(), w.stream);
   }
 }

@@ -4,6 +4,7 @@
 #include "scales/pool/singleton_pool.h"
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "support/fake_sinks.h"
+#include "scales/core/forwarding_sink.h"
 #include "scales/core/timeout_sink.h"
 
 namespace scales {
@@ -27,6 +29,32 @@ using ::testing::HasSubstr;
 
 const Endpoint kEndpoint{"10.2.2.2", 4000};
 
+// Between the timeout sink and the pool: numbers the requests it passes down (in order), notes
+// which were answered, and runs `on_response` inside each response path, before passing it up
+// (where a sink such as the backup sink cancels another attempt, or a handler starts a call).
+class ResponseHook final : public ForwardingSink {
+ public:
+  using ForwardingSink::ForwardingSink;
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    const size_t i = stacks.size();
+    stacks.push_back(&stack);
+    answered.push_back(false);
+    stack.Push(this, reinterpret_cast<void*>(i));
+    next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  void AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream, MethodReturnMessage& msg) override {
+    const auto i = reinterpret_cast<size_t>(context);
+    answered[i] = true;
+    if (on_response) on_response(i);
+    stack.AsyncProcessResponse(stream, msg);
+  }
+  std::string_view name() const override { return "response-hook"; }
+
+  std::vector<SinkStack*> stacks;
+  std::vector<bool> answered;
+  std::function<void(size_t)> on_response;
+};
+
 class SingletonPoolTest : public ::testing::Test {
  protected:
   SingletonPoolTest() : factory_(env_.loop()), calls_(*env_.clock) {}
@@ -35,7 +63,8 @@ class SingletonPoolTest : public ::testing::Test {
     pool_ = std::make_shared<SingletonPool>(test::MakeContext(env_.loop(), env_.scope, nullptr, kEndpoint),
                                             factory_.AsFactory());
     pool_->on_faulted().Subscribe([this](const Fault& f) { faults_.push_back(f); });
-    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), pool_, env_.scope);
+    hook_ = std::make_shared<ResponseHook>(pool_);
+    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), hook_, env_.scope);
     dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, timeout, env_.scope);
   }
 
@@ -46,6 +75,7 @@ class SingletonPoolTest : public ::testing::Test {
     EXPECT_EQ(factory_.TotalInFlight(), 0u);
     dispatcher_.reset();
     timeout_.reset();
+    hook_.reset();
     pool_.reset();
     env_.Run();
     factory_.Clear();
@@ -61,6 +91,7 @@ class SingletonPoolTest : public ::testing::Test {
   FakeTransportFactory factory_;
   CallTracker calls_;
   std::shared_ptr<SingletonPool> pool_;
+  std::shared_ptr<ResponseHook> hook_;
   std::vector<Fault> faults_;
   std::shared_ptr<TimeoutSink> timeout_;
   std::shared_ptr<MessageDispatcher> dispatcher_;
@@ -233,6 +264,88 @@ TEST_F(SingletonPoolTest, CloseAnswersRequestsOnTheChild) {
   env_.Run();
   EXPECT_EQ(calls_.completed(), 2u);
   EXPECT_EQ(calls_[0].error, Errc::kConnectionClosed);
+}
+
+// Replacing a dead child closes it, which answers the requests still on it; a request started
+// inside one of those answers (a handler chaining a call; here on the open a balancer starts)
+// waits for the one new child: no second child is made, none is left unclosed.
+TEST_F(SingletonPoolTest, ARequestStartedWhileTheDeadChildIsClosedWaitsForItsReplacement) {
+  Build();
+  auto a = Start();
+  env_.Run();
+  ASSERT_EQ(factory_.at(0).in_flight(), 1u);
+  factory_.at(0).set_status(SinkStatus::kClosed);  // the connection died
+  size_t c = 0;
+  hook_->on_response = [&](size_t i) {
+    if (i == 0) c = Start();  // a's answer, while the pool replaces its child
+  };
+  pool_->AsyncOpen([](error_code) {});  // replaces the dead child
+  env_.Run();
+  EXPECT_EQ(calls_[a].error, Errc::kConnectionClosed);
+  EXPECT_EQ(pool_->created(), 2u);
+  ASSERT_EQ(factory_.count(), 2u);
+  FakeTransport& second = factory_.at(1);
+  ASSERT_EQ(second.in_flight(), 1u);
+  ReplyAll(second, 5);
+  EXPECT_EQ(calls_[c].value, 5);
+}
+
+// While the opened child takes the requests that waited for it, one of them still waiting its
+// turn is cancelled (here by the answer of the one before it, as the backup sink cancels the
+// loser): the pool, which still holds it, answers it at once; it never reaches the child.
+TEST_F(SingletonPoolTest, AWaiterCancelledWhileTheWaitersAreHandedOverIsAnsweredAtOnce) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build();
+  auto a = Start();
+  auto b = Start();
+  env_.Run();
+  ASSERT_EQ(pool_->waiting(), 2u);
+  factory_.at(0).set_auto_reply(1);  // the child answers a inside its AsyncProcessRequest
+  bool b_answered_by_cancel = false;
+  hook_->on_response = [&](size_t i) {
+    if (i != 0) return;
+    hook_->stacks[1]->Cancel(make_error_code(Errc::kCancelled));
+    b_answered_by_cancel = hook_->answered[1];
+  };
+  factory_.at(0).CompleteOpen();
+  env_.Run();
+  EXPECT_TRUE(b_answered_by_cancel) << "the cancelled waiter was not answered by its cancellation";
+  EXPECT_EQ(calls_[a].value, 1);
+  EXPECT_EQ(calls_[b].error, Errc::kCancelled);
+  EXPECT_EQ(factory_.at(0).total_requests(), 1u);
+}
+
+// The child dies while the waiters are handed to it and a request arriving meanwhile starts a
+// new one: the waiters not yet handed over wait for the new child's open, not sent to a child
+// that is still connecting.
+TEST_F(SingletonPoolTest, WaitersNotYetHandedOverWaitForAReplacementChild) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build();
+  auto a = Start();
+  auto b = Start();
+  env_.Run();
+  ASSERT_EQ(pool_->waiting(), 2u);
+  FakeTransport& first = factory_.at(0);
+  first.set_auto_reply(1);
+  size_t c = 0;
+  hook_->on_response = [&](size_t i) {
+    if (i != 0) return;
+    first.set_status(SinkStatus::kClosed);  // dies after a's answer
+    c = Start();                            // arrives now: a new child is made for it
+  };
+  first.CompleteOpen();
+  env_.Run();
+  EXPECT_EQ(calls_[a].value, 1);
+  ASSERT_EQ(factory_.count(), 2u);
+  FakeTransport& second = factory_.at(1);
+  EXPECT_EQ(second.total_requests(), 0u) << "a request was sent to a child still connecting";
+  EXPECT_EQ(pool_->waiting(), 2u);
+  second.CompleteOpen();
+  env_.Run();
+  EXPECT_EQ(second.in_flight(), 2u);
+  ReplyAll(second, 2);
+  EXPECT_EQ(calls_[b].value, 2);
+  EXPECT_EQ(calls_[c].value, 2);
 }
 
 }  // namespace

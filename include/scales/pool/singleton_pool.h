@@ -5,8 +5,8 @@
 // it is no longer usable (status Closed). Requests that arrive while it connects wait for
 // the connect (cancellable). A failed connect fails them and raises on_faulted.
 
+#include <deque>
 #include <string>
-#include <vector>
 
 #include "scales/core/provider.h"
 #include "scales/core/sink.h"
@@ -51,7 +51,7 @@ class SingletonPool final : public ClientMessageSink {
   bool opening_ = false;
   bool closed_ = false;
   size_t created_ = 0;
-  std::vector<Waiter> waiting_;
+  std::deque<Waiter> waiting_;  // FIFO
   OpenWaiters open_waiters_;
   stats::Counter& connect_failures_;
 };
