@@ -11,7 +11,8 @@
 // The limits are tiny (128-byte header block, 64-byte body) so that short inputs and the seeds
 // reach them (make_corpus.py has seeds just under and over each). A model reads the same bytes
 // with Beast's request parser under the documented limits (a header block, a chunk-size line
-// and a trailer section each within max_header_bytes; the body within max_body_bytes), checks
+// and a trailer section each within max_header_bytes; the body within max_body_bytes; empty
+// lines before a request line dropped, counted towards its header block, RFC 9112 2.2), checks
 // the transfer-codings, decodes the target's path and removes its dot-segments by its own reading
 // of RFC 9112 and 3986, and says which requests the session must answer, which it must refuse
 // with which status, and whether it must close. Checked:
@@ -73,7 +74,8 @@ struct ModelRequest {
   std::string path;  // decoded: what Route() is given
   unsigned version = 11;
   bool keep_alive = true;
-  size_t begin = 0;  // offset of its first byte in the input
+  size_t begin = 0;  // offset of its first byte in the input (after the empty lines before it)
+  size_t empty_lines = 0;  // bytes of empty lines (CRLF) before it, which count towards the limit
 };
 
 struct Model {
@@ -93,9 +95,17 @@ struct Model {
 };
 
 // The status of a header block that does not end within the limit: 414 when its request line
-// (the block's first line) does not either.
-unsigned OversizedHeaderStatus(std::string_view bytes, size_t start) {
-  return bytes.substr(start, kMaxHeader).find('\n') == std::string_view::npos ? 414 : 431;
+// (the block's first line, at `start`) does not either, in what the `empty_lines` before it left
+// of the limit.
+unsigned OversizedHeaderStatus(std::string_view bytes, size_t start, size_t empty_lines) {
+  return bytes.substr(start, kMaxHeader - empty_lines).find('\n') == std::string_view::npos ? 414 : 431;
+}
+
+// Whether `rest` is empty lines only (CRLF), the last one maybe cut short after its CR: no part
+// of a request (RFC 9112 2.2: ignored before a request line).
+bool OnlyEmptyLines(std::string_view rest) {
+  while (rest.starts_with("\r\n")) rest.remove_prefix(2);
+  return rest.empty() || rest == "\r";
 }
 
 // The status of the refusal of an unfinished header block a parser given all of it at once
@@ -200,13 +210,14 @@ std::optional<std::string> ModelPath(std::string target) {
 // What the session must do with `bytes` (followed by the end of stream when `eof`): reads them
 // through a buffer that never holds more than kMaxHeader unparsed bytes (what is unparsed is
 // part of a header block, a chunk-size line or a trailer section, each bounded by the header
-// limit), gives them to a request parser with the body limit and refuses a request whose header
-// block (counted as the parser consumes it) is over the header limit.
+// limit), drops the empty lines (CRLF) before each request line, counting them towards its header
+// block (RFC 9112 2.2), gives the rest to a request parser with the body limit and refuses a
+// request whose header block (counted as the parser consumes it) is over the header limit.
 Model Expect(std::string_view bytes, bool eof) {
   Model m;
   size_t next = 0;   // the first input byte not yet read
   std::string held;  // read, not yet consumed by the parser
-  size_t start = 0;  // offset of the current request
+  size_t start = 0;  // offset of the current request (its request line)
   // The session refuses the current request with one of `statuses`, and closes.
   auto refuse = [&m](std::vector<unsigned> statuses, bool head) {
     m.closes = true;
@@ -218,9 +229,30 @@ Model Expect(std::string_view bytes, bool eof) {
     bhttp::request_parser<bhttp::string_body> p;
     p.header_limit(UINT32_MAX);
     p.body_limit(kMaxBody);
-    size_t header = 0;  // bytes of the header block consumed
+    size_t header = 0;  // bytes of the header block consumed (empty lines before it included)
+    // The empty lines before the request line: skipped while they fit the limit.
     for (;;) {
-      if (!held.empty()) {
+      if (held.size() < 2 && next < bytes.size()) {
+        const size_t take = std::min(kMaxHeader - held.size(), bytes.size() - next);
+        held.append(bytes.substr(next, take));
+        next += take;
+      }
+      if (header + 2 > kMaxHeader || !held.starts_with("\r\n")) break;
+      held.erase(0, 2);
+      header += 2;
+    }
+    const size_t empty_lines = header;
+    start = next - held.size();
+    if (header >= kMaxHeader) {
+      // Refused as soon as they reach it: as empty lines over the limit (431), or, when more of a
+      // request has arrived by then, as a request line that does not end within what they left
+      // of the limit (414).
+      if (OnlyEmptyLines(bytes.substr(start))) return refuse({431}, false);
+      return refuse({431, 414}, false);
+    }
+    for (;;) {
+      // A CR that may begin one more empty line (the input's last byte) is held back.
+      if (!held.empty() && (p.got_some() || held != "\r")) {
         // Not eager while in the header: the put that ends it consumes the header only.
         const bool in_header = !p.is_header_done();
         p.eager(!in_header);
@@ -228,7 +260,7 @@ Model Expect(std::string_view bytes, bool eof) {
         const size_t n = p.put(boost::asio::buffer(held), ec);
         held.erase(0, n);
         if (in_header) header += n;
-        if (header > kMaxHeader) return refuse({OversizedHeaderStatus(bytes, start)}, false);
+        if (header > kMaxHeader) return refuse({OversizedHeaderStatus(bytes, start, empty_lines)}, false);
         const bool head = p.is_header_done() && p.get().method() == bhttp::verb::head;
         if (in_header && p.is_header_done()) {
           if (const unsigned status = TransferCodingStatus(p)) return refuse({status}, head);
@@ -240,8 +272,8 @@ Model Expect(std::string_view bytes, bool eof) {
           // Or, at the client's end of stream, 400 for the request cut short by it.
           m.may_stay_open = !eof;
           std::vector<unsigned> statuses = {ec == bhttp::error::body_limit ? 413u : 400u, 400u};
-          if (bytes.size() - start >= kMaxHeader)
-            statuses.push_back(OversizedHeaderStatus(bytes, start));
+          if (empty_lines + bytes.size() - start >= kMaxHeader)
+            statuses.push_back(OversizedHeaderStatus(bytes, start, empty_lines));
           return refuse(std::move(statuses), false);
         }
         if (in_header && p.is_header_done()) continue;  // on with the body, eagerly
@@ -250,7 +282,7 @@ Model Expect(std::string_view bytes, bool eof) {
       // section as long) cannot end within it.
       if ((p.is_header_done() ? 0 : header) + held.size() >= kMaxHeader) {
         // Or malformed where this parser, given the block in other pieces, has not looked yet.
-        if (!p.is_header_done()) return refuse({OversizedHeaderStatus(bytes, start), 400}, false);
+        if (!p.is_header_done()) return refuse({OversizedHeaderStatus(bytes, start, empty_lines), 400}, false);
         // Beast holds a chunk-size line (after the CRLF ending the chunk before it), and the last
         // one with the trailer section: a line end past that CRLF is in the trailer section.
         std::string_view line = held;
@@ -263,14 +295,15 @@ Model Expect(std::string_view bytes, bool eof) {
         // Malformed where this parser has not looked yet (see may_stay_open): the session, given
         // the bytes in other pieces, may have seen it; if not, and at the client's end of stream,
         // it refuses the request as cut short (400).
-        if (!p.is_header_done()) {
+        if (!p.is_header_done() && !OnlyEmptyLines(bytes.substr(start))) {
           if (const unsigned status = MalformedHeaderStatus(bytes.substr(start, next - start))) {
             m.may_stay_open = !eof;
             return refuse({status, 400}, false);
           }
         }
-        // Part of a request, cut short by the client's end of stream.
-        if (eof && start < bytes.size())
+        // Part of a request, cut short by the client's end of stream (a CR that may begin one
+        // more empty line is none).
+        if (eof && !OnlyEmptyLines(bytes.substr(start)))
           return refuse({400}, p.is_header_done() && p.get().method() == bhttp::verb::head);
         return m;
       }
@@ -285,7 +318,7 @@ Model Expect(std::string_view bytes, bool eof) {
       path = ModelPath(std::string(req.target()));
       if (!path) return refuse({400}, head);
     }
-    m.requests.push_back({req.method(), path.value_or(""), req.version(), req.keep_alive(), start});
+    m.requests.push_back({req.method(), path.value_or(""), req.version(), req.keep_alive(), start, empty_lines});
     start = next - held.size();
     if (!req.keep_alive()) {
       m.closes = true;
@@ -403,7 +436,7 @@ void CheckResponses(std::string_view out, const Model& m, const Session::Handler
 void CheckHeaderBlocks(std::string_view bytes, const Model& m) {
   for (const ModelRequest& req : m.requests) {
     const size_t end = bytes.find("\r\n\r\n", req.begin);
-    Check(end != std::string_view::npos && end + 4 - req.begin <= kMaxHeader,
+    Check(end != std::string_view::npos && req.empty_lines + end + 4 - req.begin <= kMaxHeader,
           "a request answered whose header block is over the limit");
   }
 }

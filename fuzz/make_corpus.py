@@ -411,6 +411,14 @@ def main():
         # The client's end of stream in the middle of a request: 400 (a HEAD's without its text).
         "half_close_in_header": b"\x00GET / HTTP/1.1\r\n\r\nGET /metrics HTTP/1.1\r\nHo",
         "half_close_in_body_head": bytes([chunk(8)]) + b"HEAD / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab",
+        # Empty lines before a request line are ignored (RFC 9112 2.2), also CR and LF apart;
+        # alone they are no request (end of stream: a silent close, no 400); they count towards
+        # the header limit: 62 CRLFs leave 4 bytes of it, 64 reach it.
+        "empty_lines_before": bytes([OPEN | chunk(1)]) + b"\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        "empty_lines_only": b"\x00GET / HTTP/1.1\r\n\r\n\r\n\r\n\r",
+        "empty_lines_near_limit": bytes([OPEN]) + b"\r\n" * 55 + b"GET / HTTP/1.1\r\n\r\n",
+        "empty_lines_over_limit": bytes([OPEN]) + b"\r\n" * 62 + b"GET / HTTP/1.1\r\n\r\n",
+        "empty_lines_at_limit": b"\x00" + b"\r\n" * 70,
     }
     # Header block limit: just under, at, just over; in one write and byte by byte.
     for total, tag in ((admin_header_limit - 1, "under"), (admin_header_limit, "at"), (admin_header_limit + 1, "over")):

@@ -39,6 +39,16 @@ constexpr std::string_view kIndex =
     "  /admin/metrics.json  Finagle-style flat JSON\n"
     "  /admin/clients       live clients: options, sink stack, members (JSON)\n";
 
+// The most a session reads at once: its buffer grows with what a client sends, up to
+// max_header_bytes, rather than by that much at the first read.
+constexpr size_t kMaxReadBytes = 64 * 1024;
+
+// Whether `held` is nothing but empty lines (CRLF), the last one possibly cut short after its CR.
+bool OnlyEmptyLines(std::string_view held) {
+  while (held.starts_with("\r\n")) held.remove_prefix(2);
+  return held.empty() || held == "\r";
+}
+
 int HexDigit(char c) {
   if (c >= '0' && c <= '9') return c - '0';
   if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -228,6 +238,7 @@ void Session::Read() {
   parser_->body_limit(limits_.max_body_bytes);
   parser_->eager(true);
   header_bytes_ = 0;
+  empty_line_bytes_ = 0;
   stream_.expires_never();  // the write's deadline is over; the idle timer bounds the reads
   idle_expired_ = false;
   idle_timer_.expires_after(limits_.idle_timeout);
@@ -249,6 +260,13 @@ void Session::Read() {
 void Session::Parse() {
   const size_t limit = limits_.max_header_bytes;
   while (buffer_.size() > 0) {
+    if (!parser_->got_some()) {
+      // RFC 9112 2.2: a server SHOULD ignore empty lines before a request line. They are no part
+      // of a request, but they count towards its header block: an endless stream of them ends.
+      SkipEmptyLines();
+      if (header_bytes_ >= limit) return RefuseOversized();
+      if (!PartlyReceived()) break;  // empty lines only, the last one maybe cut short
+    }
     const bool in_header = !parser_->is_header_done();
     auto data = buffer_.data();
     bool capped = false;
@@ -294,7 +312,7 @@ void Session::Parse() {
                                  : buffer_.size() >= limit) {
     return RefuseOversized();
   }
-  stream_.async_read_some(buffer_.prepare(limit - buffer_.size()),
+  stream_.async_read_some(buffer_.prepare(std::min(limit - buffer_.size(), kMaxReadBytes)),
                           [self = shared_from_this()](beast::error_code ec, size_t n) {
                             self->buffer_.commit(n);
                             // Even if the read completed meanwhile: the deadline has passed.
@@ -316,7 +334,21 @@ void Session::StopIdleTimer() {
   idle_timer_.cancel();
 }
 
-bool Session::PartlyReceived() const { return buffer_.size() > 0 || parser_->got_some(); }
+void Session::SkipEmptyLines() {
+  const std::string_view held(static_cast<const char*>(buffer_.data().data()), buffer_.size());
+  const size_t left = limits_.max_header_bytes - header_bytes_;
+  size_t n = 0;
+  while (n + 2 <= left && held.substr(n).starts_with("\r\n")) n += 2;
+  buffer_.consume(n);
+  header_bytes_ += n;
+  empty_line_bytes_ += n;
+}
+
+bool Session::PartlyReceived() const {
+  return parser_->got_some() ||
+         !OnlyEmptyLines(
+             std::string_view(static_cast<const char*>(buffer_.data().data()), buffer_.size()));
+}
 
 void Session::TimedOut() {
   if (!PartlyReceived()) return Fail(beast::error::timeout, "waiting for a request");
@@ -354,13 +386,25 @@ void Session::RefuseOversized() {
   const size_t limit = limits_.max_header_bytes;
   std::string_view held(static_cast<const char*>(buffer_.data().data()), buffer_.size());
   if (!parser_->is_header_done()) {
-    // Beast consumes the request line with the fields, or alone once it has read it, never
-    // part of it: none consumed and no line end in the first `limit` bytes is a request line
-    // over the limit, almost always for its target.
-    if (header_bytes_ == 0 && held.substr(0, limit).find('\n') == std::string_view::npos) {
-      return Refuse(Refusal::kRequestLineTooLong, fmt::format("request line over {} bytes", limit));
+    if (!PartlyReceived()) {
+      return Refuse(Refusal::kHeaderTooLarge,
+                    fmt::format("empty lines before the request line over {} bytes", limit));
     }
-    return Refuse(Refusal::kHeaderTooLarge, fmt::format("header block over {} bytes", limit));
+    const std::string empty_lines =
+        empty_line_bytes_ == 0
+            ? std::string()
+            : fmt::format(" (with {} bytes of empty lines before the request line)",
+                          empty_line_bytes_);
+    // Beast consumes the request line with the fields, or alone once it has read it, never
+    // part of it: none consumed and no line end in what is left of the limit is a request line
+    // over the limit, almost always for its target.
+    if (header_bytes_ == empty_line_bytes_ &&
+        held.substr(0, limit - header_bytes_).find('\n') == std::string_view::npos) {
+      return Refuse(Refusal::kRequestLineTooLong,
+                    fmt::format("request line over {} bytes{}", limit, empty_lines));
+    }
+    return Refuse(Refusal::kHeaderTooLarge,
+                  fmt::format("header block over {} bytes{}", limit, empty_lines));
   }
   // Beast keeps a chunk-size line unconsumed until it ends (after the CRLF that ends the chunk
   // before it), and the last chunk's line until the trailer section ends too: a line end past
@@ -422,7 +466,7 @@ void Session::Linger() {
 
 void Session::DropUntilClosed() {
   // Into the buffer's free space, never committed: dropped.
-  stream_.async_read_some(buffer_.prepare(limits_.max_header_bytes),
+  stream_.async_read_some(buffer_.prepare(std::min(limits_.max_header_bytes, kMaxReadBytes)),
                           [self = shared_from_this()](beast::error_code ec, size_t) {
                             if (ec) return self->Close();
                             self->DropUntilClosed();

@@ -47,12 +47,14 @@ std::string RemoveDotSegments(std::string_view path);
 // the page threw.
 Response Route(std::string_view path, const Pages& pages);
 
+// AdminServer fills these from AdminServerOptions, which has the same defaults.
 struct SessionLimits {
-  // The header block (request line, fields, blank line), and the body (an admin request has
-  // none that matters); a request over either is refused (414 for a request line that does not
-  // end within max_header_bytes, else 431; 413) and its connection closed. A chunk-size line
-  // (with its extensions, 413) and the trailer section (431) are bounded by max_header_bytes
-  // too: no more than that of a request is ever held unparsed.
+  // The header block (request line, fields, blank line, and the empty lines ignored before the
+  // request line), and the body (an admin request has none that matters); a request over either
+  // is refused (414 for a request line that does not end within max_header_bytes, else 431;
+  // 413) and its connection closed. A chunk-size line (with its extensions, 413) and the trailer
+  // section (431) are bounded by max_header_bytes too: no more than that of a request is ever
+  // held unparsed. Empty lines alone over max_header_bytes get 431.
   size_t max_header_bytes = 8 * 1024;
   size_t max_body_bytes = 8 * 1024;
   // A request must arrive in full within this of the previous one's answer (or of the
@@ -72,14 +74,16 @@ struct SessionLimits {
 // Why a session refuses a request (defined, with the status of each, in admin_http.cc).
 enum class Refusal;
 
-// One connection: reads requests one after the other (pipelined ones included) and answers
-// each, GET and HEAD through `handler` with the target's path, any other method with 405. A
-// request it refuses (malformed, over a limit, a transfer-coding other than chunked, a target
-// that is not origin or absolute form or whose path has a bad escape or an encoded '/' or NUL)
-// gets a text/plain answer with "Connection: close" naming the problem (logged), and so does a
-// request cut short by the idle timeout (408) or by the client's end of stream (400). Closes the
-// connection after a refusal or a response without keep-alive (lingering: linger_timeout), at
-// the client's end of stream, and on a timeout.
+// One connection: reads requests one after the other (pipelined ones included; empty lines
+// before a request line ignored, RFC 9112 2.2: they count towards max_header_bytes but are no
+// part of a request for the 408 and 400 below) and answers each, GET and HEAD through `handler`
+// with the target's path, any other method with 405. A request it refuses (malformed, over a
+// limit, a transfer-coding other than chunked, a target that is not origin or absolute form or
+// whose path has a bad escape or an encoded '/' or NUL) gets a text/plain answer with
+// "Connection: close" naming the problem (logged), and so does a request cut short by the idle
+// timeout (408) or by the client's end of stream (400). Closes the connection after a refusal or
+// a response without keep-alive (lingering: linger_timeout), at the client's end of stream, and
+// on a timeout.
 class Session : public std::enable_shared_from_this<Session> {
  public:
   using Handler = std::function<Response(const std::string& path)>;
@@ -101,7 +105,11 @@ class Session : public std::enable_shared_from_this<Session> {
   void TimedOut();
   // The read is over (answered, refused, closed): the idle timer must not cancel what follows.
   void StopIdleTimer();
-  // Whether some of a request has arrived (consumed by the parser or held in the buffer).
+  // Before the request line: drops the empty lines (CRLF) the buffer starts with, counting them
+  // in header_bytes_ (no more than is left of max_header_bytes).
+  void SkipEmptyLines();
+  // Whether some of a request has arrived (consumed by the parser or held in the buffer), empty
+  // lines before its request line not counted.
   bool PartlyReceived() const;
   // Refuses the request: answers with the status of `why` and `what` as the body, then closes.
   void Refuse(Refusal why, std::string what);
@@ -128,7 +136,9 @@ class Session : public std::enable_shared_from_this<Session> {
   SessionLimits limits_;
   boost::beast::flat_buffer buffer_;  // at most limits_.max_header_bytes
   std::optional<boost::beast::http::request_parser<boost::beast::http::string_body>> parser_;
-  size_t header_bytes_ = 0;  // of the current request's header block, consumed by the parser
+  // Of the current request's header block, consumed by the parser or skipped as empty lines.
+  size_t header_bytes_ = 0;
+  size_t empty_line_bytes_ = 0;  // of those, the empty lines before the request line
   const Handler* handler_;
 };
 

@@ -36,9 +36,6 @@ namespace beast = boost::beast;
 namespace json = boost::json;
 using tcp = asio::ip::tcp;
 
-// Connections served at once; more are closed as they are accepted. The admin server shares
-// the process's descriptors with its clients: it must not exhaust them.
-constexpr size_t kMaxConnections = 64;
 // After a failed accept (out of descriptors: the listening socket stays readable), wait this
 // long before accepting again rather than spin.
 constexpr auto kAcceptRetryDelay = std::chrono::milliseconds(100);
@@ -53,6 +50,14 @@ void CheckTimeout(std::string_view name, Duration value, bool zero_allowed) {
   throw Error(make_error_code(Errc::kInvalidArgument),
               fmt::format("admin server: {} must {}", name,
                           zero_allowed ? "not be negative" : "be > 0"));
+}
+
+// Throws kInvalidArgument naming the option unless `value` is at least `min`.
+void CheckSize(std::string_view name, size_t value, size_t min) {
+  if (value >= min) return;
+  throw Error(make_error_code(Errc::kInvalidArgument),
+              min == 1 ? fmt::format("admin server: {} must be > 0", name)
+                       : fmt::format("admin server: {} must be >= {}", name, min));
 }
 
 // ---- /admin/clients ----
@@ -256,7 +261,14 @@ class AdminServer::Impl {
     // 0 would close every connection before its first request.
     CheckTimeout("idle_timeout", options_.idle_timeout, /*zero_allowed=*/false);
     CheckTimeout("linger_timeout", options_.linger_timeout, /*zero_allowed=*/true);
+    CheckTimeout("write_timeout", options_.write_timeout, /*zero_allowed=*/false);
+    CheckSize("max_header_bytes", options_.max_header_bytes, AdminServerOptions::kMinHeaderBytes);
+    CheckSize("max_body_bytes", options_.max_body_bytes, 1);
+    CheckSize("max_connections", options_.max_connections, 1);
+    limits_.max_header_bytes = options_.max_header_bytes;
+    limits_.max_body_bytes = options_.max_body_bytes;
     limits_.idle_timeout = options_.idle_timeout;
+    limits_.write_timeout = options_.write_timeout;
     limits_.linger_timeout = options_.linger_timeout;
     beast::error_code ec;
     auto address = asio::ip::make_address(options_.address, ec);
@@ -324,7 +336,8 @@ class AdminServer::Impl {
       }
       // Forget sessions that are gone, so the list does not grow with every connection.
       std::erase_if(sessions_, [](const std::weak_ptr<internal::Session>& w) { return w.expired(); });
-      if (sessions_.size() >= kMaxConnections) {
+      // The process's descriptors are shared with its clients: the server must not exhaust them.
+      if (sessions_.size() >= options_.max_connections) {
         SCALES_LOG_RATE_LIMITED(kWarning, 1, "admin server on port {}: {} connections open (the limit); "
                                 "connection closed", port_, sessions_.size());
         beast::error_code ignored;
@@ -346,7 +359,7 @@ class AdminServer::Impl {
   uint16_t port_ = 0;
   internal::Pages pages_;
   internal::Session::Handler handler_;
-  internal::SessionLimits limits_;  // the options' timeouts; the sizes are fixed
+  internal::SessionLimits limits_;  // the options' limits and timeouts
   std::vector<std::weak_ptr<internal::Session>> sessions_;  // on the server thread only
   std::mutex stop_mu_;
   std::thread thread_;

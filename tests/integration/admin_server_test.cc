@@ -693,11 +693,215 @@ TEST(AdminServerOptionsTest, TheLingerTimeoutIsAnOption) {
   EXPECT_LT(lingered, 1500ms) << "the default linger is 2 s";
 }
 
-TEST(AdminServerOptionsTest, BadTimeoutsAreClearErrors) {
+// A connected socket to the admin server, with 5 s receive and send timeouts for plain recv()
+// and send().
+boost::asio::ip::tcp::socket Connect(boost::asio::io_context& io, const admin::AdminServer& admin,
+                                     int receive_buffer = 0) {
+  boost::asio::ip::tcp::socket socket(io);
+  socket.open(boost::asio::ip::tcp::v4());
+  if (receive_buffer > 0) {
+    ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVBUF, &receive_buffer,
+                 sizeof receive_buffer);
+  }
+  socket.connect({boost::asio::ip::make_address("127.0.0.1"), admin.port()});
+  const timeval timeout{5, 0};
+  ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
+  ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  return socket;
+}
+
+// Sends `request` on `socket` and returns the first bytes that come back ("" at the server's
+// end of stream or a reset, or after 5 s of nothing).
+std::string SendAndReceiveSome(boost::asio::ip::tcp::socket& socket, std::string_view request) {
+  ::send(socket.native_handle(), request.data(), request.size(), MSG_NOSIGNAL);
+  char buf[4096];
+  const ssize_t n = ::recv(socket.native_handle(), buf, sizeof buf, 0);
+  return n > 0 ? std::string(buf, size_t(n)) : std::string();
+}
+
+// A GET of /metrics whose header block is `total` bytes, padded by a field.
+std::string PaddedGet(size_t total) {
+  const std::string bare = "GET /metrics HTTP/1.1\r\nConnection: close\r\nX-Pad: \r\n\r\n";
+  return fmt::format("GET /metrics HTTP/1.1\r\nConnection: close\r\nX-Pad: {}\r\n\r\n",
+                     std::string(total - bare.size(), 'p'));
+}
+
+// max_header_bytes is what the server enforces: 1 KiB refuses a 2 KiB header block (and a
+// 2 KiB request line), which the default 8 KiB would take, and takes a block of 1 KiB.
+TEST(AdminServerOptionsTest, TheHeaderLimitIsAnOption) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry, .max_header_bytes = 1024});
+  ASSERT_EQ(PaddedGet(1024).size(), 1024u);
+  ExpectOneAnswer(Send(admin, PaddedGet(1024)), "HTTP/1.1 200 OK");
+  ExpectRefused(Send(admin, PaddedGet(2048)), "HTTP/1.1 431 Request Header Fields Too Large",
+                "header block over 1024 bytes");
+  ExpectRefused(
+      Send(admin, fmt::format("GET /metrics?{} HTTP/1.1\r\n\r\n", std::string(2048, 'q'))),
+      "HTTP/1.1 414 URI Too Long", "request line over 1024 bytes");
+  // A chunk-size line is bounded by it too.
+  ExpectRefused(Send(admin, "POST /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;ext=" +
+                                std::string(2048, 'e')),
+                "HTTP/1.1 413 Content Too Large", "chunk-size line over 1024 bytes");
+  // The default takes the 2 KiB block.
+  admin::AdminServer by_default({.stats = &registry});
+  ExpectOneAnswer(Send(by_default, PaddedGet(2048)), "HTTP/1.1 200 OK");
+}
+
+// max_body_bytes is what the server enforces: 1 KiB refuses a 2 KiB body, which the default
+// would read (and then refuse the POST for its method).
+TEST(AdminServerOptionsTest, TheBodyLimitIsAnOption) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry, .max_body_bytes = 1024});
+  auto post = [](size_t size) {
+    return fmt::format("POST /metrics HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                       size) +
+           std::string(size, 'b');
+  };
+  ExpectOneAnswer(Send(admin, post(1024)), "HTTP/1.1 405 Method Not Allowed");
+  ExpectRefused(Send(admin, post(2048)), "HTTP/1.1 413 Content Too Large",
+                "body over 1024 bytes");
+  admin::AdminServer by_default({.stats = &registry});
+  ExpectOneAnswer(Send(by_default, post(2048)), "HTTP/1.1 405 Method Not Allowed");
+}
+
+// max_connections is what the server enforces: with 2, a third connection is closed as it is
+// accepted, without an answer (the default, 64, would serve it), and a new one is served again
+// once one of the two is gone.
+TEST(AdminServerOptionsTest, TheConnectionLimitIsAnOption) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry, .max_connections = 2});
+  const std::string_view get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  boost::asio::io_context io;
+  std::vector<boost::asio::ip::tcp::socket> open;
+  for (int i = 0; i < 2; ++i) {
+    open.push_back(Connect(io, admin));
+    // Answered: a session, which counts until its connection ends.
+    EXPECT_THAT(SendAndReceiveSome(open.back(), get), StartsWith("HTTP/1.1 200 OK\r\n"));
+  }
+  auto third = Connect(io, admin);
+  EXPECT_EQ(SendAndReceiveSome(third, get), "") << "a third connection was served";
+  open.pop_back();  // closed: the server sees its end of stream and forgets it
+  EXPECT_TRUE(Eventually([&] {
+    auto again = Connect(io, admin);
+    return SendAndReceiveSome(again, get).starts_with("HTTP/1.1 200 OK\r\n");
+  }));
+}
+
+// write_timeout is what the server enforces: a client that sends many requests for a large page
+// and never reads the answers (they fill the socket buffers: a few MB, the answers are 100 MB)
+// has its connection closed after write_timeout, not the default 30 s. The server closes with
+// requests it has not read yet, so the client sees a reset without reading.
+TEST(AdminServerOptionsTest, TheWriteTimeoutIsAnOption) {
+  stats::StatsRegistry registry;
+  for (int i = 0; i < 1000; ++i)
+    registry.GetCounter(fmt::format("write_timeout_test_padding_counter_{:06}", i)).Increment();
+  admin::AdminServer admin({.stats = &registry, .write_timeout = 300ms});
+  ASSERT_GT(registry.ToPrometheus().size(), 100'000u);
+  boost::asio::io_context io;
+  const auto start = std::chrono::steady_clock::now();
+  auto socket = Connect(io, admin, /*receive_buffer=*/4096);
+  std::string requests;
+  for (int i = 0; i < 1000; ++i) requests += "GET /metrics HTTP/1.1\r\n\r\n";
+  const int fd = socket.native_handle();
+  ASSERT_EQ(::send(fd, requests.data(), requests.size(), MSG_NOSIGNAL), ssize_t(requests.size()));
+  bool reset = false;
+  while (!reset && std::chrono::steady_clock::now() - start < 10s) {
+    pollfd p{fd, 0, 0};  // no events asked: waits for an error or hang-up only
+    reset = ::poll(&p, 1, 10) > 0 && (p.revents & (POLLERR | POLLHUP)) != 0;
+  }
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_TRUE(reset) << "the connection of a client that does not read was not closed";
+  EXPECT_GE(took, 300ms);
+  EXPECT_LT(took, 5s) << "the default write timeout is 30 s";
+}
+
+// RFC 9112 2.2: empty lines (CRLF) before a request line are ignored, at the start of a
+// connection and between requests, the last one's CR and LF in reads of their own too (they
+// were the start of a request: 400 for a bad method).
+TEST(AdminEmptyLinesTest, EmptyLinesBeforeARequestAreIgnored) {
+  stats::StatsRegistry registry;
+  registry.GetCounter("requests").Increment();
+  admin::AdminServer admin({.stats = &registry});
+  const Exchange first =
+      Send(admin, "\r\n\r\nGET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+  ExpectOneAnswer(first, "HTTP/1.1 200 OK");
+  EXPECT_THAT(first.response, HasSubstr("\nrequests_total 1\n"));
+  Exchange between = Send(
+      admin, "GET /nope HTTP/1.1\r\n\r\n\r\n\r\nGET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n");
+  EXPECT_THAT(between.response, StartsWith("HTTP/1.1 404 Not Found\r\n"));
+  const size_t second = between.response.find("HTTP/1.1", 1);
+  ASSERT_NE(second, std::string::npos);
+  between.response.erase(0, second);
+  ExpectOneAnswer(between, "HTTP/1.1 200 OK");
+
+  boost::asio::io_context io;
+  auto socket = Connect(io, admin);
+  socket.set_option(boost::asio::ip::tcp::no_delay(true));
+  for (std::string_view part : {"\r\n\r", "\n", "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n"}) {
+    ASSERT_EQ(::send(socket.native_handle(), part.data(), part.size(), MSG_NOSIGNAL),
+              ssize_t(part.size()));
+    std::this_thread::sleep_for(50ms);  // each part in a read of its own
+  }
+  std::string response;
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(socket.native_handle(), buf, sizeof buf, 0)) > 0;)
+    response.append(buf, size_t(n));
+  EXPECT_THAT(response, StartsWith("HTTP/1.1 200 OK\r\n"));
+}
+
+// Empty lines are no part of a request: a connection with nothing else (at its start, or after
+// an answered request) is closed without an answer at the client's end of stream (not 400) and
+// at the idle timeout (not 408).
+TEST(AdminEmptyLinesTest, EmptyLinesAloneAreNoRequest) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry, .idle_timeout = 300ms});
+  for (bool half_close : {true, false}) {
+    SCOPED_TRACE(half_close ? "half-close" : "idle timeout");
+    ExpectOneAnswer(Send(admin, "GET /nope HTTP/1.1\r\n\r\n\r\n", half_close),
+                    "HTTP/1.1 404 Not Found");
+    ExpectOneAnswer(Send(admin, "GET /nope HTTP/1.1\r\n\r\n\r\n\r", half_close),
+                    "HTTP/1.1 404 Not Found");
+    for (std::string_view alone : {"\r\n", "\r\n\r\n\r"}) {
+      const Exchange e = Send(admin, std::string(alone), half_close);
+      EXPECT_EQ(e.response, "");
+      EXPECT_TRUE(e.closed && !e.reset);
+      if (!half_close) {
+        EXPECT_GE(e.took, 300ms);
+      }
+    }
+  }
+}
+
+// Empty lines count towards max_header_bytes: an endless stream of them is refused (431) once
+// they reach it, and with a request after them the whole must be within it.
+TEST(AdminEmptyLinesTest, EmptyLinesCountTowardsTheHeaderLimit) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry});
+  std::string endless;
+  for (int i = 0; i < 32 * 1024; ++i) endless += "\r\n";
+  const Exchange e = Send(admin, endless);
+  EXPECT_TRUE(e.sent);
+  ExpectRefused(e, "HTTP/1.1 431 Request Header Fields Too Large",
+                "empty lines before the request line over 8192 bytes");
+
+  admin::AdminServer small({.stats = &registry, .max_header_bytes = 1024});
+  const std::string get = "GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n";
+  ExpectOneAnswer(Send(small, endless.substr(0, 1024 - get.size()) + get), "HTTP/1.1 200 OK");
+  ExpectRefused(Send(small, endless.substr(0, 1000) + get),
+                "HTTP/1.1 431 Request Header Fields Too Large",
+                "header block over 1024 bytes (with 1000 bytes of empty lines before the request line)");
+}
+
+TEST(AdminServerOptionsTest, BadTimeoutsAndLimitsAreClearErrors) {
   const std::pair<admin::AdminServerOptions, std::string_view> cases[] = {
       {{.clients_timeout = -1ms}, "admin server: clients_timeout must not be negative"},
       {{.idle_timeout = 0ms}, "admin server: idle_timeout must be > 0"},
       {{.linger_timeout = -1ms}, "admin server: linger_timeout must not be negative"},
+      {{.write_timeout = 0ms}, "admin server: write_timeout must be > 0"},
+      {{.max_header_bytes = 0}, "admin server: max_header_bytes must be >= 1024"},
+      {{.max_header_bytes = 1023}, "admin server: max_header_bytes must be >= 1024"},
+      {{.max_body_bytes = 0}, "admin server: max_body_bytes must be > 0"},
+      {{.max_connections = 0}, "admin server: max_connections must be > 0"},
   };
   for (const auto& [options, message] : cases) {
     try {
@@ -709,6 +913,7 @@ TEST(AdminServerOptionsTest, BadTimeoutsAreClearErrors) {
     }
   }
   admin::AdminServer zero_linger({.linger_timeout = 0ms});
+  admin::AdminServer smallest({.max_header_bytes = 1024, .max_body_bytes = 1, .max_connections = 1});
 }
 
 TEST(AdminServerOptionsTest, BadAddressAndBusyPortAreClearErrors) {

@@ -20,11 +20,14 @@
 // not at all.
 // GET and HEAD only; other methods get 405, other paths 404. Connections are kept alive as
 // HTTP/1.1 allows; an idle connection is closed after AdminServerOptions::idle_timeout (30 s).
+// Empty lines (CRLF) before a request line are ignored (RFC 9112 2.2), within max_header_bytes.
+// Its limits (header and body sizes, connections, timeouts) are AdminServerOptions fields.
 //
 // Thread safety: the constructor, Stop(), the destructor and the accessors may be called from
 // any thread except the server's own.
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -56,12 +59,31 @@ struct AdminServerOptions {
   // with unread bytes resets it, which may discard the answer. Default 2 s; must be >= 0 (0
   // closes at once, at that risk).
   Duration linger_timeout = std::chrono::seconds(2);
+  // How long writing a response may take; a client that does not take it in time (stopped
+  // reading) has its connection closed. Default 30 s; must be > 0.
+  Duration write_timeout = std::chrono::seconds(30);
+  // The most a request's header block (request line, fields and the blank line that ends them,
+  // with any empty lines before the request line) may take; over it the request is refused with
+  // 431 Request Header Fields Too Large (414 URI Too Long when the request line does not end
+  // within it) and the connection closed. It also bounds a chunk-size line (413) and a trailer
+  // section (431) of a chunked body. Each connection may hold this much of a request unparsed.
+  // Default 8 KiB; must be >= kMinHeaderBytes (1 KiB: a request line and the fields a client
+  // such as a scraper sends).
+  size_t max_header_bytes = 8 * 1024;
+  static constexpr size_t kMinHeaderBytes = 1024;
+  // The most a request's body may take (GET and HEAD need none); over it the request is refused
+  // with 413 Content Too Large and the connection closed. Default 8 KiB; must be > 0.
+  size_t max_body_bytes = 8 * 1024;
+  // Connections served at once; more are closed as they are accepted (without an answer), so
+  // that a flood of connections cannot take the descriptors the process's clients need.
+  // Default 64; must be > 0.
+  size_t max_connections = 64;
 };
 
 class AdminServer {
  public:
   // Binds, listens and starts serving. Throws scales::Error (kInvalidArgument for a bad
-  // address or timeout, naming the option; the system error for bind/listen
+  // address, timeout or limit, naming the option; the system error for bind/listen
   // failures such as address in use), with a message naming the address and port.
   explicit AdminServer(AdminServerOptions options = {});
   // Stop().
