@@ -67,7 +67,7 @@ void CheckSimpleResponse(std::string_view bytes) {
     if (n == 0) break;
   }
   Check(!ec && parser.is_done(), "the fast path took a response Beast rejects");
-  Check(used == beast_used && fast_keep_alive == parser.keep_alive() && fast.status == beast.status &&
+  Check(used == beast_used && fast_keep_alive == parser.reusable() && fast.status == beast.status &&
             fast.reason == beast.reason && fast.headers == beast.headers && fast.body == beast.body,
         "the fast path and Beast parsed a response differently");
 }
@@ -169,7 +169,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     Check(response.body.size() <= kMaxBody, "body larger than max_response_body_bytes");
     Check(HeaderBlocksWithin(bytes, kMaxHeader), "a response taken with a header block over the limit");
     if (head) Check(response.body.empty(), "a HEAD response with a body");
-    if (http_error) Check(response.status >= 400 && options.raise_on_http_error, "kHttpError for a non-error status");
+    // Error statuses: 400 and up, and an invalid one under 100 (RFC 9110 15).
+    const bool error_status = response.status >= 400 || response.status < 100;
+    if (http_error) Check(error_status && options.raise_on_http_error, "kHttpError for a non-error status");
+    if (result.ok()) Check(!error_status || !options.raise_on_http_error, "an error status returned as a success");
   } else {
     Check(!result.detail.empty(), "an error without a detail");
     Check(sink->status() == SinkStatus::kClosed, "a failed response left the connection open");

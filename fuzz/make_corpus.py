@@ -311,6 +311,13 @@ def main():
         # Failures that leave no byte unread: nothing but the failure closes the connection.
         "keep_open_body_over_header_only": bytes([KEEP]) + b"HTTP/1.1 200 OK\r\n" + cl(http_body_limit + 1) + b"\r\n",
         "keep_open_bad_status": bytes([KEEP | chunk(8)]) + b"HTTP/1.1 2x0 OK\r\n\r\n",
+        # Framing Beast lets through (review, 2026-12-05): a Content-Length after another
+        # coding (refused), an HTTP/1.0 response with Transfer-Encoding (not reused), trailer
+        # fields (not headers), a status under 100 (a final response, a server error).
+        "te_then_cl": bytes([KEEP]) + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nhi",
+        "http10_te_keep_alive": bytes([KEEP]) + b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n" + te + b"\r\n0\r\n\r\n",
+        "trailer_fields": bytes([KEEP | chunk(5)]) + b"HTTP/1.1 200 OK\r\n" + te + b"\r\n2\r\nhi\r\n0\r\nSet-Cookie: a=b\r\n\r\n",
+        "status_under_100": bytes([KEEP | RAISE]) + b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
     }
     # Header block limit (96 bytes, blank line included): just under, at, just over; in one
     # write and byte by byte; for the fast path (Content-Length) and for Beast (chunked); and

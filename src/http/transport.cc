@@ -196,8 +196,8 @@ size_t ParseSimpleResponse(std::string_view wire, size_t header_limit, std::uint
         n = n * 10 + static_cast<std::uint64_t>(c - '0');
       }
       content_length = n;
-    } else if (EqualsLower(name, "transfer-encoding"sv)) {
-      return decline();
+    } else if (EqualsLower(name, "transfer-encoding"sv) || EqualsLower(name, "proxy-connection"sv)) {
+      return decline();  // Beast takes Proxy-Connection as Connection: its rules
     } else if (EqualsLower(name, "connection"sv)) {
       if (connection_seen) return decline();
       connection_seen = true;
@@ -328,13 +328,14 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   out.body.clear();
   parser_.reset();
   head_ = method == "HEAD"sv;
+  connect_ = method == "CONNECT"sv;
   Exchange(w, /*expect_reply=*/true);
 }
 
 ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buffer& in) {
   if (!parser_) {
     auto& out = *current_->message().reply_slot<Response>();
-    if (!head_) {
+    if (!head_ && !connect_) {
       const auto data = in.data();
       bool keep_alive = false;
       const size_t used = internal::ParseSimpleResponse(
@@ -350,9 +351,18 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
   }
   for (;;) {
     while (!parser_->is_done()) {
+      if (connect_ && !parser_->got_some()) {
+        // Whether the response has a body depends on its status: a 2xx has none, whatever its
+        // header says. Beast skips a body only if told before its first byte.
+        const auto data = in.data();
+        constexpr size_t kStatusAt = 9;  // "HTTP/1.1 200"
+        if (data.size() <= kStatusAt) return ParseResult::NeedMore();
+        if (static_cast<const char*>(data.data())[kStatusAt] == '2') parser_->skip(true);
+      }
       const bool in_header = !parser_->is_header_done();
       auto data = in.data();
       bool capped = false;
+      bool at_limit = false;  // the header bytes given reach the limit given to Beast
       if (in_header) {
         // What is left of the limit for the header block's bytes still to come.
         const size_t limit = options_.max_response_header_bytes;
@@ -364,6 +374,7 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
         // it. Given no more, the block ends within the limit or not at all (need_more, below).
         capped = data.size() > left;
         data = boost::asio::buffer(data, left);
+        at_limit = data.size() >= std::min<size_t>(left, UINT32_MAX);
       }
       // A last chunk Beast must see again with more bytes (a malformed chunk line is not held
       // back: Beast fails it at once).
@@ -398,10 +409,21 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
         }
         return ParseResult::NeedMore();
       }
+      if (ec == bhttp::error::header_limit && !at_limit) {
+        // Not the header block (nor a trailer section) over the limit, which Beast says only
+        // when given bytes up to it: Beast unfolds a field value folded over several lines
+        // (obs-fold, RFC 9112 5.2) into a buffer of its own, and fails a longer one so.
+        return ParseResult::Failed(
+            make_error_code(Errc::kResponseTooLarge),
+            fmt::format("response from {}: a header field folded over several lines (obs-fold) exceeds {} bytes "
+                        "unfolded (the parser's own limit)",
+                        conn().address(), bhttp::detail::basic_parser_base::max_obs_fold));
+      }
       if (ec) return ParseFailure(ec);
     }
     auto& out = *current_->message().reply_slot<Response>();
-    if (out.status >= 200) break;
+    // A status under 100 is invalid, and taken as a server error (RFC 9110 15), not skipped.
+    if (out.status >= 200 || out.status < 100) break;
     // An interim response (RFC 9110 15.2): "100 Continue" (nginx sends it for
     // `Expect: 100-continue` even when the body came along), "103 Early Hints", ... The final
     // response follows on the same connection: skip this one and parse that.
@@ -421,7 +443,9 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
     out.body.clear();
     StartParser(out);
   }
-  const bool keep_alive = parser_->keep_alive();
+  // After a 2xx response to CONNECT the connection is a tunnel, not for another request.
+  const bool tunnel = connect_ && current_->message().reply_slot<Response>()->status / 100 == 2;
+  const bool keep_alive = parser_->reusable() && !tunnel;
   parser_.reset();
   return Complete(keep_alive);
 }
@@ -470,7 +494,7 @@ ConnectionSink::ParseResult HttpTransportSink::ParseFailure(const boost::system:
 ConnectionSink::ParseResult HttpTransportSink::Complete(bool keep_alive) {
   const auto& out = *current_->message().reply_slot<Response>();
   auto r = ParseResult::Done(keep_alive && !request_close_);
-  if (options_.raise_on_http_error && out.status >= 400) {
+  if (options_.raise_on_http_error && (out.status >= 400 || out.status < 100)) {
     const auto* req = current_->message().payload<Request>();
     r.ec = make_error_code(Errc::kHttpError);
     r.detail = fmt::format("HTTP {} {} from {} for {} {}: {}", out.status, out.reason, conn().address(), req->method,

@@ -91,6 +91,7 @@ uint64_t ConnectionSink::BeginRequest() {
   reply_bytes_ = 0;
   writing_ = false;
   unexpected_bytes_ = false;
+  write_failure_.reset();
   // A plain connection's receive stays armed: it reads the reply.
   if (conn_.tls_active()) conn_.CancelIdleWatch();
   return generation_;
@@ -301,6 +302,16 @@ bool ConnectionSink::ProcessReply(bool drained) {
 }
 
 void ConnectionSink::Answer(ParseResult r) {
+  if (write_failure_) {
+    // The request's write failed (WriteDone): a reply is the call's outcome, but without one
+    // the failed write is; the connection is done either way.
+    if (r.kind == ParseResult::Kind::kFailed && reply_bytes_ == 0) {
+      r.ec = write_failure_->first;
+      r.detail = std::move(write_failure_->second);
+    }
+    r.reusable = false;
+    write_failure_.reset();
+  }
   const bool leftover = in_.size() > 0;
   in_.consume(in_.size());  // the next request starts from an empty buffer
   if (in_.capacity() > kMaxIdleBuffer) {
@@ -346,6 +357,13 @@ void ConnectionSink::ReadFailed(const boost::system::error_code& ec) {
     Finish(tls->first, std::move(tls->second));
     return;
   }
+  if (write_failure_ && reply_bytes_ == 0) {
+    // No reply came after the request's write failed (WriteDone): the call fails as the write.
+    auto failure = std::move(*write_failure_);
+    write_failure_.reset();
+    Finish(failure.first, std::move(failure.second));
+    return;
+  }
   Finish(make_error_code(Errc::kConnectionClosed),
          fmt::format("connection to {} closed by the server while reading the {} (after {} bytes): {}",
                      conn_.address(), reply_noun(), reply_bytes_, ec.message()));
@@ -372,20 +390,33 @@ bool ConnectionSink::WriteDone(const boost::system::error_code& ec, size_t bytes
   request_written_ += bytes;
   if (!ec) return true;
   auto tls = TlsFailure(ec, "writing the request");
-  Shutdown();
+  std::pair<error_code, std::string> failure;
   if (tls) {
-    Finish(tls->first, std::move(tls->second));
+    failure = std::move(*tls);
   } else if (request_written_ == 0) {
     // Not a byte left: the server never saw the request (typically EPIPE or ECONNRESET from a
     // server that closed the connection before the request came).
-    Finish(make_error_code(Errc::kNotSent),
-           fmt::format("writing the request to {} failed before any byte was sent: {}", conn_.address(),
-                       ec.message()));
+    failure = {make_error_code(Errc::kNotSent),
+               fmt::format("writing the request to {} failed before any byte was sent: {}", conn_.address(),
+                           ec.message())};
   } else {
-    Finish(make_error_code(Errc::kConnectionClosed),
-           fmt::format("writing the request to {} failed after {} bytes: {}", conn_.address(), request_written_,
-                       ec.message()));
+    failure = {make_error_code(Errc::kConnectionClosed),
+               fmt::format("writing the request to {} failed after {} bytes: {}", conn_.address(), request_written_,
+                           ec.message())};
   }
+  if (!tls && expect_reply_ && readable_armed_) {
+    // A server that answers before it has read the request and then closes the connection (a
+    // 413 to a large upload) resets it: the write fails, but the reply it sent first is still
+    // in the socket, and the armed receive may even hold it already. The receive decides: the
+    // reply answers the call; without one (the end of the stream, a reset) this failure does
+    // (Answer, ReadFailed). Our end of the stream tells a server still waiting for the rest.
+    write_failure_ = std::move(failure);
+    boost::system::error_code ignored;
+    conn_.socket().shutdown(asio::socket_base::shutdown_send, ignored);
+    return false;
+  }
+  Shutdown();
+  Finish(failure.first, std::move(failure.second));
   return false;
 }
 

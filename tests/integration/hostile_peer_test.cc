@@ -549,6 +549,11 @@ void HostileHttp(RawConn& c) {
       c.Write("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n");
       while (!c.stopping()) std::this_thread::sleep_for(20ms);
       return;
+    } else if (target == "/early-answer-and-close") {
+      // The same, then the connection is closed with the request's body unread: the kernel
+      // resets it, and the client's write fails as the answer arrives.
+      c.Write("HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 8\r\n\r\ntoo big\n");
+      return;
     } else if (target == "/early-hints") {
       // Two interim responses, each in its own write, then the response: the call gets the
       // response and the connection stays in step.
@@ -565,6 +570,39 @@ void HostileHttp(RawConn& c) {
       c.Write("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
       while (!c.stopping() && c.Write("\x81\x02hi")) std::this_thread::sleep_for(20ms);
       return;
+    } else if (target == "/coding-then-length") {
+      // A Transfer-Encoding whose last coding is not chunked (the body ends with the
+      // connection), then a Content-Length that frames it otherwise (RFC 9112 6.3: a
+      // response-splitting attempt). The server goes on as if the response were the two bytes.
+      if (!c.Write("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nok")) return;
+    } else if (target == "/http10-chunked") {
+      // An HTTP/1.0 response with Transfer-Encoding (RFC 9112 6.1: its framing is faulty, and the
+      // connection is closed after it), asking for keep-alive; the server goes on.
+      if (!c.Write("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   "2\r\nok\r\n0\r\n\r\n")) {
+        return;
+      }
+    } else if (target == "/trailer") {
+      // A chunked body with a trailer section (RFC 9110 6.5: not to be merged into the header).
+      if (!c.Write("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: h\r\n\r\n"
+                   "2\r\nok\r\n0\r\nX-Trailer: t\r\nSet-Cookie: from=trailer\r\n\r\n")) {
+        return;
+      }
+    } else if (target == "example.com:443") {
+      // CONNECT: a 2xx response makes the connection a tunnel right after its header (RFC 9112
+      // 6.3), whatever length it declares; the tunnel then stays open.
+      c.Write("HTTP/1.1 200 Connection Established\r\nContent-Length: 100\r\n\r\n");
+      while (!c.stopping()) std::this_thread::sleep_for(20ms);
+      return;
+    } else if (target == "/obs-fold" || target == "/long-obs-fold") {
+      // A field value folded over three lines (obs-fold, RFC 9112 5.2): 5 bytes unfolded, or
+      // 5,004 in a header block far under the limit.
+      const std::string folded = target == "/obs-fold" ? "b" : std::string(5000, 'f');
+      if (!c.Write("HTTP/1.1 200 OK\r\nX-Fold: a\r\n " + folded + "\r\n\tc\r\nContent-Length: 2\r\n\r\nok")) return;
+    } else if (target == "/status-099") {
+      // A status under 100 (RFC 9110 15: invalid, to be taken as a 5xx), framed as a response
+      // with a body; the server goes on.
+      if (!c.Write("HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")) return;
     } else if (target == "/drip") {
       // One byte every 50 ms: about 2 s for the whole response.
       for (char b : std::string("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndrip")) {
@@ -778,6 +816,26 @@ TEST(HostilePeerTest, HttpAnswerBeforeTheRequestIsWrittenCompletesOnce) {
   EXPECT_EQ(server.accepted(), 2);
 }
 
+// The server answers before it has read the request and closes the connection (as servers
+// refusing a large upload do): the reset fails the write, but the answer that came before it is
+// the call's outcome, not the failed write.
+TEST(HostilePeerTest, HttpAnswerBeforeTheRequestIsWrittenThenResetIsDelivered) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  for (int i = 0; i < 3; ++i) {
+    http::Request big{"POST", "/early-answer-and-close", {}, std::string(32 << 20, 'p')};  // beyond the socket buffers
+    try {
+      client.Send(big);
+      ADD_FAILURE() << "the call succeeded";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kHttpError) << e.what();
+      EXPECT_NE(std::string_view(e.what()).find("HTTP 413 Payload Too Large"), std::string_view::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 4);
+}
+
 // Over TLS, stray bytes after a response in a TLS record of their own, read from the socket
 // together with the response's record, sit in OpenSSL where the idle watch (a wait on the
 // socket) cannot see them: the connection must be retired all the same, or the next request
@@ -827,6 +885,80 @@ TEST(HostilePeerTest, HttpsAnswerBeforeTheRequestIsWrittenCompletesOnce) {
   EXPECT_EQ(server.accepted(), 2) << "the half-written connection was retired";
   client.Close();
   EXPECT_EQ(completions, 1);
+}
+
+// A field value folded over several lines (obs-fold) is unfolded with spaces. Beast holds an
+// unfolded value to 4,096 bytes: a longer one fails with an error that says so, not with one
+// blaming the header limit the block is far under.
+TEST(HostilePeerTest, HttpFoldedFieldIsUnfoldedOrFailsNamingItsOwnLimit) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  EXPECT_EQ(client.Get("/obs-fold").Header("X-Fold"), "a b c");
+  ExpectBoundedFailure([&] { client.Get("/long-obs-fold"); }, Errc::kResponseTooLarge,
+                       "a header field folded over several lines (obs-fold) exceeds 4096 bytes", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+}
+
+// A status under 100 is not an interim response (100-199) to skip, waiting for another that
+// never comes: it is invalid, and taken as a server error (RFC 9110 15).
+TEST(HostilePeerTest, HttpStatusUnder100IsAServerErrorNotAnInterimResponse) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  ExpectBoundedFailure([&] { client.Get("/status-099"); }, Errc::kHttpError, "HTTP 99 Odd from 127.0.0.1:", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// A Transfer-Encoding and a Content-Length in one response (RFC 9112 6.3): the message is
+// an error whichever comes first, not framed by the Content-Length when the Transfer-Encoding
+// (here not ending with chunked) comes first; the connection is closed.
+TEST(HostilePeerTest, HttpTransferEncodingThenContentLengthIsRejected) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  ExpectBoundedFailure([&] { client.Get("/coding-then-length"); }, Errc::kProtocolError,
+                       "malformed HTTP response from 127.0.0.1:", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 2) << "the connection with the faulty framing was closed";
+}
+
+// An HTTP/1.0 response with Transfer-Encoding is delivered, but its connection is not reused,
+// even with `Connection: keep-alive` (RFC 9112 6.1).
+TEST(HostilePeerTest, HttpOneZeroResponseWithTransferEncodingClosesItsConnection) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  EXPECT_EQ(client.Get("/http10-chunked").body, "ok");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 2);
+}
+
+// The fields of a trailer section are not merged into the response's header fields (RFC 9110
+// 6.5.2).
+TEST(HostilePeerTest, HttpTrailerFieldsAreNotHeaderFields) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  http::Response r = client.Get("/trailer");
+  EXPECT_EQ(r.body, "ok");
+  EXPECT_EQ(r.Header("X-Head"), "h");
+  EXPECT_FALSE(r.HasHeader("X-Trailer"));
+  EXPECT_FALSE(r.HasHeader("Set-Cookie"));
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// A 2xx response to CONNECT ends with its header: the connection is a tunnel from there on
+// (RFC 9112 6.3), so the call completes at once, with no body whatever length the header
+// declares, instead of waiting for the tunnel to close; the connection is not reused.
+TEST(HostilePeerTest, HttpConnectResponseEndsWithItsHeader) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  CallOptions bounded;
+  bounded.timeout = 3s;
+  http::Response r = client.Send(http::Request{"CONNECT", "example.com:443", {}, ""}, bounded);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.body, "");
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 2);
 }
 
 // --- Framed Thrift -------------------------------------------------------------------------------

@@ -78,6 +78,41 @@ TEST(ResponseParserTest, DechunksTheBody) {
   EXPECT_EQ(r.Header("TRANSFER-ENCODING"), "chunked");
 }
 
+// What Beast lets through and the parser stops: a Content-Length after a Transfer-Encoding
+// that does not end with chunked (Beast fails the other orders), trailer fields merged into the
+// header fields, and an HTTP/1.0 response with Transfer-Encoding kept alive.
+TEST(ResponseParserTest, HoldsToTheFramingRulesBeastLeavesOut) {
+  Response r;
+  EXPECT_EQ(Parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nok", r),
+            boost::beast::http::error::bad_content_length);
+  r = {};
+  EXPECT_EQ(Parse("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: gzip\r\n\r\nok", r),
+            boost::beast::http::error::bad_transfer_encoding);
+
+  r = {};
+  ASSERT_FALSE(Parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: h\r\n\r\n2\r\nok\r\n0\r\n"
+                     "X-Trailer: t\r\n\r\n",
+                     r));
+  EXPECT_EQ(r.body, "ok");
+  EXPECT_EQ(r.Header("X-Head"), "h");
+  EXPECT_FALSE(r.HasHeader("X-Trailer"));
+
+  for (const char* version : {"1.0", "1.1"}) {
+    SCOPED_TRACE(version);
+    r = {};
+    internal::ResponseParser parser(r);
+    parser.eager(true);
+    const std::string wire = std::string("HTTP/") + version +
+                             " 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    boost::system::error_code ec;
+    parser.put(boost::asio::buffer(wire), ec);
+    ASSERT_FALSE(ec);
+    ASSERT_TRUE(parser.is_done());
+    EXPECT_TRUE(parser.keep_alive());
+    EXPECT_EQ(parser.reusable(), std::string_view(version) == "1.1");
+  }
+}
+
 // ParseSimpleResponse against Beast: whatever the fast path takes, Beast must parse to the same
 // Response, keep-alive and length. What it declines is Beast's alone (checked by the tests above
 // and the fuzzer).
@@ -199,6 +234,18 @@ TEST(SimpleResponseTest, LeavesEverythingElseToBeast) {
   beast = ParseWithBeast(kNginx, kHeaderLimit, /*body_limit=*/17);
   ASSERT_TRUE(fast && beast);
   ExpectSame(*fast, *beast, kNginx);
+}
+
+// Beast takes Proxy-Connection as it takes Connection (close, keep-alive): the fast path must
+// not decide the connection's reuse otherwise, or a response would keep its connection or not
+// depending on whether it came in one read.
+TEST(SimpleResponseTest, AgreesWithBeastOnProxyConnection) {
+  for (const char* wire : {"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nContent-Length: 2\r\n\r\nok",
+                           "HTTP/1.0 200 OK\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\nok"}) {
+    auto beast = ParseWithBeast(wire);
+    ASSERT_TRUE(beast.has_value()) << wire;
+    if (auto fast = ParseFast(wire)) ExpectSame(*fast, *beast, wire);
+  }
 }
 
 // Seeded mutations of real-looking responses: every one the fast path takes, Beast parses the

@@ -33,7 +33,7 @@ struct Request {
 struct Response {
   int status = 0;
   std::string reason;
-  Headers headers;
+  Headers headers;  // the header section's fields; a chunked body's trailer fields are dropped
   std::string body;
 
   // Value of the first header named `name` (case-insensitive), or "" when absent.

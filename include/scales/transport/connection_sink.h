@@ -19,7 +19,8 @@
 // little): the reply's read starts beside the request's write, and the idle watch is cancelled
 // and re-armed around each request. Either way a reply that comes before the request is
 // written (a server refusing a large upload and no longer reading) answers the call at once and
-// retires the connection.
+// retires the connection; on plain TCP also when the server then closes the connection and the
+// write fails with a reset.
 
 #include <cstdint>
 #include <optional>
@@ -112,7 +113,9 @@ class ConnectionSink : public ClientMessageSink {
   void Shutdown(error_code why = {}, std::string detail = {});
   // Accounts the finished write of a request; on error closes the connection, answers the
   // request (kTlsFailed; kNotSent if not a byte of it was written; else kConnectionClosed;
-  // naming the endpoint) and returns false.
+  // naming the endpoint) and returns false. On plain TCP with a reply expected, a reply the
+  // server sent before the write failed (read from the socket next) answers the request
+  // instead; the failure does if none comes.
   bool WriteDone(const boost::system::error_code& ec, size_t bytes);
   // For a read or write error that is a TLS error (an alert such as "certificate required",
   // a bad record; not a plain close), or any error of the first request after the server asked
@@ -159,6 +162,9 @@ class ConnectionSink : public ClientMessageSink {
   bool writing_ = false;
   bool readable_armed_ = false;   // plain TCP: a receive into in_.prepare(read_chunk_) is pending
   bool unexpected_bytes_ = false;  // the server spoke during a oneway request
+  // Plain TCP: the request's write failed while the receive was armed for its reply (WriteDone).
+  // The call's outcome if no reply comes.
+  std::optional<std::pair<error_code, std::string>> write_failure_;
   error_code closed_code_;
   std::string closed_detail_;
   std::string open_failure_detail_;
