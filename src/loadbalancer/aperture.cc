@@ -106,12 +106,23 @@ void ApertureBalancerSink::OnNodeRemoved(BalancerNode& n) {
   total_load_ -= n.load;
   resetting_.erase(&n);
   std::erase(to_open_, &n);
-  if (rotating_ == &n) rotating_ = nullptr;
+  const bool rotating = rotating_ == &n;
+  if (rotating) rotating_ = nullptr;
   auto it = slots_.find(&n);
   if (it == slots_.end()) return;
   if (it->second.member) {
     Remove(aperture_, n);
-    if (n.down && unpaid_expansions_ > 0) {
+    if (rotating) {
+      // The node a rotation added, before the rotation finished: the rotation is abandoned (as
+      // when its open fails) and the member it would have replaced stays, so no replacement is
+      // owed; an expansion its going down caused is given back, as Contract does.
+      if (n.down && unpaid_expansions_ > 0) {
+        --unpaid_expansions_;
+      } else if (n.down && down_expansions_ > 0) {
+        --down_expansions_;
+        ++owed_give_backs_;
+      }
+    } else if (n.down && unpaid_expansions_ > 0) {
       // A down member whose expansion is still owed: that expansion is no longer owed, and the
       // member is replaced like any other.
       --unpaid_expansions_;

@@ -110,15 +110,17 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
     return;
   }
   std::vector<BalancerNode*> to_open = NodesToOpen(std::move(joined));
-  if (!ready_ && to_open.empty()) {
+  if (!ready_ && to_open.empty() && opening_ == 0) {
     MarkReady();
     return;
   }
   std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+  opening_ += to_open.size();
   for (BalancerNode* n : to_open) {
     n->sink->AsyncOpen([weak, this](error_code) {
       // A failed open is not fatal: the node's chain reports itself down and recovers.
       if (auto self = weak.lock()) {
+        --opening_;
         if (!ready_ && !closed_) MarkReady();
       }
     });
@@ -143,9 +145,12 @@ void LoadBalancerSink::ResetNodeSink(BalancerNode& n) {
 void LoadBalancerSink::MarkReady() {
   ready_ = true;
   open_waiters_.CompleteAll(loop_.executor(), {});
-  auto parked = std::move(parked_);
-  parked_.clear();
-  for (auto [stack, stream] : parked) {
+  // One at a time: a request's response path may cancel a later one (a backup request's
+  // loser), which CancelRequest must still find parked and answer; or close the balancer,
+  // which answers the rest.
+  while (!parked_.empty()) {
+    auto [stack, stream] = parked_.front();
+    parked_.pop_front();
     stack->ClearCancelHandler();
     Route(*stack, stack->message(), stream);
   }
@@ -272,9 +277,9 @@ void LoadBalancerSink::Close() {
     subscribed_ = false;
   }
   open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
-  auto parked = std::move(parked_);
-  parked_.clear();
-  for (auto [stack, stream] : parked) {
+  while (!parked_.empty()) {
+    auto [stack, stream] = parked_.front();
+    parked_.pop_front();
     stack->ClearCancelHandler();
     Fail(*stack, Errc::kClientClosed, "the client was closed while the request waited for the server set");
   }

@@ -158,6 +158,7 @@ void ResurrectorSink::Reconnect() {
   reconnecting_ = true;
   reconnects_.Increment();
   SinkPtr candidate = next_factory_(ctx_);
+  candidate_ = candidate;
   std::weak_ptr<ClientMessageSink> weak = weak_from_this();
   candidate->AsyncOpen([weak, this, candidate](error_code ec) {
     auto self = weak.lock();
@@ -166,6 +167,7 @@ void ResurrectorSink::Reconnect() {
       return;
     }
     reconnecting_ = false;
+    if (candidate_ == candidate) candidate_.reset();
     if (closed_) {
       candidate->Close();
       return;
@@ -174,8 +176,11 @@ void ResurrectorSink::Reconnect() {
       last_error_ = {ec, fmt::format("reconnect to {} failed: {}", address_, ec.message())};
       candidate->Close();
       boost::asio::post(loop_.executor(), [candidate] {});
-      auto next = std::chrono::duration_cast<Duration>(backoff_ * std::max(1.0, options_.multiplier));
-      backoff_ = std::min(next, options_.max_backoff);
+      // In double before converting: a large multiplier would overflow the duration.
+      const double next = static_cast<double>(backoff_.count()) * std::max(1.0, options_.multiplier);
+      backoff_ = next >= static_cast<double>(options_.max_backoff.count())
+                     ? options_.max_backoff
+                     : Duration(static_cast<Duration::rep>(next));
       ScheduleReconnect();
       return;
     }
@@ -190,6 +195,8 @@ void ResurrectorSink::Close() {
   if (closed_) return;
   closed_ = true;
   reconnect_timer_.Cancel();
+  // A reconnect attempt still connecting stops now, not when its connect ends.
+  if (SinkPtr candidate = std::move(candidate_)) candidate->Close();
   // Closing a child answers its requests; their responses come back through us.
   if (child_) child_->sink->Close();
   std::vector<SinkPtr> retired;

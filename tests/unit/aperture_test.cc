@@ -688,5 +688,89 @@ TEST_F(ApertureTest, AFailedRotationDoesNotWidenTheApertureForGood) {
   h_.ReplyAll();
 }
 
+// The node a rotation added leaves the server set before its open completed: the rotation is
+// abandoned, as when that open fails. The node was an extra member, so no replacement is owed;
+// replacing it would leave the aperture one wider for good while the load stays inside the band.
+TEST_F(ApertureTest, ARotatingNodeLeavingTheSetDoesNotWidenTheApertureForGood) {
+  ApertureOptions o;
+  o.min_size = 1;
+  o.rotate = true;
+  o.rotate_min = seconds(20);
+  o.rotate_max = seconds(20);
+  h_.Build(Range(6), o);
+  h_.Open();
+  for (int i = 0; i < 3; ++i) h_.Start();
+  h_.env.Run();
+  for (int s = 1; s <= 6; ++s) h_.env.Advance(seconds(1));
+  ASSERT_EQ(h_.balancer->aperture_size(), 2u);  // 3 outstanding over 2: inside the band
+  std::set<Endpoint> before = h_.Members();
+  for (int i = 0; i < 6; ++i) {
+    if (before.count(Ep(i)) == 0) h_.Node(Ep(i)).set_open_mode(FakeTransport::OpenMode::kHang);
+  }
+  h_.env.Advance(seconds(14));  // t = 20 s: the rotation adds a node, its open pending
+  ASSERT_EQ(h_.balancer->aperture_size(), 3u);
+  Endpoint r;
+  for (const Endpoint& ep : h_.Members()) {
+    if (before.count(ep) == 0) r = ep;
+  }
+  ServerSet::Members without_r;
+  for (const Endpoint& ep : Range(6)) {
+    if (ep != r) without_r.push_back(ep);
+  }
+  h_.set->Update(without_r);
+  h_.env.Run();
+  EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "the rotating node that left was replaced";
+  for (const Endpoint& ep : h_.Members()) {
+    if (before.count(ep) == 0) h_.Node(ep).CompleteOpen();
+  }
+  h_.env.Run();
+  h_.env.Advance(seconds(15));  // t = 36 s, before the next rotation; load still inside the band
+  EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "the abandoned rotation widened the aperture for good";
+  EXPECT_EQ(h_.Members(), before);
+  h_.ReplyAll();
+}
+
+// As above, with the rotating node gone down (a tick saw it and widened the aperture) before it
+// leaves: that expansion is given back too.
+TEST_F(ApertureTest, ADownRotatingNodeLeavingTheSetDoesNotWidenTheApertureForGood) {
+  ApertureOptions o;
+  o.min_size = 1;
+  o.rotate = true;
+  o.rotate_min = seconds(20);
+  o.rotate_max = seconds(20);
+  h_.Build(Range(6), o);
+  h_.Open();
+  for (int i = 0; i < 3; ++i) h_.Start();
+  h_.env.Run();
+  for (int s = 1; s <= 6; ++s) h_.env.Advance(seconds(1));
+  ASSERT_EQ(h_.balancer->aperture_size(), 2u);
+  std::set<Endpoint> before = h_.Members();
+  for (int i = 0; i < 6; ++i) {
+    if (before.count(Ep(i)) == 0) h_.Node(Ep(i)).set_open_mode(FakeTransport::OpenMode::kHang);
+  }
+  h_.env.Advance(seconds(14));  // t = 20 s: the rotation adds a node, its open pending
+  ASSERT_EQ(h_.balancer->aperture_size(), 3u);
+  Endpoint r;
+  for (const Endpoint& ep : h_.Members()) {
+    if (before.count(ep) == 0) r = ep;
+  }
+  h_.Node(r).set_status(SinkStatus::kClosed);
+  h_.env.Advance(seconds(1));  // the tick marks it down and expands by one
+  ASSERT_EQ(h_.balancer->aperture_size(), 4u);
+  ServerSet::Members without_r;
+  for (const Endpoint& ep : Range(6)) {
+    if (ep != r) without_r.push_back(ep);
+  }
+  h_.set->Update(without_r);
+  h_.env.Run();
+  for (const Endpoint& ep : h_.Members()) {
+    if (before.count(ep) == 0) h_.Node(ep).CompleteOpen();
+  }
+  h_.env.Run();
+  h_.env.Advance(seconds(14));  // t = 35 s, before the next rotation; load still inside the band
+  EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "the abandoned rotation widened the aperture for good";
+  h_.ReplyAll();
+}
+
 }  // namespace
 }  // namespace scales

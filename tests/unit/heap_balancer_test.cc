@@ -53,6 +53,36 @@ class StreamingSink final : public ForwardingSink {
   Stream stream_{"serialised"};
 };
 
+// Stands for a sink above the balancer that cancels another request from inside a response
+// path, as the backup-request sink cancels the losing attempt when the other one wins: on
+// the first request's response it cancels the second request (if still unanswered) and notes
+// whether that one was answered by the time Cancel() returned.
+class CancelSecondOnFirstResponseSink final : public ForwardingSink {
+ public:
+  explicit CancelSecondOnFirstResponseSink(SinkPtr next) : ForwardingSink(std::move(next)) {}
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    stacks_.push_back(&stack);
+    stack.Push(this, reinterpret_cast<void*>(stacks_.size()));  // 1-based
+    next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  void AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream, MethodReturnMessage& msg) override {
+    const auto i = reinterpret_cast<uintptr_t>(context);
+    answered_.insert(i);
+    if (i == 1 && stacks_.size() >= 2 && answered_.count(2) == 0) {
+      cancelled_second_ = true;
+      stacks_[1]->Cancel(make_error_code(Errc::kCancelled));
+      second_answered_on_cancel_ = answered_.count(2) > 0;
+    }
+    stack.AsyncProcessResponse(stream, msg);
+  }
+  std::string_view name() const override { return "cancel-second"; }
+
+  std::vector<SinkStack*> stacks_;
+  std::set<uintptr_t> answered_;
+  bool cancelled_second_ = false;
+  bool second_answered_on_cancel_ = false;
+};
+
 class HeapBalancerTest : public ::testing::Test {
  protected:
   HeapBalancerTest() : factory_(env_.loop()), calls_(*env_.clock) {}
@@ -568,6 +598,57 @@ TEST_F(HeapBalancerTest, ParkedRequestsFailWhenTheBalancerCloses) {
   auto d = Start();
   env_.Run();
   EXPECT_EQ(calls_[d].error, Errc::kClientClosed);
+}
+
+// The parked requests are routed one after the other when the first node opens. One that a
+// sink above cancels from inside an earlier one's response path is still parked: the balancer
+// answers it at once, and it never reaches an endpoint.
+TEST_F(HeapBalancerTest, ParkedRequestCancelledWhileTheParkedAreRoutedIsAnsweredAtOnce) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  factory_.on_create = [](FakeTransport& f) { f.set_auto_reply(7); };  // answers inside Route
+  set_ = std::make_shared<StaticServerSet>(Eps({0}));
+  balancer_ = std::make_shared<HeapBalancerSink>(test::MakeContext(env_.loop(), env_.scope, set_),
+                                                 factory_.AsFactory());
+  auto canceller = std::make_shared<CancelSecondOnFirstResponseSink>(balancer_);
+  timeout_ = std::make_shared<TimeoutSink>(env_.loop(), canceller, env_.scope);
+  dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, seconds(10), env_.scope);
+  auto a = Start();
+  auto b = Start();
+  env_.Run();
+  ASSERT_FALSE(calls_.done(a));
+  ASSERT_FALSE(calls_.done(b));
+  Node(0).CompleteOpen();
+  env_.Run();
+  ASSERT_TRUE(canceller->cancelled_second_);
+  EXPECT_TRUE(canceller->second_answered_on_cancel_) << "CancelRequest did not answer the parked request";
+  EXPECT_EQ(Node(0).total_requests(), 1u) << "a cancelled request was sent to the endpoint";
+  EXPECT_EQ(calls_[a].value, 7);
+  EXPECT_EQ(calls_[b].error, Errc::kCancelled);
+}
+
+// The same member list delivered again (a discovery watch firing twice) while the first node
+// is still opening does not complete the open early: it waits for a node to finish opening.
+TEST_F(HeapBalancerTest, RepeatedMemberListDoesNotCompleteTheOpenBeforeANodeOpened) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build(Eps({0, 1}));
+  int done = 0;
+  balancer_->AsyncOpen([&](error_code ec) {
+    ++done;
+    EXPECT_FALSE(ec);
+  });
+  env_.Run();
+  ASSERT_EQ(balancer_->size(), 2u);
+  set_->Update(Eps({0, 1}));
+  env_.Run();
+  EXPECT_EQ(done, 0) << "open completed while every node was still opening";
+  EXPECT_EQ(balancer_->status(), SinkStatus::kIdle);
+  Node(1).CompleteOpen();
+  env_.Run();
+  EXPECT_EQ(done, 1);
+  EXPECT_EQ(balancer_->status(), SinkStatus::kOpen);
+  Node(0).CompleteOpen();
+  env_.Run();
+  EXPECT_EQ(done, 1);
 }
 
 TEST_F(HeapBalancerTest, FailedOpenStillMakesTheBalancerReady) {

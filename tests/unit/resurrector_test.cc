@@ -327,6 +327,44 @@ TEST_F(ResurrectorTest, CloseDuringAReconnectAttemptClosesTheCandidate) {
   EXPECT_EQ(resurrector_->status(), SinkStatus::kClosed);
 }
 
+// Close() while a reconnect attempt is still connecting stops that attempt at once: the
+// candidate must not go on connecting (and hold its socket) after the endpoint is closed.
+TEST_F(ResurrectorTest, CloseDuringAHangingReconnectClosesTheCandidateAtOnce) {
+  Build(Backoff(seconds(1), seconds(30), 2.0, 0.0));
+  ASSERT_FALSE(Open());
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  factory_.at(0).RaiseFault(make_error_code(Errc::kConnectionClosed));
+  env_.Run();
+  env_.Advance(seconds(1));
+  ASSERT_EQ(factory_.count(), 2u);
+  ASSERT_EQ(factory_.at(1).pending_opens(), 1u);
+  resurrector_->Close();
+  EXPECT_EQ(factory_.at(1).close_calls(), 1u);
+  EXPECT_EQ(factory_.at(1).pending_opens(), 0u);
+  env_.Run();
+  EXPECT_EQ(resurrector_->status(), SinkStatus::kClosed);
+  EXPECT_EQ(factory_.count(), 2u);  // and no further attempt
+}
+
+// A large multiplier (valid: >= 1) takes the delay straight to max_backoff; the product must
+// not overflow the duration into a negative delay (a reconnect loop without backoff).
+TEST_F(ResurrectorTest, HugeMultiplierCapsAtMaxBackoff) {
+  Build(Backoff(seconds(10), seconds(60), 1e10, 0.0));
+  ASSERT_FALSE(Open());
+  factory_.open_mode = FakeTransport::OpenMode::kFail;
+  factory_.open_error = make_error_code(Errc::kConnectFailed);
+  factory_.at(0).RaiseFault(make_error_code(Errc::kConnectionClosed));
+  env_.Run();
+  env_.Advance(seconds(10));
+  ASSERT_EQ(factory_.count(), 2u);  // the first reconnect, failed
+  EXPECT_EQ(resurrector_->current_backoff(), seconds(60));
+  env_.Advance(seconds(60) - nanoseconds(1));
+  EXPECT_EQ(factory_.count(), 2u) << "reconnected before max_backoff";
+  env_.Advance(nanoseconds(1));
+  EXPECT_EQ(factory_.count(), 3u);
+  EXPECT_EQ(resurrector_->current_backoff(), seconds(60));
+}
+
 TEST_F(ResurrectorTest, CloseAnswersRequestsOnARetiredChild) {
   Build(Backoff(seconds(1), seconds(30), 2.0, 0.0));
   ASSERT_FALSE(Open());

@@ -21,8 +21,9 @@
 //   idle client at min_size has no tick armed.
 // - Rotation (rotate = true): every UniformDuration(rotate_min, rotate_max) one random
 //   outside node is added; once its open completes, if it is healthy one random other healthy
-//   member is removed (else the new node is removed again). The load band does not shrink
-//   the aperture while a rotation waits for its node to open. Cancelled by Close().
+//   member is removed (else the new node is removed again; a new node that leaves the server
+//   set before it opened is not replaced). The load band does not shrink the aperture while a
+//   rotation waits for its node to open. Cancelled by Close().
 // - A member that leaves the server set is replaced by a random outside node. A member whose
 //   chain is not usable (Busy or Closed) is marked down and triggers an expansion by one; it
 //   stays in the aperture (it receives no traffic while a healthy member exists) until it

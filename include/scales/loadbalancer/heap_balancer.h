@@ -3,6 +3,7 @@
 // HeapBalancerSink (least loaded, from a min-heap; the seed's HeapBalancerSink).
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <utility>
@@ -107,7 +108,12 @@ class LoadBalancerSink : public ClientMessageSink {
   bool ready_ = false;
   bool closed_ = false;
   OpenWaiters open_waiters_;
-  std::vector<std::pair<SinkStack*, Stream*>> parked_;  // with the stream to send on
+  // With the stream to send on. Requests leave it one at a time (MarkReady, Close), so that
+  // one cancelled meanwhile (from inside another's response path) is still found here.
+  std::deque<std::pair<SinkStack*, Stream*>> parked_;
+  // Opens of nodes not finished yet: before the balancer is ready, Open waits for one of them
+  // (an update that opens no node, such as the same list again, does not make it ready).
+  size_t opening_ = 0;
   std::vector<std::unique_ptr<BalancerNode>> nodes_;
   std::vector<std::unique_ptr<BalancerNode>> draining_;
   bool reports_membership_;

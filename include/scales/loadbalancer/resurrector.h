@@ -77,6 +77,7 @@ class ResurrectorSink final : public ClientMessageSink {
   std::string address_;
   std::unique_ptr<Child> child_;
   std::vector<std::unique_ptr<Child>> retired_;
+  SinkPtr candidate_;  // the reconnect attempt's child while it opens (closed by Close())
   uint64_t fault_subscription_ = 0;
   bool down_ = false;
   bool closed_ = false;
