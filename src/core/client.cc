@@ -99,11 +99,14 @@ void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
     // Boost 1.81; only move construction is safe.
     std::optional<ClientMessageSink::OpenHandler> handler;
     boost::asio::any_io_executor executor;
+    // On the handler's own executor until the handler reaches it (Asio's rule, as for calls).
+    internal::TrackedWork work;
   };
   auto state = std::make_shared<OpenState>();
   state->remaining = shards_.size();
   state->handler.emplace(std::move(handler));
   state->executor = runtime_->loop(0).executor();
+  state->work = internal::HandlerWork(*state->handler);
   for (auto& shard : shards_) {
     boost::asio::post(shard->loop().executor(), [shard, state] {
       shard->AsyncOpen([state](error_code ec) {
@@ -112,7 +115,8 @@ void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
           if (ec && !state->first_error) state->first_error = ec;
           if (--state->remaining != 0) return;
         }
-        PostOpenCompletion(std::move(*state->handler), state->executor, state->first_error);
+        internal::CompleteOn(std::move(*state->handler), state->executor, /*defer=*/true,
+                             std::move(state->work), state->first_error);
       });
     });
   }

@@ -178,7 +178,9 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating, bool refuse) {
   props.start = loop_.Now();
   Duration timeout = call->timeout.value_or(default_timeout_);
   if (timeout > Duration::zero() && timeout < Duration::max() / 2) {
-    props.deadline = props.start + timeout;
+    // Saturated: a long timeout on a clock far from its epoch must not wrap into the past (the
+    // call would time out at once).
+    props.deadline = DeadlineAfter(props.start, timeout);
   }
   if (trace_ids_ && !props.trace.valid()) {
     // A root span: trace, span and parent ids are equal (Finagle's convention); never 0.

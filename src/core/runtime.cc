@@ -208,6 +208,24 @@ void StopLoops(std::vector<std::shared_ptr<EventLoop>>& loops, std::vector<std::
 
 Runtime::~Runtime() {
   guards_.clear();
+  if (threads_.empty() && !IsLoopThread()) {
+    // Manual mode: nobody polls the loops after this, and what the last clients posted when
+    // they went (their Close(), calls still on their way to a loop, the completions that
+    // follow) would be destroyed unrun: calls never completed, their objects leaked. Run it,
+    // as a threaded runtime lets its loops run out of work. Not from inside a Poll() of ours.
+    for (size_t round = 0, ran = 1; ran > 0 && round < 100000; ++round) {
+      ran = 0;
+      for (auto& loop : loops_) {
+        if (!loop->owned_ioc_) continue;  // a wrapped io_context: its user runs it
+        try {
+          ran += loop->Poll();
+        } catch (...) {
+          ran = 1;  // a handler threw: the others are still queued
+          internal::ReportHandlerException(std::current_exception());
+        }
+      }
+    }
+  }
   if (threads_.empty()) {
     // A wrapped io_context: the loop lives as long as the io_context, which may still hold
     // handlers that use it. Manual mode (the owner polls) owns its io_context, which goes with

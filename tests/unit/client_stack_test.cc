@@ -15,6 +15,8 @@
 #include <vector>
 
 #include <gmock/gmock.h>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <gtest/gtest.h>
 
@@ -258,6 +260,29 @@ TEST_F(ClientStackTest, ACallMadeOnceClosedReadsTrueIsNotSent) {
   EXPECT_EQ(sent, sent_before) << "the call reached a transport";
 }
 
+// Asio's rule, kept for calls (CallBase::TrackWork) and opens alike: the open's handler's own
+// executor counts outstanding work until the handler reaches it, so an io_context that runs
+// only that handler does not run out of work and return first. AsyncOpen tracked none: run()
+// returned at once, and the handler was later queued on a stopped io_context.
+TEST_F(ClientStackTest, OpenKeepsItsHandlersExecutorWorkingUntilTheHandlerRuns) {
+  Build();
+  boost::asio::io_context other;
+  int opened = 0;
+  error_code result = make_error_code(Errc::kProtocolError);
+  core_->AsyncOpen(boost::asio::bind_executor(other, [&](error_code ec) {
+    ++opened;
+    result = ec;
+  }));
+  other.poll();
+  EXPECT_FALSE(other.stopped()) << "the open's handler's executor ran out of work before the open completed";
+  Run();  // the shards open; the handler is handed to `other`
+  EXPECT_EQ(opened, 0);
+  other.restart();
+  other.run();  // runs the handler, then has no work left and returns
+  EXPECT_EQ(opened, 1);
+  EXPECT_FALSE(result);
+}
+
 TEST_F(ClientStackTest, MembershipChangesReachTheBalancer) {
   Build();
   EXPECT_FALSE(Open());
@@ -355,6 +380,47 @@ TEST_F(ClientStackTest, RandomOperationsCompleteEveryCallOnce) {
   for (size_t c = 0; c < calls_.size(); ++c) outcomes[calls_[c].error ? ErrorName(calls_[c].error) : "ok"]++;
   EXPECT_GT(outcomes["ok"], 100) << ::testing::PrintToString(outcomes);
   EXPECT_GT(calls_.size(), 1000u);
+}
+
+}  // namespace
+}  // namespace scales
+
+namespace scales {
+namespace {
+
+// A manual-mode runtime destroyed with its last client while a call waits on a connection and
+// another is still posted to the loop: the client's Close() and the completions still run
+// (nobody would poll the loops later). They used to be destroyed unrun: both calls never
+// completed, and their objects leaked.
+TEST(ClientCoreShutdownTest, ManualRuntimeDestroyedWithPendingCallsCompletesThem) {
+  stats::StatsRegistry registry;
+  auto clock = std::make_shared<ManualClock>();
+  auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 1, .start_threads = false, .clock = clock, .seed = 42});
+  FakeTransportFactory factory(runtime->loop(0));
+  CallTracker calls(*clock);
+  {
+    ClientOptions options;
+    options.name = "shutdown";
+    options.runtime = runtime;
+    options.stats = &registry;
+    options.server_set = std::make_shared<StaticServerSet>(ServerSet::Members{kA});
+    SinkStackSpec spec({TimeoutSinkProvider(),
+                        SinkProvider{"transport", "fake", [&](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                                       return factory.Create(ctx);
+                                     }}});
+    auto core = std::make_shared<ClientCore>(options, spec);
+    calls.StartWith([&](CallBase* c) { core->Dispatch(c); });  // on the loop once polled
+    runtime->RunUntilIdle();
+    calls.StartWith([&](CallBase* c) { core->Dispatch(c); });  // posted, not run yet
+    ASSERT_EQ(factory.TotalInFlight(), 1u);
+  }
+  runtime.reset();
+  EXPECT_TRUE(calls.AllCompletedOnce());
+  // The posted call reaches the loop ahead of the Close() posted after it: both are answered
+  // by the closing connection.
+  EXPECT_EQ(calls[0].error, Errc::kConnectionClosed);
+  EXPECT_EQ(calls[1].error, Errc::kConnectionClosed);
+  factory.Clear();
 }
 
 }  // namespace

@@ -700,3 +700,28 @@ TEST_F(DispatcherTest, TraceIdsAreAssignedPerCallUnlessGiven) {
 
 }  // namespace
 }  // namespace scales
+
+// --- Time far from the clock's epoch -------------------------------------------------------------
+
+namespace scales {
+namespace {
+
+// A long timeout on a clock far from its epoch (a manual clock moved far ahead) saturates: the
+// deadline used to wrap into the past, and the call timed out at once.
+TEST_F(DispatcherTest, ALongTimeoutFarFromTheClocksEpochDoesNotWrapIntoThePast) {
+  Build();
+  env_.clock->Advance(Duration::max() / 2);
+  auto c = Start(Duration::max() / 2 - nanoseconds(1));
+  env_.Run();
+  EXPECT_EQ(calls_[c].completions, 0) << calls_[c].info.detail;
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  EXPECT_EQ(transport_->request(0).message->properties.deadline, TimePoint::max());
+  env_.Advance(std::chrono::hours(24 * 365));
+  EXPECT_EQ(calls_[c].completions, 0);
+  ASSERT_TRUE(transport_->Reply(0, 8));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 8);
+}
+
+}  // namespace
+}  // namespace scales

@@ -2,6 +2,8 @@
 
 #include "scales/core/sink_stack.h"
 
+#include "scales/core/observable.h"
+
 #include <string>
 #include <utility>
 #include <vector>
@@ -266,6 +268,28 @@ TEST(MethodCallMessageTest, TypedPayloadAndReplySlot) {
   auto f = MethodReturnMessage::Failure(make_error_code(Errc::kNack), "nope");
   EXPECT_FALSE(f.ok());
   EXPECT_EQ(f.detail, "nope");
+}
+
+// A subscriber that raises the observable again (a fault handler whose reaction faults the same
+// sink) must not make the outer notification skip or repeat subscribers: the inner Set() used to
+// compact the subscriber list under the outer one's index, so B missed the first value and C
+// got both.
+TEST(ObservableTest, ASetFromInsideANotificationSkipsAndRepeatsNoSubscriber) {
+  Observable<int> o;
+  std::vector<int> b_seen, c_seen;
+  uint64_t a = 0;
+  a = o.Subscribe([&](const int& v) {
+    o.Unsubscribe(a);
+    o.Set(v + 1);
+  });
+  o.Subscribe([&](const int& v) { b_seen.push_back(v); });
+  o.Subscribe([&](const int& v) { c_seen.push_back(v); });
+  o.Set(1);
+  EXPECT_THAT(b_seen, ElementsAre(2, 1));
+  EXPECT_EQ(b_seen, c_seen);
+  EXPECT_EQ(o.subscriber_count(), 2u);
+  o.Set(5);
+  EXPECT_THAT(c_seen, ElementsAre(2, 1, 5));
 }
 
 TEST(SinkStatusTest, ToString) {

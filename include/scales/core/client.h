@@ -74,7 +74,8 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   ClientCore(const ClientCore&) = delete;
   ClientCore& operator=(const ClientCore&) = delete;
 
-  // Opens every shard; the handler gets the first error, or success once all opened.
+  // Opens every shard; the handler gets the first error, or success once all opened. It runs on
+  // its associated executor (default: the first loop's), which counts outstanding work until then.
   template <class CompletionToken>
   auto AsyncOpen(CompletionToken&& token) {
     return boost::asio::async_initiate<CompletionToken, void(error_code)>(

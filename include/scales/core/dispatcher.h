@@ -103,6 +103,20 @@ void InvokeHandler(Handler& h, Args&&... args) noexcept {
 // The outstanding work a call holds on its handler's executor (CallBase::TrackWork).
 using TrackedWork = std::optional<boost::asio::any_completion_executor>;
 
+// Outstanding work on `handler`'s associated executor, or none for a handler without an
+// executor of its own (it runs on the operation's loop).
+template <class Handler>
+TrackedWork HandlerWork(Handler& handler) {
+  using Ex = boost::asio::associated_executor_t<Handler, boost::asio::system_executor>;
+  if constexpr (!std::is_same_v<Ex, boost::asio::system_executor>) {
+    boost::asio::any_completion_executor ex(
+        boost::asio::get_associated_executor(handler, boost::asio::system_executor()));
+    if (ex.template target<boost::asio::system_executor>() != nullptr) return {};  // type-erased, none of its own
+    return TrackedWork(boost::asio::prefer(ex, boost::asio::execution::outstanding_work.tracked));
+  }
+  return {};
+}
+
 // Runs `h(args...)` on its associated executor (else `fallback`, the call's event loop, whose
 // thread calls this); posted to `fallback` first when `defer` (never inside an initiating
 // function). A handler without an executor of its own runs in place: that is what dispatching
@@ -203,13 +217,7 @@ class CallBase {
   // once the handler was handed to its executor.
   template <class Handler>
   void TrackWork(Handler& handler) {
-    using Ex = boost::asio::associated_executor_t<Handler, boost::asio::system_executor>;
-    if constexpr (!std::is_same_v<Ex, boost::asio::system_executor>) {
-      boost::asio::any_completion_executor ex(
-          boost::asio::get_associated_executor(handler, boost::asio::system_executor()));
-      if (ex.template target<boost::asio::system_executor>() != nullptr) return;  // type-erased, none of its own
-      work_.emplace(boost::asio::prefer(ex, boost::asio::execution::outstanding_work.tracked));
-    }
+    work_ = internal::HandlerWork(handler);
   }
   internal::TrackedWork work_;
 

@@ -31,13 +31,16 @@ class Observable {
     value_ = value;
     // Index loop: subscribers may be added while notifying (they are not called this time).
     const size_t n = subscribers_.size();
+    ++notifying_;
     for (size_t i = 0; i < n && i < subscribers_.size(); ++i) {
       if (subscribers_[i].id != 0) {
         Callback cb = subscribers_[i].cb;  // copy: the subscriber may unsubscribe itself
         cb(value);
       }
     }
-    std::erase_if(subscribers_, [](const Sub& s) { return s.id == 0; });
+    // Only the outermost Set() compacts: a Set() from inside a callback would move the entries
+    // under the outer one's index (one subscriber skipped, another called twice).
+    if (--notifying_ == 0) std::erase_if(subscribers_, [](const Sub& s) { return s.id == 0; });
   }
   const std::optional<T>& value() const noexcept { return value_; }
   void Reset() { value_.reset(); }
@@ -55,6 +58,7 @@ class Observable {
   std::vector<Sub> subscribers_;
   std::optional<T> value_;
   uint64_t next_id_ = 0;
+  int notifying_ = 0;  // Set() calls on the stack
 };
 
 }  // namespace scales

@@ -105,8 +105,9 @@ struct RuntimeOptions {
 
 // Owns the event loops. Destroying the runtime lets the loops run out of work (a closed
 // client's shutdown, the completions of its calls), for up to 5 s, then stops and joins their
-// threads. Clients hold their runtime, so it goes with the last of them when nothing else holds
-// it. It may be destroyed from inside a handler on one of its own loops (a client that held
+// threads; in manual mode (start_threads = false) it polls them until they are idle instead.
+// Clients hold their runtime, so it goes with the last of them when nothing else holds it.
+// It may be destroyed from inside a handler on one of its own loops (a client that held
 // the last reference, released in its own callback): the destructor then returns at once and
 // a thread of its own does the same shutdown once the handler has returned. A runtime wrapping
 // a user's io_context leaves its loop to that io_context: the loop is destroyed with it, since
