@@ -136,6 +136,32 @@ class ApertureTest : public ::testing::Test {
  protected:
   void TearDown() override { h_.Finish(); }
 
+  // Six nodes, a one-member aperture grown to two by 3 outstanding requests (inside the load
+  // band), rotating every 20 s; at t = 20 s the rotation adds node `r`, whose open (as every
+  // outside node's) hangs. `before`: the members before it.
+  void StartRotation(std::set<Endpoint>& before, Endpoint& r) {
+    ApertureOptions o;
+    o.min_size = 1;
+    o.rotate = true;
+    o.rotate_min = seconds(20);
+    o.rotate_max = seconds(20);
+    h_.Build(Range(6), o);
+    h_.Open();
+    for (int i = 0; i < 3; ++i) h_.Start();
+    h_.env.Run();
+    for (int s = 1; s <= 6; ++s) h_.env.Advance(seconds(1));
+    ASSERT_EQ(h_.balancer->aperture_size(), 2u);  // 3 outstanding over 2: inside the band
+    before = h_.Members();
+    for (int i = 0; i < 6; ++i) {
+      if (before.count(Ep(i)) == 0) h_.Node(Ep(i)).set_open_mode(FakeTransport::OpenMode::kHang);
+    }
+    h_.env.Advance(seconds(14));  // t = 20 s: the rotation adds a node, its open pending
+    ASSERT_EQ(h_.balancer->aperture_size(), 3u);
+    for (const Endpoint& ep : h_.Members()) {
+      if (before.count(ep) == 0) r = ep;
+    }
+  }
+
   // Grows a one-member aperture over 4 nodes to two with 3 outstanding requests: the EMA
   // (window 5 s, tick 1 s) reaches 2 at t = 6 s (3 * (1 - e^-1.2) = 2.096; at 5 s 1.896).
   void GrowToTwo() {
@@ -648,27 +674,9 @@ TEST(ApertureSeedTest, SameSeedGivesExactlyTheSameHistory) {
 // the balancer: the expansion its going down caused must be given back when the rotation is
 // abandoned, or every failed rotation inside the load band leaves the aperture one wider.
 TEST_F(ApertureTest, AFailedRotationDoesNotWidenTheApertureForGood) {
-  ApertureOptions o;
-  o.min_size = 1;
-  o.rotate = true;
-  o.rotate_min = seconds(20);
-  o.rotate_max = seconds(20);
-  h_.Build(Range(6), o);
-  h_.Open();
-  for (int i = 0; i < 3; ++i) h_.Start();
-  h_.env.Run();
-  for (int s = 1; s <= 6; ++s) h_.env.Advance(seconds(1));
-  ASSERT_EQ(h_.balancer->aperture_size(), 2u);  // 3 outstanding over 2: inside the band
-  std::set<Endpoint> before = h_.Members();
-  for (int i = 0; i < 6; ++i) {
-    if (before.count(Ep(i)) == 0) h_.Node(Ep(i)).set_open_mode(FakeTransport::OpenMode::kHang);
-  }
-  h_.env.Advance(seconds(14));  // t = 20 s: the rotation adds a node, its open pending
-  ASSERT_EQ(h_.balancer->aperture_size(), 3u);
+  std::set<Endpoint> before;
   Endpoint r;
-  for (const Endpoint& ep : h_.Members()) {
-    if (before.count(ep) == 0) r = ep;
-  }
+  ASSERT_NO_FATAL_FAILURE(StartRotation(before, r));
   FakeTransport& rot = h_.Node(r);
   // Its connect fails: the endpoint reports itself down (the resurrector marks it Closed) a turn
   // or two before the open's completion reaches the balancer; a tick meanwhile sees it.
@@ -692,27 +700,9 @@ TEST_F(ApertureTest, AFailedRotationDoesNotWidenTheApertureForGood) {
 // abandoned, as when that open fails. The node was an extra member, so no replacement is owed;
 // replacing it would leave the aperture one wider for good while the load stays inside the band.
 TEST_F(ApertureTest, ARotatingNodeLeavingTheSetDoesNotWidenTheApertureForGood) {
-  ApertureOptions o;
-  o.min_size = 1;
-  o.rotate = true;
-  o.rotate_min = seconds(20);
-  o.rotate_max = seconds(20);
-  h_.Build(Range(6), o);
-  h_.Open();
-  for (int i = 0; i < 3; ++i) h_.Start();
-  h_.env.Run();
-  for (int s = 1; s <= 6; ++s) h_.env.Advance(seconds(1));
-  ASSERT_EQ(h_.balancer->aperture_size(), 2u);  // 3 outstanding over 2: inside the band
-  std::set<Endpoint> before = h_.Members();
-  for (int i = 0; i < 6; ++i) {
-    if (before.count(Ep(i)) == 0) h_.Node(Ep(i)).set_open_mode(FakeTransport::OpenMode::kHang);
-  }
-  h_.env.Advance(seconds(14));  // t = 20 s: the rotation adds a node, its open pending
-  ASSERT_EQ(h_.balancer->aperture_size(), 3u);
+  std::set<Endpoint> before;
   Endpoint r;
-  for (const Endpoint& ep : h_.Members()) {
-    if (before.count(ep) == 0) r = ep;
-  }
+  ASSERT_NO_FATAL_FAILURE(StartRotation(before, r));
   ServerSet::Members without_r;
   for (const Endpoint& ep : Range(6)) {
     if (ep != r) without_r.push_back(ep);
@@ -733,27 +723,9 @@ TEST_F(ApertureTest, ARotatingNodeLeavingTheSetDoesNotWidenTheApertureForGood) {
 // As above, with the rotating node gone down (a tick saw it and widened the aperture) before it
 // leaves: that expansion is given back too.
 TEST_F(ApertureTest, ADownRotatingNodeLeavingTheSetDoesNotWidenTheApertureForGood) {
-  ApertureOptions o;
-  o.min_size = 1;
-  o.rotate = true;
-  o.rotate_min = seconds(20);
-  o.rotate_max = seconds(20);
-  h_.Build(Range(6), o);
-  h_.Open();
-  for (int i = 0; i < 3; ++i) h_.Start();
-  h_.env.Run();
-  for (int s = 1; s <= 6; ++s) h_.env.Advance(seconds(1));
-  ASSERT_EQ(h_.balancer->aperture_size(), 2u);
-  std::set<Endpoint> before = h_.Members();
-  for (int i = 0; i < 6; ++i) {
-    if (before.count(Ep(i)) == 0) h_.Node(Ep(i)).set_open_mode(FakeTransport::OpenMode::kHang);
-  }
-  h_.env.Advance(seconds(14));  // t = 20 s: the rotation adds a node, its open pending
-  ASSERT_EQ(h_.balancer->aperture_size(), 3u);
+  std::set<Endpoint> before;
   Endpoint r;
-  for (const Endpoint& ep : h_.Members()) {
-    if (before.count(ep) == 0) r = ep;
-  }
+  ASSERT_NO_FATAL_FAILURE(StartRotation(before, r));
   h_.Node(r).set_status(SinkStatus::kClosed);
   h_.env.Advance(seconds(1));  // the tick marks it down and expands by one
   ASSERT_EQ(h_.balancer->aperture_size(), 4u);
