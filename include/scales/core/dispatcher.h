@@ -195,6 +195,7 @@ class CallBase {
   // Asio per-operation cancellation (e.g. the loser of an awaitable `||`): when the caller's
   // handler has a connected cancellation slot, emitting it cancels the call with kCancelled on
   // the call's loop. The slot may be emitted from any thread, before or after dispatch.
+  // `terminal` and `partial` cancel at any point; `total` alone only before dispatch.
   //
   // The slot's handler stays with the caller's signal after the call completed, and may be
   // emitted after the client and its runtime are gone: it holds the loop weakly.
@@ -227,9 +228,17 @@ class CallBase {
     if (!slot.is_connected()) return;
     cancel_state_ = std::make_shared<CancelState>();
     slot.assign([state = cancel_state_](boost::asio::cancellation_type type) {
-      if (type == boost::asio::cancellation_type::none) return;
+      using boost::asio::cancellation_type;
+      if (type == cancellation_type::none) return;
+      // `total` alone promises no side effects: true only before the call reached its loop
+      // (past that its request may be on the wire), so later it is ignored.
+      const bool total_only = (type & (cancellation_type::terminal | cancellation_type::partial)) ==
+                              cancellation_type::none;
+      if (total_only && state->dispatched.load()) return;
       state->requested = true;
-      if (!state->dispatched.load()) return;  // the dispatcher will see `requested`
+      // Not yet dispatched: the dispatcher will see `requested`. A `total` racing the dispatch
+      // is left to the dispatcher, which cancels only if it saw it.
+      if (!state->dispatched.load() || total_only) return;
       if (auto loop = state->loop.lock()) {
         boost::asio::post(loop->executor(), [state] {
           if (state->call != nullptr) state->call->stack.Cancel(make_error_code(Errc::kCancelled));
