@@ -206,9 +206,13 @@ void MuxSessionSink::OnHandshakeTimeout(void* p) {
                             s->address_, Millis(s->options_.connect_timeout), s->HandshakeStep()));
     return;
   }
+  // Say which step was still waiting, and the setting that bounds them all.
+  const std::string step = s->handshake_phase_ == 3
+                               ? std::string("the TLS handshake negotiated in Rinit was still running")
+                               : fmt::format("{} was still unanswered", s->HandshakeStep());
   s->FailOpen(make_error_code(Errc::kConnectTimeout),
-              fmt::format("Mux handshake with {} did not finish within {} ms", s->address_,
-                          Millis(s->options_.connect_timeout)));
+              fmt::format("Mux handshake with {} did not finish within {} ms (limit session.connect_timeout): {}",
+                          s->address_, Millis(s->options_.connect_timeout), step));
 }
 
 void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
@@ -1015,6 +1019,12 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   const bool keep_code = client_close || ec == Errc::kTlsFailed;
   if (!keep_code) MarkUnsentInWriteBuffer();
   conn_.Close();
+  // Nothing more is read: let go of what the server left half-sent (fragments of replies, up to
+  // max_message_size per tag, and the read buffer grown for a large frame), which the closed
+  // session would otherwise keep until its pool replaces it. No caller of Fail uses a frame
+  // view after it.
+  decoder_.Clear();
+  reassembler_.Clear();
   auto keep = self();
   open_waiters_.CompleteAll(loop_.executor(), was_open ? make_error_code(Errc::kConnectionClosed) : ec);
   // Answer every live request; collect first: answering may start other work on this loop.

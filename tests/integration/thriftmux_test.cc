@@ -4,6 +4,7 @@
 // misbehaviour on demand. Every call completes exactly once; tags are freed; the client
 // recovers for the next call.
 #include <arpa/inet.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -1188,6 +1189,121 @@ TEST(MuxSessionTest, TdiscardedSaysWhyTheClientGaveUp) {
   }
   s.session->Close();
   env.Run();
+}
+
+// --- The session alone against a raw peer that answers frame by frame -----------------------
+
+// A session on a manual runtime to a QuietPeer, and the messages the peer received whole.
+struct PeerSession {
+  explicit PeerSession(mux::SessionOptions o) {
+    session = std::make_shared<mux::MuxSessionSink>(
+        test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", peer.port()}), o);
+    session->AsyncOpen([this](error_code ec) { opened = ec; });
+    peer.Accept();
+  }
+  // Reads what the client sent until `done` holds for the messages received so far.
+  bool ReadUntil(const std::function<bool()>& done) {
+    return RunUntil(env, [&] {
+      decoder.Feed(peer.Read());
+      for (;;) {
+        auto frame = decoder.Next();
+        if (!frame || !frame->has_value()) break;
+        if ((*frame)->fragment) continue;  // the tests here read whole messages
+        auto m = mux::DecodeMessage(**frame);
+        if (m) got.push_back(std::move(*m));
+      }
+      return done();
+    });
+  }
+  // Sends all of `bytes`, running the client's loop while the socket is full.
+  bool SendAll(std::string bytes) {
+    return RunUntil(env, [&] {
+      peer.SendSome(bytes);
+      return bytes.empty();
+    });
+  }
+  template <class T>
+  const T* Last() const {
+    for (auto it = got.rbegin(); it != got.rend(); ++it) {
+      if (auto* m = std::get_if<T>(&*it)) return m;
+    }
+    return nullptr;
+  }
+  test::ManualEnv env;
+  QuietPeer peer;
+  std::shared_ptr<mux::MuxSessionSink> session;
+  std::optional<error_code> opened;
+  mux::FrameDecoder decoder{64u << 20};
+  std::vector<mux::Message> got;
+};
+
+// Heap bytes allocated (small blocks and mmapped ones).
+size_t HeapInUse() {
+  const struct mallinfo2 mi = mallinfo2();
+  return mi.uordblks + mi.hblkhd;
+}
+
+// A server sends most of a large reply to each of two requests in fragments, then a frame that
+// closes the session (an unknown type): the requests fail, and the closed session must not keep
+// the half-received replies (nor the read buffer grown for them). It stays with its pool until
+// the next request replaces it, which may be long, and a hostile server chooses their size
+// (up to max_message_size per tag in use).
+TEST(MuxSessionTest, AClosedSessionKeepsNoHalfReceivedReplies) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "mallinfo2 does not see the sanitizer's heap";
+#endif
+  mux::SessionOptions o;
+  o.handshake = false;
+  o.ping_interval = Duration::zero();
+  PeerSession f(o);
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  SessionCall a("a"), b("b");
+  a.Start(*f.session);
+  b.Start(*f.session);
+  ASSERT_TRUE(f.ReadUntil([&] { return f.got.size() == 2; }));
+  const size_t before = HeapInUse();
+  constexpr size_t kPart = 8u << 20;
+  for (const auto& m : f.got) {
+    std::string fragment;
+    mux::AppendFrameHeader(mux::wire::kRdispatch, mux::TagOf(m), /*more=*/true, kPart, &fragment);
+    // Status Ok, no contexts: the start of a well-formed Rdispatch.
+    fragment.append(3, '\0').append(kPart - 3, 'f');
+    ASSERT_TRUE(f.SendAll(std::move(fragment)));
+  }
+  std::string garbage;
+  mux::AppendFrameHeader(0x12, 2, false, 0, &garbage);
+  ASSERT_TRUE(f.SendAll(garbage));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return a.completions() == 1 && b.completions() == 1; }));
+  EXPECT_EQ(a.result().error, Errc::kProtocolError) << a.result().detail;
+  EXPECT_EQ(f.session->status(), SinkStatus::kClosed);
+  EXPECT_LT(HeapInUse(), before + (4u << 20)) << "heap grew by " << (HeapInUse() - before) << " bytes";
+}
+
+// A server that accepts the connection but never answers the probe, or echoes it and never
+// answers Tinit: the open fails at connect_timeout with an error that says which step was still
+// waiting and which setting bounds it.
+TEST(MuxSessionTest, HandshakeTimeoutNamesTheStepAndTheLimit) {
+  for (int phase = 1; phase <= 2; ++phase) {
+    SCOPED_TRACE(phase);
+    mux::SessionOptions o;
+    o.ping_interval = Duration::zero();
+    o.connect_timeout = 2s;
+    PeerSession f(o);
+    ASSERT_TRUE(f.ReadUntil([&] { return !f.got.empty(); }));
+    ASSERT_TRUE(mux::IsProbe(f.got[0]));
+    if (phase == 2) {
+      f.peer.Send(mux::Encode(mux::ProbeMessage()));
+      ASSERT_TRUE(f.ReadUntil([&] { return f.Last<mux::Tinit>() != nullptr; }));
+    }
+    f.env.Advance(2s);
+    ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+    EXPECT_EQ(*f.opened, Errc::kConnectTimeout);
+    const std::string detail = f.session->open_failure_detail();
+    EXPECT_NE(detail.find("(limit session.connect_timeout): "), std::string::npos) << detail;
+    EXPECT_NE(detail.find(phase == 1 ? "the handshake probe was still unanswered" : "Tinit was still unanswered"),
+              std::string::npos)
+        << detail;
+  }
 }
 
 }  // namespace

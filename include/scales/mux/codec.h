@@ -299,6 +299,12 @@ class FrameDecoder {
   // valid until the next call of Feed, Next or NextView.
   Result<std::optional<FrameView>> NextView();
 
+  // Drops the bytes fed but not yet returned as frames and gives their memory back (a session
+  // that closed). A failed decoder stays failed.
+  void Clear() {
+    std::string().swap(buffer_);
+    read_ = 0;
+  }
   // Bytes fed but not yet returned as frames.
   std::size_t buffered() const { return buffer_.size() - read_; }
   std::uint32_t max_frame_size() const { return max_frame_size_; }
@@ -338,7 +344,11 @@ class Reassembler {
 
   // Drops partial fragments of `tag`; returns whether there were any.
   bool Drop(std::uint32_t tag);
-  void Clear() { partial_.clear(); }
+  // Drops every partial message and gives back the memory of the last reassembled one.
+  void Clear() {
+    partial_.clear();
+    std::string().swap(completed_);
+  }
   std::size_t pending_tags() const { return partial_.size(); }
   std::size_t buffered_bytes(std::uint32_t tag) const;
   std::size_t max_bytes_per_tag() const { return max_bytes_per_tag_; }
