@@ -199,20 +199,27 @@ auto MessageScanner::Malformed(std::string why) -> Result {
   return Result::kMalformed;
 }
 
-void MessageScanner::Push(Frame::Kind kind, int depth, uint64_t count, uint8_t first_type, uint8_t second_type) {
+void MessageScanner::Push(Frame::Kind kind, int depth, int containers, uint64_t count, uint8_t first_type,
+                          uint8_t second_type) {
   Frame f;
   f.kind = kind;
   f.depth = depth;
+  f.containers = containers;
   f.remaining = count;
   f.first_type = first_type;
   f.second_type = second_type;
   frames_.push_back(f);
 }
 
-// Takes one value of `type` at depth `depth`: a scalar or string whole, or a container's header
-// (pushing its frame). Nothing changes unless it returns kOk.
-auto MessageScanner::StartValue(std::string_view b, uint8_t type, int depth) -> Result {
-  if (depth > kMaxDepth) return Malformed("nesting deeper than 64");
+// Takes one value of `type` in a frame at `depth` with `containers`: a scalar or string whole, or
+// a container's header (pushing its frame). Nothing changes unless it returns kOk.
+auto MessageScanner::StartValue(std::string_view b, uint8_t type, int depth, int containers) -> Result {
+  const bool is_struct = type == 12;
+  const bool is_container = compact_ ? type >= 9 && type <= 11 : type >= 13 && type <= 15;
+  if (is_struct && depth + 1 > kMaxDepth) return Malformed("nesting deeper than 64");
+  if (is_container && containers + 1 > kMaxDepth) return Malformed("lists, sets and maps nesting deeper than 64");
+  const int struct_depth = depth + 1;
+  const int inner = containers + 1;  // a container's run of containers
   size_t p = at_;
   if (!compact_) {
     int32_t n = 0;
@@ -237,13 +244,13 @@ auto MessageScanner::StartValue(std::string_view b, uint8_t type, int depth) -> 
         if (!Take(b, p, static_cast<uint64_t>(n))) return Result::kNeedMore;
         break;
       case 12:
-        Push(Frame::Kind::kStruct, depth, 0, 0, 0);
+        Push(Frame::Kind::kStruct, struct_depth, 0, 0, 0, 0);
         break;
       case 13: {  // map
         uint8_t k = 0, v = 0;
         if (!TakeByte(b, p, k) || !TakeByte(b, p, v) || !TakeBe32(b, p, n)) return Result::kNeedMore;
         if (n < 0) return Malformed("negative map size");
-        Push(Frame::Kind::kMap, depth, static_cast<uint64_t>(n), k, v);
+        Push(Frame::Kind::kMap, depth, inner, static_cast<uint64_t>(n), k, v);
         break;
       }
       case 14:    // set
@@ -251,7 +258,7 @@ auto MessageScanner::StartValue(std::string_view b, uint8_t type, int depth) -> 
         uint8_t e = 0;
         if (!TakeByte(b, p, e) || !TakeBe32(b, p, n)) return Result::kNeedMore;
         if (n < 0) return Malformed("negative list size");
-        Push(Frame::Kind::kList, depth, static_cast<uint64_t>(n), e, 0);
+        Push(Frame::Kind::kList, depth, inner, static_cast<uint64_t>(n), e, 0);
         break;
       }
       default:
@@ -287,7 +294,7 @@ auto MessageScanner::StartValue(std::string_view b, uint8_t type, int depth) -> 
       if (n == 15) {
         if (Result r = TakeVarint(b, p, n); r != Result::kOk) return r;
       }
-      Push(Frame::Kind::kList, depth, n, head & 0x0f, 0);
+      Push(Frame::Kind::kList, depth, inner, n, head & 0x0f, 0);
       break;
     }
     case 11: {  // map
@@ -295,11 +302,11 @@ auto MessageScanner::StartValue(std::string_view b, uint8_t type, int depth) -> 
       if (n == 0) break;
       uint8_t kv = 0;
       if (!TakeByte(b, p, kv)) return Result::kNeedMore;
-      Push(Frame::Kind::kMap, depth, n, kv >> 4, kv & 0x0f);
+      Push(Frame::Kind::kMap, depth, inner, n, kv >> 4, kv & 0x0f);
       break;
     }
     case 12:
-      Push(Frame::Kind::kStruct, depth, 0, 0, 0);
+      Push(Frame::Kind::kStruct, struct_depth, 0, 0, 0, 0);
       break;
     default:
       return Malformed("unknown compact field type " + std::to_string(type));
@@ -345,21 +352,21 @@ auto MessageScanner::Walk(std::string_view b) -> Result {
       case Frame::Kind::kStruct:
         if (f.pending < 0) {
           r = FieldHeader(b);
-        } else if (r = StartValue(b, static_cast<uint8_t>(f.pending), f.depth + 1); r == Result::kOk) {
+        } else if (r = StartValue(b, static_cast<uint8_t>(f.pending), f.depth, f.containers); r == Result::kOk) {
           frames_[top].pending = -1;
         }
         break;
       case Frame::Kind::kList:
         if (f.remaining == 0) {
           frames_.pop_back();
-        } else if (r = StartValue(b, f.first_type, f.depth + 1); r == Result::kOk) {
+        } else if (r = StartValue(b, f.first_type, f.depth, f.containers); r == Result::kOk) {
           --frames_[top].remaining;
         }
         break;
       case Frame::Kind::kMap:
         if (f.remaining == 0) {
           frames_.pop_back();
-        } else if (r = StartValue(b, f.value_next ? f.second_type : f.first_type, f.depth + 1);
+        } else if (r = StartValue(b, f.value_next ? f.second_type : f.first_type, f.depth, f.containers);
                    r == Result::kOk) {
           Frame& m = frames_[top];
           if (m.value_next) --m.remaining;
@@ -406,7 +413,7 @@ MessageScan MessageScanner::Scan(std::string_view bytes) {
     compact_ = header->format == HeaderFormat::kCompact;
     at_ = header->size;
     frames_.reserve(8);
-    Push(Frame::Kind::kStruct, 0, 0, 0, 0);  // the message's struct (arguments or result)
+    Push(Frame::Kind::kStruct, 1, 0, 0, 0, 0);  // the message's struct (arguments or result)
   }
   switch (Walk(bytes)) {
     case Result::kOk:

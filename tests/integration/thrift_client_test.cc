@@ -408,6 +408,48 @@ TEST(ThriftClientTest, TheDefaultFrameLimitIsADefaultApacheServers) {
   EXPECT_EQ(back.data, "small");
 }
 
+// Hello's tree() answers a Node `levels` deep; the other methods are unused.
+class TreeHandler final : public scales::thrifttest::HelloIf {
+ public:
+  explicit TreeHandler(int levels) : levels_(levels) {}
+  void hi(std::string& r, const std::string& arg) override { r = arg; }
+  void blobs(std::vector<scales::thrifttest::Blob>&, int32_t) override {}
+  void tree(scales::thrifttest::Node& r) override {
+    r = scales::thrifttest::Node();
+    r.id = levels_;
+    for (int level = levels_ - 1; level >= 1; --level) {
+      scales::thrifttest::Node parent;
+      parent.id = level;
+      parent.children.push_back(std::move(r));
+      parent.__isset.children = true;
+      r = std::move(parent);
+    }
+  }
+  void numbers(scales::thrifttest::Numbers&) override {}
+
+ private:
+  const int levels_;
+};
+
+// A Node 40 levels deep (41 structs with the result, a list between each two; Apache decodes up
+// to 64 structs) comes back over either framing: the buffered transport's scan for the reply's
+// end counted the lists too and refused it ("nesting deeper than 64").
+TEST_P(ThriftFramingTest, ADeepReplyTheGeneratedCodeDecodesPassesEitherFraming) {
+  const Framing framing = GetParam();
+  InProcessServer server(std::make_shared<scales::thrifttest::HelloProcessor>(std::make_shared<TreeHandler>(40)),
+                         ServerKind::kThreaded, framing, Protocol::kBinary);
+  auto client = Thrift::NewClient<HelloClient>(server.uri(), Options(framing, Protocol::kBinary, MakeRuntime()));
+  try {
+    scales::thrifttest::Node node;
+    client->tree(node);
+    EXPECT_EQ(node.id, 1);
+    EXPECT_EQ(SCALES_THRIFT_CALL(client, tree, boost::asio::use_future).get().id, 1);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+  }
+  client.Close();
+}
+
 INSTANTIATE_TEST_SUITE_P(Framings, ThriftFramingTest, ::testing::Values(Framing::kFramed, Framing::kBuffered),
                          [](const auto& info) { return std::string(thrift::ToString(info.param)); });
 

@@ -12,6 +12,7 @@
 #include <thrift/TApplicationException.h>
 #include <thrift/protocol/TBinaryProtocol.h>
 #include <thrift/protocol/TCompactProtocol.h>
+#include <thrift/protocol/TProtocolException.h>
 #include <thrift/transport/TBufferTransports.h>
 
 #include "Derived.h"
@@ -564,8 +565,9 @@ TEST(ThriftCodecTest, InheritedMethodsEncodeAndDeclaredExceptionsDecodeAsThemsel
   }
 }
 
-// A reply to hi() carrying `value`, written by libthrift.
-std::string HiReply(Protocol p, const std::string& value) {
+// The REPLY to `method` carrying `result` (a generated *_result struct), written by libthrift.
+template <class Result>
+std::string WriteReply(Protocol p, const std::string& method, const Result& result) {
   auto buf = std::make_shared<TMemoryBuffer>();
   std::shared_ptr<apache::thrift::protocol::TProtocol> proto;
   if (p == Protocol::kCompact) {
@@ -573,13 +575,70 @@ std::string HiReply(Protocol p, const std::string& value) {
   } else {
     proto = std::make_shared<TBinaryProtocol>(buf);
   }
-  scales::thrifttest::Hello_hi_result result;
-  result.success = value;
-  result.__isset.success = true;
-  proto->writeMessageBegin("hi", apache::thrift::protocol::T_REPLY, 0);
+  proto->writeMessageBegin(method, apache::thrift::protocol::T_REPLY, 0);
   result.write(proto.get());
   proto->writeMessageEnd();
   return buf->getBufferAsString();
+}
+
+// A reply to hi() carrying `value`, written by libthrift.
+std::string HiReply(Protocol p, const std::string& value) {
+  scales::thrifttest::Hello_hi_result result;
+  result.success = value;
+  result.__isset.success = true;
+  return WriteReply(p, "hi", result);
+}
+
+// A reply to tree(): a Node `levels` deep, each level the only child of the one above.
+std::string TreeReply(Protocol p, int levels) {
+  using scales::thrifttest::Node;
+  Node node;
+  node.id = levels;
+  for (int level = levels - 1; level >= 1; --level) {
+    Node parent;
+    parent.id = level;
+    parent.children.push_back(std::move(node));
+    parent.__isset.children = true;
+    node = std::move(parent);
+  }
+  scales::thrifttest::Hello_tree_result result;
+  result.success = std::move(node);
+  result.__isset.success = true;
+  return WriteReply(p, "tree", result);
+}
+
+// Apache reads structs up to 64 levels deep (the result struct is the first) and does not count
+// the lists between them: a Node 63 levels deep decodes. The buffered transport's scan for a
+// reply's end counted every list too, so it refused such a reply from 33 levels on ("nesting
+// deeper than 64") that the framed transport passes and recv_tree decodes.
+TEST(ThriftMessageTest, TheScanAcceptsTheNestingTheGeneratedCodeDecodes) {
+  for (Protocol p : {Protocol::kBinary, Protocol::kCompact}) {
+    for (int levels : {32, 33, 40, 63}) {
+      const std::string reply = TreeReply(p, levels);
+      EXPECT_EQ(internal::Decode<HelloClient>(p, reply, &HelloClient::recv_tree).id, 1);
+      auto scan = ScanMessage(reply);
+      EXPECT_EQ(scan.status, MessageScan::Status::kComplete) << ToString(p) << ", " << levels << " levels: " << scan.error;
+      EXPECT_EQ(scan.size, reply.size());
+    }
+    // One level more is what Apache refuses, and so does the scan.
+    const std::string too_deep = TreeReply(p, 64);
+    EXPECT_THROW(internal::Decode<HelloClient>(p, too_deep, &HelloClient::recv_tree),
+                 apache::thrift::protocol::TProtocolException);
+    auto scan = ScanMessage(too_deep);
+    EXPECT_EQ(scan.status, MessageScan::Status::kMalformed) << ToString(p);
+    EXPECT_NE(scan.error.find("nesting deeper than 64"), std::string::npos) << scan.error;
+  }
+}
+
+// Containers nested in each other (in a field the generated code skips) are bounded too: the
+// scan keeps a frame per level, and a compact list header is one byte.
+TEST(ThriftMessageTest, ListsNestedThousandsDeepAreMalformed) {
+  // Compact REPLY "m": field 1 a list of one list of one list ...
+  std::string bytes = std::string("\x82\x41\x00\x01m", 5) + std::string(1, '\x19');
+  for (int i = 0; i < 10000; ++i) bytes += '\x19';
+  auto scan = ScanMessage(bytes);
+  EXPECT_EQ(scan.status, MessageScan::Status::kMalformed);
+  EXPECT_NE(scan.error.find("deeper than 64"), std::string::npos) << scan.error;
 }
 
 // Replies are decoded in place from their bytes (internal::ReplyReader): every truncation

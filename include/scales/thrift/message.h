@@ -58,8 +58,10 @@ struct MessageScan {
 
 // Finds the end of the first whole message in `bytes` (binary strict or lenient, or compact,
 // detected from the header) by walking its encoding without decoding it: no copies, no
-// allocation per value, depth at most 64. The caller bounds how many bytes it buffers while the
-// result is kNeedMore.
+// allocation per value. Structs nest at most 64 deep (the message's struct included; Apache's
+// recursion limit, which the lists, sets and maps between them do not count), and lists, sets
+// and maps at most 64 deep between two structs. The caller bounds how many bytes it buffers
+// while the result is kNeedMore.
 MessageScan ScanMessage(std::string_view bytes);
 
 // ScanMessage for a message that arrives in pieces. Each Scan() is given every byte received so
@@ -87,16 +89,22 @@ class MessageScanner {
     uint8_t second_type = 0;  // map: the value type
     bool value_next = false;  // map: the next item is an entry's value
     int16_t pending = -1;     // struct: the type of the field whose header was read, -1 none
+    // The structs it is in, itself included (the message's struct is 1), as Apache's recursion
+    // limit counts them: the lists, sets and maps between them do not count.
     int depth = 0;
+    // The lists, sets and maps nested since the innermost struct, itself included (0 for a
+    // struct): bounded apart, as each costs a frame.
+    int containers = 0;
     uint64_t remaining = 0;   // list: elements; map: entries
   };
 
   auto Walk(std::string_view b) -> Result;
   auto FieldHeader(std::string_view b) -> Result;
-  auto StartValue(std::string_view b, uint8_t type, int depth) -> Result;
+  // `depth` and `containers`: those of the frame the value is in.
+  auto StartValue(std::string_view b, uint8_t type, int depth, int containers) -> Result;
   auto TakeVarint(std::string_view b, size_t& p, uint64_t& out) -> Result;
   auto Malformed(std::string why) -> Result;
-  void Push(Frame::Kind kind, int depth, uint64_t count, uint8_t first_type, uint8_t second_type);
+  void Push(Frame::Kind kind, int depth, int containers, uint64_t count, uint8_t first_type, uint8_t second_type);
 
   std::vector<Frame> frames_;
   std::string error_;
