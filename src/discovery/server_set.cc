@@ -14,6 +14,8 @@ struct StaticServerSet::Subscriber {
   Listener listener;
   std::recursive_mutex mu;  // serialises deliveries with Unsubscribe (which a listener may call)
   bool active = true;
+  uint64_t posted = 0;     // lists posted (under the set's mu_)
+  uint64_t delivered = 0;  // the number of the last list delivered (under mu)
 };
 
 StaticServerSet::StaticServerSet(Members members) : members_(std::move(members)) {}
@@ -53,10 +55,14 @@ void StaticServerSet::Unsubscribe(uint64_t id) {
   sub->active = false;
 }
 
+// Under mu_. The threads of an executor may run two deliveries in either order: a list older
+// than one delivered already is dropped, so the subscriber never ends on a stale list.
 void StaticServerSet::Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
-  boost::asio::post(sub->executor, [sub, members = std::move(members)] {
+  boost::asio::post(sub->executor, [sub, number = ++sub->posted, members = std::move(members)] {
     std::lock_guard lock(sub->mu);
-    if (sub->active) sub->listener(members);
+    if (!sub->active || number < sub->delivered) return;
+    sub->delivered = number;
+    sub->listener(members);
   });
 }
 

@@ -59,6 +59,19 @@ ZooKeeperOptions CheckedOptions(const ParsedUri& uri, ZooKeeperOptions options) 
   return out;
 }
 
+// The member data of `instance`, checked as every reader parses it: an instance they would
+// skip as malformed (no host, port 0) is refused here rather than announced to no effect.
+std::string CheckedMemberData(const ParsedUri& uri, const ServiceInstance& instance) {
+  std::string data = SerializeServiceInstance(instance);
+  std::string error;
+  if (!ParseServiceInstance(data, error)) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("announcer {}: the instance is not a valid serverset member: {}", DescribeUri(uri),
+                            error));
+  }
+  return data;
+}
+
 std::string TrimSlash(std::string path) {
   while (path.size() > 1 && path.ends_with('/')) path.pop_back();
   return path;
@@ -158,6 +171,8 @@ class ZooKeeperServerSet::Impl {
     Listener listener;
     std::recursive_mutex mu;  // serialises deliveries with Unsubscribe (a listener may call it)
     bool active = true;
+    uint64_t posted = 0;     // lists posted (under the set's mu_)
+    uint64_t delivered = 0;  // the number of the last list delivered (under mu)
   };
   // One member_ child, as last read. Loop thread only.
   struct Child {
@@ -168,10 +183,14 @@ class ZooKeeperServerSet::Impl {
   };
 
 
+  // Under mu_. The threads of an executor may run two deliveries in either order: a list older
+  // than one delivered already is dropped, so the subscriber never ends on a stale list.
   static void Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
-    boost::asio::post(sub->executor, [sub, members = std::move(members)] {
+    boost::asio::post(sub->executor, [sub, number = ++sub->posted, members = std::move(members)] {
       std::lock_guard lock(sub->mu);
-      if (sub->active) sub->listener(members);
+      if (!sub->active || number < sub->delivered) return;
+      sub->delivered = number;
+      sub->listener(members);
     });
   }
 
@@ -277,8 +296,10 @@ class ZooKeeperServerSet::Impl {
         it->second.transient_failures = 0;
         if (!it->second.instance) {
           malformed_.fetch_add(1, std::memory_order_relaxed);
-          connection_.SetLastError(
-              fmt::format("malformed member {}/{} skipped: {}", path_, name, error));
+          std::string text = fmt::format("malformed member {}/{} skipped: {}", path_, name, error);
+          // Once per read: a member is read again when its data changes or a new session begins.
+          SCALES_LOG(kWarning, "server set {}: {}", description_, text);
+          connection_.SetLastError(std::move(text));
         }
       } else if (rc == ZNONODE) {
         if (it != children_.end()) children_.erase(it);
@@ -418,7 +439,7 @@ class Announcer::Impl {
   Impl(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options)
       : description_(DescribeUri(uri)),
         path_(TrimSlash(uri.path)),
-        data_(SerializeServiceInstance(instance)),
+        data_(CheckedMemberData(uri, instance)),
         options_(CheckedOptions(uri, std::move(options))),
         connection_(options_.ConnectString(uri), options_) {}
 
@@ -440,7 +461,13 @@ class Announcer::Impl {
         },
         .disconnected = [] {},
         .watch = [this](int type, const std::string& path) {
-          if (type == ZOO_DELETED_EVENT) MemberGone(path);
+          if (type == ZOO_DELETED_EVENT) {
+            MemberGone(path);
+          } else if (type == ZOO_CHANGED_EVENT && !shutting_down_ && !path.empty() && path == node_path()) {
+            // Another client rewrote the member: the one-shot watch went with that event, so a
+            // delete after it would go unseen. (Its exists finds it gone if it went meanwhile.)
+            WatchNode(path);
+          }
         },
     });
   }

@@ -2,6 +2,7 @@
 // that what reads only options (the URI fuzzer) need not link the ZooKeeper client.
 #include "scales/discovery/zookeeper.h"
 
+#include <algorithm>
 #include <charconv>
 #include <string>
 #include <utility>
@@ -26,6 +27,26 @@ std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view
   return std::chrono::milliseconds(value * unit_ms);
 }
 
+namespace {
+
+// Why the C client would refuse `chroot` (it checks it as a znode path: zookeeper_init fails with
+// EINVAL, which reads as a bad host list), or empty if it is fine.
+std::string ChrootProblem(std::string_view chroot) {
+  if (!chroot.starts_with('/') || chroot.size() < 2 || chroot.ends_with('/')) {
+    return "must start with '/' and not end with '/'";
+  }
+  for (size_t begin = 1; begin <= chroot.size();) {
+    size_t end = std::min(chroot.find('/', begin), chroot.size());
+    std::string_view segment = chroot.substr(begin, end - begin);
+    if (segment.empty()) return "has an empty segment ('//')";
+    if (segment == "." || segment == "..") return fmt::format("has a relative segment '{}'", segment);
+    begin = end + 1;
+  }
+  return {};
+}
+
+}  // namespace
+
 ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOptions defaults) {
   auto bad = [&](const std::string& why) {
     return Error(make_error_code(Errc::kBadUri),
@@ -47,8 +68,8 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
       }
       (key == "session_timeout" ? out.session_timeout : out.retry_interval) = *d;
     } else if (key == "chroot") {
-      if (!value.starts_with('/') || value.size() < 2 || value.ends_with('/')) {
-        throw bad(fmt::format("chroot='{}' must start with '/' and not end with '/'", value));
+      if (std::string problem = ChrootProblem(value); !problem.empty()) {
+        throw bad(fmt::format("chroot='{}' {}", value, problem));
       }
       out.chroot = value;
     } else if (key == "auth") {
@@ -85,12 +106,13 @@ void ZooKeeperOptions::Validate() const {
   if (retry_interval <= std::chrono::milliseconds::zero()) {
     throw invalid("retry_interval must be positive");
   }
-  if (!chroot.empty() && (!chroot.starts_with('/') || chroot.size() < 2 || chroot.ends_with('/'))) {
-    throw invalid(fmt::format("chroot '{}' must start with '/' and not end with '/'", chroot));
+  if (retry_interval > std::chrono::hours(24)) throw invalid("retry_interval is over 24 h");
+  if (std::string problem = chroot.empty() ? "" : ChrootProblem(chroot); !problem.empty()) {
+    throw invalid(fmt::format("chroot '{}' {}", chroot, problem));
   }
   if (!auth.empty()) {
     auto colon = auth.find(':');
-    if (colon == std::string::npos || colon == 0) {
+    if (colon == std::string::npos || colon == 0 || colon + 1 == auth.size()) {
       throw invalid("auth must be scheme:credentials (digest:user:password)");
     }
   }

@@ -33,6 +33,7 @@
 #include "scales/http/client.h"
 #include "scales/stats/stats.h"
 #include "support/fixtures.h"
+#include "support/handler_queue.h"
 #include "support/log_capture.h"
 #include "support/prometheus_text.h"
 #include "support/zk_frame_relay.h"
@@ -1109,6 +1110,84 @@ TEST(ZooKeeperEnsembleTest, StoppingOneServerDoesNotInterruptDiscovery) {
     // Never lost the members meanwhile.
     ensemble.server(i).Start();
   }
+}
+
+// The announcer's exists watch on its member fires once, for a data change as for a delete. A
+// change (an operator, a tool rewriting the member's JSON) used the watch up without setting it
+// again: the delete that followed went unseen and the server stayed out of the set for as long
+// as the session lived.
+TEST_F(ZooKeeperTest, AnnouncerAnnouncesAgainWhenItsMemberIsChangedThenDeleted) {
+  ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.1", 4243};
+  Announcer announcer(ScalesUriParser::Parse(zk_->Uri("/changed/svc")), instance);
+  ASSERT_TRUE(announcer.WaitAnnounced(20s)) << announcer.Describe();
+  const std::string node = announcer.node_path();
+  // Back to back: the watch set again after the change may find the member gone already.
+  Kazoo(fmt::format("zk.set('{0}', {1})\nzk.delete('{0}')", node,
+                    FinagleMemberPython("127.0.0.1", 4243, {}, "ALIVE")));
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        const std::string now = announcer.node_path();
+        return !now.empty() && now != node;
+      },
+      10s))
+      << announcer.Describe();
+  EXPECT_EQ(Kazoo("print(len(zk.get_children('/changed/svc')))"), "1\n");
+}
+
+// A malformed member is skipped; the log says so, naming the node (it was only counted and put
+// in last_error(), which the next problem overwrites: a silent drop for whoever reads the logs).
+TEST_F(ZooKeeperTest, AMalformedMemberIsLoggedNamingTheNode) {
+  test::LogCapture log;
+  Kazoo(CreateMember("/bad/svc", "127.0.0.1", 1001) + "\n" +
+        "zk.create('/bad/svc/member_broken', b'{not json')");
+  ZooKeeperServerSet set(ScalesUriParser::Parse(zk_->Uri("/bad/svc")));
+  ASSERT_TRUE(WaitFor([&] { return set.members() == Members{{"127.0.0.1", 1001}}; })) << set.Describe();
+  EXPECT_TRUE(log.Has({"/bad/svc/member_broken", "malformed", "skipped"})) << log.All();
+}
+
+// An instance every reader would skip as malformed (no host, port 0: a server announced before
+// its port was known) was announced all the same: the server got no traffic and nothing said why.
+// The constructor refuses it, naming what is wrong, as it refuses bad options.
+TEST_F(ZooKeeperTest, AnnouncerRefusesAnInstanceReadersWouldSkip) {
+  const ParsedUri uri = ScalesUriParser::Parse(zk_->Uri("/refused/svc"));
+  ServiceInstance no_port;
+  no_port.service_endpoint = {"127.0.0.1", 0};
+  ServiceInstance bad_http;
+  bad_http.service_endpoint = {"127.0.0.1", 4244};
+  bad_http.additional_endpoints["http"] = {"", 8080};
+  for (const auto& [instance, what] : {std::pair{no_port, "serviceEndpoint.port"},
+                                       std::pair{bad_http, "additionalEndpoints.http.host"}}) {
+    try {
+      Announcer announcer(uri, instance);
+      ADD_FAILURE() << what << ": announced as " << announcer.node_path();
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), make_error_code(Errc::kInvalidArgument)) << e.what();
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(zk_->Uri("/refused/svc")), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(Kazoo("print(zk.exists('/refused/svc') is None)"), "True\n");
+}
+
+// Snapshots are delivered in order: on an executor whose threads take two deliveries at once,
+// the older list could reach the listener last, and it stayed on that list until the next change.
+TEST_F(ZooKeeperTest, AnOlderListIsNotDeliveredAfterANewerOne) {
+  Kazoo(CreateMember("/order/svc", "127.0.0.1", 1001));
+  ZooKeeperServerSet set(ScalesUriParser::Parse(zk_->Uri("/order/svc")));
+  test::HandlerQueue queue;
+  std::vector<Members> seen;
+  set.Subscribe(queue.executor(), [&seen](const Members& m) { seen.push_back(m); });
+  ASSERT_TRUE(WaitFor([&] { return queue.size() == 1; })) << set.Describe();
+  Kazoo(CreateMember("/order/svc", "127.0.0.2", 1002));
+  ASSERT_TRUE(WaitFor([&] { return queue.size() == 2; })) << set.Describe();
+  auto run = queue.Take();
+  run[1]();  // the newer list first
+  run[0]();
+  const Members both{{"127.0.0.1", 1001}, {"127.0.0.2", 1002}};
+  ASSERT_FALSE(seen.empty());
+  EXPECT_EQ(seen.back(), both) << "the subscriber must end on the set's list";
+  EXPECT_EQ(seen.size(), 1u);
 }
 
 }  // namespace

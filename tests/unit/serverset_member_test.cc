@@ -12,6 +12,7 @@ namespace scales {
 namespace {
 
 using std::chrono::milliseconds;
+using namespace std::chrono_literals;
 
 constexpr const char* kFinagleExample =
     R"({"serviceEndpoint":{"host":"10.1.2.3","port":9090},
@@ -254,6 +255,72 @@ TEST(ZooKeeperOptionsTest, CreateServerSetRejectsBadOptionsWithoutConnecting) {
     EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri));
     EXPECT_NE(std::string(e.what()).find("unknown"), std::string::npos);
   }
+}
+
+// A chroot the C client refuses ("/a//b", "/a/./b", "/a/.."): zookeeper_init2 fails with EINVAL,
+// which discovery reported as "the host list is not valid" and retried forever. The URI and the
+// struct must refuse it up front, naming the chroot, as they refuse one that ends with '/'.
+TEST(ZooKeeperOptionsTest, AChrootTheClientRefusesIsABadUri) {
+  for (const char* chroot : {"/a//b", "/a/./b", "/a/..", "/.", "/a/../b"}) {
+    const ParsedUri uri = ScalesUriParser::Parse(std::string("zk://127.0.0.1:2181/svc?chroot=") + chroot);
+    try {
+      ZooKeeperOptions::FromUri(uri);
+      ADD_FAILURE() << chroot << " was taken";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri)) << e.what();
+      EXPECT_NE(std::string(e.what()).find(std::string("chroot='") + chroot + "'"), std::string::npos)
+          << e.what();
+    }
+    ZooKeeperOptions options;
+    options.chroot = chroot;
+    try {
+      options.Validate();
+      ADD_FAILURE() << chroot << " was valid";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), make_error_code(Errc::kInvalidArgument)) << e.what();
+      EXPECT_NE(std::string(e.what()).find(chroot), std::string::npos) << e.what();
+    }
+  }
+  // Still taken: dots inside a segment, a deep chroot.
+  for (const char* chroot : {"/a.b/c", "/..a", "/a/b/c"}) {
+    const ParsedUri uri = ScalesUriParser::Parse(std::string("zk://127.0.0.1:2181/svc?chroot=") + chroot);
+    EXPECT_EQ(ZooKeeperOptions::FromUri(uri).chroot, chroot);
+  }
+}
+
+// retry_interval is documented "must be > 0 and at most 24 h"; the URI enforced the bound, the
+// struct did not (a huge interval overflows the timer's expiry: the retries then spin).
+TEST(ZooKeeperOptionsTest, ARetryIntervalOver24HoursIsRefused) {
+  ZooKeeperOptions options;
+  options.retry_interval = 25h;
+  try {
+    options.Validate();
+    ADD_FAILURE() << "25 h was valid";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kInvalidArgument)) << e.what();
+    EXPECT_NE(std::string(e.what()).find("retry_interval"), std::string::npos) << e.what();
+  }
+  options.retry_interval = std::chrono::milliseconds::max();
+  EXPECT_THROW(options.Validate(), Error);
+  options.retry_interval = 24h;
+  EXPECT_NO_THROW(options.Validate());
+}
+
+// `auth=digest:` (no credentials) is a bad URI; the same value in the struct was taken, and the
+// session then failed authentication every retry_interval for good.
+TEST(ZooKeeperOptionsTest, AuthWithoutCredentialsIsRefusedInTheStructToo) {
+  EXPECT_THROW(ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://127.0.0.1:2181/svc?auth=digest:")), Error);
+  ZooKeeperOptions options;
+  options.auth = "digest:";
+  try {
+    options.Validate();
+    ADD_FAILURE() << "digest: was valid";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kInvalidArgument)) << e.what();
+    EXPECT_NE(std::string(e.what()).find("auth"), std::string::npos) << e.what();
+  }
+  options.auth = "digest:user:password";
+  EXPECT_NO_THROW(options.Validate());
 }
 
 }  // namespace

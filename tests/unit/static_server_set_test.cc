@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include "scales/discovery/server_set.h"
+#include "support/handler_queue.h"
 
 namespace scales {
 namespace {
@@ -69,6 +70,25 @@ TEST(ConcurrencyStaticServerSetTest, AnUpdateDuringASubscriptionIsDeliveredAfter
   deliveries.run();
   EXPECT_EQ(seen, (std::vector<int>{0, 1})) << "the subscriber must end on the set's list";
   EXPECT_EQ(set.members(), List(1));
+}
+
+// "Snapshots are delivered in order": on a multi-threaded executor the deliveries ran in
+// whatever order its threads took them, and the subscriber could end on an older list than the
+// set's (until the next change). A list older than one already delivered is not delivered.
+TEST(StaticServerSetTest, AnOlderListIsNotDeliveredAfterANewerOne) {
+  StaticServerSet set(List(0));
+  test::HandlerQueue queue;
+  std::vector<int> seen;
+  set.Subscribe(queue.executor(),
+                [&seen](const ServerSet::Members& m) { seen.push_back(m.front().port - 1000); });
+  set.Update(List(1));
+  set.Update(List(2));
+  auto handlers = queue.Take();
+  ASSERT_EQ(handlers.size(), 3u);
+  handlers[2]();  // the newest list first
+  handlers[0]();
+  handlers[1]();
+  EXPECT_EQ(seen, (std::vector<int>{2})) << "the subscriber must end on the set's list";
 }
 
 }  // namespace
