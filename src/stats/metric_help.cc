@@ -11,7 +11,10 @@ using Entry = std::pair<std::string_view, std::string_view>;
 
 // Sorted by name (checked at compile time below) for the binary search.
 constexpr std::array kHelp = {
-    Entry{"scales_backup_requests_budget_exhausted", "Backup requests the backup budget refused."},
+    Entry{"scales_backup_requests_budget_exhausted",
+          "Backup requests a budget refused (the backup budget or the retry budget)."},
+    Entry{"scales_backup_requests_retry_budget_exhausted",
+          "Backup requests the retry budget refused (counted in budget_exhausted too)."},
     Entry{"scales_backup_requests_sent", "Backup requests sent."},
     Entry{"scales_backup_requests_won", "Calls whose reply came from a successful backup request."},
     Entry{"scales_backup_send_after_us",

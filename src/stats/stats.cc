@@ -34,8 +34,57 @@ void SortLabels(Labels& labels) {
   if (!std::is_sorted(labels.begin(), labels.end())) std::sort(labels.begin(), labels.end());
 }
 
-// Escapes a label value for the text format (Prometheus-style: \\, \" and \n).
-std::string EscapeLabelValue(std::string_view value) {
+// The length of the well-formed UTF-8 sequence at the start of `s` (as Unicode defines it: no
+// overlong forms, surrogates or code points above U+10FFFF), or 0.
+size_t Utf8SequenceLength(std::string_view s) {
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(s[i]); };
+  const unsigned char c = byte(0);
+  if (c < 0x80) return 1;
+  size_t n = 0;
+  unsigned char lo = 0x80, hi = 0xbf;  // the range of the second byte
+  if (c >= 0xc2 && c <= 0xdf) {
+    n = 2;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    n = 3;
+    if (c == 0xe0) lo = 0xa0;
+    if (c == 0xed) hi = 0x9f;
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    n = 4;
+    if (c == 0xf0) lo = 0x90;
+    if (c == 0xf4) hi = 0x8f;
+  } else {
+    return 0;
+  }
+  if (s.size() < n || byte(1) < lo || byte(1) > hi) return 0;
+  for (size_t i = 2; i < n; ++i) {
+    if ((byte(i) & 0xc0) != 0x80) return 0;
+  }
+  return n;
+}
+
+// `s` with every byte that is not part of well-formed UTF-8 replaced by U+FFFD. Names and label
+// values are bytes, but Prometheus rejects a scrape with a label value or HELP text that is not
+// UTF-8, and JSON must be UTF-8 (Boost.JSON writes the bytes as they are).
+std::string ValidUtf8(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  while (!s.empty()) {
+    const size_t n = Utf8SequenceLength(s);
+    if (n == 0) {
+      out += "\xEF\xBF\xBD";
+      s.remove_prefix(1);
+    } else {
+      out += s.substr(0, n);
+      s.remove_prefix(n);
+    }
+  }
+  return out;
+}
+
+// Escapes a label value for the text format (Prometheus-style: \\, \" and \n; not UTF-8 as
+// ValidUtf8).
+std::string EscapeLabelValue(std::string_view raw) {
+  const std::string value = ValidUtf8(raw);
   std::string out;
   out.reserve(value.size());
   for (char c : value) {
@@ -113,8 +162,10 @@ std::string PrometheusName(std::string_view name, bool allow_colon) {
   return out;
 }
 
-// HELP text escaping: backslash and newline.
-std::string EscapeHelp(std::string_view help) {
+// HELP text escaping: backslash and newline (not UTF-8 as ValidUtf8). Also for the raw names
+// quoted in comment lines, which a newline would end.
+std::string EscapeHelp(std::string_view raw) {
+  const std::string help = ValidUtf8(raw);
   std::string out;
   out.reserve(help.size());
   for (char c : help) {
@@ -234,7 +285,10 @@ void Histogram::Record(int64_t value) noexcept {
   } else {
     buckets_[b].fetch_add(1, std::memory_order_relaxed);
   }
-  sum_.fetch_add(value, std::memory_order_relaxed);
+  // The sum saturates at INT64_MAX instead of wrapping (samples are never negative).
+  if (sum_.fetch_add(value, std::memory_order_relaxed) > INT64_MAX - value) {
+    sum_.store(INT64_MAX, std::memory_order_relaxed);
+  }
   int64_t cur = min_.load(std::memory_order_relaxed);
   while (value < cur && !min_.compare_exchange_weak(cur, value, std::memory_order_relaxed)) {
   }
@@ -269,6 +323,8 @@ HistogramSnapshot Histogram::Snapshot() const {
   }
   if (s.count == 0) return s;
   s.sum = sum_.load(std::memory_order_relaxed);
+  // Negative: a concurrent Record() wrapped it and has not saturated it yet.
+  if (s.sum < 0) s.sum = INT64_MAX;
   s.min = min_.load(std::memory_order_relaxed);
   s.max = max_.load(std::memory_order_relaxed);
   if (s.min > s.max) s.min = s.max;  // a concurrent first Record() has not set min yet
@@ -374,12 +430,19 @@ void StatsRegistry::RemoveCollector(uint64_t id) {
 }
 
 std::vector<MetricSnapshot> StatsRegistry::Snapshot() const {
-  std::vector<std::function<void()>> collectors;
+  std::vector<std::pair<uint64_t, std::function<void()>>> collectors;
   {
     std::lock_guard lock(collectors_mu_);
-    for (const auto& [id, fn] : collectors_) collectors.push_back(fn);
+    for (const auto& [id, fn] : collectors_) collectors.emplace_back(id, fn);
   }
-  for (const auto& fn : collectors) fn();  // they take the registry's lock themselves, if at all
+  for (const auto& [id, fn] : collectors) {
+    {
+      // Removed while an earlier one ran: not started (its owner may be gone).
+      std::lock_guard lock(collectors_mu_);
+      if (!collectors_.contains(id)) continue;
+    }
+    fn();  // they take the registry's lock themselves, if at all
+  }
   std::vector<MetricSnapshot> out;
   std::lock_guard lock(mu_);
   out.reserve(metrics_.size());
@@ -424,7 +487,7 @@ std::string StatsRegistry::ToText() const {
 std::string StatsRegistry::ToJson() const {
   boost::json::object obj;
   for (const MetricSnapshot& m : Snapshot()) {
-    std::string key = JsonKey(m.name, m.labels);
+    std::string key = ValidUtf8(JsonKey(m.name, m.labels));
     if (m.type != MetricType::kHistogram) {
       obj[key] = m.value;
       continue;
@@ -484,14 +547,15 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
     const bool histogram = m.type == MetricType::kHistogram;
     if (std::optional<LabelClash> clash = FindLabelClash(m.labels, histogram)) {
       skipped += fmt::format("# scales: skipped {} {}: labels {} and {} are both exported as {}\n",
-                             kind, m.name, clash->first, clash->second, clash->name);
+                             kind, EscapeHelp(m.name), EscapeHelp(clash->first),
+                             EscapeHelp(clash->second), clash->name);
       return nullptr;
     }
     auto [it, inserted] = families.try_emplace(name, Family{type, m.name, quantiles, {}});
     Family& f = it->second;
     if (f.type != type || f.quantiles != quantiles) {
-      skipped += fmt::format("# scales: skipped {} {}: family {} is a {}\n", kind, m.name, name,
-                             TypeName(f.type));
+      skipped += fmt::format("# scales: skipped {} {}: family {} is a {}\n", kind,
+                             EscapeHelp(m.name), name, TypeName(f.type));
       return nullptr;
     }
     std::vector<std::string> keys;
@@ -503,7 +567,8 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
     for (const std::string& key : keys) {
       auto taken = series.find(key);
       if (taken == series.end()) continue;
-      skipped += fmt::format("# scales: skipped {} {}: series {} is {}'s\n", kind, m.name, key, taken->second);
+      skipped += fmt::format("# scales: skipped {} {}: series {} is {}'s\n", kind,
+                             EscapeHelp(m.name), key, EscapeHelp(taken->second));
       return nullptr;
     }
     for (std::string& key : keys) series.emplace(std::move(key), m.name);

@@ -193,9 +193,10 @@ void TcpConnection::Finish(error_code ec) {
   timer_.Cancel();
   if (!done_) return;
   if (timed_out_) ec = make_error_code(Errc::kConnectTimeout);
-  // Closed meanwhile: a connect or handshake that completed before the close was seen is not
-  // a connection (the socket is closed).
-  if (closed_ && !ec) ec = make_error_code(asio::error::operation_aborted);
+  // Closed meanwhile: a connect or handshake that completed (or failed: a TLS setup failure is
+  // reported on a later turn) before the close was seen is an attempt cut short, not a
+  // connection nor a connect error (the socket is closed).
+  if (closed_) ec = make_error_code(asio::error::operation_aborted);
   if (ec && failure_detail_.empty()) {
     failure_detail_ = fmt::format("connect to {} failed: {}", address_, ec.message());
   }

@@ -441,6 +441,36 @@ TEST(TcpConnectionTest, CloseWhileResolvingDoesNotConnect) {
   EXPECT_EQ(ec, boost::asio::error::would_block) << "a connection reached the server after Close()";
 }
 
+// A TLS connect whose setup failed (the CA file went missing between the client's build and
+// this connection) completes on a later turn; Close() before that turn makes it a connect cut
+// short by Close(): operation_aborted, as tcp.h promises, and no connect error counted. It
+// completed with kTlsFailed and counted a connect error, as if the endpoint had failed.
+TEST(TcpConnectionTest, CloseBeforeAFailedTlsSetupCompletesAbortsTheConnect) {
+  boost::asio::io_context listener_ioc;
+  boost::asio::ip::tcp::acceptor listener(listener_ioc, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  boost::asio::io_context ioc;
+  Runtime rt(ioc);
+  stats::StatsRegistry registry;
+  TlsOptions tls;
+  tls.enabled = true;
+  tls.ca_file = "/nonexistent/scales-test-ca.pem";
+  TcpConnection conn(rt.loop(0), Endpoint{"127.0.0.1", listener.local_endpoint().port()}, 2s,
+                     stats::StatsScope(&registry, {}), tls);
+  int completions = 0;
+  error_code result;
+  conn.AsyncConnect([&](error_code ec) {
+    ++completions;
+    result = ec;
+  });
+  EXPECT_EQ(completions, 0) << "never inline";
+  conn.Close();
+  ioc.run_for(1s);
+  EXPECT_EQ(completions, 1);
+  EXPECT_EQ(result, boost::asio::error::operation_aborted) << result.message() << ": " << conn.failure_detail();
+  EXPECT_EQ(registry.FindCounter("scales_connect_errors", {})->value(), 0);
+  EXPECT_FALSE(conn.connected());
+}
+
 TEST(TlsConnectionTest, HandshakeFailuresSayWhy) {
   const auto& ca = TestCa();
   NginxServer good("good", ServerTls(ca.server_cert, ca.server_key));

@@ -62,7 +62,7 @@ inline constexpr size_t kExportBucketCount = kExportBucketBounds.size() + 1;  //
 // Read-only copy of a histogram.
 struct HistogramSnapshot {
   int64_t count = 0;
-  int64_t sum = 0;
+  int64_t sum = 0;  // saturates at INT64_MAX
   int64_t min = 0;
   int64_t max = 0;
   // Upper bound (inclusive) and count of every non-empty bucket, in increasing order.
