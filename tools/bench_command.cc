@@ -9,16 +9,20 @@
 // Every call started is counted exactly once, as succeeded or failed (by error code). HTTP
 // and Thrift print the same report; --report also writes it as an HTML page with charts
 // (bench_html.h). On a terminal, a progress line is rewritten once per second on stderr.
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -39,6 +43,35 @@
 namespace scales::tools {
 namespace {
 
+// Set by the first SIGINT or SIGTERM: the run stops sending and reports (a second one ends the
+// process, as the signal would have: SA_RESETHAND).
+std::atomic<bool> interrupted{false};
+volatile sig_atomic_t interrupt_signal = 0;
+static_assert(std::atomic<bool>::is_always_lock_free);
+
+void OnInterrupt(int signal) {
+  interrupt_signal = signal;
+  interrupted.store(true);
+}
+
+void InstallInterruptHandlers() {
+  for (int signal : {SIGINT, SIGTERM}) {
+    struct sigaction old {};
+    sigaction(signal, nullptr, &old);
+    if (old.sa_handler == SIG_IGN) continue;  // e.g. SIGINT of a background job: left ignored
+    struct sigaction act {};
+    act.sa_handler = &OnInterrupt;
+    act.sa_flags = SA_RESETHAND;
+    sigemptyset(&act.sa_mask);
+    sigaction(signal, &act, nullptr);
+  }
+}
+
+// The most event loops --threads may ask for.
+constexpr long long kMaxThreads = 1024;
+// The longest schedule an open loop may have (N calls at R/s span (N - 1) / R), as --duration.
+constexpr double kMaxScheduleSeconds = kMaxDurationNs / 1e9;
+
 int Usage(const std::string& problem) {
   if (!problem.empty()) std::fprintf(stderr, "scales bench: %s\n", problem.c_str());
   std::fputs(
@@ -55,6 +88,8 @@ int Usage(const std::string& problem) {
       "                 call's intended send time; --concurrency caps the calls outstanding (default\n"
       "                 1000): calls due while every slot is busy wait for one, still timed from their\n"
       "                 intended time, and the run lasts until every due call completed\n"
+      "       SIGINT/SIGTERM (Ctrl-C): stop sending, wait for the calls outstanding, report them and\n"
+      "                 exit with 128 + the signal; a second one ends the process at once\n"
       "       --report: write a self-contained HTML page with the report and its charts\n"
       "       --progress: the live progress line on stderr even when it is not a terminal\n"
       "       --balancer: aperture (default), heap, p2c, p2c-ewma or round-robin\n"
@@ -90,13 +125,21 @@ int RunBenchCommand(int argc, char** argv) {
   bool json = false;
   bool print_stats = false;
   bool concurrency_given = false;
+  bool payload_size_given = false;
   std::optional<bool> progress;  // default: whether stderr is a terminal
   std::string report_path;
   std::optional<uint16_t> admin_port;
   BalancerOptions balancer;
+  std::set<std::string_view> given;  // each option once: a second value would silently win
   for (int i = 3; i < argc; ++i) {
     std::string_view arg = argv[i];
     auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    const std::string_view name = arg == "-c"   ? "--concurrency"
+                                  : arg == "-R" ? "--rate"
+                                  : arg == "-n" ? "--requests"
+                                  : arg == "-d" ? "--duration"
+                                                : arg;
+    if (name.starts_with("--") && !given.insert(name).second) return Usage(fmt::format("{} given twice", name));
     if (arg == "--path" && !is_thrift) {
       const char* v = next();
       if (!v) return Usage("--path needs a value");
@@ -112,8 +155,13 @@ int RunBenchCommand(int argc, char** argv) {
     } else if (arg == "--payload-size" && is_thrift) {
       const char* v = next();
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
-      if (!n) return Usage("--payload-size needs a positive integer");
+      // A larger echo request could only fail (kRequestTooLarge), after allocating it.
+      if (!n || *n > static_cast<long long>(thrift::TransportOptions{}.max_frame_bytes)) {
+        return Usage(fmt::format("--payload-size needs a number of bytes from 1 to {} (the Thrift client's max_frame_bytes)",
+                                 thrift::TransportOptions{}.max_frame_bytes));
+      }
       payload_size = static_cast<size_t>(*n);
+      payload_size_given = true;
     } else if ((arg == "--protocol" || arg == "--transport") && protocol == "thriftmux") {
       return Usage("ThriftMux always carries binary Thrift in Mux frames: --protocol and --transport do not apply");
     } else if (arg == "--protocol" && is_thrift) {
@@ -174,7 +222,7 @@ int RunBenchCommand(int argc, char** argv) {
     } else if (arg == "--threads") {
       const char* v = next();
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
-      if (!n) return Usage("--threads needs a positive integer");
+      if (!n || *n > kMaxThreads) return Usage(fmt::format("--threads needs a number of event loops from 1 to {}", kMaxThreads));
       threads = static_cast<size_t>(*n);
     } else if (arg == "--busy-poll") {
       const char* v = next();
@@ -205,6 +253,10 @@ int RunBenchCommand(int argc, char** argv) {
     return Usage("give exactly one of --requests and --duration");
   }
   if (is_thrift && method != "echo" && method != "ping") return Usage("--method is echo or ping for thrift");
+  if (payload_size_given && method != "echo") return Usage("--payload-size applies to --method echo only");
+  if (limits.rate && limits.requests && static_cast<double>(*limits.requests - 1) / *limits.rate > kMaxScheduleSeconds) {
+    return Usage(fmt::format("--requests {} at --rate {:g} would last over 365 days", *limits.requests, *limits.rate));
+  }
   if (path.empty() || path.front() != '/') path.insert(0, "/");
   if (limits.rate && !concurrency_given) limits.concurrency = 1000;
   if (limits.concurrency > 100000) return Usage("--concurrency is at most 100000");
@@ -253,8 +305,12 @@ int RunBenchCommand(int argc, char** argv) {
         shown = std::max(shown, line.size());
       };
     }
-    BenchResult result = RunLoad(limits, start, on_second);
+    BenchResult result = RunLoad(limits, start, on_second, &interrupted);
     if (shown) std::fprintf(stderr, "\r%*s\r", static_cast<int>(shown), "");
+    if (interrupted.load()) {
+      std::fprintf(stderr, "scales bench: interrupted by signal %d after %.3f s: the report covers the calls sent until then\n",
+                   static_cast<int>(interrupt_signal), result.elapsed_s);
+    }
     if (json) {
       std::fputs(JsonReport(result).c_str(), stdout);
     } else {
@@ -281,11 +337,18 @@ int RunBenchCommand(int argc, char** argv) {
   RuntimeOptions runtime_options;
   runtime_options.threads = threads;
   runtime_options.busy_poll = busy_poll;
-  client_options.runtime = std::make_shared<Runtime>(runtime_options);
 
   int64_t failed = 0;
   std::optional<admin::AdminServer> admin_server;
+  InstallInterruptHandlers();
   try {
+    try {
+      client_options.runtime = std::make_shared<Runtime>(runtime_options);
+    } catch (const std::system_error& e) {
+      std::fprintf(stderr, "scales bench: cannot start %s event loops: %s\n",
+                   threads ? std::to_string(threads).c_str() : "the", e.what());
+      return 2;
+    }
     if (admin_port) {
       admin::AdminServerOptions admin_options;
       admin_options.port = *admin_port;
@@ -353,6 +416,7 @@ int RunBenchCommand(int argc, char** argv) {
   }
   std::fflush(stdout);
   if (report_failed) return 2;
+  if (interrupted.load()) return 128 + static_cast<int>(interrupt_signal);
   return failed == 0 ? 0 : 1;
 }
 

@@ -41,6 +41,8 @@ struct Run : std::enable_shared_from_this<Run> {
   std::atomic<int64_t> failed{0};
   std::atomic<int64_t> tick_max_us{0};  // the largest latency since the last 100 ms tick
   std::promise<void> done;
+  std::atomic<bool> finished{false};  // `done` was set
+  const std::atomic<bool>* stop = nullptr;
 
   // Closed loop.
   std::optional<int64_t> max_requests;
@@ -48,9 +50,9 @@ struct Run : std::enable_shared_from_this<Run> {
   std::atomic<int64_t> issued{0};
   std::atomic<int64_t> active{0};
 
-  // Open loop: call i is due at begin + i / rate; `total` calls in all.
+  // Open loop: call i is due at begin + i / rate; `total` calls in all (fewer once stopped).
   double rate = 0;
-  int64_t total = 0;
+  std::atomic<int64_t> total{0};
   std::atomic<int64_t> completed{0};
   std::mutex mu;  // guards the fields below
   std::vector<BenchWorker*> free;
@@ -97,18 +99,34 @@ struct Run : std::enable_shared_from_this<Run> {
     });
   }
 
+  bool Stopped() const { return stop != nullptr && stop->load(std::memory_order_relaxed); }
+
+  // Ends the run, once (after a stop, both the driver and the last completion may see the end).
+  void Finish() {
+    if (finished.exchange(true)) return;
+    auto keep = shared_from_this();  // the waiter may release the run once `done` is set
+    done.set_value();
+  }
+
   // Closed loop: the worker's next call, or its end.
   void Issue(BenchWorker* w) {
     const Clock::time_point now = CallClockNow();
-    bool more = max_requests ? issued.fetch_add(1) < *max_requests : now < end;
+    bool more = !Stopped() && (max_requests ? issued.fetch_add(1) < *max_requests : now < end);
     if (!more) {
-      if (active.fetch_sub(1) == 1) {
-        auto keep = shared_from_this();  // the waiter may release the run once `done` is set
-        done.set_value();
-      }
+      if (active.fetch_sub(1) == 1) Finish();
       return;
     }
     Send(w, now);
+  }
+
+  // Open loop, stopped: the calls not sent yet never are; the run ends with the last one sent.
+  void StopSending() {
+    {
+      std::lock_guard lock(mu);
+      due = sent;
+      total = sent;
+    }
+    if (completed.load() == total.load()) Finish();
   }
 
   // Open loop: a slot is free again; it takes the oldest waiting call, if any.
@@ -124,12 +142,9 @@ struct Run : std::enable_shared_from_this<Run> {
       }
     }
     // Counted after the slot went back, so that the driver sees every slot free at the end.
-    const bool last = completed.fetch_add(1) + 1 == total;
+    const bool last = completed.fetch_add(1) + 1 == total.load();
     if (next >= 0) Send(w, Intended(next));
-    if (last) {
-      auto keep = shared_from_this();  // the waiter may release the run once `done` is set
-      done.set_value();
-    }
+    if (last) Finish();
   }
 
   // Open loop: calls up to `now_due` are due; send them while slots are free. Returns the
@@ -267,9 +282,10 @@ const std::vector<BenchSample>& BenchResult::chart_series() const {
 }
 
 BenchResult RunLoad(const BenchLimits& limits, const BenchStart& start,
-                    const std::function<void(const BenchSample&)>& on_second) {
+                    const std::function<void(const BenchSample&)>& on_second, const std::atomic<bool>* stop) {
   auto run = std::make_shared<Run>();
   run->start = std::make_shared<const BenchStart>(start);
+  run->stop = stop;
   run->max_requests = limits.requests;
   run->active = limits.concurrency;
   for (int64_t i = 0; i < limits.concurrency; ++i) run->workers.push_back(std::make_unique<BenchWorker>());
@@ -297,7 +313,7 @@ BenchResult RunLoad(const BenchLimits& limits, const BenchStart& start,
     // This thread paces the calls: it wakes when the next one is due (or a tick is), and
     // releases every call due by then. Oversleeping delays the sends but not their clocks.
     int64_t due = 0;
-    while (due < run->total) {
+    while (due < run->total && !run->Stopped()) {
       std::this_thread::sleep_until(std::min(run->Intended(due), next_tick));
       const auto now = Clock::now();
       const double elapsed = std::chrono::duration<double>(now - run->begin).count();
@@ -308,7 +324,14 @@ BenchResult RunLoad(const BenchLimits& limits, const BenchStart& start,
   } else {
     for (auto& w : run->workers) run->Issue(w.get());
   }
-  while (done.wait_until(next_tick) != std::future_status::ready) tick(Clock::now());
+  bool stopping = false;
+  while (done.wait_until(next_tick) != std::future_status::ready) {
+    if (limits.rate && !stopping && run->Stopped()) {
+      stopping = true;
+      run->StopSending();
+    }
+    tick(Clock::now());
+  }
   const auto finished = Clock::now();
   tick(finished);
   const double elapsed = std::chrono::duration<double>(finished - run->begin).count();
@@ -416,7 +439,7 @@ std::string JsonReport(const BenchResult& r) {
       snap.Percentile(0.9), snap.Percentile(0.99), snap.Percentile(0.999), snap.max, r.cpu_user_s, r.cpu_sys_s,
       r.cpu_us_per_call(), object(r.endpoints), object(r.endpoint_errors), r.open_loop() ? "open" : "closed",
       r.open_loop() ? "intended_send" : "actual_send", r.limits.concurrency,
-      r.open_loop() ? fmt::format("{:.1f}", *r.limits.rate) : std::string("null"), r.achieved_rps(), r.queued,
+      r.open_loop() ? fmt::format("{}", *r.limits.rate) : std::string("null"), r.achieved_rps(), r.queued,
       r.max_backlog);
 }
 

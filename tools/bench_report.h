@@ -13,6 +13,7 @@
 //    its duration while the backlog drains.
 // Every call started is counted exactly once, as succeeded or failed (by error code).
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -103,9 +104,13 @@ struct BenchResult {
 
 // Runs the load until the limit is reached (and, open loop, every due call completed).
 // `on_second`, if set, is called on the calling thread once per second of the run with the
-// last second's sample (the live progress line, the demo's timeline).
+// last second's sample (the live progress line, the demo's timeline). `stop`, if set, ends the
+// run early once it is true (a signal handler may set it): no call is sent after that (an open
+// loop's calls due but not yet sent never are) and the run ends when the calls outstanding have
+// completed; the result covers the calls sent.
 BenchResult RunLoad(const BenchLimits& limits, const BenchStart& start,
-                    const std::function<void(const BenchSample&)>& on_second = {});
+                    const std::function<void(const BenchSample&)>& on_second = {},
+                    const std::atomic<bool>* stop = nullptr);
 
 // The report as text (`scales bench`) and as one line of JSON (`--json`, bench/run).
 void PrintTextReport(const BenchResult& result, std::FILE* out);

@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -210,9 +211,11 @@ int RunDemoCommand(int argc, char** argv) {
   double seconds = 9;
   double rate = 300;
   std::string report_path = (std::filesystem::temp_directory_path() / "scales-demo-report.html").string();
+  std::set<std::string_view> given;  // each option once: a second value would silently win
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (arg.starts_with("--") && !given.insert(arg).second) return Usage(fmt::format("{} given twice", arg));
     if (arg == "--seconds" && v) {
       seconds = ParseNumber(v).value_or(-1);
       if (!(seconds >= 3 && seconds <= 600)) return Usage("--seconds is 3 to 600 (each load run's length)");

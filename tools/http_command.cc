@@ -2,6 +2,7 @@
 //             [--data TEXT] [--timeout 2s] [--include]
 #include <cstdio>
 #include <iostream>
+#include <set>
 #include <string>
 #include <string_view>
 
@@ -43,8 +44,13 @@ int RunHttpCommand(int argc, char** argv) {
   if (request.target.empty() || request.target.front() != '/') request.target = "/" + request.target;
   bool include = false;
   Duration timeout = std::chrono::seconds(10);
+  std::set<std::string_view> given;  // each option but -H once: a second value would silently win
   for (int i = 4; i < argc; ++i) {
     std::string_view arg = argv[i];
+    const std::string_view option = arg == "-d" ? "--data" : arg == "-i" ? "--include" : arg;
+    if (option.starts_with("--") && option != "--header" && !given.insert(option).second) {
+      return Usage(fmt::format("{} given twice", option));
+    }
     auto value = [&](std::string_view name) -> const char* {
       if (i + 1 >= argc) return nullptr;
       (void)name;

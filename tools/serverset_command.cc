@@ -8,7 +8,8 @@
 //
 // Exit status: 0 once printed (a known but empty set prints nothing and says so on stderr);
 // 1 when the members are not known within --timeout (the reason, from the server set's
-// Describe(), goes to stderr); 2 for usage errors.
+// Describe(), goes to stderr); 2 for usage errors; 128 + the signal when SIGINT or SIGTERM ends
+// it (without --watch) before the members were known. With --watch, those end it with 0.
 #include <csignal>
 #include <cstdio>
 #include <memory>
@@ -44,8 +45,10 @@ int RunServerSetCommand(int argc, char** argv) {
   std::string uri_text;
   bool watch = false;
   std::chrono::nanoseconds timeout = std::chrono::seconds(10);
+  std::set<std::string_view> given;  // each option once: a second value would silently win
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
+    if (arg.starts_with("--") && !given.insert(arg).second) return Usage(fmt::format("{} given twice", arg));
     if (arg == "--watch") {
       watch = true;
     } else if (arg == "--timeout") {
@@ -76,8 +79,15 @@ int RunServerSetCommand(int argc, char** argv) {
   int status = 0;
   boost::asio::steady_timer timer{ioc};
   boost::asio::signal_set signals{ioc, SIGINT, SIGTERM};
-  signals.async_wait([&](const boost::system::error_code& ec, int) {
-    if (!ec) ioc.stop();
+  signals.async_wait([&](const boost::system::error_code& ec, int signal) {
+    if (ec) return;
+    if (!watch) {
+      // Not a success: nothing was printed (without --watch, the first snapshot ends the run).
+      std::fprintf(stderr, "scales serverset: interrupted by signal %d before the members were known: %s\n", signal,
+                   set->Describe().c_str());
+      status = 128 + signal;
+    }
+    ioc.stop();
   });
   // Snapshots arrive on this io_context, in order.
   uint64_t id = set->Subscribe(ioc.get_executor(), [&](const ServerSet::Members& members) {

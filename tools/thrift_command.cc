@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 
@@ -45,8 +46,10 @@ int RunThriftCommand(int argc, char** argv) {
   thrift::ThriftOptions options;
   options.client.name = "scales-thrift";
   options.client.timeout = std::chrono::seconds(10);
+  std::set<std::string_view> given;  // each option once: a second value would silently win
   for (int i = 4; i < argc; ++i) {
     std::string_view a = argv[i];
+    if (a.starts_with("--") && !given.insert(a).second) return Usage(fmt::format("{} given twice", a));
     auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
     if (a == "--timeout") {
       const char* v = next();
@@ -88,6 +91,7 @@ int RunThriftCommand(int argc, char** argv) {
   if (method != "echo" && method != "ping" && method != "fail" && method != "sleep") {
     return Usage(fmt::format("unknown method '{}' (echo, ping, fail, sleep)", method));
   }
+  if (method == "ping" && arg) return Usage(fmt::format("ping takes no argument (got '{}')", *arg));
   int32_t millis = 0;
   if (method == "sleep") {
     auto v = arg ? ParseIntInRange(*arg, 0, INT32_MAX) : std::nullopt;

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <regex>
 #include <sstream>
 #include <string>
@@ -30,9 +31,12 @@ struct Result {
   std::string out;
 };
 
-// Runs the tool; `redirect` is appended to the command (e.g. "2>&1", "2>/dev/null").
-Result RunTool(const std::string& args, const std::string& redirect = "2>/dev/null") {
-  std::string cmd = test::ToolPath() + " " + args + " " + redirect;
+// Runs the tool; `redirect` is appended to the command (e.g. "2>&1", "2>/dev/null"); `prefix`
+// (a shell command line) goes before it: by default a time limit, so that a hang fails the test
+// (exit status 124) instead of stalling the suite.
+Result RunTool(const std::string& args, const std::string& redirect = "2>/dev/null",
+               const std::string& prefix = "timeout -k 5 300") {
+  std::string cmd = prefix + " " + test::ToolPath() + " " + args + " " + redirect;
   Result r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -229,6 +233,80 @@ TEST(CliTest, BenchOpenLoopOffersTheRate) {
   EXPECT_NE(text.out.find("offered       100.0 req/s"), std::string::npos) << text.out;
   EXPECT_NE(text.out.find("achieved      "), std::string::npos) << text.out;
   EXPECT_NE(text.out.find("intended send time"), std::string::npos) << text.out;
+
+  // A rate below 0.1/s is reported as given (it was rounded to 0.0: "offered_rps":0.0).
+  Result slow = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 0.04 --requests 1 --json");
+  ASSERT_EQ(slow.exit_code, 0) << slow.out;
+  EXPECT_DOUBLE_EQ(boost::json::parse(slow.out).as_object().at("offered_rps").to_number<double>(), 0.04) << slow.out;
+}
+
+// The wait status of `child` once it exits within `limit` (nullopt if it did not: then killed).
+std::optional<int> ExitWithin(test::ChildProcess& child, std::chrono::seconds limit) {
+  auto status = child.WaitForExit(limit);
+  if (!status) child.Kill();
+  return status;
+}
+
+// SIGINT or SIGTERM (Ctrl-C, a CI harness) in the middle of a run stops the load and prints the
+// report of the calls sent, each counted once, instead of ending the process without one.
+TEST(CliTest, BenchInterruptedStopsAndReports) {
+  test::TestHttpServer server("interrupted");
+  const std::string uri = "tcp://" + server.endpoint();
+  struct sigaction current {};
+  sigaction(SIGINT, nullptr, &current);
+  // (A background job may have SIGINT ignored, which the tool then leaves ignored.)
+  const int sigint = current.sa_handler == SIG_IGN ? SIGTERM : SIGINT;
+  // Closed loop: the callers stop, the calls outstanding complete.
+  {
+    test::ChildProcess bench({test::ToolPath(), "bench", "http", uri, "--path", "/", "--concurrency", "2",
+                              "--duration", "60s", "--json", "--no-progress"});
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    kill(bench.pid(), sigint);
+    auto line = bench.ReadLine(std::chrono::seconds(30));
+    auto status = ExitWithin(bench, std::chrono::seconds(30));
+    ASSERT_TRUE(status) << "still running 30 s after the signal";
+    ASSERT_TRUE(WIFEXITED(*status)) << "ended by signal " << WTERMSIG(*status) << " without a report";
+    EXPECT_EQ(WEXITSTATUS(*status), 128 + sigint);
+    ASSERT_TRUE(line);
+    auto v = boost::json::parse(*line).as_object();
+    EXPECT_GT(v.at("requests").as_int64(), 0);
+    EXPECT_EQ(v.at("succeeded").as_int64(), v.at("requests").as_int64());
+    EXPECT_LT(v.at("elapsed_s").to_number<double>(), 30);
+  }
+  // Open loop over capacity (calls waiting for a slot): the calls due but not sent are dropped,
+  // the two outstanding complete, and the report counts those sent.
+  {
+    test::ChildProcess bench({test::ToolPath(), "bench", "http", uri, "--path", "/delay/200", "--rate", "50",
+                              "--concurrency", "2", "--duration", "60s", "--json", "--no-progress"});
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    kill(bench.pid(), SIGTERM);
+    auto line = bench.ReadLine(std::chrono::seconds(30));
+    auto status = ExitWithin(bench, std::chrono::seconds(30));
+    ASSERT_TRUE(status) << "still running 30 s after the signal";
+    ASSERT_TRUE(WIFEXITED(*status)) << "ended by signal " << WTERMSIG(*status) << " without a report";
+    EXPECT_EQ(WEXITSTATUS(*status), 128 + SIGTERM);
+    ASSERT_TRUE(line);
+    auto v = boost::json::parse(*line).as_object();
+    EXPECT_GT(v.at("requests").as_int64(), 0);
+    EXPECT_LT(v.at("requests").as_int64(), 50);  // 2 at a time, 200 ms each, for about a second
+    EXPECT_EQ(v.at("succeeded").as_int64(), v.at("requests").as_int64());
+    EXPECT_LT(v.at("elapsed_s").to_number<double>(), 30);
+  }
+}
+
+// Ctrl-C while `scales serverset` (without --watch) still waits for the members printed nothing:
+// not a success (it exited 0, as for a set known to be empty).
+TEST(CliTest, ServerSetInterruptedBeforeTheMembersIsNotASuccess) {
+  // Nothing listens there: the members never become known.
+  const std::string uri = "zk://127.0.0.1:" + std::to_string(test::FreeTcpPort()) + "/svc";
+  test::ChildProcess tool({test::ToolPath(), "serverset", uri, "--timeout", "60s"});
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  kill(tool.pid(), SIGTERM);
+  auto status = ExitWithin(tool, std::chrono::seconds(10));
+  ASSERT_TRUE(status);
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 128 + SIGTERM);
+  EXPECT_EQ(tool.ReadLine(std::chrono::seconds(1)), std::nullopt);  // nothing on stdout
 }
 
 // Over capacity, the open loop keeps the schedule: calls wait for a slot, and their latency,
@@ -373,6 +451,32 @@ TEST(CliTest, BenchUsageErrors) {
   EXPECT_EQ(RunTool("testserver thriftmux --ping-interval 99999999999").exit_code, 2);
   EXPECT_EQ(RunTool("thrift call tcp://127.0.0.1:1 sleep ''").exit_code, 2);
   EXPECT_EQ(RunTool("demo --seconds 5x").exit_code, 2);
+  // Values that used to crash (std::bad_alloc for the payload, std::system_error when event
+  // loops cannot start) or hang (the second call due in 30,000 years), and an option that does
+  // not apply (a ping has no payload).
+  Result payload = RunTool("bench thrift tcp://127.0.0.1:1 --method echo --payload-size 999999999999999999 --requests 1", "2>&1");
+  EXPECT_EQ(payload.exit_code, 2);
+  EXPECT_NE(payload.out.find("--payload-size"), std::string::npos) << payload.out;
+  EXPECT_EQ(RunTool("bench thrift tcp://127.0.0.1:1 --method ping --payload-size 5 --requests 1").exit_code, 2);
+  EXPECT_EQ(RunTool("bench http tcp://127.0.0.1:1 --threads 100000 --requests 1").exit_code, 2);
+  Result loops = RunTool("bench http tcp://127.0.0.1:1 --threads 1000 --requests 1", "2>&1",
+                         "ulimit -v 1000000; timeout -k 5 60");  // 1 GB of address space: no room for 1000 stacks
+  EXPECT_EQ(loops.exit_code, 2);
+  EXPECT_NE(loops.out.find("cannot start 1000 event loops"), std::string::npos) << loops.out;
+  Result schedule = RunTool("bench http tcp://127.0.0.1:1 --requests 2 --rate 1e-12", "2>&1", "timeout -k 5 20");
+  EXPECT_EQ(schedule.exit_code, 2);
+  EXPECT_NE(schedule.out.find("365 days"), std::string::npos) << schedule.out;
+  // An option given twice is an error naming it, in every command (the last value silently won).
+  for (const char* args : {"bench http tcp://127.0.0.1:1 --requests 5 --requests 10",
+                           "bench http tcp://127.0.0.1:1 -n 5 --requests 10",
+                           "http get tcp://127.0.0.1:1 / --timeout 1s --timeout 2s",
+                           "thrift call tcp://127.0.0.1:1 ping --timeout 1s --timeout 2s",
+                           "serverset tcp://127.0.0.1:1 --timeout 1s --timeout 2s",
+                           "demo --report /nonexistent-dir/a.html --report /nonexistent-dir/b.html"}) {
+    Result twice = RunTool(args, "2>&1");
+    EXPECT_EQ(twice.exit_code, 2) << args;
+    EXPECT_NE(twice.out.find("given twice"), std::string::npos) << args << "\n" << twice.out;
+  }
   // An unwritable report fails before the run.
   Result report = RunTool("bench http tcp://127.0.0.1:1 --requests 5 --report /nonexistent-dir/r.html", "2>&1");
   EXPECT_EQ(report.exit_code, 2);

@@ -68,6 +68,10 @@ TEST(ThriftCliTest, CallExitStatuses) {
   EXPECT_EQ(refused.exit_code, 2);
   Result usage = RunTool("thrift call " + server.uri() + " nosuchmethod");
   EXPECT_EQ(usage.exit_code, 2);
+  // An argument a method does not take is a usage error, not silently dropped.
+  Result ping_arg = RunTool("thrift call " + server.uri() + " ping extra", "2>&1");
+  EXPECT_EQ(ping_arg.exit_code, 2);
+  EXPECT_NE(ping_arg.out.find("extra"), std::string::npos) << ping_arg.out;
 }
 
 TEST(ThriftCliTest, BufferedCompactServer) {
