@@ -22,13 +22,29 @@ class HttpCall final : public TypedCall<Response> {
   Request request;
 };
 
+// A request target in absolute form (RFC 9112 3.2.2): a scheme (RFC 3986 3.1), then "://".
+bool IsAbsoluteForm(std::string_view target) noexcept {
+  const size_t colon = target.find("://");
+  if (colon == 0 || colon == std::string_view::npos) return false;
+  auto alpha = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
+  if (!alpha(target[0])) return false;
+  for (char c : target.substr(1, colon - 1)) {
+    if (!alpha(c) && !(c >= '0' && c <= '9') && c != '+' && c != '-' && c != '.') return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 Request HttpClient::Make(std::string_view method, std::string_view target, std::string body, Headers headers) {
   Request r;
   r.method = std::string(method);
   r.target = target.empty() ? std::string("/") : std::string(target);
-  if (r.target.front() != '/' && r.target != "*") r.target.insert(r.target.begin(), '/');
+  // A relative path gets its '/'; "*" and an absolute-form target ("http://host/path") go as
+  // given, as Send() sends them ("/http://host/path" would be another resource).
+  if (r.target.front() != '/' && r.target != "*" && !IsAbsoluteForm(r.target)) {
+    r.target.insert(r.target.begin(), '/');
+  }
   r.body = std::move(body);
   r.headers = std::move(headers);
   return r;
@@ -45,10 +61,16 @@ void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::share
   }
   call->message.method = call->request.method;
   if (defaults) {
+    // Only the request's own headers replace a default one: a name the defaults repeat goes
+    // out each time.
+    auto& headers = call->request.headers;
+    const size_t own = headers.size();
     for (const auto& h : *defaults) {
       bool present = false;
-      for (const auto& own : call->request.headers) present = present || HeaderNameEquals(own.first, h.first);
-      if (!present) call->request.headers.push_back(h);
+      for (size_t i = 0; i < own && !present; ++i) {
+        present = HeaderNameEquals(headers[i].first, h.first);
+      }
+      if (!present) headers.push_back(h);
     }
   }
   call->message.properties.headers = std::move(options.headers);
@@ -133,6 +155,14 @@ SinkStackSpec HttpClientBuilder::DefaultStack(const HttpOptions& options) {
 HttpClient HttpClientBuilder::Build() {
   return NamingTheClient([&] {
     Validate(options_.transport);
+    // A default header that could never be sent fails every call: refused here, as an option.
+    for (size_t i = 0; i < options_.default_headers.size(); ++i) {
+      const auto& [name, value] = options_.default_headers[i];
+      if (std::string problem = internal::HeaderProblem(name, value); !problem.empty()) {
+        throw Error(make_error_code(Errc::kInvalidArgument),
+                    fmt::format("default_headers[{}]: {}", i, problem));
+      }
+    }
     Validate(options_.pool);
     Validate(static_cast<const ResilienceOptions&>(options_));
     SinkStackSpec spec = ApplyEdits(DefaultStack(options_));

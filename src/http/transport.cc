@@ -80,7 +80,37 @@ bool IsTarget(std::string_view s) noexcept {
   return true;
 }
 
+// A refused method, target or header name as an error message quotes it: control characters
+// and DEL escaped (a NUL would end what(), a CR or LF split the message and the log line it
+// goes to), at most `max` bytes.
+std::string Quoted(std::string_view s, size_t max = 200) {
+  std::string out;
+  for (unsigned char c : s.substr(0, max)) {
+    if (c == '\r') {
+      out += "\\r";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20 || c == 0x7f) {
+      fmt::format_to(std::back_inserter(out), "\\x{:02x}", c);
+    } else {
+      out.push_back(static_cast<char>(c));
+    }
+  }
+  if (s.size() > max) out += "...";
+  return out;
+}
+
 }  // namespace
+
+namespace internal {
+
+std::string HeaderProblem(std::string_view name, std::string_view value) {
+  if (!IsToken(name)) return fmt::format("the header name '{}' is not an HTTP token", Quoted(name));
+  if (!IsFieldValue(value)) return fmt::format("the value of header {} has a CR, LF or NUL", name);
+  return {};
+}
+
+}  // namespace internal
 
 void Validate(const TransportOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
@@ -273,9 +303,12 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
                                           fmt::format("HTTP request to {} not sent: {}", conn().address(), what));
     stack.AsyncProcessResponse(nullptr, m);
   };
-  if (!IsToken(req->method)) return bad(fmt::format("the method '{}' is not an HTTP token", req->method));
+  if (!IsToken(req->method)) {
+    return bad(fmt::format("the method '{}' is not an HTTP token", Quoted(req->method)));
+  }
   if (!IsTarget(req->target)) {
-    return bad(fmt::format("the target '{}' is empty or has spaces or control characters", req->target));
+    return bad(fmt::format("the target '{}' is empty or has spaces or control characters",
+                           Quoted(req->target)));
   }
   w.append(req->method);
   w.push_back(' ');
@@ -285,12 +318,8 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   request_close_ = false;
   auto add_headers = [&](const Headers& headers) {
     for (const auto& [name, value] : headers) {
-      if (!IsToken(name)) {
-        bad(fmt::format("the header name '{}' is not an HTTP token", name));
-        return false;
-      }
-      if (!IsFieldValue(value)) {
-        bad(fmt::format("the value of header {} has a CR, LF or NUL", name));
+      if (!IsToken(name) || !IsFieldValue(value)) {
+        bad(internal::HeaderProblem(name, value));
         return false;
       }
       // The transport frames the body itself: a fixed Content-Length.

@@ -109,6 +109,19 @@ TEST_F(NginxClusterTest, InterimContinueResponseIsSkipped) {
   EXPECT_EQ(servers_[0]->AccessLogConnectionCount(), 1) << "the connection was kept";
 }
 
+// The verbs put a '/' in front of a relative target, but not in front of one in absolute form
+// (RFC 9112 3.2.2), which Send() sends as given: "http://host/name" used to go out as
+// "/http://host/name", a path nginx answered with 200 and another resource.
+TEST_F(NginxClusterTest, VerbsSendAnAbsoluteFormTargetAsGiven) {
+  auto client = Http::NewClient(Uri({endpoints_[0]}), Options(MakeRuntime(1)));
+  const std::string absolute = "http://" + endpoints_[0] + "/name";
+  EXPECT_EQ(client.Send({"GET", absolute, {}, {}}).body, "n0");
+  EXPECT_EQ(client.Get(absolute).body, "n0");
+  EXPECT_EQ(client.AsyncGet(absolute, boost::asio::use_future).get().body, "n0");
+  EXPECT_EQ(client.Get("name").body, "n0");  // relative: "/name"
+  EXPECT_EQ(client.Get("HTTP://" + endpoints_[0] + "/name").body, "n0");  // the scheme ignores case
+}
+
 TEST_F(NginxClusterTest, RequestsSpreadOverEveryServer) {
   // The heap balancer uses idle nodes in random order. (The default, aperture, keeps a
   // sequential caller on the smallest subset that carries its load.)
@@ -350,6 +363,13 @@ TEST_F(TestServerTest, UnsendableRequestsSayWhyAndLargeBodiesGoBothWays) {
       {{"GET", "/", {{"Bad Name", "v"}}, {}}, "the header name 'Bad Name' is not an HTTP token"},
       {{"GE T", "/", {}, {}}, "the method 'GE T' is not an HTTP token"},
       {{"GET", "/a b", {}, {}}, "the target '/a b' is empty or has spaces"},
+      // The refused text is quoted escaped: a NUL used to end what() there, and a CR or LF to
+      // split the message (and a log line) in two.
+      {{"GET", std::string("/a\0b", 4), {}, {}}, "the target '/a\\x00b' is empty or has spaces"},
+      {{"GET", "/a\r\nX-Evil: 1", {}, {}}, "the target '/a\\r\\nX-Evil: 1' is empty or has spaces"},
+      {{std::string("GE\0T", 4), "/", {}, {}}, "the method 'GE\\x00T' is not an HTTP token"},
+      {{"GET", "/", {{"X-A\r\nX-Evil", "1"}}, {}},
+       "the header name 'X-A\\r\\nX-Evil' is not an HTTP token"},
   };
   for (auto& c : cases) {
     try {
@@ -359,6 +379,7 @@ TEST_F(TestServerTest, UnsendableRequestsSayWhyAndLargeBodiesGoBothWays) {
       EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
       EXPECT_NE(std::string(e.what()).find(c.text), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find(server_.endpoint()), std::string::npos) << e.what();
+      EXPECT_EQ(std::string(e.what()).find_first_of("\r\n"), std::string::npos) << e.what();
     }
   }
   std::string body(6 * 1024 * 1024, 'b');
@@ -373,6 +394,48 @@ TEST_F(TestServerTest, UnsendableRequestsSayWhyAndLargeBodiesGoBothWays) {
   EXPECT_NE(seen.body.find("Content-Length: 3"), std::string::npos) << seen.body;
   EXPECT_EQ(seen.body.find("chunked"), std::string::npos) << seen.body;
   EXPECT_EQ(client.Get("/").Header("X-Connection"), connection) << "one keep-alive connection throughout";
+}
+
+// Default headers go out with every request, in order, a repeated name included; one the
+// request has itself (any case) is left out. A repeated default header used to go out once:
+// the second was taken for one the request already had.
+TEST_F(TestServerTest, DefaultHeadersAreAddedUnlessTheRequestHasThem) {
+  auto opts = Options(MakeRuntime(1));
+  opts.default_headers = {{"X-Default", "from-defaults"}, {"X-Twice", "1"}, {"X-Twice", "2"}};
+  auto client = Http::NewClient(Uri({server_.endpoint()}), opts);
+  http::Response plain = client.Get("/headers");
+  EXPECT_NE(plain.body.find("X-Default: from-defaults\nX-Twice: 1\nX-Twice: 2\n"), std::string::npos)
+      << plain.body;
+  http::Response own = client.Get("/headers", {{"x-default", "own"}});
+  EXPECT_NE(own.body.find("x-default: own\n"), std::string::npos) << own.body;
+  EXPECT_EQ(own.body.find("from-defaults"), std::string::npos) << own.body;
+  EXPECT_NE(own.body.find("X-Twice: 1\nX-Twice: 2\n"), std::string::npos) << own.body;
+}
+
+// Default headers are options: one that could never be sent (a name that is not a token, a
+// value with CR, LF or NUL) fails Build() naming the field, rather than every call after it.
+TEST_F(TestServerTest, UnsendableDefaultHeadersFailTheBuild) {
+  struct Case {
+    Headers headers;
+    const char* text;
+  } cases[] = {
+      {{{"X-Ok", "1"}, {"X-Injected", "a\r\nX-Evil: 1"}},
+       "default_headers[1]: the value of header X-Injected has a CR, LF or NUL"},
+      {{{"Bad Name", "v"}}, "default_headers[0]: the header name 'Bad Name' is not an HTTP token"},
+      {{{"", "v"}}, "default_headers[0]: the header name '' is not an HTTP token"},
+  };
+  for (auto& c : cases) {
+    auto opts = Options(MakeRuntime(1));
+    opts.default_headers = c.headers;
+    try {
+      Http::NewClient(Uri({server_.endpoint()}), opts);
+      ADD_FAILURE() << c.text << ": built";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find(c.text), std::string::npos) << e.what();
+      EXPECT_EQ(std::string(e.what()).rfind("client it: ", 0), 0u) << e.what();
+    }
+  }
 }
 
 TEST_F(TestServerTest, EveryCompletionStyle) {

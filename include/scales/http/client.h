@@ -60,7 +60,9 @@ class HttpClient {
 
   HttpClient() = default;
 
-  // Blocking calls. Throw scales::Error on failure.
+  // Blocking calls. Throw scales::Error on failure. The verbs put a '/' in front of a target
+  // without one ("users" -> "/users"), but not in front of "*" or an absolute-form target
+  // ("http://host/path"); Send() sends the request's target as given.
   Response Send(Request request, const CallOptions& options = {}) const;
   Response Get(std::string_view target, Headers headers = {}) const;
   Response Head(std::string_view target, Headers headers = {}) const;

@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <utility>
 
@@ -56,6 +57,11 @@ struct TransportOptions {
 void Validate(const TransportOptions& o);
 
 namespace internal {
+
+// Why the field `name: value` cannot be sent ("" when it can): a name that is not a token, or a
+// value with a CR, LF or NUL (header injection). The transport refuses such a request with it,
+// and HttpClientBuilder::Build() a default header.
+std::string HeaderProblem(std::string_view name, std::string_view value);
 
 // Beast's HTTP/1.1 response parser writing straight into a scales Response: status, reason,
 // each header and the (de-chunked) body, with no Beast message or field container in between.
