@@ -150,6 +150,14 @@ class UriParser {
       port_text = rest.substr(1);
       port_offset = begin + close + 2;
     } else {
+      if (size_t at = entry.rfind('@'); at != std::string_view::npos) {
+        // user:password@host:port: said as such (with two colons it read as an unbracketed
+        // IPv6 address), and without quoting what comes before the '@' (a password).
+        return fmt::format(
+            "host {} at offset {} has user information before the '@' at offset {} ('***@{}'), "
+            "which scales URIs do not take",
+            n, begin, begin + at, entry.substr(at + 1));
+      }
       size_t colons = std::count(entry.begin(), entry.end(), ':');
       if (colons == 0 && default_port_ != 0) {
         if (auto err = ValidateHostName(entry, n, begin); !err.empty()) return err;
@@ -442,6 +450,23 @@ std::string ParsedUri::ToString() const {
 
 std::string RedactUriSecrets(std::string_view uri) {
   std::string out(uri);
+  // User information before a host ("user:password@host:port", which no scales URI takes but a
+  // user may write): everything before the entry's last '@'.
+  if (const size_t scheme_end = out.find("://"); scheme_end != std::string::npos) {
+    size_t entry = scheme_end + 3;
+    size_t hosts_end = std::min(out.find_first_of("/?#", entry), out.size());
+    while (entry < hosts_end) {
+      const size_t next = std::min(out.find(',', entry), hosts_end);
+      const size_t at = out.find_last_of('@', next - 1);
+      if (next > entry && at != std::string::npos && at >= entry) {
+        out.replace(entry, at - entry, "***");
+        hosts_end = hosts_end - (at - entry) + 3;
+        entry = entry + 3 + (next - at) + 1;
+      } else {
+        entry = next + 1;
+      }
+    }
+  }
   const size_t query = out.find('?');
   if (query == std::string::npos) return out;
   for (size_t at = query; at != std::string::npos && at < out.size(); at = out.find('&', at + 1)) {

@@ -225,6 +225,9 @@ TEST(ZooKeeperOptionsTest, CredentialsAreNeverQuoted) {
             "zk://a:1/svc?session_timeout=3s&auth=digest:***#http");
   EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#http?xauth=a:b&auth=digest"), "zk://a:1/svc#http?xauth=a:b&auth=digest");
   EXPECT_EQ(RedactUriSecrets("tcp://a:1,b:2"), "tcp://a:1,b:2");
+  // User information before a host (refused by the parser, whose message quotes the URI).
+  EXPECT_EQ(RedactUriSecrets("tcp://u:s3cret@a:1,b:2,v@w@c:3/p@q?x=y@z"), "tcp://***@a:1,b:2,***@c:3/p@q?x=y@z");
+  EXPECT_EQ(RedactUriSecrets("zk://@a:1/svc"), "zk://***@a:1/svc");
   auto what = [](const char* uri) {
     try {
       ZooKeeperServerSet set(ScalesUriParser::Parse(uri));
