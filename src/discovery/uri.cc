@@ -452,7 +452,7 @@ std::string RedactUriSecrets(std::string_view uri) {
   std::string out(uri);
   // User information before a host ("user:password@host:port", which no scales URI takes but a
   // user may write): everything before the entry's last '@'.
-  if (const size_t scheme_end = out.find("://"); scheme_end != std::string::npos) {
+  if (const size_t scheme_end = out.find("://"); scheme_end < out.find_first_of("?#")) {
     size_t entry = scheme_end + 3;
     size_t hosts_end = std::min(out.find_first_of("/?#", entry), out.size());
     while (entry < hosts_end) {
