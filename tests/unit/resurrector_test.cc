@@ -39,6 +39,18 @@ ResurrectorOptions Backoff(Duration initial, Duration max, double multiplier, do
 
 class ResurrectorTest : public ::testing::Test {
  protected:
+  // The child opened, then faulted; one backoff (1 s) later the reconnect candidate
+  // (factory_.at(1)) is still connecting (OpenMode::kHang).
+  void StartHangingReconnect() {
+    Build(Backoff(seconds(1), seconds(30), 2.0, 0.0));
+    ASSERT_FALSE(Open());
+    factory_.open_mode = FakeTransport::OpenMode::kHang;
+    factory_.at(0).RaiseFault(make_error_code(Errc::kConnectionClosed));
+    env_.Run();
+    env_.Advance(seconds(1));
+    ASSERT_EQ(factory_.count(), 2u);
+  }
+
   ResurrectorTest() : factory_(env_.loop()), calls_(*env_.clock) {}
 
   // dispatcher -> timeout -> resurrector -> (fake | `child_factory`)
@@ -313,13 +325,7 @@ TEST_F(ResurrectorTest, CloseWhileDownStopsReconnecting) {
 }
 
 TEST_F(ResurrectorTest, CloseDuringAReconnectAttemptClosesTheCandidate) {
-  Build(Backoff(seconds(1), seconds(30), 2.0, 0.0));
-  ASSERT_FALSE(Open());
-  factory_.open_mode = FakeTransport::OpenMode::kHang;
-  factory_.at(0).RaiseFault(make_error_code(Errc::kConnectionClosed));
-  env_.Run();
-  env_.Advance(seconds(1));
-  ASSERT_EQ(factory_.count(), 2u);
+  ASSERT_NO_FATAL_FAILURE(StartHangingReconnect());
   resurrector_->Close();
   factory_.at(1).CompleteOpen();  // the candidate opens after all
   env_.Run();
@@ -330,13 +336,7 @@ TEST_F(ResurrectorTest, CloseDuringAReconnectAttemptClosesTheCandidate) {
 // Close() while a reconnect attempt is still connecting stops that attempt at once: the
 // candidate must not go on connecting (and hold its socket) after the endpoint is closed.
 TEST_F(ResurrectorTest, CloseDuringAHangingReconnectClosesTheCandidateAtOnce) {
-  Build(Backoff(seconds(1), seconds(30), 2.0, 0.0));
-  ASSERT_FALSE(Open());
-  factory_.open_mode = FakeTransport::OpenMode::kHang;
-  factory_.at(0).RaiseFault(make_error_code(Errc::kConnectionClosed));
-  env_.Run();
-  env_.Advance(seconds(1));
-  ASSERT_EQ(factory_.count(), 2u);
+  ASSERT_NO_FATAL_FAILURE(StartHangingReconnect());
   ASSERT_EQ(factory_.at(1).pending_opens(), 1u);
   resurrector_->Close();
   EXPECT_EQ(factory_.at(1).close_calls(), 1u);
