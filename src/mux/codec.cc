@@ -511,7 +511,7 @@ Result<std::optional<FrameView>> Reassembler::Add(FrameView frame) {
         const auto which = static_cast<std::uint32_t>(r.Int(3, "discarded tag")) & kMaxTag;
         auto it = partial_.find(which);
         if (it != partial_.end() && (it->second.type == wire::kTdispatch || it->second.type == wire::kTreq)) {
-          partial_.erase(it);
+          Erase(it);
         }
       }
       break;
@@ -539,24 +539,34 @@ Result<std::optional<FrameView>> Reassembler::Add(FrameView frame) {
     if (frame.body.size() > max_bytes_per_tag_) {
       return ProtocolError(OverLimitDetail(frame, frame.body.size()));
     }
+    if (frame.body.size() > max_total_bytes_ - total_bytes_) return ProtocolError(OverTotalDetail(frame));
     partial_.emplace(frame.tag, Partial{frame.type, std::string(frame.body)});
+    total_bytes_ += frame.body.size();
     return std::optional<FrameView>();
   }
   Partial& p = it->second;
   if (p.type != frame.type) {
     std::string detail = fmt::format("tag {}: a {} fragment continues a {} message", frame.tag,
                                      TypeName(frame.type), TypeName(p.type));
-    partial_.erase(it);
+    Erase(it);
     return ProtocolError(std::move(detail));
   }
   if (p.body.size() + frame.body.size() > max_bytes_per_tag_) {
     std::string detail = OverLimitDetail(frame, p.body.size() + frame.body.size());
-    partial_.erase(it);
+    Erase(it);
+    return ProtocolError(std::move(detail));
+  }
+  // Only a final fragment's bytes are not kept buffered: its message leaves at once.
+  if (frame.fragment && frame.body.size() > max_total_bytes_ - total_bytes_) {
+    std::string detail = OverTotalDetail(frame);
+    Erase(it);
     return ProtocolError(std::move(detail));
   }
   p.body.append(frame.body);
+  total_bytes_ += frame.body.size();
   if (frame.fragment) return std::optional<FrameView>();
   const std::uint8_t type = p.type;
+  total_bytes_ -= p.body.size();
   completed_ = std::move(p.body);
   partial_.erase(it);
   return std::optional<FrameView>(FrameView{type, frame.tag, false, completed_});
@@ -578,7 +588,23 @@ std::string Reassembler::OverLimitDetail(const FrameView& frame, std::size_t buf
                      OverLimit("the largest message accepted", limit_name_, max_bytes_per_tag_));
 }
 
-bool Reassembler::Drop(std::uint32_t tag) { return partial_.erase(tag) > 0; }
+std::string Reassembler::OverTotalDetail(const FrameView& frame) const {
+  return fmt::format("{} tag {}: {} more fragment bytes with {} buffered for {} tags exceed {}", TypeName(frame.type),
+                     frame.tag, frame.body.size(), total_bytes_, partial_.size(),
+                     OverLimit("the most buffered for reassembly", total_limit_name_, max_total_bytes_));
+}
+
+void Reassembler::Erase(std::unordered_map<std::uint32_t, Partial>::iterator it) {
+  total_bytes_ -= it->second.body.size();
+  partial_.erase(it);
+}
+
+bool Reassembler::Drop(std::uint32_t tag) {
+  auto it = partial_.find(tag);
+  if (it == partial_.end()) return false;
+  Erase(it);
+  return true;
+}
 
 std::size_t Reassembler::buffered_bytes(std::uint32_t tag) const {
   auto it = partial_.find(tag);

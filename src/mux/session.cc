@@ -93,6 +93,7 @@ void Validate(const SessionOptions& o) {
   if (o.connect_timeout <= Duration::zero()) fail("session.connect_timeout must be > 0");
   if (o.max_frame_size < kMinMaxFrameSize) fail(fmt::format("session.max_frame_size must be >= {}", kMinMaxFrameSize));
   if (o.max_message_size == 0) fail("session.max_message_size must be > 0");
+  if (o.max_reassembly_bytes == 0) fail("session.max_reassembly_bytes must be > 0");
   if (o.max_fragment_size == 0 || o.max_fragment_size > kUnlimitedFragmentSize) {
     fail("session.max_fragment_size must be in 1..2147483647");
   }
@@ -123,7 +124,8 @@ MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)
       conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats, options.tls),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
       decoder_(options.max_frame_size, "session.max_frame_size"),
-      reassembler_(options.max_message_size, "session.max_message_size"),
+      reassembler_(options.max_message_size, "session.max_message_size", options.max_reassembly_bytes,
+                   "session.max_reassembly_bytes"),
       read_buffer_(kMinReadBuffer),
       tag_bits_(1, 0b11),  // tags 0 (markers) and 1 (control) are never allocated
       tags_gauge_(ctx.stats.GetGauge("scales_mux_tags_in_use")),
@@ -437,9 +439,10 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
 
 void MuxSessionSink::HandleFrame(const FrameView& frame) {
   // Only our own requests' tags may buffer fragments, so reassembly holds at most tags in use x
-  // max_message_size however many tags a hostile server fragments on: Rdispatch pieces for
-  // other tags are dropped unbuffered (the reply would be ignored anyway), and a Tdispatch
-  // (never accepted from a server) is refused at its first piece.
+  // max_message_size, and max_reassembly_bytes in all, however many tags a hostile server
+  // fragments on: Rdispatch pieces for other tags are dropped unbuffered (the reply would be
+  // ignored anyway), and a Tdispatch (never accepted from a server) is refused at its first
+  // piece.
   if (frame.type == wire::kRdispatch) {
     if (FindSent(frame.tag) == nullptr) return;
     // The common reply: whole, with no fragments of any tag waiting (nothing to reassemble).
@@ -1085,6 +1088,7 @@ SinkProvider MuxSessionProvider(SessionOptions options) {
       {"handshake", SettingText(options.handshake)},
       {"max_frame_size", SettingText(options.max_frame_size)},
       {"max_message_size", SettingText(options.max_message_size)},
+      {"max_reassembly_bytes", SettingText(options.max_reassembly_bytes)},
       {"max_fragment_size", SettingText(options.max_fragment_size)},
       {"ping_interval", SettingText(options.ping_interval)},
       {"ping_timeout", SettingText(options.ping_timeout)},

@@ -152,6 +152,20 @@ TEST(HostilePeerTest, MuxEndlessFragmentsStopAtTheFragmentBytesLimit) {
   EXPECT_EQ(Echo(client, "after"), "after");
 }
 
+TEST(HostilePeerTest, MuxEndlessFragmentsStopAtTheSessionReassemblyLimit) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = MuxOptions();
+  options.session.max_message_size = 1u << 20;
+  options.session.max_reassembly_bytes = 512u << 10;  // reached before the per-tag limit
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  EXPECT_EQ(Echo(client, "before"), "before");
+  ExpectBoundedFailure([&] { Echo(client, "endless-fragments"); }, Errc::kProtocolError,
+                       "exceed the most buffered for reassembly (limit session.max_reassembly_bytes = 524288)",
+                       5s);
+  EXPECT_TRUE(server.WaitForLog({"endless-fragments tag=", "stopped after"})) << server.Log();
+  EXPECT_EQ(Echo(client, "after"), "after");
+}
+
 TEST(HostilePeerTest, MuxFragmentsOnTagsNobodyUsesAreNotBuffered) {
   // Each of 96 unused tags gets fragments just under the per-tag limit (90 MiB in all): a
   // session that buffered them would hold them all. Only tags in use may buffer fragments.

@@ -1070,6 +1070,45 @@ TEST(MuxCodecTest, ReassemblerLimitsAndErrors) {
   }
 }
 
+TEST(MuxCodecTest, ReassemblerBoundsTheBytesOfAllTagsTogether) {
+  Reassembler r(40, "session.max_message_size", 50, "session.max_reassembly_bytes");
+  ASSERT_TRUE(r.Add(Frame{wire::kRdispatch, 2, true, std::string(20, 'a')}).has_value());
+  ASSERT_TRUE(r.Add(Frame{wire::kRdispatch, 3, true, std::string(20, 'b')}).has_value());
+  EXPECT_EQ(r.buffered_bytes(), 40u);
+  // A final fragment leaves with its message: it may take the sum past the bound.
+  auto whole = r.Add(Frame{wire::kRdispatch, 2, false, std::string(15, 'a')});
+  ASSERT_TRUE(whole.has_value());
+  ASSERT_TRUE(whole->has_value());
+  EXPECT_EQ((*whole)->body.size(), 35u);
+  EXPECT_EQ(r.buffered_bytes(), 20u);
+  // A new tag's first fragment, and a buffered tag's next one, are refused past the bound.
+  ASSERT_TRUE(r.Add(Frame{wire::kRdispatch, 4, true, std::string(25, 'c')}).has_value());
+  EXPECT_EQ(r.buffered_bytes(), 45u);
+  auto first = r.Add(Frame{wire::kRdispatch, 5, true, std::string(6, 'd')});
+  ASSERT_FALSE(first.has_value());
+  EXPECT_EQ(first.error().code, make_error_code(Errc::kProtocolError));
+  EXPECT_THAT(first.error().detail,
+              HasSubstr("Rdispatch tag 5: 6 more fragment bytes with 45 buffered for 2 tags exceed the most buffered "
+                        "for reassembly (limit session.max_reassembly_bytes = 50)"));
+  EXPECT_EQ(r.buffered_bytes(), 45u);
+  auto next = r.Add(Frame{wire::kRdispatch, 3, true, std::string(6, 'b')});
+  ASSERT_FALSE(next.has_value());
+  EXPECT_THAT(next.error().detail, HasSubstr("limit session.max_reassembly_bytes = 50"));
+  // The refused tag's fragments are gone, and with them their bytes.
+  EXPECT_EQ(r.buffered_bytes(3), 0u);
+  EXPECT_EQ(r.buffered_bytes(), 25u);
+  // Dropped, discarded and cleared fragments give their bytes back.
+  EXPECT_TRUE(r.Drop(4));
+  EXPECT_EQ(r.buffered_bytes(), 0u);
+  ASSERT_TRUE(r.Add(Frame{wire::kRdispatch, 6, true, std::string(40, 'e')}).has_value());
+  ASSERT_TRUE(r.Add(Frame{wire::kRerr, 6, false, "gone"}).has_value());
+  EXPECT_EQ(r.buffered_bytes(), 0u);
+  ASSERT_TRUE(r.Add(Frame{wire::kRdispatch, 7, true, std::string(30, 'f')}).has_value());
+  r.Clear();
+  EXPECT_EQ(r.buffered_bytes(), 0u);
+  EXPECT_TRUE(r.Add(Frame{wire::kRdispatch, 8, true, std::string(40, 'g')}).has_value());
+}
+
 // --- Encoding limits. ---------------------------------------------------------------------------
 
 TEST(MuxCodecTest, UnrepresentableMessagesAreEncodeErrors) {

@@ -330,9 +330,16 @@ class Reassembler {
  public:
   // `limit_name`: the setting max_bytes_per_tag comes from (e.g. "session.max_message_size"),
   // named in the error as "(limit <limit_name> = N)"; empty: "the limit of N bytes".
+  // `max_total_bytes` bounds the fragment bytes buffered for all tags together (unbounded by
+  // default), named by `total_limit_name` the same way.
   explicit Reassembler(std::size_t max_bytes_per_tag = kDefaultMaxReassembledBytes,
-                       std::string_view limit_name = {})
-      : max_bytes_per_tag_(max_bytes_per_tag), limit_name_(limit_name) {}
+                       std::string_view limit_name = {},
+                       std::size_t max_total_bytes = std::numeric_limits<std::size_t>::max(),
+                       std::string_view total_limit_name = {})
+      : max_bytes_per_tag_(max_bytes_per_tag),
+        limit_name_(limit_name),
+        max_total_bytes_(max_total_bytes),
+        total_limit_name_(total_limit_name) {}
 
   // Returns the complete frame (fragment == false) when `frame` completes a message,
   // std::nullopt when it was a non-final fragment.
@@ -347,10 +354,13 @@ class Reassembler {
   // Drops every partial message and gives back the memory of the last reassembled one.
   void Clear() {
     partial_.clear();
+    total_bytes_ = 0;
     std::string().swap(completed_);
   }
   std::size_t pending_tags() const { return partial_.size(); }
   std::size_t buffered_bytes(std::uint32_t tag) const;
+  // Fragment bytes buffered for all tags together.
+  std::size_t buffered_bytes() const { return total_bytes_; }
   std::size_t max_bytes_per_tag() const { return max_bytes_per_tag_; }
 
  private:
@@ -359,9 +369,15 @@ class Reassembler {
     std::string body;
   };
   std::string OverLimitDetail(const FrameView& frame, std::size_t buffered) const;
+  // The error for a fragment that would take the bytes of all tags past max_total_bytes_.
+  std::string OverTotalDetail(const FrameView& frame) const;
+  void Erase(std::unordered_map<std::uint32_t, Partial>::iterator it);
 
   std::size_t max_bytes_per_tag_;
   std::string_view limit_name_;
+  std::size_t max_total_bytes_;
+  std::string_view total_limit_name_;
+  std::size_t total_bytes_ = 0;  // the sum of partial_'s bodies
   std::unordered_map<std::uint32_t, Partial> partial_;
   std::string completed_;  // the last message Add(FrameView) reassembled
 };

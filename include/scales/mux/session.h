@@ -88,6 +88,9 @@ struct SessionOptions {
   uint32_t max_frame_size = 32u << 20;
   // Largest reassembled message per tag (sum of fragment bodies). Default 32 MiB.
   size_t max_message_size = 32u << 20;
+  // Most fragment bytes buffered for all tags together (replies arriving in fragments on many
+  // tags at once); one more closes the session. Default 64 MiB; > 0.
+  size_t max_reassembly_bytes = 64u << 20;
   // The largest fragment body we accept. Tinit advertises it as our mux-framer, lowered to
   // max_frame_size - 4 (the body max_frame_size leaves after type and tag; see
   // AdvertisedFragmentSize), so that a server honouring it never sends a frame over
