@@ -61,16 +61,20 @@ void HttpClient::Start(const std::shared_ptr<ClientCore>& core, const std::share
   }
   call->message.method = call->request.method;
   if (defaults) {
-    // Only the request's own headers replace a default one: a name the defaults repeat goes
-    // out each time.
+    // The request's own headers and the call's (CallOptions::headers) replace a default one of
+    // the same name; a name the defaults repeat goes out each time.
     auto& headers = call->request.headers;
     const size_t own = headers.size();
-    for (const auto& h : *defaults) {
-      bool present = false;
-      for (size_t i = 0; i < own && !present; ++i) {
-        present = HeaderNameEquals(headers[i].first, h.first);
+    auto has = [](const Headers& list, size_t count, std::string_view name) {
+      for (size_t i = 0; i < count; ++i) {
+        if (HeaderNameEquals(list[i].first, name)) return true;
       }
-      if (!present) headers.push_back(h);
+      return false;
+    };
+    for (const auto& h : *defaults) {
+      if (!has(headers, own, h.first) && !has(options.headers, options.headers.size(), h.first)) {
+        headers.push_back(h);
+      }
     }
   }
   call->message.properties.headers = std::move(options.headers);

@@ -410,6 +410,14 @@ TEST_F(TestServerTest, DefaultHeadersAreAddedUnlessTheRequestHasThem) {
   EXPECT_NE(own.body.find("x-default: own\n"), std::string::npos) << own.body;
   EXPECT_EQ(own.body.find("from-defaults"), std::string::npos) << own.body;
   EXPECT_NE(own.body.find("X-Twice: 1\nX-Twice: 2\n"), std::string::npos) << own.body;
+  // The call's own headers (CallOptions::headers) replace a default one too: a default Host
+  // and a call's Host used to both go out, which a server must answer with 400.
+  CallOptions per_call;
+  per_call.headers = {{"x-default", "per-call"}, {"X-Twice", "3"}};
+  http::Response call = client.Send(http::Request{"GET", "/headers", {}, {}}, per_call);
+  EXPECT_NE(call.body.find("x-default: per-call\nX-Twice: 3\n"), std::string::npos) << call.body;
+  EXPECT_EQ(call.body.find("from-defaults"), std::string::npos) << call.body;
+  EXPECT_EQ(call.body.find("X-Twice: 1"), std::string::npos) << call.body;
 }
 
 // Default headers are options: one that could never be sent (a name that is not a token, a

@@ -50,7 +50,8 @@ struct HttpOptions : ResilienceOptions {
   }();
   TransportOptions transport;
   WatermarkPoolOptions pool;
-  // Headers added to every request (after the request's own).
+  // Headers added to every request (after the request's own). A default header is left out
+  // when the request or the call (CallOptions::headers) has one of that name.
   Headers default_headers;
 };
 
