@@ -241,6 +241,29 @@ TEST(TlsHttpTest, VerifyOffOrTheRightServerNameAcceptTheWrongHostCertificate) {
   named.Close();
 }
 
+// The URI's TLS keys reach the default transport only: a transport put in with ReplaceRole
+// takes them through TlsOptionsForUri (docs/tls.md), and without them talks in clear text.
+TEST(TlsHttpTest, AReplacedTransportTakesTheUrisTlsKeysThroughTlsOptionsForUri) {
+  const auto& ca = TestCa();
+  NginxServer nginx("replaced", ServerTls(ca.server_cert, ca.server_key));
+  auto rt = MakeRuntime();
+  const std::string uri = "https://" + nginx.endpoint() + "?tls_ca_file=" + ca.ca_file;
+  http::TransportOptions transport;
+  transport.tls = TlsOptionsForUri(uri, transport.tls);
+  auto client = Http::NewBuilder(HttpOpts(rt, {}))
+                    .SetUri(uri)
+                    .ReplaceRole(roles::kTransport, http::HttpTransportProvider(transport))
+                    .Build();
+  EXPECT_EQ(client.Get("/").body, "nginx replaced\n");
+  client.Close();
+  auto clear = Http::NewBuilder(HttpOpts(rt, {}))
+                   .SetUri(uri)
+                   .ReplaceRole(roles::kTransport, http::HttpTransportProvider(http::TransportOptions{}))
+                   .Build();
+  EXPECT_THAT(FailingGet(clear).what(), HasSubstr("plain HTTP request was sent to HTTPS port"));
+  clear.Close();
+}
+
 TEST(TlsHttpTest, PlainClientAgainstTlsServerFailsCleanly) {
   const auto& ca = TestCa();
   NginxServer nginx("plainclient", ServerTls(ca.server_cert, ca.server_key));
