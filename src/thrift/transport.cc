@@ -125,7 +125,19 @@ ConnectionSink::ParseResult ThriftTransportSink::ParseReply(boost::beast::flat_b
   return Done();
 }
 
+ConnectionSink::ParseResult ThriftTransportSink::ParseEof(size_t bytes) {
+  ParseResult r = ConnectionSink::ParseEof(bytes);
+  if (!replied_ && bytes == 0) {
+    r.detail += fmt::format(
+        " (no reply came on this connection: a server whose framing or protocol differs from the client's closes "
+        "it so; this client's framing is {})",
+        ToString(options_.framing));
+  }
+  return r;
+}
+
 ConnectionSink::ParseResult ThriftTransportSink::Done() {
+  replied_ = true;
   if (seqid_) {
     auto header = ParseMessageHeader(reply_->data);  // undecodable: the serializer says why
     std::optional<int32_t> got = header ? std::optional<int32_t>(header->seqid) : std::nullopt;

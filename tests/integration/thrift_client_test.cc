@@ -40,6 +40,7 @@
 #include "Hello.h"
 #include "scales/thrift/thrift.h"
 #include "support/fixtures.h"
+#include "support/thrown.h"
 
 namespace scales {
 namespace {
@@ -290,6 +291,28 @@ INSTANTIATE_TEST_SUITE_P(
                       ServerCase{ServerKind::kSimple, Framing::kBuffered, Protocol::kBinary},
                       ServerCase{ServerKind::kSimple, Framing::kBuffered, Protocol::kCompact}),
     CaseName);
+
+// A buffered client calling a framed server: Apache's server reads the message header as a
+// frame length ("Frame size has negative value") and closes the connection without a reply.
+// The error names the framing as a likely cause. (The other way round, a buffered server reads the frame
+// length as the start of a message and waits for more: the call times out.)
+TEST(ThriftClientTest, AFramingMismatchIsNamedAsTheLikelyCause) {
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  auto rt = MakeRuntime();
+  auto o = Options(Framing::kBuffered, Protocol::kBinary, rt);
+  o.retry.reset();
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), o);
+  Error e = test::Thrown([&] { client->add(1, 2); });
+  EXPECT_EQ(e.code(), Errc::kConnectionClosed) << e.what();
+  EXPECT_NE(std::string(e.what()).find("closed by the server while reading the reply (after 0 bytes): end of "
+                                       "stream (no reply came on this connection: a server whose framing or "
+                                       "protocol differs from the client's closes it so; this client's framing "
+                                       "is buffered)"),
+            std::string::npos)
+      << e.what();
+  client.Close();
+}
 
 TEST(ThriftClientTest, UnknownMethodIsATApplicationException) {
   // A server of the base service does not know the derived service's methods.

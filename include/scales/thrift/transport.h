@@ -68,6 +68,9 @@ class ThriftTransportSink final : public ConnectionSink {
 
  private:
   ParseResult ParseReply(boost::beast::flat_buffer& in) override;
+  // The default, plus a hint when no reply has come on the connection: a server of the other
+  // framing closes the connection at the first request.
+  ParseResult ParseEof(size_t bytes) override;
 
   TransportOptions options_;
   // Owned by the connection (not the call) so that an operation still pending when the call
@@ -80,6 +83,8 @@ class ThriftTransportSink final : public ConnectionSink {
   // (a stray reply, e.g. to a oneway call, or a duplicate) closes the connection, which would
   // otherwise stay one reply behind.
   std::optional<int32_t> seqid_;
+  // Whether a reply has been read on the connection (ParseEof's hint).
+  bool replied_ = false;
   // Buffered framing: where the reply's walk stopped, so each read resumes it.
   thrift::MessageScanner scanner_;
   ParseResult Done();
