@@ -11,7 +11,12 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <future>
+#include <map>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -27,9 +32,13 @@
 #include <boost/asio/write.hpp>
 #include <boost/json.hpp>
 
+#include "Echo.h"
 #include "scales/http/client.h"
+#include "scales/thrift/thrift.h"
+#include "scales/thriftmux/thriftmux.h"
 #include "support/fixtures.h"
 #include "support/prometheus_text.h"
+#include "support/zookeeper_fixture.h"
 
 namespace scales {
 namespace {
@@ -144,6 +153,89 @@ TEST_F(AdminServerTest, MetricsAsFlatJson) {
   EXPECT_EQ(o.at("clnt/admin-it/scales_request_latency_us.count").as_int64(), 2);
   EXPECT_GT(o.at("clnt/admin-it/scales_request_latency_us.p99").as_int64(), 0);
   EXPECT_GE(o.at("clnt/admin-it/" + server_.endpoint() + "/scales_connects").as_int64(), 1);
+}
+
+// docs/metrics.md against what the clients really export: an HTTP client (aperture, backup
+// requests, a 404), a Thrift client (heap balancer), a ThriftMux client and a zk:// client
+// report into one registry, and every family of its Prometheus text must be a row of the page
+// with the same type, every row must be exported, and every family has its built-in HELP. A
+// metric added, renamed or retyped in src/ without the page fails here.
+TEST(MetricsDocTest, EveryExportedMetricIsDocumentedAndEveryDocumentedOneExported) {
+  if (!test::ZooKeeperAvailable()) GTEST_SKIP() << "ZooKeeper (java) not installed";
+  // SCALES_THRIFT_PY_SERVER is <source>/tests/integration/python/thrift_server.py.
+  const auto doc_path = std::filesystem::path(SCALES_THRIFT_PY_SERVER).parent_path().parent_path().parent_path().parent_path() /
+                        "docs" / "metrics.md";
+  std::ifstream doc_file(doc_path);
+  ASSERT_TRUE(doc_file) << doc_path;
+  std::stringstream doc;
+  doc << doc_file.rdbuf();
+  // The rows of the metric tables: "| `scales_x` | counter ..." (type first in the second column).
+  std::map<std::string, std::string> documented;
+  const std::string text = doc.str();
+  const std::regex row(R"(\n\| `(scales_[a-z0-9_]+)` \| (counter|gauge|histogram))");
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), row); it != std::sregex_iterator(); ++it) {
+    documented.emplace((*it)[1].str(), (*it)[2].str());
+  }
+  ASSERT_GT(documented.size(), 40u) << "the metric tables of " << doc_path << " did not parse";
+
+  stats::StatsRegistry registry;
+  test::TestHttpServer http_server;
+  test::TestThriftServer thrift_server;
+  test::ZooKeeperServer zk;
+  auto options = [&](ClientOptions& o, const std::string& name) {
+    o.name = name;
+    o.runtime = MakeRuntime(1);
+    o.stats = &registry;
+    o.timeout = 5s;
+  };
+  http::HttpOptions h;
+  options(h.client, "doc-http");
+  h.backup = BackupRequestOptions{};
+  auto http_client = Http::NewClient("tcp://" + http_server.endpoint(), h);
+  EXPECT_EQ(http_client.Get("/").status, 200);
+  EXPECT_THROW(http_client.Get("/status/404"), Error);
+
+  thrift::ThriftOptions t;
+  options(t.client, "doc-thrift");
+  t.balancer.kind = BalancerKind::kHeap;
+  auto thrift_client = Thrift::NewClient<echo::EchoClient>("tcp://" + thrift_server.endpoint(), t);
+  std::string reply;
+  thrift_client->echo(reply, "hi");
+  EXPECT_EQ(reply, "hi");
+
+  // The session's sinks and their metrics exist once the endpoint joined; that the Thrift
+  // server does not speak Mux (the handshake fails) does not matter here.
+  thriftmux::ThriftMuxOptions m;
+  options(m.client, "doc-mux");
+  auto mux_client = ThriftMux::NewClient<echo::EchoClient>("tcp://" + thrift_server.endpoint(), m);
+
+  http::HttpOptions z;
+  options(z.client, "doc-zk");
+  auto zk_client = Http::NewClient(zk.Uri("/services/doc"), z);
+
+  const std::string prom_text = registry.ToPrometheus();
+  test::PromText prom = test::ParsePrometheusText(prom_text);
+  std::map<std::string, std::string> exported;  // registry name -> type
+  for (const auto& f : prom.families) {
+    std::string name = f.name;
+    if (f.type == "counter" && name.ends_with("_total")) name.resize(name.size() - 6);
+    if (f.type == "gauge" && name.ends_with("_quantile") && prom.Family(name.substr(0, name.size() - 9)) != nullptr) {
+      continue;  // a histogram's quantiles
+    }
+    exported.emplace(name, f.type);
+    EXPECT_TRUE(f.help && !f.help->starts_with("scales metric ")) << name << " has no built-in HELP text";
+  }
+  for (const auto& [name, type] : exported) {
+    auto it = documented.find(name);
+    if (it == documented.end()) {
+      ADD_FAILURE() << name << " (" << type << ") is exported but not a row of " << doc_path;
+    } else {
+      EXPECT_EQ(it->second, type) << name << ": docs/metrics.md says " << it->second;
+    }
+  }
+  for (const auto& [name, type] : documented) {
+    EXPECT_TRUE(exported.contains(name)) << name << " is documented but was not exported:\n" << prom_text;
+  }
 }
 
 TEST_F(AdminServerTest, ClientsShowStackMembersAndLoad) {
