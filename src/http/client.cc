@@ -22,18 +22,6 @@ class HttpCall final : public TypedCall<Response> {
   Request request;
 };
 
-// A request target in absolute form (RFC 9112 3.2.2): a scheme (RFC 3986 3.1), then "://".
-bool IsAbsoluteForm(std::string_view target) noexcept {
-  const size_t colon = target.find("://");
-  if (colon == 0 || colon == std::string_view::npos) return false;
-  auto alpha = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
-  if (!alpha(target[0])) return false;
-  for (char c : target.substr(1, colon - 1)) {
-    if (!alpha(c) && !(c >= '0' && c <= '9') && c != '+' && c != '-' && c != '.') return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 Request HttpClient::Make(std::string_view method, std::string_view target, std::string body, Headers headers) {
@@ -42,7 +30,7 @@ Request HttpClient::Make(std::string_view method, std::string_view target, std::
   r.target = target.empty() ? std::string("/") : std::string(target);
   // A relative path gets its '/'; "*" and an absolute-form target ("http://host/path") go as
   // given, as Send() sends them ("/http://host/path" would be another resource).
-  if (r.target.front() != '/' && r.target != "*" && !IsAbsoluteForm(r.target)) {
+  if (r.target.front() != '/' && r.target != "*" && !internal::IsAbsoluteFormTarget(r.target)) {
     r.target.insert(r.target.begin(), '/');
   }
   r.body = std::move(body);

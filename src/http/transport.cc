@@ -104,6 +104,17 @@ std::string Quoted(std::string_view s, size_t max = 200) {
 
 namespace internal {
 
+bool IsAbsoluteFormTarget(std::string_view target) noexcept {
+  const size_t colon = target.find("://");
+  if (colon == 0 || colon == std::string_view::npos) return false;
+  auto alpha = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); };
+  if (!alpha(target[0])) return false;
+  for (char c : target.substr(1, colon - 1)) {
+    if (!alpha(c) && !(c >= '0' && c <= '9') && c != '+' && c != '-' && c != '.') return false;
+  }
+  return true;
+}
+
 std::string HeaderProblem(std::string_view name, std::string_view value) {
   if (!IsToken(name)) return fmt::format("the header name '{}' is not an HTTP token", Quoted(name));
   if (!IsFieldValue(value)) return fmt::format("the value of header {} has a CR, LF or NUL", name);
@@ -308,6 +319,13 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   }
   if (!IsTarget(req->target)) {
     return bad(fmt::format("the target '{}' is empty or has spaces or control characters",
+                           Quoted(req->target)));
+  }
+  // The forms of RFC 9112 3.2: a path ("/a?b"), an absolute URI, "*", and for CONNECT host:port.
+  // Anything else ("a/b") a server answers with 400.
+  if (req->target.front() != '/' && req->target != "*"sv && req->method != "CONNECT"sv &&
+      !internal::IsAbsoluteFormTarget(req->target)) {
+    return bad(fmt::format("the target '{}' is neither a path starting with '/', an absolute URI nor '*'",
                            Quoted(req->target)));
   }
   w.append(req->method);

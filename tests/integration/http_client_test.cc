@@ -120,6 +120,12 @@ TEST_F(NginxClusterTest, VerbsSendAnAbsoluteFormTargetAsGiven) {
   EXPECT_EQ(client.AsyncGet(absolute, boost::asio::use_future).get().body, "n0");
   EXPECT_EQ(client.Get("name").body, "n0");  // relative: "/name"
   EXPECT_EQ(client.Get("HTTP://" + endpoints_[0] + "/name").body, "n0");  // the scheme ignores case
+  // "*" (asterisk form) goes out as given too; whatever nginx makes of it, it is sent.
+  try {
+    client.Send({"OPTIONS", "*", {}, {}});
+  } catch (const Error& e) {
+    EXPECT_NE(e.code(), Errc::kInvalidArgument) << e.what();
+  }
 }
 
 TEST_F(NginxClusterTest, RequestsSpreadOverEveryServer) {
@@ -363,6 +369,9 @@ TEST_F(TestServerTest, UnsendableRequestsSayWhyAndLargeBodiesGoBothWays) {
       {{"GET", "/", {{"Bad Name", "v"}}, {}}, "the header name 'Bad Name' is not an HTTP token"},
       {{"GE T", "/", {}, {}}, "the method 'GE T' is not an HTTP token"},
       {{"GET", "/a b", {}, {}}, "the target '/a b' is empty or has spaces"},
+      // Send() takes the target as given (Get("a") adds the '/'): a relative one is refused
+      // rather than sent for the server's 400.
+      {{"GET", "a/b?c", {}, {}}, "the target 'a/b?c' is neither a path starting with '/', an absolute URI nor '*'"},
       // The refused text is quoted escaped: a NUL used to end what() there, and a CR or LF to
       // split the message (and a log line) in two.
       {{"GET", std::string("/a\0b", 4), {}, {}}, "the target '/a\\x00b' is empty or has spaces"},

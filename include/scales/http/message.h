@@ -24,7 +24,8 @@ inline bool HoldBackShortLastChunk(std::string_view unconsumed) noexcept {
 
 struct Request {
   std::string method = "GET";  // any token; the common verbs are sent as such
-  std::string target = "/";    // origin-form: path and query ("/a/b?x=1")
+  std::string target = "/";    // origin-form: path and query ("/a/b?x=1"); or an absolute URI,
+                               // "*", or (CONNECT) host:port. Anything else fails the call.
   Headers headers;             // sent in order; Host and User-Agent are added when absent
   std::string body;            // Content-Length is set for non-empty bodies and for POST/PUT/PATCH;
                                // the caller's Content-Length and Transfer-Encoding are replaced

@@ -63,6 +63,10 @@ namespace internal {
 // and HttpClientBuilder::Build() a default header.
 std::string HeaderProblem(std::string_view name, std::string_view value);
 
+// Whether `target` is a request target in absolute form (RFC 9112 3.2.2): a scheme (RFC 3986
+// 3.1), then "://" ("http://host/path").
+bool IsAbsoluteFormTarget(std::string_view target) noexcept;
+
 // Beast's HTTP/1.1 response parser writing straight into a scales Response: status, reason,
 // each header and the (de-chunked) body, with no Beast message or field container in between.
 // Beast enforces the header and body limits and the framing rules; this adds what Beast lets
