@@ -24,6 +24,8 @@ using namespace scales::mux;
 
 constexpr std::uint32_t kMaxFrame = 512;
 constexpr std::size_t kMaxReassembled = 96;
+// All tags together: below twice the per-tag bound, so the two limits meet.
+constexpr std::size_t kMaxReassembledTotal = kMaxReassembled * 3 / 2;
 
 void Require(bool ok) {
   if (!ok) std::abort();
@@ -73,7 +75,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   (void)DecodeFrameBytes(stream, kMaxFrame);
 
   FrameDecoder decoder(kMaxFrame);
-  Reassembler reassembler(kMaxReassembled);
+  Reassembler reassembler(kMaxReassembled, {}, kMaxReassembledTotal);
   for (std::size_t off = 0; off < stream.size(); off += chunk) {
     decoder.Feed(stream.substr(off, chunk));
     for (;;) {
@@ -90,6 +92,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       const std::size_t partials_before = reassembler.pending_tags();
       auto whole = reassembler.Add(std::move(**next));
       Require(reassembler.buffered_bytes(tag) <= kMaxReassembled);
+      Require(reassembler.buffered_bytes() <= kMaxReassembledTotal);
+      Require(reassembler.buffered_bytes(tag) <= reassembler.buffered_bytes());
+      Require(reassembler.pending_tags() != 0 || reassembler.buffered_bytes() == 0);
       if (!whole) continue;  // the session would close; keep exercising the decoder
       if (!whole->has_value()) continue;
       // A message that completed a partial one (one partial fewer) was put together from
