@@ -604,6 +604,12 @@ void MuxSessionSink::HandleMessage(Message m) {
     if (!EnqueueControlReply(Rdrain{t->tag})) return;
     Flush(/*now=*/true);  // the session may close right below, before the read batch ends
     draining_ = true;
+    // Unusable for new requests from now on, though it finishes those it has: whoever pools it
+    // (the SingletonPool) gives new requests a new session instead of failing them here.
+    if (state_ == State::kOpen) {
+      on_faulted_.Set({make_error_code(Errc::kNack),
+                       fmt::format("Mux session to {} is draining (the server sent Tdrain)", address_)});
+    }
     MaybeFinishDrain();
     return;
   }

@@ -21,6 +21,7 @@ SingletonPool::SingletonPool(const SinkContext& ctx, SinkFactory factory)
 
 SingletonPool::~SingletonPool() {
   if (child_) child_->Close();
+  for (auto& s : retired_) s->Close();
 }
 
 void SingletonPool::Connect() {
@@ -29,7 +30,23 @@ void SingletonPool::Connect() {
   opening_ = true;
   child_ = factory_(ctx_);
   ++created_;
+  for (auto it = retired_.begin(); it != retired_.end();) {
+    if ((*it)->status() != SinkStatus::kClosed) {
+      ++it;
+      continue;
+    }
+    // It may be on the call stack (its last reply's path): destroy it on a later turn.
+    boost::asio::post(loop_.executor(), [done = std::move(*it)] {});
+    it = retired_.erase(it);
+  }
   std::weak_ptr<ClientMessageSink> weak = weak_from_this();
+  // A child that reports a fault while it is open and not closed (a drained Mux session: it
+  // refuses new requests but finishes its own) is set aside: the next request connects anew.
+  child_->on_faulted().Subscribe([weak, this, raw = child_.get()](const Fault&) {
+    auto self = weak.lock();
+    if (!self || closed_ || opening_ || child_.get() != raw || raw->status() == SinkStatus::kClosed) return;
+    retired_.push_back(std::move(child_));
+  });
   child_->AsyncOpen([weak, this, sink = child_](error_code ec) {
     if (auto self = weak.lock()) OnOpened(sink, ec);
   });
@@ -69,6 +86,8 @@ void SingletonPool::OnOpened(const SinkPtr& sink, error_code ec) {
     w.stack->ClearCancelHandler();
     child_->AsyncProcessRequest(*w.stack, w.stack->message(), w.stream);
   }
+  // Set aside meanwhile (it drained): the rest wait for a new one.
+  if (!waiting_.empty() && !closed_ && !opening_ && !child_) Connect();
 }
 
 void SingletonPool::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) {
@@ -127,6 +146,10 @@ void SingletonPool::Close() {
     w.stack->AsyncProcessResponse(w.stream, m);
   }
   if (child_) child_->Close();
+  // Closing a draining child answers what it still holds.
+  auto retired = std::move(retired_);
+  retired_.clear();
+  for (auto& s : retired) s->Close();
 }
 
 SinkStatus SingletonPool::status() const {

@@ -8,10 +8,12 @@
 //     and ThriftMux (the independent Python Mux reference server);
 //   - a server that answers slowly stops receiving most traffic under P2C peak EWMA;
 //   - a server that fails every call is ejected by failure accrual, and revived (probe
-//     succeeds) once it recovers.
+//     succeeds) once it recovers;
+//   - a Mux server that drains a session with calls in flight: new calls go to a new session.
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <future>
 #include <map>
@@ -21,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include <boost/asio/use_future.hpp>
 #include <gtest/gtest.h>
 
 #include "Echo.h"
@@ -404,6 +407,70 @@ TEST(RecoveryTest, FailingServerIsEjectedThenRevived) {
   std::lock_guard<std::mutex> lock(run.tally.mu);
   EXPECT_GT(run.tally.endpoints[bad.endpoint()], before + 10) << "the revived server gets traffic again";
   client.Close();
+}
+
+// --- faults across the whole stack --------------------------------------------------------
+
+// Sockets open in this process (the client's connections; the runtime's own descriptors are
+// not sockets).
+int OpenFds() {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd", ec)) {
+    std::error_code lec;
+    n += std::filesystem::read_symlink(e.path(), lec).string().starts_with("socket:");
+  }
+  return n;
+}
+
+// Polls `cond` every 10 ms until it holds or `timeout` passed; returns whether it held.
+bool WaitFor(std::chrono::milliseconds timeout, const std::function<bool()>& cond) {
+  auto until = std::chrono::steady_clock::now() + timeout;
+  while (!cond()) {
+    if (std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::sleep_for(10ms);
+  }
+  return true;
+}
+
+// The server drains the session (Tdrain) while calls are in flight on it, as a server that
+// recycles its connections does, and goes on accepting new ones. The draining session refuses
+// new requests (a retryable kNack) and finishes its own; with one endpoint every retry came back
+// to it, so every call made during the drain failed ("is draining ... all 3 attempts used"),
+// although a new session would have taken it. New calls go to a new session; the calls in
+// flight on the old one still get their replies, and the old session then closes.
+TEST(RecoveryTest, MuxCallsDuringADrainGoToANewSession) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  const int sockets = OpenFds();
+  stats::StatsRegistry stats;
+  auto o = MuxOptions("drain", stats);
+  o.client.runtime = MakeRuntime(1);  // one session to drain
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+  std::string r;
+  client->echo(r, "warm-up");
+  std::vector<std::future<std::string>> slow;
+  for (int i = 0; i < 4; ++i) slow.push_back(SCALES_THRIFT_CALL(client, sleep, int32_t{800}, boost::asio::use_future));
+  ASSERT_TRUE(WaitFor(5s, [&] { return SumGauge(stats, "scales_mux_tags_in_use") == 4; }));
+  client->echo(r, "drain");  // answered, then Tdrain: the 4 slow calls keep the session draining
+  ASSERT_TRUE(server.WaitForLog({"recv Rdrain"})) << server.Log();
+  for (int i = 0; i < 10; ++i) {
+    try {
+      client->echo(r, "during the drain " + std::to_string(i));
+      EXPECT_EQ(r, "during the drain " + std::to_string(i));
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what();
+    }
+  }
+  for (auto& f : slow) {
+    ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+    EXPECT_EQ(f.get(), "800");
+  }
+  // The drained session closes once its calls are answered: one connection is left.
+  EXPECT_TRUE(WaitFor(3s, [&] { return OpenFds() == sockets + 1; })) << OpenFds() - sockets << " sockets";
+  EXPECT_EQ(SumGauge(stats, "scales_mux_tags_in_use"), 0);
+  EXPECT_EQ(SumGauge(stats, "scales_pending"), 0);
+  client.Close();
+  EXPECT_TRUE(WaitFor(3s, [&] { return OpenFds() == sockets; })) << OpenFds() - sockets << " sockets";
 }
 
 // A server that stops reading: the client's Tdispatches fill the socket buffers, then queue in

@@ -31,8 +31,9 @@
 // Session messages: Tping answered with Rping (at most max_queued_control_replies Rping/Rdrain
 // wait for the socket: a server that floods Tping without reading closes the session);
 // Tdrain answered with Rdrain, after which the
-// session takes no new request (they fail with a retryable kNack), reports Busy, and closes
-// once its requests finish. Both may come before Rinit too: a Tping is answered and the
+// session takes no new request (they fail with a retryable kNack), reports Busy, raises
+// on_faulted (kNack: the SingletonPool gives new requests a new session), and closes once its
+// requests finish. Both may come before Rinit too: a Tping is answered and the
 // handshake goes on; a Tdrain (also one before the probe's answer) is answered and fails the
 // open with kNack (retryable: no request was sent) once the Rdrain is written, whatever follows
 // it; if that write does not finish by the handshake's deadline (connect_timeout), the open

@@ -3,10 +3,13 @@
 // request with unlimited concurrency; for multiplexing transports (Mux). Not for transports
 // that carry one request at a time (HTTP/1.1, framed Thrift): use the WatermarkPool there. The sink is created on the first request or Open, and replaced when
 // it is no longer usable (status Closed). Requests that arrive while it connects wait for
-// the connect (cancellable). A failed connect fails them and raises on_faulted.
+// the connect (cancellable). A failed connect fails them and raises on_faulted. A sink that
+// raises on_faulted while it still runs (a Mux session the server drains) gets no new
+// requests: they go to a new sink, while the old one finishes its own and closes itself.
 
 #include <deque>
 #include <string>
+#include <vector>
 
 #include "scales/core/provider.h"
 #include "scales/core/sink.h"
@@ -48,6 +51,9 @@ class SingletonPool final : public ClientMessageSink {
   SinkFactory factory_;
   std::string address_;
   SinkPtr child_;
+  // Former children that raised on_faulted while still finishing requests (draining): kept,
+  // unclosed, until they close themselves (or the pool closes).
+  std::vector<SinkPtr> retired_;
   bool opening_ = false;
   bool closed_ = false;
   size_t created_ = 0;
