@@ -50,6 +50,9 @@ AccrualOutcome ClassifyForAccrual(const error_code& ec) noexcept {
     case Errc::kProtocolError:
     case Errc::kRequestTimeout:
       return AccrualOutcome::kFailure;
+    case Errc::kNack:
+    case Errc::kNonRetryableNack:
+      return AccrualOutcome::kRefused;
     default:
       return AccrualOutcome::kIgnored;
   }
@@ -114,6 +117,7 @@ void FailureAccrualSink::AsyncProcessResponse(SinkStack& stack, void* context, S
             ResetPolicy();
             break;
           case AccrualOutcome::kFailure:
+          case AccrualOutcome::kRefused:  // still refusing
             MarkDead();
             break;
           case AccrualOutcome::kIgnored:
@@ -132,6 +136,13 @@ void FailureAccrualSink::AsyncProcessResponse(SinkStack& stack, void* context, S
 
 void FailureAccrualSink::Record(AccrualOutcome outcome) {
   if (outcome == AccrualOutcome::kIgnored) return;
+  if (outcome == AccrualOutcome::kRefused) {
+    // Only a run of refusals with no success between trips (a server that takes no work); a
+    // server refusing some calls under load is not ejected by the success rate for it.
+    ++consecutive_;
+    if (options_.consecutive_failures > 0 && consecutive_ >= options_.consecutive_failures) MarkDead();
+    return;
+  }
   requests_.Add(1);
   if (outcome == AccrualOutcome::kSuccess) {
     consecutive_ = 0;

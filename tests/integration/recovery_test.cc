@@ -9,7 +9,8 @@
 //   - a server that answers slowly stops receiving most traffic under P2C peak EWMA;
 //   - a server that fails every call is ejected by failure accrual, and revived (probe
 //     succeeds) once it recovers;
-//   - a Mux server that drains a session with calls in flight: new calls go to a new session.
+//   - a Mux server that drains a session with calls in flight: new calls go to a new session;
+//   - a Mux server that refuses every call (Nacks) is ejected; the calls go to a healthy one.
 
 #include <atomic>
 #include <chrono>
@@ -406,6 +407,42 @@ TEST(RecoveryTest, FailingServerIsEjectedThenRevived) {
   ASSERT_TRUE(run.Drain(10s)) << run.tally.Describe();
   std::lock_guard<std::mutex> lock(run.tally.mu);
   EXPECT_GT(run.tally.endpoints[bad.endpoint()], before + 10) << "the revived server gets traffic again";
+  client.Close();
+}
+
+// A server that refuses every call with a retryable Nack (an overloaded or shutting-down
+// Finagle server) while another is healthy. Under light load the aperture holds one member per
+// loop; failure accrual ignored Nacks, so the refusing member was never ejected, the aperture
+// never widened, and every retry came back to it: all calls failed with the healthy server
+// beside it. Nacks count as failures (as in Finagle): the refusing server is ejected and the
+// calls go to the healthy one.
+TEST(RecoveryTest, AServerThatNacksEverythingIsEjected) {
+  test::MuxReferenceServer nacking({"--mode", "finagle", "--fail-all", "--fail-flags", "3"});
+  test::MuxReferenceServer good({"--mode", "finagle"});
+  stats::StatsRegistry stats;
+  auto o = MuxOptions("nacking", stats);
+  o.client.runtime = MakeRuntime(1);
+  auto endpoint = [](const test::MuxReferenceServer& s) {
+    return Endpoint{"127.0.0.1", static_cast<uint16_t>(std::stoi(s.endpoint().substr(s.endpoint().rfind(':') + 1)))};
+  };
+  // The refusing server first, alone: it is the aperture's member when the healthy one joins.
+  auto set = std::make_shared<StaticServerSet>(ServerSet::Members{endpoint(nacking)});
+  o.client.server_set = set;
+  auto client = ThriftMux::NewClient<EchoClient>("", o);
+  set->Update({endpoint(nacking), endpoint(good)});
+  int ok = 0;
+  std::string first_error;
+  for (int i = 0; i < 50; ++i) {
+    try {
+      std::string r;
+      client->echo(r, "call " + std::to_string(i));
+      ok += r == "call " + std::to_string(i);
+    } catch (const Error& e) {
+      if (first_error.empty()) first_error = e.what();
+    }
+  }
+  EXPECT_GE(ok, 45) << first_error;
+  EXPECT_GE(SumCounter(stats, "scales_failure_accrual_removals", nacking.endpoint()), 1);
   client.Close();
 }
 

@@ -486,7 +486,7 @@ TEST_F(BackupRequestTest, DeadlineWhileOnlyTheBackupIsOut) {
 
 // With a real failure accrual sink that marks an endpoint dead at its first failure: a backup
 // cut off by the call's deadline leaves its endpoint alive (the first attempt failed with a
-// Nack, which failure accrual ignores too).
+// full pool queue, which failure accrual ignores too).
 TEST_F(BackupRequestTest, ABackupCutOffByTheDeadlineIsNoFailureOfItsEndpoint) {
   FailureAccrualOptions fa;
   fa.consecutive_failures = 1;
@@ -496,7 +496,7 @@ TEST_F(BackupRequestTest, ABackupCutOffByTheDeadlineIsNoFailureOfItsEndpoint) {
   auto c = Start(true, milliseconds(50));
   env_.Advance(milliseconds(30));
   ASSERT_EQ(transport_->in_flight(), 2u);
-  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kNack)));
+  ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kPoolQueueFull)));
   env_.Run();
   env_.Advance(milliseconds(20));
   ASSERT_TRUE(calls_.done(c));

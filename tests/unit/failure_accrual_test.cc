@@ -100,9 +100,12 @@ TEST_F(FailureAccrualTest, Classification) {
     EXPECT_EQ(ClassifyForAccrual(make_error_code(e)), AccrualOutcome::kFailure) << static_cast<int>(e);
   }
   // kFailedFast: the resurrector turning requests away from an endpoint already marked down.
-  for (Errc e : {Errc::kFailedFast, Errc::kCancelled, Errc::kClientClosed, Errc::kNoMembers, Errc::kNack,
+  for (Errc e : {Errc::kFailedFast, Errc::kCancelled, Errc::kClientClosed, Errc::kNoMembers,
                  Errc::kPoolQueueFull, Errc::kHttpError, Errc::kInvalidArgument}) {
     EXPECT_EQ(ClassifyForAccrual(make_error_code(e)), AccrualOutcome::kIgnored) << static_cast<int>(e);
+  }
+  for (Errc e : {Errc::kNack, Errc::kNonRetryableNack}) {
+    EXPECT_EQ(ClassifyForAccrual(make_error_code(e)), AccrualOutcome::kRefused) << static_cast<int>(e);
   }
   EXPECT_EQ(ClassifyForAccrual(error_code{}), AccrualOutcome::kSuccess);
 }
@@ -139,9 +142,39 @@ TEST_F(FailureAccrualTest, IgnoredErrorsNeitherCountNorReset) {
   Calls(20, Errc::kOk);
   Calls(3, Errc::kConnectFailed);
   Calls(10, Errc::kCancelled);
-  Calls(10, Errc::kNack);
+  Calls(10, Errc::kPoolQueueFull);
   EXPECT_EQ(accrual_->state(), State::kAlive);
   EXPECT_EQ(accrual_->consecutive_failures(), 3);
+}
+
+// A server that refuses every call (Nacks) is ejected by the run of refusals; refusals between
+// successes do not eject it through the success rate (a server shedding some load).
+TEST_F(FailureAccrualTest, RefusalsCountTowardsTheConsecutiveFailuresOnly) {
+  Build();
+  Calls(2, Errc::kConnectionClosed);
+  Calls(2, Errc::kNack);  // the run goes on across both kinds
+  EXPECT_EQ(accrual_->consecutive_failures(), 4);
+  Call(Errc::kOk);
+  EXPECT_EQ(accrual_->consecutive_failures(), 0);
+  // Half the calls refused, 60 in the window: a success rate of 0.5 if refusals counted.
+  for (int i = 0; i < 30; ++i) {
+    Call(Errc::kNack);
+    Call(Errc::kOk);
+  }
+  EXPECT_EQ(accrual_->state(), State::kAlive);
+  Calls(4, Errc::kNack);
+  EXPECT_EQ(accrual_->state(), State::kAlive);
+  Call(Errc::kNonRetryableNack);  // the fifth in a row
+  EXPECT_EQ(accrual_->state(), State::kDead);
+  EXPECT_EQ(Removals(), 1);
+  // A refused probe: dead again, with the next backoff.
+  WaitOutBackoff();
+  Call(Errc::kNack);
+  EXPECT_EQ(accrual_->state(), State::kDead);
+  EXPECT_EQ(Removals(), 2);
+  WaitOutBackoff();
+  Call(Errc::kOk);
+  EXPECT_EQ(accrual_->state(), State::kAlive);
 }
 
 TEST_F(FailureAccrualTest, SuccessRateTripsOnlyWithEnoughRequestsInTheWindow) {

@@ -9,7 +9,12 @@
 //
 // Classification. Failures: the endpoint-level errors kConnectFailed, kConnectTimeout,
 // kConnectionClosed, kNotSent, kServerError, kProtocolError and kRequestTimeout. Successes: no error.
-// Everything else (kFailedFast, kCancelled, kClientClosed, kNoMembers, kNack, kPoolQueueFull,
+// Refusals (kNack, kNonRetryableNack: the server refused the call, overloaded or shutting down)
+// count towards the consecutive failures only, so that a server that refuses every call is
+// ejected (as Finagle's failure accrual counts Nacks; without it the aperture balancer kept its
+// only member and every retry went back to it) while one refusing some calls under load is not
+// ejected by the success rate; a refused probe marks the endpoint dead again.
+// Everything else (kFailedFast, kCancelled, kClientClosed, kNoMembers, kPoolQueueFull,
 // kHttpError, ...) is ignored: it neither counts nor resets. kFailedFast is the resurrector
 // answering for an endpoint it already marked down: the connect failure that marked it down
 // was counted, and counting every request it turns away would keep the endpoint dead long
@@ -68,7 +73,9 @@ struct FailureAccrualOptions {
 void Validate(const FailureAccrualOptions& o);
 
 // Whether an outcome counts as a failure, a success, or neither (see the header comment).
-enum class AccrualOutcome { kSuccess, kFailure, kIgnored };
+// kRefused: the server refused the request (a Mux Nack): it counts towards the consecutive
+// failures only.
+enum class AccrualOutcome { kSuccess, kFailure, kRefused, kIgnored };
 AccrualOutcome ClassifyForAccrual(const error_code& ec) noexcept;
 
 // Thread safety: one per endpoint per event loop; used on that loop.
