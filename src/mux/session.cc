@@ -748,18 +748,25 @@ void MuxSessionSink::OnWritten(const boost::system::error_code& ec, size_t n) {
 void MuxSessionSink::MarkUnsentInWriteBuffer() {
   const size_t sent_bound = write_offset_ + (writing_ ? write_in_flight_ : 0);
   if (sent_bound >= write_buffer_.size()) return;
-  // The buffer holds whole frames as FragmentWriter wrote them. A request's fragments follow
-  // its first frame, so the first frame of a tag decides.
+  // The buffer holds whole frames as FragmentWriter wrote them: every fragment of a request, the
+  // first one first. A server handles a request once its last fragment has come, so one with a
+  // frame the socket did not take in whole was not received: not written. Whether any of its
+  // bytes left (its first frame began before the bound) only changes the message.
   std::vector<bool> seen(pending_.size(), false);
   const std::string_view buffer(write_buffer_);
   for (size_t pos = 0; pos < buffer.size();) {
     auto h = DecodeFrameHeader(buffer.substr(pos));
     if (!h) return;  // not reached: our own frames
-    if (h->type == wire::kTdispatch && h->tag < seen.size() && !seen[h->tag]) {
-      seen[h->tag] = true;
-      if (pos >= sent_bound && pending_[h->tag].used) pending_[h->tag].written = false;
+    const size_t end = pos + 4 + size_t{h->size};
+    if (h->type == wire::kTdispatch && h->tag < seen.size() && pending_[h->tag].used) {
+      Pending& p = pending_[h->tag];
+      if (!seen[h->tag]) {
+        seen[h->tag] = true;
+        p.cut = pos < sent_bound;
+      }
+      if (end > sent_bound) p.written = false;
     }
-    pos += 4 + size_t{h->size};
+    pos = end;
   }
 }
 
@@ -1052,13 +1059,17 @@ void MuxSessionSink::Fail(error_code ec, const std::string& detail, bool fault) 
   queued_tags_.clear();
   stale_queued_tags_ = 0;
   // A request still queued behind the write in progress (a peer that stopped reading), or in
-  // the part of that write the socket never took, never left this process: kNotSent, which the
-  // retry sink may send to another endpoint even when the call is not idempotent.
+  // the part of that write the socket never took, never left this process, and one cut by the
+  // failure mid-write never reached the server whole: kNotSent, which the retry sink may send
+  // to another endpoint even when the call is not idempotent.
   for (auto& [tag, p] : live) {
     MethodReturnMessage m{ec, detail, {}};
     if (!p.written && !keep_code) {
       m.error = make_error_code(Errc::kNotSent);
-      m.detail = fmt::format("{}; the request was still queued, not sent", detail);
+      m.detail = p.cut ? fmt::format("{}; the request was cut mid-write (the server cannot have received it whole), "
+                                     "not sent",
+                                     detail)
+                       : fmt::format("{}; the request was still queued, not sent", detail);
     }
     p.stack->AsyncProcessResponse(nullptr, m);
   }

@@ -169,6 +169,7 @@ void ConnectionSink::Exchange(std::string_view request, bool expect_reply) {
   expect_reply_ = expect_reply;
   writing_ = true;
   request_written_ = 0;
+  request_size_ = request.size();
   const uint64_t gen = generation_;
   size_t written = 0;
   if (!conn_.tls_active()) {
@@ -399,6 +400,12 @@ bool ConnectionSink::WriteDone(const boost::system::error_code& ec, size_t bytes
     failure = {make_error_code(Errc::kNotSent),
                fmt::format("writing the request to {} failed before any byte was sent: {}", conn_.address(),
                            ec.message())};
+  } else if (needs_whole_request()) {
+    // Cut mid-write: the server cannot have acted on it.
+    failure = {make_error_code(Errc::kNotSent),
+               fmt::format("writing the request to {} failed after {} of its {} bytes: {}; the server cannot have "
+                           "received it whole, so it was not sent",
+                           conn_.address(), request_written_, request_size_, ec.message())};
   } else {
     failure = {make_error_code(Errc::kConnectionClosed),
                fmt::format("writing the request to {} failed after {} bytes: {}", conn_.address(), request_written_,

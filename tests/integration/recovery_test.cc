@@ -514,16 +514,20 @@ TEST(RecoveryTest, MuxCallsDuringADrainGoToANewSession) {
 // the session behind the write that cannot finish. When the server resets the connection, a
 // request still queued never left the process: it fails with kNotSent (retryable), not
 // kConnectionClosed, so the retry sink sends it again (on a new session here) even though the
-// call is not idempotent; requests that were written, in part or whole, are not retried.
+// call is not idempotent; so is one the reset cut mid-write (the server cannot have received it
+// whole); requests written in whole are not retried.
 struct StalledRun {
   std::vector<error_code> codes;     // the large calls' outcomes, in call order
   std::vector<std::string> details;  // their error messages
   error_code stall_code;             // the "stall" call's outcome
 };
 
-StalledRun RunAgainstAStalledServer(bool retries, stats::StatsRegistry& stats) {
-  constexpr int kCalls = 48;
-  const std::string payload(512 * 1024, 'p');  // 24 MiB in all: far more than the socket buffers hold
+// `calls` calls of `payload_size` bytes each (24 MiB in all by default: far more than the socket
+// buffers hold).
+StalledRun RunAgainstAStalledServer(bool retries, stats::StatsRegistry& stats, int calls = 48,
+                                    size_t payload_size = 512 * 1024) {
+  const int kCalls = calls;
+  const std::string payload(payload_size, 'p');
   test::MuxReferenceServer server({"--mode", "finagle"});
   auto o = MuxOptions(retries ? "stalled-retry" : "stalled", stats);
   o.client.runtime = MakeRuntime(1);
@@ -549,6 +553,7 @@ StalledRun RunAgainstAStalledServer(bool retries, stats::StatsRegistry& stats) {
     stalled.set_value(outcome(e).first);
   });
   EXPECT_TRUE(server.WaitForLog({"stall tag="})) << server.Log();  // it reads nothing more from here on
+  const int64_t sent_before = SumCounter(stats, "scales_bytes_sent");
   std::vector<std::promise<std::pair<error_code, std::string>>> done(kCalls);
   for (int i = 0; i < kCalls; ++i) {
     SCALES_THRIFT_CALL(client, echo, payload, [&, i](std::exception_ptr e, std::string) {
@@ -561,6 +566,8 @@ StalledRun RunAgainstAStalledServer(bool retries, stats::StatsRegistry& stats) {
     std::this_thread::sleep_for(5ms);
   }
   EXPECT_EQ(SumGauge(stats, "scales_mux_tags_in_use"), kCalls + 1);
+  // And the socket has taken some of them (the session writes once the tags are given out).
+  EXPECT_TRUE(WaitFor(20s, [&] { return SumCounter(stats, "scales_bytes_sent") - sent_before >= (1 << 20); }));
   {
     thriftmux::ThriftMuxOptions ro;
     ro.client.name = "resetter";
@@ -602,7 +609,7 @@ TEST(RecoveryTest, MuxRequestsQueuedBehindAStalledWriteFailAsNotSent) {
       EXPECT_NE(run.details[i].find("not sent"), std::string::npos) << run.details[i];
       EXPECT_NE(run.details[i].find("127.0.0.1:"), std::string::npos) << run.details[i];
     } else {
-      // Written in whole or in part before the reset: the server may have seen it.
+      // Written in whole before the reset: the server may have seen it.
       EXPECT_EQ(run.codes[i], Errc::kConnectionClosed) << i << ": " << run.details[i];
       ++closed;
       // Requests are written in order: a written one never follows one that was not.
@@ -611,6 +618,19 @@ TEST(RecoveryTest, MuxRequestsQueuedBehindAStalledWriteFailAsNotSent) {
   }
   // The socket buffers of loopback hold a few MiB: most of the 24 MiB stayed queued.
   EXPECT_GE(not_sent, static_cast<int>(run.codes.size()) / 2) << closed << " written";
+}
+
+// One request larger than the socket buffers hold: the reset cuts it mid-write. The server
+// never received it whole (a Mux server handles a request once its last byte has come), so it
+// fails as not sent, which the retry sink may send again; it used to fail as kConnectionClosed.
+TEST(RecoveryTest, MuxRequestCutMidWriteFailsAsNotSent) {
+  stats::StatsRegistry stats;
+  StalledRun run = RunAgainstAStalledServer(/*retries=*/false, stats, 1, 24u << 20);
+  ASSERT_EQ(run.codes.size(), 1u);
+  EXPECT_EQ(run.codes[0], Errc::kNotSent) << run.details[0];
+  EXPECT_NE(run.details[0].find("the request was cut mid-write (the server cannot have received it whole), not sent"),
+            std::string::npos)
+      << run.details[0];
 }
 
 TEST(RecoveryTest, MuxRequestsQueuedBehindAStalledWriteAreRetried) {

@@ -431,6 +431,32 @@ TEST(ThriftClientTest, TheDefaultFrameLimitIsADefaultApacheServers) {
   EXPECT_EQ(back.data, "small");
 }
 
+// A client allowed larger frames than the server: Apache's server reads the frame's length,
+// refuses it ("Received an oversized frame") and closes the connection, which cuts the
+// client's write of the rest. The server cannot have received the call whole, so the call fails
+// as not sent (retryable), naming how much of it was written; it used to fail as a closed
+// connection, which a call that is not idempotent may not retry.
+TEST(ThriftClientTest, ARequestCutMidWriteFailsAsNotSent) {
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
+                         ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
+  auto o = Options(Framing::kFramed, Protocol::kBinary, MakeRuntime());
+  o.transport.max_frame_bytes = 64u << 20;
+  o.retry.reset();
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), o);
+  scales::thrifttest::Blob blob;
+  blob.data = std::string(40u << 20, 'b');  // far more than the socket buffers hold
+  scales::thrifttest::Blob back;
+  Error e = test::Thrown([&] { client->roundtrip(back, blob); });
+  EXPECT_EQ(e.code(), Errc::kNotSent) << e.what();
+  EXPECT_NE(std::string(e.what()).find("bytes: "), std::string::npos) << e.what();
+  EXPECT_NE(std::string(e.what()).find("the server cannot have received it whole, so it was not sent"),
+            std::string::npos)
+      << e.what();
+  blob.data = "small";
+  client->roundtrip(back, blob);  // a new connection
+  EXPECT_EQ(back.data, "small");
+}
+
 // Hello's tree() answers a Node `levels` deep; the other methods are unused.
 class TreeHandler final : public scales::thrifttest::HelloIf {
  public:

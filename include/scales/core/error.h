@@ -47,7 +47,8 @@ enum class Errc {
   kTooManyPending = 21,       // max pending requests of the client reached
   kRequestTooLarge = 22,      // a request exceeded a configured size limit
   kTlsFailed = 23,            // the TLS handshake failed (verification, protocol, peer not speaking TLS)
-  kNotSent = 24,              // the connection closed or failed before any byte of the request was written
+  kNotSent = 24,              // the connection closed or failed before the request was written whole
+                              // (not a byte of it for HTTP, whose servers may act on part of one)
   kNonRetryableNack = 25,     // the server refused the request unprocessed and asked that it not be retried
 };
 

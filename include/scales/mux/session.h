@@ -176,6 +176,7 @@ class MuxSessionSink final : public ClientMessageSink {
     SinkStack* stack = nullptr;  // null once discarded
     Stream* reply = nullptr;
     bool written = false;
+    bool cut = false;     // MarkUnsentInWriteBuffer: some of its bytes left, not all
     bool used = false;    // the slot holds a tag's request
     bool listed = false;  // DropStaleQueuedTags kept its tag already
   };
@@ -229,8 +230,8 @@ class MuxSessionSink final : public ClientMessageSink {
   // Writes the next piece of write_buffer_ (at most kMaxWriteChunk bytes).
   void WriteMore();
   void OnWritten(const boost::system::error_code& ec, size_t n);
-  // Marks unwritten the live requests of write_buffer_ whose first frame lies beyond every byte
-  // the socket may have taken (the session failed with the write unfinished).
+  // Marks unwritten the live requests of write_buffer_ with a frame beyond the bytes the socket
+  // may have taken (the session failed with the write unfinished): queued, or cut mid-write.
   void MarkUnsentInWriteBuffer();
   // Drops the entries of queued_tags_ left by requests cancelled before they were written.
   void DropStaleQueuedTags();

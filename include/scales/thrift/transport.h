@@ -64,6 +64,8 @@ class ThriftTransportSink final : public ConnectionSink {
 
  protected:
   bool busy() const override { return current_ != nullptr; }
+  // A Thrift server handles a call once its whole frame (or message) has come.
+  bool needs_whole_request() const override { return true; }
   void Finish(error_code ec, std::string detail) override;
 
  private:

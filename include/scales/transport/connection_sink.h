@@ -88,6 +88,11 @@ class ConnectionSink : public ClientMessageSink {
   virtual ParseResult ParseEof(size_t bytes);
   // "reply" or "response": how error messages name what was being read.
   virtual std::string_view reply_noun() const { return "reply"; }
+  // Whether a server can only act on a request it received whole (a Thrift frame or message),
+  // so that a request cut mid-write by a failed write is as unsent as one not started (kNotSent,
+  // which the retry sink may send again). HTTP: no (a server may answer the header section, or
+  // act on part of a body, before the rest came).
+  virtual bool needs_whole_request() const { return false; }
 
   // Checks that a new request may use the connection (open, idle). Otherwise returns the
   // error and detail to fail it with: the error that closed the connection (a connect
@@ -112,7 +117,8 @@ class ConnectionSink : public ClientMessageSink {
   // recorded is what later requests are told.
   void Shutdown(error_code why = {}, std::string detail = {});
   // Accounts the finished write of a request; on error closes the connection, answers the
-  // request (kTlsFailed; kNotSent if not a byte of it was written; else kConnectionClosed;
+  // request (kTlsFailed; kNotSent if not a byte of it was written, or not all of it with
+  // needs_whole_request(); else kConnectionClosed;
   // naming the endpoint) and returns false. On plain TCP with a reply expected, a reply the
   // server sent before the write failed (read from the socket next) answers the request
   // instead; the failure does if none comes.
@@ -158,6 +164,7 @@ class ConnectionSink : public ClientMessageSink {
   size_t read_chunk_ = 4096;  // grows (to 64 KiB) after reads that fill it
   size_t reply_bytes_ = 0;    // received for the current request
   size_t request_written_ = 0;  // bytes of the current request written so far
+  size_t request_size_ = 0;     // bytes of the current request
   bool expect_reply_ = false;
   bool writing_ = false;
   bool readable_armed_ = false;   // plain TCP: a receive into in_.prepare(read_chunk_) is pending
