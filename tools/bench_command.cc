@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -99,6 +100,17 @@ int Usage(const std::string& problem) {
       "                     127.0.0.1:P while the run lasts (0 = any free port)\n",
       stderr);
   return 2;
+}
+
+// Whether `s` is an HTTP token (RFC 9110 5.6.2), which a method must be.
+bool IsHttpToken(std::string_view s) {
+  if (s.empty()) return false;
+  for (char c : s) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && std::string_view("!#$%&'*+-.^_`|~").find(c) == std::string_view::npos) {
+      return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace
@@ -253,6 +265,20 @@ int RunBenchCommand(int argc, char** argv) {
     return Usage("give exactly one of --requests and --duration");
   }
   if (is_thrift && method != "echo" && method != "ping") return Usage("--method is echo or ping for thrift");
+  if (!is_thrift) {
+    // Methods are case-sensitive: a server answers "get" with 400 or 405, every call of the run.
+    if (!IsHttpToken(method)) {
+      return Usage(fmt::format("--method '{}' is not an HTTP method (a token of letters, digits and !#$%&'*+-.^_`|~)",
+                               method));
+    }
+    std::string upper = method;
+    for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    for (std::string_view standard : {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}) {
+      if (upper == standard && method != standard) {
+        return Usage(fmt::format("--method '{}': HTTP methods are case-sensitive; did you mean {}?", method, upper));
+      }
+    }
+  }
   if (payload_size_given && method != "echo") return Usage("--payload-size applies to --method echo only");
   if (limits.rate && limits.requests && static_cast<double>(*limits.requests - 1) / *limits.rate > kMaxScheduleSeconds) {
     return Usage(fmt::format("--requests {} at --rate {:g} would last over 365 days", *limits.requests, *limits.rate));

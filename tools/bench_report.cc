@@ -381,7 +381,7 @@ std::string ProgressLine(const BenchSample& s, const BenchLimits& limits) {
   std::string line = fmt::format("{:5.0f}s {:9.0f} req/s   p50 {:>8}   p99 {:>8}   errors {}", s.t_s,
                                  s.interval_s > 0 ? static_cast<double>(s.completed) / s.interval_s : 0.0,
                                  FormatMicros(s.p50_us), FormatMicros(s.p99_us), s.failed_total);
-  if (limits.rate) line += fmt::format("   offered {:.0f}/s backlog {}", *limits.rate, s.backlog);
+  if (limits.rate) line += fmt::format("   offered {}/s backlog {}", *limits.rate, s.backlog);
   return line;
 }
 
@@ -395,7 +395,8 @@ void PrintTextReport(const BenchResult& r, std::FILE* out) {
   std::fprintf(out, "elapsed       %.3f s\n", r.elapsed_s);
   if (r.open_loop()) {
     std::fprintf(out, "mode          open loop: latency from each call's intended send time\n");
-    std::fprintf(out, "offered       %.1f req/s\n", *r.limits.rate);
+    // As given, like the JSON report's offered_rps (0.25/s read 0.2 with one decimal).
+    std::fprintf(out, "offered       %s req/s\n", fmt::format("{}", *r.limits.rate).c_str());
     std::fprintf(out, "achieved      %.1f req/s\n", r.achieved_rps());
     std::fprintf(out, "queued        %lld (due while all %lld slots were busy; max backlog %lld)\n",
                  static_cast<long long>(r.queued), static_cast<long long>(r.limits.concurrency),

@@ -8,7 +8,12 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstring>
 #include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
 
 extern char** environ;
 
@@ -93,15 +98,23 @@ class SpawnGuard {
 
 }  // namespace
 
-bool ChildProcess::Start(const std::string& path, std::vector<std::string> args, std::string* first_line) {
+bool ChildProcess::Start(const std::string& path, std::vector<std::string> args, std::string* first_line,
+                         const std::string& output_file) {
   Stop();
+  error_.clear();
   int fds[2] = {-1, -1};
   // Close-on-exec: a child started later (a restarted server) must not hold this pipe.
-  if (first_line && pipe2(fds, O_CLOEXEC) != 0) return false;
+  if (first_line && pipe2(fds, O_CLOEXEC) != 0) {
+    error_ = fmt::format("cannot start {}: no pipe for its output: {}", path, std::strerror(errno));
+    return false;
+  }
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   if (first_line) {
     posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+  } else if (!output_file.empty()) {
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, output_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
   } else {
     posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
     posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
@@ -128,6 +141,7 @@ bool ChildProcess::Start(const std::string& path, std::vector<std::string> args,
   if (rc != 0) {
     pid_ = -1;
     if (first_line) close(fds[0]);
+    error_ = fmt::format("cannot start {}: {}", path, std::strerror(rc));
     return false;
   }
   if (first_line) {
@@ -168,12 +182,32 @@ void ChildProcess::Signal(int signal) {
   pid_ = -1;
 }
 
-std::string StartTestServer(ChildProcess& child, const std::string& kind, int port, std::vector<std::string> extra) {
+std::string StartTestServer(ChildProcess& child, const std::string& kind, int port, std::vector<std::string> extra,
+                            std::string& why) {
   std::vector<std::string> args = {"scales", "testserver", kind, "--port", std::to_string(port)};
   for (auto& e : extra) args.push_back(std::move(e));
   std::string line;
-  if (!child.Start("/proc/self/exe", std::move(args), &line) || line.rfind("listening ", 0) != 0) return "";
-  return line.substr(std::string("listening ").size());
+  if (!child.Start("/proc/self/exe", std::move(args), &line)) {
+    why = child.error();
+    return "";
+  }
+  if (line.rfind("listening ", 0) == 0) return line.substr(std::string("listening ").size());
+  // Its stdout ended (or it printed something else): it is exiting, or failed on the way.
+  std::optional<std::string> status;
+  for (auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+       !(status = child.Exited()) && std::chrono::steady_clock::now() < until;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (status) {
+    why = fmt::format("`scales testserver {} --port {}` exited ({}) before it printed \"listening HOST:PORT\"", kind,
+                      port, *status);
+  } else {
+    why = fmt::format("`scales testserver {} --port {}` printed \"{}\" instead of \"listening HOST:PORT\"", kind,
+                      port, line);
+    child.Stop();
+  }
+  if (!line.empty() && status) why += fmt::format(" (it printed \"{}\")", line);
+  return "";
 }
 
 }  // namespace scales::tools

@@ -22,8 +22,11 @@ class ChildProcess {
 
   // Starts `path` with `args` (args[0] is the program name). With `first_line`, stdout is a
   // pipe and the first line the child prints is read into it (the test servers print
-  // "listening HOST:PORT"); otherwise stdout and stderr go to /dev/null.
-  bool Start(const std::string& path, std::vector<std::string> args, std::string* first_line);
+  // "listening HOST:PORT"; stderr stays the tool's); otherwise stdout and stderr go to
+  // `output_file` (created or truncated), or to /dev/null when it is empty. On failure, error()
+  // says why.
+  bool Start(const std::string& path, std::vector<std::string> args, std::string* first_line,
+             const std::string& output_file = "");
   void Stop();
   // Kills the child with SIGKILL, like a crash, and waits for it.
   void Kill();
@@ -31,16 +34,20 @@ class ChildProcess {
   // If the child has exited (it is then reaped and no longer running): how ("status 1",
   // "signal 9"); nullopt while it runs or when there is none.
   std::optional<std::string> Exited();
+  // Why the last Start() failed ("cannot start /usr/bin/java: No such file or directory").
+  const std::string& error() const noexcept { return error_; }
 
  private:
   void Signal(int signal);  // sends it and waits for the child
 
   pid_t pid_ = -1;
+  std::string error_;
 };
 
 // Starts `scales testserver <kind> --port <port> [extra...]` (this same binary) and returns its
-// endpoint ("127.0.0.1:PORT"), or "" when it did not start.
+// endpoint ("127.0.0.1:PORT"), or "" when it did not start, with the reason in `why` (the spawn
+// error, or how the server exited; its own message went to the tool's stderr).
 std::string StartTestServer(ChildProcess& child, const std::string& kind, int port,
-                            std::vector<std::string> extra = {});
+                            std::vector<std::string> extra, std::string& why);
 
 }  // namespace scales::tools

@@ -28,8 +28,9 @@ class LocalZooKeeper {
   // "127.0.0.1:PORT".
   std::string address() const;
   // Registers `host:port` as a member of the server set at `zk_uri` (a session of its own, as a
-  // server would hold) and waits until the member exists.
-  bool Announce(const std::string& zk_uri, const std::string& endpoint);
+  // server would hold) and waits (10 s at most) until the member exists. Returns false, with the
+  // reason in `why`, when it could not.
+  bool Announce(const std::string& zk_uri, const std::string& endpoint, std::string& why);
 
  private:
   static void RemoveStaleDirectories();

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -52,12 +53,13 @@ class Server {
  public:
   Server(std::string kind, std::string name) : kind_(std::move(kind)), name_(std::move(name)) {}
 
-  bool Start() {
+  // Starts (or restarts) the server; when it does not start, `why` says why.
+  bool Start(std::string& why) {
     std::vector<std::string> extra;
     if (kind_ == "http") extra = {"--name", name_};
     // A restart reuses the port, which the kernel may hold for a moment.
     for (auto until = Clock::now() + 5s;;) {
-      std::string ep = StartTestServer(child_, kind_, port_, extra);
+      std::string ep = StartTestServer(child_, kind_, port_, extra, why);
       if (!ep.empty()) {
         port_ = std::stoi(ep.substr(ep.rfind(':') + 1));
         return true;
@@ -158,7 +160,8 @@ Outcome LoadRun(Service& service, const BenchStart& start, double seconds, doubl
     victim.Kill();
     event(victim.name() + " killed");
     if (stopped.wait_until(begin + std::chrono::duration<double>(2 * seconds / 3)) == std::future_status::ready) return;
-    event(victim.Start() ? victim.name() + " restarted" : victim.name() + " did not restart");
+    std::string why;
+    event(victim.Start(why) ? victim.name() + " restarted" : victim.name() + " did not restart: " + why);
   });
   int64_t retried_before = CounterSum(registry, "scales_retries", service.client_name);
   BenchLimits limits;
@@ -233,62 +236,71 @@ int RunDemoCommand(int argc, char** argv) {
   if (!WriteTextFile(report_path, "", error)) return Usage("--report: " + error);
   std::printf("== scales demo ==\n\n");
 
-  // 1. ZooKeeper and the servers.
-  LocalZooKeeper zk;
-  std::string why;
-  const bool with_zk = zk.Start(why);
-  if (with_zk) {
-    std::printf("1. ZooKeeper on %s (Debian's zookeeper package, a private data directory); three test\n"
-                "   servers per protocol, each registered in it as a server-set member:\n",
-                zk.address().c_str());
-  } else {
-    std::printf("1. No ZooKeeper: %s; the clients use static tcp:// lists\n"
-                "   instead. Three test servers per protocol:\n",
-                why.c_str());
-  }
-  std::vector<Service> services(3);
-  for (auto [s, label, kind] : {std::tuple{&services[0], "HTTP", "http"}, std::tuple{&services[1], "Thrift", "thrift"},
-                                std::tuple{&services[2], "ThriftMux", "thriftmux"}}) {
-    s->label = label;
-    s->kind = kind;
-    s->client_name = std::string("demo-") + kind;
-  }
-  for (auto& s : services) {
-    std::string line, list;
-    for (const char* name : kNames) {
-      auto server = std::make_unique<Server>(s.kind, name);
-      if (!server->Start()) {
-        std::fprintf(stderr, "demo: could not start the %s test server %s\n", s.label.c_str(), name);
-        return 2;
-      }
-      line += fmt::format(" {} {}", name, server->endpoint());
-      list += (list.empty() ? "" : ",") + server->endpoint();
-      s.servers.push_back(std::move(server));
-    }
-    if (with_zk) {
-      s.uri = fmt::format("zk://{}/scales/demo/{}", zk.address(), s.kind);
-      for (auto& server : s.servers) {
-        if (!zk.Announce(s.uri, server->endpoint())) {
-          std::fprintf(stderr, "demo: could not register %s in %s\n", server->endpoint().c_str(), s.uri.c_str());
-          return 2;
-        }
-      }
-    } else {
-      s.uri = "tcp://" + list;
-    }
-    std::printf("   %-10s%s\n   %-10s-> %s\n", s.label.c_str(), line.c_str(), "", s.uri.c_str());
-  }
-  Service& web = services[0];
-  Service& thrift_service = services[1];
-  Service& mux_service = services[2];
-
   // The registry outlives the clients' runtime: closing clients still report into it.
   stats::StatsRegistry registry;
-  RuntimeOptions ro;
-  ro.threads = 2;
-  auto runtime = std::make_shared<Runtime>(ro);
+  LocalZooKeeper zk;
+  std::vector<Service> services(3);
   std::vector<Outcome> outcomes;
+  // Every failure below is a message and exit status 2: nothing escapes (std::terminate would
+  // leave the servers and ZooKeeper running, with no word of what failed).
   try {
+    // 1. ZooKeeper and the servers.
+    std::string why;
+    const bool with_zk = zk.Start(why);
+    if (with_zk) {
+      std::printf("1. ZooKeeper on %s (Debian's zookeeper package, a private data directory); three test\n"
+                  "   servers per protocol, each registered in it as a server-set member:\n",
+                  zk.address().c_str());
+    } else {
+      std::printf("1. No ZooKeeper: %s; the clients use static tcp:// lists\n"
+                  "   instead. Three test servers per protocol:\n",
+                  why.c_str());
+    }
+    for (auto [s, label, kind] : {std::tuple{&services[0], "HTTP", "http"}, std::tuple{&services[1], "Thrift", "thrift"},
+                                  std::tuple{&services[2], "ThriftMux", "thriftmux"}}) {
+      s->label = label;
+      s->kind = kind;
+      s->client_name = std::string("demo-") + kind;
+    }
+    for (auto& s : services) {
+      std::string line, list;
+      for (const char* name : kNames) {
+        auto server = std::make_unique<Server>(s.kind, name);
+        if (!server->Start(why)) {
+          std::fprintf(stderr, "demo: could not start the %s test server %s: %s\n", s.label.c_str(), name, why.c_str());
+          return 2;
+        }
+        line += fmt::format(" {} {}", name, server->endpoint());
+        list += (list.empty() ? "" : ",") + server->endpoint();
+        s.servers.push_back(std::move(server));
+      }
+      if (with_zk) {
+        s.uri = fmt::format("zk://{}/scales/demo/{}", zk.address(), s.kind);
+        for (auto& server : s.servers) {
+          if (!zk.Announce(s.uri, server->endpoint(), why)) {
+            std::fprintf(stderr, "demo: could not register %s in %s: %s\n", server->endpoint().c_str(), s.uri.c_str(),
+                         why.c_str());
+            return 2;
+          }
+        }
+      } else {
+        s.uri = "tcp://" + list;
+      }
+      std::printf("   %-10s%s\n   %-10s-> %s\n", s.label.c_str(), line.c_str(), "", s.uri.c_str());
+    }
+    Service& web = services[0];
+    Service& thrift_service = services[1];
+    Service& mux_service = services[2];
+
+    RuntimeOptions ro;
+    ro.threads = 2;
+    std::shared_ptr<Runtime> runtime;
+    try {
+      runtime = std::make_shared<Runtime>(ro);
+    } catch (const std::system_error& e) {
+      std::fprintf(stderr, "demo: cannot start the clients' %zu event loops: %s\n", ro.threads, e.what());
+      return 2;
+    }
     http::HttpOptions hopts;
     DemoOptions(hopts, web.client_name, registry, runtime);
     http::HttpClient http_client = Http::NewClient(web.uri, hopts);

@@ -9,7 +9,10 @@
 #include <cerrno>
 #include <chrono>
 #include <fstream>
+#include <iterator>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -23,6 +26,29 @@ namespace {
 using namespace std::chrono_literals;
 
 constexpr const char* kJars = "/usr/share/java";
+
+// The last lines (up to 3, 300 bytes) of the file at `path`, joined with " | ", without the
+// frames of a Java stack trace (indented) which would hide its message; "" if none.
+std::string Tail(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> lines;
+  size_t end = text.size();
+  while (lines.size() < 3 && end > 0) {
+    const size_t begin = text.rfind('\n', end - 1);
+    std::string line = text.substr(begin == std::string::npos ? 0 : begin + 1,
+                                   end - (begin == std::string::npos ? 0 : begin + 1));
+    if (!line.empty() && line[0] != ' ' && line[0] != '\t' && line.find_first_not_of(" \t\r") != std::string::npos) {
+      lines.insert(lines.begin(), line);
+    }
+    if (begin == std::string::npos) break;
+    end = begin;
+  }
+  std::string out;
+  for (const auto& line : lines) out += (out.empty() ? "" : " | ") + line;
+  if (out.size() > 300) out = "..." + out.substr(out.size() - 300);
+  return out;
+}
 
 int FreePort() {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -94,25 +120,30 @@ bool LocalZooKeeper::Start(std::string& why) {
                           "netty-transport-native-epoll", "netty-transport-native-unix-common"}) {
     cp += fmt::format("{}{}/{}.jar", cp.empty() ? "" : ":", kJars, jar);
   }
+  // Its output goes to a file in the directory: the end of it says why it did not start.
+  const std::filesystem::path output = dir_ / "zookeeper.out";
   if (!java_.Start("/usr/bin/java",
                    {"java", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", cp,
                     "org.apache.zookeeper.server.ZooKeeperServerMain", (dir_ / "zoo.cfg").string()},
-                   nullptr)) {
-    why = "java did not start";
+                   nullptr, output.string())) {
+    why = java_.error();
     return false;
   }
+  auto with_output = [&] {
+    const std::string tail = Tail(output);
+    return tail.empty() ? std::string(" (it printed nothing)") : fmt::format(" (its output ended: {})", tail);
+  };
   auto until = std::chrono::steady_clock::now() + 30s;
   // Ready when it answers "imok": an accepted connection could be another process's that took
   // the free port first (ZooKeeper, unable to bind, then exits).
   while (!ZooKeeperAnswersRuok(port_, 500ms)) {
     if (auto status = java_.Exited()) {
-      why = fmt::format("java exited ({}) before ZooKeeper answered on {} (is the port taken?)", *status,
-                        address());
+      why = fmt::format("java exited ({}) before ZooKeeper answered on {}{}", *status, address(), with_output());
       return false;
     }
     if (std::chrono::steady_clock::now() > until) {
-      why = fmt::format("ZooKeeper did not answer \"ruok\" on {} within 30 s", address());
       java_.Stop();
+      why = fmt::format("ZooKeeper did not answer \"ruok\" on {} within 30 s{}", address(), with_output());
       return false;
     }
     std::this_thread::sleep_for(50ms);
@@ -122,13 +153,22 @@ bool LocalZooKeeper::Start(std::string& why) {
 
 std::string LocalZooKeeper::address() const { return fmt::format("127.0.0.1:{}", port_); }
 
-bool LocalZooKeeper::Announce(const std::string& zk_uri, const std::string& endpoint) {
+bool LocalZooKeeper::Announce(const std::string& zk_uri, const std::string& endpoint, std::string& why) {
   ServiceInstance instance;
   const auto colon = endpoint.rfind(':');
-  instance.service_endpoint = {endpoint.substr(0, colon),
-                               static_cast<uint16_t>(std::stoi(endpoint.substr(colon + 1)))};
-  auto member = std::make_unique<Announcer>(ScalesUriParser::Parse(zk_uri), instance);
-  if (!member->WaitAnnounced(10s)) return false;
+  std::unique_ptr<Announcer> member;
+  try {
+    instance.service_endpoint = {endpoint.substr(0, colon),
+                                 static_cast<uint16_t>(std::stoi(endpoint.substr(colon + 1)))};
+    member = std::make_unique<Announcer>(ScalesUriParser::Parse(zk_uri), instance);
+  } catch (const std::exception& e) {  // scales::Error, or std::system_error: no thread for its session
+    why = fmt::format("cannot announce: {}", e.what());
+    return false;
+  }
+  if (!member->WaitAnnounced(10s)) {
+    why = fmt::format("not announced within 10 s: {}", member->Describe());
+    return false;
+  }
   members_.push_back(std::move(member));
   return true;
 }

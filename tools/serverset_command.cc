@@ -6,10 +6,15 @@
 // it happens: `+ host:port` for a member that joined, `- host:port` for one that left, the
 // initial members as `+` lines; each batch ends with a line `# N members` and is flushed.
 //
+// A zk:// path that does not exist is not a server set: without --watch it is an error (exit 1,
+// naming the path and the ensemble); with --watch it says so on stderr, prints `# 0 members`
+// and waits for the path to be created (and says so again if the path is deleted later).
+//
 // Exit status: 0 once printed (a known but empty set prints nothing and says so on stderr);
 // 1 when the members are not known within --timeout (the reason, from the server set's
-// Describe(), goes to stderr); 2 for usage errors; 128 + the signal when SIGINT or SIGTERM ends
-// it (without --watch) before the members were known. With --watch, those end it with 0.
+// Describe(), goes to stderr) or the zk:// path does not exist; 2 for usage errors; 128 + the
+// signal when SIGINT or SIGTERM ends it (without --watch) before the members were known. With
+// --watch, those end it with 0.
 #include <csignal>
 #include <cstdio>
 #include <memory>
@@ -31,6 +36,24 @@
 
 namespace scales::tools {
 namespace {
+
+// Whether the server set's path is missing, as its Describe() says ("... (connected, path /svc
+// does not exist, waiting for it)"; src/discovery/zookeeper.cc): an empty snapshot cannot tell
+// a path without members from a path that is not there. zk:// only.
+bool PathMissing(const ParsedUri& uri, const ServerSet& set) {
+  return uri.scheme == "zk" &&
+         set.Describe().find(fmt::format("path {} does not exist", uri.path)) != std::string::npos;
+}
+
+// "path /svc does not exist in ZooKeeper 127.0.0.1:2181,127.0.0.1:2182 (zk://...)".
+std::string MissingPathText(const ParsedUri& uri, const std::string& uri_text) {
+  std::string hosts;
+  for (const Endpoint& host : uri.hosts) hosts += (hosts.empty() ? "" : ",") + host.ToString();
+  auto chroot = uri.query.find("chroot");
+  return fmt::format("path {}{} does not exist in ZooKeeper {} ({})", uri.path,
+                     chroot == uri.query.end() ? "" : " below chroot " + chroot->second, hosts,
+                     RedactUriSecrets(uri_text));
+}
 
 int Usage(const std::string& problem) {
   if (!problem.empty()) std::fprintf(stderr, "scales serverset: %s\n", problem.c_str());
@@ -67,8 +90,10 @@ int RunServerSetCommand(int argc, char** argv) {
   if (uri_text.empty()) return Usage("missing URI");
 
   std::shared_ptr<ServerSet> set;
+  ParsedUri uri;
   try {
-    set = CreateServerSet(ScalesUriParser::Parse(uri_text));
+    uri = ScalesUriParser::Parse(uri_text);
+    set = CreateServerSet(uri);
   } catch (const Error& e) {
     std::fprintf(stderr, "scales serverset: %s\n", e.what());
     return 2;
@@ -92,13 +117,22 @@ int RunServerSetCommand(int argc, char** argv) {
   // Snapshots arrive on this io_context, in order.
   uint64_t id = set->Subscribe(ioc.get_executor(), [&](const ServerSet::Members& members) {
     std::set<Endpoint> next(members.begin(), members.end());
+    const bool missing = next.empty() && PathMissing(uri, *set);
     if (!watch) {
+      if (missing) {
+        std::fprintf(stderr, "scales serverset: %s\n", MissingPathText(uri, uri_text).c_str());
+        status = 1;
+      }
       for (const Endpoint& ep : next) std::printf("%s\n", ep.ToString().c_str());
-      if (next.empty()) std::fprintf(stderr, "scales serverset: no members (%s)\n", set->Describe().c_str());
+      if (next.empty() && !missing) std::fprintf(stderr, "scales serverset: no members (%s)\n", set->Describe().c_str());
       std::fflush(stdout);
       timer.cancel();
       ioc.stop();
       return;
+    }
+    if (missing) {
+      std::fprintf(stderr, "scales serverset: %s; waiting for it to be created\n", MissingPathText(uri, uri_text).c_str());
+      std::fflush(stderr);
     }
     std::set<Endpoint> before = current.value_or(std::set<Endpoint>{});
     bool first = !current;

@@ -22,6 +22,7 @@
 #include <gtest/gtest.h>
 
 #include "support/fixtures.h"
+#include "support/zookeeper_fixture.h"
 
 namespace scales {
 namespace {
@@ -230,7 +231,7 @@ TEST(CliTest, BenchOpenLoopOffersTheRate) {
 
   Result text = RunTool("bench http tcp://" + server.endpoint() + " --rate 100 --requests 50");
   EXPECT_EQ(text.exit_code, 0);
-  EXPECT_NE(text.out.find("offered       100.0 req/s"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("offered       100 req/s"), std::string::npos) << text.out;
   EXPECT_NE(text.out.find("achieved      "), std::string::npos) << text.out;
   EXPECT_NE(text.out.find("intended send time"), std::string::npos) << text.out;
 
@@ -238,6 +239,36 @@ TEST(CliTest, BenchOpenLoopOffersTheRate) {
   Result slow = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 0.04 --requests 1 --json");
   ASSERT_EQ(slow.exit_code, 0) << slow.out;
   EXPECT_DOUBLE_EQ(boost::json::parse(slow.out).as_object().at("offered_rps").to_number<double>(), 0.04) << slow.out;
+  // The text report and the progress line print the rate as --json does (one decimal made 0.25
+  // read 0.2, and the progress line's none 2.5 read 2).
+  Result quarter = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 0.25 --requests 1");
+  ASSERT_EQ(quarter.exit_code, 0) << quarter.out;
+  EXPECT_NE(quarter.out.find("offered       0.25 req/s\n"), std::string::npos) << quarter.out;
+  TempFile err("offered-progress.txt");
+  Result progress = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 2.5 --duration 1.5s --progress",
+                            "2>" + err.path());
+  ASSERT_EQ(progress.exit_code, 0) << progress.out;
+  EXPECT_NE(progress.out.find("offered       2.5 req/s\n"), std::string::npos) << progress.out;
+  EXPECT_NE(err.Read().find("offered 2.5/s backlog"), std::string::npos) << err.Read();
+}
+
+// HTTP methods are case-sensitive: `--method get` ran the whole load for 400 or 405 answers, and
+// a method that is not a token failed every call (kInvalidArgument). Both are usage errors.
+TEST(CliTest, BenchRefusesAMethodThatIsNotOne) {
+  Result lower = RunTool("bench http tcp://127.0.0.1:1 --method get --requests 1", "2>&1");
+  EXPECT_EQ(lower.exit_code, 2) << lower.out;
+  EXPECT_NE(lower.out.find("--method 'get': HTTP methods are case-sensitive; did you mean GET?"), std::string::npos)
+      << lower.out;
+  for (const char* method : {"'G T'", "''", "'GET\r\n'", "'GET/'"}) {
+    Result bad = RunTool(std::string("bench http tcp://127.0.0.1:1 --method ") + method + " --requests 1", "2>&1");
+    EXPECT_EQ(bad.exit_code, 2) << method << "\n" << bad.out;
+    EXPECT_NE(bad.out.find("is not an HTTP method"), std::string::npos) << method << "\n" << bad.out;
+  }
+  // An extension method is sent as given: the server answers it (405), as counted failures.
+  test::TestHttpServer server("method");
+  Result custom = RunTool("bench http tcp://" + server.endpoint() + " --method PURGE --requests 2", "2>&1");
+  EXPECT_EQ(custom.exit_code, 1) << custom.out;
+  EXPECT_NE(custom.out.find("for PURGE /"), std::string::npos) << custom.out;
 }
 
 // The wait status of `child` once it exits within `limit` (nullopt if it did not: then killed).
@@ -307,6 +338,38 @@ TEST(CliTest, ServerSetInterruptedBeforeTheMembersIsNotASuccess) {
   ASSERT_TRUE(WIFEXITED(*status));
   EXPECT_EQ(WEXITSTATUS(*status), 128 + SIGTERM);
   EXPECT_EQ(tool.ReadLine(std::chrono::seconds(1)), std::nullopt);  // nothing on stdout
+}
+
+// A one-shot listing of a zk:// path that does not exist printed nothing and exited 0 (stderr:
+// "no members (... path /x does not exist, waiting for it)"), as for an existing empty set.
+// It fails now, naming the path and the ensemble; --watch says it waits for the path.
+TEST(CliTest, ServerSetOfAMissingPathFailsOrSaysItWaits) {
+  if (!test::ZooKeeperAvailable()) GTEST_SKIP() << "needs java and Debian's zookeeper package";
+  test::ZooKeeperServer zk;
+  Result once = RunTool("serverset " + zk.Uri("/no/such/svc") + " --timeout 20s", "2>&1");
+  EXPECT_EQ(once.exit_code, 1) << once.out;
+  EXPECT_NE(once.out.find("scales serverset: path /no/such/svc does not exist in ZooKeeper " + zk.connect_string() +
+                          " (" + zk.Uri("/no/such/svc") + ")"),
+            std::string::npos)
+      << once.out;
+  // An existing path without members is a known, empty set: a success.
+  test::RunKazoo(zk.connect_string(), "zk.ensure_path('/empty')");
+  Result empty = RunTool("serverset " + zk.Uri("/empty") + " --timeout 20s", "2>&1");
+  EXPECT_EQ(empty.exit_code, 0) << empty.out;
+  EXPECT_NE(empty.out.find("no members"), std::string::npos) << empty.out;
+  EXPECT_EQ(empty.out.find("does not exist"), std::string::npos) << empty.out;
+  // --watch waits for the path, and says so.
+  TempFile err("serverset-watch.txt");
+  test::ChildProcess watch({test::ToolPath(), "serverset", zk.Uri("/later"), "--watch"}, err.path());
+  EXPECT_EQ(watch.ReadLine(std::chrono::seconds(20)), "# 0 members");
+  EXPECT_NE(err.Read().find("path /later does not exist in ZooKeeper " + zk.connect_string() + " (" +
+                            zk.Uri("/later") + "); waiting for it to be created"),
+            std::string::npos)
+      << err.Read();
+  test::RunKazoo(zk.connect_string(), "zk.create('/later/member_', " + test::FinagleMemberPython("127.0.0.1", 1001) +
+                                          ", sequence=True, makepath=True)");
+  EXPECT_EQ(watch.ReadLine(std::chrono::seconds(20)), "+ 127.0.0.1:1001");
+  EXPECT_EQ(watch.ReadLine(std::chrono::seconds(5)), "# 1 members");
 }
 
 // Over capacity, the open loop keeps the schedule: calls wait for a slot, and their latency,
@@ -386,6 +449,26 @@ TEST(CliTest, DemoTellsTheWholeStory) {
   EXPECT_GE(Attributes(html, "<g class=\"bar\"[^>]*>", "data-endpoint").size(), 9u);  // and "(none)" if a call found no server
 }
 
+// Every 127.0.0.1 port that section 1 of the demo's output `text` names (its servers and
+// ZooKeeper; at least `min_ports`) is closed, the JVM given some 10 s to exit.
+void ExpectNoDemoServerLeft(const std::string& text, size_t min_ports = 9) {
+  std::vector<int> ports;
+  std::regex endpoint(R"(127\.0\.0\.1:(\d+))");
+  const std::string servers = text.substr(0, text.find("2. One client"));
+  for (auto it = std::sregex_iterator(servers.begin(), servers.end(), endpoint); it != std::sregex_iterator(); ++it) {
+    ports.push_back(std::stoi((*it)[1]));
+  }
+  EXPECT_GE(ports.size(), min_ports) << servers;  // three per protocol (and ZooKeeper's when Java is there)
+  for (int port : ports) {
+    bool closed = false;
+    for (int i = 0; i < 100 && !closed; ++i) {  // the JVM takes a moment to exit
+      closed = !test::CanConnect(port, std::chrono::milliseconds(100));
+      if (!closed) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    EXPECT_TRUE(closed) << "127.0.0.1:" << port << " still accepts after the demo ended\n" << servers;
+  }
+}
+
 // Terminating the demo (SIGTERM, as a CI harness or systemd does) stops its test servers and
 // ZooKeeper too: none is left listening (they were orphaned, still serving).
 TEST(CliTest, ATerminatedDemoLeavesNoServerBehind) {
@@ -420,20 +503,59 @@ TEST(CliTest, ATerminatedDemoLeavesNoServerBehind) {
   close(out[0]);
   ASSERT_NE(text.find("3. Load"), std::string::npos) << text;
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
-  std::vector<int> ports;
-  std::regex endpoint(R"(127\.0\.0\.1:(\d+))");
-  const std::string servers = text.substr(0, text.find("2. One client"));
-  for (auto it = std::sregex_iterator(servers.begin(), servers.end(), endpoint); it != std::sregex_iterator(); ++it) {
-    ports.push_back(std::stoi((*it)[1]));
-  }
-  EXPECT_GE(ports.size(), 9u) << servers;  // three per protocol (and ZooKeeper's when Java is there)
-  for (int port : ports) {
-    bool closed = false;
-    for (int i = 0; i < 100 && !closed; ++i) {  // the JVM takes a moment to exit
-      closed = !test::CanConnect(port, std::chrono::milliseconds(100));
-      if (!closed) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    EXPECT_TRUE(closed) << "127.0.0.1:" << port << " still accepts after the demo ended\n" << servers;
+  ExpectNoDemoServerLeft(text);
+}
+
+// A failure after the demo started its servers (here: no thread for the clients' event loops,
+// or for a ZooKeeper announcer's session) escaped as an exception: std::terminate, exit by
+// SIGABRT, the output lost and every server and ZooKeeper left running. It is a message naming
+// the step and exit status 2 now, and the servers are stopped.
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+TEST(CliTest, ADemoThatCannotStartItsThreadsSaysSoAndStopsItsServers) {
+  TempFile report("demo-threads.html");
+  // Into a file: a server left behind would hold a pipe open, and the test would hang.
+  TempFile output("demo-threads.txt");
+  // Thread stacks of 1 GB in 2 GB of address space: the servers (processes of their own) start,
+  // the clients' two event loops cannot. Java's bad option keeps ZooKeeper out of it.
+  Result runtime = RunTool("demo --seconds 3 --rate 10 --report " + report.path(), ">" + output.path() + " 2>&1",
+                           "ulimit -s 1000000; ulimit -v 2000000; JAVA_TOOL_OPTIONS=-XX:+ScalesNoSuchOption "
+                           "timeout -k 5 120");
+  runtime.out = output.Read();
+  EXPECT_EQ(runtime.exit_code, 2) << runtime.out;
+  EXPECT_NE(runtime.out.find("demo: cannot start the clients' 2 event loops: "), std::string::npos) << runtime.out;
+  ExpectNoDemoServerLeft(runtime.out);
+  if (!test::ZooKeeperAvailable()) return;
+  // With 4 GB, ZooKeeper starts, but an announcer cannot start its session's threads.
+  Result announce = RunTool("demo --seconds 3 --rate 10 --report " + report.path(), ">" + output.path() + " 2>&1",
+                            "ulimit -s 1000000; ulimit -v 4000000; timeout -k 5 120");
+  announce.out = output.Read();
+  EXPECT_EQ(announce.exit_code, 2) << announce.out;
+  EXPECT_NE(announce.out.find("1. ZooKeeper on 127.0.0.1:"), std::string::npos) << announce.out;
+  EXPECT_NE(announce.out.find(": cannot announce: "), std::string::npos) << announce.out;
+  ExpectNoDemoServerLeft(announce.out, 1);  // ZooKeeper's (the servers are named once registered)
+}
+#endif
+
+// A process the demo could not start is named with the reason: a test server's exit status
+// (its own message goes to stderr), Java's exit status and the end of its output. The messages
+// said only "could not start" and "java exited (status 1) ... (is the port taken?)".
+TEST(CliTest, DemoSaysWhyAProcessDidNotStart) {
+  TempFile report("demo-start.html");
+  // Six file descriptors: enough for the demo, not for a test server's sockets (`timeout` needs
+  // more: the limit is set after it, with 3 to 5 free).
+  Result r = RunTool("demo --seconds 3 --rate 10 --report " + report.path(), "2>&1",
+                     "JAVA_TOOL_OPTIONS=-XX:+ScalesNoSuchOption timeout -k 5 120 "
+                     "sh -c 'exec 3>&- 4>&- 5>&-; ulimit -n 6; exec \"$0\" \"$@\"'");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("demo: could not start the HTTP test server alpha: `scales testserver http --port 0` exited "
+                       "(status 1) before it printed \"listening HOST:PORT\""),
+            std::string::npos)
+      << r.out;
+  if (test::ZooKeeperAvailable()) {
+    EXPECT_NE(r.out.find("1. No ZooKeeper: java exited (status 1) before ZooKeeper answered on 127.0.0.1:"),
+              std::string::npos)
+        << r.out;
+    EXPECT_NE(r.out.find("Unrecognized VM option 'ScalesNoSuchOption'"), std::string::npos) << r.out;
   }
 }
 
