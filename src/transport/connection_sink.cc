@@ -342,9 +342,18 @@ ConnectionSink::ParseResult ConnectionSink::ParseEof(size_t bytes) {
                                          conn_.address(), reply_noun(), bytes));
 }
 
+std::optional<ConnectionSink::ParseResult> ConnectionSink::CutByTheServer(std::string_view how) const {
+  if (!writing_ || reply_bytes_ != 0 || !needs_whole_request()) return std::nullopt;
+  return ParseResult::Failed(make_error_code(Errc::kNotSent),
+                             fmt::format("connection to {} {} while the request ({} bytes) was still being written: "
+                                         "the server cannot have received it whole, so it was not sent",
+                                         conn_.address(), how, request_size_));
+}
+
 void ConnectionSink::ReadFailed(const boost::system::error_code& ec) {
   if (ec == asio::error::eof) {
-    ParseResult r = ParseEof(reply_bytes_);
+    std::optional<ParseResult> cut = CutByTheServer("closed by the server");
+    ParseResult r = cut ? std::move(*cut) : ParseEof(reply_bytes_);
     if (r.kind == ParseResult::Kind::kNeedMore) {
       r = ConnectionSink::ParseEof(reply_bytes_);
     }
@@ -356,6 +365,10 @@ void ConnectionSink::ReadFailed(const boost::system::error_code& ec) {
   Shutdown();
   if (tls) {
     Finish(tls->first, std::move(tls->second));
+    return;
+  }
+  if (auto cut = CutByTheServer(fmt::format("failed ({})", ec.message()))) {
+    Finish(cut->ec, std::move(cut->detail));
     return;
   }
   if (write_failure_ && reply_bytes_ == 0) {

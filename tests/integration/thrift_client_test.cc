@@ -434,8 +434,8 @@ TEST(ThriftClientTest, TheDefaultFrameLimitIsADefaultApacheServers) {
 // A client allowed larger frames than the server: Apache's server reads the frame's length,
 // refuses it ("Received an oversized frame") and closes the connection, which cuts the
 // client's write of the rest. The server cannot have received the call whole, so the call fails
-// as not sent (retryable), naming how much of it was written; it used to fail as a closed
-// connection, which a call that is not idempotent may not retry.
+// as not sent (retryable); it used to fail as a closed connection, which a call that is not
+// idempotent may not retry.
 TEST(ThriftClientTest, ARequestCutMidWriteFailsAsNotSent) {
   InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(std::make_shared<DerivedHandler>()),
                          ServerKind::kThreaded, Framing::kFramed, Protocol::kBinary);
@@ -447,8 +447,9 @@ TEST(ThriftClientTest, ARequestCutMidWriteFailsAsNotSent) {
   blob.data = std::string(40u << 20, 'b');  // far more than the socket buffers hold
   scales::thrifttest::Blob back;
   Error e = test::Thrown([&] { client->roundtrip(back, blob); });
+  // The write fails (a reset), or the read sees the server's end of stream first (the write
+  // still blocked): either way the call is not sent.
   EXPECT_EQ(e.code(), Errc::kNotSent) << e.what();
-  EXPECT_NE(std::string(e.what()).find("bytes: "), std::string::npos) << e.what();
   EXPECT_NE(std::string(e.what()).find("the server cannot have received it whole, so it was not sent"),
             std::string::npos)
       << e.what();

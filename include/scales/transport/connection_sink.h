@@ -123,6 +123,10 @@ class ConnectionSink : public ClientMessageSink {
   // server sent before the write failed (read from the socket next) answers the request
   // instead; the failure does if none comes.
   bool WriteDone(const boost::system::error_code& ec, size_t bytes);
+  // With needs_whole_request(): the outcome (kNotSent) of a connection that the server ended
+  // (`how`: "closed by the server", ...) while the request was still being written and before
+  // any of the reply came; std::nullopt otherwise.
+  std::optional<ParseResult> CutByTheServer(std::string_view how) const;
   // For a read or write error that is a TLS error (an alert such as "certificate required",
   // a bad record; not a plain close), or any error of the first request after the server asked
   // for a client certificate we do not have: kTlsFailed with a detail naming the endpoint,
