@@ -1,5 +1,6 @@
 #include "scales/core/client.h"
 
+#include <algorithm>
 #include <future>
 #include <mutex>
 #include <optional>
@@ -127,7 +128,10 @@ void ClientCore::OpenAndWait() {
   auto result = done->get_future();
   AsyncOpen([done](error_code ec) { done->set_value(ec); });
   if (options_.open_timeout <= Duration::zero() || IsLoopThread()) return;
-  if (result.wait_for(options_.open_timeout) != std::future_status::ready) {
+  // wait_for() waits until now + timeout: a timeout near Duration::max() (as long as it takes)
+  // would overflow that deadline and not wait at all. A century is as long as it takes.
+  const Duration wait = std::min<Duration>(options_.open_timeout, std::chrono::hours(24 * 365 * 100));
+  if (result.wait_for(wait) != std::future_status::ready) {
     throw Error(make_error_code(Errc::kOpenTimeout),
                 fmt::format("client {} did not open within {} ms (server set {})", options_.name,
                             std::chrono::duration_cast<std::chrono::milliseconds>(options_.open_timeout).count(),

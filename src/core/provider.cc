@@ -5,11 +5,77 @@
 #include <fmt/format.h>
 
 #include "scales/core/error.h"
+#include "scales/core/runtime.h"
+#include "scales/core/sink_stack.h"
 
 namespace scales {
 namespace {
 [[noreturn]] void Invalid(const std::string& what) {
   throw Error(make_error_code(Errc::kInvalidArgument), what);
+}
+
+// Stands in for a sink a provider could not create below the load balancer: that happens on
+// an event loop (an endpoint joins, a pool connects), where an exception would only be dropped
+// by the loop and leave the balancer or pool half-way. Its open fails, raising a fault with the
+// reason (the resurrector marks the endpoint down and later calls fail fast quoting it), and
+// every request that still reaches it is answered with the reason.
+class FailedSink final : public ClientMessageSink {
+ public:
+  FailedSink(EventLoop& loop, error_code ec, std::string detail)
+      : loop_(loop), error_(ec), detail_(std::move(detail)) {}
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage&, Stream* stream) override {
+    auto m = MethodReturnMessage::Failure(error_, detail_);
+    stack.AsyncProcessResponse(stream, m);
+  }
+  void Close() override {}
+  SinkStatus status() const override { return SinkStatus::kClosed; }
+  std::string open_failure_detail() const override { return detail_; }
+  std::string_view name() const override { return "failed-sink"; }
+
+ protected:
+  void DoOpen(OpenHandler handler) override {
+    on_faulted_.Set(Fault{error_, detail_});
+    PostOpenCompletion(std::move(handler), loop_.executor(), error_);
+  }
+
+ private:
+  EventLoop& loop_;
+  error_code error_;
+  std::string detail_;
+};
+
+// Runs a provider's create. Above the balancer (no endpoint: the client is being built) a
+// failure is thrown as scales::Error naming the client and the provider; below it the sink is
+// replaced by a FailedSink carrying that error.
+SinkPtr CreateSink(const SinkProvider& p, const SinkContext& ctx, const SinkFactory& below) {
+  auto where = [&ctx] {
+    return ctx.endpoint ? fmt::format("client {}: endpoint {}: ", ctx.client_name, ctx.endpoint->ToString())
+                        : fmt::format("client {}: ", ctx.client_name);
+  };
+  // The pool, the resurrector and failure accrual ("failureaccrual", scales/resilience) work on
+  // one endpoint, which a balancer above gives them: without one they would connect to nothing.
+  if (!ctx.endpoint && (p.role == roles::kPool || p.role == roles::kResurrector || p.role == "failureaccrual")) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("{}sink provider '{}' ({}) works per endpoint: put it below a load balancer "
+                            "(role '{}'), which gives it one; it has none here",
+                            where(), p.role, p.name, roles::kLoadBalancer));
+  }
+  error_code ec;
+  std::string detail;
+  try {
+    if (SinkPtr sink = p.create(ctx, below)) return sink;
+    ec = make_error_code(Errc::kInvalidArgument);
+    detail = fmt::format("{}sink provider '{}' ({}) returned no sink", where(), p.role, p.name);
+  } catch (const Error& e) {
+    if (!ctx.endpoint) throw;  // names its step already (a provider's own, or one below)
+    ec = e.scales_code();
+    detail = fmt::format("{}sink provider '{}' ({}) failed: {}", where(), p.role, p.name, e.what());
+  } catch (const std::exception& e) {
+    ec = make_error_code(Errc::kInvalidArgument);
+    detail = fmt::format("{}sink provider '{}' ({}) failed: {}", where(), p.role, p.name, e.what());
+  }
+  if (!ctx.endpoint || ctx.loop == nullptr) throw Error(ec, detail);
+  return std::make_shared<FailedSink>(*ctx.loop, ec, std::move(detail));
 }
 }  // namespace
 
@@ -99,9 +165,7 @@ SinkFactory SinkStackSpec::Build() const {
     throw Error(make_error_code(Errc::kInvalidArgument), "a transport sink has no next sink");
   };
   for (auto it = providers_.rbegin(); it != providers_.rend(); ++it) {
-    next = [create = it->create, below = std::move(next)](const SinkContext& ctx) {
-      return create(ctx, below);
-    };
+    next = [p = *it, below = std::move(next)](const SinkContext& ctx) { return CreateSink(p, ctx, below); };
   }
   return next;
 }

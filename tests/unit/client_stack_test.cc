@@ -5,6 +5,7 @@
 #include "scales/core/client.h"
 
 #include <chrono>
+#include <functional>
 #include <future>
 #include <map>
 #include <memory>
@@ -49,7 +50,8 @@ class ClientStackTest : public ::testing::Test {
         factory_(runtime_->loop(0)),
         calls_(*clock_) {}
 
-  void Build(Duration timeout = seconds(10)) {
+  // `edit`, if given, changes the stack before the client is built (as a builder's edits do).
+  void Build(Duration timeout = seconds(10), const std::function<void(SinkStackSpec&)>& edit = nullptr) {
     set_ = std::make_shared<StaticServerSet>(ServerSet::Members{kA, kB});
     ClientOptions options;
     options.name = "stack";
@@ -69,6 +71,7 @@ class ClientStackTest : public ::testing::Test {
                         SinkProvider{"transport", "fake", [this](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                                        return factory_.Create(ctx);
                                      }}});
+    if (edit) edit(spec);
     core_ = std::make_shared<ClientCore>(options, spec);
   }
 
@@ -174,6 +177,83 @@ TEST_F(ClientStackTest, UnreachableEndpointIsMarkedDownAndAvoided) {
   Run();
   EXPECT_GE(InFlightAt(kA), 1u);
   ReplyAll(2);
+}
+
+// A provider below the balancer is instantiated on the event loop, when an endpoint joins (or a
+// pool connects): one that throws or returns no sink must not escape into the loop (the
+// balancer stopped half-way, the open and every call then waited forever) nor crash it.
+// Each endpoint's calls fail at once, naming the client, the endpoint and the provider.
+SinkProvider BrokenProvider(std::string role, bool throws) {
+  return SinkProvider{std::move(role), "broken", [throws](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                        if (throws) throw Error(make_error_code(Errc::kInvalidArgument), "tap file unreadable");
+                        return nullptr;
+                      }};
+}
+
+TEST_F(ClientStackTest, ProviderThrowingBelowTheBalancerFailsCallsClearly) {
+  Build(seconds(10), [](SinkStackSpec& s) { s.InsertBefore(roles::kPool, BrokenProvider("tap", true)); });
+  EXPECT_FALSE(Open());  // the open completes (the balancer does not fail on a node's open)
+  auto c = Start();
+  Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kFailedFast);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("client stack: endpoint 10.9.0."));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("sink provider 'tap' (broken) failed: tap file unreadable"));
+}
+
+// A transport is made by the pool, per connection: the connection fails to open with the reason.
+TEST_F(ClientStackTest, TransportProviderThrowingFailsTheConnectionClearly) {
+  Build(seconds(10), [](SinkStackSpec& s) { s.ReplaceRole(roles::kTransport, BrokenProvider("transport", true)); });
+  EXPECT_FALSE(Open());
+  auto c = Start();
+  Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_TRUE(calls_[c].error);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("client stack: endpoint 10.9.0."));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("sink provider 'transport' (broken) failed: tap file unreadable"));
+}
+
+TEST_F(ClientStackTest, ProviderReturningNoSinkBelowTheBalancerFailsCallsClearly) {
+  Build(seconds(10), [](SinkStackSpec& s) { s.InsertBefore(roles::kPool, BrokenProvider("tap", false)); });
+  EXPECT_FALSE(Open());
+  auto c = Start();
+  Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kFailedFast);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("sink provider 'tap' (broken) returned no sink"));
+}
+
+// Above the balancer the stack is instantiated when the client is built: the error is thrown
+// there, naming the client and the provider, instead of a client whose first call crashes.
+TEST_F(ClientStackTest, ProviderReturningNoSinkAboveTheBalancerFailsTheBuild) {
+  try {
+    Build(seconds(10), [](SinkStackSpec& s) { s.InsertBefore(roles::kLoadBalancer, BrokenProvider("tap", false)); });
+    ADD_FAILURE() << "built a client whose stack has no sink";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("client stack: sink provider 'tap' (broken) returned no sink"));
+  }
+}
+
+// The resurrector, the pool (and failure accrual) work per endpoint: without a balancer above
+// them they have none, and the client connected to nothing (":0") and failed to open with a
+// bare "connect failed". The build names the provider and what it lacks instead.
+TEST_F(ClientStackTest, PerEndpointSinksWithoutABalancerFailTheBuild) {
+  try {
+    Build(seconds(10), [](SinkStackSpec& s) { s.RemoveRole(roles::kLoadBalancer); });
+    ADD_FAILURE() << "built a client whose resurrector has no endpoint";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("client stack: sink provider 'resurrector' (resurrector) works per "
+                                    "endpoint: put it below a load balancer"));
+  }
+  // Without the resurrector too, the pool is named.
+  try {
+    Build(seconds(10), [](SinkStackSpec& s) { s.RemoveRole(roles::kLoadBalancer).RemoveRole(roles::kResurrector); });
+    ADD_FAILURE() << "built a client whose pool has no endpoint";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("sink provider 'pool' (watermark-pool) works per endpoint"));
+  }
 }
 
 TEST_F(ClientStackTest, TimeoutOnTheWireCancelsTheConnectionsRequest) {
@@ -420,6 +500,30 @@ TEST(ClientCoreShutdownTest, ManualRuntimeDestroyedWithPendingCallsCompletesThem
   // by the closing connection.
   EXPECT_EQ(calls[0].error, Errc::kConnectionClosed);
   EXPECT_EQ(calls[1].error, Errc::kConnectionClosed);
+  factory.Clear();
+}
+
+// open_timeout = Duration::max() (wait as long as it takes) used to overflow the wait's
+// deadline (now + max): OpenAndWait gave up at once, failing the build with "did not open
+// within 9223372036854 ms" although the open was about to succeed.
+TEST(ClientCoreOpenTest, LongestOpenTimeoutWaitsForTheOpen) {
+  stats::StatsRegistry registry;
+  auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 1});
+  FakeTransportFactory factory(runtime->loop(0));
+  ClientOptions options;
+  options.name = "patient";
+  options.runtime = runtime;
+  options.stats = &registry;
+  options.open_timeout = Duration::max();
+  options.server_set = std::make_shared<StaticServerSet>(ServerSet::Members{kA});
+  SinkStackSpec spec({TimeoutSinkProvider(),
+                      SinkProvider{"transport", "fake", [&](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                                     return factory.Create(ctx);
+                                   }}});
+  auto core = std::make_shared<ClientCore>(options, spec);
+  EXPECT_NO_THROW(core->OpenAndWait());
+  core.reset();
+  runtime.reset();  // joins the loop thread: the fakes are no longer in use
   factory.Clear();
 }
 

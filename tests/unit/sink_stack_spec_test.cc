@@ -3,6 +3,7 @@
 #include "scales/core/provider.h"
 
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -167,6 +168,21 @@ TEST(SinkStackSpecTest, BuildComposesProvidersInOrder) {
   // A second instantiation (another loop, another endpoint) builds a fresh chain.
   top(test::MakeContext(env.loop(), env.scope));
   EXPECT_EQ(factory.count(), 2u);
+}
+
+// A provider that returns no sink, or throws something other than a scales::Error, fails the
+// instantiation with a scales::Error naming the client and the provider (not a null sink that
+// crashes the first call, nor an exception the builder cannot name).
+TEST(SinkStackSpecTest, BuildNamesAProviderThatReturnsNoSinkOrThrows) {
+  test::ManualEnv env;
+  SinkStackSpec none({Named("tap", "my-tap"), Named("transport", "t")});
+  ExpectInvalid([&] { none.Build()(test::MakeContext(env.loop(), env.scope)); },
+                "client test: sink provider 'tap' (my-tap) returned no sink");
+  SinkStackSpec throws({SinkProvider{"transport", "t", [](const SinkContext&, SinkFactory) -> SinkPtr {
+                                       throw std::runtime_error("boom");
+                                     }}});
+  ExpectInvalid([&] { throws.Build()(test::MakeContext(env.loop(), env.scope)); },
+                "client test: sink provider 'transport' (t) failed: boom");
 }
 
 // --- The builder records edits and applies them when the client is built -------------------

@@ -38,8 +38,8 @@ struct ClientOptions {
   Duration timeout = std::chrono::seconds(10);
   // How long Build()/NewClient wait for the client to open (discovery answered and a first
   // connection attempt finished). Default 10 s; zero = do not wait (the client then opens in
-  // the background). When the wait ends first, Build() fails with kOpenTimeout and the client
-  // is closed.
+  // the background); Duration::max() = as long as it takes. When the wait ends first, Build()
+  // fails with kOpenTimeout and the client is closed.
   Duration open_timeout = std::chrono::seconds(10);
   // Event loops to run on. Default: Runtime::Default() (one loop per core).
   std::shared_ptr<Runtime> runtime;
