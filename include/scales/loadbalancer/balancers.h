@@ -22,8 +22,8 @@ enum class BalancerKind {
 
 struct BalancerOptions {
   BalancerKind kind = BalancerKind::kAperture;
-  // P2C and round robin: picks tried to find a healthy node before panicking (using any
-  // node and counting scales_lb_panic). >= 1.
+  // P2C (plain and peak EWMA): picks tried to find a healthy node before panicking (using
+  // any node and counting scales_lb_panic); round robin tries a whole cycle instead. >= 1.
   int max_effort = 4;
   // P2C peak EWMA: decay time (tau) of the latency average. > 0.
   Duration ewma_decay = std::chrono::seconds(10);
