@@ -52,9 +52,10 @@ SinkPtr CreateSink(const SinkProvider& p, const SinkContext& ctx, const SinkFact
     return ctx.endpoint ? fmt::format("client {}: endpoint {}: ", ctx.client_name, ctx.endpoint->ToString())
                         : fmt::format("client {}: ", ctx.client_name);
   };
-  // The pool, the resurrector and failure accrual ("failureaccrual", scales/resilience) work on
-  // one endpoint, which a balancer above gives them: without one they would connect to nothing.
-  if (!ctx.endpoint && (p.role == roles::kPool || p.role == roles::kResurrector || p.role == "failureaccrual")) {
+  // The pool, the resurrector and failure accrual work on one endpoint, which a balancer above
+  // gives them: without one they would connect to nothing.
+  if (!ctx.endpoint &&
+      (p.role == roles::kPool || p.role == roles::kResurrector || p.role == roles::kFailureAccrual)) {
     throw Error(make_error_code(Errc::kInvalidArgument),
                 fmt::format("{}sink provider '{}' ({}) works per endpoint: put it below a load balancer "
                             "(role '{}'), which gives it one; it has none here",

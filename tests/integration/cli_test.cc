@@ -287,41 +287,48 @@ TEST(CliTest, BenchInterruptedStopsAndReports) {
   sigaction(SIGINT, nullptr, &current);
   // (A background job may have SIGINT ignored, which the tool then leaves ignored.)
   const int sigint = current.sa_handler == SIG_IGN ? SIGTERM : SIGINT;
-  // Closed loop: the callers stop, the calls outstanding complete.
-  {
-    test::ChildProcess bench({test::ToolPath(), "bench", "http", uri, "--path", "/", "--concurrency", "2",
-                              "--duration", "60s", "--json", "--no-progress"});
+  // Runs `scales bench http URI args...` for a second, sends it `sig`, and returns its JSON
+  // report once it exited with 128 + sig (a test failure and nothing otherwise).
+  auto interrupted = [&](std::vector<std::string> args, int sig) -> std::optional<boost::json::object> {
+    args.insert(args.begin(), {test::ToolPath(), "bench", "http", uri});
+    for (const char* a : {"--duration", "60s", "--json", "--no-progress"}) args.emplace_back(a);
+    test::ChildProcess bench(args);
     std::this_thread::sleep_for(std::chrono::seconds(1));
-    kill(bench.pid(), sigint);
+    kill(bench.pid(), sig);
     auto line = bench.ReadLine(std::chrono::seconds(30));
     auto status = ExitWithin(bench, std::chrono::seconds(30));
-    ASSERT_TRUE(status) << "still running 30 s after the signal";
-    ASSERT_TRUE(WIFEXITED(*status)) << "ended by signal " << WTERMSIG(*status) << " without a report";
-    EXPECT_EQ(WEXITSTATUS(*status), 128 + sigint);
-    ASSERT_TRUE(line);
-    auto v = boost::json::parse(*line).as_object();
-    EXPECT_GT(v.at("requests").as_int64(), 0);
-    EXPECT_EQ(v.at("succeeded").as_int64(), v.at("requests").as_int64());
-    EXPECT_LT(v.at("elapsed_s").to_number<double>(), 30);
+    if (!status) {
+      ADD_FAILURE() << "still running 30 s after the signal";
+      return std::nullopt;
+    }
+    if (!WIFEXITED(*status)) {
+      ADD_FAILURE() << "ended by signal " << WTERMSIG(*status) << " without a report";
+      return std::nullopt;
+    }
+    EXPECT_EQ(WEXITSTATUS(*status), 128 + sig);
+    if (!line) {
+      ADD_FAILURE() << "no report";
+      return std::nullopt;
+    }
+    return boost::json::parse(*line).as_object();
+  };
+  // Closed loop: the callers stop, the calls outstanding complete.
+  {
+    auto v = interrupted({"--path", "/", "--concurrency", "2"}, sigint);
+    ASSERT_TRUE(v);
+    EXPECT_GT(v->at("requests").as_int64(), 0);
+    EXPECT_EQ(v->at("succeeded").as_int64(), v->at("requests").as_int64());
+    EXPECT_LT(v->at("elapsed_s").to_number<double>(), 30);
   }
   // Open loop over capacity (calls waiting for a slot): the calls due but not sent are dropped,
   // the two outstanding complete, and the report counts those sent.
   {
-    test::ChildProcess bench({test::ToolPath(), "bench", "http", uri, "--path", "/delay/200", "--rate", "50",
-                              "--concurrency", "2", "--duration", "60s", "--json", "--no-progress"});
-    std::this_thread::sleep_for(std::chrono::seconds(1));
-    kill(bench.pid(), SIGTERM);
-    auto line = bench.ReadLine(std::chrono::seconds(30));
-    auto status = ExitWithin(bench, std::chrono::seconds(30));
-    ASSERT_TRUE(status) << "still running 30 s after the signal";
-    ASSERT_TRUE(WIFEXITED(*status)) << "ended by signal " << WTERMSIG(*status) << " without a report";
-    EXPECT_EQ(WEXITSTATUS(*status), 128 + SIGTERM);
-    ASSERT_TRUE(line);
-    auto v = boost::json::parse(*line).as_object();
-    EXPECT_GT(v.at("requests").as_int64(), 0);
-    EXPECT_LT(v.at("requests").as_int64(), 50);  // 2 at a time, 200 ms each, for about a second
-    EXPECT_EQ(v.at("succeeded").as_int64(), v.at("requests").as_int64());
-    EXPECT_LT(v.at("elapsed_s").to_number<double>(), 30);
+    auto v = interrupted({"--path", "/delay/200", "--rate", "50", "--concurrency", "2"}, SIGTERM);
+    ASSERT_TRUE(v);
+    EXPECT_GT(v->at("requests").as_int64(), 0);
+    EXPECT_LT(v->at("requests").as_int64(), 50);  // 2 at a time, 200 ms each, for about a second
+    EXPECT_EQ(v->at("succeeded").as_int64(), v->at("requests").as_int64());
+    EXPECT_LT(v->at("elapsed_s").to_number<double>(), 30);
   }
 }
 

@@ -32,6 +32,7 @@ inline constexpr std::string_view kTimeout = "timeout";
 inline constexpr std::string_view kRetry = "retry";
 inline constexpr std::string_view kFormatter = "formatter";
 inline constexpr std::string_view kLoadBalancer = "loadbalancer";
+inline constexpr std::string_view kFailureAccrual = "failureaccrual";  // scales/resilience/failure_accrual.h
 inline constexpr std::string_view kResurrector = "resurrector";
 inline constexpr std::string_view kPool = "pool";
 inline constexpr std::string_view kTransport = "transport";

@@ -138,8 +138,4 @@ class FailureAccrualSink final : public ClientMessageSink {
 // above the resurrector). Validates `options`.
 SinkProvider FailureAccrualProvider(FailureAccrualOptions options = {});
 
-namespace roles {
-inline constexpr std::string_view kFailureAccrual = "failureaccrual";
-}  // namespace roles
-
 }  // namespace scales
