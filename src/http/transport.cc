@@ -573,11 +573,23 @@ SinkProvider HttpTransportProvider(TransportOptions options) {
   // Loaded now, so that a missing or bad file fails the client's creation; kept by the
   // provider so that every connection shares it (MakeTlsContext's cache).
   std::shared_ptr<asio::ssl::context> tls_context;
-  if (options.tls.enabled) tls_context = MakeTlsContext(options.tls);
+  ProviderSettings settings = {
+      {"connect_timeout", SettingText(options.connect_timeout)},
+      {"max_response_header_bytes", SettingText(options.max_response_header_bytes)},
+      {"max_response_body_bytes", SettingText(options.max_response_body_bytes)},
+      {"raise_on_http_error", SettingText(options.raise_on_http_error)},
+      {"b3_headers", SettingText(options.b3_headers)},
+      {"tls", SettingText(options.tls.enabled)},
+  };
+  if (options.tls.enabled) {
+    tls_context = MakeTlsContext(options.tls);
+    AppendTlsFileSettings(options.tls, settings);
+  }
   return SinkProvider{std::string(roles::kTransport), "http-transport",
                       [options, tls_context](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                         return std::make_shared<HttpTransportSink>(ctx, options);
-                      }};
+                      },
+                      std::move(settings)};
 }
 
 }  // namespace scales::http

@@ -105,7 +105,8 @@ SinkProvider P2CBalancerProvider(int max_effort) {
   return SinkProvider{std::string(roles::kLoadBalancer), "p2c-balancer",
                       [max_effort](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
                         return std::make_shared<P2CBalancerSink>(ctx, std::move(next), max_effort);
-                      }};
+                      },
+                      {{"max_effort", SettingText(max_effort)}}};
 }
 
 SinkProvider PeakEwmaBalancerProvider(int max_effort, Duration decay) {

@@ -173,8 +173,8 @@ void MuxSessionSink::OnConnected(error_code ec) {
     // The open's deadline passed while connecting (the connection's own timer, set a moment
     // later, had not fired yet): nothing else would bound the handshake now.
     FailOpen(make_error_code(Errc::kConnectTimeout),
-             fmt::format("connect to {} and the Mux handshake did not finish within {} ms", address_,
-                         Millis(options_.connect_timeout)));
+             fmt::format("connect to {}{} did not finish within {} ms (limit session.connect_timeout)", address_,
+                         options_.handshake ? " and the Mux handshake" : "", Millis(options_.connect_timeout)));
     return;
   }
   if (conn_.tls_active()) SCALES_LOG(kDebug, "Mux session to {}: TLS from the first byte established", address_);
@@ -833,7 +833,8 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
   uint32_t tag = AllocateTag();
   if (tag == 0) {
     fail(make_error_code(Errc::kNack),
-         fmt::format("no free Mux tag on the session to {} ({} in use)", address_, tags_in_use_));
+         fmt::format("no free Mux tag on the session to {} ({} in use; limit: the protocol's {} tags)",
+                     address_, tags_in_use_, kMaxTag));
     return;
   }
   // The contexts as views: the values that need encoding go into strings kept from one request
@@ -1122,10 +1123,7 @@ SinkProvider MuxSessionProvider(SessionOptions options) {
   std::shared_ptr<boost::asio::ssl::context> tls_context;
   if (options.tls.enabled || options.opportunistic_tls != OpportunisticTls::kOff) {
     tls_context = MakeTlsContext(options.tls);
-    settings.emplace_back("tls_ca_file", options.tls.ca_file.empty() ? "(system CAs)" : options.tls.ca_file);
-    settings.emplace_back("tls_verify", SettingText(options.tls.verify_peer));
-    settings.emplace_back("tls_server_name", options.tls.server_name);
-    settings.emplace_back("tls_cert_file", options.tls.cert_file);
+    AppendTlsFileSettings(options.tls, settings);
   }
   return SinkProvider{std::string(roles::kTransport), "mux-session",
                       [options, tls_context](const SinkContext& ctx, SinkFactory) -> SinkPtr {

@@ -178,12 +178,21 @@ SinkProvider ThriftTransportProvider(TransportOptions options) {
   // Loaded now, so that a missing or bad file fails the client's creation; kept by the
   // provider so that every connection shares it (MakeTlsContext's cache).
   std::shared_ptr<asio::ssl::context> tls_context;
-  if (options.tls.enabled) tls_context = MakeTlsContext(options.tls);
+  ProviderSettings settings = {
+      {"connect_timeout", SettingText(options.connect_timeout)},
+      {"max_frame_bytes", SettingText(options.max_frame_bytes)},
+      {"tls", SettingText(options.tls.enabled)},
+  };
+  if (options.tls.enabled) {
+    tls_context = MakeTlsContext(options.tls);
+    AppendTlsFileSettings(options.tls, settings);
+  }
   return SinkProvider{std::string(roles::kTransport),
                       options.framing == Framing::kFramed ? "thrift-framed-transport" : "thrift-buffered-transport",
                       [options, tls_context](const SinkContext& ctx, SinkFactory) -> SinkPtr {
                         return std::make_shared<ThriftTransportSink>(ctx, options);
-                      }};
+                      },
+                      std::move(settings)};
 }
 
 }  // namespace scales::thrift

@@ -200,6 +200,13 @@ std::shared_ptr<ssl::context> CachedTlsContext(const TlsOptions& o, bool reread_
 
 }  // namespace
 
+void AppendTlsFileSettings(const TlsOptions& o, ProviderSettings& settings) {
+  settings.emplace_back("tls_ca_file", o.ca_file.empty() ? "(system CAs)" : o.ca_file);
+  settings.emplace_back("tls_verify", SettingText(o.verify_peer));
+  settings.emplace_back("tls_server_name", o.server_name);
+  settings.emplace_back("tls_cert_file", o.cert_file);
+}
+
 std::shared_ptr<ssl::context> MakeTlsContext(const TlsOptions& o) { return CachedTlsContext(o, true); }
 
 std::shared_ptr<ssl::context> SharedTlsContext(const TlsOptions& o) { return CachedTlsContext(o, false); }

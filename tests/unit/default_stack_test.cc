@@ -60,6 +60,40 @@ TEST(DefaultStackTest, ThriftMuxDefaults) {
             (V{"timeout", "retry", "formatter", "backup", "loadbalancer", "resurrector", "pool", "transport"}));
 }
 
+// What /admin/clients shows for a provider (SinkProvider::settings): the options it was built with.
+std::string Setting(const SinkStackSpec& spec, std::string_view role, std::string_view key) {
+  for (const auto& p : spec.providers()) {
+    if (p.role != role) continue;
+    for (const auto& [k, v] : p.settings)
+      if (k == key) return v;
+    return "(" + p.name + " reports no " + std::string(key) + ")";
+  }
+  return "(no " + std::string(role) + ")";
+}
+
+TEST(DefaultStackTest, BalancersAndTransportsReportTheOptionsTheyUse) {
+  http::HttpOptions h;
+  h.balancer.kind = BalancerKind::kP2C;
+  h.balancer.max_effort = 7;
+  h.transport.max_response_body_bytes = 12345;
+  h.transport.connect_timeout = std::chrono::milliseconds(1500);
+  auto spec = http::HttpClientBuilder::DefaultStack(h);
+  EXPECT_EQ(Setting(spec, roles::kLoadBalancer, "max_effort"), "7");
+  EXPECT_EQ(Setting(spec, roles::kTransport, "max_response_body_bytes"), "12345");
+  EXPECT_EQ(Setting(spec, roles::kTransport, "connect_timeout"), "1500ms");
+  EXPECT_EQ(Setting(spec, roles::kTransport, "tls"), "false");
+
+  thrift::ThriftOptions t;
+  t.transport.max_frame_bytes = 4096;
+  t.transport.tls.enabled = true;
+  t.transport.tls.server_name = "svc.example";
+  spec = thrift::DefaultThriftStack(t);
+  EXPECT_EQ(Setting(spec, roles::kTransport, "max_frame_bytes"), "4096");
+  EXPECT_EQ(Setting(spec, roles::kTransport, "tls"), "true");
+  EXPECT_EQ(Setting(spec, roles::kTransport, "tls_ca_file"), "(system CAs)");
+  EXPECT_EQ(Setting(spec, roles::kTransport, "tls_server_name"), "svc.example");
+}
+
 TEST(DefaultStackTest, ValidateNamesTheBadResilienceField) {
   ResilienceOptions o;
   o.retry->max_retries = -1;

@@ -14,6 +14,8 @@
 #include <boost/asio/ssl/context.hpp>
 #include <boost/system/error_code.hpp>
 
+#include "scales/core/provider.h"
+
 namespace scales {
 
 struct TlsOptions {
@@ -57,6 +59,10 @@ std::shared_ptr<boost::asio::ssl::context> SharedTlsContext(const TlsOptions& o)
 // Other keys are left alone (they belong to discovery). An unknown tls_* key or a bad value
 // throws scales::Error(kBadUri) naming the key and the value.
 void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& o);
+
+// Appends what a transport provider using TLS reports to /admin/clients (ProviderSettings):
+// tls_ca_file, tls_verify, tls_server_name and tls_cert_file (never the key).
+void AppendTlsFileSettings(const TlsOptions& o, ProviderSettings& settings);
 
 // Throws scales::Error(kBadUri) when `query` gives a tls_* key but TLS is off in `o` (the
 // options after the query was applied) and the query does not say tls=off itself: the key
