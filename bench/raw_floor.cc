@@ -17,10 +17,11 @@
 // --busy-poll-us N: before each blocking read, try non-blocking reads for up to N us (the peer
 //         of scales' RuntimeOptions::busy_poll); 0 (default) = block at once.
 //
-// Prints one JSON line (bench_util.h). A reply that is not a successful Rdispatch (mux) or a
-// REPLY (thrift) ends the program with an error: a floor that skips work would be no floor. So
-// does a server that stops answering: the socket's reads and writes time out after 10 s
-// (SO_RCVTIMEO, SO_SNDTIMEO; connect too).
+// Prints one JSON line (bench_util.h). A reply that is not a successful Rdispatch carrying a
+// Thrift REPLY for a tag in flight (mux) or a REPLY (thrift) ends the program with an error: a
+// floor that skips work, or counts an application error or a duplicate as a call, would be no
+// floor. So does a server that stops answering: the socket's reads and writes time out after
+// 10 s (SO_RCVTIMEO, SO_SNDTIMEO; connect too).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -48,6 +49,10 @@ void PutBe32(std::string& out, uint32_t v) {
   const char b[4] = {static_cast<char>(v >> 24), static_cast<char>(v >> 16),
                      static_cast<char>(v >> 8), static_cast<char>(v)};
   out.append(b, 4);
+}
+
+uint32_t GetBe16(const char* p) {
+  return static_cast<uint32_t>(static_cast<uint8_t>(p[0])) << 8 | static_cast<uint8_t>(p[1]);
 }
 
 uint32_t GetBe32(const char* p) {
@@ -158,6 +163,7 @@ int main(int argc, char** argv) {
   // mux: send times by tag (1..N). thrift: a ring of the send times of the calls in flight, in
   // order (replies come in order), indexed by the count of calls sent / answered modulo N.
   std::vector<Clock::time_point> sent(outstanding + 1);
+  std::vector<bool> in_flight_tag(outstanding + 1);  // mux: a reply's tag must be awaited
   uint64_t thrift_sent = 0, thrift_answered = 0;
   std::vector<int64_t> latency_us;
   latency_us.reserve(1 << 21);
@@ -171,6 +177,7 @@ int main(int argc, char** argv) {
   for (uint32_t tag = 1; tag <= outstanding; ++tag) {
     out += request;
     if (mux) SetTag(out, out.size() - request.size(), tag);
+    in_flight_tag[tag] = mux;
     sent[mux ? tag : thrift_sent++ % outstanding] = begin;
   }
   uint32_t in_flight = outstanding;
@@ -203,21 +210,43 @@ int main(int argc, char** argv) {
     size_t pos = 0;
     while (have - pos >= 4) {
       const uint32_t size = GetBe32(in.data() + pos);
-      if (size + 4 > in.size()) Flags::Die("bench_raw_floor: reply of %u bytes is too large", size);
-      if (have - pos < 4 + size) break;
+      if (size + size_t{4} > in.size())
+        Flags::Die("bench_raw_floor: reply of %u bytes is too large", size);
+      if (have - pos < size + size_t{4}) break;
       const char* f = in.data() + pos + 4;
       uint32_t tag = 1;
       bool ok;
       if (mux) {
-        // type -2 (Rdispatch), tag, status 0 (Ok)
-        tag = static_cast<uint32_t>(static_cast<uint8_t>(f[1])) << 16 |
-              static_cast<uint8_t>(f[2]) << 8 | static_cast<uint8_t>(f[3]);
-        ok = size >= 5 && static_cast<uint8_t>(f[0]) == 0xfe && f[4] == 0 && tag >= 1 &&
-             tag <= outstanding;
+        // type -2 (Rdispatch), a tag in flight, status 0 (Ok), and after its contexts a Thrift
+        // REPLY: an Ok Rdispatch may carry an EXCEPTION (an application error).
+        tag = size >= 4 ? static_cast<uint32_t>(static_cast<uint8_t>(f[1])) << 16 |
+                              static_cast<uint8_t>(f[2]) << 8 | static_cast<uint8_t>(f[3])
+                        : 0;
+        ok = size >= 7 && static_cast<uint8_t>(f[0]) == 0xfe && f[4] == 0 && tag >= 1 &&
+             tag <= outstanding && in_flight_tag[tag];
+        size_t body = 7;
+        for (uint32_t contexts = ok ? GetBe16(f + 5) : 0; ok && contexts > 0; --contexts) {
+          for (int part = 0; ok && part < 2; ++part) {  // key, value
+            ok = body + 2 <= size && body + 2 + GetBe16(f + body) <= size;
+            if (ok) body += 2 + GetBe16(f + body);
+          }
+        }
+        ok = ok && body + 4 <= size && GetBe32(f + body) == 0x80010002u;  // version 1, REPLY
+        if (ok) in_flight_tag[tag] = false;
       } else {
         ok = size >= 4 && GetBe32(f) == 0x80010002u;  // version 1, REPLY
       }
-      if (!ok) Flags::Die("bench_raw_floor: unexpected reply frame (%u bytes)", size);
+      if (!ok) {
+        Flags::Die(
+            "bench_raw_floor: unexpected reply frame from 127.0.0.1:%d (%u bytes%s): "
+            "expected %s",
+            port, size,
+            mux && tag >= 1 && tag <= outstanding && !in_flight_tag[tag]
+                ? ", for a tag not in flight"
+                : "",
+            mux ? "an Ok Rdispatch carrying a Thrift REPLY, for a tag in flight"
+                : "a Thrift REPLY");
+      }
       const size_t slot = mux ? tag : thrift_answered++ % outstanding;
       latency_us.push_back(
           std::chrono::duration_cast<std::chrono::microseconds>(now - sent[slot]).count());
@@ -225,6 +254,7 @@ int main(int argc, char** argv) {
       if (!stopping) {
         out += request;
         if (mux) SetTag(out, out.size() - request.size(), tag);
+        in_flight_tag[tag] = mux;
         sent[mux ? tag : thrift_sent++ % outstanding] = now;
         ++in_flight;
       }

@@ -15,10 +15,11 @@ Ratios are taken per round (the two sides ran back to back), then the median ove
 reported: a shared machine's drift between rounds cancels out of each ratio.
 
 One rule for failures: a run with a failed call (`failed` > 0, wrk's non-2xx responses and
-socket errors included) or a non-zero exit status is invalid. An invalid run is left out of the
-figures and of every ratio of its round, and listed under "Invalid runs"; a balancer benchmark
-that errored (or reports no CPU time) is a "n/a (error: ...)" row, never met. Either makes the
-exit status INVALID_EXIT (3), after both files are written; bench/run then fails.
+socket errors included), with no calls at all (`requests` 0) or a non-zero exit status is
+invalid. An invalid run is left out of the figures and of every ratio of its round, and listed
+under "Invalid runs"; a balancer benchmark that errored (or reports no CPU time) is a "n/a
+(error: ...)" row, never met. Either makes the exit status INVALID_EXIT (3), after both files
+are written; bench/run then fails.
 """
 import argparse
 import json
@@ -166,11 +167,13 @@ def metric(result, name):
 
 
 def invalid_reason(row):
-    """Why a measured run cannot be used (failed calls, a non-zero exit), or None."""
+    """Why a measured run cannot be used (failed calls, no calls, a non-zero exit), or None."""
     why = []
     failed = row["result"].get("failed", 0) or 0
     if failed > 0:
         why.append(f"{failed:,} failed calls")
+    elif "requests" in row["result"] and not row["result"]["requests"]:
+        why.append("no calls made")  # 0 req/s and 0 us of CPU per call: nothing was measured
     if row.get("exit", 0) != 0:
         why.append(f"exit status {row['exit']}")
     return ", ".join(why) or None
@@ -183,10 +186,15 @@ def verdict(kind, value, target):
     if ok:
         return "met", ""
     if kind == "ge":
-        return "MISSED", f"{(1 - value / target) * 100:.0f}% short"
+        return "MISSED", f"{_amount((1 - value / target) * 100, 0)}% short"
     if kind == "le":
-        return "MISSED", f"{(value / target - 1) * 100:.0f}% over"
-    return "MISSED", f"{value - target:.1f} us over"
+        return "MISSED", f"{_amount((value / target - 1) * 100, 0)}% over"
+    return "MISSED", f"{_amount(value - target, 1)} us over"
+
+
+def _amount(x, digits):
+    """x with `digits` decimals, or two significant digits where those would show a miss as 0."""
+    return f"{x:.{digits}f}" if x >= 10 ** -digits else f"{x:.2g}"
 
 
 def fmt(v, digits=2):

@@ -1,6 +1,7 @@
 #!/usr/bin/python3
-"""Tests of bench/report.py on synthetic raw files: balancer errors, failed runs, the p50
-bucketing, the balancer label, wrk parsing and the back-to-back check.
+"""Tests of bench/report.py on synthetic raw files: balancer errors, failed runs and runs
+without calls, the p50 bucketing, the balancer label, how much a target is missed by, wrk
+parsing and the back-to-back check.
 
   /usr/bin/python3 bench/test_report.py        (exit status 0 when every test passes)
 """
@@ -174,6 +175,23 @@ class FailedRunTest(unittest.TestCase):
         self.assertIsNone(t["value"])
         self.assertIn("every round invalid", t["miss"])
 
+    def test_run_without_calls_is_invalid(self):
+        # A side that made no calls (0 requests, so 0 req/s and 0 us of CPU per call) measured
+        # nothing: neither a CPU ratio of 0 ("met") nor a round dropped without a word.
+        lines = [row("http_c1", "wrk", 1, result(), seq=1),
+                 row("http_c1", "scales", 1, result(rps=0.0, cpu=0.0, requests=0), seq=2),
+                 row("http_c1", "wrk", 2, result(rps=0.0, cpu=0.0, requests=0), seq=3),
+                 row("http_c1", "scales", 2, result(), seq=4)]
+        r = ReportRun(lines)
+        self.assertEqual(r.returncode, report.INVALID_EXIT, r.stderr)
+        self.assertFalse(r.json["valid"])
+        for label in ("HTTP 1 conn: client CPU/call", "HTTP 1 conn: throughput"):
+            t = r.target(label)
+            self.assertEqual(t["status"], "n/a", label)
+            self.assertEqual(sorted(i["why"] for i in t["invalid_rounds"]),
+                             ["scales: no calls made", "wrk: no calls made"], label)
+        self.assertIn("| http_c1 | scales | 1 | no calls made |", r.md)
+
     def test_invalid_memory_run(self):
         r = ReportRun([row("memory", "scales", 1, {"allocs_per_call_c1": 1.0}, exit=2)])
         self.assertEqual(r.returncode, report.INVALID_EXIT)
@@ -188,6 +206,24 @@ class FailedRunTest(unittest.TestCase):
         self.assertEqual(r.target("Thrift framed 64 callers, TThreadedServer: throughput")["not_back_to_back"], [])
         self.assertEqual(r.target("Thrift framed 64 callers, TThreadedServer: raw socket")["not_back_to_back"], [1])
         self.assertIn("Not back to back", r.md)
+
+
+class VerdictTest(unittest.TestCase):
+    def test_a_miss_is_never_zero(self):
+        # A target missed by less than 0.5 % (or 0.05 us) is still missed by something.
+        self.assertEqual(report.verdict("ge", 0.896, 0.9), ("MISSED", "0.44% short"))
+        self.assertEqual(report.verdict("le", 1.203, 1.2), ("MISSED", "0.25% over"))
+        self.assertEqual(report.verdict("diff_le", 5.03, 5.0), ("MISSED", "0.03 us over"))
+        self.assertEqual(report.verdict("ge", 0.45, 0.9), ("MISSED", "50% short"))
+        self.assertEqual(report.verdict("le", 3.4, 1.5), ("MISSED", "127% over"))
+        self.assertEqual(report.verdict("diff_le", 7.25, 5.0), ("MISSED", "2.2 us over"))
+        self.assertEqual(report.verdict("ge", 0.9, 0.9), ("met", ""))
+
+    def test_near_miss_in_the_report(self):
+        lines = [row("http_c1", "wrk", 1, result(rps=1000.0), seq=1),
+                 row("http_c1", "scales", 1, result(rps=896.0), seq=2)]
+        t = ReportRun(lines).target("HTTP 1 conn: throughput")
+        self.assertEqual((t["status"], t["miss"]), ("MISSED", "0.44% short"))
 
 
 class P50Test(unittest.TestCase):
