@@ -33,16 +33,16 @@
 #include "scales/core/error.h"
 #include "scales/discovery/server_set.h"
 #include "scales/discovery/uri.h"
+#include "scales/discovery/zookeeper.h"
 
 namespace scales::tools {
 namespace {
 
-// Whether the server set's path is missing, as its Describe() says ("... (connected, path /svc
-// does not exist, waiting for it)"; src/discovery/zookeeper.cc): an empty snapshot cannot tell
-// a path without members from a path that is not there. zk:// only.
-bool PathMissing(const ParsedUri& uri, const ServerSet& set) {
-  return uri.scheme == "zk" &&
-         set.Describe().find(fmt::format("path {} does not exist", uri.path)) != std::string::npos;
+// Whether the server set's path is missing (ZooKeeperServerSet::path_missing()): an empty
+// snapshot cannot tell a path without members from a path that is not there. zk:// only.
+bool PathMissing(const ServerSet& set) {
+  const auto* zk = dynamic_cast<const ZooKeeperServerSet*>(&set);
+  return zk != nullptr && zk->path_missing();
 }
 
 // "path /svc does not exist in ZooKeeper 127.0.0.1:2181,127.0.0.1:2182 (zk://...)".
@@ -117,7 +117,7 @@ int RunServerSetCommand(int argc, char** argv) {
   // Snapshots arrive on this io_context, in order.
   uint64_t id = set->Subscribe(ioc.get_executor(), [&](const ServerSet::Members& members) {
     std::set<Endpoint> next(members.begin(), members.end());
-    const bool missing = next.empty() && PathMissing(uri, *set);
+    const bool missing = next.empty() && PathMissing(*set);
     if (!watch) {
       if (missing) {
         std::fprintf(stderr, "scales serverset: %s\n", MissingPathText(uri, uri_text).c_str());

@@ -26,6 +26,7 @@ bool IsAsciiAlnum(char c) {
 }
 bool IsDigit(char c) { return c >= '0' && c <= '9'; }
 bool IsHexDigit(char c) { return IsDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
+int HexValue(char c) { return IsDigit(c) ? c - '0' : (c | 0x20) - 'a' + 10; }
 bool IsHostNameChar(char c) { return IsAsciiAlnum(c) || c == '-' || c == '.' || c == '_'; }
 // Characters of IPv6 zone ids ("eth0") and zk endpoint names ("http", "thrift-admin").
 bool IsNameChar(char c) { return IsAsciiAlnum(c) || c == '-' || c == '.' || c == '_'; }
@@ -413,7 +414,9 @@ class UriParser {
       if (out.query.count(key) != 0) {
         return fmt::format("query parameter '{}' at offset {} is given twice", key, pos);
       }
-      out.query.emplace(std::move(key), std::string(pair.substr(eq + 1)));
+      std::string value;
+      if (auto err = DecodeUriQueryValue(key, pos + eq + 1, pair.substr(eq + 1), value); !err.empty()) return err;
+      out.query.emplace(std::move(key), std::move(value));
       if (pair_end == end) break;
       pos = pair_end + 1;
     }
@@ -425,6 +428,32 @@ class UriParser {
 };
 
 }  // namespace
+
+// The value is not quoted in errors: it may be a secret.
+std::string DecodeUriQueryValue(std::string_view key, size_t offset, std::string_view text, std::string& value) {
+  value.clear();
+  value.reserve(text.size());
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '%') {
+      value += text[i];
+      continue;
+    }
+    if (i + 2 >= text.size() || !IsHexDigit(text[i + 1]) || !IsHexDigit(text[i + 2])) {
+      return fmt::format(
+          "query parameter '{}' has a malformed percent-escape at offset {} (expected '%' and two "
+          "hex digits; write a '%' itself as %25)",
+          key, offset + i);
+    }
+    const auto byte = static_cast<unsigned char>(HexValue(text[i + 1]) * 16 + HexValue(text[i + 2]));
+    if (byte < 0x20 || byte == 0x7f) {
+      return fmt::format("query parameter '{}' has an escaped control character 0x{:02x} at offset {}", key, byte,
+                         offset + i);
+    }
+    value += static_cast<char>(byte);
+    i += 2;
+  }
+  return {};
+}
 
 std::string ParsedUri::ToString() const {
   std::string out = scheme + "://";
@@ -442,7 +471,16 @@ std::string ParsedUri::ToString() const {
     out += sep;
     out += key;
     out += '=';
-    out += value;
+    // Percent-encoded where the parser would split or refuse the value ('&', '#', '?', '%',
+    // space, control characters), so that the text parses back to the same value.
+    for (char c : value) {
+      auto u = static_cast<unsigned char>(c);
+      if (c == '%' || c == '&' || c == '#' || c == '?' || c == ' ' || u < 0x20 || u == 0x7f) {
+        out += fmt::format("%{:02X}", u);
+      } else {
+        out += c;
+      }
+    }
     sep = '&';
   }
   return out;

@@ -151,6 +151,11 @@ class ZooKeeperServerSet::Impl {
     return published_;
   }
 
+  PathStatus path_status() const {
+    std::lock_guard lock(mu_);
+    return status_;
+  }
+
   Stats stats() const {
     Stats s;
     s.malformed_members = malformed_.load();
@@ -249,8 +254,10 @@ class ZooKeeperServerSet::Impl {
     path_exists_ = false;
     read_failed_ = false;
     children_.clear();
+    other_children_ = 0;
     std::lock_guard lock(mu_);
     path_status_ = fmt::format("path {} does not exist, waiting for it", path_);
+    status_ = PathStatus{.known = true};
   }
 
   void ReadChildren() {
@@ -264,6 +271,7 @@ class ZooKeeperServerSet::Impl {
         for (auto& n : names) {
           if (n.starts_with("member_")) now.insert(std::move(n));
         }
+        other_children_ = names.size() - now.size();
         std::erase_if(children_, [&](const auto& kv) { return !now.contains(kv.first); });
         // Pipelined: every read is sent before any reply is awaited.
         for (const std::string& name : now) {
@@ -356,27 +364,59 @@ class ZooKeeperServerSet::Impl {
     }
   }
 
+  // Why the `members` served are not one per member node: "path /svc exists with no member_
+  // children", "3 member nodes: 2 malformed, 1 not ALIVE".
+  std::string Explain(const PathStatus& status, size_t members) const {
+    if (status.member_nodes == 0) {
+      std::string out = fmt::format("path {} exists with no member_ children", path_);
+      if (status.other_children != 0) out += fmt::format("; {} other children ignored", status.other_children);
+      return out;
+    }
+    const size_t serving =
+        status.member_nodes - status.malformed - status.unreadable - status.not_alive - status.without_endpoint;
+    std::string out = fmt::format("{} member nodes:", status.member_nodes);
+    const char* sep = " ";
+    auto part = [&](size_t n, std::string_view what) {
+      if (n == 0) return;
+      out += fmt::format("{}{} {}", sep, n, what);
+      sep = ", ";
+    };
+    part(status.malformed, "malformed");
+    part(status.unreadable, "unreadable");
+    part(status.not_alive, "not ALIVE");
+    part(status.without_endpoint, fmt::format("without endpoint '{}'", uri_.endpoint_name));
+    part(serving > members ? serving - members : 0, "sharing an endpoint with another");
+    return out;
+  }
+
   // Publishes when no read is in flight and every member of this session has been read, so a
   // partial list (some reads lost with the connection) is never published.
   void MaybePublish() {
     if (outstanding_ > 0 || read_failed_) return;
     std::vector<const ServiceInstance*> instances;
     instances.reserve(children_.size());
-    size_t malformed = 0;
+    PathStatus status{.known = true, .exists = path_exists_, .member_nodes = children_.size(),
+                      .other_children = other_children_};
     for (const auto& [name, child] : children_) {
       if (!child.loaded) return;
       if (child.instance) {
         instances.push_back(&*child.instance);
+        if (child.instance->status != "ALIVE") {
+          ++status.not_alive;
+        } else if (!SelectEndpoint(*child.instance, uri_.endpoint_name)) {
+          ++status.without_endpoint;
+        }
       } else {
-        ++malformed;
+        ++(child.unreadable ? status.unreadable : status.malformed);
       }
     }
     Members members = SelectEndpoints(instances, uri_.endpoint_name);
     std::lock_guard lock(mu_);
     if (path_exists_) {
+      status_ = status;
       path_status_ = fmt::format("{} members", members.size());
-      if (members.size() != children_.size()) {
-        path_status_ += fmt::format(" ({} nodes, {} malformed)", children_.size(), malformed);
+      if (members.size() != children_.size() || children_.empty()) {
+        path_status_ += fmt::format(" ({})", Explain(status, members.size()));
       }
     }
     if (published_ && *published_ == members) return;
@@ -395,6 +435,7 @@ class ZooKeeperServerSet::Impl {
   int outstanding_ = 0;  // reads in flight
   bool path_exists_ = false;
   bool read_failed_ = false;  // the path's children could not be read (other than conn. loss)
+  size_t other_children_ = 0;  // children of the path not named member_*, at the last read
 
   std::atomic<uint64_t> malformed_{0};
   std::atomic<uint64_t> snapshots_{0};
@@ -403,6 +444,7 @@ class ZooKeeperServerSet::Impl {
   mutable std::mutex mu_;  // guards the fields below
   std::optional<Members> published_;
   std::string path_status_ = "loading";
+  PathStatus status_;
   std::map<uint64_t, std::shared_ptr<Subscriber>> subscribers_;
   uint64_t next_id_ = 0;
 
@@ -425,6 +467,11 @@ uint64_t ZooKeeperServerSet::Subscribe(boost::asio::any_io_executor executor, Li
 void ZooKeeperServerSet::Unsubscribe(uint64_t id) { impl_->Unsubscribe(id); }
 std::string ZooKeeperServerSet::Describe() const { return impl_->Describe(); }
 std::optional<ServerSet::Members> ZooKeeperServerSet::members() const { return impl_->members(); }
+ZooKeeperServerSet::PathStatus ZooKeeperServerSet::path_status() const { return impl_->path_status(); }
+bool ZooKeeperServerSet::path_missing() const {
+  const PathStatus status = impl_->path_status();
+  return status.known && !status.exists;
+}
 ZooKeeperServerSet::Stats ZooKeeperServerSet::stats() const { return impl_->stats(); }
 std::string ZooKeeperServerSet::last_error() const { return impl_->last_error(); }
 std::optional<std::pair<int64_t, std::string>> ZooKeeperServerSet::session() const {

@@ -66,6 +66,9 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
         throw bad(over ? fmt::format("{}='{}' is over 24 h", key, value)
                        : fmt::format("{}='{}' is not a positive duration such as 500ms, 10s or 1m", key, value));
       }
+      if (key == "retry_interval" && *d < kMinRetryInterval) {
+        throw bad(fmt::format("retry_interval='{}' is under the minimum of {}ms", value, kMinRetryInterval.count()));
+      }
       (key == "session_timeout" ? out.session_timeout : out.retry_interval) = *d;
     } else if (key == "chroot") {
       if (std::string problem = ChrootProblem(value); !problem.empty()) {
@@ -105,6 +108,10 @@ void ZooKeeperOptions::Validate() const {
   if (session_timeout > std::chrono::hours(24)) throw invalid("session_timeout is over 24 h");
   if (retry_interval <= std::chrono::milliseconds::zero()) {
     throw invalid("retry_interval must be positive");
+  }
+  if (retry_interval < kMinRetryInterval) {
+    throw invalid(fmt::format("retry_interval {}ms is under the minimum of {}ms", retry_interval.count(),
+                              kMinRetryInterval.count()));
   }
   if (retry_interval > std::chrono::hours(24)) throw invalid("retry_interval is over 24 h");
   if (std::string problem = chroot.empty() ? "" : ChrootProblem(chroot); !problem.empty()) {

@@ -11,6 +11,7 @@
 
 #include "scales/core/sink_stack.h"
 #include "scales/core/timeout_sink.h"
+#include "scales/discovery/uri.h"
 #include "scales/loadbalancer/balancers.h"
 #include "scales/loadbalancer/heap_balancer.h"
 #include "scales/pool/singleton_pool.h"
@@ -67,7 +68,13 @@ void ApplyUriOptions(ThriftMuxOptions& o) {
       rest += pair;
       continue;
     }
-    if (!ours.emplace(std::string(key), std::string(pair.substr(eq + 1))).second) {
+    // Decoded as the URI parser decodes the other keys' values (tls_ca_file=/a%20b.pem).
+    std::string value;
+    const size_t offset = static_cast<size_t>(pair.data() - uri.data()) + eq + 1;
+    if (std::string problem = DecodeUriQueryValue(key, offset, pair.substr(eq + 1), value); !problem.empty()) {
+      throw bad(problem);
+    }
+    if (!ours.emplace(std::string(key), std::move(value)).second) {
       throw bad(fmt::format("query parameter '{}' is given twice", key));
     }
   }

@@ -365,6 +365,8 @@ TEST(CliTest, ServerSetOfAMissingPathFailsOrSaysItWaits) {
   EXPECT_EQ(empty.exit_code, 0) << empty.out;
   EXPECT_NE(empty.out.find("no members"), std::string::npos) << empty.out;
   EXPECT_EQ(empty.out.find("does not exist"), std::string::npos) << empty.out;
+  // ... and says why it is empty (it said only "connected, 0 members").
+  EXPECT_NE(empty.out.find("0 members (path /empty exists with no member_ children)"), std::string::npos) << empty.out;
   // --watch waits for the path, and says so.
   TempFile err("serverset-watch.txt");
   test::ChildProcess watch({test::ToolPath(), "serverset", zk.Uri("/later"), "--watch"}, err.path());

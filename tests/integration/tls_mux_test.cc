@@ -393,6 +393,20 @@ TEST(TlsMuxTest, ApplyUriOptionsKeepsDiscoveryKeys) {
   plain.client.uri = "tcp://127.0.0.1:1?tls=off&tls_ca_file=/ca.pem";
   thriftmux::ApplyUriOptions(plain);
   EXPECT_EQ(plain.session.tls.ca_file, "/ca.pem");
+  // Values are percent-decoded, as the URI parser decodes the other clients' (uri.h).
+  plain.client.uri = "tcp://127.0.0.1:1?tls=on&tls_ca_file=/ca%20dir/c%26a.pem&tls_server_name=svc.example";
+  thriftmux::ApplyUriOptions(plain);
+  EXPECT_EQ(plain.session.tls.ca_file, "/ca dir/c&a.pem");
+  plain.client.uri = "tcp://127.0.0.1:1?tls=on&tls_ca_file=/ca%G1.pem";
+  try {
+    thriftmux::ApplyUriOptions(plain);
+    ADD_FAILURE() << "a malformed percent-escape was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kBadUri);
+    EXPECT_NE(std::string(e.what()).find("query parameter 'tls_ca_file' has a malformed percent-escape"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 // The TLS files are loaded when the client is built, as for HTTP and Thrift: a file that cannot

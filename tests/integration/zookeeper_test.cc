@@ -533,6 +533,70 @@ TEST_F(ZooKeeperTest, PathCreatedLateThenDeleted) {
   ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.3", 1003}}))) << Show(rec.last());
 }
 
+// path_missing() / path_status() tell a missing path from an existing empty one (scales
+// serverset used to search Describe()'s text for "does not exist").
+TEST_F(ZooKeeperTest, PathStatusTellsAMissingPathFromAnEmptyOne) {
+  auto set = MakeSet(zk_->Uri("/gone/svc"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor({})) << Show(rec.last());
+  EXPECT_TRUE(set->path_missing()) << set->Describe();
+  EXPECT_TRUE(set->path_status().known);
+  EXPECT_FALSE(set->path_status().exists);
+
+  Kazoo("zk.ensure_path('/gone/svc')");
+  ASSERT_TRUE(WaitFor([&] { return !set->path_missing(); })) << set->Describe();
+  EXPECT_TRUE(set->path_status().exists);
+  EXPECT_EQ(set->path_status().member_nodes, 0u);
+  EXPECT_EQ(rec.last(), Members{});
+
+  Kazoo("zk.delete('/gone/svc')");
+  ASSERT_TRUE(WaitFor([&] { return set->path_missing(); })) << set->Describe();
+  EXPECT_NE(set->Describe().find("path /gone/svc does not exist"), std::string::npos) << set->Describe();
+}
+
+// An empty member list said only "connected, 0 members" (or "(1 nodes, 0 malformed)" for a
+// member that is not ALIVE): nothing told an existing empty path from one whose members were
+// all skipped. Describe() (and so `scales serverset` and /admin) now says which, and how many.
+TEST_F(ZooKeeperTest, DescribeExplainsAnEmptyMemberList) {
+  Kazoo("zk.ensure_path('/empty/svc/config')");
+  auto empty = MakeSet(zk_->Uri("/empty/svc"));
+  Recorder empty_rec(*empty);
+  ASSERT_TRUE(empty_rec.WaitFor({})) << Show(empty_rec.last());
+  EXPECT_NE(empty->Describe().find(
+                "(connected, 0 members (path /empty/svc exists with no member_ children; 1 other children ignored))"),
+            std::string::npos)
+      << empty->Describe();
+
+  Kazoo("zk.create('/broken/svc/member_1', b'{not json', makepath=True)\n"
+        "zk.create('/broken/svc/member_2', b'')");
+  auto broken = MakeSet(zk_->Uri("/broken/svc"));
+  Recorder broken_rec(*broken);
+  ASSERT_TRUE(broken_rec.WaitFor({})) << Show(broken_rec.last());
+  EXPECT_NE(broken->Describe().find("(connected, 0 members (2 member nodes: 2 malformed))"), std::string::npos)
+      << broken->Describe();
+  EXPECT_EQ(broken->path_status().malformed, 2u);
+
+  // With #http: one member not ALIVE, one ALIVE without "http", one nobody may read.
+  Kazoo("from kazoo.security import make_acl\n" + CreateMember("/down/svc", "127.0.0.1", 1001, {{"http", 2001}}, "STOPPING") +
+        "\n" + CreateMember("/down/svc", "127.0.0.2", 1002) +
+        "\nzk.create('/down/svc/member_locked', " + FinagleMemberPython("127.0.0.3", 1003, {{"http", 2003}}) +
+        ", acl=[make_acl('world', 'anyone', write=True, delete=True, admin=True)])");
+  auto down = MakeSet(zk_->Uri("/down/svc#http"));
+  Recorder down_rec(*down);
+  ASSERT_TRUE(down_rec.WaitFor({})) << Show(down_rec.last());
+  ASSERT_TRUE(WaitFor([&] {
+    return down->Describe().find(
+               "(connected, 0 members (3 member nodes: 1 unreadable, 1 not ALIVE, 1 without endpoint 'http'))") !=
+           std::string::npos;
+  })) << down->Describe();
+  const auto status = down->path_status();
+  EXPECT_EQ(status.member_nodes, 3u);
+  EXPECT_EQ(status.unreadable, 1u);
+  EXPECT_EQ(status.not_alive, 1u);
+  EXPECT_EQ(status.without_endpoint, 1u);
+  EXPECT_FALSE(down->path_missing());
+}
+
 TEST_F(ZooKeeperTest, AnnouncerRegistersAndRemovesItsMember) {
   ServiceInstance instance;
   instance.service_endpoint = {"127.0.0.1", 4242};
@@ -926,17 +990,22 @@ TEST_F(ZooKeeperTest, TrafficContinuesThroughSessionExpiryAndServerRestart) {
   EXPECT_EQ(load.failed.load(), 0) << load.first_error;
 }
 
+// Kazoo's script creating a server set at `path` with one member (127.0.0.1:1001), readable only
+// by user "svc" with `password` (digest ACL).
+std::string DigestProtectedSetScript(const std::string& connect_string, const std::string& path,
+                                     const std::string& password) {
+  return "from kazoo.security import make_digest_acl\n"
+         "acl = [make_digest_acl('svc', '" + password + "', all=True)]\n"
+         "z2 = KazooClient(hosts='" + connect_string + "', auth_data=[('digest', 'svc:" + password + "')])\n"
+         "z2.start(timeout=10)\n"
+         "z2.create('" + path + "', b'', acl=acl)\n"
+         "z2.create('" + path + "/member_', " + FinagleMemberPython("127.0.0.1", 1001) +
+         ", acl=acl, sequence=True)\n"
+         "z2.stop()";
+}
+
 TEST_F(ZooKeeperTest, DigestAuthentication) {
-  // A server set readable only by user "svc" (digest ACL), written by kazoo.
-  Kazoo(
-      "from kazoo.security import make_digest_acl\n"
-      "acl = [make_digest_acl('svc', 's3cr:et', all=True)]\n"
-      "z2 = KazooClient(hosts='" + zk_->connect_string() + "', auth_data=[('digest', 'svc:s3cr:et')])\n"
-      "z2.start(timeout=10)\n"
-      "z2.create('/secure', b'', acl=acl)\n"
-      "z2.create('/secure/member_', " + FinagleMemberPython("127.0.0.1", 1001) +
-      ", acl=acl, sequence=True)\n"
-      "z2.stop()");
+  Kazoo(DigestProtectedSetScript(zk_->connect_string(), "/secure", "s3cr:et"));
   auto set = MakeSet(zk_->Uri("/secure?auth=digest:svc:s3cr:et"));
   Recorder rec(*set);
   ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << set->Describe();
@@ -947,6 +1016,19 @@ TEST_F(ZooKeeperTest, DigestAuthentication) {
   ASSERT_TRUE(WaitFor([&] { return denied->Describe().find("not authenticated") != std::string::npos; }))
       << denied->Describe() << " / " << denied->last_error();
   EXPECT_FALSE(denied->members());
+}
+
+// A password holding '&', '#', '%' or a space could not be written in a zk:// URI: the query
+// values were not percent-decoded. Escaped, it authenticates.
+TEST_F(ZooKeeperTest, DigestAuthenticationWithAnEscapedPassword) {
+  Kazoo(DigestProtectedSetScript(zk_->connect_string(), "/escaped", "p&ss #%x"));
+  auto set = MakeSet(zk_->Uri("/escaped?auth=digest:svc:p%26ss%20%23%25x"));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << set->Describe() << " / " << set->last_error();
+  EXPECT_NE(set->Describe().find("auth=digest:***"), std::string::npos) << set->Describe();
+  for (const char* secret : {"p&ss", "p%26ss", "#%x", "%23%25x"}) {
+    EXPECT_EQ(set->Describe().find(secret), std::string::npos) << "no part of the password in descriptions";
+  }
 }
 
 TEST_F(ZooKeeperTest, AnnouncerRetriesACreateTheEnsembleRefused) {

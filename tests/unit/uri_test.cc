@@ -155,6 +155,23 @@ TEST(UriTest, QueryValueMayContainEquals) {
   EXPECT_EQ(u.query.at("k"), "a=b");
 }
 
+// Query values are percent-decoded, so that a password holding '&', '#', '%' or a space can be
+// written in a zk:// URI (it could not: "p&ss" split the query, and "p%26ss" was taken as is).
+// '+' is not a space (that is HTML forms, not URIs); keys are taken as written. ToString()
+// encodes what the parser would split on, so the canonical form parses back to the same values.
+TEST(UriTest, QueryValuesArePercentDecoded) {
+  ParsedUri u = MustParse("zk://a:1/svc?auth=digest:user:p%26ss%23%25%20x%3f&chroot=/p%2fq&k=a+b");
+  EXPECT_EQ(u.query.at("auth"), "digest:user:p&ss#% x?");
+  EXPECT_EQ(u.query.at("chroot"), "/p/q");
+  EXPECT_EQ(u.query.at("k"), "a+b");
+  EXPECT_EQ(u.ToString(), "zk://a:1/svc?auth=digest:user:p%26ss%23%25%20x%3F&chroot=/p/q&k=a+b");
+  EXPECT_EQ(MustParse(u.ToString()).query, u.query);
+  EXPECT_EQ(RedactUriSecrets(u.ToString()), "zk://a:1/svc?auth=digest:***&chroot=/p/q&k=a+b");
+  // tcp:// too (the TLS keys' file names), and bytes beyond ASCII.
+  EXPECT_EQ(MustParse("tcp://a:1?tls_ca_file=/etc/my%20ca%C3%A9.pem").query.at("tls_ca_file"), "/etc/my ca\xC3\xA9.pem");
+  EXPECT_EQ(MustParse("https://a?tls=%6fn").query.at("tls"), "on");
+}
+
 TEST(UriTest, Ipv6Forms) {
   EXPECT_THAT(MustParse("tcp://[::1]:80").hosts, ElementsAre(Ep("::1", 80)));
   EXPECT_THAT(MustParse("tcp://[2001:db8::a:B]:443,[::ffff:10.0.0.1]:8080").hosts,
@@ -407,6 +424,23 @@ TEST(UriErrorTest, ZkQuery) {
   EXPECT_THAT(MustFail("zk://a:1/svc?k=1&k=2"),
               HasSubstr("query parameter 'k' at offset 17 is given twice"));
   EXPECT_THAT(MustFail("zk://a:1/svc?a=1?b=2"), HasSubstr("second '?' at offset 16"));
+}
+
+// A '%' not followed by two hex digits, or an escaped control character (a NUL would cut a
+// C string short), is refused naming the key and the offset, without quoting the value (the
+// auth secret).
+TEST(UriErrorTest, MalformedPercentEscapesInQueryValues) {
+  std::string e = MustFail("zk://a:1/svc?auth=digest:u:p%G1ss");
+  EXPECT_THAT(e, HasSubstr("bad URI 'zk://a:1/svc?auth=digest:***': query parameter 'auth' has a malformed "
+                           "percent-escape at offset 28 (expected '%' and two hex digits; write a '%' itself as %25)"));
+  EXPECT_THAT(e, ::testing::Not(HasSubstr("G1ss")));
+  EXPECT_THAT(MustFail("zk://a:1/svc?k=%"), HasSubstr("query parameter 'k' has a malformed percent-escape at offset 15"));
+  EXPECT_THAT(MustFail("zk://a:1/svc?k=a%4#x"), HasSubstr("query parameter 'k' has a malformed percent-escape at offset 16"));
+  EXPECT_THAT(MustFail("tcp://a:1?tls_ca_file=/etc/100%.pem"),
+              HasSubstr("query parameter 'tls_ca_file' has a malformed percent-escape at offset 30"));
+  EXPECT_THAT(MustFail("zk://a:1/svc?auth=digest:u:p%00"),
+              HasSubstr("query parameter 'auth' has an escaped control character 0x00 at offset 28"));
+  EXPECT_THAT(MustFail("zk://a:1/svc?k=%7F"), HasSubstr("escaped control character 0x7f at offset 15"));
 }
 
 TEST(UriErrorTest, ZkHostErrorsAreReportedLikeTcp) {

@@ -9,8 +9,11 @@
 // decimal, 1..65535, and required except for https:// (default 443). The scheme is matched
 // case-insensitively. A `?k=v&k2=v2` query is parsed into `query`: options for discovery
 // (zk://: session_timeout, chroot, ...) and for the client (tls, tls_ca_file, ...: see
-// docs/tls.md and ApplyTlsQuery in scales/transport/tls.h). An https:// URI parses as scheme
-// "tcp" with query tls=on (tls=off in it is an error).
+// docs/tls.md and ApplyTlsQuery in scales/transport/tls.h). Values are percent-decoded
+// (`auth=digest:user:p%26ss` is the password "p&ss"; '+' is not a space), keys are taken as
+// written; a '%' not followed by two hex digits, or an escaped control character, is an error
+// naming the key. An https:// URI parses as scheme "tcp" with query tls=on (tls=off in it is
+// an error).
 
 #include <map>
 #include <optional>
@@ -27,9 +30,10 @@ struct ParsedUri {
   std::vector<Endpoint> hosts;                 // in the order given, duplicates kept
   std::string path;                            // zk: the znode path, starts with '/'
   std::string endpoint_name;                   // zk: the #fragment, empty if none
-  std::map<std::string, std::string> query;    // ?k=v options (https:// adds tls=on)
+  std::map<std::string, std::string> query;    // ?k=v options, values decoded (https:// adds tls=on)
 
-  // Re-renders the URI in canonical form (lower-case scheme, bracketed IPv6).
+  // Re-renders the URI in canonical form (lower-case scheme, bracketed IPv6; query values
+  // percent-encoded where needed: '%', '&', '#', '?', space, control characters).
   std::string ToString() const;
 };
 
@@ -38,6 +42,12 @@ struct ParsedUri {
 // user information before a host ("tcp://***@h:80" for "tcp://user:password@h:80"), which no
 // scales URI takes. Anything else is returned as it is, even when it does not parse.
 std::string RedactUriSecrets(std::string_view uri);
+
+// Percent-decodes `text`, the value of query parameter `key` starting at byte `offset` of its
+// URI, into `value` ("p%26ss" is "p&ss"; '+' stays '+'). Returns an empty string, or the
+// problem (a '%' not followed by two hex digits, an escaped control character) naming the key
+// and the offset, without the value. ScalesUriParser decodes every query value with it.
+std::string DecodeUriQueryValue(std::string_view key, size_t offset, std::string_view text, std::string& value);
 
 class ScalesUriParser {
  public:

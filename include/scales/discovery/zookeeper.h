@@ -39,8 +39,10 @@ struct ZooKeeperOptions {
   // "digest:user:password". Empty (default): none. Query: `auth=digest:user:password`.
   std::string auth;
   // Wait before a new session after the ensemble rejected the session (authentication failed).
-  // Query: `retry_interval=1s`. Default 1 s. Must be > 0.
+  // Query: `retry_interval=1s`. Default 1 s. At least kMinRetryInterval (a rejected session
+  // re-made 1,000 times a second would load the ensemble), at most 24 h.
   std::chrono::milliseconds retry_interval{std::chrono::seconds(1)};
+  static constexpr std::chrono::milliseconds kMinRetryInterval{10};
 
   // `defaults` overridden by the query parameters of a zk:// `uri`. Throws scales::Error
   // (kBadUri) naming the parameter when a parameter is unknown or its value invalid, or when
@@ -92,9 +94,31 @@ class ZooKeeperServerSet final : public ServerSet {
 
   uint64_t Subscribe(boost::asio::any_io_executor executor, Listener listener) override;
   void Unsubscribe(uint64_t id) override;
+  // What is known of the server set's path and of its children at the last member list (or
+  // the last time the path was found missing): for tools and pages that must tell a missing
+  // path from an empty set, and explain an empty set, without reading Describe()'s text.
+  struct PathStatus {
+    bool known = false;             // the path was read or found missing at least once
+    bool exists = false;            // it exists (false while not known)
+    size_t member_nodes = 0;        // its `member_*` children
+    size_t other_children = 0;      // children with other names, ignored
+    size_t malformed = 0;           // member nodes whose data did not parse: skipped
+    size_t unreadable = 0;          // member nodes that could not be read (no permission): skipped
+    size_t not_alive = 0;           // members whose status is not ALIVE
+    size_t without_endpoint = 0;    // ALIVE members without the URI's #endpoint
+  };
+
   // "zk://127.0.0.1:2181/svc (connected, 3 members)",
+  // "zk://127.0.0.1:2181/svc (connected, 0 members (path /svc exists with no member_ children))",
+  // "zk://127.0.0.1:2181/svc (connected, 0 members (2 member nodes: 2 malformed))",
+  // "zk://127.0.0.1:2181/svc (connected, path /svc does not exist, waiting for it)",
   // "zk://127.0.0.1:2181/svc (not connected: connection refused, retrying)".
   std::string Describe() const override;
+  // Thread-safe, like Describe(); consistent with what it says.
+  PathStatus path_status() const;
+  // The path was found missing (and not seen since): an empty member list means "no such
+  // server set", not "no members". False while not known.
+  bool path_missing() const;
 
   // The last published members, or nullopt while not yet known.
   std::optional<Members> members() const;
