@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -68,6 +69,12 @@ constexpr auto kMinute = 60s;
 constexpr auto kQuietAt = 57s;      // the load pauses here; the minute's sample follows
 constexpr auto kMaxBehind = 100ms;  // LoadLoop(): calls later than this are skipped
 constexpr int kServersPerProtocol = 3;
+// A membership change must reach every client's balancer within this (ExpectMembers()).
+constexpr auto kMembershipWait = 2s;
+// After Close(), how long the driver still counts completions before judging: a call that
+// Close() fails although it had completed already (a double completion) is completed on its
+// event loop a moment after Close() returns.
+constexpr auto kCloseSettle = 1s;
 // Event loops of the clients' runtime.
 constexpr int64_t kLoops = 2;
 
@@ -347,9 +354,10 @@ ProcessSample SampleProcess() {
 
 // The gauges of every client, summed over endpoints and event loops.
 // One client's connections (scales_connections) and its pools' connections
-// (scales_pool_size, open or connecting; WatermarkPool only) and idle ones.
+// (scales_pool_size, open or connecting; WatermarkPool only) and idle ones; the endpoints in its
+// balancer (scales_lb_size: the members it sees, those draining after a leave not counted).
 struct ClientConnections {
-  int64_t connections = 0, pool_size = 0, pool_idle = 0;
+  int64_t connections = 0, pool_size = 0, pool_idle = 0, lb_size = 0;
 };
 
 struct GaugeSample {
@@ -374,6 +382,7 @@ GaugeSample SampleGauges(const scales::stats::StatsRegistry& registry) {
     }
     if (m.name == "scales_pool_size") g.clients[client].pool_size += m.value;
     if (m.name == "scales_pool_idle") g.clients[client].pool_idle += m.value;
+    if (m.name == "scales_lb_size") g.clients[client].lb_size += m.value;
   }
   return g;
 }
@@ -381,8 +390,9 @@ GaugeSample SampleGauges(const scales::stats::StatsRegistry& registry) {
 std::string JsonClients(const std::map<std::string, ClientConnections>& clients) {
   std::string out;
   for (auto& [name, c] : clients) {
-    out += fmt::format("{}\"{}\": {{\"connections\": {}, \"pool_size\": {}, \"pool_idle\": {}}}",
-                       out.empty() ? "" : ", ", name, c.connections, c.pool_size, c.pool_idle);
+    out += fmt::format(
+        "{}\"{}\": {{\"connections\": {}, \"pool_size\": {}, \"pool_idle\": {}, \"lb_size\": {}}}",
+        out.empty() ? "" : ", ", name, c.connections, c.pool_size, c.pool_idle, c.lb_size);
   }
   return "{" + out + "}";
 }
@@ -486,6 +496,9 @@ class Soak {
   void SetPaused(bool paused);
   std::vector<std::pair<std::chrono::seconds, std::function<void()>>> MinuteEvents(int minute);
   void Event(const std::string& what, const std::function<void()>& action);
+  // Waits (kMembershipWait at most) until every client's balancer holds `expected` endpoints
+  // (scales_lb_size), so that a membership change that never reaches a client fails the run.
+  void ExpectMembers(int64_t expected);
   // Sleeps until `until`, sampling the gauges every second into `peak`.
   void WaitUntil(Clock::time_point until, GaugeSample& peak);
   int64_t Outstanding() const;
@@ -503,8 +516,9 @@ class Soak {
   std::filesystem::path dir_;
   Clock::time_point t0_ = Clock::now();
   int harness_errors_ = 0;
-  std::map<std::string, int64_t> logged_failures_;  // LogFailures(): counts already logged
-  double peak_connections_at_ = 0;                  // WaitUntil(): when the minute's peak was
+  int membership_changes_ = 0, membership_misses_ = 0;  // ExpectMembers()
+  std::map<std::string, int64_t> logged_failures_;      // LogFailures(): counts already logged
+  double peak_connections_at_ = 0;                      // WaitUntil(): when the minute's peak was
 
   std::unique_ptr<test::ZooKeeperServer> zk_;
   std::unique_ptr<Members> members_;
@@ -662,6 +676,37 @@ void Soak::Event(const std::string& what, const std::function<void()>& action) {
   }
 }
 
+void Soak::ExpectMembers(int64_t expected) {
+  ++membership_changes_;
+  const auto begin = Clock::now();
+  std::string seen;
+  for (;;) {
+    GaugeSample g = SampleGauges(registry_);
+    bool all = true;
+    seen.clear();
+    for (auto& p : protocols_) {
+      int64_t size = g.clients["soak-" + p->name].lb_size;
+      all = all && size == expected;
+      seen += fmt::format("{}soak-{} {}", seen.empty() ? "" : ", ", p->name, size);
+    }
+    if (all) {
+      std::fprintf(stderr, "[%7.1fs]   the clients see %lld members (after %.2f s)\n",
+                   Seconds(Clock::now() - t0_), static_cast<long long>(expected),
+                   Seconds(Clock::now() - begin));
+      return;
+    }
+    if (g_interrupted.load()) return;
+    if (Clock::now() - begin >= kMembershipWait) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  ++membership_misses_;
+  std::fprintf(stderr,
+               "[%7.1fs]   membership not seen: expected %lld members within %.0f s, the "
+               "clients' balancers have %s (scales_lb_size)\n",
+               Seconds(Clock::now() - t0_), static_cast<long long>(expected),
+               Seconds(kMembershipWait), seen.c_str());
+}
+
 // The churn of one minute. Server i is crashed and restarted, server j leaves and comes back
 // while it keeps running, server k crashes and leaves at once (as an ephemeral member would) and
 // comes back; i, j and k rotate so that every server takes every part.
@@ -685,6 +730,7 @@ std::vector<std::pair<std::chrono::seconds, std::function<void()>>> Soak::Minute
       Event("member leaves: " + p.servers[j].name,
             [&] { members_->Remove(p.path, p.servers[j].name); });
     });
+    ExpectMembers(2);
   });
   auto dead_port = std::make_shared<int>(0);
   at(27, [=, this] {
@@ -694,18 +740,21 @@ std::vector<std::pair<std::chrono::seconds, std::function<void()>>> Soak::Minute
                         *dead_port),
             [&] { members_->Add(p.path, p.name + "-dead", *dead_port); });
     });
+    ExpectMembers(3);
   });
   at(33, [=, this] {
     each([&](Protocol& p) {
       Event("member joins: " + p.servers[j].name,
             [&] { members_->Add(p.path, p.servers[j].name, p.servers[j].port); });
     });
+    ExpectMembers(4);
   });
   at(36, [=, this] {
     each([&](Protocol& p) {
       Event("member leaves: " + p.name + "-dead",
             [&] { members_->Remove(p.path, p.name + "-dead"); });
     });
+    ExpectMembers(3);
   });
   at(39, [=, this] {
     each([&](Protocol& p) {
@@ -715,6 +764,7 @@ std::vector<std::pair<std::chrono::seconds, std::function<void()>>> Soak::Minute
         members_->Remove(p.path, s.name);
       });
     });
+    ExpectMembers(2);
   });
   at(45, [=, this] {
     each([&](Protocol& p) {
@@ -724,6 +774,7 @@ std::vector<std::pair<std::chrono::seconds, std::function<void()>>> Soak::Minute
         members_->Add(p.path, s.name, s.port);
       });
     });
+    ExpectMembers(3);
   });
   at(48, [this] { Event("restart ZooKeeper", [this] { zk_->Restart(); }); });
   std::stable_sort(events.begin(), events.end(),
@@ -883,18 +934,24 @@ std::vector<Check> Soak::Judge(const std::vector<MinuteRow>& rows, const GaugeSa
   add("threads flat", last.process.threads <= first.process.threads,
       fmt::format("{} after minute 1, {} after minute {}", first.process.threads,
                   last.process.threads, last.minute));
-  std::string tags_seen, pending_seen;
+  std::string tags_seen, pending_seen, outstanding_seen;
   bool tags_ok = final_quiet.tags == 0, pending_ok = final_quiet.pending == 0;
   for (auto& row : rows) {
     tags_ok = tags_ok && row.quiet.tags == 0;
     pending_ok = pending_ok && row.quiet.pending == 0 && row.outstanding == 0;
     tags_seen += fmt::format("{}{}", tags_seen.empty() ? "" : " ", row.quiet.tags);
     pending_seen += fmt::format("{}{}", pending_seen.empty() ? "" : " ", row.quiet.pending);
+    outstanding_seen += fmt::format("{}{}", outstanding_seen.empty() ? "" : " ", row.outstanding);
   }
   add("Mux tags flat (0 at every quiet point)", tags_ok,
       fmt::format("per minute: {}; at the end: {}", tags_seen, final_quiet.tags));
   add("pending flat (0 at every quiet point)", pending_ok,
-      fmt::format("per minute: {}; at the end: {}", pending_seen, final_quiet.pending));
+      fmt::format("per minute: {}; at the end: {}; the driver's calls outstanding per minute: {}",
+                  pending_seen, final_quiet.pending, outstanding_seen));
+  add("clients saw every membership change", membership_misses_ == 0,
+      fmt::format("{} of {} changes not seen by every client's balancer within {:.0f} s "
+                  "(scales_lb_size)",
+                  membership_misses_, membership_changes_, Seconds(kMembershipWait)));
   add("harness", harness_errors_ == 0, fmt::format("{} churn steps failed", harness_errors_));
   add("ran to the end", !g_interrupted.load() && static_cast<int>(rows.size()) == options_.minutes,
       fmt::format("{} of {} minutes{}", rows.size(), options_.minutes,
@@ -906,11 +963,11 @@ void Soak::WriteJson(const std::vector<MinuteRow>& rows, const GaugeSample& fina
                      const std::vector<Check>& checks, bool pass) const {
   std::string out = fmt::format(
       "{{\n  \"config\": {{\"minutes\": {}, \"rate_per_protocol\": {}, \"max_outstanding\": {}, "
-      "\"seed\": {}, \"call_timeout_ms\": {}, \"slow_share\": {}, \"slow_timeout_ms\": {}, "
-      "\"rss_slack_kib\": {}, \"fd_slack\": {}}},\n  \"minutes\": [",
+      "\"seed\": {}, \"busy_poll_us\": {}, \"call_timeout_ms\": {}, \"slow_share\": {}, "
+      "\"slow_timeout_ms\": {}, \"rss_slack_kib\": {}, \"fd_slack\": {}}},\n  \"minutes\": [",
       options_.minutes, options_.rate, options_.max_outstanding, options_.seed,
-      std::chrono::milliseconds(kCallTimeout).count(), kSlowShare, kSlowTimeout.count(),
-      options_.rss_slack_kb, options_.fd_slack);
+      options_.busy_poll_us, std::chrono::milliseconds(kCallTimeout).count(), kSlowShare,
+      kSlowTimeout.count(), options_.rss_slack_kb, options_.fd_slack);
   for (size_t r = 0; r < rows.size(); ++r) {
     const MinuteRow& row = rows[r];
     out += fmt::format(
@@ -1033,6 +1090,7 @@ int Soak::Run() {
   for (auto& p : protocols_) p->close();
   auto until = Clock::now() + 5s;
   while (Outstanding() > 0 && Clock::now() < until) std::this_thread::sleep_for(20ms);
+  std::this_thread::sleep_for(kCloseSettle);
 
   std::vector<Check> checks = Judge(rows, final_quiet);
   bool pass = true;
@@ -1077,7 +1135,8 @@ int Soak::Run() {
 int main(int argc, char** argv) {
   scales::bench::Flags flags(argc, argv);
   Soak::Options options;
-  options.minutes = static_cast<int>(flags.GetInt("minutes", options.minutes));
+  const long minutes = flags.GetInt("minutes", options.minutes);
+  options.minutes = static_cast<int>(std::min(minutes, 100000L));
   options.rate = flags.GetDouble("rate", options.rate);
   options.max_outstanding = flags.GetInt("max-outstanding", options.max_outstanding);
   options.seed = static_cast<uint64_t>(flags.GetInt("seed", 1));
@@ -1086,8 +1145,20 @@ int main(int argc, char** argv) {
   options.fd_slack = flags.GetInt("fd-slack", options.fd_slack);
   options.json = flags.Get("json", "");
   flags.RejectUnknown();
-  if (options.minutes < 1) scales::bench::Flags::Die("%s", "--minutes must be at least 1");
-  if (options.rate <= 0) scales::bench::Flags::Die("%s", "--rate must be positive");
+  // Memory, descriptors and threads are judged by the last minute against minute 1.
+  if (minutes < 2 || minutes > 100000) {
+    scales::bench::Flags::Die(
+        "--minutes must be in 2..100000 (the flatness checks compare the last minute with "
+        "minute 1), got %ld",
+        minutes);
+  }
+  if (!std::isfinite(options.rate) || options.rate <= 0 || options.rate > 100000) {
+    scales::bench::Flags::Die("--rate must be in (0, 100000] calls per second, got %g",
+                              options.rate);
+  }
+  if (options.max_outstanding < 1) {
+    scales::bench::Flags::Die("%s", "--max-outstanding must be at least 1 (0 skips every call)");
+  }
   if (options.busy_poll_us < 0 || options.busy_poll_us > 1000000) {
     scales::bench::Flags::Die("%s", "--busy-poll-us must be in 0..1000000");
   }
