@@ -457,7 +457,10 @@ def main():
             # ZooKeeperOptions::FromUri: every option, and bad values.
             "zk://a:1,[::1]:2/svc#http?session_timeout=1500ms&retry_interval=2m&chroot=/prod&auth=digest:u:p:w",
             "zk://a:1/svc?session_timeout=0s&auth=digest", "zk://a:1/svc?chroot=/x/&tls=on&opportunistic_tls=desired",
-            "https://a?tls_ca_file=/ca.pem", "1440m"]
+            "https://a?tls_ca_file=/ca.pem", "1440m",
+            # Percent-decoded query values: escapes, a malformed one, an escaped control character.
+            "zk://a:1/svc?auth=digest:u:p%26ss%20%23%25x&retry_interval=10ms",
+            "tcp://a:1?tls=on&tls_ca_file=/c%G1.pem", "zk://a:1/svc?chroot=/x%00y"]
     for i, u in enumerate(uris):
         write("uri_fuzzer", "uri%d" % i, u.encode())
 
