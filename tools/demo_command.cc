@@ -163,16 +163,31 @@ Outcome LoadRun(Service& service, const BenchStart& start, double seconds, doubl
     std::string why;
     event(victim.Start(why) ? victim.name() + " restarted" : victim.name() + " did not restart: " + why);
   });
-  int64_t retried_before = CounterSum(registry, "scales_retries", service.client_name);
+  // The chaos thread is stopped and joined however the load ends (a throw from RunLoad would
+  // otherwise destroy a joinable thread: std::terminate, the servers left running).
+  struct StopChaos {
+    std::promise<void>& stop;
+    std::thread& chaos;
+    void operator()() {
+      if (!chaos.joinable()) return;
+      stop.set_value();
+      chaos.join();
+    }
+    ~StopChaos() { (*this)(); }
+  } stop_chaos{stop, chaos};
+  const int64_t retried_before = CounterSum(registry, "scales_retries", service.client_name);
+  int64_t retried_shown = retried_before;
   BenchLimits limits;
   limits.rate = rate;
   limits.duration = std::chrono::duration_cast<Duration>(std::chrono::duration<double>(seconds));
   limits.concurrency = 64;
   out.result = RunLoad(limits, counted, [&](const BenchSample& s) {
+    // Retries in this second, as ok and failed are.
+    const int64_t retried = CounterSum(registry, "scales_retries", service.client_name);
     std::string line = fmt::format("   t={:3.0f}s  ok {:5d}  failed {:3d}  retried {:3d}  p50 {:>8}  p99 {:>8}  ",
-                                   s.t_s, s.completed - s.failed, s.failed,
-                                   CounterSum(registry, "scales_retries", service.client_name) - retried_before,
+                                   s.t_s, s.completed - s.failed, s.failed, retried - retried_shown,
                                    FormatMicros(s.p50_us), FormatMicros(s.p99_us));
+    retried_shown = retried;
     for (size_t i = 0; i < service.servers.size(); ++i) {
       line += fmt::format(" {} {:4d}", service.servers[i]->name(), ok_by_server[i].exchange(0));
     }
@@ -181,8 +196,7 @@ Outcome LoadRun(Service& service, const BenchStart& start, double seconds, doubl
     std::printf("%s\n", line.c_str());
     std::fflush(stdout);
   });
-  stop.set_value();
-  chaos.join();
+  stop_chaos();
   out.retried = CounterSum(registry, "scales_retries", service.client_name) - retried_before;
   out.events = std::move(events);
   return out;
