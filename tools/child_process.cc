@@ -1,6 +1,7 @@
 #include "child_process.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
@@ -9,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -145,10 +147,33 @@ bool ChildProcess::Start(const std::string& path, std::vector<std::string> args,
     return false;
   }
   if (first_line) {
+    // Bounded: a child that prints half a line and hangs (or never prints) must not hang the
+    // tool. The end of its output (it exited) ends the line as well.
     first_line->clear();
-    char c;
-    while (read(fds[0], &c, 1) == 1 && c != '\n') *first_line += c;
+    const auto deadline = std::chrono::steady_clock::now() + kFirstLineTimeout;
+    bool whole = false;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      pollfd p{fds[0], POLLIN, 0};
+      const int ready = left.count() > 0 ? poll(&p, 1, static_cast<int>(left.count())) : 0;
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready <= 0) break;
+      char c;
+      const ssize_t n = read(fds[0], &c, 1);
+      if (n < 0 && errno == EINTR) continue;
+      if (n != 1 || c == '\n') {
+        whole = true;
+        break;
+      }
+      *first_line += c;
+    }
     close(fds[0]);
+    if (!whole) {
+      error_ = fmt::format("{} printed no whole first line within {} s (so far: '{}')", path,
+                           std::chrono::duration_cast<std::chrono::seconds>(kFirstLineTimeout).count(), *first_line);
+      Kill();
+      return false;
+    }
   }
   return true;
 }

@@ -7,6 +7,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,11 +23,13 @@ class ChildProcess {
 
   // Starts `path` with `args` (args[0] is the program name). With `first_line`, stdout is a
   // pipe and the first line the child prints is read into it (the test servers print
-  // "listening HOST:PORT"; stderr stays the tool's); otherwise stdout and stderr go to
+  // "listening HOST:PORT"; stderr stays the tool's): a child that prints no whole line within
+  // kFirstLineTimeout (and has not exited) is killed and Start() fails; otherwise stdout and stderr go to
   // `output_file` (created or truncated), or to /dev/null when it is empty. On failure, error()
   // says why.
   bool Start(const std::string& path, std::vector<std::string> args, std::string* first_line,
              const std::string& output_file = "");
+  static constexpr std::chrono::seconds kFirstLineTimeout{30};
   void Stop();
   // Kills the child with SIGKILL, like a crash, and waits for it.
   void Kill();
