@@ -133,7 +133,7 @@ Outcome LoadRun(Service& service, const BenchStart& start, double seconds, doubl
                 const stats::StatsRegistry& registry) {
   Outcome out;
   out.label = service.label;
-  std::printf("\n   %s: %.0f req/s for %.0f s through %s\n", service.label.c_str(), rate, seconds, service.uri.c_str());
+  std::printf("%s", fmt::format("\n   {}: {:g} req/s for {:g} s through {}\n", service.label, rate, seconds, service.uri).c_str());
   std::map<std::string, size_t> index;
   for (size_t i = 0; i < service.servers.size(); ++i) index[service.servers[i]->endpoint()] = i;
   std::vector<std::atomic<int64_t>> ok_by_server(service.servers.size());
