@@ -256,11 +256,11 @@ double BytesPerIdleMuxSession(scales::Runtime& runtime, int port, int n) {
 
 int main(int argc, char** argv) {
   scales::bench::Flags flags(argc, argv);
-  const int mux_port = static_cast<int>(flags.GetInt("mux-port", 0));
-  const int thrift_port = static_cast<int>(flags.GetInt("thrift-port", 0));
+  const int mux_port = static_cast<int>(flags.GetInt("mux-port", 0, 65535));
+  const int thrift_port = static_cast<int>(flags.GetInt("thrift-port", 0, 65535));
   const int64_t calls = flags.GetInt("calls", 20000);
-  const int outstanding = static_cast<int>(flags.GetInt("outstanding", 1000));
-  const int idle = static_cast<int>(flags.GetInt("idle", 64));
+  const int outstanding = static_cast<int>(flags.GetInt("outstanding", 1000, INT_MAX));
+  const int idle = static_cast<int>(flags.GetInt("idle", 64, INT_MAX));
   flags.RejectUnknown();
   if (mux_port <= 0 || thrift_port <= 0 || calls <= 0 || outstanding <= 0 || idle < 2) {
     scales::bench::Flags::Die(

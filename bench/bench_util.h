@@ -9,7 +9,11 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cfloat>
 #include <chrono>
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -21,7 +25,8 @@
 namespace scales::bench {
 
 // `--name value` pairs; a flag without a value is an error. Unknown names are the caller's to
-// reject (Get marks the names it was asked for; Unused lists the others).
+// reject (Get marks the names it was asked for; Unused lists the others). GetInt and GetDouble
+// reject an empty value and a number out of range (exit 2), never take it as 0 or cap it.
 class Flags {
  public:
   Flags(int argc, char** argv) {
@@ -37,20 +42,22 @@ class Flags {
     auto it = values_.find(name);
     return it == values_.end() ? fallback : it->second;
   }
-  long GetInt(const std::string& name, long fallback) {
+  // An integer in 0..max (max: what the caller stores it in, e.g. 65535 for a port).
+  long GetInt(const std::string& name, long fallback, long max = LONG_MAX) {
     std::string v = Get(name, std::to_string(fallback));
     char* end = nullptr;
+    errno = 0;
     long n = std::strtol(v.c_str(), &end, 10);
-    if (*end != '\0' || n < 0)
-      Die("--%s needs a non-negative integer, got '%s'", name.c_str(), v.c_str());
+    if (v.empty() || *end != '\0' || n < 0 || n > max || errno == ERANGE)
+      Die("--%s needs an integer in 0..%ld, got '%s'", name.c_str(), max, v.c_str());
     return n;
   }
   double GetDouble(const std::string& name, double fallback) {
     std::string v = Get(name, std::to_string(fallback));
     char* end = nullptr;
     double d = std::strtod(v.c_str(), &end);
-    if (*end != '\0' || d < 0)
-      Die("--%s needs a non-negative number, got '%s'", name.c_str(), v.c_str());
+    if (v.empty() || *end != '\0' || !std::isfinite(d) || d < 0)
+      Die("--%s needs a number in 0..%g, got '%s'", name.c_str(), DBL_MAX, v.c_str());
     return d;
   }
   // Exits with an error if a flag was given that no Get asked for.

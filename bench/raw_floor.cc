@@ -136,9 +136,9 @@ int Connect(int port) {
 
 int main(int argc, char** argv) {
   Flags flags(argc, argv);
-  const int port = static_cast<int>(flags.GetInt("port", 0));
+  const int port = static_cast<int>(flags.GetInt("port", 0, 65535));
   const std::string protocol = flags.Get("protocol", "mux");
-  const uint32_t outstanding = static_cast<uint32_t>(flags.GetInt("outstanding", 1));
+  const uint32_t outstanding = static_cast<uint32_t>(flags.GetInt("outstanding", 1, UINT32_MAX));
   const auto duration = std::chrono::milliseconds(flags.GetInt("duration-ms", 3000));
   const std::string payload(static_cast<size_t>(flags.GetInt("payload-size", 16)), 'x');
   const auto busy_poll = std::chrono::microseconds(flags.GetInt("busy-poll-us", 0));

@@ -10,8 +10,9 @@
 // At the end of every minute the load pauses until every call completed (a quiet point) and
 // the driver samples: resident memory, open descriptors and threads of this process; the
 // clients' connections, Mux tags in use and pending calls (from the stats registry, the same
-// gauges /metrics exports); calls done/ok/failed per protocol in the minute. At the end it counts
-// the calls that never completed (issued - completed, after Close()) and judges the run; see
+// gauges /metrics exports); calls done/ok/failed per protocol in the minute. The load runs on
+// after the last minute until Close(), so that Close() fails calls in flight; then it counts the
+// calls that never completed (issued - completed, after Close()) and judges the run; see
 // docs/soak.md for the checks. Exit status: 0 all checks passed, 1 a check failed, 2 the harness
 // failed (a server would not start, bad flags).
 //
@@ -75,6 +76,9 @@ constexpr auto kMembershipWait = 2s;
 // Close() fails although it had completed already (a double completion) is completed on its
 // event loop a moment after Close() returns.
 constexpr auto kCloseSettle = 1s;
+// At the end the load runs on until every protocol has calls in flight (this long at most), and
+// the clients are closed at that moment.
+constexpr auto kCloseInFlightWait = 10s;
 // Event loops of the clients' runtime.
 constexpr int64_t kLoops = 2;
 
@@ -239,6 +243,11 @@ struct EndpointCounts {
 // failed (by error name and by endpoint), any further one as a double completion.
 struct Calls {
   std::atomic<int64_t> issued{0}, ok{0}, failed{0}, twice{0}, skipped{0};
+  // At the end (Soak::CloseUnderLoad): the calls in flight when Close() began, and how many of
+  // them Close() failed (client_closed) or still completed otherwise (a reply or a timeout that
+  // raced Close()); read after the settle.
+  int64_t in_flight_at_close = 0, closed_by_close = 0, completed_after_close = 0;
+  int64_t completed_at_close = 0, client_closed_before = 0;  // CloseUnderLoad()'s baselines
   std::mutex mu;
   std::map<std::string, int64_t> errors;
   std::map<std::string, EndpointCounts> endpoints;
@@ -266,6 +275,11 @@ struct Calls {
   std::map<std::string, int64_t> Errors() {
     std::lock_guard lock(mu);
     return errors;
+  }
+  int64_t ClientClosed() {
+    std::lock_guard lock(mu);
+    auto it = errors.find(scales::ErrorName(scales::make_error_code(scales::Errc::kClientClosed)));
+    return it == errors.end() ? 0 : it->second;
   }
   std::map<std::string, EndpointCounts> Endpoints() {
     std::lock_guard lock(mu);
@@ -506,6 +520,10 @@ class Soak {
   void LogFailures();
   // Waits (until `deadline`) for no outstanding call, no pending call and no tag in use.
   bool WaitQuiet(Clock::time_point deadline);
+  // The end of the run: with the load still running, waits (kCloseInFlightWait at most) for a
+  // moment when every protocol has calls in flight, pauses the load there and closes every
+  // client, then stops the load and waits for the completions Close() causes.
+  void CloseUnderLoad(std::thread& load);
   void PrintHeader() const;
   void PrintRow(const MinuteRow& row, int64_t first_rss_kb) const;
   std::vector<Check> Judge(const std::vector<MinuteRow>& rows, const GaugeSample& final_quiet);
@@ -835,6 +853,49 @@ bool Soak::WaitQuiet(Clock::time_point deadline) {
   }
 }
 
+void Soak::CloseUnderLoad(std::thread& load) {
+  const auto until = Clock::now() + kCloseInFlightWait;
+  for (;;) {
+    {
+      // Under load_mu_, LoadLoop is between two batches: nothing starts between the count and
+      // Close() once paused_ is set.
+      std::lock_guard lock(load_mu_);
+      bool all = true;
+      for (auto& p : protocols_) all = all && p->calls.Outstanding() > 0;
+      if (all || Clock::now() >= until || g_interrupted.load()) {
+        paused_ = true;
+        for (auto& p : protocols_) {
+          Calls& c = p->calls;
+          c.client_closed_before = c.ClientClosed();
+          c.completed_at_close = c.ok.load() + c.failed.load();
+          c.in_flight_at_close = c.issued.load() - c.completed_at_close;
+        }
+        break;
+      }
+    }
+    std::this_thread::sleep_for(2ms);
+  }
+  std::fprintf(stderr, "[%7.1fs] Close() with calls in flight:", Seconds(Clock::now() - t0_));
+  for (auto& p : protocols_) {
+    std::fprintf(stderr, " %s %lld", p->name.c_str(),
+                 static_cast<long long>(p->calls.in_flight_at_close));
+  }
+  std::fprintf(stderr, "\n");
+  for (auto& p : protocols_) p->close();
+  stop_load_ = true;
+  load.join();
+  // Close() completes the calls on their event loops; a call that Close() completes a second
+  // time is counted during the settle.
+  auto until_done = Clock::now() + 5s;
+  while (Outstanding() > 0 && Clock::now() < until_done) std::this_thread::sleep_for(20ms);
+  std::this_thread::sleep_for(kCloseSettle);
+  for (auto& p : protocols_) {
+    Calls& c = p->calls;
+    c.closed_by_close = c.ClientClosed() - c.client_closed_before;
+    c.completed_after_close = c.ok.load() + c.failed.load() - c.completed_at_close;
+  }
+}
+
 void Soak::PrintHeader() const {
   std::printf("%3s %7s %6s %4s %4s %5s %9s %9s %7s", "min", "rss_mib", "d_rss", "fds", "thr",
               "conns", "tags q/pk", "pend q/pk", "quiet_s");
@@ -866,8 +927,11 @@ std::vector<Check> Soak::Judge(const std::vector<MinuteRow>& rows, const GaugeSa
     const auto& p = protocols_[n];
     int64_t never = p->calls.Outstanding();
     add(p->name + ": every call completed", never == 0,
-        fmt::format("issued {}, completed {}, never completed {}", p->calls.issued.load(),
-                    p->calls.ok.load() + p->calls.failed.load(), never));
+        fmt::format("issued {}, completed {}, never completed {}; {} in flight at Close(): {} "
+                    "completed after it, {} of them failed by Close() (client_closed)",
+                    p->calls.issued.load(), p->calls.ok.load() + p->calls.failed.load(), never,
+                    p->calls.in_flight_at_close, p->calls.completed_after_close,
+                    p->calls.closed_by_close));
     add(p->name + ": no call completed twice", p->calls.twice.load() == 0,
         fmt::format("{} double completions", p->calls.twice.load()));
     // The client's own counters agree with the driver's.
@@ -944,10 +1008,11 @@ std::vector<Check> Soak::Judge(const std::vector<MinuteRow>& rows, const GaugeSa
     outstanding_seen += fmt::format("{}{}", outstanding_seen.empty() ? "" : " ", row.outstanding);
   }
   add("Mux tags flat (0 at every quiet point)", tags_ok,
-      fmt::format("per minute: {}; at the end: {}", tags_seen, final_quiet.tags));
+      fmt::format("per minute: {}; after Close(): {}", tags_seen, final_quiet.tags));
   add("pending flat (0 at every quiet point)", pending_ok,
-      fmt::format("per minute: {}; at the end: {}; the driver's calls outstanding per minute: {}",
-                  pending_seen, final_quiet.pending, outstanding_seen));
+      fmt::format(
+          "per minute: {}; after Close(): {}; the driver's calls outstanding per minute: {}",
+          pending_seen, final_quiet.pending, outstanding_seen));
   add("clients saw every membership change", membership_misses_ == 0,
       fmt::format("{} of {} changes not seen by every client's balancer within {:.0f} s "
                   "(scales_lb_size)",
@@ -998,9 +1063,12 @@ void Soak::WriteJson(const std::vector<MinuteRow>& rows, const GaugeSample& fina
     Calls& c = protocols_[n]->calls;
     out += fmt::format(
         "{}\n    {}: {{\"issued\": {}, \"ok\": {}, \"failed\": {}, \"never_completed\": {}, "
-        "\"completed_twice\": {}, \"skipped\": {}, \"errors\": {}, \"servers\": {}}}",
+        "\"completed_twice\": {}, \"skipped\": {}, \"in_flight_at_close\": {}, "
+        "\"completed_after_close\": {}, \"failed_by_close\": {}, \"errors\": {}, "
+        "\"servers\": {}}}",
         n ? "," : "", JsonString(protocols_[n]->name), c.issued.load(), c.ok.load(),
-        c.failed.load(), c.Outstanding(), c.twice.load(), c.skipped.load(), JsonCounts(c.Errors()),
+        c.failed.load(), c.Outstanding(), c.twice.load(), c.skipped.load(), c.in_flight_at_close,
+        c.completed_after_close, c.closed_by_close, JsonCounts(c.Errors()),
         JsonServers(ByServer(*protocols_[n])));
   }
   out += "\n  }},\n  \"checks\": [";
@@ -1080,17 +1148,10 @@ int Soak::Run() {
     rows.push_back(row);
     PrintRow(row, rows.front().process.rss_kb);
   }
-  stop_load_ = true;
-  load.join();
-
-  // Shutdown: every call must complete within its deadline; Close() then fails any call that
-  // did not, so what is still outstanding afterwards never completed.
-  WaitQuiet(Clock::now() + kCallTimeout + 3s);
+  // Shutdown under load: Close() fails the calls in flight (slow ones included); every call,
+  // those too, must have completed exactly once afterwards.
+  CloseUnderLoad(load);
   GaugeSample final_quiet = SampleGauges(registry_);
-  for (auto& p : protocols_) p->close();
-  auto until = Clock::now() + 5s;
-  while (Outstanding() > 0 && Clock::now() < until) std::this_thread::sleep_for(20ms);
-  std::this_thread::sleep_for(kCloseSettle);
 
   std::vector<Check> checks = Judge(rows, final_quiet);
   bool pass = true;
@@ -1141,7 +1202,7 @@ int main(int argc, char** argv) {
   options.max_outstanding = flags.GetInt("max-outstanding", options.max_outstanding);
   options.seed = static_cast<uint64_t>(flags.GetInt("seed", 1));
   options.busy_poll_us = flags.GetInt("busy-poll-us", 0);
-  options.rss_slack_kb = flags.GetInt("rss-slack-mib", options.rss_slack_kb / 1024) * 1024;
+  const long rss_slack_mib = flags.GetInt("rss-slack-mib", options.rss_slack_kb / 1024);
   options.fd_slack = flags.GetInt("fd-slack", options.fd_slack);
   options.json = flags.Get("json", "");
   flags.RejectUnknown();
@@ -1162,6 +1223,11 @@ int main(int argc, char** argv) {
   if (options.busy_poll_us < 0 || options.busy_poll_us > 1000000) {
     scales::bench::Flags::Die("%s", "--busy-poll-us must be in 0..1000000");
   }
+  // In KiB it must not overflow (a negative allowance would judge memory by the 10 % alone).
+  if (rss_slack_mib > 1048576) {
+    scales::bench::Flags::Die("--rss-slack-mib must be in 0..1048576 MiB, got %ld", rss_slack_mib);
+  }
+  options.rss_slack_kb = static_cast<int64_t>(rss_slack_mib) * 1024;
   if (!test::ZooKeeperAvailable()) {
     scales::bench::Flags::Die("%s",
                               "bench_soak: needs /usr/bin/java and Debian's zookeeper package");

@@ -42,8 +42,8 @@ struct Worker {
 int main(int argc, char** argv) {
   using namespace apache::thrift;
   scales::bench::Flags flags(argc, argv);
-  const int port = static_cast<int>(flags.GetInt("port", 0));
-  const int threads = static_cast<int>(flags.GetInt("threads", 1));
+  const int port = static_cast<int>(flags.GetInt("port", 0, 65535));
+  const int threads = static_cast<int>(flags.GetInt("threads", 1, INT_MAX));
   const auto duration = std::chrono::milliseconds(flags.GetInt("duration-ms", 3000));
   const std::string method = flags.Get("method", "echo");
   const std::string payload(static_cast<size_t>(flags.GetInt("payload-size", 16)), 'x');
