@@ -1,8 +1,35 @@
 #include "scales/core/dispatcher.h"
 
+#include <chrono>
+#include <functional>
+#include <random>
+#include <thread>
+
 #include <fmt/format.h>
 
 namespace scales {
+namespace {
+
+// Mixed into every root trace id: the loops' Random is seeded alike in every process (the
+// default RuntimeOptions::seed), so its draws alone would repeat the same trace ids in every
+// process and runtime, merging unrelated calls into one trace. Drawn once per thread (a loop
+// runs on its own thread) from the OS; XOR with a constant keeps one loop's ids distinct.
+uint64_t TraceIdSalt() noexcept {
+  thread_local const uint64_t salt = []() noexcept {
+    // Without OS entropy, the clock and the thread id still differ between runtimes.
+    uint64_t s = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                 std::hash<std::thread::id>{}(std::this_thread::get_id()) * 0x9e3779b97f4a7c15ULL;
+    try {
+      std::random_device rd;
+      s ^= (static_cast<uint64_t>(rd()) << 32) ^ rd();
+    } catch (...) {
+    }
+    return s;
+  }();
+  return salt;
+}
+
+}  // namespace
 
 // --- call objects ------------------------------------------------------------------------------
 
@@ -184,7 +211,7 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating, bool refuse) {
   }
   if (trace_ids_ && !props.trace.valid()) {
     // A root span: trace, span and parent ids are equal (Finagle's convention); never 0.
-    const uint64_t id = loop_.random().Next() | 1;
+    const uint64_t id = (loop_.random().Next() ^ TraceIdSalt()) | 1;
     props.trace.trace_id = props.trace.span_id = props.trace.parent_id = id;
   }
   requests_.Increment();

@@ -48,6 +48,18 @@ void AppendB3Headers(std::string& out, const TraceContext& t) {
   }
 }
 
+// A B3 header: the multi-header form's five and the single `b3` header. With b3_headers on, the
+// caller's own (forwarded from an upstream request, say) are dropped for the call's, as
+// Finagle's HTTP client does: two X-B3-TraceId values leave the server to pick one.
+bool IsB3Header(std::string_view name) noexcept {
+  if (HeaderNameEquals(name, "b3")) return true;
+  if (name.size() < 5 || !HeaderNameEquals(name.substr(0, 5), "x-b3-")) return false;
+  const std::string_view rest = name.substr(5);
+  return HeaderNameEquals(rest, "traceid") || HeaderNameEquals(rest, "spanid") ||
+         HeaderNameEquals(rest, "parentspanid") || HeaderNameEquals(rest, "sampled") ||
+         HeaderNameEquals(rest, "flags");
+}
+
 constexpr std::string_view kUserAgentLine = "User-Agent: scales/0.1\r\n";
 
 // A token (RFC 9110 5.6.2): what a method and a header name may be. A table, as it runs for
@@ -334,6 +346,7 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
   bool has_host = false;
   bool has_agent = false;
   request_close_ = false;
+  const bool b3 = options_.b3_headers && msg.properties.trace.valid();
   auto add_headers = [&](const Headers& headers) {
     for (const auto& [name, value] : headers) {
       if (!IsToken(name) || !IsFieldValue(value)) {
@@ -342,6 +355,7 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
       }
       // The transport frames the body itself: a fixed Content-Length.
       if (HeaderNameEquals(name, "content-length") || HeaderNameEquals(name, "transfer-encoding")) continue;
+      if (b3 && IsB3Header(name)) continue;
       if (HeaderNameEquals(name, "connection") && bhttp::token_list(value).exists("close")) request_close_ = true;
       has_host = has_host || HeaderNameEquals(name, "host");
       has_agent = has_agent || HeaderNameEquals(name, "user-agent");
@@ -350,7 +364,7 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     return true;
   };
   if (!add_headers(req->headers) || !add_headers(msg.properties.headers)) return;
-  if (options_.b3_headers && msg.properties.trace.valid()) AppendB3Headers(w, msg.properties.trace);
+  if (b3) AppendB3Headers(w, msg.properties.trace);
   if (!has_host && !has_agent) {
     w.append(default_lines_);  // the usual case: one append
   } else if (!has_host) {

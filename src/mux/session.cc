@@ -860,7 +860,9 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
     TraceContext t;
     t.trace_id = props.trace.trace_id;
     t.span_id = props.trace.span_id;
-    t.parent_id = props.trace.parent_id;
+    // No parent (0) is a root span, which Finagle writes as parent = span: a 0 would read as a
+    // real parent span 0.
+    t.parent_id = props.trace.parent_id != 0 ? props.trace.parent_id : props.trace.span_id;
     t.flags = props.trace.flags;
     trace_value_.clear();
     AppendTraceContext(t, &trace_value_);

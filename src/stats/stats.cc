@@ -532,6 +532,9 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
   // sets that sanitise alike may sort apart as raw names) -> the metric that wrote it. A histogram
   // claims its _bucket, _sum and _count samples, so a gauge "h_sum" cannot repeat them.
   std::map<std::string, std::string, std::less<>> series;
+  // A gauge "h_bucket" with an le label is one of histogram h's buckets when its other labels are
+  // h's: its "h_bucket{other labels}" -> the gauge, checked against h's claim (and h's against it).
+  std::map<std::string, std::string, std::less<>> bucket_gauges;
   std::string skipped;
   auto series_key = [](std::string_view sample, const Labels& labels, bool histogram) {
     Labels sorted;
@@ -559,18 +562,33 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
       return nullptr;
     }
     std::vector<std::string> keys;
+    std::string bucket_key;  // the histogram bucket series this metric is or repeats, if any
     if (histogram && !quantiles) {
       for (const char* suffix : {"_bucket", "_sum", "_count"}) keys.push_back(series_key(name + suffix, m.labels, true));
+      bucket_key = keys.front();
     } else {
       keys.push_back(series_key(name, m.labels, histogram));
+      if (!histogram && name.ends_with("_bucket")) {
+        Labels rest;
+        for (const auto& label : m.labels) {
+          if (PrometheusLabelName(label.first, false) != "le") rest.push_back(label);
+        }
+        if (rest.size() < m.labels.size()) bucket_key = series_key(name, rest, false);
+      }
     }
-    for (const std::string& key : keys) {
-      auto taken = series.find(key);
-      if (taken == series.end()) continue;
+    auto clash = [&](const std::map<std::string, std::string, std::less<>>& claims,
+                     const std::string& key) {
+      auto taken = claims.find(key);
+      if (taken == claims.end()) return false;
       skipped += fmt::format("# scales: skipped {} {}: series {} is {}'s\n", kind,
                              EscapeHelp(m.name), key, EscapeHelp(taken->second));
-      return nullptr;
+      return true;
+    };
+    for (const std::string& key : keys) {
+      if (clash(series, key)) return nullptr;
     }
+    if (!bucket_key.empty() && clash(histogram ? bucket_gauges : series, bucket_key)) return nullptr;
+    if (!histogram && !bucket_key.empty()) bucket_gauges.emplace(std::move(bucket_key), m.name);
     for (std::string& key : keys) series.emplace(std::move(key), m.name);
     return &f;
   };

@@ -3,11 +3,15 @@
 // b3_headers is set, as B3 headers on HTTP (echoed by `scales testserver http` /headers);
 // CallInfo::trace reports the same ids. A caller's own trace is sent unchanged.
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <gtest/gtest.h>
 
 #include "Echo.h"
@@ -57,6 +61,80 @@ TEST(TraceTest, HttpSendsB3HeadersWhenEnabled) {
   EXPECT_EQ(info.trace.trace_id, 0xabcu);
 }
 
+// B3 headers the caller put into the request (an upstream request's, forwarded) are replaced by
+// the call's, as Finagle's HTTP client does: two X-B3-TraceId values would leave the server to
+// pick one, and a stale single `b3` header wins over X-B3-* on servers that read both.
+TEST(TraceTest, HttpB3HeadersReplaceTheCallersOwn) {
+  test::TestHttpServer server("trace");
+  http::HttpOptions o;
+  o.client.name = "trace-http";
+  o.client.runtime = OneLoop();
+  o.transport.b3_headers = true;
+  auto client = Http::NewClient("tcp://" + server.endpoint(), o);
+
+  CallInfo info;
+  CallOptions opts;
+  opts.info = &info;
+  opts.trace = TraceContext{0xabc, 0xdef, 0x123, 2 | 4};
+  http::Request req{"GET",
+                    "/headers",
+                    {{"x-b3-traceid", "00000000000000aa"},
+                     {"X-B3-SpanId", "00000000000000bb"},
+                     {"X-B3-ParentSpanId", "00000000000000cc"},
+                     {"X-B3-Sampled", "0"},
+                     {"X-B3-Flags", "0"},
+                     {"b3", "00000000000000aa-00000000000000bb-0"},
+                     {"X-Other", "kept"}},
+                    {}};
+  http::Response r = client.Send(req, opts);
+  auto count = [&](std::string_view needle) {
+    size_t n = 0;
+    for (size_t at = r.body.find(needle); at != std::string::npos; at = r.body.find(needle, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(count("X-B3-TraceId: 0000000000000abc\n"), 1u) << r.body;
+  EXPECT_EQ(count("X-B3-SpanId: 0000000000000def\n"), 1u) << r.body;
+  EXPECT_EQ(count("X-B3-ParentSpanId: 0000000000000123\n"), 1u) << r.body;
+  EXPECT_EQ(count("X-B3-Sampled: 1\n"), 1u) << r.body;
+  EXPECT_EQ(count("00000000000000"), 0u) << "no caller id is left: " << r.body;
+  EXPECT_EQ(count("X-B3-Flags"), 0u) << r.body;
+  EXPECT_EQ(count("b3:"), 0u) << r.body;
+  EXPECT_EQ(count("X-Other: kept\n"), 1u) << r.body;
+
+  // Without b3_headers the caller's headers are the caller's business: sent unchanged.
+  http::HttpOptions plain = o;
+  plain.client.runtime = OneLoop();
+  plain.transport.b3_headers = false;
+  auto untraced = Http::NewClient("tcp://" + server.endpoint(), plain);
+  r = untraced.Send(req, opts);
+  EXPECT_EQ(count("x-b3-traceid: 00000000000000aa\n"), 1u) << r.body;
+  EXPECT_EQ(count("b3: 00000000000000aa-00000000000000bb-0\n"), 1u) << r.body;
+}
+
+// Trace ids must not repeat across clients: two runtimes (as two processes would) have the same
+// default RuntimeOptions::seed, so their loops' Random draw the same sequence; ids drawn from it
+// alone made every process's first call trace X, merging unrelated calls into one trace.
+TEST(TraceTest, ClientsWithTheSameSeedDrawDifferentTraceIds) {
+  test::TestHttpServer server("trace");
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 2; ++i) {
+    http::HttpOptions o;
+    o.client.runtime = OneLoop();  // default seed
+    auto client = Http::NewClient("tcp://" + server.endpoint(), o);
+    for (int call = 0; call < 3; ++call) {
+      CallInfo info;
+      CallOptions opts;
+      opts.info = &info;
+      client.Send(http::Request{"GET", "/", {}, {}}, opts);
+      ASSERT_NE(info.trace.trace_id, 0u);
+      ids.push_back(info.trace.trace_id);
+    }
+  }
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(std::adjacent_find(ids.begin(), ids.end()), ids.end())
+      << "a trace id repeats: " << fmt::format("{:016x}", fmt::join(ids, " "));
+}
+
 TEST(TraceTest, HttpSendsNoB3HeadersByDefault) {
   test::TestHttpServer server("trace");
   http::HttpOptions o;
@@ -100,6 +178,26 @@ TEST(TraceTest, ThriftMuxSendsTraceContext) {
   auto untraced = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), off);
   untraced->echo(r, "trace");
   EXPECT_EQ(r, "no trace");
+}
+
+// A trace without a parent (parent_id 0, which B3 sends as no X-B3-ParentSpanId) is a root span:
+// on Mux, Finagle's TraceId.serialize writes an absent parent as the span id, and reads a 0 as
+// a real parent span 0. The caller's TraceContext keeps its 0.
+TEST(TraceTest, ThriftMuxSendsAnAbsentParentAsTheSpan) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  thriftmux::ThriftMuxOptions o;
+  o.client.name = "trace-tmux";
+  o.client.runtime = OneLoop();
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+
+  CallInfo info;
+  CallOptions opts;
+  opts.info = &info;
+  opts.trace = TraceContext{0xabc, 0xdef, 0, 2};
+  std::string r;
+  client.WithOptions(opts)->echo(r, "trace");
+  EXPECT_EQ(r, "trace=0000000000000abc span=0000000000000def parent=0000000000000def flags=2");
+  EXPECT_EQ(info.trace.parent_id, 0u);
 }
 
 }  // namespace

@@ -399,6 +399,28 @@ TEST(StatsExportTest, PrometheusSeriesClashesAcrossLabelOrderAndHistogramSuffixe
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_sum: series h_sum{client=\"c\"} is h's\n"));
 }
 
+// A gauge h_bucket with the histogram's labels plus an le label is one of h's bucket series
+// (h_bucket{client="c",le="10"} twice rejects the scrape), whichever of the two comes first.
+TEST(StatsExportTest, PrometheusGaugeWithAnLeLabelCannotRepeatAHistogramBucket) {
+  StatsRegistry r;
+  r.GetHistogram("h", {{"client", "c"}}).Record(5);
+  r.GetGauge("h_bucket", {{"client", "c"}, {"le", "10"}}).Set(7);
+  r.GetGauge("h_bucket", {{"client", "d"}, {"le", "10"}}).Set(8);  // not the histogram's: kept
+  // "a-b_bucket" sorts before "a.b": the gauge is written first, the histogram is skipped.
+  r.GetGauge("a-b_bucket", {{"le", "10"}}).Set(9);
+  r.GetHistogram("a.b").Record(5);
+  std::string text = r.ToPrometheus();
+  PromText prom = ParsePrometheusText(text);  // fails on a repeated series
+  EXPECT_EQ(prom.Value("h_bucket", {{"client", "c"}, {"le", "10"}}), 1);
+  EXPECT_EQ(prom.Value("h_bucket", {{"client", "d"}, {"le", "10"}}), 8);
+  EXPECT_EQ(prom.Value("a_b_bucket", {{"le", "10"}}), 9);
+  EXPECT_EQ(prom.Value("a_b_count"), std::nullopt);
+  EXPECT_THAT(text,
+              HasSubstr("# scales: skipped gauge h_bucket: series h_bucket{client=\"c\"} is h's\n"));
+  EXPECT_THAT(text,
+              HasSubstr("# scales: skipped histogram a.b: series a_b_bucket is a-b_bucket's\n"));
+}
+
 // Two label keys of one metric that export as one label name would repeat that label in the
 // series (`a_b="1",a_b="2"`), which Prometheus rejects the whole scrape for, as it does a
 // repeated series: the metric is skipped and reported, the others are written.
