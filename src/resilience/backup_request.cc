@@ -211,6 +211,10 @@ void BackupRequestSink::OnTimer(void* arg) {
 
 void BackupRequestSink::SendBackup(Hedge* h) {
   if (closed_ || !h->primary_out || h->caller->cancelled()) return;
+  // A timer run late (a busy loop) can find the deadline passed: its own timer, due after this
+  // one, is about to cancel the call. A backup now would only spend both budgets.
+  const std::optional<TimePoint>& deadline = h->caller->message().properties.deadline;
+  if (deadline && loop_.Now() >= *deadline) return;
   // Finagle's order: the backup budget, then the client's retry budget. A backup the retry
   // budget refuses keeps its backup-budget withdrawal (as in Finagle: that budget is normally
   // the tighter one, so this is rare).
@@ -342,6 +346,12 @@ void BackupRequestSink::MaybeDeliver(Hedge* h) {
   h->superseded[0] = h->superseded[1] = false;
   h->backup_cancel_reason.clear();
   h->first_failure.clear();
+  // Both attempts have unwound: drop the backup's message, stack and reply (a lost backup's reply
+  // may hold what its transport had read, e.g. an HTTP body) instead of keeping them in the pool
+  // until this hedge's next backup. Backups are rare; the next one allocates its reply anew.
+  h->backup_stack.reset();
+  h->backup_msg.reset();
+  h->backup_reply.reset();
   --outstanding_;
   free_.push_back(h);
 }

@@ -148,9 +148,7 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
     return;
   }
 
-  retries_.Increment();
   UpdateBalanceGauge();
-  ++props.retries;
   props.avoid_endpoint = std::move(props.endpoint);
   props.endpoint.clear();
   Pending* p = Acquire();
@@ -177,6 +175,21 @@ void RetrySink::Resend(Pending* p) {
   --waiting_;
   SinkStack& stack = *p->stack;
   stack.ClearCancelHandler();
+  // A backoff timer run late (a busy loop) can find the deadline passed: answer as the deadline
+  // does instead of sending a retry that its timer, due after this one, would cancel at once.
+  const std::optional<TimePoint>& deadline = stack.message().properties.deadline;
+  if (deadline && loop_.Now() >= *deadline) {
+    auto m = MethodReturnMessage::Failure(
+        make_error_code(Errc::kRequestTimeout),
+        fmt::format("the deadline passed while the request waited to retry; the previous attempt failed: {}",
+                    p->last_detail));
+    stack.AsyncProcessResponse(p->stream, m);
+    return;
+  }
+  // Counted (and numbered) only now that it is sent: a retry cut off during its backoff by a
+  // cancellation or Close() never ran.
+  retries_.Increment();
+  ++stack.message().properties.retries;
   // `p` stays ours (it is the pushed context) until this attempt's response comes back.
   next_->AsyncProcessRequest(stack, stack.message(), p->request);
 }

@@ -91,9 +91,11 @@ class BackupRequestTest : public ::testing::Test {
 
   // dispatcher -> timeout -> backup -> stamp -> [failure accrual] -> log -> fake. `retry_budget`:
   // the client's retry budget the backup sink shares (none by default).
+  // `ops`: the reply type the sink hedges (the fake's int replies by default).
   void Build(BackupRequestOptions options = Options(), Duration timeout = seconds(5),
              std::shared_ptr<RetryBudget> retry_budget = nullptr,
-             std::optional<FailureAccrualOptions> accrual = std::nullopt) {
+             std::optional<FailureAccrualOptions> accrual = std::nullopt,
+             const BackupReplyOps& ops = BackupReplyOpsFor<int>()) {
     transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
     log_ = std::make_shared<AnswerLog>(transport_);
     SinkPtr below = log_;
@@ -102,8 +104,7 @@ class BackupRequestTest : public ::testing::Test {
       below = accrual_;
     }
     stamp_ = std::make_shared<EndpointStamp>(below);
-    backup_ = std::make_shared<BackupRequestSink>(env_.loop(), stamp_, options, BackupReplyOpsFor<int>(), env_.scope,
-                                                  std::move(retry_budget));
+    backup_ = std::make_shared<BackupRequestSink>(env_.loop(), stamp_, options, ops, env_.scope, std::move(retry_budget));
     timeout_ = std::make_shared<TimeoutSink>(env_.loop(), backup_, env_.scope);
     dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, timeout, env_.scope);
   }
@@ -385,6 +386,49 @@ TEST_F(BackupRequestTest, FirstAttemptWinsAndTheBackupIsCancelledOnce) {
   EXPECT_EQ(calls_[c].completions, 1);
 }
 
+// A reply type that owns memory, as http::Response owns its body.
+struct BodyReply {
+  std::shared_ptr<std::string> body;
+};
+
+// The losing backup's reply is dropped with the call: what its transport had already read into
+// the backup's own reply (an HTTP body, up to max_response_body_bytes) is freed when the call is
+// answered, not kept in the sink's pooled hedge until that hedge sends its next backup.
+TEST_F(BackupRequestTest, ALosingBackupsReplyIsFreedWithTheCall) {
+  Build(Options(), seconds(5), nullptr, std::nullopt, BackupReplyOpsFor<BodyReply>());
+  int completions = 0;
+  auto start = [&] {
+    auto* call = new TypedCall<BodyReply>([&completions](error_code ec, BodyReply) {
+      EXPECT_FALSE(ec) << ec.message();
+      ++completions;
+    });
+    call->message.properties.idempotent = true;
+    dispatcher_->Dispatch(call, true);
+    env_.Run();
+  };
+  for (int i = 0; i < 4; ++i) {  // 20 ms calls: the delay becomes 20 ms
+    start();
+    env_.Advance(milliseconds(20));
+    ASSERT_TRUE(transport_->Reply(0));
+    env_.Run();
+  }
+  env_.Advance(Options().refresh_interval);
+  start();
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  ASSERT_EQ(BackupIndex(), 1);
+  auto* backup_reply = transport_->request(1).message->reply_slot<BodyReply>();
+  ASSERT_NE(backup_reply, nullptr);
+  backup_reply->body = std::make_shared<std::string>(1 << 20, 'x');  // what the backup's transport had read
+  std::weak_ptr<std::string> body = backup_reply->body;
+  ASSERT_TRUE(transport_->Reply(0));  // the first attempt wins; the backup is cancelled
+  env_.Run();
+  EXPECT_EQ(completions, 5);
+  EXPECT_EQ(transport_->in_flight(), 0u);
+  EXPECT_EQ(backup_->outstanding(), 0u);
+  EXPECT_TRUE(body.expired()) << "the lost backup's reply outlived its call";
+}
+
 TEST_F(BackupRequestTest, AFailureWaitsForTheOtherAttempt) {
   auto c = StartHedged();
   ASSERT_TRUE(transport_->Fail(0, make_error_code(Errc::kServerError), "node5 broke"));
@@ -445,6 +489,22 @@ TEST_F(BackupRequestTest, NoBackupAfterTheDeadline) {
   EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
   EXPECT_EQ(transport_->total_requests(), 5u);
   EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+}
+
+// A loop that wakes late runs the backup's timer and the deadline's in one turn, the backup's
+// first (it was due first): the backup is not sent then, as the deadline has passed (it would
+// only spend both budgets and, on HTTP, a connection, to be cancelled at once).
+TEST_F(BackupRequestTest, ALateBackupTimerSendsNoBackupPastTheDeadline) {
+  Build();
+  Warm(4, milliseconds(20));
+  const int64_t balance = backup_->budget().Balance();
+  auto c = Start(true, milliseconds(25));  // the 20 ms delay ends before the deadline
+  env_.Advance(milliseconds(30));          // both timers are due when the loop wakes
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(transport_->total_requests(), 5u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+  EXPECT_EQ(backup_->budget().Balance(), balance);  // the call's deposit is worth less than one backup
 }
 
 // The caller gets kRequestTimeout and both attempts count as latencies, but only the first

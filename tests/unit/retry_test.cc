@@ -349,6 +349,37 @@ TEST_F(RetryTest, CancellationDuringBackoffAnswersAtOnce) {
   EXPECT_EQ(transport_->total_requests(), 1u);  // never resent
 }
 
+// A retry cut off during its backoff (the caller's cancellation, Close()) was never sent:
+// scales_retries ("retries sent") does not count it, and the caller's detail names only the
+// attempt that ran. (The deadline cannot cut a backoff off: no retry waits past it.)
+TEST_F(RetryTest, ARetryCutOffDuringItsBackoffIsNotCountedAsSent) {
+  Build(Options(2, milliseconds(50), milliseconds(50)), milliseconds(100));
+  auto c = Start();
+  SinkStack* stack = stamp_->last_stack;
+  Fail(Errc::kConnectFailed, "refused");
+  ASSERT_EQ(retry_->waiting(), 1u);
+  env_.Advance(milliseconds(10));
+  stack->Cancel(make_error_code(Errc::kCancelled));  // the caller gives up during the backoff
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kCancelled);
+  env_.Advance(milliseconds(100));
+  EXPECT_EQ(transport_->total_requests(), 1u);
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 0);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("refused (attempt 1 of 3)"));
+  EXPECT_THAT(calls_[c].info.detail, Not(HasSubstr("attempt 2"))) << calls_[c].info.detail;
+
+  auto d = Start();
+  Fail(Errc::kConnectFailed, "refused");
+  ASSERT_EQ(retry_->waiting(), 1u);
+  retry_->Close();
+  env_.Run();
+  ASSERT_TRUE(calls_.done(d));
+  EXPECT_EQ(calls_[d].error, Errc::kClientClosed);
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 0);
+  EXPECT_THAT(calls_[d].info.detail, Not(HasSubstr("attempt 2"))) << calls_[d].info.detail;
+}
+
 TEST_F(RetryTest, NeverRetriesPastTheDeadline) {
   Build(Options(2, milliseconds(40), milliseconds(40)), milliseconds(100));
   auto c = Start();
@@ -362,6 +393,26 @@ TEST_F(RetryTest, NeverRetriesPastTheDeadline) {
   EXPECT_EQ(calls_[c].error, Errc::kConnectFailed);
   EXPECT_THAT(calls_[c].info.detail, HasSubstr("attempt 2 of 3"));
   EXPECT_THAT(calls_[c].info.detail, HasSubstr("not retried: the deadline leaves no time"));
+}
+
+// A loop that wakes late runs the backoff's timer and the deadline's in one turn, the backoff's
+// first (it was due first): the retry is not sent past the deadline; the call times out once,
+// naming the attempt that failed.
+TEST_F(RetryTest, ALateBackoffTimerSendsNoRetryPastTheDeadline) {
+  Build(Options(2, milliseconds(40), milliseconds(40)), milliseconds(100));
+  auto c = Start();
+  Fail(Errc::kConnectFailed, "refused");  // retry due at 40 ms
+  ASSERT_EQ(retry_->waiting(), 1u);
+  env_.Advance(milliseconds(150));  // the loop wakes after the deadline
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(transport_->total_requests(), 1u) << "a retry was sent after the deadline";
+  EXPECT_EQ(env_.CounterValue("scales_retries"), 0);
+  EXPECT_EQ(env_.CounterValue("scales_timeouts"), 1);
+  EXPECT_EQ(retry_->waiting(), 0u);
+  EXPECT_EQ(calls_[c].info.detail,
+            "client test: Get request before an endpoint was chosen timed out after 100 ms (deadline): the deadline "
+            "passed while the request waited to retry; the previous attempt failed: refused (attempt 1 of 3)");
 }
 
 TEST_F(RetryTest, TimeoutDuringARetriedAttemptIsNotRetried) {

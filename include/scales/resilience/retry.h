@@ -10,11 +10,12 @@
 //   - fewer than max_retries retries have run;
 //   - the deadline leaves time: now + backoff is before it;
 //   - the budget allows it (RetryBudget::TryWithdraw).
-// A retry increments msg.properties.retries, records the failed endpoint in
-// msg.properties.avoid_endpoint, clears msg.properties.endpoint, waits a backoff drawn
-// uniformly from [backoff_min, backoff_max] (0 by default: the next loop turn; never inside the
-// failed attempt's response path) and sends the same message and stream down again. While it
-// waits the sink holds the request: a cancellation (the timeout) or Close() answers it at once.
+// A retry records the failed endpoint in msg.properties.avoid_endpoint, clears
+// msg.properties.endpoint, waits a backoff drawn uniformly from [backoff_min, backoff_max] (0 by
+// default: the next loop turn; never inside the failed attempt's response path), then increments
+// msg.properties.retries and scales_retries and sends the same message and stream down again.
+// While it waits the sink holds the request: a cancellation (the timeout) or Close() answers it
+// at once, and the retry that never ran is neither counted nor named as an attempt.
 //
 // Every call deposits once into the budget, when it first passes this sink. The backup-request
 // sink below (backup_request.h) withdraws a backup from the same budget (Finagle's
