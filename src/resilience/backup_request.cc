@@ -37,12 +37,16 @@ void Validate(const BackupRequestOptions& o) {
   if (!(o.percentile == 0.0 || (o.percentile > 0.0 && o.percentile < 1.0))) {
     fail(fmt::format("backup.percentile must be 0 (1 - max_extra_load) or in (0, 1) (got {})", o.percentile));
   }
-  if (o.min_send_backup_after < Duration::zero()) fail("backup.min_send_backup_after must be >= 0");
-  if (o.window <= Duration::zero()) fail("backup.window must be > 0");
+  if (o.min_send_backup_after < Duration::zero()) {
+    fail(fmt::format("backup.min_send_backup_after must be >= 0 (got {} ms)", Millis(o.min_send_backup_after)));
+  }
+  if (o.window <= Duration::zero()) fail(fmt::format("backup.window must be > 0 (got {} ms)", Millis(o.window)));
   if (o.window_slices < 1 || o.window_slices > 60) {
     fail(fmt::format("backup.window_slices must be in [1, 60] (got {})", o.window_slices));
   }
-  if (o.refresh_interval <= Duration::zero()) fail("backup.refresh_interval must be > 0");
+  if (o.refresh_interval <= Duration::zero()) {
+    fail(fmt::format("backup.refresh_interval must be > 0 (got {} ms)", Millis(o.refresh_interval)));
+  }
   if (o.budget_ttl < std::chrono::seconds(1) || o.budget_ttl > std::chrono::seconds(60)) {
     fail(fmt::format("backup.budget_ttl must be in [1 s, 60 s] (got {} ms)", Millis(o.budget_ttl)));
   }

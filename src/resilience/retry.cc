@@ -19,9 +19,12 @@ long long Millis(Duration d) { return std::chrono::duration_cast<std::chrono::mi
 void Validate(const RetryOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
   if (o.max_retries < 0) fail(fmt::format("retry.max_retries must be >= 0 (got {})", o.max_retries));
-  if (o.backoff_min < Duration::zero()) fail("retry.backoff_min must be >= 0");
-  if (o.backoff_max < o.backoff_min) fail("retry.backoff_max must be >= backoff_min");
-  Validate(o.budget);
+  if (o.backoff_min < Duration::zero()) fail(fmt::format("retry.backoff_min must be >= 0 (got {} ms)", Millis(o.backoff_min)));
+  if (o.backoff_max < o.backoff_min) {
+    fail(fmt::format("retry.backoff_max must be >= backoff_min (got {} ms < {} ms)", Millis(o.backoff_max),
+                     Millis(o.backoff_min)));
+  }
+  Validate(o.budget, "retry.budget");
 }
 
 bool IsRetryable(const error_code& ec, bool idempotent) noexcept {

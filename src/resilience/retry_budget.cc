@@ -41,21 +41,21 @@ void WindowedAdder::Reset() {
   sum_ = 0;
 }
 
-void Validate(const RetryBudgetOptions& o) {
+void Validate(const RetryBudgetOptions& o, std::string_view field) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
   if (o.ttl < std::chrono::seconds(1) || o.ttl > std::chrono::seconds(60)) {
-    fail(fmt::format("retry_budget.ttl must be in [1 s, 60 s] (got {} ms)",
+    fail(fmt::format("{}.ttl must be in [1 s, 60 s] (got {} ms)", field,
                      std::chrono::duration_cast<std::chrono::milliseconds>(o.ttl).count()));
   }
   // The bounds keep the token arithmetic in 64 bits: a withdrawal costs 1000 / percent_can_retry
   // tokens (at most 1e9) and the reserve min_retries_per_sec x ttl x that (at most 6e16).
   if (o.min_retries_per_sec < 0 || o.min_retries_per_sec > RetryBudgetOptions::kMaxMinRetriesPerSec) {
-    fail(fmt::format("retry_budget.min_retries_per_sec must be in [0, {}] (got {})", RetryBudgetOptions::kMaxMinRetriesPerSec,
+    fail(fmt::format("{}.min_retries_per_sec must be in [0, {}] (got {})", field, RetryBudgetOptions::kMaxMinRetriesPerSec,
                      o.min_retries_per_sec));
   }
   if (!(o.percent_can_retry == 0.0 ||
         (o.percent_can_retry >= RetryBudgetOptions::kMinPercentCanRetry && o.percent_can_retry <= 1000.0))) {
-    fail(fmt::format("retry_budget.percent_can_retry must be 0 or in [{}, 1000] (got {})", RetryBudgetOptions::kMinPercentCanRetry,
+    fail(fmt::format("{}.percent_can_retry must be 0 or in [{}, 1000] (got {})", field, RetryBudgetOptions::kMinPercentCanRetry,
                      o.percent_can_retry));
   }
 }

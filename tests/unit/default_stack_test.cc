@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "scales/http/client.h"
@@ -26,6 +27,7 @@ std::vector<std::string> Names(const SinkStackSpec& spec) {
 }
 
 using V = std::vector<std::string>;
+using ::testing::HasSubstr;
 
 TEST(DefaultStackTest, HttpDefaults) {
   http::HttpOptions o;
@@ -104,8 +106,27 @@ TEST(DefaultStackTest, ValidateNamesTheBadResilienceField) {
     EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
     EXPECT_NE(std::string(e.what()).find("max_retries"), std::string::npos) << e.what();
   }
+  // A nested field is named by its path in the options, with the value given.
+  auto message = [](const ResilienceOptions& bad) -> std::string {
+    try {
+      Validate(bad);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "(accepted)";
+  };
+  o.retry->max_retries = 2;
+  o.retry->budget.ttl = std::chrono::milliseconds(500);
+  EXPECT_THAT(message(o), HasSubstr("retry.budget.ttl must be in [1 s, 60 s] (got 500 ms)"));
+  o.retry->budget.ttl = std::chrono::seconds(10);
+  o.retry->backoff_min = std::chrono::milliseconds(30);
+  o.retry->backoff_max = std::chrono::milliseconds(20);
+  EXPECT_THAT(message(o), HasSubstr("retry.backoff_max must be >= backoff_min (got 20 ms < 30 ms)"));
   o.retry.reset();  // retries off: nothing left to validate there
   EXPECT_NO_THROW(Validate(o));
+  o.backup = BackupRequestOptions{};
+  o.backup->window = std::chrono::milliseconds(-5);
+  EXPECT_THAT(message(o), HasSubstr("backup.window must be > 0 (got -5 ms)"));
 }
 
 }  // namespace

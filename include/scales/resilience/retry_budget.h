@@ -12,6 +12,7 @@
 // not expire. Balance() = (reserve + window sum) / withdrawal cost, in retries.
 
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "scales/core/clock.h"
@@ -70,7 +71,9 @@ struct RetryBudgetOptions {
 };
 
 // Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable.
-void Validate(const RetryBudgetOptions& o);
+// `field` names the options in messages: "retry_budget" for a budget of its own, "retry.budget"
+// for RetryOptions::budget.
+void Validate(const RetryBudgetOptions& o, std::string_view field = "retry_budget");
 
 // Thread safety: one budget per client per event loop, used on that loop only.
 class RetryBudget {
