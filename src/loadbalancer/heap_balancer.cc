@@ -276,6 +276,12 @@ void LoadBalancerSink::Close() {
     server_set_->Unsubscribe(subscription_);
     subscribed_ = false;
   }
+  // A closed balancer serves no endpoint: its members leave the size gauge now (membership
+  // changes are no longer followed; the destructor does not count them out again).
+  if (reports_membership_) {
+    size_gauge_.Add(-static_cast<int64_t>(nodes_.size()));
+    reports_membership_ = false;
+  }
   open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
   while (!parked_.empty()) {
     auto [stack, stream] = parked_.front();

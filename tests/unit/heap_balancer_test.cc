@@ -669,15 +669,26 @@ TEST_F(HeapBalancerTest, CloseClosesEveryNodeAndAnswersInFlight) {
   Start();
   Start();
   env_.Run();
+  EXPECT_EQ(env_.GaugeValue("scales_lb_size"), 2);
   dispatcher_->Close();
   EXPECT_EQ(Node(0).close_calls(), 1u);
   EXPECT_EQ(Node(1).close_calls(), 1u);
   env_.Run();
   EXPECT_TRUE(calls_.AllCompletedOnce());
+  // A closed balancer serves no endpoint (as the pools' and connections' gauges drop to 0).
+  EXPECT_EQ(env_.GaugeValue("scales_lb_size"), 0);
   // Membership changes after close are ignored.
   set_->Update(Eps({0, 1, 2}));
   env_.Run();
   EXPECT_EQ(factory_.count(), 2u);
+  EXPECT_EQ(env_.GaugeValue("scales_lb_size"), 0);
+  // Nor does its destruction count the members out again.
+  dispatcher_.reset();
+  timeout_.reset();
+  streaming_.reset();
+  balancer_.reset();
+  env_.Run();
+  EXPECT_EQ(env_.GaugeValue("scales_lb_size"), 0);
 }
 
 
