@@ -213,6 +213,12 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating, bool refuse) {
     // A root span: trace, span and parent ids are equal (Finagle's convention); never 0.
     const uint64_t id = (loop_.random().Next() ^ TraceIdSalt()) | 1;
     props.trace.trace_id = props.trace.span_id = props.trace.parent_id = id;
+    props.trace.trace_id_high = 0;  // a high half alone is no trace: the root is 64-bit
+  } else if (props.trace.valid() && props.trace.span_id == 0) {
+    // A caller's trace without a span of its own (an upstream trace id, forwarded): span id 0
+    // is invalid (B3 servers reject X-B3-SpanId 0), so the call gets a new span in that trace,
+    // drawn as root ids are, under the given parent (0 = none), as Finagle's Trace.nextId.
+    props.trace.span_id = (loop_.random().Next() ^ TraceIdSalt()) | 1;
   }
   requests_.Increment();
   pending_gauge_.Add(1);

@@ -34,10 +34,15 @@ std::string Snippet(std::string_view body, size_t max = 200) {
 }
 
 // B3 propagation headers (https://github.com/openzipkin/b3-propagation): 16 lower-hex digits
-// per id.
+// per id; a 128-bit trace id is 32 (high half first).
 void AppendB3Headers(std::string& out, const TraceContext& t) {
   auto it = std::back_inserter(out);
-  fmt::format_to(it, "X-B3-TraceId: {:016x}\r\nX-B3-SpanId: {:016x}\r\n", t.trace_id, t.span_id);
+  if (t.trace_id_high != 0) {
+    fmt::format_to(it, "X-B3-TraceId: {:016x}{:016x}\r\n", t.trace_id_high, t.trace_id);
+  } else {
+    fmt::format_to(it, "X-B3-TraceId: {:016x}\r\n", t.trace_id);
+  }
+  fmt::format_to(it, "X-B3-SpanId: {:016x}\r\n", t.span_id);
   if (t.parent_id != 0 && t.parent_id != t.span_id) {
     fmt::format_to(it, "X-B3-ParentSpanId: {:016x}\r\n", t.parent_id);
   }

@@ -864,6 +864,7 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
     // real parent span 0.
     t.parent_id = props.trace.parent_id != 0 ? props.trace.parent_id : props.trace.span_id;
     t.flags = props.trace.flags;
+    if (props.trace.trace_id_high != 0) t.trace_id_high = props.trace.trace_id_high;  // 40 bytes
     trace_value_.clear();
     AppendTraceContext(t, &trace_value_);
     contexts[n++] = {kTraceContextKey, trace_value_};

@@ -698,6 +698,69 @@ TEST_F(DispatcherTest, TraceIdsAreAssignedPerCallUnlessGiven) {
   env_.Run();
 }
 
+// A caller's trace with a trace id but span id 0 (an upstream trace id, forwarded) gets a new
+// span in that trace, drawn as root ids are (never 0), under the given parent, whether or not
+// trace_ids is on: span 0 is invalid in B3 and Finagle. The rest of the trace, including the
+// high half of a 128-bit trace id, is kept.
+TEST_F(DispatcherTest, ACallersTraceWithoutASpanGetsANewSpan) {
+  for (const bool trace_ids : {true, false}) {
+    SCOPED_TRACE(trace_ids);
+    auto transport = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+    auto dispatcher = std::make_shared<MessageDispatcher>(env_.loop(), "test", transport, kTimeout, env_.scope,
+                                                          nullptr, trace_ids);
+    TraceContext given{0x1111, 0, 0x3333, 6};
+    given.trace_id_high = 0x4444;
+    const size_t first = calls_.size();
+    for (int i = 0; i < 2; ++i) {
+      calls_.StartWith([&](CallBase* call) {
+        call->message.properties.trace = given;
+        dispatcher->Dispatch(call, true);
+      });
+    }
+    env_.Run();
+    ASSERT_EQ(transport->in_flight(), 2u);
+    const TraceContext& t0 = transport->request(0).message->properties.trace;
+    const TraceContext& t1 = transport->request(1).message->properties.trace;
+    EXPECT_NE(t0.span_id, 0u);
+    EXPECT_NE(t1.span_id, 0u);
+    EXPECT_NE(t0.span_id, t1.span_id) << "two calls share a span";
+    EXPECT_EQ(t0.trace_id, 0x1111u);
+    EXPECT_EQ(t0.trace_id_high, 0x4444u);
+    EXPECT_EQ(t0.parent_id, 0x3333u);
+    EXPECT_EQ(t0.flags, 6u);
+    const uint64_t span0 = t0.span_id;
+    for (int i = 0; i < 2; ++i) ASSERT_TRUE(transport->Reply(0, i));
+    env_.Run();
+    EXPECT_EQ(calls_[first].info.trace.span_id, span0);
+    EXPECT_EQ(calls_[first].info.trace.trace_id_high, 0x4444u);
+    dispatcher->Close();
+    env_.Run();
+  }
+}
+
+// A high half without a trace id is no trace: the root the dispatcher draws is a 64-bit one,
+// not half the caller's.
+TEST_F(DispatcherTest, AHighHalfAloneIsReplacedByA64BitRoot) {
+  auto transport = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
+  auto dispatcher = std::make_shared<MessageDispatcher>(env_.loop(), "test", transport, kTimeout, env_.scope,
+                                                        nullptr, /*trace_ids=*/true);
+  TraceContext given;
+  given.trace_id_high = 0x4444;
+  calls_.StartWith([&](CallBase* call) {
+    call->message.properties.trace = given;
+    dispatcher->Dispatch(call, true);
+  });
+  env_.Run();
+  ASSERT_EQ(transport->in_flight(), 1u);
+  const TraceContext& t = transport->request(0).message->properties.trace;
+  EXPECT_TRUE(t.valid());
+  EXPECT_EQ(t.trace_id_high, 0u);
+  EXPECT_EQ(t.span_id, t.trace_id);
+  ASSERT_TRUE(transport->Reply(0, 0));
+  dispatcher->Close();
+  env_.Run();
+}
+
 }  // namespace
 }  // namespace scales
 

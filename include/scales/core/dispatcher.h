@@ -45,8 +45,9 @@ struct CallInfo {
   Duration elapsed{};
   // Response headers the protocol carried (ThriftMux: com.twitter.finagle.thrift.Response.headers).
   Headers response_headers;
-  // The call's trace identifiers (given in CallOptions::trace, or assigned by the client when
-  // ClientOptions::trace_ids is set; trace_id 0 = none).
+  // The call's trace identifiers (given in CallOptions::trace, with the span id the client drew
+  // when it was 0; or assigned by the client when ClientOptions::trace_ids is set; trace_id 0 =
+  // none).
   TraceContext trace;
 };
 
@@ -56,8 +57,10 @@ struct CallOptions {
   std::optional<Duration> timeout;
   // Extra application headers (HTTP headers; Mux request headers).
   Headers headers;
-  // Trace identifiers to send (Mux TraceContext, B3 headers). Default: a new root trace id
-  // per call (ClientOptions::trace_ids).
+  // Trace identifiers to send (Mux TraceContext, B3 headers), e.g. an upstream request's,
+  // forwarded; trace_id_high != 0 sends a 128-bit trace id. With trace_id != 0 and span_id 0
+  // the call gets a new span id (drawn as root ids are) under the given parent_id (0 = none),
+  // as Finagle's Trace.nextId. Default: a new root trace id per call (ClientOptions::trace_ids).
   std::optional<TraceContext> trace;
   // When set, receives the call's CallInfo before the handler runs. Must stay valid until
   // then, and belongs to one call at a time: the call writes it on its event loop, so two

@@ -23,6 +23,9 @@ struct TraceContext {
   uint64_t span_id = 0;
   uint64_t parent_id = 0;
   uint64_t flags = 0;  // bit 0 debug, bit 1 sampling known, bit 2 sampled
+  // The high 64 bits of a 128-bit trace id (B3's 32-digit X-B3-TraceId, Mux's 40-byte
+  // TraceContext); 0 = a 64-bit trace id. Root ids the client assigns are 64-bit, as Finagle's.
+  uint64_t trace_id_high = 0;
   bool valid() const noexcept { return trace_id != 0; }
 };
 

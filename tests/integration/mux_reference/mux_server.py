@@ -32,7 +32,8 @@ Misbehaviours on demand, chosen by the argument of echo():
   "close-mid-frame"  write half of the reply frame and close the connection
   "contexts"         reply with the received context keys, comma-separated
   "trace"            reply "trace=T span=S parent=P flags=F" (16 hex digits each) decoded from
-                     the TraceContext context, or "no trace"
+                     the TraceContext context, or "no trace"; a 40-byte context (128-bit trace
+                     id) appends " high=H" (traceIdHigh, 16 hex digits)
   "tls-info"         reply "tls=VERSION peer=CN" for a TLS connection (VERSION as Python's
                      ssl reports it, e.g. TLSv1.3; CN of the client certificate, or "none"),
                      or "tls=none" for a plaintext one: proof that the bytes were encrypted
@@ -347,6 +348,8 @@ def describe_contexts(contexts):
         elif k == KEY_TRACE and len(v) in (32, 40):
             span, parent, trace, flags = struct.unpack(">QQQQ", v[:32])
             parts.append("trace=%x/%x/%x/%d" % (trace, parent, span, flags))
+            if len(v) == 40:
+                parts.append("trace_high=%x" % struct.unpack(">Q", v[32:])[0])
     return " ".join(parts)
 
 
@@ -869,6 +872,8 @@ class Connection:
             else:  # spanId:8 parentId:8 traceId:8 flags:8 (mux-protocol.md 1.6)
                 span, parent, trace, flags = struct.unpack(">QQQQ", value[:32])
                 text = "trace=%016x span=%016x parent=%016x flags=%d" % (trace, span, parent, flags)
+                if len(value) == 40:  # + traceIdHigh:8
+                    text += " high=%016x" % struct.unpack(">Q", value[32:])[0]
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=text))
         else:
             self.reply_ok(tag, contexts, echo.reply("echo", seqid, success=message))
