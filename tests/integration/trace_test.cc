@@ -33,12 +33,18 @@ std::shared_ptr<Runtime> OneLoop() {
   return std::make_shared<Runtime>(o);
 }
 
-TEST(TraceTest, HttpSendsB3HeadersWhenEnabled) {
-  test::TestHttpServer server("trace");
+// The options of an HTTP client that sends B3 headers, on one event loop.
+http::HttpOptions B3Options() {
   http::HttpOptions o;
   o.client.name = "trace-http";
   o.client.runtime = OneLoop();
   o.transport.b3_headers = true;
+  return o;
+}
+
+TEST(TraceTest, HttpSendsB3HeadersWhenEnabled) {
+  test::TestHttpServer server("trace");
+  const http::HttpOptions o = B3Options();
   auto client = Http::NewClient("tcp://" + server.endpoint(), o);
 
   CallInfo info;
@@ -67,10 +73,7 @@ TEST(TraceTest, HttpSendsB3HeadersWhenEnabled) {
 // pick one, and a stale single `b3` header wins over X-B3-* on servers that read both.
 TEST(TraceTest, HttpB3HeadersReplaceTheCallersOwn) {
   test::TestHttpServer server("trace");
-  http::HttpOptions o;
-  o.client.name = "trace-http";
-  o.client.runtime = OneLoop();
-  o.transport.b3_headers = true;
+  const http::HttpOptions o = B3Options();
   auto client = Http::NewClient("tcp://" + server.endpoint(), o);
 
   CallInfo info;
@@ -116,10 +119,7 @@ TEST(TraceTest, HttpB3HeadersReplaceTheCallersOwn) {
 // digits) passes it on whole: with only the low half, downstream spans joined another trace.
 TEST(TraceTest, HttpSendsA128BitTraceIdAs32HexDigits) {
   test::TestHttpServer server("trace");
-  http::HttpOptions o;
-  o.client.name = "trace-http";
-  o.client.runtime = OneLoop();
-  o.transport.b3_headers = true;
+  const http::HttpOptions o = B3Options();
   auto client = Http::NewClient("tcp://" + server.endpoint(), o);
 
   CallInfo info;
@@ -147,10 +147,7 @@ TEST(TraceTest, HttpSendsA128BitTraceIdAs32HexDigits) {
 // in that trace, drawn as root ids are, under the given parent (as Finagle's Trace.nextId).
 TEST(TraceTest, HttpGivesACallersTraceWithoutASpanANewSpan) {
   test::TestHttpServer server("trace");
-  http::HttpOptions o;
-  o.client.name = "trace-http";
-  o.client.runtime = OneLoop();
-  o.transport.b3_headers = true;
+  const http::HttpOptions o = B3Options();
   auto client = Http::NewClient("tcp://" + server.endpoint(), o);
 
   CallInfo info;
