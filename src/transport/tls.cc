@@ -254,6 +254,14 @@ TlsOptions TlsOptionsForUri(std::string_view uri, TlsOptions defaults) {
   if (uri.empty()) return defaults;
   std::string error;
   if (auto parsed = ScalesUriParser::TryParse(uri, error)) {
+    // A zk:// query lets ThriftMux's opportunistic_tls through (tcp:// refuses it): here, for
+    // HTTP and Thrift, it would be ignored and the connection left in clear text.
+    if (auto it = parsed->query.find("opportunistic_tls"); it != parsed->query.end()) {
+      throw Error(make_error_code(Errc::kBadUri),
+                  fmt::format("URI option opportunistic_tls='{}' is a ThriftMux option (a Mux session negotiates "
+                              "TLS); HTTP and Thrift use TLS from the first byte: tls=on or https://",
+                              it->second));
+    }
     ApplyTlsQuery(parsed->query, defaults);
     RefuseIneffectiveTlsKeys(parsed->query, defaults, "add tls=on or use https://");
   }

@@ -328,6 +328,17 @@ TEST(TlsOptionsTest, BadFilesAndKeysFailAtClientCreation) {
   e = Thrown([&] { Thrift::NewClient<EchoClient>("tcp://127.0.0.1:1?tls_verify=off", ThriftOpts(rt, {})); });
   EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
   EXPECT_THAT(e.what(), HasSubstr("tls_verify='off' has no effect: TLS is off"));
+  // opportunistic_tls is ThriftMux's: a zk:// URI lets it through to the client (a tcp:// one
+  // refuses it in the parser), where HTTP and Thrift ignored it and talked in clear text.
+  for (const char* value : {"required", "desired"}) {
+    const std::string uri = std::string("zk://127.0.0.1:1/svc?opportunistic_tls=") + value;
+    e = Thrown([&] { Http::NewClient(uri, HttpOpts(rt, {})); });
+    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("opportunistic_tls='" + std::string(value) + "' is a ThriftMux option"));
+    e = Thrown([&] { Thrift::NewClient<EchoClient>(uri, ThriftOpts(rt, {})); });
+    EXPECT_EQ(e.code(), Errc::kBadUri) << e.what();
+    EXPECT_THAT(e.what(), HasSubstr("opportunistic_tls='" + std::string(value) + "' is a ThriftMux option"));
+  }
   TlsOptions half = Trusting(ca.ca_file);
   half.cert_file = ca.client_cert;
   EXPECT_THROW(Http::NewClient("https://127.0.0.1:1", HttpOpts(rt, half)), Error);

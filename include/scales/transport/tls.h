@@ -74,7 +74,8 @@ void RefuseIneffectiveTlsKeys(const std::map<std::string, std::string>& query, c
 // `defaults` with the TLS keys of client URI `uri` applied (ApplyTlsQuery; https:// turns TLS
 // on). An empty URI or one that does not parse leaves `defaults` as they are (the client
 // reports a bad URI itself). tls_* keys that TLS left off would ignore throw kBadUri
-// (RefuseIneffectiveTlsKeys).
+// (RefuseIneffectiveTlsKeys), and so does opportunistic_tls (ThriftMux's own key: for the
+// clients this serves, HTTP and Thrift, it would be ignored).
 TlsOptions TlsOptionsForUri(std::string_view uri, TlsOptions defaults);
 
 // True for errors of OpenSSL and of Asio's TLS stream (a handshake or record failure, a
