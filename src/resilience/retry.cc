@@ -192,7 +192,11 @@ void RetrySink::Resend(Pending* p) {
   // Counted (and numbered) only now that it is sent: a retry cut off during its backoff by a
   // cancellation or Close() never ran.
   retries_.Increment();
-  ++stack.message().properties.retries;
+  CallProperties& props = stack.message().properties;
+  ++props.retries;
+  // Each attempt is a span of its own in the call's trace, under the same parent (as Finagle's
+  // requeues: mux-protocol.md, the retry budget): the server's spans of two attempts do not merge.
+  if (props.trace.valid()) props.trace.span_id = loop_.random().Next() | 1;
   // `p` stays ours (it is the pushed context) until this attempt's response comes back.
   next_->AsyncProcessRequest(stack, stack.message(), p->request);
 }

@@ -368,6 +368,29 @@ TEST_F(RetryTest, ARetryCutOffByCloseIsNotCountedAsSent) {
   EXPECT_THAT(calls_[d].info.detail, Not(HasSubstr("attempt 2"))) << calls_[d].info.detail;
 }
 
+// Each retry is a new span of the call's trace, under the same parent (Finagle's requeues);
+// CallInfo reports the span of the attempt that answered.
+TEST_F(RetryTest, EachRetryIsANewSpanOfTheCallsTrace) {
+  Build();
+  dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, seconds(1), env_.scope, nullptr,
+                                                    /*trace_ids=*/true);
+  auto c = Start();
+  const TraceContext first = transport_->request(0).message->properties.trace;
+  ASSERT_TRUE(first.valid());
+  Fail(Errc::kConnectFailed);
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  const TraceContext second = transport_->request(0).message->properties.trace;
+  EXPECT_EQ(second.trace_id, first.trace_id);
+  EXPECT_NE(second.span_id, 0u);
+  EXPECT_NE(second.span_id, first.span_id);
+  EXPECT_EQ(second.parent_id, first.parent_id);
+  EXPECT_EQ(second.flags, first.flags);
+  ASSERT_TRUE(transport_->Reply(0, 7));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].info.trace.span_id, second.span_id);
+}
+
 TEST_F(RetryTest, NeverRetriesPastTheDeadline) {
   Build(Options(2, milliseconds(40), milliseconds(40)), milliseconds(100));
   auto c = Start();

@@ -13,7 +13,9 @@
 // A retry records the failed endpoint in msg.properties.avoid_endpoint, clears
 // msg.properties.endpoint, waits a backoff drawn uniformly from [backoff_min, backoff_max] (0 by
 // default: the next loop turn; never inside the failed attempt's response path), then increments
-// msg.properties.retries and scales_retries and sends the same message and stream down again.
+// msg.properties.retries and scales_retries, gives a traced call a new span id (each attempt a
+// span of its own, under the same parent, as Finagle's requeues) and sends the same message and
+// stream down again.
 // While it waits the sink holds the request: a cancellation (the timeout) or Close() answers it
 // at once, and the retry that never ran is neither counted nor named as an attempt.
 //
