@@ -239,6 +239,9 @@ void BackupRequestSink::SendBackup(Hedge* h) {
   m.properties.avoid_endpoint = caller.properties.endpoint;
   m.properties.endpoint.clear();
   m.properties.backup = true;
+  // A span of its own in the call's trace, under the same parent, as a retry's: the server's
+  // spans of the two attempts must not merge.
+  if (m.properties.trace.valid()) m.properties.trace.span_id = loop_.random().Next() | 1;
   if (!h->backup_reply) h->backup_reply = ops_.create();
   ops_.attach(h->backup_reply.get(), m);
   h->backup_stack.emplace(m);
@@ -295,6 +298,7 @@ void BackupRequestSink::Finish(Hedge* h, bool backup, Stream* stream, MethodRetu
       if (other_out) CancelLoser(h, backup);
       ops_.adopt(h->backup_reply.get(), stream, caller);
       caller.properties.endpoint = h->backup_msg->properties.endpoint;
+      caller.properties.trace = h->backup_msg->properties.trace;  // CallInfo: the span that answered
     } else {
       if (other_out) CancelLoser(h, backup);
       // The winner's bytes go into the caller's slot, in case a transport passed its own.

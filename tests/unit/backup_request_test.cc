@@ -369,6 +369,36 @@ TEST_F(BackupRequestTest, BackupGoesToAnotherEndpointAfterTheDelayAndWins) {
   EXPECT_EQ(env_.CounterValue("scales_backup_requests_won"), 1);
 }
 
+// The backup is a span of its own in the call's trace, under the same parent (as a retry is);
+// when it wins, CallInfo reports its span.
+TEST_F(BackupRequestTest, TheBackupIsANewSpanOfTheCallsTrace) {
+  Build();
+  Warm(4, milliseconds(20));
+  const TraceContext traced{0xabc, 0xdef, 0x123, 6};
+  auto c = calls_.StartWith([&](CallBase* call) {
+    call->message.properties.idempotent = true;
+    call->message.properties.trace = traced;
+    dispatcher_->Dispatch(call, true);
+  });
+  env_.Run();
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  ASSERT_EQ(BackupIndex(), 1);
+  const TraceContext first = transport_->request(0).message->properties.trace;
+  const TraceContext backup = transport_->request(1).message->properties.trace;
+  EXPECT_EQ(first.span_id, 0xdefu);
+  EXPECT_EQ(backup.trace_id, 0xabcu);
+  EXPECT_EQ(backup.parent_id, 0x123u);
+  EXPECT_EQ(backup.flags, 6u);
+  EXPECT_NE(backup.span_id, 0u);
+  EXPECT_NE(backup.span_id, first.span_id);
+  ASSERT_TRUE(transport_->Reply(1, 42));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].value, 42);
+  EXPECT_EQ(calls_[c].info.trace.span_id, backup.span_id);
+}
+
 TEST_F(BackupRequestTest, FirstAttemptWinsAndTheBackupIsCancelledOnce) {
   auto c = StartHedged();
   ASSERT_TRUE(transport_->Reply(0, 7));
