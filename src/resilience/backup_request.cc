@@ -215,6 +215,10 @@ void BackupRequestSink::OnTimer(void* arg) {
 
 void BackupRequestSink::SendBackup(Hedge* h) {
   if (closed_ || !h->primary_out || h->caller->cancelled()) return;
+  // Only a dispatched first attempt is hedged (as Finagle's): one still waiting in the balancer
+  // (for the server set's first members) has no endpoint yet, and a backup sent now could not
+  // avoid it (the balancer routes the backup right after it, perhaps to the same node).
+  if (h->caller->message().properties.endpoint.empty()) return;
   // A timer run late (a busy loop) can find the deadline passed: its own timer, due after this
   // one, is about to cancel the call. A backup now would only spend both budgets.
   const std::optional<TimePoint>& deadline = h->caller->message().properties.deadline;

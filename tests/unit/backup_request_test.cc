@@ -34,17 +34,36 @@ using test::FakeTransport;
 using ::testing::HasSubstr;
 
 // Stands in for the balancer: gives attempt n the endpoint "node<n>:80" and records the
-// endpoint each attempt asked to avoid.
+// endpoint each attempt asked to avoid. While `hold` is set it keeps the requests, without an
+// endpoint (a balancer waiting for the server set's first members), until Release().
 class EndpointStamp final : public ForwardingSink {
  public:
   using ForwardingSink::ForwardingSink;
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    if (hold) {
+      held.push_back({&stack, &msg, stream});
+      return;
+    }
     avoided.push_back(msg.properties.avoid_endpoint);
     msg.properties.endpoint = fmt::format("node{}:80", avoided.size());
     next_->AsyncProcessRequest(stack, msg, stream);
   }
+  // Routes the held requests, in the order they came (as the balancer does).
+  void Release() {
+    hold = false;
+    auto now = std::move(held);
+    held.clear();
+    for (const Held& r : now) AsyncProcessRequest(*r.stack, *r.msg, r.stream);
+  }
   std::string_view name() const override { return "endpoint-stamp"; }
+  struct Held {
+    SinkStack* stack;
+    MethodCallMessage* msg;
+    Stream* stream;
+  };
   std::vector<std::string> avoided;
+  bool hold = false;
+  std::vector<Held> held;
 };
 
 // Between the stamp and the fake, where an endpoint's failure accrual would be: records how each
@@ -367,6 +386,36 @@ TEST_F(BackupRequestTest, BackupGoesToAnotherEndpointAfterTheDelayAndWins) {
   EXPECT_EQ(transport_->cancels(), 1u);
   EXPECT_EQ(transport_->in_flight(), 0u);
   EXPECT_EQ(env_.CounterValue("scales_backup_requests_won"), 1);
+}
+
+// A backup is sent only once the first attempt has an endpoint (Finagle hedges only dispatched
+// requests): a first attempt still waiting in the balancer (for the server set's first members)
+// has no endpoint to avoid, and a backup sent then (with an empty avoid_endpoint) was routed
+// right after it, free to go to the same node.
+TEST_F(BackupRequestTest, NoBackupWhileTheFirstAttemptWaitsForAnEndpoint) {
+  Build();
+  Warm(4, milliseconds(20));
+  const int64_t balance = backup_->budget().Balance();
+  stamp_->hold = true;
+  auto c = Start();
+  env_.Advance(milliseconds(30));
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+  EXPECT_EQ(stamp_->held.size(), 1u) << "only the first attempt waits";
+  EXPECT_EQ(backup_->budget().Balance(), balance) << "no budget spent on a backup not sent";
+  stamp_->Release();
+  env_.Run();
+  for (size_t i = 0; i < transport_->in_flight(); ++i) {
+    const CallProperties& p = transport_->request(i).message->properties;
+    if (p.backup) EXPECT_EQ(p.avoid_endpoint, "node5:80") << "the backup avoids the first attempt's node";
+  }
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  env_.Advance(milliseconds(30));
+  EXPECT_EQ(transport_->in_flight(), 1u) << "the delay has passed: still no backup";
+  ASSERT_TRUE(transport_->Reply(0, 7));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].value, 7);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
 }
 
 // The backup is a span of its own in the call's trace, under the same parent (as a retry is);

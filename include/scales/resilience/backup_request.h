@@ -18,7 +18,9 @@
 // call timed out), or lost to the other attempt (so a slow node does not hide its slowness by
 // being cancelled); other failures are fast failures that would pull the percentile down
 // (Finagle's rule). A backup is sent only if
-//   - the first attempt has not been answered when the delay ends,
+//   - the first attempt has not been answered when the delay ends, and was dispatched: the
+//     balancer gave it an endpoint for the backup to avoid (a first attempt still waiting for
+//     the server set's first members gets no backup, as in Finagle),
 //   - the call's deadline is after the delay's end (no backup after the deadline),
 //   - the request was not cancelled and the sink is not closed,
 //   - both budgets allow it, checked in Finagle's order:
