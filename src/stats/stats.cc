@@ -105,14 +105,31 @@ std::string EscapeLabelValue(std::string_view raw) {
   return out;
 }
 
+// A metric name or label key as ToText() writes it: a newline (or carriage return) would split
+// its line in two, so they are written as \n and \r (names come from code, a user's sink's too).
+std::string TextName(std::string_view raw) {
+  std::string out;
+  out.reserve(raw.size());
+  for (char c : raw) {
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 // name{k="v",k2="v2"}, or just name without labels.
 std::string TextKey(std::string_view name, const Labels& labels) {
-  std::string out(name);
+  std::string out = TextName(name);
   if (labels.empty()) return out;
   out += '{';
   for (size_t i = 0; i < labels.size(); ++i) {
     if (i > 0) out += ',';
-    out += labels[i].first;
+    out += TextName(labels[i].first);
     out += "=\"";
     out += EscapeLabelValue(labels[i].second);
     out += '"';

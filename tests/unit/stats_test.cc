@@ -284,6 +284,14 @@ TEST(StatsRegistryTest, ToTextEscapesLabelValues) {
   EXPECT_EQ(r.ToText(), "c{k=\"a\\\"b\\\\c\\nd\"} 1\n");
 }
 
+// A newline in a metric name or a label key (names come from code, a custom sink's too) would
+// split its line: written as \n.
+TEST(StatsRegistryTest, ToTextKeepsOneLinePerMetric) {
+  StatsRegistry r;
+  r.GetCounter("odd\nname", {{"k\ney", "v"}}).Increment();
+  EXPECT_EQ(r.ToText(), "odd\\nname{k\\ney=\"v\"} 1\n");
+}
+
 TEST(StatsRegistryTest, ToJson) {
   StatsRegistry r;
   FillSample(r);
