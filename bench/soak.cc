@@ -23,10 +23,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -527,7 +529,8 @@ class Soak {
   void PrintHeader() const;
   void PrintRow(const MinuteRow& row, int64_t first_rss_kb) const;
   std::vector<Check> Judge(const std::vector<MinuteRow>& rows, const GaugeSample& final_quiet);
-  void WriteJson(const std::vector<MinuteRow>& rows, const GaugeSample& final_quiet,
+  // False (and a message) when the file cannot be written.
+  bool WriteJson(const std::vector<MinuteRow>& rows, const GaugeSample& final_quiet,
                  const std::vector<Check>& checks, bool pass) const;
 
   Options options_;
@@ -1024,7 +1027,7 @@ std::vector<Check> Soak::Judge(const std::vector<MinuteRow>& rows, const GaugeSa
   return checks;
 }
 
-void Soak::WriteJson(const std::vector<MinuteRow>& rows, const GaugeSample& final_quiet,
+bool Soak::WriteJson(const std::vector<MinuteRow>& rows, const GaugeSample& final_quiet,
                      const std::vector<Check>& checks, bool pass) const {
   std::string out = fmt::format(
       "{{\n  \"config\": {{\"minutes\": {}, \"rate_per_protocol\": {}, \"max_outstanding\": {}, "
@@ -1080,7 +1083,12 @@ void Soak::WriteJson(const std::vector<MinuteRow>& rows, const GaugeSample& fina
   out += fmt::format("\n  ],\n  \"verdict\": \"{}\"\n}}\n", pass ? "pass" : "fail");
   std::ofstream file(options_.json);
   file << out;
-  if (!file) std::fprintf(stderr, "bench_soak: cannot write %s\n", options_.json.c_str());
+  file.close();
+  if (!file) {
+    std::fprintf(stderr, "bench_soak: cannot write --json %s: %s\n", options_.json.c_str(), std::strerror(errno));
+    return false;
+  }
+  return true;
 }
 
 int Soak::Run() {
@@ -1179,7 +1187,8 @@ int Soak::Run() {
   }
   std::printf("verdict: %s\n", pass ? "PASS" : "FAIL");
   std::fflush(stdout);
-  if (!options_.json.empty()) WriteJson(rows, final_quiet, checks, pass);
+  // A report asked for and not written is the harness's failure (exit 2), not a silent pass.
+  if (!options_.json.empty() && !WriteJson(rows, final_quiet, checks, pass)) ++harness_errors_;
   // The servers' stderr logs are kept when something failed.
   std::error_code ec;
   if (pass) {
