@@ -211,11 +211,17 @@ TEST(TraceTest, HttpSendsNoB3HeadersByDefault) {
   EXPECT_NE(info.trace.trace_id, 0u) << "the call still has a trace id";
 }
 
-TEST(TraceTest, ThriftMuxSendsTraceContext) {
-  test::MuxReferenceServer server({"--mode", "finagle"});
+// The options of a ThriftMux client for the trace tests, on one event loop.
+thriftmux::ThriftMuxOptions MuxOptions() {
   thriftmux::ThriftMuxOptions o;
   o.client.name = "trace-tmux";
   o.client.runtime = OneLoop();
+  return o;
+}
+
+TEST(TraceTest, ThriftMuxSendsTraceContext) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  const thriftmux::ThriftMuxOptions o = MuxOptions();
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
 
   CallInfo info;
@@ -248,9 +254,7 @@ TEST(TraceTest, ThriftMuxSendsTraceContext) {
 // a real parent span 0. The caller's TraceContext keeps its 0.
 TEST(TraceTest, ThriftMuxSendsAnAbsentParentAsTheSpan) {
   test::MuxReferenceServer server({"--mode", "finagle"});
-  thriftmux::ThriftMuxOptions o;
-  o.client.name = "trace-tmux";
-  o.client.runtime = OneLoop();
+  const thriftmux::ThriftMuxOptions o = MuxOptions();
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
 
   CallInfo info;
@@ -268,9 +272,7 @@ TEST(TraceTest, ThriftMuxSendsAnAbsentParentAsTheSpan) {
 // after the 32 bytes); a 64-bit one stays 32 bytes (the peer prints no high half).
 TEST(TraceTest, ThriftMuxSendsA128BitTraceIdAs40Bytes) {
   test::MuxReferenceServer server({"--mode", "finagle"});
-  thriftmux::ThriftMuxOptions o;
-  o.client.name = "trace-tmux";
-  o.client.runtime = OneLoop();
+  const thriftmux::ThriftMuxOptions o = MuxOptions();
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
 
   CallInfo info;
@@ -294,9 +296,7 @@ TEST(TraceTest, ThriftMuxSendsA128BitTraceIdAs40Bytes) {
 // TraceContext with span 0 (and, for no parent, parent 0) named a span that does not exist.
 TEST(TraceTest, ThriftMuxGivesACallersTraceWithoutASpanANewSpan) {
   test::MuxReferenceServer server({"--mode", "finagle"});
-  thriftmux::ThriftMuxOptions o;
-  o.client.name = "trace-tmux";
-  o.client.runtime = OneLoop();
+  thriftmux::ThriftMuxOptions o = MuxOptions();
   o.client.trace_ids = false;  // the caller's trace is completed all the same
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
 
