@@ -275,11 +275,13 @@ size_t ApertureBalancerSink::HealthyMembers() const {
   return healthy;
 }
 
-BalancerNode* ApertureBalancerSink::LeastLoadedHealthy(const BalancerNode* except) const {
+BalancerNode* ApertureBalancerSink::LeastLoadedHealthy(const BalancerNode* except,
+                                                       const CallProperties* avoid) const {
   BalancerNode* best = nullptr;
   uint64_t ties = 0;
   for (BalancerNode* n : aperture_) {
     if (n == except || n->down || !Healthy(*n)) continue;
+    if (avoid != nullptr && avoid->Avoids(n->address)) continue;
     if (best == nullptr || n->load < best->load) {
       best = n;
       ties = 1;
@@ -294,12 +296,14 @@ BalancerNode* ApertureBalancerSink::LeastLoadedHealthy(const BalancerNode* excep
 
 // --- picking ---------------------------------------------------------------------------------
 
-BalancerNode* ApertureBalancerSink::PickAlternative(BalancerNode& avoid) {
-  // Another healthy member (least loaded, ties at random), or none: the request stays on
-  // `avoid`. Never a node outside the aperture: its chain would open a connection that only a
-  // member leaving the aperture gets reset, so it would stay open for good. (An unhealthy
-  // member already made the aperture expand, so another member is usually there.)
-  return LeastLoadedHealthy(&avoid);
+BalancerNode* ApertureBalancerSink::PickAlternative(BalancerNode& avoid,
+                                                    const CallProperties& props) {
+  // Another healthy member the request does not avoid (least loaded, ties at random), or none:
+  // the request stays on `avoid`. Never a node outside the aperture: its chain would open a
+  // connection that only a member leaving the aperture gets reset, so it would stay open for
+  // good. (An unhealthy member already made the aperture expand, so another member is usually
+  // there.)
+  return LeastLoadedHealthy(&avoid, &props);
 }
 
 BalancerNode& ApertureBalancerSink::PickNode() {

@@ -200,9 +200,10 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
     return;
   }
   BalancerNode* picked = &PickNode();
-  const std::string& avoid = msg.properties.avoid_endpoint;
-  if (!avoid.empty() && nodes_.size() > 1 && picked->address == avoid) {
-    if (BalancerNode* other = PickAlternative(*picked)) {
+  // Only a retry or a backup has endpoints to avoid: a first attempt pays one empty() check.
+  const CallProperties& props = msg.properties;
+  if (!props.avoid_endpoints.empty() && nodes_.size() > 1 && props.Avoids(picked->address)) {
+    if (BalancerNode* other = PickAlternative(*picked, props)) {
       picked = other;
       avoided_.Increment();
     }
@@ -219,19 +220,20 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
   n.sink->AsyncProcessRequest(stack, msg, stream);
 }
 
-BalancerNode* LoadBalancerSink::PickAlternative(BalancerNode& avoid) {
+BalancerNode* LoadBalancerSink::PickAlternative(BalancerNode& avoid,
+                                                const CallProperties& props) {
   // A repeated pick may be a panic pick of a node known down (P2C samples random pairs): taken
   // only when `avoid` is no better.
   const bool avoid_healthy = Healthy(avoid);
   for (int attempt = 0; attempt < 3; ++attempt) {
     BalancerNode& n = PickNode();
-    if (&n != &avoid && (!avoid_healthy || Healthy(n))) return &n;
+    if (&n != &avoid && !props.Avoids(n.address) && (!avoid_healthy || Healthy(n))) return &n;
   }
   BalancerNode* best = nullptr;
   BalancerNode* best_any = nullptr;
   for (const auto& p : nodes_) {
     BalancerNode* n = p.get();
-    if (n == &avoid) continue;
+    if (n == &avoid || props.Avoids(n->address)) continue;
     if (best_any == nullptr || n->load < best_any->load) best_any = n;
     if (Healthy(*n) && (best == nullptr || n->load < best->load)) best = n;
   }
@@ -363,16 +365,18 @@ void HeapBalancerSink::OnNodeRemoved(BalancerNode& n) {
   std::erase(down_, &n);
 }
 
-BalancerNode* HeapBalancerSink::PickAlternative(BalancerNode& avoid) {
-  // `avoid` is at the top (PickNode returned it): the next least loaded is one of its children.
+BalancerNode* HeapBalancerSink::PickAlternative(BalancerNode& avoid,
+                                                const CallProperties& props) {
+  // `avoid` is at the top (PickNode returned it): the next least loaded is one of its children,
+  // unless the request avoids them too (then the scan of the default).
   BalancerNode* best = nullptr;
   for (size_t i : {size_t{2}, size_t{3}}) {
     if (i < heap_.size() && heap_[i] != &avoid && !heap_[i]->down && Healthy(*heap_[i]) &&
-        (best == nullptr || Key(heap_[i]) < Key(best))) {
+        !props.Avoids(heap_[i]->address) && (best == nullptr || Key(heap_[i]) < Key(best))) {
       best = heap_[i];
     }
   }
-  return best != nullptr ? best : LoadBalancerSink::PickAlternative(avoid);
+  return best != nullptr ? best : LoadBalancerSink::PickAlternative(avoid, props);
 }
 
 BalancerNode& HeapBalancerSink::PickNode() {

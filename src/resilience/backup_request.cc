@@ -240,7 +240,7 @@ void BackupRequestSink::SendBackup(Hedge* h) {
   h->backup_stack.reset();  // it refers to the previous backup message
   h->backup_msg.emplace(caller);
   MethodCallMessage& m = *h->backup_msg;
-  m.properties.avoid_endpoint = caller.properties.endpoint;
+  m.properties.AddAvoidEndpoint(caller.properties.endpoint);  // besides those the caller avoids
   m.properties.endpoint.clear();
   m.properties.backup = true;
   // A span of its own in the call's trace, under the same parent, as a retry's: the server's
@@ -313,9 +313,14 @@ void BackupRequestSink::Finish(Hedge* h, bool backup, Stream* stream, MethodRetu
     h->result_stream = caller.reply_slot<Stream>();
     return;
   }
+  // The delivered failure names one attempt's endpoint (which a retry avoids); the caller's
+  // avoid list gains the other attempt's, so that a retry avoids both.
   if (backup) {
+    caller.properties.AddAvoidEndpoint(std::move(caller.properties.endpoint));
     caller.properties.endpoint = h->backup_msg->properties.endpoint;
     h->result.detail += " (backup request)";
+  } else if (h->backup_msg) {
+    caller.properties.AddAvoidEndpoint(h->backup_msg->properties.endpoint);
   }
   if (!h->first_failure.empty()) h->result.detail += fmt::format("; {}", h->first_failure);
   // A failure with the other attempt out means the request was cancelled. The first attempt

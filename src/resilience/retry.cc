@@ -152,7 +152,7 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
   }
 
   UpdateBalanceGauge();
-  props.avoid_endpoint = std::move(props.endpoint);
+  props.AddAvoidEndpoint(std::move(props.endpoint));
   props.endpoint.clear();
   Pending* p = Acquire();
   p->stack = &stack;

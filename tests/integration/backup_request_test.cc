@@ -7,7 +7,7 @@
 //     requests are never answered). The backup to nginx wins, and the cancelled first attempt's
 //     connection is closed by the client (the black hole reads EOF on it).
 // The round-robin balancer sends every other call's first attempt to the slow endpoint; the
-// backup avoids that endpoint (CallProperties::avoid_endpoint).
+// backup avoids that endpoint (CallProperties::avoid_endpoints).
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>

@@ -1,5 +1,5 @@
-// Every balancer honours CallProperties::avoid_endpoint (set by the retry and backup-request
-// sinks): a request that asks to avoid an endpoint goes elsewhere while another node exists,
+// Every balancer honours CallProperties::avoid_endpoints (set by the retry and backup-request
+// sinks): a request that asks to avoid endpoints goes elsewhere while another node exists,
 // even when the avoided node is the one the policy prefers, and still goes to the avoided node
 // when it is the only one; and in panic mode every balancer prefers a Busy node over a Closed
 // one. Fake endpoint sinks, manual clock, seeded randomness.
@@ -18,10 +18,13 @@
 #include "scales/core/timeout_sink.h"
 #include "scales/discovery/server_set.h"
 #include "scales/loadbalancer/balancers.h"
+#include "scales/resilience/backup_request.h"
+#include "scales/resilience/retry.h"
 
 namespace scales {
 namespace {
 
+using std::chrono::milliseconds;
 using std::chrono::seconds;
 using test::CallTracker;
 using test::FakeTransport;
@@ -29,16 +32,16 @@ using test::FakeTransportFactory;
 
 Endpoint Ep(int i) { return Endpoint{"10.0.1." + std::to_string(i + 1), 9090}; }
 
-// Stands for the retry sink: asks every request to avoid `avoid`.
+// Stands for the retry sink: asks every request to avoid the endpoints in `avoid`.
 class AvoidingSink final : public ForwardingSink {
  public:
   explicit AvoidingSink(SinkPtr next) : ForwardingSink(std::move(next)) {}
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
-    msg.properties.avoid_endpoint = avoid;
+    msg.properties.avoid_endpoints = avoid;
     next_->AsyncProcessRequest(stack, msg, stream);
   }
   std::string_view name() const override { return "avoiding"; }
-  std::string avoid;
+  std::vector<std::string> avoid;
 };
 
 class AvoidEndpointTest : public test::BalancerFixture<::testing::TestWithParam<BalancerKind>> {
@@ -58,27 +61,58 @@ class AvoidEndpointTest : public test::BalancerFixture<::testing::TestWithParam<
 
   FakeTransport* Node(int i) { return factory_.LatestFor(Ep(i)); }
 
+  // Sends `count` requests one after another, each answered at once (every node stays idle, so
+  // least-loaded policies would tie-break onto an avoided node often without the avoidance);
+  // returns the requests each node received.
+  std::vector<int> SendAnswered(int nodes, int count) {
+    std::vector<int> hits(static_cast<size_t>(nodes), 0);
+    for (int k = 0; k < count; ++k) {
+      int n = StartOne();
+      EXPECT_GE(n, 0);
+      if (n < 0) break;
+      ++hits[static_cast<size_t>(n)];
+      EXPECT_TRUE(Node(n)->Reply(0, n));
+      env_.Run();
+    }
+    return hits;
+  }
+
   AvoidingSink* avoiding_ = nullptr;  // owned by the fixture (top_)
 };
 
 TEST_P(AvoidEndpointTest, AvoidedNodeGetsNothingWhileOthersExist) {
   constexpr int kNodes = 3;
   Build(kNodes);
-  avoiding_->avoid = Ep(1).ToString();
-  std::vector<int> hits(kNodes, 0);
-  for (int k = 0; k < 60; ++k) {
-    int n = StartOne();
-    ASSERT_GE(n, 0);
-    ++hits[static_cast<size_t>(n)];
-    // Answer at once: every node stays idle, so least-loaded policies would tie-break onto
-    // node 1 often without the avoidance.
-    ASSERT_TRUE(Node(n)->Reply(0, n));
-    env_.Run();
-  }
+  avoiding_->avoid = {Ep(1).ToString()};
+  const std::vector<int> hits = SendAnswered(kNodes, 60);
   EXPECT_EQ(hits[1], 0) << BalancerKindName(GetParam());
   EXPECT_GT(hits[0] + hits[2], 0);
   EXPECT_EQ(env_.CounterValue("scales_lb_avoided") > 0, true)
       << "the policy never preferred the avoided node in 60 picks: the test proves nothing";
+}
+
+// A request avoiding two of three nodes (a retry after a failed hedge, a retry's backup) goes
+// to the third, whichever of the two the policy prefers.
+TEST_P(AvoidEndpointTest, EveryAvoidedNodeGetsNothingWhileAnotherExists) {
+  constexpr int kNodes = 3;
+  Build(kNodes);
+  avoiding_->avoid = {Ep(0).ToString(), Ep(2).ToString()};
+  const std::vector<int> hits = SendAnswered(kNodes, 60);
+  EXPECT_EQ(hits[1], 60) << BalancerKindName(GetParam());
+  EXPECT_GT(env_.CounterValue("scales_lb_avoided"), 0)
+      << "the policy never preferred an avoided node in 60 picks: the test proves nothing";
+  // The node left is loaded: the requests still go there, not to an avoided idle node.
+  ASSERT_EQ(StartOne(), 1);
+  for (int k = 0; k < 5; ++k) EXPECT_EQ(StartOne(), 1) << BalancerKindName(GetParam());
+}
+
+// Every node avoided: the request stays on the policy's pick (as when the only node is avoided).
+TEST_P(AvoidEndpointTest, RequestAvoidingEveryNodeStaysOnThePick) {
+  constexpr int kNodes = 3;
+  Build(kNodes);
+  avoiding_->avoid = {Ep(0).ToString(), Ep(1).ToString(), Ep(2).ToString()};
+  SendAnswered(kNodes, 30);
+  EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0) << BalancerKindName(GetParam());
 }
 
 TEST_P(AvoidEndpointTest, AvoidedNodeIsPreferredWhenItIsTheLeastLoaded) {
@@ -86,7 +120,7 @@ TEST_P(AvoidEndpointTest, AvoidedNodeIsPreferredWhenItIsTheLeastLoaded) {
   Build(kNodes);
   // Load node 0 with outstanding requests so every policy prefers node 1...
   for (int k = 0; k < 4; ++k) {
-    avoiding_->avoid = Ep(1).ToString();
+    avoiding_->avoid = {Ep(1).ToString()};
     ASSERT_EQ(StartOne(), 0);
   }
   // ... and a request that must avoid node 1 still goes to node 0.
@@ -103,14 +137,14 @@ TEST_P(AvoidEndpointTest, AvoidedNodeIsPreferredWhenItIsTheLeastLoaded) {
 
 TEST_P(AvoidEndpointTest, OnlyNodeIsUsedEvenWhenAvoided) {
   Build(1);
-  avoiding_->avoid = Ep(0).ToString();
+  avoiding_->avoid = {Ep(0).ToString()};
   EXPECT_EQ(StartOne(), 0);
   EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0);
 }
 
 TEST_P(AvoidEndpointTest, UnknownEndpointChangesNothing) {
   Build(2);
-  avoiding_->avoid = "10.9.9.9:1";
+  avoiding_->avoid = {"10.9.9.9:1"};
   for (int k = 0; k < 4; ++k) ASSERT_GE(StartOne(), 0);
   EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0);
 }
@@ -126,7 +160,7 @@ TEST_P(AvoidEndpointTest, HealthyAvoidedNodeBeatsDownOthers) {
   Build(kNodes);
   Node(1)->set_status(SinkStatus::kClosed);
   Node(2)->set_status(SinkStatus::kClosed);
-  avoiding_->avoid = Ep(0).ToString();
+  avoiding_->avoid = {Ep(0).ToString()};
   int to_down = 0;
   for (int k = 0; k < kRequests; ++k) {
     int n = StartOne();
@@ -208,7 +242,7 @@ TEST_F(ApertureAvoidTest, AvoidedRequestsStayInTheAperture) {
   Build(10, 1);
   const std::set<int> member = Send(5);
   ASSERT_EQ(member.size(), 1u) << "one member";
-  avoiding_->avoid = Ep(*member.begin()).ToString();
+  avoiding_->avoid = {Ep(*member.begin()).ToString()};
   EXPECT_EQ(Send(20), member) << "no request left the aperture of one";
   EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0);
 }
@@ -221,9 +255,140 @@ TEST_F(ApertureAvoidTest, AvoidedRequestsGoToAnotherMember) {
     for (int i : Send(1)) members.insert(i);
   }
   ASSERT_EQ(members.size(), 2u);
-  avoiding_->avoid = Ep(*members.begin()).ToString();
+  avoiding_->avoid = {Ep(*members.begin()).ToString()};
   EXPECT_EQ(Send(30), std::set<int>{*members.rbegin()}) << "every request went to the other member";
   EXPECT_GT(env_.CounterValue("scales_lb_avoided"), 0);
+}
+
+// The retry and backup-request sinks over a real balancer of three nodes: every later attempt
+// of a call avoids every endpoint an earlier attempt of it went to, not only the last one.
+// dispatcher -> timeout -> retry -> backup -> balancer -> fakes.
+class HedgedRetryAvoidTest : public test::BalancerFixture<::testing::TestWithParam<BalancerKind>> {
+ protected:
+  void Build() {
+    BalancerOptions o;
+    o.kind = GetParam();
+    o.aperture.min_size = 3;  // every node in the aperture
+    SinkPtr balancer =
+        BalancerProvider(o).create(MakeBalancerContext({Ep(0), Ep(1), Ep(2)}), factory_.AsFactory());
+    BackupRequestOptions bo;
+    bo.percentile = 0.5;
+    bo.max_extra_load = 0.5;
+    bo.budget_min_per_sec = 10;  // a reserve of 100 backups: the budget never limits these tests
+    bo.refresh_interval = seconds(1);
+    auto backup = std::make_shared<BackupRequestSink>(env_.loop(), balancer, bo, BackupReplyOpsFor<int>(), env_.scope);
+    RetryOptions ro;
+    ro.max_retries = 1;
+    auto retry = std::make_shared<RetrySink>(env_.loop(), backup, ro, nullptr, env_.scope);
+    WireAndOpen(balancer, retry);
+    // Calls answered after 20 ms: the backup delay becomes about 20 ms.
+    for (int k = 0; k < 4; ++k) {
+      StartIdempotent();
+      env_.Advance(milliseconds(20));
+      ASSERT_EQ(Busy().size(), 1u);
+      ASSERT_TRUE(Member(Busy()[0])->Reply(0, 1));
+      env_.Run();
+    }
+    env_.Advance(bo.refresh_interval);
+  }
+  size_t StartIdempotent() {
+    size_t c = calls_.StartWith([&](CallBase* call) {
+      call->message.properties.idempotent = true;
+      dispatcher_->Dispatch(call, true);
+    });
+    env_.Run();
+    return c;
+  }
+  // The members holding a request (each holds at most one here).
+  std::vector<int> Busy() {
+    std::vector<int> busy;
+    for (int i = 0; i < 3; ++i) {
+      if (Member(i)->in_flight() > 0) busy.push_back(i);
+    }
+    return busy;
+  }
+};
+
+// Both attempts of a hedged call fail: its retry goes to the third node, not to either node
+// the hedge used (it avoided only the endpoint of the failure delivered, which is the later
+// one's).
+TEST_P(HedgedRetryAvoidTest, RetryAfterAFailedHedgeAvoidsBothItsEndpoints) {
+  Build();
+  for (int round = 0; round < 10; ++round) {
+    size_t c = StartIdempotent();
+    ASSERT_EQ(Busy().size(), 1u);
+    const int first = Busy()[0];
+    env_.Advance(milliseconds(30));
+    std::vector<int> busy = Busy();
+    ASSERT_EQ(busy.size(), 2u) << "the backup was sent to another node";
+    const int second = busy[0] == first ? busy[1] : busy[0];
+    // Either attempt may fail first; the later failure is the one delivered.
+    const int fails_first = round % 2 == 0 ? first : second;
+    const int fails_last = round % 2 == 0 ? second : first;
+    ASSERT_TRUE(Member(fails_first)->Fail(0, make_error_code(Errc::kNotSent)));
+    env_.Run();
+    ASSERT_TRUE(Member(fails_last)->Fail(0, make_error_code(Errc::kNotSent)));
+    env_.Run();
+    busy = Busy();
+    ASSERT_EQ(busy.size(), 1u) << "the retry was sent";
+    EXPECT_EQ(busy[0], 3 - first - second)
+        << BalancerKindName(GetParam()) << " round " << round << ": the retry went to a node the hedge used";
+    ASSERT_TRUE(Member(busy[0])->Reply(0, 5));
+    env_.Run();
+    ASSERT_TRUE(calls_.done(c));
+    EXPECT_EQ(calls_[c].value, 5);
+  }
+}
+
+// The first attempt fails before the delay and its retry goes to another node; the retry's
+// backup goes to the third node, not back to the first one (the backup's avoid list replaced
+// the retry's instead of extending it).
+TEST_P(HedgedRetryAvoidTest, BackupOfARetryAvoidsTheRetrysEndpointsToo) {
+  Build();
+  for (int round = 0; round < 10; ++round) {
+    size_t c = StartIdempotent();
+    ASSERT_EQ(Busy().size(), 1u);
+    const int first = Busy()[0];
+    ASSERT_TRUE(Member(first)->Fail(0, make_error_code(Errc::kNotSent)));
+    env_.Run();
+    ASSERT_EQ(Busy().size(), 1u) << "the retry was sent";
+    const int retried = Busy()[0];
+    ASSERT_NE(retried, first);
+    env_.Advance(milliseconds(30));
+    std::vector<int> busy = Busy();
+    ASSERT_EQ(busy.size(), 2u) << "the retry's backup was sent to another node";
+    const int backup = busy[0] == retried ? busy[1] : busy[0];
+    EXPECT_EQ(backup, 3 - first - retried)
+        << BalancerKindName(GetParam()) << " round " << round << ": the backup went back to the failed node";
+    ASSERT_TRUE(Member(retried)->Reply(0, 6));
+    env_.Run();
+    ASSERT_TRUE(calls_.done(c));
+    EXPECT_EQ(calls_[c].value, 6);
+    EXPECT_EQ(Busy().size(), 0u);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Balancers, HedgedRetryAvoidTest,
+                         ::testing::Values(BalancerKind::kHeap, BalancerKind::kP2C, BalancerKind::kP2CPeakEwma,
+                                           BalancerKind::kRoundRobin, BalancerKind::kAperture),
+                         [](const auto& info) {
+                           std::string name(BalancerKindName(info.param));
+                           std::erase(name, '-');
+                           return name;
+                         });
+
+// Avoiding every member, a request stays in the aperture (on the pick), though other nodes
+// outside it are not avoided.
+TEST_F(ApertureAvoidTest, AvoidingEveryMemberStaysInTheAperture) {
+  Build(10, 2);
+  std::set<int> members;
+  for (int k = 0; k < 200 && members.size() < 2; ++k) {
+    for (int i : Send(1)) members.insert(i);
+  }
+  ASSERT_EQ(members.size(), 2u);
+  avoiding_->avoid = {Ep(*members.begin()).ToString(), Ep(*members.rbegin()).ToString()};
+  EXPECT_EQ(Send(20), members) << "no request left the aperture";
+  EXPECT_EQ(env_.CounterValue("scales_lb_avoided"), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Balancers, AvoidEndpointTest,

@@ -33,7 +33,7 @@ using test::CallTracker;
 using test::FakeTransport;
 using ::testing::HasSubstr;
 
-// Stands in for the balancer: gives attempt n the endpoint "node<n>:80" and records the
+// Stands in for the balancer: gives attempt n the endpoint "node<n>:80" and records the last
 // endpoint each attempt asked to avoid. While `hold` is set it keeps the requests, without an
 // endpoint (a balancer waiting for the server set's first members), until Release().
 class EndpointStamp final : public ForwardingSink {
@@ -44,7 +44,7 @@ class EndpointStamp final : public ForwardingSink {
       held.push_back({&stack, &msg, stream});
       return;
     }
-    avoided.push_back(msg.properties.avoid_endpoint);
+    avoided.push_back(msg.properties.avoid_endpoints.empty() ? "" : msg.properties.avoid_endpoints.back());
     msg.properties.endpoint = fmt::format("node{}:80", avoided.size());
     next_->AsyncProcessRequest(stack, msg, stream);
   }
@@ -61,7 +61,7 @@ class EndpointStamp final : public ForwardingSink {
     MethodCallMessage* msg;
     Stream* stream;
   };
-  std::vector<std::string> avoided;
+  std::vector<std::string> avoided;  // the endpoint each attempt avoided last ("" for none)
   bool hold = false;
   std::vector<Held> held;
 };
@@ -185,7 +185,7 @@ class BackupRequestTest : public ::testing::Test {
   // Index of the held request carrying the backup (it asks to avoid an endpoint), or -1.
   int BackupIndex() const {
     for (size_t i = 0; i < transport_->in_flight(); ++i) {
-      if (!transport_->request(i).message->properties.avoid_endpoint.empty()) return static_cast<int>(i);
+      if (!transport_->request(i).message->properties.avoid_endpoints.empty()) return static_cast<int>(i);
     }
     return -1;
   }
@@ -390,7 +390,7 @@ TEST_F(BackupRequestTest, BackupGoesToAnotherEndpointAfterTheDelayAndWins) {
 
 // A backup is sent only once the first attempt has an endpoint (Finagle hedges only dispatched
 // requests): a first attempt still waiting in the balancer (for the server set's first members)
-// has no endpoint to avoid, and a backup sent then (with an empty avoid_endpoint) was routed
+// has no endpoint to avoid, and a backup sent then (with no endpoint to avoid) was routed
 // right after it, free to go to the same node.
 TEST_F(BackupRequestTest, NoBackupWhileTheFirstAttemptWaitsForAnEndpoint) {
   Build();
@@ -406,7 +406,9 @@ TEST_F(BackupRequestTest, NoBackupWhileTheFirstAttemptWaitsForAnEndpoint) {
   env_.Run();
   for (size_t i = 0; i < transport_->in_flight(); ++i) {
     const CallProperties& p = transport_->request(i).message->properties;
-    if (p.backup) EXPECT_EQ(p.avoid_endpoint, "node5:80") << "the backup avoids the first attempt's node";
+    if (p.backup) {
+      EXPECT_EQ(p.avoid_endpoints, std::vector<std::string>{"node5:80"}) << "the backup avoids the first attempt's node";
+    }
   }
   ASSERT_EQ(transport_->in_flight(), 1u);
   env_.Advance(milliseconds(30));

@@ -141,7 +141,7 @@ TEST_F(RetryTest, ConnectFailureIsRetriedAsAnotherAttempt) {
   ASSERT_EQ(transport_->in_flight(), 1u);
   const CallProperties& p = transport_->request(0).message->properties;
   EXPECT_EQ(p.retries, 1);
-  EXPECT_EQ(p.avoid_endpoint, "10.0.0.1:80");
+  EXPECT_EQ(p.avoid_endpoints, std::vector<std::string>{"10.0.0.1:80"});
   EXPECT_EQ(p.endpoint, "10.0.0.2:80");
   EXPECT_FALSE(calls_.done(c));
   ASSERT_TRUE(transport_->Reply(0, 7));
@@ -149,6 +149,40 @@ TEST_F(RetryTest, ConnectFailureIsRetriedAsAnotherAttempt) {
   EXPECT_FALSE(calls_[c].error);
   EXPECT_EQ(calls_[c].value, 7);
   EXPECT_EQ(env_.CounterValue("scales_retries"), 1);
+}
+
+// Each retry avoids every endpoint an earlier attempt of the call went to, not only the last
+// one's: at most CallProperties::kMaxAvoidEndpoints of them, the oldest dropped.
+TEST_F(RetryTest, EachRetryAvoidsEveryEarlierAttemptsEndpoint) {
+  Build(Options(10));
+  auto c = Start();
+  Fail(Errc::kConnectFailed);
+  Fail(Errc::kNotSent);
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  EXPECT_EQ(transport_->request(0).message->properties.avoid_endpoints,
+            (std::vector<std::string>{"10.0.0.1:80", "10.0.0.2:80"}));
+  for (int k = 0; k < 7; ++k) Fail(Errc::kConnectFailed);
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  const CallProperties& p = transport_->request(0).message->properties;
+  EXPECT_EQ(p.retries, 9);
+  ASSERT_EQ(p.avoid_endpoints.size(), CallProperties::kMaxAvoidEndpoints);
+  EXPECT_EQ(p.avoid_endpoints.front(), "10.0.0.2:80");
+  EXPECT_EQ(p.avoid_endpoints.back(), "10.0.0.9:80");
+  ASSERT_TRUE(transport_->Reply(0, 3));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 3);
+}
+
+TEST(CallPropertiesTest, AvoidEndpointsAreUniqueAndNeverEmpty) {
+  CallProperties p;
+  EXPECT_FALSE(p.Avoids("10.0.0.1:80"));
+  p.AddAvoidEndpoint("");
+  p.AddAvoidEndpoint("10.0.0.1:80");
+  p.AddAvoidEndpoint("10.0.0.2:80");
+  p.AddAvoidEndpoint("10.0.0.1:80");
+  EXPECT_EQ(p.avoid_endpoints, (std::vector<std::string>{"10.0.0.1:80", "10.0.0.2:80"}));
+  EXPECT_TRUE(p.Avoids("10.0.0.2:80"));
+  EXPECT_FALSE(p.Avoids("10.0.0.3:80"));
 }
 
 // A retry is sent with the call's request stream, not with the stream its failure came up with

@@ -2,6 +2,8 @@
 // The envelopes that travel through the sink stack: MethodCallMessage (a request),
 // MethodReturnMessage (its outcome) and MethodDiscardMessage (abandon a request).
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -46,9 +48,23 @@ struct CallProperties {
   std::string endpoint;
   // CallOptions::idempotent: the retry sink may also retry kConnectionClosed.
   bool idempotent = false;
-  // Set by the retry sink before a retry: the endpoint the failed attempt went to
-  // ("host:port"). Every balancer picks another endpoint for this attempt when one exists.
-  std::string avoid_endpoint;
+  // The endpoints ("host:port") earlier attempts of this call went to: the retry sink adds the
+  // failed attempt's before a retry, the backup-request sink the first attempt's to a backup's
+  // (and, when both attempts failed, the other attempt's to the caller's). Every balancer picks
+  // an endpoint not in it when one exists. Empty (no allocation) for a first attempt; at most
+  // kMaxAvoidEndpoints entries, the oldest dropped.
+  std::vector<std::string> avoid_endpoints;
+  static constexpr size_t kMaxAvoidEndpoints = 8;
+  bool Avoids(std::string_view endpoint) const noexcept {
+    return std::find(avoid_endpoints.begin(), avoid_endpoints.end(), endpoint) !=
+           avoid_endpoints.end();
+  }
+  // Adds `endpoint` to avoid_endpoints unless it is empty or already there.
+  void AddAvoidEndpoint(std::string endpoint) {
+    if (endpoint.empty() || Avoids(endpoint)) return;
+    if (avoid_endpoints.size() >= kMaxAvoidEndpoints) avoid_endpoints.erase(avoid_endpoints.begin());
+    avoid_endpoints.push_back(std::move(endpoint));
+  }
   // Set by the backup-request sink on a backup (hedged) attempt; ThriftMux sends the
   // com.twitter.finagle.BackupRequest context with it, as Finagle's BackupRequestFilter does.
   bool backup = false;

@@ -106,9 +106,10 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   void OnNodeRemoved(BalancerNode& n) override;
   std::vector<BalancerNode*> NodesToOpen(std::vector<BalancerNode*> joined) override;
   BalancerNode& PickNode() override;
-  // For a request avoiding `avoid` (a retry, a backup): another member, never a node outside
-  // the aperture; nullptr (stay on `avoid`) when no other member is healthy.
-  BalancerNode* PickAlternative(BalancerNode& avoid) override;
+  // For a request avoiding `avoid` (a retry, a backup): another member not in
+  // props.avoid_endpoints, never a node outside the aperture; nullptr (stay on `avoid`) when
+  // no such member is healthy.
+  BalancerNode* PickAlternative(BalancerNode& avoid, const CallProperties& props) override;
   void OnLoadChanged(BalancerNode& n, bool increased) override;
 
  private:
@@ -122,8 +123,10 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   BalancerNode* Expand(bool open);
   // Moves member `n` out of the aperture; its chain is reset once it has no load.
   void Contract(BalancerNode& n);
-  // The least loaded healthy member (ties at random), skipping `except`; nullptr if none.
-  BalancerNode* LeastLoadedHealthy(const BalancerNode* except) const;
+  // The least loaded healthy member (ties at random), skipping `except` and the endpoints
+  // `avoid` names (when not null); nullptr if none.
+  BalancerNode* LeastLoadedHealthy(const BalancerNode* except,
+                                   const CallProperties* avoid = nullptr) const;
   // Fills the aperture up to min(min_size, #nodes).
   void TopUp();
   // Adds the time since the last update at the current outstanding count.

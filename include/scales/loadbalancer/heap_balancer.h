@@ -68,13 +68,14 @@ class LoadBalancerSink : public ClientMessageSink {
   // Chooses a node (nodes_ is not empty). Load is incremented by the caller afterwards.
   // May be called more than once for one request (see PickAlternative).
   virtual BalancerNode& PickNode() = 0;
-  // A node other than `avoid` for a request whose properties name `avoid` as the endpoint to
-  // avoid (a retry or a backup request; there are at least two nodes), or nullptr to keep
-  // `avoid`. The default asks PickNode() again a few times (randomised and cycling policies
-  // move on) and takes a healthy other node, or any other node when `avoid` is unhealthy too;
-  // then the least loaded healthy other node, then the least loaded other node when `avoid`
-  // itself is unhealthy.
-  virtual BalancerNode* PickAlternative(BalancerNode& avoid);
+  // For a request that asks to avoid the picked node `avoid` (props.avoid_endpoints names it: a
+  // retry or a backup request; there are at least two nodes): a node not in
+  // props.avoid_endpoints, or nullptr to keep `avoid` (also when every other node is avoided).
+  // Only called when the list is not empty. The default asks PickNode() again a few times
+  // (randomised and cycling policies move on) and takes a healthy node not avoided, or any
+  // node not avoided when `avoid` is unhealthy too; then the least loaded healthy node not
+  // avoided, then the least loaded node not avoided when `avoid` itself is unhealthy.
+  virtual BalancerNode* PickAlternative(BalancerNode& avoid, const CallProperties& props);
   virtual void OnLoadChanged(BalancerNode& n, bool increased) = 0;
   // Called once per server-set update, after its OnNodeAdded/OnNodeRemoved calls, with the
   // nodes that joined; returns the nodes to open now (Open completes once one of them opened,
@@ -141,7 +142,7 @@ class HeapBalancerSink final : public LoadBalancerSink {
   void OnNodeAdded(BalancerNode& n) override;
   void OnNodeRemoved(BalancerNode& n) override;
   BalancerNode& PickNode() override;
-  BalancerNode* PickAlternative(BalancerNode& avoid) override;
+  BalancerNode* PickAlternative(BalancerNode& avoid, const CallProperties& props) override;
   void OnLoadChanged(BalancerNode& n, bool increased) override;
 
  private:

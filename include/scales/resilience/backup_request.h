@@ -40,9 +40,11 @@
 //
 // Who wins: the first attempt to answer successfully. A failed answer while the other attempt
 // is still out is dropped and the other attempt's outcome is delivered, whatever it is (if both
-// fail, the later failure, with the earlier one's detail appended). A failed first attempt
-// before the backup was sent is delivered at once (the retry sink above may retry it). When the
-// request is cancelled (the timeout sink above, the caller) the outcome is that cancellation:
+// fail, the later failure, with the earlier one's detail appended; the caller's
+// properties.avoid_endpoints then also names the other attempt's endpoint, so that a retry
+// avoids both). A failed first attempt before the backup was sent is delivered at once (the
+// retry sink above may retry it). When the request is cancelled (the timeout sink above, the
+// caller) the outcome is that cancellation:
 // the first attempt is cancelled through the caller's stack as usual (its endpoint's failure
 // accrual sees the caller's reason, e.g. kRequestTimeout, as for a call without backup), and
 // this sink cancels the backup.
@@ -59,8 +61,9 @@
 //   - The first attempt runs on the caller's SinkStack and message, as if this sink were not
 //     there: hedging costs nothing for the calls (99 %) that never need a backup.
 //   - The backup runs on a SinkStack and MethodCallMessage of its own (a copy of the caller's,
-//     with properties.endpoint cleared and properties.avoid_endpoint set to the first attempt's
-//     endpoint, so the balancer picks another node). It shares the request: the payload pointer
+//     with properties.endpoint cleared and the first attempt's endpoint added to
+//     properties.avoid_endpoints, so the balancer picks a node neither attempt nor an earlier
+//     attempt of the call went to). It shares the request: the payload pointer
 //     and the request Stream, which the transports only read. It has its own reply slot (a
 //     Reply the sink owns), because two attempts must never write the same reply: the winner's
 //     reply is moved into the caller's slot only after the loser was cancelled.

@@ -10,7 +10,8 @@
 //   - fewer than max_retries retries have run;
 //   - the deadline leaves time: now + backoff is before it;
 //   - the budget allows it (RetryBudget::TryWithdraw).
-// A retry records the failed endpoint in msg.properties.avoid_endpoint, clears
+// A retry adds the failed endpoint to msg.properties.avoid_endpoints (so the balancer avoids
+// every endpoint an earlier attempt of the call went to), clears
 // msg.properties.endpoint, waits a backoff drawn uniformly from [backoff_min, backoff_max] (0 by
 // default: the next loop turn; never inside the failed attempt's response path), then increments
 // msg.properties.retries and scales_retries, gives a traced call a new span id (each attempt a
