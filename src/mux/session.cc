@@ -386,10 +386,20 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
     } else if (tls_refused && tls_quiet_) {
       why = " before it sent anything over TLS (did it refuse our certificate?)";
     }
+    // During the handshake no request is in flight: say which step the server left unanswered
+    // (a server of another protocol, e.g. plain Thrift, closes the connection on the probe).
+    std::string when;
+    if (state_ == State::kHandshaking) {
+      when = draining_ ? std::string(" during the Mux handshake, after its Tdrain")
+                       : fmt::format(" during the Mux handshake: {} was still unanswered{}", HandshakeStep(),
+                                     handshake_phase_ == 1 && !tls_refused ? " (is it a Mux server?)" : "");
+    } else {
+      when = fmt::format(" ({} request(s) in flight)", pending_count_);
+    }
     Fail(make_error_code(tls_refused ? Errc::kTlsFailed : Errc::kConnectionClosed),
-         fmt::format("connection to {} {}{} ({} request(s) in flight)", address_,
+         fmt::format("connection to {} {}{}{}", address_,
                      ec == asio::error::eof ? std::string("closed by the server") : "failed: " + Describe(ec), why,
-                     pending_count_),
+                     when),
          /*fault=*/true);
     return;
   }
@@ -752,7 +762,12 @@ void MuxSessionSink::MarkUnsentInWriteBuffer() {
   // first one first. A server handles a request once its last fragment has come, so one with a
   // frame the socket did not take in whole was not received: not written. Whether any of its
   // bytes left (its first frame began before the bound) only changes the message.
-  std::vector<bool> seen(pending_.size(), false);
+  //
+  // The request now holding a frame's tag may be another one: the server answered the write's
+  // request from the bytes it took, and a request queued since (not marked written) took the
+  // freed tag. That one's frames are all queued behind this write: it is left as it is.
+  enum : uint8_t { kUnseen, kInThisWrite, kQueuedSince };
+  std::vector<uint8_t> seen(pending_.size(), kUnseen);
   const std::string_view buffer(write_buffer_);
   for (size_t pos = 0; pos < buffer.size();) {
     auto h = DecodeFrameHeader(buffer.substr(pos));
@@ -760,11 +775,11 @@ void MuxSessionSink::MarkUnsentInWriteBuffer() {
     const size_t end = pos + 4 + size_t{h->size};
     if (h->type == wire::kTdispatch && h->tag < seen.size() && pending_[h->tag].used) {
       Pending& p = pending_[h->tag];
-      if (!seen[h->tag]) {
-        seen[h->tag] = true;
-        p.cut = pos < sent_bound;
+      if (seen[h->tag] == kUnseen) {
+        seen[h->tag] = p.written ? kInThisWrite : kQueuedSince;
+        if (p.written) p.cut = pos < sent_bound;
       }
-      if (end > sent_bound) p.written = false;
+      if (seen[h->tag] == kInThisWrite && end > sent_bound) p.written = false;
     }
     pos = end;
   }
@@ -845,8 +860,13 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
   if (options_.propagate_deadline && props.deadline) {
     auto now_wall = std::chrono::duration_cast<std::chrono::nanoseconds>(loop_.clock().WallNow().time_since_epoch());
     auto remaining = std::chrono::duration_cast<std::chrono::nanoseconds>(*props.deadline - loop_.Now());
+    // A deadline past what the wall clock's nanoseconds hold (TimePoint::max() for "never") is
+    // sent as none: the sum would overflow into the past.
+    const int64_t deadline_ns = remaining.count() > Deadline::kNone - now_wall.count()
+                                    ? Deadline::kNone
+                                    : (now_wall + remaining).count();
     deadline_value_.clear();
-    AppendDeadline({now_wall.count(), (now_wall + remaining).count()}, &deadline_value_);
+    AppendDeadline({now_wall.count(), deadline_ns}, &deadline_value_);
     contexts[n++] = {kDeadlineKey, deadline_value_};
   }
   if (retries_value_.empty() || props.retries != encoded_retries_) {  // almost always 0: encoded once

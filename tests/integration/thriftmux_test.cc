@@ -37,6 +37,7 @@
 #include "scales/mux/session.h"
 #include "scales/thriftmux/thriftmux.h"
 #include "support/fake_sinks.h"
+#include "support/fixtures.h"
 #include "support/log_capture.h"
 #include "support/mux_server_fixture.h"
 
@@ -1304,6 +1305,98 @@ TEST(MuxSessionTest, HandshakeTimeoutNamesTheStepAndTheLimit) {
               std::string::npos)
         << detail;
   }
+}
+
+// The server answers a request from the first bytes of a write still in flight (a large request
+// behind it); a new request takes the freed tag and queues behind that write; then the session
+// fails. The new request never left, and its detail says it was still queued: the frame of its
+// tag in the write in flight is the answered request's. It used to be taken for the new
+// request's own, which was then reported "cut mid-write".
+TEST(MuxSessionTest, ARequestOnTheTagOfOneAnsweredMidWriteIsReportedQueuedWhenTheSessionFails) {
+  mux::SessionOptions o;
+  o.handshake = false;
+  o.ping_interval = Duration::zero();
+  PeerSession f(o);
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  SessionCall x("x");
+  x.Start(*f.session);  // written at once; a and big queue behind it, and go in the next write
+  SessionCall a("a");
+  a.Start(*f.session);
+  SessionCall big(std::string(16u << 20, 'b'));  // far more than the socket buffers hold
+  big.Start(*f.session);
+  ASSERT_TRUE(f.ReadUntil([&] { return f.got.size() == 2; }));
+  ASSERT_TRUE(std::holds_alternative<mux::Tdispatch>(f.got[1]));
+  const uint32_t a_tag = mux::TagOf(f.got[1]);
+  mux::Rdispatch reply;
+  reply.tag = a_tag;
+  reply.body = "for a";
+  f.peer.Send(mux::Encode(reply));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return a.completions() == 1; }));
+  EXPECT_FALSE(a.result().error) << a.result().detail;
+  SessionCall b("b");
+  b.Start(*f.session);  // takes a's tag, queued behind the write of big
+  ASSERT_EQ(f.session->tags_in_use(), 3u);
+  std::string garbage;
+  mux::AppendFrameHeader(0x12, 2, false, 0, &garbage);
+  f.peer.Send(garbage);
+  ASSERT_TRUE(RunUntil(f.env, [&] { return b.completions() == 1 && big.completions() == 1 && x.completions() == 1; }));
+  EXPECT_EQ(x.result().error, Errc::kProtocolError) << x.result().detail;
+  EXPECT_EQ(big.result().error, Errc::kNotSent) << big.result().detail;
+  EXPECT_NE(big.result().detail.find("cut mid-write"), std::string::npos) << big.result().detail;
+  EXPECT_EQ(b.result().error, Errc::kNotSent) << b.result().detail;
+  EXPECT_NE(b.result().detail.find("still queued, not sent"), std::string::npos) << b.result().detail;
+  EXPECT_EQ(b.result().detail.find("cut mid-write"), std::string::npos) << b.result().detail;
+}
+
+// A call whose deadline is as far as a time point goes (TimePoint::max(), which a sink of the
+// stack may set for "never") is sent with the Deadline context's "no deadline" value. Its wall
+// clock time (now + the time left) used to overflow into a deadline long past, which tells a
+// server honouring deadlines to refuse the request.
+TEST(MuxSessionTest, ADeadlineTooFarForTheWallClockIsSentAsNone) {
+  mux::SessionOptions o;
+  o.handshake = false;
+  o.ping_interval = Duration::zero();
+  PeerSession f(o);
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  SessionCall call("far");
+  call.properties().deadline = TimePoint::max();
+  call.Start(*f.session);
+  ASSERT_TRUE(f.ReadUntil([&] { return f.Last<mux::Tdispatch>() != nullptr; }));
+  const std::string* value = mux::FindContext(f.Last<mux::Tdispatch>()->contexts, mux::kDeadlineKey);
+  ASSERT_NE(value, nullptr);
+  auto deadline = mux::DecodeDeadline(*value);
+  ASSERT_TRUE(deadline.has_value());
+  EXPECT_EQ(deadline->deadline_ns, mux::Deadline::kNone);
+  EXPECT_EQ(deadline->timestamp_ns, std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        f.env.loop().clock().WallNow().time_since_epoch())
+                                        .count());
+  f.session->Close();
+  f.env.Run();
+}
+
+// A server that does not speak Mux (here Apache Thrift's framed server, which reads the probe as
+// a malformed call) closes the connection during the handshake: the open fails, and its detail
+// says so, naming the step that was waiting. It used to read "connection to X closed by the
+// server (0 request(s) in flight)", as if a session had been serving.
+TEST(MuxSessionTest, ServerClosingDuringTheHandshakeIsNamedInTheOpenFailure) {
+  test::TestThriftServer server;
+  test::ManualEnv env;
+  mux::SessionOptions o;
+  o.ping_interval = Duration::zero();
+  auto session = std::make_shared<mux::MuxSessionSink>(
+      test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", static_cast<uint16_t>(server.port())}),
+      o);
+  std::optional<error_code> opened;
+  session->AsyncOpen([&](error_code ec) { opened = ec; });
+  ASSERT_TRUE(RunUntil(env, [&] { return opened.has_value(); }));
+  EXPECT_EQ(*opened, Errc::kConnectionClosed);
+  const std::string detail = session->open_failure_detail();
+  EXPECT_NE(detail.find("connection to 127.0.0.1:" + std::to_string(server.port()) + " closed by the server"),
+            std::string::npos)
+      << detail;
+  EXPECT_NE(detail.find("during the Mux handshake: the handshake probe was still unanswered"), std::string::npos)
+      << detail;
+  EXPECT_EQ(detail.find("request(s) in flight"), std::string::npos) << detail;
 }
 
 }  // namespace
