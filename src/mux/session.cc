@@ -91,7 +91,10 @@ uint32_t AdvertisedFragmentSize(const SessionOptions& o) noexcept {
 void Validate(const SessionOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
   if (o.connect_timeout <= Duration::zero()) fail("session.connect_timeout must be > 0");
-  if (o.max_frame_size < kMinMaxFrameSize) fail(fmt::format("session.max_frame_size must be >= {}", kMinMaxFrameSize));
+  // A frame's size field is a signed 32-bit integer.
+  if (o.max_frame_size < kMinMaxFrameSize || o.max_frame_size > kMaxWireFrameSize) {
+    fail(fmt::format("session.max_frame_size must be in {}..{}", kMinMaxFrameSize, kMaxWireFrameSize));
+  }
   if (o.max_message_size == 0) fail("session.max_message_size must be > 0");
   if (o.max_reassembly_bytes == 0) fail("session.max_reassembly_bytes must be > 0");
   if (o.max_fragment_size == 0 || o.max_fragment_size > kUnlimitedFragmentSize) {
@@ -849,7 +852,7 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
   if (tag == 0) {
     fail(make_error_code(Errc::kNack),
          fmt::format("no free Mux tag on the session to {} ({} in use; limit: the protocol's {} tags)",
-                     address_, tags_in_use_, kMaxTag));
+                     address_, tags_in_use_, kMaxTag - 1));  // 0 and 1 are never a request's
     return;
   }
   // The contexts as views: the values that need encoding go into strings kept from one request

@@ -23,6 +23,13 @@ namespace scales::thriftmux {
 void Validate(const ThriftMuxOptions& o) {
   mux::Validate(o.session);
   scales::Validate(static_cast<const ResilienceOptions&>(o));
+  // Sent as the ClientId context, whose value has a 2-byte length: a longer one would fail every
+  // call at encoding.
+  if (o.client_id.size() > 0xFFFF) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("client_id is {} bytes; limit 65535 (the ClientId context's 2-byte length)",
+                            o.client_id.size()));
+  }
 }
 
 namespace {

@@ -760,7 +760,7 @@ TEST(ThriftMuxTest, RepliesLargerThanMaxFrameSizeComeInFragmentsOfTheAdvertisedS
 // a mux-framer of 1 byte.
 TEST(ThriftMuxTest, MaxFrameSizeBelowTheMinimumIsRefused) {
   test::MuxReferenceServer server({"--mode", "finagle"});
-  for (uint32_t size : {4u, 5u, mux::kMinMaxFrameSize - 1}) {
+  for (uint32_t size : {4u, 5u, mux::kMinMaxFrameSize - 1, mux::kMaxWireFrameSize + 1, ~0u}) {
     auto options = Options(MakeRuntime());
     options.session.max_frame_size = size;
     try {
@@ -769,7 +769,7 @@ TEST(ThriftMuxTest, MaxFrameSizeBelowTheMinimumIsRefused) {
     } catch (const Error& e) {
       EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
       // Named, as every error of a client is.
-      EXPECT_EQ(std::string(e.what()), "client tmux: session.max_frame_size must be >= 512");
+      EXPECT_EQ(std::string(e.what()), "client tmux: session.max_frame_size must be in 512..2147483647");
     }
   }
   auto options = Options(MakeRuntime());
@@ -778,6 +778,28 @@ TEST(ThriftMuxTest, MaxFrameSizeBelowTheMinimumIsRefused) {
   std::string r;
   client->echo(r, "small frames");
   EXPECT_EQ(r, "small frames");
+}
+
+// The ClientId context's value has a 2-byte length: a longer client_id is refused when the
+// client is built, not by every call at encoding. The longest one is sent whole.
+TEST(ThriftMuxTest, ClientIdLongerThanItsContextHoldsIsRefused) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto options = Options(MakeRuntime());
+  options.client_id = std::string(0x10000, 'c');
+  try {
+    ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+    ADD_FAILURE() << "a client_id of 65536 bytes was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+    EXPECT_EQ(std::string(e.what()),
+              "client tmux: client_id is 65536 bytes; limit 65535 (the ClientId context's 2-byte length)");
+  }
+  options.client_id.pop_back();
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  std::string r;
+  client->echo(r, "longest id");
+  EXPECT_EQ(r, "longest id");
+  EXPECT_TRUE(server.WaitForLog({"recv Tdispatch", "client_id=" + options.client_id})) << "the id arrived cut";
 }
 
 // Against a reference server started with `args`, which sends a Tping during the handshake: the
