@@ -1,35 +1,10 @@
 #include "scales/core/dispatcher.h"
 
 #include <chrono>
-#include <functional>
-#include <random>
-#include <thread>
 
 #include <fmt/format.h>
 
 namespace scales {
-namespace {
-
-// Mixed into every root trace id: the loops' Random is seeded alike in every process (the
-// default RuntimeOptions::seed), so its draws alone would repeat the same trace ids in every
-// process and runtime, merging unrelated calls into one trace. Drawn once per thread (a loop
-// runs on its own thread) from the OS; XOR with a constant keeps one loop's ids distinct.
-uint64_t TraceIdSalt() noexcept {
-  thread_local const uint64_t salt = []() noexcept {
-    // Without OS entropy, the clock and the thread id still differ between runtimes.
-    uint64_t s = static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
-                 std::hash<std::thread::id>{}(std::this_thread::get_id()) * 0x9e3779b97f4a7c15ULL;
-    try {
-      std::random_device rd;
-      s ^= (static_cast<uint64_t>(rd()) << 32) ^ rd();
-    } catch (...) {
-    }
-    return s;
-  }();
-  return salt;
-}
-
-}  // namespace
 
 // --- call objects ------------------------------------------------------------------------------
 
@@ -211,14 +186,14 @@ void MessageDispatcher::Dispatch(CallBase* call, bool initiating, bool refuse) {
   }
   if (trace_ids_ && !props.trace.valid()) {
     // A root span: trace, span and parent ids are equal (Finagle's convention); never 0.
-    const uint64_t id = (loop_.random().Next() ^ TraceIdSalt()) | 1;
+    const uint64_t id = NewTraceId(loop_.random());
     props.trace.trace_id = props.trace.span_id = props.trace.parent_id = id;
     props.trace.trace_id_high = 0;  // a high half alone is no trace: the root is 64-bit
   } else if (props.trace.valid() && props.trace.span_id == 0) {
     // A caller's trace without a span of its own (an upstream trace id, forwarded): span id 0
     // is invalid (B3 servers reject X-B3-SpanId 0), so the call gets a new span in that trace,
     // drawn as root ids are, under the given parent (0 = none), as Finagle's Trace.nextId.
-    props.trace.span_id = (loop_.random().Next() ^ TraceIdSalt()) | 1;
+    props.trace.span_id = NewTraceId(loop_.random());
   }
   requests_.Increment();
   pending_gauge_.Add(1);

@@ -245,7 +245,7 @@ void BackupRequestSink::SendBackup(Hedge* h) {
   m.properties.backup = true;
   // A span of its own in the call's trace, under the same parent, as a retry's: the server's
   // spans of the two attempts must not merge.
-  if (m.properties.trace.valid()) m.properties.trace.span_id = loop_.random().Next() | 1;
+  if (m.properties.trace.valid()) m.properties.trace.span_id = NewTraceId(loop_.random());
   if (!h->backup_reply) h->backup_reply = ops_.create();
   ops_.attach(h->backup_reply.get(), m);
   h->backup_stack.emplace(m);

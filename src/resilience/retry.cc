@@ -196,7 +196,7 @@ void RetrySink::Resend(Pending* p) {
   ++props.retries;
   // Each attempt is a span of its own in the call's trace, under the same parent (as Finagle's
   // requeues: mux-protocol.md, the retry budget): the server's spans of two attempts do not merge.
-  if (props.trace.valid()) props.trace.span_id = loop_.random().Next() | 1;
+  if (props.trace.valid()) props.trace.span_id = NewTraceId(loop_.random());
   // `p` stays ours (it is the pushed context) until this attempt's response comes back.
   next_->AsyncProcessRequest(stack, stack.message(), p->request);
 }

@@ -26,4 +26,10 @@ class Random {
   std::mt19937_64 engine_;
 };
 
+// A new trace or span id, never 0: a draw of `random` (the loop's) mixed with a value drawn once
+// per thread from the OS, so that processes whose loops are seeded alike do not repeat ids. The
+// dispatcher draws root trace ids and new spans with it, the retry and backup-request sinks the
+// span of each further attempt.
+uint64_t NewTraceId(Random& random) noexcept;
+
 }  // namespace scales
