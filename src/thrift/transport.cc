@@ -61,6 +61,7 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
   auto header = ParseMessageHeader(request->data);
   oneway_ = header && header->type == MessageType::kOneway;
   seqid_ = header ? std::optional<int32_t>(header->seqid) : std::nullopt;
+  method_ = &msg.method;
   current_ = &stack;
   reply_ = reply;
   scanner_.Reset();
@@ -89,20 +90,22 @@ ConnectionSink::ParseResult ThriftTransportSink::ParseReply(boost::beast::flat_b
       case MessageScan::Status::kComplete:
         if (scan.size > options_.max_frame_bytes) {
           return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
-                                     fmt::format("Thrift reply from {} is {} bytes, above max_frame_bytes ({} bytes)",
-                                                 conn().address(), scan.size, options_.max_frame_bytes));
+                                     fmt::format("Thrift reply from {} for {} is {} bytes, above max_frame_bytes "
+                                                 "({} bytes)",
+                                                 conn().address(), Method(), scan.size, options_.max_frame_bytes));
         }
         reply_->data.assign(reinterpret_cast<const char*>(p), scan.size);
         in.consume(scan.size);
         return Done();
       case MessageScan::Status::kMalformed:
         return ParseResult::Failed(make_error_code(Errc::kProtocolError),
-                                   fmt::format("malformed Thrift reply from {}: {}", conn().address(), scan.error));
+                                   fmt::format("malformed Thrift reply from {} for {}: {}", conn().address(), Method(),
+                                               scan.error));
       case MessageScan::Status::kNeedMore:
         if (size > options_.max_frame_bytes) {
           return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
-                                     fmt::format("Thrift reply from {} exceeds max_frame_bytes ({} bytes)",
-                                                 conn().address(), options_.max_frame_bytes));
+                                     fmt::format("Thrift reply from {} for {} exceeds max_frame_bytes ({} bytes)",
+                                                 conn().address(), Method(), options_.max_frame_bytes));
         }
         return ParseResult::NeedMore();
     }
@@ -112,12 +115,13 @@ ConnectionSink::ParseResult ThriftTransportSink::ParseReply(boost::beast::flat_b
                        (static_cast<uint32_t>(p[2]) << 8) | static_cast<uint32_t>(p[3]);
   if (len > options_.max_frame_bytes) {
     return ParseResult::Failed(make_error_code(Errc::kResponseTooLarge),
-                               fmt::format("Thrift reply frame from {} is {} bytes, above max_frame_bytes ({} bytes)",
-                                           conn().address(), len, options_.max_frame_bytes));
+                               fmt::format("Thrift reply frame from {} for {} is {} bytes, above max_frame_bytes "
+                                           "({} bytes)",
+                                           conn().address(), Method(), len, options_.max_frame_bytes));
   }
   if (len == 0) {
     return ParseResult::Failed(make_error_code(Errc::kProtocolError),
-                               fmt::format("empty Thrift frame from {}", conn().address()));
+                               fmt::format("empty Thrift frame from {} for {}", conn().address(), Method()));
   }
   if (size - 4 < len) return ParseResult::NeedMore();
   reply_->data.assign(reinterpret_cast<const char*>(p + 4), len);
@@ -145,9 +149,9 @@ ConnectionSink::ParseResult ThriftTransportSink::Done() {
       // Not this request's reply: the connection is out of step. The serializer would report the
       // mismatch too, but the connection must not be reused.
       return ParseResult::Failed(make_error_code(Errc::kProtocolError),
-                                 fmt::format("Thrift reply from {} has seqid {}, expected {} (a stray or duplicate "
-                                             "reply); connection closed",
-                                             conn().address(), *got, *seqid_));
+                                 fmt::format("Thrift reply from {} for {} has seqid {}, expected {} (a stray or "
+                                             "duplicate reply); connection closed",
+                                             conn().address(), Method(), *got, *seqid_));
     }
   }
   return ParseResult::Done();
@@ -158,6 +162,7 @@ void ThriftTransportSink::Finish(error_code ec, std::string detail) {
   Stream* reply = reply_;
   current_ = nullptr;
   reply_ = nullptr;
+  method_ = nullptr;
   TrimRequestBuffer(write_buf_);
   MethodReturnMessage m{ec, std::move(detail), {}};
   s->AsyncProcessResponse(ec ? nullptr : reply, m);

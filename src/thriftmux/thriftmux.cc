@@ -38,6 +38,18 @@ bool IsSessionUriKey(std::string_view key) {
   return key == "tls" || key.starts_with("tls_") || key == "opportunistic_tls";
 }
 
+// What a message is, for errors: "strict binary call", "compact reply", ...
+std::string Kind(const thrift::MessageHeader& h) {
+  const char* format = h.format == thrift::HeaderFormat::kBinaryStrict    ? "strict binary"
+                       : h.format == thrift::HeaderFormat::kBinaryLenient ? "lenient binary"
+                                                                          : "compact";
+  const char* type = "oneway";
+  if (h.type == thrift::MessageType::kCall) type = "call";
+  if (h.type == thrift::MessageType::kReply) type = "reply";
+  if (h.type == thrift::MessageType::kException) type = "exception";
+  return fmt::format("{} {}", format, type);
+}
+
 
 }  // namespace
 
@@ -134,7 +146,9 @@ void ThriftMuxSerializerSink::AsyncProcessRequest(SinkStack& stack, MethodCallMe
     return;
   }
   if (header->format != thrift::HeaderFormat::kBinaryStrict || header->type != thrift::MessageType::kCall) {
-    fail(Errc::kInvalidArgument, "ThriftMux carries strict binary Thrift CALL messages only");
+    fail(Errc::kInvalidArgument, fmt::format("ThriftMux carries strict binary Thrift CALL messages only ({} is a {} "
+                                             "message)",
+                                             header->name, Kind(*header)));
     return;
   }
   msg.method = header->name;
@@ -171,7 +185,10 @@ void ThriftMuxSerializerSink::AsyncProcessResponse(SinkStack& stack, void* conte
     if (!problem.empty()) {
       auto m = MethodReturnMessage::Failure(
           make_error_code(Errc::kProtocolError),
-          fmt::format("bad ThriftMux reply from {}: {}", call.properties.endpoint, problem));
+          fmt::format("bad ThriftMux reply from {} for {}: {}",
+                      call.properties.endpoint.empty() ? std::string_view("the server")
+                                                       : std::string_view(call.properties.endpoint),
+                      call.method, problem));
       stack.AsyncProcessResponse(nullptr, m);
       return;
     }

@@ -391,6 +391,7 @@ TEST_P(ThriftFramingTest, OversizeRepliesAndRequestsFailAndTheClientRecovers) {
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), Errc::kResponseTooLarge) << e.what();
     EXPECT_NE(std::string(e.what()).find("max_frame_bytes"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(" for last_notification "), std::string::npos) << e.what();
   }
   try {
     small->base_echo(r, std::string(2048, 'x'));
@@ -681,6 +682,8 @@ class CraftedReplies final : public apache::thrift::TProcessor {
     std::lock_guard<std::mutex> l(mu_);
     fields_ = std::move(result_fields);
   }
+  // Replies carry the call's sequence id plus `delta` (0: the call's own).
+  void ShiftSeqid(int32_t delta) { seqid_delta_ = delta; }
   bool process(std::shared_ptr<apache::thrift::protocol::TProtocol> in,
                std::shared_ptr<apache::thrift::protocol::TProtocol> out, void*) override {
     std::string name;
@@ -690,6 +693,7 @@ class CraftedReplies final : public apache::thrift::TProcessor {
     in->skip(apache::thrift::protocol::T_STRUCT);
     in->readMessageEnd();
     in->getTransport()->readEnd();
+    seqid += seqid_delta_.load();
     std::string reply = protocol_ == Protocol::kCompact
                             ? Be(0x8241, 2) + Varint(static_cast<uint32_t>(seqid)) + Varint(name.size()) + name
                             : Be(0x80010002u, 4) + Be(name.size(), 4) + name + Be(static_cast<uint32_t>(seqid), 4);
@@ -707,6 +711,7 @@ class CraftedReplies final : public apache::thrift::TProcessor {
   const Protocol protocol_;
   std::mutex mu_;
   std::string fields_;
+  std::atomic<int32_t> seqid_delta_{0};
 };
 
 // A threaded, framed Apache Thrift server answering with CraftedReplies, and a Hello client of it
@@ -900,6 +905,22 @@ TEST(ThriftClientTest, AnUnknownFieldIsSkippedThroughTheCheckedReadsBlockingAndA
   crafted.replies->Answer(Field(kString, 5) + Be(0x7fffffff, 4) + "xyz");  // then the STOP: 4 bytes left
   ExpectHiFails(crafted.client, crafted.info, Errc::kProtocolError,
                 {malformed + "a string declares 2147483647 bytes with 4 bytes of the reply left (the reply is "});
+}
+
+// A reply with another sequence id than the request on the connection (a stray or duplicate
+// reply) fails the call, blocking and async, naming the client, the endpoint and the method, and
+// retires the connection: the next call gets its own reply on a new one.
+TEST(ThriftClientTest, AReplyWithAnotherSeqidNamesTheMethodAndRetiresTheConnection) {
+  CraftedServer crafted;
+  crafted.replies->Answer(Field(kString, 0) + Be(2, 4) + "ok");
+  crafted.replies->ShiftSeqid(1);
+  ExpectHiFails(crafted.client, crafted.info, Errc::kProtocolError,
+                {"client thrift-it: Thrift reply from " + crafted.endpoint() + " for hi has seqid ",
+                 "(a stray or duplicate reply); connection closed"});
+  crafted.replies->ShiftSeqid(0);
+  std::string r;
+  crafted.client->hi(r, "x");
+  EXPECT_EQ(r, "ok");
 }
 
 // A memory resource that refuses (std::bad_alloc) any allocation over `cap` bytes, as an allocator

@@ -21,6 +21,7 @@
 #include "scales/thrift/client.h"
 #include "scales/thrift/message.h"
 #include "scales/thrift/serializer.h"
+#include "scales/thriftmux/thriftmux.h"
 
 namespace scales::thrift {
 namespace {
@@ -447,6 +448,7 @@ class SerializerTest : public ::testing::Test {
   void SetUp() override {
     bottom_ = std::make_shared<Bottom>();
     serializer_ = std::make_shared<ThriftSerializerSink>(bottom_);
+    formatter_ = serializer_;
   }
   std::unique_ptr<Call> Send(std::string bytes) {
     auto c = std::make_unique<Call>();
@@ -455,12 +457,14 @@ class SerializerTest : public ::testing::Test {
     c->msg.SetReplySlot(&c->reply);
     c->msg.properties.endpoint = "10.0.0.1:9090";
     c->stack.Push(&top_, nullptr);
-    serializer_->AsyncProcessRequest(c->stack, c->msg, nullptr);
+    formatter_->AsyncProcessRequest(c->stack, c->msg, nullptr);
     return c;
   }
   Top top_;
   std::shared_ptr<Bottom> bottom_;
   std::shared_ptr<ThriftSerializerSink> serializer_;
+  // The formatter Send() goes through: serializer_, unless a test sets another.
+  SinkPtr formatter_;
 };
 
 TEST_F(SerializerTest, AssignsSequenceIdsAndRestoresTheCallersOnTheReply) {
@@ -532,6 +536,68 @@ TEST_F(SerializerTest, RejectsAPayloadThatIsNotACall) {
   ASSERT_EQ(top_.responses, 1);
   EXPECT_EQ(top_.last.error, make_error_code(Errc::kInvalidArgument));
   EXPECT_EQ(bottom_->stack, nullptr);
+}
+
+// The ThriftMux formatter over the same harness.
+class ThriftMuxSerializerTest : public SerializerTest {
+ protected:
+  void SetUp() override {
+    SerializerTest::SetUp();
+    formatter_ = std::make_shared<thriftmux::ThriftMuxSerializerSink>(bottom_);
+  }
+};
+
+// Every reply the ThriftMux formatter refuses fails the call once, with kProtocolError naming
+// the endpoint and the call's method (not only when the reply names another one).
+TEST_F(ThriftMuxSerializerTest, EveryRefusedReplyNamesTheEndpointAndTheMethod) {
+  using apache::thrift::protocol::T_CALL;
+  using apache::thrift::protocol::T_ONEWAY;
+  using apache::thrift::protocol::T_REPLY;
+  const std::string bad[] = {
+      WriteMessage(Protocol::kBinary, "echo", T_REPLY, 7),  // another sequence id
+      WriteMessage(Protocol::kBinary, "echo", T_CALL, 0),   // not a reply
+      WriteMessage(Protocol::kBinary, "echo", T_ONEWAY, 0),
+      WriteMessage(Protocol::kBinary, "other", T_REPLY, 0),
+      "not thrift",
+  };
+  int responses = 0;
+  for (const std::string& reply : bad) {
+    auto call = Send(WriteMessage(Protocol::kBinary, "echo", T_CALL, 0));
+    ASSERT_EQ(bottom_->stream, &call->request);
+    bottom_->Answer(reply);
+    ASSERT_EQ(top_.responses, ++responses);
+    EXPECT_EQ(top_.last.error, make_error_code(Errc::kProtocolError));
+    EXPECT_NE(top_.last.detail.find("bad ThriftMux reply from 10.0.0.1:9090 for echo: "), std::string::npos)
+        << top_.last.detail;
+  }
+  auto call = Send(WriteMessage(Protocol::kBinary, "echo", T_CALL, 0));
+  bottom_->Answer(WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_EXCEPTION, 0));
+  EXPECT_TRUE(top_.last.ok()) << top_.last.detail;
+}
+
+// A request that is not a strict binary CALL is refused before it is sent, naming its method and
+// what it is.
+TEST_F(ThriftMuxSerializerTest, ARequestThatIsNotAStrictBinaryCallNamesItsMethodAndKind) {
+  using apache::thrift::protocol::T_CALL;
+  const struct {
+    std::string bytes;
+    std::string says;
+  } cases[] = {
+      {WriteMessage(Protocol::kCompact, "echo", T_CALL, 0), "echo is a compact call"},
+      {WriteMessage(Protocol::kBinary, "echo", T_CALL, 0, /*strict=*/false), "echo is a lenient binary call"},
+      {WriteMessage(Protocol::kBinary, "echo", apache::thrift::protocol::T_REPLY, 0), "echo is a strict binary reply"},
+  };
+  int responses = 0;
+  for (const auto& c : cases) {
+    bottom_->stack = nullptr;
+    auto call = Send(c.bytes);
+    ASSERT_EQ(top_.responses, ++responses);
+    EXPECT_EQ(bottom_->stack, nullptr);
+    EXPECT_EQ(top_.last.error, make_error_code(Errc::kInvalidArgument));
+    EXPECT_NE(top_.last.detail.find("ThriftMux carries strict binary Thrift CALL messages only"), std::string::npos)
+        << top_.last.detail;
+    EXPECT_NE(top_.last.detail.find(c.says), std::string::npos) << top_.last.detail;
+  }
 }
 
 TEST(ThriftCodecTest, InheritedMethodsEncodeAndDeclaredExceptionsDecodeAsThemselves) {

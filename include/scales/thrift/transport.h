@@ -17,6 +17,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "scales/core/provider.h"
 #include "scales/core/sink.h"
@@ -85,6 +86,12 @@ class ThriftTransportSink final : public ConnectionSink {
   // (a stray reply, e.g. to a oneway call, or a duplicate) closes the connection, which would
   // otherwise stay one reply behind.
   std::optional<int32_t> seqid_;
+  // The method of the request on the connection (the call's message, alive until Finish), which
+  // the reply's errors name.
+  const std::string* method_ = nullptr;
+  std::string_view Method() const noexcept {
+    return method_ != nullptr && !method_->empty() ? std::string_view(*method_) : std::string_view("?");
+  }
   // Whether a reply has been read on the connection (ParseEof's hint).
   bool replied_ = false;
   // Buffered framing: where the reply's walk stopped, so each read resumes it.
