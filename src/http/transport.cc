@@ -24,10 +24,20 @@ using namespace std::string_view_literals;
 
 namespace {
 
+// The start of a response body for an error message: CR and LF become spaces, other control
+// characters and DEL are escaped (a NUL would end what(), an escape sequence reach the terminal
+// the log goes to; error bodies may be binary, compressed for one).
 std::string Snippet(std::string_view body, size_t max = 200) {
-  std::string s(body.substr(0, max));
-  for (char& c : s) {
-    if (c == '\n' || c == '\r') c = ' ';
+  std::string s;
+  s.reserve(std::min(body.size(), max) + 3);
+  for (unsigned char c : body.substr(0, max)) {
+    if (c == '\n' || c == '\r') {
+      s.push_back(' ');
+    } else if ((c < 0x20 && c != '\t') || c == 0x7f) {
+      fmt::format_to(std::back_inserter(s), "\\x{:02x}", c);
+    } else {
+      s.push_back(static_cast<char>(c));
+    }
   }
   if (body.size() > max) s += "...";
   return s;

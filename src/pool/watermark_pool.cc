@@ -178,6 +178,24 @@ void WatermarkPool::AsyncProcessResponse(SinkStack& stack, void* context, Stream
 }
 
 void WatermarkPool::Release(Conn* c) {
+  if (releasing_) {
+    // Answered inside a hand-over below (a connection that answered a waiter's request at once,
+    // inside AsyncProcessRequest): that loop goes on with it, so that a long queue does not nest
+    // a request's whole path on the stack per waiter.
+    released_.push_back(c);
+    return;
+  }
+  releasing_ = true;
+  released_.push_back(c);
+  while (!released_.empty()) {
+    Conn* next = released_.front();
+    released_.pop_front();
+    ReleaseOne(next);
+  }
+  releasing_ = false;
+}
+
+void WatermarkPool::ReleaseOne(Conn* c) {
   if (closed_) {
     c->sink->Close();
     Drop(c);

@@ -175,7 +175,8 @@ void TcpConnection::OnTimeout(void* self) {
   c->failure_detail_ = c->handshaking_
                            ? fmt::format("TLS handshake with {} did not finish within connect_timeout ({} ms)",
                                          c->address_, ms)
-                           : fmt::format("connect to {} timed out after {} ms", c->address_, ms);
+                           : fmt::format("connect to {} did not finish within connect_timeout ({} ms)",
+                                         c->address_, ms);
   c->resolver_.cancel();
   if (c->resolving_) {
     // Finished now, not when getaddrinfo returns (a DNS server that does not answer holds it

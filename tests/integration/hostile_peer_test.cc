@@ -617,6 +617,11 @@ void HostileHttp(RawConn& c) {
       // A status under 100 (RFC 9110 15: invalid, to be taken as a 5xx), framed as a response
       // with a body; the server goes on.
       if (!c.Write("HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok")) return;
+    } else if (target == "/binary-error") {
+      // An error status whose body is binary (a compressed error page, say): a NUL, an escape
+      // sequence and a DEL among its first bytes; the server goes on.
+      const std::string body("bad\0body\x1b[2J\x7f\r\n", 15);
+      if (!c.Write("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 15\r\n\r\n" + body)) return;
     } else if (target == "/drip") {
       // One byte every 50 ms: about 2 s for the whole response.
       for (char b : std::string("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndrip")) {
@@ -919,6 +924,25 @@ TEST(HostilePeerTest, HttpStatusUnder100IsAServerErrorNotAnInterimResponse) {
   RawServer server(HostileHttp);
   auto client = Http::NewClient(server.uri(), HttpOptions());
   ExpectBoundedFailure([&] { client.Get("/status-099"); }, Errc::kHttpError, "HTTP 99 Odd from 127.0.0.1:", 5s);
+  EXPECT_EQ(client.Get("/ok").body, "ok");
+  EXPECT_EQ(server.accepted(), 1);
+}
+
+// The body excerpt of an HTTP error names what the server said without ending or garbling the
+// message: a NUL in it used to end what() there (the rest of the error lost), and an escape
+// sequence went as is to the terminal or log the message is written to.
+TEST(HostilePeerTest, HttpErrorWithABinaryBodyKeepsItsMessageWhole) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  try {
+    client.Get("/binary-error");
+    ADD_FAILURE() << "the call succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kHttpError) << e.what();
+    const std::string what = e.what();
+    EXPECT_NE(what.find("HTTP 500 Internal Server Error from 127.0.0.1:"), std::string::npos) << what;
+    EXPECT_NE(what.find("for GET /binary-error: bad\\x00body\\x1b[2J\\x7f  "), std::string::npos) << what;
+  }
   EXPECT_EQ(client.Get("/ok").body, "ok");
   EXPECT_EQ(server.accepted(), 1);
 }

@@ -4,7 +4,9 @@
 
 #include "scales/pool/watermark_pool.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -205,6 +207,34 @@ TEST_F(WatermarkPoolTest, QueueIsFifo) {
     env_.Run();
   }
   for (int k = 0; k < 5; ++k) EXPECT_EQ(calls_[ids[k]].value, 100 + k) << k;
+}
+
+// A connection that frees while many requests are queued serves them one after the other. One
+// that answers them at once, inside AsyncProcessRequest (a oneway Thrift request written in one
+// send, a request the HTTP transport refuses to send), must not take the next waiter from inside
+// that answer: the stack grew by a request's whole path per queued request (about 270 bytes each
+// in a release build), and a long queue (max_waiters) overflowed it.
+TEST_F(WatermarkPoolTest, QueuedRequestsAnsweredAtOnceDoNotNestOnTheStack) {
+  constexpr int kQueued = 2000;
+  Build(Options(1, 1, /*max_waiters=*/kQueued));
+  Start();
+  std::vector<uintptr_t> frames;
+  for (int i = 0; i < kQueued; ++i) {
+    auto* call = new TypedCall<int>([&frames](error_code, int) {
+      frames.push_back(reinterpret_cast<uintptr_t>(__builtin_frame_address(0)));
+    });
+    dispatcher_->Dispatch(call, /*initiating=*/true);
+  }
+  env_.Run();
+  ASSERT_EQ(pool_->waiters(), static_cast<size_t>(kQueued));
+  factory_.at(0).set_auto_reply(7);  // answers each next request inside AsyncProcessRequest
+  factory_.at(0).Reply(0, 1);
+  env_.Run();
+  ASSERT_EQ(frames.size(), static_cast<size_t>(kQueued));
+  EXPECT_EQ(pool_->waiters(), 0u);
+  const auto [low, high] = std::minmax_element(frames.begin(), frames.end());
+  EXPECT_LT(*high - *low, 64u * 1024) << "the answers nest: " << (*high - *low) << " bytes of stack for "
+                                      << kQueued << " queued requests";
 }
 
 TEST_F(WatermarkPoolTest, FullQueueFailsWithPoolQueueFull) {

@@ -80,7 +80,9 @@ class WatermarkPool final : public ClientMessageSink {
   void StartOpen(Conn* c, SinkStack* stack, Stream* stream);
   void OnConnOpened(Conn* c, error_code ec);
   void Send(Conn* c, SinkStack& stack, Stream* stream);
+  // Reuses (idle or a waiter's) or drops a connection whose request was answered.
   void Release(Conn* c);
+  void ReleaseOne(Conn* c);
   void Drop(Conn* c);
   void ServeWaiters();
   void ArmIdleTimer();
@@ -96,6 +98,8 @@ class WatermarkPool final : public ClientMessageSink {
   std::list<Conn> conns_;
   std::deque<Conn*> idle_;      // front: idle longest; back: most recently released
   std::deque<Waiter> waiters_;  // FIFO
+  bool releasing_ = false;       // Release() is on the stack
+  std::deque<Conn*> released_;   // answered meanwhile, for that Release() to take on
   OpenWaiters open_waiters_;
   bool closed_ = false;
   TimerEntry idle_timer_;
