@@ -63,6 +63,10 @@ void ApertureBalancerSink::Close() {
   tick_.Cancel();
   rotation_timer_.Cancel();
   rotating_ = nullptr;
+  // A closed balancer serves no endpoint: its aperture leaves the gauge now (it no longer
+  // changes; the destructor does not count it out again).
+  aperture_gauge_.Add(-reported_size_);
+  reported_size_ = 0;
   LoadBalancerSink::Close();
 }
 
@@ -82,6 +86,7 @@ void ApertureBalancerSink::Remove(std::vector<BalancerNode*>& v, BalancerNode& n
 }
 
 void ApertureBalancerSink::UpdateGauge() {
+  if (closed_) return;  // counted out by Close()
   auto size = static_cast<int64_t>(aperture_.size());
   if (size != reported_size_) {
     aperture_gauge_.Add(size - reported_size_);
@@ -247,11 +252,13 @@ bool ApertureBalancerSink::CheckHealth(BalancerNode& n) {
 }
 
 void ApertureBalancerSink::GiveBack() {
+  // Not while a rotation waits for its node: the slots stay owed until a tick after it ended
+  // (dropped here, they would leave the aperture wider for good under a load inside the band).
+  if (rotating_ != nullptr) return;
   for (; owed_give_backs_ > 0; --owed_give_backs_) {
     // Unless the load needs the slot: one member less must stay below the high mark.
     const size_t size = aperture_.size();
-    if (size <= options_.min_size || rotating_ != nullptr ||
-        ema_ / static_cast<double>(size - 1) >= options_.high_load) {
+    if (size <= options_.min_size || ema_ / static_cast<double>(size - 1) >= options_.high_load) {
       continue;
     }
     if (BalancerNode* victim = LeastLoadedHealthy(nullptr)) {

@@ -223,18 +223,22 @@ void LoadBalancerSink::Route(SinkStack& stack, MethodCallMessage& msg, Stream* s
 BalancerNode* LoadBalancerSink::PickAlternative(BalancerNode& avoid,
                                                 const CallProperties& props) {
   // A repeated pick may be a panic pick of a node known down (P2C samples random pairs): taken
-  // only when `avoid` is no better.
+  // only when `avoid` is no better (a Busy `avoid` may still answer; a Closed node fails fast).
   const bool avoid_healthy = Healthy(avoid);
+  const int avoid_rank = PanicRank(avoid);
+  auto no_worse = [&](const BalancerNode& n) {
+    return Healthy(n) || (!avoid_healthy && PanicRank(n) >= avoid_rank);
+  };
   for (int attempt = 0; attempt < 3; ++attempt) {
     BalancerNode& n = PickNode();
-    if (&n != &avoid && !props.Avoids(n.address) && (!avoid_healthy || Healthy(n))) return &n;
+    if (&n != &avoid && !props.Avoids(n.address) && no_worse(n)) return &n;
   }
   BalancerNode* best = nullptr;
   BalancerNode* best_any = nullptr;
   for (const auto& p : nodes_) {
     BalancerNode* n = p.get();
     if (n == &avoid || props.Avoids(n->address)) continue;
-    if (best_any == nullptr || n->load < best_any->load) best_any = n;
+    if (no_worse(*n) && (best_any == nullptr || n->load < best_any->load)) best_any = n;
     if (Healthy(*n) && (best == nullptr || n->load < best->load)) best = n;
   }
   if (best != nullptr) return best;
@@ -267,8 +271,20 @@ void LoadBalancerSink::CancelRequest(SinkStack& stack, void*, const error_code& 
   auto it = std::find_if(parked_.begin(), parked_.end(), [&](const auto& p) { return p.first == &stack; });
   if (it == parked_.end()) return;
   parked_.erase(it);
-  auto m = MethodReturnMessage::Failure(reason, "while waiting for the server set's first members");
+  auto m = MethodReturnMessage::Failure(reason, "while waiting for " + WaitingFor());
   stack.AsyncProcessResponse(nullptr, m);
+}
+
+std::string LoadBalancerSink::WaitingFor() const {
+  if (nodes_.empty()) return "the server set's first members";
+  // The members are known: the balancer waits for the first of their endpoints to open.
+  constexpr size_t kNamed = 3;
+  std::string names;
+  for (size_t i = 0; i < nodes_.size() && i < kNamed; ++i) {
+    names += (i == 0 ? "" : ", ") + nodes_[i]->address;
+  }
+  if (nodes_.size() > kNamed) names += fmt::format(" and {} more", nodes_.size() - kNamed);
+  return fmt::format("the first of the server set's endpoints to open ({})", names);
 }
 
 void LoadBalancerSink::Close() {
@@ -289,7 +305,7 @@ void LoadBalancerSink::Close() {
     auto [stack, stream] = parked_.front();
     parked_.pop_front();
     stack->ClearCancelHandler();
-    Fail(*stack, Errc::kClientClosed, "the client was closed while the request waited for the server set");
+    Fail(*stack, Errc::kClientClosed, "the client was closed while the request waited for " + WaitingFor());
   }
   // Closing a node answers its requests; their responses come back through us, and a
   // draining node whose last request completes leaves draining_ there: close a snapshot.

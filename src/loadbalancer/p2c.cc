@@ -101,7 +101,18 @@ void PeakEwmaBalancerSink::OnResponse(BalancerNode& n, SinkStack& stack) {
   Observe(m, rtt);
 }
 
+namespace {
+// The providers reject what Validate(BalancerOptions) rejects (the sinks would clamp it).
+void ValidateP2C(int max_effort, Duration decay) {
+  BalancerOptions o;
+  o.max_effort = max_effort;
+  o.ewma_decay = decay;
+  Validate(o);
+}
+}  // namespace
+
 SinkProvider P2CBalancerProvider(int max_effort) {
+  ValidateP2C(max_effort, BalancerOptions{}.ewma_decay);
   return SinkProvider{std::string(roles::kLoadBalancer), "p2c-balancer",
                       [max_effort](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
                         return std::make_shared<P2CBalancerSink>(ctx, std::move(next), max_effort);
@@ -110,6 +121,7 @@ SinkProvider P2CBalancerProvider(int max_effort) {
 }
 
 SinkProvider PeakEwmaBalancerProvider(int max_effort, Duration decay) {
+  ValidateP2C(max_effort, decay);
   SinkProvider p{std::string(roles::kLoadBalancer), "p2c-ewma-balancer",
                  [max_effort, decay](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
                    return std::make_shared<PeakEwmaBalancerSink>(ctx, std::move(next), max_effort, decay);

@@ -20,11 +20,18 @@ void Validate(const ResurrectorOptions& o) {
   if (!(o.jitter >= 0.0 && o.jitter <= 1.0)) fail(fmt::format("resurrector.jitter must be in [0, 1] (got {})", o.jitter));
 }
 
+namespace {
+ResurrectorOptions Validated(ResurrectorOptions o) {
+  Validate(o);
+  return o;
+}
+}  // namespace
+
 ResurrectorSink::ResurrectorSink(const SinkContext& ctx, SinkFactory next, ResurrectorOptions options)
     : loop_(*ctx.loop),
       ctx_(ctx),
       next_factory_(std::move(next)),
-      options_(options),
+      options_(Validated(options)),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
       backoff_(options.initial_backoff),
       marked_down_(ctx.stats.GetCounter("scales_endpoint_marked_down")),

@@ -82,7 +82,7 @@ FailureAccrualSink::FailureAccrualSink(const SinkContext& ctx, SinkPtr next, Fai
 
 FailureAccrualSink::~FailureAccrualSink() {
   next_->on_faulted().Unsubscribe(fault_subscription_);
-  if (state_ != State::kAlive) dead_.Add(-1);
+  if (state_ != State::kAlive && !closed_) dead_.Add(-1);
 }
 
 void FailureAccrualSink::DoOpen(OpenHandler handler) { next_->AsyncOpen(std::move(handler)); }
@@ -201,6 +201,9 @@ void FailureAccrualSink::Close() {
   if (!closed_) {
     closed_ = true;
     timer_.Cancel();
+    // A closed chain is no dead endpoint of the client: counted out now (its state no longer
+    // changes; the destructor does not count it out again).
+    if (state_ != State::kAlive) dead_.Add(-1);
   }
   next_->Close();
 }

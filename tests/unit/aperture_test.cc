@@ -392,6 +392,24 @@ TEST_F(ApertureTest, RotationReplacesOneMemberAfterJitteredPeriodAndStopsOnClose
   EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_rotations"), 1);
 }
 
+// A closed balancer serves no endpoint: its aperture leaves the gauge at Close (as
+// scales_lb_size and the pools' gauges drop to 0), not only when the balancer is destroyed; a
+// closed client still held by its owner reported its last aperture for good.
+TEST_F(ApertureTest, ClosedBalancerReportsNoAperture) {
+  h_.Build(Range(5), NoRotation(2));
+  h_.Open();
+  h_.Start();
+  h_.env.Run();
+  EXPECT_EQ(h_.env.GaugeValue("scales_lb_aperture"), 2);
+  h_.dispatcher->Close();
+  h_.env.Run();
+  EXPECT_EQ(h_.env.GaugeValue("scales_lb_size"), 0);
+  EXPECT_EQ(h_.env.GaugeValue("scales_lb_aperture"), 0);
+  // Nor does its destruction count the members out again.
+  h_.Finish();
+  EXPECT_EQ(h_.env.GaugeValue("scales_lb_aperture"), 0);
+}
+
 TEST_F(ApertureTest, MemberThatLeavesIsReplacedByAnOutsideNode) {
   h_.Build(Range(3), NoRotation());
   h_.Open();
@@ -741,6 +759,32 @@ TEST_F(ApertureTest, ADownRotatingNodeLeavingTheSetDoesNotWidenTheApertureForGoo
   h_.env.Run();
   h_.env.Advance(seconds(14));  // t = 35 s, before the next rotation; load still inside the band
   EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "the abandoned rotation widened the aperture for good";
+  h_.ReplyAll();
+}
+
+// A member goes down during a rotation (the aperture widens by one) and recovers before the
+// rotation's node opened: the slot it added is owed back, but a tick's GiveBack skips while a
+// rotation waits. It used to drop the owed give-back then, so once the rotation finished the
+// aperture stayed one wider for good while the load stayed inside the band.
+TEST_F(ApertureTest, AMemberRecoveringDuringARotationGivesItsSlotBackAfterIt) {
+  std::set<Endpoint> before;
+  Endpoint r;
+  ASSERT_NO_FATAL_FAILURE(StartRotation(before, r));
+  const Endpoint flapping = *before.begin();
+  h_.Node(flapping).set_status(SinkStatus::kClosed);
+  h_.env.Advance(seconds(1));  // the tick marks it down and expands by one
+  ASSERT_EQ(h_.balancer->aperture_size(), 4u);
+  h_.Node(flapping).set_status(std::nullopt);
+  h_.env.Advance(seconds(1));  // recovered: its slot is owed back, the rotation still waits
+  h_.Node(r).CompleteOpen();
+  h_.env.Run();  // the rotation finishes: one old member leaves
+  EXPECT_EQ(h_.env.CounterValue("scales_lb_aperture_rotations"), 1);
+  for (const Endpoint& ep : h_.Members()) {
+    if (before.count(ep) == 0 && ep != r) h_.Node(ep).CompleteOpen();
+  }
+  h_.env.Run();
+  h_.env.Advance(seconds(12));  // t = 36 s, before the next rotation; load still inside the band
+  EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "the recovered member's slot was never given back";
   h_.ReplyAll();
 }
 

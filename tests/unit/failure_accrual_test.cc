@@ -370,6 +370,25 @@ TEST_F(FailureAccrualTest, CloseStopsTheTimer) {
   EXPECT_EQ(transport_->close_calls(), 1u);
 }
 
+// A closed endpoint chain is no longer a dead endpoint of the client: it leaves
+// scales_failure_accrual_dead at Close() (as scales_lb_size and the pools' gauges drop to 0),
+// not only when it is destroyed; a closed client still held reported it dead for good.
+TEST_F(FailureAccrualTest, CloseCountsADeadEndpointOutOfTheGauge) {
+  Build();
+  Calls(5, Errc::kConnectFailed);
+  ASSERT_EQ(DeadGauge(), 1);
+  accrual_->Close();
+  EXPECT_EQ(DeadGauge(), 0);
+  accrual_->Close();  // idempotent
+  EXPECT_EQ(DeadGauge(), 0);
+  // Nor does its destruction count it out again.
+  dispatcher_.reset();
+  timeout_.reset();
+  accrual_.reset();
+  env_.Run();
+  EXPECT_EQ(DeadGauge(), 0);
+}
+
 TEST_F(FailureAccrualTest, OptionsAreValidated) {
   EXPECT_NO_THROW(Validate(FailureAccrualOptions{}));
   auto bad = [](auto mutate) {

@@ -586,6 +586,27 @@ TEST_F(HeapBalancerTest, ParkedRequestIsCancelledByItsTimeout) {
   EXPECT_EQ(calls_[c].completions, 1);
 }
 
+// Members known, their endpoints' opens still pending (a slow connect): a request that times
+// out, or is answered by Close(), says it waited for an endpoint to open and names it. It used
+// to say "waiting for the server set's first members", pointing at discovery, which had
+// answered long before.
+TEST_F(HeapBalancerTest, ParkedRequestWaitingForAnEndpointToOpenNamesIt) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build(Eps({0}), milliseconds(100));
+  auto c = Start();
+  env_.Run();
+  env_.Advance(milliseconds(100));
+  ASSERT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("to open (" + Ep(0).ToString() + ")"));
+  EXPECT_THAT(calls_[c].info.detail, ::testing::Not(HasSubstr("first members")));
+  auto d = Start();
+  env_.Run();
+  dispatcher_->Close();
+  env_.Run();
+  ASSERT_EQ(calls_[d].error, Errc::kClientClosed);
+  EXPECT_THAT(calls_[d].info.detail, HasSubstr("to open (" + Ep(0).ToString() + ")"));
+}
+
 TEST_F(HeapBalancerTest, ParkedRequestsFailWhenTheBalancerCloses) {
   factory_.open_mode = FakeTransport::OpenMode::kHang;
   Build(Eps({0}));

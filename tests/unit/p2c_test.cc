@@ -7,10 +7,12 @@
 
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "scales/core/error.h"
@@ -303,6 +305,30 @@ TEST(BalancerOptionsTest, Validates) {
   expect_invalid(bad);
   bad.ewma_decay = -seconds(1);
   expect_invalid(bad);
+}
+
+// The providers reject what Validate rejects, naming the setting, as the aperture's, failure
+// accrual's and resurrector's providers do: a stack built with them directly (not through the
+// client's options) silently ran max_effort 0 as 1 and a zero or negative decay as 1 ns.
+TEST(BalancerOptionsTest, ProvidersValidateTheirSettings) {
+  auto expect_invalid = [](const std::function<void()>& make, const std::string& field) {
+    try {
+      make();
+      ADD_FAILURE() << "no exception for " << field;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), make_error_code(Errc::kInvalidArgument));
+      EXPECT_THAT(e.what(), ::testing::HasSubstr(field));
+    }
+  };
+  expect_invalid([] { P2CBalancerProvider(0); }, "max_effort");
+  expect_invalid([] { PeakEwmaBalancerProvider(-1); }, "max_effort");
+  expect_invalid([] { PeakEwmaBalancerProvider(4, Duration::zero()); }, "ewma_decay");
+  BalancerOptions bad;
+  bad.kind = BalancerKind::kP2C;
+  bad.max_effort = 0;
+  expect_invalid([&] { BalancerProvider(bad); }, "max_effort");
+  EXPECT_NO_THROW(P2CBalancerProvider(1));
+  EXPECT_NO_THROW(PeakEwmaBalancerProvider(1, std::chrono::nanoseconds(1)));
 }
 
 TEST(BalancerOptionsTest, ProviderPerKind) {

@@ -365,6 +365,22 @@ TEST_F(ResurrectorTest, HugeMultiplierCapsAtMaxBackoff) {
   EXPECT_EQ(resurrector_->current_backoff(), seconds(60));
 }
 
+// Built directly (not through ResurrectorProvider), the sink validates its options too, as
+// the failure accrual and aperture sinks do: a zero initial_backoff used to be taken, and an
+// endpoint whose connects fail was then reconnected on every loop turn (0 x multiplier = 0).
+TEST_F(ResurrectorTest, ConstructorRejectsUnusableOptions) {
+  auto ctx = test::MakeContext(env_.loop(), env_.scope, nullptr, kEndpoint);
+  try {
+    ResurrectorSink sink(ctx, factory_.AsFactory(), Backoff(Duration::zero(), seconds(30), 2.0, 0.0));
+    ADD_FAILURE() << "no exception";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), make_error_code(Errc::kInvalidArgument));
+    EXPECT_THAT(e.what(), HasSubstr("resurrector.initial_backoff"));
+  }
+  EXPECT_THROW(ResurrectorSink(ctx, factory_.AsFactory(), Backoff(seconds(1), seconds(30), 0.5, 0.0)), Error);
+  EXPECT_EQ(factory_.count(), 0u);
+}
+
 TEST_F(ResurrectorTest, CloseAnswersRequestsOnARetiredChild) {
   Build(Backoff(seconds(1), seconds(30), 2.0, 0.0));
   ASSERT_FALSE(Open());

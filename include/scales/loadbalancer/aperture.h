@@ -137,7 +137,8 @@ class ApertureBalancerSink final : public LoadBalancerSink {
   bool CheckHealth(BalancerNode& n);
   void ScanHealth();
   // Gives back the slots of members that went down and recovered (on a tick): one member
-  // fewer each, unless that would put the load at the high mark.
+  // fewer each, unless that would put the load at the high mark; while a rotation waits for its
+  // node the slots stay owed.
   void GiveBack();
   size_t HealthyMembers() const;
   void ArmTick();

@@ -72,9 +72,10 @@ class LoadBalancerSink : public ClientMessageSink {
   // retry or a backup request; there are at least two nodes): a node not in
   // props.avoid_endpoints, or nullptr to keep `avoid` (also when every other node is avoided).
   // Only called when the list is not empty. The default asks PickNode() again a few times
-  // (randomised and cycling policies move on) and takes a healthy node not avoided, or any
-  // node not avoided when `avoid` is unhealthy too; then the least loaded healthy node not
-  // avoided, then the least loaded node not avoided when `avoid` itself is unhealthy.
+  // (randomised and cycling policies move on) and takes a healthy node not avoided, or a node
+  // not avoided and no worse in panic (PanicRank) when `avoid` is unhealthy too; then the least
+  // loaded healthy node not avoided, then the least loaded node not avoided and no worse in
+  // panic when `avoid` itself is unhealthy (a Busy `avoid` keeps its request from Closed nodes).
   virtual BalancerNode* PickAlternative(BalancerNode& avoid, const CallProperties& props);
   virtual void OnLoadChanged(BalancerNode& n, bool increased) = 0;
   // Called once per server-set update, after its OnNodeAdded/OnNodeRemoved calls, with the
@@ -100,6 +101,8 @@ class LoadBalancerSink : public ClientMessageSink {
   SinkPtr MakeNodeSink(const BalancerNode& n);
   void RetireNode(std::unique_ptr<BalancerNode> node);
   void Fail(SinkStack& stack, Errc code, std::string detail);
+  // What a parked request waits for, for its error: the first members, or an endpoint's open.
+  std::string WaitingFor() const;
 
   std::shared_ptr<ServerSet> server_set_;
   SinkFactory endpoint_factory_;

@@ -79,7 +79,8 @@ class PeakEwmaBalancerSink final : public P2CBalancerSink {
   std::unordered_map<const BalancerNode*, Metric> metrics_;
 };
 
-// Providers (role "loadbalancer").
+// Providers (role "loadbalancer"). Throw scales::Error(kInvalidArgument) naming the setting
+// when max_effort < 1 or decay <= 0 (as Validate(BalancerOptions) does).
 SinkProvider P2CBalancerProvider(int max_effort = 4);
 SinkProvider PeakEwmaBalancerProvider(int max_effort = 4, Duration decay = std::chrono::seconds(10));
 

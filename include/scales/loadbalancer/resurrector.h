@@ -37,6 +37,7 @@ void Validate(const ResurrectorOptions& o);
 // Thread safety: one per endpoint per event loop; used on that loop.
 class ResurrectorSink final : public ClientMessageSink {
  public:
+  // Validates `options` (throws as Validate does).
   ResurrectorSink(const SinkContext& ctx, SinkFactory next, ResurrectorOptions options);
   ~ResurrectorSink() override;
 

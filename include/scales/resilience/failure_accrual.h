@@ -38,7 +38,8 @@
 //
 // Metrics (client and endpoint labels): counters scales_failure_accrual_removals (each time the
 // endpoint is marked dead, including after a failed probe) and scales_failure_accrual_revivals;
-// gauge scales_failure_accrual_dead (1 while not Alive; summed over loops in the client-level view).
+// gauge scales_failure_accrual_dead (1 while not Alive, 0 once closed; summed over loops in the
+// client-level view).
 
 #include <cstdint>
 #include <memory>
