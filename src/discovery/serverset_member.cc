@@ -26,8 +26,9 @@ bool ParseEndpoint(const json::value& v, std::string_view where, Endpoint& out,
   int64_t p = 0;
   if (port && port->is_int64()) {
     p = port->as_int64();
-  } else if (port && port->is_uint64()) {
-    p = port->as_uint64() > 65535 ? 65536 : static_cast<int64_t>(port->as_uint64());
+  } else if (port && port->is_uint64()) {  // over int64's range, so over 65535
+    error = fmt::format("{}.port: {} is out of range 1..65535", where, port->as_uint64());
+    return false;
   } else {
     error = fmt::format("{}.port: missing or not an integer", where);
     return false;

@@ -59,15 +59,32 @@ ZooKeeperOptions CheckedOptions(const ParsedUri& uri, ZooKeeperOptions options) 
   return out;
 }
 
+// The largest request a ZooKeeper server reads (its jute.maxbuffer, by default 1 MB - 1): a
+// larger one makes it close the connection ("Len error"), which the C client reports as a
+// connection loss, so such a create would only ever be retried.
+constexpr size_t kZooKeeperMaxRequest = 0xfffff;
+// A member create's bytes besides its path and data: header, lengths, the open ACL, the flags.
+constexpr size_t kCreateRequestOverhead = 64;
+
 // The member data of `instance`, checked as every reader parses it: an instance they would
-// skip as malformed (no host, port 0) is refused here rather than announced to no effect.
-std::string CheckedMemberData(const ParsedUri& uri, const ServiceInstance& instance) {
+// skip as malformed (no host, port 0) is refused here rather than announced to no effect; so is
+// one whose create the server would not read.
+std::string CheckedMemberData(const ParsedUri& uri, const ServiceInstance& instance, const ZooKeeperOptions& options) {
   std::string data = SerializeServiceInstance(instance);
   std::string error;
   if (!ParseServiceInstance(data, error)) {
     throw Error(make_error_code(Errc::kInvalidArgument),
                 fmt::format("announcer {}: the instance is not a valid serverset member: {}", DescribeUri(uri),
                             error));
+  }
+  const size_t path = options.chroot.size() + uri.path.size() + std::string_view("/member_0000000000").size();
+  const size_t limit = kZooKeeperMaxRequest - kCreateRequestOverhead - std::min(path, kZooKeeperMaxRequest / 2);
+  if (data.size() > limit) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("announcer {}: member data of {} bytes is over the limit of {} bytes (ZooKeeper's default "
+                            "jute.maxbuffer, {} bytes per request, less the path and the request header): the server "
+                            "would close the connection on each create",
+                            DescribeUri(uri), data.size(), limit, kZooKeeperMaxRequest));
   }
   return data;
 }
@@ -419,8 +436,12 @@ class ZooKeeperServerSet::Impl {
         path_status_ += fmt::format(" ({})", Explain(status, members.size()));
       }
     }
-    if (published_ && *published_ == members) return;
+    // The same list is published again when the path came or went (an empty set became a
+    // missing path, as it does when a path is deleted: its members go first), so that a
+    // subscriber reading path_missing() on delivery (scales serverset --watch) sees the change.
+    if (published_ && *published_ == members && published_exists_ == path_exists_) return;
     published_ = members;
+    published_exists_ = path_exists_;
     snapshots_.fetch_add(1, std::memory_order_relaxed);
     for (auto& [id, sub] : subscribers_) Deliver(sub, members);
   }
@@ -443,6 +464,7 @@ class ZooKeeperServerSet::Impl {
 
   mutable std::mutex mu_;  // guards the fields below
   std::optional<Members> published_;
+  bool published_exists_ = false;  // path_exists_ when published_ was published
   std::string path_status_ = "loading";
   PathStatus status_;
   std::map<uint64_t, std::shared_ptr<Subscriber>> subscribers_;
@@ -486,8 +508,8 @@ class Announcer::Impl {
   Impl(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options)
       : description_(DescribeUri(uri)),
         path_(TrimSlash(uri.path)),
-        data_(CheckedMemberData(uri, instance)),
         options_(CheckedOptions(uri, std::move(options))),
+        data_(CheckedMemberData(uri, instance, options_)),
         connection_(options_.ConnectString(uri), options_) {}
 
   void Start() {
@@ -830,8 +852,8 @@ class Announcer::Impl {
 
   const std::string description_;
   const std::string path_;
-  const std::string data_;
   const ZooKeeperOptions options_;
+  const std::string data_;
   bool creating_ = false;       // loop thread
   bool create_uncertain_ = false;  // loop thread: a member create lost its reply (FindOwnMember)
   bool retry_pending_ = false;  // loop thread

@@ -10,12 +10,14 @@
 #include <atomic>
 #include <cstring>
 #include <chrono>
+#include <fstream>
 #include <functional>
 #include <future>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1138,6 +1140,34 @@ TEST_F(ZooKeeperTest, ServerSetCommandPrintsAndWatches) {
   EXPECT_EQ(watch.ReadLine(5s), "# 2 members");
 }
 
+// `scales serverset --watch` says that it waits for a path that does not exist, "and says so
+// again if the path is deleted later". But a path's members go before it (ZooKeeper deletes
+// only empty nodes): the list was empty already when the path went, no list was published, and
+// the deletion went unsaid. A change of the path's existence is published (the same list).
+TEST_F(ZooKeeperTest, ServerSetCommandSaysWhenThePathIsDeletedLater) {
+  const std::string created = Kazoo(CreateMember("/later/svc", "127.0.0.1", 1001));
+  const std::string err_path = ::testing::TempDir() + "serverset-deleted-later.txt";
+  auto err = [&] {
+    std::ifstream in(err_path);
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  };
+  test::ChildProcess watch({test::ToolPath(), "serverset", zk_->Uri("/later/svc"), "--watch"}, err_path);
+  EXPECT_EQ(watch.ReadLine(20s), "+ 127.0.0.1:1001");
+  EXPECT_EQ(watch.ReadLine(5s), "# 1 members");
+  Kazoo(fmt::format("zk.delete('{}')", created.substr(0, created.find('\n'))));
+  EXPECT_EQ(watch.ReadLine(20s), "- 127.0.0.1:1001");
+  EXPECT_EQ(watch.ReadLine(5s), "# 0 members");
+  Kazoo("zk.delete('/later/svc')");
+  EXPECT_TRUE(WaitFor([&] { return err().find("path /later/svc does not exist") != std::string::npos; }, 20s))
+      << err();
+  Kazoo(CreateMember("/later/svc", "127.0.0.2", 1002));
+  EXPECT_EQ(watch.ReadLine(20s), "+ 127.0.0.2:1002");
+  EXPECT_EQ(watch.ReadLine(5s), "# 1 members");
+  std::remove(err_path.c_str());
+}
+
 // While libzookeeper cannot make a handle (here a host list it cannot parse), the connection
 // retries every retry_interval. Each attempt used to leave a session record behind until
 // Stop(): a slow leak for a misconfigured process.
@@ -1250,6 +1280,33 @@ TEST_F(ZooKeeperTest, AnnouncerRefusesAnInstanceReadersWouldSkip) {
     }
   }
   EXPECT_EQ(Kazoo("print(zk.exists('/refused/svc') is None)"), "True\n");
+}
+
+// Member data over ZooKeeper's request limit (jute.maxbuffer, 1 MB by default; here a large
+// metadata value) was sent all the same: the server closed the connection on each create, and
+// the announcer reconnected and looked for, then created, its member again, in a loop, never
+// announced, with nothing naming the cause. The constructor refuses it, naming the limit.
+TEST_F(ZooKeeperTest, AnnouncerRefusesMemberDataOverZooKeepersRequestLimit) {
+  const std::string uri = zk_->Uri("/big/svc");
+  ServiceInstance big;
+  big.service_endpoint = {"127.0.0.1", 4244};
+  big.metadata["blob"] = std::string(size_t{2} << 20, 'x');
+  try {
+    Announcer announcer(ScalesUriParser::Parse(uri), big);
+    announcer.WaitAnnounced(3s);
+    ADD_FAILURE() << "not refused: " << announcer.Describe();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kInvalidArgument)) << e.what();
+    EXPECT_NE(std::string(e.what()).find(uri), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("member data of 2097"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("jute.maxbuffer"), std::string::npos) << e.what();
+  }
+  // Just under the limit is announced (and read back by a server set).
+  big.metadata["blob"] = std::string(1000000, 'x');
+  Announcer announcer(ScalesUriParser::Parse(uri), big);
+  ASSERT_TRUE(announcer.WaitAnnounced(20s)) << announcer.Describe();
+  auto set = MakeSet(uri);
+  ASSERT_TRUE(WaitFor([&] { return set->members() == Members{{"127.0.0.1", 4244}}; })) << set->Describe();
 }
 
 // Snapshots are delivered in order: on an executor whose threads take two deliveries at once,

@@ -75,6 +75,9 @@ TEST(ServerSetMemberTest, MalformedMembersNameTheProblem) {
             "serviceEndpoint.port: 70000 is out of range 1..65535");
   EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":0},"status":"ALIVE"})"),
             "serviceEndpoint.port: 0 is out of range 1..65535");
+  // A port over int64's range (a uint64 in the JSON) was reported as "65536".
+  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":18446744073709551615},"status":"ALIVE"})"),
+            "serviceEndpoint.port: 18446744073709551615 is out of range 1..65535");
   EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":1},"status":"ALIVE",
                            "additionalEndpoints":[]})"),
             "additionalEndpoints: not an object");

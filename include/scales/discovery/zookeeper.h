@@ -72,7 +72,8 @@ std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view
 // Describe() saying why). Watches are re-armed on every read; member data changes are followed.
 // Connection loss keeps the members; session expiry starts a new session and re-reads
 // everything while the last known members keep serving. Malformed members are skipped and
-// counted; the others are used.
+// counted; the others are used. A list equal to the last one is published again only when the
+// path was created or deleted meanwhile (path_missing() changed; read it in the listener).
 class ZooKeeperServerSet final : public ServerSet {
  public:
   struct Stats {
