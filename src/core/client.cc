@@ -108,6 +108,13 @@ void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
   state->handler.emplace(std::move(handler));
   state->executor = runtime_->loop(0).executor();
   state->work = internal::HandlerWork(*state->handler);
+  if (!state->work && shards_.size() > 1) {
+    // The handler runs on the first loop, posted from whichever loop answers last: that loop
+    // counts it as work until then. A runtime going away lets each loop run out of work, the
+    // first loop first, and one already stopped would destroy the handler unrun.
+    state->work.emplace(boost::asio::prefer(runtime_->loop(0).io_context().get_executor(),
+                                            boost::asio::execution::outstanding_work.tracked));
+  }
   for (auto& shard : shards_) {
     boost::asio::post(shard->loop().executor(), [shard, state] {
       shard->AsyncOpen([state](error_code ec) {

@@ -65,6 +65,10 @@ void ReportHandlerException(std::exception_ptr e) noexcept {
 EventLoop* EventLoop::Current() noexcept { return current_loop; }
 
 size_t EventLoop::Poll() {
+  // A handler may release the runtime's last reference (a client that held it, released in its
+  // own callback): the loop then goes with this Poll(), not under it, and the handlers queued
+  // behind that one (the client's shutdown, the completions it posts) still run in it.
+  const std::shared_ptr<EventLoop> keep = shared_from_this();
   CurrentLoopScope scope(this);
   if (ioc_->stopped()) ioc_->restart();
   return ioc_->poll();
@@ -291,10 +295,12 @@ bool Runtime::IsLoopThread() const noexcept {
 }
 
 size_t Runtime::RunUntilIdle(size_t max_rounds) {
+  // A copy: a handler may destroy the runtime (its last reference), taking loops_ with it.
+  const std::vector<std::shared_ptr<EventLoop>> loops = loops_;
   size_t total = 0;
   for (size_t round = 0; round < max_rounds; ++round) {
     size_t ran = 0;
-    for (auto& l : loops_) ran += l->Poll();
+    for (auto& l : loops) ran += l->Poll();
     total += ran;
     if (ran == 0) break;
   }

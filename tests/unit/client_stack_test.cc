@@ -4,11 +4,13 @@
 
 #include "scales/core/client.h"
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <future>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -40,6 +42,25 @@ using ::testing::HasSubstr;
 
 const Endpoint kA{"10.9.0.1", 80};
 const Endpoint kB{"10.9.0.2", 80};
+
+// The options of a client named `name` over kA alone, on `runtime`, counting into `registry`.
+ClientOptions SingleEndpointOptions(std::string name, std::shared_ptr<Runtime> runtime,
+                                    stats::StatsRegistry& registry) {
+  ClientOptions options;
+  options.name = std::move(name);
+  options.runtime = std::move(runtime);
+  options.stats = &registry;
+  options.server_set = std::make_shared<StaticServerSet>(ServerSet::Members{kA});
+  return options;
+}
+
+// The timeout sink over the fake transports `make` creates.
+SinkStackSpec TimeoutOverFakes(std::function<SinkPtr(const SinkContext&)> make) {
+  return SinkStackSpec({TimeoutSinkProvider(),
+                        SinkProvider{"transport", "fake", [make = std::move(make)](const SinkContext& ctx, SinkFactory) {
+                                       return make(ctx);
+                                     }}});
+}
 
 class ClientStackTest : public ::testing::Test {
  protected:
@@ -479,16 +500,9 @@ TEST(ClientCoreShutdownTest, ManualRuntimeDestroyedWithPendingCallsCompletesThem
   FakeTransportFactory factory(runtime->loop(0));
   CallTracker calls(*clock);
   {
-    ClientOptions options;
-    options.name = "shutdown";
-    options.runtime = runtime;
-    options.stats = &registry;
-    options.server_set = std::make_shared<StaticServerSet>(ServerSet::Members{kA});
-    SinkStackSpec spec({TimeoutSinkProvider(),
-                        SinkProvider{"transport", "fake", [&](const SinkContext& ctx, SinkFactory) -> SinkPtr {
-                                       return factory.Create(ctx);
-                                     }}});
-    auto core = std::make_shared<ClientCore>(options, spec);
+    auto core = std::make_shared<ClientCore>(
+        SingleEndpointOptions("shutdown", runtime, registry),
+        TimeoutOverFakes([&](const SinkContext& ctx) -> SinkPtr { return factory.Create(ctx); }));
     calls.StartWith([&](CallBase* c) { core->Dispatch(c); });  // on the loop once polled
     runtime->RunUntilIdle();
     calls.StartWith([&](CallBase* c) { core->Dispatch(c); });  // posted, not run yet
@@ -503,6 +517,44 @@ TEST(ClientCoreShutdownTest, ManualRuntimeDestroyedWithPendingCallsCompletesThem
   factory.Clear();
 }
 
+// A manual-mode runtime whose last reference is its client's, released in the callback of one
+// of that client's calls while the owner drives the loops (Runtime::RunUntilIdle): the runtime
+// goes inside a Poll() of its own loop, with a second call still held by the connection. The
+// loop (and its io_context) used to be destroyed under that Poll(), and RunUntilIdle went on
+// over the destroyed runtime's loops: the client's Close(), posted behind the handler, never
+// ran, and the second call never completed.
+TEST(ClientCoreShutdownTest, ManualRuntimeReleasedInItsClientsCallbackCompletesTheRest) {
+  stats::StatsRegistry registry;
+  auto clock = std::make_shared<ManualClock>();
+  std::optional<FakeTransportFactory> factory;
+  CallTracker calls(*clock);
+  std::shared_ptr<ClientCore> core;
+  {
+    auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 1, .start_threads = false, .clock = clock, .seed = 42});
+    factory.emplace(runtime->loop(0));
+    // The client holds the only reference to the runtime.
+    core = std::make_shared<ClientCore>(
+        SingleEndpointOptions("self-releasing", std::move(runtime), registry),
+        TimeoutOverFakes([&](const SinkContext& ctx) -> SinkPtr { return factory->Create(ctx); }));
+  }
+  Runtime& runtime = core->runtime();
+  int released_completions = 0;
+  core->Dispatch(new TypedCall<int>([&](error_code, int) {
+    ++released_completions;
+    core.reset();  // the client, and with it the runtime
+  }));
+  calls.StartWith([&](CallBase* c) { core->Dispatch(c); });
+  runtime.RunUntilIdle();
+  ASSERT_EQ(factory->TotalInFlight(), 2u);
+  EventLoop& loop = runtime.loop(0);
+  boost::asio::post(loop.executor(), [&] { factory->at(0).Reply(0, 1); });
+  runtime.RunUntilIdle();  // the runtime goes inside it
+  EXPECT_EQ(released_completions, 1);
+  EXPECT_TRUE(calls.AllCompletedOnce());
+  EXPECT_EQ(calls[0].error, Errc::kConnectionClosed);
+  factory->Clear();
+}
+
 // open_timeout = Duration::max() (wait as long as it takes) used to overflow the wait's
 // deadline (now + max): OpenAndWait gave up at once, failing the build with "did not open
 // within 9223372036854 ms" although the open was about to succeed.
@@ -510,20 +562,54 @@ TEST(ClientCoreOpenTest, LongestOpenTimeoutWaitsForTheOpen) {
   stats::StatsRegistry registry;
   auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 1});
   FakeTransportFactory factory(runtime->loop(0));
-  ClientOptions options;
-  options.name = "patient";
-  options.runtime = runtime;
-  options.stats = &registry;
+  ClientOptions options = SingleEndpointOptions("patient", runtime, registry);
   options.open_timeout = Duration::max();
-  options.server_set = std::make_shared<StaticServerSet>(ServerSet::Members{kA});
-  SinkStackSpec spec({TimeoutSinkProvider(),
-                      SinkProvider{"transport", "fake", [&](const SinkContext& ctx, SinkFactory) -> SinkPtr {
-                                     return factory.Create(ctx);
-                                   }}});
-  auto core = std::make_shared<ClientCore>(options, spec);
+  auto core = std::make_shared<ClientCore>(
+      options, TimeoutOverFakes([&](const SinkContext& ctx) -> SinkPtr { return factory.Create(ctx); }));
   EXPECT_NO_THROW(core->OpenAndWait());
   core.reset();
   runtime.reset();  // joins the loop thread: the fakes are no longer in use
+  factory.Clear();
+}
+
+// An open still pending on loop 1 when the client and its (threaded) runtime go: the client's
+// Close() answers it there, and its handler (no executor of its own) is completed on loop 0.
+// The runtime's destructor lets each loop run out of work, loop 0 first: loop 0 did not count
+// the open as work, so it had stopped before loop 1 posted the handler to it, which was then
+// destroyed unrun: the caller never heard of its open.
+TEST(ClientCoreOpenTest, AnOpenPendingWhenTheRuntimeGoesStillCompletes) {
+  stats::StatsRegistry registry;
+  auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 2});
+  FakeTransportFactory factory(runtime->loop(0));
+  ClientOptions options = SingleEndpointOptions("opening", runtime, registry);
+  options.open_timeout = Duration::zero();
+  // Holds the runtime.
+  auto core = std::make_shared<ClientCore>(std::move(options), TimeoutOverFakes([&](const SinkContext& ctx) -> SinkPtr {
+                                             auto fake = factory.Create(ctx);
+                                             // Loop 1's connection never opens on its own.
+                                             if (ctx.loop->index() == 1) {
+                                               fake->set_open_mode(FakeTransport::OpenMode::kHang);
+                                             }
+                                             return fake;
+                                           }));
+  auto completions = std::make_shared<std::atomic<int>>(0);
+  std::promise<error_code> opened;
+  auto result = opened.get_future();
+  core->AsyncOpen([completions, &opened](error_code ec) {
+    if (completions->fetch_add(1) == 0) opened.set_value(ec);
+  });
+  // Loop 1 answers the open (in the client's Close()) only once loop 0 had the chance to run
+  // out of work and stop (or a while has passed, when it has not).
+  boost::asio::io_context* loop0 = &runtime->loop(0).io_context();
+  boost::asio::post(runtime->loop(1).executor(), [loop0] {
+    const auto give_up = std::chrono::steady_clock::now() + milliseconds(300);
+    while (!loop0->stopped() && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+  });
+  core.reset();
+  runtime.reset();  // joins both loop threads
+  EXPECT_EQ(completions->load(), 1) << "the open's handler was dropped";
+  ASSERT_EQ(result.wait_for(seconds(0)), std::future_status::ready);
+  EXPECT_EQ(result.get(), Errc::kClientClosed);  // loop 1's open, answered by Close()
   factory.Clear();
 }
 

@@ -380,6 +380,26 @@ TEST(RuntimeTest, ManualModeRunsOnlyWhenPolled) {
   EXPECT_EQ(&rt.clock(), clock.get());
 }
 
+// A manual-mode runtime whose last reference a handler releases while its owner polls a loop
+// directly (EventLoop::Poll): the loop, with its io_context, used to be destroyed under that
+// Poll() (use after free), and the handlers queued behind that one were dropped unrun.
+TEST(RuntimeTest, ALoopPolledWhileItsRuntimeGoesOutlivesThePoll) {
+  auto rt = std::make_shared<Runtime>(RuntimeOptions{.threads = 1, .start_threads = false, .seed = 42});
+  EventLoop& loop = rt->loop(0);
+  std::weak_ptr<EventLoop> weak = loop.weak_from_this();
+  bool alive_after_release = false;
+  int queued_ran = 0;
+  boost::asio::post(loop.executor(), [rt = std::move(rt), &weak, &alive_after_release]() mutable {
+    rt.reset();  // the last reference
+    alive_after_release = !weak.expired();
+  });
+  boost::asio::post(loop.executor(), [&queued_ran] { ++queued_ran; });
+  loop.Poll();
+  EXPECT_TRUE(alive_after_release) << "the loop was destroyed inside its own Poll()";
+  EXPECT_EQ(queued_ran, 1);
+  EXPECT_TRUE(weak.expired());  // and goes once the Poll() returned
+}
+
 }  // namespace
 }  // namespace scales
 

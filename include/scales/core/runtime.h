@@ -56,7 +56,8 @@ class EventLoop : public std::enable_shared_from_this<EventLoop> {
   // The loop whose handlers the calling thread is running, or nullptr.
   static EventLoop* Current() noexcept;
 
-  // Runs ready handlers without blocking; returns how many ran. Sets Current() meanwhile.
+  // Runs ready handlers without blocking; returns how many ran. Sets Current() meanwhile. The
+  // loop outlives the call even when a handler releases the runtime's last reference.
   size_t Poll();
 
   // Calls of any client in flight on this loop (between a dispatcher's Dispatch and its
@@ -88,7 +89,7 @@ struct RuntimeOptions {
   // (unit tests with a ManualClock do this).
   bool start_threads = true;
   // Clock for every timer. Default: SteadyClock.
-  std::shared_ptr<Clock> clock;
+  std::shared_ptr<Clock> clock = nullptr;
   // Seed of the per-loop random generators (loop i uses seed + i).
   uint64_t seed = 0x5ca1e5;
   // Busy polling: a loop thread that has run out of ready handlers while calls are in flight on
@@ -136,7 +137,8 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   bool IsLoopThread() const noexcept;
 
   // Manual mode: polls every loop until none has ready handlers (or max_rounds passed).
-  // Returns the number of handlers run.
+  // Returns the number of handlers run. A handler may destroy the runtime meanwhile (its last
+  // reference, a client's): its loops are polled to the end all the same.
   size_t RunUntilIdle(size_t max_rounds = 100000);
 
   // The process-wide runtime used by NewClient when none is given (one loop per core,
