@@ -127,7 +127,10 @@ void TcpConnection::StartHandshake() {
   SSL* handle = ssl_->native_handle();
   // The name to present (SNI) and to check: server_name, else the endpoint's host. An IP
   // literal is checked against the certificate's IP addresses and sends no SNI (RFC 6066).
-  const std::string& name = tls_.server_name.empty() ? endpoint_.host : tls_.server_name;
+  std::string name = tls_.server_name.empty() ? endpoint_.host : tls_.server_name;
+  // An absolute name ("svc.example.") is the same host: the SNI has no trailing dot (RFC 6066),
+  // and OpenSSL's host check would compare the dot with the certificate's names.
+  if (name.size() > 1 && name.back() == '.') name.pop_back();
   boost::system::error_code not_ip;
   asio::ip::make_address(name, not_ip);
   bool checked = true;
@@ -224,6 +227,19 @@ void TcpConnection::AsyncWatchIdle(std::function<void(error_code)> done) {
   // A wait, not a read: a wait that lost the race with CancelIdleWatch is harmless, while a TLS
   // read still running when the request's own read starts would be two reads on one stream.
   const uint64_t id = ++idle_watch_;
+  SSL* handle = tls_active_ && ssl_ ? ssl_->native_handle() : nullptr;
+  if (handle != nullptr && (SSL_has_pending(handle) == 1 || BIO_ctrl_pending(SSL_get_rbio(handle)) > 0)) {
+    // Records read from the socket with the handshake's last flight (or a reply's) are held by
+    // OpenSSL, where a wait on the socket never sees them.
+    boost::system::error_code e;
+    if (ReadOneNonBlocking(e)) {
+      asio::post(loop_.executor(), [this, id, e, done = std::move(done)] {
+        done(id != idle_watch_ ? make_error_code(asio::error::operation_aborted)
+                               : e ? e : make_error_code(Errc::kProtocolError));
+      });
+      return;
+    }
+  }
   socket_.async_wait(tcp::socket::wait_read, [this, id, done = std::move(done)](
                                                  const boost::system::error_code& ec) mutable {
     if (ec || id != idle_watch_) {

@@ -145,6 +145,21 @@ void ValidateFields(const TlsOptions& o) {
       Invalid(fmt::format("tls.server_name '{}' is not a host name", o.server_name));
     }
   }
+  // OpenSSL refuses a longer SNI (the handshake would go without one).
+  constexpr size_t kMaxServerName = 255;
+  if (o.server_name.size() > kMaxServerName) {
+    Invalid(fmt::format("tls.server_name is {} bytes long (at most {}, the TLS server_name limit)",
+                        o.server_name.size(), kMaxServerName));
+  }
+  // fopen and OpenSSL stop at a NUL byte: another file would be loaded.
+  for (auto [option, path] : {std::pair{"ca_file", &o.ca_file}, std::pair{"cert_file", &o.cert_file},
+                              std::pair{"key_file", &o.key_file}}) {
+    if (const size_t nul = path->find('\0'); nul != std::string::npos) {
+      std::string shown = *path;
+      shown.replace(nul, 1, "\\0");
+      Invalid(fmt::format("tls.{} '{}' contains a NUL byte (at offset {})", option, shown, nul));
+    }
+  }
 }
 
 }  // namespace

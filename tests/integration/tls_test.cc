@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <memory>
 #include <string>
@@ -14,9 +15,12 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/use_future.hpp>
+#include <boost/asio/write.hpp>
 #include <gmock/gmock.h>
+#include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/ssl.h>
 #include <gtest/gtest.h>
 
 #include "Echo.h"
@@ -571,6 +575,108 @@ TEST(TlsConnectionTest, HandshakeFailuresSayWhy) {
   EXPECT_EQ(e5, Errc::kTlsFailed);
   EXPECT_THAT(d5, HasSubstr("TLS handshake with " + plain.endpoint() + " failed: "));
   EXPECT_THAT(d5, HasSubstr("is the server speaking TLS?")) << d5;
+}
+
+// An absolute host name ("localhost.", as a resolver search path or a Kubernetes FQDN writes
+// it) names the same host: it verifies against the certificate's DNS:localhost. OpenSSL's
+// host check compares it with the dot, so it failed with "hostname mismatch" (and the dot went
+// into the SNI, where RFC 6066 has none).
+TEST(TlsConnectionTest, AnAbsoluteHostNameWithItsTrailingDotVerifies) {
+  const auto& ca = TestCa();
+  NginxServer good("good", ServerTls(ca.server_cert, ca.server_key));
+  NginxServer wrong("wrong", ServerTls(ca.wrong_host_cert, ca.wrong_host_key));
+  TlsOptions named = Trusting(ca.ca_file);
+  named.server_name = "localhost.";
+  auto [ok, detail] = Connect(good.port(), named);
+  EXPECT_FALSE(ok) << detail;
+  // Still checked: the dot does not turn the check off.
+  auto [e, d] = Connect(wrong.port(), named);
+  EXPECT_EQ(e, Errc::kTlsFailed) << d;
+  EXPECT_THAT(d, HasSubstr("certificate verify failed (hostname mismatch)")) << d;
+}
+
+// A TLS 1.2 server for one connection on a thread of the test, through memory BIOs: it sends
+// its last handshake flight and the records `after` writes (application data nobody asked for,
+// an alert) in one write, which the client reads together with the handshake; then it waits
+// until the client closes.
+class OneFlightTlsServer {
+ public:
+  explicit OneFlightTlsServer(std::function<void(SSL*)> after)
+      : listener_(ioc_, {boost::asio::ip::make_address("127.0.0.1"), 0}),
+        thread_([this, after = std::move(after)] { Serve(after); }) {}
+  ~OneFlightTlsServer() { thread_.join(); }
+  uint16_t port() const { return listener_.local_endpoint().port(); }
+
+ private:
+  void Serve(const std::function<void(SSL*)>& after) {
+    const auto& ca = TestCa();
+    boost::asio::ip::tcp::socket s(ioc_);
+    boost::system::error_code ec;
+    listener_.accept(s, ec);
+    if (ec) return;
+    SSL_CTX* ctx = SSL_CTX_new(TLS_server_method());
+    SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_use_certificate_chain_file(ctx, ca.server_cert.c_str());
+    SSL_CTX_use_PrivateKey_file(ctx, ca.server_key.c_str(), SSL_FILETYPE_PEM);
+    SSL* ssl = SSL_new(ctx);
+    BIO* in = BIO_new(BIO_s_mem());
+    BIO* out = BIO_new(BIO_s_mem());
+    SSL_set_bio(ssl, in, out);
+    SSL_set_accept_state(ssl);
+    char buf[16384];
+    auto flush = [&] {
+      std::string pending;
+      for (int n; (n = BIO_read(out, buf, sizeof buf)) > 0;) pending.append(buf, static_cast<size_t>(n));
+      boost::asio::write(s, boost::asio::buffer(pending), ec);
+    };
+    while (!ec && SSL_do_handshake(ssl) != 1) {
+      flush();
+      const size_t n = s.read_some(boost::asio::buffer(buf), ec);
+      BIO_write(in, buf, static_cast<int>(n));
+    }
+    if (!ec) {
+      after(ssl);
+      flush();  // the Finished and what `after` wrote: one write
+      while (!ec) s.read_some(boost::asio::buffer(buf), ec);
+    }
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+  }
+
+  boost::asio::io_context ioc_;
+  boost::asio::ip::tcp::acceptor listener_;
+  std::thread thread_;
+};
+
+// Records that come with the server's last handshake flight are read from the socket with it
+// and held by OpenSSL, where the idle watch (a wait on the socket) never sees them: bytes nobody
+// asked for went unnoticed, and the first request would read them as (the start of) its reply.
+TEST(TlsConnectionTest, TheIdleWatchSeesRecordsReadWithTheHandshake) {
+  const auto& ca = TestCa();
+  OneFlightTlsServer server([](SSL* ssl) { SSL_write(ssl, "HTTP/1.1 200 OK\r\n", 17); });
+  boost::asio::io_context ioc;
+  Runtime rt(ioc);
+  stats::StatsRegistry registry;
+  TcpConnection conn(rt.loop(0), Endpoint{"127.0.0.1", server.port()}, 2s, stats::StatsScope(&registry, {}),
+                     Trusting(ca.ca_file));
+  error_code connected = make_error_code(Errc::kConnectFailed);
+  int watch_completions = 0;
+  error_code watched;
+  conn.AsyncConnect([&](error_code ec) {
+    connected = ec;
+    if (!ec) {
+      conn.AsyncWatchIdle([&](error_code e) {
+        ++watch_completions;
+        watched = e;
+      });
+    }
+  });
+  for (int i = 0; i < 100 && watch_completions == 0; ++i) ioc.run_for(20ms);
+  EXPECT_FALSE(connected) << conn.failure_detail();
+  EXPECT_EQ(watch_completions, 1) << "the idle watch missed the bytes OpenSSL holds";
+  EXPECT_EQ(watched, Errc::kProtocolError) << watched.message();
+  conn.Close();
+  ioc.run_for(100ms);
 }
 
 // ---- Framed Thrift over TLS (Apache Thrift's TSSLServerSocket) ------------------------------

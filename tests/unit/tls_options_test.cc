@@ -106,6 +106,36 @@ TEST(TlsValidateTest, CertificateAndKeyGoTogether) {
   EXPECT_NO_THROW(Validate(o));
 }
 
+// A server_name longer than SNI's 255 bytes: OpenSSL refused it as the SNI without a word
+// (SSL_set_tlsext_host_name's result was ignored) and the handshake went without one.
+TEST(TlsValidateTest, AServerNameLongerThanTheSniLimitIsRefused) {
+  TlsOptions o;
+  o.enabled = true;
+  o.server_name = std::string(255, 'a');
+  EXPECT_NO_THROW(Validate(o));
+  o.server_name += 'a';
+  Error e = Thrown([&] { Validate(o); });
+  EXPECT_EQ(e.code(), Errc::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("tls.server_name is 256 bytes long (at most 255"));
+}
+
+// A path with a NUL byte (possible from code; a URI refuses escaped control characters) was cut
+// there by fopen and OpenSSL: another file was loaded, silently.
+TEST(TlsValidateTest, AFilePathWithANulByteIsRefused) {
+  const auto& ca = testing::TestCa();
+  TlsOptions o;
+  o.enabled = true;
+  o.ca_file = ca.ca_file + std::string(1, '\0') + ".bak";
+  Error e = Thrown([&] { MakeTlsContext(o); });
+  EXPECT_EQ(e.code(), Errc::kInvalidArgument);
+  EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + ca.ca_file + "\\0.bak' contains a NUL byte"));
+  o.ca_file = ca.ca_file;
+  o.cert_file = ca.client_cert;
+  o.key_file = ca.client_key + std::string(1, '\0');
+  e = Thrown([&] { Validate(o); });
+  EXPECT_THAT(e.what(), HasSubstr("tls.key_file '" + ca.client_key + "\\0' contains a NUL byte"));
+}
+
 TEST(TlsContextTest, SharedWhileInUseAndFileErrorsNameTheFile) {
   const auto& ca = testing::TestCa();
   TlsOptions o;

@@ -58,9 +58,10 @@ class TcpConnection {
 
   // Completes `done` once the idle connection becomes unusable: the peer closed it or sent
   // bytes nobody asked for (with TLS: application data or an alert; TLS 1.3 session tickets
-  // are consumed and ignored). Completes with operation_aborted after CancelIdleWatch() or
-  // Close(). At most one watch at a time; cancel it before reading or writing (the watch
-  // never has a read in flight, so the request's own reads may start right away).
+  // are consumed and ignored; what OpenSSL already holds, read with the handshake or a reply,
+  // counts too). Completes with operation_aborted after CancelIdleWatch() or Close(). At most
+  // one watch at a time; cancel it before reading or writing (the watch never has a read in
+  // flight, so the request's own reads may start right away).
   void AsyncWatchIdle(std::function<void(error_code)> done);
   void CancelIdleWatch();
   // TLS, with no read or write in progress: whether the stream has anything to read right now

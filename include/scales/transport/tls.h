@@ -25,7 +25,8 @@ struct TlsOptions {
   std::string ca_file;
   // Verify the server's chain and host name. Turn off only for tests.
   bool verify_peer = true;
-  // The name sent as SNI and checked against the certificate; empty = the endpoint's host.
+  // The name sent as SNI and checked against the certificate; empty = the endpoint's host. A
+  // trailing dot (an absolute name) is dropped for both. At most 255 bytes.
   std::string server_name;
   // Client certificate chain (PEM) and its private key (PEM), for mutual TLS. Both or neither.
   std::string cert_file;
@@ -35,8 +36,9 @@ struct TlsOptions {
 };
 
 // Throws scales::Error(kInvalidArgument) naming the field when `o` is unusable: a certificate
-// without a key or the reverse, a server_name that is not a host name. Settings given while
-// TLS is off are allowed (and ignored). Does not read the files (MakeTlsContext does).
+// without a key or the reverse, a server_name that is not a host name or is longer than 255
+// bytes, a file path with a NUL byte. Settings given while TLS is off are allowed (and
+// ignored). Does not read the files (MakeTlsContext does).
 void Validate(const TlsOptions& o);
 
 // The SSL client context for `o`, for a client being built: the cached one (shared while in use
