@@ -212,10 +212,10 @@ int RunBenchCommand(int argc, char** argv) {
       const char* v = next();
       if (!v || !*v) return Usage("--report needs a file name, such as report.html");
       report_path = v;
-    } else if (arg == "--progress") {
-      progress = true;
-    } else if (arg == "--no-progress") {
-      progress = false;
+    } else if (arg == "--progress" || arg == "--no-progress") {
+      // Each is given once; the two together would silently keep the last.
+      if (progress) return Usage("give one of --progress and --no-progress");
+      progress = arg == "--progress";
     } else if (arg == "--requests" || arg == "-n") {
       const char* v = next();
       auto n = v ? ParsePositiveInt(v) : std::nullopt;
@@ -257,6 +257,10 @@ int RunBenchCommand(int argc, char** argv) {
       auto n = v ? (std::string_view(v) == "0" ? std::optional<long long>(0) : ParsePositiveInt(v)) : std::nullopt;
       if (!n || *n > 65535) return Usage("--admin-port needs a port number (0 = any free port)");
       admin_port = static_cast<uint16_t>(*n);
+    } else if (arg == "--path" || arg == "--data" || arg == "--payload-size" || arg == "--protocol" ||
+               arg == "--transport") {
+      // Known, but for the other protocols (see the usage): not "unknown".
+      return Usage(fmt::format("{} does not apply to bench {}", arg, protocol));
     } else {
       return Usage(fmt::format("unknown option '{}'", arg));
     }
@@ -320,6 +324,9 @@ int RunBenchCommand(int argc, char** argv) {
   bool report_failed = false;
   // Runs the load, prints the report (and writes the HTML page); returns the failures.
   auto run = [&](const BenchStart& start) -> int64_t {
+    // Only now: a signal while the client still opens (a zk:// ensemble that does not answer,
+    // for up to its open_timeout) ends the process at once, as it would any other command's.
+    InstallInterruptHandlers();
     std::function<void(const BenchSample&)> on_second;
     size_t shown = 0;
     if (*progress) {
@@ -366,7 +373,6 @@ int RunBenchCommand(int argc, char** argv) {
 
   int64_t failed = 0;
   std::optional<admin::AdminServer> admin_server;
-  InstallInterruptHandlers();
   try {
     try {
       client_options.runtime = std::make_shared<Runtime>(runtime_options);

@@ -283,7 +283,7 @@ std::string SummaryTable(const BenchResult& r) {
   out += Row("elapsed", fmt::format("{:.3f} s", r.elapsed_s));
   if (r.open_loop()) {
     out += Row("mode", "open loop (latency from each call's intended send time)");
-    out += Row("offered rate", fmt::format("{:.1f} req/s", *r.limits.rate));
+    out += Row("offered rate", fmt::format("{} req/s", *r.limits.rate));  // as given, as the text and JSON
     out += Row("achieved rate", fmt::format("{:.1f} req/s", r.achieved_rps()));
     out += Row("queued", fmt::format("{} (max backlog {})", r.queued, r.max_backlog));
   } else {

@@ -108,10 +108,11 @@ struct Run : std::enable_shared_from_this<Run> {
     done.set_value();
   }
 
-  // Closed loop: the worker's next call, or its end.
-  void Issue(BenchWorker* w) {
+  // Closed loop: the worker's next call, or its end. Its `first` call goes even past the end of
+  // a --duration shorter than starting the callers (as an open loop sends at least one call).
+  void Issue(BenchWorker* w, bool first = false) {
     const Clock::time_point now = CallClockNow();
-    bool more = !Stopped() && (max_requests ? issued.fetch_add(1) < *max_requests : now < end);
+    bool more = !Stopped() && (max_requests ? issued.fetch_add(1) < *max_requests : first || now < end);
     if (!more) {
       if (active.fetch_sub(1) == 1) Finish();
       return;
@@ -322,7 +323,7 @@ BenchResult RunLoad(const BenchLimits& limits, const BenchStart& start,
       tick(now);
     }
   } else {
-    for (auto& w : run->workers) run->Issue(w.get());
+    for (auto& w : run->workers) run->Issue(w.get(), /*first=*/true);
   }
   bool stopping = false;
   while (done.wait_until(next_tick) != std::future_status::ready) {

@@ -3,7 +3,8 @@
 //
 // Two modes:
 //  - closed loop (default): N callers, each with one call outstanding, issue the next call when
-//    the previous completes. Latency is measured from the actual send.
+//    the previous completes (each its first call even past a --duration that ended before it
+//    started). Latency is measured from the actual send.
 //  - open loop (`rate` set): calls are due at a fixed schedule, call i at start + i / rate,
 //    whatever the replies do. At most `concurrency` calls are outstanding: a call that is due
 //    while every slot is busy waits in FIFO order and is sent when a slot frees, and its latency

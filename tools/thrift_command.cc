@@ -10,6 +10,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <system_error>
 
 #include <fmt/format.h>
 #include <thrift/TApplicationException.h>
@@ -56,6 +57,7 @@ int RunThriftCommand(int argc, char** argv) {
       auto d = v ? ParseDuration(v) : std::nullopt;
       if (!d || *d <= Duration::zero()) return Usage("--timeout needs a duration such as 500ms");
       options.client.timeout = *d;
+      options.client.open_timeout = *d;  // the whole command, as `scales http`: zk:// may not answer
     } else if (a == "--client-id") {
       const char* v = next();
       if (!v) return Usage("--client-id needs a value");
@@ -97,6 +99,14 @@ int RunThriftCommand(int argc, char** argv) {
     auto v = arg ? ParseIntInRange(*arg, 0, INT32_MAX) : std::nullopt;
     if (!v) return Usage("sleep needs a number of milliseconds");
     millis = static_cast<int32_t>(*v);
+  }
+  try {
+    // A step of its own, as in `scales http` and `scales bench`: without a thread for an event
+    // loop, the failure said only "scales: Resource temporarily unavailable".
+    options.client.runtime = Runtime::Default();
+  } catch (const std::system_error& e) {
+    std::fprintf(stderr, "scales %s: cannot start the client's event loops: %s\n", argv[0], e.what());
+    return 2;
   }
   try {
     auto client = [&] {

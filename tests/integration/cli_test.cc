@@ -244,12 +244,36 @@ TEST(CliTest, BenchOpenLoopOffersTheRate) {
   Result quarter = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 0.25 --requests 1");
   ASSERT_EQ(quarter.exit_code, 0) << quarter.out;
   EXPECT_NE(quarter.out.find("offered       0.25 req/s\n"), std::string::npos) << quarter.out;
+  // ... and so does the HTML report's summary table (it still read "0.2 req/s").
+  TempFile page("offered.html");
+  Result html = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 0.25 --requests 1 --report " +
+                        page.path());
+  ASSERT_EQ(html.exit_code, 0) << html.out;
+  EXPECT_NE(page.Read().find("<tr><th>offered rate</th><td>0.25 req/s</td></tr>"), std::string::npos) << page.Read();
   TempFile err("offered-progress.txt");
   Result progress = RunTool("bench http tcp://" + server.endpoint() + " --path / --rate 2.5 --duration 1.5s --progress",
                             "2>" + err.path());
   ASSERT_EQ(progress.exit_code, 0) << progress.out;
   EXPECT_NE(progress.out.find("offered       2.5 req/s\n"), std::string::npos) << progress.out;
   EXPECT_NE(err.Read().find("offered 2.5/s backlog"), std::string::npos) << err.Read();
+}
+
+// A closed loop whose --duration ends before its callers started (1ns, 1us) sent no call, or
+// one caller's only, and exited 0 as if every call had succeeded: each caller sends at least
+// its first call, as an open loop sends at least one.
+TEST(CliTest, BenchShorterThanOneCallSendsOnePerCaller) {
+  test::TestHttpServer server("short");
+  const std::string uri = "tcp://" + server.endpoint();
+  for (const char* duration : {"1ns", "1us"}) {
+    Result r = RunTool("bench http " + uri + " --path /delay/100 --concurrency 3 --duration " + duration + " --json");
+    ASSERT_EQ(r.exit_code, 0) << duration << "\n" << r.out;
+    auto v = boost::json::parse(r.out).as_object();
+    EXPECT_EQ(v.at("requests").as_int64(), 3) << duration << "\n" << r.out;
+    EXPECT_EQ(v.at("succeeded").as_int64(), 3) << duration << "\n" << r.out;
+  }
+  Result open = RunTool("bench http " + uri + " --path /delay/100 --rate 10 --duration 1ns --json");
+  ASSERT_EQ(open.exit_code, 0) << open.out;
+  EXPECT_EQ(boost::json::parse(open.out).as_object().at("requests").as_int64(), 1) << open.out;
 }
 
 // HTTP methods are case-sensitive: `--method get` ran the whole load for 400 or 405 answers, and
@@ -330,6 +354,23 @@ TEST(CliTest, BenchInterruptedStopsAndReports) {
     EXPECT_EQ(v->at("succeeded").as_int64(), v->at("requests").as_int64());
     EXPECT_LT(v->at("elapsed_s").to_number<double>(), 30);
   }
+}
+
+// A signal while the client still opens (a zk:// ensemble that does not answer) was held back
+// until the open timed out 10 s later, and the run then ended with status 2 as if no signal had
+// come. It ends the process at once now, as the signal would any other command.
+TEST(CliTest, BenchInterruptedWhileItsClientOpensEndsAtOnce) {
+  const std::string uri = "zk://127.0.0.1:" + std::to_string(test::FreeTcpPort()) + "/svc";
+  test::ChildProcess bench({test::ToolPath(), "bench", "http", uri, "--duration", "60s", "--json", "--no-progress"});
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const auto sent = std::chrono::steady_clock::now();
+  kill(bench.pid(), SIGTERM);
+  auto status = ExitWithin(bench, std::chrono::seconds(30));
+  ASSERT_TRUE(status);
+  EXPECT_LT(std::chrono::steady_clock::now() - sent, std::chrono::seconds(5));
+  EXPECT_TRUE((WIFSIGNALED(*status) && WTERMSIG(*status) == SIGTERM) ||
+              (WIFEXITED(*status) && WEXITSTATUS(*status) == 128 + SIGTERM))
+      << "wait status " << *status;
 }
 
 // Ctrl-C while `scales serverset` (without --watch) still waits for the members printed nothing:
@@ -610,6 +651,18 @@ TEST(CliTest, BenchUsageErrors) {
     Result twice = RunTool(args, "2>&1");
     EXPECT_EQ(twice.exit_code, 2) << args;
     EXPECT_NE(twice.out.find("given twice"), std::string::npos) << args << "\n" << twice.out;
+  }
+  // Contradictory flags (the last silently won), and an option of another protocol (it was
+  // "unknown", though the usage lists it).
+  Result both = RunTool("bench http tcp://127.0.0.1:1 --requests 1 --progress --no-progress", "2>&1");
+  EXPECT_EQ(both.exit_code, 2) << both.out;
+  EXPECT_NE(both.out.find("give one of --progress and --no-progress"), std::string::npos) << both.out;
+  for (auto [args, message] : {std::pair{"bench thrift tcp://127.0.0.1:1 --requests 1 --path /", "--path does not apply to bench thrift"},
+                               std::pair{"bench http tcp://127.0.0.1:1 --requests 1 --payload-size 5", "--payload-size does not apply to bench http"},
+                               std::pair{"bench http tcp://127.0.0.1:1 --requests 1 --protocol compact", "--protocol does not apply to bench http"}}) {
+    Result other = RunTool(args, "2>&1");
+    EXPECT_EQ(other.exit_code, 2) << args << "\n" << other.out;
+    EXPECT_NE(other.out.find(message), std::string::npos) << args << "\n" << other.out;
   }
   // An unwritable report fails before the run.
   Result report = RunTool("bench http tcp://127.0.0.1:1 --requests 5 --report /nonexistent-dir/r.html", "2>&1");

@@ -19,9 +19,10 @@ struct Result {
   std::string out;
 };
 
-// Runs the tool; `redirect` is appended to the command (e.g. "2>&1", "2>/dev/null").
-Result RunTool(const std::string& args, const std::string& redirect = "2>/dev/null") {
-  std::string cmd = test::ToolPath() + " " + args + " " + redirect;
+// Runs the tool; `redirect` is appended to the command (e.g. "2>&1", "2>/dev/null"); `prefix`
+// (a shell command line, e.g. "ulimit -v 1000000;") goes before it.
+Result RunTool(const std::string& args, const std::string& redirect = "2>/dev/null", const std::string& prefix = "") {
+  std::string cmd = prefix + " " + test::ToolPath() + " " + args + " " + redirect;
   Result r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -73,6 +74,34 @@ TEST(ThriftCliTest, CallExitStatuses) {
   EXPECT_EQ(ping_arg.exit_code, 2);
   EXPECT_NE(ping_arg.out.find("extra"), std::string::npos) << ping_arg.out;
 }
+
+// --timeout bounds the whole call, as in `scales http`: against a zk:// ensemble that does not
+// answer, the client waited its default open timeout (10 s) whatever --timeout said.
+TEST(ThriftCliTest, CallTimeoutBoundsTheOpen) {
+  const std::string uri = "zk://127.0.0.1:" + std::to_string(test::FreeTcpPort()) + "/svc";
+  for (const char* tool : {"thrift", "thriftmux"}) {
+    const auto begin = std::chrono::steady_clock::now();
+    Result r = RunTool(std::string(tool) + " call " + uri + " ping --timeout 500ms", "2>&1");
+    const auto took = std::chrono::steady_clock::now() - begin;
+    EXPECT_EQ(r.exit_code, 2) << tool << "\n" << r.out;
+    EXPECT_NE(r.out.find("did not open within 500 ms"), std::string::npos) << tool << "\n" << r.out;
+    EXPECT_LT(took, std::chrono::seconds(5)) << tool;
+  }
+}
+
+// Event loops that cannot start (no address space for their stacks) said only "scales: Resource
+// temporarily unavailable"; the message names the step now.
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+TEST(ThriftCliTest, CallThatCannotStartItsEventLoopsSaysSo) {
+  for (const char* tool : {"thrift", "thriftmux"}) {
+    // Thread stacks of 1 GB in 1 GB of address space: no event loop can start.
+    Result r = RunTool(std::string(tool) + " call tcp://127.0.0.1:1 ping", "2>&1", "ulimit -s 1000000; ulimit -v 1000000;");
+    EXPECT_EQ(r.exit_code, 2) << tool << "\n" << r.out;
+    EXPECT_NE(r.out.find(std::string("scales ") + tool + ": cannot start the client's event loops: "), std::string::npos)
+        << tool << "\n" << r.out;
+  }
+}
+#endif
 
 TEST(ThriftCliTest, BufferedCompactServer) {
   ThriftTool server("buffered", "compact");
