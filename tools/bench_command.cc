@@ -294,7 +294,7 @@ int RunBenchCommand(int argc, char** argv) {
   if (!report_path.empty()) {
     // Fail before the run rather than after it.
     std::string error;
-    if (!WriteTextFile(report_path, "", error)) {
+    if (!CheckWritable(report_path, error)) {
       std::fprintf(stderr, "scales bench: --report: %s\n", error.c_str());
       return 2;
     }

@@ -340,4 +340,14 @@ bool WriteTextFile(const std::string& path, const std::string& text, std::string
   return true;
 }
 
+bool CheckWritable(const std::string& path, std::string& error) {
+  std::ofstream f(path, std::ios::binary | std::ios::app);
+  if (f) f.close();
+  if (!f) {
+    error = fmt::format("cannot write {}: {}", path, std::strerror(errno));
+    return false;
+  }
+  return true;
+}
+
 }  // namespace scales::tools

@@ -29,5 +29,9 @@ std::string RenderHtmlReport(const std::string& title, const std::vector<ReportS
 
 // Writes `text` to `path`; on failure returns false and sets `error` (path and reason).
 bool WriteTextFile(const std::string& path, const std::string& text, std::string& error);
+// Whether `path` can be written, checked before a run so that it fails early: the file is
+// created if missing, and an existing one is left as it is (a run that fails before its report
+// is written keeps the previous report). Sets `error` as WriteTextFile does.
+bool CheckWritable(const std::string& path, std::string& error);
 
 }  // namespace scales::tools

@@ -247,7 +247,7 @@ int RunDemoCommand(int argc, char** argv) {
     ++i;
   }
   std::string error;
-  if (!WriteTextFile(report_path, "", error)) return Usage("--report: " + error);
+  if (!CheckWritable(report_path, error)) return Usage("--report: " + error);
   std::printf("== scales demo ==\n\n");
 
   // The registry outlives the clients' runtime: closing clients still report into it.

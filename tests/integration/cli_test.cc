@@ -668,6 +668,16 @@ TEST(CliTest, BenchUsageErrors) {
   Result report = RunTool("bench http tcp://127.0.0.1:1 --requests 5 --report /nonexistent-dir/r.html", "2>&1");
   EXPECT_EQ(report.exit_code, 2);
   EXPECT_NE(report.out.find("/nonexistent-dir/r.html"), std::string::npos) << report.out;
+  // A run that fails before its report is written (here the client: a bad port) leaves the
+  // previous report as it was; the check before the run used to empty it.
+  TempFile previous("previous-report.html");
+  {
+    std::ofstream(previous.path()) << "the previous report";
+  }
+  Result bad_uri = RunTool("bench http tcp://127.0.0.1:99999 --requests 1 --report " + previous.path(), "2>&1");
+  EXPECT_EQ(bad_uri.exit_code, 2) << bad_uri.out;
+  EXPECT_NE(bad_uri.out.find("out of range"), std::string::npos) << bad_uri.out;
+  EXPECT_EQ(previous.Read(), "the previous report");
 }
 
 }  // namespace
