@@ -186,7 +186,7 @@ void WatermarkPool::Release(Conn* c) {
     return;
   }
   releasing_ = true;
-  released_.push_back(c);
+  ReleaseOne(c);  // the common case: the queue of answered-meanwhile stays untouched
   while (!released_.empty()) {
     Conn* next = released_.front();
     released_.pop_front();
