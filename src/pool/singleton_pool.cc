@@ -12,14 +12,18 @@
 
 namespace scales {
 
-SingletonPool::SingletonPool(const SinkContext& ctx, SinkFactory factory)
+SingletonPool::SingletonPool(const SinkContext& ctx, SinkFactory factory, SingletonPoolOptions options)
     : loop_(*ctx.loop),
       ctx_(ctx),
       factory_(std::move(factory)),
+      options_(options),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
-      connect_failures_(ctx.stats.GetCounter("scales_pool_connect_failures")) {}
+      connect_failures_(ctx.stats.GetCounter("scales_pool_connect_failures")),
+      waiters_gauge_(ctx.stats.GetGauge("scales_pool_waiters")),
+      queue_full_(ctx.stats.GetCounter("scales_pool_queue_full")) {}
 
 SingletonPool::~SingletonPool() {
+  waiters_gauge_.Add(-static_cast<int64_t>(waiting_.size()));
   if (child_) child_->Close();
   for (auto& s : retired_) s->Close();
 }
@@ -58,13 +62,19 @@ void SingletonPool::Connect() {
   }
 }
 
+std::deque<SingletonPool::Waiter> SingletonPool::TakeWaiting() {
+  waiters_gauge_.Add(-static_cast<int64_t>(waiting_.size()));
+  auto waiting = std::move(waiting_);
+  waiting_.clear();
+  return waiting;
+}
+
 void SingletonPool::OnOpened(const SinkPtr& sink, error_code ec) {
   if (sink != child_) return;  // replaced or closed meanwhile
   opening_ = false;
   if (closed_) return;  // Close() answered the waiters
   if (ec) {
-    auto waiting = std::move(waiting_);
-    waiting_.clear();
+    auto waiting = TakeWaiting();
     connect_failures_.Increment();
     auto [code, detail] = ConnectFailure(address_, ec, sink->open_failure_detail());
     on_faulted_.Set({code, detail});
@@ -83,6 +93,7 @@ void SingletonPool::OnOpened(const SinkPtr& sink, error_code ec) {
   while (!waiting_.empty() && !closed_ && !opening_ && child_ == sink) {
     Waiter w = waiting_.front();
     waiting_.pop_front();
+    waiters_gauge_.Add(-1);
     w.stack->ClearCancelHandler();
     child_->AsyncProcessRequest(*w.stack, w.stack->message(), w.stream);
   }
@@ -106,7 +117,18 @@ void SingletonPool::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg
     stack.AsyncProcessResponse(stream, m);
     return;
   }
+  if (waiting_.size() >= options_.max_waiters) {
+    queue_full_.Increment();
+    auto m = MethodReturnMessage::Failure(
+        make_error_code(Errc::kPoolQueueFull),
+        fmt::format("pool for {} is full: {} requests wait for the connection to open (max_waiters {})",
+                    address_, waiting_.size(), options_.max_waiters));
+    Connect();  // with max_waiters 0 nothing else would start one
+    stack.AsyncProcessResponse(stream, m);
+    return;
+  }
   waiting_.push_back({&stack, stream});
+  waiters_gauge_.Add(1);
   stack.SetCancelHandler(this, nullptr);
   Connect();
 }
@@ -116,6 +138,7 @@ void SingletonPool::CancelRequest(SinkStack& stack, void*, const error_code& rea
   if (it == waiting_.end()) return;
   Stream* stream = it->stream;
   waiting_.erase(it);
+  waiters_gauge_.Add(-1);
   auto m = MethodReturnMessage::Failure(reason, fmt::format("while connecting to {}", address_));
   stack.AsyncProcessResponse(stream, m);
 }
@@ -137,8 +160,7 @@ void SingletonPool::Close() {
   if (closed_) return;
   closed_ = true;
   open_waiters_.CompleteAll(loop_.executor(), make_error_code(Errc::kClientClosed));
-  auto waiting = std::move(waiting_);
-  waiting_.clear();
+  auto waiting = TakeWaiting();
   for (auto& w : waiting) {
     w.stack->ClearCancelHandler();
     auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed),
@@ -160,11 +182,13 @@ SinkStatus SingletonPool::status() const {
   return s == SinkStatus::kClosed ? SinkStatus::kIdle : s;
 }
 
-SinkProvider SingletonPoolProvider() {
-  return SinkProvider{std::string(roles::kPool), "singleton-pool",
-                      [](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
-                        return std::make_shared<SingletonPool>(ctx, std::move(next));
-                      }};
+SinkProvider SingletonPoolProvider(SingletonPoolOptions options) {
+  SinkProvider p{std::string(roles::kPool), "singleton-pool",
+                 [options](const SinkContext& ctx, SinkFactory next) -> SinkPtr {
+                   return std::make_shared<SingletonPool>(ctx, std::move(next), options);
+                 }};
+  p.settings = {{"max_waiters", SettingText(options.max_waiters)}};
+  return p;
 }
 
 }  // namespace scales

@@ -206,7 +206,7 @@ SinkProvider ThriftMuxSerializerProvider() {
 
 SinkStackSpec DefaultThriftMuxStack(const ThriftMuxOptions& options) {
   SinkStackSpec spec = ResilientStack<Stream>(options, ThriftMuxSerializerProvider());
-  spec.WithSink(SingletonPoolProvider())
+  spec.WithSink(SingletonPoolProvider(options.pool))
       .WithSink(mux::MuxSessionProvider(options.session));
   return spec;
 }

@@ -59,9 +59,9 @@ class SingletonPoolTest : public ::testing::Test {
  protected:
   SingletonPoolTest() : factory_(env_.loop()), calls_(*env_.clock) {}
 
-  void Build(Duration timeout = seconds(10)) {
+  void Build(Duration timeout = seconds(10), SingletonPoolOptions options = {}) {
     pool_ = std::make_shared<SingletonPool>(test::MakeContext(env_.loop(), env_.scope, nullptr, kEndpoint),
-                                            factory_.AsFactory());
+                                            factory_.AsFactory(), options);
     pool_->on_faulted().Subscribe([this](const Fault& f) { faults_.push_back(f); });
     hook_ = std::make_shared<ResponseHook>(pool_);
     timeout_ = std::make_shared<TimeoutSink>(env_.loop(), hook_, env_.scope);
@@ -72,6 +72,7 @@ class SingletonPoolTest : public ::testing::Test {
     if (dispatcher_) dispatcher_->Close();
     env_.Run();
     EXPECT_TRUE(calls_.AllCompletedOnce());
+    EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 0);
     EXPECT_EQ(factory_.TotalInFlight(), 0u);
     dispatcher_.reset();
     timeout_.reset();
@@ -229,6 +230,69 @@ TEST_F(SingletonPoolTest, WaitingRequestIsCancelledByItsTimeout) {
   EXPECT_EQ(factory_.at(0).total_requests(), 1u);
   ReplyAll(factory_.at(0), 4);
   EXPECT_EQ(calls_[b].value, 4);
+}
+
+TEST_F(SingletonPoolTest, RequestsPastMaxWaitersFailAtOnceWithPoolQueueFull) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build(seconds(10), SingletonPoolOptions{.max_waiters = 2});
+  auto a = Start();
+  auto b = Start();
+  auto c = Start();
+  env_.Run();
+  EXPECT_EQ(pool_->waiting(), 2u);
+  EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 2);
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kPoolQueueFull);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("pool for 10.2.2.2:4000 is full: 2 requests wait"));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("(max_waiters 2)"));
+  EXPECT_EQ(env_.CounterValue("scales_pool_queue_full"), 1);
+  EXPECT_EQ(factory_.count(), 1u);  // one connect for all of them
+  factory_.at(0).CompleteOpen();
+  env_.Run();
+  EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 0);
+  EXPECT_EQ(factory_.at(0).in_flight(), 2u);
+  // Once the session is open the limit does not apply: requests go straight to it.
+  for (int i = 0; i < 3; ++i) Start();
+  env_.Run();
+  EXPECT_EQ(factory_.at(0).in_flight(), 5u);
+  ReplyAll(factory_.at(0), 3);
+  EXPECT_EQ(calls_[a].value, 3);
+  EXPECT_EQ(calls_[b].value, 3);
+}
+
+TEST_F(SingletonPoolTest, MaxWaitersZeroFailsRequestsWhileConnectingButStillConnects) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build(seconds(10), SingletonPoolOptions{.max_waiters = 0});
+  auto a = Start();
+  env_.Run();
+  EXPECT_EQ(calls_[a].error, Errc::kPoolQueueFull);
+  ASSERT_EQ(factory_.count(), 1u);  // the refused request still started the connect
+  factory_.at(0).CompleteOpen();
+  env_.Run();
+  auto b = Start();
+  env_.Run();
+  ReplyAll(factory_.at(0), 9);
+  EXPECT_EQ(calls_[b].value, 9);
+}
+
+TEST_F(SingletonPoolTest, WaitersGaugeFollowsCancelFailureAndClose) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  Build(milliseconds(100));
+  Start();
+  Start(seconds(10));
+  env_.Run();
+  EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 2);
+  env_.Advance(milliseconds(100));  // the first one's timeout cancels it
+  EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 1);
+  factory_.at(0).CompleteOpen(make_error_code(boost::system::errc::connection_refused));
+  env_.Run();
+  EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 0);
+  Start(seconds(10));
+  env_.Run();
+  EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 1);
+  pool_->Close();
+  env_.Run();
+  EXPECT_EQ(env_.GaugeValue("scales_pool_waiters"), 0);
 }
 
 TEST_F(SingletonPoolTest, CloseWhileConnectingAnswersWaiters) {

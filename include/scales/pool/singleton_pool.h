@@ -6,6 +6,8 @@
 // the connect (cancellable). A failed connect fails them and raises on_faulted. A sink that
 // raises on_faulted while it still runs (a Mux session the server drains) gets no new
 // requests: they go to a new sink, while the old one finishes its own and closes itself.
+// At most `max_waiters` requests wait for a connect; a request past that fails at once with
+// kPoolQueueFull.
 
 #include <deque>
 #include <string>
@@ -19,10 +21,17 @@ namespace scales {
 
 class EventLoop;
 
+struct SingletonPoolOptions {
+  // Most requests waiting while the sink connects (per endpoint, per event loop); beyond it
+  // requests fail with kPoolQueueFull. 0 means no queue: a request arriving while no sink is
+  // open fails at once. Default 16384.
+  size_t max_waiters = 16384;
+};
+
 // Thread safety: one pool per endpoint per event loop; used on that loop.
 class SingletonPool final : public ClientMessageSink {
  public:
-  SingletonPool(const SinkContext& ctx, SinkFactory factory);
+  SingletonPool(const SinkContext& ctx, SinkFactory factory, SingletonPoolOptions options = {});
   ~SingletonPool() override;
 
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
@@ -44,11 +53,14 @@ class SingletonPool final : public ClientMessageSink {
     Stream* stream;
   };
   void Connect();
+  // Takes every waiter out of the queue (and the waiters gauge).
+  std::deque<Waiter> TakeWaiting();
   void OnOpened(const SinkPtr& sink, error_code ec);
 
   EventLoop& loop_;
   SinkContext ctx_;
   SinkFactory factory_;
+  SingletonPoolOptions options_;
   std::string address_;
   SinkPtr child_;
   // Former children that raised on_faulted while still finishing requests (draining): kept,
@@ -60,8 +72,10 @@ class SingletonPool final : public ClientMessageSink {
   std::deque<Waiter> waiting_;  // FIFO
   OpenWaiters open_waiters_;
   stats::Counter& connect_failures_;
+  stats::Gauge& waiters_gauge_;
+  stats::Counter& queue_full_;
 };
 
-SinkProvider SingletonPoolProvider();
+SinkProvider SingletonPoolProvider(SingletonPoolOptions options = {});
 
 }  // namespace scales

@@ -35,6 +35,7 @@
 #include "scales/loadbalancer/resurrector.h"
 #include "scales/resilience/default_stack.h"
 #include "scales/mux/session.h"
+#include "scales/pool/singleton_pool.h"
 #include "scales/thrift/client.h"
 
 namespace scales {
@@ -53,6 +54,8 @@ struct ThriftMuxOptions : ResilienceOptions {
   // The Mux session: connect timeout, handshake, frame/fragment limits, pings, deadline
   // propagation, TLS (first byte or opportunistic), the queued control replies bound.
   mux::SessionOptions session;
+  // The session pool: how many requests may wait while a session connects.
+  SingletonPoolOptions pool;
   // Sent as the ClientIdContext of every call; empty = none.
   std::string client_id;
 };
