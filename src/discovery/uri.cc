@@ -511,9 +511,14 @@ std::string RedactUriSecrets(std::string_view uri) {
     if (out.compare(at + 1, 5, "auth=") != 0) continue;
     const size_t value = at + 6;
     const size_t end = std::min(out.find('&', value), out.find('#', value));
+    const size_t value_end = end == std::string::npos ? out.size() : end;
     const size_t colon = out.find(':', value);
-    if (colon == std::string::npos || colon >= end) continue;  // no secret after a scheme
-    out.replace(colon + 1, (end == std::string::npos ? out.size() : end) - colon - 1, "***");
+    if (colon == std::string::npos || colon >= value_end) {
+      // No scheme: the whole value may be the secret (a password written without "digest:user:").
+      if (value_end > value) out.replace(value, value_end - value, "***");
+      continue;
+    }
+    out.replace(colon + 1, value_end - colon - 1, "***");
   }
   return out;
 }

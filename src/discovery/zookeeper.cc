@@ -59,16 +59,14 @@ ZooKeeperOptions CheckedOptions(const ParsedUri& uri, ZooKeeperOptions options) 
   return out;
 }
 
-// The largest request a ZooKeeper server reads (its jute.maxbuffer, by default 1 MB - 1): a
-// larger one makes it close the connection ("Len error"), which the C client reports as a
-// connection loss, so such a create would only ever be retried.
-constexpr size_t kZooKeeperMaxRequest = 0xfffff;
 // A member create's bytes besides its path and data: header, lengths, the open ACL, the flags.
 constexpr size_t kCreateRequestOverhead = 64;
 
 // The member data of `instance`, checked as every reader parses it: an instance they would
 // skip as malformed (no host, port 0) is refused here rather than announced to no effect; so is
-// one whose create the server would not read.
+// one whose create the server would not read: a request over its jute.maxbuffer
+// (options.max_request_bytes) makes it close the connection ("Len error"), which the C client
+// reports as a connection loss, so such a create would only ever be retried.
 std::string CheckedMemberData(const ParsedUri& uri, const ServiceInstance& instance, const ZooKeeperOptions& options) {
   std::string data = SerializeServiceInstance(instance);
   std::string error;
@@ -78,13 +76,14 @@ std::string CheckedMemberData(const ParsedUri& uri, const ServiceInstance& insta
                             error));
   }
   const size_t path = options.chroot.size() + uri.path.size() + std::string_view("/member_0000000000").size();
-  const size_t limit = kZooKeeperMaxRequest - kCreateRequestOverhead - std::min(path, kZooKeeperMaxRequest / 2);
+  const size_t max_request = options.max_request_bytes;
+  const size_t limit = max_request - kCreateRequestOverhead - std::min(path, max_request / 2);
   if (data.size() > limit) {
     throw Error(make_error_code(Errc::kInvalidArgument),
-                fmt::format("announcer {}: member data of {} bytes is over the limit of {} bytes (ZooKeeper's default "
-                            "jute.maxbuffer, {} bytes per request, less the path and the request header): the server "
-                            "would close the connection on each create",
-                            DescribeUri(uri), data.size(), limit, kZooKeeperMaxRequest));
+                fmt::format("announcer {}: member data of {} bytes is over the limit of {} bytes "
+                            "(max_request_bytes {}, the servers' jute.maxbuffer, less the path and the request "
+                            "header): the server would close the connection on each create",
+                            DescribeUri(uri), data.size(), limit, max_request));
   }
   return data;
 }

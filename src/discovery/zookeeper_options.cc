@@ -123,6 +123,10 @@ void ZooKeeperOptions::Validate() const {
       throw invalid("auth must be scheme:credentials (digest:user:password)");
     }
   }
+  if (max_request_bytes < kMinMaxRequestBytes || max_request_bytes > 0x7fffffff) {
+    throw invalid(fmt::format("max_request_bytes {} is not in {}..2147483647 (the servers' jute.maxbuffer)",
+                              max_request_bytes, kMinMaxRequestBytes));
+  }
 }
 
 std::string ZooKeeperOptions::ConnectString(const ParsedUri& uri) const {

@@ -1309,6 +1309,40 @@ TEST_F(ZooKeeperTest, AnnouncerRefusesMemberDataOverZooKeepersRequestLimit) {
   ASSERT_TRUE(WaitFor([&] { return set->members() == Members{{"127.0.0.1", 4244}}; })) << set->Describe();
 }
 
+// ZooKeeperOptions::max_request_bytes follows the servers' jute.maxbuffer: against a server
+// started with a raised limit, 2 MiB of member data is announced and read back; a limit set
+// lower than the data refuses it at construction, naming the option.
+TEST(ZooKeeperRequestLimitTest, AnnouncerFollowsMaxRequestBytes) {
+  if (!test::ZooKeeperAvailable()) GTEST_SKIP() << "ZooKeeper is not installed";
+  test::ZooKeeperServer zk(0, false);
+  zk.AddJvmFlag("-Djute.maxbuffer=4194304");
+  zk.Start();
+  const std::string uri = zk.Uri("/raised/svc");
+  ServiceInstance big;
+  big.service_endpoint = {"127.0.0.1", 4245};
+  big.metadata["blob"] = std::string(size_t{2} << 20, 'x');
+  EXPECT_THROW(Announcer(ScalesUriParser::Parse(uri), big), Error);  // the default limit
+  ZooKeeperOptions options;
+  options.max_request_bytes = 4194304;
+  Announcer announcer(ScalesUriParser::Parse(uri), big, options);
+  ASSERT_TRUE(announcer.WaitAnnounced(20s)) << announcer.Describe();
+  auto set = MakeSet(uri);
+  ASSERT_TRUE(WaitFor([&] { return set->members() == Members{{"127.0.0.1", 4245}}; })) << set->Describe();
+
+  ServiceInstance small;
+  small.service_endpoint = {"127.0.0.1", 4246};
+  small.metadata["blob"] = std::string(5000, 'y');
+  options.max_request_bytes = ZooKeeperOptions::kMinMaxRequestBytes;
+  try {
+    Announcer refused(ScalesUriParser::Parse(uri), small, options);
+    ADD_FAILURE() << "not refused: " << refused.Describe();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kInvalidArgument)) << e.what();
+    EXPECT_NE(std::string(e.what()).find("(max_request_bytes 4096, the servers' jute.maxbuffer"), std::string::npos)
+        << e.what();
+  }
+}
+
 // Snapshots are delivered in order: on an executor whose threads take two deliveries at once,
 // the older list could reach the listener last, and it stayed on that list until the next change.
 TEST_F(ZooKeeperTest, AnOlderListIsNotDeliveredAfterANewerOne) {

@@ -114,12 +114,14 @@ void ZooKeeperServer::WriteConfig() const {
 void ZooKeeperServer::Start() {
   if (process_) return;
   WriteConfig();
-  process_ = std::make_unique<ChildProcess>(std::vector<std::string>{
-      kJava, "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-      "-Dzookeeper.admin.enableServer=false", "-cp", ClassPath(),
-      owns_dir_ ? "org.apache.zookeeper.server.ZooKeeperServerMain"
-                : "org.apache.zookeeper.server.quorum.QuorumPeerMain",
-      (dir_ / "zoo.cfg").string()});
+  std::vector<std::string> command{kJava, "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                                   "-Dzookeeper.admin.enableServer=false"};
+  command.insert(command.end(), jvm_flags_.begin(), jvm_flags_.end());
+  command.insert(command.end(), {"-cp", ClassPath(),
+                                 owns_dir_ ? "org.apache.zookeeper.server.ZooKeeperServerMain"
+                                           : "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+                                 (dir_ / "zoo.cfg").string()});
+  process_ = std::make_unique<ChildProcess>(std::move(command));
   auto deadline = std::chrono::steady_clock::now() + kStartTimeout;
   // "imok" to "ruok", not only an accepted connection: another process may hold the port.
   while (!ZooKeeperAnswersRuok(client_port_, std::chrono::milliseconds(500))) {

@@ -36,6 +36,9 @@ class ZooKeeperServer {
   // "zk://127.0.0.1:<port><path>".
   std::string Uri(const std::string& path) const;
   bool running() const { return process_ != nullptr; }
+  // A JVM flag for the next Start() (e.g. "-Djute.maxbuffer=4194304"; construct with
+  // start = false to have it on the first start).
+  void AddJvmFlag(std::string flag) { jvm_flags_.push_back(std::move(flag)); }
 
   // SIGTERM and wait. The data directory is kept (a restart keeps the data and sessions).
   void Stop();
@@ -58,6 +61,7 @@ class ZooKeeperServer {
   int client_port_ = 0;
   bool start_exited_ = false;  // the last Start() failed because the JVM exited
   std::string config_;
+  std::vector<std::string> jvm_flags_;
   std::unique_ptr<ChildProcess> process_;
 };
 

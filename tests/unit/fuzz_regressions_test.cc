@@ -148,6 +148,21 @@ TEST(FuzzRegressionsTest, ZooKeeperAuthWithoutASchemeIsRefusedWithoutQuotingItsS
   }
 }
 
+// An auth value with no ':' at all is most likely a password written without "digest:user:":
+// the refusal quoted it in the URI (only what follows a scheme's ':' was hidden).
+TEST(FuzzRegressionsTest, ZooKeeperAuthWithNoColonIsRefusedWithoutQuotingIt) {
+  try {
+    ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc?auth=s3cret&chroot=/p"));
+    ADD_FAILURE() << "an auth without a scheme was taken";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri));
+    EXPECT_THAT(e.what(), HasSubstr("'zk://a:1/svc?auth=***&chroot=/p'"));
+    EXPECT_THAT(e.what(), Not(HasSubstr("s3cret")));
+  }
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=&x=1"), "zk://a:1/svc?auth=&x=1");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?x=1&auth=pw"), "zk://a:1/svc?x=1&auth=***");
+}
+
 // uri_fuzzer: a session_timeout over 24 h in other units than ms ("1500m") passed FromUri and
 // failed only in Validate(), as kInvalidArgument without the URI or the parameter's value.
 TEST(FuzzRegressionsTest, ZooKeeperSessionTimeoutOver24HoursIsABadUri) {

@@ -1,4 +1,5 @@
 // Serverset member JSON parsing, endpoint selection and zk:// options: no sockets.
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -226,7 +227,8 @@ TEST(ZooKeeperOptionsTest, CredentialsAreNeverQuoted) {
             "zk://a:1/svc?auth=digest:***&session_timeout=3s");
   EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?session_timeout=3s&auth=digest:user:s3cret#http"),
             "zk://a:1/svc?session_timeout=3s&auth=digest:***#http");
-  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#http?xauth=a:b&auth=digest"), "zk://a:1/svc#http?xauth=a:b&auth=digest");
+  // A value without ':' may be a password written without its scheme: hidden whole.
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#http?xauth=a:b&auth=digest"), "zk://a:1/svc#http?xauth=a:b&auth=***");
   EXPECT_EQ(RedactUriSecrets("tcp://a:1,b:2"), "tcp://a:1,b:2");
   // User information before a host (refused by the parser, whose message quotes the URI).
   EXPECT_EQ(RedactUriSecrets("tcp://u:s3cret@a:1,b:2,v@w@c:3/p@q?x=y@z"), "tcp://***@a:1,b:2,***@c:3/p@q?x=y@z");
@@ -340,6 +342,26 @@ TEST(ZooKeeperOptionsTest, ARetryIntervalUnder10MsIsRefused) {
   }
   options.retry_interval = ZooKeeperOptions::kMinRetryInterval;
   EXPECT_NO_THROW(options.Validate());
+}
+
+TEST(ZooKeeperOptionsTest, MaxRequestBytesIsBounded) {
+  ZooKeeperOptions options;
+  EXPECT_EQ(options.max_request_bytes, 0xfffffu);  // ZooKeeper's default jute.maxbuffer
+  for (size_t bad : {size_t{0}, ZooKeeperOptions::kMinMaxRequestBytes - 1, size_t{0x80000000}}) {
+    options.max_request_bytes = bad;
+    try {
+      options.Validate();
+      ADD_FAILURE() << bad << " was valid";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), make_error_code(Errc::kInvalidArgument)) << e.what();
+      EXPECT_THAT(e.what(), ::testing::HasSubstr(fmt::format(
+                                "ZooKeeper options: max_request_bytes {} is not in 4096..2147483647", bad)));
+    }
+  }
+  for (size_t good : {ZooKeeperOptions::kMinMaxRequestBytes, size_t{0x7fffffff}}) {
+    options.max_request_bytes = good;
+    EXPECT_NO_THROW(options.Validate());
+  }
 }
 
 // `auth=digest:` (no credentials) is a bad URI; the same value in the struct was taken, and the

@@ -38,7 +38,8 @@ struct ParsedUri {
 };
 
 // `uri` with the secret of its `auth=scheme:secret` query parameter (ZooKeeper credentials)
-// replaced by "***", for messages, logs and pages: "zk://h:2181/svc?auth=digest:***"; so is
+// replaced by "***", for messages, logs and pages: "zk://h:2181/svc?auth=digest:***" (a value
+// without a scheme, "auth=secret", is hidden whole: "auth=***"); so is
 // user information before a host ("tcp://***@h:80" for "tcp://user:password@h:80"), which no
 // scales URI takes. Anything else is returned as it is, even when it does not parse.
 std::string RedactUriSecrets(std::string_view uri);

@@ -43,6 +43,12 @@ struct ZooKeeperOptions {
   // re-made 1,000 times a second would load the ensemble), at most 24 h.
   std::chrono::milliseconds retry_interval{std::chrono::seconds(1)};
   static constexpr std::chrono::milliseconds kMinRetryInterval{10};
+  // The largest request the ensemble reads: its jute.maxbuffer setting (ZooKeeper's default,
+  // 0xfffff = 1048575 bytes). A larger request makes the server close the connection, so the
+  // Announcer refuses member data whose create would not fit. Set it when the servers run with
+  // a raised jute.maxbuffer. No query parameter. At least kMinMaxRequestBytes, at most 2^31 - 1.
+  size_t max_request_bytes = 0xfffff;
+  static constexpr size_t kMinMaxRequestBytes = 4096;
 
   // `defaults` overridden by the query parameters of a zk:// `uri`. Throws scales::Error
   // (kBadUri) naming the parameter when a parameter is unknown or its value invalid, or when
