@@ -372,7 +372,16 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
       if (HeaderNameEquals(name, "content-length") || HeaderNameEquals(name, "transfer-encoding")) continue;
       if (b3 && IsB3Header(name)) continue;
       if (HeaderNameEquals(name, "connection") && bhttp::token_list(value).exists("close")) request_close_ = true;
-      has_host = has_host || HeaderNameEquals(name, "host");
+      if (HeaderNameEquals(name, "host")) {
+        if (has_host) {
+          // A server must answer 400 to a request with two (RFC 9112 3.2).
+          bad(fmt::format("it has a second Host header field ('{}'; the request's and the call's "
+                          "headers together may have one)",
+                          Quoted(value)));
+          return false;
+        }
+        has_host = true;
+      }
       has_agent = has_agent || HeaderNameEquals(name, "user-agent");
       w.append(name).append(": "sv).append(value).append("\r\n"sv);
     }
@@ -508,10 +517,11 @@ ConnectionSink::ParseResult HttpTransportSink::ParseReply(boost::beast::flat_buf
                                  fmt::format("{} switched protocols (101 {}), which the request did not ask for",
                                              conn().address(), out.reason));
     }
-    if (++interim_responses_ > kMaxInterimResponses) {
+    if (++interim_responses_ > options_.max_interim_responses) {
       return ParseResult::Failed(make_error_code(Errc::kProtocolError),
-                                 fmt::format("{} sent more than {} interim (1xx) responses before the response",
-                                             conn().address(), kMaxInterimResponses));
+                                 fmt::format("{} sent more than {} interim (1xx) responses before the response "
+                                             "(limit transport.max_interim_responses)",
+                                             conn().address(), options_.max_interim_responses));
     }
     out.status = 0;
     out.reason.clear();
@@ -606,6 +616,7 @@ SinkProvider HttpTransportProvider(TransportOptions options) {
       {"connect_timeout", SettingText(options.connect_timeout)},
       {"max_response_header_bytes", SettingText(options.max_response_header_bytes)},
       {"max_response_body_bytes", SettingText(options.max_response_body_bytes)},
+      {"max_interim_responses", SettingText(options.max_interim_responses)},
       {"raise_on_http_error", SettingText(options.raise_on_http_error)},
       {"b3_headers", SettingText(options.b3_headers)},
       {"tls", SettingText(options.tls.enabled)},

@@ -658,10 +658,28 @@ TEST(HostilePeerTest, HttpInterimResponsesAreSkippedUpToALimit) {
   EXPECT_EQ(server.accepted(), 1);
   // Endless interim responses stop at the limit; an unasked protocol switch is refused.
   ExpectBoundedFailure([&] { client.Get("/endless-interim"); }, Errc::kProtocolError,
-                       "sent more than 8 interim (1xx) responses", 5s);
+                       "sent more than 8 interim (1xx) responses before the response "
+                       "(limit transport.max_interim_responses)",
+                       5s);
   ExpectBoundedFailure([&] { client.Get("/switch"); }, Errc::kProtocolError,
                        "switched protocols (101 Switching Protocols), which the request did not ask for", 5s);
   EXPECT_EQ(client.Get("/ok").body, "ok");
+}
+
+// The interim-response limit is transport.max_interim_responses: at 1 the two interim responses
+// of /early-hints fail the call; at 2 they are skipped.
+TEST(HostilePeerTest, HttpInterimResponseLimitIsConfigurable) {
+  RawServer server(HostileHttp);
+  auto options = HttpOptions();
+  options.transport.max_interim_responses = 1;
+  auto strict = Http::NewClient(server.uri(), options);
+  ExpectBoundedFailure([&] { strict.Get("/early-hints"); }, Errc::kProtocolError,
+                       "sent more than 1 interim (1xx) responses before the response "
+                       "(limit transport.max_interim_responses)",
+                       5s);
+  options.transport.max_interim_responses = 2;
+  auto lenient = Http::NewClient(server.uri(), options);
+  EXPECT_EQ(lenient.Get("/early-hints").body, "hints");
 }
 
 TEST(HostilePeerTest, HttpHugeContentLengthIsRejectedByTheBodyLimit) {

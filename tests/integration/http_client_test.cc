@@ -429,6 +429,32 @@ TEST_F(TestServerTest, DefaultHeadersAreAddedUnlessTheRequestHasThem) {
   EXPECT_EQ(call.body.find("X-Twice: 1"), std::string::npos) << call.body;
 }
 
+// Two Host header fields (the request's and the call's, or two in one list) are refused before
+// anything is sent: a server must answer such a request with 400 (RFC 9112 3.2). Both used to go
+// out.
+TEST_F(TestServerTest, ASecondHostHeaderIsRefusedBeforeSending) {
+  auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime(1)));
+  CallOptions per_call;
+  per_call.headers = {{"host", "call.example"}};
+  for (auto& [request, options] : {std::pair{http::Request{"GET", "/headers", {{"Host", "a.example"}}, {}}, per_call},
+                                   std::pair{http::Request{"GET", "/headers", {{"Host", "a"}, {"HOST", "b"}}, {}},
+                                             CallOptions{}}}) {
+    try {
+      client.Send(request, options);
+      ADD_FAILURE() << "sent with two Host fields";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+      EXPECT_NE(std::string(e.what()).find("not sent: it has a second Host header field"), std::string::npos)
+          << e.what();
+    }
+  }
+  // One Host, from either list, goes out as given.
+  http::Response own = client.Get("/headers", {{"Host", "own.example"}});
+  EXPECT_NE(own.body.find("Host: own.example\n"), std::string::npos) << own.body;
+  http::Response call = client.Send(http::Request{"GET", "/headers", {}, {}}, per_call);
+  EXPECT_NE(call.body.find("host: call.example\n"), std::string::npos) << call.body;
+}
+
 // Default headers are options: one that could never be sent (a name that is not a token, a
 // value with CR, LF or NUL) fails Build() naming the field, rather than every call after it.
 TEST_F(TestServerTest, UnsendableDefaultHeadersFailTheBuild) {

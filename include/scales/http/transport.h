@@ -39,6 +39,9 @@ struct TransportOptions {
   size_t max_response_header_bytes = 64 * 1024;
   // Largest response body accepted (after de-chunking). Default 8 MiB.
   size_t max_response_body_bytes = 8 * 1024 * 1024;
+  // Interim (1xx) responses skipped before a request's response; one more fails the call
+  // (kProtocolError) and closes the connection. 0: any interim response fails it. Default 8.
+  size_t max_interim_responses = 8;
   // Status >= 400 (or an invalid one under 100, RFC 9110 15) completes the call with
   // kHttpError (detail: status, reason, start of the body) instead of returning the response.
   // Default true, as in scales.
@@ -173,8 +176,6 @@ class HttpTransportSink final : public ConnectionSink {
   // (Re)makes Beast's parser for the call's response, with the limits and HEAD's skip.
   void StartParser(Response& out);
 
-  // Interim (1xx) responses skipped before a response; one more fails the call.
-  static constexpr int kMaxInterimResponses = 8;
 
   TransportOptions options_;
   std::string host_line_;      // "Host: <endpoint>\r\n"
@@ -191,7 +192,7 @@ class HttpTransportSink final : public ConnectionSink {
   // The current request carries `Connection: close`: its connection is not reused, whatever
   // the response says (RFC 9112 9.6: no request follows one with the close option).
   bool request_close_ = false;
-  int interim_responses_ = 0;  // 1xx responses skipped for the current request
+  size_t interim_responses_ = 0;  // 1xx responses skipped for the current request
   // Header bytes of the current response Beast has consumed: it parses complete fields as they
   // come and checks its header limit against the bytes it has not consumed, so the limit it is
   // given shrinks by these to bound the whole header block.
