@@ -282,8 +282,9 @@ void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
     }
     if (const std::string* framer = FindInitHeader(rinit->headers, kMuxFramerHeader)) {
       auto v = DecodeMuxFramer(*framer);
-      if (!v || *v <= 0) {
-        FailOpen(make_error_code(Errc::kProtocolError), fmt::format("{} sent a bad mux-framer header", address_));
+      if (!v) {
+        FailOpen(make_error_code(Errc::kProtocolError),
+                 fmt::format("bad handshake reply from {}: Rinit's {}", address_, v.error().detail));
         return;
       }
       peer_max_fragment_ = static_cast<uint32_t>(*v);

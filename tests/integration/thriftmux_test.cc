@@ -1421,5 +1421,25 @@ TEST(MuxSessionTest, ServerClosingDuringTheHandshakeIsNamedInTheOpenFailure) {
   EXPECT_EQ(detail.find("request(s) in flight"), std::string::npos) << detail;
 }
 
+// A server advertising an unusable mux-framer (not positive) fails the open, and the detail
+// says which value it sent (it used to say only "sent a bad mux-framer header").
+TEST(MuxSessionTest, BadMuxFramerInRinitIsNamedWithItsValue) {
+  test::MuxReferenceServer server({"--mode", "finagle", "--framer", "-5"});
+  test::ManualEnv env;
+  mux::SessionOptions o;
+  o.ping_interval = Duration::zero();
+  auto session = std::make_shared<mux::MuxSessionSink>(
+      test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", static_cast<uint16_t>(server.port())}),
+      o);
+  std::optional<error_code> opened;
+  session->AsyncOpen([&](error_code ec) { opened = ec; });
+  ASSERT_TRUE(RunUntil(env, [&] { return opened.has_value(); }));
+  EXPECT_EQ(*opened, Errc::kProtocolError);
+  EXPECT_EQ(session->open_failure_detail(), "bad handshake reply from 127.0.0.1:" + std::to_string(server.port()) +
+                                                ": Rinit's mux-framer header: -5 is not positive");
+  session->Close();
+  env.Run();
+}
+
 }  // namespace
 }  // namespace scales
