@@ -123,6 +123,13 @@ Runtime::Runtime(RuntimeOptions options)
                             "got {}us",
                             options.busy_poll.count()));
   }
+  if (options.threads > RuntimeOptions::kMaxThreads) {
+    // Each loop is a thread, an io_context and, per client, a stack per endpoint: a count this
+    // large is a mistake (a negative number through size_t), not a machine.
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("runtime.threads must be in 0..{} (0 = one per core), got {}", RuntimeOptions::kMaxThreads,
+                            options.threads));
+  }
   size_t n = options.threads;
   if (n == 0) n = std::max(1u, std::thread::hardware_concurrency());
   for (size_t i = 0; i < n; ++i) {

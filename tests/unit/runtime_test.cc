@@ -58,6 +58,29 @@ TEST(RuntimeTest, BusyPollOutsideItsRangeIsRejected) {
   EXPECT_NO_THROW(Runtime{edge});
 }
 
+// A thread count past any machine (a negative number through size_t) failed with bad_alloc or
+// std::system_error after starting threads; it is an invalid option, named.
+TEST(RuntimeTest, ThreadsOverTheLimitAreRejected) {
+  for (size_t bad : {RuntimeOptions::kMaxThreads + 1, static_cast<size_t>(-1)}) {
+    RuntimeOptions options;
+    options.threads = bad;
+    options.start_threads = false;
+    try {
+      Runtime runtime(options);
+      FAIL() << bad << " threads were accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
+      EXPECT_EQ(std::string(e.what()),
+                "runtime.threads must be in 0..1024 (0 = one per core), got " + std::to_string(bad));
+    }
+  }
+  RuntimeOptions edge;
+  edge.threads = RuntimeOptions::kMaxThreads;
+  edge.start_threads = false;
+  Runtime runtime(edge);
+  EXPECT_EQ(runtime.size(), RuntimeOptions::kMaxThreads);
+}
+
 // Four threads post 20,000 handlers over two spinning loops: each runs exactly once, on its
 // loop's thread (EventLoop::Current()).
 TEST(ConcurrencyRuntimeTest, BusyPollingLoopsRunEveryPostedHandlerOnce) {

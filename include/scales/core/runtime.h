@@ -84,7 +84,9 @@ class EventLoop : public std::enable_shared_from_this<EventLoop> {
 
 struct RuntimeOptions {
   // Number of event loops. Default: one per core (std::thread::hardware_concurrency()).
+  // At most kMaxThreads.
   size_t threads = 0;
+  static constexpr size_t kMaxThreads = 1024;
   // When false, no threads are started: the owner drives the loops with Poll()/RunUntilIdle()
   // (unit tests with a ManualClock do this).
   bool start_threads = true;
