@@ -199,10 +199,13 @@ std::string EscapeHelp(std::string_view raw) {
 
 // The name a label key is exported under: sanitised; and in a histogram's families, which use
 // the labels le and quantile themselves, a user label of that name is renamed exported_<name>,
-// as Prometheus does on a scrape conflict.
+// as Prometheus does on a scrape conflict. So is a name starting with "__", which Prometheus
+// reserves (a label __name__ fails the scrape).
 std::string PrometheusLabelName(std::string_view key, bool histogram) {
   std::string name = PrometheusName(key, /*allow_colon=*/false);
-  if (histogram && (name == "le" || name == "quantile")) name = "exported_" + name;
+  if ((histogram && (name == "le" || name == "quantile")) || name.starts_with("__")) {
+    name = "exported_" + name;
+  }
   return name;
 }
 
@@ -573,6 +576,12 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
     }
     auto [it, inserted] = families.try_emplace(name, Family{type, m.name, quantiles, {}});
     Family& f = it->second;
+    // A family this metric created is removed again when it is skipped: its HELP and TYPE alone
+    // would still claim the name.
+    auto skip = [&, it = it, inserted = inserted]() -> Family* {
+      if (inserted) families.erase(it);
+      return nullptr;
+    };
     if (f.type != type || f.quantiles != quantiles) {
       skipped += fmt::format("# scales: skipped {} {}: family {} is a {}\n", kind,
                              EscapeHelp(m.name), name, TypeName(f.type));
@@ -602,9 +611,33 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
       return true;
     };
     for (const std::string& key : keys) {
-      if (clash(series, key)) return nullptr;
+      if (clash(series, key)) return skip();
     }
-    if (!bucket_key.empty() && clash(histogram ? bucket_gauges : series, bucket_key)) return nullptr;
+    if (!bucket_key.empty() && clash(histogram ? bucket_gauges : series, bucket_key)) return skip();
+    // A family h_bucket, h_sum or h_count beside a histogram family h, whatever its labels: Go's
+    // expfmt parser (promtool, the Pushgateway) reads its TYPE line as h's second and rejects the
+    // whole text, and client_golang refuses such a pair.
+    if (inserted) {
+      for (const std::string_view suffix : {"_bucket", "_sum", "_count"}) {
+        if (type == MetricType::kHistogram && !quantiles &&
+            families.contains(name + std::string(suffix))) {
+          skipped += fmt::format("# scales: skipped {} {}: family {}{} would hold its samples\n",
+                                 kind, EscapeHelp(m.name), name, suffix);
+          return skip();
+        }
+        if (name.ends_with(suffix)) {
+          const std::string base = name.substr(0, name.size() - suffix.size());
+          auto h = families.find(base);
+          if (h != families.end() && h->second.type == MetricType::kHistogram &&
+              !h->second.quantiles) {
+            skipped += fmt::format(
+                "# scales: skipped {} {}: family {} would hold histogram {}'s samples\n", kind,
+                EscapeHelp(m.name), name, EscapeHelp(h->second.raw_name));
+            return skip();
+          }
+        }
+      }
+    }
     if (!histogram && !bucket_key.empty()) bucket_gauges.emplace(std::move(bucket_key), m.name);
     for (std::string& key : keys) series.emplace(std::move(key), m.name);
     return &f;

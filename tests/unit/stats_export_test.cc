@@ -4,8 +4,10 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 
 #include <gmock/gmock.h>
@@ -345,6 +347,21 @@ TEST(StatsExportTest, PrometheusNamesLabelsAndEscapes) {
   EXPECT_EQ(prom.Value("h_us_quantile", {{"exported_le", "user"}, {"quantile", "0.5"}}), 7);
 }
 
+// Label names starting with "__" are reserved for Prometheus' own use: a user label __name__
+// (the registry takes any key) made Go's expfmt parser reject the whole scrape ("label name
+// "__name__" is reserved") and gave the series a second metric name in Prometheus. They are
+// exported as exported_<name>, as Prometheus renames a label on a conflict.
+TEST(StatsExportTest, PrometheusRenamesReservedLabelNames) {
+  StatsRegistry r;
+  r.GetCounter("c", {{"__name__", "x"}, {"client", "a"}}).Increment(1);
+  r.GetGauge("g", {{"__meta", "y"}}).Set(2);
+  const std::string text = r.ToPrometheus();
+  EXPECT_THAT(text, Not(HasSubstr("{__"))) << text;
+  PromText prom = ParsePrometheusText(text);
+  EXPECT_EQ(prom.Value("c_total", {{"exported___name__", "x"}, {"client", "a"}}), 1);
+  EXPECT_EQ(prom.Value("g", {{"exported___meta", "y"}}), 2);
+}
+
 TEST(StatsExportTest, PrometheusSkipsAFamilyOfAnotherType) {
   StatsRegistry r;
   r.GetCounter("x").Increment(1);
@@ -382,21 +399,24 @@ TEST(StatsExportTest, PrometheusWritesASeriesOnceWhenTwoNamesExportAsIt) {
 
 // The same series however the raw labels sort ("http.status" sorts before "http_method", but
 // sanitises to http_status, after it), and a histogram's _sum, _count and _bucket samples are its
-// own: a gauge h_sum with the histogram's labels is another name for one of them.
+// own: a gauge h_sum with the histogram's labels is another name for one of them (and with other
+// labels, a family expfmt takes for h's: PrometheusWritesNoFamilyNamedAfterAHistogramsSamples).
 TEST(StatsExportTest, PrometheusSeriesClashesAcrossLabelOrderAndHistogramSuffixes) {
   StatsRegistry r;
   r.GetGauge("g", {{"http.status", "200"}, {"http_method", "GET"}}).Set(1);
   r.GetGauge("g", {{"http_status", "200"}, {"http_method", "GET"}}).Set(2);
   r.GetHistogram("h", {{"client", "c"}}).Record(5);
   r.GetGauge("h_sum", {{"client", "c"}}).Set(3);
-  r.GetGauge("h_sum", {{"client", "d"}}).Set(4);  // not the histogram's: kept
+  r.GetGauge("h_sum", {{"client", "d"}}).Set(4);  // not the histogram's series, but its family
   std::string text = r.ToPrometheus();
   PromText prom = ParsePrometheusText(text);  // fails on a repeated series
   EXPECT_EQ(prom.Value("g", {{"http_method", "GET"}, {"http_status", "200"}}), 1);
   EXPECT_EQ(prom.Value("h_sum", {{"client", "c"}}), 5);
-  EXPECT_EQ(prom.Value("h_sum", {{"client", "d"}}), 4);
+  EXPECT_EQ(prom.Value("h_sum", {{"client", "d"}}), std::nullopt);
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge g: series g{http_method=\"GET\",http_status=\"200\"} is g's\n"));
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_sum: series h_sum{client=\"c\"} is h's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_sum: family h_sum would hold histogram h's "
+                              "samples\n"));
 }
 
 // A gauge h_bucket with the histogram's labels plus an le label is one of h's bucket series
@@ -405,20 +425,78 @@ TEST(StatsExportTest, PrometheusGaugeWithAnLeLabelCannotRepeatAHistogramBucket) 
   StatsRegistry r;
   r.GetHistogram("h", {{"client", "c"}}).Record(5);
   r.GetGauge("h_bucket", {{"client", "c"}, {"le", "10"}}).Set(7);
-  r.GetGauge("h_bucket", {{"client", "d"}, {"le", "10"}}).Set(8);  // not the histogram's: kept
+  r.GetGauge("h_bucket", {{"client", "d"}, {"le", "10"}}).Set(8);  // h's family: skipped too
   // "a-b_bucket" sorts before "a.b": the gauge is written first, the histogram is skipped.
   r.GetGauge("a-b_bucket", {{"le", "10"}}).Set(9);
   r.GetHistogram("a.b").Record(5);
   std::string text = r.ToPrometheus();
   PromText prom = ParsePrometheusText(text);  // fails on a repeated series
   EXPECT_EQ(prom.Value("h_bucket", {{"client", "c"}, {"le", "10"}}), 1);
-  EXPECT_EQ(prom.Value("h_bucket", {{"client", "d"}, {"le", "10"}}), 8);
+  EXPECT_EQ(prom.Value("h_bucket", {{"client", "d"}, {"le", "10"}}), std::nullopt);
   EXPECT_EQ(prom.Value("a_b_bucket", {{"le", "10"}}), 9);
   EXPECT_EQ(prom.Value("a_b_count"), std::nullopt);
   EXPECT_THAT(text,
               HasSubstr("# scales: skipped gauge h_bucket: series h_bucket{client=\"c\"} is h's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_bucket: family h_bucket would hold "
+                              "histogram h's samples\n"));
   EXPECT_THAT(text,
               HasSubstr("# scales: skipped histogram a.b: series a_b_bucket is a-b_bucket's\n"));
+}
+
+// The first "# TYPE" line of `text` that Go's expfmt parser (promtool, the Pushgateway, client_golang's
+// own checks) takes for a histogram's second TYPE line: it reads a name h_bucket, h_sum or h_count
+// as histogram h's samples, whatever the labels, so "# TYPE h_sum gauge" after "# TYPE h
+// histogram" fails the whole text. "" when there is none.
+std::string TypeLineExpfmtRejects(std::string_view text) {
+  std::set<std::string> histograms;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const size_t end = std::min(text.find('\n', pos), text.size());
+    const std::string_view line = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (!line.starts_with("# TYPE ")) continue;
+    const std::string_view rest = line.substr(7);
+    const std::string name(rest.substr(0, rest.find(' ')));
+    for (const char* suffix : {"_bucket", "_sum", "_count"}) {
+      if (name.ends_with(suffix) &&
+          histograms.contains(name.substr(0, name.size() - std::strlen(suffix)))) {
+        return std::string(line);
+      }
+    }
+    if (rest.ends_with(" histogram")) histograms.insert(name);
+  }
+  return "";
+}
+
+// A family named h_sum, h_count or h_bucket beside a histogram h, with any labels, is h's samples
+// to Go's expfmt parser: its TYPE line fails the whole scrape. Such a metric is skipped and
+// reported (whichever comes first in the registry's order is kept), and a metric skipped for a
+// series clash leaves no family behind (an empty "# TYPE h_sum gauge" failed it too).
+TEST(StatsExportTest, PrometheusWritesNoFamilyNamedAfterAHistogramsSamples) {
+  StatsRegistry r;
+  r.GetHistogram("h", {{"client", "c"}}).Record(5);
+  r.GetGauge("h_sum", {{"client", "c"}}).Set(3);    // one of h's series
+  r.GetGauge("h_count", {{"client", "d"}}).Set(4);  // another series, but h's family
+  r.GetHistogram("h_bucket").Record(6);
+  // "a-b_sum" sorts before "a.b": the gauge is kept, the histogram is skipped.
+  r.GetGauge("a-b_sum").Set(9);
+  r.GetHistogram("a.b", {{"client", "c"}}).Record(5);
+  const std::string text = r.ToPrometheus({.quantiles = false});
+  EXPECT_EQ(TypeLineExpfmtRejects(text), "") << text;
+  PromText prom = ParsePrometheusText(text);
+  EXPECT_EQ(prom.Value("h_count", {{"client", "c"}}), 1);
+  EXPECT_EQ(prom.Family("h_sum"), nullptr);
+  EXPECT_EQ(prom.Family("h_count"), nullptr);
+  EXPECT_EQ(prom.Family("h_bucket"), nullptr);
+  EXPECT_EQ(prom.Value("a_b_sum"), 9);
+  EXPECT_EQ(prom.Family("a_b"), nullptr);
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_sum: series h_sum{client=\"c\"} is h's\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_count: family h_count would hold "
+                              "histogram h's samples\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram h_bucket: family h_bucket would hold "
+                              "histogram h's samples\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram a.b: family a_b_sum would hold its "
+                              "samples\n"));
 }
 
 // Two label keys of one metric that export as one label name would repeat that label in the

@@ -181,7 +181,10 @@ class StatsRegistry {
   // "<name>_bucket{...,le="..."}" over kExportBucketBounds and +Inf, "<name>_sum" and
   // "<name>_count", plus (options.quantiles) a gauge family "<name>_quantile" with
   // quantile="0.5", "0.9", "0.99" and "0.999" over the histogram's whole lifetime. Characters
-  // not allowed in metric or label names become '_'; label values escape \\, \" and newline.
+  // not allowed in metric or label names become '_', and a label name starting with "__"
+  // (reserved by Prometheus) is exported as "exported___..."; label values escape \\, \" and
+  // newline. A metric that would break the scrape (a clashing series, a family named after a
+  // histogram's samples) is skipped and reported in a "# scales: skipped" comment line.
   struct PrometheusOptions {
     bool quantiles = true;
   };
