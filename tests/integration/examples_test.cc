@@ -2,8 +2,9 @@
 // ZooKeeper for the discovery example). Each example prints one line per style or step; the
 // tests check those lines and the exit code. Against servers that fail on cue they check that
 // a failed call in any style ends the example with exit code 1 and the error on stderr (not an
-// abort, not a silent exit 0), and that the custom sink's header is sent once per attempt
-// when the retry sink sends a request again.
+// abort, not a silent exit 0), that the custom sink's header is sent once per attempt
+// when the retry sink sends a request again, and that the ThriftMux example's client id and
+// deadline reach the server as Mux contexts.
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -33,6 +34,7 @@
 #include "Echo.h"
 #include "support/faulty_http_server.h"
 #include "support/fixtures.h"
+#include "support/mux_server_fixture.h"
 #include "support/zookeeper_fixture.h"
 
 namespace scales {
@@ -269,6 +271,35 @@ INSTANTIATE_TEST_SUITE_P(FailingCall, ExamplesThriftStylesTest, testing::Range(1
 TEST(ExamplesTest, ThriftMuxStylesRunsEveryStyle) {
   ExpectEchoStyles(SCALES_EXAMPLE_THRIFTMUX_STYLES, "thriftmux");
 }
+
+// What the example's comments promise the server sees: the client id (SetClientId) in the
+// ClientIdContext and the deadline (SetTimeout) in the Deadline context, on every call. The Mux
+// reference server logs the contexts of each Tdispatch.
+TEST(ExamplesTest, ThriftMuxStylesSendsClientIdAndDeadline) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  std::string out = RunExample(std::string(SCALES_EXAMPLE_THRIFTMUX_STYLES) + " tcp://" +
+                               server.endpoint() + " hello");
+  ExpectLines(out, {"blocking:  hello", "callback:  hello", "future:    hello", "coroutine: hello",
+                    "declared:  EchoError(on purpose)"});
+  auto dispatches = server.LogLinesWith({"recv Tdispatch"});
+  EXPECT_EQ(dispatches.size(), 5u) << server.Log();
+  EXPECT_EQ(server.LogLinesWith({"recv Tdispatch", "client_id=example-client", "deadline_ns="}).size(),
+            dispatches.size())
+      << server.Log();
+}
+
+// A server that answers the first call with an Rdispatch Error (no MuxFailure flags: not
+// retryable) fails the blocking call: the example reports it and exits with 1 ("The first call
+// that fails ends the program"), making no further call.
+TEST(ExamplesTest, ThriftMuxStylesFailedCallEndsTheExampleWithAnError) {
+  test::MuxReferenceServer server({"--mode", "finagle", "--fail-first", "1"});
+  std::string out = RunFailingExample(std::string(SCALES_EXAMPLE_THRIFTMUX_STYLES) + " tcp://" +
+                                      server.endpoint() + " hello");
+  EXPECT_EQ(out.find("hello"), std::string::npos) << out;
+  EXPECT_EQ(server.LogLinesWith({"recv Tdispatch"}).size(), 1u)
+      << "the example went on after the failed call\n"
+      << server.Log();
+}
 #endif
 
 #ifdef SCALES_EXAMPLE_ZOOKEEPER_DISCOVERY
@@ -281,6 +312,18 @@ TEST(ExamplesTest, ZooKeeperDiscoveryAnnouncesFindsAndCalls) {
   ExpectLines(
       out, {"announced: /services/web/member_", ("members:   [" + server.endpoint() + "]").c_str(),
             "call:      200", "withdrawn: []"});
+}
+
+// The Announcer refuses a URI that is not zk:// (kBadUri), so the example ends with exit code 1
+// and the reason on stderr, before any client exists (its comment: the dynamic_cast to
+// ZooKeeperServerSet therefore cannot fail). Needs no ZooKeeper.
+TEST(ExamplesTest, ZooKeeperDiscoveryRefusesANonZooKeeperUri) {
+  Ran ran = Execute(std::string(SCALES_EXAMPLE_ZOOKEEPER_DISCOVERY) +
+                    " tcp://127.0.0.1:1/services/web 127.0.0.1:1 /");
+  EXPECT_TRUE(WIFEXITED(ran.status) && WEXITSTATUS(ran.status) == 1) << ran.status << "\n" << ran.err;
+  EXPECT_NE(ran.err.find("error: bad URI"), std::string::npos) << ran.err;
+  EXPECT_NE(ran.err.find("not a zk:// URI"), std::string::npos) << ran.err;
+  EXPECT_EQ(ran.out, "");
 }
 #endif
 
