@@ -35,6 +35,7 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "scales/http/client.h"
+#include "scales/http/transport.h"
 #include "scales/loadbalancer/balancers.h"
 #include "scales/admin/admin_server.h"
 #include "scales/stats/stats.h"
@@ -73,7 +74,8 @@ constexpr long long kMaxThreads = 1024;
 // The longest schedule an open loop may have (N calls at R/s span (N - 1) / R), as --duration.
 constexpr double kMaxScheduleSeconds = kMaxDurationNs / 1e9;
 
-int Usage(const std::string& problem) {
+// The usage, after `problem`: on stderr, exit status 2; on stdout (--help), 0.
+int Usage(const std::string& problem, std::FILE* out = stderr) {
   if (!problem.empty()) std::fprintf(stderr, "scales bench: %s\n", problem.c_str());
   std::fputs(
       "usage: scales bench http URI --path PATH --concurrency N (--requests N | --duration 10s)\n"
@@ -98,8 +100,8 @@ int Usage(const std::string& problem) {
       "                 (RuntimeOptions::busy_poll; default 0, off)\n"
       "       --admin-port: serve /metrics, /admin/metrics.json and /admin/clients on\n"
       "                     127.0.0.1:P while the run lasts (0 = any free port)\n",
-      stderr);
-  return 2;
+      out);
+  return out == stdout ? 0 : 2;
 }
 
 // Whether `s` is an HTTP token (RFC 9110 5.6.2), which a method must be.
@@ -117,10 +119,20 @@ bool IsHttpToken(std::string_view s) {
 
 int RunBenchCommand(int argc, char** argv) {
   // argv[0] == "bench"
-  if (argc < 3) return Usage("missing arguments");
+  for (int i = 1; i < argc && i < 3; ++i) {
+    if (IsHelp(argv[i])) return Usage("", stdout);
+  }
+  if (argc < 2 || std::string_view(argv[1]).starts_with("-")) {
+    return Usage(fmt::format("missing the protocol (http, thrift or thriftmux){}",
+                             argc < 2 ? "" : fmt::format(" before option '{}'", argv[1])));
+  }
   const std::string protocol = argv[1];
   if (protocol != "http" && protocol != "thrift" && protocol != "thriftmux") {
     return Usage(fmt::format("unknown protocol '{}' (supported: http, thrift, thriftmux)", argv[1]));
+  }
+  // An option where the URI belongs ("bench http --requests 5") is not a URI.
+  if (argc < 3 || std::string_view(argv[2]).starts_with("-")) {
+    return Usage(argc < 3 ? "missing URI" : fmt::format("missing URI before option '{}'", argv[2]));
   }
   const bool is_thrift = protocol == "thrift" || protocol == "thriftmux";
   std::string uri = argv[2];
@@ -151,14 +163,15 @@ int RunBenchCommand(int argc, char** argv) {
                                   : arg == "-n" ? "--requests"
                                   : arg == "-d" ? "--duration"
                                                 : arg;
+    if (IsHelp(arg)) return Usage("", stdout);
     if (name.starts_with("--") && !given.insert(name).second) return Usage(fmt::format("{} given twice", name));
     if (arg == "--path" && !is_thrift) {
       const char* v = next();
-      if (!v) return Usage("--path needs a value");
+      if (MissingValue(v)) return Usage(fmt::format("--path needs a value{}", v ? fmt::format(" (got option '{}')", v) : ""));
       path = v;
     } else if (arg == "--method") {
       const char* v = next();
-      if (!v) return Usage("--method needs a value");
+      if (MissingValue(v)) return Usage(fmt::format("--method needs a value{}", v ? fmt::format(" (got option '{}')", v) : ""));
       method = v;
     } else if (arg == "--data" && !is_thrift) {
       const char* v = next();
@@ -202,15 +215,17 @@ int RunBenchCommand(int argc, char** argv) {
       concurrency_given = true;
     } else if (arg == "--rate" || arg == "-R") {
       const char* v = next();
-      char* end = nullptr;
-      double r = v ? std::strtod(v, &end) : 0;
-      if (!v || end == v || *end != '\0' || !(r > 0) || r > 1e7) {
+      const double r = v ? ParseNumber(v).value_or(0) : 0;
+      if (!(r > 0) || r > 1e7) {
         return Usage("--rate needs a request rate per second, such as 500 or 0.5 (at most 1e7)");
       }
       limits.rate = r;
     } else if (arg == "--report") {
       const char* v = next();
-      if (!v || !*v) return Usage("--report needs a file name, such as report.html");
+      if (MissingValue(v) || !*v) {
+        return Usage(fmt::format("--report needs a file name, such as report.html{}",
+                                 v && *v ? fmt::format(" (got option '{}')", v) : ""));
+      }
       report_path = v;
     } else if (arg == "--progress" || arg == "--no-progress") {
       // Each is given once; the two together would silently keep the last.
@@ -239,8 +254,10 @@ int RunBenchCommand(int argc, char** argv) {
     } else if (arg == "--busy-poll") {
       const char* v = next();
       auto d = v ? ParseDuration(v) : std::nullopt;
-      if (!d || *d < Duration::zero() || *d > std::chrono::seconds(1)) {
-        return Usage("--busy-poll needs a duration from 0 to 1s, such as 50us");
+      // RuntimeOptions::busy_poll is in microseconds: 500ns would silently be 0, off.
+      if (!d || *d < Duration::zero() || *d > std::chrono::seconds(1) ||
+          (*d > Duration::zero() && *d < std::chrono::microseconds(1))) {
+        return Usage("--busy-poll needs a duration from 0 to 1s, such as 50us (0: off; else at least 1us)");
       }
       busy_poll = std::chrono::duration_cast<std::chrono::microseconds>(*d);
     } else if (arg == "--balancer") {
@@ -287,7 +304,17 @@ int RunBenchCommand(int argc, char** argv) {
   if (limits.rate && limits.requests && static_cast<double>(*limits.requests - 1) / *limits.rate > kMaxScheduleSeconds) {
     return Usage(fmt::format("--requests {} at --rate {:g} would last over 365 days", *limits.requests, *limits.rate));
   }
-  if (path.empty() || path.front() != '/') path.insert(0, "/");
+  // As the client's verbs and `scales http`: "*" and an absolute-form target go as given.
+  if (path.empty() || (path.front() != '/' && path != "*" && !http::internal::IsAbsoluteFormTarget(path))) {
+    path.insert(0, "/");
+  }
+  // Every call of the run would fail with it (kInvalidArgument), as with a bad --method.
+  if (auto bad = std::find_if(path.begin(), path.end(), [](char c) { return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f; });
+      bad != path.end()) {
+    return Usage(fmt::format("--path has a space or control character (byte {:#04x}): not a request target; "
+                             "percent-encode it (%20 for a space)",
+                             static_cast<int>(static_cast<unsigned char>(*bad))));
+  }
   if (limits.rate && !concurrency_given) limits.concurrency = 1000;
   if (limits.concurrency > 100000) return Usage("--concurrency is at most 100000");
   if (!progress) progress = isatty(STDERR_FILENO) == 1;

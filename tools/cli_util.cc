@@ -42,7 +42,13 @@ std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text) {
 
 std::optional<long long> ParseIntInRange(std::string_view text, long long min, long long max) {
   std::string s(text);
-  if (s.empty() || std::isspace(static_cast<unsigned char>(s[0]))) return std::nullopt;
+  // Plain decimal digits, with a '-' only where negatives are allowed: strtoll also takes
+  // leading spaces, a '+' and "-0".
+  const size_t digits = min < 0 && s.starts_with('-') ? 1 : 0;
+  if (s.size() == digits) return std::nullopt;
+  for (size_t i = digits; i < s.size(); ++i) {
+    if (!std::isdigit(static_cast<unsigned char>(s[i]))) return std::nullopt;
+  }
   errno = 0;
   char* end = nullptr;
   const long long v = std::strtoll(s.c_str(), &end, 10);
@@ -52,7 +58,26 @@ std::optional<long long> ParseIntInRange(std::string_view text, long long min, l
 
 std::optional<double> ParseNumber(std::string_view text) {
   std::string s(text);
-  if (s.empty() || std::isspace(static_cast<unsigned char>(s[0]))) return std::nullopt;
+  // Plain decimal (digits, a '.', an exponent: "5", "0.5", ".5", "1e6"): strtod also takes
+  // leading spaces, a sign, hex ("0x10"), "inf" and "nan".
+  size_t i = 0, mantissa_digits = 0;
+  auto digits = [&] {
+    size_t n = 0;
+    for (; i < s.size() && std::isdigit(static_cast<unsigned char>(s[i])); ++i) ++n;
+    return n;
+  };
+  mantissa_digits += digits();
+  if (i < s.size() && s[i] == '.') {
+    ++i;
+    mantissa_digits += digits();
+  }
+  if (mantissa_digits == 0) return std::nullopt;
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    ++i;
+    if (i < s.size() && (s[i] == '+' || s[i] == '-')) ++i;
+    if (digits() == 0) return std::nullopt;
+  }
+  if (i != s.size()) return std::nullopt;
   char* end = nullptr;
   const double v = std::strtod(s.c_str(), &end);
   if (end != s.c_str() + s.size() || !std::isfinite(v)) return std::nullopt;

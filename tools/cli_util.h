@@ -18,11 +18,20 @@ std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text);
 // Parses a positive decimal integer; nullopt if not one.
 std::optional<long long> ParsePositiveInt(std::string_view text);
 
-// Parses a whole decimal integer in [min, max]; nullopt for anything else ("9090x", "", "abc").
+// Parses a whole decimal integer in [min, max]; nullopt for anything else ("9090x", "", "abc",
+// "+5", " 5"; a '-' only when min < 0).
 std::optional<long long> ParseIntInRange(std::string_view text, long long min, long long max);
 
-// Parses a whole finite decimal number ("5", "2.5"); nullopt for anything else ("5x", "").
+// Parses a finite decimal number ("5", "2.5", ".5", "1e6"); nullopt for anything else ("5x", "",
+// " 5", "+5", "0x10", "inf", "nan", "1e999").
 std::optional<double> ParseNumber(std::string_view text);
+
+// Whether `arg` asks for a command's usage: "-h" or "--help" (printed on stdout, exit 0).
+inline bool IsHelp(std::string_view arg) { return arg == "-h" || arg == "--help"; }
+
+// Whether an option's value is missing: none left, or another option in its place ("--report
+// --json" would write the report to a file named --json, and print text).
+inline bool MissingValue(const char* value) { return value == nullptr || std::string_view(value).starts_with("--"); }
 
 // Escapes a string for inclusion in JSON.
 std::string JsonEscape(std::string_view s);

@@ -216,10 +216,11 @@ void PrintSummary(const std::vector<Outcome>& outcomes) {
   }
 }
 
-int Usage(const std::string& problem) {
-  std::fprintf(stderr, "scales demo: %s\nusage: scales demo [--seconds S] [--rate R] [--report FILE.html]\n",
-               problem.c_str());
-  return 2;
+// The usage, after `problem`: on stderr, exit status 2; on stdout (--help), 0.
+int Usage(const std::string& problem, std::FILE* out = stderr) {
+  if (!problem.empty()) std::fprintf(stderr, "scales demo: %s\n", problem.c_str());
+  std::fputs("usage: scales demo [--seconds S] [--rate R] [--report FILE.html]\n", out);
+  return out == stdout ? 0 : 2;
 }
 
 }  // namespace
@@ -232,6 +233,7 @@ int RunDemoCommand(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
+    if (IsHelp(arg)) return Usage("", stdout);
     if (arg.starts_with("--") && !given.insert(arg).second) return Usage(fmt::format("{} given twice", arg));
     if (arg == "--seconds" && v) {
       seconds = ParseNumber(v).value_or(-1);
@@ -239,7 +241,7 @@ int RunDemoCommand(int argc, char** argv) {
     } else if (arg == "--rate" && v) {
       rate = ParseNumber(v).value_or(-1);
       if (!(rate >= 10 && rate <= 100000)) return Usage("--rate is 10 to 100000 requests/s");
-    } else if (arg == "--report" && v) {
+    } else if (arg == "--report" && !MissingValue(v)) {
       report_path = v;
     } else {
       return Usage(fmt::format("unknown option or missing value: '{}'", arg));

@@ -11,24 +11,33 @@
 #include "cli_util.h"
 #include "commands.h"
 #include "scales/http/client.h"
+#include "scales/http/transport.h"
 
 namespace scales::tools {
 namespace {
 
-int Usage(const std::string& problem) {
+// The usage, after `problem`: on stderr, exit status 2; on stdout (--help), 0.
+int Usage(const std::string& problem, std::FILE* out = stderr) {
   if (!problem.empty()) std::fprintf(stderr, "scales http: %s\n", problem.c_str());
   std::fputs(
       "usage: scales http get|post|put|delete|patch|head|options URI PATH\n"
       "                   [-H 'Name: value']... [--data TEXT] [--timeout 2s] [--include]\n",
-      stderr);
-  return 2;
+      out);
+  return out == stdout ? 0 : 2;
 }
 
 }  // namespace
 
 int RunHttpCommand(int argc, char** argv) {
   // argv[0] == "http"
-  if (argc < 4) return Usage("missing arguments");
+  // The method, URI and PATH come first: an option in their place means one is missing (it was
+  // taken as the PATH, its value reported as an unknown option).
+  static constexpr const char* kPositional[] = {"", "method", "URI", "PATH"};
+  for (int i = 1; i < 4; ++i) {
+    if (i < argc && IsHelp(argv[i])) return Usage("", stdout);
+    if (i >= argc) return Usage(fmt::format("missing {}", kPositional[i]));
+    if (argv[i][0] == '-') return Usage(fmt::format("missing {} before option '{}'", kPositional[i], argv[i]));
+  }
   std::string method(argv[1]);
   for (char& c : method) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   static constexpr std::string_view kMethods[] = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"};
@@ -40,13 +49,19 @@ int RunHttpCommand(int argc, char** argv) {
   request.method = method;
   std::string uri = argv[2];
   request.target = argv[3];
-  // (Not insert(0, "/"): g++ 12 warns about it with -Warray-bounds, wrongly.)
-  if (request.target.empty() || request.target.front() != '/') request.target = "/" + request.target;
+  // A relative path gets its '/'; "*" and an absolute-form target go as given, as the client's
+  // verbs send them ("OPTIONS /*" would be another resource). (Not insert(0, "/"): g++ 12 warns
+  // about it with -Warray-bounds, wrongly.)
+  if (request.target.empty() || (request.target.front() != '/' && request.target != "*" &&
+                                 !http::internal::IsAbsoluteFormTarget(request.target))) {
+    request.target = "/" + request.target;
+  }
   bool include = false;
   Duration timeout = std::chrono::seconds(10);
   std::set<std::string_view> given;  // each option but -H once: a second value would silently win
   for (int i = 4; i < argc; ++i) {
     std::string_view arg = argv[i];
+    if (IsHelp(arg)) return Usage("", stdout);
     const std::string_view option = arg == "-d" ? "--data" : arg == "-i" ? "--include" : arg;
     if (option.starts_with("--") && option != "--header" && !given.insert(option).second) {
       return Usage(fmt::format("{} given twice", option));

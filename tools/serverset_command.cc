@@ -55,10 +55,11 @@ std::string MissingPathText(const ParsedUri& uri, const std::string& uri_text) {
                      RedactUriSecrets(uri_text));
 }
 
-int Usage(const std::string& problem) {
+// The usage, after `problem`: on stderr, exit status 2; on stdout (--help), 0.
+int Usage(const std::string& problem, std::FILE* out = stderr) {
   if (!problem.empty()) std::fprintf(stderr, "scales serverset: %s\n", problem.c_str());
-  std::fputs("usage: scales serverset URI [--watch] [--timeout 10s]\n", stderr);
-  return 2;
+  std::fputs("usage: scales serverset URI [--watch] [--timeout 10s]\n", out);
+  return out == stdout ? 0 : 2;
 }
 
 }  // namespace
@@ -78,9 +79,8 @@ int RunServerSetCommand(int argc, char** argv) {
       auto d = i + 1 < argc ? ParseDuration(argv[++i]) : std::nullopt;
       if (!d || d->count() <= 0) return Usage("--timeout needs a positive duration (e.g. 5s)");
       timeout = *d;
-    } else if (arg == "-h" || arg == "--help") {
-      Usage("");
-      return 0;
+    } else if (IsHelp(arg)) {
+      return Usage("", stdout);
     } else if (arg.starts_with("--") || !uri_text.empty()) {
       return Usage(fmt::format("unexpected argument '{}'", arg));
     } else {

@@ -24,14 +24,15 @@
 namespace scales::tools {
 namespace {
 
-int Usage(const std::string& problem) {
+// The usage, after `problem`: on stderr, exit status 2; on stdout (--help), 0.
+int Usage(const std::string& problem, std::FILE* out = stderr) {
   if (!problem.empty()) std::fprintf(stderr, "scales thrift: %s\n", problem.c_str());
   std::fputs(
       "usage: scales thrift call URI echo|ping|fail|sleep [ARG] [--timeout 2s] [--client-id ID]\n"
       "                          [--protocol binary|compact] [--transport framed|buffered]\n"
       "       scales thriftmux call URI echo|ping|fail|sleep [ARG] [--timeout 2s] [--client-id ID]\n",
-      stderr);
-  return 2;
+      out);
+  return out == stdout ? 0 : 2;
 }
 
 }  // namespace
@@ -39,7 +40,13 @@ int Usage(const std::string& problem) {
 int RunThriftCommand(int argc, char** argv) {
   // argv[0] == "thrift" or "thriftmux" (the same Echo calls over a ThriftMux stack)
   const bool mux = std::string_view(argv[0]) == "thriftmux";
-  if (argc < 4) return Usage("missing arguments");
+  // "call", the URI and the method come first: an option in their place means one is missing.
+  static constexpr const char* kPositional[] = {"", "sub-command (call)", "URI", "method (echo, ping, fail, sleep)"};
+  for (int i = 1; i < 4; ++i) {
+    if (i < argc && IsHelp(argv[i])) return Usage("", stdout);
+    if (i >= argc) return Usage(fmt::format("missing {}", kPositional[i]));
+    if (argv[i][0] == '-') return Usage(fmt::format("missing {} before option '{}'", kPositional[i], argv[i]));
+  }
   if (std::string_view(argv[1]) != "call") return Usage(fmt::format("unknown sub-command '{}'", argv[1]));
   const std::string uri = argv[2];
   const std::string method = argv[3];
@@ -50,6 +57,7 @@ int RunThriftCommand(int argc, char** argv) {
   std::set<std::string_view> given;  // each option once: a second value would silently win
   for (int i = 4; i < argc; ++i) {
     std::string_view a = argv[i];
+    if (IsHelp(a)) return Usage("", stdout);
     if (a.starts_with("--") && !given.insert(a).second) return Usage(fmt::format("{} given twice", a));
     auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
     if (a == "--timeout") {
@@ -60,7 +68,7 @@ int RunThriftCommand(int argc, char** argv) {
       options.client.open_timeout = *d;  // the whole command, as `scales http`: zk:// may not answer
     } else if (a == "--client-id") {
       const char* v = next();
-      if (!v) return Usage("--client-id needs a value");
+      if (MissingValue(v)) return Usage(fmt::format("--client-id needs a value{}", v ? fmt::format(" (got option '{}')", v) : ""));
       options.client_id = v;
     } else if ((a == "--protocol" || a == "--transport") && mux) {
       return Usage("ThriftMux always carries binary Thrift in Mux frames: --protocol and --transport do not apply");

@@ -1,13 +1,18 @@
 // The `scales` command-line tool against real servers: exit statuses, the bench report (text,
 // JSON, HTML), open-loop load and the progress line.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <mutex>
 #include <thread>
 #include <cstdio>
 #include <filesystem>
@@ -116,6 +121,85 @@ TEST(CliTest, HttpGetExitStatus) {
   EXPECT_EQ(refused.exit_code, 2);
   Result bad_uri = RunTool("http get tcp://nope /");
   EXPECT_EQ(bad_uri.exit_code, 2);
+}
+
+// A raw HTTP peer on 127.0.0.1 that records the request line of each request it gets (one per
+// connection) and answers it `200 OK` with `Connection: close`: what the client sent, verbatim.
+class RequestLinePeer {
+ public:
+  RequestLinePeer() {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (fd_ < 0 || bind(fd_, reinterpret_cast<sockaddr*>(&addr), len) != 0 || listen(fd_, 16) != 0 ||
+        getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      throw std::runtime_error("RequestLinePeer: cannot listen");
+    }
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~RequestLinePeer() {
+    stop_ = true;
+    shutdown(fd_, SHUT_RDWR);  // wakes accept()
+    thread_.join();
+    close(fd_);
+  }
+  std::string uri() const { return "tcp://127.0.0.1:" + std::to_string(port_); }
+  std::vector<std::string> lines() const {
+    std::lock_guard lock(mu_);
+    return lines_;
+  }
+
+ private:
+  void Serve() {
+    // A thread per connection: a client may open one it does not use (yet).
+    std::vector<std::thread> connections;
+    while (!stop_) {
+      int c = accept(fd_, nullptr, nullptr);
+      if (c >= 0) connections.emplace_back([this, c] { Answer(c); });
+    }
+    for (auto& t : connections) t.join();
+  }
+  void Answer(int c) {
+    timeval five{5, 0};
+    setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &five, sizeof five);
+    std::string got;
+    char buf[4096];
+    ssize_t n;
+    while (got.find("\r\n\r\n") == std::string::npos && (n = read(c, buf, sizeof buf)) > 0) got.append(buf, n);
+    if (!got.empty()) {
+      std::lock_guard lock(mu_);
+      lines_.push_back(got.substr(0, got.find("\r\n")));
+    }
+    const std::string answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+    (void)!write(c, answer.data(), answer.size());
+    close(c);
+  }
+
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  mutable std::mutex mu_;
+  std::vector<std::string> lines_;
+  std::thread thread_;
+};
+
+// The tool sends "*" and an absolute-form target as given, as the client's verbs do
+// (HttpClient::Make): it made "OPTIONS *" an "OPTIONS /*", another resource.
+TEST(CliTest, HttpSendsAsteriskAndAbsoluteTargetsAsGiven) {
+  RequestLinePeer peer;
+  for (auto [args, line] : std::vector<std::pair<std::string, std::string>>{
+           {"http options " + peer.uri() + " '*'", "OPTIONS * HTTP/1.1"},
+           {"http get " + peer.uri() + " http://example.test/x?y=1", "GET http://example.test/x?y=1 HTTP/1.1"},
+           {"http get " + peer.uri() + " users", "GET /users HTTP/1.1"},
+           {"bench http " + peer.uri() + " --method OPTIONS --path '*' --requests 1", "OPTIONS * HTTP/1.1"}}) {
+    Result r = RunTool(args, "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.out;
+    auto lines = peer.lines();
+    EXPECT_TRUE(!lines.empty() && lines.back() == line) << args << "\n" << (lines.empty() ? "(none)" : lines.back());
+  }
 }
 
 TEST(CliTest, BenchJsonReportCountsEveryRequestOnce) {
@@ -293,6 +377,25 @@ TEST(CliTest, BenchRefusesAMethodThatIsNotOne) {
   Result custom = RunTool("bench http tcp://" + server.endpoint() + " --method PURGE --requests 2", "2>&1");
   EXPECT_EQ(custom.exit_code, 1) << custom.out;
   EXPECT_NE(custom.out.find("for PURGE /"), std::string::npos) << custom.out;
+}
+
+// A --path that is not a request target (a space, a control character) failed every call of the
+// run (kInvalidArgument from the transport, exit 1), as a bad --method did: a usage error now.
+TEST(CliTest, BenchRefusesAPathThatIsNotATarget) {
+  test::TestHttpServer server("path");
+  const std::string uri = "tcp://" + server.endpoint();
+  // (popen's sh is dash: printf makes the control characters.)
+  for (const char* path : {"'/a b'", "'a b'", "\"$(printf '/a\\tb')\"", "\"$(printf '/a\\177')\"",
+                           "\"$(printf '/\\r\\nX-Injected: 1')\""}) {
+    Result bad = RunTool("bench http " + uri + " --path " + path + " --requests 2", "2>&1");
+    EXPECT_EQ(bad.exit_code, 2) << path << "\n" << bad.out;
+    EXPECT_NE(bad.out.find("--path has a space or control character"), std::string::npos) << path << "\n" << bad.out;
+    EXPECT_EQ(bad.out.find("succeeded "), std::string::npos) << path << ": no run, no report\n" << bad.out;
+  }
+  // Percent-encoded, the same path is sent (and answered).
+  Result encoded = RunTool("bench http " + uri + " --path /a%20b --requests 2", "2>&1");
+  EXPECT_EQ(encoded.exit_code, 0) << encoded.out;
+  EXPECT_NE(encoded.out.find("succeeded     2"), std::string::npos) << encoded.out;
 }
 
 // The wait status of `child` once it exits within `limit` (nullopt if it did not: then killed).
@@ -638,6 +741,10 @@ TEST(CliTest, BenchUsageErrors) {
   EXPECT_EQ(loops.exit_code, 2);
   EXPECT_NE(loops.out.find("cannot start 1000 event loops"), std::string::npos) << loops.out;
 #endif
+  // A busy poll below the runtime's unit (1 us) was silently off.
+  Result spin = RunTool("bench http tcp://127.0.0.1:1 --requests 1 --busy-poll 500ns", "2>&1");
+  EXPECT_EQ(spin.exit_code, 2) << spin.out;
+  EXPECT_NE(spin.out.find("at least 1us"), std::string::npos) << spin.out;
   Result schedule = RunTool("bench http tcp://127.0.0.1:1 --requests 2 --rate 1e-12", "2>&1", "timeout -k 5 20");
   EXPECT_EQ(schedule.exit_code, 2);
   EXPECT_NE(schedule.out.find("365 days"), std::string::npos) << schedule.out;
@@ -678,6 +785,99 @@ TEST(CliTest, BenchUsageErrors) {
   EXPECT_EQ(bad_uri.exit_code, 2) << bad_uri.out;
   EXPECT_NE(bad_uri.out.find("out of range"), std::string::npos) << bad_uri.out;
   EXPECT_EQ(previous.Read(), "the previous report");
+}
+
+// Every command and sub-command prints its usage on --help or -h, on stdout, with exit status 0
+// and without opening anything. Only `scales serverset` and the test servers took it: `scales http
+// get URI --help` requested /--help, the others called it an unknown option or a missing value.
+TEST(CliTest, EveryCommandPrintsItsUsageOnHelp) {
+  const std::string nowhere = "tcp://127.0.0.1:" + std::to_string(test::FreeTcpPort());
+  for (auto [args, usage] : std::vector<std::pair<std::string, std::string>>{
+           {"--help", "usage: scales <command>"},
+           {"http --help", "usage: scales http"},
+           {"http -h", "usage: scales http"},
+           {"http get --help", "usage: scales http"},
+           {"http get " + nowhere + " --help", "usage: scales http"},
+           {"http post " + nowhere + " / --data x -h", "usage: scales http"},
+           {"thrift --help", "usage: scales thrift"},
+           {"thrift call --help", "usage: scales thrift"},
+           {"thrift call " + nowhere + " -h", "usage: scales thrift"},
+           {"thrift call " + nowhere + " echo --help", "usage: scales thrift"},
+           {"thriftmux call " + nowhere + " ping --timeout 1s --help", "scales thriftmux call"},
+           {"bench --help", "usage: scales bench"},
+           {"bench http --help", "usage: scales bench"},
+           {"bench http " + nowhere + " --help", "usage: scales bench"},
+           {"bench thrift " + nowhere + " --requests 1 -h", "usage: scales bench"},
+           {"bench thriftmux " + nowhere + " --help", "usage: scales bench"},
+           {"serverset --help", "usage: scales serverset"},
+           {"serverset " + nowhere + " -h", "usage: scales serverset"},
+           {"demo --help", "usage: scales demo"},
+           {"demo -h", "usage: scales demo"},
+           {"testserver --help", "usage: scales testserver"},
+           {"testserver http --help", "usage: scales testserver http"},
+           {"testserver thrift --help", "usage: scales testserver thrift"},
+           {"testserver thriftmux -h", "usage: scales testserver thriftmux"}}) {
+    Result help = RunTool(args, "2>/dev/null", "timeout -k 5 20");
+    EXPECT_EQ(help.exit_code, 0) << args << "\n" << help.out;
+    EXPECT_NE(help.out.find(usage), std::string::npos) << args << "\n" << help.out;
+  }
+}
+
+// An option where a positional argument or a value belongs is reported as the one it stands for:
+// `scales http get URI --timeout 1s` took --timeout as the PATH and said "unknown option '1s'";
+// `--path --json` ran the load on /--json, with a text report; `--report --json` wrote the
+// page to a file named --json; `--client-id --timeout 1s` echoed "1s" with the default timeout.
+TEST(CliTest, AnOptionWhereAnArgumentBelongsNamesTheMissingOne) {
+  const std::string in_tmp = "cd " + std::filesystem::temp_directory_path().string() + " && timeout -k 5 20";
+  for (auto [args, message] : std::vector<std::pair<std::string, std::string>>{
+           {"http get tcp://127.0.0.1:1 --timeout 1s", "missing PATH before option '--timeout'"},
+           {"http get tcp://127.0.0.1:1", "missing PATH"},
+           {"http get --timeout 1s /", "missing URI before option '--timeout'"},
+           {"http", "missing method"},
+           {"thrift call tcp://127.0.0.1:1 --timeout 1s", "missing method (echo, ping, fail, sleep) before option '--timeout'"},
+           {"thriftmux call --client-id x tcp://127.0.0.1:1 ping", "missing URI before option '--client-id'"},
+           {"bench http --requests 5", "missing URI before option '--requests'"},
+           {"bench --requests 5", "missing the protocol (http, thrift or thriftmux) before option '--requests'"},
+           {"bench http tcp://127.0.0.1:1 --requests 1 --path --json", "--path needs a value (got option '--json')"},
+           {"bench http tcp://127.0.0.1:1 --requests 1 --method --json", "--method needs a value (got option '--json')"},
+           {"bench http tcp://127.0.0.1:1 --requests 1 --report --json",
+            "--report needs a file name, such as report.html (got option '--json')"},
+           {"thrift call tcp://127.0.0.1:1 echo --client-id --timeout 1s", "--client-id needs a value (got option '--timeout')"},
+           {"demo --report --seconds 5", "missing value: '--report'"}}) {
+    Result r = RunTool(args, "2>&1", in_tmp);
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(message), std::string::npos) << args << "\n" << r.out;
+  }
+  std::filesystem::remove(std::filesystem::temp_directory_path() / "--json");
+}
+
+// Numbers are plain decimal. --rate (strtod) took hex ("0x10": 16/s), leading spaces and a '+',
+// the demo's --seconds and --rate and `thrift call ... sleep` (strtoll) a '+' or "-0" too.
+TEST(CliTest, NumbersArePlainDecimal) {
+  for (const char* rate : {"0x10", "' 5'", "+5", "0x1p4", "inf", "nan", "1e999", "5.5.5", "'5 '", "''", "."}) {
+    Result r = RunTool(std::string("bench http tcp://127.0.0.1:1 --requests 1 --rate ") + rate, "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(r.exit_code, 2) << rate << "\n" << r.out;
+    EXPECT_NE(r.out.find("--rate needs a request rate per second"), std::string::npos) << rate << "\n" << r.out;
+  }
+  // (The unwritable report would stop the demo before it starts anything, were --rate taken.)
+  for (const char* args : {"--rate 0x10", "--rate ' 20'", "--rate +20", "--seconds 0x5", "--seconds +5"}) {
+    Result r = RunTool(std::string("demo ") + args + " --report /nonexistent-dir/d.html", "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(std::string(args).starts_with("--rate") ? "--rate is 10 to 100000" : "--seconds is 3 to 600"),
+              std::string::npos)
+        << args << "\n" << r.out;
+  }
+  for (const char* millis : {"+5", "-0", "' 5'"}) {
+    Result r = RunTool(std::string("thrift call tcp://127.0.0.1:1 sleep ") + millis, "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(r.exit_code, 2) << millis << "\n" << r.out;
+    EXPECT_NE(r.out.find("sleep needs a number of milliseconds"), std::string::npos) << millis << "\n" << r.out;
+  }
+  // What stays: decimals, fractions and exponents.
+  test::TestHttpServer server("numbers");
+  for (const char* rate : {"1000", "1e3", "2.5e2", ".5e3"}) {
+    Result ok = RunTool("bench http tcp://" + server.endpoint() + " --requests 2 --rate " + rate, "2>&1");
+    EXPECT_EQ(ok.exit_code, 0) << rate << "\n" << ok.out;
+  }
 }
 
 }  // namespace
