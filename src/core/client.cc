@@ -10,6 +10,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "core/duration_text.h"
 #include "scales/core/error.h"
 #include "scales/discovery/uri.h"
 #include "scales/discovery/zookeeper.h"
@@ -140,8 +141,8 @@ void ClientCore::OpenAndWait() {
   const Duration wait = std::min<Duration>(options_.open_timeout, std::chrono::hours(24 * 365 * 100));
   if (result.wait_for(wait) != std::future_status::ready) {
     throw Error(make_error_code(Errc::kOpenTimeout),
-                fmt::format("client {} did not open within {} ms (server set {})", options_.name,
-                            std::chrono::duration_cast<std::chrono::milliseconds>(options_.open_timeout).count(),
+                fmt::format("client {} did not open within {} (server set {})", options_.name,
+                            DurationText(options_.open_timeout),
                             server_set_->Describe()));
   }
   if (error_code ec = result.get()) {

@@ -2,6 +2,9 @@
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <fmt/format.h>
+
+#include "core/duration_text.h"
 
 namespace scales {
 namespace {
@@ -158,6 +161,23 @@ void ManualClock::Advance(Duration d) {
 size_t ManualClock::armed_alarms() const {
   std::lock_guard lock(mu_);
   return alarms_.size();
+}
+
+std::string DurationText(Duration d) {
+  using std::chrono::milliseconds;
+  if (d < Duration::zero()) {
+    // -Duration::min() would overflow: one nanosecond more is the same text for any reader.
+    return "-" + DurationText(d == Duration::min() ? Duration::max() : -d);
+  }
+  const int64_t ns = std::chrono::nanoseconds(d).count();
+  if (ns % 1'000'000 == 0) return fmt::format("{} ms", ns / 1'000'000);
+  if (d < milliseconds(1)) {
+    return ns % 1000 == 0 ? fmt::format("{} us", ns / 1000) : fmt::format("{} ns", ns);
+  }
+  // Milliseconds with up to six decimals, trailing zeros dropped: "1.5 ms", "2.000001 ms".
+  std::string frac = fmt::format("{:06}", ns % 1'000'000);
+  while (frac.back() == '0') frac.pop_back();
+  return fmt::format("{}.{} ms", ns / 1'000'000, frac);
 }
 
 }  // namespace scales

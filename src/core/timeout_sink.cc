@@ -4,22 +4,19 @@
 
 #include <fmt/format.h>
 
+#include "core/duration_text.h"
 #include "scales/core/runtime.h"
 
 namespace scales {
 namespace {
 
-long long Millis(Duration d) {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
-}
-
 std::string TimeoutDetail(const MethodCallMessage& msg, std::string_view below) {
   const auto& p = msg.properties;
-  long long budget = p.deadline ? Millis(*p.deadline - p.start) : 0;
+  const Duration budget = p.deadline ? *p.deadline - p.start : Duration::zero();
   std::string where = p.endpoint.empty() ? std::string("before an endpoint was chosen")
                                          : fmt::format("to {}", p.endpoint);
-  std::string s = fmt::format("{} request {} timed out after {} ms (deadline)",
-                              msg.method.empty() ? "the" : msg.method, where, budget);
+  std::string s = fmt::format("{} request {} timed out after {} (deadline)",
+                              msg.method.empty() ? "the" : msg.method, where, DurationText(budget));
   if (p.retries > 0) s += fmt::format(", attempt {}", p.retries + 1);
   if (!below.empty()) s += fmt::format(": {}", below);
   return s;

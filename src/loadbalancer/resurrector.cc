@@ -7,6 +7,7 @@
 
 #include <boost/asio/post.hpp>
 
+#include "core/duration_text.h"
 #include "scales/core/runtime.h"
 #include "scales/core/sink_stack.h"
 
@@ -92,13 +93,12 @@ void ResurrectorSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& m
   }
   if (down_) {
     failed_fast_.Increment();
-    auto since = std::chrono::duration_cast<std::chrono::milliseconds>(loop_.Now() - down_since_);
     auto m = MethodReturnMessage::Failure(
         make_error_code(Errc::kFailedFast),
-        fmt::format("endpoint {} is marked down ({} ms ago, after: {}); reconnecting with backoff, "
-                    "next attempt within {} ms",
-                    address_, since.count(), last_error_.detail,
-                    std::chrono::duration_cast<std::chrono::milliseconds>(backoff_).count()));
+        fmt::format("endpoint {} is marked down ({} ago, after: {}); reconnecting with backoff, "
+                    "next attempt within {}",
+                    address_, DurationText(loop_.Now() - down_since_), last_error_.detail,
+                    DurationText(backoff_)));
     stack.AsyncProcessResponse(stream, m);
     return;
   }

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "core/duration_text.h"
 #include "scales/core/runtime.h"
 #include "scales/core/sink_stack.h"
 
@@ -16,7 +17,6 @@ namespace {
 using std::chrono::duration_cast;
 using std::chrono::microseconds;
 
-long long Millis(Duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
 
 RetryBudgetOptions BudgetOptions(const BackupRequestOptions& o) {
   RetryBudgetOptions b;
@@ -38,17 +38,17 @@ void Validate(const BackupRequestOptions& o) {
     fail(fmt::format("backup.percentile must be 0 (1 - max_extra_load) or in (0, 1) (got {})", o.percentile));
   }
   if (o.min_send_backup_after < Duration::zero()) {
-    fail(fmt::format("backup.min_send_backup_after must be >= 0 (got {} ms)", Millis(o.min_send_backup_after)));
+    fail(fmt::format("backup.min_send_backup_after must be >= 0 (got {})", DurationText(o.min_send_backup_after)));
   }
-  if (o.window <= Duration::zero()) fail(fmt::format("backup.window must be > 0 (got {} ms)", Millis(o.window)));
+  if (o.window <= Duration::zero()) fail(fmt::format("backup.window must be > 0 (got {})", DurationText(o.window)));
   if (o.window_slices < 1 || o.window_slices > 60) {
     fail(fmt::format("backup.window_slices must be in [1, 60] (got {})", o.window_slices));
   }
   if (o.refresh_interval <= Duration::zero()) {
-    fail(fmt::format("backup.refresh_interval must be > 0 (got {} ms)", Millis(o.refresh_interval)));
+    fail(fmt::format("backup.refresh_interval must be > 0 (got {})", DurationText(o.refresh_interval)));
   }
   if (o.budget_ttl < std::chrono::seconds(1) || o.budget_ttl > std::chrono::seconds(60)) {
-    fail(fmt::format("backup.budget_ttl must be in [1 s, 60 s] (got {} ms)", Millis(o.budget_ttl)));
+    fail(fmt::format("backup.budget_ttl must be in [1 s, 60 s] (got {})", DurationText(o.budget_ttl)));
   }
   if (o.budget_min_per_sec < 0 || o.budget_min_per_sec > RetryBudgetOptions::kMaxMinRetriesPerSec) {
     fail(fmt::format("backup.budget_min_per_sec must be in [0, {}] (got {})", RetryBudgetOptions::kMaxMinRetriesPerSec,
@@ -91,6 +91,16 @@ int64_t LatencyWindow::count() {
   return n;
 }
 
+namespace {
+// A bucket's upper bound as a Duration: the last bucket's (INT64_MAX µs) saturates at
+// Duration::max() instead of wrapping, in nanoseconds, into a negative delay.
+Duration BucketBound(int b) {
+  const int64_t us = stats::Histogram::BucketUpperBound(b);
+  if (us > duration_cast<microseconds>(Duration::max()).count()) return Duration::max();
+  return microseconds(us);
+}
+}  // namespace
+
 std::optional<Duration> LatencyWindow::Percentile(double fraction) {
   const int64_t total = count();
   if (total == 0) return std::nullopt;
@@ -99,9 +109,9 @@ std::optional<Duration> LatencyWindow::Percentile(double fraction) {
   int64_t seen = 0;
   for (int b = 0; b < stats::Histogram::kBucketCount; ++b) {
     for (const auto& slice : slices_) seen += slice[static_cast<size_t>(b)];
-    if (seen >= rank) return microseconds(stats::Histogram::BucketUpperBound(b));
+    if (seen >= rank) return BucketBound(b);
   }
-  return microseconds(stats::Histogram::BucketUpperBound(stats::Histogram::kBucketCount - 1));
+  return BucketBound(stats::Histogram::kBucketCount - 1);
 }
 
 // --- BackupRequestSink ------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "core/duration_text.h"
 #include "scales/core/runtime.h"
 #include "scales/core/sink_stack.h"
 
@@ -14,6 +15,7 @@ namespace scales {
 namespace {
 
 constexpr int kWindowSlices = 5;
+
 // Context of the probe request on the sink stack (requests sent while the endpoint is alive
 // push AliveContext, the others nullptr). Aligned to 2 so its address is even.
 alignas(2) char probe_tag;
@@ -32,10 +34,15 @@ void Validate(const FailureAccrualOptions& o) {
   if (!(o.required_success_rate >= 0.0 && o.required_success_rate <= 1.0)) {
     fail(fmt::format("failure_accrual.required_success_rate must be in [0, 1] (got {})", o.required_success_rate));
   }
-  if (o.window <= Duration::zero()) fail("failure_accrual.window must be > 0");
+  if (o.window <= Duration::zero()) fail(fmt::format("failure_accrual.window must be > 0 (got {})", DurationText(o.window)));
   if (o.min_requests < 1) fail(fmt::format("failure_accrual.min_requests must be >= 1 (got {})", o.min_requests));
-  if (o.min_backoff <= Duration::zero()) fail("failure_accrual.min_backoff must be > 0");
-  if (o.max_backoff < o.min_backoff) fail("failure_accrual.max_backoff must be >= min_backoff");
+  if (o.min_backoff <= Duration::zero()) {
+    fail(fmt::format("failure_accrual.min_backoff must be > 0 (got {})", DurationText(o.min_backoff)));
+  }
+  if (o.max_backoff < o.min_backoff) {
+    fail(fmt::format("failure_accrual.max_backoff must be >= min_backoff (got {} < {})", DurationText(o.max_backoff),
+                     DurationText(o.min_backoff)));
+  }
 }
 
 AccrualOutcome ClassifyForAccrual(const error_code& ec) noexcept {
@@ -174,7 +181,9 @@ Duration FailureAccrualSink::NextBackoff() {
   if (k == 0) return options_.min_backoff;
   Duration hi = options_.min_backoff;
   for (int i = 0; i < k; ++i) {
-    if (hi >= options_.max_backoff) return options_.max_backoff;
+    // Doubling past max would give max anyway; stopping here also keeps a huge max_backoff
+    // (Duration::max() for "no cap") from overflowing.
+    if (hi > options_.max_backoff / 2) return options_.max_backoff;
     hi *= 2;
   }
   if (hi >= options_.max_backoff) return options_.max_backoff;
@@ -187,8 +196,8 @@ void FailureAccrualSink::MarkDead() {
   removals_.Increment();
   current_backoff_ = NextBackoff();
   dead_until_ = DeadlineAfter(loop_.Now(), current_backoff_);
-  SCALES_LOG(kWarning, "client {}: endpoint {} marked dead by failure accrual for {} ms", client_name_, address_,
-             std::chrono::duration_cast<std::chrono::milliseconds>(current_backoff_).count());
+  SCALES_LOG(kWarning, "client {}: endpoint {} marked dead by failure accrual for {}", client_name_, address_,
+             DurationText(current_backoff_));
   loop_.timers().Schedule(timer_, dead_until_, &OnTimer, this);
 }
 

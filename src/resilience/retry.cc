@@ -6,23 +6,23 @@
 
 #include <fmt/format.h>
 
+#include "core/duration_text.h"
 #include "scales/core/runtime.h"
 #include "scales/core/sink_stack.h"
 
 namespace scales {
 namespace {
 
-long long Millis(Duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
 
 }  // namespace
 
 void Validate(const RetryOptions& o) {
   auto fail = [](const std::string& what) { throw Error(make_error_code(Errc::kInvalidArgument), what); };
   if (o.max_retries < 0) fail(fmt::format("retry.max_retries must be >= 0 (got {})", o.max_retries));
-  if (o.backoff_min < Duration::zero()) fail(fmt::format("retry.backoff_min must be >= 0 (got {} ms)", Millis(o.backoff_min)));
+  if (o.backoff_min < Duration::zero()) fail(fmt::format("retry.backoff_min must be >= 0 (got {})", DurationText(o.backoff_min)));
   if (o.backoff_max < o.backoff_min) {
-    fail(fmt::format("retry.backoff_max must be >= backoff_min (got {} ms < {} ms)", Millis(o.backoff_max),
-                     Millis(o.backoff_min)));
+    fail(fmt::format("retry.backoff_max must be >= backoff_min (got {} < {})", DurationText(o.backoff_max),
+                     DurationText(o.backoff_min)));
   }
   Validate(o.budget, "retry.budget");
 }
@@ -136,8 +136,8 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
     refused = options_.max_retries == 0 ? std::string("retries are disabled")
                                         : fmt::format("all {} attempts used", attempts);
   } else if (props.deadline && DeadlineAfter(now, delay) >= *props.deadline) {
-    refused = fmt::format("the deadline leaves no time for another attempt ({} ms left, backoff {} ms)",
-                          Millis(*props.deadline - now), Millis(delay));
+    refused = fmt::format("the deadline leaves no time for another attempt ({} left, backoff {})",
+                          DurationText(*props.deadline - now), DurationText(delay));
   } else if (!budget_->TryWithdraw()) {
     budget_exhausted_.Increment();
     SCALES_LOG_RATE_LIMITED(kWarning, 1, "client {}: retry budget exhausted (balance {}); {} not retried",

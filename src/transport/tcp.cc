@@ -6,6 +6,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+#include "core/duration_text.h"
 #include "scales/core/runtime.h"
 
 namespace scales {
@@ -174,18 +175,18 @@ void TcpConnection::OnHandshake(const boost::system::error_code& ec) {
 void TcpConnection::OnTimeout(void* self) {
   auto* c = static_cast<TcpConnection*>(self);
   c->timed_out_ = true;
-  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(c->connect_timeout_).count();
+  const std::string limit = DurationText(c->connect_timeout_);
   c->failure_detail_ = c->handshaking_
-                           ? fmt::format("TLS handshake with {} did not finish within connect_timeout ({} ms)",
-                                         c->address_, ms)
-                           : fmt::format("connect to {} did not finish within connect_timeout ({} ms)",
-                                         c->address_, ms);
+                           ? fmt::format("TLS handshake with {} did not finish within connect_timeout ({})",
+                                         c->address_, limit)
+                           : fmt::format("connect to {} did not finish within connect_timeout ({})",
+                                         c->address_, limit);
   c->resolver_.cancel();
   if (c->resolving_) {
     // Finished now, not when getaddrinfo returns (a DNS server that does not answer holds it
     // for seconds per try): its late result is ignored (see AsyncConnect).
     c->resolving_ = false;
-    c->failure_detail_ = fmt::format("resolving {} did not finish within connect_timeout ({} ms)", c->address_, ms);
+    c->failure_detail_ = fmt::format("resolving {} did not finish within connect_timeout ({})", c->address_, limit);
     c->Finish(make_error_code(Errc::kConnectTimeout));
     return;
   }

@@ -230,6 +230,18 @@ TEST(LatencyWindowTest, PercentileOfTheLiveSamples) {
   EXPECT_GE(*w.Percentile(0.5), milliseconds(500));
 }
 
+// A latency in the histogram's last bucket (2^41 µs and above, about 25 days: a call without a
+// deadline that hung) reports that bucket's bound, INT64_MAX µs, which as a Duration in ns wrapped
+// to -1 µs: the delay then fell to min_send_backup_after and every call was hedged after 1 ms.
+TEST(LatencyWindowTest, AHugeLatencyIsNoNegativeDelay) {
+  test::ManualEnv env;
+  LatencyWindow w(*env.clock, seconds(30), 3);
+  w.Record(std::chrono::hours(24 * 30));
+  auto p = w.Percentile(0.5);
+  ASSERT_TRUE(p.has_value());
+  EXPECT_GE(*p, std::chrono::hours(24 * 30));
+}
+
 TEST(BackupReplyOpsTest, StreamRepliesComeFromTheResponseStreamOrTheOwnSlot) {
   const BackupReplyOps& ops = BackupReplyOpsFor<Stream>();
   Stream caller_reply{"stale"};
@@ -357,6 +369,20 @@ TEST_F(BackupRequestTest, DelayIsAtLeastMinSendBackupAfter) {
   Build(o);
   Warm(4, milliseconds(2));
   EXPECT_EQ(backup_->SendBackupAfter(), milliseconds(25));
+}
+
+TEST_F(BackupRequestTest, CallsThatHungForWeeksDoNotMakeEveryCallHedged) {
+  Build(Options(), Duration::zero());  // no timeout: a call may hang as long as the server does
+  Warm(2, std::chrono::hours(24 * 30));
+  ASSERT_TRUE(backup_->SendBackupAfter().has_value());
+  EXPECT_GE(*backup_->SendBackupAfter(), std::chrono::hours(24 * 30));
+  auto c = Start();
+  env_.Advance(seconds(1));
+  EXPECT_EQ(transport_->in_flight(), 1u);
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+  ASSERT_TRUE(transport_->Reply(0, 7));
+  env_.Run();
+  EXPECT_EQ(calls_[c].value, 7);
 }
 
 TEST_F(BackupRequestTest, BackupGoesToAnotherEndpointAfterTheDelayAndWins) {

@@ -127,6 +127,16 @@ TEST(DefaultStackTest, ValidateNamesTheBadResilienceField) {
   o.backup = BackupRequestOptions{};
   o.backup->window = std::chrono::milliseconds(-5);
   EXPECT_THAT(message(o), HasSubstr("backup.window must be > 0 (got -5 ms)"));
+  // Failure accrual's durations say the value given too.
+  o.backup.reset();
+  o.failure_accrual->window = std::chrono::milliseconds(-5);
+  EXPECT_THAT(message(o), HasSubstr("failure_accrual.window must be > 0 (got -5 ms)"));
+  o.failure_accrual->window = std::chrono::seconds(30);
+  o.failure_accrual->min_backoff = Duration::zero();
+  EXPECT_THAT(message(o), HasSubstr("failure_accrual.min_backoff must be > 0 (got 0 ms)"));
+  o.failure_accrual->min_backoff = std::chrono::seconds(5);
+  o.failure_accrual->max_backoff = std::chrono::seconds(1);
+  EXPECT_THAT(message(o), HasSubstr("failure_accrual.max_backoff must be >= min_backoff (got 1000 ms < 5000 ms)"));
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 namespace scales {
 namespace {
 
+using std::chrono::microseconds;
 using std::chrono::milliseconds;
 using std::chrono::nanoseconds;
 using std::chrono::seconds;
@@ -163,6 +164,18 @@ TEST_F(DispatcherTest, TimeoutFiresExactlyAtTheDeadline) {
   // Nothing else happens later.
   env_.Advance(seconds(10));
   EXPECT_EQ(calls_[c].completions, 1);
+}
+
+// A timeout finer than a millisecond is named in its own unit: a 500 us timeout read "timed
+// out after 0 ms".
+TEST_F(DispatcherTest, SubMillisecondTimeoutIsNamedInItsOwnUnit) {
+  Build();
+  auto a = Start(microseconds(500));
+  auto b = Start(microseconds(1500));
+  env_.Run();
+  env_.Advance(microseconds(1500));
+  EXPECT_THAT(calls_[a].info.detail, HasSubstr("timed out after 500 us (deadline)"));
+  EXPECT_THAT(calls_[b].info.detail, HasSubstr("timed out after 1.5 ms (deadline)"));
 }
 
 TEST_F(DispatcherTest, ReplyPostedBeforeTheTimerInTheSameTurnWins) {

@@ -1,4 +1,5 @@
-// The scales error category: names, messages, conditions and scales::Error.
+// The scales error category: names, messages, conditions and scales::Error; durations in
+// messages (DurationText).
 
 #include "scales/core/error.h"
 
@@ -9,6 +10,8 @@
 #include <boost/system/errc.hpp>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include "core/duration_text.h"
 
 namespace scales {
 namespace {
@@ -139,6 +142,22 @@ TEST(ErrorTest, ErrorExceptionCarriesCodeAndMessage) {
     EXPECT_EQ(e.code().value(), static_cast<int>(Errc::kNoMembers));
     EXPECT_THAT(e.what(), HasSubstr("no members in static []"));
   }
+}
+
+TEST(ErrorTest, DurationTextKeepsWholeMillisecondsAndNamesFinerUnits) {
+  using namespace std::chrono;
+  EXPECT_EQ(DurationText(Duration::zero()), "0 ms");
+  EXPECT_EQ(DurationText(milliseconds(100)), "100 ms");
+  EXPECT_EQ(DurationText(seconds(10)), "10000 ms");
+  EXPECT_EQ(DurationText(microseconds(500)), "500 us");
+  EXPECT_EQ(DurationText(nanoseconds(250)), "250 ns");
+  EXPECT_EQ(DurationText(nanoseconds(1500)), "1500 ns");
+  EXPECT_EQ(DurationText(microseconds(1500)), "1.5 ms");
+  EXPECT_EQ(DurationText(nanoseconds(2'000'001)), "2.000001 ms");
+  EXPECT_EQ(DurationText(-microseconds(500)), "-500 us");
+  EXPECT_EQ(DurationText(-milliseconds(3)), "-3 ms");
+  EXPECT_EQ(DurationText(Duration::max()), "9223372036854.775807 ms");
+  EXPECT_EQ(DurationText(Duration::min()), "-9223372036854.775807 ms");
 }
 
 TEST(ErrorTest, StdErrorCodeKeepsTheCategory) {
