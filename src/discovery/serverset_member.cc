@@ -51,7 +51,8 @@ json::object EndpointToJson(const Endpoint& ep) {
 
 }  // namespace
 
-std::optional<ServiceInstance> ParseServiceInstance(std::string_view text, std::string& error) {
+std::optional<ServiceInstance> ParseServiceInstance(std::string_view text, std::string& error,
+                                                    std::vector<std::string>* skipped) {
   boost::system::error_code ec;
   json::value doc = json::parse(json::string_view(text.data(), text.size()), ec);
   if (ec) {
@@ -85,10 +86,13 @@ std::optional<ServiceInstance> ParseServiceInstance(std::string_view text, std::
       return std::nullopt;
     }
     for (const auto& [name, value] : *obj) {
+      // One bad entry drops only itself (as Finagle's parser does): the member still serves
+      // its serviceEndpoint and its other endpoints.
       Endpoint ep;
-      if (!ParseEndpoint(value, fmt::format("additionalEndpoints.{}", std::string_view(name)), ep,
-                         error)) {
-        return std::nullopt;
+      std::string problem;
+      if (!ParseEndpoint(value, fmt::format("additionalEndpoints.{}", std::string_view(name)), ep, problem)) {
+        if (skipped) skipped->push_back(std::move(problem));
+        continue;
       }
       out.additional_endpoints.emplace(std::string(name), std::move(ep));
     }

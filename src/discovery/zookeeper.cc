@@ -11,6 +11,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "discovery/zk_connection.h"
 #include "scales/core/error.h"
@@ -63,14 +64,17 @@ ZooKeeperOptions CheckedOptions(const ParsedUri& uri, ZooKeeperOptions options) 
 constexpr size_t kCreateRequestOverhead = 64;
 
 // The member data of `instance`, checked as every reader parses it: an instance they would
-// skip as malformed (no host, port 0) is refused here rather than announced to no effect; so is
+// skip as malformed (no host, port 0), or one with an additional endpoint they would drop, is
+// refused here rather than announced to no effect; so is
 // one whose create the server would not read: a request over its jute.maxbuffer
 // (options.max_request_bytes) makes it close the connection ("Len error"), which the C client
 // reports as a connection loss, so such a create would only ever be retried.
 std::string CheckedMemberData(const ParsedUri& uri, const ServiceInstance& instance, const ZooKeeperOptions& options) {
   std::string data = SerializeServiceInstance(instance);
   std::string error;
-  if (!ParseServiceInstance(data, error)) {
+  std::vector<std::string> skipped;
+  if (!ParseServiceInstance(data, error, &skipped) || !skipped.empty()) {
+    if (error.empty()) error = skipped.front();
     throw Error(make_error_code(Errc::kInvalidArgument),
                 fmt::format("announcer {}: the instance is not a valid serverset member: {}", DescribeUri(uri),
                             error));
@@ -314,7 +318,8 @@ class ZooKeeperServerSet::Impl {
       if (rc == ZOK && it != children_.end()) {
         member_reads_.fetch_add(1, std::memory_order_relaxed);
         std::string error;
-        it->second.instance = ParseServiceInstance(data, error);
+        std::vector<std::string> skipped;
+        it->second.instance = ParseServiceInstance(data, error, &skipped);
         it->second.loaded = true;
         it->second.unreadable = false;
         it->second.transient_failures = 0;
@@ -322,6 +327,12 @@ class ZooKeeperServerSet::Impl {
           malformed_.fetch_add(1, std::memory_order_relaxed);
           std::string text = fmt::format("malformed member {}/{} skipped: {}", path_, name, error);
           // Once per read: a member is read again when its data changes or a new session begins.
+          SCALES_LOG(kWarning, "server set {}: {}", description_, text);
+          connection_.SetLastError(std::move(text));
+        } else if (!skipped.empty()) {
+          std::string text = fmt::format("member {}/{}: bad additional endpoints skipped (the member is used "
+                                         "without them): {}",
+                                         path_, name, fmt::join(skipped, "; "));
           SCALES_LOG(kWarning, "server set {}: {}", description_, text);
           connection_.SetLastError(std::move(text));
         }

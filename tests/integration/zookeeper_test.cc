@@ -291,6 +291,29 @@ TEST_F(ZooKeeperTest, KazooMembersInFinagleFormat) {
       << Show(rec.last());
 }
 
+// A member whose one additional endpoint is bad (a port out of range) keeps serving its
+// serviceEndpoint and its other endpoints, as with Finagle's parser; it used to be malformed as a
+// whole. Only a set naming the bad endpoint goes without it, and last_error() says what was
+// dropped.
+TEST_F(ZooKeeperTest, ABadAdditionalEndpointDropsOnlyItself) {
+  Kazoo("zk.create('/svc/partial/member_0', b'{\"serviceEndpoint\":{\"host\":\"127.0.0.1\",\"port\":1001},"
+        "\"additionalEndpoints\":{\"http\":{\"host\":\"127.0.0.1\",\"port\":70000},"
+        "\"admin\":{\"host\":\"127.0.0.1\",\"port\":3001}},\"status\":\"ALIVE\"}', makepath=True)");
+  auto set = MakeSet(zk_->Uri("/svc/partial"));
+  ASSERT_TRUE(WaitFor([&] { return set->members() == Members{{"127.0.0.1", 1001}}; })) << set->Describe();
+  EXPECT_EQ(set->stats().malformed_members, 0u);
+  EXPECT_NE(set->last_error().find("member /svc/partial/member_0: bad additional endpoints skipped (the member is "
+                                   "used without them): additionalEndpoints.http.port: 70000 is out of range"),
+            std::string::npos)
+      << set->last_error();
+  auto admin = MakeSet(zk_->Uri("/svc/partial#admin"));
+  ASSERT_TRUE(WaitFor([&] { return admin->members() == Members{{"127.0.0.1", 3001}}; })) << admin->Describe();
+  auto http = MakeSet(zk_->Uri("/svc/partial#http"));
+  ASSERT_TRUE(WaitFor([&] { return http->Describe().find("1 without endpoint 'http'") != std::string::npos; }))
+      << http->Describe();
+  EXPECT_EQ(http->members(), Members{});
+}
+
 // A client whose build fails (a provider refuses its options) leaves nothing of its ZooKeeper
 // statistics in the registry: its collector kept exporting them for good.
 TEST_F(ZooKeeperTest, AClientThatFailsToBuildLeavesNoDiscoveryGauges) {

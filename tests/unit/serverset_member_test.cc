@@ -82,9 +82,30 @@ TEST(ServerSetMemberTest, MalformedMembersNameTheProblem) {
   EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":1},"status":"ALIVE",
                            "additionalEndpoints":[]})"),
             "additionalEndpoints: not an object");
-  EXPECT_EQ(ParseError(R"({"serviceEndpoint":{"host":"h","port":1},"status":"ALIVE",
-                           "additionalEndpoints":{"http":{"host":"h"}}})"),
-            "additionalEndpoints.http.port: missing or not an integer");
+}
+
+// A bad additional endpoint drops only itself, as Finagle's parser does: the member keeps its
+// serviceEndpoint and its other endpoints (one bad entry used to make the whole member malformed,
+// taking its serviceEndpoint out of every server set that did not even use the bad name).
+TEST(ServerSetMemberTest, ABadAdditionalEndpointIsDroppedAlone) {
+  std::string error;
+  std::vector<std::string> skipped;
+  auto m = ParseServiceInstance(R"({"serviceEndpoint":{"host":"h","port":1},"status":"ALIVE",
+                                    "additionalEndpoints":{"http":{"host":"h"},"admin":{"host":"h","port":2},
+                                                           "thrift":7}})",
+                                error, &skipped);
+  ASSERT_TRUE(m) << error;
+  EXPECT_EQ(m->service_endpoint, (Endpoint{"h", 1}));
+  EXPECT_EQ(m->additional_endpoints.size(), 1u);
+  EXPECT_EQ(SelectEndpoint(*m, "admin"), (Endpoint{"h", 2}));
+  EXPECT_EQ(SelectEndpoint(*m, "http"), std::nullopt);
+  EXPECT_EQ(SelectEndpoint(*m, ""), (Endpoint{"h", 1}));
+  EXPECT_THAT(skipped, ::testing::ElementsAre("additionalEndpoints.http.port: missing or not an integer",
+                                              "additionalEndpoints.thrift: not an object"));
+  // Without `skipped` the same member parses the same.
+  EXPECT_TRUE(ParseServiceInstance(R"({"serviceEndpoint":{"host":"h","port":1},"status":"ALIVE",
+                                       "additionalEndpoints":{"http":{"host":"h"}}})",
+                                   error));
 }
 
 TEST(ServerSetMemberTest, SerializeRoundTripsInFinagleOrder) {

@@ -11,7 +11,8 @@
 //  - the document is an object; `serviceEndpoint` (an object with a non-empty string `host`
 //    and an integer `port` in 1..65535) and `status` (a string) are required;
 //  - `additionalEndpoints` is optional (Finagle always writes it, possibly `{}`); when present it
-//    must be an object whose values are endpoint objects as above;
+//    must be an object; an entry that is not an endpoint object as above is dropped alone (as
+//    Finagle does: the member keeps its serviceEndpoint and its other endpoints);
 //  - `shard` is optional; a value that is not an integer is ignored (as scales does);
 //  - `metadata` is optional; non-string values in it are ignored;
 //  - other keys are ignored. Anything else makes the member malformed.
@@ -40,8 +41,11 @@ struct ServiceInstance {
 };
 
 // Parses member data. On failure returns nullopt and sets `error` to what is wrong
-// ("serviceEndpoint.port: 70000 is out of range 1..65535").
-std::optional<ServiceInstance> ParseServiceInstance(std::string_view json, std::string& error);
+// ("serviceEndpoint.port: 70000 is out of range 1..65535"). Additional endpoints dropped from a
+// member that parsed are described in `skipped`, when given ("additionalEndpoints.http.port:
+// missing or not an integer").
+std::optional<ServiceInstance> ParseServiceInstance(std::string_view json, std::string& error,
+                                                    std::vector<std::string>* skipped = nullptr);
 
 // Renders `instance` the way Finagle writes it: serviceEndpoint, additionalEndpoints (always,
 // possibly {}), status, then shard and metadata only when set.
