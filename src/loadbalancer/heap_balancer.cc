@@ -12,6 +12,11 @@
 
 namespace scales {
 
+namespace {
+// How many endpoints a parked request's detail names (WaitingFor).
+constexpr size_t kWaitingForNamed = 3;
+}  // namespace
+
 LoadBalancerSink::LoadBalancerSink(const SinkContext& ctx, SinkFactory endpoint_factory)
     : loop_(*ctx.loop),
       client_name_(ctx.client_name),
@@ -117,6 +122,10 @@ void LoadBalancerSink::OnMembers(const ServerSet::Members& members) {
   std::weak_ptr<ClientMessageSink> weak = weak_from_this();
   opening_ += to_open.size();
   for (BalancerNode* n : to_open) {
+    if (!ready_) {
+      if (first_opens_.size() < kWaitingForNamed) first_opens_.push_back(n->address);
+      ++first_opens_total_;
+    }
     n->sink->AsyncOpen([weak, this](error_code) {
       // A failed open is not fatal: the node's chain reports itself down and recovers.
       if (auto self = weak.lock()) {
@@ -277,13 +286,19 @@ void LoadBalancerSink::CancelRequest(SinkStack& stack, void*, const error_code& 
 
 std::string LoadBalancerSink::WaitingFor() const {
   if (nodes_.empty()) return "the server set's first members";
-  // The members are known: the balancer waits for the first of their endpoints to open.
-  constexpr size_t kNamed = 3;
+  // The members are known: the balancer waits for the first of the endpoints it opened (all
+  // members, or under an aperture its first members) to open.
   std::string names;
-  for (size_t i = 0; i < nodes_.size() && i < kNamed; ++i) {
-    names += (i == 0 ? "" : ", ") + nodes_[i]->address;
+  size_t total = first_opens_total_;
+  if (total > 0) {
+    for (size_t i = 0; i < first_opens_.size(); ++i) names += (i == 0 ? "" : ", ") + first_opens_[i];
+  } else {
+    total = nodes_.size();
+    for (size_t i = 0; i < nodes_.size() && i < kWaitingForNamed; ++i) {
+      names += (i == 0 ? "" : ", ") + nodes_[i]->address;
+    }
   }
-  if (nodes_.size() > kNamed) names += fmt::format(" and {} more", nodes_.size() - kNamed);
+  if (total > kWaitingForNamed) names += fmt::format(" and {} more", total - kWaitingForNamed);
   return fmt::format("the first of the server set's endpoints to open ({})", names);
 }
 

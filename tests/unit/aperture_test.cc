@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "support/fake_sinks.h"
@@ -30,6 +31,8 @@ using std::chrono::seconds;
 using test::CallTracker;
 using test::FakeTransport;
 using test::FakeTransportFactory;
+using ::testing::HasSubstr;
+using ::testing::Not;
 
 Endpoint Ep(int i) { return Endpoint{"10.0.1." + std::to_string(i + 1), 9090}; }
 
@@ -786,6 +789,28 @@ TEST_F(ApertureTest, AMemberRecoveringDuringARotationGivesItsSlotBackAfterIt) {
   h_.env.Advance(seconds(12));  // t = 36 s, before the next rotation; load still inside the band
   EXPECT_EQ(h_.balancer->aperture_size(), 2u) << "the recovered member's slot was never given back";
   h_.ReplyAll();
+}
+
+// A request parked while the aperture's first members open names those endpoints, not the first
+// members of the server set (most of which an aperture never opens).
+TEST(ApertureWaitingTest, ParkedRequestNamesTheApertureMembersBeingOpened) {
+  Harness h;
+  h.factory.open_mode = FakeTransport::OpenMode::kHang;
+  h.Build(Range(10), NoRotation(2));
+  auto c = h.Start();
+  h.env.Run();
+  const std::set<Endpoint> opened = h.Opened();
+  ASSERT_EQ(opened.size(), 2u);
+  h.dispatcher->Close();
+  h.env.Run();
+  ASSERT_EQ(h.calls[c].error, Errc::kClientClosed);
+  const std::string& detail = h.calls[c].info.detail;
+  for (const Endpoint& ep : opened) EXPECT_THAT(detail, HasSubstr(ep.ToString())) << detail;
+  for (int i = 0; i < 10; ++i) {
+    if (!opened.contains(Ep(i))) EXPECT_THAT(detail, Not(HasSubstr(Ep(i).ToString()))) << detail;
+  }
+  EXPECT_THAT(detail, Not(HasSubstr("more"))) << detail;
+  h.Finish();
 }
 
 }  // namespace

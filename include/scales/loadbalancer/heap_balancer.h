@@ -118,6 +118,10 @@ class LoadBalancerSink : public ClientMessageSink {
   // Opens of nodes not finished yet: before the balancer is ready, Open waits for one of them
   // (an update that opens no node, such as the same list again, does not make it ready).
   size_t opening_ = 0;
+  // The endpoints the first opens went to (WaitingFor names them: under an aperture, not every
+  // member is opened), and how many.
+  std::vector<std::string> first_opens_;
+  size_t first_opens_total_ = 0;
   std::vector<std::unique_ptr<BalancerNode>> nodes_;
   std::vector<std::unique_ptr<BalancerNode>> draining_;
   bool reports_membership_;
