@@ -8,6 +8,7 @@
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
+#include "core/duration_text.h"
 #include "scales/core/log.h"
 #include "scales/core/runtime.h"
 #include "scales/core/sink_stack.h"
@@ -17,8 +18,6 @@ namespace scales::mux {
 namespace asio = boost::asio;
 
 namespace {
-
-long long Millis(Duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); }
 
 void* TagContext(uint32_t tag) { return reinterpret_cast<void*>(static_cast<uintptr_t>(tag)); }
 uint32_t ContextTag(void* ctx) { return static_cast<uint32_t>(reinterpret_cast<uintptr_t>(ctx)); }
@@ -104,6 +103,10 @@ void Validate(const SessionOptions& o) {
   if (o.ping_interval > Duration::zero() && o.ping_timeout <= Duration::zero()) {
     fail("session.ping_timeout must be > 0 when pings are on");
   }
+  // With pings off it still bounds a drained session's wait for its Rdrain (MaybeFinishDrain).
+  if (o.ping_timeout < Duration::zero()) {
+    fail("session.ping_timeout must be >= 0 (0 with pings off: a drained session closes at once)");
+  }
   if (o.max_discarded_tags == 0) fail("session.max_discarded_tags must be >= 1");
   if (o.max_queued_control_replies == 0) fail("session.max_queued_control_replies must be >= 1");
   if (o.write_splits == 0) fail("session.write_splits must be >= 1 (1 = one write per read)");
@@ -176,8 +179,8 @@ void MuxSessionSink::OnConnected(error_code ec) {
     // The open's deadline passed while connecting (the connection's own timer, set a moment
     // later, had not fired yet): nothing else would bound the handshake now.
     FailOpen(make_error_code(Errc::kConnectTimeout),
-             fmt::format("connect to {}{} did not finish within {} ms (limit session.connect_timeout)", address_,
-                         options_.handshake ? " and the Mux handshake" : "", Millis(options_.connect_timeout)));
+             fmt::format("connect to {}{} did not finish within {} (limit session.connect_timeout)", address_,
+                         options_.handshake ? " and the Mux handshake" : "", DurationText(options_.connect_timeout)));
     return;
   }
   if (conn_.tls_active()) SCALES_LOG(kDebug, "Mux session to {}: TLS from the first byte established", address_);
@@ -205,19 +208,21 @@ void MuxSessionSink::OnHandshakeTimeout(void* p) {
     // (MaybeFinishDrain): a server that stopped reading never takes it. Say so; "did not
     // finish" alone would blame a slow handshake.
     s->FailOpen(make_error_code(Errc::kConnectTimeout),
-                fmt::format("Mux handshake with {} did not finish within {} ms (limit session.connect_timeout): "
+                fmt::format("Mux handshake with {} did not finish within {} (limit session.connect_timeout): "
                             "it sent Tdrain before answering {}, and the Rdrain answering it was still unwritten "
                             "(the server does not read)",
-                            s->address_, Millis(s->options_.connect_timeout), s->HandshakeStep()));
+                            s->address_, DurationText(s->options_.connect_timeout), s->HandshakeStep()));
     return;
   }
   // Say which step was still waiting, and the setting that bounds them all.
-  const std::string step = s->handshake_phase_ == 3
-                               ? std::string("the TLS handshake negotiated in Rinit was still running")
-                               : fmt::format("{} was still unanswered", s->HandshakeStep());
+  const std::string step =
+      s->handshake_phase_ != 3 ? fmt::format("{} was still unanswered", s->HandshakeStep())
+      : s->writing_ ? std::string("the plaintext write that must end before the TLS upgrade negotiated in Rinit "
+                                  "was still unfinished (the server does not read)")
+                    : std::string("the TLS handshake negotiated in Rinit was still running");
   s->FailOpen(make_error_code(Errc::kConnectTimeout),
-              fmt::format("Mux handshake with {} did not finish within {} ms (limit session.connect_timeout): {}",
-                          s->address_, Millis(s->options_.connect_timeout), step));
+              fmt::format("Mux handshake with {} did not finish within {} (limit session.connect_timeout): {}",
+                          s->address_, DurationText(s->options_.connect_timeout), step));
 }
 
 void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
@@ -329,9 +334,11 @@ bool MuxSessionSink::NegotiateTls(const Rinit& rinit) {
                          decoder_.buffered()));
     return false;
   }
-  // Both ends start the handshake right after Rinit; reading stops until it is done.
+  // Both ends start the handshake right after Rinit; reading stops until it is done. A plaintext
+  // write still in flight (Rpings answering Tpings sent before Rinit) ends first: the rest of it
+  // would follow the ClientHello, in plaintext. OnWritten starts the upgrade then.
   handshake_phase_ = 3;
-  conn_.AsyncStartTls(options_.tls, [self = self()](error_code ec) { self->OnTlsUpgraded(ec); });
+  if (!writing_) conn_.AsyncStartTls(options_.tls, [self = self()](error_code ec) { self->OnTlsUpgraded(ec); });
   return false;
 }
 
@@ -755,6 +762,12 @@ void MuxSessionSink::OnWritten(const boost::system::error_code& ec, size_t n) {
     WriteMore();
     return;
   }
+  if (state_ == State::kHandshaking && handshake_phase_ == 3) {
+    // The plaintext write NegotiateTls waited for is done: the TLS upgrade starts now (what
+    // queued meanwhile goes out over TLS once it is done, OnTlsUpgraded).
+    conn_.AsyncStartTls(options_.tls, [self = self()](error_code ec) { self->OnTlsUpgraded(ec); });
+    return;
+  }
   Flush();  // whatever queued up meanwhile goes out in one write
   if (draining_) MaybeFinishDrain();
 }
@@ -986,8 +999,8 @@ void MuxSessionSink::OnPingTimeout(void* p) {
   if (!s->ping_outstanding_ || s->state_ != State::kOpen) return;
   s->ping_timeouts_.Increment();
   s->Fail(make_error_code(Errc::kConnectionClosed),
-          fmt::format("no Rping from {} within the ping timeout (limit session.ping_timeout = {} ms); session closed",
-                      s->address_, Millis(s->options_.ping_timeout)),
+          fmt::format("no Rping from {} within the ping timeout (limit session.ping_timeout = {}); session closed",
+                      s->address_, DurationText(s->options_.ping_timeout)),
           true);
 }
 
@@ -1024,9 +1037,9 @@ void MuxSessionSink::OnDrainTimeout(void* p) {
   auto* s = static_cast<MuxSessionSink*>(p);
   if (!s->draining_ || s->state_ != State::kOpen) return;
   s->Fail(make_error_code(Errc::kConnectionClosed),
-          fmt::format("drained, but the write to {} did not finish in time (limit session.ping_timeout = {} ms); "
+          fmt::format("drained, but the write to {} did not finish in time (limit session.ping_timeout = {}); "
                       "session closed",
-                      s->address_, Millis(s->options_.ping_timeout)),
+                      s->address_, DurationText(s->options_.ping_timeout)),
           false);
 }
 

@@ -780,6 +780,25 @@ TEST(ThriftMuxTest, MaxFrameSizeBelowTheMinimumIsRefused) {
   EXPECT_EQ(r, "small frames");
 }
 
+// ping_timeout also bounds a drained session's wait for its Rdrain, pings on or off: with pings
+// off a negative one was accepted (and closed drained sessions at once, as 0 does); it is
+// refused when the client is built, as a negative ping_interval is.
+TEST(ThriftMuxTest, NegativePingTimeoutIsRefusedWithPingsOff) {
+  auto options = Options(MakeRuntime());
+  options.session.ping_interval = Duration::zero();
+  options.session.ping_timeout = -1s;
+  try {
+    ThriftMux::NewClient<EchoClient>("tcp://127.0.0.1:9", options);
+    ADD_FAILURE() << "a negative ping_timeout was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument) << e.what();
+    EXPECT_EQ(std::string(e.what()),
+              "client tmux: session.ping_timeout must be >= 0 (0 with pings off: a drained session closes at once)");
+  }
+  options.session.ping_timeout = Duration::zero();  // pings off, no wait: allowed
+  EXPECT_NO_THROW(ThriftMux::NewClient<EchoClient>("tcp://127.0.0.1:9", options));
+}
+
 // The ClientId context's value has a 2-byte length: a longer client_id is refused when the
 // client is built, not by every call at encoding. The longest one is sent whole.
 TEST(ThriftMuxTest, ClientIdLongerThanItsContextHoldsIsRefused) {
@@ -1163,6 +1182,135 @@ TEST(MuxSessionTest, TdrainWhoseRdrainIsNeverWrittenFailsTheOpenAtTheDeadlineSay
             fmt::format("Mux handshake with 127.0.0.1:{} did not finish within 5000 ms (limit "
                         "session.connect_timeout): it sent Tdrain before answering Tinit, and the Rdrain answering it "
                         "was still unwritten (the server does not read)",
+                        peer.port()));
+  session->Close();
+  env.Run();
+}
+
+// The peer answers the probe, floods Tping without reading (the Rping replies pile up behind a
+// write that cannot finish), reads until that write is done and the piled-up replies went into
+// the next one (megabytes: many pieces of kMaxWriteChunk), stops reading again and sends an
+// Rinit negotiating TLS. `received`: what the peer read.
+void FloodTpingThenNegotiateTls(test::ManualEnv& env, QuietPeer& peer, mux::MuxSessionSink* session,
+                                std::string& received) {
+  peer.Accept();
+  ASSERT_TRUE(RunUntil(env, [&] {
+    received += peer.Read();
+    return received.size() >= 19;  // the probe
+  }));
+  peer.Send(std::string("\x00\x00\x00\x0f\x7f\x00\x00\x01tinit check", 19));  // its echo: Tinit follows
+  const std::string tping("\x00\x00\x00\x04\x41\x00\x00\x01", 8);
+  std::string flood;
+  for (int i = 0; i < (4 << 20); ++i) flood += tping;  // 32 MiB: more than the socket buffers hold
+  ASSERT_TRUE(RunUntil(env, [&] {
+    peer.SendSome(flood);
+    return flood.empty() && session->queued_bytes() > 0;  // Rpings behind a write that does not finish
+  }));
+  const auto read_all = std::chrono::steady_clock::now() + 300ms;  // the session reads every Tping
+  RunUntil(env, [&] { return std::chrono::steady_clock::now() > read_all; });
+  // Read until the piled-up Rpings are handed to the next write.
+  ASSERT_TRUE(RunUntil(env, [&] {
+    received += peer.Read();
+    return session->queued_bytes() == 0;
+  }));
+  mux::Rinit rinit;
+  rinit.headers.emplace_back(std::string(mux::kMuxFramerHeader), mux::EncodeMuxFramer(0x7FFFFFFF));
+  rinit.headers.emplace_back(std::string(mux::kTlsHeader), "desired");
+  std::string rinit_bytes = mux::Encode(rinit);
+  ASSERT_TRUE(RunUntil(env, [&] {
+    peer.SendSome(rinit_bytes);
+    return rinit_bytes.empty();
+  }));
+}
+
+mux::SessionOptions DesiredTlsUnderTpingFlood() {
+  mux::SessionOptions o;
+  o.ping_interval = Duration::zero();
+  o.connect_timeout = 5s;
+  o.max_queued_control_replies = size_t{1} << 40;  // the flood must not close the session
+  o.opportunistic_tls = mux::OpportunisticTls::kDesired;
+  return o;
+}
+
+// After FloodTpingThenNegotiateTls, the plaintext write in flight must end before the ClientHello,
+// and no plaintext byte may follow it. (The rest of that write went out after the ClientHello,
+// in plaintext, corrupting the TLS handshake.)
+TEST(MuxSessionTest, APlaintextWriteInFlightAtRinitEndsBeforeTheTlsUpgradeStarts) {
+  test::ManualEnv env;
+  QuietPeer peer;
+  auto session = std::make_shared<mux::MuxSessionSink>(
+      test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", peer.port()}), DesiredTlsUnderTpingFlood());
+  std::optional<error_code> opened;
+  session->AsyncOpen([&](error_code ec) { opened = ec; });
+  std::string received;
+  FloodTpingThenNegotiateTls(env, peer, session.get(), received);
+  if (HasFatalFailure()) return;
+  // What the client sends from here on: the rest of the Rpings, the ClientHello (a TLS
+  // handshake record, 0x16), and nothing after it (the client waits for the ServerHello).
+  const std::string rping("\x00\x00\x00\x04\xbf\x00\x00\x01", 8);
+  const size_t tinit_end = 19 + 4 + ((static_cast<uint8_t>(received[19]) << 24) |
+                                     (static_cast<uint8_t>(received[20]) << 16) |
+                                     (static_cast<uint8_t>(received[21]) << 8) | static_cast<uint8_t>(received[22]));
+  size_t record_end = 0;  // of the ClientHello, once whole
+  std::string bad;
+  auto parse = [&] {
+    size_t pos = tinit_end;
+    while (pos + 8 <= received.size() && received.compare(pos, 8, rping) == 0) pos += 8;
+    if (received.size() - pos < 8 && rping.compare(0, received.size() - pos, received, pos) == 0) return false;
+    if (received[pos] != '\x16') {
+      bad = fmt::format("byte {} (after {} whole Rping frames) begins neither an Rping nor a TLS record:", pos,
+                        (pos - tinit_end) / 8);
+      for (char c : received.substr(pos, 16)) bad += fmt::format(" {:02x}", static_cast<uint8_t>(c));
+      return true;
+    }
+    if (received.size() - pos < 5) return false;
+    const size_t len = (static_cast<uint8_t>(received[pos + 3]) << 8) | static_cast<uint8_t>(received[pos + 4]);
+    if (received.size() < pos + 5 + len) return false;
+    record_end = pos + 5 + len;
+    return true;
+  };
+  ASSERT_TRUE(RunUntil(env, [&] {
+    received += peer.Read();
+    return parse();
+  })) << received.size() << " bytes received";
+  ASSERT_TRUE(bad.empty()) << bad;
+  // Anything the client still writes (a plaintext piece would be at once) comes now.
+  const auto until = std::chrono::steady_clock::now() + 300ms;
+  RunUntil(env, [&] {
+    received += peer.Read();
+    return std::chrono::steady_clock::now() > until;
+  });
+  std::string after;
+  for (char c : received.substr(std::min(record_end, received.size()), 8)) after += fmt::format(" {:02x}", static_cast<uint8_t>(c));
+  EXPECT_EQ(received.size(), record_end) << received.size() - record_end << " byte(s) after the ClientHello:" << after;
+  EXPECT_FALSE(opened.has_value());  // the TLS handshake waits for the peer
+  session->Close();
+  env.Run();
+  EXPECT_EQ(*opened, Errc::kClientClosed);
+}
+
+// The same peer never reads again: the open fails at its deadline, naming the write it waited for.
+TEST(MuxSessionTest, APlaintextWriteThatNeverEndsBeforeTheTlsUpgradeFailsTheOpenSayingSo) {
+  test::ManualEnv env;
+  QuietPeer peer;
+  auto session = std::make_shared<mux::MuxSessionSink>(
+      test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", peer.port()}), DesiredTlsUnderTpingFlood());
+  std::optional<error_code> opened;
+  session->AsyncOpen([&](error_code ec) { opened = ec; });
+  std::string received;
+  FloodTpingThenNegotiateTls(env, peer, session.get(), received);
+  if (HasFatalFailure()) return;
+  const auto until = std::chrono::steady_clock::now() + 200ms;  // the session reads the Rinit
+  RunUntil(env, [&] { return std::chrono::steady_clock::now() > until; });
+  EXPECT_FALSE(opened.has_value());
+  env.Advance(5s);
+  env.Run();
+  ASSERT_TRUE(opened.has_value());
+  EXPECT_EQ(*opened, Errc::kConnectTimeout);
+  EXPECT_EQ(session->open_failure_detail(),
+            fmt::format("Mux handshake with 127.0.0.1:{} did not finish within 5000 ms (limit "
+                        "session.connect_timeout): the plaintext write that must end before the TLS upgrade "
+                        "negotiated in Rinit was still unfinished (the server does not read)",
                         peer.port()));
   session->Close();
   env.Run();

@@ -11,7 +11,8 @@
 //
 // Opportunistic TLS (the Rinit's `tls` header against ours, §1.7's outcome table): off/desired
 // either way -> plaintext; both desired or required -> the TLS handshake starts right after
-// Rinit (CA, verification, server name and client certificate from `tls`) and the session
+// Rinit, once a plaintext write in flight (Rpings answering Tpings sent before Rinit) ended
+// (CA, verification, server name and client certificate from `tls`) and the session
 // opens once it succeeded; off against required (either side), or required against a server
 // that does not negotiate, fails the open with kTlsFailed naming the endpoint and both levels.
 //
@@ -100,7 +101,9 @@ struct SessionOptions {
   uint32_t max_fragment_size = kUnlimitedFragmentSize;
   // Liveness: a Tping on tag 1 every ping_interval (zero = no pings); no Rping within
   // ping_timeout closes the session. Defaults 5 s / 4 s (Finagle's failure detector).
-  // ping_timeout also bounds how long a drained session waits for its last write (its Rdrain).
+  // ping_timeout also bounds how long a drained session waits for its last write (its Rdrain),
+  // pings on or off (0 with pings off: it closes at once). ping_interval >= 0; ping_timeout
+  // > 0 with pings on, >= 0 without.
   Duration ping_interval = std::chrono::seconds(5);
   Duration ping_timeout = std::chrono::seconds(4);
   // Send the call's deadline in the Deadline context. Default true.
