@@ -109,8 +109,10 @@ void ConnectionSink::WatchIdle() {
       return;
     }
     // The server closed the connection while idle, or sent bytes nobody asked for (a
-    // protocol where the server never speaks first), or a TLS alert. It cannot be reused.
-    if (IsTlsError(ec)) {
+    // protocol where the server never speaks first), or a TLS alert. It cannot be reused. A
+    // close without close_notify (a TCP FIN after the session, as many servers end an idle
+    // keep-alive connection) is a close, not a TLS failure, as when a reply is read (TlsFailure).
+    if (IsTlsError(ec) && ec != boost::asio::ssl::error::stream_truncated) {
       Shutdown(make_error_code(Errc::kTlsFailed),
                fmt::format("TLS error on the idle connection to {}: {}", conn_.address(), DescribeTlsError(ec)));
     } else {

@@ -26,6 +26,7 @@
 #include "Echo.h"
 #include "scales/core/runtime.h"
 #include "scales/http/client.h"
+#include "scales/http/transport.h"
 #include "scales/stats/stats.h"
 #include "scales/thrift/thrift.h"
 #include "scales/transport/tcp.h"
@@ -598,11 +599,13 @@ TEST(TlsConnectionTest, AnAbsoluteHostNameWithItsTrailingDotVerifies) {
 // A TLS 1.2 server for one connection on a thread of the test, through memory BIOs: it sends
 // its last handshake flight and the records `after` writes (application data nobody asked for,
 // an alert) in one write, which the client reads together with the handshake; then it waits
-// until the client closes.
+// until the client closes, or with `hang_up` closes the TCP connection itself without a
+// close_notify (as many servers end an idle keep-alive connection).
 class OneFlightTlsServer {
  public:
-  explicit OneFlightTlsServer(std::function<void(SSL*)> after)
+  explicit OneFlightTlsServer(std::function<void(SSL*)> after, bool hang_up = false)
       : listener_(ioc_, {boost::asio::ip::make_address("127.0.0.1"), 0}),
+        hang_up_(hang_up),
         thread_([this, after = std::move(after)] { Serve(after); }) {}
   ~OneFlightTlsServer() { thread_.join(); }
   uint16_t port() const { return listener_.local_endpoint().port(); }
@@ -637,6 +640,7 @@ class OneFlightTlsServer {
     if (!ec) {
       after(ssl);
       flush();  // the Finished and what `after` wrote: one write
+      if (hang_up_) s.close(ec);  // a FIN with no close_notify before it
       while (!ec) s.read_some(boost::asio::buffer(buf), ec);
     }
     SSL_free(ssl);
@@ -645,6 +649,7 @@ class OneFlightTlsServer {
 
   boost::asio::io_context ioc_;
   boost::asio::ip::tcp::acceptor listener_;
+  const bool hang_up_;
   std::thread thread_;
 };
 
@@ -676,6 +681,45 @@ TEST(TlsConnectionTest, TheIdleWatchSeesRecordsReadWithTheHandshake) {
   EXPECT_EQ(watch_completions, 1) << "the idle watch missed the bytes OpenSSL holds";
   EXPECT_EQ(watched, Errc::kProtocolError) << watched.message();
   conn.Close();
+  ioc.run_for(100ms);
+}
+
+// A server that ends an idle TLS connection with a TCP FIN and no close_notify (nginx on its
+// keep-alive timeout, many others) closed the connection: the idle watch must say so
+// (kConnectionClosed), as a read of a reply does, not report a TLS failure. It reported
+// kTlsFailed, "TLS error on the idle connection to ...: the peer closed the connection (stream
+// truncated; is it speaking TLS?)", as the connection's fault and to any request that found it.
+TEST(TlsConnectionTest, AnIdleConnectionClosedWithoutCloseNotifyIsAPlainClose) {
+  const auto& ca = TestCa();
+  OneFlightTlsServer server([](SSL*) {}, /*hang_up=*/true);
+  boost::asio::io_context ioc;
+  Runtime rt(ioc);
+  stats::StatsRegistry registry;
+  SinkContext ctx;
+  ctx.loop = &rt.loop(0);
+  ctx.client_name = "tls-it";
+  ctx.endpoint = Endpoint{"127.0.0.1", server.port()};
+  ctx.stats = stats::StatsScope(&registry, {});
+  http::TransportOptions options;
+  options.tls = Trusting(ca.ca_file);
+  auto sink = std::make_shared<http::HttpTransportSink>(ctx, options);
+  std::vector<Fault> faults;
+  sink->on_faulted().Subscribe([&](const Fault& f) { faults.push_back(f); });
+  int opens = 0;
+  error_code opened;
+  sink->AsyncOpen([&](error_code ec) {
+    ++opens;
+    opened = ec;
+  });
+  for (int i = 0; i < 100 && faults.empty(); ++i) ioc.run_for(20ms);
+  EXPECT_EQ(opens, 1);
+  EXPECT_FALSE(opened) << sink->open_failure_detail();
+  EXPECT_EQ(sink->status(), SinkStatus::kClosed);
+  ASSERT_EQ(faults.size(), 1u) << "the server's close went unnoticed";
+  EXPECT_EQ(faults[0].error, Errc::kConnectionClosed) << faults[0].detail;
+  EXPECT_THAT(faults[0].detail, Not(HasSubstr("TLS")));
+  EXPECT_THAT(faults[0].detail, HasSubstr("127.0.0.1:" + std::to_string(server.port())));
+  sink->Close();
   ioc.run_for(100ms);
 }
 
