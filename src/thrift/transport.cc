@@ -140,18 +140,27 @@ ConnectionSink::ParseResult ThriftTransportSink::ParseEof(size_t bytes) {
   return r;
 }
 
+std::string_view ThriftTransportSink::reply_noun() const {
+  if (method_ == nullptr || method_->empty()) return "reply";
+  reply_noun_ = fmt::format("reply for {}", *method_);
+  return reply_noun_;
+}
+
 ConnectionSink::ParseResult ThriftTransportSink::Done() {
   replied_ = true;
   if (seqid_) {
     auto header = ParseMessageHeader(reply_->data);  // undecodable: the serializer says why
-    std::optional<int32_t> got = header ? std::optional<int32_t>(header->seqid) : std::nullopt;
-    if (got && *got != *seqid_) {
+    // A reply whose header does not parse may be anything but this request's reply, which may
+    // still come: the serializer fails the call, and the connection, possibly one reply behind,
+    // must not be reused.
+    if (!header) return ParseResult::Done(/*reusable=*/false);
+    if (header->seqid != *seqid_) {
       // Not this request's reply: the connection is out of step. The serializer would report the
       // mismatch too, but the connection must not be reused.
       return ParseResult::Failed(make_error_code(Errc::kProtocolError),
                                  fmt::format("Thrift reply from {} for {} has seqid {}, expected {} (a stray or "
                                              "duplicate reply); connection closed",
-                                             conn().address(), Method(), *got, *seqid_));
+                                             conn().address(), Method(), header->seqid, *seqid_));
     }
   }
   return ParseResult::Done();

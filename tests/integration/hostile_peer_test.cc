@@ -1022,7 +1022,9 @@ TEST(HostilePeerTest, HttpConnectResponseEndsWithItsHeader) {
 // Answers echo(s) calls (strict binary, framed): "huge-frame" with a 2 GiB frame length, every
 // other argument with the argument; "huge-string" declares a 2 GiB string it does not send;
 // "truncated-reply" declares an 8-byte string and ends after 2 of them; "duplicate-reply" is
-// answered twice, the second time 100 ms later.
+// answered twice, the second time 100 ms later; "bad-header" is answered with a whole frame whose
+// message header does not parse (protocol version 0x8002), then 100 ms later with its reply;
+// "cut-reply" gets the frame length of its reply and half of the reply, then the connection closes.
 void HostileThrift(RawConn& c) {
   for (;;) {
     auto len = c.ReadExactly(4);
@@ -1054,6 +1056,15 @@ void HostileThrift(RawConn& c) {
     if (arg == "truncated-reply") {
       reply = std::string("\x80\x01\x00\x02", 4) + be32(4) + "echo" + seqid + std::string("\x0b\x00\x00", 3) +
               be32(8) + "tr";
+    }
+    if (arg == "cut-reply") {
+      c.Write(be32(reply.size()) + reply.substr(0, reply.size() / 2));
+      return;
+    }
+    if (arg == "bad-header") {
+      const std::string bad = std::string("\x80\x02\x00\x02", 4) + reply.substr(4);
+      if (!c.Write(be32(bad.size()) + bad)) return;
+      std::this_thread::sleep_for(100ms);
     }
     if (!c.Write(be32(reply.size()) + reply)) return;
     if (arg == "duplicate-reply") {
@@ -1160,6 +1171,51 @@ TEST(HostilePeerTest, ThriftDuplicateReplyRetiresTheConnection) {
   }
   for (const char* s : {"one", "two", "three"}) EXPECT_EQ(Echo(client, s), s);
   EXPECT_EQ(server.accepted(), 2);
+}
+
+TEST(HostilePeerTest, ThriftUndecodableReplyHeaderRetiresTheConnection) {
+  // A whole frame whose message header does not parse may be anything but this call's reply,
+  // which may still come: the call fails, and the connection, possibly one reply behind, is
+  // closed rather than reused (as after a duplicate reply); every later call gets its own reply.
+  RawServer server(HostileThrift);
+  thrift::ThriftOptions o = ThriftOptions();
+  o.retry = std::nullopt;  // the failure itself is what is checked
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
+  try {
+    Echo(client, "bad-header");
+    ADD_FAILURE() << "the call with an undecodable reply header succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kProtocolError) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find("for echo: undecodable reply header: unsupported binary protocol "
+                                              "version"),
+              std::string_view::npos)
+        << e.what();
+  }
+  for (const char* s : {"one", "two", "three"}) EXPECT_EQ(Echo(client, s), s);
+  EXPECT_EQ(server.accepted(), 2);
+}
+
+TEST(HostilePeerTest, ThriftReplyCutByTheServersCloseNamesTheMethod) {
+  // The server closes the connection inside a reply frame: the call fails as a closed
+  // connection, naming the client, the endpoint, the method and how far the reply came.
+  RawServer server(HostileThrift);
+  thrift::ThriftOptions o = ThriftOptions();
+  o.retry = std::nullopt;
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), o);
+  try {
+    Echo(client, "cut-reply");
+    ADD_FAILURE() << "the call whose reply was cut succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kConnectionClosed) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find("client hostile-thrift: connection to 127.0.0.1:"),
+              std::string_view::npos)
+        << e.what();
+    EXPECT_NE(std::string_view(e.what()).find(" closed by the server while reading the reply for echo (after 20 "
+                                              "bytes): end of stream"),
+              std::string_view::npos)
+        << e.what();
+  }
+  EXPECT_EQ(Echo(client, "after"), "after");
 }
 
 TEST(HostilePeerTest, ThriftTwoGibFrameLengthIsRejectedByMaxFrameBytes) {

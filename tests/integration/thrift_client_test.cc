@@ -305,7 +305,7 @@ TEST(ThriftClientTest, AFramingMismatchIsNamedAsTheLikelyCause) {
   auto client = Thrift::NewClient<DerivedClient>(server.uri(), o);
   Error e = test::Thrown([&] { client->add(1, 2); });
   EXPECT_EQ(e.code(), Errc::kConnectionClosed) << e.what();
-  EXPECT_NE(std::string(e.what()).find("closed by the server while reading the reply (after 0 bytes): end of "
+  EXPECT_NE(std::string(e.what()).find("closed by the server while reading the reply for add (after 0 bytes): end of "
                                        "stream (no reply came on this connection: a server whose framing or "
                                        "protocol differs from the client's closes it so; this client's framing "
                                        "is buffered)"),
