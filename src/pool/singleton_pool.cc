@@ -113,7 +113,8 @@ void SingletonPool::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg
     return;
   }
   if (stack.cancelled()) {
-    auto m = MethodReturnMessage::Failure(stack.cancel_reason(), "cancelled before a connection was assigned");
+    auto m = MethodReturnMessage::Failure(stack.cancel_reason(),
+                                          fmt::format("cancelled before a connection to {} was assigned", address_));
     stack.AsyncProcessResponse(stream, m);
     return;
   }
@@ -141,6 +142,12 @@ void SingletonPool::CancelRequest(SinkStack& stack, void*, const error_code& rea
   waiters_gauge_.Add(-1);
   auto m = MethodReturnMessage::Failure(reason, fmt::format("while connecting to {}", address_));
   stack.AsyncProcessResponse(stream, m);
+}
+
+bool SingletonPool::RequestUnsent(const SinkStack& stack, void*) const {
+  // Waiting for the connect, the request went nowhere; but a retry's attempt follows one that
+  // may have reached the server.
+  return stack.message().properties.retries == 0;
 }
 
 void SingletonPool::DoOpen(OpenHandler handler) {

@@ -94,7 +94,8 @@ void WatermarkPool::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg
     return;
   }
   if (stack.cancelled()) {
-    Fail(stack, stream, stack.cancel_reason(), "cancelled before a connection was assigned");
+    Fail(stack, stream, stack.cancel_reason(),
+         fmt::format("cancelled before a connection to {} was assigned", address_));
     return;
   }
   if (Conn* c = TakeIdle()) {
@@ -268,6 +269,12 @@ void WatermarkPool::CancelRequest(SinkStack& stack, void* context, const error_c
   Fail(stack, stream, reason,
        fmt::format("while queued for a connection to {} ({} connections busy, high watermark {})",
                    address_, conns_.size(), options_.high_watermark));
+}
+
+bool WatermarkPool::RequestUnsent(const SinkStack& stack, void*) const {
+  // Queued or waiting for a connect, the request went nowhere; but a retry's attempt follows
+  // one that may have reached the server.
+  return stack.message().properties.retries == 0;
 }
 
 void WatermarkPool::DoOpen(OpenHandler handler) {

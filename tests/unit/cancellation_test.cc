@@ -3,7 +3,8 @@
 // or a pool: the call completes exactly once with kCancelled when the signal wins, and not at
 // all a second time when it loses to the reply, the deadline or Close(); the signal may be
 // emitted before dispatch, from another thread, twice, and after the runtime is gone; `total`
-// alone (no side effects) cancels only a call that has not reached its loop.
+// alone (no side effects) cancels only a call that has not reached its loop, or whose request
+// a pool still holds unsent.
 
 #include <chrono>
 #include <memory>
@@ -13,12 +14,14 @@
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/post.hpp>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "support/fake_sinks.h"
 #include "scales/core/dispatcher.h"
 #include "scales/core/error.h"
 #include "scales/core/timeout_sink.h"
+#include "scales/pool/singleton_pool.h"
 #include "scales/pool/watermark_pool.h"
 
 namespace scales {
@@ -56,14 +59,19 @@ class CancellationTest : public ::testing::Test {
   // Starts a TypedCall<int> whose handler is bound to `signal`'s slot; its outcome goes to the
   // returned record (shared, so that it outlives the fixture's runtime). With `emit_first`, the
   // signal is emitted with that type before the call is dispatched.
+  // `info` (optional) receives the call's CallInfo; `retries` marks the call as a retry's
+  // attempt that many times over.
   std::shared_ptr<Outcome> Start(asio::cancellation_signal& signal,
-                                 std::optional<asio::cancellation_type> emit_first = std::nullopt) {
+                                 std::optional<asio::cancellation_type> emit_first = std::nullopt,
+                                 CallInfo* info = nullptr, int retries = 0) {
     auto out = std::make_shared<Outcome>();
     auto* call = new TypedCall<int>(asio::bind_cancellation_slot(signal.slot(), [out](error_code ec, int v) {
       ++out->completions;
       out->error = ec;
       out->value = v;
     }));
+    call->info = info;
+    call->message.properties.retries = retries;
     if (emit_first) signal.emit(*emit_first);
     dispatcher_->Dispatch(call, /*initiating=*/true);
     return out;
@@ -77,6 +85,13 @@ class CancellationTest : public ::testing::Test {
     opts.max_waiters = 10;
     auto pool = std::make_shared<WatermarkPool>(
         test::MakeContext(env_->loop(), env_->scope, nullptr, Endpoint{"10.0.0.1", 80}), factory_.AsFactory(), opts);
+    Build(pool);
+    return pool;
+  }
+
+  std::shared_ptr<SingletonPool> BuildOverSingletonPool() {
+    auto pool = std::make_shared<SingletonPool>(
+        test::MakeContext(env_->loop(), env_->scope, nullptr, Endpoint{"10.0.0.2", 81}), factory_.AsFactory());
     Build(pool);
     return pool;
   }
@@ -321,6 +336,124 @@ TEST_F(CancellationTest, ASignalCancelsARequestWaitingForAConnectionToOpen) {
   env_->Run();
   EXPECT_EQ(factory_.at(0).total_requests(), 0u);
   EXPECT_EQ(out->completions, 1);
+  pool->Close();
+}
+
+// `total` (no side effects) after dispatch: a request the pool still holds, queued for a
+// connection or waiting for one to open, was sent nowhere, so the pool honours it; the request
+// on the connection is not cancelled, nor a retry's attempt (an earlier one may have reached
+// the server).
+TEST_F(CancellationTest, TotalCancelsARequestThePoolHasNotSentYet) {
+  auto pool = BuildOverPool(/*low_watermark=*/1);
+  asio::cancellation_signal first_signal, second_signal, retry_signal, third_signal;
+  auto first = Start(first_signal);
+  auto second = Start(second_signal);  // queued behind the first: one connection only
+  auto retry = Start(retry_signal, std::nullopt, nullptr, /*retries=*/1);
+  auto third = Start(third_signal);
+  env_->Run();
+  FakeTransport& conn = factory_.at(0);
+  ASSERT_EQ(conn.in_flight(), 1u);
+  ASSERT_EQ(pool->waiters(), 3u);
+
+  first_signal.emit(asio::cancellation_type::total);  // on the wire: ignored
+  second_signal.emit(asio::cancellation_type::total);
+  retry_signal.emit(asio::cancellation_type::total);
+  env_->Run();
+  EXPECT_EQ(first->completions, 0);
+  EXPECT_EQ(conn.cancels(), 0u);
+  EXPECT_EQ(second->completions, 1);
+  EXPECT_EQ(second->error, Errc::kCancelled);
+  EXPECT_EQ(retry->completions, 0);
+  EXPECT_EQ(pool->waiters(), 2u);
+
+  ASSERT_TRUE(conn.Reply(0, 1));
+  env_->Run();
+  EXPECT_EQ(first->value, 1);
+  ASSERT_TRUE(conn.Reply(0, 2));
+  env_->Run();
+  EXPECT_EQ(retry->value, 2);
+  ASSERT_TRUE(conn.Reply(0, 3));
+  env_->Run();
+  EXPECT_EQ(third->value, 3);
+  EXPECT_EQ(second->completions, 1);
+  ExpectSettled();
+  pool->Close();
+}
+
+TEST_F(CancellationTest, TotalCancelsARequestWaitingForAConnectionToOpen) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  auto pool = BuildOverPool(/*low_watermark=*/0);
+  asio::cancellation_signal signal;
+  CallInfo info;
+  auto out = Start(signal, std::nullopt, &info);
+  env_->Run();
+  ASSERT_EQ(factory_.at(0).pending_opens(), 1u);
+
+  signal.emit(asio::cancellation_type::total);
+  env_->Run();
+  EXPECT_EQ(out->completions, 1);
+  EXPECT_EQ(out->error, Errc::kCancelled);
+  EXPECT_THAT(info.detail, ::testing::HasSubstr("while connecting to 10.0.0.1:80"));
+  ExpectSettled();
+
+  factory_.at(0).CompleteOpen();  // the connection opens for nobody
+  env_->Run();
+  EXPECT_EQ(factory_.at(0).total_requests(), 0u);
+  EXPECT_EQ(out->completions, 1);
+  pool->Close();
+}
+
+// The same in the Mux session pool: a request waiting for the session to connect was sent
+// nowhere (a retry's attempt is left alone); once the session is open, `total` is ignored.
+TEST_F(CancellationTest, TotalCancelsARequestWaitingForTheSingletonPoolsConnect) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  auto pool = BuildOverSingletonPool();
+  asio::cancellation_signal signal, retry_signal, later_signal;
+  CallInfo info;
+  auto out = Start(signal, std::nullopt, &info);
+  auto retry = Start(retry_signal, std::nullopt, nullptr, /*retries=*/1);
+  env_->Run();
+  ASSERT_EQ(pool->waiting(), 2u);
+  signal.emit(asio::cancellation_type::total);
+  retry_signal.emit(asio::cancellation_type::total);
+  env_->Run();
+  EXPECT_EQ(out->completions, 1);
+  EXPECT_EQ(out->error, Errc::kCancelled);
+  EXPECT_THAT(info.detail, ::testing::HasSubstr("while connecting to 10.0.0.2:81"));
+  EXPECT_EQ(retry->completions, 0);
+  EXPECT_EQ(pool->waiting(), 1u);
+
+  factory_.at(0).CompleteOpen();
+  env_->Run();
+  auto later = Start(later_signal);
+  env_->Run();
+  ASSERT_EQ(factory_.at(0).in_flight(), 2u);
+  later_signal.emit(asio::cancellation_type::total);  // on the session: ignored
+  env_->Run();
+  EXPECT_EQ(later->completions, 0);
+  ASSERT_TRUE(factory_.at(0).Reply(0, 5));
+  ASSERT_TRUE(factory_.at(0).Reply(0, 6));
+  env_->Run();
+  EXPECT_EQ(retry->value, 5);
+  EXPECT_EQ(later->value, 6);
+  ExpectSettled();
+  pool->Close();
+}
+
+// Cancelled before dispatch, the request is answered by the pool, whose error names the
+// endpoint as its other errors do.
+TEST_F(CancellationTest, ACancellationBeforeDispatchNamesThePoolsEndpoint) {
+  auto pool = BuildOverPool(/*low_watermark=*/0);
+  asio::cancellation_signal signal;
+  CallInfo info;
+  auto out = Start(signal, asio::cancellation_type::terminal, &info);
+  env_->Run();
+  EXPECT_EQ(out->completions, 1);
+  EXPECT_EQ(out->error, Errc::kCancelled);
+  EXPECT_THAT(info.detail, ::testing::HasSubstr("client test: "));
+  EXPECT_THAT(info.detail, ::testing::HasSubstr("10.0.0.1:80"));
+  EXPECT_EQ(factory_.count(), 0u);  // no connection opened for it
+  ExpectSettled();
   pool->Close();
 }
 

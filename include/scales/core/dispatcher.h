@@ -198,7 +198,8 @@ class CallBase {
   // Asio per-operation cancellation (e.g. the loser of an awaitable `||`): when the caller's
   // handler has a connected cancellation slot, emitting it cancels the call with kCancelled on
   // the call's loop. The slot may be emitted from any thread, before or after dispatch.
-  // `terminal` and `partial` cancel at any point; `total` alone only before dispatch.
+  // `terminal` and `partial` cancel at any point; `total` alone before dispatch, and after it
+  // only while a sink holds the request unsent (SinkStack::CancelUnsent: queued in a pool).
   //
   // The slot's handler stays with the caller's signal after the call completed, and may be
   // emitted after the client and its runtime are gone: it holds the loop weakly.
@@ -233,18 +234,25 @@ class CallBase {
     slot.assign([state = cancel_state_](boost::asio::cancellation_type type) {
       using boost::asio::cancellation_type;
       if (type == cancellation_type::none) return;
-      // `total` alone promises no side effects: true only before the call reached its loop
-      // (past that its request may be on the wire), so later it is ignored.
+      // `total` alone promises no side effects: true before the call reached its loop; past
+      // that only while the sink holding the request has sent it nowhere (CancelUnsent).
       const bool total_only = (type & (cancellation_type::terminal | cancellation_type::partial)) ==
                               cancellation_type::none;
-      if (total_only && state->dispatched.load()) return;
-      state->requested = true;
-      // Not yet dispatched: the dispatcher will see `requested`. A `total` racing the dispatch
-      // is left to the dispatcher, which cancels only if it saw it.
-      if (!state->dispatched.load() || total_only) return;
+      if (!state->dispatched.load()) {
+        state->requested = true;
+        // Not yet dispatched: the dispatcher will see `requested` (seq_cst, as its store of
+        // `dispatched`). Seen dispatched now, it may not have: post as after dispatch (the
+        // second cancellation, if it did, finds the call cancelled or gone).
+        if (!state->dispatched.load()) return;
+      }
       if (auto loop = state->loop.lock()) {
-        boost::asio::post(loop->executor(), [state] {
-          if (state->call != nullptr) state->call->stack.Cancel(make_error_code(Errc::kCancelled));
+        boost::asio::post(loop->executor(), [state, total_only] {
+          if (state->call == nullptr) return;
+          if (total_only) {
+            state->call->stack.CancelUnsent(make_error_code(Errc::kCancelled));
+          } else {
+            state->call->stack.Cancel(make_error_code(Errc::kCancelled));
+          }
         });
       }
     });

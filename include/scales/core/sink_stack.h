@@ -24,6 +24,7 @@ class SinkStack {
   SinkStack& operator=(const SinkStack&) = delete;
 
   MethodCallMessage& message() noexcept { return message_; }
+  const MethodCallMessage& message() const noexcept { return message_; }
 
   // Registers `sink` to receive the response with `context`.
   void Push(ClientMessageSink* sink, void* context = nullptr) {
@@ -68,6 +69,13 @@ class SinkStack {
       cancel_sink_ = nullptr;
       s->CancelRequest(*this, cancel_context_, reason);
     }
+  }
+  // Cancels with `reason` only a request that a sink holds and has sent nowhere yet
+  // (ClientMessageSink::RequestUnsent): Asio's `total`, no side effects. Otherwise nothing
+  // changes (a later Cancel() still acts).
+  void CancelUnsent(const error_code& reason) {
+    if (cancelled_ || cancel_sink_ == nullptr || !cancel_sink_->RequestUnsent(*this, cancel_context_)) return;
+    Cancel(reason);
   }
   bool cancelled() const noexcept { return cancelled_; }
   const error_code& cancel_reason() const noexcept { return cancel_reason_; }

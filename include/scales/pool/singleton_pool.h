@@ -36,6 +36,7 @@ class SingletonPool final : public ClientMessageSink {
 
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
   void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
+  bool RequestUnsent(const SinkStack& stack, void* context) const override;
   void Close() override;
   SinkStatus status() const override;
   std::string_view name() const override { return "singleton-pool"; }
