@@ -144,10 +144,8 @@ void SingletonPool::CancelRequest(SinkStack& stack, void*, const error_code& rea
   stack.AsyncProcessResponse(stream, m);
 }
 
-bool SingletonPool::RequestUnsent(const SinkStack& stack, void*) const {
-  // Waiting for the connect, the request went nowhere; but a retry's attempt follows one that
-  // may have reached the server.
-  return stack.message().properties.retries == 0;
+bool SingletonPool::RequestUnsent(const SinkStack&, void*) const {
+  return true;  // Waiting for the connect, the request went nowhere
 }
 
 void SingletonPool::DoOpen(OpenHandler handler) {

@@ -271,10 +271,8 @@ void WatermarkPool::CancelRequest(SinkStack& stack, void* context, const error_c
                    address_, conns_.size(), options_.high_watermark));
 }
 
-bool WatermarkPool::RequestUnsent(const SinkStack& stack, void*) const {
-  // Queued or waiting for a connect, the request went nowhere; but a retry's attempt follows
-  // one that may have reached the server.
-  return stack.message().properties.retries == 0;
+bool WatermarkPool::RequestUnsent(const SinkStack&, void*) const {
+  return true;  // Queued or waiting for a connect, the request went nowhere
 }
 
 void WatermarkPool::DoOpen(OpenHandler handler) {

@@ -74,9 +74,10 @@ class ClientMessageSink : public std::enable_shared_from_this<ClientMessageSink>
   // `reason` as the error, and forget it.
   virtual void CancelRequest(SinkStack& stack, void* context, const error_code& reason);
 
-  // For a request parked in this sink: true if nothing of it was sent anywhere yet, so that
-  // cancelling it has no side effects (Asio's `total`, SinkStack::CancelUnsent). The default,
-  // false, is always safe: such a cancellation is then ignored.
+  // For a request parked in this sink: true if this sink sent nothing of it anywhere yet, so
+  // that cancelling it has no side effects (Asio's `total`, SinkStack::CancelUnsent, which
+  // leaves a retry's attempt alone itself). The default, false, is always safe: such a
+  // cancellation is then ignored.
   virtual bool RequestUnsent(const SinkStack& /*stack*/, void* /*context*/) const { return false; }
 
   template <class CompletionToken>

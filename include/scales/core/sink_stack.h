@@ -71,10 +71,14 @@ class SinkStack {
     }
   }
   // Cancels with `reason` only a request that a sink holds and has sent nowhere yet
-  // (ClientMessageSink::RequestUnsent): Asio's `total`, no side effects. Otherwise nothing
-  // changes (a later Cancel() still acts).
+  // (ClientMessageSink::RequestUnsent): Asio's `total`, no side effects. Never a retry's
+  // attempt (an earlier attempt may have reached the server). Otherwise nothing changes (a
+  // later Cancel() still acts).
   void CancelUnsent(const error_code& reason) {
-    if (cancelled_ || cancel_sink_ == nullptr || !cancel_sink_->RequestUnsent(*this, cancel_context_)) return;
+    if (cancelled_ || cancel_sink_ == nullptr || message_.properties.retries > 0 ||
+        !cancel_sink_->RequestUnsent(*this, cancel_context_)) {
+      return;
+    }
     Cancel(reason);
   }
   bool cancelled() const noexcept { return cancelled_; }
