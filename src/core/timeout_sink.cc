@@ -13,8 +13,11 @@ namespace {
 std::string TimeoutDetail(const MethodCallMessage& msg, std::string_view below) {
   const auto& p = msg.properties;
   const Duration budget = p.deadline ? *p.deadline - p.start : Duration::zero();
-  std::string where = p.endpoint.empty() ? std::string("before an endpoint was chosen")
-                                         : fmt::format("to {}", p.endpoint);
+  // No endpoint: none chosen yet, or a retry's attempt between its backoff and its endpoint
+  // (the retry sink moved the failed attempt's endpoint to avoid_endpoints).
+  std::string where = !p.endpoint.empty()              ? fmt::format("to {}", p.endpoint)
+                      : !p.avoid_endpoints.empty() ? fmt::format("after an attempt to {}", p.avoid_endpoints.back())
+                                                   : std::string("before an endpoint was chosen");
   std::string s = fmt::format("{} request {} timed out after {} (deadline)",
                               msg.method.empty() ? "the" : msg.method, where, DurationText(budget));
   if (p.retries > 0) s += fmt::format(", attempt {}", p.retries + 1);

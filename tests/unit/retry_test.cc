@@ -442,7 +442,7 @@ TEST_F(RetryTest, NeverRetriesPastTheDeadline) {
 
 // A loop that wakes late runs the backoff's timer and the deadline's in one turn, the backoff's
 // first (it was due first): the retry is not sent past the deadline; the call times out once,
-// naming the attempt that failed.
+// naming the attempt that failed and its endpoint (not "before an endpoint was chosen").
 TEST_F(RetryTest, ALateBackoffTimerSendsNoRetryPastTheDeadline) {
   Build(Options(2, milliseconds(40), milliseconds(40)), milliseconds(100));
   auto c = Start();
@@ -456,7 +456,7 @@ TEST_F(RetryTest, ALateBackoffTimerSendsNoRetryPastTheDeadline) {
   EXPECT_EQ(env_.CounterValue("scales_timeouts"), 1);
   EXPECT_EQ(retry_->waiting(), 0u);
   EXPECT_EQ(calls_[c].info.detail,
-            "client test: Get request before an endpoint was chosen timed out after 100 ms (deadline): the deadline "
+            "client test: Get request after an attempt to 10.0.0.1:80 timed out after 100 ms (deadline): the deadline "
             "passed while the request waited to retry; the previous attempt failed: refused (attempt 1 of 3)");
 }
 
