@@ -284,6 +284,10 @@ void LoadBalancerSink::CancelRequest(SinkStack& stack, void*, const error_code& 
   stack.AsyncProcessResponse(nullptr, m);
 }
 
+bool LoadBalancerSink::RequestUnsent(const SinkStack&, void*) const {
+  return true;  // Parked (the only time it holds a request): not routed to any endpoint yet
+}
+
 std::string LoadBalancerSink::WaitingFor() const {
   if (nodes_.empty()) return "the server set's first members";
   // The members are known: the balancer waits for the first of the endpoints it opened (all

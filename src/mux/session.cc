@@ -974,6 +974,16 @@ void MuxSessionSink::CancelRequest(SinkStack& stack, void* context, const error_
   MaybeFinishDrain();
 }
 
+bool MuxSessionSink::RequestUnsent(const SinkStack& stack, void* context) const {
+  // Still queued (behind a write in flight, a read's batch or the TLS upgrade): no byte of it
+  // left, as a write takes every queued frame whole (Flush). Once handed to a write it may be
+  // (partly) on the wire: cancelling it sends Tdiscarded.
+  const uint32_t tag = ContextTag(context);
+  if (tag >= pending_.size() || !pending_[tag].used) return false;
+  const Pending& p = pending_[tag];
+  return p.stack == &stack && !p.written;
+}
+
 // --- liveness ------------------------------------------------------------------------------
 
 void MuxSessionSink::SchedulePing() {

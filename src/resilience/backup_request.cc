@@ -262,6 +262,7 @@ void BackupRequestSink::SendBackup(Hedge* h) {
   h->backup_start = loop_.Now();
   h->backup_cancel_reason.clear();
   h->backup_out = true;
+  h->caller->set_hedged(true);  // `total` may no longer cancel the first attempt (CancelUnsent)
   h->backup_stack->Push(this, Tag(h, true));
   next_->AsyncProcessRequest(*h->backup_stack, m, h->stream);
 }
@@ -272,6 +273,7 @@ void BackupRequestSink::AsyncProcessResponse(SinkStack&, void* context, Stream* 
   auto* h = reinterpret_cast<Hedge*>(bits & ~uintptr_t{1});
   ++h->handling;
   (backup ? h->backup_out : h->primary_out) = false;
+  if (backup) h->caller->set_hedged(false);  // alive until both attempts are back (MaybeDeliver)
   if (!backup) h->timer.Cancel();
   // A backup cancelled along with the call answers with the call's reason from here up (its
   // endpoint's failure accrual, below, saw kCancelled).

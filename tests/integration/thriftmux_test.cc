@@ -943,6 +943,8 @@ class SessionCall {
   }
   void Start(mux::MuxSessionSink& session) { session.AsyncProcessRequest(stack_, message_, nullptr); }
   void Cancel(Errc reason = Errc::kRequestTimeout) { stack_.Cancel(make_error_code(reason)); }
+  // Asio's `total` as the dispatcher passes it on: cancels only a request sent nowhere yet.
+  void CancelUnsent() { stack_.CancelUnsent(make_error_code(Errc::kCancelled)); }
   CallProperties& properties() { return message_.properties; }
   int completions() const { return catcher_->completions; }
   const MethodReturnMessage& result() const { return catcher_->result; }
@@ -1516,6 +1518,90 @@ TEST(MuxSessionTest, ARequestOnTheTagOfOneAnsweredMidWriteIsReportedQueuedWhenTh
   EXPECT_EQ(b.result().error, Errc::kNotSent) << b.result().detail;
   EXPECT_NE(b.result().detail.find("still queued, not sent"), std::string::npos) << b.result().detail;
   EXPECT_EQ(b.result().detail.find("cut mid-write"), std::string::npos) << b.result().detail;
+}
+
+// Asio's `total` (SinkStack::CancelUnsent) on the session: a request queued behind a write that
+// does not finish was sent nowhere, so it is answered at once, its tag freed and none of its
+// bytes ever written; the request that write carries (partly on the wire) is left alone: no
+// Tdiscarded, and the server's reply answers it.
+TEST(MuxSessionTest, TotalCancelsOnlyARequestStillQueuedBehindAWrite) {
+  mux::SessionOptions o;
+  o.handshake = false;
+  o.ping_interval = Duration::zero();
+  PeerSession f(o);
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  SessionCall big(std::string(16u << 20, 'b'));  // far more than the socket buffers hold
+  big.Start(*f.session);
+  SessionCall queued("queued");
+  queued.Start(*f.session);
+  f.env.Run();
+  ASSERT_EQ(f.session->tags_in_use(), 2u);
+  big.CancelUnsent();
+  queued.CancelUnsent();
+  f.env.Run();
+  EXPECT_EQ(big.completions(), 0);
+  EXPECT_EQ(queued.completions(), 1);
+  EXPECT_EQ(queued.result().error, Errc::kCancelled) << queued.result().detail;
+  EXPECT_NE(queued.result().detail.find("before it was written to 127.0.0.1:"), std::string::npos)
+      << queued.result().detail;
+  EXPECT_EQ(f.session->tags_in_use(), 1u);
+  EXPECT_EQ(f.session->pending(), 1u);
+
+  // The server reads: big's Tdispatch, answered; the next request is the next thing written.
+  ASSERT_TRUE(f.ReadUntil([&] { return !f.got.empty(); }));
+  ASSERT_TRUE(std::holds_alternative<mux::Tdispatch>(f.got[0])) << mux::Describe(f.got[0]);
+  mux::Rdispatch reply;
+  reply.tag = mux::TagOf(f.got[0]);
+  reply.body = "for big";
+  f.peer.Send(mux::Encode(reply));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return big.completions() == 1; }));
+  EXPECT_FALSE(big.result().error) << big.result().detail;
+  EXPECT_EQ(big.reply(), "for big");
+  SessionCall after("after");
+  after.Start(*f.session);
+  ASSERT_TRUE(f.ReadUntil([&] { return f.got.size() >= 2; }));
+  ASSERT_TRUE(std::holds_alternative<mux::Tdispatch>(f.got[1])) << mux::Describe(f.got[1]);
+  EXPECT_EQ(std::get<mux::Tdispatch>(f.got[1]).payload, "after");
+  EXPECT_EQ(queued.completions(), 1);
+  f.session->Close();
+  f.env.Run();
+  EXPECT_EQ(after.completions(), 1);
+}
+
+// The same through the whole ThriftMux stack (dispatcher, timeout, retry, serializer, balancer,
+// failure accrual, resurrector, SingletonPool): the caller's `total` reaches the session holding
+// the call queued behind a write that does not finish, and cancels it.
+TEST(ThriftMuxTest, TotalCancelsACallTheSessionHoldsUnsent) {
+  QuietPeer peer;
+  stats::StatsRegistry stats;
+  std::promise<std::exception_ptr> big_done, queued_done;
+  auto o = Options(MakeRuntime(), &stats);
+  o.session.handshake = false;
+  o.session.ping_interval = Duration::zero();
+  o.client.timeout = 60s;
+  const std::string endpoint = "127.0.0.1:" + std::to_string(peer.port());
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + endpoint, o);
+  SCALES_THRIFT_CALL(client, echo, std::string(16u << 20, 'b'),
+                     [&](std::exception_ptr e, std::string) { big_done.set_value(e); });
+  peer.Accept();
+  ASSERT_TRUE(Eventually([&] { return GaugeValue(stats, "scales_mux_tags_in_use", endpoint) == 1; }));
+  boost::asio::cancellation_signal signal;
+  SCALES_THRIFT_CALL(client, echo, std::string("queued"),
+                     boost::asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e, std::string) {
+                       queued_done.set_value(e);
+                     }));
+  ASSERT_TRUE(Eventually([&] { return GaugeValue(stats, "scales_mux_tags_in_use", endpoint) == 2; }));
+  signal.emit(boost::asio::cancellation_type::total);
+  auto f = queued_done.get_future();
+  ASSERT_EQ(f.wait_for(2s), std::future_status::ready) << "`total` did not cancel the queued call";
+  try {
+    std::rethrow_exception(f.get());
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kCancelled) << e.what();
+    EXPECT_NE(std::string(e.what()).find("before it was written to " + endpoint), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(Eventually([&] { return GaugeValue(stats, "scales_mux_tags_in_use", endpoint) == 1; }));
+  EXPECT_EQ(big_done.get_future().wait_for(0s), std::future_status::timeout);  // still writing
 }
 
 // A call whose deadline is as far as a time point goes (TimePoint::max(), which a sink of the

@@ -69,10 +69,14 @@ class FakeTransport final : public ClientMessageSink {
   // When set, a cancelled request also kills the fake (as an HTTP/1.1 connection with an
   // unanswered request must be closed).
   void set_close_on_cancel(bool v) { close_on_cancel_ = v; }
+  // When set, the fake says the requests it holds were sent nowhere (RequestUnsent), as a
+  // pool's queue does: Asio's `total` cancellation (SinkStack::CancelUnsent) may cancel them.
+  void set_holds_unsent(bool v) { holds_unsent_ = v; }
 
   // --- ClientMessageSink ---------------------------------------------------------------
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
   void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
+  bool RequestUnsent(const SinkStack&, void*) const override { return holds_unsent_; }
   void Close() override;
   SinkStatus status() const override;
   std::string_view name() const override { return "fake-transport"; }
@@ -123,6 +127,7 @@ class FakeTransport final : public ClientMessageSink {
   std::optional<SinkStatus> status_override_;
   std::optional<int> auto_reply_;
   bool close_on_cancel_ = false;
+  bool holds_unsent_ = false;
   bool opened_ = false;
   bool closed_ = false;
   bool open_scheduled_ = false;

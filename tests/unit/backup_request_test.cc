@@ -862,6 +862,61 @@ TEST_F(BackupRequestTest, CloseBeforeTheDelayStopsTheBackup) {
   EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
 }
 
+// Asio's `total` (no side effects) cancels a first attempt still held unsent (in a pool's
+// queue) only while no backup is out: with one out, cancelling the first attempt would cancel
+// the backup, which was sent. Nothing changes then; the call goes on.
+TEST_F(BackupRequestTest, TotalCancellationLeavesAHedgedCallAlone) {
+  auto c = StartHedged();
+  transport_->set_holds_unsent(true);
+  const int backup = BackupIndex();
+  ASSERT_GE(backup, 0);
+  SinkStack& caller = *transport_->request(1 - backup).stack;
+  caller.CancelUnsent(make_error_code(Errc::kCancelled));
+  env_.Run();
+  EXPECT_FALSE(calls_.done(c));
+  EXPECT_FALSE(caller.cancelled());
+  EXPECT_EQ(transport_->cancels(), 0u);
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  ASSERT_TRUE(transport_->Reply(static_cast<size_t>(backup), 42));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_FALSE(calls_[c].error);
+  EXPECT_EQ(calls_[c].value, 42);
+  EXPECT_EQ(transport_->cancels(), 1u);  // the first attempt, superseded
+}
+
+// Before the backup is sent (and after it came back), the first attempt alone is the call:
+// `total` cancels it while it is unsent.
+TEST_F(BackupRequestTest, TotalCancelsAnUnsentFirstAttemptWithNoBackupOut) {
+  Build();
+  Warm(4, milliseconds(20));
+  auto c = Start(true);
+  transport_->set_holds_unsent(true);
+  transport_->request(0).stack->CancelUnsent(make_error_code(Errc::kCancelled));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kCancelled);
+  env_.Advance(seconds(1));
+  EXPECT_EQ(env_.CounterValue("scales_backup_requests_sent"), 0);
+  EXPECT_EQ(transport_->in_flight(), 0u);
+
+  // A backup that failed (the first attempt still out): the first attempt is the call again.
+  auto d = Start(true);
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  const int backup = BackupIndex();
+  ASSERT_GE(backup, 0);
+  SinkStack& caller = *transport_->request(1 - backup).stack;
+  ASSERT_TRUE(transport_->Fail(static_cast<size_t>(backup), make_error_code(Errc::kConnectFailed)));
+  env_.Run();
+  ASSERT_FALSE(calls_.done(d));
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  caller.CancelUnsent(make_error_code(Errc::kCancelled));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(d));
+  EXPECT_EQ(calls_[d].error, Errc::kCancelled);
+}
+
 TEST_F(BackupRequestTest, CallerCancellationCancelsBothOnce) {
   auto c = StartHedged();
   transport_->request(0).stack->Cancel(make_error_code(Errc::kCancelled));

@@ -4,7 +4,7 @@
 // all a second time when it loses to the reply, the deadline or Close(); the signal may be
 // emitted before dispatch, from another thread, twice, and after the runtime is gone; `total`
 // alone (no side effects) cancels only a call that has not reached its loop, or whose request
-// a pool still holds unsent.
+// a pool or the balancer still holds unsent.
 
 #include <chrono>
 #include <memory>
@@ -21,6 +21,8 @@
 #include "scales/core/dispatcher.h"
 #include "scales/core/error.h"
 #include "scales/core/timeout_sink.h"
+#include "scales/discovery/server_set.h"
+#include "scales/loadbalancer/heap_balancer.h"
 #include "scales/pool/singleton_pool.h"
 #include "scales/pool/watermark_pool.h"
 
@@ -94,6 +96,15 @@ class CancellationTest : public ::testing::Test {
         test::MakeContext(env_->loop(), env_->scope, nullptr, Endpoint{"10.0.0.2", 81}), factory_.AsFactory());
     Build(pool);
     return pool;
+  }
+
+  // Build() over a HeapBalancerSink whose one member (10.0.0.3:82) gets a fake from factory_.
+  std::shared_ptr<HeapBalancerSink> BuildOverBalancer() {
+    auto set = std::make_shared<StaticServerSet>(ServerSet::Members{Endpoint{"10.0.0.3", 82}});
+    auto balancer = std::make_shared<HeapBalancerSink>(test::MakeContext(env_->loop(), env_->scope, set),
+                                                       factory_.AsFactory());
+    Build(balancer);
+    return balancer;
   }
 
   // Build() and a call the transport holds, bound to signal_.
@@ -438,6 +449,38 @@ TEST_F(CancellationTest, TotalCancelsARequestWaitingForTheSingletonPoolsConnect)
   EXPECT_EQ(later->value, 6);
   ExpectSettled();
   pool->Close();
+}
+
+// The same in the balancer: a request parked until the first endpoint opens was sent nowhere
+// (a retry's attempt is left alone), and never reaches the endpoint once it opens.
+TEST_F(CancellationTest, TotalCancelsARequestTheBalancerParked) {
+  factory_.open_mode = FakeTransport::OpenMode::kHang;
+  auto balancer = BuildOverBalancer();
+  asio::cancellation_signal signal, retry_signal;
+  CallInfo info;
+  auto out = Start(signal, std::nullopt, &info);
+  auto retry = Start(retry_signal, std::nullopt, nullptr, /*retries=*/1);
+  env_->Run();
+  ASSERT_EQ(factory_.count(), 1u);
+  ASSERT_EQ(factory_.at(0).pending_opens(), 1u);
+  signal.emit(asio::cancellation_type::total);
+  retry_signal.emit(asio::cancellation_type::total);
+  env_->Run();
+  EXPECT_EQ(out->completions, 1);
+  EXPECT_EQ(out->error, Errc::kCancelled);
+  EXPECT_THAT(info.detail, ::testing::HasSubstr("while waiting for the first of the server set's endpoints to "
+                                                "open (10.0.0.3:82)"));
+  EXPECT_EQ(retry->completions, 0);
+
+  factory_.at(0).CompleteOpen();
+  env_->Run();
+  EXPECT_EQ(factory_.at(0).total_requests(), 1u);  // the retry's attempt alone
+  ASSERT_TRUE(factory_.at(0).Reply(0, 4));
+  env_->Run();
+  EXPECT_EQ(retry->value, 4);
+  EXPECT_EQ(out->completions, 1);
+  ExpectSettled();
+  balancer->Close();
 }
 
 // Cancelled before dispatch, the request is answered by the pool, whose error names the

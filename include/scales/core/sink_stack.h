@@ -72,16 +72,19 @@ class SinkStack {
   }
   // Cancels with `reason` only a request that a sink holds and has sent nowhere yet
   // (ClientMessageSink::RequestUnsent): Asio's `total`, no side effects. Never a retry's
-  // attempt (an earlier attempt may have reached the server). Otherwise nothing changes (a
-  // later Cancel() still acts).
+  // attempt (an earlier attempt may have reached the server), nor an attempt whose backup is
+  // out (cancelling it cancels the backup). Otherwise nothing changes (a later Cancel() still
+  // acts).
   void CancelUnsent(const error_code& reason) {
-    if (cancelled_ || cancel_sink_ == nullptr || message_.properties.retries > 0 ||
+    if (cancelled_ || cancel_sink_ == nullptr || message_.properties.retries > 0 || hedged_ ||
         !cancel_sink_->RequestUnsent(*this, cancel_context_)) {
       return;
     }
     Cancel(reason);
   }
   bool cancelled() const noexcept { return cancelled_; }
+  // Set by the backup-request sink while a backup of this call is out on a stack of its own.
+  void set_hedged(bool hedged) noexcept { hedged_ = hedged; }
   const error_code& cancel_reason() const noexcept { return cancel_reason_; }
 
   // Storage for the TimeoutSink's per-request timer (so it needs no allocation).
@@ -99,6 +102,7 @@ class SinkStack {
   ClientMessageSink* cancel_sink_ = nullptr;
   void* cancel_context_ = nullptr;
   bool cancelled_ = false;
+  bool hedged_ = false;
   error_code cancel_reason_;
   TimerEntry deadline_timer_;
 };

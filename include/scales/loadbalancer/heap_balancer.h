@@ -47,6 +47,7 @@ class LoadBalancerSink : public ClientMessageSink {
   void AsyncProcessResponse(SinkStack& stack, void* context, Stream* stream,
                             MethodReturnMessage& msg) override;
   void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
+  bool RequestUnsent(const SinkStack& stack, void* context) const override;
   void Close() override;
   SinkStatus status() const override;
 

@@ -27,7 +27,8 @@
 // kNonRetryableNack when its MuxFailure context has the NonRetryable flag), Rerr →
 // kServerError. A request cancelled (timeout)
 // before it was written is dropped and its tag freed; after it was written, Tdiscarded is sent
-// and the tag stays reserved until the server answers that tag.
+// and the tag stays reserved until the server answers that tag. Asio's `total` (no side
+// effects: RequestUnsent) cancels only the former.
 //
 // Session messages: Tping answered with Rping (at most max_queued_control_replies Rping/Rdrain
 // wait for the socket: a server that floods Tping without reading closes the session);
@@ -147,6 +148,7 @@ class MuxSessionSink final : public ClientMessageSink {
 
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override;
   void CancelRequest(SinkStack& stack, void* context, const error_code& reason) override;
+  bool RequestUnsent(const SinkStack& stack, void* context) const override;
   void Close() override;
   SinkStatus status() const override;
   std::string_view name() const override { return "mux-session"; }
