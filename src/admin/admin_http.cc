@@ -25,6 +25,7 @@ enum class Refusal {
   kUnsupportedCoding,   // see CheckTransferCoding
   kIncomplete,          // the client's end of stream in the middle of a request
   kTimedOut,            // the idle timeout in the middle of a request
+  kOverloaded,          // the server is at its connection limit (Session::StartRefused)
 };
 
 namespace {
@@ -154,6 +155,8 @@ http::status RefusalStatus(Refusal why) {
       return http::status::payload_too_large;
     case Refusal::kUnsupportedCoding:
       return http::status::not_implemented;
+    case Refusal::kOverloaded:
+      return http::status::service_unavailable;
   }
   return http::status::bad_request;
 }
@@ -225,6 +228,8 @@ Session::Session(asio::ip::tcp::socket socket, const Handler* handler, SessionLi
       limits_(limits),
       buffer_(limits.max_header_bytes),
       handler_(handler) {}
+
+void Session::StartRefused(std::string what) { Refuse(Refusal::kOverloaded, std::move(what)); }
 
 void Session::Close() {
   StopIdleTimer();
@@ -372,8 +377,10 @@ void Session::Refuse(Refusal why, std::string what) {
   SCALES_LOG_RATE_LIMITED(kInfo, 5,
                           "admin server: refused a request with {}: {}; connection closed",
                           static_cast<unsigned>(status), what);
-  // The answer to a HEAD has no body, once the request's header says it is one.
-  const bool head = parser_->is_header_done() && parser_->get().method() == http::verb::head;
+  // The answer to a HEAD has no body, once the request's header says it is one (none is read
+  // before a 503 for the connection limit).
+  const bool head =
+      parser_ && parser_->is_header_done() && parser_->get().method() == http::verb::head;
   Response r;
   r.status = status;
   r.body = std::move(what) + "\n";

@@ -92,6 +92,10 @@ class Session : public std::enable_shared_from_this<Session> {
   Session(boost::asio::ip::tcp::socket socket, const Handler* handler, SessionLimits limits = {});
 
   void Start() { Read(); }
+  // Instead of Start() when the server is at its connection limit: answers 503 Service
+  // Unavailable with `what` as the body at once, without reading a request (nothing of it is
+  // parsed or held), then lingers and closes as after any refusal.
+  void StartRefused(std::string what);
   void Close();
 
  private:

@@ -307,10 +307,12 @@ class AdminServer::Impl {
       beast::error_code ignored;
       acceptor_.close(ignored);
       accept_retry_.cancel();
-      for (auto& weak : sessions_) {
-        if (auto s = weak.lock()) s->Close();
+      for (auto* list : {&sessions_, &refused_}) {
+        for (auto& weak : *list) {
+          if (auto s = weak.lock()) s->Close();
+        }
+        list->clear();
       }
-      sessions_.clear();
       // Handlers still queued (the aborted reads and writes) are destroyed with the
       // io_context, which releases their sessions.
       ioc_.stop();
@@ -334,14 +336,31 @@ class AdminServer::Impl {
         });
         return;
       }
-      // Forget sessions that are gone, so the list does not grow with every connection.
-      std::erase_if(sessions_, [](const std::weak_ptr<internal::Session>& w) { return w.expired(); });
+      // Forget sessions that are gone, so the lists do not grow with every connection.
+      const auto gone = [](const std::weak_ptr<internal::Session>& w) { return w.expired(); };
+      std::erase_if(sessions_, gone);
+      std::erase_if(refused_, gone);
       // The process's descriptors are shared with its clients: the server must not exhaust them.
+      // A connection over the limit is answered 503 without being read; those linger too (the
+      // client must read the answer before the close), so they are bounded likewise: beyond
+      // max_connections of them, one is closed without an answer.
       if (sessions_.size() >= options_.max_connections) {
-        SCALES_LOG_RATE_LIMITED(kWarning, 1, "admin server on port {}: {} connections open (the limit); "
-                                "connection closed", port_, sessions_.size());
-        beast::error_code ignored;
-        socket.close(ignored);
+        const bool answer = refused_.size() < options_.max_connections;
+        SCALES_LOG_RATE_LIMITED(kWarning, 1,
+                                "admin server on port {}: {} connections open (the limit, "
+                                "max_connections); connection {}",
+                                port_, sessions_.size(),
+                                answer ? "refused with 503" : "closed (as many refused already)");
+        if (answer) {
+          auto session = std::make_shared<internal::Session>(std::move(socket), &handler_, limits_);
+          refused_.push_back(session);
+          session->StartRefused(fmt::format(
+              "admin server: at its limit of {} connections (max_connections); try again later",
+              options_.max_connections));
+        } else {
+          beast::error_code ignored;
+          socket.close(ignored);
+        }
       } else {
         auto session = std::make_shared<internal::Session>(std::move(socket), &handler_, limits_);
         sessions_.push_back(session);
@@ -361,6 +380,7 @@ class AdminServer::Impl {
   internal::Session::Handler handler_;
   internal::SessionLimits limits_;  // the options' limits and timeouts
   std::vector<std::weak_ptr<internal::Session>> sessions_;  // on the server thread only
+  std::vector<std::weak_ptr<internal::Session>> refused_;   // answered 503; likewise
   std::mutex stop_mu_;
   std::thread thread_;
 };

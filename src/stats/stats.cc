@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <boost/json.hpp>
 
+#include "scales/core/log.h"
 #include "stats/metric_help.h"
 
 namespace scales::stats {
@@ -505,9 +506,32 @@ std::string StatsRegistry::ToText() const {
 }
 
 std::string StatsRegistry::ToJson() const {
+  // Every key a histogram may write, claimed even while it is empty (when it writes only
+  // ".count"), so that which metric a key shows does not change with a first sample.
+  static constexpr std::array<std::string_view, 11> kHistogramKeys = {
+      ".count", ".sum", ".avg", ".min", ".max", ".p50", ".p90", ".p95", ".p99", ".p9990", ".p9999"};
   boost::json::object obj;
+  // Key -> the metric that wrote it. A key is written once, as ToPrometheus() writes a series
+  // once: a later metric (in Snapshot() order) that would overwrite one is skipped whole and
+  // logged, the JSON having no comment line to report it in.
+  std::map<std::string, std::string, std::less<>> owners;
   for (const MetricSnapshot& m : Snapshot()) {
     std::string key = ValidUtf8(JsonKey(m.name, m.labels));
+    std::vector<std::string> keys;
+    if (m.type == MetricType::kHistogram) {
+      for (std::string_view suffix : kHistogramKeys) keys.push_back(key + std::string(suffix));
+    } else {
+      keys.push_back(key);
+    }
+    std::string owner = TextKey(m.name, m.labels);
+    auto taken = std::find_if(keys.begin(), keys.end(),
+                              [&](const std::string& k) { return owners.contains(k); });
+    if (taken != keys.end()) {
+      SCALES_LOG_RATE_LIMITED(kWarning, 5, "stats: ToJson() skipped {} {}: key {} is {}'s",
+                              TypeName(m.type), owner, *taken, owners.find(*taken)->second);
+      continue;
+    }
+    for (std::string& k : keys) owners.emplace(std::move(k), owner);
     if (m.type != MetricType::kHistogram) {
       obj[key] = m.value;
       continue;
@@ -667,7 +691,8 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
         break;
       case MetricType::kHistogram: {
         const HistogramSnapshot& h = m.histogram;
-        if (Family* f = family(name, m, m.type)) {
+        Family* f = family(name, m, m.type);
+        if (f) {
           int64_t cumulative = 0;
           for (size_t i = 0; i < kExportBucketCount; ++i) {
             cumulative += h.export_buckets[i];
@@ -681,7 +706,8 @@ std::string StatsRegistry::ToPrometheus(const PrometheusOptions& options) const 
           f->lines += fmt::format("{}_sum{} {}\n{}_count{} {}\n", name, labels, h.sum, name, labels,
                                   cumulative);
         }
-        if (!options.quantiles) break;
+        // The quantile gauges belong to the histogram: skipped with it (the comment names it).
+        if (!options.quantiles || !f) break;
         if (Family* q = family(name + "_quantile", m, MetricType::kGauge, /*quantiles=*/true)) {
           for (const auto& [quantile, text] : kQuantiles) {
             q->lines += fmt::format("{}_quantile{} {}\n", name,

@@ -322,8 +322,8 @@ TEST_F(AdminServerTest, IndexErrorsAndStop) {
 }
 
 // The admin server shares the process's descriptors with its clients: it serves at most 64
-// connections at once and closes the ones beyond as it accepts them, then serves again once
-// some are gone.
+// connections at once and answers the ones beyond 503 as it accepts them (without reading a
+// request), then closes them, and serves again once some are gone.
 TEST_F(AdminServerTest, ConnectionsBeyondTheLimitAreClosed) {
   boost::asio::io_context io;
   const boost::asio::ip::tcp::endpoint endpoint(boost::asio::ip::make_address("127.0.0.1"), admin_->port());
@@ -338,10 +338,15 @@ TEST_F(AdminServerTest, ConnectionsBeyondTheLimitAreClosed) {
   boost::asio::ip::tcp::socket extra(io);
   extra.connect(endpoint);
   boost::system::error_code ec;
-  extra.read_some(boost::asio::buffer(buf), ec);  // closed by the server, without a response
-  EXPECT_TRUE(ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset) << ec.message();
+  std::string answer;
+  for (size_t n; (n = extra.read_some(boost::asio::buffer(buf), ec)) > 0 || !ec;)
+    answer.append(buf, n);  // answered without a request, then closed by the server
+  EXPECT_THAT(answer, StartsWith("HTTP/1.1 503 Service Unavailable\r\n"));
+  EXPECT_THAT(answer, HasSubstr("\r\n\r\nadmin server: at its limit of 64 connections "
+                                "(max_connections); try again later\n"));
+  EXPECT_EQ(ec, boost::asio::error::eof) << ec.message();
   idle.clear();
-  // Until the server has seen those closes, a new connection is still one too many: closed.
+  // Until the server has seen those closes, a new connection is still one too many: 503.
   EXPECT_TRUE(Eventually([&] {
     try {
       return Fetcher().Get("/metrics").status == 200;
@@ -856,9 +861,9 @@ TEST(AdminServerOptionsTest, TheBodyLimitIsAnOption) {
   ExpectOneAnswer(Send(by_default, post(2048)), "HTTP/1.1 405 Method Not Allowed");
 }
 
-// max_connections is what the server enforces: with 2, a third connection is closed as it is
-// accepted, without an answer (the default, 64, would serve it), and a new one is served again
-// once one of the two is gone.
+// max_connections is what the server enforces: with 2, a third connection is answered 503 as it
+// is accepted, without reading its request, and closed (the default, 64, would serve it), and a
+// new one is served again once one of the two is gone.
 TEST(AdminServerOptionsTest, TheConnectionLimitIsAnOption) {
   stats::StatsRegistry registry;
   admin::AdminServer admin({.stats = &registry, .max_connections = 2});
@@ -870,9 +875,46 @@ TEST(AdminServerOptionsTest, TheConnectionLimitIsAnOption) {
     // Answered: a session, which counts until its connection ends.
     EXPECT_THAT(SendAndReceiveSome(open.back(), get), StartsWith("HTTP/1.1 200 OK\r\n"));
   }
-  auto third = Connect(io, admin);
-  EXPECT_EQ(SendAndReceiveSome(third, get), "") << "a third connection was served";
+  ExpectRefused(Send(admin, std::string(get)), "HTTP/1.1 503 Service Unavailable",
+                "admin server: at its limit of 2 connections (max_connections); try again later");
+  // Answered before it sends anything.
+  auto silent = Connect(io, admin);
+  char buf[4096];
+  const ssize_t n = ::recv(silent.native_handle(), buf, sizeof buf, 0);
+  EXPECT_THAT(std::string(buf, n > 0 ? size_t(n) : 0),
+              StartsWith("HTTP/1.1 503 Service Unavailable\r\n"));
   open.pop_back();  // closed: the server sees its end of stream and forgets it
+  EXPECT_TRUE(Eventually([&] {
+    auto again = Connect(io, admin);
+    return SendAndReceiveSome(again, get).starts_with("HTTP/1.1 200 OK\r\n");
+  }));
+}
+
+// The connections answered 503 linger (linger_timeout) like any refused one, so they are bounded
+// too: at most max_connections of them at once, the ones beyond closed without an answer, or a
+// flood would still take the process's descriptors. They hold up neither the connections being
+// served nor the limit: a new connection is served once one of those is gone.
+TEST(AdminServerOptionsTest, TheConnectionsAnswered503AreBoundedToo) {
+  stats::StatsRegistry registry;
+  admin::AdminServer admin({.stats = &registry, .linger_timeout = 30s, .max_connections = 2});
+  const std::string_view get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  boost::asio::io_context io;
+  std::vector<boost::asio::ip::tcp::socket> open;
+  for (int i = 0; i < 2; ++i) {
+    open.push_back(Connect(io, admin));
+    EXPECT_THAT(SendAndReceiveSome(open.back(), get), StartsWith("HTTP/1.1 200 OK\r\n"));
+  }
+  // Held open by the client: the server lingers on them for 30 s.
+  std::vector<boost::asio::ip::tcp::socket> refused;
+  for (int i = 0; i < 2; ++i) {
+    refused.push_back(Connect(io, admin));
+    EXPECT_THAT(SendAndReceiveSome(refused.back(), get),
+                StartsWith("HTTP/1.1 503 Service Unavailable\r\n"));
+  }
+  auto beyond = Connect(io, admin);
+  EXPECT_EQ(SendAndReceiveSome(beyond, get), "") << "a fifth connection was answered";
+  EXPECT_THAT(SendAndReceiveSome(open.front(), get), StartsWith("HTTP/1.1 200 OK\r\n"));
+  open.pop_back();
   EXPECT_TRUE(Eventually([&] {
     auto again = Connect(io, admin);
     return SendAndReceiveSome(again, get).starts_with("HTTP/1.1 200 OK\r\n");

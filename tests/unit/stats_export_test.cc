@@ -23,6 +23,7 @@
 #include "scales/pool/watermark_pool.h"
 #include "scales/stats/stats.h"
 #include "support/fake_sinks.h"
+#include "support/log_capture.h"
 #include "support/prometheus_text.h"
 
 namespace scales {
@@ -394,7 +395,8 @@ TEST(StatsExportTest, PrometheusWritesASeriesOnceWhenTwoNamesExportAsIt) {
   EXPECT_THAT(text, HasSubstr("# scales: skipped counter x_total: series x_total{client=\"c\"} is x's\n"));
   EXPECT_THAT(text, HasSubstr("# scales: skipped gauge my_app: series my_app is my.app's\n"));
   EXPECT_THAT(text, HasSubstr("# scales: skipped histogram h_us: series h_us_bucket{bad_key=\"v\"} is h.us's\n"));
-  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h_us: series h_us_quantile{bad_key=\"v\"} is h.us's\n"));
+  // Its quantile gauges go with it, reported once (PrometheusSkipsASkippedHistogramsQuantilesToo).
+  EXPECT_THAT(text, Not(HasSubstr("# scales: skipped gauge h_us:")));
 }
 
 // The same series however the raw labels sort ("http.status" sorts before "http_method", but
@@ -499,6 +501,30 @@ TEST(StatsExportTest, PrometheusWritesNoFamilyNamedAfterAHistogramsSamples) {
                               "samples\n"));
 }
 
+// The quantile gauges are no summary (the export writes none: no _sum or _count of theirs to
+// clash) but part of their histogram: a histogram skipped for a clash of its own families is
+// skipped whole, its "<name>_quantile" family too, or the comment would name a histogram whose
+// quantiles are still exported.
+TEST(StatsExportTest, PrometheusSkipsASkippedHistogramsQuantilesToo) {
+  StatsRegistry r;
+  // "a-b_sum" sorts before "a.b": the gauge is kept, the histogram is skipped.
+  r.GetGauge("a-b_sum").Set(9);
+  r.GetHistogram("a.b", {{"client", "c"}}).Record(5);
+  // "c-d" sorts before "c.d": family c_d is a gauge, the histogram is skipped.
+  r.GetGauge("c-d").Set(8);
+  r.GetHistogram("c.d").Record(5);
+  const std::string text = r.ToPrometheus();
+  EXPECT_THAT(text, Not(HasSubstr(" summary\n")));
+  PromText prom = ParsePrometheusText(text);
+  EXPECT_EQ(prom.Value("a_b_sum"), 9);
+  EXPECT_EQ(prom.Value("c_d"), 8);
+  EXPECT_EQ(prom.Family("a_b_quantile"), nullptr) << text;
+  EXPECT_EQ(prom.Family("c_d_quantile"), nullptr) << text;
+  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram a.b: family a_b_sum would hold its "
+                              "samples\n"));
+  EXPECT_THAT(text, HasSubstr("# scales: skipped histogram c.d: family c_d is a gauge\n"));
+}
+
 // Two label keys of one metric that export as one label name would repeat that label in the
 // series (`a_b="1",a_b="2"`), which Prometheus rejects the whole scrape for, as it does a
 // repeated series: the metric is skipped and reported, the others are written.
@@ -522,8 +548,7 @@ TEST(StatsExportTest, PrometheusSkipsAMetricTwoOfWhoseLabelKeysExportAlike) {
               HasSubstr("# scales: skipped gauge g: labels k and k are both exported as k\n"));
   EXPECT_THAT(text, HasSubstr("# scales: skipped histogram h: labels exported_le and le are both "
                               "exported as exported_le\n"));
-  EXPECT_THAT(text, HasSubstr("# scales: skipped gauge h: labels exported_le and le are both "
-                              "exported as exported_le\n"));
+  EXPECT_THAT(text, Not(HasSubstr("# scales: skipped gauge h:")));  // its quantiles: with it
 }
 
 TEST(StatsExportTest, EmptyHistogramAndEmptyRegistry) {
@@ -550,6 +575,39 @@ TEST(StatsExportTest, JsonKeysPutClientEndpointAndOtherLabelsInPlace) {
   EXPECT_EQ(o.at("clnt/c/h:1/n/e/z1").as_int64(), 4);  // other labels in key order: error, zone
   EXPECT_EQ(o.at("bare").as_int64(), 1);
   EXPECT_EQ(o.at("g/o").as_int64(), 2);
+}
+
+// A key of the flat JSON is written once, as ToPrometheus() writes a series once: a metric whose
+// key (for a histogram, any of its keys, written or not while it is empty) an earlier metric in
+// Snapshot() order has taken is skipped whole and logged (JSON has no comment line). The later
+// one won before: a counter "h.count" replaced histogram h's count.
+TEST(StatsExportTest, JsonWritesAKeyOnceAndLogsTheMetricItSkips) {
+  test::LogCapture log(LogLevel::kWarning);
+  StatsRegistry r;
+  r.GetHistogram("h").Record(5);
+  r.GetCounter("h.count").Increment(7);  // one of h's keys
+  r.GetHistogram("e");                   // empty: writes only e.count, but owns e.p50 too
+  r.GetGauge("e.p50").Set(8);
+  // "clnt/c/x.sum" sorts before "x": the gauge comes first, the histogram is skipped whole.
+  r.GetGauge("clnt/c/x.sum").Set(9);
+  r.GetHistogram("x", {{"client", "c"}}).Record(6);
+  // Equal values under other label keys: one key.
+  r.GetGauge("g", {{"a", "1"}}).Set(1);
+  r.GetGauge("g", {{"b", "1"}}).Set(2);
+  const boost::json::object o = boost::json::parse(r.ToJson()).as_object();
+  EXPECT_EQ(o.at("h.count").as_int64(), 1);
+  EXPECT_EQ(o.at("h.max").as_int64(), 5);
+  EXPECT_EQ(o.at("e.count").as_int64(), 0);
+  EXPECT_FALSE(o.contains("e.p50"));
+  EXPECT_EQ(o.at("clnt/c/x.sum").as_int64(), 9);
+  EXPECT_FALSE(o.contains("clnt/c/x.count"));
+  EXPECT_EQ(o.at("g/1").as_int64(), 1);
+  EXPECT_EQ(o.size(), 11u + 1u + 1u + 1u);  // h, e.count, clnt/c/x.sum, g/1
+  EXPECT_TRUE(log.Has({"stats: ToJson() skipped counter h.count: key h.count is h's"})) << log.All();
+  EXPECT_TRUE(log.Has({"skipped gauge e.p50: key e.p50 is e's"})) << log.All();
+  EXPECT_TRUE(log.Has({"skipped histogram x{client=\"c\"}: key clnt/c/x.sum is clnt/c/x.sum's"}))
+      << log.All();
+  EXPECT_TRUE(log.Has({"skipped gauge g{b=\"1\"}: key g/1 is g{a=\"1\"}'s"})) << log.All();
 }
 
 TEST(StatsExportTest, ParserRejectsBrokenText) {

@@ -239,6 +239,25 @@ TEST(StatsRegistryTest, TypeClashThrows) {
   EXPECT_NE(r.FindCounter("x", {{"k", "v"}}), nullptr);
 }
 
+// A registration that throws for the type leaves the registry as it was: no entry of the other
+// type, the first one's value and reference kept, every export unchanged (an event loop that
+// logs the exception and carries on exports the same metrics afterwards).
+TEST(StatsRegistryTest, ATypeClashLeavesTheRegistryUnchanged) {
+  StatsRegistry r;
+  Counter& c = r.GetCounter("x", {{"k", "v"}});
+  c.Increment(3);
+  r.GetHistogram("h").Record(5);
+  const std::string text = r.ToText(), json = r.ToJson(), prom = r.ToPrometheus();
+  EXPECT_THROW(r.GetGauge("x", {{"k", "v"}}), std::logic_error);
+  EXPECT_THROW(r.GetHistogram("x", {{"k", "v"}}), std::logic_error);
+  EXPECT_THROW(r.GetCounter("h"), std::logic_error);
+  EXPECT_EQ(r.Snapshot().size(), 2u);
+  EXPECT_EQ(&r.GetCounter("x", {{"k", "v"}}), &c);
+  EXPECT_EQ(r.ToText(), text);
+  EXPECT_EQ(r.ToJson(), json);
+  EXPECT_EQ(r.ToPrometheus(), prom);
+}
+
 TEST(StatsRegistryTest, SnapshotSortedByNameThenLabels) {
   StatsRegistry r;
   r.GetGauge("b");

@@ -74,8 +74,10 @@ struct AdminServerOptions {
   // The most a request's body may take (GET and HEAD need none); over it the request is refused
   // with 413 Content Too Large and the connection closed. Default 8 KiB; must be > 0.
   size_t max_body_bytes = 8 * 1024;
-  // Connections served at once; more are closed as they are accepted (without an answer), so
-  // that a flood of connections cannot take the descriptors the process's clients need.
+  // Connections served at once; more are answered 503 Service Unavailable as they are accepted
+  // (without reading their request) and closed, so that a flood of connections cannot take the
+  // descriptors the process's clients need. At most this many are being answered 503 at once
+  // (each lingers up to linger_timeout); beyond that they are closed without an answer.
   // Default 64; must be > 0.
   size_t max_connections = 64;
 };

@@ -170,9 +170,10 @@ class StatsRegistry {
   // {"clnt/users/10.0.0.1:80/scales_connects": 2,
   //  "clnt/users/scales_failures_by_error/request_timeout": 1}. Counters and gauges are
   // integers. Histograms contribute "<key>.count" and, when not empty, ".sum", ".avg", ".min",
-  // ".max", ".p50", ".p90", ".p95", ".p99", ".p9990" and ".p9999". Label sets that render the
-  // same key (equal values under different label keys): the later metric in Snapshot() order
-  // wins.
+  // ".max", ".p50", ".p90", ".p95", ".p99", ".p9990" and ".p9999". A key is written once: a
+  // metric whose key (a histogram's: any of those eleven, even while empty) an earlier one in
+  // Snapshot() order took (equal label values under other keys, a counter "h.count" beside a
+  // histogram "h") is skipped whole and logged at kWarning, as ToPrometheus() skips a clash.
   std::string ToJson() const;
   // The Prometheus text exposition format, version 0.0.4 (serve it as kPrometheusContentType).
   // One family per metric name, with "# HELP" (SetHelp(), the built-in text of scales' own
@@ -184,7 +185,8 @@ class StatsRegistry {
   // not allowed in metric or label names become '_', and a label name starting with "__"
   // (reserved by Prometheus) is exported as "exported___..."; label values escape \\, \" and
   // newline. A metric that would break the scrape (a clashing series, a family named after a
-  // histogram's samples) is skipped and reported in a "# scales: skipped" comment line.
+  // histogram's samples) is skipped and reported in a "# scales: skipped" comment line (a
+  // histogram with its quantile gauges).
   struct PrometheusOptions {
     bool quantiles = true;
   };
