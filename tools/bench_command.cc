@@ -119,9 +119,7 @@ bool IsHttpToken(std::string_view s) {
 
 int RunBenchCommand(int argc, char** argv) {
   // argv[0] == "bench"
-  for (int i = 1; i < argc && i < 3; ++i) {
-    if (IsHelp(argv[i])) return Usage("", stdout);
-  }
+  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
   if (argc < 2 || std::string_view(argv[1]).starts_with("-")) {
     return Usage(fmt::format("missing the protocol (http, thrift or thriftmux){}",
                              argc < 2 ? "" : fmt::format(" before option '{}'", argv[1])));
@@ -163,7 +161,6 @@ int RunBenchCommand(int argc, char** argv) {
                                   : arg == "-n" ? "--requests"
                                   : arg == "-d" ? "--duration"
                                                 : arg;
-    if (IsHelp(arg)) return Usage("", stdout);
     if (name.starts_with("--") && !given.insert(name).second) return Usage(fmt::format("{} given twice", name));
     if (arg == "--path" && !is_thrift) {
       const char* v = next();
@@ -238,13 +235,15 @@ int RunBenchCommand(int argc, char** argv) {
       limits.requests = *n;
     } else if (arg == "--duration" || arg == "-d") {
       const char* v = next();
-      auto d = v ? ParseDuration(v) : std::nullopt;
-      if (!d || *d <= Duration::zero()) return Usage("--duration needs a duration such as 10s");
+      std::string why;
+      auto d = v ? ParseDuration(v, &why) : std::nullopt;
+      if (!d || *d <= Duration::zero()) return Usage(fmt::format("--duration needs a duration such as 10s{}", why));
       limits.duration = *d;
     } else if (arg == "--timeout") {
       const char* v = next();
-      auto d = v ? ParseDuration(v) : std::nullopt;
-      if (!d || *d <= Duration::zero()) return Usage("--timeout needs a duration such as 500ms");
+      std::string why;
+      auto d = v ? ParseDuration(v, &why) : std::nullopt;
+      if (!d || *d <= Duration::zero()) return Usage(fmt::format("--timeout needs a duration such as 500ms{}", why));
       timeout = *d;
     } else if (arg == "--threads") {
       const char* v = next();
@@ -253,11 +252,15 @@ int RunBenchCommand(int argc, char** argv) {
       threads = static_cast<size_t>(*n);
     } else if (arg == "--busy-poll") {
       const char* v = next();
-      auto d = v ? ParseDuration(v) : std::nullopt;
-      // RuntimeOptions::busy_poll is in microseconds: 500ns would silently be 0, off.
+      std::string why;
+      auto d = v ? ParseDuration(v, &why) : std::nullopt;
+      // RuntimeOptions::busy_poll is in microseconds: 500ns would silently be 0, off (and
+      // 1500ns 1 us).
       if (!d || *d < Duration::zero() || *d > std::chrono::seconds(1) ||
-          (*d > Duration::zero() && *d < std::chrono::microseconds(1))) {
-        return Usage("--busy-poll needs a duration from 0 to 1s, such as 50us (0: off; else at least 1us)");
+          *d % std::chrono::microseconds(1) != Duration::zero()) {
+        return Usage(fmt::format("--busy-poll needs a duration from 0 to 1s, such as 50us (0: off; else whole "
+                                 "microseconds, at least 1us){}",
+                                 why));
       }
       busy_poll = std::chrono::duration_cast<std::chrono::microseconds>(*d);
     } else if (arg == "--balancer") {
@@ -271,13 +274,16 @@ int RunBenchCommand(int argc, char** argv) {
       print_stats = true;
     } else if (arg == "--admin-port") {
       const char* v = next();
-      auto n = v ? (std::string_view(v) == "0" ? std::optional<long long>(0) : ParsePositiveInt(v)) : std::nullopt;
-      if (!n || *n > 65535) return Usage("--admin-port needs a port number (0 = any free port)");
+      // Plain decimal, leading zeros too, as every other number ("00" was refused, "0" taken).
+      auto n = v ? ParseIntInRange(v, 0, 65535) : std::nullopt;
+      if (!n) return Usage("--admin-port needs a port number (0 = any free port)");
       admin_port = static_cast<uint16_t>(*n);
     } else if (arg == "--path" || arg == "--data" || arg == "--payload-size" || arg == "--protocol" ||
                arg == "--transport") {
       // Known, but for the other protocols (see the usage): not "unknown".
       return Usage(fmt::format("{} does not apply to bench {}", arg, protocol));
+    } else if (!arg.starts_with("-")) {
+      return Usage(fmt::format("unexpected argument '{}' (after the protocol and URI, only options)", arg));
     } else {
       return Usage(fmt::format("unknown option '{}'", arg));
     }

@@ -9,35 +9,62 @@
 
 namespace scales::tools {
 
-std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text) {
-  if (text.empty()) return std::nullopt;
+std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text, std::string* why) {
+  // Exact decimal arithmetic, not strtod: "0.5ns" rounded to 1 ns (and "0.4ns" to 0) silently.
   size_t i = 0;
-  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
-  if (i == 0) return std::nullopt;
-  std::string number(text.substr(0, i));
-  char* end = nullptr;
-  double value = std::strtod(number.c_str(), &end);
-  if (end != number.c_str() + number.size() || !std::isfinite(value) || value < 0) return std::nullopt;
+  auto digits = [&] {
+    const size_t begin = i;
+    while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+    return text.substr(begin, i - begin);
+  };
+  std::string_view whole = digits();
+  std::string_view fraction;
+  if (i < text.size() && text[i] == '.') {
+    ++i;
+    fraction = digits();
+  }
+  if (whole.empty() && fraction.empty()) return std::nullopt;
   std::string_view unit = text.substr(i);
-  double ns_per_unit;
+  long long ns_per_unit;
   if (unit.empty() || unit == "s") {
-    ns_per_unit = 1e9;
+    ns_per_unit = 1'000'000'000;
   } else if (unit == "ms") {
-    ns_per_unit = 1e6;
+    ns_per_unit = 1'000'000;
   } else if (unit == "us") {
-    ns_per_unit = 1e3;
+    ns_per_unit = 1'000;
   } else if (unit == "ns") {
     ns_per_unit = 1;
   } else if (unit == "m" || unit == "min") {
-    ns_per_unit = 60e9;
+    ns_per_unit = 60'000'000'000;
   } else if (unit == "h") {
-    ns_per_unit = 3600e9;
+    ns_per_unit = 3'600'000'000'000;
   } else {
     return std::nullopt;
   }
-  const double ns = value * ns_per_unit;
-  if (ns > kMaxDurationNs) return std::nullopt;  // and no overflow below
-  return std::chrono::nanoseconds(static_cast<long long>(std::llround(ns)));
+  while (!whole.empty() && whole.front() == '0') whole.remove_prefix(1);
+  while (!fraction.empty() && fraction.back() == '0') fraction.remove_suffix(1);
+  // More than 18 digits: over 365 days in any unit; fewer cannot overflow below.
+  if (whole.size() > 18) return std::nullopt;
+  auto value = [](std::string_view d) {
+    __int128 v = 0;
+    for (char c : d) v = v * 10 + (c - '0');
+    return v;
+  };
+  __int128 ns = value(whole) * ns_per_unit;
+  if (!fraction.empty()) {
+    // More than 18 digits after the point (the last one not 0) is never whole nanoseconds: an
+    // hour is 3.6e12 ns.
+    __int128 scale = 1;
+    for (size_t k = 0; k < fraction.size() && k <= 18; ++k) scale *= 10;
+    const __int128 part = fraction.size() > 18 ? 1 : value(fraction) * ns_per_unit;
+    if (part % scale != 0) {
+      if (why) *why = fmt::format(" ('{}' is not a whole number of nanoseconds, the finest unit)", text);
+      return std::nullopt;
+    }
+    ns += part / scale;
+  }
+  if (ns > static_cast<__int128>(kMaxDurationNs)) return std::nullopt;
+  return std::chrono::nanoseconds(static_cast<long long>(ns));
 }
 
 std::optional<long long> ParseIntInRange(std::string_view text, long long min, long long max) {

@@ -12,8 +12,10 @@ namespace scales::tools {
 inline constexpr double kMaxDurationNs = 365.0 * 24 * 3600 * 1e9;
 
 // Parses "300ms", "2s", "1.5s", "1m", "250us", "100ns". A bare number is seconds.
-// Returns nullopt for anything else (negative, unknown unit, garbage, over 365 days).
-std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text);
+// Returns nullopt for anything else (negative, unknown unit, garbage, over 365 days, not a whole
+// number of nanoseconds: "0.5ns" was silently 1 ns); for the last, `why` (if given) says so,
+// for the usage message: " ('0.5ns' is not a whole number of nanoseconds, the finest unit)".
+std::optional<std::chrono::nanoseconds> ParseDuration(std::string_view text, std::string* why = nullptr);
 
 // Parses a positive decimal integer; nullopt if not one.
 std::optional<long long> ParsePositiveInt(std::string_view text);
@@ -28,6 +30,15 @@ std::optional<double> ParseNumber(std::string_view text);
 
 // Whether `arg` asks for a command's usage: "-h" or "--help" (printed on stdout, exit 0).
 inline bool IsHelp(std::string_view arg) { return arg == "-h" || arg == "--help"; }
+
+// Whether any of argv[1..argc) asks for the usage: help anywhere on the line wins over an error
+// earlier on it ("http get --timeout 1s --help" said "missing URI").
+inline bool HelpAnywhere(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (IsHelp(argv[i])) return true;
+  }
+  return false;
+}
 
 // Whether an option's value is missing: none left, or another option in its place ("--report
 // --json" would write the report to a file named --json, and print text).

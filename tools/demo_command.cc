@@ -230,10 +230,10 @@ int RunDemoCommand(int argc, char** argv) {
   double rate = 300;
   std::string report_path = (std::filesystem::temp_directory_path() / "scales-demo-report.html").string();
   std::set<std::string_view> given;  // each option once: a second value would silently win
+  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
-    if (IsHelp(arg)) return Usage("", stdout);
     if (arg.starts_with("--") && !given.insert(arg).second) return Usage(fmt::format("{} given twice", arg));
     if (arg == "--seconds" && v) {
       seconds = ParseNumber(v).value_or(-1);
@@ -243,6 +243,8 @@ int RunDemoCommand(int argc, char** argv) {
       if (!(rate >= 10 && rate <= 100000)) return Usage("--rate is 10 to 100000 requests/s");
     } else if (arg == "--report" && !MissingValue(v)) {
       report_path = v;
+    } else if (!arg.starts_with("-")) {
+      return Usage(fmt::format("unexpected argument '{}' (the demo takes options only)", arg));
     } else {
       return Usage(fmt::format("unknown option or missing value: '{}'", arg));
     }

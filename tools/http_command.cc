@@ -33,8 +33,8 @@ int RunHttpCommand(int argc, char** argv) {
   // The method, URI and PATH come first: an option in their place means one is missing (it was
   // taken as the PATH, its value reported as an unknown option).
   static constexpr const char* kPositional[] = {"", "method", "URI", "PATH"};
+  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
   for (int i = 1; i < 4; ++i) {
-    if (i < argc && IsHelp(argv[i])) return Usage("", stdout);
     if (i >= argc) return Usage(fmt::format("missing {}", kPositional[i]));
     if (argv[i][0] == '-') return Usage(fmt::format("missing {} before option '{}'", kPositional[i], argv[i]));
   }
@@ -61,7 +61,6 @@ int RunHttpCommand(int argc, char** argv) {
   std::set<std::string_view> given;  // each option but -H once: a second value would silently win
   for (int i = 4; i < argc; ++i) {
     std::string_view arg = argv[i];
-    if (IsHelp(arg)) return Usage("", stdout);
     const std::string_view option = arg == "-d" ? "--data" : arg == "-i" ? "--include" : arg;
     if (option.starts_with("--") && option != "--header" && !given.insert(option).second) {
       return Usage(fmt::format("{} given twice", option));
@@ -86,11 +85,14 @@ int RunHttpCommand(int argc, char** argv) {
       request.body = v;
     } else if (arg == "--timeout") {
       const char* v = value(arg);
-      auto d = v ? ParseDuration(v) : std::nullopt;
-      if (!d || *d <= Duration::zero()) return Usage("--timeout needs a duration such as 300ms or 2s");
+      std::string why;
+      auto d = v ? ParseDuration(v, &why) : std::nullopt;
+      if (!d || *d <= Duration::zero()) return Usage(fmt::format("--timeout needs a duration such as 300ms or 2s{}", why));
       timeout = *d;
     } else if (arg == "--include" || arg == "-i") {
       include = true;
+    } else if (!arg.starts_with("-")) {
+      return Usage(fmt::format("unexpected argument '{}' (after the method, URI and PATH)", arg));
     } else {
       return Usage(fmt::format("unknown option '{}'", arg));
     }

@@ -70,17 +70,17 @@ int RunServerSetCommand(int argc, char** argv) {
   bool watch = false;
   std::chrono::nanoseconds timeout = std::chrono::seconds(10);
   std::set<std::string_view> given;  // each option once: a second value would silently win
+  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
   for (int i = 1; i < argc; ++i) {
     std::string_view arg = argv[i];
     if (arg.starts_with("--") && !given.insert(arg).second) return Usage(fmt::format("{} given twice", arg));
     if (arg == "--watch") {
       watch = true;
     } else if (arg == "--timeout") {
-      auto d = i + 1 < argc ? ParseDuration(argv[++i]) : std::nullopt;
-      if (!d || d->count() <= 0) return Usage("--timeout needs a positive duration (e.g. 5s)");
+      std::string why;
+      auto d = i + 1 < argc ? ParseDuration(argv[++i], &why) : std::nullopt;
+      if (!d || d->count() <= 0) return Usage(fmt::format("--timeout needs a positive duration (e.g. 5s){}", why));
       timeout = *d;
-    } else if (IsHelp(arg)) {
-      return Usage("", stdout);
     } else if (arg.starts_with("--") || !uri_text.empty()) {
       return Usage(fmt::format("unexpected argument '{}'", arg));
     } else {

@@ -26,6 +26,7 @@
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http.hpp>
 
+#include "cli_util.h"
 #include "commands.h"
 #include "scales/discovery/zookeeper.h"
 
@@ -87,14 +88,11 @@ std::optional<std::uint64_t> ParseUnsigned(std::string_view text) {
 
 // Returns false (after printing why) when the command line is unusable.
 bool ParseOptions(int argc, char** argv, Options& options, bool& help) {
-  help = false;
+  help = HelpAnywhere(argc, argv);  // wins over an error earlier on the line
+  if (help) return true;
   if (argc < 2) {
     std::fputs("scales testserver: missing protocol (http, thrift or thriftmux)\n", stderr);
     return false;
-  }
-  if (std::string_view(argv[1]) == "-h" || std::string_view(argv[1]) == "--help") {
-    help = true;
-    return true;
   }
   if (std::string_view(argv[1]) != "http") {
     std::fprintf(stderr, "scales testserver: unsupported protocol '%s' (only 'http')\n", argv[1]);
@@ -102,10 +100,6 @@ bool ParseOptions(int argc, char** argv, Options& options, bool& help) {
   }
   for (int i = 2; i < argc; ++i) {
     std::string_view arg = argv[i];
-    if (arg == "-h" || arg == "--help") {
-      help = true;
-      return true;
-    }
     std::string_view key = arg;
     std::optional<std::string_view> value;
     if (auto eq = arg.find('='); arg.starts_with("--") && eq != std::string_view::npos) {
@@ -113,6 +107,10 @@ bool ParseOptions(int argc, char** argv, Options& options, bool& help) {
       value = arg.substr(eq + 1);
     } else if (i + 1 < argc) {
       value = argv[i + 1];
+    }
+    if (!arg.starts_with("-")) {
+      std::fprintf(stderr, "scales testserver: unexpected argument '%s' (only options)\n", argv[i]);
+      return false;
     }
     if (key != "--port" && key != "--host" && key != "--name" && key != "--threads" &&
         key != "--announce") {

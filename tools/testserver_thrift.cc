@@ -124,10 +124,14 @@ int RunThriftTestServerCommand(int argc, char** argv) {
   std::string tls_client_ca;
   bool nonblocking = false;
   int io_threads = 1;
+  if (HelpAnywhere(argc, argv)) return Usage(stdout);
   for (int i = 2; i < argc; ++i) {
     std::string_view arg = argv[i];
     const char* value = i + 1 < argc ? argv[i + 1] : nullptr;
-    if (arg == "-h" || arg == "--help") return Usage(stdout);
+    if (!arg.starts_with("-")) {
+      std::fprintf(stderr, "scales testserver thrift: unexpected argument '%s' (only options)\n", argv[i]);
+      return Usage(stderr);
+    }
     if (value == nullptr) return Usage(stderr);
     ++i;
     if (arg == "--port") {

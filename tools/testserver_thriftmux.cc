@@ -280,9 +280,13 @@ int RunThriftMuxTestServerCommand(int argc, char** argv) {
   int port = 0;
   int threads = 1;
   ServerConfig config;
+  if (HelpAnywhere(argc, argv)) return Usage(stdout);
   for (int i = 2; i < argc; ++i) {
     std::string_view arg = argv[i];
-    if (arg == "-h" || arg == "--help") return Usage(stdout);
+    if (!arg.starts_with("-")) {
+      std::fprintf(stderr, "scales testserver thriftmux: unexpected argument '%s' (only options)\n", argv[i]);
+      return Usage(stderr);
+    }
     if (i + 1 >= argc) return Usage(stderr);
     const std::string_view value = argv[++i];
     if (auto v = ParseIntInRange(value, 0, 65535); arg == "--port" && v) {

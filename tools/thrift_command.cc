@@ -42,8 +42,8 @@ int RunThriftCommand(int argc, char** argv) {
   const bool mux = std::string_view(argv[0]) == "thriftmux";
   // "call", the URI and the method come first: an option in their place means one is missing.
   static constexpr const char* kPositional[] = {"", "sub-command (call)", "URI", "method (echo, ping, fail, sleep)"};
+  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
   for (int i = 1; i < 4; ++i) {
-    if (i < argc && IsHelp(argv[i])) return Usage("", stdout);
     if (i >= argc) return Usage(fmt::format("missing {}", kPositional[i]));
     if (argv[i][0] == '-') return Usage(fmt::format("missing {} before option '{}'", kPositional[i], argv[i]));
   }
@@ -57,13 +57,13 @@ int RunThriftCommand(int argc, char** argv) {
   std::set<std::string_view> given;  // each option once: a second value would silently win
   for (int i = 4; i < argc; ++i) {
     std::string_view a = argv[i];
-    if (IsHelp(a)) return Usage("", stdout);
     if (a.starts_with("--") && !given.insert(a).second) return Usage(fmt::format("{} given twice", a));
     auto next = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
     if (a == "--timeout") {
       const char* v = next();
-      auto d = v ? ParseDuration(v) : std::nullopt;
-      if (!d || *d <= Duration::zero()) return Usage("--timeout needs a duration such as 500ms");
+      std::string why;
+      auto d = v ? ParseDuration(v, &why) : std::nullopt;
+      if (!d || *d <= Duration::zero()) return Usage(fmt::format("--timeout needs a duration such as 500ms{}", why));
       options.client.timeout = *d;
       options.client.open_timeout = *d;  // the whole command, as `scales http`: zk:// may not answer
     } else if (a == "--client-id") {

@@ -39,6 +39,27 @@ std::string AsciiLower(std::string_view s) {
   return out;
 }
 
+// Where the hosts of a URI that start at `begin` end: at the first '/', '?' or '#'; but a '#'
+// with an '@' after it (before the path) is in user information ("user:pa#ss@host"), which no
+// fragment has, so the hosts go on to the end of that entry (and the password is not quoted as
+// a host or port).
+size_t HostsEnd(std::string_view uri, size_t begin) {
+  const size_t end = uri.find_first_of("/?#", begin);
+  if (end == std::string_view::npos) return uri.size();
+  if (uri[end] != '#') return end;
+  const size_t at = uri.substr(0, uri.find('/', end)).rfind('@');
+  if (at == std::string_view::npos || at < end) return end;
+  return std::min(uri.find_first_of("/?#", at), uri.size());
+}
+
+// Whether the '#' at `hash` starts what the parser takes as a zk:// fragment: an endpoint name
+// up to a '?' or the end. Any other '#' in an auth value is in the secret ("pa#ss&x=1").
+bool StartsFragment(std::string_view uri, size_t hash) {
+  const size_t end = std::min(uri.find('?', hash), uri.size());
+  if (end == hash + 1) return false;
+  return std::all_of(uri.begin() + hash + 1, uri.begin() + end, IsNameChar);
+}
+
 // Describes a character that is not printable in a message ("'@'" or "0x0a").
 std::string DescribeChar(char c) {
   auto u = static_cast<unsigned char>(c);
@@ -77,8 +98,7 @@ class UriParser {
     if (https) default_port_ = kHttpsPort;
 
     size_t hosts_begin = sep + kSchemeSeparator.size();
-    size_t hosts_end = uri_.find_first_of("/?#", hosts_begin);
-    if (hosts_end == std::string_view::npos) hosts_end = uri_.size();
+    size_t hosts_end = HostsEnd(uri_, hosts_begin);
     if (auto err = ParseHosts(hosts_begin, hosts_end, out.hosts); !err.empty()) return err;
 
     if (zk) return ParseZkRest(hosts_end, out);
@@ -341,6 +361,15 @@ class UriParser {
       if (c == '#') {
         if (have_fragment) return fmt::format("second '#' at offset {}", pos);
         have_fragment = true;
+        // After "auth=...", a '#' not followed by an endpoint name is in the password: say so
+        // without quoting the rest of it (RedactUriSecrets hides it up to the next '&').
+        if (const size_t pair = uri_.find_last_of("?&", pos); have_query && pair != std::string_view::npos &&
+                                                             uri_.substr(pair + 1, 5) == "auth=" &&
+                                                             !StartsFragment(uri_, pos)) {
+          return fmt::format("the auth value ends at the '#' at offset {}, and what follows is not an endpoint "
+                             "name (write a '#' in a password as %23)",
+                             pos);
+        }
         if (auto err = ParseFragment(pos + 1, end, out); !err.empty()) return err;
       } else {
         if (have_query) return fmt::format("second '?' at offset {}", pos);
@@ -492,7 +521,7 @@ std::string RedactUriSecrets(std::string_view uri) {
   // user may write): everything before the entry's last '@'.
   if (const size_t scheme_end = out.find("://"); scheme_end < out.find_first_of("?#")) {
     size_t entry = scheme_end + 3;
-    size_t hosts_end = std::min(out.find_first_of("/?#", entry), out.size());
+    size_t hosts_end = HostsEnd(out, entry);
     while (entry < hosts_end) {
       const size_t next = std::min(out.find(',', entry), hosts_end);
       const size_t at = out.find_last_of('@', next - 1);
@@ -510,7 +539,11 @@ std::string RedactUriSecrets(std::string_view uri) {
   for (size_t at = query; at != std::string::npos && at < out.size(); at = out.find('&', at + 1)) {
     if (out.compare(at + 1, 5, "auth=") != 0) continue;
     const size_t value = at + 6;
-    const size_t end = std::min(out.find('&', value), out.find('#', value));
+    // A '#' ends the value where the parser takes an endpoint name after it (the URI's first
+    // '#'); else it is in the secret ("digest:user:pa#ss&x=1"), which ends at the next '&'.
+    const size_t amp = out.find('&', value);
+    const size_t hash = out.find('#', value);
+    const size_t end = hash < amp && out.find('#') == hash && StartsFragment(out, hash) ? hash : amp;
     const size_t value_end = end == std::string::npos ? out.size() : end;
     const size_t colon = out.find(':', value);
     if (colon == std::string::npos || colon >= value_end) {

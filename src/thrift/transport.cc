@@ -146,6 +146,12 @@ std::string_view ThriftTransportSink::reply_noun() const {
   return reply_noun_;
 }
 
+std::string_view ThriftTransportSink::request_noun() const {
+  if (method_ == nullptr || method_->empty()) return "request";
+  request_noun_ = fmt::format("request for {}", *method_);
+  return request_noun_;
+}
+
 ConnectionSink::ParseResult ThriftTransportSink::Done() {
   replied_ = true;
   if (seqid_) {

@@ -347,9 +347,9 @@ ConnectionSink::ParseResult ConnectionSink::ParseEof(size_t bytes) {
 std::optional<ConnectionSink::ParseResult> ConnectionSink::CutByTheServer(std::string_view how) const {
   if (!writing_ || reply_bytes_ != 0 || !needs_whole_request()) return std::nullopt;
   return ParseResult::Failed(make_error_code(Errc::kNotSent),
-                             fmt::format("connection to {} {} while the request ({} bytes) was still being written: "
+                             fmt::format("connection to {} {} while the {} ({} bytes) was still being written: "
                                          "the server cannot have received it whole, so it was not sent",
-                                         conn_.address(), how, request_size_));
+                                         conn_.address(), how, request_noun(), request_size_));
 }
 
 void ConnectionSink::ReadFailed(const boost::system::error_code& ec) {
@@ -405,7 +405,7 @@ bool ConnectionSink::WriteDone(const boost::system::error_code& ec, size_t bytes
   conn_.bytes_sent().Increment(static_cast<int64_t>(bytes));
   request_written_ += bytes;
   if (!ec) return true;
-  auto tls = TlsFailure(ec, "writing the request");
+  auto tls = TlsFailure(ec, fmt::format("writing the {}", request_noun()));
   std::pair<error_code, std::string> failure;
   if (tls) {
     failure = std::move(*tls);
@@ -413,18 +413,18 @@ bool ConnectionSink::WriteDone(const boost::system::error_code& ec, size_t bytes
     // Not a byte left: the server never saw the request (typically EPIPE or ECONNRESET from a
     // server that closed the connection before the request came).
     failure = {make_error_code(Errc::kNotSent),
-               fmt::format("writing the request to {} failed before any byte was sent: {}", conn_.address(),
-                           ec.message())};
+               fmt::format("writing the {} to {} failed before any byte was sent: {}", request_noun(),
+                           conn_.address(), ec.message())};
   } else if (needs_whole_request()) {
     // Cut mid-write: the server cannot have acted on it.
     failure = {make_error_code(Errc::kNotSent),
-               fmt::format("writing the request to {} failed after {} of its {} bytes: {}; the server cannot have "
+               fmt::format("writing the {} to {} failed after {} of its {} bytes: {}; the server cannot have "
                            "received it whole, so it was not sent",
-                           conn_.address(), request_written_, request_size_, ec.message())};
+                           request_noun(), conn_.address(), request_written_, request_size_, ec.message())};
   } else {
     failure = {make_error_code(Errc::kConnectionClosed),
-               fmt::format("writing the request to {} failed after {} bytes: {}", conn_.address(), request_written_,
-                           ec.message())};
+               fmt::format("writing the {} to {} failed after {} bytes: {}", request_noun(), conn_.address(),
+                           request_written_, ec.message())};
   }
   if (!tls && expect_reply_ && readable_armed_) {
     // A server that answers before it has read the request and then closes the connection (a
@@ -466,7 +466,8 @@ void ConnectionSink::Close() {
   conn_.Close();
   if (busy()) {
     Finish(make_error_code(Errc::kClientClosed),
-           fmt::format("connection to {} closed by the client while the request was in flight", conn_.address()));
+           fmt::format("connection to {} closed by the client while the {} was in flight", conn_.address(),
+                       request_noun()));
   }
 }
 

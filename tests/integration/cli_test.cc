@@ -851,6 +851,77 @@ TEST(CliTest, AnOptionWhereAnArgumentBelongsNamesTheMissingOne) {
   std::filesystem::remove(std::filesystem::temp_directory_path() / "--json");
 }
 
+// Help anywhere on the line wins over an error before it: `http get --timeout 1s --help` said
+// "missing URI before option '--timeout'", `serverset --timeout --help` took --help as the
+// duration, `bench http --requests 5 --help` said "missing URI".
+TEST(CliTest, HelpAnywhereOnTheLineWins) {
+  for (auto [args, usage] : std::vector<std::pair<std::string, std::string>>{
+           {"http get --timeout 1s --help", "usage: scales http"},
+           {"http --data x -h", "usage: scales http"},
+           {"thrift call --timeout 1s --help", "usage: scales thrift"},
+           {"thriftmux --client-id x -h", "usage: scales thrift"},
+           {"bench http --requests 5 --help", "usage: scales bench"},
+           {"bench --requests 5 -h", "usage: scales bench"},
+           {"serverset --timeout --help", "usage: scales serverset"},
+           {"serverset --watch --watch --help", "usage: scales serverset"},
+           {"demo --seconds 1 --help", "usage: scales demo"},
+           {"testserver --port 1 --help", "usage: scales testserver http"},
+           {"testserver http --port abc --help", "usage: scales testserver http"},
+           {"testserver thrift --port --help", "usage: scales testserver thrift"},
+           {"testserver thriftmux --port abc -h", "usage: scales testserver thriftmux"}}) {
+    Result help = RunTool(args, "2>/dev/null", "timeout -k 5 20");
+    EXPECT_EQ(help.exit_code, 0) << args << "\n" << help.out;
+    EXPECT_NE(help.out.find(usage), std::string::npos) << args << "\n" << help.out;
+  }
+}
+
+// An argument where only options may come is named as unexpected, not as an unknown option
+// (`http get URI / extra` said "unknown option 'extra'").
+TEST(CliTest, AnExtraArgumentIsNamedAsUnexpected) {
+  for (auto [args, message] : std::vector<std::pair<std::string, std::string>>{
+           {"http get tcp://127.0.0.1:1 / extra", "scales http: unexpected argument 'extra'"},
+           {"http get tcp://127.0.0.1:1 / --timeout 1s extra", "scales http: unexpected argument 'extra'"},
+           {"bench http tcp://127.0.0.1:1 extra --requests 1", "scales bench: unexpected argument 'extra'"},
+           {"demo extra", "scales demo: unexpected argument 'extra'"},
+           {"testserver http extra", "scales testserver: unexpected argument 'extra'"},
+           {"testserver thrift extra 1", "scales testserver thrift: unexpected argument 'extra'"},
+           {"testserver thriftmux extra 1", "scales testserver thriftmux: unexpected argument 'extra'"},
+           // (These two said so already.)
+           {"thrift call tcp://127.0.0.1:1 echo a b", "scales thrift: unexpected argument 'b'"},
+           {"serverset tcp://127.0.0.1:1 extra", "scales serverset: unexpected argument 'extra'"}}) {
+    Result r = RunTool(args, "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(message), std::string::npos) << args << "\n" << r.out;
+    EXPECT_EQ(r.out.find("unknown option"), std::string::npos) << args << "\n" << r.out;
+  }
+}
+
+// A duration is a whole number of nanoseconds, the unit the options take: "0.5ns" was rounded to
+// 1 ns ("0.4ns" to 0) silently. --busy-poll, in microseconds, likewise ("1500ns" was 1 us).
+TEST(CliTest, ADurationFinerThanItsUnitIsRefused) {
+  for (auto [args, message] : std::vector<std::pair<std::string, std::string>>{
+           {"http get tcp://127.0.0.1:1 / --timeout 0.5ns",
+            "--timeout needs a duration such as 300ms or 2s ('0.5ns' is not a whole number of nanoseconds"},
+           {"http get tcp://127.0.0.1:1 / --timeout 1.5ns", "('1.5ns' is not a whole number of nanoseconds"},
+           {"http get tcp://127.0.0.1:1 / --timeout 0.0000000001", "('0.0000000001' is not a whole number of nanoseconds"},
+           {"thrift call tcp://127.0.0.1:1 ping --timeout 0.5ns", "('0.5ns' is not a whole number of nanoseconds"},
+           {"bench http tcp://127.0.0.1:1 --requests 1 --timeout 0.5ns", "('0.5ns' is not a whole number of nanoseconds"},
+           {"bench http tcp://127.0.0.1:1 --duration 0.5ns", "('0.5ns' is not a whole number of nanoseconds"},
+           {"bench http tcp://127.0.0.1:1 --requests 1 --busy-poll 1500ns", "whole microseconds, at least 1us"},
+           {"serverset tcp://127.0.0.1:1 --timeout 0.5ns", "('0.5ns' is not a whole number of nanoseconds"}}) {
+    Result r = RunTool(args, "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(message), std::string::npos) << args << "\n" << r.out;
+  }
+  // What stays: fractions that are whole nanoseconds, in any unit (each long enough for the
+  // static set's members to come first).
+  for (const char* timeout : {"1.000000001s", "1.5", "2.", "0.05m", ".001h", "1500.000001ms", "007s", "2.50s"}) {
+    Result ok = RunTool(std::string("serverset tcp://127.0.0.1:1 --timeout ") + timeout, "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(ok.exit_code, 0) << timeout << "\n" << ok.out;
+    EXPECT_NE(ok.out.find("127.0.0.1:1"), std::string::npos) << timeout << "\n" << ok.out;
+  }
+}
+
 // Numbers are plain decimal. --rate (strtod) took hex ("0x10": 16/s), leading spaces and a '+',
 // the demo's --seconds and --rate and `thrift call ... sleep` (strtoll) a '+' or "-0" too.
 TEST(CliTest, NumbersArePlainDecimal) {
@@ -878,6 +949,14 @@ TEST(CliTest, NumbersArePlainDecimal) {
     Result ok = RunTool("bench http tcp://" + server.endpoint() + " --requests 2 --rate " + rate, "2>&1");
     EXPECT_EQ(ok.exit_code, 0) << rate << "\n" << ok.out;
   }
+  // Leading zeros are taken, as by every other number: --admin-port took "0" but refused "00".
+  for (const char* port : {"0", "00", "000"}) {
+    Result ok = RunTool("bench http tcp://" + server.endpoint() + " --requests 1 --admin-port " + port, "2>&1");
+    EXPECT_EQ(ok.exit_code, 0) << port << "\n" << ok.out;
+  }
+  Result bad = RunTool("bench http tcp://" + server.endpoint() + " --requests 1 --admin-port 065536", "2>&1");
+  EXPECT_EQ(bad.exit_code, 2) << bad.out;
+  EXPECT_NE(bad.out.find("--admin-port needs a port number"), std::string::npos) << bad.out;
 }
 
 }  // namespace

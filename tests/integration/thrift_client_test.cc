@@ -454,9 +454,48 @@ TEST(ThriftClientTest, ARequestCutMidWriteFailsAsNotSent) {
   EXPECT_NE(std::string(e.what()).find("the server cannot have received it whole, so it was not sent"),
             std::string::npos)
       << e.what();
+  // Named as a read error names it ("reading the reply for echo"): "writing the request for
+  // roundtrip to X failed ..." or "... while the request for roundtrip (N bytes) was still being
+  // written"; it said "the request" alone.
+  EXPECT_NE(std::string(e.what()).find("the request for roundtrip "), std::string::npos) << e.what();
   blob.data = "small";
   client->roundtrip(back, blob);  // a new connection
   EXPECT_EQ(back.data, "small");
+}
+
+// Close() with a call in flight answers it naming its method, as the connection's other errors
+// do: "connection to X closed by the client while the request for slow was in flight" (it said
+// "the request" alone).
+TEST(ThriftClientTest, CloseWithACallInFlightNamesItsMethod) {
+  // Says when slow() has started: the request is then written and its reply awaited.
+  struct StartedHandler final : DerivedHandler {
+    std::promise<void> started;
+    void slow(std::string& r, int32_t millis) override {
+      started.set_value();
+      DerivedHandler::slow(r, millis);
+    }
+  };
+  auto handler = std::make_shared<StartedHandler>();
+  auto started = handler->started.get_future();
+  InProcessServer server(std::make_shared<scales::thrifttest::DerivedProcessor>(handler), ServerKind::kThreaded,
+                         Framing::kFramed, Protocol::kBinary);
+  auto rt = MakeRuntime();
+  auto o = Options(Framing::kFramed, Protocol::kBinary, rt);
+  o.retry.reset();
+  auto client = Thrift::NewClient<DerivedClient>(server.uri(), o);
+  auto f = SCALES_THRIFT_CALL(client, slow, 1000, boost::asio::use_future);
+  ASSERT_EQ(started.wait_for(5s), std::future_status::ready);
+  client.Close();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+  try {
+    f.get();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Errc::kClientClosed) << e.what();
+    EXPECT_NE(std::string(e.what()).find("closed by the client while the request for slow was in flight"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 // Hello's tree() answers a Node `levels` deep; the other methods are unused.

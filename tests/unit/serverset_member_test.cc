@@ -276,6 +276,48 @@ TEST(ZooKeeperOptionsTest, CredentialsAreNeverQuoted) {
   EXPECT_NE(error.find("auth=digest:***"), std::string::npos) << error;
 }
 
+// A '#' in a password ended the redaction early: "zk://user:s3c#r3t@h:1/svc" was quoted whole
+// (and its "port 's3c'" named), "auth=digest:user:s3c#r3t&x=1" as "auth=digest:***#r3t&x=1".
+// The secret is hidden up to its real end: the '@', or the next '&' when what follows the '#' is
+// not an endpoint name (a '#' followed by one is the URI's fragment, as the parser takes it).
+TEST(ZooKeeperOptionsTest, AHashInAPasswordIsRedactedToItsEnd) {
+  EXPECT_EQ(RedactUriSecrets("zk://user:s3c#r3t@h:1/svc"), "zk://***@h:1/svc");
+  EXPECT_EQ(RedactUriSecrets("zk://h1:1,user:s3c#r3t@h:1/svc"), "zk://h1:1,***@h:1/svc");
+  EXPECT_EQ(RedactUriSecrets("tcp://user:s3c#r3t@h:1"), "tcp://***@h:1");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3c#r3t&session_timeout=3s"),
+            "zk://a:1/svc?auth=digest:***&session_timeout=3s");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3c#r3t!"), "zk://a:1/svc?auth=digest:***");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=s3c#r3t#x"), "zk://a:1/svc?auth=***");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#http?auth=digest:user:s3c#r3t"), "zk://a:1/svc#http?auth=digest:***");
+  // What stays: a fragment after the query, and a '#' after the path.
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3cret#http"), "zk://a:1/svc?auth=digest:***#http");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3cret#http?x=1"),
+            "zk://a:1/svc?auth=digest:***#http?x=1");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#ep@x"), "zk://a:1/svc#ep@x");
+  for (const char* uri : {"zk://user:s3c#r3t@h:1/svc", "zk://h1:1,user:s3c#r3t@h:1/svc", "tcp://user:s3c#r3t@h:1",
+                          "zk://a:1/svc?auth=digest:user:s3c#r3t&session_timeout=3s",
+                          "zk://a:1/svc?session_timeout=3s&auth=digest:user:s3c#r3t&x=1",
+                          "zk://a:1/svc?auth=digest:user:s3c#r3t!", "zk://a:1/svc?auth=digest:user:s3c#r3t#x",
+                          "zk://a:1/svc#http?auth=digest:user:s3c#r3t"}) {
+    std::string error;
+    EXPECT_FALSE(ScalesUriParser::TryParse(uri, error)) << uri;
+    EXPECT_EQ(error.find("s3c"), std::string::npos) << uri << "\n" << error;
+    EXPECT_EQ(error.find("r3t"), std::string::npos) << uri << "\n" << error;
+  }
+  std::string error;
+  EXPECT_FALSE(ScalesUriParser::TryParse("zk://user:s3c#r3t@h:1/svc", error));
+  EXPECT_NE(error.find("has user information before the '@'"), std::string::npos) << error;
+  EXPECT_FALSE(ScalesUriParser::TryParse("zk://a:1/svc?auth=digest:user:s3c#r3t&session_timeout=3s", error));
+  EXPECT_NE(error.find("the auth value ends at the '#' at offset 33, and what follows is not an endpoint name "
+                       "(write a '#' in a password as %23)"),
+            std::string::npos)
+      << error;
+  // Written as %23, the '#' is in the password.
+  const ParsedUri encoded = ScalesUriParser::Parse("zk://a:1/svc?auth=digest:user:s3c%23r3t&session_timeout=3s");
+  EXPECT_EQ(encoded.query.at("auth"), "digest:user:s3c#r3t");
+  EXPECT_EQ(RedactUriSecrets(encoded.ToString()).find("s3c"), std::string::npos);
+}
+
 TEST(ZooKeeperOptionsTest, CreateServerSetRejectsBadOptionsWithoutConnecting) {
   try {
     CreateServerSet(ScalesUriParser::Parse("zk://127.0.0.1:1/svc?unknown=1"));

@@ -74,9 +74,11 @@ class ThriftTransportSink final : public ConnectionSink {
   // The default, plus a hint when no reply has come on the connection: a server of the other
   // framing closes the connection at the first request.
   ParseResult ParseEof(size_t bytes) override;
-  // "reply for <method>" while a request is on the connection, so that what the connection
-  // reports about reading it (closed mid-reply, a reset, a TLS error) names the method.
+  // "reply for <method>" and "request for <method>" while a request is on the connection, so
+  // that what the connection reports about writing it or reading its reply (a failed write, a
+  // close mid-reply, a reset, a TLS error, Close()) names the method.
   std::string_view reply_noun() const override;
+  std::string_view request_noun() const override;
 
   TransportOptions options_;
   // Owned by the connection (not the call) so that an operation still pending when the call
@@ -96,6 +98,7 @@ class ThriftTransportSink final : public ConnectionSink {
     return method_ != nullptr && !method_->empty() ? std::string_view(*method_) : std::string_view("?");
   }
   mutable std::string reply_noun_;  // reply_noun()'s text
+  mutable std::string request_noun_;  // request_noun()'s text
   // Whether a reply has been read on the connection (ParseEof's hint).
   bool replied_ = false;
   // Buffered framing: where the reply's walk stopped, so each read resumes it.

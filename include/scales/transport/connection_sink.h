@@ -88,6 +88,8 @@ class ConnectionSink : public ClientMessageSink {
   virtual ParseResult ParseEof(size_t bytes);
   // "reply" or "response": how error messages name what was being read.
   virtual std::string_view reply_noun() const { return "reply"; }
+  // "request" (or "request for echo"): how error messages name the request being written.
+  virtual std::string_view request_noun() const { return "request"; }
   // Whether a server can only act on a request it received whole (a Thrift frame or message),
   // so that a request cut mid-write by a failed write is as unsent as one not started (kNotSent,
   // which the retry sink may send again). HTTP: no (a server may answer the header section, or
