@@ -5,13 +5,17 @@
 // abort, not a silent exit 0), that the custom sink's header is sent once per attempt
 // when the retry sink sends a request again, and that the ThriftMux example's client id and
 // deadline reach the server as Mux contexts.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +23,7 @@
 #include <initializer_list>
 #include <iterator>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -203,6 +208,156 @@ class FailingEchoServer {
   int port_ = 0;
 };
 
+// A Mux proxy on 127.0.0.1 in front of a Mux server (the reference server), for the ThriftMux
+// example: it forwards every frame both ways, but answers the Tdispatches from the fail_from-th
+// on (1-based, counted over all its connections) itself with an Rdispatch Error (no MuxFailure
+// context: kServerError on the client, not retried) instead of forwarding them. The reference
+// server's --fail-first fails the first calls, and every call of the example carries the same
+// echo() argument, so neither can fail its third call alone. Frames are copied whole (blocking
+// sockets, two threads per connection; writes to the client under a lock so an injected reply
+// never splits a forwarded frame). Tdispatches must come whole (the example's are small): a
+// fragmented one is not supported.
+class FailingMuxProxy {
+ public:
+  FailingMuxProxy(int target_port, int fail_from) : target_port_(target_port), fail_from_(fail_from) {
+    listen_fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    if (listen_fd_ < 0 || ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        ::listen(listen_fd_, 16) != 0 || ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      if (listen_fd_ >= 0) ::close(listen_fd_);
+      throw std::runtime_error("FailingMuxProxy: cannot listen on 127.0.0.1");
+    }
+    port_ = ntohs(addr.sin_port);
+    accept_thread_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~FailingMuxProxy() {
+    stopping_ = true;
+    ::shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
+    accept_thread_.join();
+    ::close(listen_fd_);
+    std::vector<std::thread> threads;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& c : conns_) {
+        ::shutdown(c->client, SHUT_RDWR);
+        ::shutdown(c->server, SHUT_RDWR);
+      }
+      threads.swap(threads_);
+    }
+    for (auto& t : threads) t.join();
+    for (auto& c : conns_) {
+      ::close(c->client);
+      ::close(c->server);
+    }
+  }
+  FailingMuxProxy(const FailingMuxProxy&) = delete;
+  FailingMuxProxy& operator=(const FailingMuxProxy&) = delete;
+
+  std::string uri() const { return "tcp://127.0.0.1:" + std::to_string(port_); }
+  // Tdispatches received from clients so far, forwarded or failed.
+  int dispatches() const { return dispatches_.load(); }
+
+ private:
+  struct Conn {
+    int client = -1;
+    int server = -1;
+    std::mutex client_write;  // the injected replies and the forwarded server frames
+  };
+  static bool ReadFull(int fd, char* p, size_t n) {
+    while (n > 0) {
+      ssize_t r = ::recv(fd, p, n, 0);
+      if (r <= 0) return false;
+      p += r;
+      n -= static_cast<size_t>(r);
+    }
+    return true;
+  }
+  static bool WriteFull(int fd, const std::string& bytes) {
+    for (size_t at = 0; at < bytes.size();) {
+      ssize_t w = ::send(fd, bytes.data() + at, bytes.size() - at, MSG_NOSIGNAL);
+      if (w <= 0) return false;
+      at += static_cast<size_t>(w);
+    }
+    return true;
+  }
+  // One frame: the 4-byte size and what it counts (type, tag, body); empty at EOF or an error.
+  static std::string ReadFrame(int fd) {
+    std::string frame(4, '\0');
+    if (!ReadFull(fd, frame.data(), 4)) return {};
+    const uint32_t size = uint32_t{static_cast<uint8_t>(frame[0])} << 24 | uint32_t{static_cast<uint8_t>(frame[1])} << 16 |
+                          uint32_t{static_cast<uint8_t>(frame[2])} << 8 | static_cast<uint8_t>(frame[3]);
+    if (size < 4 || size > (64u << 20)) return {};
+    frame.resize(4 + size);
+    if (!ReadFull(fd, frame.data() + 4, size)) return {};
+    return frame;
+  }
+  void AcceptLoop() {
+    while (!stopping_) {
+      int client = ::accept(listen_fd_, nullptr, nullptr);
+      if (client < 0) return;
+      int server = ::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      addr.sin_port = htons(static_cast<uint16_t>(target_port_));
+      if (server < 0 || ::connect(server, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+        if (server >= 0) ::close(server);
+        ::close(client);
+        continue;
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      auto conn = std::make_shared<Conn>();
+      conn->client = client;
+      conn->server = server;
+      conns_.push_back(conn);
+      threads_.emplace_back([this, conn] { ClientToServer(*conn); });
+      threads_.emplace_back([conn] { ServerToClient(*conn); });
+    }
+  }
+  void ClientToServer(Conn& c) {
+    for (std::string frame; !(frame = ReadFrame(c.client)).empty();) {
+      const uint8_t type = static_cast<uint8_t>(frame[4]);
+      const bool fragment = (static_cast<uint8_t>(frame[5]) & 0x80) != 0;
+      if (type == 0x02 && !fragment && ++dispatches_ >= fail_from_) {  // Tdispatch
+        // Rdispatch (0xFE) on the same tag: status Error, no contexts, the reason.
+        std::string body = std::string("\xFE") + frame.substr(5, 3) + std::string("\x01\x00\x00", 3) +
+                           "the proxy fails Tdispatch " + std::to_string(dispatches_.load()) + " on purpose";
+        const uint32_t size = static_cast<uint32_t>(body.size());
+        std::string reply{static_cast<char>(size >> 24), static_cast<char>(size >> 16), static_cast<char>(size >> 8),
+                          static_cast<char>(size)};
+        std::lock_guard<std::mutex> lock(c.client_write);
+        if (!WriteFull(c.client, reply + body)) break;
+        continue;
+      }
+      if (!WriteFull(c.server, frame)) break;
+    }
+    ::shutdown(c.client, SHUT_RDWR);
+    ::shutdown(c.server, SHUT_RDWR);
+  }
+  static void ServerToClient(Conn& c) {
+    for (std::string frame; !(frame = ReadFrame(c.server)).empty();) {
+      std::lock_guard<std::mutex> lock(c.client_write);
+      if (!WriteFull(c.client, frame)) break;
+    }
+    ::shutdown(c.client, SHUT_RDWR);
+    ::shutdown(c.server, SHUT_RDWR);
+  }
+
+  const int target_port_;
+  const int fail_from_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::atomic<int> dispatches_{0};
+  std::thread accept_thread_;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<Conn>> conns_;
+  std::vector<std::thread> threads_;
+};
+
 #endif  // SCALES_EXAMPLE_HTTP_STYLES
 
 #ifdef SCALES_EXAMPLE_HTTP_STYLES
@@ -300,6 +455,35 @@ TEST(ExamplesTest, ThriftMuxStylesFailedCallEndsTheExampleWithAnError) {
       << "the example went on after the failed call\n"
       << server.Log();
 }
+
+// Parameter: the call (1-based, kStyleNames) from which on the proxy fails; the blocking call
+// (1) is the test above.
+class ExamplesThriftMuxStylesTest : public testing::TestWithParam<int> {};
+
+// The later calls keep the same promise ("The first call that fails ends the program: exit
+// code 1, the error on stderr"): a proxy in front of the Mux reference server answers the Nth
+// call (callback, future, coroutine, or the `fail` call whose declared exception the example
+// expects) with an Rdispatch Error (kServerError, not retried). The example prints the styles
+// before it, reports the error and exits with 1, making no further call: not exit 0 with the
+// failure dropped, not an abort.
+TEST_P(ExamplesThriftMuxStylesTest, FailedCallEndsTheExampleWithAnError) {
+  const int failing = GetParam();
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  FailingMuxProxy proxy(server.port(), failing);
+  std::string out =
+      RunFailingExample(std::string(SCALES_EXAMPLE_THRIFTMUX_STYLES) + " " + proxy.uri() + " hello");
+  const char* lines[] = {"blocking:  hello", "callback:  hello", "future:    hello", "coroutine: hello",
+                         "declared:  EchoError"};
+  for (int call = 1; call <= 5; ++call) {
+    EXPECT_EQ(out.find(lines[call - 1]) != std::string::npos, call < failing)
+        << lines[call - 1] << "\n"
+        << out;
+  }
+  EXPECT_EQ(proxy.dispatches(), failing) << "the example went on after the failed call\n" << out;
+  EXPECT_EQ(server.LogLinesWith({"recv Tdispatch"}).size(), static_cast<size_t>(failing - 1)) << server.Log();
+}
+
+INSTANTIATE_TEST_SUITE_P(FailingCall, ExamplesThriftMuxStylesTest, testing::Range(2, 6), StyleName);
 #endif
 
 #ifdef SCALES_EXAMPLE_ZOOKEEPER_DISCOVERY
