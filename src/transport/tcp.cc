@@ -1,5 +1,7 @@
 #include "scales/transport/tcp.h"
 
+#include <sys/socket.h>
+
 #include <boost/asio/connect.hpp>
 #include <boost/asio/post.hpp>
 #include <fmt/format.h>
@@ -300,6 +302,22 @@ void TcpConnection::SendCloseNotify() {
   ssl_->shutdown(ec);
 }
 
+// Linux answers a close() of a socket with unread bytes with an RST (RFC 2525 2.17), and an
+// RST discards what the kernel still holds of the last writes (a Mux session's Rdrain or
+// Tdiscarded, the end of a large request): the peer reads ECONNRESET instead. Reading the
+// bytes already received away first makes the close a FIN behind everything written (bytes the
+// peer sends after the close still reset it). Bounded, so a peer that floods the connection
+// is not read for long: after kMax bytes the close resets as before.
+void TcpConnection::DiscardUnread() noexcept {
+  constexpr size_t kMax = 1u << 20;
+  char buf[16384];
+  for (size_t total = 0; total < kMax;) {
+    const ssize_t n = ::recv(socket_.native_handle(), buf, sizeof buf, MSG_DONTWAIT);
+    if (n <= 0) return;  // none left (EAGAIN), the peer's end of stream, or an error
+    total += static_cast<size_t>(n);
+  }
+}
+
 void TcpConnection::Close() {
   closed_ = true;
   timer_.Cancel();
@@ -307,6 +325,7 @@ void TcpConnection::Close() {
   boost::system::error_code ignored;
   if (socket_.is_open()) {
     if (tls_active_ && ssl_) SendCloseNotify();
+    DiscardUnread();
     socket_.shutdown(tcp::socket::shutdown_both, ignored);
     socket_.close(ignored);
   }

@@ -11,8 +11,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <future>
 #include <iterator>
@@ -909,6 +911,22 @@ class QuietPeer {
     const ssize_t n = ::send(conn_, bytes.data(), bytes.size(), MSG_DONTWAIT);
     if (n > 0) bytes.erase(0, static_cast<size_t>(n));
   }
+  // Appends what the client has sent to `out`, and once its stream ended says how: 0 for the
+  // client's FIN (a clean end after all it wrote), otherwise the errno (ECONNRESET: its RST,
+  // which discards whatever its socket still held to send); nullopt while the stream goes on.
+  std::optional<int> ReadToEnd(std::string& out) {
+    char buf[64 * 1024];
+    for (;;) {
+      const ssize_t n = ::recv(conn_, buf, sizeof buf, 0);
+      if (n > 0) {
+        out.append(buf, static_cast<size_t>(n));
+        continue;
+      }
+      if (n == 0) return 0;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return std::nullopt;
+      return errno;
+    }
+  }
 
  private:
   int listen_ = -1;
@@ -1450,6 +1468,110 @@ TEST(MuxSessionTest, AClosedSessionKeepsNoHalfReceivedReplies) {
   EXPECT_EQ(a.result().error, Errc::kProtocolError) << a.result().detail;
   EXPECT_EQ(f.session->status(), SinkStatus::kClosed);
   EXPECT_LT(HeapInUse(), before + (4u << 20)) << "heap grew by " << (HeapInUse() - before) << " bytes";
+}
+
+// The messages in `bytes` (whole frames), described: "Tdispatch tag=2 (524288 bytes)",
+// "Rdrain tag=1", "Tdiscarded which=2"; a cut frame at the end as "cut".
+std::vector<std::string> Frames(const std::string& bytes) {
+  mux::FrameDecoder decoder(64u << 20);
+  decoder.Feed(bytes);
+  std::vector<std::string> out;
+  for (;;) {
+    auto frame = decoder.Next();
+    if (!frame || !frame->has_value()) break;
+    auto m = mux::DecodeMessage(**frame);
+    if (!m) {
+      out.push_back("undecodable");
+    } else if (auto* d = std::get_if<mux::Tdispatch>(&*m)) {
+      out.push_back(fmt::format("Tdispatch tag={} ({} bytes)", d->tag, d->payload.size()));
+    } else if (auto* t = std::get_if<mux::Tdiscarded>(&*m)) {
+      out.push_back(fmt::format("Tdiscarded which={}", t->which));
+    } else {
+      out.push_back(fmt::format("{} tag={}", mux::TypeName(mux::WireTypeOf(*m)), mux::TagOf(*m)));
+    }
+  }
+  if (decoder.buffered() != 0) out.push_back("cut");
+  return out;
+}
+
+// Reads what the session's peer receives until the client's stream ends; how it ended (0: FIN).
+std::optional<int> ReadToTheEnd(test::ManualEnv& env, QuietPeer& peer, std::string& received) {
+  std::optional<int> end;
+  if (!RunUntil(env, [&] { return (end = peer.ReadToEnd(received)).has_value(); })) return std::nullopt;
+  return end;
+}
+
+// Options of the close tests: no handshake, no pings.
+mux::SessionOptions QuietCloseOptions() {
+  mux::SessionOptions o;
+  o.handshake = false;
+  o.ping_interval = Duration::zero();
+  return o;
+}
+
+// A drained session closes once its last request is answered. The server sent more behind that
+// reply (here a late reply for a tag the client no longer uses), which the client had not read
+// when it closed: Linux answers a close() with unread bytes with an RST, which discards what
+// the socket still held to send (the end of a large request the server had not read yet, and
+// the Rdrain queued behind it), and the server read ECONNRESET after 128 KiB of the request
+// instead of its Rdrain. The connection reads the unread bytes away before it closes
+// (TcpConnection::Close), so the close is a FIN behind everything written.
+TEST(MuxSessionTest, ADrainedSessionsRdrainIsNotLostToAResetOverUnreadBytes) {
+  PeerSession f(QuietCloseOptions());
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  // More than the server's receive window: the end of it waits in the client's send buffer.
+  SessionCall call(std::string(512u << 10, 'r'));
+  call.Start(*f.session);
+  f.peer.Send(mux::Encode(mux::Tdrain{}));
+  // The Rdrain is handed to the socket (behind the request), which takes it whole.
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.session->draining() && f.session->queued_bytes() == 0; }));
+  f.env.Run();
+  mux::Rdispatch reply;
+  reply.tag = 2;
+  reply.body = "ok";
+  mux::Rdispatch late;
+  late.tag = 3;
+  late.body = std::string(32u << 10, 'l');
+  f.peer.Send(mux::Encode(reply) + mux::Encode(late));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return call.completions() == 1; }));
+  EXPECT_FALSE(call.result().error) << call.result().detail;
+  EXPECT_EQ(call.reply(), "ok");
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.session->status() == SinkStatus::kClosed; }));
+
+  std::string received;
+  auto end = ReadToTheEnd(f.env, f.peer, received);
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(*end, 0) << "the server's read failed: " << std::strerror(*end) << " after " << received.size()
+                     << " bytes";
+  EXPECT_EQ(Frames(received), (std::vector<std::string>{"Tdispatch tag=2 (524288 bytes)", "Rdrain tag=1"}));
+  EXPECT_EQ(f.env.GaugeValue("scales_connections"), 0);
+}
+
+// The same for the client's Close() of a session with nothing in flight, whose last write held
+// the Tdiscarded of a request it gave up on (it was lost to the RST).
+TEST(MuxSessionTest, TdiscardedWrittenBeforeTheClientsCloseIsNotLostToAReset) {
+  PeerSession f(QuietCloseOptions());
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  SessionCall call(std::string(512u << 10, 'r'));
+  call.Start(*f.session);
+  f.env.Run();
+  call.Cancel();
+  ASSERT_EQ(call.completions(), 1);
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.session->queued_bytes() == 0; }));
+  f.env.Run();
+  mux::Rdispatch late;
+  late.tag = 7;
+  late.body = std::string(32u << 10, 'l');
+  f.peer.Send(mux::Encode(late));
+  f.session->Close();  // before the client read the late reply
+
+  std::string received;
+  auto end = ReadToTheEnd(f.env, f.peer, received);
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(*end, 0) << "the server's read failed: " << std::strerror(*end) << " after " << received.size()
+                     << " bytes";
+  EXPECT_EQ(Frames(received), (std::vector<std::string>{"Tdispatch tag=2 (524288 bytes)", "Tdiscarded which=2"}));
+  EXPECT_EQ(f.env.GaugeValue("scales_connections"), 0);
 }
 
 // A server that accepts the connection but never answers the probe, or echoes it and never

@@ -105,6 +105,7 @@ class TcpConnection {
   void OnHandshake(const boost::system::error_code& ec);
   void Finish(error_code ec);
   void SendCloseNotify();
+  void DiscardUnread() noexcept;  // before a close: so that it is a FIN, not an RST
   static void OnTimeout(void* self);
 
   EventLoop& loop_;
