@@ -250,6 +250,7 @@ struct Calls {
   // raced Close()); read after the settle.
   int64_t in_flight_at_close = 0, closed_by_close = 0, completed_after_close = 0;
   int64_t completed_at_close = 0, client_closed_before = 0;  // CloseUnderLoad()'s baselines
+  int64_t issued_at_close = 0;
   std::mutex mu;
   std::map<std::string, int64_t> errors;
   std::map<std::string, EndpointCounts> endpoints;
@@ -871,7 +872,8 @@ void Soak::CloseUnderLoad(std::thread& load) {
           Calls& c = p->calls;
           c.client_closed_before = c.ClientClosed();
           c.completed_at_close = c.ok.load() + c.failed.load();
-          c.in_flight_at_close = c.issued.load() - c.completed_at_close;
+          c.issued_at_close = c.issued.load();
+          c.in_flight_at_close = c.issued_at_close - c.completed_at_close;
         }
         break;
       }
@@ -935,6 +937,16 @@ std::vector<Check> Soak::Judge(const std::vector<MinuteRow>& rows, const GaugeSa
                     p->calls.issued.load(), p->calls.ok.load() + p->calls.failed.load(), never,
                     p->calls.in_flight_at_close, p->calls.completed_after_close,
                     p->calls.closed_by_close));
+    // The calls in flight when Close() began, each completed once since (Close() failed it, or
+    // its reply or timeout won the race), and no call started after it: counted apart from the
+    // run's other calls, which a miscount among them could hide.
+    const Calls& c = p->calls;
+    const int64_t issued_after_close = c.issued.load() - c.issued_at_close;
+    add(p->name + ": calls in flight at Close() completed",
+        c.completed_after_close == c.in_flight_at_close && issued_after_close == 0,
+        fmt::format("{} in flight at Close(), {} completed after it ({} failed by Close() with "
+                    "client_closed, the others by their reply or a timeout), {} started after it",
+                    c.in_flight_at_close, c.completed_after_close, c.closed_by_close, issued_after_close));
     add(p->name + ": no call completed twice", p->calls.twice.load() == 0,
         fmt::format("{} double completions", p->calls.twice.load()));
     // The client's own counters agree with the driver's.

@@ -5,6 +5,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <stdexcept>
 
 #include <fmt/format.h>
 
@@ -12,6 +13,7 @@
 
 #include "core/duration_text.h"
 #include "scales/core/error.h"
+#include "scales/core/forwarding_sink.h"
 #include "scales/discovery/uri.h"
 #include "scales/discovery/zookeeper.h"
 
@@ -30,6 +32,24 @@ struct LiveClients {
 LiveClients& Live() {
   static LiveClients* const live = new LiveClients();  // never destroyed: clients may outlive main
   return *live;
+}
+
+// Why a shard's open failed, in the words of the sink that failed it ("connect to 10.0.0.1:80
+// failed: Connection refused"): the first sink down the shard's chain that says, through the
+// sinks that forward their open (timeout, retry, formatters): a connection's or session's
+// open_failure_detail(), or the fault a pool raised with it. Empty when none says. On the
+// shard's loop.
+std::string OpenFailureDetail(const MessageDispatcher& shard) {
+  ClientMessageSink* sink = shard.next().get();
+  while (sink != nullptr) {
+    if (std::string detail = sink->open_failure_detail(); !detail.empty()) return detail;
+    if (const auto& fault = sink->on_faulted().value(); fault && fault->error && !fault->detail.empty()) {
+      return fault->detail;
+    }
+    auto* forwarding = dynamic_cast<ForwardingSink*>(sink);
+    sink = forwarding != nullptr ? forwarding->next().get() : nullptr;
+  }
+  return {};
 }
 
 }  // namespace
@@ -62,21 +82,29 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   SinkFactory top = spec_.Build();
   stats::StatsScope scope(stats_, {{"client", options_.name}});
   auto limit = std::make_shared<MessageDispatcher::PendingLimit>(options_.max_pending, runtime_->size());
-  for (size_t i = 0; i < runtime_->size(); ++i) {
-    EventLoop& loop = runtime_->loop(i);
-    SinkContext ctx;
-    ctx.loop = &loop;
-    ctx.client_name = options_.name;
-    ctx.stats = scope;
-    ctx.server_set = server_set_;
-    SinkPtr head = top(ctx);
-    shards_.push_back(std::make_shared<MessageDispatcher>(loop, options_.name, std::move(head),
-                                                          options_.timeout, scope, limit,
-                                                          options_.trace_ids));
+  try {
+    for (size_t i = 0; i < runtime_->size(); ++i) {
+      EventLoop& loop = runtime_->loop(i);
+      SinkContext ctx;
+      ctx.loop = &loop;
+      ctx.client_name = options_.name;
+      ctx.stats = scope;
+      ctx.server_set = server_set_;
+      SinkPtr head = top(ctx);
+      shards_.push_back(std::make_shared<MessageDispatcher>(loop, options_.name, std::move(head),
+                                                            options_.timeout, scope, limit,
+                                                            options_.trace_ids));
+    }
+    // After the last step that may throw (a provider's validation): a constructor that throws
+    // runs no destructor, and the registry would keep the collector (and its gauges) for good.
+    ReportDiscoveryStats(scope);
+  } catch (const std::logic_error& e) {
+    // The registry refuses a metric the user registered with another type (the dispatcher's,
+    // the discovery gauges): "stats: metric NAME{labels} is a gauge, not a counter".
+    std::string_view what = e.what();
+    if (what.starts_with("stats: ")) what.remove_prefix(7);
+    throw Error(make_error_code(Errc::kInvalidArgument), fmt::format("client {}: {}", options_.name, what));
   }
-  // After the last step that may throw (a provider's validation): a constructor that throws runs
-  // no destructor, and the registry would keep the collector (and its gauges) for good.
-  ReportDiscoveryStats(scope);
   std::lock_guard lock(Live().mu);
   Live().clients.insert(this);
 }
@@ -92,11 +120,13 @@ ClientCore::~ClientCore() {
   }
 }
 
-void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
+void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler, std::shared_ptr<std::string> detail) {
   struct OpenState {
     std::mutex mu;
     size_t remaining;
     error_code first_error;
+    std::string first_detail;             // the first error's, when `detail` is wanted
+    std::shared_ptr<std::string> detail;  // receives it before the handler is on its way
     // std::optional because any_completion_handler's move assignment recurses forever in
     // Boost 1.81; only move construction is safe.
     std::optional<ClientMessageSink::OpenHandler> handler;
@@ -107,6 +137,7 @@ void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
   auto state = std::make_shared<OpenState>();
   state->remaining = shards_.size();
   state->handler.emplace(std::move(handler));
+  state->detail = std::move(detail);
   state->executor = runtime_->loop(0).executor();
   state->work = internal::HandlerWork(*state->handler);
   if (!state->work && shards_.size() > 1) {
@@ -118,12 +149,17 @@ void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
   }
   for (auto& shard : shards_) {
     boost::asio::post(shard->loop().executor(), [shard, state] {
-      shard->AsyncOpen([state](error_code ec) {
+      shard->AsyncOpen([state, shard](error_code ec) {
         {
           std::lock_guard lock(state->mu);
-          if (ec && !state->first_error) state->first_error = ec;
+          if (ec && !state->first_error) {
+            state->first_error = ec;
+            // A closed client's open says nothing about its endpoints (a fault may be old).
+            if (state->detail && ec != Errc::kClientClosed) state->first_detail = OpenFailureDetail(*shard);
+          }
           if (--state->remaining != 0) return;
         }
+        if (state->detail) *state->detail = std::move(state->first_detail);
         internal::CompleteOn(std::move(*state->handler), state->executor, /*defer=*/true,
                              std::move(state->work), state->first_error);
       });
@@ -134,7 +170,8 @@ void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler) {
 void ClientCore::OpenAndWait() {
   auto done = std::make_shared<std::promise<error_code>>();
   auto result = done->get_future();
-  AsyncOpen([done](error_code ec) { done->set_value(ec); });
+  auto detail = std::make_shared<std::string>();
+  DoOpen(ClientMessageSink::OpenHandler([done](error_code ec) { done->set_value(ec); }), detail);
   if (options_.open_timeout <= Duration::zero() || IsLoopThread()) return;
   // wait_for() waits until now + timeout: a timeout near Duration::max() (as long as it takes)
   // would overflow that deadline and not wait at all. A century is as long as it takes.
@@ -146,8 +183,9 @@ void ClientCore::OpenAndWait() {
                             server_set_->Describe()));
   }
   if (error_code ec = result.get()) {
+    // The step and endpoint the failing sink reported (read once the handler ran: written before).
     throw Error(ec, fmt::format("client {} failed to open (server set {}): {}", options_.name,
-                                server_set_->Describe(), ec.message()));
+                                server_set_->Describe(), detail->empty() ? ec.message() : *detail));
   }
 }
 

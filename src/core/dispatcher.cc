@@ -1,8 +1,11 @@
 #include "scales/core/dispatcher.h"
 
 #include <chrono>
+#include <stdexcept>
 
 #include <fmt/format.h>
+
+#include "scales/core/log.h"
 
 namespace scales {
 
@@ -252,14 +255,26 @@ stats::Counter& MessageDispatcher::FailureCounter(const error_code& ec) {
   std::string name = ErrorName(ec);
   auto it = failures_by_code_.find(name);
   if (it != failures_by_code_.end()) return *it->second;
-  auto& c = stats_.registry()->GetCounter("scales_failures_by_error",
-                                         [&] {
-                                           auto labels = stats_.labels();
-                                           labels.emplace_back("error", name);
-                                           return labels;
-                                         }());
-  failures_by_code_.emplace(std::move(name), &c);
-  return c;
+  stats::Counter* c = nullptr;
+  try {
+    c = &stats_.registry()->GetCounter("scales_failures_by_error", [&] {
+      auto labels = stats_.labels();
+      labels.emplace_back("error", name);
+      return labels;
+    }());
+  } catch (const std::logic_error& e) {
+    // The user registered this name and label set with another type. We are on the response
+    // path: throwing would leave the call uncompleted (the loop drops the exception). Such
+    // failures are counted nowhere (scales_failures still counts them); say so once per kind.
+    static stats::Counter uncounted;
+    c = &uncounted;
+    std::string_view what = e.what();
+    if (what.starts_with("stats: ")) what.remove_prefix(7);
+    SCALES_LOG(kError, "client {}: {}: its '{}' failures are not counted there (scales_failures counts them)",
+               client_name_, what, name);
+  }
+  failures_by_code_.emplace(std::move(name), c);
+  return *c;
 }
 
 void MessageDispatcher::AsyncProcessResponse(SinkStack& stack, void* context, Stream*,

@@ -69,6 +69,7 @@ size_t EventLoop::Poll() {
   // own callback): the loop then goes with this Poll(), not under it, and the handlers queued
   // behind that one (the client's shutdown, the completions it posts) still run in it.
   const std::shared_ptr<EventLoop> keep = shared_from_this();
+  driver_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   CurrentLoopScope scope(this);
   if (ioc_->stopped()) ioc_->restart();
   return ioc_->poll();
@@ -297,6 +298,15 @@ EventLoop& Runtime::PickLoop() noexcept {
 bool Runtime::IsLoopThread() const noexcept {
   for (auto& l : loops_) {
     if (l->IsCurrent()) return true;
+  }
+  return false;
+}
+
+bool Runtime::IsDriverThread() const noexcept {
+  if (!threads_.empty()) return false;  // the loops have threads of their own
+  const std::thread::id self = std::this_thread::get_id();
+  for (auto& l : loops_) {
+    if (l->driver_.load(std::memory_order_relaxed) == self) return true;
   }
   return false;
 }

@@ -273,6 +273,44 @@ TEST_F(TestServerTest, SlowReplyTimesOutWithinTheDeadline) {
   EXPECT_EQ(after.Header("X-Connection"), slow.Header("X-Connection")) << "keep-alive connection reused";
 }
 
+// The application's own gauge under scales_failures_by_error, with the client's labels: scales
+// registers that counter at the first failure of a kind, on the response path, and the
+// registry's exception escaped into the event loop (logged and dropped there) before the call
+// completed: the timed-out call never completed, and a blocking Get waited for ever. The call
+// completes with its timeout; the clash is logged and the gauge is left alone.
+TEST_F(TestServerTest, AFailureCounterRegisteredAsAGaugeStillCompletesTheCall) {
+  stats::StatsRegistry stats;
+  stats::Gauge& users = stats.GetGauge("scales_failures_by_error", {{"client", "it"}, {"error", "request_timeout"}});
+  auto opts = Options(MakeRuntime(1), &stats);
+  opts.client.timeout = 200ms;
+  auto client = Http::NewClient(Uri({server_.endpoint()}), opts);
+  auto done = std::make_shared<std::promise<error_code>>();
+  client.AsyncGet("/delay/3000", [done](error_code ec, http::Response) { done->set_value(ec); });
+  auto slow = done->get_future();
+  ASSERT_EQ(slow.wait_for(2s), std::future_status::ready) << "the timed-out call never completed";
+  EXPECT_EQ(slow.get(), Errc::kRequestTimeout);
+  EXPECT_EQ(users.value(), 0);
+}
+
+// A per-connection metric (the TCP transport's, registered on the loop when the pool connects)
+// of another type: the connection fails, and the call says which client, endpoint and metric.
+TEST_F(TestServerTest, AConnectionMetricOfAnotherTypeFailsTheCallClearly) {
+  stats::StatsRegistry stats;
+  stats.GetGauge("scales_connects", {{"client", "it"}, {"endpoint", server_.endpoint()}});
+  auto opts = Options(MakeRuntime(1), &stats);
+  opts.client.open_timeout = Duration::zero();  // the open fails too: the call says why
+  auto client = Http::NewClient(Uri({server_.endpoint()}), opts);
+  try {
+    client.Get("/");
+    ADD_FAILURE() << "expected a failure";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("client it: endpoint " + server_.endpoint()), std::string::npos) << what;
+    EXPECT_NE(what.find("scales_connects{"), std::string::npos) << what;
+    EXPECT_NE(what.find("is a gauge, not a counter"), std::string::npos) << what;
+  }
+}
+
 // A handler that runs long (here 300 ms, the timeout is 200 ms) and then starts a call, inline on
 // the event loop: the call's clock starts when it starts, not at the reply the handler came from
 // (the turn's shared clock reading). It used to start 300 ms in the past, so it timed out after

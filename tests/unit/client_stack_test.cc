@@ -24,8 +24,10 @@
 #include <gtest/gtest.h>
 
 #include "support/fake_sinks.h"
+#include "scales/core/log.h"
 #include "scales/core/random.h"
 #include "scales/core/timeout_sink.h"
+#include "scales/http/client.h"
 #include "scales/loadbalancer/heap_balancer.h"
 #include "scales/loadbalancer/resurrector.h"
 #include "scales/pool/watermark_pool.h"
@@ -274,6 +276,74 @@ TEST_F(ClientStackTest, PerEndpointSinksWithoutABalancerFailTheBuild) {
     ADD_FAILURE() << "built a client whose pool has no endpoint";
   } catch (const Error& e) {
     EXPECT_THAT(e.what(), HasSubstr("sink provider 'pool' (watermark-pool) works per endpoint"));
+  }
+}
+
+// The user's own metric under a name scales registers per endpoint, with another type: the
+// endpoint's chain is built on the event loop when the endpoint joins, where the registry's
+// std::logic_error becomes that endpoint's failure (CreateSink): calls fail fast naming the
+// client, the endpoint, the metric and both types; the open and the calls still complete.
+TEST_F(ClientStackTest, PerEndpointMetricOfAnotherTypeFailsThatEndpointClearly) {
+  for (const Endpoint& ep : {kA, kB}) {
+    registry_.GetCounter("scales_pool_size", {{"client", "stack"}, {"endpoint", ep.ToString()}});
+  }
+  Build();
+  EXPECT_FALSE(Open());
+  auto c = Start();
+  Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kFailedFast);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("client stack: endpoint 10.9.0."));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("sink provider 'pool' (watermark-pool) failed: stats: metric "
+                                               "scales_pool_size{client=\"stack\",endpoint=\"10.9.0."));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("is a counter, not a gauge"));
+}
+
+// scales_failures_by_error{error=...} is registered on the response path, at the first failure
+// of a kind: a user's metric of another type there made the registry throw out of the
+// dispatcher's response path, before the call completed, and the loop dropped the exception:
+// the call never completed. It completes with its own error; the clash is logged (client,
+// metric, both types) and that kind of failure is not counted there.
+TEST_F(ClientStackTest, FailureCounterOfAnotherTypeStillCompletesTheCall) {
+  stats::Gauge& users = registry_.GetGauge("scales_failures_by_error",
+                                           {{"client", "stack"}, {"error", "request_timeout"}});
+  std::vector<std::string> records;
+  const LogLevel old_level = SetLogLevel(LogLevel::kWarning);
+  LogSink old_sink = SetLogSink([&](const LogRecord& r) { records.emplace_back(r.message); });
+  Build(milliseconds(200));
+  EXPECT_FALSE(Open());
+  auto c = Start();
+  auto d = Start();
+  Run();
+  Advance(milliseconds(200));
+  SetLogSink(std::move(old_sink));
+  SetLogLevel(old_level);
+  ASSERT_TRUE(calls_.done(c));
+  ASSERT_TRUE(calls_.done(d));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_EQ(calls_[d].error, Errc::kRequestTimeout);
+  EXPECT_EQ(users.value(), 0);
+  EXPECT_EQ(Counter("scales_failures"), 2);
+  ASSERT_EQ(records.size(), 1u);  // once per kind, not per failure
+  EXPECT_THAT(records[0], HasSubstr("client stack: metric scales_failures_by_error{client=\"stack\","
+                                    "error=\"request_timeout\"} is a gauge, not a counter: its "
+                                    "'request_timeout' failures are not counted there"));
+}
+
+// The dispatcher registers its metrics when the client is built: a clash there fails the build
+// with a scales::Error naming the client, the metric and both types (a bare std::logic_error
+// escaped before, past callers that catch scales::Error).
+TEST_F(ClientStackTest, ClientMetricOfAnotherTypeFailsTheBuild) {
+  registry_.GetGauge("scales_requests", {{"client", "stack"}});
+  try {
+    Build();
+    ADD_FAILURE() << "built a client whose request counter is the user's gauge";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kInvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("client stack: metric scales_requests{client=\"stack\"} is a gauge, "
+                                    "not a counter"));
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not a scales::Error: " << e.what();
   }
 }
 
@@ -569,6 +639,100 @@ TEST(ClientCoreOpenTest, LongestOpenTimeoutWaitsForTheOpen) {
   EXPECT_NO_THROW(core->OpenAndWait());
   core.reset();
   runtime.reset();  // joins the loop thread: the fakes are no longer in use
+  factory.Clear();
+}
+
+// A bottom sink whose open fails with `error`, giving its reason as a connection does
+// (open_failure_detail()) or, as a pool does, only in the fault it raises.
+class OpenFailingSink final : public ClientMessageSink {
+ public:
+  OpenFailingSink(EventLoop& loop, error_code error, std::string detail, bool detail_in_fault_only)
+      : loop_(loop), error_(error), detail_(std::move(detail)), fault_only_(detail_in_fault_only) {}
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage&, Stream* stream) override {
+    auto m = MethodReturnMessage::Failure(error_, detail_);
+    stack.AsyncProcessResponse(stream, m);
+  }
+  void Close() override {}
+  SinkStatus status() const override { return SinkStatus::kClosed; }
+  std::string open_failure_detail() const override { return fault_only_ ? std::string() : detail_; }
+  std::string_view name() const override { return "open-failing"; }
+
+ protected:
+  void DoOpen(OpenHandler handler) override {
+    on_faulted_.Set(Fault{error_, detail_});
+    PostOpenCompletion(std::move(handler), loop_.executor(), error_);
+  }
+
+ private:
+  EventLoop& loop_;
+  error_code error_;
+  std::string detail_;
+  bool fault_only_;
+};
+
+// A stack built by hand (no balancer: the open fails with the connection's error): OpenAndWait's
+// error gives the step and endpoint the sink reported, as calls' errors do. It used to give
+// only the code's message ("connect failed"), naming neither.
+TEST(ClientCoreOpenTest, AFailedOpenNamesTheEndpointAndTheStep) {
+  const std::string reason = "connect to 10.9.0.1:80 failed: Connection refused";
+  for (bool fault_only : {false, true}) {
+    stats::StatsRegistry registry;
+    auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 1});
+    ClientOptions options = SingleEndpointOptions("refused", runtime, registry);
+    auto core = std::make_shared<ClientCore>(options, TimeoutOverFakes([&](const SinkContext& ctx) -> SinkPtr {
+                                               return std::make_shared<OpenFailingSink>(
+                                                   *ctx.loop, make_error_code(Errc::kConnectFailed), reason,
+                                                   fault_only);
+                                             }));
+    try {
+      core->OpenAndWait();
+      ADD_FAILURE() << "the open did not fail";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.scales_code(), Errc::kConnectFailed);
+      EXPECT_THAT(e.what(), HasSubstr("client refused failed to open"));
+      EXPECT_THAT(e.what(), HasSubstr(reason)) << "fault only: " << fault_only;
+    }
+    core.reset();
+    runtime.reset();
+  }
+}
+
+// A runtime in manual mode (start_threads = false) is driven by the thread that polls it: a
+// blocking call made on that thread between two polls waits for a reply only its own next
+// poll could bring (the call's timeout is a timer on the loop too), so it hung for good. It
+// fails at once with kBlockingCallOnEventLoop, as on a loop thread; another thread's blocking
+// call still waits for the polls.
+TEST(ClientCoreBlockingTest, BlockingCallOnTheThreadDrivingAManualRuntimeFailsFast) {
+  stats::StatsRegistry registry;
+  auto clock = std::make_shared<ManualClock>();
+  auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 1, .start_threads = false, .clock = clock, .seed = 42});
+  FakeTransportFactory factory(runtime->loop(0));
+  http::HttpOptions options;
+  options.client = SingleEndpointOptions("driven", runtime, registry);
+  options.client.open_timeout = seconds(1);
+  runtime->RunUntilIdle();  // this thread drives the runtime from now on
+  // Build() does not wait for the open on the driving thread (nothing would run it meanwhile:
+  // it used to wait the whole open_timeout and fail with kOpenTimeout).
+  http::HttpClient client =
+      http::HttpClientBuilder(options)
+          .ReplaceRole("transport", SinkProvider{"transport", "fake", [&](const SinkContext& ctx, SinkFactory) -> SinkPtr {
+                                                   return factory.Create(ctx);
+                                                 }})
+          .Build();
+  runtime->RunUntilIdle();  // the open
+  EXPECT_TRUE(client.core()->IsLoopThread());
+  EXPECT_FALSE(std::async(std::launch::async, [&] { return client.core()->IsLoopThread(); }).get());
+  try {
+    client.Get("/");
+    ADD_FAILURE() << "the blocking call returned";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kBlockingCallOnEventLoop);
+    EXPECT_THAT(e.what(), HasSubstr("client driven"));
+  }
+  client.Close();
+  client = {};
+  runtime->RunUntilIdle();
+  runtime.reset();
   factory.Clear();
 }
 

@@ -83,7 +83,8 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
         token);
   }
   // Opens and waits up to options().open_timeout (not at all if called on a loop thread).
-  // Throws scales::Error(kOpenTimeout or the open error) with the client and server set.
+  // Throws scales::Error(kOpenTimeout or the open error) with the client and server set, and
+  // for an open error the failing sink's account of it (endpoint and step) when it gave one.
   void OpenAndWait();
 
   // Sends a call (from any thread). The call is completed exactly once.
@@ -94,8 +95,9 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   void Close();
   bool closed() const noexcept { return closed_.load(); }
 
-  // True on a loop thread of this client's runtime (where blocking calls must not be made).
-  bool IsLoopThread() const noexcept { return runtime_->IsLoopThread(); }
+  // True on a loop thread of this client's runtime, or on the thread that drives it in manual
+  // mode (Runtime::IsDriverThread): where blocking calls must not be made.
+  bool IsLoopThread() const noexcept { return runtime_->IsLoopThread() || runtime_->IsDriverThread(); }
 
   const ClientOptions& options() const noexcept { return options_; }
   const std::string& name() const noexcept { return options_.name; }
@@ -117,7 +119,9 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
  private:
   // With a ZooKeeper server set: its session and update counts as gauges of this client.
   void ReportDiscoveryStats(const stats::StatsScope& scope);
-  void DoOpen(ClientMessageSink::OpenHandler handler);
+  // `detail`, when given, receives why the first failed shard's open failed (its sinks' words)
+  // before the handler is on its way.
+  void DoOpen(ClientMessageSink::OpenHandler handler, std::shared_ptr<std::string> detail = nullptr);
 
   ClientOptions options_;
   SinkStackSpec spec_;

@@ -57,7 +57,8 @@ class EventLoop : public std::enable_shared_from_this<EventLoop> {
   static EventLoop* Current() noexcept;
 
   // Runs ready handlers without blocking; returns how many ran. Sets Current() meanwhile. The
-  // loop outlives the call even when a handler releases the runtime's last reference.
+  // loop outlives the call even when a handler releases the runtime's last reference. The
+  // calling thread becomes the loop's driver (Runtime::IsDriverThread).
   size_t Poll();
 
   // Calls of any client in flight on this loop (between a dispatcher's Dispatch and its
@@ -80,6 +81,7 @@ class EventLoop : public std::enable_shared_from_this<EventLoop> {
   std::unique_ptr<TimerQueue> timers_;
   std::chrono::microseconds busy_poll_;
   size_t calls_in_flight_ = 0;
+  std::atomic<std::thread::id> driver_{};  // the thread that last called Poll()
 };
 
 struct RuntimeOptions {
@@ -88,7 +90,11 @@ struct RuntimeOptions {
   size_t threads = 0;
   static constexpr size_t kMaxThreads = 1024;
   // When false, no threads are started: the owner drives the loops with Poll()/RunUntilIdle()
-  // (unit tests with a ManualClock do this).
+  // (unit tests with a ManualClock do this). The thread that last polled a loop counts as a
+  // loop thread (Runtime::IsDriverThread): a blocking call made there fails at once with
+  // kBlockingCallOnEventLoop, since its reply and its timeout would wait for that thread's
+  // next poll, and Build()/OpenAndWait does not wait for the open there. A blocking call from
+  // any other thread waits for the owner's polls: with nobody polling, it waits for good.
   bool start_threads = true;
   // Clock for every timer. Default: SteadyClock.
   std::shared_ptr<Clock> clock = nullptr;
@@ -137,6 +143,10 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   EventLoop& PickLoop() noexcept;
   // True if the calling thread runs one of this runtime's loops.
   bool IsLoopThread() const noexcept;
+  // Manual mode (start_threads = false): true on the thread that last polled one of the loops
+  // (Poll(), RunUntilIdle()), between polls too: nothing runs the loops while it waits, so it
+  // must not block waiting for them (RuntimeOptions::start_threads). False with loop threads.
+  bool IsDriverThread() const noexcept;
 
   // Manual mode: polls every loop until none has ready handlers (or max_rounds passed).
   // Returns the number of handlers run. A handler may destroy the runtime meanwhile (its last
