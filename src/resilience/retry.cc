@@ -73,6 +73,7 @@ void RetrySink::Release(Pending* p) {
   p->request = nullptr;
   p->last_detail.clear();
   p->waiting = false;
+  p->answered = false;
   free_.push_back(p);
 }
 
@@ -104,14 +105,16 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
   // The request stream each retry is sent with: the call's own, not the stream the failure came
   // up with (a sink below may answer with a reply buffer of its own).
   Stream* request;
+  bool answered_here = false;
   if (IsFirstAttempt(context)) {
     request = FirstAttemptRequest(context);
   } else {
     auto* done = static_cast<Pending*>(context);
     request = done->request;
+    answered_here = done->answered;
     Release(done);
   }
-  if (msg.ok()) {
+  if (msg.ok() || answered_here) {
     stack.AsyncProcessResponse(stream, msg);
     return;
   }
@@ -152,6 +155,9 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
   }
 
   UpdateBalanceGauge();
+  // Last in avoid_endpoints (moved there if an earlier attempt went to it too): the timeout
+  // sink names it as the previous attempt's endpoint.
+  std::erase(props.avoid_endpoints, props.endpoint);
   props.AddAvoidEndpoint(std::move(props.endpoint));
   props.endpoint.clear();
   Pending* p = Acquire();
@@ -182,6 +188,7 @@ void RetrySink::Resend(Pending* p) {
   // does instead of sending a retry that its timer, due after this one, would cancel at once.
   const std::optional<TimePoint>& deadline = stack.message().properties.deadline;
   if (deadline && loop_.Now() >= *deadline) {
+    p->answered = true;
     auto m = MethodReturnMessage::Failure(
         make_error_code(Errc::kRequestTimeout),
         fmt::format("the deadline passed while the request waited to retry; the previous attempt failed: {}",
@@ -205,6 +212,7 @@ void RetrySink::CancelRequest(SinkStack& stack, void* context, const error_code&
   auto* p = static_cast<Pending*>(context);
   p->timer.Cancel();
   p->waiting = false;
+  p->answered = true;
   --waiting_;
   auto m = MethodReturnMessage::Failure(
       reason, fmt::format("cancelled while waiting to retry; the previous attempt failed: {}", p->last_detail));
@@ -221,6 +229,7 @@ void RetrySink::Close() {
     for (Pending* p : waiting) {
       p->timer.Cancel();
       p->waiting = false;
+      p->answered = true;
       --waiting_;
       auto m = MethodReturnMessage::Failure(
           make_error_code(Errc::kClientClosed),

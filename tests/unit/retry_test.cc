@@ -38,7 +38,8 @@ class StampSink final : public ForwardingSink {
   explicit StampSink(SinkPtr next) : ForwardingSink(std::move(next)) {}
   void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
     ++attempts;
-    msg.properties.endpoint = fmt::format("10.0.0.{}:80", attempts);
+    msg.properties.endpoint = endpoints.empty() ? fmt::format("10.0.0.{}:80", attempts)
+                                                : endpoints[static_cast<size_t>(attempts - 1) % endpoints.size()];
     if (idempotent) msg.properties.idempotent = true;
     last_stack = &stack;
     request_streams.push_back(stream);
@@ -52,6 +53,8 @@ class StampSink final : public ForwardingSink {
   std::string_view name() const override { return "stamp"; }
 
   int attempts = 0;
+  // When set: the endpoints the attempts go to, in turn (as a balancer out of others to pick).
+  std::vector<std::string> endpoints;
   bool idempotent = false;
   SinkStack* last_stack = nullptr;
   std::vector<Stream*> request_streams;  // of each attempt
@@ -458,6 +461,30 @@ TEST_F(RetryTest, ALateBackoffTimerSendsNoRetryPastTheDeadline) {
   EXPECT_EQ(calls_[c].info.detail,
             "client test: Get request after an attempt to 10.0.0.1:80 timed out after 100 ms (deadline): the deadline "
             "passed while the request waited to retry; the previous attempt failed: refused (attempt 1 of 3)");
+}
+
+// The attempts went to A, B, then A again (two endpoints, both avoided: the balancer picks
+// one anyway). A timeout during the backoff after the third names A, the endpoint of the
+// attempt whose failure it quotes, not B (A was already in avoid_endpoints, and the retry sink
+// left B last there).
+TEST_F(RetryTest, ATimeoutBetweenAttemptsNamesTheLastAttemptsEndpoint) {
+  Build(Options(3, milliseconds(40), milliseconds(40)), milliseconds(130));
+  stamp_->endpoints = {"10.0.0.1:80", "10.0.0.2:80"};
+  auto c = Start();
+  Fail(Errc::kConnectFailed, "refused by 10.0.0.1:80");  // retry at 40 ms
+  env_.Advance(milliseconds(40));
+  Fail(Errc::kConnectFailed, "refused by 10.0.0.2:80");  // retry at 80 ms
+  env_.Advance(milliseconds(40));
+  ASSERT_EQ(transport_->total_requests(), 3u);
+  EXPECT_EQ(transport_->request(0).message->properties.endpoint, "10.0.0.1:80");
+  Fail(Errc::kConnectFailed, "refused by 10.0.0.1:80 again");  // retry due at 120 ms
+  env_.Advance(milliseconds(100));  // the loop wakes after the deadline
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kRequestTimeout);
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("request after an attempt to 10.0.0.1:80 timed out"));
+  EXPECT_THAT(calls_[c].info.detail, HasSubstr("refused by 10.0.0.1:80 again (attempt 3 of 4)"));
+  // The failed attempt is numbered once (the retry sink answering its own wait added it again).
+  EXPECT_THAT(calls_[c].info.detail, Not(HasSubstr("(attempt 3 of 4) (attempt 3 of 4)")));
 }
 
 TEST_F(RetryTest, TimeoutDuringARetriedAttemptIsNotRetried) {

@@ -93,6 +93,9 @@ class RetrySink final : public ForwardingSink {
     TimerEntry timer;
     std::string last_detail;  // why the previous attempt failed
     bool waiting = false;
+    // Answered by this sink while it waited (the deadline, a cancellation, Close()): its detail
+    // already names the attempt, from last_detail.
+    bool answered = false;
   };
 
   Pending* Acquire();
