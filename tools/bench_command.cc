@@ -119,7 +119,7 @@ bool IsHttpToken(std::string_view s) {
 
 int RunBenchCommand(int argc, char** argv) {
   // argv[0] == "bench"
-  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
+  if (HelpAnywhere(argc, argv, {"--data"})) return Usage("", stdout);
   if (argc < 2 || std::string_view(argv[1]).starts_with("-")) {
     return Usage(fmt::format("missing the protocol (http, thrift or thriftmux){}",
                              argc < 2 ? "" : fmt::format(" before option '{}'", argv[1])));

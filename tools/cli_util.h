@@ -1,7 +1,9 @@
 #pragma once
 // Small helpers shared by the tool's commands: argument parsing and durations with units.
 
+#include <algorithm>
 #include <chrono>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -32,10 +34,13 @@ std::optional<double> ParseNumber(std::string_view text);
 inline bool IsHelp(std::string_view arg) { return arg == "-h" || arg == "--help"; }
 
 // Whether any of argv[1..argc) asks for the usage: help anywhere on the line wins over an error
-// earlier on it ("http get --timeout 1s --help" said "missing URI").
-inline bool HelpAnywhere(int argc, char** argv) {
+// earlier on it ("http get --timeout 1s --help" said "missing URI"). But not the value of one of
+// `text_options`, whose value is any text: `http post URI / --data -h` posts "-h" (it printed the
+// usage and sent nothing).
+inline bool HelpAnywhere(int argc, char** argv, std::initializer_list<std::string_view> text_options = {}) {
   for (int i = 1; i < argc; ++i) {
     if (IsHelp(argv[i])) return true;
+    if (std::find(text_options.begin(), text_options.end(), std::string_view(argv[i])) != text_options.end()) ++i;
   }
   return false;
 }

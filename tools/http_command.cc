@@ -33,7 +33,7 @@ int RunHttpCommand(int argc, char** argv) {
   // The method, URI and PATH come first: an option in their place means one is missing (it was
   // taken as the PATH, its value reported as an unknown option).
   static constexpr const char* kPositional[] = {"", "method", "URI", "PATH"};
-  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
+  if (HelpAnywhere(argc, argv, {"--data", "-d", "-H", "--header"})) return Usage("", stdout);
   for (int i = 1; i < 4; ++i) {
     if (i >= argc) return Usage(fmt::format("missing {}", kPositional[i]));
     if (argv[i][0] == '-') return Usage(fmt::format("missing {} before option '{}'", kPositional[i], argv[i]));

@@ -42,7 +42,7 @@ int RunThriftCommand(int argc, char** argv) {
   const bool mux = std::string_view(argv[0]) == "thriftmux";
   // "call", the URI and the method come first: an option in their place means one is missing.
   static constexpr const char* kPositional[] = {"", "sub-command (call)", "URI", "method (echo, ping, fail, sleep)"};
-  if (HelpAnywhere(argc, argv)) return Usage("", stdout);
+  if (HelpAnywhere(argc, argv, {"--client-id"})) return Usage("", stdout);
   for (int i = 1; i < 4; ++i) {
     if (i >= argc) return Usage(fmt::format("missing {}", kPositional[i]));
     if (argv[i][0] == '-') return Usage(fmt::format("missing {} before option '{}'", kPositional[i], argv[i]));

@@ -40,16 +40,19 @@ std::string AsciiLower(std::string_view s) {
 }
 
 // Where the hosts of a URI that start at `begin` end: at the first '/', '?' or '#'; but a '#'
-// with an '@' after it (before the path) is in user information ("user:pa#ss@host"), which no
-// fragment has, so the hosts go on to the end of that entry (and the password is not quoted as
-// a host or port).
+// or '?' with an '@' after it (before the path, and with no '=' between) is in user information
+// ("user:pa#ss@host", "user:pa?ss@host"), which no fragment or query key has, so the hosts go on
+// past that '@' (and the password is not quoted as a host or port). An '@' in a query value
+// ("#ep?auth=digest:u:p@ss", "?tls_server_name=a@b") is not.
 size_t HostsEnd(std::string_view uri, size_t begin) {
-  const size_t end = uri.find_first_of("/?#", begin);
-  if (end == std::string_view::npos) return uri.size();
-  if (uri[end] != '#') return end;
-  const size_t at = uri.substr(0, uri.find('/', end)).rfind('@');
-  if (at == std::string_view::npos || at < end) return end;
-  return std::min(uri.find_first_of("/?#", at), uri.size());
+  for (size_t pos = begin;;) {
+    const size_t end = uri.find_first_of("/?#", pos);
+    if (end == std::string_view::npos) return uri.size();
+    if (uri[end] == '/') return end;
+    const size_t at = uri.find('@', end + 1);
+    if (at >= uri.find('/', end + 1) || uri.find('=', end + 1) < at) return end;
+    pos = at + 1;
+  }
 }
 
 // Whether the '#' at `hash` starts what the parser takes as a zk:// fragment: an endpoint name
@@ -58,6 +61,13 @@ bool StartsFragment(std::string_view uri, size_t hash) {
   const size_t end = std::min(uri.find('?', hash), uri.size());
   if (end == hash + 1) return false;
   return std::all_of(uri.begin() + hash + 1, uri.begin() + end, IsNameChar);
+}
+
+// Whether `pair` (between two '&') is a query parameter the parser takes: key=value, both
+// non-empty. Any other after an auth value is in the secret ("auth=digest:u:pa&ss").
+bool IsQueryPair(std::string_view pair) {
+  const size_t eq = pair.find('=');
+  return eq != std::string_view::npos && eq != 0 && eq + 1 != pair.size();
 }
 
 // Describes a character that is not printable in a message ("'@'" or "0x0a").
@@ -426,12 +436,21 @@ class UriParser {
   std::string ParseQuery(size_t begin, size_t end, ParsedUri& out) {
     if (begin == end) return fmt::format("empty query after '?' at offset {}", begin - 1);
     size_t pos = begin;
+    bool after_auth = false;
     while (true) {
       size_t amp = uri_.find('&', pos);
       size_t pair_end = (amp == std::string_view::npos || amp > end) ? end : amp;
       std::string_view pair = uri_.substr(pos, pair_end - pos);
       if (pair.empty()) return fmt::format("empty query parameter at offset {}", pos);
       size_t eq = pair.find('=');
+      // After "auth=...", a '&' not followed by key=value is in the password: say so without
+      // quoting the rest of it (RedactUriSecrets hides it up to the next key=value).
+      if (after_auth && !IsQueryPair(pair)) {
+        return fmt::format("the auth value ends at the '&' at offset {}, and what follows is not key=value "
+                           "(write a '&' in a password as %26)",
+                           pos - 1);
+      }
+      after_auth = pair.starts_with("auth=");
       if (eq == 0) {
         return fmt::format("query parameter '{}' at offset {} has an empty key", pair, pos);
       }
@@ -541,7 +560,12 @@ std::string RedactUriSecrets(std::string_view uri) {
     const size_t value = at + 6;
     // A '#' ends the value where the parser takes an endpoint name after it (the URI's first
     // '#'); else it is in the secret ("digest:user:pa#ss&x=1"), which ends at the next '&'.
-    const size_t amp = out.find('&', value);
+    // A '&' ends it where key=value follows; else it is in the secret ("digest:user:pa&ss").
+    size_t amp = out.find('&', value);
+    while (amp != std::string::npos &&
+           !IsQueryPair(std::string_view(out).substr(amp + 1, out.find_first_of("&#", amp + 1) - amp - 1))) {
+      amp = out.find('&', amp + 1);
+    }
     const size_t hash = out.find('#', value);
     const size_t end = hash < amp && out.find('#') == hash && StartsFragment(out, hash) ? hash : amp;
     const size_t value_end = end == std::string::npos ? out.size() : end;

@@ -875,6 +875,28 @@ TEST(CliTest, HelpAnywhereOnTheLineWins) {
   }
 }
 
+// But a value that is any text is the value, not help: `http post URI /echo --data -h` printed the
+// usage and sent nothing, as did `bench http URI --data -h`.
+TEST(CliTest, HelpAsTheValueOfATextOptionIsTheValue) {
+  test::TestHttpServer server("help-value");
+  const std::string uri = "tcp://" + server.endpoint();
+  for (const char* data : {"-h", "--help"}) {
+    Result posted = RunTool("http post " + uri + " /echo --data " + data, "2>&1", "timeout -k 5 20");
+    EXPECT_EQ(posted.exit_code, 0) << data << "\n" << posted.out;
+    EXPECT_EQ(posted.out, data);
+  }
+  Result short_form = RunTool("http post " + uri + " /echo -d -h --include", "2>&1", "timeout -k 5 20");
+  EXPECT_EQ(short_form.out.rfind("HTTP/1.1 200 OK\r\n", 0), 0u) << short_form.out;
+  Result bench = RunTool("bench http " + uri + " --requests 1 --method POST --path /echo --data -h --json", "2>&1",
+                         "timeout -k 5 20");
+  EXPECT_EQ(bench.exit_code, 0) << bench.out;
+  EXPECT_EQ(bench.out.find("usage:"), std::string::npos) << bench.out;
+  // Help after the value still wins.
+  Result help = RunTool("http post " + uri + " /echo --data -h --help", "2>/dev/null", "timeout -k 5 20");
+  EXPECT_EQ(help.exit_code, 0) << help.out;
+  EXPECT_NE(help.out.find("usage: scales http"), std::string::npos) << help.out;
+}
+
 // An argument where only options may come is named as unexpected, not as an unknown option
 // (`http get URI / extra` said "unknown option 'extra'").
 TEST(CliTest, AnExtraArgumentIsNamedAsUnexpected) {

@@ -318,6 +318,55 @@ TEST(ZooKeeperOptionsTest, AHashInAPasswordIsRedactedToItsEnd) {
   EXPECT_EQ(RedactUriSecrets(encoded.ToString()).find("s3c"), std::string::npos);
 }
 
+// A '?' in a password, as a '#': "zk://user:s3c?r3t@h:1/svc" was quoted whole and its "port 's3c'"
+// named. And an '@' in a query value after a '#' is not user information: "zk://h:1#ep?auth=
+// digest:u:s3cret@x" was said to have user information, not to miss its path.
+TEST(ZooKeeperOptionsTest, AQuestionMarkInAPasswordIsRedactedToItsEnd) {
+  EXPECT_EQ(RedactUriSecrets("zk://user:s3c?r3t@h:1/svc"), "zk://***@h:1/svc");
+  EXPECT_EQ(RedactUriSecrets("zk://h1:1,user:s3c?r3t@h:1/svc"), "zk://h1:1,***@h:1/svc");
+  EXPECT_EQ(RedactUriSecrets("zk://user:s3c#r?3t@h:1/svc"), "zk://***@h:1/svc");
+  for (const char* uri : {"zk://user:s3c?r3t@h:1/svc", "zk://h1:1,user:s3c?r3t@[::1]:1/svc", "tcp://user:s3c?r3t@h:1"}) {
+    std::string error;
+    EXPECT_FALSE(ScalesUriParser::TryParse(uri, error)) << uri;
+    EXPECT_NE(error.find("has user information before the '@'"), std::string::npos) << uri << "\n" << error;
+    EXPECT_EQ(error.find("s3c"), std::string::npos) << uri << "\n" << error;
+    EXPECT_EQ(error.find("r3t"), std::string::npos) << uri << "\n" << error;
+  }
+  std::string error;
+  EXPECT_FALSE(ScalesUriParser::TryParse("zk://h:1#ep?auth=digest:u:s3cret@x", error));
+  EXPECT_NE(error.find("a zk:// URI needs a znode path after the hosts at offset 8"), std::string::npos) << error;
+  EXPECT_EQ(error.find("user information"), std::string::npos) << error;
+  // What stays: an '@' in a query value right after the hosts.
+  EXPECT_EQ(ScalesUriParser::Parse("tcp://h:80?tls_server_name=a@b").query.at("tls_server_name"), "a@b");
+  EXPECT_EQ(RedactUriSecrets("tcp://h:80?tls_server_name=a@b"), "tcp://h:80?tls_server_name=a@b");
+}
+
+// A '&' in a password likewise: "auth=digest:user:s3c&r3t" was redacted as "auth=digest:***&r3t"
+// and the parser's message named "query parameter 'r3t'". The secret is hidden up to the next
+// key=value (a '&' followed by one is the next parameter, as the parser takes it).
+TEST(ZooKeeperOptionsTest, AnAmpersandInAPasswordIsRedactedToItsEnd) {
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3c&r3t"), "zk://a:1/svc?auth=digest:***");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3c&r3t&session_timeout=3s"),
+            "zk://a:1/svc?auth=digest:***&session_timeout=3s");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3c&r3t#http"), "zk://a:1/svc?auth=digest:***#http");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?x=1&auth=s3c&=r3t"), "zk://a:1/svc?x=1&auth=***");
+  // What stays: a key=value after the auth value.
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3cret&session_timeout=3s#http"),
+            "zk://a:1/svc?auth=digest:***&session_timeout=3s#http");
+  EXPECT_EQ(ScalesUriParser::Parse("zk://a:1/svc?auth=digest:user:s3cret&session_timeout=3s").query.at("auth"),
+            "digest:user:s3cret");
+  for (const char* uri : {"zk://a:1/svc?auth=digest:user:s3c&r3t", "zk://a:1/svc?auth=digest:user:s3c&r3t&session_timeout=3s",
+                          "zk://a:1/svc?auth=digest:user:s3c&r3t#http", "zk://a:1/svc?x=1&auth=s3c&=r3t",
+                          "zk://a:1/svc?auth=digest:user:s3c&r3t="}) {
+    std::string error;
+    EXPECT_FALSE(ScalesUriParser::TryParse(uri, error)) << uri;
+    EXPECT_NE(error.find("the auth value ends at the '&' at offset "), std::string::npos) << uri << "\n" << error;
+    EXPECT_NE(error.find("(write a '&' in a password as %26)"), std::string::npos) << uri << "\n" << error;
+    EXPECT_EQ(error.find("s3c"), std::string::npos) << uri << "\n" << error;
+    EXPECT_EQ(error.find("r3t"), std::string::npos) << uri << "\n" << error;
+  }
+}
+
 TEST(ZooKeeperOptionsTest, CreateServerSetRejectsBadOptionsWithoutConnecting) {
   try {
     CreateServerSet(ScalesUriParser::Parse("zk://127.0.0.1:1/svc?unknown=1"));
