@@ -936,8 +936,9 @@ class QuietPeer {
 
 // Runs the manual loop until `done` holds, waiting for socket events in between (bounded: the
 // kernel delivers loopback bytes on its own time).
-bool RunUntil(test::ManualEnv& env, const std::function<bool()>& done) {
-  const auto give_up = std::chrono::steady_clock::now() + 10s;
+bool RunUntil(test::ManualEnv& env, const std::function<bool()>& done,
+              std::chrono::seconds limit = std::chrono::seconds(10)) {
+  const auto give_up = std::chrono::steady_clock::now() + limit;
   while (!done()) {
     if (std::chrono::steady_clock::now() > give_up) return false;
     env.Run();
@@ -1222,17 +1223,24 @@ void FloodTpingThenNegotiateTls(test::ManualEnv& env, QuietPeer& peer, mux::MuxS
   const std::string tping("\x00\x00\x00\x04\x41\x00\x00\x01", 8);
   std::string flood;
   for (int i = 0; i < (4 << 20); ++i) flood += tping;  // 32 MiB: more than the socket buffers hold
-  ASSERT_TRUE(RunUntil(env, [&] {
-    peer.SendSome(flood);
-    return flood.empty() && session->queued_bytes() > 0;  // Rpings behind a write that does not finish
-  }));
+  // Four million Tpings to handle (and Rpings to queue): seconds under ASan on a loaded machine.
+  ASSERT_TRUE(RunUntil(
+      env,
+      [&] {
+        peer.SendSome(flood);
+        return flood.empty() && session->queued_bytes() > 0;  // Rpings behind a write that does not finish
+      },
+      60s));
   const auto read_all = std::chrono::steady_clock::now() + 300ms;  // the session reads every Tping
   RunUntil(env, [&] { return std::chrono::steady_clock::now() > read_all; });
   // Read until the piled-up Rpings are handed to the next write.
-  ASSERT_TRUE(RunUntil(env, [&] {
-    received += peer.Read();
-    return session->queued_bytes() == 0;
-  }));
+  ASSERT_TRUE(RunUntil(
+      env,
+      [&] {
+        received += peer.Read();
+        return session->queued_bytes() == 0;
+      },
+      60s));
   mux::Rinit rinit;
   rinit.headers.emplace_back(std::string(mux::kMuxFramerHeader), mux::EncodeMuxFramer(0x7FFFFFFF));
   rinit.headers.emplace_back(std::string(mux::kTlsHeader), "desired");
