@@ -135,10 +135,9 @@ int RunThriftTestServerCommand(int argc, char** argv) {
     if (value == nullptr) return Usage(stderr);
     ++i;
     if (arg == "--port") {
-      char* end = nullptr;
-      long p = std::strtol(value, &end, 10);
-      if (*end != '\0' || p < 0 || p > 65535) return Usage(stderr);
-      port = static_cast<int>(p);
+      const auto p = ParseIntInRange(value, 0, 65535);
+      if (!p) return Usage(stderr);
+      port = static_cast<int>(*p);
     } else if (arg == "--transport") {
       if (std::string_view(value) != "framed" && std::string_view(value) != "buffered") return Usage(stderr);
       framed = std::string_view(value) == "framed";
@@ -149,10 +148,9 @@ int RunThriftTestServerCommand(int argc, char** argv) {
       if (std::string_view(value) != "threaded" && std::string_view(value) != "nonblocking") return Usage(stderr);
       nonblocking = std::string_view(value) == "nonblocking";
     } else if (arg == "--io-threads") {
-      char* end = nullptr;
-      long n = std::strtol(value, &end, 10);
-      if (*end != '\0' || n < 1 || n > 64) return Usage(stderr);
-      io_threads = static_cast<int>(n);
+      const auto n = ParseIntInRange(value, 1, 64);
+      if (!n) return Usage(stderr);
+      io_threads = static_cast<int>(*n);
     } else if (arg == "--tls-cert") {
       tls_cert = value;
     } else if (arg == "--tls-key") {

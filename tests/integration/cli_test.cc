@@ -724,6 +724,12 @@ TEST(CliTest, BenchUsageErrors) {
   EXPECT_EQ(RunTool("testserver thriftmux --port abc").exit_code, 2);
   EXPECT_EQ(RunTool("testserver thriftmux --port 9090x").exit_code, 2);
   EXPECT_EQ(RunTool("testserver thriftmux --ping-interval 99999999999").exit_code, 2);
+  // The same for the Thrift test server, whose numbers strtol took with a sign or leading
+  // spaces: such a server started (and ran until `timeout` ended it, exit 124).
+  for (const char* args : {"testserver thrift --port +0", "testserver thrift --port ' 0'",
+                           "testserver thrift --port 0 --io-threads +2", "testserver thrift --port 0 --io-threads 2x"}) {
+    EXPECT_EQ(RunTool(args, "2>/dev/null", "timeout -k 1 5").exit_code, 2) << args;
+  }
   EXPECT_EQ(RunTool("thrift call tcp://127.0.0.1:1 sleep ''").exit_code, 2);
   EXPECT_EQ(RunTool("demo --seconds 5x").exit_code, 2);
   // Values that used to crash (std::bad_alloc for the payload, std::system_error when event
