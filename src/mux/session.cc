@@ -227,8 +227,9 @@ void MuxSessionSink::OnHandshakeTimeout(void* p) {
 
 void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
   // After a Tdrain the open fails once the Rdrain is written (MaybeFinishDrain); nothing behind
-  // it opens anything: neither the probe's echo (no Tinit is sent) nor an Rinit.
-  if (draining_) return;
+  // it opens anything: neither the probe's echo (no Tinit is sent) nor an Rinit. Another Tdrain
+  // is answered too (HandleMessage, below).
+  if (draining_ && frame.type != wire::kTdrain) return;
   if (handshake_phase_ == 1) {
     // The probe's answer: an echo means the server negotiates; anything else (an old server's
     // "Unexpected mux message type 127") means an un-negotiated session.
@@ -618,6 +619,12 @@ void MuxSessionSink::HandleMessage(Message m) {
     return;
   }
   if (auto* t = std::get_if<Tdrain>(&m)) {
+    if (draining_) {
+      // Another Tdrain: answered as the first (§1.9), but the drain is one: counted, logged and
+      // reported to the pool once. The session closes as the first one arranged.
+      if (EnqueueControlReply(Rdrain{t->tag})) Flush(/*now=*/true);
+      return;
+    }
     drains_.Increment();
     SCALES_LOG_RATE_LIMITED(kInfo, 10,
                             "Mux session to {}: Tdrain received; no new requests, closing after {} in flight",

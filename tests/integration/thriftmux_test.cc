@@ -1582,6 +1582,188 @@ TEST(MuxSessionTest, TdiscardedWrittenBeforeTheClientsCloseIsNotLostToAReset) {
   EXPECT_EQ(f.env.GaugeValue("scales_connections"), 0);
 }
 
+// Counts the frames described as `what` (Frames()) in `bytes`.
+size_t CountFrames(const std::string& bytes, const std::string& what) {
+  const auto frames = Frames(bytes);
+  return static_cast<size_t>(std::count(frames.begin(), frames.end(), what));
+}
+
+// A server may send Tdrain more than once (twice in one write, and again later) while the
+// session still has a request in flight: each is answered with an Rdrain (mux-protocol.md 1.9),
+// but the drain is one: scales_mux_drains counts it once and on_faulted tells the pool once.
+// (Each Tdrain counted a drain and raised on_faulted again.) The request is answered once and
+// the session closes with a FIN behind the three Rdrains.
+TEST(MuxSessionTest, ASecondTdrainIsAnsweredButTheDrainIsCountedAndReportedOnce) {
+  PeerSession f(QuietCloseOptions());
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  int faults = 0;
+  f.session->on_faulted().Subscribe([&](const Fault&) { ++faults; });
+  SessionCall call("x");
+  call.Start(*f.session);
+  std::string received;
+  ASSERT_TRUE(RunUntil(f.env, [&] {
+    received += f.peer.Read();
+    return CountFrames(received, "Tdispatch tag=2 (1 bytes)") == 1;
+  }));
+  f.peer.Send(mux::Encode(mux::Tdrain{}) + mux::Encode(mux::Tdrain{}));
+  ASSERT_TRUE(RunUntil(f.env, [&] {
+    received += f.peer.Read();
+    return CountFrames(received, "Rdrain tag=1") == 2;
+  })) << fmt::format("{}", fmt::join(Frames(received), ", "));
+  f.peer.Send(mux::Encode(mux::Tdrain{}));
+  ASSERT_TRUE(RunUntil(f.env, [&] {
+    received += f.peer.Read();
+    return CountFrames(received, "Rdrain tag=1") == 3;
+  })) << fmt::format("{}", fmt::join(Frames(received), ", "));
+  EXPECT_EQ(f.env.CounterValue("scales_mux_drains"), 1);
+  EXPECT_EQ(faults, 1);
+  EXPECT_EQ(f.session->status(), SinkStatus::kBusy);
+  mux::Rdispatch reply;
+  reply.tag = 2;
+  reply.body = "ok";
+  f.peer.Send(mux::Encode(reply));
+  auto end = ReadToTheEnd(f.env, f.peer, received);
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(*end, 0) << std::strerror(*end);
+  EXPECT_EQ(Frames(received), (std::vector<std::string>{"Tdispatch tag=2 (1 bytes)", "Rdrain tag=1", "Rdrain tag=1",
+                                                        "Rdrain tag=1"}));
+  ASSERT_EQ(call.completions(), 1);
+  EXPECT_FALSE(call.result().error) << call.result().detail;
+  EXPECT_EQ(call.reply(), "ok");
+  EXPECT_EQ(faults, 1);
+}
+
+// The same during the handshake: two Tdrains before the probe's answer get two Rdrains (the
+// second was ignored with everything after the first), and the open fails once, with kNack.
+TEST(MuxSessionTest, ASecondTdrainDuringTheHandshakeIsAnsweredToo) {
+  mux::SessionOptions o;
+  o.ping_interval = Duration::zero();
+  PeerSession f(o);
+  int faults = 0;
+  f.session->on_faulted().Subscribe([&](const Fault&) { ++faults; });
+  ASSERT_TRUE(f.ReadUntil([&] { return !f.got.empty(); }));
+  ASSERT_TRUE(mux::IsProbe(f.got[0]));
+  f.peer.Send(mux::Encode(mux::Tdrain{}) + mux::Encode(mux::Tdrain{}));
+  std::string received;
+  auto end = ReadToTheEnd(f.env, f.peer, received);
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(*end, 0) << std::strerror(*end);
+  EXPECT_EQ(Frames(received), (std::vector<std::string>{"Rdrain tag=1", "Rdrain tag=1"}));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  EXPECT_EQ(*f.opened, Errc::kNack) << f.session->open_failure_detail();
+  EXPECT_EQ(f.env.CounterValue("scales_mux_drains"), 1);
+  EXPECT_EQ(faults, 1);
+}
+
+// With pings off and ping_timeout 0 a drained session does not wait for its last write (a
+// server that does not read is not waited for): the Rdrain answering a Tdrain that finds nothing
+// in flight, or one that comes with the last reply in one read, still reaches the server (the
+// socket takes the write at once), before the FIN.
+TEST(MuxSessionTest, RdrainReachesTheServerWithPingsOffAndNoDrainWait) {
+  for (const bool with_reply : {false, true}) {
+    SCOPED_TRACE(with_reply ? "the last reply and Tdrain in one read" : "nothing in flight");
+    auto o = QuietCloseOptions();
+    o.ping_timeout = Duration::zero();
+    PeerSession f(o);
+    ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+    SessionCall call("x");
+    std::string received;
+    std::string bytes = mux::Encode(mux::Tdrain{});
+    if (with_reply) {
+      call.Start(*f.session);
+      ASSERT_TRUE(RunUntil(f.env, [&] {
+        received += f.peer.Read();
+        return CountFrames(received, "Tdispatch tag=2 (1 bytes)") == 1;
+      }));
+      mux::Rdispatch reply;
+      reply.tag = 2;
+      reply.body = "ok";
+      bytes = mux::Encode(reply) + bytes;
+    }
+    f.peer.Send(bytes);
+    auto end = ReadToTheEnd(f.env, f.peer, received);
+    ASSERT_TRUE(end.has_value());
+    EXPECT_EQ(*end, 0) << std::strerror(*end);
+    EXPECT_EQ(CountFrames(received, "Rdrain tag=1"), 1u) << fmt::format("{}", fmt::join(Frames(received), ", "));
+    EXPECT_EQ(f.session->status(), SinkStatus::kClosed);
+    if (with_reply) {
+      ASSERT_EQ(call.completions(), 1);
+      EXPECT_EQ(call.reply(), "ok");
+    }
+  }
+}
+
+// During a drain: a new request is refused at once (kNack, retryable, nothing written); one
+// cancelled meanwhile completes once (Tdiscarded sent); the client's Close() answers the one
+// still in flight once (kClientClosed), and its reply arriving after the close answers nothing.
+TEST(MuxSessionTest, RequestsDuringADrainAndCloseDuringItCompleteOnce) {
+  PeerSession f(QuietCloseOptions());
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  SessionCall kept("k"), cancelled("c");
+  kept.Start(*f.session);
+  cancelled.Start(*f.session);
+  ASSERT_TRUE(f.ReadUntil([&] { return f.got.size() == 2; }));
+  f.peer.Send(mux::Encode(mux::Tdrain{}));
+  ASSERT_TRUE(f.ReadUntil([&] { return f.Last<mux::Rdrain>() != nullptr; }));
+  ASSERT_TRUE(f.session->draining());
+  SessionCall refused("r");
+  refused.Start(*f.session);
+  f.env.Run();
+  ASSERT_EQ(refused.completions(), 1);
+  EXPECT_EQ(refused.result().error, Errc::kNack) << refused.result().detail;
+  EXPECT_TRUE(refused.result().error == Condition::kRetryable);
+  cancelled.Cancel();
+  f.env.Run();
+  ASSERT_TRUE(f.ReadUntil([&] { return f.Last<mux::Tdiscarded>() != nullptr; }));
+  f.session->Close();
+  f.env.Run();
+  mux::Rdispatch reply;
+  reply.tag = 2;
+  reply.body = "late";
+  f.peer.Send(mux::Encode(reply));
+  std::string received;
+  auto end = ReadToTheEnd(f.env, f.peer, received);
+  ASSERT_TRUE(end.has_value());
+  f.env.Run();
+  EXPECT_EQ(refused.completions(), 1);
+  EXPECT_EQ(cancelled.completions(), 1);
+  ASSERT_EQ(kept.completions(), 1);
+  EXPECT_EQ(kept.result().error, Errc::kClientClosed) << kept.result().detail;
+  EXPECT_EQ(f.session->tags_in_use(), 0u);
+  EXPECT_EQ(f.session->status(), SinkStatus::kClosed);
+}
+
+// A Tdrain right behind an Rinit that negotiated TLS, in plaintext (both ends should have
+// started TLS): the open fails with kProtocolError naming the endpoint and the step, the
+// session sends nothing more (no Rdrain in plaintext, no ClientHello) and closes with a FIN.
+TEST(MuxSessionTest, TdrainBehindAnRinitNegotiatingTlsFailsTheOpenNamingTheStep) {
+  mux::SessionOptions o;
+  o.ping_interval = Duration::zero();
+  o.opportunistic_tls = mux::OpportunisticTls::kDesired;
+  PeerSession f(o);
+  ASSERT_TRUE(f.ReadUntil([&] { return !f.got.empty(); }));
+  f.peer.Send(mux::Encode(mux::ProbeMessage()));
+  ASSERT_TRUE(f.ReadUntil([&] { return f.Last<mux::Tinit>() != nullptr; }));
+  mux::Rinit rinit;
+  rinit.headers.emplace_back(std::string(mux::kTlsHeader), "desired");
+  f.peer.Send(mux::Encode(rinit) + mux::Encode(mux::Tdrain{}));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  EXPECT_EQ(*f.opened, Errc::kProtocolError);
+  EXPECT_EQ(f.session->open_failure_detail(),
+            fmt::format("127.0.0.1:{} sent 8 byte(s) after Rinit, before the TLS handshake it negotiated",
+                        f.peer.port()));
+  std::string received;
+  auto end = ReadToTheEnd(f.env, f.peer, received);
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(*end, 0) << std::strerror(*end);
+  EXPECT_EQ(received, "");
+  SessionCall call("x");
+  call.Start(*f.session);
+  f.env.Run();
+  ASSERT_EQ(call.completions(), 1);
+  EXPECT_EQ(call.result().error, Errc::kNotSent) << call.result().detail;
+}
+
 // A server that accepts the connection but never answers the probe, or echoes it and never
 // answers Tinit: the open fails at connect_timeout with an error that says which step was still
 // waiting and which setting bounds it.

@@ -32,14 +32,14 @@
 //
 // Session messages: Tping answered with Rping (at most max_queued_control_replies Rping/Rdrain
 // wait for the socket: a server that floods Tping without reading closes the session);
-// Tdrain answered with Rdrain, after which the
-// session takes no new request (they fail with a retryable kNack), reports Busy, raises
-// on_faulted (kNack: the SingletonPool gives new requests a new session), and closes once its
-// requests finish. Both may come before Rinit too: a Tping is answered and the
-// handshake goes on; a Tdrain (also one before the probe's answer) is answered and fails the
-// open with kNack (retryable: no request was sent) once the Rdrain is written, whatever follows
-// it; if that write does not finish by the handshake's deadline (connect_timeout), the open
-// fails with kConnectTimeout saying the Rdrain was still unwritten. Tlease sets a lease, and an
+// Tdrain answered with Rdrain (each one; a repeated Tdrain is not another drain: counted and
+// reported once), after which the session takes no new request (they fail with a retryable
+// kNack), reports Busy, raises on_faulted (kNack: the SingletonPool gives new requests a new
+// session), and closes once its requests finish. Both may come before Rinit too: a Tping is
+// answered and the handshake goes on; a Tdrain (also one before the probe's answer) is answered
+// and fails the open with kNack (retryable: no request was sent) once the Rdrain is written,
+// whatever follows it; if that write does not finish by the handshake's deadline
+// (connect_timeout), the open fails with kConnectTimeout saying the Rdrain was still unwritten. Tlease sets a lease, and an
 // expired lease reports Busy. The client pings on tag 1 every ping_interval; no Rping within
 // ping_timeout closes the session. An
 // undecodable frame, an unknown message type or a server-initiated dispatch closes the
