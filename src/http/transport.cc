@@ -328,7 +328,8 @@ void HttpTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage&
     return;
   }
   if (stack.cancelled()) {
-    auto m = MethodReturnMessage::Failure(stack.cancel_reason(), "cancelled before it was sent");
+    auto m = MethodReturnMessage::Failure(stack.cancel_reason(),
+                                          fmt::format("cancelled before the request was sent to {}", conn().address()));
     stack.AsyncProcessResponse(nullptr, m);
     return;
   }

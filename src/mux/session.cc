@@ -866,7 +866,7 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
     return;
   }
   if (stack.cancelled()) {
-    fail(stack.cancel_reason(), "cancelled before it was sent");
+    fail(stack.cancel_reason(), fmt::format("cancelled before the request was sent to {}", address_));
     return;
   }
   uint32_t tag = AllocateTag();

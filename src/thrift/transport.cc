@@ -44,12 +44,14 @@ void ThriftTransportSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessag
          "the Thrift transport needs a scales::Stream payload and a scales::Stream reply slot");
     return;
   }
-  if (auto [code, detail] = CheckUsable(); code) {
+  if (auto [code, detail] = CheckUsable(msg.method); code) {
     fail(code, std::move(detail));
     return;
   }
   if (stack.cancelled()) {
-    fail(stack.cancel_reason(), "cancelled before it was sent");
+    fail(stack.cancel_reason(),
+         fmt::format("cancelled before the request{}{} was sent to {}", msg.method.empty() ? "" : " for ", msg.method,
+                     conn().address()));
     return;
   }
   if (request->data.size() > options_.max_frame_bytes) {

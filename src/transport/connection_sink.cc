@@ -71,18 +71,19 @@ void ConnectionSink::OnConnected(error_code ec) {
   open_waiters_.CompleteAll(loop_.executor(), {});
 }
 
-std::pair<error_code, std::string> ConnectionSink::CheckUsable() const {
+std::pair<error_code, std::string> ConnectionSink::CheckUsable(std::string_view method) const {
   if (state_ == State::kOpen && !busy()) return {};
   if (busy()) {
     return {make_error_code(Errc::kConnectionClosed),
-            fmt::format("connection to {} is not usable (busy with another request)", conn_.address())};
+            fmt::format("connection to {} is not usable{}{} (busy with another request)", conn_.address(),
+                        method.empty() ? "" : " for the request for ", method)};
   }
   // A failed connect or TLS handshake keeps its code. A connection the server closed (or that
   // failed) before this request came is kNotSent: nothing was written, so a retry is safe.
   if (state_ == State::kClosed && closed_code_) return {closed_code_, closed_detail_};
   return {make_error_code(Errc::kNotSent),
-          fmt::format("connection to {} was {} before the request was sent", conn_.address(),
-                      state_ == State::kClosed ? "closed" : "not open")};
+          fmt::format("connection to {} was {} before the request{}{} was sent", conn_.address(),
+                      state_ == State::kClosed ? "closed" : "not open", method.empty() ? "" : " for ", method)};
 }
 
 uint64_t ConnectionSink::BeginRequest() {

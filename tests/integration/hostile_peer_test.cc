@@ -30,6 +30,9 @@
 #include <utility>
 #include <vector>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/use_future.hpp>
 #include <gtest/gtest.h>
 #include <openssl/ssl.h>
@@ -463,6 +466,25 @@ class RawServer {
   std::vector<std::thread> connections_;
   std::thread acceptor_;
 };
+
+// Starts a call with `start(signal)` (binding `signal`'s slot to it) while loop 0 of `rt` is
+// held, and cancels it (terminal) before the loop takes it: a stack without a pool or a
+// connection to park it on takes it to its transport already cancelled.
+template <class Start>
+void CancelBeforeTheLoopTakesIt(Runtime& rt, Start&& start) {
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::promise<void> holding;
+  boost::asio::post(rt.loop(0).executor(), [&holding, released] {
+    holding.set_value();
+    released.wait();
+  });
+  holding.get_future().wait();
+  boost::asio::cancellation_signal signal;
+  start(signal);
+  signal.emit(boost::asio::cancellation_type::terminal);
+  release.set_value();
+}
 
 // --- HTTP ----------------------------------------------------------------------------------------
 
@@ -1025,6 +1047,63 @@ TEST(HostilePeerTest, HttpConnectResponseEndsWithItsHeader) {
 // answered twice, the second time 100 ms later; "bad-header" is answered with a whole frame whose
 // message header does not parse (protocol version 0x8002), then 100 ms later with its reply;
 // "cut-reply" gets the frame length of its reply and half of the reply, then the connection closes.
+// A call cancelled before its loop took it, in a stack without a pool: the transport answers
+// it, naming the endpoint. It said only "cancelled before it was sent".
+TEST(HostilePeerTest, HttpCallCancelledBeforeItWasSentNamesTheEndpoint) {
+  RawServer server(HostileHttp);
+  http::HttpOptions o = HttpOptions();
+  o.retry = std::nullopt;  // the failure itself is what is checked
+  auto rt = o.client.runtime;
+  auto client = Http::NewBuilder(o)
+                    .SetUri(server.uri())
+                    .RemoveRole(roles::kPool)
+                    .RemoveRole(roles::kResurrector)
+                    .RemoveRole(roles::kFailureAccrual)
+                    .Build();
+  EXPECT_EQ(client.Get("/ok").status, 200);
+  CallInfo info;
+  std::promise<error_code> got;
+  CancelBeforeTheLoopTakesIt(*rt, [&](boost::asio::cancellation_signal& signal) {
+    client.AsyncSend(http::Request{"GET", "/ok", {}, {}}, CallOptions{.info = &info},
+                     boost::asio::bind_cancellation_slot(signal.slot(),
+                                                         [&](error_code ec, http::Response) { got.set_value(ec); }));
+  });
+  auto f = got.get_future();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(f.get(), Errc::kCancelled) << info.detail;
+  EXPECT_NE(info.detail.find("client hostile-http: cancelled before the request was sent to 127.0.0.1:"),
+            std::string::npos)
+      << info.detail;
+  EXPECT_EQ(client.Get("/ok").status, 200);
+}
+
+// "slow-reply" (HostileThrift): set once the server has the request, which it then holds until
+// the test sets the release (at most 10 s).
+std::atomic<bool> g_slow_reply_received{false};
+std::atomic<bool> g_slow_reply_release{false};
+
+// Waits until `pred` holds, at most 10 s.
+template <class Pred>
+bool WaitUntil(Pred pred) {
+  for (auto until = std::chrono::steady_clock::now() + 10s; !pred(); std::this_thread::sleep_for(5ms)) {
+    if (std::chrono::steady_clock::now() > until) return false;
+  }
+  return true;
+}
+
+// The TCP connections open from this process's clients to `endpoint` ("127.0.0.1:P"), from the
+// scales_connections gauges of the default registry.
+int64_t OpenConnectionsTo(const std::string& endpoint) {
+  int64_t open = 0;
+  for (const auto& m : stats::StatsRegistry::Default().Snapshot()) {
+    if (m.name != "scales_connections") continue;
+    for (const auto& [key, value] : m.labels) {
+      if (key == "endpoint" && value == endpoint) open += m.value;
+    }
+  }
+  return open;
+}
+
 void HostileThrift(RawConn& c) {
   for (;;) {
     auto len = c.ReadExactly(4);
@@ -1066,7 +1145,12 @@ void HostileThrift(RawConn& c) {
       if (!c.Write(be32(bad.size()) + bad)) return;
       std::this_thread::sleep_for(100ms);
     }
+    if (arg == "slow-reply") {
+      g_slow_reply_received = true;
+      WaitUntil([] { return g_slow_reply_release.load(); });
+    }
     if (!c.Write(be32(reply.size()) + reply)) return;
+    if (arg == "close-after-reply") return;  // the connection closes while idle
     if (arg == "duplicate-reply") {
       // Again, a moment later: after the client sent its next request on the connection.
       std::this_thread::sleep_for(100ms);
@@ -1214,6 +1298,94 @@ TEST(HostilePeerTest, ThriftReplyCutByTheServersCloseNamesTheMethod) {
                                               "bytes): end of stream"),
               std::string_view::npos)
         << e.what();
+  }
+  EXPECT_EQ(Echo(client, "after"), "after");
+}
+
+// A Thrift client to `server` with neither pool, resurrector nor failure accrual, and no
+// retry: its calls meet the connection sink itself, and its failures are the caller's.
+thrift::ThriftClient<EchoClient> BareThriftClient(const RawServer& server,
+                                                  thrift::ThriftOptions o = ThriftOptions()) {
+  o.retry = std::nullopt;
+  return Thrift::NewBuilder<EchoClient>(o)
+      .SetUri(server.uri())
+      .RemoveRole(roles::kPool)
+      .RemoveRole(roles::kResurrector)
+      .RemoveRole(roles::kFailureAccrual)
+      .Build();
+}
+
+// Expects echo("next") on `client` to fail with `code`, its message containing each of `parts`.
+void ExpectEchoFails(const thrift::ThriftClient<EchoClient>& client, Errc code,
+                     std::initializer_list<std::string_view> parts) {
+  try {
+    Echo(client, "next");
+    ADD_FAILURE() << "the call succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), code) << e.what();
+    for (std::string_view part : parts) EXPECT_NE(std::string_view(e.what()).find(part), std::string_view::npos) << e.what();
+  }
+}
+
+// A connection the server closed while idle, given a request (no pool nor resurrector in the
+// stack to retire it first): the request fails unsent, naming the endpoint and the method, as
+// every other transport failure of a Thrift call does. It named no method: "connection to X
+// was closed before the request was sent".
+TEST(HostilePeerTest, ThriftRequestOnAConnectionTheServerClosedNamesTheMethod) {
+  RawServer server(HostileThrift);
+  auto client = BareThriftClient(server);
+  EXPECT_EQ(Echo(client, "close-after-reply"), "close-after-reply");
+  // The client notices the close (its idle connection reads the end of stream).
+  ASSERT_TRUE(WaitUntil([&] { return OpenConnectionsTo(server.uri().substr(6)) == 0; }));
+  ExpectEchoFails(client, Errc::kNotSent,
+                  {"client hostile-thrift: connection to 127.0.0.1:", " was closed before the request for echo was sent"});
+}
+
+// Without a pool a second call reaches the connection while the first is on it: it fails
+// at once, unsent, naming the endpoint and the method. It named no method: "connection to X is
+// not usable (busy with another request)".
+TEST(HostilePeerTest, ThriftRequestOnABusyConnectionNamesTheMethod) {
+  RawServer server(HostileThrift);
+  auto client = BareThriftClient(server);
+  g_slow_reply_received = false;
+  g_slow_reply_release = false;
+  auto slow = SCALES_THRIFT_CALL(client, echo, "slow-reply", boost::asio::use_future);
+  ASSERT_TRUE(WaitUntil([] { return g_slow_reply_received.load(); }));  // the slow call is on the connection
+  ExpectEchoFails(client, Errc::kConnectionClosed,
+                  {"client hostile-thrift: connection to 127.0.0.1:",
+                   " is not usable for the request for echo (busy with another request)"});
+  g_slow_reply_release = true;
+  ASSERT_EQ(slow.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(slow.get(), "slow-reply");
+}
+
+// A call cancelled before its loop took it, in a stack without a pool: the transport answers
+// it, naming the endpoint and the method. It said only "cancelled before it was sent".
+TEST(HostilePeerTest, ThriftCallCancelledBeforeItWasSentNamesTheEndpointAndTheMethod) {
+  RawServer server(HostileThrift);
+  thrift::ThriftOptions o = ThriftOptions();
+  auto rt = o.client.runtime;
+  auto client = BareThriftClient(server, o);
+  EXPECT_EQ(Echo(client, "before"), "before");
+  std::promise<std::exception_ptr> got;
+  CancelBeforeTheLoopTakesIt(*rt, [&](boost::asio::cancellation_signal& signal) {
+    SCALES_THRIFT_CALL(client, echo, std::string("cancelled"),
+                       boost::asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e, std::string) {
+                         got.set_value(e);
+                       }));
+  });
+  auto f = got.get_future();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+  try {
+    std::rethrow_exception(f.get());
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kCancelled) << e.what();
+    EXPECT_NE(std::string_view(e.what()).find("client hostile-thrift: cancelled before the request for echo was sent "
+                                              "to 127.0.0.1:"),
+              std::string_view::npos)
+        << e.what();
+  } catch (...) {
+    ADD_FAILURE() << "the cancelled call did not fail with scales::Error";
   }
   EXPECT_EQ(Echo(client, "after"), "after");
 }

@@ -1693,6 +1693,35 @@ TEST(MuxSessionTest, RdrainReachesTheServerWithPingsOffAndNoDrainWait) {
   }
 }
 
+// A request cancelled before the session took it (the pool hands a parked request over after
+// its caller cancelled) is answered at once, naming the endpoint, and nothing is written: it
+// said only "cancelled before it was sent".
+TEST(MuxSessionTest, ARequestCancelledBeforeTheSessionTookItIsAnsweredNamingTheEndpoint) {
+  PeerSession f(QuietCloseOptions());
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  SessionCall call("x");
+  call.Cancel(Errc::kCancelled);
+  call.Start(*f.session);
+  ASSERT_EQ(call.completions(), 1);
+  EXPECT_EQ(call.result().error, Errc::kCancelled);
+  EXPECT_EQ(call.result().detail, fmt::format("cancelled before the request was sent to 127.0.0.1:{}", f.peer.port()));
+  SessionCall next("y");
+  next.Start(*f.session);
+  std::string received;
+  ASSERT_TRUE(RunUntil(f.env, [&] {
+    received += f.peer.Read();
+    return !Frames(received).empty();
+  }));
+  EXPECT_EQ(Frames(received), (std::vector<std::string>{"Tdispatch tag=2 (1 bytes)"}));
+  mux::Rdispatch reply;
+  reply.tag = 2;
+  reply.body = "ok";
+  f.peer.Send(mux::Encode(reply));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return next.completions() == 1; }));
+  EXPECT_EQ(next.reply(), "ok");
+  EXPECT_EQ(call.completions(), 1);
+}
+
 // During a drain: a new request is refused at once (kNack, retryable, nothing written); one
 // cancelled meanwhile completes once (Tdiscarded sent); the client's Close() answers the one
 // still in flight once (kClientClosed), and its reply arriving after the close answers nothing.
