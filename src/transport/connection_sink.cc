@@ -74,7 +74,8 @@ void ConnectionSink::OnConnected(error_code ec) {
 std::pair<error_code, std::string> ConnectionSink::CheckUsable(std::string_view method) const {
   if (state_ == State::kOpen && !busy()) return {};
   if (busy()) {
-    return {make_error_code(Errc::kConnectionClosed),
+    // Nothing of this request was written: as safe to retry as a closed connection's.
+    return {make_error_code(Errc::kNotSent),
             fmt::format("connection to {} is not usable{}{} (busy with another request)", conn_.address(),
                         method.empty() ? "" : " for the request for ", method)};
   }

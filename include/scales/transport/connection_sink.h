@@ -99,10 +99,10 @@ class ConnectionSink : public ClientMessageSink {
   // Checks that a new request may use the connection (open, idle). Otherwise returns the
   // error and detail to fail it with: the error that closed the connection (a connect
   // failure, or kTlsFailed for a TLS alert received while idle), kNotSent for a connection
-  // closed otherwise (by the server, or retired by its pool), or kConnectionClosed when it is
-  // busy with another request. `method`: the new request's method, for a protocol whose
-  // messages name it ("the request for echo", as request_noun() does for the request on the
-  // connection, which may be another one here).
+  // closed otherwise (by the server, or retired by its pool) or busy with another request.
+  // `method`: the new request's method, for a protocol whose messages name it ("the request
+  // for echo", as request_noun() does for the request on the connection, which may be another
+  // one here).
   std::pair<error_code, std::string> CheckUsable(std::string_view method = {}) const;
   // Starts a request: bumps the generation (stale handlers compare it) and ends the idle
   // watch. Returns the new generation.
