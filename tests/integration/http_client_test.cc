@@ -23,8 +23,10 @@
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include "scales/discovery/server_set.h"
 #include "scales/http/client.h"
 #include "support/fixtures.h"
 
@@ -662,6 +664,171 @@ TEST(ConcurrencyHttpTest, ManyThreadsShareOneClient) {
   } catch (const Error& e) {
     EXPECT_EQ(e.scales_code(), Errc::kClientClosed);
   }
+}
+
+// Handles copied to other threads and released there, or last inside a completion handler on
+// the client's loop (which then starts one more call from that loop); three clients share a
+// runtime whose last reference goes with them, so it is destroyed on one of its own loops.
+// Every call completes exactly once, and the runtime goes.
+TEST(ConcurrencyHttpTest, HandlesReleasedOnOtherThreadsAndInTheirOwnHandlers) {
+  TestHttpServer server("handles");
+  constexpr int kClients = 3, kThreads = 3, kCalls = 10;
+  constexpr int kTotal = kClients * kThreads * kCalls * 2;  // each handler starts one more
+  auto completions = std::make_shared<std::vector<std::atomic<int>>>(kTotal);
+  auto completed = std::make_shared<std::atomic<int>>(0);
+  auto ok = std::make_shared<std::atomic<int>>(0);
+  std::weak_ptr<Runtime> weak_runtime;
+  {
+    auto runtime = MakeRuntime(2);
+    weak_runtime = runtime;
+    std::vector<http::HttpClient> clients;
+    for (int c = 0; c < kClients; ++c) {
+      auto o = Options(runtime);  // the default registry: the runtime may end on a thread of its own
+      o.client.name = fmt::format("handles-{}", c);
+      clients.push_back(Http::NewClient(Uri({server.endpoint()}), o));
+    }
+    runtime.reset();  // the clients hold it
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([=, copies = clients]() mutable {
+        auto done = [=](int id) {
+          return [=](error_code ec, const http::Response& r) {
+            if (id % 2 == 0 && !ec && r.status == 200) ++*ok;  // the first calls of each pair
+            (*completions)[id]++;
+            ++*completed;
+          };
+        };
+        for (int c = 0; c < kClients; ++c) {
+          for (int i = 0; i < kCalls; ++i) {
+            const int id = ((t * kClients + c) * kCalls + i) * 2;
+            copies[c].AsyncGet("/", [client = copies[c], done, id](error_code ec, http::Response r) mutable {
+              // On the client's loop: one more call from here, then this handle goes.
+              client.AsyncGet("/", done(id + 1));
+              done(id)(ec, r);
+              client = http::HttpClient();
+            });
+          }
+        }
+        copies.clear();  // released on this thread
+      });
+    }
+    clients.clear();
+    for (auto& th : threads) th.join();
+  }
+  ASSERT_TRUE(Eventually([&] { return completed->load() == kTotal; }, 10000ms))
+      << completed->load() << " of " << kTotal << " calls completed";
+  for (int i = 0; i < kTotal; ++i) EXPECT_EQ((*completions)[i].load(), 1) << "call " << i;
+  // A call made from the handler may fail kClientClosed: its client closes when the handler
+  // drops the last handle.
+  EXPECT_EQ(ok->load(), kTotal / 2);
+  EXPECT_TRUE(Eventually([&] { return weak_runtime.expired(); })) << "the runtime was not released";
+}
+
+// Blocking calls from six threads on a one-loop client, each with its own CallInfo, while
+// another thread changes the static server set's members and a third scrapes the registry
+// (text, JSON, Prometheus) as per-endpoint metrics appear and short-lived clients come and go.
+TEST(ConcurrencyHttpTest, BlockingCallsWhileMembersChangeAndStatsAreScraped) {
+  TestHttpServer a("a"), b("b");
+  stats::StatsRegistry registry;  // outlives the runtime, where closed clients still report
+  auto runtime = MakeRuntime(1);
+  const Endpoint ea{"127.0.0.1", static_cast<uint16_t>(a.port())};
+  const Endpoint eb{"127.0.0.1", static_cast<uint16_t>(b.port())};
+  auto members = std::make_shared<StaticServerSet>(ServerSet::Members{ea});
+  auto o = Options(runtime, &registry);
+  o.client.server_set = members;
+  auto client = Http::NewClient("", o);
+  constexpr int kThreads = 6, kCalls = 40;
+  std::atomic<int> ok{0}, callers_done{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, copy = client] {
+      for (int i = 0; i < kCalls; ++i) {
+        CallInfo info;
+        CallOptions call;
+        call.info = &info;
+        try {
+          if (copy.Send({"GET", "/", {}, {}}, call).status == 200 &&
+              (info.endpoint == a.endpoint() || info.endpoint == b.endpoint()) && !info.error) {
+            ++ok;
+          }
+        } catch (const Error& e) {
+          ADD_FAILURE() << e.what();
+        }
+      }
+      ++callers_done;
+    });
+  }
+  std::thread updater([&] {
+    const std::vector<ServerSet::Members> lists = {{ea, eb}, {eb}, {ea}, {eb, ea}};
+    for (size_t i = 0; callers_done.load() < kThreads; ++i) {
+      members->Update(lists[i % lists.size()]);
+      std::this_thread::sleep_for(2ms);
+    }
+  });
+  std::thread churn([&] {
+    for (int i = 0; callers_done.load() < kThreads; ++i) {
+      auto co = Options(runtime, &registry);
+      co.client.name = fmt::format("churn-{}", i);
+      auto c = Http::NewClient(Uri({i % 2 ? a.endpoint() : b.endpoint()}), co);
+      EXPECT_EQ(c.Get("/").status, 200);
+      if (i % 2) c.Close();
+    }
+  });
+  while (callers_done.load() < kThreads) {
+    EXPECT_FALSE(registry.ToPrometheus().empty());
+    EXPECT_FALSE(registry.ToJson().empty());
+    EXPECT_FALSE(registry.ToText().empty());
+  }
+  for (auto& th : threads) th.join();
+  updater.join();
+  churn.join();
+  EXPECT_EQ(ok.load(), kThreads * kCalls);
+}
+
+// Three clients share a runtime; each has slow calls in flight when the test drops the clients
+// and then the runtime on its own thread: the runtime's destructor lets the loops run the
+// clients' shutdown, which fails every call in flight with kClientClosed, and returns well
+// within its 5 s limit.
+TEST(ConcurrencyHttpTest, SharedRuntimeDestroyedRightAfterItsClientsWithCallsInFlight) {
+  TestHttpServer server("slow", 0, 4);
+  constexpr int kClients = 3, kCalls = 8;
+  std::atomic<int> completed{0}, closed{0};
+  std::vector<std::atomic<int>> completions(kClients * kCalls);
+  auto runtime = MakeRuntime(2);
+  {
+    std::vector<http::HttpClient> clients;
+    for (int c = 0; c < kClients; ++c) {
+      auto o = Options(runtime);
+      o.client.name = fmt::format("shared-{}", c);
+      clients.push_back(Http::NewClient(Uri({server.endpoint()}), o));
+    }
+    for (int c = 0; c < kClients; ++c) {
+      for (int i = 0; i < kCalls; ++i) {
+        clients[c].AsyncGet("/delay/3000", [&, id = c * kCalls + i](error_code ec, http::Response) {
+          if (ec == Errc::kClientClosed) ++closed;
+          completions[id]++;
+          ++completed;
+        });
+      }
+    }
+    // Every call reached its connection (the server holds them for 3 s).
+    ASSERT_TRUE(Eventually([&] {
+      int64_t pending = 0;
+      for (const auto& m : stats::StatsRegistry::Default().Snapshot()) {
+        if (m.name == "scales_pending" && m.labels.size() == 1 && m.labels[0].second.starts_with("shared-")) {
+          pending += m.value;
+        }
+      }
+      return pending == kClients * kCalls;
+    }));
+  }
+  const auto start = std::chrono::steady_clock::now();
+  runtime.reset();
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_LT(took, 2s) << "the runtime waited for its loops to give up";
+  EXPECT_EQ(completed.load(), kClients * kCalls);
+  EXPECT_EQ(closed.load(), kClients * kCalls);
+  for (int i = 0; i < kClients * kCalls; ++i) EXPECT_EQ(completions[i].load(), 1) << "call " << i;
 }
 
 }  // namespace

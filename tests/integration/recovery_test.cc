@@ -701,5 +701,75 @@ TEST(ConcurrencyRecoveryTest, ThreadsCallWhileAServerRestarts) {
   client.Close();
 }
 
+// For ThreadSanitizer: two ThriftMux clients share a runtime that the test lets go at once.
+// Threads outside the clients start calls on copies of the handles; the first client's last
+// handle goes inside a completion handler on its loop (which starts one more call from there
+// first), the second is closed from two threads at once while the calls are being started.
+// Every call completes exactly once, the calls of the first client's handlers succeed, and the
+// runtime goes (destroyed on one of its own loops, or on a thread that released the last handle).
+TEST(ConcurrencyRecoveryTest, MuxHandlesReleasedInHandlersAndClosedFromTwoThreads) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  constexpr int kThreads = 3, kCalls = 30;
+  struct Counts {
+    std::vector<std::atomic<int>> completions = std::vector<std::atomic<int>>(kThreads * kCalls * 3);
+    std::atomic<int> completed{0}, first_ok{0}, closes{0}, late_not_closed{0};
+  };
+  auto counts = std::make_shared<Counts>();
+  auto count = [counts](int id) {
+    return [counts, id](const error_code&, const std::string&, const std::string&) {
+      counts->completions[id]++;
+      counts->completed++;
+    };
+  };
+  std::weak_ptr<Runtime> weak_runtime;
+  {
+    // The default registry: the runtime may end on a thread of its own, after this test.
+    auto o = TestOptions<thriftmux::ThriftMuxOptions>("mux-handles", stats::StatsRegistry::Default());
+    weak_runtime = o.client.runtime;
+    auto released = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+    o.client.name = "mux-closed";
+    auto closed = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+    o.client.runtime.reset();  // the clients hold it
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([=, released = released, closed = closed]() mutable {
+        std::thread closer;
+        for (int i = 0; i < kCalls; ++i) {
+          const int id = (t * kCalls + i) * 3;
+          StartEcho(released, [=, client = released](const error_code& ec, const std::string& e,
+                                                     const std::string& d) mutable {
+            StartEcho(client, count(id + 1));  // from the client's loop
+            client = {};                        // maybe its last handle
+            if (!ec) counts->first_ok++;
+            count(id)(ec, e, d);
+          });
+          const bool after_close = counts->closes.load() == 2;
+          StartEcho(closed, [=](const error_code& ec, const std::string& e, const std::string& d) {
+            if (after_close && ec != Errc::kClientClosed) counts->late_not_closed++;
+            count(id + 2)(ec, e, d);
+          });
+          if (t == 0 && i == kCalls / 3) {
+            closer = std::thread([closed, counts] {
+              closed.Close();
+              counts->closes++;
+            });
+            closed.Close();
+            counts->closes++;
+          }
+        }
+        if (closer.joinable()) closer.join();
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  const int total = kThreads * kCalls * 3;
+  ASSERT_TRUE(WaitFor(10s, [&] { return counts->completed.load() == total; }))
+      << counts->completed.load() << " of " << total << " calls completed";
+  for (int i = 0; i < total; ++i) EXPECT_EQ(counts->completions[i].load(), 1) << "call " << i;
+  EXPECT_EQ(counts->first_ok.load(), kThreads * kCalls);
+  EXPECT_EQ(counts->late_not_closed.load(), 0);
+  EXPECT_TRUE(WaitFor(5s, [&] { return weak_runtime.expired(); })) << "the runtime was not released";
+}
+
 }  // namespace
 }  // namespace scales

@@ -19,6 +19,7 @@
 
 #include <gmock/gmock.h>
 #include <boost/asio/bind_executor.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <gtest/gtest.h>
@@ -774,6 +775,31 @@ TEST(ClientCoreOpenTest, AnOpenPendingWhenTheRuntimeGoesStillCompletes) {
   EXPECT_EQ(completions->load(), 1) << "the open's handler was dropped";
   ASSERT_EQ(result.wait_for(seconds(0)), std::future_status::ready);
   EXPECT_EQ(result.get(), Errc::kClientClosed);  // loop 1's open, answered by Close()
+  factory.Clear();
+}
+
+// An open whose initiation a token defers (deferred, use_awaitable) and that starts after the
+// caller let the client go, on another thread: the operation holds the client until then. It
+// used to hold only `this`, and the open ran on a destroyed client.
+TEST(ClientCoreOpenTest, ADeferredOpenKeepsItsClientUntilItStarts) {
+  stats::StatsRegistry registry;
+  auto clock = std::make_shared<ManualClock>();
+  auto runtime = std::make_shared<Runtime>(RuntimeOptions{.threads = 1, .start_threads = false, .clock = clock, .seed = 42});
+  FakeTransportFactory factory(runtime->loop(0));
+  auto core = std::make_shared<ClientCore>(
+      SingleEndpointOptions("deferred-open", runtime, registry),
+      TimeoutOverFakes([&](const SinkContext& ctx) -> SinkPtr { return factory.Create(ctx); }));
+  std::weak_ptr<ClientCore> weak = core;
+  auto open = core->AsyncOpen(boost::asio::deferred);
+  core.reset();
+  ASSERT_FALSE(weak.expired()) << "the deferred open does not hold its client";
+  int completions = 0;
+  std::thread([&completions, open = std::move(open)]() mutable {
+    std::move(open)([&completions](error_code) { ++completions; });
+  }).join();
+  runtime->RunUntilIdle();
+  EXPECT_EQ(completions, 1);
+  EXPECT_TRUE(weak.expired()) << "the client outlived its open";
   factory.Clear();
 }
 

@@ -76,11 +76,15 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
 
   // Opens every shard; the handler gets the first error, or success once all opened. It runs on
   // its associated executor (default: the first loop's), which counts outstanding work until then.
+  // The core goes in as an initiation argument (as the typed clients' calls do): a token that
+  // defers the initiation (deferred, use_awaitable) holds the client until the open starts.
   template <class CompletionToken>
   auto AsyncOpen(CompletionToken&& token) {
     return boost::asio::async_initiate<CompletionToken, void(error_code)>(
-        [this](auto handler) { DoOpen(ClientMessageSink::OpenHandler(std::move(handler))); },
-        token);
+        [](auto handler, const std::shared_ptr<ClientCore>& core) {
+          core->DoOpen(ClientMessageSink::OpenHandler(std::move(handler)));
+        },
+        token, shared_from_this());
   }
   // Opens and waits up to options().open_timeout (not at all if called on a loop thread).
   // Throws scales::Error(kOpenTimeout or the open error) with the client and server set, and
