@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <exception>
 
 #include <boost/asio/ip/address_v4.hpp>
 #include <boost/asio/post.hpp>
@@ -11,6 +14,7 @@
 
 #include "scales/core/error.h"
 #include "scales/core/log.h"
+#include "scales/core/runtime.h"
 
 namespace scales::zk_internal {
 namespace {
@@ -52,7 +56,87 @@ void LogSink(const char* message) {
   }
 }
 
+// The closer (ZkConnection::StopOffLoop): one thread, started on first use, that runs the
+// stops handed to it in order. Its state is never destroyed: a runtime's loop thread may still
+// hand it a stop while the process exits (clients may outlive main). CloserAtExit drains it and
+// joins its thread at exit; stops handed over after that run where they are given.
+struct Closer {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> queue;
+  size_t pending = 0;  // queued or running
+  bool exiting = false;
+  std::thread thread;
+};
+
+Closer& TheCloser() {
+  static Closer* const closer = new Closer();
+  return *closer;
+}
+
+void RunCloser(Closer& closer) {
+  std::unique_lock lock(closer.mu);
+  for (;;) {
+    closer.cv.wait(lock, [&] { return !closer.queue.empty() || closer.exiting; });
+    if (closer.queue.empty()) return;  // exiting, and nothing is left
+    std::function<void()> stop = std::move(closer.queue.front());
+    closer.queue.pop_front();
+    lock.unlock();
+    try {
+      stop();
+    } catch (...) {
+      SCALES_LOG(kError, "zookeeper: a session's shutdown failed; continuing with the next one");
+    }
+    stop = nullptr;  // what it holds goes here too, unlocked (it may be what stops the connections)
+    lock.lock();
+    --closer.pending;
+  }
+}
+
+struct CloserAtExit {
+  ~CloserAtExit() {
+    Closer& closer = TheCloser();
+    std::thread thread;
+    {
+      std::lock_guard lock(closer.mu);
+      closer.exiting = true;
+      thread = std::move(closer.thread);
+    }
+    closer.cv.notify_all();
+    if (thread.joinable()) thread.join();
+  }
+};
+CloserAtExit closer_at_exit;
+
 }  // namespace
+
+void ZkConnection::StopOffLoop(std::function<void()> stop) {
+  if (EventLoop::Current() != nullptr) {
+    Closer& closer = TheCloser();
+    std::unique_lock lock(closer.mu);
+    if (!closer.exiting) {
+      try {
+        if (!closer.thread.joinable()) closer.thread = std::thread([&closer] { RunCloser(closer); });
+        closer.queue.push_back(std::move(stop));
+        ++closer.pending;
+        lock.unlock();
+        closer.cv.notify_one();
+        return;
+      } catch (const std::exception& e) {
+        // No thread for it (or no memory): the stop runs here, as it did before the closer.
+        SCALES_LOG(kWarning, "zookeeper: cannot hand a session's shutdown to the closer thread ({}); "
+                   "closing it on the event loop", e.what());
+      }
+    }
+  }
+  if (stop) stop();
+}
+
+size_t ZkConnection::StopsPending() {
+  Closer& closer = TheCloser();
+  std::lock_guard lock(closer.mu);
+  return closer.pending;
+}
 
 std::string ZkErrorText(int rc) {
   const char* text = zerror(rc);

@@ -50,7 +50,20 @@ class ZkConnection {
 
   void Start(Handlers handlers);
   // Joins the loop thread and closes the session (its ephemeral nodes go). Not from the loop.
+  // Blocks: closing a connected session waits for the ensemble's reply to the close request
+  // (up to 1.5 s when the ensemble is frozen) and joins the C client's threads.
   void Stop();
+
+  // Runs `stop` (which ends with Stop() of the connections it owns, e.g. by releasing their
+  // owner) at once, unless the calling thread runs a scales event loop (EventLoop::Current():
+  // a client's last handle released in one of its own handlers), where it would hold up every
+  // other client of that loop meanwhile: then on the process-wide closer thread (started on
+  // first use; the stops run there one at a time, in order). `stop` must keep alive whatever
+  // the connection's callbacks use until Stop() returns. At process exit the closer runs what
+  // is left and is joined (no thread outlives main); stops handed over after that run at once.
+  static void StopOffLoop(std::function<void()> stop);
+  // Stops handed to the closer thread that have not finished (tests).
+  static size_t StopsPending();
 
   boost::asio::io_context& io_context() { return ioc_; }
 

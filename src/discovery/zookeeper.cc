@@ -121,6 +121,11 @@ class ZooKeeperServerSet::Impl {
 
   ~Impl() {
     connection_.Stop();
+    Deactivate();
+  }
+
+  // No listener is called after this returns (a delivery checks `active` when it runs).
+  void Deactivate() {
     std::lock_guard lock(mu_);
     for (auto& [id, sub] : subscribers_) {
       std::lock_guard sub_lock(sub->mu);
@@ -491,7 +496,13 @@ ZooKeeperServerSet::ZooKeeperServerSet(ParsedUri uri, ZooKeeperOptions options)
   impl_->Start();
 }
 
-ZooKeeperServerSet::~ZooKeeperServerSet() = default;
+ZooKeeperServerSet::~ZooKeeperServerSet() {
+  impl_->Deactivate();
+  // The session's close blocks (a frozen ensemble: 1.5 s). Released on an event loop (the last
+  // client holding it went in one of its handlers), it is closed on the closer thread, which
+  // keeps the Impl, whose state the discovery thread uses, until the connection has stopped.
+  ZkConnection::StopOffLoop([impl = std::move(impl_)]() mutable { impl.reset(); });
+}
 
 uint64_t ZooKeeperServerSet::Subscribe(boost::asio::any_io_executor executor, Listener listener) {
   return impl_->Subscribe(std::move(executor), std::move(listener));
@@ -883,7 +894,11 @@ Announcer::Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOp
     : impl_(std::make_shared<Impl>(uri, std::move(instance), std::move(options))) {
   impl_->Start();
 }
-Announcer::~Announcer() = default;
+Announcer::~Announcer() {
+  // Shutdown() blocks (up to 2 s for the delete, then the session's close). Released on an event
+  // loop, it runs on the closer thread instead, which keeps the Impl until it is done.
+  ZkConnection::StopOffLoop([impl = std::move(impl_)]() mutable { impl.reset(); });
+}
 bool Announcer::WaitAnnounced(std::chrono::milliseconds timeout) const {
   return impl_->WaitAnnounced(timeout);
 }

@@ -8,20 +8,25 @@
 #include <zookeeper/zookeeper.h>
 
 #include <atomic>
+#include <csignal>
 #include <cstring>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <future>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -1385,6 +1390,182 @@ TEST_F(ZooKeeperTest, AnOlderListIsNotDeliveredAfterANewerOne) {
   EXPECT_EQ(seen.back(), both) << "the subscriber must end on the set's list";
   EXPECT_EQ(seen.size(), 1u);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A zk:// client released inside one of its own handlers: its server set's shutdown (joining the
+// discovery thread, closing the ZooKeeper session, which sends a close request and joins the C
+// client's threads) must not run on the event loop, where every other client of that loop would
+// wait for it (for seconds when the ensemble is slow or frozen).
+
+// The java process of the test's ZooKeeperServer: this process's child named "java".
+pid_t ZooKeeperPid() {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const size_t close = line.rfind(')');
+    const size_t open = line.find('(');
+    if (open == std::string::npos || close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    char state = 0;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == ::getpid() && line.substr(open + 1, close - open - 1) == "java") {
+      return static_cast<pid_t>(std::stol(entry.path().filename().string()));
+    }
+  }
+  return 0;
+}
+
+// SIGSTOPs a process (a frozen ZooKeeper server: connections stay open, nothing is answered);
+// SIGCONT when it goes.
+class Frozen {
+ public:
+  explicit Frozen(pid_t pid) : pid_(pid) {
+    if (pid_ > 0) ::kill(pid_, SIGSTOP);
+  }
+  ~Frozen() { Thaw(); }
+  void Thaw() {
+    if (pid_ > 0) ::kill(std::exchange(pid_, 0), SIGCONT);
+  }
+
+ private:
+  pid_t pid_;
+};
+
+// Posts a probe to `loop` every millisecond and keeps the longest wait for one to run: how long
+// the loop was kept from its other work.
+class LoopStallMeter {
+ public:
+  explicit LoopStallMeter(EventLoop& loop) : loop_(loop), thread_([this] { Run(); }) {}
+  ~LoopStallMeter() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  void Reset() { max_us_ = 0; }
+  std::chrono::microseconds max() const { return std::chrono::microseconds(max_us_.load()); }
+
+ private:
+  void Run() {
+    while (!stop_) {
+      auto ran = std::make_shared<std::promise<void>>();
+      auto future = ran->get_future();
+      const auto posted = std::chrono::steady_clock::now();
+      boost::asio::post(loop_.executor(), [ran] { ran->set_value(); });
+      // Bounded: a runtime that went away drops the probe.
+      if (future.wait_for(30s) != std::future_status::ready) return;
+      const auto waited =
+          std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - posted);
+      int64_t prev = max_us_.load();
+      while (waited.count() > prev && !max_us_.compare_exchange_weak(prev, waited.count())) {}
+      std::this_thread::sleep_for(1ms);
+    }
+  }
+  EventLoop& loop_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> max_us_{0};
+  std::thread thread_;
+};
+
+class ReleasedOnLoopTest : public ZooKeeperTest, public ::testing::WithParamInterface<bool> {
+ protected:
+  // A runtime with one loop, and a tcp:// client on it calling in a closed loop.
+  void StartNeighbour(const TestHttpServer& server) {
+    RuntimeOptions r;
+    r.threads = 1;
+    runtime_ = std::make_shared<Runtime>(r);
+    load_.client = Http::NewClient("tcp://" + server.endpoint(), Options("tcp-neighbour"));
+    load_.Start(2);
+    ASSERT_TRUE(WaitFor([&] { return load_.completed > 20; }));
+  }
+  http::HttpOptions Options(const std::string& name) const {
+    http::HttpOptions options;
+    options.client.runtime = runtime_;
+    options.client.name = name;
+    options.client.timeout = 5s;
+    options.client.open_timeout = 20s;
+    return options;
+  }
+  // Freezes the ensemble if the test is the Frozen one, runs `release` (which posts, or makes
+  // the loop run, what releases a ZooKeeper session on the loop), and checks the loop for a
+  // second, while a frozen ensemble's close (1.5 s at least) is still under way, then thaws
+  // the ensemble. Then every call of the neighbour completed, and so did the shutdown.
+  void CheckTheLoopIsNotBlocked(const std::function<void()>& release) {
+    const bool frozen = GetParam();
+    std::optional<Frozen> freeze;
+    if (frozen) {
+      const pid_t pid = ZooKeeperPid();
+      ASSERT_GT(pid, 0) << "the ZooKeeper server's process was not found";
+      freeze.emplace(pid);
+    }
+    LoopStallMeter meter(runtime_->loop(0));
+    std::this_thread::sleep_for(50ms);
+    meter.Reset();
+    const int64_t calls_before = load_.completed;
+    release();
+    std::this_thread::sleep_for(1000ms);
+    meter.Stop();  // waits for a probe the loop still holds up
+    const auto stall = meter.max();
+    const size_t pending = zk_internal::ZkConnection::StopsPending();
+    const int64_t calls_meanwhile = load_.completed - calls_before;
+    freeze.reset();
+    // A close on the loop held it for 1.5 s with a frozen ensemble (for 3.5 s an announcer's
+    // shutdown); the bound leaves room for a loaded machine (sanitizers, parallel tests).
+    EXPECT_LT(stall, 1000ms) << "the loop was blocked while a ZooKeeper session shut down";
+    EXPECT_GT(calls_meanwhile, 20) << "the neighbour's calls stalled";
+    if (frozen) {
+      EXPECT_EQ(pending, 1u) << "the frozen ensemble's close is not under way on the closer";
+    }
+    load_.StopAndWait();
+    EXPECT_EQ(load_.failed.load(), 0) << load_.first_error;
+    EXPECT_EQ(load_.started.load(), load_.completed.load()) << "every request completes exactly once";
+    // The shutdown completes once the ensemble answers again.
+    EXPECT_TRUE(WaitFor([] { return zk_internal::ZkConnection::StopsPending() == 0; }, 30s));
+  }
+
+  std::shared_ptr<Runtime> runtime_;
+  Load load_;
+};
+
+// A zk:// client (its server set its own) and a tcp:// client on one runtime with one loop. The
+// zk:// client's last handle goes inside its own handler, with the ensemble healthy (false) or
+// frozen (true: SIGSTOP): the server set's close ran on the loop, which a frozen ensemble then
+// held for 1.5 s, and every other client of the loop with it.
+TEST_P(ReleasedOnLoopTest, AClientsServerSetIsClosedOffTheLoop) {
+  TestHttpServer server("s0");
+  Kazoo(CreateMember("/released/svc", "127.0.0.1", server.port()));
+  ASSERT_NO_FATAL_FAILURE(StartNeighbour(server));
+  auto zk_client = Http::NewClient(zk_->Uri("/released/svc"), Options("zk-released"));
+  ASSERT_EQ(zk_client.Get("/name").Header("X-Server"), "s0");
+  CheckTheLoopIsNotBlocked([&] {
+    std::promise<void> released;
+    auto done = released.get_future();
+    zk_client.AsyncGet("/name", [client = zk_client, &released](error_code, http::Response) mutable {
+      client = http::HttpClient();  // the last handle: the client goes here, on its loop
+      released.set_value();
+    });
+    zk_client = http::HttpClient();
+    ASSERT_EQ(done.wait_for(30s), std::future_status::ready);
+  });
+}
+
+// An Announcer destroyed on the loop (a server's own handler, say) shuts down on the closer
+// thread: its shutdown waits up to 2 s for the delete, then closes the session. The member is
+// deleted all the same.
+TEST_P(ReleasedOnLoopTest, AnAnnouncerDestroyedOnTheLoopShutsDownOffIt) {
+  TestHttpServer server("s0");
+  ASSERT_NO_FATAL_FAILURE(StartNeighbour(server));
+  auto announcer = Announce(zk_->Uri("/announced/svc"), server);
+  ASSERT_NE(announcer->node_path(), "");
+  CheckTheLoopIsNotBlocked([&] {
+    boost::asio::post(runtime_->loop(0).executor(), [a = std::move(announcer)]() mutable { a.reset(); });
+  });
+  EXPECT_EQ(Kazoo("print(len(zk.get_children('/announced/svc')))"), "0\n");
+}
+
+INSTANTIATE_TEST_SUITE_P(ZooKeeper, ReleasedOnLoopTest, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "Frozen" : "Healthy"; });
 
 }  // namespace
 }  // namespace scales
