@@ -20,6 +20,7 @@
 #include <gtest/gtest.h>
 
 #include "Echo.h"
+#include "scales/stats/stats.h"
 #include "scales/thriftmux/thriftmux.h"
 #include "support/log_capture.h"
 #include "support/mux_server_fixture.h"
@@ -312,6 +313,166 @@ TEST(TlsMuxTest, SixtyFourConcurrentCallsOnOneTlsSessionCompleteOnce) {
   }
   EXPECT_TRUE(server.LogLinesWith({"conn=2 "}).empty()) << "one session carried every call";
   EXPECT_EQ(server.LogLinesWith({"tls-upgraded"}).size(), 1u) << server.Log();
+}
+
+// --- Drain over TLS --------------------------------------------------------------------------------
+// Over TLS the session's writes go through OpenSSL and its close sends close_notify and discards
+// what is unread: the Rdrain must still reach the server before the connection ends, both for TLS
+// from the first byte and for TLS upgraded after Rinit.
+
+// The two ways a session gets TLS, with the server and the client options for each.
+struct TlsWay {
+  const char* server_mode;
+  thriftmux::ThriftMuxOptions (*options)();
+};
+const TlsWay kTlsWays[] = {{"first-byte", [] { return FirstByte(); }},
+                           {"desired", [] { return Opportunistic(mux::OpportunisticTls::kDesired); }}};
+
+int64_t CounterSum(const stats::StatsRegistry& registry, std::string_view name) {
+  int64_t sum = 0;
+  for (const auto& m : registry.Snapshot()) {
+    if (m.name == name) sum += m.value;
+  }
+  return sum;
+}
+
+// The server got the Rdrain on connection `conn` ("conn=1") before the connection ended as `how`
+// says ("close drained": the server closed it, "close eof": the client's clean close): not a
+// reset, a TLS error or an end before the Rdrain.
+void ExpectDrainedCleanly(const MuxReferenceServer& server, const std::string& conn,
+                          const std::string& how = "close drained") {
+  EXPECT_TRUE(server.WaitForLog({conn + " close"})) << server.Log();
+  const auto lines = server.LogLines();
+  int rdrain = -1;
+  int close = -1;
+  for (int i = 0; i < static_cast<int>(lines.size()); ++i) {
+    if (!lines[i].starts_with(conn + " ")) continue;
+    if (rdrain < 0 && lines[i].find(" recv Rdrain") != std::string::npos) rdrain = i;
+    if (close < 0 && lines[i].find(" close ") != std::string::npos) close = i;
+  }
+  ASSERT_GE(close, 0) << server.Log();
+  EXPECT_NE(lines[close].find(how), std::string::npos) << lines[close] << "\n" << server.Log();
+  EXPECT_TRUE(rdrain >= 0 && rdrain < close) << "no Rdrain before the close\n" << server.Log();
+  EXPECT_TRUE(server.LogLinesWith({conn + " ", "tls-error"}).empty()) << server.Log();
+}
+
+TEST(TlsMuxTest, ADrainOverTlsDeliversTheRdrainAndTheNextCallOpensANewTlsSession) {
+  for (const TlsWay& way : kTlsWays) {
+    SCOPED_TRACE(way.server_mode);
+    MuxReferenceServer server(ServerArgs(way.server_mode));
+    stats::StatsRegistry registry;  // outlives the client's runtime
+    auto o = way.options();
+    o.client.stats = &registry;
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+    ASSERT_TRUE(Encrypted(Call(client, "tls-info")));
+    EXPECT_EQ(Call(client, "drain"), "drain");
+    ExpectDrainedCleanly(server, "conn=1");
+    // The next call goes over a new session, encrypted too.
+    const std::string info = Call(client, "tls-info");
+    EXPECT_TRUE(Encrypted(info)) << info;
+    EXPECT_EQ(server.LogLinesWith({"conn=2 recv Tdispatch", "arg=tls-info"}).size(), 1u) << server.Log();
+    EXPECT_EQ(CounterSum(registry, "scales_mux_drains"), 1);
+  }
+}
+
+// "drain-stalled": the server stops reading, replies and sends Tdrain 300 ms later and reads again
+// at 900 ms, so the calls written meanwhile and the Rdrain wait in the socket (the server Nacks
+// those calls: they are retried on a new session). "drain-ping-burst": Tdrain, 64 Tping and the
+// reply in one write. Every call completes once, and each drained connection closes cleanly.
+TEST(TlsMuxTest, StalledAndPingBurstDrainsOverTlsCompleteEveryCallOnce) {
+  for (const TlsWay& way : kTlsWays) {
+    SCOPED_TRACE(way.server_mode);
+    MuxReferenceServer server(ServerArgs(way.server_mode));
+    // Before the client: a call still out when a check fails completes (kClientClosed) into them
+    // when the client goes.
+    constexpr int kCalls = 5;  // [0]: the stall; [1..4] written while the server does not read
+    std::vector<std::atomic<int>> completions(kCalls);
+    std::vector<std::string> replies(kCalls);
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), way.options());
+    ASSERT_TRUE(Encrypted(Call(client, "tls-info")));
+    const std::string stall = "drain-stalled:300:900";
+    auto call = [&](int i, const std::string& arg) {
+      SCALES_THRIFT_CALL(client, echo, arg, [&, i](std::exception_ptr e, std::string r) {
+        replies[i] = e ? std::string("error") : std::move(r);
+        completions[i].fetch_add(1);
+      });
+    };
+    call(0, stall);
+    ASSERT_TRUE(server.WaitForLog({"conn=1 stall tag="})) << server.Log();
+    for (int i = 1; i < kCalls; ++i) call(i, "s" + std::to_string(i));
+    auto all_done = [&] {
+      for (auto& c : completions) {
+        if (c.load() == 0) return false;
+      }
+      return true;
+    };
+    const auto until = Clock::now() + 5s;
+    while (!all_done() && Clock::now() < until) std::this_thread::sleep_for(5ms);
+    ExpectDrainedCleanly(server, "conn=1");
+    EXPECT_EQ(Call(client, "drain-ping-burst:64"), "drain-ping-burst:64");
+    const auto burst = server.LogLinesWith({"recv Tdispatch", "arg=drain-ping-burst:64"});
+    ASSERT_EQ(burst.size(), 1u) << server.Log();
+    const std::string conn = burst[0].substr(0, burst[0].find(' '));  // "conn=N"
+    EXPECT_NE(conn, "conn=1") << "the drained session took a new call\n" << server.Log();
+    // This server does not close on the Rdrain of a ping burst: the client closes once it has
+    // the reply and its Rpings are written.
+    ExpectDrainedCleanly(server, conn, "close eof");
+    EXPECT_EQ(server.LogLinesWith({conn + " recv Rping"}).size(), 64u) << server.Log();
+    std::this_thread::sleep_for(50ms);  // a second completion would show up by now
+    for (int i = 0; i < kCalls; ++i) {
+      EXPECT_EQ(completions[i].load(), 1) << i;
+      EXPECT_EQ(replies[i], i == 0 ? stall : "s" + std::to_string(i)) << i;
+    }
+  }
+}
+
+// 16 concurrent calls on one TLS session, one of them "drain": the Tdrain comes while the others
+// (sleep calls answered over 300 ms) are in flight. The session finishes them before it closes;
+// any sent after the Tdrain came go to a new session. Each completes once, with its reply.
+TEST(TlsMuxTest, CallsInFlightWhenTheTdrainComesOverTlsAllCompleteOnce) {
+  for (const TlsWay& way : kTlsWays) {
+    SCOPED_TRACE(way.server_mode);
+    MuxReferenceServer server(ServerArgs(way.server_mode));
+    stats::StatsRegistry registry;  // outlives the client's runtime
+    // Before the client: a call still out when a check fails completes (kClientClosed) into them
+    // when the client goes.
+    constexpr int kCalls = 16;
+    constexpr int kDrain = 8;
+    std::vector<std::atomic<int>> completions(kCalls);
+    std::vector<std::string> replies(kCalls);
+    std::vector<std::string> expected(kCalls);
+    std::atomic<int> done{0};
+    auto o = way.options();
+    o.client.stats = &registry;
+    auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+    ASSERT_TRUE(Encrypted(Call(client, "tls-info")));
+    for (int i = 0; i < kCalls; ++i) {
+      auto handler = [&, i](std::exception_ptr e, std::string r) {
+        replies[i] = e ? std::string("error") : std::move(r);
+        completions[i].fetch_add(1);
+        done.fetch_add(1);
+      };
+      if (i == kDrain) {
+        expected[i] = "drain";
+        SCALES_THRIFT_CALL(client, echo, std::string("drain"), handler);
+      } else {
+        const int ms = 100 + 20 * i;
+        expected[i] = std::to_string(ms);
+        SCALES_THRIFT_CALL(client, sleep, ms, handler);
+      }
+    }
+    const auto until = Clock::now() + 5s;
+    while (done.load() < kCalls && Clock::now() < until) std::this_thread::sleep_for(5ms);
+    std::this_thread::sleep_for(50ms);  // a second completion would show up by now
+    for (int i = 0; i < kCalls; ++i) {
+      EXPECT_EQ(completions[i].load(), 1) << i;
+      EXPECT_EQ(replies[i], expected[i]) << i;
+    }
+    ExpectDrainedCleanly(server, "conn=1");
+    // The calls in flight at the Tdrain were answered on the drained session, not retried.
+    EXPECT_GE(server.LogLinesWith({"conn=1 send Rdispatch"}).size(), static_cast<size_t>(kDrain + 2)) << server.Log();
+    EXPECT_EQ(CounterSum(registry, "scales_mux_drains"), 1);
+  }
 }
 
 // --- Per-URI settings and validation ------------------------------------------------------------
