@@ -816,6 +816,19 @@ std::string SendAndReceiveSome(boost::asio::ip::tcp::socket& socket, std::string
   return n > 0 ? std::string(buf, size_t(n)) : std::string();
 }
 
+// `n` connections to `admin`, each answered one GET of /metrics (200) and kept open: sessions,
+// which count against max_connections until their connections end.
+std::vector<boost::asio::ip::tcp::socket> ServedConnections(boost::asio::io_context& io,
+                                                            const admin::AdminServer& admin, int n) {
+  std::vector<boost::asio::ip::tcp::socket> open;
+  for (int i = 0; i < n; ++i) {
+    open.push_back(Connect(io, admin));
+    EXPECT_THAT(SendAndReceiveSome(open.back(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+                StartsWith("HTTP/1.1 200 OK\r\n"));
+  }
+  return open;
+}
+
 // A GET of /metrics whose header block is `total` bytes, padded by a field.
 std::string PaddedGet(size_t total) {
   const std::string bare = "GET /metrics HTTP/1.1\r\nConnection: close\r\nX-Pad: \r\n\r\n";
@@ -869,12 +882,7 @@ TEST(AdminServerOptionsTest, TheConnectionLimitIsAnOption) {
   admin::AdminServer admin({.stats = &registry, .max_connections = 2});
   const std::string_view get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
   boost::asio::io_context io;
-  std::vector<boost::asio::ip::tcp::socket> open;
-  for (int i = 0; i < 2; ++i) {
-    open.push_back(Connect(io, admin));
-    // Answered: a session, which counts until its connection ends.
-    EXPECT_THAT(SendAndReceiveSome(open.back(), get), StartsWith("HTTP/1.1 200 OK\r\n"));
-  }
+  auto open = ServedConnections(io, admin, 2);
   ExpectRefused(Send(admin, std::string(get)), "HTTP/1.1 503 Service Unavailable",
                 "admin server: at its limit of 2 connections (max_connections); try again later");
   // Answered before it sends anything.
@@ -899,11 +907,7 @@ TEST(AdminServerOptionsTest, TheConnectionsAnswered503AreBoundedToo) {
   admin::AdminServer admin({.stats = &registry, .linger_timeout = 30s, .max_connections = 2});
   const std::string_view get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
   boost::asio::io_context io;
-  std::vector<boost::asio::ip::tcp::socket> open;
-  for (int i = 0; i < 2; ++i) {
-    open.push_back(Connect(io, admin));
-    EXPECT_THAT(SendAndReceiveSome(open.back(), get), StartsWith("HTTP/1.1 200 OK\r\n"));
-  }
+  auto open = ServedConnections(io, admin, 2);
   // Held open by the client: the server lingers on them for 30 s.
   std::vector<boost::asio::ip::tcp::socket> refused;
   for (int i = 0; i < 2; ++i) {
