@@ -227,6 +227,9 @@ void RetrySink::Close() {
       if (p->waiting) waiting.push_back(p.get());
     }
     for (Pending* p : waiting) {
+      // Answering one may have answered another meanwhile (a sink above cancelling it there and
+      // then): that one is no longer waiting, and may have gone back to the free list.
+      if (!p->waiting) continue;
       p->timer.Cancel();
       p->waiting = false;
       p->answered = true;

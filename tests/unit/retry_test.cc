@@ -5,6 +5,7 @@
 #include "scales/resilience/retry.h"
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <limits>
@@ -74,13 +75,15 @@ class RetryTest : public ::testing::Test {
  protected:
   RetryTest() : factory_(env_.loop()), calls_(*env_.clock) {}
 
-  // dispatcher -> timeout -> retry -> stamp -> fake
-  void Build(RetryOptions options = Options(), Duration timeout = seconds(1)) {
+  // dispatcher -> timeout -> [above_retry] -> retry -> stamp -> fake
+  void Build(RetryOptions options = Options(), Duration timeout = seconds(1),
+             std::function<SinkPtr(SinkPtr)> above_retry = {}) {
     transport_ = factory_.Create(test::MakeContext(env_.loop(), env_.scope));
     stamp_ = std::make_shared<StampSink>(transport_);
     auto budget = std::make_shared<RetryBudget>(env_.loop().clock(), options.budget);
     retry_ = std::make_shared<RetrySink>(env_.loop(), stamp_, options, budget, env_.scope);
-    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), retry_, env_.scope);
+    SinkPtr below_timeout = above_retry ? above_retry(retry_) : SinkPtr(retry_);
+    timeout_ = std::make_shared<TimeoutSink>(env_.loop(), below_timeout, env_.scope);
     dispatcher_ = std::make_shared<MessageDispatcher>(env_.loop(), "test", timeout_, timeout, env_.scope);
   }
 
@@ -511,6 +514,58 @@ TEST_F(RetryTest, CloseAnswersRequestsWaitingToRetry) {
   EXPECT_EQ(calls_[c].error, Errc::kClientClosed);
   env_.Advance(milliseconds(100));
   EXPECT_EQ(transport_->total_requests(), 1u);
+}
+
+// Passes requests on; the first response it sees cancels another request's stack, there and
+// then (as a backup-request sink above the retry sink cancels the attempt that lost).
+class CancelAnotherOnResponse final : public ForwardingSink {
+ public:
+  explicit CancelAnotherOnResponse(SinkPtr next) : ForwardingSink(std::move(next)) {}
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    stacks.push_back(&stack);
+    stack.Push(this, nullptr);
+    next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  void AsyncProcessResponse(SinkStack& stack, void*, Stream* stream, MethodReturnMessage& msg) override {
+    std::erase(stacks, &stack);
+    if (!cancelled_one && !stacks.empty()) {
+      cancelled_one = true;
+      stacks.front()->Cancel(make_error_code(Errc::kCancelled));
+    }
+    stack.AsyncProcessResponse(stream, msg);
+  }
+  std::string_view name() const override { return "cancel-another"; }
+
+  std::vector<SinkStack*> stacks;  // of the requests below
+  bool cancelled_one = false;
+};
+
+// Close() answers each request waiting to retry; answering one may answer another meanwhile
+// (here a sink above cancels it): that one completes once, and Close() leaves it alone. Close()
+// went on with its list: it answered the other request a second time, through a stack it no
+// longer had (a crash), and its count of waiting requests went below zero.
+TEST_F(RetryTest, CloseSkipsARequestAnsweredWhileItAnsweredAnother) {
+  std::shared_ptr<CancelAnotherOnResponse> cancel_another;
+  Build(Options(2, milliseconds(50), milliseconds(50)), seconds(1), [&](SinkPtr retry) {
+    cancel_another = std::make_shared<CancelAnotherOnResponse>(std::move(retry));
+    return cancel_another;
+  });
+  auto a = Start();
+  auto b = Start();
+  Fail(Errc::kConnectFailed);
+  Fail(Errc::kConnectFailed);
+  ASSERT_EQ(retry_->waiting(), 2u);
+  retry_->Close();
+  EXPECT_TRUE(cancel_another->cancelled_one);
+  EXPECT_EQ(retry_->waiting(), 0u);
+  env_.Run();
+  ASSERT_TRUE(calls_.done(a));
+  ASSERT_TRUE(calls_.done(b));
+  EXPECT_EQ(calls_[a].error, Errc::kClientClosed);
+  EXPECT_EQ(calls_[b].error, Errc::kCancelled);
+  EXPECT_THAT(calls_[b].info.detail, HasSubstr("cancelled while waiting to retry"));
+  env_.Advance(milliseconds(100));
+  EXPECT_EQ(transport_->total_requests(), 2u);
 }
 
 TEST_F(RetryTest, ManyCallsEachCompleteOnce) {
