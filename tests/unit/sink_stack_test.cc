@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include <boost/asio/deferred.hpp>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -290,6 +291,48 @@ TEST(ObservableTest, ASetFromInsideANotificationSkipsAndRepeatsNoSubscriber) {
   EXPECT_EQ(o.subscriber_count(), 2u);
   o.Set(5);
   EXPECT_THAT(c_seen, ElementsAre(2, 1, 5));
+}
+
+// Counts its opens; says when it is destroyed, and how many opens it had by then.
+class OpenRecordingSink final : public ClientMessageSink {
+ public:
+  explicit OpenRecordingSink(int* opens_when_destroyed) : opens_when_destroyed_(opens_when_destroyed) {}
+  ~OpenRecordingSink() override { *opens_when_destroyed_ = opens; }
+  void AsyncProcessRequest(SinkStack&, MethodCallMessage&, Stream*) override {}
+  void Close() override {}
+  SinkStatus status() const override { return SinkStatus::kIdle; }
+  std::string_view name() const override { return "open-recording"; }
+
+  int opens = 0;
+
+ protected:
+  void DoOpen(OpenHandler) override { ++opens; }
+
+ private:
+  int* opens_when_destroyed_;
+};
+
+// An open whose initiation a token defers, started after its owner let the sink go: the
+// operation holds the sink until then (it held only `this`, and the open ran on a destroyed
+// sink). A sink no shared_ptr owns opens as before.
+TEST(ClientMessageSinkTest, ADeferredOpenKeepsItsSinkUntilItStarts) {
+  int opens_when_destroyed = -1;  // -1: alive
+  {
+    auto sink = std::make_shared<OpenRecordingSink>(&opens_when_destroyed);
+    auto open = sink->AsyncOpen(boost::asio::deferred);
+    sink.reset();
+    ASSERT_EQ(opens_when_destroyed, -1) << "the deferred open does not hold its sink";
+    std::move(open)([](error_code) {});
+  }
+  EXPECT_EQ(opens_when_destroyed, 1) << "the open did not run on the live sink";
+
+  int unowned_opens = -1;
+  {
+    OpenRecordingSink unowned(&unowned_opens);
+    unowned.AsyncOpen([](error_code) {});
+    EXPECT_EQ(unowned.opens, 1);
+  }
+  EXPECT_EQ(unowned_opens, 1);
 }
 
 TEST(SinkStatusTest, ToString) {

@@ -80,10 +80,16 @@ class ClientMessageSink : public std::enable_shared_from_this<ClientMessageSink>
   // cancellation is then ignored.
   virtual bool RequestUnsent(const SinkStack& /*stack*/, void* /*context*/) const { return false; }
 
+  // The sink goes to the initiation as an argument, held by a shared_ptr when one owns it: a
+  // token that defers the initiation (boost::asio::deferred, an awaitable awaited later) then
+  // keeps the sink alive until the open starts, rather than starting it on a destroyed sink.
   template <class CompletionToken>
   auto AsyncOpen(CompletionToken&& token) {
     return boost::asio::async_initiate<CompletionToken, OpenSignature>(
-        [this](auto handler) { DoOpen(OpenHandler(std::move(handler))); }, token);
+        [](auto handler, ClientMessageSink* sink, const std::shared_ptr<ClientMessageSink>& /*keep*/) {
+          sink->DoOpen(OpenHandler(std::move(handler)));
+        },
+        token, this, weak_from_this().lock());
   }
 
   // Closes the sink. Every request the sink (or a sink below it) holds is answered, with an
