@@ -35,7 +35,7 @@ class ErrorCategory final : public boost::system::error_category {
       case Errc::kOpenTimeout: return "client open timed out";
       case Errc::kTooManyPending: return "too many pending requests";
       case Errc::kRequestTooLarge: return "request too large";
-      case Errc::kTlsFailed: return "TLS handshake failed";
+      case Errc::kTlsFailed: return "TLS failed (handshake, alert or negotiation)";
       case Errc::kNotSent: return "connection closed before the request was sent";
       case Errc::kNonRetryableNack: return "request refused by the server, not to be retried (non-retryable nack)";
     }

@@ -330,7 +330,10 @@ bool MuxSessionSink::NegotiateTls(const Rinit& rinit) {
     return false;
   }
   if (decoder_.buffered() != 0) {
-    FailOpen(make_error_code(Errc::kProtocolError),
+    // Plaintext where the server's TLS handshake should begin: a server not speaking the TLS it
+    // negotiated, kTlsFailed as when those bytes come in a later read (the handshake then fails
+    // on them), whichever way the reads split.
+    FailOpen(make_error_code(Errc::kTlsFailed),
              fmt::format("{} sent {} byte(s) after Rinit, before the TLS handshake it negotiated", address_,
                          decoder_.buffered()));
     return false;

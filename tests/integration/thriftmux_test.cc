@@ -1762,22 +1762,60 @@ TEST(MuxSessionTest, RequestsDuringADrainAndCloseDuringItCompleteOnce) {
   EXPECT_EQ(f.session->status(), SinkStatus::kClosed);
 }
 
-// A Tdrain right behind an Rinit that negotiated TLS, in plaintext (both ends should have
-// started TLS): the open fails with kProtocolError naming the endpoint and the step, the
-// session sends nothing more (no Rdrain in plaintext, no ClientHello) and closes with a FIN.
-TEST(MuxSessionTest, TdrainBehindAnRinitNegotiatingTlsFailsTheOpenNamingTheStep) {
+// Session options with opportunistic TLS desired and pings off.
+mux::SessionOptions DesiredTlsWithoutPings() {
   mux::SessionOptions o;
   o.ping_interval = Duration::zero();
   o.opportunistic_tls = mux::OpportunisticTls::kDesired;
-  PeerSession f(o);
-  ASSERT_TRUE(f.ReadUntil([&] { return !f.got.empty(); }));
+  return o;
+}
+// The server's side of the handshake up to Tinit: it answers the probe; false if the client sent
+// no Tinit.
+bool AnswerProbeUntilTinit(PeerSession& f) {
+  if (!f.ReadUntil([&] { return !f.got.empty(); })) return false;
   f.peer.Send(mux::Encode(mux::ProbeMessage()));
-  ASSERT_TRUE(f.ReadUntil([&] { return f.Last<mux::Tinit>() != nullptr; }));
+  return f.ReadUntil([&] { return f.Last<mux::Tinit>() != nullptr; });
+}
+// An Rinit agreeing to TLS (desired).
+mux::Rinit DesiredTlsRinit() {
   mux::Rinit rinit;
   rinit.headers.emplace_back(std::string(mux::kTlsHeader), "desired");
-  f.peer.Send(mux::Encode(rinit) + mux::Encode(mux::Tdrain{}));
+  return rinit;
+}
+
+// The same Tdrain in a later read, once the client's ClientHello is out: the handshake fails on
+// the plaintext, with kTlsFailed as above.
+TEST(MuxSessionTest, TdrainAfterAnRinitNegotiatingTlsInALaterReadFailsTheHandshake) {
+  PeerSession f(DesiredTlsWithoutPings());
+  ASSERT_TRUE(AnswerProbeUntilTinit(f));
+  const std::string rinit = mux::Encode(DesiredTlsRinit());
+  f.peer.Send(rinit);
+  std::string hello;
+  ASSERT_TRUE(RunUntil(f.env, [&] {
+    hello += f.peer.Read();
+    return !hello.empty();
+  }));
+  EXPECT_EQ(hello[0], '\x16') << "not a TLS handshake record";
+  f.peer.Send(mux::Encode(mux::Tdrain{}));
   ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
-  EXPECT_EQ(*f.opened, Errc::kProtocolError);
+  EXPECT_EQ(*f.opened, Errc::kTlsFailed);
+  const std::string detail = f.session->open_failure_detail();
+  EXPECT_NE(detail.find(fmt::format("127.0.0.1:{}", f.peer.port())), std::string::npos) << detail;
+  EXPECT_NE(detail.find("(opportunistic TLS: this client desired, the server desired)"), std::string::npos) << detail;
+}
+
+// A Tdrain right behind an Rinit that negotiated TLS, in plaintext (both ends should have
+// started TLS): the open fails with kTlsFailed naming the endpoint and the step, the session
+// sends nothing more (no Rdrain in plaintext, no ClientHello) and closes with a FIN. It was
+// kProtocolError, while the same bytes in a later read fail the handshake with kTlsFailed
+// (TdrainAfterAnRinitNegotiatingTlsInALaterReadFailsTheHandshake).
+TEST(MuxSessionTest, TdrainBehindAnRinitNegotiatingTlsFailsTheOpenNamingTheStep) {
+  PeerSession f(DesiredTlsWithoutPings());
+  ASSERT_TRUE(AnswerProbeUntilTinit(f));
+  const std::string rinit = mux::Encode(DesiredTlsRinit());
+  f.peer.Send(rinit + mux::Encode(mux::Tdrain{}));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  EXPECT_EQ(*f.opened, Errc::kTlsFailed);
   EXPECT_EQ(f.session->open_failure_detail(),
             fmt::format("127.0.0.1:{} sent 8 byte(s) after Rinit, before the TLS handshake it negotiated",
                         f.peer.port()));
@@ -1786,11 +1824,14 @@ TEST(MuxSessionTest, TdrainBehindAnRinitNegotiatingTlsFailsTheOpenNamingTheStep)
   ASSERT_TRUE(end.has_value());
   EXPECT_EQ(*end, 0) << std::strerror(*end);
   EXPECT_EQ(received, "");
+  // A request on the session gets the TLS failure, as after any failed TLS handshake (it was
+  // kNotSent with kProtocolError).
   SessionCall call("x");
   call.Start(*f.session);
   f.env.Run();
   ASSERT_EQ(call.completions(), 1);
-  EXPECT_EQ(call.result().error, Errc::kNotSent) << call.result().detail;
+  EXPECT_EQ(call.result().error, Errc::kTlsFailed) << call.result().detail;
+  EXPECT_NE(call.result().detail.find("the request was not sent"), std::string::npos) << call.result().detail;
 }
 
 // A server that accepts the connection but never answers the probe, or echoes it and never

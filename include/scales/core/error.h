@@ -46,7 +46,8 @@ enum class Errc {
   kOpenTimeout = 20,          // the client did not finish opening within open_timeout
   kTooManyPending = 21,       // max pending requests of the client reached
   kRequestTooLarge = 22,      // a request exceeded a configured size limit
-  kTlsFailed = 23,            // the TLS handshake failed (verification, protocol, peer not speaking TLS)
+  kTlsFailed = 23,            // TLS failed: the handshake (verification, protocol, a peer not
+                              // speaking TLS), an alert, or the Mux TLS levels
   kNotSent = 24,              // the connection closed or failed before the request was written whole
                               // (not a byte of it for HTTP, whose servers may act on part of one)
   kNonRetryableNack = 25,     // the server refused the request unprocessed and asked that it not be retried
