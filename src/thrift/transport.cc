@@ -187,8 +187,13 @@ void ThriftTransportSink::Finish(error_code ec, std::string detail) {
 
 void ThriftTransportSink::CancelRequest(SinkStack& stack, void*, const error_code& reason) {
   if (current_ != &stack) return;
-  std::string detail = writing() ? fmt::format("while sending the request to {}", conn().address())
-                                : fmt::format("while waiting for the reply from {}", conn().address());
+  // A timeout's detail names the method above this (the timeout sink); any other reason (the
+  // caller's cancellation) has nothing above that would, so the request is named here.
+  const bool named_above = reason == Errc::kRequestTimeout;
+  std::string detail =
+      writing() ? fmt::format("while sending the {} to {}", named_above ? "request" : request_noun(), conn().address())
+                : fmt::format("while waiting for the {} from {}", named_above ? "reply" : reply_noun(),
+                              conn().address());
   // A connection with an unanswered request cannot be reused: its reply would go to the
   // next request.
   Shutdown();

@@ -425,8 +425,8 @@ bool ConnectionSink::WriteDone(const boost::system::error_code& ec, size_t bytes
                            request_noun(), conn_.address(), request_written_, request_size_, ec.message())};
   } else {
     failure = {make_error_code(Errc::kConnectionClosed),
-               fmt::format("writing the {} to {} failed after {} bytes: {}", request_noun(), conn_.address(),
-                           request_written_, ec.message())};
+               fmt::format("writing the {} to {} failed after {} of its {} bytes: {}", request_noun(),
+                           conn_.address(), request_written_, request_size_, ec.message())};
   }
   if (!tls && expect_reply_ && readable_armed_) {
     // A server that answers before it has read the request and then closes the connection (a

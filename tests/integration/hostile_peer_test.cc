@@ -342,6 +342,11 @@ class RawConn {
   }
   bool stopping() const { return stopping_; }
   size_t sent() const { return sent_; }
+  // Makes the close reset the connection (SO_LINGER 0): the client's next write fails.
+  void ResetOnClose() {
+    linger l{1, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+  }
   // TCP_CORK: while on, the kernel holds partial segments, so the writes made meanwhile leave
   // together when it goes off.
   void Cork(bool on) {
@@ -584,6 +589,10 @@ void HostileHttp(RawConn& c) {
       // again: the client gets the response while it is still writing.
       c.Write("HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n");
       while (!c.stopping()) std::this_thread::sleep_for(20ms);
+      return;
+    } else if (target == "/reset-mid-upload") {
+      // No answer: the connection is reset once the head is in, with the (large) body unread.
+      c.ResetOnClose();
       return;
     } else if (target == "/early-answer-and-close") {
       // The same, then the connection is closed with the request's body unread: the kernel
@@ -893,6 +902,31 @@ TEST(HostilePeerTest, HttpAnswerBeforeTheRequestIsWrittenThenResetIsDelivered) {
   }
   EXPECT_EQ(client.Get("/ok").body, "ok");
   EXPECT_EQ(server.accepted(), 4);
+}
+
+// The server resets the connection while the request's body is being written, without an
+// answer: the call fails with kConnectionClosed (part of the request reached the server), and
+// the detail says how much of how much was written. It said only "after N bytes".
+TEST(HostilePeerTest, HttpWriteResetPartWayNamesHowMuchOfTheRequestWasWritten) {
+  RawServer server(HostileHttp);
+  auto client = Http::NewClient(server.uri(), HttpOptions());
+  const size_t body = 32 << 20;  // beyond the socket buffers
+  http::Request big{"POST", "/reset-mid-upload", {}, std::string(body, 'p')};
+  try {
+    client.Send(big);
+    ADD_FAILURE() << "the call succeeded";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.scales_code(), Errc::kConnectionClosed) << e.what();
+    const std::string_view what = e.what();
+    EXPECT_NE(what.find("writing the request to 127.0.0.1:"), std::string_view::npos) << what;
+    // "failed after N of its M bytes", M the whole request: the head and the body.
+    const size_t of = what.find(" of its ");
+    ASSERT_NE(of, std::string_view::npos) << what;
+    const size_t total = std::stoul(std::string(what.substr(of + 8)));
+    EXPECT_GT(total, body) << what;
+    EXPECT_LT(total, body + 256) << what;
+  }
+  EXPECT_EQ(client.Get("/ok").body, "ok");
 }
 
 // Over TLS, stray bytes after a response in a TLS record of their own, read from the socket
@@ -1358,6 +1392,37 @@ TEST(HostilePeerTest, ThriftRequestOnABusyConnectionNamesTheMethod) {
   g_slow_reply_release = true;
   ASSERT_EQ(slow.wait_for(10s), std::future_status::ready);
   EXPECT_EQ(slow.get(), "slow-reply");
+}
+
+// The caller cancels a Thrift call whose request is on the wire: the transport closes the
+// connection and the detail names the method, as a timeout's does (the timeout sink adds it
+// there; nothing above the transport does for a cancellation). It read only "while waiting for
+// the reply from X".
+TEST(HostilePeerTest, ThriftCallCancelledInFlightNamesTheMethod) {
+  RawServer server(HostileThrift);
+  // Before the client: its handler writes them.
+  boost::asio::cancellation_signal signal;
+  std::promise<std::exception_ptr> got;
+  CallInfo info;
+  CallOptions options;
+  options.info = &info;
+  auto client = Thrift::NewClient<EchoClient>(server.uri(), ThriftOptions());
+  g_slow_reply_received = false;
+  g_slow_reply_release = false;
+  SCALES_THRIFT_CALL(client.WithOptions(options), echo, std::string("slow-reply"),
+                     boost::asio::bind_cancellation_slot(signal.slot(), [&](std::exception_ptr e, std::string) {
+                       got.set_value(e);
+                     }));
+  ASSERT_TRUE(WaitUntil([] { return g_slow_reply_received.load(); }));  // the request is on the wire
+  signal.emit(boost::asio::cancellation_type::terminal);
+  auto f = got.get_future();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+  g_slow_reply_release = true;
+  EXPECT_NE(f.get(), nullptr);
+  EXPECT_EQ(info.error, Errc::kCancelled) << info.detail;
+  EXPECT_TRUE(info.detail.starts_with("client hostile-thrift: while waiting for the reply for echo from 127.0.0.1:"))
+      << info.detail;
+  EXPECT_EQ(Echo(client, "after"), "after");
 }
 
 // A call cancelled before its loop took it, in a stack without a pool: the transport answers
