@@ -101,9 +101,8 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   } catch (const std::logic_error& e) {
     // The registry refuses a metric the user registered with another type (the dispatcher's,
     // the discovery gauges): "stats: metric NAME{labels} is a gauge, not a counter".
-    std::string_view what = e.what();
-    if (what.starts_with("stats: ")) what.remove_prefix(7);
-    throw Error(make_error_code(Errc::kInvalidArgument), fmt::format("client {}: {}", options_.name, what));
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("client {}: {}", options_.name, stats::StatsRegistry::MetricErrorReason(e)));
   }
   std::lock_guard lock(Live().mu);
   Live().clients.insert(this);

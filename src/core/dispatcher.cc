@@ -268,10 +268,8 @@ stats::Counter& MessageDispatcher::FailureCounter(const error_code& ec) {
     // failures are counted nowhere (scales_failures still counts them); say so once per kind.
     static stats::Counter uncounted;
     c = &uncounted;
-    std::string_view what = e.what();
-    if (what.starts_with("stats: ")) what.remove_prefix(7);
     SCALES_LOG(kError, "client {}: {}: its '{}' failures are not counted there (scales_failures counts them)",
-               client_name_, what, name);
+               client_name_, stats::StatsRegistry::MetricErrorReason(e), name);
   }
   failures_by_code_.emplace(std::move(name), c);
   return *c;

@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -150,9 +151,17 @@ class StatsRegistry {
   StatsRegistry(const StatsRegistry&) = delete;
   StatsRegistry& operator=(const StatsRegistry&) = delete;
 
+  // Each throws std::logic_error ("stats: metric NAME{labels} is a gauge, not a counter") when
+  // the name and labels are registered with another type; MetricErrorReason gives its text
+  // without the "stats: " prefix, for an error of the caller's own.
   Counter& GetCounter(std::string_view name, Labels labels = {});
   Gauge& GetGauge(std::string_view name, Labels labels = {});
   Histogram& GetHistogram(std::string_view name, Labels labels = {});
+  static std::string_view MetricErrorReason(const std::logic_error& e) noexcept {
+    std::string_view what = e.what();
+    if (what.starts_with("stats: ")) what.remove_prefix(7);
+    return what;
+  }
 
   // Every metric, sorted by name then labels.
   std::vector<MetricSnapshot> Snapshot() const;
