@@ -1099,8 +1099,9 @@ bool IsBackupRequest(const Contexts& contexts) {
   return FindContext(contexts, kBackupRequestKey) != nullptr;
 }
 
-std::string EncodeHeaders(const Headers& headers) {
+std::string EncodeHeaders(const Headers& headers, std::size_t* dropped) {
   std::string out;
+  std::size_t kept = 0;
   for (const auto& [key, value] : headers) {
     if (key.size() > 0xFFFF || value.size() > 0xFFFF) continue;
     std::size_t n = 4 + key.size() + value.size();
@@ -1109,7 +1110,9 @@ std::string EncodeHeaders(const Headers& headers) {
     out.append(key);
     PutInt(value.size(), 2, &out);
     out.append(value);
+    ++kept;
   }
+  if (dropped != nullptr) *dropped = headers.size() - kept;
   return out;
 }
 

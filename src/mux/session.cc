@@ -919,7 +919,16 @@ void MuxSessionSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& ms
   if (props.backup) contexts[n++] = {kBackupRequestKey, {}};
   std::string headers;
   if (!props.headers.empty()) {
-    headers = EncodeHeaders(props.headers);
+    size_t dropped = 0;
+    headers = EncodeHeaders(props.headers, &dropped);
+    if (dropped != 0) {
+      // The protocol's limit, and what Finagle does at it: the call goes on without them. Not
+      // silently: the caller's headers did not all reach the server.
+      SCALES_LOG_RATE_LIMITED(kWarning, 10,
+                              "client {}: Mux request {} to {}: {} of its {} header(s) not sent (the "
+                              "Request.headers context holds at most {} bytes, a key or value at most 65535)",
+                              msg.service, msg.method, address_, dropped, props.headers.size(), kMaxHeadersBytes);
+    }
     contexts[n++] = {kRequestHeadersKey, headers};
   }
   AddPending(tag, Pending{&stack, reply, false});

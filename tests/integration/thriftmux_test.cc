@@ -624,6 +624,38 @@ TEST(ThriftMuxTest, ToolTestServer) {
 namespace scales {
 namespace {
 
+// Request headers beyond the Mux limit (the Request.headers context holds 32767 bytes): the
+// tail that does not fit is left out, as Finagle does, and the call goes on; the server gets,
+// and echoes, the pairs that fit. Not silently: a warning names the client, the method, the
+// endpoint and how many were left out (they were dropped without a word).
+TEST(ThriftMuxTest, RequestHeadersBeyondTheMuxLimitAreDroppedWithAWarning) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  test::LogCapture log(LogLevel::kWarning);
+  auto options = Options(MakeRuntime());
+  options.client.name = "big-headers";
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), options);
+  CallInfo info;
+  CallOptions opts;
+  opts.headers = {{"a", std::string(20000, 'x')}, {"b", std::string(12000, 'y')},
+                  {"c", std::string(1000, 'z')}, {"d", "small"}};
+  opts.info = &info;
+  std::string r;
+  client.WithOptions(opts)->echo(r, "big headers");
+  EXPECT_EQ(r, "big headers");
+  ASSERT_EQ(info.response_headers.size(), 2u);
+  EXPECT_EQ(info.response_headers[0].first, "a");
+  EXPECT_EQ(info.response_headers[1].first, "b");
+  EXPECT_TRUE(log.Has({"client big-headers: Mux request echo to " + server.endpoint(), "2 of its 4 header(s) not sent",
+                       "at most 32767 bytes"}))
+      << log.All();
+  // Within the limit: no warning.
+  log.Clear();
+  opts.headers = {{"x-tenant", "blue"}};
+  client.WithOptions(opts)->echo(r, "small headers");
+  EXPECT_EQ(info.response_headers.size(), 1u);
+  EXPECT_FALSE(log.Has({"not sent"})) << log.All();
+}
+
 TEST(ThriftMuxTest, HeadersTraceAndCancellation) {
   test::MuxReferenceServer server({"--mode", "finagle"});
   auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));

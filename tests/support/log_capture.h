@@ -38,6 +38,11 @@ class LogCapture {
     }
     return false;
   }
+  // Forgets the records so far.
+  void Clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    lines_.clear();
+  }
   // Every record so far, one per line (for failure messages).
   std::string All() const {
     std::lock_guard<std::mutex> lock(mu_);

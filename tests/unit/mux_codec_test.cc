@@ -1210,7 +1210,9 @@ TEST(MuxCodecTest, HeadersContext) {
                  {"b", std::string(12000, 'y')},
                  {"c", std::string(1000, 'z')},
                  {"d", "small"}};
-  std::string enc = EncodeHeaders(big);
+  size_t dropped = 99;
+  std::string enc = EncodeHeaders(big, &dropped);
+  EXPECT_EQ(dropped, 2u);
   EXPECT_LE(enc.size(), kMaxHeadersBytes);
   auto back = DecodeHeaders(enc);
   ASSERT_TRUE(back.has_value());
@@ -1220,7 +1222,14 @@ TEST(MuxCodecTest, HeadersContext) {
   Headers exact = {{"k", std::string(32767 - 5, 'v')}};
   EXPECT_EQ(EncodeHeaders(exact).size(), 32767u);
   Headers over = {{"k", std::string(32767 - 4, 'v')}};
-  EXPECT_TRUE(EncodeHeaders(over).empty());
+  EXPECT_TRUE(EncodeHeaders(over, &dropped).empty());
+  EXPECT_EQ(dropped, 1u);
+  EXPECT_EQ(EncodeHeaders(h, &dropped).size(), v.size());
+  EXPECT_EQ(dropped, 0u);
+  // A pair whose value is longer than 65535 bytes is left out; the pairs after it are kept.
+  Headers long_value = {{"a", std::string(70000, 'x')}, {"b", "y"}};
+  EXPECT_EQ(EncodeHeaders(long_value, &dropped), Bytes(R"(00 01 "b" 00 01 "y")"));
+  EXPECT_EQ(dropped, 1u);
 }
 
 TEST(MuxCodecTest, MuxFailureContext) {

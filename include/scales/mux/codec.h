@@ -566,10 +566,10 @@ bool IsBackupRequest(const Contexts& contexts);
 
 // Request/response headers: a run of (k~2 v~2) with no count, total <= 32767 bytes. Encoding
 // drops pairs from the tail that would exceed the limit (and pairs whose key or value is longer
-// than 65535 bytes).
+// than 65535 bytes), as Finagle does; `dropped`, when given, gets how many pairs it left out.
 using Headers = std::vector<std::pair<std::string, std::string>>;
 inline constexpr std::size_t kMaxHeadersBytes = 32767;
-std::string EncodeHeaders(const Headers& headers);
+std::string EncodeHeaders(const Headers& headers, std::size_t* dropped = nullptr);
 Result<Headers> DecodeHeaders(std::string_view value);
 
 // MuxFailure: 8-byte flag word; extra bytes are ignored.
