@@ -69,7 +69,6 @@ RetrySink::Pending* RetrySink::Acquire() {
 void RetrySink::Release(Pending* p) {
   p->timer.Cancel();
   p->stack = nullptr;
-  p->stream = nullptr;
   p->request = nullptr;
   p->last_detail.clear();
   p->waiting = false;
@@ -162,7 +161,6 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
   props.endpoint.clear();
   Pending* p = Acquire();
   p->stack = &stack;
-  p->stream = stream;
   p->request = request;
   p->last_detail = std::move(msg.detail);
   p->waiting = true;
@@ -193,7 +191,7 @@ void RetrySink::Resend(Pending* p) {
         make_error_code(Errc::kRequestTimeout),
         fmt::format("the deadline passed while the request waited to retry; the previous attempt failed: {}",
                     p->last_detail));
-    stack.AsyncProcessResponse(p->stream, m);
+    stack.AsyncProcessResponse(nullptr, m);
     return;
   }
   // Counted (and numbered) only now that it is sent: a retry cut off during its backoff by a
@@ -216,7 +214,7 @@ void RetrySink::CancelRequest(SinkStack& stack, void* context, const error_code&
   --waiting_;
   auto m = MethodReturnMessage::Failure(
       reason, fmt::format("cancelled while waiting to retry; the previous attempt failed: {}", p->last_detail));
-  stack.AsyncProcessResponse(p->stream, m);
+  stack.AsyncProcessResponse(nullptr, m);
 }
 
 void RetrySink::Close() {
@@ -238,7 +236,7 @@ void RetrySink::Close() {
           make_error_code(Errc::kClientClosed),
           fmt::format("client closed while the request waited to retry; the previous attempt failed: {}",
                       p->last_detail));
-      p->stack->AsyncProcessResponse(p->stream, m);
+      p->stack->AsyncProcessResponse(nullptr, m);
     }
   }
   next_->Close();

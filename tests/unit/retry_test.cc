@@ -208,6 +208,44 @@ TEST_F(RetryTest, ARetryIsSentWithTheRequestStreamNotTheFailuresStream) {
   EXPECT_EQ(stamp_->request_streams[2], stamp_->request_streams[0]);
 }
 
+// Records the stream each response came up with.
+class ResponseStreamRecorder final : public ForwardingSink {
+ public:
+  explicit ResponseStreamRecorder(SinkPtr next) : ForwardingSink(std::move(next)) {}
+  void AsyncProcessRequest(SinkStack& stack, MethodCallMessage& msg, Stream* stream) override {
+    stack.Push(this, nullptr);
+    next_->AsyncProcessRequest(stack, msg, stream);
+  }
+  void AsyncProcessResponse(SinkStack& stack, void*, Stream* stream, MethodReturnMessage& msg) override {
+    streams.push_back(stream);
+    stack.AsyncProcessResponse(stream, msg);
+  }
+  std::string_view name() const override { return "stream-recorder"; }
+  std::vector<Stream*> streams;
+};
+
+// A request answered while it waits to retry goes up with no stream, as every failure: it went
+// up with the failed attempt's response stream, which a sink below owns (a connection's reply
+// buffer) and which may be gone by then.
+TEST_F(RetryTest, ARequestAnsweredDuringItsBackoffCarriesNoStream) {
+  std::shared_ptr<ResponseStreamRecorder> recorder;
+  Build(Options(2, milliseconds(50), milliseconds(50)), seconds(1), [&](SinkPtr retry) {
+    recorder = std::make_shared<ResponseStreamRecorder>(std::move(retry));
+    return recorder;
+  });
+  Stream reply_buffer;
+  stamp_->failure_stream = &reply_buffer;
+  auto c = Start();
+  Fail(Errc::kConnectFailed);
+  ASSERT_EQ(retry_->waiting(), 1u);
+  retry_->Close();
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_EQ(calls_[c].error, Errc::kClientClosed);
+  ASSERT_EQ(recorder->streams.size(), 1u);
+  EXPECT_EQ(recorder->streams[0], nullptr);
+}
+
 TEST_F(RetryTest, RetriesAreNotSentInsideTheFailedAttemptsResponsePath) {
   Build();
   Start();

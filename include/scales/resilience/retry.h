@@ -88,8 +88,10 @@ class RetrySink final : public ForwardingSink {
   struct Pending {
     RetrySink* sink = nullptr;
     SinkStack* stack = nullptr;
-    Stream* stream = nullptr;   // the failed attempt's response stream (a cancel answers with it)
-    Stream* request = nullptr;  // the call's request stream, which the retry is sent with
+    // The call's request stream, which the retry is sent with. A request answered while it
+    // waits (a cancellation, the deadline, Close()) goes up with no stream, as every failure:
+    // the failed attempt's response stream may belong to a connection gone meanwhile.
+    Stream* request = nullptr;
     TimerEntry timer;
     std::string last_detail;  // why the previous attempt failed
     bool waiting = false;
