@@ -39,18 +39,37 @@ std::string AsciiLower(std::string_view s) {
   return out;
 }
 
+// Whether the last host entry of `hosts` ("a:1,user:pa") ends in a colon and what is not a port
+// (no digits, or anything but digits): a password's colon, when an '@' follows. A bracketed IPv6
+// address without a port ("[::1]") is not.
+bool InPassword(std::string_view hosts) {
+  const size_t comma = hosts.rfind(',');
+  const std::string_view entry = comma == std::string_view::npos ? hosts : hosts.substr(comma + 1);
+  const size_t colon = entry.rfind(':');
+  if (colon == std::string_view::npos || entry.ends_with(']')) return false;
+  const std::string_view port = entry.substr(colon + 1);
+  return port.empty() || !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
 // Where the hosts of a URI that start at `begin` end: at the first '/', '?' or '#'; but a '#'
 // or '?' with an '@' after it (before the path, and with no '=' between) is in user information
 // ("user:pa#ss@host", "user:pa?ss@host"), which no fragment or query key has, so the hosts go on
 // past that '@' (and the password is not quoted as a host or port). An '@' in a query value
 // ("#ep?auth=digest:u:p@ss", "?tls_server_name=a@b") is not.
+//
+// Nor does a '/', '?' or '#' end them right after a host entry whose port is not a number
+// ("user:pa/ss@host", "user:p#=w@host"), when an '@' follows: that is a password's colon, and
+// the password goes on to the '@' (a host with such a port fails to parse whichever way).
 size_t HostsEnd(std::string_view uri, size_t begin) {
   for (size_t pos = begin;;) {
     const size_t end = uri.find_first_of("/?#", pos);
     if (end == std::string_view::npos) return uri.size();
-    if (uri[end] == '/') return end;
     const size_t at = uri.find('@', end + 1);
-    if (at >= uri.find('/', end + 1) || uri.find('=', end + 1) < at) return end;
+    if (at == std::string_view::npos) return end;
+    if (!InPassword(uri.substr(pos, end - pos))) {
+      if (uri[end] == '/') return end;
+      if (at >= uri.find('/', end + 1) || uri.find('=', end + 1) < at) return end;
+    }
     pos = at + 1;
   }
 }
@@ -566,8 +585,13 @@ std::string RedactUriSecrets(std::string_view uri) {
            !IsQueryPair(std::string_view(out).substr(amp + 1, out.find_first_of("&#", amp + 1) - amp - 1))) {
       amp = out.find('&', amp + 1);
     }
+    // A '#' in the query followed by a name and a '?' is no fragment: that '?' would be a second
+    // query ("auth=digest:u:s3c#r3t?x"), and the URI does not parse; the '#' is in the secret.
     const size_t hash = out.find('#', value);
-    const size_t end = hash < amp && out.find('#') == hash && StartsFragment(out, hash) ? hash : amp;
+    const size_t end = hash < amp && out.find('#') == hash && StartsFragment(out, hash) &&
+                               out.find('?', hash) == std::string::npos
+                           ? hash
+                           : amp;
     const size_t value_end = end == std::string::npos ? out.size() : end;
     const size_t colon = out.find(':', value);
     if (colon == std::string::npos || colon >= value_end) {

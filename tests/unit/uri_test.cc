@@ -332,6 +332,32 @@ TEST(UriErrorTest, UserInformationIsRefusedWithoutQuotingIt) {
   EXPECT_THAT(MustFail("zk://u:p@127.0.0.1:2181/path"), HasSubstr("has user information"));
 }
 
+// A password holding a '/', or a '#' or '?' with a '=' after it, ended the hosts there: the error
+// quoted it as a port ("port 'pa' of host 1 ('u')") and the URI went into the message as it was.
+// A '#' in an auth secret followed by a name and a '?' was taken as a fragment: the rest of the
+// secret was shown.
+TEST(UriErrorTest, PasswordsWithSlashesHashesAndQuestionMarksAreNotQuoted) {
+  for (const std::string uri : {"zk://u:pa/ss@127.0.0.1:2181/svc", "tcp://u:pa/s/s@h:80", "tcp://u:p#=w@h:80",
+                                "tcp://u:p?=w@h:80", "tcp://a:1,u:/pw@h:80", "zk://u:pa/ss@h:2181/svc@x"}) {
+    const std::string e = MustFail(uri);
+    EXPECT_THAT(e, HasSubstr("has user information before the '@'")) << uri;
+    EXPECT_THAT(e, Not(HasSubstr("pa/s"))) << uri;
+    EXPECT_THAT(e, Not(HasSubstr("=w"))) << uri;
+    EXPECT_THAT(e, Not(HasSubstr("/pw"))) << uri;
+  }
+  EXPECT_EQ(RedactUriSecrets("zk://u:pa/ss@h:2181/svc"), "zk://***@h:2181/svc");
+  EXPECT_EQ(RedactUriSecrets("tcp://u:p#=w@h:80"), "tcp://***@h:80");
+  const std::string e = MustFail("zk://h:2181/svc?auth=digest:u:s3c#r3t?x");
+  EXPECT_THAT(e, HasSubstr("bad URI 'zk://h:2181/svc?auth=digest:***': "));
+  EXPECT_THAT(e, Not(HasSubstr("r3t")));
+  // What is not a password stays as it was: a port, a bracketed IPv6 address, an '@' in a path.
+  EXPECT_EQ(MustParse("zk://h:2181/svc@x").path, "/svc@x");
+  EXPECT_EQ(RedactUriSecrets("zk://h:2181/svc@x"), "zk://h:2181/svc@x");
+  EXPECT_EQ(MustParse("zk://[::1]:2181/svc@x").path, "/svc@x");
+  EXPECT_EQ(MustParse("zk://a:1,[::1]:2/svc@x").path, "/svc@x");
+  EXPECT_EQ(RedactUriSecrets("zk://h:2181/svc?auth=digest:u:p#http"), "zk://h:2181/svc?auth=digest:***#http");
+}
+
 TEST(UriErrorTest, BadHostNameShape) {
   EXPECT_THAT(MustFail("tcp://a..b:1"),
               HasSubstr("host 1 ('a..b') has an empty label at offset 8"));
