@@ -147,6 +147,10 @@ def main():
         "handshake_tping_before_probe": session(HANDSHAKE, send_frames() + send_frames() + start(1),
                                                 TPING + PROBE + RDISPATCH),
         "handshake_tdrain_before_probe": session(HANDSHAKE, send_frames(2) + start(1), TDRAIN + PROBE + RINIT),
+        # A Tdrain's non-final fragment behind a Tdrain (one read): ignored, the open fails with
+        # kNack (it failed with kProtocolError; found by this target).
+        "handshake_tdrain_fragment": session(HANDSHAKE, send_frames(3) + start(1),
+                                             TDRAIN + frame(0x40, 1, b"x", fragment=True) + RINIT),
         "handshake_tping_before_rinit": session(HANDSHAKE, send_frames() + send_frames(2) + start(1),
                                                 PROBE + TPING + RINIT + RDISPATCH),
         "handshake_tdrain_before_rinit": session(HANDSHAKE, send_frames() + send_frames(3) + start(1),

@@ -227,9 +227,15 @@ void MuxSessionSink::OnHandshakeTimeout(void* p) {
 
 void MuxSessionSink::HandshakeFrame(const FrameView& frame) {
   // After a Tdrain the open fails once the Rdrain is written (MaybeFinishDrain); nothing behind
-  // it opens anything: neither the probe's echo (no Tinit is sent) nor an Rinit. Another Tdrain
-  // is answered too (HandleMessage, below).
-  if (draining_ && frame.type != wire::kTdrain) return;
+  // it opens anything, nor changes how the open fails: neither the probe's echo (no Tinit is
+  // sent) nor an Rinit, nor a frame that does not decode (it failed the open with kProtocolError
+  // instead of kNack: a Tdrain's non-final fragment). Another Tdrain is answered too.
+  if (draining_) {
+    if (frame.type != wire::kTdrain) return;
+    auto decoded = DecodeMessage(frame);
+    if (decoded && std::holds_alternative<Tdrain>(*decoded)) HandleMessage(std::move(*decoded));
+    return;
+  }
   if (handshake_phase_ == 1) {
     // The probe's answer: an echo means the server negotiates; anything else (an old server's
     // "Unexpected mux message type 127") means an un-negotiated session.

@@ -1687,6 +1687,32 @@ TEST(MuxSessionTest, ASecondTdrainDuringTheHandshakeIsAnsweredToo) {
   EXPECT_EQ(faults, 1);
 }
 
+// Behind a Tdrain during the handshake nothing changes how the open fails, a frame that does not
+// decode included: a Tdrain's non-final fragment failed the open with kProtocolError ("cannot
+// decode a non-final fragment") instead of kNack (found by mux_session_fuzzer). Neither it nor
+// an Rinit behind it gets an answer; the first Tdrain gets its Rdrain.
+TEST(MuxSessionTest, WhatDoesNotDecodeBehindAHandshakeTdrainIsIgnored) {
+  mux::SessionOptions o;
+  o.ping_interval = Duration::zero();
+  PeerSession f(o);
+  ASSERT_TRUE(f.ReadUntil([&] { return !f.got.empty(); }));
+  ASSERT_TRUE(mux::IsProbe(f.got[0]));
+  // In one read (the Rdrain's write, which the open waits for, is not done before it is all
+  // handled).
+  std::string bytes = mux::Encode(mux::Tdrain{});
+  mux::AppendFrameHeader(mux::wire::kTdrain, 1, /*fragment=*/true, 1, &bytes);
+  bytes += "x";
+  bytes += mux::Encode(mux::Rinit{});
+  f.peer.Send(bytes);
+  std::string received;
+  auto end = ReadToTheEnd(f.env, f.peer, received);
+  ASSERT_TRUE(end.has_value());
+  EXPECT_EQ(*end, 0) << std::strerror(*end);
+  EXPECT_EQ(Frames(received), (std::vector<std::string>{"Rdrain tag=1"}));
+  ASSERT_TRUE(RunUntil(f.env, [&] { return f.opened.has_value(); }));
+  EXPECT_EQ(*f.opened, Errc::kNack) << f.session->open_failure_detail();
+}
+
 // With pings off and ping_timeout 0 a drained session does not wait for its last write (a
 // server that does not read is not waited for): the Rdrain answering a Tdrain that finds nothing
 // in flight, or one that comes with the last reply in one read, still reaches the server (the
