@@ -5,6 +5,7 @@
 #include <mutex>
 #include <system_error>
 #include <string>
+#include <vector>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -27,6 +28,21 @@ class CurrentLoopScope {
  private:
   EventLoop* previous_;
 };
+
+// The loops that wrap a user's io_context (OnAnyLoopThread): their threads are the user's, and
+// nothing sets Current() there. A loop is registered for its whole life; ~EventLoop removes it
+// under the mutex before the io_context can go (the io_context outlives its loop: LoopKeeper),
+// so a registered loop's io_context may be asked from any thread meanwhile.
+struct WrappingLoops {
+  std::mutex mu;
+  std::vector<const EventLoop*> loops;  // guarded by mu
+  std::atomic<size_t> count{0};  // loops.size(): OnAnyLoopThread skips the lock at 0
+};
+
+WrappingLoops& TheWrappingLoops() {
+  static WrappingLoops* const loops = new WrappingLoops();  // never destroyed: loops may outlive main
+  return *loops;
+}
 }  // namespace
 
 EventLoop::EventLoop(size_t index, std::shared_ptr<Clock> clock, uint64_t seed,
@@ -37,9 +53,22 @@ EventLoop::EventLoop(size_t index, std::shared_ptr<Clock> clock, uint64_t seed,
       ioc_(external ? external : owned_ioc_.get()),
       random_(seed),
       timers_(std::make_unique<TimerQueue>(*clock_, ioc_->get_executor())),
-      busy_poll_(busy_poll) {}
+      busy_poll_(busy_poll) {
+  if (!owned_ioc_) {
+    WrappingLoops& wrapping = TheWrappingLoops();
+    std::lock_guard lock(wrapping.mu);
+    wrapping.loops.push_back(this);
+    wrapping.count.store(wrapping.loops.size(), std::memory_order_release);
+  }
+}
 
 EventLoop::~EventLoop() {
+  if (!owned_ioc_) {
+    WrappingLoops& wrapping = TheWrappingLoops();
+    std::lock_guard lock(wrapping.mu);
+    std::erase(wrapping.loops, this);
+    wrapping.count.store(wrapping.loops.size(), std::memory_order_release);
+  }
   // Timers go first: their alarm's Asio timer must not outlive the io_context.
   timers_.reset();
 }
@@ -63,6 +92,18 @@ void ReportHandlerException(std::exception_ptr e) noexcept {
 }  // namespace internal
 
 EventLoop* EventLoop::Current() noexcept { return current_loop; }
+
+bool EventLoop::OnAnyLoopThread() noexcept {
+  if (current_loop != nullptr) return true;
+  WrappingLoops& wrapping = TheWrappingLoops();
+  if (wrapping.count.load(std::memory_order_acquire) == 0) return false;
+  // Perhaps a thread inside the user's run() of a wrapped io_context.
+  std::lock_guard lock(wrapping.mu);
+  for (const EventLoop* loop : wrapping.loops) {
+    if (loop->ioc_->get_executor().running_in_this_thread()) return true;
+  }
+  return false;
+}
 
 size_t EventLoop::Poll() {
   // A handler may release the runtime's last reference (a client that held it, released in its

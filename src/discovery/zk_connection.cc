@@ -111,7 +111,7 @@ CloserAtExit closer_at_exit;
 }  // namespace
 
 void ZkConnection::StopOffLoop(std::function<void()> stop) {
-  if (EventLoop::Current() != nullptr) {
+  if (EventLoop::OnAnyLoopThread()) {
     Closer& closer = TheCloser();
     std::unique_lock lock(closer.mu);
     if (!closer.exiting) {

@@ -55,9 +55,10 @@ class ZkConnection {
   void Stop();
 
   // Runs `stop` (which ends with Stop() of the connections it owns, e.g. by releasing their
-  // owner) at once, unless the calling thread runs a scales event loop (EventLoop::Current():
-  // a client's last handle released in one of its own handlers), where it would hold up every
-  // other client of that loop meanwhile: then on the process-wide closer thread (started on
+  // owner) at once, unless the calling thread runs a scales event loop (a client's last handle
+  // released in one of its own handlers), where it would hold up every other client of that
+  // loop meanwhile; that includes a user's thread running a wrapped io_context
+  // (EventLoop::OnAnyLoopThread). There `stop` runs on the process-wide closer thread (started on
   // first use; the stops run there one at a time, in order). `stop` must keep alive whatever
   // the connection's callbacks use until Stop() returns. At process exit the closer runs what
   // is left and is joined (no thread outlives main); stops handed over after that run at once.

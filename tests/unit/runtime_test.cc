@@ -175,6 +175,58 @@ void StartRuntimeWithRoomForOneThread(uid_t uid) {
   }
 }
 
+// EventLoop::OnAnyLoopThread: true in the handlers of a runtime's loop threads, of a manual
+// runtime's Poll(), and of a user's io_context that a runtime wraps, run by the user's own
+// thread (where Current() is not set); false elsewhere: the test's thread, an io_context no
+// runtime wraps, and one whose runtime and loop are gone.
+TEST(ConcurrencyRuntimeTest, OnAnyLoopThreadCoversAWrappedIoContext) {
+  // Runs `f` on `ioc` with a thread of its own (the user's run()); returns what it returned.
+  auto on_user_thread = [](boost::asio::io_context& ioc, auto f) {
+    std::promise<bool> result;
+    boost::asio::post(ioc, [&] { result.set_value(f()); });
+    std::thread user([&ioc] { ioc.run(); });
+    user.join();  // run() returns once the handler ran: nothing else keeps it going
+    ioc.restart();
+    return result.get_future().get();
+  };
+  EXPECT_FALSE(EventLoop::OnAnyLoopThread());
+
+  RuntimeOptions options;
+  options.threads = 1;
+  Runtime threaded(options);
+  std::promise<bool> on_loop;
+  boost::asio::post(threaded.loop(0).executor(), [&] { on_loop.set_value(EventLoop::OnAnyLoopThread()); });
+  auto on_loop_result = on_loop.get_future();
+  ASSERT_EQ(on_loop_result.wait_for(30s), std::future_status::ready);
+  EXPECT_TRUE(on_loop_result.get());
+
+  options.start_threads = false;
+  Runtime manual(options);
+  bool polled = false;
+  boost::asio::post(manual.loop(0).executor(), [&] { polled = EventLoop::OnAnyLoopThread(); });
+  manual.RunUntilIdle();
+  EXPECT_TRUE(polled);
+
+  boost::asio::io_context unwrapped;
+  EXPECT_FALSE(on_user_thread(unwrapped, [] { return EventLoop::OnAnyLoopThread(); }));
+  {
+    boost::asio::io_context ioc;
+    auto wrapping = std::make_shared<Runtime>(ioc);
+    EXPECT_EQ(EventLoop::Current(), nullptr);
+    EXPECT_TRUE(on_user_thread(ioc, [] {
+      return EventLoop::Current() == nullptr && EventLoop::OnAnyLoopThread();
+    }));
+    EXPECT_FALSE(EventLoop::OnAnyLoopThread());
+    EXPECT_FALSE(on_user_thread(unwrapped, [] { return EventLoop::OnAnyLoopThread(); }));
+    wrapping.reset();  // the loop stays with the io_context, and so does its registration
+    EXPECT_TRUE(on_user_thread(ioc, [] { return EventLoop::OnAnyLoopThread(); }));
+  }
+  // The io_context, and the loop with it, are gone: a new io_context (perhaps at the same
+  // address) is nobody's loop.
+  boost::asio::io_context later;
+  EXPECT_FALSE(on_user_thread(later, [] { return EventLoop::OnAnyLoopThread(); }));
+}
+
 TEST(RuntimeTest, ThreadThatCannotStartFailsTheConstructorCleanly) {
   const uid_t uid = UnusedUid();
   // Whether a child can take the uid and the limit at all (root with CAP_SETUID and a mapped

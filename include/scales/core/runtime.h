@@ -53,8 +53,14 @@ class EventLoop : public std::enable_shared_from_this<EventLoop> {
   bool IsCurrent() const noexcept {
     return Current() == this || ioc_->get_executor().running_in_this_thread();
   }
-  // The loop whose handlers the calling thread is running, or nullptr.
+  // The loop whose handlers the calling thread is running, or nullptr. Set by the runtime's
+  // own loop threads and by Poll(); not on a thread running a wrapped user's io_context (the
+  // user's run()): see OnAnyLoopThread().
   static EventLoop* Current() noexcept;
+  // True on a thread running any scales event loop: Current(), or a user's io_context that a
+  // live loop wraps (Runtime(io_context&)), run by the user. Code that must not block a loop
+  // (a ZooKeeper session's close) asks this. Cheap while no loop wraps a user's io_context.
+  static bool OnAnyLoopThread() noexcept;
 
   // Runs ready handlers without blocking; returns how many ran. Sets Current() meanwhile. The
   // loop outlives the call even when a handler releases the runtime's last reference. The

@@ -72,9 +72,10 @@ std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view
 // order; no balancer or user code runs on ZooKeeper's threads. All public functions are safe
 // from any thread. After the destructor returns no listener is called again. It joins the
 // discovery thread and closes the session, which blocks (a frozen ensemble: 1.5 s); on a scales
-// event loop thread (a client's last handle released in one of its handlers) it leaves that to
-// a process-wide closer thread instead and returns at once, so the loop's other clients do
-// not wait (docs/service-discovery.md, "Threads").
+// event loop thread (a client's last handle released in one of its handlers), including a
+// thread running a user's io_context that a runtime wraps, it leaves that to a process-wide
+// closer thread instead and returns at once, so the loop's other clients do not wait
+// (docs/service-discovery.md, "Threads"). The closer finishes its work at process exit.
 //
 // Behaviour: the first snapshot is delivered once the member list is known (the path was read,
 // or found missing: an empty snapshot). Until then a client's open waits (and times out with
@@ -155,8 +156,9 @@ class Announcer {
   // `uri` is a zk:// URI (its #fragment is ignored). Throws scales::Error like
   // ZooKeeperServerSet. Announcing happens in the background: see WaitAnnounced().
   Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options = {});
-  // Shutdown(); on a scales event loop thread, that runs on the process-wide closer thread
-  // (as a ZooKeeperServerSet's close does) and the destructor returns at once.
+  // Shutdown(); on a scales event loop thread (a wrapped user's io_context's too), that runs on
+  // the process-wide closer thread (as a ZooKeeperServerSet's close does) and the destructor
+  // returns at once.
   ~Announcer();
   Announcer(const Announcer&) = delete;
   Announcer& operator=(const Announcer&) = delete;
