@@ -22,9 +22,18 @@ namespace {
 // The C client logs through a per-handle callback without a context argument, so the lines
 // are routed here and matched to connections by the server address they name. This is how
 // Describe() can say "connection refused" although the C client reports no such state.
-// Capturing the lines also keeps the C client from writing to stderr.
-std::mutex g_log_mu;
-std::vector<ZkConnection*> g_log_connections;
+// Capturing the lines also keeps the C client from writing to stderr. The list is never
+// destroyed: connections may outlive it at exit (a server set or announcer in a global, which
+// exit() destroys after this file's statics, logs and stops then; clients may outlive main).
+struct LogRoutes {
+  std::mutex mu;
+  std::vector<ZkConnection*> connections;  // guarded by mu
+};
+
+LogRoutes& TheLogRoutes() {
+  static LogRoutes* const routes = new LogRoutes();
+  return *routes;
+}
 
 std::string SummarizeLogLine(std::string_view line) {
   // "... Socket [127.0.0.1:2181] zk retcode=-4, errno=111(Connection refused): server refused ..."
@@ -50,8 +59,9 @@ std::string SummarizeLogLine(std::string_view line) {
 void LogSink(const char* message) {
   std::string_view line(message);
   if (line.find("ZOO_ERROR") == std::string_view::npos) return;
-  std::lock_guard lock(g_log_mu);
-  for (ZkConnection* c : g_log_connections) {
+  LogRoutes& routes = TheLogRoutes();
+  std::lock_guard lock(routes.mu);
+  for (ZkConnection* c : routes.connections) {
     if (c->Mentions(line)) c->SetLastError(SummarizeLogLine(line));
   }
 }
@@ -201,8 +211,8 @@ bool ZkConnection::Mentions(std::string_view line) const {
 void ZkConnection::Start(Handlers handlers) {
   handlers_ = std::move(handlers);
   {
-    std::lock_guard lock(g_log_mu);
-    g_log_connections.push_back(this);
+    std::lock_guard lock(TheLogRoutes().mu);
+    TheLogRoutes().connections.push_back(this);
   }
   started_ = true;
   work_.emplace(ioc_.get_executor());
@@ -224,8 +234,8 @@ void ZkConnection::Stop() {
     s->handle = nullptr;
   }
   {
-    std::lock_guard lock(g_log_mu);
-    std::erase(g_log_connections, this);
+    std::lock_guard lock(TheLogRoutes().mu);
+    std::erase(TheLogRoutes().connections, this);
   }
 }
 

@@ -1635,5 +1635,46 @@ TEST_P(ReleasedOnLoopTest, AnAnnouncerDestroyedOnAUsersIoContextShutsDownOffIt) 
 INSTANTIATE_TEST_SUITE_P(ZooKeeper, ReleasedOnLoopTest, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "Frozen" : "Healthy"; });
 
+// A shutdown left to the closer thread still runs when the process exits right after it: at exit
+// the closer runs what it holds and is joined. scales_zk_exit_helper (tests/helpers) announces a
+// member, releases its Announcer on an event loop behind a stop that holds the closer until the
+// exit has begun, and calls exit(). The member must be gone as soon as the process is; had the
+// shutdown not run, it would stay until the ensemble expired the session (10 s).
+TEST_F(ZooKeeperTest, AShutdownLeftToTheCloserRunsAtExit) {
+  test::ChildProcess child({SCALES_ZK_EXIT_HELPER, "closer", zk_->Uri("/exiting/svc"), "4321"});
+  const std::optional<std::string> announced = child.ReadLine(60s);
+  ASSERT_TRUE(announced && announced->starts_with("announced /exiting/svc/member_"))
+      << announced.value_or("(nothing)");
+  const std::string node = announced->substr(std::strlen("announced "));
+  // Both stops were still with the closer when exit() was called.
+  EXPECT_EQ(child.ReadLine(60s).value_or("(nothing)"), "exiting, 2 stops pending");
+  const std::optional<int> status = child.WaitForExit(60s);
+  const auto exited = std::chrono::steady_clock::now();
+  ASSERT_TRUE(status.has_value()) << "the process did not exit";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
+  EXPECT_EQ(Kazoo(fmt::format("print(zk.exists('{}') is None)", node)), "True\n")
+      << "the member outlived the process: its shutdown did not run at exit";
+  ASSERT_LT(std::chrono::steady_clock::now() - exited, 8s)
+      << "checked too late to tell a shutdown at exit from an expired session";
+}
+
+// An Announcer in a global, destroyed by exit() after the library's own statics, shuts down
+// with the ensemble gone: its Shutdown() waits 2 s for a reconnect meanwhile, and the ZooKeeper
+// C client logs each failed connect. (The log lines went through the routing list of
+// zk_connection.cc, destroyed by then: the process crashed on the freed list.)
+TEST_F(ZooKeeperTest, AnAnnouncerInAGlobalShutsDownAtExitWithTheEnsembleGone) {
+  test::ChildProcess child({SCALES_ZK_EXIT_HELPER, "global", zk_->Uri("/exiting/svc"), "4321"});
+  const std::optional<std::string> announced = child.ReadLine(60s);
+  ASSERT_TRUE(announced && announced->starts_with("announced /exiting/svc/member_"))
+      << announced.value_or("(nothing)");
+  zk_->Stop();
+  EXPECT_EQ(child.ReadLine(60s).value_or("(nothing)"), "ensemble gone, exiting");
+  const std::optional<int> status = child.WaitForExit(60s);
+  ASSERT_TRUE(status.has_value()) << "the process did not exit";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0)
+      << "wait status " << *status
+      << (WIFSIGNALED(*status) ? fmt::format(" (signal {})", WTERMSIG(*status)) : "");
+}
+
 }  // namespace
 }  // namespace scales
