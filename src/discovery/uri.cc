@@ -58,15 +58,21 @@ bool InPassword(std::string_view hosts) {
 // ("#ep?auth=digest:u:p@ss", "?tls_server_name=a@b") is not.
 //
 // Nor does a '/', '?' or '#' end them right after a host entry whose port is not a number
-// ("user:pa/ss@host", "user:p#=w@host"), when an '@' follows: that is a password's colon, and
-// the password goes on to the '@' (a host with such a port fails to parse whichever way).
+// ("user:pa/ss@host", "user:p#=w@host"), when an '@' follows with no '&' or "auth=" before it:
+// that is a password's colon, and the password goes on to the '@' (a host with such a port fails
+// to parse whichever way).
 size_t HostsEnd(std::string_view uri, size_t begin) {
   for (size_t pos = begin;;) {
     const size_t end = uri.find_first_of("/?#", pos);
     if (end == std::string_view::npos) return uri.size();
     const size_t at = uri.find('@', end + 1);
     if (at == std::string_view::npos) return end;
-    if (!InPassword(uri.substr(pos, end - pos))) {
+    // Not across a query's pairs or an auth value (whose '@' RedactUriSecrets hides, which must
+    // find the same hosts in what it returns).
+    const std::string_view until_at = uri.substr(end + 1, at - end - 1);
+    const bool password = InPassword(uri.substr(pos, end - pos)) && until_at.find('&') == std::string_view::npos &&
+                          until_at.find("auth=") == std::string_view::npos;
+    if (!password) {
       if (uri[end] == '/') return end;
       if (at >= uri.find('/', end + 1) || uri.find('=', end + 1) < at) return end;
     }
