@@ -559,7 +559,12 @@ std::string ParsedUri::ToString() const {
   return out;
 }
 
-std::string RedactUriSecrets(std::string_view uri) {
+namespace {
+
+// One pass of RedactUriSecrets. Hiding a value can hide a character that told the hosts from
+// the query ("://?,@&auth=?&x=@": the auth value's '?'), so that a second pass over the result
+// finds other hosts and hides more.
+std::string RedactUriSecretsOnce(std::string_view uri) {
   std::string out(uri);
   // User information before a host ("user:password@host:port", which no scales URI takes but a
   // user may write): everything before the entry's last '@'.
@@ -608,6 +613,22 @@ std::string RedactUriSecrets(std::string_view uri) {
     out.replace(colon + 1, value_end - colon - 1, "***");
   }
   return out;
+}
+
+}  // namespace
+
+std::string RedactUriSecrets(std::string_view uri) {
+  // Passes until nothing changes, so that what this returns is redacted as it is (messages
+  // quote it, and it may be redacted again). Each pass only hides more; a URI that still
+  // changes after a few (none known) is hidden whole but for its scheme.
+  std::string out = RedactUriSecretsOnce(uri);
+  for (int pass = 0; pass < 4; ++pass) {
+    std::string again = RedactUriSecretsOnce(out);
+    if (again == out) return out;
+    out = std::move(again);
+  }
+  const size_t scheme_end = out.find("://");
+  return scheme_end == std::string::npos ? std::string("***") : out.substr(0, scheme_end + 3) + "***";
 }
 
 std::optional<ParsedUri> ScalesUriParser::TryParse(std::string_view uri, std::string& error) {
