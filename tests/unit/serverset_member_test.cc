@@ -289,10 +289,11 @@ TEST(ZooKeeperOptionsTest, AHashInAPasswordIsRedactedToItsEnd) {
   EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3c#r3t!"), "zk://a:1/svc?auth=digest:***");
   EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=s3c#r3t#x"), "zk://a:1/svc?auth=***");
   EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#http?auth=digest:user:s3c#r3t"), "zk://a:1/svc#http?auth=digest:***");
-  // What stays: a fragment after the query, and a '#' after the path.
+  // What stays: a fragment after the query, and a '#' after the path. A "fragment" followed by a
+  // '?' (a second query: the URI does not parse) is in the secret, whose rest it may be
+  // ("auth=digest:u:s3c#r3t?x" showed '#r3t?x').
   EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3cret#http"), "zk://a:1/svc?auth=digest:***#http");
-  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3cret#http?x=1"),
-            "zk://a:1/svc?auth=digest:***#http?x=1");
+  EXPECT_EQ(RedactUriSecrets("zk://a:1/svc?auth=digest:user:s3cret#http?x=1"), "zk://a:1/svc?auth=digest:***");
   EXPECT_EQ(RedactUriSecrets("zk://a:1/svc#ep@x"), "zk://a:1/svc#ep@x");
   for (const char* uri : {"zk://user:s3c#r3t@h:1/svc", "zk://h1:1,user:s3c#r3t@h:1/svc", "tcp://user:s3c#r3t@h:1",
                           "zk://a:1/svc?auth=digest:user:s3c#r3t&session_timeout=3s",
