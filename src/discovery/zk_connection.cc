@@ -7,6 +7,7 @@
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <random>
 
 #include <boost/asio/ip/address_v4.hpp>
 #include <boost/asio/post.hpp>
@@ -148,6 +149,25 @@ size_t ZkConnection::StopsPending() {
   return closer.pending;
 }
 
+RetryBackoff::RetryBackoff(const ZooKeeperOptions& options, uint64_t seed)
+    : first_(options.retry_interval),
+      max_(std::max(options.retry_interval, options.max_retry_interval)),
+      random_(seed != 0 ? seed : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}()) {}
+
+std::chrono::milliseconds RetryBackoff::Next() {
+  const int k = retries_;
+  if (retries_ < 64) ++retries_;
+  if (k == 0) return first_;
+  std::chrono::milliseconds hi = first_;
+  for (int i = 0; i < k; ++i) {
+    if (hi > max_ / 2) return max_;  // doubling would reach max_ (and never overflows)
+    hi *= 2;
+  }
+  if (hi >= max_) return max_;
+  const auto lo = hi / 2;
+  return lo + std::chrono::milliseconds(random_.Uniform(static_cast<uint64_t>((hi - lo).count()) + 1));
+}
+
 std::string ZkErrorText(int rc) {
   const char* text = zerror(rc);
   return text ? std::string(text) : fmt::format("error {}", rc);
@@ -164,8 +184,12 @@ struct ZkConnection::Op {
 
   static void Finish(const void* data, int rc, R... results) {
     auto* op = static_cast<Op*>(const_cast<void*>(data));
-    op->connection->PostIfCurrent(op->generation, [f = std::move(op->done), rc,
-                                                   ... results = std::move(results)]() mutable {
+    ZkConnection* connection = op->connection;
+    connection->PostIfCurrent(op->generation, [connection, f = std::move(op->done), rc,
+                                               ... results = std::move(results)]() mutable {
+      // A request answered: the session is up and authenticated, so the next rejection or
+      // missing handle is retried after retry_interval again.
+      if (rc == ZOK) connection->backoff_.Reset();
       f(rc, std::move(results)...);
     });
     delete op;
@@ -269,7 +293,7 @@ void ZkConnection::NewSession() {
     SetLastError(fmt::format("cannot create a ZooKeeper handle for '{}': {}{}{}", connect_string_, why,
                              *why ? " - " : "", std::strerror(err)));
     SetStatus(fmt::format("not connected: {}, retrying", last_error()));
-    retry_timer_.expires_after(options_.retry_interval);
+    retry_timer_.expires_after(backoff_.Next());
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       if (!ec) NewSession();
     });
@@ -350,11 +374,12 @@ void ZkConnection::OnSessionEvent(uint64_t generation, int state) {
     SetLastError(fmt::format("authentication failed (scheme '{}')",
                              options_.auth.substr(0, options_.auth.find(':'))));
     SetStatus(fmt::format("not connected: {}, retrying", last_error()));
-    SCALES_LOG(kError, "zookeeper {}: {}; retrying in {} ms", connect_string_, last_error(),
-               std::chrono::duration_cast<std::chrono::milliseconds>(options_.retry_interval).count());
+    // The handle is unusable after an auth failure: a new session after a pause, longer each
+    // time the credentials are refused again (max_retry_interval).
+    const std::chrono::milliseconds wait = backoff_.Next();
+    SCALES_LOG(kError, "zookeeper {}: {}; retrying in {} ms", connect_string_, last_error(), wait.count());
     if (handlers_.disconnected) handlers_.disconnected();
-    // The handle is unusable after an auth failure: a new session after a pause.
-    retry_timer_.expires_after(options_.retry_interval);
+    retry_timer_.expires_after(wait);
     retry_timer_.async_wait([this, generation](boost::system::error_code ec) {
       if (!ec && generation == generation_.load()) NewSession();
     });

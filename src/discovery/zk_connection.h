@@ -29,9 +29,32 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include "scales/core/random.h"
 #include "scales/discovery/zookeeper.h"
 
 namespace scales::zk_internal {
+
+// The waits between the retries of one failure that persists (ZooKeeperOptions::
+// max_retry_interval): retry_interval first; then the k-th retry waits a time drawn uniformly
+// from [d / 2, d] for d = retry_interval * 2^k ("equal jitter"), until d reaches
+// max_retry_interval, and max_retry_interval from then on. A max_retry_interval not above
+// retry_interval gives retry_interval every time. Reset() when the failure is over. Not thread
+// safe (one per loop-thread user).
+class RetryBackoff {
+ public:
+  // `seed` 0: drawn from the OS, so that the processes of a fleet do not wait alike.
+  explicit RetryBackoff(const ZooKeeperOptions& options, uint64_t seed = 0);
+  std::chrono::milliseconds Next();
+  void Reset() { retries_ = 0; }
+  // Retries since the last Reset().
+  int retries() const { return retries_; }
+
+ private:
+  std::chrono::milliseconds first_;
+  std::chrono::milliseconds max_;
+  int retries_ = 0;
+  Random random_;
+};
 
 class ZkConnection {
  public:
@@ -132,6 +155,7 @@ class ZkConnection {
   std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
   std::thread thread_;
   boost::asio::steady_timer retry_timer_{ioc_};
+  RetryBackoff backoff_{options_};  // new sessions after a rejection or without a handle
   bool started_ = false;
   bool stopped_ = false;
 

@@ -13,12 +13,14 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/duration_text.h"
 #include "discovery/zk_connection.h"
 #include "scales/core/error.h"
 #include "scales/core/log.h"
 
 namespace scales {
 
+using zk_internal::RetryBackoff;
 using zk_internal::ZkConnection;
 using zk_internal::ZkErrorText;
 
@@ -42,8 +44,8 @@ bool TransientError(int rc) {
          rc == ZMARSHALLINGERROR;
 }
 
-// How many times a member never read yet is read after transient errors (one retry_interval
-// apart) before it is skipped like an unreadable member, so that a persistent throttle on one
+// How many times a member never read yet is read after transient errors (the retries'
+// pauses apart) before it is skipped like an unreadable member, so that a persistent throttle on one
 // read cannot hold back every later change of the server set.
 constexpr int kTransientMemberReads = 3;
 
@@ -189,6 +191,7 @@ class ZooKeeperServerSet::Impl {
     s.connection_losses = connection_.connection_losses();
     s.snapshots = snapshots_.load();
     s.member_reads = member_reads_.load();
+    s.read_retries = read_retries_.load();
     return s;
   }
 
@@ -382,13 +385,20 @@ class ZooKeeperServerSet::Impl {
     // Anything else (no auth, ...) would not change by itself: show it and read again later.
     std::string error = fmt::format("{}: {}", what, ZkErrorText(rc));
     connection_.SetLastError(error);
-    {
+    if (retry_pending_) {
       std::lock_guard lock(mu_);
       path_status_ = fmt::format("cannot read: {}, retrying", error);
-    }
-    if (!retry_pending_) {
+    } else {
+      // A failure that persists (a member nobody may read) is read again less and less often,
+      // so that a fleet of clients does not poll the ensemble every retry_interval for ever.
+      const std::chrono::milliseconds wait = backoff_.Next();
+      {
+        std::lock_guard lock(mu_);
+        path_status_ = fmt::format("cannot read: {}, retrying in {}", error, DurationText(wait));
+      }
       retry_pending_ = true;
-      retry_timer_.expires_after(options_.retry_interval);
+      read_retries_.fetch_add(1, std::memory_order_relaxed);
+      retry_timer_.expires_after(wait);
       retry_timer_.async_wait([this](boost::system::error_code ec) {
         retry_pending_ = false;
         if (!ec && connection_.connected()) Refresh();
@@ -425,12 +435,14 @@ class ZooKeeperServerSet::Impl {
   // partial list (some reads lost with the connection) is never published.
   void MaybePublish() {
     if (outstanding_ > 0 || read_failed_) return;
+    bool failing = false;  // a member's last read was refused: its retries keep backing off
     std::vector<const ServiceInstance*> instances;
     instances.reserve(children_.size());
     PathStatus status{.known = true, .exists = path_exists_, .member_nodes = children_.size(),
                       .other_children = other_children_};
     for (const auto& [name, child] : children_) {
       if (!child.loaded) return;
+      if (child.unreadable) failing = true;
       if (child.instance) {
         instances.push_back(&*child.instance);
         if (child.instance->status != "ALIVE") {
@@ -442,6 +454,7 @@ class ZooKeeperServerSet::Impl {
         ++(child.unreadable ? status.unreadable : status.malformed);
       }
     }
+    if (!failing) backoff_.Reset();  // everything read: the next failure is retried soon
     Members members = SelectEndpoints(instances, uri_.endpoint_name);
     std::lock_guard lock(mu_);
     if (path_exists_) {
@@ -476,6 +489,7 @@ class ZooKeeperServerSet::Impl {
   std::atomic<uint64_t> malformed_{0};
   std::atomic<uint64_t> snapshots_{0};
   std::atomic<uint64_t> member_reads_{0};
+  std::atomic<uint64_t> read_retries_{0};
 
   mutable std::mutex mu_;  // guards the fields below
   std::optional<Members> published_;
@@ -489,6 +503,7 @@ class ZooKeeperServerSet::Impl {
   // Declared after connection_ (whose io_context it uses), so destroyed before it.
   boost::asio::steady_timer retry_timer_{connection_.io_context()};
   bool retry_pending_ = false;  // loop thread
+  RetryBackoff backoff_{options_};  // loop thread
 };
 
 ZooKeeperServerSet::ZooKeeperServerSet(ParsedUri uri, ZooKeeperOptions options)
@@ -630,6 +645,7 @@ class Announcer::Impl {
   // Loop thread: `node` was created, or adopted (FindOwnMember), in this session. Shutdown()
   // deletes it if it began meanwhile.
   void Announced(std::string node) {
+    backoff_.Reset();
     SetNode(node);
     if (shutting_down_) {
       FinishShutdown();
@@ -811,8 +827,8 @@ class Announcer::Impl {
   }
 
   // A create (or the watch on the member) failed: after a connection loss the next connect
-  // retries; anything else (no permission, a missing chroot node) is retried every
-  // retry_interval, as a server set's reads are. Shutting down, nothing is retried: a lost
+  // retries; anything else (no permission, a missing chroot node) is retried after
+  // retry_interval, backing off to max_retry_interval, as a server set's reads are. Shutting down, nothing is retried: a lost
   // create is still looked for after the reconnect; other errors end the wait.
   void CreateFailed(std::string error, int rc) {
     connection_.SetLastError(std::move(error));
@@ -823,7 +839,7 @@ class Announcer::Impl {
     }
     if (ConnectionError(rc) || retry_pending_) return;
     retry_pending_ = true;
-    retry_timer_.expires_after(options_.retry_interval);
+    retry_timer_.expires_after(backoff_.Next());
     retry_timer_.async_wait([this](boost::system::error_code ec) {
       retry_pending_ = false;
       if (!ec && connection_.connected() && !shutting_down_) Resume();
@@ -888,6 +904,7 @@ class Announcer::Impl {
 
   ZkConnection connection_;
   boost::asio::steady_timer retry_timer_{connection_.io_context()};
+  RetryBackoff backoff_{options_};  // loop thread
 };
 
 Announcer::Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options)

@@ -55,7 +55,7 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
   if (uri.scheme != "zk") throw bad("not a zk:// URI");
   ZooKeeperOptions out = std::move(defaults);
   for (const auto& [key, value] : uri.query) {
-    if (key == "session_timeout" || key == "retry_interval") {
+    if (key == "session_timeout" || key == "retry_interval" || key == "max_retry_interval") {
       auto d = ParseZooKeeperDuration(value);
       if (!d || d->count() == 0) {
         // Digits and a unit, but over the parser's bound (Validate()'s for session_timeout).
@@ -66,10 +66,12 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
         throw bad(over ? fmt::format("{}='{}' is over 24 h", key, value)
                        : fmt::format("{}='{}' is not a positive duration such as 500ms, 10s or 1m", key, value));
       }
-      if (key == "retry_interval" && *d < kMinRetryInterval) {
-        throw bad(fmt::format("retry_interval='{}' is under the minimum of {}ms", value, kMinRetryInterval.count()));
+      if (key != "session_timeout" && *d < kMinRetryInterval) {
+        throw bad(fmt::format("{}='{}' is under the minimum of {}ms", key, value, kMinRetryInterval.count()));
       }
-      (key == "session_timeout" ? out.session_timeout : out.retry_interval) = *d;
+      (key == "session_timeout" ? out.session_timeout
+       : key == "retry_interval" ? out.retry_interval
+                                 : out.max_retry_interval) = *d;
     } else if (key == "chroot") {
       if (std::string problem = ChrootProblem(value); !problem.empty()) {
         throw bad(fmt::format("chroot='{}' {}", value, problem));
@@ -87,7 +89,7 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
       // discovery's: the ZooKeeper connection itself is not encrypted.
     } else {
       throw bad(fmt::format("unknown option '{}' (known: session_timeout, chroot, auth, "
-                            "retry_interval, tls, tls_*, opportunistic_tls)",
+                            "retry_interval, max_retry_interval, tls, tls_*, opportunistic_tls)",
                             key));
     }
   }
@@ -114,6 +116,11 @@ void ZooKeeperOptions::Validate() const {
                               kMinRetryInterval.count()));
   }
   if (retry_interval > std::chrono::hours(24)) throw invalid("retry_interval is over 24 h");
+  if (max_retry_interval < kMinRetryInterval) {
+    throw invalid(fmt::format("max_retry_interval {}ms is under the minimum of {}ms", max_retry_interval.count(),
+                              kMinRetryInterval.count()));
+  }
+  if (max_retry_interval > std::chrono::hours(24)) throw invalid("max_retry_interval is over 24 h");
   if (std::string problem = chroot.empty() ? "" : ChrootProblem(chroot); !problem.empty()) {
     throw invalid(fmt::format("chroot '{}' {}", chroot, problem));
   }

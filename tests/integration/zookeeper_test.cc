@@ -546,6 +546,54 @@ TEST_F(ZooKeeperTest, TransientReadErrorsNeitherDropNorHideMembers) {
   EXPECT_EQ(published, Show(both) + Show(three) + Show(without_2) + Show(with_4));
 }
 
+// A member nobody may read (its ACL grants no READ) is read again after each refusal, but less
+// and less often (max_retry_interval), so that a fleet of clients does not poll the ensemble
+// every retry_interval for as long as the member stays locked. It used to be re-read every
+// retry_interval for ever: some 60 reads in the 3 s below. Once every member is read the waits
+// start again from retry_interval.
+TEST_F(ZooKeeperTest, AnUnreadableMemberIsReadAgainLessAndLessOften) {
+  Kazoo("from kazoo.security import make_acl\n" + CreateMember("/locked/svc", "127.0.0.1", 1001) +
+        "\nzk.create('/locked/svc/member_locked', " + FinagleMemberPython("127.0.0.2", 1002) +
+        ", acl=[make_acl('world', 'anyone', write=True, delete=True, admin=True)])");
+  ReadErrorInjector proxy(zk_->port());  // for the last step
+  auto set = MakeSet(fmt::format("zk://127.0.0.1:{}/locked/svc?retry_interval=50ms&max_retry_interval=1600ms",
+                                 proxy.port()));
+  Recorder rec(*set);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}}))) << Show(rec.last()) << "\n" << set->Describe();
+  ASSERT_TRUE(WaitFor([&] { return set->stats().read_retries >= 1; })) << set->Describe();
+
+  // Waits of 50 ms, then 50-100, 100-200, 200-400, 400-800, 800-1600, 1600 ms: 4 to 8 retries
+  // in 3 s (fewer on a slow machine, never more).
+  const uint64_t before = set->stats().read_retries;
+  std::this_thread::sleep_for(3s);
+  const uint64_t during = set->stats().read_retries - before;
+  EXPECT_LE(during, 9u) << "the unreadable member was not read less often: " << set->Describe();
+  EXPECT_GE(during, 2u) << "the unreadable member was not read again: " << set->Describe();
+  EXPECT_EQ(set->path_status().unreadable, 1u) << set->Describe();
+
+  // Readable again: it joins at the next retry (at most max_retry_interval away).
+  Kazoo("from kazoo.security import OPEN_ACL_UNSAFE\nzk.set_acls('/locked/svc/member_locked', OPEN_ACL_UNSAFE)");
+  const Members both = Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1002}});
+  ASSERT_TRUE(rec.WaitFor(both, 10s)) << set->Describe();
+  EXPECT_EQ(set->path_status().unreadable, 0u) << set->Describe();
+
+  // Changed, and its reads refused again (by the relay: the ensemble sends no data watch event
+  // to a session that may not read the node, so a real ACL cannot be used here): the retries
+  // start from 50 ms again, three within 1,600 ms (which the wait reached before would allow
+  // only one). The member keeps its last data meanwhile.
+  const uint64_t refused = set->stats().read_retries;
+  proxy.Arm("member_locked", ZNOAUTH, 1000);
+  Kazoo("zk.set('/locked/svc/member_locked', " + FinagleMemberPython("127.0.0.2", 1003) + ")");
+  ASSERT_TRUE(WaitFor([&] { return set->stats().read_retries >= refused + 1; }, 10s)) << set->Describe();
+  const auto first = std::chrono::steady_clock::now();
+  ASSERT_TRUE(WaitFor([&] { return set->stats().read_retries >= refused + 3; }, 10s)) << set->Describe();
+  EXPECT_LT(std::chrono::steady_clock::now() - first, 1600ms)
+      << "the waits did not start again from retry_interval: " << set->Describe();
+  EXPECT_EQ(rec.last(), both) << Show(rec.last());
+  proxy.Arm("", 0, 0);
+  ASSERT_TRUE(rec.WaitFor(Eps({{"127.0.0.1", 1001}, {"127.0.0.2", 1003}}), 10s)) << set->Describe();
+}
+
 TEST_F(ZooKeeperTest, PathCreatedLateThenDeleted) {
   auto set = MakeSet(zk_->Uri("/late/svc"));
   Recorder rec(*set);
@@ -1204,6 +1252,7 @@ TEST_F(ZooKeeperTest, ServerSetCommandSaysWhenThePathIsDeletedLater) {
 TEST(ZooKeeperDownTest, AHandleThatCannotBeMadeIsRetriedWithoutKeepingRecords) {
   ZooKeeperOptions options;
   options.retry_interval = 5ms;
+  options.max_retry_interval = 5ms;  // no backoff: every attempt 5 ms apart
   zk_internal::ZkConnection connection("127.0.0.1:", options);  // no port: no handle
   connection.Start({});
   ASSERT_TRUE(WaitFor([&] { return connection.StatusText().find("cannot create a ZooKeeper handle") != std::string::npos; }))

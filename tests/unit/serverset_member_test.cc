@@ -1,4 +1,7 @@
 // Serverset member JSON parsing, endpoint selection and zk:// options: no sockets.
+#include <set>
+#include <vector>
+
 #include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -492,6 +495,89 @@ TEST(ZooKeeperOptionsTest, AuthWithoutCredentialsIsRefusedInTheStructToo) {
   }
   options.auth = "digest:user:password";
   EXPECT_NO_THROW(options.Validate());
+}
+
+// max_retry_interval: parsed from the URI and checked like retry_interval; a value under
+// retry_interval is accepted (every retry then waits retry_interval).
+TEST(ZooKeeperOptionsTest, MaxRetryIntervalIsParsedAndBounded) {
+  EXPECT_EQ(ZooKeeperOptions().max_retry_interval, 60s);
+  const ZooKeeperOptions o =
+      ZooKeeperOptions::FromUri(ScalesUriParser::Parse("zk://a:1/svc?retry_interval=2s&max_retry_interval=1m"));
+  EXPECT_EQ(o.retry_interval, 2s);
+  EXPECT_EQ(o.max_retry_interval, 60s);
+  EXPECT_NO_THROW(o.Validate());
+  for (const char* value : {"5ms", "1441m", "x"}) {
+    const std::string uri = std::string("zk://a:1/svc?max_retry_interval=") + value;
+    try {
+      ZooKeeperOptions::FromUri(ScalesUriParser::Parse(uri));
+      ADD_FAILURE() << uri << " was taken";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), make_error_code(Errc::kBadUri));
+      EXPECT_THAT(e.what(), ::testing::HasSubstr(std::string("max_retry_interval='") + value + "' is"));
+    }
+  }
+  ZooKeeperOptions options;
+  options.max_retry_interval = 9ms;
+  try {
+    options.Validate();
+    ADD_FAILURE() << "9 ms was valid";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), ::testing::HasSubstr("ZooKeeper options: max_retry_interval 9ms is under the minimum of 10ms"));
+  }
+  options.max_retry_interval = 25h;
+  EXPECT_THROW(options.Validate(), Error);
+  options.max_retry_interval = options.retry_interval / 2;  // under retry_interval: no backoff
+  EXPECT_NO_THROW(options.Validate());
+}
+
+// The waits between retries of a persisting failure: retry_interval, then each in the upper
+// half of twice the one before, until max_retry_interval; Reset() starts again.
+TEST(ZooKeeperRetryBackoffTest, DoublesWithJitterUpToTheMaximumAndResets) {
+  ZooKeeperOptions options;
+  options.retry_interval = 100ms;
+  options.max_retry_interval = 1000ms;
+  zk_internal::RetryBackoff backoff(options, /*seed=*/42);
+  EXPECT_EQ(backoff.Next(), 100ms);
+  const std::pair<std::chrono::milliseconds, std::chrono::milliseconds> bounds[] = {
+      {100ms, 200ms}, {200ms, 400ms}, {400ms, 800ms}};
+  for (const auto& [lo, hi] : bounds) {
+    const std::chrono::milliseconds wait = backoff.Next();
+    EXPECT_GE(wait, lo);
+    EXPECT_LE(wait, hi);
+  }
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(backoff.Next(), 1000ms) << i;  // 1600 ms capped, and no overflow
+  EXPECT_EQ(backoff.retries(), 64);
+  backoff.Reset();
+  EXPECT_EQ(backoff.retries(), 0);
+  EXPECT_EQ(backoff.Next(), 100ms);
+
+  // The draws spread: two seeds give different waits somewhere in the jittered steps, and one
+  // seed gives the same sequence again.
+  auto sequence = [&](uint64_t seed) {
+    zk_internal::RetryBackoff b(options, seed);
+    std::vector<int64_t> out;
+    for (int i = 0; i < 4; ++i) out.push_back(b.Next().count());
+    return out;
+  };
+  EXPECT_EQ(sequence(7), sequence(7));
+  std::set<std::vector<int64_t>> seen;
+  for (uint64_t seed = 1; seed <= 8; ++seed) seen.insert(sequence(seed));
+  EXPECT_GT(seen.size(), 1u);
+}
+
+TEST(ZooKeeperRetryBackoffTest, AMaximumNotAboveTheIntervalKeepsTheInterval) {
+  ZooKeeperOptions options;
+  options.retry_interval = 500ms;
+  for (auto max : {500ms, 100ms}) {
+    options.max_retry_interval = max;
+    zk_internal::RetryBackoff backoff(options, 1);
+    for (int i = 0; i < 10; ++i) EXPECT_EQ(backoff.Next(), 500ms) << i;
+  }
+  // The largest values: 24 h both, no overflow.
+  options.retry_interval = 24h;
+  options.max_retry_interval = 24h;
+  zk_internal::RetryBackoff backoff(options, 1);
+  for (int i = 0; i < 70; ++i) EXPECT_EQ(backoff.Next(), 24h) << i;
 }
 
 }  // namespace

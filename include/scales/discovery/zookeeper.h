@@ -38,11 +38,21 @@ struct ZooKeeperOptions {
   // Authentication added to the session, "scheme:credentials"; for digest authentication
   // "digest:user:password". Empty (default): none. Query: `auth=digest:user:password`.
   std::string auth;
-  // Wait before a new session after the ensemble rejected the session (authentication failed).
+  // Wait before the first retry of a failure that the C client does not retry itself: a new
+  // session after the ensemble rejected one (authentication failed) or no handle could be made,
+  // a server set's read refused (no read permission, throttled), an Announcer's create refused.
   // Query: `retry_interval=1s`. Default 1 s. At least kMinRetryInterval (a rejected session
   // re-made 1,000 times a second would load the ensemble), at most 24 h.
   std::chrono::milliseconds retry_interval{std::chrono::seconds(1)};
   static constexpr std::chrono::milliseconds kMinRetryInterval{10};
+  // The longest wait between retries of a failure that persists: each retry after the first
+  // waits twice as long as the one before (drawn uniformly from its upper half, so that a fleet
+  // whose sessions failed together spreads out) until the wait reaches max_retry_interval. The
+  // waits start again from retry_interval once the failure is over (connected and
+  // authenticated; every member read; the member created). A value not above retry_interval
+  // makes every retry wait retry_interval. Query: `max_retry_interval=60s`. Default 60 s. At
+  // least kMinRetryInterval, at most 24 h.
+  std::chrono::milliseconds max_retry_interval{std::chrono::seconds(60)};
   // The largest request the ensemble reads: its jute.maxbuffer setting (ZooKeeper's default,
   // 0xfffff = 1048575 bytes). A larger request makes the server close the connection, so the
   // Announcer refuses member data whose create would not fit. Set it when the servers run with
@@ -93,11 +103,13 @@ class ZooKeeperServerSet final : public ServerSet {
     uint64_t connection_losses = 0;    // disconnects (the session may survive them)
     uint64_t snapshots = 0;            // member lists published (first + each change)
     uint64_t member_reads = 0;         // member data reads completed
+    uint64_t read_retries = 0;         // reads scheduled again after a refusal (max_retry_interval)
   };
 
   // Starts discovery in the background. Throws scales::Error(kBadUri) for bad options in the
   // URI and kInvalidArgument for bad `options`. A connect string the C client refuses is not
-  // fatal: discovery retries every retry_interval and Describe() says why.
+  // fatal: discovery retries (after retry_interval, backing off to max_retry_interval) and
+  // Describe() says why.
   explicit ZooKeeperServerSet(ParsedUri uri, ZooKeeperOptions options = {});
   ~ZooKeeperServerSet() override;
   ZooKeeperServerSet(const ZooKeeperServerSet&) = delete;
