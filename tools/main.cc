@@ -1,6 +1,7 @@
 // The `scales` command-line tool.
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <string_view>
 
 #include "commands.h"
@@ -49,7 +50,9 @@ void PrintUsage(std::FILE* out) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace {
+
+int Run(int argc, char** argv) {
   if (argc < 2) {
     PrintUsage(stderr);
     return 2;
@@ -70,4 +73,17 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "scales: unknown command '%s'\n\n", argv[1]);
   PrintUsage(stderr);
   return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Each command reports its own failures, naming the step; this is the net under them, so that
+  // an exception a command did not expect is a message and exit status 2, not std::terminate.
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "scales %s: %s\n", argc > 1 ? argv[1] : "", e.what());
+    return 2;
+  }
 }

@@ -22,6 +22,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <system_error>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -96,6 +97,10 @@ int RunServerSetCommand(int argc, char** argv) {
     set = CreateServerSet(uri);
   } catch (const Error& e) {
     std::fprintf(stderr, "scales serverset: %s\n", e.what());
+    return 2;
+  } catch (const std::system_error& e) {
+    // A zk:// server set runs its ZooKeeper session on threads of its own.
+    std::fprintf(stderr, "scales serverset: cannot start the server set's discovery thread: %s\n", e.what());
     return 2;
   }
 

@@ -659,6 +659,21 @@ TEST(CliTest, ATerminatedDemoLeavesNoServerBehind) {
   ExpectNoDemoServerLeft(text);
 }
 
+// `scales serverset zk://...` whose server set could not start its discovery thread (no address
+// space for a stack) ended by std::terminate (SIGABRT, "terminate called after throwing an
+// instance of 'std::system_error'"); it says which step failed now, exit status 2.
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+TEST(CliTest, AServerSetThatCannotStartItsThreadSaysSo) {
+  // Thread stacks of 1 GB in 1 GB of address space. Nothing listens on port 1: the thread is
+  // refused before any connection is tried.
+  Result r = RunTool("serverset zk://127.0.0.1:1/svc --timeout 5s", "2>&1",
+                     "ulimit -s 1000000; ulimit -v 1000000; timeout -k 5 60");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("scales serverset: cannot start the server set's discovery thread: "), std::string::npos)
+      << r.out;
+}
+#endif
+
 // A failure after the demo started its servers (here: no thread for the clients' event loops,
 // or for a ZooKeeper announcer's session) escaped as an exception: std::terminate, exit by
 // SIGABRT, the output lost and every server and ZooKeeper left running. It is a message naming
