@@ -464,11 +464,21 @@ std::vector<MetricSnapshot> StatsRegistry::Snapshot() const {
     }
     fn();  // they take the registry's lock themselves, if at all
   }
+  // Under the lock only the entries' addresses are taken: a map node is never erased, and its
+  // key and entry never change once made (the metrics are read through atomics), so they are
+  // read after it. A scrape of many metrics then does not hold up the clients registering
+  // theirs (an open) while it copies names, labels and histograms.
+  std::vector<const std::pair<const Key, Entry>*> entries;
+  {
+    std::lock_guard lock(mu_);
+    entries.reserve(metrics_.size());
+    // The map is ordered by (name, labels), which is the documented order.
+    for (const auto& kv : metrics_) entries.push_back(&kv);
+  }
   std::vector<MetricSnapshot> out;
-  std::lock_guard lock(mu_);
-  out.reserve(metrics_.size());
-  // The map is ordered by (name, labels), which is the documented order.
-  for (const auto& [key, entry] : metrics_) {
+  out.reserve(entries.size());
+  for (const auto* kv : entries) {
+    const auto& [key, entry] = *kv;
     MetricSnapshot m;
     m.name = key.name;
     m.labels = key.labels;
