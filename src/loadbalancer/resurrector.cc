@@ -97,8 +97,8 @@ void ResurrectorSink::AsyncProcessRequest(SinkStack& stack, MethodCallMessage& m
         make_error_code(Errc::kFailedFast),
         fmt::format("endpoint {} is marked down ({} ago, after: {}); reconnecting with backoff, "
                     "next attempt within {}",
-                    address_, DurationText(loop_.Now() - down_since_), last_error_.detail,
-                    DurationText(backoff_)));
+                    address_, ApproxDurationText(loop_.Now() - down_since_), last_error_.detail,
+                    ApproxDurationText(backoff_)));
     stack.AsyncProcessResponse(stream, m);
     return;
   }

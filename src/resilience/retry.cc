@@ -139,7 +139,7 @@ void RetrySink::AsyncProcessResponse(SinkStack& stack, void* context, Stream* st
                                         : fmt::format("all {} attempts used", attempts);
   } else if (props.deadline && DeadlineAfter(now, delay) >= *props.deadline) {
     refused = fmt::format("the deadline leaves no time for another attempt ({} left, backoff {})",
-                          DurationText(*props.deadline - now), DurationText(delay));
+                          ApproxDurationText(*props.deadline - now), ApproxDurationText(delay));
   } else if (!budget_->TryWithdraw()) {
     budget_exhausted_.Increment();
     SCALES_LOG_RATE_LIMITED(kWarning, 1, "client {}: retry budget exhausted (balance {}); {} not retried",

@@ -1,11 +1,17 @@
 // The HTTP client against real peers on 127.0.0.1: nginx (several instances = several
 // servers) and the scales test server (slow, broken and oversize responses).
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <future>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -358,6 +364,61 @@ TEST_F(TestServerTest, BrokenResponsesGiveClearErrorsAndTheClientRecovers) {
     EXPECT_EQ(client.Get("/").status, 200) << "after " << c.path;
   }
   EXPECT_EQ(client.Get("/big/1000").body.size(), 1000u);
+}
+
+// The process out of file descriptors (EMFILE) when a client opens: the call fails at once with
+// the connect error naming the client, the endpoint and the reason (no hang, no crash); once
+// descriptors are free again the client recovers by itself.
+TEST_F(TestServerTest, OutOfFileDescriptorsFailsTheCallClearlyAndRecovers) {
+  auto opts = Options(MakeRuntime(1));
+  opts.client.timeout = 2s;
+  // Every descriptor under a lowered limit taken (the limit only keeps the loop short); given
+  // back, and the limit restored, however the test ends.
+  struct Exhaustion {
+    rlimit saved{};
+    std::vector<int> held;
+    Exhaustion() {
+      if (::getrlimit(RLIMIT_NOFILE, &saved) != 0) return;
+      rlimit low = saved;
+      low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, 1024);
+      if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return;
+      for (int fd; (fd = ::dup(2)) >= 0;) held.push_back(fd);
+    }
+    void End() {
+      for (int fd : held) ::close(fd);
+      held.clear();
+      ::setrlimit(RLIMIT_NOFILE, &saved);
+    }
+    ~Exhaustion() { End(); }
+  };
+  Exhaustion exhaustion;
+  ASSERT_EQ(errno, EMFILE) << "the descriptors were not used up";
+  std::string what;
+  const auto start = std::chrono::steady_clock::now();
+  std::optional<http::HttpClient> client;
+  try {
+    client.emplace(Http::NewClient(Uri({server_.endpoint()}), opts));
+    client->Get("/");
+  } catch (const Error& e) {
+    what = e.what();
+  }
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  exhaustion.End();
+  EXPECT_NE(what.find("client it: "), std::string::npos) << what;
+  EXPECT_NE(what.find("connect to " + server_.endpoint() + " failed: Too many open files"), std::string::npos) << what;
+  EXPECT_LT(elapsed, 1500ms) << what;
+  // Recovered: the next calls connect.
+  bool ok = false;
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (!ok && std::chrono::steady_clock::now() < deadline) {
+    try {
+      if (!client) client.emplace(Http::NewClient(Uri({server_.endpoint()}), opts));
+      ok = client->Get("/").status == 200;
+    } catch (const Error&) {
+      std::this_thread::sleep_for(50ms);  // the endpoint is marked down until its reconnect
+    }
+  }
+  EXPECT_TRUE(ok) << "the client did not recover";
 }
 
 TEST_F(TestServerTest, HttpErrorStatusRaisedOrReturned) {

@@ -160,6 +160,31 @@ TEST(ErrorTest, DurationTextKeepsWholeMillisecondsAndNamesFinerUnits) {
   EXPECT_EQ(DurationText(Duration::min()), "-9223372036854.775807 ms");
 }
 
+// Measured and jittered durations ("marked down 160 us ago", "next attempt within 87 ms") are
+// rounded; they read "160394 ns" and "87.123456 ms" through DurationText.
+TEST(ErrorTest, ApproxDurationTextRoundsToWhatAReaderNeeds) {
+  using namespace std::chrono;
+  EXPECT_EQ(ApproxDurationText(Duration::zero()), "0 ns");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(999)), "999 ns");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(1'000)), "1 us");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(160'394)), "160 us");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(160'500)), "161 us");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(999'499)), "999 us");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(999'500)), "1 ms");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(7'523'456)), "7.5 ms");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(7'960'000)), "8 ms");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(9'949'999)), "9.9 ms");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(9'950'000)), "10 ms");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(87'123'456)), "87 ms");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(9'999'499'999)), "9999 ms");
+  EXPECT_EQ(ApproxDurationText(nanoseconds(9'999'500'000)), "10 s");
+  EXPECT_EQ(ApproxDurationText(milliseconds(12'345)), "12.3 s");
+  EXPECT_EQ(ApproxDurationText(hours(1)), "3600 s");
+  EXPECT_EQ(ApproxDurationText(-microseconds(160)), "-160 us");
+  EXPECT_EQ(ApproxDurationText(Duration::max()), "9223372036.9 s");
+  EXPECT_EQ(ApproxDurationText(Duration::min()), "-9223372036.9 s");
+}
+
 TEST(ErrorTest, StdErrorCodeKeepsTheCategory) {
   std::error_code sec = make_error_code(Errc::kConnectFailed);
   EXPECT_EQ(sec.value(), static_cast<int>(Errc::kConnectFailed));
