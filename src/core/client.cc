@@ -222,10 +222,11 @@ void ClientCore::ReportDiscoveryStats(const stats::StatsScope& scope) {
     stats::Gauge& losses;
     stats::Gauge& updates;
     stats::Gauge& malformed;
+    stats::Gauge& read_retries;
   };
   Gauges g{scope.GetGauge("scales_zk_sessions"), scope.GetGauge("scales_zk_session_expirations"),
            scope.GetGauge("scales_zk_connection_losses"), scope.GetGauge("scales_discovery_updates"),
-           scope.GetGauge("scales_discovery_malformed_members")};
+           scope.GetGauge("scales_discovery_malformed_members"), scope.GetGauge("scales_discovery_read_retries")};
   std::weak_ptr<ZooKeeperServerSet> weak = zk;
   discovery_collector_ = stats_->AddCollector([weak, g] {
     auto set = weak.lock();
@@ -236,6 +237,7 @@ void ClientCore::ReportDiscoveryStats(const stats::StatsScope& scope) {
     g.losses.Set(static_cast<int64_t>(s.connection_losses));
     g.updates.Set(static_cast<int64_t>(s.snapshots));
     g.malformed.Set(static_cast<int64_t>(s.malformed_members));
+    g.read_retries.Set(static_cast<int64_t>(s.read_retries));
   });
 }
 

@@ -27,6 +27,8 @@ constexpr std::array kHelp = {
     Entry{"scales_connects", "TCP connects that succeeded."},
     Entry{"scales_discovery_malformed_members",
           "ZooKeeper member reads whose data did not parse (the member was skipped)."},
+    Entry{"scales_discovery_read_retries",
+          "ZooKeeper reads scheduled again after a refusal (no read permission, throttled)."},
     Entry{"scales_discovery_updates",
           "Member lists the ZooKeeper server set published (the first, then one per change)."},
     Entry{"scales_endpoint_failed_fast",

@@ -1065,6 +1065,7 @@ TEST_F(ZooKeeperTest, TrafficContinuesThroughSessionExpiryAndServerRestart) {
   EXPECT_GE(prom.Value("scales_zk_connection_losses", client).value_or(0), 1);
   EXPECT_EQ(prom.Value("scales_discovery_updates", client), 1);
   EXPECT_EQ(prom.Value("scales_discovery_malformed_members", client), 0);
+  EXPECT_EQ(prom.Value("scales_discovery_read_retries", client), 0);
   load.StopAndWait();
   EXPECT_EQ(load.started.load(), load.completed.load()) << "every request completes exactly once";
   EXPECT_EQ(load.failed.load(), 0) << load.first_error;

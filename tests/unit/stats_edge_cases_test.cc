@@ -134,6 +134,7 @@ TEST(StatsEdgeCaseTest, EveryScalesMetricHasBuiltinHelp) {
            "scales_connections",
            "scales_connects",
            "scales_discovery_malformed_members",
+           "scales_discovery_read_retries",
            "scales_discovery_updates",
            "scales_endpoint_failed_fast",
            "scales_endpoint_marked_down",
