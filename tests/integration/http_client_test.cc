@@ -368,7 +368,10 @@ TEST_F(TestServerTest, BrokenResponsesGiveClearErrorsAndTheClientRecovers) {
 
 // The process out of file descriptors (EMFILE) when a client opens: the call fails at once with
 // the connect error naming the client, the endpoint and the reason (no hang, no crash); once
-// descriptors are free again the client recovers by itself.
+// descriptors are free again the client recovers by itself. Not under the sanitizers: UBSan's
+// vptr check tells readable memory by writing it into a pipe, which it cannot make then, and
+// reports every virtual call as one on an invalid object.
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 TEST_F(TestServerTest, OutOfFileDescriptorsFailsTheCallClearlyAndRecovers) {
   auto opts = Options(MakeRuntime(1));
   opts.client.timeout = 2s;
@@ -420,6 +423,7 @@ TEST_F(TestServerTest, OutOfFileDescriptorsFailsTheCallClearlyAndRecovers) {
   }
   EXPECT_TRUE(ok) << "the client did not recover";
 }
+#endif
 
 TEST_F(TestServerTest, HttpErrorStatusRaisedOrReturned) {
   auto client = Http::NewClient(Uri({server_.endpoint()}), Options(MakeRuntime()));
