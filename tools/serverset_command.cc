@@ -100,7 +100,8 @@ int RunServerSetCommand(int argc, char** argv) {
     return 2;
   } catch (const std::system_error& e) {
     // A zk:// server set runs its ZooKeeper session on threads of its own.
-    std::fprintf(stderr, "scales serverset: cannot start the server set's discovery thread: %s\n", e.what());
+    std::fprintf(stderr, "scales serverset: cannot start the server set's discovery thread: %s\n",
+                 e.what());
     return 2;
   }
 

@@ -224,9 +224,12 @@ void ClientCore::ReportDiscoveryStats(const stats::StatsScope& scope) {
     stats::Gauge& malformed;
     stats::Gauge& read_retries;
   };
-  Gauges g{scope.GetGauge("scales_zk_sessions"), scope.GetGauge("scales_zk_session_expirations"),
-           scope.GetGauge("scales_zk_connection_losses"), scope.GetGauge("scales_discovery_updates"),
-           scope.GetGauge("scales_discovery_malformed_members"), scope.GetGauge("scales_discovery_read_retries")};
+  Gauges g{scope.GetGauge("scales_zk_sessions"),
+           scope.GetGauge("scales_zk_session_expirations"),
+           scope.GetGauge("scales_zk_connection_losses"),
+           scope.GetGauge("scales_discovery_updates"),
+           scope.GetGauge("scales_discovery_malformed_members"),
+           scope.GetGauge("scales_discovery_read_retries")};
   std::weak_ptr<ZooKeeperServerSet> weak = zk;
   discovery_collector_ = stats_->AddCollector([weak, g] {
     auto set = weak.lock();

@@ -181,14 +181,17 @@ std::string DurationText(Duration d) {
 }
 
 std::string ApproxDurationText(Duration d) {
-  if (d < Duration::zero()) return "-" + ApproxDurationText(d == Duration::min() ? Duration::max() : -d);
+  if (d < Duration::zero())
+    return "-" + ApproxDurationText(d == Duration::min() ? Duration::max() : -d);
   const int64_t ns = std::chrono::nanoseconds(d).count();
   // One decimal, dropped when it is 0: "7.5", "8".
   auto tenths = [](int64_t value, int64_t unit) {
     const int64_t t = value / (unit / 10) + (value % (unit / 10) >= unit / 20 ? 1 : 0);
     return t % 10 == 0 ? fmt::format("{}", t / 10) : fmt::format("{}.{}", t / 10, t % 10);
   };
-  auto rounded = [](int64_t value, int64_t unit) { return value / unit + (value % unit >= unit / 2 ? 1 : 0); };
+  auto rounded = [](int64_t value, int64_t unit) {
+    return value / unit + (value % unit >= unit / 2 ? 1 : 0);
+  };
   if (ns < 1'000) return fmt::format("{} ns", ns);
   if (ns < 999'500) return fmt::format("{} us", rounded(ns, 1'000));
   if (ns < 9'950'000) return fmt::format("{} ms", tenths(ns, 1'000'000));

@@ -152,7 +152,9 @@ size_t ZkConnection::StopsPending() {
 RetryBackoff::RetryBackoff(const ZooKeeperOptions& options, uint64_t seed)
     : first_(options.retry_interval),
       max_(std::max(options.retry_interval, options.max_retry_interval)),
-      random_(seed != 0 ? seed : (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}()) {}
+      random_(seed != 0 ? seed
+                        : (static_cast<uint64_t>(std::random_device{}()) << 32) ^
+                              std::random_device{}()) {}
 
 std::chrono::milliseconds RetryBackoff::Next() {
   const int k = retries_;
@@ -165,7 +167,8 @@ std::chrono::milliseconds RetryBackoff::Next() {
   }
   if (hi >= max_) return max_;
   const auto lo = hi / 2;
-  return lo + std::chrono::milliseconds(random_.Uniform(static_cast<uint64_t>((hi - lo).count()) + 1));
+  return lo +
+         std::chrono::milliseconds(random_.Uniform(static_cast<uint64_t>((hi - lo).count()) + 1));
 }
 
 std::string ZkErrorText(int rc) {
@@ -377,7 +380,8 @@ void ZkConnection::OnSessionEvent(uint64_t generation, int state) {
     // The handle is unusable after an auth failure: a new session after a pause, longer each
     // time the credentials are refused again (max_retry_interval).
     const std::chrono::milliseconds wait = backoff_.Next();
-    SCALES_LOG(kError, "zookeeper {}: {}; retrying in {} ms", connect_string_, last_error(), wait.count());
+    SCALES_LOG(kError, "zookeeper {}: {}; retrying in {} ms", connect_string_, last_error(),
+               wait.count());
     if (handlers_.disconnected) handlers_.disconnected();
     retry_timer_.expires_after(wait);
     retry_timer_.async_wait([this, generation](boost::system::error_code ec) {

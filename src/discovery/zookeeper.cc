@@ -45,8 +45,8 @@ bool TransientError(int rc) {
 }
 
 // How many times a member never read yet is read after transient errors (the retries'
-// pauses apart) before it is skipped like an unreadable member, so that a persistent throttle on one
-// read cannot hold back every later change of the server set.
+// pauses apart) before it is skipped like an unreadable member, so that a persistent throttle on
+// one read cannot hold back every later change of the server set.
 constexpr int kTransientMemberReads = 3;
 
 // A ParsedUri's description without secrets: the auth credentials are not shown.
@@ -828,8 +828,9 @@ class Announcer::Impl {
 
   // A create (or the watch on the member) failed: after a connection loss the next connect
   // retries; anything else (no permission, a missing chroot node) is retried after
-  // retry_interval, backing off to max_retry_interval, as a server set's reads are. Shutting down, nothing is retried: a lost
-  // create is still looked for after the reconnect; other errors end the wait.
+  // retry_interval, backing off to max_retry_interval, as a server set's reads are. Shutting
+  // down, nothing is retried: a lost create is still looked for after the reconnect; other
+  // errors end the wait.
   void CreateFailed(std::string error, int rc) {
     connection_.SetLastError(std::move(error));
     if (shutting_down_) {

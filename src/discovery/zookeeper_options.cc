@@ -67,9 +67,10 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
                        : fmt::format("{}='{}' is not a positive duration such as 500ms, 10s or 1m", key, value));
       }
       if (key != "session_timeout" && *d < kMinRetryInterval) {
-        throw bad(fmt::format("{}='{}' is under the minimum of {}ms", key, value, kMinRetryInterval.count()));
+        throw bad(fmt::format("{}='{}' is under the minimum of {}ms", key, value,
+                              kMinRetryInterval.count()));
       }
-      (key == "session_timeout" ? out.session_timeout
+      (key == "session_timeout"  ? out.session_timeout
        : key == "retry_interval" ? out.retry_interval
                                  : out.max_retry_interval) = *d;
     } else if (key == "chroot") {
@@ -88,9 +89,10 @@ ZooKeeperOptions ZooKeeperOptions::FromUri(const ParsedUri& uri, ZooKeeperOption
       // The client's TLS options (ApplyTlsQuery; opportunistic_tls for ThriftMux), not
       // discovery's: the ZooKeeper connection itself is not encrypted.
     } else {
-      throw bad(fmt::format("unknown option '{}' (known: session_timeout, chroot, auth, "
-                            "retry_interval, max_retry_interval, tls, tls_*, opportunistic_tls)",
-                            key));
+      throw bad(
+          fmt::format("unknown option '{}' (known: session_timeout, chroot, auth, "
+                      "retry_interval, max_retry_interval, tls, tls_*, opportunistic_tls)",
+                      key));
     }
   }
   return out;
@@ -117,8 +119,8 @@ void ZooKeeperOptions::Validate() const {
   }
   if (retry_interval > std::chrono::hours(24)) throw invalid("retry_interval is over 24 h");
   if (max_retry_interval < kMinRetryInterval) {
-    throw invalid(fmt::format("max_retry_interval {}ms is under the minimum of {}ms", max_retry_interval.count(),
-                              kMinRetryInterval.count()));
+    throw invalid(fmt::format("max_retry_interval {}ms is under the minimum of {}ms",
+                              max_retry_interval.count(), kMinRetryInterval.count()));
   }
   if (max_retry_interval > std::chrono::hours(24)) throw invalid("max_retry_interval is over 24 h");
   if (std::string problem = chroot.empty() ? "" : ChrootProblem(chroot); !problem.empty()) {

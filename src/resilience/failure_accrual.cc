@@ -196,8 +196,8 @@ void FailureAccrualSink::MarkDead() {
   removals_.Increment();
   current_backoff_ = NextBackoff();
   dead_until_ = DeadlineAfter(loop_.Now(), current_backoff_);
-  SCALES_LOG(kWarning, "client {}: endpoint {} marked dead by failure accrual for {}", client_name_, address_,
-             ApproxDurationText(current_backoff_));
+  SCALES_LOG(kWarning, "client {}: endpoint {} marked dead by failure accrual for {}", client_name_,
+             address_, ApproxDurationText(current_backoff_));
   loop_.timers().Schedule(timer_, dead_until_, &OnTimer, this);
 }
 
