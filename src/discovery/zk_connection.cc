@@ -13,6 +13,7 @@
 #include <boost/asio/post.hpp>
 #include <fmt/format.h>
 
+#include "core/backoff.h"
 #include "scales/core/error.h"
 #include "scales/core/log.h"
 #include "scales/core/runtime.h"
@@ -159,16 +160,9 @@ RetryBackoff::RetryBackoff(const ZooKeeperOptions& options, uint64_t seed)
 std::chrono::milliseconds RetryBackoff::Next() {
   const int k = retries_;
   if (retries_ < 64) ++retries_;
-  if (k == 0) return first_;
-  std::chrono::milliseconds hi = first_;
-  for (int i = 0; i < k; ++i) {
-    if (hi > max_ / 2) return max_;  // doubling would reach max_ (and never overflows)
-    hi *= 2;
-  }
-  if (hi >= max_) return max_;
-  const auto lo = hi / 2;
-  return lo +
-         std::chrono::milliseconds(random_.Uniform(static_cast<uint64_t>((hi - lo).count()) + 1));
+  // Every bound is whole milliseconds: the draw, floored to them, stays within [d / 2, d].
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+      EqualJitterBackoff(first_, max_, k, random_));
 }
 
 std::string ZkErrorText(int rc) {

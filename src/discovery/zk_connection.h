@@ -35,7 +35,8 @@
 namespace scales::zk_internal {
 
 // The waits between the retries of one failure that persists (ZooKeeperOptions::
-// max_retry_interval): retry_interval first; then the k-th retry waits a time drawn uniformly
+// max_retry_interval), EqualJitterBackoff (core/backoff.h) as failure accrual uses it:
+// retry_interval first; then the k-th retry waits a time drawn uniformly
 // from [d / 2, d] for d = retry_interval * 2^k ("equal jitter"), until d reaches
 // max_retry_interval, and max_retry_interval from then on. A max_retry_interval not above
 // retry_interval gives retry_interval every time. Reset() when the failure is over. Not thread

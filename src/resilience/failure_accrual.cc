@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "core/backoff.h"
 #include "core/duration_text.h"
 #include "scales/core/runtime.h"
 #include "scales/core/sink_stack.h"
@@ -175,19 +176,7 @@ void FailureAccrualSink::ResetPolicy() {
 }
 
 Duration FailureAccrualSink::NextBackoff() {
-  // Equal jitter: min, then uniform in [min * 2^(k-1), min * 2^k] until that upper bound
-  // reaches max, then max.
-  const int k = marks_++;
-  if (k == 0) return options_.min_backoff;
-  Duration hi = options_.min_backoff;
-  for (int i = 0; i < k; ++i) {
-    // Doubling past max would give max anyway; stopping here also keeps a huge max_backoff
-    // (Duration::max() for "no cap") from overflowing.
-    if (hi > options_.max_backoff / 2) return options_.max_backoff;
-    hi *= 2;
-  }
-  if (hi >= options_.max_backoff) return options_.max_backoff;
-  return loop_.random().UniformDuration(hi / 2, hi);
+  return EqualJitterBackoff(options_.min_backoff, options_.max_backoff, marks_++, loop_.random());
 }
 
 void FailureAccrualSink::MarkDead() {
