@@ -7,7 +7,10 @@
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <new>
 #include <random>
+
+#include <pthread.h>
 
 #include <boost/asio/ip/address_v4.hpp>
 #include <boost/asio/post.hpp>
@@ -68,28 +71,63 @@ void LogSink(const char* message) {
   }
 }
 
-// The closer (ZkConnection::StopOffLoop): one thread, started on first use, that runs the
-// stops handed to it in order. Its state is never destroyed: a runtime's loop thread may still
-// hand it a stop while the process exits (clients may outlive main). CloserAtExit drains it and
-// joins its thread at exit; stops handed over after that run where they are given.
+// The closer (ZkConnection::StopOffLoop, StopInBackground): worker threads, started as the stops
+// handed over need them (at most kMaxCloserThreads), that run those stops. A stop's close may
+// block for seconds (a frozen ensemble: 1.5 s per session), so they run side by side: a process
+// releasing many server sets, or exiting with them, waits about as long as for one. Its state is
+// never destroyed: a runtime's loop thread may still hand it a stop while the process exits
+// (clients may outlive main). CloserAtExit drains it and joins its threads at exit; stops handed
+// over after that run where they are given. A child made by fork() has none of the parent's
+// threads: the closer forgets them there, with the stops they had (the parent's objects).
 struct Closer {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::function<void()>> queue;
   size_t pending = 0;  // queued or running
+  size_t idle = 0;     // workers waiting for a stop
   bool exiting = false;
-  std::thread thread;
+  std::vector<std::thread> workers;
+  // A fork()'s child: the parent's workers and stops (ForgetParentsCloser).
+  std::vector<std::thread> forgotten_workers;
+  std::vector<std::function<void()>> forgotten_stops;
 };
 
+Closer& TheCloser();
+
+void ForgetParentsCloser() {
+  // In the child of a fork(): the mutex was taken by the thread that forked (its pthread_atfork
+  // prepare handler), and that thread's copy runs this. The workers are the parent's threads,
+  // which the child does not have (counted idle, they would be left a stop that nothing runs),
+  // and the stops queued for them close the parent's sessions: both are set aside, never run,
+  // joined or destroyed. The condition variable may count waiters of the parent's: it is made
+  // anew.
+  Closer& closer = TheCloser();
+  for (std::thread& t : closer.workers) closer.forgotten_workers.push_back(std::move(t));
+  for (auto& stop : closer.queue) closer.forgotten_stops.push_back(std::move(stop));
+  closer.workers.clear();
+  closer.queue.clear();
+  closer.pending = 0;
+  closer.idle = 0;
+  new (&closer.cv) std::condition_variable();
+  closer.mu.unlock();
+}
+
 Closer& TheCloser() {
-  static Closer* const closer = new Closer();
+  static Closer* const closer = [] {
+    auto* c = new Closer();
+    pthread_atfork([] { TheCloser().mu.lock(); }, [] { TheCloser().mu.unlock(); },
+                   &ForgetParentsCloser);
+    return c;
+  }();
   return *closer;
 }
 
 void RunCloser(Closer& closer) {
   std::unique_lock lock(closer.mu);
   for (;;) {
+    ++closer.idle;
     closer.cv.wait(lock, [&] { return !closer.queue.empty() || closer.exiting; });
+    --closer.idle;
     if (closer.queue.empty()) return;  // exiting, and nothing is left
     std::function<void()> stop = std::move(closer.queue.front());
     closer.queue.pop_front();
@@ -108,39 +146,63 @@ void RunCloser(Closer& closer) {
 struct CloserAtExit {
   ~CloserAtExit() {
     Closer& closer = TheCloser();
-    std::thread thread;
+    std::vector<std::thread> workers;
     {
       std::lock_guard lock(closer.mu);
       closer.exiting = true;
-      thread = std::move(closer.thread);
+      workers = std::move(closer.workers);
     }
     closer.cv.notify_all();
-    if (thread.joinable()) thread.join();
+    for (std::thread& t : workers) t.join();
   }
 };
 CloserAtExit closer_at_exit;
 
+// Queues `stop` for the closer's workers, starting one if none is free to take it. False, and
+// `stop` left as it was, when the process is exiting or no worker could be started for it.
+bool HandToCloser(std::function<void()>& stop) {
+  Closer& closer = TheCloser();
+  std::unique_lock lock(closer.mu);
+  if (closer.exiting) return false;
+  try {
+    closer.queue.push_back(std::move(stop));
+  } catch (const std::exception&) {
+    return false;  // no memory: `stop` was not moved
+  }
+  ++closer.pending;
+  if (closer.queue.size() > closer.idle &&
+      closer.workers.size() < ZkConnection::kMaxCloserThreads) {
+    try {
+      closer.workers.emplace_back([&closer] { RunCloser(closer); });
+    } catch (const std::exception& e) {
+      if (closer.workers.empty()) {
+        stop = std::move(closer.queue.back());
+        closer.queue.pop_back();
+        --closer.pending;
+        lock.unlock();
+        SCALES_LOG(kWarning,
+                   "zookeeper: cannot start a thread to close a session off the caller's ({}); "
+                   "closing it on the caller's thread",
+                   e.what());
+        return false;
+      }
+      // The workers already there take it in turn.
+    }
+  }
+  lock.unlock();
+  closer.cv.notify_one();
+  return true;
+}
+
 }  // namespace
 
 void ZkConnection::StopOffLoop(std::function<void()> stop) {
-  if (EventLoop::OnAnyLoopThread()) {
-    Closer& closer = TheCloser();
-    std::unique_lock lock(closer.mu);
-    if (!closer.exiting) {
-      try {
-        if (!closer.thread.joinable()) closer.thread = std::thread([&closer] { RunCloser(closer); });
-        closer.queue.push_back(std::move(stop));
-        ++closer.pending;
-        lock.unlock();
-        closer.cv.notify_one();
-        return;
-      } catch (const std::exception& e) {
-        // No thread for it (or no memory): the stop runs here, as it did before the closer.
-        SCALES_LOG(kWarning, "zookeeper: cannot hand a session's shutdown to the closer thread ({}); "
-                   "closing it on the event loop", e.what());
-      }
-    }
-  }
+  if (EventLoop::OnAnyLoopThread() && HandToCloser(stop)) return;
+  if (stop) stop();
+}
+
+void ZkConnection::StopInBackground(std::function<void()> stop) {
+  if (HandToCloser(stop)) return;
   if (stop) stop();
 }
 

@@ -78,16 +78,23 @@ class ZkConnection {
   // (up to 1.5 s when the ensemble is frozen) and joins the C client's threads.
   void Stop();
 
-  // Runs `stop` (which ends with Stop() of the connections it owns, e.g. by releasing their
-  // owner) at once, unless the calling thread runs a scales event loop (a client's last handle
-  // released in one of its own handlers), where it would hold up every other client of that
-  // loop meanwhile; that includes a user's thread running a wrapped io_context
-  // (EventLoop::OnAnyLoopThread). There `stop` runs on the process-wide closer thread (started on
-  // first use; the stops run there one at a time, in order). `stop` must keep alive whatever
-  // the connection's callbacks use until Stop() returns. At process exit the closer runs what
-  // is left and is joined (no thread outlives main); stops handed over after that run at once.
+  // The closer: worker threads of the process (started as needed, at most kMaxCloserThreads)
+  // that run the shutdowns handed to them, several side by side, so that many sessions closing
+  // against a frozen ensemble take about as long as one. `stop` (which ends with Stop() of the
+  // connections it owns, e.g. by releasing their owner) must keep alive whatever the
+  // connection's callbacks use until Stop() returns. At process exit the closer runs what is
+  // left and its threads are joined (no thread outlives main); stops handed over after that,
+  // or when no thread can be started, run at once on the caller's thread.
+  static constexpr size_t kMaxCloserThreads = 8;
+  // Runs `stop` at once, unless the calling thread runs a scales event loop (a client's last
+  // handle released in one of its own handlers), where it would hold up every other client of
+  // that loop meanwhile; that includes a user's thread running a wrapped io_context
+  // (EventLoop::OnAnyLoopThread). There `stop` goes to the closer. (Announcer: its destructor
+  // returns once the member is deleted, where it can wait for that.)
   static void StopOffLoop(std::function<void()> stop);
-  // Stops handed to the closer thread that have not finished (tests).
+  // Hands `stop` to the closer from any thread. (A server set: nothing waits for its close.)
+  static void StopInBackground(std::function<void()> stop);
+  // Stops handed to the closer that have not finished (tests).
   static size_t StopsPending();
 
   boost::asio::io_context& io_context() { return ioc_; }

@@ -80,12 +80,12 @@ std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view
 // post to this server set's own discovery thread (one io_context run by one thread), which owns
 // all membership state. Snapshots are posted from there to each subscriber's executor, in
 // order; no balancer or user code runs on ZooKeeper's threads. All public functions are safe
-// from any thread. After the destructor returns no listener is called again. It joins the
-// discovery thread and closes the session, which blocks (a frozen ensemble: 1.5 s); on a scales
-// event loop thread (a client's last handle released in one of its handlers), including a
-// thread running a user's io_context that a runtime wraps, it leaves that to a process-wide
-// closer thread instead and returns at once, so the loop's other clients do not wait
-// (docs/service-discovery.md, "Threads"). The closer finishes its work at process exit.
+// from any thread. After the destructor returns no listener is called again. Joining the
+// discovery thread and closing the session, which blocks (a frozen ensemble: 1.5 s), are left to
+// the process-wide closer (a few threads, closing many sets side by side) and the destructor
+// returns at once: neither an event loop (a client's last handle released in one of its
+// handlers) nor a program releasing its clients waits for the ensemble (docs/service-discovery.md,
+// "Threads"). The closer finishes its work at process exit.
 //
 // Behaviour: the first snapshot is delivered once the member list is known (the path was read,
 // or found missing: an empty snapshot). Until then a client's open waits (and times out with
@@ -169,8 +169,8 @@ class Announcer {
   // ZooKeeperServerSet. Announcing happens in the background: see WaitAnnounced().
   Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options = {});
   // Shutdown(); on a scales event loop thread (a wrapped user's io_context's too), that runs on
-  // the process-wide closer thread (as a ZooKeeperServerSet's close does) and the destructor
-  // returns at once.
+  // the process-wide closer (as a ZooKeeperServerSet's close does) and the destructor returns
+  // at once.
   ~Announcer();
   Announcer(const Announcer&) = delete;
   Announcer& operator=(const Announcer&) = delete;
