@@ -61,6 +61,13 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
   if (options_.name.empty()) {
     throw Error(make_error_code(Errc::kInvalidArgument), "client name must not be empty");
   }
+  if (runtime_->made_before_fork()) {
+    throw Error(make_error_code(Errc::kInvalidArgument),
+                fmt::format("client {}: its runtime was created before this process was forked: "
+                            "its event loops do not run here; create a Runtime in this process "
+                            "(Runtime::Default() gives a new one here)",
+                            options_.name));
+  }
   if (options_.timeout < Duration::zero()) {
     throw Error(make_error_code(Errc::kInvalidArgument),
                 fmt::format("client {}: timeout must not be negative", options_.name));
@@ -189,6 +196,14 @@ void ClientCore::OpenAndWait() {
 }
 
 void ClientCore::Dispatch(CallBase* call) {
+  if (runtime_->made_before_fork()) [[unlikely]] {
+    FailCallMadeBeforeFork(call,
+                           fmt::format("client {} was created before this process was forked: "
+                                       "its event loops do not run here; create the client "
+                                       "in the process that calls it",
+                                       options_.name));
+    return;
+  }
   // Once closed, a call is refused (kClientClosed) by the dispatcher it is posted to, whether or
   // not that shard's posted Close() has run yet: Close() sets the flag before it posts (and may
   // wait for the live-client registry in between), and a call dispatched in place on a loop, or

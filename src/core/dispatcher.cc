@@ -1,7 +1,9 @@
 #include "scales/core/dispatcher.h"
 
 #include <chrono>
+#include <exception>
 #include <stdexcept>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -115,6 +117,22 @@ void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail) {
     auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed), detail);
     call->Complete(m, boost::asio::system_executor());
   });
+}
+
+void FailCallMadeBeforeFork(CallBase* call, std::string detail) {
+  if (call->info != nullptr) {
+    call->info->error = make_error_code(Errc::kClientClosed);
+    call->info->detail = detail;
+  }
+  auto complete = [call, detail = std::move(detail)] {
+    auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed), detail);
+    call->Complete(m, boost::asio::system_executor());
+  };
+  try {
+    std::thread(complete).detach();
+  } catch (const std::exception&) {
+    complete();  // no thread to be had: here, rather than never
+  }
 }
 
 // --- dispatcher --------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 #include "scales/core/runtime.h"
 
+#include <atomic>
 #include <chrono>
 #include <exception>
 #include <mutex>
-#include <system_error>
 #include <string>
+#include <system_error>
 #include <vector>
+
+#include <pthread.h>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -260,6 +263,27 @@ void StopLoops(std::vector<std::shared_ptr<EventLoop>>& loops, std::vector<std::
 }  // namespace
 
 Runtime::~Runtime() {
+  if (made_before_fork()) {
+    // A child made by fork(): the loops' threads are the parent's, and stopping the loops
+    // (their work guards, their sockets' close) would act on the io_contexts and connections
+    // this process shares with the parent. Set aside, never destroyed.
+    struct Parents {
+      std::vector<std::shared_ptr<EventLoop>> loops;
+      std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards;
+      std::vector<std::thread> threads;
+    };
+    std::shared_ptr<Parents> kept;
+    try {
+      kept = std::make_shared<Parents>();
+    } catch (...) {
+      std::terminate();  // no memory for it, and destroying them is not an option
+    }
+    kept->loops = std::move(loops_);
+    kept->guards = std::move(guards_);
+    kept->threads = std::move(threads_);
+    internal::KeepForever(std::move(kept));
+    return;
+  }
   guards_.clear();
   if (threads_.empty() && !IsLoopThread()) {
     // Manual mode: nobody polls the loops after this, and what the last clients posted when
@@ -366,8 +390,39 @@ size_t Runtime::RunUntilIdle(size_t max_rounds) {
 }
 
 std::shared_ptr<Runtime> Runtime::Default() {
-  static std::shared_ptr<Runtime> instance = std::make_shared<Runtime>();
+  static std::mutex mu;
+  static std::shared_ptr<Runtime> instance;
+  std::lock_guard lock(mu);
+  // In a child made by fork(), the parent's default runtime cannot run here: a new one.
+  if (!instance || instance->made_before_fork()) instance = std::make_shared<Runtime>();
   return instance;
 }
+
+namespace internal {
+
+namespace {
+std::atomic<uint64_t> fork_generation{0};
+// Installed while the library is loaded, before any fork() that could matter.
+[[maybe_unused]] const int fork_handler_installed = ::pthread_atfork(
+    nullptr, nullptr, [] { fork_generation.fetch_add(1, std::memory_order_relaxed); });
+}  // namespace
+
+uint64_t ForkGeneration() noexcept { return fork_generation.load(std::memory_order_relaxed); }
+
+void KeepForever(std::shared_ptr<void> object) noexcept {
+  struct Kept {
+    std::mutex mu;
+    std::vector<std::shared_ptr<void>> objects;
+  };
+  static Kept* const kept = new Kept();
+  std::lock_guard lock(kept->mu);
+  try {
+    kept->objects.push_back(std::move(object));
+  } catch (...) {
+    std::terminate();  // no memory for it, and destroying it is not an option
+  }
+}
+
+}  // namespace internal
 
 }  // namespace scales

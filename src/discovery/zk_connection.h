@@ -30,6 +30,7 @@
 #include <boost/asio/steady_timer.hpp>
 
 #include "scales/core/random.h"
+#include "scales/core/runtime.h"
 #include "scales/discovery/zookeeper.h"
 
 namespace scales::zk_internal {
@@ -98,6 +99,9 @@ class ZkConnection {
   static size_t StopsPending();
 
   boost::asio::io_context& io_context() { return ioc_; }
+  // True in a child made by fork() after this connection was created (Runtime::made_before_fork):
+  // its threads are the parent's and its session's socket is shared with the parent.
+  bool made_before_fork() const noexcept { return fork_generation_ != internal::ForkGeneration(); }
 
   // Loop thread only. `watch`: leave a watch that reports to Handlers::watch.
   void GetChildren(const std::string& path, bool watch,
@@ -154,6 +158,7 @@ class ZkConnection {
 
   const std::string connect_string_;
   const ZooKeeperOptions options_;
+  const uint64_t fork_generation_ = internal::ForkGeneration();
   // What Mentions() looks for in a log line: "10.0.0.1:2181" for an IPv4 literal host; ":2181"
   // for a host name or an IPv6 literal (the line names the address it resolved to).
   std::vector<std::string> markers_;

@@ -126,6 +126,8 @@ class ZooKeeperServerSet::Impl {
     Deactivate();
   }
 
+  bool made_before_fork() const noexcept { return connection_.made_before_fork(); }
+
   // No listener is called after this returns (a delivery checks `active` when it runs).
   void Deactivate() {
     std::lock_guard lock(mu_);
@@ -512,6 +514,14 @@ ZooKeeperServerSet::ZooKeeperServerSet(ParsedUri uri, ZooKeeperOptions options)
 }
 
 ZooKeeperServerSet::~ZooKeeperServerSet() {
+  if (impl_->made_before_fork()) {
+    // A child made by fork(): the discovery thread and the ZooKeeper client's threads are the
+    // parent's, and the session's socket and the discovery loop's descriptors are shared with
+    // the parent: closing the session would end the parent's, stopping the loop would touch its
+    // timers. Set aside, never destroyed.
+    internal::KeepForever(std::move(impl_));
+    return;
+  }
   impl_->Deactivate();
   // The session's close blocks (a frozen ensemble: 1.5 s), and nothing needs to wait for it (a
   // server set owns no node): it is closed by the closer, which keeps the Impl, whose state the
@@ -581,7 +591,18 @@ class Announcer::Impl {
 
   ~Impl() { Shutdown(); }
 
+  bool made_before_fork() const noexcept { return connection_.made_before_fork(); }
+
   void Shutdown() {
+    if (made_before_fork()) {
+      // A child made by fork(): the member and the session are the parent's (its announcement
+      // goes on); nothing of the connection runs here.
+      SCALES_LOG(kWarning,
+                 "zookeeper: announcer {} was created before this process was forked: "
+                 "its member stays the parent's",
+                 description_);
+      return;
+    }
     std::call_once(shutdown_once_, [this] {
       // Delete the node explicitly (closing the session would also remove it, but only once
       // the ensemble processes the close, and not at all while the connection is down: the
@@ -915,6 +936,12 @@ Announcer::Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOp
   impl_->Start();
 }
 Announcer::~Announcer() {
+  if (impl_->made_before_fork()) {
+    // A child made by fork(): as a server set's (~ZooKeeperServerSet), and the member stays
+    // the parent's.
+    internal::KeepForever(std::move(impl_));
+    return;
+  }
   // Shutdown() blocks (up to 2 s for the delete, then the session's close). Released on an event
   // loop, it runs on the closer thread instead, which keeps the Impl until it is done.
   ZkConnection::StopOffLoop([impl = std::move(impl_)]() mutable { impl.reset(); });

@@ -300,6 +300,13 @@ class TypedCall : public CallBase {
 // system executor: never inside the initiating function.
 void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail);
 
+// Completes `call`, made in a child made by fork() through a client whose runtime is the
+// parent's (Runtime::made_before_fork), with kClientClosed and `detail` (also into the call's
+// CallInfo), from a thread of its own: no loop of that runtime runs in this process, and the
+// system executor's threads may be the parent's too. A handler bound to an executor of the
+// parent's runtime is queued there and never runs.
+void FailCallMadeBeforeFork(CallBase* call, std::string detail);
+
 // Thread safety: one dispatcher per client per event loop, used only on that loop.
 class MessageDispatcher final : public ClientMessageSink {
  public:

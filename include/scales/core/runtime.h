@@ -26,6 +26,14 @@ namespace internal {
 // drops it: scales' completion handlers (InvokeHandler, scales/core/dispatcher.h) and the
 // loop's run (EventLoop::Run) go on serving the loop's other calls and connections.
 void ReportHandlerException(std::exception_ptr e) noexcept;
+// How many fork()s lie between the process that started and this one: 0 there, one more in each
+// child made by fork(). Counted by a pthread_atfork handler that the library installs as it is
+// loaded.
+uint64_t ForkGeneration() noexcept;
+// Keeps `object` for the rest of the process, never destroyed: what a child made by fork() holds
+// of its parent's (loops, ZooKeeper sessions), whose destruction would act on descriptors the
+// two processes share. Reachable, so a leak checker does not report it.
+void KeepForever(std::shared_ptr<void> object) noexcept;
 }  // namespace internal
 
 // One event loop. Thread safety: executor() and IsCurrent() from any thread; timers(),
@@ -159,12 +167,21 @@ class Runtime : public std::enable_shared_from_this<Runtime> {
   // reference, a client's): its loops are polled to the end all the same.
   size_t RunUntilIdle(size_t max_rounds = 100000);
 
+  // True in a child made by fork() (without exec) after this runtime was created. Its loops'
+  // threads are not in this process, and its io_contexts and sockets are shared with the
+  // parent's, so nothing of it may run here: the clients made on it fail their calls at once
+  // there (kClientClosed), no client can be made on it (kInvalidArgument), and it is set aside
+  // when destroyed rather than stopped (which would touch the parent's connections).
+  bool made_before_fork() const noexcept { return fork_generation_ != internal::ForkGeneration(); }
+
   // The process-wide runtime used by NewClient when none is given (one loop per core,
-  // created on first use).
+  // created on first use; in a child made by fork(), a new one on first use there).
   static std::shared_ptr<Runtime> Default();
 
  private:
   void StartThreads();
+
+  const uint64_t fork_generation_ = internal::ForkGeneration();
 
   std::shared_ptr<Clock> clock_;
   // Shared with each loop's thread (a loop outlives its run()), and handed over whole when the

@@ -85,7 +85,8 @@ std::optional<std::chrono::milliseconds> ParseZooKeeperDuration(std::string_view
 // the process-wide closer (a few threads, closing many sets side by side) and the destructor
 // returns at once: neither an event loop (a client's last handle released in one of its
 // handlers) nor a program releasing its clients waits for the ensemble (docs/service-discovery.md,
-// "Threads"). The closer finishes its work at process exit.
+// "Threads"). The closer finishes its work at process exit. In a child made by fork(), a set
+// made before the fork is set aside, never closed: its session is the parent's.
 //
 // Behaviour: the first snapshot is delivered once the member list is known (the path was read,
 // or found missing: an empty snapshot). Until then a client's open waits (and times out with
@@ -170,7 +171,8 @@ class Announcer {
   Announcer(const ParsedUri& uri, ServiceInstance instance, ZooKeeperOptions options = {});
   // Shutdown(); on a scales event loop thread (a wrapped user's io_context's too), that runs on
   // the process-wide closer (as a ZooKeeperServerSet's close does) and the destructor returns
-  // at once.
+  // at once. In a child made by fork(), an announcer made before the fork is set aside: its
+  // member and session are the parent's (Shutdown() there only logs a warning).
   ~Announcer();
   Announcer(const Announcer&) = delete;
   Announcer& operator=(const Announcer&) = delete;

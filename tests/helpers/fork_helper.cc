@@ -1,0 +1,223 @@
+// A process that forks (without exec) while it has clients, for the fork tests in
+// tests/integration/fork_test.cc: what a child made by fork() can do needs a process of its own.
+//
+//   scales_fork_helper client <host:port>
+//
+// (ForkTest.AChildFailsTheParentsClientsAndMakesItsOwn.) Calls GET /name through an HTTP client
+// on the default runtime, then forks. The child:
+//   1. calls through the parent's client, blocking and with a callback: both fail at once
+//      (within 10 s) with kClientClosed saying the client was created before the fork;
+//   2. builds a client on the parent's runtime: kInvalidArgument;
+//   3. makes a client of its own (Runtime::Default() is a new runtime there) and calls through
+//      it;
+//   4. releases the parent's client and runtime, and exits through std::exit.
+// It exits 0 if every step went so, else 3 with the failed step on stderr. The parent waits up
+// to 30 s for it and prints "child exited <status>" (or "child hung", and kills it), then calls
+// through its client again, which must still work (the child did not touch its connection):
+// prints "parent call ok".
+//
+//   scales_fork_helper zk <zk:// URI> <port>
+//
+// (ForkTest.AChildLeavesTheParentsZooKeeperSessionsAlone.) Announces 127.0.0.1:<port> under the
+// URI's path and reads the path through a server set until the member is seen; forks. The child
+// destroys its copies of both and exits through std::exit (exit code 0). The parent waits for
+// it as above, then watches for 3 s that the member stays and that its server set's session
+// was neither closed nor replaced, and prints "parent session intact" or what changed.
+//
+// All exit 2 (with a message on stderr) when something fails in the parent.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <future>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "scales/core/error.h"
+#include "scales/core/runtime.h"
+#include "scales/discovery/zookeeper.h"
+#include "scales/http/client.h"
+
+namespace {
+
+using namespace std::chrono_literals;
+
+int Fail(const std::string& why) {
+  std::fprintf(stderr, "scales_fork_helper: %s\n", why.c_str());
+  return 2;
+}
+
+// In the child: a failed step, on stderr, and exit code 3.
+[[noreturn]] void ChildFails(const std::string& why) {
+  std::fprintf(stderr, "scales_fork_helper child: %s\n", why.c_str());
+  std::fflush(stderr);
+  std::exit(3);
+}
+
+// Waits up to 30 s for `child`; prints how it ended. False if it had to be killed.
+bool WaitForChild(pid_t child) {
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  int status = 0;
+  for (;;) {
+    const pid_t reaped = ::waitpid(child, &status, WNOHANG);
+    if (reaped == child) break;
+    if (reaped < 0) {
+      std::printf("waitpid failed\n");
+      return false;
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(child, SIGKILL);
+      ::waitpid(child, &status, 0);
+      std::printf("child hung\n");
+      return false;
+    }
+    std::this_thread::sleep_for(10ms);  // polling the child
+  }
+  if (WIFEXITED(status)) {
+    std::printf("child exited %d\n", WEXITSTATUS(status));
+  } else {
+    std::printf("child ended by signal %d\n", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  }
+  std::fflush(stdout);
+  return true;
+}
+
+void ExpectMadeBeforeFork(const scales::Error& e, const std::string& step) {
+  if (e.code() != scales::Errc::kClientClosed ||
+      std::string(e.what()).find("forked") == std::string::npos) {
+    ChildFails(step + ": not the expected error: " + e.code().message() + ": " + e.what());
+  }
+}
+
+void RunClientChild(scales::http::HttpClient& parents,
+                    std::shared_ptr<scales::Runtime>& parents_runtime, const std::string& uri) {
+  // 1. The parent's client, blocking: it used to wait for a loop that does not run here.
+  auto blocking = std::async(std::launch::async, [&parents] {
+    try {
+      parents.Get("/name");
+      return std::optional<scales::Error>();
+    } catch (const scales::Error& e) {
+      return std::optional<scales::Error>(e);
+    }
+  });
+  if (blocking.wait_for(10s) != std::future_status::ready)
+    ChildFails("the blocking call did not complete");
+  const std::optional<scales::Error> error = blocking.get();
+  if (!error) ChildFails("the blocking call through the parent's client succeeded");
+  ExpectMadeBeforeFork(*error, "the blocking call");
+  // ... and with a callback.
+  auto called = std::make_shared<std::promise<scales::error_code>>();
+  auto callback_done = called->get_future();
+  parents.AsyncGet(
+      "/name", [called](scales::error_code ec, scales::http::Response) { called->set_value(ec); });
+  if (callback_done.wait_for(10s) != std::future_status::ready)
+    ChildFails("the callback was not called");
+  if (callback_done.get() != scales::Errc::kClientClosed)
+    ChildFails("the callback's error is not kClientClosed");
+
+  // 2. No client on the parent's runtime.
+  try {
+    scales::Http::NewBuilder().SetUri(uri).SetRuntime(parents_runtime).Build();
+    ChildFails("a client was built on the parent's runtime");
+  } catch (const scales::Error& e) {
+    if (e.code() != scales::Errc::kInvalidArgument ||
+        std::string(e.what()).find("forked") == std::string::npos) {
+      ChildFails(std::string("building on the parent's runtime: not the expected error: ") +
+                 e.what());
+    }
+  }
+
+  // 3. A client of the child's own.
+  try {
+    auto own = scales::Http::NewClient(uri);
+    if (own.Get("/name").status != 200) ChildFails("the child's own client got no 200");
+  } catch (const std::exception& e) {
+    ChildFails(std::string("the child's own client failed: ") + e.what());
+  }
+
+  // 4. The parent's client and runtime go: they must not stop the parent's loops or close its
+  // connections (the parent checks), nor wait for them.
+  parents = scales::http::HttpClient();
+  parents_runtime.reset();
+  std::exit(0);
+}
+
+int RunClient(const std::string& endpoint) {
+  const std::string uri = "tcp://" + endpoint;
+  auto client = scales::Http::NewClient(uri);
+  if (client.Get("/name").status != 200) return Fail("the parent's first call got no 200");
+  std::shared_ptr<scales::Runtime> runtime = scales::Runtime::Default();
+  std::fflush(stdout);
+  const pid_t child = ::fork();
+  if (child < 0) return Fail("fork failed");
+  if (child == 0) RunClientChild(client, runtime, uri);
+  if (!WaitForChild(child)) return 0;
+  try {
+    if (client.Get("/name").status == 200) std::printf("parent call ok\n");
+  } catch (const std::exception& e) {
+    std::printf("parent call failed: %s\n", e.what());
+  }
+  return 0;
+}
+
+int RunZooKeeper(const std::string& uri, int port) {
+  scales::ServiceInstance instance;
+  instance.service_endpoint = {"127.0.0.1", static_cast<uint16_t>(port)};
+  const scales::ParsedUri parsed = scales::ScalesUriParser::Parse(uri);
+  auto announcer = std::make_unique<scales::Announcer>(parsed, instance);
+  if (!announcer->WaitAnnounced(30s)) return Fail("not announced: " + announcer->Describe());
+  auto set = std::make_unique<scales::ZooKeeperServerSet>(parsed);
+  const scales::ServerSet::Members expected{{"127.0.0.1", static_cast<uint16_t>(port)}};
+  const auto give_up = std::chrono::steady_clock::now() + 30s;
+  while (set->members() != expected) {
+    if (std::chrono::steady_clock::now() > give_up)
+      return Fail("member not seen: " + set->Describe());
+    std::this_thread::sleep_for(10ms);  // polling for the first read
+  }
+  const scales::ZooKeeperServerSet::Stats before = set->stats();
+  std::fflush(stdout);
+  const pid_t child = ::fork();
+  if (child < 0) return Fail("fork failed");
+  if (child == 0) {
+    set.reset();
+    announcer.reset();
+    std::exit(0);
+  }
+  if (!WaitForChild(child)) return 0;
+  const auto until = std::chrono::steady_clock::now() + 3s;
+  while (std::chrono::steady_clock::now() < until) {
+    const scales::ZooKeeperServerSet::Stats now = set->stats();
+    if (set->members() != expected) {
+      std::printf("parent member gone: %s\n", set->Describe().c_str());
+      return 0;
+    }
+    if (now.sessions != before.sessions || now.session_expirations != before.session_expirations ||
+        now.connection_losses != before.connection_losses) {
+      std::printf("parent session changed: %s\n", set->Describe().c_str());
+      return 0;
+    }
+    std::this_thread::sleep_for(20ms);  // watching the parent's session
+  }
+  std::printf("parent session intact\n");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc >= 2 ? argv[1] : "";
+  try {
+    if (mode == "client" && argc == 3) return RunClient(argv[2]);
+    if (mode == "zk" && argc == 4) return RunZooKeeper(argv[2], std::atoi(argv[3]));
+  } catch (const std::exception& e) {
+    return Fail(e.what());
+  }
+  return Fail("usage: scales_fork_helper client <host:port> | zk <zk:// URI> <port>");
+}

@@ -1,0 +1,70 @@
+// A process that forks (without exec) while it holds clients, ZooKeeper server sets and
+// announcers: the child cannot run the parent's event loops or sessions (their threads are not
+// in it, their descriptors are shared with the parent). Its calls through the parent's clients
+// fail at once with a clear error instead of waiting for ever, it makes clients of its own, and
+// what it releases of the parent's does not touch the parent's connections or sessions. Each
+// test runs scales_fork_helper (tests/helpers/fork_helper.cc), which forks, and reads what it
+// prints.
+//
+// Not in the ThreadSanitizer set (it cannot start threads in the child of a multi-threaded
+// fork); skipped under AddressSanitizer, whose leak check in the child takes memory that only the
+// parent's threads referred to for leaks.
+#include <sys/wait.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "support/fixtures.h"
+#include "support/zookeeper_fixture.h"
+
+namespace scales {
+namespace {
+
+using namespace std::chrono_literals;
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SKIP_UNDER_LEAK_CHECK() \
+  GTEST_SKIP() << "LeakSanitizer reports the parent's threads' memory in a forked child"
+#else
+#define SKIP_UNDER_LEAK_CHECK() (void)0
+#endif
+
+void ExpectHelperExitedCleanly(test::ChildProcess& helper) {
+  const std::optional<int> status = helper.WaitForExit(60s);
+  ASSERT_TRUE(status.has_value()) << "the helper did not exit";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
+}
+
+// Through the parent's HTTP client the child's calls, blocking and with a callback, fail at once
+// with kClientClosed (they waited for ever for a loop whose thread is the parent's); no client
+// can be built on the parent's runtime; a client of the child's own (the default runtime is a
+// new one there) works; and releasing the parent's client in the child leaves the parent's
+// connection alone (the helper's parent calls through it afterwards).
+TEST(ForkTest, AChildFailsTheParentsClientsAndMakesItsOwn) {
+  SKIP_UNDER_LEAK_CHECK();
+  test::TestHttpServer server("s0");
+  test::ChildProcess helper({SCALES_FORK_HELPER, "client", server.endpoint()});
+  EXPECT_EQ(helper.ReadLine(60s).value_or("(nothing)"), "child exited 0");
+  EXPECT_EQ(helper.ReadLine(30s).value_or("(nothing)"), "parent call ok");
+  ExpectHelperExitedCleanly(helper);
+}
+
+// The child releases its copies of the parent's server set and announcer: the parent's session
+// is not closed (the child closed it over the socket they share: the member went, and the
+// parent's set saw its session end) and the parent's member stays.
+TEST(ForkTest, AChildLeavesTheParentsZooKeeperSessionsAlone) {
+  SKIP_UNDER_LEAK_CHECK();
+  if (!test::ZooKeeperAvailable()) GTEST_SKIP() << "ZooKeeper (java) not installed";
+  test::ZooKeeperServer zk;
+  test::ChildProcess helper({SCALES_FORK_HELPER, "zk", zk.Uri("/forked/svc"), "4321"});
+  EXPECT_EQ(helper.ReadLine(60s).value_or("(nothing)"), "child exited 0");
+  EXPECT_EQ(helper.ReadLine(30s).value_or("(nothing)"), "parent session intact");
+  ExpectHelperExitedCleanly(helper);
+}
+
+}  // namespace
+}  // namespace scales
