@@ -390,7 +390,7 @@ size_t Runtime::RunUntilIdle(size_t max_rounds) {
 }
 
 std::shared_ptr<Runtime> Runtime::Default() {
-  static std::mutex mu;
+  static std::mutex& mu = *new std::mutex();  // never destroyed: Default() may run at exit
   static std::shared_ptr<Runtime> instance;
   std::lock_guard lock(mu);
   // In a child made by fork(), the parent's default runtime cannot run here: a new one.
