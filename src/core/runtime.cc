@@ -264,9 +264,10 @@ void StopLoops(std::vector<std::shared_ptr<EventLoop>>& loops, std::vector<std::
 
 Runtime::~Runtime() {
   if (made_before_fork()) {
-    // A child made by fork(): the loops' threads are the parent's, and stopping the loops
-    // (their work guards, their sockets' close) would act on the io_contexts and connections
-    // this process shares with the parent. Set aside, never destroyed.
+    // A child made by fork(): the loops' threads are the parent's, so stopping the loops would
+    // wait its 5 s for loops that never run here, and destroying them would run here the
+    // destructors of the parent's objects (shards, connections, timers) on descriptors the two
+    // processes share. Set aside, never destroyed.
     struct Parents {
       std::vector<std::shared_ptr<EventLoop>> loops;
       std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards;

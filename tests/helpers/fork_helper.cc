@@ -4,17 +4,18 @@
 //   scales_fork_helper client <host:port>
 //
 // (ForkTest.AChildFailsTheParentsClientsAndMakesItsOwn.) Calls GET /name through an HTTP client
-// on the default runtime, then forks. The child:
+// on a runtime of one loop, makes the default runtime, then forks. The child:
 //   1. calls through the parent's client, blocking and with a callback: both fail at once
 //      (within 10 s) with kClientClosed saying the client was created before the fork;
 //   2. builds a client on the parent's runtime: kInvalidArgument;
 //   3. makes a client of its own (Runtime::Default() is a new runtime there) and calls through
 //      it;
-//   4. releases the parent's client and runtime, and exits through std::exit.
+//   4. releases the parent's client and runtime (at once: within 2 s), and exits through
+//      std::exit.
 // It exits 0 if every step went so, else 3 with the failed step on stderr. The parent waits up
 // to 30 s for it and prints "child exited <status>" (or "child hung", and kills it), then calls
-// through its client again, which must still work (the child did not touch its connection):
-// prints "parent call ok".
+// through its client again, which must still work over the connection it had before the fork
+// (the child closed nothing of it): prints "parent call ok on its first connection".
 //
 //   scales_fork_helper zk <zk:// URI> <port>
 //
@@ -44,6 +45,7 @@
 #include "scales/core/runtime.h"
 #include "scales/discovery/zookeeper.h"
 #include "scales/http/client.h"
+#include "scales/stats/stats.h"
 
 namespace {
 
@@ -142,27 +144,57 @@ void RunClientChild(scales::http::HttpClient& parents,
     ChildFails(std::string("the child's own client failed: ") + e.what());
   }
 
-  // 4. The parent's client and runtime go: they must not stop the parent's loops or close its
-  // connections (the parent checks), nor wait for them.
+  // 4. The parent's client and runtime go: they must not wait for the parent's loops (stopping
+  // them waited 5 s for loops that never run here), nor close its connection (the parent
+  // checks).
+  const auto released_at = std::chrono::steady_clock::now();
   parents = scales::http::HttpClient();
   parents_runtime.reset();
+  const auto took = std::chrono::steady_clock::now() - released_at;
+  if (took > 2s) {
+    ChildFails("releasing the parent's client and runtime took " +
+               std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(took).count()) +
+               " ms");
+  }
   std::exit(0);
 }
 
 int RunClient(const std::string& endpoint) {
   const std::string uri = "tcp://" + endpoint;
-  auto client = scales::Http::NewClient(uri);
+  // One loop, so that every call of the parent's goes over one connection.
+  scales::RuntimeOptions runtime_options;
+  runtime_options.threads = 1;
+  auto runtime = std::make_shared<scales::Runtime>(runtime_options);
+  scales::http::HttpOptions options;
+  options.client.runtime = runtime;
+  options.client.name = "forked-parent";
+  auto client =
+      scales::Http::NewClient(uri, std::move(options));  // `runtime` and the client hold it
   if (client.Get("/name").status != 200) return Fail("the parent's first call got no 200");
-  std::shared_ptr<scales::Runtime> runtime = scales::Runtime::Default();
+  // The parent's default runtime exists too: the child must not use it.
+  const std::shared_ptr<scales::Runtime> parents_default = scales::Runtime::Default();
   std::fflush(stdout);
   const pid_t child = ::fork();
   if (child < 0) return Fail("fork failed");
   if (child == 0) RunClientChild(client, runtime, uri);
   if (!WaitForChild(child)) return 0;
   try {
-    if (client.Get("/name").status == 200) std::printf("parent call ok\n");
+    if (client.Get("/name").status != 200) {
+      std::printf("parent call got no 200\n");
+      return 0;
+    }
   } catch (const std::exception& e) {
     std::printf("parent call failed: %s\n", e.what());
+    return 0;
+  }
+  // Still the first connection: the child closed nothing of it.
+  const scales::stats::Counter* connects = scales::stats::StatsRegistry::Default().FindCounter(
+      "scales_connects", {{"client", "forked-parent"}, {"endpoint", endpoint}});
+  const int64_t n = connects != nullptr ? connects->value() : -1;
+  if (n == 1) {
+    std::printf("parent call ok on its first connection\n");
+  } else {
+    std::printf("parent call ok after %lld connects\n", static_cast<long long>(n));
   }
   return 0;
 }

@@ -42,14 +42,15 @@ void ExpectHelperExitedCleanly(test::ChildProcess& helper) {
 // Through the parent's HTTP client the child's calls, blocking and with a callback, fail at once
 // with kClientClosed (they waited for ever for a loop whose thread is the parent's); no client
 // can be built on the parent's runtime; a client of the child's own (the default runtime is a
-// new one there) works; and releasing the parent's client in the child leaves the parent's
-// connection alone (the helper's parent calls through it afterwards).
+// new one there) works; releasing the parent's client and runtime in the child returns at once
+// (it waited 5 s for the parent's loops) and leaves the parent's connection alone: the parent's
+// next call goes over it.
 TEST(ForkTest, AChildFailsTheParentsClientsAndMakesItsOwn) {
   SKIP_UNDER_LEAK_CHECK();
   test::TestHttpServer server("s0");
   test::ChildProcess helper({SCALES_FORK_HELPER, "client", server.endpoint()});
   EXPECT_EQ(helper.ReadLine(60s).value_or("(nothing)"), "child exited 0");
-  EXPECT_EQ(helper.ReadLine(30s).value_or("(nothing)"), "parent call ok");
+  EXPECT_EQ(helper.ReadLine(30s).value_or("(nothing)"), "parent call ok on its first connection");
   ExpectHelperExitedCleanly(helper);
 }
 
