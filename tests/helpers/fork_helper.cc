@@ -25,6 +25,13 @@
 // it as above, then watches for 3 s that the member stays and that its server set's session
 // was neither closed nor replaced, and prints "parent session intact" or what changed.
 //
+//   scales_fork_helper closer <zk:// URI>
+//
+// (ForkTest.AChildsShutdownsRunOnTheChildsCloser.) Reads the URI's server set and releases it
+// (its close starts a ZooKeeper closer thread), waits for that close, then forks. The child hands
+// the closer a stop of its own and exits through std::exit (which drains the closer), 0 if the
+// stop ran within 10 s, else 3. The parent waits for it as above.
+//
 // All exit 2 (with a message on stderr) when something fails in the parent.
 #include <chrono>
 #include <cstdio>
@@ -41,6 +48,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "discovery/zk_connection.h"
 #include "scales/core/error.h"
 #include "scales/core/runtime.h"
 #include "scales/discovery/zookeeper.h"
@@ -241,6 +249,37 @@ int RunZooKeeper(const std::string& uri, int port) {
   return 0;
 }
 
+int RunCloser(const std::string& uri) {
+  using scales::zk_internal::ZkConnection;
+  {
+    scales::ZooKeeperServerSet set(scales::ScalesUriParser::Parse(uri));
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (!set.members()) {
+      if (std::chrono::steady_clock::now() > give_up) return Fail("not read: " + set.Describe());
+      std::this_thread::sleep_for(10ms);  // polling for the first read
+    }
+  }  // its close goes to the closer, which starts a thread for it
+  const auto give_up = std::chrono::steady_clock::now() + 30s;
+  while (ZkConnection::StopsPending() != 0) {
+    if (std::chrono::steady_clock::now() > give_up)
+      return Fail("the server set's close did not end");
+    std::this_thread::sleep_for(10ms);
+  }
+  std::fflush(stdout);
+  const pid_t child = ::fork();
+  if (child < 0) return Fail("fork failed");
+  if (child == 0) {
+    // The closer's thread is the parent's. A stop handed over here needs a thread of the
+    // child's; exit() drains the closer and joins its threads.
+    auto ran = std::make_shared<std::promise<void>>();
+    auto done = ran->get_future();
+    ZkConnection::StopInBackground([ran] { ran->set_value(); });
+    std::exit(done.wait_for(10s) == std::future_status::ready ? 0 : 3);
+  }
+  WaitForChild(child);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -248,8 +287,10 @@ int main(int argc, char** argv) {
   try {
     if (mode == "client" && argc == 3) return RunClient(argv[2]);
     if (mode == "zk" && argc == 4) return RunZooKeeper(argv[2], std::atoi(argv[3]));
+    if (mode == "closer" && argc == 3) return RunCloser(argv[2]);
   } catch (const std::exception& e) {
     return Fail(e.what());
   }
-  return Fail("usage: scales_fork_helper client <host:port> | zk <zk:// URI> <port>");
+  return Fail(
+      "usage: scales_fork_helper client <host:port> | zk <zk:// URI> <port> | closer <zk:// URI>");
 }

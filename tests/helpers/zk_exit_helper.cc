@@ -21,15 +21,7 @@
 // Announcer's Shutdown() then waits 2 s for the ensemble while the ZooKeeper C client logs its
 // failed connects, all after the library's statics were destroyed.
 //
-//   scales_zk_exit_helper fork <zk:// URI> <port>
-//
-// (ZooKeeperTest.AForkedChildExitsWithoutTheParentsCloser.) Reads the URI's server set and
-// releases it (its close starts a closer thread), then forks. The child hands the closer a stop
-// of its own and exits through std::exit (which drains the closer), 0 if the stop ran within
-// 10 s, else 3. The parent waits up to 20 s and prints "child exited <status>" (or "child hung",
-// and kills it), then exits 0. <port> is not used.
-//
-// All exit 2 (with a message on stderr) when something before the exit fails.
+// Both exit 2 (with a message on stderr) when something before the exit fails.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -38,11 +30,6 @@
 #include <memory>
 #include <string>
 #include <thread>
-
-#include <signal.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <boost/asio/post.hpp>
 
@@ -125,65 +112,15 @@ int RunGlobal(const std::string& uri, int port) {
   std::exit(0);
 }
 
-int RunFork(const std::string& uri) {
-  using scales::zk_internal::ZkConnection;
-  {
-    scales::ZooKeeperServerSet set(scales::ScalesUriParser::Parse(uri));
-    const auto give_up = std::chrono::steady_clock::now() + 30s;
-    while (!set.members()) {
-      if (std::chrono::steady_clock::now() > give_up) return Fail("not read: " + set.Describe());
-      std::this_thread::sleep_for(10ms);  // polling for the first read
-    }
-  }  // its close goes to the closer, which starts a thread for it
-  const auto give_up = std::chrono::steady_clock::now() + 30s;
-  while (ZkConnection::StopsPending() != 0) {
-    if (std::chrono::steady_clock::now() > give_up)
-      return Fail("the server set's close did not end");
-    std::this_thread::sleep_for(10ms);
-  }
-  std::fflush(stdout);
-  const pid_t child = ::fork();
-  if (child < 0) return Fail("fork failed");
-  if (child == 0) {
-    // The child: the closer's thread is the parent's. A stop handed over here needs a thread of
-    // the child's; exit() drains the closer and joins its threads.
-    auto ran = std::make_shared<std::promise<void>>();
-    auto done = ran->get_future();
-    ZkConnection::StopInBackground([ran] { ran->set_value(); });
-    std::exit(done.wait_for(10s) == std::future_status::ready ? 0 : 3);
-  }
-  const auto deadline = std::chrono::steady_clock::now() + 20s;
-  int status = 0;
-  for (;;) {
-    const pid_t reaped = ::waitpid(child, &status, WNOHANG);
-    if (reaped == child) break;
-    if (reaped < 0) return Fail("waitpid failed");
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(child, SIGKILL);
-      ::waitpid(child, &status, 0);
-      std::printf("child hung\n");
-      return 0;
-    }
-    std::this_thread::sleep_for(10ms);  // polling the child
-  }
-  if (WIFEXITED(status)) {
-    std::printf("child exited %d\n", WEXITSTATUS(status));
-  } else {
-    std::printf("child ended by signal %d\n", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
-  }
-  return 0;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string mode = argc == 4 ? argv[1] : "";
-  if (mode != "closer" && mode != "global" && mode != "fork") {
-    return Fail("usage: scales_zk_exit_helper closer|global|fork <zk:// URI> <port>");
+  if (mode != "closer" && mode != "global") {
+    return Fail("usage: scales_zk_exit_helper closer|global <zk:// URI> <port>");
   }
   try {
     const int port = std::atoi(argv[3]);
-    if (mode == "fork") return RunFork(argv[2]);
     return mode == "closer" ? RunCloser(argv[2], port) : RunGlobal(argv[2], port);
   } catch (const std::exception& e) {
     return Fail(e.what());

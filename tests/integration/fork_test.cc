@@ -67,5 +67,18 @@ TEST(ForkTest, AChildLeavesTheParentsZooKeeperSessionsAlone) {
   ExpectHelperExitedCleanly(helper);
 }
 
+// A child made by fork() after the ZooKeeper closer had started a thread: a stop handed to the
+// closer in the child runs, on a thread of the child's, and the child exits. (The closer counted
+// the parent's idle thread as the child's: the stop waited for ever, "child exited 3".)
+TEST(ForkTest, AChildsShutdownsRunOnTheChildsCloser) {
+  SKIP_UNDER_LEAK_CHECK();
+  if (!test::ZooKeeperAvailable()) GTEST_SKIP() << "ZooKeeper (java) not installed";
+  test::ZooKeeperServer zk;
+  test::RunKazoo(zk.connect_string(), "zk.ensure_path('/forking/svc')");
+  test::ChildProcess helper({SCALES_FORK_HELPER, "closer", zk.Uri("/forking/svc")});
+  EXPECT_EQ(helper.ReadLine(60s).value_or("(nothing)"), "child exited 0");
+  ExpectHelperExitedCleanly(helper);
+}
+
 }  // namespace
 }  // namespace scales

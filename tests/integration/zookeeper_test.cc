@@ -1745,25 +1745,6 @@ TEST_F(ZooKeeperTest, AShutdownLeftToTheCloserRunsAtExit) {
       << "checked too late to tell a shutdown at exit from an expired session";
 }
 
-// A child made by fork() without exec, after the closer had started a thread: a stop handed to
-// the closer in the child runs, on a thread of the child's, and the child exits. (The closer
-// counted the parent's idle thread as the child's: the stop waited for ever, "child exited 3".)
-TEST_F(ZooKeeperTest, AForkedChildExitsWithoutTheParentsCloser) {
-#if defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "ThreadSanitizer does not start threads in the child of a multi-threaded fork";
-#elif defined(__SANITIZE_ADDRESS__)
-  // LeakSanitizer, at the child's exit, takes what only the parent's threads referred to (the
-  // ZooKeeper C client's per-thread log buffer of the closer's thread) for leaks.
-  GTEST_SKIP() << "LeakSanitizer reports the parent's threads' memory in a forked child";
-#endif
-  Kazoo("zk.ensure_path('/forking/svc')");
-  test::ChildProcess helper({SCALES_ZK_EXIT_HELPER, "fork", zk_->Uri("/forking/svc"), "0"});
-  EXPECT_EQ(helper.ReadLine(60s).value_or("(nothing)"), "child exited 0");
-  const std::optional<int> status = helper.WaitForExit(60s);
-  ASSERT_TRUE(status.has_value()) << "the helper did not exit";
-  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
-}
-
 // An Announcer in a global, destroyed by exit() after the library's own statics, shuts down
 // with the ensemble gone: its Shutdown() waits 2 s for a reconnect meanwhile, and the ZooKeeper
 // C client logs each failed connect. (The log lines went through the routing list of
