@@ -301,6 +301,9 @@ class AdminServer::Impl {
   ~Impl() { Stop(); }
 
   void Stop() {
+    // In a child made by fork(): the server thread is the parent's, which serves on, and a
+    // post here would take a lock of the io_context that the thread may have held at the fork.
+    if (made_before_fork()) return;
     std::lock_guard lock(stop_mu_);
     if (!thread_.joinable()) return;
     asio::post(ioc_, [this] {
@@ -322,6 +325,9 @@ class AdminServer::Impl {
 
   uint16_t port() const noexcept { return port_; }
   const AdminServerOptions& options() const noexcept { return options_; }
+  bool made_before_fork() const noexcept {
+    return fork_generation_ != scales::internal::ForkGeneration();
+  }
 
  private:
   void Accept() {
@@ -381,6 +387,7 @@ class AdminServer::Impl {
   internal::SessionLimits limits_;  // the options' limits and timeouts
   std::vector<std::weak_ptr<internal::Session>> sessions_;  // on the server thread only
   std::vector<std::weak_ptr<internal::Session>> refused_;   // answered 503; likewise
+  const uint64_t fork_generation_ = scales::internal::ForkGeneration();
   std::mutex stop_mu_;
   std::thread thread_;
 };
@@ -388,7 +395,12 @@ class AdminServer::Impl {
 AdminServer::AdminServer(AdminServerOptions options)
     : impl_(std::make_unique<Impl>(std::move(options))) {}
 
-AdminServer::~AdminServer() = default;
+AdminServer::~AdminServer() {
+  // In a child made by fork(), the server is the parent's (Stop): kept, not destroyed, as its
+  // io_context's destruction would close what the two processes share.
+  if (impl_->made_before_fork())
+    scales::internal::KeepForever(std::shared_ptr<Impl>(std::move(impl_)));
+}
 
 void AdminServer::Stop() { impl_->Stop(); }
 

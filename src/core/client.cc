@@ -6,12 +6,15 @@
 #include <optional>
 #include <set>
 #include <stdexcept>
+#include <system_error>
+#include <thread>
 
 #include <fmt/format.h>
 
 #include <boost/asio/post.hpp>
 
 #include "core/duration_text.h"
+#include "core/fork_locks.h"
 #include "scales/core/error.h"
 #include "scales/core/forwarding_sink.h"
 #include "scales/discovery/uri.h"
@@ -30,7 +33,11 @@ struct LiveClients {
 };
 
 LiveClients& Live() {
-  static LiveClients* const live = new LiveClients();  // never destroyed: clients may outlive main
+  static LiveClients* const live = [] {
+    auto* l = new LiveClients();  // never destroyed: clients may outlive main
+    internal::HoldAcrossFork(l->mu, internal::ForkLockRank::kLiveClients);
+    return l;
+  }();
   return *live;
 }
 
@@ -117,6 +124,12 @@ ClientCore::ClientCore(ClientOptions options, SinkStackSpec spec)
 
 ClientCore::~ClientCore() {
   Close();
+  if (runtime_->made_before_fork()) [[unlikely]] {
+    // In a child made by fork(): the shards are the parent's, on loops that do not run here
+    // (Close). Kept, not destroyed: their connections are the parent's too.
+    for (auto& shard : shards_) internal::KeepForever(std::move(shard));
+    return;
+  }
   // A shard may be running on its loop right now (e.g. completing the very call whose
   // handler released the last client handle): release each shard on its own loop, after
   // whatever it is doing.
@@ -127,6 +140,23 @@ ClientCore::~ClientCore() {
 }
 
 void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler, std::shared_ptr<std::string> detail) {
+  if (runtime_->made_before_fork()) [[unlikely]] {
+    // In a child made by fork(): as a call (Dispatch), failed at once from a thread of its own.
+    if (detail) *detail = MadeBeforeForkDetail();
+    // Shared, so that the thread's copy of `fail` going with a thread that could not start
+    // leaves the handler here.
+    auto h = std::make_shared<ClientMessageSink::OpenHandler>(std::move(handler));
+    auto fail = [h] {
+      internal::CompleteOn(std::move(*h), boost::asio::system_executor(), /*defer=*/false, {},
+                           make_error_code(Errc::kClientClosed));
+    };
+    try {
+      std::thread(fail).detach();
+    } catch (const std::system_error&) {
+      fail();  // no thread to be had: here, rather than never
+    }
+    return;
+  }
   struct OpenState {
     std::mutex mu;
     size_t remaining;
@@ -197,11 +227,7 @@ void ClientCore::OpenAndWait() {
 
 void ClientCore::Dispatch(CallBase* call) {
   if (runtime_->made_before_fork()) [[unlikely]] {
-    FailCallMadeBeforeFork(call,
-                           fmt::format("client {} was created before this process was forked: "
-                                       "its event loops do not run here; create the client "
-                                       "in the process that calls it",
-                                       options_.name));
+    FailCallMadeBeforeFork(call, MadeBeforeForkDetail());
     return;
   }
   // Once closed, a call is refused (kClientClosed) by the dispatcher it is posted to, whether or
@@ -266,9 +292,21 @@ void ClientCore::Close() {
     std::lock_guard lock(Live().mu);
     Live().clients.erase(this);
   }
+  // In a child made by fork() the shards are the parent's: their loops do not run here, a post
+  // would take a lock of the io_context that one of the parent's loop threads may have held at
+  // the fork, and closing would act on connections the two processes share. Left alone.
+  if (runtime_->made_before_fork()) [[unlikely]]
+    return;
   for (auto& shard : shards_) {
     boost::asio::post(shard->loop().executor(), [shard] { shard->Close(); });
   }
+}
+
+std::string ClientCore::MadeBeforeForkDetail() const {
+  return fmt::format(
+      "client {} was created before this process was forked: its event loops do "
+      "not run here; create the client in the process that calls it",
+      options_.name);
 }
 
 void ClientCore::ForEachLiveClient(const std::function<void(const ClientCore&)>& fn) {

@@ -4,6 +4,8 @@
 #include <memory>
 #include <utility>
 
+#include "core/fork_locks.h"
+
 namespace scales {
 namespace log_internal {
 
@@ -22,7 +24,11 @@ struct SinkHolder {
 };
 
 SinkHolder& Holder() {
-  static SinkHolder* const holder = new SinkHolder();  // never destroyed: logging at exit works
+  static SinkHolder* const holder = [] {
+    auto* h = new SinkHolder();  // never destroyed: logging at exit works
+    internal::HoldAcrossFork(h->mu, internal::ForkLockRank::kLog);
+    return h;
+  }();
   return *holder;
 }
 
@@ -88,6 +94,12 @@ std::shared_ptr<const Clock> SetLogClock(std::shared_ptr<const Clock> clock) {
   std::lock_guard lock(Holder().mu);
   return std::exchange(Holder().clock, std::move(clock));
 }
+
+LogRateLimiter::LogRateLimiter(int per_second) noexcept : per_second_(per_second) {
+  internal::HoldAcrossFork(mu_, internal::ForkLockRank::kLog);
+}
+
+LogRateLimiter::~LogRateLimiter() { internal::StopHoldingAcrossFork(mu_); }
 
 bool LogRateLimiter::Allow(TimePoint now, uint64_t* suppressed) {
   std::lock_guard lock(mu_);

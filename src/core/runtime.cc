@@ -14,6 +14,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <fmt/format.h>
 
+#include "core/fork_locks.h"
 #include "scales/core/error.h"
 #include "scales/core/log.h"
 
@@ -391,7 +392,11 @@ size_t Runtime::RunUntilIdle(size_t max_rounds) {
 }
 
 std::shared_ptr<Runtime> Runtime::Default() {
-  static std::mutex& mu = *new std::mutex();  // never destroyed: Default() may run at exit
+  static std::mutex& mu = []() -> std::mutex& {
+    auto* m = new std::mutex();  // never destroyed: Default() may run at exit
+    internal::HoldAcrossFork(*m, internal::ForkLockRank::kDefaultRuntime);
+    return *m;
+  }();
   static std::shared_ptr<Runtime> instance;
   std::lock_guard lock(mu);
   // In a child made by fork(), the parent's default runtime cannot run here: a new one.
@@ -415,7 +420,11 @@ void KeepForever(std::shared_ptr<void> object) noexcept {
     std::mutex mu;
     std::vector<std::shared_ptr<void>> objects;
   };
-  static Kept* const kept = new Kept();
+  static Kept* const kept = [] {
+    auto* k = new Kept();
+    HoldAcrossFork(k->mu, ForkLockRank::kKeptObjects);
+    return k;
+  }();
   std::lock_guard lock(kept->mu);
   try {
     kept->objects.push_back(std::move(object));

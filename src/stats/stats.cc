@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <boost/json.hpp>
 
+#include "core/fork_locks.h"
 #include "scales/core/log.h"
 #include "stats/metric_help.h"
 
@@ -436,6 +437,16 @@ const Gauge* StatsRegistry::FindGauge(std::string_view name, const Labels& label
 const Histogram* StatsRegistry::FindHistogram(std::string_view name, const Labels& labels) const {
   const Entry* e = Find(name, labels);
   return e ? e->histogram.get() : nullptr;
+}
+
+StatsRegistry::StatsRegistry() {
+  internal::HoldAcrossFork(collectors_mu_, internal::ForkLockRank::kStatsCollectors);
+  internal::HoldAcrossFork(mu_, internal::ForkLockRank::kStatsMetrics);
+}
+
+StatsRegistry::~StatsRegistry() {
+  internal::StopHoldingAcrossFork(mu_);
+  internal::StopHoldingAcrossFork(collectors_mu_);
 }
 
 uint64_t StatsRegistry::AddCollector(std::function<void()> fn) {

@@ -32,6 +32,32 @@
 // the closer a stop of its own and exits through std::exit (which drains the closer), 0 if the
 // stop ran within 10 s, else 3. The parent waits for it as above.
 //
+//   scales_fork_helper locks <host:port>
+//
+// (ForkTest.AChildFindsTheLibrarysLocksFree.) Calls GET /name through an HTTP client, then a
+// thread of the parent's holds the live clients' lock (inside ClientCore::ForEachLiveClient) for
+// 300 ms, and the main thread forks meanwhile. The child releases the parent's client, makes a
+// client of its own and calls through it, reads the stats registry and logs a line: 0 if all that
+// returned within 10 s, else 3 (the lock, held at the fork by a thread the child does not have,
+// stayed locked there). The parent waits for it as above.
+//
+//   scales_fork_helper manual <host:port>
+//
+// (ForkTest.AChildLeavesTheParentsLoopsAlone.) Calls GET /name through an HTTP client on a
+// runtime of one loop that the helper polls itself (RuntimeOptions::start_threads = false, a
+// manual clock), polls until nothing is left to run, and forks. The child opens the parent's
+// client (fails at once: kClientClosed), releases it and polls the parent's loop: 0 if nothing had
+// been queued on it (the release posted the client's close there, which would take the loop's
+// locks and close the connection the two processes share), else 3. The parent waits for it as
+// above and calls again: "parent call ok on its first connection".
+//
+//   scales_fork_helper admin
+//
+// (ForkTest.AChildLeavesTheParentsAdminServerServing.) Starts an admin server and reads
+// /metrics from it, then forks. The child destroys its copy of the server: 0 if that returned
+// within 2 s, else 3. The parent waits for it as above, then reads /metrics again and prints
+// "parent admin ok".
+//
 // All exit 2 (with a message on stderr) when something fails in the parent.
 #include <chrono>
 #include <cstdio>
@@ -42,6 +68,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include <signal.h>
 #include <sys/types.h>
@@ -49,7 +76,11 @@
 #include <unistd.h>
 
 #include "discovery/zk_connection.h"
+#include "scales/admin/admin_server.h"
+#include "scales/core/client.h"
+#include "scales/core/clock.h"
 #include "scales/core/error.h"
+#include "scales/core/log.h"
 #include "scales/core/runtime.h"
 #include "scales/discovery/zookeeper.h"
 #include "scales/http/client.h"
@@ -99,6 +130,33 @@ bool WaitForChild(pid_t child) {
   return true;
 }
 
+// In the child: runs `step`, which must return within `limit`; otherwise (or if it never
+// returns, when the parent reports "child hung") the child fails.
+template <class Step>
+void WithinInChild(std::chrono::milliseconds limit, const std::string& what, Step step) {
+  const auto started = std::chrono::steady_clock::now();
+  step();
+  const auto took = std::chrono::steady_clock::now() - started;
+  if (took > limit) {
+    ChildFails(what + " took " +
+               std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(took).count()) +
+               " ms");
+  }
+}
+
+// After the parent's call that followed the child: whether it went over the parent's client
+// `name`'s first connection to `endpoint` (the child closed nothing of it).
+void PrintParentsConnects(const std::string& name, const std::string& endpoint) {
+  const scales::stats::Counter* connects = scales::stats::StatsRegistry::Default().FindCounter(
+      "scales_connects", {{"client", name}, {"endpoint", endpoint}});
+  const int64_t n = connects != nullptr ? connects->value() : -1;
+  if (n == 1) {
+    std::printf("parent call ok on its first connection\n");
+  } else {
+    std::printf("parent call ok after %lld connects\n", static_cast<long long>(n));
+  }
+}
+
 void ExpectMadeBeforeFork(const scales::Error& e, const std::string& step) {
   if (e.code() != scales::Errc::kClientClosed ||
       std::string(e.what()).find("forked") == std::string::npos) {
@@ -131,6 +189,19 @@ void RunClientChild(scales::http::HttpClient& parents,
     ChildFails("the callback was not called");
   if (callback_done.get() != scales::Errc::kClientClosed)
     ChildFails("the callback's error is not kClientClosed");
+  // ... and so does opening it (it waited for the open timeout).
+  auto opening = std::async(std::launch::async, [&parents] {
+    try {
+      parents.core()->OpenAndWait();
+      return std::optional<scales::Error>();
+    } catch (const scales::Error& e) {
+      return std::optional<scales::Error>(e);
+    }
+  });
+  if (opening.wait_for(2s) != std::future_status::ready) ChildFails("the open did not complete");
+  const std::optional<scales::Error> open_error = opening.get();
+  if (!open_error) ChildFails("the parent's client opened");
+  ExpectMadeBeforeFork(*open_error, "the open");
 
   // 2. No client on the parent's runtime.
   try {
@@ -155,15 +226,10 @@ void RunClientChild(scales::http::HttpClient& parents,
   // 4. The parent's client and runtime go: they must not wait for the parent's loops (stopping
   // them waited 5 s for loops that never run here), nor close its connection (the parent
   // checks).
-  const auto released_at = std::chrono::steady_clock::now();
-  parents = scales::http::HttpClient();
-  parents_runtime.reset();
-  const auto took = std::chrono::steady_clock::now() - released_at;
-  if (took > 2s) {
-    ChildFails("releasing the parent's client and runtime took " +
-               std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(took).count()) +
-               " ms");
-  }
+  WithinInChild(2s, "releasing the parent's client and runtime", [&] {
+    parents = scales::http::HttpClient();
+    parents_runtime.reset();
+  });
   std::exit(0);
 }
 
@@ -195,15 +261,7 @@ int RunClient(const std::string& endpoint) {
     std::printf("parent call failed: %s\n", e.what());
     return 0;
   }
-  // Still the first connection: the child closed nothing of it.
-  const scales::stats::Counter* connects = scales::stats::StatsRegistry::Default().FindCounter(
-      "scales_connects", {{"client", "forked-parent"}, {"endpoint", endpoint}});
-  const int64_t n = connects != nullptr ? connects->value() : -1;
-  if (n == 1) {
-    std::printf("parent call ok on its first connection\n");
-  } else {
-    std::printf("parent call ok after %lld connects\n", static_cast<long long>(n));
-  }
+  PrintParentsConnects("forked-parent", endpoint);
   return 0;
 }
 
@@ -280,6 +338,140 @@ int RunCloser(const std::string& uri) {
   return 0;
 }
 
+int RunLocks(const std::string& endpoint) {
+  const std::string uri = "tcp://" + endpoint;
+  scales::RuntimeOptions runtime_options;
+  runtime_options.threads = 1;
+  scales::http::HttpOptions options;
+  options.client.runtime = std::make_shared<scales::Runtime>(runtime_options);
+  options.client.name = "locked-parent";
+  auto client = scales::Http::NewClient(uri, std::move(options));
+  if (client.Get("/name").status != 200) return Fail("the parent's first call got no 200");
+  // A thread of the parent's holds the live clients' lock while the main thread forks.
+  std::promise<void> holding;
+  std::future<void> held = holding.get_future();
+  std::thread holder([&holding] {
+    bool first = true;
+    scales::ClientCore::ForEachLiveClient([&](const scales::ClientCore&) {
+      if (!std::exchange(first, false)) return;
+      holding.set_value();
+      std::this_thread::sleep_for(300ms);  // holding the lock across the main thread's fork()
+    });
+  });
+  held.wait();
+  std::fflush(stdout);
+  const pid_t child = ::fork();
+  if (child < 0) return Fail("fork failed");
+  if (child == 0) {
+    WithinInChild(10s, "using the library after the fork", [&] {
+      client = scales::http::HttpClient();  // leaves the live clients' registry
+      try {
+        auto own = scales::Http::NewClient(uri);  // joins it
+        if (own.Get("/name").status != 200) ChildFails("the child's own client got no 200");
+      } catch (const std::exception& e) {
+        ChildFails(std::string("the child's own client failed: ") + e.what());
+      }
+      if (scales::stats::StatsRegistry::Default().ToPrometheus().empty())
+        ChildFails("the registry is empty");
+      bool logged = false;
+      scales::SetLogSink([&logged](const scales::LogRecord&) { logged = true; });
+      scales::SetLogLevel(scales::LogLevel::kInfo);
+      SCALES_LOG(kInfo, "a log line from the forked child");
+      scales::SetLogLevel(scales::LogLevel::kOff);
+      scales::SetLogSink({});
+      if (!logged) ChildFails("the log line did not reach the log sink");
+    });
+    std::exit(0);
+  }
+  holder.join();
+  WaitForChild(child);
+  return 0;
+}
+
+int RunManual(const std::string& endpoint) {
+  const std::string uri = "tcp://" + endpoint;
+  scales::RuntimeOptions runtime_options;
+  runtime_options.threads = 1;
+  runtime_options.start_threads = false;
+  runtime_options.clock = std::make_shared<scales::ManualClock>();  // no timer comes due
+  auto runtime = std::make_shared<scales::Runtime>(runtime_options);
+  scales::http::HttpOptions options;
+  options.client.runtime = runtime;
+  options.client.name = "polled-parent";
+  options.client.open_timeout = scales::Duration::zero();  // opened by the polls below
+  auto client = scales::Http::NewClient(uri, std::move(options));
+  // A call, driven by polling the loop until it completed and nothing is left to run.
+  auto call = [&]() -> std::string {
+    std::optional<std::string> outcome;
+    client.AsyncGet("/name", [&](scales::error_code ec, scales::http::Response r) {
+      outcome = ec ? ec.message() : (r.status == 200 ? "ok" : "status " + std::to_string(r.status));
+    });
+    const auto give_up = std::chrono::steady_clock::now() + 30s;
+    while (!outcome && std::chrono::steady_clock::now() < give_up) {
+      if (runtime->RunUntilIdle() == 0) std::this_thread::sleep_for(1ms);  // awaiting the reply
+    }
+    runtime->RunUntilIdle();
+    return outcome.value_or("no reply within 30 s");
+  };
+  if (const std::string first = call(); first != "ok")
+    return Fail("the parent's first call: " + first);
+  std::fflush(stdout);
+  const pid_t child = ::fork();
+  if (child < 0) return Fail("fork failed");
+  if (child == 0) {
+    auto opened = std::make_shared<std::promise<scales::error_code>>();
+    auto open_done = opened->get_future();
+    client.core()->AsyncOpen([opened](scales::error_code ec) { opened->set_value(ec); });
+    if (open_done.wait_for(10s) != std::future_status::ready)
+      ChildFails("the open did not complete");
+    if (open_done.get() != scales::Errc::kClientClosed)
+      ChildFails("the open's error is not kClientClosed");
+    client = scales::http::HttpClient();
+    // Polled here only to see what the release queued on the parent's loop.
+    const size_t queued = runtime->loop(0).Poll();
+    if (queued != 0)
+      ChildFails("releasing the parent's client queued " + std::to_string(queued) +
+                 " handler(s) on its loop");
+    std::exit(0);
+  }
+  if (!WaitForChild(child)) return 0;
+  if (const std::string again = call(); again != "ok") {
+    std::printf("parent call failed: %s\n", again.c_str());
+    return 0;
+  }
+  PrintParentsConnects("polled-parent", endpoint);
+  return 0;
+}
+
+int RunAdmin() {
+  auto admin = std::make_unique<scales::admin::AdminServer>();
+  const std::string uri = "tcp://127.0.0.1:" + std::to_string(admin->port());
+  scales::http::HttpOptions options;
+  options.client.name = "admin-reader";
+  auto reader = scales::Http::NewClient(uri, std::move(options));
+  if (reader.Get("/metrics").status != 200) return Fail("the first /metrics got no 200");
+  std::fflush(stdout);
+  const pid_t child = ::fork();
+  if (child < 0) return Fail("fork failed");
+  if (child == 0) {
+    WithinInChild(2s, "destroying the parent's admin server", [&] { admin.reset(); });
+    std::exit(0);
+  }
+  if (!WaitForChild(child)) return 0;
+  try {
+    const auto r = reader.Get("/metrics");
+    if (r.status != 200) {
+      std::printf("parent admin answered %d\n", r.status);
+      return 0;
+    }
+  } catch (const std::exception& e) {
+    std::printf("parent admin failed: %s\n", e.what());
+    return 0;
+  }
+  std::printf("parent admin ok\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -288,9 +480,13 @@ int main(int argc, char** argv) {
     if (mode == "client" && argc == 3) return RunClient(argv[2]);
     if (mode == "zk" && argc == 4) return RunZooKeeper(argv[2], std::atoi(argv[3]));
     if (mode == "closer" && argc == 3) return RunCloser(argv[2]);
+    if (mode == "locks" && argc == 3) return RunLocks(argv[2]);
+    if (mode == "manual" && argc == 3) return RunManual(argv[2]);
+    if (mode == "admin" && argc == 2) return RunAdmin();
   } catch (const std::exception& e) {
     return Fail(e.what());
   }
   return Fail(
-      "usage: scales_fork_helper client <host:port> | zk <zk:// URI> <port> | closer <zk:// URI>");
+      "usage: scales_fork_helper client <host:port> | zk <zk:// URI> <port> | closer <zk:// URI> | "
+      "locks <host:port> | manual <host:port> | admin");
 }

@@ -88,7 +88,8 @@ class AdminServer {
   // address, timeout or limit, naming the option; the system error for bind/listen
   // failures such as address in use), with a message naming the address and port.
   explicit AdminServer(AdminServerOptions options = {});
-  // Stop().
+  // Stop(). In a child made by fork() after the server was started, the server is the
+  // parent's: Stop() there does nothing and the destructor leaves it serving the parent.
   ~AdminServer();
   AdminServer(const AdminServer&) = delete;
   AdminServer& operator=(const AdminServer&) = delete;

@@ -116,8 +116,9 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
 
   // Calls `fn` with every live client of the process (constructed and not yet closed), under
   // a process-wide lock, for introspection (scales/admin). `fn` must be quick and must not
-  // create, close or destroy a client; it copies what it needs (shared_ptrs to the shards and
-  // runtime keep those alive after the client is gone). Thread safe.
+  // create, close or destroy a client, nor fork() (which waits for that lock); it copies what it
+  // needs (shared_ptrs to the shards and runtime keep those alive after the client is gone). Thread
+  // safe.
   static void ForEachLiveClient(const std::function<void(const ClientCore&)>& fn);
 
  private:
@@ -126,6 +127,8 @@ class ClientCore : public std::enable_shared_from_this<ClientCore> {
   // `detail`, when given, receives why the first failed shard's open failed (its sinks' words)
   // before the handler is on its way.
   void DoOpen(ClientMessageSink::OpenHandler handler, std::shared_ptr<std::string> detail = nullptr);
+  // Why a call or open of a client made before this process was forked fails (kClientClosed).
+  std::string MadeBeforeForkDetail() const;
 
   ClientOptions options_;
   SinkStackSpec spec_;

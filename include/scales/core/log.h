@@ -73,7 +73,10 @@ void LogMessage(LogLevel level, const char* file, int line, std::string_view mes
 // macro (one static limiter per call site) and for code that keeps its own.
 class LogRateLimiter {
  public:
-  explicit LogRateLimiter(int per_second) noexcept : per_second_(per_second) {}
+  explicit LogRateLimiter(int per_second) noexcept;  // its lock is held across fork()
+  ~LogRateLimiter();
+  LogRateLimiter(const LogRateLimiter&) = delete;
+  LogRateLimiter& operator=(const LogRateLimiter&) = delete;
 
   // Whether a record may be written at `now`. When it returns true, `*suppressed` is the
   // number of records refused since the last one let through (then reset to 0).

@@ -147,7 +147,10 @@ struct MetricSnapshot {
 // registry's lifetime.
 class StatsRegistry {
  public:
-  StatsRegistry() = default;
+  // Its locks are held across fork() (a child made by fork() finds them free: see fork() in
+  // docs/configuration.md).
+  StatsRegistry();
+  ~StatsRegistry();
   StatsRegistry(const StatsRegistry&) = delete;
   StatsRegistry& operator=(const StatsRegistry&) = delete;
 

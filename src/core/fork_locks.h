@@ -1,0 +1,32 @@
+// Process-wide mutexes held across fork(), so that a child never inherits one locked.
+#pragma once
+
+#include <mutex>
+
+namespace scales::internal {
+
+// The order in which the thread calling fork() takes the registered mutexes: a mutex that is
+// held while another is taken comes first (Runtime::Default() builds a runtime under its lock,
+// which registers metrics and may log; ForEachLiveClient calls back under its lock; the stats
+// registry and the log take nothing else while they hold theirs).
+enum class ForkLockRank {
+  kDefaultRuntime = 0,
+  kLiveClients = 1,
+  kStatsCollectors = 2,
+  kStatsMetrics = 3,
+  kKeptObjects = 4,
+  kLog = 5,
+};
+
+// Registers `mu` (until StopHoldingAcrossFork): a pthread_atfork handler locks every registered
+// mutex, in rank order, in the thread that calls fork() before it forks, and unlocks them after
+// it, in the parent and in the child. Without that, a mutex that another of the parent's threads
+// held at that instant (a loop thread logging, a scrape reading a stats registry) would stay
+// locked in the child for good, where that thread does not exist, and the child's next use of it
+// (its first client, a log line, releasing a parent's client) would wait forever. fork() waits
+// instead for the holders to let go (each holds its mutex for a few instructions, or, the live
+// clients', for a ForEachLiveClient callback: fork() must not be called from one).
+void HoldAcrossFork(std::mutex& mu, ForkLockRank rank) noexcept;
+void StopHoldingAcrossFork(std::mutex& mu) noexcept;
+
+}  // namespace scales::internal
