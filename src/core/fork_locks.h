@@ -7,15 +7,20 @@ namespace scales::internal {
 
 // The order in which the thread calling fork() takes the registered mutexes: a mutex that is
 // held while another is taken comes first (Runtime::Default() builds a runtime under its lock,
-// which registers metrics and may log; ForEachLiveClient calls back under its lock; the stats
-// registry and the log take nothing else while they hold theirs).
+// which registers metrics and loops, and may log, and in a child sets the parent's aside;
+// ForEachLiveClient calls back under its lock; the TLS context cache loads files and the
+// ZooKeeper log routes pass lines on under theirs; the stats registry, the loops' list, the kept
+// objects and the log take nothing else while they hold theirs).
 enum class ForkLockRank {
-  kDefaultRuntime = 0,
-  kLiveClients = 1,
-  kStatsCollectors = 2,
-  kStatsMetrics = 3,
-  kKeptObjects = 4,
-  kLog = 5,
+  kDefaultRuntime,
+  kLiveClients,
+  kTlsContexts,
+  kStatsCollectors,
+  kStatsMetrics,
+  kWrappingLoops,
+  kZooKeeperLogRoutes,
+  kKeptObjects,
+  kLog,
 };
 
 // Registers `mu` (until StopHoldingAcrossFork): a pthread_atfork handler locks every registered

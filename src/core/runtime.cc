@@ -44,7 +44,11 @@ struct WrappingLoops {
 };
 
 WrappingLoops& TheWrappingLoops() {
-  static WrappingLoops* const loops = new WrappingLoops();  // never destroyed: loops may outlive main
+  static WrappingLoops* const loops = [] {
+    auto* l = new WrappingLoops();  // never destroyed: loops may outlive main
+    internal::HoldAcrossFork(l->mu, internal::ForkLockRank::kWrappingLoops);
+    return l;
+  }();
   return *loops;
 }
 }  // namespace

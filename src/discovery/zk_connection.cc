@@ -17,6 +17,7 @@
 #include <fmt/format.h>
 
 #include "core/backoff.h"
+#include "core/fork_locks.h"
 #include "scales/core/error.h"
 #include "scales/core/log.h"
 #include "scales/core/runtime.h"
@@ -36,7 +37,11 @@ struct LogRoutes {
 };
 
 LogRoutes& TheLogRoutes() {
-  static LogRoutes* const routes = new LogRoutes();
+  static LogRoutes* const routes = [] {
+    auto* r = new LogRoutes();
+    internal::HoldAcrossFork(r->mu, internal::ForkLockRank::kZooKeeperLogRoutes);
+    return r;
+  }();
   return *routes;
 }
 

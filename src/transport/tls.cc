@@ -15,6 +15,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 
+#include "core/fork_locks.h"
 #include "scales/core/error.h"
 #include "scales/discovery/uri.h"
 
@@ -183,7 +184,11 @@ struct CachedContext {
 
 std::shared_ptr<ssl::context> CachedTlsContext(const TlsOptions& o, bool reread_changed_files) {
   ValidateFields(o);  // also when `enabled` is off: opportunistic TLS (Mux) upgrades with these
-  static std::mutex mu;
+  static std::mutex& mu = []() -> std::mutex& {
+    auto* m = new std::mutex();  // never destroyed: held across fork() for good
+    internal::HoldAcrossFork(*m, internal::ForkLockRank::kTlsContexts);
+    return *m;
+  }();
   static std::map<std::string, std::vector<CachedContext>> cache;
   std::string key = fmt::format("{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file, o.server_name);
   std::string stamps;

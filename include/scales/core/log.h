@@ -121,7 +121,9 @@ inline bool LogEnabled(LogLevel level) noexcept {
 #define SCALES_LOG_RATE_LIMITED(level, per_second, ...)                                         \
   do {                                                                                          \
     if (::scales::LogEnabled(::scales::LogLevel::level)) {                                      \
-      static ::scales::LogRateLimiter scales_log_limiter_(per_second);                          \
+      /* never destroyed: records may come from other threads during exit */                    \
+      static ::scales::LogRateLimiter& scales_log_limiter_ =                                    \
+          *new ::scales::LogRateLimiter(per_second);                                            \
       uint64_t scales_log_suppressed_ = 0;                                                      \
       if (scales_log_limiter_.Allow(::scales::log_internal::Now(), &scales_log_suppressed_)) {  \
         ::scales::log_internal::LogLimited(::scales::LogLevel::level, __FILE__, __LINE__,       \
