@@ -3,16 +3,29 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <exception>
-#include <utility>
+#include <new>
 #include <vector>
 
 namespace scales::internal {
 namespace {
 
+struct Registration {
+  ForkLockRank rank;
+  std::mutex* mu;
+  Registration* next;  // in `pending`
+};
+
+// Registering takes no lock: a mutex may be registered (its owner made) while its maker holds
+// another registered mutex (a first rate-limited log line under the live clients' lock, say),
+// and waiting there for `mu`, which a fork() in progress holds while it waits for that other
+// mutex, would deadlock. Registrations wait in `pending` until the next fork or unregistering
+// moves them to `held`.
 struct ForkLocks {
-  std::mutex mu;  // taken first, released last: no mutex joins or leaves during a fork
-  std::vector<std::pair<ForkLockRank, std::mutex*>> held;  // by rank; guarded by mu
+  std::atomic<Registration*> pending{nullptr};
+  std::mutex mu;                    // taken first, released last by a fork
+  std::vector<Registration*> held;  // by rank; guarded by mu
 };
 
 ForkLocks& TheForkLocks() {
@@ -20,15 +33,34 @@ ForkLocks& TheForkLocks() {
   return *locks;
 }
 
+// Under locks.mu: moves the pending registrations to `held`, in rank order (after the last of
+// their rank: mutexes of one rank are never nested, so any order does among them).
+void TakePending(ForkLocks& locks) {
+  Registration* r = locks.pending.exchange(nullptr, std::memory_order_acquire);
+  std::vector<Registration*> arrived;
+  for (; r != nullptr; r = r->next) arrived.push_back(r);
+  for (auto it = arrived.rbegin(); it != arrived.rend(); ++it) {  // in the order they came
+    auto at =
+        std::upper_bound(locks.held.begin(), locks.held.end(), (*it)->rank,
+                         [](ForkLockRank rank, const Registration* e) { return rank < e->rank; });
+    locks.held.insert(at, *it);
+  }
+}
+
 void LockAll() {
   ForkLocks& locks = TheForkLocks();
   locks.mu.lock();
-  for (auto& [rank, mu] : locks.held) mu->lock();
+  try {
+    TakePending(locks);
+  } catch (...) {
+    std::terminate();  // no memory to note them: a child could inherit them locked
+  }
+  for (Registration* r : locks.held) r->mu->lock();
 }
 
 void UnlockAll() {
   ForkLocks& locks = TheForkLocks();
-  for (auto it = locks.held.rbegin(); it != locks.held.rend(); ++it) it->second->unlock();
+  for (auto it = locks.held.rbegin(); it != locks.held.rend(); ++it) (*it)->mu->unlock();
   locks.mu.unlock();
 }
 
@@ -40,21 +72,27 @@ void UnlockAll() {
 
 void HoldAcrossFork(std::mutex& mu, ForkLockRank rank) noexcept {
   ForkLocks& locks = TheForkLocks();
-  std::lock_guard lock(locks.mu);
-  // After the last of its rank: mutexes of one rank are never nested, any order does.
-  auto at = std::upper_bound(locks.held.begin(), locks.held.end(), rank,
-                             [](ForkLockRank r, const auto& entry) { return r < entry.first; });
-  try {
-    locks.held.emplace(at, rank, &mu);
-  } catch (...) {
-    std::terminate();  // no memory to note it: a child could inherit it locked
+  auto* r = new (std::nothrow) Registration{rank, &mu, nullptr};
+  if (r == nullptr) std::terminate();  // no memory to note it: a child could inherit it locked
+  r->next = locks.pending.load(std::memory_order_relaxed);
+  while (!locks.pending.compare_exchange_weak(r->next, r, std::memory_order_release,
+                                              std::memory_order_relaxed)) {
   }
 }
 
 void StopHoldingAcrossFork(std::mutex& mu) noexcept {
   ForkLocks& locks = TheForkLocks();
   std::lock_guard lock(locks.mu);
-  std::erase_if(locks.held, [&](const auto& entry) { return entry.second == &mu; });
+  try {
+    TakePending(locks);
+  } catch (...) {
+    std::terminate();
+  }
+  auto it = std::find_if(locks.held.begin(), locks.held.end(),
+                         [&](const Registration* r) { return r->mu == &mu; });
+  if (it == locks.held.end()) return;
+  delete *it;
+  locks.held.erase(it);
 }
 
 }  // namespace scales::internal

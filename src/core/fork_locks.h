@@ -31,6 +31,9 @@ enum class ForkLockRank {
 // (its first client, a log line, releasing a parent's client) would wait forever. fork() waits
 // instead for the holders to let go (each holds its mutex for a few instructions, or, the live
 // clients', for a ForEachLiveClient callback: fork() must not be called from one).
+// HoldAcrossFork takes no lock, so it may be called with any mutex held (a registered one's
+// owner made under another's lock); StopHoldingAcrossFork waits for a fork in progress, so it
+// must not be called with a registered mutex held.
 void HoldAcrossFork(std::mutex& mu, ForkLockRank rank) noexcept;
 void StopHoldingAcrossFork(std::mutex& mu) noexcept;
 
