@@ -107,16 +107,33 @@ void CallBase::operator delete(void* p, std::size_t size) noexcept {
   ::operator delete(p, size);
 }
 
+namespace {
+// Runs `complete` (copyable) on a detached thread, or here when no thread can be had, rather
+// than never.
+template <class Complete>
+void CompleteOnAThreadOfItsOwn(Complete complete) {
+  try {
+    std::thread(complete).detach();
+  } catch (const std::exception&) {
+    complete();
+  }
+}
+}  // namespace
+
 void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail) {
   call->info = info;
   if (info != nullptr) {
     info->error = make_error_code(Errc::kClientClosed);
     info->detail = detail;
   }
-  boost::asio::post(boost::asio::system_executor(), [call, detail = std::move(detail)] {
+  auto complete = [call, detail = std::move(detail)] {
     auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed), detail);
     call->Complete(m, boost::asio::system_executor());
-  });
+  };
+  // Not posted to the system executor: that would start its threads, which a child made by
+  // fork() inherits without them and cannot join when it exits (std::exit hangs or crashes in
+  // the system context's destructor), and which do not run its posts.
+  CompleteOnAThreadOfItsOwn(std::move(complete));
 }
 
 void FailCallMadeBeforeFork(CallBase* call, std::string detail) {
@@ -124,15 +141,10 @@ void FailCallMadeBeforeFork(CallBase* call, std::string detail) {
     call->info->error = make_error_code(Errc::kClientClosed);
     call->info->detail = detail;
   }
-  auto complete = [call, detail = std::move(detail)] {
+  CompleteOnAThreadOfItsOwn([call, detail = std::move(detail)] {
     auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed), detail);
     call->Complete(m, boost::asio::system_executor());
-  };
-  try {
-    std::thread(complete).detach();
-  } catch (const std::exception&) {
-    complete();  // no thread to be had: here, rather than never
-  }
+  });
 }
 
 // --- dispatcher --------------------------------------------------------------------------------

@@ -4,9 +4,12 @@
 //   scales_fork_helper client <host:port>
 //
 // (ForkTest.AChildFailsTheParentsClientsAndMakesItsOwn.) Calls GET /name through an HTTP client
-// on a runtime of one loop, makes the default runtime, then forks. The child:
+// on a runtime of one loop, makes the default runtime, calls through an empty client (which
+// started the system executor's threads, which the child could not join: its std::exit hung or
+// crashed), then forks. The child:
 //   1. calls through the parent's client, blocking and with a callback: both fail at once
-//      (within 10 s) with kClientClosed saying the client was created before the fork;
+//      (within 10 s) with kClientClosed saying the client was created before the fork; so do a
+//      call through an empty client (within 10 s) and opening the parent's client (2 s);
 //   2. builds a client on the parent's runtime: kInvalidArgument;
 //   3. makes a client of its own (Runtime::Default() is a new runtime there) and calls through
 //      it;
@@ -189,6 +192,18 @@ void RunClientChild(scales::http::HttpClient& parents,
     ChildFails("the callback was not called");
   if (callback_done.get() != scales::Errc::kClientClosed)
     ChildFails("the callback's error is not kClientClosed");
+  // An empty client's call (completed on the system executor's threads, the parent's, when
+  // its first call there had started them).
+  auto empty_called = std::make_shared<std::promise<scales::error_code>>();
+  auto empty_done = empty_called->get_future();
+  scales::http::HttpClient().AsyncGet(
+      "/name", [empty_called](scales::error_code ec, scales::http::Response) {
+        empty_called->set_value(ec);
+      });
+  if (empty_done.wait_for(10s) != std::future_status::ready)
+    ChildFails("the empty client's callback was not called");
+  if (empty_done.get() != scales::Errc::kClientClosed)
+    ChildFails("the empty client's error is not kClientClosed");
   // ... and so does opening it (it waited for the open timeout).
   auto opening = std::async(std::launch::async, [&parents] {
     try {
@@ -247,6 +262,13 @@ int RunClient(const std::string& endpoint) {
   if (client.Get("/name").status != 200) return Fail("the parent's first call got no 200");
   // The parent's default runtime exists too: the child must not use it.
   const std::shared_ptr<scales::Runtime> parents_default = scales::Runtime::Default();
+  // An empty client's call (which started the system executor's threads).
+  std::promise<void> empty_called;
+  scales::http::HttpClient().AsyncGet(
+      "/name",
+      [&empty_called](scales::error_code, scales::http::Response) { empty_called.set_value(); });
+  if (empty_called.get_future().wait_for(10s) != std::future_status::ready)
+    return Fail("the parent's empty client's callback was not called");
   std::fflush(stdout);
   const pid_t child = ::fork();
   if (child < 0) return Fail("fork failed");

@@ -296,8 +296,8 @@ class TypedCall : public CallBase {
 };
 
 // Completes `call`, made through an empty (default-constructed) client handle, with
-// kClientClosed and `detail` (also into `info`, the call's CallInfo, when given), posted to the
-// system executor: never inside the initiating function.
+// kClientClosed and `detail` (also into `info`, the call's CallInfo, when given), from a thread
+// of its own: never inside the initiating function (unless no thread can be had).
 void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail);
 
 // Completes `call`, made in a child made by fork() through a client whose runtime is the
