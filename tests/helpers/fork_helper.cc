@@ -61,6 +61,15 @@
 // within 2 s, else 3. The parent waits for it as above, then reads /metrics again and prints
 // "parent admin ok".
 //
+//   scales_fork_helper register
+//
+// (ForkTest.RegisteringALockDuringAForkDoesNotDeadlock.) A thread holds a mutex registered with
+// internal::HoldAcrossFork and, 200 ms later, registers another (as when a lock's owner is made
+// under another lock: a first rate-limited log line under the live clients' lock) while the main
+// thread forks, whose pthread_atfork handler waits for the first. The child exits 0 if it finds
+// both free. The parent waits for it as above. (When registering waited for the fork's list
+// lock, the two waited for each other and the helper printed nothing.)
+//
 // All exit 2 (with a message on stderr) when something fails in the parent.
 #include <chrono>
 #include <cstdio>
@@ -78,6 +87,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "core/fork_locks.h"
 #include "discovery/zk_connection.h"
 #include "scales/admin/admin_server.h"
 #include "scales/core/client.h"
@@ -494,6 +504,29 @@ int RunAdmin() {
   return 0;
 }
 
+int RunRegister() {
+  using scales::internal::ForkLockRank;
+  static std::mutex held;   // never destroyed: registered for good
+  static std::mutex later;  // likewise
+  scales::internal::HoldAcrossFork(held, ForkLockRank::kLiveClients);
+  std::promise<void> holding;
+  std::future<void> is_held = holding.get_future();
+  std::thread holder([&holding] {
+    std::lock_guard lock(held);
+    holding.set_value();
+    std::this_thread::sleep_for(200ms);  // the main thread's fork() is waiting for `held` by now
+    scales::internal::HoldAcrossFork(later, ForkLockRank::kLog);
+  });
+  is_held.wait();
+  std::fflush(stdout);
+  const pid_t child = ::fork();
+  if (child < 0) return Fail("fork failed");
+  if (child == 0) std::_Exit(held.try_lock() && later.try_lock() ? 0 : 3);
+  holder.join();
+  WaitForChild(child);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -505,10 +538,11 @@ int main(int argc, char** argv) {
     if (mode == "locks" && argc == 3) return RunLocks(argv[2]);
     if (mode == "manual" && argc == 3) return RunManual(argv[2]);
     if (mode == "admin" && argc == 2) return RunAdmin();
+    if (mode == "register" && argc == 2) return RunRegister();
   } catch (const std::exception& e) {
     return Fail(e.what());
   }
   return Fail(
       "usage: scales_fork_helper client <host:port> | zk <zk:// URI> <port> | closer <zk:// URI> | "
-      "locks <host:port> | manual <host:port> | admin");
+      "locks <host:port> | manual <host:port> | admin | register");
 }

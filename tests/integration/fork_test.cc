@@ -121,5 +121,15 @@ TEST(ForkTest, AChildLeavesTheParentsAdminServerServing) {
   ExpectHelperExitedCleanly(helper);
 }
 
+// A lock registered to be held across fork() while another registered one is held, by the
+// thread that holds it, as a fork waits for that one: neither waits for the other (registering
+// took the fork handler's list lock, which the fork held while it waited: the helper hung).
+TEST(ForkTest, RegisteringALockDuringAForkDoesNotDeadlock) {
+  SKIP_UNDER_LEAK_CHECK();
+  test::ChildProcess helper({SCALES_FORK_HELPER, "register"});
+  EXPECT_EQ(helper.ReadLine(30s).value_or("(nothing)"), "child exited 0");
+  ExpectHelperExitedCleanly(helper);
+}
+
 }  // namespace
 }  // namespace scales
