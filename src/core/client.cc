@@ -6,8 +6,6 @@
 #include <optional>
 #include <set>
 #include <stdexcept>
-#include <system_error>
-#include <thread>
 
 #include <fmt/format.h>
 
@@ -15,6 +13,7 @@
 
 #include "core/duration_text.h"
 #include "core/fork_locks.h"
+#include "core/own_thread.h"
 #include "scales/core/error.h"
 #include "scales/core/forwarding_sink.h"
 #include "scales/discovery/uri.h"
@@ -143,18 +142,11 @@ void ClientCore::DoOpen(ClientMessageSink::OpenHandler handler, std::shared_ptr<
   if (runtime_->made_before_fork()) [[unlikely]] {
     // In a child made by fork(): as a call (Dispatch), failed at once from a thread of its own.
     if (detail) *detail = MadeBeforeForkDetail();
-    // Shared, so that the thread's copy of `fail` going with a thread that could not start
-    // leaves the handler here.
-    auto h = std::make_shared<ClientMessageSink::OpenHandler>(std::move(handler));
-    auto fail = [h] {
+    auto h = std::make_shared<ClientMessageSink::OpenHandler>(std::move(handler));  // move-only
+    internal::RunOnAThreadOfItsOwn([h] {
       internal::CompleteOn(std::move(*h), boost::asio::system_executor(), /*defer=*/false, {},
                            make_error_code(Errc::kClientClosed));
-    };
-    try {
-      std::thread(fail).detach();
-    } catch (const std::system_error&) {
-      fail();  // no thread to be had: here, rather than never
-    }
+    });
     return;
   }
   struct OpenState {

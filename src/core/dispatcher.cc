@@ -3,10 +3,10 @@
 #include <chrono>
 #include <exception>
 #include <stdexcept>
-#include <thread>
 
 #include <fmt/format.h>
 
+#include "core/own_thread.h"
 #include "scales/core/log.h"
 
 namespace scales {
@@ -107,19 +107,6 @@ void CallBase::operator delete(void* p, std::size_t size) noexcept {
   ::operator delete(p, size);
 }
 
-namespace {
-// Runs `complete` (copyable) on a detached thread, or here when no thread can be had, rather
-// than never.
-template <class Complete>
-void CompleteOnAThreadOfItsOwn(Complete complete) {
-  try {
-    std::thread(complete).detach();
-  } catch (const std::exception&) {
-    complete();
-  }
-}
-}  // namespace
-
 void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail) {
   call->info = info;
   if (info != nullptr) {
@@ -133,7 +120,7 @@ void FailEmptyClient(CallBase* call, CallInfo* info, std::string detail) {
   // Not posted to the system executor: that would start its threads, which a child made by
   // fork() inherits without them and cannot join when it exits (std::exit hangs or crashes in
   // the system context's destructor), and which do not run its posts.
-  CompleteOnAThreadOfItsOwn(std::move(complete));
+  internal::RunOnAThreadOfItsOwn(std::move(complete));
 }
 
 void FailCallMadeBeforeFork(CallBase* call, std::string detail) {
@@ -141,7 +128,7 @@ void FailCallMadeBeforeFork(CallBase* call, std::string detail) {
     call->info->error = make_error_code(Errc::kClientClosed);
     call->info->detail = detail;
   }
-  CompleteOnAThreadOfItsOwn([call, detail = std::move(detail)] {
+  internal::RunOnAThreadOfItsOwn([call, detail = std::move(detail)] {
     auto m = MethodReturnMessage::Failure(make_error_code(Errc::kClientClosed), detail);
     call->Complete(m, boost::asio::system_executor());
   });
