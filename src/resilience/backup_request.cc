@@ -273,7 +273,10 @@ void BackupRequestSink::AsyncProcessResponse(SinkStack&, void* context, Stream* 
   auto* h = reinterpret_cast<Hedge*>(bits & ~uintptr_t{1});
   ++h->handling;
   (backup ? h->backup_out : h->primary_out) = false;
-  if (backup) h->caller->set_hedged(false);  // alive until both attempts are back (MaybeDeliver)
+  // Back: `total` may cancel the first attempt again (alive until both are back: MaybeDeliver),
+  // unless the backup may have reached a server (a failure not known unprocessed, such as
+  // kServerError or a timeout): then the call may have had side effects.
+  if (backup && msg.error == Condition::kRetryable) h->caller->set_hedged(false);
   if (!backup) h->timer.Cancel();
   // A backup cancelled along with the call answers with the call's reason from here up (its
   // endpoint's failure accrual, below, saw kCancelled).

@@ -917,6 +917,33 @@ TEST_F(BackupRequestTest, TotalCancelsAnUnsentFirstAttemptWithNoBackupOut) {
   EXPECT_EQ(calls_[d].error, Errc::kCancelled);
 }
 
+// A backup that failed at a server (not known unprocessed) may have acted on the call: `total`
+// (no side effects) no longer cancels the first attempt, which goes on to answer the call.
+TEST_F(BackupRequestTest, TotalLeavesTheFirstAttemptAloneAfterTheBackupFailedAtAServer) {
+  Build();
+  Warm(4, milliseconds(20));
+  auto c = Start(true);
+  transport_->set_holds_unsent(true);
+  env_.Advance(milliseconds(30));
+  ASSERT_EQ(transport_->in_flight(), 2u);
+  const int backup = BackupIndex();
+  ASSERT_GE(backup, 0);
+  SinkStack& caller = *transport_->request(1 - backup).stack;
+  ASSERT_TRUE(transport_->Fail(static_cast<size_t>(backup), make_error_code(Errc::kServerError)));
+  env_.Run();
+  ASSERT_FALSE(calls_.done(c));
+  ASSERT_EQ(transport_->in_flight(), 1u);
+  caller.CancelUnsent(make_error_code(Errc::kCancelled));
+  env_.Run();
+  EXPECT_FALSE(calls_.done(c));
+  EXPECT_FALSE(caller.cancelled());
+  ASSERT_TRUE(transport_->Reply(static_cast<size_t>(1 - backup), 7));
+  env_.Run();
+  ASSERT_TRUE(calls_.done(c));
+  EXPECT_FALSE(calls_[c].error);
+  EXPECT_EQ(calls_[c].value, 7);
+}
+
 TEST_F(BackupRequestTest, CallerCancellationCancelsBothOnce) {
   auto c = StartHedged();
   transport_->request(0).stack->Cancel(make_error_code(Errc::kCancelled));

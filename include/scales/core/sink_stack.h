@@ -73,8 +73,8 @@ class SinkStack {
   // Cancels with `reason` only a request that a sink holds and has sent nowhere yet
   // (ClientMessageSink::RequestUnsent): Asio's `total`, no side effects. Never a retry's
   // attempt (an earlier attempt may have reached the server), nor an attempt whose backup is
-  // out (cancelling it cancels the backup). Otherwise nothing changes (a later Cancel() still
-  // acts).
+  // out (cancelling it cancels the backup) or came back from a server that may have acted on
+  // it. Otherwise nothing changes (a later Cancel() still acts).
   void CancelUnsent(const error_code& reason) {
     if (cancelled_ || cancel_sink_ == nullptr || message_.properties.retries > 0 || hedged_ ||
         !cancel_sink_->RequestUnsent(*this, cancel_context_)) {
@@ -83,7 +83,8 @@ class SinkStack {
     Cancel(reason);
   }
   bool cancelled() const noexcept { return cancelled_; }
-  // Set by the backup-request sink while a backup of this call is out on a stack of its own.
+  // Set by the backup-request sink while a backup of this call is out on a stack of its own,
+  // and for good once a backup may have reached a server.
   void set_hedged(bool hedged) noexcept { hedged_ = hedged; }
   const error_code& cancel_reason() const noexcept { return cancel_reason_; }
 
