@@ -396,15 +396,20 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
   if (ec) {
     // An OpenSSL error (an alert) is a TLS failure. With TLS 1.3 the server checks the client
     // certificate after the client's handshake finished, so its refusal (an alert, or a TLS
-    // stream cut short before it sent anything) arrives as the first read.
+    // stream cut short before it sent anything) arrives as the first read. A TLS stream that
+    // merely ended (a FIN or a reset, no alert) is a closed connection, as without TLS (the
+    // network may have cut it; retried as such), unless the server asked for a certificate we
+    // do not have; before the server sent anything over TLS the detail asks whether it refused
+    // ours.
     const bool no_client_cert = tls_quiet_ && conn_.tls_client_certificate_missing();
-    const bool tls_refused =
-        no_client_cert || (IsTlsError(ec) && (state_ != State::kOpen || tls_quiet_ ||
-                                              ec.category() == asio::error::get_ssl_category()));
+    const bool ended = IsTlsConnectionEnd(ec);
+    const bool tls_refused = no_client_cert || (IsTlsError(ec) && !ended &&
+                                                (state_ != State::kOpen || tls_quiet_ ||
+                                                 ec.category() == asio::error::get_ssl_category()));
     std::string why;
     if (no_client_cert) {
       why = "; the server asked for a client certificate and none is configured (tls.cert_file, tls.key_file)";
-    } else if (tls_refused && tls_quiet_) {
+    } else if ((tls_refused || ended) && tls_quiet_ && conn_.tls_active()) {
       why = " before it sent anything over TLS (did it refuse our certificate?)";
     }
     // During the handshake no request is in flight: say which step the server left unanswered

@@ -167,7 +167,11 @@ void TcpConnection::OnHandshake(const boost::system::error_code& ec) {
   if (ec) {
     failure_detail_ = fmt::format("TLS handshake with {} failed: {}", address_,
                                   DescribeTlsError(ec, ssl_->native_handle()));
-    Finish(make_error_code(Errc::kTlsFailed));
+    // A connection that ended under the handshake (a FIN or a reset, no alert) failed to open,
+    // as one refused would: kConnectFailed, retryable (no request went out). A server that does
+    // not speak TLS and hangs up on the ClientHello looks the same (the detail says so); an
+    // alert or a bad record is TLS's verdict, kTlsFailed.
+    Finish(make_error_code(IsTlsConnectionEnd(ec) ? Errc::kConnectFailed : Errc::kTlsFailed));
     return;
   }
   tls_active_ = true;

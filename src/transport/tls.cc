@@ -297,6 +297,14 @@ bool IsTlsError(const boost::system::error_code& ec) noexcept {
          ec.category() == ssl::error::get_stream_category();
 }
 
+bool IsTlsConnectionEnd(const boost::system::error_code& ec) noexcept {
+  return ec == ssl::error::stream_truncated || ec == boost::asio::error::eof ||
+         ec == boost::asio::error::connection_reset || ec == boost::asio::error::broken_pipe ||
+         (ec.category() == boost::asio::error::get_ssl_category() &&
+          ERR_GET_REASON(static_cast<unsigned long>(ec.value())) ==
+              SSL_R_UNEXPECTED_EOF_WHILE_READING);
+}
+
 std::string DescribeTlsError(const boost::system::error_code& ec, SSL* ssl) {
   if (ec == ssl::error::stream_truncated || ec == boost::asio::error::eof ||
       ec == boost::asio::error::connection_reset) {

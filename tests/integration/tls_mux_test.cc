@@ -174,6 +174,42 @@ void ExpectTlsFailure(const Failure& f, const MuxReferenceServer& server) {
   EXPECT_LT(f.took, 3s) << f.what;  // no hang: well before the 5 s call timeout
 }
 
+// A TLS session whose connection ends mid-handshake with no alert, after the server had spoken
+// over TLS (it answered the probe), was cut, not refused: it fails as a plain connection closed
+// during the handshake does (retryable: no request was sent), not with kTlsFailed, which no
+// retry repeats. It was kTlsFailed: "the peer closed the connection (stream truncated; is it
+// speaking TLS?)", so a network cut during a handshake failed the call for good.
+TEST(TlsMuxTest, AConnectionEndedMidHandshakeAfterTheServerSpokeIsNotATlsFailure) {
+  MuxReferenceServer server(ServerArgs("first-byte", {"--hang-up-on-tinit"}));
+  LogCapture log;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), FirstByte());
+  const Failure f = CallFailure(client, "hello");
+  EXPECT_NE(f.code, Errc::kTlsFailed) << f.what;
+  EXPECT_TRUE(server.WaitForLog({"close hang-up-on-tinit"})) << server.Log();
+  EXPECT_TRUE(
+      log.Has({server.endpoint(), "failed to open",
+               "during the Mux handshake: Tinit was still unanswered", "[connection_closed]"}))
+      << log.All();
+  EXPECT_FALSE(log.Has({"[tls_failed]"})) << log.All();
+}
+
+// The same on an open session (no handshake: it opens with TLS) that had read nothing over TLS
+// when the server hung up on a request: the request fails as on a plain connection closed under
+// it (kConnectionClosed; an idempotent call would be retried), and the detail asks whether the
+// server refused our certificate. It was kTlsFailed, for every request on the session.
+TEST(TlsMuxTest, AConnectionEndedBeforeTheServerSpokeOverTlsIsAClosedConnection) {
+  MuxReferenceServer server(ServerArgs("first-byte"));
+  auto o = FirstByte();
+  o.session.handshake = false;
+  auto client = ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), o);
+  const Failure f = CallFailure(client, "hang-up");
+  EXPECT_EQ(f.code, Errc::kConnectionClosed) << ErrorName(f.code) << ": " << f.what;
+  EXPECT_NE(f.what.find("before it sent anything over TLS (did it refuse our certificate?)"),
+            std::string::npos)
+      << f.what;
+  EXPECT_TRUE(server.WaitForLog({"close hang-up"})) << server.Log();
+}
+
 TEST(TlsMuxTest, RequiredAgainstOffFails) {
   MuxReferenceServer server(ServerArgs("off"));
   LogCapture log;

@@ -31,6 +31,7 @@
 #include "scales/thrift/thrift.h"
 #include "scales/transport/tcp.h"
 #include "scales/transport/tls.h"
+#include "support/fault_proxy.h"
 #include "support/fixtures.h"
 #include "support/test_ca.h"
 #include "support/thrown.h"
@@ -531,6 +532,29 @@ TEST(TcpConnectionTest, CloseBeforeAFailedTlsSetupCompletesAbortsTheConnect) {
   EXPECT_EQ(result, boost::asio::error::operation_aborted) << result.message() << ": " << conn.failure_detail();
   EXPECT_EQ(registry.FindCounter("scales_connect_errors", {})->value(), 0);
   EXPECT_FALSE(conn.connected());
+}
+
+// A connection that ends under the handshake (the network cuts it, or a server hangs up on the
+// ClientHello: a FIN or a reset, no alert) failed to open: kConnectFailed, which a retry may
+// repeat elsewhere, not kTlsFailed (TLS's verdict: an alert, a certificate refused). It was
+// kTlsFailed, so an idempotent call whose attempt met a handshake cut short failed for good.
+TEST(TlsConnectionTest, AHandshakeTheConnectionEndsUnderIsAConnectFailure) {
+  const auto& ca = TestCa();
+  NginxServer nginx("cut", ServerTls(ca.server_cert, ca.server_key));
+  for (double reset : {0.0, 1.0}) {
+    SCOPED_TRACE(reset > 0 ? "reset" : "FIN");
+    test::FaultProxy proxy(nginx.port(), 7);
+    test::FaultProxy::Faults faults;
+    faults.cut = 1;
+    faults.cut_within = 1;  // at the first byte, either way: the ClientHello or the server's answer
+    faults.reset = reset;
+    proxy.SetFaults(faults);
+    auto [ec, detail] = Connect(proxy.port(), Trusting(ca.ca_file));
+    EXPECT_EQ(ec, Errc::kConnectFailed) << ec.message() << ": " << detail;
+    EXPECT_THAT(detail, HasSubstr("TLS handshake with " + proxy.endpoint() +
+                                  " failed: the peer closed the connection ("));
+    EXPECT_EQ(proxy.cuts(), 1);
+  }
 }
 
 TEST(TlsConnectionTest, HandshakeFailuresSayWhy) {

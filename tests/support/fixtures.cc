@@ -530,6 +530,9 @@ http {{
     location = /name {{
       return 200 "{name}";
     }}
+    location /uri/ {{
+      return 200 "$request_uri";
+    }}
     location /status/404 {{
       return 404 "nope\n";
     }}

@@ -159,6 +159,7 @@ struct NginxTls {
 //   /            200 "nginx <name>\n"
 //   /echo        200 "posted\n" (request bodies up to 10 MB are read and discarded)
 //   = /name      200 "<name>"
+//   /uri/...     200 "<the request's target>" (the path and query as sent)
 //   /status/404  404 "nope\n"
 //   = /client    200 "<the client certificate's subject>" (empty without TLS or certificate)
 // Every response carries `X-Server: <name>`. Keep-alive: 65 s, 100000 requests per connection.

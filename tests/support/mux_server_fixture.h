@@ -4,10 +4,11 @@
 // The server is written independently of the C++ Mux codec; see the script's docstring for its
 // modes (--mode finagle|strict|old, --framer N, --ping-interval MS, --greet tping|tdrain: a
 // control message written as a connection opens, before the probe's answer; --greet-after-tinit
-// tping|tdrain: one written on Tinit, before the Rinit; --fail-first N [--fail-flags F]: the
+// tping|tdrain: one written on Tinit, before the Rinit; --hang-up-on-tinit: the connection
+// ended abruptly on Tinit; --fail-first N [--fail-flags F]: the
 // first N calls answered with an Rdispatch Error, with MuxFailure flags F) and for the
 // misbehaviours that echo() arguments trigger ("drain", "lease:MS", "nack", "error:T",
-// "error-flags:F:T", "rerr:T", "noreply",
+// "error-flags:F:T", "rerr:T", "noreply", "hang-up",
 // "garbage", "close-mid-frame", "contexts", "tls-info", "ping-flood"; sleep(MS) replies late).
 // TLS (Python's ssl module): TlsArgs() gives the arguments for TLS from the first byte or for
 // opportunistic TLS at a level (--tls-mode first-byte|off|desired|required), optionally

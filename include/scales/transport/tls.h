@@ -84,6 +84,10 @@ TlsOptions TlsOptionsForUri(std::string_view uri, TlsOptions defaults);
 // truncated TLS stream), as opposed to plain socket errors.
 bool IsTlsError(const boost::system::error_code& ec) noexcept;
 
+// True when `ec` says the connection ended under the TLS stream (end of stream, a truncated
+// TLS stream, a reset or a broken pipe) rather than that TLS failed: no alert, no bad record.
+bool IsTlsConnectionEnd(const boost::system::error_code& ec) noexcept;
+
 // OpenSSL's reason for `ec` ("certificate verify failed (certificate has expired)",
 // "wrong version number"), with the certificate verification result of `ssl` when the
 // handshake failed verification (`ssl` may be null).

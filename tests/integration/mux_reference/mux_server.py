@@ -30,6 +30,7 @@ Misbehaviours on demand, chosen by the argument of echo():
   "noreply"          never reply (Tdiscarded still answered with Rdiscarded)
   "garbage"          write a frame with an invalid type byte (0x12), keep the connection
   "close-mid-frame"  write half of the reply frame and close the connection
+  "hang-up"          end the connection at once, abruptly (no TLS close_notify), no reply
   "contexts"         reply with the received context keys, comma-separated
   "trace"            reply "trace=T span=S parent=P flags=F" (16 hex digits each) decoded from
                      the TraceContext context, or "no trace"; a 40-byte context (128-bit trace
@@ -80,6 +81,9 @@ as "drain" does).
 --greet-after-tinit tping|tdrain writes it on receiving a Tinit instead, in one write with the
 Rinit that still follows it: the client, waiting for Rinit, reads both at once (a server that
 pings, or starts shutting down, during the handshake).
+
+--hang-up-on-tinit ends the connection on receiving a Tinit, unanswered and abruptly (no TLS
+close_notify): a server that dies, or a network that cuts the connection, mid-handshake.
 
 --fail-first N answers the first N dispatches the server handles (counted over all its
 connections) with an Rdispatch Error, then serves normally: a server that fails a call once and
@@ -551,6 +555,10 @@ class Connection:
             version, headers = decode_init(body)
             self.log("recv Tinit tag=%d size=%d version=%d headers=%s" % (
                 tag, len(body), version, ",".join(k.decode() for k, _ in headers)))
+            if self.args.hang_up_on_tinit:
+                self.writer.transport.abort()
+                self.close("hang-up-on-tinit")
+                return
             if mode == "old":
                 self.send(RERR_LEGACY, tag, b"Unexpected mux message type %d" % TINIT)
                 return
@@ -803,6 +811,9 @@ class Connection:
             self.send(RERR_LEGACY, tag, message.split(":", 1)[1].encode())
         elif message == "noreply":
             await asyncio.Event().wait()  # until Tdiscarded or close cancels us
+        elif message == "hang-up":
+            self.writer.transport.abort()
+            self.close("hang-up")
         elif message == "garbage":
             self.pending.pop(tag, None)
             self.log("send garbage tag=%d" % tag)
@@ -1020,6 +1031,8 @@ def main():
                    help="write this control message (tag 1) as soon as a connection opens")
     p.add_argument("--greet-after-tinit", choices=["tping", "tdrain"], default="",
                    help="write this control message (tag 1) on receiving Tinit, before Rinit")
+    p.add_argument("--hang-up-on-tinit", action="store_true",
+                   help="end the connection abruptly (no TLS close_notify) on receiving Tinit")
     p.add_argument("--fail-all", action="store_true",
                    help="answer every call with an Rdispatch error")
     p.add_argument("--fail-first", type=int, default=0,
