@@ -10,7 +10,11 @@
 //   - a server that fails every call is ejected by failure accrual, and revived (probe
 //     succeeds) once it recovers;
 //   - a Mux server that drains a session with calls in flight: new calls go to a new session;
-//   - a Mux server that refuses every call (Nacks) is ejected; the calls go to a healthy one.
+//   - a Mux server that refuses every call (Nacks) is ejected; the calls go to a healthy one;
+//   - connections cut at any byte, either way, with a FIN or a reset, and replies delivered in
+//     pieces (FaultProxy, for HTTP and HTTPS to nginx, framed Thrift, ThriftMux in clear and
+//     over TLS): every call completes once, with its own payload back or a failure a broken
+//     connection explains, and every call succeeds once the faults stop.
 
 #include <atomic>
 #include <chrono>
@@ -20,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,8 +38,10 @@
 #include "scales/stats/stats.h"
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
+#include "support/fault_proxy.h"
 #include "support/fixtures.h"
 #include "support/mux_server_fixture.h"
+#include "support/test_ca.h"
 
 namespace scales {
 namespace {
@@ -249,6 +256,7 @@ class ThriftToolServer {
  public:
   ThriftToolServer() : port_(test::FreeTcpPort()) { Start(); }
   std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }
   void Kill() {
     if (process_) process_->Kill();
     process_.reset();
@@ -273,7 +281,8 @@ class ThriftToolServer {
 
 // Starts an echo call on a Thrift or ThriftMux client, reporting its endpoint.
 template <class Client>
-void StartEcho(const Client& client, LoadRun::Done done, bool idempotent = true) {
+void StartEcho(const Client& client, LoadRun::Done done, bool idempotent = true,
+               std::string message = "hello") {
   struct Call {
     CallInfo info;
   };
@@ -281,8 +290,8 @@ void StartEcho(const Client& client, LoadRun::Done done, bool idempotent = true)
   CallOptions opts;
   opts.idempotent = idempotent;
   opts.info = &call->info;
-  SCALES_THRIFT_CALL(client.WithOptions(opts), echo, std::string("hello"),
-                     [call, done](std::exception_ptr e, std::string reply) {
+  SCALES_THRIFT_CALL(client.WithOptions(opts), echo, message,
+                     [call, done, message](std::exception_ptr e, std::string reply) {
                        error_code ec;
                        std::string detail;
                        if (e) {
@@ -295,9 +304,10 @@ void StartEcho(const Client& client, LoadRun::Done done, bool idempotent = true)
                            ec = make_error_code(Errc::kServerError);
                            detail = err.what();
                          }
-                       } else if (reply != "hello") {
+                       } else if (reply != message) {
                          ec = make_error_code(Errc::kProtocolError);
-                         detail = "wrong reply: " + reply;
+                         detail =
+                             "wrong reply: " + reply.substr(0, 40) + " to " + message.substr(0, 40);
                        }
                        done(ec, call->info.endpoint, detail);
                      });
@@ -337,6 +347,293 @@ TEST(RecoveryTest, ThriftMuxThreeServersOneKilledAtATime) {
                    [&](size_t i) { servers[i]->Restart(); });
     ExpectRecovered(run, stats, kCallers);
   }
+  client.Close();
+}
+
+// Faulty connections: three FaultProxy instances in front of one real server cut a third of
+// the connections at any byte, either way (FIN or RST), and deliver chunks in pieces, while 16
+// callers each send a payload of their own (up to 3 KiB). Every call completes exactly once; a
+// call that succeeds has its own payload back (a reply handed to another call would show); a
+// failure is one a broken connection explains, never a protocol error (the proxy alters no
+// byte: a stream cut short is not a malformed one); once the faults stop, every call succeeds
+// again and nothing is left pending.
+constexpr int kFaultCallers = 16;
+constexpr auto kFaultRunFor = 4000ms;
+
+// Call `id`'s payload: its number, then a filler of its own length (under 3 KiB), fit for a URI.
+std::string Payload(uint64_t id) {
+  std::string s = "c" + std::to_string(id) + "-";
+  const size_t filler = (id * 2654435761u) % 3000;
+  for (size_t i = 0; i < filler; ++i) s += static_cast<char>('a' + (id + i) % 26);
+  return s;
+}
+
+// GET /uri/<payload> from nginx, which answers with the target: the call's own payload back.
+void StartUriEcho(const http::HttpClient& client, uint64_t id, LoadRun::Done done) {
+  auto info = std::make_shared<CallInfo>();
+  CallOptions opts;
+  opts.idempotent = true;
+  opts.info = info.get();
+  http::Request req;
+  req.method = "GET";
+  req.target = "/uri/" + Payload(id);
+  client.AsyncSend(req, opts, [info, done, target = req.target](error_code ec, http::Response r) {
+    std::string detail = info->detail;
+    if (!ec && (r.status != 200 || r.body != target)) {
+      ec = make_error_code(Errc::kProtocolError);
+      detail = "wrong reply: " + std::to_string(r.status) + " " + r.body.substr(0, 40) + " to " +
+               target.substr(0, 40);
+    }
+    done(ec, info->endpoint, detail);
+  });
+}
+
+// Every connection cut within 64 KiB (a few dozen calls), a third of the chunks in pieces.
+test::FaultProxy::Faults Cutting() {
+  test::FaultProxy::Faults faults;
+  faults.cut = 1.0;
+  faults.cut_within = 65536;
+  faults.split = 0.3;
+  faults.pause = 200us;
+  return faults;
+}
+
+// Half the connections stall one way within 64 KiB: open, carrying nothing, as across a
+// network partition.
+test::FaultProxy::Faults Stalling() {
+  test::FaultProxy::Faults faults = Cutting();
+  faults.cut = 0.5;
+  faults.stall = 1.0;
+  return faults;
+}
+
+class FaultyProxies {
+ public:
+  explicit FaultyProxies(int upstream_port, const test::FaultProxy::Faults& faults = Cutting()) {
+    for (uint64_t i = 0; i < 3; ++i) {
+      proxies_.push_back(std::make_unique<test::FaultProxy>(upstream_port, 1000 + i));
+      proxies_.back()->SetFaults(faults);
+    }
+  }
+  std::string uri() const {
+    std::string uri = "tcp://";
+    for (const auto& p : proxies_) uri += (uri.size() > 6 ? "," : "") + p->endpoint();
+    return uri;
+  }
+  void Calm() {
+    for (auto& p : proxies_) p->Calm();
+  }
+  int64_t cuts() const {
+    int64_t n = 0;
+    for (const auto& p : proxies_) n += p->cuts();
+    return n;
+  }
+  int64_t stalls() const {
+    int64_t n = 0;
+    for (const auto& p : proxies_) n += p->stalls();
+    return n;
+  }
+  int64_t connections() const {
+    int64_t n = 0;
+    for (const auto& p : proxies_) n += p->connections();
+    return n;
+  }
+
+ private:
+  std::vector<std::unique_ptr<test::FaultProxy>> proxies_;
+};
+
+// What a run through faulty proxies may fail with, and how many of its calls must succeed.
+struct FaultExpectations {
+  std::set<std::string> explained = {"connection_closed", "not_sent", "connect_failed",
+                                     "failed_fast", "retry_budget_exhausted"};
+  double min_ok = 0.9;
+  bool stalls = false;  // the proxies stall connections rather than cut them
+};
+
+// Runs `start(id, done)` from kFaultCallers callers through faulty proxies, then calm ones, and
+// checks the outcome.
+void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry& stats,
+                             const std::function<void(uint64_t, LoadRun::Done)>& start,
+                             const FaultExpectations& expect = {}) {
+  std::atomic<uint64_t> next_id{0};
+  auto start_next = [&](LoadRun::Done done) { start(next_id.fetch_add(1), std::move(done)); };
+  {
+    LoadRun run(kFaultCallers, start_next);
+    std::this_thread::sleep_for(kFaultRunFor);
+    run.Stop();
+    ASSERT_TRUE(run.Drain(30s)) << "calls did not complete: " << run.tally.Describe();
+    const int64_t started = run.tally.started.load();
+    EXPECT_EQ(run.tally.completed.load(), started) << run.tally.Describe();
+    EXPECT_GT(started, 300) << run.tally.Describe();
+    if (expect.stalls) {
+      EXPECT_GE(proxies.stalls(), 3)
+          << "the faults did not bite (" << proxies.connections() << " connections)";
+    } else {
+      EXPECT_GT(proxies.cuts(), 20)
+          << "the faults did not bite (" << proxies.connections() << " connections)";
+      EXPECT_GT(SumCounter(stats, "scales_retries"), 0) << "no retry ran";
+    }
+    // A broken connection explains these; a protocol error or a wrong reply it does not.
+    for (const auto& [name, count] : run.tally.errors) {
+      EXPECT_TRUE(expect.explained.count(name))
+          << count << " calls failed with " << name << ": " << run.tally.Describe();
+    }
+    EXPECT_GE(static_cast<double>(run.tally.ok.load()),
+              expect.min_ok * static_cast<double>(started))
+        << run.tally.Describe();
+  }
+  // Calm: every call succeeds again.
+  proxies.Calm();
+  {
+    LoadRun run(kFaultCallers, start_next);
+    std::this_thread::sleep_for(1000ms);
+    run.Stop();
+    ASSERT_TRUE(run.Drain(30s)) << "calls did not complete: " << run.tally.Describe();
+    EXPECT_GT(run.tally.started.load(), 50) << run.tally.Describe();
+    EXPECT_EQ(run.tally.ok.load(), run.tally.started.load()) << run.tally.Describe();
+  }
+  EXPECT_EQ(SumGauge(stats, "scales_pending"), 0);
+  EXPECT_EQ(SumGauge(stats, "scales_mux_tags_in_use"), 0);
+  EXPECT_EQ(SumGauge(stats, "scales_pool_waiters"), 0);
+}
+
+TEST(RecoveryTest, HttpThroughFaultyConnections) {
+  test::NginxServer nginx("faulty");
+  FaultyProxies proxies(nginx.port());
+  stats::StatsRegistry stats;
+  auto o = TestOptions<http::HttpOptions>("faulty-http", stats);
+  auto client = Http::NewClient(proxies.uri(), o);
+  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
+    StartUriEcho(client, id, std::move(done));
+  });
+  client.Close();
+}
+
+// The same over TLS: a connection cut mid-record is a closed connection (retried), not a TLS
+// failure, and a reset during a handshake is retried too.
+TEST(RecoveryTest, HttpsThroughFaultyConnections) {
+  const auto& ca = testing::TestCa();
+  test::NginxServer nginx("faulty-tls", test::NginxTls{ca.server_cert, ca.server_key, {}});
+  FaultyProxies proxies(nginx.port());
+  stats::StatsRegistry stats;
+  auto o = TestOptions<http::HttpOptions>("faulty-https", stats);
+  o.transport.tls.enabled = true;
+  o.transport.tls.ca_file = ca.ca_file;
+  auto client = Http::NewClient(proxies.uri(), o);
+  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
+    StartUriEcho(client, id, std::move(done));
+  });
+  client.Close();
+}
+
+TEST(RecoveryTest, ThriftThroughFaultyConnections) {
+  ThriftToolServer server;
+  FaultyProxies proxies(server.port());
+  stats::StatsRegistry stats;
+  auto client = Thrift::NewClient<EchoClient>(
+      proxies.uri(), TestOptions<thrift::ThriftOptions>("faulty-thrift", stats));
+  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
+    StartEcho(client, std::move(done), true, Payload(id));
+  });
+  client.Close();
+}
+
+TEST(RecoveryTest, ThriftMuxThroughFaultyConnections) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  FaultyProxies proxies(server.port());
+  stats::StatsRegistry stats;
+  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), MuxOptions("faulty-tmux", stats));
+  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
+    StartEcho(client, std::move(done), true, Payload(id));
+  });
+  client.Close();
+}
+
+TEST(RecoveryTest, ThriftMuxTlsThroughFaultyConnections) {
+  const auto& ca = testing::TestCa();
+  std::vector<std::string> args = {"--mode", "finagle"};
+  for (auto& a : test::MuxReferenceServer::TlsArgs("first-byte", ca.server_cert, ca.server_key))
+    args.push_back(a);
+  test::MuxReferenceServer server(args);
+  FaultyProxies proxies(server.port());
+  stats::StatsRegistry stats;
+  auto o = MuxOptions("faulty-tmux-tls", stats);
+  o.session.tls.enabled = true;
+  o.session.tls.ca_file = ca.ca_file;
+  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
+  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
+    StartEcho(client, std::move(done), true, Payload(id));
+  });
+  client.Close();
+}
+
+// Stalled connections (open, carrying nothing one way, as across a network partition): the
+// calls on them end at their deadline, a stalled Mux session is closed by its pings' timeout,
+// and the replies that arrive once the stall ends, long after their calls, go nowhere.
+FaultExpectations StallExpectations() {
+  FaultExpectations e;
+  e.explained.insert("request_timeout");
+  e.min_ok = 0.5;
+  e.stalls = true;
+  return e;
+}
+
+// Calls end at 500 ms; an endpoint failure accrual marks dead (the requests of a stalled
+// session fail together) comes back within a second, to stall again.
+template <class Options>
+void ForStalls(Options& o) {
+  o.client.timeout = 500ms;
+  o.failure_accrual->min_backoff = 200ms;
+  o.failure_accrual->max_backoff = 1s;
+}
+
+TEST(RecoveryTest, HttpThroughStallingConnections) {
+  test::NginxServer nginx("stalling");
+  FaultyProxies proxies(nginx.port(), Stalling());
+  stats::StatsRegistry stats;
+  auto o = TestOptions<http::HttpOptions>("stalling-http", stats);
+  ForStalls(o);
+  auto client = Http::NewClient(proxies.uri(), o);
+  RunThroughFaultyProxies(
+      proxies, stats,
+      [&](uint64_t id, LoadRun::Done done) { StartUriEcho(client, id, std::move(done)); },
+      StallExpectations());
+  client.Close();
+}
+
+TEST(RecoveryTest, ThriftThroughStallingConnections) {
+  ThriftToolServer server;
+  FaultyProxies proxies(server.port(), Stalling());
+  stats::StatsRegistry stats;
+  auto o = TestOptions<thrift::ThriftOptions>("stalling-thrift", stats);
+  ForStalls(o);
+  auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
+  RunThroughFaultyProxies(
+      proxies, stats,
+      [&](uint64_t id, LoadRun::Done done) {
+        StartEcho(client, std::move(done), true, Payload(id));
+      },
+      StallExpectations());
+  client.Close();
+}
+
+TEST(RecoveryTest, ThriftMuxThroughStallingConnections) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  FaultyProxies proxies(server.port(), Stalling());
+  stats::StatsRegistry stats;
+  auto o = MuxOptions("stalling-tmux", stats);
+  ForStalls(o);
+  o.session.ping_interval = 100ms;
+  o.session.ping_timeout = 300ms;
+  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
+  RunThroughFaultyProxies(
+      proxies, stats,
+      [&](uint64_t id, LoadRun::Done done) {
+        StartEcho(client, std::move(done), true, Payload(id));
+      },
+      StallExpectations());
+  EXPECT_GT(SumCounter(stats, "scales_mux_ping_timeouts"), 0) << stats.ToText();
   client.Close();
 }
 
