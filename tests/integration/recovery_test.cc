@@ -358,7 +358,16 @@ TEST(RecoveryTest, ThriftMuxThreeServersOneKilledAtATime) {
 // byte: a stream cut short is not a malformed one); once the faults stop, every call succeeds
 // again and nothing is left pending.
 constexpr int kFaultCallers = 16;
-constexpr auto kFaultRunFor = 4000ms;
+constexpr auto kFaultRunFor = 2000ms;  // at least; then until enough calls and faults
+
+// Waits at least `min`, then until `done()` or `max` passed.
+void RunUntil(std::chrono::milliseconds min, std::chrono::milliseconds max,
+              const std::function<bool()>& done) {
+  const auto start = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(min);
+  while (!done() && std::chrono::steady_clock::now() - start < max)
+    std::this_thread::sleep_for(50ms);
+}
 
 // Call `id`'s payload: its number, then a filler of its own length (under 3 KiB), fit for a URI.
 std::string Payload(uint64_t id) {
@@ -460,7 +469,12 @@ void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry&
   auto start_next = [&](LoadRun::Done done) { start(next_id.fetch_add(1), std::move(done)); };
   {
     LoadRun run(kFaultCallers, start_next);
-    std::this_thread::sleep_for(kFaultRunFor);
+    // Until enough calls and faults, however fast the build (sanitizers) runs them.
+    const int64_t faults_wanted = expect.stalls ? 4 : 30;
+    RunUntil(kFaultRunFor, 30s, [&] {
+      return run.tally.started.load() >= 1000 &&
+             (expect.stalls ? proxies.stalls() : proxies.cuts()) >= faults_wanted;
+    });
     run.Stop();
     ASSERT_TRUE(run.Drain(30s)) << "calls did not complete: " << run.tally.Describe();
     const int64_t started = run.tally.started.load();
@@ -487,7 +501,7 @@ void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry&
   proxies.Calm();
   {
     LoadRun run(kFaultCallers, start_next);
-    std::this_thread::sleep_for(1000ms);
+    RunUntil(500ms, 20s, [&] { return run.tally.started.load() >= 200; });
     run.Stop();
     ASSERT_TRUE(run.Drain(30s)) << "calls did not complete: " << run.tally.Describe();
     EXPECT_GT(run.tally.started.load(), 50) << run.tally.Describe();
