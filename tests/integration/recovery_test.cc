@@ -254,7 +254,11 @@ TEST(RecoveryTest, HttpThreeNginxOneKilledAtATime) {
 // `scales testserver thrift` (Apache Thrift's threaded server) on a fixed port, restartable.
 class ThriftToolServer {
  public:
-  ThriftToolServer() : port_(test::FreeTcpPort()) { Start(); }
+  // `extra`: more arguments for `scales testserver thrift` (e.g. "--transport", "buffered").
+  explicit ThriftToolServer(std::vector<std::string> extra = {})
+      : port_(test::FreeTcpPort()), extra_(std::move(extra)) {
+    Start();
+  }
   std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
   int port() const { return port_; }
   void Kill() {
@@ -264,8 +268,10 @@ class ThriftToolServer {
   void Start() {
     auto until = std::chrono::steady_clock::now() + 5s;
     for (;;) {
-      process_ = std::make_unique<test::ChildProcess>(
-          std::vector<std::string>{test::ToolPath(), "testserver", "thrift", "--port", std::to_string(port_)});
+      std::vector<std::string> args = {test::ToolPath(), "testserver", "thrift", "--port",
+                                       std::to_string(port_)};
+      args.insert(args.end(), extra_.begin(), extra_.end());
+      process_ = std::make_unique<test::ChildProcess>(args);
       auto line = process_->ReadLine(5s);
       if (line && line->find("listening") != std::string::npos) return;
       process_.reset();
@@ -276,6 +282,7 @@ class ThriftToolServer {
 
  private:
   int port_;
+  std::vector<std::string> extra_;
   std::unique_ptr<test::ChildProcess> process_;
 };
 
@@ -547,6 +554,22 @@ TEST(RecoveryTest, ThriftThroughFaultyConnections) {
   stats::StatsRegistry stats;
   auto client = Thrift::NewClient<EchoClient>(
       proxies.uri(), TestOptions<thrift::ThriftOptions>("faulty-thrift", stats));
+  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
+    StartEcho(client, std::move(done), true, Payload(id));
+  });
+  client.Close();
+}
+
+// Unframed: the client finds each reply's end by parsing the compact protocol's stream, which
+// the proxy cuts and splits anywhere.
+TEST(RecoveryTest, BufferedCompactThriftThroughFaultyConnections) {
+  ThriftToolServer server({"--transport", "buffered", "--protocol", "compact"});
+  FaultyProxies proxies(server.port());
+  stats::StatsRegistry stats;
+  auto o = TestOptions<thrift::ThriftOptions>("faulty-thrift-buffered", stats);
+  o.transport.framing = thrift::Framing::kBuffered;
+  o.protocol = thrift::Protocol::kCompact;
+  auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
   RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
     StartEcho(client, std::move(done), true, Payload(id));
   });
