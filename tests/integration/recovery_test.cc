@@ -414,12 +414,12 @@ test::FaultProxy::Faults Cutting() {
   return faults;
 }
 
-// Half the connections stall one way within 64 KiB: open, carrying nothing, as across a
-// network partition.
+// Every connection cut within 64 KiB as above, or, for half of them, stalled one way there:
+// open, carrying nothing, as across a network partition. (Stalling only some connections and
+// leaving the rest alone, a client ends up on healthy ones only, a Mux client within seconds.)
 test::FaultProxy::Faults Stalling() {
   test::FaultProxy::Faults faults = Cutting();
-  faults.cut = 0.5;
-  faults.stall = 1.0;
+  faults.stall = 0.5;
   return faults;
 }
 
@@ -611,7 +611,7 @@ TEST(RecoveryTest, ThriftMuxTlsThroughFaultyConnections) {
 FaultExpectations StallExpectations() {
   FaultExpectations e;
   e.explained.insert("request_timeout");
-  e.min_ok = 0.5;
+  e.min_ok = 0.8;
   e.stalls = true;
   return e;
 }
