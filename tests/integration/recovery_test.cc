@@ -11,10 +11,11 @@
 //     succeeds) once it recovers;
 //   - a Mux server that drains a session with calls in flight: new calls go to a new session;
 //   - a Mux server that refuses every call (Nacks) is ejected; the calls go to a healthy one;
-//   - connections cut at any byte, either way, with a FIN or a reset, and replies delivered in
-//     pieces (FaultProxy, for HTTP and HTTPS to nginx, framed Thrift, ThriftMux in clear and
-//     over TLS): every call completes once, with its own payload back or a failure a broken
-//     connection explains, and every call succeeds once the faults stop.
+//   - connections cut at any byte, either way, with a FIN or a reset, or stalled there, and
+//     replies delivered in pieces (FaultProxy, for HTTP and HTTPS to nginx, framed and unframed
+//     Thrift, ThriftMux in clear and over TLS): every call completes once, with its own payload
+//     back or a failure a broken connection explains, and every call succeeds once the faults
+//     stop.
 
 #include <atomic>
 #include <chrono>
@@ -357,8 +358,8 @@ TEST(RecoveryTest, ThriftMuxThreeServersOneKilledAtATime) {
   client.Close();
 }
 
-// Faulty connections: three FaultProxy instances in front of one real server cut a third of
-// the connections at any byte, either way (FIN or RST), and deliver chunks in pieces, while 16
+// Faulty connections: three FaultProxy instances in front of one real server cut every
+// connection at a random byte, either way (FIN or RST), and deliver chunks in pieces, while 16
 // callers each send a payload of their own (up to 3 KiB). Every call completes exactly once; a
 // call that succeeds has its own payload back (a reply handed to another call would show); a
 // failure is one a broken connection explains, never a protocol error (the proxy alters no
@@ -464,7 +465,7 @@ struct FaultExpectations {
   std::set<std::string> explained = {"connection_closed", "not_sent", "connect_failed",
                                      "failed_fast", "retry_budget_exhausted"};
   double min_ok = 0.9;
-  bool stalls = false;  // the proxies stall connections rather than cut them
+  bool stalls = false;  // the proxies stall some connections (Stalling()), not only cut them
 };
 
 // Runs `start(id, done)` from kFaultCallers callers through faulty proxies, then calm ones, and
