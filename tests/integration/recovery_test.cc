@@ -424,6 +424,18 @@ test::FaultProxy::Faults Stalling() {
   return faults;
 }
 
+// Starts of calls with payloads of their own, for RunThroughFaultyProxies: an echo through a
+// Thrift or ThriftMux client, or a GET /uri/... through an HTTP client.
+template <class Client>
+std::function<void(uint64_t, LoadRun::Done)> PayloadEcho(const Client& client) {
+  return [&client](uint64_t id, LoadRun::Done done) {
+    StartEcho(client, std::move(done), true, Payload(id));
+  };
+}
+std::function<void(uint64_t, LoadRun::Done)> UriEcho(const http::HttpClient& client) {
+  return [&client](uint64_t id, LoadRun::Done done) { StartUriEcho(client, id, std::move(done)); };
+}
+
 class FaultyProxies {
  public:
   explicit FaultyProxies(int upstream_port, const test::FaultProxy::Faults& faults = Cutting()) {
@@ -526,9 +538,7 @@ TEST(RecoveryTest, HttpThroughFaultyConnections) {
   stats::StatsRegistry stats;
   auto o = TestOptions<http::HttpOptions>("faulty-http", stats);
   auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
-    StartUriEcho(client, id, std::move(done));
-  });
+  RunThroughFaultyProxies(proxies, stats, UriEcho(client));
   client.Close();
 }
 
@@ -543,9 +553,7 @@ TEST(RecoveryTest, HttpsThroughFaultyConnections) {
   o.transport.tls.enabled = true;
   o.transport.tls.ca_file = ca.ca_file;
   auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
-    StartUriEcho(client, id, std::move(done));
-  });
+  RunThroughFaultyProxies(proxies, stats, UriEcho(client));
   client.Close();
 }
 
@@ -555,9 +563,7 @@ TEST(RecoveryTest, ThriftThroughFaultyConnections) {
   stats::StatsRegistry stats;
   auto client = Thrift::NewClient<EchoClient>(
       proxies.uri(), TestOptions<thrift::ThriftOptions>("faulty-thrift", stats));
-  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
-    StartEcho(client, std::move(done), true, Payload(id));
-  });
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
   client.Close();
 }
 
@@ -571,9 +577,7 @@ TEST(RecoveryTest, BufferedCompactThriftThroughFaultyConnections) {
   o.transport.framing = thrift::Framing::kBuffered;
   o.protocol = thrift::Protocol::kCompact;
   auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
-    StartEcho(client, std::move(done), true, Payload(id));
-  });
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
   client.Close();
 }
 
@@ -582,9 +586,7 @@ TEST(RecoveryTest, ThriftMuxThroughFaultyConnections) {
   FaultyProxies proxies(server.port());
   stats::StatsRegistry stats;
   auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), MuxOptions("faulty-tmux", stats));
-  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
-    StartEcho(client, std::move(done), true, Payload(id));
-  });
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
   client.Close();
 }
 
@@ -600,9 +602,7 @@ TEST(RecoveryTest, ThriftMuxTlsThroughFaultyConnections) {
   o.session.tls.enabled = true;
   o.session.tls.ca_file = ca.ca_file;
   auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, [&](uint64_t id, LoadRun::Done done) {
-    StartEcho(client, std::move(done), true, Payload(id));
-  });
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
   client.Close();
 }
 
@@ -633,10 +633,7 @@ TEST(RecoveryTest, HttpThroughStallingConnections) {
   auto o = TestOptions<http::HttpOptions>("stalling-http", stats);
   ForStalls(o);
   auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(
-      proxies, stats,
-      [&](uint64_t id, LoadRun::Done done) { StartUriEcho(client, id, std::move(done)); },
-      StallExpectations());
+  RunThroughFaultyProxies(proxies, stats, UriEcho(client), StallExpectations());
   client.Close();
 }
 
@@ -647,12 +644,7 @@ TEST(RecoveryTest, ThriftThroughStallingConnections) {
   auto o = TestOptions<thrift::ThriftOptions>("stalling-thrift", stats);
   ForStalls(o);
   auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(
-      proxies, stats,
-      [&](uint64_t id, LoadRun::Done done) {
-        StartEcho(client, std::move(done), true, Payload(id));
-      },
-      StallExpectations());
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), StallExpectations());
   client.Close();
 }
 
@@ -665,12 +657,7 @@ TEST(RecoveryTest, ThriftMuxThroughStallingConnections) {
   o.session.ping_interval = 100ms;
   o.session.ping_timeout = 300ms;
   auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(
-      proxies, stats,
-      [&](uint64_t id, LoadRun::Done done) {
-        StartEcho(client, std::move(done), true, Payload(id));
-      },
-      StallExpectations());
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), StallExpectations());
   EXPECT_GT(SumCounter(stats, "scales_mux_ping_timeouts"), 0) << stats.ToText();
   client.Close();
 }
