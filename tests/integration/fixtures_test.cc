@@ -2,6 +2,8 @@
 // Boost.Beast synchronous client so that they do not depend on the library under test.
 #include "support/fixtures.h"
 
+#include "support/fault_proxy.h"
+
 #include <sys/wait.h>
 
 #include <chrono>
@@ -14,6 +16,8 @@
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http.hpp>
 
@@ -236,6 +240,72 @@ TEST(FixturesTest, FreeTcpPortIsBindable) {
   int port = FreeTcpPort();
   EXPECT_GT(port, 0);
   EXPECT_FALSE(CanConnect(port));
+}
+
+// A FaultProxy stall ends with Calm(): the stalled way then carries on from the byte it stopped
+// at, so what arrives is still exactly what was sent (the rest of the chunk it had read past the
+// stall point was dropped, and a ZooKeeper client resumed that way read a member's data skewed).
+TEST(FaultProxyTest, AStallThatCalmEndsLosesNoByte) {
+  asio::io_context ioc;
+  tcp::acceptor upstream(ioc, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  int stalled_up = 0, stalled_down = 0;
+  for (uint64_t seed = 1; seed <= 8; ++seed) {
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    FaultProxy proxy(upstream.local_endpoint().port(), seed);
+    FaultProxy::Faults faults;
+    faults.cut = 1;
+    faults.cut_within = 1000;  // inside the first chunk the proxy reads
+    faults.stall = 1;
+    faults.split = 0.5;
+    faults.pause = std::chrono::microseconds(100);
+    proxy.SetFaults(faults);
+    tcp::socket client(ioc);
+    client.connect(
+        tcp::endpoint(asio::ip::address_v4::loopback(), static_cast<uint16_t>(proxy.port())));
+    tcp::socket server = upstream.accept();
+    auto pattern = [](size_t size, unsigned salt) {
+      std::string s(size, '\0');
+      for (size_t i = 0; i < size; ++i) s[i] = static_cast<char>((i * 131 + salt) % 251);
+      return s;
+    };
+    const std::string up = pattern(64 * 1024, 1), down = pattern(64 * 1024, 2);
+    std::string got_up(up.size(), '\0'), got_down(down.size(), '\0');
+    int done = 0;
+    bool read_up = false, read_down = false;
+    auto count = [&](bool* read) {
+      return [&done, read](boost::system::error_code ec, size_t) {
+        EXPECT_FALSE(ec) << ec.message();
+        ++done;
+        if (read != nullptr) *read = true;
+      };
+    };
+    asio::async_write(client, asio::buffer(up), count(nullptr));
+    asio::async_write(server, asio::buffer(down), count(nullptr));
+    asio::async_read(server, asio::buffer(got_up), count(&read_up));
+    asio::async_read(client, asio::buffer(got_down), count(&read_down));
+    const auto run_until = [&](auto&& condition) {
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      while (!condition() && std::chrono::steady_clock::now() < deadline) {
+        ioc.restart();
+        ioc.run_for(std::chrono::milliseconds(10));
+      }
+      return condition();
+    };
+    ASSERT_TRUE(run_until([&] { return proxy.stalls() == 1; }));
+    // The other way finishes; the stalled one is short of its bytes.
+    ASSERT_TRUE(run_until([&] { return read_up || read_down; }));
+    ++(read_up ? stalled_down : stalled_up);
+    proxy.Calm();
+    EXPECT_TRUE(run_until([&] { return done == 4; })) << done << " of 4 transfers done";
+    EXPECT_TRUE(got_up == up) << "client to server: bytes lost or altered";
+    EXPECT_TRUE(got_down == down) << "server to client: bytes lost or altered";
+    client.close();
+    server.close();
+    ioc.restart();
+    ioc.poll();
+  }
+  EXPECT_GT(stalled_up, 0);
+  EXPECT_GT(stalled_down, 0);
 }
 
 }  // namespace

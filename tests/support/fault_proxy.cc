@@ -27,6 +27,7 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
     boost::asio::steady_timer timer;
     std::array<char, 16384> buf{};
     std::string_view pending;      // read, not yet written on
+    std::string_view held;         // read past cut_at: written on only if Calm() comes first
     size_t forwarded = 0;          // bytes written on so far
     std::optional<size_t> cut_at;  // cut (or stall) once this many bytes went this way
     bool cut_after_pending = false;
@@ -98,6 +99,7 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
             w.cut_after_pending = true;
           }
           w.pending = std::string_view(w.buf.data(), take);
+          w.held = std::string_view(w.buf.data() + take, n - take);
           w.split = std::uniform_real_distribution<double>(0.0, 1.0)(w.random) < self->faults.split;
           self->WritePiece(w);
         });
@@ -113,6 +115,11 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
       if (w.cut_after_pending) {
         owner.cuts_.fetch_add(1);
         return Close();
+      }
+      if (!w.held.empty()) {
+        // Calm() came before the cut: the rest of the chunk goes on, so no byte is skipped.
+        w.pending = std::exchange(w.held, {});
+        return WritePiece(w);
       }
       return Pump(w);
     }
@@ -146,7 +153,7 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
       w->split = false;
       if (w->stalled && !closed) {
         w->stalled = false;
-        Pump(*w);
+        WritePiece(*w);  // what it held back, then on reading
       }
     }
   }
