@@ -7,10 +7,11 @@
 #include <unistd.h>
 #include <zookeeper/zookeeper.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstring>
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -19,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <set>
 #include <sstream>
 #include <string>
@@ -41,6 +43,7 @@
 #include "scales/discovery/zookeeper.h"
 #include "scales/http/client.h"
 #include "scales/stats/stats.h"
+#include "support/fault_proxy.h"
 #include "support/fixtures.h"
 #include "support/handler_queue.h"
 #include "support/log_capture.h"
@@ -1761,6 +1764,170 @@ TEST_F(ZooKeeperTest, AnAnnouncerInAGlobalShutsDownAtExitWithTheEnsembleGone) {
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0)
       << "wait status " << *status
       << (WIFSIGNALED(*status) ? fmt::format(" (signal {})", WTERMSIG(*status)) : "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discovery through connections that break at any byte (FaultProxy in front of the server): the
+// server set and the announcer talk to ZooKeeper through three proxies that cut every connection
+// after a few KiB either way (a FIN or a reset) or stall it there, and deliver bytes in pieces,
+// while a writer of the test's own, straight to the server, adds and deletes members. The C client
+// reconnects (its session survives, or expires and is replaced) and our watches and reads are
+// retried; what the subscriber sees must stay consistent with what ZooKeeper held.
+
+// A ZooKeeper handle of the test's own, straight to the server (C client, synchronous calls).
+class DirectZk {
+ public:
+  explicit DirectZk(const std::string& hosts)
+      : zh_(zookeeper_init2(hosts.c_str(), nullptr, 10000, nullptr, nullptr, 0,
+                            [](const char*) {})) {
+    EXPECT_NE(zh_, nullptr);
+    EXPECT_TRUE(zh_ && WaitFor([&] { return zoo_state(zh_) == ZOO_CONNECTED_STATE; }, 10s));
+  }
+  ~DirectZk() {
+    if (zh_ != nullptr) zookeeper_close(zh_);
+  }
+  DirectZk(const DirectZk&) = delete;
+  DirectZk& operator=(const DirectZk&) = delete;
+
+  // Creates a persistent sequential member of `path` (Finagle's format); returns its node's path.
+  std::string CreateMember(const std::string& path, const Endpoint& endpoint) {
+    const std::string data = fmt::format(
+        R"({{"serviceEndpoint": {{"host": "{}", "port": {}}}, "additionalEndpoints": {{}}, "status": "ALIVE"}})",
+        endpoint.host, endpoint.port);
+    char created[512] = {};
+    const int rc =
+        zoo_create(zh_, (path + "/member_").c_str(), data.data(), static_cast<int>(data.size()),
+                   &ZOO_OPEN_ACL_UNSAFE, ZOO_SEQUENCE, created, sizeof created);
+    EXPECT_EQ(rc, ZOK) << zerror(rc);
+    return created;
+  }
+  void Delete(const std::string& node) {
+    const int rc = zoo_delete(zh_, node.c_str(), -1);
+    EXPECT_EQ(rc, ZOK) << node << ": " << zerror(rc);
+  }
+  size_t Children(const std::string& path) {
+    String_vector children{};
+    const int rc = zoo_get_children(zh_, path.c_str(), 0, &children);
+    EXPECT_EQ(rc, ZOK) << zerror(rc);
+    const size_t n = rc == ZOK ? static_cast<size_t>(children.count) : 0;
+    deallocate_String_vector(&children);
+    return n;
+  }
+
+ private:
+  zhandle_t* zh_;
+};
+
+TEST_F(ZooKeeperTest, MembersAreFollowedThroughFaultyConnections) {
+  test::LogCapture log;
+  const std::string path = "/faulty/svc";
+  Kazoo(fmt::format("zk.ensure_path('{}')", path));
+  DirectZk writer(zk_->connect_string());
+  std::vector<std::unique_ptr<test::FaultProxy>> proxies;
+  std::string hosts;
+  for (uint64_t seed = 1; seed <= 3; ++seed) {
+    proxies.push_back(std::make_unique<test::FaultProxy>(zk_->port(), seed));
+    hosts += (hosts.empty() ? "" : ",") + proxies.back()->endpoint();
+  }
+  // 2 KiB is over what one reconnect carries (the handshake, and the watches set again for up to
+  // 26 members: under 1 KiB), so most connections make some progress before their cut.
+  test::FaultProxy::Faults faults;
+  faults.cut = 1.0;
+  faults.cut_within = 2048;
+  faults.stall = 0.15;
+  faults.split = 0.3;
+  faults.pause = 200us;
+  for (auto& proxy : proxies) proxy->SetFaults(faults);
+  auto total = [&](int64_t (test::FaultProxy::*count)() const) {
+    int64_t n = 0;
+    for (auto& proxy : proxies) n += ((*proxy).*count)();
+    return n;
+  };
+
+  // A 4 s session: a stalled connection is given up after 2/3 of it (the C client's receive
+  // timeout), in time for the session to survive the reconnect most of the time.
+  const std::string uri = fmt::format("zk://{}{}?session_timeout=4s", hosts, path);
+  auto set = MakeSet(uri);
+  Recorder rec(*set);
+  const Endpoint announced{"127.0.0.9", 9009};
+  ServiceInstance instance;
+  instance.service_endpoint = announced;
+  Announcer announcer(ScalesUriParser::Parse(uri), instance);
+
+  // The writer walks the member list between 3 and 25 members, one change every 20 ms; each
+  // member it creates has an endpoint of its own, never used again.
+  std::mt19937_64 random(7);
+  std::map<uint16_t, std::string> live;  // port -> node
+  std::set<Endpoint> created;
+  uint16_t next_port = 2000;
+  int steps = 0;
+  const auto started = std::chrono::steady_clock::now();
+  while (
+      std::chrono::steady_clock::now() - started < 40s &&
+      (steps < 60 || total(&test::FaultProxy::cuts) < 30 || total(&test::FaultProxy::stalls) < 3)) {
+    const bool add = live.size() < 3 || (live.size() < 25 && random() % 2 == 0);
+    if (add) {
+      const Endpoint endpoint{"127.0.0.1", next_port++};
+      live[endpoint.port] = writer.CreateMember(path, endpoint);
+      created.insert(endpoint);
+    } else {
+      auto victim = std::next(live.begin(), static_cast<long>(random() % live.size()));
+      writer.Delete(victim->second);
+      live.erase(victim);
+    }
+    // Bursts of changes 20 ms apart, then a quiet moment in which the set can catch up (it
+    // publishes a list once every read it started is answered).
+    std::this_thread::sleep_for(++steps % 4 == 0 ? 150ms : 20ms);
+  }
+  const int64_t cuts = total(&test::FaultProxy::cuts), stalls = total(&test::FaultProxy::stalls);
+  EXPECT_GE(cuts, 30) << "the faults did not come: " << steps << " steps";
+  EXPECT_GE(stalls, 3);
+
+  // Once the faults stop, the subscriber ends on what ZooKeeper holds.
+  for (auto& proxy : proxies) proxy->Calm();
+  std::set<Endpoint> want{announced};
+  for (const auto& [port, node] : live) want.insert(Endpoint{"127.0.0.1", port});
+  const auto last_as_set = [&] {
+    const auto last = rec.last();
+    return last ? std::set<Endpoint>(last->begin(), last->end()) : std::set<Endpoint>{};
+  };
+  ASSERT_TRUE(WaitFor([&] { return last_as_set() == want; }, 30s))
+      << "ZooKeeper holds " << want.size() << " members, the set " << Show(rec.last()) << "\n"
+      << set->Describe() << "\n"
+      << announcer.Describe() << "\n"
+      << log.All();
+  EXPECT_EQ(writer.Children(path), live.size() + 1) << "the announcer's member is there once";
+  EXPECT_GE(set->stats().connection_losses, 5u) << set->Describe();
+
+  // Every list delivered was one ZooKeeper could have held: no endpoint it never had, none
+  // twice, and each of the writer's members seen over one stretch of lists (it exists once,
+  // from its create to its delete, so a list without it between two with it went back in time).
+  // The announcer's member is left out of the last check: a session lost to the faults (over
+  // 4 s without a connection that carried a ping) takes it away until it is announced again.
+  const std::vector<Members> lists = rec.all();
+  std::map<Endpoint, std::pair<size_t, size_t>> seen;  // first and last list holding it
+  for (size_t i = 0; i < lists.size(); ++i) {
+    const std::set<Endpoint> list(lists[i].begin(), lists[i].end());
+    EXPECT_EQ(list.size(), lists[i].size())
+        << "list " << i << " holds an endpoint twice: " << Show(lists[i]);
+    for (const Endpoint& e : list) {
+      EXPECT_TRUE(e == announced || created.contains(e))
+          << "list " << i << " holds " << e.ToString();
+      auto [it, first] = seen.try_emplace(e, i, i);
+      it->second.second = i;
+    }
+  }
+  for (const auto& [endpoint, stretch] : seen) {
+    if (endpoint == announced) continue;
+    for (size_t i = stretch.first; i <= stretch.second; ++i) {
+      EXPECT_NE(std::find(lists[i].begin(), lists[i].end(), endpoint), lists[i].end())
+          << endpoint.ToString() << " is in lists " << stretch.first << " and " << stretch.second
+          << " but not in list " << i;
+    }
+  }
+  std::cerr << "[ info ] " << steps << " changes, " << lists.size() << " lists, " << cuts
+            << " cuts, " << stalls << " stalls, " << set->stats().connection_losses
+            << " connection losses, " << set->stats().sessions << " sessions\n";
 }
 
 }  // namespace
