@@ -15,7 +15,7 @@
 //     replies delivered in pieces (FaultProxy, for HTTP and HTTPS to nginx, framed and unframed
 //     Thrift, ThriftMux in clear and over TLS): every call completes once, with its own payload
 //     back or a failure a broken connection explains, and every call succeeds once the faults
-//     stop.
+//     stop; the same with backup requests through stalling connections (HTTP, ThriftMux).
 
 #include <atomic>
 #include <chrono>
@@ -36,6 +36,7 @@
 #include "Echo.h"
 #include "scales/core/runtime.h"
 #include "scales/http/client.h"
+#include "scales/resilience/backup_request.h"
 #include "scales/stats/stats.h"
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
@@ -648,17 +649,70 @@ TEST(RecoveryTest, ThriftThroughStallingConnections) {
   client.Close();
 }
 
+// ThriftMux options for stalling connections: ForStalls, and pings that find a stalled session
+// within 300 ms.
+thriftmux::ThriftMuxOptions StallingMuxOptions(const char* name, stats::StatsRegistry& stats) {
+  auto o = MuxOptions(name, stats);
+  ForStalls(o);
+  o.session.ping_interval = 100ms;
+  o.session.ping_timeout = 300ms;
+  return o;
+}
+
 TEST(RecoveryTest, ThriftMuxThroughStallingConnections) {
   test::MuxReferenceServer server({"--mode", "finagle"});
   FaultyProxies proxies(server.port(), Stalling());
   stats::StatsRegistry stats;
-  auto o = MuxOptions("stalling-tmux", stats);
-  ForStalls(o);
-  o.session.ping_interval = 100ms;
-  o.session.ping_timeout = 300ms;
+  auto o = StallingMuxOptions("stalling-tmux", stats);
   auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
   RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), StallExpectations());
   EXPECT_GT(SumCounter(stats, "scales_mux_ping_timeouts"), 0) << stats.ToText();
+  client.Close();
+}
+
+// Backup requests through stalling connections: a call whose first attempt stalls is sent
+// again after 50 ms to another endpoint (a backup avoids its first attempt's), and the attempt
+// that loses is cancelled (a Tdiscarded on a Mux session, the connection closed for HTTP) while
+// the proxies cut and stall what the backups and cancellations travel on too.
+template <class Options>
+void WithBackups(Options& o) {
+  BackupRequestOptions b;
+  b.percentile = 0.1;
+  b.max_extra_load = 0.5;
+  b.min_send_backup_after = 50ms;
+  b.refresh_interval = 100ms;
+  b.budget_min_per_sec = 100;
+  o.backup = b;
+}
+
+// Backups won (and so calls a stalled first attempt would have failed).
+void ExpectBackupsWon(const stats::StatsRegistry& stats) {
+  EXPECT_GT(SumCounter(stats, "scales_backup_requests_sent"), 0) << stats.ToText();
+  EXPECT_GT(SumCounter(stats, "scales_backup_requests_won"), 0) << stats.ToText();
+}
+
+TEST(RecoveryTest, HttpWithBackupsThroughStallingConnections) {
+  test::NginxServer nginx("stalling-backups");
+  FaultyProxies proxies(nginx.port(), Stalling());
+  stats::StatsRegistry stats;
+  auto o = TestOptions<http::HttpOptions>("stalling-http-backups", stats);
+  ForStalls(o);
+  WithBackups(o);
+  auto client = Http::NewClient(proxies.uri(), o);
+  RunThroughFaultyProxies(proxies, stats, UriEcho(client), StallExpectations());
+  ExpectBackupsWon(stats);
+  client.Close();
+}
+
+TEST(RecoveryTest, ThriftMuxWithBackupsThroughStallingConnections) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  FaultyProxies proxies(server.port(), Stalling());
+  stats::StatsRegistry stats;
+  auto o = StallingMuxOptions("stalling-tmux-backups", stats);
+  WithBackups(o);
+  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), StallExpectations());
+  ExpectBackupsWon(stats);
   client.Close();
 }
 
