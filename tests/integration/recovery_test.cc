@@ -15,7 +15,8 @@
 //     replies delivered in pieces (FaultProxy, for HTTP and HTTPS to nginx, framed and unframed
 //     Thrift, ThriftMux in clear and over TLS): every call completes once, with its own payload
 //     back or a failure a broken connection explains, and every call succeeds once the faults
-//     stop; the same with backup requests through stalling connections (HTTP, ThriftMux).
+//     stop; the same with backup requests through stalling connections (HTTP, ThriftMux), and
+//     with every connection cut in its TLS or Mux handshake (HTTPS, ThriftMux over TLS).
 
 #include <atomic>
 #include <chrono>
@@ -518,8 +519,12 @@ void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry&
               expect.min_ok * static_cast<double>(started))
         << run.tally.Describe();
   }
-  // Calm: every call succeeds again.
+  // Calm: every call succeeds again, once the endpoints marked down meanwhile had their next
+  // reconnect (after the resurrector's backoff, at most 300 ms here; until then their calls fail
+  // fast, and when every endpoint was down, as when every connection is cut in its handshake,
+  // every call does).
   proxies.Calm();
+  std::this_thread::sleep_for(1s);
   {
     LoadRun run(kFaultCallers, start_next);
     RunUntil(500ms, 20s, [&] { return run.tally.started.load() >= 200; });
@@ -545,17 +550,23 @@ TEST(RecoveryTest, HttpThroughFaultyConnections) {
 
 // The same over TLS: a connection cut mid-record is a closed connection (retried), not a TLS
 // failure, and a reset during a handshake is retried too.
-TEST(RecoveryTest, HttpsThroughFaultyConnections) {
+// HTTPS to nginx (the test CA's certificate) through faulty proxies.
+void RunHttpsThroughFaultyProxies(const char* name, const test::FaultProxy::Faults& faults,
+                                  const FaultExpectations& expect = {}) {
   const auto& ca = testing::TestCa();
-  test::NginxServer nginx("faulty-tls", test::NginxTls{ca.server_cert, ca.server_key, {}});
-  FaultyProxies proxies(nginx.port());
+  test::NginxServer nginx(name, test::NginxTls{ca.server_cert, ca.server_key, {}});
+  FaultyProxies proxies(nginx.port(), faults);
   stats::StatsRegistry stats;
-  auto o = TestOptions<http::HttpOptions>("faulty-https", stats);
+  auto o = TestOptions<http::HttpOptions>(name, stats);
   o.transport.tls.enabled = true;
   o.transport.tls.ca_file = ca.ca_file;
   auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, UriEcho(client));
+  RunThroughFaultyProxies(proxies, stats, UriEcho(client), expect);
   client.Close();
+}
+
+TEST(RecoveryTest, HttpsThroughFaultyConnections) {
+  RunHttpsThroughFaultyProxies("faulty-https", Cutting());
 }
 
 TEST(RecoveryTest, ThriftThroughFaultyConnections) {
@@ -591,20 +602,54 @@ TEST(RecoveryTest, ThriftMuxThroughFaultyConnections) {
   client.Close();
 }
 
-TEST(RecoveryTest, ThriftMuxTlsThroughFaultyConnections) {
+// ThriftMux over TLS to the Mux reference server (Finagle's mode, the test CA's certificate)
+// through faulty proxies.
+void RunThriftMuxTlsThroughFaultyProxies(const char* name, const test::FaultProxy::Faults& faults,
+                                         const FaultExpectations& expect = {}) {
   const auto& ca = testing::TestCa();
   std::vector<std::string> args = {"--mode", "finagle"};
   for (auto& a : test::MuxReferenceServer::TlsArgs("first-byte", ca.server_cert, ca.server_key))
     args.push_back(a);
   test::MuxReferenceServer server(args);
-  FaultyProxies proxies(server.port());
+  FaultyProxies proxies(server.port(), faults);
   stats::StatsRegistry stats;
-  auto o = MuxOptions("faulty-tmux-tls", stats);
+  auto o = MuxOptions(name, stats);
   o.session.tls.enabled = true;
   o.session.tls.ca_file = ca.ca_file;
   auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), expect);
   client.Close();
+}
+
+TEST(RecoveryTest, ThriftMuxTlsThroughFaultyConnections) {
+  RunThriftMuxTlsThroughFaultyProxies("faulty-tmux-tls", Cutting());
+}
+
+// Every connection cut within its first 2 KiB either way: in the TLS handshake (the server's
+// certificate alone is about 1 KiB), in the Mux handshake after it, or just after; few calls get
+// through. Each attempt fails as a connection failure (a TLS handshake cut short is not a TLS
+// failure), nothing waits for its timeout, and once the connections hold the client is back at
+// once, however long its endpoints were failing.
+test::FaultProxy::Faults CuttingHandshakes() {
+  test::FaultProxy::Faults faults = Cutting();
+  faults.cut_within = 2048;
+  return faults;
+}
+
+FaultExpectations HandshakeCutExpectations() {
+  FaultExpectations e;
+  e.min_ok = 0;
+  return e;
+}
+
+TEST(RecoveryTest, HttpsThroughConnectionsCutInTheirHandshakes) {
+  RunHttpsThroughFaultyProxies("cut-handshakes-https", CuttingHandshakes(),
+                               HandshakeCutExpectations());
+}
+
+TEST(RecoveryTest, ThriftMuxTlsThroughConnectionsCutInTheirHandshakes) {
+  RunThriftMuxTlsThroughFaultyProxies("cut-handshakes-tmux-tls", CuttingHandshakes(),
+                                      HandshakeCutExpectations());
 }
 
 // Stalled connections (open, carrying nothing one way, as across a network partition): the
