@@ -12,11 +12,12 @@
 //   - a Mux server that drains a session with calls in flight: new calls go to a new session;
 //   - a Mux server that refuses every call (Nacks) is ejected; the calls go to a healthy one;
 //   - connections cut at any byte, either way, with a FIN or a reset, or stalled there, and
-//     replies delivered in pieces (FaultProxy, for HTTP and HTTPS to nginx, framed and unframed
-//     Thrift, ThriftMux in clear and over TLS): every call completes once, with its own payload
-//     back or a failure a broken connection explains, and every call succeeds once the faults
-//     stop; the same with backup requests through stalling connections (HTTP, ThriftMux), and
-//     with every connection cut in its TLS or Mux handshake (HTTPS, ThriftMux over TLS).
+//     replies delivered in pieces (FaultProxy, for HTTP and HTTPS to nginx, framed Thrift in
+//     clear and over TLS, unframed Thrift, ThriftMux in clear and over TLS): every call completes
+//     once, with its own payload back or a failure a broken connection explains, and every call
+//     succeeds once the faults stop; the same with backup requests through stalling connections
+//     (HTTP, ThriftMux), and with every connection cut in its TLS or Mux handshake (HTTPS,
+//     ThriftMux over TLS).
 
 #include <atomic>
 #include <chrono>
@@ -575,6 +576,20 @@ TEST(RecoveryTest, ThriftThroughFaultyConnections) {
   stats::StatsRegistry stats;
   auto client = Thrift::NewClient<EchoClient>(
       proxies.uri(), TestOptions<thrift::ThriftOptions>("faulty-thrift", stats));
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
+  client.Close();
+}
+
+// Framed Thrift over TLS to Apache Thrift's TSSLServerSocket: a frame cut mid-record.
+TEST(RecoveryTest, ThriftTlsThroughFaultyConnections) {
+  const auto& ca = testing::TestCa();
+  ThriftToolServer server({"--tls-cert", ca.server_cert, "--tls-key", ca.server_key});
+  FaultyProxies proxies(server.port());
+  stats::StatsRegistry stats;
+  auto o = TestOptions<thrift::ThriftOptions>("faulty-thrift-tls", stats);
+  o.transport.tls.enabled = true;
+  o.transport.tls.ca_file = ca.ca_file;
+  auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
   RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
   client.Close();
 }
