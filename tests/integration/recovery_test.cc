@@ -42,6 +42,7 @@
 #include "scales/stats/stats.h"
 #include "scales/thrift/thrift.h"
 #include "scales/thriftmux/thriftmux.h"
+#include "scales/transport/tls.h"
 #include "support/fault_proxy.h"
 #include "support/fixtures.h"
 #include "support/mux_server_fixture.h"
@@ -465,6 +466,11 @@ class FaultyProxies {
     for (const auto& p : proxies_) n += p->stalls();
     return n;
   }
+  int64_t corruptions() const {
+    int64_t n = 0;
+    for (const auto& p : proxies_) n += p->corruptions();
+    return n;
+  }
   int64_t connections() const {
     int64_t n = 0;
     for (const auto& p : proxies_) n += p->connections();
@@ -480,7 +486,9 @@ struct FaultExpectations {
   std::set<std::string> explained = {"connection_closed", "not_sent", "connect_failed",
                                      "failed_fast", "retry_budget_exhausted"};
   double min_ok = 0.9;
-  bool stalls = false;  // the proxies stall some connections (Stalling()), not only cut them
+  // What the proxies do: cut every connection (Cutting()), or stall some of them (Stalling()),
+  // or alter bytes of the replies (Corrupting()).
+  enum class Fault { kCut, kStall, kCorrupt } fault = Fault::kCut;
 };
 
 // Runs `start(id, done)` from kFaultCallers callers through faulty proxies, then calm ones, and
@@ -493,22 +501,29 @@ void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry&
   {
     LoadRun run(kFaultCallers, start_next);
     // Until enough calls and faults, however fast the build (sanitizers) runs them.
-    const int64_t faults_wanted = expect.stalls ? 4 : 30;
-    RunUntil(kFaultRunFor, 30s, [&] {
-      return run.tally.started.load() >= 1000 &&
-             (expect.stalls ? proxies.stalls() : proxies.cuts()) >= faults_wanted;
-    });
+    using Fault = FaultExpectations::Fault;
+    const auto faults = [&] {
+      switch (expect.fault) {
+        case Fault::kCut:
+          return proxies.cuts();
+        case Fault::kStall:
+          return proxies.stalls();
+        case Fault::kCorrupt:
+          return proxies.corruptions();
+      }
+      return int64_t{0};
+    };
+    const int64_t faults_wanted = expect.fault == Fault::kStall ? 4 : 30;
+    RunUntil(kFaultRunFor, 30s,
+             [&] { return run.tally.started.load() >= 1000 && faults() >= faults_wanted; });
     run.Stop();
     ASSERT_TRUE(run.Drain(30s)) << "calls did not complete: " << run.tally.Describe();
     const int64_t started = run.tally.started.load();
     EXPECT_EQ(run.tally.completed.load(), started) << run.tally.Describe();
     EXPECT_GT(started, 300) << run.tally.Describe();
-    if (expect.stalls) {
-      EXPECT_GE(proxies.stalls(), 3)
-          << "the faults did not bite (" << proxies.connections() << " connections)";
-    } else {
-      EXPECT_GT(proxies.cuts(), 20)
-          << "the faults did not bite (" << proxies.connections() << " connections)";
+    EXPECT_GE(faults(), expect.fault == Fault::kStall ? 3 : 20)
+        << "the faults did not bite (" << proxies.connections() << " connections)";
+    if (expect.fault == Fault::kCut) {
       EXPECT_GT(SumCounter(stats, "scales_retries"), 0) << "no retry ran";
     }
     // A broken connection explains these; a protocol error or a wrong reply it does not.
@@ -539,105 +554,112 @@ void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry&
   EXPECT_EQ(SumGauge(stats, "scales_pool_waiters"), 0);
 }
 
-TEST(RecoveryTest, HttpThroughFaultyConnections) {
-  test::NginxServer nginx("faulty");
-  FaultyProxies proxies(nginx.port());
+// One run through three faulty proxies in front of a real server of each protocol: the faults,
+// what the run may fail with, whether the client speaks TLS (the test CA's certificate on the
+// server); `tweak` adjusts the client's options, `after` checks the client's metrics once the
+// run is over.
+struct FaultRun {
+  const char* name;
+  test::FaultProxy::Faults faults = Cutting();
+  FaultExpectations expect = {};
+  bool tls = false;
+};
+template <class Options>
+using Tweak = std::function<void(Options&)>;
+using After = std::function<void(const stats::StatsRegistry&)>;
+
+void TrustTestCa(TlsOptions& tls) {
+  tls.enabled = true;
+  tls.ca_file = testing::TestCa().ca_file;
+}
+
+// HTTP (GET /uri/...) to nginx.
+void RunHttp(const FaultRun& r, const Tweak<http::HttpOptions>& tweak = {},
+             const After& after = {}) {
+  const auto& ca = testing::TestCa();
+  auto nginx = r.tls ? std::make_unique<test::NginxServer>(
+                           r.name, test::NginxTls{ca.server_cert, ca.server_key, {}})
+                     : std::make_unique<test::NginxServer>(r.name);
+  FaultyProxies proxies(nginx->port(), r.faults);
   stats::StatsRegistry stats;
-  auto o = TestOptions<http::HttpOptions>("faulty-http", stats);
+  auto o = TestOptions<http::HttpOptions>(r.name, stats);
+  if (r.tls) TrustTestCa(o.transport.tls);
+  if (tweak) tweak(o);
   auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, UriEcho(client));
+  RunThroughFaultyProxies(proxies, stats, UriEcho(client), r.expect);
+  if (after) after(stats);
   client.Close();
 }
+
+// Thrift echo to Apache Thrift's server (`scales testserver thrift`, more arguments in
+// `server_args`; TLS: TSSLServerSocket).
+void RunThrift(const FaultRun& r, std::vector<std::string> server_args = {},
+               const Tweak<thrift::ThriftOptions>& tweak = {}) {
+  const auto& ca = testing::TestCa();
+  if (r.tls)
+    server_args.insert(server_args.end(),
+                       {"--tls-cert", ca.server_cert, "--tls-key", ca.server_key});
+  ThriftToolServer server(server_args);
+  FaultyProxies proxies(server.port(), r.faults);
+  stats::StatsRegistry stats;
+  auto o = TestOptions<thrift::ThriftOptions>(r.name, stats);
+  if (r.tls) TrustTestCa(o.transport.tls);
+  if (tweak) tweak(o);
+  auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), r.expect);
+  client.Close();
+}
+
+// ThriftMux echo to the Mux reference server in Finagle's mode.
+void RunThriftMux(const FaultRun& r, const Tweak<thriftmux::ThriftMuxOptions>& tweak = {},
+                  const After& after = {}) {
+  const auto& ca = testing::TestCa();
+  std::vector<std::string> args = {"--mode", "finagle"};
+  if (r.tls) {
+    for (auto& a : test::MuxReferenceServer::TlsArgs("first-byte", ca.server_cert, ca.server_key))
+      args.push_back(a);
+  }
+  test::MuxReferenceServer server(args);
+  FaultyProxies proxies(server.port(), r.faults);
+  stats::StatsRegistry stats;
+  auto o = MuxOptions(r.name, stats);
+  if (r.tls) TrustTestCa(o.session.tls);
+  if (tweak) tweak(o);
+  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
+  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), r.expect);
+  if (after) after(stats);
+  client.Close();
+}
+
+TEST(RecoveryTest, HttpThroughFaultyConnections) { RunHttp({.name = "faulty-http"}); }
 
 // The same over TLS: a connection cut mid-record is a closed connection (retried), not a TLS
 // failure, and a reset during a handshake is retried too.
-// HTTPS to nginx (the test CA's certificate) through faulty proxies.
-void RunHttpsThroughFaultyProxies(const char* name, const test::FaultProxy::Faults& faults,
-                                  const FaultExpectations& expect = {}) {
-  const auto& ca = testing::TestCa();
-  test::NginxServer nginx(name, test::NginxTls{ca.server_cert, ca.server_key, {}});
-  FaultyProxies proxies(nginx.port(), faults);
-  stats::StatsRegistry stats;
-  auto o = TestOptions<http::HttpOptions>(name, stats);
-  o.transport.tls.enabled = true;
-  o.transport.tls.ca_file = ca.ca_file;
-  auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, UriEcho(client), expect);
-  client.Close();
-}
-
 TEST(RecoveryTest, HttpsThroughFaultyConnections) {
-  RunHttpsThroughFaultyProxies("faulty-https", Cutting());
+  RunHttp({.name = "faulty-https", .tls = true});
 }
 
-TEST(RecoveryTest, ThriftThroughFaultyConnections) {
-  ThriftToolServer server;
-  FaultyProxies proxies(server.port());
-  stats::StatsRegistry stats;
-  auto client = Thrift::NewClient<EchoClient>(
-      proxies.uri(), TestOptions<thrift::ThriftOptions>("faulty-thrift", stats));
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
-  client.Close();
-}
+TEST(RecoveryTest, ThriftThroughFaultyConnections) { RunThrift({.name = "faulty-thrift"}); }
 
 // Framed Thrift over TLS to Apache Thrift's TSSLServerSocket: a frame cut mid-record.
 TEST(RecoveryTest, ThriftTlsThroughFaultyConnections) {
-  const auto& ca = testing::TestCa();
-  ThriftToolServer server({"--tls-cert", ca.server_cert, "--tls-key", ca.server_key});
-  FaultyProxies proxies(server.port());
-  stats::StatsRegistry stats;
-  auto o = TestOptions<thrift::ThriftOptions>("faulty-thrift-tls", stats);
-  o.transport.tls.enabled = true;
-  o.transport.tls.ca_file = ca.ca_file;
-  auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
-  client.Close();
+  RunThrift({.name = "faulty-thrift-tls", .tls = true});
 }
 
 // Unframed: the client finds each reply's end by parsing the compact protocol's stream, which
 // the proxy cuts and splits anywhere.
 TEST(RecoveryTest, BufferedCompactThriftThroughFaultyConnections) {
-  ThriftToolServer server({"--transport", "buffered", "--protocol", "compact"});
-  FaultyProxies proxies(server.port());
-  stats::StatsRegistry stats;
-  auto o = TestOptions<thrift::ThriftOptions>("faulty-thrift-buffered", stats);
-  o.transport.framing = thrift::Framing::kBuffered;
-  o.protocol = thrift::Protocol::kCompact;
-  auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
-  client.Close();
+  RunThrift({.name = "faulty-thrift-buffered"},
+            {"--transport", "buffered", "--protocol", "compact"}, [](thrift::ThriftOptions& o) {
+              o.transport.framing = thrift::Framing::kBuffered;
+              o.protocol = thrift::Protocol::kCompact;
+            });
 }
 
-TEST(RecoveryTest, ThriftMuxThroughFaultyConnections) {
-  test::MuxReferenceServer server({"--mode", "finagle"});
-  FaultyProxies proxies(server.port());
-  stats::StatsRegistry stats;
-  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), MuxOptions("faulty-tmux", stats));
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client));
-  client.Close();
-}
-
-// ThriftMux over TLS to the Mux reference server (Finagle's mode, the test CA's certificate)
-// through faulty proxies.
-void RunThriftMuxTlsThroughFaultyProxies(const char* name, const test::FaultProxy::Faults& faults,
-                                         const FaultExpectations& expect = {}) {
-  const auto& ca = testing::TestCa();
-  std::vector<std::string> args = {"--mode", "finagle"};
-  for (auto& a : test::MuxReferenceServer::TlsArgs("first-byte", ca.server_cert, ca.server_key))
-    args.push_back(a);
-  test::MuxReferenceServer server(args);
-  FaultyProxies proxies(server.port(), faults);
-  stats::StatsRegistry stats;
-  auto o = MuxOptions(name, stats);
-  o.session.tls.enabled = true;
-  o.session.tls.ca_file = ca.ca_file;
-  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), expect);
-  client.Close();
-}
+TEST(RecoveryTest, ThriftMuxThroughFaultyConnections) { RunThriftMux({.name = "faulty-tmux"}); }
 
 TEST(RecoveryTest, ThriftMuxTlsThroughFaultyConnections) {
-  RunThriftMuxTlsThroughFaultyProxies("faulty-tmux-tls", Cutting());
+  RunThriftMux({.name = "faulty-tmux-tls", .tls = true});
 }
 
 // Every connection cut within its first 2 KiB either way: in the TLS handshake (the server's
@@ -658,13 +680,11 @@ FaultExpectations HandshakeCutExpectations() {
 }
 
 TEST(RecoveryTest, HttpsThroughConnectionsCutInTheirHandshakes) {
-  RunHttpsThroughFaultyProxies("cut-handshakes-https", CuttingHandshakes(),
-                               HandshakeCutExpectations());
+  RunHttp({"cut-handshakes-https", CuttingHandshakes(), HandshakeCutExpectations(), true});
 }
 
 TEST(RecoveryTest, ThriftMuxTlsThroughConnectionsCutInTheirHandshakes) {
-  RunThriftMuxTlsThroughFaultyProxies("cut-handshakes-tmux-tls", CuttingHandshakes(),
-                                      HandshakeCutExpectations());
+  RunThriftMux({"cut-handshakes-tmux-tls", CuttingHandshakes(), HandshakeCutExpectations(), true});
 }
 
 // Stalled connections (open, carrying nothing one way, as across a network partition): the
@@ -674,7 +694,7 @@ FaultExpectations StallExpectations() {
   FaultExpectations e;
   e.explained.insert("request_timeout");
   e.min_ok = 0.8;
-  e.stalls = true;
+  e.fault = FaultExpectations::Fault::kStall;
   return e;
 }
 
@@ -687,62 +707,41 @@ void ForStalls(Options& o) {
   o.failure_accrual->max_backoff = 1s;
 }
 
-TEST(RecoveryTest, HttpThroughStallingConnections) {
-  test::NginxServer nginx("stalling");
-  FaultyProxies proxies(nginx.port(), Stalling());
-  stats::StatsRegistry stats;
-  auto o = TestOptions<http::HttpOptions>("stalling-http", stats);
-  ForStalls(o);
-  auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, UriEcho(client), StallExpectations());
-  client.Close();
-}
-
-TEST(RecoveryTest, ThriftThroughStallingConnections) {
-  ThriftToolServer server;
-  FaultyProxies proxies(server.port(), Stalling());
-  stats::StatsRegistry stats;
-  auto o = TestOptions<thrift::ThriftOptions>("stalling-thrift", stats);
-  ForStalls(o);
-  auto client = Thrift::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), StallExpectations());
-  client.Close();
-}
-
-// ThriftMux options for stalling connections: ForStalls, and pings that find a stalled session
-// within 300 ms.
-thriftmux::ThriftMuxOptions StallingMuxOptions(const char* name, stats::StatsRegistry& stats) {
-  auto o = MuxOptions(name, stats);
+// ForStalls, and for ThriftMux pings that find a stalled session within 300 ms.
+void ForStallsMux(thriftmux::ThriftMuxOptions& o) {
   ForStalls(o);
   o.session.ping_interval = 100ms;
   o.session.ping_timeout = 300ms;
-  return o;
+}
+
+TEST(RecoveryTest, HttpThroughStallingConnections) {
+  RunHttp({"stalling-http", Stalling(), StallExpectations()}, ForStalls<http::HttpOptions>);
+}
+
+TEST(RecoveryTest, ThriftThroughStallingConnections) {
+  RunThrift({"stalling-thrift", Stalling(), StallExpectations()}, {},
+            ForStalls<thrift::ThriftOptions>);
 }
 
 TEST(RecoveryTest, ThriftMuxThroughStallingConnections) {
-  test::MuxReferenceServer server({"--mode", "finagle"});
-  FaultyProxies proxies(server.port(), Stalling());
-  stats::StatsRegistry stats;
-  auto o = StallingMuxOptions("stalling-tmux", stats);
-  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), StallExpectations());
-  EXPECT_GT(SumCounter(stats, "scales_mux_ping_timeouts"), 0) << stats.ToText();
-  client.Close();
+  RunThriftMux({"stalling-tmux", Stalling(), StallExpectations()}, ForStallsMux,
+               [](const stats::StatsRegistry& stats) {
+                 EXPECT_GT(SumCounter(stats, "scales_mux_ping_timeouts"), 0) << stats.ToText();
+               });
 }
 
 // Backup requests through stalling connections: a call whose first attempt stalls is sent
 // again after 50 ms to another endpoint (a backup avoids its first attempt's), and the attempt
 // that loses is cancelled (a Tdiscarded on a Mux session, the connection closed for HTTP) while
 // the proxies cut and stall what the backups and cancellations travel on too.
-template <class Options>
-void WithBackups(Options& o) {
+BackupRequestOptions Backups() {
   BackupRequestOptions b;
   b.percentile = 0.1;
   b.max_extra_load = 0.5;
   b.min_send_backup_after = 50ms;
   b.refresh_interval = 100ms;
   b.budget_min_per_sec = 100;
-  o.backup = b;
+  return b;
 }
 
 // Backups won (and so calls a stalled first attempt would have failed).
@@ -752,28 +751,62 @@ void ExpectBackupsWon(const stats::StatsRegistry& stats) {
 }
 
 TEST(RecoveryTest, HttpWithBackupsThroughStallingConnections) {
-  test::NginxServer nginx("stalling-backups");
-  FaultyProxies proxies(nginx.port(), Stalling());
-  stats::StatsRegistry stats;
-  auto o = TestOptions<http::HttpOptions>("stalling-http-backups", stats);
-  ForStalls(o);
-  WithBackups(o);
-  auto client = Http::NewClient(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, UriEcho(client), StallExpectations());
-  ExpectBackupsWon(stats);
-  client.Close();
+  RunHttp(
+      {"stalling-http-backups", Stalling(), StallExpectations()},
+      [](http::HttpOptions& o) {
+        ForStalls(o);
+        o.backup = Backups();
+      },
+      ExpectBackupsWon);
 }
 
 TEST(RecoveryTest, ThriftMuxWithBackupsThroughStallingConnections) {
-  test::MuxReferenceServer server({"--mode", "finagle"});
-  FaultyProxies proxies(server.port(), Stalling());
-  stats::StatsRegistry stats;
-  auto o = StallingMuxOptions("stalling-tmux-backups", stats);
-  WithBackups(o);
-  auto client = ThriftMux::NewClient<EchoClient>(proxies.uri(), o);
-  RunThroughFaultyProxies(proxies, stats, PayloadEcho(client), StallExpectations());
-  ExpectBackupsWon(stats);
-  client.Close();
+  RunThriftMux(
+      {"stalling-tmux-backups", Stalling(), StallExpectations()},
+      [](thriftmux::ThriftMuxOptions& o) {
+        ForStallsMux(o);
+        o.backup = Backups();
+      },
+      ExpectBackupsWon);
+}
+
+// Replies with a byte altered now and then (one chunk from the server in 50), so that the
+// parsers and sessions meet garbage anywhere: in a length, a tag, a header, a body. A garbled
+// reply fails its call with a protocol error (or, altered in the payload, is a wrong reply,
+// which the test counts as one too), a length made larger leaves its calls to their timeout or
+// the session to its pings; every call completes once, nothing crashes (the sanitizer builds run
+// this too) or hangs, and once the bytes are clean every call succeeds.
+test::FaultProxy::Faults Corrupting() {
+  test::FaultProxy::Faults faults;
+  faults.corrupt = 0.02;
+  faults.split = 0.3;
+  faults.pause = 200us;
+  return faults;
+}
+
+FaultExpectations CorruptionExpectations() {
+  FaultExpectations e;
+  // A length made over the limit is response_too_large; a Mux reply's status byte altered is a
+  // server error or a Nack.
+  e.explained.insert({"protocol_error", "request_timeout", "response_too_large", "server_error",
+                      "nack", "non_retryable_nack"});
+  e.min_ok = 0.5;
+  e.fault = FaultExpectations::Fault::kCorrupt;
+  return e;
+}
+
+TEST(RecoveryTest, HttpThroughCorruptingConnections) {
+  RunHttp({"corrupting-http", Corrupting(), CorruptionExpectations()},
+          ForStalls<http::HttpOptions>);
+}
+
+TEST(RecoveryTest, ThriftThroughCorruptingConnections) {
+  RunThrift({"corrupting-thrift", Corrupting(), CorruptionExpectations()}, {},
+            ForStalls<thrift::ThriftOptions>);
+}
+
+TEST(RecoveryTest, ThriftMuxThroughCorruptingConnections) {
+  RunThriftMux({"corrupting-tmux", Corrupting(), CorruptionExpectations()}, ForStallsMux);
 }
 
 TEST(RecoveryTest, SlowServerGetsLittleTrafficUnderP2CPeakEwma) {

@@ -98,9 +98,17 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
             take = *w.cut_at - w.forwarded;
             w.cut_after_pending = true;
           }
+          std::uniform_real_distribution<double> chance(0.0, 1.0);
+          if (&w == &self->down && take > 0 && self->faults.corrupt > 0 &&
+              chance(w.random) < self->faults.corrupt) {
+            const size_t at = std::uniform_int_distribution<size_t>(0, take - 1)(w.random);
+            w.buf[at] =
+                static_cast<char>(w.buf[at] ^ std::uniform_int_distribution<int>(1, 255)(w.random));
+            self->owner.corruptions_.fetch_add(1);
+          }
           w.pending = std::string_view(w.buf.data(), take);
           w.held = std::string_view(w.buf.data() + take, n - take);
-          w.split = std::uniform_real_distribution<double>(0.0, 1.0)(w.random) < self->faults.split;
+          w.split = chance(w.random) < self->faults.split;
           self->WritePiece(w);
         });
   }

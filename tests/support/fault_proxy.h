@@ -7,7 +7,8 @@
 // messages), with a FIN or a reset, or stall that way there (a connection that stays open and
 // carries nothing, as across a network partition); and, for any chunk read, whether to deliver it
 // in small pieces with pauses between them (so the client's parsers see every split). Bytes are
-// never altered: what arrives is a prefix of what was sent. One thread of its own (Asio).
+// not altered (what arrives is a prefix of what was sent) unless Faults::corrupt asks for it.
+// One thread of its own (Asio).
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -39,6 +40,10 @@ class FaultProxy {
     // a pause of up to `pause` between two pieces.
     double split = 0;
     std::chrono::microseconds pause{0};
+    // Chance that a chunk read from the server has one byte altered (XORed with a random
+    // non-zero value) before it goes on to the client: a peer or a middlebox that sends garbage
+    // mid-stream. The only fault that alters bytes.
+    double corrupt = 0;
   };
 
   // Relays to 127.0.0.1:upstream_port; the plans come from `seed`.
@@ -58,6 +63,8 @@ class FaultProxy {
   int64_t connections() const { return connections_.load(); }
   int64_t cuts() const { return cuts_.load(); }
   int64_t stalls() const { return stalls_.load(); }
+  // Bytes altered so far (Faults::corrupt).
+  int64_t corruptions() const { return corruptions_.load(); }
 
  private:
   using tcp = boost::asio::ip::tcp;
@@ -75,6 +82,7 @@ class FaultProxy {
   std::atomic<int64_t> connections_{0};
   std::atomic<int64_t> cuts_{0};
   std::atomic<int64_t> stalls_{0};
+  std::atomic<int64_t> corruptions_{0};
   std::thread thread_;
 };
 
