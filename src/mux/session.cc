@@ -403,14 +403,20 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
     // ours.
     const bool no_client_cert = tls_quiet_ && conn_.tls_client_certificate_missing();
     const bool ended = IsTlsConnectionEnd(ec);
-    const bool tls_refused = no_client_cert || (IsTlsError(ec) && !ended &&
-                                                (state_ != State::kOpen || tls_quiet_ ||
-                                                 ec.category() == asio::error::get_ssl_category()));
+    // Once open and after the server spoke over TLS, only an alert is TLS's verdict: a record
+    // OpenSSL rejected (bytes altered on the way) broke this connection, not the endpoint's TLS.
+    const bool tls_refused =
+        no_client_cert ||
+        (IsTlsError(ec) && !ended &&
+         (state_ != State::kOpen || tls_quiet_ ||
+          (ec.category() == asio::error::get_ssl_category() && !IsTlsRecordFailure(ec))));
     std::string why;
     if (no_client_cert) {
       why = "; the server asked for a client certificate and none is configured (tls.cert_file, tls.key_file)";
     } else if ((tls_refused || ended) && tls_quiet_ && conn_.tls_active()) {
       why = " before it sent anything over TLS (did it refuse our certificate?)";
+    } else if (!tls_refused && IsTlsRecordFailure(ec)) {
+      why = " (were bytes altered on the way?)";
     }
     // During the handshake no request is in flight: say which step the server left unanswered
     // (a server of another protocol, e.g. plain Thrift, closes the connection on the probe).

@@ -114,7 +114,8 @@ void ConnectionSink::WatchIdle() {
     // protocol where the server never speaks first), or a TLS alert. It cannot be reused. A
     // close without close_notify (a TCP FIN after the session, as many servers end an idle
     // keep-alive connection) is a close, not a TLS failure, as when a reply is read (TlsFailure).
-    if (IsTlsError(ec) && ec != boost::asio::ssl::error::stream_truncated) {
+    if (IsTlsError(ec) && ec != boost::asio::ssl::error::stream_truncated &&
+        !IsTlsRecordFailure(ec)) {
       Shutdown(make_error_code(Errc::kTlsFailed),
                fmt::format("TLS error on the idle connection to {}: {}", conn_.address(), DescribeTlsError(ec)));
     } else {
@@ -375,6 +376,16 @@ void ConnectionSink::ReadFailed(const boost::system::error_code& ec) {
     Finish(cut->ec, std::move(cut->detail));
     return;
   }
+  if (IsTlsRecordFailure(ec)) {
+    // The bytes that came do not make a valid TLS record (most likely altered on the way): the
+    // connection is unusable, as if the server had closed it; another one may well work.
+    Finish(make_error_code(Errc::kConnectionClosed),
+           fmt::format(
+               "TLS connection to {} broke while reading the {} (after {} bytes): {} (were bytes "
+               "altered on the way?)",
+               conn_.address(), reply_noun(), reply_bytes_, DescribeTlsError(ec)));
+    return;
+  }
   if (write_failure_ && reply_bytes_ == 0) {
     // No reply came after the request's write failed (WriteDone): the call fails as the write.
     auto failure = std::move(*write_failure_);
@@ -398,7 +409,10 @@ std::optional<std::pair<error_code, std::string>> ConnectionSink::TlsFailure(con
                                       "certificate and none is configured (tls.cert_file, tls.key_file)",
                                       conn_.address(), step, IsTlsError(ec) ? DescribeTlsError(ec) : ec.message()));
   }
-  if (!IsTlsError(ec) || ec == boost::asio::ssl::error::stream_truncated) return std::nullopt;
+  // A record OpenSSL rejected broke this connection, not the endpoint's TLS: the caller's
+  // classification of a broken connection applies (ReadFailed names the TLS reason).
+  if (!IsTlsError(ec) || ec == boost::asio::ssl::error::stream_truncated || IsTlsRecordFailure(ec))
+    return std::nullopt;
   return std::make_pair(make_error_code(Errc::kTlsFailed), fmt::format("TLS error from {} while {}: {}",
                                                                        conn_.address(), step, DescribeTlsError(ec)));
 }

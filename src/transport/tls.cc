@@ -305,6 +305,14 @@ bool IsTlsConnectionEnd(const boost::system::error_code& ec) noexcept {
               SSL_R_UNEXPECTED_EOF_WHILE_READING);
 }
 
+bool IsTlsRecordFailure(const boost::system::error_code& ec) noexcept {
+  if (ec.category() != boost::asio::error::get_ssl_category() || IsTlsConnectionEnd(ec))
+    return false;
+  const auto code = static_cast<unsigned long>(ec.value());
+  // An alert the peer sent is reported as SSL_AD_REASON_OFFSET + its description.
+  return !(ERR_GET_LIB(code) == ERR_LIB_SSL && ERR_GET_REASON(code) >= SSL_AD_REASON_OFFSET);
+}
+
 std::string DescribeTlsError(const boost::system::error_code& ec, SSL* ssl) {
   if (ec == ssl::error::stream_truncated || ec == boost::asio::error::eof ||
       ec == boost::asio::error::connection_reset) {

@@ -17,7 +17,10 @@
 //     once, with its own payload back or a failure a broken connection explains, and every call
 //     succeeds once the faults stop; the same with backup requests through stalling connections
 //     (HTTP, ThriftMux), and with every connection cut in its TLS or Mux handshake (HTTPS,
-//     ThriftMux over TLS).
+//     ThriftMux over TLS);
+//   - replies with a byte altered now and then (HTTP, Thrift, ThriftMux, in clear and over TLS):
+//     every call completes once, with a protocol error, a timeout or its reply (over TLS a
+//     closed connection, retried), and all succeed once bytes are clean.
 
 #include <atomic>
 #include <chrono>
@@ -69,6 +72,7 @@ struct Tally {
   std::mutex mu;
   std::map<std::string, int64_t> errors;     // error name -> count
   std::map<std::string, int64_t> endpoints;  // endpoint of successful calls -> count
+  std::map<std::string, std::vector<std::string>> details;  // error name -> its first 50 details
   std::string first_error;
 
   // Counts the call's outcome; the caller then bumps `completed`, as its last use of the run.
@@ -79,6 +83,7 @@ struct Tally {
       ++endpoints[endpoint];
     } else {
       ++errors[ErrorName(ec)];
+      if (auto& d = details[ErrorName(ec)]; d.size() < 50) d.push_back(detail);
       if (first_error.empty()) first_error = detail;
     }
   }
@@ -489,6 +494,9 @@ struct FaultExpectations {
   // What the proxies do: cut every connection (Cutting()), or stall some of them (Stalling()),
   // or alter bytes of the replies (Corrupting()).
   enum class Fault { kCut, kStall, kCorrupt } fault = Fault::kCut;
+  // tls_failed is explained too, from a TLS handshake only (an altered certificate fails its
+  // verification as a wrong one would); never from a connection already open.
+  bool handshake_tls_failures = false;
 };
 
 // Runs `start(id, done)` from kFaultCallers callers through faulty proxies, then calm ones, and
@@ -528,6 +536,13 @@ void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry&
     }
     // A broken connection explains these; a protocol error or a wrong reply it does not.
     for (const auto& [name, count] : run.tally.errors) {
+      if (name == "tls_failed" && expect.handshake_tls_failures) {
+        for (const std::string& detail : run.tally.details[name]) {
+          EXPECT_NE(detail.find("TLS handshake with"), std::string::npos)
+              << "tls_failed on an open connection: " << detail;
+        }
+        continue;
+      }
       EXPECT_TRUE(expect.explained.count(name))
           << count << " calls failed with " << name << ": " << run.tally.Describe();
     }
@@ -821,6 +836,33 @@ TEST(RecoveryTest, ThriftMuxThroughCorruptingConnections) {
                  ForStallsMux(o);
                  o.session.connect_timeout = 500ms;
                });
+}
+
+// Over TLS every altered byte fails its record's integrity check. On an open connection that
+// breaks the connection (a closed connection, retried for these idempotent calls, OpenSSL's
+// reason in the detail), never a TLS failure (which says the endpoint's TLS set-up is wrong):
+// it was kTlsFailed, so calls failed for good. In a handshake it may be TLS's verdict (an
+// altered certificate fails verification as a wrong one would). No reply is wrong.
+FaultExpectations TlsCorruptionExpectations() {
+  FaultExpectations e = CorruptionExpectations();
+  e.handshake_tls_failures = true;
+  e.min_ok = 0.9;
+  return e;
+}
+
+TEST(RecoveryTest, HttpsThroughCorruptingConnections) {
+  RunHttp({"corrupting-https", Corrupting(), TlsCorruptionExpectations(), true},
+          ForStalls<http::HttpOptions>);
+}
+
+TEST(RecoveryTest, ThriftTlsThroughCorruptingConnections) {
+  RunThrift({"corrupting-thrift-tls", Corrupting(), TlsCorruptionExpectations(), true}, {},
+            ForStalls<thrift::ThriftOptions>);
+}
+
+TEST(RecoveryTest, ThriftMuxTlsThroughCorruptingConnections) {
+  RunThriftMux({"corrupting-tmux-tls", Corrupting(), TlsCorruptionExpectations(), true},
+               ForStallsMux);
 }
 
 TEST(RecoveryTest, SlowServerGetsLittleTrafficUnderP2CPeakEwma) {

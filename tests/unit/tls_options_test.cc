@@ -1,4 +1,5 @@
-// TlsOptions: per-URI keys, validation, and the SSL context (files loaded once, shared).
+// TlsOptions: per-URI keys, validation, and the SSL context (files loaded once, shared); how
+// TLS errors are told apart.
 #include "scales/transport/tls.h"
 
 #include <map>
@@ -6,6 +7,11 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <openssl/err.h>
+#include <openssl/proverr.h>
+#include <openssl/ssl.h>
+#include <boost/asio/error.hpp>
+#include <boost/asio/ssl/error.hpp>
 
 #include "scales/core/error.h"
 #include "support/test_ca.h"
@@ -161,6 +167,29 @@ TEST(TlsContextTest, SharedWhileInUseAndFileErrorsNameTheFile) {
   bad_ca.ca_file = ca.client_key;  // a key, not certificates
   e = Thrown([&] { MakeTlsContext(bad_ca); });
   EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + ca.client_key + "' cannot be loaded: "));
+}
+
+// How a read error after the handshake is told apart: the stream's end, an alert the peer sent
+// (TLS's verdict, e.g. a client certificate refused), or a record OpenSSL itself rejected (a
+// broken connection: bytes altered on the way). OpenSSL reports a received alert as
+// SSL_AD_REASON_OFFSET + its description.
+TEST(TlsErrorTest, ARecordOpenSslRejectedIsNeitherAnAlertNorTheStreamsEnd) {
+  const auto ssl = [](int lib, int reason) {
+    return boost::system::error_code(static_cast<int>(ERR_PACK(lib, 0, reason)),
+                                     boost::asio::error::get_ssl_category());
+  };
+  const auto bad_mac = ssl(ERR_LIB_SSL, SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC);
+  EXPECT_TRUE(IsTlsRecordFailure(bad_mac));
+  EXPECT_FALSE(IsTlsConnectionEnd(bad_mac));
+  EXPECT_TRUE(IsTlsRecordFailure(ssl(ERR_LIB_PROV, PROV_R_CIPHER_OPERATION_FAILED)));
+  EXPECT_TRUE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_WRONG_VERSION_NUMBER)));
+
+  EXPECT_FALSE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED)));
+  EXPECT_FALSE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_SSLV3_ALERT_BAD_RECORD_MAC)));
+  EXPECT_FALSE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_UNEXPECTED_EOF_WHILE_READING)));
+  EXPECT_FALSE(IsTlsRecordFailure(boost::asio::ssl::error::stream_truncated));
+  EXPECT_FALSE(IsTlsRecordFailure(boost::asio::error::eof));
+  EXPECT_FALSE(IsTlsRecordFailure(boost::asio::error::connection_reset));
 }
 
 }  // namespace

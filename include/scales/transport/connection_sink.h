@@ -131,10 +131,11 @@ class ConnectionSink : public ClientMessageSink {
   // (`how`: "closed by the server", ...) while the request was still being written and before
   // any of the reply came; std::nullopt otherwise.
   std::optional<ParseResult> CutByTheServer(std::string_view how) const;
-  // For a read or write error that is a TLS error (an alert such as "certificate required",
-  // a bad record; not a plain close), or any error of the first request after the server asked
-  // for a client certificate we do not have: kTlsFailed with a detail naming the endpoint,
-  // `step` ("reading the reply") and the reason. nullopt for other errors.
+  // For a read or write error that is a TLS error (an alert such as "certificate required";
+  // not a plain close, nor a record OpenSSL rejected: IsTlsRecordFailure), or any error of the
+  // first request after the server asked for a client certificate we do not have: kTlsFailed
+  // with a detail naming the endpoint, `step` ("reading the reply") and the reason. nullopt for
+  // other errors.
   std::optional<std::pair<error_code, std::string>> TlsFailure(const boost::system::error_code& ec,
                                                                std::string_view step) const;
 

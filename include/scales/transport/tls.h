@@ -88,6 +88,14 @@ bool IsTlsError(const boost::system::error_code& ec) noexcept;
 // TLS stream, a reset or a broken pipe) rather than that TLS failed: no alert, no bad record.
 bool IsTlsConnectionEnd(const boost::system::error_code& ec) noexcept;
 
+// For an error after the handshake: true when OpenSSL itself rejected what the peer sent (a
+// record that fails its integrity check because bytes were altered on the way; a malformed or
+// misplaced record), as opposed to an alert the peer sent (a certificate refused, ...) or the
+// stream's end. That breaks the connection, not the endpoint's TLS set-up: a new connection may
+// well work. (In a handshake OpenSSL's own checks, certificate verification included, fail the
+// same way: not for use there.)
+bool IsTlsRecordFailure(const boost::system::error_code& ec) noexcept;
+
 // OpenSSL's reason for `ec` ("certificate verify failed (certificate has expired)",
 // "wrong version number"), with the certificate verification result of `ssl` when the
 // handshake failed verification (`ssl` may be null).
