@@ -1096,11 +1096,13 @@ TEST(HostilePeerTest, HttpCallCancelledBeforeItWasSentNamesTheEndpoint) {
                     .Build();
   EXPECT_EQ(client.Get("/ok").status, 200);
   CallInfo info;
+  CallOptions options;
+  options.info = &info;
   std::promise<error_code> got;
   CancelBeforeTheLoopTakesIt(*rt, [&](boost::asio::cancellation_signal& signal) {
-    client.AsyncSend(http::Request{"GET", "/ok", {}, {}}, CallOptions{.info = &info},
-                     boost::asio::bind_cancellation_slot(signal.slot(),
-                                                         [&](error_code ec, http::Response) { got.set_value(ec); }));
+    client.AsyncSend(http::Request{"GET", "/ok", {}, {}}, options,
+                     boost::asio::bind_cancellation_slot(
+                         signal.slot(), [&](error_code ec, http::Response) { got.set_value(ec); }));
   });
   auto f = got.get_future();
   ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
