@@ -403,19 +403,18 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
     // ours.
     const bool no_client_cert = tls_quiet_ && conn_.tls_client_certificate_missing();
     const bool ended = IsTlsConnectionEnd(ec);
-    // Once open and after the server spoke over TLS, only an alert is TLS's verdict: a record
-    // OpenSSL rejected (bytes altered on the way) broke this connection, not the endpoint's TLS.
-    const bool tls_refused =
-        no_client_cert ||
-        (IsTlsError(ec) && !ended &&
-         (state_ != State::kOpen || tls_quiet_ ||
-          (ec.category() == asio::error::get_ssl_category() && !IsTlsRecordFailure(ec))));
+    // After the TLS handshake a record OpenSSL rejected (bytes altered on the way) broke this
+    // connection, not the endpoint's TLS: a closed connection, in the Mux handshake as once open.
+    const bool record_failure = conn_.tls_active() && IsTlsRecordFailure(ec);
+    const bool tls_refused = no_client_cert || (IsTlsError(ec) && !ended && !record_failure &&
+                                                (state_ != State::kOpen || tls_quiet_ ||
+                                                 ec.category() == asio::error::get_ssl_category()));
     std::string why;
     if (no_client_cert) {
       why = "; the server asked for a client certificate and none is configured (tls.cert_file, tls.key_file)";
     } else if ((tls_refused || ended) && tls_quiet_ && conn_.tls_active()) {
       why = " before it sent anything over TLS (did it refuse our certificate?)";
-    } else if (!tls_refused && IsTlsRecordFailure(ec)) {
+    } else if (!tls_refused && record_failure) {
       why = " (were bytes altered on the way?)";
     }
     // During the handshake no request is in flight: say which step the server left unanswered
