@@ -127,11 +127,16 @@ void Validate(const SessionOptions& o) {
 MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)
     : loop_(*ctx.loop),
       options_(options),
-      conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats, options.tls),
+      conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats,
+            options.tls),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
-      decoder_(options.max_frame_size, "session.max_frame_size"),
-      reassembler_(options.max_message_size, "session.max_message_size", options.max_reassembly_bytes,
-                   "session.max_reassembly_bytes"),
+      decoder_(options.handshake ? std::min(options.max_frame_size, kMaxHandshakeFrameSize)
+                                 : options.max_frame_size,
+               options.handshake && options.max_frame_size > kMaxHandshakeFrameSize
+                   ? "mux::kMaxHandshakeFrameSize"
+                   : "session.max_frame_size"),
+      reassembler_(options.max_message_size, "session.max_message_size",
+                   options.max_reassembly_bytes, "session.max_reassembly_bytes"),
       read_buffer_(kMinReadBuffer),
       tag_bits_(1, 0b11),  // tags 0 (markers) and 1 (control) are never allocated
       tags_gauge_(ctx.stats.GetGauge("scales_mux_tags_in_use")),
@@ -373,6 +378,7 @@ void MuxSessionSink::OnTlsUpgraded(error_code ec) {
 
 void MuxSessionSink::FinishOpen() {
   handshake_timer_.Cancel();
+  decoder_.set_max_frame_size(options_.max_frame_size, "session.max_frame_size");
   state_ = State::kOpen;
   SchedulePing();
   open_waiters_.CompleteAll(loop_.executor(), {});
@@ -464,7 +470,11 @@ void MuxSessionSink::OnRead(const boost::system::error_code& ec, size_t n) {
     // A view into the decoder's buffer: a reply is decoded from it without copying the frame.
     auto next = decoder_.NextView();
     if (!next) {
-      ProtocolError(fmt::format("undecodable frame from {}: {}", address_, next.error().detail));
+      ProtocolError(fmt::format(
+          "undecodable frame from {}: {}{}", address_, next.error().detail,
+          state_ == State::kHandshaking
+              ? fmt::format(" during the Mux handshake: {} was still unanswered", HandshakeStep())
+              : std::string()));
       return;
     }
     if (!next->has_value()) break;

@@ -828,8 +828,9 @@ TEST(RecoveryTest, ThriftThroughCorruptingConnections) {
             ForStalls<thrift::ThriftOptions>);
 }
 
-// An Rinit whose length was made larger leaves its session opening until connect_timeout (5 s by
-// default): 500 ms here, so that no such session is still opening when the calm run starts.
+// An Rinit whose length was made larger, but not over mux::kMaxHandshakeFrameSize (an altered low
+// byte), leaves its session opening until connect_timeout (5 s by default): 500 ms here, so that
+// no such session is still opening when the calm run starts.
 TEST(RecoveryTest, ThriftMuxThroughCorruptingConnections) {
   RunThriftMux({"corrupting-tmux", Corrupting(), CorruptionExpectations()},
                [](thriftmux::ThriftMuxOptions& o) {

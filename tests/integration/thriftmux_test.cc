@@ -168,6 +168,22 @@ TEST(ThriftMuxTest, StrictServerFragmentsAndPings) {
   EXPECT_EQ(r, "after pings");
 }
 
+// The handshake's frame limit (mux::kMaxHandshakeFrameSize, 64 KiB) ends with the handshake: a
+// reply of 1 MiB in one frame is accepted on the open session (max_frame_size, 32 MiB).
+TEST(ThriftMuxTest, ARepliesFrameOverTheHandshakeLimitIsAcceptedOnceOpen) {
+  test::MuxReferenceServer server({"--mode", "finagle"});
+  auto client =
+      ThriftMux::NewClient<EchoClient>("tcp://" + server.endpoint(), Options(MakeRuntime()));
+  std::string big(1u << 20, 'x');
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 26);
+  std::string r;
+  client->echo(r, big);
+  EXPECT_EQ(r, big);
+  const auto sent = server.LogLinesWith({"send Rdispatch"});
+  ASSERT_EQ(sent.size(), 1u) << server.Log().substr(0, 2000);
+  EXPECT_EQ(sent[0].find("fragments="), std::string::npos) << sent[0];  // one frame
+}
+
 TEST(ThriftMuxTest, ThousandsOfConcurrentCallsOnOneSession) {
   test::MuxReferenceServer server({"--mode", "finagle"});
   stats::StatsRegistry stats;
@@ -982,6 +998,17 @@ bool RunUntil(test::ManualEnv& env, const std::function<bool()>& done,
   return true;
 }
 
+// Accepts the session's connection, waits for its handshake probe and echoes it, as a server
+// that negotiates does (Tinit follows). `received`: what the peer read.
+void AcceptAndEchoTheProbe(test::ManualEnv& env, QuietPeer& peer, std::string& received) {
+  peer.Accept();
+  ASSERT_TRUE(RunUntil(env, [&] {
+    received += peer.Read();
+    return received.size() >= 19;  // the probe (mux-protocol.md 1.7)
+  }));
+  peer.Send(std::string("\x00\x00\x00\x0f\x7f\x00\x00\x01tinit check", 19));  // its echo
+}
+
 // One call through the session: its message, stack and Streams, and the sink at the bottom of
 // the stack that records the completions.
 class SessionCall {
@@ -1200,13 +1227,9 @@ TEST(MuxSessionTest, TdrainWhoseRdrainIsNeverWrittenFailsTheOpenAtTheDeadlineSay
       test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", peer.port()}), o);
   std::optional<error_code> opened;
   session->AsyncOpen([&](error_code ec) { opened = ec; });
-  peer.Accept();
   std::string sent;
-  ASSERT_TRUE(RunUntil(env, [&] {
-    sent += peer.Read();
-    return sent.size() >= 19;  // the probe (mux-protocol.md 1.7)
-  }));
-  peer.Send(std::string("\x00\x00\x00\x0f\x7f\x00\x00\x01tinit check", 19));  // its echo: Tinit follows
+  AcceptAndEchoTheProbe(env, peer, sent);
+  if (HasFatalFailure()) return;
   const std::string tping("\x00\x00\x00\x04\x41\x00\x00\x01", 8);
   std::string flood;
   ASSERT_TRUE(RunUntil(env, [&] {
@@ -1240,18 +1263,61 @@ TEST(MuxSessionTest, TdrainWhoseRdrainIsNeverWrittenFailsTheOpenAtTheDeadlineSay
   env.Run();
 }
 
+// Until the session opens, a frame may be at most mux::kMaxHandshakeFrameSize (64 KiB): a size
+// field over it (a length altered on the way, a server of another protocol) fails the open at
+// once, naming the limit and the handshake step. Before, only max_frame_size (32 MiB) bounded
+// it: the session waited for bytes that never came until connect_timeout. Once open, frames up to
+// max_frame_size are accepted as before.
+TEST(MuxSessionTest, AnRinitOverTheHandshakeFrameLimitFailsTheOpenAtOnce) {
+  for (const uint32_t max_frame_size : {mux::kDefaultMaxFrameSize, uint32_t{4096}}) {
+    SCOPED_TRACE(max_frame_size);
+    test::ManualEnv env;
+    QuietPeer peer;
+    mux::SessionOptions o;
+    o.ping_interval = Duration::zero();
+    o.connect_timeout = 30s;
+    o.max_frame_size = max_frame_size;
+    auto session = std::make_shared<mux::MuxSessionSink>(
+        test::MakeContext(env.loop(), env.scope, nullptr, Endpoint{"127.0.0.1", peer.port()}), o);
+    std::optional<error_code> opened;
+    session->AsyncOpen([&](error_code ec) { opened = ec; });
+    std::string sent;
+    ASSERT_NO_FATAL_FAILURE(AcceptAndEchoTheProbe(env, peer, sent));
+    ASSERT_TRUE(RunUntil(env, [&] {
+      sent += peer.Read();
+      return sent.size() > 19;  // Tinit
+    }));
+    // An Rinit (type -68, tag 1) announcing one byte over the limit; its body never comes.
+    const uint32_t limit = std::min(max_frame_size, mux::kMaxHandshakeFrameSize);
+    const uint32_t size = limit + 1;
+    std::string header("\x00\x00\x00\x00\xbc\x00\x00\x01", 8);
+    for (int i = 0; i < 4; ++i) header[i] = static_cast<char>(size >> (24 - 8 * i));
+    peer.Send(header);
+    ASSERT_TRUE(RunUntil(env, [&] { return opened.has_value(); }))
+        << "the open waits for the frame's body";
+    EXPECT_EQ(*opened, Errc::kProtocolError);
+    EXPECT_EQ(
+        session->open_failure_detail(),
+        fmt::format(
+            "undecodable frame from 127.0.0.1:{}: frame size {} exceeds the largest frame accepted "
+            "(limit {} = {}) (frame at stream offset 19) during the Mux handshake: Tinit was still "
+            "unanswered",
+            peer.port(), size,
+            max_frame_size > mux::kMaxHandshakeFrameSize ? "mux::kMaxHandshakeFrameSize"
+                                                         : "session.max_frame_size",
+            limit));
+    session->Close();
+    env.Run();
+  }
+}
+
 // The peer answers the probe, floods Tping without reading (the Rping replies pile up behind a
 // write that cannot finish), reads until that write is done and the piled-up replies went into
 // the next one (megabytes: many pieces of kMaxWriteChunk), stops reading again and sends an
 // Rinit negotiating TLS. `received`: what the peer read.
 void FloodTpingThenNegotiateTls(test::ManualEnv& env, QuietPeer& peer, mux::MuxSessionSink* session,
                                 std::string& received) {
-  peer.Accept();
-  ASSERT_TRUE(RunUntil(env, [&] {
-    received += peer.Read();
-    return received.size() >= 19;  // the probe
-  }));
-  peer.Send(std::string("\x00\x00\x00\x0f\x7f\x00\x00\x01tinit check", 19));  // its echo: Tinit follows
+  ASSERT_NO_FATAL_FAILURE(AcceptAndEchoTheProbe(env, peer, received));
   const std::string tping("\x00\x00\x00\x04\x41\x00\x00\x01", 8);
   std::string flood;
   for (int i = 0; i < (4 << 20); ++i) flood += tping;  // 32 MiB: more than the socket buffers hold

@@ -309,6 +309,11 @@ class FrameDecoder {
   std::size_t buffered() const { return buffer_.size() - read_; }
   std::uint32_t max_frame_size() const { return max_frame_size_; }
   void set_max_frame_size(std::uint32_t v) { max_frame_size_ = v; }
+  // As set_max_frame_size, naming the limit's setting in errors (static storage).
+  void set_max_frame_size(std::uint32_t v, std::string_view limit_name) {
+    max_frame_size_ = v;
+    limit_name_ = limit_name;
+  }
   // Total bytes consumed as complete frames since construction.
   std::uint64_t stream_offset() const { return consumed_; }
 

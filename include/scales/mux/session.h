@@ -81,6 +81,13 @@ std::optional<OpportunisticTls> ParseOpportunisticTls(std::string_view s) noexce
 // mux-framer (max_frame_size - 4) would cut replies into absurdly small fragments.
 inline constexpr uint32_t kMinMaxFrameSize = 512;
 
+// The largest frame accepted from the server until the session opens (the probe's answer, Rinit,
+// a Tping or Tdrain before it; SessionOptions::max_frame_size if that is lower). Handshake frames
+// are small; a size field over this one (a server of another protocol, a length altered on the
+// way) fails the open at once as a protocol error, where waiting for the bytes it announces would
+// hold the open until connect_timeout.
+inline constexpr uint32_t kMaxHandshakeFrameSize = 64u << 10;
+
 struct SessionOptions {
   // TCP connect timeout; the handshake must also finish within it. Default 5 s; > 0.
   Duration connect_timeout = std::chrono::seconds(5);
