@@ -165,13 +165,19 @@ void TcpConnection::OnHandshake(const boost::system::error_code& ec) {
     return;
   }
   if (ec) {
-    failure_detail_ = fmt::format("TLS handshake with {} failed: {}", address_,
-                                  DescribeTlsError(ec, ssl_->native_handle()));
     // A connection that ended under the handshake (a FIN or a reset, no alert) failed to open,
     // as one refused would: kConnectFailed, retryable (no request went out). A server that does
-    // not speak TLS and hangs up on the ClientHello looks the same (the detail says so); an
-    // alert or a bad record is TLS's verdict, kTlsFailed.
-    Finish(make_error_code(IsTlsConnectionEnd(ec) ? Errc::kConnectFailed : Errc::kTlsFailed));
+    // not speak TLS and hangs up on the ClientHello looks the same (the detail says so). So does
+    // a record that failed its integrity check, here or at the server (bytes altered on the
+    // way): no TLS set-up causes that. Any other alert or bad record is TLS's verdict,
+    // kTlsFailed (a certificate refused, a protocol not spoken, an altered certificate that no
+    // longer verifies: in general not told apart from a wrong set-up).
+    const bool corrupted = IsTlsRecordCorrupted(ec);
+    failure_detail_ = fmt::format("TLS handshake with {} failed: {}{}", address_,
+                                  DescribeTlsError(ec, ssl_->native_handle()),
+                                  corrupted ? " (were bytes altered on the way?)" : "");
+    Finish(make_error_code(IsTlsConnectionEnd(ec) || corrupted ? Errc::kConnectFailed
+                                                               : Errc::kTlsFailed));
     return;
   }
   tls_active_ = true;

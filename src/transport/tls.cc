@@ -9,11 +9,12 @@
 #include <mutex>
 #include <vector>
 
-#include <boost/asio/ssl/error.hpp>
 #include <fmt/format.h>
 #include <openssl/err.h>
+#include <openssl/proverr.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <boost/asio/ssl/error.hpp>
 
 #include "core/fork_locks.h"
 #include "scales/core/error.h"
@@ -310,7 +311,30 @@ bool IsTlsRecordFailure(const boost::system::error_code& ec) noexcept {
     return false;
   const auto code = static_cast<unsigned long>(ec.value());
   // An alert the peer sent is reported as SSL_AD_REASON_OFFSET + its description.
-  return !(ERR_GET_LIB(code) == ERR_LIB_SSL && ERR_GET_REASON(code) >= SSL_AD_REASON_OFFSET);
+  const bool alert =
+      ERR_GET_LIB(code) == ERR_LIB_SSL && ERR_GET_REASON(code) >= SSL_AD_REASON_OFFSET;
+  return !alert || IsTlsRecordCorrupted(ec);
+}
+
+bool IsTlsRecordCorrupted(const boost::system::error_code& ec) noexcept {
+  if (ec.category() != boost::asio::error::get_ssl_category()) return false;
+  const auto code = static_cast<unsigned long>(ec.value());
+  switch (ERR_GET_LIB(code)) {
+    case ERR_LIB_SSL:
+      switch (ERR_GET_REASON(code)) {
+        case SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC:
+        case SSL_R_DECRYPTION_FAILED:
+        case SSL_R_SSLV3_ALERT_BAD_RECORD_MAC:     // the peer's alert
+        case SSL_R_TLSV1_ALERT_DECRYPTION_FAILED:  // the peer's alert
+          return true;
+        default:
+          return false;
+      }
+    case ERR_LIB_PROV:
+      return ERR_GET_REASON(code) == PROV_R_CIPHER_OPERATION_FAILED;
+    default:
+      return false;
+  }
 }
 
 std::string DescribeTlsError(const boost::system::error_code& ec, SSL* ssl) {

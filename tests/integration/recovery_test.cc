@@ -494,8 +494,9 @@ struct FaultExpectations {
   // What the proxies do: cut every connection (Cutting()), or stall some of them (Stalling()),
   // or alter bytes of the replies (Corrupting()).
   enum class Fault { kCut, kStall, kCorrupt } fault = Fault::kCut;
-  // tls_failed is explained too, from a TLS handshake only (an altered certificate fails its
-  // verification as a wrong one would); never after it (in a Mux handshake, once open).
+  // tls_failed is explained too, from a TLS handshake only (an altered ServerHello or, in TLS
+  // 1.2, certificate fails as a wrong set-up would), never for a record that failed its check (a
+  // connect failure); never after it (in a Mux handshake, once open).
   bool handshake_tls_failures = false;
 };
 
@@ -540,6 +541,10 @@ void RunThroughFaultyProxies(FaultyProxies& proxies, const stats::StatsRegistry&
         for (const std::string& detail : run.tally.details[name]) {
           EXPECT_NE(detail.find("TLS handshake with"), std::string::npos)
               << "tls_failed after the TLS handshake: " << detail;
+          EXPECT_EQ(detail.find("bad record mac"), std::string::npos)
+              << "a record that failed its check is a broken connection: " << detail;
+          EXPECT_EQ(detail.find("cipher operation failed"), std::string::npos)
+              << "a record that failed its check is a broken connection: " << detail;
         }
         continue;
       }
@@ -843,8 +848,10 @@ TEST(RecoveryTest, ThriftMuxThroughCorruptingConnections) {
 // Mux handshake, or once open) that breaks the connection (a closed connection, retried for
 // these idempotent calls, OpenSSL's reason in the detail), never a TLS failure (which says the
 // endpoint's TLS set-up is wrong): it was kTlsFailed, so calls failed for good. In the TLS
-// handshake it may be TLS's verdict (an altered certificate fails verification as a wrong one
-// would). No reply is wrong.
+// handshake too a record that fails its check is a broken connection (a connect failure); what
+// else an altered handshake byte causes may be TLS's verdict (a ServerHello altered in its
+// version or cipher, a certificate altered in TLS 1.2, which sends it in the clear, fail as a
+// wrong set-up would). No reply is wrong.
 FaultExpectations TlsCorruptionExpectations() {
   FaultExpectations e = CorruptionExpectations();
   e.handshake_tls_failures = true;

@@ -121,6 +121,7 @@ TEST(TlsHttpTest, HttpsGetByIpAndByHostName) {
   auto r = client.Get("/");
   EXPECT_EQ(r.status, 200);
   EXPECT_EQ(r.body, "nginx tls\n");
+  EXPECT_EQ(client.Get("/tls").body, "TLSv1.3");
   client.Close();
 
   // tcp:// with every TLS setting in the URI; "localhost" goes out as SNI and is checked
@@ -129,6 +130,20 @@ TEST(TlsHttpTest, HttpsGetByIpAndByHostName) {
       "tcp://localhost:" + std::to_string(nginx.port()) + "?tls=on&tls_ca_file=" + ca.ca_file, HttpOpts(rt, {}));
   EXPECT_EQ(by_name.Get("/name").body, "tls");
   by_name.Close();
+}
+
+// The tests' nginx offers TLS 1.2 and 1.3 (NginxTls::protocols): they run TLS 1.3. A server that
+// offers TLS 1.2 only (Debian 12's nginx by default) is called as well.
+TEST(TlsHttpTest, ATls12OnlyServerIsCalled) {
+  const auto& ca = TestCa();
+  NginxTls tls = ServerTls(ca.server_cert, ca.server_key);
+  tls.protocols = "TLSv1.2";
+  NginxServer nginx("tls12", tls);
+  auto rt = MakeRuntime();
+  auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, Trusting(ca.ca_file)));
+  EXPECT_EQ(client.Get("/").body, "nginx tls12\n");
+  EXPECT_EQ(client.Get("/tls").body, "TLSv1.2");
+  client.Close();
 }
 
 TEST(TlsHttpTest, ManyConcurrentCallsEachCompleteOnce) {
@@ -554,6 +569,74 @@ TEST(TlsConnectionTest, AHandshakeTheConnectionEndsUnderIsAConnectFailure) {
     EXPECT_THAT(detail, HasSubstr("TLS handshake with " + proxy.endpoint() +
                                   " failed: the peer closed the connection ("));
     EXPECT_EQ(proxy.cuts(), 1);
+  }
+}
+
+// A TLS record that fails its integrity check (a byte altered on the way) broke its connection,
+// in the handshake too: a byte of the server's encrypted handshake records altered (byte 400,
+// past the ServerHello and ChangeCipherSpec, in the certificate's record) fails our check
+// (OpenSSL says "decryption failed or bad record mac", or its provider "cipher operation
+// failed"), so the connect fails with kConnectFailed (retryable; the detail asks whether bytes
+// were altered), not kTlsFailed, which says the endpoint's TLS set-up is wrong (an idempotent
+// call failed for good). Our last handshake flight altered in its last byte (its last record's
+// tag), the server refuses it with a bad_record_mac alert, which comes as the reply is read: a
+// closed connection, as a record we rejected would be (it was kTlsFailed). Once the bytes are
+// clean, calls succeed.
+TEST(TlsConnectionTest, AHandshakeRecordAlteredOnTheWayIsABrokenConnection) {
+  const auto& ca = TestCa();
+  NginxServer nginx("altered", ServerTls(ca.server_cert, ca.server_key));
+  {
+    test::FaultProxy proxy(nginx.port(), 7);
+    test::FaultProxy::Faults faults;
+    faults.corrupt_server_byte = 400;
+    proxy.SetFaults(faults);
+    auto [ec, detail] = Connect(proxy.port(), Trusting(ca.ca_file));
+    EXPECT_EQ(ec, Errc::kConnectFailed) << ec.message() << ": " << detail;
+    EXPECT_THAT(detail, ::testing::MatchesRegex(
+                            "TLS handshake with " + proxy.endpoint() +
+                            " failed: (decryption failed or bad record mac|cipher "
+                            "operation failed) \\(were bytes altered on the way\\?\\)"));
+    EXPECT_EQ(proxy.corruptions(), 1);
+  }
+  struct Way {
+    const char* name;
+    test::FaultProxy::Faults faults;
+    Errc code;
+    const char* text;
+  };
+  test::FaultProxy::Faults server_byte;
+  server_byte.corrupt_server_byte = 400;
+  test::FaultProxy::Faults client_flight;
+  client_flight.corrupt_client_chunk_end = 2;  // after the ClientHello
+  for (const Way& way :
+       {Way{"server's flight", server_byte, Errc::kConnectFailed, "(were bytes altered"},
+        Way{"client's flight", client_flight, Errc::kConnectionClosed,
+            "alert bad record mac (were bytes altered"}}) {
+    SCOPED_TRACE(way.name);
+    test::FaultProxy proxy(nginx.port(), 7);
+    proxy.SetFaults(way.faults);
+    auto rt = MakeRuntime(1);
+    auto o = HttpOpts(rt, Trusting(ca.ca_file));
+    o.resurrector.initial_backoff = 50ms;
+    o.resurrector.max_backoff = 100ms;
+    auto client = Http::NewClient("https://" + proxy.endpoint(), o);
+    Error e = FailingGet(client);
+    ExpectConnectFailure(e, way.code, proxy.endpoint(), way.text);
+    EXPECT_GE(proxy.corruptions(), 1);
+    proxy.Calm();
+    const auto give_up = std::chrono::steady_clock::now() + 5s;
+    std::string last;
+    for (;;) {
+      try {
+        EXPECT_EQ(client.Get("/").status, 200);
+        break;
+      } catch (const Error& again) {
+        last = again.what();  // failing fast until the endpoint's next reconnect
+      }
+      ASSERT_LT(std::chrono::steady_clock::now(), give_up) << last;
+      std::this_thread::sleep_for(20ms);
+    }
+    client.Close();
   }
 }
 

@@ -34,6 +34,7 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
     bool stalled = false;  // reached cut_at with a stall planned: waits for Calm()
     bool split = false;    // the pending chunk goes in pieces
     bool ended = false;    // read its end of stream, passed it on
+    int chunks = 0;        // chunks read so far
   };
 
   Conn(FaultProxy& o, tcp::socket c, const Faults& f, uint64_t seed)
@@ -99,12 +100,21 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
             w.cut_after_pending = true;
           }
           std::uniform_real_distribution<double> chance(0.0, 1.0);
-          if (&w == &self->down && take > 0 && self->faults.corrupt > 0 &&
-              chance(w.random) < self->faults.corrupt) {
-            const size_t at = std::uniform_int_distribution<size_t>(0, take - 1)(w.random);
+          const auto alter = [&](size_t at) {
             w.buf[at] =
                 static_cast<char>(w.buf[at] ^ std::uniform_int_distribution<int>(1, 255)(w.random));
             self->owner.corruptions_.fetch_add(1);
+          };
+          if (&w == &self->down && take > 0 && self->faults.corrupt > 0 &&
+              chance(w.random) < self->faults.corrupt) {
+            alter(std::uniform_int_distribution<size_t>(0, take - 1)(w.random));
+          }
+          const auto& at = self->faults.corrupt_server_byte;
+          if (&w == &self->down && at && *at >= w.forwarded && *at < w.forwarded + take) {
+            alter(*at - w.forwarded);
+          }
+          if (&w == &self->up && ++w.chunks == self->faults.corrupt_client_chunk_end && take > 0) {
+            alter(take - 1);
           }
           w.pending = std::string_view(w.buf.data(), take);
           w.held = std::string_view(w.buf.data() + take, n - take);

@@ -7,13 +7,15 @@
 // messages), with a FIN or a reset, or stall that way there (a connection that stays open and
 // carries nothing, as across a network partition); and, for any chunk read, whether to deliver it
 // in small pieces with pauses between them (so the client's parsers see every split). Bytes are
-// not altered (what arrives is a prefix of what was sent) unless Faults::corrupt asks for it.
+// not altered (what arrives is a prefix of what was sent) unless Faults::corrupt or
+// Faults::corrupt_server_byte or Faults::corrupt_client_chunk_end asks for it.
 // One thread of its own (Asio).
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -42,8 +44,15 @@ class FaultProxy {
     std::chrono::microseconds pause{0};
     // Chance that a chunk read from the server has one byte altered (XORed with a random
     // non-zero value) before it goes on to the client: a peer or a middlebox that sends garbage
-    // mid-stream. The only fault that alters bytes.
+    // mid-stream.
     double corrupt = 0;
+    // On every connection, the byte at this offset of the server's stream is altered: one place
+    // that is the same on each connection (with TLS, inside the server's first flight).
+    std::optional<uint64_t> corrupt_server_byte;
+    // On every connection, the last byte of the n-th chunk (from 1; 0: none) read from the
+    // client is altered: the end of one of its writes when the server answers each before the
+    // next (with TLS, the tag of the last record of a handshake flight).
+    int corrupt_client_chunk_end = 0;
   };
 
   // Relays to 127.0.0.1:upstream_port; the plans come from `seed`.
@@ -63,7 +72,7 @@ class FaultProxy {
   int64_t connections() const { return connections_.load(); }
   int64_t cuts() const { return cuts_.load(); }
   int64_t stalls() const { return stalls_.load(); }
-  // Bytes altered so far (Faults::corrupt).
+  // Bytes altered so far (Faults::corrupt, corrupt_server_byte, corrupt_client_chunk_end).
   int64_t corruptions() const { return corruptions_.load(); }
 
  private:

@@ -492,7 +492,9 @@ void NginxServer::WriteConfig() const {
   auto in_dir = [this](const char* file) { return (dir_ / file).string(); };
   std::string tls;
   if (!tls_.cert_file.empty()) {
-    tls = fmt::format("    ssl_certificate {};\n    ssl_certificate_key {};\n", tls_.cert_file, tls_.key_file);
+    tls =
+        fmt::format("    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols {};\n",
+                    tls_.cert_file, tls_.key_file, tls_.protocols);
     if (!tls_.client_ca_file.empty()) {
       tls += fmt::format("    ssl_client_certificate {};\n    ssl_verify_client on;\n", tls_.client_ca_file);
     }
@@ -538,6 +540,9 @@ http {{
     }}
     location = /client {{
       return 200 "$ssl_client_s_dn";
+    }}
+    location = /tls {{
+      return 200 "$ssl_protocol";
     }}
   }}
 }}

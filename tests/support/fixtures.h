@@ -151,6 +151,9 @@ struct NginxTls {
   std::string cert_file;
   std::string key_file;
   std::string client_ca_file;
+  // nginx's ssl_protocols. Debian 12's nginx (1.22) offers TLS 1.2 only unless told otherwise;
+  // TLS 1.3 is what a current server negotiates, so the tests offer both by default.
+  std::string protocols = "TLSv1.2 TLSv1.3";
 };
 
 // The real nginx (/usr/sbin/nginx) in the foreground, listening on a free port on 127.0.0.1,
@@ -162,6 +165,7 @@ struct NginxTls {
 //   /uri/...     200 "<the request's target>" (the path and query as sent)
 //   /status/404  404 "nope\n"
 //   = /client    200 "<the client certificate's subject>" (empty without TLS or certificate)
+//   = /tls       200 "<the TLS version negotiated>" ("TLSv1.3"; empty without TLS)
 // Every response carries `X-Server: <name>`. Keep-alive: 65 s, 100000 requests per connection.
 // The access log is unbuffered, one line per request: `$connection $connection_requests
 // $status "$request"`.

@@ -169,27 +169,53 @@ TEST(TlsContextTest, SharedWhileInUseAndFileErrorsNameTheFile) {
   EXPECT_THAT(e.what(), HasSubstr("tls.ca_file '" + ca.client_key + "' cannot be loaded: "));
 }
 
+// An OpenSSL error as Asio's TLS stream reports it.
+boost::system::error_code ssl(int lib, int reason) {
+  return boost::system::error_code(static_cast<int>(ERR_PACK(lib, 0, reason)),
+                                   boost::asio::error::get_ssl_category());
+}
+
 // How a read error after the handshake is told apart: the stream's end, an alert the peer sent
 // (TLS's verdict, e.g. a client certificate refused), or a record OpenSSL itself rejected (a
 // broken connection: bytes altered on the way). OpenSSL reports a received alert as
 // SSL_AD_REASON_OFFSET + its description.
 TEST(TlsErrorTest, ARecordOpenSslRejectedIsNeitherAnAlertNorTheStreamsEnd) {
-  const auto ssl = [](int lib, int reason) {
-    return boost::system::error_code(static_cast<int>(ERR_PACK(lib, 0, reason)),
-                                     boost::asio::error::get_ssl_category());
-  };
   const auto bad_mac = ssl(ERR_LIB_SSL, SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC);
   EXPECT_TRUE(IsTlsRecordFailure(bad_mac));
   EXPECT_FALSE(IsTlsConnectionEnd(bad_mac));
   EXPECT_TRUE(IsTlsRecordFailure(ssl(ERR_LIB_PROV, PROV_R_CIPHER_OPERATION_FAILED)));
   EXPECT_TRUE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_WRONG_VERSION_NUMBER)));
 
+  // The peer's alert that a record of ours failed its check: altered on the way too.
+  EXPECT_TRUE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_SSLV3_ALERT_BAD_RECORD_MAC)));
+  EXPECT_TRUE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_TLSV1_ALERT_DECRYPTION_FAILED)));
+
   EXPECT_FALSE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED)));
-  EXPECT_FALSE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_SSLV3_ALERT_BAD_RECORD_MAC)));
+  EXPECT_FALSE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_TLSV1_ALERT_UNKNOWN_CA)));
   EXPECT_FALSE(IsTlsRecordFailure(ssl(ERR_LIB_SSL, SSL_R_UNEXPECTED_EOF_WHILE_READING)));
   EXPECT_FALSE(IsTlsRecordFailure(boost::asio::ssl::error::stream_truncated));
   EXPECT_FALSE(IsTlsRecordFailure(boost::asio::error::eof));
   EXPECT_FALSE(IsTlsRecordFailure(boost::asio::error::connection_reset));
+}
+
+// A record that failed its integrity check, here or at the peer, is told apart from everything a
+// wrong TLS set-up causes: in a handshake it is a broken connection (kConnectFailed).
+TEST(TlsErrorTest, OnlyARecordFailingItsIntegrityCheckIsCorruption) {
+  EXPECT_TRUE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC)));
+  EXPECT_TRUE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_DECRYPTION_FAILED)));
+  EXPECT_TRUE(IsTlsRecordCorrupted(ssl(ERR_LIB_PROV, PROV_R_CIPHER_OPERATION_FAILED)));
+  EXPECT_TRUE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_SSLV3_ALERT_BAD_RECORD_MAC)));
+  EXPECT_TRUE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_TLSV1_ALERT_DECRYPTION_FAILED)));
+
+  EXPECT_FALSE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_CERTIFICATE_VERIFY_FAILED)));
+  EXPECT_FALSE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_WRONG_VERSION_NUMBER)));
+  EXPECT_FALSE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_BAD_SIGNATURE)));
+  EXPECT_FALSE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED)));
+  EXPECT_FALSE(IsTlsRecordCorrupted(ssl(ERR_LIB_SSL, SSL_R_SSLV3_ALERT_HANDSHAKE_FAILURE)));
+  EXPECT_FALSE(IsTlsRecordCorrupted(boost::asio::ssl::error::stream_truncated));
+  EXPECT_FALSE(IsTlsRecordCorrupted(boost::asio::error::eof));
+  EXPECT_FALSE(IsTlsRecordCorrupted(boost::system::error_code(
+      SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC, boost::system::generic_category())));
 }
 
 }  // namespace

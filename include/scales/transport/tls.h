@@ -90,11 +90,19 @@ bool IsTlsConnectionEnd(const boost::system::error_code& ec) noexcept;
 
 // For an error after the handshake: true when OpenSSL itself rejected what the peer sent (a
 // record that fails its integrity check because bytes were altered on the way; a malformed or
-// misplaced record), as opposed to an alert the peer sent (a certificate refused, ...) or the
-// stream's end. That breaks the connection, not the endpoint's TLS set-up: a new connection may
-// well work. (In a handshake OpenSSL's own checks, certificate verification included, fail the
-// same way: not for use there.)
+// misplaced record), or the peer's alert says a record of ours failed its check
+// (IsTlsRecordCorrupted), as opposed to any other alert the peer sent (a certificate refused,
+// ...) or the stream's end. That breaks the connection, not the endpoint's TLS set-up: a new
+// connection may well work. (In a handshake OpenSSL's own checks, certificate verification
+// included, fail the same way: not for use there; see IsTlsRecordCorrupted.)
 bool IsTlsRecordFailure(const boost::system::error_code& ec) noexcept;
+
+// True when a TLS record failed its integrity check (its MAC or AEAD tag), here ("decryption
+// failed or bad record mac", OpenSSL 3's provider "cipher operation failed") or at the peer (its
+// bad_record_mac or decryption_failed alert): bytes were altered on the way. No TLS set-up
+// causes it (a wrong certificate, key or protocol fails otherwise), so in the handshake too it
+// says that this connection broke, not that the endpoint's TLS is wrong.
+bool IsTlsRecordCorrupted(const boost::system::error_code& ec) noexcept;
 
 // OpenSSL's reason for `ec` ("certificate verify failed (certificate has expired)",
 // "wrong version number"), with the certificate verification result of `ssl` when the
