@@ -15,6 +15,7 @@ enum class ForkLockRank {
   kDefaultRuntime,
   kLiveClients,
   kTlsContexts,
+  kTlsSessions,
   kStatsCollectors,
   kStatsMetrics,
   kWrappingLoops,

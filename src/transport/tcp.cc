@@ -153,6 +153,8 @@ void TcpConnection::StartHandshake() {
     asio::post(loop_.executor(), [this] { Finish(make_error_code(Errc::kTlsFailed)); });
     return;
   }
+  session_key_ = fmt::format("{} {}", address_, name);
+  PrepareTlsResumption(handle, &session_key_);
   handshaking_ = true;
   ssl_->async_handshake(asio::ssl::stream_base::client,
                         [this](const boost::system::error_code& e) { OnHandshake(e); });
@@ -172,6 +174,7 @@ void TcpConnection::OnHandshake(const boost::system::error_code& ec) {
     // way): no TLS set-up causes that. Any other alert or bad record is TLS's verdict,
     // kTlsFailed (a certificate refused, a protocol not spoken, an altered certificate that no
     // longer verifies: in general not told apart from a wrong set-up).
+    ForgetTlsSession(tls_context_->native_handle(), session_key_);  // if one was offered, not again
     const bool corrupted = IsTlsRecordCorrupted(ec);
     failure_detail_ = fmt::format("TLS handshake with {} failed: {}{}", address_,
                                   DescribeTlsError(ec, ssl_->native_handle()),

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include <fmt/format.h>
@@ -69,6 +70,64 @@ int OnClientCertificateRequested(SSL* ssl, X509**, EVP_PKEY**) {
   return 0;  // none: continue without a certificate
 }
 
+// Client sessions kept for resumption, per context (SSL_CTX ex_data, freed with the context)
+// and key (the endpoint and the name checked: a session is never offered to another). The
+// newest per key. One mutex for all contexts: a few instructions per handshake and per ticket.
+struct TlsSessions {
+  std::unordered_map<std::string, SSL_SESSION*> by_key;  // guarded by SessionsMutex()
+  ~TlsSessions() {
+    for (auto& [key, session] : by_key) SSL_SESSION_free(session);
+  }
+};
+
+std::mutex& SessionsMutex() {
+  static std::mutex& mu = []() -> std::mutex& {
+    auto* m = new std::mutex();  // never destroyed: held across fork() for good
+    internal::HoldAcrossFork(*m, internal::ForkLockRank::kTlsSessions);
+    return *m;
+  }();
+  return mu;
+}
+
+int SessionsIndex() {
+  static const int index = SSL_CTX_get_ex_new_index(
+      0, nullptr, nullptr, nullptr, [](void*, void* sessions, CRYPTO_EX_DATA*, int, long, void*) {
+        std::lock_guard lock(SessionsMutex());
+        delete static_cast<TlsSessions*>(sessions);
+      });
+  return index;
+}
+
+// SSL ex_data slot: the connection's key (a const std::string*).
+int SessionKeyIndex() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+
+TlsSessions* SessionsOf(SSL_CTX* ctx) {
+  return static_cast<TlsSessions*>(SSL_CTX_get_ex_data(ctx, SessionsIndex()));
+}
+
+// OpenSSL's new-session callback: during the handshake (TLS 1.2) or a read after it (a TLS 1.3
+// ticket), on the connection's loop. Returns 1 when the reference is kept.
+int OnNewSession(SSL* ssl, SSL_SESSION* session) {
+  const auto* key = static_cast<const std::string*>(SSL_get_ex_data(ssl, SessionKeyIndex()));
+  TlsSessions* sessions = SessionsOf(SSL_get_SSL_CTX(ssl));
+  if (key == nullptr || sessions == nullptr || SSL_SESSION_is_resumable(session) != 1) return 0;
+  std::lock_guard lock(SessionsMutex());
+  auto [it, inserted] = sessions->by_key.try_emplace(*key, session);
+  if (!inserted) {
+    SSL_SESSION_free(it->second);
+    it->second = session;
+  } else if (sessions->by_key.size() > kMaxTlsSessionsPerContext) {
+    auto victim = sessions->by_key.begin();
+    if (victim == it) ++victim;
+    SSL_SESSION_free(victim->second);
+    sessions->by_key.erase(victim);
+  }
+  return 1;
+}
+
 std::shared_ptr<ssl::context> BuildContext(const TlsOptions& o) {
   auto ctx = std::make_shared<ssl::context>(ssl::context::tls_client);
   ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
@@ -86,6 +145,13 @@ std::shared_ptr<ssl::context> BuildContext(const TlsOptions& o) {
     ctx->set_verify_mode(ssl::verify_peer);
   } else {
     ctx->set_verify_mode(ssl::verify_none);
+  }
+  if (o.resume_sessions) {
+    SSL_CTX* native = ctx->native_handle();
+    SSL_CTX_set_session_cache_mode(native,
+                                   SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(native, &OnNewSession);
+    SSL_CTX_set_ex_data(native, SessionsIndex(), new TlsSessions());
   }
   if (o.cert_file.empty()) {
     SSL_CTX_set_client_cert_cb(ctx->native_handle(), &OnClientCertificateRequested);
@@ -191,7 +257,8 @@ std::shared_ptr<ssl::context> CachedTlsContext(const TlsOptions& o, bool reread_
     return *m;
   }();
   static std::map<std::string, std::vector<CachedContext>> cache;
-  std::string key = fmt::format("{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file, o.key_file, o.server_name);
+  std::string key = fmt::format("{}\n{}\n{}\n{}\n{}\n{}", o.verify_peer, o.ca_file, o.cert_file,
+                                o.key_file, o.server_name, o.resume_sessions);
   std::string stamps;
   if (reread_changed_files) {
     stamps = fmt::format("{}\n{}\n{}", FileStamp(o.ca_file), FileStamp(o.cert_file), FileStamp(o.key_file));
@@ -226,6 +293,33 @@ void AppendTlsFileSettings(const TlsOptions& o, ProviderSettings& settings) {
   settings.emplace_back("tls_verify", SettingText(o.verify_peer));
   settings.emplace_back("tls_server_name", o.server_name);
   settings.emplace_back("tls_cert_file", o.cert_file);
+  settings.emplace_back("tls_resume_sessions", SettingText(o.resume_sessions));
+}
+
+void PrepareTlsResumption(SSL* ssl, const std::string* key) {
+  TlsSessions* sessions = SessionsOf(SSL_get_SSL_CTX(ssl));
+  if (sessions == nullptr) return;
+  SSL_set_ex_data(ssl, SessionKeyIndex(), const_cast<std::string*>(key));
+  std::lock_guard lock(SessionsMutex());
+  auto it = sessions->by_key.find(*key);
+  if (it != sessions->by_key.end()) SSL_set_session(ssl, it->second);  // takes its own reference
+}
+
+void ForgetTlsSession(SSL_CTX* ctx, const std::string& key) {
+  TlsSessions* sessions = SessionsOf(ctx);
+  if (sessions == nullptr) return;
+  std::lock_guard lock(SessionsMutex());
+  auto it = sessions->by_key.find(key);
+  if (it == sessions->by_key.end()) return;
+  SSL_SESSION_free(it->second);
+  sessions->by_key.erase(it);
+}
+
+size_t TlsSessionsKept(SSL_CTX* ctx) {
+  TlsSessions* sessions = SessionsOf(ctx);
+  if (sessions == nullptr) return 0;
+  std::lock_guard lock(SessionsMutex());
+  return sessions->by_key.size();
 }
 
 std::shared_ptr<ssl::context> MakeTlsContext(const TlsOptions& o) { return CachedTlsContext(o, true); }

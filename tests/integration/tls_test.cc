@@ -12,16 +12,17 @@
 #include <thread>
 #include <vector>
 
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/use_future.hpp>
-#include <boost/asio/write.hpp>
+#include <fmt/format.h>
 #include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
-#include <gtest/gtest.h>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/use_future.hpp>
+#include <boost/asio/write.hpp>
 
 #include "Echo.h"
 #include "scales/core/runtime.h"
@@ -144,6 +145,36 @@ TEST(TlsHttpTest, ATls12OnlyServerIsCalled) {
   EXPECT_EQ(client.Get("/").body, "nginx tls12\n");
   EXPECT_EQ(client.Get("/tls").body, "TLSv1.2");
   client.Close();
+}
+
+// A new connection to an endpoint offers the TLS session the last handshake with it gave (a TLS
+// 1.3 ticket, read after the handshake; a TLS 1.2 ticket), and nginx resumes it
+// ($ssl_session_reused): no certificate exchange. With resume_sessions off every connection
+// does a full handshake. Each GET asks nginx to close its connection, so the next is a new one.
+TEST(TlsHttpTest, ANewConnectionResumesTheLastTlsSession) {
+  const auto& ca = TestCa();
+  for (const char* protocol : {"TLSv1.3", "TLSv1.2"}) {
+    NginxTls tls = ServerTls(ca.server_cert, ca.server_key);
+    tls.protocols = protocol;
+    NginxServer nginx("resume", tls);
+    for (const bool resume : {true, false}) {
+      SCOPED_TRACE(fmt::format("{}, resume_sessions {}", protocol, resume));
+      auto rt = MakeRuntime(1);
+      TlsOptions client_tls = Trusting(ca.ca_file);
+      client_tls.resume_sessions = resume;
+      auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, client_tls));
+      const std::string full = fmt::format("{} .", protocol);
+      const std::string resumed = fmt::format("{} r", protocol);
+      EXPECT_EQ(client.Get("/tls-reused", {{"Connection", "close"}}).body, full);
+      for (int i = 0; i < 3; ++i) {
+        EXPECT_EQ(client.Get("/tls-reused", {{"Connection", "close"}}).body,
+                  resume ? resumed : full)
+            << i;
+      }
+      EXPECT_EQ(TlsSessionsKept(SharedTlsContext(client_tls)->native_handle()), resume ? 1u : 0u);
+      client.Close();
+    }
+  }
 }
 
 TEST(TlsHttpTest, ManyConcurrentCallsEachCompleteOnce) {

@@ -544,6 +544,9 @@ http {{
     location = /tls {{
       return 200 "$ssl_protocol";
     }}
+    location = /tls-reused {{
+      return 200 "$ssl_protocol $ssl_session_reused";
+    }}
   }}
 }}
 )",

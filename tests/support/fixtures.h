@@ -166,6 +166,7 @@ struct NginxTls {
 //   /status/404  404 "nope\n"
 //   = /client    200 "<the client certificate's subject>" (empty without TLS or certificate)
 //   = /tls       200 "<the TLS version negotiated>" ("TLSv1.3"; empty without TLS)
+//   = /tls-reused  200 "<the TLS version> <r if the TLS session was resumed, else .>"
 // Every response carries `X-Server: <name>`. Keep-alive: 65 s, 100000 requests per connection.
 // The access log is unbuffered, one line per request: `$connection $connection_requests
 // $status "$request"`.

@@ -131,6 +131,9 @@ class TcpConnection {
   // Streams of earlier connections: an aborted operation may still refer to one until its
   // handler ran, so they live as long as the connection object (reconnects are rare).
   std::vector<std::unique_ptr<TlsStream>> retired_ssl_;
+  // The endpoint and the name checked: the key of the TLS sessions this connection offers and
+  // keeps (PrepareTlsResumption).
+  std::string session_key_;
   bool tls_active_ = false;
   bool handshaking_ = false;
   bool upgrading_ = false;  // AsyncStartTls: the TCP connection was up before the handshake

@@ -31,6 +31,11 @@ struct TlsOptions {
   // Client certificate chain (PEM) and its private key (PEM), for mutual TLS. Both or neither.
   std::string cert_file;
   std::string key_file;
+  // Resume TLS sessions: a new connection offers the session (TLS 1.2 session id or ticket, TLS
+  // 1.3 ticket) that the last handshake with the same endpoint and name gave, so a server that
+  // accepts it skips the certificate exchange and its signature. The verification done when the
+  // session was made stands (the same options made it). Default on.
+  bool resume_sessions = true;
 
   friend bool operator==(const TlsOptions&, const TlsOptions&) = default;
 };
@@ -54,6 +59,19 @@ std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsOptions& o);
 // clients, also after a client built from the rotated files is gone); built as by
 // MakeTlsContext when none is.
 std::shared_ptr<boost::asio::ssl::context> SharedTlsContext(const TlsOptions& o);
+
+// Session resumption for one client connection (TcpConnection), before its handshake: offers
+// the session kept for `key` (the endpoint and the name checked) in `ssl`'s context, if any, and
+// keeps the sessions the server gives on this connection under `key`, which must outlive `ssl`.
+// Contexts made with resume_sessions off keep none. At most kMaxTlsSessionsPerContext keys per
+// context. Any thread.
+inline constexpr size_t kMaxTlsSessionsPerContext = 1024;
+void PrepareTlsResumption(SSL* ssl, const std::string* key);
+// After a failed handshake: drops the session kept for `key` in `ctx` (offering it again might
+// fail again).
+void ForgetTlsSession(SSL_CTX* ctx, const std::string& key);
+// Sessions kept in `ctx` (tests).
+size_t TlsSessionsKept(SSL_CTX* ctx);
 
 // Applies the per-URI TLS keys of a parsed URI's query (ParsedUri::query) to `o`:
 //   tls=on|off|true|false|1|0, tls_ca_file=PATH, tls_server_name=NAME, tls_cert_file=PATH,
