@@ -4,7 +4,10 @@
 
 #include "support/fault_proxy.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <csignal>
@@ -240,6 +243,42 @@ TEST(FixturesTest, FreeTcpPortIsBindable) {
   int port = FreeTcpPort();
   EXPECT_GT(port, 0);
   EXPECT_FALSE(CanConnect(port));
+}
+
+// A port a stopped server held stays bound until it starts again: a connect is refused, and a
+// plain bind (as FreeTcpPort's of port 0, which then skips it) fails, so no other test's server
+// lands there meanwhile; once released, the port binds again.
+bool PlainBind(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  const bool bound = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+  ::close(fd);
+  return bound;
+}
+
+TEST(FixturesTest, AStoppedServersPortIsHeldUntilItStartsAgain) {
+  TestHttpServer server("held");
+  const int port = server.port();
+  server.Stop();
+  EXPECT_FALSE(CanConnect(port));
+  EXPECT_FALSE(PlainBind(port)) << "another test could take the port of a stopped server";
+  server.Restart();
+  EXPECT_EQ(GetOnce(port, "/").body(), "hello from held\n");
+  server.Kill();
+  EXPECT_FALSE(CanConnect(port));
+  EXPECT_FALSE(PlainBind(port));
+
+  const int free_port = FreeTcpPort();
+  {
+    PortHold hold(free_port);
+    ASSERT_TRUE(hold.holding());
+    EXPECT_FALSE(CanConnect(free_port));
+    EXPECT_FALSE(PlainBind(free_port));
+  }
+  EXPECT_TRUE(PlainBind(free_port));
 }
 
 // A FaultProxy stall ends with Calm(): the stalled way then carries on from the byte it stopped

@@ -274,8 +274,10 @@ class ThriftToolServer {
   void Kill() {
     if (process_) process_->Kill();
     process_.reset();
+    hold_ = test::PortHold(port_);
   }
   void Start() {
+    hold_.Release();
     auto until = std::chrono::steady_clock::now() + 5s;
     for (;;) {
       std::vector<std::string> args = {test::ToolPath(), "testserver", "thrift", "--port",
@@ -294,6 +296,7 @@ class ThriftToolServer {
   int port_;
   std::vector<std::string> extra_;
   std::unique_ptr<test::ChildProcess> process_;
+  test::PortHold hold_;  // while killed
 };
 
 // Starts an echo call on a Thrift or ThriftMux client, reporting its endpoint.

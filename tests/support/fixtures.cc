@@ -103,6 +103,28 @@ std::vector<int> FreeTcpPorts(size_t n) {
 
 int FreeTcpPort() { return FreeTcpPorts(1)[0]; }
 
+PortHold::PortHold(int port) {
+  fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd_ < 0) return;
+  const int on = 1;
+  ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+  sockaddr_in addr = Loopback(port);
+  if (::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) Release();
+}
+
+PortHold& PortHold::operator=(PortHold&& other) noexcept {
+  if (this != &other) {
+    Release();
+    fd_ = std::exchange(other.fd_, -1);
+  }
+  return *this;
+}
+
+void PortHold::Release() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
 bool ZooKeeperAnswersRuok(int port, milliseconds timeout) { return tools::ZooKeeperAnswersRuok(port, timeout); }
 
 bool CanConnect(int port, milliseconds timeout) {
@@ -326,11 +348,13 @@ pid_t TestHttpServer::pid() const { return process_ ? process_->pid() : -1; }
 void TestHttpServer::Stop() {
   if (process_) process_->Stop();
   process_.reset();
+  hold_ = PortHold(port_);
 }
 
 void TestHttpServer::Kill() {
   if (process_) process_->Kill();
   process_.reset();
+  hold_ = PortHold(port_);
 }
 
 void TestHttpServer::Restart() {
@@ -339,6 +363,7 @@ void TestHttpServer::Restart() {
 }
 
 void TestHttpServer::Start(int port, milliseconds bind_retry) {
+  hold_.Release();
   auto retry_until = Clock::now() + bind_retry;
   for (;;) {
     std::vector<std::string> argv = {ToolPath(), "testserver", "http"};
@@ -473,6 +498,7 @@ std::string NginxServer::endpoint() const { return fmt::format("127.0.0.1:{}", p
 void NginxServer::Stop() {
   if (process_) process_->Stop();
   process_.reset();
+  hold_ = PortHold(port_);
 }
 
 void NginxServer::Restart() {
@@ -564,6 +590,7 @@ http {{
 }
 
 std::string NginxServer::TryStart() {
+  hold_.Release();
   WriteConfig();
   std::filesystem::path pid_file = dir_ / "nginx.pid";
   std::error_code ignored;

@@ -9,6 +9,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace scales::test {
@@ -19,6 +20,28 @@ namespace scales::test {
 int FreeTcpPort();
 // `n` distinct such ports: every socket is held open until all are chosen.
 std::vector<int> FreeTcpPorts(size_t n);
+
+// Keeps 127.0.0.1:port bound while a test's server on it is down (stopped or killed, to be
+// restarted there, or for its clients to be refused). The socket does not listen, so a connect
+// is refused as to a port nobody holds, and the kernel gives the port to no other bind of port 0
+// meanwhile (FreeTcpPort, a proxy or server picking its own port): another test running at the
+// same time would otherwise put its server there and take this test's reconnects (seen: the
+// ZooKeeper client of a test whose ensemble was stopped talking to another test's proxy). With
+// SO_REUSEADDR, so that it binds beside the stopped server's TIME_WAIT connections. Best
+// effort: holds nothing if the bind fails. Release() (or destruction) lets the server have it.
+class PortHold {
+ public:
+  PortHold() = default;
+  explicit PortHold(int port);
+  ~PortHold() { Release(); }
+  PortHold(PortHold&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  PortHold& operator=(PortHold&& other) noexcept;
+  void Release() noexcept;
+  bool holding() const { return fd_ >= 0; }
+
+ private:
+  int fd_ = -1;
+};
 
 // Whether a TCP connection to 127.0.0.1:port is accepted (within `timeout`).
 bool CanConnect(int port, std::chrono::milliseconds timeout = std::chrono::milliseconds(500));
@@ -111,6 +134,7 @@ class TestHttpServer {
   int port_ = 0;
   int threads_ = 1;
   std::unique_ptr<ChildProcess> process_;
+  PortHold hold_;  // while stopped or killed
 };
 
 // `scales testserver thrift` (the Echo service on Apache Thrift's TThreadedServer, see
@@ -215,6 +239,7 @@ class NginxServer {
   std::filesystem::path dir_;
   int port_ = 0;
   std::unique_ptr<ChildProcess> process_;
+  PortHold hold_;  // while stopped
 };
 
 }  // namespace scales::test

@@ -75,6 +75,7 @@ std::string MuxReferenceServer::endpoint() const { return fmt::format("127.0.0.1
 void MuxReferenceServer::Stop() {
   if (process_) process_->Stop();
   process_.reset();
+  hold_ = PortHold(port_);
 }
 
 void MuxReferenceServer::Restart() {
@@ -88,6 +89,7 @@ void MuxReferenceServer::Restart(std::vector<std::string> extra_args) {
 }
 
 void MuxReferenceServer::Start(int port, milliseconds bind_retry) {
+  hold_.Release();
   auto retry_until = Clock::now() + bind_retry;
   for (;;) {
     std::vector<std::string> argv = {

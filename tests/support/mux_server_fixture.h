@@ -81,6 +81,7 @@ class MuxReferenceServer {
   std::filesystem::path log_path_;
   int port_ = 0;
   std::unique_ptr<ChildProcess> process_;
+  PortHold hold_;  // while stopped
 };
 
 }  // namespace scales::test

@@ -71,7 +71,10 @@ ZooKeeperServer::ZooKeeperServer(int port, bool start)
   for (int attempt = 0;; ++attempt) {
     client_port_ = port ? port : FreeTcpPort();
     config_ = BaseConfig(dir_ / "data", client_port_);
-    if (!start) return;
+    if (!start) {
+      hold_ = PortHold(client_port_);
+      return;
+    }
     try {
       Start();
       return;
@@ -113,6 +116,7 @@ void ZooKeeperServer::WriteConfig() const {
 
 void ZooKeeperServer::Start() {
   if (process_) return;
+  hold_.Release();
   WriteConfig();
   std::vector<std::string> command{kJava, "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
                                    "-Dzookeeper.admin.enableServer=false"};
@@ -143,12 +147,14 @@ void ZooKeeperServer::Stop() {
   if (!process_) return;
   process_->Stop(std::chrono::seconds(10));
   process_.reset();
+  hold_ = PortHold(client_port_);
 }
 
 void ZooKeeperServer::Kill() {
   if (!process_) return;
   process_->Kill();
   process_.reset();
+  hold_ = PortHold(client_port_);
 }
 
 ZooKeeperEnsemble::ZooKeeperEnsemble() : dir_(MakeTempDir("scales-zk-ensemble")) {

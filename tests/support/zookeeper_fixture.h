@@ -63,6 +63,7 @@ class ZooKeeperServer {
   std::string config_;
   std::vector<std::string> jvm_flags_;
   std::unique_ptr<ChildProcess> process_;
+  PortHold hold_;  // the client port, while stopped or killed
 };
 
 // Three servers on loopback forming one ensemble.
