@@ -128,6 +128,25 @@ int OnNewSession(SSL* ssl, SSL_SESSION* session) {
   return 1;
 }
 
+// OpenSSL 3.0 caches a certificate's extensions (key identifiers, purposes) on its first use,
+// and two threads that use it first at the same time race: the later one rewrites what the other
+// reads (openssl/openssl#25202; seen by TSan as two loops' first handshakes verified against the
+// CA of ca_file). The certificates of a context are shared by every loop's handshakes: cache
+// theirs now, on the thread that builds the context. (The system's CA directory is read lazily,
+// certificate by certificate, so its certificates cannot be done here.)
+void CacheCertificateExtensions(SSL_CTX* ctx) {
+  STACK_OF(X509_OBJECT)* objects = X509_STORE_get0_objects(SSL_CTX_get_cert_store(ctx));
+  for (int i = 0; i < sk_X509_OBJECT_num(objects); ++i) {
+    if (X509* cert = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objects, i)))
+      X509_check_purpose(cert, -1, 0);
+  }
+  if (X509* own = SSL_CTX_get0_certificate(ctx)) X509_check_purpose(own, -1, 0);
+  STACK_OF(X509)* chain = nullptr;
+  if (SSL_CTX_get0_chain_certs(ctx, &chain) == 1 && chain != nullptr) {
+    for (int i = 0; i < sk_X509_num(chain); ++i) X509_check_purpose(sk_X509_value(chain, i), -1, 0);
+  }
+}
+
 std::shared_ptr<ssl::context> BuildContext(const TlsOptions& o) {
   auto ctx = std::make_shared<ssl::context>(ssl::context::tls_client);
   ctx->set_options(ssl::context::default_workarounds | ssl::context::no_sslv2 | ssl::context::no_sslv3 |
@@ -186,6 +205,7 @@ std::shared_ptr<ssl::context> BuildContext(const TlsOptions& o) {
                           o.cert_file));
     }
   }
+  CacheCertificateExtensions(ctx->native_handle());
   return ctx;
 }
 
