@@ -611,7 +611,8 @@ TEST(TlsConnectionTest, AHandshakeTheConnectionEndsUnderIsAConnectFailure) {
 // were altered), not kTlsFailed, which says the endpoint's TLS set-up is wrong (an idempotent
 // call failed for good). Our last handshake flight altered in its last byte (its last record's
 // tag), the server refuses it with a bad_record_mac alert, which comes as the reply is read: a
-// closed connection, as a record we rejected would be (it was kTlsFailed). Once the bytes are
+// closed connection, as a record we rejected would be (it was kTlsFailed); or, when it comes
+// before the request is written, a connection that broke unused (kNotSent). Once the bytes are
 // clean, calls succeed.
 TEST(TlsConnectionTest, AHandshakeRecordAlteredOnTheWayIsABrokenConnection) {
   const auto& ca = TestCa();
@@ -652,7 +653,14 @@ TEST(TlsConnectionTest, AHandshakeRecordAlteredOnTheWayIsABrokenConnection) {
     o.resurrector.max_backoff = 100ms;
     auto client = Http::NewClient("https://" + proxy.endpoint(), o);
     Error e = FailingGet(client);
-    ExpectConnectFailure(e, way.code, proxy.endpoint(), way.text);
+    if (way.code == Errc::kConnectionClosed && e.code() == Errc::kNotSent) {
+      // The alert came before the request was written (a slower client: the sanitizer builds):
+      // the connection broke before it was used, and the request was not sent.
+      EXPECT_THAT(e.what(), HasSubstr("closed before the request was sent"));
+    } else {
+      ExpectConnectFailure(e, way.code, proxy.endpoint(), way.text);
+    }
+    EXPECT_NE(e.code(), Errc::kTlsFailed) << e.what();
     EXPECT_GE(proxy.corruptions(), 1);
     proxy.Calm();
     const auto give_up = std::chrono::steady_clock::now() + 5s;
