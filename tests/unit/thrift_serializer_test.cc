@@ -854,6 +854,49 @@ TEST(ThriftCodecTest, AnUnknownCompactTypeIsAMalformedReplyNamingTheType) {
   }
 }
 
+// TBinaryProtocol's type bytes (a field's, a list's, set's or map's element types) are cast to
+// Apache's TType as they are read; a byte outside its values (0..17, e.g. 0xed, a type byte
+// altered on the way) was undefined behaviour there (UBSan in the corrupting recovery run).
+// CheckedReads reads those headers itself and refuses such a byte as a malformed reply naming it.
+TEST(ThriftCodecTest, AnUnknownBinaryTypeIsAMalformedReplyNamingTheType) {
+  using C = internal::Codec<HelloClient>;
+  const std::string header = Bytes({0x80, 0x01, 0x00, 0x02, 0x00, 0x00, 0x00, 0x02}) + "hi" +
+                             Bytes({0x00, 0x00, 0x00, 0x00});
+  const struct {
+    std::string fields;
+    std::string expected;
+  } cases[] = {
+      {Bytes({0xed, 0x00, 0x05}), "unknown binary type -19 for a field"},
+      {Bytes({0x12, 0x00, 0x05}), "unknown binary type 18 for a field"},
+      {Bytes({0x0f, 0x00, 0x05, 0x80, 0x00, 0x00, 0x00, 0x01}),
+       "unknown binary type -128 for a list element"},
+      {Bytes({0x0e, 0x00, 0x05, 0xff, 0x00, 0x00, 0x00, 0x01}),
+       "unknown binary type -1 for a set element"},
+      {Bytes({0x0d, 0x00, 0x05, 0x08, 0x7f, 0x00, 0x00, 0x00, 0x01}),
+       "unknown binary type 127 for a map value"},
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(
+        internal::Decode<HelloClient>(Protocol::kBinary, CraftedHiReply(Protocol::kBinary, 3, true),
+                                      &HelloClient::recv_hi),
+        "abc");
+    ASSERT_TRUE(C::Kept(Protocol::kBinary));
+    try {
+      internal::Decode<HelloClient>(Protocol::kBinary, header + c.fields + Bytes({0x00}),
+                                    &HelloClient::recv_hi);
+      ADD_FAILURE() << "decoded: " << c.expected;
+    } catch (const apache::thrift::protocol::TProtocolException& e) {
+      EXPECT_EQ(e.getType(), apache::thrift::protocol::TProtocolException::INVALID_DATA)
+          << e.what();
+      EXPECT_EQ(std::string_view(e.what()), c.expected);
+      EXPECT_TRUE(internal::Malformed(e)) << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << c.expected << ": " << e.what();
+    }
+    EXPECT_FALSE(C::Kept(Protocol::kBinary));
+  }
+}
+
 // A reply to hi() per the Thrift spec (as CraftedHiReply's header), with field 5, which hi's result
 // does not have, ahead of field 0 ("abc"): `unknown` is field 5's header and value, written by
 // the callers per the spec. The generated code skips field 5.

@@ -167,7 +167,16 @@ class CheckedReads : public P, public ReadLimits {
     return P::readStructEnd_virt();
   }
   uint32_t readFieldBegin_virt(std::string& name, apache::thrift::protocol::TType& type, int16_t& id) override {
-    return NamingUnknownTypes([&] { return P::readFieldBegin_virt(name, type, id); });
+    if constexpr (internal::IsCompactProtocol<P>::value) {
+      return NamingUnknownTypes([&] { return P::readFieldBegin_virt(name, type, id); });
+    } else {
+      uint32_t n = ReadBinaryType(type, "field");
+      if (type == apache::thrift::protocol::T_STOP) {
+        id = 0;
+        return n;
+      }
+      return n + P::readI16(id);
+    }
   }
   uint32_t readString_virt(std::string& value) override {
     CheckString();
@@ -178,18 +187,34 @@ class CheckedReads : public P, public ReadLimits {
     return P::readBinary_virt(value);
   }
   uint32_t readListBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
-    const uint32_t n = NamingUnknownTypes([&] { return P::readListBegin_virt(element, size); });
+    const uint32_t n = NamingUnknownTypes([&] {
+      if constexpr (internal::IsCompactProtocol<P>::value)
+        return P::readListBegin_virt(element, size);
+      else
+        return ReadBinaryType(element, "list element") + ReadBinarySize(size);
+    });
     CheckContainer("list", size, 1);
     return n;
   }
   uint32_t readSetBegin_virt(apache::thrift::protocol::TType& element, uint32_t& size) override {
-    const uint32_t n = NamingUnknownTypes([&] { return P::readSetBegin_virt(element, size); });
+    const uint32_t n = NamingUnknownTypes([&] {
+      if constexpr (internal::IsCompactProtocol<P>::value)
+        return P::readSetBegin_virt(element, size);
+      else
+        return ReadBinaryType(element, "set element") + ReadBinarySize(size);
+    });
     CheckContainer("set", size, 1);
     return n;
   }
   uint32_t readMapBegin_virt(apache::thrift::protocol::TType& key, apache::thrift::protocol::TType& value,
                              uint32_t& size) override {
-    const uint32_t n = NamingUnknownTypes([&] { return P::readMapBegin_virt(key, value, size); });
+    const uint32_t n = NamingUnknownTypes([&] {
+      if constexpr (internal::IsCompactProtocol<P>::value)
+        return P::readMapBegin_virt(key, value, size);
+      else
+        return ReadBinaryType(key, "map key") + ReadBinaryType(value, "map value") +
+               ReadBinarySize(size);
+    });
     CheckContainer("map", size, 2);
     return n;
   }
@@ -264,6 +289,38 @@ class CheckedReads : public P, public ReadLimits {
                           uint32_t (apache::thrift::protocol::TProtocol::*read)(T&)) {
     T value{};
     return (in.*read)(value);
+  }
+  // The binary protocol's type byte, checked before it becomes a TType: Apache's readFieldBegin
+  // and read{List,Set,Map}Begin cast any byte to the enum, and a byte outside its values
+  // (0..17) is undefined behaviour there (UBSan: "load of value 4294967277, which is not a valid
+  // value for type 'TType'", a reply's type byte altered on the way). Those reads are done here
+  // instead, as Apache does them otherwise.
+  uint32_t ReadBinaryType(apache::thrift::protocol::TType& type, const char* what) {
+    int8_t raw = 0;
+    const uint32_t n = P::readByte(raw);
+    if (raw < apache::thrift::protocol::T_STOP || raw > apache::thrift::protocol::T_UTF16) {
+      throw apache::thrift::protocol::TProtocolException(
+          apache::thrift::protocol::TProtocolException::INVALID_DATA,
+          std::string("unknown binary type ") + std::to_string(raw) + " for a " + what);
+    }
+    type = static_cast<apache::thrift::protocol::TType>(raw);
+    return n;
+  }
+  // A list's, set's or map's element count, checked as Apache's binary protocol does (the
+  // bytes it needs are checked by CheckContainer).
+  uint32_t ReadBinarySize(uint32_t& size) {
+    int32_t declared = 0;
+    const uint32_t n = P::readI32(declared);
+    if (declared < 0) {
+      throw apache::thrift::protocol::TProtocolException(
+          apache::thrift::protocol::TProtocolException::NEGATIVE_SIZE);
+    }
+    if (this->container_limit_ && declared > this->container_limit_) {
+      throw apache::thrift::protocol::TProtocolException(
+          apache::thrift::protocol::TProtocolException::SIZE_LIMIT);
+    }
+    size = static_cast<uint32_t>(declared);
+    return n;
   }
   // One level deeper: a struct, or a list, set or map skip() goes into.
   void Enter() {
