@@ -128,7 +128,7 @@ MuxSessionSink::MuxSessionSink(const SinkContext& ctx, SessionOptions options)
     : loop_(*ctx.loop),
       options_(options),
       conn_(*ctx.loop, ctx.endpoint.value_or(Endpoint{}), options.connect_timeout, ctx.stats,
-            options.tls),
+            options.tls, options.opportunistic_tls != OpportunisticTls::kOff),
       address_(ctx.endpoint ? ctx.endpoint->ToString() : std::string("?")),
       decoder_(options.handshake ? std::min(options.max_frame_size, kMaxHandshakeFrameSize)
                                  : options.max_frame_size,

@@ -32,9 +32,12 @@ TcpConnection::TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connec
       bytes_received_(stats.GetCounter("scales_bytes_received")) {}
 
 TcpConnection::TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout,
-                             const stats::StatsScope& stats, TlsOptions tls)
+                             const stats::StatsScope& stats, TlsOptions tls, bool may_upgrade)
     : TcpConnection(loop, std::move(endpoint), connect_timeout, stats) {
   tls_ = std::move(tls);
+  if (tls_.resume_sessions && (tls_.enabled || may_upgrade)) {
+    tls_resumptions_ = &stats.GetCounter("scales_tls_resumptions");
+  }
   if (tls_.enabled) {
     try {
       tls_context_ = SharedTlsContext(tls_);
@@ -184,6 +187,9 @@ void TcpConnection::OnHandshake(const boost::system::error_code& ec) {
     return;
   }
   tls_active_ = true;
+  if (tls_resumptions_ != nullptr && SSL_session_reused(ssl_->native_handle()) == 1) {
+    tls_resumptions_->Increment();
+  }
   Finish({});
 }
 

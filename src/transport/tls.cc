@@ -72,12 +72,16 @@ int OnClientCertificateRequested(SSL* ssl, X509**, EVP_PKEY**) {
 
 // Client sessions kept for resumption, per context (SSL_CTX ex_data, freed with the context)
 // and key (the endpoint and the name checked: a session is never offered to another). The
-// newest per key. One mutex for all contexts: a few instructions per handshake and per ticket.
+// newest per key, kept serialized (DER), not as the SSL_SESSION: every connection offers its own
+// copy, so no SSL_SESSION is shared between loops. A shared one is read by one loop's handshake
+// while another's frees it (its last reference dropped), ordered only by OpenSSL's atomic
+// reference count, which the thread sanitizer cannot see; and OpenSSL 3.0 fills a certificate's
+// lazy caches (the session's peer certificate) on first use, which races between loops
+// (openssl/openssl#25202). A copy costs one parse per handshake, against the handshake's
+// signature and key exchange saved. One mutex for all contexts: a few instructions per
+// handshake and per ticket.
 struct TlsSessions {
-  std::unordered_map<std::string, SSL_SESSION*> by_key;  // guarded by SessionsMutex()
-  ~TlsSessions() {
-    for (auto& [key, session] : by_key) SSL_SESSION_free(session);
-  }
+  std::unordered_map<std::string, std::string> by_key;  // guarded by SessionsMutex()
 };
 
 std::mutex& SessionsMutex() {
@@ -109,23 +113,26 @@ TlsSessions* SessionsOf(SSL_CTX* ctx) {
 }
 
 // OpenSSL's new-session callback: during the handshake (TLS 1.2) or a read after it (a TLS 1.3
-// ticket), on the connection's loop. Returns 1 when the reference is kept.
+// ticket), on the connection's loop. Keeps a serialized copy; returns 0: OpenSSL keeps its
+// reference (the connection's own session).
 int OnNewSession(SSL* ssl, SSL_SESSION* session) {
   const auto* key = static_cast<const std::string*>(SSL_get_ex_data(ssl, SessionKeyIndex()));
   TlsSessions* sessions = SessionsOf(SSL_get_SSL_CTX(ssl));
   if (key == nullptr || sessions == nullptr || SSL_SESSION_is_resumable(session) != 1) return 0;
+  const int size = i2d_SSL_SESSION(session, nullptr);
+  if (size <= 0) return 0;
+  std::string der(static_cast<size_t>(size), '\0');
+  auto* out = reinterpret_cast<unsigned char*>(der.data());
+  if (i2d_SSL_SESSION(session, &out) != size) return 0;
   std::lock_guard lock(SessionsMutex());
-  auto [it, inserted] = sessions->by_key.try_emplace(*key, session);
-  if (!inserted) {
-    SSL_SESSION_free(it->second);
-    it->second = session;
-  } else if (sessions->by_key.size() > kMaxTlsSessionsPerContext) {
+  auto [it, inserted] = sessions->by_key.try_emplace(*key);
+  it->second.swap(der);  // the replaced copy is freed after the unlock, with `der`
+  if (inserted && sessions->by_key.size() > kMaxTlsSessionsPerContext) {
     auto victim = sessions->by_key.begin();
     if (victim == it) ++victim;
-    SSL_SESSION_free(victim->second);
     sessions->by_key.erase(victim);
   }
-  return 1;
+  return 0;
 }
 
 // OpenSSL 3.0 caches a certificate's extensions (key identifiers, purposes) on its first use,
@@ -320,19 +327,28 @@ void PrepareTlsResumption(SSL* ssl, const std::string* key) {
   TlsSessions* sessions = SessionsOf(SSL_get_SSL_CTX(ssl));
   if (sessions == nullptr) return;
   SSL_set_ex_data(ssl, SessionKeyIndex(), const_cast<std::string*>(key));
-  std::lock_guard lock(SessionsMutex());
-  auto it = sessions->by_key.find(*key);
-  if (it != sessions->by_key.end()) SSL_set_session(ssl, it->second);  // takes its own reference
+  std::string der;
+  {
+    std::lock_guard lock(SessionsMutex());
+    auto it = sessions->by_key.find(*key);
+    if (it == sessions->by_key.end()) return;
+    der = it->second;
+  }
+  const auto* in = reinterpret_cast<const unsigned char*>(der.data());
+  SSL_SESSION* session = d2i_SSL_SESSION(nullptr, &in, static_cast<long>(der.size()));
+  if (session == nullptr) {
+    ERR_clear_error();  // not this connection's error: it goes on without an offer
+    return;
+  }
+  SSL_set_session(ssl, session);  // takes its own reference
+  SSL_SESSION_free(session);
 }
 
 void ForgetTlsSession(SSL_CTX* ctx, const std::string& key) {
   TlsSessions* sessions = SessionsOf(ctx);
   if (sessions == nullptr) return;
   std::lock_guard lock(SessionsMutex());
-  auto it = sessions->by_key.find(key);
-  if (it == sessions->by_key.end()) return;
-  SSL_SESSION_free(it->second);
-  sessions->by_key.erase(it);
+  sessions->by_key.erase(key);
 }
 
 size_t TlsSessionsKept(SSL_CTX* ctx) {

@@ -151,18 +151,23 @@ TEST(TlsHttpTest, ATls12OnlyServerIsCalled) {
 // 1.3 ticket, read after the handshake; a TLS 1.2 ticket), and nginx resumes it
 // ($ssl_session_reused): no certificate exchange. With resume_sessions off every connection
 // does a full handshake. Each GET asks nginx to close its connection, so the next is a new one.
+// scales_tls_resumptions counts the resumed handshakes; a client that never resumes has none.
 TEST(TlsHttpTest, ANewConnectionResumesTheLastTlsSession) {
   const auto& ca = TestCa();
+  EXPECT_TRUE(TlsOptions{}.resume_sessions);  // the default
   for (const char* protocol : {"TLSv1.3", "TLSv1.2"}) {
     NginxTls tls = ServerTls(ca.server_cert, ca.server_key);
     tls.protocols = protocol;
     NginxServer nginx("resume", tls);
     for (const bool resume : {true, false}) {
       SCOPED_TRACE(fmt::format("{}, resume_sessions {}", protocol, resume));
+      stats::StatsRegistry stats;  // outlives the client's runtime
       auto rt = MakeRuntime(1);
       TlsOptions client_tls = Trusting(ca.ca_file);
       client_tls.resume_sessions = resume;
-      auto client = Http::NewClient("https://" + nginx.endpoint(), HttpOpts(rt, client_tls));
+      auto options = HttpOpts(rt, client_tls);
+      options.client.stats = &stats;
+      auto client = Http::NewClient("https://" + nginx.endpoint(), options);
       const std::string full = fmt::format("{} .", protocol);
       const std::string resumed = fmt::format("{} r", protocol);
       EXPECT_EQ(client.Get("/tls-reused", {{"Connection", "close"}}).body, full);
@@ -172,6 +177,10 @@ TEST(TlsHttpTest, ANewConnectionResumesTheLastTlsSession) {
             << i;
       }
       EXPECT_EQ(TlsSessionsKept(SharedTlsContext(client_tls)->native_handle()), resume ? 1u : 0u);
+      const stats::Labels labels{{"client", "tls-it"}, {"endpoint", nginx.endpoint()}};
+      const stats::Counter* resumptions = stats.FindCounter("scales_tls_resumptions", labels);
+      ASSERT_EQ(resumptions != nullptr, resume);
+      if (resume) EXPECT_EQ(resumptions->value(), 3);
       client.Close();
     }
   }

@@ -94,7 +94,7 @@ TEST(DefaultStackTest, BalancersAndTransportsReportTheOptionsTheyUse) {
   EXPECT_EQ(Setting(spec, roles::kTransport, "tls"), "true");
   EXPECT_EQ(Setting(spec, roles::kTransport, "tls_ca_file"), "(system CAs)");
   EXPECT_EQ(Setting(spec, roles::kTransport, "tls_server_name"), "svc.example");
-  EXPECT_EQ(Setting(spec, roles::kTransport, "tls_resume_sessions"), "false");
+  EXPECT_EQ(Setting(spec, roles::kTransport, "tls_resume_sessions"), "true");
 }
 
 TEST(DefaultStackTest, ValidateNamesTheBadResilienceField) {

@@ -32,10 +32,13 @@ class TcpConnection {
 
   TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout, const stats::StatsScope& stats);
   // With `tls.enabled`, AsyncConnect also does the TLS client handshake. The SSL context is
-  // the shared one (SharedTlsContext); if none can be made, AsyncConnect fails with kTlsFailed and the
-  // reason in failure_detail() (clients validate their options first, so this is rare).
-  TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout, const stats::StatsScope& stats,
-                TlsOptions tls);
+  // the shared one (SharedTlsContext); if none can be made, AsyncConnect fails with kTlsFailed and
+  // the reason in failure_detail() (clients validate their options first, so this is rare).
+  // `may_upgrade`: AsyncStartTls may upgrade it (Mux opportunistic TLS). With TLS possible and
+  // tls.resume_sessions on, the connection counts its resumed handshakes in
+  // scales_tls_resumptions.
+  TcpConnection(EventLoop& loop, Endpoint endpoint, Duration connect_timeout,
+                const stats::StatsScope& stats, TlsOptions tls, bool may_upgrade = false);
   ~TcpConnection();
   TcpConnection(const TcpConnection&) = delete;
   TcpConnection& operator=(const TcpConnection&) = delete;
@@ -147,6 +150,7 @@ class TcpConnection {
   stats::Histogram& connect_latency_us_;
   stats::Counter& bytes_sent_;
   stats::Counter& bytes_received_;
+  stats::Counter* tls_resumptions_ = nullptr;  // registered only where a handshake may resume
 };
 
 }  // namespace scales

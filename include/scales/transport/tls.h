@@ -34,9 +34,8 @@ struct TlsOptions {
   // Resume TLS sessions: a new connection offers the session (TLS 1.2 session id or ticket, TLS
   // 1.3 ticket) that the last handshake with the same endpoint and name gave, so a server that
   // accepts it skips the certificate exchange and its signature. The verification done when the
-  // session was made stands (the same options made it). Default off for now: the sanitizer
-  // builds cannot yet check sessions shared across loops (see docs/tls.md).
-  bool resume_sessions = false;
+  // session was made stands (the same options made it). See docs/tls.md.
+  bool resume_sessions = true;
 
   friend bool operator==(const TlsOptions&, const TlsOptions&) = default;
 };

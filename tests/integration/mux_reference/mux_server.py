@@ -35,9 +35,10 @@ Misbehaviours on demand, chosen by the argument of echo():
   "trace"            reply "trace=T span=S parent=P flags=F" (16 hex digits each) decoded from
                      the TraceContext context, or "no trace"; a 40-byte context (128-bit trace
                      id) appends " high=H" (traceIdHigh, 16 hex digits)
-  "tls-info"         reply "tls=VERSION peer=CN" for a TLS connection (VERSION as Python's
-                     ssl reports it, e.g. TLSv1.3; CN of the client certificate, or "none"),
-                     or "tls=none" for a plaintext one: proof that the bytes were encrypted
+  "tls-info"         reply "tls=VERSION peer=CN reused=yes|no" for a TLS connection (VERSION
+                     as Python's ssl reports it, e.g. TLSv1.3; CN of the client certificate, or
+                     "none"; reused: the handshake resumed a session), or "tls=none" for a
+                     plaintext one: proof that the bytes were encrypted
 Hostile peers (bounded-resource tests, tests/integration/hostile_peer_test.cc):
   "huge-frame"       write a frame header whose size field is 2 GiB (0x80000000), then 4 KiB of
                      its body, and keep the connection open
@@ -167,7 +168,7 @@ def make_ssl_context(args):
 
 
 def tls_info(writer):
-    """"tls=VERSION peer=CN" or "tls=none" for the connection behind `writer`."""
+    """"tls=VERSION peer=CN reused=yes|no" or "tls=none" for the connection behind `writer`."""
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:
         return "tls=none"
@@ -176,7 +177,8 @@ def tls_info(writer):
         for key, value in rdn:
             if key == "commonName":
                 peer = value
-    return "tls=%s peer=%s" % (ssl_object.version(), peer)
+    return "tls=%s peer=%s reused=%s" % (ssl_object.version(), peer,
+                                         "yes" if ssl_object.session_reused else "no")
 
 
 def signed_type(t):
