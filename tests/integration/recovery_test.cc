@@ -876,6 +876,44 @@ TEST(RecoveryTest, ThriftMuxTlsThroughCorruptingConnections) {
                ForStallsMux);
 }
 
+// Requests with a byte altered now and then on the way to the server (one chunk from the client
+// in 50): nginx, Apache Thrift's server and the Mux reference server meet garbage in a request
+// line or header, a frame length, a method name, a tag, a message type, a payload. Each answers
+// what it got (an echo of the altered payload is a wrong reply, counted as a protocol error; a
+// request the server refuses, an HTTP 400, is one too), sends an error (an unknown method is a
+// server error), closes the connection, or waits for bytes that never come (a length made
+// larger: the call's timeout). Every call completes once, and once the bytes are clean every
+// call succeeds.
+test::FaultProxy::Faults CorruptingRequests() {
+  test::FaultProxy::Faults faults = Corrupting();
+  std::swap(faults.corrupt, faults.corrupt_requests);
+  return faults;
+}
+
+FaultExpectations RequestCorruptionExpectations() {
+  FaultExpectations e = CorruptionExpectations();
+  e.explained.insert("http_error");  // nginx's 400 Bad Request (raise_on_http_error)
+  return e;
+}
+
+TEST(RecoveryTest, HttpWithRequestsCorruptedOnTheWay) {
+  RunHttp({"corrupted-requests-http", CorruptingRequests(), RequestCorruptionExpectations()},
+          ForStalls<http::HttpOptions>);
+}
+
+TEST(RecoveryTest, ThriftWithRequestsCorruptedOnTheWay) {
+  RunThrift({"corrupted-requests-thrift", CorruptingRequests(), RequestCorruptionExpectations()},
+            {}, ForStalls<thrift::ThriftOptions>);
+}
+
+TEST(RecoveryTest, ThriftMuxWithRequestsCorruptedOnTheWay) {
+  RunThriftMux({"corrupted-requests-tmux", CorruptingRequests(), RequestCorruptionExpectations()},
+               [](thriftmux::ThriftMuxOptions& o) {
+                 ForStallsMux(o);
+                 o.session.connect_timeout = 500ms;
+               });
+}
+
 TEST(RecoveryTest, SlowServerGetsLittleTrafficUnderP2CPeakEwma) {
   test::MuxReferenceServer fast_a({"--mode", "finagle"});
   test::MuxReferenceServer fast_b({"--mode", "finagle"});

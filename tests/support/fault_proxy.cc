@@ -105,8 +105,9 @@ struct FaultProxy::Conn : std::enable_shared_from_this<Conn> {
                 static_cast<char>(w.buf[at] ^ std::uniform_int_distribution<int>(1, 255)(w.random));
             self->owner.corruptions_.fetch_add(1);
           };
-          if (&w == &self->down && take > 0 && self->faults.corrupt > 0 &&
-              chance(w.random) < self->faults.corrupt) {
+          const double corrupt =
+              &w == &self->down ? self->faults.corrupt : self->faults.corrupt_requests;
+          if (take > 0 && corrupt > 0 && chance(w.random) < corrupt) {
             alter(std::uniform_int_distribution<size_t>(0, take - 1)(w.random));
           }
           const auto& at = self->faults.corrupt_server_byte;

@@ -7,8 +7,8 @@
 // messages), with a FIN or a reset, or stall that way there (a connection that stays open and
 // carries nothing, as across a network partition); and, for any chunk read, whether to deliver it
 // in small pieces with pauses between them (so the client's parsers see every split). Bytes are
-// not altered (what arrives is a prefix of what was sent) unless Faults::corrupt or
-// Faults::corrupt_server_byte or Faults::corrupt_client_chunk_end asks for it.
+// not altered (what arrives is a prefix of what was sent) unless Faults::corrupt,
+// corrupt_requests, corrupt_server_byte or corrupt_client_chunk_end asks for it.
 // One thread of its own (Asio).
 #include <atomic>
 #include <chrono>
@@ -46,6 +46,9 @@ class FaultProxy {
     // non-zero value) before it goes on to the client: a peer or a middlebox that sends garbage
     // mid-stream.
     double corrupt = 0;
+    // The same for a chunk read from the client, before it goes on to the server: requests
+    // altered on the way (the server answers what it got, or refuses it).
+    double corrupt_requests = 0;
     // On every connection, the byte at this offset of the server's stream is altered: one place
     // that is the same on each connection (with TLS, inside the server's first flight).
     std::optional<uint64_t> corrupt_server_byte;
@@ -72,7 +75,8 @@ class FaultProxy {
   int64_t connections() const { return connections_.load(); }
   int64_t cuts() const { return cuts_.load(); }
   int64_t stalls() const { return stalls_.load(); }
-  // Bytes altered so far (Faults::corrupt, corrupt_server_byte, corrupt_client_chunk_end).
+  // Bytes altered so far (Faults::corrupt, corrupt_requests, corrupt_server_byte,
+  // corrupt_client_chunk_end).
   int64_t corruptions() const { return corruptions_.load(); }
 
  private:
