@@ -360,10 +360,12 @@ class UriParser {
     // a mistyped `TLS=on` say, would leave the connection in clear without a word.
     for (const auto& [key, value] : out.query) {
       if (key != "tls" && !key.starts_with("tls_")) {
-        return fmt::format("unknown query parameter '{}' (a tcp:// or https:// URI takes only the TLS keys: "
-                           "tls, tls_ca_file, tls_server_name, tls_cert_file, tls_key_file, tls_verify; "
-                           "ThriftMux also opportunistic_tls)",
-                           key);
+        return fmt::format(
+            "unknown query parameter '{}' (a tcp:// or https:// URI takes only the TLS keys: "
+            "tls, tls_ca_file, tls_server_name, tls_cert_file, tls_key_file, tls_verify, "
+            "tls_resume_sessions; "
+            "ThriftMux also opportunistic_tls)",
+            key);
       }
     }
     return {};

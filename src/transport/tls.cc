@@ -372,6 +372,8 @@ void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& 
       if (!ParseBool(value, o.enabled)) bad(key, value, "on, off, true, false, 1 or 0");
     } else if (key == "tls_verify") {
       if (!ParseBool(value, o.verify_peer)) bad(key, value, "on, off, true, false, 1 or 0");
+    } else if (key == "tls_resume_sessions") {
+      if (!ParseBool(value, o.resume_sessions)) bad(key, value, "on, off, true, false, 1 or 0");
     } else if (key == "tls_ca_file") {
       o.ca_file = value;
     } else if (key == "tls_server_name") {
@@ -381,10 +383,11 @@ void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& 
     } else if (key == "tls_key_file") {
       o.key_file = value;
     } else if (key.starts_with("tls_")) {
-      throw Error(make_error_code(Errc::kBadUri),
-                  fmt::format("unknown URI option {}='{}' (known: tls, tls_ca_file, tls_server_name, "
-                              "tls_cert_file, tls_key_file, tls_verify)",
-                              key, value));
+      throw Error(
+          make_error_code(Errc::kBadUri),
+          fmt::format("unknown URI option {}='{}' (known: tls, tls_ca_file, tls_server_name, "
+                      "tls_cert_file, tls_key_file, tls_verify, tls_resume_sessions)",
+                      key, value));
     }
   }
 }

@@ -32,6 +32,7 @@ TEST(TlsQueryTest, EveryKey) {
                  {"tls_cert_file", "/c.pem"},
                  {"tls_key_file", "/k.pem"},
                  {"tls_verify", "off"},
+                 {"tls_resume_sessions", "off"},
                  {"session_timeout", "10s"}},  // not ours: left for discovery
                 o);
   EXPECT_TRUE(o.enabled);
@@ -40,14 +41,16 @@ TEST(TlsQueryTest, EveryKey) {
   EXPECT_EQ(o.cert_file, "/c.pem");
   EXPECT_EQ(o.key_file, "/k.pem");
   EXPECT_FALSE(o.verify_peer);
+  EXPECT_FALSE(o.resume_sessions);
   for (const char* v : {"off", "false", "0"}) {
     ApplyTlsQuery({{"tls", v}}, o);
     EXPECT_FALSE(o.enabled) << v;
   }
   for (const char* v : {"on", "true", "1"}) {
-    ApplyTlsQuery({{"tls", v}, {"tls_verify", v}}, o);
+    ApplyTlsQuery({{"tls", v}, {"tls_verify", v}, {"tls_resume_sessions", v}}, o);
     EXPECT_TRUE(o.enabled) << v;
     EXPECT_TRUE(o.verify_peer) << v;
+    EXPECT_TRUE(o.resume_sessions) << v;
   }
 }
 

@@ -20,8 +20,9 @@
 //   tcp://host:9090?tls=on&tls_ca_file=/etc/ca.pem              TLS from the first byte
 //   tcp://host:9090?opportunistic_tls=required&tls_ca_file=...    negotiated in Tinit
 // The URI keys are those of ApplyTlsQuery (scales/transport/tls.h: tls, tls_ca_file,
-// tls_server_name, tls_cert_file, tls_key_file, tls_verify) and opportunistic_tls=off|desired|
-// required; they override the options and are removed from the URI before discovery sees it.
+// tls_server_name, tls_cert_file, tls_key_file, tls_verify, tls_resume_sessions) and
+// opportunistic_tls=off|desired|required; they override the options and are removed from the
+// URI before discovery sees it.
 //
 // Thread safety: the client is a cheap handle; calls are safe from any thread.
 

@@ -75,7 +75,7 @@ size_t TlsSessionsKept(SSL_CTX* ctx);
 
 // Applies the per-URI TLS keys of a parsed URI's query (ParsedUri::query) to `o`:
 //   tls=on|off|true|false|1|0, tls_ca_file=PATH, tls_server_name=NAME, tls_cert_file=PATH,
-//   tls_key_file=PATH, tls_verify=on|off (also true|false|1|0).
+//   tls_key_file=PATH, tls_verify=on|off, tls_resume_sessions=on|off (both also true|false|1|0).
 // Other keys are left alone (they belong to discovery). An unknown tls_* key or a bad value
 // throws scales::Error(kBadUri) naming the key and the value.
 void ApplyTlsQuery(const std::map<std::string, std::string>& query, TlsOptions& o);
