@@ -879,11 +879,11 @@ TEST(RecoveryTest, ThriftMuxTlsThroughCorruptingConnections) {
 // Requests with a byte altered now and then on the way to the server (one chunk from the client
 // in 50): nginx, Apache Thrift's server and the Mux reference server meet garbage in a request
 // line or header, a frame length, a method name, a tag, a message type, a payload. Each answers
-// what it got (an echo of the altered payload is a wrong reply, counted as a protocol error; a
-// request the server refuses, an HTTP 400, is one too), sends an error (an unknown method is a
-// server error), closes the connection, or waits for bytes that never come (a length made
-// larger: the call's timeout). Every call completes once, and once the bytes are clean every
-// call succeeds.
+// what it got (an echo of the altered payload is a wrong reply, counted as a protocol error),
+// refuses it (nginx's 400 is an http_error, an unknown method a server error), closes the
+// connection, or waits for bytes that never come (a length made larger: the call's timeout, or
+// for a Tinit the session's connect_timeout). Every call completes once, and once the bytes are
+// clean every call succeeds.
 test::FaultProxy::Faults CorruptingRequests() {
   test::FaultProxy::Faults faults = Corrupting();
   std::swap(faults.corrupt, faults.corrupt_requests);
@@ -893,6 +893,9 @@ test::FaultProxy::Faults CorruptingRequests() {
 FaultExpectations RequestCorruptionExpectations() {
   FaultExpectations e = CorruptionExpectations();
   e.explained.insert("http_error");  // nginx's 400 Bad Request (raise_on_http_error)
+  // A Tinit altered in its length leaves the server waiting for the rest, and the session's open
+  // to connect_timeout.
+  e.explained.insert("connect_timeout");
   return e;
 }
 
