@@ -82,6 +82,7 @@ constexpr std::array kHelp = {
     Entry{"scales_retry_budget_exhausted", "Retries refused by the retry budget."},
     Entry{"scales_successes", "Calls completed without error."},
     Entry{"scales_timeouts", "Calls that failed with request_timeout."},
+    Entry{"scales_tls_resumptions", "TLS handshakes that resumed a kept session."},
     Entry{"scales_zk_connection_losses",
           "Disconnects of an established ZooKeeper connection (the session may survive them)."},
     Entry{"scales_zk_session_expirations", "ZooKeeper sessions the ensemble expired."},

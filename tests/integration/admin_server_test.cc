@@ -204,9 +204,11 @@ TEST(MetricsDocTest, EveryExportedMetricIsDocumentedAndEveryDocumentedOneExporte
   EXPECT_EQ(reply, "hi");
 
   // The session's sinks and their metrics exist once the endpoint joined; that the Thrift
-  // server does not speak Mux (the handshake fails) does not matter here.
+  // server does not speak Mux (the handshake fails) does not matter here. Opportunistic TLS
+  // (with resume_sessions, the default) registers the TLS metrics.
   thriftmux::ThriftMuxOptions m;
   options(m.client, "doc-mux");
+  m.session.opportunistic_tls = mux::OpportunisticTls::kDesired;
   auto mux_client = ThriftMux::NewClient<echo::EchoClient>("tcp://" + thrift_server.endpoint(), m);
 
   http::HttpOptions z;

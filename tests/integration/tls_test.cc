@@ -180,7 +180,9 @@ TEST(TlsHttpTest, ANewConnectionResumesTheLastTlsSession) {
       const stats::Labels labels{{"client", "tls-it"}, {"endpoint", nginx.endpoint()}};
       const stats::Counter* resumptions = stats.FindCounter("scales_tls_resumptions", labels);
       ASSERT_EQ(resumptions != nullptr, resume);
-      if (resume) EXPECT_EQ(resumptions->value(), 3);
+      if (resume) {
+        EXPECT_EQ(resumptions->value(), 3);
+      }
       client.Close();
     }
   }
