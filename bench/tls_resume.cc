@@ -7,7 +7,11 @@
 // handshakes that resumed (scales_tls_resumptions). Not a test and not part of bench/run
 // (docs/PERFORMANCE.md, "TLS session resumption").
 //
-//   bench_tls_resume [--calls 2000] [--rounds 5] [--callers 4] [--protocols "TLSv1.2 TLSv1.3"]
+//   bench_tls_resume [--calls 2000] [--rounds 5] [--callers 4] [--loops 1]
+//                    [--protocols "TLSv1.2 TLSv1.3"]
+//
+// With --loops above 1 the connections are spread over the client's loops, and a loop parses the
+// kept session when the newest came from another loop (docs/tls.md, "Session resumption").
 //
 // Exit status: 0 done, 1 a call failed or no handshake resumed with resume_sessions on, 2 the
 // harness failed (bad flags, nginx would not start).
@@ -43,10 +47,10 @@ struct Round {
   int64_t resumed = 0;
 };
 
-Round RunRound(const std::string& endpoint, bool resume, long calls, long callers) {
+Round RunRound(const std::string& endpoint, bool resume, long calls, long callers, long loops) {
   scales::stats::StatsRegistry stats;  // outlives the runtime below
   scales::RuntimeOptions ro;
-  ro.threads = 1;
+  ro.threads = static_cast<size_t>(loops);
   auto runtime = std::make_shared<scales::Runtime>(ro);
   scales::http::HttpOptions o;
   o.client.name = "bench-tls";
@@ -103,6 +107,7 @@ int main(int argc, char** argv) {
   const long calls = std::max(1L, flags.GetInt("calls", 2000));
   const long rounds = std::max(1L, flags.GetInt("rounds", 5));
   const long callers = std::max(1L, flags.GetInt("callers", 4, 256));
+  const long loops = std::max(1L, flags.GetInt("loops", 1, 64));
   const std::string protocols = flags.Get("protocols", "TLSv1.2 TLSv1.3");
   flags.RejectUnknown();
 
@@ -121,7 +126,7 @@ int main(int argc, char** argv) {
   int64_t failed = 0, resumed_on = 0, resumed_off = 0;
   for (long round = 0; round < rounds; ++round) {
     for (const bool resume : {false, true}) {
-      const Round r = RunRound(nginx->endpoint(), resume, calls, callers);
+      const Round r = RunRound(nginx->endpoint(), resume, calls, callers, loops);
       cpu[resume].push_back(r.cpu_us_per_call);
       rate[resume].push_back(r.calls_per_s);
       failed += r.failed;
@@ -143,9 +148,9 @@ int main(int argc, char** argv) {
               static_cast<long long>(resumed_on), calls * rounds);
   std::printf(
       "\nCPU per call, on / off: %.2f; throughput, on / off: %.2f (%ld calls per round, %ld "
-      "callers, %s)\n",
+      "callers, %ld event loop(s), %s)\n",
       off_cpu > 0 ? on_cpu / off_cpu : 0,
-      Median(rate[0]) > 0 ? Median(rate[1]) / Median(rate[0]) : 0, calls, callers,
+      Median(rate[0]) > 0 ? Median(rate[1]) / Median(rate[0]) : 0, calls, callers, loops,
       protocols.c_str());
   if (failed > 0 || resumed_on == 0) {
     std::fprintf(

@@ -2,9 +2,11 @@
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <mutex>
 #include <unordered_map>
@@ -70,18 +72,36 @@ int OnClientCertificateRequested(SSL* ssl, X509**, EVP_PKEY**) {
   return 0;  // none: continue without a certificate
 }
 
+// Context ids and session generations: one sequence, never reused.
+uint64_t NextSessionNumber() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
 // Client sessions kept for resumption, per context (SSL_CTX ex_data, freed with the context)
 // and key (the endpoint and the name checked: a session is never offered to another). The
-// newest per key, kept serialized (DER), not as the SSL_SESSION: every connection offers its own
-// copy, so no SSL_SESSION is shared between loops. A shared one is read by one loop's handshake
-// while another's frees it (its last reference dropped), ordered only by OpenSSL's atomic
-// reference count, which the thread sanitizer cannot see; and OpenSSL 3.0 fills a certificate's
-// lazy caches (the session's peer certificate) on first use, which races between loops
-// (openssl/openssl#25202). A copy costs one parse per handshake, against the handshake's
-// signature and key exchange saved. One mutex for all contexts: a few instructions per
-// handshake and per ticket.
+// newest per key, kept serialized (DER) for every loop, not as the SSL_SESSION: no SSL_SESSION
+// is shared between loops. A shared one is read by one loop's handshake while another's frees it
+// (its last reference dropped), ordered only by OpenSSL's atomic reference count, which the
+// thread sanitizer cannot see; and OpenSSL 3.0 fills a certificate's lazy caches (the session's
+// peer certificate) on first use, which races between loops (openssl/openssl#25202). Parsing a
+// copy is dear, though (OpenSSL 3.0 decodes the peer certificate's key through its provider
+// decoders: a third of a resumed connection's client CPU in bench_tls_resume), so each thread
+// also keeps, as objects of its own (LocalSessions), the newest session of each key it received
+// or parsed, offers that one, and parses the serialized copy only when it has none (its first
+// connection to the endpoint, or one after the key's sessions were forgotten). One mutex for all
+// contexts: a few instructions per handshake and per ticket.
 struct TlsSessions {
-  std::unordered_map<std::string, std::string> by_key;  // guarded by SessionsMutex()
+  struct Kept {
+    std::string der;
+    uint64_t generation = 0;  // the newest session's
+    // The first generation kept since the key was last forgotten (ForgetTlsSession): a loop's
+    // own session of an older one is not offered.
+    uint64_t since = 0;
+  };
+  // Tells these sessions from those of a later context at the same address.
+  const uint64_t id = NextSessionNumber();
+  std::unordered_map<std::string, Kept> by_key;  // guarded by SessionsMutex()
 };
 
 std::mutex& SessionsMutex() {
@@ -91,6 +111,74 @@ std::mutex& SessionsMutex() {
     return *m;
   }();
   return mu;
+}
+
+// The newest session of each key that one thread (a loop) received or parsed, as objects only it
+// uses, frees and hands to its connections' SSL_set_session. At most kMaxLocal, the least
+// recently kept dropped first; one of a context that is gone stays until it is dropped so, or the
+// thread ends.
+class LocalSessions {
+ public:
+  static constexpr size_t kMaxLocal = 64;
+
+  LocalSessions() = default;
+  LocalSessions(const LocalSessions&) = delete;
+  LocalSessions& operator=(const LocalSessions&) = delete;
+  ~LocalSessions() {
+    for (Entry& e : entries_) SSL_SESSION_free(e.session);
+  }
+
+  // The session kept for (context, key) if it is of generation `since` or later, resumable and
+  // not expired, else nullptr. Not a reference of the caller's. (A connection that offered it and
+  // then sent a fatal alert or was freed before its close_notify had OpenSSL mark it not
+  // resumable, which its serialized copy is not: TLS 1.1 and later let such a session be
+  // resumed. An expired one would not be offered: another loop's may be newer.)
+  SSL_SESSION* Find(uint64_t context, const std::string& key, uint64_t since, int64_t now) const {
+    const Entry* e = Lookup(context, key);
+    if (e == nullptr || e->generation < since || SSL_SESSION_is_resumable(e->session) != 1) {
+      return nullptr;
+    }
+    const int64_t expires = static_cast<int64_t>(SSL_SESSION_get_time(e->session)) +
+                            SSL_SESSION_get_timeout(e->session);
+    return now < expires ? e->session : nullptr;
+  }
+
+  // Keeps `session` (adopting one reference) as (context, key)'s `generation`.
+  void Keep(uint64_t context, const std::string& key, uint64_t generation, SSL_SESSION* session) {
+    Drop(context, key);
+    if (entries_.size() >= kMaxLocal) {
+      SSL_SESSION_free(entries_.front().session);
+      entries_.erase(entries_.begin());
+    }
+    entries_.push_back(Entry{context, key, generation, session});
+  }
+
+  void Drop(uint64_t context, const std::string& key) {
+    if (const Entry* e = Lookup(context, key)) {
+      SSL_SESSION_free(e->session);
+      entries_.erase(entries_.begin() + (e - entries_.data()));
+    }
+  }
+
+ private:
+  struct Entry {
+    uint64_t context;
+    std::string key;
+    uint64_t generation;
+    SSL_SESSION* session;
+  };
+  const Entry* Lookup(uint64_t context, const std::string& key) const {
+    for (const Entry& e : entries_) {
+      if (e.context == context && e.key == key) return &e;
+    }
+    return nullptr;
+  }
+  std::vector<Entry> entries_;  // oldest first
+};
+
+LocalSessions& ThisThreadsSessions() {
+  thread_local LocalSessions sessions;
+  return sessions;
 }
 
 int SessionsIndex() {
@@ -113,8 +201,8 @@ TlsSessions* SessionsOf(SSL_CTX* ctx) {
 }
 
 // OpenSSL's new-session callback: during the handshake (TLS 1.2) or a read after it (a TLS 1.3
-// ticket), on the connection's loop. Keeps a serialized copy; returns 0: OpenSSL keeps its
-// reference (the connection's own session).
+// ticket), on the connection's loop. Keeps a serialized copy for every loop and the object for
+// this one; returns 0: OpenSSL keeps its own reference (the connection's session).
 int OnNewSession(SSL* ssl, SSL_SESSION* session) {
   const auto* key = static_cast<const std::string*>(SSL_get_ex_data(ssl, SessionKeyIndex()));
   TlsSessions* sessions = SessionsOf(SSL_get_SSL_CTX(ssl));
@@ -124,13 +212,24 @@ int OnNewSession(SSL* ssl, SSL_SESSION* session) {
   std::string der(static_cast<size_t>(size), '\0');
   auto* out = reinterpret_cast<unsigned char*>(der.data());
   if (i2d_SSL_SESSION(session, &out) != size) return 0;
-  std::lock_guard lock(SessionsMutex());
-  auto [it, inserted] = sessions->by_key.try_emplace(*key);
-  it->second.swap(der);  // the replaced copy is freed after the unlock, with `der`
-  if (inserted && sessions->by_key.size() > kMaxTlsSessionsPerContext) {
-    auto victim = sessions->by_key.begin();
-    if (victim == it) ++victim;
-    sessions->by_key.erase(victim);
+  const uint64_t generation = NextSessionNumber();
+  {
+    std::lock_guard lock(SessionsMutex());
+    auto [it, inserted] = sessions->by_key.try_emplace(*key);
+    it->second.der.swap(der);  // the replaced copy is freed after the unlock, with `der`
+    it->second.generation = generation;
+    if (inserted) it->second.since = generation;
+    if (inserted && sessions->by_key.size() > kMaxTlsSessionsPerContext) {
+      auto victim = sessions->by_key.begin();
+      if (victim == it) ++victim;
+      sessions->by_key.erase(victim);
+    }
+  }
+  // A copy, not the connection's own: OpenSSL marks a connection's session not resumable when
+  // the connection sends a fatal alert or is freed before its close_notify (SSL_free), which the
+  // serialized copy ignores too.
+  if (SSL_SESSION* copy = SSL_SESSION_dup(session)) {
+    ThisThreadsSessions().Keep(sessions->id, *key, generation, copy);
   }
   return 0;
 }
@@ -327,21 +426,34 @@ void PrepareTlsResumption(SSL* ssl, const std::string* key) {
   TlsSessions* sessions = SessionsOf(SSL_get_SSL_CTX(ssl));
   if (sessions == nullptr) return;
   SSL_set_ex_data(ssl, SessionKeyIndex(), const_cast<std::string*>(key));
+  LocalSessions& local = ThisThreadsSessions();
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  uint64_t generation = 0;
+  SSL_SESSION* session = nullptr;
   std::string der;
   {
     std::lock_guard lock(SessionsMutex());
     auto it = sessions->by_key.find(*key);
-    if (it == sessions->by_key.end()) return;
-    der = it->second;
+    if (it != sessions->by_key.end()) {
+      generation = it->second.generation;
+      session = local.Find(sessions->id, *key, it->second.since, now);
+      if (session == nullptr) der = it->second.der;
+    }
   }
-  const auto* in = reinterpret_cast<const unsigned char*>(der.data());
-  SSL_SESSION* session = d2i_SSL_SESSION(nullptr, &in, static_cast<long>(der.size()));
-  if (session == nullptr) {
-    ERR_clear_error();  // not this connection's error: it goes on without an offer
+  if (generation == 0) {  // none kept (or forgotten): nor is this thread's own offered
+    local.Drop(sessions->id, *key);
     return;
   }
+  if (session == nullptr) {
+    const auto* in = reinterpret_cast<const unsigned char*>(der.data());
+    session = d2i_SSL_SESSION(nullptr, &in, static_cast<long>(der.size()));
+    if (session == nullptr) {
+      ERR_clear_error();  // not this connection's error: it goes on without an offer
+      return;
+    }
+    local.Keep(sessions->id, *key, generation, session);
+  }
   SSL_set_session(ssl, session);  // takes its own reference
-  SSL_SESSION_free(session);
 }
 
 void ForgetTlsSession(SSL_CTX* ctx, const std::string& key) {

@@ -188,6 +188,63 @@ TEST(TlsHttpTest, ANewConnectionResumesTheLastTlsSession) {
   }
 }
 
+// Connections opened side by side on one loop and on two: once a session is kept, every new
+// connection resumes one (only the client's open, one connection per loop, is full). A loop offers
+// the sessions it received or parsed as its own objects; OpenSSL marks such an object not resumable
+// when a connection that offered it ends in certain ways (concurrent TLS 1.3 connections ending
+// with "Connection: close" do), which must not stop the next offer (the serialized copy is offered
+// instead). The loop that did not receive the newest session parses it.
+TEST(TlsHttpTest, ConcurrentNewConnectionsOnOneOrTwoLoopsAllResume) {
+  const auto& ca = TestCa();
+  for (const char* protocol : {"TLSv1.3", "TLSv1.2"}) {
+    NginxTls tls = ServerTls(ca.server_cert, ca.server_key);
+    tls.protocols = protocol;
+    NginxServer nginx("resume-many", tls);
+    for (const size_t loops : {1u, 2u}) {
+      SCOPED_TRACE(fmt::format("{}, {} loop(s)", protocol, loops));
+      stats::StatsRegistry stats;  // outlives the client's runtime
+      auto rt = MakeRuntime(loops);
+      auto options = HttpOpts(rt, Trusting(ca.ca_file));
+      options.client.stats = &stats;
+      auto client = Http::NewClient("https://" + nginx.endpoint(), options);
+      // The client's open connects on each loop at once, before any session is kept; a TLS 1.3
+      // ticket comes before the first reply.
+      EXPECT_EQ(client.Get("/tls-reused", {{"Connection", "close"}}).body,
+                fmt::format("{} .", protocol));
+      constexpr int kCallers = 4;
+      constexpr int kCallsEach = 40;
+      std::atomic<int> resumed{0};
+      std::atomic<int> completions{0};
+      std::vector<std::thread> callers;
+      for (int c = 0; c < kCallers; ++c) {
+        callers.emplace_back([&] {
+          for (int i = 0; i < kCallsEach; ++i) {
+            try {
+              const auto r = client.Get("/tls-reused", {{"Connection", "close"}});
+              if (r.body == fmt::format("{} r", protocol)) resumed.fetch_add(1);
+            } catch (const std::exception& e) {
+              ADD_FAILURE() << e.what();
+            }
+            completions.fetch_add(1);
+          }
+        });
+      }
+      for (auto& t : callers) t.join();
+      EXPECT_EQ(completions.load(), kCallers * kCallsEach);
+      // Only a connection of the open on another loop may have been full (and used by a call).
+      EXPECT_GE(resumed.load(), kCallers * kCallsEach - static_cast<int>(loops - 1));
+      const stats::Labels labels{{"client", "tls-it"}, {"endpoint", nginx.endpoint()}};
+      const stats::Counter* resumptions = stats.FindCounter("scales_tls_resumptions", labels);
+      const stats::Counter* connects = stats.FindCounter("scales_connects", labels);
+      ASSERT_NE(resumptions, nullptr);
+      ASSERT_NE(connects, nullptr);
+      EXPECT_GE(connects->value(), 1 + kCallers * kCallsEach);
+      EXPECT_LE(connects->value() - resumptions->value(), static_cast<int64_t>(loops));
+      client.Close();
+    }
+  }
+}
+
 TEST(TlsHttpTest, ManyConcurrentCallsEachCompleteOnce) {
   const auto& ca = TestCa();
   NginxServer nginx("many", ServerTls(ca.server_cert, ca.server_key));

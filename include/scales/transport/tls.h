@@ -31,9 +31,10 @@ struct TlsOptions {
   // Client certificate chain (PEM) and its private key (PEM), for mutual TLS. Both or neither.
   std::string cert_file;
   std::string key_file;
-  // Resume TLS sessions: a new connection offers the session (TLS 1.2 session id or ticket, TLS
-  // 1.3 ticket) that the last handshake with the same endpoint and name gave, so a server that
-  // accepts it skips the certificate exchange and its signature. The verification done when the
+  // Resume TLS sessions: a new connection offers the newest session (TLS 1.2 session id or
+  // ticket, TLS 1.3 ticket) that a handshake with the same endpoint and name gave on its event
+  // loop (else on any loop), so a server that accepts it skips the certificate exchange and its
+  // signature. The verification done when the
   // session was made stands (the same options made it). See docs/tls.md.
   bool resume_sessions = true;
 
@@ -61,10 +62,12 @@ std::shared_ptr<boost::asio::ssl::context> MakeTlsContext(const TlsOptions& o);
 std::shared_ptr<boost::asio::ssl::context> SharedTlsContext(const TlsOptions& o);
 
 // Session resumption for one client connection (TcpConnection), before its handshake: offers
-// the session kept for `key` (the endpoint and the name checked) in `ssl`'s context, if any, and
-// keeps the sessions the server gives on this connection under `key`, which must outlive `ssl`.
-// Contexts made with resume_sessions off keep none. At most kMaxTlsSessionsPerContext keys per
-// context. Any thread.
+// the session kept for `key` (the endpoint and the name checked) in `ssl`'s context, if any (the
+// calling thread's own newest, else the context's), and keeps the sessions the server gives on
+// this connection under `key`, which must outlive `ssl`. Contexts made with resume_sessions off
+// keep none. At most kMaxTlsSessionsPerContext keys per context. Called on the thread that runs
+// the connection (its loop: the offered session object is that thread's, and so are those the
+// connection receives).
 inline constexpr size_t kMaxTlsSessionsPerContext = 1024;
 void PrepareTlsResumption(SSL* ssl, const std::string* key);
 // After a failed handshake: drops the session kept for `key` in `ctx` (offering it again might
