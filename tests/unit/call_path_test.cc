@@ -10,7 +10,6 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <boost/asio/bind_executor.hpp>
@@ -126,88 +125,6 @@ TEST(CompleteOnTest, DeferredCompletionKeepsTheWorkUntilTheHandlerReachesItsExec
   other.restart();
   other.run();  // runs it, then has no work left and returns
   EXPECT_EQ(ran, 4);
-}
-
-// An executor over an io_context's whose copies count themselves: the thread that destroys the
-// last copy (what ends the work a TrackedWork made of it holds) is recorded.
-struct WorkEnd {
-  std::atomic<int> copies{0};
-  std::atomic<bool> ended{false};
-  std::thread::id thread;
-};
-
-class RecordingExecutor {
- public:
-  RecordingExecutor(boost::asio::io_context::executor_type inner, std::shared_ptr<WorkEnd> end)
-      : inner_(inner), end_(std::move(end)) {
-    end_->copies.fetch_add(1);
-  }
-  RecordingExecutor(const RecordingExecutor& o) noexcept : inner_(o.inner_), end_(o.end_) {
-    end_->copies.fetch_add(1);
-  }
-  RecordingExecutor& operator=(const RecordingExecutor&) = delete;
-  ~RecordingExecutor() noexcept {
-    if (end_->copies.fetch_sub(1) == 1) {
-      end_->thread = std::this_thread::get_id();
-      end_->ended.store(true);
-    }
-  }
-  template <class F>
-  void execute(F&& f) const {
-    inner_.execute(std::forward<F>(f));
-  }
-  boost::asio::execution_context& query(boost::asio::execution::context_t) const noexcept {
-    return inner_.context();
-  }
-  static constexpr boost::asio::execution::blocking_t::never_t query(
-      boost::asio::execution::blocking_t) noexcept {
-    return {};
-  }
-  friend bool operator==(const RecordingExecutor& a, const RecordingExecutor& b) noexcept {
-    return a.inner_ == b.inner_ && a.end_ == b.end_;
-  }
-  friend bool operator!=(const RecordingExecutor& a, const RecordingExecutor& b) noexcept {
-    return !(a == b);
-  }
-
- private:
-  boost::asio::io_context::executor_type inner_;
-  std::shared_ptr<WorkEnd> end_;
-};
-
-// The work tracked on a handler's executor goes there with the handler and ends on that
-// executor's thread, after it, whether the completion was deferred or not: once the handler is
-// queued there, the completing thread (a loop) touches that executor no more. Otherwise an
-// io_context that leaves run() another way (an exception from a later handler: the coroutine
-// example's rethrow) and is destroyed at once has the work end in freed memory, from the loop's
-// thread: example_http_styles crashed so at exit, now and then.
-TEST(CompleteOnTest, TheTrackedWorkEndsWhereTheHandlerRanAfterIt) {
-  for (const bool defer : {false, true}) {
-    SCOPED_TRACE(defer ? "deferred" : "in place");
-    boost::asio::io_context loop_context;
-    boost::asio::io_context other;
-    auto end = std::make_shared<WorkEnd>();
-    internal::TrackedWork work(
-        boost::asio::any_completion_executor(RecordingExecutor(other.get_executor(), end)));
-    bool ended_before_handler = true;
-    std::thread::id handler_thread;
-    std::thread loop([&] {
-      internal::CompleteOn(boost::asio::bind_executor(other,
-                                                      [&](int) {
-                                                        ended_before_handler = end->ended.load();
-                                                        handler_thread = std::this_thread::get_id();
-                                                      }),
-                           loop_context.get_executor(), defer, std::move(work), 1);
-      loop_context.run();  // deferred: hands the handler to `other`
-    });
-    loop.join();
-    EXPECT_FALSE(end->ended.load()) << "the work ended on the completing thread";
-    other.run();
-    EXPECT_EQ(handler_thread, std::this_thread::get_id());
-    EXPECT_FALSE(ended_before_handler);
-    ASSERT_TRUE(end->ended.load());
-    EXPECT_EQ(end->thread, std::this_thread::get_id());
-  }
 }
 
 TEST(CompleteOnTest, AHandlerWithItsOwnExecutorRunsThere) {

@@ -125,11 +125,9 @@ TrackedWork HandlerWork(Handler& handler) {
 // function). A handler without an executor of its own runs in place: that is what dispatching
 // to the loop from the loop's own thread does, without type-erasing the handler into an Asio
 // function object (an allocation and two indirect calls per call). Exceptions from the handler
-// are reported and dropped (InvokeHandler). `work` goes with the handler to its executor and ends
-// there, after it: not before the handler is queued there (that executor's io_context could run
-// out of work and return from run() before the handler reached it), nor on this thread after
-// (once the handler is queued, its io_context may leave run() another way, an exception from a
-// later handler, and be destroyed at once: the work's end would touch freed memory).
+// are reported and dropped (InvokeHandler). `work` is released only once the handler was handed
+// to its executor: when deferred, after the post, or that executor's io_context could run out
+// of work and return from run() before the handler reached it.
 template <class Handler, class... Args>
 void CompleteOn(Handler h, const boost::asio::any_io_executor& fallback, bool defer, TrackedWork work,
                 Args... args) {
@@ -139,19 +137,18 @@ void CompleteOn(Handler h, const boost::asio::any_io_executor& fallback, bool de
       InvokeHandler(h, std::move(args)...);
       return;
     }
-    boost::asio::dispatch(
-        ex, [h = std::move(h), work = std::move(work), ... args = std::move(args)]() mutable {
-          InvokeHandler(h, std::move(args)...);
-        });
-    return;
+    boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
+      InvokeHandler(h, std::move(args)...);
+    });
+    return;  // `work` goes now: the handler is queued on (or ran in) its executor
   }
   boost::asio::post(fallback, [h = std::move(h), fallback, work = std::move(work),
                                ... args = std::move(args)]() mutable {
     auto ex = boost::asio::get_associated_executor(h, fallback);
-    boost::asio::dispatch(
-        ex, [h = std::move(h), work = std::move(work), ... args = std::move(args)]() mutable {
-          InvokeHandler(h, std::move(args)...);
-        });
+    boost::asio::dispatch(ex, [h = std::move(h), ... args = std::move(args)]() mutable {
+      InvokeHandler(h, std::move(args)...);
+    });
+    work.reset();
   });
 }
 
@@ -221,8 +218,8 @@ class CallBase {
   // outstanding work until the operation completes, so an io_context that runs only the
   // handler (`bind_executor(ioc, h)`, a coroutine's) does not run out of work and return
   // before the reply came. Nothing is tracked for a handler without an executor of its own
-  // (it runs on the call's loop). Complete() hands the work to CompleteOn, which sends it with
-  // the handler to its executor, where it ends after the handler.
+  // (it runs on the call's loop). Complete() hands the work to CompleteOn, which releases it
+  // once the handler was handed to its executor.
   template <class Handler>
   void TrackWork(Handler& handler) {
     work_ = internal::HandlerWork(handler);
@@ -285,7 +282,7 @@ class TypedCall : public CallBase {
 
   void Complete(MethodReturnMessage& msg, const boost::asio::any_io_executor& fallback) override {
     DisconnectCancellation();
-    internal::TrackedWork work = std::move(work_);  // goes with the handler (CompleteOn)
+    internal::TrackedWork work = std::move(work_);  // released once the handler is on its way
     Handler h = std::move(handler_);
     error_code ec = msg.error;
     Reply r = ec ? Reply{} : std::move(reply);
