@@ -52,19 +52,21 @@ int main(int argc, char** argv) {
     std::printf("future:    %d %s", r.status, r.body.c_str());
 
     // 4. Coroutine, on the program's own io_context; co_await throws
-    //    boost::system::system_error. An exception escaping the coroutine is rethrown from
-    //    ioc.run() by the completion handler (boost::asio::detached would drop it).
+    //    boost::system::system_error. An exception escaping the coroutine is kept by the
+    //    completion handler (boost::asio::detached would drop it) and rethrown once ioc.run()
+    //    returned: not thrown out of run(), whose io_context would then be destroyed while a
+    //    scales loop may still hold work on it (Asio's rule: no io_context goes before its work).
     boost::asio::io_context ioc;
+    std::exception_ptr failed;
     boost::asio::co_spawn(
         ioc,
         [&]() -> boost::asio::awaitable<void> {
           scales::http::Response resp = co_await client.AsyncGet(path, boost::asio::use_awaitable);
           std::printf("coroutine: %d %s", resp.status, resp.body.c_str());
         },
-        [](std::exception_ptr error) {
-          if (error) std::rethrow_exception(error);
-        });
-    ioc.run();
+        [&failed](std::exception_ptr error) { failed = error; });
+    ioc.run();  // returns once nothing is left to run on `ioc`, scales' work on it included
+    if (failed) std::rethrow_exception(failed);
     return 0;
   } catch (const std::exception& e) {
     // scales::Error from the blocking call (what() names the client, endpoint and step);

@@ -61,9 +61,11 @@ int main(int argc, char** argv) {
     std::printf("future:    %s\n", f.get().c_str());
 
     // 4. Coroutine, on the program's own io_context; the declared exception is catchable. An
-    //    exception escaping the coroutine is rethrown from ioc.run() by the completion handler
-    //    (boost::asio::detached would drop it).
+    //    exception escaping the coroutine is kept by the completion handler (detached would drop
+    //    it) and rethrown once ioc.run() returned, not thrown out of run() (see
+    //    http_styles.cc).
     boost::asio::io_context ioc;
+    std::exception_ptr failed;
     boost::asio::co_spawn(
         ioc,
         [&]() -> boost::asio::awaitable<void> {
@@ -75,10 +77,9 @@ int main(int argc, char** argv) {
             std::printf("declared:  EchoError(%s)\n", e.message.c_str());
           }
         },
-        [](std::exception_ptr error) {
-          if (error) std::rethrow_exception(error);
-        });
-    ioc.run();
+        [&failed](std::exception_ptr error) { failed = error; });
+    ioc.run();  // returns once nothing is left to run on `ioc`, scales' work on it included
+    if (failed) std::rethrow_exception(failed);
     client.Close();
     return 0;
   } catch (const std::exception& e) {

@@ -62,8 +62,10 @@ int main(int argc, char** argv) {
     std::printf("future:    %s\n", f.get().c_str());
 
     // 4. Coroutine, on the program's own io_context. An exception escaping the coroutine is
-    //    rethrown from ioc.run() by the completion handler.
+    //    kept by the completion handler and rethrown once ioc.run() returned, not thrown out of
+    //    run() (see http_styles.cc).
     boost::asio::io_context ioc;
+    std::exception_ptr failed;
     boost::asio::co_spawn(
         ioc,
         [&]() -> boost::asio::awaitable<void> {
@@ -71,10 +73,9 @@ int main(int argc, char** argv) {
               co_await SCALES_THRIFT_CALL(client, echo, message, boost::asio::use_awaitable);
           std::printf("coroutine: %s\n", reply.c_str());
         },
-        [](std::exception_ptr error) {
-          if (error) std::rethrow_exception(error);
-        });
-    ioc.run();
+        [&failed](std::exception_ptr error) { failed = error; });
+    ioc.run();  // returns once nothing is left to run on `ioc`, scales' work on it included
+    if (failed) std::rethrow_exception(failed);
 
     // 5. A declared exception (EchoError in the IDL) reaches the caller as itself.
     try {
