@@ -387,9 +387,15 @@ class LossyZkProxy {
   }
   ~LossyZkProxy() {
     stopping_ = true;
-    acceptor_.join();
-    std::lock_guard lock(mu_);
-    for (auto& t : pumps_) t.join();
+    acceptor_.join();  // no pump is added after this
+    // Joined without mu_: a pump still forwarding takes it in Trips() (joining under it
+    // deadlocked the test now and then, when a pump met bytes in its last 50 ms poll).
+    std::vector<std::thread> pumps;
+    {
+      std::lock_guard lock(mu_);
+      pumps.swap(pumps_);
+    }
+    for (auto& t : pumps) t.join();
     ::close(listen_fd_);
   }
   int port() const { return port_; }
