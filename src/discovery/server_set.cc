@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <atomic>
+
 #include <boost/asio/post.hpp>
 
 #include "scales/core/error.h"
@@ -9,40 +11,31 @@
 
 namespace scales {
 
-struct StaticServerSet::Subscriber {
+struct ServerSetSubscribers::Subscriber {
   boost::asio::any_io_executor executor;
   Listener listener;
   std::recursive_mutex mu;  // serialises deliveries with Unsubscribe (which a listener may call)
   bool active = true;
-  uint64_t posted = 0;     // lists posted (under the set's mu_)
-  uint64_t delivered = 0;  // the number of the last list delivered (under mu)
+  std::atomic<uint64_t> posted{0};  // the number of the newest list posted (written under mu_)
 };
 
-StaticServerSet::StaticServerSet(Members members) : members_(std::move(members)) {}
+ServerSetSubscribers::~ServerSetSubscribers() { DeactivateAll(); }
 
-StaticServerSet::~StaticServerSet() {
-  std::lock_guard lock(mu_);
-  for (auto& [id, sub] : subscribers_) {
-    std::lock_guard sub_lock(sub->mu);
-    sub->active = false;
-  }
-}
-
-uint64_t StaticServerSet::Subscribe(boost::asio::any_io_executor executor, Listener listener) {
+uint64_t ServerSetSubscribers::Subscribe(boost::asio::any_io_executor executor, Listener listener) {
   auto sub = std::make_shared<Subscriber>();
   sub->executor = std::move(executor);
   sub->listener = std::move(listener);
-  // Posted under the lock, as Update's are: lists reach each subscriber in the order the set
-  // took them (posted after the lock, an Update running in between could post its newer list
-  // first, and the subscriber would end on the older one). A post never runs the listener.
+  // Posted under the lock, as Publish's are: lists reach each subscriber in the order they were
+  // published (posted after the lock, a Publish running in between could post its newer list
+  // first). A post never runs the listener.
   std::lock_guard lock(mu_);
   const uint64_t id = ++next_id_;
   subscribers_[id] = sub;
-  Deliver(sub, members_);
+  if (current_) Deliver(sub, *current_);
   return id;
 }
 
-void StaticServerSet::Unsubscribe(uint64_t id) {
+void ServerSetSubscribers::Unsubscribe(uint64_t id) {
   std::shared_ptr<Subscriber> sub;
   {
     std::lock_guard lock(mu_);
@@ -51,40 +44,71 @@ void StaticServerSet::Unsubscribe(uint64_t id) {
     sub = it->second;
     subscribers_.erase(it);
   }
+  // Outside mu_: a listener running under sub->mu may publish (and take mu_).
   std::lock_guard sub_lock(sub->mu);
   sub->active = false;
 }
 
-// Under mu_. The threads of an executor may run two deliveries in either order: a list older
-// than one delivered already is dropped, so the subscriber never ends on a stale list.
-void StaticServerSet::Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
-  boost::asio::post(sub->executor, [sub, number = ++sub->posted, members = std::move(members)] {
+void ServerSetSubscribers::Publish(Members members) {
+  std::lock_guard lock(mu_);
+  for (auto& [id, sub] : subscribers_) Deliver(sub, members);
+  current_ = std::move(members);
+}
+
+void ServerSetSubscribers::DeactivateAll() {
+  std::map<uint64_t, std::shared_ptr<Subscriber>> subs;
+  {
+    std::lock_guard lock(mu_);
+    subs.swap(subscribers_);
+  }
+  for (auto& [id, sub] : subs) {
+    std::lock_guard sub_lock(sub->mu);
+    sub->active = false;
+  }
+}
+
+std::optional<ServerSetSubscribers::Members> ServerSetSubscribers::current() const {
+  std::lock_guard lock(mu_);
+  return current_;
+}
+
+// Under mu_. Only the newest list posted is delivered: an older one finds `posted` past its
+// number (the newer list's delivery is queued behind it, or ran already on another thread of
+// the executor) and is dropped, so the subscriber never ends on a stale list, and a loop that
+// fell behind a fast-changing set applies one list, not each one in between.
+void ServerSetSubscribers::Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
+  const uint64_t number = sub->posted.load(std::memory_order_relaxed) + 1;
+  sub->posted.store(number, std::memory_order_release);
+  boost::asio::post(sub->executor, [sub, number, members = std::move(members)] {
     std::lock_guard lock(sub->mu);
-    if (!sub->active || number < sub->delivered) return;
-    sub->delivered = number;
+    if (!sub->active || number != sub->posted.load(std::memory_order_acquire)) return;
     sub->listener(members);
   });
 }
 
+StaticServerSet::StaticServerSet(Members members) { subscribers_.Publish(std::move(members)); }
+
+StaticServerSet::~StaticServerSet() =
+    default;  // ~ServerSetSubscribers: no listener is called after
+
+uint64_t StaticServerSet::Subscribe(boost::asio::any_io_executor executor, Listener listener) {
+  return subscribers_.Subscribe(std::move(executor), std::move(listener));
+}
+
+void StaticServerSet::Unsubscribe(uint64_t id) { subscribers_.Unsubscribe(id); }
+
+void StaticServerSet::Update(Members members) { subscribers_.Publish(std::move(members)); }
+
+ServerSet::Members StaticServerSet::members() const { return *subscribers_.current(); }
+
 std::string StaticServerSet::Describe() const {
-  std::lock_guard lock(mu_);
+  const Members members = *subscribers_.current();
   std::string s = "static [";
-  for (size_t i = 0; i < members_.size(); ++i) {
+  for (size_t i = 0; i < members.size(); ++i) {
     if (i) s += ", ";
-    s += members_[i].ToString();
+    s += members[i].ToString();
   }
   return s + "]";
-}
-
-void StaticServerSet::Update(Members members) {
-  std::lock_guard lock(mu_);  // posts under the lock: see Subscribe
-  members_ = std::move(members);
-  for (auto& [id, sub] : subscribers_) Deliver(sub, members_);
-}
-
-ServerSet::Members StaticServerSet::members() const {
-  std::lock_guard lock(mu_);
-  return members_;
 }
 
 std::shared_ptr<ServerSet> CreateServerSet(const ParsedUri& uri) {

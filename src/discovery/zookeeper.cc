@@ -129,38 +129,14 @@ class ZooKeeperServerSet::Impl {
   bool made_before_fork() const noexcept { return connection_.made_before_fork(); }
 
   // No listener is called after this returns (a delivery checks `active` when it runs).
-  void Deactivate() {
-    std::lock_guard lock(mu_);
-    for (auto& [id, sub] : subscribers_) {
-      std::lock_guard sub_lock(sub->mu);
-      sub->active = false;
-    }
-  }
+  void Deactivate() { subscribers_.DeactivateAll(); }
 
+  // The first snapshot is posted at once if one was published (the list published_ holds).
   uint64_t Subscribe(boost::asio::any_io_executor executor, Listener listener) {
-    auto sub = std::make_shared<Subscriber>();
-    sub->executor = std::move(executor);
-    sub->listener = std::move(listener);
-    std::lock_guard lock(mu_);
-    uint64_t id = ++next_id_;
-    subscribers_[id] = sub;
-    // Under mu_ so that this first snapshot is posted before any later one.
-    if (published_) Deliver(sub, *published_);
-    return id;
+    return subscribers_.Subscribe(std::move(executor), std::move(listener));
   }
 
-  void Unsubscribe(uint64_t id) {
-    std::shared_ptr<Subscriber> sub;
-    {
-      std::lock_guard lock(mu_);
-      auto it = subscribers_.find(id);
-      if (it == subscribers_.end()) return;
-      sub = it->second;
-      subscribers_.erase(it);
-    }
-    std::lock_guard sub_lock(sub->mu);
-    sub->active = false;
-  }
+  void Unsubscribe(uint64_t id) { subscribers_.Unsubscribe(id); }
 
   std::string Describe() const {
     std::string state;
@@ -201,14 +177,6 @@ class ZooKeeperServerSet::Impl {
   std::optional<std::pair<int64_t, std::string>> session() const { return connection_.session(); }
 
  private:
-  struct Subscriber {
-    boost::asio::any_io_executor executor;
-    Listener listener;
-    std::recursive_mutex mu;  // serialises deliveries with Unsubscribe (a listener may call it)
-    bool active = true;
-    uint64_t posted = 0;     // lists posted (under the set's mu_)
-    uint64_t delivered = 0;  // the number of the last list delivered (under mu)
-  };
   // One member_ child, as last read. Loop thread only.
   struct Child {
     std::optional<ServiceInstance> instance;  // nullopt: never read, malformed or unreadable
@@ -216,18 +184,6 @@ class ZooKeeperServerSet::Impl {
     bool unreadable = false;  // its last read failed (no auth, throttled, ...): read again later
     int transient_failures = 0;  // of a never-read member, in a row (kTransientMemberReads)
   };
-
-
-  // Under mu_. The threads of an executor may run two deliveries in either order: a list older
-  // than one delivered already is dropped, so the subscriber never ends on a stale list.
-  static void Deliver(const std::shared_ptr<Subscriber>& sub, Members members) {
-    boost::asio::post(sub->executor, [sub, number = ++sub->posted, members = std::move(members)] {
-      std::lock_guard lock(sub->mu);
-      if (!sub->active || number < sub->delivered) return;
-      sub->delivered = number;
-      sub->listener(members);
-    });
-  }
 
   // Everything below runs on the connection's loop thread.
 
@@ -473,7 +429,7 @@ class ZooKeeperServerSet::Impl {
     published_ = members;
     published_exists_ = path_exists_;
     snapshots_.fetch_add(1, std::memory_order_relaxed);
-    for (auto& [id, sub] : subscribers_) Deliver(sub, members);
+    subscribers_.Publish(std::move(members));  // under mu_: in the order of published_
   }
 
   const ParsedUri uri_;
@@ -498,8 +454,7 @@ class ZooKeeperServerSet::Impl {
   bool published_exists_ = false;  // path_exists_ when published_ was published
   std::string path_status_ = "loading";
   PathStatus status_;
-  std::map<uint64_t, std::shared_ptr<Subscriber>> subscribers_;
-  uint64_t next_id_ = 0;
+  ServerSetSubscribers subscribers_;  // delivers published_ (published under mu_)
 
   ZkConnection connection_;  // stopped first (in ~Impl)
   // Declared after connection_ (whose io_context it uses), so destroyed before it.

@@ -37,6 +37,45 @@ class ServerSet {
   virtual std::string Describe() const = 0;
 };
 
+// The delivery half of a ServerSet, for implementations (StaticServerSet and ZooKeeperServerSet
+// use it): keeps the subscribers and the current list, and posts each list published to every
+// subscriber's executor. A listener sees lists in the order they were published and always ends
+// on the newest; a list that a newer one replaced before its delivery ran is skipped, so a loop
+// that falls behind a fast-changing set applies only the newest list, not every one in between.
+// Thread safety: all functions safe from any thread; no listener runs under its lock, and a
+// listener may call any of them.
+class ServerSetSubscribers {
+ public:
+  using Members = std::vector<Endpoint>;
+  using Listener = std::function<void(const Members&)>;
+
+  ServerSetSubscribers() = default;
+  ~ServerSetSubscribers();  // DeactivateAll()
+  ServerSetSubscribers(const ServerSetSubscribers&) = delete;
+  ServerSetSubscribers& operator=(const ServerSetSubscribers&) = delete;
+
+  // Adds a listener and posts it the current list, if one was published. Returns its id.
+  uint64_t Subscribe(boost::asio::any_io_executor executor, Listener listener);
+  // After it returns, the listener is not called again (a delivery already running on another
+  // thread may finish). An unknown id is ignored.
+  void Unsubscribe(uint64_t id);
+  // Makes `members` the current list and posts it to every subscriber.
+  void Publish(Members members);
+  // After it returns, no listener is called again (deliveries already running may finish).
+  void DeactivateAll();
+  // The current list, if one was published.
+  std::optional<Members> current() const;
+
+ private:
+  struct Subscriber;
+  void Deliver(const std::shared_ptr<Subscriber>& sub, Members members);  // under mu_
+
+  mutable std::mutex mu_;
+  std::optional<Members> current_;
+  std::map<uint64_t, std::shared_ptr<Subscriber>> subscribers_;
+  uint64_t next_id_ = 0;
+};
+
 // A fixed list of endpoints (tcp:// URIs). Update() replaces the list and notifies every
 // subscriber, which makes it usable as a programmatic dynamic server set too.
 class StaticServerSet final : public ServerSet {
@@ -52,13 +91,7 @@ class StaticServerSet final : public ServerSet {
   Members members() const;
 
  private:
-  struct Subscriber;
-  void Deliver(const std::shared_ptr<Subscriber>& sub, Members members);
-
-  mutable std::mutex mu_;
-  Members members_;
-  std::map<uint64_t, std::shared_ptr<Subscriber>> subscribers_;
-  uint64_t next_id_ = 0;
+  ServerSetSubscribers subscribers_;
 };
 
 // The server set a URI names: tcp:// gives a StaticServerSet, zk:// a ZooKeeperServerSet
