@@ -88,8 +88,8 @@ void ServerSetSubscribers::Deliver(const std::shared_ptr<Subscriber>& sub, Membe
 
 StaticServerSet::StaticServerSet(Members members) { subscribers_.Publish(std::move(members)); }
 
-StaticServerSet::~StaticServerSet() =
-    default;  // ~ServerSetSubscribers: no listener is called after
+// ~ServerSetSubscribers: no listener is called after the set is gone.
+StaticServerSet::~StaticServerSet() = default;
 
 uint64_t StaticServerSet::Subscribe(boost::asio::any_io_executor executor, Listener listener) {
   return subscribers_.Subscribe(std::move(executor), std::move(listener));
